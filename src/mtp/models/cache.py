@@ -1,0 +1,105 @@
+"""Explicit key/value cache for MTP decoding: one preallocated buffer set per layer stack (trunk, each head).
+
+All stacks see the same token slots, so one `MTPCache` owns the bookkeeping shared by them: how many slots are
+filled, which slots are valid for each row (left padding and rejected speculative tokens leave holes), and the
+next position id of each row. Rolling back after a rejected speculation is a change of these counters and flags;
+no tensor is copied. The per-stack `StackCache.update` has the signature transformers' attention modules call
+(`past_key_values.update(k, v, layer_idx)`), so Hugging Face layers write straight into our buffers.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from mtp.errors import MTPError
+
+
+class StackCache:
+    """Keys and values of one stack of layers, `(B, kv_heads, max_len, head_dim)` per layer, allocated lazily."""
+
+    def __init__(self, owner: MTPCache):
+        self.owner = owner
+        self.keys: dict[int, torch.Tensor] = {}
+        self.values: dict[int, torch.Tensor] = {}
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
+        start = self.owner.length
+        end = start + key_states.shape[2]
+        if layer_idx not in self.keys:
+            b, h, _, d = key_states.shape
+            shape = (b, h, self.owner.max_len, d)
+            self.keys[layer_idx] = key_states.new_zeros(shape)
+            self.values[layer_idx] = value_states.new_zeros((b, h, self.owner.max_len, value_states.shape[-1]))
+        k, v = self.keys[layer_idx], self.values[layer_idx]
+        k[:, :, start:end] = key_states
+        v[:, :, start:end] = value_states
+        return k[:, :, :end], v[:, :, :end]  # (B, kv_heads, end, head_dim)
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.owner.length
+
+    @property
+    def is_compileable(self) -> bool:
+        return False
+
+
+class MTPCache:
+    """Shared slot bookkeeping plus one `StackCache` per stack (index 0: trunk, 1 + j: head j)."""
+
+    def __init__(self, batch_size: int, max_len: int, num_stacks: int, device: torch.device | str = "cpu"):
+        self.max_len = max_len
+        self.length = 0  # slots written so far (the same for every stack)
+        self.valid = torch.zeros(batch_size, max_len, dtype=torch.bool, device=device)  # (B, max_len)
+        self.next_pos = torch.zeros(batch_size, dtype=torch.long, device=device)  # (B,)
+        self.stacks = [StackCache(self) for _ in range(num_stacks)]
+        self._slots = torch.arange(max_len, device=device)
+
+    @property
+    def batch_size(self) -> int:
+        return self.valid.shape[0]
+
+    def stack(self, index: int) -> StackCache:
+        return self.stacks[index]
+
+    def prepare_block(self, block_valid: torch.Tensor, dtype: torch.dtype):
+        """Mark the next T slots and return (additive mask (B,1,T,end) or None, position ids (B,T)).
+
+        A query attends to valid earlier-or-equal slots of its row, and always to its own slot (a padding query
+        then has a harmless row instead of an all-masked one, which would give NaN).
+        """
+        b, t = block_valid.shape
+        start, end = self.length, self.length + t
+        if end > self.max_len:
+            raise MTPError(f"sequence of {end} tokens exceeds the cache of {self.max_len} slots")
+        self.valid[:, start:end] = block_valid
+        position_ids = self.next_pos[:, None] + block_valid.long().cumsum(-1) - 1  # (B, T)
+        position_ids = position_ids.clamp_min(0)
+        if t == 1 and bool(self.valid[:, :end].all()):
+            return None, position_ids
+        keys = self._slots[:end]  # (end,)
+        queries = self._slots[start:end]  # (T,)
+        allowed = self.valid[:, None, :end] & (keys[None, None, :] <= queries[None, :, None])  # (B, T, end)
+        allowed |= keys[None, None, :] == queries[None, :, None]
+        mask = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
+        mask.masked_fill_(~allowed, torch.finfo(dtype).min)
+        return mask[:, None], position_ids  # (B, 1, T, end), (B, T)
+
+    def commit_block(self, block_valid: torch.Tensor) -> None:
+        self.length += block_valid.shape[1]
+        self.next_pos += block_valid.long().sum(-1)
+
+    def rollback(self, block_len: int, keep: torch.Tensor) -> None:
+        """Forget the tail of the last block of `block_len` slots: row b keeps its first `keep[b]` of them."""
+        start = self.length - block_len
+        offsets = torch.arange(block_len, device=keep.device)
+        block = self.valid[:, start:self.length]
+        dropped = block & (offsets[None, :] >= keep[:, None])  # (B, block_len)
+        self.next_pos -= dropped.long().sum(-1)
+        block &= ~dropped
+        # Slots no row keeps are reused by the next block; earlier holes stay masked.
+        self.length = start + int(keep.max())
+
+    def reset(self) -> None:
+        self.length = 0
+        self.valid.zero_()
+        self.next_pos.zero_()
