@@ -68,6 +68,8 @@ class MTPCache:
         then has a harmless row instead of an all-masked one, which would give NaN).
         """
         b, t = block_valid.shape
+        if self.length + t > self.max_len:
+            self.compact()
         start, end = self.length, self.length + t
         if end > self.max_len:
             raise MTPError(f"sequence of {end} tokens exceeds the cache of {self.max_len} slots")
@@ -99,7 +101,32 @@ class MTPCache:
         # Slots no row keeps are reused by the next block; earlier holes stay masked.
         self.length = start + int(keep.max())
 
+    def compact(self) -> None:
+        """Squeeze out the holes rejected tokens left in a batch: each row's valid slots move, in order, to the
+        end of a shorter filled region (as if left-padded). Rare: only when the buffers run out of slots."""
+        order = torch.sort(self.valid[:, : self.length].to(torch.int8), dim=1, stable=True).indices  # (B, L)
+        new_len = int(self.valid[:, : self.length].sum(-1).max())
+        order = order[:, self.length - new_len:]  # (B, new_len): last new_len slots, valid ones last
+        valid = self.valid[:, : self.length].gather(1, order)
+        for stack in self.stacks:
+            for store in (stack.keys, stack.values):
+                for key, buf in store.items():
+                    idx = order[:, None, :, None].expand(-1, buf.shape[1], -1, buf.shape[3])
+                    buf[:, :, :new_len] = buf[:, :, : self.length].gather(2, idx)
+        self.valid.zero_()
+        self.valid[:, :new_len] = valid
+        self.length = new_len
+
     def reset(self) -> None:
         self.length = 0
         self.valid.zero_()
         self.next_pos.zero_()
+
+    def select_rows(self, index: torch.Tensor) -> None:
+        """Keep only the given batch rows (finished rows stop costing work)."""
+        self.valid = self.valid[index]
+        self.next_pos = self.next_pos[index]
+        for stack in self.stacks:
+            for key in stack.keys:
+                stack.keys[key] = stack.keys[key][index]
+                stack.values[key] = stack.values[key][index]

@@ -156,6 +156,12 @@ class MTPModel(nn.Module):
             hidden = hidden[:1]
         return self.lm_head(torch.stack(hidden, dim=2))  # (B, T, n, V)
 
+    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs):
+        """Decode with any strategy; see `mtp.decoding.generate.generate` (accepts `use_speculative=True`)."""
+        from mtp.decoding.generate import generate
+
+        return generate(self, input_ids, attention_mask, **kwargs)
+
     # ---------------------------------------------------------------- checkpoints
     def mtp_config(self) -> dict:
         return {"num_heads": self.num_heads, "num_trunk_layers": self.num_trunk_layers, "format_version": 1}

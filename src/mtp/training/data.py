@@ -10,7 +10,7 @@ import json
 import logging
 import os
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -95,7 +95,7 @@ def _load_shipped_gsm8k(split: str, limit: int | None) -> list[Example]:
 
     if split not in ("train", "test"):
         raise MTPError(f"GSM8K has splits 'train' and 'test', not {split!r}")
-    return [Example(item["question"], item["answer"]) for item in load_gsm8k(split, limit=limit)]  # type: ignore[arg-type]
+    return [Example(item["question"], item["answer"]) for item in load_gsm8k(split, limit=limit)]
 
 
 def _load_file(
@@ -111,7 +111,9 @@ def _load_file(
     records = _json_array(path, text) if head == "[" else _jsonl(path, text, limit)
     if not records:
         return []
-    fields = _pick_fields(format, question_field, answer_field, records[0][1], where=f"{path}:{records[0][0]}")
+    fields = _pick_fields(
+        format, question_field, answer_field, records[0][1], where=f"{path}:{records[0][0]}"
+    )
     return [_to_example(record, fields, f"{path}:{lineno}") for lineno, record in records]
 
 
@@ -142,18 +144,18 @@ def _json_array(path: Path, text: str) -> list[tuple[int, Any]]:
     pos = text.index("[") + 1
     ws = re.compile(r"\s*")
     try:
-        pos = ws.match(text, pos).end()  # type: ignore[union-attr]
+        pos = ws.match(text, pos).end()
         if text.startswith("]", pos):
             return records
         while True:
             value, end = decoder.raw_decode(text, pos)
             records.append((text.count("\n", 0, pos) + 1, value))
-            pos = ws.match(text, end).end()  # type: ignore[union-attr]
+            pos = ws.match(text, end).end()
             if text.startswith("]", pos):
                 break
             if not text.startswith(",", pos):
                 raise json.JSONDecodeError("expected ',' or ']'", text, pos)
-            pos = ws.match(text, pos + 1).end()  # type: ignore[union-attr]
+            pos = ws.match(text, pos + 1).end()
     except json.JSONDecodeError as e:
         raise MTPError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
     if text[pos + 1 :].strip():
@@ -225,11 +227,10 @@ def _load_hf_dataset(
         raise MTPError(f"cannot load dataset {name!r} split {split!r}{offline}: {e}") from None
     if limit is not None:
         dataset = dataset.select(range(min(limit, len(dataset))))
-    rows: Iterable[Any] = iter(dataset)
-    first = next(iter(dataset), None)
-    if first is None:
+    rows = list(dataset)
+    if not rows:
         return []
-    fields = _pick_fields(format, question_field, answer_field, first, where=f"{name}[0]")
+    fields = _pick_fields(format, question_field, answer_field, rows[0], where=f"{name}[0]")
     return [_to_example(row, fields, f"{name}[{i}]") for i, row in enumerate(rows)]
 
 
@@ -255,8 +256,15 @@ def split_holdout(
 # Tokenization
 
 
-def _encode(tokenizer: Any, text: str, special: bool = False) -> list[int]:
-    return list(tokenizer(text, add_special_tokens=special)["input_ids"]) if text else []
+def _encode(tokenizer: Any, text: str) -> list[int]:
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"]) if text else []
+
+
+def _start_tokens(tokenizer: Any) -> list[int]:
+    # What the tokenizer puts before any text on its own (a BOS for Llama, nothing for GPT-2), minus any EOS
+    # its post-processor would append, since we place the EOS ourselves.
+    ids = list(tokenizer("", add_special_tokens=True)["input_ids"])
+    return [i for i in ids if i != tokenizer.eos_token_id]
 
 
 def _example_tokens(tokenizer: Any, ex: Example, template: str, eos_id: int) -> tuple[list[int], list[int]]:
@@ -267,21 +275,14 @@ def _example_tokens(tokenizer: Any, ex: Example, template: str, eos_id: int) -> 
             [*user, {"role": "assistant", "content": ex.answer}], tokenize=False
         )
         prompt = tokenizer.apply_chat_template(user, tokenize=False, add_generation_prompt=True)
-        # The prompt is tokenized on its own, as at generation time; the answer is the rest of the text.
-        # Templates that rewrite earlier turns when an answer follows (rare) split at the common prefix.
+        # The prompt is tokenized on its own, as at generation time; the answer is the rest of the text
+        # (with the template's end-of-turn tokens, so the model learns to stop). Templates that rewrite
+        # earlier turns when an answer follows (rare) are split at the common prefix instead.
         cut = len(prompt) if full.startswith(prompt) else len(os.path.commonprefix([full, prompt]))
         return _encode(tokenizer, full[:cut]), _encode(tokenizer, full[cut:])
-    # "plain", and chat-less plain-text documents: prompt, a blank line, answer, end of text.
-    prompt_ids = _encode(tokenizer, ex.prompt + "\n\n" if ex.prompt else "", special=True)
-    if not ex.prompt:
-        prompt_ids = _encode_bos_only(tokenizer)
+    # "plain", and plain-text documents (no prompt) even under "chat": prompt, blank line, answer, EOS.
+    prompt_ids = _start_tokens(tokenizer) + _encode(tokenizer, ex.prompt + "\n\n" if ex.prompt else "")
     return prompt_ids, _encode(tokenizer, ex.answer) + [eos_id]
-
-
-def _encode_bos_only(tokenizer: Any) -> list[int]:
-    # Whatever the tokenizer puts before any text (a BOS for Llama, nothing for GPT-2), without an EOS.
-    ids = list(tokenizer("", add_special_tokens=True)["input_ids"])
-    return [i for i in ids if i != tokenizer.eos_token_id]
 
 
 def tokenize_examples(
@@ -294,8 +295,9 @@ def tokenize_examples(
 ) -> TokenizedData:
     """Token rows of `seq_len` with a mask of target tokens (the answer's, or all with loss_on="all").
 
-    Unpacked: one row per example, truncated at the end, right-padded; rows left with no target are dropped.
-    Packed: all examples concatenated and cut into rows; only the last row is padded.
+    Unpacked: one row per example, truncated at the end, right-padded. Packed: all examples concatenated and
+    cut into rows; only the last row is padded. Rows with no target at all are dropped. The mask says which
+    tokens are targets; shifting targets to the positions that predict them is the loss's job.
     """
     if template not in ("chat", "plain") or loss_on not in ("answer", "all"):
         raise MTPError(f"bad template {template!r} or loss_on {loss_on!r}")
@@ -311,7 +313,8 @@ def tokenize_examples(
     rows: list[tuple[list[int], list[bool]]] = []
     for ex in examples:
         prompt_ids, answer_ids = _example_tokens(tokenizer, ex, template, eos_id)
-        rows.append((prompt_ids + answer_ids, [loss_on == "all"] * len(prompt_ids) + [True] * len(answer_ids)))
+        prompt_mask = [loss_on == "all"] * len(prompt_ids)
+        rows.append((prompt_ids + answer_ids, prompt_mask + [True] * len(answer_ids)))
 
     if pack:
         ids = [t for r in rows for t in r[0]]
@@ -319,10 +322,16 @@ def tokenize_examples(
         rows = [(ids[i : i + seq_len], mask[i : i + seq_len]) for i in range(0, len(ids), seq_len)]
     else:
         rows = [(ids[:seq_len], mask[:seq_len]) for ids, mask in rows]
-        kept = [r for r in rows if any(r[1])]
-        if len(kept) < len(rows):
-            log.warning("dropped %d of %d examples whose answer starts after seq_len=%d", len(rows) - len(kept), len(rows), seq_len)
-        rows = kept
+    # A row without targets adds nothing but could make a whole batch's mean loss 0/0.
+    kept = [r for r in rows if any(r[1])]
+    if len(kept) < len(rows):
+        log.warning(
+            "dropped %d of %d rows with no target token (seq_len=%d)",
+            len(rows) - len(kept),
+            len(rows),
+            seq_len,
+        )
+    rows = kept
     if not rows:
         raise MTPError("no training tokens: no examples, or seq_len too short for any answer")
 

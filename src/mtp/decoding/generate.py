@@ -1,0 +1,371 @@
+"""Decoding with an MTP model: greedy, lossless self-speculative, exact speculative sampling, ConfAdapt, static k.
+
+The loop is a few small functions over explicit state (gpt-fast style):
+    prefill        -> run the prompt, get every head's hidden state at the last position
+    propose        -> heads 1..d turn that hidden state into draft tokens
+    verify_block   -> one forward over [last token, drafts]; head 0 judges every draft at once
+    accept         -> longest agreeing prefix (greedy) or the speculative-sampling rule, plus the model's own token
+    rollback       -> the cache forgets rejected slots (per row; no tensor is copied)
+Every row of a batch accepts its own number of tokens; rows that finish are dropped from the batch.
+
+    greedy       emits 1 token per forward: the reference every other strategy is tested against
+    speculative  lossless: output identical to greedy (or, sampling, distributed exactly as the model samples)
+    confadapt    emits the longest run of head predictions with top-1 probability >= tau (lossy, no verification)
+    static       emits k head predictions per forward (lossy)
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+
+from mtp.decoding.sampling import accept_drafts_sampling, process_logits, sample
+from mtp.decoding.stopping import StopChecker
+from mtp.errors import MTPError
+
+Strategy = Literal["greedy", "speculative", "confadapt", "static"]
+STRATEGIES: tuple[str, ...] = ("greedy", "speculative", "confadapt", "static")
+
+
+@dataclass
+class GenerationStats:
+    new_tokens: int = 0
+    forward_passes: int = 0  # model forwards (prefill included)
+    row_forwards: int = 0  # sum over rows of the forwards each row took part in
+    seconds: float = 0.0
+    draft_positions: list[int] = field(default_factory=list)  # per draft position: times proposed
+    draft_accepted: list[int] = field(default_factory=list)  # per draft position: times accepted
+
+    @property
+    def tokens_per_forward(self) -> float:
+        return self.new_tokens / self.row_forwards if self.row_forwards else 0.0
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.new_tokens / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def acceptance(self) -> list[float]:
+        """Fraction of verify steps in which the draft at position i+1 (head i+1's token) was accepted."""
+        return [a / p if p else 0.0 for a, p in zip(self.draft_accepted, self.draft_positions, strict=True)]
+
+    def to_dict(self) -> dict:
+        return {"new_tokens": self.new_tokens, "forward_passes": self.forward_passes,
+                "tokens_per_forward": round(self.tokens_per_forward, 4), "seconds": round(self.seconds, 4),
+                "tokens_per_second": round(self.tokens_per_second, 3),
+                "acceptance_per_head": [round(a, 4) for a in self.acceptance]}
+
+
+@dataclass
+class GenerationResult:
+    tokens: list[list[int]]  # new tokens per row (a stop token, when hit, is the last one)
+    stats: GenerationStats
+    texts: list[str] | None = None
+
+    @property
+    def sequences(self) -> list[list[int]]:
+        return self.tokens
+
+
+@dataclass
+class DecodeOptions:
+    strategy: Strategy = "greedy"
+    max_new_tokens: int = 128
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    tau: float = 0.9
+    k: int | None = None
+    num_draft: int | None = None  # heads used for drafting; default all extra heads
+
+
+# ------------------------------------------------------------------------------------------------ model steps
+def forward_block(model, block: torch.Tensor, block_valid: torch.Tensor | None, cache, num_heads: int):
+    """Feed `block` (B, T) through trunk and heads 0..num_heads-1. Returns normed hidden (B, T, heads, H)."""
+    trunk, ctx = model.trunk_forward(block, block_valid, cache)
+    hidden = torch.stack([model.head_forward(j, trunk, ctx) for j in range(num_heads)], dim=2)
+    model.finish_block(ctx)
+    return hidden  # (B, T, heads, H)
+
+
+def head_logits(model, hidden: torch.Tensor) -> torch.Tensor:
+    return model.lm_head(hidden).float()
+
+
+def greedy_accept(logits0: torch.Tensor, drafts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Longest prefix of drafts equal to the model's own argmax, and the model's next token after it.
+
+    logits0: (B, d+1, V) head-0 logits after each prefix of [last, d_1..d_d]; drafts: (B, d).
+    """
+    target = logits0.argmax(-1)  # (B, d+1)
+    a = (drafts == target[:, :-1]).long().cumprod(-1).sum(-1)  # (B,)
+    return a, target.gather(1, a[:, None]).squeeze(1)
+
+
+@dataclass
+class DraftRequest:
+    """What a proposer may look at: heads' hidden states at the last accepted position, and where rows stand."""
+
+    model: object
+    hidden_at: torch.Tensor  # (B, d, H) heads 1..d at the position of the last accepted token
+    rows: torch.Tensor  # (B,) original row index of each active row
+    produced: torch.Tensor  # (B,) tokens emitted so far (the last one is not yet fed to the model)
+    opts: DecodeOptions
+    generator: torch.Generator | None
+
+
+Proposer = Callable[[DraftRequest], tuple[torch.Tensor, "torch.Tensor | None"]]
+
+
+def heads_proposer(req: DraftRequest) -> tuple[torch.Tensor, torch.Tensor | None]:
+    return propose(req.model, req.hidden_at, req.opts, req.generator)
+
+
+def propose(model, hidden_at: torch.Tensor, opts: DecodeOptions, generator) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Draft tokens from heads 1..d. hidden_at: (B, d, H) -> drafts (B, d) and their distributions if sampling."""
+    if hidden_at.shape[1] == 0:
+        return hidden_at.new_zeros(hidden_at.shape[:2], dtype=torch.long), None
+    logits = head_logits(model, hidden_at)  # (B, d, V)
+    if not opts.do_sample:
+        return logits.argmax(-1), None
+    probs = process_logits(logits, opts.temperature, opts.top_k, opts.top_p)
+    return sample(probs, generator), probs
+
+
+# ------------------------------------------------------------------------------------------------ the loop
+def iter_generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
+                  opts: DecodeOptions, stop: StopChecker, generator: torch.Generator | None = None,
+                  stats: GenerationStats | None = None,
+                  proposer: Proposer = heads_proposer) -> Iterator[tuple[int, list[int]]]:
+    """Yield (row index, newly emitted tokens) as decoding proceeds. See `generate` for the arguments.
+
+    `proposer` makes the drafts of the speculative strategy (default: the model's own heads); any draft source
+    keeps the output lossless, only the acceptance changes.
+    """
+    stats = stats if stats is not None else GenerationStats()
+    b, prompt_len = input_ids.shape
+    device = input_ids.device
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    attention_mask = attention_mask.to(device=device, dtype=torch.bool)
+    n_heads, n_draft, block_cap = _plan(model, opts)
+    stats.draft_positions = [0] * n_draft
+    stats.draft_accepted = [0] * n_draft
+    if opts.max_new_tokens <= 0:
+        return
+    max_len = prompt_len + opts.max_new_tokens + block_cap + 1
+    cache = model.new_cache(b, max_len)
+    rows = torch.arange(b, device=device)  # original row index of each active row
+    produced = torch.zeros(b, dtype=torch.long, device=device)
+    budget = opts.max_new_tokens
+
+    # prefill: the prompt through trunk and every head used; hidden states at the last position.
+    hidden = forward_block(model, input_ids, attention_mask, cache, n_heads)[:, -1]  # (B, heads, H)
+    stats.forward_passes += 1
+    stats.row_forwards += b
+
+    if opts.strategy in ("greedy", "speculative"):
+        logits0 = head_logits(model, hidden[:, 0])  # (B, V)
+        if opts.do_sample:
+            last = sample(process_logits(logits0, opts.temperature, opts.top_k, opts.top_p), generator)
+        else:
+            last = logits0.argmax(-1)  # (B,)
+        drafts, draft_probs = proposer(DraftRequest(model, hidden[:, 1:], rows, produced + 1, opts, generator))
+        emitted = last[:, None]  # (B, 1)
+        counts = torch.ones(b, dtype=torch.long, device=device)
+    else:
+        emitted, counts = _confident_run(model, hidden, opts)
+
+    while True:
+        counts = torch.minimum(counts, budget - produced)
+        counts, finished = stop.apply(rows, emitted, counts, produced)
+        produced += counts
+        finished |= produced >= budget
+        stats.new_tokens += int(counts.sum())
+        emitted_cpu, counts_cpu = emitted.tolist(), counts.tolist()  # one transfer per step, not per token
+        for i, row in enumerate(rows.tolist()):
+            if counts_cpu[i]:
+                yield row, emitted_cpu[i][: counts_cpu[i]]
+        if bool(finished.all()):
+            break
+        if bool(finished.any()):
+            keep = (~finished).nonzero().squeeze(1)
+            rows, produced = rows[keep], produced[keep]
+            cache.select_rows(keep)
+            emitted, counts = emitted[keep], counts[keep]
+            if opts.strategy in ("greedy", "speculative"):
+                last, drafts = last[keep], drafts[keep]
+                draft_probs = draft_probs[keep] if draft_probs is not None else None
+
+        stats.forward_passes += 1
+        stats.row_forwards += rows.numel()
+        if opts.strategy in ("greedy", "speculative"):
+            block = torch.cat([last[:, None], drafts], 1)  # (B, 1+d)
+            hidden = forward_block(model, block, None, cache, n_heads)  # (B, 1+d, heads, H)
+            logits0 = head_logits(model, hidden[:, :, 0])  # (B, 1+d, V)
+            if opts.do_sample:
+                probs = process_logits(logits0, opts.temperature, opts.top_k, opts.top_p)
+                a, last = accept_drafts_sampling(probs, drafts, draft_probs, generator)
+            else:
+                a, last = greedy_accept(logits0, drafts)
+            if n_draft:
+                cache.rollback(1 + n_draft, a + 1)
+                _count_acceptance(stats, a, n_draft)
+            # Emitted this step: the accepted drafts, then the model's own next token.
+            emitted = torch.cat([drafts, torch.zeros_like(last[:, None])], 1)  # (B, 1+d)
+            emitted.scatter_(1, a[:, None], last[:, None])
+            counts = a + 1
+            hidden_at = hidden[torch.arange(rows.numel(), device=device), a, 1:]  # (B, d, H)
+            drafts, draft_probs = proposer(DraftRequest(model, hidden_at, rows, produced + counts, opts, generator))
+        else:
+            # Feed what the heads emitted last step (right-aligned; shorter rows padded on the left).
+            width = int(counts.max())
+            offsets = torch.arange(width, device=device)
+            pad = width - counts  # (B,)
+            valid = offsets[None, :] >= pad[:, None]  # (B, width)
+            src = (offsets[None, :] - pad[:, None]).clamp_min(0)
+            block = emitted.gather(1, src).masked_fill(~valid, 0)  # (B, width)
+            hidden = forward_block(model, block, valid, cache, n_heads)[:, -1]  # (B, heads, H)
+            emitted, counts = _confident_run(model, hidden, opts)
+
+
+def _plan(model, opts: DecodeOptions) -> tuple[int, int, int]:
+    """(heads to run, draft tokens per verify step, widest block fed)."""
+    n = model.num_heads
+    if opts.strategy == "greedy":
+        return 1, 0, 1
+    if opts.strategy == "speculative":
+        d = n - 1 if opts.num_draft is None else opts.num_draft
+        if not 0 <= d <= n - 1:
+            raise MTPError(f"num_draft must be in [0, {n - 1}] for a {n}-head model, got {d}")
+        return 1 + d, d, 1 + d
+    if opts.strategy == "confadapt":
+        return n, 0, n
+    if opts.strategy == "static":
+        k = n if opts.k is None else opts.k
+        if not 1 <= k <= n:
+            raise MTPError(f"static k must be in [1, {n}] for a {n}-head model, got {k}")
+        return k, 0, k
+    raise MTPError(f"unknown strategy {opts.strategy!r}; choose from {', '.join(STRATEGIES)}")
+
+
+def _confident_run(model, hidden: torch.Tensor, opts: DecodeOptions) -> tuple[torch.Tensor, torch.Tensor]:
+    """ConfAdapt / static: tokens (B, heads) of every head at the last position and how many to emit (B,)."""
+    logits = head_logits(model, hidden)  # (B, heads, V)
+    probs = torch.softmax(logits, -1)
+    top_p, top_tok = probs.max(-1)  # (B, heads)
+    if opts.strategy == "static":
+        counts = torch.full_like(top_tok[:, 0], top_tok.shape[1])
+    else:
+        counts = (top_p >= opts.tau).long().cumprod(-1).sum(-1).clamp_min(1)  # at least one token
+    return top_tok, counts
+
+
+def _count_acceptance(stats: GenerationStats, a: torch.Tensor, n_draft: int) -> None:
+    reached = (torch.arange(n_draft, device=a.device)[None, :] < a[:, None]).sum(0).tolist()
+    for i in range(n_draft):
+        stats.draft_positions[i] += a.numel()
+        stats.draft_accepted[i] += reached[i]
+
+
+# ------------------------------------------------------------------------------------------------ public API
+@torch.inference_mode()
+def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
+             max_new_tokens: int = 128, strategy: Strategy = "greedy", use_speculative: bool | None = None,
+             do_sample: bool = False, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+             tau: float = 0.9, k: int | None = None, num_draft: int | None = None,
+             stop_token_ids: list[int] | None = None, stop_strings: list[str] | None = None, tokenizer=None,
+             seed: int | None = None, streamer: Callable[[int, list[int]], None] | None = None,
+             truncate_prompt: bool = False, proposer: Proposer | None = None) -> GenerationResult:
+    """Generate continuations of a left-padded batch of prompts.
+
+    Args:
+        input_ids: (B, P) prompt tokens, left-padded when rows differ in length.
+        attention_mask: (B, P), 0 on padding.
+        strategy: greedy | speculative | confadapt | static. `use_speculative=True/False` (seed 000's spelling)
+            selects speculative / greedy.
+        stop_token_ids: end tokens (default: the tokenizer's / generation config's end tokens).
+        stop_strings: stop when the decoded new text contains one (needs `tokenizer`).
+        streamer: called as streamer(row, new_tokens) after each step.
+        truncate_prompt: keep only the last tokens of a prompt that does not fit the context with
+            max_new_tokens; otherwise such a prompt is an error.
+        proposer: the speculative strategy's draft source (default: the model's heads).
+    """
+    if use_speculative is not None:
+        strategy = "speculative" if use_speculative else "greedy"
+    if input_ids.dim() == 1:
+        input_ids = input_ids[None]
+    if input_ids.numel() == 0 or input_ids.shape[1] == 0:
+        raise MTPError("empty prompt: give at least one token")
+    if attention_mask is not None and bool((attention_mask.sum(-1) == 0).any()):
+        raise MTPError("empty prompt in the batch: every row needs at least one token")
+    if max_new_tokens < 0:
+        raise MTPError("max_new_tokens must be >= 0")
+    if do_sample and strategy not in ("greedy", "speculative"):
+        raise MTPError("sampling (do_sample) is available with the greedy and speculative strategies")
+    tokenizer = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
+    opts = DecodeOptions(strategy, max_new_tokens, do_sample, temperature, top_k, top_p, tau, k, num_draft)
+    input_ids, attention_mask = _fit_context(model, input_ids, attention_mask, opts, truncate_prompt)
+    if stop_token_ids is None:
+        stop_token_ids = default_stop_token_ids(model, tokenizer)
+    stop = StopChecker(input_ids.shape[0], stop_token_ids, stop_strings, tokenizer, device=input_ids.device)
+    generator = None
+    if do_sample:
+        generator = torch.Generator(device=input_ids.device)
+        generator.manual_seed(seed if seed is not None else torch.seed())
+    stats = GenerationStats()
+    tokens: list[list[int]] = [[] for _ in range(input_ids.shape[0])]
+    start = time.perf_counter()
+    for row, new in iter_generate(model, input_ids, attention_mask, opts=opts, stop=stop, generator=generator,
+                                  stats=stats, proposer=proposer or heads_proposer):
+        tokens[row].extend(new)
+        if streamer is not None:
+            streamer(row, new)
+    stats.seconds = time.perf_counter() - start
+    texts = [tokenizer.decode(t, skip_special_tokens=True) for t in tokens] if tokenizer is not None else None
+    if texts is not None and stop_strings:
+        texts = [stop.truncate_text(t) for t in texts]
+    return GenerationResult(tokens, stats, texts)
+
+
+def _fit_context(model, input_ids, attention_mask, opts: DecodeOptions, truncate_prompt: bool):
+    limit = context_limit(model)
+    if limit is None:
+        return input_ids, attention_mask
+    need = input_ids.shape[1] + opts.max_new_tokens + (_plan(model, opts)[2] - 1)
+    if need <= limit:
+        return input_ids, attention_mask
+    if not truncate_prompt:
+        raise MTPError(f"prompt of {input_ids.shape[1]} tokens + max_new_tokens {opts.max_new_tokens} exceeds the "
+                       f"model's context of {limit} tokens (shorten it, or ask for truncation)")
+    keep = limit - (need - input_ids.shape[1])
+    if keep <= 0:
+        raise MTPError(f"max_new_tokens {opts.max_new_tokens} does not fit the model's context of {limit}")
+    mask = attention_mask[:, -keep:] if attention_mask is not None else None
+    return input_ids[:, -keep:], mask
+
+
+def context_limit(model) -> int | None:
+    cfg = model.config
+    for name in ("max_position_embeddings", "n_positions"):
+        value = getattr(cfg, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def default_stop_token_ids(model, tokenizer) -> list[int]:
+    ids: set[int] = set()
+    gen = getattr(getattr(model, "base", None), "generation_config", None)
+    for source in (getattr(gen, "eos_token_id", None), getattr(model.config, "eos_token_id", None),
+                   getattr(tokenizer, "eos_token_id", None)):
+        if isinstance(source, int):
+            ids.add(source)
+        elif isinstance(source, list | tuple):
+            ids.update(int(x) for x in source)
+    return sorted(ids)

@@ -1,0 +1,58 @@
+"""Turning logits into tokens: temperature / top-k / top-p, and the speculative-sampling acceptance rule.
+
+Speculative sampling keeps the target distribution exactly (Leviathan et al. 2023; Chen et al. 2023): a draft
+token x drawn from q is accepted with probability min(1, p(x) / q(x)); on rejection the token is drawn from
+normalize(max(p - q, 0)). With a greedy (deterministic) draft, q is one-hot.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def process_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
+    """Probabilities after temperature, top-k and nucleus filtering. `logits`: (..., V) -> (..., V)."""
+    logits = logits.float() / max(temperature, 1e-6)
+    if top_k and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]  # (..., 1)
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    if top_p < 1.0:
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        # Drop a token when the mass strictly before it already reaches top_p (the top token always stays).
+        drop_sorted = (sorted_probs.cumsum(-1) - sorted_probs) >= top_p
+        drop = drop_sorted.scatter(-1, order, drop_sorted)
+        probs = probs.masked_fill(drop, 0.0)
+        probs = probs / probs.sum(-1, keepdim=True)
+    return probs
+
+
+def sample(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """One token per row of `probs` (..., V) -> (...)."""
+    flat = probs.reshape(-1, probs.shape[-1])
+    return torch.multinomial(flat, 1, generator=generator).reshape(probs.shape[:-1])
+
+
+def accept_drafts_sampling(target_probs: torch.Tensor, drafts: torch.Tensor, draft_probs: torch.Tensor,
+                           generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Speculative sampling over a block. Returns (accepted count a (B,), next token (B,)).
+
+    target_probs: (B, d+1, V) the model's distribution after each prefix of the block;
+    drafts: (B, d) proposed tokens; draft_probs: (B, d, V) the distributions they were drawn from.
+    """
+    b, d = drafts.shape
+    if d == 0:
+        return drafts.new_zeros(b), sample(target_probs[:, 0], generator)
+    p_x = target_probs[:, :-1].gather(-1, drafts[..., None]).squeeze(-1)  # (B, d)
+    q_x = draft_probs.gather(-1, drafts[..., None]).squeeze(-1)  # (B, d)
+    u = torch.rand(p_x.shape, generator=generator, device=p_x.device)
+    accepted = u * q_x < p_x  # u < p/q without dividing by a zero q
+    a = accepted.long().cumprod(-1).sum(-1)  # (B,)
+    rows = torch.arange(b, device=drafts.device)
+    p_next = target_probs[rows, a]  # (B, V)
+    q_next = torch.cat([draft_probs, torch.zeros_like(draft_probs[:, :1])], 1)[rows, a]  # (B, V); zeros if all kept
+    residual = (p_next - q_next).clamp_min(0)
+    mass = residual.sum(-1, keepdim=True)
+    # p == q leaves no residual mass; rejection then had probability 0 in exact arithmetic, so p is the answer.
+    residual = torch.where(mass > 0, residual / mass.clamp_min(1e-30), p_next)
+    return a, sample(residual, generator)

@@ -1,0 +1,47 @@
+"""Tiny random models shared by the tests: seconds each, no downloads."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig
+
+from mtp import MTPModel
+
+
+def tiny_config(family: str = "llama", vocab_size: int = 61, layers: int = 3, hidden: int = 32, context: int = 256):
+    if family == "llama":
+        return LlamaConfig(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                           intermediate_size=2 * hidden, vocab_size=vocab_size, max_position_embeddings=context,
+                           bos_token_id=None, eos_token_id=None, pad_token_id=None, tie_word_embeddings=True)
+    if family == "gpt2":
+        return GPT2Config(n_embd=hidden, n_layer=layers, n_head=4, vocab_size=vocab_size, n_positions=context,
+                          bos_token_id=None, eos_token_id=None)
+    raise ValueError(family)
+
+
+def tiny_base(family: str = "llama", seed: int = 0, dtype=torch.float32, **kwargs):
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(tiny_config(family, **kwargs)).to(dtype).eval()
+
+
+def tiny_mtp(family: str = "llama", num_heads: int = 3, seed: int = 0, dtype=torch.float32,
+             num_trunk_layers: int | None = None, **kwargs) -> MTPModel:
+    """A tiny MTP model whose extra heads are randomised (not copies of head 0), so they disagree with it."""
+    model = MTPModel(tiny_base(family, seed, dtype, **kwargs), num_heads=num_heads,
+                     num_trunk_layers=num_trunk_layers)
+    gen = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for p in model.extra_heads.parameters():
+            p.add_(torch.randn(p.shape, generator=gen, dtype=p.dtype) * 0.5)
+    return model.eval()
+
+
+@pytest.fixture
+def llama_mtp():
+    return tiny_mtp("llama")
+
+
+@pytest.fixture
+def gpt2_mtp():
+    return tiny_mtp("gpt2")

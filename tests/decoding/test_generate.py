@@ -1,0 +1,226 @@
+"""The decoding engine against the slow reference: greedy == reference, speculative == greedy, always."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import tiny_mtp
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from mtp.decoding.generate import DraftRequest, generate
+from mtp.decoding.reference import reference_greedy, reference_next_token_probs
+from mtp.decoding.sampling import accept_drafts_sampling
+from mtp.errors import MTPError
+
+
+def left_padded(prompts: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(p) for p in prompts)
+    ids = torch.zeros(len(prompts), width, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p):] = torch.tensor(p)
+        mask[i, width - len(p):] = 1
+    return ids, mask
+
+
+def random_prompts(draw, vocab: int, batch: int) -> list[list[int]]:
+    return [draw(st.lists(st.integers(0, vocab - 1), min_size=1, max_size=9)) for _ in range(batch)]
+
+
+def oracle_proposer(reference: list[list[int]], corrupt: float, seed: int):
+    """Drafts from the known greedy continuation, each position corrupted with probability `corrupt`."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def propose(req: DraftRequest):
+        d = req.hidden_at.shape[1]
+        drafts = torch.zeros(len(req.rows), d, dtype=torch.long)
+        for i, (row, done) in enumerate(zip(req.rows.tolist(), req.produced.tolist(), strict=True)):
+            future = reference[row][done:done + d]
+            drafts[i, :len(future)] = torch.tensor(future, dtype=torch.long)
+        flip = torch.rand(drafts.shape, generator=gen) < corrupt
+        drafts = torch.where(flip, (drafts + 1) % req.model.config.vocab_size, drafts)
+        return drafts, None
+
+    return propose
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data())
+def test_speculative_equals_greedy_equals_reference(data):
+    family = data.draw(st.sampled_from(["llama", "gpt2"]))
+    num_heads = data.draw(st.integers(1, 8))
+    vocab = data.draw(st.integers(8, 64))
+    seed = data.draw(st.integers(0, 10_000))
+    # float64: exactness must not hinge on last-bit differences between 1-row and n-row matmuls.
+    model = tiny_mtp(family, num_heads=num_heads, seed=seed, dtype=torch.float64, vocab_size=vocab)
+    batch = data.draw(st.integers(1, 3))
+    prompts = random_prompts(data.draw, vocab, batch)
+    max_new = data.draw(st.integers(0, 24))
+    stop = data.draw(st.lists(st.integers(0, vocab - 1), max_size=1))
+    ids, mask = left_padded(prompts)
+    reference = [reference_greedy(model, p, max_new, stop) for p in prompts]
+    greedy = generate(model, ids, mask, max_new_tokens=max_new, stop_token_ids=stop)
+    spec = generate(model, ids, mask, max_new_tokens=max_new, strategy="speculative", stop_token_ids=stop)
+    assert greedy.tokens == reference
+    assert spec.tokens == reference
+    # With drafts that are often right, rows accept different lengths: holes and compaction in the cache.
+    if num_heads > 1 and max_new:
+        corrupt = data.draw(st.sampled_from([0.0, 0.3, 0.7]))
+        oracle = generate(model, ids, mask, max_new_tokens=max_new, strategy="speculative", stop_token_ids=stop,
+                          proposer=oracle_proposer(reference, corrupt, seed))
+        assert oracle.tokens == reference
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_perfect_drafts_are_all_accepted(family):
+    model = tiny_mtp(family, num_heads=4, dtype=torch.float64)
+    prompts = [[1, 2, 3], [4, 5], [6]]
+    reference = [reference_greedy(model, p, 40) for p in prompts]
+    ids, mask = left_padded(prompts)
+    out = generate(model, ids, mask, max_new_tokens=40, strategy="speculative", stop_token_ids=[],
+                   proposer=oracle_proposer(reference, 0.0, 0))
+    assert out.tokens == reference
+    assert out.stats.acceptance == [1.0, 1.0, 1.0]
+    # 1 token from the prefill, then 4 per forward: 40 tokens in 1 + ceil(39 / 4) forwards per row.
+    assert out.stats.forward_passes == 1 + 10
+
+
+def test_random_heads_accept_little_and_stay_exact():
+    model = tiny_mtp("llama", num_heads=4, dtype=torch.float64, vocab_size=64)
+    prompt = [3, 1, 4, 1, 5]
+    out = generate(model, torch.tensor([prompt]), max_new_tokens=60, strategy="speculative", stop_token_ids=[])
+    assert out.tokens[0] == reference_greedy(model, prompt, 60)
+    assert out.stats.tokens_per_forward < 1.5
+    assert max(out.stats.acceptance) < 0.5
+
+
+def copying_model(num_heads: int):
+    """A model that predicts its input token again: layers output zero, tied near-orthogonal embeddings.
+
+    Its true continuation is the last token repeated, and every head (a copy of head 0) predicts exactly that,
+    so these heads are "equal to the true model".
+    """
+    model = tiny_mtp("llama", num_heads=1, dtype=torch.float64, vocab_size=16, hidden=64)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(("o_proj.weight", "down_proj.weight")):
+                p.zero_()
+    from mtp import MTPModel
+
+    return MTPModel(model.base, num_heads=num_heads).eval()
+
+
+def test_heads_equal_to_the_true_model_give_full_acceptance():
+    model = copying_model(num_heads=4)
+    out = generate(model, torch.tensor([[5, 7, 9]]), max_new_tokens=21, strategy="speculative", stop_token_ids=[])
+    assert out.tokens[0] == [9] * 21
+    assert out.stats.acceptance == [1.0, 1.0, 1.0]
+    assert out.stats.tokens_per_forward == pytest.approx(21 / 6)  # prefill 1 token, then 4, 4, 4, 4, 4
+
+
+def test_stop_token_inside_an_accepted_block_ends_the_row_there():
+    model = tiny_mtp("llama", num_heads=4, dtype=torch.float64)
+    prompt = [7, 8, 9]
+    reference = reference_greedy(model, prompt, 30)
+    stop = reference[6]  # reached in the middle of a fully accepted block of 4
+    expected = reference[: reference.index(stop) + 1]
+    out = generate(model, torch.tensor([prompt]), max_new_tokens=30, strategy="speculative",
+                   stop_token_ids=[stop], proposer=oracle_proposer([reference], 0.0, 0))
+    assert out.tokens[0] == expected
+
+
+def test_confadapt_and_static():
+    model = tiny_mtp("llama", num_heads=4, dtype=torch.float64)
+    prompt = torch.tensor([[1, 2, 3, 4]])
+    greedy = generate(model, prompt, max_new_tokens=20, stop_token_ids=[])
+    # tau above 1: only head 0's token is ever emitted, which is exactly greedy decoding.
+    strict = generate(model, prompt, max_new_tokens=20, strategy="confadapt", tau=1.01, stop_token_ids=[])
+    assert strict.tokens == greedy.tokens
+    assert strict.stats.tokens_per_forward == 1.0
+    static = generate(model, prompt, max_new_tokens=20, strategy="static", k=4, stop_token_ids=[])
+    assert len(static.tokens[0]) == 20
+    assert static.stats.forward_passes == 5
+    loose = generate(model, prompt, max_new_tokens=20, strategy="confadapt", tau=0.0, stop_token_ids=[])
+    assert loose.tokens == static.tokens
+    # static emits head j's top-1 at the last fed position as token t+1+j
+    logits = model(prompt, return_all_heads=True)[0, -1]  # (n, V)
+    assert static.tokens[0][:4] == logits.argmax(-1).tolist()
+
+
+def test_batched_confadapt_rows_match_single_rows():
+    model = tiny_mtp("gpt2", num_heads=3, dtype=torch.float64)
+    prompts = [[1, 2, 3], [9], [4, 4, 4, 4, 4]]
+    ids, mask = left_padded(prompts)
+    batch = generate(model, ids, mask, max_new_tokens=15, strategy="confadapt", tau=0.05, stop_token_ids=[])
+    for i, p in enumerate(prompts):
+        single = generate(model, torch.tensor([p]), max_new_tokens=15, strategy="confadapt", tau=0.05,
+                          stop_token_ids=[])
+        assert batch.tokens[i] == single.tokens[0]
+
+
+def test_edge_cases():
+    model = tiny_mtp("gpt2", num_heads=2, context=32)
+    with pytest.raises(MTPError, match="empty prompt"):
+        generate(model, torch.zeros(1, 0, dtype=torch.long))
+    out = generate(model, torch.tensor([[1, 2]]), max_new_tokens=0)
+    assert out.tokens == [[]] and out.stats.new_tokens == 0
+    long_prompt = torch.randint(0, 60, (1, 30))
+    with pytest.raises(MTPError, match="exceeds the model's context of 32"):
+        generate(model, long_prompt, max_new_tokens=10)
+    cut = generate(model, long_prompt, max_new_tokens=10, truncate_prompt=True, stop_token_ids=[])
+    assert len(cut.tokens[0]) == 10
+    assert cut.tokens[0] == reference_greedy(model, long_prompt[0, -22:].tolist(), 10)
+    with pytest.raises(MTPError, match="strategy"):
+        generate(model, torch.tensor([[1]]), strategy="beam")
+
+
+def test_use_speculative_spelling_and_streaming():
+    model = tiny_mtp("llama", num_heads=3, dtype=torch.float64)
+    prompt = torch.tensor([[5, 6, 7]])
+    streamed: list[int] = []
+    fast = generate(model, prompt, max_new_tokens=12, use_speculative=True, stop_token_ids=[],
+                    streamer=lambda row, toks: streamed.extend(toks))
+    slow = generate(model, prompt, max_new_tokens=12, use_speculative=False, stop_token_ids=[])
+    assert fast.tokens == slow.tokens and streamed == fast.tokens[0]
+    assert model.generate(prompt, max_new_tokens=12, use_speculative=True, stop_token_ids=[]).tokens == fast.tokens
+
+
+def test_acceptance_rule_keeps_the_target_distribution():
+    """Token after a block = draft if accepted else residual sample: its law must be exactly p."""
+    gen = torch.Generator().manual_seed(0)
+    v, n = 5, 200_000
+    p = torch.tensor([0.05, 0.4, 0.25, 0.2, 0.1])
+    q = torch.tensor([0.4, 0.1, 0.1, 0.3, 0.1])
+    drafts = torch.multinomial(q, n, replacement=True, generator=gen)[:, None]  # (n, 1)
+    target = p.expand(n, 2, v)
+    a, nxt = accept_drafts_sampling(target, drafts, q.expand(n, 1, v), gen)
+    first = torch.where(a == 1, drafts[:, 0], nxt)
+    freq = torch.bincount(first, minlength=v).float() / n
+    assert torch.allclose(freq, p, atol=0.005)
+
+
+@pytest.mark.parametrize("strategy", ["greedy", "speculative"])
+def test_sampling_matches_the_model_distribution(strategy):
+    """Sample 3000 continuations in one batch; the first two tokens' joint law must be the model's."""
+    model = tiny_mtp("llama", num_heads=3, vocab_size=6, seed=3)
+    prompt = [1, 2]
+    n = 3000
+    out = generate(model, torch.tensor([prompt] * n), max_new_tokens=2, strategy=strategy, do_sample=True,
+                   temperature=1.0, seed=0, stop_token_ids=[])
+    first = torch.tensor([t[0] for t in out.tokens])
+    second = torch.tensor([t[1] for t in out.tokens])
+    p1 = reference_next_token_probs(model, prompt)
+    assert torch.allclose(torch.bincount(first, minlength=6).float() / n, p1, atol=0.03)
+    top = int(p1.argmax())
+    p2 = reference_next_token_probs(model, prompt + [top])
+    picked = second[first == top]
+    assert torch.allclose(torch.bincount(picked, minlength=6).float() / len(picked), p2, atol=0.05)
+
+
+def test_sampling_is_reproducible_under_a_seed():
+    model = tiny_mtp("gpt2", num_heads=3)
+    prompt = torch.tensor([[1, 2, 3]])
+    a = generate(model, prompt, max_new_tokens=16, strategy="speculative", do_sample=True, seed=7, top_p=0.9)
+    b = generate(model, prompt, max_new_tokens=16, strategy="speculative", do_sample=True, seed=7, top_p=0.9)
+    assert a.tokens == b.tokens

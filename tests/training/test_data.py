@@ -1,0 +1,293 @@
+"""Loading, tokenizing and batching training data, with a tiny tokenizer trained offline in the test."""
+
+import json
+import sys
+import types
+
+import pytest
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import PreTrainedTokenizerFast
+
+from mtp.errors import MTPError
+from mtp.training.data import (
+    Example,
+    TokenizedData,
+    batch_at,
+    batches,
+    batches_per_epoch,
+    load_examples,
+    split_holdout,
+    tokenize_examples,
+)
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+@pytest.fixture(scope="module")
+def tokenizer() -> PreTrainedTokenizerFast:
+    # Byte-level BPE, so any text round-trips exactly through encode/decode.
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=400,
+        special_tokens=["<pad>", "<s>", "</s>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    corpus = ["What is the capital of France?", "Paris is the capital.", "user assistant 1 2 3 4 5"] * 10
+    tok.train_from_iterator(corpus, trainer)
+    hf = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+    hf.chat_template = CHAT_TEMPLATE
+    return hf
+
+
+def write_jsonl(path, records) -> None:
+    path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+
+
+# --- loading ------------------------------------------------------------------------------------------------
+
+
+def test_gsm8k_jsonl(tmp_path) -> None:
+    path = tmp_path / "g.jsonl"
+    write_jsonl(
+        path, [{"question": "q1", "answer": "a1\n#### 1"}, {"question": "q2", "answer": "a2\n#### 2"}]
+    )
+    assert load_examples(str(path), format="gsm8k") == [
+        Example("q1", "a1\n#### 1"),
+        Example("q2", "a2\n#### 2"),
+    ]
+    assert load_examples(str(path)) == load_examples(str(path), format="gsm8k")
+    assert load_examples(str(path), limit=1) == [Example("q1", "a1\n#### 1")]
+
+
+def test_metamathqa_json_array_and_jsonl(tmp_path) -> None:
+    records = [{"query": "q1", "response": "r1", "type": "GSM_Rephrased"}, {"query": "q2", "response": "r2"}]
+    array = tmp_path / "MetaMathQA-395K.json"
+    array.write_text(json.dumps(records, indent=2), encoding="utf-8")
+    lines = tmp_path / "mm.jsonl"
+    write_jsonl(lines, records)
+    expected = [Example("q1", "r1"), Example("q2", "r2")]
+    assert load_examples(str(array)) == expected
+    assert load_examples(str(array), format="metamathqa") == expected
+    assert load_examples(str(lines), format="metamathqa") == expected
+
+
+def test_text_documents(tmp_path) -> None:
+    path = tmp_path / "corpus.txt"
+    path.write_text("First doc\nline two.\n\n  \nSecond doc.\n\n\n", encoding="utf-8")
+    expected = [Example("", "First doc\nline two."), Example("", "Second doc.")]
+    assert load_examples(str(path)) == expected
+    assert load_examples(str(path), format="text") == expected
+
+
+def test_auto_detects_by_contents_not_name(tmp_path) -> None:
+    # A .txt holding MetaMathQA records is read as records; a .jsonl holding prose is read as text.
+    looks_text = tmp_path / "data.txt"
+    write_jsonl(looks_text, [{"query": "q", "response": "r"}])
+    assert load_examples(str(looks_text)) == [Example("q", "r")]
+    looks_json = tmp_path / "data.jsonl"
+    looks_json.write_text("just some prose\n", encoding="utf-8")
+    assert load_examples(str(looks_json)) == [Example("", "just some prose")]
+    custom = tmp_path / "custom.jsonl"
+    write_jsonl(custom, [{"problem": "p", "solution": "s"}])
+    assert load_examples(str(custom), question_field="problem", answer_field="solution") == [
+        Example("p", "s")
+    ]
+    with pytest.raises(MTPError, match=r"custom\.jsonl:1: .*question_field"):
+        load_examples(str(custom))
+
+
+def test_shipped_gsm8k_by_name() -> None:
+    train = load_examples("gsm8k", limit=3)
+    assert len(train) == 3 and train[0].prompt.startswith("Natalia")
+    assert len(load_examples("gsm8k", split="test")) == 1319
+
+
+def test_malformed_line_has_line_number(tmp_path) -> None:
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{"question": "q", "answer": "a"}\n\n{"question": "q", "answer": \n', encoding="utf-8")
+    with pytest.raises(MTPError, match=r"bad\.jsonl:3: not valid JSON"):
+        load_examples(str(path))
+
+
+def test_malformed_json_array_element_has_line_number(tmp_path) -> None:
+    path = tmp_path / "bad.json"
+    path.write_text('[\n {"query": "q", "response": "r"},\n {"query": "q"}\n]\n', encoding="utf-8")
+    with pytest.raises(MTPError, match=r"bad\.json:3: missing key 'response'"):
+        load_examples(str(path))
+    path.write_text(
+        '[\n {"query": "q", "response": "r"},\n {"query": "q" "response": "r"}\n]\n', encoding="utf-8"
+    )
+    with pytest.raises(MTPError, match=r"bad\.json:3: not valid JSON"):
+        load_examples(str(path))
+
+
+def test_missing_key_and_non_string(tmp_path) -> None:
+    path = tmp_path / "g.jsonl"
+    write_jsonl(path, [{"question": "q", "answer": "a"}, {"question": "q"}])
+    with pytest.raises(MTPError, match=r"g\.jsonl:2: missing key 'answer'"):
+        load_examples(str(path), format="gsm8k")
+    write_jsonl(path, [{"question": "q", "answer": "a"}, {"question": "q", "answer": 7}])
+    with pytest.raises(MTPError, match=r"g\.jsonl:2: 'answer' must be a string"):
+        load_examples(str(path))
+    write_jsonl(path, [["not", "an", "object"]])
+    with pytest.raises(MTPError, match=r"g\.jsonl:1: expected a JSON object"):
+        load_examples(str(path))
+
+
+def test_missing_file(tmp_path) -> None:
+    with pytest.raises(MTPError, match="not found"):
+        load_examples(str(tmp_path / "nope.jsonl"))
+
+
+def test_dataset_name_offline_is_mtperror(monkeypatch) -> None:
+    # Works whether or not `datasets` is installed: offline it fails fast, absent it is reported as such.
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(MTPError, match="not-a-real-org/no-such-dataset"):
+        load_examples("not-a-real-org/no-such-dataset")
+
+
+def test_dataset_name_without_datasets_package(monkeypatch) -> None:
+    monkeypatch.setitem(sys.modules, "datasets", None)  # makes `import datasets` raise ImportError
+    with pytest.raises(MTPError, match="pip install datasets"):
+        load_examples("meta-math/MetaMathQA")
+
+
+class FakeDataset(list):
+    def select(self, indices):
+        return FakeDataset(self[i] for i in indices)
+
+
+def test_dataset_name_with_fields(monkeypatch) -> None:
+    fake = types.ModuleType("datasets")
+    rows = FakeDataset([{"problem": "p1", "sol": "s1"}, {"problem": "p2", "sol": "s2"}])
+    fake.load_dataset = lambda name, split: rows
+    monkeypatch.setitem(sys.modules, "datasets", fake)
+    got = load_examples("org/ds", question_field="problem", answer_field="sol", limit=1)
+    assert got == [Example("p1", "s1")]
+
+    def offline(name, split):
+        raise ConnectionError("Couldn't reach the Hub")
+
+    fake.load_dataset = offline
+    with pytest.raises(MTPError, match="cannot load dataset 'org/ds'"):
+        load_examples("org/ds")
+
+
+def test_split_holdout_is_deterministic() -> None:
+    examples = [Example(f"q{i}", f"a{i}") for i in range(100)]
+    train, held = split_holdout(examples, fraction=0.1, seed=3)
+    assert (train, held) == split_holdout(examples, fraction=0.1, seed=3)
+    assert len(held) == 10 and len(train) == 90
+    assert set(e.prompt for e in train).isdisjoint(e.prompt for e in held)
+    assert split_holdout(examples, fraction=0.1, seed=4)[1] != held
+    assert len(split_holdout(examples, fraction=0.5, max_items=7)[1]) == 7
+    assert len(split_holdout(examples[:3], fraction=0.05)[1]) == 1
+
+
+# --- tokenization -----------------------------------------------------------------------------------------
+
+
+def test_chat_mask_covers_exactly_the_answer(tokenizer) -> None:
+    ex = Example("What is the capital of France?", "Paris is the capital.")
+    data = tokenize_examples([ex], tokenizer, template="chat", seq_len=64)
+    assert isinstance(data, TokenizedData)
+    assert data.input_ids.shape == data.loss_mask.shape == data.attention_mask.shape == (1, 64)
+    assert data.input_ids.dtype == torch.long and data.loss_mask.dtype == torch.bool
+    ids, mask, attn = data.input_ids[0], data.loss_mask[0], data.attention_mask[0].bool()
+    assert tokenizer.decode(ids[mask]) == "Paris is the capital.<|im_end|>\n"
+    assert (
+        tokenizer.decode(ids[attn & ~mask])
+        == "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n"
+    )
+    assert not (mask & ~attn).any()  # padding is never a target
+    assert (ids[~attn] == tokenizer.pad_token_id).all()
+    assert attn[: int(attn.sum())].all()  # right padding
+
+
+def test_plain_template_and_loss_on_all(tokenizer) -> None:
+    ex = Example("What is 2", "4")
+    data = tokenize_examples([ex], tokenizer, template="plain", seq_len=32)
+    ids, mask, attn = data.input_ids[0], data.loss_mask[0], data.attention_mask[0].bool()
+    assert tokenizer.decode(ids[mask]) == "4</s>"
+    assert tokenizer.decode(ids[attn]) == "What is 2\n\n4</s>"
+    everything = tokenize_examples([ex], tokenizer, template="plain", seq_len=32, loss_on="all")
+    assert torch.equal(everything.loss_mask[0], attn)
+
+
+def test_text_documents_are_all_target_even_under_chat(tokenizer) -> None:
+    data = tokenize_examples([Example("", "Paris is the capital.")], tokenizer, template="chat", seq_len=16)
+    ids, mask = data.input_ids[0], data.loss_mask[0]
+    assert tokenizer.decode(ids[mask]) == "Paris is the capital.</s>"
+
+
+def test_truncation_keeps_the_start(tokenizer) -> None:
+    ex = Example("What is the capital of France?", "Paris is the capital. " * 5)
+    full = tokenize_examples([ex], tokenizer, seq_len=256)
+    n = int(full.attention_mask.sum())
+    short = tokenize_examples([ex], tokenizer, seq_len=n - 5)
+    assert torch.equal(short.input_ids[0], full.input_ids[0, : n - 5])
+    assert bool(short.attention_mask.all())
+    # An example whose answer would start past seq_len has no target, so it is dropped.
+    with pytest.raises(MTPError, match="no training tokens"):
+        tokenize_examples([ex], tokenizer, seq_len=4)
+
+
+def test_packing_shapes(tokenizer) -> None:
+    examples = [Example("What is the capital of France?", "Paris is the capital.")] * 5
+    unpacked = tokenize_examples(examples, tokenizer, seq_len=64, loss_on="all")
+    total = int(unpacked.attention_mask.sum())
+    packed = tokenize_examples(examples, tokenizer, seq_len=16, loss_on="all", pack=True)
+    assert packed.input_ids.shape == (-(-total // 16), 16)
+    assert bool(packed.attention_mask[:-1].all())  # only the last row is padded
+    assert int(packed.attention_mask.sum()) == total
+    # The stream of real tokens is the examples one after another.
+    real = packed.attention_mask.bool()
+    assert torch.equal(packed.input_ids[real], unpacked.input_ids[unpacked.attention_mask.bool()])
+    assert torch.equal(packed.loss_mask, real)
+
+
+def test_packing_answer_mask(tokenizer) -> None:
+    examples = [Example("What is the capital of France?", "Paris is the capital.")] * 5
+    unpacked = tokenize_examples(examples, tokenizer, seq_len=64)
+    packed = tokenize_examples(examples, tokenizer, seq_len=16, pack=True)
+    assert int(packed.loss_mask.sum()) == int(unpacked.loss_mask.sum())
+    assert not (packed.loss_mask & ~packed.attention_mask.bool()).any()
+    assert bool(packed.loss_mask.any(dim=1).all())  # rows of prompt only are dropped: they teach nothing
+
+
+# --- batching -----------------------------------------------------------------------------------------------
+
+
+def _data(n: int) -> TokenizedData:
+    ids = torch.arange(n).unsqueeze(1).repeat(1, 4)
+    return TokenizedData(ids, torch.ones(n, 4, dtype=torch.bool), torch.ones(n, 4, dtype=torch.long))
+
+
+def test_batches_cover_each_epoch_once() -> None:
+    data = _data(10)
+    assert batches_per_epoch(data, 4) == 3
+    epoch0 = list(batches(data, 4, seed=1, epoch=0))
+    assert [len(b) for b in epoch0] == [4, 4, 2]
+    assert sorted(torch.cat(epoch0).tolist()) == list(range(10))
+    epoch1 = torch.cat(list(batches(data, 4, seed=1, epoch=1)))
+    assert not torch.equal(torch.cat(epoch0), epoch1)  # epochs reshuffle
+    assert torch.equal(torch.cat(epoch0), torch.cat(list(batches(data, 4, seed=1, epoch=0))))
+
+
+def test_batch_at_matches_batches_and_is_deterministic() -> None:
+    data = _data(10)
+    for step in range(7):
+        epoch, b = divmod(step, 3)
+        index = list(batches(data, 4, seed=5, epoch=epoch))[b]
+        batch = batch_at(data, 4, seed=5, step=step)
+        assert torch.equal(batch["input_ids"][:, 0], index)
+        assert set(batch) == {"input_ids", "loss_mask", "attention_mask"}
+    assert torch.equal(batch_at(data, 4, 5, 4)["input_ids"], batch_at(data, 4, 5, 4)["input_ids"])
+    assert not torch.equal(batch_at(data, 4, 5, 0)["input_ids"], batch_at(data, 4, 6, 0)["input_ids"])
