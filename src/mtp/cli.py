@@ -65,7 +65,7 @@ def add_function_arguments(parser: argparse.ArgumentParser, fn: Callable) -> Non
     for name, param in inspect.signature(fn).parameters.items():
         if param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
             continue
-        flag = "--" + name.replace("_", "-")
+        flag = "--" + name.rstrip("_").replace("_", "-")
         tp, _ = _unwrap_optional(hints.get(name, str))
         required = param.default is inspect.Parameter.empty
         default = None if required else param.default

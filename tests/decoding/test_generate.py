@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import tiny_mtp
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from conftest import tiny_mtp
 from mtp.decoding.generate import DraftRequest, generate
 from mtp.decoding.reference import reference_greedy, reference_next_token_probs
 from mtp.decoding.sampling import accept_drafts_sampling

@@ -110,7 +110,7 @@ class MTPCache:
         valid = self.valid[:, : self.length].gather(1, order)
         for stack in self.stacks:
             for store in (stack.keys, stack.values):
-                for key, buf in store.items():
+                for buf in store.values():
                     idx = order[:, None, :, None].expand(-1, buf.shape[1], -1, buf.shape[3])
                     buf[:, :, :new_len] = buf[:, :, : self.length].gather(2, idx)
         self.valid.zero_()

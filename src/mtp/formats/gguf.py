@@ -1,0 +1,110 @@
+"""Turn a GGUF checkpoint into a plain Hugging Face folder (fp32 safetensors), atomically.
+
+Dequantising a GGUF through transformers is slow (tens of seconds for 135M parameters), so callers do it once
+and load the resulting folder afterwards. The folder only appears under its final name once it is complete.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import shutil
+import struct
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from mtp.errors import MTPError
+
+# What a truncated, corrupt or unsupported GGUF makes transformers' and gguf's readers raise.
+_READ_ERRORS = (ValueError, OSError, KeyError, IndexError, NotImplementedError, struct.error)
+
+
+def first_line(error: BaseException) -> str:
+    """Errors from transformers span many lines; the CLI prints one."""
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
+
+
+def is_complete_folder(folder: Path) -> bool:
+    """A finished conversion (or any usable HF folder): a config plus its weights."""
+    weights = folder / "model.safetensors", folder / "model.safetensors.index.json"
+    return (folder / "config.json").is_file() and any(w.is_file() for w in weights)
+
+
+def convert_gguf_to_folder(gguf_path: Path, output: Path) -> Path:
+    """Dequantise `gguf_path` to fp32 and save it, with its tokenizer, as a Hugging Face folder at `output`."""
+    # Imported here: transformers costs seconds to import and most callers of this module never convert.
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf_path, output = Path(gguf_path).resolve(), Path(output)
+    if not gguf_path.is_file():
+        raise MTPError(f"GGUF file not found: {gguf_path}")
+    output.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_siblings(output)
+    tmp = output.parent / f".{output.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    print(f"mtp: converting {gguf_path.name} to a Hugging Face folder at {output} (about 45 s, once)",
+          file=sys.stderr, flush=True)
+    try:
+        folder, name = str(gguf_path.parent), gguf_path.name
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+            quantized = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+        except _READ_ERRORS as e:
+            raise MTPError(f"cannot read {gguf_path} as a GGUF model: {first_line(e)}") from e
+        _plain_copy(quantized).save_pretrained(tmp)  # safetensors, config.json, generation_config.json
+        tokenizer.save_pretrained(tmp)
+        _publish(tmp, output)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return output
+
+
+def _plain_copy(quantized: torch.nn.Module) -> torch.nn.Module:
+    """The same weights in an ordinary model: a GGUF-loaded model carries a quantizer and refuses save_pretrained."""
+    from transformers import AutoModelForCausalLM
+
+    config = copy.deepcopy(quantized.config)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    # GGUF stores float metadata as float32, so 1e-5 comes back as 9.999999747e-06; keep the number people wrote.
+    for key, value in config.to_diff_dict().items():
+        if isinstance(value, float) and float(np.float32(value)) == value:
+            setattr(config, key, float(str(np.float32(value))))
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(quantized.state_dict(), strict=True)
+    model.generation_config = copy.deepcopy(quantized.generation_config)
+    return model
+
+
+def _publish(tmp: Path, output: Path) -> None:
+    """Move the finished `tmp` into place; a reader sees either no folder or a complete one."""
+    old = output.parent / f".{output.name}.old-{os.getpid()}"
+    if output.exists():  # an earlier, possibly incomplete folder: swap it out rather than merge into it
+        os.replace(output, old)
+    try:
+        os.replace(tmp, output)
+    except OSError:
+        if not is_complete_folder(output):  # anything but "another process finished first" is a real error
+            raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _remove_stale_siblings(output: Path) -> None:
+    """Delete temp folders left by conversions that were killed (their process no longer exists)."""
+    for path in output.parent.glob(f".{output.name}.*-*"):
+        kind, _, pid = path.name.rpartition("-")
+        if kind.endswith((".tmp", ".old")) and pid.isdigit() and not _pid_alive(int(pid)):
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except (ProcessLookupError, OverflowError):
+        return False
+    except PermissionError:  # it exists but belongs to another user
+        return True
+    return True

