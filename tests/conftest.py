@@ -45,3 +45,35 @@ def llama_mtp():
 @pytest.fixture
 def gpt2_mtp():
     return tiny_mtp("gpt2")
+
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def tiny_tokenizer(vocab_size: int = 300):
+    """A byte-level BPE tokenizer trained in memory (no downloads), with a ChatML-style chat template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<pad>", "<s>", "</s>", "<|im_start|>",
+                                                                         "<|im_end|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(["What is 7 + 5? The answer is 12.", "Janet has 3 eggs and 4 ducks."] * 20, trainer)
+    hf = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+    hf.chat_template = CHAT_TEMPLATE
+    return hf
+
+
+@pytest.fixture
+def tiny_mtp_folder(tmp_path):
+    """A saved tiny MTP model with a tokenizer: what every command can load."""
+    tok = tiny_tokenizer()
+    model = tiny_mtp("llama", num_heads=3, vocab_size=len(tok))
+    model.tokenizer = tok
+    return model.save_pretrained(tmp_path / "tiny-mtp")

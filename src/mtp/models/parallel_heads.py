@@ -112,7 +112,7 @@ class MTPModel(nn.Module):
         b, t = input_ids.shape
         valid = (torch.ones(b, t, dtype=torch.bool, device=input_ids.device) if attention_mask is None
                  else attention_mask.bool())  # (B, T)
-        dtype = self.backbone.lm_head.weight.dtype if hasattr(self.backbone.lm_head, "weight") else self.dtype
+        dtype = self.base.get_input_embeddings().weight.dtype  # activations' dtype (lm_head may be quantised)
         if cache is not None:
             mask, position_ids = cache.prepare_block(valid, dtype)
         else:

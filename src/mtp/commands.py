@@ -1,0 +1,54 @@
+"""`mtp info`: what a model is made of and where it came from."""
+
+from __future__ import annotations
+
+from mtp.models.loading import describe_source, load_mtp_model
+
+
+def _count(params) -> int:
+    return sum(p.numel() for p in params)
+
+
+def info(model: str | None = None, num_heads: int | None = None, num_trunk_layers: int | None = None) -> int:
+    """Print a model's architecture: trunk and head layers, parameter counts, vocabulary, weights' origin.
+
+    Args:
+        model: the embedded default (omit), a local folder, a .gguf file, a Meta checkpoint or a hub id.
+        num_heads: heads to give a plain model (default 4); an MTP folder brings its own.
+        num_trunk_layers: shared trunk layers of a plain model (default: all but the last).
+    """
+    m = load_mtp_model(model, num_heads=num_heads, num_trunk_layers=num_trunk_layers)
+    cfg = m.config
+    trunk = _count(m.trunk_layers.parameters())
+    head0 = _count(m.head_layers(0).parameters())
+    extra = _count(m.extra_heads.parameters())
+    embed = m.base.get_input_embeddings().weight
+    lm_w = m.backbone.lm_head.weight
+    tied = lm_w.data_ptr() == embed.data_ptr()
+    total = _count({id(p): p for p in m.parameters()}.values())
+    head_span = f"{m.num_trunk_layers}..{m.num_layers - 1}" if m.num_layers - m.num_trunk_layers > 1 \
+        else f"{m.num_trunk_layers}"
+    rows = [
+        ("architecture", f"{type(m.base).__name__} (model_type={cfg.model_type})"),
+        ("layers", f"{m.num_layers} in the base model"),
+        ("trunk", f"layers 0..{m.num_trunk_layers - 1} ({m.num_trunk_layers} layers, shared)"),
+        ("heads", f"{m.num_heads} (head 0 = base layer {head_span}; heads 1..{m.num_heads - 1} are copies/trained "
+                  f"layers, {m.num_layers - m.num_trunk_layers} layer(s) each)" if m.num_heads > 1
+         else "1 (the base model itself)"),
+        ("hidden size", str(getattr(cfg, "hidden_size", getattr(cfg, "n_embd", "?")))),
+        ("vocabulary", f"{embed.shape[0]:,} tokens" + (f", tokenizer {type(m.tokenizer).__name__}"
+                                                       if m.tokenizer is not None else ", no tokenizer")),
+        ("context", str(getattr(cfg, "max_position_embeddings", getattr(cfg, "n_positions", "?")))),
+        ("parameters", f"{total:,} total"),
+        ("  trunk", f"{trunk:,}"),
+        ("  head 0", f"{head0:,}"),
+        ("  extra heads", f"{extra:,} ({m.num_heads - 1} x {extra // max(m.num_heads - 1, 1):,})"),
+        ("  embeddings", f"{embed.numel():,}" + (" (tied with the unembedding)" if tied else "")),
+        ("  unembedding", "shared by all heads" + ("" if tied else f", {lm_w.numel():,}")),
+        ("dtype / device", f"{m.dtype} / {m.device}"),
+        ("weights from", describe_source(m.source)),
+    ]
+    width = max(len(k) for k, _ in rows)
+    for key, value in rows:
+        print(f"{key:<{width}}  {value}")
+    return 0

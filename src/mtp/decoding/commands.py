@@ -1,0 +1,139 @@
+"""`mtp generate`: decode prompts with any strategy; text and speed on stdout, or JSON / JSONL."""
+
+from __future__ import annotations
+
+import json as jsonlib
+import sys
+from pathlib import Path
+from typing import Literal
+
+import torch
+from tqdm import tqdm
+
+from mtp.decoding.generate import generate as generate_tokens
+from mtp.errors import MTPError
+from mtp.io import atomic_write_lines
+from mtp.models.loading import load_mtp_model
+
+
+def read_prompts(path: str) -> list[str]:
+    """One prompt per line, or JSONL with a "prompt" (or "question") field per line."""
+    file = Path(path)
+    if not file.is_file():
+        raise MTPError(f"prompts file not found: {path}")
+    prompts = []
+    for lineno, line in enumerate(file.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        if line.lstrip().startswith("{"):
+            try:
+                record = jsonlib.loads(line)
+            except jsonlib.JSONDecodeError as e:
+                raise MTPError(f"{path}:{lineno}: invalid JSON ({e.msg})") from None
+            text = record.get("prompt", record.get("question"))
+            if not isinstance(text, str):
+                raise MTPError(f"{path}:{lineno}: expected a string field 'prompt' or 'question'")
+            prompts.append(text)
+        else:
+            prompts.append(line)
+    if not prompts:
+        raise MTPError(f"{path}: no prompts")
+    return prompts
+
+
+def encode_prompts(tokenizer, prompts: list[str], chat: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-padded (ids, attention mask) for a batch of prompts."""
+    rows = []
+    for p in prompts:
+        if chat:
+            text = tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
+                                                 tokenize=False)
+            rows.append(tokenizer(text, add_special_tokens=False).input_ids)
+        else:
+            rows.append(tokenizer(p).input_ids)
+    if any(len(r) == 0 for r in rows):
+        raise MTPError("empty prompt: give at least one token")
+    width = max(len(r) for r in rows)
+    ids = torch.zeros(len(rows), width, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, r in enumerate(rows):
+        ids[i, width - len(r):] = torch.tensor(r)
+        mask[i, width - len(r):] = 1
+    return ids, mask
+
+
+def generate(model: str | None = None, prompt: str | None = None, prompts_file: str | None = None,
+             output: str | None = None, chat: bool = False,
+             strategy: Literal["greedy", "speculative", "confadapt", "static"] = "greedy",
+             max_new_tokens: int = 128, num_heads: int | None = None, tau: float = 0.9, k: int | None = None,
+             do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
+             seed: int | None = None, batch_size: int = 8, json: bool = False, stream: bool = False,
+             dtype: str = "float32", quantize: Literal["none", "int8"] = "none", device: str = "cpu") -> int:
+    """Generate text with an MTP model: greedy, lossless speculative, ConfAdapt or static-k decoding.
+
+    Args:
+        model: the embedded default (omit), a local folder, a .gguf file, a Meta checkpoint or a hub id.
+        prompt: the prompt text.
+        prompts_file: a file with one prompt per line, or JSONL with a "prompt" field.
+        output: write results as JSONL here (one object per prompt).
+        chat: wrap each prompt in the tokenizer's chat template.
+        strategy: greedy | speculative (lossless) | confadapt (lossy, tau) | static (lossy, k).
+        max_new_tokens: tokens to generate at most.
+        num_heads: heads to give a plain model (default 4).
+        tau: ConfAdapt confidence threshold.
+        k: tokens per step for the static strategy (default: all heads).
+        do_sample: sample instead of greedy (exact speculative sampling with --strategy speculative).
+        seed: random seed for sampling.
+        batch_size: prompts decoded together (left padded).
+        json: print one JSON object per prompt instead of text.
+        stream: print tokens as they are produced (single prompt).
+        quantize: int8 dynamic weight quantisation for CPU decoding.
+    """
+    if (prompt is None) == (prompts_file is None):
+        raise MTPError("give exactly one of --prompt or --prompts-file")
+    prompts = [prompt] if prompt is not None else read_prompts(prompts_file)
+    if prompt is not None and not prompt:
+        raise MTPError("empty prompt: give at least one token")
+    if batch_size < 1:
+        raise MTPError("--batch-size must be >= 1")
+    m = load_mtp_model(model, num_heads=num_heads, device=device, dtype=dtype, quantize=quantize)
+    tok = m.tokenizer
+    if tok is None:
+        raise MTPError("this model has no tokenizer; save one with the model folder")
+    results = []
+    seconds = forwards = 0.0
+    bar = tqdm(total=len(prompts), desc=f"generate ({strategy})", unit="prompt", disable=len(prompts) < 2,
+               file=sys.stderr)
+    for start in range(0, len(prompts), batch_size):
+        chunk = prompts[start:start + batch_size]
+        ids, mask = encode_prompts(tok, chunk, chat)
+        streamer = None
+        if stream and len(prompts) == 1 and not json:
+            def streamer(row, new, _tok=tok):
+                print(_tok.decode(new, skip_special_tokens=True), end="", flush=True)
+        res = generate_tokens(m, ids.to(m.device), mask.to(m.device), max_new_tokens=max_new_tokens,
+                              strategy=strategy, tau=tau, k=k, do_sample=do_sample, temperature=temperature,
+                              top_p=top_p, top_k=top_k, seed=seed, streamer=streamer)
+        seconds += res.stats.seconds
+        forwards += res.stats.row_forwards
+        for i, text in enumerate(res.texts):
+            results.append({"prompt": chunk[i], "text": text, "token_ids": res.tokens[i],
+                            "stats": res.stats.to_dict()})
+        bar.update(len(chunk))
+        if streamer is not None:
+            print()
+        elif not json:
+            for r in results[-len(chunk):]:
+                print(r["text"])
+                print()
+        else:
+            for r in results[-len(chunk):]:
+                print(jsonlib.dumps({"text": r["text"], "token_ids": r["token_ids"], "stats": r["stats"]}))
+    bar.close()
+    if output:
+        atomic_write_lines(output, (jsonlib.dumps(r) for r in results))
+    if not json:
+        total_new = sum(len(r["token_ids"]) for r in results)
+        print(f"[{strategy}] {total_new} new tokens in {seconds:.1f} s: {total_new / max(seconds, 1e-9):.1f} "
+              f"tokens/s, {total_new / max(forwards, 1):.2f} tokens per forward pass", file=sys.stderr)
+    return 0

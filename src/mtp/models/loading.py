@@ -1,0 +1,69 @@
+"""One loader for every command: any model argument -> an `MTPModel` with its tokenizer attached."""
+
+from __future__ import annotations
+
+import time
+from typing import Literal
+
+import torch
+
+from mtp.errors import MTPError
+from mtp.hub import ModelSource, load_base_model, resolve_model
+from mtp.models.parallel_heads import MTPModel
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16, "float64": torch.float64}
+Quantize = Literal["none", "int8"]
+
+
+def parse_dtype(name: str | torch.dtype) -> torch.dtype:
+    if isinstance(name, torch.dtype):
+        return name
+    try:
+        return DTYPES[name]
+    except KeyError:
+        raise MTPError(f"unknown dtype {name!r}; choose from {', '.join(DTYPES)}") from None
+
+
+def load_mtp_model(spec: str | None = None, num_heads: int | None = None, num_trunk_layers: int | None = None,
+                   device: str = "cpu", dtype: str | torch.dtype = "float32", quantize: Quantize = "none",
+                   default_num_heads: int = 4) -> MTPModel:
+    """Load `spec` (see `mtp.hub.resolve_model`) as an MTP model.
+
+    An MTP folder or a Meta checkpoint brings its own heads (asking for a different number is an error); a plain
+    model is wrapped with `num_heads` heads (default 4) whose extra heads start as copies of the last layer(s).
+    """
+    torch_dtype = parse_dtype(dtype)
+    start = time.perf_counter()
+    source = resolve_model(spec)
+    if source.kind in ("mtp_folder", "meta"):
+        if source.kind == "mtp_folder":
+            model = MTPModel.from_pretrained(source.location, device=device, dtype=torch_dtype)
+        else:
+            from mtp.formats.meta import meta_to_mtp
+
+            model = meta_to_mtp(source.location, dtype=torch_dtype).to(device)
+        if num_heads is not None and num_heads != model.num_heads:
+            raise MTPError(f"{source.location} has {model.num_heads} heads; --num-heads {num_heads} does not match "
+                           "(omit it, or convert a base model)")
+        if num_trunk_layers is not None and num_trunk_layers != model.num_trunk_layers:
+            raise MTPError(f"{source.location} has {model.num_trunk_layers} trunk layers, not {num_trunk_layers}")
+        source.load_seconds = time.perf_counter() - start
+        model.source = source
+    else:
+        base, tokenizer, source = load_base_model(spec, device=device, dtype=torch_dtype)
+        model = MTPModel(base, num_heads=num_heads or default_num_heads, num_trunk_layers=num_trunk_layers)
+        model.tokenizer, model.source = tokenizer, source
+    model.eval()
+    if quantize != "none":
+        from mtp.models.quantize import quantize_for_decoding
+
+        quantize_for_decoding(model, quantize)
+    return model
+
+
+def describe_source(source: ModelSource | None) -> str:
+    if source is None:
+        return "built in memory"
+    seconds = f" (loaded in {source.load_seconds:.1f} s)" if source.load_seconds is not None else ""
+    return f"{source.description}{seconds}"
