@@ -13,7 +13,7 @@ import inspect
 import sys
 import types
 import typing
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from mtp.errors import MTPError
 
@@ -28,6 +28,8 @@ COMMANDS: dict[str, str] = {
     "bench": "mtp.evaluation.commands:bench",
     "demo": "mtp.evaluation.commands:demo",
 }
+# command name -> parameters that are also accepted as an optional positional word (`mtp eval gsm8k`).
+POSITIONAL: dict[str, list[str]] = {"eval": ["task"]}
 
 
 def _load(target: str) -> Callable:
@@ -58,8 +60,9 @@ def _unwrap_optional(tp):
     return tp, False
 
 
-def add_function_arguments(parser: argparse.ArgumentParser, fn: Callable) -> None:
-    """Add one flag per keyword parameter of `fn`, typed from its annotations."""
+def add_function_arguments(parser: argparse.ArgumentParser, fn: Callable, positional: Sequence[str] = ()) -> None:
+    """Add one flag per keyword parameter of `fn`, typed from its annotations (names in `positional`: an
+    optional positional argument instead)."""
     hints = typing.get_type_hints(fn)
     _, helps = _doc_parts(fn)
     for name, param in inspect.signature(fn).parameters.items():
@@ -87,6 +90,10 @@ def add_function_arguments(parser: argparse.ArgumentParser, fn: Callable) -> Non
             kwargs["type"] = tp
         if not required and default is not None:
             kwargs["help"] = f"{help_text} (default: {default})".strip()
+        if name in positional:
+            kwargs.pop("dest"), kwargs.pop("required")
+            parser.add_argument(name, nargs="?", **kwargs)
+            continue
         parser.add_argument(flag, **kwargs)
 
 
@@ -100,7 +107,7 @@ def build_parser(commands: dict[str, str] = COMMANDS, only: str | None = None) -
         fn = _load(target)
         summary, _ = _doc_parts(fn)
         p = sub.add_parser(name, help=summary, description=summary)
-        add_function_arguments(p, fn)
+        add_function_arguments(p, fn, POSITIONAL.get(name, []))
     return parser
 
 

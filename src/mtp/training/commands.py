@@ -1,0 +1,429 @@
+"""`mtp train` and `mtp bench-train`."""
+
+from __future__ import annotations
+
+import inspect
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+from mtp.errors import MTPError
+
+TRAIN_CONFIG = "train_config.json"
+EVAL_NAME = "eval.json"
+# Flags that do not change what a run computes: free to differ when resuming.
+_NOT_RUN_IDENTITY = {"output", "resume", "device", "threads", "progress", "save_every", "keep_checkpoints",
+                     "eval_every", "gen_batch_size", "cache_trunk", "gradient_checkpointing"}
+
+
+def train(
+    output: str,
+    model: str | None = None,
+    data: str = "gsm8k",
+    num_heads: int | None = None,
+    num_trunk_layers: int | None = None,
+    freeze_trunk: bool = False,
+    targets: Literal["data", "self"] = "data",
+    data_format: Literal["auto", "gsm8k", "metamathqa", "text", "jsonl"] = "auto",
+    question_field: str | None = None,
+    answer_field: str | None = None,
+    split: str = "train",
+    limit: int | None = None,
+    template: Literal["auto", "chat", "plain"] = "auto",
+    loss_on: Literal["answer", "all"] = "answer",
+    pack: bool = False,
+    seq_len: int = 512,
+    holdout: float = 0.05,
+    holdout_max: int = 200,
+    steps: int | None = None,
+    epochs: float | None = None,
+    batch_size: int = 4,
+    grad_accum: int = 1,
+    lr: float | None = None,
+    min_lr_ratio: float = 0.1,
+    warmup_steps: int | None = None,
+    weight_decay: float = 0.0,
+    max_grad_norm: float = 1.0,
+    head_weights: str = "equal",
+    loss_order: Literal["memory-efficient", "naive"] = "memory-efficient",
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto",
+    gradient_checkpointing: bool = False,
+    cache_trunk: bool = True,
+    max_new_tokens: int = 256,
+    gen_batch_size: int = 16,
+    eval_every: int = 0,
+    save_every: int = 100,
+    keep_checkpoints: int = 2,
+    resume: bool = False,
+    seed: int = 0,
+    device: str = "auto",
+    threads: int | None = None,
+    progress: bool = True,
+) -> int:
+    """Train MTP heads (or the whole model) on question/answer data or text; the output folder is an MTP model.
+
+    Args:
+        output: run folder: the trained model, checkpoints/, metrics.jsonl, loss.png, eval.json, self_targets.jsonl
+        model: base model (default: embedded SmolLM2-135M-Instruct), HF folder, .gguf, hub id, or an MTP folder
+        data: "gsm8k" (shipped), a GSM8K/MetaMathQA-style .jsonl/.json, a text file, or a datasets name
+        num_heads: heads including the next-token head (default 4; an MTP folder keeps its own)
+        num_trunk_layers: shared layers (default: all but the last)
+        freeze_trunk: train the extra heads only; the trunk and head 0 stay exactly as the base model
+        targets: "data": the dataset's answers; "self": the model's own greedy answers to the prompts
+        data_format: how to read --data (auto looks at the contents)
+        question_field: prompt column of JSON records / datasets
+        answer_field: answer column of JSON records / datasets
+        split: dataset split (gsm8k: train or test)
+        limit: use only the first N examples
+        template: "chat" (tokenizer's chat template), "plain" ("question\\n\\nanswer"); auto: chat when available
+        loss_on: "answer" tokens only, or "all" tokens
+        pack: concatenate examples into full rows instead of one padded row each
+        seq_len: tokens per row
+        holdout: fraction of the examples held out for per-head accuracy (0: none)
+        holdout_max: at most this many held-out examples
+        steps: optimizer steps (or give --epochs; default 1 epoch)
+        epochs: passes over the training rows (may be fractional)
+        batch_size: rows per micro-batch
+        grad_accum: micro-batches per optimizer step
+        lr: peak learning rate (default 1e-3 with --freeze-trunk, 5e-5 otherwise)
+        min_lr_ratio: the cosine schedule ends at lr * this
+        warmup_steps: linear warmup steps (default: 5 percent of the steps)
+        weight_decay: AdamW weight decay
+        max_grad_norm: gradient clipping (0: off)
+        head_weights: "equal", "medusa" (0.2*0.8^(i-1) for head i>=1), or comma-separated weights per head
+        loss_order: "memory-efficient" (one head's logits at a time) or "naive" (all heads at once)
+        precision: autocast: auto (bf16/fp16 on GPU, fp32 on CPU), fp32, bf16, fp16
+        gradient_checkpointing: recompute layer activations in the backward pass (less memory, slower)
+        cache_trunk: with --freeze-trunk, compute the frozen trunk once per row and reuse it every epoch
+        max_new_tokens: --targets self: longest self-generated answer
+        gen_batch_size: --targets self: prompts answered per batch
+        eval_every: held-out evaluation every N steps (0: at the end only)
+        save_every: checkpoint every N steps (0: at the end and on Ctrl-C only)
+        keep_checkpoints: keep the last K checkpoints
+        resume: continue the run in --output from its last checkpoint (flags default to the run's own)
+        seed: data order, held-out split and initialisation seed
+        device: cpu, cuda, cuda:N or auto
+        threads: torch CPU threads (default: torch's choice)
+        progress: progress bars
+    """
+    args = {name: value for name, value in locals().items()}
+    t_start = time.perf_counter()
+    timings: dict[str, float] = {}
+    out = Path(output).expanduser()
+    if threads is not None:
+        if threads < 1:
+            raise MTPError(f"threads must be >= 1, got {threads}")
+        torch.set_num_threads(threads)
+
+    from mtp.training.checkpoints import latest_checkpoint, load_trainer_state
+
+    checkpoint = None
+    if resume:
+        saved = _read_train_config(out)
+        args = _merge_resume_args(args, saved)
+        checkpoint = latest_checkpoint(out / "checkpoints")
+        if checkpoint is None:
+            print(f"mtp: no checkpoint in {out / 'checkpoints'} yet; starting the run from step 0", flush=True)
+    else:
+        _check_fresh_output(out)
+    a = _Args(args)
+    _validate(a)
+    dev = _device(a.device)
+    torch.manual_seed(a.seed)
+
+    # ------------------------------------------------------------------ model
+    from mtp.models.parallel_heads import MTPModel
+
+    if checkpoint is not None:
+        mtp_model = MTPModel.from_pretrained(checkpoint, device=dev)
+        if mtp_model.tokenizer is None:
+            raise MTPError(f"{checkpoint} has no tokenizer files")
+    else:
+        mtp_model = load_model_for_training(a.model, a.num_heads, a.num_trunk_layers, dev)
+    timings["load_model"] = time.perf_counter() - t_start
+    a.num_heads, a.num_trunk_layers = mtp_model.num_heads, mtp_model.num_trunk_layers
+    tokenizer = mtp_model.tokenizer
+    if tokenizer is None:
+        raise MTPError("the model has no tokenizer; give a --model folder with tokenizer files")
+    if a.template == "auto":
+        a.template = "chat" if getattr(tokenizer, "chat_template", None) else "plain"
+
+    # ------------------------------------------------------------------ data
+    from mtp.training.data import load_examples, split_holdout, tokenize_examples
+
+    examples = load_examples(a.data, format=a.data_format, question_field=a.question_field,
+                             answer_field=a.answer_field, split=a.split, limit=a.limit)
+    if not examples:
+        raise MTPError(f"{a.data}: no examples")
+    train_ex, held_ex = split_holdout(examples, a.holdout, a.seed, max_items=a.holdout_max)
+    if not train_ex:
+        raise MTPError(f"{a.data}: no training examples left after holding out {len(held_ex)}")
+    out.mkdir(parents=True, exist_ok=True)
+    if a.targets == "self":
+        from mtp.training.targets import CACHE_NAME, model_fingerprint, self_distilled_data
+
+        fingerprint = model_fingerprint(mtp_model)
+        # The answers must come from the model the run started from; after full fine-tuning they cannot be
+        # produced again, so only a cache hit is accepted then.
+        key = args.get("_answers_model_key") or fingerprint
+        args["_answers_model_key"] = key
+        _write_train_config(out, args, a)
+        train_data, held_data = self_distilled_data(
+            mtp_model, tokenizer, [train_ex, held_ex], template=a.template, seq_len=a.seq_len,
+            max_new_tokens=a.max_new_tokens, loss_on=a.loss_on, pack=a.pack, cache_path=out / CACHE_NAME,
+            batch_size=a.gen_batch_size, model_key=key, generate_missing=fingerprint == key, progress=a.progress)
+    else:
+        _write_train_config(out, args, a)
+        train_data = tokenize_examples(train_ex, tokenizer, a.template, a.seq_len, a.loss_on, a.pack)
+        held_data = tokenize_examples(held_ex, tokenizer, a.template, a.seq_len, a.loss_on, a.pack) if held_ex else None
+
+    timings["data_and_targets"] = time.perf_counter() - t_start - timings["load_model"]
+
+    # ------------------------------------------------------------------ schedule
+    from mtp.training.data import batches_per_epoch
+    from mtp.training.loop import TrainConfig, Trainer, steps_for_epochs
+    from mtp.training.losses import head_weights as parse_head_weights
+
+    total_steps = a.steps if a.steps is not None else steps_for_epochs(train_data, a.epochs or 1.0, a.batch_size,
+                                                                      a.grad_accum)
+    lr = a.lr if a.lr is not None else (1e-3 if a.freeze_trunk else 5e-5)
+    warmup = a.warmup_steps if a.warmup_steps is not None else round(0.05 * total_steps)
+    config = TrainConfig(
+        steps=total_steps, batch_size=a.batch_size, grad_accum=a.grad_accum, lr=lr, min_lr_ratio=a.min_lr_ratio,
+        warmup_steps=warmup, weight_decay=a.weight_decay, max_grad_norm=a.max_grad_norm,
+        head_weights=parse_head_weights(a.head_weights, mtp_model.num_heads), loss_order=a.loss_order,
+        precision=a.precision, gradient_checkpointing=a.gradient_checkpointing, freeze_trunk=a.freeze_trunk,
+        cache_trunk=a.cache_trunk, eval_every=a.eval_every, save_every=a.save_every,
+        keep_checkpoints=a.keep_checkpoints, seed=a.seed, progress=a.progress)
+    trainer = Trainer(mtp_model, train_data, config, output_dir=out, eval_data=held_data)
+    if checkpoint is not None:
+        trainer.load_state_dict(load_trainer_state(checkpoint))
+        trainer.last_checkpoint = checkpoint
+    target_tokens = int(train_data.loss_mask.sum())
+    print(f"mtp train: {mtp_model.num_heads} heads on {mtp_model.num_trunk_layers} trunk layers; "
+          f"{len(train_data)} training rows ({target_tokens:,} target tokens), "
+          f"{len(held_data) if held_data is not None else 0} held-out rows; {total_steps} steps of "
+          f"{a.batch_size}x{a.grad_accum} rows (~{total_steps * a.batch_size * a.grad_accum / len(train_data):.2f} "
+          f"epochs, {batches_per_epoch(train_data, a.batch_size)} batches per epoch); lr {lr:g}, "
+          f"{trainer.precision}, {'heads only (frozen trunk)' if a.freeze_trunk else 'full fine-tuning'}"
+          + (f"; resuming at step {trainer.step}" if checkpoint is not None else ""), flush=True)
+
+    start = time.perf_counter()
+    result = trainer.train()
+    timings["trunk_cache_train_eval"] = time.perf_counter() - start
+    # ------------------------------------------------------------------ final model and reports
+    install_model(mtp_model, out)
+    timings["total"] = time.perf_counter() - t_start
+    report = {"step": result.step, "targets": a.targets,
+              "held_out_rows": len(held_data) if held_data is not None else 0,
+              "train_loop_seconds": round(result.seconds, 1),  # optimizer steps only, summed over resumes
+              "seconds_this_invocation": {k: round(v, 1) for k, v in timings.items()}}
+    if result.evaluation is not None:
+        ev = result.evaluation
+        report.update(ev.to_dict())
+        report["heads"] = [{"head": j, "predicts": f"t+{j + 1}", "top1_accuracy": round(ev.head_accuracy[j], 4),
+                            "loss": round(ev.head_loss[j], 4), "tokens": ev.head_tokens[j]}
+                           for j in range(mtp_model.num_heads)]
+    _write_json(out / EVAL_NAME, report)
+    _print_summary(out, result, report)
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+class _Args:
+    def __init__(self, args: dict):
+        self.__dict__.update(args)
+
+
+def _validate(a: _Args) -> None:
+    if a.steps is not None and a.epochs is not None:
+        raise MTPError("give --steps or --epochs, not both")
+    if a.steps is not None and a.steps < 1:
+        raise MTPError(f"--steps must be >= 1, got {a.steps}")
+    if a.epochs is not None and not a.epochs > 0:
+        raise MTPError(f"--epochs must be > 0, got {a.epochs}")
+    if a.num_heads is not None and a.num_heads < 1:
+        raise MTPError(f"--num-heads must be >= 1, got {a.num_heads}")
+    if a.seq_len < 2:
+        raise MTPError(f"--seq-len must be >= 2, got {a.seq_len}")
+    if a.limit is not None and a.limit < 1:
+        raise MTPError(f"--limit must be >= 1, got {a.limit}")
+    if not 0.0 <= a.holdout < 1.0:
+        raise MTPError(f"--holdout must be in [0, 1), got {a.holdout}")
+    if a.holdout_max < 0:
+        raise MTPError(f"--holdout-max must be >= 0, got {a.holdout_max}")
+    if a.max_new_tokens < 1 or a.gen_batch_size < 1:
+        raise MTPError("--max-new-tokens and --gen-batch-size must be >= 1")
+    if a.freeze_trunk and a.num_heads == 1:
+        raise MTPError("--freeze-trunk trains the extra heads only; use --num-heads 2 or more")
+    if a.warmup_steps is not None and a.warmup_steps < 0:
+        raise MTPError(f"--warmup-steps must be >= 0, got {a.warmup_steps}")
+    if a.lr is not None and not a.lr > 0:
+        raise MTPError(f"--lr must be > 0, got {a.lr}")
+    if a.max_grad_norm < 0:
+        raise MTPError(f"--max-grad-norm must be >= 0, got {a.max_grad_norm}")
+
+
+def _device(spec: str) -> torch.device:
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(spec)
+    except RuntimeError:
+        raise MTPError(f"unknown device {spec!r}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise MTPError("--device cuda: no CUDA device is available")
+    return dev
+
+
+def load_model_for_training(spec: str | None, num_heads: int | None, num_trunk_layers: int | None,
+                            device: torch.device):
+    """An fp32 MTPModel to train (mtp.models.loading): an MTP folder as it is, a base model with new heads."""
+    from mtp.models.loading import load_mtp_model
+
+    return load_mtp_model(spec, num_heads=num_heads, num_trunk_layers=num_trunk_layers, device=str(device),
+                          dtype="float32")
+
+
+def _check_fresh_output(out: Path) -> None:
+    from mtp.training.checkpoints import list_checkpoints
+
+    if out.exists() and not out.is_dir():
+        raise MTPError(f"--output {out} is a file")
+    if (out / "config.json").exists() or list_checkpoints(out / "checkpoints"):
+        raise MTPError(f"{out} already holds a trained model or checkpoints; pass --resume to continue that run, "
+                       "or choose a new --output")
+
+
+def _read_train_config(out: Path) -> dict:
+    path = out / TRAIN_CONFIG
+    if not path.is_file():
+        raise MTPError(f"--resume: {path} not found (no run was started in {out})")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as e:
+        raise MTPError(f"{path}: not valid JSON ({e})") from None
+
+
+def _merge_resume_args(args: dict, saved: dict) -> dict:
+    """Flags left at their defaults take the run's saved values; an explicit different value is an error."""
+    defaults = {name: p.default for name, p in inspect.signature(train).parameters.items()}
+    merged = dict(args)
+    clashes = []
+    for name, value in saved.get("args", {}).items():
+        if name not in defaults or name in _NOT_RUN_IDENTITY:
+            continue
+        current = args.get(name)
+        if current == defaults[name]:
+            merged[name] = value
+        elif current != value:
+            clashes.append(f"--{name.replace('_', '-')} {current} (the run used {value})")
+    if clashes:
+        raise MTPError("--resume continues the run as it was started; these flags differ: " + "; ".join(clashes))
+    for name, value in saved.get("args", {}).items():
+        if name.startswith("_"):
+            merged[name] = value
+    return merged
+
+
+def _write_train_config(out: Path, args: dict, a: _Args) -> None:
+    record = {"args": {k: v for k, v in args.items() if k not in ("output",)},
+              "resolved": {"num_heads": a.num_heads, "num_trunk_layers": a.num_trunk_layers, "template": a.template}}
+    _write_json(out / TRAIN_CONFIG, record)
+
+
+def _write_json(path: Path, data) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def install_model(model, out: Path) -> None:
+    """Save the model into the run folder (which also holds checkpoints and logs): written to a temporary
+    folder, then each file renamed into place, config.json last (a config.json marks a complete model)."""
+    tmp = out / f".model-tmp-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    try:
+        model.save_pretrained(tmp)
+        for f in sorted(tmp.iterdir(), key=lambda p: p.name == "config.json"):
+            os.replace(f, out / f.name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _print_summary(out: Path, result, report: dict) -> None:
+    t = report["seconds_this_invocation"]
+    print(f"mtp train: done, step {result.step}; {t['total']:.0f} s in all (model {t['load_model']:.0f} s, data and "
+          f"targets {t['data_and_targets']:.0f} s, trunk cache + training + eval {t['trunk_cache_train_eval']:.0f} s). "
+          f"Model: {out}", flush=True)
+    if "heads" in report:
+        print("held-out per head:   head  predicts  top-1 acc   loss    tokens")
+        for h in report["heads"]:
+            print(f"                     {h['head']:>4}  {h['predicts']:>8}  {h['top1_accuracy']:>9.4f}  "
+                  f"{h['loss']:>6.3f}  {h['tokens']:>7}")
+        print(f"estimated tokens per forward (greedy speculative, teacher-forced): "
+              f"{report['tokens_per_forward_estimate']:.3f}")
+    print(f"metrics: {out / 'metrics.jsonl'}, plot: {out / 'loss.png'}, eval: {out / EVAL_NAME}")
+
+
+# ---------------------------------------------------------------------------------------------- bench-train
+def bench_train(
+    model: str | None = None,
+    heads: list[int] | None = None,
+    orders: list[str] | None = None,
+    seq_len: int = 256,
+    batch_size: int = 4,
+    steps: int = 3,
+    freeze_trunk: bool = False,
+    gradient_checkpointing: bool = False,
+    output: str = "bench_train.json",
+    device: str = "auto",
+    threads: int | None = None,
+    seed: int = 0,
+) -> int:
+    """Step time and peak memory of a training step: n heads vs 1, naive vs memory-efficient loss order.
+
+    Args:
+        model: base model (default: the embedded SmolLM2-135M-Instruct), folder, .gguf or hub id
+        heads: head counts to compare (default: 1 4)
+        orders: loss orders (default: naive memory-efficient)
+        seq_len: tokens per row (every token is a target: the largest logits)
+        batch_size: rows per step
+        steps: timed steps per configuration (after one warm-up step)
+        freeze_trunk: benchmark heads-only training instead of full fine-tuning
+        gradient_checkpointing: with gradient checkpointing
+        output: JSON file for the results
+        device: cpu, cuda or auto
+        threads: torch CPU threads
+        seed: seed of the random batch
+    """
+    from mtp.training.bench import run_bench_train
+
+    heads = heads or [1, 4]
+    orders = orders or ["naive", "memory-efficient"]
+    from mtp.training.losses import LOSS_ORDERS
+
+    for order in orders:
+        if order not in LOSS_ORDERS:
+            raise MTPError(f"unknown loss order {order!r}; choose from {', '.join(LOSS_ORDERS)}")
+    if any(n < 1 for n in heads):
+        raise MTPError("head counts must be >= 1")
+    if freeze_trunk and min(heads) < 2:
+        raise MTPError("--freeze-trunk trains extra heads only; every head count must be >= 2")
+    if steps < 1 or seq_len < 2 or batch_size < 1:
+        raise MTPError("--steps and --batch-size must be >= 1, --seq-len >= 2")
+    if threads is not None:
+        torch.set_num_threads(threads)
+    results = run_bench_train(model, heads, orders, seq_len, batch_size, steps, freeze_trunk,
+                              gradient_checkpointing, _device(device), seed)
+    _write_json(Path(output), results)
+    print(results["table"])
+    print(f"\n{results['method']}\nresults: {output}")
+    return 0
+

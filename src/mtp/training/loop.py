@@ -1,0 +1,563 @@
+"""The training loop: AdamW, warmup + cosine schedule, gradient accumulation and clipping, mixed precision,
+gradient checkpointing, frozen-trunk feature caching, checkpoints, resume, metrics, Ctrl-C and NaN handling.
+
+One optimizer step = `grad_accum` micro-batches. Micro-batch m of the run is `batch_at(data, batch_size, seed, m)`,
+a pure function of (seed, m), so a resumed run sees exactly the batches an uninterrupted run would.
+
+Frozen trunk (`freeze_trunk`): the trunk layers, head 0, embeddings, final norm and unembedding do not train;
+only `model.extra_heads` do. The trunk output then does not depend on anything trainable, so it runs under
+`no_grad`, and with `cache_trunk` it is computed once per training row and reused every epoch (the same values
+a recomputation gives, up to float rounding of differently shaped batches).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from mtp.errors import MTPError
+from mtp.training.checkpoints import (
+    load_trainer_state,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
+from mtp.training.data import TokenizedData, batch_at, batches_per_epoch
+from mtp.training.losses import (
+    LOSS_ORDERS,
+    EvalResult,
+    evaluate_heads,
+    forward_context,
+    target_counts,
+    trim_batch,
+)
+
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+
+class NonFiniteLossError(MTPError):
+    """The loss or the gradient norm became NaN/inf; the run stops without saving the bad state."""
+
+
+@dataclass
+class TrainConfig:
+    steps: int
+    batch_size: int = 4
+    grad_accum: int = 1
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    max_grad_norm: float | None = 1.0  # None or <= 0: no clipping
+    head_weights: list[float] | None = None  # default: 1 for every head
+    loss_order: str = "memory-efficient"
+    precision: str = "fp32"
+    gradient_checkpointing: bool = False
+    freeze_trunk: bool = False
+    cache_trunk: bool = True
+    eval_every: int = 0  # 0: evaluate at the end only
+    eval_batch_size: int = 8
+    save_every: int = 0  # 0: checkpoint only at the end, on Ctrl-C
+    keep_checkpoints: int = 2
+    seed: int = 0
+    progress: bool = True
+
+    def validate(self) -> None:
+        if self.steps < 1:
+            raise MTPError(f"steps must be >= 1, got {self.steps}")
+        for name in ("batch_size", "grad_accum", "eval_batch_size"):
+            if getattr(self, name) < 1:
+                raise MTPError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("warmup_steps", "eval_every", "save_every"):
+            if getattr(self, name) < 0:
+                raise MTPError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.keep_checkpoints < 1:
+            raise MTPError(f"keep_checkpoints must be >= 1, got {self.keep_checkpoints}")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise MTPError(f"lr must be a positive number, got {self.lr}")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise MTPError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        if self.weight_decay < 0:
+            raise MTPError(f"weight_decay must be >= 0, got {self.weight_decay}")
+        if self.loss_order not in LOSS_ORDERS:
+            raise MTPError(f"loss order must be one of {', '.join(LOSS_ORDERS)}, got {self.loss_order!r}")
+        if self.precision not in PRECISIONS:
+            raise MTPError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+
+
+# ------------------------------------------------------------------------------------------------ model set-up
+def configure_trainable(model, freeze_trunk: bool) -> list[torch.nn.Parameter]:
+    """Set requires_grad and train/eval modes; return the trainable parameters (tied weights once)."""
+    if freeze_trunk:
+        if model.num_heads < 2:
+            raise MTPError("--freeze-trunk trains the extra heads only, and a 1-head model has none; "
+                           "use --num-heads 2 or more")
+        model.requires_grad_(False)
+        model.extra_heads.requires_grad_(True)
+        model.eval()  # the frozen part is deterministic (no dropout), so its output can be cached
+        model.extra_heads.train()
+    else:
+        model.requires_grad_(True)
+        model.train()
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def enable_gradient_checkpointing(model) -> None:
+    """Recompute each decoder layer's activations in the backward pass instead of keeping them.
+
+    transformers' layers check the flag inside their own forward, so this works although MTPModel calls the
+    layers directly. The extra heads are copies made before the flag was set, so they get it here too.
+    """
+    base = model.base
+    if not getattr(base, "supports_gradient_checkpointing", False):
+        raise MTPError(f"{type(base).__name__} does not support gradient checkpointing")
+    kwargs = {"use_reentrant": False}
+    if hasattr(base, "activation_checkpointing_enable"):  # transformers >= 5.x
+        base.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    func = next((m._gradient_checkpointing_func for m in base.modules()
+                 if getattr(m, "gradient_checkpointing", False) and hasattr(m, "_gradient_checkpointing_func")),
+                None)
+    if func is None:
+        raise MTPError(f"{type(base).__name__}: gradient checkpointing did not switch on for any layer")
+    for module in model.extra_heads.modules():
+        if hasattr(module, "gradient_checkpointing"):
+            module._gradient_checkpointing_func = func
+            module.gradient_checkpointing = True
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    if precision == "auto":
+        if device.type == "cuda":
+            return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        return "fp32"  # CPU: bf16 matmuls are slower than fp32 without AVX-512 BF16 (REFERENCE.md §5)
+    if precision in ("bf16", "fp16") and device.type not in ("cuda", "cpu", "xpu", "mps"):
+        raise MTPError(f"{precision} autocast is not available on {device.type}")
+    if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise MTPError("this GPU does not support bf16; use --precision fp16")
+    return precision
+
+
+def autocast_factory(precision: str, device: torch.device) -> Callable:
+    """A zero-argument function returning the autocast context for a precision ("fp32": no autocast)."""
+    if precision == "fp32":
+        return nullcontext
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return lambda: torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def lr_lambda(step: int, total: int, warmup: int, min_ratio: float) -> float:
+    """Multiplier of the peak lr: linear warmup over `warmup` steps, then cosine decay to `min_ratio`."""
+    if warmup > 0 and step < warmup:
+        return (step + 1) / warmup
+    span = max(1, total - warmup)
+    progress = min(1.0, (step - warmup) / span)
+    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+# ------------------------------------------------------------------------------------------------ data access
+def batch_rows(num_rows: int, batch_size: int, seed: int, micro_step: int) -> torch.Tensor:
+    """Row indices of `batch_at(data, batch_size, seed, micro_step)` for data of `num_rows` rows (the same order,
+    taken from batch_at itself), to pick cached trunk features for those rows."""
+    index = TokenizedData(torch.arange(num_rows)[:, None], torch.zeros(num_rows, 1, dtype=torch.bool),
+                          torch.zeros(num_rows, 1, dtype=torch.long))
+    return batch_at(index, batch_size, seed, micro_step)["input_ids"][:, 0]
+
+
+@torch.no_grad()
+def compute_trunk_features(model, data: TokenizedData, batch_size: int = 8, autocast: Callable = nullcontext,
+                           progress: bool = False, desc: str = "trunk cache") -> torch.Tensor:
+    """Trunk outputs of every row, (N, L, H) with L the longest real row; positions past a row's end are 0.
+
+    Only valid for a frozen trunk in eval mode. Positions past a row's length never influence its real
+    positions (causal attention), so zeros there change nothing the loss sees.
+    """
+    n = len(data)
+    lengths = data.attention_mask.sum(-1)
+    longest = int(lengths.max()) if n else 0
+    hidden_size = model.config.hidden_size
+    features = None
+    iterator = range(0, n, batch_size)
+    if progress:
+        from tqdm.auto import tqdm
+
+        iterator = tqdm(iterator, desc=desc, unit="batch", total=-(-n // batch_size))
+    device = model.device
+    for start in iterator:
+        rows = slice(start, start + batch_size)
+        batch = trim_batch({"input_ids": data.input_ids[rows], "attention_mask": data.attention_mask[rows]})
+        with autocast():
+            hidden, _ = model.trunk_forward(batch["input_ids"].to(device), batch["attention_mask"].to(device))
+        if features is None:
+            features = torch.zeros(n, longest, hidden_size, dtype=hidden.dtype)
+        valid = batch["attention_mask"].bool()
+        features[rows, : hidden.shape[1]] = hidden.cpu().masked_fill(~valid[..., None], 0)
+    return features if features is not None else torch.zeros(0, 0, hidden_size)
+
+
+# ------------------------------------------------------------------------------------------------ trainer
+@dataclass
+class StepMetrics:
+    step: int
+    lr: float
+    loss: float
+    head_loss: list[float | None]
+    head_acc: list[float | None]
+    tokens: int
+    tokens_per_s: float
+    grad_norm: float
+    elapsed: float
+
+    def to_dict(self) -> dict:
+        r = lambda x: None if x is None else round(x, 6)  # noqa: E731
+        return {"step": self.step, "lr": self.lr, "loss": r(self.loss), "head_loss": [r(x) for x in self.head_loss],
+                "head_acc": [r(x) for x in self.head_acc], "tokens": self.tokens,
+                "tokens_per_s": round(self.tokens_per_s, 1), "grad_norm": r(self.grad_norm),
+                "elapsed": round(self.elapsed, 2)}
+
+
+@dataclass
+class TrainResult:
+    step: int
+    evaluation: EvalResult | None
+    history: list[StepMetrics] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+class _StopRequest:
+    """SIGINT sets a flag the loop checks between optimizer steps (a step is never cut in half); a second
+    Ctrl-C interrupts at once."""
+
+    def __init__(self):
+        self.requested = False
+        self._old = None
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self._old = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print("\nmtp: Ctrl-C: saving a checkpoint after this step (press again to quit at once)", flush=True)
+
+    def __exit__(self, *exc):
+        if self._old is not None:
+            signal.signal(signal.SIGINT, self._old)
+        return False
+
+
+class Trainer:
+    """Trains `model` on `train_data`; evaluates on `eval_data`; writes checkpoints and metrics under `output_dir`.
+
+    Files (when `output_dir` is set): checkpoints/step-NNNNNN/, metrics.jsonl (one line per step, plus eval lines),
+    loss.png (loss per head).
+    """
+
+    def __init__(self, model, train_data: TokenizedData, config: TrainConfig, output_dir: str | os.PathLike | None = None,
+                 eval_data: TokenizedData | None = None, extra_state: dict | None = None):
+        config.validate()
+        self.model = model
+        self.config = config
+        self.train_data = train_data
+        self.eval_data = eval_data
+        self.output_dir = Path(output_dir) if output_dir is not None else None
+        self.extra_state = extra_state or {}  # saved in trainer_state.pt (e.g. the run's arguments)
+        self.device = model.device
+        n = model.num_heads
+        weights = list(config.head_weights) if config.head_weights is not None else [1.0] * n
+        if len(weights) != n:
+            raise MTPError(f"{len(weights)} head weights for a {n}-head model")
+        if config.freeze_trunk:
+            if n < 2:
+                raise MTPError("--freeze-trunk trains the extra heads only, and a 1-head model has none; "
+                               "use --num-heads 2 or more")
+            weights[0] = 0.0  # head 0 is frozen: its loss has no trainable parameter to move
+            if not any(weights[1:]):
+                raise MTPError("with --freeze-trunk at least one extra head needs a weight > 0")
+        self.weights = weights
+        self.params = configure_trainable(model, config.freeze_trunk)
+        if not self.params:
+            raise MTPError("nothing to train: no parameter requires a gradient")
+        if config.gradient_checkpointing:
+            enable_gradient_checkpointing(model)
+        self.precision = resolve_precision(config.precision, self.device)
+        self.autocast = autocast_factory(self.precision, self.device)
+        self.scaler = torch.amp.GradScaler(self.device.type) if self.precision == "fp16" else None
+        self.optimizer = torch.optim.AdamW(self.params, lr=config.lr, betas=config.betas,
+                                           weight_decay=config.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer,
+            lambda s: lr_lambda(s, config.steps, config.warmup_steps, config.min_lr_ratio))
+        self.loss_fn = LOSS_ORDERS[config.loss_order]
+        self.step = 0
+        self.features: torch.Tensor | None = None
+        self.eval_features: torch.Tensor | None = None
+        self.last_checkpoint: Path | None = None
+        self.history: list[StepMetrics] = []
+        self._elapsed_before = 0.0  # training seconds of the run before a resume
+        self._stop = _StopRequest()
+
+    # -------------------------------------------------------------------------------------- state
+    def state_dict(self) -> dict:
+        return {"step": self.step, "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(),
+                "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+                "rng": rng_state(), "config": asdict(self.config), "elapsed": self._elapsed(),
+                **self.extra_state}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore optimizer, scheduler, scaler, RNG and step (the weights come with the checkpoint folder)."""
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        if self.scaler is not None and state.get("scaler") is not None:
+            self.scaler.load_state_dict(state["scaler"])
+        set_rng_state(state["rng"])
+        self.step = int(state["step"])
+        self._elapsed_before = float(state.get("elapsed", 0.0))
+
+    def resume_from(self, checkpoint: str | os.PathLike) -> None:
+        """Load weights and trainer state from a checkpoint folder into this trainer's model."""
+        from safetensors.torch import load_file
+
+        from mtp.models.parallel_heads import WEIGHTS_NAME
+
+        folder = Path(checkpoint)
+        state = load_trainer_state(folder)
+        with torch.no_grad():
+            self.model.load_checkpoint_state_dict(load_file(str(folder / WEIGHTS_NAME)), source=str(folder))
+        self.load_state_dict(state)
+        self.last_checkpoint = folder
+
+    def _elapsed(self) -> float:
+        started = getattr(self, "_started", None)
+        return self._elapsed_before + (time.perf_counter() - started if started is not None else 0.0)
+
+    # -------------------------------------------------------------------------------------- batches
+    def _micro_batch(self, micro_step: int) -> tuple[dict, tuple | None]:
+        cfg = self.config
+        rows = batch_rows(len(self.train_data), cfg.batch_size, cfg.seed, micro_step)
+        data = self.train_data
+        batch = trim_batch({"input_ids": data.input_ids[rows], "loss_mask": data.loss_mask[rows],
+                            "attention_mask": data.attention_mask[rows]})
+        batch = {k: v.to(self.device) for k, v in batch.items()}
+        trunk = None
+        if self.features is not None:
+            hidden = self.features[rows, : batch["input_ids"].shape[1]].to(self.device)
+            trunk = (hidden, forward_context(self.model, batch["input_ids"], batch["attention_mask"], hidden))
+        elif self.config.freeze_trunk:
+            with torch.no_grad(), self.autocast():
+                trunk = self.model.trunk_forward(batch["input_ids"], batch["attention_mask"])
+        return batch, trunk
+
+    def prepare(self) -> None:
+        """Cache frozen-trunk features of the training and held-out rows (when configured)."""
+        cfg = self.config
+        if not (cfg.freeze_trunk and cfg.cache_trunk):
+            return
+        with torch.no_grad():
+            if self.features is None:
+                self.features = compute_trunk_features(self.model, self.train_data, cfg.eval_batch_size,
+                                                       self.autocast, cfg.progress, "trunk cache (train)")
+            if self.eval_data is not None and self.eval_features is None:
+                self.eval_features = compute_trunk_features(self.model, self.eval_data, cfg.eval_batch_size,
+                                                            self.autocast, cfg.progress, "trunk cache (held-out)")
+
+    # -------------------------------------------------------------------------------------- one step
+    def train_step(self) -> StepMetrics:
+        cfg = self.config
+        n = self.model.num_heads
+        t0 = time.perf_counter()
+        micro = [self._micro_batch(self.step * cfg.grad_accum + k) for k in range(cfg.grad_accum)]
+        # One denominator per head over the whole accumulated step: the gradient equals that of one big batch.
+        norms = [sum(c) for c in zip(*(target_counts(b, n) for b, _ in micro), strict=True)]
+        head_loss: list[float | None] = [None] * n
+        head_correct = [0] * n
+        total = 0.0
+        tokens = 0
+        scale = float(self.scaler.get_scale()) if self.scaler is not None else 1.0
+        for batch, trunk in micro:
+            with self.autocast():
+                out = self.loss_fn(self.model, batch, self.weights, normalizers=norms, trunk=trunk,
+                                   grad_scale=scale)
+            if out.nonfinite_head is not None:
+                self.optimizer.zero_grad(set_to_none=True)
+                raise self._nonfinite(f"the loss of head {out.nonfinite_head} is "
+                                      f"{out.head_losses[out.nonfinite_head]}")
+            total += out.loss
+            tokens += int(batch["attention_mask"].sum())
+            for j in range(n):
+                if out.head_losses[j] is not None:
+                    head_loss[j] = (head_loss[j] or 0.0) + out.head_losses[j]
+                    head_correct[j] += out.head_correct[j]
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
+        clip = cfg.max_grad_norm if cfg.max_grad_norm and cfg.max_grad_norm > 0 else float("inf")
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, clip))
+        if not math.isfinite(grad_norm) and self.scaler is None:
+            self.optimizer.zero_grad(set_to_none=True)
+            raise self._nonfinite(f"the gradient norm is {grad_norm}")
+        lr = self.optimizer.param_groups[0]["lr"]
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)  # skips the update when fp16 gradients overflowed
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        seconds = time.perf_counter() - t0
+        return StepMetrics(
+            step=self.step, lr=lr, loss=total, head_loss=head_loss,
+            head_acc=[None if head_loss[j] is None or norms[j] == 0 else head_correct[j] / norms[j]
+                      for j in range(n)],
+            tokens=tokens, tokens_per_s=tokens / seconds if seconds > 0 else 0.0, grad_norm=grad_norm,
+            elapsed=self._elapsed())
+
+    def _nonfinite(self, what: str) -> NonFiniteLossError:
+        keep = (f"the last good checkpoint is {self.last_checkpoint} (continue with --resume, e.g. with a lower --lr)"
+                if self.last_checkpoint is not None else "no checkpoint was saved yet")
+        return NonFiniteLossError(f"step {self.step + 1}: {what}; stopping. Nothing from this step was applied; {keep}")
+
+    # -------------------------------------------------------------------------------------- run
+    def evaluate(self) -> EvalResult | None:
+        if self.eval_data is None or len(self.eval_data) == 0:
+            return None
+        return evaluate_heads(self.model, self.eval_data, self.config.eval_batch_size, self.autocast,
+                              trunk_features=self.eval_features, progress=self.config.progress)
+
+    def save(self) -> Path | None:
+        if self.output_dir is None:
+            return None
+        self.last_checkpoint = save_checkpoint(self.output_dir / "checkpoints", self.step, self.model,
+                                               self.state_dict(), keep=self.config.keep_checkpoints)
+        return self.last_checkpoint
+
+    def train(self, on_step: Callable[[Trainer, StepMetrics], None] | None = None) -> TrainResult:
+        """Run from `self.step` to `config.steps`. Ctrl-C (or `request_stop`) saves a checkpoint, then raises
+        KeyboardInterrupt. NaN/inf raises NonFiniteLossError, leaving the last checkpoint as it was."""
+        cfg = self.config
+        self._started = time.perf_counter()
+        self.prepare()
+        self._started = time.perf_counter()  # the cache is a one-off cost, not training time
+        metrics = MetricsLog(self.output_dir / "metrics.jsonl" if self.output_dir else None, self.step)
+        bar = None
+        if cfg.progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=cfg.steps, initial=self.step, desc="train", unit="step", dynamic_ncols=True,
+                       mininterval=1.0)
+        self._stop.requested = False
+        saved_at = self.step if self.last_checkpoint is not None else None
+        try:
+            with self._stop:
+                while self.step < cfg.steps:
+                    m = self.train_step()
+                    self.history.append(m)
+                    metrics.write(m.to_dict())
+                    if bar is not None:
+                        bar.update(1)
+                        bar.set_postfix_str(_postfix(m), refresh=False)
+                    if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < cfg.steps:
+                        ev = self.evaluate()
+                        if ev is not None:
+                            metrics.write({"step": self.step, "eval": ev.to_dict()})
+                    if cfg.save_every and self.step % cfg.save_every == 0 and self.step < cfg.steps:
+                        self.save()
+                        saved_at = self.step
+                        self.plot()
+                    if on_step is not None:
+                        on_step(self, m)
+                    if self._stop.requested:
+                        if saved_at != self.step:
+                            self.save()
+                        if bar is not None:
+                            bar.close()
+                        where = f" to {self.last_checkpoint}" if self.last_checkpoint else ""
+                        print(f"mtp: stopped at step {self.step}; checkpoint saved{where}; "
+                              "continue with --resume", flush=True)
+                        raise KeyboardInterrupt
+        finally:
+            if bar is not None:
+                bar.close()
+            metrics.close()
+        evaluation = self.evaluate()
+        if evaluation is not None:
+            metrics.append_line({"step": self.step, "eval": evaluation.to_dict()})
+        if saved_at != self.step:
+            self.save()
+        self.plot()
+        return TrainResult(self.step, evaluation, self.history, self._elapsed())
+
+    def request_stop(self) -> None:
+        """What Ctrl-C does: finish the current step, save a checkpoint, raise KeyboardInterrupt."""
+        self._stop.requested = True
+
+    def plot(self) -> Path | None:
+        if self.output_dir is None:
+            return None
+        from mtp.training.plots import plot_losses
+
+        return plot_losses(self.output_dir / "metrics.jsonl", self.output_dir / "loss.png")
+
+
+def _postfix(m: StepMetrics) -> str:
+    losses = " ".join(f"h{j}={x:.3f}" for j, x in enumerate(m.head_loss) if x is not None)
+    return f"{losses} | {m.tokens_per_s:,.0f} tok/s"
+
+
+class MetricsLog:
+    """metrics.jsonl, appended one line per step. On resume, lines after the resumed step are dropped first
+    (they belong to steps that will be run again)."""
+
+    def __init__(self, path: Path | None, resume_step: int):
+        self.path = path
+        self._file = None
+        if path is None:
+            return
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if path.exists():
+            kept = []
+            for line in path.read_text(encoding="utf-8").splitlines():
+                try:
+                    if json.loads(line).get("step", 0) <= resume_step:
+                        kept.append(line)
+                except ValueError:  # a line cut off by a crash
+                    continue
+            tmp = path.with_name(path.name + ".tmp")
+            tmp.write_text("".join(x + "\n" for x in kept), encoding="utf-8")
+            os.replace(tmp, path)
+        self._file = path.open("a", encoding="utf-8")
+
+    def write(self, record: dict) -> None:
+        if self._file is not None:
+            self._file.write(json.dumps(record) + "\n")
+            self._file.flush()
+
+    def append_line(self, record: dict) -> None:
+        if self.path is not None:
+            with self.path.open("a", encoding="utf-8") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
+def steps_for_epochs(data: TokenizedData, epochs: float, batch_size: int, grad_accum: int) -> int:
+    return max(1, math.ceil(epochs * batches_per_epoch(data, batch_size) / grad_accum))

@@ -1,0 +1,301 @@
+"""The multi-head loss: k-ahead targets, the naive and the memory-efficient order, held-out accuracy.
+
+`shift_targets` is the one place that decides which token each head is trained to predict; everything else in
+training (loss, accuracy, evaluation) goes through it.
+
+Memory-efficient order (Gloeckle et al. 2024, Fig. 2): the trunk runs once; each head in turn runs forward, loss
+and backward into a detached copy of the trunk output (accumulating its gradient) and frees its vocabulary-size
+logits; the trunk backward runs last with the accumulated gradient. Peak memory holds one head's logits instead of
+n of them, and the gradients equal the naive all-heads-at-once loss (tested).
+
+Only positions with a target pass through the unembedding (the prompt and padding never do), which saves both
+memory and the largest matmul of a step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from mtp.errors import MTPError
+
+Batch = dict[str, torch.Tensor]  # input_ids (B, T) long, loss_mask (B, T) bool, attention_mask (B, T)
+
+
+def shift_targets(input_ids: torch.Tensor, loss_mask: torch.Tensor, head: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Targets of head `head` at every position: head i at position t predicts token t+1+i.
+
+    `loss_mask[t]` says token t is a target (an answer token, never padding). Returns `(targets, mask)`, both
+    (B, T): `targets[:, t] = input_ids[:, t+1+i]` and `mask[:, t] = loss_mask[:, t+1+i]`; positions whose
+    target would lie past the end have mask False and target 0.
+
+    Example, T = 5, tokens a..e, all of them targets:
+
+        position t       0   1   2   3   4
+        input token      a   b   c   d   e
+        head 0 target    b   c   d   e   -      (next token, the original model)
+        head 1 target    c   d   e   -   -
+        head 2 target    d   e   -   -   -
+        head 3 target    e   -   -   -   -
+
+    With a prompt "a b" and answer "c d e" (loss_mask F F T T T), head 0 is trained at positions 1..3 and
+    head 1 at positions 0..2: a head learns every answer token it can see coming, even from inside the prompt.
+    """
+    if head < 0:
+        raise MTPError(f"head must be >= 0, got {head}")
+    shift = head + 1
+    targets = torch.zeros_like(input_ids)
+    mask = torch.zeros_like(loss_mask, dtype=torch.bool)
+    if shift < input_ids.shape[1]:
+        targets[:, :-shift] = input_ids[:, shift:]
+        mask[:, :-shift] = loss_mask[:, shift:].bool()
+    return targets, mask
+
+
+def head_weights(spec: str | Sequence[float], num_heads: int) -> list[float]:
+    """Per-head loss weights: "equal" (1 each), "medusa" (1 for head 0, 0.2 * 0.8**(i-1) for head i >= 1,
+    Medusa-2's decay), or explicit numbers ("1,0.5,0.25,0.125" or a list)."""
+    if isinstance(spec, str):
+        name = spec.strip().lower()
+        if name == "equal":
+            return [1.0] * num_heads
+        if name == "medusa":
+            return [1.0] + [0.2 * 0.8 ** (i - 1) for i in range(1, num_heads)]
+        try:
+            values = [float(x) for x in name.split(",") if x.strip()]
+        except ValueError:
+            raise MTPError(f"head weights must be 'equal', 'medusa' or comma-separated numbers, got {spec!r}") from None
+    else:
+        values = [float(x) for x in spec]
+    if len(values) != num_heads:
+        raise MTPError(f"{len(values)} head weights given for {num_heads} heads")
+    if any(not (v >= 0.0) or v == float("inf") for v in values):
+        raise MTPError(f"head weights must be finite and >= 0, got {values}")
+    if not any(values):
+        raise MTPError("at least one head weight must be > 0")
+    return values
+
+
+@dataclass
+class LossOutput:
+    """Per-head results of one batch. Heads that were not computed (weight 0) have None."""
+
+    loss: float  # sum over heads of weight * loss (the scalar that was back-propagated, before normalizers)
+    head_losses: list[float | None]
+    head_correct: list[int | None]  # top-1 hits on target positions
+    head_tokens: list[int]  # target positions of each head in this batch
+    nonfinite_head: int | None = None  # first head whose loss was NaN/inf (no backward was run for it)
+
+    @property
+    def head_accuracies(self) -> list[float | None]:
+        return [None if c is None or n == 0 else c / n
+                for c, n in zip(self.head_correct, self.head_tokens, strict=True)]
+
+
+def target_counts(batch: Batch, num_heads: int) -> list[int]:
+    """Number of target positions of each head in a batch (for normalizing over accumulated micro-batches)."""
+    return [int(shift_targets(batch["input_ids"], batch["loss_mask"], j)[1].sum()) for j in range(num_heads)]
+
+
+def _head_loss(model, j: int, trunk: torch.Tensor, ctx, batch: Batch, denom: int):
+    """(sum CE / denom, correct count, target count) of head j; the unembedding runs on target positions only."""
+    targets, mask = shift_targets(batch["input_ids"], batch["loss_mask"], j)
+    count = int(mask.sum())
+    hidden = model.head_forward(j, trunk, ctx)  # (B, T, H)
+    picked = hidden[mask]  # (N, H)
+    logits = model.lm_head(picked).float()  # (N, V)
+    goal = targets[mask]
+    loss = F.cross_entropy(logits, goal, reduction="sum") / max(denom, 1)
+    with torch.no_grad():
+        correct = int((logits.argmax(-1) == goal).sum())
+    return loss, correct, count
+
+
+def _check(model, weights: Sequence[float], normalizers: Sequence[int] | None) -> None:
+    if len(weights) != model.num_heads:
+        raise MTPError(f"{len(weights)} head weights for a {model.num_heads}-head model")
+    if normalizers is not None and len(normalizers) != model.num_heads:
+        raise MTPError(f"{len(normalizers)} normalizers for a {model.num_heads}-head model")
+
+
+def mtp_loss_naive(model, batch: Batch, weights: Sequence[float], *, normalizers: Sequence[int] | None = None,
+                   trunk=None, backward: bool = True, grad_scale: float = 1.0) -> LossOutput:
+    """All heads at once: one graph, sum of weighted losses, one backward. Holds every head's logits at once.
+
+    Each head's loss is the summed cross-entropy over its target positions divided by `normalizers[j]` (default:
+    its target count in this batch, i.e. the mean), so micro-batches of an accumulated step can share one
+    denominator. `trunk=(hidden, ctx)` skips the trunk (a cached frozen-trunk output). `grad_scale` multiplies
+    what is back-propagated (a GradScaler's scale with fp16), not the reported losses.
+    """
+    _check(model, weights, normalizers)
+    hidden, ctx = trunk if trunk is not None else model.trunk_forward(batch["input_ids"], batch["attention_mask"])
+    out = LossOutput(0.0, [None] * model.num_heads, [None] * model.num_heads,
+                     target_counts(batch, model.num_heads))
+    total = None
+    for j, w in enumerate(weights):
+        if w == 0:
+            continue
+        denom = normalizers[j] if normalizers is not None else out.head_tokens[j]
+        loss, correct, _ = _head_loss(model, j, hidden, ctx, batch, denom)
+        value = float(loss.detach())
+        out.head_losses[j], out.head_correct[j] = value, correct
+        if not torch.isfinite(loss) and out.nonfinite_head is None:
+            out.nonfinite_head = j
+        total = w * loss if total is None else total + w * loss
+    out.loss = float(total.detach()) if total is not None else 0.0
+    if backward and total is not None and out.nonfinite_head is None and total.requires_grad:
+        (total * grad_scale if grad_scale != 1.0 else total).backward()
+    return out
+
+
+def mtp_loss_memory_efficient(model, batch: Batch, weights: Sequence[float], *,
+                              normalizers: Sequence[int] | None = None, trunk=None,
+                              backward: bool = True, grad_scale: float = 1.0) -> LossOutput:
+    """Trunk once; per head forward -> loss -> backward into the trunk output; trunk backward last.
+
+    Same arguments and gradients as `mtp_loss_naive`. With `backward=False` it is a plain evaluation (call it
+    under `torch.no_grad()`). A head whose loss is NaN/inf stops the remaining heads and the trunk backward;
+    `nonfinite_head` names it, and the caller must discard the step's gradients.
+    """
+    _check(model, weights, normalizers)
+    hidden, ctx = trunk if trunk is not None else model.trunk_forward(batch["input_ids"], batch["attention_mask"])
+    needs_trunk_grad = backward and hidden.requires_grad
+    # A leaf cut from the trunk graph: each head's backward stops here and accumulates leaf.grad.
+    leaf = hidden.detach().requires_grad_(needs_trunk_grad)
+    out = LossOutput(0.0, [None] * model.num_heads, [None] * model.num_heads,
+                     target_counts(batch, model.num_heads))
+    for j, w in enumerate(weights):
+        if w == 0:
+            continue
+        denom = normalizers[j] if normalizers is not None else out.head_tokens[j]
+        loss, correct, _ = _head_loss(model, j, leaf, ctx, batch, denom)
+        value = float(loss.detach())
+        out.head_losses[j], out.head_correct[j] = value, correct
+        out.loss += w * value
+        if not torch.isfinite(loss):
+            out.nonfinite_head = j
+            return out
+        if backward and loss.requires_grad:
+            (loss * (w * grad_scale)).backward()
+        del loss  # frees this head's logits and graph before the next head runs
+    if needs_trunk_grad and leaf.grad is not None:
+        hidden.backward(leaf.grad)
+    return out
+
+
+LOSS_ORDERS = {"naive": mtp_loss_naive, "memory-efficient": mtp_loss_memory_efficient}
+
+
+@dataclass
+class EvalResult:
+    """Held-out per-head figures over every target position."""
+
+    head_loss: list[float]
+    head_accuracy: list[float]
+    head_tokens: list[int]
+    tokens_per_forward: float  # estimate: 1 + mean run of consecutive correct heads 1..n-1 (see evaluate_heads)
+    extra: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return {"head_loss": [round(x, 6) for x in self.head_loss],
+                "head_accuracy": [round(x, 6) for x in self.head_accuracy],
+                "head_tokens": self.head_tokens, "tokens_per_forward_estimate": round(self.tokens_per_forward, 4),
+                **self.extra}
+
+
+@torch.no_grad()
+def evaluate_heads(model, data, batch_size: int = 8, autocast=None, trunk_features: torch.Tensor | None = None,
+                   progress: bool = False) -> EvalResult:
+    """Per-head mean cross-entropy and top-1 accuracy on `data` (a TokenizedData), every head evaluated.
+
+    `tokens_per_forward` estimates greedy self-speculative decoding under teacher forcing: at each position with
+    a head-0 target, 1 + the number of leading heads 1, 2, ... whose top-1 equals its target (a missing target
+    ends the run). With self-distilled targets (the model's own greedy continuation) this approximates what
+    `mtp generate --strategy speculative` accepts on such texts. `trunk_features` (N, L, H): cached trunk
+    outputs of the rows of `data` (frozen trunk), used instead of running the trunk.
+    """
+    n = model.num_heads
+    loss_sum = [0.0] * n
+    correct = [0] * n
+    tokens = [0] * n
+    run_sum = 0.0
+    run_positions = 0
+    modes = [(m, m.training) for m in model.modules()]  # restored per module (a frozen trunk stays in eval)
+    model.eval()
+    device = model.device
+    starts = range(0, len(data), batch_size)
+    if progress:
+        from tqdm.auto import tqdm
+
+        starts = tqdm(starts, desc="eval", unit="batch", leave=False)
+    try:
+        for start in starts:
+            rows = slice(start, start + batch_size)
+            batch = trim_batch({"input_ids": data.input_ids[rows], "loss_mask": data.loss_mask[rows],
+                                "attention_mask": data.attention_mask[rows]})
+            ids = batch["input_ids"].to(device)
+            loss_mask = batch["loss_mask"].to(device)
+            attention_mask = batch["attention_mask"].to(device)
+            with autocast() if autocast is not None else nullcontext():
+                if trunk_features is not None:
+                    hidden = trunk_features[rows, : ids.shape[1]].to(device)
+                    ctx = forward_context(model, ids, attention_mask, hidden)
+                else:
+                    hidden, ctx = model.trunk_forward(ids, attention_mask)
+                base = alive = run = None
+                for j in range(n):
+                    targets, mask = shift_targets(ids, loss_mask, j)
+                    logits = model.lm_head(model.head_forward(j, hidden, ctx)[mask]).float()  # (N, V)
+                    goal = targets[mask]
+                    loss_sum[j] += float(F.cross_entropy(logits, goal, reduction="sum"))
+                    hit = torch.zeros_like(mask)
+                    hit[mask] = logits.argmax(-1) == goal
+                    correct[j] += int(hit.sum())
+                    tokens[j] += int(mask.sum())
+                    if j == 0:
+                        base, alive = mask, mask.clone()
+                        run = torch.ones_like(mask, dtype=torch.long)
+                    else:
+                        alive &= hit
+                        run += alive.long()
+                    del logits
+            run_sum += float(run[base].sum())
+            run_positions += int(base.sum())
+    finally:
+        for module, mode in modes:
+            module.training = mode
+    return EvalResult(
+        head_loss=[s / t if t else float("nan") for s, t in zip(loss_sum, tokens, strict=True)],
+        head_accuracy=[c / t if t else float("nan") for c, t in zip(correct, tokens, strict=True)],
+        head_tokens=tokens,
+        tokens_per_forward=run_sum / run_positions if run_positions else float("nan"),
+    )
+
+
+def trim_batch(batch: Batch) -> Batch:
+    """Drop the trailing columns that are padding in every row (right padding). Real positions attend only to
+    earlier positions, so their outputs are unchanged; the work saved is often half a padded batch."""
+    am = batch["attention_mask"]
+    cols = am.any(0).nonzero()
+    last = int(cols.max()) + 1 if cols.numel() else 1
+    if last == am.shape[1]:
+        return batch
+    return {k: v[:, :last] if v.dim() >= 2 else v for k, v in batch.items()}
+
+
+def forward_context(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, hidden: torch.Tensor):
+    """The `ForwardContext` that `model.trunk_forward(input_ids, attention_mask)` builds (no cache), without running
+    the trunk: for heads trained on cached trunk outputs. `hidden` only supplies dtype and device."""
+    from mtp.models.parallel_heads import ForwardContext, _uncached_mask
+
+    b, t = input_ids.shape
+    valid = (torch.ones(b, t, dtype=torch.bool, device=input_ids.device) if attention_mask is None
+             else attention_mask.bool())
+    dtype = model.base.get_input_embeddings().weight.dtype  # as trunk_forward: the activations' dtype
+    mask, position_ids = _uncached_mask(valid, dtype, model.config)
+    shared = model.backbone.layer_inputs(hidden, position_ids)
+    return ForwardContext(mask, valid, position_ids, shared, None)

@@ -1,0 +1,86 @@
+"""Loss curves of a training run: metrics.jsonl -> PNG (matplotlib, Agg backend, written atomically)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+
+def read_metrics(path: str | os.PathLike) -> tuple[list[dict], list[dict]]:
+    """(step records, eval records) of a metrics.jsonl; lines cut off by a crash are skipped."""
+    steps, evals = [], []
+    path = Path(path)
+    if not path.is_file():
+        return steps, evals
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        (evals if "eval" in record else steps).append(record)
+    return steps, evals
+
+
+def _smooth(values: list[float], window: int) -> list[float]:
+    out, acc = [], []
+    for v in values:
+        acc.append(v)
+        if len(acc) > window:
+            acc.pop(0)
+        out.append(sum(acc) / len(acc))
+    return out
+
+
+def plot_losses(metrics_path: str | os.PathLike, png_path: str | os.PathLike) -> Path | None:
+    """Training loss per head (thin: raw, thick: moving average) and held-out loss/accuracy per head."""
+    steps, evals = read_metrics(metrics_path)
+    if not steps:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    n = max(len(r.get("head_loss", [])) for r in steps)
+    fig, axes = plt.subplots(1, 2 if evals else 1, figsize=(12 if evals else 7, 4.5), squeeze=False)
+    ax = axes[0][0]
+    window = max(1, len(steps) // 50)
+    for j in range(n):
+        xs = [r["step"] for r in steps if j < len(r["head_loss"]) and r["head_loss"][j] is not None]
+        ys = [r["head_loss"][j] for r in steps if j < len(r["head_loss"]) and r["head_loss"][j] is not None]
+        if not xs:
+            continue
+        (line,) = ax.plot(xs, _smooth(ys, window), label=f"head {j} (token t+{j + 1})", linewidth=1.8)
+        ax.plot(xs, ys, color=line.get_color(), alpha=0.25, linewidth=0.7)
+        ev = [(e["step"], e["eval"]["head_loss"][j]) for e in evals if j < len(e["eval"]["head_loss"])]
+        if ev:
+            ax.plot(*zip(*ev, strict=True), "o", color=line.get_color(), markersize=4)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("cross-entropy")
+    ax.set_title("training loss per head (dots: held-out)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    if evals:
+        ax2 = axes[0][1]
+        for j in range(n):
+            ev = [(e["step"], e["eval"]["head_accuracy"][j]) for e in evals if j < len(e["eval"]["head_accuracy"])]
+            if ev:
+                ax2.plot(*zip(*ev, strict=True), "o-", label=f"head {j}", markersize=4)
+        ax2.set_xlabel("optimizer step")
+        ax2.set_ylabel("top-1 accuracy")
+        ax2.set_ylim(0, 1)
+        ax2.set_title("held-out top-1 accuracy per head")
+        ax2.grid(alpha=0.3)
+        ax2.legend(fontsize=8)
+    fig.tight_layout()
+    png_path = Path(png_path)
+    tmp = png_path.with_name(f".{png_path.name}.tmp-{os.getpid()}.png")
+    try:
+        fig.savefig(tmp, dpi=110)
+        os.replace(tmp, png_path)
+    finally:
+        plt.close(fig)
+        if tmp.exists():
+            tmp.unlink()
+    return png_path

@@ -1,0 +1,236 @@
+"""Self-distilled targets (`--targets self`): the base model answers each training prompt itself.
+
+The training row becomes prompt + the model's own greedy answer (as token ids, exactly as generated, with the
+stop token when it was hit), and the loss covers the answer. Heads trained on these rows learn to predict what
+the model they serve will say, which is what speculative decoding accepts (Medusa-2; Kirchenbauer et al. 2026).
+
+Answers are produced in batches (prompts sorted by length, left-padded) with `mtp.decoding.generate` and appended
+to a JSONL cache, one line per example as each batch finishes:
+
+    {"id": 17, "key": "3f2a...", "tokens": [2681, 314, ...]}
+
+`key` hashes the model's next-token path, the prompt's token ids and the generation budget, so a line is only
+reused for the same model, prompt and budget. An interrupted run resumes where it stopped (a line cut off by the
+crash is ignored); the file is append-only, so it is never rewritten in place.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+from mtp.errors import MTPError
+from mtp.training.data import Example, TokenizedData, _example_tokens
+
+CACHE_NAME = "self_targets.jsonl"
+
+
+def prompt_token_ids(tokenizer, prompt: str, template: Literal["chat", "plain"]) -> list[int]:
+    """The prompt tokens exactly as `tokenize_examples` lays them out (and as the model sees them when asked)."""
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise MTPError("the tokenizer has no eos token")
+    if template == "chat" and not getattr(tokenizer, "chat_template", None):
+        raise MTPError("the tokenizer has no chat template; use --template plain")
+    return list(_example_tokens(tokenizer, Example(prompt, ""), template, eos)[0])
+
+
+@torch.no_grad()
+def model_fingerprint(model) -> str:
+    """A hash of the next-token path's weights (everything but the extra heads): who wrote the answers. Weights
+    only, so the same model loaded from a checkpoint folder (whose config gained an `mtp` section) matches."""
+    h = hashlib.sha256(str(getattr(model.config, "model_type", "")).encode())
+    for name, p in model.base.named_parameters():
+        h.update(name.encode())
+        h.update(repr(tuple(p.shape)).encode())
+        flat = p.detach().reshape(-1).double()
+        h.update(f"{float(flat.sum()):.10e}/{float(flat.abs().sum()):.10e}".encode())
+    return h.hexdigest()[:16]
+
+
+def _line_key(model_key: str, prompt_ids: Sequence[int], budget: int) -> str:
+    h = hashlib.sha256(f"{model_key}|{budget}|".encode())
+    h.update(json.dumps(list(prompt_ids)).encode())
+    return h.hexdigest()[:16]
+
+
+def read_cache(path: str | os.PathLike) -> dict[tuple[int, str], list[int]]:
+    """(id, key) -> tokens of every complete line (a later line for the same id and key wins)."""
+    found: dict[tuple[int, str], list[int]] = {}
+    path = Path(path)
+    if not path.is_file():
+        return found
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            record = json.loads(line)
+            found[(int(record["id"]), str(record["key"]))] = [int(t) for t in record["tokens"]]
+        except (ValueError, KeyError, TypeError):  # a line cut off by an interruption, or foreign
+            continue
+    return found
+
+
+def self_distilled_answers(
+    model,
+    tokenizer,
+    prompts: Sequence[Sequence[int]],
+    *,
+    max_new_tokens: int,
+    cache_path: str | os.PathLike | None = None,
+    batch_size: int = 16,
+    budgets: Sequence[int] | None = None,
+    model_key: str | None = None,
+    stop_token_ids: list[int] | None = None,
+    generate_missing: bool = True,
+    progress: bool = True,
+) -> list[list[int]]:
+    """The model's greedy answer (new token ids) to each prompt (token ids), from the cache or generated.
+
+    `budgets[i]` caps row i's answer length (default `max_new_tokens`; a row gets at most its budget even when
+    it shares a batch with longer budgets). With `generate_missing=False` a prompt missing from the cache is an
+    error (e.g. the model has been fine-tuned since, so it can no longer produce the original answers).
+    """
+    from mtp.decoding.generate import generate
+
+    if max_new_tokens < 1:
+        raise MTPError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if batch_size < 1:
+        raise MTPError(f"generation batch size must be >= 1, got {batch_size}")
+    budgets = [max_new_tokens] * len(prompts) if budgets is None else [min(b, max_new_tokens) for b in budgets]
+    model_key = model_key or model_fingerprint(model)
+    keys = [_line_key(model_key, p, b) for p, b in zip(prompts, budgets, strict=True)]
+    cached = read_cache(cache_path) if cache_path is not None else {}
+    answers: list[list[int] | None] = [cached.get((i, k)) for i, k in enumerate(keys)]
+    for i, b in enumerate(budgets):
+        if answers[i] is None and (b <= 0 or not prompts[i]):
+            answers[i] = []  # no room for an answer within seq_len, or an empty prompt: nothing to generate
+    todo = [i for i, a in enumerate(answers) if a is None]
+    if todo and not generate_missing:
+        raise MTPError(f"{len(todo)} self-distilled answers are missing from {cache_path}, and the model has "
+                       "changed since they were generated; start a new run (new --output)")
+    if not todo:
+        return [list(a) for a in answers]
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    todo.sort(key=lambda i: (-len(prompts[i]), i))  # similar lengths share a batch: little padding
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(prompts), initial=len(prompts) - len(todo), desc="self-distilled targets",
+                   unit="answer", dynamic_ncols=True)
+    sink = None
+    if cache_path is not None:
+        Path(cache_path).parent.mkdir(parents=True, exist_ok=True)
+        sink = Path(cache_path).open("a", encoding="utf-8")
+        if sink.tell() > 0:
+            with Path(cache_path).open("rb") as f:
+                f.seek(-1, os.SEEK_END)
+                if f.read(1) != b"\n":  # a line cut off by an interruption: end it, so it stays on its own
+                    sink.write("\n")
+    was_training = model.training
+    model.eval()
+    new_tokens = 0
+    seconds = 0.0
+    try:
+        for start in range(0, len(todo), batch_size):
+            chunk = todo[start:start + batch_size]
+            width = max(len(prompts[i]) for i in chunk)
+            ids = torch.full((len(chunk), width), pad, dtype=torch.long)
+            mask = torch.zeros((len(chunk), width), dtype=torch.long)
+            for r, i in enumerate(chunk):  # left padding: every prompt ends at the last column
+                ids[r, width - len(prompts[i]):] = torch.tensor(list(prompts[i]), dtype=torch.long)
+                mask[r, width - len(prompts[i]):] = 1
+            res = generate(model, ids.to(model.device), mask.to(model.device),
+                           max_new_tokens=max(budgets[i] for i in chunk), strategy="greedy",
+                           stop_token_ids=stop_token_ids)
+            lines = []
+            for r, i in enumerate(chunk):
+                answers[i] = [int(t) for t in res.tokens[r][: budgets[i]]]
+                lines.append(json.dumps({"id": i, "key": keys[i], "tokens": answers[i]}) + "\n")
+            if sink is not None:
+                sink.write("".join(lines))
+                sink.flush()
+                os.fsync(sink.fileno())
+            new_tokens += sum(len(answers[i]) for i in chunk)
+            seconds += res.stats.seconds
+            if bar is not None:
+                bar.update(len(chunk))
+                bar.set_postfix_str(f"{new_tokens / max(seconds, 1e-9):.1f} tok/s", refresh=False)
+    finally:
+        if sink is not None:
+            sink.close()
+        if bar is not None:
+            bar.close()
+        model.train(was_training)
+    return [list(a) for a in answers]
+
+
+def rows_to_data(rows: Sequence[tuple[Sequence[int], Sequence[bool]]], seq_len: int, pad_id: int,
+                 pack: bool = False) -> TokenizedData:
+    """TokenizedData from (token ids, target mask) rows, laid out as `tokenize_examples` does: one right-padded
+    row per example truncated to `seq_len`, or packed; rows without any target are dropped."""
+    rows = [(list(ids), [bool(m) for m in mask]) for ids, mask in rows]
+    if pack:
+        ids = [t for r in rows for t in r[0]]
+        mask = [m for r in rows for m in r[1]]
+        rows = [(ids[i:i + seq_len], mask[i:i + seq_len]) for i in range(0, len(ids), seq_len)]
+    else:
+        rows = [(ids[:seq_len], mask[:seq_len]) for ids, mask in rows]
+    rows = [r for r in rows if any(r[1])]
+    if not rows:
+        raise MTPError("no training tokens: every answer is empty or cut off by --seq-len")
+    n = len(rows)
+    input_ids = torch.full((n, seq_len), pad_id, dtype=torch.long)
+    loss_mask = torch.zeros((n, seq_len), dtype=torch.bool)
+    attention_mask = torch.zeros((n, seq_len), dtype=torch.long)
+    for i, (ids, mask) in enumerate(rows):
+        input_ids[i, :len(ids)] = torch.tensor(ids, dtype=torch.long)
+        loss_mask[i, :len(mask)] = torch.tensor(mask, dtype=torch.bool)
+        attention_mask[i, :len(ids)] = 1
+    return TokenizedData(input_ids, loss_mask, attention_mask)
+
+
+def self_distilled_data(
+    model,
+    tokenizer,
+    groups: Sequence[Sequence[Example]],
+    *,
+    template: Literal["chat", "plain"] = "chat",
+    seq_len: int = 512,
+    max_new_tokens: int = 256,
+    loss_on: Literal["answer", "all"] = "answer",
+    pack: bool = False,
+    cache_path: str | os.PathLike | None = None,
+    batch_size: int = 16,
+    model_key: str | None = None,
+    generate_missing: bool = True,
+    progress: bool = True,
+) -> list[TokenizedData | None]:
+    """One TokenizedData per group of examples (e.g. [train, held-out]; None for an empty group): rows of
+    prompt + the model's own greedy answer, loss on the answer (or on everything with loss_on="all").
+
+    All groups are answered in one pass sharing one cache (ids run on across groups). An answer is generated
+    only as long as it can fit in its row: min(max_new_tokens, seq_len - prompt length).
+    """
+    if seq_len < 2:
+        raise MTPError(f"seq_len must be at least 2, got {seq_len}")
+    flat = [ex for group in groups for ex in group]
+    prompts = [prompt_token_ids(tokenizer, ex.prompt, template) for ex in flat]
+    budgets = [max(0, seq_len - len(p)) for p in prompts]
+    answers = self_distilled_answers(
+        model, tokenizer, prompts, max_new_tokens=max_new_tokens, cache_path=cache_path, batch_size=batch_size,
+        budgets=budgets, model_key=model_key, generate_missing=generate_missing, progress=progress)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    out: list[TokenizedData | None] = []
+    start = 0
+    for group in groups:
+        rows = [(prompts[i] + answers[i], [loss_on == "all"] * len(prompts[i]) + [True] * len(answers[i]))
+                for i in range(start, start + len(group))]
+        start += len(group)
+        out.append(rows_to_data(rows, seq_len, pad, pack) if rows else None)
+    return out

@@ -1,0 +1,195 @@
+"""`mtp bench`: the interleaved schedule, the report's figures, the files it writes, bad input."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from eval_helpers import make_model
+
+from mtp.errors import MTPError
+from mtp.evaluation.bench import (
+    BenchRun,
+    CallResult,
+    Method,
+    build_methods,
+    build_report,
+    format_table,
+    run_bench,
+    schedule,
+    write_report,
+)
+from mtp.evaluation.commands import bench
+from mtp.evaluation.prompts import Prompt, file_prompts, gsm8k_prompts
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+pytest_plugins = ["eval_fixtures"]  # fixtures: tiny_tokenizer, tiny_model_dir, gsm8k_file
+
+
+# ------------------------------------------------------------------------------------------------ schedule
+def test_schedule_is_prompt_major_and_rotates():
+    order = schedule(4, ["a", "b", "c"])
+    assert order == [(0, "a"), (0, "b"), (0, "c"),
+                     (1, "b"), (1, "c"), (1, "a"),
+                     (2, "c"), (2, "a"), (2, "b"),
+                     (3, "a"), (3, "b"), (3, "c")]
+    assert schedule(2, ["a", "b"], rotate=False) == [(0, "a"), (0, "b"), (1, "a"), (1, "b")]
+    # every (prompt, method) pair exactly once
+    assert sorted(schedule(5, list("abcd"))) == sorted((p, m) for p in range(5) for m in "abcd")
+
+
+def _fake(name, engine, log, tokens_of):
+    def run(prompt, max_new_tokens):
+        log.append((prompt.id, name, max_new_tokens))
+        return CallResult(tokens_of(prompt), seconds=1.0, first_token_seconds=0.1, forward_passes=2)
+    return Method(name, engine, run)
+
+
+def test_run_bench_interleaves_calls_after_one_warmup_per_engine():
+    log: list = []
+    methods = [_fake("hf-greedy", "transformers", log, lambda p: [1, 2]),
+               _fake("greedy", "mtp", log, lambda p: [1, 2]),
+               _fake("speculative", "mtp", log, lambda p: [1, 2])]
+    prompts = [Prompt(i, f"q{i}", [5, 6]) for i in range(3)]
+    run = run_bench(methods, prompts, max_new_tokens=16, progress=False)
+    warm, timed = log[:2], log[2:]
+    assert warm == [(0, "hf-greedy", 4), (0, "greedy", 4)]  # one short untimed call per engine
+    assert [(p, m) for p, m, _ in timed] == [(prompts[p].id, m) for p, m in schedule(3, [m.name for m in methods])]
+    assert [(c["prompt"], c["method"]) for c in run.calls] == schedule(3, [m.name for m in methods])
+    with pytest.raises(MTPError, match="unique"):
+        run_bench(methods + methods[:1], prompts, 4, progress=False)
+    with pytest.raises(MTPError, match="no prompts"):
+        run_bench(methods, [], 4, progress=False)
+
+
+# ------------------------------------------------------------------------------------------------ report figures
+class _Tok:
+    def decode(self, tokens, skip_special_tokens=True):
+        return " ".join(str(t) for t in tokens)
+
+
+def _call(p, method, tokens, seconds, forwards):
+    return {"prompt": p, "method": method, "tokens": tokens, "seconds": seconds, "first_token_seconds": 0.5,
+            "forward_passes": forwards}
+
+
+def test_report_figures_by_hand():
+    prompts = [Prompt(0, "q0", [1], reference="7"), Prompt(1, "q1", [1], reference="8")]
+    methods = [Method("hf-greedy", "transformers", None), Method("greedy", "mtp", None),
+               Method("speculative", "mtp", None, lossless_reference="greedy"),
+               Method("static-k2", "mtp", None)]
+    calls = [
+        # prompt 0: 4 tokens each; hf 2 s, ours 1 s, spec 0.5 s, static 0.25 s
+        _call(0, "hf-greedy", [1, 2, 3, 7], 2.0, 4), _call(0, "greedy", [1, 2, 3, 7], 1.0, 4),
+        _call(0, "speculative", [1, 2, 3, 7], 0.5, 2), _call(0, "static-k2", [1, 2, 3, 9], 0.25, 2),
+        # prompt 1: hf differs from ours; spec equal to ours
+        _call(1, "hf-greedy", [8, 1], 1.0, 2), _call(1, "greedy", [8, 2], 1.0, 2),
+        _call(1, "speculative", [8, 2], 0.5, 1), _call(1, "static-k2", [8, 2, 8], 0.5, 2),
+    ]
+    report = build_report(BenchRun(methods, prompts, calls), _Tok(), settings={"model": "m", "max_new_tokens": 4})
+    rows = {r["method"]: r for r in report["methods"]}
+    assert rows["hf-greedy"]["tokens_per_second"] == 2.0  # median of 2 and 2
+    assert rows["greedy"]["tokens_per_second"] == 3.0  # median of 4 and 2
+    assert rows["greedy"]["speedup_vs_hf_greedy"] == 1.5  # median of 2.0 and 1.0
+    assert rows["speculative"]["speedup_vs_greedy"] == 2.0
+    assert rows["static-k2"]["speedup_vs_greedy"] == 3.5  # median of 4 and 3
+    assert rows["speculative"]["tokens_per_forward"] == 2.0  # 6 tokens / 3 forwards
+    assert rows["greedy"]["tokens_per_forward"] == 1.0
+    assert rows["speculative"]["equal_to_greedy"] == 2 and rows["speculative"]["equal_to_hf_greedy"] == 1
+    assert rows["speculative"]["equal_to_lossless_reference"] == 2
+    assert rows["static-k2"]["equal_to_greedy"] == 0
+    # flexible takes the last number: "1 2 3 7" -> 7 (right), "8 2" -> 2 (wrong); static: 9 and 8
+    assert rows["greedy"]["accuracy_flexible"] == 0.5 and rows["static-k2"]["accuracy_flexible"] == 0.5
+    assert rows["hf-greedy"]["accuracy_flexible"] == 0.5
+    assert rows["greedy"]["decode_tokens_per_second"] == 4.0  # median of 3/0.5 and 1/0.5
+    assert [c["order"] for c in report["calls"]] == list(range(8))
+    table = format_table(report)
+    assert table.splitlines()[0].startswith("| method | tokens/s | speedup vs HF greedy")
+    assert "| speculative | 6.0 | 3.00x | 2.00x | 2.00 | 2/2 | 1/2 | 50% ± 50 | 0% ± 0 |" in table
+
+
+# ------------------------------------------------------------------------------------------------ on a tiny model
+def test_bench_command_on_tiny_model(tiny_model_dir, gsm8k_file, tmp_path, capsys):
+    out = tmp_path / "bench"
+    code = bench(model=str(tiny_model_dir), prompts=str(gsm8k_file), limit=2, max_new_tokens=5, output=str(out),
+                 shots=1, taus=[0.5], progress=False)
+    assert code == 0
+    report = json.loads((out / "report.json").read_text())
+    assert set(report) >= {"settings", "machine", "notes", "methods", "calls", "prompts", "gsm8k_scored"}
+    names = [r["method"] for r in report["methods"]]
+    assert names == ["hf-greedy", "hf-prompt-lookup", "greedy", "speculative", "confadapt-tau0.5", "static-k2",
+                     "static-k3", "greedy-int8", "speculative-int8"]
+    assert report["gsm8k_scored"] is True
+    row_keys = {"tokens_per_second", "speedup_vs_hf_greedy", "speedup_vs_greedy", "tokens_per_forward",
+                "equal_to_greedy", "equal_to_hf_greedy", "accuracy_flexible", "accuracy_strict",
+                "accuracy_flexible_stderr", "accuracy_strict_stderr", "decode_tokens_per_second"}
+    rows = {r["method"]: r for r in report["methods"]}
+    for r in report["methods"]:
+        assert row_keys <= set(r)
+    # lossless methods reproduce their greedy reference token for token
+    assert rows["speculative"]["equal_to_greedy"] == 2
+    assert rows["speculative-int8"]["equal_to_lossless_reference"] == 2
+    assert rows["hf-prompt-lookup"]["equal_to_hf_greedy"] == 2
+    assert rows["hf-greedy"]["equal_to_greedy"] == 2  # transformers and our engine agree on the same weights
+    assert rows["greedy"]["tokens_per_forward"] == 1.0 and rows["hf-greedy"]["tokens_per_forward"] == 1.0
+    assert rows["static-k3"]["tokens_per_forward"] > 1.0
+    assert len(report["calls"]) == 2 * len(names)
+    assert [(c["prompt"], c["method"]) for c in report["calls"]] == schedule(2, names)
+    assert any("llama.cpp skipped" in n for n in report["notes"])  # no GGUF for a non-default model
+    md = (out / "report.md").read_text()
+    assert "| method | tokens/s | speedup vs HF greedy | speedup vs our greedy | tokens/forward |" in md
+    assert "| speculative-int8 |" in md and "speed_accuracy.png" in md
+    assert (out / "speed_accuracy.png").read_bytes()[:8] == PNG
+    printed = capsys.readouterr().out
+    assert "| greedy |" in printed and "plot:" in printed
+
+
+def test_report_on_free_prompts_without_hf(tiny_tokenizer, tmp_path):
+    model = make_model(tiny_tokenizer, num_heads=2)
+    path = tmp_path / "prompts.txt"
+    path.write_text("Tom has 3 apples\n\nA box holds 12 eggs\n", encoding="utf-8")
+    prompts = file_prompts(tiny_tokenizer, path, chat=False)
+    assert [p.text for p in prompts] == ["Tom has 3 apples", "A box holds 12 eggs"]
+    methods = build_methods(model, tiny_tokenizer, taus=[0.9], hf=False, int8=False)
+    assert [m.name for m in methods] == ["greedy", "speculative", "confadapt-tau0.9", "static-k2"]
+    run = run_bench(methods, prompts, 4, progress=False)
+    report = build_report(run, tiny_tokenizer, settings={"max_new_tokens": 4})
+    assert report["gsm8k_scored"] is False and "accuracy_flexible" not in report["methods"][0]
+    assert report["methods"][0]["speedup_vs_hf_greedy"] is None
+    paths = write_report(report, tmp_path / "r")
+    assert paths["plot"].read_bytes()[:8] == PNG
+    assert "GSM8K" not in format_table(report)
+
+
+def test_jsonl_prompt_files(tiny_tokenizer, gsm8k_file, tmp_path):
+    scored = file_prompts(tiny_tokenizer, gsm8k_file, limit=2, shots=0)
+    assert [p.reference for p in scored] == ["5", "24"]
+    assert scored[0].token_ids == gsm8k_prompts(tiny_tokenizer, path=gsm8k_file, limit=1, shots=0)[0].token_ids
+    free = tmp_path / "p.jsonl"
+    free.write_text('{"prompt": "hello"}\n{"text": "world"}\n', encoding="utf-8")
+    assert [p.text for p in file_prompts(tiny_tokenizer, free)] == ["hello", "world"]
+    free.write_text('{"prompt": "hello"}\n{"other": 1}\n', encoding="utf-8")
+    with pytest.raises(MTPError, match="p.jsonl:2"):
+        file_prompts(tiny_tokenizer, free)
+
+
+def test_bench_bad_inputs(tiny_model_dir, tiny_tokenizer, tmp_path):
+    with pytest.raises(MTPError, match="not found"):
+        bench(model=str(tiny_model_dir), prompts=str(tmp_path / "missing.txt"), progress=False)
+    with pytest.raises(MTPError, match="GGUF file not found"):
+        bench(model=str(tiny_model_dir), gguf=str(tmp_path / "x.gguf"), progress=False)
+    with pytest.raises(MTPError, match="limit"):
+        bench(model=str(tiny_model_dir), limit=0, progress=False)
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(MTPError, match="is a file"):
+        bench(model=str(tiny_model_dir), output=str(tmp_path / "f"), progress=False)
+    model = make_model(tiny_tokenizer, num_heads=2)
+    with pytest.raises(MTPError, match="static k"):
+        build_methods(model, tiny_tokenizer, static_k=[3], hf=False, int8=False)
+    with pytest.raises(MTPError, match="tau"):
+        build_methods(model, tiny_tokenizer, taus=[1.5], hf=False, int8=False)
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n\n")
+    with pytest.raises(MTPError, match="no prompts"):
+        file_prompts(tiny_tokenizer, empty)

@@ -1,0 +1,157 @@
+"""`mtp eval gsm8k` on a tiny random model: records, summary, batching, resume, bad input."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from eval_helpers import QUESTIONS, make_model
+
+import mtp.evaluation.evaluate as evaluate
+from mtp.cli import run as cli_run
+from mtp.errors import MTPError
+from mtp.evaluation.commands import eval_
+from mtp.evaluation.evaluate import read_samples, run_eval, summarize
+from mtp.evaluation.prompts import gsm8k_prompts
+
+FAST = {"shots": 1, "max_new_tokens": 6, "progress": False}
+
+pytest_plugins = ["eval_fixtures"]  # fixtures: tiny_tokenizer, tiny_model_dir, gsm8k_file
+
+
+def _lines(path):
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+
+
+def test_eval_command_writes_samples_and_summary(tiny_model_dir, gsm8k_file, tmp_path, capsys):
+    out = tmp_path / "ev"
+    assert eval_(model=str(tiny_model_dir), data=str(gsm8k_file), limit=4, batch_size=3, output=str(out), **FAST) == 0
+    records = _lines(out / "samples.jsonl")
+    assert [r["id"] for r in records] == [0, 1, 2, 3]  # the first N, in file order
+    assert [r["reference"] for r in records] == ["5", "24", "13", "16"]
+    for r in records:
+        assert set(r) >= {"id", "output", "strict", "flexible", "strict_correct", "flexible_correct",
+                          "new_tokens", "forward_passes", "seconds", "prompt_key"}
+        assert 1 <= r["new_tokens"] <= 6
+        assert r["forward_passes"] == r["new_tokens"]  # greedy: one token per forward
+    # The 4th problem ran alone in the second batch: it carries that batch's whole time, the others a third.
+    assert [r["batch_rows"] for r in records] == [3, 3, 3, 1]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["n"] == 4 and summary["tokens_per_forward"] == 1.0
+    assert set(summary["strict"]) == {"accuracy", "stderr", "correct"}
+    assert summary["new_tokens"] == sum(r["new_tokens"] for r in records)
+    assert summary["settings"]["chat"] is True  # the tokenizer has a chat template
+    printed = capsys.readouterr().out
+    assert "accuracy strict-match" in printed and "accuracy flexible-extract" in printed
+    assert "tokens per forward" in printed and "s/sample" in printed
+
+
+def test_cli_positional_task(tiny_model_dir, gsm8k_file, tmp_path):
+    out = tmp_path / "cli"
+    code = cli_run(["eval", "gsm8k", "--model", str(tiny_model_dir), "--data", str(gsm8k_file), "--limit", "2",
+                    "--shots", "0", "--max-new-tokens", "3", "--no-progress", "--no-chat", "--output", str(out)])
+    assert code == 0
+    assert len(_lines(out / "samples.jsonl")) == 2
+    assert json.loads((out / "summary.json").read_text())["settings"]["chat"] is False
+
+
+def test_speculative_eval_equals_greedy(tiny_tokenizer, gsm8k_file, tmp_path):
+    model = make_model(tiny_tokenizer)
+    prompts = gsm8k_prompts(tiny_tokenizer, path=gsm8k_file, shots=1, chat=True)
+    greedy = run_eval(model, tiny_tokenizer, prompts, tmp_path / "g", {"s": "greedy"}, strategy="greedy",
+                      max_new_tokens=8, batch_size=2, progress=False)
+    spec = run_eval(model, tiny_tokenizer, prompts, tmp_path / "s", {"s": "spec"}, strategy="speculative",
+                    max_new_tokens=8, batch_size=2, progress=False)
+    g, s = read_samples(tmp_path / "g" / "samples.jsonl"), read_samples(tmp_path / "s" / "samples.jsonl")
+    assert [r["output"] for r in g] == [r["output"] for r in s]
+    assert greedy["new_tokens"] == spec["new_tokens"]
+    assert spec["forward_passes"] <= greedy["forward_passes"]
+
+
+def test_resume_continues_from_partial_jsonl(tiny_tokenizer, gsm8k_file, tmp_path, monkeypatch):
+    model = make_model(tiny_tokenizer)
+    prompts = gsm8k_prompts(tiny_tokenizer, path=gsm8k_file, shots=1, chat=True)
+    out = tmp_path / "run"
+    identity = {"model": "tiny", "strategy": "greedy"}
+    run_eval(model, tiny_tokenizer, prompts, out, identity, max_new_tokens=5, batch_size=2, progress=False)
+    full = (out / "samples.jsonl").read_text(encoding="utf-8").splitlines()
+    assert len(full) == 5
+    # An interruption: two complete lines survive, the third was cut off mid-write.
+    (out / "samples.jsonl").write_text("\n".join(full[:2]) + "\n" + full[2][:25], encoding="utf-8")
+
+    ran: list[int] = []
+    real = evaluate.generate_batch
+
+    def spy(model, tokenizer, batch, **kwargs):
+        ran.extend(p.id for p in batch)
+        return real(model, tokenizer, batch, **kwargs)
+
+    monkeypatch.setattr(evaluate, "generate_batch", spy)
+    summary = run_eval(model, tiny_tokenizer, prompts, out, identity, max_new_tokens=5, batch_size=2, progress=False)
+    assert ran == [2, 3, 4]  # only the problems without a complete record
+    records = _lines(out / "samples.jsonl")  # every line parses again: the torn one was dropped
+    assert sorted(r["id"] for r in records) == [0, 1, 2, 3, 4]
+    assert [json.dumps(r) for r in records[:2]] == full[:2]
+    assert [r["output"] for r in sorted(records, key=lambda r: r["id"])] == [json.loads(x)["output"] for x in full]
+    assert summary["n"] == 5
+
+    ran.clear()  # a finished run resumed: nothing to do, same summary
+    again = run_eval(model, tiny_tokenizer, prompts, out, identity, max_new_tokens=5, batch_size=2, progress=False)
+    assert ran == [] and again["strict"] == summary["strict"]
+
+
+def test_resume_refuses_other_settings_and_no_resume_restarts(tiny_tokenizer, gsm8k_file, tmp_path):
+    model = make_model(tiny_tokenizer)
+    prompts = gsm8k_prompts(tiny_tokenizer, path=gsm8k_file, limit=2, shots=0, chat=False)
+    out = tmp_path / "run"
+    run_eval(model, tiny_tokenizer, prompts, out, {"strategy": "greedy"}, max_new_tokens=3, progress=False)
+    with pytest.raises(MTPError, match="other settings.*strategy"):
+        run_eval(model, tiny_tokenizer, prompts, out, {"strategy": "static"}, strategy="static",
+                 max_new_tokens=3, progress=False)
+    run_eval(model, tiny_tokenizer, prompts, out, {"strategy": "static"}, strategy="static", max_new_tokens=3,
+             resume=False, progress=False)
+    assert len(_lines(out / "samples.jsonl")) == 2
+    assert json.loads((out / "eval_config.json").read_text()) == {"strategy": "static"}
+
+
+def test_larger_limit_on_resume_adds_problems(tiny_tokenizer, gsm8k_file, tmp_path):
+    model = make_model(tiny_tokenizer)
+    out = tmp_path / "run"
+    for limit in (2, 4):
+        prompts = gsm8k_prompts(tiny_tokenizer, path=gsm8k_file, limit=limit, shots=0, chat=True)
+        summary = run_eval(model, tiny_tokenizer, prompts, out, {"x": 1}, max_new_tokens=3, progress=False)
+    assert summary["n"] == 4
+    assert [r["id"] for r in _lines(out / "samples.jsonl")] == [0, 1, 2, 3]
+
+
+def test_summary_figures():
+    records = [{"reference": "1", "strict_correct": True, "flexible_correct": True, "new_tokens": 10,
+                "forward_passes": 5, "seconds": 1.0},
+               {"reference": "2", "strict_correct": False, "flexible_correct": True, "new_tokens": 6,
+                "forward_passes": 3, "seconds": 3.0}]
+    s = summarize(records)
+    assert s["strict"] == {"accuracy": 0.5, "stderr": 0.5, "correct": 1}
+    assert s["flexible"] == {"accuracy": 1.0, "stderr": 0.0, "correct": 2}
+    assert s["tokens_per_forward"] == 2.0 and s["tokens_per_second"] == 4.0 and s["seconds_per_sample"] == 2.0
+
+
+def test_bad_inputs(tiny_model_dir, gsm8k_file, tmp_path):
+    with pytest.raises(MTPError, match="not found"):
+        eval_(model=str(tiny_model_dir), data=str(tmp_path / "missing.jsonl"), **FAST)
+    with pytest.raises(MTPError, match="model not found"):
+        eval_(model=str(tmp_path / "no-model"), data=str(gsm8k_file), **FAST)
+    with pytest.raises(MTPError, match="limit"):
+        eval_(model=str(tiny_model_dir), data=str(gsm8k_file), limit=0, **FAST)
+    with pytest.raises(MTPError, match="unknown task"):
+        eval_(task="mmlu", model=str(tiny_model_dir), **FAST)  # type: ignore[arg-type]
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"question": "q", "answer": "no final line"}\n', encoding="utf-8")
+    with pytest.raises(MTPError, match="bad.jsonl:1"):
+        eval_(model=str(tiny_model_dir), data=str(bad), output=str(tmp_path / "o"), **FAST)
+    with pytest.raises(MTPError, match="shots"):
+        eval_(model=str(tiny_model_dir), data=str(gsm8k_file), output=str(tmp_path / "o2"),
+              **{**FAST, "shots": 9})
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(MTPError, match="is a file"):
+        eval_(model=str(tiny_model_dir), data=str(gsm8k_file), output=str(tmp_path / "file"), **FAST)
+    assert len(QUESTIONS) == 5

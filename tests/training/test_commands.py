@@ -1,0 +1,172 @@
+"""`mtp train` and `mtp bench-train` end to end on tiny random models saved as folders."""
+
+import json
+import os
+import signal
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from training_helpers import tiny_gpt2, tiny_llama, train_tokenizer
+
+from mtp.cli import build_parser, run
+from mtp.errors import MTPError
+from mtp.models.parallel_heads import MTPModel
+from mtp.training.commands import bench_train, train
+from mtp.training.loop import Trainer
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return train_tokenizer()
+
+
+def write_data(path, n: int = 30) -> str:
+    records = [{"question": f"Tom has {i} apples and buys {i % 7 + 1}. How many apples does he have?",
+                "answer": f"Tom has {i} + {i % 7 + 1} = {i + i % 7 + 1} apples. The answer is {i + i % 7 + 1}."}
+               for i in range(n)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    return str(path)
+
+
+@pytest.fixture
+def mtp_folder(tmp_path, tok) -> str:
+    model = tiny_llama(vocab_size=len(tok), num_heads=3, tokenizer=tok)
+    model.save_pretrained(tmp_path / "base-mtp")
+    return str(tmp_path / "base-mtp")
+
+
+@pytest.fixture
+def hf_llama_folder(tmp_path, tok) -> str:
+    model = tiny_llama(vocab_size=len(tok), num_heads=1, tokenizer=tok)
+    model.base.save_pretrained(tmp_path / "hf-llama")
+    tok.save_pretrained(tmp_path / "hf-llama")
+    return str(tmp_path / "hf-llama")
+
+
+def test_train_cli_frozen_self_targets(tmp_path, mtp_folder) -> None:
+    data = write_data(tmp_path / "d.jsonl")
+    out = tmp_path / "run"
+    code = run(["train", "--model", mtp_folder, "--data", data, "--output", str(out), "--steps", "6",
+                "--seq-len", "64", "--holdout", "0.2", "--freeze-trunk", "--targets", "self",
+                "--max-new-tokens", "12", "--save-every", "3", "--eval-every", "3", "--no-progress"])
+    assert code == 0
+    trained = MTPModel.from_pretrained(out)
+    base = MTPModel.from_pretrained(mtp_folder)
+    assert trained.num_heads == 3 and trained.tokenizer is not None
+    before, after = base.checkpoint_state_dict(), trained.checkpoint_state_dict()
+    for name in before:  # trunk, head 0, embeddings, norm, unembedding: exactly the base model
+        assert torch.equal(before[name], after[name]) == (not name.startswith("extra_heads.")), name
+    report = json.loads((out / "eval.json").read_text())
+    assert [h["predicts"] for h in report["heads"]] == ["t+1", "t+2", "t+3"]
+    assert report["heads"][0]["top1_accuracy"] == 1.0  # its own greedy answers
+    assert report["held_out_rows"] == 6
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in lines if "eval" not in x] == [1, 2, 3, 4, 5, 6]
+    assert [x["step"] for x in lines if "eval" in x] == [3, 6]
+    assert (out / "loss.png").stat().st_size > 1000
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-000003", "step-000006"]
+    assert len((out / "self_targets.jsonl").read_text().splitlines()) == 30
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temporary files left
+
+
+def test_interrupted_run_resumes_exactly(tmp_path, hf_llama_folder, monkeypatch) -> None:
+    data = write_data(tmp_path / "d.jsonl", n=16)
+    common = {"model": hf_llama_folder, "data": data, "steps": 6, "seq_len": 48, "batch_size": 2,
+              "grad_accum": 2, "num_heads": 2, "save_every": 2, "progress": False, "lr": 1e-3, "holdout": 0.0}
+    train(output=str(tmp_path / "a"), **common)
+
+    real_step = Trainer.train_step
+
+    def step_then_ctrl_c(self):
+        m = real_step(self)
+        if self.step == 3:
+            os.kill(os.getpid(), signal.SIGINT)
+        return m
+
+    monkeypatch.setattr(Trainer, "train_step", step_then_ctrl_c)
+    with pytest.raises(KeyboardInterrupt):
+        train(output=str(tmp_path / "b"), **common)
+    monkeypatch.setattr(Trainer, "train_step", real_step)
+    assert (tmp_path / "b" / "checkpoints" / "step-000003").is_dir()
+    with pytest.raises(MTPError, match="--resume"):
+        train(output=str(tmp_path / "b"), **common)  # not without --resume
+    assert train(output=str(tmp_path / "b"), resume=True, progress=False) == 0  # flags come from the run
+    a = load_file(str(tmp_path / "a" / "model.safetensors"))
+    b = load_file(str(tmp_path / "b" / "model.safetensors"))
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+    assert not torch.equal(a["model.layers.0.mlp.up_proj.weight"],
+                           load_file(str(tmp_path / "hf-llama" / "model.safetensors"))["model.layers.0.mlp.up_proj.weight"])
+    with pytest.raises(MTPError, match="seq-len"):
+        train(output=str(tmp_path / "b"), resume=True, seq_len=32, progress=False)
+
+
+def test_gpt2_plain_template_naive_checkpointing(tmp_path, tok) -> None:
+    model = tiny_gpt2(vocab_size=len(tok), num_heads=1)
+    model.base.save_pretrained(tmp_path / "gpt2")
+    tok.save_pretrained(tmp_path / "gpt2")
+    data = write_data(tmp_path / "d.jsonl", n=12)
+    out = tmp_path / "run"
+    train(output=str(out), model=str(tmp_path / "gpt2"), data=data, template="plain", num_heads=2, epochs=1.0,
+          seq_len=48, loss_order="naive", gradient_checkpointing=True, progress=False, pack=True)
+    loaded = MTPModel.from_pretrained(out)
+    assert loaded.num_heads == 2 and loaded.config.model_type == "gpt2"
+    report = json.loads((out / "eval.json").read_text())
+    assert len(report["heads"]) == 2
+
+
+def test_bad_arguments_and_data(tmp_path, mtp_folder) -> None:
+    data = write_data(tmp_path / "d.jsonl", n=10)
+    out = str(tmp_path / "o")
+    base = {"model": mtp_folder, "data": data, "output": out, "progress": False, "seq_len": 48}
+    cases = [
+        ({"steps": 2, "epochs": 1.0}, "not both"),
+        ({"num_heads": 2}, "num-heads"),  # the MTP folder has 3 heads
+        ({"freeze_trunk": True, "num_heads": 1}, "num-heads 2"),
+        ({"head_weights": "1,2"}, "head weights"),
+        ({"device": "tpu9"}, "device"),
+        ({"holdout": 1.5}, "holdout"),
+        ({"steps": 0}, "steps"),
+        ({"data": str(tmp_path / "missing.jsonl")}, "not found"),
+    ]
+    for extra, message in cases:
+        with pytest.raises(MTPError, match=message):
+            train(**{**base, **extra})
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"question": "q", "answer": "a"}\n{"question": "q2", "answer": "a2"}\n{"question": \n')
+    with pytest.raises(MTPError, match="bad.jsonl:3"):
+        train(**{**base, "data": str(bad)})
+    with pytest.raises(MTPError, match="nothing|not found"):
+        train(output=str(tmp_path / "nothing-here"), resume=True, progress=False)
+
+
+def test_cli_flags_render(capsys) -> None:
+    parser = build_parser(only="train")
+    args = parser.parse_args(["train", "--output", "x", "--freeze-trunk", "--targets", "self", "--num-heads", "4",
+                              "--loss-order", "naive", "--no-cache-trunk"])
+    assert args.freeze_trunk and args.targets == "self" and args.num_heads == 4 and not args.cache_trunk
+    with pytest.raises(SystemExit):
+        parser.parse_args(["train", "--output", "x", "--targets", "teacher"])
+    bench_parser = build_parser(only="bench-train")
+    assert bench_parser.parse_args(["bench-train", "--heads", "1", "4"]).heads == [1, 4]
+    for argv in (["train", "--help"], ["bench-train", "--help"]):  # help text renders (no stray % etc.)
+        with pytest.raises(SystemExit):
+            run(argv)
+        assert "--" in capsys.readouterr().out
+
+
+def test_bench_train_reports_memory_efficient_saving(tmp_path, tok) -> None:
+    # A vocabulary much larger than the hidden size, as in real models, so the logits dominate memory.
+    model = tiny_llama(vocab_size=4000, num_heads=1)
+    model.base.save_pretrained(tmp_path / "m")
+    tok.save_pretrained(tmp_path / "m")
+    out = tmp_path / "bench.json"
+    assert bench_train(model=str(tmp_path / "m"), seq_len=32, batch_size=2, steps=1, output=str(out)) == 0
+    result = json.loads(out.read_text())
+    rows = {(r["num_heads"], r["order"]): r for r in result["results"]}
+    assert set(rows) == {(1, "naive"), (1, "memory-efficient"), (4, "naive"), (4, "memory-efficient")}
+    assert rows[(4, "memory-efficient")]["step_alloc_mb"] < rows[(4, "naive")]["step_alloc_mb"]
+    assert result["ratios"]["memory-efficient"]["peak"] < result["ratios"]["naive"]["peak"]
+    assert "TorchDispatchMode" in result["method"]

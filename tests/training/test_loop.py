@@ -1,0 +1,232 @@
+"""The training loop on tiny random models: loss goes down, frozen trunk, caching, checkpointing, resume, NaN."""
+
+import os
+import signal
+
+import pytest
+import torch
+from training_helpers import tiny_gpt2, tiny_llama
+
+from mtp.errors import MTPError
+from mtp.training.checkpoints import latest_checkpoint, list_checkpoints, load_trainer_state, save_checkpoint
+from mtp.training.data import TokenizedData, batch_at
+from mtp.training.loop import (
+    NonFiniteLossError,
+    TrainConfig,
+    Trainer,
+    batch_rows,
+    compute_trunk_features,
+    enable_gradient_checkpointing,
+    lr_lambda,
+)
+
+
+def make_data(vocab: int = 97, rows: int = 8, length: int = 16, seed: int = 3) -> TokenizedData:
+    """Learnable rows: an arithmetic progression mod vocab (each row its own start and step)."""
+    g = torch.Generator().manual_seed(seed)
+    start = torch.randint(0, vocab, (rows, 1), generator=g)
+    step = torch.randint(1, 4, (rows, 1), generator=g)
+    ids = (start + step * torch.arange(length)[None, :]) % vocab
+    lengths = torch.tensor([length - (i % 3) * 2 for i in range(rows)])
+    pos = torch.arange(length)[None, :]
+    attention = (pos < lengths[:, None]).long()
+    loss_mask = (pos >= 3) & attention.bool()
+    return TokenizedData(ids, loss_mask, attention)
+
+
+def cfg(**kw) -> TrainConfig:
+    base = {"steps": 4, "batch_size": 4, "lr": 3e-3, "progress": False, "warmup_steps": 0}
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def params(model) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def test_lr_schedule_warmup_then_cosine() -> None:
+    f = [lr_lambda(s, 10, 2, 0.1) for s in range(11)]
+    assert f[0] == pytest.approx(0.5) and f[1] == pytest.approx(1.0)
+    assert f[2] == pytest.approx(1.0) and f[10] == pytest.approx(0.1)
+    assert all(a >= b for a, b in zip(f[2:], f[3:], strict=False))
+
+
+def test_batch_rows_matches_batch_at() -> None:
+    data = make_data(rows=7)
+    for step in range(6):
+        rows = batch_rows(len(data), 3, 11, step)
+        expected = batch_at(data, 3, 11, step)
+        assert torch.equal(data.input_ids[rows], expected["input_ids"])
+
+
+@pytest.mark.parametrize("make", [tiny_llama, tiny_gpt2], ids=["llama", "gpt2"])
+def test_full_finetune_loss_goes_down(make) -> None:
+    model = make(num_heads=3)
+    data = make_data(rows=4)
+    trainer = Trainer(model, data, cfg(steps=15, batch_size=4, lr=1e-2, warmup_steps=2))
+    result = trainer.train()
+    first, last = result.history[0], result.history[-1]
+    for j in range(3):
+        assert last.head_loss[j] < 0.7 * first.head_loss[j], j
+
+
+def test_frozen_trunk_trains_extra_heads_only_and_loss_goes_down() -> None:
+    model = tiny_llama(num_heads=3)
+    before = params(model)
+    data = make_data(rows=4)
+    trainer = Trainer(model, data, cfg(steps=25, lr=1e-2, freeze_trunk=True))
+    result = trainer.train()
+    after = params(model)
+    changed = {n for n in before if not torch.equal(before[n], after[n])}
+    assert changed and all(n.startswith("extra_heads.") for n in changed)
+    assert len(changed) == len([n for n in before if n.startswith("extra_heads.")])
+    assert result.history[0].head_loss[0] is None  # head 0 is frozen: not computed in training
+    for j in (1, 2):
+        assert result.history[-1].head_loss[j] < 0.9 * result.history[0].head_loss[j]
+    assert not model.base.training and model.extra_heads.training
+
+
+def test_cached_trunk_equals_recomputed() -> None:
+    data = make_data(rows=6)
+    models = []
+    for cache in (True, False):
+        model = tiny_llama(num_heads=3)
+        Trainer(model, data, cfg(steps=5, batch_size=3, freeze_trunk=True, cache_trunk=cache)).train()
+        models.append(params(model))
+    for name in models[0]:
+        torch.testing.assert_close(models[0][name], models[1][name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_trunk_features_are_the_trunk_output() -> None:
+    model = tiny_llama(num_heads=2)
+    data = make_data(rows=5)
+    with torch.no_grad():
+        features = compute_trunk_features(model, data, batch_size=2)
+        for i in range(len(data)):
+            n = int(data.attention_mask[i].sum())
+            hidden, _ = model.trunk_forward(data.input_ids[i:i + 1, :n])
+            torch.testing.assert_close(features[i, :n], hidden[0], rtol=1e-5, atol=1e-6)
+            assert not features[i, n:].any()
+
+
+def test_gradient_checkpointing_recomputes_and_keeps_gradients() -> None:
+    from training_helpers import random_batch
+
+    from mtp.training.losses import mtp_loss_memory_efficient
+
+    grads = []
+    calls = []
+    for checkpointing in (False, True):
+        model = tiny_llama(num_heads=3)
+        model.train()
+        if checkpointing:
+            enable_gradient_checkpointing(model)
+        count = {"n": 0}
+        # A submodule's pre-hooks fire again when its layer is recomputed in the backward pass (a post-hook
+        # may not: the recomputation stops as soon as the saved tensors it needs are back).
+        for layers in [model.backbone.layers, *model.extra_heads]:
+            for layer in layers:
+                layer.mlp.register_forward_pre_hook(lambda *a, c=count: c.__setitem__("n", c["n"] + 1))
+        mtp_loss_memory_efficient(model, random_batch(), [1.0, 1.0, 1.0])
+        calls.append(count["n"])
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    n_layers = 3 + 2  # base layers + one layer per extra head
+    assert calls == [n_layers, 2 * n_layers]
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_bf16_autocast_step_runs() -> None:
+    model = tiny_llama(num_heads=2)
+    result = Trainer(model, make_data(rows=4), cfg(steps=2, precision="bf16")).train()
+    assert all(torch.isfinite(torch.tensor(m.loss)) for m in result.history)
+
+
+def test_grad_accumulation_equals_big_batch() -> None:
+    data = make_data(rows=4)
+    out = []
+    for bs, acc in ((4, 1), (2, 2)):
+        model = tiny_llama(num_heads=2)
+        # With 4 rows, micro-batches (2 rows) 0 and 1 of epoch 0 are the same rows as the one 4-row batch.
+        Trainer(model, data, cfg(steps=1, batch_size=bs, grad_accum=acc, max_grad_norm=0)).train()
+        out.append(params(model))
+    for name in out[0]:
+        torch.testing.assert_close(out[1][name], out[0][name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def _run(tmp_path, name, steps, stop_at=None, resume=False, **kw):
+    model = tiny_llama(num_heads=3)
+    data = make_data(rows=6)
+    trainer = Trainer(model, data, cfg(steps=steps, batch_size=2, grad_accum=2, save_every=2, warmup_steps=2, **kw),
+                      output_dir=tmp_path / name)
+    if resume:
+        ckpt = latest_checkpoint(tmp_path / name)
+        trainer.resume_from(ckpt)
+
+    def on_step(tr, m):
+        if stop_at is not None and tr.step == stop_at:
+            os.kill(os.getpid(), signal.SIGINT)  # what Ctrl-C does: handled after this step
+
+    trainer.train(on_step=on_step)
+    return model
+
+
+@pytest.mark.parametrize("freeze", [False, True], ids=["full", "frozen"])
+def test_resume_gives_the_same_parameters(tmp_path, freeze) -> None:
+    straight = params(_run(tmp_path, "a", 7, freeze_trunk=freeze))
+    with pytest.raises(KeyboardInterrupt):
+        _run(tmp_path, "b", 7, stop_at=3, freeze_trunk=freeze)  # Ctrl-C after step 3: not a save_every step
+    assert latest_checkpoint(tmp_path / "b").name == "step-000003"
+    assert load_trainer_state(latest_checkpoint(tmp_path / "b"))["step"] == 3
+    resumed = params(_run(tmp_path, "b", 7, resume=True, freeze_trunk=freeze))
+    for name in straight:
+        assert torch.equal(straight[name], resumed[name]), name
+    lines = (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()
+    steps = [int(line.split('"step": ')[1].split(",")[0]) for line in lines if '"eval"' not in line]
+    assert steps == list(range(1, 8))  # no step logged twice
+    assert (tmp_path / "b" / "loss.png").stat().st_size > 1000
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path) -> None:
+    model = tiny_llama(num_heads=3)
+    trainer = Trainer(model, make_data(rows=4), cfg(steps=6, batch_size=2, save_every=2), output_dir=tmp_path)
+
+    def poison(tr, m):
+        if tr.step == 3:
+            with torch.no_grad():
+                next(model.extra_heads[0].parameters()).fill_(float("inf"))
+
+    with pytest.raises(NonFiniteLossError, match="step 4: .*head 1.*step-000002"):
+        trainer.train(on_step=poison)
+    assert [s for s, _ in list_checkpoints(tmp_path / "checkpoints")] == [2]
+
+
+def test_checkpoints_keep_last_k_and_ignore_partial(tmp_path) -> None:
+    model = tiny_llama(num_heads=2)
+    for step in (1, 2, 3):
+        save_checkpoint(tmp_path, step, model, {"x": step}, keep=2)
+    assert [s for s, _ in list_checkpoints(tmp_path)] == [2, 3]
+    (tmp_path / "step-000009").mkdir()  # a folder without trainer state is not a checkpoint
+    (tmp_path / ".tmp-step-000010-abc").mkdir()  # a crashed save
+    assert latest_checkpoint(tmp_path).name == "step-000003"
+    save_checkpoint(tmp_path, 4, model, {}, keep=2)
+    assert not (tmp_path / ".tmp-step-000010-abc").exists()
+    from mtp.models.parallel_heads import MTPModel
+
+    loaded = MTPModel.from_pretrained(latest_checkpoint(tmp_path))
+    assert loaded.num_heads == 2
+    with pytest.raises(MTPError):
+        load_trainer_state(tmp_path / "step-000009")
+
+
+def test_bad_config() -> None:
+    model = tiny_llama(num_heads=2)
+    data = make_data()
+    for bad in ({"steps": 0}, {"batch_size": 0}, {"lr": -1.0}, {"loss_order": "fast"}, {"precision": "fp8"},
+                {"keep_checkpoints": 0}, {"head_weights": [1.0]}):
+        with pytest.raises(MTPError):
+            Trainer(model, data, cfg(**bad))
+    with pytest.raises(MTPError, match="extra heads"):
+        Trainer(tiny_llama(num_heads=1), data, cfg(freeze_trunk=True))
+    with pytest.raises(MTPError, match="extra head needs a weight"):
+        Trainer(model, data, cfg(freeze_trunk=True, head_weights=[1.0, 0.0]))

@@ -1,0 +1,162 @@
+"""k-ahead targets, the two loss orders (equal gradients), head weights, held-out evaluation."""
+
+import pytest
+import torch
+from training_helpers import random_batch, tiny_gpt2, tiny_llama
+
+from mtp.errors import MTPError
+from mtp.training.data import TokenizedData
+from mtp.training.losses import (
+    evaluate_heads,
+    forward_context,
+    head_weights,
+    mtp_loss_memory_efficient,
+    mtp_loss_naive,
+    shift_targets,
+    target_counts,
+    trim_batch,
+)
+
+
+def test_shift_targets_docstring_table() -> None:
+    ids = torch.tensor([[10, 11, 12, 13, 14]])  # a b c d e
+    every = torch.ones_like(ids, dtype=torch.bool)
+    expected = {0: [11, 12, 13, 14], 1: [12, 13, 14], 2: [13, 14], 3: [14]}
+    for head, tokens in expected.items():
+        targets, mask = shift_targets(ids, every, head)
+        assert mask[0].tolist() == [True] * len(tokens) + [False] * (5 - len(tokens))
+        assert targets[0][mask[0]].tolist() == tokens
+    targets, mask = shift_targets(ids, every, 7)  # beyond the row: nothing to predict
+    assert not mask.any()
+
+
+def test_shift_targets_prompt_and_padding() -> None:
+    ids = torch.tensor([[1, 2, 3, 4, 5, 0]])
+    loss_mask = torch.tensor([[False, False, True, True, True, False]])  # prompt a b, answer c d e, one pad
+    _, m0 = shift_targets(ids, loss_mask, 0)
+    _, m1 = shift_targets(ids, loss_mask, 1)
+    assert m0[0].tolist() == [False, True, True, True, False, False]
+    assert m1[0].tolist() == [True, True, True, False, False, False]
+    assert target_counts({"input_ids": ids, "loss_mask": loss_mask}, 3) == [3, 3, 2]
+    with pytest.raises(MTPError):
+        shift_targets(ids, loss_mask, -1)
+
+
+def _grads(model) -> dict[str, torch.Tensor]:
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("make", [tiny_llama, tiny_gpt2], ids=["llama", "gpt2"])
+def test_memory_efficient_gradients_equal_naive(make) -> None:
+    model = make(num_heads=3)
+    model.train()
+    batch = random_batch()
+    weights = [1.0, 0.5, 0.25]
+    naive = mtp_loss_naive(model, batch, weights)
+    g_naive = _grads(model)
+    model.zero_grad(set_to_none=True)
+    efficient = mtp_loss_memory_efficient(model, batch, weights)
+    g_eff = _grads(model)
+    assert set(g_naive) == set(g_eff)
+    # Every part got a gradient: embeddings and trunk (through the final trunk backward) and each extra head.
+    assert any("embed" in n or "wte" in n for n in g_eff)
+    assert any(n.startswith("extra_heads.1.") for n in g_eff)
+    for name in g_naive:
+        torch.testing.assert_close(g_eff[name], g_naive[name], rtol=1e-5, atol=1e-7, msg=name)
+    assert efficient.head_losses == pytest.approx(naive.head_losses, rel=1e-6)
+    assert efficient.loss == pytest.approx(naive.loss, rel=1e-6)
+    assert efficient.head_tokens == naive.head_tokens
+
+
+def test_zero_weight_head_is_skipped() -> None:
+    model = tiny_llama(num_heads=3)
+    out = mtp_loss_memory_efficient(model, random_batch(), [0.0, 1.0, 1.0])
+    assert out.head_losses[0] is None and out.head_losses[1] is not None
+    assert all(p.grad is None for p in model.head_layers(0).parameters()) or all(
+        float(p.grad.abs().sum()) == 0 for p in model.head_layers(0).parameters())
+
+
+def test_frozen_trunk_input_gives_head_gradients_only() -> None:
+    model = tiny_llama(num_heads=3)
+    model.requires_grad_(False)
+    model.extra_heads.requires_grad_(True)
+    batch = random_batch()
+    with torch.no_grad():
+        trunk = model.trunk_forward(batch["input_ids"], batch["attention_mask"])
+    mtp_loss_memory_efficient(model, batch, [0.0, 1.0, 1.0], trunk=trunk)
+    g_eff = _grads(model)
+    model.zero_grad(set_to_none=True)
+    mtp_loss_naive(model, batch, [0.0, 1.0, 1.0], trunk=trunk)
+    g_naive = _grads(model)
+    assert g_eff and all(n.startswith("extra_heads.") for n in g_eff)
+    for name in g_naive:
+        torch.testing.assert_close(g_eff[name], g_naive[name])
+
+
+def test_forward_context_matches_trunk_forward() -> None:
+    model = tiny_llama(num_heads=2)
+    batch = random_batch()
+    with torch.no_grad():
+        hidden, ctx = model.trunk_forward(batch["input_ids"], batch["attention_mask"])
+        rebuilt = forward_context(model, batch["input_ids"], batch["attention_mask"], hidden)
+        for j in range(2):
+            torch.testing.assert_close(model.head_forward(j, hidden, rebuilt), model.head_forward(j, hidden, ctx),
+                                       rtol=0, atol=0)
+
+
+def test_normalizers_make_accumulation_equal_one_big_batch() -> None:
+    model = tiny_llama(num_heads=3)
+    model.train()
+    big = random_batch(batch=4, seed=5)
+    halves = [{k: v[:2] for k, v in big.items()}, {k: v[2:] for k, v in big.items()}]
+    w = [1.0, 1.0, 0.5]
+    mtp_loss_memory_efficient(model, big, w)
+    g_big = _grads(model)
+    model.zero_grad(set_to_none=True)
+    norms = [a + b for a, b in zip(target_counts(halves[0], 3), target_counts(halves[1], 3), strict=True)]
+    for half in halves:
+        mtp_loss_memory_efficient(model, half, w, normalizers=norms)
+    for name, g in _grads(model).items():
+        torch.testing.assert_close(g, g_big[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_nonfinite_head_is_reported_without_backward() -> None:
+    model = tiny_llama(num_heads=3)
+    with torch.no_grad():
+        next(model.extra_heads[1].parameters()).fill_(float("nan"))
+    out = mtp_loss_memory_efficient(model, random_batch(), [1.0, 1.0, 1.0])
+    assert out.nonfinite_head == 2
+    out = mtp_loss_naive(model, random_batch(), [1.0, 1.0, 1.0])
+    assert out.nonfinite_head == 2
+
+
+def test_head_weights() -> None:
+    assert head_weights("equal", 3) == [1.0, 1.0, 1.0]
+    assert head_weights("medusa", 4) == pytest.approx([1.0, 0.2, 0.16, 0.128])
+    assert head_weights("1, 0.5,0.25", 3) == [1.0, 0.5, 0.25]
+    for bad, n in [("1,2", 3), ("a,b", 2), ("0,0", 2), ("-1,1", 2), ("nan,1", 2)]:
+        with pytest.raises(MTPError):
+            head_weights(bad, n)
+
+
+def test_trim_batch_drops_padding_columns_only() -> None:
+    batch = random_batch(length=12)  # longest row is full length
+    assert trim_batch(batch)["input_ids"].shape[1] == 12
+    short = {k: v[1:] for k, v in batch.items()}  # rows of 9 and 6 real tokens
+    assert trim_batch(short)["input_ids"].shape[1] == 9
+
+
+def test_evaluate_heads_counts_and_accuracy() -> None:
+    model = tiny_llama(num_heads=3)
+    b = random_batch()
+    data = TokenizedData(b["input_ids"], b["loss_mask"], b["attention_mask"])
+    ev = evaluate_heads(model, data, batch_size=2)
+    assert ev.head_tokens == target_counts(b, 3)
+    assert all(0.0 <= a <= 1.0 for a in ev.head_accuracy)
+    assert 1.0 <= ev.tokens_per_forward <= 3.0
+    # A second token that is head 0's own argmax after the first: head 0 is right on it.
+    ids = b["input_ids"][:, :2].clone()
+    with torch.no_grad():
+        ids[:, 1] = model(ids[:, :1])[:, 0, 0].argmax(-1)
+    data = TokenizedData(ids, torch.tensor([[False, True]] * 3), torch.ones(3, 2, dtype=torch.long))
+    assert evaluate_heads(model, data).head_accuracy[0] == 1.0

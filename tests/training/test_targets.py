@@ -1,0 +1,162 @@
+"""Self-distilled targets: the model's own greedy answers, cached on disk and resumable."""
+
+import json
+
+import pytest
+import torch
+from training_helpers import tiny_llama, train_tokenizer
+
+import mtp.decoding.generate as gen_module
+from mtp.errors import MTPError
+from mtp.training.data import Example, tokenize_examples
+from mtp.training.losses import evaluate_heads
+from mtp.training.targets import (
+    prompt_token_ids,
+    read_cache,
+    rows_to_data,
+    self_distilled_answers,
+    self_distilled_data,
+)
+
+REAL_GENERATE = gen_module.generate
+QUESTIONS = ["How many apples?", "Tom has 3 + 4 apples. How many?", "1 2 3", "What is 7 times 8 plus 9 minus 1?",
+             "user 5", "equals 0"]
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return train_tokenizer()
+
+
+@pytest.fixture
+def model(tok):
+    return tiny_llama(vocab_size=len(tok), num_heads=3, tokenizer=tok)
+
+
+def local_greedy(model, prompt: list[int], n: int, stop: int) -> list[int]:
+    """One prompt, no cache, no padding: argmax of head 0 at the last position, n times."""
+    ids = list(prompt)
+    out = []
+    with torch.no_grad():
+        for _ in range(n):
+            token = int(model(torch.tensor([ids]))[0, -1, 0].argmax())
+            out.append(token)
+            ids.append(token)
+            if token == stop:
+                break
+    return out
+
+
+class CountingGenerate:
+    def __init__(self, monkeypatch, fail_on_call: int | None = None):
+        self.rows: list[int] = []
+        self.real = REAL_GENERATE
+        self.fail_on_call = fail_on_call
+        monkeypatch.setattr(gen_module, "generate", self)
+
+    def __call__(self, model, input_ids, attention_mask=None, **kw):
+        if self.fail_on_call is not None and len(self.rows) + 1 == self.fail_on_call:
+            raise KeyboardInterrupt
+        self.rows.append(input_ids.shape[0])
+        return self.real(model, input_ids, attention_mask, **kw)
+
+
+def test_prompt_tokens_match_tokenize_examples(tok) -> None:
+    for template in ("chat", "plain"):
+        ex = Example("How many apples?", "Tom has 7.")
+        data = tokenize_examples([ex], tok, template=template, seq_len=64)
+        n_prompt = int((~data.loss_mask[0] & data.attention_mask[0].bool()).sum())
+        assert prompt_token_ids(tok, ex.prompt, template) == data.input_ids[0, :n_prompt].tolist()
+
+
+def test_answers_are_greedy_and_batched_like_single(model, tok) -> None:
+    prompts = [prompt_token_ids(tok, q, "chat") for q in QUESTIONS]
+    answers = self_distilled_answers(model, tok, prompts, max_new_tokens=6, batch_size=4, progress=False,
+                                     stop_token_ids=[tok.eos_token_id])
+    for prompt, answer in zip(prompts, answers, strict=True):
+        assert answer == local_greedy(model, prompt, 6, tok.eos_token_id)
+
+
+def test_cache_resume_after_interruption(model, tok, tmp_path, monkeypatch) -> None:
+    prompts = [prompt_token_ids(tok, q, "plain") for q in QUESTIONS]
+    cache = tmp_path / "answers.jsonl"
+    kw = {"max_new_tokens": 5, "batch_size": 2, "progress": False}
+    expected = self_distilled_answers(model, tok, prompts, **kw)
+
+    first = CountingGenerate(monkeypatch, fail_on_call=2)
+    with pytest.raises(KeyboardInterrupt):
+        self_distilled_answers(model, tok, prompts, cache_path=cache, **kw)
+    assert first.rows == [2] and len(read_cache(cache)) == 2
+    with cache.open("a") as f:
+        f.write('{"id": 5, "key": "abc", "tok')  # a line cut off by the interruption
+
+    second = CountingGenerate(monkeypatch)
+    assert self_distilled_answers(model, tok, prompts, cache_path=cache, **kw) == expected
+    assert sum(second.rows) == len(prompts) - 2  # only the missing answers were generated
+
+    third = CountingGenerate(monkeypatch)
+    assert self_distilled_answers(model, tok, prompts, cache_path=cache, **kw) == expected
+    assert third.rows == []
+    assert sorted(json.loads(line)["id"] for line in cache.read_text().splitlines()[:2]) == [1, 3]  # longest first
+
+
+def test_cache_is_keyed_on_model_prompt_and_budget(model, tok, tmp_path, monkeypatch) -> None:
+    prompts = [prompt_token_ids(tok, q, "plain") for q in QUESTIONS[:3]]
+    cache = tmp_path / "a.jsonl"
+    self_distilled_answers(model, tok, prompts, max_new_tokens=4, cache_path=cache, progress=False)
+    counter = CountingGenerate(monkeypatch)
+    self_distilled_answers(model, tok, prompts, max_new_tokens=5, cache_path=cache, progress=False)
+    assert sum(counter.rows) == 3  # another budget: generated again
+    other = tiny_llama(vocab_size=len(tok), num_heads=3, seed=9, tokenizer=tok)
+    with pytest.raises(MTPError, match="missing"):
+        self_distilled_answers(other, tok, prompts, max_new_tokens=5, cache_path=cache, progress=False,
+                               generate_missing=False)
+    # Extra heads do not change the answers, so they are not part of the key.
+    with torch.no_grad():
+        for p in model.extra_heads.parameters():
+            p.add_(1.0)
+    counter.rows.clear()
+    self_distilled_answers(model, tok, prompts, max_new_tokens=5, cache_path=cache, progress=False)
+    assert counter.rows == []
+
+
+def test_fingerprint_survives_save_and_load(model, tmp_path) -> None:
+    from mtp.models.parallel_heads import MTPModel
+    from mtp.training.targets import model_fingerprint
+
+    model.save_pretrained(tmp_path / "m")
+    assert model_fingerprint(MTPModel.from_pretrained(tmp_path / "m")) == model_fingerprint(model)
+
+
+def test_budgets_cap_each_row(model, tok) -> None:
+    prompts = [prompt_token_ids(tok, q, "plain") for q in QUESTIONS[:4]]
+    answers = self_distilled_answers(model, tok, prompts, max_new_tokens=8, budgets=[1, 8, 0, 3],
+                                     batch_size=4, progress=False, stop_token_ids=[])
+    assert [len(a) for a in answers] == [1, 8, 0, 3]
+
+
+def test_self_distilled_data_rows_and_head0_agreement(model, tok, tmp_path) -> None:
+    train = [Example(q, "unused") for q in QUESTIONS[:4]]
+    held = [Example(q, "unused") for q in QUESTIONS[4:]]
+    train_data, held_data = self_distilled_data(model, tok, [train, held], template="chat", seq_len=40,
+                                                max_new_tokens=8, cache_path=tmp_path / "c.jsonl", progress=False)
+    assert len(train_data) == 4 and len(held_data) == 2
+    prompt = prompt_token_ids(tok, QUESTIONS[0], "chat")
+    row = train_data.input_ids[0]
+    assert row[: len(prompt)].tolist() == prompt
+    assert not train_data.loss_mask[0, : len(prompt)].any() and train_data.loss_mask[0, len(prompt)]
+    # The answers are the model's own greedy choices, so teacher-forced head 0 agrees everywhere.
+    ev = evaluate_heads(model, train_data)
+    assert ev.head_accuracy[0] == 1.0
+    assert self_distilled_data(model, tok, [train, []], seq_len=40, max_new_tokens=8,
+                               cache_path=tmp_path / "c.jsonl", progress=False)[1] is None
+
+
+def test_rows_to_data_layout_and_errors() -> None:
+    data = rows_to_data([([1, 2, 3], [False, True, True]), ([4, 5, 6, 7, 8], [False] * 5)], seq_len=4, pad_id=0)
+    assert len(data) == 1  # the row without targets is dropped
+    assert data.input_ids.tolist() == [[1, 2, 3, 0]] and data.attention_mask.tolist() == [[1, 1, 1, 0]]
+    packed = rows_to_data([([1, 2, 3], [True] * 3), ([4, 5, 6], [True] * 3)], seq_len=4, pad_id=0, pack=True)
+    assert packed.input_ids.tolist() == [[1, 2, 3, 4], [5, 6, 0, 0]]
+    with pytest.raises(MTPError):
+        rows_to_data([([1, 2], [False, False])], seq_len=4, pad_id=0)
