@@ -134,6 +134,10 @@ def test_bad_arguments_and_data(tmp_path, mtp_folder) -> None:
     for extra, message in cases:
         with pytest.raises(MTPError, match=message):
             train(**{**base, **extra})
+    text = tmp_path / "doc.txt"
+    text.write_text("Some plain text.\n\nAnother paragraph.\n")
+    with pytest.raises(MTPError, match="targets self needs prompts"):
+        train(**{**base, "data": str(text), "targets": "self"})
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"question": "q", "answer": "a"}\n{"question": "q2", "answer": "a2"}\n{"question": \n')
     with pytest.raises(MTPError, match="bad.jsonl:3"):

@@ -179,6 +179,7 @@ def llamacpp_method(gguf: str | Path, tokenizer, stop_ids: Sequence[int], n_ctx:
     def run(prompt: Prompt, max_new_tokens: int) -> CallResult:
         tokens: list[int] = []
         first = None
+        llm.reset()  # forget the previous call: no reuse of a cached prompt prefix, every call pays its prefill
         start = time.perf_counter()
         if max_new_tokens > 0:
             for tok in llm.generate(prompt.token_ids, top_k=1, top_p=1.0, min_p=0.0, temp=0.0,

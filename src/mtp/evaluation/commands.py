@@ -80,8 +80,7 @@ def eval_(
         num_draft: speculative: draft tokens per step (default: all extra heads)
         limit: the first N problems (file order)
         shots: fixed chain-of-thought exemplars (0 to 8)
-        chat: chat turns through the tokenizer's chat template, as lm-eval --apply_chat_template
-            --fewshot_as_multiturn (default: on when the tokenizer has a chat template); --no-chat: plain text
+        chat: exemplars as chat turns (lm-eval --apply_chat_template --fewshot_as_multiturn); default: if the model has a template
         max_new_tokens: longest answer (lm-eval: 256)
         batch_size: problems decoded together (left padding); seconds per sample are the batch's share
         data: a GSM8K-format .jsonl ("question", "answer" with "#### N") instead of the shipped split
@@ -155,13 +154,11 @@ def bench(
 
     Args:
         model: the embedded default (omit), an MTP or Hugging Face folder, a .gguf, a Meta checkpoint or a hub id
-        prompts: "gsm8k" (the shipped test split, scored), a GSM8K-format .jsonl (scored), a .jsonl with "prompt"
-            fields, or a text file with one prompt per line
+        prompts: "gsm8k" (shipped test split, scored), a GSM8K .jsonl (scored), a "prompt" .jsonl, or a text file
         limit: the first N prompts
         max_new_tokens: new tokens per prompt at most
         output: folder for report.json, report.md and speed_accuracy.png
-        shots: GSM8K exemplars in each prompt (0: the question alone, as the MTP heads are usually trained;
-            8: the eval's gsm8k_cot prompt, whose ~900 tokens of prefill then weigh on every method alike)
+        shots: GSM8K exemplars per prompt (0: the question alone, as heads are trained; 8: eval's ~900-token prompt)
         chat: the tokenizer's chat template (default: on when it has one)
         taus: ConfAdapt thresholds (default: 0.9 0.7 0.5)
         static_k: static k values (default: 2 and the number of heads)
@@ -258,8 +255,8 @@ def _describe(m, label: str) -> str:
 # ------------------------------------------------------------------------------------------------ demo
 def demo(
     output: str | None = None,
-    train_limit: int = 256,
-    train_steps: int = 120,
+    train_limit: int = 220,
+    train_steps: int = 150,
     limit: int = 10,
     max_new_tokens: int = 128,
     threads: int | None = None,
@@ -270,7 +267,7 @@ def demo(
     Args:
         output: demo folder (default: $MTP_HOME/demo): the trained model in smollm2-mtp4/, the report in bench/
         train_limit: GSM8K training questions answered by the model itself (self-distilled targets)
-        train_steps: optimizer steps of head training (batch 8, frozen trunk)
+        train_steps: optimizer steps of head training (4 rows each, frozen trunk)
         limit: GSM8K test problems in the benchmark
         max_new_tokens: new tokens per problem in the benchmark
         threads: torch CPU threads (default: torch's choice)

@@ -36,10 +36,11 @@ def is_finished_run(folder: Path) -> bool:
 
 def train_settings(train_limit: int, train_steps: int) -> dict:
     """The `train(...)` arguments of the demo's head training (besides output, resume and progress)."""
+    # The recipe of runs/smollm2-mtp4 (the training notes): 220 questions answered by the model (128 new tokens),
+    # 10% held out, 150 steps of 4 rows (about 3 epochs) at lr 5e-3 on the cached frozen trunk.
     return {"model": None, "data": "gsm8k", "split": "train", "num_heads": 4, "freeze_trunk": True,
-            "targets": "self", "limit": train_limit, "steps": train_steps, "batch_size": 8, "seq_len": 320,
-            "max_new_tokens": 192, "holdout": 0.1, "holdout_max": 24, "lr": 1e-3, "save_every": 20,
-            "gen_batch_size": 16}
+            "targets": "self", "limit": train_limit, "steps": train_steps, "batch_size": 4, "seq_len": 320,
+            "max_new_tokens": 128, "holdout": 0.1, "lr": 5e-3, "save_every": 50, "gen_batch_size": 32}
 
 
 def _stage(n: int, text: str) -> float:
@@ -47,7 +48,7 @@ def _stage(n: int, text: str) -> float:
     return time.perf_counter()
 
 
-def run_demo(output: str | Path | None = None, *, train_limit: int = 256, train_steps: int = 120, limit: int = 10,
+def run_demo(output: str | Path | None = None, *, train_limit: int = 220, train_steps: int = 150, limit: int = 10,
              max_new_tokens: int = 128, progress: bool = True, hf: bool = True, int8: bool = True,
              llamacpp: bool = True, taus=(0.9, 0.7, 0.5), ensure_base=None, train_fn=None) -> int:
     """Run the demo. `ensure_base` and `train_fn` replace stage 1 and the training function (tests)."""

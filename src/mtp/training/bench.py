@@ -31,7 +31,8 @@ METHOD = ("peak memory = bytes of tensors live before the step (weights, optimiz
           "per storage by a TorchDispatchMode (torch.cuda.max_memory_allocated on CUDA); 'RSS +' is the rise of "
           "the process's resident-set high-water mark during the step (reset via /proc/self/clear_refs), which "
           "also counts allocator overhead. Step time: median of the timed steps after one warm-up step "
-          "(forward, backward, AdamW). Every token of the batch is a target (the largest logits).")
+          "(forward, backward, AdamW), timed round-robin across the configurations so that load changes hit "
+          "all of them alike. Every token of the batch is a target (the largest logits).")
 
 
 class LiveTensorPeak(TorchDispatchMode):
@@ -109,8 +110,8 @@ def _config_step(model, optimizer, loss_fn, batch, weights, freeze_trunk: bool):
     return step
 
 
-def measure(base, num_heads: int, order: str, batch: dict, freeze_trunk: bool, gradient_checkpointing: bool,
-            steps: int, device: torch.device) -> dict:
+def build(base, num_heads: int, order: str, batch: dict, freeze_trunk: bool, gradient_checkpointing: bool):
+    """(model, optimizer, step function) of one configuration; the model shares `base` with the others."""
     from mtp.models.parallel_heads import MTPModel
     from mtp.training.loop import configure_trainable, enable_gradient_checkpointing
 
@@ -120,10 +121,12 @@ def measure(base, num_heads: int, order: str, batch: dict, freeze_trunk: bool, g
         enable_gradient_checkpointing(model)
     optimizer = torch.optim.AdamW(params, lr=1e-6)
     weights = ([0.0] + [1.0] * (num_heads - 1)) if freeze_trunk else [1.0] * num_heads
-    step = _config_step(model, optimizer, LOSS_ORDERS[order], batch, weights, freeze_trunk)
-    step()  # warm-up: AdamW allocates its state here
+    return model, optimizer, _config_step(model, optimizer, LOSS_ORDERS[order], batch, weights, freeze_trunk)
+
+
+def measure_memory(model, optimizer, step, device: torch.device) -> dict:
+    """Peak memory of one step (after a warm-up step has allocated the optimizer state)."""
     gc.collect()
-    result = {"num_heads": num_heads, "order": order}
     if device.type == "cuda":
         torch.cuda.synchronize()
         before = torch.cuda.memory_allocated(device)
@@ -131,34 +134,30 @@ def measure(base, num_heads: int, order: str, batch: dict, freeze_trunk: bool, g
         step()
         torch.cuda.synchronize()
         peak = torch.cuda.max_memory_allocated(device)
-        result.update(peak_mb=peak / 2**20, step_alloc_mb=(peak - before) / 2**20, rss_increase_mb=None)
-    else:
-        before = live_bytes(model, optimizer)
-        with LiveTensorPeak() as tracker:
-            step()
-        gc.collect()
-        result.update(peak_mb=(before + tracker.peak) / 2**20, step_alloc_mb=tracker.peak / 2**20)
-        rss_before = _proc_status_kb("VmRSS")
-        if rss_before is not None and _reset_rss_peak():
-            step()
-            hwm = _proc_status_kb("VmHWM")
-            result["rss_increase_mb"] = (hwm - rss_before) / 1024 if hwm is not None else None
-        else:
-            result["rss_increase_mb"] = None
-    times = []
-    for _ in range(steps):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
+        return {"peak_mb": peak / 2**20, "step_alloc_mb": (peak - before) / 2**20, "rss_increase_mb": None}
+    before = live_bytes(model, optimizer)
+    with LiveTensorPeak() as tracker:
         step()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-    result["step_seconds"] = statistics.median(times)
-    result["step_seconds_all"] = [round(t, 4) for t in times]
-    del step, optimizer, model
     gc.collect()
+    result = {"peak_mb": (before + tracker.peak) / 2**20, "step_alloc_mb": tracker.peak / 2**20,
+              "rss_increase_mb": None}
+    rss_before = _proc_status_kb("VmRSS")
+    if rss_before is not None and _reset_rss_peak():
+        step()
+        hwm = _proc_status_kb("VmHWM")
+        if hwm is not None:
+            result["rss_increase_mb"] = (hwm - rss_before) / 1024
     return result
+
+
+def _timed(step, device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - t0
 
 
 def run_bench_train(spec, heads, orders, seq_len, batch_size, steps, freeze_trunk, gradient_checkpointing,
@@ -171,11 +170,25 @@ def run_bench_train(spec, heads, orders, seq_len, batch_size, steps, freeze_trun
     ids = torch.randint(0, vocab, (batch_size, seq_len), generator=g).to(device)
     batch = {"input_ids": ids, "loss_mask": torch.ones_like(ids, dtype=torch.bool),
              "attention_mask": torch.ones_like(ids)}
+    keys = [(n, order) for n in heads for order in orders]
+    built = {}
     rows = []
-    for n in heads:
-        for order in orders:
-            print(f"bench-train: {n} heads, {order} ...", flush=True)
-            rows.append(measure(base, n, order, batch, freeze_trunk, gradient_checkpointing, steps, device))
+    for n, order in keys:
+        print(f"bench-train: {n} heads, {order}: warm-up and memory ...", flush=True)
+        model, optimizer, step = built[(n, order)] = build(base, n, order, batch, freeze_trunk,
+                                                            gradient_checkpointing)
+        step()  # warm-up: AdamW allocates its state here
+        rows.append({"num_heads": n, "order": order, **measure_memory(model, optimizer, step, device),
+                     "step_seconds_all": []})
+    # Timed steps round-robin over the configurations, so load changes on a shared machine hit all alike.
+    for r in range(steps):
+        print(f"bench-train: timed round {r + 1}/{steps} ...", flush=True)
+        for row, key in zip(rows, keys, strict=True):
+            row["step_seconds_all"].append(round(_timed(built[key][2], device), 4))
+    for row in rows:
+        row["step_seconds"] = statistics.median(row["step_seconds_all"])
+    built.clear()
+    gc.collect()
     by = {(r["num_heads"], r["order"]): r for r in rows}
     ratios = {}
     lo, hi = min(heads), max(heads)

@@ -160,6 +160,9 @@ def train(
                              answer_field=a.answer_field, split=a.split, limit=a.limit)
     if not examples:
         raise MTPError(f"{a.data}: no examples")
+    if a.targets == "self" and not any(ex.prompt for ex in examples):
+        raise MTPError(f"{a.data}: --targets self needs prompts for the model to answer (question/answer data); "
+                       "plain text has none, use --targets data")
     train_ex, held_ex = split_holdout(examples, a.holdout, a.seed, max_items=a.holdout_max)
     if not train_ex:
         raise MTPError(f"{a.data}: no training examples left after holding out {len(held_ex)}")
