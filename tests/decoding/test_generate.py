@@ -8,20 +8,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from conftest import tiny_mtp
-from mtp.decoding.generate import DraftRequest, generate
+from mtp.decoding.generate import DraftRequest, generate, left_pad
 from mtp.decoding.reference import reference_greedy, reference_next_token_probs
 from mtp.decoding.sampling import accept_drafts_sampling
 from mtp.errors import MTPError
-
-
-def left_padded(prompts: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(p) for p in prompts)
-    ids = torch.zeros(len(prompts), width, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, p in enumerate(prompts):
-        ids[i, width - len(p):] = torch.tensor(p)
-        mask[i, width - len(p):] = 1
-    return ids, mask
 
 
 def random_prompts(draw, vocab: int, batch: int) -> list[list[int]]:
@@ -58,7 +48,7 @@ def test_speculative_equals_greedy_equals_reference(data):
     prompts = random_prompts(data.draw, vocab, batch)
     max_new = data.draw(st.integers(0, 24))
     stop = data.draw(st.lists(st.integers(0, vocab - 1), max_size=1))
-    ids, mask = left_padded(prompts)
+    ids, mask = left_pad(prompts)
     reference = [reference_greedy(model, p, max_new, stop) for p in prompts]
     greedy = generate(model, ids, mask, max_new_tokens=max_new, stop_token_ids=stop)
     spec = generate(model, ids, mask, max_new_tokens=max_new, strategy="speculative", stop_token_ids=stop)
@@ -77,7 +67,7 @@ def test_perfect_drafts_are_all_accepted(family):
     model = tiny_mtp(family, num_heads=4, dtype=torch.float64)
     prompts = [[1, 2, 3], [4, 5], [6]]
     reference = [reference_greedy(model, p, 40) for p in prompts]
-    ids, mask = left_padded(prompts)
+    ids, mask = left_pad(prompts)
     out = generate(model, ids, mask, max_new_tokens=40, strategy="speculative", stop_token_ids=[],
                    proposer=oracle_proposer(reference, 0.0, 0))
     assert out.tokens == reference
@@ -151,7 +141,7 @@ def test_confadapt_and_static():
 def test_batched_confadapt_rows_match_single_rows():
     model = tiny_mtp("gpt2", num_heads=3, dtype=torch.float64)
     prompts = [[1, 2, 3], [9], [4, 4, 4, 4, 4]]
-    ids, mask = left_padded(prompts)
+    ids, mask = left_pad(prompts)
     batch = generate(model, ids, mask, max_new_tokens=15, strategy="confadapt", tau=0.05, stop_token_ids=[])
     for i, p in enumerate(prompts):
         single = generate(model, torch.tensor([p]), max_new_tokens=15, strategy="confadapt", tau=0.05,

@@ -11,6 +11,7 @@ import torch
 from tqdm import tqdm
 
 from mtp.decoding.generate import generate as generate_tokens
+from mtp.decoding.generate import left_pad
 from mtp.errors import MTPError
 from mtp.io import atomic_write_lines
 from mtp.models.loading import load_mtp_model
@@ -53,13 +54,7 @@ def encode_prompts(tokenizer, prompts: list[str], chat: bool) -> tuple[torch.Ten
             rows.append(tokenizer(p).input_ids)
     if any(len(r) == 0 for r in rows):
         raise MTPError("empty prompt: give at least one token")
-    width = max(len(r) for r in rows)
-    ids = torch.zeros(len(rows), width, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, r in enumerate(rows):
-        ids[i, width - len(r):] = torch.tensor(r)
-        mask[i, width - len(r):] = 1
-    return ids, mask
+    return left_pad(rows, tokenizer.pad_token_id or 0)
 
 
 def generate(model: str | None = None, prompt: str | None = None, prompts_file: str | None = None,

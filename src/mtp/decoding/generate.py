@@ -350,6 +350,18 @@ def _fit_context(model, input_ids, attention_mask, opts: DecodeOptions, truncate
     return input_ids[:, -keep:], mask
 
 
+def left_pad(rows, pad: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask) of a left-padded batch of token lists, as `generate` takes them."""
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        if len(r):
+            ids[i, width - len(r):] = torch.tensor(list(r), dtype=torch.long)
+            mask[i, width - len(r):] = 1
+    return ids, mask
+
+
 def context_limit(model) -> int | None:
     cfg = model.config
     for name in ("max_position_embeddings", "n_positions"):

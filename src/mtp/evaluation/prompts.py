@@ -4,12 +4,12 @@ lm-eval adapter, so every method in a comparison sees exactly the same tokens an
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from mtp.decoding.generate import left_pad  # noqa: F401  (re-exported for evaluation modules)
 from mtp.errors import MTPError
 from mtp.evaluation.gsm8k import STOP_SEQUENCES, build_chat_messages, build_prompt, load_gsm8k
 
@@ -134,18 +134,6 @@ def pad_id(tokenizer) -> int:
         if isinstance(candidate, int):
             return candidate
     return 0
-
-
-def left_pad(rows: Sequence[Sequence[int]], pad: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """(input_ids, attention_mask) of a left-padded batch."""
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):
-        if r:
-            ids[i, width - len(r):] = torch.tensor(list(r), dtype=torch.long)
-            mask[i, width - len(r):] = 1
-    return ids, mask
 
 
 def truncate_output(text: str) -> str:
