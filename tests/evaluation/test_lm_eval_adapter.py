@@ -110,3 +110,10 @@ def test_simple_evaluate_on_local_yaml_task(model, tmp_path, monkeypatch):
     assert "exact_match,none" in results["results"]["mtp_tiny_gen"]
     assert 0.0 <= results["results"]["mtp_tiny_mc"]["acc,none"] <= 1.0
     assert lm.generation_stats["new_tokens"] > 0
+
+
+def test_cli_default_device_falls_back_to_cpu(model):
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is present")
+    lm = MTPLM(pretrained=model, device="cuda")  # lm-eval's command line passes cuda by default
+    assert lm.device.type == "cpu"

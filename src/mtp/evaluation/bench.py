@@ -55,6 +55,7 @@ class Method:
     run: Callable[[Prompt, int], CallResult]  # (prompt, max_new_tokens) -> result
     description: str = ""
     lossless_reference: str | None = None  # the method whose output this one must equal, if lossless
+    close: Callable[[], None] | None = None  # frees what the method holds (llama.cpp's model) when the bench ends
 
 
 @dataclass
@@ -192,7 +193,7 @@ def llamacpp_method(gguf: str | Path, tokenizer, stop_ids: Sequence[int], n_ctx:
         seconds = time.perf_counter() - start
         return CallResult(tokens, seconds, first - start if first is not None else None, None)
 
-    return Method(name, "llama.cpp", run, f"llama-cpp-python greedy on {Path(gguf).name}")
+    return Method(name, "llama.cpp", run, f"llama-cpp-python greedy on {Path(gguf).name}", close=llm.close)
 
 
 def build_methods(model, tokenizer, *, taus: Sequence[float] = (0.9, 0.7, 0.5), static_k: Sequence[int] | None = None,
@@ -262,17 +263,17 @@ def run_bench(methods: Sequence[Method], prompts: Sequence[Prompt], max_new_toke
     by_name = {m.name: m for m in methods}
     if len(by_name) != len(methods):
         raise MTPError("method names must be unique")
-    if warmup:  # one untimed short call per engine: first-call allocations and lazy initialisation
-        for engine in dict.fromkeys(m.engine for m in methods):
-            next(m for m in methods if m.engine == engine).run(prompts[0], min(4, max_new_tokens))
     run = BenchRun(list(methods), list(prompts))
     order = schedule(len(prompts), [m.name for m in methods], rotate)
     bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=len(order), desc="bench", unit="call", dynamic_ncols=True)
     try:
+        if warmup:  # one untimed short call per engine: first-call allocations and lazy initialisation
+            for engine in dict.fromkeys(m.engine for m in methods):
+                next(m for m in methods if m.engine == engine).run(prompts[0], min(4, max_new_tokens))
+        if progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=len(order), desc="bench", unit="call", dynamic_ncols=True)
         for p, name in order:
             if bar is not None:
                 bar.set_postfix_str(f"prompt {p + 1}/{len(prompts)} {name}")
@@ -285,6 +286,9 @@ def run_bench(methods: Sequence[Method], prompts: Sequence[Prompt], max_new_toke
     finally:
         if bar is not None:
             bar.close()
+        for m in methods:
+            if m.close is not None:
+                m.close()
     return run
 
 

@@ -51,6 +51,8 @@ class MTPLM(TemplateLM):
 
         if strategy not in STRATEGIES:
             raise MTPError(f"unknown strategy {strategy!r}; choose from {', '.join(STRATEGIES)}")
+        if device is None or (str(device).startswith("cuda") and not torch.cuda.is_available()):
+            device = "cpu"  # lm-eval's command line defaults to cuda; like its HF model, fall back to the CPU
         if isinstance(pretrained, torch.nn.Module):
             self.model = pretrained
         else:
