@@ -32,3 +32,22 @@ def test_speculative_equals_greedy_on_the_default_model(default_model):
     # the plain Hugging Face greedy decode of the first prompt agrees token for token
     hf = default_model.base.generate(torch.tensor([rows[0]]), max_new_tokens=40, do_sample=False)
     assert hf[0, len(rows[0]):].tolist()[: len(greedy.tokens[0])] == greedy.tokens[0]
+
+
+@pytest.mark.skipif("fbgemm" not in torch.backends.quantized.supported_engines, reason="fp16 packing needs fbgemm")
+def test_fp16_packed_speculative_equals_fp16_greedy_on_the_default_model(default_model):
+    import copy
+
+    from mtp.decoding.generate import left_pad
+    from mtp.evaluation.prompts import gsm8k_prompts
+    from mtp.models.quantize import quantize_for_decoding
+
+    packed = quantize_for_decoding(copy.deepcopy(default_model), "fp16")
+    prompts = gsm8k_prompts(packed.tokenizer, limit=3, shots=0, chat=True)
+    ids, mask = left_pad([p.token_ids for p in prompts], packed.tokenizer.pad_token_id)
+    greedy = generate(packed, ids, mask, max_new_tokens=48)
+    spec = generate(packed, ids, mask, max_new_tokens=48, strategy="speculative")
+    assert spec.tokens == greedy.tokens
+    fp32 = generate(default_model, ids, mask, max_new_tokens=48)
+    same = sum(a == b for a, b in zip(greedy.tokens, fp32.tokens, strict=True))
+    assert same >= 2  # fp16 storage of 4-bit-origin weights: the answers stay the fp32 model's (in practice all)

@@ -63,7 +63,7 @@ def generate(model: str | None = None, prompt: str | None = None, prompts_file: 
              max_new_tokens: int = 128, num_heads: int | None = None, tau: float = 0.9, k: int | None = None,
              do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
              seed: int | None = None, batch_size: int = 8, json: bool = False, stream: bool = False,
-             dtype: str = "float32", quantize: Literal["none", "int8"] = "none", device: str = "cpu") -> int:
+             dtype: str = "float32", quantize: Literal["none", "fp16", "int8"] = "none", device: str = "cpu") -> int:
     """Generate text with an MTP model: greedy, lossless speculative, ConfAdapt or static-k decoding.
 
     Args:

@@ -63,7 +63,7 @@ def eval_(
     split: Literal["test", "train"] = "test",
     output: str | None = None,
     resume: bool = True,
-    quantize: Literal["none", "int8"] = "none",
+    quantize: Literal["none", "fp16", "int8"] = "none",
     dtype: str = "float32",
     device: str = "cpu",
     threads: int | None = None,

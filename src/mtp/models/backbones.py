@@ -26,6 +26,12 @@ class Backbone:
 
     layers: nn.ModuleList
     norm: nn.Module
+    supports_fast_layers = False  # has a lean decoding step (mtp.models.fast_llama)
+
+    def use_fast_layers(self, layers, weights: str | None) -> None:
+        """Route cached no-grad forwards of `layers` through the lean step (`weights` None: never)."""
+        if weights is not None:
+            raise MTPError(f"{type(self).__name__} has no fast decoding path")
 
     @property
     def lm_head(self) -> nn.Module:
@@ -45,10 +51,18 @@ class Backbone:
 class LlamaBackbone(Backbone):
     """Llama, SmolLM2, Mistral, Qwen2, Qwen3: `model.embed_tokens`, `model.layers`, `model.norm`, rotary."""
 
+    supports_fast_layers = True
+
     def __init__(self, causal_lm: nn.Module):
         super().__init__(causal_lm)
         self.layers = causal_lm.model.layers
         self.norm = causal_lm.model.norm
+        self.fast_layers: dict | None = None
+
+    def use_fast_layers(self, layers, weights):
+        from mtp.models.fast_llama import FastLlamaLayer
+
+        self.fast_layers = None if weights is None else {layer: FastLlamaLayer(layer, weights) for layer in layers}
 
     def embed(self, input_ids, position_ids):
         return self.causal_lm.model.embed_tokens(input_ids)  # (B, T, H)
@@ -58,6 +72,10 @@ class LlamaBackbone(Backbone):
         return {"position_embeddings": cos_sin, "position_ids": position_ids}
 
     def run_layer(self, layer, hidden, mask, cache, shared):
+        if cache is not None and self.fast_layers is not None and not torch.is_grad_enabled():
+            fast = self.fast_layers.get(layer)
+            if fast is not None:
+                return fast(hidden, mask, cache, *shared["position_embeddings"])
         out = layer(hidden, attention_mask=mask, past_key_values=cache, use_cache=cache is not None, **shared)
         return out[0] if isinstance(out, tuple) else out
 

@@ -13,7 +13,7 @@ from mtp.models.parallel_heads import MTPModel
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16, "float64": torch.float64}
-Quantize = Literal["none", "int8"]
+Quantize = Literal["none", "fp16", "int8"]
 
 
 def parse_dtype(name: str | torch.dtype) -> torch.dtype:

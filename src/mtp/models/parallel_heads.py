@@ -63,6 +63,7 @@ class MTPModel(nn.Module):
         self.extra_heads = nn.ModuleList(
             nn.ModuleList(copy.deepcopy(layer) for layer in head0) for _ in range(num_heads - 1)
         )
+        self.set_fast_decoding("fp32" if self.backbone.supports_fast_layers else None)
         self.tokenizer = None  # attached by loaders; saved with the model when present
         self.source = None  # where the weights came from (mtp.hub.ModelSource), for `mtp info`
 
@@ -101,6 +102,13 @@ class MTPModel(nn.Module):
     @property
     def dtype(self) -> torch.dtype:
         return next(self.parameters()).dtype
+
+    def set_fast_decoding(self, weights: str | None) -> None:
+        """Decode (cached, no-grad forwards) with the lean layer step, weights "fp32" or "fp16"; None: the
+        Hugging Face layers everywhere. On by default (fp32) for the Llama family."""
+        layers = list(self.backbone.layers) + [layer for head in self.extra_heads for layer in head]
+        self.backbone.use_fast_layers(layers, weights)
+        self.fast_decoding = weights
 
     def new_cache(self, batch_size: int, max_len: int) -> MTPCache:
         return MTPCache(batch_size, max_len, num_stacks=1 + self.num_heads, device=self.device)

@@ -95,7 +95,8 @@ def self_distilled_answers(
     it shares a batch with longer budgets). With `generate_missing=False` a prompt missing from the cache is an
     error (e.g. the model has been fine-tuned since, so it can no longer produce the original answers).
     """
-    from mtp.decoding.generate import generate
+    from mtp.decoding.generate import generate, left_pad
+    from mtp.models.quantize import fp16_decoding
 
     if max_new_tokens < 1:
         raise MTPError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
@@ -137,30 +138,27 @@ def self_distilled_answers(
     new_tokens = 0
     seconds = 0.0
     try:
-        for start in range(0, len(todo), batch_size):
-            chunk = todo[start:start + batch_size]
-            width = max(len(prompts[i]) for i in chunk)
-            ids = torch.full((len(chunk), width), pad, dtype=torch.long)
-            mask = torch.zeros((len(chunk), width), dtype=torch.long)
-            for r, i in enumerate(chunk):  # left padding: every prompt ends at the last column
-                ids[r, width - len(prompts[i]):] = torch.tensor(list(prompts[i]), dtype=torch.long)
-                mask[r, width - len(prompts[i]):] = 1
-            res = generate(model, ids.to(model.device), mask.to(model.device),
-                           max_new_tokens=max(budgets[i] for i in chunk), strategy="greedy",
-                           stop_token_ids=stop_token_ids)
-            lines = []
-            for r, i in enumerate(chunk):
-                answers[i] = [int(t) for t in res.tokens[r][: budgets[i]]]
-                lines.append(json.dumps({"id": i, "key": keys[i], "tokens": answers[i]}) + "\n")
-            if sink is not None:
-                sink.write("".join(lines))
-                sink.flush()
-                os.fsync(sink.fileno())
-            new_tokens += sum(len(answers[i]) for i in chunk)
-            seconds += res.stats.seconds
-            if bar is not None:
-                bar.update(len(chunk))
-                bar.set_postfix_str(f"{new_tokens / max(seconds, 1e-9):.1f} tok/s", refresh=False)
+        # Packed fp16 weights answer ~1.3x faster on a CPU; the layers' fp32 weights (trained next) are untouched.
+        with fp16_decoding(model):
+            for start in range(0, len(todo), batch_size):
+                chunk = todo[start:start + batch_size]
+                ids, mask = left_pad([prompts[i] for i in chunk], pad)
+                res = generate(model, ids.to(model.device), mask.to(model.device),
+                               max_new_tokens=max(budgets[i] for i in chunk), strategy="greedy",
+                               stop_token_ids=stop_token_ids)
+                lines = []
+                for r, i in enumerate(chunk):
+                    answers[i] = [int(t) for t in res.tokens[r][: budgets[i]]]
+                    lines.append(json.dumps({"id": i, "key": keys[i], "tokens": answers[i]}) + "\n")
+                if sink is not None:
+                    sink.write("".join(lines))
+                    sink.flush()
+                    os.fsync(sink.fileno())
+                new_tokens += sum(len(answers[i]) for i in chunk)
+                seconds += res.stats.seconds
+                if bar is not None:
+                    bar.update(len(chunk))
+                    bar.set_postfix_str(f"{new_tokens / max(seconds, 1e-9):.1f} tok/s", refresh=False)
     finally:
         if sink is not None:
             sink.close()

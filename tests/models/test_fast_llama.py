@@ -1,0 +1,117 @@
+"""The lean Llama decoding step against the Hugging Face layers it mirrors, and fp16-packed weights."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from tests.conftest import tiny_mtp
+from transformers import AutoModelForCausalLM, Qwen2Config, Qwen3Config
+
+from mtp import MTPModel
+from mtp.decoding.generate import generate, left_pad
+from mtp.models.quantize import PackedLinear, fp16_decoding, quantize_for_decoding
+
+needs_fbgemm = pytest.mark.skipif("fbgemm" not in torch.backends.quantized.supported_engines,
+                                  reason="fp16 packing needs fbgemm (x86)")
+
+
+def qwen_mtp(kind: str, seed: int = 0) -> MTPModel:
+    """Qwen2 (biased QKV) and Qwen3 (per-head q/k norms): the variants the lean step handles beyond Llama."""
+    common = dict(hidden_size=32, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+                  intermediate_size=64, vocab_size=61, max_position_embeddings=256, tie_word_embeddings=True)
+    config = Qwen2Config(**common) if kind == "qwen2" else Qwen3Config(head_dim=8, **common)
+    torch.manual_seed(seed)
+    base = AutoModelForCausalLM.from_config(config).eval()
+    with torch.no_grad():  # random biases and norms, so a step that ignored them would be caught
+        for name, p in base.named_parameters():
+            if name.endswith("bias") or "norm" in name:
+                p.add_(torch.randn_like(p) * 0.3)
+    return MTPModel(base, num_heads=3).eval()
+
+
+def cached_logits(model: MTPModel, ids: torch.Tensor, mask: torch.Tensor, steps: list[torch.Tensor]) -> list:
+    """All-head logits of a prefill and then of each block in `steps`, through the cache."""
+    cache = model.new_cache(ids.shape[0], ids.shape[1] + sum(s.shape[1] for s in steps) + 1)
+    with torch.inference_mode():
+        out = [model(ids, mask, return_all_heads=True, cache=cache)]
+        out += [model(s, None, return_all_heads=True, cache=cache) for s in steps]
+    return out
+
+
+@pytest.mark.parametrize("make", [lambda: tiny_mtp("llama", seed=3), lambda: qwen_mtp("qwen2"),
+                                  lambda: qwen_mtp("qwen3")], ids=["llama", "qwen2", "qwen3"])
+def test_fast_step_matches_hugging_face_layers(make):
+    model = make()
+    assert model.fast_decoding == "fp32"  # on by default for the Llama family
+    gen = torch.Generator().manual_seed(0)
+    ids, mask = left_pad([torch.randint(0, 61, (n,), generator=gen).tolist() for n in (7, 3)])
+    steps = [torch.randint(0, 61, (2, t), generator=gen) for t in (1, 3, 1)]
+    fast = cached_logits(model, ids, mask, steps)
+    model.set_fast_decoding(None)
+    slow = cached_logits(model, ids, mask, steps)
+    for a, b in zip(fast, slow, strict=True):
+        torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-4)
+
+
+def test_fast_step_is_not_used_for_training(monkeypatch):
+    model = tiny_mtp("llama")
+    calls = []
+    fast = next(iter(model.backbone.fast_layers.values()))
+    monkeypatch.setattr(type(fast), "__call__", lambda *a, **k: calls.append(1))
+    ids = torch.randint(0, 61, (2, 5))
+    model(ids, return_all_heads=True).sum().backward()  # uncached, with grad: the Hugging Face layers
+    assert calls == [] and model.extra_heads[0][0].mlp.down_proj.weight.grad is not None
+
+
+@needs_fbgemm
+def test_packed_fp16_rows_are_computed_independently():
+    linear = torch.nn.Linear(40, 300)
+    packed = PackedLinear(linear)
+    x = torch.randn(6, 40)
+    block = packed(x)
+    rows = torch.cat([packed(x[i: i + 1]) for i in range(6)])
+    assert torch.equal(block, rows)  # why speculative stays exactly equal to greedy under fp16
+    torch.testing.assert_close(block, linear(x), atol=1e-2, rtol=1e-2)
+
+
+@needs_fbgemm
+@pytest.mark.parametrize("seed", range(6))
+def test_fp16_speculative_equals_fp16_greedy(seed):
+    model = quantize_for_decoding(tiny_mtp("llama", num_heads=1 + seed % 4, seed=seed, vocab_size=97), "fp16")
+    assert model.fast_decoding == "fp16" and isinstance(model.base.lm_head, PackedLinear)
+    gen = torch.Generator().manual_seed(seed)
+    ids, mask = left_pad([torch.randint(0, 97, (n,), generator=gen).tolist() for n in (9, 4, 6)])
+    greedy = generate(model, ids, mask, max_new_tokens=24, stop_token_ids=[])
+    spec = generate(model, ids, mask, max_new_tokens=24, strategy="speculative", stop_token_ids=[])
+    assert spec.tokens == greedy.tokens
+
+
+@needs_fbgemm
+def test_fp16_logits_close_to_fp32():
+    model = tiny_mtp("llama", seed=5)
+    packed = quantize_for_decoding(copy.deepcopy(model), "fp16")
+    ids, mask = left_pad([[1, 2, 3, 4, 5], [6, 7]])
+    for a, b in zip(cached_logits(packed, ids, mask, [ids[:, :2]]), cached_logits(model, ids, mask, [ids[:, :2]]),
+                    strict=True):
+        torch.testing.assert_close(a, b, atol=5e-3, rtol=5e-3)
+
+
+@needs_fbgemm
+def test_fp16_on_gpt2_packs_its_linear_layers():
+    model = quantize_for_decoding(tiny_mtp("gpt2"), "fp16")
+    assert isinstance(model.base.lm_head, PackedLinear)
+    out = generate(model, torch.tensor([[1, 2, 3]]), max_new_tokens=5, stop_token_ids=[])
+    assert len(out.tokens[0]) == 5
+
+
+@needs_fbgemm
+def test_fp16_decoding_context_restores_fp32():
+    model = tiny_mtp("llama")
+    with fp16_decoding(model):
+        assert model.fast_decoding == "fp16"
+    assert model.fast_decoding == "fp32"
+    gpt2 = tiny_mtp("gpt2")
+    with fp16_decoding(gpt2):  # no lean step for GPT-2: decodes as it is
+        assert gpt2.fast_decoding is None
