@@ -6,9 +6,9 @@ import copy
 
 import pytest
 import torch
-from tests.conftest import tiny_mtp
 from transformers import AutoModelForCausalLM, Qwen2Config, Qwen3Config
 
+from conftest import tiny_mtp
 from mtp import MTPModel
 from mtp.decoding.generate import generate, left_pad
 from mtp.models.quantize import PackedLinear, fp16_decoding, quantize_for_decoding
