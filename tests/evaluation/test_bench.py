@@ -119,7 +119,7 @@ def test_bench_command_on_tiny_model(tiny_model_dir, gsm8k_file, tmp_path, capsy
     assert set(report) >= {"settings", "machine", "notes", "methods", "calls", "prompts", "gsm8k_scored"}
     names = [r["method"] for r in report["methods"]]
     assert names == ["hf-greedy", "hf-prompt-lookup", "greedy", "speculative", "confadapt-tau0.5", "static-k2",
-                     "static-k3", "greedy-int8", "speculative-int8"]
+                     "static-k3", "greedy-fp16", "speculative-fp16", "greedy-int8", "speculative-int8"]
     assert report["gsm8k_scored"] is True
     row_keys = {"tokens_per_second", "speedup_vs_hf_greedy", "speedup_vs_greedy", "tokens_per_forward",
                 "equal_to_greedy", "equal_to_hf_greedy", "accuracy_flexible", "accuracy_strict",
@@ -129,6 +129,7 @@ def test_bench_command_on_tiny_model(tiny_model_dir, gsm8k_file, tmp_path, capsy
         assert row_keys <= set(r)
     # lossless methods reproduce their greedy reference token for token
     assert rows["speculative"]["equal_to_greedy"] == 2
+    assert rows["speculative-fp16"]["equal_to_lossless_reference"] == 2
     assert rows["speculative-int8"]["equal_to_lossless_reference"] == 2
     assert rows["hf-prompt-lookup"]["equal_to_hf_greedy"] == 2
     assert rows["hf-greedy"]["equal_to_greedy"] == 2  # transformers and our engine agree on the same weights

@@ -43,8 +43,8 @@ def test_demo_trains_once_then_reuses(tiny_tokenizer, tmp_path, capsys):
     assert call["freeze_trunk"] is True and call["targets"] == "self" and call["num_heads"] == 4
     assert call["resume"] is False and call["limit"] == 4 and call["steps"] == 2
     report = json.loads((tmp_path / "bench" / "report.json").read_text())
-    assert [r["method"] for r in report["methods"]] == ["hf-greedy", "hf-prompt-lookup", "greedy", "speculative",
-                                                        "confadapt-tau0.5", "static-k2", "static-k4"]
+    assert [r["method"] for r in report["methods"]] == ["hf-greedy", "greedy", "speculative", "confadapt-tau0.5",
+                                                        "static-k2", "static-k4", "greedy-fp16", "speculative-fp16"]
     assert report["gsm8k_scored"] is True
     assert (tmp_path / "bench" / "speed_accuracy.png").read_bytes()[:4] == b"\x89PNG"
     out = capsys.readouterr().out

@@ -8,12 +8,11 @@ from training_helpers import tiny_llama, train_tokenizer
 
 import mtp.decoding.generate as gen_module
 from mtp.errors import MTPError
-from mtp.training.data import Example, tokenize_examples
+from mtp.training.data import Example, rows_to_data, tokenize_examples
 from mtp.training.losses import evaluate_heads
 from mtp.training.targets import (
     prompt_token_ids,
     read_cache,
-    rows_to_data,
     self_distilled_answers,
     self_distilled_data,
 )

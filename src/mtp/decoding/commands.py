@@ -15,6 +15,7 @@ from mtp.decoding.generate import left_pad
 from mtp.errors import MTPError
 from mtp.io import atomic_write_lines
 from mtp.models.loading import load_mtp_model
+from mtp.runtime import set_threads
 
 
 def read_prompts(path: str) -> list[str]:
@@ -63,7 +64,8 @@ def generate(model: str | None = None, prompt: str | None = None, prompts_file: 
              max_new_tokens: int = 128, num_heads: int | None = None, tau: float = 0.9, k: int | None = None,
              do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
              seed: int | None = None, batch_size: int = 8, json: bool = False, stream: bool = False,
-             dtype: str = "float32", quantize: Literal["none", "fp16", "int8"] = "none", device: str = "cpu") -> int:
+             dtype: str = "float32", quantize: Literal["none", "fp16", "int8"] = "none", device: str = "cpu",
+             threads: int | None = None) -> int:
     """Generate text with an MTP model: greedy, lossless speculative, ConfAdapt or static-k decoding.
 
     Args:
@@ -82,7 +84,9 @@ def generate(model: str | None = None, prompt: str | None = None, prompts_file: 
         batch_size: prompts decoded together (left padded).
         json: print one JSON object per prompt instead of text.
         stream: print tokens as they are produced (single prompt).
-        quantize: int8 dynamic weight quantisation for CPU decoding.
+        quantize: CPU weight format for decoding: fp16 (packed; ~1.3x faster, speculative stays exactly equal to
+            greedy) or int8 (dynamic quantisation; faster still, speculative may differ from greedy).
+        threads: torch CPU threads (default: torch's choice).
     """
     if (prompt is None) == (prompts_file is None):
         raise MTPError("give exactly one of --prompt or --prompts-file")
@@ -91,6 +95,7 @@ def generate(model: str | None = None, prompt: str | None = None, prompts_file: 
         raise MTPError("empty prompt: give at least one token")
     if batch_size < 1:
         raise MTPError("--batch-size must be >= 1")
+    set_threads(threads)
     m = load_mtp_model(model, num_heads=num_heads, device=device, dtype=dtype, quantize=quantize)
     tok = m.tokenizer
     if tok is None:

@@ -7,7 +7,8 @@ Methods (rows of the report):
     speculative        our lossless self-speculative decoding with the MTP heads
     confadapt-tau*     ConfAdapt at each tau (lossy)
     static-k*          static k (lossy)
-    *-int8             the same strategies on an int8 (dynamic quantisation) copy of the model
+    *-fp16             greedy and speculative with fp16-packed weights (fbgemm; lossless: speculative == greedy)
+    *-int8             the same on an int8 (dynamic quantisation) copy of the model (speculative may differ)
     llama.cpp          llama-cpp-python greedy on the GGUF, when the package is installed
 
 Schedule: for each prompt, every method runs once, one after the other, and the order of the methods rotates
@@ -197,8 +198,8 @@ def llamacpp_method(gguf: str | Path, tokenizer, stop_ids: Sequence[int], n_ctx:
 
 
 def build_methods(model, tokenizer, *, taus: Sequence[float] = (0.9, 0.7, 0.5), static_k: Sequence[int] | None = None,
-                  hf: bool = True, prompt_lookup_tokens: int = 10, int8: bool = True,
-                  int8_strategies: Sequence[str] = ("greedy", "speculative"), gguf: str | Path | None = None,
+                  hf: bool = True, prompt_lookup_tokens: int = 10, fp16: bool = True, int8: bool = True,
+                  packed_strategies: Sequence[str] = ("greedy", "speculative"), gguf: str | Path | None = None,
                   llamacpp_ctx: int = 2048, notes: list[str] | None = None) -> list[Method]:
     """The methods of a benchmark, in report order. Unavailable ones are left out with a line in `notes`."""
     notes = notes if notes is not None else []
@@ -225,18 +226,19 @@ def build_methods(model, tokenizer, *, taus: Sequence[float] = (0.9, 0.7, 0.5), 
                                       description=f"static k={k}"))
     else:
         notes.append("the model has a single head: speculative, ConfAdapt and static need MTP heads")
-    if int8:
-        if model.device.type != "cpu":
-            notes.append("int8 rows skipped: int8 dynamic quantisation runs on the CPU only")
-        else:
-            from mtp.models.quantize import quantize_for_decoding
+    packed = [fmt for fmt, wanted in (("fp16", fp16), ("int8", int8)) if wanted]
+    if packed and model.device.type != "cpu":
+        notes.append(f"{'/'.join(packed)} rows skipped: packed weights (fbgemm) run on the CPU only")
+        packed = []
+    for fmt in packed:
+        from mtp.models.quantize import quantize_for_decoding
 
-            q = quantize_for_decoding(copy.deepcopy(model), "int8")
-            for strategy in int8_strategies:
-                if strategy != "greedy" and n == 1:
-                    continue
-                methods.append(mtp_method(q, tokenizer, f"{strategy}-int8", strategy, engine="mtp-int8",
-                                          stop_ids=stop_ids, description=f"{strategy}, int8 weights"))
+        q = quantize_for_decoding(copy.deepcopy(model), fmt)
+        for strategy in packed_strategies:
+            if strategy != "greedy" and n == 1:
+                continue
+            methods.append(mtp_method(q, tokenizer, f"{strategy}-{fmt}", strategy, engine=f"mtp-{fmt}",
+                                      stop_ids=stop_ids, description=f"{strategy}, {fmt} weights"))
     if gguf is not None:
         try:
             import llama_cpp  # noqa: F401

@@ -11,15 +11,9 @@ from typing import Literal
 import torch
 
 from mtp.errors import MTPError
+from mtp.runtime import set_threads
 
 Strategy = Literal["greedy", "speculative", "confadapt", "static"]
-
-
-def _threads(threads: int | None) -> None:
-    if threads is not None:
-        if threads < 1:
-            raise MTPError(f"--threads must be >= 1, got {threads}")
-        torch.set_num_threads(threads)
 
 
 def _model_name(model: str | None) -> str:
@@ -87,7 +81,7 @@ def eval_(
         split: the shipped GSM8K split
         output: result folder: samples.jsonl, summary.json, eval_config.json (default: eval/gsm8k-MODEL-STRATEGY)
         resume: continue an interrupted evaluation in --output (--no-resume: start again)
-        quantize: int8 dynamic weight quantisation for CPU decoding
+        quantize: CPU weight format for decoding: fp16 (packed, lossless speculative) or int8 (dynamic)
         dtype: float32, bfloat16, ...
         device: cpu, cuda, ...
         threads: torch CPU threads (default: torch's choice)
@@ -106,7 +100,7 @@ def eval_(
         raise MTPError(f"--tau must be in [0, 1], got {tau}")
     if data is not None and not Path(data).is_file():
         raise MTPError(f"{data}: GSM8K file not found")
-    _threads(threads)
+    set_threads(threads)
     tag = strategy_tag(strategy, tau, k)
     out = Path(output) if output is not None else Path("eval") / f"gsm8k-{_model_name(model)}-{tag}"
     start = time.perf_counter()
@@ -141,6 +135,7 @@ def bench(
     chat: bool | None = None,
     taus: list[float] | None = None,
     static_k: list[int] | None = None,
+    fp16: bool = True,
     int8: bool = True,
     hf: bool = True,
     prompt_lookup_tokens: int = 10,
@@ -162,6 +157,7 @@ def bench(
         chat: the tokenizer's chat template (default: on when it has one)
         taus: ConfAdapt thresholds (default: 0.9 0.7 0.5)
         static_k: static k values (default: 2 and the number of heads)
+        fp16: also run greedy and speculative with fp16-packed weights (lossless, faster on CPUs)
         int8: also run greedy and speculative on an int8-quantised copy of the model
         hf: run transformers generate() greedy and prompt lookup (the reference)
         prompt_lookup_tokens: transformers prompt_lookup_num_tokens (0: leave prompt lookup out)
@@ -181,11 +177,11 @@ def bench(
     out = Path(output)
     if out.exists() and not out.is_dir():
         raise MTPError(f"--output {out} is a file, not a folder")
-    _threads(threads)
+    set_threads(threads)
     m = _load(model, "float32", "cpu")
     return run_bench_command(m, model_label=model or "SmolLM2-135M-Instruct (embedded default)", prompts=prompts,
                              limit=limit, max_new_tokens=max_new_tokens, output=out, shots=shots, chat=chat,
-                             taus=taus, static_k=static_k, int8=int8, hf=hf,
+                             taus=taus, static_k=static_k, fp16=fp16, int8=int8, hf=hf,
                              prompt_lookup_tokens=prompt_lookup_tokens,
                              gguf=gguf if gguf is not None else (_default_gguf() if model is None else None),
                              llamacpp=llamacpp, rotate=rotate, progress=progress,
@@ -205,7 +201,7 @@ def _default_gguf() -> str | None:
 def run_bench_command(m, *, model_label: str, prompts: str, limit: int, max_new_tokens: int, output: Path,
                       shots: int, chat: bool | None, taus, static_k, int8: bool, hf: bool, prompt_lookup_tokens: int,
                       gguf: str | None, llamacpp: bool, rotate: bool, progress: bool,
-                      gguf_note: str | None = None) -> int:
+                      gguf_note: str | None = None, fp16: bool = True) -> int:
     from mtp.evaluation.bench import build_methods, build_report, format_table, run_bench, write_report
     from mtp.evaluation.prompts import file_prompts, gsm8k_prompts, resolve_chat
 
@@ -222,7 +218,7 @@ def run_bench_command(m, *, model_label: str, prompts: str, limit: int, max_new_
         notes.append(gguf_note)
     longest = max(len(p.token_ids) for p in items)
     methods = build_methods(m, tok, taus=taus if taus is not None else (0.9, 0.7, 0.5), static_k=static_k, hf=hf,
-                            prompt_lookup_tokens=prompt_lookup_tokens, int8=int8,
+                            prompt_lookup_tokens=prompt_lookup_tokens, fp16=fp16, int8=int8,
                             gguf=gguf if llamacpp else None, llamacpp_ctx=longest + max_new_tokens + 16,
                             notes=notes)
     print(f"mtp bench: {len(methods)} methods x {len(items)} prompts ({prompts_desc}), up to {max_new_tokens} new "
@@ -275,6 +271,6 @@ def demo(
     """
     from mtp.evaluation.demo import run_demo
 
-    _threads(threads)
+    set_threads(threads)
     return run_demo(output=output, train_limit=train_limit, train_steps=train_steps, limit=limit,
                     max_new_tokens=max_new_tokens, progress=progress)

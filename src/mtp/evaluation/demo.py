@@ -49,8 +49,9 @@ def _stage(n: int, text: str) -> float:
 
 
 def run_demo(output: str | Path | None = None, *, train_limit: int = 220, train_steps: int = 150, limit: int = 10,
-             max_new_tokens: int = 128, progress: bool = True, hf: bool = True, int8: bool = True,
-             llamacpp: bool = True, taus=(0.9, 0.7, 0.5), ensure_base=None, train_fn=None) -> int:
+             max_new_tokens: int = 128, progress: bool = True, hf: bool = True, fp16: bool = True,
+             int8: bool = False, llamacpp: bool = True, taus=(0.9, 0.7), prompt_lookup_tokens: int = 0,
+             ensure_base=None, train_fn=None) -> int:
     """Run the demo. `ensure_base` and `train_fn` replace stage 1 and the training function (tests)."""
     from mtp.hub import mtp_home
 
@@ -95,8 +96,9 @@ def run_demo(output: str | Path | None = None, *, train_limit: int = 220, train_
         raise MTPError(f"{run_dir} has no tokenizer files")
     code = run_bench_command(
         model, model_label=f"SmolLM2-135M-Instruct + 4 MTP heads ({run_dir})", prompts="gsm8k", limit=limit,
-        max_new_tokens=max_new_tokens, output=bench_dir, shots=0, chat=None, taus=taus, static_k=None, int8=int8,
-        hf=hf, prompt_lookup_tokens=10, gguf=_default_gguf() if llamacpp else None, llamacpp=llamacpp, rotate=True,
+        max_new_tokens=max_new_tokens, output=bench_dir, shots=0, chat=None, taus=taus, static_k=None, fp16=fp16,
+        int8=int8, hf=hf, prompt_lookup_tokens=prompt_lookup_tokens,
+        gguf=_default_gguf() if llamacpp else None, llamacpp=llamacpp, rotate=True,
         progress=progress)
     print(f"\nmtp demo: done in {time.perf_counter() - start:.0f} s. Model: {run_dir}; report: {bench_dir}",
           flush=True)

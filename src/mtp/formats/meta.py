@@ -22,14 +22,13 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
 
 from mtp.errors import MTPError
+from mtp.io import atomic_folder, read_json_object
 
 PARAMS_NAME = "params.json"
 WEIGHTS_NAME = "consolidated.00.pth"
@@ -71,12 +70,7 @@ def read_meta_checkpoint(folder: str | os.PathLike) -> tuple[dict, dict[str, tor
     params_path = folder / PARAMS_NAME
     if not params_path.is_file():
         raise MTPError(f"{params_path}: missing {PARAMS_NAME} (not a Meta checkpoint folder)")
-    try:
-        params = json.loads(params_path.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as e:
-        raise MTPError(f"{params_path} is not valid JSON: {e}") from e
-    if not isinstance(params, dict):
-        raise MTPError(f"{params_path}: expected a JSON object")
+    params = read_json_object(params_path, "Meta's params.json")
     shards = sorted(folder.glob("consolidated.*.pth"))
     if not shards:
         raise MTPError(f"{folder}: missing {WEIGHTS_NAME} (no consolidated.*.pth file)")
@@ -433,21 +427,9 @@ def mtp_to_meta(model, folder: str | os.PathLike, dtype: torch.dtype | None = No
         state["output.weight"] = state["output.weight"].clone()  # tied in HF; two tensors in Meta's format
 
     folder = Path(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
-    try:
+    with atomic_folder(folder) as tmp:
         (tmp / PARAMS_NAME).write_text(json.dumps(params, indent=2) + "\n", encoding="utf-8")
         torch.save(state, tmp / WEIGHTS_NAME)
-        if folder.exists():
-            old = folder.with_name(f".{folder.name}.old-{os.getpid()}")
-            folder.rename(old)
-            tmp.rename(folder)
-            shutil.rmtree(old)
-        else:
-            tmp.rename(folder)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
     return folder
 
 

@@ -16,8 +16,6 @@ from __future__ import annotations
 import copy
 import json
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,6 +23,7 @@ import torch
 from torch import nn
 
 from mtp.errors import CheckpointMismatchError, MTPError
+from mtp.io import atomic_folder
 from mtp.models.backbones import backbone_for
 from mtp.models.cache import MTPCache
 
@@ -195,9 +194,7 @@ class MTPModel(nn.Module):
         from safetensors.torch import save_file
 
         directory = Path(directory)
-        directory.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
-        try:
+        with atomic_folder(directory) as tmp:
             config = self.config.to_dict()
             config["mtp"] = self.mtp_config()
             (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
@@ -211,16 +208,6 @@ class MTPModel(nn.Module):
             tokenizer = tokenizer if tokenizer is not None else self.tokenizer
             if tokenizer is not None:
                 tokenizer.save_pretrained(tmp)
-            if directory.exists():
-                old = directory.with_name(f".{directory.name}.old-{os.getpid()}")
-                directory.rename(old)
-                tmp.rename(directory)
-                shutil.rmtree(old)
-            else:
-                tmp.rename(directory)
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp)
         return directory
 
     @classmethod

@@ -13,6 +13,7 @@ from typing import Literal
 import torch
 
 from mtp.errors import MTPError
+from mtp.runtime import set_threads
 
 TRAIN_CONFIG = "train_config.json"
 EVAL_NAME = "eval.json"
@@ -115,10 +116,7 @@ def train(
     t_start = time.perf_counter()
     timings: dict[str, float] = {}
     out = Path(output).expanduser()
-    if threads is not None:
-        if threads < 1:
-            raise MTPError(f"threads must be >= 1, got {threads}")
-        torch.set_num_threads(threads)
+    set_threads(threads)
 
     from mtp.training.checkpoints import latest_checkpoint, load_trainer_state
 

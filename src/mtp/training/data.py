@@ -316,13 +316,20 @@ def tokenize_examples(
         prompt_mask = [loss_on == "all"] * len(prompt_ids)
         rows.append((prompt_ids + answer_ids, prompt_mask + [True] * len(answer_ids)))
 
+    return rows_to_data(rows, seq_len, pad_id, pack)
+
+
+def rows_to_data(rows: list[tuple[list[int], list[bool]]], seq_len: int, pad_id: int,
+                 pack: bool = False) -> TokenizedData:
+    """(token ids, target mask) rows -> right-padded tensors of `seq_len`, packed or truncated; rows without a
+    target are dropped (they would make a batch's mean loss 0/0)."""
+    rows = [(list(ids), [bool(m) for m in mask]) for ids, mask in rows]
     if pack:
         ids = [t for r in rows for t in r[0]]
         mask = [m for r in rows for m in r[1]]
         rows = [(ids[i : i + seq_len], mask[i : i + seq_len]) for i in range(0, len(ids), seq_len)]
     else:
         rows = [(ids[:seq_len], mask[:seq_len]) for ids, mask in rows]
-    # A row without targets adds nothing but could make a whole batch's mean loss 0/0.
     kept = [r for r in rows if any(r[1])]
     if len(kept) < len(rows):
         log.warning(
@@ -333,7 +340,7 @@ def tokenize_examples(
         )
     rows = kept
     if not rows:
-        raise MTPError("no training tokens: no examples, or seq_len too short for any answer")
+        raise MTPError("no training tokens: no examples, or every answer is empty or cut off by seq_len")
 
     n = len(rows)
     input_ids = torch.full((n, seq_len), pad_id, dtype=torch.long)

@@ -26,7 +26,7 @@ from typing import Literal
 import torch
 
 from mtp.errors import MTPError
-from mtp.training.data import Example, TokenizedData, _example_tokens
+from mtp.training.data import Example, TokenizedData, _example_tokens, rows_to_data
 
 CACHE_NAME = "self_targets.jsonl"
 
@@ -166,31 +166,6 @@ def self_distilled_answers(
             bar.close()
         model.train(was_training)
     return [list(a) for a in answers]
-
-
-def rows_to_data(rows: Sequence[tuple[Sequence[int], Sequence[bool]]], seq_len: int, pad_id: int,
-                 pack: bool = False) -> TokenizedData:
-    """TokenizedData from (token ids, target mask) rows, laid out as `tokenize_examples` does: one right-padded
-    row per example truncated to `seq_len`, or packed; rows without any target are dropped."""
-    rows = [(list(ids), [bool(m) for m in mask]) for ids, mask in rows]
-    if pack:
-        ids = [t for r in rows for t in r[0]]
-        mask = [m for r in rows for m in r[1]]
-        rows = [(ids[i:i + seq_len], mask[i:i + seq_len]) for i in range(0, len(ids), seq_len)]
-    else:
-        rows = [(ids[:seq_len], mask[:seq_len]) for ids, mask in rows]
-    rows = [r for r in rows if any(r[1])]
-    if not rows:
-        raise MTPError("no training tokens: every answer is empty or cut off by --seq-len")
-    n = len(rows)
-    input_ids = torch.full((n, seq_len), pad_id, dtype=torch.long)
-    loss_mask = torch.zeros((n, seq_len), dtype=torch.bool)
-    attention_mask = torch.zeros((n, seq_len), dtype=torch.long)
-    for i, (ids, mask) in enumerate(rows):
-        input_ids[i, :len(ids)] = torch.tensor(ids, dtype=torch.long)
-        loss_mask[i, :len(mask)] = torch.tensor(mask, dtype=torch.bool)
-        attention_mask[i, :len(ids)] = 1
-    return TokenizedData(input_ids, loss_mask, attention_mask)
 
 
 def self_distilled_data(
