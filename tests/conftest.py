@@ -37,6 +37,14 @@ def tiny_mtp(family: str = "llama", num_heads: int = 3, seed: int = 0, dtype=tor
     return model.eval()
 
 
+@pytest.fixture(autouse=True)
+def _restore_torch_threads():
+    """Commands take --threads and set torch's thread count for the process; a test must not leak it."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def llama_mtp():
     return tiny_mtp("llama")

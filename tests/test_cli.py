@@ -47,6 +47,11 @@ def test_generate_strategies_and_json(tiny_mtp_folder, tmp_path, capsys):
         assert record["stats"]["new_tokens"] == len(record["token_ids"]) <= 12
         outputs[strategy] = record["token_ids"]
     assert outputs["speculative"] == outputs["greedy"]
+    code, out, err = run_cli(["generate", "--model", str(tiny_mtp_folder), "--prompt", "What is 7 + 5?", "--chat",
+                              "--strategy", "speculative", "--quantize", "fp16", "--threads", "1",
+                              "--max-new-tokens", "12", "--json"], capsys)
+    assert code == 0, err
+    assert json.loads(out.strip().splitlines()[-1])["token_ids"] == outputs["greedy"]  # fp16 ~ fp32, tiny model
 
 
 def test_generate_prompts_file_to_jsonl(tiny_mtp_folder, tmp_path, capsys):
@@ -66,6 +71,7 @@ def test_generate_prompts_file_to_jsonl(tiny_mtp_folder, tmp_path, capsys):
     (["generate", "--prompts-file", "/no/such/file.txt"], "prompts file not found"),
     (["generate"], "exactly one of --prompt or --prompts-file"),
     (["info", "--model", "./no/such/folder"], "not found"),
+    (["generate", "--prompt", "hi", "--threads", "0"], "--threads must be >= 1"),
 ])
 def test_bad_input_is_one_line_exit_2(args, message, capsys):
     code, _, err = run_cli(args, capsys)
