@@ -113,7 +113,7 @@ def test_report_figures_by_hand():
 def test_bench_command_on_tiny_model(tiny_model_dir, gsm8k_file, tmp_path, capsys):
     out = tmp_path / "bench"
     code = bench(model=str(tiny_model_dir), prompts=str(gsm8k_file), limit=2, max_new_tokens=5, output=str(out),
-                 shots=1, taus=[0.5], progress=False)
+                 shots=1, taus=[0.5], int8=True, progress=False)
     assert code == 0
     report = json.loads((out / "report.json").read_text())
     assert set(report) >= {"settings", "machine", "notes", "methods", "calls", "prompts", "gsm8k_scored"}
@@ -152,7 +152,7 @@ def test_report_on_free_prompts_without_hf(tiny_tokenizer, tmp_path):
     path.write_text("Tom has 3 apples\n\nA box holds 12 eggs\n", encoding="utf-8")
     prompts = file_prompts(tiny_tokenizer, path, chat=False)
     assert [p.text for p in prompts] == ["Tom has 3 apples", "A box holds 12 eggs"]
-    methods = build_methods(model, tiny_tokenizer, taus=[0.9], hf=False, int8=False)
+    methods = build_methods(model, tiny_tokenizer, taus=[0.9], hf=False, fp16=False, int8=False)
     assert [m.name for m in methods] == ["greedy", "speculative", "confadapt-tau0.9", "static-k2"]
     run = run_bench(methods, prompts, 4, progress=False)
     report = build_report(run, tiny_tokenizer, settings={"max_new_tokens": 4})

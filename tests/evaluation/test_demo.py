@@ -25,13 +25,13 @@ class FakeTrain:
         model = make_model(self.tokenizer, num_heads=4)
         model.save_pretrained(output, tokenizer=self.tokenizer)
         with open(f"{output}/eval.json", "w") as f:
-            json.dump({"step": kwargs["steps"]}, f)
+            json.dump({"epochs": kwargs["epochs"]}, f)
         return 0
 
 
 def _demo(root, fake, **kwargs):
     settings = {"limit": 2, "max_new_tokens": 4, "int8": False, "taus": (0.5,), **kwargs}
-    return run_demo(root, train_limit=4, train_steps=2, progress=False, llamacpp=False,
+    return run_demo(root, train_limit=4, train_epochs=2, progress=False, llamacpp=False,
                     ensure_base=lambda: "(tiny)", train_fn=fake, **settings)
 
 
@@ -41,7 +41,7 @@ def test_demo_trains_once_then_reuses(tiny_tokenizer, tmp_path, capsys):
     assert len(fake.calls) == 1
     call = fake.calls[0]
     assert call["freeze_trunk"] is True and call["targets"] == "self" and call["num_heads"] == 4
-    assert call["resume"] is False and call["limit"] == 4 and call["steps"] == 2
+    assert call["resume"] is False and call["limit"] == 4 and call["epochs"] == 2
     report = json.loads((tmp_path / "bench" / "report.json").read_text())
     assert [r["method"] for r in report["methods"]] == ["hf-greedy", "greedy", "speculative", "confadapt-tau0.5",
                                                         "static-k2", "static-k4", "greedy-fp16", "speculative-fp16"]

@@ -198,7 +198,7 @@ def llamacpp_method(gguf: str | Path, tokenizer, stop_ids: Sequence[int], n_ctx:
 
 
 def build_methods(model, tokenizer, *, taus: Sequence[float] = (0.9, 0.7, 0.5), static_k: Sequence[int] | None = None,
-                  hf: bool = True, prompt_lookup_tokens: int = 10, fp16: bool = True, int8: bool = True,
+                  hf: bool = True, prompt_lookup_tokens: int = 10, fp16: bool = True, int8: bool = False,
                   packed_strategies: Sequence[str] = ("greedy", "speculative"), gguf: str | Path | None = None,
                   llamacpp_ctx: int = 2048, notes: list[str] | None = None) -> list[Method]:
     """The methods of a benchmark, in report order. Unavailable ones are left out with a line in `notes`."""

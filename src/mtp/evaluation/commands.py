@@ -136,7 +136,7 @@ def bench(
     taus: list[float] | None = None,
     static_k: list[int] | None = None,
     fp16: bool = True,
-    int8: bool = True,
+    int8: bool = False,
     hf: bool = True,
     prompt_lookup_tokens: int = 10,
     gguf: str | None = None,
@@ -158,7 +158,7 @@ def bench(
         taus: ConfAdapt thresholds (default: 0.9 0.7 0.5)
         static_k: static k values (default: 2 and the number of heads)
         fp16: also run greedy and speculative with fp16-packed weights (lossless, faster on CPUs)
-        int8: also run greedy and speculative on an int8-quantised copy of the model
+        int8: also run greedy and speculative on an int8-quantised copy of the model (lossy; slow here)
         hf: run transformers generate() greedy and prompt lookup (the reference)
         prompt_lookup_tokens: transformers prompt_lookup_num_tokens (0: leave prompt lookup out)
         gguf: the GGUF llama.cpp runs (default: the embedded default's, when --model is the default)
@@ -251,10 +251,10 @@ def _describe(m, label: str) -> str:
 # ------------------------------------------------------------------------------------------------ demo
 def demo(
     output: str | None = None,
-    train_limit: int = 220,
-    train_steps: int = 150,
-    limit: int = 10,
-    max_new_tokens: int = 128,
+    train_limit: int = 400,
+    train_epochs: float = 2.0,
+    limit: int = 4,
+    max_new_tokens: int = 96,
     threads: int | None = None,
     progress: bool = True,
 ) -> int:
@@ -263,7 +263,7 @@ def demo(
     Args:
         output: demo folder (default: $MTP_HOME/demo): the trained model in smollm2-mtp4/, the report in bench/
         train_limit: GSM8K training questions answered by the model itself (self-distilled targets)
-        train_steps: optimizer steps of head training (4 rows each, frozen trunk)
+        train_epochs: passes over those answers in head training (4-row steps, frozen trunk)
         limit: GSM8K test problems in the benchmark
         max_new_tokens: new tokens per problem in the benchmark
         threads: torch CPU threads (default: torch's choice)
@@ -272,5 +272,5 @@ def demo(
     from mtp.evaluation.demo import run_demo
 
     set_threads(threads)
-    return run_demo(output=output, train_limit=train_limit, train_steps=train_steps, limit=limit,
+    return run_demo(output=output, train_limit=train_limit, train_epochs=train_epochs, limit=limit,
                     max_new_tokens=max_new_tokens, progress=progress)
