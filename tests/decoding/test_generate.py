@@ -214,3 +214,33 @@ def test_sampling_is_reproducible_under_a_seed():
     a = generate(model, prompt, max_new_tokens=16, strategy="speculative", do_sample=True, seed=7, top_p=0.9)
     b = generate(model, prompt, max_new_tokens=16, strategy="speculative", do_sample=True, seed=7, top_p=0.9)
     assert a.tokens == b.tokens
+
+
+def test_adaptive_draft_length_backs_off_with_random_heads_and_stays_exact():
+    model = tiny_mtp("llama", num_heads=4, dtype=torch.float64, vocab_size=64)
+    prompt = torch.tensor([[3, 1, 4, 1, 5]])
+    adaptive = generate(model, prompt, max_new_tokens=60, strategy="speculative", stop_token_ids=[])
+    fixed = generate(model, prompt, max_new_tokens=60, strategy="speculative", stop_token_ids=[],
+                     adaptive_draft=False)
+    assert adaptive.tokens == fixed.tokens == [reference_greedy(model, [3, 1, 4, 1, 5], 60)]
+    proposed = adaptive.stats.draft_positions
+    assert proposed[0] > 0
+    assert proposed[2] < proposed[0] / 2  # the third draft is rarely verified once the heads prove useless
+    assert fixed.stats.draft_positions == [fixed.stats.draft_positions[0]] * 3
+
+
+def test_adaptive_draft_length_keeps_every_draft_when_all_are_accepted():
+    model = copying_model(num_heads=4)
+    out = generate(model, torch.tensor([[5, 7, 9]]), max_new_tokens=41, strategy="speculative", stop_token_ids=[])
+    assert out.stats.draft_positions == [10, 10, 10] and out.stats.acceptance == [1.0, 1.0, 1.0]
+
+
+def test_draft_length_rule():
+    from mtp.decoding.generate import DraftLength
+
+    rule = DraftLength(3, adaptive=True, threshold=0.2, rate=0.5)
+    assert rule.next() == 3
+    for _ in range(6):  # position 0 accepted half the time, position 1 never
+        rule.update(torch.tensor([0, 1, 1, 0]), rule.next())
+    assert rule.next() == 1  # 0.5 * ~0 < 0.2: only the first draft pays
+    assert DraftLength(3, adaptive=False).next() == 3 and DraftLength(0, adaptive=True).next() == 0

@@ -65,7 +65,7 @@ def generate(model: str | None = None, prompt: str | None = None, prompts_file: 
              do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
              seed: int | None = None, batch_size: int = 8, json: bool = False, stream: bool = False,
              dtype: str = "float32", quantize: Literal["none", "fp16", "int8"] = "none", device: str = "cpu",
-             threads: int | None = None) -> int:
+             threads: int | None = None, adaptive_draft: bool = True) -> int:
     """Generate text with an MTP model: greedy, lossless speculative, ConfAdapt or static-k decoding.
 
     Args:
@@ -87,6 +87,7 @@ def generate(model: str | None = None, prompt: str | None = None, prompts_file: 
         quantize: CPU weight format for decoding: fp16 (packed; ~1.3x faster, speculative stays exactly equal to
             greedy) or int8 (dynamic quantisation; faster still, speculative may differ from greedy).
         threads: torch CPU threads (default: torch's choice).
+        adaptive_draft: speculative: verify fewer drafts while recent ones were rarely accepted (same output).
     """
     if (prompt is None) == (prompts_file is None):
         raise MTPError("give exactly one of --prompt or --prompts-file")
@@ -113,7 +114,8 @@ def generate(model: str | None = None, prompt: str | None = None, prompts_file: 
                 print(_tok.decode(new, skip_special_tokens=True), end="", flush=True)
         res = generate_tokens(m, ids.to(m.device), mask.to(m.device), max_new_tokens=max_new_tokens,
                               strategy=strategy, tau=tau, k=k, do_sample=do_sample, temperature=temperature,
-                              top_p=top_p, top_k=top_k, seed=seed, streamer=streamer)
+                              top_p=top_p, top_k=top_k, seed=seed, streamer=streamer,
+                              adaptive_draft=adaptive_draft)
         seconds += res.stats.seconds
         forwards += res.stats.row_forwards
         for i, text in enumerate(res.texts):

@@ -82,6 +82,7 @@ class DecodeOptions:
     tau: float = 0.9
     k: int | None = None
     num_draft: int | None = None  # heads used for drafting; default all extra heads
+    adaptive_draft: bool = True  # propose only as many drafts as recent acceptance pays for (see DraftLength)
 
 
 # ------------------------------------------------------------------------------------------------ model steps
@@ -137,6 +138,50 @@ def propose(model, hidden_at: torch.Tensor, opts: DecodeOptions, generator) -> t
     return sample(probs, generator), probs
 
 
+class DraftLength:
+    """How many of the heads' drafts to verify next step, from how often each draft position was accepted.
+
+    A draft costs a row of the verify forward (cheap with fp16-packed weights, up to ~half a step each with MKL's
+    fp32 kernels); it pays only if it is likely to be reached and accepted. For each position i an exponential
+    average c_i of "accepted when proposed" is kept; the next block proposes the longest prefix whose chance of
+    being accepted in full, c_1 * ... * c_i, is at least `threshold` - at least one draft, so the estimates keep
+    being refreshed. Positions left out drift back towards 1 and are tried again later. Any draft length keeps
+    decoding lossless (greedy: the verify rule; sampling: speculative sampling is exact for any length chosen
+    from the past), so this only moves speed.
+    """
+
+    def __init__(self, max_drafts: int, adaptive: bool, threshold: float = 0.2, rate: float = 0.2,
+                 recovery: float = 0.02):
+        self.max_drafts, self.adaptive = max_drafts, adaptive
+        self.threshold, self.rate, self.recovery = threshold, rate, recovery
+        self.accept_rate = [1.0] * max_drafts  # optimistic start: all drafts are tried first
+
+    def next(self) -> int:
+        if not self.adaptive or self.max_drafts == 0:
+            return self.max_drafts
+        length, chance = 0, 1.0
+        for c in self.accept_rate:
+            chance *= c
+            if chance < self.threshold:
+                break
+            length += 1
+        return max(1, length)
+
+    def update(self, accepted: torch.Tensor, proposed: int) -> None:
+        """accepted: (B,) drafts accepted per row in a step that proposed `proposed` of them."""
+        if not self.adaptive:
+            return
+        counts = accepted.tolist()
+        for i in range(self.max_drafts):
+            if i < proposed:
+                reached = sum(1 for a in counts if a >= i)
+                if reached:
+                    kept = sum(1 for a in counts if a > i)
+                    self.accept_rate[i] += self.rate * (kept / reached - self.accept_rate[i])
+            else:
+                self.accept_rate[i] += self.recovery * (1.0 - self.accept_rate[i])
+
+
 # ------------------------------------------------------------------------------------------------ the loop
 def iter_generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
                   opts: DecodeOptions, stop: StopChecker, generator: torch.Generator | None = None,
@@ -163,6 +208,7 @@ def iter_generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor |
     rows = torch.arange(b, device=device)  # original row index of each active row
     produced = torch.zeros(b, dtype=torch.long, device=device)
     budget = opts.max_new_tokens
+    draft_length = DraftLength(n_draft, opts.adaptive_draft)
 
     # prefill: the prompt through trunk and every head used; hidden states at the last position.
     hidden = forward_block(model, input_ids, attention_mask, cache, n_heads)[:, -1]  # (B, heads, H)
@@ -205,6 +251,9 @@ def iter_generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor |
         stats.forward_passes += 1
         stats.row_forwards += rows.numel()
         if opts.strategy in ("greedy", "speculative"):
+            d = draft_length.next()
+            drafts = drafts[:, :d]
+            draft_probs = draft_probs[:, :d] if draft_probs is not None else None
             block = torch.cat([last[:, None], drafts], 1)  # (B, 1+d)
             hidden = forward_block(model, block, None, cache, n_heads)  # (B, 1+d, heads, H)
             logits0 = head_logits(model, hidden[:, :, 0])  # (B, 1+d, V)
@@ -213,9 +262,10 @@ def iter_generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor |
                 a, last = accept_drafts_sampling(probs, drafts, draft_probs, generator)
             else:
                 a, last = greedy_accept(logits0, drafts)
-            if n_draft:
-                cache.rollback(1 + n_draft, a + 1)
-                _count_acceptance(stats, a, n_draft)
+            if d:
+                cache.rollback(1 + d, a + 1)
+                _count_acceptance(stats, a, d)
+                draft_length.update(a, d)
             # Emitted this step: the accepted drafts, then the model's own next token.
             emitted = torch.cat([drafts, torch.zeros_like(last[:, None])], 1)  # (B, 1+d)
             emitted.scatter_(1, a[:, None], last[:, None])
@@ -267,6 +317,7 @@ def _confident_run(model, hidden: torch.Tensor, opts: DecodeOptions) -> tuple[to
 
 
 def _count_acceptance(stats: GenerationStats, a: torch.Tensor, n_draft: int) -> None:
+    """Per draft position proposed this step: one more proposal per row, and the rows that accepted it."""
     reached = (torch.arange(n_draft, device=a.device)[None, :] < a[:, None]).sum(0).tolist()
     for i in range(n_draft):
         stats.draft_positions[i] += a.numel()
@@ -278,7 +329,7 @@ def _count_acceptance(stats: GenerationStats, a: torch.Tensor, n_draft: int) -> 
 def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
              max_new_tokens: int = 128, strategy: Strategy = "greedy", use_speculative: bool | None = None,
              do_sample: bool = False, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-             tau: float = 0.9, k: int | None = None, num_draft: int | None = None,
+             tau: float = 0.9, k: int | None = None, num_draft: int | None = None, adaptive_draft: bool = True,
              stop_token_ids: list[int] | None = None, stop_strings: list[str] | None = None, tokenizer=None,
              seed: int | None = None, streamer: Callable[[int, list[int]], None] | None = None,
              truncate_prompt: bool = False, proposer: Proposer | None = None) -> GenerationResult:
@@ -295,6 +346,9 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
         truncate_prompt: keep only the last tokens of a prompt that does not fit the context with
             max_new_tokens; otherwise such a prompt is an error.
         proposer: the speculative strategy's draft source (default: the model's heads).
+        num_draft: drafts per verify step at most (default: every extra head).
+        adaptive_draft: verify fewer drafts while recent ones were rarely accepted (`DraftLength`); False: always
+            `num_draft`. Either way the output is the same, only the speed differs.
     """
     if use_speculative is not None:
         strategy = "speculative" if use_speculative else "greedy"
@@ -309,7 +363,8 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
     if do_sample and strategy not in ("greedy", "speculative"):
         raise MTPError("sampling (do_sample) is available with the greedy and speculative strategies")
     tokenizer = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
-    opts = DecodeOptions(strategy, max_new_tokens, do_sample, temperature, top_k, top_p, tau, k, num_draft)
+    opts = DecodeOptions(strategy, max_new_tokens, do_sample, temperature, top_k, top_p, tau, k, num_draft,
+                         adaptive_draft)
     input_ids, attention_mask = _fit_context(model, input_ids, attention_mask, opts, truncate_prompt)
     if stop_token_ids is None:
         stop_token_ids = default_stop_token_ids(model, tokenizer)
