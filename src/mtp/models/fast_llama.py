@@ -24,22 +24,17 @@ QKV, OUT, GATE_UP, DOWN = range(4)  # the layer's projections, fused where the w
 
 
 class _PackedProjection:
-    """y = x W^T (+ b) for one or several fused nn.Linear layers, weights packed in fp16 for fbgemm."""
+    """Several projections of the same input as one fp16-packed matmul, split back into their outputs."""
 
     def __init__(self, linears: list[nn.Module]):
-        for lin in linears:
-            if type(lin) is not nn.Linear:
-                raise MTPError(f"fp16 packing needs plain nn.Linear projections, got {type(lin).__name__}")
+        from mtp.models.quantize import PackedLinear
+
+        self.linear = PackedLinear(*linears)
         ends = torch.tensor([lin.out_features for lin in linears]).cumsum(0).tolist()
-        self.bounds = list(zip([0, *ends[:-1]], ends, strict=True))  # output columns of each fused projection
-        weight = torch.cat([lin.weight.detach().float() for lin in linears])  # (sum of out, in)
-        bias = torch.cat([lin.bias.detach().float() for lin in linears]) if linears[0].bias is not None else None
-        self.packed = torch.ops.quantized.linear_prepack_fp16(weight, bias)
+        self.bounds = list(zip([0, *ends[:-1]], ends, strict=True))  # output columns of each projection
 
     def __call__(self, x: torch.Tensor) -> list[torch.Tensor]:
-        shape = x.shape
-        y = torch.ops.quantized.linear_dynamic_fp16(x.reshape(-1, shape[-1]), self.packed)  # (N, sum of out)
-        y = y.reshape(*shape[:-1], y.shape[-1])
+        y = self.linear(x)  # (..., sum of out)
         return [y[..., a:b] for a, b in self.bounds]  # slicing: Tensor.split costs ~45 us a call here
 
 

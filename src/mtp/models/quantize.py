@@ -31,13 +31,19 @@ MODES = ("none", "fp16", "int8")
 
 
 class PackedLinear(nn.Module):
-    """nn.Linear with fp16 weights in fbgemm's packed layout; inputs and outputs stay fp32."""
+    """nn.Linear with fp16 weights in fbgemm's packed layout; inputs and outputs stay fp32. Several linears that
+    read the same input can be packed as one (`fused`): one kernel call instead of several."""
 
-    def __init__(self, linear: nn.Linear):
+    def __init__(self, *linears: nn.Linear):
         super().__init__()
-        self.in_features, self.out_features = linear.in_features, linear.out_features
-        bias = linear.bias.detach().float() if linear.bias is not None else None
-        self._packed = torch.ops.quantized.linear_prepack_fp16(linear.weight.detach().float(), bias)
+        for lin in linears:
+            if type(lin) is not nn.Linear:
+                raise MTPError(f"fp16 packing needs plain nn.Linear layers, got {type(lin).__name__}")
+        self.in_features = linears[0].in_features
+        self.out_features = sum(lin.out_features for lin in linears)
+        weight = torch.cat([lin.weight.detach().float() for lin in linears])  # (sum of out, in)
+        bias = torch.cat([lin.bias.detach().float() for lin in linears]) if linears[0].bias is not None else None
+        self._packed = torch.ops.quantized.linear_prepack_fp16(weight, bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
