@@ -236,11 +236,11 @@ def test_adaptive_draft_length_keeps_every_draft_when_all_are_accepted():
 
 
 def test_draft_length_rule():
-    from mtp.decoding.generate import DraftLength
+    from mtp.decoding.generate import DraftLength, accepted_per_position
 
     rule = DraftLength(3, adaptive=True, threshold=0.2, rate=0.5)
     assert rule.next() == 3
     for _ in range(6):  # position 0 accepted half the time, position 1 never
-        rule.update(torch.tensor([0, 1, 1, 0]), rule.next())
+        rule.update(accepted_per_position(torch.tensor([0, 1, 1, 0]), rule.next()), 4)
     assert rule.next() == 1  # 0.5 * ~0 < 0.2: only the first draft pays
     assert DraftLength(3, adaptive=False).next() == 3 and DraftLength(0, adaptive=True).next() == 0

@@ -167,19 +167,23 @@ class DraftLength:
             length += 1
         return max(1, length)
 
-    def update(self, accepted: torch.Tensor, proposed: int) -> None:
-        """accepted: (B,) drafts accepted per row in a step that proposed `proposed` of them."""
+    def update(self, kept: list[int], rows: int) -> None:
+        """kept[i]: rows that accepted draft position i, in a step where `rows` rows proposed len(kept) drafts."""
         if not self.adaptive:
             return
-        counts = accepted.tolist()
+        reached = rows  # rows that got to position i: all for the first, then those that kept the one before
         for i in range(self.max_drafts):
-            if i < proposed:
-                reached = sum(1 for a in counts if a >= i)
+            if i < len(kept):
                 if reached:
-                    kept = sum(1 for a in counts if a > i)
-                    self.accept_rate[i] += self.rate * (kept / reached - self.accept_rate[i])
+                    self.accept_rate[i] += self.rate * (kept[i] / reached - self.accept_rate[i])
+                reached = kept[i]
             else:
                 self.accept_rate[i] += self.recovery * (1.0 - self.accept_rate[i])
+
+
+def accepted_per_position(a: torch.Tensor, num_draft: int) -> list[int]:
+    """a: (B,) drafts accepted per row -> for each draft position, how many rows accepted it (one transfer)."""
+    return (torch.arange(num_draft, device=a.device)[None, :] < a[:, None]).sum(0).tolist()
 
 
 # ------------------------------------------------------------------------------------------------ the loop
@@ -264,8 +268,9 @@ def iter_generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor |
                 a, last = greedy_accept(logits0, drafts)
             if d:
                 cache.rollback(1 + d, a + 1)
-                _count_acceptance(stats, a, d)
-                draft_length.update(a, d)
+                kept = accepted_per_position(a, d)
+                _count_acceptance(stats, kept, a.numel())
+                draft_length.update(kept, a.numel())
             # Emitted this step: the accepted drafts, then the model's own next token.
             emitted = torch.cat([drafts, torch.zeros_like(last[:, None])], 1)  # (B, 1+d)
             emitted.scatter_(1, a[:, None], last[:, None])
@@ -316,12 +321,11 @@ def _confident_run(model, hidden: torch.Tensor, opts: DecodeOptions) -> tuple[to
     return top_tok, counts
 
 
-def _count_acceptance(stats: GenerationStats, a: torch.Tensor, n_draft: int) -> None:
+def _count_acceptance(stats: GenerationStats, kept: list[int], rows: int) -> None:
     """Per draft position proposed this step: one more proposal per row, and the rows that accepted it."""
-    reached = (torch.arange(n_draft, device=a.device)[None, :] < a[:, None]).sum(0).tolist()
-    for i in range(n_draft):
-        stats.draft_positions[i] += a.numel()
-        stats.draft_accepted[i] += reached[i]
+    for i, k in enumerate(kept):
+        stats.draft_positions[i] += rows
+        stats.draft_accepted[i] += k
 
 
 # ------------------------------------------------------------------------------------------------ public API
