@@ -244,3 +244,27 @@ def test_draft_length_rule():
         rule.update(accepted_per_position(torch.tensor([0, 1, 1, 0]), rule.next()), 4)
     assert rule.next() == 1  # 0.5 * ~0 < 0.2: only the first draft pays
     assert DraftLength(3, adaptive=False).next() == 3 and DraftLength(0, adaptive=True).next() == 0
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+@pytest.mark.parametrize("strategy", ["greedy", "speculative", "static"])
+def test_trunk_observer_sees_each_sequence_once(strategy, family) -> None:
+    """on_trunk's kept positions, per row and in call order, are the trunk outputs of prompt + emitted tokens."""
+    model = tiny_mtp(family, num_heads=3, seed=5)
+    prompts = [[5, 9, 2, 7], [3, 1], [8, 8, 4, 6, 2, 1]]
+    ids, mask = left_pad(prompts, pad=0)
+    parts: dict[int, list[torch.Tensor]] = {r: [] for r in range(len(prompts))}
+
+    def observe(rows, trunk, kept):
+        for r, row in enumerate(rows.tolist()):
+            parts[row].append(trunk[r][kept[r].bool()])
+
+    res = generate(model, ids, mask, max_new_tokens=9, strategy=strategy, on_trunk=observe, stop_token_ids=[])
+    for row, prompt in enumerate(prompts):
+        seq = prompt + res.tokens[row]
+        got = torch.cat(parts[row])
+        unfed = 1 if strategy != "static" else 3  # static emits 3 tokens a forward, none fed after the last
+        assert len(seq) - unfed <= got.shape[0] <= len(seq)
+        with torch.no_grad():
+            want, _ = model.trunk_forward(torch.tensor([seq]))
+        torch.testing.assert_close(got, want[0, : got.shape[0]], atol=1e-4, rtol=1e-4)

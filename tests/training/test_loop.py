@@ -109,6 +109,30 @@ def test_trunk_features_are_the_trunk_output() -> None:
             assert not features[i, n:].any()
 
 
+def test_features_that_come_with_the_data_are_used(monkeypatch) -> None:
+    """Trunk outputs recorded with the data (self-distilled answers) replace the trunk pass: training on them
+    gives the parameters training on a fresh trunk cache gives."""
+    import mtp.training.loop as loop
+
+    data, held = make_data(rows=6), make_data(rows=3, seed=4)
+    reference = tiny_llama(num_heads=3)
+    Trainer(reference, data, cfg(steps=5, batch_size=3, freeze_trunk=True), eval_data=held).train()
+    model = tiny_llama(num_heads=3)
+    with torch.no_grad():
+        data.trunk_features = compute_trunk_features(model, data)
+        held.trunk_features = compute_trunk_features(model, held)
+
+    def no_second_pass(*args, **kwargs):
+        raise AssertionError("the trunk ran again")
+
+    monkeypatch.setattr(loop, "compute_trunk_features", no_second_pass)
+    trainer = Trainer(model, data, cfg(steps=5, batch_size=3, freeze_trunk=True), eval_data=held)
+    trainer.train()
+    assert trainer.features is data.trunk_features and trainer.eval_features is held.trunk_features
+    for name, value in params(reference).items():
+        torch.testing.assert_close(dict(model.named_parameters())[name].detach(), value, rtol=1e-5, atol=1e-6)
+
+
 def test_gradient_checkpointing_recomputes_and_keeps_gradients() -> None:
     from training_helpers import random_batch
 

@@ -159,3 +159,24 @@ def test_rows_to_data_layout_and_errors() -> None:
     assert packed.input_ids.tolist() == [[1, 2, 3, 4], [5, 6, 0, 0]]
     with pytest.raises(MTPError):
         rows_to_data([([1, 2], [False, False])], seq_len=4, pad_id=0)
+
+
+def test_trunk_features_recorded_while_answering(model, tok, tmp_path) -> None:
+    """The trunk outputs kept from generation equal a fresh trunk pass over the finished rows (cached answers:
+    computed), and a training run uses them instead of a second pass."""
+    from mtp.training.loop import compute_trunk_features
+
+    groups = [[Example(q, "unused") for q in QUESTIONS[:4]], [Example(q, "unused") for q in QUESTIONS[4:]]]
+    kw = {"template": "chat", "seq_len": 40, "max_new_tokens": 8, "cache_path": tmp_path / "c.jsonl",
+          "batch_size": 3, "progress": False, "trunk_features": True}
+    for _ in range(2):  # generated (recorded), then from the cache (computed)
+        for data in self_distilled_data(model, tok, groups, **kw):
+            expected = compute_trunk_features(model, data)
+            lengths = data.attention_mask.sum(-1)
+            assert data.trunk_features.shape == expected.shape
+            for k, n in enumerate(lengths.tolist()):
+                # The last token of an answer is never fed back while generating; nothing reads it.
+                torch.testing.assert_close(data.trunk_features[k, : n - 1], expected[k, : n - 1],
+                                           atol=1e-4, rtol=1e-4)
+    with pytest.raises(MTPError, match="packed"):
+        self_distilled_data(model, tok, groups, pack=True, **kw)

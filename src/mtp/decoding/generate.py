@@ -87,11 +87,12 @@ class DecodeOptions:
 
 # ------------------------------------------------------------------------------------------------ model steps
 def forward_block(model, block: torch.Tensor, block_valid: torch.Tensor | None, cache, num_heads: int):
-    """Feed `block` (B, T) through trunk and heads 0..num_heads-1. Returns normed hidden (B, T, heads, H)."""
+    """Feed `block` (B, T) through trunk and heads 0..num_heads-1. Returns the heads' normed hidden states
+    (B, T, heads, H) and the trunk output (B, T, H)."""
     trunk, ctx = model.trunk_forward(block, block_valid, cache)
     hidden = torch.stack([model.head_forward(j, trunk, ctx) for j in range(num_heads)], dim=2)
     model.finish_block(ctx)
-    return hidden  # (B, T, heads, H)
+    return hidden, trunk  # (B, T, heads, H), (B, T, H)
 
 
 def head_logits(model, hidden: torch.Tensor) -> torch.Tensor:
@@ -121,6 +122,11 @@ class DraftRequest:
 
 
 Proposer = Callable[[DraftRequest], tuple[torch.Tensor, "torch.Tensor | None"]]
+# Called after every forward with (rows, trunk output (B, T, H), kept (B, T) bool): `rows` are the original row
+# indices, `kept` marks the positions that hold a token of the row's sequence (not left padding, not a rejected
+# draft). A row's kept positions, in call order, run along its sequence: the prompt, then the emitted tokens as
+# they are fed back (the tokens emitted by the last forward never are; after a stop token a few more may follow).
+TrunkObserver = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], None]
 
 
 def heads_proposer(req: DraftRequest) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -189,12 +195,13 @@ def accepted_per_position(a: torch.Tensor, num_draft: int) -> list[int]:
 # ------------------------------------------------------------------------------------------------ the loop
 def iter_generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
                   opts: DecodeOptions, stop: StopChecker, generator: torch.Generator | None = None,
-                  stats: GenerationStats | None = None,
-                  proposer: Proposer = heads_proposer) -> Iterator[tuple[int, list[int]]]:
+                  stats: GenerationStats | None = None, proposer: Proposer = heads_proposer,
+                  on_trunk: TrunkObserver | None = None) -> Iterator[tuple[int, list[int]]]:
     """Yield (row index, newly emitted tokens) as decoding proceeds. See `generate` for the arguments.
 
     `proposer` makes the drafts of the speculative strategy (default: the model's own heads); any draft source
-    keeps the output lossless, only the acceptance changes.
+    keeps the output lossless, only the acceptance changes. `on_trunk` sees the trunk output of every forward
+    (see `TrunkObserver`).
     """
     stats = stats if stats is not None else GenerationStats()
     b, prompt_len = input_ids.shape
@@ -215,7 +222,10 @@ def iter_generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor |
     draft_length = DraftLength(n_draft, opts.adaptive_draft)
 
     # prefill: the prompt through trunk and every head used; hidden states at the last position.
-    hidden = forward_block(model, input_ids, attention_mask, cache, n_heads)[:, -1]  # (B, heads, H)
+    hidden, trunk = forward_block(model, input_ids, attention_mask, cache, n_heads)
+    if on_trunk is not None:
+        on_trunk(rows, trunk, attention_mask)
+    hidden = hidden[:, -1]  # (B, heads, H)
     stats.forward_passes += 1
     stats.row_forwards += b
 
@@ -259,7 +269,7 @@ def iter_generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor |
             drafts = drafts[:, :d]
             draft_probs = draft_probs[:, :d] if draft_probs is not None else None
             block = torch.cat([last[:, None], drafts], 1)  # (B, 1+d)
-            hidden = forward_block(model, block, None, cache, n_heads)  # (B, 1+d, heads, H)
+            hidden, trunk = forward_block(model, block, None, cache, n_heads)  # (B, 1+d, heads, H)
             logits0 = head_logits(model, hidden[:, :, 0])  # (B, 1+d, V)
             if opts.do_sample:
                 probs = process_logits(logits0, opts.temperature, opts.top_k, opts.top_p)
@@ -275,6 +285,8 @@ def iter_generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor |
             emitted = torch.cat([drafts, torch.zeros_like(last[:, None])], 1)  # (B, 1+d)
             emitted.scatter_(1, a[:, None], last[:, None])
             counts = a + 1
+            if on_trunk is not None:  # the last token and the accepted drafts were fed; rejected ones were not
+                on_trunk(rows, trunk, torch.arange(1 + d, device=device)[None, :] < counts[:, None])
             hidden_at = hidden[torch.arange(rows.numel(), device=device), a, 1:]  # (B, d, H)
             drafts, draft_probs = proposer(DraftRequest(model, hidden_at, rows, produced + counts, opts, generator))
         else:
@@ -285,7 +297,10 @@ def iter_generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor |
             valid = offsets[None, :] >= pad[:, None]  # (B, width)
             src = (offsets[None, :] - pad[:, None]).clamp_min(0)
             block = emitted.gather(1, src).masked_fill(~valid, 0)  # (B, width)
-            hidden = forward_block(model, block, valid, cache, n_heads)[:, -1]  # (B, heads, H)
+            hidden, trunk = forward_block(model, block, valid, cache, n_heads)
+            if on_trunk is not None:
+                on_trunk(rows, trunk, valid)
+            hidden = hidden[:, -1]  # (B, heads, H)
             emitted, counts = _confident_run(model, hidden, opts)
 
 
@@ -336,7 +351,8 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
              tau: float = 0.9, k: int | None = None, num_draft: int | None = None, adaptive_draft: bool = True,
              stop_token_ids: list[int] | None = None, stop_strings: list[str] | None = None, tokenizer=None,
              seed: int | None = None, streamer: Callable[[int, list[int]], None] | None = None,
-             truncate_prompt: bool = False, proposer: Proposer | None = None) -> GenerationResult:
+             truncate_prompt: bool = False, proposer: Proposer | None = None,
+             on_trunk: TrunkObserver | None = None) -> GenerationResult:
     """Generate continuations of a left-padded batch of prompts.
 
     Args:
@@ -353,6 +369,8 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
         num_draft: drafts per verify step at most (default: every extra head).
         adaptive_draft: verify fewer drafts while recent ones were rarely accepted (`DraftLength`); False: always
             `num_draft`. Either way the output is the same, only the speed differs.
+        on_trunk: called with the trunk output of every forward (`TrunkObserver`), e.g. to keep the frozen-trunk
+            features of self-distilled training rows instead of recomputing them.
     """
     if use_speculative is not None:
         strategy = "speculative" if use_speculative else "greedy"
@@ -381,7 +399,7 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
     tokens: list[list[int]] = [[] for _ in range(input_ids.shape[0])]
     start = time.perf_counter()
     for row, new in iter_generate(model, input_ids, attention_mask, opts=opts, stop=stop, generator=generator,
-                                  stats=stats, proposer=proposer or heads_proposer):
+                                  stats=stats, proposer=proposer or heads_proposer, on_trunk=on_trunk):
         tokens[row].extend(new)
         if streamer is not None:
             streamer(row, new)

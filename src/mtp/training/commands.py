@@ -177,7 +177,8 @@ def train(
         train_data, held_data = self_distilled_data(
             mtp_model, tokenizer, [train_ex, held_ex], template=a.template, seq_len=a.seq_len,
             max_new_tokens=a.max_new_tokens, loss_on=a.loss_on, pack=a.pack, cache_path=out / CACHE_NAME,
-            batch_size=a.gen_batch_size, model_key=key, generate_missing=fingerprint == key, progress=a.progress)
+            batch_size=a.gen_batch_size, model_key=key, generate_missing=fingerprint == key, progress=a.progress,
+            trunk_features=a.freeze_trunk and a.cache_trunk and not a.pack and fingerprint == key)
     else:
         _write_train_config(out, args, a)
         train_data = tokenize_examples(train_ex, tokenizer, a.template, a.seq_len, a.loss_on, a.pack)

@@ -49,6 +49,9 @@ class TokenizedData:
     input_ids: torch.Tensor  # (N, seq_len) long
     loss_mask: torch.Tensor  # (N, seq_len) bool; never True on padding
     attention_mask: torch.Tensor  # (N, seq_len) long; 0 on padding
+    # (N, L, H) frozen-trunk outputs of each row when they came with the data (self-distilled answers keep what
+    # the trunk computed while writing them); L covers the longest row, positions past a row's end are 0.
+    trunk_features: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]

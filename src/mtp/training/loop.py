@@ -369,6 +369,12 @@ class Trainer:
         cfg = self.config
         if not (cfg.freeze_trunk and cfg.cache_trunk):
             return
+        # Features that came with the data (recorded while the frozen model wrote self-distilled answers) are
+        # used as they are.
+        if self.features is None:
+            self.features = self.train_data.trunk_features
+        if self.eval_features is None and self.eval_data is not None:
+            self.eval_features = self.eval_data.trunk_features
         with torch.no_grad():
             if self.features is None:
                 self.features = compute_trunk_features(self.model, self.train_data, cfg.eval_batch_size,

@@ -88,12 +88,16 @@ def self_distilled_answers(
     stop_token_ids: list[int] | None = None,
     generate_missing: bool = True,
     progress: bool = True,
+    trunk_sink: dict[int, torch.Tensor] | None = None,
 ) -> list[list[int]]:
     """The model's greedy answer (new token ids) to each prompt (token ids), from the cache or generated.
 
     `budgets[i]` caps row i's answer length (default `max_new_tokens`; a row gets at most its budget even when
     it shares a batch with longer budgets). With `generate_missing=False` a prompt missing from the cache is an
     error (e.g. the model has been fine-tuned since, so it can no longer produce the original answers).
+    `trunk_sink`, when given, receives for each prompt answered now (not from the cache) the trunk output at
+    every position of prompt + answer that generation computed, `(P + A - 1 or P + A, H)` on the CPU: what a
+    frozen-trunk training run needs, without a second pass over the rows.
     """
     from mtp.decoding.generate import generate, left_pad
     from mtp.models.quantize import fp16_decoding
@@ -143,13 +147,16 @@ def self_distilled_answers(
             for start in range(0, len(todo), batch_size):
                 chunk = todo[start:start + batch_size]
                 ids, mask = left_pad([prompts[i] for i in chunk], pad)
+                recorder = _TrunkRecorder(len(chunk)) if trunk_sink is not None else None
                 res = generate(model, ids.to(model.device), mask.to(model.device),
                                max_new_tokens=max(budgets[i] for i in chunk), strategy="greedy",
-                               stop_token_ids=stop_token_ids)
+                               stop_token_ids=stop_token_ids, on_trunk=recorder)
                 lines = []
                 for r, i in enumerate(chunk):
                     answers[i] = [int(t) for t in res.tokens[r][: budgets[i]]]
                     lines.append(json.dumps({"id": i, "key": keys[i], "tokens": answers[i]}) + "\n")
+                    if recorder is not None:
+                        trunk_sink[i] = recorder.row(r, len(prompts[i]) + len(answers[i]))
                 if sink is not None:
                     sink.write("".join(lines))
                     sink.flush()
@@ -168,6 +175,22 @@ def self_distilled_answers(
     return [list(a) for a in answers]
 
 
+class _TrunkRecorder:
+    """A `TrunkObserver` for one generate() batch: each row's trunk outputs along its sequence, on the CPU."""
+
+    def __init__(self, batch_size: int):
+        self.parts: list[list[torch.Tensor]] = [[] for _ in range(batch_size)]
+
+    def __call__(self, rows: torch.Tensor, trunk: torch.Tensor, kept: torch.Tensor) -> None:
+        trunk, kept = trunk.detach().cpu(), kept.bool().cpu()  # (B, T, H), (B, T)
+        for r, row in enumerate(rows.tolist()):
+            self.parts[row].append(trunk[r][kept[r]])
+
+    def row(self, r: int, length: int) -> torch.Tensor:
+        """The first `length` positions of row r (the last token of an answer was never fed: one fewer)."""
+        return torch.cat(self.parts[r])[:length]  # (<= length, H)
+
+
 def self_distilled_data(
     model,
     tokenizer,
@@ -183,27 +206,65 @@ def self_distilled_data(
     model_key: str | None = None,
     generate_missing: bool = True,
     progress: bool = True,
+    trunk_features: bool = False,
 ) -> list[TokenizedData | None]:
     """One TokenizedData per group of examples (e.g. [train, held-out]; None for an empty group): rows of
     prompt + the model's own greedy answer, loss on the answer (or on everything with loss_on="all").
 
     All groups are answered in one pass sharing one cache (ids run on across groups). An answer is generated
-    only as long as it can fit in its row: min(max_new_tokens, seq_len - prompt length).
+    only as long as it can fit in its row: min(max_new_tokens, seq_len - prompt length). With `trunk_features`
+    (not with `pack`), each TokenizedData also carries its rows' trunk outputs (`trunk_features`): kept from
+    generation, computed for rows whose answer came from the cache.
     """
     if seq_len < 2:
         raise MTPError(f"seq_len must be at least 2, got {seq_len}")
     flat = [ex for group in groups for ex in group]
     prompts = [prompt_token_ids(tokenizer, ex.prompt, template) for ex in flat]
     budgets = [max(0, seq_len - len(p)) for p in prompts]
+    if trunk_features and pack:
+        raise MTPError("trunk features of packed rows are not recorded (rows mix examples); use pack=False")
+    sink: dict[int, torch.Tensor] | None = {} if trunk_features else None
     answers = self_distilled_answers(
         model, tokenizer, prompts, max_new_tokens=max_new_tokens, cache_path=cache_path, batch_size=batch_size,
-        budgets=budgets, model_key=model_key, generate_missing=generate_missing, progress=progress)
+        budgets=budgets, model_key=model_key, generate_missing=generate_missing, progress=progress,
+        trunk_sink=sink)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     out: list[TokenizedData | None] = []
     start = 0
     for group in groups:
-        rows = [(prompts[i] + answers[i], [loss_on == "all"] * len(prompts[i]) + [True] * len(answers[i]))
-                for i in range(start, start + len(group))]
+        ids = list(range(start, start + len(group)))
         start += len(group)
-        out.append(rows_to_data(rows, seq_len, pad, pack) if rows else None)
+        rows = [(prompts[i] + answers[i], [loss_on == "all"] * len(prompts[i]) + [True] * len(answers[i]))
+                for i in ids]
+        if sink is not None:  # rows_to_data drops rows without a target; keep their ids in step with it
+            ids = [i for i, (_, mask) in zip(ids, rows, strict=True) if any(mask[:seq_len])]
+            rows = [r for r in rows if any(r[1][:seq_len])]
+        data = rows_to_data(rows, seq_len, pad, pack) if rows else None
+        if data is not None and sink is not None:
+            data.trunk_features = _row_features(model, data, [sink.pop(i, None) for i in ids], progress)
+        out.append(data)
     return out
+
+
+def _row_features(model, data: TokenizedData, recorded: list[torch.Tensor | None], progress: bool) -> torch.Tensor:
+    """(N, L, H) trunk outputs of the rows of `data`: the recorded ones, the rest (None) computed now."""
+    from mtp.training.loop import compute_trunk_features
+
+    lengths = data.attention_mask.sum(-1).tolist()
+    missing = [k for k, f in enumerate(recorded) if f is None]
+    computed = None
+    if missing:
+        index = torch.tensor(missing)
+        subset = TokenizedData(data.input_ids[index], data.loss_mask[index], data.attention_mask[index])
+        with torch.no_grad():
+            computed = compute_trunk_features(model, subset, progress=progress, desc="trunk cache (cached answers)")
+    hidden_size = model.config.hidden_size
+    sample = next((f for f in recorded if f is not None), computed)
+    features = torch.zeros(len(data), max(lengths), hidden_size, dtype=sample.dtype)  # (N, L, H)
+    for k, f in enumerate(recorded):
+        if f is not None:
+            f = f[: lengths[k]]
+            features[k, : f.shape[0]] = f
+    if computed is not None:
+        features[torch.tensor(missing), : computed.shape[1]] = computed.to(features.dtype)
+    return features
