@@ -38,6 +38,8 @@ def info(model: str | None = None, num_heads: int | None = None, num_trunk_layer
         ("hidden size", str(getattr(cfg, "hidden_size", getattr(cfg, "n_embd", "?")))),
         ("vocabulary", f"{embed.shape[0]:,} tokens" + (f", tokenizer {type(m.tokenizer).__name__}"
                                                        if m.tokenizer is not None else ", no tokenizer")),
+        ("draft vocabulary", "the whole vocabulary" if m.draft_vocab is None else
+         f"{m.draft_vocab.numel():,} tokens (what heads 1..{m.num_heads - 1} may propose)"),
         ("context", str(getattr(cfg, "max_position_embeddings", getattr(cfg, "n_positions", "?")))),
         ("parameters", f"{total:,} total"),
         ("  trunk", f"{trunk:,}"),

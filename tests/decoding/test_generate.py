@@ -51,6 +51,9 @@ def test_speculative_equals_greedy_equals_reference(data):
     ids, mask = left_pad(prompts)
     reference = [reference_greedy(model, p, max_new, stop) for p in prompts]
     greedy = generate(model, ids, mask, max_new_tokens=max_new, stop_token_ids=stop)
+    if num_heads > 1 and data.draw(st.booleans()):  # extra heads restricted to a draft vocabulary: still exact
+        model.set_draft_vocab(data.draw(st.lists(st.integers(0, vocab - 1), min_size=1, max_size=vocab,
+                                                 unique=True)))
     spec = generate(model, ids, mask, max_new_tokens=max_new, strategy="speculative", stop_token_ids=stop)
     assert greedy.tokens == reference
     assert spec.tokens == reference
@@ -190,10 +193,13 @@ def test_acceptance_rule_keeps_the_target_distribution():
     assert torch.allclose(freq, p, atol=0.005)
 
 
-@pytest.mark.parametrize("strategy", ["greedy", "speculative"])
-def test_sampling_matches_the_model_distribution(strategy):
-    """Sample 3000 continuations in one batch; the first two tokens' joint law must be the model's."""
+@pytest.mark.parametrize("strategy, draft_vocab", [("greedy", None), ("speculative", None),
+                                                   ("speculative", [0, 2, 3])])
+def test_sampling_matches_the_model_distribution(strategy, draft_vocab):
+    """Sample 3000 continuations in one batch; the first two tokens' joint law must be the model's (also when
+    the drafts can only be some of the tokens)."""
     model = tiny_mtp("llama", num_heads=3, vocab_size=6, seed=3)
+    model.set_draft_vocab(draft_vocab)
     prompt = [1, 2]
     n = 3000
     out = generate(model, torch.tensor([prompt] * n), max_new_tokens=2, strategy=strategy, do_sample=True,
@@ -268,3 +274,20 @@ def test_trunk_observer_sees_each_sequence_once(strategy, family) -> None:
         with torch.no_grad():
             want, _ = model.trunk_forward(torch.tensor([seq]))
         torch.testing.assert_close(got, want[0, : got.shape[0]], atol=1e-4, rtol=1e-4)
+
+
+def test_draft_vocabulary_limits_what_extra_heads_propose():
+    model = tiny_mtp("llama", num_heads=4, dtype=torch.float64, vocab_size=64)
+    allowed = [3, 5, 8, 13, 21, 34]
+    model.set_draft_vocab(allowed)
+    prompt = torch.tensor([[1, 2, 3, 4]])
+    logits = model(prompt, return_all_heads=True)[0]  # (T, n, V)
+    assert set(logits[:, 1:].argmax(-1).flatten().tolist()) <= set(allowed)
+    full = tiny_mtp("llama", num_heads=4, dtype=torch.float64, vocab_size=64)(prompt, return_all_heads=True)[0]
+    torch.testing.assert_close(logits[:, 0], full[:, 0])  # head 0 keeps the whole vocabulary
+    static = generate(model, prompt, max_new_tokens=20, strategy="static", k=4, stop_token_ids=[]).tokens[0]
+    assert all(t in allowed for i, t in enumerate(static) if i % 4)  # tokens 2..4 of each block: extra heads
+    spec = generate(model, prompt, max_new_tokens=30, strategy="speculative", stop_token_ids=[])
+    assert spec.tokens[0] == reference_greedy(model, [1, 2, 3, 4], 30)
+    with pytest.raises(MTPError, match="draft vocabulary"):
+        model.set_draft_vocab([70])

@@ -113,6 +113,28 @@ def test_save_and_reload_gives_identical_logits(tmp_path, family):
         assert (plain(ids).logits - model(ids)[:, :, 0]).abs().max() <= 1e-6
 
 
+def test_draft_vocabulary_is_saved_with_the_model(tmp_path):
+    model = tiny_mtp("llama", num_heads=3)
+    model.set_draft_vocab([9, 4, 4, 30])  # duplicates and order do not matter
+    assert model.draft_vocab.tolist() == [4, 9, 30]
+    model.save_pretrained(tmp_path / "m")
+    assert json.loads((tmp_path / "m" / "config.json").read_text())["mtp"]["draft_vocab_size"] == 3
+    again = MTPModel.from_pretrained(tmp_path / "m")
+    assert again.draft_vocab.tolist() == [4, 9, 30]
+    ids = torch.randint(0, 61, (2, 8))
+    with torch.no_grad():
+        assert torch.equal(model(ids, return_all_heads=True), again(ids, return_all_heads=True))
+    # A checkpoint without one clears it (the checkpoint decides what the heads predict).
+    plain = tiny_mtp("llama", num_heads=3)
+    again.load_checkpoint_state_dict(plain.checkpoint_state_dict())
+    assert again.draft_vocab is None
+    with torch.no_grad():
+        assert torch.equal(plain(ids, return_all_heads=True), again(ids, return_all_heads=True))
+        # draft_logits scores exactly the draft vocabulary's columns of the full logits
+        model_hidden = torch.randn(5, model.config.hidden_size)
+        torch.testing.assert_close(model.draft_logits(model_hidden), model.lm_head(model_hidden)[:, [4, 9, 30]])
+
+
 def test_mismatched_checkpoints_name_the_tensors(tmp_path):
     model = tiny_mtp("llama", num_heads=3)
     folder = model.save_pretrained(tmp_path / "m")

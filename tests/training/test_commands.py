@@ -54,6 +54,7 @@ def test_train_cli_frozen_self_targets(tmp_path, mtp_folder) -> None:
     trained = MTPModel.from_pretrained(out)
     base = MTPModel.from_pretrained(mtp_folder)
     assert trained.num_heads == 3 and trained.tokenizer is not None
+    assert trained.draft_vocab is None  # the tiny vocabulary is smaller than the default draft vocabulary
     before, after = base.checkpoint_state_dict(), trained.checkpoint_state_dict()
     for name in before:  # trunk, head 0, embeddings, norm, unembedding: exactly the base model
         assert torch.equal(before[name], after[name]) == (not name.startswith("extra_heads.")), name
@@ -73,7 +74,8 @@ def test_train_cli_frozen_self_targets(tmp_path, mtp_folder) -> None:
 def test_interrupted_run_resumes_exactly(tmp_path, hf_llama_folder, monkeypatch) -> None:
     data = write_data(tmp_path / "d.jsonl", n=16)
     common = {"model": hf_llama_folder, "data": data, "steps": 6, "seq_len": 48, "batch_size": 2,
-              "grad_accum": 2, "num_heads": 2, "save_every": 2, "progress": False, "lr": 1e-3, "holdout": 0.0}
+              "grad_accum": 2, "num_heads": 2, "save_every": 2, "progress": False, "lr": 1e-3, "holdout": 0.0,
+              "draft_vocab": 24}
     train(output=str(tmp_path / "a"), **common)
 
     real_step = Trainer.train_step
@@ -95,6 +97,7 @@ def test_interrupted_run_resumes_exactly(tmp_path, hf_llama_folder, monkeypatch)
     a = load_file(str(tmp_path / "a" / "model.safetensors"))
     b = load_file(str(tmp_path / "b" / "model.safetensors"))
     assert a.keys() == b.keys()
+    assert a["mtp.draft_vocab"].numel() == 24  # the extra head trained on a draft vocabulary (tied unembedding)
     for name in a:
         assert torch.equal(a[name], b[name]), name
     assert not torch.equal(a["model.layers.0.mlp.up_proj.weight"],

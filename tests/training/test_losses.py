@@ -160,3 +160,27 @@ def test_evaluate_heads_counts_and_accuracy() -> None:
         ids[:, 1] = model(ids[:, :1])[:, 0, 0].argmax(-1)
     data = TokenizedData(ids, torch.tensor([[False, True]] * 3), torch.ones(3, 2, dtype=torch.long))
     assert evaluate_heads(model, data).head_accuracy[0] == 1.0
+
+
+def test_draft_vocabulary_loss_is_the_full_loss_over_those_tokens() -> None:
+    """Restricted to a draft vocabulary, an extra head's loss is the cross-entropy of its full logits with
+    every other token masked out; targets outside the vocabulary add no loss and count as misses."""
+    import torch.nn.functional as F
+
+    model = tiny_llama(num_heads=3)
+    b = random_batch()
+    targets, mask = shift_targets(b["input_ids"], b["loss_mask"], 1)
+    goal = targets[mask]
+    vocab = goal.unique()[::2]  # about half of the targets fall outside
+    model.set_draft_vocab(vocab)
+    with torch.no_grad():
+        out = mtp_loss_naive(model, b, [0.0, 1.0, 0.0], backward=False)
+        hidden, ctx = model.trunk_forward(b["input_ids"], b["attention_mask"])
+        logits = model.restrict_to_draft_vocab(model.lm_head(model.head_forward(1, hidden, ctx)[mask]))
+    inside = torch.isin(goal, vocab)
+    expected = F.cross_entropy(logits[inside], goal[inside], reduction="sum") / mask.sum()
+    assert out.head_losses[1] == pytest.approx(float(expected), rel=1e-5)
+    assert out.head_correct[1] == int((logits.argmax(-1) == goal)[inside].sum())
+    ev = evaluate_heads(model, TokenizedData(b["input_ids"], b["loss_mask"], b["attention_mask"]))
+    assert ev.head_tokens[1] == int(mask.sum())
+    assert ev.head_accuracy[1] == pytest.approx(out.head_correct[1] / int(mask.sum()))

@@ -137,7 +137,7 @@ def propose(model, hidden_at: torch.Tensor, opts: DecodeOptions, generator) -> t
     """Draft tokens from heads 1..d. hidden_at: (B, d, H) -> drafts (B, d) and their distributions if sampling."""
     if hidden_at.shape[1] == 0:
         return hidden_at.new_zeros(hidden_at.shape[:2], dtype=torch.long), None
-    logits = head_logits(model, hidden_at)  # (B, d, V)
+    logits = model.restrict_to_draft_vocab(head_logits(model, hidden_at))  # (B, d, V)
     if not opts.do_sample:
         return logits.argmax(-1), None
     probs = process_logits(logits, opts.temperature, opts.top_k, opts.top_p)
@@ -327,6 +327,7 @@ def _plan(model, opts: DecodeOptions) -> tuple[int, int, int]:
 def _confident_run(model, hidden: torch.Tensor, opts: DecodeOptions) -> tuple[torch.Tensor, torch.Tensor]:
     """ConfAdapt / static: tokens (B, heads) of every head at the last position and how many to emit (B,)."""
     logits = head_logits(model, hidden)  # (B, heads, V)
+    logits = torch.cat([logits[:, :1], model.restrict_to_draft_vocab(logits[:, 1:])], 1)
     probs = torch.softmax(logits, -1)
     top_p, top_tok = probs.max(-1)  # (B, heads)
     if opts.strategy == "static":

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from mtp.errors import CheckpointMismatchError, MTPError
@@ -29,6 +30,7 @@ from mtp.models.cache import MTPCache
 
 WEIGHTS_NAME = "model.safetensors"
 EXTRA_HEADS_PREFIX = "extra_heads."
+DRAFT_VOCAB_KEY = "mtp.draft_vocab"
 
 
 @dataclass
@@ -62,6 +64,10 @@ class MTPModel(nn.Module):
         self.extra_heads = nn.ModuleList(
             nn.ModuleList(copy.deepcopy(layer) for layer in head0) for _ in range(num_heads - 1)
         )
+        # Token ids the extra heads may predict (None: all). Not a weight: saved as DRAFT_VOCAB_KEY, and moved
+        # with the model (a non-persistent buffer).
+        self.register_buffer("draft_vocab", None, persistent=False)
+        self.register_buffer("_draft_index", None, persistent=False)
         self.set_fast_decoding("fp32" if self.backbone.supports_fast_layers else None)
         self.tokenizer = None  # attached by loaders; saved with the model when present
         self.source = None  # where the weights came from (mtp.hub.ModelSource), for `mtp info`
@@ -148,6 +154,51 @@ class MTPModel(nn.Module):
     def lm_head(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.backbone.lm_head(hidden)
 
+    # ---------------------------------------------------------------- draft vocabulary of the extra heads
+    def set_draft_vocab(self, token_ids: torch.Tensor | list[int] | None) -> None:
+        """Restrict what heads 1..n-1 predict to `token_ids` (None: the whole vocabulary).
+
+        Large vocabularies make the unembedding the costliest part of training heads and of drafting, while
+        drafts come from a small set of frequent tokens (FR-Spec, Zhao et al. 2025). Head 0 keeps the whole
+        vocabulary and verifies every draft, so decoding stays lossless; a draft outside the set is never
+        proposed, which only costs acceptance.
+        """
+        if token_ids is None:
+            self.draft_vocab = self._draft_index = None
+            return
+        ids = torch.as_tensor(token_ids, dtype=torch.long).flatten().unique()  # sorted
+        vocab = self.config.vocab_size
+        if ids.numel() == 0 or int(ids.min()) < 0 or int(ids.max()) >= vocab:
+            raise MTPError(f"a draft vocabulary needs token ids in [0, {vocab}), got {ids.numel()} ids")
+        device = self.device
+        index = torch.full((vocab,), -1, dtype=torch.long)
+        index[ids] = torch.arange(ids.numel())
+        self.draft_vocab, self._draft_index = ids.to(device), index.to(device)
+
+    def draft_targets(self, token_ids: torch.Tensor) -> torch.Tensor:
+        """Token ids -> their column in `draft_logits` (-1 outside the draft vocabulary); identity without one."""
+        return token_ids if self.draft_vocab is None else self._draft_index[token_ids]
+
+    def draft_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """An extra head's normed hidden state (..., H) -> logits over the draft vocabulary (..., K): only
+        those rows of the unembedding are computed (training, held-out accuracy). Without a draft
+        vocabulary: all V logits."""
+        if self.draft_vocab is None:
+            return self.lm_head(hidden)
+        head = self.backbone.lm_head
+        if type(head) is not nn.Linear:  # packed or quantised for decoding: no weight rows to pick
+            return self.lm_head(hidden)[..., self.draft_vocab]
+        bias = head.bias[self.draft_vocab] if head.bias is not None else None
+        return F.linear(hidden, head.weight[self.draft_vocab], bias)  # (..., K)
+
+    def restrict_to_draft_vocab(self, logits: torch.Tensor) -> torch.Tensor:
+        """Full-vocabulary logits (..., V) of extra heads with every token outside the draft vocabulary at the
+        lowest value (never the argmax, probability 0); unchanged without a draft vocabulary."""
+        if self.draft_vocab is None:
+            return logits
+        outside = self._draft_index < 0  # (V,)
+        return logits.masked_fill(outside, torch.finfo(logits.dtype).min)
+
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 return_all_heads: bool = False, cache: MTPCache | None = None) -> torch.Tensor:
         """Logits `(B, T, n, V)` with `return_all_heads`, else `(B, T, 1, V)` from the next-token head (Meta's API).
@@ -160,8 +211,11 @@ class MTPModel(nn.Module):
         hidden = [self.head_forward(h, trunk, ctx) for h in heads]
         self.finish_block(ctx)
         if not return_all_heads:
-            hidden = hidden[:1]
-        return self.lm_head(torch.stack(hidden, dim=2))  # (B, T, n, V)
+            return self.lm_head(hidden[0])[:, :, None]  # (B, T, 1, V)
+        logits = self.lm_head(torch.stack(hidden, dim=2))  # (B, T, n, V)
+        if self.draft_vocab is not None:
+            logits = torch.cat([logits[:, :, :1], self.restrict_to_draft_vocab(logits[:, :, 1:])], dim=2)
+        return logits
 
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs):
         """Decode with any strategy; see `mtp.decoding.generate.generate` (accepts `use_speculative=True`)."""
@@ -171,7 +225,10 @@ class MTPModel(nn.Module):
 
     # ---------------------------------------------------------------- checkpoints
     def mtp_config(self) -> dict:
-        return {"num_heads": self.num_heads, "num_trunk_layers": self.num_trunk_layers, "format_version": 1}
+        config = {"num_heads": self.num_heads, "num_trunk_layers": self.num_trunk_layers, "format_version": 1}
+        if self.draft_vocab is not None:
+            config["draft_vocab_size"] = int(self.draft_vocab.numel())
+        return config
 
     def checkpoint_state_dict(self) -> dict[str, torch.Tensor]:
         """Base weights under their Hugging Face names, extra heads as `extra_heads.{head-1}.{layer}.*`.
@@ -187,6 +244,8 @@ class MTPModel(nn.Module):
                 continue
             seen[ptr] = key
             state[key] = tensor.detach().contiguous()
+        if self.draft_vocab is not None:
+            state[DRAFT_VOCAB_KEY] = self.draft_vocab.detach().cpu().contiguous()
         return state
 
     def save_pretrained(self, directory: str | os.PathLike, tokenizer=None) -> Path:
@@ -242,6 +301,9 @@ class MTPModel(nn.Module):
         return model
 
     def load_checkpoint_state_dict(self, state: dict[str, torch.Tensor], source: str = "checkpoint") -> None:
+        """Copy a `checkpoint_state_dict` into the model; its draft vocabulary (or none) comes with it."""
+        state = dict(state)
+        draft_vocab = state.pop(DRAFT_VOCAB_KEY, None)
         expected = {name.removeprefix("base."): t for name, t in self.state_dict().items()}
         tied = _tied_aliases(self)
         missing = sorted(k for k in expected if k not in state and k not in tied)
@@ -257,6 +319,7 @@ class MTPModel(nn.Module):
             raise CheckpointMismatchError(f"{source} does not match the model: " + "; ".join(parts))
         full = {("base." + k if not k.startswith(EXTRA_HEADS_PREFIX) else k): v for k, v in state.items()}
         self.load_state_dict(full, strict=False)
+        self.set_draft_vocab(draft_vocab)
 
 
 def _tied_aliases(model: MTPModel) -> set[str]:

@@ -55,6 +55,7 @@ def train(
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto",
     gradient_checkpointing: bool = False,
     cache_trunk: bool = True,
+    draft_vocab: int = 8192,
     max_new_tokens: int = 256,
     gen_batch_size: int = 16,
     eval_every: int = 0,
@@ -101,6 +102,8 @@ def train(
         precision: autocast: auto (bf16/fp16 on GPU, fp32 on CPU), fp32, bf16, fp16
         gradient_checkpointing: recompute layer activations in the backward pass (less memory, slower)
         cache_trunk: with --freeze-trunk, compute the frozen trunk once per row and reuse it every epoch
+        draft_vocab: the extra heads predict among the N most frequent tokens of the training rows (much faster
+            training and drafting, lossless decoding); 0: the whole vocabulary
         max_new_tokens: --targets self: longest self-generated answer
         gen_batch_size: --targets self: prompts answered per batch
         eval_every: held-out evaluation every N steps (0: at the end only)
@@ -185,6 +188,9 @@ def train(
         held_data = tokenize_examples(held_ex, tokenizer, a.template, a.seq_len, a.loss_on, a.pack) if held_ex else None
 
     timings["data_and_targets"] = time.perf_counter() - t_start - timings["load_model"]
+    from mtp.training.draft_vocab import frequent_tokens
+
+    mtp_model.set_draft_vocab(frequent_tokens(train_data, mtp_model.config.vocab_size, a.draft_vocab))
 
     # ------------------------------------------------------------------ schedule
     from mtp.training.data import batches_per_epoch
@@ -207,11 +213,13 @@ def train(
         trainer.load_state_dict(load_trainer_state(checkpoint))
         trainer.last_checkpoint = checkpoint
     target_tokens = int(train_data.loss_mask.sum())
+    vocab_note = (f"draft vocabulary {mtp_model.draft_vocab.numel():,} tokens, "
+                  if mtp_model.draft_vocab is not None else "")
     print(f"mtp train: {mtp_model.num_heads} heads on {mtp_model.num_trunk_layers} trunk layers; "
           f"{len(train_data)} training rows ({target_tokens:,} target tokens), "
           f"{len(held_data) if held_data is not None else 0} held-out rows; {total_steps} steps of "
           f"{a.batch_size}x{a.grad_accum} rows (~{total_steps * a.batch_size * a.grad_accum / len(train_data):.2f} "
-          f"epochs, {batches_per_epoch(train_data, a.batch_size)} batches per epoch); lr {lr:g}, "
+          f"epochs, {batches_per_epoch(train_data, a.batch_size)} batches per epoch); lr {lr:g}, {vocab_note}"
           f"{trainer.precision}, {'heads only (frozen trunk)' if a.freeze_trunk else 'full fine-tuning'}"
           + (f"; resuming at step {trainer.step}" if checkpoint is not None else ""), flush=True)
 

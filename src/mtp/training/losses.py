@@ -8,8 +8,9 @@ and backward into a detached copy of the trunk output (accumulating its gradient
 logits; the trunk backward runs last with the accumulated gradient. Peak memory holds one head's logits instead of
 n of them, and the gradients equal the naive all-heads-at-once loss (tested).
 
-Only positions with a target pass through the unembedding (the prompt and padding never do), which saves both
-memory and the largest matmul of a step.
+Only positions with a target pass through the unembedding (the prompt and padding never do), and an extra head
+with a draft vocabulary (`MTPModel.set_draft_vocab`) scores only its K tokens: together they shrink the largest
+matmul of a step and its memory.
 """
 
 from __future__ import annotations
@@ -101,15 +102,25 @@ def target_counts(batch: Batch, num_heads: int) -> list[int]:
     return [int(shift_targets(batch["input_ids"], batch["loss_mask"], j)[1].sum()) for j in range(num_heads)]
 
 
+def head_logits_and_goals(model, j: int, hidden: torch.Tensor, targets: torch.Tensor):
+    """Logits of head j at the picked positions, hidden (N, H), and the column each target is (N,).
+
+    Head 0 scores the whole vocabulary. An extra head of a model with a draft vocabulary scores only those K
+    tokens (the largest matmul of a training step shrinks by V/K); a target outside them gets goal -1: ignored
+    by the loss, counted as a miss by accuracy (decoding could never propose it).
+    """
+    if j == 0:
+        return model.lm_head(hidden).float(), targets  # (N, V), (N,)
+    return model.draft_logits(hidden).float(), model.draft_targets(targets)  # (N, K), (N,)
+
+
 def _head_loss(model, j: int, trunk: torch.Tensor, ctx, batch: Batch, denom: int):
     """(sum CE / denom, correct count, target count) of head j; the unembedding runs on target positions only."""
     targets, mask = shift_targets(batch["input_ids"], batch["loss_mask"], j)
     count = int(mask.sum())
     hidden = model.head_forward(j, trunk, ctx)  # (B, T, H)
-    picked = hidden[mask]  # (N, H)
-    logits = model.lm_head(picked).float()  # (N, V)
-    goal = targets[mask]
-    loss = F.cross_entropy(logits, goal, reduction="sum") / max(denom, 1)
+    logits, goal = head_logits_and_goals(model, j, hidden[mask], targets[mask])  # (N, V or K), (N,)
+    loss = F.cross_entropy(logits, goal, reduction="sum", ignore_index=-1) / max(denom, 1)
     with torch.no_grad():
         correct = int((logits.argmax(-1) == goal).sum())
     return loss, correct, count
@@ -212,6 +223,9 @@ def evaluate_heads(model, data, batch_size: int = 8, autocast=None, trunk_featur
                    progress: bool = False) -> EvalResult:
     """Per-head mean cross-entropy and top-1 accuracy on `data` (a TokenizedData), every head evaluated.
 
+    Accuracy is over every target position; with a draft vocabulary, a target outside it is a miss (decoding
+    could not propose it) and adds nothing to the loss.
+
     `tokens_per_forward` estimates greedy self-speculative decoding under teacher forcing: at each position with
     a head-0 target, 1 + the number of leading heads 1, 2, ... whose top-1 equals its target (a missing target
     ends the run). With self-distilled targets (the model's own greedy continuation) this approximates what
@@ -249,9 +263,9 @@ def evaluate_heads(model, data, batch_size: int = 8, autocast=None, trunk_featur
                 base = alive = run = None
                 for j in range(n):
                     targets, mask = shift_targets(ids, loss_mask, j)
-                    logits = model.lm_head(model.head_forward(j, hidden, ctx)[mask]).float()  # (N, V)
-                    goal = targets[mask]
-                    loss_sum[j] += float(F.cross_entropy(logits, goal, reduction="sum"))
+                    logits, goal = head_logits_and_goals(model, j, model.head_forward(j, hidden, ctx)[mask],
+                                                         targets[mask])  # (N, V or K), (N,)
+                    loss_sum[j] += float(F.cross_entropy(logits, goal, reduction="sum", ignore_index=-1))
                     hit = torch.zeros_like(mask)
                     hit[mask] = logits.argmax(-1) == goal
                     correct[j] += int(hit.sum())
