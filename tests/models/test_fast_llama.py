@@ -115,3 +115,29 @@ def test_fp16_decoding_context_restores_fp32():
     gpt2 = tiny_mtp("gpt2")
     with fp16_decoding(gpt2):  # no lean step for GPT-2: decodes as it is
         assert gpt2.fast_decoding is None
+
+
+@needs_fbgemm
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_fp16_draft_vocabulary_head_is_packed_and_exact(family):
+    """With a draft vocabulary, fp16 packing also packs those K rows of the unembedding for drafting; the
+    drafts stay inside the vocabulary and speculative output still equals greedy output."""
+    from mtp.decoding.generate import DecodeOptions, propose
+
+    model = tiny_mtp(family, num_heads=4, seed=2, vocab_size=97)
+    allowed = list(range(0, 97, 3))
+    model.set_draft_vocab(allowed)
+    hidden = torch.randn(5, 3, model.config.hidden_size)
+    with torch.no_grad():
+        fp32_logits = model.draft_logits(hidden)
+        drafts, _ = propose(model, hidden, DecodeOptions(), None)
+        assert drafts.tolist() == model.restrict_to_draft_vocab(model.lm_head(hidden)).argmax(-1).tolist()
+        packed = quantize_for_decoding(model, "fp16")
+        assert isinstance(packed.packed_draft_head, PackedLinear)
+        torch.testing.assert_close(packed.draft_logits(hidden), fp32_logits, atol=5e-3, rtol=5e-3)
+    ids, mask = left_pad([[5, 9, 2, 7, 1], [3, 1]])
+    greedy = generate(packed, ids, mask, max_new_tokens=20, stop_token_ids=[])
+    spec = generate(packed, ids, mask, max_new_tokens=20, strategy="speculative", stop_token_ids=[])
+    assert spec.tokens == greedy.tokens
+    static = generate(packed, ids, mask, max_new_tokens=8, strategy="static", k=4, stop_token_ids=[])
+    assert all(t in allowed for row in static.tokens for i, t in enumerate(row) if i % 4)

@@ -137,6 +137,8 @@ def propose(model, hidden_at: torch.Tensor, opts: DecodeOptions, generator) -> t
     """Draft tokens from heads 1..d. hidden_at: (B, d, H) -> drafts (B, d) and their distributions if sampling."""
     if hidden_at.shape[1] == 0:
         return hidden_at.new_zeros(hidden_at.shape[:2], dtype=torch.long), None
+    if not opts.do_sample and model.draft_vocab is not None:  # score only the K draft tokens
+        return model.draft_vocab[model.draft_logits(hidden_at).argmax(-1)], None  # (B, d)
     logits = model.restrict_to_draft_vocab(head_logits(model, hidden_at))  # (B, d, V)
     if not opts.do_sample:
         return logits.argmax(-1), None

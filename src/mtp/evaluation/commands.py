@@ -251,8 +251,8 @@ def _describe(m, label: str) -> str:
 # ------------------------------------------------------------------------------------------------ demo
 def demo(
     output: str | None = None,
-    train_limit: int = 400,
-    train_epochs: float = 2.0,
+    train_limit: int = 600,
+    train_epochs: float = 3.0,
     limit: int = 4,
     max_new_tokens: int = 96,
     threads: int | None = None,

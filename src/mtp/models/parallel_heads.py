@@ -68,6 +68,8 @@ class MTPModel(nn.Module):
         # with the model (a non-persistent buffer).
         self.register_buffer("draft_vocab", None, persistent=False)
         self.register_buffer("_draft_index", None, persistent=False)
+        self._draft_rows_cache: tuple | None = None  # (key, weight rows, bias rows) for decoding
+        self.packed_draft_head: nn.Module | None = None  # set by quantize_for_decoding when the unembedding is packed
         self.set_fast_decoding("fp32" if self.backbone.supports_fast_layers else None)
         self.tokenizer = None  # attached by loaders; saved with the model when present
         self.source = None  # where the weights came from (mtp.hub.ModelSource), for `mtp info`
@@ -163,6 +165,7 @@ class MTPModel(nn.Module):
         vocabulary and verifies every draft, so decoding stays lossless; a draft outside the set is never
         proposed, which only costs acceptance.
         """
+        self._draft_rows_cache = self.packed_draft_head = None
         if token_ids is None:
             self.draft_vocab = self._draft_index = None
             return
@@ -185,11 +188,25 @@ class MTPModel(nn.Module):
         vocabulary: all V logits."""
         if self.draft_vocab is None:
             return self.lm_head(hidden)
+        if self.packed_draft_head is not None:
+            return self.packed_draft_head(hidden)  # (..., K)
         head = self.backbone.lm_head
-        if type(head) is not nn.Linear:  # packed or quantised for decoding: no weight rows to pick
+        if type(head) is not nn.Linear:  # quantised for decoding: no weight rows to pick
             return self.lm_head(hidden)[..., self.draft_vocab]
-        bias = head.bias[self.draft_vocab] if head.bias is not None else None
-        return F.linear(hidden, head.weight[self.draft_vocab], bias)  # (..., K)
+        return F.linear(hidden, *self.draft_rows(head))  # (..., K)
+
+    def draft_rows(self, head: nn.Linear) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The draft vocabulary's rows of the unembedding's weight and bias. While gradients are on they are
+        gathered at each call (training: they may train, and autograd needs the gather); otherwise (decoding)
+        they are kept until the weight changes, which saves a K x H copy per step."""
+        vocab = self.draft_vocab
+        if torch.is_grad_enabled():
+            return head.weight[vocab], head.bias[vocab] if head.bias is not None else None
+        key = (head.weight.data_ptr(), head.weight._version, vocab.data_ptr(), vocab.device)
+        if self._draft_rows_cache is None or self._draft_rows_cache[0] != key:
+            bias = head.bias[vocab].detach().clone() if head.bias is not None else None
+            self._draft_rows_cache = (key, head.weight[vocab].detach().clone(), bias)
+        return self._draft_rows_cache[1], self._draft_rows_cache[2]
 
     def restrict_to_draft_vocab(self, logits: torch.Tensor) -> torch.Tensor:
         """Full-vocabulary logits (..., V) of extra heads with every token outside the draft vocabulary at the

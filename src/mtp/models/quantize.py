@@ -71,6 +71,13 @@ def quantize_for_decoding(model, mode: str = "fp16"):
     head = model.backbone.lm_head
     if head.weight is getattr(model.base.get_input_embeddings(), "weight", None):
         head.weight = nn.Parameter(head.weight.detach().clone(), requires_grad=False)
+    if mode == "fp16" and model.draft_vocab is not None:  # the extra heads' drafts score K rows, not V
+        rows = nn.Linear(head.in_features, model.draft_vocab.numel(), bias=head.bias is not None)
+        weight, bias = model.draft_rows(head)
+        rows.weight = nn.Parameter(weight, requires_grad=False)
+        if bias is not None:
+            rows.bias = nn.Parameter(bias, requires_grad=False)
+        model.packed_draft_head = PackedLinear(rows)
     if mode == "fp16" and model.backbone.supports_fast_layers:
         model.set_fast_decoding("fp16")  # the decoder layers, fused and packed; the HF layers keep fp32 for training
         model.base.lm_head = PackedLinear(model.base.lm_head)
