@@ -329,7 +329,8 @@ def _plan(model, opts: DecodeOptions) -> tuple[int, int, int]:
 def _confident_run(model, hidden: torch.Tensor, opts: DecodeOptions) -> tuple[torch.Tensor, torch.Tensor]:
     """ConfAdapt / static: tokens (B, heads) of every head at the last position and how many to emit (B,)."""
     logits = head_logits(model, hidden)  # (B, heads, V)
-    logits = torch.cat([logits[:, :1], model.restrict_to_draft_vocab(logits[:, 1:])], 1)
+    if model.draft_vocab is not None:  # head 0 keeps the whole vocabulary
+        logits = torch.cat([logits[:, :1], model.restrict_to_draft_vocab(logits[:, 1:])], 1)
     probs = torch.softmax(logits, -1)
     top_p, top_tok = probs.max(-1)  # (B, heads)
     if opts.strategy == "static":
