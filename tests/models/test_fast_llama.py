@@ -11,6 +11,7 @@ from transformers import AutoModelForCausalLM, Qwen2Config, Qwen3Config
 from conftest import tiny_mtp
 from mtp import MTPModel
 from mtp.decoding.generate import generate, left_pad
+from mtp.models import fast_llama
 from mtp.models.quantize import PackedLinear, fp16_decoding, quantize_for_decoding
 
 needs_fbgemm = pytest.mark.skipif("fbgemm" not in torch.backends.quantized.supported_engines,
@@ -40,9 +41,12 @@ def cached_logits(model: MTPModel, ids: torch.Tensor, mask: torch.Tensor, steps:
     return out
 
 
+@pytest.mark.parametrize("attention", ["sdpa", "matmul"])
 @pytest.mark.parametrize("make", [lambda: tiny_mtp("llama", seed=3), lambda: qwen_mtp("qwen2"),
                                   lambda: qwen_mtp("qwen3")], ids=["llama", "qwen2", "qwen3"])
-def test_fast_step_matches_hugging_face_layers(make):
+def test_fast_step_matches_hugging_face_layers(make, attention, monkeypatch):
+    if attention == "matmul":  # what large batches of short blocks use; small ones use sdpa
+        monkeypatch.setattr(fast_llama, "MATMUL_ATTENTION_MIN_ROWS", 1)
     model = make()
     assert model.fast_decoding == "fp32"  # on by default for the Llama family
     gen = torch.Generator().manual_seed(0)
@@ -109,9 +113,18 @@ def test_fp16_on_gpt2_packs_its_linear_layers():
 @needs_fbgemm
 def test_fp16_decoding_context_restores_fp32():
     model = tiny_mtp("llama")
+    head = model.base.lm_head
+    ids = torch.tensor([[1, 2, 3, 4]])
+    with torch.no_grad():
+        before = model(ids, return_all_heads=True)
     with fp16_decoding(model):
-        assert model.fast_decoding == "fp16"
-    assert model.fast_decoding == "fp32"
+        assert model.fast_decoding == "fp16" and isinstance(model.base.lm_head, PackedLinear)
+        out = generate(model, ids, max_new_tokens=6, stop_token_ids=[])
+    assert len(out.tokens[0]) == 6
+    assert model.fast_decoding == "fp32" and model.base.lm_head is head
+    assert head.weight is model.base.get_input_embeddings().weight  # still tied
+    with torch.no_grad():
+        assert torch.equal(model(ids, return_all_heads=True), before)
     gpt2 = tiny_mtp("gpt2")
     with fp16_decoding(gpt2):  # no lean step for GPT-2: decodes as it is
         assert gpt2.fast_decoding is None
@@ -141,3 +154,40 @@ def test_fp16_draft_vocabulary_head_is_packed_and_exact(family):
     assert spec.tokens == greedy.tokens
     static = generate(packed, ids, mask, max_new_tokens=8, strategy="static", k=4, stop_token_ids=[])
     assert all(t in allowed for row in static.tokens for i, t in enumerate(row) if i % 4)
+
+
+@pytest.mark.parametrize("batch,block,masked", [(16, 1, True), (48, 1, False), (20, 4, True), (3, 8, True)])
+def test_matmul_attention_equals_sdpa(batch, block, masked):
+    """The two attention paths of the lean step agree, grouped key/value heads and padding masks included."""
+    gen = torch.Generator().manual_seed(batch + block)
+    end = 40
+    q = torch.randn(batch, 6, block, 8, generator=gen)  # 6 query heads over 2 key/value heads
+    keys, values = torch.randn(2, batch, 2, end, 8, generator=gen)
+    mask = None
+    if masked:  # left padding of random length per row, and causal within the block
+        allowed = torch.arange(end)[None, None, :] <= (end - block + torch.arange(block))[None, :, None]
+        allowed = allowed & (torch.arange(end)[None, None, :] >= torch.randint(0, 20, (batch, 1, 1), generator=gen))
+        mask = torch.zeros(batch, 1, block, end).masked_fill(~allowed[:, None], torch.finfo(torch.float32).min)
+    expected = torch.nn.functional.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=0.3,
+                                                                enable_gqa=True)
+    old = fast_llama.MATMUL_ATTENTION_MIN_ROWS
+    try:
+        fast_llama.MATMUL_ATTENTION_MIN_ROWS = 1
+        got = fast_llama._attention(q, keys, values, mask, 0.3)
+    finally:
+        fast_llama.MATMUL_ATTENTION_MIN_ROWS = old
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_speculative_equals_greedy_with_matmul_attention(seed, monkeypatch):
+    """Batched decoding of many rows takes the matmul attention path: still token-for-token greedy."""
+    monkeypatch.setattr(fast_llama, "MATMUL_ATTENTION_MIN_ROWS", 2)
+    model = tiny_mtp("llama", num_heads=2 + seed % 3, seed=seed, vocab_size=97)
+    gen = torch.Generator().manual_seed(seed)
+    ids, mask = left_pad([torch.randint(0, 97, (n,), generator=gen).tolist() for n in (9, 4, 6, 1, 5)])
+    greedy = generate(model, ids, mask, max_new_tokens=20, stop_token_ids=[])
+    spec = generate(model, ids, mask, max_new_tokens=20, strategy="speculative", stop_token_ids=[])
+    assert spec.tokens == greedy.tokens
+    model.set_fast_decoding(None)  # Hugging Face layers throughout
+    assert generate(model, ids, mask, max_new_tokens=20, stop_token_ids=[]).tokens == greedy.tokens

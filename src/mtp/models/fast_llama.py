@@ -74,9 +74,7 @@ class FastLlamaLayer:
         q = q * cos + _rotate_half(q) * sin
         k = k * cos + _rotate_half(k) * sin
         keys, values = cache.update(k, v, self.layer_idx)  # (B, kv_heads, end, D)
-        # The mask is None only for a 1-token step over a hole-free cache: attend to everything.
-        attn = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=self.scaling,
-                                              enable_gqa=q.shape[1] != keys.shape[1])  # (B, heads, T, D)
+        attn = _attention(q, keys, values, mask, self.scaling)  # (B, heads, T, D)
         hidden = hidden + self._project(OUT, attn.transpose(1, 2).reshape(b, t, -1))[0]
         gate, up = self._project(GATE_UP, _rms_norm(hidden, self.ln2))
         return hidden + self._project(DOWN, self.act(gate) * up)[0]
@@ -87,6 +85,31 @@ class FastLlamaLayer:
         a, m = self.attn, self.mlp  # read at call time, so int8-replaced or moved projections are seen
         modules = ((a.q_proj, a.k_proj, a.v_proj), (a.o_proj,), (m.gate_proj, m.up_proj), (m.down_proj,))[which]
         return [F.linear(x, p.weight, p.bias) if type(p) is nn.Linear else p(x) for p in modules]
+
+
+# Below this many query rows per key/value head (batch x block), sdpa's fused CPU kernel is faster; above it, for
+# short blocks, two batched matmuls are: at 48 rows x 1 token the fused kernel with a padding mask takes ~2.5x as
+# long (it tiles for long blocks), which was a third of a batched decoding step.
+MATMUL_ATTENTION_MIN_ROWS = 16
+MATMUL_ATTENTION_MAX_BLOCK = 8
+
+
+def _attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None,
+               scale: float) -> torch.Tensor:
+    """Causal attention of a block of T queries over the cache. q (B, heads, T, D), keys/values (B, kv, end, D),
+    mask (B, 1, T, end) additive, or None for a 1-token step over a hole-free cache (attend to everything)."""
+    b, heads, t, d = q.shape
+    kv, end = keys.shape[1], keys.shape[2]
+    if b * t < MATMUL_ATTENTION_MIN_ROWS or t > MATMUL_ATTENTION_MAX_BLOCK:
+        return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scale,
+                                              enable_gqa=heads != kv)  # (B, heads, T, D)
+    group = heads // kv  # query head h reads key/value head h // group, as sdpa's enable_gqa does
+    scores = torch.matmul(q.reshape(b, kv, group * t, d), keys.transpose(-1, -2))  # (B, kv, group*T, end)
+    scores = scores.view(b, kv, group, t, end) * scale
+    if mask is not None:
+        scores = scores + mask[:, :, None]  # (B, 1, 1, T, end) broadcast over heads
+    probs = torch.softmax(scores, dim=-1).view(b, kv, group * t, end)
+    return torch.matmul(probs, values).view(b, heads, t, d)  # (B, heads, T, D)
 
 
 def _rms_norm(x: torch.Tensor, norm: nn.Module) -> torch.Tensor:

@@ -94,17 +94,22 @@ def quantize_for_decoding(model, mode: str = "fp16"):
 @contextlib.contextmanager
 def fp16_decoding(model):
     """Within the block, cached no-grad forwards of a CPU fp32 Llama-family model use fp16-packed layer weights
-    (faster; numbers within fp16 rounding of the fp32 model's). Other models decode as they are."""
+    and unembedding (faster; numbers within fp16 rounding of the fp32 model's, as with `--quantize fp16`). The
+    fp32 parameters stay as they are (training goes on with them); other models decode as they are."""
     previous = getattr(model, "fast_decoding", None)
     usable = (model.backbone.supports_fast_layers and model.device.type == "cpu" and model.dtype == torch.float32
               and "fbgemm" in torch.backends.quantized.supported_engines and previous == "fp32")
+    head = model.base.lm_head
     if usable:
         model.set_fast_decoding("fp16")
+        if type(head) is nn.Linear:  # a packed copy: the fp32 weight (maybe tied to the embedding) is untouched
+            model.base.lm_head = PackedLinear(head)
     try:
         yield model
     finally:
         if usable:
             model.set_fast_decoding(previous)
+            model.base.lm_head = head
 
 
 def _replace_linears(module: nn.Module, make) -> None:
