@@ -52,6 +52,8 @@ class TokenizedData:
     # (N, L, H) frozen-trunk outputs of each row when they came with the data (self-distilled answers keep what
     # the trunk computed while writing them); L covers the longest row, positions past a row's end are 0.
     trunk_features: torch.Tensor | None = None
+    # Unpacked rows: which input row each row came from (rows without a target are dropped); None when packed.
+    source_rows: list[int] | None = None
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]
@@ -325,7 +327,7 @@ def tokenize_examples(
 def rows_to_data(rows: list[tuple[list[int], list[bool]]], seq_len: int, pad_id: int,
                  pack: bool = False) -> TokenizedData:
     """(token ids, target mask) rows -> right-padded tensors of `seq_len`, packed or truncated; rows without a
-    target are dropped (they would make a batch's mean loss 0/0)."""
+    target are dropped (they would make a batch's mean loss 0/0; unpacked, `source_rows` says which were kept)."""
     rows = [(list(ids), [bool(m) for m in mask]) for ids, mask in rows]
     if pack:
         ids = [t for r in rows for t in r[0]]
@@ -333,6 +335,7 @@ def rows_to_data(rows: list[tuple[list[int], list[bool]]], seq_len: int, pad_id:
         rows = [(ids[i : i + seq_len], mask[i : i + seq_len]) for i in range(0, len(ids), seq_len)]
     else:
         rows = [(ids[:seq_len], mask[:seq_len]) for ids, mask in rows]
+    source_rows = None if pack else [i for i, r in enumerate(rows) if any(r[1])]
     kept = [r for r in rows if any(r[1])]
     if len(kept) < len(rows):
         log.warning(
@@ -353,7 +356,7 @@ def rows_to_data(rows: list[tuple[list[int], list[bool]]], seq_len: int, pad_id:
         input_ids[i, : len(ids)] = torch.tensor(ids, dtype=torch.long)
         loss_mask[i, : len(mask)] = torch.tensor(mask, dtype=torch.bool)
         attention_mask[i, : len(ids)] = 1
-    return TokenizedData(input_ids, loss_mask, attention_mask)
+    return TokenizedData(input_ids, loss_mask, attention_mask, source_rows=source_rows)
 
 
 # ----------------------------------------------------------------------------------------------------------

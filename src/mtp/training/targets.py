@@ -236,12 +236,10 @@ def self_distilled_data(
         start += len(group)
         rows = [(prompts[i] + answers[i], [loss_on == "all"] * len(prompts[i]) + [True] * len(answers[i]))
                 for i in ids]
-        if sink is not None:  # rows_to_data drops rows without a target; keep their ids in step with it
-            ids = [i for i, (_, mask) in zip(ids, rows, strict=True) if any(mask[:seq_len])]
-            rows = [r for r in rows if any(r[1][:seq_len])]
         data = rows_to_data(rows, seq_len, pad, pack) if rows else None
-        if data is not None and sink is not None:
-            data.trunk_features = _row_features(model, data, [sink.pop(i, None) for i in ids], progress)
+        if data is not None and sink is not None:  # the features of the rows rows_to_data kept
+            recorded = [sink.pop(ids[k], None) for k in data.source_rows]
+            data.trunk_features = _row_features(model, data, recorded, progress)
         out.append(data)
     return out
 
