@@ -51,11 +51,12 @@ def plot_losses(metrics_path: str | os.PathLike, png_path: str | os.PathLike) ->
         ys = [r["head_loss"][j] for r in steps if j < len(r["head_loss"]) and r["head_loss"][j] is not None]
         if not xs:
             continue
-        (line,) = ax.plot(xs, _smooth(ys, window), label=f"head {j} (token t+{j + 1})", linewidth=1.8)
-        ax.plot(xs, ys, color=line.get_color(), alpha=0.25, linewidth=0.7)
+        color = f"C{j}"  # head j has one color in both panels (a frozen head 0 has no training curve)
+        ax.plot(xs, _smooth(ys, window), color=color, label=f"head {j} (token t+{j + 1})", linewidth=1.8)
+        ax.plot(xs, ys, color=color, alpha=0.25, linewidth=0.7)
         ev = [(e["step"], e["eval"]["head_loss"][j]) for e in evals if j < len(e["eval"]["head_loss"])]
         if ev:
-            ax.plot(*zip(*ev, strict=True), "o", color=line.get_color(), markersize=4)
+            ax.plot(*zip(*ev, strict=True), "o", color=color, markersize=4)
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("cross-entropy")
     ax.set_title("training loss per head (dots: held-out)")
@@ -66,10 +67,11 @@ def plot_losses(metrics_path: str | os.PathLike, png_path: str | os.PathLike) ->
         for j in range(n):
             ev = [(e["step"], e["eval"]["head_accuracy"][j]) for e in evals if j < len(e["eval"]["head_accuracy"])]
             if ev:
-                ax2.plot(*zip(*ev, strict=True), "o-", label=f"head {j}", markersize=4)
+                ax2.plot(*zip(*ev, strict=True), "o-", color=f"C{j}", label=f"head {j}", markersize=4)
+        ax2.set_xlim(0, max(r["step"] for r in steps + evals) * 1.03)  # the run's steps, even for one eval
         ax2.set_xlabel("optimizer step")
         ax2.set_ylabel("top-1 accuracy")
-        ax2.set_ylim(0, 1)
+        ax2.set_ylim(0, 1.05)
         ax2.set_title("held-out top-1 accuracy per head")
         ax2.grid(alpha=0.3)
         ax2.legend(fontsize=8)
