@@ -46,7 +46,7 @@ def cached_logits(model: MTPModel, ids: torch.Tensor, mask: torch.Tensor, steps:
                                   lambda: qwen_mtp("qwen3")], ids=["llama", "qwen2", "qwen3"])
 def test_fast_step_matches_hugging_face_layers(make, attention, monkeypatch):
     if attention == "matmul":  # what large batches of short blocks use; small ones use sdpa
-        monkeypatch.setattr(fast_llama, "MATMUL_ATTENTION_MIN_ROWS", 1)
+        monkeypatch.setattr(fast_llama, "_matmul_pays", lambda batch, block: True)
     model = make()
     assert model.fast_decoding == "fp32"  # on by default for the Llama family
     gen = torch.Generator().manual_seed(0)
@@ -157,7 +157,7 @@ def test_fp16_draft_vocabulary_head_is_packed_and_exact(family):
 
 
 @pytest.mark.parametrize("batch,block,masked", [(16, 1, True), (48, 1, False), (20, 4, True), (3, 8, True)])
-def test_matmul_attention_equals_sdpa(batch, block, masked):
+def test_matmul_attention_equals_sdpa(batch, block, masked, monkeypatch):
     """The two attention paths of the lean step agree, grouped key/value heads and padding masks included."""
     gen = torch.Generator().manual_seed(batch + block)
     end = 40
@@ -170,19 +170,16 @@ def test_matmul_attention_equals_sdpa(batch, block, masked):
         mask = torch.zeros(batch, 1, block, end).masked_fill(~allowed[:, None], torch.finfo(torch.float32).min)
     expected = torch.nn.functional.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=0.3,
                                                                 enable_gqa=True)
-    old = fast_llama.MATMUL_ATTENTION_MIN_ROWS
-    try:
-        fast_llama.MATMUL_ATTENTION_MIN_ROWS = 1
-        got = fast_llama._attention(q, keys, values, mask, 0.3)
-    finally:
-        fast_llama.MATMUL_ATTENTION_MIN_ROWS = old
+    monkeypatch.setattr(fast_llama, "_matmul_pays", lambda batch, block: True)
+    got = fast_llama._attention(q, keys, values, mask, 0.3)
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("seed", range(4))
 def test_speculative_equals_greedy_with_matmul_attention(seed, monkeypatch):
-    """Batched decoding of many rows takes the matmul attention path: still token-for-token greedy."""
-    monkeypatch.setattr(fast_llama, "MATMUL_ATTENTION_MIN_ROWS", 2)
+    """Batched decoding takes the matmul attention path for 1-token steps (forced here for every block too):
+    still token-for-token greedy."""
+    monkeypatch.setattr(fast_llama, "_matmul_pays", lambda batch, block: batch >= 2 or seed % 2 == 0)
     model = tiny_mtp("llama", num_heads=2 + seed % 3, seed=seed, vocab_size=97)
     gen = torch.Generator().manual_seed(seed)
     ids, mask = left_pad([torch.randint(0, 97, (n,), generator=gen).tolist() for n in (9, 4, 6, 1, 5)])

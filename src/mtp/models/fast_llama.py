@@ -87,11 +87,11 @@ class FastLlamaLayer:
         return [F.linear(x, p.weight, p.bias) if type(p) is nn.Linear else p(x) for p in modules]
 
 
-# Below this many query rows per key/value head (batch x block), sdpa's fused CPU kernel is faster; above it, for
-# short blocks, two batched matmuls are: at 48 rows x 1 token the fused kernel with a padding mask takes ~2.5x as
-# long (it tiles for long blocks), which was a third of a batched decoding step.
-MATMUL_ATTENTION_MIN_ROWS = 16
-MATMUL_ATTENTION_MAX_BLOCK = 8
+# For a 1-token step of a batch, two batched matmuls beat sdpa's fused CPU kernel (which tiles for long blocks):
+# 0.64 vs 1.35 ms at 16 rows, 2.2 vs 5.8 ms at 48 rows with a padding mask - a third of a 48-row decoding step.
+# For blocks of 2-8 tokens (verify steps) the two are within noise of each other, so sdpa stays.
+def _matmul_pays(batch: int, block: int) -> bool:
+    return block == 1 and batch >= 2
 
 
 def _attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None,
@@ -100,7 +100,7 @@ def _attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: 
     mask (B, 1, T, end) additive, or None for a 1-token step over a hole-free cache (attend to everything)."""
     b, heads, t, d = q.shape
     kv, end = keys.shape[1], keys.shape[2]
-    if b * t < MATMUL_ATTENTION_MIN_ROWS or t > MATMUL_ATTENTION_MAX_BLOCK:
+    if not _matmul_pays(b, t):
         return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scale,
                                               enable_gqa=heads != kv)  # (B, heads, T, D)
     group = heads // kv  # query head h reads key/value head h // group, as sdpa's enable_gqa does
