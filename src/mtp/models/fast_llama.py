@@ -2,8 +2,9 @@
 
 On a CPU, a 1-token step of a small model spends more time in Python and in tiny tensor ops than in arithmetic:
 transformers' layer runs ~60 ops, this one ~35 (fused QKV and gate/up projections when packed, sdpa with
-grouped KV heads, or two matmuls for many rows of short blocks: `_attention`). It reads the weights of the
-Hugging Face layer it mirrors - nothing is forked or converted on disk - and writes into the same `MTPCache` buffers, so rollback, compaction and row selection work unchanged.
+grouped KV heads, or two matmuls for a 1-token step of a batch: `_attention`). It reads the weights of the
+Hugging Face layer it mirrors - nothing is forked or converted on disk - and writes into the same `MTPCache`
+buffers, so rollback, compaction and row selection work unchanged.
 Used for cached, no-grad forwards (decoding); training and uncached forwards keep the Hugging Face layer, which
 `tests/models/test_fast_llama.py` compares this one against.
 
