@@ -335,8 +335,8 @@ def rows_to_data(rows: list[tuple[list[int], list[bool]]], seq_len: int, pad_id:
         rows = [(ids[i : i + seq_len], mask[i : i + seq_len]) for i in range(0, len(ids), seq_len)]
     else:
         rows = [(ids[:seq_len], mask[:seq_len]) for ids, mask in rows]
-    source_rows = None if pack else [i for i, r in enumerate(rows) if any(r[1])]
-    kept = [r for r in rows if any(r[1])]
+    keep = [i for i, r in enumerate(rows) if any(r[1])]
+    kept = [rows[i] for i in keep]
     if len(kept) < len(rows):
         log.warning(
             "dropped %d of %d rows with no target token (seq_len=%d)",
@@ -356,7 +356,7 @@ def rows_to_data(rows: list[tuple[list[int], list[bool]]], seq_len: int, pad_id:
         input_ids[i, : len(ids)] = torch.tensor(ids, dtype=torch.long)
         loss_mask[i, : len(mask)] = torch.tensor(mask, dtype=torch.bool)
         attention_mask[i, : len(ids)] = 1
-    return TokenizedData(input_ids, loss_mask, attention_mask, source_rows=source_rows)
+    return TokenizedData(input_ids, loss_mask, attention_mask, source_rows=None if pack else keep)
 
 
 # ----------------------------------------------------------------------------------------------------------
