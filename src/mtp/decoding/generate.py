@@ -23,7 +23,8 @@ from typing import Literal
 
 import torch
 
-from mtp.decoding.sampling import accept_drafts_sampling, process_logits, sample
+from mtp.decoding.drafters import DraftRequest, Drafts, HeadsDrafter, Proposer, StepOutput, draft_tokens  # noqa: F401
+from mtp.decoding.sampling import accept_drafts_sampling, process_logits
 from mtp.decoding.stopping import StopChecker
 from mtp.errors import MTPError
 
@@ -85,43 +86,6 @@ class DecodeOptions:
     adaptive_draft: bool = True  # propose only as many drafts as recent acceptance pays for (see DraftLength)
 
 
-# ------------------------------------------------------------------------------------------------ model steps
-def forward_block(model, block: torch.Tensor, block_valid: torch.Tensor | None, cache, num_heads: int):
-    """Feed `block` (B, T) through trunk and heads 0..num_heads-1. Returns the heads' normed hidden states
-    (B, T, heads, H) and the trunk output (B, T, H)."""
-    trunk, ctx = model.trunk_forward(block, block_valid, cache)
-    hidden = torch.stack([model.head_forward(j, trunk, ctx) for j in range(num_heads)], dim=2)
-    model.finish_block(ctx)
-    return hidden, trunk  # (B, T, heads, H), (B, T, H)
-
-
-def head_logits(model, hidden: torch.Tensor) -> torch.Tensor:
-    return model.lm_head(hidden).float()
-
-
-def greedy_accept(logits0: torch.Tensor, drafts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Longest prefix of drafts equal to the model's own argmax, and the model's next token after it.
-
-    logits0: (B, d+1, V) head-0 logits after each prefix of [last, d_1..d_d]; drafts: (B, d).
-    """
-    target = logits0.argmax(-1)  # (B, d+1)
-    a = (drafts == target[:, :-1]).long().cumprod(-1).sum(-1)  # (B,)
-    return a, target.gather(1, a[:, None]).squeeze(1)
-
-
-@dataclass
-class DraftRequest:
-    """What a proposer may look at: heads' hidden states at the last accepted position, and where rows stand."""
-
-    model: object
-    hidden_at: torch.Tensor  # (B, d, H) heads 1..d at the position of the last accepted token
-    rows: torch.Tensor  # (B,) original row index of each active row
-    produced: torch.Tensor  # (B,) tokens emitted so far (the last one is not yet fed to the model)
-    opts: DecodeOptions
-    generator: torch.Generator | None
-
-
-Proposer = Callable[[DraftRequest], tuple[torch.Tensor, "torch.Tensor | None"]]
 # Called after every forward with (rows, trunk output (B, T, H), kept (B, T) bool): `rows` are the original row
 # indices, `kept` marks the positions that hold a token of the row's sequence (not left padding, not a rejected
 # draft). A row's kept positions, in call order, run along its sequence: the prompt, then the emitted tokens as
@@ -129,25 +93,45 @@ Proposer = Callable[[DraftRequest], tuple[torch.Tensor, "torch.Tensor | None"]]
 TrunkObserver = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], None]
 
 
-def heads_proposer(req: DraftRequest) -> tuple[torch.Tensor, torch.Tensor | None]:
-    return propose(req.model, req.hidden_at, req.opts, req.generator)
+# ------------------------------------------------------------------------------------------------ verifiers
+def greedy_accept(logits0: torch.Tensor, drafts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Longest prefix of drafts equal to the model's own argmax, and the model's next token after it.
+
+    logits0: (B, d+1, V) next-token logits after each prefix of [last, d_1..d_d]; drafts: (B, d).
+    """
+    target = logits0.argmax(-1)  # (B, d+1)
+    a = (drafts == target[:, :-1]).long().cumprod(-1).sum(-1)  # (B,)
+    return a, target.gather(1, a[:, None]).squeeze(1)
+
+
+def verify(out: StepOutput, drafts: Drafts, opts: DecodeOptions, generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Greedy / speculative: (drafts kept a (B,), the model's own next token after them (B,))."""
+    if opts.do_sample:
+        probs = process_logits(out.verify_logits, opts.temperature, opts.top_k, opts.top_p)  # (B, 1+d, V)
+        return accept_drafts_sampling(probs, drafts.tokens, drafts.probs, generator)
+    return greedy_accept(out.verify_logits, drafts.tokens)
+
+
+def confident_run(out: StepOutput, n: int, opts: DecodeOptions, generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """ConfAdapt / static (no verification): the next token and n drafts after it (B, 1+n), and how many to
+    emit (B,): all (static) or the longest run with top-1 probability >= tau, at least one."""
+    head = draft_tokens(out.verify_logits[:, :1], "confidence", opts, generator)  # the next token
+    rest = out.propose(torch.zeros_like(head.tokens[:, 0]), n)
+    tokens = torch.cat([head.tokens, rest.tokens], 1)  # (B, 1+n)
+    if opts.strategy == "static":
+        return tokens, torch.full_like(tokens[:, 0], tokens.shape[1])
+    confidence = torch.cat([head.confidence, rest.confidence], 1) if rest.tokens.shape[1] else head.confidence
+    return tokens, (confidence >= opts.tau).long().cumprod(-1).sum(-1).clamp_min(1)
 
 
 def propose(model, hidden_at: torch.Tensor, opts: DecodeOptions, generator) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Draft tokens from heads 1..d. hidden_at: (B, d, H) -> drafts (B, d) and their distributions if sampling."""
-    if hidden_at.shape[1] == 0:
-        return hidden_at.new_zeros(hidden_at.shape[:2], dtype=torch.long), None
-    if not opts.do_sample and model.draft_vocab is not None:  # score only the K draft tokens
-        return model.draft_vocab[model.draft_logits(hidden_at).argmax(-1)], None  # (B, d)
-    logits = model.restrict_to_draft_vocab(head_logits(model, hidden_at))  # (B, d, V)
-    if not opts.do_sample:
-        return logits.argmax(-1), None
-    probs = process_logits(logits, opts.temperature, opts.top_k, opts.top_p)
-    return sample(probs, generator), probs
+    drafts = HeadsDrafter(model, opts).heads_drafts(hidden_at, generator)
+    return drafts.tokens, drafts.probs
 
 
 class DraftLength:
-    """How many of the heads' drafts to verify next step, from how often each draft position was accepted.
+    """How many drafts to verify next step, from how often each draft position was accepted.
 
     A draft costs a row of the verify forward (cheap with fp16-packed weights, up to ~half a step each with MKL's
     fp32 kernels); it pays only if it is likely to be reached and accepted. For each position i an exponential
@@ -197,53 +181,62 @@ def accepted_per_position(a: torch.Tensor, num_draft: int) -> list[int]:
 # ------------------------------------------------------------------------------------------------ the loop
 def iter_generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
                   opts: DecodeOptions, stop: StopChecker, generator: torch.Generator | None = None,
-                  stats: GenerationStats | None = None, proposer: Proposer = heads_proposer,
+                  stats: GenerationStats | None = None, drafter=None,
                   on_trunk: TrunkObserver | None = None) -> Iterator[tuple[int, list[int]]]:
     """Yield (row index, newly emitted tokens) as decoding proceeds. See `generate` for the arguments.
 
-    `proposer` makes the drafts of the speculative strategy (default: the model's own heads); any draft source
-    keeps the output lossless, only the acceptance changes. `on_trunk` sees the trunk output of every forward
-    (see `TrunkObserver`).
+    One loop for every method and strategy: each step the drafter (`model.drafter(opts)` by default; see
+    `mtp.decoding.drafters`) feeds the pending tokens and the drafts, a verifier keeps a prefix of the drafts
+    plus the model's own next token (greedy, speculative) or the drafts are emitted by confidence with no
+    verification (confadapt, static), and the cache keeps only the fed tokens that stay in the sequence.
+    `on_trunk` sees the trunk output of every forward (see `TrunkObserver`; parallel heads only).
     """
     stats = stats if stats is not None else GenerationStats()
+    drafter = drafter if drafter is not None else model.drafter(opts)
     b, prompt_len = input_ids.shape
     device = input_ids.device
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
-    attention_mask = attention_mask.to(device=device, dtype=torch.bool)
-    n_heads, n_draft, block_cap = _plan(model, opts)
+    verifying = opts.strategy in ("greedy", "speculative")
+    n_draft = drafter.num_drafts if verifying else 0
     stats.draft_positions = [0] * n_draft
     stats.draft_accepted = [0] * n_draft
     if opts.max_new_tokens <= 0:
         return
-    max_len = prompt_len + opts.max_new_tokens + block_cap + 1
-    cache = model.new_cache(b, max_len)
+    cache = drafter.new_cache(b, prompt_len + opts.max_new_tokens + drafter.extra_slots + 2)
     rows = torch.arange(b, device=device)  # original row index of each active row
     produced = torch.zeros(b, dtype=torch.long, device=device)
     budget = opts.max_new_tokens
     draft_length = DraftLength(n_draft, opts.adaptive_draft)
-
-    # prefill: the prompt through trunk and every head used; hidden states at the last position.
-    hidden, trunk = forward_block(model, input_ids, attention_mask, cache, n_heads)
-    if on_trunk is not None:
-        on_trunk(rows, trunk, attention_mask)
-    hidden = hidden[:, -1]  # (B, heads, H)
-    stats.forward_passes += 1
-    stats.row_forwards += b
-
-    if opts.strategy in ("greedy", "speculative"):
-        logits0 = head_logits(model, hidden[:, 0])  # (B, V)
-        if opts.do_sample:
-            last = sample(process_logits(logits0, opts.temperature, opts.top_k, opts.top_p), generator)
-        else:
-            last = logits0.argmax(-1)  # (B,)
-        drafts, draft_probs = proposer(DraftRequest(model, hidden[:, 1:], rows, produced + 1, opts, generator))
-        emitted = last[:, None]  # (B, 1)
-        counts = torch.ones(b, dtype=torch.long, device=device)
-    else:
-        emitted, counts = _confident_run(model, hidden, opts)
+    # The first block is the prompt; after it, what the last step emitted (its tokens are not in the cache yet).
+    pending, pending_valid = input_ids, attention_mask.to(device=device, dtype=torch.bool)
+    drafts = Drafts(torch.zeros(b, 0, dtype=torch.long, device=device))
 
     while True:
+        out = drafter.forward(cache, pending, pending_valid, drafts.tokens, generator)  # one model forward
+        stats.forward_passes += 1
+        stats.row_forwards += rows.numel()
+        w, d = pending.shape[1], drafts.tokens.shape[1]
+        if verifying:
+            a, last = verify(out, drafts, opts, generator)
+            # Emitted this step: the accepted drafts, then the model's own next token.
+            emitted = torch.cat([drafts.tokens, torch.zeros_like(last[:, None])], 1)  # (B, 1+d)
+            emitted.scatter_(1, a[:, None], last[:, None])
+            counts = a + 1
+            if d:
+                kept = accepted_per_position(a, d)
+                _count_acceptance(stats, kept, a.numel())
+                draft_length.update(kept, a.numel())
+            drafter.rows, drafter.produced = rows, produced + counts
+            drafts = out.propose(a, draft_length.next())
+        else:
+            a = torch.zeros_like(produced)
+            emitted, counts = confident_run(out, drafter.num_proposals, opts, generator)
+        cache.rollback(out.block_len, w + a)  # keep the fed tokens and the accepted drafts, nothing after
+        if on_trunk is not None and out.trunk is not None:
+            drafted = torch.arange(d, device=device)[None, :] < a[:, None]
+            on_trunk(rows, out.trunk, torch.cat([pending_valid, drafted], 1))
+
         counts = torch.minimum(counts, budget - produced)
         counts, finished = stop.apply(rows, emitted, counts, produced)
         produced += counts
@@ -260,84 +253,17 @@ def iter_generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor |
             rows, produced = rows[keep], produced[keep]
             cache.select_rows(keep)
             emitted, counts = emitted[keep], counts[keep]
-            if opts.strategy in ("greedy", "speculative"):
-                last, drafts = last[keep], drafts[keep]
-                draft_probs = draft_probs[keep] if draft_probs is not None else None
-
-        stats.forward_passes += 1
-        stats.row_forwards += rows.numel()
-        if opts.strategy in ("greedy", "speculative"):
-            d = draft_length.next()
-            drafts = drafts[:, :d]
-            draft_probs = draft_probs[:, :d] if draft_probs is not None else None
-            block = torch.cat([last[:, None], drafts], 1)  # (B, 1+d)
-            hidden, trunk = forward_block(model, block, None, cache, n_heads)  # (B, 1+d, heads, H)
-            logits0 = head_logits(model, hidden[:, :, 0])  # (B, 1+d, V)
-            if opts.do_sample:
-                probs = process_logits(logits0, opts.temperature, opts.top_k, opts.top_p)
-                a, last = accept_drafts_sampling(probs, drafts, draft_probs, generator)
-            else:
-                a, last = greedy_accept(logits0, drafts)
-            if d:
-                cache.rollback(1 + d, a + 1)
-                kept = accepted_per_position(a, d)
-                _count_acceptance(stats, kept, a.numel())
-                draft_length.update(kept, a.numel())
-            # Emitted this step: the accepted drafts, then the model's own next token.
-            emitted = torch.cat([drafts, torch.zeros_like(last[:, None])], 1)  # (B, 1+d)
-            emitted.scatter_(1, a[:, None], last[:, None])
-            counts = a + 1
-            if on_trunk is not None:  # the last token and the accepted drafts were fed; rejected ones were not
-                on_trunk(rows, trunk, torch.arange(1 + d, device=device)[None, :] < counts[:, None])
-            hidden_at = hidden[torch.arange(rows.numel(), device=device), a, 1:]  # (B, d, H)
-            drafts, draft_probs = proposer(DraftRequest(model, hidden_at, rows, produced + counts, opts, generator))
-        else:
-            # Feed what the heads emitted last step (right-aligned; shorter rows padded on the left).
+            drafts = Drafts(drafts.tokens[keep], drafts.probs[keep] if drafts.probs is not None else None)
+        if verifying:
+            pending = emitted.gather(1, (counts - 1)[:, None])  # (B, 1) the model's own token
+            pending_valid = torch.ones_like(pending, dtype=torch.bool)
+        else:  # the emitted run, right-aligned (shorter rows padded on the left)
             width = int(counts.max())
             offsets = torch.arange(width, device=device)
             pad = width - counts  # (B,)
-            valid = offsets[None, :] >= pad[:, None]  # (B, width)
+            pending_valid = offsets[None, :] >= pad[:, None]  # (B, width)
             src = (offsets[None, :] - pad[:, None]).clamp_min(0)
-            block = emitted.gather(1, src).masked_fill(~valid, 0)  # (B, width)
-            hidden, trunk = forward_block(model, block, valid, cache, n_heads)
-            if on_trunk is not None:
-                on_trunk(rows, trunk, valid)
-            hidden = hidden[:, -1]  # (B, heads, H)
-            emitted, counts = _confident_run(model, hidden, opts)
-
-
-def _plan(model, opts: DecodeOptions) -> tuple[int, int, int]:
-    """(heads to run, draft tokens per verify step, widest block fed)."""
-    n = model.num_heads
-    if opts.strategy == "greedy":
-        return 1, 0, 1
-    if opts.strategy == "speculative":
-        d = n - 1 if opts.num_draft is None else opts.num_draft
-        if not 0 <= d <= n - 1:
-            raise MTPError(f"num_draft must be in [0, {n - 1}] for a {n}-head model, got {d}")
-        return 1 + d, d, 1 + d
-    if opts.strategy == "confadapt":
-        return n, 0, n
-    if opts.strategy == "static":
-        k = n if opts.k is None else opts.k
-        if not 1 <= k <= n:
-            raise MTPError(f"static k must be in [1, {n}] for a {n}-head model, got {k}")
-        return k, 0, k
-    raise MTPError(f"unknown strategy {opts.strategy!r}; choose from {', '.join(STRATEGIES)}")
-
-
-def _confident_run(model, hidden: torch.Tensor, opts: DecodeOptions) -> tuple[torch.Tensor, torch.Tensor]:
-    """ConfAdapt / static: tokens (B, heads) of every head at the last position and how many to emit (B,)."""
-    logits = head_logits(model, hidden)  # (B, heads, V)
-    if model.draft_vocab is not None:  # head 0 keeps the whole vocabulary
-        logits = torch.cat([logits[:, :1], model.restrict_to_draft_vocab(logits[:, 1:])], 1)
-    probs = torch.softmax(logits, -1)
-    top_p, top_tok = probs.max(-1)  # (B, heads)
-    if opts.strategy == "static":
-        counts = torch.full_like(top_tok[:, 0], top_tok.shape[1])
-    else:
-        counts = (top_p >= opts.tau).long().cumprod(-1).sum(-1).clamp_min(1)  # at least one token
-    return top_tok, counts
+            pending = emitted.gather(1, src).masked_fill(~pending_valid, 0)  # (B, width)
 
 
 def _count_acceptance(stats: GenerationStats, kept: list[int], rows: int) -> None:
@@ -369,13 +295,15 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
         streamer: called as streamer(row, new_tokens) after each step.
         truncate_prompt: keep only the last tokens of a prompt that does not fit the context with
             max_new_tokens; otherwise such a prompt is an error.
-        proposer: the speculative strategy's draft source (default: the model's heads).
+        proposer: the speculative strategy's draft source for a parallel-heads model (default: its heads).
         num_draft: drafts per verify step at most (default: every extra head).
         adaptive_draft: verify fewer drafts while recent ones were rarely accepted (`DraftLength`); False: always
             `num_draft`. Either way the output is the same, only the speed differs.
         on_trunk: called with the trunk output of every forward (`TrunkObserver`), e.g. to keep the frozen-trunk
             features of self-distilled training rows instead of recomputing them.
     """
+    if strategy not in STRATEGIES:
+        raise MTPError(f"unknown strategy {strategy!r}; choose from {', '.join(STRATEGIES)}")
     if use_speculative is not None:
         strategy = "speculative" if use_speculative else "greedy"
     if input_ids.dim() == 1:
@@ -391,7 +319,9 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
     tokenizer = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
     opts = DecodeOptions(strategy, max_new_tokens, do_sample, temperature, top_k, top_p, tau, k, num_draft,
                          adaptive_draft)
-    input_ids, attention_mask = _fit_context(model, input_ids, attention_mask, opts, truncate_prompt)
+    drafter = model.drafter(opts, proposer=proposer) if proposer is not None else model.drafter(opts)
+    input_ids, attention_mask = _fit_context(model, input_ids, attention_mask, opts, drafter.lookahead,
+                                             truncate_prompt)
     if stop_token_ids is None:
         stop_token_ids = default_stop_token_ids(model, tokenizer)
     stop = StopChecker(input_ids.shape[0], stop_token_ids, stop_strings, tokenizer, device=input_ids.device)
@@ -403,7 +333,7 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
     tokens: list[list[int]] = [[] for _ in range(input_ids.shape[0])]
     start = time.perf_counter()
     for row, new in iter_generate(model, input_ids, attention_mask, opts=opts, stop=stop, generator=generator,
-                                  stats=stats, proposer=proposer or heads_proposer, on_trunk=on_trunk):
+                                  stats=stats, drafter=drafter, on_trunk=on_trunk):
         tokens[row].extend(new)
         if streamer is not None:
             streamer(row, new)
@@ -414,11 +344,11 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
     return GenerationResult(tokens, stats, texts)
 
 
-def _fit_context(model, input_ids, attention_mask, opts: DecodeOptions, truncate_prompt: bool):
+def _fit_context(model, input_ids, attention_mask, opts: DecodeOptions, lookahead: int, truncate_prompt: bool):
     limit = context_limit(model)
     if limit is None:
         return input_ids, attention_mask
-    need = input_ids.shape[1] + opts.max_new_tokens + (_plan(model, opts)[2] - 1)
+    need = input_ids.shape[1] + opts.max_new_tokens + lookahead
     if need <= limit:
         return input_ids, attention_mask
     if not truncate_prompt:

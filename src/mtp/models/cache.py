@@ -61,11 +61,15 @@ class MTPCache:
     def stack(self, index: int) -> StackCache:
         return self.stacks[index]
 
-    def prepare_block(self, block_valid: torch.Tensor, dtype: torch.dtype):
+    def prepare_block(self, block_valid: torch.Tensor, dtype: torch.dtype, offsets: torch.Tensor | None = None,
+                      within: torch.Tensor | None = None):
         """Mark the next T slots and return (additive mask (B,1,T,end) or None, position ids (B,T)).
 
         A query attends to valid earlier-or-equal slots of its row, and always to its own slot (a padding query
-        then has a harmless row instead of an all-masked one, which would give NaN).
+        then has a harmless row instead of an all-masked one, which would give NaN). A drafter that lays out
+        more than a chain (mask tokens, a tree of candidates) gives `within` (T, T) bool, which block slots
+        each block slot may see (a subset of causal order), and `offsets` (B, T), each slot's position id
+        relative to the row's next position (default: consecutive over the valid slots).
         """
         b, t = block_valid.shape
         if self.length + t > self.max_len:
@@ -74,13 +78,16 @@ class MTPCache:
         if end > self.max_len:
             raise MTPError(f"sequence of {end} tokens exceeds the cache of {self.max_len} slots")
         self.valid[:, start:end] = block_valid
-        position_ids = self.next_pos[:, None] + block_valid.long().cumsum(-1) - 1  # (B, T)
-        position_ids = position_ids.clamp_min(0)
+        if offsets is None:
+            offsets = block_valid.long().cumsum(-1) - 1
+        position_ids = (self.next_pos[:, None] + offsets).clamp_min(0)  # (B, T)
         if t == 1 and bool(self.valid[:, :end].all()):
             return None, position_ids
         keys = self._slots[:end]  # (end,)
         queries = self._slots[start:end]  # (T,)
         allowed = self.valid[:, None, :end] & (keys[None, None, :] <= queries[None, :, None])  # (B, T, end)
+        if within is not None:
+            allowed[:, :, start:end] &= within
         allowed |= keys[None, None, :] == queries[None, :, None]
         mask = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
         mask.masked_fill_(~allowed, torch.finfo(dtype).min)

@@ -85,7 +85,9 @@ class FastLlamaLayer:
             return self.packed[which](x)
         a, m = self.attn, self.mlp  # read at call time, so int8-replaced or moved projections are seen
         modules = ((a.q_proj, a.k_proj, a.v_proj), (a.o_proj,), (m.gate_proj, m.up_proj), (m.down_proj,))[which]
-        return [F.linear(x, p.weight, p.bias) if type(p) is nn.Linear else p(x) for p in modules]
+        # A projection with forward hooks (gated LoRA adapters, `mtp.models.mask_tokens`) is called as a module.
+        return [F.linear(x, p.weight, p.bias) if type(p) is nn.Linear and not p._forward_hooks else p(x)
+                for p in modules]
 
 
 # For a 1-token step of a batch, two batched matmuls beat sdpa's fused CPU kernel (which tiles for long blocks):

@@ -117,19 +117,27 @@ class MTPModel(nn.Module):
         self.backbone.use_fast_layers(layers, weights)
         self.fast_decoding = weights
 
+    def drafter(self, opts, proposer=None):
+        """The decoding loop's drafter for this model: head 0 verifies, heads 1..n-1 propose."""
+        from mtp.decoding.drafters import HeadsDrafter
+
+        return HeadsDrafter(self, opts, proposer)
+
     def new_cache(self, batch_size: int, max_len: int) -> MTPCache:
         return MTPCache(batch_size, max_len, num_stacks=1 + self.num_heads, device=self.device)
 
     # ---------------------------------------------------------------- forward pieces (used by decoding, training)
     def trunk_forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                      cache: MTPCache | None = None) -> tuple[torch.Tensor, ForwardContext]:
-        """Embed and run the trunk. With a cache, `input_ids` are the next T tokens after what it holds."""
+                      cache: MTPCache | None = None, offsets: torch.Tensor | None = None,
+                      within: torch.Tensor | None = None) -> tuple[torch.Tensor, ForwardContext]:
+        """Embed and run the trunk. With a cache, `input_ids` are the next T tokens after what it holds;
+        `offsets` and `within` lay out a block that is not a chain (`MTPCache.prepare_block`)."""
         b, t = input_ids.shape
         valid = (torch.ones(b, t, dtype=torch.bool, device=input_ids.device) if attention_mask is None
                  else attention_mask.bool())  # (B, T)
         dtype = self.base.get_input_embeddings().weight.dtype  # activations' dtype (lm_head may be quantised)
         if cache is not None:
-            mask, position_ids = cache.prepare_block(valid, dtype)
+            mask, position_ids = cache.prepare_block(valid, dtype, offsets, within)
         else:
             mask, position_ids = _uncached_mask(valid, dtype, self.config)
         hidden = self.backbone.embed(input_ids, position_ids)  # (B, T, H)
