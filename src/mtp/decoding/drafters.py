@@ -200,7 +200,7 @@ class MaskDrafter:
         valid = torch.cat([chain_valid, chain_valid.new_ones(b, groups * m)], 1)
         hidden = model.block_forward(tokens, valid, cache, offsets, layout.within, layout.is_mask)  # (B, T, H)
         verify_logits = model.lm_head(hidden[:, w - 1:c]).float()  # (B, 1+d, V)
-        mask_hidden = hidden[:, c:].view(b, groups, m, -1)  # (B, groups, m, H)
+        mask_hidden = hidden[:, c:].reshape(b, groups, m, hidden.shape[-1])  # (B, groups, m, H)
 
         def propose(a: torch.Tensor, n: int) -> Drafts:
             g = w - 1 + a - first  # (B,) the group after the kept slot

@@ -278,19 +278,7 @@ class Trainer:
         self.output_dir = Path(output_dir) if output_dir is not None else None
         self.extra_state = extra_state or {}  # saved in trainer_state.pt (e.g. the run's arguments)
         self.device = model.device
-        n = model.num_heads
-        weights = list(config.head_weights) if config.head_weights is not None else [1.0] * n
-        if len(weights) != n:
-            raise MTPError(f"{len(weights)} head weights for a {n}-head model")
-        if config.freeze_trunk:
-            if n < 2:
-                raise MTPError("--freeze-trunk trains the extra heads only, and a 1-head model has none; "
-                               "use --num-heads 2 or more")
-            weights[0] = 0.0  # head 0 is frozen: its loss has no trainable parameter to move
-            if not any(weights[1:]):
-                raise MTPError("with --freeze-trunk at least one extra head needs a weight > 0")
-        self.weights = weights
-        self.params = configure_trainable(model, config.freeze_trunk)
+        self.params = self._setup()
         if not self.params:
             raise MTPError("nothing to train: no parameter requires a gradient")
         if config.gradient_checkpointing:
@@ -303,7 +291,6 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer,
             lambda s: lr_lambda(s, config.steps, config.warmup_steps, config.min_lr_ratio))
-        self.loss_fn = LOSS_ORDERS[config.loss_order]
         self.step = 0
         self.features: torch.Tensor | None = None
         self.eval_features: torch.Tensor | None = None
@@ -311,6 +298,25 @@ class Trainer:
         self.history: list[StepMetrics] = []
         self._elapsed_before = 0.0  # training seconds of the run before a resume
         self._stop = _StopRequest()
+
+    def _setup(self) -> list[torch.nn.Parameter]:
+        """What the method trains (here: the parallel heads' loss); returns the trainable parameters.
+        Other methods (`mtp.training.selfdistill`) override this, `train_step`, `prepare` and `evaluate`."""
+        config, model = self.config, self.model
+        n = model.num_heads
+        weights = list(config.head_weights) if config.head_weights is not None else [1.0] * n
+        if len(weights) != n:
+            raise MTPError(f"{len(weights)} head weights for a {n}-head model")
+        if config.freeze_trunk:
+            if n < 2:
+                raise MTPError("--freeze-trunk trains the extra heads only, and a 1-head model has none; "
+                               "use --num-heads 2 or more")
+            weights[0] = 0.0  # head 0 is frozen: its loss has no trainable parameter to move
+            if not any(weights[1:]):
+                raise MTPError("with --freeze-trunk at least one extra head needs a weight > 0")
+        self.weights = weights
+        self.loss_fn = LOSS_ORDERS[config.loss_order]
+        return configure_trainable(model, config.freeze_trunk)
 
     # -------------------------------------------------------------------------------------- state
     def state_dict(self) -> dict:
@@ -385,9 +391,19 @@ class Trainer:
 
     # -------------------------------------------------------------------------------------- one step
     def train_step(self) -> StepMetrics:
+        t0 = time.perf_counter()
+        total, losses, accuracies, tokens = self.accumulate_gradients()
+        grad_norm, lr = self._optimizer_step()
+        seconds = time.perf_counter() - t0
+        return StepMetrics(step=self.step, lr=lr, loss=total, head_loss=losses, head_acc=accuracies, tokens=tokens,
+                           tokens_per_s=tokens / seconds if seconds > 0 else 0.0, grad_norm=grad_norm,
+                           elapsed=self._elapsed())
+
+    def accumulate_gradients(self) -> tuple[float, list[float | None], list[float | None], int]:
+        """Forward and backward over the step's micro-batches: (loss, loss per head, top-1 accuracy per head,
+        tokens). The method-specific half of a step; `_optimizer_step` is the shared half."""
         cfg = self.config
         n = self.model.num_heads
-        t0 = time.perf_counter()
         micro = [self._micro_batch(self.step * cfg.grad_accum + k) for k in range(cfg.grad_accum)]
         # One denominator per head over the whole accumulated step: the gradient equals that of one big batch.
         norms = [sum(c) for c in zip(*(target_counts(b, n) for b, _ in micro), strict=True)]
@@ -410,6 +426,12 @@ class Trainer:
                 if out.head_losses[j] is not None:
                     head_loss[j] = (head_loss[j] or 0.0) + out.head_losses[j]
                     head_correct[j] += out.head_correct[j]
+        accuracy = [None if head_loss[j] is None or norms[j] == 0 else head_correct[j] / norms[j] for j in range(n)]
+        return total, head_loss, accuracy, tokens
+
+    def _optimizer_step(self) -> tuple[float, float]:
+        """Unscale, clip, step optimizer and schedule, clear gradients: (gradient norm, lr used)."""
+        cfg = self.config
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
         clip = cfg.max_grad_norm if cfg.max_grad_norm and cfg.max_grad_norm > 0 else float("inf")
@@ -426,13 +448,7 @@ class Trainer:
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
-        seconds = time.perf_counter() - t0
-        return StepMetrics(
-            step=self.step, lr=lr, loss=total, head_loss=head_loss,
-            head_acc=[None if head_loss[j] is None or norms[j] == 0 else head_correct[j] / norms[j]
-                      for j in range(n)],
-            tokens=tokens, tokens_per_s=tokens / seconds if seconds > 0 else 0.0, grad_norm=grad_norm,
-            elapsed=self._elapsed())
+        return grad_norm, lr
 
     def _nonfinite(self, what: str) -> NonFiniteLossError:
         keep = (f"the last good checkpoint is {self.last_checkpoint} (continue with --resume, e.g. with a lower --lr)"

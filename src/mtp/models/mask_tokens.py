@@ -1,0 +1,516 @@
+"""Multi-token prediction with mask tokens (Kirchenbauer et al. 2026, arXiv 2602.06019): no new heads.
+
+One mask token is added to the vocabulary. To predict k tokens after position t, k-1 masks follow t; the logits
+at t and at the masks are the k predictions. Training cuts rows into regions (`mask_layout`); decoding appends
+masks after the tokens it feeds (`mtp.decoding.drafters.MaskDrafter`).
+
+Adapters:
+    full        the whole model trains (the paper); its teacher is a frozen copy made when training starts
+    gated-lora  LoRA adapters on the attention and MLP projections that act only at mask positions (Samragh et
+                al. 2025, arXiv 2507.11851): a real token computes exactly the base model, so the teacher is
+                the same weights with the adapters off, and verified decoding returns the base model's answer
+
+Checkpoint folder: the base model's config.json plus an `mtp` section (`method: "mask_tokens"`, the mask token's
+id and string, adapter, rank, k), model.safetensors with the base weights under their Hugging Face names (so
+transformers loads the folder as the plain model) and the adapters as `mtp_lora.{module}.{A,B}`, tokenizer files
+with the mask token added.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mtp.errors import CheckpointMismatchError, MTPError
+from mtp.io import atomic_folder
+
+MASK_TOKEN = "<|mtp_mask|>"
+METHOD = "mask_tokens"
+ADAPTERS = ("full", "gated-lora")
+LORA_PREFIX = "mtp_lora."
+WEIGHTS_NAME = "model.safetensors"
+# Projections that get a gated LoRA adapter: Llama family, then GPT-2 (Conv1D).
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
+                "c_attn", "c_proj", "c_fc")
+
+
+# ------------------------------------------------------------------------------------------------ training layout
+@dataclass
+class MaskLayout:
+    is_mask: torch.Tensor  # (S,) bool
+    position_ids: torch.Tensor  # (S,) long: the position of the token a slot holds or stands for
+    allowed: torch.Tensor  # (S, S) bool: allowed[q, kv], query slot q may attend to key slot kv
+    predict: torch.Tensor  # (regions, k) long: the prediction slots, the region's last real token then its masks
+    source: torch.Tensor  # (S,) long: index of the real token a slot holds; for a mask, its region's last one
+    prefix_len: int
+    k: int
+    regions: int
+
+
+def mask_layout(prefix_len: int, k: int, regions: int) -> MaskLayout:
+    """The training layout of `regions` regions of `prefix_len` (P) real tokens followed by k-1 masks.
+
+    Real tokens x_0 .. x_{MP-1}; region r holds x_{rP} .. x_{rP+P-1}, then masks 1..k-1. Mask j of region r
+    stands for x_{rP+P-1+j}, the token j steps after the region's last real token (those tokens are the first
+    real tokens of region r+1), so its position id is rP+P-1+j. S = regions * (P + k - 1) slots. Example
+    P=2, k=3, regions=2 (x: real, m: mask; position ids below):
+
+        slot      0   1   2   3   4   5   6   7
+        token     x0  x1  m   m   x2  x3  m   m
+        position  0   1   2   3   2   3   4   5
+
+        attends to (1 = allowed)                who
+        slot 0: 1 . . . . . . .                 real tokens: causally, real tokens only (x0..x3 in order)
+        slot 1: 1 1 . . . . . .
+        slot 2: 1 1 1 . . . . .                 mask 1 of region 0: x0 x1, itself
+        slot 3: 1 1 1 1 . . . .                 mask 2 of region 0: x0 x1, mask 1, itself
+        slot 4: 1 1 . . 1 . . .                 x2: x0 x1 x2 (never a mask)
+        slot 5: 1 1 . . 1 1 . .
+        slot 6: 1 1 . . 1 1 1 .                 mask 1 of region 1: every real token of regions 0-1, itself
+        slot 7: 1 1 . . 1 1 1 1
+
+    Predictions of region r: its last real token (t+1) and its k-1 masks (t+2..t+k), k slots.
+    """
+    if prefix_len < 1 or k < 1 or regions < 1:
+        raise MTPError(f"a mask layout needs prefix_len, k and regions >= 1, got {prefix_len}, {k}, {regions}")
+    p, m = prefix_len, k - 1
+    span = p + m
+    s = regions * span
+    slot = torch.arange(s)
+    region, within = slot // span, slot % span
+    is_mask = within >= p
+    # Index of the real token a slot holds (real) or of the region's last real token (mask), and the mask's step.
+    step = (within - p + 1).clamp_min(0)  # 0 for real slots, j for mask j
+    source = region * p + torch.where(is_mask, torch.full_like(within, p - 1), within)
+    position_ids = source + step
+    real_q, real_kv = ~is_mask[:, None], ~is_mask[None, :]
+    causal_real = real_q & real_kv & (source[None, :] <= source[:, None])
+    mask_sees_real = is_mask[:, None] & real_kv & (region[None, :] <= region[:, None])
+    mask_sees_mask = (is_mask[:, None] & is_mask[None, :] & (region[None, :] == region[:, None])
+                      & (step[None, :] <= step[:, None]))
+    allowed = causal_real | mask_sees_real | mask_sees_mask
+    last_real = torch.arange(regions) * span + p - 1
+    predict = last_real[:, None] + torch.arange(k)[None, :]  # (regions, k)
+    return MaskLayout(is_mask, position_ids, allowed, predict, source, p, k, regions)
+
+
+@dataclass
+class LayoutBatch:
+    input_ids: torch.Tensor  # (B, S) real tokens, mask id in mask slots
+    position_ids: torch.Tensor  # (B, S)
+    attention: torch.Tensor  # (B, S, S) bool: the layout's pairs, minus keys that are padding
+    is_mask: torch.Tensor  # (S,) bool
+    predict: torch.Tensor  # (regions, k) slot indices
+    region_weight: torch.Tensor  # (B, regions) float: 1 for a region whose predictions count, else 0
+    next_token: torch.Tensor  # (B, S) the data's next token after each real slot (-100 where none)
+    layout: MaskLayout
+
+
+def gather_layout(input_ids: torch.Tensor, attention_mask: torch.Tensor, layout: MaskLayout, mask_id: int,
+                  offset: int = 0, loss_mask: torch.Tensor | None = None) -> LayoutBatch:
+    """Lay a batch of right-padded token rows (B, L) out as `layout`, starting `offset` tokens into each row.
+
+    A region counts when its last real token is a real token of the row and, with `loss_mask` (B, L) (the
+    positions whose token is a target, e.g. the answer), when the token after it is a target.
+    """
+    b, length = input_ids.shape
+    is_mask = layout.is_mask
+    source = offset + layout.source
+    inside = source < length  # (S,)
+    idx = source.clamp_max(length - 1).to(input_ids.device)
+    tokens = input_ids[:, idx].masked_fill(is_mask.to(input_ids.device)[None], mask_id)  # (B, S)
+    real_valid = attention_mask[:, idx].bool() & inside.to(input_ids.device)[None]  # (B, S)
+    slot_valid = real_valid | is_mask.to(input_ids.device)[None]
+    attention = layout.allowed.to(input_ids.device)[None] & slot_valid[:, None, :]  # (B, S, S)
+    last = layout.predict[:, 0].to(input_ids.device)  # (regions,)
+    weight = real_valid[:, last]
+    nxt_idx = (source + 1).clamp_max(length - 1).to(input_ids.device)
+    nxt_ok = ((source + 1) < length).to(input_ids.device)[None] & attention_mask[:, nxt_idx].bool()
+    if loss_mask is not None:
+        weight = weight & loss_mask[:, nxt_idx[last]].bool() & nxt_ok[:, last]
+        nxt_ok = nxt_ok & loss_mask[:, nxt_idx].bool()
+    next_token = input_ids[:, nxt_idx].masked_fill(~(nxt_ok & real_valid & ~is_mask.to(input_ids.device)), -100)
+    positions = (layout.position_ids + offset).to(input_ids.device)[None].expand(b, -1)
+    return LayoutBatch(tokens, positions, attention, is_mask.to(input_ids.device), layout.predict.to(input_ids.device),
+                       weight.float(), next_token, layout)
+
+
+def additive_mask(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """(B, T, S) bool -> (B, 1, T, S) additive float mask, as transformers' attention interface takes a 4-D mask
+    (sdpa, eager and flex alike); a query with nothing allowed (never in a layout) still sees itself."""
+    allowed = allowed | torch.eye(allowed.shape[1], allowed.shape[2], dtype=torch.bool, device=allowed.device)
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
+    return mask.masked_fill_(~allowed, torch.finfo(dtype).min)[:, None]
+
+
+# ------------------------------------------------------------------------------------------------ gated LoRA
+class GatedLoRA(nn.Module):
+    """LoRA adapters on a model's projections that act only where the gate is 1 (mask tokens).
+
+    Forward hooks add gate * (x A^T B^T) * alpha/rank to each target projection's output, so the model's own
+    modules, their names and their weights stay as they are (the folder still loads in transformers), and the
+    lean decoding step calls the hooked projections as modules. B starts at zero: a new adapter changes nothing.
+    With the gate off (`None`) the model is exactly the base model; a 0 in the gate adds an exact zero.
+    """
+
+    def __init__(self, model: nn.Module, rank: int = 16, alpha: float | None = None,
+                 targets: tuple[str, ...] = LORA_TARGETS):
+        super().__init__()
+        if rank < 1:
+            raise MTPError(f"LoRA rank must be >= 1, got {rank}")
+        self.rank, self.alpha = rank, float(alpha if alpha is not None else 2 * rank)
+        self.scale = self.alpha / rank
+        self.gate: torch.Tensor | None = None  # (B, T, 1) float, set around each forward
+        self.A = nn.ParameterDict()
+        self.B = nn.ParameterDict()
+        self._handles = []
+        ref = next(model.parameters())
+        for name, module in model.named_modules():
+            if name.rsplit(".", 1)[-1] not in targets:
+                continue
+            shape = _in_out(module)
+            if shape is None:
+                continue
+            key = name.replace(".", "__")
+            a = torch.empty(rank, shape[0], dtype=ref.dtype, device=ref.device)
+            nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+            self.A[key] = nn.Parameter(a)
+            self.B[key] = nn.Parameter(torch.zeros(shape[1], rank, dtype=ref.dtype, device=ref.device))
+            self._handles.append(module.register_forward_hook(self._hook(key)))
+        if not self.A:
+            raise MTPError("gated LoRA found no attention/MLP projection to adapt in this model")
+
+    def _hook(self, key: str):
+        def hook(module, inputs, output):
+            gate = self.gate
+            if gate is None:
+                return output
+            x = inputs[0]
+            delta = F.linear(F.linear(x, self.A[key]), self.B[key]) * self.scale  # (B, T, out)
+            return output + delta * gate.to(delta.dtype)
+        return hook
+
+    def state_dict_flat(self) -> dict[str, torch.Tensor]:
+        out = {}
+        for key in self.A:
+            name = key.replace("__", ".")
+            out[f"{LORA_PREFIX}{name}.A"] = self.A[key].detach().contiguous()
+            out[f"{LORA_PREFIX}{name}.B"] = self.B[key].detach().contiguous()
+        return out
+
+    def load_flat(self, state: dict[str, torch.Tensor], source: str) -> None:
+        expected = set(self.state_dict_flat())
+        given = {k for k in state if k.startswith(LORA_PREFIX)}
+        if expected != given:
+            missing, extra = sorted(expected - given), sorted(given - expected)
+            raise CheckpointMismatchError(f"{source}: the LoRA adapters do not match the model "
+                                          f"(missing {missing[:3]}, unexpected {extra[:3]})")
+        with torch.no_grad():
+            for key in self.A:
+                name = key.replace("__", ".")
+                for part, store in (("A", self.A), ("B", self.B)):
+                    t = state[f"{LORA_PREFIX}{name}.{part}"]
+                    if t.shape != store[key].shape:
+                        raise CheckpointMismatchError(f"{source}: {LORA_PREFIX}{name}.{part} has shape "
+                                                      f"{tuple(t.shape)}, the model {tuple(store[key].shape)}")
+                    store[key].copy_(t)
+
+
+def _in_out(module: nn.Module) -> tuple[int, int] | None:
+    if isinstance(module, nn.Linear):
+        return module.in_features, module.out_features
+    if type(module).__name__ == "Conv1D":  # GPT-2: weight (in, out)
+        return module.weight.shape[0], module.weight.shape[1]
+    return None
+
+
+# ------------------------------------------------------------------------------------------------ the model
+class MaskTokenModel(nn.Module):
+    """A causal LM with a mask token: decodes several tokens per forward through the common decoding loop.
+
+    `self.lm` is the base model seen as a 1-head `MTPModel` (trunk + head 0 = the whole model), so decoding
+    uses the same cache, lean layer step and batching as the parallel heads.
+    """
+
+    def __init__(self, base: nn.Module, mask_token_id: int, mask_token: str | None = None, adapter: str = "full",
+                 rank: int = 16, k: int = 4, max_k: int | None = None):
+        super().__init__()
+        from mtp.models.parallel_heads import MTPModel
+
+        if adapter not in ADAPTERS:
+            raise MTPError(f"unknown adapter {adapter!r}; choose one of {', '.join(ADAPTERS)}")
+        vocab = base.get_input_embeddings().weight.shape[0]
+        if not 0 <= mask_token_id < vocab:
+            raise MTPError(f"mask token id {mask_token_id} is outside the embedding matrix of {vocab} rows")
+        self.base = base
+        self.mask_token_id, self.mask_token = int(mask_token_id), mask_token
+        self.adapter, self.rank = adapter, rank
+        self.default_k = k  # k the model was trained for (decoding's default)
+        self.max_k = max_k or max(k, 16)
+        self.lora = GatedLoRA(base, rank) if adapter == "gated-lora" else None
+        self.lm = MTPModel(base, num_heads=1)
+        self.tokenizer = None
+        self.source = None
+
+    # ---------------------------------------------------------------- construction
+    @classmethod
+    def from_base(cls, base, mask_token: str | None = None, mask_token_id: int | None = None,
+                  adapter: str = "full", rank: int = 16, k: int = 4, tokenizer=None, **load_kwargs) -> MaskTokenModel:
+        """Wrap a transformers causal LM (or load one by name/path, `mtp.hub`) and give it a mask token.
+
+        `mask_token_id` uses a token the model already has (seed 002's checkpoints ship one); otherwise
+        `mask_token` (default `<|mtp_mask|>`) is used if the tokenizer knows it, or added: to the tokenizer and
+        to the embedding, in a spare padded row when the matrix has more rows than the tokenizer has tokens,
+        else in a new row, initialised to the mean of the existing rows.
+        """
+        source = None
+        if isinstance(base, str | os.PathLike):
+            from mtp.hub import load_base_model
+
+            base, tokenizer, source = load_base_model(str(base), **load_kwargs)
+        if mask_token_id is None:
+            mask_token_id, mask_token = add_mask_token(base, tokenizer, mask_token or MASK_TOKEN)
+        elif mask_token is None and tokenizer is not None:
+            mask_token = tokenizer.convert_ids_to_tokens(int(mask_token_id))
+        model = cls(base, mask_token_id, mask_token, adapter=adapter, rank=rank, k=k)
+        model.tokenizer, model.source = tokenizer, source
+        return model
+
+    @property
+    def config(self):
+        return self.base.config
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.base.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.base.parameters()).dtype
+
+    @property
+    def num_heads(self) -> int:
+        return 1
+
+    @property
+    def draft_vocab(self):
+        return None
+
+    def set_fast_decoding(self, weights: str | None) -> None:
+        if weights == "fp16" and self.lora is not None:
+            raise MTPError("fp16 packing is not available with gated-LoRA adapters (their projections are hooked)")
+        self.lm.set_fast_decoding(weights)
+
+    @property
+    def fast_decoding(self):
+        return self.lm.fast_decoding
+
+    # ---------------------------------------------------------------- adapters
+    @contextmanager
+    def gate(self, is_mask: torch.Tensor | None):
+        """Adapters act where `is_mask` (B, T) or (T,) is True (None or no mask: the base model everywhere)."""
+        if self.lora is None or is_mask is None or not bool(is_mask.any()):
+            yield
+            return
+        g = is_mask.to(self.dtype)
+        self.lora.gate = (g[None] if g.dim() == 1 else g)[..., None]  # (B|1, T, 1)
+        try:
+            yield
+        finally:
+            self.lora.gate = None
+
+    def make_teacher(self) -> nn.Module:
+        """The frozen teacher's base model: the same weights with the adapters off (gated LoRA), else a copy."""
+        if self.lora is not None:
+            return self.base
+        teacher = copy.deepcopy(self.base).eval()
+        teacher.requires_grad_(False)
+        return teacher
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        if self.lora is not None:
+            return list(self.lora.parameters())
+        return [p for p in self.base.parameters()]
+
+    # ---------------------------------------------------------------- forwards
+    def layout_hidden(self, batch: LayoutBatch, model: nn.Module | None = None, adapters: bool = True) -> torch.Tensor:
+        """Final hidden states (B, S, H) of a training layout, through the Hugging Face model's own forward
+        with the layout as a 4-D attention mask. `model`: another base (the teacher); `adapters`: gate on."""
+        model = model if model is not None else self.base
+        inner = model.base_model
+        dtype = model.get_input_embeddings().weight.dtype
+        mask = additive_mask(batch.attention, dtype)  # (B, 1, S, S)
+        with self.gate(batch.is_mask if adapters and model is self.base else None):
+            out = inner(input_ids=batch.input_ids, attention_mask=mask, position_ids=batch.position_ids,
+                        use_cache=False)
+        return out.last_hidden_state
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs):
+        """Logits of a plain causal forward (B, T, 1, V), as `MTPModel` with one head; masks in `input_ids`
+        switch the adapters on there."""
+        with self.gate(input_ids == self.mask_token_id):
+            return self.lm(input_ids, attention_mask, **kwargs)
+
+    def lm_head(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm.lm_head(hidden)
+
+    def block_forward(self, tokens, valid, cache, offsets, within, is_mask) -> torch.Tensor:
+        """One cached decoding forward of a block laid out by `MaskDrafter`: final hidden states (B, T, H)."""
+        lm = self.lm
+        with self.gate(is_mask):
+            trunk, ctx = lm.trunk_forward(tokens, None if bool(valid.all()) else valid, cache, offsets, within)
+            hidden = lm.head_forward(0, trunk, ctx)
+            lm.finish_block(ctx)
+        return hidden
+
+    # ---------------------------------------------------------------- decoding
+    def drafter(self, opts, proposer=None):
+        from mtp.decoding.drafters import MaskDrafter
+
+        if proposer is not None:
+            raise MTPError("a custom proposer drafts for parallel heads; a mask-token model drafts with its masks")
+        return MaskDrafter(self, opts)
+
+    def new_cache(self, batch_size: int, max_len: int):
+        return self.lm.new_cache(batch_size, max_len)
+
+    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs):
+        from mtp.decoding.generate import generate
+
+        return generate(self, input_ids, attention_mask, **kwargs)
+
+    # ---------------------------------------------------------------- checkpoints
+    def mtp_config(self) -> dict:
+        cfg = {"method": METHOD, "mask_token_id": self.mask_token_id, "mask_token": self.mask_token,
+               "adapter": self.adapter, "k": self.default_k, "max_k": self.max_k, "format_version": 1}
+        if self.lora is not None:
+            cfg.update(rank=self.lora.rank, alpha=self.lora.alpha)
+        return cfg
+
+    def checkpoint_state_dict(self) -> dict[str, torch.Tensor]:
+        state, seen = {}, set()
+        for name, tensor in self.base.state_dict().items():
+            if tensor.data_ptr() in seen and tensor.numel() > 0:  # tied (unembedding = embedding): once
+                continue
+            seen.add(tensor.data_ptr())
+            state[name] = tensor.detach().contiguous()
+        if self.lora is not None:
+            state.update(self.lora.state_dict_flat())
+        return state
+
+    def save_pretrained(self, directory: str | os.PathLike, tokenizer=None) -> Path:
+        from safetensors.torch import save_file
+
+        directory = Path(directory)
+        with atomic_folder(directory) as tmp:
+            config = self.config.to_dict()
+            config["mtp"] = self.mtp_config()
+            (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+            save_file(self.checkpoint_state_dict(), str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+            gen = getattr(self.base, "generation_config", None)
+            if gen is not None:
+                try:
+                    gen.save_pretrained(tmp)
+                except Exception:  # optional; a bad generation config must not block saving weights
+                    pass
+            tokenizer = tokenizer if tokenizer is not None else self.tokenizer
+            if tokenizer is not None:
+                tokenizer.save_pretrained(tmp)
+        return directory
+
+    @classmethod
+    def from_pretrained(cls, directory: str | os.PathLike, device: str | torch.device = "cpu",
+                        dtype: torch.dtype = torch.float32, load_tokenizer: bool = True) -> MaskTokenModel:
+        from safetensors.torch import load_file
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        directory = Path(directory)
+        raw = read_mtp_section(directory)
+        if raw.get("method") != METHOD:
+            raise MTPError(f"{directory}: not a mask-token model (its mtp section has method {raw.get('method')!r})")
+        config = AutoConfig.from_pretrained(directory)
+        from mtp.models.parallel_heads import _skip_weight_init
+
+        with _skip_weight_init():  # every weight is overwritten by the checkpoint
+            base = AutoModelForCausalLM.from_config(config)
+        state = load_file(str(directory / WEIGHTS_NAME))
+        lora_state = {k: state.pop(k) for k in list(state) if k.startswith(LORA_PREFIX)}
+        missing, unexpected = base.load_state_dict(state, strict=False)
+        tied = {k for k in missing if k.endswith("lm_head.weight")} if config.tie_word_embeddings else set()
+        if set(missing) - tied or unexpected:
+            raise CheckpointMismatchError(f"{directory / WEIGHTS_NAME} does not match its config: missing "
+                                          f"{sorted(set(missing) - tied)[:3]}, unexpected {sorted(unexpected)[:3]}")
+        base.tie_weights()
+        model = cls(base, int(raw["mask_token_id"]), raw.get("mask_token"), adapter=raw.get("adapter", "full"),
+                    rank=int(raw.get("rank", 16)), k=int(raw.get("k", 4)), max_k=raw.get("max_k"))
+        if model.lora is not None:
+            model.lora.alpha = float(raw.get("alpha", model.lora.alpha))
+            model.lora.scale = model.lora.alpha / model.lora.rank
+            model.lora.load_flat(lora_state, str(directory / WEIGHTS_NAME))
+        elif lora_state:
+            raise CheckpointMismatchError(f"{directory}: LoRA weights in a model without adapters")
+        model.to(device=device, dtype=dtype).eval()
+        if load_tokenizer and (directory / "tokenizer_config.json").is_file():
+            from transformers import AutoTokenizer
+
+            model.tokenizer = AutoTokenizer.from_pretrained(directory)
+        return model
+
+
+def read_mtp_section(directory: Path) -> dict:
+    path = directory / "config.json"
+    if not path.is_file():
+        raise MTPError(f"{directory}: no config.json (not a model folder)")
+    try:
+        raw = json.loads(path.read_text())
+    except ValueError as e:
+        raise MTPError(f"{path}: not valid JSON ({e})") from None
+    section = raw.get("mtp")
+    if not isinstance(section, dict):
+        raise MTPError(f"{directory}: config.json has no 'mtp' section")
+    if not (directory / WEIGHTS_NAME).is_file():
+        raise MTPError(f"{directory}: missing {WEIGHTS_NAME}")
+    return section
+
+
+def is_mask_token_folder(directory: str | os.PathLike) -> bool:
+    path = Path(directory) / "config.json"
+    try:
+        return json.loads(path.read_text()).get("mtp", {}).get("method") == METHOD
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def add_mask_token(base: nn.Module, tokenizer, token: str = MASK_TOKEN) -> tuple[int, str]:
+    """Give `base` (and `tokenizer`) the mask token; returns its id. See `MaskTokenModel.from_base`."""
+    emb = base.get_input_embeddings().weight
+    rows = emb.shape[0]
+    if tokenizer is None:  # no tokenizer: a new last row
+        new_id = rows
+    else:
+        known = tokenizer.convert_tokens_to_ids(token)
+        if isinstance(known, int) and known != tokenizer.unk_token_id and known is not None and known < rows:
+            return known, token
+        tokenizer.add_special_tokens({"additional_special_tokens": [token]}, replace_extra_special_tokens=False)
+        new_id = tokenizer.convert_tokens_to_ids(token)
+    if new_id < rows:  # a spare padded row of the matrix
+        with torch.no_grad():
+            emb[new_id] = emb[: min(rows, new_id)].mean(0)
+        return new_id, token
+    base.resize_token_embeddings(new_id + 1, mean_resizing=False)
+    with torch.no_grad():
+        emb = base.get_input_embeddings().weight
+        emb[new_id:] = emb[:rows].mean(0)
+        out = base.get_output_embeddings()
+        if out is not None and out.weight.data_ptr() != emb.data_ptr():
+            out.weight[new_id:] = out.weight[:rows].mean(0)
+    return new_id, token
