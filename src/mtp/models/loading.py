@@ -27,16 +27,37 @@ def parse_dtype(name: str | torch.dtype) -> torch.dtype:
 
 def load_mtp_model(spec: str | None = None, num_heads: int | None = None, num_trunk_layers: int | None = None,
                    device: str = "cpu", dtype: str | torch.dtype = "float32", quantize: Quantize = "none",
-                   default_num_heads: int = 4) -> MTPModel:
+                   default_num_heads: int = 4, mask_token_id: int | None = None,
+                   mask_token: str | None = None):
     """Load `spec` (see `mtp.hub.resolve_model`) as an MTP model.
 
     An MTP folder or a Meta checkpoint brings its own heads (asking for a different number is an error); a plain
     model is wrapped with `num_heads` heads (default 4) whose extra heads start as copies of the last layer(s).
+    A mask-token folder loads as a `MaskTokenModel`, and so does a plain model given `mask_token_id` or
+    `mask_token` (a token it already has, as seed 002's checkpoints ship one).
     """
+    from mtp.models.mask_tokens import MaskTokenModel, is_mask_token_folder
+
     torch_dtype = parse_dtype(dtype)
     start = time.perf_counter()
     source = resolve_model(spec)
-    if source.kind in ("mtp_folder", "meta"):
+    if source.kind == "mtp_folder" and is_mask_token_folder(source.location):
+        model = MaskTokenModel.from_pretrained(source.location, device=device, dtype=torch_dtype)
+        source.load_seconds = time.perf_counter() - start
+        model.source = source
+    elif mask_token_id is not None or mask_token is not None:
+        if source.kind in ("mtp_folder", "meta"):
+            raise MTPError(f"{source.location} is a parallel-heads model; a mask token applies to a plain model")
+        base, tokenizer, source = load_base_model(spec, device=device, dtype=torch_dtype)
+        if mask_token is not None and mask_token_id is None:
+            known = tokenizer.convert_tokens_to_ids(mask_token) if tokenizer is not None else None
+            if not isinstance(known, int) or known == getattr(tokenizer, "unk_token_id", None):
+                raise MTPError(f"the tokenizer of {source.location} has no token {mask_token!r}")
+            mask_token_id = known
+        model = MaskTokenModel.from_base(base, mask_token_id=mask_token_id, mask_token=mask_token,
+                                         tokenizer=tokenizer)
+        model.source = source
+    elif source.kind in ("mtp_folder", "meta"):
         if source.kind == "mtp_folder":
             model = MTPModel.from_pretrained(source.location, device=device, dtype=torch_dtype)
         else:
@@ -58,7 +79,12 @@ def load_mtp_model(spec: str | None = None, num_heads: int | None = None, num_tr
     if quantize != "none":
         from mtp.models.quantize import quantize_for_decoding
 
-        quantize_for_decoding(model, quantize)
+        if isinstance(model, MaskTokenModel):
+            if model.lora is not None and quantize == "fp16":
+                raise MTPError("--quantize fp16 is not available for gated-LoRA mask-token models yet")
+            quantize_for_decoding(model.lm, quantize)
+        else:
+            quantize_for_decoding(model, quantize)
     return model
 
 

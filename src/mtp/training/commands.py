@@ -26,6 +26,7 @@ def train(
     output: str,
     model: str | None = None,
     data: str = "gsm8k",
+    method: Literal["heads", "selfdistill"] = "heads",
     num_heads: int | None = None,
     num_trunk_layers: int | None = None,
     freeze_trunk: bool = False,
@@ -62,6 +63,16 @@ def train(
     save_every: int = 100,
     keep_checkpoints: int = 2,
     resume: bool = False,
+    adapter: Literal["full", "gated-lora"] = "full",
+    lora_rank: int = 16,
+    k: int | None = None,
+    k_min: int | None = None,
+    k_max: int | None = None,
+    regions: int = 5,
+    supervision: Literal["hard", "soft"] = "hard",
+    prefix_loss: float = 0.0,
+    mask_token: str | None = None,
+    mask_token_id: int | None = None,
     seed: int = 0,
     device: str = "auto",
     threads: int | None = None,
@@ -73,6 +84,8 @@ def train(
         output: run folder: the trained model, checkpoints/, metrics.jsonl, loss.png, eval.json, self_targets.jsonl
         model: base model (default: embedded SmolLM2-135M-Instruct), HF folder, .gguf, hub id, or an MTP folder
         data: "gsm8k" (shipped), a GSM8K/MetaMathQA-style .jsonl/.json, a text file, or a datasets name
+        method: "heads": parallel MTP heads on a shared trunk; "selfdistill": a mask token trained by
+            self-distillation from a frozen teacher (Kirchenbauer et al. 2026)
         num_heads: heads including the next-token head (default 4; an MTP folder keeps its own)
         num_trunk_layers: shared layers (default: all but the last)
         freeze_trunk: train the extra heads only; the trunk and head 0 stay exactly as the base model
@@ -110,6 +123,18 @@ def train(
         save_every: checkpoint every N steps (0: at the end and on Ctrl-C only)
         keep_checkpoints: keep the last K checkpoints
         resume: continue the run in --output from its last checkpoint (flags default to the run's own)
+        adapter: --method selfdistill: "full" trains the whole model (teacher: a frozen copy); "gated-lora" trains
+            LoRA adapters active at mask tokens only (real tokens stay exactly the base model)
+        lora_rank: --adapter gated-lora: rank of the adapters
+        k: --method selfdistill: tokens predicted per position (the masks are k-1); default 4
+        k_min: draw k per step uniformly from [k-min, k-max] (seeded) instead of a fixed --k
+        k_max: see --k-min
+        regions: --method selfdistill: regions per row of --seq-len slots (each: real tokens, then k-1 masks)
+        supervision: "hard": cross-entropy to the teacher's argmax (the paper's default); "soft": KL to its
+            distribution
+        prefix_loss: weight of the next-token loss on the real tokens (0: off)
+        mask_token: the mask token's string (default <|mtp_mask|>; added to the tokenizer when new)
+        mask_token_id: use this existing token id as the mask token (e.g. a checkpoint that ships one)
         seed: data order, held-out split and initialisation seed
         device: cpu, cuda, cuda:N or auto
         threads: torch CPU threads (default: torch's choice)
@@ -138,16 +163,11 @@ def train(
     torch.manual_seed(a.seed)
 
     # ------------------------------------------------------------------ model
-    from mtp.models.parallel_heads import MTPModel
-
-    if checkpoint is not None:
-        mtp_model = MTPModel.from_pretrained(checkpoint, device=dev)
-        if mtp_model.tokenizer is None:
-            raise MTPError(f"{checkpoint} has no tokenizer files")
-    else:
-        mtp_model = load_model_for_training(a.model, a.num_heads, a.num_trunk_layers, dev)
+    method = _method(a)
+    mtp_model = method.load(a, checkpoint, dev)
+    if checkpoint is not None and mtp_model.tokenizer is None:
+        raise MTPError(f"{checkpoint} has no tokenizer files")
     timings["load_model"] = time.perf_counter() - t_start
-    a.num_heads, a.num_trunk_layers = mtp_model.num_heads, mtp_model.num_trunk_layers
     tokenizer = mtp_model.tokenizer
     if tokenizer is None:
         raise MTPError("the model has no tokenizer; give a --model folder with tokenizer files")
@@ -171,35 +191,33 @@ def train(
     if a.targets == "self":
         from mtp.training.targets import CACHE_NAME, model_fingerprint, self_distilled_data
 
-        fingerprint = model_fingerprint(mtp_model)
+        answering = method.answering_model(mtp_model)
+        fingerprint = model_fingerprint(answering)
         # The answers must come from the model the run started from; after full fine-tuning they cannot be
         # produced again, so only a cache hit is accepted then.
         key = args.get("_answers_model_key") or fingerprint
         args["_answers_model_key"] = key
         _write_train_config(out, args, a)
         train_data, held_data = self_distilled_data(
-            mtp_model, tokenizer, [train_ex, held_ex], template=a.template, seq_len=a.seq_len,
+            answering, tokenizer, [train_ex, held_ex], template=a.template, seq_len=a.seq_len,
             max_new_tokens=a.max_new_tokens, loss_on=a.loss_on, pack=a.pack, cache_path=out / CACHE_NAME,
             batch_size=a.gen_batch_size, model_key=key, generate_missing=fingerprint == key, progress=a.progress,
-            trunk_features=a.freeze_trunk and a.cache_trunk and not a.pack and fingerprint == key)
+            trunk_features=method.wants_trunk_features(a) and fingerprint == key)
     else:
         _write_train_config(out, args, a)
         train_data = tokenize_examples(train_ex, tokenizer, a.template, a.seq_len, a.loss_on, a.pack)
         held_data = tokenize_examples(held_ex, tokenizer, a.template, a.seq_len, a.loss_on, a.pack) if held_ex else None
 
     timings["data_and_targets"] = time.perf_counter() - t_start - timings["load_model"]
-    from mtp.training.draft_vocab import frequent_tokens
-
-    mtp_model.set_draft_vocab(frequent_tokens(train_data, mtp_model.config.vocab_size, a.draft_vocab))
 
     # ------------------------------------------------------------------ schedule
     from mtp.training.data import batches_per_epoch
-    from mtp.training.loop import TrainConfig, Trainer, steps_for_epochs
+    from mtp.training.loop import TrainConfig, steps_for_epochs
     from mtp.training.losses import head_weights as parse_head_weights
 
     total_steps = a.steps if a.steps is not None else steps_for_epochs(train_data, a.epochs or 1.0, a.batch_size,
                                                                       a.grad_accum)
-    lr = a.lr if a.lr is not None else (1e-3 if a.freeze_trunk else 5e-5)
+    lr = a.lr if a.lr is not None else method.default_lr(a)
     warmup = a.warmup_steps if a.warmup_steps is not None else round(0.05 * total_steps)
     config = TrainConfig(
         steps=total_steps, batch_size=a.batch_size, grad_accum=a.grad_accum, lr=lr, min_lr_ratio=a.min_lr_ratio,
@@ -208,19 +226,16 @@ def train(
         precision=a.precision, gradient_checkpointing=a.gradient_checkpointing, freeze_trunk=a.freeze_trunk,
         cache_trunk=a.cache_trunk, eval_every=a.eval_every, save_every=a.save_every,
         keep_checkpoints=a.keep_checkpoints, seed=a.seed, progress=a.progress)
-    trainer = Trainer(mtp_model, train_data, config, output_dir=out, eval_data=held_data)
+    trainer = method.trainer(mtp_model, train_data, held_data, config, a, out)
     if checkpoint is not None:
         trainer.load_state_dict(load_trainer_state(checkpoint))
         trainer.last_checkpoint = checkpoint
     target_tokens = int(train_data.loss_mask.sum())
-    vocab_note = (f"draft vocabulary {mtp_model.draft_vocab.numel():,} tokens, "
-                  if mtp_model.draft_vocab is not None else "")
-    print(f"mtp train: {mtp_model.num_heads} heads on {mtp_model.num_trunk_layers} trunk layers; "
+    print(f"mtp train: {method.describe(mtp_model, a)}; "
           f"{len(train_data)} training rows ({target_tokens:,} target tokens), "
           f"{len(held_data) if held_data is not None else 0} held-out rows; {total_steps} steps of "
           f"{a.batch_size}x{a.grad_accum} rows (~{total_steps * a.batch_size * a.grad_accum / len(train_data):.2f} "
-          f"epochs, {batches_per_epoch(train_data, a.batch_size)} batches per epoch); lr {lr:g}, {vocab_note}"
-          f"{trainer.precision}, {'heads only (frozen trunk)' if a.freeze_trunk else 'full fine-tuning'}"
+          f"epochs, {batches_per_epoch(train_data, a.batch_size)} batches per epoch); lr {lr:g}, {trainer.precision}"
           + (f"; resuming at step {trainer.step}" if checkpoint is not None else ""), flush=True)
 
     start = time.perf_counter()
@@ -238,7 +253,7 @@ def train(
         report.update(ev.to_dict())
         report["heads"] = [{"head": j, "predicts": f"t+{j + 1}", "top1_accuracy": round(ev.head_accuracy[j], 4),
                             "loss": round(ev.head_loss[j], 4), "tokens": ev.head_tokens[j]}
-                           for j in range(mtp_model.num_heads)]
+                           for j in range(len(ev.head_accuracy))]
     _write_json(out / EVAL_NAME, report)
     _print_summary(out, result, report)
     return 0
@@ -277,6 +292,49 @@ def _validate(a: _Args) -> None:
         raise MTPError(f"--lr must be > 0, got {a.lr}")
     if a.max_grad_norm < 0:
         raise MTPError(f"--max-grad-norm must be >= 0, got {a.max_grad_norm}")
+
+
+class _HeadsMethod:
+    """--method heads: parallel heads on a shared trunk (`mtp.training.loop.Trainer`)."""
+
+    def load(self, a: _Args, checkpoint: Path | None, dev: torch.device):
+        from mtp.models.parallel_heads import MTPModel
+
+        if checkpoint is not None:
+            model = MTPModel.from_pretrained(checkpoint, device=dev)
+        else:
+            model = load_model_for_training(a.model, a.num_heads, a.num_trunk_layers, dev)
+        a.num_heads, a.num_trunk_layers = model.num_heads, model.num_trunk_layers
+        return model
+
+    def answering_model(self, model):
+        return model
+
+    def wants_trunk_features(self, a: _Args) -> bool:
+        return a.freeze_trunk and a.cache_trunk and not a.pack
+
+    def default_lr(self, a: _Args) -> float:
+        return 1e-3 if a.freeze_trunk else 5e-5
+
+    def trainer(self, model, train_data, held_data, config, a: _Args, out: Path):
+        from mtp.training.draft_vocab import frequent_tokens
+        from mtp.training.loop import Trainer
+
+        model.set_draft_vocab(frequent_tokens(train_data, model.config.vocab_size, a.draft_vocab))
+        return Trainer(model, train_data, config, output_dir=out, eval_data=held_data)
+
+    def describe(self, model, a: _Args) -> str:
+        vocab = f", draft vocabulary {model.draft_vocab.numel():,} tokens" if model.draft_vocab is not None else ""
+        return (f"{model.num_heads} heads on {model.num_trunk_layers} trunk layers, "
+                f"{'heads only (frozen trunk)' if a.freeze_trunk else 'full fine-tuning'}{vocab}")
+
+
+def _method(a: _Args):
+    if a.method == "selfdistill":
+        from mtp.training.selfdistill import SelfDistillMethod
+
+        return SelfDistillMethod()
+    return _HeadsMethod()
 
 
 def _device(spec: str) -> torch.device:

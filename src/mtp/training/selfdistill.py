@@ -1,0 +1,280 @@
+"""Training a mask-token model by self-distillation (Kirchenbauer et al. 2026): a frozen teacher scores the
+student's own multi-token predictions.
+
+Each micro-batch: rows are laid out in regions of P real tokens + k-1 masks (`mtp.models.mask_tokens`,
+k drawn per step, a random offset per step); the student predicts at every region's k prediction slots; its
+argmax at slot j is written into mask j+1's slot (what it guessed for that position); the teacher runs once,
+under no_grad, on that sequence with the same layout and scores every prediction slot:
+
+    slot            last real token x_t   mask 1      ...   mask k-1
+    student input   x_t                   [mask]            [mask]
+    teacher input   x_t                   s_1 (guess)       s_{k-1}
+    student target  argmax teacher(. | x_<=t)   argmax teacher(. | x_<=t, s_1)   ...  (hard), or its
+                    distribution (soft: KL(teacher || student))
+
+The loss is the plain mean over counted prediction slots (a region counts when its last real token is real and,
+answer-only, when the token after it is an answer token), plus `prefix_loss` x the next-token cross-entropy on
+the real tokens (the data's next token). Held out: per offset 1..k, how often the student's argmax agrees
+with the teacher's.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import torch
+import torch.nn.functional as F
+
+from mtp.errors import MTPError
+from mtp.training.data import TokenizedData, batch_at
+from mtp.training.loop import Trainer
+from mtp.training.losses import EvalResult, trim_batch
+
+SUPERVISION = ("hard", "soft")
+
+
+@dataclass
+class SelfDistillConfig:
+    k_min: int = 4
+    k_max: int = 4
+    regions: int = 5
+    seq_len: int = 160  # slots of a layout: regions * (P + k - 1) <= seq_len
+    supervision: str = "hard"
+    prefix_loss: float = 0.0
+    answer_only: bool = True
+
+    def validate(self) -> None:
+        if not 1 <= self.k_min <= self.k_max:
+            raise MTPError(f"k must satisfy 1 <= k_min <= k_max, got {self.k_min}, {self.k_max}")
+        if self.regions < 1:
+            raise MTPError(f"--regions must be >= 1, got {self.regions}")
+        if self.prefix_len(self.k_max) < 1:
+            raise MTPError(f"--seq-len {self.seq_len} leaves no real token per region with --regions {self.regions} "
+                           f"and k {self.k_max} (need seq_len >= regions * k)")
+        if self.supervision not in SUPERVISION:
+            raise MTPError(f"--supervision must be one of {', '.join(SUPERVISION)}, got {self.supervision!r}")
+        if self.prefix_loss < 0:
+            raise MTPError(f"--prefix-loss must be >= 0, got {self.prefix_loss}")
+
+    def prefix_len(self, k: int) -> int:
+        return self.seq_len // self.regions - (k - 1)
+
+
+def draw(seed: int, step: int, low: int, high: int) -> int:
+    """A uniform integer in [low, high] that depends only on (seed, step): resumed runs draw the same."""
+    gen = torch.Generator().manual_seed(seed * 1_000_003 + step)
+    return int(torch.randint(low, high + 1, (1,), generator=gen))
+
+
+@dataclass
+class SlotFigures:
+    """Sums over the counted prediction slots, per offset (index j: the token j+1 steps ahead)."""
+
+    loss: torch.Tensor  # (k,)
+    agree: torch.Tensor  # (k,)
+    count: torch.Tensor  # (k,)
+    total: torch.Tensor  # scalar: the objective (mean), with grad when training
+
+
+def distill_figures(model, teacher, batch: dict, k: int, cfg: SelfDistillConfig, offset: int,
+                    need_grad: bool) -> SlotFigures:
+    """Student and teacher on one batch of rows laid out for k; the loss and per-offset figures."""
+    from mtp.models.mask_tokens import gather_layout, mask_layout
+
+    layout = mask_layout(cfg.prefix_len(k), k, cfg.regions)
+    lb = gather_layout(batch["input_ids"], batch["attention_mask"], layout, model.mask_token_id, offset,
+                       batch["loss_mask"] if cfg.answer_only else None)
+    slots = lb.predict.flatten()  # (regions * k,)
+    b = lb.input_ids.shape[0]
+    with torch.set_grad_enabled(need_grad):
+        hidden = model.layout_hidden(lb)  # (B, S, H)
+        student = model.lm_head(hidden[:, slots]).float().view(b, cfg.regions, k, -1)  # (B, M, k, V)
+    with torch.no_grad():
+        guesses = student.argmax(-1)  # (B, M, k)
+        filled = lb.input_ids.clone()
+        if k > 1:  # mask j of each region holds the student's guess from slot j-1
+            filled[:, lb.predict[:, 1:].flatten()] = guesses[:, :, :-1].flatten(1)
+        t_hidden = model.layout_hidden(replace(lb, input_ids=filled), model=teacher, adapters=False)
+        t_logits = teacher.get_output_embeddings()(t_hidden[:, slots]).float().view(b, cfg.regions, k, -1)
+    weight = lb.region_weight[:, :, None].expand(-1, -1, k)  # (B, M, k)
+    if cfg.supervision == "hard":
+        per_slot = F.cross_entropy(student.flatten(0, 2), t_logits.argmax(-1).flatten(), reduction="none")
+    else:
+        per_slot = F.kl_div(F.log_softmax(student, -1), F.log_softmax(t_logits, -1), log_target=True,
+                            reduction="none").sum(-1).flatten()
+    per_slot = per_slot.view(b, cfg.regions, k)
+    count = weight.sum((0, 1))  # (k,)
+    total = (per_slot * weight).sum() / weight.sum().clamp_min(1)
+    if cfg.prefix_loss > 0 and need_grad:
+        real = ~lb.is_mask
+        logits = model.lm_head(hidden[:, real]).float()  # (B, R, V)
+        targets = lb.next_token[:, real]
+        if bool((targets >= 0).any()):
+            total = total + cfg.prefix_loss * F.cross_entropy(logits.flatten(0, 1), targets.flatten(),
+                                                              ignore_index=-100)
+    agree = ((guesses == t_logits.argmax(-1)).float() * weight).sum((0, 1))
+    return SlotFigures((per_slot.detach() * weight).sum((0, 1)), agree, count, total)
+
+
+class SelfDistillTrainer(Trainer):
+    """The shared loop (`Trainer`: optimizer, schedule, checkpoints, resume, metrics, Ctrl-C) with the
+    self-distillation objective. Metrics per "head" are per offset: index j is the token j+1 steps ahead."""
+
+    def __init__(self, model, train_data: TokenizedData, config, distill: SelfDistillConfig, teacher=None,
+                 **kwargs):
+        distill.validate()
+        self.distill = distill
+        self.teacher = teacher
+        super().__init__(model, train_data, config, **kwargs)
+
+    def _setup(self) -> list[torch.nn.Parameter]:
+        model = self.model
+        if self.config.freeze_trunk:
+            raise MTPError("--freeze-trunk is for parallel heads; self-distillation trains the model "
+                           "(--adapter full) or gated LoRA adapters (--adapter gated-lora)")
+        model.requires_grad_(False)
+        params = model.trainable_parameters()
+        for p in params:
+            p.requires_grad_(True)
+        # eval mode: no dropout, so the student at real tokens computes what the teacher does
+        model.eval()
+        if self.teacher is None:
+            self.teacher = model.make_teacher()
+        return params
+
+    def prepare(self) -> None:  # no trunk features to cache
+        return None
+
+    def _k(self, step: int) -> int:
+        d = self.distill
+        return d.k_min if d.k_min == d.k_max else draw(self.config.seed, step, d.k_min, d.k_max)
+
+    def accumulate_gradients(self):
+        cfg, d = self.config, self.distill
+        k = self._k(self.step)
+        k_max = d.k_max
+        loss = torch.zeros(k_max)
+        agree = torch.zeros(k_max)
+        count = torch.zeros(k_max)
+        micro = []
+        for m in range(cfg.grad_accum):
+            batch = trim_batch(batch_at(self.train_data, cfg.batch_size, cfg.seed, self.step * cfg.grad_accum + m))
+            micro.append({key: v.to(self.device) for key, v in batch.items()})
+        offset = draw(cfg.seed + 1, self.step, 0, d.prefix_len(k) - 1)
+        total = 0.0
+        tokens = 0
+        for batch in micro:
+            with self.autocast():
+                f = distill_figures(self.model, self.teacher, batch, k, d, offset, need_grad=True)
+            if not torch.isfinite(f.total):
+                self.optimizer.zero_grad(set_to_none=True)
+                raise self._nonfinite(f"the loss is {float(f.total)}")
+            (f.total / cfg.grad_accum).backward()
+            total += float(f.total) / cfg.grad_accum
+            tokens += int(batch["attention_mask"].sum())
+            loss[:k] += f.loss
+            agree[:k] += f.agree
+            count[:k] += f.count
+        per_loss = [float(loss[j] / count[j]) if j < k and count[j] > 0 else None for j in range(k_max)]
+        per_acc = [float(agree[j] / count[j]) if j < k and count[j] > 0 else None for j in range(k_max)]
+        return total, per_loss, per_acc, tokens
+
+    @torch.no_grad()
+    def evaluate(self) -> EvalResult | None:
+        """Per offset 1..k_max, agreement of the student's argmax with the teacher's on the held-out rows
+        (offset 0, k = k_max)."""
+        data = self.eval_data
+        if data is None or len(data) == 0:
+            return None
+        d, k = self.distill, self.distill.k_max
+        loss, agree, count = torch.zeros(k), torch.zeros(k), torch.zeros(k)
+        bs = self.config.eval_batch_size
+        for start in range(0, len(data), bs):
+            batch = trim_batch({"input_ids": data.input_ids[start:start + bs],
+                                "attention_mask": data.attention_mask[start:start + bs],
+                                "loss_mask": data.loss_mask[start:start + bs]})
+            batch = {key: v.to(self.device) for key, v in batch.items()}
+            with self.autocast():
+                f = distill_figures(self.model, self.teacher, batch, k, d, 0, need_grad=False)
+            loss += f.loss.cpu()
+            agree += f.agree.cpu()
+            count += f.count.cpu()
+        acc = (agree / count.clamp_min(1)).tolist()
+        # Expected tokens per verified forward if drafts were accepted exactly when they agree (offsets 2..k in
+        # a row): 1 + sum over j of the agreement of the first j drafts, approximated by the product of rates.
+        run, expected = 1.0, 1.0
+        for a in acc[1:]:
+            run *= a
+            expected += run
+        return EvalResult((loss / count.clamp_min(1)).tolist(), acc, [int(c) for c in count], expected,
+                          extra={"metric": "student/teacher agreement per offset"})
+
+
+class SelfDistillMethod:
+    """--method selfdistill for `mtp train` (`mtp.training.commands`): model, teacher, trainer."""
+
+    def __init__(self):
+        self.teacher = None
+
+    @staticmethod
+    def distill_config(a) -> SelfDistillConfig:
+        if a.k is not None and (a.k_min is not None or a.k_max is not None):
+            raise MTPError("give --k, or --k-min and --k-max, not both")
+        if (a.k_min is None) != (a.k_max is None):
+            raise MTPError("--k-min and --k-max go together")
+        k_min, k_max = (a.k_min, a.k_max) if a.k_min is not None else (a.k or 4,) * 2
+        return SelfDistillConfig(k_min=k_min, k_max=k_max, regions=a.regions, seq_len=a.seq_len,
+                                 supervision=a.supervision, prefix_loss=a.prefix_loss,
+                                 answer_only=a.loss_on == "answer")
+
+    def start_model(self, a, dev):
+        """The model the run starts from: a mask-token folder as it is, any other model with a mask token."""
+        from mtp.hub import resolve_model
+        from mtp.models.mask_tokens import MaskTokenModel, is_mask_token_folder
+
+        cfg = self.distill_config(a)
+        source = resolve_model(a.model)
+        if source.kind == "mtp_folder" and is_mask_token_folder(source.location):
+            model = MaskTokenModel.from_pretrained(source.location, device=dev)
+        elif source.kind == "mtp_folder":
+            raise MTPError(f"{source.location} is a parallel-heads model; --method selfdistill starts from a base "
+                           "model or a mask-token folder")
+        else:
+            model = MaskTokenModel.from_base(a.model, mask_token=a.mask_token, mask_token_id=a.mask_token_id,
+                                             adapter=a.adapter, rank=a.lora_rank, k=cfg.k_max)
+            model.to(dev)
+        return model
+
+    def load(self, a, checkpoint, dev):
+        from mtp.models.mask_tokens import MaskTokenModel
+
+        self.distill_config(a).validate()
+        if a.freeze_trunk:
+            raise MTPError("--freeze-trunk is for --method heads; self-distillation trains the model "
+                           "(--adapter full) or gated LoRA adapters (--adapter gated-lora)")
+        if checkpoint is None:
+            return self.start_model(a, dev)
+        model = MaskTokenModel.from_pretrained(checkpoint, device=dev)
+        if model.lora is None:  # the teacher is the model the run started from, not the checkpoint
+            self.teacher = self.start_model(a, dev).make_teacher()
+        return model
+
+    def answering_model(self, model):
+        return model.lm  # the base model as a 1-head MTP model, for self-distilled answers
+
+    def wants_trunk_features(self, a) -> bool:
+        return False
+
+    def default_lr(self, a) -> float:
+        return 1e-3 if a.adapter == "gated-lora" else 5e-5
+
+    def trainer(self, model, train_data, held_data, config, a, out):
+        return SelfDistillTrainer(model, train_data, config, self.distill_config(a), teacher=self.teacher,
+                                  output_dir=out, eval_data=held_data)
+
+    def describe(self, model, a) -> str:
+        cfg = self.distill_config(a)
+        ks = f"k {cfg.k_min}" if cfg.k_min == cfg.k_max else f"k {cfg.k_min}-{cfg.k_max} per step"
+        adapter = f"gated LoRA rank {model.lora.rank}" if model.lora is not None else "full fine-tuning"
+        return (f"mask-token self-distillation ({adapter}, {cfg.supervision} targets), {ks}, {cfg.regions} regions "
+                f"of {cfg.seq_len // cfg.regions} slots, mask token {model.mask_token!r} (id {model.mask_token_id})")
