@@ -146,8 +146,7 @@ def gather_layout(input_ids: torch.Tensor, attention_mask: torch.Tensor, layout:
 
 def additive_mask(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """(B, T, S) bool -> (B, 1, T, S) additive float mask, as transformers' attention interface takes a 4-D mask
-    (sdpa, eager and flex alike); a query with nothing allowed (never in a layout) still sees itself."""
-    allowed = allowed | torch.eye(allowed.shape[1], allowed.shape[2], dtype=torch.bool, device=allowed.device)
+    (sdpa, eager and flex alike)."""
     mask = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
     return mask.masked_fill_(~allowed, torch.finfo(dtype).min)[:, None]
 
@@ -233,6 +232,36 @@ def _in_out(module: nn.Module) -> tuple[int, int] | None:
     return None
 
 
+class _PrefixKV:
+    """Records the keys and values each layer computes (a pass over the layout's real tokens)."""
+
+    def __init__(self):
+        self.keys: dict[int, torch.Tensor] = {}
+        self.values: dict[int, torch.Tensor] = {}
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        self.keys[layer_idx], self.values[layer_idx] = key_states, value_states
+        return key_states, value_states
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return 0
+
+
+class _OnPrefix:
+    """A later pass attends to the recorded prefix then to itself; nothing is written into the prefix, so
+    student and teacher passes can share one (and autograd sees no in-place change)."""
+
+    def __init__(self, prefix: _PrefixKV):
+        self.prefix = prefix
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        keys = torch.cat([self.prefix.keys[layer_idx], key_states], 2)  # (B, kv_heads, R + T, D)
+        return keys, torch.cat([self.prefix.values[layer_idx], value_states], 2)
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.prefix.keys[layer_idx].shape[2] if layer_idx in self.prefix.keys else 0
+
+
 # ------------------------------------------------------------------------------------------------ the model
 class MaskTokenModel(nn.Module):
     """A causal LM with a mask token: decodes several tokens per forward through the common decoding loop.
@@ -273,10 +302,10 @@ class MaskTokenModel(nn.Module):
         else in a new row, initialised to the mean of the existing rows.
         """
         source = None
-        if isinstance(base, str | os.PathLike):
+        if base is None or isinstance(base, str | os.PathLike):  # None: the embedded default model
             from mtp.hub import load_base_model
 
-            base, tokenizer, source = load_base_model(str(base), **load_kwargs)
+            base, tokenizer, source = load_base_model(None if base is None else str(base), **load_kwargs)
         if mask_token_id is None:
             mask_token_id, mask_token = add_mask_token(base, tokenizer, mask_token or MASK_TOKEN)
         elif mask_token is None and tokenizer is not None:
@@ -342,17 +371,63 @@ class MaskTokenModel(nn.Module):
         return [p for p in self.base.parameters()]
 
     # ---------------------------------------------------------------- forwards
-    def layout_hidden(self, batch: LayoutBatch, model: nn.Module | None = None, adapters: bool = True) -> torch.Tensor:
-        """Final hidden states (B, S, H) of a training layout, through the Hugging Face model's own forward
-        with the layout as a 4-D attention mask. `model`: another base (the teacher); `adapters`: gate on."""
+    def layout_hidden_reference(self, batch: LayoutBatch, model: nn.Module | None = None,
+                                adapters: bool = True) -> torch.Tensor:
+        """Final hidden states (B, S, H) of a training layout in one forward of the Hugging Face model with the
+        layout as a 4-D attention mask. The plain statement of what `real_pass` + `mask_pass` compute faster."""
         model = model if model is not None else self.base
-        inner = model.base_model
         dtype = model.get_input_embeddings().weight.dtype
         mask = additive_mask(batch.attention, dtype)  # (B, 1, S, S)
         with self.gate(batch.is_mask if adapters and model is self.base else None):
-            out = inner(input_ids=batch.input_ids, attention_mask=mask, position_ids=batch.position_ids,
-                        use_cache=False)
+            out = model.base_model(input_ids=batch.input_ids, attention_mask=mask, position_ids=batch.position_ids,
+                                   use_cache=False)
         return out.last_hidden_state
+
+    def real_pass(self, batch: LayoutBatch, model: nn.Module | None = None) -> tuple[torch.Tensor, _PrefixKV]:
+        """The layout's real tokens alone (they never attend to a mask): final hidden states (B, R, H) and
+        their keys and values, which the masks then attend to (`mask_pass`). With gated LoRA this is exactly
+        the base model, shared by student and teacher."""
+        real = (~batch.is_mask).nonzero().squeeze(1)  # (R,)
+        allowed = batch.attention[:, real][:, :, real]  # (B, R, R)
+        prefix = _PrefixKV()
+        hidden = self._run(model, batch.input_ids[:, real], batch.position_ids[:, real], allowed, prefix)
+        return hidden, prefix
+
+    def mask_pass(self, batch: LayoutBatch, prefix: _PrefixKV, tokens: torch.Tensor | None = None,
+                  model: nn.Module | None = None, adapters: bool = True) -> torch.Tensor:
+        """The layout's mask slots (B, Q, H) over the real tokens' keys and values in `prefix`. `tokens` (B, S):
+        what the mask slots hold instead of the mask token (the teacher reads the student's guesses there)."""
+        masks = batch.is_mask.nonzero().squeeze(1)  # (Q,)
+        real = (~batch.is_mask).nonzero().squeeze(1)
+        rows = batch.attention[:, masks]  # (B, Q, S)
+        allowed = torch.cat([rows[:, :, real], rows[:, :, masks]], -1)  # (B, Q, R + Q): prefix keys first
+        ids = (tokens if tokens is not None else batch.input_ids)[:, masks]
+        gate = batch.is_mask[masks] if adapters else None
+        return self._run(model, ids, batch.position_ids[:, masks], allowed, _OnPrefix(prefix), gate)
+
+    def _run(self, model, ids, positions, allowed, kv, gate=None) -> torch.Tensor:
+        """The decoder layers and final norm of `model` (default: this model's base) over `ids` with an
+        explicit (B, T, keys) attention pattern, through the Hugging Face layers' attention interface."""
+        model = model if model is not None else self.base
+        backbone = self.lm.backbone if model is self.base else self._teacher_backbone(model)
+        dtype = model.get_input_embeddings().weight.dtype
+        if allowed.shape[1] == allowed.shape[2]:  # a padding query sees itself (no all-masked row)
+            allowed = allowed | torch.eye(allowed.shape[1], dtype=torch.bool, device=allowed.device)
+        mask = additive_mask(allowed, dtype)  # (B, 1, T, keys)
+        with self.gate(gate if model is self.base else None):
+            hidden = backbone.embed(ids, positions)  # (B, T, H)
+            shared = backbone.layer_inputs(hidden, positions)
+            for layer in backbone.layers:
+                hidden = backbone.run_layer(layer, hidden, mask, kv, shared)
+            return backbone.norm(hidden)
+
+    def _teacher_backbone(self, model):
+        from mtp.models.backbones import backbone_for
+
+        cached = getattr(self, "_teacher_bb", None)
+        if cached is None or cached[0] is not model:
+            self._teacher_bb = (model, backbone_for(model))
+        return self._teacher_bb[1]
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs):
         """Logits of a plain causal forward (B, T, 1, V), as `MTPModel` with one head; masks in `input_ids`

@@ -20,7 +20,7 @@ with the teacher's.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -38,7 +38,7 @@ class SelfDistillConfig:
     k_min: int = 4
     k_max: int = 4
     regions: int = 5
-    seq_len: int = 160  # slots of a layout: regions * (P + k - 1) <= seq_len
+    seq_len: int = 160  # real tokens of a layout, seq_len // regions per region (each followed by k-1 masks)
     supervision: str = "hard"
     prefix_loss: float = 0.0
     answer_only: bool = True
@@ -48,16 +48,16 @@ class SelfDistillConfig:
             raise MTPError(f"k must satisfy 1 <= k_min <= k_max, got {self.k_min}, {self.k_max}")
         if self.regions < 1:
             raise MTPError(f"--regions must be >= 1, got {self.regions}")
-        if self.prefix_len(self.k_max) < 1:
-            raise MTPError(f"--seq-len {self.seq_len} leaves no real token per region with --regions {self.regions} "
-                           f"and k {self.k_max} (need seq_len >= regions * k)")
+        if self.prefix_len < 1:
+            raise MTPError(f"--seq-len {self.seq_len} leaves no real token per region with --regions {self.regions}")
         if self.supervision not in SUPERVISION:
             raise MTPError(f"--supervision must be one of {', '.join(SUPERVISION)}, got {self.supervision!r}")
         if self.prefix_loss < 0:
             raise MTPError(f"--prefix-loss must be >= 0, got {self.prefix_loss}")
 
-    def prefix_len(self, k: int) -> int:
-        return self.seq_len // self.regions - (k - 1)
+    @property
+    def prefix_len(self) -> int:
+        return self.seq_len // self.regions
 
 
 def draw(seed: int, step: int, low: int, high: int) -> int:
@@ -78,38 +78,57 @@ class SlotFigures:
 
 def distill_figures(model, teacher, batch: dict, k: int, cfg: SelfDistillConfig, offset: int,
                     need_grad: bool) -> SlotFigures:
-    """Student and teacher on one batch of rows laid out for k; the loss and per-offset figures."""
+    """Student and teacher on one batch of rows laid out for k; the loss and per-offset figures.
+
+    The layout runs as two passes (`MaskTokenModel.real_pass`, `mask_pass`), which compute what one forward
+    of the whole layout does since real tokens never attend to masks. With gated LoRA the real tokens are the
+    base model: their pass runs once, without gradients, for student and teacher.
+    """
     from mtp.models.mask_tokens import gather_layout, mask_layout
 
-    layout = mask_layout(cfg.prefix_len(k), k, cfg.regions)
+    layout = mask_layout(cfg.prefix_len, k, cfg.regions)
     lb = gather_layout(batch["input_ids"], batch["attention_mask"], layout, model.mask_token_id, offset,
                        batch["loss_mask"] if cfg.answer_only else None)
-    slots = lb.predict.flatten()  # (regions * k,)
-    b = lb.input_ids.shape[0]
+    b, m = lb.input_ids.shape[0], cfg.regions
+    order = torch.empty_like(layout.is_mask, dtype=torch.long)  # slot -> index within its pass
+    order[~layout.is_mask] = torch.arange(int((~layout.is_mask).sum()))
+    order[layout.is_mask] = torch.arange(int(layout.is_mask.sum()))
+    order = order.to(lb.input_ids.device)
+    last_real, mask_slots = order[lb.predict[:, 0]], order[lb.predict[:, 1:]]  # (M,), (M, k-1)
+
+    def gather(real_h, mask_h):  # hidden at the prediction slots (B, M, k, H)
+        return torch.cat([real_h[:, last_real, None], mask_h[:, mask_slots]], 2)
+
+    shared = model.lora is not None  # real tokens compute the base model: one pass for both, no gradient
+    with torch.set_grad_enabled(need_grad and not shared):
+        real_h, prefix = model.real_pass(lb)  # (B, R, H)
     with torch.set_grad_enabled(need_grad):
-        hidden = model.layout_hidden(lb)  # (B, S, H)
-        student = model.lm_head(hidden[:, slots]).float().view(b, cfg.regions, k, -1)  # (B, M, k, V)
+        mask_h = model.mask_pass(lb, prefix)  # (B, Q, H)
+        student = model.lm_head(gather(real_h, mask_h)).float()  # (B, M, k, V)
     with torch.no_grad():
         guesses = student.argmax(-1)  # (B, M, k)
         filled = lb.input_ids.clone()
         if k > 1:  # mask j of each region holds the student's guess from slot j-1
             filled[:, lb.predict[:, 1:].flatten()] = guesses[:, :, :-1].flatten(1)
-        t_hidden = model.layout_hidden(replace(lb, input_ids=filled), model=teacher, adapters=False)
-        t_logits = teacher.get_output_embeddings()(t_hidden[:, slots]).float().view(b, cfg.regions, k, -1)
+        if shared:
+            t_real, t_prefix = real_h, prefix
+        else:
+            t_real, t_prefix = model.real_pass(lb, model=teacher)
+        t_mask = model.mask_pass(lb, t_prefix, tokens=filled, model=teacher, adapters=False)
+        t_logits = teacher.get_output_embeddings()(gather(t_real, t_mask)).float()  # (B, M, k, V)
     weight = lb.region_weight[:, :, None].expand(-1, -1, k)  # (B, M, k)
     if cfg.supervision == "hard":
         per_slot = F.cross_entropy(student.flatten(0, 2), t_logits.argmax(-1).flatten(), reduction="none")
     else:
         per_slot = F.kl_div(F.log_softmax(student, -1), F.log_softmax(t_logits, -1), log_target=True,
                             reduction="none").sum(-1).flatten()
-    per_slot = per_slot.view(b, cfg.regions, k)
+    per_slot = per_slot.view(b, m, k)
     count = weight.sum((0, 1))  # (k,)
     total = (per_slot * weight).sum() / weight.sum().clamp_min(1)
-    if cfg.prefix_loss > 0 and need_grad:
-        real = ~lb.is_mask
-        logits = model.lm_head(hidden[:, real]).float()  # (B, R, V)
-        targets = lb.next_token[:, real]
+    if cfg.prefix_loss > 0 and need_grad and not shared:
+        targets = lb.next_token[:, ~lb.is_mask]  # (B, R) the data's next token after each real token
         if bool((targets >= 0).any()):
+            logits = model.lm_head(real_h).float()  # (B, R, V)
             total = total + cfg.prefix_loss * F.cross_entropy(logits.flatten(0, 1), targets.flatten(),
                                                               ignore_index=-100)
     agree = ((guesses == t_logits.argmax(-1)).float() * weight).sum((0, 1))
@@ -160,7 +179,7 @@ class SelfDistillTrainer(Trainer):
         for m in range(cfg.grad_accum):
             batch = trim_batch(batch_at(self.train_data, cfg.batch_size, cfg.seed, self.step * cfg.grad_accum + m))
             micro.append({key: v.to(self.device) for key, v in batch.items()})
-        offset = draw(cfg.seed + 1, self.step, 0, d.prefix_len(k) - 1)
+        offset = draw(cfg.seed + 1, self.step, 0, d.prefix_len - 1)
         total = 0.0
         tokens = 0
         for batch in micro:
@@ -170,7 +189,7 @@ class SelfDistillTrainer(Trainer):
                 self.optimizer.zero_grad(set_to_none=True)
                 raise self._nonfinite(f"the loss is {float(f.total)}")
             (f.total / cfg.grad_accum).backward()
-            total += float(f.total) / cfg.grad_accum
+            total += float(f.total.detach()) / cfg.grad_accum
             tokens += int(batch["attention_mask"].sum())
             loss[:k] += f.loss
             agree[:k] += f.agree
@@ -223,6 +242,9 @@ class SelfDistillMethod:
         if (a.k_min is None) != (a.k_max is None):
             raise MTPError("--k-min and --k-max go together")
         k_min, k_max = (a.k_min, a.k_max) if a.k_min is not None else (a.k or 4,) * 2
+        if a.prefix_loss > 0 and a.adapter == "gated-lora":
+            raise MTPError("--prefix-loss trains the real tokens, which gated LoRA leaves as the base model; "
+                           "use it with --adapter full")
         return SelfDistillConfig(k_min=k_min, k_max=k_max, regions=a.regions, seq_len=a.seq_len,
                                  supervision=a.supervision, prefix_loss=a.prefix_loss,
                                  answer_only=a.loss_on == "answer")
@@ -277,4 +299,4 @@ class SelfDistillMethod:
         ks = f"k {cfg.k_min}" if cfg.k_min == cfg.k_max else f"k {cfg.k_min}-{cfg.k_max} per step"
         adapter = f"gated LoRA rank {model.lora.rank}" if model.lora is not None else "full fine-tuning"
         return (f"mask-token self-distillation ({adapter}, {cfg.supervision} targets), {ks}, {cfg.regions} regions "
-                f"of {cfg.seq_len // cfg.regions} slots, mask token {model.mask_token!r} (id {model.mask_token_id})")
+                f"of {cfg.prefix_len} tokens + k-1 masks, mask token {model.mask_token!r} (id {model.mask_token_id})")
