@@ -22,6 +22,7 @@ import copy
 import json
 import math
 import os
+import re
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -114,6 +115,21 @@ class LayoutBatch:
     next_token: torch.Tensor  # (B, S) the data's next token after each real slot (-100 where none)
     layout: MaskLayout
 
+    def without_idle_regions(self) -> LayoutBatch:
+        """The same batch without the masks of regions that count in no row (e.g. regions inside the prompts):
+        every real token stays (they are the context), so what the kept slots compute does not change."""
+        keep = self.region_weight.bool().any(0)  # (M,)
+        if bool(keep.all()):
+            return self
+        span = self.is_mask.numel() // keep.numel()
+        region = torch.arange(self.is_mask.numel(), device=keep.device) // span
+        slots = (~self.is_mask | keep[region]).nonzero().squeeze(1)  # (S',)
+        new_index = torch.full((self.is_mask.numel(),), -1, dtype=torch.long, device=keep.device)
+        new_index[slots] = torch.arange(slots.numel(), device=keep.device)
+        return LayoutBatch(self.input_ids[:, slots], self.position_ids[:, slots],
+                           self.attention[:, slots][:, :, slots], self.is_mask[slots], new_index[self.predict[keep]],
+                           self.region_weight[:, keep], self.next_token[:, slots], self.layout)
+
 
 def gather_layout(input_ids: torch.Tensor, attention_mask: torch.Tensor, layout: MaskLayout, mask_id: int,
                   offset: int = 0, loss_mask: torch.Tensor | None = None) -> LayoutBatch:
@@ -162,7 +178,7 @@ class GatedLoRA(nn.Module):
     """
 
     def __init__(self, model: nn.Module, rank: int = 16, alpha: float | None = None,
-                 targets: tuple[str, ...] = LORA_TARGETS):
+                 targets: tuple[str, ...] = LORA_TARGETS, first_layer: int = 0):
         super().__init__()
         if rank < 1:
             raise MTPError(f"LoRA rank must be >= 1, got {rank}")
@@ -173,8 +189,9 @@ class GatedLoRA(nn.Module):
         self.B = nn.ParameterDict()
         self._handles = []
         ref = next(model.parameters())
+        self.first_layer = first_layer  # decoder layers below this one have no adapter
         for name, module in model.named_modules():
-            if name.rsplit(".", 1)[-1] not in targets:
+            if name.rsplit(".", 1)[-1] not in targets or _layer_index(name) < first_layer:
                 continue
             shape = _in_out(module)
             if shape is None:
@@ -224,6 +241,12 @@ class GatedLoRA(nn.Module):
                     store[key].copy_(t)
 
 
+def _layer_index(name: str) -> int:
+    """Decoder layer of a module name (`model.layers.3.mlp.up_proj`, `transformer.h.3.attn.c_attn`)."""
+    match = re.search(r"\.(?:layers|h)\.(\d+)\.", name)
+    return int(match.group(1)) if match else -1
+
+
 def _in_out(module: nn.Module) -> tuple[int, int] | None:
     if isinstance(module, nn.Linear):
         return module.in_features, module.out_features
@@ -271,7 +294,7 @@ class MaskTokenModel(nn.Module):
     """
 
     def __init__(self, base: nn.Module, mask_token_id: int, mask_token: str | None = None, adapter: str = "full",
-                 rank: int = 16, k: int = 4, max_k: int | None = None):
+                 rank: int = 16, k: int = 4, max_k: int | None = None, lora_layers: int | None = None):
         super().__init__()
         from mtp.models.parallel_heads import MTPModel
 
@@ -285,15 +308,21 @@ class MaskTokenModel(nn.Module):
         self.adapter, self.rank = adapter, rank
         self.default_k = k  # k the model was trained for (decoding's default)
         self.max_k = max_k or max(k, 16)
-        self.lora = GatedLoRA(base, rank) if adapter == "gated-lora" else None
         self.lm = MTPModel(base, num_heads=1)
+        num_layers = self.lm.num_layers
+        if lora_layers is not None and not 1 <= lora_layers <= num_layers:
+            raise MTPError(f"lora_layers must be in [1, {num_layers}], got {lora_layers}")
+        # Adapters on the top `lora_layers` decoder layers (default all): layers below then need no backward.
+        first = num_layers - (lora_layers or num_layers)
+        self.lora = GatedLoRA(base, rank, first_layer=first) if adapter == "gated-lora" else None
         self.tokenizer = None
         self.source = None
 
     # ---------------------------------------------------------------- construction
     @classmethod
     def from_base(cls, base, mask_token: str | None = None, mask_token_id: int | None = None,
-                  adapter: str = "full", rank: int = 16, k: int = 4, tokenizer=None, **load_kwargs) -> MaskTokenModel:
+                  adapter: str = "full", rank: int = 16, k: int = 4, tokenizer=None, lora_layers: int | None = None,
+                  **load_kwargs) -> MaskTokenModel:
         """Wrap a transformers causal LM (or load one by name/path, `mtp.hub`) and give it a mask token.
 
         `mask_token_id` uses a token the model already has (seed 002's checkpoints ship one); otherwise
@@ -310,7 +339,7 @@ class MaskTokenModel(nn.Module):
             mask_token_id, mask_token = add_mask_token(base, tokenizer, mask_token or MASK_TOKEN)
         elif mask_token is None and tokenizer is not None:
             mask_token = tokenizer.convert_ids_to_tokens(int(mask_token_id))
-        model = cls(base, mask_token_id, mask_token, adapter=adapter, rank=rank, k=k)
+        model = cls(base, mask_token_id, mask_token, adapter=adapter, rank=rank, k=k, lora_layers=lora_layers)
         model.tokenizer, model.source = tokenizer, source
         return model
 
@@ -414,11 +443,15 @@ class MaskTokenModel(nn.Module):
         if allowed.shape[1] == allowed.shape[2]:  # a padding query sees itself (no all-masked row)
             allowed = allowed | torch.eye(allowed.shape[1], dtype=torch.bool, device=allowed.device)
         mask = additive_mask(allowed, dtype)  # (B, 1, T, keys)
+        # With adapters only, nothing below the first adapted layer trains: those layers need no backward.
+        frozen_below = self.lora.first_layer if self.lora is not None and model is self.base else 0
+        grad = torch.is_grad_enabled()
         with self.gate(gate if model is self.base else None):
             hidden = backbone.embed(ids, positions)  # (B, T, H)
             shared = backbone.layer_inputs(hidden, positions)
-            for layer in backbone.layers:
-                hidden = backbone.run_layer(layer, hidden, mask, kv, shared)
+            for i, layer in enumerate(backbone.layers):
+                with torch.set_grad_enabled(grad and i >= frozen_below):
+                    hidden = backbone.run_layer(layer, hidden, mask, kv, shared)
             return backbone.norm(hidden)
 
     def _teacher_backbone(self, model):
@@ -433,10 +466,16 @@ class MaskTokenModel(nn.Module):
         """Logits of a plain causal forward (B, T, 1, V), as `MTPModel` with one head; masks in `input_ids`
         switch the adapters on there."""
         with self.gate(input_ids == self.mask_token_id):
-            return self.lm(input_ids, attention_mask, **kwargs)
+            return self.without_mask_token(self.lm(input_ids, attention_mask, **kwargs))
 
     def lm_head(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm.lm_head(hidden)
+        return self.without_mask_token(self.lm.lm_head(hidden))
+
+    def without_mask_token(self, logits: torch.Tensor) -> torch.Tensor:
+        """The mask token is an input, never an output: its logit is set to the lowest value (probability 0),
+        so a decoded sequence never holds a token that would read as a mask."""
+        return logits.index_fill(-1, torch.tensor([self.mask_token_id], device=logits.device),
+                                 torch.finfo(logits.dtype).min)
 
     def block_forward(self, tokens, valid, cache, offsets, within, is_mask) -> torch.Tensor:
         """One cached decoding forward of a block laid out by `MaskDrafter`: final hidden states (B, T, H)."""
@@ -468,7 +507,7 @@ class MaskTokenModel(nn.Module):
         cfg = {"method": METHOD, "mask_token_id": self.mask_token_id, "mask_token": self.mask_token,
                "adapter": self.adapter, "k": self.default_k, "max_k": self.max_k, "format_version": 1}
         if self.lora is not None:
-            cfg.update(rank=self.lora.rank, alpha=self.lora.alpha)
+            cfg.update(rank=self.lora.rank, alpha=self.lora.alpha, lora_layers=self.lm.num_layers - self.lora.first_layer)
         return cfg
 
     def checkpoint_state_dict(self) -> dict[str, torch.Tensor]:
@@ -526,7 +565,8 @@ class MaskTokenModel(nn.Module):
                                           f"{sorted(set(missing) - tied)[:3]}, unexpected {sorted(unexpected)[:3]}")
         base.tie_weights()
         model = cls(base, int(raw["mask_token_id"]), raw.get("mask_token"), adapter=raw.get("adapter", "full"),
-                    rank=int(raw.get("rank", 16)), k=int(raw.get("k", 4)), max_k=raw.get("max_k"))
+                    rank=int(raw.get("rank", 16)), k=int(raw.get("k", 4)), max_k=raw.get("max_k"),
+                    lora_layers=raw.get("lora_layers"))
         if model.lora is not None:
             model.lora.alpha = float(raw.get("alpha", model.lora.alpha))
             model.lora.scale = model.lora.alpha / model.lora.rank

@@ -65,6 +65,7 @@ def train(
     resume: bool = False,
     adapter: Literal["full", "gated-lora"] = "full",
     lora_rank: int = 16,
+    lora_layers: int | None = None,
     k: int | None = None,
     k_min: int | None = None,
     k_max: int | None = None,
@@ -126,6 +127,8 @@ def train(
         adapter: --method selfdistill: "full" trains the whole model (teacher: a frozen copy); "gated-lora" trains
             LoRA adapters active at mask tokens only (real tokens stay exactly the base model)
         lora_rank: --adapter gated-lora: rank of the adapters
+        lora_layers: --adapter gated-lora: adapters on the top N decoder layers only (default all); the layers
+            below need no backward pass, so training is faster
         k: --method selfdistill: tokens predicted per position (the masks are k-1); default 4
         k_min: draw k per step uniformly from [k-min, k-max] (seeded) instead of a fixed --k
         k_max: see --k-min

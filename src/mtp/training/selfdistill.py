@@ -88,12 +88,11 @@ def distill_figures(model, teacher, batch: dict, k: int, cfg: SelfDistillConfig,
 
     layout = mask_layout(cfg.prefix_len, k, cfg.regions)
     lb = gather_layout(batch["input_ids"], batch["attention_mask"], layout, model.mask_token_id, offset,
-                       batch["loss_mask"] if cfg.answer_only else None)
-    b, m = lb.input_ids.shape[0], cfg.regions
-    order = torch.empty_like(layout.is_mask, dtype=torch.long)  # slot -> index within its pass
-    order[~layout.is_mask] = torch.arange(int((~layout.is_mask).sum()))
-    order[layout.is_mask] = torch.arange(int(layout.is_mask.sum()))
-    order = order.to(lb.input_ids.device)
+                       batch["loss_mask"] if cfg.answer_only else None).without_idle_regions()
+    b, m = lb.region_weight.shape
+    order = torch.empty_like(lb.is_mask, dtype=torch.long)  # slot -> index within its pass
+    order[~lb.is_mask] = torch.arange(int((~lb.is_mask).sum()), device=order.device)
+    order[lb.is_mask] = torch.arange(int(lb.is_mask.sum()), device=order.device)
     last_real, mask_slots = order[lb.predict[:, 0]], order[lb.predict[:, 1:]]  # (M,), (M, k-1)
 
     def gather(real_h, mask_h):  # hidden at the prediction slots (B, M, k, H)
@@ -115,7 +114,7 @@ def distill_figures(model, teacher, batch: dict, k: int, cfg: SelfDistillConfig,
         else:
             t_real, t_prefix = model.real_pass(lb, model=teacher)
         t_mask = model.mask_pass(lb, t_prefix, tokens=filled, model=teacher, adapters=False)
-        t_logits = teacher.get_output_embeddings()(gather(t_real, t_mask)).float()  # (B, M, k, V)
+        t_logits = model.without_mask_token(teacher.get_output_embeddings()(gather(t_real, t_mask))).float()
     weight = lb.region_weight[:, :, None].expand(-1, -1, k)  # (B, M, k)
     if cfg.supervision == "hard":
         per_slot = F.cross_entropy(student.flatten(0, 2), t_logits.argmax(-1).flatten(), reduction="none")
@@ -263,7 +262,8 @@ class SelfDistillMethod:
                            "model or a mask-token folder")
         else:
             model = MaskTokenModel.from_base(a.model, mask_token=a.mask_token, mask_token_id=a.mask_token_id,
-                                             adapter=a.adapter, rank=a.lora_rank, k=cfg.k_max)
+                                             adapter=a.adapter, rank=a.lora_rank, k=cfg.k_max,
+                                             lora_layers=a.lora_layers)
             model.to(dev)
         return model
 
