@@ -25,6 +25,8 @@ import torch
 from mtp.errors import MTPError
 from mtp.evaluation.gsm8k import extract_flexible, extract_strict, is_correct, mean_and_stderr
 from mtp.evaluation.prompts import Prompt, left_pad, pad_id, stop_token_ids, truncate_output
+from mtp.io import atomic_write_json as write_json
+from mtp.io import atomic_write_text as write_text
 
 SAMPLES = "samples.jsonl"
 CONFIG = "eval_config.json"
@@ -33,23 +35,6 @@ STOP_STRINGS_KEY = "stop_sequences"
 
 
 # ------------------------------------------------------------------------------------------------ small helpers
-def write_json(path: Path, data) -> None:
-    """Write JSON to a temporary name in the same folder, then rename it into place."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
-
-
-def write_text(path: Path, text: str) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def prompt_key(token_ids: Sequence[int]) -> str:
     return hashlib.sha256(json.dumps(list(token_ids)).encode()).hexdigest()[:16]
 

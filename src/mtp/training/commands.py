@@ -13,6 +13,7 @@ from typing import Literal
 import torch
 
 from mtp.errors import MTPError
+from mtp.io import atomic_write_json
 from mtp.runtime import set_threads
 
 TRAIN_CONFIG = "train_config.json"
@@ -239,7 +240,7 @@ def train(
         report["heads"] = [{"head": j, "predicts": f"t+{j + 1}", "top1_accuracy": round(ev.head_accuracy[j], 4),
                             "loss": round(ev.head_loss[j], 4), "tokens": ev.head_tokens[j]}
                            for j in range(mtp_model.num_heads)]
-    _write_json(out / EVAL_NAME, report)
+    atomic_write_json(out / EVAL_NAME, report)
     _print_summary(out, result, report)
     return 0
 
@@ -344,13 +345,7 @@ def _merge_resume_args(args: dict, saved: dict) -> dict:
 def _write_train_config(out: Path, args: dict, a: _Args) -> None:
     record = {"args": {k: v for k, v in args.items() if k not in ("output",)},
               "resolved": {"num_heads": a.num_heads, "num_trunk_layers": a.num_trunk_layers, "template": a.template}}
-    _write_json(out / TRAIN_CONFIG, record)
-
-
-def _write_json(path: Path, data) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    atomic_write_json(out / TRAIN_CONFIG, record)
 
 
 def install_model(model, out: Path) -> None:
@@ -432,7 +427,7 @@ def bench_train(
         torch.set_num_threads(threads)
     results = run_bench_train(model, heads, orders, seq_len, batch_size, steps, freeze_trunk,
                               gradient_checkpointing, _device(device), seed)
-    _write_json(Path(output), results)
+    atomic_write_json(Path(output), results)
     print(results["table"])
     print(f"\n{results['method']}\nresults: {output}")
     return 0

@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 from mtp.errors import MTPError
+from mtp.io import atomic_write_lines
 from mtp.training.checkpoints import (
     load_trainer_state,
     rng_state,
@@ -544,9 +545,7 @@ class MetricsLog:
                         kept.append(line)
                 except ValueError:  # a line cut off by a crash
                     continue
-            tmp = path.with_name(path.name + ".tmp")
-            tmp.write_text("".join(x + "\n" for x in kept), encoding="utf-8")
-            os.replace(tmp, path)
+            atomic_write_lines(path, kept)
         self._file = path.open("a", encoding="utf-8")
 
     def write(self, record: dict) -> None:
