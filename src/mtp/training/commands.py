@@ -142,6 +142,10 @@ def train(
     from mtp.models.parallel_heads import MTPModel
 
     if checkpoint is not None:
+        from mtp.hub import check_model_folder
+
+        check_model_folder(checkpoint)
+        state = load_trainer_state(checkpoint)  # before any work: a damaged state must not cost the data stage
         mtp_model = MTPModel.from_pretrained(checkpoint, device=dev)
         if mtp_model.tokenizer is None:
             raise MTPError(f"{checkpoint} has no tokenizer files")
@@ -211,7 +215,7 @@ def train(
         keep_checkpoints=a.keep_checkpoints, seed=a.seed, progress=a.progress)
     trainer = Trainer(mtp_model, train_data, config, output_dir=out, eval_data=held_data)
     if checkpoint is not None:
-        trainer.load_state_dict(load_trainer_state(checkpoint))
+        trainer.load_state_dict(state)
         trainer.last_checkpoint = checkpoint
     target_tokens = int(train_data.loss_mask.sum())
     vocab_note = (f"draft vocabulary {mtp_model.draft_vocab.numel():,} tokens, "
