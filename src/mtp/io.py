@@ -187,3 +187,27 @@ def _json_array(path: Path, text: str) -> list[tuple[int, Any]]:
     if text[pos + 1 :].strip():
         raise MTPError(f"{path}:{text.count(chr(10), 0, pos) + 1}: unexpected text after the JSON array")
     return records
+
+
+def read_complete_records(path: str | os.PathLike) -> list[dict]:
+    """The JSON-object lines of a log appended to as work finishes; a line cut off by an interruption (or any
+    line that is not an object) is skipped. A missing file has none."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    records = []
+    for line in read_text(path).splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict):
+            records.append(record)
+    return records
+
+
+def append_records(f, records: Iterable[dict]) -> None:
+    """Append JSON lines to the open log `f` and force them to disk: a kill loses no finished work."""
+    f.write("".join(json.dumps(r) + "\n" for r in records))
+    f.flush()
+    os.fsync(f.fileno())

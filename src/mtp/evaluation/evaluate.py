@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -25,6 +24,7 @@ import torch
 from mtp.errors import MTPError
 from mtp.evaluation.gsm8k import extract_flexible, extract_strict, is_correct, mean_and_stderr
 from mtp.evaluation.prompts import Prompt, left_pad, pad_id, stop_token_ids, truncate_output
+from mtp.io import append_records, read_complete_records
 from mtp.io import atomic_write_json as write_json
 from mtp.io import atomic_write_text as write_text
 
@@ -75,27 +75,11 @@ def score(output: str, reference: str | None) -> dict:
 # ------------------------------------------------------------------------------------------------ the JSONL
 def read_samples(path: Path) -> list[dict]:
     """Every complete record of a samples file (a line cut off by an interruption, or foreign, is skipped)."""
-    records = []
-    if not path.is_file():
-        return records
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            record = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(record, dict) and isinstance(record.get("id"), int) and "prompt_key" in record:
-            records.append(record)
-    return records
+    return [r for r in read_complete_records(path) if isinstance(r.get("id"), int) and "prompt_key" in r]
 
 
 def _rewrite_samples(path: Path, records: list[dict]) -> None:
     write_text(path, "".join(json.dumps(r) + "\n" for r in records))
-
-
-def _append(f, records: list[dict]) -> None:
-    f.write("".join(json.dumps(r) + "\n" for r in records))
-    f.flush()
-    os.fsync(f.fileno())
 
 
 # ------------------------------------------------------------------------------------------------ generation
@@ -190,7 +174,7 @@ def run_eval(model, tokenizer, prompts: Sequence[Prompt], output: str | Path, id
                 batch = todo[s:s + batch_size]
                 records = generate_batch(model, tokenizer, batch, strategy=strategy, max_new_tokens=max_new_tokens,
                                          tau=tau, k=k, num_draft=num_draft, stop_ids=stop_ids)
-                _append(f, records)
+                append_records(f, records)
                 for r in records:
                     done[r["id"]] = r
                 if bar is not None:
