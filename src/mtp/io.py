@@ -20,8 +20,9 @@ from typing import Any
 
 from mtp.errors import MTPError
 
-# `.{name}.tmp-{pid}` or `.{name}.tmp-{pid}-{random}` (and `.old-`): what this module names its temporaries.
-_TEMPORARY = re.compile(r"\.(?P<name>.+)\.(?:tmp|old)-(?P<pid>\d+)(?:-[^/]*)?")
+# `.{name}.tmp-{pid}` or `.{name}.tmp-{pid}-{random}` (and `.old-`): what this module names its temporaries;
+# `.{name}-tmp-{pid}` is how `mtp train` named its model folder's before.
+_TEMPORARY = re.compile(r"\.(?P<name>.+?)[.-](?:tmp|old)-(?P<pid>\d+)(?:-[^/]*)?")
 
 
 def pid_alive(pid: int) -> bool:

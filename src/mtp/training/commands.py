@@ -6,6 +6,7 @@ import inspect
 import json
 import os
 import shutil
+import tempfile
 import time
 from pathlib import Path
 from typing import Literal
@@ -13,7 +14,7 @@ from typing import Literal
 import torch
 
 from mtp.errors import MTPError
-from mtp.io import atomic_write_json
+from mtp.io import atomic_write_json, remove_stale_temporaries, temporary_prefix
 from mtp.runtime import set_threads
 
 TRAIN_CONFIG = "train_config.json"
@@ -355,9 +356,8 @@ def _write_train_config(out: Path, args: dict, a: _Args) -> None:
 def install_model(model, out: Path) -> None:
     """Save the model into the run folder (which also holds checkpoints and logs): written to a temporary
     folder, then each file renamed into place, config.json last (a config.json marks a complete model)."""
-    tmp = out / f".model-tmp-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
+    remove_stale_temporaries(out)  # of writes into the run folder that were killed
+    tmp = Path(tempfile.mkdtemp(prefix=temporary_prefix(out / "model"), dir=out))
     try:
         model.save_pretrained(tmp)
         for f in sorted(tmp.iterdir(), key=lambda p: p.name == "config.json"):
