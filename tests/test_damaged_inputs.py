@@ -217,6 +217,21 @@ def test_missing_weights_are_one_line(tmp_path, capsys):
     assert_one_line_error(code, err, str(folder), "no weights")
 
 
+@pytest.mark.parametrize("kind", ["mtp", "hf"])
+def test_a_folder_asking_to_run_its_own_code_is_refused(tmp_path, kind, capsys):
+    folder = _model_folder(tmp_path, kind)
+    marker = tmp_path / "ran"
+    (folder / "evil.py").write_text(f"import pathlib\npathlib.Path({str(marker)!r}).touch()\n"
+                                    "from transformers import LlamaConfig\n"
+                                    "class EvilConfig(LlamaConfig):\n    model_type = 'evil'\n")
+    config = json.loads((folder / "config.json").read_text())
+    config.update(model_type="evil", auto_map={"AutoConfig": "evil.EvilConfig"})
+    (folder / "config.json").write_text(json.dumps(config))
+    code, err = run_cli(["info", "--model", folder], capsys)
+    assert_one_line_error(code, err, str(folder / "config.json"), "custom code")
+    assert not marker.exists()
+
+
 @pytest.mark.parametrize("how", ["truncated", "garbage"])
 def test_a_damaged_meta_checkpoint_is_one_line(tmp_path, how, capsys):
     folder = tmp_path / "meta"

@@ -179,7 +179,7 @@ def _check_config(folder: Path) -> None:
     from transformers import AutoConfig  # slow import; every caller goes on to load the model anyway
 
     try:
-        AutoConfig.from_pretrained(folder)
+        AutoConfig.from_pretrained(folder, trust_remote_code=False)  # never asks to run the folder's code
     except Exception as e:  # ValueError, TypeError, hub validation errors: all mean the file is wrong
         cause = e.__cause__ or e
         raise MTPError(f"{folder / 'config.json'}: not a usable model config ({first_line(cause)})") from None
@@ -241,8 +241,8 @@ def _load_folder(folder: str, dtype: torch.dtype, from_hub: bool) -> tuple[Any, 
     from transformers import AutoModelForCausalLM, AutoTokenizer  # slow import, only when loading
 
     try:
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
-        tokenizer = AutoTokenizer.from_pretrained(folder)
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, trust_remote_code=False)
+        tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
     except OSError as e:  # transformers' "not found / cannot connect" errors are all OSError
         if from_hub:
             raise MTPError(
