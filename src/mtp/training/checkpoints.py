@@ -31,7 +31,7 @@ from mtp.io import atomic_folder, read_json_object, remove_stale_temporaries
 
 STATE_NAME = "trainer_state.json"
 TENSORS_NAME = "trainer_state.safetensors"
-LEGACY_STATE_NAME = "trainer_state.pt"  # a pickle (mtp <= 0.x); never loaded
+LEGACY_STATE_NAME = "trainer_state.pt"  # a pickle, as mtp 0.1.0 wrote it; never loaded
 _STEP_DIR = re.compile(r"step-(\d+)")
 
 
@@ -88,7 +88,7 @@ def save_checkpoint(root: str | os.PathLike, step: int, model, state: dict, keep
     """Write `root/step-{step}` atomically (model folder + trainer state), then prune to the last `keep`."""
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
-    for stale in root.glob(".tmp-step-*"):  # left by a crash in an earlier save, as mtp <= 0.x named them
+    for stale in root.glob(".tmp-step-*"):  # left by a crash in an earlier save, as mtp 0.1.0 named them
         shutil.rmtree(stale, ignore_errors=True)
     remove_stale_temporaries(root)  # left by saves that were killed
     with atomic_folder(checkpoint_dir(root, step)) as tmp:
