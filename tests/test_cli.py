@@ -83,4 +83,4 @@ def test_malformed_prompts_line_has_its_number(tiny_mtp_folder, tmp_path, capsys
     prompts = tmp_path / "p.jsonl"
     prompts.write_text('{"prompt": "ok"}\n{"prompt": oops}\n')
     code, _, err = run_cli(["generate", "--model", str(tiny_mtp_folder), "--prompts-file", str(prompts)], capsys)
-    assert code == 2 and f"{prompts}:2: invalid JSON" in err
+    assert code == 2 and f"{prompts}:2: not valid JSON" in err

@@ -228,14 +228,13 @@ def test_missing_default_package_says_how_to_install(monkeypatch: pytest.MonkeyP
 
 @pytest.fixture
 def fake_convert(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> list[Path]:
-    """Replace the 40 s conversion with one that writes a complete-looking folder and records its calls."""
+    """Replace the 40 s conversion with one that writes a tiny intact folder and records its calls."""
     calls: list[Path] = []
 
     def convert(gguf_path: Path, output: Path) -> Path:
         calls.append(output)
-        output.mkdir(parents=True, exist_ok=True)
-        (output / "config.json").write_text("{}")
-        (output / "model.safetensors").write_bytes(b"")
+        tiny_model().save_pretrained(output)
+        tiny_tokenizer().save_pretrained(output)
         return output
 
     monkeypatch.setattr(hub, "convert_gguf_to_folder", convert)
@@ -247,6 +246,16 @@ def test_default_folder_converted_once(home: Path, fake_convert: list[Path]) -> 
     first = hub.default_model_folder()
     assert hub.default_model_folder() == first
     assert fake_convert == [first]
+
+
+def test_a_damaged_cache_is_converted_again(home: Path, fake_convert: list[Path], capsys) -> None:
+    first = hub.default_model_folder()
+    weights = first / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])  # a copy cut short
+    assert hub.default_model_folder() == first
+    assert fake_convert == [first, first]
+    assert "damaged" in capsys.readouterr().err
+    hub.check_model_folder(first)  # intact again
 
 
 def test_incomplete_folders_are_not_accepted(home: Path, fake_convert: list[Path]) -> None:

@@ -33,3 +33,54 @@ def test_read_json_object_errors_name_the_file(tmp_path):
     arr = atomic_write_text(tmp_path / "arr.json", "[1]")
     with pytest.raises(MTPError, match=r"arr\.json is not a model config"):
         read_json_object(arr, "a model config")
+
+
+def dead_pid() -> int:
+    """The id of a process that has exited (and been reaped)."""
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def test_the_next_write_removes_temporaries_of_killed_writes_only(tmp_path):
+    import os
+
+    from mtp.io import atomic_write_json, remove_stale_temporaries
+
+    dead, alive = dead_pid(), os.getppid()  # our parent is alive for as long as this test runs
+    killed_folder = tmp_path / f".model.tmp-{dead}-abc123"
+    killed_folder.mkdir()
+    (killed_folder / "model.safetensors").write_bytes(b"half")
+    killed_old = tmp_path / f".model.old-{dead}"
+    killed_old.mkdir()
+    in_progress = tmp_path / f".model.tmp-{alive}-def456"  # another process writing right now
+    in_progress.mkdir()
+    other_target = tmp_path / f".other.tmp-{dead}-x"  # not the target written: left for its own next write
+    other_target.mkdir()
+    legacy = tmp_path / f".model-tmp-{dead}"  # as `mtp train` named it before
+    legacy.mkdir()
+    killed_file = tmp_path / f".report.json.tmp-{dead}-q1w2.json"
+    killed_file.write_text("{")
+    with atomic_folder(tmp_path / "model") as tmp:
+        (tmp / "a.txt").write_text("one")
+    assert not killed_folder.exists() and not killed_old.exists() and not legacy.exists()
+    assert in_progress.is_dir() and other_target.is_dir()
+    atomic_write_json(tmp_path / "report.json", {"a": 1})
+    assert not killed_file.exists()
+    assert remove_stale_temporaries(tmp_path) == [other_target]  # any target: what a checkpoint save sweeps
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["model", "report.json", in_progress.name])
+
+
+def test_a_checkpoint_save_removes_a_killed_save(tmp_path):
+    from conftest import tiny_mtp
+    from mtp.training.checkpoints import list_checkpoints, save_checkpoint
+
+    killed = tmp_path / f".step-000003.tmp-{dead_pid()}-zz"  # a save killed at step 3
+    killed.mkdir()
+    (killed / "config.json").write_text("{}")
+    save_checkpoint(tmp_path, 4, tiny_mtp(num_heads=2), {"x": 1})
+    assert [s for s, _ in list_checkpoints(tmp_path)] == [4]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step-000004"]

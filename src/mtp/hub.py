@@ -9,6 +9,7 @@ import hashlib
 import importlib.util
 import os
 import re
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -64,10 +65,18 @@ def _default_folder_path() -> Path:
 
 def default_model_folder() -> Path:
     """The default model as a plain HF folder, converted from its GGUF on first use."""
-    folder = _default_folder_path()
-    if not is_complete_folder(folder):
-        convert_gguf_to_folder(default_gguf_path(), folder)
-    return folder
+    return _converted(default_gguf_path, _default_folder_path())
+
+
+def _converted(gguf, folder: Path) -> Path:
+    """`folder`, converted from the GGUF `gguf()` names when it is missing, incomplete or damaged (it is a cache)."""
+    if is_complete_folder(folder):
+        try:
+            check_model_folder(folder)
+            return folder
+        except MTPError as e:
+            print(f"mtp: the converted model cache is damaged ({e}); converting again", file=sys.stderr, flush=True)
+    return convert_gguf_to_folder(gguf(), folder)
 
 
 def _gguf_cache_folder(gguf: Path) -> Path:
@@ -118,6 +127,79 @@ def _resolve_dir(spec: str, path: Path) -> ModelSource:
     )
 
 
+# Files one of which a tokenizer needs besides its config (fast tokenizer, sentencepiece, BPE or WordPiece vocab).
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "spiece.model", "sentencepiece.bpe.model", "vocab.json",
+                    "vocab.txt")
+_JSON_FILES = ("generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+               "model.safetensors.index.json")
+
+
+def check_model_folder(folder: str | os.PathLike) -> bool:
+    """Check, without loading weights, that a Hugging Face or mtp folder is intact; True for an mtp folder.
+
+    config.json and the other JSON files must parse, every safetensors file must have a whole header and be as
+    long as it says (a copy cut short or overwritten is caught here), and a tokenizer config needs its vocabulary
+    file. Anything wrong is one MTPError naming the file."""
+    folder = Path(folder)
+    config = read_json_object(folder / "config.json", "a model config")
+    if not isinstance(config.get("model_type"), str):
+        raise MTPError(f"{folder / 'config.json'}: no \"model_type\" (not a Hugging Face model config)")
+    _check_config(folder)
+    is_mtp = "mtp" in config
+    if is_mtp:
+        section = config["mtp"]
+        # a mask-token model (mtp.models.mask_tokens) or parallel heads (mtp.models.parallel_heads)
+        needed = ("mask_token_id",) if isinstance(section, dict) and section.get("method") == "mask_tokens" \
+            else ("num_heads", "num_trunk_layers")
+        if not (isinstance(section, dict) and all(isinstance(section.get(k), int) and section[k] >= 0
+                                                  for k in needed)):
+            raise MTPError(f"{folder / 'config.json'}: the \"mtp\" section needs integers {' and '.join(needed)}")
+    for name in _JSON_FILES:
+        if (folder / name).is_file():
+            read_json_object(folder / name)
+    shards = sorted(folder.glob("*.safetensors"))
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = read_json_object(index).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise MTPError(f"{index}: no \"weight_map\" object")
+        for shard in sorted(set(map(str, weight_map.values()))):
+            if not (folder / shard).is_file():
+                raise MTPError(f"{folder / shard}: missing (listed in {index.name})")
+    elif not shards and (is_mtp or not (folder / "pytorch_model.bin").is_file()):
+        raise MTPError(f"{folder}: no weights (expected model.safetensors)")
+    for shard in shards:
+        check_safetensors(shard)
+    if (folder / "tokenizer_config.json").is_file() or not is_mtp:  # an mtp folder may come without a tokenizer
+        if not any((folder / name).is_file() for name in _TOKENIZER_FILES):
+            raise MTPError(f"{folder}: tokenizer files missing (expected one of {', '.join(_TOKENIZER_FILES)})")
+    return is_mtp
+
+
+def _check_config(folder: Path) -> None:
+    """transformers can build a config from config.json (a known model_type, consistent sizes)."""
+    from transformers import AutoConfig  # slow import; every caller goes on to load the model anyway
+
+    try:
+        AutoConfig.from_pretrained(folder, trust_remote_code=False)  # never asks to run the folder's code
+    except Exception as e:  # ValueError, TypeError, hub validation errors: all mean the file is wrong
+        cause = e.__cause__ or e
+        raise MTPError(f"{folder / 'config.json'}: not a usable model config ({first_line(cause)})") from None
+
+
+def check_safetensors(path: Path) -> None:
+    """A safetensors file's header parses and the file holds every byte it declares (reads the header only)."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt"):
+            pass
+    except (SafetensorError, OSError) as e:
+        size = path.stat().st_size
+        raise MTPError(f"{path}: damaged safetensors file ({size:,} bytes; {first_line(e)}); "
+                       "copy or save it again") from None
+
+
 def _resolve_file(spec: str, path: Path) -> ModelSource:
     with path.open("rb") as f:
         is_gguf = f.read(4) == b"GGUF"
@@ -139,11 +221,10 @@ def load_base_model(
         folder = str(default_model_folder())
     elif source.kind == "hf_folder":
         folder = source.location
+        check_model_folder(folder)
     elif source.kind == "gguf":
-        cache = _gguf_cache_folder(Path(source.location))
-        if not is_complete_folder(cache):
-            convert_gguf_to_folder(Path(source.location), cache)
-        folder = str(cache)
+        gguf = Path(source.location)
+        folder = str(_converted(lambda: gguf, _gguf_cache_folder(gguf)))
     elif source.kind == "hub":
         folder = source.location
     elif source.kind == "mtp_folder":
@@ -162,8 +243,8 @@ def _load_folder(folder: str, dtype: torch.dtype, from_hub: bool) -> tuple[Any, 
     from transformers import AutoModelForCausalLM, AutoTokenizer  # slow import, only when loading
 
     try:
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
-        tokenizer = AutoTokenizer.from_pretrained(folder)
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, trust_remote_code=False)
+        tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
     except OSError as e:  # transformers' "not found / cannot connect" errors are all OSError
         if from_hub:
             raise MTPError(

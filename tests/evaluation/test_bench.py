@@ -63,6 +63,39 @@ def test_run_bench_interleaves_calls_after_one_warmup_per_engine():
         run_bench(methods, [], 4, progress=False)
 
 
+def test_an_interrupted_bench_resumes_from_its_journal(tmp_path):
+    log: list = []
+    methods = [_fake("hf-greedy", "transformers", log, lambda p: [1, 2]),
+               _fake("greedy", "mtp", log, lambda p: [3, p.id])]
+    prompts = [Prompt(i, f"q{i}", [5, i]) for i in range(3)]
+    order = schedule(3, ["hf-greedy", "greedy"])
+    journal = tmp_path / "calls.jsonl"
+    real = methods[1].run
+
+    def dies_on_its_second_timed_call(prompt, max_new_tokens):
+        if max_new_tokens == 16 and sum(1 for _, m, n in log if m == "greedy" and n == 16) == 1:
+            raise KeyboardInterrupt
+        return real(prompt, max_new_tokens)
+
+    methods[1].run = dies_on_its_second_timed_call
+    with pytest.raises(KeyboardInterrupt):
+        run_bench(methods, prompts, 16, progress=False, journal=journal, identity={"model": "a"})
+    finished = [(r["prompt"], r["method"]) for r in map(json.loads, journal.read_text().splitlines())]
+    assert finished == order[:2]  # (0, hf-greedy), (0, greedy); (1, greedy) was killed
+    with journal.open("a") as f:
+        f.write('{"prompt": 2, "method": "gre')  # a line cut off by the kill
+    methods[1].run = real
+    log.clear()
+    run = run_bench(methods, prompts, 16, progress=False, journal=journal, identity={"model": "a"})
+    assert [(p, m) for p, m, n in log if n == 16] == order[2:]  # prompt ids are their indices here
+    assert [(c["prompt"], c["method"]) for c in run.calls] == order
+    assert [c["tokens"] for c in run.calls if c["method"] == "greedy"] == [[3, 0], [3, 1], [3, 2]]
+    assert len(journal.read_text().splitlines()) == len(order)
+    log.clear()
+    run_bench(methods, prompts, 16, progress=False, journal=journal, identity={"model": "b"})  # another model
+    assert len([1 for _, _, n in log if n == 16]) == len(order)  # nothing reused
+
+
 # ------------------------------------------------------------------------------------------------ report figures
 class _Tok:
     def decode(self, tokens, skip_special_tokens=True):
@@ -144,6 +177,7 @@ def test_bench_command_on_tiny_model(tiny_model_dir, gsm8k_file, tmp_path, capsy
     assert (out / "speed_accuracy.png").read_bytes()[:8] == PNG
     printed = capsys.readouterr().out
     assert "| greedy |" in printed and "plot:" in printed
+    assert not (out / "calls.jsonl").exists()  # the journal of finished calls goes once the report is written
 
 
 def test_report_on_free_prompts_without_hf(tiny_tokenizer, tmp_path):

@@ -85,14 +85,19 @@ def test_text_documents(tmp_path) -> None:
     assert load_examples(str(path), format="text") == expected
 
 
-def test_auto_detects_by_contents_not_name(tmp_path) -> None:
-    # A .txt holding MetaMathQA records is read as records; a .jsonl holding prose is read as text.
+def test_auto_detects_by_contents_and_a_json_name_must_hold_json(tmp_path) -> None:
+    # A .txt holding MetaMathQA records is read as records; a .jsonl holding prose is an error at its line.
     looks_text = tmp_path / "data.txt"
     write_jsonl(looks_text, [{"query": "q", "response": "r"}])
     assert load_examples(str(looks_text)) == [Example("q", "r")]
-    looks_json = tmp_path / "data.jsonl"
-    looks_json.write_text("just some prose\n", encoding="utf-8")
-    assert load_examples(str(looks_json)) == [Example("", "just some prose")]
+    prose = tmp_path / "data.txt"
+    prose.write_text("just some prose\n", encoding="utf-8")
+    assert load_examples(str(prose)) == [Example("", "just some prose")]
+    for name in ("data.jsonl", "data.json"):
+        damaged = tmp_path / name
+        damaged.write_text("\njust some prose\n", encoding="utf-8")
+        with pytest.raises(MTPError, match=rf"{name}:2: not valid JSON"):
+            load_examples(str(damaged))
     custom = tmp_path / "custom.jsonl"
     write_jsonl(custom, [{"problem": "p", "solution": "s"}])
     assert load_examples(str(custom), question_field="problem", answer_field="solution") == [

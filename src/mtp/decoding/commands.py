@@ -13,31 +13,33 @@ from tqdm import tqdm
 from mtp.decoding.generate import generate as generate_tokens
 from mtp.decoding.generate import left_pad
 from mtp.errors import MTPError
-from mtp.io import atomic_write_lines
+from mtp.io import atomic_write_lines, is_json_name, parse_json_line, read_json_records, read_text
 from mtp.models.loading import load_mtp_model
 from mtp.runtime import set_threads
 
 
 def read_prompts(path: str) -> list[str]:
-    """One prompt per line, or JSONL with a "prompt" (or "question") field per line."""
+    """One prompt per line (a line starting with "{" is a JSON record), or, for a file named .jsonl or .json,
+    JSON records with a "prompt" (or "question") field."""
     file = Path(path)
     if not file.is_file():
         raise MTPError(f"prompts file not found: {path}")
+    text = read_text(file)
+    if is_json_name(file):
+        entries = read_json_records(file, text)
+    else:
+        entries = []
+        for lineno, line in enumerate(text.splitlines(), 1):
+            if line.lstrip().startswith("{"):
+                entries.append((lineno, parse_json_line(file, lineno, line)))
+            elif line.strip():
+                entries.append((lineno, line))
     prompts = []
-    for lineno, line in enumerate(file.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        if line.lstrip().startswith("{"):
-            try:
-                record = jsonlib.loads(line)
-            except jsonlib.JSONDecodeError as e:
-                raise MTPError(f"{path}:{lineno}: invalid JSON ({e.msg})") from None
-            text = record.get("prompt", record.get("question"))
-            if not isinstance(text, str):
-                raise MTPError(f"{path}:{lineno}: expected a string field 'prompt' or 'question'")
-            prompts.append(text)
-        else:
-            prompts.append(line)
+    for lineno, entry in entries:
+        text = entry.get("prompt", entry.get("question")) if isinstance(entry, dict) else entry
+        if not isinstance(text, str):
+            raise MTPError(f"{path}:{lineno}: expected a string field 'prompt' or 'question'")
+        prompts.append(text)
     if not prompts:
         raise MTPError(f"{path}: no prompts")
     return prompts

@@ -22,6 +22,8 @@ the per-prompt speedup against transformers greedy and against our greedy (paire
 from __future__ import annotations
 
 import copy
+import hashlib
+import json
 import os
 import platform
 import statistics
@@ -33,10 +35,12 @@ from pathlib import Path
 import torch
 
 from mtp.errors import MTPError
-from mtp.evaluation.evaluate import score, write_json, write_text
+from mtp.evaluation.evaluate import prompt_key, score, write_json, write_text
 from mtp.evaluation.gsm8k import STOP_SEQUENCES, mean_and_stderr
 from mtp.evaluation.prompts import Prompt, pad_id, stop_token_ids, truncate_output
+from mtp.io import append_records, atomic_write_lines, read_complete_records
 
+JOURNAL = "calls.jsonl"  # in the output folder while a bench runs: the calls finished so far
 HF_GREEDY = "hf-greedy"
 OUR_GREEDY = "greedy"
 
@@ -253,9 +257,21 @@ def build_methods(model, tokenizer, *, taus: Sequence[float] = (0.9, 0.7, 0.5), 
 
 
 # ------------------------------------------------------------------------------------------------ running
+def call_key(identity: dict, method: Method, prompt: Prompt, max_new_tokens: int) -> str:
+    """What a call computes and under which conditions: a finished call is reused only when all of it matches."""
+    what = {**identity, "method": method.name, "description": method.description, "max_new_tokens": max_new_tokens,
+            "prompt": prompt_key(prompt.token_ids)}
+    return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:16]
+
+
 def run_bench(methods: Sequence[Method], prompts: Sequence[Prompt], max_new_tokens: int, *, rotate: bool = True,
-              warmup: bool = True, progress: bool = True) -> BenchRun:
-    """Run every method on every prompt in `schedule` order; returns the calls in the order they ran."""
+              warmup: bool = True, progress: bool = True, journal: str | Path | None = None,
+              identity: dict | None = None) -> BenchRun:
+    """Run every method on every prompt in `schedule` order; returns the calls in the order they ran.
+
+    With a `journal` (a JSONL file) each call is appended to it as it finishes, and calls already there with the
+    same `call_key` (same `identity`, method, prompt and budget) are taken from it instead of being run again: an
+    interrupted bench resumes where it stopped."""
     if not methods:
         raise MTPError("no methods to benchmark")
     if not prompts:
@@ -267,25 +283,47 @@ def run_bench(methods: Sequence[Method], prompts: Sequence[Prompt], max_new_toke
         raise MTPError("method names must be unique")
     run = BenchRun(list(methods), list(prompts))
     order = schedule(len(prompts), [m.name for m in methods], rotate)
+    keys = {(p, name): call_key(identity or {}, by_name[name], prompts[p], max_new_tokens) for p, name in order}
+    done: dict[tuple[int, str], dict] = {}
+    if journal is not None:
+        journal = Path(journal)
+        by_key = {key: call for call, key in keys.items()}
+        for record in read_complete_records(journal):
+            if record.get("key") in by_key:
+                p, name = by_key[record["key"]]
+                done[(p, name)] = {**record, "prompt": p, "method": name}
+        atomic_write_lines(journal, (json.dumps(c) for c in done.values()))  # drops a torn line and other runs'
+        if done:
+            print(f"mtp bench: resuming: {len(done)} of {len(order)} calls already done ({journal})", flush=True)
     bar = None
+    log = journal.open("a", encoding="utf-8") if journal is not None else None
     try:
         if warmup:  # one untimed short call per engine: first-call allocations and lazy initialisation
             for engine in dict.fromkeys(m.engine for m in methods):
-                next(m for m in methods if m.engine == engine).run(prompts[0], min(4, max_new_tokens))
+                engine_methods = [m for m in methods if m.engine == engine]
+                if any((p, m.name) not in done for p, _ in enumerate(prompts) for m in engine_methods):
+                    engine_methods[0].run(prompts[0], min(4, max_new_tokens))
         if progress:
             from tqdm.auto import tqdm
 
-            bar = tqdm(total=len(order), desc="bench", unit="call", dynamic_ncols=True)
+            bar = tqdm(total=len(order), initial=len(done), desc="bench", unit="call", dynamic_ncols=True)
         for p, name in order:
+            if (p, name) in done:
+                run.calls.append(done[(p, name)])
+                continue
             if bar is not None:
                 bar.set_postfix_str(f"prompt {p + 1}/{len(prompts)} {name}")
             result = by_name[name].run(prompts[p], max_new_tokens)
-            run.calls.append({"prompt": p, "method": name, "tokens": result.tokens,
-                              "seconds": result.seconds, "first_token_seconds": result.first_token_seconds,
-                              "forward_passes": result.forward_passes})
+            call = {"prompt": p, "method": name, "tokens": result.tokens, "seconds": result.seconds,
+                    "first_token_seconds": result.first_token_seconds, "forward_passes": result.forward_passes}
+            run.calls.append(call)
+            if log is not None:
+                append_records(log, [{**call, "key": keys[(p, name)]}])
             if bar is not None:
                 bar.update(1)
     finally:
+        if log is not None:
+            log.close()
         if bar is not None:
             bar.close()
         for m in methods:

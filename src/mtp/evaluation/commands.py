@@ -202,7 +202,14 @@ def run_bench_command(m, *, model_label: str, prompts: str, limit: int, max_new_
                       shots: int, chat: bool | None, taus, static_k, int8: bool, hf: bool, prompt_lookup_tokens: int,
                       gguf: str | None, llamacpp: bool, rotate: bool, progress: bool,
                       gguf_note: str | None = None, fp16: bool = True) -> int:
-    from mtp.evaluation.bench import build_methods, build_report, format_table, run_bench, write_report
+    from mtp.evaluation.bench import (
+        JOURNAL,
+        build_methods,
+        build_report,
+        format_table,
+        run_bench,
+        write_report,
+    )
     from mtp.evaluation.prompts import file_prompts, gsm8k_prompts, resolve_chat
 
     tok = m.tokenizer
@@ -225,7 +232,17 @@ def run_bench_command(m, *, model_label: str, prompts: str, limit: int, max_new_
           f"tokens, {torch.get_num_threads()} threads: {', '.join(x.name for x in methods)}", flush=True)
     for note in notes:
         print(f"mtp bench: note: {note}", flush=True)
-    run = run_bench(methods, items, max_new_tokens, rotate=rotate, progress=progress)
+    from mtp.training.targets import model_fingerprint
+
+    journal = output / JOURNAL  # each finished call, so that an interrupted bench resumes
+    identity = {"model": model_fingerprint(m, with_heads=True), "draft_vocab": m.draft_vocab is not None,
+                "threads": torch.get_num_threads(), "gguf": gguf if llamacpp else None}
+    output.mkdir(parents=True, exist_ok=True)
+    run = run_bench(methods, items, max_new_tokens, rotate=rotate, progress=progress, journal=journal,
+                    identity=identity)
+    resumed = sum("key" in c for c in run.calls)
+    if resumed:
+        notes.append(f"{resumed} of {len(run.calls)} calls were measured by an earlier, interrupted run of this bench")
     settings = {"model": model_label, "model_description": _describe(m, model_label), "prompts": prompts,
                 "prompts_description": prompts_desc, "limit": limit, "shots": shots, "chat": use_chat,
                 "max_new_tokens": max_new_tokens, "num_heads": m.num_heads, "rotate": rotate,
@@ -233,6 +250,7 @@ def run_bench_command(m, *, model_label: str, prompts: str, limit: int, max_new_
                 "command": _command_line()}
     report = build_report(run, tok, settings=settings, notes=notes)
     paths = write_report(report, output)
+    journal.unlink()  # the report holds every call; a new run measures afresh
     print()
     print(format_table(report))
     for note in notes:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -25,6 +24,9 @@ import torch
 from mtp.errors import MTPError
 from mtp.evaluation.gsm8k import extract_flexible, extract_strict, is_correct, mean_and_stderr
 from mtp.evaluation.prompts import Prompt, left_pad, pad_id, stop_token_ids, truncate_output
+from mtp.io import append_records, read_complete_records
+from mtp.io import atomic_write_json as write_json
+from mtp.io import atomic_write_text as write_text
 
 SAMPLES = "samples.jsonl"
 CONFIG = "eval_config.json"
@@ -33,23 +35,6 @@ STOP_STRINGS_KEY = "stop_sequences"
 
 
 # ------------------------------------------------------------------------------------------------ small helpers
-def write_json(path: Path, data) -> None:
-    """Write JSON to a temporary name in the same folder, then rename it into place."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
-
-
-def write_text(path: Path, text: str) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def prompt_key(token_ids: Sequence[int]) -> str:
     return hashlib.sha256(json.dumps(list(token_ids)).encode()).hexdigest()[:16]
 
@@ -90,27 +75,11 @@ def score(output: str, reference: str | None) -> dict:
 # ------------------------------------------------------------------------------------------------ the JSONL
 def read_samples(path: Path) -> list[dict]:
     """Every complete record of a samples file (a line cut off by an interruption, or foreign, is skipped)."""
-    records = []
-    if not path.is_file():
-        return records
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            record = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(record, dict) and isinstance(record.get("id"), int) and "prompt_key" in record:
-            records.append(record)
-    return records
+    return [r for r in read_complete_records(path) if isinstance(r.get("id"), int) and "prompt_key" in r]
 
 
 def _rewrite_samples(path: Path, records: list[dict]) -> None:
     write_text(path, "".join(json.dumps(r) + "\n" for r in records))
-
-
-def _append(f, records: list[dict]) -> None:
-    f.write("".join(json.dumps(r) + "\n" for r in records))
-    f.flush()
-    os.fsync(f.fileno())
 
 
 # ------------------------------------------------------------------------------------------------ generation
@@ -205,7 +174,7 @@ def run_eval(model, tokenizer, prompts: Sequence[Prompt], output: str | Path, id
                 batch = todo[s:s + batch_size]
                 records = generate_batch(model, tokenizer, batch, strategy=strategy, max_new_tokens=max_new_tokens,
                                          tau=tau, k=k, num_draft=num_draft, stop_ids=stop_ids)
-                _append(f, records)
+                append_records(f, records)
                 for r in records:
                     done[r["id"]] = r
                 if bar is not None:

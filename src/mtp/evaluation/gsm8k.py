@@ -6,7 +6,6 @@ this project reports can be set beside numbers users got from lm-eval. Pure Pyth
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from importlib.resources import files
@@ -14,6 +13,7 @@ from pathlib import Path
 from typing import Literal
 
 from mtp.errors import MTPError
+from mtp.io import read_json_records
 
 # The 8 chain-of-thought exemplars of Wei et al. (2022) exactly as gsm8k_cot ships them (its `fewshot_config`,
 # sampler first_n), including the unusual "9 + 20 is 29" wording.
@@ -183,31 +183,22 @@ def load_gsm8k(
     if not path.is_file():
         raise MTPError(f"{path}: GSM8K file not found")
     items: list[dict] = []
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if limit is not None and len(items) >= limit:
-                break
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise MTPError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
-            if not isinstance(record, dict):
-                raise MTPError(f"{path}:{lineno}: expected a JSON object, got {type(record).__name__}")
-            for key in ("question", "answer"):
-                if not isinstance(record.get(key), str):
-                    raise MTPError(f"{path}:{lineno}: missing or non-string field {key!r}")
-            if "####" not in record["answer"]:
-                raise MTPError(f"{path}:{lineno}: answer has no '#### <number>' line")
-            items.append(
-                {
-                    "id": len(items),
-                    "question": record["question"],
-                    "answer": record["answer"],
-                    "reference": reference_answer(record["answer"]),
-                }
-            )
+    for lineno, record in read_json_records(path, limit=limit):
+        if not isinstance(record, dict):
+            raise MTPError(f"{path}:{lineno}: expected a JSON object, got {type(record).__name__}")
+        for key in ("question", "answer"):
+            if not isinstance(record.get(key), str):
+                raise MTPError(f"{path}:{lineno}: missing or non-string field {key!r}")
+        if "####" not in record["answer"]:
+            raise MTPError(f"{path}:{lineno}: answer has no '#### <number>' line")
+        items.append(
+            {
+                "id": len(items),
+                "question": record["question"],
+                "answer": record["answer"],
+                "reference": reference_answer(record["answer"]),
+            }
+        )
     return items
 
 

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 from mtp.evaluation.bench import HF_GREEDY, OUR_GREEDY
+from mtp.io import atomic_path
 
 _COLORS = {"transformers": "tab:gray", "mtp": "tab:blue", "mtp-int8": "tab:green", "llama.cpp": "tab:orange"}
 
@@ -65,10 +65,11 @@ def plot_speed_accuracy(report: dict, path: str | Path) -> Path:
     ax.legend(loc="upper right", fontsize=8)
     fig.tight_layout()
     path = Path(path)
-    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix}")
-    fig.savefig(tmp, format="png")
-    plt.close(fig)
-    os.replace(tmp, path)
+    try:
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, format="png")
+    finally:
+        plt.close(fig)
     return path
 
 

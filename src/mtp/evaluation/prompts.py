@@ -3,7 +3,6 @@ lm-eval adapter, so every method in a comparison sees exactly the same tokens an
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -12,6 +11,7 @@ import torch
 from mtp.decoding.generate import left_pad  # noqa: F401  (re-exported for evaluation modules)
 from mtp.errors import MTPError
 from mtp.evaluation.gsm8k import STOP_SEQUENCES, build_chat_messages, build_prompt, load_gsm8k
+from mtp.io import is_json_name, read_json_records, read_text
 
 
 @dataclass
@@ -86,29 +86,24 @@ def file_prompts(tokenizer, path: str | Path, *, limit: int | None = None, shots
         raise MTPError(f"{path}: prompts file not found")
     if limit is not None and limit < 1:
         raise MTPError(f"--limit must be >= 1, got {limit}")
-    raw = path.read_text(encoding="utf-8")
-    lines = [line for line in raw.splitlines() if line.strip()]
-    if not lines:
-        raise MTPError(f"{path}: no prompts")
-    if path.suffix.lower() == ".jsonl":
-        try:
-            first = json.loads(lines[0])
-        except json.JSONDecodeError as e:
-            raise MTPError(f"{path}:1: not valid JSON ({e.msg})") from None
+    text = read_text(path)
+    if is_json_name(path):
+        records = read_json_records(path, text)
+        if not records:
+            raise MTPError(f"{path}: no prompts")
+        first = records[0][1]
         if isinstance(first, dict) and "question" in first and "answer" in first:
             return gsm8k_prompts(tokenizer, path=path, limit=limit, shots=shots, chat=chat)
         texts = []
-        for lineno, line in enumerate(lines, start=1):
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise MTPError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+        for lineno, record in records:
             text = record.get("prompt", record.get("text")) if isinstance(record, dict) else None
             if not isinstance(text, str) or not text.strip():
                 raise MTPError(f"{path}:{lineno}: expected a JSON object with a non-empty \"prompt\" or \"text\"")
             texts.append(text)
     else:
-        texts = lines
+        texts = [line for line in text.splitlines() if line.strip()]
+        if not texts:
+            raise MTPError(f"{path}: no prompts")
     texts = texts[:limit] if limit is not None else texts
     out = []
     for i, text in enumerate(texts):

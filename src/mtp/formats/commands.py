@@ -54,6 +54,9 @@ def convert(
     if source == "meta":
         model = meta_to_mtp(input, dtype=target)
     elif source == "mtp":
+        from mtp.hub import check_model_folder
+
+        check_model_folder(input)
         model = MTPModel.from_pretrained(input, dtype=target or _mtp_folder_dtype(Path(input)),
                                          load_tokenizer=to != "meta")
     else:

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from mtp.errors import MTPError
+from mtp.io import remove_stale_temporaries
 
 # What a truncated, corrupt or unsupported GGUF makes transformers' and gguf's readers raise.
 _READ_ERRORS = (ValueError, OSError, KeyError, IndexError, NotImplementedError, struct.error)
@@ -42,7 +43,7 @@ def convert_gguf_to_folder(gguf_path: Path, output: Path) -> Path:
     if not gguf_path.is_file():
         raise MTPError(f"GGUF file not found: {gguf_path}")
     output.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale_siblings(output)
+    remove_stale_temporaries(output.parent, output.name)  # left by conversions that were killed
     tmp = output.parent / f".{output.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     print(f"mtp: converting {gguf_path.name} to a Hugging Face folder at {output} (about 45 s, once)",
@@ -90,21 +91,3 @@ def _publish(tmp: Path, output: Path) -> None:
         if not is_complete_folder(output):  # anything but "another process finished first" is a real error
             raise
     shutil.rmtree(old, ignore_errors=True)
-
-
-def _remove_stale_siblings(output: Path) -> None:
-    """Delete temp folders left by conversions that were killed (their process no longer exists)."""
-    for path in output.parent.glob(f".{output.name}.*-*"):
-        kind, _, pid = path.name.rpartition("-")
-        if kind.endswith((".tmp", ".old")) and pid.isdigit() and not _pid_alive(int(pid)):
-            shutil.rmtree(path, ignore_errors=True)
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except (ProcessLookupError, OverflowError):
-        return False
-    except PermissionError:  # it exists but belongs to another user
-        return True
-    return True

@@ -8,7 +8,7 @@ from typing import Literal
 import torch
 
 from mtp.errors import MTPError
-from mtp.hub import ModelSource, load_base_model, resolve_model
+from mtp.hub import ModelSource, check_model_folder, load_base_model, resolve_model
 from mtp.models.parallel_heads import MTPModel
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -42,6 +42,7 @@ def load_mtp_model(spec: str | None = None, num_heads: int | None = None, num_tr
     start = time.perf_counter()
     source = resolve_model(spec)
     if source.kind == "mtp_folder" and is_mask_token_folder(source.location):
+        check_model_folder(source.location)
         model = MaskTokenModel.from_pretrained(source.location, device=device, dtype=torch_dtype)
         source.load_seconds = time.perf_counter() - start
         model.source = source
@@ -59,6 +60,7 @@ def load_mtp_model(spec: str | None = None, num_heads: int | None = None, num_tr
         model.source = source
     elif source.kind in ("mtp_folder", "meta"):
         if source.kind == "mtp_folder":
+            check_model_folder(source.location)
             model = MTPModel.from_pretrained(source.location, device=device, dtype=torch_dtype)
         else:
             from mtp.formats.meta import meta_to_mtp

@@ -1,8 +1,13 @@
-"""Training checkpoints: a model folder (loads with `MTPModel.from_pretrained`) plus `trainer_state.pt`.
+"""Training checkpoints: a model folder (loads with `MTPModel.from_pretrained`) plus the trainer state.
 
     <output>/checkpoints/step-000200/
         config.json, model.safetensors, tokenizer files    <- MTPModel.save_pretrained
-        trainer_state.pt                                    <- step, optimizer, scheduler, grad scaler, RNG states
+        trainer_state.json, trainer_state.safetensors       <- step, optimizer, scheduler, grad scaler, RNG states
+
+The trainer state is data only, never a pickle: its tensors go to safetensors, everything else (numbers,
+strings, lists, Python's and numpy's RNG states) to JSON, where a tensor is a reference to its safetensors key.
+Reading it runs no code. A `trainer_state.pt` written by an older mtp is refused (unpickling a file can run
+arbitrary code); resume such a run with the older version or start it again.
 
 A checkpoint is built in a temporary folder next to its final place and renamed into it, so a crash leaves
 either a complete checkpoint or none (a stale temporary folder is ignored and removed by the next save).
@@ -11,18 +16,22 @@ Only the last `keep` checkpoints are kept.
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import re
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 
 from mtp.errors import MTPError
+from mtp.formats.gguf import first_line
+from mtp.io import atomic_folder, read_json_object, remove_stale_temporaries
 
-STATE_NAME = "trainer_state.pt"
+STATE_NAME = "trainer_state.json"
+TENSORS_NAME = "trainer_state.safetensors"
+LEGACY_STATE_NAME = "trainer_state.pt"  # a pickle, as mtp 0.1.0 wrote it; never loaded
 _STEP_DIR = re.compile(r"step-(\d+)")
 
 
@@ -38,7 +47,8 @@ def list_checkpoints(root: str | os.PathLike) -> list[tuple[int, Path]]:
     found = []
     for path in root.iterdir():
         m = _STEP_DIR.fullmatch(path.name)
-        if m and (path / STATE_NAME).is_file() and (path / "config.json").is_file():
+        has_state = (path / STATE_NAME).is_file() or (path / LEGACY_STATE_NAME).is_file()
+        if m and has_state and (path / "config.json").is_file():
             found.append((int(m.group(1)), path))
     return sorted(found)
 
@@ -75,34 +85,97 @@ def set_rng_state(state: dict) -> None:
 
 
 def save_checkpoint(root: str | os.PathLike, step: int, model, state: dict, keep: int | None = 2) -> Path:
-    """Write `root/step-{step}` atomically (model folder + trainer_state.pt), then prune to the last `keep`."""
+    """Write `root/step-{step}` atomically (model folder + trainer state), then prune to the last `keep`."""
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
-    for stale in root.glob(".tmp-step-*"):  # left by a crash in the middle of an earlier save
+    for stale in root.glob(".tmp-step-*"):  # left by a crash in an earlier save, as mtp 0.1.0 named them
         shutil.rmtree(stale, ignore_errors=True)
-    final = checkpoint_dir(root, step)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=root))
-    try:
-        folder = tmp / "ckpt"
-        model.save_pretrained(folder)  # itself atomic: writes a temporary folder and renames it
-        torch.save({**state, "step": step}, folder / STATE_NAME)
-        if final.exists():  # the same step saved again (e.g. Ctrl-C right after a scheduled save)
-            shutil.rmtree(final)
-        folder.rename(final)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    remove_stale_temporaries(root)  # left by saves that were killed
+    with atomic_folder(checkpoint_dir(root, step)) as tmp:
+        model.save_pretrained(tmp)  # itself atomic: takes the place of the empty temporary folder
+        save_trainer_state(tmp, {**state, "step": step})
     if keep is not None and keep > 0:
         for _, old in list_checkpoints(root)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
-    return final
+    return checkpoint_dir(root, step)
+
+
+def save_trainer_state(folder: str | os.PathLike, state: dict) -> None:
+    """`state` (nested dicts, lists, tuples, numbers, strings, tensors, numpy arrays) as JSON + safetensors."""
+    from safetensors.torch import save_file
+
+    tensors: dict[str, torch.Tensor] = {}
+    tree = _encode(state, tensors)
+    folder = Path(folder)
+    save_file(tensors, str(folder / TENSORS_NAME))
+    (folder / STATE_NAME).write_text(json.dumps(tree) + "\n", encoding="utf-8")
 
 
 def load_trainer_state(folder: str | os.PathLike) -> dict:
-    path = Path(folder) / STATE_NAME
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    path = folder / STATE_NAME
     if not path.is_file():
+        if (folder / LEGACY_STATE_NAME).is_file():
+            raise MTPError(f"{folder / LEGACY_STATE_NAME}: a trainer state in the old pickle format, which mtp no "
+                           "longer loads (unpickling can run code); resume with the mtp that wrote it, or start over")
         raise MTPError(f"{folder}: no {STATE_NAME} (not a training checkpoint)")
+    tree = read_json_object(path, "a trainer state")
+    tensors_path = folder / TENSORS_NAME
     try:
-        # Our own file, holding Python RNG state tuples and numpy arrays besides tensors.
-        return torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:  # a truncated or foreign file
-        raise MTPError(f"{path}: cannot read the trainer state ({e})") from None
+        tensors = load_file(str(tensors_path))
+    except (SafetensorError, OSError) as e:  # missing, truncated or not safetensors
+        raise MTPError(f"{tensors_path}: cannot read the trainer state's tensors ({first_line(e)})") from None
+    try:
+        return _decode(tree, tensors)
+    except (KeyError, TypeError, ValueError) as e:
+        raise MTPError(f"{path}: not a trainer state written by mtp ({first_line(e)})") from None
+
+
+# JSON cannot hold tensors, tuples, numpy arrays or dicts with non-string keys (the optimizer's state is keyed by
+# parameter index); each becomes a one-key object naming what it was.
+_TENSOR, _TUPLE, _ARRAY, _ITEMS = "__tensor__", "__tuple__", "__ndarray__", "__items__"
+
+
+def _encode(value, tensors: dict[str, torch.Tensor]):
+    if isinstance(value, torch.Tensor):
+        key = str(len(tensors))
+        tensors[key] = value.detach().cpu().contiguous().clone()
+        return {_TENSOR: key}
+    if isinstance(value, tuple):
+        return {_TUPLE: [_encode(v, tensors) for v in value]}
+    if isinstance(value, list):
+        return [_encode(v, tensors) for v in value]
+    if isinstance(value, dict):
+        if all(isinstance(k, str) for k in value) and not {_TENSOR, _TUPLE, _ARRAY, _ITEMS} & value.keys():
+            return {k: _encode(v, tensors) for k, v in value.items()}
+        return {_ITEMS: [[_encode(k, tensors), _encode(v, tensors)] for k, v in value.items()]}
+    if type(value).__module__ == "numpy":
+        import numpy as np
+
+        if isinstance(value, np.ndarray):
+            return {_ARRAY: value.tolist(), "dtype": str(value.dtype)}
+        return value.item()  # a numpy scalar
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    raise TypeError(f"cannot store a {type(value).__name__} in a trainer state")
+
+
+def _decode(value, tensors: dict[str, torch.Tensor]):
+    if isinstance(value, list):
+        return [_decode(v, tensors) for v in value]
+    if not isinstance(value, dict):
+        return value
+    if _TENSOR in value:
+        return tensors[value[_TENSOR]]
+    if _TUPLE in value:
+        return tuple(_decode(v, tensors) for v in value[_TUPLE])
+    if _ARRAY in value:
+        import numpy as np
+
+        return np.array(value[_ARRAY], dtype=np.dtype(value["dtype"]))
+    if _ITEMS in value:
+        return {_decode(k, tensors): _decode(v, tensors) for k, v in value[_ITEMS]}
+    return {k: _decode(v, tensors) for k, v in value.items()}

@@ -6,6 +6,7 @@ import inspect
 import json
 import os
 import shutil
+import tempfile
 import time
 from pathlib import Path
 from typing import Literal
@@ -13,6 +14,7 @@ from typing import Literal
 import torch
 
 from mtp.errors import MTPError
+from mtp.io import atomic_write_json, remove_stale_temporaries, temporary_prefix
 from mtp.runtime import set_threads
 
 TRAIN_CONFIG = "train_config.json"
@@ -167,6 +169,12 @@ def train(
 
     # ------------------------------------------------------------------ model
     method = _method(a)
+    state = None
+    if checkpoint is not None:
+        from mtp.hub import check_model_folder
+
+        check_model_folder(checkpoint)
+        state = load_trainer_state(checkpoint)  # before any work: a damaged state must not cost the data stage
     mtp_model = method.load(a, checkpoint, dev)
     if checkpoint is not None and mtp_model.tokenizer is None:
         raise MTPError(f"{checkpoint} has no tokenizer files")
@@ -231,7 +239,7 @@ def train(
         keep_checkpoints=a.keep_checkpoints, seed=a.seed, progress=a.progress)
     trainer = method.trainer(mtp_model, train_data, held_data, config, a, out)
     if checkpoint is not None:
-        trainer.load_state_dict(load_trainer_state(checkpoint))
+        trainer.load_state_dict(state)
         trainer.last_checkpoint = checkpoint
     target_tokens = int(train_data.loss_mask.sum())
     print(f"mtp train: {method.describe(mtp_model, a)}; "
@@ -257,7 +265,7 @@ def train(
         report["heads"] = [{"head": j, "predicts": f"t+{j + 1}", "top1_accuracy": round(ev.head_accuracy[j], 4),
                             "loss": round(ev.head_loss[j], 4), "tokens": ev.head_tokens[j]}
                            for j in range(len(ev.head_accuracy))]
-    _write_json(out / EVAL_NAME, report)
+    atomic_write_json(out / EVAL_NAME, report)
     _print_summary(out, result, report)
     return 0
 
@@ -405,21 +413,14 @@ def _merge_resume_args(args: dict, saved: dict) -> dict:
 def _write_train_config(out: Path, args: dict, a: _Args) -> None:
     record = {"args": {k: v for k, v in args.items() if k not in ("output",)},
               "resolved": {"num_heads": a.num_heads, "num_trunk_layers": a.num_trunk_layers, "template": a.template}}
-    _write_json(out / TRAIN_CONFIG, record)
-
-
-def _write_json(path: Path, data) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    atomic_write_json(out / TRAIN_CONFIG, record)
 
 
 def install_model(model, out: Path) -> None:
     """Save the model into the run folder (which also holds checkpoints and logs): written to a temporary
     folder, then each file renamed into place, config.json last (a config.json marks a complete model)."""
-    tmp = out / f".model-tmp-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
+    remove_stale_temporaries(out)  # of writes into the run folder that were killed
+    tmp = Path(tempfile.mkdtemp(prefix=temporary_prefix(out / "model"), dir=out))
     try:
         model.save_pretrained(tmp)
         for f in sorted(tmp.iterdir(), key=lambda p: p.name == "config.json"):
@@ -493,7 +494,7 @@ def bench_train(
         torch.set_num_threads(threads)
     results = run_bench_train(model, heads, orders, seq_len, batch_size, steps, freeze_trunk,
                               gradient_checkpointing, _device(device), seed)
-    _write_json(Path(output), results)
+    atomic_write_json(Path(output), results)
     print(results["table"])
     print(f"\n{results['method']}\nresults: {output}")
     return 0

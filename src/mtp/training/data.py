@@ -6,7 +6,6 @@ order as a run that never stopped.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
@@ -18,6 +17,7 @@ from typing import Any, Literal
 import torch
 
 from mtp.errors import MTPError
+from mtp.io import is_json_name, read_json_records, read_text
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +73,8 @@ def load_examples(
 ) -> list[Example]:
     """Examples from a file (JSONL, JSON array, plain text), the shipped GSM8K ("gsm8k"), or a HF dataset name.
 
-    `format="auto"` looks at the contents (JSON or not; the keys of the first record), never at the file name.
+    `format="auto"` looks at the contents (JSON or not; the keys of the first record); a file named .json or
+    .jsonl is always read as JSON, so a line that is not JSON is an error naming it.
     `question_field`/`answer_field` choose the columns of JSON records and datasets. `split` applies to the
     shipped GSM8K and to datasets only. Malformed records raise MTPError naming the file and line.
     """
@@ -106,14 +107,11 @@ def _load_shipped_gsm8k(split: str, limit: int | None) -> list[Example]:
 def _load_file(
     path: Path, format: Format, question_field: str | None, answer_field: str | None, limit: int | None
 ) -> list[Example]:
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise MTPError(f"{path}: cannot read ({e})") from None
+    text = read_text(path)
     head = text.lstrip()[:1]
-    if format == "text" or (format == "auto" and head not in ("[", "{")):
+    if format == "text" or (format == "auto" and head not in ("[", "{") and not is_json_name(path)):
         return _text_documents(text)
-    records = _json_array(path, text) if head == "[" else _jsonl(path, text, limit)
+    records = read_json_records(path, text, limit)
     if not records:
         return []
     fields = _pick_fields(
@@ -126,46 +124,6 @@ def _text_documents(text: str) -> list[Example]:
     # One document per blank-line-separated block; each is all answer so the whole text is trained on.
     docs = (block.strip() for block in re.split(r"\n[ \t]*\n", text))
     return [Example("", doc) for doc in docs if doc]
-
-
-def _jsonl(path: Path, text: str, limit: int | None) -> list[tuple[int, Any]]:
-    records: list[tuple[int, Any]] = []
-    for lineno, line in enumerate(text.splitlines(), start=1):
-        if limit is not None and len(records) >= limit:
-            break
-        if not line.strip():
-            continue
-        try:
-            records.append((lineno, json.loads(line)))
-        except json.JSONDecodeError as e:
-            raise MTPError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
-    return records
-
-
-def _json_array(path: Path, text: str) -> list[tuple[int, Any]]:
-    """Parse a JSON array element by element, so each record keeps the line it starts on for error messages."""
-    decoder = json.JSONDecoder()
-    records: list[tuple[int, Any]] = []
-    pos = text.index("[") + 1
-    ws = re.compile(r"\s*")
-    try:
-        pos = ws.match(text, pos).end()
-        if text.startswith("]", pos):
-            return records
-        while True:
-            value, end = decoder.raw_decode(text, pos)
-            records.append((text.count("\n", 0, pos) + 1, value))
-            pos = ws.match(text, end).end()
-            if text.startswith("]", pos):
-                break
-            if not text.startswith(",", pos):
-                raise json.JSONDecodeError("expected ',' or ']'", text, pos)
-            pos = ws.match(text, pos + 1).end()
-    except json.JSONDecodeError as e:
-        raise MTPError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
-    if text[pos + 1 :].strip():
-        raise MTPError(f"{path}:{text.count(chr(10), 0, pos) + 1}: unexpected text after the JSON array")
-    return records
 
 
 def _pick_fields(

@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 from mtp.errors import MTPError
+from mtp.io import atomic_write_lines
 from mtp.training.checkpoints import (
     load_trainer_state,
     rng_state,
@@ -328,22 +329,27 @@ class Trainer:
 
     def load_state_dict(self, state: dict) -> None:
         """Restore optimizer, scheduler, scaler, RNG and step (the weights come with the checkpoint folder)."""
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        if self.scaler is not None and state.get("scaler") is not None:
-            self.scaler.load_state_dict(state["scaler"])
-        set_rng_state(state["rng"])
-        self.step = int(state["step"])
-        self._elapsed_before = float(state.get("elapsed", 0.0))
+        try:
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.scheduler.load_state_dict(state["scheduler"])
+            if self.scaler is not None and state.get("scaler") is not None:
+                self.scaler.load_state_dict(state["scaler"])
+            set_rng_state(state["rng"])
+            self.step = int(state["step"])
+            self._elapsed_before = float(state.get("elapsed", 0.0))
+        except (KeyError, TypeError, ValueError) as e:  # a hand-edited or foreign trainer state
+            raise MTPError(f"the trainer state does not fit this run ({type(e).__name__}: {e})") from None
 
     def resume_from(self, checkpoint: str | os.PathLike) -> None:
         """Load weights and trainer state from a checkpoint folder into this trainer's model."""
         from safetensors.torch import load_file
 
+        from mtp.hub import check_safetensors
         from mtp.models.parallel_heads import WEIGHTS_NAME
 
         folder = Path(checkpoint)
         state = load_trainer_state(folder)
+        check_safetensors(folder / WEIGHTS_NAME)
         with torch.no_grad():
             self.model.load_checkpoint_state_dict(load_file(str(folder / WEIGHTS_NAME)), source=str(folder))
         self.load_state_dict(state)
@@ -560,9 +566,7 @@ class MetricsLog:
                         kept.append(line)
                 except ValueError:  # a line cut off by a crash
                     continue
-            tmp = path.with_name(path.name + ".tmp")
-            tmp.write_text("".join(x + "\n" for x in kept), encoding="utf-8")
-            os.replace(tmp, path)
+            atomic_write_lines(path, kept)
         self._file = path.open("a", encoding="utf-8")
 
     def write(self, record: dict) -> None:

@@ -6,6 +6,8 @@ import json
 import os
 from pathlib import Path
 
+from mtp.io import atomic_path
+
 
 def read_metrics(path: str | os.PathLike) -> tuple[list[dict], list[dict]]:
     """(step records, eval records) of a metrics.jsonl; lines cut off by a crash are skipped."""
@@ -77,12 +79,9 @@ def plot_losses(metrics_path: str | os.PathLike, png_path: str | os.PathLike) ->
         ax2.legend(fontsize=8)
     fig.tight_layout()
     png_path = Path(png_path)
-    tmp = png_path.with_name(f".{png_path.name}.tmp-{os.getpid()}.png")
     try:
-        fig.savefig(tmp, dpi=110)
-        os.replace(tmp, png_path)
+        with atomic_path(png_path) as tmp:
+            fig.savefig(tmp, dpi=110, format="png")
     finally:
         plt.close(fig)
-        if tmp.exists():
-            tmp.unlink()
     return png_path

@@ -42,11 +42,12 @@ def prompt_token_ids(tokenizer, prompt: str, template: Literal["chat", "plain"])
 
 
 @torch.no_grad()
-def model_fingerprint(model) -> str:
+def model_fingerprint(model, with_heads: bool = False) -> str:
     """A hash of the next-token path's weights (everything but the extra heads): who wrote the answers. Weights
-    only, so the same model loaded from a checkpoint folder (whose config gained an `mtp` section) matches."""
+    only, so the same model loaded from a checkpoint folder (whose config gained an `mtp` section) matches.
+    `with_heads`: of every weight, the extra heads' too."""
     h = hashlib.sha256(str(getattr(model.config, "model_type", "")).encode())
-    for name, p in model.base.named_parameters():
+    for name, p in (model if with_heads else model.base).named_parameters():
         h.update(name.encode())
         h.update(repr(tuple(p.shape)).encode())
         flat = p.detach().reshape(-1).double()

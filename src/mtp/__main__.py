@@ -1,0 +1,5 @@
+"""`python -m mtp` runs the command line."""
+
+from mtp.cli import main
+
+main()

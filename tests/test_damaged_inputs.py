@@ -1,0 +1,297 @@
+"""Trust: no code runs from a checkpoint, and every damaged input is one line and exit code 2, before any work.
+
+Each test damages one file of an intact tiny model folder (or plants a pickle that would run code) and runs the
+command line in-process, as a user would."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import tiny_base, tiny_mtp, tiny_tokenizer
+from mtp.cli import main
+from mtp.errors import MTPError
+from mtp.training.checkpoints import (
+    LEGACY_STATE_NAME,
+    STATE_NAME,
+    TENSORS_NAME,
+    latest_checkpoint,
+    load_trainer_state,
+)
+
+
+def run_cli(args, capsys) -> tuple[int, str]:
+    capsys.readouterr()  # what the fixtures printed
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(a) for a in args])
+    return exit_info.value.code, capsys.readouterr().err
+
+
+def assert_one_line_error(code: int, err: str, *needles: str) -> None:
+    assert code == 2, err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    for needle in needles:
+        assert needle in err, err
+
+
+class Payload:
+    """Unpickling this runs code: it creates the file `marker`."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def plant_pickle(path: Path, marker: Path) -> Path:
+    torch.save({"step": 3, "x": Payload(marker)}, path)
+    return path
+
+
+def test_the_payload_is_live(tmp_path):
+    """The planted file does run code when unpickled the old way, so the refusals below mean something."""
+    marker = tmp_path / "ran"
+    torch.load(plant_pickle(tmp_path / "p.pt", marker), weights_only=False)
+    assert marker.exists()
+
+
+def test_src_never_unpickles():
+    src = Path(__file__).parents[1] / "src"
+    calls = [(path, line) for path in src.rglob("*.py") for line in path.read_text().splitlines()
+             if "torch.load(" in line]
+    assert calls, "torch.load is no longer used: update this test"
+    assert all("weights_only=True" in line for _, line in calls), calls
+    assert not [p for p in src.rglob("*.py") if "weights_only=False" in p.read_text()]
+
+
+# ------------------------------------------------------------------------------------------------ a tiny run
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    """A 2-step training run of a tiny model, with its checkpoint (what `mtp train --resume` reads)."""
+    root = tmp_path_factory.mktemp("run")
+    tok = tiny_tokenizer()
+    base = tiny_base("llama", vocab_size=len(tok))
+    base.save_pretrained(root / "hf")
+    tok.save_pretrained(root / "hf")
+    data = root / "d.jsonl"
+    data.write_text("".join(json.dumps({"question": f"What is {i} + 1?", "answer": f"It is {i + 1}."}) + "\n"
+                            for i in range(8)), encoding="utf-8")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "--model", str(root / "hf"), "--data", str(data), "--output", str(root / "run"),
+              "--steps", "2", "--save-every", "1", "--seq-len", "32", "--batch-size", "2", "--holdout", "0",
+              "--num-heads", "2", "--no-progress"])
+    assert exit_info.value.code == 0
+    return root
+
+
+@pytest.fixture
+def run_copy(finished_run, tmp_path):
+    shutil.copytree(finished_run, tmp_path / "r")
+    return tmp_path / "r"
+
+
+def test_trainer_state_is_json_and_safetensors(run_copy):
+    ckpt = latest_checkpoint(run_copy / "run" / "checkpoints")
+    assert (ckpt / STATE_NAME).is_file() and (ckpt / TENSORS_NAME).is_file()
+    assert not (ckpt / LEGACY_STATE_NAME).exists()
+    state = load_trainer_state(ckpt)
+    assert state["step"] == 2 and isinstance(state["rng"]["python"], tuple)
+    assert isinstance(next(iter(state["optimizer"]["state"])), int)  # parameter indices stay ints
+
+
+def test_an_old_pickled_trainer_state_is_refused_unread(run_copy, capsys):
+    ckpt = latest_checkpoint(run_copy / "run" / "checkpoints")
+    (ckpt / STATE_NAME).unlink()
+    (ckpt / TENSORS_NAME).unlink()
+    marker = run_copy / "ran"
+    plant_pickle(ckpt / LEGACY_STATE_NAME, marker)
+    code, err = run_cli(["train", "--output", run_copy / "run", "--resume", "--no-progress"], capsys)
+    assert_one_line_error(code, err, LEGACY_STATE_NAME, "pickle")
+    assert not marker.exists()
+
+
+def test_a_pickle_posing_as_meta_weights_is_refused_unread(tmp_path, capsys):
+    folder = tmp_path / "meta"
+    folder.mkdir()
+    (folder / "params.json").write_text(json.dumps({"dim": 32, "n_layers": 2, "n_heads": 4, "vocab_size": 61}))
+    marker = tmp_path / "ran"
+    plant_pickle(folder / "consolidated.00.pth", marker)
+    for args in (["info", "--model", folder], ["convert", "--input", folder, "--output", tmp_path / "out"]):
+        code, err = run_cli(args, capsys)
+        assert_one_line_error(code, err, "consolidated.00.pth")
+        assert not marker.exists()
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "empty"])
+def test_a_damaged_trainer_state_is_one_line(run_copy, damage, capsys):
+    ckpt = latest_checkpoint(run_copy / "run" / "checkpoints")
+    damage_file(ckpt / TENSORS_NAME, damage)
+    code, err = run_cli(["train", "--output", run_copy / "run", "--resume", "--no-progress"], capsys)
+    assert_one_line_error(code, err, TENSORS_NAME)
+
+
+def test_a_trainer_state_that_is_not_json_is_one_line(run_copy, capsys):
+    ckpt = latest_checkpoint(run_copy / "run" / "checkpoints")
+    (ckpt / STATE_NAME).write_text('{"step": 2, "optim')
+    code, err = run_cli(["train", "--output", run_copy / "run", "--resume", "--no-progress"], capsys)
+    assert_one_line_error(code, err, STATE_NAME, "not valid JSON")
+
+
+# ------------------------------------------------------------------------------------------------ model folders
+def damage_file(path: Path, how: str) -> None:
+    data = path.read_bytes()
+    if how == "truncated":  # a copy cut short
+        path.write_bytes(data[: len(data) // 2])
+    elif how == "garbage":
+        path.write_bytes(os.urandom(4096))
+    elif how == "empty":
+        path.write_bytes(b"")
+    else:
+        raise ValueError(how)
+
+
+# (file to damage, how, what the one line must name)
+DAMAGES = {
+    "weights-truncated": ("model.safetensors", "truncated", "damaged safetensors"),
+    "weights-garbage": ("model.safetensors", "garbage", "damaged safetensors"),
+    "config-not-json": ("config.json", "truncated", "not valid JSON"),
+    "tokenizer-not-json": ("tokenizer.json", "truncated", "not valid JSON"),
+}
+
+
+def _model_folder(tmp_path: Path, kind: str) -> Path:
+    tok = tiny_tokenizer()
+    folder = tmp_path / kind
+    if kind == "mtp":
+        model = tiny_mtp("llama", num_heads=2, vocab_size=len(tok))
+        model.tokenizer = tok
+        model.save_pretrained(folder)
+    else:
+        tiny_base("llama", vocab_size=len(tok)).save_pretrained(folder)
+        tok.save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize("kind", ["mtp", "hf"])
+@pytest.mark.parametrize("damage", list(DAMAGES))
+def test_a_damaged_model_folder_is_one_line(tmp_path, kind, damage, capsys):
+    folder = _model_folder(tmp_path, kind)
+    name, how, message = DAMAGES[damage]
+    damage_file(folder / name, how)
+    code, err = run_cli(["info", "--model", folder], capsys)
+    assert_one_line_error(code, err, str(folder / name), message)
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda c: {**c, "model_type": "no-such-architecture"}, "not a usable model config"),
+    (lambda c: {k: v for k, v in c.items() if k != "model_type"}, "model_type"),
+    (lambda c: {**c, "hidden_size": 33}, "hidden size"),
+    (lambda c: {**c, "mtp": {"num_heads": "three"}}, "num_heads"),
+])
+def test_an_invalid_config_is_one_line(tmp_path, edit, message, capsys):
+    folder = _model_folder(tmp_path, "mtp")
+    config = folder / "config.json"
+    config.write_text(json.dumps(edit(json.loads(config.read_text()))))
+    code, err = run_cli(["info", "--model", folder], capsys)
+    assert_one_line_error(code, err, str(config), message)
+
+
+@pytest.mark.parametrize("kind", ["mtp", "hf"])
+def test_missing_tokenizer_files_are_one_line(tmp_path, kind, capsys):
+    folder = _model_folder(tmp_path, kind)
+    (folder / "tokenizer.json").unlink()  # tokenizer_config.json stays: it needs its vocabulary
+    code, err = run_cli(["info", "--model", folder], capsys)
+    assert_one_line_error(code, err, str(folder), "tokenizer files missing")
+
+
+def test_missing_weights_are_one_line(tmp_path, capsys):
+    folder = _model_folder(tmp_path, "hf")
+    (folder / "model.safetensors").unlink()
+    code, err = run_cli(["info", "--model", folder], capsys)
+    assert_one_line_error(code, err, str(folder), "no weights")
+
+
+@pytest.mark.parametrize("kind", ["mtp", "hf"])
+def test_a_folder_asking_to_run_its_own_code_is_refused(tmp_path, kind, capsys):
+    folder = _model_folder(tmp_path, kind)
+    marker = tmp_path / "ran"
+    (folder / "evil.py").write_text(f"import pathlib\npathlib.Path({str(marker)!r}).touch()\n"
+                                    "from transformers import LlamaConfig\n"
+                                    "class EvilConfig(LlamaConfig):\n    model_type = 'evil'\n")
+    config = json.loads((folder / "config.json").read_text())
+    config.update(model_type="evil", auto_map={"AutoConfig": "evil.EvilConfig"})
+    (folder / "config.json").write_text(json.dumps(config))
+    code, err = run_cli(["info", "--model", folder], capsys)
+    assert_one_line_error(code, err, str(folder / "config.json"), "custom code")
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("how", ["truncated", "garbage"])
+def test_a_damaged_meta_checkpoint_is_one_line(tmp_path, how, capsys):
+    folder = tmp_path / "meta"
+    folder.mkdir()
+    (folder / "params.json").write_text(json.dumps({"dim": 32, "n_layers": 2, "n_heads": 4, "vocab_size": 61}))
+    torch.save({"tok_embeddings.weight": torch.zeros(61, 32), "norm.weight": torch.ones(32)},
+               folder / "consolidated.00.pth")
+    damage_file(folder / "consolidated.00.pth", how)
+    code, err = run_cli(["info", "--model", folder], capsys)
+    assert_one_line_error(code, err, "consolidated.00.pth")
+
+
+def _commands(folder: Path, out: Path, kind: str) -> dict[str, list]:
+    return {
+        "info": ["info", "--model", folder],
+        "generate": ["generate", "--model", folder, "--prompt", "hi", "--max-new-tokens", "2"],
+        "eval": ["eval", "gsm8k", "--model", folder, "--limit", "1", "--output", out / "eval"],
+        "bench": ["bench", "--model", folder, "--limit", "1", "--max-new-tokens", "2", "--output", out / "bench",
+                  "--no-progress"],
+        "convert": ["convert", "--input", folder, "--output", out / "converted"] + (["--to", "meta"] if kind == "mtp"
+                                                                                     else []),
+        "train": ["train", "--model", folder, "--data", "gsm8k", "--limit", "4", "--steps", "1",
+                  "--output", out / "train", "--no-progress"],
+    }
+
+
+@pytest.mark.parametrize("command", ["info", "generate", "eval", "bench", "convert", "train"])
+@pytest.mark.parametrize("kind", ["mtp", "hf"])
+def test_every_command_that_loads_a_model_checks_it(tmp_path, kind, command, capsys):
+    folder = _model_folder(tmp_path, kind)
+    damage_file(folder / "model.safetensors", "truncated")
+    code, err = run_cli(_commands(folder, tmp_path, kind)[command], capsys)
+    assert_one_line_error(code, err, str(folder / "model.safetensors"), "damaged safetensors")
+    assert not [p for p in tmp_path.iterdir() if p.name not in (kind,)], "work was done before the check"
+
+
+def test_resume_checks_the_checkpoint_weights(run_copy, capsys):
+    ckpt = latest_checkpoint(run_copy / "run" / "checkpoints")
+    damage_file(ckpt / "model.safetensors", "truncated")
+    code, err = run_cli(["train", "--output", run_copy / "run", "--resume", "--no-progress"], capsys)
+    assert_one_line_error(code, err, str(ckpt / "model.safetensors"), "damaged safetensors")
+
+
+def test_the_python_api_raises_mtperror_too(tmp_path):
+    from mtp.models.loading import load_mtp_model
+
+    folder = _model_folder(tmp_path, "mtp")
+    damage_file(folder / "model.safetensors", "garbage")
+    with pytest.raises(MTPError, match="damaged safetensors"):
+        load_mtp_model(str(folder))
+
+
+# ------------------------------------------------------------------------------------------------ data files
+@pytest.mark.parametrize("suffix", [".jsonl", ".json"])
+def test_a_json_named_file_that_is_not_json_names_the_line(tmp_path, suffix, capsys):
+    folder = _model_folder(tmp_path, "mtp")
+    bad = tmp_path / f"bad{suffix}"
+    bad.write_text('{"prompt": "ok", "question": "q", "answer": "a #### 1"}\n\nthis line is prose\n')
+    for args in (["generate", "--model", folder, "--prompts-file", bad],
+                 ["train", "--model", folder, "--data", bad, "--output", tmp_path / "t", "--no-progress"],
+                 ["bench", "--model", folder, "--prompts", bad, "--output", tmp_path / "b", "--no-progress"]):
+        code, err = run_cli(args, capsys)
+        assert_one_line_error(code, err, f"{bad}:3: not valid JSON")
