@@ -266,15 +266,20 @@ class MTPModel(nn.Module):
         return state
 
     def save_pretrained(self, directory: str | os.PathLike, tokenizer=None) -> Path:
-        """Write config.json (base config + `mtp` section), model.safetensors and tokenizer files, atomically."""
-        from safetensors.torch import save_file
+        """Write config.json (base config + `mtp` section), model.safetensors and tokenizer files, atomically.
+
+        The weights are written one tensor at a time from the model's own memory (no serialised copy)."""
+        from mtp.models.safetensors_io import write_safetensors
 
         directory = Path(directory)
         with atomic_folder(directory) as tmp:
             config = self.config.to_dict()
             config["mtp"] = self.mtp_config()
             (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-            save_file(self.checkpoint_state_dict(), str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+            state = self.checkpoint_state_dict()
+            write_safetensors(tmp / WEIGHTS_NAME, {k: (tuple(t.shape), t.dtype) for k, t in state.items()},
+                              state.__getitem__, metadata={"format": "pt"})
+            del state
             gen = getattr(self.base, "generation_config", None)
             if gen is not None:
                 try:
@@ -287,11 +292,29 @@ class MTPModel(nn.Module):
         return directory
 
     @classmethod
+    def empty(cls, config, num_heads: int, num_trunk_layers: int, dtype: torch.dtype = torch.float32) -> MTPModel:
+        """The model for `config` with every parameter on the meta device (no memory, no initialisation), to be
+        filled by `materialise`. Buffers (rotary frequencies) are real: they are computed, not loaded."""
+        from accelerate import init_empty_weights
+        from transformers import AutoModelForCausalLM
+
+        with _skip_weight_init(), init_empty_weights(include_buffers=False):
+            base = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        base.tie_weights()  # no_init_weights also skips (and blocks) the tying that from_config normally does
+        with init_empty_weights(include_buffers=False):
+            return cls(base, num_heads=num_heads, num_trunk_layers=num_trunk_layers)
+
+    @classmethod
     def from_pretrained(cls, directory: str | os.PathLike, device: str | torch.device = "cpu",
                         dtype: torch.dtype = torch.float32, load_tokenizer: bool = True) -> MTPModel:
-        """Load a folder written by `save_pretrained`. Mismatched tensors raise an error naming them."""
-        from safetensors.torch import load_file
-        from transformers import AutoConfig, AutoModelForCausalLM
+        """Load a folder written by `save_pretrained`. Mismatched tensors raise an error naming them.
+
+        The model is built without weights (meta device) and each tensor is read from model.safetensors straight
+        into its place, in `dtype` on `device`: loading holds one copy of the weights, plus one tensor while
+        converting a dtype."""
+        from transformers import AutoConfig
+
+        from mtp.models.safetensors_io import SafetensorsReader
 
         directory = Path(directory)
         config_path = directory / "config.json"
@@ -300,33 +323,35 @@ class MTPModel(nn.Module):
         raw = json.loads(config_path.read_text())
         if "mtp" not in raw:
             raise MTPError(f"{directory}: config.json has no 'mtp' section (a plain model: use MTPModel.from_base)")
-        if not (directory / WEIGHTS_NAME).is_file():
+        weights = directory / WEIGHTS_NAME
+        if not weights.is_file():
             raise MTPError(f"{directory}: missing {WEIGHTS_NAME}")
         mtp_cfg = raw["mtp"]
         config = AutoConfig.from_pretrained(directory)
-        with _skip_weight_init():  # every weight is overwritten by the checkpoint; random init costs seconds
-            base = AutoModelForCausalLM.from_config(config)
-        base.tie_weights()  # no_init_weights also skips the tying that from_config normally does
-        model = cls(base, num_heads=int(mtp_cfg["num_heads"]), num_trunk_layers=int(mtp_cfg["num_trunk_layers"]))
-        state = load_file(str(directory / WEIGHTS_NAME))
-        model.load_checkpoint_state_dict(state, source=str(directory / WEIGHTS_NAME))
-        model.to(device=device, dtype=dtype).eval()
+        model = cls.empty(config, int(mtp_cfg["num_heads"]), int(mtp_cfg["num_trunk_layers"]), dtype)
+        with SafetensorsReader(weights) as reader:
+            model.check_checkpoint_shapes(reader.shapes(), source=str(weights))
+            names = [k for k in reader.tensors if k != DRAFT_VOCAB_KEY]
+            model.materialise(names, lambda key: reader.read(key, dtype if reader.tensors[key].dtype.is_floating_point
+                                                              else None, device))
+            model.set_draft_vocab(reader.read(DRAFT_VOCAB_KEY) if DRAFT_VOCAB_KEY in reader.tensors else None)
+        model.to(device).eval()  # the buffers
         if load_tokenizer and (directory / "tokenizer_config.json").is_file():
             from transformers import AutoTokenizer
 
             model.tokenizer = AutoTokenizer.from_pretrained(directory)
         return model
 
-    def load_checkpoint_state_dict(self, state: dict[str, torch.Tensor], source: str = "checkpoint") -> None:
-        """Copy a `checkpoint_state_dict` into the model; its draft vocabulary (or none) comes with it."""
-        state = dict(state)
-        draft_vocab = state.pop(DRAFT_VOCAB_KEY, None)
-        expected = {name.removeprefix("base."): t for name, t in self.state_dict().items()}
+    def check_checkpoint_shapes(self, shapes: dict[str, tuple[int, ...]], source: str = "checkpoint") -> None:
+        """Raise `CheckpointMismatchError` naming every missing, unexpected and mis-shaped tensor of a checkpoint
+        (`shapes`: its names, under `checkpoint_state_dict`'s names, and shapes)."""
+        shapes = {k: tuple(s) for k, s in shapes.items() if k != DRAFT_VOCAB_KEY}
+        expected = {name.removeprefix("base."): tuple(t.shape) for name, t in self.state_dict().items()}
         tied = _tied_aliases(self)
-        missing = sorted(k for k in expected if k not in state and k not in tied)
-        extra = sorted(k for k in state if k not in expected)
-        misshaped = sorted(f"{k} (checkpoint {tuple(state[k].shape)}, model {tuple(expected[k].shape)})"
-                           for k in state if k in expected and state[k].shape != expected[k].shape)
+        missing = sorted(k for k in expected if k not in shapes and k not in tied)
+        extra = sorted(k for k in shapes if k not in expected)
+        misshaped = sorted(f"{k} (checkpoint {shapes[k]}, model {expected[k]})"
+                           for k in shapes if k in expected and shapes[k] != expected[k])
         if missing or extra or misshaped:
             parts = []
             for label, names in (("missing", missing), ("unexpected", extra), ("mis-shaped", misshaped)):
@@ -334,23 +359,60 @@ class MTPModel(nn.Module):
                     shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
                     parts.append(f"{label}: {shown}")
             raise CheckpointMismatchError(f"{source} does not match the model: " + "; ".join(parts))
+
+    def materialise(self, names, read) -> None:
+        """Put tensor `read(name)` in place of each checkpoint name (as `checkpoint_state_dict` names them), by
+        assignment: no copy into existing memory, so a model built by `empty` gets its weights without a second
+        copy. Tied weights stay tied (every module sharing a tensor gets the new one). Names must have been
+        checked (`check_checkpoint_shapes`); anything left on the meta device afterwards is an error."""
+        slots: dict[int, list[tuple[nn.Module, str]]] = {}
+        by_name: dict[str, torch.Tensor] = {}
+        for mod_name, module in self.named_modules(remove_duplicate=False):
+            for attr, t in [*module._parameters.items(), *module._buffers.items()]:
+                if t is None:
+                    continue
+                where = slots.setdefault(id(t), [])
+                if (module, attr) not in where:
+                    where.append((module, attr))
+                by_name.setdefault(f"{mod_name}.{attr}".removeprefix("base."), t)
+        for name in names:
+            old = by_name[name]
+            tensor = read(name)
+            new = nn.Parameter(tensor, requires_grad=old.requires_grad) if isinstance(old, nn.Parameter) else tensor
+            for module, attr in slots[id(old)]:
+                if attr in module._parameters:
+                    module._parameters[attr] = new
+                else:
+                    module._buffers[attr] = new
+        left = [n for n, t in [*self.named_parameters(), *self.named_buffers()] if t.is_meta]
+        if left:
+            raise CheckpointMismatchError(f"no weights loaded for: {', '.join(left[:5])}")
+
+    def load_checkpoint_state_dict(self, state: dict[str, torch.Tensor], source: str = "checkpoint") -> None:
+        """Copy a `checkpoint_state_dict` into the model; its draft vocabulary (or none) comes with it."""
+        state = dict(state)
+        draft_vocab = state.pop(DRAFT_VOCAB_KEY, None)
+        self.check_checkpoint_shapes({k: tuple(t.shape) for k, t in state.items()}, source)
         full = {("base." + k if not k.startswith(EXTRA_HEADS_PREFIX) else k): v for k, v in state.items()}
         self.load_state_dict(full, strict=False)
         self.set_draft_vocab(draft_vocab)
 
 
 def _tied_aliases(model: MTPModel) -> set[str]:
-    """Names whose tensor is the same storage as an earlier name (e.g. lm_head.weight tied to embeddings)."""
-    seen: dict[int, str] = {}
+    """Names whose tensor is an earlier name's (e.g. lm_head.weight tied to embeddings): the same object, or the
+    same storage (meta tensors have none, so only identity counts for them)."""
+    seen_ids: set[int] = set()
+    seen_ptrs: set[int] = set()
     aliases = set()
     for name, t in model.state_dict(keep_vars=True).items():
         key = name.removeprefix("base.")
         tensor = t.data if isinstance(t, nn.Parameter) else t
-        ptr = tensor.data_ptr()
-        if ptr in seen and tensor.numel() > 0:
+        ptr = None if tensor.is_meta or tensor.numel() == 0 else tensor.data_ptr()
+        if id(t) in seen_ids or (ptr is not None and ptr in seen_ptrs):
             aliases.add(key)
-        else:
-            seen[ptr] = key
+        seen_ids.add(id(t))
+        if ptr is not None:
+            seen_ptrs.add(ptr)
     return aliases
 
 
