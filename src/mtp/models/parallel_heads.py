@@ -265,10 +265,12 @@ class MTPModel(nn.Module):
             state[DRAFT_VOCAB_KEY] = self.draft_vocab.detach().cpu().contiguous()
         return state
 
-    def save_pretrained(self, directory: str | os.PathLike, tokenizer=None) -> Path:
+    def save_pretrained(self, directory: str | os.PathLike, tokenizer=None, weights=None) -> Path:
         """Write config.json (base config + `mtp` section), model.safetensors and tokenizer files, atomically.
 
-        The weights are written one tensor at a time from the model's own memory (no serialised copy)."""
+        The weights are written one tensor at a time from the model's own memory (no serialised copy), or,
+        with `weights` (a function of a checkpoint name), from what it returns: then the model may be `empty`
+        and only one tensor exists at a time (streaming conversions)."""
         from mtp.models.safetensors_io import write_safetensors
 
         directory = Path(directory)
@@ -276,10 +278,17 @@ class MTPModel(nn.Module):
             config = self.config.to_dict()
             config["mtp"] = self.mtp_config()
             (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-            state = self.checkpoint_state_dict()
-            write_safetensors(tmp / WEIGHTS_NAME, {k: (tuple(t.shape), t.dtype) for k, t in state.items()},
-                              state.__getitem__, metadata={"format": "pt"})
-            del state
+            if weights is None:
+                state = self.checkpoint_state_dict()
+                shapes = {k: (tuple(t.shape), t.dtype) for k, t in state.items()}
+                weights = state.__getitem__
+            else:
+                tied = _tied_aliases(self)
+                shapes = {k: (tuple(t.shape), t.dtype) for k, t in
+                          ((n.removeprefix("base."), t) for n, t in self.state_dict(keep_vars=True).items())
+                          if k not in tied}
+            write_safetensors(tmp / WEIGHTS_NAME, shapes, weights, metadata={"format": "pt"})
+            weights = state = None
             gen = getattr(self.base, "generation_config", None)
             if gen is not None:
                 try:
