@@ -39,9 +39,9 @@ def write_sharded_meta(folder: Path, params: dict, state: dict[str, torch.Tensor
     return folder
 
 
-def synthetic_params(dim: int = 2048, n_layers: int = 16, n_heads: int = 32, n_kv_heads: int = 8,
+def synthetic_params(dim: int = 2048, n_layers: int = 19, n_heads: int = 32, n_kv_heads: int = 8,
                      vocab_size: int = 32000, n_future_tokens: int = 4) -> dict:
-    """Llama-shaped params.json; the defaults give ~1.2B parameters (n_layers counts the extra heads)."""
+    """Llama-shaped params.json; the defaults give ~1.0B parameters (n_layers counts the extra heads)."""
     return {"dim": dim, "n_layers": n_layers, "n_heads": n_heads, "n_kv_heads": n_kv_heads,
             "vocab_size": vocab_size, "multiple_of": 256, "ffn_dim_multiplier": None, "norm_eps": 1e-5,
             "rope_theta": 10000.0, "n_future_tokens": n_future_tokens}
