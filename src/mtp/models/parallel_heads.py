@@ -315,12 +315,14 @@ class MTPModel(nn.Module):
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike, device: str | torch.device = "cpu",
-                        dtype: torch.dtype = torch.float32, load_tokenizer: bool = True) -> MTPModel:
+                        dtype: torch.dtype = torch.float32, load_tokenizer: bool = True,
+                        tensor_dtype=None) -> MTPModel:
         """Load a folder written by `save_pretrained`. Mismatched tensors raise an error naming them.
 
         The model is built without weights (meta device) and each tensor is read from model.safetensors straight
         into its place, in `dtype` on `device`: loading holds one copy of the weights, plus one tensor while
-        converting a dtype."""
+        converting a dtype. `tensor_dtype(name)` (optional) picks another dtype per floating-point tensor (None:
+        `dtype`), e.g. fp16 for the weights about to be packed."""
         from transformers import AutoConfig
 
         from mtp.models.safetensors_io import SafetensorsReader
@@ -341,11 +343,58 @@ class MTPModel(nn.Module):
         with SafetensorsReader(weights) as reader:
             model.check_checkpoint_shapes(reader.shapes(), source=str(weights))
             names = [k for k in reader.tensors if k != DRAFT_VOCAB_KEY]
-            model.materialise(names, lambda key: reader.read(key, dtype if reader.tensors[key].dtype.is_floating_point
-                                                              else None, device))
+            model.materialise(names, lambda key: reader.read(key, _pick_dtype(reader, key, dtype, tensor_dtype),
+                                                              device))
             model.set_draft_vocab(reader.read(DRAFT_VOCAB_KEY) if DRAFT_VOCAB_KEY in reader.tensors else None)
         model.to(device).eval()  # the buffers
         if load_tokenizer and (directory / "tokenizer_config.json").is_file():
+            from transformers import AutoTokenizer
+
+            model.tokenizer = AutoTokenizer.from_pretrained(directory)
+        return model
+
+    @classmethod
+    def from_hf_folder(cls, directory: str | os.PathLike, num_heads: int = 4, num_trunk_layers: int | None = None,
+                       device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+                       tensor_dtype=None) -> MTPModel | None:
+        """A plain Llama-family Hugging Face folder with one model.safetensors as an MTP model, loaded the way
+        `from_pretrained` loads (meta device, each tensor read into place; extra heads read as copies of head
+        0's layers), or None when the folder is not that simple (then load it with transformers)."""
+        from transformers import AutoConfig, GenerationConfig
+
+        from mtp.models.backbones import LLAMA_FAMILY
+        from mtp.models.safetensors_io import SafetensorsReader
+
+        directory = Path(directory)
+        weights = directory / "model.safetensors"
+        if not (directory / "config.json").is_file() or not weights.is_file():
+            return None
+        config = AutoConfig.from_pretrained(directory)
+        if getattr(config, "model_type", None) not in LLAMA_FAMILY:
+            return None
+        layers = int(config.num_hidden_layers)
+        trunk = layers - 1 if num_trunk_layers is None else num_trunk_layers
+        if num_heads < 1 or not 0 <= trunk < layers:
+            return None  # the constructor's errors come from the usual path
+        model = cls.empty(config, num_heads, trunk, dtype)
+        with SafetensorsReader(weights) as reader:
+            sources = {k: k for k in reader.tensors}
+            for j in range(num_heads - 1):
+                for i in range(layers - trunk):
+                    prefix = f"model.layers.{trunk + i}."
+                    sources.update({f"{EXTRA_HEADS_PREFIX}{j}.{i}.{k.removeprefix(prefix)}": k
+                                    for k in reader.tensors if k.startswith(prefix)})
+            try:
+                model.check_checkpoint_shapes({n: reader.tensors[k].shape for n, k in sources.items()}, str(weights))
+            except CheckpointMismatchError:
+                return None
+            model.materialise(list(sources), lambda n: reader.read(
+                sources[n], _pick_dtype(reader, sources[n], dtype, tensor_dtype and (lambda _: tensor_dtype(n))),
+                device))
+        model.to(device).eval()
+        if (directory / "generation_config.json").is_file():
+            model.base.generation_config = GenerationConfig.from_pretrained(directory)
+        if (directory / "tokenizer_config.json").is_file():
             from transformers import AutoTokenizer
 
             model.tokenizer = AutoTokenizer.from_pretrained(directory)
@@ -405,6 +454,19 @@ class MTPModel(nn.Module):
         full = {("base." + k if not k.startswith(EXTRA_HEADS_PREFIX) else k): v for k, v in state.items()}
         self.load_state_dict(full, strict=False)
         self.set_draft_vocab(draft_vocab)
+
+
+def _pick_dtype(reader, key: str, dtype: torch.dtype, tensor_dtype) -> torch.dtype | None:
+    if not reader.tensors[key].dtype.is_floating_point:
+        return None  # ids (the draft vocabulary) stay as stored
+    return (tensor_dtype(key) if tensor_dtype is not None else None) or dtype
+
+
+def packing_dtypes(name: str) -> torch.dtype | None:
+    """`tensor_dtype` for a model about to be fp16-packed for decoding: the decoder layers' projection weights
+    load in fp16 (packing rounds them to fp16 anyway, and fp16 -> fp32 -> fp16 is exact), the rest as asked."""
+    in_layer = ".layers." in f".{name}" or name.startswith(EXTRA_HEADS_PREFIX)
+    return torch.float16 if in_layer and name.endswith("_proj.weight") else None
 
 
 def _tied_aliases(model: MTPModel) -> set[str]:
