@@ -217,3 +217,18 @@ def test_fp16_decode_only_drops_the_fp32_weights_and_decodes_the_same(dtype):
         # uncached: fp16-packed weights here, the fp32 Hugging Face layers there
         torch.testing.assert_close(lean(ids, mask, return_all_heads=True), keep(ids, mask, return_all_heads=True),
                                    atol=5e-3, rtol=5e-3)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_bf16_speculative_equals_bf16_greedy(tmp_path, seed):
+    """bf16 weights end to end: saved, loaded in bf16 (meta device, read into place), decoded; speculative output
+    equals greedy output of the same bf16 model (one prompt: a block's rows go through the same kernels)."""
+    from mtp import MTPModel
+
+    folder = tiny_mtp("llama", num_heads=1 + seed % 4, seed=seed, vocab_size=97).save_pretrained(tmp_path / "m")
+    model = MTPModel.from_pretrained(folder, dtype=torch.bfloat16)
+    assert model.dtype == torch.bfloat16
+    ids = torch.randint(0, 97, (1, 9), generator=torch.Generator().manual_seed(seed))
+    greedy = generate(model, ids, max_new_tokens=24, stop_token_ids=[])
+    spec = generate(model, ids, max_new_tokens=24, strategy="speculative", stop_token_ids=[])
+    assert spec.tokens == greedy.tokens
