@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from mtp.models.loading import describe_source, load_mtp_model
 
 
@@ -9,14 +11,27 @@ def _count(params) -> int:
     return sum(p.numel() for p in params)
 
 
-def info(model: str | None = None, num_heads: int | None = None, num_trunk_layers: int | None = None) -> int:
+def info(model: str | None = None, num_heads: int | None = None, num_trunk_layers: int | None = None,
+         memory: bool = False, dtype: str = "float32", quantize: Literal["none", "fp16", "int8"] = "none",
+         device: str = "cpu", new_tokens: int = 16) -> int:
     """Print a model's architecture: trunk and head layers, parameter counts, vocabulary, weights' origin.
 
     Args:
         model: the embedded default (omit), a local folder, a .gguf file, a Meta checkpoint or a hub id.
         num_heads: heads to give a plain model (default 4); an MTP folder brings its own.
         num_trunk_layers: shared trunk layers of a plain model (default: all but the last).
+        memory: instead, measure peak resident memory of loading (in --dtype), packing (--quantize) and a short decode, against the size of the weights
+        dtype: with --memory: float32, bfloat16 or float16 weights
+        quantize: with --memory: pack the weights for decoding (decode-only) after loading
+        device: with --memory: where to load the model
+        new_tokens: with --memory: tokens to decode
     """
+    if memory:
+        from mtp.memory import memory_report
+
+        for line in memory_report(model, dtype=dtype, quantize=quantize, device=device, new_tokens=new_tokens):
+            print(line)
+        return 0
     m = load_mtp_model(model, num_heads=num_heads, num_trunk_layers=num_trunk_layers)
     cfg = m.config
     trunk = _count(m.trunk_layers.parameters())

@@ -14,10 +14,18 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from meta_helpers import write_sharded_meta
+from safetensors.torch import load_file
 
 from mtp.cli import main
 from mtp.errors import MTPError
-from mtp.formats.meta import ffn_hidden_size, meta_to_mtp, mtp_to_meta, read_meta_checkpoint
+from mtp.formats.meta import (
+    convert_meta_to_mtp_folder,
+    ffn_hidden_size,
+    meta_to_mtp,
+    mtp_to_meta,
+    read_meta_checkpoint,
+)
 from mtp.models.parallel_heads import MTPModel
 
 PARAMS = {
@@ -301,9 +309,46 @@ def test_missing_files_and_shards(tmp_path, meta_folder):
     (tmp_path / "empty" / "params.json").write_text(json.dumps(PARAMS))
     with pytest.raises(MTPError, match=r"consolidated\.00\.pth"):
         read_meta_checkpoint(tmp_path / "empty")
+    # A copy of the file as a second model-parallel shard doubles the split axes: params.json no longer fits.
     (meta_folder / "consolidated.01.pth").write_bytes((meta_folder / "consolidated.00.pth").read_bytes())
-    with pytest.raises(MTPError, match="model-parallel shards are not supported"):
+    with pytest.raises(MTPError, match=r"consolidated\.\*\.pth does not match params.json: mis-shaped: "
+                                       r"extra_heads\.0\.attention\.wk\.weight \(checkpoint \(64, 64\), params.json \(32, 64\)"):
+        meta_to_mtp(meta_folder)
+    torch.save({"tok_embeddings.weight": torch.zeros(2, 2)}, meta_folder / "consolidated.01.pth")
+    with pytest.raises(MTPError, match=r"consolidated\.01\.pth does not hold the same tensors"):
         read_meta_checkpoint(meta_folder)
+
+
+@pytest.mark.parametrize("n", [2, 4])
+def test_model_parallel_shards_join_into_the_one_file_checkpoint(tmp_path, n):
+    state = make_meta_state(PARAMS)
+    one = write_meta(tmp_path / "one", PARAMS, state)
+    many = write_sharded_meta(tmp_path / "many", PARAMS, state, n)
+    assert len(list(many.glob("consolidated.*.pth"))) == n
+    _, joined = read_meta_checkpoint(many)
+    assert sorted(joined) == sorted(state)
+    assert all(torch.equal(joined[k], state[k]) for k in state)
+    a, b = meta_to_mtp(one), meta_to_mtp(many)
+    ids = torch.randint(0, 97, (2, 7), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        assert torch.equal(a(ids, return_all_heads=True), b(ids, return_all_heads=True))
+    # the streamed conversion writes the same folder as loading and saving the model
+    streamed, saved = tmp_path / "streamed", tmp_path / "saved"
+    convert_meta_to_mtp_folder(many, streamed)
+    a.save_pretrained(saved)
+    assert (streamed / "config.json").read_text() == (saved / "config.json").read_text()
+    sa, sb = load_file(streamed / "model.safetensors"), load_file(saved / "model.safetensors")
+    assert list(sa) == list(sb) and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_streamed_conversion_casts(tmp_path, meta_folder):
+    out = convert_meta_to_mtp_folder(meta_folder, tmp_path / "bf16", dtype=torch.bfloat16)
+    assert out.dtype == torch.bfloat16
+    state = load_file(tmp_path / "bf16" / "model.safetensors")
+    assert {t.dtype for t in state.values()} == {torch.bfloat16}
+    model = MTPModel.from_pretrained(tmp_path / "bf16", dtype=torch.bfloat16)
+    reference = meta_to_mtp(meta_folder, dtype=torch.bfloat16)
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), reference.parameters(), strict=True))
 
 
 def test_bad_params_json(tmp_path):

@@ -188,3 +188,47 @@ def test_speculative_equals_greedy_with_matmul_attention(seed, monkeypatch):
     assert spec.tokens == greedy.tokens
     model.set_fast_decoding(None)  # Hugging Face layers throughout
     assert generate(model, ids, mask, max_new_tokens=20, stop_token_ids=[]).tokens == greedy.tokens
+
+
+@needs_fbgemm
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fp16_decode_only_drops_the_fp32_weights_and_decodes_the_same(dtype):
+    """`decode_only` keeps only the packed copies of the layers' weights: fewer bytes in parameters, the same
+    tokens as fp16 packing that keeps fp32 weights, speculative still equal to greedy, uncached forwards still
+    work (through the packed matmuls), and the embedding stays the one table tied to the unembedding."""
+    model = tiny_mtp("llama", num_heads=3, seed=4, vocab_size=97).to(dtype)
+    keep = quantize_for_decoding(copy.deepcopy(model), "fp16")
+    lean = quantize_for_decoding(copy.deepcopy(model), "fp16", decode_only=True)
+
+    def nbytes(m):
+        return sum(t.numel() * t.element_size() for t in {id(p): p for p in m.parameters()}.values())
+
+    assert not any(type(mod) is torch.nn.Linear for mod in lean.modules())
+    assert nbytes(lean) < nbytes(keep) / 3
+    assert lean.dtype == torch.float32 and lean.decode_only and not keep.decode_only
+    emb = lean.base.get_input_embeddings().weight
+    assert [p for p in lean.parameters() if p.dim() == 2] == [emb]  # one table left, used by embedding only
+    ids, mask = left_pad([[5, 9, 2, 7, 1, 3], [3, 1, 4]])
+    greedy = generate(lean, ids, mask, max_new_tokens=20, stop_token_ids=[])
+    assert greedy.tokens == generate(keep, ids, mask, max_new_tokens=20, stop_token_ids=[]).tokens
+    spec = generate(lean, ids, mask, max_new_tokens=20, strategy="speculative", stop_token_ids=[])
+    assert spec.tokens == greedy.tokens
+    with torch.no_grad():
+        # uncached: fp16-packed weights here, the fp32 Hugging Face layers there
+        torch.testing.assert_close(lean(ids, mask, return_all_heads=True), keep(ids, mask, return_all_heads=True),
+                                   atol=5e-3, rtol=5e-3)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_bf16_speculative_equals_bf16_greedy(tmp_path, seed):
+    """bf16 weights end to end: saved, loaded in bf16 (meta device, read into place), decoded; speculative output
+    equals greedy output of the same bf16 model (one prompt: a block's rows go through the same kernels)."""
+    from mtp import MTPModel
+
+    folder = tiny_mtp("llama", num_heads=1 + seed % 4, seed=seed, vocab_size=97).save_pretrained(tmp_path / "m")
+    model = MTPModel.from_pretrained(folder, dtype=torch.bfloat16)
+    assert model.dtype == torch.bfloat16
+    ids = torch.randint(0, 97, (1, 9), generator=torch.Generator().manual_seed(seed))
+    greedy = generate(model, ids, max_new_tokens=24, stop_token_ids=[])
+    spec = generate(model, ids, max_new_tokens=24, strategy="speculative", stop_token_ids=[])
+    assert spec.tokens == greedy.tokens

@@ -171,3 +171,47 @@ def test_unsupported_model_type_is_a_clear_error():
     with pytest.raises(MTPError, match="unsupported model type 'bert'"):
         MTPModel(BertForMaskedLM(BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
                                             intermediate_size=32, vocab_size=50)))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_reload_in_a_dtype_keeps_ties_and_buffers(tmp_path, dtype):
+    model = tiny_mtp("llama", num_heads=3)
+    folder = model.save_pretrained(tmp_path / "m")
+    again = MTPModel.from_pretrained(folder, dtype=dtype)
+    base = again.base
+    assert base.lm_head.weight is base.model.embed_tokens.weight  # tied, as in the saved model
+    assert all(p.dtype == dtype for p in again.parameters())
+    assert not any(t.is_meta for t in [*again.parameters(), *again.buffers()])
+    rotary = base.model.rotary_emb
+    torch.testing.assert_close(rotary.inv_freq, model.base.model.rotary_emb.inv_freq.float())
+    ids = torch.randint(0, 61, (2, 8))
+    with torch.no_grad():
+        expected = model.to(dtype)(ids, return_all_heads=True)
+        torch.testing.assert_close(again(ids, return_all_heads=True), expected, atol=0.05, rtol=0.05)
+        assert torch.equal(again.extra_heads[0][0].mlp.up_proj.weight, model.extra_heads[0][0].mlp.up_proj.weight)
+
+
+def test_damaged_weights_file_is_an_error_naming_it(tmp_path):
+    model = tiny_mtp("llama", num_heads=2)
+    folder = model.save_pretrained(tmp_path / "m")
+    weights = folder / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) - 100])  # truncated
+    with pytest.raises(MTPError, match=r"model\.safetensors.*truncated"):
+        MTPModel.from_pretrained(folder)
+    weights.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all" + data[24:])
+    with pytest.raises(MTPError, match=r"model\.safetensors is not a valid safetensors file \(header is not JSON"):
+        MTPModel.from_pretrained(folder)
+    weights.write_bytes(b"abc")
+    with pytest.raises(MTPError, match=r"model\.safetensors is not a valid"):
+        MTPModel.from_pretrained(folder)
+
+
+def test_saved_file_is_read_by_safetensors_itself(tmp_path):
+    model = tiny_mtp("llama", num_heads=2)
+    model.set_draft_vocab([3, 5])
+    folder = model.save_pretrained(tmp_path / "m")
+    state = load_file(folder / "model.safetensors")
+    ours = model.checkpoint_state_dict()
+    assert state.keys() == ours.keys()
+    assert all(torch.equal(state[k], ours[k]) for k in ours)

@@ -38,7 +38,7 @@ def convert(
         dtype: weights' dtype in the output; auto keeps the input's (float32 for hf/gguf)
         overwrite: replace an existing, non-empty output folder
     """
-    from mtp.formats.meta import meta_to_mtp, mtp_to_meta
+    from mtp.formats.meta import convert_meta_to_mtp_folder, meta_to_mtp, mtp_to_meta
     from mtp.models.parallel_heads import MTPModel
 
     source = from_ or _detect_format(input)
@@ -51,6 +51,12 @@ def convert(
     _check_output(Path(input), out, overwrite)
     target = _DTYPES.get(dtype)
 
+    if source == "meta" and to == "mtp":  # streamed tensor by tensor: memory stays near one tensor
+        model = convert_meta_to_mtp_folder(input, out, dtype=target)
+        tok = "with" if (out / "tokenizer_config.json").is_file() else "without"
+        print(f"wrote {out}: mtp folder (config.json, model.safetensors) {tok} a tokenizer, {model.num_heads} heads "
+              f"on a {model.num_trunk_layers}-layer trunk ({model.num_layers} layers), {model.dtype}")
+        return 0
     if source == "meta":
         model = meta_to_mtp(input, dtype=target)
     elif source == "mtp":

@@ -19,6 +19,8 @@ permutation is a pure re-indexing, so meta -> mtp -> meta is bit-exact.
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import json
 import math
 import os
@@ -62,34 +64,136 @@ _GLOBAL_KEYS = {
 
 
 # -------------------------------------------------------------------------------------------- reading
-def read_meta_checkpoint(folder: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]]:
-    """(params, state dict) of a Meta checkpoint folder: `params.json` + a single `consolidated.*.pth`."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise MTPError(f"Meta checkpoint folder not found: {folder}")
-    params_path = folder / PARAMS_NAME
-    if not params_path.is_file():
-        raise MTPError(f"{params_path}: missing {PARAMS_NAME} (not a Meta checkpoint folder)")
-    params = read_json_object(params_path, "Meta's params.json")
-    shards = sorted(folder.glob("consolidated.*.pth"))
-    if not shards:
-        raise MTPError(f"{folder}: missing {WEIGHTS_NAME} (no consolidated.*.pth file)")
-    if len(shards) > 1:
-        raise MTPError(f"{folder}: {len(shards)} consolidated.*.pth files; model-parallel shards are not supported "
-                       "(merge them into a single consolidated.00.pth first)")
-    path = shards[0]
+# Model-parallel shards (Meta's llama: fairscale's ColumnParallelLinear splits the output rows, RowParallelLinear
+# and ParallelEmbedding the input columns; norms are replicated): the axis each key's pieces are joined along.
+_SPLIT_DIM = {"attention.wq.weight": 0, "attention.wk.weight": 0, "attention.wv.weight": 0,
+              "feed_forward.w1.weight": 0, "feed_forward.w3.weight": 0, "output.weight": 0,
+              "attention.wo.weight": 1, "feed_forward.w2.weight": 1, "tok_embeddings.weight": 1}
+
+
+def split_dim(key: str) -> int | None:
+    """The axis model-parallel shards of `key` are concatenated along (None: replicated in every shard)."""
+    if key in _SPLIT_DIM:
+        return _SPLIT_DIM[key]
+    rest = key.split(".", 2)[-1] if key.startswith(("layers.", "extra_heads.")) else key
+    return _SPLIT_DIM.get(rest)
+
+
+class MetaCheckpoint:
+    """A Meta checkpoint folder opened without reading its weights: `params.json` and every `consolidated.*.pth`
+    memory-mapped (`torch.load(mmap=True, weights_only=True)`). `tensor(key)` joins the shards of one tensor;
+    `release(tensor)` hands a mapped tensor's pages back once it has been copied, so a conversion holds about
+    one tensor at a time instead of the whole file."""
+
+    def __init__(self, folder: str | os.PathLike):
+        folder = Path(folder)
+        if not folder.is_dir():
+            raise MTPError(f"Meta checkpoint folder not found: {folder}")
+        params_path = folder / PARAMS_NAME
+        if not params_path.is_file():
+            raise MTPError(f"{params_path}: missing {PARAMS_NAME} (not a Meta checkpoint folder)")
+        self.folder = folder
+        self.params = read_json_object(params_path, "Meta's params.json")
+        self.paths = sorted(folder.glob("consolidated.*.pth"))
+        if not self.paths:
+            raise MTPError(f"{folder}: missing {WEIGHTS_NAME} (no consolidated.*.pth file)")
+        self.shards: list[dict[str, torch.Tensor]] = []
+        self.mapped: list[bool] = []
+        for path in self.paths:
+            state, mapped = _load_shard(path)
+            self.shards.append(state)
+            self.mapped.append(mapped)
+        first = set(self.shards[0])
+        for path, shard in zip(self.paths[1:], self.shards[1:], strict=True):
+            if set(shard) != first:
+                diff = sorted(first.symmetric_difference(shard))
+                raise MTPError(f"{path} does not hold the same tensors as {self.paths[0].name} "
+                               f"(model-parallel shards must; differ: {', '.join(diff[:5])})")
+        self.source = str(self.paths[0]) if len(self.paths) == 1 else f"{folder}/consolidated.*.pth"
+
+    def keys(self) -> list[str]:
+        return list(self.shards[0])
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        pieces = [s[key] for s in self.shards]
+        shape = list(pieces[0].shape)
+        dim = split_dim(key) if len(pieces) > 1 else None
+        if dim is not None and len(shape) > dim:
+            shape[dim] = sum(p.shape[dim] for p in pieces)
+        return tuple(shape)
+
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        return {k: self.shape(k) for k in self.keys()}
+
+    def dtype(self, key: str) -> torch.dtype:
+        return self.shards[0][key].dtype
+
+    def tensor(self, key: str) -> torch.Tensor:
+        """The whole tensor: the mapped one itself for a single shard, else the shards joined (a new tensor)."""
+        pieces = [s[key] for s in self.shards]
+        if len(pieces) == 1:
+            return pieces[0]
+        dim = split_dim(key)
+        if dim is None or pieces[0].dim() <= dim:
+            return pieces[0]  # replicated (norms, rope.freqs)
+        return torch.cat(pieces, dim=dim)
+
+    def release(self, key: str) -> None:
+        """Drop the resident pages of `key`'s mapped pieces (they are read again from the file if touched)."""
+        for shard, mapped in zip(self.shards, self.mapped, strict=True):
+            if mapped:
+                _drop_pages(shard[key])
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {k: self.tensor(k) for k in self.keys()}
+
+
+def _load_shard(path: Path) -> tuple[dict[str, torch.Tensor], bool]:
     try:
         try:
-            state = torch.load(path, weights_only=True, map_location="cpu", mmap=True)
+            state, mapped = torch.load(path, weights_only=True, map_location="cpu", mmap=True), True
         except RuntimeError as e:  # files in the legacy (non-zip) format cannot be memory-mapped
             if "mmap" not in str(e):
                 raise
-            state = torch.load(path, weights_only=True, map_location="cpu")
+            state, mapped = torch.load(path, weights_only=True, map_location="cpu"), False
     except Exception as e:  # torch raises many types for a corrupt or non-weights file
         raise MTPError(f"cannot read {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise MTPError(f"{path}: expected a state dict of tensors")
-    return params, state
+    return state, mapped
+
+
+def _drop_pages(tensor: torch.Tensor) -> None:
+    """madvise(MADV_DONTNEED) on the whole pages inside a file-mapped (private) tensor: the process stops holding
+    them; reading the tensor again reads the file. Best effort: nothing happens where madvise is unavailable."""
+    libc = _libc()
+    if libc is None or tensor.numel() == 0:
+        return
+    page = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+    start = tensor.data_ptr()
+    end = start + tensor.numel() * tensor.element_size()
+    first, last = -(-start // page) * page, end // page * page
+    if last > first:
+        libc.madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), 4)  # MADV_DONTNEED
+
+
+@functools.cache
+def _libc():
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+        return libc
+    except (OSError, AttributeError):
+        return None
+
+
+def read_meta_checkpoint(folder: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(params, state dict) of a Meta checkpoint folder: `params.json` + `consolidated.*.pth` (one file, or
+    model-parallel shards joined along their split axes)."""
+    checkpoint = MetaCheckpoint(folder)
+    return checkpoint.params, checkpoint.state_dict()
 
 
 def _param(params: dict, key: str):
@@ -112,7 +216,7 @@ def ffn_hidden_size(dim: int, multiple_of: int, ffn_dim_multiplier: float | None
 class _Shape:
     """The model dimensions a params.json describes."""
 
-    def __init__(self, params: dict, state: dict[str, torch.Tensor]):
+    def __init__(self, params: dict, shapes: dict[str, tuple[int, ...]]):
         try:
             self.dim = int(_param(params, "dim"))
             self.n_layers = int(_param(params, "n_layers"))
@@ -127,10 +231,10 @@ class _Shape:
             raise MTPError(f"{PARAMS_NAME}: bad value: {e}") from e
         vocab = params.get("vocab_size", -1)
         if vocab is None or int(vocab) <= 0:  # Llama's "-1": taken from the tokenizer; here from the embedding
-            emb = state.get("tok_embeddings.weight")
-            if emb is None or emb.dim() != 2:
+            emb = shapes.get("tok_embeddings.weight")
+            if emb is None or len(emb) != 2:
                 raise MTPError(f"{PARAMS_NAME} has no vocab_size and the checkpoint no tok_embeddings.weight")
-            vocab = emb.shape[0]
+            vocab = emb[0]
         self.vocab = int(vocab)
         if params.get("use_scaled_rope"):
             raise MTPError(f"{PARAMS_NAME}: use_scaled_rope (Llama 3.1 RoPE scaling) is not supported")
@@ -168,12 +272,13 @@ class _Shape:
         return shapes
 
 
-def _check_meta_state(state: dict[str, torch.Tensor], shape: _Shape, source: str) -> None:
+def _check_meta_state(shapes: dict[str, tuple[int, ...]], shape: _Shape, source: str) -> None:
+    state = {k: tuple(v) for k, v in shapes.items()}
     expected = shape.expected()
     missing = sorted(k for k in expected if k not in state)
     extra = sorted(k for k in state if k not in expected and k not in _IGNORED_KEYS)
-    misshaped = sorted(f"{k} (checkpoint {tuple(state[k].shape)}, params.json {expected[k]})"
-                       for k in state if k in expected and tuple(state[k].shape) != expected[k])
+    misshaped = sorted(f"{k} (checkpoint {state[k]}, params.json {expected[k]})"
+                       for k in state if k in expected and state[k] != expected[k])
     if not (missing or extra or misshaped):
         return
     parts = []
@@ -236,40 +341,53 @@ def _llama_config(shape: _Shape, params: dict, dtype: torch.dtype):
     return config
 
 
+def _open_meta(folder: str | os.PathLike, dtype: torch.dtype | None):
+    """(checkpoint, empty MTPModel on the meta device, dtype, read(our key) -> converted tensor) of a folder."""
+    from mtp.models.parallel_heads import MTPModel
+
+    checkpoint = MetaCheckpoint(folder)
+    shapes = checkpoint.shapes()
+    shape = _Shape(checkpoint.params, shapes)
+    _check_meta_state(shapes, shape, checkpoint.source)
+    if dtype is None:
+        dtype = checkpoint.dtype("tok_embeddings.weight")
+    config = _llama_config(shape, checkpoint.params, dtype)
+    model = MTPModel.empty(config, num_heads=shape.num_heads, num_trunk_layers=shape.num_layers - 1, dtype=dtype)
+    ours = {_meta_to_ours_key(k): k for k in checkpoint.keys() if k not in _IGNORED_KEYS}
+
+    def read(name: str) -> torch.Tensor:
+        key = ours[name]
+        tensor = checkpoint.tensor(key)
+        if key.endswith("attention.wq.weight"):
+            tensor = _permute(tensor, shape.n_heads)
+        elif key.endswith("attention.wk.weight"):
+            tensor = _permute(tensor, shape.n_kv_heads)
+        tensor = tensor.to(dtype)
+        storage = tensor.untyped_storage().data_ptr()
+        if any(m and s[key].untyped_storage().data_ptr() == storage
+               for s, m in zip(checkpoint.shards, checkpoint.mapped, strict=True)):
+            tensor = tensor.clone()  # our own memory, not the file's mapping (its pages are dropped below)
+        checkpoint.release(key)
+        return tensor
+
+    model.check_checkpoint_shapes({n: shapes[k] for n, k in ours.items()}, checkpoint.source)
+    return checkpoint, model, dtype, read, list(ours)
+
+
 def meta_to_mtp(folder: str | os.PathLike, dtype: torch.dtype | None = torch.float32,
                 load_tokenizer: bool = True):
     """Load a Meta multi-token checkpoint folder as an `MTPModel` (eval mode, on the CPU).
 
     `dtype=None` keeps the checkpoint's dtype. A `tokenizer.model` (sentencepiece) in the folder or its parent
-    is attached as `model.tokenizer` when `load_tokenizer` and it can be read.
+    is attached as `model.tokenizer` when `load_tokenizer` and it can be read. Model-parallel shards
+    (`consolidated.00.pth`, `.01`, ...) are joined. The model is built on the meta device and each tensor is
+    converted from the memory-mapped file into its place (about one copy of the weights in memory).
     """
-    from transformers import AutoModelForCausalLM
-
-    from mtp.models.parallel_heads import MTPModel, _skip_weight_init
-
     folder = Path(folder)
-    params, meta_state = read_meta_checkpoint(folder)
-    shape = _Shape(params, meta_state)
-    source = str(next(folder.glob("consolidated.*.pth")))
-    _check_meta_state(meta_state, shape, source)
-    if dtype is None:
-        dtype = meta_state["tok_embeddings.weight"].dtype
-    state = {}
-    for key, tensor in meta_state.items():
-        if key in _IGNORED_KEYS:
-            continue
-        if key.endswith("attention.wq.weight"):
-            tensor = _permute(tensor, shape.n_heads)
-        elif key.endswith("attention.wk.weight"):
-            tensor = _permute(tensor, shape.n_kv_heads)
-        state[_meta_to_ours_key(key)] = tensor
-    config = _llama_config(shape, params, dtype)
-    with _skip_weight_init():  # every weight is overwritten below
-        base = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    model = MTPModel(base, num_heads=shape.num_heads, num_trunk_layers=shape.num_layers - 1)
-    model.load_checkpoint_state_dict(state, source=source)  # copies (and casts) into the model's tensors
-    del state, meta_state
-    model.to(dtype=dtype).eval()
+    checkpoint, model, dtype, read, names = _open_meta(folder, dtype)
+    model.materialise(names, read)
+    del checkpoint
+    model.eval()
     try:
         from mtp.hub import ModelSource
 
@@ -279,6 +397,17 @@ def meta_to_mtp(folder: str | os.PathLike, dtype: torch.dtype | None = torch.flo
         pass
     if load_tokenizer:
         model.tokenizer = load_meta_tokenizer(folder)
+    return model
+
+
+def convert_meta_to_mtp_folder(folder: str | os.PathLike, output: str | os.PathLike,
+                               dtype: torch.dtype | None = None):
+    """Write a Meta checkpoint as an mtp folder, one tensor at a time: read from the mapped file, permuted,
+    cast, written, its pages dropped. Memory stays near one tensor (plus the mapped pages the kernel keeps
+    reclaimable). Returns the (weightless) model describing what was written."""
+    folder = Path(folder)
+    checkpoint, model, dtype, read, names = _open_meta(folder, dtype)
+    model.save_pretrained(output, tokenizer=load_meta_tokenizer(folder), weights=read)
     return model
 
 

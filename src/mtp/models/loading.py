@@ -8,8 +8,8 @@ from typing import Literal
 import torch
 
 from mtp.errors import MTPError
-from mtp.hub import ModelSource, check_model_folder, load_base_model, resolve_model
-from mtp.models.parallel_heads import MTPModel
+from mtp.hub import ModelSource, check_model_folder, default_model_folder, load_base_model, resolve_model
+from mtp.models.parallel_heads import MTPModel, packing_dtypes
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16, "float64": torch.float64}
@@ -41,6 +41,13 @@ def load_mtp_model(spec: str | None = None, num_heads: int | None = None, num_tr
     torch_dtype = parse_dtype(dtype)
     start = time.perf_counter()
     source = resolve_model(spec)
+    # Weights about to be fp16-packed (decode-only) are loaded in fp16: the fp32 copy never exists.
+    packing = packing_dtypes if quantize == "fp16" and torch_dtype == torch.float32 else None
+    plain = None
+    if packing and source.kind in ("default", "hf_folder") and mask_token_id is None and mask_token is None:
+        folder = default_model_folder() if source.kind == "default" else source.location
+        plain = MTPModel.from_hf_folder(folder, num_heads or default_num_heads, num_trunk_layers, device=device,
+                                        dtype=torch_dtype, tensor_dtype=packing)
     if source.kind == "mtp_folder" and is_mask_token_folder(source.location):
         check_model_folder(source.location)
         model = MaskTokenModel.from_pretrained(source.location, device=device, dtype=torch_dtype)
@@ -58,10 +65,15 @@ def load_mtp_model(spec: str | None = None, num_heads: int | None = None, num_tr
         model = MaskTokenModel.from_base(base, mask_token_id=mask_token_id, mask_token=mask_token,
                                          tokenizer=tokenizer)
         model.source = source
+    elif plain is not None:
+        model = plain
+        source.load_seconds = time.perf_counter() - start
+        model.source = source
     elif source.kind in ("mtp_folder", "meta"):
         if source.kind == "mtp_folder":
             check_model_folder(source.location)
-            model = MTPModel.from_pretrained(source.location, device=device, dtype=torch_dtype)
+            model = MTPModel.from_pretrained(source.location, device=device, dtype=torch_dtype,
+                                             tensor_dtype=packing)
         else:
             from mtp.formats.meta import meta_to_mtp
 
@@ -84,9 +96,9 @@ def load_mtp_model(spec: str | None = None, num_heads: int | None = None, num_tr
         if isinstance(model, MaskTokenModel):
             if model.lora is not None and quantize == "fp16":
                 raise MTPError("--quantize fp16 is not available for gated-LoRA mask-token models yet")
-            quantize_for_decoding(model.lm, quantize)
+            quantize_for_decoding(model.lm, quantize, decode_only=True)
         else:
-            quantize_for_decoding(model, quantize)
+            quantize_for_decoding(model, quantize, decode_only=True)  # commands that take --quantize only decode
     return model
 
 

@@ -273,16 +273,30 @@ class MTPModel(nn.Module):
             state[DRAFT_VOCAB_KEY] = self.draft_vocab.detach().cpu().contiguous()
         return state
 
-    def save_pretrained(self, directory: str | os.PathLike, tokenizer=None) -> Path:
-        """Write config.json (base config + `mtp` section), model.safetensors and tokenizer files, atomically."""
-        from safetensors.torch import save_file
+    def save_pretrained(self, directory: str | os.PathLike, tokenizer=None, weights=None) -> Path:
+        """Write config.json (base config + `mtp` section), model.safetensors and tokenizer files, atomically.
+
+        The weights are written one tensor at a time from the model's own memory (no serialised copy), or,
+        with `weights` (a function of a checkpoint name), from what it returns: then the model may be `empty`
+        and only one tensor exists at a time (streaming conversions)."""
+        from mtp.models.safetensors_io import write_safetensors
 
         directory = Path(directory)
         with atomic_folder(directory) as tmp:
             config = self.config.to_dict()
             config["mtp"] = self.mtp_config()
             (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-            save_file(self.checkpoint_state_dict(), str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+            if weights is None:
+                state = self.checkpoint_state_dict()
+                shapes = {k: (tuple(t.shape), t.dtype) for k, t in state.items()}
+                weights = state.__getitem__
+            else:
+                tied = _tied_aliases(self)
+                shapes = {k: (tuple(t.shape), t.dtype) for k, t in
+                          ((n.removeprefix("base."), t) for n, t in self.state_dict(keep_vars=True).items())
+                          if k not in tied}
+            write_safetensors(tmp / WEIGHTS_NAME, shapes, weights, metadata={"format": "pt"})
+            weights = state = None
             gen = getattr(self.base, "generation_config", None)
             if gen is not None:
                 try:
@@ -295,11 +309,31 @@ class MTPModel(nn.Module):
         return directory
 
     @classmethod
+    def empty(cls, config, num_heads: int, num_trunk_layers: int, dtype: torch.dtype = torch.float32) -> MTPModel:
+        """The model for `config` with every parameter on the meta device (no memory, no initialisation), to be
+        filled by `materialise`. Buffers (rotary frequencies) are real: they are computed, not loaded."""
+        from accelerate import init_empty_weights
+        from transformers import AutoModelForCausalLM
+
+        with _skip_weight_init(), init_empty_weights(include_buffers=False):
+            base = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        base.tie_weights()  # no_init_weights also skips (and blocks) the tying that from_config normally does
+        with init_empty_weights(include_buffers=False):
+            return cls(base, num_heads=num_heads, num_trunk_layers=num_trunk_layers)
+
+    @classmethod
     def from_pretrained(cls, directory: str | os.PathLike, device: str | torch.device = "cpu",
-                        dtype: torch.dtype = torch.float32, load_tokenizer: bool = True) -> MTPModel:
-        """Load a folder written by `save_pretrained`. Mismatched tensors raise an error naming them."""
-        from safetensors.torch import load_file
-        from transformers import AutoConfig, AutoModelForCausalLM
+                        dtype: torch.dtype = torch.float32, load_tokenizer: bool = True,
+                        tensor_dtype=None) -> MTPModel:
+        """Load a folder written by `save_pretrained`. Mismatched tensors raise an error naming them.
+
+        The model is built without weights (meta device) and each tensor is read from model.safetensors straight
+        into its place, in `dtype` on `device`: loading holds one copy of the weights, plus one tensor while
+        converting a dtype. `tensor_dtype(name)` (optional) picks another dtype per floating-point tensor (None:
+        `dtype`), e.g. fp16 for the weights about to be packed."""
+        from transformers import AutoConfig
+
+        from mtp.models.safetensors_io import SafetensorsReader
 
         directory = Path(directory)
         config_path = directory / "config.json"
@@ -308,33 +342,82 @@ class MTPModel(nn.Module):
         raw = json.loads(config_path.read_text())
         if "mtp" not in raw:
             raise MTPError(f"{directory}: config.json has no 'mtp' section (a plain model: use MTPModel.from_base)")
-        if not (directory / WEIGHTS_NAME).is_file():
+        weights = directory / WEIGHTS_NAME
+        if not weights.is_file():
             raise MTPError(f"{directory}: missing {WEIGHTS_NAME}")
         mtp_cfg = raw["mtp"]
         config = AutoConfig.from_pretrained(directory)
-        with _skip_weight_init():  # every weight is overwritten by the checkpoint; random init costs seconds
-            base = AutoModelForCausalLM.from_config(config)
-        base.tie_weights()  # no_init_weights also skips the tying that from_config normally does
-        model = cls(base, num_heads=int(mtp_cfg["num_heads"]), num_trunk_layers=int(mtp_cfg["num_trunk_layers"]))
-        state = load_file(str(directory / WEIGHTS_NAME))
-        model.load_checkpoint_state_dict(state, source=str(directory / WEIGHTS_NAME))
-        model.to(device=device, dtype=dtype).eval()
+        model = cls.empty(config, int(mtp_cfg["num_heads"]), int(mtp_cfg["num_trunk_layers"]), dtype)
+        with SafetensorsReader(weights) as reader:
+            model.check_checkpoint_shapes(reader.shapes(), source=str(weights))
+            names = [k for k in reader.tensors if k != DRAFT_VOCAB_KEY]
+            model.materialise(names, lambda key: reader.read(key, _pick_dtype(reader, key, dtype, tensor_dtype),
+                                                              device))
+            model.set_draft_vocab(reader.read(DRAFT_VOCAB_KEY) if DRAFT_VOCAB_KEY in reader.tensors else None)
+        model.to(device).eval()  # the buffers
         if load_tokenizer and (directory / "tokenizer_config.json").is_file():
             from transformers import AutoTokenizer
 
             model.tokenizer = AutoTokenizer.from_pretrained(directory)
         return model
 
-    def load_checkpoint_state_dict(self, state: dict[str, torch.Tensor], source: str = "checkpoint") -> None:
-        """Copy a `checkpoint_state_dict` into the model; its draft vocabulary (or none) comes with it."""
-        state = dict(state)
-        draft_vocab = state.pop(DRAFT_VOCAB_KEY, None)
-        expected = {name.removeprefix("base."): t for name, t in self.state_dict().items()}
+    @classmethod
+    def from_hf_folder(cls, directory: str | os.PathLike, num_heads: int = 4, num_trunk_layers: int | None = None,
+                       device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+                       tensor_dtype=None) -> MTPModel | None:
+        """A plain Llama-family Hugging Face folder with one model.safetensors as an MTP model, loaded the way
+        `from_pretrained` loads (meta device, each tensor read into place; extra heads read as copies of head
+        0's layers), or None when the folder is not that simple (then load it with transformers)."""
+        from transformers import AutoConfig, GenerationConfig
+
+        from mtp.models.backbones import LLAMA_FAMILY
+        from mtp.models.safetensors_io import SafetensorsReader
+
+        directory = Path(directory)
+        weights = directory / "model.safetensors"
+        if not (directory / "config.json").is_file() or not weights.is_file():
+            return None
+        config = AutoConfig.from_pretrained(directory)
+        if getattr(config, "model_type", None) not in LLAMA_FAMILY:
+            return None
+        layers = int(config.num_hidden_layers)
+        trunk = layers - 1 if num_trunk_layers is None else num_trunk_layers
+        if num_heads < 1 or not 0 <= trunk < layers:
+            return None  # the constructor's errors come from the usual path
+        model = cls.empty(config, num_heads, trunk, dtype)
+        with SafetensorsReader(weights) as reader:
+            sources = {k: k for k in reader.tensors}
+            for j in range(num_heads - 1):
+                for i in range(layers - trunk):
+                    prefix = f"model.layers.{trunk + i}."
+                    sources.update({f"{EXTRA_HEADS_PREFIX}{j}.{i}.{k.removeprefix(prefix)}": k
+                                    for k in reader.tensors if k.startswith(prefix)})
+            try:
+                model.check_checkpoint_shapes({n: reader.tensors[k].shape for n, k in sources.items()}, str(weights))
+            except CheckpointMismatchError:
+                return None
+            model.materialise(list(sources), lambda n: reader.read(
+                sources[n], _pick_dtype(reader, sources[n], dtype, tensor_dtype and (lambda _: tensor_dtype(n))),
+                device))
+        model.to(device).eval()
+        if (directory / "generation_config.json").is_file():
+            model.base.generation_config = GenerationConfig.from_pretrained(directory)
+        if (directory / "tokenizer_config.json").is_file():
+            from transformers import AutoTokenizer
+
+            model.tokenizer = AutoTokenizer.from_pretrained(directory)
+        return model
+
+    def check_checkpoint_shapes(self, shapes: dict[str, tuple[int, ...]], source: str = "checkpoint") -> None:
+        """Raise `CheckpointMismatchError` naming every missing, unexpected and mis-shaped tensor of a checkpoint
+        (`shapes`: its names, under `checkpoint_state_dict`'s names, and shapes)."""
+        shapes = {k: tuple(s) for k, s in shapes.items() if k != DRAFT_VOCAB_KEY}
+        expected = {name.removeprefix("base."): tuple(t.shape) for name, t in self.state_dict().items()}
         tied = _tied_aliases(self)
-        missing = sorted(k for k in expected if k not in state and k not in tied)
-        extra = sorted(k for k in state if k not in expected)
-        misshaped = sorted(f"{k} (checkpoint {tuple(state[k].shape)}, model {tuple(expected[k].shape)})"
-                           for k in state if k in expected and state[k].shape != expected[k].shape)
+        missing = sorted(k for k in expected if k not in shapes and k not in tied)
+        extra = sorted(k for k in shapes if k not in expected)
+        misshaped = sorted(f"{k} (checkpoint {shapes[k]}, model {expected[k]})"
+                           for k in shapes if k in expected and shapes[k] != expected[k])
         if missing or extra or misshaped:
             parts = []
             for label, names in (("missing", missing), ("unexpected", extra), ("mis-shaped", misshaped)):
@@ -342,23 +425,73 @@ class MTPModel(nn.Module):
                     shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
                     parts.append(f"{label}: {shown}")
             raise CheckpointMismatchError(f"{source} does not match the model: " + "; ".join(parts))
+
+    def materialise(self, names, read) -> None:
+        """Put tensor `read(name)` in place of each checkpoint name (as `checkpoint_state_dict` names them), by
+        assignment: no copy into existing memory, so a model built by `empty` gets its weights without a second
+        copy. Tied weights stay tied (every module sharing a tensor gets the new one). Names must have been
+        checked (`check_checkpoint_shapes`); anything left on the meta device afterwards is an error."""
+        slots: dict[int, list[tuple[nn.Module, str]]] = {}
+        by_name: dict[str, torch.Tensor] = {}
+        for mod_name, module in self.named_modules(remove_duplicate=False):
+            for attr, t in [*module._parameters.items(), *module._buffers.items()]:
+                if t is None:
+                    continue
+                where = slots.setdefault(id(t), [])
+                if (module, attr) not in where:
+                    where.append((module, attr))
+                by_name.setdefault(f"{mod_name}.{attr}".removeprefix("base."), t)
+        for name in names:
+            old = by_name[name]
+            tensor = read(name)
+            new = nn.Parameter(tensor, requires_grad=old.requires_grad) if isinstance(old, nn.Parameter) else tensor
+            for module, attr in slots[id(old)]:
+                if attr in module._parameters:
+                    module._parameters[attr] = new
+                else:
+                    module._buffers[attr] = new
+        left = [n for n, t in [*self.named_parameters(), *self.named_buffers()] if t.is_meta]
+        if left:
+            raise CheckpointMismatchError(f"no weights loaded for: {', '.join(left[:5])}")
+
+    def load_checkpoint_state_dict(self, state: dict[str, torch.Tensor], source: str = "checkpoint") -> None:
+        """Copy a `checkpoint_state_dict` into the model; its draft vocabulary (or none) comes with it."""
+        state = dict(state)
+        draft_vocab = state.pop(DRAFT_VOCAB_KEY, None)
+        self.check_checkpoint_shapes({k: tuple(t.shape) for k, t in state.items()}, source)
         full = {("base." + k if not k.startswith(EXTRA_HEADS_PREFIX) else k): v for k, v in state.items()}
         self.load_state_dict(full, strict=False)
         self.set_draft_vocab(draft_vocab)
 
 
+def _pick_dtype(reader, key: str, dtype: torch.dtype, tensor_dtype) -> torch.dtype | None:
+    if not reader.tensors[key].dtype.is_floating_point:
+        return None  # ids (the draft vocabulary) stay as stored
+    return (tensor_dtype(key) if tensor_dtype is not None else None) or dtype
+
+
+def packing_dtypes(name: str) -> torch.dtype | None:
+    """`tensor_dtype` for a model about to be fp16-packed for decoding: the decoder layers' projection weights
+    load in fp16 (packing rounds them to fp16 anyway, and fp16 -> fp32 -> fp16 is exact), the rest as asked."""
+    in_layer = ".layers." in f".{name}" or name.startswith(EXTRA_HEADS_PREFIX)
+    return torch.float16 if in_layer and name.endswith("_proj.weight") else None
+
+
 def _tied_aliases(model: MTPModel) -> set[str]:
-    """Names whose tensor is the same storage as an earlier name (e.g. lm_head.weight tied to embeddings)."""
-    seen: dict[int, str] = {}
+    """Names whose tensor is an earlier name's (e.g. lm_head.weight tied to embeddings): the same object, or the
+    same storage (meta tensors have none, so only identity counts for them)."""
+    seen_ids: set[int] = set()
+    seen_ptrs: set[int] = set()
     aliases = set()
     for name, t in model.state_dict(keep_vars=True).items():
         key = name.removeprefix("base.")
         tensor = t.data if isinstance(t, nn.Parameter) else t
-        ptr = tensor.data_ptr()
-        if ptr in seen and tensor.numel() > 0:
+        ptr = None if tensor.is_meta or tensor.numel() == 0 else tensor.data_ptr()
+        if id(t) in seen_ids or (ptr is not None and ptr in seen_ptrs):
             aliases.add(key)
-        else:
-            seen[ptr] = key
+        seen_ids.add(id(t))
+        if ptr is not None:
+            seen_ptrs.add(ptr)
     return aliases
 
 

@@ -41,8 +41,12 @@ class PackedLinear(nn.Module):
                 raise MTPError(f"fp16 packing needs plain nn.Linear layers, got {type(lin).__name__}")
         self.in_features = linears[0].in_features
         self.out_features = sum(lin.out_features for lin in linears)
-        weight = torch.cat([lin.weight.detach().float() for lin in linears])  # (sum of out, in)
-        bias = torch.cat([lin.bias.detach().float() for lin in linears]) if linears[0].bias is not None else None
+        if len(linears) == 1:  # no concatenated copy (an unembedding is the largest matrix of a small model)
+            weight = linears[0].weight.detach().float()
+            bias = linears[0].bias.detach().float() if linears[0].bias is not None else None
+        else:
+            weight = torch.cat([lin.weight.detach().float() for lin in linears])  # (sum of out, in)
+            bias = torch.cat([lin.bias.detach().float() for lin in linears]) if linears[0].bias is not None else None
         self._packed = torch.ops.quantized.linear_prepack_fp16(weight, bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -54,8 +58,49 @@ class PackedLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, weights=fp16 (fbgemm packed)"
 
 
-def quantize_for_decoding(model, mode: str = "fp16"):
-    """Replace the model's Linear layers in place for CPU decoding (`mode` in MODES); returns the model."""
+class _PackedPart(nn.Module):
+    """Stands in for a projection whose weight now lives only in a fused packed matmul (`decode_only`): the
+    Hugging Face layer (uncached forwards) computes the fused output and keeps its columns. Correct but not
+    fast; decoding goes through the lean step, which calls the fused matmul once."""
+
+    def __init__(self, packed: PackedLinear, begin: int, end: int):
+        super().__init__()
+        self.packed, self.begin, self.end = packed, begin, end
+        self.in_features, self.out_features = packed.in_features, end - begin
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.packed(x)
+        return y if (self.begin, self.end) == (0, y.shape[-1]) else y[..., self.begin:self.end]
+
+
+_PROJECTIONS = (("self_attn", ("q_proj", "k_proj", "v_proj")), ("self_attn", ("o_proj",)),
+                ("mlp", ("gate_proj", "up_proj")), ("mlp", ("down_proj",)))  # fast_llama's QKV, OUT, GATE_UP, DOWN
+
+
+def _pack_layers_dropping_fp32(model) -> None:
+    """fp16-pack every decoder layer for the lean step, one layer at a time, and replace its Linear modules by
+    views of the packed matmuls: the fp32 (or bf16) weights are freed as the packed ones are built, so memory
+    peaks at one copy of the weights plus one layer, and ends at the packed size."""
+    from mtp.models.fast_llama import FastLlamaLayer
+
+    layers = list(model.backbone.layers) + [layer for head in model.extra_heads for layer in head]
+    fast = {}
+    for layer in layers:
+        fast[layer] = step = FastLlamaLayer(layer, "fp16")
+        for (owner, names), projection in zip(_PROJECTIONS, step.packed, strict=True):
+            parent = getattr(layer, owner)
+            for name, (begin, end) in zip(names, projection.bounds, strict=True):
+                setattr(parent, name, _PackedPart(projection.linear, begin, end))
+    model.backbone.fast_layers = fast
+    model.fast_decoding = "fp16"
+
+
+def quantize_for_decoding(model, mode: str = "fp16", decode_only: bool = False):
+    """Replace the model's Linear layers in place for CPU decoding (`mode` in MODES); returns the model.
+
+    `decode_only` (fp16): the fp32 copies of the packed weights are dropped, so the model ends smaller than the
+    fp32 one (what `--quantize fp16` does for generate/eval/bench); it can then no longer be trained. Without
+    it the Hugging Face layers keep their fp32 weights next to the packed ones (training goes on with them)."""
     if mode == "none":
         return model
     if mode not in MODES:
@@ -65,11 +110,14 @@ def quantize_for_decoding(model, mode: str = "fp16"):
     if "fbgemm" not in torch.backends.quantized.supported_engines:
         raise MTPError(f"{mode} packed weights need PyTorch's fbgemm backend (x86 CPUs); this build lacks it")
     torch.backends.quantized.engine = "fbgemm"
-    if model.dtype != torch.float32:
+    lean = mode == "fp16" and decode_only and model.backbone.supports_fast_layers
+    if model.dtype != torch.float32 and not lean:
         model.float()
-    # Untie the unembedding first: packing lm_head must not touch the embedding table it shares.
+    # Untie the unembedding first: packing lm_head must not touch the embedding table it shares. (Packing only
+    # reads the weight, so a decode-only model keeps one table.)
     head = model.backbone.lm_head
-    if head.weight is getattr(model.base.get_input_embeddings(), "weight", None):
+    if head.weight is getattr(model.base.get_input_embeddings(), "weight", None) and not (decode_only
+                                                                                         and mode == "fp16"):
         head.weight = nn.Parameter(head.weight.detach().clone(), requires_grad=False)
     if mode == "fp16" and model.draft_vocab is not None:  # the extra heads' drafts score K rows, not V
         rows = nn.Linear(head.in_features, model.draft_vocab.numel(), bias=head.bias is not None)
@@ -78,7 +126,12 @@ def quantize_for_decoding(model, mode: str = "fp16"):
         if bias is not None:
             rows.bias = nn.Parameter(bias, requires_grad=False)
         model.packed_draft_head = PackedLinear(rows)
-    if mode == "fp16" and model.backbone.supports_fast_layers:
+    if lean:
+        _pack_layers_dropping_fp32(model)
+        model.base.lm_head = PackedLinear(model.base.lm_head)
+        model.float()  # what is left: embeddings, norms (activations are fp32 with packed weights)
+        _return_freed_memory()
+    elif mode == "fp16" and model.backbone.supports_fast_layers:
         model.set_fast_decoding("fp16")  # the decoder layers, fused and packed; the HF layers keep fp32 for training
         model.base.lm_head = PackedLinear(model.base.lm_head)
     elif mode == "fp16":
@@ -88,6 +141,7 @@ def quantize_for_decoding(model, mode: str = "fp16"):
         if model.backbone.supports_fast_layers:
             model.set_fast_decoding("fp32")  # the lean step then calls the int8 modules
     model.quantized = mode
+    model.decode_only = decode_only
     return model
 
 
@@ -110,6 +164,18 @@ def fp16_decoding(model):
         if usable:
             model.set_fast_decoding(previous)
             model.base.lm_head = head
+
+
+def _return_freed_memory() -> None:
+    """Hand the freed weights' pages back to the system (glibc keeps freed heap memory otherwise)."""
+    import ctypes
+    import sys
+
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL(None).malloc_trim(0)
+        except (OSError, AttributeError):  # not glibc
+            pass
 
 
 def _replace_linears(module: nn.Module, make) -> None:

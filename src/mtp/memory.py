@@ -1,0 +1,124 @@
+"""Peak resident memory of loading and decoding a model, against the size of its weights (`mtp info --memory`).
+
+Resident memory is read from /proc/self/status (VmRSS now, VmHWM the peak); writing "5" to /proc/self/clear_refs
+resets the peak, so each phase (load, packing, decode) gets its own. Linux only; elsewhere the report says so.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+MB = 1e6
+
+
+def _status(field: str) -> int | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def resident() -> int | None:
+    return _status("VmRSS")
+
+
+def reset_peak() -> bool:
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak() -> int | None:
+    return _status("VmHWM")
+
+
+@dataclass
+class Phase:
+    name: str
+    before: int
+    peak: int
+    after: int
+    seconds: float
+
+
+def tensor_bytes(model) -> int:
+    """Bytes of the model's distinct parameters and buffers, plus fp16-packed weights (2 bytes a value)."""
+    from mtp.models.quantize import PackedLinear
+
+    seen = {}
+    for t in [*model.parameters(), *model.buffers()]:
+        seen[id(t)] = t.numel() * t.element_size()
+    packed = {id(m): 2 * m.in_features * m.out_features for m in model.modules() if isinstance(m, PackedLinear)}
+    fast = getattr(model.backbone, "fast_layers", None) or {}
+    for step in fast.values():
+        for projection in step.packed or []:
+            lin = projection.linear
+            packed[id(lin)] = 2 * lin.in_features * lin.out_features
+    if model.packed_draft_head is not None:
+        lin = model.packed_draft_head
+        packed[id(lin)] = 2 * lin.in_features * lin.out_features
+    return sum(seen.values()) + sum(packed.values())
+
+
+class Meter:
+    def __init__(self):
+        self.phases: list[Phase] = []
+        self.ok = resident() is not None and reset_peak()
+        self.baseline = resident() or 0
+
+    def run(self, name: str, fn):
+        before = resident() or 0
+        reset_peak()
+        start = time.perf_counter()
+        result = fn()
+        seconds = time.perf_counter() - start
+        self.phases.append(Phase(name, before, peak() or 0, resident() or 0, seconds))
+        return result
+
+
+def memory_report(spec: str | None, dtype: str = "float32", quantize: str = "none", device: str = "cpu",
+                  new_tokens: int = 16, strategy: str = "greedy") -> list[str]:
+    """Load `spec`, optionally pack it (decode-only), decode `new_tokens`; one line per phase."""
+    import transformers.models.gpt2.modeling_gpt2  # noqa: F401 - imports count as the baseline, not the load
+    import transformers.models.llama.modeling_llama  # noqa: F401
+
+    from mtp.models.loading import load_mtp_model
+
+    meter = Meter()
+    if not meter.ok:
+        return ["memory: /proc/self/status or /proc/self/clear_refs is not available here (Linux only)"]
+    name = "load" if quantize == "none" else f"load + pack {quantize}"
+    model = meter.run(name, lambda: load_mtp_model(spec, device=device, dtype=dtype, quantize=quantize))
+    weights = tensor_bytes(model)
+    tok = model.tokenizer
+    if tok is not None and getattr(tok, "chat_template", None):
+        ids = tok.apply_chat_template([{"role": "user", "content": "What is 7 + 5?"}], add_generation_prompt=True,
+                                      return_tensors="pt", return_dict=True)["input_ids"]
+    else:
+        ids = torch.arange(1, 9)[None] % model.config.vocab_size
+    ids = ids.to(model.device)
+    meter.run(f"decode {new_tokens} ({strategy})",
+              lambda: model.generate(ids, max_new_tokens=new_tokens, strategy=strategy, stop_token_ids=[]))
+    how = model_dtype_name(dtype) if quantize == "none" else f"{quantize}-packed for decoding, the rest {dtype}"
+    lines = [f"imports and start-up: {meter.baseline / MB:,.0f} MB resident (the baseline below)",
+             f"weights in memory: {weights / MB:,.0f} MB ({how}; packed sizes nominal, fbgemm pads them)"]
+    for p in meter.phases:
+        above = p.peak - meter.baseline
+        lines.append(f"{p.name:<22} peak {p.peak / MB:8,.0f} MB = baseline + {above / MB:7,.0f} MB "
+                     f"({above / weights:.2f}x the weights); after {p.after / MB:,.0f} MB; {p.seconds:.1f} s")
+    top = max(p.peak for p in meter.phases)
+    lines.append(f"peak of the run: {top / MB:,.0f} MB = baseline + {(top - meter.baseline) / MB:,.0f} MB")
+    return lines
+
+
+def model_dtype_name(dtype) -> str:
+    return str(dtype).removeprefix("torch.")

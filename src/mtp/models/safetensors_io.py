@@ -1,0 +1,172 @@
+"""Reading and writing safetensors files one tensor at a time, so memory stays at one copy of the weights.
+
+The format (https://huggingface.co/docs/safetensors): an 8-byte little-endian header length N, N bytes of JSON
+(`{name: {"dtype", "shape", "data_offsets": [begin, end]}, "__metadata__": {...}}`, offsets relative to the end
+of the header), then the tensors' bytes.
+
+Why not `safetensors.torch.load_file` / `safe_open(...).get_tensor`: those map the file into memory, and every
+page of the mapping that a copy or a dtype conversion touches counts in the process's resident memory until the
+whole mapping goes away - so a load that converts or copies peaks at two copies. Here each tensor is read with
+`readinto` straight into its destination tensor (file pages stay in the page cache, which is not the process's
+memory); a dtype conversion costs one tensor's temporary buffer. `save_file` builds every tensor's bytes before
+writing; `write_safetensors` writes them one by one.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import struct
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from mtp.errors import MTPError
+
+DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+          "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+          "BOOL": torch.bool}
+NAMES = {v: k for k, v in DTYPES.items()}
+_MAX_HEADER = 100_000_000  # safetensors' own limit
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    begin: int  # absolute offset in the file
+    end: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.begin
+
+
+class SafetensorsReader:
+    """The header of a safetensors file, checked against the file's size, and tensors read on demand.
+
+    A truncated or corrupt file raises `MTPError` naming it (at opening for anything the header reveals).
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        try:
+            self._file = open(self.path, "rb")  # noqa: SIM115 - closed by close() / the context manager
+        except OSError as e:
+            raise MTPError(f"cannot read {self.path}: {e.strerror or e}") from e
+        try:
+            self.metadata, self.tensors = self._read_header()
+        except BaseException:
+            self._file.close()
+            raise
+
+    def _bad(self, why: str) -> MTPError:
+        return MTPError(f"{self.path} is not a valid safetensors file ({why}); the file is damaged or truncated: "
+                        "write it again")
+
+    def _read_header(self) -> tuple[dict, dict[str, TensorInfo]]:
+        size = os.fstat(self._file.fileno()).st_size
+        head = self._file.read(8)
+        if len(head) < 8:
+            raise self._bad(f"{size} bytes, shorter than the 8-byte header length")
+        (n,) = struct.unpack("<Q", head)
+        if n > _MAX_HEADER or 8 + n > size:
+            raise self._bad(f"header length {n} does not fit in {size} bytes")
+        try:
+            header = json.loads(self._file.read(n))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise self._bad(f"header is not JSON: {e}") from None
+        if not isinstance(header, dict):
+            raise self._bad("header is not a JSON object")
+        metadata = header.pop("__metadata__", None) or {}
+        start = 8 + n
+        tensors = {}
+        spans = []
+        for name, entry in header.items():
+            try:
+                dtype = DTYPES[entry["dtype"]]
+                shape = tuple(int(s) for s in entry["shape"])
+                begin, end = (int(x) for x in entry["data_offsets"])
+            except (KeyError, TypeError, ValueError):
+                raise self._bad(f"bad entry for tensor {name!r}") from None
+            expected = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+            if min(shape, default=0) < 0 or end - begin != expected or begin < 0:
+                raise self._bad(f"tensor {name!r}: {end - begin} bytes for shape {list(shape)} {entry['dtype']}")
+            if start + end > size:
+                raise self._bad(f"tensor {name!r} ends at byte {start + end} of a {size}-byte file")
+            tensors[name] = TensorInfo(dtype, shape, start + begin, start + end)
+            spans.append((begin, end))
+        spans.sort()
+        for (_, e0), (b1, _) in zip(spans, spans[1:], strict=False):
+            if b1 < e0:
+                raise self._bad("tensors overlap")
+        return metadata, tensors
+
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        return {name: info.shape for name, info in self.tensors.items()}
+
+    def read(self, name: str, dtype: torch.dtype | None = None, device: str | torch.device = "cpu",
+             requires_grad: bool = False) -> torch.Tensor:
+        """Tensor `name`, cast to `dtype` (None: as stored) on `device`: one read, at most one temporary."""
+        info = self.tensors[name]
+        out = torch.empty(info.shape, dtype=info.dtype)
+        if info.nbytes:
+            buffer = out.reshape(-1).view(torch.uint8).numpy()
+            self._file.seek(info.begin)
+            got = self._file.readinto(memoryview(buffer))
+            if got != info.nbytes:
+                raise self._bad(f"tensor {name!r}: read {got} of {info.nbytes} bytes")
+        if dtype is not None and dtype != out.dtype:
+            out = out.to(dtype)
+        if torch.device(device).type != "cpu":
+            out = out.to(device)
+        return out
+
+    def close(self) -> None:
+        self._file.close()
+
+    def __enter__(self) -> SafetensorsReader:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def write_safetensors(path: str | os.PathLike, shapes: dict[str, tuple[tuple[int, ...], torch.dtype]],
+                      tensor: Callable[[str], torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+    """Write a safetensors file whose tensors (name -> (shape, dtype), in this order) are produced one at a time
+    by `tensor(name)`: only one of them needs to exist at once. Readable by `safetensors.safe_open`."""
+    header: dict = {"__metadata__": dict(metadata)} if metadata else {}
+    offset = 0
+    for name, (shape, dtype) in shapes.items():
+        if dtype not in NAMES:
+            raise MTPError(f"safetensors cannot hold {dtype} (tensor {name})")
+        nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        header[name] = {"dtype": NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # tensors start 8-byte aligned, as safetensors writes them
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)))
+        f.write(raw)
+        for name, (shape, dtype) in shapes.items():
+            t = tensor(name)
+            if tuple(t.shape) != tuple(shape) or t.dtype != dtype:
+                raise MTPError(f"internal: tensor {name} is {tuple(t.shape)} {t.dtype}, declared {shape} {dtype}")
+            t = t.detach().to("cpu").contiguous()
+            if t.numel():
+                f.write(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
+            del t
+
+
+def iter_unique(named: Iterable[tuple[str, torch.Tensor]]) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, tensor) pairs without the later names of a tensor seen before (tied weights), by identity."""
+    seen: set[int] = set()
+    for name, t in named:
+        if id(t) in seen:
+            continue
+        seen.add(id(t))
+        yield name, t
