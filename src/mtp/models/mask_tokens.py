@@ -622,10 +622,14 @@ def add_mask_token(base: nn.Module, tokenizer, token: str = MASK_TOKEN) -> tuple
             emb[new_id] = emb[: min(rows, new_id)].mean(0)
         return new_id, token
     base.resize_token_embeddings(new_id + 1, mean_resizing=False)
+    inp, out = base.get_input_embeddings(), base.get_output_embeddings()
+    tied = out is not None and out.weight is inp.weight
+    # Fresh parameters: resizing swaps `.data`, which autograd nodes of an earlier backward do not follow.
+    inp.weight = nn.Parameter(inp.weight.detach())
+    if out is not None:
+        out.weight = inp.weight if tied else nn.Parameter(out.weight.detach())
     with torch.no_grad():
-        emb = base.get_input_embeddings().weight
-        emb[new_id:] = emb[:rows].mean(0)
-        out = base.get_output_embeddings()
-        if out is not None and out.weight.data_ptr() != emb.data_ptr():
+        inp.weight[new_id:] = inp.weight[:rows].mean(0)
+        if out is not None and not tied:
             out.weight[new_id:] = out.weight[:rows].mean(0)
     return new_id, token

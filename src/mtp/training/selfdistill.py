@@ -90,6 +90,9 @@ def distill_figures(model, teacher, batch: dict, k: int, cfg: SelfDistillConfig,
     lb = gather_layout(batch["input_ids"], batch["attention_mask"], layout, model.mask_token_id, offset,
                        batch["loss_mask"] if cfg.answer_only else None).without_idle_regions()
     b, m = lb.region_weight.shape
+    if m == 0:  # no region counts in this batch (e.g. every row is prompt here): nothing to learn from it
+        zeros = torch.zeros(k, device=lb.input_ids.device)
+        return SlotFigures(zeros, zeros, zeros, torch.zeros((), device=lb.input_ids.device))
     order = torch.empty_like(lb.is_mask, dtype=torch.long)  # slot -> index within its pass
     order[~lb.is_mask] = torch.arange(int((~lb.is_mask).sum()), device=order.device)
     order[lb.is_mask] = torch.arange(int(lb.is_mask.sum()), device=order.device)
@@ -187,7 +190,8 @@ class SelfDistillTrainer(Trainer):
             if not torch.isfinite(f.total):
                 self.optimizer.zero_grad(set_to_none=True)
                 raise self._nonfinite(f"the loss is {float(f.total)}")
-            (f.total / cfg.grad_accum).backward()
+            if f.total.requires_grad:
+                (f.total / cfg.grad_accum).backward()
             total += float(f.total.detach()) / cfg.grad_accum
             tokens += int(batch["attention_mask"].sum())
             loss[:k] += f.loss

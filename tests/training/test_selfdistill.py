@@ -1,0 +1,203 @@
+"""`mtp train --method selfdistill`: the objective, the teacher, resume, and that it teaches masks to predict."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from training_helpers import tiny_llama, train_tokenizer
+
+from mtp.decoding.generate import generate, left_pad
+from mtp.errors import MTPError
+from mtp.models.mask_tokens import MaskTokenModel
+from mtp.training.data import TokenizedData
+from mtp.training.loop import TrainConfig
+from mtp.training.selfdistill import SelfDistillConfig, SelfDistillTrainer, distill_figures, draw
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return train_tokenizer()
+
+
+@pytest.fixture
+def hf_folder(tmp_path, tok) -> str:
+    model = tiny_llama(vocab_size=len(tok), num_heads=1, tokenizer=tok)
+    model.base.save_pretrained(tmp_path / "hf")
+    tok.save_pretrained(tmp_path / "hf")
+    return str(tmp_path / "hf")
+
+
+def write_data(path, n: int = 24) -> str:
+    records = [{"question": f"Tom has {i} apples and buys {i % 7 + 1}. How many apples does he have?",
+                "answer": f"Tom has {i} + {i % 7 + 1} = {i + i % 7 + 1} apples. The answer is {i + i % 7 + 1}."}
+               for i in range(n)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    return str(path)
+
+
+def test_k_is_drawn_per_step_uniformly_and_reproducibly():
+    ks = [draw(3, step, 2, 6) for step in range(400)]
+    assert ks == [draw(3, step, 2, 6) for step in range(400)]  # a resumed run draws the same
+    assert set(ks) == {2, 3, 4, 5, 6}
+    assert max(ks.count(v) for v in set(ks)) < 2 * min(ks.count(v) for v in set(ks))
+    assert ks != [draw(4, step, 2, 6) for step in range(400)]  # the seed matters
+
+
+@pytest.mark.parametrize("adapter", ["full", "gated-lora"])
+@pytest.mark.parametrize("supervision", ["hard", "soft"])
+def test_cli_run_trains_student_and_never_the_teacher(tmp_path, hf_folder, adapter, supervision):
+    from mtp.training.commands import train
+
+    data = write_data(tmp_path / "d.jsonl")
+    out = tmp_path / "run"
+    captured = {}
+    real_init = SelfDistillTrainer.__init__
+
+    def keep(self, *args, **kwargs):
+        real_init(self, *args, **kwargs)
+        captured["trainer"] = self
+        captured["teacher"] = {k: v.clone() for k, v in self.teacher.state_dict().items()}
+
+    SelfDistillTrainer.__init__ = keep
+    try:
+        code = train(output=str(out), model=hf_folder, data=data, method="selfdistill", adapter=adapter,
+                     supervision=supervision, k_min=2, k_max=4, regions=8, seq_len=64, steps=6, lr=1e-2,
+                     holdout=0.2, save_every=3, eval_every=3, progress=False, lora_rank=4,
+                     prefix_loss=0.5 if adapter == "full" else 0.0)
+    finally:
+        SelfDistillTrainer.__init__ = real_init
+    assert code == 0
+    trainer = captured["trainer"]
+    teacher_now = trainer.teacher.state_dict()
+    for name, before in captured["teacher"].items():  # the teacher's weights never move
+        assert torch.equal(before, teacher_now[name]), name
+    trained = MaskTokenModel.from_pretrained(out)
+    assert trained.adapter == adapter and trained.mask_token == "<|mtp_mask|>"
+    saved = load_file(str(out / "model.safetensors"))
+    base = load_file(os.path.join(hf_folder, "model.safetensors"))
+    changed = [n for n in base if not torch.equal(base[n], saved[n][: base[n].shape[0]])]
+    if adapter == "gated-lora":  # the base weights are exactly the base model; only the adapters trained
+        assert changed == []
+        assert any(not torch.equal(t, torch.zeros_like(t)) for n, t in saved.items() if n.endswith(".B"))
+    else:
+        assert "model.layers.0.mlp.up_proj.weight" in changed
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    steps = [x for x in lines if "eval" not in x]
+    assert [x["step"] for x in steps] == [1, 2, 3, 4, 5, 6]
+    for x in steps:  # per offset; offsets past this step's k are None
+        k = sum(v is not None for v in x["head_loss"])
+        assert 2 <= k <= 4 and len(x["head_loss"]) == 4
+    report = json.loads((out / "eval.json").read_text())
+    assert [h["predicts"] for h in report["heads"]] == ["t+1", "t+2", "t+3", "t+4"]
+    if adapter == "gated-lora":  # slot 0 is the base model itself: it always agrees with the teacher
+        assert report["heads"][0]["top1_accuracy"] == 1.0
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-000003", "step-000006"]
+
+
+def test_interrupted_run_resumes_exactly(tmp_path, hf_folder, monkeypatch):
+    from mtp.training.commands import train
+
+    data = write_data(tmp_path / "d.jsonl", n=12)
+    common = {"model": hf_folder, "data": data, "method": "selfdistill", "steps": 5, "seq_len": 64, "regions": 8,
+              "k_min": 2, "k_max": 3, "batch_size": 2, "save_every": 2, "progress": False, "lr": 5e-3,
+              "holdout": 0.0}
+    train(output=str(tmp_path / "a"), **common)
+    real_step = SelfDistillTrainer.train_step
+
+    def step_then_ctrl_c(self):
+        m = real_step(self)
+        if self.step == 3:
+            os.kill(os.getpid(), signal.SIGINT)
+        return m
+
+    monkeypatch.setattr(SelfDistillTrainer, "train_step", step_then_ctrl_c)
+    with pytest.raises(KeyboardInterrupt):
+        train(output=str(tmp_path / "b"), **common)
+    monkeypatch.setattr(SelfDistillTrainer, "train_step", real_step)
+    assert train(output=str(tmp_path / "b"), resume=True, progress=False) == 0
+    a = load_file(str(tmp_path / "a" / "model.safetensors"))
+    b = load_file(str(tmp_path / "b" / "model.safetensors"))
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+
+
+def test_bad_flags_are_one_line_errors(tmp_path, hf_folder):
+    from mtp.training.commands import train
+
+    data = write_data(tmp_path / "d.jsonl", n=6)
+    common = {"model": hf_folder, "data": data, "method": "selfdistill", "steps": 1, "progress": False}
+    for extra, match in (({"k": 3, "k_min": 2, "k_max": 4}, "not both"), ({"k_min": 2}, "go together"),
+                         ({"k_min": 5, "k_max": 3}, "k_min"), ({"regions": 100, "seq_len": 50}, "no real token"),
+                         ({"adapter": "gated-lora", "prefix_loss": 1.0}, "prefix-loss"),
+                         ({"freeze_trunk": True}, "freeze-trunk")):
+        with pytest.raises(MTPError, match=match):
+            train(output=str(tmp_path / f"o{len(match)}"), **common, **extra)
+
+
+def test_idle_regions_change_nothing(tok):
+    """Dropping the masks of regions that count nowhere leaves every counted figure as it was."""
+    model = MaskTokenModel.from_base(tiny_llama(vocab_size=len(tok), num_heads=1).base, adapter="gated-lora",
+                                     rank=4, tokenizer=train_tokenizer())
+    with torch.no_grad():
+        for b in model.lora.B.values():
+            b.normal_()
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 200, (3, 40), generator=g)
+    loss_mask = torch.zeros_like(ids, dtype=torch.bool)
+    loss_mask[:, 25:] = True  # answers only at the end: the early regions count nowhere
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "loss_mask": loss_mask}
+    cfg = SelfDistillConfig(k_min=3, k_max=3, regions=8, seq_len=40)
+    with torch.no_grad():
+        pruned = distill_figures(model, model.base, batch, 3, cfg, 0, need_grad=False)
+        cfg_all = SelfDistillConfig(k_min=3, k_max=3, regions=8, seq_len=40, answer_only=False)
+        everything = distill_figures(model, model.base, batch, 3, cfg_all, 0, need_grad=False)
+    assert pruned.count.tolist() == [9.0, 9.0, 9.0]  # 3 regions x 3 rows end where the next token is an answer
+    assert everything.count.tolist() == [24.0, 24.0, 24.0]
+    assert 0 < float(pruned.total) and torch.isfinite(pruned.total)
+
+
+def counting_rows(vocab: int, n: int, length: int, seed: int) -> TokenizedData:
+    g = torch.Generator().manual_seed(seed)
+    start = torch.randint(0, vocab, (n, 1), generator=g)
+    ids = (start + torch.arange(length)[None]) % vocab  # (n, length): 7 8 9 10 ...
+    return TokenizedData(ids, torch.ones_like(ids, dtype=torch.bool), torch.ones_like(ids))
+
+
+@pytest.mark.parametrize("adapter", ["full", "gated-lora"])
+def test_masks_learn_to_count(adapter):
+    """A tiny model first learns to count (plain next-token training); self-distillation then teaches its mask
+    token the next tokens too, so ConfAdapt emits several tokens per forward and speculative decoding accepts
+    drafts, still equal to greedy."""
+    torch.manual_seed(0)
+    vocab = 24
+    base = tiny_llama(vocab_size=vocab, num_heads=1, num_layers=2).base.train()
+    data = counting_rows(vocab, 64, 24, seed=0)
+    opt = torch.optim.AdamW(base.parameters(), lr=1e-2)
+    for _ in range(150):
+        rows = torch.randint(0, 64, (16,))
+        loss = base(data.input_ids[rows], labels=data.input_ids[rows]).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    base.eval()
+    model = MaskTokenModel.from_base(base, adapter=adapter, rank=8, k=4)
+    config = TrainConfig(steps=150, batch_size=8, lr=1e-2, warmup_steps=5, progress=False, seed=0)
+    distill = SelfDistillConfig(k_min=4, k_max=4, regions=6, seq_len=24)
+    trainer = SelfDistillTrainer(model, data, config, distill, eval_data=counting_rows(vocab, 8, 24, seed=1))
+    result = trainer.train()
+    assert result.evaluation.head_accuracy[1] > 0.9  # the first mask agrees with the teacher
+    model.eval()
+    prompts = [[3, 4, 5], [10, 11, 12, 13], [20]]
+    ids, mask = left_pad(prompts)
+    greedy = generate(model, ids, mask, max_new_tokens=16, stop_token_ids=[])
+    conf = generate(model, ids, mask, max_new_tokens=16, strategy="confadapt", tau=0.9, stop_token_ids=[])
+    spec = generate(model, ids, mask, max_new_tokens=16, strategy="speculative", stop_token_ids=[])
+    assert conf.stats.tokens_per_forward > 2.0
+    assert spec.tokens == greedy.tokens and spec.stats.tokens_per_forward > 2.0
+    assert conf.tokens == greedy.tokens  # counting is easy: the confident run is the right one here
