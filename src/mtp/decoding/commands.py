@@ -94,8 +94,6 @@ def generate(model: str | None = None, prompt: str | None = None, prompts_file: 
     prompts = [prompt] if prompt is not None else read_prompts(prompts_file)
     if prompt is not None and not prompt:
         raise MTPError("empty prompt: give at least one token")
-    if batch_size < 1:
-        raise MTPError("--batch-size must be >= 1")
     set_threads(threads)
     m = load_mtp_model(model, num_heads=num_heads, device=device, dtype=dtype, quantize=quantize)
     tok = m.tokenizer
