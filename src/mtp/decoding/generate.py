@@ -23,6 +23,8 @@ from typing import Literal
 
 import torch
 
+from mtp.arguments import check_values
+from mtp.decoding.inputs import token_batch
 from mtp.decoding.sampling import accept_drafts_sampling, process_logits, sample
 from mtp.decoding.stopping import StopChecker
 from mtp.errors import MTPError
@@ -349,7 +351,7 @@ def _count_acceptance(stats: GenerationStats, kept: list[int], rows: int) -> Non
 
 # ------------------------------------------------------------------------------------------------ public API
 @torch.inference_mode()
-def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
+def generate(model, input_ids: torch.Tensor | list, attention_mask: torch.Tensor | list | None = None, *,
              max_new_tokens: int = 128, strategy: Strategy = "greedy", use_speculative: bool | None = None,
              do_sample: bool = False, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
              tau: float = 0.9, k: int | None = None, num_draft: int | None = None, adaptive_draft: bool = True,
@@ -360,7 +362,8 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
     """Generate continuations of a left-padded batch of prompts.
 
     Args:
-        input_ids: (B, P) prompt tokens, left-padded when rows differ in length.
+        input_ids: (B, P) prompt tokens, left-padded when rows differ in length (or lists of ids: see
+            `mtp.decoding.inputs.token_batch`; anything malformed is an MTPError saying what).
         attention_mask: (B, P), 0 on padding.
         strategy: greedy | speculative | confadapt | static. `use_speculative=True/False` (seed 000's spelling)
             selects speculative / greedy.
@@ -378,14 +381,11 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
     """
     if use_speculative is not None:
         strategy = "speculative" if use_speculative else "greedy"
-    if input_ids.dim() == 1:
-        input_ids = input_ids[None]
-    if input_ids.numel() == 0 or input_ids.shape[1] == 0:
-        raise MTPError("empty prompt: give at least one token")
-    if attention_mask is not None and bool((attention_mask.sum(-1) == 0).any()):
-        raise MTPError("empty prompt in the batch: every row needs at least one token")
+    input_ids, attention_mask = token_batch(model, input_ids, attention_mask, left_padded=True)
     if max_new_tokens < 0:
         raise MTPError("max_new_tokens must be >= 0")
+    check_values({"do_sample": do_sample, "temperature": temperature, "top_k": top_k, "top_p": top_p, "tau": tau,
+                  "k": k, "num_draft": num_draft}, flags=False)
     if do_sample and strategy not in ("greedy", "speculative"):
         raise MTPError("sampling (do_sample) is available with the greedy and speculative strategies")
     tokenizer = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mtp.decoding.inputs import token_batch
 from mtp.errors import CheckpointMismatchError, MTPError
 from mtp.io import atomic_folder
 from mtp.models.backbones import backbone_for
@@ -221,8 +222,10 @@ class MTPModel(nn.Module):
         """Logits `(B, T, n, V)` with `return_all_heads`, else `(B, T, 1, V)` from the next-token head (Meta's API).
 
         With a cache, every head's layers still run (their caches must stay complete), only the unembedding of
-        the heads not asked for is skipped.
+        the heads not asked for is skipped. Malformed input (dtype, shape, device, ids outside the vocabulary)
+        is an MTPError saying what (`mtp.decoding.inputs.token_batch`).
         """
+        input_ids, attention_mask = token_batch(self, input_ids, attention_mask)
         trunk, ctx = self.trunk_forward(input_ids, attention_mask, cache)
         heads = range(self.num_heads) if (return_all_heads or cache is not None) else range(1)
         hidden = [self.head_forward(h, trunk, ctx) for h in heads]
