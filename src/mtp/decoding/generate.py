@@ -423,7 +423,8 @@ def _fit_context(model, input_ids, attention_mask, opts: DecodeOptions, truncate
         return input_ids, attention_mask
     if not truncate_prompt:
         raise MTPError(f"prompt of {input_ids.shape[1]} tokens + max_new_tokens {opts.max_new_tokens} exceeds the "
-                       f"model's context of {limit} tokens (shorten it, or ask for truncation)")
+                       f"model's context of {limit} tokens (shorten it, or keep its last tokens: "
+                       "truncate_prompt=True, --truncate-prompt)")
     keep = limit - (need - input_ids.shape[1])
     if keep <= 0:
         raise MTPError(f"max_new_tokens {opts.max_new_tokens} does not fit the model's context of {limit}")

@@ -237,11 +237,19 @@ class MTPModel(nn.Module):
             logits = torch.cat([logits[:, :, :1], self.restrict_to_draft_vocab(logits[:, :, 1:])], dim=2)
         return logits
 
-    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs):
-        """Decode with any strategy; see `mtp.decoding.generate.generate` (accepts `use_speculative=True`)."""
-        from mtp.decoding.generate import generate
+    def generate(self, input_ids=None, attention_mask=None, **kwargs):
+        """transformers' `generate`: a LongTensor (B, P + N) of prompts and new tokens (`return_dict_in_generate`:
+        an output with `.sequences`, `.stats`, `.texts`); takes `**tokenizer(...)`, `max_new_tokens`, `do_sample`,
+        `generation_config`, ... and mtp's arguments (`use_speculative=True`, `strategy`, `tau`, ...). See
+        `mtp.decoding.hf_generate`; `mtp.decoding.generate.generate` returns the rich `GenerationResult`."""
+        from mtp.decoding.hf_generate import hf_generate
 
-        return generate(self, input_ids, attention_mask, **kwargs)
+        return hf_generate(self, input_ids, attention_mask, **kwargs)
+
+    @property
+    def generation_config(self):
+        """The base model's `GenerationConfig` (its end and pad tokens, ...): what `generate` falls back on."""
+        return getattr(self.base, "generation_config", None)
 
     # ---------------------------------------------------------------- checkpoints
     def mtp_config(self) -> dict:
