@@ -172,3 +172,45 @@ def test_generate_output_folder_is_refused_before_decoding(tiny_mtp_folder, tmp_
     code, out, err = run_cli(["generate", "--model", str(tiny_mtp_folder), "--prompt", "hi", "--output",
                               str(tmp_path)], capsys)
     assert code == 2 and "is a folder" in err and out == ""
+
+
+def test_generate_truncate_prompt(tiny_mtp_folder, capsys):
+    long_prompt = "Janet has 3 eggs and 4 ducks. " * 60  # longer than the tiny model's 256-token context
+    args = ["generate", "--model", str(tiny_mtp_folder), "--prompt", long_prompt, "--max-new-tokens", "8", "--json"]
+    code, _, err = run_cli(args, capsys)
+    assert code == 2 and "exceeds the model's context of 256" in err and "--truncate-prompt" in err
+    code, out, err = run_cli([*args, "--truncate-prompt"], capsys)
+    assert code == 0, err
+    assert 1 <= len(json.loads(out.strip().splitlines()[-1])["token_ids"]) <= 8
+
+
+def test_ctrl_c_during_generate_prints_and_keeps_what_was_generated(tiny_mtp_folder, tmp_path, capsys, monkeypatch):
+    from mtp.decoding import commands
+
+    args = ["generate", "--model", str(tiny_mtp_folder), "--prompt", "What is 7 + 5?", "--max-new-tokens", "12",
+            "--json"]
+    code, out, _ = run_cli(args, capsys)
+    full = json.loads(out.strip().splitlines()[-1])["token_ids"]
+    assert code == 0 and len(full) > 3
+    real = commands.generate_tokens
+
+    def interrupted_after_three_steps(*a, streamer, **kw):
+        steps = []
+
+        def step(row, new):
+            streamer(row, new)
+            steps.append(new)
+            if len(steps) == 3:
+                raise KeyboardInterrupt
+
+        return real(*a, streamer=step, **kw)
+
+    monkeypatch.setattr(commands, "generate_tokens", interrupted_after_three_steps)
+    out_file = tmp_path / "out.jsonl"
+    code, out, err = run_cli([*args, "--output", str(out_file)], capsys)
+    assert code == 130 and "interrupted" in err
+    printed = json.loads(out.strip().splitlines()[-1])
+    assert printed["token_ids"] == full[:3] and printed["interrupted"] is True
+    assert [json.loads(line)["token_ids"] for line in out_file.read_text().splitlines()] == [full[:3]]
+    code, out, _ = run_cli([a for a in args if a != "--json"], capsys)  # as text, too
+    assert code == 130 and out.strip()
