@@ -214,3 +214,15 @@ def test_ctrl_c_during_generate_prints_and_keeps_what_was_generated(tiny_mtp_fol
     assert [json.loads(line)["token_ids"] for line in out_file.read_text().splitlines()] == [full[:3]]
     code, out, _ = run_cli([a for a in args if a != "--json"], capsys)  # as text, too
     assert code == 130 and out.strip()
+
+
+def _write_denied(output: str = "x") -> int:
+    raise PermissionError(13, "Permission denied", output)
+
+
+def test_a_path_that_turns_out_unwritable_is_one_line_not_file_not_found(monkeypatch, capsys):
+    from mtp import cli
+
+    monkeypatch.setitem(cli.COMMANDS, "denied", "test_cli:_write_denied")
+    code, _, err = run_cli(["denied", "--output", "somewhere"], capsys)
+    assert code == 2 and err.strip() == "mtp: error: cannot use somewhere: Permission denied"

@@ -153,6 +153,9 @@ def main(argv: list[str] | None = None) -> None:
     except FileNotFoundError as e:
         print(f"mtp: error: file not found: {e.filename or e}", file=sys.stderr)
         code = 2
+    except (PermissionError, IsADirectoryError, NotADirectoryError) as e:  # what the path checks cannot foresee
+        print(f"mtp: error: cannot use {e.filename or 'a path'}: {e.strerror or e}", file=sys.stderr)
+        code = 2
     except KeyboardInterrupt:
         print("mtp: interrupted", file=sys.stderr)
         code = 130
