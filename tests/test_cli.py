@@ -84,3 +84,145 @@ def test_malformed_prompts_line_has_its_number(tiny_mtp_folder, tmp_path, capsys
     prompts.write_text('{"prompt": "ok"}\n{"prompt": oops}\n')
     code, _, err = run_cli(["generate", "--model", str(tiny_mtp_folder), "--prompts-file", str(prompts)], capsys)
     assert code == 2 and f"{prompts}:2: not valid JSON" in err
+
+
+# --- one table of argument rules, applied to every command before it runs ----------------------------------
+
+
+def _numeric_parameters():
+    import inspect
+    import typing
+
+    from mtp.cli import COMMANDS, _load, _unwrap_optional
+
+    for command, target in COMMANDS.items():
+        fn = _load(target)
+        hints = typing.get_type_hints(fn)
+        for name in inspect.signature(fn).parameters:
+            tp, _ = _unwrap_optional(hints.get(name, str))
+            inner = typing.get_args(tp)[0] if typing.get_origin(tp) in (list, tuple) else tp
+            if inner in (int, float):
+                yield command, name
+
+
+def test_every_numeric_flag_of_every_command_has_a_rule():
+    from mtp.arguments import RULES, UNCHECKED
+
+    found = list(_numeric_parameters())
+    assert len(found) > 40
+    assert [f"{c} {n}" for c, n in found if n not in RULES and n not in UNCHECKED] == []
+
+
+@pytest.mark.parametrize("args, message", [
+    (["generate", "--prompt", "hi", "--tau", "1.5"], "--tau must be in [0, 1], got 1.5"),
+    (["generate", "--prompt", "hi", "--top-p", "0"], "--top-p must be in (0, 1], got 0.0"),
+    (["generate", "--prompt", "hi", "--top-k", "-1"], "--top-k must be >= 0, got -1"),
+    (["generate", "--prompt", "hi", "--temperature", "-0.5"], "--temperature must be >= 0"),
+    (["generate", "--prompt", "hi", "--do-sample", "--temperature", "0"],
+     "--temperature must be > 0 when sampling (--do-sample)"),
+    (["generate", "--prompt", "hi", "--batch-size", "0"], "--batch-size must be >= 1, got 0"),
+    (["generate", "--prompt", "hi", "--max-new-tokens", "0"], "--max-new-tokens must be >= 1"),
+    (["generate", "--prompt", "hi", "--tau", "nan"], "--tau must be in [0, 1], got nan"),
+    (["info", "--num-heads", "0"], "--num-heads must be >= 1"),
+    (["train", "--output", "o", "--lr", "0"], "--lr must be > 0, got 0.0"),
+    (["train", "--output", "o", "--holdout", "1"], "--holdout must be in [0, 1), got 1.0"),
+    (["train", "--output", "o", "--epochs", "0"], "--epochs must be > 0"),
+    (["train", "--output", "o", "--steps", "0"], "--steps must be >= 1"),
+    (["train", "--output", "o", "--seq-len", "1"], "--seq-len must be >= 2"),
+    (["train", "--output", "o", "--threads", "0"], "--threads must be >= 1"),
+    (["bench-train", "--heads", "2", "0"], "--heads must be >= 1, got 0"),
+    (["eval", "--limit", "0"], "--limit must be >= 1, got 0"),
+    (["eval", "--shots", "9"], "--shots must be in [0, 8], got 9"),
+    (["bench", "--taus", "0.9", "1.2"], "--taus must be in [0, 1], got 1.2"),
+    (["bench", "--static-k", "0"], "--static-k must be >= 1"),
+    (["demo", "--train-limit", "1"], "--train-limit must be >= 2"),
+    (["convert", "--input", "x", "--output", "y", "--num-trunk-layers", "-1"], "--num-trunk-layers must be >= 0"),
+])
+def test_every_command_checks_its_flags_before_any_work(args, message, capsys, monkeypatch):
+    # A model that does not exist: a command that started working would fail on it, not on the flag.
+    monkeypatch.setattr("sys.argv", ["mtp"])
+    if args[0] not in ("convert", "demo"):
+        args = [*args, "--model", "/no/such/model"]
+    code, _, err = run_cli(args, capsys)
+    assert code == 2
+    assert message in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+@pytest.mark.parametrize("command, kind", [
+    (["generate", "--prompt", "hi"], "file"), (["bench-train"], "file"), (["train"], "folder"),
+    (["eval"], "folder"), (["bench"], "folder"), (["demo"], "folder"), (["convert", "--input", "x"], "folder"),
+])
+def test_output_paths_of_the_wrong_kind_or_unwritable_fail_first(command, kind, tmp_path, capsys):
+    a_file, a_folder = tmp_path / "a-file", tmp_path / "a-folder"
+    a_file.write_text("x")
+    a_folder.mkdir()
+    model = [] if command[0] in ("convert", "demo") else ["--model", "/no/such/model"]
+    wrong = a_folder if kind == "file" else a_file
+    code, _, err = run_cli([*command, *model, "--output", str(wrong)], capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert (f"{wrong} is a folder; give the name of a file" if kind == "file" else f"{wrong} is a file, not a folder") in err
+    code, _, err = run_cli([*command, *model, "--output", str(a_file / "sub" / "out")], capsys)
+    assert code == 2 and f"cannot be created: {a_file} is a file, not a folder" in err
+    code, _, err = run_cli([*command, *model, "--output", "/proc/1/out"], capsys)  # not writable, even by root
+    assert code == 2 and "cannot be written: no permission to write in /proc/1" in err
+    assert "not found" not in err
+
+
+def test_generate_output_folder_is_refused_before_decoding(tiny_mtp_folder, tmp_path, capsys):
+    code, out, err = run_cli(["generate", "--model", str(tiny_mtp_folder), "--prompt", "hi", "--output",
+                              str(tmp_path)], capsys)
+    assert code == 2 and "is a folder" in err and out == ""
+
+
+def test_generate_truncate_prompt(tiny_mtp_folder, capsys):
+    long_prompt = "Janet has 3 eggs and 4 ducks. " * 60  # longer than the tiny model's 256-token context
+    args = ["generate", "--model", str(tiny_mtp_folder), "--prompt", long_prompt, "--max-new-tokens", "8", "--json"]
+    code, _, err = run_cli(args, capsys)
+    assert code == 2 and "exceeds the model's context of 256" in err and "--truncate-prompt" in err
+    code, out, err = run_cli([*args, "--truncate-prompt"], capsys)
+    assert code == 0, err
+    assert 1 <= len(json.loads(out.strip().splitlines()[-1])["token_ids"]) <= 8
+
+
+def test_ctrl_c_during_generate_prints_and_keeps_what_was_generated(tiny_mtp_folder, tmp_path, capsys, monkeypatch):
+    from mtp.decoding import commands
+
+    args = ["generate", "--model", str(tiny_mtp_folder), "--prompt", "What is 7 + 5?", "--max-new-tokens", "12",
+            "--json"]
+    code, out, _ = run_cli(args, capsys)
+    full = json.loads(out.strip().splitlines()[-1])["token_ids"]
+    assert code == 0 and len(full) > 3
+    real = commands.generate_tokens
+
+    def interrupted_after_three_steps(*a, streamer, **kw):
+        steps = []
+
+        def step(row, new):
+            streamer(row, new)
+            steps.append(new)
+            if len(steps) == 3:
+                raise KeyboardInterrupt
+
+        return real(*a, streamer=step, **kw)
+
+    monkeypatch.setattr(commands, "generate_tokens", interrupted_after_three_steps)
+    out_file = tmp_path / "out.jsonl"
+    code, out, err = run_cli([*args, "--output", str(out_file)], capsys)
+    assert code == 130 and "interrupted" in err
+    printed = json.loads(out.strip().splitlines()[-1])
+    assert printed["token_ids"] == full[:3] and printed["interrupted"] is True
+    assert [json.loads(line)["token_ids"] for line in out_file.read_text().splitlines()] == [full[:3]]
+    code, out, _ = run_cli([a for a in args if a != "--json"], capsys)  # as text, too
+    assert code == 130 and out.strip()
+
+
+def _write_denied(output: str = "x") -> int:
+    raise PermissionError(13, "Permission denied", output)
+
+
+def test_a_path_that_turns_out_unwritable_is_one_line_not_file_not_found(monkeypatch, capsys):
+    from mtp import cli
+
+    monkeypatch.setitem(cli.COMMANDS, "denied", "test_cli:_write_denied")
+    code, _, err = run_cli(["denied", "--output", "somewhere"], capsys)
+    assert code == 2 and err.strip() == "mtp: error: cannot use somewhere: Permission denied"

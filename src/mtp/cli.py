@@ -15,6 +15,7 @@ import types
 import typing
 from collections.abc import Callable, Sequence
 
+from mtp.arguments import check_command_arguments
 from mtp.errors import MTPError
 
 # command name -> "module:function". Imported lazily so `mtp --help` stays fast.
@@ -137,6 +138,7 @@ def run(argv: list[str] | None = None) -> int:
     parser = build_parser(only=command)
     args = vars(parser.parse_args(argv))
     args.pop("command")
+    check_command_arguments(command, args)  # ranges and output paths, before the command does any work
     fn = _load(COMMANDS[command])
     result = fn(**args)
     return int(result or 0)
@@ -150,6 +152,9 @@ def main(argv: list[str] | None = None) -> None:
         code = 2
     except FileNotFoundError as e:
         print(f"mtp: error: file not found: {e.filename or e}", file=sys.stderr)
+        code = 2
+    except (PermissionError, IsADirectoryError, NotADirectoryError) as e:  # what the path checks cannot foresee
+        print(f"mtp: error: cannot use {e.filename or 'a path'}: {e.strerror or e}", file=sys.stderr)
         code = 2
     except KeyboardInterrupt:
         print("mtp: interrupted", file=sys.stderr)

@@ -67,7 +67,7 @@ def generate(model: str | None = None, prompt: str | None = None, prompts_file: 
              do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
              seed: int | None = None, batch_size: int = 8, json: bool = False, stream: bool = False,
              dtype: str = "float32", quantize: Literal["none", "fp16", "int8"] = "none", device: str = "cpu",
-             threads: int | None = None, adaptive_draft: bool = True) -> int:
+             threads: int | None = None, adaptive_draft: bool = True, truncate_prompt: bool = False) -> int:
     """Generate text with an MTP model: greedy, lossless speculative, ConfAdapt or static-k decoding.
 
     Args:
@@ -90,49 +90,52 @@ def generate(model: str | None = None, prompt: str | None = None, prompts_file: 
             greedy) or int8 (dynamic quantisation; faster still, speculative may differ from greedy).
         threads: torch CPU threads (default: torch's choice).
         adaptive_draft: speculative: verify fewer drafts while recent ones were rarely accepted (same output).
+        truncate_prompt: keep only the last tokens of a prompt too long for the context with --max-new-tokens.
     """
     if (prompt is None) == (prompts_file is None):
         raise MTPError("give exactly one of --prompt or --prompts-file")
     prompts = [prompt] if prompt is not None else read_prompts(prompts_file)
     if prompt is not None and not prompt:
         raise MTPError("empty prompt: give at least one token")
-    if batch_size < 1:
-        raise MTPError("--batch-size must be >= 1")
     set_threads(threads)
     m = load_mtp_model(model, num_heads=num_heads, device=device, dtype=dtype, quantize=quantize)
     tok = m.tokenizer
     if tok is None:
         raise MTPError("this model has no tokenizer; save one with the model folder")
-    results = []
+    results: list[dict] = []
     seconds = forwards = 0.0
+    streaming = stream and len(prompts) == 1 and not json
     bar = tqdm(total=len(prompts), desc=f"generate ({strategy})", unit="prompt", disable=len(prompts) < 2,
                file=sys.stderr)
     for start in range(0, len(prompts), batch_size):
         chunk = prompts[start:start + batch_size]
         ids, mask = encode_prompts(tok, chunk, chat)
-        streamer = None
-        if stream and len(prompts) == 1 and not json:
-            def streamer(row, new, _tok=tok):
+        so_far: list[list[int]] = [[] for _ in chunk]  # what Ctrl-C must not lose
+
+        def collect(row, new, _tok=tok, _so_far=so_far):
+            _so_far[row].extend(new)
+            if streaming:
                 print(_tok.decode(new, skip_special_tokens=True), end="", flush=True)
-        res = generate_tokens(m, ids.to(m.device), mask.to(m.device), max_new_tokens=max_new_tokens,
-                              strategy=strategy, tau=tau, k=k, do_sample=do_sample, temperature=temperature,
-                              top_p=top_p, top_k=top_k, seed=seed, streamer=streamer,
-                              adaptive_draft=adaptive_draft)
+
+        try:
+            res = generate_tokens(m, ids.to(m.device), mask.to(m.device), max_new_tokens=max_new_tokens,
+                                  strategy=strategy, tau=tau, k=k, do_sample=do_sample, temperature=temperature,
+                                  top_p=top_p, top_k=top_k, seed=seed, streamer=collect,
+                                  adaptive_draft=adaptive_draft, truncate_prompt=truncate_prompt)
+        except KeyboardInterrupt:  # print and keep what the interrupted batch has produced, then stop
+            bar.close()
+            records = [_record(p, tok.decode(t, skip_special_tokens=True), t, None) | {"interrupted": True}
+                       for p, t in zip(chunk, so_far, strict=True)]
+            _show(records, json, streaming)
+            if output:
+                atomic_write_lines(output, (jsonlib.dumps(r) for r in results + records))
+            raise
         seconds += res.stats.seconds
         forwards += res.stats.row_forwards
-        for i, text in enumerate(res.texts):
-            results.append({"prompt": chunk[i], "text": text, "token_ids": res.tokens[i],
-                            "stats": res.stats.to_dict()})
+        records = [_record(chunk[i], text, res.tokens[i], res.stats.to_dict()) for i, text in enumerate(res.texts)]
+        results.extend(records)
         bar.update(len(chunk))
-        if streamer is not None:
-            print()
-        elif not json:
-            for r in results[-len(chunk):]:
-                print(r["text"])
-                print()
-        else:
-            for r in results[-len(chunk):]:
-                print(jsonlib.dumps({"text": r["text"], "token_ids": r["token_ids"], "stats": r["stats"]}))
+        _show(records, json, streaming)
     bar.close()
     if output:
         atomic_write_lines(output, (jsonlib.dumps(r) for r in results))
@@ -141,3 +144,20 @@ def generate(model: str | None = None, prompt: str | None = None, prompts_file: 
         print(f"[{strategy}] {total_new} new tokens in {seconds:.1f} s: {total_new / max(seconds, 1e-9):.1f} "
               f"tokens/s, {total_new / max(forwards, 1):.2f} tokens per forward pass", file=sys.stderr)
     return 0
+
+
+def _record(prompt: str, text: str, token_ids: list[int], stats: dict | None) -> dict:
+    return {"prompt": prompt, "text": text, "token_ids": token_ids, "stats": stats}
+
+
+def _show(records: list[dict], json: bool, streamed: bool) -> None:
+    """Print a batch's results: nothing more than a line end when they were streamed, else text or JSON."""
+    if streamed:
+        print()
+        return
+    for r in records:
+        if json:
+            print(jsonlib.dumps({key: value for key, value in r.items() if key != "prompt"}))
+        else:
+            print(r["text"])
+            print()

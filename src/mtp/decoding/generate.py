@@ -23,7 +23,9 @@ from typing import Literal
 
 import torch
 
+from mtp.arguments import check_values
 from mtp.decoding.drafters import DraftRequest, Drafts, HeadsDrafter, Proposer, StepOutput, draft_tokens  # noqa: F401
+from mtp.decoding.inputs import token_batch
 from mtp.decoding.sampling import accept_drafts_sampling, process_logits
 from mtp.decoding.stopping import StopChecker
 from mtp.errors import MTPError
@@ -275,7 +277,7 @@ def _count_acceptance(stats: GenerationStats, kept: list[int], rows: int) -> Non
 
 # ------------------------------------------------------------------------------------------------ public API
 @torch.inference_mode()
-def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
+def generate(model, input_ids: torch.Tensor | list, attention_mask: torch.Tensor | list | None = None, *,
              max_new_tokens: int = 128, strategy: Strategy = "greedy", use_speculative: bool | None = None,
              do_sample: bool = False, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
              tau: float = 0.9, k: int | None = None, num_draft: int | None = None, adaptive_draft: bool = True,
@@ -286,7 +288,8 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
     """Generate continuations of a left-padded batch of prompts.
 
     Args:
-        input_ids: (B, P) prompt tokens, left-padded when rows differ in length.
+        input_ids: (B, P) prompt tokens, left-padded when rows differ in length (or lists of ids: see
+            `mtp.decoding.inputs.token_batch`; anything malformed is an MTPError saying what).
         attention_mask: (B, P), 0 on padding.
         strategy: greedy | speculative | confadapt | static. `use_speculative=True/False` (seed 000's spelling)
             selects speculative / greedy.
@@ -306,14 +309,11 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
         raise MTPError(f"unknown strategy {strategy!r}; choose from {', '.join(STRATEGIES)}")
     if use_speculative is not None:
         strategy = "speculative" if use_speculative else "greedy"
-    if input_ids.dim() == 1:
-        input_ids = input_ids[None]
-    if input_ids.numel() == 0 or input_ids.shape[1] == 0:
-        raise MTPError("empty prompt: give at least one token")
-    if attention_mask is not None and bool((attention_mask.sum(-1) == 0).any()):
-        raise MTPError("empty prompt in the batch: every row needs at least one token")
+    input_ids, attention_mask = token_batch(model, input_ids, attention_mask, left_padded=True)
     if max_new_tokens < 0:
         raise MTPError("max_new_tokens must be >= 0")
+    check_values({"do_sample": do_sample, "temperature": temperature, "top_k": top_k, "top_p": top_p, "tau": tau,
+                  "k": k, "num_draft": num_draft}, flags=False)
     if do_sample and strategy not in ("greedy", "speculative"):
         raise MTPError("sampling (do_sample) is available with the greedy and speculative strategies")
     tokenizer = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
@@ -353,7 +353,8 @@ def _fit_context(model, input_ids, attention_mask, opts: DecodeOptions, lookahea
         return input_ids, attention_mask
     if not truncate_prompt:
         raise MTPError(f"prompt of {input_ids.shape[1]} tokens + max_new_tokens {opts.max_new_tokens} exceeds the "
-                       f"model's context of {limit} tokens (shorten it, or ask for truncation)")
+                       f"model's context of {limit} tokens (shorten it, or keep its last tokens: "
+                       "truncate_prompt=True, --truncate-prompt)")
     keep = limit - (need - input_ids.shape[1])
     if keep <= 0:
         raise MTPError(f"max_new_tokens {opts.max_new_tokens} does not fit the model's context of {limit}")

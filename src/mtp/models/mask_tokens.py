@@ -497,10 +497,16 @@ class MaskTokenModel(nn.Module):
     def new_cache(self, batch_size: int, max_len: int):
         return self.lm.new_cache(batch_size, max_len)
 
-    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs):
-        from mtp.decoding.generate import generate
+    def generate(self, input_ids=None, attention_mask=None, **kwargs):
+        """transformers' `generate` (a LongTensor of prompts + new tokens; see `mtp.decoding.hf_generate`), with
+        mtp's strategies: `strategy="confadapt", tau=0.9, k=8`, `use_speculative=True` (lossless), ..."""
+        from mtp.decoding.hf_generate import hf_generate
 
-        return generate(self, input_ids, attention_mask, **kwargs)
+        return hf_generate(self, input_ids, attention_mask, **kwargs)
+
+    @property
+    def generation_config(self):
+        return getattr(self.base, "generation_config", None)
 
     # ---------------------------------------------------------------- checkpoints
     def mtp_config(self) -> dict:

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mtp.decoding.inputs import token_batch
 from mtp.errors import CheckpointMismatchError, MTPError
 from mtp.io import atomic_folder
 from mtp.models.backbones import backbone_for
@@ -229,8 +230,10 @@ class MTPModel(nn.Module):
         """Logits `(B, T, n, V)` with `return_all_heads`, else `(B, T, 1, V)` from the next-token head (Meta's API).
 
         With a cache, every head's layers still run (their caches must stay complete), only the unembedding of
-        the heads not asked for is skipped.
+        the heads not asked for is skipped. Malformed input (dtype, shape, device, ids outside the vocabulary)
+        is an MTPError saying what (`mtp.decoding.inputs.token_batch`).
         """
+        input_ids, attention_mask = token_batch(self, input_ids, attention_mask)
         trunk, ctx = self.trunk_forward(input_ids, attention_mask, cache)
         heads = range(self.num_heads) if (return_all_heads or cache is not None) else range(1)
         hidden = [self.head_forward(h, trunk, ctx) for h in heads]
@@ -242,11 +245,19 @@ class MTPModel(nn.Module):
             logits = torch.cat([logits[:, :, :1], self.restrict_to_draft_vocab(logits[:, :, 1:])], dim=2)
         return logits
 
-    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs):
-        """Decode with any strategy; see `mtp.decoding.generate.generate` (accepts `use_speculative=True`)."""
-        from mtp.decoding.generate import generate
+    def generate(self, input_ids=None, attention_mask=None, **kwargs):
+        """transformers' `generate`: a LongTensor (B, P + N) of prompts and new tokens (`return_dict_in_generate`:
+        an output with `.sequences`, `.stats`, `.texts`); takes `**tokenizer(...)`, `max_new_tokens`, `do_sample`,
+        `generation_config`, ... and mtp's arguments (`use_speculative=True`, `strategy`, `tau`, ...). See
+        `mtp.decoding.hf_generate`; `mtp.decoding.generate.generate` returns the rich `GenerationResult`."""
+        from mtp.decoding.hf_generate import hf_generate
 
-        return generate(self, input_ids, attention_mask, **kwargs)
+        return hf_generate(self, input_ids, attention_mask, **kwargs)
+
+    @property
+    def generation_config(self):
+        """The base model's `GenerationConfig` (its end and pad tokens, ...): what `generate` falls back on."""
+        return getattr(self.base, "generation_config", None)
 
     # ---------------------------------------------------------------- checkpoints
     def mtp_config(self) -> dict:

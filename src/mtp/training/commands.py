@@ -277,32 +277,11 @@ class _Args:
 
 
 def _validate(a: _Args) -> None:
+    """What the per-flag rules (mtp.arguments, applied by the CLI) cannot see: flags that exclude each other."""
     if a.steps is not None and a.epochs is not None:
         raise MTPError("give --steps or --epochs, not both")
-    if a.steps is not None and a.steps < 1:
-        raise MTPError(f"--steps must be >= 1, got {a.steps}")
-    if a.epochs is not None and not a.epochs > 0:
-        raise MTPError(f"--epochs must be > 0, got {a.epochs}")
-    if a.num_heads is not None and a.num_heads < 1:
-        raise MTPError(f"--num-heads must be >= 1, got {a.num_heads}")
-    if a.seq_len < 2:
-        raise MTPError(f"--seq-len must be >= 2, got {a.seq_len}")
-    if a.limit is not None and a.limit < 1:
-        raise MTPError(f"--limit must be >= 1, got {a.limit}")
-    if not 0.0 <= a.holdout < 1.0:
-        raise MTPError(f"--holdout must be in [0, 1), got {a.holdout}")
-    if a.holdout_max < 0:
-        raise MTPError(f"--holdout-max must be >= 0, got {a.holdout_max}")
-    if a.max_new_tokens < 1 or a.gen_batch_size < 1:
-        raise MTPError("--max-new-tokens and --gen-batch-size must be >= 1")
     if a.freeze_trunk and a.num_heads == 1:
         raise MTPError("--freeze-trunk trains the extra heads only; use --num-heads 2 or more")
-    if a.warmup_steps is not None and a.warmup_steps < 0:
-        raise MTPError(f"--warmup-steps must be >= 0, got {a.warmup_steps}")
-    if a.lr is not None and not a.lr > 0:
-        raise MTPError(f"--lr must be > 0, got {a.lr}")
-    if a.max_grad_norm < 0:
-        raise MTPError(f"--max-grad-norm must be >= 0, got {a.max_grad_norm}")
 
 
 class _HeadsMethod:
@@ -484,14 +463,9 @@ def bench_train(
     for order in orders:
         if order not in LOSS_ORDERS:
             raise MTPError(f"unknown loss order {order!r}; choose from {', '.join(LOSS_ORDERS)}")
-    if any(n < 1 for n in heads):
-        raise MTPError("head counts must be >= 1")
     if freeze_trunk and min(heads) < 2:
         raise MTPError("--freeze-trunk trains extra heads only; every head count must be >= 2")
-    if steps < 1 or seq_len < 2 or batch_size < 1:
-        raise MTPError("--steps and --batch-size must be >= 1, --seq-len >= 2")
-    if threads is not None:
-        torch.set_num_threads(threads)
+    set_threads(threads)
     results = run_bench_train(model, heads, orders, seq_len, batch_size, steps, freeze_trunk,
                               gradient_checkpointing, _device(device), seed)
     atomic_write_json(Path(output), results)

@@ -1,0 +1,133 @@
+"""The rules every argument of every command obeys, in one place, checked before any work is done.
+
+`RULES` maps a parameter name to the values it may take; the same name means the same thing in every command
+(`--batch-size`, `--limit`, `--threads`, ...), so one table serves them all, and the CLI applies it to a command's
+arguments before calling the command (`mtp.cli.run`). The Python API uses it for the arguments it shares with the
+CLI (`check_values(..., flags=False)`: messages name `top_p`, not `--top-p`). `RELATIONS` are the rules between
+two arguments, `OUTPUTS` says which commands write a file and which a folder at `--output`: a path of the wrong
+kind, or one that cannot be written, is reported at the start, not after an hour of work.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from mtp.errors import MTPError
+
+
+@dataclass(frozen=True)
+class Range:
+    """low <= value (< low when low_open), value <= high (< high when high_open); None: unbounded."""
+
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+
+    def holds(self, value: float) -> bool:
+        if isinstance(value, float) and math.isnan(value):
+            return False
+        if self.low is not None and (value <= self.low if self.low_open else value < self.low):
+            return False
+        return not (self.high is not None and (value >= self.high if self.high_open else value > self.high))
+
+    def __str__(self) -> str:
+        if self.high is None:
+            return f"{'>' if self.low_open else '>='} {self.low:g}"
+        if self.low is None:
+            return f"{'<' if self.high_open else '<='} {self.high:g}"
+        return f"in {'(' if self.low_open else '['}{self.low:g}, {self.high:g}{')' if self.high_open else ']'}"
+
+
+AT_LEAST_0 = Range(0)
+AT_LEAST_1 = Range(1)
+POSITIVE = Range(0, low_open=True)
+PROBABILITY = Range(0, 1)
+
+# parameter name -> the values it may take (None, "not given", is always allowed). A list-valued parameter
+# (`--taus 0.9 0.7`) applies the rule to each element.
+RULES: dict[str, Range] = {
+    # sizes and counts
+    "batch_size": AT_LEAST_1, "gen_batch_size": AT_LEAST_1, "grad_accum": AT_LEAST_1, "limit": AT_LEAST_1,
+    "train_limit": Range(2), "threads": AT_LEAST_1, "max_new_tokens": AT_LEAST_1, "steps": AT_LEAST_1,
+    "keep_checkpoints": AT_LEAST_1, "seq_len": Range(2), "holdout_max": AT_LEAST_0, "warmup_steps": AT_LEAST_0,
+    "eval_every": AT_LEAST_0, "save_every": AT_LEAST_0, "draft_vocab": AT_LEAST_0, "shots": Range(0, 8),
+    "prompt_lookup_tokens": AT_LEAST_0,
+    # model structure
+    "num_heads": AT_LEAST_1, "heads": AT_LEAST_1, "num_trunk_layers": AT_LEAST_0, "num_draft": AT_LEAST_0,
+    "k": AT_LEAST_1, "static_k": AT_LEAST_1,
+    # decoding
+    "tau": PROBABILITY, "taus": PROBABILITY, "temperature": AT_LEAST_0, "top_p": Range(0, 1, low_open=True),
+    "top_k": AT_LEAST_0,
+    # training
+    "epochs": POSITIVE, "train_epochs": POSITIVE, "lr": POSITIVE, "min_lr_ratio": PROBABILITY,
+    "weight_decay": AT_LEAST_0, "max_grad_norm": AT_LEAST_0, "holdout": Range(0, 1, high_open=True),
+}
+# Numeric parameters any value of which is fine.
+UNCHECKED: frozenset[str] = frozenset({"seed"})
+
+# Rules between arguments: (the parameters, whether the values are fine, what is wrong when they are not).
+RELATIONS: list[tuple[tuple[str, ...], Callable[..., bool], str]] = [
+    (("do_sample", "temperature"), lambda do_sample, temperature: not do_sample or temperature > 0,
+     "{temperature} must be > 0 when sampling ({do_sample})"),
+]
+
+# command -> parameter -> what it names: a file that will be written, or a folder that will be created / filled.
+OutputKind = Literal["file", "folder"]
+OUTPUTS: dict[str, dict[str, OutputKind]] = {
+    "generate": {"output": "file"}, "bench-train": {"output": "file"}, "train": {"output": "folder"},
+    "eval": {"output": "folder"}, "bench": {"output": "folder"}, "demo": {"output": "folder"},
+    "convert": {"output": "folder"},
+}
+
+
+def spelled(name: str, flags: bool) -> str:
+    """How the user wrote a parameter: `--top-p` on the command line, `top_p` in Python."""
+    return "--" + name.rstrip("_").replace("_", "-") if flags else name
+
+
+def check_values(values: Mapping[str, object], flags: bool = True) -> None:
+    """Raise MTPError for the first value that breaks its rule in `RULES` or `RELATIONS`."""
+    for name, value in values.items():
+        rule = RULES.get(name)
+        if rule is None or value is None or isinstance(value, bool):
+            continue
+        for item in value if isinstance(value, list | tuple) else [value]:
+            if not rule.holds(item):
+                raise MTPError(f"{spelled(name, flags)} must be {rule}, got {item}")
+    for names, fine, message in RELATIONS:
+        if all(values.get(n) is not None for n in names) and not fine(*(values[n] for n in names)):
+            raise MTPError(message.format(**{n: spelled(n, flags) for n in names}))
+
+
+def check_output(path: str | os.PathLike, kind: OutputKind, flag: str = "--output") -> None:
+    """Raise MTPError unless `path` can become a file (`kind` "file") or a folder ("folder") written by us."""
+    target = Path(path).expanduser().absolute()
+    if kind == "file" and target.is_dir():
+        raise MTPError(f"{flag} {path} is a folder; give the name of a file to write")
+    if kind == "folder" and target.exists() and not target.is_dir():
+        raise MTPError(f"{flag} {path} is a file, not a folder")
+    # Files are written to a temporary name beside the target, then renamed; folders likewise (mtp.io), so the
+    # nearest existing folder above the target must be writable.
+    above = target.parent
+    while not above.exists():
+        above = above.parent
+    if not above.is_dir():
+        raise MTPError(f"{flag} {path} cannot be created: {above} is a file, not a folder")
+    if not os.access(above, os.W_OK | os.X_OK):
+        raise MTPError(f"{flag} {path} cannot be written: no permission to write in {above}")
+    if kind == "folder" and target.is_dir() and not os.access(target, os.W_OK | os.X_OK):
+        raise MTPError(f"{flag} {path} cannot be written: no permission to write in it")
+
+
+def check_command_arguments(command: str, arguments: Mapping[str, object]) -> None:
+    """Everything the CLI checks before it runs `command` with `arguments` (the parsed flags)."""
+    check_values(arguments)
+    for name, kind in OUTPUTS.get(command, {}).items():
+        if arguments.get(name) is not None:
+            check_output(str(arguments[name]), kind, spelled(name, True))

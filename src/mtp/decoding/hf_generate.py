@@ -1,0 +1,134 @@
+"""`model.generate(...)` with transformers' conventions, for any mtp model class.
+
+`PreTrainedModel.generate` takes `**tokenizer(...)` (input_ids and attention_mask as keywords), `max_new_tokens`
+or `max_length`, `do_sample`, `temperature`, `top_p`, `top_k`, `eos_token_id` (an id or a list), `pad_token_id`
+and a `generation_config` whose fields apply when an argument is not given; it returns a LongTensor (B, P + N):
+each prompt as given (left padding kept), then its new tokens, rows that stopped early padded on the right with
+`pad_token_id`; `return_dict_in_generate=True` returns an output object with `.sequences`. `hf_generate` does the
+same over mtp's decoding (`mtp.decoding.generate.generate`, or a model class's own `decode` function with its
+keywords and a `GenerationResult`): the object also carries mtp's `.stats`, `.texts` and `.tokens` (new tokens per
+row), and mtp's own arguments (`use_speculative`, `strategy`, `tau`, `streamer`, ...) pass through.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+import torch
+from transformers.generation.utils import GenerateDecoderOnlyOutput
+
+from mtp.decoding.generate import GenerationResult, GenerationStats
+from mtp.decoding.inputs import token_batch
+from mtp.errors import MTPError
+
+DEFAULT_NEW_TOKENS = 20  # transformers' default when neither max_new_tokens nor max_length is set
+IGNORED = frozenset({"token_type_ids", "use_cache"})  # what tokenizers / transformers users pass that changes nothing
+
+
+@dataclass
+class MTPGenerateOutput(GenerateDecoderOnlyOutput):
+    """transformers' decoder-only generate output (`.sequences` (B, P + N)) plus mtp's statistics."""
+
+    stats: GenerationStats | None = None
+    texts: list[str] | None = None  # decoded new tokens per row (None without a tokenizer)
+    tokens: list[list[int]] | None = None  # new tokens per row, without padding
+
+
+def hf_generate(model, input_ids=None, attention_mask=None, *, decode: Callable[..., GenerationResult] | None = None,
+                inputs=None, generation_config=None, max_new_tokens: int | None = None, max_length: int | None = None,
+                do_sample: bool | None = None, temperature: float | None = None, top_p: float | None = None,
+                top_k: int | None = None, eos_token_id: int | list[int] | None = None, pad_token_id: int | None = None,
+                return_dict_in_generate: bool | None = None, num_beams: int | None = None,
+                num_return_sequences: int | None = None, **kwargs) -> torch.Tensor | MTPGenerateOutput:
+    """Decode as `PreTrainedModel.generate` does (see the module docstring); `decode`: the model class's decoding
+    function (default `mtp.decoding.generate.generate`). Other keywords go to `decode`."""
+    from mtp.decoding.generate import generate
+
+    decode = decode or generate
+    if inputs is not None:
+        if input_ids is not None:
+            raise MTPError("give the prompt once: inputs or input_ids")
+        input_ids = inputs
+    if isinstance(input_ids, Mapping):  # a BatchEncoding passed whole: model.generate(tokenizer(...))
+        attention_mask = input_ids.get("attention_mask") if attention_mask is None else attention_mask
+        input_ids = input_ids.get("input_ids")
+    if input_ids is None:
+        raise MTPError("generate() needs input_ids (token ids, or **tokenizer(text, return_tensors='pt'))")
+    _check_keywords(decode, kwargs)
+    config = generation_config if generation_config is not None else getattr(model, "generation_config", None)
+
+    def setting(value, name: str, default=None):
+        """The argument when given, else the generation config's field, else transformers' default."""
+        if value is not None:
+            return value
+        field = getattr(config, name, None)
+        return field if field is not None else default
+
+    if setting(num_beams, "num_beams", 1) != 1 or setting(num_return_sequences, "num_return_sequences", 1) != 1:
+        raise MTPError("beam search and several sequences per prompt are not available: use num_beams=1 and "
+                       "num_return_sequences=1")
+    ids, mask = token_batch(model, input_ids, attention_mask, left_padded=True)
+    if "stop_token_ids" not in kwargs:  # mtp's own spelling wins; otherwise None: the model's end tokens
+        eos = eos_token_id if eos_token_id is not None else getattr(generation_config, "eos_token_id", None)
+        kwargs["stop_token_ids"] = [eos] if isinstance(eos, int) else (list(eos) if eos is not None else None)
+    elif eos_token_id is not None:
+        raise MTPError("give eos_token_id or stop_token_ids, not both")
+    result = decode(model, ids, mask, max_new_tokens=_new_tokens(max_new_tokens, setting(max_length, "max_length"),
+                                                                 config, ids.shape[1]),
+                    do_sample=setting(do_sample, "do_sample", False),
+                    temperature=setting(temperature, "temperature", 1.0), top_p=setting(top_p, "top_p", 1.0),
+                    top_k=setting(top_k, "top_k", 50), **kwargs)
+    pad = setting(pad_token_id, "pad_token_id", _fallback_pad(model))
+    sequences = prompt_and_new_tokens(ids, result.tokens, pad)
+    if not setting(return_dict_in_generate, "return_dict_in_generate", False):
+        return sequences
+    return MTPGenerateOutput(sequences=sequences, stats=result.stats, texts=result.texts, tokens=result.tokens)
+
+
+def prompt_and_new_tokens(ids: torch.Tensor, new: list[list[int]], pad: int) -> torch.Tensor:
+    """(B, P + N): each prompt row, then its new tokens, right-padded with `pad` to the longest row's N."""
+    width = max((len(t) for t in new), default=0)
+    out = torch.full((ids.shape[0], ids.shape[1] + width), pad, dtype=torch.long, device=ids.device)
+    out[:, :ids.shape[1]] = ids
+    for i, tokens in enumerate(new):
+        out[i, ids.shape[1]:ids.shape[1] + len(tokens)] = torch.tensor(tokens, dtype=torch.long)
+    return out
+
+
+def _new_tokens(max_new_tokens: int | None, max_length: int | None, config, prompt_len: int) -> int:
+    """transformers' rule: max_new_tokens (the argument, else the config's) wins over max_length, which counts
+    the prompt; neither: 20 new tokens."""
+    if max_new_tokens is None:
+        max_new_tokens = getattr(config, "max_new_tokens", None)
+    if max_new_tokens is not None:
+        return max_new_tokens
+    if max_length is None:
+        return DEFAULT_NEW_TOKENS
+    if max_length <= prompt_len:
+        raise MTPError(f"the prompt has {prompt_len} tokens and max_length is {max_length} (prompt included): "
+                       "increase max_length, or set max_new_tokens")
+    return max_length - prompt_len
+
+
+def _fallback_pad(model) -> int:
+    """No pad_token_id given or configured: the model's or tokenizer's pad token, else its end token, else 0."""
+    tokenizer = getattr(model, "tokenizer", None)
+    for candidate in (getattr(model.config, "pad_token_id", None), getattr(tokenizer, "pad_token_id", None),
+                      getattr(model.config, "eos_token_id", None), getattr(tokenizer, "eos_token_id", None)):
+        if isinstance(candidate, list | tuple):
+            candidate = candidate[0] if candidate else None
+        if isinstance(candidate, int):
+            return candidate
+    return 0
+
+
+def _check_keywords(decode: Callable, kwargs: dict) -> None:
+    for name in IGNORED & kwargs.keys():
+        kwargs.pop(name)
+    known = set(inspect.signature(decode).parameters) - {"model", "input_ids", "attention_mask"}
+    unknown = sorted(set(kwargs) - known)
+    if unknown:
+        raise MTPError(f"generate() does not take {', '.join(unknown)} (mtp's own arguments: "
+                       f"{', '.join(sorted(known))})")

@@ -1,0 +1,110 @@
+"""`MTPModel.generate` follows transformers: prompt + new tokens as a LongTensor, `**tokenizer(...)`, config."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoTokenizer, GenerationConfig
+from transformers.generation.utils import GenerateDecoderOnlyOutput
+
+from conftest import tiny_mtp, tiny_tokenizer
+from mtp import MTPModel
+from mtp.decoding.generate import generate
+from mtp.decoding.hf_generate import MTPGenerateOutput
+from mtp.errors import MTPError
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return tiny_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def model(tokenizer):
+    m = tiny_mtp("llama", num_heads=3, vocab_size=len(tokenizer), dtype=torch.float64)  # float64: spec == greedy
+    m.tokenizer = tokenizer
+    return m
+
+
+def test_seed_000_snippet_runs_as_written(model, tokenizer):
+    prompt = "What is the derivative of f(x) = x^3?"
+    input_ids = tokenizer.encode(prompt, return_tensors="pt")
+    generated = model.generate(input_ids, max_new_tokens=50, use_speculative=False)
+    generated_fast = model.generate(input_ids, max_new_tokens=50, use_speculative=True)
+    text = tokenizer.decode(generated[0], skip_special_tokens=True)
+
+    rich = generate(model, input_ids, max_new_tokens=50)
+    p = input_ids.shape[1]
+    assert generated.dtype == torch.long and generated.shape == (1, p + len(rich.tokens[0]))
+    assert torch.equal(generated[:, :p], input_ids) and generated[0, p:].tolist() == rich.tokens[0]
+    assert torch.equal(generated_fast, generated)
+    assert text.startswith(prompt) and text == prompt + rich.texts[0]
+
+
+def test_seed_002_snippet_with_a_saved_folder(tiny_mtp_folder):
+    tokenizer = AutoTokenizer.from_pretrained(tiny_mtp_folder)
+    model = MTPModel.from_pretrained(tiny_mtp_folder)
+    inputs = tokenizer("What is 7 + 5?", return_tensors="pt")
+    outputs = model.generate(**inputs, max_new_tokens=50)
+    text = tokenizer.decode(outputs[0], skip_special_tokens=True)
+
+    rich = generate(model, inputs["input_ids"], inputs["attention_mask"], max_new_tokens=50)
+    p = inputs["input_ids"].shape[1]
+    assert outputs[0, p:].tolist() == rich.tokens[0] and text.startswith("What is 7 + 5?")
+    assert torch.equal(model.generate(inputs, max_new_tokens=50), outputs)  # the BatchEncoding itself, too
+
+
+def test_left_padded_batch_rows_that_stop_early_are_padded_on_the_right(model):
+    tok = tiny_tokenizer()
+    tok.padding_side = "left"
+    inputs = tok(["What is 7 + 5?", "Janet has 3 eggs and 4 ducks."], padding=True, return_tensors="pt")
+    free = generate(model, inputs["input_ids"], inputs["attention_mask"], max_new_tokens=8, stop_token_ids=[])
+    eos = free.tokens[0][0]  # row 0 stops at once, row 1 (which never emits it) runs on
+    pad = 4
+    out = model.generate(**inputs, max_new_tokens=8, eos_token_id=eos, pad_token_id=pad)
+    expected = generate(model, inputs["input_ids"], inputs["attention_mask"], max_new_tokens=8,
+                        stop_token_ids=[eos]).tokens
+    p = inputs["input_ids"].shape[1]
+    assert torch.equal(out[:, :p], inputs["input_ids"])  # left padding kept
+    assert out.shape == (2, p + max(len(t) for t in expected))
+    assert expected[0] == [eos] and len(expected[1]) == 8
+    for row, tokens in enumerate(expected):
+        assert out[row, p:p + len(tokens)].tolist() == tokens
+        assert (out[row, p + len(tokens):] == pad).all()
+    as_list = model.generate(**inputs, max_new_tokens=8, eos_token_id=[eos, 10**6 % len(tok)], pad_token_id=pad)
+    assert torch.equal(as_list[0], out[0])
+
+
+def test_generation_config_fields_apply_unless_given(model, tokenizer):
+    ids = tokenizer.encode("What is 7 + 5?", return_tensors="pt")
+    p = ids.shape[1]
+    config = GenerationConfig(max_new_tokens=5, eos_token_id=[])  # eos_token_id=[]: no end token
+    assert model.generate(ids, generation_config=config).shape == (1, p + 5)
+    assert model.generate(ids, generation_config=config, max_new_tokens=3).shape == (1, p + 3)
+    assert model.generate(ids, max_length=p + 4, eos_token_id=[]).shape == (1, p + 4)
+    assert model.generate(ids, eos_token_id=[]).shape == (1, p + 20)  # transformers' default: 20 new tokens
+    sampled = model.generate(ids, generation_config=GenerationConfig(do_sample=True, temperature=0.7, top_k=0,
+                                                                     max_new_tokens=6), seed=3, eos_token_id=[])
+    rich = generate(model, ids, max_new_tokens=6, do_sample=True, temperature=0.7, top_k=0, seed=3,
+                    stop_token_ids=[])
+    assert sampled[0, p:].tolist() == rich.tokens[0]
+
+
+def test_return_dict_in_generate_has_sequences_and_our_statistics(model, tokenizer):
+    ids = tokenizer.encode("What is 7 + 5?", return_tensors="pt")
+    out = model.generate(ids, max_new_tokens=6, use_speculative=True, return_dict_in_generate=True)
+    assert isinstance(out, MTPGenerateOutput) and isinstance(out, GenerateDecoderOnlyOutput)
+    assert torch.equal(out.sequences, model.generate(ids, max_new_tokens=6)) and out["sequences"] is out.sequences
+    assert out.stats.new_tokens == len(out.tokens[0]) == out.sequences.shape[1] - ids.shape[1]
+    assert out.texts == [tokenizer.decode(out.tokens[0], skip_special_tokens=True)]
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"num_beams": 2}, "beam search"),
+    ({"output_scores": True}, "does not take output_scores"),
+    ({"max_length": 3}, "max_length is 3"),
+    ({"eos_token_id": 2, "stop_token_ids": [2]}, "not both"),
+])
+def test_what_is_not_available_is_an_mtp_error(model, kwargs, message):
+    with pytest.raises(MTPError, match=message):
+        model.generate(torch.tensor([[5, 6, 7]]), **kwargs)
