@@ -33,6 +33,32 @@ def info(model: str | None = None, num_heads: int | None = None, num_trunk_layer
             print(line)
         return 0
     m = load_mtp_model(model, num_heads=num_heads, num_trunk_layers=num_trunk_layers)
+    rows = _mask_token_rows(m) if getattr(m, "mask_token_id", None) is not None else _heads_rows(m)
+    width = max(len(k) for k, _ in rows)
+    for key, value in rows:
+        print(f"{key:<{width}}  {value}")
+    return 0
+
+
+def _mask_token_rows(m) -> list[tuple[str, str]]:
+    cfg = m.config
+    adapters = _count(m.lora.parameters()) if m.lora is not None else 0
+    return [
+        ("architecture", f"{type(m.base).__name__} (model_type={cfg.model_type}) with a mask token"),
+        ("mask token", f"{m.mask_token!r} (id {m.mask_token_id})"),
+        ("adapter", "gated LoRA: active at mask tokens only (real tokens are exactly the base model), rank "
+                    f"{m.lora.rank} on the top {m.lm.num_layers - m.lora.first_layer} layers" if m.lora is not None
+         else "full (every weight trained)"),
+        ("k", f"{m.default_k} tokens per forward by default (k-1 masks), up to {m.max_k}"),
+        ("layers", f"{m.lm.num_layers}"),
+        ("vocabulary", f"{m.base.get_input_embeddings().weight.shape[0]:,} tokens"),
+        ("parameters", f"{_count(m.base.parameters()):,} + {adapters:,} in adapters"),
+        ("dtype / device", f"{m.dtype} / {m.device}"),
+        ("weights from", describe_source(m.source)),
+    ]
+
+
+def _heads_rows(m) -> list[tuple[str, str]]:
     cfg = m.config
     trunk = _count(m.trunk_layers.parameters())
     head0 = _count(m.head_layers(0).parameters())
@@ -43,7 +69,7 @@ def info(model: str | None = None, num_heads: int | None = None, num_trunk_layer
     total = _count({id(p): p for p in m.parameters()}.values())
     head_span = f"{m.num_trunk_layers}..{m.num_layers - 1}" if m.num_layers - m.num_trunk_layers > 1 \
         else f"{m.num_trunk_layers}"
-    rows = [
+    return [
         ("architecture", f"{type(m.base).__name__} (model_type={cfg.model_type})"),
         ("layers", f"{m.num_layers} in the base model"),
         ("trunk", f"layers 0..{m.num_trunk_layers - 1} ({m.num_trunk_layers} layers, shared)"),
@@ -65,7 +91,3 @@ def info(model: str | None = None, num_heads: int | None = None, num_trunk_layer
         ("dtype / device", f"{m.dtype} / {m.device}"),
         ("weights from", describe_source(m.source)),
     ]
-    width = max(len(k) for k, _ in rows)
-    for key, value in rows:
-        print(f"{key:<{width}}  {value}")
-    return 0

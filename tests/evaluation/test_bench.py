@@ -228,3 +228,33 @@ def test_bench_bad_inputs(tiny_model_dir, tiny_tokenizer, tmp_path):
     empty.write_text("\n\n")
     with pytest.raises(MTPError, match="no prompts"):
         file_prompts(tiny_tokenizer, empty)
+
+
+def test_mask_token_models_beside_the_heads(tiny_model_dir, tiny_tokenizer, gsm8k_file, tmp_path):
+    """`--also`: self-distilled mask-token folders of the same base run in the same interleaved benchmark."""
+    import copy
+
+    import torch
+
+    from mtp.models.mask_tokens import MaskTokenModel
+
+    folders = []
+    for adapter in ("gated-lora", "full"):
+        m = MaskTokenModel.from_base(make_model(tiny_tokenizer).base, adapter=adapter, rank=4, k=3,
+                                     tokenizer=copy.deepcopy(tiny_tokenizer))
+        with torch.no_grad():  # trained-looking: the masks draft something
+            params = m.lora.B.values() if m.lora is not None else [m.base.get_input_embeddings().weight]
+            for p in params:
+                p.add_(torch.randn(p.shape) * 0.1)
+        folders.append(str(m.save_pretrained(tmp_path / ("lora" if m.lora is not None else "full"))))
+    out = tmp_path / "bench"
+    assert bench(model=str(tiny_model_dir), prompts=str(gsm8k_file), limit=2, max_new_tokens=6, output=str(out),
+                 shots=1, taus=[0.5], static_k=[2], hf=False, fp16=False, also=folders, progress=False) == 0
+    report = json.loads((out / "report.json").read_text())
+    rows = {r["method"]: r for r in report["methods"]}
+    assert list(rows) == ["greedy", "speculative", "confadapt-tau0.5", "static-k2",
+                          "lora:speculative", "lora:confadapt-tau0.5", "lora:static-k2",
+                          "full:greedy", "full:speculative", "full:confadapt-tau0.5", "full:static-k2"]
+    assert rows["lora:speculative"]["equal_to_greedy"] == 2  # gated LoRA: exactly the base model's answers
+    assert rows["full:speculative"]["equal_to_lossless_reference"] == 2  # its own greedy answers
+    assert rows["lora:static-k2"]["tokens_per_forward"] > 1.0

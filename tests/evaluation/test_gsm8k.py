@@ -164,3 +164,15 @@ def test_mean_and_stderr() -> None:
     assert mean_and_stderr([1.0]) == (1.0, 0.0)
     with pytest.raises(MTPError):
         mean_and_stderr([])
+
+
+def test_mtp_lm_fork_generation_arguments():
+    """seed 002's lm-eval fork spells ConfAdapt `strategy=[conf_adapt, 0.9]`, k as `k_toks`, the mask as `mask_id`."""
+    from mtp.evaluation.gen_args import fork_arguments
+
+    extra = {"do_mtp": True, "k_toks": "8", "mask_id": "128256", "other": 1}
+    assert fork_arguments("[conf_adapt, 0.8]", 0.9, None, extra) == ("confadapt", 0.8, 8, 128256)
+    assert extra == {"other": 1}  # the fork's arguments are taken out, the rest left for lm-eval
+    assert fork_arguments(["conf_adapt", 0.7], 0.9, None, {}) == ("confadapt", 0.7, None, None)
+    assert fork_arguments("speculative", 0.9, 4, {}) == ("speculative", 0.9, 4, None)
+    assert fork_arguments("conf_adapt", 0.9, None, {"do_mtp": "False"})[0] == "greedy"

@@ -67,7 +67,8 @@ def generate(model: str | None = None, prompt: str | None = None, prompts_file: 
              do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
              seed: int | None = None, batch_size: int = 8, json: bool = False, stream: bool = False,
              dtype: str = "float32", quantize: Literal["none", "fp16", "int8"] = "none", device: str = "cpu",
-             threads: int | None = None, adaptive_draft: bool = True, truncate_prompt: bool = False) -> int:
+             threads: int | None = None, adaptive_draft: bool = True, truncate_prompt: bool = False,
+             mask_token_id: int | None = None, mask_token: str | None = None) -> int:
     """Generate text with an MTP model: greedy, lossless speculative, ConfAdapt or static-k decoding.
 
     Args:
@@ -79,6 +80,8 @@ def generate(model: str | None = None, prompt: str | None = None, prompts_file: 
         strategy: greedy | speculative (lossless) | confadapt (lossy, tau) | static (lossy, k).
         max_new_tokens: tokens to generate at most.
         num_heads: heads to give a plain model (default 4).
+        mask_token_id: decode a plain model that has a mask token (seed 002's checkpoints ship one) with it
+        mask_token: the same, naming the token (e.g. "<|mtp_special_token_0|>")
         tau: ConfAdapt confidence threshold.
         k: tokens per step for the static strategy (default: all heads).
         do_sample: sample instead of greedy (exact speculative sampling with --strategy speculative).
@@ -98,7 +101,8 @@ def generate(model: str | None = None, prompt: str | None = None, prompts_file: 
     if prompt is not None and not prompt:
         raise MTPError("empty prompt: give at least one token")
     set_threads(threads)
-    m = load_mtp_model(model, num_heads=num_heads, device=device, dtype=dtype, quantize=quantize)
+    m = load_mtp_model(model, num_heads=num_heads, device=device, dtype=dtype, quantize=quantize,
+                       mask_token_id=mask_token_id, mask_token=mask_token)
     tok = m.tokenizer
     if tok is None:
         raise MTPError("this model has no tokenizer; save one with the model folder")

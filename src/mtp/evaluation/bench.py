@@ -207,7 +207,6 @@ def build_methods(model, tokenizer, *, taus: Sequence[float] = (0.9, 0.7, 0.5), 
                   llamacpp_ctx: int = 2048, notes: list[str] | None = None) -> list[Method]:
     """The methods of a benchmark, in report order. Unavailable ones are left out with a line in `notes`."""
     notes = notes if notes is not None else []
-    n = model.num_heads
     stop_ids = stop_token_ids(model, tokenizer)
     methods: list[Method] = []
     if hf:
@@ -216,30 +215,18 @@ def build_methods(model, tokenizer, *, taus: Sequence[float] = (0.9, 0.7, 0.5), 
             methods.append(hf_method(model, tokenizer, "hf-prompt-lookup", prompt_lookup_tokens=prompt_lookup_tokens,
                                      stop_ids=stop_ids))
     methods.append(mtp_method(model, tokenizer, OUR_GREEDY, "greedy", stop_ids=stop_ids))
-    if n > 1:
-        methods.append(mtp_method(model, tokenizer, "speculative", "speculative", stop_ids=stop_ids))
-        for tau in taus:
-            if not 0.0 <= tau <= 1.0:
-                raise MTPError(f"tau must be in [0, 1], got {tau}")
-            methods.append(mtp_method(model, tokenizer, f"confadapt-tau{tau:g}", "confadapt", tau=tau,
-                                      stop_ids=stop_ids, description=f"ConfAdapt tau={tau:g}"))
-        for k in (static_k if static_k is not None else sorted({2, n})):
-            if not 1 <= k <= n:
-                raise MTPError(f"static k must be in [1, {n}] for a {n}-head model, got {k}")
-            methods.append(mtp_method(model, tokenizer, f"static-k{k}", "static", k=k, stop_ids=stop_ids,
-                                      description=f"static k={k}"))
-    else:
-        notes.append("the model has a single head: speculative, ConfAdapt and static need MTP heads")
+    methods += multi_token_methods(model, tokenizer, taus=taus, static_k=static_k, fp16=False, notes=notes,
+                                   stop_ids=stop_ids)
     packed = [fmt for fmt, wanted in (("fp16", fp16), ("int8", int8)) if wanted]
     if packed and model.device.type != "cpu":
         notes.append(f"{'/'.join(packed)} rows skipped: packed weights (fbgemm) run on the CPU only")
         packed = []
     for fmt in packed:
-        from mtp.models.quantize import quantize_for_decoding
+        from mtp.models.loading import quantize_model
 
-        q = quantize_for_decoding(copy.deepcopy(model), fmt)
+        q = quantize_model(copy.deepcopy(model), fmt)
         for strategy in packed_strategies:
-            if strategy != "greedy" and n == 1:
+            if strategy != "greedy" and tokens_per_forward_max(model) == 1:
                 continue
             methods.append(mtp_method(q, tokenizer, f"{strategy}-{fmt}", strategy, engine=f"mtp-{fmt}",
                                       stop_ids=stop_ids, description=f"{strategy}, {fmt} weights"))
@@ -253,6 +240,57 @@ def build_methods(model, tokenizer, *, taus: Sequence[float] = (0.9, 0.7, 0.5), 
             if not Path(gguf).is_file():
                 raise MTPError(f"{gguf}: GGUF file not found")
             methods.append(llamacpp_method(gguf, tokenizer, stop_ids, llamacpp_ctx))
+    return methods
+
+
+def tokens_per_forward_max(model) -> int:
+    """Tokens one forward can propose: the heads of a parallel-heads model, k of a mask-token model."""
+    return model.default_k if getattr(model, "mask_token_id", None) is not None else model.num_heads
+
+
+def multi_token_methods(model, tokenizer, *, taus: Sequence[float], static_k: Sequence[int] | None, fp16: bool,
+                        prefix: str = "", notes: list[str], stop_ids: Sequence[int] | None = None) -> list[Method]:
+    """A model's multi-token rows: speculative (lossless), ConfAdapt per tau, static k; named `prefix + name`.
+
+    With a prefix (another model beside the main one) its own greedy row comes too when its answers may differ
+    from the main model's (a fully trained mask-token model), and its lossless rows are checked against it."""
+    n = tokens_per_forward_max(model)
+    if n == 1:
+        notes.append(f"{prefix or 'the model'}: a single head: speculative, ConfAdapt and static need MTP heads")
+        return []
+    stop_ids = list(stop_token_ids(model, tokenizer) if stop_ids is None else stop_ids)
+    own_answers = getattr(model, "mask_token_id", None) is not None and model.lora is None
+    methods: list[Method] = []
+    reference = OUR_GREEDY
+    if prefix and own_answers:
+        reference = f"{prefix}greedy"
+        methods.append(mtp_method(model, tokenizer, reference, "greedy", stop_ids=stop_ids,
+                                  description=f"{prefix} greedy (its own weights)"))
+    spec = mtp_method(model, tokenizer, f"{prefix}speculative", "speculative", stop_ids=stop_ids)
+    spec.lossless_reference = reference
+    methods.append(spec)
+    for tau in taus:
+        if not 0.0 <= tau <= 1.0:
+            raise MTPError(f"tau must be in [0, 1], got {tau}")
+        methods.append(mtp_method(model, tokenizer, f"{prefix}confadapt-tau{tau:g}", "confadapt", tau=tau,
+                                  stop_ids=stop_ids, description=f"{prefix}ConfAdapt tau={tau:g}"))
+    for k in (static_k if static_k is not None else sorted({2, n})):
+        if not 1 <= k <= n:
+            raise MTPError(f"static k must be in [1, {n}] for this model, got {k}")
+        methods.append(mtp_method(model, tokenizer, f"{prefix}static-k{k}", "static", k=k, stop_ids=stop_ids,
+                                  description=f"{prefix}static k={k}"))
+    if fp16 and model.device.type == "cpu":
+        from mtp.models.loading import quantize_model
+
+        try:
+            q = quantize_model(copy.deepcopy(model), "fp16")
+        except MTPError as e:
+            notes.append(f"{prefix}speculative-fp16 skipped: {e}")
+        else:
+            packed = mtp_method(q, tokenizer, f"{prefix}speculative-fp16", "speculative", engine="mtp-fp16",
+                                stop_ids=stop_ids, description=f"{prefix} speculative, fp16 weights")
+            packed.lossless_reference = None if own_answers else "greedy-fp16"
+            methods.append(packed)
     return methods
 
 

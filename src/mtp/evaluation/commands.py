@@ -29,15 +29,23 @@ def _command_line() -> str:
     return " ".join(shlex.quote(a) for a in argv)
 
 
-def _load(model: str | None, dtype: str, device: str, quantize: str = "none"):
+def _load(model: str | None, dtype: str, device: str, quantize: str = "none", mask_token_id: int | None = None):
     from mtp.models.loading import describe_source, load_mtp_model
 
     print(f"mtp: loading {model or 'the embedded default model (SmolLM2-135M-Instruct)'} ...", flush=True)
-    m = load_mtp_model(model, device=device, dtype=dtype, quantize=quantize)  # type: ignore[arg-type]
+    m = load_mtp_model(model, device=device, dtype=dtype, quantize=quantize,  # type: ignore[arg-type]
+                       mask_token_id=mask_token_id)
     if m.tokenizer is None:
         raise MTPError(f"{model}: the model has no tokenizer files")
-    print(f"mtp: {describe_source(getattr(m, 'source', None))}; {m.num_heads} heads", flush=True)
+    print(f"mtp: {describe_source(getattr(m, 'source', None))}; {_kind(m)}", flush=True)
     return m
+
+
+def _kind(m) -> str:
+    if getattr(m, "mask_token_id", None) is not None:
+        adapter = "gated LoRA" if m.lora is not None else "full"
+        return f"mask-token model ({adapter}, k={m.default_k}, mask id {m.mask_token_id})"
+    return f"{m.num_heads} heads"
 
 
 # ------------------------------------------------------------------------------------------------ eval
@@ -62,6 +70,7 @@ def eval_(
     device: str = "cpu",
     threads: int | None = None,
     progress: bool = True,
+    mask_token_id: int | None = None,
 ) -> int:
     """Evaluate a model on GSM8K (lm-eval gsm8k_cot: 8 fixed exemplars, strict and flexible exact match).
 
@@ -86,6 +95,7 @@ def eval_(
         device: cpu, cuda, ...
         threads: torch CPU threads (default: torch's choice)
         progress: progress bar
+        mask_token_id: decode a plain model with this existing token as its mask token (seed 002's folders)
     """
     from mtp.evaluation.evaluate import format_summary, model_fingerprint, run_eval, strategy_tag
     from mtp.evaluation.prompts import gsm8k_prompts, resolve_chat
@@ -98,7 +108,7 @@ def eval_(
     tag = strategy_tag(strategy, tau, k)
     out = Path(output) if output is not None else Path("eval") / f"gsm8k-{_model_name(model)}-{tag}"
     start = time.perf_counter()
-    m = _load(model, dtype, device, quantize)
+    m = _load(model, dtype, device, quantize, mask_token_id)
     tok = m.tokenizer
     use_chat = resolve_chat(tok, chat)
     prompts = gsm8k_prompts(tok, path=data, split=split, limit=limit, shots=shots, chat=use_chat)
@@ -138,6 +148,7 @@ def bench(
     rotate: bool = True,
     threads: int | None = None,
     progress: bool = True,
+    also: list[str] | None = None,
 ) -> int:
     """Benchmark every decoding method on the same prompts, interleaved: speed, equality with greedy, accuracy.
 
@@ -160,15 +171,20 @@ def bench(
         rotate: rotate the order of the methods from prompt to prompt
         threads: torch CPU threads (default: torch's choice); llama.cpp uses the same number
         progress: progress bar
+        also: more MTP or mask-token folders of the same base model: their multi-token methods run in the same
+            interleaved benchmark, named "FOLDER:method" (e.g. parallel heads beside self-distilled mask tokens)
     """
     if prompts != "gsm8k" and not Path(prompts).is_file():
         raise MTPError(f"{prompts}: prompts file not found (or use --prompts gsm8k)")
     if gguf is not None and not Path(gguf).is_file():
         raise MTPError(f"{gguf}: GGUF file not found")
     out = Path(output)
+    if out.exists() and not out.is_dir():  # the CLI checks this too; Python callers get it before the long work
+        raise MTPError(f"--output {out} is a file; the benchmark writes a folder")
     set_threads(threads)
     m = _load(model, "float32", "cpu")
-    return run_bench_command(m, model_label=model or "SmolLM2-135M-Instruct (embedded default)", prompts=prompts,
+    extra = [(Path(x.rstrip("/")).name, _load(x, "float32", "cpu")) for x in (also or [])]
+    return run_bench_command(m, extra_models=extra, model_label=model or "SmolLM2-135M-Instruct (embedded default)", prompts=prompts,
                              limit=limit, max_new_tokens=max_new_tokens, output=out, shots=shots, chat=chat,
                              taus=taus, static_k=static_k, fp16=fp16, int8=int8, hf=hf,
                              prompt_lookup_tokens=prompt_lookup_tokens,
@@ -190,7 +206,8 @@ def _default_gguf() -> str | None:
 def run_bench_command(m, *, model_label: str, prompts: str, limit: int, max_new_tokens: int, output: Path,
                       shots: int, chat: bool | None, taus, static_k, int8: bool, hf: bool, prompt_lookup_tokens: int,
                       gguf: str | None, llamacpp: bool, rotate: bool, progress: bool,
-                      gguf_note: str | None = None, fp16: bool = True) -> int:
+                      gguf_note: str | None = None, fp16: bool = True,
+                      extra_models: list[tuple[str, object]] = ()) -> int:
     from mtp.evaluation.bench import (
         JOURNAL,
         build_methods,
@@ -217,6 +234,11 @@ def run_bench_command(m, *, model_label: str, prompts: str, limit: int, max_new_
                             prompt_lookup_tokens=prompt_lookup_tokens, fp16=fp16, int8=int8,
                             gguf=gguf if llamacpp else None, llamacpp_ctx=longest + max_new_tokens + 16,
                             notes=notes)
+    from mtp.evaluation.bench import multi_token_methods
+
+    for label, other in extra_models:
+        methods += multi_token_methods(other, tok, taus=taus if taus is not None else (0.9, 0.7, 0.5),
+                                       static_k=static_k, fp16=fp16, prefix=f"{label}:", notes=notes)
     print(f"mtp bench: {len(methods)} methods x {len(items)} prompts ({prompts_desc}), up to {max_new_tokens} new "
           f"tokens, {torch.get_num_threads()} threads: {', '.join(x.name for x in methods)}", flush=True)
     for note in notes:
@@ -225,6 +247,7 @@ def run_bench_command(m, *, model_label: str, prompts: str, limit: int, max_new_
 
     journal = output / JOURNAL  # each finished call, so that an interrupted bench resumes
     identity = {"model": model_fingerprint(m, with_heads=True), "draft_vocab": m.draft_vocab is not None,
+                "also": [model_fingerprint(x, with_heads=True) for _, x in extra_models],
                 "threads": torch.get_num_threads(), "gguf": gguf if llamacpp else None}
     output.mkdir(parents=True, exist_ok=True)
     run = run_bench(methods, items, max_new_tokens, rotate=rotate, progress=progress, journal=journal,
@@ -252,7 +275,7 @@ def _describe(m, label: str) -> str:
     from mtp.models.loading import describe_source
 
     source = getattr(m, "source", None)
-    return f"{label}: {describe_source(source)}, {m.num_heads} heads" if source is not None else label
+    return f"{label}: {describe_source(source)}, {_kind(m)}" if source is not None else label
 
 
 # ------------------------------------------------------------------------------------------------ demo

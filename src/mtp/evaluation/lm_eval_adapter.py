@@ -27,6 +27,7 @@ except ImportError as e:  # pragma: no cover - exercised only without the option
     raise ImportError("the lm-evaluation-harness adapter needs lm-eval: pip install 'mtp[lm-eval]'") from e
 
 from mtp.errors import MTPError
+from mtp.evaluation.gen_args import fork_arguments
 
 
 def _as_int(value: Any, default: int) -> int:
@@ -49,6 +50,7 @@ class MTPLM(TemplateLM):
         super().__init__()
         from mtp.decoding.generate import STRATEGIES, context_limit
 
+        strategy, tau, k, mask_id = fork_arguments(strategy, tau, k, kwargs)
         if strategy not in STRATEGIES:
             raise MTPError(f"unknown strategy {strategy!r}; choose from {', '.join(STRATEGIES)}")
         if device is None or (str(device).startswith("cuda") and not torch.cuda.is_available()):
@@ -58,7 +60,8 @@ class MTPLM(TemplateLM):
         else:
             from mtp.models.loading import load_mtp_model
 
-            self.model = load_mtp_model(pretrained, device=device, dtype=dtype, quantize=quantize)
+            self.model = load_mtp_model(pretrained, device=device, dtype=dtype, quantize=quantize,
+                                        mask_token_id=mask_id)
         self.model.eval()
         self.tokenizer = tokenizer if tokenizer is not None else getattr(self.model, "tokenizer", None)
         if self.tokenizer is None:

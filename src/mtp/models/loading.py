@@ -91,15 +91,23 @@ def load_mtp_model(spec: str | None = None, num_heads: int | None = None, num_tr
         model.tokenizer, model.source = tokenizer, source
     model.eval()
     if quantize != "none":
-        from mtp.models.quantize import quantize_for_decoding
-
-        if isinstance(model, MaskTokenModel):
-            if model.lora is not None and quantize == "fp16":
-                raise MTPError("--quantize fp16 is not available for gated-LoRA mask-token models yet")
-            quantize_for_decoding(model.lm, quantize, decode_only=True)
-        else:
-            quantize_for_decoding(model, quantize, decode_only=True)  # commands that take --quantize only decode
+        quantize_model(model, quantize, decode_only=True)  # commands that take --quantize only decode
     return model
+
+
+def quantize_model(model, fmt: str, decode_only: bool = False):
+    """`mtp.models.quantize.quantize_for_decoding` for either kind of model (a mask-token model packs the base
+    model it decodes with); returns the model."""
+    from mtp.models.mask_tokens import MaskTokenModel
+    from mtp.models.quantize import quantize_for_decoding
+
+    if isinstance(model, MaskTokenModel):
+        if model.lora is not None and fmt == "fp16":
+            raise MTPError("--quantize fp16 is not available for gated-LoRA mask-token models yet (their adapters "
+                           "hook the projections that fp16 packing replaces)")
+        quantize_for_decoding(model.lm, fmt, decode_only=decode_only)
+        return model
+    return quantize_for_decoding(model, fmt, decode_only=decode_only)
 
 
 def describe_source(source: ModelSource | None) -> str:
