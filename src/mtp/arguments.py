@@ -60,13 +60,15 @@ RULES: dict[str, Range] = {
     "prompt_lookup_tokens": AT_LEAST_0,
     # model structure
     "num_heads": AT_LEAST_1, "heads": AT_LEAST_1, "num_trunk_layers": AT_LEAST_0, "num_draft": AT_LEAST_0,
-    "k": AT_LEAST_1, "static_k": AT_LEAST_1,
+    "k": AT_LEAST_1, "static_k": AT_LEAST_1, "k_min": AT_LEAST_1, "k_max": AT_LEAST_1, "regions": AT_LEAST_1,
+    "lora_rank": AT_LEAST_1, "lora_layers": AT_LEAST_1, "mask_token_id": AT_LEAST_0, "new_tokens": AT_LEAST_1,
     # decoding
     "tau": PROBABILITY, "taus": PROBABILITY, "temperature": AT_LEAST_0, "top_p": Range(0, 1, low_open=True),
     "top_k": AT_LEAST_0,
     # training
     "epochs": POSITIVE, "train_epochs": POSITIVE, "lr": POSITIVE, "min_lr_ratio": PROBABILITY,
     "weight_decay": AT_LEAST_0, "max_grad_norm": AT_LEAST_0, "holdout": Range(0, 1, high_open=True),
+    "prefix_loss": AT_LEAST_0,
 }
 # Numeric parameters any value of which is fine.
 UNCHECKED: frozenset[str] = frozenset({"seed"})
