@@ -32,7 +32,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from mtp.errors import CheckpointMismatchError, MTPError
-from mtp.io import atomic_folder
 
 MASK_TOKEN = "<|mtp_mask|>"
 METHOD = "mask_tokens"
@@ -528,24 +527,12 @@ class MaskTokenModel(nn.Module):
         return state
 
     def save_pretrained(self, directory: str | os.PathLike, tokenizer=None) -> Path:
-        from safetensors.torch import save_file
+        from mtp.models.parallel_heads import write_model_folder
 
-        directory = Path(directory)
-        with atomic_folder(directory) as tmp:
-            config = self.config.to_dict()
-            config["mtp"] = self.mtp_config()
-            (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-            save_file(self.checkpoint_state_dict(), str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
-            gen = getattr(self.base, "generation_config", None)
-            if gen is not None:
-                try:
-                    gen.save_pretrained(tmp)
-                except Exception:  # optional; a bad generation config must not block saving weights
-                    pass
-            tokenizer = tokenizer if tokenizer is not None else self.tokenizer
-            if tokenizer is not None:
-                tokenizer.save_pretrained(tmp)
-        return directory
+        state = self.checkpoint_state_dict()
+        shapes = {k: (tuple(t.shape), t.dtype) for k, t in state.items()}
+        return write_model_folder(directory, self.base, self.mtp_config(), shapes, state.__getitem__,
+                                  tokenizer if tokenizer is not None else self.tokenizer)
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike, device: str | torch.device = "cpu",

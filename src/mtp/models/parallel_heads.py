@@ -290,34 +290,17 @@ class MTPModel(nn.Module):
         The weights are written one tensor at a time from the model's own memory (no serialised copy), or,
         with `weights` (a function of a checkpoint name), from what it returns: then the model may be `empty`
         and only one tensor exists at a time (streaming conversions)."""
-        from mtp.models.safetensors_io import write_safetensors
-
-        directory = Path(directory)
-        with atomic_folder(directory) as tmp:
-            config = self.config.to_dict()
-            config["mtp"] = self.mtp_config()
-            (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-            if weights is None:
-                state = self.checkpoint_state_dict()
-                shapes = {k: (tuple(t.shape), t.dtype) for k, t in state.items()}
-                weights = state.__getitem__
-            else:
-                tied = _tied_aliases(self)
-                shapes = {k: (tuple(t.shape), t.dtype) for k, t in
-                          ((n.removeprefix("base."), t) for n, t in self.state_dict(keep_vars=True).items())
-                          if k not in tied}
-            write_safetensors(tmp / WEIGHTS_NAME, shapes, weights, metadata={"format": "pt"})
-            weights = state = None
-            gen = getattr(self.base, "generation_config", None)
-            if gen is not None:
-                try:
-                    gen.save_pretrained(tmp)
-                except Exception:  # generation config is optional, a bad one must not block saving weights
-                    pass
-            tokenizer = tokenizer if tokenizer is not None else self.tokenizer
-            if tokenizer is not None:
-                tokenizer.save_pretrained(tmp)
-        return directory
+        if weights is None:
+            state = self.checkpoint_state_dict()
+            shapes = {k: (tuple(t.shape), t.dtype) for k, t in state.items()}
+            weights = state.__getitem__
+        else:
+            tied = _tied_aliases(self)
+            shapes = {k: (tuple(t.shape), t.dtype) for k, t in
+                      ((n.removeprefix("base."), t) for n, t in self.state_dict(keep_vars=True).items())
+                      if k not in tied}
+        return write_model_folder(directory, self.base, self.mtp_config(), shapes, weights,
+                                  tokenizer if tokenizer is not None else self.tokenizer)
 
     @classmethod
     def empty(cls, config, num_heads: int, num_trunk_layers: int, dtype: torch.dtype = torch.float32) -> MTPModel:
@@ -487,6 +470,29 @@ def packing_dtypes(name: str) -> torch.dtype | None:
     in_layer = ".layers." in f".{name}" or name.startswith(EXTRA_HEADS_PREFIX)
     return torch.float16 if in_layer and name.endswith("_proj.weight") else None
 
+
+
+def write_model_folder(directory: str | os.PathLike, base, mtp_section: dict, shapes: dict, weights,
+                       tokenizer=None) -> Path:
+    """An mtp model folder, atomically: config.json (the base config plus `mtp_section`), model.safetensors written
+    one tensor at a time (`weights(name)` for each name of `shapes`), generation config, tokenizer files."""
+    from mtp.models.safetensors_io import write_safetensors
+
+    directory = Path(directory)
+    with atomic_folder(directory) as tmp:
+        config = base.config.to_dict()
+        config["mtp"] = mtp_section
+        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        write_safetensors(tmp / WEIGHTS_NAME, shapes, weights, metadata={"format": "pt"})
+        gen = getattr(base, "generation_config", None)
+        if gen is not None:
+            try:
+                gen.save_pretrained(tmp)
+            except Exception:  # generation config is optional, a bad one must not block saving weights
+                pass
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+    return directory
 
 def _tied_aliases(model: MTPModel) -> set[str]:
     """Names whose tensor is an earlier name's (e.g. lm_head.weight tied to embeddings): the same object, or the
