@@ -64,8 +64,10 @@ def test_mask_speculative_equals_greedy_equals_reference(data):
     if adapter == "gated-lora":  # real tokens are the base model: its own greedy decoding (minus the mask token)
         base = model.base
         for p, ref in zip(prompts, reference, strict=True):
-            out = base.generate(torch.tensor([p]), max_new_tokens=max_new, do_sample=False, eos_token_id=stop or None,
-                                pad_token_id=0, suppress_tokens=[model.mask_token_id]) if max_new else torch.tensor([p])
+            # an explicit attention mask: transformers would otherwise mask prompt tokens equal to pad_token_id
+            out = base.generate(torch.tensor([p]), attention_mask=torch.ones(1, len(p), dtype=torch.long),
+                                max_new_tokens=max_new, do_sample=False, eos_token_id=stop or None, pad_token_id=0,
+                                suppress_tokens=[model.mask_token_id]) if max_new else torch.tensor([p])
             assert out[0, len(p):].tolist() == ref
 
 
