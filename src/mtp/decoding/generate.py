@@ -25,7 +25,7 @@ import torch
 
 from mtp.arguments import check_values
 from mtp.decoding.drafters import DraftRequest, Drafts, HeadsDrafter, Proposer, StepOutput, draft_tokens  # noqa: F401
-from mtp.decoding.inputs import token_batch
+from mtp.decoding.inputs import left_pad, token_batch  # noqa: F401  (left_pad: re-exported)
 from mtp.decoding.sampling import accept_drafts_sampling, process_logits
 from mtp.decoding.stopping import StopChecker
 from mtp.errors import MTPError
@@ -360,18 +360,6 @@ def _fit_context(model, input_ids, attention_mask, opts: DecodeOptions, lookahea
         raise MTPError(f"max_new_tokens {opts.max_new_tokens} does not fit the model's context of {limit}")
     mask = attention_mask[:, -keep:] if attention_mask is not None else None
     return input_ids[:, -keep:], mask
-
-
-def left_pad(rows, pad: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """(input_ids, attention_mask) of a left-padded batch of token lists, as `generate` takes them."""
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):
-        if len(r):
-            ids[i, width - len(r):] = torch.tensor(list(r), dtype=torch.long)
-            mask[i, width - len(r):] = 1
-    return ids, mask
 
 
 def context_limit(model) -> int | None:

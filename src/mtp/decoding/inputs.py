@@ -47,8 +47,6 @@ def token_batch(model, input_ids, attention_mask=None, *, left_padded: bool = Fa
     if _is_ragged(input_ids):
         if attention_mask is not None:
             raise MTPError("input_ids rows differ in length: pad them (left padding) or leave attention_mask out")
-        from mtp.decoding.generate import left_pad
-
         for row in input_ids:
             _check_ids(_as_tensor(row, "input_ids"), model)
         input_ids, attention_mask = left_pad([list(map(int, r)) for r in input_ids],
@@ -97,3 +95,15 @@ def _check_ids(ids: torch.Tensor, model) -> torch.Tensor:
             raise MTPError(f"input_ids hold token id {low if low < 0 else high}, outside the model's vocabulary "
                            f"[0, {vocab})")
     return ids.long()
+
+
+def left_pad(rows, pad: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask) of a left-padded batch of token lists, as `generate` takes them."""
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        if len(r):
+            ids[i, width - len(r):] = torch.tensor(list(r), dtype=torch.long)
+            mask[i, width - len(r):] = 1
+    return ids, mask
