@@ -22,6 +22,7 @@ drafter may lay out anything after the chain.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -193,7 +194,7 @@ class MaskDrafter:
         c = w + d
         groups = (d + 1 if self.opts.strategy == "speculative" else 1) if m else 0
         first = c - groups  # chain slot the first group follows (0-based: slots first .. c-1 get groups)
-        layout = mask_block_layout(c, first, groups, m, device=chain.device)
+        layout = mask_block_layout(c, first, groups, m, device=chain.device)  # cached by shape
         chain_offsets = chain_valid.long().cumsum(-1) - 1  # (B, c)
         offsets = torch.cat([chain_offsets, chain_offsets[:, layout.follows] + layout.step], 1)  # (B, T)
         tokens = torch.cat([chain, chain.new_full((b, groups * m), model.mask_token_id)], 1)  # (B, T)
@@ -220,8 +221,10 @@ class MaskBlockLayout:
     step: torch.Tensor  # (groups * m,) 1..m: how many tokens after that slot the mask stands for
 
 
+@functools.lru_cache(maxsize=64)  # a decode step reuses one of a few shapes: no layout tensors built per step
 def mask_block_layout(chain: int, first: int, groups: int, m: int, device=None) -> MaskBlockLayout:
-    """A decoding block of `chain` real slots, then `groups` groups of m masks; group g follows slot first+g."""
+    """A decoding block of `chain` real slots, then `groups` groups of m masks; group g follows slot first+g.
+    The tensors are shared between calls: read them, never write into them."""
     t = chain + groups * m
     idx = torch.arange(t, device=device)
     follows = (first + torch.arange(groups, device=device)).repeat_interleave(m)  # (groups*m,)

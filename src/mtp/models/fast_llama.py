@@ -28,7 +28,7 @@ class _PackedProjection:
     """Several projections of the same input as one fp16-packed matmul, split back into their outputs."""
 
     def __init__(self, linears: list[nn.Module]):
-        from mtp.models.quantize import PackedLinear
+        from mtp.models.packed import PackedLinear
 
         self.linear = PackedLinear(*linears)
         ends = torch.tensor([lin.out_features for lin in linears]).cumsum(0).tolist()
