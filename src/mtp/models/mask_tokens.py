@@ -114,10 +114,13 @@ class LayoutBatch:
     next_token: torch.Tensor  # (B, S) the data's next token after each real slot (-100 where none)
     layout: MaskLayout
 
-    def without_idle_regions(self) -> LayoutBatch:
+    def without_idle_regions(self, keep_one: bool = False) -> LayoutBatch:
         """The same batch without the masks of regions that count in no row (e.g. regions inside the prompts):
-        every real token stays (they are the context), so what the kept slots compute does not change."""
+        every real token stays (they are the context), so what the kept slots compute does not change.
+        `keep_one`: when no region counts, keep the first (its weight stays 0), so the passes still run."""
         keep = self.region_weight.bool().any(0)  # (M,)
+        if keep_one and not bool(keep.any()) and keep.numel():
+            keep[0] = True
         if bool(keep.all()):
             return self
         span = self.is_mask.numel() // keep.numel()

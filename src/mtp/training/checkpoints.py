@@ -9,6 +9,14 @@ strings, lists, Python's and numpy's RNG states) to JSON, where a tensor is a re
 Reading it runs no code. A `trainer_state.pt` written by an older mtp is refused (unpickling a file can run
 arbitrary code); resume such a run with the older version or start it again.
 
+A torchrun run (`--parallel`) writes sharded checkpoints instead: the model and optimizer tensors as
+torch.distributed.checkpoint shards, one file per rank, which any later world size (one process too) reads;
+the trainer state as above, its optimizer part only the parameter groups:
+
+    <output>/checkpoints/step-000200/
+        sharded/.metadata, sharded/__0_0.distcp, ...       <- every rank its shards
+        trainer_state.json, trainer_state.safetensors       <- rank 0
+
 A checkpoint is built in a temporary folder next to its final place and renamed into it, so a crash leaves
 either a complete checkpoint or none (a stale temporary folder is ignored and removed by the next save).
 Only the last `keep` checkpoints are kept.
@@ -16,6 +24,7 @@ Only the last `keep` checkpoints are kept.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -32,6 +41,7 @@ from mtp.io import atomic_folder, read_json_object, remove_stale_temporaries
 STATE_NAME = "trainer_state.json"
 TENSORS_NAME = "trainer_state.safetensors"
 LEGACY_STATE_NAME = "trainer_state.pt"  # a pickle, as mtp 0.1.0 wrote it; never loaded
+SHARDED_DIR = "sharded"
 _STEP_DIR = re.compile(r"step-(\d+)")
 
 
@@ -48,9 +58,14 @@ def list_checkpoints(root: str | os.PathLike) -> list[tuple[int, Path]]:
     for path in root.iterdir():
         m = _STEP_DIR.fullmatch(path.name)
         has_state = (path / STATE_NAME).is_file() or (path / LEGACY_STATE_NAME).is_file()
-        if m and has_state and (path / "config.json").is_file():
+        if m and has_state and ((path / "config.json").is_file() or is_sharded(path)):
             found.append((int(m.group(1)), path))
     return sorted(found)
+
+
+def is_sharded(folder: str | os.PathLike) -> bool:
+    """A checkpoint written by a torchrun run (shards, no model folder)."""
+    return (Path(folder) / SHARDED_DIR / ".metadata").is_file()
 
 
 def latest_checkpoint(root: str | os.PathLike) -> Path | None:
@@ -98,6 +113,32 @@ def save_checkpoint(root: str | os.PathLike, step: int, model, state: dict, keep
         for _, old in list_checkpoints(root)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
     return checkpoint_dir(root, step)
+
+
+def save_sharded_checkpoint(root: str | os.PathLike, step: int, model, optimizer, state: dict,
+                            keep: int | None = 2) -> Path:
+    """`save_checkpoint` for a torchrun run; every rank calls it. Rank 0 makes the temporary folder and tells
+    the others its name, every rank writes its shards into it, rank 0 adds the trainer state and, once all have
+    written, renames it into place; so a kill at any moment leaves the complete earlier checkpoints only."""
+    from mtp.training.distributed import barrier, broadcast_text, is_main, save_sharded
+
+    root = Path(root)
+    final = checkpoint_dir(root, step)
+    main = is_main()
+    if main:
+        root.mkdir(parents=True, exist_ok=True)
+        remove_stale_temporaries(root)
+    with atomic_folder(final) if main else contextlib.nullcontext(None) as tmp:
+        tmp = Path(broadcast_text(str(tmp) if main else None))
+        groups = save_sharded(tmp / SHARDED_DIR, model, optimizer)
+        if main:
+            save_trainer_state(tmp, {**state, "optimizer_param_groups": groups, "step": step})
+        barrier()  # every rank's shards are written before rank 0 renames the folder
+    if main and keep is not None and keep > 0:
+        for _, old in list_checkpoints(root)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    barrier()
+    return final
 
 
 def save_trainer_state(folder: str | os.PathLike, state: dict) -> None:

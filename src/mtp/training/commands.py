@@ -16,12 +16,13 @@ import torch
 from mtp.errors import MTPError
 from mtp.io import atomic_write_json, remove_stale_temporaries, temporary_prefix
 from mtp.runtime import set_threads
+from mtp.training.distributed import Parallel
 
 TRAIN_CONFIG = "train_config.json"
 EVAL_NAME = "eval.json"
 # Flags that do not change what a run computes: free to differ when resuming.
 _NOT_RUN_IDENTITY = {"output", "resume", "device", "threads", "progress", "save_every", "keep_checkpoints",
-                     "eval_every", "gen_batch_size", "cache_trunk", "gradient_checkpointing"}
+                     "eval_every", "gen_batch_size", "cache_trunk", "gradient_checkpointing", "parallel"}
 
 
 def train(
@@ -76,6 +77,8 @@ def train(
     prefix_loss: float = 0.0,
     mask_token: str | None = None,
     mask_token_id: int | None = None,
+    per_rank_k: bool = False,
+    parallel: Literal["none", "ddp", "fsdp"] = "none",
     seed: int = 0,
     device: str = "auto",
     threads: int | None = None,
@@ -140,6 +143,9 @@ def train(
         prefix_loss: weight of the next-token loss on the real tokens (0: off)
         mask_token: the mask token's string (default <|mtp_mask|>; added to the tokenizer when new)
         mask_token_id: use this existing token id as the mask token (e.g. a checkpoint that ships one)
+        per_rank_k: under torchrun, each rank draws its own k per step from [k-min, k-max] (the paper's recipe)
+        parallel: under torchrun (torchrun --nproc-per-node N -m mtp train ...): "fsdp" shards parameters,
+            gradients and optimizer state over the processes (FSDP2), "ddp" replicates them; "none": one process
         seed: data order, held-out split and initialisation seed
         device: cpu, cuda, cuda:N or auto
         threads: torch CPU threads (default: torch's choice)
@@ -147,11 +153,10 @@ def train(
     """
     args = {name: value for name, value in locals().items()}
     t_start = time.perf_counter()
-    timings: dict[str, float] = {}
     out = Path(output).expanduser()
     set_threads(threads)
 
-    from mtp.training.checkpoints import latest_checkpoint, load_trainer_state
+    from mtp.training.checkpoints import is_sharded, latest_checkpoint
 
     checkpoint = None
     if resume:
@@ -164,18 +169,43 @@ def train(
         _check_fresh_output(out)
     a = _Args(args)
     _validate(a)
-    dev = _device(a.device)
-    torch.manual_seed(a.seed)
+    from mtp.training.distributed import barrier, check_parallel, start, stop
+
+    check_parallel(a.parallel)
+    if checkpoint is not None and a.parallel != "none" and not is_sharded(checkpoint):
+        raise MTPError(f"{checkpoint} was written by a single process; resume it without torchrun (--parallel none)")
+    par = start(a.parallel, a.device)
+    try:
+        barrier()  # every rank has checked --output before rank 0 writes into it
+        return _train(a, args, out, checkpoint, par, t_start)
+    finally:
+        if par is not None:
+            stop()
+
+
+def _train(a: _Args, args: dict, out: Path, checkpoint: Path | None, par: Parallel | None, t_start: float) -> int:
+    """`train` once the arguments are checked and this process has joined its torchrun job (`par`, or None)."""
+    from mtp.training.checkpoints import is_sharded, load_trainer_state
+    from mtp.training.distributed import full_state_on_main
+
+    main = par is None or par.is_main
+    timings: dict[str, float] = {}
+    dev = par.device if par is not None else _device(a.device)
+    torch.manual_seed(a.seed)  # the same on every rank: new weights start alike everywhere
 
     # ------------------------------------------------------------------ model
     method = _method(a)
     state = None
+    sharded = checkpoint is not None and is_sharded(checkpoint)
     if checkpoint is not None:
         from mtp.hub import check_model_folder
 
-        check_model_folder(checkpoint)
+        if not sharded:
+            check_model_folder(checkpoint)
         state = load_trainer_state(checkpoint)  # before any work: a damaged state must not cost the data stage
-    mtp_model = method.load(a, checkpoint, dev)
+    # A sharded checkpoint holds no model folder: the run's starting model is built again and the shards are
+    # read into it once it is wrapped.
+    mtp_model = method.load(a, None if sharded else checkpoint, dev)
     if checkpoint is not None and mtp_model.tokenizer is None:
         raise MTPError(f"{checkpoint} has no tokenizer files")
     timings["load_model"] = time.perf_counter() - t_start
@@ -208,14 +238,17 @@ def train(
         # produced again, so only a cache hit is accepted then.
         key = args.get("_answers_model_key") or fingerprint
         args["_answers_model_key"] = key
-        _write_train_config(out, args, a)
+        if main:
+            _write_train_config(out, args, a)
         train_data, held_data = self_distilled_data(
             answering, tokenizer, [train_ex, held_ex], template=a.template, seq_len=a.seq_len,
             max_new_tokens=a.max_new_tokens, loss_on=a.loss_on, pack=a.pack, cache_path=out / CACHE_NAME,
             batch_size=a.gen_batch_size, model_key=key, generate_missing=fingerprint == key, progress=a.progress,
-            trunk_features=method.wants_trunk_features(a) and fingerprint == key)
+            trunk_features=method.wants_trunk_features(a) and fingerprint == key,
+            share=(par.rank, par.world_size) if par is not None else (0, 1))
     else:
-        _write_train_config(out, args, a)
+        if main:
+            _write_train_config(out, args, a)
         train_data = tokenize_examples(train_ex, tokenizer, a.template, a.seq_len, a.loss_on, a.pack)
         held_data = tokenize_examples(held_ex, tokenizer, a.template, a.seq_len, a.loss_on, a.pack) if held_ex else None
 
@@ -237,12 +270,16 @@ def train(
         precision=a.precision, gradient_checkpointing=a.gradient_checkpointing, freeze_trunk=a.freeze_trunk,
         cache_trunk=a.cache_trunk, eval_every=a.eval_every, save_every=a.save_every,
         keep_checkpoints=a.keep_checkpoints, seed=a.seed, progress=a.progress)
-    trainer = method.trainer(mtp_model, train_data, held_data, config, a, out)
-    if checkpoint is not None:
+    trainer = method.trainer(mtp_model, train_data, held_data, config, a, out, parallel=par)
+    if sharded:
+        trainer.resume_sharded(checkpoint)
+    elif checkpoint is not None:
         trainer.load_state_dict(state)
         trainer.last_checkpoint = checkpoint
     target_tokens = int(train_data.loss_mask.sum())
-    print(f"mtp train: {method.describe(mtp_model, a)}; "
+    where = f"; {par.world_size} processes, --parallel {par.mode}, {par.device.type}" if par is not None else ""
+    if main:
+        print(f"mtp train: {method.describe(mtp_model, a)}{where}; "
           f"{len(train_data)} training rows ({target_tokens:,} target tokens), "
           f"{len(held_data) if held_data is not None else 0} held-out rows; {total_steps} steps of "
           f"{a.batch_size}x{a.grad_accum} rows (~{total_steps * a.batch_size * a.grad_accum / len(train_data):.2f} "
@@ -253,7 +290,13 @@ def train(
     result = trainer.train()
     timings["trunk_cache_train_eval"] = time.perf_counter() - start
     # ------------------------------------------------------------------ final model and reports
-    install_model(mtp_model, out)
+    if par is None:
+        install_model(mtp_model, out)
+    else:  # the ordinary model folder, written by rank 0 from the gathered weights
+        whole = full_state_on_main(mtp_model)
+        if not main:
+            return 0
+        install_model(_unsharded_copy(method, a, mtp_model, whole), out)
     timings["total"] = time.perf_counter() - t_start
     report = {"step": result.step, "targets": a.targets,
               "held_out_rows": len(held_data) if held_data is not None else 0,
@@ -306,12 +349,12 @@ class _HeadsMethod:
     def default_lr(self, a: _Args) -> float:
         return 1e-3 if a.freeze_trunk else 5e-5
 
-    def trainer(self, model, train_data, held_data, config, a: _Args, out: Path):
+    def trainer(self, model, train_data, held_data, config, a: _Args, out: Path, parallel=None):
         from mtp.training.draft_vocab import frequent_tokens
         from mtp.training.loop import Trainer
 
         model.set_draft_vocab(frequent_tokens(train_data, model.config.vocab_size, a.draft_vocab))
-        return Trainer(model, train_data, config, output_dir=out, eval_data=held_data)
+        return Trainer(model, train_data, config, output_dir=out, eval_data=held_data, parallel=parallel)
 
     def describe(self, model, a: _Args) -> str:
         vocab = f", draft vocabulary {model.draft_vocab.numel():,} tokens" if model.draft_vocab is not None else ""
@@ -393,6 +436,19 @@ def _write_train_config(out: Path, args: dict, a: _Args) -> None:
     record = {"args": {k: v for k, v in args.items() if k not in ("output",)},
               "resolved": {"num_heads": a.num_heads, "num_trunk_layers": a.num_trunk_layers, "template": a.template}}
     atomic_write_json(out / TRAIN_CONFIG, record)
+
+
+def _unsharded_copy(method, a: _Args, trained, whole: dict[str, torch.Tensor]):
+    """The run's starting model built again on the CPU, holding the trained weights `whole` (gathered from the
+    shards): what `save_pretrained` writes, since a sharded model's own tensors are pieces."""
+    model = method.load(a, None, torch.device("cpu"))
+    missing, unexpected = model.load_state_dict(whole, strict=False)
+    if missing or unexpected:
+        raise MTPError(f"the gathered weights do not fit the model: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    if getattr(trained, "draft_vocab", None) is not None:
+        model.set_draft_vocab(trained.draft_vocab.cpu())
+    model.tokenizer = trained.tokenizer
+    return model
 
 
 def install_model(model, out: Path) -> None:

@@ -28,12 +28,15 @@ import torch
 from mtp.errors import MTPError
 from mtp.io import atomic_write_lines
 from mtp.training.checkpoints import (
+    SHARDED_DIR,
     load_trainer_state,
     rng_state,
     save_checkpoint,
+    save_sharded_checkpoint,
     set_rng_state,
 )
 from mtp.training.data import TokenizedData, batch_at, batches_per_epoch
+from mtp.training.distributed import Parallel, all_sum, as_float
 from mtp.training.losses import (
     LOSS_ORDERS,
     EvalResult,
@@ -269,8 +272,13 @@ class Trainer:
     loss.png (loss per head).
     """
 
+    # The model methods the training step and evaluation call: under FSDP each runs the hooks that gather
+    # the parameters it reads (`Parallel.wrap`).
+    FORWARD_METHODS: tuple[str, ...] = ("trunk_forward", "head_forward", "lm_head", "draft_logits")
+
     def __init__(self, model, train_data: TokenizedData, config: TrainConfig, output_dir: str | os.PathLike | None = None,
-                 eval_data: TokenizedData | None = None, extra_state: dict | None = None):
+                 eval_data: TokenizedData | None = None, extra_state: dict | None = None,
+                 parallel: Parallel | None = None):
         config.validate()
         self.model = model
         self.config = config
@@ -278,6 +286,8 @@ class Trainer:
         self.eval_data = eval_data
         self.output_dir = Path(output_dir) if output_dir is not None else None
         self.extra_state = extra_state or {}  # saved in trainer_state.pt (e.g. the run's arguments)
+        self.parallel = parallel
+        self.is_main = parallel is None or parallel.is_main  # only rank 0 prints and writes metrics and plots
         self.device = model.device
         self.params = self._setup()
         if not self.params:
@@ -286,6 +296,11 @@ class Trainer:
             enable_gradient_checkpointing(model)
         self.precision = resolve_precision(config.precision, self.device)
         self.autocast = autocast_factory(self.precision, self.device)
+        if parallel is not None:
+            parallel.wrap(model, self.FORWARD_METHODS, self.frozen_modules(), self.precision)
+            # fully_shard replaced the parameters by sharded ones; the trainable ones are still the ones that
+            # require a gradient, and only they get optimizer state
+            self.params = [p for p in model.parameters() if p.requires_grad]
         self.scaler = torch.amp.GradScaler(self.device.type) if self.precision == "fp16" else None
         self.optimizer = torch.optim.AdamW(self.params, lr=config.lr, betas=config.betas,
                                            weight_decay=config.weight_decay)
@@ -319,6 +334,10 @@ class Trainer:
         self.loss_fn = LOSS_ORDERS[config.loss_order]
         return configure_trainable(model, config.freeze_trunk)
 
+    def frozen_modules(self) -> list:
+        """Modules besides the model that the step runs (without gradients): none here; a teacher elsewhere."""
+        return []
+
     # -------------------------------------------------------------------------------------- state
     def state_dict(self) -> dict:
         return {"step": self.step, "optimizer": self.optimizer.state_dict(),
@@ -330,7 +349,8 @@ class Trainer:
     def load_state_dict(self, state: dict) -> None:
         """Restore optimizer, scheduler, scaler, RNG and step (the weights come with the checkpoint folder)."""
         try:
-            self.optimizer.load_state_dict(state["optimizer"])
+            if "optimizer" in state:  # a sharded checkpoint's optimizer comes with its shards (`resume_sharded`)
+                self.optimizer.load_state_dict(state["optimizer"])
             self.scheduler.load_state_dict(state["scheduler"])
             if self.scaler is not None and state.get("scaler") is not None:
                 self.scaler.load_state_dict(state["scaler"])
@@ -355,18 +375,53 @@ class Trainer:
         self.load_state_dict(state)
         self.last_checkpoint = folder
 
+    def resume_sharded(self, checkpoint: str | os.PathLike) -> None:
+        """Load a sharded checkpoint (written by a torchrun run of any world size) into this trainer: the model's
+        and optimizer's shards, then step, schedule and RNG from its JSON state."""
+        from mtp.training.distributed import load_sharded
+
+        folder = Path(checkpoint)
+        state = load_trainer_state(folder)
+        try:
+            groups = state.pop("optimizer_param_groups")
+        except KeyError:
+            raise MTPError(f"{folder}: a sharded checkpoint without the optimizer's parameter groups") from None
+        load_sharded(folder / SHARDED_DIR, self.model, self.optimizer, groups)
+        self.load_state_dict(state)
+        self.last_checkpoint = folder
+
     def _elapsed(self) -> float:
         started = getattr(self, "_started", None)
         return self._elapsed_before + (time.perf_counter() - started if started is not None else 0.0)
 
     # -------------------------------------------------------------------------------------- batches
-    def _micro_batch(self, micro_step: int) -> tuple[dict, tuple | None]:
+    def micro_rows(self, micro_step: int) -> tuple[torch.Tensor, torch.Tensor, bool]:
+        """Row indices of a micro-batch: (the global batch, this rank's share, whether the share is a stand-in
+        row that must count nothing; see `Parallel.share`). One process: the share is the batch."""
         cfg = self.config
         rows = batch_rows(len(self.train_data), cfg.batch_size, cfg.seed, micro_step)
+        if self.parallel is None:
+            return rows, rows, False
+        mine, stand_in = self.parallel.share(rows)
+        return rows, mine, stand_in
+
+    def rows_batch(self, rows: torch.Tensor, stand_in: bool = False) -> dict:
+        """Training rows as a trimmed batch (a stand-in row has no target)."""
         data = self.train_data
-        batch = trim_batch({"input_ids": data.input_ids[rows], "loss_mask": data.loss_mask[rows],
-                            "attention_mask": data.attention_mask[rows]})
-        batch = {k: v.to(self.device) for k, v in batch.items()}
+        batch = {"input_ids": data.input_ids[rows], "loss_mask": data.loss_mask[rows],
+                 "attention_mask": data.attention_mask[rows]}
+        if stand_in:
+            batch["loss_mask"] = torch.zeros_like(batch["loss_mask"])
+        return trim_batch(batch)
+
+    def _micro_batch(self, micro_step: int) -> tuple[dict, tuple | None, list[int], int]:
+        """This rank's share of micro-batch `micro_step` on the device, its trunk output when the trunk is frozen,
+        and over the global micro-batch the target count of each head (the loss's denominators) and the tokens."""
+        rows, mine, stand_in = self.micro_rows(micro_step)
+        whole = self.rows_batch(rows)
+        counts, tokens = target_counts(whole, self.model.num_heads), int(whole["attention_mask"].sum())
+        batch = {k: v.to(self.device) for k, v in self.rows_batch(mine, stand_in).items()}
+        rows = mine
         trunk = None
         if self.features is not None:
             hidden = self.features[rows, : batch["input_ids"].shape[1]].to(self.device)
@@ -374,7 +429,7 @@ class Trainer:
         elif self.config.freeze_trunk:
             with torch.no_grad(), self.autocast():
                 trunk = self.model.trunk_forward(batch["input_ids"], batch["attention_mask"])
-        return batch, trunk
+        return batch, trunk, counts, tokens
 
     def prepare(self) -> None:
         """Cache frozen-trunk features of the training and held-out rows (when configured)."""
@@ -390,10 +445,11 @@ class Trainer:
         with torch.no_grad():
             if self.features is None:
                 self.features = compute_trunk_features(self.model, self.train_data, cfg.eval_batch_size,
-                                                       self.autocast, cfg.progress, "trunk cache (train)")
+                                                       self.autocast, cfg.progress and self.is_main, "trunk cache (train)")
             if self.eval_data is not None and self.eval_features is None:
                 self.eval_features = compute_trunk_features(self.model, self.eval_data, cfg.eval_batch_size,
-                                                            self.autocast, cfg.progress, "trunk cache (held-out)")
+                                                            self.autocast, cfg.progress and self.is_main,
+                                                            "trunk cache (held-out)")
 
     # -------------------------------------------------------------------------------------- one step
     def train_step(self) -> StepMetrics:
@@ -411,14 +467,15 @@ class Trainer:
         cfg = self.config
         n = self.model.num_heads
         micro = [self._micro_batch(self.step * cfg.grad_accum + k) for k in range(cfg.grad_accum)]
-        # One denominator per head over the whole accumulated step: the gradient equals that of one big batch.
-        norms = [sum(c) for c in zip(*(target_counts(b, n) for b, _ in micro), strict=True)]
+        # One denominator per head over the whole accumulated step and every rank: the gradient (summed over
+        # ranks) equals that of one big batch, whatever the world size.
+        norms = [sum(c) for c in zip(*(counts for _, _, counts, _ in micro), strict=True)]
+        tokens = sum(t for *_, t in micro)
         head_loss: list[float | None] = [None] * n
         head_correct = [0] * n
         total = 0.0
-        tokens = 0
         scale = float(self.scaler.get_scale()) if self.scaler is not None else 1.0
-        for batch, trunk in micro:
+        for batch, trunk, _, _ in micro:
             with self.autocast():
                 out = self.loss_fn(self.model, batch, self.weights, normalizers=norms, trunk=trunk,
                                    grad_scale=scale)
@@ -427,11 +484,16 @@ class Trainer:
                 raise self._nonfinite(f"the loss of head {out.nonfinite_head} is "
                                       f"{out.head_losses[out.nonfinite_head]}")
             total += out.loss
-            tokens += int(batch["attention_mask"].sum())
             for j in range(n):
                 if out.head_losses[j] is not None:
                     head_loss[j] = (head_loss[j] or 0.0) + out.head_losses[j]
                     head_correct[j] += out.head_correct[j]
+        # Each rank's losses are its part of the global sums (global denominators): summed, they are the step's.
+        computed = [j for j in range(n) if head_loss[j] is not None]
+        sums = all_sum([total, *(head_loss[j] for j in computed), *(head_correct[j] for j in computed)])
+        total = sums[0]
+        for i, j in enumerate(computed):
+            head_loss[j], head_correct[j] = sums[1 + i], sums[1 + len(computed) + i]
         accuracy = [None if head_loss[j] is None or norms[j] == 0 else head_correct[j] / norms[j] for j in range(n)]
         return total, head_loss, accuracy, tokens
 
@@ -441,7 +503,7 @@ class Trainer:
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
         clip = cfg.max_grad_norm if cfg.max_grad_norm and cfg.max_grad_norm > 0 else float("inf")
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, clip))
+        grad_norm = as_float(torch.nn.utils.clip_grad_norm_(self.params, clip))
         if not math.isfinite(grad_norm) and self.scaler is None:
             self.optimizer.zero_grad(set_to_none=True)
             raise self._nonfinite(f"the gradient norm is {grad_norm}")
@@ -466,11 +528,17 @@ class Trainer:
         if self.eval_data is None or len(self.eval_data) == 0:
             return None
         return evaluate_heads(self.model, self.eval_data, self.config.eval_batch_size, self.autocast,
-                              trunk_features=self.eval_features, progress=self.config.progress)
+                              trunk_features=self.eval_features, progress=self.config.progress and self.is_main)
 
     def save(self) -> Path | None:
         if self.output_dir is None:
             return None
+        if self.parallel is not None:
+            state = self.state_dict()
+            del state["optimizer"]  # its tensors go to the shards, its parameter groups to the JSON state
+            self.last_checkpoint = save_sharded_checkpoint(self.output_dir / "checkpoints", self.step, self.model,
+                                                           self.optimizer, state, keep=self.config.keep_checkpoints)
+            return self.last_checkpoint
         self.last_checkpoint = save_checkpoint(self.output_dir / "checkpoints", self.step, self.model,
                                                self.state_dict(), keep=self.config.keep_checkpoints)
         return self.last_checkpoint
@@ -482,9 +550,10 @@ class Trainer:
         self._started = time.perf_counter()
         self.prepare()
         self._started = time.perf_counter()  # the cache is a one-off cost, not training time
-        metrics = MetricsLog(self.output_dir / "metrics.jsonl" if self.output_dir else None, self.step)
+        metrics = MetricsLog(self.output_dir / "metrics.jsonl" if self.output_dir and self.is_main else None,
+                             self.step)
         bar = None
-        if cfg.progress:
+        if cfg.progress and self.is_main:
             from tqdm.auto import tqdm
 
             bar = tqdm(total=cfg.steps, initial=self.step, desc="train", unit="step", dynamic_ncols=True,
@@ -516,8 +585,9 @@ class Trainer:
                         if bar is not None:
                             bar.close()
                         where = f" to {self.last_checkpoint}" if self.last_checkpoint else ""
-                        print(f"mtp: stopped at step {self.step}; checkpoint saved{where}; "
-                              "continue with --resume", flush=True)
+                        if self.is_main:
+                                print(f"mtp: stopped at step {self.step}; checkpoint saved{where}; "
+                                  "continue with --resume", flush=True)
                         raise KeyboardInterrupt
         finally:
             if bar is not None:
@@ -536,7 +606,7 @@ class Trainer:
         self._stop.requested = True
 
     def plot(self) -> Path | None:
-        if self.output_dir is None:
+        if self.output_dir is None or not self.is_main:
             return None
         from mtp.training.plots import plot_losses
 

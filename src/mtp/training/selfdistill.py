@@ -26,7 +26,8 @@ import torch
 import torch.nn.functional as F
 
 from mtp.errors import MTPError
-from mtp.training.data import TokenizedData, batch_at
+from mtp.training.data import TokenizedData
+from mtp.training.distributed import all_sum
 from mtp.training.loop import Trainer
 from mtp.training.losses import EvalResult, trim_batch
 
@@ -42,6 +43,7 @@ class SelfDistillConfig:
     supervision: str = "hard"
     prefix_loss: float = 0.0
     answer_only: bool = True
+    per_rank_k: bool = False  # under torchrun each rank draws its own k per step (the paper's recipe)
 
     def validate(self) -> None:
         if not 1 <= self.k_min <= self.k_max:
@@ -77,18 +79,19 @@ class SlotFigures:
 
 
 def distill_figures(model, teacher, batch: dict, k: int, cfg: SelfDistillConfig, offset: int,
-                    need_grad: bool) -> SlotFigures:
+                    need_grad: bool, always_run: bool = False) -> SlotFigures:
     """Student and teacher on one batch of rows laid out for k; the loss and per-offset figures.
 
     The layout runs as two passes (`MaskTokenModel.real_pass`, `mask_pass`), which compute what one forward
     of the whole layout does since real tokens never attend to masks. With gated LoRA the real tokens are the
-    base model: their pass runs once, without gradients, for student and teacher.
+    base model: their pass runs once, without gradients, for student and teacher. `always_run`: run the passes
+    even when no region counts (one region kept, weighing nothing), as every rank of a sharded model must.
     """
     from mtp.models.mask_tokens import gather_layout, mask_layout
 
     layout = mask_layout(cfg.prefix_len, k, cfg.regions)
     lb = gather_layout(batch["input_ids"], batch["attention_mask"], layout, model.mask_token_id, offset,
-                       batch["loss_mask"] if cfg.answer_only else None).without_idle_regions()
+                       batch["loss_mask"] if cfg.answer_only else None).without_idle_regions(keep_one=always_run)
     b, m = lb.region_weight.shape
     if m == 0:  # no region counts in this batch (e.g. every row is prompt here): nothing to learn from it
         zeros = torch.zeros(k, device=lb.input_ids.device)
@@ -141,6 +144,8 @@ class SelfDistillTrainer(Trainer):
     """The shared loop (`Trainer`: optimizer, schedule, checkpoints, resume, metrics, Ctrl-C) with the
     self-distillation objective. Metrics per "head" are per offset: index j is the token j+1 steps ahead."""
 
+    FORWARD_METHODS = ("real_pass", "mask_pass", "lm_head")
+
     def __init__(self, model, train_data: TokenizedData, config, distill: SelfDistillConfig, teacher=None,
                  **kwargs):
         distill.validate()
@@ -163,12 +168,19 @@ class SelfDistillTrainer(Trainer):
             self.teacher = model.make_teacher()
         return params
 
+    def frozen_modules(self) -> list:
+        return [] if self.teacher is self.model.base else [self.teacher]  # gated LoRA: the teacher is the base
+
     def prepare(self) -> None:  # no trunk features to cache
         return None
 
     def _k(self, step: int) -> int:
         d = self.distill
-        return d.k_min if d.k_min == d.k_max else draw(self.config.seed, step, d.k_min, d.k_max)
+        if d.k_min == d.k_max:
+            return d.k_min
+        # Per rank: a seed of its own (rank 0 draws what a single process draws).
+        seed = self.config.seed + (1_000_033 * self.parallel.rank if d.per_rank_k and self.parallel else 0)
+        return draw(seed, step, d.k_min, d.k_max)
 
     def accumulate_gradients(self):
         cfg, d = self.config, self.distill
@@ -178,27 +190,36 @@ class SelfDistillTrainer(Trainer):
         agree = torch.zeros(k_max)
         count = torch.zeros(k_max)
         micro = []
+        tokens = 0
         for m in range(cfg.grad_accum):
-            batch = trim_batch(batch_at(self.train_data, cfg.batch_size, cfg.seed, self.step * cfg.grad_accum + m))
-            micro.append({key: v.to(self.device) for key, v in batch.items()})
+            rows, mine, stand_in = self.micro_rows(self.step * cfg.grad_accum + m)
+            tokens += int(self.train_data.attention_mask[rows].sum())
+            micro.append({key: v.to(self.device) for key, v in self.rows_batch(mine, stand_in).items()})
         offset = draw(cfg.seed + 1, self.step, 0, d.prefix_len - 1)
         total = 0.0
-        tokens = 0
         for batch in micro:
             with self.autocast():
-                f = distill_figures(self.model, self.teacher, batch, k, d, offset, need_grad=True)
+                f = distill_figures(self.model, self.teacher, batch, k, d, offset, need_grad=True,
+                                    always_run=self.parallel is not None)
             if not torch.isfinite(f.total):
                 self.optimizer.zero_grad(set_to_none=True)
                 raise self._nonfinite(f"the loss is {float(f.total)}")
+            # The loss is a mean over this rank's slots; weighted by its share of the micro-batch's slots on all
+            # ranks, the gradients summed over ranks are those of the mean over the whole micro-batch.
+            mine = float(f.count.sum())
+            everyone = all_sum([mine])[0]
+            share = mine / everyone if everyone > 0 else 0.0
             if f.total.requires_grad:
-                (f.total / cfg.grad_accum).backward()
-            total += float(f.total.detach()) / cfg.grad_accum
-            tokens += int(batch["attention_mask"].sum())
-            loss[:k] += f.loss
-            agree[:k] += f.agree
-            count[:k] += f.count
-        per_loss = [float(loss[j] / count[j]) if j < k and count[j] > 0 else None for j in range(k_max)]
-        per_acc = [float(agree[j] / count[j]) if j < k and count[j] > 0 else None for j in range(k_max)]
+                (f.total * (share / cfg.grad_accum)).backward()
+            total += float(f.total.detach()) * share / cfg.grad_accum
+            loss[:k] += f.loss.cpu()
+            agree[:k] += f.agree.cpu()
+            count[:k] += f.count.cpu()
+        sums = all_sum([total, *loss.tolist(), *agree.tolist(), *count.tolist()])
+        total = sums[0]
+        loss, agree, count = (torch.tensor(sums[1 + i * k_max: 1 + (i + 1) * k_max]) for i in range(3))
+        per_loss = [float(loss[j] / count[j]) if count[j] > 0 else None for j in range(k_max)]
+        per_acc = [float(agree[j] / count[j]) if count[j] > 0 else None for j in range(k_max)]
         return total, per_loss, per_acc, tokens
 
     @torch.no_grad()
@@ -217,7 +238,8 @@ class SelfDistillTrainer(Trainer):
                                 "loss_mask": data.loss_mask[start:start + bs]})
             batch = {key: v.to(self.device) for key, v in batch.items()}
             with self.autocast():
-                f = distill_figures(self.model, self.teacher, batch, k, d, 0, need_grad=False)
+                f = distill_figures(self.model, self.teacher, batch, k, d, 0, need_grad=False,
+                                    always_run=self.parallel is not None)
             loss += f.loss.cpu()
             agree += f.agree.cpu()
             count += f.count.cpu()
@@ -248,9 +270,11 @@ class SelfDistillMethod:
         if a.prefix_loss > 0 and a.adapter == "gated-lora":
             raise MTPError("--prefix-loss trains the real tokens, which gated LoRA leaves as the base model; "
                            "use it with --adapter full")
+        if a.per_rank_k and k_min == k_max:
+            raise MTPError("--per-rank-k draws k per rank from [--k-min, --k-max]; give a range")
         return SelfDistillConfig(k_min=k_min, k_max=k_max, regions=a.regions, seq_len=a.seq_len,
                                  supervision=a.supervision, prefix_loss=a.prefix_loss,
-                                 answer_only=a.loss_on == "answer")
+                                 answer_only=a.loss_on == "answer", per_rank_k=a.per_rank_k)
 
     def start_model(self, a, dev):
         """The model the run starts from: a mask-token folder as it is, any other model with a mask token."""
@@ -294,9 +318,9 @@ class SelfDistillMethod:
     def default_lr(self, a) -> float:
         return 1e-3 if a.adapter == "gated-lora" else 5e-5
 
-    def trainer(self, model, train_data, held_data, config, a, out):
+    def trainer(self, model, train_data, held_data, config, a, out, parallel=None):
         return SelfDistillTrainer(model, train_data, config, self.distill_config(a), teacher=self.teacher,
-                                  output_dir=out, eval_data=held_data)
+                                  output_dir=out, eval_data=held_data, parallel=parallel)
 
     def describe(self, model, a) -> str:
         cfg = self.distill_config(a)

@@ -12,6 +12,11 @@ to a JSONL cache, one line per example as each batch finishes:
 `key` hashes the model's next-token path, the prompt's token ids and the generation budget, so a line is only
 reused for the same model, prompt and budget. An interrupted run resumes where it stopped (a line cut off by the
 crash is ignored); the file is append-only, so it is never rewritten in place.
+
+Under torchrun each rank answers its share of the missing prompts (every world_size-th of them in length
+order, so the shares cost alike) into `self_targets.rank{r}.jsonl`; once all are done, rank 0 appends the
+shares to the cache and removes them. The lines do not depend on who wrote them, so a later run of any world
+size (one process too) reuses the cache, and shares left by a killed run are read as part of it.
 """
 
 from __future__ import annotations
@@ -61,19 +66,46 @@ def _line_key(model_key: str, prompt_ids: Sequence[int], budget: int) -> str:
     return h.hexdigest()[:16]
 
 
+def share_path(path: str | os.PathLike, rank: int) -> Path:
+    """Where rank `rank` writes its share of the answers before they join the cache at `path`."""
+    path = Path(path)
+    return path.with_name(f"{path.stem}.rank{rank}{path.suffix}")
+
+
+def _share_files(path: Path) -> list[Path]:
+    return sorted(path.parent.glob(f"{path.stem}.rank*{path.suffix}"))
+
+
 def read_cache(path: str | os.PathLike) -> dict[tuple[int, str], list[int]]:
-    """(id, key) -> tokens of every complete line (a later line for the same id and key wins)."""
+    """(id, key) -> tokens of every complete line of the cache and of any rank's share not merged into it yet
+    (a later line for the same id and key wins)."""
     found: dict[tuple[int, str], list[int]] = {}
     path = Path(path)
-    if not path.is_file():
-        return found
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            record = json.loads(line)
-            found[(int(record["id"]), str(record["key"]))] = [int(t) for t in record["tokens"]]
-        except (ValueError, KeyError, TypeError):  # a line cut off by an interruption, or foreign
+    for file in [path, *_share_files(path)]:
+        if not file.is_file():
             continue
+        for line in file.read_text(encoding="utf-8").splitlines():
+            try:
+                record = json.loads(line)
+                found[(int(record["id"]), str(record["key"]))] = [int(t) for t in record["tokens"]]
+            except (ValueError, KeyError, TypeError):  # a line cut off by an interruption, or foreign
+                continue
     return found
+
+
+def merge_shares(path: str | os.PathLike) -> None:
+    """Append every rank's share file to the cache, then remove it (a repeat after a crash only repeats lines,
+    which read the same)."""
+    path = Path(path)
+    for file in _share_files(path):
+        lines = [line for line in file.read_text(encoding="utf-8").splitlines() if line.strip()]
+        with path.open("a", encoding="utf-8") as f:
+            if f.tell() > 0 and not path.read_bytes().endswith(b"\n"):
+                f.write("\n")
+            f.write("".join(line + "\n" for line in lines))
+            f.flush()
+            os.fsync(f.fileno())
+        file.unlink()
 
 
 def self_distilled_answers(
@@ -90,6 +122,7 @@ def self_distilled_answers(
     generate_missing: bool = True,
     progress: bool = True,
     trunk_sink: dict[int, torch.Tensor] | None = None,
+    share: tuple[int, int] = (0, 1),
 ) -> list[list[int]]:
     """The model's greedy answer (new token ids) to each prompt (token ids), from the cache or generated.
 
@@ -99,6 +132,8 @@ def self_distilled_answers(
     `trunk_sink`, when given, receives for each prompt answered now (not from the cache) the trunk output at
     every position of prompt + answer that generation computed, `(P + A - 1 or P + A, H)` on the CPU: what a
     frozen-trunk training run needs, without a second pass over the rows.
+    `share` (rank, world size): under torchrun every rank calls this and answers its share (module docstring);
+    all ranks return every answer.
     """
     from mtp.decoding.generate import generate, left_pad
     from mtp.models.quantize import fp16_decoding
@@ -121,20 +156,25 @@ def self_distilled_answers(
                        "changed since they were generated; start a new run (new --output)")
     if not todo:
         return [list(a) for a in answers]
+    rank, world = share
+    if world > 1 and cache_path is None:
+        raise MTPError("answering in parallel needs a cache file to merge the ranks' answers in")
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     todo.sort(key=lambda i: (-len(prompts[i]), i))  # similar lengths share a batch: little padding
+    mine = todo[rank::world]
+    write_path = share_path(cache_path, rank) if world > 1 else cache_path
     bar = None
-    if progress:
+    if progress and rank == 0:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=len(prompts), initial=len(prompts) - len(todo), desc="self-distilled targets",
-                   unit="answer", dynamic_ncols=True)
+        desc = "self-distilled targets" + (f" (rank 0's share of {world})" if world > 1 else "")
+        bar = tqdm(total=len(mine), desc=desc, unit="answer", dynamic_ncols=True)
     sink = None
-    if cache_path is not None:
-        Path(cache_path).parent.mkdir(parents=True, exist_ok=True)
-        sink = Path(cache_path).open("a", encoding="utf-8")
+    if write_path is not None:
+        Path(write_path).parent.mkdir(parents=True, exist_ok=True)
+        sink = Path(write_path).open("a", encoding="utf-8")
         if sink.tell() > 0:
-            with Path(cache_path).open("rb") as f:
+            with Path(write_path).open("rb") as f:
                 f.seek(-1, os.SEEK_END)
                 if f.read(1) != b"\n":  # a line cut off by an interruption: end it, so it stays on its own
                     sink.write("\n")
@@ -145,8 +185,8 @@ def self_distilled_answers(
     try:
         # Packed fp16 weights answer ~1.3x faster on a CPU; the layers' fp32 weights (trained next) are untouched.
         with fp16_decoding(model):
-            for start in range(0, len(todo), batch_size):
-                chunk = todo[start:start + batch_size]
+            for start in range(0, len(mine), batch_size):
+                chunk = mine[start:start + batch_size]
                 ids, mask = left_pad([prompts[i] for i in chunk], pad)
                 recorder = _TrunkRecorder(len(chunk)) if trunk_sink is not None else None
                 res = generate(model, ids.to(model.device), mask.to(model.device),
@@ -173,6 +213,19 @@ def self_distilled_answers(
         if bar is not None:
             bar.close()
         model.train(was_training)
+    if world > 1:  # every share is written: rank 0 merges them, then every rank reads them all
+        from mtp.training.distributed import barrier
+
+        barrier()
+        if rank == 0:
+            merge_shares(cache_path)
+        barrier()
+        merged = read_cache(cache_path)
+        for i in todo:
+            answers[i] = merged.get((i, keys[i]))
+        if any(answers[i] is None for i in todo):
+            raise MTPError(f"{cache_path}: answers of other ranks are missing after merging (is the output folder "
+                           "on a file system every node shares?)")
     return [list(a) for a in answers]
 
 
@@ -208,6 +261,7 @@ def self_distilled_data(
     generate_missing: bool = True,
     progress: bool = True,
     trunk_features: bool = False,
+    share: tuple[int, int] = (0, 1),
 ) -> list[TokenizedData | None]:
     """One TokenizedData per group of examples (e.g. [train, held-out]; None for an empty group): rows of
     prompt + the model's own greedy answer, loss on the answer (or on everything with loss_on="all").
@@ -228,7 +282,7 @@ def self_distilled_data(
     answers = self_distilled_answers(
         model, tokenizer, prompts, max_new_tokens=max_new_tokens, cache_path=cache_path, batch_size=batch_size,
         budgets=budgets, model_key=model_key, generate_missing=generate_missing, progress=progress,
-        trunk_sink=sink)
+        trunk_sink=sink, share=share)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     out: list[TokenizedData | None] = []
     start = 0
