@@ -244,7 +244,9 @@ class _MetadataUnpickler(pickle.Unpickler):
     _ALLOWED = {("torch", "Size"), ("torch", "float32"), ("torch", "float16"), ("torch", "bfloat16"),
                 ("torch", "float64"), ("torch", "int64"), ("torch", "int32"), ("torch", "bool"), ("torch", "uint8"),
                 ("torch", "strided"), ("torch", "contiguous_format"), ("collections", "OrderedDict"),
-                ("builtins", "set"), ("builtins", "frozenset"), ("torch", "device")}
+                ("builtins", "set"), ("builtins", "frozenset"), ("torch", "device"),
+                ("torch.serialization", "_get_layout"),  # looks a layout up by its name
+                ("pathlib", "PosixPath"), ("pathlib", "PurePosixPath"), ("pathlib", "WindowsPath")}
 
     def find_class(self, module: str, name: str):
         if module in self._ALLOWED_MODULES or (module, name) in self._ALLOWED:
