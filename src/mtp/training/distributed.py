@@ -76,6 +76,10 @@ class Parallel:
             low = torch.bfloat16 if precision == "bf16" else torch.float16
             policy = MixedPrecisionPolicy(param_dtype=low, reduce_dtype=torch.float32)
         layer_type = type(backbone_for(model.base).layers[0])
+        if hasattr(model, "set_fast_decoding"):
+            # The lean decoding step reads a layer's weights without calling the layer, so FSDP's hooks would
+            # not gather them; cached no-grad passes (held-out evaluation) take the Hugging Face layers instead.
+            model.set_fast_decoding(None)
         for module in list(model.modules()):
             if isinstance(module, layer_type):
                 fully_shard(module, mesh=mesh, mp_policy=policy)
