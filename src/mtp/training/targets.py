@@ -146,6 +146,11 @@ def self_distilled_answers(
     model_key = model_key or model_fingerprint(model)
     keys = [_line_key(model_key, p, b) for p, b in zip(prompts, budgets, strict=True)]
     cached = read_cache(cache_path) if cache_path is not None else {}
+    rank, world = share
+    if world > 1:  # every rank has read the cache before any writes its share: they agree on what is missing
+        from mtp.training.distributed import barrier
+
+        barrier()
     answers: list[list[int] | None] = [cached.get((i, k)) for i, k in enumerate(keys)]
     for i, b in enumerate(budgets):
         if answers[i] is None and (b <= 0 or not prompts[i]):
@@ -156,7 +161,6 @@ def self_distilled_answers(
                        "changed since they were generated; start a new run (new --output)")
     if not todo:
         return [list(a) for a in answers]
-    rank, world = share
     if world > 1 and cache_path is None:
         raise MTPError("answering in parallel needs a cache file to merge the ranks' answers in")
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -214,8 +218,6 @@ def self_distilled_answers(
             bar.close()
         model.train(was_training)
     if world > 1:  # every share is written: rank 0 merges them, then every rank reads them all
-        from mtp.training.distributed import barrier
-
         barrier()
         if rank == 0:
             merge_shares(cache_path)

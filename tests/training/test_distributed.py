@@ -1,0 +1,201 @@
+"""`mtp train` under torchrun: two gloo processes on the CPU against one process with the same global batch.
+
+Each torchrun launch costs ~10 s of imports on two cores, so the tests launch as few as they can and check
+several things per launch.
+"""
+
+import json
+import os
+import pickle
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from test_commands import write_data
+from training_helpers import tiny_llama, train_tokenizer
+
+import mtp
+from mtp.errors import MTPError
+from mtp.training.commands import train
+from mtp.training.distributed import SafeReader
+from mtp.training.targets import CACHE_NAME
+
+SRC = str(Path(mtp.__file__).resolve().parents[1])
+
+
+@pytest.fixture(scope="module")
+def hf_folder(tmp_path_factory) -> str:
+    tok = train_tokenizer()
+    folder = tmp_path_factory.mktemp("dist") / "hf-llama"
+    model = tiny_llama(vocab_size=len(tok), num_heads=1, tokenizer=tok)
+    model.base.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return str(folder)
+
+
+def flags(args: dict) -> list[str]:
+    out = []
+    for name, value in args.items():
+        flag = "--" + name.replace("_", "-")
+        if value is True:
+            out.append(flag)
+        elif value is False:
+            out.append("--no-" + name.replace("_", "-"))
+        else:
+            out += [flag, str(value)]
+    return out
+
+
+def torchrun(args: dict, nproc: int = 2, wait: bool = True):
+    """`torchrun --standalone --nproc-per-node N -m mtp train ...` (a free port: other runs may share the host)."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+           "-m", "mtp", "train", *flags(args)]
+    env = {**os.environ, "PYTHONPATH": SRC, "OMP_NUM_THREADS": "1"}
+    log = Path(args["output"]).with_suffix(".log")  # a file, not a pipe: nobody reads while it runs
+    with log.open("w") as f:
+        proc = subprocess.Popen(cmd, env=env, stdout=f, stderr=subprocess.STDOUT)
+    if not wait:
+        return proc
+    proc.wait(timeout=300)
+    assert proc.returncode == 0, log.read_text()[-3000:]
+    return log.read_text()
+
+
+def steps(folder) -> list[dict]:
+    lines = [json.loads(x) for x in (Path(folder) / "metrics.jsonl").read_text().splitlines()]
+    return [x for x in lines if "eval" not in x]
+
+
+def assert_same_run(a, b, atol: float = 2e-5) -> None:
+    """The same losses per step and head, and the same final weights, within float tolerance (AdamW turns a
+    rounding difference in a near-zero gradient into an lr-sized step, so weights get the looser one)."""
+    sa, sb = steps(a), steps(b)
+    assert [x["step"] for x in sa] == [x["step"] for x in sb]
+    for x, y in zip(sa, sb, strict=True):
+        assert x["loss"] == pytest.approx(y["loss"], abs=atol), (x, y)
+        for u, v in zip(x["head_loss"], y["head_loss"], strict=True):
+            assert (u is None) == (v is None) and (u is None or u == pytest.approx(v, abs=atol)), (x, y)
+        assert x["tokens"] == y["tokens"]
+    wa, wb = load_file(str(Path(a) / "model.safetensors")), load_file(str(Path(b) / "model.safetensors"))
+    assert wa.keys() == wb.keys()
+    for name in wa:
+        torch.testing.assert_close(wa[name], wb[name], atol=2e-4, rtol=1e-3, msg=name)
+
+
+def worker_pids(pid: int) -> list[int]:
+    """The processes torchrun started (each in a session of its own, so not in torchrun's process group)."""
+    path = Path(f"/proc/{pid}/task/{pid}/children")
+    return [int(x) for x in path.read_text().split()] if path.exists() else []
+
+
+def test_heads_two_processes_equal_one_kill_and_resume(tmp_path, hf_folder) -> None:
+    """Frozen trunk, self-distilled answers written in parallel, FSDP: killed after a sharded checkpoint,
+    resumed by two processes with DDP; losses and weights equal a single process's with the same batch."""
+    data = write_data(tmp_path / "d.jsonl", n=15)
+    args = {"model": hf_folder, "data": data, "steps": 10, "batch_size": 4, "seq_len": 64, "num_heads": 3,
+            "holdout": 0.2, "freeze_trunk": True, "targets": "self", "max_new_tokens": 10, "draft_vocab": 40,
+            "lr": 1e-3, "save_every": 2, "progress": False, "threads": 1}
+    two = tmp_path / "two"
+    proc = torchrun({**args, "parallel": "fsdp", "output": two}, wait=False)
+    deadline = time.monotonic() + 240
+    while not (two / "checkpoints" / "step-000002").is_dir() and proc.poll() is None:
+        assert time.monotonic() < deadline, "no checkpoint appeared"
+        time.sleep(0.05)
+    for pid in worker_pids(proc.pid):  # a kill, not a Ctrl-C: no chance to save or clean up
+        os.kill(pid, signal.SIGKILL)
+    proc.wait(timeout=60)
+    out = (tmp_path / "two.log").read_text()
+    killed = proc.returncode != 0
+    assert (two / "checkpoints").is_dir(), out[-3000:]
+    saved = sorted(p.name for p in (two / "checkpoints").iterdir() if p.name.startswith("step-"))
+    assert saved and all((two / "checkpoints" / s / "sharded" / ".metadata").is_file() for s in saved), out[-2000:]
+    assert len((two / CACHE_NAME).read_text().splitlines()) == 15  # both ranks' shares, merged
+    assert not list(two.glob("self_targets.rank*"))
+    if killed:
+        assert not (two / "model.safetensors").exists()
+    torchrun({"output": two, "resume": True, "parallel": "ddp", "progress": False, "threads": 1})
+
+    # One process, the same global batch, the answers the two processes wrote (a cache any world size reuses).
+    one = tmp_path / "one"
+    one.mkdir()
+    shutil.copy(two / CACHE_NAME, one / CACHE_NAME)
+    assert train(output=str(one), **args) == 0
+    assert len((one / CACHE_NAME).read_text().splitlines()) == 15  # reused, nothing answered again
+    assert_same_run(one, two)
+    trained, start = load_file(str(two / "model.safetensors")), load_file(f"{hf_folder}/model.safetensors")
+    for name, tensor in start.items():  # the frozen trunk and head 0 are exactly the base model
+        assert torch.equal(trained[name], tensor), name
+    # ... and never had optimizer state: the shards hold moments of the extra heads only
+    last = sorted((two / "checkpoints").iterdir())[-1]
+    index = SafeReader(last / "sharded").read_metadata()
+    moments = [k for k in index.state_dict_metadata if k.startswith("optimizer.")]
+    assert moments and all(k.startswith("optimizer.extra_heads.") for k in moments), moments[:5]
+    assert not [p for p in two.iterdir() if p.name.startswith(".")]
+    assert not [p for p in (two / "checkpoints").iterdir() if p.name.startswith(".")]
+
+
+def test_selfdistill_two_processes_equal_one_and_resume_on_one(tmp_path, hf_folder) -> None:
+    """Full fine-tuning with a sharded student and a sharded frozen teacher; the sharded checkpoint of two
+    processes resumes in one process (another world size) and ends where one process ends."""
+    data = write_data(tmp_path / "d.jsonl", n=14)
+    args = {"model": hf_folder, "data": data, "method": "selfdistill", "adapter": "full", "steps": 4,
+            "batch_size": 4, "seq_len": 48, "regions": 2, "k_min": 2, "k_max": 3, "loss_on": "all",
+            "holdout": 0.2, "lr": 1e-3, "save_every": 2, "progress": False, "threads": 1}
+    two = tmp_path / "two"
+    torchrun({**args, "parallel": "fsdp", "output": two})
+    one = tmp_path / "one"
+    assert train(output=str(one), **args) == 0
+    assert_same_run(one, two)
+    assert json.loads((two / "eval.json").read_text())["head_accuracy"] == \
+        pytest.approx(json.loads((one / "eval.json").read_text())["head_accuracy"])
+
+    # What a kill after the step-2 checkpoint leaves (and a write that was killed half-way), resumed by one process.
+    cut = tmp_path / "cut"
+    shutil.copytree(two, cut)
+    for name in ("model.safetensors", "config.json", "eval.json"):
+        (cut / name).unlink()
+    shutil.rmtree(cut / "checkpoints" / "step-000004")
+    (cut / "checkpoints" / ".step-000004.tmp-999999999-x" / "sharded").mkdir(parents=True)
+    assert train(output=str(cut), resume=True, progress=False, threads=1) == 0
+    assert_same_run(one, cut)
+    assert not [p for p in (cut / "checkpoints").iterdir() if p.name.startswith(".")]
+
+
+def test_parallel_needs_torchrun_and_torchrun_needs_parallel(tmp_path, hf_folder, monkeypatch) -> None:
+    data = write_data(tmp_path / "d.jsonl", n=4)
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(var, raising=False)
+    with pytest.raises(MTPError, match="runs under torchrun"):
+        train(output=str(tmp_path / "a"), model=hf_folder, data=data, parallel="fsdp", progress=False)
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(MTPError, match="give --parallel"):
+        train(output=str(tmp_path / "b"), model=hf_folder, data=data, progress=False)
+    # A checkpoint of a single process holds whole tensors, not shards: resumed by one process only.
+    monkeypatch.delenv("RANK")
+    monkeypatch.delenv("WORLD_SIZE")
+    run = tmp_path / "c"
+    train(output=str(run), model=hf_folder, data=data, steps=1, num_heads=2, seq_len=48, progress=False)
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(MTPError, match="single process"):
+        train(output=str(run), resume=True, parallel="ddp", progress=False)
+
+
+class _Boom:
+    def __reduce__(self):
+        return (os.system, ("echo pwned > /dev/null",))
+
+
+def test_checkpoint_index_runs_no_code(tmp_path) -> None:
+    folder = tmp_path / "sharded"
+    folder.mkdir()
+    (folder / ".metadata").write_bytes(pickle.dumps(_Boom()))
+    with pytest.raises(MTPError, match="refusing posix.system|refusing os.system"):
+        SafeReader(folder).read_metadata()
