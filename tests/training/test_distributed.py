@@ -136,6 +136,8 @@ def test_heads_two_processes_equal_one_kill_and_resume(tmp_path, hf_folder) -> N
     index = SafeReader(last / "sharded").read_metadata()
     moments = [k for k in index.state_dict_metadata if k.startswith("optimizer.")]
     assert moments and all(k.startswith("optimizer.extra_heads.") for k in moments), moments[:5]
+    weights = [k for k in index.state_dict_metadata if k.startswith("model.")]  # frozen ones: the start model's
+    assert weights and all(k.startswith("model.extra_heads.") for k in weights), weights[:5]
     assert not [p for p in two.iterdir() if p.name.startswith(".")]
     assert not [p for p in (two / "checkpoints").iterdir() if p.name.startswith(".")]
 

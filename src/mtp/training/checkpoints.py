@@ -10,7 +10,8 @@ Reading it runs no code. A `trainer_state.pt` written by an older mtp is refused
 arbitrary code); resume such a run with the older version or start it again.
 
 A torchrun run (`--parallel`) writes sharded checkpoints instead: the model and optimizer tensors as
-torch.distributed.checkpoint shards, one file per rank, which any later world size (one process too) reads;
+torch.distributed.checkpoint shards, one file per rank, which any later world size (one process too) reads
+(only the weights that train: the frozen ones are the starting model's, which a resumed run builds again);
 the trainer state as above, its optimizer part only the parameter groups:
 
     <output>/checkpoints/step-000200/

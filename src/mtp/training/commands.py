@@ -109,7 +109,7 @@ def train(
         holdout_max: at most this many held-out examples
         steps: optimizer steps (or give --epochs; default 1 epoch)
         epochs: passes over the training rows (may be fractional)
-        batch_size: rows per micro-batch
+        batch_size: rows per micro-batch (under torchrun: of all processes together, each computes its share)
         grad_accum: micro-batches per optimizer step
         lr: peak learning rate (default 1e-3 with --freeze-trunk, 5e-5 otherwise)
         min_lr_ratio: the cosine schedule ends at lr * this

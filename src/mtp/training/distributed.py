@@ -13,7 +13,8 @@ sharded checkpoints. The models know nothing of this; the trainer calls it.
 - Frozen parameters (a frozen trunk, the parts of the model under gated LoRA) never get a gradient: they keep
   `requires_grad=False`, and the optimizer is built over the trainable ones only, so they have no optimizer
   state. A separate frozen teacher (self-distillation, `--adapter full`) has its decoder layers sharded, each
-  gathered for its forward and freed after it; its embeddings and norm stay whole on every rank.
+  gathered for its forward and freed after it; its embeddings, norm and unembedding stay whole on every rank
+  (on GPUs in the low precision).
 - Gradients are summed across ranks (divide factor 1): the losses divide by the global target count, so the
   sum is the gradient of the global batch, whatever the world size.
 - Mixed precision (`MixedPrecisionPolicy`, bf16/fp16 parameters, fp32 gradient reduction) on GPUs only; on a
@@ -91,7 +92,8 @@ class Parallel:
                 module.set_gradient_divide_factor(1.0)
                 module.set_force_sum_reduction_for_comms(True)  # gloo has no pre-scaled sum
         for teacher in frozen:
-            teacher.to(self.device)
+            # Frozen and computed in the low precision anyway: stored in it too (half the memory); CPUs keep fp32.
+            teacher.to(self.device, dtype=policy.param_dtype or next(teacher.parameters()).dtype)
             for module in list(teacher.modules()):
                 if isinstance(module, layer_type) and not isinstance(module, FSDPModule):
                     # Each layer is its own root (the teacher's forward is never called as a whole); an explicit
@@ -206,15 +208,22 @@ def as_float(value) -> float:
 
 # ---------------------------------------------------------------------------------------------- checkpoints
 def save_sharded(folder: str | os.PathLike, model: nn.Module, optimizer: torch.optim.Optimizer) -> list[dict]:
-    """Every rank writes its shards of the model and the optimizer's tensors into `folder`
+    """Every rank writes its shards of the trainable weights and the optimizer's tensors into `folder`
     (torch.distributed.checkpoint); returns the optimizer's parameter groups (numbers and parameter names),
     which go to the JSON trainer state, so the shards hold tensors only."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
     model_state, optim_state = get_state_dict(model, optimizer)
-    dcp.save({"model": model_state, "optimizer": optim_state["state"]}, checkpoint_id=str(folder))
+    dcp.save({"model": _trainable(model, model_state), "optimizer": optim_state["state"]}, checkpoint_id=str(folder))
     return optim_state["param_groups"]
+
+
+def _trainable(model: nn.Module, state: dict) -> dict:
+    """The entries of a model state dict that train. A sharded run resumes by building its starting model
+    again, so frozen weights (a frozen trunk, the base under gated LoRA) need not be saved."""
+    names = {name for name, p in model.named_parameters(remove_duplicate=False) if p.requires_grad}
+    return {k: v for k, v in state.items() if k in names}
 
 
 def load_sharded(folder: str | os.PathLike, model: nn.Module, optimizer: torch.optim.Optimizer,
@@ -222,16 +231,17 @@ def load_sharded(folder: str | os.PathLike, model: nn.Module, optimizer: torch.o
     """Read a `save_sharded` folder into this run's model and optimizer, whatever world size wrote it (the
     checkpoint planner re-slices every tensor to this run's shards; one process reads whole tensors)."""
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
     model_state, optim_state = get_state_dict(model, optimizer)  # a fresh optimizer gets zero states first
-    state = {"model": model_state, "optimizer": optim_state["state"]}
+    state = {"model": _trainable(model, model_state), "optimizer": optim_state["state"]}
     try:
         dcp.load(state, storage_reader=SafeReader(folder))
     except (RuntimeError, KeyError, ValueError) as e:  # DCP wraps per-rank failures in CheckpointException
         raise MTPError(f"{folder}: the sharded checkpoint does not fit this run ({_first_line(e)})") from None
     set_state_dict(model, optimizer, model_state_dict=state["model"],
-                   optim_state_dict={"state": state["optimizer"], "param_groups": param_groups})
+                   optim_state_dict={"state": state["optimizer"], "param_groups": param_groups},
+                   options=StateDictOptions(strict=False))  # the frozen weights are the starting model's
 
 
 def _first_line(e: BaseException) -> str:
