@@ -23,7 +23,7 @@ from training_helpers import tiny_llama, train_tokenizer
 import mtp
 from mtp.errors import MTPError
 from mtp.training.commands import train
-from mtp.training.distributed import SafeReader
+from mtp.training.distributed import load_sharded, safe_reader
 from mtp.training.targets import CACHE_NAME
 
 SRC = str(Path(mtp.__file__).resolve().parents[1])
@@ -133,7 +133,7 @@ def test_heads_two_processes_equal_one_kill_and_resume(tmp_path, hf_folder) -> N
         assert torch.equal(trained[name], tensor), name
     # ... and never had optimizer state: the shards hold moments of the extra heads only
     last = sorted((two / "checkpoints").iterdir())[-1]
-    index = SafeReader(last / "sharded").read_metadata()
+    index = safe_reader(last / "sharded").read_metadata()
     moments = [k for k in index.state_dict_metadata if k.startswith("optimizer.")]
     assert moments and all(k.startswith("optimizer.extra_heads.") for k in moments), moments[:5]
     weights = [k for k in index.state_dict_metadata if k.startswith("model.")]  # frozen ones: the start model's
@@ -200,4 +200,7 @@ def test_checkpoint_index_runs_no_code(tmp_path) -> None:
     folder.mkdir()
     (folder / ".metadata").write_bytes(pickle.dumps(_Boom()))
     with pytest.raises(MTPError, match="refusing posix.system|refusing os.system"):
-        SafeReader(folder).read_metadata()
+        safe_reader(folder).read_metadata()
+    model = torch.nn.Linear(2, 2)  # ... and resuming from it is one line, not a traceback (one process, no dist)
+    with pytest.raises(MTPError, match="cannot load this sharded checkpoint"):
+        load_sharded(folder, model, torch.optim.AdamW(model.parameters()), [])

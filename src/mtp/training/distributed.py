@@ -235,10 +235,13 @@ def load_sharded(folder: str | os.PathLike, model: nn.Module, optimizer: torch.o
 
     model_state, optim_state = get_state_dict(model, optimizer)  # a fresh optimizer gets zero states first
     state = {"model": _trainable(model, model_state), "optimizer": optim_state["state"]}
+    from torch.distributed.checkpoint.api import CheckpointException
+
     try:
-        dcp.load(state, storage_reader=SafeReader(folder))
-    except (RuntimeError, KeyError, ValueError) as e:  # DCP wraps per-rank failures in CheckpointException
-        raise MTPError(f"{folder}: the sharded checkpoint does not fit this run ({_first_line(e)})") from None
+        dcp.load(state, storage_reader=safe_reader(folder))
+    except (CheckpointException, MTPError, AssertionError, RuntimeError, KeyError, ValueError) as e:
+        # DCP reports a rank's failure (a refused index, a missing or mis-shaped tensor) as one of these
+        raise MTPError(f"{folder}: cannot load this sharded checkpoint ({_first_line(e)})") from None
     set_state_dict(model, optimizer, model_state_dict=state["model"],
                    optim_state_dict={"state": state["optimizer"], "param_groups": param_groups},
                    options=StateDictOptions(strict=False))  # the frozen weights are the starting model's
@@ -294,7 +297,8 @@ def _safe_reader_class():
     return Reader
 
 
-def SafeReader(folder: str | os.PathLike):  # noqa: N802 - a class made on first use (imports DCP lazily)
+def safe_reader(folder: str | os.PathLike):
+    """A torch.distributed.checkpoint reader of `folder` that runs no code from it (see `_safe_reader_class`)."""
     return _safe_reader_class()(str(Path(folder)))
 
 
