@@ -324,7 +324,8 @@ class SelfDistillMethod:
 
     def describe(self, model, a) -> str:
         cfg = self.distill_config(a)
-        ks = f"k {cfg.k_min}" if cfg.k_min == cfg.k_max else f"k {cfg.k_min}-{cfg.k_max} per step"
+        ks = f"k {cfg.k_min}" if cfg.k_min == cfg.k_max else \
+            f"k {cfg.k_min}-{cfg.k_max} per step{' and rank' if cfg.per_rank_k else ''}"
         adapter = f"gated LoRA rank {model.lora.rank}" if model.lora is not None else "full fine-tuning"
         return (f"mask-token self-distillation ({adapter}, {cfg.supervision} targets), {ks}, {cfg.regions} regions "
                 f"of {cfg.prefix_len} tokens + k-1 masks, mask token {model.mask_token!r} (id {model.mask_token_id})")
