@@ -22,6 +22,7 @@ from training_helpers import tiny_llama, train_tokenizer
 
 import mtp
 from mtp.errors import MTPError
+from mtp.training.checkpoints import is_sharded
 from mtp.training.commands import train
 from mtp.training.distributed import load_sharded, safe_reader
 from mtp.training.targets import CACHE_NAME
@@ -142,31 +143,44 @@ def test_heads_two_processes_equal_one_kill_and_resume(tmp_path, hf_folder) -> N
     assert not [p for p in (two / "checkpoints").iterdir() if p.name.startswith(".")]
 
 
-def test_selfdistill_two_processes_equal_one_and_resume_on_one(tmp_path, hf_folder) -> None:
-    """Full fine-tuning with a sharded student and a sharded frozen teacher; the sharded checkpoint of two
-    processes resumes in one process (another world size) and ends where one process ends."""
+def cut_at(run: Path, step: int) -> None:
+    """What a kill just after the checkpoint of `step` leaves: no model folder, no later checkpoints, and a
+    checkpoint write that was killed half-way."""
+    for name in ("model.safetensors", "config.json", "eval.json"):
+        (run / name).unlink()
+    for folder in (run / "checkpoints").iterdir():
+        if int(folder.name.removeprefix("step-")) > step:
+            shutil.rmtree(folder)
+    (run / "checkpoints" / f".step-{step + 2:06d}.tmp-999999999-x" / "sharded").mkdir(parents=True)
+
+
+def test_selfdistill_resumes_across_world_sizes(tmp_path, hf_folder) -> None:
+    """Full fine-tuning with a sharded student and a sharded frozen teacher: one process's checkpoint resumed
+    by two, whose sharded checkpoint is resumed by one again; every step's losses and the final weights equal
+    those of one uninterrupted process with the same batch."""
     data = write_data(tmp_path / "d.jsonl", n=14)
-    args = {"model": hf_folder, "data": data, "method": "selfdistill", "adapter": "full", "steps": 4,
+    args = {"model": hf_folder, "data": data, "method": "selfdistill", "adapter": "full", "steps": 6,
             "batch_size": 4, "seq_len": 48, "regions": 2, "k_min": 2, "k_max": 3, "loss_on": "all",
-            "holdout": 0.2, "lr": 1e-3, "save_every": 2, "progress": False, "threads": 1}
-    two = tmp_path / "two"
-    torchrun({**args, "parallel": "fsdp", "output": two})
+            "holdout": 0.2, "lr": 1e-3, "save_every": 2, "keep_checkpoints": 3, "progress": False, "threads": 1}
     one = tmp_path / "one"
     assert train(output=str(one), **args) == 0
+
+    two = tmp_path / "two"
+    shutil.copytree(one, two)
+    cut_at(two, 2)
+    torchrun({"output": two, "resume": True, "parallel": "fsdp", "save_every": 2, "keep_checkpoints": 3, "progress": False,
+              "threads": 1})
+    assert [is_sharded(two / "checkpoints" / f"step-{s:06d}") for s in (2, 4, 6)] == [False, True, True]
     assert_same_run(one, two)
     assert json.loads((two / "eval.json").read_text())["head_accuracy"] == \
         pytest.approx(json.loads((one / "eval.json").read_text())["head_accuracy"])
 
-    # What a kill after the step-2 checkpoint leaves (and a write that was killed half-way), resumed by one process.
-    cut = tmp_path / "cut"
-    shutil.copytree(two, cut)
-    for name in ("model.safetensors", "config.json", "eval.json"):
-        (cut / name).unlink()
-    shutil.rmtree(cut / "checkpoints" / "step-000004")
-    (cut / "checkpoints" / ".step-000004.tmp-999999999-x" / "sharded").mkdir(parents=True)
-    assert train(output=str(cut), resume=True, progress=False, threads=1) == 0
-    assert_same_run(one, cut)
-    assert not [p for p in (cut / "checkpoints").iterdir() if p.name.startswith(".")]
+    back = tmp_path / "back"
+    shutil.copytree(two, back)
+    cut_at(back, 4)
+    assert train(output=str(back), resume=True, progress=False, threads=1) == 0
+    assert_same_run(one, back)
+    assert not [p for p in (back / "checkpoints").iterdir() if p.name.startswith(".")]
 
 
 def test_parallel_needs_torchrun_and_torchrun_needs_parallel(tmp_path, hf_folder, monkeypatch) -> None:
@@ -179,15 +193,6 @@ def test_parallel_needs_torchrun_and_torchrun_needs_parallel(tmp_path, hf_folder
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(MTPError, match="give --parallel"):
         train(output=str(tmp_path / "b"), model=hf_folder, data=data, progress=False)
-    # A checkpoint of a single process holds whole tensors, not shards: resumed by one process only.
-    monkeypatch.delenv("RANK")
-    monkeypatch.delenv("WORLD_SIZE")
-    run = tmp_path / "c"
-    train(output=str(run), model=hf_folder, data=data, steps=1, num_heads=2, seq_len=48, progress=False)
-    monkeypatch.setenv("RANK", "0")
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    with pytest.raises(MTPError, match="single process"):
-        train(output=str(run), resume=True, parallel="ddp", progress=False)
 
 
 class _Boom:

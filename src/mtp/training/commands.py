@@ -156,7 +156,7 @@ def train(
     out = Path(output).expanduser()
     set_threads(threads)
 
-    from mtp.training.checkpoints import is_sharded, latest_checkpoint
+    from mtp.training.checkpoints import latest_checkpoint
 
     checkpoint = None
     if resume:
@@ -172,8 +172,6 @@ def train(
     from mtp.training.distributed import barrier, check_parallel, start, stop
 
     check_parallel(a.parallel)
-    if checkpoint is not None and a.parallel != "none" and not is_sharded(checkpoint):
-        raise MTPError(f"{checkpoint} was written by a single process; resume it without torchrun (--parallel none)")
     par = start(a.parallel, a.device)
     try:
         barrier()  # every rank has checked --output before rank 0 writes into it
@@ -273,7 +271,9 @@ def _train(a: _Args, args: dict, out: Path, checkpoint: Path | None, par: Parall
     trainer = method.trainer(mtp_model, train_data, held_data, config, a, out, parallel=par)
     if sharded:
         trainer.resume_sharded(checkpoint)
-    elif checkpoint is not None:
+    elif checkpoint is not None:  # a single process's checkpoint: its weights were loaded with the model
+        if par is not None:
+            trainer.load_whole_optimizer_state(state.pop("optimizer"))
         trainer.load_state_dict(state)
         trainer.last_checkpoint = checkpoint
     target_tokens = int(train_data.loss_mask.sum())

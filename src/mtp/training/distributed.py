@@ -247,6 +247,17 @@ def load_sharded(folder: str | os.PathLike, model: nn.Module, optimizer: torch.o
                    options=StateDictOptions(strict=False))  # the frozen weights are the starting model's
 
 
+def load_whole_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:
+    """`optimizer.state_dict()` of an unsharded run of the same model (trainable parameters in model order)
+    into the optimizer of a sharded one: each rank keeps its slices."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    names = [name for name, p in model.named_parameters() if p.requires_grad]
+    whole = {"state": {names[int(i)]: v for i, v in state["state"].items()},
+             "param_groups": [{**g, "params": [names[int(i)] for i in g["params"]]} for g in state["param_groups"]]}
+    set_optimizer_state_dict(model, optimizer, whole, options=StateDictOptions(full_state_dict=True))
+
+
 def _first_line(e: BaseException) -> str:
     text = str(e).strip().splitlines()
     return text[-1] if text else type(e).__name__

@@ -390,6 +390,16 @@ class Trainer:
         self.load_state_dict(state)
         self.last_checkpoint = folder
 
+    def load_whole_optimizer_state(self, state: dict) -> None:
+        """A single process's optimizer state (whole tensors, keyed by parameter index) into this run's sharded
+        optimizer: the indices are the trainable parameters in model order, named here for the planner."""
+        from mtp.training.distributed import load_whole_optimizer_state
+
+        try:
+            load_whole_optimizer_state(self.model, self.optimizer, state)
+        except (KeyError, IndexError, TypeError, ValueError, RuntimeError) as e:
+            raise MTPError(f"the trainer state's optimizer does not fit this run ({type(e).__name__}: {e})") from None
+
     def _elapsed(self) -> float:
         started = getattr(self, "_started", None)
         return self._elapsed_before + (time.perf_counter() - started if started is not None else 0.0)
