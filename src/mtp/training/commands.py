@@ -280,11 +280,11 @@ def _train(a: _Args, args: dict, out: Path, checkpoint: Path | None, par: Parall
     where = f"; {par.world_size} processes, --parallel {par.mode}, {par.device.type}" if par is not None else ""
     if main:
         print(f"mtp train: {method.describe(mtp_model, a)}{where}; "
-          f"{len(train_data)} training rows ({target_tokens:,} target tokens), "
-          f"{len(held_data) if held_data is not None else 0} held-out rows; {total_steps} steps of "
-          f"{a.batch_size}x{a.grad_accum} rows (~{total_steps * a.batch_size * a.grad_accum / len(train_data):.2f} "
-          f"epochs, {batches_per_epoch(train_data, a.batch_size)} batches per epoch); lr {lr:g}, {trainer.precision}"
-          + (f"; resuming at step {trainer.step}" if checkpoint is not None else ""), flush=True)
+              f"{len(train_data)} training rows ({target_tokens:,} target tokens), "
+              f"{len(held_data) if held_data is not None else 0} held-out rows; {total_steps} steps of "
+              f"{a.batch_size}x{a.grad_accum} rows (~{total_steps * a.batch_size * a.grad_accum / len(train_data):.2f} "
+              f"epochs, {batches_per_epoch(train_data, a.batch_size)} batches per epoch); lr {lr:g}, {trainer.precision}"
+              + (f"; resuming at step {trainer.step}" if checkpoint is not None else ""), flush=True)
 
     start = time.perf_counter()
     result = trainer.train()
