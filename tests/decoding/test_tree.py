@@ -161,7 +161,7 @@ def ranked_oracle(reference: list[list[int]], tree: DraftTree, corrupt: float, s
     return propose
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(data=st.data())
 def test_tree_speculative_equals_greedy_equals_reference(data):
     family = data.draw(st.sampled_from(["llama", "gpt2"]))
@@ -171,7 +171,7 @@ def test_tree_speculative_equals_greedy_equals_reference(data):
     model = tiny_mtp(family, num_heads=num_heads, seed=seed, dtype=torch.float64, vocab_size=vocab)
     prompts = [data.draw(st.lists(st.integers(0, vocab - 1), min_size=1, max_size=9))
                for _ in range(data.draw(st.integers(1, 3)))]
-    max_new = data.draw(st.integers(1, 24))
+    max_new = data.draw(st.integers(1, 16))
     stop = data.draw(st.lists(st.integers(0, vocab - 1), max_size=1))
     tree = random_tree(data.draw, num_heads - 1)
     ids, mask = left_pad(prompts)
@@ -273,3 +273,37 @@ def test_generate_refuses_trees_where_they_do_not_apply():
     with pytest.raises(MTPError, match="drafts at most"):
         generate(model, torch.tensor([[1, 2]]), max_new_tokens=4, strategy="speculative",
                  tree="[[0], [0, 0], [0, 0, 0]]")
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data())
+def test_mask_token_tree_speculative_equals_greedy(data):
+    """The same tree machinery with mask tokens drafting: a group of masks after every node."""
+    from test_mask_decoding import mask_model
+
+    family = data.draw(st.sampled_from(["llama", "gpt2"]))
+    adapter = data.draw(st.sampled_from(["full", "gated-lora"]))
+    vocab = data.draw(st.integers(8, 40))
+    model = mask_model(family, adapter, data.draw(st.integers(0, 10_000)), vocab)
+    k = data.draw(st.integers(2, 4))
+    prompts = [data.draw(st.lists(st.integers(0, vocab - 1), min_size=1, max_size=7))
+               for _ in range(data.draw(st.integers(1, 2)))]
+    max_new = data.draw(st.integers(1, 16))
+    ids, mask = left_pad(prompts)
+    reference = [reference_greedy(model, p, max_new) for p in prompts]
+    tree = random_tree(data.draw, k - 1)
+    spec = generate(model, ids, mask, max_new_tokens=max_new, strategy="speculative", k=k, stop_token_ids=[],
+                    tree=tree)
+    assert spec.tokens == reference
+
+
+def test_mask_block_layout_with_a_tree():
+    from mtp.decoding.drafters import mask_block_layout
+
+    tree = DraftTree.from_paths([(0,), (1,), (0, 0)])  # pending 1 slot (the root), 3 nodes, groups of 1 mask
+    lay = mask_block_layout(4, 0, 4, 1, tree=tree)
+    w = lay.within.int().tolist()
+    assert lay.depth.tolist() == [1, 1, 2]
+    assert w[3] == [1, 1, 0, 1, 0, 0, 0, 0]  # node (0, 0): root, node 0, itself
+    assert w[7] == [1, 1, 0, 1, 0, 0, 0, 1]  # the mask after node (0, 0): what that node sees, itself
+    assert w[6] == [1, 0, 1, 0, 0, 0, 1, 0]  # the mask after node (1,)

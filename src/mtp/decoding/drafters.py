@@ -203,13 +203,14 @@ class MaskDrafter:
         chain (pending + drafts)      group 0           group 1        ...
         p_1 .. p_w  d_1 .. d_d   m m m (after p_w)  m m m (after d_1)  ...
     A mask sees the real tokens up to the slot it follows and the masks of its group before it; real tokens
-    never see a mask, so the chain computes exactly what it would without the masks.
+    never see a mask, so the chain computes exactly what it would without the masks. With a draft tree the
+    drafts are the tree's nodes (the masks' top candidates), a group follows every node, and a node's group
+    sees what the node sees: its path.
     """
 
     def __init__(self, model, opts):
         self.model, self.opts = model, opts
-        if opts.tree is not None:
-            raise MTPError("draft trees are built from the parallel heads' candidates; mask tokens draft a chain")
+        self.tree: DraftTree | None = opts.tree
         k = opts.k if opts.k is not None else model.default_k
         if not 1 <= k <= model.max_k:
             raise MTPError(f"k must be in [1, {model.max_k}] for this mask-token model, got {k}")
@@ -219,10 +220,18 @@ class MaskDrafter:
             if not 0 <= opts.num_draft <= self.num_masks:
                 raise MTPError(f"num_draft must be in [0, {self.num_masks}] with k={k}, got {opts.num_draft}")
             self.num_drafts = opts.num_draft
+        if self.tree is not None:
+            if opts.strategy != "speculative":
+                raise MTPError("a draft tree is verified: use it with the speculative strategy")
+            if self.tree.depth > self.num_masks:
+                raise MTPError(f"the draft tree is {self.tree.depth} deep, but k={k} masks draft at most "
+                               f"{self.num_masks} tokens ahead")
+            self.num_drafts = self.tree.depth
         self.num_proposals = self.num_masks
         self.lookahead = self.num_drafts + self.num_masks
-        groups = self.num_drafts + 1 if opts.strategy == "speculative" else 1
-        self.extra_slots = self.num_drafts + groups * self.num_masks
+        fed = self.tree.size if self.tree is not None else self.num_drafts
+        groups = fed + 1 if opts.strategy == "speculative" else 1
+        self.extra_slots = fed + groups * self.num_masks
         self.rows = self.produced = None
 
     def new_cache(self, batch_size: int, max_len: int):
@@ -238,8 +247,10 @@ class MaskDrafter:
         c = w + d
         groups = (d + 1 if self.opts.strategy == "speculative" else 1) if m else 0
         first = c - groups  # chain slot the first group follows (0-based: slots first .. c-1 get groups)
-        layout = mask_block_layout(c, first, groups, m, device=chain.device)  # cached by shape
+        layout = mask_block_layout(c, first, groups, m, device=chain.device, tree=drafts.tree)  # cached by shape
         chain_offsets = chain_valid.long().cumsum(-1) - 1  # (B, c)
+        if drafts.tree is not None:  # nodes at the root's position + depth
+            chain_offsets[:, w:] = chain_offsets[:, w - 1:w] + layout.depth
         offsets = torch.cat([chain_offsets, chain_offsets[:, layout.follows] + layout.step], 1)  # (B, T)
         tokens = torch.cat([chain, chain.new_full((b, groups * m), model.mask_token_id)], 1)  # (B, T)
         valid = torch.cat([chain_valid, chain_valid.new_ones(b, groups * m)], 1)
@@ -247,11 +258,16 @@ class MaskDrafter:
         verify_logits = model.lm_head(hidden[:, w - 1:c]).float()  # (B, 1+d, V)
         mask_hidden = hidden[:, c:].reshape(b, groups, m, hidden.shape[-1])  # (B, groups, m, H)
 
-        def propose(a: torch.Tensor, n: int) -> Drafts:
-            g = w - 1 + a - first  # (B,) the group after the kept slot
+        def propose(slot: torch.Tensor, n: int) -> Drafts:
+            g = w - 1 + slot - first  # (B,) the group after the kept slot
             if groups == 0 or n == 0 or bool((g < 0).any()):
-                return Drafts(a.new_zeros(b, 0))
+                return Drafts(slot.new_zeros(b, 0))
             logits = model.lm_head(_slot_rows(mask_hidden, g)[:, :n]).float()  # (B, n, V)
+            if self.tree is not None:  # deterministic ranked candidates (exact when sampling too)
+                tree = self.tree.truncate(n)
+                ranked = logits.topk(max(tree.widths()), -1).indices  # (B, n, W)
+                return Drafts(tree_candidates([ranked[:, h, :k] for h, k in enumerate(tree.widths())], tree),
+                              tree=tree)
             return draft_tokens(logits, _mode(self.opts), self.opts, generator)
 
         return StepOutput(verify_logits, tokens.shape[1], propose)
@@ -263,20 +279,26 @@ class MaskBlockLayout:
     is_mask: torch.Tensor  # (T,) bool
     follows: torch.Tensor  # (groups * m,) chain slot each mask's group follows
     step: torch.Tensor  # (groups * m,) 1..m: how many tokens after that slot the mask stands for
+    depth: torch.Tensor | None = None  # (N,) with a tree: each node's depth below the root
 
 
 @functools.lru_cache(maxsize=64)  # a decode step reuses one of a few shapes: no layout tensors built per step
-def mask_block_layout(chain: int, first: int, groups: int, m: int, device=None) -> MaskBlockLayout:
+def mask_block_layout(chain: int, first: int, groups: int, m: int, device=None,
+                      tree: DraftTree | None = None) -> MaskBlockLayout:
     """A decoding block of `chain` real slots, then `groups` groups of m masks; group g follows slot first+g.
-    The tensors are shared between calls: read them, never write into them."""
+    The chain is causal, or with `tree` its last `tree.size` slots are the tree's nodes below the slot before
+    them (`mtp.decoding.tree.block_layout`). The tensors are shared between calls: read them, never write."""
     t = chain + groups * m
     idx = torch.arange(t, device=device)
     follows = (first + torch.arange(groups, device=device)).repeat_interleave(m)  # (groups*m,)
     step = torch.arange(1, m + 1, device=device).repeat(groups)
     group = torch.arange(groups, device=device).repeat_interleave(m)
     within = idx[None, :] <= idx[:, None]  # causal among the chain (T, T)
+    depth = None
+    if tree is not None:
+        within[:chain, :chain], depth = block_layout(chain - tree.size, tree, device)
     within[chain:, chain:] = (group[:, None] == group[None, :]) & (step[None, :] <= step[:, None])
-    within[chain:, :chain] = idx[None, :chain] <= follows[:, None]  # real tokens up to the followed slot
+    within[chain:, :chain] = within[follows, :chain]  # what the followed slot sees, and that slot
     within[:chain, chain:] = False  # real tokens never see a mask
     is_mask = idx >= chain
-    return MaskBlockLayout(within, is_mask, follows, step)
+    return MaskBlockLayout(within, is_mask, follows, step, depth)

@@ -333,7 +333,7 @@ def generate(model, input_ids: torch.Tensor | list, attention_mask: torch.Tensor
         raise MTPError("sampling (do_sample) is available with the greedy and speculative strategies")
     tokenizer = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
     opts = DecodeOptions(strategy, max_new_tokens, do_sample, temperature, top_k, top_p, tau, k, num_draft,
-                         adaptive_draft, model_tree(model, tree, tree_size, strategy, num_draft))
+                         adaptive_draft, model_tree(model, tree, tree_size, strategy, num_draft, k))
     drafter = model.drafter(opts, proposer=proposer) if proposer is not None else model.drafter(opts)
     input_ids, attention_mask = _fit_context(model, input_ids, attention_mask, opts, drafter.lookahead,
                                              truncate_prompt)
@@ -359,17 +359,19 @@ def generate(model, input_ids: torch.Tensor | list, attention_mask: torch.Tensor
     return GenerationResult(tokens, stats, texts)
 
 
-def model_tree(model, tree, tree_size: int | None, strategy: str, num_draft: int | None) -> DraftTree | None:
+def model_tree(model, tree, tree_size: int | None, strategy: str, num_draft: int | None,
+               k: int | None = None) -> DraftTree | None:
     """The draft tree `generate(tree=..., tree_size=...)` asks for, for this model (None: a chain)."""
     if tree is None and tree_size is None:
         return None
     if strategy != "speculative":
         raise MTPError("a draft tree (tree / --tree) is verified: use it with the speculative strategy")
-    if not hasattr(model, "num_heads"):
-        raise MTPError("draft trees are built from parallel heads' candidates; this model has none")
-    depth = model.num_heads - 1 if num_draft is None else num_draft
-    source = getattr(model, "source", None)
-    folder = getattr(source, "location", None)
+    if getattr(model, "mask_token_id", None) is not None:  # k-1 masks draft k-1 tokens ahead
+        depth = (k if k is not None else model.default_k) - 1
+    else:
+        depth = model.num_heads - 1
+    depth = depth if num_draft is None else min(depth, num_draft)
+    folder = getattr(getattr(model, "source", None), "location", None)
     return resolve_tree("auto" if tree is None else tree, tree_size, depth, folder)
 
 
