@@ -9,6 +9,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from test_mask_decoding import mask_model
 
 from conftest import tiny_mtp
 from mtp.decoding.generate import DecodeOptions, DraftRequest, generate, left_pad
@@ -279,8 +280,6 @@ def test_generate_refuses_trees_where_they_do_not_apply():
 @given(data=st.data())
 def test_mask_token_tree_speculative_equals_greedy(data):
     """The same tree machinery with mask tokens drafting: a group of masks after every node."""
-    from test_mask_decoding import mask_model
-
     family = data.draw(st.sampled_from(["llama", "gpt2"]))
     adapter = data.draw(st.sampled_from(["full", "gated-lora"]))
     vocab = data.draw(st.integers(8, 40))

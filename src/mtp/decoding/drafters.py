@@ -140,7 +140,7 @@ class HeadsDrafter:
         chain = torch.cat([pending, drafts.tokens], 1)  # (B, w+d)
         valid = torch.cat([pending_valid, torch.ones_like(drafts.tokens, dtype=torch.bool)], 1)
         offsets = within = None
-        if drafts.tree is not None:  # nodes at the root's position + depth, seeing their ancestors only
+        if tree is not None:  # nodes at the root's position + depth, seeing their ancestors only
             within, depth = block_layout(w, drafts.tree, chain.device)
             pending_offsets = pending_valid.long().cumsum(-1) - 1  # (B, w)
             offsets = torch.cat([pending_offsets, pending_offsets[:, -1:] + depth], 1)  # (B, w+d)
@@ -239,7 +239,7 @@ class MaskDrafter:
 
     def forward(self, cache, pending, pending_valid, drafts: Drafts, generator) -> StepOutput:
         model, m = self.model, self.num_masks
-        drafts = drafts.tokens
+        tree, drafts = drafts.tree, drafts.tokens
         b, w = pending.shape
         d = drafts.shape[1]
         chain = torch.cat([pending, drafts], 1)  # (B, c)
@@ -247,9 +247,9 @@ class MaskDrafter:
         c = w + d
         groups = (d + 1 if self.opts.strategy == "speculative" else 1) if m else 0
         first = c - groups  # chain slot the first group follows (0-based: slots first .. c-1 get groups)
-        layout = mask_block_layout(c, first, groups, m, device=chain.device, tree=drafts.tree)  # cached by shape
+        layout = mask_block_layout(c, first, groups, m, device=chain.device, tree=tree)  # cached by shape
         chain_offsets = chain_valid.long().cumsum(-1) - 1  # (B, c)
-        if drafts.tree is not None:  # nodes at the root's position + depth
+        if tree is not None:  # nodes at the root's position + depth
             chain_offsets[:, w:] = chain_offsets[:, w - 1:w] + layout.depth
         offsets = torch.cat([chain_offsets, chain_offsets[:, layout.follows] + layout.step], 1)  # (B, T)
         tokens = torch.cat([chain, chain.new_full((b, groups * m), model.mask_token_id)], 1)  # (B, T)
