@@ -54,6 +54,23 @@ def test_generate_strategies_and_json(tiny_mtp_folder, tmp_path, capsys):
     assert json.loads(out.strip().splitlines()[-1])["token_ids"] == outputs["greedy"]  # fp16 ~ fp32, tiny model
 
 
+def test_generate_with_a_draft_tree(tiny_mtp_folder, capsys):
+    args = ["generate", "--model", str(tiny_mtp_folder), "--prompt", "What is 7 + 5?", "--max-new-tokens", "12",
+            "--json"]
+    code, out, err = run_cli(args, capsys)
+    assert code == 0, err
+    greedy = json.loads(out.strip().splitlines()[-1])["token_ids"]
+    for tree in (["--tree", "auto", "--tree-size", "6"], ["--tree", "[[0], [1], [0, 0]]"], ["--tree-size", "3"]):
+        code, out, err = run_cli(args + ["--strategy", "speculative"] + tree, capsys)
+        assert code == 0, err
+        assert json.loads(out.strip().splitlines()[-1])["token_ids"] == greedy
+    for bad, says in ((["--strategy", "speculative", "--tree", "[[0], [1, 0"], "not valid JSON"),
+                      (["--strategy", "speculative", "--tree-size", "0"], "tree-size"),
+                      (["--tree", "auto"], "speculative")):
+        code, _, err = run_cli(args + bad, capsys)
+        assert code == 2 and says in err and len(err.strip().splitlines()) == 1, err
+
+
 def test_generate_prompts_file_to_jsonl(tiny_mtp_folder, tmp_path, capsys):
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text('{"prompt": "Janet has 3 eggs"}\n\n{"question": "What is 7 + 5?"}\n')

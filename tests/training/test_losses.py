@@ -162,6 +162,21 @@ def test_evaluate_heads_counts_and_accuracy() -> None:
     assert evaluate_heads(model, data).head_accuracy[0] == 1.0
 
 
+def test_evaluate_heads_measures_accuracy_per_candidate_rank() -> None:
+    """What `--tree auto` builds trees from: rank 0 is top-1 accuracy; ranks are disjoint events."""
+    from mtp.decoding.tree import TREE_STATS_KEY
+
+    model = tiny_llama(num_heads=3)
+    b = random_batch()
+    ev = evaluate_heads(model, TokenizedData(b["input_ids"], b["loss_mask"], b["attention_mask"]), batch_size=2)
+    ranks = ev.extra[TREE_STATS_KEY]
+    assert len(ranks) == 2 and all(len(r) == 8 for r in ranks)
+    for j, per_rank in enumerate(ranks, start=1):
+        assert per_rank[0] == pytest.approx(ev.head_accuracy[j], abs=1e-6)
+        assert 0.0 <= sum(per_rank) <= 1.0 + 1e-9 and min(per_rank) >= 0.0
+    assert sum(ranks[0]) > ranks[0][0]  # the random heads' targets are not all at rank 0
+
+
 def test_draft_vocabulary_loss_is_the_full_loss_over_those_tokens() -> None:
     """Restricted to a draft vocabulary, an extra head's loss is the cross-entropy of its full logits with
     every other token masked out; targets outside the vocabulary add no loss and count as misses."""

@@ -68,7 +68,8 @@ def generate(model: str | None = None, prompt: str | None = None, prompts_file: 
              seed: int | None = None, batch_size: int = 8, json: bool = False, stream: bool = False,
              dtype: str = "float32", quantize: Literal["none", "fp16", "int8"] = "none", device: str = "cpu",
              threads: int | None = None, adaptive_draft: bool = True, truncate_prompt: bool = False,
-             mask_token_id: int | None = None, mask_token: str | None = None) -> int:
+             mask_token_id: int | None = None, mask_token: str | None = None, tree: str = "chain",
+             tree_size: int | None = None) -> int:
     """Generate text with an MTP model: greedy, lossless speculative, ConfAdapt or static-k decoding.
 
     Args:
@@ -94,9 +95,16 @@ def generate(model: str | None = None, prompt: str | None = None, prompts_file: 
         threads: torch CPU threads (default: torch's choice).
         adaptive_draft: speculative: verify fewer drafts while recent ones were rarely accepted (same output).
         truncate_prompt: keep only the last tokens of a prompt too long for the context with --max-new-tokens.
+        tree: speculative: verify a tree of the heads' top candidates per step instead of a chain: "auto" (the
+            best shape for --tree-size nodes from the accuracy per rank `mtp train` measured), a .json file or
+            JSON list of paths of ranks (e.g. "[[0], [1], [0, 0]]"), or "chain". Same output, more tokens per
+            forward; each node costs a token of the verify forward.
+        tree_size: nodes of the "auto" tree (default 16; alone it implies --tree auto).
     """
     if (prompt is None) == (prompts_file is None):
         raise MTPError("give exactly one of --prompt or --prompts-file")
+    if (tree != "chain" or tree_size is not None) and strategy != "speculative":
+        raise MTPError("--tree / --tree-size: a draft tree is verified; use it with --strategy speculative")
     prompts = [prompt] if prompt is not None else read_prompts(prompts_file)
     if prompt is not None and not prompt:
         raise MTPError("empty prompt: give at least one token")
@@ -125,7 +133,8 @@ def generate(model: str | None = None, prompt: str | None = None, prompts_file: 
             res = generate_tokens(m, ids.to(m.device), mask.to(m.device), max_new_tokens=max_new_tokens,
                                   strategy=strategy, tau=tau, k=k, do_sample=do_sample, temperature=temperature,
                                   top_p=top_p, top_k=top_k, seed=seed, streamer=collect,
-                                  adaptive_draft=adaptive_draft, truncate_prompt=truncate_prompt)
+                                  adaptive_draft=adaptive_draft, truncate_prompt=truncate_prompt,
+                                  tree=None if tree == "chain" else tree, tree_size=tree_size)
         except KeyboardInterrupt:  # print and keep what the interrupted batch has produced, then stop
             bar.close()
             records = [_record(p, tok.decode(t, skip_special_tokens=True), t, None) | {"interrupted": True}

@@ -7,8 +7,8 @@ extra slots its method needs (mask tokens), returning a `StepOutput`:
 
     verify_logits  (B, 1+d, V)  the model's own next-token logits after the last pending token and after each
                                 draft: what a verifier judges the drafts with
-    propose(a, n)               up to n drafts for the positions after the chain's slot a (0: the last pending
-                                token, i: draft i), i.e. after what the verifier kept
+    propose(slot, n)            drafts up to n positions ahead after the block's slot w-1+slot (0: the last
+                                pending token, i: draft i - or tree node i-1), i.e. after what the verifier kept
 
     HeadsDrafter  parallel heads (Gloeckle et al.): head 0 verifies, heads 1..n-1 read the hidden state at a
                   slot and propose t+2..t+n; their logits at the kept slot are the next drafts
@@ -29,6 +29,7 @@ from dataclasses import dataclass
 import torch
 
 from mtp.decoding.sampling import process_logits, sample
+from mtp.decoding.tree import DraftTree, block_layout, tree_candidates
 from mtp.errors import MTPError
 
 
@@ -37,13 +38,24 @@ class Drafts:
     tokens: torch.Tensor  # (B, m)
     probs: torch.Tensor | None = None  # (B, m, V) the distributions sampled drafts were drawn from
     confidence: torch.Tensor | None = None  # (B, m) top-1 probability of each draft (ConfAdapt)
+    tree: DraftTree | None = None  # the tokens are this tree's nodes (None: a chain)
+
+    @property
+    def depth(self) -> int:
+        """Draft positions ahead of the last emitted token."""
+        return self.tree.depth if self.tree is not None else self.tokens.shape[1]
+
+    def select(self, index: torch.Tensor) -> Drafts:
+        """The drafts of batch rows `index`."""
+        probs = self.probs[index] if self.probs is not None else None
+        return Drafts(self.tokens[index], probs, None, self.tree)
 
 
 @dataclass
 class StepOutput:
     verify_logits: torch.Tensor  # (B, 1+d, V)
     block_len: int  # slots the forward wrote into the cache
-    propose: Callable[[torch.Tensor, int], Drafts]  # (a (B,), n) -> drafts after chain slot a
+    propose: Callable[[torch.Tensor, int], Drafts]  # (slot (B,), n) -> drafts n deep after block slot w-1+slot
     trunk: torch.Tensor | None = None  # (B, chain, H) trunk output of the chain slots (heads only)
 
 
@@ -103,31 +115,60 @@ class HeadsDrafter:
             self.num_drafts = opts.k - 1
         else:
             self.num_drafts = n - 1
+        self.tree: DraftTree | None = opts.tree
+        if self.tree is not None:
+            if opts.strategy != "speculative":
+                raise MTPError("a draft tree is verified: use it with the speculative strategy")
+            if self.tree.depth > self.num_drafts:
+                raise MTPError(f"the draft tree is {self.tree.depth} deep, but this model drafts at most "
+                               f"{self.num_drafts} tokens ahead")
+            self.num_drafts = self.tree.depth
         self.num_heads = 1 + self.num_drafts
         self.num_proposals = self.num_drafts  # drafts per step without verification (confadapt, static)
         self.lookahead = self.num_drafts  # positions past the emitted tokens a block may use
-        self.extra_slots = self.num_drafts  # cache slots past the emitted tokens a block may use
+        # cache slots past the emitted tokens a block may use
+        self.extra_slots = self.tree.size if self.tree is not None else self.num_drafts
         self.rows = self.produced = None  # set by the loop before each forward (for `proposer`)
 
     def new_cache(self, batch_size: int, max_len: int):
         return self.model.new_cache(batch_size, max_len)
 
-    def forward(self, cache, pending: torch.Tensor, pending_valid: torch.Tensor, drafts: torch.Tensor,
+    def forward(self, cache, pending: torch.Tensor, pending_valid: torch.Tensor, drafts: Drafts,
                 generator) -> StepOutput:
         model = self.model
-        w, d = pending.shape[1], drafts.shape[1]
-        chain = torch.cat([pending, drafts], 1)  # (B, w+d)
-        valid = torch.cat([pending_valid, torch.ones_like(drafts, dtype=torch.bool)], 1)
-        trunk, ctx = model.trunk_forward(chain, None if bool(valid.all()) else valid, cache)
+        w, d = pending.shape[1], drafts.tokens.shape[1]
+        chain = torch.cat([pending, drafts.tokens], 1)  # (B, w+d)
+        valid = torch.cat([pending_valid, torch.ones_like(drafts.tokens, dtype=torch.bool)], 1)
+        offsets = within = None
+        if tree is not None:  # nodes at the root's position + depth, seeing their ancestors only
+            within, depth = block_layout(w, drafts.tree, chain.device)
+            pending_offsets = pending_valid.long().cumsum(-1) - 1  # (B, w)
+            offsets = torch.cat([pending_offsets, pending_offsets[:, -1:] + depth], 1)  # (B, w+d)
+        trunk, ctx = model.trunk_forward(chain, None if bool(valid.all()) else valid, cache, offsets, within)
         hidden = torch.stack([model.head_forward(j, trunk, ctx) for j in range(self.num_heads)], dim=2)
         model.finish_block(ctx)  # hidden: (B, w+d, heads, H)
         verify_logits = model.lm_head(hidden[:, w - 1:, 0]).float()  # (B, 1+d, V)
 
-        def propose(a: torch.Tensor, n: int) -> Drafts:
-            hidden_at = _slot_rows(hidden, w - 1 + a)[:, 1:1 + n]  # (B, n, H) heads 1..n at the kept slot
+        def propose(slot: torch.Tensor, n: int) -> Drafts:
+            hidden_at = _slot_rows(hidden, w - 1 + slot)[:, 1:1 + n]  # (B, n, H) heads 1..n at the kept slot
+            if self.tree is not None:
+                return self.tree_drafts(hidden_at, self.tree.truncate(n), generator)
             return self.heads_drafts(hidden_at, generator)
 
         return StepOutput(verify_logits, w + d, propose, trunk)
+
+    def tree_drafts(self, hidden_at: torch.Tensor, tree: DraftTree, generator) -> Drafts:
+        """The tree's node tokens from heads 1..m's ranked candidates (deterministic, also when sampling: the
+        tree verifier is exact for any candidates)."""
+        model, widths = self.model, tree.widths()
+        if self.proposer is not None:  # (B, m, W) ranked candidates per head
+            ranked, _ = self.proposer(DraftRequest(model, hidden_at, self.rows, self.produced, self.opts, generator))
+        elif model.draft_vocab is not None:
+            ranked = model.draft_vocab[model.draft_logits(hidden_at).topk(max(widths), -1).indices]  # (B, m, W)
+        else:
+            logits = model.restrict_to_draft_vocab(model.lm_head(hidden_at))  # (B, m, V)
+            ranked = logits.topk(max(widths), -1).indices  # (B, m, W)
+        return Drafts(tree_candidates([ranked[:, h, :k] for h, k in enumerate(widths)], tree), tree=tree)
 
     def heads_drafts(self, hidden_at: torch.Tensor, generator, mode: str | None = None) -> Drafts:
         """Draft tokens from heads 1..m's hidden states (B, m, H)."""
@@ -162,11 +203,14 @@ class MaskDrafter:
         chain (pending + drafts)      group 0           group 1        ...
         p_1 .. p_w  d_1 .. d_d   m m m (after p_w)  m m m (after d_1)  ...
     A mask sees the real tokens up to the slot it follows and the masks of its group before it; real tokens
-    never see a mask, so the chain computes exactly what it would without the masks.
+    never see a mask, so the chain computes exactly what it would without the masks. With a draft tree the
+    drafts are the tree's nodes (the masks' top candidates), a group follows every node, and a node's group
+    sees what the node sees: its path.
     """
 
     def __init__(self, model, opts):
         self.model, self.opts = model, opts
+        self.tree: DraftTree | None = opts.tree
         k = opts.k if opts.k is not None else model.default_k
         if not 1 <= k <= model.max_k:
             raise MTPError(f"k must be in [1, {model.max_k}] for this mask-token model, got {k}")
@@ -176,17 +220,26 @@ class MaskDrafter:
             if not 0 <= opts.num_draft <= self.num_masks:
                 raise MTPError(f"num_draft must be in [0, {self.num_masks}] with k={k}, got {opts.num_draft}")
             self.num_drafts = opts.num_draft
+        if self.tree is not None:
+            if opts.strategy != "speculative":
+                raise MTPError("a draft tree is verified: use it with the speculative strategy")
+            if self.tree.depth > self.num_masks:
+                raise MTPError(f"the draft tree is {self.tree.depth} deep, but k={k} masks draft at most "
+                               f"{self.num_masks} tokens ahead")
+            self.num_drafts = self.tree.depth
         self.num_proposals = self.num_masks
         self.lookahead = self.num_drafts + self.num_masks
-        groups = self.num_drafts + 1 if opts.strategy == "speculative" else 1
-        self.extra_slots = self.num_drafts + groups * self.num_masks
+        fed = self.tree.size if self.tree is not None else self.num_drafts
+        groups = fed + 1 if opts.strategy == "speculative" else 1
+        self.extra_slots = fed + groups * self.num_masks
         self.rows = self.produced = None
 
     def new_cache(self, batch_size: int, max_len: int):
         return self.model.new_cache(batch_size, max_len)
 
-    def forward(self, cache, pending, pending_valid, drafts, generator) -> StepOutput:
+    def forward(self, cache, pending, pending_valid, drafts: Drafts, generator) -> StepOutput:
         model, m = self.model, self.num_masks
+        tree, drafts = drafts.tree, drafts.tokens
         b, w = pending.shape
         d = drafts.shape[1]
         chain = torch.cat([pending, drafts], 1)  # (B, c)
@@ -194,8 +247,10 @@ class MaskDrafter:
         c = w + d
         groups = (d + 1 if self.opts.strategy == "speculative" else 1) if m else 0
         first = c - groups  # chain slot the first group follows (0-based: slots first .. c-1 get groups)
-        layout = mask_block_layout(c, first, groups, m, device=chain.device)  # cached by shape
+        layout = mask_block_layout(c, first, groups, m, device=chain.device, tree=tree)  # cached by shape
         chain_offsets = chain_valid.long().cumsum(-1) - 1  # (B, c)
+        if tree is not None:  # nodes at the root's position + depth
+            chain_offsets[:, w:] = chain_offsets[:, w - 1:w] + layout.depth
         offsets = torch.cat([chain_offsets, chain_offsets[:, layout.follows] + layout.step], 1)  # (B, T)
         tokens = torch.cat([chain, chain.new_full((b, groups * m), model.mask_token_id)], 1)  # (B, T)
         valid = torch.cat([chain_valid, chain_valid.new_ones(b, groups * m)], 1)
@@ -203,11 +258,16 @@ class MaskDrafter:
         verify_logits = model.lm_head(hidden[:, w - 1:c]).float()  # (B, 1+d, V)
         mask_hidden = hidden[:, c:].reshape(b, groups, m, hidden.shape[-1])  # (B, groups, m, H)
 
-        def propose(a: torch.Tensor, n: int) -> Drafts:
-            g = w - 1 + a - first  # (B,) the group after the kept slot
+        def propose(slot: torch.Tensor, n: int) -> Drafts:
+            g = w - 1 + slot - first  # (B,) the group after the kept slot
             if groups == 0 or n == 0 or bool((g < 0).any()):
-                return Drafts(a.new_zeros(b, 0))
+                return Drafts(slot.new_zeros(b, 0))
             logits = model.lm_head(_slot_rows(mask_hidden, g)[:, :n]).float()  # (B, n, V)
+            if self.tree is not None:  # deterministic ranked candidates (exact when sampling too)
+                tree = self.tree.truncate(n)
+                ranked = logits.topk(max(tree.widths()), -1).indices  # (B, n, W)
+                return Drafts(tree_candidates([ranked[:, h, :k] for h, k in enumerate(tree.widths())], tree),
+                              tree=tree)
             return draft_tokens(logits, _mode(self.opts), self.opts, generator)
 
         return StepOutput(verify_logits, tokens.shape[1], propose)
@@ -219,20 +279,26 @@ class MaskBlockLayout:
     is_mask: torch.Tensor  # (T,) bool
     follows: torch.Tensor  # (groups * m,) chain slot each mask's group follows
     step: torch.Tensor  # (groups * m,) 1..m: how many tokens after that slot the mask stands for
+    depth: torch.Tensor | None = None  # (N,) with a tree: each node's depth below the root
 
 
 @functools.lru_cache(maxsize=64)  # a decode step reuses one of a few shapes: no layout tensors built per step
-def mask_block_layout(chain: int, first: int, groups: int, m: int, device=None) -> MaskBlockLayout:
+def mask_block_layout(chain: int, first: int, groups: int, m: int, device=None,
+                      tree: DraftTree | None = None) -> MaskBlockLayout:
     """A decoding block of `chain` real slots, then `groups` groups of m masks; group g follows slot first+g.
-    The tensors are shared between calls: read them, never write into them."""
+    The chain is causal, or with `tree` its last `tree.size` slots are the tree's nodes below the slot before
+    them (`mtp.decoding.tree.block_layout`). The tensors are shared between calls: read them, never write."""
     t = chain + groups * m
     idx = torch.arange(t, device=device)
     follows = (first + torch.arange(groups, device=device)).repeat_interleave(m)  # (groups*m,)
     step = torch.arange(1, m + 1, device=device).repeat(groups)
     group = torch.arange(groups, device=device).repeat_interleave(m)
     within = idx[None, :] <= idx[:, None]  # causal among the chain (T, T)
+    depth = None
+    if tree is not None:
+        within[:chain, :chain], depth = block_layout(chain - tree.size, tree, device)
     within[chain:, chain:] = (group[:, None] == group[None, :]) & (step[None, :] <= step[:, None])
-    within[chain:, :chain] = idx[None, :chain] <= follows[:, None]  # real tokens up to the followed slot
+    within[chain:, :chain] = within[follows, :chain]  # what the followed slot sees, and that slot
     within[:chain, chain:] = False  # real tokens never see a mask
     is_mask = idx >= chain
-    return MaskBlockLayout(within, is_mask, follows, step)
+    return MaskBlockLayout(within, is_mask, follows, step, depth)

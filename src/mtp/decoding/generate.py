@@ -28,6 +28,7 @@ from mtp.decoding.drafters import DraftRequest, Drafts, HeadsDrafter, Proposer, 
 from mtp.decoding.inputs import left_pad, token_batch  # noqa: F401  (left_pad: re-exported)
 from mtp.decoding.sampling import accept_drafts_sampling, process_logits
 from mtp.decoding.stopping import StopChecker
+from mtp.decoding.tree import Acceptance, DraftTree, resolve_tree, verify_tree
 from mtp.errors import MTPError
 
 Strategy = Literal["greedy", "speculative", "confadapt", "static"]
@@ -86,6 +87,7 @@ class DecodeOptions:
     k: int | None = None
     num_draft: int | None = None  # heads used for drafting; default all extra heads
     adaptive_draft: bool = True  # propose only as many drafts as recent acceptance pays for (see DraftLength)
+    tree: DraftTree | None = None  # speculative: verify a tree of candidates (None: a chain)
 
 
 # Called after every forward with (rows, trunk output (B, T, H), kept (B, T) bool): `rows` are the original row
@@ -106,12 +108,16 @@ def greedy_accept(logits0: torch.Tensor, drafts: torch.Tensor) -> tuple[torch.Te
     return a, target.gather(1, a[:, None]).squeeze(1)
 
 
-def verify(out: StepOutput, drafts: Drafts, opts: DecodeOptions, generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """Greedy / speculative: (drafts kept a (B,), the model's own next token after them (B,))."""
+def verify(out: StepOutput, drafts: Drafts, opts: DecodeOptions, generator) -> Acceptance:
+    """Greedy / speculative: which drafts are kept and the model's own next token after them."""
+    if drafts.tree is not None:
+        return verify_tree(out.verify_logits, drafts.tokens, drafts.tree, opts, generator)
     if opts.do_sample:
         probs = process_logits(out.verify_logits, opts.temperature, opts.top_k, opts.top_p)  # (B, 1+d, V)
-        return accept_drafts_sampling(probs, drafts.tokens, drafts.probs, generator)
-    return greedy_accept(out.verify_logits, drafts.tokens)
+        a, last = accept_drafts_sampling(probs, drafts.tokens, drafts.probs, generator)
+    else:
+        a, last = greedy_accept(out.verify_logits, drafts.tokens)
+    return Acceptance(a, last, a, None)  # a chain: the kept slot is the number kept
 
 
 def confident_run(out: StepOutput, n: int, opts: DecodeOptions, generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -215,29 +221,33 @@ def iter_generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor |
     drafts = Drafts(torch.zeros(b, 0, dtype=torch.long, device=device))
 
     while True:
-        out = drafter.forward(cache, pending, pending_valid, drafts.tokens, generator)  # one model forward
+        out = drafter.forward(cache, pending, pending_valid, drafts, generator)  # one model forward
         stats.forward_passes += 1
         stats.row_forwards += rows.numel()
         w, d = pending.shape[1], drafts.tokens.shape[1]
         if verifying:
-            a, last = verify(out, drafts, opts, generator)
-            # Emitted this step: the accepted drafts, then the model's own next token.
-            emitted = torch.cat([drafts.tokens, torch.zeros_like(last[:, None])], 1)  # (B, 1+d)
-            emitted.scatter_(1, a[:, None], last[:, None])
+            acc = verify(out, drafts, opts, generator)
+            a = acc.count
+            # Emitted this step: the accepted drafts (a chain's first a, a tree's kept path), then the model's own
+            # next token.
+            emitted = torch.cat([acc.path_tokens(drafts.tokens), torch.zeros_like(acc.last[:, None])], 1)
+            emitted.scatter_(1, a[:, None], acc.last[:, None])  # (B, 1+depth)
             counts = a + 1
-            if d:
-                kept = accepted_per_position(a, d)
+            if drafts.depth:
+                kept = accepted_per_position(a, drafts.depth)
                 _count_acceptance(stats, kept, a.numel())
                 draft_length.update(kept, a.numel())
+            # Keep the fed tokens and the accepted drafts (a tree's path moved right after the root), nothing after.
+            cache.keep_path(out.block_len, w, a, acc.path)
+            kept_drafts = acc.kept_nodes(d)  # (B, d) fed drafts that stay in the sequence
             drafter.rows, drafter.produced = rows, produced + counts
-            drafts = out.propose(a, draft_length.next())
-        else:
-            a = torch.zeros_like(produced)
+            drafts = out.propose(acc.slot, draft_length.next())
+        else:  # nothing was drafted into this block (d == 0); its drafting slots (masks) are forgotten
             emitted, counts = confident_run(out, drafter.num_proposals, opts, generator)
-        cache.rollback(out.block_len, w + a)  # keep the fed tokens and the accepted drafts, nothing after
+            cache.rollback(out.block_len, torch.full_like(produced, w))
+            kept_drafts = pending_valid[:, :0]
         if on_trunk is not None and out.trunk is not None:
-            drafted = torch.arange(d, device=device)[None, :] < a[:, None]
-            on_trunk(rows, out.trunk, torch.cat([pending_valid, drafted], 1))
+            on_trunk(rows, out.trunk, torch.cat([pending_valid, kept_drafts], 1))
 
         counts = torch.minimum(counts, budget - produced)
         counts, finished = stop.apply(rows, emitted, counts, produced)
@@ -255,7 +265,7 @@ def iter_generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor |
             rows, produced = rows[keep], produced[keep]
             cache.select_rows(keep)
             emitted, counts = emitted[keep], counts[keep]
-            drafts = Drafts(drafts.tokens[keep], drafts.probs[keep] if drafts.probs is not None else None)
+            drafts = drafts.select(keep)
         if verifying:
             pending = emitted.gather(1, (counts - 1)[:, None])  # (B, 1) the model's own token
             pending_valid = torch.ones_like(pending, dtype=torch.bool)
@@ -284,7 +294,8 @@ def generate(model, input_ids: torch.Tensor | list, attention_mask: torch.Tensor
              stop_token_ids: list[int] | None = None, stop_strings: list[str] | None = None, tokenizer=None,
              seed: int | None = None, streamer: Callable[[int, list[int]], None] | None = None,
              truncate_prompt: bool = False, proposer: Proposer | None = None,
-             on_trunk: TrunkObserver | None = None) -> GenerationResult:
+             on_trunk: TrunkObserver | None = None, tree: str | DraftTree | None = None,
+             tree_size: int | None = None) -> GenerationResult:
     """Generate continuations of a left-padded batch of prompts.
 
     Args:
@@ -304,6 +315,10 @@ def generate(model, input_ids: torch.Tensor | list, attention_mask: torch.Tensor
             `num_draft`. Either way the output is the same, only the speed differs.
         on_trunk: called with the trunk output of every forward (`TrunkObserver`), e.g. to keep the frozen-trunk
             features of self-distilled training rows instead of recomputing them.
+        tree: speculative with parallel heads: verify a tree of the heads' top candidates in one forward
+            (`mtp.decoding.tree`): "auto" (built for `tree_size` nodes from the accuracy per candidate rank
+            `mtp train` measured, in the model folder's eval.json), "chain" (the default), a DraftTree, a JSON
+            list of paths or a .json file of one. Greedy output stays identical; sampling stays exact.
     """
     if strategy not in STRATEGIES:
         raise MTPError(f"unknown strategy {strategy!r}; choose from {', '.join(STRATEGIES)}")
@@ -318,7 +333,7 @@ def generate(model, input_ids: torch.Tensor | list, attention_mask: torch.Tensor
         raise MTPError("sampling (do_sample) is available with the greedy and speculative strategies")
     tokenizer = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
     opts = DecodeOptions(strategy, max_new_tokens, do_sample, temperature, top_k, top_p, tau, k, num_draft,
-                         adaptive_draft)
+                         adaptive_draft, model_tree(model, tree, tree_size, strategy, num_draft, k))
     drafter = model.drafter(opts, proposer=proposer) if proposer is not None else model.drafter(opts)
     input_ids, attention_mask = _fit_context(model, input_ids, attention_mask, opts, drafter.lookahead,
                                              truncate_prompt)
@@ -342,6 +357,22 @@ def generate(model, input_ids: torch.Tensor | list, attention_mask: torch.Tensor
     if texts is not None and stop_strings:
         texts = [stop.truncate_text(t) for t in texts]
     return GenerationResult(tokens, stats, texts)
+
+
+def model_tree(model, tree, tree_size: int | None, strategy: str, num_draft: int | None,
+               k: int | None = None) -> DraftTree | None:
+    """The draft tree `generate(tree=..., tree_size=...)` asks for, for this model (None: a chain)."""
+    if tree is None and tree_size is None:
+        return None
+    if strategy != "speculative":
+        raise MTPError("a draft tree (tree / --tree) is verified: use it with the speculative strategy")
+    if getattr(model, "mask_token_id", None) is not None:  # k-1 masks draft k-1 tokens ahead
+        depth = (k if k is not None else model.default_k) - 1
+    else:
+        depth = model.num_heads - 1
+    depth = depth if num_draft is None else min(depth, num_draft)
+    folder = getattr(getattr(model, "source", None), "location", None)
+    return resolve_tree("auto" if tree is None else tree, tree_size, depth, folder)
 
 
 def _fit_context(model, input_ids, attention_mask, opts: DecodeOptions, lookahead: int, truncate_prompt: bool):

@@ -99,7 +99,8 @@ class _Stopper:
 
 
 def mtp_method(model, tokenizer, name: str, strategy: str, *, tau: float = 0.9, k: int | None = None,
-               engine: str = "mtp", stop_ids: Sequence[int] | None = None, description: str = "") -> Method:
+               engine: str = "mtp", stop_ids: Sequence[int] | None = None, description: str = "",
+               tree_size: int | None = None) -> Method:
     from mtp.decoding.generate import generate
 
     stop_ids = list(stop_token_ids(model, tokenizer) if stop_ids is None else stop_ids)
@@ -115,7 +116,7 @@ def mtp_method(model, tokenizer, name: str, strategy: str, *, tau: float = 0.9, 
         start = time.perf_counter()
         result = generate(model, ids, max_new_tokens=max_new_tokens, strategy=strategy, tau=tau, k=k,
                           stop_token_ids=stop_ids, stop_strings=STOP_SEQUENCES, tokenizer=tokenizer,
-                          streamer=on_tokens)
+                          streamer=on_tokens, tree="auto" if tree_size else None, tree_size=tree_size)
         seconds = time.perf_counter() - start
         return CallResult(result.tokens[0], seconds, first[0] - start if first else None,
                           result.stats.forward_passes)
@@ -204,8 +205,12 @@ def llamacpp_method(gguf: str | Path, tokenizer, stop_ids: Sequence[int], n_ctx:
 def build_methods(model, tokenizer, *, taus: Sequence[float] = (0.9, 0.7, 0.5), static_k: Sequence[int] | None = None,
                   hf: bool = True, prompt_lookup_tokens: int = 10, fp16: bool = True, int8: bool = False,
                   packed_strategies: Sequence[str] = ("greedy", "speculative"), gguf: str | Path | None = None,
-                  llamacpp_ctx: int = 2048, notes: list[str] | None = None) -> list[Method]:
-    """The methods of a benchmark, in report order. Unavailable ones are left out with a line in `notes`."""
+                  llamacpp_ctx: int = 2048, notes: list[str] | None = None,
+                  tree_sizes: Sequence[int] = ()) -> list[Method]:
+    """The methods of a benchmark, in report order. Unavailable ones are left out with a line in `notes`.
+
+    `tree_sizes`: speculative rows verifying a draft tree of that many nodes ("auto" shape), on the packed
+    weights when there are any (else fp32), so tokens per forward and speed can be read per tree size."""
     notes = notes if notes is not None else []
     stop_ids = stop_token_ids(model, tokenizer)
     methods: list[Method] = []
@@ -230,6 +235,9 @@ def build_methods(model, tokenizer, *, taus: Sequence[float] = (0.9, 0.7, 0.5), 
                 continue
             methods.append(mtp_method(q, tokenizer, f"{strategy}-{fmt}", strategy, engine=f"mtp-{fmt}",
                                       stop_ids=stop_ids, description=f"{strategy}, {fmt} weights"))
+        methods += tree_methods(q, tokenizer, tree_sizes, stop_ids, fmt)
+    if not packed:
+        methods += tree_methods(model, tokenizer, tree_sizes, stop_ids, None)
     if gguf is not None:
         try:
             import llama_cpp  # noqa: F401
@@ -241,6 +249,17 @@ def build_methods(model, tokenizer, *, taus: Sequence[float] = (0.9, 0.7, 0.5), 
                 raise MTPError(f"{gguf}: GGUF file not found")
             methods.append(llamacpp_method(gguf, tokenizer, stop_ids, llamacpp_ctx))
     return methods
+
+
+def tree_methods(model, tokenizer, sizes: Sequence[int], stop_ids, fmt: str | None) -> list[Method]:
+    """Speculative rows with an "auto" draft tree per size (parallel heads only)."""
+    if not sizes or getattr(model, "mask_token_id", None) is not None or tokens_per_forward_max(model) == 1:
+        return []
+    engine, suffix = (f"mtp-{fmt}", f"-{fmt}") if fmt else ("mtp", "")
+    return [mtp_method(model, tokenizer, f"speculative{suffix}-tree{n}", "speculative", engine=engine,
+                       stop_ids=stop_ids, tree_size=n,
+                       description=f"speculative, a {n}-node draft tree{', ' + fmt + ' weights' if fmt else ''}")
+            for n in sizes]
 
 
 def tokens_per_forward_max(model) -> int:

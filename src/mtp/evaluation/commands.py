@@ -149,6 +149,7 @@ def bench(
     threads: int | None = None,
     progress: bool = True,
     also: list[str] | None = None,
+    tree_sizes: list[int] | None = None,
 ) -> int:
     """Benchmark every decoding method on the same prompts, interleaved: speed, equality with greedy, accuracy.
 
@@ -173,6 +174,8 @@ def bench(
         progress: progress bar
         also: more MTP or mask-token folders of the same base model: their multi-token methods run in the same
             interleaved benchmark, named "FOLDER:method" (e.g. parallel heads beside self-distilled mask tokens)
+        tree_sizes: also speculative with a draft tree of each size ("auto" shape from the heads' measured
+            accuracy per rank), e.g. 4 8 16 32: tokens per forward and speed per tree size
     """
     if prompts != "gsm8k" and not Path(prompts).is_file():
         raise MTPError(f"{prompts}: prompts file not found (or use --prompts gsm8k)")
@@ -189,7 +192,7 @@ def bench(
                              taus=taus, static_k=static_k, fp16=fp16, int8=int8, hf=hf,
                              prompt_lookup_tokens=prompt_lookup_tokens,
                              gguf=gguf if gguf is not None else (_default_gguf() if model is None else None),
-                             llamacpp=llamacpp, rotate=rotate, progress=progress,
+                             llamacpp=llamacpp, rotate=rotate, progress=progress, tree_sizes=tree_sizes or (),
                              gguf_note=None if gguf is not None or model is None else
                              "llama.cpp skipped: pass --gguf FILE with the same model as GGUF")
 
@@ -207,7 +210,7 @@ def run_bench_command(m, *, model_label: str, prompts: str, limit: int, max_new_
                       shots: int, chat: bool | None, taus, static_k, int8: bool, hf: bool, prompt_lookup_tokens: int,
                       gguf: str | None, llamacpp: bool, rotate: bool, progress: bool,
                       gguf_note: str | None = None, fp16: bool = True,
-                      extra_models: list[tuple[str, object]] = ()) -> int:
+                      extra_models: list[tuple[str, object]] = (), tree_sizes=()) -> int:
     from mtp.evaluation.bench import (
         JOURNAL,
         build_methods,
@@ -233,7 +236,7 @@ def run_bench_command(m, *, model_label: str, prompts: str, limit: int, max_new_
     methods = build_methods(m, tok, taus=taus if taus is not None else (0.9, 0.7, 0.5), static_k=static_k, hf=hf,
                             prompt_lookup_tokens=prompt_lookup_tokens, fp16=fp16, int8=int8,
                             gguf=gguf if llamacpp else None, llamacpp_ctx=longest + max_new_tokens + 16,
-                            notes=notes)
+                            notes=notes, tree_sizes=tree_sizes)
     from mtp.evaluation.bench import multi_token_methods
 
     for label, other in extra_models:

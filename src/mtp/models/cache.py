@@ -108,6 +108,25 @@ class MTPCache:
         # Slots no row keeps are reused by the next block; earlier holes stay masked.
         self.length = start + int(keep.max())
 
+    def keep_path(self, block_len: int, prefix: int, count: torch.Tensor, path: torch.Tensor | None) -> None:
+        """After verifying a block of `prefix` fed slots then drafts: row b keeps the prefix and `count[b]`
+        drafts. A chain's drafts are kept in place (`path` None); a tree's kept path (B, D) of node indices, in
+        depth order, is first moved to the slots right after the prefix (a node's ancestors are always in
+        earlier slots, so every move goes to a slot no later than its source)."""
+        if path is not None:
+            start = self.length - block_len
+            b = path.shape[0]
+            prefix_slots = torch.arange(prefix, device=path.device).expand(b, prefix)
+            order = start + torch.cat([prefix_slots, prefix + path], 1)  # (B, prefix + D) source slots
+            span = slice(start, start + order.shape[1])
+            self.valid[:, span] = self.valid.gather(1, order)
+            for stack in self.stacks:
+                for store in (stack.keys, stack.values):
+                    for buf in store.values():
+                        idx = order[:, None, :, None].expand(-1, buf.shape[1], -1, buf.shape[3])
+                        buf[:, :, span] = buf.gather(2, idx)
+        self.rollback(block_len, prefix + count)
+
     def compact(self) -> None:
         """Squeeze out the holes rejected tokens left in a batch: each row's valid slots move, in order, to the
         end of a shorter filled region (as if left-padded). Rare: only when the buffers run out of slots."""

@@ -349,6 +349,9 @@ class MTPModel(nn.Module):
                                                               device))
             model.set_draft_vocab(reader.read(DRAFT_VOCAB_KEY) if DRAFT_VOCAB_KEY in reader.tensors else None)
         model.to(device).eval()  # the buffers
+        from mtp.hub import ModelSource
+
+        model.source = ModelSource("mtp_folder", str(directory), f"MTP folder {directory}")
         if load_tokenizer and (directory / "tokenizer_config.json").is_file():
             from transformers import AutoTokenizer
 

@@ -231,8 +231,15 @@ def evaluate_heads(model, data, batch_size: int = 8, autocast=None, trunk_featur
     ends the run). With self-distilled targets (the model's own greedy continuation) this approximates what
     `mtp generate --strategy speculative` accepts on such texts. `trunk_features` (N, L, H): cached trunk
     outputs of the rows of `data` (frozen trunk), used instead of running the trunk.
+
+    For draft trees (`mtp.decoding.tree.build_tree`), each extra head's accuracy per candidate rank 0..7 (how
+    often the target is its r-th most likely token) goes into `extra` under `TREE_STATS_KEY`.
     """
+    from mtp.decoding.tree import TREE_STATS_KEY
+
     n = model.num_heads
+    ranks = 8
+    rank_hits = torch.zeros(n, ranks, dtype=torch.long)
     loss_sum = [0.0] * n
     correct = [0] * n
     tokens = [0] * n
@@ -268,6 +275,10 @@ def evaluate_heads(model, data, batch_size: int = 8, autocast=None, trunk_featur
                     loss_sum[j] += float(F.cross_entropy(logits, goal, reduction="sum", ignore_index=-1))
                     hit = torch.zeros_like(mask)
                     hit[mask] = logits.argmax(-1) == goal
+                    if j > 0:  # rank of the target among the head's candidates (a missing target: none)
+                        known = goal >= 0
+                        rank = (logits[known] > logits[known, goal[known]][:, None]).sum(-1)  # (N,)
+                        rank_hits[j] += torch.bincount(rank[rank < ranks], minlength=ranks).cpu()
                     correct[j] += int(hit.sum())
                     tokens[j] += int(mask.sum())
                     if j == 0:
@@ -287,6 +298,8 @@ def evaluate_heads(model, data, batch_size: int = 8, autocast=None, trunk_featur
         head_accuracy=[c / t if t else float("nan") for c, t in zip(correct, tokens, strict=True)],
         head_tokens=tokens,
         tokens_per_forward=run_sum / run_positions if run_positions else float("nan"),
+        extra={TREE_STATS_KEY: [[round(int(h) / t, 6) if t else 0.0 for h in rank_hits[j].tolist()]
+                                for j, t in zip(range(1, n), tokens[1:], strict=True)]},
     )
 
 

@@ -1,0 +1,353 @@
+"""Draft trees (Medusa / EAGLE-2 style): many candidate continuations verified in one forward.
+
+A tree is a set of paths of candidate ranks, Medusa's notation: (0,) is the first head's best token, (1,) its
+second best, (0, 2) the second head's third best after the first head's best, ... Every prefix of a path is a
+path. Node i holds one token; its depth is the number of tokens after the last emitted one, so its position id
+is the root's + depth, and it attends to the block's root (the last emitted token), its ancestors and itself.
+The chain every other strategy uses is the tree of width 1: (0,), (0, 0), (0, 0, 0).
+
+Block slots (what a verify forward feeds): slot 0 is the root, slot 1 + i is node i. Nodes are sorted by depth
+and then by rank, so a node's ancestors always come before it - which the cache relies on: after verification
+the accepted path is moved, in order, to the slots right after the root and everything else is forgotten.
+
+    paths                     (0,)  (1,)  (0,0)  (0,1)  (1,0)  (0,0,0)
+    node                       0     1     2      3      4      5
+    parent slot (0 = root)     0     0     1      1      2      3
+    depth                      1     1     2      2      2      3
+
+Verification keeps the deepest node whose whole path is accepted:
+    greedy    a node is accepted when its token is the model's argmax after its parent (siblings are distinct
+              tokens, so at most one path per depth survives); equals greedy decoding token for token.
+    sampling  exact multi-candidate speculative sampling with deterministic candidates (SpecInfer's rule with
+              one-hot drafts): at the current node, child x is taken with probability r(x) of the residual r
+              (first r = p, the model's distribution there); if refused, r(x) is set to 0 and r renormalised, and
+              the next child is tried; when every child is refused the token is drawn from r. That is a sample
+              of p exactly, whatever the candidates are.
+"""
+
+from __future__ import annotations
+
+import functools
+import heapq
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from mtp.decoding.sampling import process_logits, sample
+from mtp.errors import MTPError
+
+Path_ = tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class DraftTree:
+    paths: tuple[Path_, ...]  # sorted by (depth, ranks)
+
+    # ---------------------------------------------------------------- construction
+    @classmethod
+    def from_paths(cls, paths: Sequence[Sequence[int]]) -> DraftTree:
+        clean = sorted({tuple(int(r) for r in p) for p in paths}, key=lambda p: (len(p), p))
+        if not clean:
+            raise MTPError("a draft tree needs at least one path")
+        known = set(clean)
+        for p in clean:
+            if not p or min(p) < 0:
+                raise MTPError(f"tree path {list(p)}: ranks are >= 0 and a path has at least one")
+            if len(p) > 1 and p[:-1] not in known:
+                raise MTPError(f"tree path {list(p)} has no parent {list(p[:-1])} in the tree")
+        return cls(tuple(clean))
+
+    @classmethod
+    def chain(cls, depth: int) -> DraftTree:
+        return cls.from_paths([(0,) * i for i in range(1, depth + 1)])
+
+    # ---------------------------------------------------------------- structure
+    @property
+    def size(self) -> int:
+        return len(self.paths)
+
+    @property
+    def depth(self) -> int:
+        return len(self.paths[-1])
+
+    @property
+    def is_chain(self) -> bool:
+        return all(r == 0 for p in self.paths for r in p) and self.size == self.depth
+
+    def widths(self) -> list[int]:
+        """Candidates (top-k) each head must give: 1 + the largest rank used at each depth."""
+        out = [0] * self.depth
+        for p in self.paths:
+            out[len(p) - 1] = max(out[len(p) - 1], p[-1] + 1)
+        return out
+
+    def truncate(self, depth: int) -> DraftTree:
+        """The nodes of depth <= `depth` (>= 1)."""
+        return _truncated(self, max(1, depth))
+
+    @functools.cached_property
+    def tensors(self) -> TreeTensors:
+        return _tree_tensors(self.paths)
+
+    def to_json(self) -> list[list[int]]:
+        return [list(p) for p in self.paths]
+
+
+@functools.lru_cache(maxsize=64)
+def _truncated(tree: DraftTree, depth: int) -> DraftTree:
+    if depth >= tree.depth:
+        return tree
+    return DraftTree(tuple(p for p in tree.paths if len(p) <= depth))
+
+
+@dataclass(frozen=True)
+class TreeTensors:
+    """CPU tensors of a tree with N nodes and depth D (slot 0: root, slot 1 + i: node i)."""
+
+    parent_slot: torch.Tensor  # (N,) slot of each node's parent
+    depth: torch.Tensor  # (N,) 1..D
+    rank: torch.Tensor  # (N,) the node's candidate rank at its depth
+    ancestors: torch.Tensor  # (N, N) bool: [i, j] node j is node i or one of its ancestors
+    within: torch.Tensor  # (1+N, 1+N) bool: block slot q may attend to block slot kv
+    path: torch.Tensor  # (N, D) nodes from depth 1 to the node's depth, then repeats of the node
+    children: torch.Tensor  # (1+N, C) child slots of each slot in rank order, -1 padded
+
+
+def _tree_tensors(paths: tuple[Path_, ...]) -> TreeTensors:
+    index = {p: i for i, p in enumerate(paths)}
+    n, d = len(paths), len(paths[-1])
+    parent_slot = torch.tensor([0 if len(p) == 1 else 1 + index[p[:-1]] for p in paths], dtype=torch.long)
+    depth = torch.tensor([len(p) for p in paths], dtype=torch.long)
+    rank = torch.tensor([p[-1] for p in paths], dtype=torch.long)
+    ancestors = torch.zeros(n, n, dtype=torch.bool)
+    path = torch.zeros(n, d, dtype=torch.long)
+    for i, p in enumerate(paths):
+        chain = [index[p[:k]] for k in range(1, len(p) + 1)]
+        ancestors[i, chain] = True
+        path[i] = torch.tensor(chain + [i] * (d - len(chain)))
+    within = torch.zeros(1 + n, 1 + n, dtype=torch.bool)
+    within[:, 0] = True
+    within[1:, 1:] = ancestors
+    within[0, 0] = True
+    kids: list[list[int]] = [[] for _ in range(1 + n)]
+    for i in range(n):
+        kids[int(parent_slot[i])].append(1 + i)  # paths are sorted, so children come in rank order
+    width = max(len(k) for k in kids)
+    children = torch.full((1 + n, max(width, 1)), -1, dtype=torch.long)
+    for s, k in enumerate(kids):
+        children[s, : len(k)] = torch.tensor(k, dtype=torch.long)
+    return TreeTensors(parent_slot, depth, rank, ancestors, within, path, children)
+
+
+# ------------------------------------------------------------------------------------------------ tree shapes
+def build_tree(rank_accuracy: Sequence[Sequence[float]], size: int) -> DraftTree:
+    """The tree of `size` nodes with the largest expected accepted length (Medusa's greedy construction).
+
+    rank_accuracy[h][r]: how often head h+1's rank-r candidate is the right token (held-out, marginal). A path's
+    chance of being accepted in full is taken as the product of its ranks' accuracies, so the expected accepted
+    length is the sum of the chances of its nodes; adding nodes best-first keeps every parent before its
+    children (a child's chance never exceeds its parent's), which makes the greedy tree optimal for that model.
+    """
+    if size < 1:
+        raise MTPError(f"tree size must be >= 1, got {size}")
+    if not rank_accuracy or not all(len(r) for r in rank_accuracy):
+        raise MTPError("building a tree needs each head's accuracy per candidate rank")
+    heap: list[tuple[float, Path_]] = [(-rank_accuracy[0][r], (r,)) for r in range(len(rank_accuracy[0]))]
+    heapq.heapify(heap)
+    chosen: list[Path_] = []
+    while heap and len(chosen) < size:
+        neg, p = heapq.heappop(heap)
+        chosen.append(p)
+        if len(p) < len(rank_accuracy):
+            heads = rank_accuracy[len(p)]
+            for r in range(len(heads)):
+                heapq.heappush(heap, (neg * heads[r], p + (r,)))
+    return DraftTree.from_paths(chosen)
+
+
+def expected_length(tree: DraftTree, rank_accuracy: Sequence[Sequence[float]]) -> float:
+    """Expected accepted drafts per step under `build_tree`'s independence model."""
+    total = 0.0
+    for p in tree.paths:
+        chance = 1.0
+        for depth, r in enumerate(p):
+            accuracy = rank_accuracy[depth]
+            chance *= accuracy[r] if r < len(accuracy) else 0.0
+        total += chance
+    return total
+
+
+TREE_STATS_KEY = "head_rank_accuracy"  # in a trained folder's eval.json: per extra head, accuracy per rank
+
+
+def rank_accuracy_from_folder(folder: str | Path, num_drafts: int) -> list[list[float]] | None:
+    """The per-head, per-rank held-out accuracy `mtp train` wrote into the folder's eval.json, if any."""
+    path = Path(folder) / "eval.json"
+    if not path.is_file():
+        return None
+    try:
+        stats = json.loads(path.read_text(encoding="utf-8")).get(TREE_STATS_KEY)
+    except (ValueError, AttributeError):
+        return None
+    if not isinstance(stats, list) or len(stats) < num_drafts:
+        return None
+    return [[float(x) for x in head] for head in stats[:num_drafts]]
+
+
+def fallback_rank_accuracy(num_drafts: int, ranks: int = 8) -> list[list[float]]:
+    """A stand-in when a folder has no measured statistics: accuracy falls with depth and halves per rank."""
+    return [[0.6 * 0.75 ** h * 0.5 ** r for r in range(ranks)] for h in range(num_drafts)]
+
+
+def resolve_tree(spec: str | DraftTree | None, size: int | None, num_drafts: int,
+                 folder: str | Path | None) -> DraftTree | None:
+    """A `--tree` value -> a tree (None: the plain chain, no tree machinery).
+
+    "chain": None; "auto": `build_tree` of `size` nodes (default 16) from the folder's measured accuracy per
+    rank (eval.json written by `mtp train`), or a stand-in when there is none; a .json file: a list of paths;
+    a JSON list literal: the same inline.
+    """
+    if spec is None or isinstance(spec, DraftTree):
+        return spec
+    if num_drafts < 1:
+        raise MTPError("a draft tree needs at least one draft position (a model with extra heads)")
+    if spec == "chain":
+        return None
+    if spec == "auto":
+        stats = rank_accuracy_from_folder(folder, num_drafts) if folder is not None else None
+        return build_tree(stats or fallback_rank_accuracy(num_drafts), size or 16)
+    text = spec
+    if not spec.lstrip().startswith("["):
+        path = Path(spec)
+        if not path.is_file():
+            raise MTPError(f"--tree {spec}: not 'auto', 'chain', a JSON list of paths or a .json file")
+        text = path.read_text(encoding="utf-8")
+    try:
+        paths = json.loads(text)
+    except ValueError as e:
+        raise MTPError(f"--tree {spec}: not valid JSON ({e.msg}, line {e.lineno})") from None
+    if not isinstance(paths, list) or not all(isinstance(p, list) and all(isinstance(r, int) for r in p)
+                                              for p in paths):
+        raise MTPError(f"--tree {spec}: expected a list of paths, each a list of candidate ranks")
+    tree = DraftTree.from_paths(paths)
+    if tree.depth > num_drafts:
+        raise MTPError(f"--tree has depth {tree.depth}, but the model drafts at most {num_drafts} tokens ahead")
+    if size is not None and tree.size > size:
+        raise MTPError(f"--tree has {tree.size} nodes, more than --tree-size {size}")
+    return tree
+
+
+# ------------------------------------------------------------------------------------------------ verification
+@dataclass
+class Acceptance:
+    """What a verifier kept of one step's drafts (a chain is the tree of width 1: `path` None)."""
+
+    count: torch.Tensor  # (B,) accepted drafts (the depth of the kept node)
+    last: torch.Tensor  # (B,) the model's own token after them
+    slot: torch.Tensor  # (B,) block slot of the last kept token: 0 the root (nothing accepted), i draft i
+    path: torch.Tensor | None  # (B, D) tree nodes of the kept path, depth 1.. (past `count`: repeats)
+
+    def path_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The drafts along the kept path (B, D); only the first `count` of each row are accepted."""
+        return tokens if self.path is None else tokens.gather(1, self.path)
+
+    def kept_nodes(self, num_drafts: int) -> torch.Tensor:
+        """(B, num_drafts) bool: which fed drafts stay in the sequence."""
+        b, device = self.count.shape[0], self.count.device
+        on_path = torch.arange(self.path.shape[1] if self.path is not None else num_drafts, device=device)
+        on_path = on_path[None, :] < self.count[:, None]  # (B, D)
+        if self.path is None:
+            return on_path
+        kept = torch.zeros(b, num_drafts, dtype=torch.long, device=device)
+        return kept.scatter_add_(1, self.path, on_path.long()) > 0
+
+
+def verify_tree(logits: torch.Tensor, tokens: torch.Tensor, tree: DraftTree, opts, generator) -> Acceptance:
+    """logits: (B, 1+N, V) the model's next-token logits at the root and at every node; tokens: (B, N)."""
+    t = tree.tensors
+    device = tokens.device
+    if opts.do_sample:
+        return _verify_tree_sampling(process_logits(logits, opts.temperature, opts.top_k, opts.top_p), tokens,
+                                     tree, generator)
+    target = logits.argmax(-1)  # (B, 1+N)
+    ok = tokens == target[:, t.parent_slot.to(device)]  # (B, N)
+    # A node is accepted when no node on its path failed: count the failures among its ancestors.
+    failures = (~ok).float() @ t.ancestors.to(device).T.float()  # (B, N)
+    score = torch.where(failures == 0, t.depth.to(device), 0)  # (B, N) depth of accepted nodes, else 0
+    count, node = score.max(-1)  # (B,), (B,): the first deepest accepted node (best ranks come first)
+    slot = torch.where(count > 0, node + 1, 0)
+    last = target.gather(1, slot[:, None]).squeeze(1)
+    return Acceptance(count, last, slot, t.path.to(device)[node])
+
+
+def _verify_tree_sampling(probs: torch.Tensor, tokens: torch.Tensor, tree: DraftTree,
+                          generator) -> Acceptance:
+    """probs: (B, 1+N, V) the model's processed distributions. See the module docstring for the rule."""
+    t = tree.tensors
+    b, device = tokens.shape[0], tokens.device
+    rows = torch.arange(b, device=device)
+    children = t.children.to(device)  # (1+N, C)
+    slot_tokens = torch.cat([tokens.new_zeros(b, 1), tokens], 1)  # (B, 1+N): a token per block slot
+    cur = torch.zeros(b, dtype=torch.long, device=device)  # current slot
+    active = torch.ones(b, dtype=torch.bool, device=device)
+    count = torch.zeros(b, dtype=torch.long, device=device)
+    residual = probs[:, 0].clone()  # (B, V)
+    for _ in range(tree.depth):
+        moved = torch.zeros_like(active)
+        for j in range(children.shape[1]):
+            child = children[cur, j]  # (B,)
+            can = active & ~moved & (child >= 0)
+            if not bool(can.any()):
+                break
+            x = slot_tokens[rows, child.clamp_min(0)]  # (B,)
+            p_x = residual[rows, x]
+            u = torch.rand(b, generator=generator, device=device)
+            take = can & (u < p_x)
+            refuse = can & ~take
+            residual[rows[refuse], x[refuse]] = 0.0
+            mass = residual.sum(-1, keepdim=True)
+            residual = torch.where(refuse[:, None], residual / mass.clamp_min(1e-30), residual)
+            cur = torch.where(take, child, cur)
+            moved |= take
+            residual = torch.where(take[:, None], probs[rows, cur], residual)
+        count += moved.long()
+        active &= moved
+        if not bool(active.any()):
+            break
+    # Rounding can leave a refused row without mass; p at the current node is then the answer (mass 0 exactly
+    # has probability 0 in exact arithmetic).
+    empty = residual.sum(-1) <= 0
+    residual = torch.where(empty[:, None], probs[rows, cur], residual)
+    node = (cur - 1).clamp_min(0)
+    return Acceptance(count, sample(residual, generator), cur, t.path.to(device)[node])
+
+
+def tree_candidates(topk_tokens: Sequence[torch.Tensor], tree: DraftTree) -> torch.Tensor:
+    """Node tokens (B, N) from each head's ranked candidates: topk_tokens[h] (B, widths[h])."""
+    t = tree.tensors
+    device = topk_tokens[0].device
+    out = torch.empty(topk_tokens[0].shape[0], tree.size, dtype=torch.long, device=device)
+    for h, cand in enumerate(topk_tokens):
+        nodes = (t.depth == h + 1).nonzero().squeeze(1)
+        out[:, nodes.to(device)] = cand[:, t.rank[nodes].to(device)]
+    return out
+
+
+def block_layout(pending: int, tree: DraftTree, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(within (w+N, w+N) bool, node depth (N,)) for a block of `pending` chain slots then the tree's nodes,
+    whose root is the last pending slot."""
+    return _block_layout(pending, tree, None if device is None else str(device))
+
+
+@functools.lru_cache(maxsize=64)
+def _block_layout(pending: int, tree: DraftTree, device: str | None):
+    t = tree.tensors
+    n, w = tree.size, pending
+    within = torch.zeros(w + n, w + n, dtype=torch.bool)
+    within[:w, :w] = torch.ones(w, w, dtype=torch.bool).tril()
+    within[w:, :w] = True  # nodes see every pending slot (the root is the last)
+    within[w:, w:] = t.ancestors
+    return within.to(device), t.depth.to(device)

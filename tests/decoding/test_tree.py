@@ -1,0 +1,308 @@
+"""Draft trees: layout against hand-written trees, tree speculative == greedy, exact sampling, tree shapes."""
+
+from __future__ import annotations
+
+import itertools
+import json
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from test_mask_decoding import mask_model
+
+from conftest import tiny_mtp
+from mtp.decoding.generate import DecodeOptions, DraftRequest, generate, left_pad
+from mtp.decoding.reference import reference_greedy, reference_next_token_probs
+from mtp.decoding.tree import (
+    TREE_STATS_KEY,
+    DraftTree,
+    _verify_tree_sampling,
+    block_layout,
+    build_tree,
+    expected_length,
+    resolve_tree,
+    tree_candidates,
+    verify_tree,
+)
+from mtp.errors import MTPError
+from mtp.models.cache import MTPCache
+
+# The module docstring's example.
+EXAMPLE = [(0,), (1,), (0, 0), (0, 1), (1, 0), (0, 0, 0)]
+
+
+def test_tree_tensors_match_the_hand_written_tree():
+    tree = DraftTree.from_paths(reversed(EXAMPLE))  # any order in, sorted by depth then rank
+    t = tree.tensors
+    assert tree.paths == tuple(EXAMPLE) and tree.size == 6 and tree.depth == 3 and tree.widths() == [2, 2, 1]
+    assert t.parent_slot.tolist() == [0, 0, 1, 1, 2, 3]
+    assert t.depth.tolist() == [1, 1, 2, 2, 2, 3]
+    assert t.rank.tolist() == [0, 1, 0, 1, 0, 0]
+    assert t.path.tolist() == [[0, 0, 0], [1, 1, 1], [0, 2, 2], [0, 3, 3], [1, 4, 4], [0, 2, 5]]
+    assert t.children.tolist() == [[1, 2], [3, 4], [5, -1], [6, -1], [-1, -1], [-1, -1], [-1, -1]]
+    # slot q sees kv: the root, its ancestors, itself
+    sees = {q: [kv for kv in range(7) if t.within[q, kv]] for q in range(7)}
+    assert sees == {0: [0], 1: [0, 1], 2: [0, 2], 3: [0, 1, 3], 4: [0, 1, 4], 5: [0, 2, 5], 6: [0, 1, 3, 6]}
+
+
+def test_block_layout_puts_the_tree_after_the_pending_tokens():
+    tree = DraftTree.from_paths(EXAMPLE)
+    within, depth = block_layout(2, tree)
+    assert within.shape == (8, 8) and depth.tolist() == [1, 1, 2, 2, 2, 3]
+    assert within[:2, :2].tolist() == [[True, False], [True, True]]
+    assert not within[:2, 2:].any()  # pending tokens never see a node
+    assert within[2:, :2].all()
+    assert within[7].tolist() == [True, True, True, False, True, False, False, True]  # node 5: nodes 0, 2, 5
+
+
+def test_chain_is_the_tree_of_width_one():
+    chain = DraftTree.chain(3)
+    assert chain.is_chain and chain.paths == ((0,), (0, 0), (0, 0, 0)) and chain.widths() == [1, 1, 1]
+    assert not DraftTree.from_paths(EXAMPLE).is_chain
+    assert DraftTree.from_paths(EXAMPLE).truncate(2).paths == tuple(EXAMPLE[:5])
+
+
+def test_malformed_trees_are_refused():
+    with pytest.raises(MTPError, match="no parent"):
+        DraftTree.from_paths([(0,), (1, 0)])
+    with pytest.raises(MTPError, match="ranks are >= 0"):
+        DraftTree.from_paths([(0,), (0, -1)])
+    with pytest.raises(MTPError, match="at least one path"):
+        DraftTree.from_paths([])
+
+
+def test_greedy_tree_verification_keeps_the_deepest_accepted_path():
+    tree = DraftTree.from_paths(EXAMPLE)
+    v = 10
+    # The model's argmax after root, node 0, 1, 2, 3, 4, 5 (slots 0..6).
+    target = torch.tensor([[4, 7, 1, 2, 9, 5, 3]])
+    logits = torch.nn.functional.one_hot(target, v).float()  # (1, 7, V)
+    tokens = torch.tensor([[5, 4, 7, 8, 1, 2]])  # node 1 (=4) right, then node 4 (=1) right, node 0 wrong
+    acc = verify_tree(logits, tokens, tree, DecodeOptions(), None)
+    assert acc.count.tolist() == [2] and acc.slot.tolist() == [5] and acc.last.tolist() == [5]
+    assert acc.path_tokens(tokens)[0, :2].tolist() == [4, 1]
+    assert acc.kept_nodes(6).tolist() == [[False, True, False, False, True, False]]
+    none = verify_tree(logits, torch.tensor([[0, 0, 0, 0, 0, 0]]), tree, DecodeOptions(), None)
+    assert none.count.tolist() == [0] and none.slot.tolist() == [0] and none.last.tolist() == [4]
+
+
+def test_tree_sampling_verification_keeps_the_target_distribution():
+    """With deterministic candidates (siblings tried in turn), the first emitted token's law is exactly p."""
+    tree = DraftTree.from_paths([(0,), (1,), (2,), (0, 0)])
+    v, n = 5, 200_000
+    p = torch.tensor([0.05, 0.4, 0.25, 0.2, 0.1])
+    probs = p.expand(n, 5, v).clone()
+    tokens = torch.tensor([[3, 1, 0, 2]]).expand(n, 4)  # candidates 3, 1, 0 at depth 1
+    gen = torch.Generator().manual_seed(0)
+    acc = _verify_tree_sampling(probs, tokens, tree, gen)
+    first = torch.where(acc.count > 0, acc.path_tokens(tokens)[:, 0], acc.last)
+    freq = torch.bincount(first, minlength=v).float() / n
+    assert torch.allclose(freq, p, atol=0.005)
+    # after an accepted first candidate (node 0, token 3) the child (token 2) is judged with p again
+    second = torch.where(acc.count > 1, acc.path_tokens(tokens)[:, 1], acc.last)[first == 3]
+    assert torch.allclose(torch.bincount(second, minlength=v).float() / len(second), p, atol=0.02)
+
+
+def test_tree_candidates_pick_each_nodes_rank():
+    tree = DraftTree.from_paths(EXAMPLE)
+    ranked = [torch.tensor([[10, 11]]), torch.tensor([[20, 21]]), torch.tensor([[30]])]
+    assert tree_candidates(ranked, tree).tolist() == [[10, 11, 20, 21, 20, 30]]
+
+
+def test_keep_path_moves_the_accepted_nodes_after_the_root():
+    cache = MTPCache(batch_size=2, max_len=16, num_stacks=1)
+    stack = cache.stack(0)
+    prompt = torch.arange(3, dtype=torch.float64).view(1, 1, 3, 1).expand(2, 1, 3, 1)
+    cache.prepare_block(torch.ones(2, 3, dtype=torch.bool), torch.float64)
+    stack.update(prompt, prompt, 0)
+    cache.commit_block(torch.ones(2, 3, dtype=torch.bool))
+    block = 100 + torch.arange(7, dtype=torch.float64).view(1, 1, 7, 1).expand(2, 1, 7, 1)  # root + 6 nodes
+    cache.prepare_block(torch.ones(2, 7, dtype=torch.bool), torch.float64)
+    stack.update(block, block, 0)
+    cache.commit_block(torch.ones(2, 7, dtype=torch.bool))
+    tree = DraftTree.from_paths(EXAMPLE)
+    path = tree.tensors.path[torch.tensor([5, 4])]  # row 0 keeps nodes 0, 2, 5; row 1 keeps nodes 1, 4
+    cache.keep_path(7, 1, torch.tensor([3, 2]), path)
+    assert cache.length == 3 + 4
+    keys = stack.keys[0][:, 0, :, 0]
+    assert keys[0, :7].tolist() == [0, 1, 2, 100, 101, 103, 106]
+    assert keys[1, :6].tolist() == [0, 1, 2, 100, 102, 105]
+    assert cache.valid[0, :7].all() and cache.valid[1, :6].all() and not cache.valid[1, 6:].any()
+    assert cache.next_pos.tolist() == [7, 6]
+
+
+def random_tree(draw, depth: int) -> DraftTree:
+    """A random prefix-closed tree of at most `depth` levels: children added under random existing nodes."""
+    paths = {(0,)}
+    for _ in range(draw(st.integers(0, 12))):
+        parent = draw(st.sampled_from(sorted(paths) + [()]))
+        if len(parent) < depth:
+            paths.add(parent + (draw(st.integers(0, 3)),))
+    return DraftTree.from_paths(paths)
+
+
+def ranked_oracle(reference: list[list[int]], tree: DraftTree, corrupt: float, seed: int, vocab: int):
+    """Ranked candidates per head: the true token at a random rank (sometimes nowhere), others off by one."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def propose(req: DraftRequest):
+        d = req.hidden_at.shape[1]
+        width = 4
+        ranked = torch.zeros(len(req.rows), d, width, dtype=torch.long)
+        for i, (row, done) in enumerate(zip(req.rows.tolist(), req.produced.tolist(), strict=True)):
+            future = reference[row][done:done + d] + [0] * d
+            for h in range(d):
+                wrong = [(future[h] + 1 + r) % vocab for r in range(width)]
+                ranked[i, h] = torch.tensor(wrong)
+                if torch.rand((), generator=gen) >= corrupt:
+                    ranked[i, h, int(torch.randint(0, width, (), generator=gen))] = future[h]
+        return ranked, None
+
+    return propose
+
+
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data())
+def test_tree_speculative_equals_greedy_equals_reference(data):
+    family = data.draw(st.sampled_from(["llama", "gpt2"]))
+    num_heads = data.draw(st.integers(2, 5))
+    vocab = data.draw(st.integers(8, 48))
+    seed = data.draw(st.integers(0, 10_000))
+    model = tiny_mtp(family, num_heads=num_heads, seed=seed, dtype=torch.float64, vocab_size=vocab)
+    prompts = [data.draw(st.lists(st.integers(0, vocab - 1), min_size=1, max_size=9))
+               for _ in range(data.draw(st.integers(1, 3)))]
+    max_new = data.draw(st.integers(1, 16))
+    stop = data.draw(st.lists(st.integers(0, vocab - 1), max_size=1))
+    tree = random_tree(data.draw, num_heads - 1)
+    ids, mask = left_pad(prompts)
+    reference = [reference_greedy(model, p, max_new, stop) for p in prompts]
+    if data.draw(st.booleans()):
+        model.set_draft_vocab(data.draw(st.lists(st.integers(0, vocab - 1), min_size=4, max_size=vocab,
+                                                 unique=True)))
+    adaptive = data.draw(st.booleans())
+    spec = generate(model, ids, mask, max_new_tokens=max_new, strategy="speculative", stop_token_ids=stop,
+                    tree=tree, adaptive_draft=adaptive)
+    assert spec.tokens == reference
+    # Drafts that are often right somewhere in the tree: rows keep different paths and lengths.
+    corrupt = data.draw(st.sampled_from([0.0, 0.3, 0.7]))
+    oracle = generate(model, ids, mask, max_new_tokens=max_new, strategy="speculative", stop_token_ids=stop,
+                      tree=tree, adaptive_draft=adaptive, proposer=ranked_oracle(reference, tree, corrupt, seed, vocab))
+    assert oracle.tokens == reference
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_perfect_candidates_accept_the_whole_deepest_path(family):
+    """The truth always sits at the ranks of one deepest path (1, 0, 2): every step keeps all three."""
+    model = tiny_mtp(family, num_heads=4, dtype=torch.float64, vocab_size=32)
+    prompts = [[1, 2, 3], [4, 5], [6]]
+    reference = [reference_greedy(model, p, 40) for p in prompts]
+    tree = DraftTree.from_paths([(0,), (1,), (1, 0), (0, 1), (1, 0, 2), (1, 0, 0)])
+
+    def propose(req: DraftRequest):
+        d = req.hidden_at.shape[1]
+        ranked = torch.zeros(len(req.rows), d, 3, dtype=torch.long)
+        for i, (row, done) in enumerate(zip(req.rows.tolist(), req.produced.tolist(), strict=True)):
+            future = reference[row][done:done + d] + [0] * d
+            for h, rank in enumerate((1, 0, 2)[:d]):
+                ranked[i, h] = torch.tensor([(future[h] + 1 + r) % 32 for r in range(3)])
+                ranked[i, h, rank] = future[h]
+        return ranked, None
+
+    ids, mask = left_pad(prompts)
+    out = generate(model, ids, mask, max_new_tokens=40, strategy="speculative", stop_token_ids=[], tree=tree,
+                   proposer=propose)
+    assert out.tokens == reference
+    assert out.stats.acceptance == [1.0, 1.0, 1.0]
+    assert out.stats.forward_passes == 1 + 10  # the prefill's token, then 4 per forward
+
+
+def test_tree_sampling_matches_the_model_distribution():
+    """3000 sampled continuations through a tree: the first two tokens' joint law is the model's."""
+    model = tiny_mtp("llama", num_heads=3, vocab_size=6, seed=3)
+    tree = DraftTree.from_paths([(0,), (1,), (2,), (0, 0), (0, 1), (1, 0)])
+    prompt, n = [1, 2], 3000
+    out = generate(model, torch.tensor([prompt] * n), max_new_tokens=2, strategy="speculative", do_sample=True,
+                   seed=0, stop_token_ids=[], tree=tree)
+    first = torch.tensor([t[0] for t in out.tokens])
+    second = torch.tensor([t[1] for t in out.tokens])
+    p1 = reference_next_token_probs(model, prompt)
+    assert torch.allclose(torch.bincount(first, minlength=6).float() / n, p1, atol=0.03)
+    top = int(p1.argmax())
+    p2 = reference_next_token_probs(model, prompt + [top])
+    picked = second[first == top]
+    assert torch.allclose(torch.bincount(picked, minlength=6).float() / len(picked), p2, atol=0.05)
+
+
+def test_build_tree_is_optimal_for_its_model():
+    """Against every prefix-closed tree of the same size over 3 ranks x 2 depths."""
+    stats = [[0.5, 0.2, 0.1], [0.6, 0.15, 0.05]]
+    candidates = [(r,) for r in range(3)] + [(r, s) for r in range(3) for s in range(3)]
+    for size in (1, 3, 5):
+        best = expected_length(build_tree(stats, size), stats)
+        for subset in itertools.combinations(candidates, size):
+            if all(len(p) == 1 or p[:1] in subset for p in subset):
+                assert expected_length(DraftTree.from_paths(subset), stats) <= best + 1e-12
+    assert build_tree(stats, 2).paths == ((0,), (0, 0))
+
+
+def test_resolve_tree(tmp_path):
+    folder = tmp_path / "run"
+    folder.mkdir()
+    assert resolve_tree("chain", 8, 3, folder) is None
+    assert resolve_tree("auto", 5, 3, folder).size == 5  # no statistics: the stand-in
+    (folder / "eval.json").write_text(json.dumps({TREE_STATS_KEY: [[0.9, 0.05], [0.1, 0.8], [0.5, 0.1]]}))
+    assert resolve_tree("auto", 2, 3, folder).paths == ((0,), (0, 1))
+    assert resolve_tree("[[0], [0, 1]]", None, 3, None).paths == ((0,), (0, 1))
+    spec = tmp_path / "tree.json"
+    spec.write_text("[[0], [1], [0, 0]]")
+    assert resolve_tree(str(spec), None, 3, None).size == 3
+    with pytest.raises(MTPError, match="depth 4"):
+        resolve_tree("[[0], [0, 0], [0, 0, 0], [0, 0, 0, 0]]", None, 3, None)
+    with pytest.raises(MTPError, match="not valid JSON"):
+        resolve_tree("[[0],", None, 3, None)
+    with pytest.raises(MTPError, match="not 'auto'"):
+        resolve_tree(str(tmp_path / "missing.json"), None, 3, None)
+    with pytest.raises(MTPError, match="more than --tree-size"):
+        resolve_tree("[[0], [1], [2]]", 2, 3, None)
+
+
+def test_generate_refuses_trees_where_they_do_not_apply():
+    model = tiny_mtp("llama", num_heads=3)
+    with pytest.raises(MTPError, match="speculative"):
+        generate(model, torch.tensor([[1, 2]]), max_new_tokens=4, strategy="confadapt", tree="auto")
+    with pytest.raises(MTPError, match="drafts at most"):
+        generate(model, torch.tensor([[1, 2]]), max_new_tokens=4, strategy="speculative",
+                 tree="[[0], [0, 0], [0, 0, 0]]")
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data())
+def test_mask_token_tree_speculative_equals_greedy(data):
+    """The same tree machinery with mask tokens drafting: a group of masks after every node."""
+    family = data.draw(st.sampled_from(["llama", "gpt2"]))
+    adapter = data.draw(st.sampled_from(["full", "gated-lora"]))
+    vocab = data.draw(st.integers(8, 40))
+    model = mask_model(family, adapter, data.draw(st.integers(0, 10_000)), vocab)
+    k = data.draw(st.integers(2, 4))
+    prompts = [data.draw(st.lists(st.integers(0, vocab - 1), min_size=1, max_size=7))
+               for _ in range(data.draw(st.integers(1, 2)))]
+    max_new = data.draw(st.integers(1, 16))
+    ids, mask = left_pad(prompts)
+    reference = [reference_greedy(model, p, max_new) for p in prompts]
+    tree = random_tree(data.draw, k - 1)
+    spec = generate(model, ids, mask, max_new_tokens=max_new, strategy="speculative", k=k, stop_token_ids=[],
+                    tree=tree)
+    assert spec.tokens == reference
+
+
+def test_mask_block_layout_with_a_tree():
+    from mtp.decoding.drafters import mask_block_layout
+
+    tree = DraftTree.from_paths([(0,), (1,), (0, 0)])  # pending 1 slot (the root), 3 nodes, groups of 1 mask
+    lay = mask_block_layout(4, 0, 4, 1, tree=tree)
+    w = lay.within.int().tolist()
+    assert lay.depth.tolist() == [1, 1, 2]
+    assert w[3] == [1, 1, 0, 1, 0, 0, 0, 0]  # node (0, 0): root, node 0, itself
+    assert w[7] == [1, 1, 0, 1, 0, 0, 0, 1]  # the mask after node (0, 0): what that node sees, itself
+    assert w[6] == [1, 0, 1, 0, 0, 0, 1, 0]  # the mask after node (1,)
