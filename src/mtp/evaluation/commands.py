@@ -145,6 +145,7 @@ def bench(
     prompt_lookup_tokens: int = 10,
     gguf: str | None = None,
     llamacpp: bool = True,
+    llamacpp_inline: bool = False,
     rotate: bool = True,
     threads: int | None = None,
     progress: bool = True,
@@ -167,7 +168,9 @@ def bench(
         hf: run transformers generate() greedy and prompt lookup (the reference)
         prompt_lookup_tokens: transformers prompt_lookup_num_tokens (0: leave prompt lookup out)
         gguf: the GGUF llama.cpp runs (default: the embedded default's, when --model is the default)
-        llamacpp: run llama.cpp when llama-cpp-python is installed
+        llamacpp: run llama.cpp when llama-cpp-python is installed (pip install 'mtp[llamacpp]' or make
+            setup-peers), in a process of its own with as many threads as torch, torch's threads idle meanwhile
+        llamacpp_inline: also run llama.cpp in the bench process, beside torch's threads (row llama.cpp-inline)
         rotate: rotate the order of the methods from prompt to prompt
         threads: torch CPU threads (default: torch's choice); llama.cpp uses the same number
         progress: progress bar
@@ -189,7 +192,7 @@ def bench(
                              taus=taus, static_k=static_k, fp16=fp16, int8=int8, hf=hf,
                              prompt_lookup_tokens=prompt_lookup_tokens,
                              gguf=gguf if gguf is not None else (_default_gguf() if model is None else None),
-                             llamacpp=llamacpp, rotate=rotate, progress=progress,
+                             llamacpp=llamacpp, llamacpp_inline=llamacpp_inline, rotate=rotate, progress=progress,
                              gguf_note=None if gguf is not None or model is None else
                              "llama.cpp skipped: pass --gguf FILE with the same model as GGUF")
 
@@ -206,7 +209,7 @@ def _default_gguf() -> str | None:
 def run_bench_command(m, *, model_label: str, prompts: str, limit: int, max_new_tokens: int, output: Path,
                       shots: int, chat: bool | None, taus, static_k, int8: bool, hf: bool, prompt_lookup_tokens: int,
                       gguf: str | None, llamacpp: bool, rotate: bool, progress: bool,
-                      gguf_note: str | None = None, fp16: bool = True,
+                      gguf_note: str | None = None, fp16: bool = True, llamacpp_inline: bool = False,
                       extra_models: list[tuple[str, object]] = ()) -> int:
     from mtp.evaluation.bench import (
         JOURNAL,
@@ -233,7 +236,7 @@ def run_bench_command(m, *, model_label: str, prompts: str, limit: int, max_new_
     methods = build_methods(m, tok, taus=taus if taus is not None else (0.9, 0.7, 0.5), static_k=static_k, hf=hf,
                             prompt_lookup_tokens=prompt_lookup_tokens, fp16=fp16, int8=int8,
                             gguf=gguf if llamacpp else None, llamacpp_ctx=longest + max_new_tokens + 16,
-                            notes=notes)
+                            llamacpp_inline=llamacpp_inline, notes=notes)
     from mtp.evaluation.bench import multi_token_methods
 
     for label, other in extra_models:
