@@ -284,7 +284,8 @@ def _describe(m, label: str) -> str:
 # ------------------------------------------------------------------------------------------------ demo
 def demo(
     output: str | None = None,
-    train_limit: int = 600,
+    budget_minutes: float = 30.0,
+    train_limit: int | None = None,
     train_epochs: float = 3.0,
     limit: int = 4,
     max_new_tokens: int = 96,
@@ -295,7 +296,10 @@ def demo(
 
     Args:
         output: demo folder (default: $MTP_HOME/demo): the trained model in smollm2-mtp4/, the report in bench/
-        train_limit: GSM8K training questions answered by the model itself (self-distilled targets)
+        budget_minutes: the whole demo in about this many minutes: the model answers as many GSM8K training
+            questions itself (self-distilled targets) as leave time for training on them and the benchmark,
+            measured on its first batch; the more questions, the better the heads
+        train_limit: at most this many GSM8K training questions (default: all 7,473; the budget decides)
         train_epochs: passes over those answers in head training (4-row steps, frozen trunk)
         limit: GSM8K test problems in the benchmark
         max_new_tokens: new tokens per problem in the benchmark
@@ -305,5 +309,5 @@ def demo(
     from mtp.evaluation.demo import run_demo
 
     set_threads(threads)
-    return run_demo(output=output, train_limit=train_limit, train_epochs=train_epochs, limit=limit,
-                    max_new_tokens=max_new_tokens, progress=progress)
+    return run_demo(output=output, budget_minutes=budget_minutes, train_limit=train_limit,
+                    train_epochs=train_epochs, limit=limit, max_new_tokens=max_new_tokens, progress=progress)
