@@ -340,6 +340,7 @@ def _sharp_tiny_llama():
     depends on the context, and its logits are far enough apart that llama.cpp's float32 arithmetic (another
     summation order) picks the same argmax as ours."""
     import torch
+
     from gguf_helpers import tiny_model
 
     model = tiny_model(tie=False)

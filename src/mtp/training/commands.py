@@ -306,7 +306,7 @@ def _count_within_budget(model, tokenizer, examples: list, a: _Args, cache: Path
                                budgets=[max(0, a.seq_len - len(p)) for p in prompts], cache_path=cache,
                                batch_size=a.gen_batch_size, model_key=key, progress=a.progress, trunk_sink=sink)
     print(f"mtp train: {n} of {len(examples)} questions fit in --answer-minutes {a.answer_minutes:g} "
-          f"(measured on the first batch of {min(a.gen_batch_size, len(examples))})", flush=True)
+          f"(extrapolated from a batch of {min(a.gen_batch_size, len(examples))})", flush=True)
     return n
 
 

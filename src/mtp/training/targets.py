@@ -218,7 +218,7 @@ def answers_within_minutes(
     answered are skipped (no speed to measure there): the next one is measured instead.
 
     The measured batch comes in file order while the run answers its prompts sorted by length (less padding), so
-    the estimate errs on the short side."""
+    the count errs low (padding to the longest prompt of a batch costs more unsorted)."""
     if minutes <= 0:
         raise MTPError(f"the answering budget must be > 0 minutes, got {minutes:g}")
     budgets = [max_new_tokens] * len(prompts) if budgets is None else [min(b, max_new_tokens) for b in budgets]
@@ -235,7 +235,7 @@ def answers_within_minutes(
                                cache_path=cache_path, batch_size=batch_size, budgets=[budgets[i] for i in chunk],
                                model_key=model_key, stop_token_ids=stop_token_ids, progress=progress,
                                trunk_sink=trunk_sink, ids=chunk, desc="self-distilled targets (measuring speed)")
-        per_answer = (time.perf_counter() - t) / len(missing)
+        per_answer = max(time.perf_counter() - t, 1e-9) / len(missing)
         return max(chunk[-1] + 1, min(len(prompts), int(minutes * 60 / per_answer)))
     return len(prompts)  # all answered already
 
