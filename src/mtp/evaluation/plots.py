@@ -7,7 +7,8 @@ from pathlib import Path
 from mtp.evaluation.bench import HF_GREEDY, OUR_GREEDY
 from mtp.io import atomic_path
 
-_COLORS = {"transformers": "tab:gray", "mtp": "tab:blue", "mtp-int8": "tab:green", "llama.cpp": "tab:orange"}
+_COLORS = {"transformers": "tab:gray", "mtp": "tab:blue", "mtp-int8": "tab:green", "llama.cpp": "tab:orange",
+           "llama.cpp-inline": "tab:brown"}
 
 
 def quality_axis(report: dict) -> tuple[str, str]:
