@@ -5,9 +5,20 @@ BIN := $(VENV)/bin
 TORCH_PIN := torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test test-fast lint demo bench clean
+PEERS_STAMP := $(VENV)/.peers-installed
+
+.PHONY: setup setup-peers test test-fast lint demo bench clean
 
 setup: $(STAMP)
+
+# The peers `mtp bench` compares with, beyond transformers: llama.cpp (the `llamacpp` extra, llama-cpp-python,
+# which compiles llama.cpp from source: about 10 minutes on 2 cores, once). `mtp bench` and `mtp demo` add its row
+# whenever it is installed.
+setup-peers: $(PEERS_STAMP)
+
+$(PEERS_STAMP): $(STAMP)
+	$(BIN)/pip install -q -e ".[llamacpp]" "$(TORCH_PIN)"
+	@touch $(PEERS_STAMP)
 
 # Re-runs only when the project's dependencies change; a no-op takes well under a second.
 $(STAMP): pyproject.toml

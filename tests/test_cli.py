@@ -89,6 +89,8 @@ def test_generate_prompts_file_to_jsonl(tiny_mtp_folder, tmp_path, capsys):
     (["generate"], "exactly one of --prompt or --prompts-file"),
     (["info", "--model", "./no/such/folder"], "not found"),
     (["generate", "--prompt", "hi", "--threads", "0"], "--threads must be >= 1"),
+    (["train", "--output", "x", "--targets", "self", "--answer-minutes", "0"], "--answer-minutes must be > 0"),
+    (["demo", "--budget-minutes", "-1"], "--budget-minutes must be > 0"),
 ])
 def test_bad_input_is_one_line_exit_2(args, message, capsys):
     code, _, err = run_cli(args, capsys)

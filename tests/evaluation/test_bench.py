@@ -12,9 +12,11 @@ from mtp.evaluation.bench import (
     BenchRun,
     CallResult,
     Method,
+    agreement,
     build_methods,
     build_report,
     format_table,
+    llamacpp_installed,
     run_bench,
     schedule,
     write_report,
@@ -139,7 +141,64 @@ def test_report_figures_by_hand():
     assert [c["order"] for c in report["calls"]] == list(range(8))
     table = format_table(report)
     assert table.splitlines()[0].startswith("| method | tokens/s | speedup vs HF greedy")
-    assert "| speculative | 6.0 | 3.00x | 2.00x | 2.00 | 2/2 | 1/2 | 50% ± 50 | 0% ± 0 |" in table
+    assert "| speculative | 6.0 | 3.00x | 2.00x | 2.00 | 2/2 | 100% | 1/2 | 50% ± 50 | 0% ± 0 |" in table
+    # agreement with our greedy, token-weighted: static-k2 keeps 3 of 4 tokens, then 2 of 3 (it runs on)
+    assert rows["static-k2"]["agreement_with_greedy"] == round(5 / 7, 4)
+    assert rows["hf-greedy"]["agreement_with_greedy"] == round(5 / 6, 4)  # [8, 1] against [8, 2]
+    assert rows["greedy"]["agreement_with_greedy"] == 1.0 and rows["speculative"]["agreement_with_greedy"] == 1.0
+    assert "| static-k2 | 11.0 | 5.50x | 3.50x | 1.75 | 0/2 | 71% | 0/2 |" in table
+
+
+def test_agreement_by_hand():
+    assert agreement([([1, 2, 3], [1, 2, 3])]) == (1.0, 1.0)
+    assert agreement([([1, 9, 3, 4], [1, 2, 3, 4])]) == (0.25, 0.75)  # positional counts the re-synchronised tail
+    assert agreement([([1, 2], [1, 2, 3, 4])]) == (0.5, 0.5)  # stopped early
+    assert agreement([([1, 2, 3, 4, 5, 6], [1, 2, 3, 4])]) == (4 / 6, 4 / 6)  # ran on past the reference's end
+    assert agreement([([5], [6, 7, 8])]) == (0.0, 0.0)
+    assert agreement([([1, 2], [1, 2]), ([5], [6, 7, 8])]) == (0.4, 0.4)  # weighted by tokens, not by prompts
+    assert agreement([([], [])]) == (1.0, 1.0) and agreement([([], [1])]) == (0.0, 0.0)
+
+
+def _plotted(report, tmp_path, monkeypatch):
+    """(x label, x of every point) of the speed-accuracy plot drawn for `report`."""
+    import matplotlib.axes
+
+    from mtp.evaluation.plots import plot_speed_accuracy
+
+    seen = {"xs": []}
+    scatter, set_xlabel = matplotlib.axes.Axes.scatter, matplotlib.axes.Axes.set_xlabel
+
+    def spy_scatter(self, x, y, *args, **kwargs):
+        seen["xs"] += list(x)
+        return scatter(self, x, y, *args, **kwargs)
+
+    def spy_xlabel(self, label, *args, **kwargs):
+        seen["label"] = label
+        return set_xlabel(self, label, *args, **kwargs)
+
+    monkeypatch.setattr(matplotlib.axes.Axes, "scatter", spy_scatter)
+    monkeypatch.setattr(matplotlib.axes.Axes, "set_xlabel", spy_xlabel)
+    assert plot_speed_accuracy(report, tmp_path / "p.png").read_bytes()[:8] == PNG
+    return seen["label"], seen["xs"]
+
+
+def test_plot_uses_agreement_when_every_accuracy_is_zero(tmp_path, monkeypatch):
+    from mtp.evaluation.plots import quality_axis
+
+    def row(name, accuracy, agreement_):
+        return {"method": name, "engine": "mtp", "prompts": 2, "speedup_vs_greedy": 1.5,
+                "accuracy_flexible": accuracy, "agreement_with_greedy": agreement_, "equal_to_greedy": 0}
+
+    flat = {"gsm8k_scored": True, "methods": [row("greedy", 0.0, 1.0), row("static-k2", 0.0, 0.25)]}
+    assert quality_axis(flat)[0] == "agreement_with_greedy"
+    label, xs = _plotted(flat, tmp_path, monkeypatch)
+    assert "greedy output" in label and "0% for every method" in label and xs == [100.0, 25.0]
+    scored = {"gsm8k_scored": True, "methods": [row("greedy", 0.5, 1.0), row("static-k2", 0.0, 0.25)]}
+    assert quality_axis(scored)[0] == "accuracy_flexible"
+    label, xs = _plotted(scored, tmp_path, monkeypatch)
+    assert label.startswith("GSM8K accuracy") and xs[-2:] == [50.0, 0.0]
+    free = {"gsm8k_scored": False, "methods": [row("greedy", None, 1.0), row("static-k2", None, 0.5)]}
+    assert quality_axis(free)[0] == "agreement_with_greedy"
 
 
 # ------------------------------------------------------------------------------------------------ on a tiny model
@@ -258,3 +317,65 @@ def test_mask_token_models_beside_the_heads(tiny_model_dir, tiny_tokenizer, gsm8
     assert rows["lora:speculative"]["equal_to_greedy"] == 2  # gated LoRA: exactly the base model's answers
     assert rows["full:speculative"]["equal_to_lossless_reference"] == 2  # its own greedy answers
     assert rows["lora:static-k2"]["tokens_per_forward"] > 1.0
+
+
+# ------------------------------------------------------------------------------------------------ llama.cpp
+def test_llamacpp_is_left_out_with_one_note_without_the_package(tiny_tokenizer, tmp_path, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "llama_cpp", None)  # `import llama_cpp` raises ImportError now
+    assert not llamacpp_installed()
+    gguf = tmp_path / "model.gguf"
+    gguf.write_bytes(b"GGUF")
+    notes: list[str] = []
+    methods = build_methods(make_model(tiny_tokenizer, num_heads=2), tiny_tokenizer, taus=[], hf=False, fp16=False,
+                            gguf=gguf, llamacpp_inline=True, notes=notes)
+    assert [m.name for m in methods] == ["greedy", "speculative", "static-k2"]
+    assert len(notes) == 1 and notes[0].startswith("llama.cpp skipped: llama-cpp-python is not installed")
+
+
+def _sharp_tiny_llama():
+    """The GGUF tests' tiny Llama (untied unembedding) with weights of unit-scale outputs instead of the 0.02
+    initialisation, whose near-empty layers and tied unembedding just repeat the last token: its greedy text
+    depends on the context, and its logits are far enough apart that llama.cpp's float32 arithmetic (another
+    summation order) picks the same argmax as ours."""
+    import torch
+
+    from gguf_helpers import tiny_model
+
+    model = tiny_model(tie=False)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 2:  # embeddings: unit entries; projections: unit-variance outputs
+                scale = 1.0 if "embed" in name else p.shape[1] ** -0.5
+                p.copy_(torch.randn(p.shape, generator=gen) * scale)
+    return model
+
+
+@pytest.mark.llamacpp
+@pytest.mark.skipif(not llamacpp_installed(), reason="llama-cpp-python is not installed (make setup-peers)")
+def test_llamacpp_rows_decode_like_our_greedy_on_a_tiny_gguf(tmp_path):
+    from gguf_helpers import tiny_tokenizer, write_tiny_gguf
+    from mtp import MTPModel
+
+    base = _sharp_tiny_llama()
+    gguf = write_tiny_gguf(tmp_path / "tiny.gguf", base)
+    tok = tiny_tokenizer()
+    model = MTPModel.from_base(base, num_heads=2).eval()
+    model.tokenizer = tok
+    notes: list[str] = []
+    methods = build_methods(model, tok, taus=[], static_k=[], hf=False, fp16=False, gguf=gguf, llamacpp_ctx=64,
+                            llamacpp_inline=True, notes=notes)
+    assert [m.name for m in methods] == ["greedy", "speculative", "llama.cpp", "llama.cpp-inline"]
+    assert "in a process of its own" in methods[2].description and "in the bench process" in methods[3].description
+    assert any(n.startswith("llama.cpp: ") for n in notes)
+    texts = ["hi there", "she sat on the mat", "the thin hen", "quiet night"]
+    prompts = [Prompt(i, "", tok(text)["input_ids"]) for i, text in enumerate(texts)]
+    run = run_bench(methods, prompts, 12, progress=False)
+    rows = {r["method"]: r for r in build_report(run, tok)["methods"]}
+    greedy = [c["tokens"] for c in run.calls if c["method"] == "greedy"]
+    assert all(len(t) == 12 for t in greedy)  # no end token in the way: 12 tokens to compare
+    assert all(len(set(t)) > 3 for t in greedy)  # a text, not one token repeated
+    assert rows["llama.cpp"]["equal_to_greedy"] == 4 and rows["llama.cpp-inline"]["equal_to_greedy"] == 4
+    assert all(c["seconds"] > 0 and c["first_token_seconds"] is not None for c in run.calls)

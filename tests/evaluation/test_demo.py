@@ -8,7 +8,16 @@ import pytest
 from eval_helpers import make_model
 
 from mtp.errors import MTPError
-from mtp.evaluation.demo import RUN_NAME, is_finished_run, run_demo, train_settings
+from mtp.evaluation.demo import (
+    BENCH_MINUTES,
+    MIN_ANSWER_MINUTES,
+    RUN_NAME,
+    TRAIN_PER_ANSWER,
+    answer_minutes,
+    is_finished_run,
+    run_demo,
+    train_settings,
+)
 from mtp.training.commands import train
 
 pytest_plugins = ["eval_fixtures"]  # fixtures: tiny_tokenizer, tiny_model_dir, gsm8k_file
@@ -42,6 +51,9 @@ def test_demo_trains_once_then_reuses(tiny_tokenizer, tmp_path, capsys):
     call = fake.calls[0]
     assert call["freeze_trunk"] is True and call["targets"] == "self" and call["num_heads"] == 4
     assert call["resume"] is False and call["limit"] == 4 and call["epochs"] == 2
+    # the default budget (30 min) less the bench's share, split between answering and training 2 epochs
+    assert 0.99 * (30 - BENCH_MINUTES) / (1 + TRAIN_PER_ANSWER * 2 / 3) < call["answer_minutes"] <= \
+        (30 - BENCH_MINUTES) / (1 + TRAIN_PER_ANSWER * 2 / 3)
     report = json.loads((tmp_path / "bench" / "report.json").read_text())
     assert [r["method"] for r in report["methods"]] == ["hf-greedy", "greedy", "speculative", "confadapt-tau0.5",
                                                         "static-k2", "static-k4", "greedy-fp16", "speculative-fp16"]
@@ -64,6 +76,34 @@ def test_demo_resumes_an_interrupted_training(tiny_tokenizer, tmp_path):
     fake = FakeTrain(tiny_tokenizer)
     _demo(tmp_path, fake, hf=False, limit=1, taus=())
     assert fake.calls[0]["resume"] is True
+    assert fake.calls[0]["answer_minutes"] is None  # the run's own budget and measured count (train_config.json)
+
+
+def test_answer_minutes_split_the_budget():
+    assert answer_minutes(30, 1, 3) == (30 - 1 - BENCH_MINUTES) / (1 + TRAIN_PER_ANSWER)
+    assert answer_minutes(60, 1, 3) > 2 * answer_minutes(30, 1, 3)  # the bench's share does not grow
+    assert answer_minutes(30, 1, 6) < answer_minutes(30, 1, 3)  # more epochs: more of the budget for training
+    assert answer_minutes(3, 0, 3) == MIN_ANSWER_MINUTES  # nothing left after the bench: one batch all the same
+
+
+def test_a_small_budget_answers_one_batch_and_the_demo_completes(tiny_tokenizer, gsm8k_file, tmp_path, capsys):
+    """The real `mtp train` on a tiny 4-head model: a budget spent before answering answers one batch of 2 of
+    the 5 questions, and the demo trains on them and benchmarks."""
+    folder = tmp_path / "tiny4"
+    make_model(tiny_tokenizer, num_heads=4).save_pretrained(folder, tokenizer=tiny_tokenizer)
+
+    def tiny_train(**kwargs):
+        return train(**{**kwargs, "model": str(folder), "data": str(gsm8k_file), "seq_len": 96,
+                        "max_new_tokens": 6, "gen_batch_size": 2})
+
+    root = tmp_path / "demo"
+    assert run_demo(root, budget_minutes=1.0, train_epochs=1, limit=1, max_new_tokens=4, progress=False,
+                    llamacpp=False, hf=False, taus=(), ensure_base=lambda: "(tiny)", train_fn=tiny_train) == 0
+    out = capsys.readouterr().out
+    assert "no time to answer" in out and "2 of 5 questions fit" in out
+    config = json.loads((root / RUN_NAME / "train_config.json").read_text())
+    assert config["args"]["_answer_count"] == 2 and config["args"]["answer_minutes"] == MIN_ANSWER_MINUTES
+    assert is_finished_run(root / RUN_NAME) and (root / "bench" / "report.json").is_file()
 
 
 def test_demo_settings_are_train_arguments():
@@ -79,3 +119,5 @@ def test_demo_bad_input(tmp_path):
         run_demo(tmp_path / "f", ensure_base=lambda: "x", train_fn=lambda **k: 0)
     with pytest.raises(MTPError, match="train-limit"):
         run_demo(tmp_path, train_limit=1)
+    with pytest.raises(MTPError, match="budget-minutes"):
+        run_demo(tmp_path, budget_minutes=0)

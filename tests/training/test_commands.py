@@ -177,3 +177,31 @@ def test_bench_train_reports_memory_efficient_saving(tmp_path, tok) -> None:
     assert rows[(4, "memory-efficient")]["step_alloc_mb"] < rows[(4, "naive")]["step_alloc_mb"]
     assert result["ratios"]["memory-efficient"]["peak"] < result["ratios"]["naive"]["peak"]
     assert "TorchDispatchMode" in result["method"]
+
+
+def test_answer_budget_stops_early_and_the_run_completes(tmp_path, mtp_folder, monkeypatch) -> None:
+    import mtp.training.targets as targets
+
+    data = write_data(tmp_path / "d.jsonl", n=30)
+    out = tmp_path / "run"
+    code = run(["train", "--model", mtp_folder, "--data", data, "--output", str(out), "--steps", "2",
+                "--seq-len", "64", "--holdout", "0.25", "--freeze-trunk", "--targets", "self",
+                "--max-new-tokens", "8", "--gen-batch-size", "4", "--answer-minutes", "0.000001", "--no-progress"])
+    assert code == 0  # a budget far below one batch: the measured batch of 4 is the whole run
+    assert len((out / "self_targets.jsonl").read_text().splitlines()) == 4
+    assert json.loads((out / "train_config.json").read_text())["args"]["_answer_count"] == 4
+    report = json.loads((out / "eval.json").read_text())
+    assert report["held_out_rows"] == 1 and MTPModel.from_pretrained(out).num_heads == 3
+
+    # resumable: the count is the run's, not measured again (a resume would otherwise answer other questions)
+    (out / "config.json").unlink()
+    monkeypatch.setattr(targets, "answers_within_minutes", lambda *a, **k: pytest.fail("measured again"))
+    assert train(output=str(out), resume=True, progress=False) == 0
+    assert len((out / "self_targets.jsonl").read_text().splitlines()) == 4  # no new answers
+    assert json.loads((out / "eval.json").read_text())["held_out_rows"] == 1
+
+
+def test_answer_budget_needs_self_targets(tmp_path, mtp_folder) -> None:
+    data = write_data(tmp_path / "d.jsonl", n=10)
+    with pytest.raises(MTPError, match="targets self"):
+        train(output=str(tmp_path / "o"), model=mtp_folder, data=data, answer_minutes=5.0, progress=False)

@@ -187,3 +187,35 @@ def test_trunk_features_recorded_while_answering(model, tok, tmp_path) -> None:
                                            atol=1e-4, rtol=1e-4)
     with pytest.raises(MTPError, match="packed"):
         self_distilled_data(model, tok, groups, pack=True, **kw)
+
+
+class FakeClock:
+    """Stands in for `time` in mtp.training.targets: every reading is `step` seconds after the previous one."""
+
+    def __init__(self, step: float):
+        self.now, self.step = 0.0, step
+
+    def perf_counter(self) -> float:
+        self.now += self.step
+        return self.now
+
+
+def test_answers_within_minutes_extrapolates_from_the_first_batch(model, tok, tmp_path, monkeypatch) -> None:
+    import mtp.training.targets as targets
+
+    prompts = [prompt_token_ids(tok, f"{q} ({i})", "chat") for i in range(5) for q in QUESTIONS]  # 30
+    cache = tmp_path / "answers.jsonl"
+    counting = CountingGenerate(monkeypatch)
+    monkeypatch.setattr(targets, "time", FakeClock(2.0))  # a batch of 4 answers: 2 s, 0.5 s an answer
+    kw = {"max_new_tokens": 4, "batch_size": 4, "cache_path": cache, "progress": False}
+    assert targets.answers_within_minutes(model, tok, prompts, 0.1, **kw) == 12  # 6 s / 0.5 s
+    assert counting.rows == [4] and sorted(i for i, _ in read_cache(cache)) == [0, 1, 2, 3]
+    assert targets.answers_within_minutes(model, tok, prompts, 1e-6, **kw) == 8  # at least the measured batch
+    assert counting.rows == [4, 4]  # batch 0-3 came from the cache (no speed there): 4-7 were measured
+    assert targets.answers_within_minutes(model, tok, prompts, 100.0, **kw) == 30  # all fit
+    assert targets.answers_within_minutes(model, tok, prompts[:8], 1e-6, **kw) == 8  # all answered already
+    with pytest.raises(MTPError, match="> 0 minutes"):
+        targets.answers_within_minutes(model, tok, prompts, 0.0, **kw)
+    # the run's own pass reuses the measured answers under the same ids (positions in the prompts)
+    answers = self_distilled_answers(model, tok, prompts[:8], **kw)
+    assert counting.rows == [4, 4, 4] and len(answers) == 8

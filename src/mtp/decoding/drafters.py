@@ -140,7 +140,7 @@ class HeadsDrafter:
         chain = torch.cat([pending, drafts.tokens], 1)  # (B, w+d)
         valid = torch.cat([pending_valid, torch.ones_like(drafts.tokens, dtype=torch.bool)], 1)
         offsets = within = None
-        if tree is not None:  # nodes at the root's position + depth, seeing their ancestors only
+        if drafts.tree is not None:  # nodes at the root's position + depth, seeing their ancestors only
             within, depth = block_layout(w, drafts.tree, chain.device)
             pending_offsets = pending_valid.long().cumsum(-1) - 1  # (B, w)
             offsets = torch.cat([pending_offsets, pending_offsets[:, -1:] + depth], 1)  # (B, w+d)

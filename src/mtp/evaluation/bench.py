@@ -9,14 +9,18 @@ Methods (rows of the report):
     static-k*          static k (lossy)
     *-fp16             greedy and speculative with fp16-packed weights (fbgemm; lossless: speculative == greedy)
     *-int8             the same on an int8 (dynamic quantisation) copy of the model (speculative may differ)
-    llama.cpp          llama-cpp-python greedy on the GGUF, when the package is installed
+    llama.cpp          llama-cpp-python greedy on the GGUF, when the package is installed, in a process of its own
+                       with torch's thread count (torch's threads idle meanwhile); llama.cpp-inline: the same in
+                       the bench process (`--llamacpp-inline`), to see what sharing the cores with torch costs
 
 Schedule: for each prompt, every method runs once, one after the other, and the order of the methods rotates
 by one place from prompt to prompt; machine drift (other processes, clock changes) then falls on all methods
 alike, and no method always runs first. Every engine is warmed up once, untimed, before the timed calls.
 Each call is timed with `time.perf_counter` around the whole call (prefill included); tokens/s of a call is its
 new tokens over those seconds. Per method: the median of tokens/s over prompts, and the median over prompts of
-the per-prompt speedup against transformers greedy and against our greedy (paired by prompt).
+the per-prompt speedup against transformers greedy and against our greedy (paired by prompt). Quality, where
+GSM8K accuracy is flat (0% for a 135M model): outputs identical to our greedy, and `agreement` with it (the share
+of tokens equal to our greedy's before the first difference, token-weighted over prompts).
 """
 
 from __future__ import annotations
@@ -56,7 +60,7 @@ class CallResult:
 @dataclass
 class Method:
     name: str
-    engine: str  # "transformers", "mtp", "mtp-int8", "llama.cpp": methods of one engine share a warm-up
+    engine: str  # "transformers", "mtp", "mtp-int8", "llama.cpp", ...: methods of one engine share a warm-up
     run: Callable[[Prompt, int], CallResult]  # (prompt, max_new_tokens) -> result
     description: str = ""
     lossless_reference: str | None = None  # the method whose output this one must equal, if lossless
@@ -176,11 +180,20 @@ def hf_method(model, tokenizer, name: str, *, prompt_lookup_tokens: int | None =
 
 
 def llamacpp_method(gguf: str | Path, tokenizer, stop_ids: Sequence[int], n_ctx: int, name: str = "llama.cpp",
-                    threads: int | None = None) -> Method:
-    """llama-cpp-python greedy decoding of the same prompt tokens on a GGUF (its own quantised weights)."""
+                    threads: int | None = None, isolated: bool = True) -> Method:
+    """llama-cpp-python greedy decoding of the same prompt tokens on a GGUF (its own quantised weights), with as
+    many threads as torch has (prefill too). `isolated`: in a process of its own (`llamacpp_worker.py`), so that
+    torch's threads, idle in the bench process while it decodes, do not share its cores (see there); otherwise
+    in the bench process, beside them."""
+    threads = threads or torch.get_num_threads()
+    where = "in a process of its own" if isolated else "in the bench process"
+    description = f"llama-cpp-python greedy on {Path(gguf).name}, {threads} threads, {where}"
+    if isolated:
+        worker = _LlamaCppProcess(gguf, n_ctx, threads, stop_ids, STOP_SEQUENCES)
+        return Method(name, name, worker.run, description, close=worker.close)
     from llama_cpp import Llama
 
-    llm = Llama(model_path=str(gguf), n_ctx=n_ctx, n_threads=threads or torch.get_num_threads(), verbose=False)
+    llm = Llama(model_path=str(gguf), n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads, verbose=False)
     stopper = _Stopper(tokenizer, stop_ids)
 
     def run(prompt: Prompt, max_new_tokens: int) -> CallResult:
@@ -199,14 +212,62 @@ def llamacpp_method(gguf: str | Path, tokenizer, stop_ids: Sequence[int], n_ctx:
         seconds = time.perf_counter() - start
         return CallResult(tokens, seconds, first - start if first is not None else None, None)
 
-    return Method(name, "llama.cpp", run, f"llama-cpp-python greedy on {Path(gguf).name}", close=llm.close)
+    return Method(name, name, run, description, close=llm.close)
+
+
+class _LlamaCppProcess:
+    """The llama.cpp worker process: started with the model loaded, one JSON line per call each way."""
+
+    def __init__(self, gguf: str | Path, n_ctx: int, threads: int, stop_ids: Sequence[int],
+                 stop_strings: Sequence[str]):
+        import subprocess
+        import sys
+        import tempfile
+
+        script = Path(__file__).with_name("llamacpp_worker.py")
+        options = json.dumps({"stop_ids": list(stop_ids), "stop_strings": list(stop_strings)})
+        self.stderr = tempfile.TemporaryFile()  # llama.cpp's own messages: read only when it fails
+        self.proc = subprocess.Popen([sys.executable, str(script), str(gguf), str(n_ctx), str(threads), options],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.stderr, text=True)
+        ready = self._read()
+        if not ready.get("ready"):
+            self.close()
+            raise MTPError(f"llama.cpp could not load {gguf}: {ready.get('error', 'no reason given')}")
+
+    def _read(self) -> dict:
+        line = self.proc.stdout.readline()
+        if not line:
+            self.stderr.seek(0)
+            last = (self.stderr.read().decode(errors="replace").strip().splitlines() or ["no output"])[-1]
+            raise MTPError(f"the llama.cpp worker process ended (exit code {self.proc.poll()}): {last}")
+        return json.loads(line)
+
+    def run(self, prompt: Prompt, max_new_tokens: int) -> CallResult:
+        self.proc.stdin.write(json.dumps({"tokens": list(prompt.token_ids), "max_new_tokens": max_new_tokens})
+                              + "\n")
+        self.proc.stdin.flush()
+        reply = self._read()  # the bench process blocks here: its torch threads sleep while llama.cpp decodes
+        return CallResult(reply["tokens"], reply["seconds"], reply["first_token_seconds"], None)
+
+    def close(self) -> None:
+        import subprocess
+
+        try:
+            self.proc.stdin.close()  # end of input: the worker frees the model and exits
+            self.proc.wait(timeout=30)
+        except BrokenPipeError:  # it had already ended
+            pass
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self.stderr.close()
 
 
 def build_methods(model, tokenizer, *, taus: Sequence[float] = (0.9, 0.7, 0.5), static_k: Sequence[int] | None = None,
                   hf: bool = True, prompt_lookup_tokens: int = 10, fp16: bool = True, int8: bool = False,
                   packed_strategies: Sequence[str] = ("greedy", "speculative"), gguf: str | Path | None = None,
-                  llamacpp_ctx: int = 2048, notes: list[str] | None = None,
-                  tree_sizes: Sequence[int] = ()) -> list[Method]:
+                  llamacpp_ctx: int = 2048, llamacpp_inline: bool = False,
+                  notes: list[str] | None = None, tree_sizes: Sequence[int] = ()) -> list[Method]:
     """The methods of a benchmark, in report order. Unavailable ones are left out with a line in `notes`.
 
     `tree_sizes`: speculative rows verifying a draft tree of that many nodes ("auto" shape), on the packed
@@ -239,15 +300,18 @@ def build_methods(model, tokenizer, *, taus: Sequence[float] = (0.9, 0.7, 0.5), 
     if not packed:
         methods += tree_methods(model, tokenizer, tree_sizes, stop_ids, None)
     if gguf is not None:
-        try:
-            import llama_cpp  # noqa: F401
-        except ImportError:
-            notes.append("llama.cpp skipped: llama-cpp-python is not installed (pip install 'mtp[llamacpp]', "
-                         "about 10 minutes to build)")
+        if not llamacpp_installed():
+            notes.append("llama.cpp skipped: llama-cpp-python is not installed (make setup-peers, or pip install "
+                         "'mtp[llamacpp]'; it builds llama.cpp, about 10 minutes)")
         else:
             if not Path(gguf).is_file():
                 raise MTPError(f"{gguf}: GGUF file not found")
             methods.append(llamacpp_method(gguf, tokenizer, stop_ids, llamacpp_ctx))
+            notes.append(f"llama.cpp: {methods[-1].description}; the bench process waits on it, its torch "
+                         "threads idle")
+            if llamacpp_inline:  # the same engine beside torch's threads: what isolating it changes
+                methods.append(llamacpp_method(gguf, tokenizer, stop_ids, llamacpp_ctx, name="llama.cpp-inline",
+                                               isolated=False))
     return methods
 
 
@@ -260,6 +324,17 @@ def tree_methods(model, tokenizer, sizes: Sequence[int], stop_ids, fmt: str | No
                        stop_ids=stop_ids, tree_size=n,
                        description=f"speculative, a {n}-node draft tree{', ' + fmt + ' weights' if fmt else ''}")
             for n in sizes]
+
+
+def llamacpp_installed() -> bool:
+    """Whether llama-cpp-python can be imported, found without importing it: the bench runs it in a process of
+    its own and need not load llama.cpp's libraries beside torch's (None in sys.modules blocks it, as for import)."""
+    import importlib.util
+    import sys
+
+    if "llama_cpp" in sys.modules:
+        return sys.modules["llama_cpp"] is not None
+    return importlib.util.find_spec("llama_cpp") is not None
 
 
 def tokens_per_forward_max(model) -> int:
@@ -390,6 +465,33 @@ def run_bench(methods: Sequence[Method], prompts: Sequence[Prompt], max_new_toke
 
 
 # ------------------------------------------------------------------------------------------------ report
+def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    """How many leading tokens two outputs share."""
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def agreement(pairs: Sequence[tuple[Sequence[int], Sequence[int]]]) -> tuple[float, float]:
+    """Token agreement of outputs with their reference outputs, (output, reference) per prompt, token-weighted
+    over the prompts: (prefix, positional).
+
+    prefix: sum of common-prefix lengths / sum of max(len(output), len(reference)) - the share of tokens
+    generated exactly as the reference did before the first difference. positional: positions i with
+    output[i] == reference[i] over the same total (a run that re-synchronises after a difference counts again).
+    The longer of the two lengths is the denominator, so both are 1 exactly when every output equals its
+    reference (an output that stops early or runs on is not in full agreement); no tokens at all: 1."""
+    total = sum(max(len(out), len(ref)) for out, ref in pairs)
+    if total == 0:
+        return 1.0, 1.0
+    prefix = sum(common_prefix(out, ref) for out, ref in pairs)
+    positional = sum(sum(x == y for x, y in zip(out, ref, strict=False)) for out, ref in pairs)
+    return prefix / total, positional / total
+
+
 def _median(xs: Sequence[float]) -> float | None:
     return statistics.median(xs) if xs else None
 
@@ -440,6 +542,14 @@ def build_report(run: BenchRun, tokenizer, *, settings: dict | None = None, note
         for base, key in ((OUR_GREEDY, "equal_to_greedy"), (HF_GREEDY, "equal_to_hf_greedy")):
             row[key] = (sum(calls[(m.name, p)]["tokens"] == calls[(base, p)]["tokens"] for p in range(n_prompts))
                         if base in names else None)
+        # Quality where accuracy cannot tell the methods apart: how much of our greedy output each reproduces.
+        if OUR_GREEDY in names:
+            prefix, positional = agreement([(calls[(m.name, p)]["tokens"], calls[(OUR_GREEDY, p)]["tokens"])
+                                            for p in range(n_prompts)])
+            row["agreement_with_greedy"] = _rnd(prefix, 4)
+            row["position_agreement_with_greedy"] = _rnd(positional, 4)
+        else:
+            row["agreement_with_greedy"] = row["position_agreement_with_greedy"] = None
         if m.lossless_reference in names:
             row["lossless_reference"] = m.lossless_reference
             row["equal_to_lossless_reference"] = sum(
@@ -500,7 +610,7 @@ def format_table(report: dict) -> str:
     scored = report.get("gsm8k_scored")
     n = report["methods"][0]["prompts"] if report["methods"] else 0
     head = ["method", "tokens/s", "speedup vs HF greedy", "speedup vs our greedy", "tokens/forward",
-            "= our greedy", "= HF greedy"]
+            "= our greedy", "agreement", "= HF greedy"]
     if scored:
         head += ["GSM8K flexible", "GSM8K strict"]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|"]
@@ -508,6 +618,8 @@ def format_table(report: dict) -> str:
         cells = [r["method"], _fmt(r["tokens_per_second"], ".1f"), _fmt(r["speedup_vs_hf_greedy"], ".2f", "x"),
                  _fmt(r["speedup_vs_greedy"], ".2f", "x"), _fmt(r["tokens_per_forward"], ".2f"),
                  "n/a" if r["equal_to_greedy"] is None else f"{r['equal_to_greedy']}/{n}",
+                 _fmt(None if r.get("agreement_with_greedy") is None else 100 * r["agreement_with_greedy"],
+                      ".0f", "%"),
                  "n/a" if r["equal_to_hf_greedy"] is None else f"{r['equal_to_hf_greedy']}/{n}"]
         if scored:
             cells += [f"{100 * r['accuracy_flexible']:.0f}% ± {100 * r['accuracy_flexible_stderr']:.0f}",
@@ -531,7 +643,10 @@ def format_markdown(report: dict, plot_name: str | None = "speed_accuracy.png") 
     parts += ["tokens/s: median over prompts of new tokens / wall seconds of the call (prefill included). "
               "Speedups: median over prompts of the per-prompt ratio (the methods ran interleaved, prompt by "
               "prompt). tokens/forward: new tokens / model forwards (prefill included). \"= our greedy\": "
-              "prompts whose output tokens equal our greedy output exactly."]
+              "prompts whose output tokens equal our greedy output exactly. agreement: of all generated tokens "
+              "(per prompt the longer of the method's and our greedy's output, summed over prompts), the share "
+              "equal to our greedy output's token at the same position before the first difference "
+              "(`position_agreement_with_greedy` in report.json counts every equal position instead)."]
     if report.get("gsm8k_scored"):
         parts.append("GSM8K: exact match of the strict (\"The answer is N.\") and flexible (last number) "
                      "extractions, ± standard error.")

@@ -145,6 +145,7 @@ def bench(
     prompt_lookup_tokens: int = 10,
     gguf: str | None = None,
     llamacpp: bool = True,
+    llamacpp_inline: bool = False,
     rotate: bool = True,
     threads: int | None = None,
     progress: bool = True,
@@ -168,7 +169,9 @@ def bench(
         hf: run transformers generate() greedy and prompt lookup (the reference)
         prompt_lookup_tokens: transformers prompt_lookup_num_tokens (0: leave prompt lookup out)
         gguf: the GGUF llama.cpp runs (default: the embedded default's, when --model is the default)
-        llamacpp: run llama.cpp when llama-cpp-python is installed
+        llamacpp: run llama.cpp when llama-cpp-python is installed (pip install 'mtp[llamacpp]' or make
+            setup-peers), in a process of its own with as many threads as torch, torch's threads idle meanwhile
+        llamacpp_inline: also run llama.cpp in the bench process, beside torch's threads (row llama.cpp-inline)
         rotate: rotate the order of the methods from prompt to prompt
         threads: torch CPU threads (default: torch's choice); llama.cpp uses the same number
         progress: progress bar
@@ -192,7 +195,8 @@ def bench(
                              taus=taus, static_k=static_k, fp16=fp16, int8=int8, hf=hf,
                              prompt_lookup_tokens=prompt_lookup_tokens,
                              gguf=gguf if gguf is not None else (_default_gguf() if model is None else None),
-                             llamacpp=llamacpp, rotate=rotate, progress=progress, tree_sizes=tree_sizes or (),
+                             llamacpp=llamacpp, llamacpp_inline=llamacpp_inline, rotate=rotate, progress=progress,
+                             tree_sizes=tree_sizes or (),
                              gguf_note=None if gguf is not None or model is None else
                              "llama.cpp skipped: pass --gguf FILE with the same model as GGUF")
 
@@ -209,7 +213,7 @@ def _default_gguf() -> str | None:
 def run_bench_command(m, *, model_label: str, prompts: str, limit: int, max_new_tokens: int, output: Path,
                       shots: int, chat: bool | None, taus, static_k, int8: bool, hf: bool, prompt_lookup_tokens: int,
                       gguf: str | None, llamacpp: bool, rotate: bool, progress: bool,
-                      gguf_note: str | None = None, fp16: bool = True,
+                      gguf_note: str | None = None, fp16: bool = True, llamacpp_inline: bool = False,
                       extra_models: list[tuple[str, object]] = (), tree_sizes=()) -> int:
     from mtp.evaluation.bench import (
         JOURNAL,
@@ -236,7 +240,7 @@ def run_bench_command(m, *, model_label: str, prompts: str, limit: int, max_new_
     methods = build_methods(m, tok, taus=taus if taus is not None else (0.9, 0.7, 0.5), static_k=static_k, hf=hf,
                             prompt_lookup_tokens=prompt_lookup_tokens, fp16=fp16, int8=int8,
                             gguf=gguf if llamacpp else None, llamacpp_ctx=longest + max_new_tokens + 16,
-                            notes=notes, tree_sizes=tree_sizes)
+                            llamacpp_inline=llamacpp_inline, notes=notes, tree_sizes=tree_sizes)
     from mtp.evaluation.bench import multi_token_methods
 
     for label, other in extra_models:
@@ -284,7 +288,8 @@ def _describe(m, label: str) -> str:
 # ------------------------------------------------------------------------------------------------ demo
 def demo(
     output: str | None = None,
-    train_limit: int = 600,
+    budget_minutes: float = 30.0,
+    train_limit: int | None = None,
     train_epochs: float = 3.0,
     limit: int = 4,
     max_new_tokens: int = 96,
@@ -295,7 +300,10 @@ def demo(
 
     Args:
         output: demo folder (default: $MTP_HOME/demo): the trained model in smollm2-mtp4/, the report in bench/
-        train_limit: GSM8K training questions answered by the model itself (self-distilled targets)
+        budget_minutes: the whole demo in about this many minutes: the model answers as many GSM8K training
+            questions itself (self-distilled targets) as leave time for training on them and the benchmark,
+            measured on its first batch; the more questions, the better the heads
+        train_limit: at most this many GSM8K training questions (default: all 7,473; the budget decides)
         train_epochs: passes over those answers in head training (4-row steps, frozen trunk)
         limit: GSM8K test problems in the benchmark
         max_new_tokens: new tokens per problem in the benchmark
@@ -305,5 +313,5 @@ def demo(
     from mtp.evaluation.demo import run_demo
 
     set_threads(threads)
-    return run_demo(output=output, train_limit=train_limit, train_epochs=train_epochs, limit=limit,
-                    max_new_tokens=max_new_tokens, progress=progress)
+    return run_demo(output=output, budget_minutes=budget_minutes, train_limit=train_limit,
+                    train_epochs=train_epochs, limit=limit, max_new_tokens=max_new_tokens, progress=progress)

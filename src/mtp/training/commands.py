@@ -62,6 +62,7 @@ def train(
     draft_vocab: int = 8192,
     max_new_tokens: int = 256,
     gen_batch_size: int = 16,
+    answer_minutes: float | None = None,
     eval_every: int = 0,
     save_every: int = 100,
     keep_checkpoints: int = 2,
@@ -125,6 +126,8 @@ def train(
             training and drafting, lossless decoding); 0: the whole vocabulary
         max_new_tokens: --targets self: longest self-generated answer
         gen_batch_size: --targets self: prompts answered per batch
+        answer_minutes: --targets self: answer as many of the (--limit) questions, in order, as fit in about this
+            many minutes, measured on the first batch, instead of all of them; the count is kept for --resume
         eval_every: held-out evaluation every N steps (0: at the end only)
         save_every: checkpoint every N steps (0: at the end and on Ctrl-C only)
         keep_checkpoints: keep the last K checkpoints
@@ -223,9 +226,6 @@ def _train(a: _Args, args: dict, out: Path, checkpoint: Path | None, par: Parall
     if a.targets == "self" and not any(ex.prompt for ex in examples):
         raise MTPError(f"{a.data}: --targets self needs prompts for the model to answer (question/answer data); "
                        "plain text has none, use --targets data")
-    train_ex, held_ex = split_holdout(examples, a.holdout, a.seed, max_items=a.holdout_max)
-    if not train_ex:
-        raise MTPError(f"{a.data}: no training examples left after holding out {len(held_ex)}")
     out.mkdir(parents=True, exist_ok=True)
     if a.targets == "self":
         from mtp.training.targets import CACHE_NAME, model_fingerprint, self_distilled_data
@@ -238,13 +238,32 @@ def _train(a: _Args, args: dict, out: Path, checkpoint: Path | None, par: Parall
         args["_answers_model_key"] = key
         if main:
             _write_train_config(out, args, a)
+        features = method.wants_trunk_features(a) and fingerprint == key
+        sink: dict = {}
+        ids = None
+        if a.answer_minutes is not None:  # the examples that fit the budget, decided once per run
+            if par is not None:
+                raise MTPError("--answer-minutes measures one process's answering speed; under torchrun give "
+                               "--limit instead")
+            if "_answer_count" not in args:
+                args["_answer_count"] = _count_within_budget(answering, tokenizer, examples, a, out / CACHE_NAME,
+                                                             key, sink if features else None)
+                _write_train_config(out, args, a)
+            examples = examples[: args["_answer_count"]]
+        train_ids, held_ids = split_holdout(list(range(len(examples))), a.holdout, a.seed, max_items=a.holdout_max)
+        _check_train_left(a, train_ids, held_ids)
+        if a.answer_minutes is not None:
+            ids = [train_ids, held_ids]  # the cache ids of the measured batch: positions in the examples
         train_data, held_data = self_distilled_data(
-            answering, tokenizer, [train_ex, held_ex], template=a.template, seq_len=a.seq_len,
-            max_new_tokens=a.max_new_tokens, loss_on=a.loss_on, pack=a.pack, cache_path=out / CACHE_NAME,
-            batch_size=a.gen_batch_size, model_key=key, generate_missing=fingerprint == key, progress=a.progress,
-            trunk_features=method.wants_trunk_features(a) and fingerprint == key,
+            answering, tokenizer, [[examples[i] for i in train_ids], [examples[i] for i in held_ids]],
+            template=a.template, seq_len=a.seq_len, max_new_tokens=a.max_new_tokens, loss_on=a.loss_on,
+            pack=a.pack, cache_path=out / CACHE_NAME, batch_size=a.gen_batch_size, model_key=key,
+            generate_missing=fingerprint == key, progress=a.progress, trunk_features=features, ids=ids,
+            trunk_sink=sink, desc=_targets_label(a, len(examples)),
             share=(par.rank, par.world_size) if par is not None else (0, 1))
     else:
+        train_ex, held_ex = split_holdout(examples, a.holdout, a.seed, max_items=a.holdout_max)
+        _check_train_left(a, train_ex, held_ex)
         if main:
             _write_train_config(out, args, a)
         train_data = tokenize_examples(train_ex, tokenizer, a.template, a.seq_len, a.loss_on, a.pack)
@@ -319,12 +338,38 @@ class _Args:
         self.__dict__.update(args)
 
 
+def _check_train_left(a: _Args, train: list, held: list) -> None:
+    if not train:
+        raise MTPError(f"{a.data}: no training examples left after holding out {len(held)}")
+
+
+def _count_within_budget(model, tokenizer, examples: list, a: _Args, cache: Path, key: str, sink) -> int:
+    """--answer-minutes: how many of the examples, in order, fit the budget (mtp.training.targets)."""
+    from mtp.training.targets import answers_within_minutes, prompt_token_ids
+
+    prompts = [prompt_token_ids(tokenizer, ex.prompt, a.template) for ex in examples]
+    n = answers_within_minutes(model, tokenizer, prompts, a.answer_minutes, max_new_tokens=a.max_new_tokens,
+                               budgets=[max(0, a.seq_len - len(p)) for p in prompts], cache_path=cache,
+                               batch_size=a.gen_batch_size, model_key=key, progress=a.progress, trunk_sink=sink)
+    print(f"mtp train: {n} of {len(examples)} questions fit in --answer-minutes {a.answer_minutes:g} "
+          f"(extrapolated from a batch of {min(a.gen_batch_size, len(examples))})", flush=True)
+    return n
+
+
+def _targets_label(a: _Args, n: int) -> str:
+    if a.answer_minutes is None:
+        return "self-distilled targets"
+    return f"self-distilled targets ({n} fit in {a.answer_minutes:g} min)"
+
+
 def _validate(a: _Args) -> None:
     """What the per-flag rules (mtp.arguments, applied by the CLI) cannot see: flags that exclude each other."""
     if a.steps is not None and a.epochs is not None:
         raise MTPError("give --steps or --epochs, not both")
     if a.freeze_trunk and a.num_heads == 1:
         raise MTPError("--freeze-trunk trains the extra heads only; use --num-heads 2 or more")
+    if a.answer_minutes is not None and a.targets != "self":
+        raise MTPError("--answer-minutes budgets the model's own answers; it needs --targets self")
 
 
 class _HeadsMethod:

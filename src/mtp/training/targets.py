@@ -24,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
@@ -123,6 +124,8 @@ def self_distilled_answers(
     progress: bool = True,
     trunk_sink: dict[int, torch.Tensor] | None = None,
     share: tuple[int, int] = (0, 1),
+    ids: Sequence[int] | None = None,
+    desc: str = "self-distilled targets",
 ) -> list[list[int]]:
     """The model's greedy answer (new token ids) to each prompt (token ids), from the cache or generated.
 
@@ -131,7 +134,8 @@ def self_distilled_answers(
     error (e.g. the model has been fine-tuned since, so it can no longer produce the original answers).
     `trunk_sink`, when given, receives for each prompt answered now (not from the cache) the trunk output at
     every position of prompt + answer that generation computed, `(P + A - 1 or P + A, H)` on the CPU: what a
-    frozen-trunk training run needs, without a second pass over the rows.
+    frozen-trunk training run needs, without a second pass over the rows. `ids`: each prompt's id in the cache
+    and in `trunk_sink` (default: its position); `desc`: the progress bar's label.
     `share` (rank, world size): under torchrun every rank calls this and answers its share (module docstring);
     all ranks return every answer.
     """
@@ -145,13 +149,14 @@ def self_distilled_answers(
     budgets = [max_new_tokens] * len(prompts) if budgets is None else [min(b, max_new_tokens) for b in budgets]
     model_key = model_key or model_fingerprint(model)
     keys = [_line_key(model_key, p, b) for p, b in zip(prompts, budgets, strict=True)]
+    cache_ids = list(range(len(prompts))) if ids is None else list(ids)
     cached = read_cache(cache_path) if cache_path is not None else {}
     rank, world = share
     if world > 1:  # every rank has read the cache before any writes its share: they agree on what is missing
         from mtp.training.distributed import barrier
 
         barrier()
-    answers: list[list[int] | None] = [cached.get((i, k)) for i, k in enumerate(keys)]
+    answers: list[list[int] | None] = [cached.get((cache_ids[i], k)) for i, k in enumerate(keys)]
     for i, b in enumerate(budgets):
         if answers[i] is None and (b <= 0 or not prompts[i]):
             answers[i] = []  # no room for an answer within seq_len, or an empty prompt: nothing to generate
@@ -171,8 +176,9 @@ def self_distilled_answers(
     if progress and rank == 0:
         from tqdm.auto import tqdm
 
-        desc = "self-distilled targets" + (f" (rank 0's share of {world})" if world > 1 else "")
-        bar = tqdm(total=len(mine), desc=desc, unit="answer", dynamic_ncols=True)
+        label = desc + (f" (rank 0's share of {world})" if world > 1 else "")
+        total, initial = (len(mine), 0) if world > 1 else (len(prompts), len(prompts) - len(todo))
+        bar = tqdm(total=total, initial=initial, desc=label, unit="answer", dynamic_ncols=True)
     sink = None
     if write_path is not None:
         Path(write_path).parent.mkdir(parents=True, exist_ok=True)
@@ -199,9 +205,9 @@ def self_distilled_answers(
                 lines = []
                 for r, i in enumerate(chunk):
                     answers[i] = [int(t) for t in res.tokens[r][: budgets[i]]]
-                    lines.append(json.dumps({"id": i, "key": keys[i], "tokens": answers[i]}) + "\n")
+                    lines.append(json.dumps({"id": cache_ids[i], "key": keys[i], "tokens": answers[i]}) + "\n")
                     if recorder is not None:
-                        trunk_sink[i] = recorder.row(r, len(prompts[i]) + len(answers[i]))
+                        trunk_sink[cache_ids[i]] = recorder.row(r, len(prompts[i]) + len(answers[i]))
                 if sink is not None:
                     sink.write("".join(lines))
                     sink.flush()
@@ -224,7 +230,7 @@ def self_distilled_answers(
         barrier()
         merged = read_cache(cache_path)
         for i in todo:
-            answers[i] = merged.get((i, keys[i]))
+            answers[i] = merged.get((cache_ids[i], keys[i]))
         if any(answers[i] is None for i in todo):
             raise MTPError(f"{cache_path}: answers of other ranks are missing after merging (is the output folder "
                            "on a file system every node shares?)")
@@ -247,6 +253,49 @@ class _TrunkRecorder:
         return torch.cat(self.parts[r])[:length]  # (<= length, H)
 
 
+def answers_within_minutes(
+    model,
+    tokenizer,
+    prompts: Sequence[Sequence[int]],
+    minutes: float,
+    *,
+    max_new_tokens: int,
+    budgets: Sequence[int] | None = None,
+    cache_path: str | os.PathLike | None = None,
+    batch_size: int = 16,
+    model_key: str | None = None,
+    stop_token_ids: list[int] | None = None,
+    progress: bool = True,
+    trunk_sink: dict[int, torch.Tensor] | None = None,
+) -> int:
+    """How many of `prompts`, taken in order, the model answers in about `minutes`: it answers the first batch
+    (into the cache and `trunk_sink` under ids = positions, so the run reuses them) and extrapolates from that
+    batch's seconds per answer. The first batch is always answered. Batches an earlier, interrupted run already
+    answered are skipped (no speed to measure there): the next one is measured instead.
+
+    The measured batch comes in file order while the run answers its prompts sorted by length (less padding), so
+    the count errs low (padding to the longest prompt of a batch costs more unsorted)."""
+    if minutes <= 0:
+        raise MTPError(f"the answering budget must be > 0 minutes, got {minutes:g}")
+    budgets = [max_new_tokens] * len(prompts) if budgets is None else [min(b, max_new_tokens) for b in budgets]
+    model_key = model_key or model_fingerprint(model)
+    cached = read_cache(cache_path) if cache_path is not None else {}
+    for start in range(0, len(prompts), batch_size):
+        chunk = list(range(start, min(start + batch_size, len(prompts))))
+        missing = [i for i in chunk
+                   if budgets[i] > 0 and prompts[i] and (i, _line_key(model_key, prompts[i], budgets[i])) not in cached]
+        if not missing:
+            continue
+        t = time.perf_counter()
+        self_distilled_answers(model, tokenizer, [prompts[i] for i in chunk], max_new_tokens=max_new_tokens,
+                               cache_path=cache_path, batch_size=batch_size, budgets=[budgets[i] for i in chunk],
+                               model_key=model_key, stop_token_ids=stop_token_ids, progress=progress,
+                               trunk_sink=trunk_sink, ids=chunk, desc="self-distilled targets (measuring speed)")
+        per_answer = max(time.perf_counter() - t, 1e-9) / len(missing)
+        return max(chunk[-1] + 1, min(len(prompts), int(minutes * 60 / per_answer)))
+    return len(prompts)  # all answered already
+
+
 def self_distilled_data(
     model,
     tokenizer,
@@ -264,14 +313,18 @@ def self_distilled_data(
     progress: bool = True,
     trunk_features: bool = False,
     share: tuple[int, int] = (0, 1),
+    ids: Sequence[Sequence[int]] | None = None,
+    trunk_sink: dict[int, torch.Tensor] | None = None,
+    desc: str = "self-distilled targets",
 ) -> list[TokenizedData | None]:
     """One TokenizedData per group of examples (e.g. [train, held-out]; None for an empty group): rows of
     prompt + the model's own greedy answer, loss on the answer (or on everything with loss_on="all").
 
-    All groups are answered in one pass sharing one cache (ids run on across groups). An answer is generated
-    only as long as it can fit in its row: min(max_new_tokens, seq_len - prompt length). With `trunk_features`
-    (not with `pack`), each TokenizedData also carries its rows' trunk outputs (`trunk_features`): kept from
-    generation, computed for rows whose answer came from the cache.
+    All groups are answered in one pass sharing one cache (ids run on across groups, or `ids`: each example's
+    id, per group). An answer is generated only as long as it can fit in its row: min(max_new_tokens, seq_len -
+    prompt length). With `trunk_features` (not with `pack`), each TokenizedData also carries its rows' trunk
+    outputs (`trunk_features`): kept from generation (also from an earlier call's `trunk_sink`, by id), computed
+    for rows whose answer came from the cache.
     """
     if seq_len < 2:
         raise MTPError(f"seq_len must be at least 2, got {seq_len}")
@@ -280,22 +333,26 @@ def self_distilled_data(
     budgets = [max(0, seq_len - len(p)) for p in prompts]
     if trunk_features and pack:
         raise MTPError("trunk features of packed rows are not recorded (rows mix examples); use pack=False")
-    sink: dict[int, torch.Tensor] | None = {} if trunk_features else None
-    answers = self_distilled_answers(
+    sink: dict[int, torch.Tensor] | None = (trunk_sink if trunk_sink is not None else {}) if trunk_features else None
+    if ids is None:
+        starts = [sum(len(g) for g in groups[:j]) for j in range(len(groups))]
+        ids = [list(range(start, start + len(g))) for start, g in zip(starts, groups, strict=True)]
+    flat_ids = [i for group_ids in ids for i in group_ids]
+    if len(flat_ids) != len(flat) or len(set(flat_ids)) != len(flat_ids):
+        raise MTPError("ids must give every example of the groups its own id")
+    answers = dict(zip(flat_ids, self_distilled_answers(
         model, tokenizer, prompts, max_new_tokens=max_new_tokens, cache_path=cache_path, batch_size=batch_size,
         budgets=budgets, model_key=model_key, generate_missing=generate_missing, progress=progress,
-        trunk_sink=sink, share=share)
+        trunk_sink=sink, share=share, ids=flat_ids, desc=desc), strict=True))
+    prompts = dict(zip(flat_ids, prompts, strict=True))
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     out: list[TokenizedData | None] = []
-    start = 0
-    for group in groups:
-        ids = list(range(start, start + len(group)))
-        start += len(group)
+    for group_ids in ids:
         rows = [(prompts[i] + answers[i], [loss_on == "all"] * len(prompts[i]) + [True] * len(answers[i]))
-                for i in ids]
+                for i in group_ids]
         data = rows_to_data(rows, seq_len, pad, pack) if rows else None
         if data is not None and sink is not None:  # the features of the rows rows_to_data kept
-            recorded = [sink.pop(ids[k], None) for k in data.source_rows]
+            recorded = [sink.pop(group_ids[k], None) for k in data.source_rows]
             data.trunk_features = _row_features(model, data, recorded, progress)
         out.append(data)
     return out
