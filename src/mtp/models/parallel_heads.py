@@ -118,6 +118,15 @@ class MTPModel(nn.Module):
         embedding = self.base.get_input_embeddings()
         return getattr(embedding, "out_dtype", None) or embedding.weight.dtype
 
+    def frozen_trunk_in(self, dtype: torch.dtype) -> MTPModel:
+        """For heads-only training: everything that stays frozen (embeddings, trunk, head 0, final norm,
+        unembedding) in `dtype` (bf16: half the memory of the largest part), the extra heads kept in fp32 as master
+        weights (their updates are too small for bf16). Train under autocast in the same dtype (`--precision
+        bf16`), which runs the heads' matmuls in it and accumulates their gradients in fp32. Returns the model."""
+        self.to(dtype)
+        self.extra_heads.float()
+        return self
+
     def set_fast_decoding(self, weights: str | None) -> None:
         """Decode (cached, no-grad forwards) with the lean layer step, weights "fp32" or "fp16"; None: the
         Hugging Face layers everywhere. On by default (fp32) for the Llama family."""
