@@ -61,3 +61,18 @@ def test_loading_for_fp16_decoding_reads_fp16_and_decodes_as_packing_after_a_fp3
     assert greedy.tokens == generate(reference, ids, mask, max_new_tokens=16, stop_token_ids=[]).tokens
     assert generate(lean, ids, mask, max_new_tokens=16, strategy="speculative", stop_token_ids=[]).tokens \
         == greedy.tokens
+
+
+@needs_fbgemm
+def test_memory_report_counts_padded_packed_bytes(tmp_path):
+    from mtp.memory import memory_report, tensor_bytes
+
+    folder = tiny_mtp("llama", num_heads=2, seed=1, vocab_size=97).save_pretrained(tmp_path / "m")
+    packed = load_mtp_model(str(folder), quantize="fp16")
+    assert tensor_bytes(packed, padded=True) > tensor_bytes(packed)  # 32-wide matrices padded to 512 rows
+    lines = memory_report(str(folder), quantize="fp16", new_tokens=2)
+    if lines[0].startswith("memory:"):
+        pytest.skip("no /proc/self/clear_refs here")
+    assert any(line.startswith("load + pack fp16") for line in lines)
+    assert any(line.startswith("decode 2 (greedy)") for line in lines)
+    assert "fbgemm pads them" in lines[1]
