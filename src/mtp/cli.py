@@ -43,12 +43,15 @@ def _doc_parts(fn: Callable) -> tuple[str, dict[str, str]]:
     summary = doc.split("\n\n")[0].replace("\n", " ")
     args: dict[str, str] = {}
     if "Args:" in doc:
+        last = None
         for line in doc.split("Args:", 1)[1].splitlines():
             line = line.strip()
-            if ":" in line and not line.startswith(" "):
-                key, text = line.split(":", 1)
-                if key.isidentifier():
-                    args[key] = text.strip()
+            key, _, text = line.partition(":")
+            if key.isidentifier() and _:
+                args[key] = text.strip()
+                last = key
+            elif line and last is not None:  # a continuation line of the previous argument's help
+                args[last] += " " + line
     return summary, args
 
 

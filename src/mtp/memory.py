@@ -50,23 +50,23 @@ class Phase:
     seconds: float
 
 
-def tensor_bytes(model) -> int:
-    """Bytes of the model's distinct parameters and buffers, plus fp16-packed weights (2 bytes a value)."""
-    from mtp.models.quantize import PackedLinear
+def tensor_bytes(model, padded: bool = False) -> int:
+    """Bytes of the model's distinct parameters and buffers, plus fp16-packed weights: 2 bytes a value, or
+    (`padded`) what fbgemm's packed layout really takes (`mtp.models.packed.packed_bytes`)."""
+    from mtp.models.packed import PackedLinear, packed_bytes
 
     seen = {}
     for t in [*model.parameters(), *model.buffers()]:
         seen[id(t)] = t.numel() * t.element_size()
-    packed = {id(m): 2 * m.in_features * m.out_features for m in model.modules() if isinstance(m, PackedLinear)}
+    linears = {id(m): m for m in model.modules() if isinstance(m, PackedLinear)}
     fast = getattr(model.backbone, "fast_layers", None) or {}
     for step in fast.values():
         for projection in step.packed or []:
-            lin = projection.linear
-            packed[id(lin)] = 2 * lin.in_features * lin.out_features
+            linears[id(projection.linear)] = projection.linear
     if model.packed_draft_head is not None:
-        lin = model.packed_draft_head
-        packed[id(lin)] = 2 * lin.in_features * lin.out_features
-    return sum(seen.values()) + sum(packed.values())
+        linears[id(model.packed_draft_head)] = model.packed_draft_head
+    size = packed_bytes if padded else (lambda k, n: 2 * k * n)
+    return sum(seen.values()) + sum(size(m.in_features, m.out_features) for m in linears.values())
 
 
 class Meter:
@@ -98,7 +98,8 @@ def memory_report(spec: str | None, dtype: str = "float32", quantize: str = "non
         return ["memory: /proc/self/status or /proc/self/clear_refs is not available here (Linux only)"]
     name = "load" if quantize == "none" else f"load + pack {quantize}"
     model = meter.run(name, lambda: load_mtp_model(spec, device=device, dtype=dtype, quantize=quantize))
-    weights = tensor_bytes(model)
+    nominal = tensor_bytes(model)
+    weights = tensor_bytes(model, padded=True)  # what the ratios below compare against: the weights' real bytes
     tok = model.tokenizer
     if tok is not None and getattr(tok, "chat_template", None):
         ids = tok.apply_chat_template([{"role": "user", "content": "What is 7 + 5?"}], add_generation_prompt=True,
@@ -110,7 +111,9 @@ def memory_report(spec: str | None, dtype: str = "float32", quantize: str = "non
               lambda: model.generate(ids, max_new_tokens=new_tokens, strategy=strategy, stop_token_ids=[]))
     how = model_dtype_name(dtype) if quantize == "none" else f"{quantize}-packed for decoding, the rest {dtype}"
     lines = [f"imports and start-up: {meter.baseline / MB:,.0f} MB resident (the baseline below)",
-             f"weights in memory: {weights / MB:,.0f} MB ({how}; packed sizes nominal, fbgemm pads them)"]
+             f"weights in memory: {weights / MB:,.0f} MB ({how}"
+             + (f"; {nominal / MB:,.0f} MB at 2 bytes a packed value, fbgemm pads them)" if nominal != weights
+                else ")")]
     for p in meter.phases:
         above = p.peak - meter.baseline
         lines.append(f"{p.name:<22} peak {p.peak / MB:8,.0f} MB = baseline + {above / MB:7,.0f} MB "

@@ -7,6 +7,7 @@ speculative output still equals greedy output (see `mtp.models.quantize`).
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from mtp.errors import MTPError
@@ -23,13 +24,16 @@ class PackedLinear(nn.Module):
                 raise MTPError(f"fp16 packing needs plain nn.Linear layers, got {type(lin).__name__}")
         self.in_features = linears[0].in_features
         self.out_features = sum(lin.out_features for lin in linears)
-        if len(linears) == 1:  # no concatenated copy (an unembedding is the largest matrix of a small model)
-            weight = linears[0].weight.detach().float()
-            bias = linears[0].bias.detach().float() if linears[0].bias is not None else None
-        else:
-            weight = torch.cat([lin.weight.detach().float() for lin in linears])  # (sum of out, in)
-            bias = torch.cat([lin.bias.detach().float() for lin in linears]) if linears[0].bias is not None else None
+        # One fp32 temporary at most (fbgemm packs from fp32): fp16 weights are joined before the cast, and a
+        # single fp32 linear is packed from its own weight (an unembedding is the largest matrix of a small model).
+        weight = linears[0].weight.detach() if len(linears) == 1 else torch.cat([lin.weight.detach()
+                                                                                 for lin in linears])
+        weight = weight.float()  # (sum of out, in)
+        bias = None
+        if linears[0].bias is not None:
+            bias = torch.cat([lin.bias.detach() for lin in linears]).float()
         self._packed = torch.ops.quantized.linear_prepack_fp16(weight, bias)
+        del weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
@@ -38,6 +42,38 @@ class PackedLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, weights=fp16 (fbgemm packed)"
+
+    @property
+    def nbytes(self) -> int:
+        return packed_bytes(self.in_features, self.out_features)
+
+
+def packed_bytes(in_features: int, out_features: int) -> int:
+    """Bytes of an fp16 matrix in fbgemm's packed layout (`PackedGemmMatrixFP16`): the input dimension is padded to
+    blocks of 512 rows and the output dimension to blocks of 2 SIMD widths (32 values with AVX-512, 16 with AVX2),
+    plus 1 KiB. SmolLM2's 576-wide matrices thus take 1,024 rows: 1.78x their nominal fp16 bytes."""
+    cols = 32 if torch.backends.cpu.get_cpu_capability().startswith("AVX512") else 16
+    rows = -(-in_features // 512) * 512
+    return 2 * rows * (-(-out_features // cols) * cols) + 1024
+
+
+class HalfEmbedding(nn.Module):
+    """An embedding table stored in fp16 whose rows come out in `out_dtype` (fp32): what a decode-only fp16 model
+    keeps instead of an fp32 table beside its packed unembedding (half the bytes; the tied unembedding is
+    rounded to the same fp16 values). CPU decoding only: the table is not a parameter and does not train."""
+
+    def __init__(self, embedding: nn.Embedding, out_dtype: torch.dtype = torch.float32):
+        super().__init__()
+        self.num_embeddings, self.embedding_dim = embedding.weight.shape
+        self.padding_idx = embedding.padding_idx
+        self.out_dtype = out_dtype
+        self.register_buffer("weight", embedding.weight.detach().to(torch.float16), persistent=False)  # (V, H)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return F.embedding(input_ids, self.weight).to(self.out_dtype)  # (..., H)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, table=fp16, out={self.out_dtype}"
 
 
 class _PackedPart(nn.Module):

@@ -111,6 +111,22 @@ class MTPModel(nn.Module):
     def dtype(self) -> torch.dtype:
         return next(self.parameters()).dtype
 
+    @property
+    def activation_dtype(self) -> torch.dtype:
+        """The hidden states' dtype: the embedding's output (its table may be stored in fp16 while it computes in
+        fp32, `mtp.models.packed.HalfEmbedding`; the unembedding may be packed)."""
+        embedding = self.base.get_input_embeddings()
+        return getattr(embedding, "out_dtype", None) or embedding.weight.dtype
+
+    def frozen_trunk_in(self, dtype: torch.dtype) -> MTPModel:
+        """For heads-only training: everything that stays frozen (embeddings, trunk, head 0, final norm,
+        unembedding) in `dtype` (bf16: half the memory of the largest part), the extra heads kept in fp32 as master
+        weights (their updates are too small for bf16). Train under autocast in the same dtype (`--precision
+        bf16`), which runs the heads' matmuls in it and accumulates their gradients in fp32. Returns the model."""
+        self.to(dtype)
+        self.extra_heads.float()
+        return self
+
     def set_fast_decoding(self, weights: str | None) -> None:
         """Decode (cached, no-grad forwards) with the lean layer step, weights "fp32" or "fp16"; None: the
         Hugging Face layers everywhere. On by default (fp32) for the Llama family."""
@@ -136,7 +152,7 @@ class MTPModel(nn.Module):
         b, t = input_ids.shape
         valid = (torch.ones(b, t, dtype=torch.bool, device=input_ids.device) if attention_mask is None
                  else attention_mask.bool())  # (B, T)
-        dtype = self.base.get_input_embeddings().weight.dtype  # activations' dtype (lm_head may be quantised)
+        dtype = self.activation_dtype
         if cache is not None:
             mask, position_ids = cache.prepare_block(valid, dtype, offsets, within)
         else:
@@ -468,10 +484,14 @@ def _pick_dtype(reader, key: str, dtype: torch.dtype, tensor_dtype) -> torch.dty
 
 
 def packing_dtypes(name: str) -> torch.dtype | None:
-    """`tensor_dtype` for a model about to be fp16-packed for decoding: the decoder layers' projection weights
-    load in fp16 (packing rounds them to fp16 anyway, and fp16 -> fp32 -> fp16 is exact), the rest as asked."""
+    """`tensor_dtype` for a Llama-family model about to be fp16-packed for decoding: the decoder layers'
+    projection weights, the embedding table and the unembedding load in fp16 (packing rounds them to fp16
+    anyway, fp16 -> fp32 -> fp16 is exact, and a decode-only model keeps its embedding table in fp16), the rest
+    as asked."""
     in_layer = ".layers." in f".{name}" or name.startswith(EXTRA_HEADS_PREFIX)
-    return torch.float16 if in_layer and name.endswith("_proj.weight") else None
+    if in_layer and name.endswith("_proj.weight") or name in ("model.embed_tokens.weight", "lm_head.weight"):
+        return torch.float16
+    return None
 
 
 

@@ -31,6 +31,7 @@ DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF1
           "BOOL": torch.bool}
 NAMES = {v: k for k, v in DTYPES.items()}
 _MAX_HEADER = 100_000_000  # safetensors' own limit
+_STAGING_BYTES = 4 << 20  # a dtype-converting read goes through a buffer this size
 
 
 @dataclass(frozen=True)
@@ -53,6 +54,7 @@ class SafetensorsReader:
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
+        self._staging: torch.Tensor | None = None  # for reads that convert the dtype
         try:
             self._file = open(self.path, "rb")  # noqa: SIM115 - closed by close() / the context manager
         except OSError as e:
@@ -110,23 +112,40 @@ class SafetensorsReader:
 
     def read(self, name: str, dtype: torch.dtype | None = None, device: str | torch.device = "cpu",
              requires_grad: bool = False) -> torch.Tensor:
-        """Tensor `name`, cast to `dtype` (None: as stored) on `device`: one read, at most one temporary."""
+        """Tensor `name`, cast to `dtype` (None: as stored) on `device`: one read, no whole-tensor temporary."""
         info = self.tensors[name]
-        out = torch.empty(info.shape, dtype=info.dtype)
+        out = torch.empty(info.shape, dtype=dtype if dtype is not None else info.dtype)
         if info.nbytes:
-            buffer = out.reshape(-1).view(torch.uint8).numpy()
             self._file.seek(info.begin)
-            got = self._file.readinto(memoryview(buffer))
-            if got != info.nbytes:
-                raise self._bad(f"tensor {name!r}: read {got} of {info.nbytes} bytes")
-        if dtype is not None and dtype != out.dtype:
-            out = out.to(dtype)
+            if out.dtype == info.dtype:
+                self._read_into(name, out.reshape(-1).view(torch.uint8))
+            else:
+                self._read_converting(name, out.reshape(-1), info)
         if torch.device(device).type != "cpu":
             out = out.to(device)
         return out
 
+    def _read_into(self, name: str, raw: torch.Tensor) -> None:
+        got = self._file.readinto(memoryview(raw.numpy()))
+        if got != raw.numel():
+            raise self._bad(f"tensor {name!r}: read {got} of {raw.numel()} bytes")
+
+    def _read_converting(self, name: str, flat: torch.Tensor, info: TensorInfo) -> None:
+        """Read a tensor stored in another dtype into `flat` through a small staging buffer: a whole-tensor
+        temporary (fp32 read, then cast to fp16) would leave holes in the heap that glibc does not return, and
+        a load that converts every tensor then peaks well above the weights it keeps."""
+        if self._staging is None:  # one buffer for every read: allocating one per tensor fragments the heap too
+            self._staging = torch.empty(_STAGING_BYTES, dtype=torch.uint8)
+        staging = self._staging.view(info.dtype)
+        step = staging.numel()  # values per chunk
+        for begin in range(0, flat.numel(), step):
+            n = min(step, flat.numel() - begin)
+            self._read_into(name, staging[:n].view(torch.uint8))
+            flat[begin:begin + n].copy_(staging[:n])  # the cast, chunk by chunk
+
     def close(self) -> None:
         self._file.close()
+        self._staging = None
 
     def __enter__(self) -> SafetensorsReader:
         return self

@@ -57,6 +57,7 @@ def train(
     head_weights: str = "equal",
     loss_order: Literal["memory-efficient", "naive"] = "memory-efficient",
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto",
+    dtype: Literal["float32", "bfloat16"] = "float32",
     gradient_checkpointing: bool = False,
     cache_trunk: bool = True,
     draft_vocab: int = 8192,
@@ -120,6 +121,8 @@ def train(
         head_weights: "equal", "medusa" (0.2*0.8^(i-1) for head i>=1), or comma-separated weights per head
         loss_order: "memory-efficient" (one head's logits at a time) or "naive" (all heads at once)
         precision: autocast: auto (bf16/fp16 on GPU, fp32 on CPU), fp32, bf16, fp16
+        dtype: with --freeze-trunk: the frozen part's weights (bfloat16: half the memory; loaded straight in it);
+            the extra heads keep fp32 master weights and train under autocast in this dtype (--precision auto)
         gradient_checkpointing: recompute layer activations in the backward pass (less memory, slower)
         cache_trunk: with --freeze-trunk, compute the frozen trunk once per row and reuse it every epoch
         draft_vocab: the extra heads predict among the N most frequent tokens of the training rows (much faster
@@ -370,20 +373,30 @@ def _validate(a: _Args) -> None:
         raise MTPError("--freeze-trunk trains the extra heads only; use --num-heads 2 or more")
     if a.answer_minutes is not None and a.targets != "self":
         raise MTPError("--answer-minutes budgets the model's own answers; it needs --targets self")
+    if a.dtype != "float32":  # frozen weights in bf16/fp16, trained ones fp32: the matmuls need autocast
+        autocast = "bf16"  # (fp16 would need --precision fp16, whose loss scaling does not run yet)
+        if a.method != "heads" or not a.freeze_trunk:
+            raise MTPError(f"--dtype {a.dtype} is for --freeze-trunk (the frozen weights; trained ones stay fp32); "
+                           f"for full fine-tuning keep fp32 weights and use --precision {autocast}")
+        if a.precision not in ("auto", autocast):
+            raise MTPError(f"--dtype {a.dtype} trains under --precision {autocast}, not {a.precision}")
+        a.precision = autocast
 
 
 class _HeadsMethod:
     """--method heads: parallel heads on a shared trunk (`mtp.training.loop.Trainer`)."""
 
     def load(self, a: _Args, checkpoint: Path | None, dev: torch.device):
+        from mtp.models.loading import parse_dtype
         from mtp.models.parallel_heads import MTPModel
 
-        if checkpoint is not None:
-            model = MTPModel.from_pretrained(checkpoint, device=dev)
+        dtype = parse_dtype(a.dtype)
+        if checkpoint is not None:  # the trained heads come back in fp32, exactly as saved
+            model = MTPModel.from_pretrained(checkpoint, device=dev, dtype=dtype, tensor_dtype=_extra_heads_fp32)
         else:
-            model = load_model_for_training(a.model, a.num_heads, a.num_trunk_layers, dev)
+            model = load_model_for_training(a.model, a.num_heads, a.num_trunk_layers, dev, dtype)
         a.num_heads, a.num_trunk_layers = model.num_heads, model.num_trunk_layers
-        return model
+        return model.frozen_trunk_in(dtype) if dtype != torch.float32 else model
 
     def answering_model(self, model):
         return model
@@ -428,12 +441,17 @@ def _device(spec: str) -> torch.device:
 
 
 def load_model_for_training(spec: str | None, num_heads: int | None, num_trunk_layers: int | None,
-                            device: torch.device):
-    """An fp32 MTPModel to train (mtp.models.loading): an MTP folder as it is, a base model with new heads."""
+                            device: torch.device, dtype: torch.dtype = torch.float32):
+    """An MTPModel to train (mtp.models.loading), fp32 unless `dtype` (frozen-trunk training): an MTP folder as
+    it is, a base model with new heads."""
     from mtp.models.loading import load_mtp_model
 
     return load_mtp_model(spec, num_heads=num_heads, num_trunk_layers=num_trunk_layers, device=str(device),
-                          dtype="float32")
+                          dtype=dtype)
+
+
+def _extra_heads_fp32(name: str) -> torch.dtype | None:
+    return torch.float32 if name.startswith("extra_heads.") else None
 
 
 def _check_fresh_output(out: Path) -> None:
