@@ -181,7 +181,11 @@ def train(
     par = start(a.parallel, a.device)
     try:
         barrier()  # every rank has checked --output before rank 0 writes into it
-        return _train(a, args, out, checkpoint, par, t_start)
+        code = _train(a, args, out, checkpoint, par, t_start)
+        # Rank 0 writes the final folder after the last collective; the others wait for it rather than tear the
+        # process group down under a peer that still holds it (gloo aborts a rank whose peer went away).
+        barrier()
+        return code
     finally:
         if par is not None:
             stop()
