@@ -8,6 +8,9 @@ The Hugging Face modules are used as they are (wrapped, not forked), so weights 
 
 from __future__ import annotations
 
+import functools
+import inspect
+
 import torch
 from torch import nn
 
@@ -76,7 +79,8 @@ class LlamaBackbone(Backbone):
             fast = self.fast_layers.get(layer)
             if fast is not None:
                 return fast(hidden, mask, cache, *shared["position_embeddings"])
-        out = layer(hidden, attention_mask=mask, past_key_values=cache, use_cache=cache is not None, **shared)
+        out = layer(hidden, attention_mask=mask, use_cache=cache is not None, **{_cache_kwarg(type(layer)): cache},
+                    **shared)
         return out[0] if isinstance(out, tuple) else out
 
 
@@ -93,8 +97,15 @@ class GPT2Backbone(Backbone):
         return t.drop(t.wte(input_ids) + t.wpe(position_ids))  # (B, T, H)
 
     def run_layer(self, layer, hidden, mask, cache, shared):
-        out = layer(hidden, past_key_values=cache, attention_mask=mask, use_cache=cache is not None)
+        out = layer(hidden, attention_mask=mask, use_cache=cache is not None, **{_cache_kwarg(type(layer)): cache})
         return out[0] if isinstance(out, tuple) else out
+
+
+@functools.cache
+def _cache_kwarg(layer_class: type) -> str:
+    """What a decoder layer calls its cache: `cache` (transformers >= 5.2x; `past_key_values` is deprecated there)
+    or `past_key_values` (earlier releases)."""
+    return "cache" if "cache" in inspect.signature(layer_class.forward).parameters else "past_key_values"
 
 
 def backbone_for(causal_lm: nn.Module) -> Backbone:
