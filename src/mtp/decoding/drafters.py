@@ -117,12 +117,7 @@ class HeadsDrafter:
             self.num_drafts = n - 1
         self.tree: DraftTree | None = opts.tree
         if self.tree is not None:
-            if opts.strategy != "speculative":
-                raise MTPError("a draft tree is verified: use it with the speculative strategy")
-            if self.tree.depth > self.num_drafts:
-                raise MTPError(f"the draft tree is {self.tree.depth} deep, but this model drafts at most "
-                               f"{self.num_drafts} tokens ahead")
-            self.num_drafts = self.tree.depth
+            self.num_drafts = _tree_depth(self.tree, opts, self.num_drafts, "this model drafts")
         self.num_heads = 1 + self.num_drafts
         self.num_proposals = self.num_drafts  # drafts per step without verification (confadapt, static)
         self.lookahead = self.num_drafts  # positions past the emitted tokens a block may use
@@ -185,6 +180,15 @@ class HeadsDrafter:
         return draft_tokens(logits, mode, opts, generator)
 
 
+def _tree_depth(tree: DraftTree, opts, most: int, who: str) -> int:
+    """The draft positions a tree uses, checked against what the drafter can propose (`most` ahead)."""
+    if opts.strategy != "speculative":
+        raise MTPError("a draft tree is verified: use it with the speculative strategy")
+    if tree.depth > most:
+        raise MTPError(f"the draft tree is {tree.depth} deep, but {who} at most {most} tokens ahead")
+    return tree.depth
+
+
 def _mode(opts) -> str:
     if opts.strategy in ("confadapt", "static"):
         return "confidence"
@@ -221,12 +225,7 @@ class MaskDrafter:
                 raise MTPError(f"num_draft must be in [0, {self.num_masks}] with k={k}, got {opts.num_draft}")
             self.num_drafts = opts.num_draft
         if self.tree is not None:
-            if opts.strategy != "speculative":
-                raise MTPError("a draft tree is verified: use it with the speculative strategy")
-            if self.tree.depth > self.num_masks:
-                raise MTPError(f"the draft tree is {self.tree.depth} deep, but k={k} masks draft at most "
-                               f"{self.num_masks} tokens ahead")
-            self.num_drafts = self.tree.depth
+            self.num_drafts = _tree_depth(self.tree, opts, self.num_masks, f"k={k} masks draft")
         self.num_proposals = self.num_masks
         self.lookahead = self.num_drafts + self.num_masks
         fed = self.tree.size if self.tree is not None else self.num_drafts
