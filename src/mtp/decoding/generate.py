@@ -239,13 +239,14 @@ def iter_generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor |
                 draft_length.update(kept, a.numel())
             # Keep the fed tokens and the accepted drafts (a tree's path moved right after the root), nothing after.
             cache.keep_path(out.block_len, w, a, acc.path)
-            kept_drafts = acc.kept_nodes(d)  # (B, d) fed drafts that stay in the sequence
+            # (B, d) fed drafts that stay in the sequence; only an observer needs them (not the hot path)
+            kept_drafts = acc.kept_nodes(d) if on_trunk is not None else None
             drafter.rows, drafter.produced = rows, produced + counts
             drafts = out.propose(acc.slot, draft_length.next())
         else:  # nothing was drafted into this block (d == 0); its drafting slots (masks) are forgotten
             emitted, counts = confident_run(out, drafter.num_proposals, opts, generator)
             cache.rollback(out.block_len, torch.full_like(produced, w))
-            kept_drafts = pending_valid[:, :0]
+            kept_drafts = pending_valid[:, :0] if on_trunk is not None else None
         if on_trunk is not None and out.trunk is not None:
             on_trunk(rows, out.trunk, torch.cat([pending_valid, kept_drafts], 1))
 
