@@ -48,29 +48,33 @@ def test_k_is_drawn_per_step_uniformly_and_reproducibly():
     assert ks != [draw(4, step, 2, 6) for step in range(400)]  # the seed matters
 
 
-@pytest.mark.parametrize("adapter", ["full", "gated-lora"])
-@pytest.mark.parametrize("supervision", ["hard", "soft"])
-def test_cli_run_trains_student_and_never_the_teacher(tmp_path, hf_folder, adapter, supervision):
+def train_capturing_trainer(monkeypatch, **kwargs) -> tuple[int, dict]:
+    """`mtp train` with its SelfDistillTrainer and the teacher's weights at the start kept aside."""
     from mtp.training.commands import train
 
-    data = write_data(tmp_path / "d.jsonl")
-    out = tmp_path / "run"
     captured = {}
     real_init = SelfDistillTrainer.__init__
 
-    def keep(self, *args, **kwargs):
-        real_init(self, *args, **kwargs)
+    def keep(self, *args, **kw):
+        real_init(self, *args, **kw)
         captured["trainer"] = self
         captured["teacher"] = {k: v.clone() for k, v in self.teacher.state_dict().items()}
 
-    SelfDistillTrainer.__init__ = keep
-    try:
-        code = train(output=str(out), model=hf_folder, data=data, method="selfdistill", adapter=adapter,
-                     supervision=supervision, k_min=2, k_max=4, regions=8, seq_len=64, steps=6, lr=1e-2,
-                     holdout=0.2, save_every=3, eval_every=3, progress=False, lora_rank=4,
-                     prefix_loss=0.5 if adapter == "full" else 0.0)
-    finally:
-        SelfDistillTrainer.__init__ = real_init
+    monkeypatch.setattr(SelfDistillTrainer, "__init__", keep)
+    code = train(**kwargs)
+    monkeypatch.setattr(SelfDistillTrainer, "__init__", real_init)
+    return code, captured
+
+
+@pytest.mark.parametrize("adapter", ["full", "gated-lora"])
+@pytest.mark.parametrize("supervision", ["hard", "soft"])
+def test_cli_run_trains_student_and_never_the_teacher(tmp_path, hf_folder, adapter, supervision, monkeypatch):
+    data = write_data(tmp_path / "d.jsonl")
+    out = tmp_path / "run"
+    code, captured = train_capturing_trainer(
+        monkeypatch, output=str(out), model=hf_folder, data=data, method="selfdistill", adapter=adapter,
+        supervision=supervision, k_min=2, k_max=4, regions=8, seq_len=64, steps=6, lr=1e-2, holdout=0.2,
+        save_every=3, eval_every=3, progress=False, lora_rank=4, prefix_loss=0.5 if adapter == "full" else 0.0)
     assert code == 0
     trainer = captured["trainer"]
     teacher_now = trainer.teacher.state_dict()
@@ -97,6 +101,26 @@ def test_cli_run_trains_student_and_never_the_teacher(tmp_path, hf_folder, adapt
     if adapter == "gated-lora":  # slot 0 is the base model itself: it always agrees with the teacher
         assert report["heads"][0]["top1_accuracy"] == 1.0
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-000003", "step-000006"]
+
+
+def test_bf16_run_keeps_its_separate_teacher_in_bf16_and_uses_fused_adamw(tmp_path, hf_folder, monkeypatch):
+    data = write_data(tmp_path / "d.jsonl", n=8)
+    code, captured = train_capturing_trainer(
+        monkeypatch, output=str(tmp_path / "run"), model=hf_folder, data=data, method="selfdistill",
+        adapter="full", k_min=2, k_max=3, regions=8, seq_len=64, steps=3, lr=1e-2, holdout=0.0, progress=False,
+        precision="bf16")
+    assert code == 0
+    trainer = captured["trainer"]
+    assert trainer.optimizer.defaults["fused"] is True  # one kernel per tensor (CPU, one process)
+    base = load_file(os.path.join(hf_folder, "model.safetensors"))
+    teacher = trainer.teacher.state_dict()
+    assert {t.dtype for t in teacher.values()} == {torch.bfloat16}  # stored as it computes under autocast
+    for name, weight in base.items():  # the base model's weights, rounded once; they never move
+        assert torch.equal(teacher[name][: weight.shape[0]], weight.to(torch.bfloat16)), name
+        assert torch.equal(teacher[name], captured["teacher"][name]), name
+    student = trainer.model.base.state_dict()
+    assert student["model.layers.0.mlp.up_proj.weight"].dtype == torch.float32  # fp32 master weights train
+    assert not torch.equal(student["model.layers.0.mlp.up_proj.weight"], base["model.layers.0.mlp.up_proj.weight"])
 
 
 def test_interrupted_run_resumes_exactly(tmp_path, hf_folder, monkeypatch):
