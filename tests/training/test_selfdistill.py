@@ -98,6 +98,12 @@ def test_cli_run_trains_student_and_never_the_teacher(tmp_path, hf_folder, adapt
         assert 2 <= k <= 4 and len(x["head_loss"]) == 4
     report = json.loads((out / "eval.json").read_text())
     assert [h["predicts"] for h in report["heads"]] == ["t+1", "t+2", "t+3", "t+4"]
+    for figures in report["confadapt"].values():  # held-out ConfAdapt estimate per threshold
+        share = figures["confident_run_share"]
+        assert len(share) == 4 and all(a >= b for a, b in zip(share[:-1], share[1:], strict=True))  # a run only shortens
+        assert figures["tokens_per_forward_estimate"] == pytest.approx(1 + sum(share[1:]), abs=1e-3)
+    assert report["confadapt"]["0.5"]["tokens_per_forward_estimate"] >= \
+        report["confadapt"]["0.9"]["tokens_per_forward_estimate"]
     if adapter == "gated-lora":  # slot 0 is the base model itself: it always agrees with the teacher
         assert report["heads"][0]["top1_accuracy"] == 1.0
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-000003", "step-000006"]
@@ -184,6 +190,45 @@ def test_idle_regions_change_nothing(tok):
     assert pruned.count.tolist() == [9.0, 9.0, 9.0]  # 3 regions x 3 rows end where the next token is an answer
     assert everything.count.tolist() == [24.0, 24.0, 24.0]
     assert 0 < float(pruned.total) and torch.isfinite(pruned.total)
+
+
+def test_confident_runs_are_what_confadapt_would_emit(tok):
+    """`taus`: per threshold and offset j, the counted slots whose student top-1 probabilities at offsets 0..j
+    are all >= tau, checked against one plain 4-D-mask forward of the layout; and the estimate built on them."""
+    from mtp.models.mask_tokens import gather_layout, mask_layout
+    from mtp.training.selfdistill import CONFADAPT_TAUS, confadapt_estimates
+
+    torch.manual_seed(0)
+    model = MaskTokenModel.from_base(tiny_llama(vocab_size=len(tok), num_heads=1).base, adapter="full",
+                                     tokenizer=train_tokenizer())
+    ids = torch.randint(0, 40, (2, 36))  # a small id range: some predictions are confident, some not
+    loss_mask = torch.zeros_like(ids, dtype=torch.bool)
+    loss_mask[:, 12:] = True
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "loss_mask": loss_mask}
+    cfg = SelfDistillConfig(k_min=3, k_max=3, regions=12, seq_len=36)
+    with torch.no_grad():
+        lb = gather_layout(ids, batch["attention_mask"], mask_layout(cfg.prefix_len, 3, cfg.regions),
+                           model.mask_token_id, 0, loss_mask)
+        probs = model.lm_head(model.layout_hidden_reference(lb)).float().softmax(-1)  # (B, S, V)
+    top = probs.amax(-1)[:, lb.predict]  # (B, M, k)
+    weight = lb.region_weight[:, :, None]  # (B, M, 1)
+    # thresholds between the probabilities this random model gives (a random model is nowhere near 0.9)
+    values = top[weight.expand_as(top).bool()].sort().values
+    mids = [float(values[i] + values[i + 1]) / 2 for i in (len(values) // 4, len(values) // 2, 3 * len(values) // 4)]
+    taus = (0.0, *mids, 1.01)
+    with torch.no_grad():
+        f = distill_figures(model, model.make_teacher(), batch, 3, cfg, 0, need_grad=False, taus=taus)
+    for i, tau in enumerate(taus):
+        expected = (((top >= tau).long().cumprod(-1)) * weight).sum((0, 1))  # (k,)
+        assert f.confident[i].tolist() == expected.tolist(), tau
+    assert f.confident[0].tolist() == f.count.tolist()  # tau 0: every slot
+    assert f.confident[-1].tolist() == [0.0, 0.0, 0.0]  # above 1: none
+    assert 0 < float(f.confident[2, 1]) < float(f.count[1])  # this model is confident at some slots only
+    est = confadapt_estimates(torch.tensor([[10.0, 5.0, 2.0], [10.0, 8.0, 8.0], [4.0, 0.0, 0.0]]),
+                              torch.tensor([10.0, 10.0, 10.0]))
+    assert list(est) == [f"{t:g}" for t in CONFADAPT_TAUS]
+    assert est["0.9"] == {"confident_run_share": [1.0, 0.5, 0.2], "tokens_per_forward_estimate": 1.7}
+    assert est["0.7"]["tokens_per_forward_estimate"] == 2.6 and est["0.5"]["tokens_per_forward_estimate"] == 1.0
 
 
 def counting_rows(vocab: int, n: int, length: int, seed: int) -> TokenizedData:

@@ -543,6 +543,9 @@ def _print_summary(out: Path, result, report: dict) -> None:
                   f"{h['loss']:>6.3f}  {h['tokens']:>7}")
         print(f"estimated tokens per forward (greedy speculative, teacher-forced): "
               f"{report['tokens_per_forward_estimate']:.3f}")
+    if "confadapt" in report:
+        print("estimated ConfAdapt tokens per forward (teacher-forced): " + ", ".join(
+            f"tau {tau} {v['tokens_per_forward_estimate']:.3f}" for tau, v in report["confadapt"].items()))
     print(f"metrics: {out / 'metrics.jsonl'}, plot: {out / 'loss.png'}, eval: {out / EVAL_NAME}")
 
 

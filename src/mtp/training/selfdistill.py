@@ -32,6 +32,7 @@ from mtp.training.loop import Trainer
 from mtp.training.losses import EvalResult, trim_batch
 
 SUPERVISION = ("hard", "soft")
+CONFADAPT_TAUS = (0.9, 0.7, 0.5)  # held out: the share of slots ConfAdapt(tau) would emit, per threshold
 
 
 @dataclass
@@ -76,11 +77,13 @@ class SlotFigures:
     agree: torch.Tensor  # (k,)
     count: torch.Tensor  # (k,)
     total: torch.Tensor  # scalar: the objective (mean), with grad when training
+    confident: torch.Tensor | None = None  # (len(taus), k): slots whose offsets 0..j all have top-1 prob >= tau
 
 
 def distill_figures(model, teacher, batch: dict, k: int, cfg: SelfDistillConfig, offset: int,
-                    need_grad: bool, always_run: bool = False) -> SlotFigures:
+                    need_grad: bool, always_run: bool = False, taus: tuple[float, ...] = ()) -> SlotFigures:
     """Student and teacher on one batch of rows laid out for k; the loss and per-offset figures.
+    `taus`: also count, per threshold, the slots ConfAdapt would emit (`SlotFigures.confident`).
 
     The layout runs as two passes (`MaskTokenModel.real_pass`, `mask_pass`), which compute what one forward
     of the whole layout does since real tokens never attend to masks. With gated LoRA the real tokens are the
@@ -95,7 +98,8 @@ def distill_figures(model, teacher, batch: dict, k: int, cfg: SelfDistillConfig,
     b, m = lb.region_weight.shape
     if m == 0:  # no region counts in this batch (e.g. every row is prompt here): nothing to learn from it
         zeros = torch.zeros(k, device=lb.input_ids.device)
-        return SlotFigures(zeros, zeros, zeros, torch.zeros((), device=lb.input_ids.device))
+        return SlotFigures(zeros, zeros, zeros, torch.zeros((), device=lb.input_ids.device),
+                           torch.zeros(len(taus), k, device=lb.input_ids.device) if taus else None)
     order = torch.empty_like(lb.is_mask, dtype=torch.long)  # slot -> index within its pass
     order[~lb.is_mask] = torch.arange(int((~lb.is_mask).sum()), device=order.device)
     order[lb.is_mask] = torch.arange(int(lb.is_mask.sum()), device=order.device)
@@ -137,7 +141,13 @@ def distill_figures(model, teacher, batch: dict, k: int, cfg: SelfDistillConfig,
             total = total + cfg.prefix_loss * F.cross_entropy(logits.flatten(0, 1), targets.flatten(),
                                                               ignore_index=-100)
     agree = ((guesses == t_logits.argmax(-1)).float() * weight).sum((0, 1))
-    return SlotFigures((per_slot.detach() * weight).sum((0, 1)), agree, count, total)
+    confident = None
+    if taus:  # ConfAdapt emits offset j when offsets 0..j are all confident (offset 0 always, whatever it is)
+        with torch.no_grad():
+            top = student.detach().softmax(-1).amax(-1)  # (B, M, k)
+            runs = torch.stack([(top >= t).long().cumprod(-1) for t in taus])  # (taus, B, M, k)
+            confident = (runs * weight).sum((1, 2))  # (taus, k)
+    return SlotFigures((per_slot.detach() * weight).sum((0, 1)), agree, count, total, confident)
 
 
 class SelfDistillTrainer(Trainer):
@@ -236,6 +246,7 @@ class SelfDistillTrainer(Trainer):
             return None
         d, k = self.distill, self.distill.k_max
         loss, agree, count = torch.zeros(k), torch.zeros(k), torch.zeros(k)
+        confident = torch.zeros(len(CONFADAPT_TAUS), k)
         bs = self.config.eval_batch_size
         for start in range(0, len(data), bs):
             batch = trim_batch({"input_ids": data.input_ids[start:start + bs],
@@ -244,10 +255,11 @@ class SelfDistillTrainer(Trainer):
             batch = {key: v.to(self.device) for key, v in batch.items()}
             with self.autocast():
                 f = distill_figures(self.model, self.teacher, batch, k, d, 0, need_grad=False,
-                                    always_run=self.parallel is not None)
+                                    always_run=self.parallel is not None, taus=CONFADAPT_TAUS)
             loss += f.loss.cpu()
             agree += f.agree.cpu()
             count += f.count.cpu()
+            confident += f.confident.cpu()
         acc = (agree / count.clamp_min(1)).tolist()
         # Expected tokens per verified forward if drafts were accepted exactly when they agree (offsets 2..k in
         # a row): 1 + sum over j of the agreement of the first j drafts, approximated by the product of rates.
@@ -256,7 +268,20 @@ class SelfDistillTrainer(Trainer):
             run *= a
             expected += run
         return EvalResult((loss / count.clamp_min(1)).tolist(), acc, [int(c) for c in count], expected,
-                          extra={"metric": "student/teacher agreement per offset"})
+                          extra={"metric": "student/teacher agreement per offset",
+                                 "confadapt": confadapt_estimates(confident, count)})
+
+
+def confadapt_estimates(confident: torch.Tensor, count: torch.Tensor) -> dict:
+    """Teacher-forced ConfAdapt figures per threshold from `SlotFigures.confident` sums (taus, k) over `count`
+    (k,) slots: the share of slots where offsets 0..j are all confident (what ConfAdapt would emit at j), and
+    its estimate of tokens per forward, 1 + the sum of those shares over j >= 1 (offset 0 is always emitted)."""
+    out = {}
+    for tau, row in zip(CONFADAPT_TAUS, confident, strict=True):
+        share = (row / count.clamp_min(1)).tolist()
+        out[f"{tau:g}"] = {"confident_run_share": [round(x, 4) for x in share],
+                           "tokens_per_forward_estimate": round(1 + sum(share[1:]), 4)}
+    return out
 
 
 class SelfDistillMethod:
