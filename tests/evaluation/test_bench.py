@@ -289,8 +289,8 @@ def test_bench_bad_inputs(tiny_model_dir, tiny_tokenizer, tmp_path):
         file_prompts(tiny_tokenizer, empty)
 
 
-def test_mask_token_models_beside_the_heads(tiny_model_dir, tiny_tokenizer, gsm8k_file, tmp_path):
-    """`--also`: self-distilled mask-token folders of the same base run in the same interleaved benchmark."""
+def mask_token_folders(tokenizer, where, adapters=("gated-lora", "full")) -> list[str]:
+    """Mask-token folders of `make_model`'s base, named "lora" and "full", with weights moved off their start."""
     import copy
 
     import torch
@@ -298,14 +298,20 @@ def test_mask_token_models_beside_the_heads(tiny_model_dir, tiny_tokenizer, gsm8
     from mtp.models.mask_tokens import MaskTokenModel
 
     folders = []
-    for adapter in ("gated-lora", "full"):
-        m = MaskTokenModel.from_base(make_model(tiny_tokenizer).base, adapter=adapter, rank=4, k=3,
-                                     tokenizer=copy.deepcopy(tiny_tokenizer))
+    for adapter in adapters:
+        m = MaskTokenModel.from_base(make_model(tokenizer).base, adapter=adapter, rank=4, k=3,
+                                     tokenizer=copy.deepcopy(tokenizer))
         with torch.no_grad():  # trained-looking: the masks draft something
             params = m.lora.B.values() if m.lora is not None else [m.base.get_input_embeddings().weight]
             for p in params:
                 p.add_(torch.randn(p.shape) * 0.1)
-        folders.append(str(m.save_pretrained(tmp_path / ("lora" if m.lora is not None else "full"))))
+        folders.append(str(m.save_pretrained(where / ("lora" if m.lora is not None else "full"))))
+    return folders
+
+
+def test_mask_token_models_beside_the_heads(tiny_model_dir, tiny_tokenizer, gsm8k_file, tmp_path):
+    """`--also`: self-distilled mask-token folders of the same base run in the same interleaved benchmark."""
+    folders = mask_token_folders(tiny_tokenizer, tmp_path)
     out = tmp_path / "bench"
     assert bench(model=str(tiny_model_dir), prompts=str(gsm8k_file), limit=2, max_new_tokens=6, output=str(out),
                  shots=1, taus=[0.5], static_k=[2], hf=False, fp16=False, also=folders, progress=False) == 0
@@ -317,6 +323,23 @@ def test_mask_token_models_beside_the_heads(tiny_model_dir, tiny_tokenizer, gsm8
     assert rows["lora:speculative"]["equal_to_greedy"] == 2  # gated LoRA: exactly the base model's answers
     assert rows["full:speculative"]["equal_to_lossless_reference"] == 2  # its own greedy answers
     assert rows["lora:static-k2"]["tokens_per_forward"] > 1.0
+
+
+def test_fully_trained_mask_model_also_decodes_fp16_packed(tiny_model_dir, tiny_tokenizer, gsm8k_file, tmp_path,
+                                                           capsys):
+    """With fp16 packing, a full-adapter mask-token folder gets packed speculative and ConfAdapt rows; gated LoRA
+    (hooked projections) cannot be packed and says so in one note."""
+    folders = mask_token_folders(tiny_tokenizer, tmp_path)
+    out = tmp_path / "bench"
+    assert bench(model=str(tiny_model_dir), prompts=str(gsm8k_file), limit=2, max_new_tokens=6, output=str(out),
+                 shots=1, taus=[0.5], static_k=[3], hf=False, fp16=True, also=folders, progress=False) == 0
+    report = json.loads((out / "report.json").read_text())
+    rows = {r["method"]: r for r in report["methods"]}
+    assert [m for m in rows if m.endswith("-fp16")] == ["greedy-fp16", "speculative-fp16", "full:speculative-fp16",
+                                                         "full:confadapt-tau0.5-fp16"]
+    assert "lora:speculative-fp16 skipped" in capsys.readouterr().out
+    packed = rows["full:confadapt-tau0.5-fp16"]
+    assert packed["tokens_per_forward"] >= 1.0 and packed["new_tokens_mean"] > 0
 
 
 # ------------------------------------------------------------------------------------------------ llama.cpp

@@ -231,6 +231,44 @@ def test_confident_runs_are_what_confadapt_would_emit(tok):
     assert est["0.7"]["tokens_per_forward_estimate"] == 2.6 and est["0.5"]["tokens_per_forward_estimate"] == 1.0
 
 
+def test_entropy_loss_adds_the_students_mean_entropy_and_lowers_it(tok):
+    """`entropy_loss` w: the objective grows by w x the student's mean entropy over the counted prediction slots
+    (checked against a 4-D-mask forward), and a gradient step on that term alone makes the student sharper."""
+    from mtp.models.mask_tokens import gather_layout, mask_layout
+
+    torch.manual_seed(1)
+    model = MaskTokenModel.from_base(tiny_llama(vocab_size=len(tok), num_heads=1).base, adapter="full",
+                                     tokenizer=train_tokenizer())
+    teacher = model.make_teacher()
+    ids = torch.randint(0, 200, (2, 36))
+    loss_mask = torch.zeros_like(ids, dtype=torch.bool)
+    loss_mask[:, 10:] = True
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "loss_mask": loss_mask}
+    plain = SelfDistillConfig(k_min=3, k_max=3, regions=12, seq_len=36)
+    sharp = SelfDistillConfig(k_min=3, k_max=3, regions=12, seq_len=36, entropy_loss=0.5)
+    lb = gather_layout(ids, batch["attention_mask"], mask_layout(plain.prefix_len, 3, plain.regions),
+                       model.mask_token_id, 0, loss_mask)
+    weight = lb.region_weight[:, :, None].expand(-1, -1, 3)  # (B, M, k)
+
+    def mean_entropy() -> torch.Tensor:
+        logp = model.lm_head(model.layout_hidden_reference(lb)).float().log_softmax(-1)[:, lb.predict]  # (B,M,k,V)
+        return (-(logp.exp() * logp).sum(-1) * weight).sum() / weight.sum()
+
+    with torch.no_grad():
+        before = float(mean_entropy())
+        base_total = float(distill_figures(model, teacher, batch, 3, plain, 0, need_grad=True).total)
+    extra = distill_figures(model, teacher, batch, 3, sharp, 0, need_grad=True).total - base_total
+    assert float(extra) == pytest.approx(0.5 * before, rel=1e-4)
+    extra.backward()
+    with torch.no_grad():
+        for p in model.base.parameters():
+            if p.grad is not None:
+                p -= 0.5 * p.grad
+        assert float(mean_entropy()) < before  # (a sign error would raise it)
+    with pytest.raises(MTPError, match="entropy-loss"):
+        SelfDistillConfig(entropy_loss=-1.0).validate()
+
+
 def counting_rows(vocab: int, n: int, length: int, seed: int) -> TokenizedData:
     g = torch.Generator().manual_seed(seed)
     start = torch.randint(0, vocab, (n, 1), generator=g)

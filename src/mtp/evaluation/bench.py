@@ -385,6 +385,10 @@ def multi_token_methods(model, tokenizer, *, taus: Sequence[float], static_k: Se
                                 stop_ids=stop_ids, description=f"{prefix} speculative, fp16 weights")
             packed.lossless_reference = None if own_answers else "greedy-fp16"
             methods.append(packed)
+            for tau in taus:  # the paper's decoding at the speed fp16 packing gives the lossless rows
+                methods.append(mtp_method(q, tokenizer, f"{prefix}confadapt-tau{tau:g}-fp16", "confadapt", tau=tau,
+                                          engine="mtp-fp16", stop_ids=stop_ids,
+                                          description=f"{prefix}ConfAdapt tau={tau:g}, fp16 weights"))
     return methods
 
 

@@ -77,6 +77,7 @@ def train(
     regions: int = 5,
     supervision: Literal["hard", "soft"] = "hard",
     prefix_loss: float = 0.0,
+    entropy_loss: float = 0.0,
     mask_token: str | None = None,
     mask_token_id: int | None = None,
     per_rank_k: bool = False,
@@ -147,6 +148,8 @@ def train(
         supervision: "hard": cross-entropy to the teacher's argmax (the paper's default); "soft": KL to its
             distribution
         prefix_loss: weight of the next-token loss on the real tokens (0: off)
+        entropy_loss: weight of the student's entropy at the prediction slots, minimised (0: off): sharper
+            guesses, so ConfAdapt's threshold passes more often
         mask_token: the mask token's string (default <|mtp_mask|>; added to the tokenizer when new)
         mask_token_id: use this existing token id as the mask token (e.g. a checkpoint that ships one)
         per_rank_k: under torchrun, each rank draws its own k per step from [k-min, k-max] (the paper's recipe)

@@ -14,7 +14,9 @@ under no_grad, on that sequence with the same layout and scores every prediction
 
 The loss is the plain mean over counted prediction slots (a region counts when its last real token is real and,
 answer-only, when the token after it is an answer token), plus `prefix_loss` x the next-token cross-entropy on
-the real tokens (the data's next token). Held out: per offset 1..k, how often the student's argmax agrees
+the real tokens (the data's next token), plus `entropy_loss` x the student's mean entropy over the counted slots
+(minimised: the authors' code has this optional student-entropy term; it sharpens the guesses that ConfAdapt
+thresholds by confidence). Held out: per offset 1..k, how often the student's argmax agrees
 with the teacher's.
 """
 
@@ -43,6 +45,7 @@ class SelfDistillConfig:
     seq_len: int = 160  # real tokens of a layout, seq_len // regions per region (each followed by k-1 masks)
     supervision: str = "hard"
     prefix_loss: float = 0.0
+    entropy_loss: float = 0.0  # weight of the student's mean entropy at the prediction slots (minimised)
     answer_only: bool = True
     per_rank_k: bool = False  # under torchrun each rank draws its own k per step (the paper's recipe)
 
@@ -57,6 +60,8 @@ class SelfDistillConfig:
             raise MTPError(f"--supervision must be one of {', '.join(SUPERVISION)}, got {self.supervision!r}")
         if self.prefix_loss < 0:
             raise MTPError(f"--prefix-loss must be >= 0, got {self.prefix_loss}")
+        if self.entropy_loss < 0:
+            raise MTPError(f"--entropy-loss must be >= 0, got {self.entropy_loss}")
 
     @property
     def prefix_len(self) -> int:
@@ -126,14 +131,18 @@ def distill_figures(model, teacher, batch: dict, k: int, cfg: SelfDistillConfig,
         t_mask = model.mask_pass(lb, t_prefix, tokens=filled, model=teacher, adapters=False)
         t_logits = model.without_mask_token(teacher.get_output_embeddings()(gather(t_real, t_mask))).float()
     weight = lb.region_weight[:, :, None].expand(-1, -1, k)  # (B, M, k)
+    log_probs = F.log_softmax(student, -1)  # (B, M, k, V)
     if cfg.supervision == "hard":
-        per_slot = F.cross_entropy(student.flatten(0, 2), t_logits.argmax(-1).flatten(), reduction="none")
+        per_slot = F.nll_loss(log_probs.flatten(0, 2), t_logits.argmax(-1).flatten(), reduction="none")
     else:
-        per_slot = F.kl_div(F.log_softmax(student, -1), F.log_softmax(t_logits, -1), log_target=True,
+        per_slot = F.kl_div(log_probs, F.log_softmax(t_logits, -1), log_target=True,
                             reduction="none").sum(-1).flatten()
     per_slot = per_slot.view(b, m, k)
     count = weight.sum((0, 1))  # (k,)
     total = (per_slot * weight).sum() / weight.sum().clamp_min(1)
+    if cfg.entropy_loss > 0 and need_grad:  # the authors' optional student-entropy term, here minimised
+        entropy = -(log_probs.exp() * log_probs).sum(-1)  # (B, M, k)
+        total = total + cfg.entropy_loss * (entropy * weight).sum() / weight.sum().clamp_min(1)
     if cfg.prefix_loss > 0 and need_grad and not shared:
         targets = lb.next_token[:, ~lb.is_mask]  # (B, R) the data's next token after each real token
         if bool((targets >= 0).any()):
@@ -303,7 +312,7 @@ class SelfDistillMethod:
         if a.per_rank_k and k_min == k_max:
             raise MTPError("--per-rank-k draws k per rank from [--k-min, --k-max]; give a range")
         return SelfDistillConfig(k_min=k_min, k_max=k_max, regions=a.regions, seq_len=a.seq_len,
-                                 supervision=a.supervision, prefix_loss=a.prefix_loss,
+                                 supervision=a.supervision, prefix_loss=a.prefix_loss, entropy_loss=a.entropy_loss,
                                  answer_only=a.loss_on == "answer", per_rank_k=a.per_rank_k)
 
     def start_model(self, a, dev):
