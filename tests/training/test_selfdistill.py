@@ -258,7 +258,7 @@ def test_entropy_loss_adds_the_students_mean_entropy_and_lowers_it(tok):
         before = float(mean_entropy())
         base_total = float(distill_figures(model, teacher, batch, 3, plain, 0, need_grad=True).total)
     extra = distill_figures(model, teacher, batch, 3, sharp, 0, need_grad=True).total - base_total
-    assert float(extra) == pytest.approx(0.5 * before, rel=1e-4)
+    assert float(extra.detach()) == pytest.approx(0.5 * before, rel=1e-4)
     extra.backward()
     with torch.no_grad():
         for p in model.base.parameters():
