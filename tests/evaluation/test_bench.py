@@ -309,14 +309,18 @@ def mask_token_folders(tokenizer, where, adapters=("gated-lora", "full")) -> lis
     return folders
 
 
+def bench_beside_mask_folders(model_dir, tokenizer, prompts, where, static_k: int, fp16: bool) -> dict:
+    """`mtp bench` of the tiny heads model with a gated-LoRA and a full mask-token folder `--also`: its rows."""
+    out = where / "bench"
+    assert bench(model=str(model_dir), prompts=str(prompts), limit=2, max_new_tokens=6, output=str(out), shots=1,
+                 taus=[0.5], static_k=[static_k], hf=False, fp16=fp16, also=mask_token_folders(tokenizer, where),
+                 progress=False) == 0
+    return {r["method"]: r for r in json.loads((out / "report.json").read_text())["methods"]}
+
+
 def test_mask_token_models_beside_the_heads(tiny_model_dir, tiny_tokenizer, gsm8k_file, tmp_path):
     """`--also`: self-distilled mask-token folders of the same base run in the same interleaved benchmark."""
-    folders = mask_token_folders(tiny_tokenizer, tmp_path)
-    out = tmp_path / "bench"
-    assert bench(model=str(tiny_model_dir), prompts=str(gsm8k_file), limit=2, max_new_tokens=6, output=str(out),
-                 shots=1, taus=[0.5], static_k=[2], hf=False, fp16=False, also=folders, progress=False) == 0
-    report = json.loads((out / "report.json").read_text())
-    rows = {r["method"]: r for r in report["methods"]}
+    rows = bench_beside_mask_folders(tiny_model_dir, tiny_tokenizer, gsm8k_file, tmp_path, static_k=2, fp16=False)
     assert list(rows) == ["greedy", "speculative", "confadapt-tau0.5", "static-k2",
                           "lora:speculative", "lora:confadapt-tau0.5", "lora:static-k2",
                           "full:greedy", "full:speculative", "full:confadapt-tau0.5", "full:static-k2"]
@@ -329,12 +333,7 @@ def test_fully_trained_mask_model_also_decodes_fp16_packed(tiny_model_dir, tiny_
                                                            capsys):
     """With fp16 packing, a full-adapter mask-token folder gets packed speculative and ConfAdapt rows; gated LoRA
     (hooked projections) cannot be packed and says so in one note."""
-    folders = mask_token_folders(tiny_tokenizer, tmp_path)
-    out = tmp_path / "bench"
-    assert bench(model=str(tiny_model_dir), prompts=str(gsm8k_file), limit=2, max_new_tokens=6, output=str(out),
-                 shots=1, taus=[0.5], static_k=[3], hf=False, fp16=True, also=folders, progress=False) == 0
-    report = json.loads((out / "report.json").read_text())
-    rows = {r["method"]: r for r in report["methods"]}
+    rows = bench_beside_mask_folders(tiny_model_dir, tiny_tokenizer, gsm8k_file, tmp_path, static_k=3, fp16=True)
     assert [m for m in rows if m.endswith("-fp16")] == ["greedy-fp16", "speculative-fp16", "full:speculative-fp16",
                                                          "full:confadapt-tau0.5-fp16"]
     assert "lora:speculative-fp16 skipped" in capsys.readouterr().out
