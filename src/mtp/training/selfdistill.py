@@ -153,7 +153,7 @@ def distill_figures(model, teacher, batch: dict, k: int, cfg: SelfDistillConfig,
     confident = None
     if taus:  # ConfAdapt emits offset j when offsets 0..j are all confident (offset 0 always, whatever it is)
         with torch.no_grad():
-            top = student.detach().softmax(-1).amax(-1)  # (B, M, k)
+            top = log_probs.detach().amax(-1).exp()  # (B, M, k): the top-1 probability (log-softmax reused)
             runs = torch.stack([(top >= t).long().cumprod(-1) for t in taus])  # (taus, B, M, k)
             confident = (runs * weight).sum((1, 2))  # (taus, k)
     return SlotFigures((per_slot.detach() * weight).sum((0, 1)), agree, count, total, confident)
