@@ -60,13 +60,15 @@ def test_generate_with_a_draft_tree(tiny_mtp_folder, capsys):
     code, out, err = run_cli(args, capsys)
     assert code == 0, err
     greedy = json.loads(out.strip().splitlines()[-1])["token_ids"]
-    for tree in (["--tree", "auto", "--tree-size", "6"], ["--tree", "[[0], [1], [0, 0]]"], ["--tree-size", "3"]):
+    for tree in (["--tree", "auto", "--tree-size", "6"], ["--tree", "[[0], [1], [0, 0]]"], ["--tree-size", "3"],
+                 ["--lookup", "4"], ["--tree-size", "4", "--lookup", "3"]):
         code, out, err = run_cli(args + ["--strategy", "speculative"] + tree, capsys)
         assert code == 0, err
         assert json.loads(out.strip().splitlines()[-1])["token_ids"] == greedy
     for bad, says in ((["--strategy", "speculative", "--tree", "[[0], [1, 0"], "not valid JSON"),
                       (["--strategy", "speculative", "--tree-size", "0"], "tree-size"),
-                      (["--tree", "auto"], "speculative")):
+                      (["--tree", "auto"], "speculative"), (["--lookup", "3"], "speculative"),
+                      (["--strategy", "speculative", "--lookup", "-1"], "lookup")):
         code, _, err = run_cli(args + bad, capsys)
         assert code == 2 and says in err and len(err.strip().splitlines()) == 1, err
 

@@ -62,7 +62,7 @@ RULES: dict[str, Range] = {
     "num_heads": AT_LEAST_1, "heads": AT_LEAST_1, "num_trunk_layers": AT_LEAST_0, "num_draft": AT_LEAST_0,
     "k": AT_LEAST_1, "static_k": AT_LEAST_1, "k_min": AT_LEAST_1, "k_max": AT_LEAST_1, "regions": AT_LEAST_1,
     "lora_rank": AT_LEAST_1, "lora_layers": AT_LEAST_1, "mask_token_id": AT_LEAST_0, "new_tokens": AT_LEAST_1,
-    "tree_size": AT_LEAST_1, "tree_sizes": AT_LEAST_1,
+    "tree_size": AT_LEAST_1, "tree_sizes": AT_LEAST_1, "lookup": AT_LEAST_0,
     # decoding
     "tau": PROBABILITY, "taus": PROBABILITY, "temperature": AT_LEAST_0, "top_p": Range(0, 1, low_open=True),
     "top_k": AT_LEAST_0,

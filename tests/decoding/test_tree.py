@@ -175,6 +175,7 @@ def test_tree_speculative_equals_greedy_equals_reference(data):
     max_new = data.draw(st.integers(1, 16))
     stop = data.draw(st.lists(st.integers(0, vocab - 1), max_size=1))
     tree = random_tree(data.draw, num_heads - 1)
+    lookup = data.draw(st.sampled_from([0, 0, 1, 3, 6]))  # prompt-lookup drafts: one more branch of the tree
     ids, mask = left_pad(prompts)
     reference = [reference_greedy(model, p, max_new, stop) for p in prompts]
     if data.draw(st.booleans()):
@@ -182,12 +183,17 @@ def test_tree_speculative_equals_greedy_equals_reference(data):
                                                  unique=True)))
     adaptive = data.draw(st.booleans())
     spec = generate(model, ids, mask, max_new_tokens=max_new, strategy="speculative", stop_token_ids=stop,
-                    tree=tree, adaptive_draft=adaptive)
+                    tree=tree, adaptive_draft=adaptive, lookup=lookup)
     assert spec.tokens == reference
+    if lookup:  # the chain with lookup drafts too (it becomes a tree of width one plus the lookup branch)
+        chain = generate(model, ids, mask, max_new_tokens=max_new, strategy="speculative", stop_token_ids=stop,
+                         adaptive_draft=adaptive, lookup=lookup)
+        assert chain.tokens == reference
     # Drafts that are often right somewhere in the tree: rows keep different paths and lengths.
     corrupt = data.draw(st.sampled_from([0.0, 0.3, 0.7]))
     oracle = generate(model, ids, mask, max_new_tokens=max_new, strategy="speculative", stop_token_ids=stop,
-                      tree=tree, adaptive_draft=adaptive, proposer=ranked_oracle(reference, tree, corrupt, seed, vocab))
+                      tree=tree, adaptive_draft=adaptive, proposer=ranked_oracle(reference, tree, corrupt, seed, vocab),
+                      lookup=lookup)
     assert oracle.tokens == reference
 
 
@@ -290,9 +296,10 @@ def test_mask_token_tree_speculative_equals_greedy(data):
     max_new = data.draw(st.integers(1, 16))
     ids, mask = left_pad(prompts)
     reference = [reference_greedy(model, p, max_new) for p in prompts]
-    tree = random_tree(data.draw, k - 1)
+    tree = data.draw(st.sampled_from([None, random_tree(data.draw, k - 1)]))
+    lookup = data.draw(st.sampled_from([0, 2, 5]))
     spec = generate(model, ids, mask, max_new_tokens=max_new, strategy="speculative", k=k, stop_token_ids=[],
-                    tree=tree)
+                    tree=tree, lookup=lookup)
     assert spec.tokens == reference
 
 

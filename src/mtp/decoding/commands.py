@@ -69,7 +69,7 @@ def generate(model: str | None = None, prompt: str | None = None, prompts_file: 
              dtype: str = "float32", quantize: Literal["none", "fp16", "int8"] = "none", device: str = "cpu",
              threads: int | None = None, adaptive_draft: bool = True, truncate_prompt: bool = False,
              mask_token_id: int | None = None, mask_token: str | None = None, tree: str = "chain",
-             tree_size: int | None = None) -> int:
+             tree_size: int | None = None, lookup: int = 0) -> int:
     """Generate text with an MTP model: greedy, lossless speculative, ConfAdapt or static-k decoding.
 
     Args:
@@ -100,11 +100,15 @@ def generate(model: str | None = None, prompt: str | None = None, prompts_file: 
             JSON list of paths of ranks (e.g. "[[0], [1], [0, 0]]"), or "chain". Same output, more tokens per
             forward; each node costs a token of the verify forward.
         tree_size: nodes of the "auto" tree (default 16; alone it implies --tree auto).
+        lookup: speculative: also verify up to this many tokens copied from earlier in the prompt and answer
+            (prompt lookup), one more branch of the draft tree; 0: none.
     """
     if (prompt is None) == (prompts_file is None):
         raise MTPError("give exactly one of --prompt or --prompts-file")
     if (tree != "chain" or tree_size is not None) and strategy != "speculative":
         raise MTPError("--tree / --tree-size: a draft tree is verified; use it with --strategy speculative")
+    if lookup and strategy != "speculative":
+        raise MTPError("--lookup: lookup drafts are verified; use them with --strategy speculative")
     prompts = [prompt] if prompt is not None else read_prompts(prompts_file)
     if prompt is not None and not prompt:
         raise MTPError("empty prompt: give at least one token")
@@ -134,7 +138,7 @@ def generate(model: str | None = None, prompt: str | None = None, prompts_file: 
                                   strategy=strategy, tau=tau, k=k, do_sample=do_sample, temperature=temperature,
                                   top_p=top_p, top_k=top_k, seed=seed, streamer=collect,
                                   adaptive_draft=adaptive_draft, truncate_prompt=truncate_prompt,
-                                  tree=None if tree == "chain" else tree, tree_size=tree_size)
+                                  tree=None if tree == "chain" else tree, tree_size=tree_size, lookup=lookup)
         except KeyboardInterrupt:  # print and keep what the interrupted batch has produced, then stop
             bar.close()
             records = [_record(p, tok.decode(t, skip_special_tokens=True), t, None) | {"interrupted": True}

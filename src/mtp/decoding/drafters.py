@@ -120,9 +120,9 @@ class HeadsDrafter:
             self.num_drafts = _tree_depth(self.tree, opts, self.num_drafts, "this model drafts")
         self.num_heads = 1 + self.num_drafts
         self.num_proposals = self.num_drafts  # drafts per step without verification (confadapt, static)
-        self.lookahead = self.num_drafts  # positions past the emitted tokens a block may use
-        # cache slots past the emitted tokens a block may use
-        self.extra_slots = self.tree.size if self.tree is not None else self.num_drafts
+        # positions and cache slots past the emitted tokens a block may use (lookup drafts: one more branch)
+        self.lookahead = self.num_drafts + opts.lookup
+        self.extra_slots = (self.tree.size if self.tree is not None else self.num_drafts) + opts.lookup
         self.rows = self.produced = None  # set by the loop before each forward (for `proposer`)
 
     def new_cache(self, batch_size: int, max_len: int):
@@ -227,8 +227,8 @@ class MaskDrafter:
         if self.tree is not None:
             self.num_drafts = _tree_depth(self.tree, opts, self.num_masks, f"k={k} masks draft")
         self.num_proposals = self.num_masks
-        self.lookahead = self.num_drafts + self.num_masks
-        fed = self.tree.size if self.tree is not None else self.num_drafts
+        self.lookahead = self.num_drafts + opts.lookup + self.num_masks
+        fed = (self.tree.size if self.tree is not None else self.num_drafts) + opts.lookup
         groups = fed + 1 if opts.strategy == "speculative" else 1
         self.extra_slots = fed + groups * self.num_masks
         self.rows = self.produced = None

@@ -26,6 +26,7 @@ import torch
 from mtp.arguments import check_values
 from mtp.decoding.drafters import DraftRequest, Drafts, HeadsDrafter, Proposer, StepOutput, draft_tokens  # noqa: F401
 from mtp.decoding.inputs import left_pad, token_batch  # noqa: F401  (left_pad: re-exported)
+from mtp.decoding.lookup import PromptLookup, add_lookup
 from mtp.decoding.sampling import accept_drafts_sampling, process_logits
 from mtp.decoding.stopping import StopChecker
 from mtp.decoding.tree import Acceptance, DraftTree, resolve_tree, verify_tree
@@ -88,6 +89,7 @@ class DecodeOptions:
     num_draft: int | None = None  # heads used for drafting; default all extra heads
     adaptive_draft: bool = True  # propose only as many drafts as recent acceptance pays for (see DraftLength)
     tree: DraftTree | None = None  # speculative: verify a tree of candidates (None: a chain)
+    lookup: int = 0  # speculative: also verify up to this many prompt-lookup drafts (`mtp.decoding.lookup`)
 
 
 # Called after every forward with (rows, trunk output (B, T, H), kept (B, T) bool): `rows` are the original row
@@ -207,8 +209,10 @@ def iter_generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor |
         attention_mask = torch.ones_like(input_ids)
     verifying = opts.strategy in ("greedy", "speculative")
     n_draft = drafter.num_drafts if verifying else 0
-    stats.draft_positions = [0] * n_draft
-    stats.draft_accepted = [0] * n_draft
+    lookup = PromptLookup(input_ids, attention_mask, opts.lookup) if opts.lookup and verifying else None
+    positions = max(n_draft, opts.lookup) if lookup is not None else n_draft  # draft depths a step may reach
+    stats.draft_positions = [0] * positions
+    stats.draft_accepted = [0] * positions
     if opts.max_new_tokens <= 0:
         return
     cache = drafter.new_cache(b, prompt_len + opts.max_new_tokens + drafter.extra_slots + 2)
@@ -258,6 +262,8 @@ def iter_generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor |
         emitted_cpu, counts_cpu = emitted.tolist(), counts.tolist()  # one transfer per step, not per token
         for i, row in enumerate(rows.tolist()):
             if counts_cpu[i]:
+                if lookup is not None:
+                    lookup.extend(row, emitted_cpu[i][: counts_cpu[i]])
                 yield row, emitted_cpu[i][: counts_cpu[i]]
         if bool(finished.all()):
             break
@@ -277,6 +283,8 @@ def iter_generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor |
             pending_valid = offsets[None, :] >= pad[:, None]  # (B, width)
             src = (offsets[None, :] - pad[:, None]).clamp_min(0)
             pending = emitted.gather(1, src).masked_fill(~pending_valid, 0)  # (B, width)
+        if lookup is not None:  # one more branch of drafts, copied from earlier in each row's sequence
+            drafts = add_lookup(drafts, lookup.drafts(rows.tolist()))
 
 
 def _count_acceptance(stats: GenerationStats, kept: list[int], rows: int) -> None:
@@ -296,7 +304,7 @@ def generate(model, input_ids: torch.Tensor | list, attention_mask: torch.Tensor
              seed: int | None = None, streamer: Callable[[int, list[int]], None] | None = None,
              truncate_prompt: bool = False, proposer: Proposer | None = None,
              on_trunk: TrunkObserver | None = None, tree: str | DraftTree | None = None,
-             tree_size: int | None = None) -> GenerationResult:
+             tree_size: int | None = None, lookup: int = 0) -> GenerationResult:
     """Generate continuations of a left-padded batch of prompts.
 
     Args:
@@ -320,6 +328,8 @@ def generate(model, input_ids: torch.Tensor | list, attention_mask: torch.Tensor
             (`mtp.decoding.tree`): "auto" (built for `tree_size` nodes from the accuracy per candidate rank
             `mtp train` measured, in the model folder's eval.json), "chain" (the default), a DraftTree, a JSON
             list of paths or a .json file of one. Greedy output stays identical; sampling stays exact.
+        lookup: speculative: also verify up to this many tokens copied from earlier in each row's sequence
+            (prompt lookup, `mtp.decoding.lookup`), as one more branch of the draft tree; 0: none.
     """
     if strategy not in STRATEGIES:
         raise MTPError(f"unknown strategy {strategy!r}; choose from {', '.join(STRATEGIES)}")
@@ -332,9 +342,13 @@ def generate(model, input_ids: torch.Tensor | list, attention_mask: torch.Tensor
                   "k": k, "num_draft": num_draft}, flags=False)
     if do_sample and strategy not in ("greedy", "speculative"):
         raise MTPError("sampling (do_sample) is available with the greedy and speculative strategies")
+    if not isinstance(lookup, int) or lookup < 0:
+        raise MTPError(f"lookup must be an integer >= 0, got {lookup!r}")
+    if lookup and strategy != "speculative":
+        raise MTPError("lookup drafts are verified: use them with the speculative strategy")
     tokenizer = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
     opts = DecodeOptions(strategy, max_new_tokens, do_sample, temperature, top_k, top_p, tau, k, num_draft,
-                         adaptive_draft, model_tree(model, tree, tree_size, strategy, num_draft, k))
+                         adaptive_draft, model_tree(model, tree, tree_size, strategy, num_draft, k), lookup)
     drafter = model.drafter(opts, proposer=proposer) if proposer is not None else model.drafter(opts)
     input_ids, attention_mask = _fit_context(model, input_ids, attention_mask, opts, drafter.lookahead,
                                              truncate_prompt)

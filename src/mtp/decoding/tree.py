@@ -64,6 +64,12 @@ class DraftTree:
     def chain(cls, depth: int) -> DraftTree:
         return cls.from_paths([(0,) * i for i in range(1, depth + 1)])
 
+    @staticmethod
+    def with_lookup(base: DraftTree | None, length: int) -> DraftTree:
+        """`base` (None: no other drafts) and a chain of `length` lookup nodes from the root, after base's nodes
+        (`mtp.decoding.lookup`). A lookup node's rank is LOOKUP_RANK: no head proposes it."""
+        return _with_lookup(base, length)
+
     # ---------------------------------------------------------------- structure
     @property
     def size(self) -> int:
@@ -71,7 +77,7 @@ class DraftTree:
 
     @property
     def depth(self) -> int:
-        return len(self.paths[-1])
+        return max(len(p) for p in self.paths)
 
     @property
     def is_chain(self) -> bool:
@@ -79,9 +85,10 @@ class DraftTree:
 
     def widths(self) -> list[int]:
         """Candidates (top-k) each head must give: 1 + the largest rank used at each depth."""
-        out = [0] * self.depth
+        out = [0] * max((len(p) for p in self.paths if p[-1] != LOOKUP_RANK), default=0)
         for p in self.paths:
-            out[len(p) - 1] = max(out[len(p) - 1], p[-1] + 1)
+            if p[-1] != LOOKUP_RANK:
+                out[len(p) - 1] = max(out[len(p) - 1], p[-1] + 1)
         return out
 
     def truncate(self, depth: int) -> DraftTree:
@@ -94,6 +101,15 @@ class DraftTree:
 
     def to_json(self) -> list[list[int]]:
         return [list(p) for p in self.paths]
+
+
+LOOKUP_RANK = -1  # the rank of a lookup node in a tree's paths: (-1,), (-1, -1), ...
+
+
+@functools.lru_cache(maxsize=256)  # a few shapes per decoding run: one tree object each, so layouts stay cached
+def _with_lookup(base: DraftTree | None, length: int) -> DraftTree:
+    lookup = tuple((LOOKUP_RANK,) * i for i in range(1, length + 1))
+    return DraftTree((base.paths if base is not None else ()) + lookup)
 
 
 @functools.lru_cache(maxsize=64)
@@ -118,7 +134,7 @@ class TreeTensors:
 
 def _tree_tensors(paths: tuple[Path_, ...]) -> TreeTensors:
     index = {p: i for i, p in enumerate(paths)}
-    n, d = len(paths), len(paths[-1])
+    n, d = len(paths), max(len(p) for p in paths)
     parent_slot = torch.tensor([0 if len(p) == 1 else 1 + index[p[:-1]] for p in paths], dtype=torch.long)
     depth = torch.tensor([len(p) for p in paths], dtype=torch.long)
     rank = torch.tensor([p[-1] for p in paths], dtype=torch.long)
@@ -175,7 +191,7 @@ def expected_length(tree: DraftTree, rank_accuracy: Sequence[Sequence[float]]) -
         chance = 1.0
         for depth, r in enumerate(p):
             accuracy = rank_accuracy[depth]
-            chance *= accuracy[r] if r < len(accuracy) else 0.0
+            chance *= accuracy[r] if 0 <= r < len(accuracy) else 0.0
         total += chance
     return total
 

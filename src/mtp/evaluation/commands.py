@@ -151,6 +151,7 @@ def bench(
     progress: bool = True,
     also: list[str] | None = None,
     tree_sizes: list[int] | None = None,
+    lookup: int = 0,
 ) -> int:
     """Benchmark every decoding method on the same prompts, interleaved: speed, equality with greedy, accuracy.
 
@@ -179,6 +180,8 @@ def bench(
             interleaved benchmark, named "FOLDER:method" (e.g. parallel heads beside self-distilled mask tokens)
         tree_sizes: also speculative with a draft tree of each size ("auto" shape from the heads' measured
             accuracy per rank), e.g. 4 8 16 32: tokens per forward and speed per tree size
+        lookup: also the speculative chain and each tree with up to this many prompt-lookup drafts (tokens
+            copied from earlier in the prompt and answer) verified in the same forward; 0: none
     """
     if prompts != "gsm8k" and not Path(prompts).is_file():
         raise MTPError(f"{prompts}: prompts file not found (or use --prompts gsm8k)")
@@ -196,7 +199,7 @@ def bench(
                              prompt_lookup_tokens=prompt_lookup_tokens,
                              gguf=gguf if gguf is not None else (_default_gguf() if model is None else None),
                              llamacpp=llamacpp, llamacpp_inline=llamacpp_inline, rotate=rotate, progress=progress,
-                             tree_sizes=tree_sizes or (),
+                             tree_sizes=tree_sizes or (), lookup=lookup,
                              gguf_note=None if gguf is not None or model is None else
                              "llama.cpp skipped: pass --gguf FILE with the same model as GGUF")
 
@@ -214,7 +217,7 @@ def run_bench_command(m, *, model_label: str, prompts: str, limit: int, max_new_
                       shots: int, chat: bool | None, taus, static_k, int8: bool, hf: bool, prompt_lookup_tokens: int,
                       gguf: str | None, llamacpp: bool, rotate: bool, progress: bool,
                       gguf_note: str | None = None, fp16: bool = True, llamacpp_inline: bool = False,
-                      extra_models: list[tuple[str, object]] = (), tree_sizes=()) -> int:
+                      extra_models: list[tuple[str, object]] = (), tree_sizes=(), lookup: int = 0) -> int:
     from mtp.evaluation.bench import (
         JOURNAL,
         build_methods,
@@ -240,7 +243,7 @@ def run_bench_command(m, *, model_label: str, prompts: str, limit: int, max_new_
     methods = build_methods(m, tok, taus=taus if taus is not None else (0.9, 0.7, 0.5), static_k=static_k, hf=hf,
                             prompt_lookup_tokens=prompt_lookup_tokens, fp16=fp16, int8=int8,
                             gguf=gguf if llamacpp else None, llamacpp_ctx=longest + max_new_tokens + 16,
-                            llamacpp_inline=llamacpp_inline, notes=notes, tree_sizes=tree_sizes)
+                            llamacpp_inline=llamacpp_inline, notes=notes, tree_sizes=tree_sizes, lookup=lookup)
     from mtp.evaluation.bench import multi_token_methods
 
     for label, other in extra_models:
