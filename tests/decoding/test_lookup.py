@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 from conftest import tiny_mtp
 from mtp.decoding.generate import generate, left_pad
-from mtp.decoding.lookup import NGRAM_SIZES, PromptLookup, RowHistory, add_lookup
+from mtp.decoding.lookup import MAX_TOKENS_AFTER, NGRAM_SIZES, PromptLookup, RowHistory, add_lookup
 from mtp.decoding.reference import reference_greedy, reference_next_token_probs
 from mtp.decoding.tree import DraftTree
 from mtp.errors import MTPError
@@ -23,7 +23,7 @@ def brute_force_lookup(seq: list[int], max_tokens: int) -> list[int]:
         suffix = seq[-n:]
         for start in range(len(seq) - n - 1, -1, -1):  # occurrences that end before the suffix does
             if seq[start:start + n] == suffix:
-                return seq[start + n:start + n + max_tokens]
+                return seq[start + n:start + n + min(max_tokens, MAX_TOKENS_AFTER.get(n, max_tokens))]
     return []
 
 
@@ -44,6 +44,7 @@ def test_batch_lookup_skips_padding_and_fills_short_rows():
     ids, mask = left_pad([[5, 6, 7, 5, 6], [1, 2]])
     lookup = PromptLookup(ids, mask, max_tokens=3)
     assert lookup.drafts([0, 1]).tolist() == [[7, 5, 6], [0, 0, 0]]  # row 1 finds nothing: filler
+    assert PromptLookup(ids, mask, max_tokens=8).drafts([0]).tolist() == [[7, 5, 6]]  # the copy ends there
     lookup.extend(1, [1])
     assert lookup.drafts([1]).tolist() == [[2, 1]]  # the copy may run into the suffix itself
     assert lookup.drafts([]).shape == (0, 0)
@@ -104,3 +105,12 @@ def test_lookup_needs_the_speculative_strategy():
         generate(model, torch.tensor([[1, 2]]), max_new_tokens=4, strategy="greedy", lookup=3)
     with pytest.raises(MTPError, match=">= 0"):
         generate(model, torch.tensor([[1, 2]]), max_new_tokens=4, strategy="speculative", lookup=-1)
+
+
+def test_short_matches_draft_fewer_tokens():
+    seq = [9, 1, 2, 3, 4, 5, 6, 7, 8, 9, 9]  # suffix (9, 9) unseen, (9,) seen at 0 and 9: the latest is 9
+    assert RowHistory(seq).lookup(8) == [9]
+    long = [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 1, 2, 3]  # a 3-token match: up to max_tokens
+    assert RowHistory(long).lookup(8) == [4, 5, 6, 7, 8, 9, 10, 1]
+    one = [7, 1, 2, 3, 4, 5, 6, 8, 7]  # only (7,) matches: at most MAX_TOKENS_AFTER[1]
+    assert RowHistory(one).lookup(8) == [1, 2, 3][:MAX_TOKENS_AFTER[1]]

@@ -25,6 +25,12 @@ import torch
 from mtp.decoding.tree import DraftTree
 
 NGRAM_SIZES = (3, 2, 1)  # longest first: a longer match is a better predictor of what follows
+# A copy after a 1-token match is rarely right for long, so it drafts fewer tokens. Measured on SmolLM2-135M-
+# Instruct's greedy answers to GSM8K test problems 0-19 (128 tokens): the chance that lookup draft k is accepted
+# (k = 1, 2, 3, 4, 6, 8) after a 1-token match 0.31 0.19 0.12 0.07 0.02 0.01, after 2 tokens 0.56 0.33 0.22 0.18
+# 0.07 0.04, after 3 tokens 0.70 0.49 0.40 0.34 0.25 0.22; a verify row costs ~1/30 of a step on a CPU, so a
+# draft pays while its chance stays above ~0.07.
+MAX_TOKENS_AFTER = {1: 3, 2: 6}  # match length -> drafts at most (longer matches: `max_tokens`)
 
 
 class RowHistory:
@@ -39,7 +45,8 @@ class RowHistory:
         self.tokens.extend(tokens)
 
     def lookup(self, max_tokens: int) -> list[int]:
-        """The tokens that followed the latest earlier occurrence of the longest matching suffix n-gram."""
+        """The tokens that followed the latest earlier occurrence of the longest matching suffix n-gram (fewer after
+        a short match: `MAX_TOKENS_AFTER`)."""
         seq = self.tokens
         last = len(seq) - 1  # the suffix ends here; index n-grams ending before it (they have a follower)
         for end in range(self.indexed, last):
@@ -52,7 +59,7 @@ class RowHistory:
                 continue
             start = self.follow.get(tuple(seq[last - n + 1:]))
             if start is not None:
-                return seq[start:start + max_tokens]
+                return seq[start:start + min(max_tokens, MAX_TOKENS_AFTER.get(n, max_tokens))]
         return []
 
 
