@@ -13,7 +13,7 @@ def _count(params) -> int:
 
 def info(model: str | None = None, num_heads: int | None = None, num_trunk_layers: int | None = None,
          memory: bool = False, dtype: str = "float32", quantize: Literal["none", "fp16", "int8"] = "none",
-         device: str = "cpu", new_tokens: int = 16) -> int:
+         device: str = "cpu", new_tokens: int = 16, tree_size: int | None = None, lookup: int = 0) -> int:
     """Print a model's architecture: trunk and head layers, parameter counts, vocabulary, weights' origin.
 
     Args:
@@ -24,12 +24,15 @@ def info(model: str | None = None, num_heads: int | None = None, num_trunk_layer
         dtype: with --memory: float32, bfloat16 or float16 weights
         quantize: with --memory: pack the weights for decoding (decode-only) after loading
         device: with --memory: where to load the model
-        new_tokens: with --memory: tokens to decode
+        new_tokens: with --memory: tokens to decode, greedily and then speculatively (a model that drafts)
+        tree_size: with --memory: the speculative decode verifies an "auto" draft tree of this many nodes
+        lookup: with --memory: the speculative decode also verifies up to this many prompt-lookup drafts
     """
     if memory:
         from mtp.memory import memory_report
 
-        for line in memory_report(model, dtype=dtype, quantize=quantize, device=device, new_tokens=new_tokens):
+        for line in memory_report(model, dtype=dtype, quantize=quantize, device=device, new_tokens=new_tokens,
+                                  tree_size=tree_size, lookup=lookup):
             print(line)
         return 0
     m = load_mtp_model(model, num_heads=num_heads, num_trunk_layers=num_trunk_layers)

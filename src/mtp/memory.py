@@ -86,8 +86,10 @@ class Meter:
 
 
 def memory_report(spec: str | None, dtype: str = "float32", quantize: str = "none", device: str = "cpu",
-                  new_tokens: int = 16, strategy: str = "greedy") -> list[str]:
-    """Load `spec`, optionally pack it (decode-only), decode `new_tokens`; one line per phase."""
+                  new_tokens: int = 16, tree_size: int | None = None, lookup: int = 0) -> list[str]:
+    """Load `spec`, optionally pack it (decode-only), decode `new_tokens` greedily and then speculatively (when
+    the model drafts: extra heads or masks, or `lookup`; with `tree_size` an "auto" draft tree); one line per
+    phase, and the speculative decode's peak against the greedy one's."""
     import transformers.models.gpt2.modeling_gpt2  # noqa: F401 - imports count as the baseline, not the load
     import transformers.models.llama.modeling_llama  # noqa: F401
 
@@ -107,8 +109,16 @@ def memory_report(spec: str | None, dtype: str = "float32", quantize: str = "non
     else:
         ids = torch.arange(1, 9)[None] % model.config.vocab_size
     ids = ids.to(model.device)
-    meter.run(f"decode {new_tokens} ({strategy})",
-              lambda: model.generate(ids, max_new_tokens=new_tokens, strategy=strategy, stop_token_ids=[]))
+    meter.run(f"decode {new_tokens} (greedy)",
+              lambda: model.generate(ids, max_new_tokens=new_tokens, strategy="greedy", stop_token_ids=[]))
+    drafts = model.num_heads > 1 or getattr(model, "mask_token_id", None) is not None
+    if drafts or lookup:
+        kind = ", ".join(["speculative"] + ([f"tree {tree_size}"] if tree_size else [])
+                         + ([f"lookup {lookup}"] if lookup else []))
+        meter.run(f"decode {new_tokens} ({kind})",
+                  lambda: model.generate(ids, max_new_tokens=new_tokens, strategy="speculative", stop_token_ids=[],
+                                         tree="auto" if tree_size and drafts else None,
+                                         tree_size=tree_size if drafts else None, lookup=lookup))
     how = model_dtype_name(dtype) if quantize == "none" else f"{quantize}-packed for decoding, the rest {dtype}"
     lines = [f"imports and start-up: {meter.baseline / MB:,.0f} MB resident (the baseline below)",
              f"weights in memory: {weights / MB:,.0f} MB ({how}"
@@ -118,6 +128,10 @@ def memory_report(spec: str | None, dtype: str = "float32", quantize: str = "non
         above = p.peak - meter.baseline
         lines.append(f"{p.name:<22} peak {p.peak / MB:8,.0f} MB = baseline + {above / MB:7,.0f} MB "
                      f"({above / weights:.2f}x the weights); after {p.after / MB:,.0f} MB; {p.seconds:.1f} s")
+    if len(meter.phases) == 3:
+        greedy, spec = meter.phases[1:]
+        lines.append(f"speculative decoding's peak is {spec.peak / greedy.peak:.3f}x greedy decoding's "
+                     f"(+{(spec.peak - greedy.peak) / MB:,.0f} MB)")
     top = max(p.peak for p in meter.phases)
     lines.append(f"peak of the run: {top / MB:,.0f} MB = baseline + {(top - meter.baseline) / MB:,.0f} MB")
     return lines

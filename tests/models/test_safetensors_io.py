@@ -70,9 +70,12 @@ def test_memory_report_counts_padded_packed_bytes(tmp_path):
     folder = tiny_mtp("llama", num_heads=2, seed=1, vocab_size=97).save_pretrained(tmp_path / "m")
     packed = load_mtp_model(str(folder), quantize="fp16")
     assert tensor_bytes(packed, padded=True) > tensor_bytes(packed)  # 32-wide matrices padded to 512 rows
-    lines = memory_report(str(folder), quantize="fp16", new_tokens=2)
+    lines = memory_report(str(folder), quantize="fp16", new_tokens=2, tree_size=3, lookup=2)
     if lines[0].startswith("memory:"):
         pytest.skip("no /proc/self/clear_refs here")
     assert any(line.startswith("load + pack fp16") for line in lines)
     assert any(line.startswith("decode 2 (greedy)") for line in lines)
+    assert any(line.startswith("decode 2 (speculative, tree 3, lookup 2)") for line in lines)
+    ratio = next(line for line in lines if line.startswith("speculative decoding's peak is"))
+    assert 0.5 < float(ratio.split()[4].rstrip("x")) < 2.0
     assert "fbgemm pads them" in lines[1]
