@@ -4,7 +4,8 @@ A tree is a set of paths of candidate ranks, Medusa's notation: (0,) is the firs
 second best, (0, 2) the second head's third best after the first head's best, ... Every prefix of a path is a
 path. Node i holds one token; its depth is the number of tokens after the last emitted one, so its position id
 is the root's + depth, and it attends to the block's root (the last emitted token), its ancestors and itself.
-The chain every other strategy uses is the tree of width 1: (0,), (0, 0), (0, 0, 0).
+The chain every other strategy uses is the tree of width 1: (0,), (0, 0), (0, 0, 0). Prompt-lookup drafts
+(`mtp.decoding.lookup`) are a chain of nodes of rank -1 from the root, after the other nodes.
 
 Block slots (what a verify forward feeds): slot 0 is the root, slot 1 + i is node i. Nodes are sorted by depth
 and then by rank, so a node's ancestors always come before it - which the cache relies on: after verification
