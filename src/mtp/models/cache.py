@@ -113,12 +113,11 @@ class MTPCache:
         drafts. A chain's drafts are kept in place (`path` None); a tree's kept path (B, D) of node indices, in
         depth order, is first moved to the slots right after the prefix (a node's ancestors are always in
         earlier slots, so every move goes to a slot no later than its source)."""
-        if path is not None:
-            start = self.length - block_len
-            b = path.shape[0]
-            prefix_slots = torch.arange(prefix, device=path.device).expand(b, prefix)
-            order = start + torch.cat([prefix_slots, prefix + path], 1)  # (B, prefix + D) source slots
-            span = slice(start, start + order.shape[1])
+        depth = int(count.max()) if path is not None else 0  # nodes to move: none when no row kept a draft
+        if depth:
+            start = self.length - block_len + prefix  # the prefix stays where it is
+            order = start + path[:, :depth]  # (B, depth) source slots of the kept nodes, in depth order
+            span = slice(start, start + depth)
             self.valid[:, span] = self.valid.gather(1, order)
             for stack in self.stacks:
                 for store in (stack.keys, stack.values):
