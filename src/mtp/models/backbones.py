@@ -78,7 +78,11 @@ class LlamaBackbone(Backbone):
         if cache is not None and self.fast_layers is not None and not torch.is_grad_enabled():
             fast = self.fast_layers.get(layer)
             if fast is not None:
-                return fast(hidden, mask, cache, *shared["position_embeddings"])
+                if "fast_rope" not in shared:  # once per forward, for every fast layer
+                    from mtp.models.fast_llama import rope_tables
+
+                    shared["fast_rope"] = rope_tables(*shared["position_embeddings"])
+                return fast(hidden, mask, cache, *shared["fast_rope"])
         out = layer(hidden, attention_mask=mask, use_cache=cache is not None, **{_cache_kwarg(type(layer)): cache},
                     **shared)
         return out[0] if isinstance(out, tuple) else out
