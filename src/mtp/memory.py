@@ -124,9 +124,10 @@ def memory_report(spec: str | None, dtype: str = "float32", quantize: str = "non
              f"weights in memory: {weights / MB:,.0f} MB ({how}"
              + (f"; {nominal / MB:,.0f} MB at 2 bytes a packed value, fbgemm pads them)" if nominal != weights
                 else ")")]
+    width = max(len(p.name) for p in meter.phases)
     for p in meter.phases:
         above = p.peak - meter.baseline
-        lines.append(f"{p.name:<22} peak {p.peak / MB:8,.0f} MB = baseline + {above / MB:7,.0f} MB "
+        lines.append(f"{p.name:<{width}} peak {p.peak / MB:8,.0f} MB = baseline + {above / MB:7,.0f} MB "
                      f"({above / weights:.2f}x the weights); after {p.after / MB:,.0f} MB; {p.seconds:.1f} s")
     if len(meter.phases) == 3:
         greedy, spec = meter.phases[1:]

@@ -55,8 +55,10 @@ def test_demo_trains_once_then_reuses(tiny_tokenizer, tmp_path, capsys):
     assert 0.99 * (30 - BENCH_MINUTES) / (1 + TRAIN_PER_ANSWER * 2 / 3) < call["answer_minutes"] <= \
         (30 - BENCH_MINUTES) / (1 + TRAIN_PER_ANSWER * 2 / 3)
     report = json.loads((tmp_path / "bench" / "report.json").read_text())
-    assert [r["method"] for r in report["methods"]] == ["hf-greedy", "greedy", "speculative", "confadapt-tau0.5",
-                                                        "static-k2", "static-k4", "greedy-fp16", "speculative-fp16"]
+    assert [r["method"] for r in report["methods"]] == [
+        "hf-greedy", "greedy", "speculative", "confadapt-tau0.5", "static-k2", "static-k4", "greedy-fp16",
+        "speculative-fp16", "speculative-fp16-tree4", "speculative-fp16-lookup6", "speculative-fp16-tree4-lookup6"]
+    assert all(r["equal_to_lossless_reference"] == 2 for r in report["methods"] if r["method"].startswith("spec"))
     assert report["gsm8k_scored"] is True
     assert (tmp_path / "bench" / "speed_accuracy.png").read_bytes()[:4] == b"\x89PNG"
     out = capsys.readouterr().out

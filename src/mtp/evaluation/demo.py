@@ -27,6 +27,9 @@ BENCH_NAME = "bench"
 # (7.5 and 8.8 minutes for 600 questions), so answering gets 1 / (1 + 0.85 * epochs / 3) of the time left.
 BENCH_MINUTES = 4.0
 TRAIN_PER_ANSWER = 0.85
+# The fastest lossless row of the README's 20-prompt bench: a 4-node tree of the heads' candidates plus up to 6
+# prompt-lookup drafts (a verify block of at most 11 tokens).
+DEMO_TREE_SIZE, DEMO_LOOKUP = 4, 6
 MIN_ANSWER_MINUTES = 1e-6  # a budget spent before answering: just the measured batch (no batch takes 60 us)
 
 
@@ -67,7 +70,8 @@ def _stage(n: int, text: str) -> float:
 def run_demo(output: str | Path | None = None, *, budget_minutes: float = 30.0, train_limit: int | None = None,
              train_epochs: float = 3.0, limit: int = 4, max_new_tokens: int = 96, progress: bool = True,
              hf: bool = True, fp16: bool = True, int8: bool = False, llamacpp: bool = True, taus=(0.9, 0.7),
-             prompt_lookup_tokens: int = 0, ensure_base=None, train_fn=None) -> int:
+             prompt_lookup_tokens: int = 0, tree_size: int = DEMO_TREE_SIZE, lookup: int = DEMO_LOOKUP,
+             ensure_base=None, train_fn=None) -> int:
     """Run the demo. `ensure_base` and `train_fn` replace stage 1 and the training function (tests)."""
     from mtp.hub import mtp_home
 
@@ -126,7 +130,7 @@ def run_demo(output: str | Path | None = None, *, budget_minutes: float = 30.0, 
         max_new_tokens=max_new_tokens, output=bench_dir, shots=0, chat=None, taus=taus, static_k=None, fp16=fp16,
         int8=int8, hf=hf, prompt_lookup_tokens=prompt_lookup_tokens,
         gguf=_default_gguf() if llamacpp else None, llamacpp=llamacpp, rotate=True,
-        progress=progress)
+        progress=progress, tree_sizes=(tree_size,) if tree_size else (), lookup=lookup)
     print(f"\nmtp demo: done in {time.perf_counter() - start:.0f} s. Model: {run_dir}; report: {bench_dir}",
           flush=True)
     return code
