@@ -133,6 +133,8 @@ def test_bad_arguments_and_data(tmp_path, mtp_folder) -> None:
         ({"holdout": 1.5}, "holdout"),
         ({"steps": 0}, "steps"),
         ({"data": str(tmp_path / "missing.jsonl")}, "not found"),
+        ({"prefix_loss": 1.0, "entropy_loss": 0.5}, "--prefix-loss, --entropy-loss: for --method selfdistill"),
+        ({"k_min": 2, "adapter": "gated-lora"}, "--k-min, --adapter: for --method selfdistill"),
     ]
     for extra, message in cases:
         with pytest.raises(MTPError, match=message):

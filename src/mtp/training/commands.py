@@ -378,6 +378,16 @@ def _validate(a: _Args) -> None:
         raise MTPError("give --steps or --epochs, not both")
     if a.freeze_trunk and a.num_heads == 1:
         raise MTPError("--freeze-trunk trains the extra heads only; use --num-heads 2 or more")
+    if a.method == "heads":  # the mask-token method's flags would otherwise be ignored without a word
+        given = [flag for flag, used in (
+            ("--prefix-loss", a.prefix_loss != 0), ("--entropy-loss", a.entropy_loss != 0),
+            ("--k", a.k is not None), ("--k-min", a.k_min is not None), ("--k-max", a.k_max is not None),
+            ("--adapter", a.adapter != "full"), ("--lora-layers", a.lora_layers is not None),
+            ("--supervision", a.supervision != "hard"), ("--mask-token", a.mask_token is not None),
+            ("--mask-token-id", a.mask_token_id is not None), ("--per-rank-k", a.per_rank_k)) if used]
+        if given:
+            raise MTPError(f"{', '.join(given)}: for --method selfdistill (mask tokens); --method heads trains "
+                           "parallel heads")
     if a.answer_minutes is not None and a.targets != "self":
         raise MTPError("--answer-minutes budgets the model's own answers; it needs --targets self")
     if a.dtype != "float32":  # frozen weights in bf16/fp16, trained ones fp32: the matmuls need autocast
