@@ -37,6 +37,22 @@ def tiny_mtp(family: str = "llama", num_heads: int = 3, seed: int = 0, dtype=tor
     return model.eval()
 
 
+def assert_first_two_tokens_follow_the_model(model, prompt: list[int], tokens: list[list[int]]) -> None:
+    """Many sampled continuations of `prompt` (at least two tokens each): the first token's frequencies are the
+    model's next-token probabilities, and so are the second token's after the most likely first one."""
+    from mtp.decoding.reference import reference_next_token_probs
+
+    vocab, n = model.config.vocab_size, len(tokens)
+    first = torch.tensor([t[0] for t in tokens])
+    second = torch.tensor([t[1] for t in tokens])
+    p1 = reference_next_token_probs(model, prompt)
+    assert torch.allclose(torch.bincount(first, minlength=vocab).float() / n, p1, atol=0.03)
+    top = int(p1.argmax())
+    p2 = reference_next_token_probs(model, prompt + [top])
+    picked = second[first == top]
+    assert torch.allclose(torch.bincount(picked, minlength=vocab).float() / len(picked), p2, atol=0.05)
+
+
 @pytest.fixture(autouse=True)
 def _restore_torch_threads():
     """Commands take --threads and set torch's thread count for the process; a test must not leak it."""

@@ -7,10 +7,10 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from conftest import tiny_mtp
+from conftest import assert_first_two_tokens_follow_the_model, tiny_mtp
 from mtp.decoding.generate import generate, left_pad
 from mtp.decoding.lookup import MAX_TOKENS_AFTER, NGRAM_SIZES, PromptLookup, RowHistory, add_lookup
-from mtp.decoding.reference import reference_greedy, reference_next_token_probs
+from mtp.decoding.reference import reference_greedy
 from mtp.decoding.tree import DraftTree
 from mtp.errors import MTPError
 
@@ -89,14 +89,7 @@ def test_lookup_sampling_matches_the_model_distribution():
     prompt, n = [1, 2, 3, 1, 2, 3, 1, 2], 3000
     out = generate(model, torch.tensor([prompt] * n), max_new_tokens=2, strategy="speculative", do_sample=True,
                    seed=0, stop_token_ids=[], lookup=3)
-    first = torch.tensor([t[0] for t in out.tokens])
-    second = torch.tensor([t[1] for t in out.tokens])
-    p1 = reference_next_token_probs(model, prompt)
-    assert torch.allclose(torch.bincount(first, minlength=5).float() / n, p1, atol=0.03)
-    top = int(p1.argmax())
-    p2 = reference_next_token_probs(model, prompt + [top])
-    picked = second[first == top]
-    assert torch.allclose(torch.bincount(picked, minlength=5).float() / len(picked), p2, atol=0.05)
+    assert_first_two_tokens_follow_the_model(model, prompt, out.tokens)
 
 
 def test_lookup_needs_the_speculative_strategy():
