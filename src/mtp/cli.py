@@ -27,7 +27,7 @@ COMMANDS: dict[str, str] = {
     "bench-train": "mtp.training.commands:bench_train",
     "eval": "mtp.evaluation.commands:eval_",
     "bench": "mtp.evaluation.commands:bench",
-    "demo": "mtp.evaluation.commands:demo",
+    "demo": "mtp.evaluation.demo:demo",
 }
 # command name -> parameters that are also accepted as an optional positional word (`mtp eval gsm8k`).
 POSITIONAL: dict[str, list[str]] = {"eval": ["task"]}

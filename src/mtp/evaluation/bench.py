@@ -41,12 +41,11 @@ import torch
 from mtp.errors import MTPError
 from mtp.evaluation.evaluate import prompt_key, score, write_json, write_text
 from mtp.evaluation.gsm8k import STOP_SEQUENCES, mean_and_stderr
+from mtp.evaluation.plots import HF_GREEDY, OUR_GREEDY, plot_speed_accuracy
 from mtp.evaluation.prompts import Prompt, pad_id, stop_token_ids, truncate_output
 from mtp.io import append_records, atomic_write_lines, read_complete_records
 
 JOURNAL = "calls.jsonl"  # in the output folder while a bench runs: the calls finished so far
-HF_GREEDY = "hf-greedy"
-OUR_GREEDY = "greedy"
 
 
 @dataclass
@@ -673,8 +672,6 @@ def format_markdown(report: dict, plot_name: str | None = "speed_accuracy.png") 
 
 def write_report(report: dict, output: str | Path) -> dict[str, Path]:
     """report.json, report.md and speed_accuracy.png in the folder `output`."""
-    from mtp.evaluation.plots import plot_speed_accuracy
-
     out = Path(output).expanduser()
     if out.exists() and not out.is_dir():
         raise MTPError(f"--output {out} is a file, not a folder")

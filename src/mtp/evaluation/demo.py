@@ -134,3 +134,34 @@ def run_demo(output: str | Path | None = None, *, budget_minutes: float = 30.0, 
     print(f"\nmtp demo: done in {time.perf_counter() - start:.0f} s. Model: {run_dir}; report: {bench_dir}",
           flush=True)
     return code
+
+
+def demo(
+    output: str | None = None,
+    budget_minutes: float = 30.0,
+    train_limit: int | None = None,
+    train_epochs: float = 3.0,
+    limit: int = 4,
+    max_new_tokens: int = 96,
+    threads: int | None = None,
+    progress: bool = True,
+) -> int:
+    """The main job, end to end: train 4 MTP heads on the embedded default (cached), then benchmark them.
+
+    Args:
+        output: demo folder (default: $MTP_HOME/demo): the trained model in smollm2-mtp4/, the report in bench/
+        budget_minutes: the whole demo in about this many minutes: the model answers as many GSM8K training
+            questions itself (self-distilled targets) as leave time for training on them and the benchmark,
+            measured on its first batch; the more questions, the better the heads
+        train_limit: at most this many GSM8K training questions (default: all 7,473; the budget decides)
+        train_epochs: passes over those answers in head training (4-row steps, frozen trunk)
+        limit: GSM8K test problems in the benchmark
+        max_new_tokens: new tokens per problem in the benchmark
+        threads: torch CPU threads (default: torch's choice)
+        progress: progress bars
+    """
+    from mtp.runtime import set_threads
+
+    set_threads(threads)
+    return run_demo(output=output, budget_minutes=budget_minutes, train_limit=train_limit,
+                    train_epochs=train_epochs, limit=limit, max_new_tokens=max_new_tokens, progress=progress)

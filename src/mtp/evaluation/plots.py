@@ -4,8 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from mtp.evaluation.bench import HF_GREEDY, OUR_GREEDY
 from mtp.io import atomic_path
+
+# The bench's reference rows (`mtp.evaluation.bench` names its methods with these): the plot's baselines.
+HF_GREEDY = "hf-greedy"
+OUR_GREEDY = "greedy"
 
 _COLORS = {"transformers": "tab:gray", "mtp": "tab:blue", "mtp-int8": "tab:green", "llama.cpp": "tab:orange",
            "llama.cpp-inline": "tab:brown"}
