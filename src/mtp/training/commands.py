@@ -227,58 +227,7 @@ def _train(a: _Args, args: dict, out: Path, checkpoint: Path | None, par: Parall
         a.template = "chat" if getattr(tokenizer, "chat_template", None) else "plain"
 
     # ------------------------------------------------------------------ data
-    from mtp.training.data import load_examples, split_holdout, tokenize_examples
-
-    examples = load_examples(a.data, format=a.data_format, question_field=a.question_field,
-                             answer_field=a.answer_field, split=a.split, limit=a.limit)
-    if not examples:
-        raise MTPError(f"{a.data}: no examples")
-    if a.targets == "self" and not any(ex.prompt for ex in examples):
-        raise MTPError(f"{a.data}: --targets self needs prompts for the model to answer (question/answer data); "
-                       "plain text has none, use --targets data")
-    out.mkdir(parents=True, exist_ok=True)
-    if a.targets == "self":
-        from mtp.training.targets import CACHE_NAME, model_fingerprint, self_distilled_data
-
-        answering = method.answering_model(mtp_model)
-        fingerprint = model_fingerprint(answering)
-        # The answers must come from the model the run started from; after full fine-tuning they cannot be
-        # produced again, so only a cache hit is accepted then.
-        key = args.get("_answers_model_key") or fingerprint
-        args["_answers_model_key"] = key
-        if main:
-            _write_train_config(out, args, a)
-        features = method.wants_trunk_features(a) and fingerprint == key
-        sink: dict = {}
-        ids = None
-        if a.answer_minutes is not None:  # the examples that fit the budget, decided once per run
-            if par is not None:
-                raise MTPError("--answer-minutes measures one process's answering speed; under torchrun give "
-                               "--limit instead")
-            if "_answer_count" not in args:
-                args["_answer_count"] = _count_within_budget(answering, tokenizer, examples, a, out / CACHE_NAME,
-                                                             key, sink if features else None)
-                _write_train_config(out, args, a)
-            examples = examples[: args["_answer_count"]]
-        train_ids, held_ids = split_holdout(list(range(len(examples))), a.holdout, a.seed, max_items=a.holdout_max)
-        _check_train_left(a, train_ids, held_ids)
-        if a.answer_minutes is not None:
-            ids = [train_ids, held_ids]  # the cache ids of the measured batch: positions in the examples
-        train_data, held_data = self_distilled_data(
-            answering, tokenizer, [[examples[i] for i in train_ids], [examples[i] for i in held_ids]],
-            template=a.template, seq_len=a.seq_len, max_new_tokens=a.max_new_tokens, loss_on=a.loss_on,
-            pack=a.pack, cache_path=out / CACHE_NAME, batch_size=a.gen_batch_size, model_key=key,
-            generate_missing=fingerprint == key, progress=a.progress, trunk_features=features, ids=ids,
-            trunk_sink=sink, desc=_targets_label(a, len(examples)),
-            share=(par.rank, par.world_size) if par is not None else (0, 1))
-    else:
-        train_ex, held_ex = split_holdout(examples, a.holdout, a.seed, max_items=a.holdout_max)
-        _check_train_left(a, train_ex, held_ex)
-        if main:
-            _write_train_config(out, args, a)
-        train_data = tokenize_examples(train_ex, tokenizer, a.template, a.seq_len, a.loss_on, a.pack)
-        held_data = tokenize_examples(held_ex, tokenizer, a.template, a.seq_len, a.loss_on, a.pack) if held_ex else None
-
+    train_data, held_data = _training_data(a, args, out, method, mtp_model, par)
     timings["data_and_targets"] = time.perf_counter() - t_start - timings["load_model"]
 
     # ------------------------------------------------------------------ schedule
@@ -327,6 +276,72 @@ def _train(a: _Args, args: dict, out: Path, checkpoint: Path | None, par: Parall
             return 0
         install_model(_unsharded_copy(method, a, mtp_model, whole), out)
     timings["total"] = time.perf_counter() - t_start
+    _write_report(out, a, result, held_data, timings)
+    return 0
+
+
+def _training_data(a: _Args, args: dict, out: Path, method, mtp_model, par: Parallel | None):
+    """The training and held-out rows: the data's answers, or the model's own (`--targets self`, cached in the
+    run folder). Writes train_config.json (rank 0) once the run's question count is settled."""
+    from mtp.training.data import load_examples, split_holdout, tokenize_examples
+
+    main = par is None or par.is_main
+    tokenizer = mtp_model.tokenizer
+
+    examples = load_examples(a.data, format=a.data_format, question_field=a.question_field,
+                             answer_field=a.answer_field, split=a.split, limit=a.limit)
+    if not examples:
+        raise MTPError(f"{a.data}: no examples")
+    if a.targets == "self" and not any(ex.prompt for ex in examples):
+        raise MTPError(f"{a.data}: --targets self needs prompts for the model to answer (question/answer data); "
+                       "plain text has none, use --targets data")
+    out.mkdir(parents=True, exist_ok=True)
+    if a.targets != "self":
+        train_ex, held_ex = split_holdout(examples, a.holdout, a.seed, max_items=a.holdout_max)
+        _check_train_left(a, train_ex, held_ex)
+        if main:
+            _write_train_config(out, args, a)
+        train_data = tokenize_examples(train_ex, tokenizer, a.template, a.seq_len, a.loss_on, a.pack)
+        held_data = tokenize_examples(held_ex, tokenizer, a.template, a.seq_len, a.loss_on, a.pack) if held_ex else None
+        return train_data, held_data
+
+    from mtp.training.targets import CACHE_NAME, model_fingerprint, self_distilled_data
+
+    answering = method.answering_model(mtp_model)
+    fingerprint = model_fingerprint(answering)
+    # The answers must come from the model the run started from; after full fine-tuning they cannot be
+    # produced again, so only a cache hit is accepted then.
+    key = args.get("_answers_model_key") or fingerprint
+    args["_answers_model_key"] = key
+    if main:
+        _write_train_config(out, args, a)
+    features = method.wants_trunk_features(a) and fingerprint == key
+    sink: dict = {}
+    ids = None
+    if a.answer_minutes is not None:  # the examples that fit the budget, decided once per run
+        if par is not None:
+            raise MTPError("--answer-minutes measures one process's answering speed; under torchrun give "
+                           "--limit instead")
+        if "_answer_count" not in args:
+            args["_answer_count"] = _count_within_budget(answering, tokenizer, examples, a, out / CACHE_NAME,
+                                                         key, sink if features else None)
+            _write_train_config(out, args, a)
+        examples = examples[: args["_answer_count"]]
+    train_ids, held_ids = split_holdout(list(range(len(examples))), a.holdout, a.seed, max_items=a.holdout_max)
+    _check_train_left(a, train_ids, held_ids)
+    if a.answer_minutes is not None:
+        ids = [train_ids, held_ids]  # the cache ids of the measured batch: positions in the examples
+    return self_distilled_data(
+        answering, tokenizer, [[examples[i] for i in train_ids], [examples[i] for i in held_ids]],
+        template=a.template, seq_len=a.seq_len, max_new_tokens=a.max_new_tokens, loss_on=a.loss_on,
+        pack=a.pack, cache_path=out / CACHE_NAME, batch_size=a.gen_batch_size, model_key=key,
+        generate_missing=fingerprint == key, progress=a.progress, trunk_features=features, ids=ids,
+        trunk_sink=sink, desc=_targets_label(a, len(examples)),
+        share=(par.rank, par.world_size) if par is not None else (0, 1))
+
+
+def _write_report(out: Path, a: _Args, result, held_data, timings: dict[str, float]) -> None:
+    """eval.json (what the run measured, held-out figures included) and the printed summary."""
     report = {"step": result.step, "targets": a.targets,
               "held_out_rows": len(held_data) if held_data is not None else 0,
               "train_loop_seconds": round(result.seconds, 1),  # optimizer steps only, summed over resumes
@@ -339,7 +354,6 @@ def _train(a: _Args, args: dict, out: Path, checkpoint: Path | None, par: Parall
                            for j in range(len(ev.head_accuracy))]
     atomic_write_json(out / EVAL_NAME, report)
     _print_summary(out, result, report)
-    return 0
 
 
 # ---------------------------------------------------------------------------------------------- helpers
