@@ -28,6 +28,7 @@ Verification keeps the deepest node whose whole path is accepted:
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import heapq
 import json
@@ -100,6 +101,10 @@ class DraftTree:
     def tensors(self) -> TreeTensors:
         return _tree_tensors(self.paths)
 
+    def tensors_on(self, device) -> TreeTensors:
+        """`tensors` on `device`, moved once (a decoding step must not copy them again)."""
+        return _tensors_on(self, str(device))
+
     def to_json(self) -> list[list[int]]:
         return [list(p) for p in self.paths]
 
@@ -131,6 +136,18 @@ class TreeTensors:
     within: torch.Tensor  # (1+N, 1+N) bool: block slot q may attend to block slot kv
     path: torch.Tensor  # (N, D) nodes from depth 1 to the node's depth, then repeats of the node
     children: torch.Tensor  # (1+N, C) child slots of each slot in rank order, -1 padded
+    on_path_of: torch.Tensor  # (N, N) float: ancestors transposed; (B, N) failures @ it counts a path's failures
+    depth_nodes: tuple[torch.Tensor, ...]  # per depth 1..D: the nodes there that a drafter fills (rank >= 0)
+    depth_ranks: tuple[torch.Tensor, ...]  # per depth 1..D: those nodes' candidate ranks
+
+    def to(self, device) -> TreeTensors:
+        return TreeTensors(*(tuple(x.to(device) for x in v) if isinstance(v, tuple) else v.to(device)
+                             for v in (getattr(self, f.name) for f in dataclasses.fields(self))))
+
+
+@functools.lru_cache(maxsize=256)
+def _tensors_on(tree: DraftTree, device: str) -> TreeTensors:
+    return tree.tensors if device == "cpu" else tree.tensors.to(device)
 
 
 def _tree_tensors(paths: tuple[Path_, ...]) -> TreeTensors:
@@ -156,7 +173,9 @@ def _tree_tensors(paths: tuple[Path_, ...]) -> TreeTensors:
     children = torch.full((1 + n, max(width, 1)), -1, dtype=torch.long)
     for s, k in enumerate(kids):
         children[s, : len(k)] = torch.tensor(k, dtype=torch.long)
-    return TreeTensors(parent_slot, depth, rank, ancestors, within, path, children)
+    depth_nodes = tuple(((depth == h) & (rank >= 0)).nonzero().squeeze(1) for h in range(1, d + 1))
+    return TreeTensors(parent_slot, depth, rank, ancestors, within, path, children, ancestors.T.float(), depth_nodes,
+                       tuple(rank[nodes] for nodes in depth_nodes))
 
 
 # ------------------------------------------------------------------------------------------------ tree shapes
@@ -284,29 +303,28 @@ class Acceptance:
 
 def verify_tree(logits: torch.Tensor, tokens: torch.Tensor, tree: DraftTree, opts, generator) -> Acceptance:
     """logits: (B, 1+N, V) the model's next-token logits at the root and at every node; tokens: (B, N)."""
-    t = tree.tensors
-    device = tokens.device
     if opts.do_sample:
         return _verify_tree_sampling(process_logits(logits, opts.temperature, opts.top_k, opts.top_p), tokens,
                                      tree, generator)
+    t = tree.tensors_on(tokens.device)
     target = logits.argmax(-1)  # (B, 1+N)
-    ok = tokens == target[:, t.parent_slot.to(device)]  # (B, N)
+    ok = tokens == target[:, t.parent_slot]  # (B, N)
     # A node is accepted when no node on its path failed: count the failures among its ancestors.
-    failures = (~ok).float() @ t.ancestors.to(device).T.float()  # (B, N)
-    score = torch.where(failures == 0, t.depth.to(device), 0)  # (B, N) depth of accepted nodes, else 0
+    failures = (~ok).float() @ t.on_path_of  # (B, N)
+    score = torch.where(failures == 0, t.depth, 0)  # (B, N) depth of accepted nodes, else 0
     count, node = score.max(-1)  # (B,), (B,): the first deepest accepted node (best ranks come first)
     slot = torch.where(count > 0, node + 1, 0)
     last = target.gather(1, slot[:, None]).squeeze(1)
-    return Acceptance(count, last, slot, t.path.to(device)[node])
+    return Acceptance(count, last, slot, t.path[node])
 
 
 def _verify_tree_sampling(probs: torch.Tensor, tokens: torch.Tensor, tree: DraftTree,
                           generator) -> Acceptance:
     """probs: (B, 1+N, V) the model's processed distributions. See the module docstring for the rule."""
-    t = tree.tensors
     b, device = tokens.shape[0], tokens.device
+    t = tree.tensors_on(device)
     rows = torch.arange(b, device=device)
-    children = t.children.to(device)  # (1+N, C)
+    children = t.children  # (1+N, C)
     slot_tokens = torch.cat([tokens.new_zeros(b, 1), tokens], 1)  # (B, 1+N): a token per block slot
     cur = torch.zeros(b, dtype=torch.long, device=device)  # current slot
     active = torch.ones(b, dtype=torch.bool, device=device)
@@ -339,17 +357,16 @@ def _verify_tree_sampling(probs: torch.Tensor, tokens: torch.Tensor, tree: Draft
     empty = residual.sum(-1) <= 0
     residual = torch.where(empty[:, None], probs[rows, cur], residual)
     node = (cur - 1).clamp_min(0)
-    return Acceptance(count, sample(residual, generator), cur, t.path.to(device)[node])
+    return Acceptance(count, sample(residual, generator), cur, t.path[node])
 
 
 def tree_candidates(topk_tokens: Sequence[torch.Tensor], tree: DraftTree) -> torch.Tensor:
     """Node tokens (B, N) from each head's ranked candidates: topk_tokens[h] (B, widths[h])."""
-    t = tree.tensors
     device = topk_tokens[0].device
+    t = tree.tensors_on(device)
     out = torch.empty(topk_tokens[0].shape[0], tree.size, dtype=torch.long, device=device)
     for h, cand in enumerate(topk_tokens):
-        nodes = (t.depth == h + 1).nonzero().squeeze(1)
-        out[:, nodes.to(device)] = cand[:, t.rank[nodes].to(device)]
+        out[:, t.depth_nodes[h]] = cand[:, t.depth_ranks[h]]
     return out
 
 
