@@ -38,6 +38,9 @@ def test_seed_000_snippet_runs_as_written(model, tokenizer):
     assert generated.dtype == torch.long and generated.shape == (1, p + len(rich.tokens[0]))
     assert torch.equal(generated[:, :p], input_ids) and generated[0, p:].tolist() == rich.tokens[0]
     assert torch.equal(generated_fast, generated)
+    # mtp's own keywords pass through transformers' signature: a draft tree and prompt-lookup drafts
+    assert torch.equal(model.generate(input_ids, max_new_tokens=50, use_speculative=True, tree_size=4, lookup=5),
+                       generated)
     assert text.startswith(prompt) and text == prompt + rich.texts[0]
 
 
