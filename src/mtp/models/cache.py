@@ -15,25 +15,52 @@ from mtp.errors import MTPError
 
 
 class StackCache:
-    """Keys and values of one stack of layers, `(B, kv_heads, max_len, head_dim)` per layer, allocated lazily."""
+    """Keys and values of one stack of layers in one buffer each, `(layers, B, kv_heads, max_len, head_dim)`,
+    allocated at the first write (so moving or dropping slots is one op per buffer, not one per layer). Layers
+    take buffer rows in the order they first write; a stack told its number of layers allocates them at once."""
 
-    def __init__(self, owner: MTPCache):
+    def __init__(self, owner: MTPCache, num_layers: int | None = None):
         self.owner = owner
-        self.keys: dict[int, torch.Tensor] = {}
-        self.values: dict[int, torch.Tensor] = {}
+        self.num_layers = num_layers
+        self.row: dict[int, int] = {}  # layer_idx -> its row in the buffers
+        self.k: torch.Tensor | None = None  # (layers, B, kv_heads, max_len, head_dim)
+        self.v: torch.Tensor | None = None
+
+    @property
+    def keys(self) -> dict[int, torch.Tensor]:
+        return {layer: self.k[row] for layer, row in self.row.items()}
+
+    @property
+    def values(self) -> dict[int, torch.Tensor]:
+        return {layer: self.v[row] for layer, row in self.row.items()}
+
+    def buffers(self) -> list[torch.Tensor]:
+        return [x for x in (self.k, self.v) if x is not None]
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
         start = self.owner.length
         end = start + key_states.shape[2]
-        if layer_idx not in self.keys:
-            b, h, _, d = key_states.shape
-            shape = (b, h, self.owner.max_len, d)
-            self.keys[layer_idx] = key_states.new_zeros(shape)
-            self.values[layer_idx] = value_states.new_zeros((b, h, self.owner.max_len, value_states.shape[-1]))
-        k, v = self.keys[layer_idx], self.values[layer_idx]
+        row = self.row.get(layer_idx)
+        if row is None:
+            row = self.row[layer_idx] = len(self.row)
+            if self.k is None or row >= self.k.shape[0]:
+                self._grow(max(self.num_layers or 0, row + 1), key_states, value_states)
+        k, v = self.k[row], self.v[row]
         k[:, :, start:end] = key_states
         v[:, :, start:end] = value_states
         return k[:, :, :end], v[:, :, :end]  # (B, kv_heads, end, head_dim)
+
+    def _grow(self, layers: int, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        b, h, _, d = key_states.shape
+        k = key_states.new_zeros((layers, b, h, self.owner.max_len, d))
+        v = value_states.new_zeros((layers, b, value_states.shape[1], self.owner.max_len, value_states.shape[-1]))
+        if self.k is not None:  # a stack that did not say how many layers it has: rare, and only while filling
+            k[: self.k.shape[0]], v[: self.v.shape[0]] = self.k, self.v
+        self.k, self.v = k, v
+
+    def select_rows(self, index: torch.Tensor) -> None:
+        if self.k is not None:
+            self.k, self.v = self.k[:, index], self.v[:, index]
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.owner.length
@@ -46,12 +73,17 @@ class StackCache:
 class MTPCache:
     """Shared slot bookkeeping plus one `StackCache` per stack (index 0: trunk, 1 + j: head j)."""
 
-    def __init__(self, batch_size: int, max_len: int, num_stacks: int, device: torch.device | str = "cpu"):
+    def __init__(self, batch_size: int, max_len: int, num_stacks: int, device: torch.device | str = "cpu",
+                 stack_layers: list[int] | None = None):
+        """`stack_layers`: the number of layers of each stack, when known (their buffers are then allocated once)."""
         self.max_len = max_len
         self.length = 0  # slots written so far (the same for every stack)
         self.valid = torch.zeros(batch_size, max_len, dtype=torch.bool, device=device)  # (B, max_len)
         self.next_pos = torch.zeros(batch_size, dtype=torch.long, device=device)  # (B,)
-        self.stacks = [StackCache(self) for _ in range(num_stacks)]
+        layers = stack_layers if stack_layers is not None else [None] * num_stacks
+        if len(layers) != num_stacks:
+            raise MTPError(f"stack_layers has {len(layers)} entries for {num_stacks} stacks")
+        self.stacks = [StackCache(self, n) for n in layers]
         self._slots = torch.arange(max_len, device=device)
 
     @property
@@ -120,10 +152,9 @@ class MTPCache:
             span = slice(start, start + depth)
             self.valid[:, span] = self.valid.gather(1, order)
             for stack in self.stacks:
-                for store in (stack.keys, stack.values):
-                    for buf in store.values():
-                        idx = order[:, None, :, None].expand(-1, buf.shape[1], -1, buf.shape[3])
-                        buf[:, :, span] = buf.gather(2, idx)
+                for buf in stack.buffers():  # (layers, B, heads, max_len, D)
+                    idx = order[None, :, None, :, None].expand(buf.shape[0], -1, buf.shape[2], -1, buf.shape[4])
+                    buf[:, :, :, span] = buf.gather(3, idx)
         self.rollback(block_len, prefix + count)
 
     def compact(self) -> None:
@@ -134,10 +165,9 @@ class MTPCache:
         order = order[:, self.length - new_len:]  # (B, new_len): last new_len slots, valid ones last
         valid = self.valid[:, : self.length].gather(1, order)
         for stack in self.stacks:
-            for store in (stack.keys, stack.values):
-                for buf in store.values():
-                    idx = order[:, None, :, None].expand(-1, buf.shape[1], -1, buf.shape[3])
-                    buf[:, :, :new_len] = buf[:, :, : self.length].gather(2, idx)
+            for buf in stack.buffers():  # (layers, B, heads, max_len, D)
+                idx = order[None, :, None, :, None].expand(buf.shape[0], -1, buf.shape[2], -1, buf.shape[4])
+                buf[:, :, :, :new_len] = buf[:, :, :, : self.length].gather(3, idx)
         self.valid.zero_()
         self.valid[:, :new_len] = valid
         self.length = new_len
@@ -152,6 +182,4 @@ class MTPCache:
         self.valid = self.valid[index]
         self.next_pos = self.next_pos[index]
         for stack in self.stacks:
-            for key in stack.keys:
-                stack.keys[key] = stack.keys[key][index]
-                stack.values[key] = stack.values[key][index]
+            stack.select_rows(index)

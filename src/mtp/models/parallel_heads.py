@@ -141,7 +141,8 @@ class MTPModel(nn.Module):
         return HeadsDrafter(self, opts, proposer)
 
     def new_cache(self, batch_size: int, max_len: int) -> MTPCache:
-        return MTPCache(batch_size, max_len, num_stacks=1 + self.num_heads, device=self.device)
+        layers = [self.num_trunk_layers] + [len(self.head_layers(h)) for h in range(self.num_heads)]
+        return MTPCache(batch_size, max_len, num_stacks=1 + self.num_heads, device=self.device, stack_layers=layers)
 
     # ---------------------------------------------------------------- forward pieces (used by decoding, training)
     def trunk_forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
