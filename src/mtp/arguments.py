@@ -78,6 +78,13 @@ UNCHECKED: frozenset[str] = frozenset({"seed"})
 RELATIONS: list[tuple[tuple[str, ...], Callable[..., bool], str]] = [
     (("do_sample", "temperature"), lambda do_sample, temperature: not do_sample or temperature > 0,
      "{temperature} must be > 0 when sampling ({do_sample})"),
+    # drafts that are verified: a tree of candidates and prompt-lookup drafts need the speculative strategy
+    (("tree", "strategy"), lambda tree, strategy: tree == "chain" or strategy == "speculative",
+     "{tree}: a draft tree is verified; use it with {strategy} speculative"),
+    (("tree_size", "strategy"), lambda tree_size, strategy: strategy == "speculative",
+     "{tree_size}: a draft tree is verified; use it with {strategy} speculative"),
+    (("lookup", "strategy"), lambda lookup, strategy: lookup == 0 or strategy == "speculative",
+     "{lookup}: lookup drafts are verified; use them with {strategy} speculative"),
 ]
 
 # command -> parameter -> what it names: a file that will be written, or a folder that will be created / filled.

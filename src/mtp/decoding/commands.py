@@ -105,10 +105,6 @@ def generate(model: str | None = None, prompt: str | None = None, prompts_file: 
     """
     if (prompt is None) == (prompts_file is None):
         raise MTPError("give exactly one of --prompt or --prompts-file")
-    if (tree != "chain" or tree_size is not None) and strategy != "speculative":
-        raise MTPError("--tree / --tree-size: a draft tree is verified; use it with --strategy speculative")
-    if lookup and strategy != "speculative":
-        raise MTPError("--lookup: lookup drafts are verified; use them with --strategy speculative")
     prompts = [prompt] if prompt is not None else read_prompts(prompts_file)
     if prompt is not None and not prompt:
         raise MTPError("empty prompt: give at least one token")

@@ -339,16 +339,13 @@ def generate(model, input_ids: torch.Tensor | list, attention_mask: torch.Tensor
     if max_new_tokens < 0:
         raise MTPError("max_new_tokens must be >= 0")
     check_values({"do_sample": do_sample, "temperature": temperature, "top_k": top_k, "top_p": top_p, "tau": tau,
-                  "k": k, "num_draft": num_draft}, flags=False)
+                  "k": k, "num_draft": num_draft, "strategy": strategy, "tree": tree, "tree_size": tree_size,
+                  "lookup": lookup}, flags=False)
     if do_sample and strategy not in ("greedy", "speculative"):
         raise MTPError("sampling (do_sample) is available with the greedy and speculative strategies")
-    if not isinstance(lookup, int) or lookup < 0:
-        raise MTPError(f"lookup must be an integer >= 0, got {lookup!r}")
-    if lookup and strategy != "speculative":
-        raise MTPError("lookup drafts are verified: use them with the speculative strategy")
     tokenizer = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
     opts = DecodeOptions(strategy, max_new_tokens, do_sample, temperature, top_k, top_p, tau, k, num_draft,
-                         adaptive_draft, model_tree(model, tree, tree_size, strategy, num_draft, k), lookup)
+                         adaptive_draft, model_tree(model, tree, tree_size, num_draft, k), lookup)
     drafter = model.drafter(opts, proposer=proposer) if proposer is not None else model.drafter(opts)
     input_ids, attention_mask = _fit_context(model, input_ids, attention_mask, opts, drafter.lookahead,
                                              truncate_prompt)
@@ -374,13 +371,11 @@ def generate(model, input_ids: torch.Tensor | list, attention_mask: torch.Tensor
     return GenerationResult(tokens, stats, texts)
 
 
-def model_tree(model, tree, tree_size: int | None, strategy: str, num_draft: int | None,
-               k: int | None = None) -> DraftTree | None:
-    """The draft tree `generate(tree=..., tree_size=...)` asks for, for this model (None: a chain)."""
+def model_tree(model, tree, tree_size: int | None, num_draft: int | None, k: int | None = None) -> DraftTree | None:
+    """The draft tree `generate(tree=..., tree_size=...)` asks for, for this model (None: a chain). That a tree
+    comes with the speculative strategy is a rule of `mtp.arguments.RELATIONS`, checked by `generate`."""
     if tree is None and tree_size is None:
         return None
-    if strategy != "speculative":
-        raise MTPError("a draft tree (tree / --tree) is verified: use it with the speculative strategy")
     if getattr(model, "mask_token_id", None) is not None:  # k-1 masks draft k-1 tokens ahead
         depth = (k if k is not None else model.default_k) - 1
     else:

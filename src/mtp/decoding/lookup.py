@@ -69,14 +69,15 @@ class PromptLookup:
     def __init__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_tokens: int):
         self.max_tokens = max_tokens
         ids, mask = input_ids.tolist(), attention_mask.bool().tolist()
-        self.rows = [RowHistory([t for t, m in zip(r, v, strict=True) if m]) for r, v in zip(ids, mask, strict=True)]
+        self.histories = [RowHistory([t for t, m in zip(r, v, strict=True) if m])
+                          for r, v in zip(ids, mask, strict=True)]  # per original row
 
     def extend(self, row: int, tokens: list[int]) -> None:
-        self.rows[row].extend(tokens)
+        self.histories[row].extend(tokens)
 
     def drafts(self, rows: list[int]) -> torch.Tensor:
         """(B, m) lookup drafts of `rows`, m the longest found (0: none found)."""
-        found = [self.rows[r].lookup(self.max_tokens) for r in rows]
+        found = [self.histories[r].lookup(self.max_tokens) for r in rows]
         m = max((len(f) for f in found), default=0)
         out = [f + [f[-1] if f else 0] * (m - len(f)) for f in found]
         return torch.tensor(out, dtype=torch.long).reshape(len(rows), m)

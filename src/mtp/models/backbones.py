@@ -72,16 +72,17 @@ class LlamaBackbone(Backbone):
 
     def layer_inputs(self, hidden, position_ids):
         cos_sin = self.causal_lm.model.rotary_emb(hidden, position_ids=position_ids)
-        return {"position_embeddings": cos_sin, "position_ids": position_ids}
+        shared = {"position_embeddings": cos_sin, "position_ids": position_ids}
+        if self.fast_layers is not None and not torch.is_grad_enabled():  # the lean step's form of the same tables
+            from mtp.models.fast_llama import rope_tables
+
+            shared["fast_rope"] = rope_tables(*cos_sin)
+        return shared
 
     def run_layer(self, layer, hidden, mask, cache, shared):
         if cache is not None and self.fast_layers is not None and not torch.is_grad_enabled():
             fast = self.fast_layers.get(layer)
             if fast is not None:
-                if "fast_rope" not in shared:  # once per forward, for every fast layer
-                    from mtp.models.fast_llama import rope_tables
-
-                    shared["fast_rope"] = rope_tables(*shared["position_embeddings"])
                 return fast(hidden, mask, cache, *shared["fast_rope"])
         out = layer(hidden, attention_mask=mask, use_cache=cache is not None, **{_cache_kwarg(type(layer)): cache},
                     **shared)

@@ -13,6 +13,7 @@ from typing import Literal
 
 import torch
 
+from mtp.arguments import spelled
 from mtp.errors import MTPError
 from mtp.io import atomic_write_json, remove_stale_temporaries, temporary_prefix
 from mtp.runtime import set_threads
@@ -23,6 +24,9 @@ EVAL_NAME = "eval.json"
 # Flags that do not change what a run computes: free to differ when resuming.
 _NOT_RUN_IDENTITY = {"output", "resume", "device", "threads", "progress", "save_every", "keep_checkpoints",
                      "eval_every", "gen_batch_size", "cache_trunk", "gradient_checkpointing", "parallel"}
+# The mask-token method's own flags: with --method heads, one set away from its default is an error.
+SELFDISTILL_ONLY = ("prefix_loss", "entropy_loss", "k", "k_min", "k_max", "adapter", "lora_rank", "lora_layers",
+                    "regions", "supervision", "mask_token", "mask_token_id", "per_rank_k")
 
 
 def train(
@@ -393,12 +397,8 @@ def _validate(a: _Args) -> None:
     if a.freeze_trunk and a.num_heads == 1:
         raise MTPError("--freeze-trunk trains the extra heads only; use --num-heads 2 or more")
     if a.method == "heads":  # the mask-token method's flags would otherwise be ignored without a word
-        given = [flag for flag, used in (
-            ("--prefix-loss", a.prefix_loss != 0), ("--entropy-loss", a.entropy_loss != 0),
-            ("--k", a.k is not None), ("--k-min", a.k_min is not None), ("--k-max", a.k_max is not None),
-            ("--adapter", a.adapter != "full"), ("--lora-layers", a.lora_layers is not None),
-            ("--supervision", a.supervision != "hard"), ("--mask-token", a.mask_token is not None),
-            ("--mask-token-id", a.mask_token_id is not None), ("--per-rank-k", a.per_rank_k)) if used]
+        defaults = inspect.signature(train).parameters
+        given = [spelled(name, True) for name in SELFDISTILL_ONLY if getattr(a, name) != defaults[name].default]
         if given:
             raise MTPError(f"{', '.join(given)}: for --method selfdistill (mask tokens); --method heads trains "
                            "parallel heads")

@@ -179,15 +179,7 @@ def self_distilled_answers(
         label = desc + (f" (rank 0's share of {world})" if world > 1 else "")
         total, initial = (len(mine), 0) if world > 1 else (len(prompts), len(prompts) - len(todo))
         bar = tqdm(total=total, initial=initial, desc=label, unit="answer", dynamic_ncols=True)
-    sink = None
-    if write_path is not None:
-        Path(write_path).parent.mkdir(parents=True, exist_ok=True)
-        sink = Path(write_path).open("a", encoding="utf-8")
-        if sink.tell() > 0:
-            with Path(write_path).open("rb") as f:
-                f.seek(-1, os.SEEK_END)
-                if f.read(1) != b"\n":  # a line cut off by an interruption: end it, so it stays on its own
-                    sink.write("\n")
+    sink = _open_for_append(write_path) if write_path is not None else None
     was_training = model.training
     model.eval()
     new_tokens = 0
@@ -224,17 +216,38 @@ def self_distilled_answers(
             bar.close()
         model.train(was_training)
     if world > 1:  # every share is written: rank 0 merges them, then every rank reads them all
-        barrier()
-        if rank == 0:
-            merge_shares(cache_path)
-        barrier()
-        merged = read_cache(cache_path)
+        merged = _merged_shares(cache_path, rank)
         for i in todo:
             answers[i] = merged.get((cache_ids[i], keys[i]))
         if any(answers[i] is None for i in todo):
             raise MTPError(f"{cache_path}: answers of other ranks are missing after merging (is the output folder "
                            "on a file system every node shares?)")
     return [list(a) for a in answers]
+
+
+def _open_for_append(path: str | os.PathLike):
+    """The answers file opened to append lines; a last line cut off by an interruption is ended first, so it
+    stays on its own (and is skipped when read) instead of swallowing the next answer."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    sink = Path(path).open("a", encoding="utf-8")
+    if sink.tell() > 0:
+        with Path(path).open("rb") as f:
+            f.seek(-1, os.SEEK_END)
+            if f.read(1) != b"\n":
+                sink.write("\n")
+    return sink
+
+
+def _merged_shares(cache_path, rank: int) -> dict:
+    """Under torchrun, once every rank has written its share: rank 0 merges them into the cache file, and every
+    rank reads the whole cache back."""
+    from mtp.training.distributed import barrier
+
+    barrier()
+    if rank == 0:
+        merge_shares(cache_path)
+    barrier()
+    return read_cache(cache_path)
 
 
 class _TrunkRecorder:
