@@ -61,7 +61,7 @@ def test_generate_with_a_draft_tree(tiny_mtp_folder, capsys):
     assert code == 0, err
     greedy = json.loads(out.strip().splitlines()[-1])["token_ids"]
     for tree in (["--tree", "auto", "--tree-size", "6"], ["--tree", "[[0], [1], [0, 0]]"], ["--tree-size", "3"],
-                 ["--lookup", "4"], ["--tree-size", "4", "--lookup", "3"]):
+                 ["--lookup", "4"], ["--tree-size", "4", "--lookup", "3"], ["--tree", "dynamic", "--tree-size", "5"]):
         code, out, err = run_cli(args + ["--strategy", "speculative"] + tree, capsys)
         assert code == 0, err
         assert json.loads(out.strip().splitlines()[-1])["token_ids"] == greedy

@@ -17,10 +17,12 @@ from mtp.decoding.reference import reference_greedy
 from mtp.decoding.tree import (
     TREE_STATS_KEY,
     DraftTree,
+    DynamicTree,
     _verify_tree_sampling,
     block_layout,
     build_tree,
     expected_length,
+    ranked_tree_drafts,
     resolve_tree,
     tree_candidates,
     verify_tree,
@@ -174,7 +176,10 @@ def test_tree_speculative_equals_greedy_equals_reference(data):
                for _ in range(data.draw(st.integers(1, 3)))]
     max_new = data.draw(st.integers(1, 16))
     stop = data.draw(st.lists(st.integers(0, vocab - 1), max_size=1))
-    tree = random_tree(data.draw, num_heads - 1)
+    if data.draw(st.booleans()):
+        tree = random_tree(data.draw, num_heads - 1)
+    else:  # a new shape every step from the heads' probabilities
+        tree = DynamicTree(data.draw(st.integers(1, 10)), data.draw(st.integers(1, num_heads - 1)))
     lookup = data.draw(st.sampled_from([0, 0, 1, 3, 6]))  # prompt-lookup drafts: one more branch of the tree
     ids, mask = left_pad(prompts)
     reference = [reference_greedy(model, p, max_new, stop) for p in prompts]
@@ -223,10 +228,11 @@ def test_perfect_candidates_accept_the_whole_deepest_path(family):
     assert out.stats.forward_passes == 1 + 10  # the prefill's token, then 4 per forward
 
 
-def test_tree_sampling_matches_the_model_distribution():
+@pytest.mark.parametrize("tree", [DraftTree.from_paths([(0,), (1,), (2,), (0, 0), (0, 1), (1, 0)]),
+                                  DynamicTree(4, 2)], ids=["static", "dynamic"])
+def test_tree_sampling_matches_the_model_distribution(tree):
     """3000 sampled continuations through a tree: the first two tokens' joint law is the model's."""
     model = tiny_mtp("llama", num_heads=3, vocab_size=6, seed=3)
-    tree = DraftTree.from_paths([(0,), (1,), (2,), (0, 0), (0, 1), (1, 0)])
     prompt, n = [1, 2], 3000
     out = generate(model, torch.tensor([prompt] * n), max_new_tokens=2, strategy="speculative", do_sample=True,
                    seed=0, stop_token_ids=[], tree=tree)
@@ -245,10 +251,37 @@ def test_build_tree_is_optimal_for_its_model():
     assert build_tree(stats, 2).paths == ((0,), (0, 0))
 
 
+def test_dynamic_tree_goes_deep_when_the_drafts_are_sure_and_wide_when_not():
+    sure = torch.tensor([[[0.95, 0.03, 0.01], [0.9, 0.05, 0.02]]])  # (B=1, D=2, W=3) top-3 probabilities
+    unsure = torch.tensor([[[0.4, 0.35, 0.1], [0.3, 0.2, 0.1]]])
+    tree = DynamicTree(size=2, depth=2)
+    assert tree.for_step(sure).paths == ((0,), (0, 0))
+    assert tree.for_step(unsure).paths == ((0,), (1,))
+    # rows share one tree: the shape of the batch's mean probabilities
+    assert tree.for_step(torch.cat([sure, unsure])).paths == build_tree([[0.675, 0.19, 0.055], [0.6, 0.125, 0.06]],
+                                                                        2).paths
+    assert tree.truncate(1) == DynamicTree(2, 1) and tree.truncate(5) == tree
+    assert tree.widths() == [2, 2]
+
+
+def test_ranked_tree_drafts_fill_each_node_with_its_rank():
+    logits = torch.tensor([[[0.0, 3.0, 1.0, 2.0], [5.0, 0.0, 0.0, 1.0]]])  # (B=1, D=2, V=4); ranks: 1,3,2,0 / 0,3,..
+    static = DraftTree.from_paths([(0,), (1,), (0, 0), (0, 1)])
+    tokens, tree = ranked_tree_drafts(logits, static)
+    assert tree is static and tokens.tolist() == [[1, 3, 0, 3]]
+    vocab = torch.tensor([10, 11, 12, 13])  # logits over these token ids
+    tokens, tree = ranked_tree_drafts(logits, DynamicTree(3, 2), vocab)
+    # probabilities: depth 1 ~(0.64, 0.24, 0.09), depth 2 ~(0.97, ...): the chain (0,), (0, 0) then (1,)
+    assert tree.paths == ((0,), (1,), (0, 0))
+    assert tokens.tolist() == [[11, 13, 10]]
+
+
 def test_resolve_tree(tmp_path):
     folder = tmp_path / "run"
     folder.mkdir()
     assert resolve_tree("chain", 8, 3, folder) is None
+    assert resolve_tree("dynamic", 5, 3, folder) == DynamicTree(5, 3)
+    assert resolve_tree("dynamic", None, 2, folder) == DynamicTree(16, 2)
     assert resolve_tree("auto", 5, 3, folder).size == 5  # no statistics: the stand-in
     (folder / "eval.json").write_text(json.dumps({TREE_STATS_KEY: [[0.9, 0.05], [0.1, 0.8], [0.5, 0.1]]}))
     assert resolve_tree("auto", 2, 3, folder).paths == ((0,), (0, 1))
@@ -289,7 +322,8 @@ def test_mask_token_tree_speculative_equals_greedy(data):
     max_new = data.draw(st.integers(1, 16))
     ids, mask = left_pad(prompts)
     reference = [reference_greedy(model, p, max_new) for p in prompts]
-    tree = data.draw(st.sampled_from([None, random_tree(data.draw, k - 1)]))
+    tree = data.draw(st.sampled_from([None, random_tree(data.draw, k - 1), DynamicTree(data.draw(st.integers(1, 8)),
+                                                                                      k - 1)]))
     lookup = data.draw(st.sampled_from([0, 2, 5]))
     spec = generate(model, ids, mask, max_new_tokens=max_new, strategy="speculative", k=k, stop_token_ids=[],
                     tree=tree, lookup=lookup)

@@ -257,22 +257,24 @@ def test_report_on_free_prompts_without_hf(tiny_tokenizer, tmp_path):
 
 
 def test_tree_and_lookup_rows_are_lossless(tiny_tokenizer, tmp_path):
-    """--tree-sizes and --lookup: one row per tree size, then the chain and each tree with lookup drafts."""
+    """--tree-sizes, --tree-shape both and --lookup: one row per tree size and shape, then the chain and each
+    tree with lookup drafts."""
     model = make_model(tiny_tokenizer, num_heads=3)
     path = tmp_path / "prompts.txt"
     path.write_text("Tom has 3 apples and 3 apples\n\nA box holds 12 eggs\n", encoding="utf-8")
     prompts = file_prompts(tiny_tokenizer, path, chat=False)
     methods = build_methods(model, tiny_tokenizer, taus=[], static_k=[], hf=False, fp16=True, int8=False,
-                            tree_sizes=[3], lookup=4)
+                            tree_sizes=[3], lookup=4, tree_shapes=("auto", "dynamic"))
     names = [m.name for m in methods]
     assert names == ["greedy", "speculative", "greedy-fp16", "speculative-fp16", "speculative-fp16-tree3",
-                     "speculative-fp16-lookup4", "speculative-fp16-tree3-lookup4"]
+                     "speculative-fp16-dtree3", "speculative-fp16-lookup4", "speculative-fp16-tree3-lookup4",
+                     "speculative-fp16-dtree3-lookup4"]
     report = build_report(run_bench(methods, prompts, 12, progress=False), tiny_tokenizer,
                           settings={"max_new_tokens": 12})
     rows = {r["method"]: r for r in report["methods"]}
     for name in names[4:]:
         assert rows[name]["equal_to_lossless_reference"] == 2, name
-    assert "lookup drafts" in methods[-1].description
+    assert "lookup drafts" in methods[-1].description and "dynamic draft tree" in methods[-1].description
 
 
 def test_jsonl_prompt_files(tiny_tokenizer, gsm8k_file, tmp_path):

@@ -96,10 +96,11 @@ def generate(model: str | None = None, prompt: str | None = None, prompts_file: 
         adaptive_draft: speculative: verify fewer drafts while recent ones were rarely accepted (same output).
         truncate_prompt: keep only the last tokens of a prompt too long for the context with --max-new-tokens.
         tree: speculative: verify a tree of the heads' top candidates per step instead of a chain: "auto" (the
-            best shape for --tree-size nodes from the accuracy per rank `mtp train` measured), a .json file or
-            JSON list of paths of ranks (e.g. "[[0], [1], [0, 0]]"), or "chain". Same output, more tokens per
-            forward; each node costs a token of the verify forward.
-        tree_size: nodes of the "auto" tree (default 16; alone it implies --tree auto).
+            best shape for --tree-size nodes from the accuracy per rank `mtp train` measured), "dynamic" (a new
+            shape every step from the drafts' probabilities, EAGLE-2), a .json file or JSON list of paths of
+            ranks (e.g. "[[0], [1], [0, 0]]"), or "chain". Same output, more tokens per forward; each node costs
+            a token of the verify forward.
+        tree_size: nodes of the "auto" or "dynamic" tree (default 16; alone it implies --tree auto).
         lookup: speculative: also verify up to this many tokens copied from earlier in the prompt and answer
             (prompt lookup), one more branch of the draft tree; 0: none.
     """

@@ -29,7 +29,15 @@ from dataclasses import dataclass
 import torch
 
 from mtp.decoding.sampling import process_logits, sample
-from mtp.decoding.tree import DraftTree, block_layout, tree_candidates
+from mtp.decoding.tree import (
+    DraftTree,
+    DynamicTree,
+    block_layout,
+    build_tree,
+    fallback_rank_accuracy,
+    ranked_tree_drafts,
+    tree_candidates,
+)
 from mtp.errors import MTPError
 
 
@@ -115,7 +123,7 @@ class HeadsDrafter:
             self.num_drafts = opts.k - 1
         else:
             self.num_drafts = n - 1
-        self.tree: DraftTree | None = opts.tree
+        self.tree: DraftTree | DynamicTree | None = opts.tree
         if self.tree is not None:
             self.num_drafts = _tree_depth(self.tree, opts, self.num_drafts, "this model drafts")
         self.num_heads = 1 + self.num_drafts
@@ -152,18 +160,20 @@ class HeadsDrafter:
 
         return StepOutput(verify_logits, w + d, propose, trunk)
 
-    def tree_drafts(self, hidden_at: torch.Tensor, tree: DraftTree, generator) -> Drafts:
+    def tree_drafts(self, hidden_at: torch.Tensor, tree: DraftTree | DynamicTree, generator) -> Drafts:
         """The tree's node tokens from heads 1..m's ranked candidates (deterministic, also when sampling: the
         tree verifier is exact for any candidates)."""
-        model, widths = self.model, tree.widths()
-        if self.proposer is not None:  # (B, m, W) ranked candidates per head
+        model = self.model
+        if self.proposer is not None:  # (B, m, W) ranked candidates per head, no probabilities
             ranked, _ = self.proposer(DraftRequest(model, hidden_at, self.rows, self.produced, self.opts, generator))
-        elif model.draft_vocab is not None:
-            ranked = model.draft_vocab[model.draft_logits(hidden_at).topk(max(widths), -1).indices]  # (B, m, W)
+            if isinstance(tree, DynamicTree):  # shaped as the held-out statistics' stand-in would be
+                tree = build_tree(fallback_rank_accuracy(tree.depth, ranked.shape[-1]), tree.size)
+            return Drafts(tree_candidates([ranked[:, h, :k] for h, k in enumerate(tree.widths())], tree), tree=tree)
+        if model.draft_vocab is not None:
+            tokens, tree = ranked_tree_drafts(model.draft_logits(hidden_at), tree, model.draft_vocab)  # K columns
         else:
-            logits = model.restrict_to_draft_vocab(model.lm_head(hidden_at))  # (B, m, V)
-            ranked = logits.topk(max(widths), -1).indices  # (B, m, W)
-        return Drafts(tree_candidates([ranked[:, h, :k] for h, k in enumerate(widths)], tree), tree=tree)
+            tokens, tree = ranked_tree_drafts(model.restrict_to_draft_vocab(model.lm_head(hidden_at)), tree)
+        return Drafts(tokens, tree=tree)
 
     def heads_drafts(self, hidden_at: torch.Tensor, generator, mode: str | None = None) -> Drafts:
         """Draft tokens from heads 1..m's hidden states (B, m, H)."""
@@ -180,7 +190,7 @@ class HeadsDrafter:
         return draft_tokens(logits, mode, opts, generator)
 
 
-def _tree_depth(tree: DraftTree, opts, most: int, who: str) -> int:
+def _tree_depth(tree: DraftTree | DynamicTree, opts, most: int, who: str) -> int:
     """The draft positions a tree uses, checked against what the drafter can propose (`most` ahead)."""
     if opts.strategy != "speculative":
         raise MTPError("a draft tree is verified: use it with the speculative strategy")
@@ -214,7 +224,7 @@ class MaskDrafter:
 
     def __init__(self, model, opts):
         self.model, self.opts = model, opts
-        self.tree: DraftTree | None = opts.tree
+        self.tree: DraftTree | DynamicTree | None = opts.tree
         k = opts.k if opts.k is not None else model.default_k
         if not 1 <= k <= model.max_k:
             raise MTPError(f"k must be in [1, {model.max_k}] for this mask-token model, got {k}")
@@ -263,10 +273,8 @@ class MaskDrafter:
                 return Drafts(slot.new_zeros(b, 0))
             logits = model.lm_head(_slot_rows(mask_hidden, g)[:, :n]).float()  # (B, n, V)
             if self.tree is not None:  # deterministic ranked candidates (exact when sampling too)
-                tree = self.tree.truncate(n)
-                ranked = logits.topk(max(tree.widths()), -1).indices  # (B, n, W)
-                return Drafts(tree_candidates([ranked[:, h, :k] for h, k in enumerate(tree.widths())], tree),
-                              tree=tree)
+                tokens, tree = ranked_tree_drafts(logits, self.tree.truncate(n))
+                return Drafts(tokens, tree=tree)
             return draft_tokens(logits, _mode(self.opts), self.opts, generator)
 
         return StepOutput(verify_logits, tokens.shape[1], propose)
@@ -281,7 +289,7 @@ class MaskBlockLayout:
     depth: torch.Tensor | None = None  # (N,) with a tree: each node's depth below the root
 
 
-@functools.lru_cache(maxsize=64)  # a decode step reuses one of a few shapes: no layout tensors built per step
+@functools.lru_cache(maxsize=1024)  # a step reuses one of a few shapes (a dynamic tree: a few hundred per run)
 def mask_block_layout(chain: int, first: int, groups: int, m: int, device=None,
                       tree: DraftTree | None = None) -> MaskBlockLayout:
     """A decoding block of `chain` real slots, then `groups` groups of m masks; group g follows slot first+g.

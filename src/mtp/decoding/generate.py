@@ -29,7 +29,7 @@ from mtp.decoding.inputs import left_pad, token_batch  # noqa: F401  (left_pad: 
 from mtp.decoding.lookup import PromptLookup, add_lookup
 from mtp.decoding.sampling import accept_drafts_sampling, process_logits
 from mtp.decoding.stopping import StopChecker
-from mtp.decoding.tree import Acceptance, DraftTree, resolve_tree, verify_tree
+from mtp.decoding.tree import Acceptance, DraftTree, DynamicTree, resolve_tree, verify_tree
 from mtp.errors import MTPError
 
 Strategy = Literal["greedy", "speculative", "confadapt", "static"]
@@ -88,7 +88,7 @@ class DecodeOptions:
     k: int | None = None
     num_draft: int | None = None  # heads used for drafting; default all extra heads
     adaptive_draft: bool = True  # propose only as many drafts as recent acceptance pays for (see DraftLength)
-    tree: DraftTree | None = None  # speculative: verify a tree of candidates (None: a chain)
+    tree: DraftTree | DynamicTree | None = None  # speculative: verify a tree of candidates (None: a chain)
     lookup: int = 0  # speculative: also verify up to this many prompt-lookup drafts (`mtp.decoding.lookup`)
 
 
@@ -326,8 +326,9 @@ def generate(model, input_ids: torch.Tensor | list, attention_mask: torch.Tensor
             features of self-distilled training rows instead of recomputing them.
         tree: speculative with parallel heads: verify a tree of the heads' top candidates in one forward
             (`mtp.decoding.tree`): "auto" (built for `tree_size` nodes from the accuracy per candidate rank
-            `mtp train` measured, in the model folder's eval.json), "chain" (the default), a DraftTree, a JSON
-            list of paths or a .json file of one. Greedy output stays identical; sampling stays exact.
+            `mtp train` measured, in the model folder's eval.json), "dynamic" (`tree_size` nodes shaped every
+            step from the drafts' probabilities, EAGLE-2), "chain" (the default), a DraftTree, a JSON list of
+            paths or a .json file of one. Greedy output stays identical; sampling stays exact.
         lookup: speculative: also verify up to this many tokens copied from earlier in each row's sequence
             (prompt lookup, `mtp.decoding.lookup`), as one more branch of the draft tree; 0: none.
     """
@@ -371,7 +372,8 @@ def generate(model, input_ids: torch.Tensor | list, attention_mask: torch.Tensor
     return GenerationResult(tokens, stats, texts)
 
 
-def model_tree(model, tree, tree_size: int | None, num_draft: int | None, k: int | None = None) -> DraftTree | None:
+def model_tree(model, tree, tree_size: int | None, num_draft: int | None,
+               k: int | None = None) -> DraftTree | DynamicTree | None:
     """The draft tree `generate(tree=..., tree_size=...)` asks for, for this model (None: a chain). That a tree
     comes with the speculative strategy is a rule of `mtp.arguments.RELATIONS`, checked by `generate`."""
     if tree is None and tree_size is None:

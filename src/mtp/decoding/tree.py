@@ -6,6 +6,9 @@ path. Node i holds one token; its depth is the number of tokens after the last e
 is the root's + depth, and it attends to the block's root (the last emitted token), its ancestors and itself.
 The chain every other strategy uses is the tree of width 1: (0,), (0, 0), (0, 0, 0). Prompt-lookup drafts
 (`mtp.decoding.lookup`) are a chain of nodes of rank -1 from the root, after the other nodes.
+A shape is fixed for a run ("auto": `build_tree` from the heads' held-out accuracy per rank) or chosen anew every
+step from the drafts' own probabilities (`DynamicTree`, EAGLE-2's dynamic tree); the step's tree travels with
+its drafts, so verification and the cache never ask which.
 
 Block slots (what a verify forward feeds): slot 0 is the root, slot 1 + i is node i. Nodes are sorted by depth
 and then by rank, so a node's ancestors always come before it - which the cache relies on: after verification
@@ -112,13 +115,13 @@ class DraftTree:
 LOOKUP_RANK = -1  # the rank of a lookup node in a tree's paths: (-1,), (-1, -1), ...
 
 
-@functools.lru_cache(maxsize=256)  # a few shapes per decoding run: one tree object each, so layouts stay cached
+@functools.lru_cache(maxsize=1024)  # a few shapes per run (a dynamic tree: a few hundred), layouts stay cached
 def _with_lookup(base: DraftTree | None, length: int) -> DraftTree:
     lookup = tuple((LOOKUP_RANK,) * i for i in range(1, length + 1))
     return DraftTree((base.paths if base is not None else ()) + lookup)
 
 
-@functools.lru_cache(maxsize=64)
+@functools.lru_cache(maxsize=1024)
 def _truncated(tree: DraftTree, depth: int) -> DraftTree:
     if depth >= tree.depth:
         return tree
@@ -145,7 +148,7 @@ class TreeTensors:
                              for v in (getattr(self, f.name) for f in dataclasses.fields(self))))
 
 
-@functools.lru_cache(maxsize=256)
+@functools.lru_cache(maxsize=1024)
 def _tensors_on(tree: DraftTree, device: str) -> TreeTensors:
     return tree.tensors if device == "cpu" else tree.tensors.to(device)
 
@@ -204,6 +207,44 @@ def build_tree(rank_accuracy: Sequence[Sequence[float]], size: int) -> DraftTree
     return DraftTree.from_paths(chosen)
 
 
+@dataclass(frozen=True)
+class DynamicTree:
+    """EAGLE-2's dynamic draft tree: a new shape every step, the `size` nodes with the largest chance of being
+    accepted by the drafts' own probabilities at that step (`build_tree` over this step's top-k probabilities,
+    averaged over the batch rows, which share one tree) instead of one shape from held-out statistics. When
+    the first draft is sure the tree goes deep; when it is not, it spends the nodes on alternatives. Any shape
+    is verified exactly, so output stays identical to greedy decoding (and exact when sampling)."""
+
+    size: int  # nodes per step at most
+    depth: int  # draft positions at most
+
+    def truncate(self, depth: int) -> DynamicTree:
+        return DynamicTree(self.size, max(1, min(self.depth, depth)))
+
+    def widths(self) -> list[int]:
+        """Candidates each head must rank: a node of a `size`-node tree has a rank below `size`."""
+        return [self.size] * self.depth
+
+    def for_step(self, top_probs: torch.Tensor) -> DraftTree:
+        """top_probs (B, D, W): each row's draft probabilities of its top-W candidates at depths 1..D."""
+        return build_tree(top_probs.float().mean(0).tolist(), self.size)
+
+
+def ranked_tree_drafts(logits: torch.Tensor, tree: DraftTree | DynamicTree,
+                       vocab: torch.Tensor | None = None) -> tuple[torch.Tensor, DraftTree]:
+    """The node tokens (B, N) and the tree they fill, from draft logits (B, D, V) at depths 1..D (over the token
+    ids `vocab` (K,) when given): each depth's ranked candidates; a `DynamicTree` is shaped from their
+    probabilities first."""
+    if isinstance(tree, DynamicTree):
+        top_probs, ranked = torch.softmax(logits.float(), -1).topk(min(tree.size, logits.shape[-1]), -1)  # (B, D, W)
+        tree = tree.for_step(top_probs)
+    else:
+        ranked = logits.topk(max(tree.widths()), -1).indices  # (B, D, W)
+    if vocab is not None:
+        ranked = vocab[ranked]
+    return tree_candidates([ranked[:, h, :k] for h, k in enumerate(tree.widths())], tree), tree
+
+
 def expected_length(tree: DraftTree, rank_accuracy: Sequence[Sequence[float]]) -> float:
     """Expected accepted drafts per step under `build_tree`'s independence model."""
     total = 0.0
@@ -243,15 +284,18 @@ def resolve_tree(spec: str | DraftTree | None, size: int | None, num_drafts: int
     """A `--tree` value -> a tree (None: the plain chain, no tree machinery).
 
     "chain": None; "auto": `build_tree` of `size` nodes (default 16) from the folder's measured accuracy per
-    rank (eval.json written by `mtp train`), or a stand-in when there is none; a .json file: a list of paths;
+    rank (eval.json written by `mtp train`), or a stand-in when there is none; "dynamic": a `DynamicTree` of
+    `size` nodes (default 16), shaped every step from the drafts' probabilities; a .json file: a list of paths;
     a JSON list literal: the same inline.
     """
-    if spec is None or isinstance(spec, DraftTree):
+    if spec is None or isinstance(spec, DraftTree | DynamicTree):
         return spec
     if num_drafts < 1:
         raise MTPError("a draft tree needs at least one draft position (a model with extra heads)")
     if spec == "chain":
         return None
+    if spec == "dynamic":
+        return DynamicTree(size or 16, num_drafts)
     if spec == "auto":
         stats = rank_accuracy_from_folder(folder, num_drafts) if folder is not None else None
         return build_tree(stats or fallback_rank_accuracy(num_drafts), size or 16)
@@ -259,7 +303,7 @@ def resolve_tree(spec: str | DraftTree | None, size: int | None, num_drafts: int
     if not spec.lstrip().startswith("["):
         path = Path(spec)
         if not path.is_file():
-            raise MTPError(f"--tree {spec}: not 'auto', 'chain', a JSON list of paths or a .json file")
+            raise MTPError(f"--tree {spec}: not 'auto', 'dynamic', 'chain', a JSON list of paths or a .json file")
         text = path.read_text(encoding="utf-8")
     try:
         paths = json.loads(text)
@@ -376,7 +420,7 @@ def block_layout(pending: int, tree: DraftTree, device=None) -> tuple[torch.Tens
     return _block_layout(pending, tree, None if device is None else str(device))
 
 
-@functools.lru_cache(maxsize=64)
+@functools.lru_cache(maxsize=1024)
 def _block_layout(pending: int, tree: DraftTree, device: str | None):
     t = tree.tensors
     n, w = tree.size, pending

@@ -103,7 +103,7 @@ class _Stopper:
 
 def mtp_method(model, tokenizer, name: str, strategy: str, *, tau: float = 0.9, k: int | None = None,
                engine: str = "mtp", stop_ids: Sequence[int] | None = None, description: str = "",
-               tree_size: int | None = None, lookup: int = 0) -> Method:
+               tree_size: int | None = None, tree: str = "auto", lookup: int = 0) -> Method:
     from mtp.decoding.generate import generate
 
     stop_ids = list(stop_token_ids(model, tokenizer) if stop_ids is None else stop_ids)
@@ -119,7 +119,7 @@ def mtp_method(model, tokenizer, name: str, strategy: str, *, tau: float = 0.9, 
         start = time.perf_counter()
         result = generate(model, ids, max_new_tokens=max_new_tokens, strategy=strategy, tau=tau, k=k,
                           stop_token_ids=stop_ids, stop_strings=STOP_SEQUENCES, tokenizer=tokenizer,
-                          streamer=on_tokens, tree="auto" if tree_size else None, tree_size=tree_size,
+                          streamer=on_tokens, tree=tree if tree_size else None, tree_size=tree_size,
                           lookup=lookup)
         seconds = time.perf_counter() - start
         return CallResult(result.tokens[0], seconds, first[0] - start if first else None,
@@ -267,11 +267,13 @@ def build_methods(model, tokenizer, *, taus: Sequence[float] = (0.9, 0.7, 0.5), 
                   hf: bool = True, prompt_lookup_tokens: int = 10, fp16: bool = True, int8: bool = False,
                   packed_strategies: Sequence[str] = ("greedy", "speculative"), gguf: str | Path | None = None,
                   llamacpp_ctx: int = 2048, llamacpp_inline: bool = False,
-                  notes: list[str] | None = None, tree_sizes: Sequence[int] = (), lookup: int = 0) -> list[Method]:
+                  notes: list[str] | None = None, tree_sizes: Sequence[int] = (), lookup: int = 0,
+                  tree_shapes: Sequence[str] = ("auto",)) -> list[Method]:
     """The methods of a benchmark, in report order. Unavailable ones are left out with a line in `notes`.
 
     `tree_sizes`: speculative rows verifying a draft tree of that many nodes ("auto" shape), on the packed
-    weights when there are any (else fp32), so tokens per forward and speed can be read per tree size.
+    weights when there are any (else fp32), so tokens per forward and speed can be read per tree size;
+    `tree_shapes`: "auto" (one shape from the heads' measured accuracy) and/or "dynamic" (EAGLE-2, per step).
     `lookup`: the same speculative rows (chain and each tree) again with up to that many prompt-lookup drafts."""
     notes = notes if notes is not None else []
     stop_ids = stop_token_ids(model, tokenizer)
@@ -297,9 +299,9 @@ def build_methods(model, tokenizer, *, taus: Sequence[float] = (0.9, 0.7, 0.5), 
                 continue
             methods.append(mtp_method(q, tokenizer, f"{strategy}-{fmt}", strategy, engine=f"mtp-{fmt}",
                                       stop_ids=stop_ids, description=f"{strategy}, {fmt} weights"))
-        methods += tree_methods(q, tokenizer, tree_sizes, stop_ids, fmt, lookup)
+        methods += tree_methods(q, tokenizer, tree_sizes, stop_ids, fmt, lookup, tree_shapes)
     if not packed:
-        methods += tree_methods(model, tokenizer, tree_sizes, stop_ids, None, lookup)
+        methods += tree_methods(model, tokenizer, tree_sizes, stop_ids, None, lookup, tree_shapes)
     if gguf is not None:
         if not llamacpp_installed():
             notes.append("llama.cpp skipped: llama-cpp-python is not installed (make setup-peers, or pip install "
@@ -317,21 +319,27 @@ def build_methods(model, tokenizer, *, taus: Sequence[float] = (0.9, 0.7, 0.5), 
 
 
 def tree_methods(model, tokenizer, sizes: Sequence[int], stop_ids, fmt: str | None,
-                 lookup: int = 0) -> list[Method]:
-    """Speculative rows with an "auto" draft tree per size, then, with `lookup`, the chain and each tree with up
-    to that many prompt-lookup drafts as one more branch (parallel heads only; lookup alone for one head)."""
+                 lookup: int = 0, shapes: Sequence[str] = ("auto",)) -> list[Method]:
+    """Speculative rows with a draft tree per size and shape ("auto": row `-treeN`, "dynamic": `-dtreeN`),
+    then, with `lookup`, the chain and each tree with up to that many prompt-lookup drafts as one more branch
+    (parallel heads only; lookup alone for one head)."""
     if getattr(model, "mask_token_id", None) is not None:
         return []
     sizes = list(sizes) if tokens_per_forward_max(model) > 1 else []
     engine, suffix = (f"mtp-{fmt}", f"-{fmt}") if fmt else ("mtp", "")
     weights = f", {fmt} weights" if fmt else ""
-    shapes = [(n, 0) for n in sizes] + ([(None, lookup)] + [(n, lookup) for n in sizes] if lookup else [])
+    trees = [(n, shape) for shape in shapes for n in sizes]
+    rows = [(n, shape, 0) for n, shape in trees]
+    if lookup:
+        rows += [(None, "auto", lookup)] + [(n, shape, lookup) for n, shape in trees]
     methods = []
-    for n, look in shapes:
-        name = f"speculative{suffix}" + (f"-tree{n}" if n else "") + (f"-lookup{look}" if look else "")
-        what = (f"a {n}-node draft tree" if n else "the heads' chain") + (f" + {look} lookup drafts" if look else "")
+    for n, shape, look in rows:
+        kind = "dtree" if shape == "dynamic" else "tree"
+        name = f"speculative{suffix}" + (f"-{kind}{n}" if n else "") + (f"-lookup{look}" if look else "")
+        what = (f"a {n}-node {'dynamic ' if shape == 'dynamic' else ''}draft tree" if n else "the heads' chain")
+        what += f" + {look} lookup drafts" if look else ""
         methods.append(mtp_method(model, tokenizer, name, "speculative", engine=engine, stop_ids=stop_ids,
-                                  tree_size=n, lookup=look, description=f"speculative, {what}{weights}"))
+                                  tree_size=n, tree=shape, lookup=look, description=f"speculative, {what}{weights}"))
     return methods
 
 

@@ -151,6 +151,7 @@ def bench(
     progress: bool = True,
     also: list[str] | None = None,
     tree_sizes: list[int] | None = None,
+    tree_shape: Literal["auto", "dynamic", "both"] = "auto",
     lookup: int = 0,
 ) -> int:
     """Benchmark every decoding method on the same prompts, interleaved: speed, equality with greedy, accuracy.
@@ -180,6 +181,8 @@ def bench(
             interleaved benchmark, named "FOLDER:method" (e.g. parallel heads beside self-distilled mask tokens)
         tree_sizes: also speculative with a draft tree of each size ("auto" shape from the heads' measured
             accuracy per rank), e.g. 4 8 16 32: tokens per forward and speed per tree size
+        tree_shape: the --tree-sizes rows' shape: "auto" (one shape from the heads' measured accuracy per rank),
+            "dynamic" (a new shape every step from the drafts' probabilities, EAGLE-2; rows -dtreeN), or "both"
         lookup: also the speculative chain and each tree with up to this many prompt-lookup drafts (tokens
             copied from earlier in the prompt and answer) verified in the same forward; 0: none
     """
@@ -200,6 +203,7 @@ def bench(
                              gguf=gguf if gguf is not None else (_default_gguf() if model is None else None),
                              llamacpp=llamacpp, llamacpp_inline=llamacpp_inline, rotate=rotate, progress=progress,
                              tree_sizes=tree_sizes or (), lookup=lookup,
+                             tree_shapes=("auto", "dynamic") if tree_shape == "both" else (tree_shape,),
                              gguf_note=None if gguf is not None or model is None else
                              "llama.cpp skipped: pass --gguf FILE with the same model as GGUF")
 
@@ -217,7 +221,8 @@ def run_bench_command(m, *, model_label: str, prompts: str, limit: int, max_new_
                       shots: int, chat: bool | None, taus, static_k, int8: bool, hf: bool, prompt_lookup_tokens: int,
                       gguf: str | None, llamacpp: bool, rotate: bool, progress: bool,
                       gguf_note: str | None = None, fp16: bool = True, llamacpp_inline: bool = False,
-                      extra_models: list[tuple[str, object]] = (), tree_sizes=(), lookup: int = 0) -> int:
+                      extra_models: list[tuple[str, object]] = (), tree_sizes=(), lookup: int = 0,
+                      tree_shapes=("auto",)) -> int:
     from mtp.evaluation.bench import (
         JOURNAL,
         build_methods,
@@ -243,7 +248,8 @@ def run_bench_command(m, *, model_label: str, prompts: str, limit: int, max_new_
     methods = build_methods(m, tok, taus=taus if taus is not None else (0.9, 0.7, 0.5), static_k=static_k, hf=hf,
                             prompt_lookup_tokens=prompt_lookup_tokens, fp16=fp16, int8=int8,
                             gguf=gguf if llamacpp else None, llamacpp_ctx=longest + max_new_tokens + 16,
-                            llamacpp_inline=llamacpp_inline, notes=notes, tree_sizes=tree_sizes, lookup=lookup)
+                            llamacpp_inline=llamacpp_inline, notes=notes, tree_sizes=tree_sizes, lookup=lookup,
+                            tree_shapes=tree_shapes)
     from mtp.evaluation.bench import multi_token_methods
 
     for label, other in extra_models:
