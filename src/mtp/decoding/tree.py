@@ -279,8 +279,8 @@ def fallback_rank_accuracy(num_drafts: int, ranks: int = 8) -> list[list[float]]
     return [[0.6 * 0.75 ** h * 0.5 ** r for r in range(ranks)] for h in range(num_drafts)]
 
 
-def resolve_tree(spec: str | DraftTree | None, size: int | None, num_drafts: int,
-                 folder: str | Path | None) -> DraftTree | None:
+def resolve_tree(spec: str | DraftTree | DynamicTree | None, size: int | None, num_drafts: int,
+                 folder: str | Path | None) -> DraftTree | DynamicTree | None:
     """A `--tree` value -> a tree (None: the plain chain, no tree machinery).
 
     "chain": None; "auto": `build_tree` of `size` nodes (default 16) from the folder's measured accuracy per
