@@ -1,10 +1,15 @@
 """fp16 weights packed for fbgemm: the matmul the lean decoding step and `mtp.models.quantize` build on.
 
 fp32 arithmetic over half the bytes, and every row of a block computed exactly as it would be alone, so
-speculative output still equals greedy output (see `mtp.models.quantize`).
+speculative output still equals greedy output (see `mtp.models.quantize`). On AVX2 CPUs that needs a row count
+fbgemm computes uniformly (`row_invariant_count`): 1- and 2-row calls are padded to 3 rows, which costs greedy
+decoding about a fifth of its speed there (Zen 3: 46-50 -> 57-59 ms a token); AVX-512 CPUs pad nothing.
 """
 
 from __future__ import annotations
+
+import functools
+import types
 
 import torch
 import torch.nn.functional as F
@@ -37,8 +42,13 @@ class PackedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
-        out = torch.ops.quantized.linear_dynamic_fp16(x.reshape(-1, shape[-1]), self._packed)  # (N, out)
-        return out.reshape(*shape[:-1], self.out_features)
+        x = x.reshape(-1, shape[-1])  # (N, in)
+        n = x.shape[0]
+        padded = row_invariant_count(n)
+        if padded != n:  # zero rows up to a count whose rows come out as in any other (see row_invariant_count)
+            x = torch.cat([x, x.new_zeros(padded - n, x.shape[1])])
+        out = torch.ops.quantized.linear_dynamic_fp16(x, self._packed)  # (padded, out)
+        return out[:n].reshape(*shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, weights=fp16 (fbgemm packed)"
@@ -46,6 +56,38 @@ class PackedLinear(nn.Module):
     @property
     def nbytes(self) -> int:
         return packed_bytes(self.in_features, self.out_features)
+
+
+@functools.cache
+def row_invariant_count(rows: int) -> int:
+    """The smallest row count >= `rows` at which fbgemm's fp16 matmul computes every row exactly as at any other
+    such count - what keeps a verify block's logits bit-identical to 1-token steps. fbgemm splits a call's rows
+    into kernel blocks; with AVX-512 every block computes a row the same way, but on AVX2 a block of 1 or 2 rows
+    accumulates in another order than blocks of 3 or more, so calls of 1, 2, 7, 14, 31, ... rows differ in the last
+    bits (measured on Zen 3; the same for every matrix shape and thread count). Probed once per count on a small
+    matrix against rows computed in blocks of 3; the answer is `rows` itself where nothing differs."""
+    probe = _probe()
+    x, reference = probe.inputs, probe.reference
+    for count in range(rows, rows + 8):
+        if count > x.shape[0]:
+            break
+        if torch.equal(probe.linear(x[:count]), reference[:count]):
+            return count
+    return rows
+
+
+@functools.lru_cache(maxsize=1)
+def _probe():
+    gen = torch.Generator().manual_seed(0)
+    weight = torch.randn(48, 32, generator=gen)
+    packed = torch.ops.quantized.linear_prepack_fp16(weight, None)
+
+    def linear(x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.quantized.linear_dynamic_fp16(x, packed)
+
+    inputs = torch.randn(1024, 32, generator=gen)
+    reference = torch.cat([linear(row[None].expand(3, -1).contiguous())[:1] for row in inputs])  # (1024, 48)
+    return types.SimpleNamespace(linear=linear, inputs=inputs, reference=reference)
 
 
 def packed_bytes(in_features: int, out_features: int) -> int:
