@@ -35,8 +35,8 @@ from mtp.decoding.tree import (
     block_layout,
     build_tree,
     fallback_rank_accuracy,
+    fill_tree,
     ranked_tree_drafts,
-    tree_candidates,
 )
 from mtp.errors import MTPError
 
@@ -168,7 +168,7 @@ class HeadsDrafter:
             ranked, _ = self.proposer(DraftRequest(model, hidden_at, self.rows, self.produced, self.opts, generator))
             if isinstance(tree, DynamicTree):  # shaped as the held-out statistics' stand-in would be
                 tree = build_tree(fallback_rank_accuracy(tree.depth, ranked.shape[-1]), tree.size)
-            return Drafts(tree_candidates([ranked[:, h, :k] for h, k in enumerate(tree.widths())], tree), tree=tree)
+            return Drafts(fill_tree(ranked, tree), tree=tree)
         if model.draft_vocab is not None:
             tokens, tree = ranked_tree_drafts(model.draft_logits(hidden_at), tree, model.draft_vocab)  # K columns
         else:

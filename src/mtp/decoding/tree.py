@@ -242,7 +242,12 @@ def ranked_tree_drafts(logits: torch.Tensor, tree: DraftTree | DynamicTree,
         ranked = logits.topk(max(tree.widths()), -1).indices  # (B, D, W)
     if vocab is not None:
         ranked = vocab[ranked]
-    return tree_candidates([ranked[:, h, :k] for h, k in enumerate(tree.widths())], tree), tree
+    return fill_tree(ranked, tree), tree
+
+
+def fill_tree(ranked: torch.Tensor, tree: DraftTree) -> torch.Tensor:
+    """Node tokens (B, N) from ranked candidates (B, D, W) per depth (W >= each depth's width)."""
+    return tree_candidates([ranked[:, h, :k] for h, k in enumerate(tree.widths())], tree)
 
 
 def expected_length(tree: DraftTree, rank_accuracy: Sequence[Sequence[float]]) -> float:
