@@ -3,6 +3,7 @@
 import json
 import sys
 import types
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,13 +13,16 @@ from transformers import PreTrainedTokenizerFast
 from mtp.errors import MTPError
 from mtp.training.data import (
     Example,
+    Examples,
     TokenizedData,
     batch_at,
     batches,
     batches_per_epoch,
     load_examples,
+    open_examples,
     split_holdout,
     tokenize_examples,
+    tokenize_split,
 )
 
 CHAT_TEMPLATE = (
@@ -164,6 +168,72 @@ def test_dataset_name_without_datasets_package(monkeypatch) -> None:
         load_examples("meta-math/MetaMathQA")
 
 
+def test_dataset_folder_without_datasets_package(tmp_path, monkeypatch) -> None:
+    monkeypatch.setitem(sys.modules, "datasets", None)
+    with pytest.raises(MTPError, match="is a directory.*pip install datasets"):
+        load_examples(str(tmp_path))
+
+
+def test_dataset_folder_saved_or_of_data_files(tmp_path, monkeypatch) -> None:
+    """A folder `save_to_disk` wrote is loaded from disk (a DatasetDict: its split); any other folder is given to
+    `load_dataset` (data files). A stand-in `datasets` module: the real one is optional."""
+    fake = types.ModuleType("datasets")
+    fake.DatasetDict = type("DatasetDict", (dict,), {})
+    saved = fake.DatasetDict(train=[{"query": "q1", "response": "r1"}], test=[{"query": "q2", "response": "r2"}])
+    fake.load_from_disk = lambda path: saved
+    fake.load_dataset = lambda path, split: [{"prompt": f"{split} of {Path(path).name}", "completion": "c"}]
+    monkeypatch.setitem(sys.modules, "datasets", fake)
+    (tmp_path / "saved").mkdir()
+    (tmp_path / "saved" / "dataset_dict.json").write_text("{}")
+    assert load_examples(str(tmp_path / "saved"), split="test") == [Example("q2", "r2")]
+    with pytest.raises(MTPError, match="no split 'validation'.*train, test"):
+        load_examples(str(tmp_path / "saved"), split="validation")
+    (tmp_path / "files").mkdir()
+    assert load_examples(str(tmp_path / "files")) == [Example("train of files", "c")]
+
+
+def test_dataset_folder_with_the_datasets_package(tmp_path) -> None:
+    datasets = pytest.importorskip("datasets")
+    rows = datasets.Dataset.from_list([{"question": "q1", "answer": "a1"}, {"question": "q2", "answer": "a2"}])
+    rows.save_to_disk(str(tmp_path / "saved"))
+    assert load_examples(str(tmp_path / "saved"), limit=1) == [Example("q1", "a1")]
+    (tmp_path / "files").mkdir()
+    write_jsonl(tmp_path / "files" / "train.jsonl", [{"prompt": "p", "completion": "c"}])
+    assert load_examples(str(tmp_path / "files")) == [Example("p", "c")]
+
+
+def test_jsonl_is_read_record_by_record_each_time(tmp_path) -> None:
+    path = tmp_path / "g.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + b"".join(json.dumps({"question": f"q{i}", "answer": "a"}).encode() + b"\n"
+                                                for i in range(5)))  # a byte-order mark first
+    examples = open_examples(str(path), limit=4)
+    assert isinstance(examples, Examples) and len(examples) == 4
+    assert [ex.prompt for ex in examples] == [ex.prompt for ex in examples] == ["q0", "q1", "q2", "q3"]
+    path.write_bytes(path.read_bytes() + b'{"question": "\xff", "answer": "a"}\n')
+    with pytest.raises(MTPError, match=r"g\.jsonl:6: not UTF-8"):
+        open_examples(str(path))
+
+
+def test_tokenized_rows_take_a_few_bytes_a_token(tokenizer, tmp_path) -> None:
+    """Loading and tokenizing 10x the rows costs their int32 tokens (and mask bytes), not Python objects: the
+    traced peak (Python's allocations and the rows' arrays) grows by under 8 bytes a token; a list of ints per
+    row would take 36."""
+    import tracemalloc
+
+    def peak_and_tokens(n: int) -> tuple[int, int]:
+        path = tmp_path / f"d{n}.jsonl"
+        write_jsonl(path, [{"question": f"What is {i} plus {i % 9}?", "answer": f"{i + i % 9}"} for i in range(n)])
+        tracemalloc.start()
+        train, held = tokenize_split(open_examples(str(path)), {0, 1}, tokenizer, "plain", seq_len=64)
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        assert len(train) == n - 2 and len(held) == 2
+        return peak, int(train.lengths.sum())
+
+    (small, small_tokens), (large, large_tokens) = peak_and_tokens(1_000), peak_and_tokens(10_000)
+    assert large - small < 8 * (large_tokens - small_tokens), (small, large, large_tokens)
+
+
 class FakeDataset(list):
     def select(self, indices):
         return FakeDataset(self[i] for i in indices)
@@ -272,7 +342,7 @@ def test_packing_answer_mask(tokenizer) -> None:
 
 def _data(n: int) -> TokenizedData:
     ids = torch.arange(n).unsqueeze(1).repeat(1, 4)
-    return TokenizedData(ids, torch.ones(n, 4, dtype=torch.bool), torch.ones(n, 4, dtype=torch.long))
+    return TokenizedData.from_dense(ids, torch.ones(n, 4, dtype=torch.bool), torch.ones(n, 4, dtype=torch.long))
 
 
 def test_batches_cover_each_epoch_once() -> None:

@@ -31,7 +31,7 @@ def make_data(vocab: int = 97, rows: int = 8, length: int = 16, seed: int = 3) -
     pos = torch.arange(length)[None, :]
     attention = (pos < lengths[:, None]).long()
     loss_mask = (pos >= 3) & attention.bool()
-    return TokenizedData(ids, loss_mask, attention)
+    return TokenizedData.from_dense(ids, loss_mask, attention)
 
 
 def cfg(**kw) -> TrainConfig:
@@ -56,7 +56,7 @@ def test_batch_rows_matches_batch_at() -> None:
     for step in range(6):
         rows = batch_rows(len(data), 3, 11, step)
         expected = batch_at(data, 3, 11, step)
-        assert torch.equal(data.input_ids[rows], expected["input_ids"])
+        assert torch.equal(data.batch(rows)["input_ids"], expected["input_ids"])
 
 
 @pytest.mark.parametrize("make", [tiny_llama, tiny_gpt2], ids=["llama", "gpt2"])

@@ -14,7 +14,6 @@ from mtp.training.losses import (
     mtp_loss_naive,
     shift_targets,
     target_counts,
-    trim_batch,
 )
 
 
@@ -139,17 +138,21 @@ def test_head_weights() -> None:
             head_weights(bad, n)
 
 
-def test_trim_batch_drops_padding_columns_only() -> None:
-    batch = random_batch(length=12)  # longest row is full length
-    assert trim_batch(batch)["input_ids"].shape[1] == 12
-    short = {k: v[1:] for k, v in batch.items()}  # rows of 9 and 6 real tokens
-    assert trim_batch(short)["input_ids"].shape[1] == 9
+def test_a_batch_is_padded_to_its_longest_row_only() -> None:
+    b = random_batch(length=12)  # rows of 12, 9 and 6 real tokens
+    data = TokenizedData.from_dense(b["input_ids"], b["loss_mask"], b["attention_mask"], pad_id=0)
+    assert data.batch(torch.tensor([0, 1]))["input_ids"].shape[1] == 12
+    short = data.batch(torch.tensor([2, 1]))
+    real = b["attention_mask"][[2, 1], :9].bool()
+    assert torch.equal(short["attention_mask"].bool(), real)
+    assert torch.equal(short["input_ids"], b["input_ids"][[2, 1], :9].masked_fill(~real, 0))
+    assert torch.equal(short["loss_mask"], b["loss_mask"][[2, 1], :9])
 
 
 def test_evaluate_heads_counts_and_accuracy() -> None:
     model = tiny_llama(num_heads=3)
     b = random_batch()
-    data = TokenizedData(b["input_ids"], b["loss_mask"], b["attention_mask"])
+    data = TokenizedData.from_dense(b["input_ids"], b["loss_mask"], b["attention_mask"])
     ev = evaluate_heads(model, data, batch_size=2)
     assert ev.head_tokens == target_counts(b, 3)
     assert all(0.0 <= a <= 1.0 for a in ev.head_accuracy)
@@ -158,7 +161,7 @@ def test_evaluate_heads_counts_and_accuracy() -> None:
     ids = b["input_ids"][:, :2].clone()
     with torch.no_grad():
         ids[:, 1] = model(ids[:, :1])[:, 0, 0].argmax(-1)
-    data = TokenizedData(ids, torch.tensor([[False, True]] * 3), torch.ones(3, 2, dtype=torch.long))
+    data = TokenizedData.from_dense(ids, torch.tensor([[False, True]] * 3), torch.ones(3, 2, dtype=torch.long))
     assert evaluate_heads(model, data).head_accuracy[0] == 1.0
 
 
@@ -168,7 +171,8 @@ def test_evaluate_heads_measures_accuracy_per_candidate_rank() -> None:
 
     model = tiny_llama(num_heads=3)
     b = random_batch()
-    ev = evaluate_heads(model, TokenizedData(b["input_ids"], b["loss_mask"], b["attention_mask"]), batch_size=2)
+    data = TokenizedData.from_dense(b["input_ids"], b["loss_mask"], b["attention_mask"])
+    ev = evaluate_heads(model, data, batch_size=2)
     ranks = ev.extra[TREE_STATS_KEY]
     assert len(ranks) == 2 and all(len(r) == 8 for r in ranks)
     for j, per_rank in enumerate(ranks, start=1):
@@ -196,6 +200,6 @@ def test_draft_vocabulary_loss_is_the_full_loss_over_those_tokens() -> None:
     expected = F.cross_entropy(logits[inside], goal[inside], reduction="sum") / mask.sum()
     assert out.head_losses[1] == pytest.approx(float(expected), rel=1e-5)
     assert out.head_correct[1] == int((logits.argmax(-1) == goal)[inside].sum())
-    ev = evaluate_heads(model, TokenizedData(b["input_ids"], b["loss_mask"], b["attention_mask"]))
+    ev = evaluate_heads(model, TokenizedData.from_dense(b["input_ids"], b["loss_mask"], b["attention_mask"]))
     assert ev.head_tokens[1] == int(mask.sum())
     assert ev.head_accuracy[1] == pytest.approx(out.head_correct[1] / int(mask.sum()))

@@ -273,7 +273,7 @@ def counting_rows(vocab: int, n: int, length: int, seed: int) -> TokenizedData:
     g = torch.Generator().manual_seed(seed)
     start = torch.randint(0, vocab, (n, 1), generator=g)
     ids = (start + torch.arange(length)[None]) % vocab  # (n, length): 7 8 9 10 ...
-    return TokenizedData(ids, torch.ones_like(ids, dtype=torch.bool), torch.ones_like(ids))
+    return TokenizedData.from_dense(ids, torch.ones_like(ids, dtype=torch.bool), torch.ones_like(ids))
 
 
 @pytest.mark.parametrize("adapter", ["full", "gated-lora"])

@@ -154,7 +154,7 @@ def test_self_distilled_data_rows_and_head0_agreement(model, tok, tmp_path) -> N
 def test_rows_to_data_layout_and_errors() -> None:
     data = rows_to_data([([4, 5, 6, 7, 8], [False] * 5), ([1, 2, 3], [False, True, True]), ([9, 9], [False, True])],
                         seq_len=4, pad_id=0)
-    assert data.source_rows == [1, 2]  # the first row has no target: dropped
+    assert data.source_rows.tolist() == [1, 2]  # the first row has no target: dropped
     data = rows_to_data([([1, 2, 3], [False, True, True]), ([4, 5, 6, 7, 8], [False] * 5)], seq_len=4, pad_id=0)
     assert len(data) == 1  # the row without targets is dropped
     assert data.input_ids.tolist() == [[1, 2, 3, 0]] and data.attention_mask.tolist() == [[1, 1, 1, 0]]
@@ -176,7 +176,7 @@ def test_trunk_features_recorded_while_answering(model, tok, tmp_path) -> None:
           "batch_size": 3, "progress": False, "trunk_features": True}
     for _ in range(2):  # generated (recorded), then from the cache (computed)
         train_data, held_data = self_distilled_data(model, tok, groups, **kw)
-        assert train_data.source_rows == [0, 1, 3, 4]
+        assert train_data.source_rows.tolist() == [0, 1, 3, 4]
         for data in (train_data, held_data):
             expected = compute_trunk_features(model, data)
             lengths = data.attention_mask.sum(-1)

@@ -96,7 +96,8 @@ def train(
     Args:
         output: run folder: the trained model, checkpoints/, metrics.jsonl, loss.png, eval.json, self_targets.jsonl
         model: base model (default: embedded SmolLM2-135M-Instruct), HF folder, .gguf, hub id, or an MTP folder
-        data: "gsm8k" (shipped), a GSM8K/MetaMathQA-style .jsonl/.json, a text file, or a datasets name
+        data: "gsm8k" (shipped), a GSM8K/MetaMathQA-style .jsonl/.json, a text file, a Hugging Face dataset name
+            or a dataset's folder (both need the `datasets` package); a .jsonl or a dataset is read lazily
         method: "heads": parallel MTP heads on a shared trunk; "selfdistill": a mask token trained by
             self-distillation from a frozen teacher (Kirchenbauer et al. 2026)
         num_heads: heads including the next-token head (default 4; an MTP folder keeps its own)
@@ -258,7 +259,7 @@ def _train(a: _Args, args: dict, out: Path, checkpoint: Path | None, par: Parall
             trainer.load_whole_optimizer_state(state.pop("optimizer"))
         trainer.load_state_dict(state)
         trainer.last_checkpoint = checkpoint
-    target_tokens = int(train_data.loss_mask.sum())
+    target_tokens = train_data.target_count()
     where = f"; {par.world_size} processes, --parallel {par.mode}, {par.device.type}" if par is not None else ""
     if main:
         print(f"mtp train: {method.describe(mtp_model, a)}{where}; "
@@ -287,27 +288,26 @@ def _train(a: _Args, args: dict, out: Path, checkpoint: Path | None, par: Parall
 def _training_data(a: _Args, args: dict, out: Path, method, mtp_model, par: Parallel | None):
     """The training and held-out rows: the data's answers, or the model's own (`--targets self`, cached in the
     run folder). Writes train_config.json (rank 0) once the run's question count is settled."""
-    from mtp.training.data import load_examples, split_holdout, tokenize_examples
+    from mtp.training.data import held_out, open_examples, split_holdout, tokenize_split
 
     main = par is None or par.is_main
     tokenizer = mtp_model.tokenizer
 
-    examples = load_examples(a.data, format=a.data_format, question_field=a.question_field,
+    examples = open_examples(a.data, format=a.data_format, question_field=a.question_field,
                              answer_field=a.answer_field, split=a.split, limit=a.limit)
-    if not examples:
+    if not len(examples):
         raise MTPError(f"{a.data}: no examples")
-    if a.targets == "self" and not any(ex.prompt for ex in examples):
-        raise MTPError(f"{a.data}: --targets self needs prompts for the model to answer (question/answer data); "
-                       "plain text has none, use --targets data")
     out.mkdir(parents=True, exist_ok=True)
     if a.targets != "self":
-        train_ex, held_ex = split_holdout(examples, a.holdout, a.seed, max_items=a.holdout_max)
-        _check_train_left(a, train_ex, held_ex)
+        held = held_out(len(examples), a.holdout, a.seed, max_items=a.holdout_max)
+        _check_train_left(a, len(examples) - len(held), len(held))
         if main:
             _write_train_config(out, args, a)
-        train_data = tokenize_examples(train_ex, tokenizer, a.template, a.seq_len, a.loss_on, a.pack)
-        held_data = tokenize_examples(held_ex, tokenizer, a.template, a.seq_len, a.loss_on, a.pack) if held_ex else None
-        return train_data, held_data
+        return tokenize_split(examples, held, tokenizer, a.template, a.seq_len, a.loss_on, a.pack)
+    examples = list(examples)
+    if not any(ex.prompt for ex in examples):
+        raise MTPError(f"{a.data}: --targets self needs prompts for the model to answer (question/answer data); "
+                       "plain text has none, use --targets data")
 
     from mtp.training.targets import CACHE_NAME, model_fingerprint, self_distilled_data
 
@@ -332,7 +332,7 @@ def _training_data(a: _Args, args: dict, out: Path, method, mtp_model, par: Para
             _write_train_config(out, args, a)
         examples = examples[: args["_answer_count"]]
     train_ids, held_ids = split_holdout(list(range(len(examples))), a.holdout, a.seed, max_items=a.holdout_max)
-    _check_train_left(a, train_ids, held_ids)
+    _check_train_left(a, len(train_ids), len(held_ids))
     if a.answer_minutes is not None:
         ids = [train_ids, held_ids]  # the cache ids of the measured batch: positions in the examples
     return self_distilled_data(
@@ -366,9 +366,9 @@ class _Args:
         self.__dict__.update(args)
 
 
-def _check_train_left(a: _Args, train: list, held: list) -> None:
+def _check_train_left(a: _Args, train: int, held: int) -> None:
     if not train:
-        raise MTPError(f"{a.data}: no training examples left after holding out {len(held)}")
+        raise MTPError(f"{a.data}: no training examples left after holding out {held}")
 
 
 def _count_within_budget(model, tokenizer, examples: list, a: _Args, cache: Path, key: str, sink) -> int:

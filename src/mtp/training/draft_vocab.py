@@ -22,8 +22,7 @@ def frequent_tokens(data: TokenizedData, vocab_size: int, size: int) -> torch.Te
         raise MTPError(f"draft vocabulary size must be >= 0, got {size}")
     if size == 0 or size >= vocab_size:
         return None
-    tokens = data.input_ids[data.attention_mask.bool()]  # (real tokens,)
-    counts = torch.bincount(tokens, minlength=vocab_size)[:vocab_size]  # (V,)
+    counts = data.token_counts(vocab_size)  # (V,)
     by_count = torch.argsort(-counts, stable=True)  # most frequent first; equal counts: lower id first
     seen = by_count[: min(size, int((counts > 0).sum()))]
     unused = torch.ones(vocab_size, dtype=torch.bool)

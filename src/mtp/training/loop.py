@@ -35,7 +35,7 @@ from mtp.training.checkpoints import (
     save_sharded_checkpoint,
     set_rng_state,
 )
-from mtp.training.data import TokenizedData, batch_at, batches_per_epoch
+from mtp.training.data import TokenizedData, batch_rows, batches_per_epoch
 from mtp.training.distributed import Parallel, all_sum, as_float
 from mtp.training.losses import (
     LOSS_ORDERS,
@@ -43,7 +43,6 @@ from mtp.training.losses import (
     evaluate_heads,
     forward_context,
     target_counts,
-    trim_batch,
 )
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -181,14 +180,6 @@ def lr_lambda(step: int, total: int, warmup: int, min_ratio: float) -> float:
 
 
 # ------------------------------------------------------------------------------------------------ data access
-def batch_rows(num_rows: int, batch_size: int, seed: int, micro_step: int) -> torch.Tensor:
-    """Row indices of `batch_at(data, batch_size, seed, micro_step)` for data of `num_rows` rows (the same order,
-    taken from batch_at itself), to pick cached trunk features for those rows."""
-    index = TokenizedData(torch.arange(num_rows)[:, None], torch.zeros(num_rows, 1, dtype=torch.bool),
-                          torch.zeros(num_rows, 1, dtype=torch.long))
-    return batch_at(index, batch_size, seed, micro_step)["input_ids"][:, 0]
-
-
 @torch.no_grad()
 def compute_trunk_features(model, data: TokenizedData, batch_size: int = 8, autocast: Callable = nullcontext,
                            progress: bool = False, desc: str = "trunk cache") -> torch.Tensor:
@@ -198,8 +189,7 @@ def compute_trunk_features(model, data: TokenizedData, batch_size: int = 8, auto
     positions (causal attention), so zeros there change nothing the loss sees.
     """
     n = len(data)
-    lengths = data.attention_mask.sum(-1)
-    longest = int(lengths.max()) if n else 0
+    longest = int(data.lengths.max()) if n else 0
     hidden_size = model.config.hidden_size
     features = None
     iterator = range(0, n, batch_size)
@@ -210,7 +200,7 @@ def compute_trunk_features(model, data: TokenizedData, batch_size: int = 8, auto
     device = model.device
     for start in iterator:
         rows = slice(start, start + batch_size)
-        batch = trim_batch({"input_ids": data.input_ids[rows], "attention_mask": data.attention_mask[rows]})
+        batch = data.batch(rows)
         with autocast():
             hidden, _ = model.trunk_forward(batch["input_ids"].to(device), batch["attention_mask"].to(device))
         if features is None:
@@ -426,13 +416,11 @@ class Trainer:
         return rows, mine, stand_in
 
     def rows_batch(self, rows: torch.Tensor, stand_in: bool = False) -> dict:
-        """Training rows as a trimmed batch (a stand-in row has no target)."""
-        data = self.train_data
-        batch = {"input_ids": data.input_ids[rows], "loss_mask": data.loss_mask[rows],
-                 "attention_mask": data.attention_mask[rows]}
+        """Training rows as a batch padded to its longest row (a stand-in row has no target)."""
+        batch = self.train_data.batch(rows)
         if stand_in:
             batch["loss_mask"] = torch.zeros_like(batch["loss_mask"])
-        return trim_batch(batch)
+        return batch
 
     def _micro_batch(self, micro_step: int) -> tuple[dict, tuple | None, list[int], int]:
         """This rank's share of micro-batch `micro_step` on the device, its trunk output when the trunk is frozen,

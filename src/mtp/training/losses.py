@@ -256,8 +256,7 @@ def evaluate_heads(model, data, batch_size: int = 8, autocast=None, trunk_featur
     try:
         for start in starts:
             rows = slice(start, start + batch_size)
-            batch = trim_batch({"input_ids": data.input_ids[rows], "loss_mask": data.loss_mask[rows],
-                                "attention_mask": data.attention_mask[rows]})
+            batch = data.batch(rows)
             ids = batch["input_ids"].to(device)
             loss_mask = batch["loss_mask"].to(device)
             attention_mask = batch["attention_mask"].to(device)
@@ -301,17 +300,6 @@ def evaluate_heads(model, data, batch_size: int = 8, autocast=None, trunk_featur
         extra={TREE_STATS_KEY: [[round(int(h) / t, 6) if t else 0.0 for h in rank_hits[j].tolist()]
                                 for j, t in zip(range(1, n), tokens[1:], strict=True)]},
     )
-
-
-def trim_batch(batch: Batch) -> Batch:
-    """Drop the trailing columns that are padding in every row (right padding). Real positions attend only to
-    earlier positions, so their outputs are unchanged; the work saved is often half a padded batch."""
-    am = batch["attention_mask"]
-    cols = am.any(0).nonzero()
-    last = int(cols.max()) + 1 if cols.numel() else 1
-    if last == am.shape[1]:
-        return batch
-    return {k: v[:, :last] if v.dim() >= 2 else v for k, v in batch.items()}
 
 
 def forward_context(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, hidden: torch.Tensor):

@@ -31,7 +31,7 @@ from mtp.errors import MTPError
 from mtp.training.data import TokenizedData
 from mtp.training.distributed import all_sum
 from mtp.training.loop import Trainer
-from mtp.training.losses import EvalResult, trim_batch
+from mtp.training.losses import EvalResult
 
 SUPERVISION = ("hard", "soft")
 CONFADAPT_TAUS = (0.9, 0.7, 0.5)  # held out: the share of slots ConfAdapt(tau) would emit, per threshold
@@ -217,7 +217,7 @@ class SelfDistillTrainer(Trainer):
         tokens = 0
         for m in range(cfg.grad_accum):
             rows, mine, stand_in = self.micro_rows(self.step * cfg.grad_accum + m)
-            tokens += int(self.train_data.attention_mask[rows].sum())
+            tokens += int(self.train_data.lengths[rows].sum())
             micro.append({key: v.to(self.device) for key, v in self.rows_batch(mine, stand_in).items()})
         offset = draw(cfg.seed + 1, self.step, 0, d.prefix_len - 1)
         total = 0.0
@@ -258,10 +258,7 @@ class SelfDistillTrainer(Trainer):
         confident = torch.zeros(len(CONFADAPT_TAUS), k)
         bs = self.config.eval_batch_size
         for start in range(0, len(data), bs):
-            batch = trim_batch({"input_ids": data.input_ids[start:start + bs],
-                                "attention_mask": data.attention_mask[start:start + bs],
-                                "loss_mask": data.loss_mask[start:start + bs]})
-            batch = {key: v.to(self.device) for key, v in batch.items()}
+            batch = {key: v.to(self.device) for key, v in data.batch(slice(start, start + bs)).items()}
             with self.autocast():
                 f = distill_figures(self.model, self.teacher, batch, k, d, 0, need_grad=False,
                                     always_run=self.parallel is not None, taus=CONFADAPT_TAUS)

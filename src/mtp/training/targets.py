@@ -365,7 +365,7 @@ def self_distilled_data(
                 for i in group_ids]
         data = rows_to_data(rows, seq_len, pad, pack) if rows else None
         if data is not None and sink is not None:  # the features of the rows rows_to_data kept
-            recorded = [sink.pop(group_ids[k], None) for k in data.source_rows]
+            recorded = [sink.pop(group_ids[k], None) for k in data.source_rows.tolist()]
             data.trunk_features = _row_features(model, data, recorded, progress)
         out.append(data)
     return out
@@ -375,12 +375,12 @@ def _row_features(model, data: TokenizedData, recorded: list[torch.Tensor | None
     """(N, L, H) trunk outputs of the rows of `data`: the recorded ones, the rest (None) computed now."""
     from mtp.training.loop import compute_trunk_features
 
-    lengths = data.attention_mask.sum(-1).tolist()
+    lengths = data.lengths.tolist()
     missing = [k for k, f in enumerate(recorded) if f is None]
     computed = None
     if missing:
         index = torch.tensor(missing)
-        subset = TokenizedData(data.input_ids[index], data.loss_mask[index], data.attention_mask[index])
+        subset = TokenizedData.from_dense(data.input_ids[index], data.loss_mask[index], data.attention_mask[index])
         with torch.no_grad():
             computed = compute_trunk_features(model, subset, progress=progress, desc="trunk cache (cached answers)")
     hidden_size = model.config.hidden_size
