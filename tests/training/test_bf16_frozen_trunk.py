@@ -11,6 +11,7 @@ from mtp.decoding.generate import generate, left_pad
 from mtp.errors import MTPError
 from mtp.models.parallel_heads import MTPModel
 from mtp.training.commands import train
+from mtp.training.features import FeatureStore
 from mtp.training.loop import Trainer
 
 
@@ -18,16 +19,18 @@ def snapshot(model) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in model.named_parameters()}
 
 
-@pytest.mark.parametrize("cache_trunk", [True, False])
-def test_bf16_frozen_trunk_trains_fp32_heads_and_lowers_the_loss(tmp_path, cache_trunk) -> None:
+@pytest.mark.parametrize("trunk_cache", ["device", "disk", "off"])
+def test_bf16_frozen_trunk_trains_fp32_heads_and_lowers_the_loss(tmp_path, trunk_cache) -> None:
     model = tiny_llama(num_heads=3).frozen_trunk_in(torch.bfloat16)
     assert model.dtype == torch.bfloat16
     assert {p.dtype for p in model.extra_heads.parameters()} == {torch.float32}
     before = snapshot(model)
+    store = FeatureStore.for_model(tmp_path / "features", model, "bf16-trunk") if trunk_cache == "disk" else None
     trainer = Trainer(model, make_data(rows=4), cfg(steps=40, lr=1e-2, freeze_trunk=True, precision="bf16",
-                                                    cache_trunk=cache_trunk))
+                                                    trunk_cache=trunk_cache), feature_store=store)
     result = trainer.train()
-    if cache_trunk:
+    assert trainer.trunk_cache == trunk_cache
+    if trunk_cache != "off":
         assert trainer.features.dtype == torch.bfloat16  # the cached trunk outputs take half the memory too
     for j in (1, 2):
         assert result.history[-1].head_loss[j] < 0.9 * result.history[0].head_loss[j]

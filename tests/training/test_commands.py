@@ -154,8 +154,8 @@ def test_bad_arguments_and_data(tmp_path, mtp_folder) -> None:
 def test_cli_flags_render(capsys) -> None:
     parser = build_parser(only="train")
     args = parser.parse_args(["train", "--output", "x", "--freeze-trunk", "--targets", "self", "--num-heads", "4",
-                              "--loss-order", "naive", "--no-cache-trunk"])
-    assert args.freeze_trunk and args.targets == "self" and args.num_heads == 4 and not args.cache_trunk
+                              "--loss-order", "naive", "--trunk-cache", "off"])
+    assert args.freeze_trunk and args.targets == "self" and args.num_heads == 4 and args.trunk_cache == "off"
     with pytest.raises(SystemExit):
         parser.parse_args(["train", "--output", "x", "--targets", "teacher"])
     bench_parser = build_parser(only="bench-train")

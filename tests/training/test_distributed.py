@@ -122,12 +122,19 @@ def test_heads_two_processes_equal_one_kill_and_resume(tmp_path, hf_folder) -> N
         assert not (two / "model.safetensors").exists()
     torchrun({"output": two, "resume": True, "parallel": "ddp", "progress": False, "threads": 1})
 
-    # One process, the same global batch, the answers the two processes wrote (a cache any world size reuses).
+    # Each rank recorded the trunk features of the questions it answered, in a file pair of its own.
+    assert sorted(p.name for p in two.glob("trunk_features*")) == [
+        f"trunk_features.rank{r}.{ext}" for r in (0, 1) for ext in ("bin", "jsonl")]
+
+    # One process, the same global batch, the answers and trunk features the two processes wrote (a cache any
+    # world size reuses).
     one = tmp_path / "one"
     one.mkdir()
-    shutil.copy(two / CACHE_NAME, one / CACHE_NAME)
+    for path in [two / CACHE_NAME, *two.glob("trunk_features*")]:
+        shutil.copy(path, one / path.name)
     assert train(output=str(one), **args) == 0
     assert len((one / CACHE_NAME).read_text().splitlines()) == 15  # reused, nothing answered again
+    assert not (one / "trunk_features.bin").exists()  # every row's features found: none computed
     assert_same_run(one, two)
     trained, start = load_file(str(two / "model.safetensors")), load_file(f"{hf_folder}/model.safetensors")
     for name, tensor in start.items():  # the frozen trunk and head 0 are exactly the base model

@@ -89,9 +89,9 @@ def test_frozen_trunk_trains_extra_heads_only_and_loss_goes_down() -> None:
 def test_cached_trunk_equals_recomputed() -> None:
     data = make_data(rows=6)
     models = []
-    for cache in (True, False):
+    for cache in ("device", "off"):
         model = tiny_llama(num_heads=3)
-        Trainer(model, data, cfg(steps=5, batch_size=3, freeze_trunk=True, cache_trunk=cache)).train()
+        Trainer(model, data, cfg(steps=5, batch_size=3, freeze_trunk=True, trunk_cache=cache)).train()
         models.append(params(model))
     for name in models[0]:
         torch.testing.assert_close(models[0][name], models[1][name], rtol=1e-5, atol=1e-6, msg=name)

@@ -90,11 +90,11 @@ def test_cache_resume_after_interruption(model, tok, tmp_path, monkeypatch) -> N
         f.write('{"id": 5, "key": "abc", "tok')  # a line cut off by the interruption
 
     second = CountingGenerate(monkeypatch)
-    assert self_distilled_answers(model, tok, prompts, cache_path=cache, **kw) == expected
+    assert self_distilled_answers(model, tok, prompts, cache_path=cache, **kw).tolist() == expected.tolist()
     assert sum(second.rows) == len(prompts) - 2  # only the missing answers were generated
 
     third = CountingGenerate(monkeypatch)
-    assert self_distilled_answers(model, tok, prompts, cache_path=cache, **kw) == expected
+    assert self_distilled_answers(model, tok, prompts, cache_path=cache, **kw).tolist() == expected.tolist()
     assert third.rows == []
     assert sorted(json.loads(line)["id"] for line in cache.read_text().splitlines()[:2]) == [1, 3]  # longest first
 
@@ -165,26 +165,30 @@ def test_rows_to_data_layout_and_errors() -> None:
 
 
 def test_trunk_features_recorded_while_answering(model, tok, tmp_path) -> None:
-    """The trunk outputs kept from generation equal a fresh trunk pass over the finished rows (cached answers:
-    computed), and a training run uses them instead of a second pass."""
-    from mtp.training.loop import compute_trunk_features
+    """The trunk outputs kept from generation, read back from the feature store, equal a fresh trunk pass over the
+    finished rows (within fp16 rounding); answers from the cache store nothing again."""
+    from mtp.training.features import FeatureStore, compute_trunk_features
+    from mtp.training.targets import model_fingerprint
 
+    store = FeatureStore.for_model(tmp_path / "run", model, model_fingerprint(model))
     too_long = Example("count: " + " ".join(str(i) for i in range(40)), "unused")  # no room for an answer: dropped
     groups = [[Example(q, "unused") for q in QUESTIONS[:2]] + [too_long] + [Example(q, "unused") for q in QUESTIONS[2:4]],
               [Example(q, "unused") for q in QUESTIONS[4:]]]
     kw = {"template": "chat", "seq_len": 40, "max_new_tokens": 8, "cache_path": tmp_path / "c.jsonl",
-          "batch_size": 3, "progress": False, "trunk_features": True}
-    for _ in range(2):  # generated (recorded), then from the cache (computed)
-        train_data, held_data = self_distilled_data(model, tok, groups, **kw)
-        assert train_data.source_rows.tolist() == [0, 1, 3, 4]
-        for data in (train_data, held_data):
-            expected = compute_trunk_features(model, data)
-            lengths = data.attention_mask.sum(-1)
-            assert data.trunk_features.shape == expected.shape
-            for k, n in enumerate(lengths.tolist()):
-                # The last token of an answer is never fed back while generating; nothing reads it.
-                torch.testing.assert_close(data.trunk_features[k, : n - 1], expected[k, : n - 1],
-                                           atol=1e-4, rtol=1e-4)
+          "batch_size": 3, "progress": False, "features": store}
+    train_data, held_data = self_distilled_data(model, tok, groups, **kw)
+    assert train_data.source_rows.tolist() == [0, 1, 3, 4]
+    for data in (train_data, held_data):
+        stored = store.lookup([store.key(data.row(i)) for i in range(len(data))])
+        assert len(stored.missing()) == 0 and stored.dtype == torch.float16
+        expected = compute_trunk_features(model, data)
+        got = stored[:, : expected.shape[1]]
+        for k, n in enumerate(data.lengths.tolist()):
+            # The last token of an answer is never fed back while generating; nothing reads it.
+            torch.testing.assert_close(got[k, : n - 1].float(), expected[k, : n - 1], atol=2e-3, rtol=2e-3)
+    size = (tmp_path / "run" / "trunk_features.bin").stat().st_size
+    self_distilled_data(model, tok, groups, **kw)  # every answer from the cache
+    assert (tmp_path / "run" / "trunk_features.bin").stat().st_size == size
     with pytest.raises(MTPError, match="packed"):
         self_distilled_data(model, tok, groups, pack=True, **kw)
 

@@ -23,7 +23,7 @@ TRAIN_CONFIG = "train_config.json"
 EVAL_NAME = "eval.json"
 # Flags that do not change what a run computes: free to differ when resuming.
 _NOT_RUN_IDENTITY = {"output", "resume", "device", "threads", "progress", "save_every", "keep_checkpoints",
-                     "eval_every", "gen_batch_size", "cache_trunk", "gradient_checkpointing", "parallel"}
+                     "eval_every", "gen_batch_size", "trunk_cache", "gradient_checkpointing", "parallel"}
 # The mask-token method's own flags: with --method heads, one set away from its default is an error.
 SELFDISTILL_ONLY = ("prefix_loss", "entropy_loss", "k", "k_min", "k_max", "adapter", "lora_rank", "lora_layers",
                     "regions", "supervision", "mask_token", "mask_token_id", "per_rank_k")
@@ -63,7 +63,7 @@ def train(
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto",
     dtype: Literal["float32", "bfloat16"] = "float32",
     gradient_checkpointing: bool = False,
-    cache_trunk: bool = True,
+    trunk_cache: Literal["auto", "device", "disk", "off"] = "auto",
     draft_vocab: int = 8192,
     max_new_tokens: int = 256,
     gen_batch_size: int = 16,
@@ -130,7 +130,10 @@ def train(
         dtype: with --freeze-trunk: the frozen part's weights (bfloat16: half the memory; loaded straight in it);
             the extra heads keep fp32 master weights and train under autocast in this dtype (--precision auto)
         gradient_checkpointing: recompute layer activations in the backward pass (less memory, slower)
-        cache_trunk: with --freeze-trunk, compute the frozen trunk once per row and reuse it every epoch
+        trunk_cache: with --freeze-trunk, compute the frozen trunk's outputs once per row (or keep those computed
+            while answering) and reuse them every epoch: "disk" (in the run folder, fp16, read per batch),
+            "device" (all in GPU or CPU memory), "off" (run the trunk every step); auto: device on a GPU when
+            they take at most a quarter of its free memory, else disk
         draft_vocab: the extra heads predict among the N most frequent tokens of the training rows (much faster
             training and drafting, lossless decoding); 0: the whole vocabulary
         max_new_tokens: --targets self: longest self-generated answer
@@ -232,7 +235,7 @@ def _train(a: _Args, args: dict, out: Path, checkpoint: Path | None, par: Parall
         a.template = "chat" if getattr(tokenizer, "chat_template", None) else "plain"
 
     # ------------------------------------------------------------------ data
-    train_data, held_data = _training_data(a, args, out, method, mtp_model, par)
+    train_data, held_data, store = _training_data(a, args, out, method, mtp_model, par)
     timings["data_and_targets"] = time.perf_counter() - t_start - timings["load_model"]
 
     # ------------------------------------------------------------------ schedule
@@ -249,9 +252,9 @@ def _train(a: _Args, args: dict, out: Path, checkpoint: Path | None, par: Parall
         warmup_steps=warmup, weight_decay=a.weight_decay, max_grad_norm=a.max_grad_norm,
         head_weights=parse_head_weights(a.head_weights, mtp_model.num_heads), loss_order=a.loss_order,
         precision=a.precision, gradient_checkpointing=a.gradient_checkpointing, freeze_trunk=a.freeze_trunk,
-        cache_trunk=a.cache_trunk, eval_every=a.eval_every, save_every=a.save_every,
+        trunk_cache=a.trunk_cache, eval_every=a.eval_every, save_every=a.save_every,
         keep_checkpoints=a.keep_checkpoints, seed=a.seed, progress=a.progress)
-    trainer = method.trainer(mtp_model, train_data, held_data, config, a, out, parallel=par)
+    trainer = method.trainer(mtp_model, train_data, held_data, config, a, out, parallel=par, features=store)
     if sharded:
         trainer.resume_sharded(checkpoint)
     elif checkpoint is not None:  # a single process's checkpoint: its weights were loaded with the model
@@ -281,75 +284,99 @@ def _train(a: _Args, args: dict, out: Path, checkpoint: Path | None, par: Parall
             return 0
         install_model(_unsharded_copy(method, a, mtp_model, whole), out)
     timings["total"] = time.perf_counter() - t_start
-    _write_report(out, a, result, held_data, timings)
+    _write_report(out, a, result, held_data, timings, trainer)
     return 0
+
+
+def _feature_store(a: _Args, out: Path, method, model, par: Parallel | None):
+    """Where a frozen-trunk run keeps its trunk outputs (`mtp.training.features`, in the run folder); None when
+    it keeps none."""
+    if not method.wants_trunk_features(a):
+        return None
+    from mtp.training.features import FeatureStore
+    from mtp.training.targets import model_fingerprint
+
+    return FeatureStore.for_model(out, model, model_fingerprint(model), f"rank{par.rank}" if par is not None else "")
 
 
 def _training_data(a: _Args, args: dict, out: Path, method, mtp_model, par: Parallel | None):
     """The training and held-out rows: the data's answers, or the model's own (`--targets self`, cached in the
-    run folder). Writes train_config.json (rank 0) once the run's question count is settled."""
-    from mtp.training.data import held_out, open_examples, split_holdout, tokenize_split
-
-    main = par is None or par.is_main
-    tokenizer = mtp_model.tokenizer
+    run folder), and the run's feature store (or None). Writes train_config.json (rank 0) once the run's question
+    count is settled."""
+    from mtp.training.data import held_out, open_examples, tokenize_split
 
     examples = open_examples(a.data, format=a.data_format, question_field=a.question_field,
                              answer_field=a.answer_field, split=a.split, limit=a.limit)
     if not len(examples):
         raise MTPError(f"{a.data}: no examples")
     out.mkdir(parents=True, exist_ok=True)
-    if a.targets != "self":
-        held = held_out(len(examples), a.holdout, a.seed, max_items=a.holdout_max)
-        _check_train_left(a, len(examples) - len(held), len(held))
-        if main:
-            _write_train_config(out, args, a)
-        return tokenize_split(examples, held, tokenizer, a.template, a.seq_len, a.loss_on, a.pack)
-    examples = list(examples)
-    if not any(ex.prompt for ex in examples):
+    store = _feature_store(a, out, method, mtp_model, par)
+    if a.targets == "self":
+        return *_self_answered_data(a, args, out, method, mtp_model, par, store, examples), store
+    held = held_out(len(examples), a.holdout, a.seed, max_items=a.holdout_max)
+    _check_train_left(a, len(examples) - len(held), len(held))
+    if par is None or par.is_main:
+        _write_train_config(out, args, a)
+    return *tokenize_split(examples, held, mtp_model.tokenizer, a.template, a.seq_len, a.loss_on, a.pack), store
+
+
+def _self_answered_data(a: _Args, args: dict, out: Path, method, mtp_model, par: Parallel | None, store, examples):
+    """--targets self: rows of the model's own answers to the examples' prompts, with the trunk outputs computed
+    while answering recorded into `store`."""
+    from mtp.training.data import held_out
+    from mtp.training.targets import (
+        CACHE_NAME,
+        TokenLists,
+        model_fingerprint,
+        prompt_token_ids,
+        self_distilled_rows,
+    )
+
+    tokenizer = mtp_model.tokenizer
+    prompts, asked = TokenLists(), False
+    for ex in examples:
+        asked = asked or bool(ex.prompt)
+        prompts.append(prompt_token_ids(tokenizer, ex.prompt, a.template))
+    if not asked:
         raise MTPError(f"{a.data}: --targets self needs prompts for the model to answer (question/answer data); "
                        "plain text has none, use --targets data")
-
-    from mtp.training.targets import CACHE_NAME, model_fingerprint, self_distilled_data
-
     answering = method.answering_model(mtp_model)
-    fingerprint = model_fingerprint(answering)
+    fingerprint = store.model_key if store is not None else model_fingerprint(answering)  # the same model's
     # The answers must come from the model the run started from; after full fine-tuning they cannot be
     # produced again, so only a cache hit is accepted then.
     key = args.get("_answers_model_key") or fingerprint
     args["_answers_model_key"] = key
-    if main:
+    if par is None or par.is_main:
         _write_train_config(out, args, a)
-    features = method.wants_trunk_features(a) and fingerprint == key
-    sink: dict = {}
-    ids = None
+    recording = store if store is not None and fingerprint == key and not a.pack else None
     if a.answer_minutes is not None:  # the examples that fit the budget, decided once per run
         if par is not None:
             raise MTPError("--answer-minutes measures one process's answering speed; under torchrun give "
                            "--limit instead")
         if "_answer_count" not in args:
-            args["_answer_count"] = _count_within_budget(answering, tokenizer, examples, a, out / CACHE_NAME,
-                                                         key, sink if features else None)
+            args["_answer_count"] = _count_within_budget(answering, tokenizer, prompts, a, out / CACHE_NAME, key,
+                                                         recording)
             _write_train_config(out, args, a)
-        examples = examples[: args["_answer_count"]]
-    train_ids, held_ids = split_holdout(list(range(len(examples))), a.holdout, a.seed, max_items=a.holdout_max)
-    _check_train_left(a, len(train_ids), len(held_ids))
-    if a.answer_minutes is not None:
-        ids = [train_ids, held_ids]  # the cache ids of the measured batch: positions in the examples
-    return self_distilled_data(
-        answering, tokenizer, [[examples[i] for i in train_ids], [examples[i] for i in held_ids]],
-        template=a.template, seq_len=a.seq_len, max_new_tokens=a.max_new_tokens, loss_on=a.loss_on,
-        pack=a.pack, cache_path=out / CACHE_NAME, batch_size=a.gen_batch_size, model_key=key,
-        generate_missing=fingerprint == key, progress=a.progress, trunk_features=features, ids=ids,
-        trunk_sink=sink, desc=_targets_label(a, len(examples)),
+        prompts = prompts.take(range(args["_answer_count"]))
+    held = held_out(len(prompts), a.holdout, a.seed, max_items=a.holdout_max)
+    _check_train_left(a, len(prompts) - len(held), len(held))
+    groups = [[i for i in range(len(prompts)) if i not in held], sorted(held)]
+    return self_distilled_rows(
+        answering, tokenizer, prompts, groups, seq_len=a.seq_len, max_new_tokens=a.max_new_tokens,
+        loss_on=a.loss_on, pack=a.pack, features=recording,
+        ids=groups if a.answer_minutes is not None else None,  # the measured batch's ids: positions in the examples
+        cache_path=out / CACHE_NAME, batch_size=a.gen_batch_size, model_key=key, generate_missing=fingerprint == key,
+        progress=a.progress, desc=_targets_label(a, len(prompts)),
         share=(par.rank, par.world_size) if par is not None else (0, 1))
 
 
-def _write_report(out: Path, a: _Args, result, held_data, timings: dict[str, float]) -> None:
+def _write_report(out: Path, a: _Args, result, held_data, timings: dict[str, float], trainer) -> None:
     """eval.json (what the run measured, held-out figures included) and the printed summary."""
     report = {"step": result.step, "targets": a.targets,
               "held_out_rows": len(held_data) if held_data is not None else 0,
               "train_loop_seconds": round(result.seconds, 1),  # optimizer steps only, summed over resumes
-              "seconds_this_invocation": {k: round(v, 1) for k, v in timings.items()}}
+              "seconds_this_invocation": {k: round(v, 1) for k, v in timings.items()},
+              "trunk_cache": getattr(trainer, "trunk_cache", "off")}
     if result.evaluation is not None:
         ev = result.evaluation
         report.update(ev.to_dict())
@@ -371,16 +398,15 @@ def _check_train_left(a: _Args, train: int, held: int) -> None:
         raise MTPError(f"{a.data}: no training examples left after holding out {held}")
 
 
-def _count_within_budget(model, tokenizer, examples: list, a: _Args, cache: Path, key: str, sink) -> int:
-    """--answer-minutes: how many of the examples, in order, fit the budget (mtp.training.targets)."""
-    from mtp.training.targets import answers_within_minutes, prompt_token_ids
+def _count_within_budget(model, tokenizer, prompts, a: _Args, cache: Path, key: str, features) -> int:
+    """--answer-minutes: how many of the prompts, in order, fit the budget (mtp.training.targets)."""
+    from mtp.training.targets import answers_within_minutes
 
-    prompts = [prompt_token_ids(tokenizer, ex.prompt, a.template) for ex in examples]
     n = answers_within_minutes(model, tokenizer, prompts, a.answer_minutes, max_new_tokens=a.max_new_tokens,
-                               budgets=[max(0, a.seq_len - len(p)) for p in prompts], cache_path=cache,
-                               batch_size=a.gen_batch_size, model_key=key, progress=a.progress, trunk_sink=sink)
-    print(f"mtp train: {n} of {len(examples)} questions fit in --answer-minutes {a.answer_minutes:g} "
-          f"(extrapolated from a batch of {min(a.gen_batch_size, len(examples))})", flush=True)
+                               budgets=[max(0, a.seq_len - k) for k in prompts.lengths], cache_path=cache,
+                               batch_size=a.gen_batch_size, model_key=key, progress=a.progress, features=features)
+    print(f"mtp train: {n} of {len(prompts)} questions fit in --answer-minutes {a.answer_minutes:g} "
+          f"(extrapolated from a batch of {min(a.gen_batch_size, len(prompts))})", flush=True)
     return n
 
 
@@ -404,6 +430,8 @@ def _validate(a: _Args) -> None:
                            "parallel heads")
     if a.answer_minutes is not None and a.targets != "self":
         raise MTPError("--answer-minutes budgets the model's own answers; it needs --targets self")
+    if a.trunk_cache in ("device", "disk") and not a.freeze_trunk:
+        raise MTPError(f"--trunk-cache {a.trunk_cache} keeps a frozen trunk's outputs; it needs --freeze-trunk")
     if a.dtype != "float32":  # frozen weights in bf16/fp16, trained ones fp32: the matmuls need autocast
         autocast = "bf16"  # (fp16 would need --precision fp16, whose loss scaling does not run yet)
         if a.method != "heads" or not a.freeze_trunk:
@@ -433,17 +461,18 @@ class _HeadsMethod:
         return model
 
     def wants_trunk_features(self, a: _Args) -> bool:
-        return a.freeze_trunk and a.cache_trunk and not a.pack
+        return a.freeze_trunk and a.trunk_cache != "off"
 
     def default_lr(self, a: _Args) -> float:
         return 1e-3 if a.freeze_trunk else 5e-5
 
-    def trainer(self, model, train_data, held_data, config, a: _Args, out: Path, parallel=None):
+    def trainer(self, model, train_data, held_data, config, a: _Args, out: Path, parallel=None, features=None):
         from mtp.training.draft_vocab import frequent_tokens
         from mtp.training.loop import Trainer
 
         model.set_draft_vocab(frequent_tokens(train_data, model.config.vocab_size, a.draft_vocab))
-        return Trainer(model, train_data, config, output_dir=out, eval_data=held_data, parallel=parallel)
+        return Trainer(model, train_data, config, output_dir=out, eval_data=held_data, parallel=parallel,
+                       feature_store=features)
 
     def describe(self, model, a: _Args) -> str:
         vocab = f", draft vocabulary {model.draft_vocab.numel():,} tokens" if model.draft_vocab is not None else ""

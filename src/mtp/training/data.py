@@ -64,8 +64,8 @@ class TokenizedData:
     lengths: torch.Tensor  # (N,) int64: its length, 1..seq_len
     seq_len: int
     pad_id: int = 0
-    # (N, L, H) frozen-trunk outputs of each row when they came with the data (self-distilled answers keep what
-    # the trunk computed while writing them); L covers the longest row, positions past a row's end are 0.
+    # Frozen-trunk outputs of the rows when they come with the data: (N, L, H) with L >= the longest row, or a
+    # `mtp.training.features.StoredFeatures` read from disk; indexed as features[rows, :T] either way.
     trunk_features: Any = None
     # Unpacked rows: (N,) which input row each row came from (rows without a target are dropped); None when packed.
     source_rows: torch.Tensor | None = None

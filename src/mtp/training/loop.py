@@ -6,8 +6,9 @@ a pure function of (seed, m), so a resumed run sees exactly the batches an unint
 
 Frozen trunk (`freeze_trunk`): the trunk layers, head 0, embeddings, final norm and unembedding do not train;
 only `model.extra_heads` do. The trunk output then does not depend on anything trainable, so it runs under
-`no_grad`, and with `cache_trunk` it is computed once per training row and reused every epoch (the same values
-a recomputation gives, up to float rounding of differently shaped batches).
+`no_grad`, and with `trunk_cache` it is computed once per training row and reused every epoch: in memory on the
+device, or in a `mtp.training.features.FeatureStore` on disk (half precision, read per batch), where it also
+outlives the run for a resumed one.
 """
 
 from __future__ import annotations
@@ -37,6 +38,13 @@ from mtp.training.checkpoints import (
 )
 from mtp.training.data import TokenizedData, batch_rows, batches_per_epoch
 from mtp.training.distributed import Parallel, all_sum, as_float
+from mtp.training.features import (
+    TRUNK_CACHE,
+    FeatureStore,
+    complete_features,
+    compute_trunk_features,
+    features_home,
+)
 from mtp.training.losses import (
     LOSS_ORDERS,
     EvalResult,
@@ -68,7 +76,7 @@ class TrainConfig:
     precision: str = "fp32"
     gradient_checkpointing: bool = False
     freeze_trunk: bool = False
-    cache_trunk: bool = True
+    trunk_cache: str = "auto"  # frozen trunk: "device", "disk" (needs a feature store), "off"; "auto": `features_home`
     eval_every: int = 0  # 0: evaluate at the end only
     eval_batch_size: int = 8
     save_every: int = 0  # 0: checkpoint only at the end, on Ctrl-C
@@ -97,6 +105,8 @@ class TrainConfig:
             raise MTPError(f"loss order must be one of {', '.join(LOSS_ORDERS)}, got {self.loss_order!r}")
         if self.precision not in PRECISIONS:
             raise MTPError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        if self.trunk_cache not in TRUNK_CACHE:
+            raise MTPError(f"trunk cache must be one of {', '.join(TRUNK_CACHE)}, got {self.trunk_cache!r}")
 
 
 # ------------------------------------------------------------------------------------------------ model set-up
@@ -179,37 +189,6 @@ def lr_lambda(step: int, total: int, warmup: int, min_ratio: float) -> float:
     return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-# ------------------------------------------------------------------------------------------------ data access
-@torch.no_grad()
-def compute_trunk_features(model, data: TokenizedData, batch_size: int = 8, autocast: Callable = nullcontext,
-                           progress: bool = False, desc: str = "trunk cache") -> torch.Tensor:
-    """Trunk outputs of every row, (N, L, H) with L the longest real row; positions past a row's end are 0.
-
-    Only valid for a frozen trunk in eval mode. Positions past a row's length never influence its real
-    positions (causal attention), so zeros there change nothing the loss sees.
-    """
-    n = len(data)
-    longest = int(data.lengths.max()) if n else 0
-    hidden_size = model.config.hidden_size
-    features = None
-    iterator = range(0, n, batch_size)
-    if progress:
-        from tqdm.auto import tqdm
-
-        iterator = tqdm(iterator, desc=desc, unit="batch", total=-(-n // batch_size))
-    device = model.device
-    for start in iterator:
-        rows = slice(start, start + batch_size)
-        batch = data.batch(rows)
-        with autocast():
-            hidden, _ = model.trunk_forward(batch["input_ids"].to(device), batch["attention_mask"].to(device))
-        if features is None:
-            features = torch.zeros(n, longest, hidden_size, dtype=hidden.dtype)
-        valid = batch["attention_mask"].bool()
-        features[rows, : hidden.shape[1]] = hidden.cpu().masked_fill(~valid[..., None], 0)
-    return features if features is not None else torch.zeros(0, 0, hidden_size)
-
-
 # ------------------------------------------------------------------------------------------------ trainer
 @dataclass
 class StepMetrics:
@@ -268,7 +247,8 @@ class Trainer:
     """Trains `model` on `train_data`; evaluates on `eval_data`; writes checkpoints and metrics under `output_dir`.
 
     Files (when `output_dir` is set): checkpoints/step-NNNNNN/, metrics.jsonl (one line per step, plus eval lines),
-    loss.png (loss per head).
+    loss.png (loss per head). `feature_store`: where a frozen trunk's outputs are kept and found
+    (`mtp.training.features`); without one they are computed into memory.
     """
 
     # The model methods the training step and evaluation call: under FSDP each runs the hooks that gather
@@ -277,8 +257,10 @@ class Trainer:
 
     def __init__(self, model, train_data: TokenizedData, config: TrainConfig, output_dir: str | os.PathLike | None = None,
                  eval_data: TokenizedData | None = None, extra_state: dict | None = None,
-                 parallel: Parallel | None = None):
+                 parallel: Parallel | None = None, feature_store: FeatureStore | None = None):
         config.validate()
+        if config.freeze_trunk and config.trunk_cache == "disk" and feature_store is None:
+            raise MTPError("trunk cache 'disk' needs a feature store (mtp.training.features.FeatureStore)")
         self.model = model
         self.config = config
         self.train_data = train_data
@@ -288,6 +270,9 @@ class Trainer:
         self.parallel = parallel
         self.is_main = parallel is None or parallel.is_main  # only rank 0 prints and writes metrics and plots
         self.device = model.device
+        self.feature_store = feature_store
+        # What a frozen trunk outputs, to which its stored (half precision) outputs are cast back.
+        self.trunk_dtype = model.activation_dtype if config.freeze_trunk else None
         self.params = self._setup()
         if not self.params:
             raise MTPError("nothing to train: no parameter requires a gradient")
@@ -308,8 +293,10 @@ class Trainer:
             self.optimizer,
             lambda s: lr_lambda(s, config.steps, config.warmup_steps, config.min_lr_ratio))
         self.step = 0
-        self.features: torch.Tensor | None = None
-        self.eval_features: torch.Tensor | None = None
+        # Frozen trunk's outputs: (N, L, H) tensors on the device, or `StoredFeatures` read from disk per batch.
+        self.features = None
+        self.eval_features = None
+        self.trunk_cache = "off"  # where they ended up: "device", "disk" or "off"
         self.last_checkpoint: Path | None = None
         self.history: list[StepMetrics] = []
         self._elapsed_before = 0.0  # training seconds of the run before a resume
@@ -432,7 +419,7 @@ class Trainer:
         rows = mine
         trunk = None
         if self.features is not None:
-            hidden = self.features[rows, : batch["input_ids"].shape[1]].to(self.device)
+            hidden = self.features[rows, : batch["input_ids"].shape[1]].to(self.device, self.trunk_dtype)
             trunk = (hidden, forward_context(self.model, batch["input_ids"], batch["attention_mask"], hidden))
         elif self.config.freeze_trunk:
             with torch.no_grad(), self.autocast():
@@ -442,22 +429,33 @@ class Trainer:
     def prepare(self) -> None:
         """Cache frozen-trunk features of the training and held-out rows (when configured)."""
         cfg = self.config
-        if not (cfg.freeze_trunk and cfg.cache_trunk):
+        if not (cfg.freeze_trunk and cfg.trunk_cache != "off"):
             return
-        # Features that came with the data (recorded while the frozen model wrote self-distilled answers) are
-        # used as they are.
-        if self.features is None:
-            self.features = self.train_data.trunk_features
-        if self.eval_features is None and self.eval_data is not None:
-            self.eval_features = self.eval_data.trunk_features
         with torch.no_grad():
             if self.features is None:
-                self.features = compute_trunk_features(self.model, self.train_data, cfg.eval_batch_size,
-                                                       self.autocast, cfg.progress and self.is_main, "trunk cache (train)")
+                self.features = self._trunk_features(self.train_data, "train")
             if self.eval_data is not None and self.eval_features is None:
-                self.eval_features = compute_trunk_features(self.model, self.eval_data, cfg.eval_batch_size,
-                                                            self.autocast, cfg.progress and self.is_main,
-                                                            "trunk cache (held-out)")
+                self.eval_features = self._trunk_features(self.eval_data, "held-out")
+
+    def _trunk_features(self, data: TokenizedData, which: str):
+        """The trunk outputs of `data`'s rows: those that came with the data (recorded while the frozen model
+        wrote self-distilled answers) as they are; else the feature store's (computing the missing ones), read
+        from disk per batch or loaded onto the device (`features_home`); without a store, computed into memory."""
+        cfg = self.config
+        progress, desc = cfg.progress and self.is_main, f"trunk cache ({which})"
+        if data.trunk_features is not None:
+            features = data.trunk_features
+        elif self.feature_store is None:
+            features = compute_trunk_features(self.model, data, cfg.eval_batch_size, self.autocast, progress, desc)
+        else:
+            features = complete_features(self.feature_store, self.model, data, cfg.eval_batch_size, self.autocast,
+                                         progress, desc, write=self.is_main)
+            width = int(data.lengths.max())
+            nbytes = len(data) * width * self.feature_store.hidden_size * self.feature_store.dtype.itemsize
+            if features_home(cfg.trunk_cache, nbytes, self.device) == "device":
+                features = features.load(width, self.device)
+        self.trunk_cache = "device" if isinstance(features, torch.Tensor) else "disk"
+        return features
 
     # -------------------------------------------------------------------------------------- one step
     def train_step(self) -> StepMetrics:

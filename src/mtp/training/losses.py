@@ -230,7 +230,7 @@ def evaluate_heads(model, data, batch_size: int = 8, autocast=None, trunk_featur
     a head-0 target, 1 + the number of leading heads 1, 2, ... whose top-1 equals its target (a missing target
     ends the run). With self-distilled targets (the model's own greedy continuation) this approximates what
     `mtp generate --strategy speculative` accepts on such texts. `trunk_features` (N, L, H): cached trunk
-    outputs of the rows of `data` (frozen trunk), used instead of running the trunk.
+    outputs of the rows of `data` (frozen trunk; a tensor or `StoredFeatures`), used instead of running the trunk.
 
     For draft trees (`mtp.decoding.tree.build_tree`), each extra head's accuracy per candidate rank 0..7 (how
     often the target is its r-th most likely token) goes into `extra` under `TREE_STATS_KEY`.
@@ -262,7 +262,7 @@ def evaluate_heads(model, data, batch_size: int = 8, autocast=None, trunk_featur
             attention_mask = batch["attention_mask"].to(device)
             with autocast() if autocast is not None else nullcontext():
                 if trunk_features is not None:
-                    hidden = trunk_features[rows, : ids.shape[1]].to(device)
+                    hidden = trunk_features[rows, : ids.shape[1]].to(device, model.activation_dtype)
                     ctx = forward_context(model, ids, attention_mask, hidden)
                 else:
                     hidden, ctx = model.trunk_forward(ids, attention_mask)

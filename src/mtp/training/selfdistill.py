@@ -354,7 +354,7 @@ class SelfDistillMethod:
     def default_lr(self, a) -> float:
         return 1e-3 if a.adapter == "gated-lora" else 5e-5
 
-    def trainer(self, model, train_data, held_data, config, a, out, parallel=None):
+    def trainer(self, model, train_data, held_data, config, a, out, parallel=None, features=None):
         return SelfDistillTrainer(model, train_data, config, self.distill_config(a), teacher=self.teacher,
                                   output_dir=out, eval_data=held_data, parallel=parallel)
 

@@ -17,34 +17,37 @@ Under torchrun each rank answers its share of the missing prompts (every world_s
 order, so the shares cost alike) into `self_targets.rank{r}.jsonl`; once all are done, rank 0 appends the
 shares to the cache and removes them. The lines do not depend on who wrote them, so a later run of any world
 size (one process too) reuses the cache, and shares left by a killed run are read as part of it.
+
+A frozen-trunk run also keeps what the trunk computed while answering (`features`): each batch's trunk outputs
+are copied into one buffer as generation goes and appended to the run's feature store on disk
+(`mtp.training.features`) before the batch's answer lines, so a cached answer finds its features there.
+Prompts and answers are held as `TokenLists` (int32 arrays), and the cache is read line by line.
 """
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import json
 import os
 import time
-from collections.abc import Sequence
+from array import array
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Literal
 
 import torch
 
 from mtp.errors import MTPError
-from mtp.training.data import Example, TokenizedData, _example_tokens, rows_to_data
+from mtp.training.data import Example, Rows, TokenizedData, _example_tokens, check_tokenizer
+from mtp.training.features import FeatureRecorder, FeatureStore, open_append
 
 CACHE_NAME = "self_targets.jsonl"
 
 
 def prompt_token_ids(tokenizer, prompt: str, template: Literal["chat", "plain"]) -> list[int]:
     """The prompt tokens exactly as `tokenize_examples` lays them out (and as the model sees them when asked)."""
-    eos = tokenizer.eos_token_id
-    if eos is None:
-        raise MTPError("the tokenizer has no eos token")
-    if template == "chat" and not getattr(tokenizer, "chat_template", None):
-        raise MTPError("the tokenizer has no chat template; use --template plain")
-    return list(_example_tokens(tokenizer, Example(prompt, ""), template, eos)[0])
+    return list(_example_tokens(tokenizer, Example(prompt, ""), template, check_tokenizer(tokenizer, template))[0])
 
 
 @torch.no_grad()
@@ -77,21 +80,76 @@ def _share_files(path: Path) -> list[Path]:
     return sorted(path.parent.glob(f"{path.stem}.rank*{path.suffix}"))
 
 
-def read_cache(path: str | os.PathLike) -> dict[tuple[int, str], list[int]]:
-    """(id, key) -> tokens of every complete line of the cache and of any rank's share not merged into it yet
-    (a later line for the same id and key wins)."""
-    found: dict[tuple[int, str], list[int]] = {}
+class TokenLists:
+    """Lists of token ids kept compactly: their tokens back to back in one int32 array, and each list's start and
+    length (a list never set reads as None). What prompts and answers take at dataset scale, where a Python list
+    of ints costs ~36 bytes a token."""
+
+    def __init__(self, n: int = 0):
+        self.tokens = array("i")
+        self.starts, self.lengths = array("q", [-1]) * n, array("q", [0]) * n
+
+    def __len__(self) -> int:
+        return len(self.starts)
+
+    def __getitem__(self, i: int) -> list[int] | None:
+        start = self.starts[i]
+        return None if start < 0 else self.tokens[start:start + self.lengths[i]].tolist()
+
+    def __iter__(self) -> Iterator[list[int] | None]:
+        return (self[i] for i in range(len(self)))
+
+    def __setitem__(self, i: int, tokens: Sequence[int]) -> None:
+        self.starts[i], self.lengths[i] = len(self.tokens), len(tokens)
+        self.tokens.extend(tokens)
+
+    def append(self, tokens: Sequence[int]) -> None:
+        self.starts.append(-1)
+        self.lengths.append(0)
+        self[len(self) - 1] = tokens
+
+    def take(self, rows: Iterable[int]) -> TokenLists:
+        """These lists, in this order (their tokens shared, not copied)."""
+        out = TokenLists()
+        out.tokens = self.tokens
+        for i in rows:
+            out.starts.append(self.starts[i])
+            out.lengths.append(self.lengths[i])
+        return out
+
+    def tolist(self) -> list[list[int] | None]:
+        return list(self)
+
+
+def cache_records(path: str | os.PathLike) -> Iterator[tuple[int, str, list[int]]]:
+    """(id, key, tokens) of every complete line of the cache and of any rank's share not merged into it yet, in
+    file order (a later line for the same id and key wins), read line by line."""
     path = Path(path)
     for file in [path, *_share_files(path)]:
         if not file.is_file():
             continue
-        for line in file.read_text(encoding="utf-8").splitlines():
-            try:
-                record = json.loads(line)
-                found[(int(record["id"]), str(record["key"]))] = [int(t) for t in record["tokens"]]
-            except (ValueError, KeyError, TypeError):  # a line cut off by an interruption, or foreign
-                continue
-    return found
+        with file.open(encoding="utf-8") as f:
+            for line in f:
+                try:
+                    record = json.loads(line)
+                    yield int(record["id"]), str(record["key"]), [int(t) for t in record["tokens"]]
+                except (ValueError, KeyError, TypeError):  # a line cut off by an interruption, or foreign
+                    continue
+
+
+def read_cache(path: str | os.PathLike) -> dict[tuple[int, str], list[int]]:
+    """(id, key) -> tokens of the cache (`cache_records`)."""
+    return {(i, key): tokens for i, key, tokens in cache_records(path)}
+
+
+def _read_answers(path: str | os.PathLike, cache_ids: Sequence[int], keys: Sequence[str], answers: TokenLists,
+                  rows: Iterable[int] | None = None) -> None:
+    """Set answers[i] from the cache for each of `rows` (default: all) whose (id, key) has a line there."""
+    wanted = {(cache_ids[i], keys[i]): i for i in (rows if rows is not None else range(len(keys)))}
+    for record_id, key, tokens in cache_records(path):
+        i = wanted.get((record_id, key))
+        if i is not None:
+            answers[i] = tokens
 
 
 def merge_shares(path: str | os.PathLike) -> None:
@@ -112,7 +170,7 @@ def merge_shares(path: str | os.PathLike) -> None:
 def self_distilled_answers(
     model,
     tokenizer,
-    prompts: Sequence[Sequence[int]],
+    prompts: Sequence[Sequence[int]] | TokenLists,
     *,
     max_new_tokens: int,
     cache_path: str | os.PathLike | None = None,
@@ -122,64 +180,78 @@ def self_distilled_answers(
     stop_token_ids: list[int] | None = None,
     generate_missing: bool = True,
     progress: bool = True,
-    trunk_sink: dict[int, torch.Tensor] | None = None,
+    features: FeatureStore | None = None,
     share: tuple[int, int] = (0, 1),
     ids: Sequence[int] | None = None,
     desc: str = "self-distilled targets",
-) -> list[list[int]]:
+) -> TokenLists:
     """The model's greedy answer (new token ids) to each prompt (token ids), from the cache or generated.
 
     `budgets[i]` caps row i's answer length (default `max_new_tokens`; a row gets at most its budget even when
     it shares a batch with longer budgets). With `generate_missing=False` a prompt missing from the cache is an
     error (e.g. the model has been fine-tuned since, so it can no longer produce the original answers).
-    `trunk_sink`, when given, receives for each prompt answered now (not from the cache) the trunk output at
-    every position of prompt + answer that generation computed, `(P + A - 1 or P + A, H)` on the CPU: what a
-    frozen-trunk training run needs, without a second pass over the rows. `ids`: each prompt's id in the cache
-    and in `trunk_sink` (default: its position); `desc`: the progress bar's label.
-    `share` (rank, world size): under torchrun every rank calls this and answers its share (module docstring);
-    all ranks return every answer.
+    `features`, when given, receives the trunk output at every position of prompt + answer that generation
+    computed, for each prompt answered now (not from the cache): what a frozen-trunk training run needs, without
+    a second pass over the rows. `ids`: each prompt's id in the cache (default: its position); `desc`: the
+    progress bar's label. `share` (rank, world size): under torchrun every rank calls this and answers its share
+    (module docstring); all ranks return every answer.
     """
-    from mtp.decoding.generate import generate, left_pad
-    from mtp.models.quantize import fp16_decoding
-
     if max_new_tokens < 1:
         raise MTPError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     if batch_size < 1:
         raise MTPError(f"generation batch size must be >= 1, got {batch_size}")
-    budgets = [max_new_tokens] * len(prompts) if budgets is None else [min(b, max_new_tokens) for b in budgets]
+    n = len(prompts)
+    budgets = [max_new_tokens] * n if budgets is None else [min(b, max_new_tokens) for b in budgets]
     model_key = model_key or model_fingerprint(model)
-    keys = [_line_key(model_key, p, b) for p, b in zip(prompts, budgets, strict=True)]
-    cache_ids = list(range(len(prompts))) if ids is None else list(ids)
-    cached = read_cache(cache_path) if cache_path is not None else {}
+    keys = [_line_key(model_key, prompts[i], budgets[i]) for i in range(n)]
+    cache_ids = list(range(n)) if ids is None else list(ids)
+    answers = TokenLists(n)
+    if cache_path is not None and (Path(cache_path).is_file() or _share_files(Path(cache_path))):
+        _read_answers(cache_path, cache_ids, keys, answers)
     rank, world = share
     if world > 1:  # every rank has read the cache before any writes its share: they agree on what is missing
         from mtp.training.distributed import barrier
 
         barrier()
-    answers: list[list[int] | None] = [cached.get((cache_ids[i], k)) for i, k in enumerate(keys)]
-    for i, b in enumerate(budgets):
-        if answers[i] is None and (b <= 0 or not prompts[i]):
+    lengths = [len(prompts[i]) for i in range(n)]
+    for i in range(n):
+        if answers[i] is None and (budgets[i] <= 0 or not lengths[i]):
             answers[i] = []  # no room for an answer within seq_len, or an empty prompt: nothing to generate
-    todo = [i for i, a in enumerate(answers) if a is None]
+    todo = [i for i in range(n) if answers.starts[i] < 0]
     if todo and not generate_missing:
         raise MTPError(f"{len(todo)} self-distilled answers are missing from {cache_path}, and the model has "
                        "changed since they were generated; start a new run (new --output)")
     if not todo:
-        return [list(a) for a in answers]
+        return answers
     if world > 1 and cache_path is None:
         raise MTPError("answering in parallel needs a cache file to merge the ranks' answers in")
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    todo.sort(key=lambda i: (-len(prompts[i]), i))  # similar lengths share a batch: little padding
+    todo.sort(key=lambda i: (-lengths[i], i))  # similar lengths share a batch: little padding
     mine = todo[rank::world]
-    write_path = share_path(cache_path, rank) if world > 1 else cache_path
     bar = None
     if progress and rank == 0:
         from tqdm.auto import tqdm
 
         label = desc + (f" (rank 0's share of {world})" if world > 1 else "")
-        total, initial = (len(mine), 0) if world > 1 else (len(prompts), len(prompts) - len(todo))
+        total, initial = (len(mine), 0) if world > 1 else (n, n - len(todo))
         bar = tqdm(total=total, initial=initial, desc=label, unit="answer", dynamic_ncols=True)
-    sink = _open_for_append(write_path) if write_path is not None else None
+    _generate_answers(model, tokenizer, prompts, mine, answers, (cache_ids, keys), budgets,
+                      share_path(cache_path, rank) if world > 1 else cache_path, batch_size, stop_token_ids,
+                      features, bar)
+    if world > 1:  # every share is written: rank 0 merges them, then every rank reads them all
+        _merge_and_read(cache_path, rank, cache_ids, keys, answers, todo)
+    return answers
+
+
+def _generate_answers(model, tokenizer, prompts, rows: list[int], answers: TokenLists,
+                      lines: tuple[Sequence[int], Sequence[str]], budgets: list[int], write_path, batch_size: int,
+                      stop_token_ids, features: FeatureStore | None, bar) -> None:
+    """Answer `rows` of the prompts in batches: answers[i] set, each batch's cache lines (`lines`: every prompt's
+    id and key) appended to `write_path` and its trunk features to `features` as it finishes."""
+    from mtp.decoding.generate import generate, left_pad
+    from mtp.models.quantize import fp16_decoding
+
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    sink = open_append(write_path) if write_path is not None else None
     was_training = model.training
     model.eval()
     new_tokens = 0
@@ -187,89 +259,63 @@ def self_distilled_answers(
     try:
         # Packed fp16 weights answer ~1.3x faster on a CPU; the layers' fp32 weights (trained next) are untouched.
         with fp16_decoding(model):
-            for start in range(0, len(mine), batch_size):
-                chunk = mine[start:start + batch_size]
-                ids, mask = left_pad([prompts[i] for i in chunk], pad)
-                recorder = _TrunkRecorder(len(chunk)) if trunk_sink is not None else None
+            for start in range(0, len(rows), batch_size):
+                chunk = rows[start:start + batch_size]
+                asked = [prompts[i] for i in chunk]
+                ids, mask = left_pad(asked, pad)
+                longest = max(len(p) + budgets[i] for p, i in zip(asked, chunk, strict=True))
+                recorder = FeatureRecorder(features, len(chunk), longest) if features is not None else None
                 res = generate(model, ids.to(model.device), mask.to(model.device),
                                max_new_tokens=max(budgets[i] for i in chunk), strategy="greedy",
                                stop_token_ids=stop_token_ids, on_trunk=recorder)
-                lines = []
-                for r, i in enumerate(chunk):
-                    answers[i] = [int(t) for t in res.tokens[r][: budgets[i]]]
-                    lines.append(json.dumps({"id": cache_ids[i], "key": keys[i], "tokens": answers[i]}) + "\n")
-                    if recorder is not None:
-                        trunk_sink[cache_ids[i]] = recorder.row(r, len(prompts[i]) + len(answers[i]))
+                done = [[int(t) for t in res.tokens[r][: budgets[i]]] for r, i in enumerate(chunk)]
+                if recorder is not None:  # before the answers: a row whose answer is cached has its features
+                    rows_tokens = [p + a for p, a in zip(asked, done, strict=True)]
+                    recorder.write([features.key(t) for t in rows_tokens], [len(t) for t in rows_tokens])
+                for i, answer in zip(chunk, done, strict=True):
+                    answers[i] = answer
                 if sink is not None:
-                    sink.write("".join(lines))
+                    sink.write("".join(json.dumps({"id": lines[0][i], "key": lines[1][i], "tokens": a}) + "\n"
+                                       for i, a in zip(chunk, done, strict=True)))
                     sink.flush()
                     os.fsync(sink.fileno())
-                new_tokens += sum(len(answers[i]) for i in chunk)
+                new_tokens += sum(len(a) for a in done)
                 seconds += res.stats.seconds
+                # The decoding cache's objects refer to each other, so without a collection now the batch's KV
+                # buffers (hundreds of MB for 48 rows of the default model) would wait for Python's cyclic
+                # collector while the next batches allocate theirs: memory would grow with the batches answered.
+                del res, recorder
+                gc.collect()
                 if bar is not None:
                     bar.update(len(chunk))
                     bar.set_postfix_str(f"{new_tokens / max(seconds, 1e-9):.1f} tok/s", refresh=False)
     finally:
-        if sink is not None:
-            sink.close()
-        if bar is not None:
-            bar.close()
+        for f in (sink, features, bar):
+            if f is not None:
+                f.close()
         model.train(was_training)
-    if world > 1:  # every share is written: rank 0 merges them, then every rank reads them all
-        merged = _merged_shares(cache_path, rank)
-        for i in todo:
-            answers[i] = merged.get((cache_ids[i], keys[i]))
-        if any(answers[i] is None for i in todo):
-            raise MTPError(f"{cache_path}: answers of other ranks are missing after merging (is the output folder "
-                           "on a file system every node shares?)")
-    return [list(a) for a in answers]
 
 
-def _open_for_append(path: str | os.PathLike):
-    """The answers file opened to append lines; a last line cut off by an interruption is ended first, so it
-    stays on its own (and is skipped when read) instead of swallowing the next answer."""
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    sink = Path(path).open("a", encoding="utf-8")
-    if sink.tell() > 0:
-        with Path(path).open("rb") as f:
-            f.seek(-1, os.SEEK_END)
-            if f.read(1) != b"\n":
-                sink.write("\n")
-    return sink
-
-
-def _merged_shares(cache_path, rank: int) -> dict:
+def _merge_and_read(cache_path, rank: int, cache_ids, keys, answers: TokenLists, todo: list[int]) -> None:
     """Under torchrun, once every rank has written its share: rank 0 merges them into the cache file, and every
-    rank reads the whole cache back."""
+    rank reads the answers of `todo` back from it."""
     from mtp.training.distributed import barrier
 
     barrier()
     if rank == 0:
         merge_shares(cache_path)
     barrier()
-    return read_cache(cache_path)
-
-
-class _TrunkRecorder:
-    """A `TrunkObserver` for one generate() batch: each row's trunk outputs along its sequence, on the CPU."""
-
-    def __init__(self, batch_size: int):
-        self.parts: list[list[torch.Tensor]] = [[] for _ in range(batch_size)]
-
-    def __call__(self, rows: torch.Tensor, trunk: torch.Tensor, kept: torch.Tensor) -> None:
-        trunk, kept = trunk.detach().cpu(), kept.bool().cpu()  # (B, T, H), (B, T)
-        for r, row in enumerate(rows.tolist()):
-            self.parts[row].append(trunk[r][kept[r]])
-
-    def row(self, r: int, length: int) -> torch.Tensor:
-        """The first `length` positions of row r (the last token of an answer was never fed: one fewer)."""
-        return torch.cat(self.parts[r])[:length]  # (<= length, H)
+    _read_answers(cache_path, cache_ids, keys, answers, todo)
+    for i in todo:
+        if answers.starts[i] < 0:
+            raise MTPError(f"{cache_path}: answers of other ranks are missing after merging (is the output folder "
+                           "on a file system every node shares?)")
 
 
 def answers_within_minutes(
     model,
     tokenizer,
-    prompts: Sequence[Sequence[int]],
+    prompts: Sequence[Sequence[int]] | TokenLists,
     minutes: float,
     *,
     max_new_tokens: int,
@@ -279,10 +325,10 @@ def answers_within_minutes(
     model_key: str | None = None,
     stop_token_ids: list[int] | None = None,
     progress: bool = True,
-    trunk_sink: dict[int, torch.Tensor] | None = None,
+    features: FeatureStore | None = None,
 ) -> int:
     """How many of `prompts`, taken in order, the model answers in about `minutes`: it answers the first batch
-    (into the cache and `trunk_sink` under ids = positions, so the run reuses them) and extrapolates from that
+    (into the cache and `features` under ids = positions, so the run reuses them) and extrapolates from that
     batch's seconds per answer. The first batch is always answered. Batches an earlier, interrupted run already
     answered are skipped (no speed to measure there): the next one is measured instead.
 
@@ -292,7 +338,7 @@ def answers_within_minutes(
         raise MTPError(f"the answering budget must be > 0 minutes, got {minutes:g}")
     budgets = [max_new_tokens] * len(prompts) if budgets is None else [min(b, max_new_tokens) for b in budgets]
     model_key = model_key or model_fingerprint(model)
-    cached = read_cache(cache_path) if cache_path is not None else {}
+    cached = {(i, key) for i, key, _ in cache_records(cache_path)} if cache_path is not None else set()
     for start in range(0, len(prompts), batch_size):
         chunk = list(range(start, min(start + batch_size, len(prompts))))
         missing = [i for i in chunk
@@ -303,93 +349,68 @@ def answers_within_minutes(
         self_distilled_answers(model, tokenizer, [prompts[i] for i in chunk], max_new_tokens=max_new_tokens,
                                cache_path=cache_path, batch_size=batch_size, budgets=[budgets[i] for i in chunk],
                                model_key=model_key, stop_token_ids=stop_token_ids, progress=progress,
-                               trunk_sink=trunk_sink, ids=chunk, desc="self-distilled targets (measuring speed)")
+                               features=features, ids=chunk, desc="self-distilled targets (measuring speed)")
         per_answer = max(time.perf_counter() - t, 1e-9) / len(missing)
         return max(chunk[-1] + 1, min(len(prompts), int(minutes * 60 / per_answer)))
     return len(prompts)  # all answered already
 
 
-def self_distilled_data(
+def self_distilled_data(model, tokenizer, groups: Sequence[Sequence[Example]], *,
+                        template: Literal["chat", "plain"] = "chat", **kw) -> list[TokenizedData | None]:
+    """`self_distilled_rows` of groups of examples (their prompts; the answers are the model's)."""
+    prompts = TokenLists()
+    for ex in (ex for group in groups for ex in group):
+        prompts.append(prompt_token_ids(tokenizer, ex.prompt, template))
+    starts = [sum(len(g) for g in groups[:j]) for j in range(len(groups))]
+    return self_distilled_rows(model, tokenizer, prompts,
+                               [range(s, s + len(g)) for s, g in zip(starts, groups, strict=True)], **kw)
+
+
+def self_distilled_rows(
     model,
     tokenizer,
-    groups: Sequence[Sequence[Example]],
+    prompts: TokenLists,
+    groups: Sequence[Sequence[int]],
     *,
-    template: Literal["chat", "plain"] = "chat",
     seq_len: int = 512,
     max_new_tokens: int = 256,
     loss_on: Literal["answer", "all"] = "answer",
     pack: bool = False,
-    cache_path: str | os.PathLike | None = None,
-    batch_size: int = 16,
-    model_key: str | None = None,
-    generate_missing: bool = True,
-    progress: bool = True,
-    trunk_features: bool = False,
-    share: tuple[int, int] = (0, 1),
     ids: Sequence[Sequence[int]] | None = None,
-    trunk_sink: dict[int, torch.Tensor] | None = None,
-    desc: str = "self-distilled targets",
+    features: FeatureStore | None = None,
+    **answering,
 ) -> list[TokenizedData | None]:
-    """One TokenizedData per group of examples (e.g. [train, held-out]; None for an empty group): rows of
-    prompt + the model's own greedy answer, loss on the answer (or on everything with loss_on="all").
+    """One TokenizedData per group of prompts (positions in `prompts`; e.g. [train, held-out]; None for an empty
+    group): rows of prompt + the model's own greedy answer, loss on the answer (or on everything with
+    loss_on="all").
 
-    All groups are answered in one pass sharing one cache (ids run on across groups, or `ids`: each example's
-    id, per group). An answer is generated only as long as it can fit in its row: min(max_new_tokens, seq_len -
-    prompt length). With `trunk_features` (not with `pack`), each TokenizedData also carries its rows' trunk
-    outputs (`trunk_features`): kept from generation (also from an earlier call's `trunk_sink`, by id), computed
-    for rows whose answer came from the cache.
+    All groups are answered in one pass sharing one cache (`self_distilled_answers`, which takes `answering`'s
+    keywords), ids running on across groups, or `ids`: each prompt's id, per group. An answer is generated only as
+    long as it can fit in its row: min(max_new_tokens, seq_len - prompt length). `features` (not with `pack`)
+    receives the trunk outputs generation computes (`mtp.training.features`).
     """
     if seq_len < 2:
         raise MTPError(f"seq_len must be at least 2, got {seq_len}")
-    flat = [ex for group in groups for ex in group]
-    prompts = [prompt_token_ids(tokenizer, ex.prompt, template) for ex in flat]
-    budgets = [max(0, seq_len - len(p)) for p in prompts]
-    if trunk_features and pack:
+    if features is not None and pack:
         raise MTPError("trunk features of packed rows are not recorded (rows mix examples); use pack=False")
-    sink: dict[int, torch.Tensor] | None = (trunk_sink if trunk_sink is not None else {}) if trunk_features else None
     if ids is None:
         starts = [sum(len(g) for g in groups[:j]) for j in range(len(groups))]
-        ids = [list(range(start, start + len(g))) for start, g in zip(starts, groups, strict=True)]
+        ids = [range(start, start + len(g)) for start, g in zip(starts, groups, strict=True)]
     flat_ids = [i for group_ids in ids for i in group_ids]
-    if len(flat_ids) != len(flat) or len(set(flat_ids)) != len(flat_ids):
+    asked = prompts.take(i for group in groups for i in group)  # in the order of flat_ids
+    if len(flat_ids) != len(asked) or len(set(flat_ids)) != len(flat_ids):
         raise MTPError("ids must give every example of the groups its own id")
-    answers = dict(zip(flat_ids, self_distilled_answers(
-        model, tokenizer, prompts, max_new_tokens=max_new_tokens, cache_path=cache_path, batch_size=batch_size,
-        budgets=budgets, model_key=model_key, generate_missing=generate_missing, progress=progress,
-        trunk_sink=sink, share=share, ids=flat_ids, desc=desc), strict=True))
-    prompts = dict(zip(flat_ids, prompts, strict=True))
+    budgets = [max(0, seq_len - len(asked[k])) for k in range(len(asked))]
+    answers = self_distilled_answers(model, tokenizer, asked, max_new_tokens=max_new_tokens, budgets=budgets,
+                                     ids=flat_ids, features=features, **answering)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     out: list[TokenizedData | None] = []
-    for group_ids in ids:
-        rows = [(prompts[i] + answers[i], [loss_on == "all"] * len(prompts[i]) + [True] * len(answers[i]))
-                for i in group_ids]
-        data = rows_to_data(rows, seq_len, pad, pack) if rows else None
-        if data is not None and sink is not None:  # the features of the rows rows_to_data kept
-            recorded = [sink.pop(group_ids[k], None) for k in data.source_rows.tolist()]
-            data.trunk_features = _row_features(model, data, recorded, progress)
-        out.append(data)
+    k = 0
+    for group in groups:
+        rows = Rows(seq_len, pad, pack)
+        for _ in group:
+            prompt, answer = asked[k], answers[k]
+            rows.add(prompt + answer, [loss_on == "all"] * len(prompt) + [True] * len(answer))
+            k += 1
+        out.append(rows.finish() if len(group) else None)
     return out
-
-
-def _row_features(model, data: TokenizedData, recorded: list[torch.Tensor | None], progress: bool) -> torch.Tensor:
-    """(N, L, H) trunk outputs of the rows of `data`: the recorded ones, the rest (None) computed now."""
-    from mtp.training.loop import compute_trunk_features
-
-    lengths = data.lengths.tolist()
-    missing = [k for k, f in enumerate(recorded) if f is None]
-    computed = None
-    if missing:
-        index = torch.tensor(missing)
-        subset = TokenizedData.from_dense(data.input_ids[index], data.loss_mask[index], data.attention_mask[index])
-        with torch.no_grad():
-            computed = compute_trunk_features(model, subset, progress=progress, desc="trunk cache (cached answers)")
-    hidden_size = model.config.hidden_size
-    sample = next((f for f in recorded if f is not None), computed)
-    features = torch.zeros(len(data), max(lengths), hidden_size, dtype=sample.dtype)  # (N, L, H)
-    for k, f in enumerate(recorded):
-        if f is not None:
-            f = f[: lengths[k]]
-            features[k, : f.shape[0]] = f
-    if computed is not None:
-        features[torch.tensor(missing), : computed.shape[1]] = computed.to(features.dtype)
-    return features
