@@ -62,6 +62,8 @@ def test_train_cli_frozen_self_targets(tmp_path, mtp_folder) -> None:
     assert [h["predicts"] for h in report["heads"]] == ["t+1", "t+2", "t+3"]
     assert report["heads"][0]["top1_accuracy"] == 1.0  # its own greedy answers
     assert report["held_out_rows"] == 6
+    assert report["trunk_cache"] == "disk" and report["peak_memory_gb"]["host"] > 0.1  # features read from disk
+    assert (out / "trunk_features.bin").stat().st_size > 0
     lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [x["step"] for x in lines if "eval" not in x] == [1, 2, 3, 4, 5, 6]
     assert [x["step"] for x in lines if "eval" in x] == [3, 6]

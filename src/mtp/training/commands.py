@@ -284,7 +284,7 @@ def _train(a: _Args, args: dict, out: Path, checkpoint: Path | None, par: Parall
             return 0
         install_model(_unsharded_copy(method, a, mtp_model, whole), out)
     timings["total"] = time.perf_counter() - t_start
-    _write_report(out, a, result, held_data, timings, trainer)
+    _write_report(out, a, result, held_data, timings, trainer, dev)
     return 0
 
 
@@ -370,13 +370,14 @@ def _self_answered_data(a: _Args, args: dict, out: Path, method, mtp_model, par:
         share=(par.rank, par.world_size) if par is not None else (0, 1))
 
 
-def _write_report(out: Path, a: _Args, result, held_data, timings: dict[str, float], trainer) -> None:
+def _write_report(out: Path, a: _Args, result, held_data, timings: dict[str, float], trainer, dev) -> None:
     """eval.json (what the run measured, held-out figures included) and the printed summary."""
     report = {"step": result.step, "targets": a.targets,
               "held_out_rows": len(held_data) if held_data is not None else 0,
               "train_loop_seconds": round(result.seconds, 1),  # optimizer steps only, summed over resumes
               "seconds_this_invocation": {k: round(v, 1) for k, v in timings.items()},
-              "trunk_cache": getattr(trainer, "trunk_cache", "off")}
+              "trunk_cache": getattr(trainer, "trunk_cache", "off"),
+              "peak_memory_gb": peak_memory_gb(dev)}
     if result.evaluation is not None:
         ev = result.evaluation
         report.update(ev.to_dict())
@@ -587,11 +588,32 @@ def install_model(model, out: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def peak_memory_gb(dev: torch.device) -> dict[str, float | None]:
+    """This process's peak resident memory (what `/usr/bin/time -f %M` reports) and, on a GPU, the peak of
+    torch's allocations there, in GB (1e9 bytes); None where the system does not say."""
+    from mtp.memory import peak
+
+    host = peak()
+    if host is None:
+        try:
+            import resource
+            import sys
+
+            host = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+        except ImportError:  # Windows
+            host = None
+    report = {"host": round(host / 1e9, 3) if host is not None else None}
+    if dev.type == "cuda":
+        report["gpu"] = round(torch.cuda.max_memory_allocated(dev) / 1e9, 3)
+    return report
+
+
 def _print_summary(out: Path, result, report: dict) -> None:
     t = report["seconds_this_invocation"]
+    memory = ", ".join(f"{where} {gb:.2f} GB" for where, gb in report["peak_memory_gb"].items() if gb is not None)
     print(f"mtp train: done, step {result.step}; {t['total']:.0f} s in all (model {t['load_model']:.0f} s, data and "
-          f"targets {t['data_and_targets']:.0f} s, trunk cache + training + eval {t['trunk_cache_train_eval']:.0f} s). "
-          f"Model: {out}", flush=True)
+          f"targets {t['data_and_targets']:.0f} s, trunk cache + training + eval {t['trunk_cache_train_eval']:.0f} s); "
+          f"peak memory {memory or 'not measured'}. Model: {out}", flush=True)
     if "heads" in report:
         print("held-out per head:   head  predicts  top-1 acc   loss    tokens")
         for h in report["heads"]:
