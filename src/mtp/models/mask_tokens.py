@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mtp.errors import CheckpointMismatchError, MTPError
+from mtp.models.cache import additive_mask
 
 MASK_TOKEN = "<|mtp_mask|>"
 METHOD = "mask_tokens"
@@ -160,13 +161,6 @@ def gather_layout(input_ids: torch.Tensor, attention_mask: torch.Tensor, layout:
     positions = (layout.position_ids + offset).to(input_ids.device)[None].expand(b, -1)
     return LayoutBatch(tokens, positions, attention, is_mask.to(input_ids.device), layout.predict.to(input_ids.device),
                        weight.float(), next_token, layout)
-
-
-def additive_mask(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """(B, T, S) bool -> (B, 1, T, S) additive float mask, as transformers' attention interface takes a 4-D mask
-    (sdpa, eager and flex alike)."""
-    mask = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
-    return mask.masked_fill_(~allowed, torch.finfo(dtype).min)[:, None]
 
 
 # ------------------------------------------------------------------------------------------------ gated LoRA
@@ -377,8 +371,8 @@ class MaskTokenModel(nn.Module):
     # ---------------------------------------------------------------- adapters
     @contextmanager
     def gate(self, is_mask: torch.Tensor | None):
-        """Adapters act where `is_mask` (B, T) or (T,) is True (None or no mask: the base model everywhere)."""
-        if self.lora is None or is_mask is None or not bool(is_mask.any()):
+        """Adapters act where `is_mask` (B, T) or (T,) is True (None: the base model everywhere)."""
+        if self.lora is None or is_mask is None:
             yield
             return
         g = is_mask.to(self.dtype)
@@ -467,7 +461,8 @@ class MaskTokenModel(nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs):
         """Logits of a plain causal forward (B, T, 1, V), as `MTPModel` with one head; masks in `input_ids`
         switch the adapters on there."""
-        with self.gate(input_ids == self.mask_token_id):
+        is_mask = input_ids == self.mask_token_id
+        with self.gate(is_mask if bool(is_mask.any()) else None):
             return self.without_mask_token(self.lm(input_ids, attention_mask, **kwargs))
 
     def lm_head(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -476,28 +471,26 @@ class MaskTokenModel(nn.Module):
     def without_mask_token(self, logits: torch.Tensor) -> torch.Tensor:
         """The mask token is an input, never an output: its logit is set to the lowest value (probability 0),
         so a decoded sequence never holds a token that would read as a mask."""
-        return logits.index_fill(-1, torch.tensor([self.mask_token_id], device=logits.device),
-                                 torch.finfo(logits.dtype).min)
+        logits = logits.clone()
+        logits[..., self.mask_token_id] = torch.finfo(logits.dtype).min
+        return logits
 
     def block_forward(self, tokens, valid, cache, offsets, within, is_mask) -> torch.Tensor:
-        """One cached decoding forward of a block laid out by `MaskDrafter`: final hidden states (B, T, H)."""
-        lm = self.lm
+        """One cached decoding forward of a block laid out by `MaskDrafter`: final hidden states (B, T, H). The
+        cache keeps nothing yet: the decoding step keeps what it accepted."""
         with self.gate(is_mask):
-            trunk, ctx = lm.trunk_forward(tokens, None if bool(valid.all()) else valid, cache, offsets, within)
-            hidden = lm.head_forward(0, trunk, ctx)
-            lm.finish_block(ctx)
-        return hidden
+            trunk, ctx = self.lm.trunk_forward(tokens, valid, cache, offsets, within)
+            return self.lm.head_forward(0, trunk, ctx)
 
     # ---------------------------------------------------------------- decoding
-    def drafter(self, opts, proposer=None):
-        from mtp.decoding.drafters import MaskDrafter
+    kind = "mask_tokens"  # what decoding drafts with (`mtp.decoding.drafters.drafter_for`) and checkpoints hold
 
-        if proposer is not None:
-            raise MTPError("a custom proposer drafts for parallel heads; a mask-token model drafts with its masks")
-        return MaskDrafter(self, opts)
+    def draft_depth(self, k: int | None = None) -> int:
+        """How many tokens past the next one k-1 masks draft (k: the decoding's, default the trained one)."""
+        return (k if k is not None else self.default_k) - 1
 
-    def new_cache(self, batch_size: int, max_len: int):
-        return self.lm.new_cache(batch_size, max_len)
+    def new_cache(self, batch_size: int, max_len: int, static: bool = False):
+        return self.lm.new_cache(batch_size, max_len, static=static)
 
     def generate(self, input_ids=None, attention_mask=None, **kwargs):
         """transformers' `generate` (a LongTensor of prompts + new tokens; see `mtp.decoding.hf_generate`), with

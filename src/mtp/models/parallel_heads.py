@@ -27,7 +27,7 @@ from mtp.decoding.inputs import token_batch
 from mtp.errors import CheckpointMismatchError, MTPError
 from mtp.io import atomic_folder
 from mtp.models.backbones import backbone_for
-from mtp.models.cache import MTPCache
+from mtp.models.cache import MTPCache, additive_mask
 
 WEIGHTS_NAME = "model.safetensors"
 EXTRA_HEADS_PREFIX = "extra_heads."
@@ -134,15 +134,16 @@ class MTPModel(nn.Module):
         self.backbone.use_fast_layers(layers, weights)
         self.fast_decoding = weights
 
-    def drafter(self, opts, proposer=None):
-        """The decoding loop's drafter for this model: head 0 verifies, heads 1..n-1 propose."""
-        from mtp.decoding.drafters import HeadsDrafter
+    kind = "parallel_heads"  # what decoding drafts with (`mtp.decoding.drafters.drafter_for`) and checkpoints hold
 
-        return HeadsDrafter(self, opts, proposer)
+    def draft_depth(self, k: int | None = None) -> int:
+        """How many tokens past the next one the model drafts: one per extra head."""
+        return self.num_heads - 1
 
-    def new_cache(self, batch_size: int, max_len: int) -> MTPCache:
+    def new_cache(self, batch_size: int, max_len: int, static: bool = False) -> MTPCache:
         layers = [self.num_trunk_layers] + [len(self.head_layers(h)) for h in range(self.num_heads)]
-        return MTPCache(batch_size, max_len, num_stacks=1 + self.num_heads, device=self.device, stack_layers=layers)
+        return MTPCache(batch_size, max_len, num_stacks=1 + self.num_heads, device=self.device, stack_layers=layers,
+                        static=static)
 
     # ---------------------------------------------------------------- forward pieces (used by decoding, training)
     def trunk_forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
@@ -175,9 +176,10 @@ class MTPModel(nn.Module):
         return self.backbone.norm(hidden)
 
     def finish_block(self, ctx: ForwardContext) -> None:
-        """Advance the cache once every stack has written the block's keys and values."""
+        """Keep the whole block in the cache once every stack has written its keys and values (decoding instead
+        keeps what its verifier accepted: `MTPCache.keep_path`)."""
         if ctx.cache is not None:
-            ctx.cache.commit_block(ctx.valid)
+            ctx.cache.commit()
 
     def lm_head(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.backbone.lm_head(hidden)
@@ -553,6 +555,4 @@ def _uncached_mask(valid: torch.Tensor, dtype: torch.dtype, config) -> tuple[tor
     idx = torch.arange(t, device=valid.device)
     allowed = valid[:, None, :] & (idx[None, None, :] <= idx[None, :, None])  # (B, T, T)
     allowed |= idx[None, None, :] == idx[None, :, None]
-    mask = torch.zeros(allowed.shape, dtype=dtype, device=valid.device)
-    mask.masked_fill_(~allowed, torch.finfo(dtype).min)
-    return mask[:, None], position_ids  # (B, 1, T, T)
+    return additive_mask(allowed, dtype), position_ids  # (B, 1, T, T)
