@@ -70,7 +70,7 @@ def test_packing_is_for_the_cpu(monkeypatch):
         resolve_runtime("auto", quantize="fp16", flags=True)
 
 
-COMMANDS = [["info"], ["generate", "--prompt", "hi"], ["eval"], ["bench"], ["train", "--output", "o"],
+COMMANDS = [["info"], ["generate", "--prompt", "hi"], ["eval"], ["bench"], ["demo"], ["train", "--output", "o"],
             ["bench-train"]]
 
 
@@ -130,3 +130,17 @@ def test_train_dtype_auto(method, freeze_trunk, precision, gpu, expected, monkey
     a = _Args({**args, "output": "o", "method": method, "freeze_trunk": freeze_trunk, "precision": precision})
     _validate(a)
     assert a.dtype == expected
+
+
+def test_demo_plans_for_its_device(monkeypatch, capsys):
+    from mtp.evaluation.demo import CPU_PLAN, GPU_PLAN, _announce, plan_for, train_settings
+
+    assert plan_for(torch.device("cpu")) is CPU_PLAN and plan_for(torch.device("cuda", 0)) is GPU_PLAN
+    assert GPU_PLAN.budget_minutes is None  # a GPU answers all 7,473 questions
+    settings = train_settings(None, 3.0, None, "cuda:0", GPU_PLAN)
+    assert settings["limit"] is None and settings["answer_minutes"] is None and settings["device"] == "cuda:0"
+    assert settings["gen_batch_size"] == GPU_PLAN.gen_batch_size > CPU_PLAN.gen_batch_size
+    fake_gpus(monkeypatch)
+    _announce(resolve_runtime(), GPU_PLAN, None, None)
+    out = capsys.readouterr().out
+    assert "on cuda:0 (NVIDIA H200), bfloat16; all 7,473 GSM8K train questions, no time budget" in out
