@@ -190,6 +190,26 @@ def test_adapters_on_the_top_layers_only(tmp_path, hf_folder, tok):
     assert trained.lora.first_layer == 2 and trained.lm.num_layers == 3
 
 
+def test_the_papers_recipe_runs(tmp_path, hf_folder):
+    """Seed 002's recipe at its sizes: full fine-tuning, k drawn from 2..16, 5 regions of 32 real tokens, hard
+    targets, AdamW at lr 1e-5 after a warmup, on the model's own answers to as many questions as asked."""
+    from mtp.training.commands import train
+
+    out = tmp_path / "run"
+    assert train(output=str(out), model=hf_folder, data=write_data(tmp_path / "d.jsonl", n=8), method="selfdistill",
+                 adapter="full", k_min=2, k_max=16, regions=5, seq_len=160, supervision="hard", lr=1e-5,
+                 warmup_steps=2, targets="self", limit=8, max_new_tokens=8, steps=3, holdout=0.25,
+                 progress=False) == 0
+    config = json.loads((out / "train_config.json").read_text())["args"]
+    assert (config["k_min"], config["k_max"], config["regions"], config["seq_len"]) == (2, 16, 5, 160)
+    trained = MaskTokenModel.from_pretrained(out)
+    assert trained.lora is None and trained.default_k == 16
+    report = json.loads((out / "eval.json").read_text())
+    assert len(report["heads"]) == 16 and len(report["confadapt"]["0.9"]["confident_run_share"]) == 16
+    lrs = [json.loads(x)["lr"] for x in (out / "metrics.jsonl").read_text().splitlines() if "eval" not in x]
+    assert lrs[0] == pytest.approx(0.5e-5) and lrs[1] == pytest.approx(1e-5)  # the warmup, then the peak
+
+
 def test_bad_flags_are_one_line_errors(tmp_path, hf_folder):
     from mtp.training.commands import train
 
