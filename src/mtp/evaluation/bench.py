@@ -234,7 +234,8 @@ def hf_method(model, tokenizer, name: str, *, prompt_lookup_tokens: int | None =
                               prompt_lookup_num_tokens=prompt_lookup_tokens)
     if static:
         config.cache_implementation = "static"
-        config.max_cache_len = static_cache_len  # transformers >= 5.2x: one cache size for every call
+        if hasattr(config, "max_cache_len"):  # newer transformers: one cache size for every call (else the warm-up's
+            config.max_cache_len = static_cache_len  # longest call sets the size the later calls reuse)
 
     def run(prompt: Prompt, max_new_tokens: int) -> CallResult:
         ids = torch.tensor([prompt.token_ids], dtype=torch.long, device=model.device)
