@@ -38,20 +38,23 @@ class Plan:
     budget_minutes: the default budget (None: no budget, every question is answered); bench_minutes: what the
     benchmark takes whatever the heads; train_per_answer: training 3 epochs on a question's row over answering
     it, so answering gets 1 / (1 + train_per_answer * epochs / 3) of the time the budget leaves; gen_batch_size:
-    questions answered at a time."""
+    questions answered at a time; save_every: training steps between checkpoints (a GPU takes ~5,000 steps on all
+    the questions, and a checkpoint costs more than many of its steps)."""
 
     budget_minutes: float | None
     bench_minutes: float
     train_per_answer: float
     gen_batch_size: int
+    save_every: int
 
 
 # Measured on 2 cores (README, `make demo`): the benchmark about 4 minutes, training 0.85x answering (7.5 and 8.8
 # minutes for 600 questions).
-CPU_PLAN = Plan(budget_minutes=30.0, bench_minutes=4.0, train_per_answer=0.85, gen_batch_size=48)
+CPU_PLAN = Plan(budget_minutes=30.0, bench_minutes=4.0, train_per_answer=0.85, gen_batch_size=48, save_every=50)
 # An H100/H200 answers all 7,473 questions in a few minutes (a batch of 256 costs about one row's time), trains
 # on them in about a minute and benchmarks in about two (transformers' compiled static-cache peer included).
-GPU_PLAN = Plan(budget_minutes=None, bench_minutes=2.5, train_per_answer=0.35, gen_batch_size=256)
+GPU_PLAN = Plan(budget_minutes=None, bench_minutes=2.5, train_per_answer=0.35, gen_batch_size=256,
+                save_every=1000)
 
 
 def plan_for(device: torch.device) -> Plan:
@@ -90,8 +93,8 @@ def train_settings(train_limit: int | None, train_epochs: float, minutes: float 
     # default 8192-token draft vocabulary (on a GPU the frozen trunk in bf16: --dtype auto).
     return {"model": None, "data": "gsm8k", "split": "train", "num_heads": 4, "freeze_trunk": True,
             "targets": "self", "limit": train_limit, "answer_minutes": minutes, "epochs": train_epochs,
-            "batch_size": 4, "seq_len": 320, "max_new_tokens": 128, "holdout": 0.05, "lr": 5e-3, "save_every": 50,
-            "gen_batch_size": plan.gen_batch_size, "device": device}
+            "batch_size": 4, "seq_len": 320, "max_new_tokens": 128, "holdout": 0.05, "lr": 5e-3,
+            "save_every": plan.save_every, "gen_batch_size": plan.gen_batch_size, "device": device}
 
 
 def _stage(n: int, text: str) -> float:
