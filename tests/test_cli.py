@@ -34,6 +34,8 @@ def test_info_on_a_folder(tiny_mtp_folder, capsys):
     assert "layers 0..1 (2 layers, shared)" in out
     assert "3 (head 0" in out
     assert "vocabulary" in out and "loaded in" in out
+    row = next(line for line in out.splitlines() if line.startswith("device, dtype"))
+    assert row.split()[-2:] == ["cpu,", "float32"]  # --device auto, --dtype auto on a machine without a GPU
 
 
 def test_generate_strategies_and_json(tiny_mtp_folder, tmp_path, capsys):
@@ -83,7 +85,7 @@ def test_generate_prompts_file_to_jsonl(tiny_mtp_folder, tmp_path, capsys):
     assert code == 0, err
     lines = [json.loads(line) for line in out_file.read_text().splitlines()]
     assert [r["prompt"] for r in lines] == ["Janet has 3 eggs", "What is 7 + 5?"]
-    assert "tokens per forward pass" in err
+    assert "tokens per forward pass; cpu, float32" in err
 
 
 @pytest.mark.parametrize("args, message", [

@@ -57,7 +57,7 @@ RULES: dict[str, Range] = {
     "train_limit": Range(2), "threads": AT_LEAST_1, "max_new_tokens": AT_LEAST_1, "steps": AT_LEAST_1,
     "keep_checkpoints": AT_LEAST_1, "seq_len": Range(2), "holdout_max": AT_LEAST_0, "warmup_steps": AT_LEAST_0,
     "eval_every": AT_LEAST_0, "save_every": AT_LEAST_0, "draft_vocab": AT_LEAST_0, "shots": Range(0, 8),
-    "prompt_lookup_tokens": AT_LEAST_0,
+    "prompt_lookup_tokens": AT_LEAST_0, "batch_sizes": AT_LEAST_1, "bandwidth_gbs": POSITIVE,
     # model structure
     "num_heads": AT_LEAST_1, "heads": AT_LEAST_1, "num_trunk_layers": AT_LEAST_0, "num_draft": AT_LEAST_0,
     "k": AT_LEAST_1, "static_k": AT_LEAST_1, "k_min": AT_LEAST_1, "k_max": AT_LEAST_1, "regions": AT_LEAST_1,
@@ -141,3 +141,7 @@ def check_command_arguments(command: str, arguments: Mapping[str, object]) -> No
     for name, kind in OUTPUTS.get(command, {}).items():
         if arguments.get(name) is not None:
             check_output(str(arguments[name]), kind, spelled(name, True))
+    if arguments.get("device") is not None:  # a device this torch cannot use, CPU-only packing on a GPU
+        from mtp.runtime import resolve_runtime
+
+        resolve_runtime(arguments["device"], quantize=str(arguments.get("quantize") or "none"), flags=True)

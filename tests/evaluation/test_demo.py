@@ -9,16 +9,17 @@ from eval_helpers import make_model
 
 from mtp.errors import MTPError
 from mtp.evaluation.demo import (
-    BENCH_MINUTES,
+    CPU_PLAN,
     MIN_ANSWER_MINUTES,
     RUN_NAME,
-    TRAIN_PER_ANSWER,
     answer_minutes,
     is_finished_run,
     run_demo,
     train_settings,
 )
 from mtp.training.commands import train
+
+BENCH_MINUTES, TRAIN_PER_ANSWER = CPU_PLAN.bench_minutes, CPU_PLAN.train_per_answer
 
 pytest_plugins = ["eval_fixtures"]  # fixtures: tiny_tokenizer, tiny_model_dir, gsm8k_file
 

@@ -41,6 +41,8 @@ def test_eval_command_writes_samples_and_summary(tiny_model_dir, gsm8k_file, tmp
     assert set(summary["strict"]) == {"accuracy", "stderr", "correct"}
     assert summary["new_tokens"] == sum(r["new_tokens"] for r in records)
     assert summary["settings"]["chat"] is True  # the tokenizer has a chat template
+    assert summary["settings"]["dtype"] == "float32"  # what --dtype auto resolved to on the CPU
+    assert summary["runtime"] == {"device": "cpu", "gpu": None, "dtype": "float32", "batch_size": 3}
     printed = capsys.readouterr().out
     assert "accuracy strict-match" in printed and "accuracy flexible-extract" in printed
     assert "tokens per forward" in printed and "s/sample" in printed

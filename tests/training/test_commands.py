@@ -62,8 +62,14 @@ def test_train_cli_frozen_self_targets(tmp_path, mtp_folder) -> None:
     assert [h["predicts"] for h in report["heads"]] == ["t+1", "t+2", "t+3"]
     assert report["heads"][0]["top1_accuracy"] == 1.0  # its own greedy answers
     assert report["held_out_rows"] == 6
+    # where it trained, and how fast (this machine has no GPU: no GPU memory)
+    assert report["runtime"] == {"device": "cpu", "gpu": None, "dtype": "float32", "autocast": "fp32"}
+    speed = report["training_speed"]
+    assert speed["steps_timed"] == 6 and speed["tokens_per_second"] > 0 and speed["step_seconds_median"] > 0
+    assert speed["peak_gpu_memory_mb"] is None
     lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [x["step"] for x in lines if "eval" not in x] == [1, 2, 3, 4, 5, 6]
+    assert all(x["seconds"] > 0 for x in lines if "eval" not in x)
     assert [x["step"] for x in lines if "eval" in x] == [3, 6]
     assert (out / "loss.png").stat().st_size > 1000
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-000003", "step-000006"]

@@ -15,7 +15,7 @@ from mtp.decoding.generate import left_pad
 from mtp.errors import MTPError
 from mtp.io import atomic_write_lines, is_json_name, parse_json_line, read_json_records, read_text
 from mtp.models.loading import load_mtp_model
-from mtp.runtime import set_threads
+from mtp.runtime import DType, resolve_runtime, set_threads
 
 
 def read_prompts(path: str) -> list[str]:
@@ -66,7 +66,7 @@ def generate(model: str | None = None, prompt: str | None = None, prompts_file: 
              max_new_tokens: int = 128, num_heads: int | None = None, tau: float = 0.9, k: int | None = None,
              do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
              seed: int | None = None, batch_size: int = 8, json: bool = False, stream: bool = False,
-             dtype: str = "float32", quantize: Literal["none", "fp16", "int8"] = "none", device: str = "cpu",
+             dtype: DType = "auto", quantize: Literal["none", "fp16", "int8"] = "none", device: str = "auto",
              threads: int | None = None, adaptive_draft: bool = True, truncate_prompt: bool = False,
              mask_token_id: int | None = None, mask_token: str | None = None, tree: str = "chain",
              tree_size: int | None = None, lookup: int = 0) -> int:
@@ -90,8 +90,10 @@ def generate(model: str | None = None, prompt: str | None = None, prompts_file: 
         batch_size: prompts decoded together (left padded).
         json: print one JSON object per prompt instead of text.
         stream: print tokens as they are produced (single prompt).
+        dtype: the weights' dtype: auto (bfloat16 on CUDA, float32 on the CPU), float32, bfloat16 or float16
         quantize: CPU weight format for decoding: fp16 (packed; ~1.3x faster, speculative stays exactly equal to
             greedy) or int8 (dynamic quantisation; faster still, speculative may differ from greedy).
+        device: auto (CUDA when available), cpu, cuda or cuda:N
         threads: torch CPU threads (default: torch's choice).
         adaptive_draft: speculative: verify fewer drafts while recent ones were rarely accepted (same output).
         truncate_prompt: keep only the last tokens of a prompt too long for the context with --max-new-tokens.
@@ -110,7 +112,8 @@ def generate(model: str | None = None, prompt: str | None = None, prompts_file: 
     if prompt is not None and not prompt:
         raise MTPError("empty prompt: give at least one token")
     set_threads(threads)
-    m = load_mtp_model(model, num_heads=num_heads, device=device, dtype=dtype, quantize=quantize,
+    runtime = resolve_runtime(device, dtype, quantize)
+    m = load_mtp_model(model, num_heads=num_heads, device=runtime.device, dtype=runtime.dtype, quantize=quantize,
                        mask_token_id=mask_token_id, mask_token=mask_token)
     tok = m.tokenizer
     if tok is None:
@@ -156,7 +159,8 @@ def generate(model: str | None = None, prompt: str | None = None, prompts_file: 
     if not json:
         total_new = sum(len(r["token_ids"]) for r in results)
         print(f"[{strategy}] {total_new} new tokens in {seconds:.1f} s: {total_new / max(seconds, 1e-9):.1f} "
-              f"tokens/s, {total_new / max(forwards, 1):.2f} tokens per forward pass", file=sys.stderr)
+              f"tokens/s, {total_new / max(forwards, 1):.2f} tokens per forward pass; "
+              f"{runtime.describe()}{'' if quantize == 'none' else f', {quantize}-packed'}", file=sys.stderr)
     return 0
 
 

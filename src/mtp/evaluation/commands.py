@@ -11,9 +11,15 @@ from typing import Literal
 import torch
 
 from mtp.errors import MTPError
-from mtp.runtime import set_threads
+from mtp.runtime import DType, Runtime, dtype_name, resolve_runtime, set_threads
 
 Strategy = Literal["greedy", "speculative", "confadapt", "static"]
+
+
+def default_eval_batch(device: torch.device) -> int:
+    """Problems `mtp eval` decodes together: a GPU runs a batch of 64 in about the time of one problem (a step
+    reads the weights once for all its rows); on a few CPU cores batches past ~8 rows stop paying."""
+    return 64 if device.type == "cuda" else 8
 
 
 def _model_name(model: str | None) -> str:
@@ -29,11 +35,12 @@ def _command_line() -> str:
     return " ".join(shlex.quote(a) for a in argv)
 
 
-def _load(model: str | None, dtype: str, device: str, quantize: str = "none", mask_token_id: int | None = None):
+def _load(model: str | None, runtime: Runtime, quantize: str = "none", mask_token_id: int | None = None):
     from mtp.models.loading import describe_source, load_mtp_model
 
-    print(f"mtp: loading {model or 'the embedded default model (SmolLM2-135M-Instruct)'} ...", flush=True)
-    m = load_mtp_model(model, device=device, dtype=dtype, quantize=quantize,  # type: ignore[arg-type]
+    print(f"mtp: loading {model or 'the embedded default model (SmolLM2-135M-Instruct)'} on {runtime.describe()}"
+          f"{'' if quantize == 'none' else f', {quantize}-packed'} ...", flush=True)
+    m = load_mtp_model(model, device=runtime.device, dtype=runtime.dtype, quantize=quantize,  # type: ignore[arg-type]
                        mask_token_id=mask_token_id)
     if m.tokenizer is None:
         raise MTPError(f"{model}: the model has no tokenizer files")
@@ -60,14 +67,14 @@ def eval_(
     shots: int = 8,
     chat: bool | None = None,
     max_new_tokens: int = 256,
-    batch_size: int = 8,
+    batch_size: int | None = None,
     data: str | None = None,
     split: Literal["test", "train"] = "test",
     output: str | None = None,
     resume: bool = True,
     quantize: Literal["none", "fp16", "int8"] = "none",
-    dtype: str = "float32",
-    device: str = "cpu",
+    dtype: DType = "auto",
+    device: str = "auto",
     threads: int | None = None,
     progress: bool = True,
     mask_token_id: int | None = None,
@@ -85,14 +92,15 @@ def eval_(
         shots: fixed chain-of-thought exemplars (0 to 8)
         chat: exemplars as chat turns (lm-eval --apply_chat_template --fewshot_as_multiturn); default: if the model has a template
         max_new_tokens: longest answer (lm-eval: 256)
-        batch_size: problems decoded together (left padding); seconds per sample are the batch's share
+        batch_size: problems decoded together (left padding); seconds per sample are the batch's share (default:
+            64 on a GPU, which decodes a batch in about the time of one problem, 8 on the CPU)
         data: a GSM8K-format .jsonl ("question", "answer" with "#### N") instead of the shipped split
         split: the shipped GSM8K split
         output: result folder: samples.jsonl, summary.json, eval_config.json (default: eval/gsm8k-MODEL-STRATEGY)
         resume: continue an interrupted evaluation in --output (--no-resume: start again)
         quantize: CPU weight format for decoding: fp16 (packed, lossless speculative) or int8 (dynamic)
-        dtype: float32, bfloat16, ...
-        device: cpu, cuda, ...
+        dtype: the weights' dtype: auto (bfloat16 on CUDA, float32 on the CPU), float32, bfloat16 or float16
+        device: auto (CUDA when available), cpu, cuda or cuda:N
         threads: torch CPU threads (default: torch's choice)
         progress: progress bar
         mask_token_id: decode a plain model with this existing token as its mask token (seed 002's folders)
@@ -105,10 +113,12 @@ def eval_(
     if data is not None and not Path(data).is_file():
         raise MTPError(f"{data}: GSM8K file not found")
     set_threads(threads)
+    runtime = resolve_runtime(device, dtype, quantize)
+    batch_size = default_eval_batch(runtime.device) if batch_size is None else batch_size
     tag = strategy_tag(strategy, tau, k)
     out = Path(output) if output is not None else Path("eval") / f"gsm8k-{_model_name(model)}-{tag}"
     start = time.perf_counter()
-    m = _load(model, dtype, device, quantize, mask_token_id)
+    m = _load(model, runtime, quantize, mask_token_id)
     tok = m.tokenizer
     use_chat = resolve_chat(tok, chat)
     prompts = gsm8k_prompts(tok, path=data, split=split, limit=limit, shots=shots, chat=use_chat)
@@ -117,11 +127,12 @@ def eval_(
                 "k": k if strategy == "static" else None, "num_draft": num_draft if strategy == "speculative" else None,
                 "shots": shots, "chat": use_chat, "max_new_tokens": max_new_tokens,
                 "data": str(Path(data).resolve()) if data else f"shipped:{split}", "quantize": quantize,
-                "dtype": dtype}
+                "dtype": dtype_name(runtime.dtype)}
     summary = run_eval(m, tok, prompts, out, identity, strategy=strategy, tau=tau, k=k, num_draft=num_draft,
-                       max_new_tokens=max_new_tokens, batch_size=batch_size, resume=resume, progress=progress)
+                       max_new_tokens=max_new_tokens, batch_size=batch_size, resume=resume, progress=progress,
+                       runtime={**runtime.to_dict(), "batch_size": batch_size})
     title = (f"GSM8K gsm8k_cot, {shots}-shot, {'chat' if use_chat else 'plain'} prompts, {tag}, "
-             f"{summary['n']} problems, batch {batch_size}")
+             f"{summary['n']} problems, batch {batch_size}, {runtime.describe()}")
     print(format_summary(summary, title))
     print(f"samples: {out / 'samples.jsonl'}\nsummary: {out / 'summary.json'}\n"
           f"wall time: {time.perf_counter() - start:.0f} s (model load included)")
@@ -153,6 +164,11 @@ def bench(
     tree_sizes: list[int] | None = None,
     tree_shape: Literal["auto", "dynamic", "both"] = "auto",
     lookup: int = 0,
+    device: str = "auto",
+    dtype: DType = "auto",
+    hf_static: bool | None = None,
+    batch_sizes: list[int] | None = None,
+    bandwidth_gbs: float | None = None,
 ) -> int:
     """Benchmark every decoding method on the same prompts, interleaved: speed, equality with greedy, accuracy.
 
@@ -166,8 +182,8 @@ def bench(
         chat: the tokenizer's chat template (default: on when it has one)
         taus: ConfAdapt thresholds (default: 0.9 0.7 0.5)
         static_k: static k values (default: 2 and the number of heads)
-        fp16: also run greedy and speculative with fp16-packed weights (lossless, faster on CPUs)
-        int8: also run greedy and speculative on an int8-quantised copy of the model (lossy; slow here)
+        fp16: also run greedy and speculative with fp16-packed weights (lossless, faster on CPUs; fp32 on the CPU only)
+        int8: also run greedy and speculative on an int8-quantised copy of the model (lossy; slow here; CPU only)
         hf: run transformers generate() greedy and prompt lookup (the reference)
         prompt_lookup_tokens: transformers prompt_lookup_num_tokens (0: leave prompt lookup out)
         gguf: the GGUF llama.cpp runs (default: the embedded default's, when --model is the default)
@@ -185,6 +201,14 @@ def bench(
             "dynamic" (a new shape every step from the drafts' probabilities, EAGLE-2; rows -dtreeN), or "both"
         lookup: also the speculative chain and each tree with up to this many prompt-lookup drafts (tokens
             copied from earlier in the prompt and answer) verified in the same forward; 0: none
+        device: auto (CUDA when available), cpu, cuda or cuda:N
+        dtype: the weights' dtype: auto (bfloat16 on CUDA; float32 on the CPU, plus the fp16-packed rows), float32,
+            bfloat16 or float16
+        hf_static: also transformers greedy with a static cache, which makes generate() compile its decoding step
+            (the fast transformers path on a GPU; compiled during an untimed warm-up); default: on CUDA
+        batch_sizes: also decode the prompts in batches of each size (e.g. 1 16 64) with greedy and the fastest
+            lossless speculative row: total tokens/s (GSM8K problems past --limit fill the larger batches)
+        bandwidth_gbs: memory bandwidth in GB/s for the weight-streaming floor of a step (default: measured)
     """
     if prompts != "gsm8k" and not Path(prompts).is_file():
         raise MTPError(f"{prompts}: prompts file not found (or use --prompts gsm8k)")
@@ -194,8 +218,9 @@ def bench(
     if out.exists() and not out.is_dir():  # the CLI checks this too; Python callers get it before the long work
         raise MTPError(f"--output {out} is a file; the benchmark writes a folder")
     set_threads(threads)
-    m = _load(model, "float32", "cpu")
-    extra = [(Path(x.rstrip("/")).name, _load(x, "float32", "cpu")) for x in (also or [])]
+    runtime = resolve_runtime(device, dtype)
+    m = _load(model, runtime)
+    extra = [(Path(x.rstrip("/")).name, _load(x, runtime)) for x in (also or [])]
     return run_bench_command(m, extra_models=extra, model_label=model or "SmolLM2-135M-Instruct (embedded default)", prompts=prompts,
                              limit=limit, max_new_tokens=max_new_tokens, output=out, shots=shots, chat=chat,
                              taus=taus, static_k=static_k, fp16=fp16, int8=int8, hf=hf,
@@ -205,7 +230,18 @@ def bench(
                              tree_sizes=tree_sizes or (), lookup=lookup,
                              tree_shapes=("auto", "dynamic") if tree_shape == "both" else (tree_shape,),
                              gguf_note=None if gguf is not None or model is None else
-                             "llama.cpp skipped: pass --gguf FILE with the same model as GGUF")
+                             "llama.cpp skipped: pass --gguf FILE with the same model as GGUF",
+                             hf_static=runtime.device.type == "cuda" if hf_static is None else hf_static,
+                             batch_sizes=batch_sizes or (), bandwidth_gbs=bandwidth_gbs)
+
+
+def _bandwidth(device: torch.device, gbs: float | None) -> dict:
+    """The memory bandwidth of the floors in the bench report: given, or measured on the device."""
+    from mtp.runtime import measure_bandwidth
+
+    if gbs is not None:
+        return {"bytes_per_second": gbs * 1e9, "source": "--bandwidth-gbs"}
+    return {"bytes_per_second": measure_bandwidth(device), "source": f"measured: a large copy on {device}"}
 
 
 def _default_gguf() -> str | None:
@@ -222,24 +258,32 @@ def run_bench_command(m, *, model_label: str, prompts: str, limit: int, max_new_
                       gguf: str | None, llamacpp: bool, rotate: bool, progress: bool,
                       gguf_note: str | None = None, fp16: bool = True, llamacpp_inline: bool = False,
                       extra_models: list[tuple[str, object]] = (), tree_sizes=(), lookup: int = 0,
-                      tree_shapes=("auto",)) -> int:
+                      tree_shapes=("auto",), hf_static: bool = False, batch_sizes=(),
+                      bandwidth_gbs: float | None = None) -> int:
     from mtp.evaluation.bench import (
         JOURNAL,
         build_methods,
         build_report,
+        fastest_lossless,
+        format_batch_table,
         format_table,
+        run_batch_rows,
         run_bench,
         write_report,
     )
     from mtp.evaluation.prompts import file_prompts, gsm8k_prompts, resolve_chat
 
     tok = m.tokenizer
+    runtime = Runtime(m.device, m.dtype)
     use_chat = resolve_chat(tok, chat)
+    pool_size = max([limit, *batch_sizes])  # the batch rows' prompts: the table's, then more where there are
     if prompts == "gsm8k":
-        items = gsm8k_prompts(tok, limit=limit, shots=shots, chat=use_chat)
+        pool = gsm8k_prompts(tok, limit=pool_size, shots=shots, chat=use_chat)
+        items = pool[:limit]
         prompts_desc = f"GSM8K test problems 0-{len(items) - 1}, {shots}-shot, {'chat' if use_chat else 'plain'}"
     else:
-        items = file_prompts(tok, prompts, limit=limit, shots=shots, chat=use_chat)
+        pool = file_prompts(tok, prompts, limit=pool_size, shots=shots, chat=use_chat)
+        items = pool[:limit]
         prompts_desc = f"{len(items)} prompts from {prompts}, {'chat' if use_chat else 'plain'}"
     notes: list[str] = []
     if gguf_note and llamacpp:
@@ -249,14 +293,16 @@ def run_bench_command(m, *, model_label: str, prompts: str, limit: int, max_new_
                             prompt_lookup_tokens=prompt_lookup_tokens, fp16=fp16, int8=int8,
                             gguf=gguf if llamacpp else None, llamacpp_ctx=longest + max_new_tokens + 16,
                             llamacpp_inline=llamacpp_inline, notes=notes, tree_sizes=tree_sizes, lookup=lookup,
-                            tree_shapes=tree_shapes)
+                            tree_shapes=tree_shapes, hf_static=hf_static)
     from mtp.evaluation.bench import multi_token_methods
 
     for label, other in extra_models:
         methods += multi_token_methods(other, tok, taus=taus if taus is not None else (0.9, 0.7, 0.5),
                                        static_k=static_k, fp16=fp16, prefix=f"{label}:", notes=notes)
+    bandwidth = _bandwidth(runtime.device, bandwidth_gbs)
     print(f"mtp bench: {len(methods)} methods x {len(items)} prompts ({prompts_desc}), up to {max_new_tokens} new "
-          f"tokens, {torch.get_num_threads()} threads: {', '.join(x.name for x in methods)}", flush=True)
+          f"tokens, {runtime.describe()}, {torch.get_num_threads()} threads: {', '.join(x.name for x in methods)}; "
+          f"memory bandwidth {bandwidth['bytes_per_second'] / 1e9:,.1f} GB/s ({bandwidth['source']})", flush=True)
     for note in notes:
         print(f"mtp bench: note: {note}", flush=True)
     from mtp.training.targets import model_fingerprint
@@ -264,7 +310,7 @@ def run_bench_command(m, *, model_label: str, prompts: str, limit: int, max_new_
     journal = output / JOURNAL  # each finished call, so that an interrupted bench resumes
     identity = {"model": model_fingerprint(m, with_heads=True), "draft_vocab": m.draft_vocab is not None,
                 "also": [model_fingerprint(x, with_heads=True) for _, x in extra_models],
-                "threads": torch.get_num_threads(), "gguf": gguf if llamacpp else None}
+                "threads": torch.get_num_threads(), "gguf": gguf if llamacpp else None, "runtime": runtime.to_dict()}
     output.mkdir(parents=True, exist_ok=True)
     run = run_bench(methods, items, max_new_tokens, rotate=rotate, progress=progress, journal=journal,
                     identity=identity)
@@ -275,12 +321,23 @@ def run_bench_command(m, *, model_label: str, prompts: str, limit: int, max_new_
                 "prompts_description": prompts_desc, "limit": limit, "shots": shots, "chat": use_chat,
                 "max_new_tokens": max_new_tokens, "num_heads": m.num_heads, "rotate": rotate,
                 "prompt_lookup_tokens": prompt_lookup_tokens, "gguf": gguf if llamacpp else None,
-                "command": _command_line()}
-    report = build_report(run, tok, settings=settings, notes=notes)
+                "hf_static": hf_static, "batch_sizes": list(batch_sizes), "command": _command_line()}
+    report = build_report(run, tok, settings=settings, notes=notes, runtime=runtime.to_dict(), bandwidth=bandwidth)
+    if batch_sizes:
+        pair = fastest_lossless(report["methods"], methods)
+        if pair is None:
+            report["notes"].append("batch rows skipped: no lossless speculative row equalled its greedy on every "
+                                   "prompt")
+        else:
+            report["batch_rows"] = run_batch_rows(pair, pool, batch_sizes, max_new_tokens, len(items), progress)
+    notes = report["notes"]
     paths = write_report(report, output)
     journal.unlink()  # the report holds every call; a new run measures afresh
     print()
     print(format_table(report))
+    if report.get("batch_rows"):
+        print()
+        print(format_batch_table(report))
     for note in notes:
         print(f"note: {note}")
     print(f"\nreport: {paths['markdown']} (and {paths['json'].name})\nplot: {paths['plot']}")

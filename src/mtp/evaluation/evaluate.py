@@ -117,11 +117,13 @@ def generate_batch(model, tokenizer, prompts: Sequence[Prompt], *, strategy: str
 # ------------------------------------------------------------------------------------------------ the run
 def run_eval(model, tokenizer, prompts: Sequence[Prompt], output: str | Path, identity: dict, *,
              strategy: str = "greedy", tau: float = 0.9, k: int | None = None, num_draft: int | None = None,
-             max_new_tokens: int = 256, batch_size: int = 8, resume: bool = True, progress: bool = True) -> dict:
+             max_new_tokens: int = 256, batch_size: int = 8, resume: bool = True, progress: bool = True,
+             runtime: dict | None = None) -> dict:
     """Evaluate `prompts` into the folder `output`; returns the summary (also written to summary.json).
 
     `identity` describes what the run computes (model, strategy, prompt format...); with `resume`, an existing
     folder made with the same identity continues where it stopped, one made with another identity is an error.
+    `runtime`: where this run decodes (`mtp.runtime.Runtime.to_dict`), recorded in the summary.
     """
     if batch_size < 1:
         raise MTPError(f"--batch-size must be >= 1, got {batch_size}")
@@ -187,7 +189,7 @@ def run_eval(model, tokenizer, prompts: Sequence[Prompt], output: str | Path, id
     ordered = [done[p.id] for p in prompts]
     summary = summarize(ordered)
     summary.update({"wall_seconds_this_run": round(time.perf_counter() - start, 2), "output": str(out),
-                    "samples": str(samples_path), "settings": identity})
+                    "samples": str(samples_path), "settings": identity, "runtime": runtime})
     write_json(out / SUMMARY, summary)
     return summary
 

@@ -10,23 +10,13 @@ import torch
 from mtp.errors import MTPError
 from mtp.hub import ModelSource, check_model_folder, default_model_folder, load_base_model, resolve_model
 from mtp.models.parallel_heads import MTPModel, packing_dtypes
+from mtp.runtime import resolve_runtime
 
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-          "float16": torch.float16, "fp16": torch.float16, "float64": torch.float64}
 Quantize = Literal["none", "fp16", "int8"]
 
 
-def parse_dtype(name: str | torch.dtype) -> torch.dtype:
-    if isinstance(name, torch.dtype):
-        return name
-    try:
-        return DTYPES[name]
-    except KeyError:
-        raise MTPError(f"unknown dtype {name!r}; choose from {', '.join(DTYPES)}") from None
-
-
 def load_mtp_model(spec: str | None = None, num_heads: int | None = None, num_trunk_layers: int | None = None,
-                   device: str = "cpu", dtype: str | torch.dtype = "float32", quantize: Quantize = "none",
+                   device: str | torch.device = "cpu", dtype: str | torch.dtype = "float32", quantize: Quantize = "none",
                    default_num_heads: int = 4, mask_token_id: int | None = None,
                    mask_token: str | None = None):
     """Load `spec` (see `mtp.hub.resolve_model`) as an MTP model.
@@ -35,10 +25,12 @@ def load_mtp_model(spec: str | None = None, num_heads: int | None = None, num_tr
     model is wrapped with `num_heads` heads (default 4) whose extra heads start as copies of the last layer(s).
     A mask-token folder loads as a `MaskTokenModel`, and so does a plain model given `mask_token_id` or
     `mask_token` (a token it already has, as seed 002's checkpoints ship one).
+    `device` and `dtype` may be "auto" (`mtp.runtime`); a device this torch cannot use is an error before loading.
     """
     from mtp.models.mask_tokens import MaskTokenModel, is_mask_token_folder
 
-    torch_dtype = parse_dtype(dtype)
+    runtime = resolve_runtime(device, dtype, quantize)
+    device, torch_dtype = runtime.device, runtime.dtype
     start = time.perf_counter()
     source = resolve_model(spec)
     # Weights about to be fp16-packed (decode-only) are loaded in fp16: the fp32 copy never exists.

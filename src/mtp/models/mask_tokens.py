@@ -33,6 +33,7 @@ from torch import nn
 
 from mtp.errors import CheckpointMismatchError, MTPError
 from mtp.models.cache import additive_mask
+from mtp.runtime import resolve_device
 
 MASK_TOKEN = "<|mtp_mask|>"
 METHOD = "mask_tokens"
@@ -536,6 +537,7 @@ class MaskTokenModel(nn.Module):
         from safetensors.torch import load_file
         from transformers import AutoConfig, AutoModelForCausalLM
 
+        device = resolve_device(device)  # before anything is read
         directory = Path(directory)
         raw = read_mtp_section(directory)
         if raw.get("method") != METHOD:

@@ -6,6 +6,7 @@ import inspect
 import json
 import os
 import shutil
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -16,7 +17,15 @@ import torch
 from mtp.arguments import spelled
 from mtp.errors import MTPError
 from mtp.io import atomic_write_json, remove_stale_temporaries, temporary_prefix
-from mtp.runtime import set_threads
+from mtp.runtime import (
+    Runtime,
+    auto_dtype,
+    describe_runtime,
+    parse_dtype,
+    peak_memory,
+    resolve_device,
+    set_threads,
+)
 from mtp.training.distributed import Parallel
 
 TRAIN_CONFIG = "train_config.json"
@@ -61,7 +70,7 @@ def train(
     head_weights: str = "equal",
     loss_order: Literal["memory-efficient", "naive"] = "memory-efficient",
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto",
-    dtype: Literal["float32", "bfloat16"] = "float32",
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto",
     gradient_checkpointing: bool = False,
     cache_trunk: bool = True,
     draft_vocab: int = 8192,
@@ -127,7 +136,8 @@ def train(
         loss_order: "memory-efficient" (one head's logits at a time) or "naive" (all heads at once)
         precision: autocast: auto (bf16/fp16 on GPU, fp32 on CPU), fp32, bf16, fp16
         dtype: with --freeze-trunk: the frozen part's weights (bfloat16: half the memory; loaded straight in it);
-            the extra heads keep fp32 master weights and train under autocast in this dtype (--precision auto)
+            the extra heads keep fp32 master weights and train under autocast in this dtype (--precision auto);
+            auto: bfloat16 on a GPU that has it, else float32 (trained weights are always fp32)
         gradient_checkpointing: recompute layer activations in the backward pass (less memory, slower)
         cache_trunk: with --freeze-trunk, compute the frozen trunk once per row and reuse it every epoch
         draft_vocab: the extra heads predict among the N most frequent tokens of the training rows (much faster
@@ -160,7 +170,7 @@ def train(
         parallel: under torchrun (torchrun --nproc-per-node N -m mtp train ...): "fsdp" shards parameters,
             gradients and optimizer state over the processes (FSDP2), "ddp" replicates them; "none": one process
         seed: data order, held-out split and initialisation seed
-        device: cpu, cuda, cuda:N or auto
+        device: auto (CUDA when available), cpu, cuda or cuda:N
         threads: torch CPU threads (default: torch's choice)
         progress: progress bars
     """
@@ -182,6 +192,7 @@ def train(
         _check_fresh_output(out)
     a = _Args(args)
     _validate(a)
+    args["dtype"] = a.dtype  # what auto resolved to: a resumed run keeps it, wherever it resumes
     from mtp.training.distributed import barrier, check_parallel, start, stop
 
     check_parallel(a.parallel)
@@ -205,7 +216,7 @@ def _train(a: _Args, args: dict, out: Path, checkpoint: Path | None, par: Parall
 
     main = par is None or par.is_main
     timings: dict[str, float] = {}
-    dev = par.device if par is not None else _device(a.device)
+    dev = par.device if par is not None else resolve_device(a.device, flags=True)
     torch.manual_seed(a.seed)  # the same on every rank: new weights start alike everywhere
 
     # ------------------------------------------------------------------ model
@@ -269,8 +280,11 @@ def _train(a: _Args, args: dict, out: Path, checkpoint: Path | None, par: Parall
               + (f"; resuming at step {trainer.step}" if checkpoint is not None else ""), flush=True)
 
     start = time.perf_counter()
-    result = trainer.train()
+    with peak_memory(dev) as memory:
+        result = trainer.train()
     timings["trunk_cache_train_eval"] = time.perf_counter() - start
+    speed = {**training_speed(result.history), "peak_gpu_memory_mb": memory["peak_mb"]}
+    runtime = {**Runtime(dev, parse_dtype(a.dtype)).to_dict(), "autocast": trainer.precision}
     # ------------------------------------------------------------------ final model and reports
     if par is None:
         install_model(mtp_model, out)
@@ -280,7 +294,7 @@ def _train(a: _Args, args: dict, out: Path, checkpoint: Path | None, par: Parall
             return 0
         install_model(_unsharded_copy(method, a, mtp_model, whole), out)
     timings["total"] = time.perf_counter() - t_start
-    _write_report(out, a, result, held_data, timings)
+    _write_report(out, a, result, held_data, timings, speed, runtime)
     return 0
 
 
@@ -344,12 +358,23 @@ def _training_data(a: _Args, args: dict, out: Path, method, mtp_model, par: Para
         share=(par.rank, par.world_size) if par is not None else (0, 1))
 
 
-def _write_report(out: Path, a: _Args, result, held_data, timings: dict[str, float]) -> None:
+def training_speed(history) -> dict:
+    """Throughput of this invocation's optimizer steps (`StepMetrics`): tokens (every real token of the rows)
+    per second of step time, and the median step time."""
+    seconds = sum(m.seconds for m in history)
+    tokens = sum(m.tokens for m in history)
+    return {"steps_timed": len(history), "tokens_per_second": round(tokens / seconds, 1) if seconds > 0 else None,
+            "step_seconds_median": round(statistics.median(m.seconds for m in history), 4) if history else None}
+
+
+def _write_report(out: Path, a: _Args, result, held_data, timings: dict[str, float], speed: dict,
+                  runtime: dict) -> None:
     """eval.json (what the run measured, held-out figures included) and the printed summary."""
     report = {"step": result.step, "targets": a.targets,
               "held_out_rows": len(held_data) if held_data is not None else 0,
               "train_loop_seconds": round(result.seconds, 1),  # optimizer steps only, summed over resumes
-              "seconds_this_invocation": {k: round(v, 1) for k, v in timings.items()}}
+              "seconds_this_invocation": {k: round(v, 1) for k, v in timings.items()},
+              "runtime": runtime, "training_speed": speed}
     if result.evaluation is not None:
         ev = result.evaluation
         report.update(ev.to_dict())
@@ -404,6 +429,10 @@ def _validate(a: _Args) -> None:
                            "parallel heads")
     if a.answer_minutes is not None and a.targets != "self":
         raise MTPError("--answer-minutes budgets the model's own answers; it needs --targets self")
+    dev = resolve_device(a.device, flags=True)  # before anything loads
+    if a.dtype == "auto":  # frozen weights in bf16 where the GPU computes in it anyway (autocast); else fp32
+        bf16 = auto_dtype(dev) == torch.bfloat16 and a.precision in ("auto", "bf16")
+        a.dtype = "bfloat16" if bf16 and a.method == "heads" and a.freeze_trunk else "float32"
     if a.dtype != "float32":  # frozen weights in bf16/fp16, trained ones fp32: the matmuls need autocast
         autocast = "bf16"  # (fp16 would need --precision fp16, whose loss scaling does not run yet)
         if a.method != "heads" or not a.freeze_trunk:
@@ -418,7 +447,6 @@ class _HeadsMethod:
     """--method heads: parallel heads on a shared trunk (`mtp.training.loop.Trainer`)."""
 
     def load(self, a: _Args, checkpoint: Path | None, dev: torch.device):
-        from mtp.models.loading import parse_dtype
         from mtp.models.parallel_heads import MTPModel
 
         dtype = parse_dtype(a.dtype)
@@ -457,18 +485,6 @@ def _method(a: _Args):
 
         return SelfDistillMethod()
     return _HeadsMethod()
-
-
-def _device(spec: str) -> torch.device:
-    if spec == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(spec)
-    except RuntimeError:
-        raise MTPError(f"unknown device {spec!r}") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise MTPError("--device cuda: no CUDA device is available")
-    return dev
 
 
 def load_model_for_training(spec: str | None, num_heads: int | None, num_trunk_layers: int | None,
@@ -563,6 +579,12 @@ def _print_summary(out: Path, result, report: dict) -> None:
     print(f"mtp train: done, step {result.step}; {t['total']:.0f} s in all (model {t['load_model']:.0f} s, data and "
           f"targets {t['data_and_targets']:.0f} s, trunk cache + training + eval {t['trunk_cache_train_eval']:.0f} s). "
           f"Model: {out}", flush=True)
+    speed = report["training_speed"]
+    if speed["tokens_per_second"] is not None:
+        memory = f", peak GPU memory {speed['peak_gpu_memory_mb']:,.0f} MB" if speed["peak_gpu_memory_mb"] else ""
+        print(f"training speed: {speed['tokens_per_second']:,.0f} tokens/s, {1000 * speed['step_seconds_median']:.0f} "
+              f"ms a step (median of {speed['steps_timed']}){memory}; {describe_runtime(report['runtime'])} "
+              f"weights, autocast {report['runtime']['autocast']}", flush=True)
     if "heads" in report:
         print("held-out per head:   head  predicts  top-1 acc   loss    tokens")
         for h in report["heads"]:
@@ -603,7 +625,7 @@ def bench_train(
         freeze_trunk: benchmark heads-only training instead of full fine-tuning
         gradient_checkpointing: with gradient checkpointing
         output: JSON file for the results
-        device: cpu, cuda or auto
+        device: auto (CUDA when available), cpu, cuda or cuda:N
         threads: torch CPU threads
         seed: seed of the random batch
     """
@@ -620,7 +642,7 @@ def bench_train(
         raise MTPError("--freeze-trunk trains extra heads only; every head count must be >= 2")
     set_threads(threads)
     results = run_bench_train(model, heads, orders, seq_len, batch_size, steps, freeze_trunk,
-                              gradient_checkpointing, _device(device), seed)
+                              gradient_checkpointing, resolve_device(device, flags=True), seed)
     atomic_write_json(Path(output), results)
     print(results["table"])
     print(f"\n{results['method']}\nresults: {output}")

@@ -27,6 +27,7 @@ import torch
 
 from mtp.errors import MTPError
 from mtp.io import atomic_write_lines
+from mtp.runtime import synchronize
 from mtp.training.checkpoints import (
     SHARDED_DIR,
     load_trainer_state,
@@ -232,13 +233,14 @@ class StepMetrics:
     tokens_per_s: float
     grad_norm: float
     elapsed: float
+    seconds: float = 0.0  # this step's wall time
 
     def to_dict(self) -> dict:
         r = lambda x: None if x is None else round(x, 6)  # noqa: E731
         return {"step": self.step, "lr": self.lr, "loss": r(self.loss), "head_loss": [r(x) for x in self.head_loss],
                 "head_acc": [r(x) for x in self.head_acc], "tokens": self.tokens,
                 "tokens_per_s": round(self.tokens_per_s, 1), "grad_norm": r(self.grad_norm),
-                "elapsed": round(self.elapsed, 2)}
+                "elapsed": round(self.elapsed, 2), "seconds": round(self.seconds, 4)}
 
 
 @dataclass
@@ -476,10 +478,11 @@ class Trainer:
         t0 = time.perf_counter()
         total, losses, accuracies, tokens = self.accumulate_gradients()
         grad_norm, lr = self._optimizer_step()
+        synchronize(self.device)  # the step's GPU work is done before its time is taken
         seconds = time.perf_counter() - t0
         return StepMetrics(step=self.step, lr=lr, loss=total, head_loss=losses, head_acc=accuracies, tokens=tokens,
                            tokens_per_s=tokens / seconds if seconds > 0 else 0.0, grad_norm=grad_norm,
-                           elapsed=self._elapsed())
+                           elapsed=self._elapsed(), seconds=seconds)
 
     def accumulate_gradients(self) -> tuple[float, list[float | None], list[float | None], int]:
         """Forward and backward over the step's micro-batches: (loss, loss per head, top-1 accuracy per head,
