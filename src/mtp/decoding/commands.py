@@ -15,7 +15,7 @@ from mtp.decoding.generate import left_pad
 from mtp.errors import MTPError
 from mtp.io import atomic_write_lines, is_json_name, parse_json_line, read_json_records, read_text
 from mtp.models.loading import load_mtp_model
-from mtp.runtime import DType, resolve_runtime, set_threads
+from mtp.runtime import DType, Graphs, graphs_option, resolve_runtime, set_threads
 
 
 def read_prompts(path: str) -> list[str]:
@@ -69,7 +69,7 @@ def generate(model: str | None = None, prompt: str | None = None, prompts_file: 
              dtype: DType = "auto", quantize: Literal["none", "fp16", "int8"] = "none", device: str = "auto",
              threads: int | None = None, adaptive_draft: bool = True, truncate_prompt: bool = False,
              mask_token_id: int | None = None, mask_token: str | None = None, tree: str = "chain",
-             tree_size: int | None = None, lookup: int = 0) -> int:
+             tree_size: int | None = None, lookup: int = 0, graphs: Graphs = "auto") -> int:
     """Generate text with an MTP model: greedy, lossless speculative, ConfAdapt or static-k decoding.
 
     Args:
@@ -105,6 +105,7 @@ def generate(model: str | None = None, prompt: str | None = None, prompts_file: 
         tree_size: nodes of the "auto" or "dynamic" tree (default 16; alone it implies --tree auto).
         lookup: speculative: also verify up to this many tokens copied from earlier in the prompt and answer
             (prompt lookup), one more branch of the draft tree; 0: none.
+        graphs: replay the decoding steps as CUDA graphs: auto (on CUDA), on, off (eager steps, same output).
     """
     if (prompt is None) == (prompts_file is None):
         raise MTPError("give exactly one of --prompt or --prompts-file")
@@ -113,6 +114,7 @@ def generate(model: str | None = None, prompt: str | None = None, prompts_file: 
         raise MTPError("empty prompt: give at least one token")
     set_threads(threads)
     runtime = resolve_runtime(device, dtype, quantize)
+    use_graphs = graphs_option(graphs, runtime.device)
     m = load_mtp_model(model, num_heads=num_heads, device=runtime.device, dtype=runtime.dtype, quantize=quantize,
                        mask_token_id=mask_token_id, mask_token=mask_token)
     tok = m.tokenizer
@@ -138,7 +140,8 @@ def generate(model: str | None = None, prompt: str | None = None, prompts_file: 
                                   strategy=strategy, tau=tau, k=k, do_sample=do_sample, temperature=temperature,
                                   top_p=top_p, top_k=top_k, seed=seed, streamer=collect,
                                   adaptive_draft=adaptive_draft, truncate_prompt=truncate_prompt,
-                                  tree=None if tree == "chain" else tree, tree_size=tree_size, lookup=lookup)
+                                  tree=None if tree == "chain" else tree, tree_size=tree_size, lookup=lookup,
+                                  graphs=use_graphs)
         except KeyboardInterrupt:  # print and keep what the interrupted batch has produced, then stop
             bar.close()
             records = [_record(p, tok.decode(t, skip_special_tokens=True), t, None) | {"interrupted": True}

@@ -37,6 +37,7 @@ speculative method decode the prompts in batches of each size; their total new t
 from __future__ import annotations
 
 import copy
+import functools
 import hashlib
 import json
 import math
@@ -160,7 +161,9 @@ def weight_sizes(model) -> dict:
 
 def mtp_method(model, tokenizer, name: str, strategy: str, *, tau: float = 0.9, k: int | None = None,
                engine: str = "mtp", stop_ids: Sequence[int] | None = None, description: str = "",
-               tree_size: int | None = None, tree: str = "auto", lookup: int = 0) -> Method:
+               tree_size: int | None = None, tree: str = "auto", lookup: int = 0,
+               graphs: bool | None = None) -> Method:
+    """One of mtp's decoding methods as a bench row (`graphs`: CUDA graphs, None: on for CUDA)."""
     from mtp.decoding.generate import generate
 
     stop_ids = list(stop_token_ids(model, tokenizer) if stop_ids is None else stop_ids)
@@ -169,7 +172,7 @@ def mtp_method(model, tokenizer, name: str, strategy: str, *, tau: float = 0.9, 
     def decode(ids, mask, max_new_tokens, streamer=None):
         return generate(model, ids, mask, max_new_tokens=max_new_tokens, strategy=strategy, tau=tau, k=k,
                         stop_token_ids=stop_ids, stop_strings=STOP_SEQUENCES, tokenizer=tokenizer, streamer=streamer,
-                        tree=tree if tree_size else None, tree_size=tree_size, lookup=lookup)
+                        tree=tree if tree_size else None, tree_size=tree_size, lookup=lookup, graphs=graphs)
 
     def run(prompt: Prompt, max_new_tokens: int) -> CallResult:
         ids = torch.tensor([prompt.token_ids], dtype=torch.long, device=device)
@@ -360,7 +363,8 @@ def build_methods(model, tokenizer, *, taus: Sequence[float] = (0.9, 0.7, 0.5), 
                   packed_strategies: Sequence[str] = ("greedy", "speculative"), gguf: str | Path | None = None,
                   llamacpp_ctx: int = 2048, llamacpp_inline: bool = False,
                   notes: list[str] | None = None, tree_sizes: Sequence[int] = (), lookup: int = 0,
-                  tree_shapes: Sequence[str] = ("auto",), hf_static: bool = False) -> list[Method]:
+                  tree_shapes: Sequence[str] = ("auto",), hf_static: bool = False,
+                  graphs: bool | None = None) -> list[Method]:
     """The methods of a benchmark, in report order. Unavailable ones are left out with a line in `notes`.
 
     `hf_static`: transformers greedy with a static cache (its compiled step), the fast transformers path on a GPU;
@@ -369,8 +373,10 @@ def build_methods(model, tokenizer, *, taus: Sequence[float] = (0.9, 0.7, 0.5), 
     `tree_sizes`: speculative rows verifying a draft tree of that many nodes ("auto" shape), on the packed
     weights when there are any (else fp32), so tokens per forward and speed can be read per tree size;
     `tree_shapes`: "auto" (one shape from the heads' measured accuracy) and/or "dynamic" (EAGLE-2, per step).
-    `lookup`: the same speculative rows (chain and each tree) again with up to that many prompt-lookup drafts."""
+    `lookup`: the same speculative rows (chain and each tree) again with up to that many prompt-lookup drafts.
+    `graphs`: mtp's rows replay CUDA graphs (None: on CUDA)."""
     notes = notes if notes is not None else []
+    method = functools.partial(mtp_method, graphs=graphs)  # every mtp row of this bench
     stop_ids = stop_token_ids(model, tokenizer)
     methods: list[Method] = []
     if hf:
@@ -380,9 +386,9 @@ def build_methods(model, tokenizer, *, taus: Sequence[float] = (0.9, 0.7, 0.5), 
         if prompt_lookup_tokens > 0:
             methods.append(hf_method(model, tokenizer, "hf-prompt-lookup", prompt_lookup_tokens=prompt_lookup_tokens,
                                      stop_ids=stop_ids))
-    methods.append(mtp_method(model, tokenizer, OUR_GREEDY, "greedy", stop_ids=stop_ids))
+    methods.append(method(model, tokenizer, OUR_GREEDY, "greedy", stop_ids=stop_ids))
     methods += multi_token_methods(model, tokenizer, taus=taus, static_k=static_k, fp16=False, notes=notes,
-                                   stop_ids=stop_ids)
+                                   stop_ids=stop_ids, graphs=graphs)
     packed = [fmt for fmt, wanted in (("fp16", fp16), ("int8", int8)) if wanted]
     if packed and not packable(model):
         notes.append(f"{'/'.join(packed)} rows skipped: packed weights (fbgemm) are for fp32 models on the CPU")
@@ -394,11 +400,11 @@ def build_methods(model, tokenizer, *, taus: Sequence[float] = (0.9, 0.7, 0.5), 
         for strategy in packed_strategies:
             if strategy != "greedy" and tokens_per_forward_max(model) == 1:
                 continue
-            methods.append(mtp_method(q, tokenizer, f"{strategy}-{fmt}", strategy, engine=f"mtp-{fmt}",
+            methods.append(method(q, tokenizer, f"{strategy}-{fmt}", strategy, engine=f"mtp-{fmt}",
                                       stop_ids=stop_ids, description=f"{strategy}, {fmt} weights"))
-        methods += tree_methods(q, tokenizer, tree_sizes, stop_ids, fmt, lookup, tree_shapes)
+        methods += tree_methods(q, tokenizer, tree_sizes, stop_ids, fmt, lookup, tree_shapes, graphs)
     if not packed:
-        methods += tree_methods(model, tokenizer, tree_sizes, stop_ids, None, lookup, tree_shapes)
+        methods += tree_methods(model, tokenizer, tree_sizes, stop_ids, None, lookup, tree_shapes, graphs)
     if gguf is not None:
         if not llamacpp_installed():
             notes.append("llama.cpp skipped: llama-cpp-python is not installed (make setup-peers, or pip install "
@@ -416,7 +422,7 @@ def build_methods(model, tokenizer, *, taus: Sequence[float] = (0.9, 0.7, 0.5), 
 
 
 def tree_methods(model, tokenizer, sizes: Sequence[int], stop_ids, fmt: str | None,
-                 lookup: int = 0, shapes: Sequence[str] = ("auto",)) -> list[Method]:
+                 lookup: int = 0, shapes: Sequence[str] = ("auto",), graphs: bool | None = None) -> list[Method]:
     """Speculative rows with a draft tree per size and shape ("auto": row `-treeN`, "dynamic": `-dtreeN`),
     then, with `lookup`, the chain and each tree with up to that many prompt-lookup drafts as one more branch
     (parallel heads only; lookup alone for one head)."""
@@ -436,7 +442,8 @@ def tree_methods(model, tokenizer, sizes: Sequence[int], stop_ids, fmt: str | No
         what = (f"a {n}-node {'dynamic ' if shape == 'dynamic' else ''}draft tree" if n else "the heads' chain")
         what += f" + {look} lookup drafts" if look else ""
         methods.append(mtp_method(model, tokenizer, name, "speculative", engine=engine, stop_ids=stop_ids,
-                                  tree_size=n, tree=shape, lookup=look, description=f"speculative, {what}{weights}"))
+                                   tree_size=n, tree=shape, lookup=look, description=f"speculative, {what}{weights}",
+                                   graphs=graphs))
     return methods
 
 
@@ -462,7 +469,8 @@ def tokens_per_forward_max(model) -> int:
 
 
 def multi_token_methods(model, tokenizer, *, taus: Sequence[float], static_k: Sequence[int] | None, fp16: bool,
-                        prefix: str = "", notes: list[str], stop_ids: Sequence[int] | None = None) -> list[Method]:
+                        prefix: str = "", notes: list[str], stop_ids: Sequence[int] | None = None,
+                        graphs: bool | None = None) -> list[Method]:
     """A model's multi-token rows: speculative (lossless), ConfAdapt per tau, static k; named `prefix + name`.
 
     With a prefix (another model beside the main one) its own greedy row comes too when its answers may differ
@@ -471,26 +479,27 @@ def multi_token_methods(model, tokenizer, *, taus: Sequence[float], static_k: Se
     if n == 1:
         notes.append(f"{prefix or 'the model'}: a single head: speculative, ConfAdapt and static need MTP heads")
         return []
+    method = functools.partial(mtp_method, graphs=graphs)  # every mtp row of this bench
     stop_ids = list(stop_token_ids(model, tokenizer) if stop_ids is None else stop_ids)
     own_answers = getattr(model, "mask_token_id", None) is not None and model.lora is None
     methods: list[Method] = []
     reference = OUR_GREEDY
     if prefix and own_answers:
         reference = f"{prefix}greedy"
-        methods.append(mtp_method(model, tokenizer, reference, "greedy", stop_ids=stop_ids,
+        methods.append(method(model, tokenizer, reference, "greedy", stop_ids=stop_ids,
                                   description=f"{prefix} greedy (its own weights)"))
-    spec = mtp_method(model, tokenizer, f"{prefix}speculative", "speculative", stop_ids=stop_ids)
+    spec = method(model, tokenizer, f"{prefix}speculative", "speculative", stop_ids=stop_ids)
     spec.lossless_reference = reference
     methods.append(spec)
     for tau in taus:
         if not 0.0 <= tau <= 1.0:
             raise MTPError(f"tau must be in [0, 1], got {tau}")
-        methods.append(mtp_method(model, tokenizer, f"{prefix}confadapt-tau{tau:g}", "confadapt", tau=tau,
+        methods.append(method(model, tokenizer, f"{prefix}confadapt-tau{tau:g}", "confadapt", tau=tau,
                                   stop_ids=stop_ids, description=f"{prefix}ConfAdapt tau={tau:g}"))
     for k in (static_k if static_k is not None else sorted({2, n})):
         if not 1 <= k <= n:
             raise MTPError(f"static k must be in [1, {n}] for this model, got {k}")
-        methods.append(mtp_method(model, tokenizer, f"{prefix}static-k{k}", "static", k=k, stop_ids=stop_ids,
+        methods.append(method(model, tokenizer, f"{prefix}static-k{k}", "static", k=k, stop_ids=stop_ids,
                                   description=f"{prefix}static k={k}"))
     if fp16 and packable(model):
         from mtp.models.loading import quantize_model
@@ -500,12 +509,12 @@ def multi_token_methods(model, tokenizer, *, taus: Sequence[float], static_k: Se
         except MTPError as e:
             notes.append(f"{prefix}speculative-fp16 skipped: {e}")
         else:
-            packed = mtp_method(q, tokenizer, f"{prefix}speculative-fp16", "speculative", engine="mtp-fp16",
+            packed = method(q, tokenizer, f"{prefix}speculative-fp16", "speculative", engine="mtp-fp16",
                                 stop_ids=stop_ids, description=f"{prefix} speculative, fp16 weights")
             packed.lossless_reference = None if own_answers else "greedy-fp16"
             methods.append(packed)
             for tau in taus:  # the paper's decoding at the speed fp16 packing gives the lossless rows
-                methods.append(mtp_method(q, tokenizer, f"{prefix}confadapt-tau{tau:g}-fp16", "confadapt", tau=tau,
+                methods.append(method(q, tokenizer, f"{prefix}confadapt-tau{tau:g}-fp16", "confadapt", tau=tau,
                                           engine="mtp-fp16", stop_ids=stop_ids,
                                           description=f"{prefix}ConfAdapt tau={tau:g}, fp16 weights"))
     return methods

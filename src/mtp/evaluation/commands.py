@@ -11,7 +11,7 @@ from typing import Literal
 import torch
 
 from mtp.errors import MTPError
-from mtp.runtime import DType, Runtime, dtype_name, resolve_runtime, set_threads
+from mtp.runtime import DType, Graphs, Runtime, dtype_name, graphs_option, resolve_runtime, set_threads
 
 Strategy = Literal["greedy", "speculative", "confadapt", "static"]
 
@@ -169,6 +169,7 @@ def bench(
     hf_static: bool | None = None,
     batch_sizes: list[int] | None = None,
     bandwidth_gbs: float | None = None,
+    graphs: Graphs = "auto",
 ) -> int:
     """Benchmark every decoding method on the same prompts, interleaved: speed, equality with greedy, accuracy.
 
@@ -209,6 +210,7 @@ def bench(
         batch_sizes: also decode the prompts in batches of each size (e.g. 1 16 64) with greedy and the fastest
             lossless speculative row: total tokens/s (GSM8K problems past --limit fill the larger batches)
         bandwidth_gbs: memory bandwidth in GB/s for the weight-streaming floor of a step (default: measured)
+        graphs: mtp's decoding steps replayed as CUDA graphs: auto (on CUDA), on, off (eager steps)
     """
     if prompts != "gsm8k" and not Path(prompts).is_file():
         raise MTPError(f"{prompts}: prompts file not found (or use --prompts gsm8k)")
@@ -219,6 +221,7 @@ def bench(
         raise MTPError(f"--output {out} is a file; the benchmark writes a folder")
     set_threads(threads)
     runtime = resolve_runtime(device, dtype)
+    use_graphs = graphs_option(graphs, runtime.device)
     m = _load(model, runtime)
     extra = [(Path(x.rstrip("/")).name, _load(x, runtime)) for x in (also or [])]
     return run_bench_command(m, extra_models=extra, model_label=model or "SmolLM2-135M-Instruct (embedded default)", prompts=prompts,
@@ -232,7 +235,7 @@ def bench(
                              gguf_note=None if gguf is not None or model is None else
                              "llama.cpp skipped: pass --gguf FILE with the same model as GGUF",
                              hf_static=runtime.device.type == "cuda" if hf_static is None else hf_static,
-                             batch_sizes=batch_sizes or (), bandwidth_gbs=bandwidth_gbs)
+                             batch_sizes=batch_sizes or (), bandwidth_gbs=bandwidth_gbs, graphs=use_graphs)
 
 
 def _bandwidth(device: torch.device, gbs: float | None) -> dict:
@@ -259,7 +262,7 @@ def run_bench_command(m, *, model_label: str, prompts: str, limit: int, max_new_
                       gguf_note: str | None = None, fp16: bool = True, llamacpp_inline: bool = False,
                       extra_models: list[tuple[str, object]] = (), tree_sizes=(), lookup: int = 0,
                       tree_shapes=("auto",), hf_static: bool = False, batch_sizes=(),
-                      bandwidth_gbs: float | None = None) -> int:
+                      bandwidth_gbs: float | None = None, graphs: bool | None = None) -> int:
     from mtp.evaluation.bench import (
         JOURNAL,
         build_methods,
@@ -293,12 +296,13 @@ def run_bench_command(m, *, model_label: str, prompts: str, limit: int, max_new_
                             prompt_lookup_tokens=prompt_lookup_tokens, fp16=fp16, int8=int8,
                             gguf=gguf if llamacpp else None, llamacpp_ctx=longest + max_new_tokens + 16,
                             llamacpp_inline=llamacpp_inline, notes=notes, tree_sizes=tree_sizes, lookup=lookup,
-                            tree_shapes=tree_shapes, hf_static=hf_static)
+                            tree_shapes=tree_shapes, hf_static=hf_static, graphs=graphs)
     from mtp.evaluation.bench import multi_token_methods
 
     for label, other in extra_models:
         methods += multi_token_methods(other, tok, taus=taus if taus is not None else (0.9, 0.7, 0.5),
-                                       static_k=static_k, fp16=fp16, prefix=f"{label}:", notes=notes)
+                                       static_k=static_k, fp16=fp16, prefix=f"{label}:", notes=notes,
+                                       graphs=graphs)
     bandwidth = _bandwidth(runtime.device, bandwidth_gbs)
     print(f"mtp bench: {len(methods)} methods x {len(items)} prompts ({prompts_desc}), up to {max_new_tokens} new "
           f"tokens, {runtime.describe()}, {torch.get_num_threads()} threads: {', '.join(x.name for x in methods)}; "
@@ -310,7 +314,8 @@ def run_bench_command(m, *, model_label: str, prompts: str, limit: int, max_new_
     journal = output / JOURNAL  # each finished call, so that an interrupted bench resumes
     identity = {"model": model_fingerprint(m, with_heads=True), "draft_vocab": m.draft_vocab is not None,
                 "also": [model_fingerprint(x, with_heads=True) for _, x in extra_models],
-                "threads": torch.get_num_threads(), "gguf": gguf if llamacpp else None, "runtime": runtime.to_dict()}
+                "threads": torch.get_num_threads(), "gguf": gguf if llamacpp else None, "runtime": runtime.to_dict(),
+                "graphs": graphs}
     output.mkdir(parents=True, exist_ok=True)
     run = run_bench(methods, items, max_new_tokens, rotate=rotate, progress=progress, journal=journal,
                     identity=identity)
