@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 from eval_helpers import make_model
@@ -18,7 +19,7 @@ from mtp.evaluation.demo import (
     run_demo,
     train_settings,
 )
-from mtp.training.commands import train
+from mtp.training.commands import install_model, train
 
 pytest_plugins = ["eval_fixtures"]  # fixtures: tiny_tokenizer, tiny_model_dir, gsm8k_file
 
@@ -32,7 +33,8 @@ class FakeTrain:
     def __call__(self, output, **kwargs):
         self.calls.append(kwargs)
         model = make_model(self.tokenizer, num_heads=4)
-        model.save_pretrained(output, tokenizer=self.tokenizer)
+        Path(output).mkdir(parents=True, exist_ok=True)
+        install_model(model, Path(output))  # as a run does: beside what the run folder already holds
         with open(f"{output}/eval.json", "w") as f:
             json.dump({"epochs": kwargs["epochs"]}, f)
         return 0
