@@ -163,8 +163,10 @@ def _timed(step, device: torch.device) -> float:
 def run_bench_train(spec, heads, orders, seq_len, batch_size, steps, freeze_trunk, gradient_checkpointing,
                     device: torch.device, seed: int = 0) -> dict:
     from mtp.hub import load_base_model
+    from mtp.models.loading import check_seq_len
 
     base, tokenizer, source = load_base_model(spec, device, torch.float32)
+    check_seq_len(base, seq_len)
     g = torch.Generator().manual_seed(seed)
     vocab = base.config.vocab_size
     ids = torch.randint(0, vocab, (batch_size, seq_len), generator=g).to(device)
