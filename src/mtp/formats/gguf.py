@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from mtp.errors import MTPError
-from mtp.io import disk_errors, moved_aside, remove_stale_temporaries
+from mtp.io import disk_errors, moved_aside, remove_stale_temporaries, restore_moved_aside
 
 # What a truncated, corrupt or unsupported GGUF makes transformers' and gguf's readers raise.
 _READ_ERRORS = (ValueError, OSError, KeyError, IndexError, NotImplementedError, struct.error)
@@ -45,6 +45,7 @@ def convert_gguf_to_folder(gguf_path: Path, output: Path) -> Path:
     with disk_errors(output):  # a full disk or a read-only $MTP_HOME
         output.parent.mkdir(parents=True, exist_ok=True)
         remove_stale_temporaries(output.parent, output.name)  # left by conversions that were killed
+        restore_moved_aside(output)  # a cache a killed _publish moved aside: back, to be replaced (not leaked)
         tmp = output.parent / f".{output.name}.tmp-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
         print(f"mtp: converting {gguf_path.name} to a Hugging Face folder at {output} (about 45 s, once)",
