@@ -11,6 +11,7 @@ kind, or one that cannot be written, is reported at the start, not after an hour
 from __future__ import annotations
 
 import math
+import numbers
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -37,23 +38,33 @@ class Range:
         return not (self.high is not None and (value >= self.high if self.high_open else value > self.high))
 
     def __str__(self) -> str:
+        low, high = _number(self.low), _number(self.high)
         if self.high is None:
-            return f"{'>' if self.low_open else '>='} {self.low:g}"
+            return f"{'>' if self.low_open else '>='} {low}"
         if self.low is None:
-            return f"{'<' if self.high_open else '<='} {self.high:g}"
-        return f"in {'(' if self.low_open else '['}{self.low:g}, {self.high:g}{')' if self.high_open else ']'}"
+            return f"{'<' if self.high_open else '<='} {high}"
+        return f"in {'(' if self.low_open else '['}{low}, {high}{')' if self.high_open else ']'}"
+
+
+def _number(x: float | None) -> str:
+    return str(x) if isinstance(x, int) else f"{x:g}" if x is not None else ""
 
 
 AT_LEAST_0 = Range(0)
 AT_LEAST_1 = Range(1)
 POSITIVE = Range(0, low_open=True)
 PROBABILITY = Range(0, 1)
+# Each node of a draft tree is a token of every verify forward: beyond a few hundred a step costs more than the
+# tokens it can gain.
+TREE_SIZE = Range(1, 256)
+# What torch's generators take (and every seed derived from one stays there: mtp.training.selfdistill.draw).
+SEED = Range(0, 2**64 - 1)
 
 # parameter name -> the values it may take (None, "not given", is always allowed). A list-valued parameter
 # (`--taus 0.9 0.7`) applies the rule to each element.
 RULES: dict[str, Range] = {
     # sizes and counts
-    "batch_size": AT_LEAST_1, "gen_batch_size": AT_LEAST_1, "grad_accum": AT_LEAST_1, "limit": AT_LEAST_1,
+    "batch_size": AT_LEAST_1, "gen_batch_size": AT_LEAST_1, "eval_batch_size": AT_LEAST_1, "grad_accum": AT_LEAST_1, "limit": AT_LEAST_1,
     "train_limit": Range(2), "threads": AT_LEAST_1, "max_new_tokens": AT_LEAST_1, "steps": AT_LEAST_1,
     "keep_checkpoints": AT_LEAST_1, "seq_len": Range(2), "holdout_max": AT_LEAST_0, "warmup_steps": AT_LEAST_0,
     "eval_every": AT_LEAST_0, "save_every": AT_LEAST_0, "draft_vocab": AT_LEAST_0, "shots": Range(0, 8),
@@ -62,7 +73,7 @@ RULES: dict[str, Range] = {
     "num_heads": AT_LEAST_1, "heads": AT_LEAST_1, "num_trunk_layers": AT_LEAST_0, "num_draft": AT_LEAST_0,
     "k": AT_LEAST_1, "static_k": AT_LEAST_1, "k_min": AT_LEAST_1, "k_max": AT_LEAST_1, "regions": AT_LEAST_1,
     "lora_rank": AT_LEAST_1, "lora_layers": AT_LEAST_1, "mask_token_id": AT_LEAST_0, "new_tokens": AT_LEAST_1,
-    "tree_size": AT_LEAST_1, "tree_sizes": AT_LEAST_1, "lookup": AT_LEAST_0,
+    "tree_size": TREE_SIZE, "tree_sizes": TREE_SIZE, "lookup": AT_LEAST_0,
     # decoding
     "tau": PROBABILITY, "taus": PROBABILITY, "temperature": AT_LEAST_0, "top_p": Range(0, 1, low_open=True),
     "top_k": AT_LEAST_0,
@@ -70,9 +81,8 @@ RULES: dict[str, Range] = {
     "epochs": POSITIVE, "train_epochs": POSITIVE, "lr": POSITIVE, "min_lr_ratio": PROBABILITY,
     "weight_decay": AT_LEAST_0, "max_grad_norm": AT_LEAST_0, "holdout": Range(0, 1, high_open=True),
     "prefix_loss": AT_LEAST_0, "entropy_loss": AT_LEAST_0, "answer_minutes": POSITIVE, "budget_minutes": POSITIVE,
+    "seed": SEED,
 }
-# Numeric parameters any value of which is fine.
-UNCHECKED: frozenset[str] = frozenset({"seed"})
 
 # Rules between arguments: (the parameters, whether the values are fine, what is wrong when they are not).
 RELATIONS: list[tuple[tuple[str, ...], Callable[..., bool], str]] = [
@@ -85,6 +95,12 @@ RELATIONS: list[tuple[tuple[str, ...], Callable[..., bool], str]] = [
      "{tree_size}: a draft tree is verified; use it with {strategy} speculative"),
     (("lookup", "strategy"), lambda lookup, strategy: lookup == 0 or strategy == "speculative",
      "{lookup}: lookup drafts are verified; use them with {strategy} speculative"),
+    (("num_draft", "strategy"), lambda num_draft, strategy: strategy == "speculative",
+     "{num_draft}: drafts verified per step; use it with {strategy} speculative"),
+    # greedy decoding makes one token per forward: a k would be ignored without a word
+    (("k", "strategy"), lambda k, strategy: strategy != "greedy",
+     "{k}: tokens per forward of a multi-token strategy; greedy makes one (choose {strategy} static, "
+     "confadapt or speculative, or drop {k})"),
 ]
 
 # command -> parameter -> what it names: a file that will be written, or a folder that will be created / filled.
@@ -108,6 +124,8 @@ def check_values(values: Mapping[str, object], flags: bool = True) -> None:
         if rule is None or value is None or isinstance(value, bool):
             continue
         for item in value if isinstance(value, list | tuple) else [value]:
+            if not isinstance(item, numbers.Real) or isinstance(item, bool):  # the Python API takes anything
+                raise MTPError(f"{spelled(name, flags)} must be a number, got {type(item).__name__} {item!r}")
             if not rule.holds(item):
                 raise MTPError(f"{spelled(name, flags)} must be {rule}, got {item}")
     for names, fine, message in RELATIONS:

@@ -17,6 +17,8 @@ from collections.abc import Callable, Sequence
 
 from mtp.arguments import check_command_arguments
 from mtp.errors import MTPError
+from mtp.io import DISK_ERRORS
+from mtp.process import Terminated, exit_code, sigterm_as_interrupt
 
 # command name -> "module:function". Imported lazily so `mtp --help` stays fast.
 COMMANDS: dict[str, str] = {
@@ -101,9 +103,17 @@ def add_function_arguments(parser: argparse.ArgumentParser, fn: Callable, positi
         parser.add_argument(flag, **kwargs)
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a bad flag as one line (what is wrong, where the help is), not its usage screen."""
+
+    def error(self, message: str):
+        print(f"{self.prog}: error: {message} (see `{self.prog} --help`)", file=sys.stderr)
+        sys.exit(2)
+
+
 def build_parser(commands: dict[str, str] = COMMANDS, only: str | None = None) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mtp", description="Multi-token prediction for Hugging Face causal LMs.")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    parser = _Parser(prog="mtp", description="Multi-token prediction for Hugging Face causal LMs.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     for name, target in commands.items():
         if only is not None and name != only:
             sub.add_parser(name)  # listed in --help without importing its module
@@ -149,7 +159,8 @@ def run(argv: list[str] | None = None) -> int:
 
 def main(argv: list[str] | None = None) -> None:
     try:
-        code = run(argv)
+        with sigterm_as_interrupt():
+            code = run(argv)
     except MTPError as e:
         print(f"mtp: error: {e}", file=sys.stderr)
         code = 2
@@ -159,9 +170,14 @@ def main(argv: list[str] | None = None) -> None:
     except (PermissionError, IsADirectoryError, NotADirectoryError) as e:  # what the path checks cannot foresee
         print(f"mtp: error: cannot use {e.filename or 'a path'}: {e.strerror or e}", file=sys.stderr)
         code = 2
-    except KeyboardInterrupt:
-        print("mtp: interrupted", file=sys.stderr)
-        code = 130
+    except OSError as e:  # a full disk or a read-only file system where no atomic write names its target
+        if e.errno not in DISK_ERRORS:
+            raise
+        print(f"mtp: error: cannot write {e.filename or 'a file'}: {e.strerror or e}", file=sys.stderr)
+        code = 2
+    except KeyboardInterrupt as e:
+        print(f"mtp: {'terminated' if isinstance(e, Terminated) else 'interrupted'}", file=sys.stderr)
+        code = exit_code(e)
     sys.exit(code)
 
 

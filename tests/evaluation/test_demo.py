@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 from eval_helpers import make_model
@@ -17,7 +18,7 @@ from mtp.evaluation.demo import (
     run_demo,
     train_settings,
 )
-from mtp.training.commands import train
+from mtp.training.commands import install_model, train
 
 BENCH_MINUTES, TRAIN_PER_ANSWER = CPU_PLAN.bench_minutes, CPU_PLAN.train_per_answer
 
@@ -33,7 +34,8 @@ class FakeTrain:
     def __call__(self, output, **kwargs):
         self.calls.append(kwargs)
         model = make_model(self.tokenizer, num_heads=4)
-        model.save_pretrained(output, tokenizer=self.tokenizer)
+        Path(output).mkdir(parents=True, exist_ok=True)
+        install_model(model, Path(output))  # as a run does: beside what the run folder already holds
         with open(f"{output}/eval.json", "w") as f:
             json.dump({"epochs": kwargs["epochs"]}, f)
         return 0

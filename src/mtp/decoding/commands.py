@@ -13,7 +13,8 @@ from tqdm import tqdm
 from mtp.decoding.generate import generate as generate_tokens
 from mtp.decoding.generate import left_pad
 from mtp.errors import MTPError
-from mtp.io import atomic_write_lines, is_json_name, parse_json_line, read_json_records, read_text
+from mtp.evaluation.prompts import resolve_chat
+from mtp.io import atomic_write_lines, input_file, is_json_name, parse_json_line, read_json_records, read_text
 from mtp.models.loading import load_mtp_model
 from mtp.runtime import DType, Graphs, graphs_option, resolve_runtime, set_threads
 
@@ -21,9 +22,7 @@ from mtp.runtime import DType, Graphs, graphs_option, resolve_runtime, set_threa
 def read_prompts(path: str) -> list[str]:
     """One prompt per line (a line starting with "{" is a JSON record), or, for a file named .jsonl or .json,
     JSON records with a "prompt" (or "question") field."""
-    file = Path(path)
-    if not file.is_file():
-        raise MTPError(f"prompts file not found: {path}")
+    file = input_file(path, "prompts")
     text = read_text(file)
     if is_json_name(file):
         entries = read_json_records(file, text)
@@ -112,6 +111,10 @@ def generate(model: str | None = None, prompt: str | None = None, prompts_file: 
     prompts = [prompt] if prompt is not None else read_prompts(prompts_file)
     if prompt is not None and not prompt:
         raise MTPError("empty prompt: give at least one token")
+    if stream and (len(prompts) > 1 or json):
+        raise MTPError("--stream prints one prompt's text as it is made: " + (
+            "--json prints whole records" if json else f"{prompts_file} holds {len(prompts)} prompts"))
+    _check_tree_spec(tree)
     set_threads(threads)
     runtime = resolve_runtime(device, dtype, quantize)
     use_graphs = graphs_option(graphs, runtime.device)
@@ -120,9 +123,10 @@ def generate(model: str | None = None, prompt: str | None = None, prompts_file: 
     tok = m.tokenizer
     if tok is None:
         raise MTPError("this model has no tokenizer; save one with the model folder")
+    resolve_chat(tok, chat)
     results: list[dict] = []
     seconds = forwards = 0.0
-    streaming = stream and len(prompts) == 1 and not json
+    streaming = stream
     bar = tqdm(total=len(prompts), desc=f"generate ({strategy})", unit="prompt", disable=len(prompts) < 2,
                file=sys.stderr)
     for start in range(0, len(prompts), batch_size):
@@ -165,6 +169,15 @@ def generate(model: str | None = None, prompt: str | None = None, prompts_file: 
               f"tokens/s, {total_new / max(forwards, 1):.2f} tokens per forward pass; "
               f"{runtime.describe()}{'' if quantize == 'none' else f', {quantize}-packed'}", file=sys.stderr)
     return 0
+
+
+def _check_tree_spec(tree: str) -> None:
+    """A --tree that names a file names one that is there (the other values are words or a JSON list)."""
+    if tree in ("chain", "auto", "dynamic") or tree.lstrip().startswith("["):
+        return
+    if not Path(tree).exists():
+        raise MTPError(f"--tree {tree}: file not found (or give auto, dynamic, chain, or a JSON list of paths)")
+    input_file(tree, "draft tree")
 
 
 def _record(prompt: str, text: str, token_ids: list[int], stats: dict | None) -> dict:

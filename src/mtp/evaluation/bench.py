@@ -56,7 +56,7 @@ from mtp.evaluation.evaluate import prompt_key, score, write_json, write_text
 from mtp.evaluation.gsm8k import STOP_SEQUENCES, mean_and_stderr
 from mtp.evaluation.plots import HF_GREEDY, OUR_GREEDY, plot_speed_accuracy
 from mtp.evaluation.prompts import Prompt, left_pad, pad_id, stop_token_ids, truncate_output
-from mtp.io import append_records, atomic_write_lines, read_complete_records
+from mtp.io import append_records, atomic_write_lines, input_file, read_complete_records
 from mtp.runtime import MB, describe_runtime, peak_memory, synchronize
 
 JOURNAL = "calls.jsonl"  # in the output folder while a bench runs: the calls finished so far
@@ -410,8 +410,7 @@ def build_methods(model, tokenizer, *, taus: Sequence[float] = (0.9, 0.7, 0.5), 
             notes.append("llama.cpp skipped: llama-cpp-python is not installed (make setup-peers, or pip install "
                          "'mtp[llamacpp]'; it builds llama.cpp, about 10 minutes)")
         else:
-            if not Path(gguf).is_file():
-                raise MTPError(f"{gguf}: GGUF file not found")
+            input_file(gguf, "GGUF")
             methods.append(llamacpp_method(gguf, tokenizer, stop_ids, llamacpp_ctx))
             notes.append(f"llama.cpp: {methods[-1].description}; the bench process waits on it, its torch "
                          "threads idle")

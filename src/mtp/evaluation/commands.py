@@ -11,6 +11,8 @@ from typing import Literal
 import torch
 
 from mtp.errors import MTPError
+from mtp.io import input_file
+from mtp.process import output_lock
 from mtp.runtime import DType, Graphs, Runtime, dtype_name, graphs_option, resolve_runtime, set_threads
 
 Strategy = Literal["greedy", "speculative", "confadapt", "static"]
@@ -110,33 +112,34 @@ def eval_(
 
     if task != "gsm8k":
         raise MTPError(f"unknown task {task!r}; available: gsm8k")
-    if data is not None and not Path(data).is_file():
-        raise MTPError(f"{data}: GSM8K file not found")
+    if data is not None:
+        input_file(data, "GSM8K")
     set_threads(threads)
     runtime = resolve_runtime(device, dtype, quantize)
     batch_size = default_eval_batch(runtime.device) if batch_size is None else batch_size
     tag = strategy_tag(strategy, tau, k)
     out = Path(output) if output is not None else Path("eval") / f"gsm8k-{_model_name(model)}-{tag}"
-    start = time.perf_counter()
-    m = _load(model, runtime, quantize, mask_token_id)
-    tok = m.tokenizer
-    use_chat = resolve_chat(tok, chat)
-    prompts = gsm8k_prompts(tok, path=data, split=split, limit=limit, shots=shots, chat=use_chat)
-    identity = {"task": "gsm8k_cot", "model": model or "default", "fingerprint": model_fingerprint(m),
-                "strategy": strategy, "tau": tau if strategy == "confadapt" else None,
-                "k": k if strategy == "static" else None, "num_draft": num_draft if strategy == "speculative" else None,
-                "shots": shots, "chat": use_chat, "max_new_tokens": max_new_tokens,
-                "data": str(Path(data).resolve()) if data else f"shipped:{split}", "quantize": quantize,
-                "dtype": dtype_name(runtime.dtype)}
-    summary = run_eval(m, tok, prompts, out, identity, strategy=strategy, tau=tau, k=k, num_draft=num_draft,
-                       max_new_tokens=max_new_tokens, batch_size=batch_size, resume=resume, progress=progress,
-                       runtime={**runtime.to_dict(), "batch_size": batch_size})
-    title = (f"GSM8K gsm8k_cot, {shots}-shot, {'chat' if use_chat else 'plain'} prompts, {tag}, "
-             f"{summary['n']} problems, batch {batch_size}, {runtime.describe()}")
-    print(format_summary(summary, title))
-    print(f"samples: {out / 'samples.jsonl'}\nsummary: {out / 'summary.json'}\n"
-          f"wall time: {time.perf_counter() - start:.0f} s (model load included)")
-    return 0
+    with output_lock(out):  # one evaluation per folder at a time
+        start = time.perf_counter()
+        m = _load(model, runtime, quantize, mask_token_id)
+        tok = m.tokenizer
+        use_chat = resolve_chat(tok, chat)
+        prompts = gsm8k_prompts(tok, path=data, split=split, limit=limit, shots=shots, chat=use_chat)
+        identity = {"task": "gsm8k_cot", "model": model or "default", "fingerprint": model_fingerprint(m),
+                    "strategy": strategy, "tau": tau if strategy == "confadapt" else None,
+                    "k": k if strategy == "static" else None, "num_draft": num_draft if strategy == "speculative" else None,
+                    "shots": shots, "chat": use_chat, "max_new_tokens": max_new_tokens,
+                    "data": str(Path(data).resolve()) if data else f"shipped:{split}", "quantize": quantize,
+                    "dtype": dtype_name(runtime.dtype)}
+        summary = run_eval(m, tok, prompts, out, identity, strategy=strategy, tau=tau, k=k, num_draft=num_draft,
+                           max_new_tokens=max_new_tokens, batch_size=batch_size, resume=resume, progress=progress,
+                           runtime={**runtime.to_dict(), "batch_size": batch_size})
+        title = (f"GSM8K gsm8k_cot, {shots}-shot, {'chat' if use_chat else 'plain'} prompts, {tag}, "
+                 f"{summary['n']} problems, batch {batch_size}, {runtime.describe()}")
+        print(format_summary(summary, title))
+        print(f"samples: {out / 'samples.jsonl'}\nsummary: {out / 'summary.json'}\n"
+              f"wall time: {time.perf_counter() - start:.0f} s (model load included)")
+        return 0
 
 
 # ------------------------------------------------------------------------------------------------ bench
@@ -212,30 +215,31 @@ def bench(
         bandwidth_gbs: memory bandwidth in GB/s for the weight-streaming floor of a step (default: measured)
         graphs: mtp's decoding steps replayed as CUDA graphs: auto (on CUDA), on, off (eager steps)
     """
-    if prompts != "gsm8k" and not Path(prompts).is_file():
-        raise MTPError(f"{prompts}: prompts file not found (or use --prompts gsm8k)")
-    if gguf is not None and not Path(gguf).is_file():
-        raise MTPError(f"{gguf}: GGUF file not found")
+    if prompts != "gsm8k":
+        input_file(prompts, "prompts")
+    if gguf is not None:
+        input_file(gguf, "GGUF")
     out = Path(output)
-    if out.exists() and not out.is_dir():  # the CLI checks this too; Python callers get it before the long work
-        raise MTPError(f"--output {out} is a file; the benchmark writes a folder")
     set_threads(threads)
     runtime = resolve_runtime(device, dtype)
     use_graphs = graphs_option(graphs, runtime.device)
-    m = _load(model, runtime)
-    extra = [(Path(x.rstrip("/")).name, _load(x, runtime)) for x in (also or [])]
-    return run_bench_command(m, extra_models=extra, model_label=model or "SmolLM2-135M-Instruct (embedded default)", prompts=prompts,
-                             limit=limit, max_new_tokens=max_new_tokens, output=out, shots=shots, chat=chat,
-                             taus=taus, static_k=static_k, fp16=fp16, int8=int8, hf=hf,
-                             prompt_lookup_tokens=prompt_lookup_tokens,
-                             gguf=gguf if gguf is not None else (_default_gguf() if model is None else None),
-                             llamacpp=llamacpp, llamacpp_inline=llamacpp_inline, rotate=rotate, progress=progress,
-                             tree_sizes=tree_sizes or (), lookup=lookup,
-                             tree_shapes=("auto", "dynamic") if tree_shape == "both" else (tree_shape,),
-                             gguf_note=None if gguf is not None or model is None else
-                             "llama.cpp skipped: pass --gguf FILE with the same model as GGUF",
-                             hf_static=runtime.device.type == "cuda" if hf_static is None else hf_static,
-                             batch_sizes=batch_sizes or (), bandwidth_gbs=bandwidth_gbs, graphs=use_graphs)
+    with output_lock(out):  # one benchmark per folder at a time: they would share its journal
+        m = _load(model, runtime)
+        extra = [(Path(x.rstrip("/")).name, _load(x, runtime)) for x in (also or [])]
+        for x, (_, other) in zip(also or [], extra, strict=True):
+            check_same_base(m, other, f"--also {x}")
+        return run_bench_command(m, extra_models=extra, model_label=model or "SmolLM2-135M-Instruct (embedded default)", prompts=prompts,
+                                 limit=limit, max_new_tokens=max_new_tokens, output=out, shots=shots, chat=chat,
+                                 taus=taus, static_k=static_k, fp16=fp16, int8=int8, hf=hf,
+                                 prompt_lookup_tokens=prompt_lookup_tokens,
+                                 gguf=gguf if gguf is not None else (_default_gguf() if model is None else None),
+                                 llamacpp=llamacpp, llamacpp_inline=llamacpp_inline, rotate=rotate, progress=progress,
+                                 tree_sizes=tree_sizes or (), lookup=lookup,
+                                 tree_shapes=("auto", "dynamic") if tree_shape == "both" else (tree_shape,),
+                                 gguf_note=None if gguf is not None or model is None else
+                                 "llama.cpp skipped: pass --gguf FILE with the same model as GGUF",
+                                 hf_static=runtime.device.type == "cuda" if hf_static is None else hf_static,
+                                 batch_sizes=batch_sizes or (), bandwidth_gbs=bandwidth_gbs, graphs=use_graphs)
 
 
 def _bandwidth(device: torch.device, gbs: float | None) -> dict:
@@ -245,6 +249,27 @@ def _bandwidth(device: torch.device, gbs: float | None) -> dict:
     if gbs is not None:
         return {"bytes_per_second": gbs * 1e9, "source": "--bandwidth-gbs"}
     return {"bytes_per_second": measure_bandwidth(device), "source": f"measured: a large copy on {device}"}
+
+
+# What makes two checkpoints the same base model (fine-tuned weights aside), as a config spells it.
+_ARCHITECTURE = ("model_type", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")
+
+
+def check_same_base(model, other, label: str) -> None:
+    """`other` decodes `model`'s prompts beside it (`bench --also`): its rows mean something only when it is the
+    same base model with the same tokenizer; a mask-token model may add tokens after the vocabulary."""
+    arch = {k: getattr(model.config, k, None) for k in _ARCHITECTURE}
+    theirs = {k: getattr(other.config, k, None) for k in _ARCHITECTURE}
+    if arch != theirs:
+        diff = ", ".join(f"{k} {theirs[k]} (not {arch[k]})" for k in _ARCHITECTURE if arch[k] != theirs[k])
+        raise MTPError(f"{label} is another base model than --model: {diff}; --also compares models trained from "
+                       "the same one")
+    ours, their_vocab = model.tokenizer.get_vocab(), other.tokenizer.get_vocab()
+    differ = sorted(t for t, i in ours.items() if their_vocab.get(t) != i)
+    if differ or other.config.vocab_size < model.config.vocab_size:
+        example = f" (e.g. token {differ[0]!r})" if differ else ""
+        raise MTPError(f"{label} has another tokenizer or vocabulary than --model: {len(differ)} of {len(ours)} "
+                       f"tokens differ{example}; --also compares models of the same base model")
 
 
 def _default_gguf() -> str | None:

@@ -8,7 +8,14 @@ from typing import Literal
 import torch
 
 from mtp.errors import MTPError
-from mtp.hub import ModelSource, check_model_folder, default_model_folder, load_base_model, resolve_model
+from mtp.hub import (
+    ModelSource,
+    check_finite_weights,
+    check_model_folder,
+    default_model_folder,
+    load_base_model,
+    resolve_model,
+)
 from mtp.models.parallel_heads import MTPModel, packing_dtypes
 from mtp.runtime import resolve_runtime
 
@@ -70,6 +77,7 @@ def load_mtp_model(spec: str | None = None, num_heads: int | None = None, num_tr
             from mtp.formats.meta import meta_to_mtp
 
             model = meta_to_mtp(source.location, dtype=torch_dtype).to(device)
+            check_finite_weights(model, source.location)
         if num_heads is not None and num_heads != model.num_heads:
             raise MTPError(f"{source.location} has {model.num_heads} heads; --num-heads {num_heads} does not match "
                            "(omit it, or convert a base model)")
@@ -100,6 +108,16 @@ def quantize_model(model, fmt: str, decode_only: bool = False):
         quantize_for_decoding(model.lm, fmt, decode_only=decode_only)
         return model
     return quantize_for_decoding(model, fmt, decode_only=decode_only)
+
+
+def check_seq_len(model, seq_len: int) -> None:
+    """Training rows of `seq_len` tokens fit the model's positions."""
+    from mtp.decoding.generate import context_limit
+
+    context = context_limit(model)
+    if context is not None and seq_len > context:
+        raise MTPError(f"--seq-len {seq_len} is longer than the model's context of {context} tokens; use "
+                       f"--seq-len {context} or less")
 
 
 def describe_source(source: ModelSource | None) -> str:

@@ -31,7 +31,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mtp.arguments import check_values
 from mtp.errors import CheckpointMismatchError, MTPError
+from mtp.io import as_path, read_json_object
 from mtp.models.cache import additive_mask
 from mtp.runtime import resolve_device
 
@@ -293,8 +295,11 @@ class MaskTokenModel(nn.Module):
     def __init__(self, base: nn.Module, mask_token_id: int, mask_token: str | None = None, adapter: str = "full",
                  rank: int = 16, k: int = 4, max_k: int | None = None, lora_layers: int | None = None):
         super().__init__()
-        from mtp.models.parallel_heads import MTPModel
+        from mtp.models.parallel_heads import MTPModel, check_base
 
+        check_base(base)
+        check_values({"mask_token_id": mask_token_id, "k": k, "lora_rank": rank, "lora_layers": lora_layers},
+                     flags=False)
         if adapter not in ADAPTERS:
             raise MTPError(f"unknown adapter {adapter!r}; choose one of {', '.join(ADAPTERS)}")
         vocab = base.get_input_embeddings().weight.shape[0]
@@ -523,13 +528,14 @@ class MaskTokenModel(nn.Module):
             state.update(self.lora.state_dict_flat())
         return state
 
-    def save_pretrained(self, directory: str | os.PathLike, tokenizer=None) -> Path:
+    def save_pretrained(self, directory: str | os.PathLike, tokenizer=None, overwrite: bool = False) -> Path:
+        """A model folder, as `MTPModel.save_pretrained` writes one (and with the same refusals)."""
         from mtp.models.parallel_heads import write_model_folder
 
         state = self.checkpoint_state_dict()
         shapes = {k: (tuple(t.shape), t.dtype) for k, t in state.items()}
         return write_model_folder(directory, self.base, self.mtp_config(), shapes, state.__getitem__,
-                                  tokenizer if tokenizer is not None else self.tokenizer)
+                                  tokenizer if tokenizer is not None else self.tokenizer, overwrite)
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike, device: str | torch.device = "cpu",
@@ -537,8 +543,10 @@ class MaskTokenModel(nn.Module):
         from safetensors.torch import load_file
         from transformers import AutoConfig, AutoModelForCausalLM
 
+        from mtp.models.safetensors_io import check_floating
+
         device = resolve_device(device)  # before anything is read
-        directory = Path(directory)
+        directory = as_path(directory, "directory")
         raw = read_mtp_section(directory)
         if raw.get("method") != METHOD:
             raise MTPError(f"{directory}: not a mask-token model (its mtp section has method {raw.get('method')!r})")
@@ -547,8 +555,10 @@ class MaskTokenModel(nn.Module):
 
         with _skip_weight_init():  # every weight is overwritten by the checkpoint
             base = AutoModelForCausalLM.from_config(config)
-        state = load_file(str(directory / WEIGHTS_NAME))
+        weights = directory / WEIGHTS_NAME
+        state = load_file(str(weights))
         lora_state = {k: state.pop(k) for k in list(state) if k.startswith(LORA_PREFIX)}
+        check_floating({k: t.dtype for k, t in state.items()}, base.state_dict(), str(weights))
         missing, unexpected = base.load_state_dict(state, strict=False)
         tied = {k for k in missing if k.endswith("lm_head.weight")} if config.tie_word_embeddings else set()
         if set(missing) - tied or unexpected:
@@ -565,24 +575,22 @@ class MaskTokenModel(nn.Module):
         elif lora_state:
             raise CheckpointMismatchError(f"{directory}: LoRA weights in a model without adapters")
         model.to(device=device, dtype=dtype).eval()
-        if load_tokenizer and (directory / "tokenizer_config.json").is_file():
-            from transformers import AutoTokenizer
+        from mtp import hub
 
-            model.tokenizer = AutoTokenizer.from_pretrained(directory)
+        hub.check_finite_weights(model, str(weights))
+        if load_tokenizer and (directory / "tokenizer_config.json").is_file():
+            model.tokenizer = hub.load_tokenizer(directory)
         return model
 
 
 def read_mtp_section(directory: Path) -> dict:
+    """The `mtp` section of a model folder's config.json (checked: there is one, and the weights file)."""
     path = directory / "config.json"
     if not path.is_file():
         raise MTPError(f"{directory}: no config.json (not a model folder)")
-    try:
-        raw = json.loads(path.read_text())
-    except ValueError as e:
-        raise MTPError(f"{path}: not valid JSON ({e})") from None
-    section = raw.get("mtp")
+    section = read_json_object(path, "a model config").get("mtp")
     if not isinstance(section, dict):
-        raise MTPError(f"{directory}: config.json has no 'mtp' section")
+        raise MTPError(f"{directory}: config.json has no 'mtp' section (a plain model: wrap it with from_base)")
     if not (directory / WEIGHTS_NAME).is_file():
         raise MTPError(f"{directory}: missing {WEIGHTS_NAME}")
     return section

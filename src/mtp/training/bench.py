@@ -158,9 +158,11 @@ def _timed(step, device: torch.device) -> float:
 def run_bench_train(spec, heads, orders, seq_len, batch_size, steps, freeze_trunk, gradient_checkpointing,
                     device: torch.device, seed: int = 0) -> dict:
     from mtp.hub import load_base_model
+    from mtp.models.loading import check_seq_len
 
     runtime = Runtime(device, torch.float32)  # trained weights are fp32
     base, tokenizer, source = load_base_model(spec, device, runtime.dtype)
+    check_seq_len(base, seq_len)
     g = torch.Generator().manual_seed(seed)
     vocab = base.config.vocab_size
     ids = torch.randint(0, vocab, (batch_size, seq_len), generator=g).to(device)

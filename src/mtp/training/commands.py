@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import inspect
 import json
 import os
@@ -16,7 +18,8 @@ import torch
 
 from mtp.arguments import spelled
 from mtp.errors import MTPError
-from mtp.io import atomic_write_json, remove_stale_temporaries, temporary_prefix
+from mtp.io import atomic_write_json, disk_errors, remove_stale_temporaries, temporary_prefix
+from mtp.process import output_lock
 from mtp.runtime import (
     Runtime,
     auto_dtype,
@@ -178,11 +181,20 @@ def train(
     t_start = time.perf_counter()
     out = Path(output).expanduser()
     set_threads(threads)
+    from mtp.training.distributed import torchrun_env
 
+    env = torchrun_env()
+    # One run per folder: under torchrun its rank 0 holds the folder for the whole job.
+    with output_lock(out) if env is None or env[0] == 0 else contextlib.nullcontext():
+        return _start(args, out, t_start)
+
+
+def _start(args: dict, out: Path, t_start: float) -> int:
+    """`train` once this process holds the run folder: the arguments checked, the torchrun job joined."""
     from mtp.training.checkpoints import latest_checkpoint
 
     checkpoint = None
-    if resume:
+    if args["resume"]:
         saved = _read_train_config(out)
         args = _merge_resume_args(args, saved)
         checkpoint = latest_checkpoint(out / "checkpoints")
@@ -190,6 +202,7 @@ def train(
             print(f"mtp: no checkpoint in {out / 'checkpoints'} yet; starting the run from step 0", flush=True)
     else:
         _check_fresh_output(out)
+    _check_same_data(args)
     a = _Args(args)
     _validate(a)
     args["dtype"] = a.dtype  # what auto resolved to: a resumed run keeps it, wherever it resumes
@@ -211,6 +224,7 @@ def train(
 
 def _train(a: _Args, args: dict, out: Path, checkpoint: Path | None, par: Parallel | None, t_start: float) -> int:
     """`train` once the arguments are checked and this process has joined its torchrun job (`par`, or None)."""
+    from mtp.models.loading import check_seq_len
     from mtp.training.checkpoints import is_sharded, load_trainer_state
     from mtp.training.distributed import full_state_on_main
 
@@ -238,6 +252,7 @@ def _train(a: _Args, args: dict, out: Path, checkpoint: Path | None, par: Parall
     tokenizer = mtp_model.tokenizer
     if tokenizer is None:
         raise MTPError("the model has no tokenizer; give a --model folder with tokenizer files")
+    check_seq_len(mtp_model, a.seq_len)
     if a.template == "auto":
         a.template = "chat" if getattr(tokenizer, "chat_template", None) else "plain"
 
@@ -427,6 +442,10 @@ def _validate(a: _Args) -> None:
         if given:
             raise MTPError(f"{', '.join(given)}: for --method selfdistill (mask tokens); --method heads trains "
                            "parallel heads")
+    if a.precision == "fp16":
+        from mtp.training.loop import resolve_precision
+
+        resolve_precision(a.precision, resolve_device(a.device, flags=True))  # refused on a CPU before any work
     if a.answer_minutes is not None and a.targets != "self":
         raise MTPError("--answer-minutes budgets the model's own answers; it needs --targets self")
     dev = resolve_device(a.device, flags=True)  # before anything loads
@@ -504,11 +523,26 @@ def _extra_heads_fp32(name: str) -> torch.dtype | None:
 def _check_fresh_output(out: Path) -> None:
     from mtp.training.checkpoints import list_checkpoints
 
-    if out.exists() and not out.is_dir():
-        raise MTPError(f"--output {out} is a file")
     if (out / "config.json").exists() or list_checkpoints(out / "checkpoints"):
         raise MTPError(f"{out} already holds a trained model or checkpoints; pass --resume to continue that run, "
                        "or choose a new --output")
+
+
+def _check_same_data(args: dict) -> None:
+    """A --data file's size and hash go into the run's arguments; a --resume on a file edited since then would
+    train on other rows than the run's seed and held-out split chose, without a word."""
+    path = Path(args["data"]).expanduser()
+    if not path.is_file():
+        return  # the shipped GSM8K or a datasets name
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    now = f"{path.stat().st_size} bytes, sha256 {digest.hexdigest()[:16]}"
+    before = args.setdefault("_data_fingerprint", now)
+    if before != now:
+        raise MTPError(f"--data {path} has changed since the run started ({before}; now {now}); --resume "
+                       "continues the run on the same data: restore the file, or start a new --output")
 
 
 def _read_train_config(out: Path) -> dict:
@@ -565,13 +599,14 @@ def install_model(model, out: Path) -> None:
     """Save the model into the run folder (which also holds checkpoints and logs): written to a temporary
     folder, then each file renamed into place, config.json last (a config.json marks a complete model)."""
     remove_stale_temporaries(out)  # of writes into the run folder that were killed
-    tmp = Path(tempfile.mkdtemp(prefix=temporary_prefix(out / "model"), dir=out))
-    try:
-        model.save_pretrained(tmp)
-        for f in sorted(tmp.iterdir(), key=lambda p: p.name == "config.json"):
-            os.replace(f, out / f.name)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    with disk_errors(out / "model.safetensors"):
+        tmp = Path(tempfile.mkdtemp(prefix=temporary_prefix(out / "model"), dir=out))
+        try:
+            model.save_pretrained(tmp)
+            for f in sorted(tmp.iterdir(), key=lambda p: p.name == "config.json"):
+                os.replace(f, out / f.name)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _print_summary(out: Path, result, report: dict) -> None:

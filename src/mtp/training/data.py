@@ -292,6 +292,10 @@ def rows_to_data(rows: list[tuple[list[int], list[bool]]], seq_len: int, pad_id:
         mask = [m for r in rows for m in r[1]]
         rows = [(ids[i : i + seq_len], mask[i : i + seq_len]) for i in range(0, len(ids), seq_len)]
     else:
+        cut = sum(len(ids) > seq_len for ids, _ in rows)
+        if cut:
+            log.warning("cut %d of %d rows to seq_len=%d tokens: their ends are not trained on (--pack keeps every "
+                        "token; or raise --seq-len)", cut, len(rows), seq_len)
         rows = [(ids[:seq_len], mask[:seq_len]) for ids, mask in rows]
     keep = [i for i, r in enumerate(rows) if any(r[1])]
     kept = [rows[i] for i in keep]
