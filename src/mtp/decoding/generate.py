@@ -301,7 +301,7 @@ def generate(model, input_ids: torch.Tensor | list, attention_mask: torch.Tensor
         raise MTPError("max_new_tokens must be >= 0")
     check_values({"do_sample": do_sample, "temperature": temperature, "top_k": top_k, "top_p": top_p, "tau": tau,
                   "k": k, "num_draft": num_draft, "strategy": strategy, "tree": tree, "tree_size": tree_size,
-                  "lookup": lookup}, flags=False)
+                  "lookup": lookup, "seed": seed}, flags=False)
     if do_sample and strategy not in ("greedy", "speculative"):
         raise MTPError("sampling (do_sample) is available with the greedy and speculative strategies")
     tokenizer = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
