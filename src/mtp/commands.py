@@ -37,7 +37,7 @@ def info(model: str | None = None, num_heads: int | None = None, num_trunk_layer
             print(line)
         return 0
     m = load_mtp_model(model, num_heads=num_heads, num_trunk_layers=num_trunk_layers, device=device, dtype=dtype)
-    rows = _mask_token_rows(m) if getattr(m, "mask_token_id", None) is not None else _heads_rows(m)
+    rows = _mask_token_rows(m) if m.kind == "mask_tokens" else _heads_rows(m)
     width = max(len(k) for k, _ in rows)
     for key, value in rows:
         print(f"{key:<{width}}  {value}")

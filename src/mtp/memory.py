@@ -115,7 +115,7 @@ def memory_report(spec: str | None, dtype: str = "float32", quantize: str = "non
     ids = ids.to(model.device)
     meter.run(f"decode {new_tokens} (greedy)",
               lambda: model.generate(ids, max_new_tokens=new_tokens, strategy="greedy", stop_token_ids=[]))
-    drafts = model.num_heads > 1 or getattr(model, "mask_token_id", None) is not None
+    drafts = model.draft_depth() > 0
     if drafts or lookup:
         kind = ", ".join(["speculative"] + ([f"tree {tree_size}"] if tree_size else [])
                          + ([f"lookup {lookup}"] if lookup else []))

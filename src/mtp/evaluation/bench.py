@@ -425,7 +425,7 @@ def tree_methods(model, tokenizer, sizes: Sequence[int], stop_ids, fmt: str | No
     """Speculative rows with a draft tree per size and shape ("auto": row `-treeN`, "dynamic": `-dtreeN`),
     then, with `lookup`, the chain and each tree with up to that many prompt-lookup drafts as one more branch
     (parallel heads only; lookup alone for one head)."""
-    if getattr(model, "mask_token_id", None) is not None:
+    if model.kind == "mask_tokens":
         return []
     sizes = list(sizes) if tokens_per_forward_max(model) > 1 else []
     engine, suffix = (f"mtp-{fmt}", f"-{fmt}") if fmt else ("mtp", "")
@@ -464,7 +464,7 @@ def llamacpp_installed() -> bool:
 
 def tokens_per_forward_max(model) -> int:
     """Tokens one forward can propose: the heads of a parallel-heads model, k of a mask-token model."""
-    return model.default_k if getattr(model, "mask_token_id", None) is not None else model.num_heads
+    return 1 + model.draft_depth()
 
 
 def multi_token_methods(model, tokenizer, *, taus: Sequence[float], static_k: Sequence[int] | None, fp16: bool,
@@ -480,7 +480,7 @@ def multi_token_methods(model, tokenizer, *, taus: Sequence[float], static_k: Se
         return []
     method = functools.partial(mtp_method, graphs=graphs)  # every mtp row of this bench
     stop_ids = list(stop_token_ids(model, tokenizer) if stop_ids is None else stop_ids)
-    own_answers = getattr(model, "mask_token_id", None) is not None and model.lora is None
+    own_answers = model.kind == "mask_tokens" and model.lora is None
     methods: list[Method] = []
     reference = OUR_GREEDY
     if prefix and own_answers:

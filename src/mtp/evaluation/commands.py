@@ -51,7 +51,7 @@ def _load(model: str | None, runtime: Runtime, quantize: str = "none", mask_toke
 
 
 def _kind(m) -> str:
-    if getattr(m, "mask_token_id", None) is not None:
+    if m.kind == "mask_tokens":
         adapter = "gated LoRA" if m.lora is not None else "full"
         return f"mask-token model ({adapter}, k={m.default_k}, mask id {m.mask_token_id})"
     return f"{m.num_heads} heads"
