@@ -175,6 +175,9 @@ def iter_generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor |
         state = session.adopt(state)
     while True:
         host = result.host.tolist()  # the one device-to-host copy of a step
+        if any(h[4] for h, a in zip(host, active, strict=True) if a):
+            raise MTPError("the model computed NaN or infinite logits (damaged weights, or a dtype that overflows "
+                           "for this model)")
         fed = sum(active)
         stats.forward_passes += 1
         stats.row_forwards += fed

@@ -9,7 +9,7 @@ the next drafts - all on the device, reading nothing back to the host:
                          ->  drafter.propose (+ prompt lookup)  ->  new state, and one small tensor for the host
 
 The host copies that tensor once per step (`StepResult.host`: emitted tokens, counts, finished flags, how many
-drafts were accepted, how many lookup drafts each row found). Shapes depend only on the batch size and the block
+drafts were accepted, how many lookup drafts each row found, whether its logits were finite). Shapes depend only on the batch size and the block
 configuration `(n, m)` (drafts and lookup drafts fed), so on CUDA a step is captured once per configuration and
 replayed (`mtp.decoding.graphs`); on a CPU the same functions run eagerly. Finished rows stay in the batch, masked:
 they emit nothing and their cache does not move.
@@ -31,7 +31,8 @@ from mtp.decoding.tree import Acceptance, DraftTree, DynamicTree, tree_layout, v
 
 Strategy = Literal["greedy", "speculative", "confadapt", "static"]
 STRATEGIES: tuple[str, ...] = ("greedy", "speculative", "confadapt", "static")
-HOST_COLUMNS = 4  # StepResult.host: count, finished, accepted drafts, lookup drafts found; then the emitted tokens
+# StepResult.host: count, finished, accepted drafts, lookup drafts found, non-finite logits; then the emitted tokens
+HOST_COLUMNS = 5
 
 
 @dataclass
@@ -139,7 +140,8 @@ class Decoder:
         finished = s.finished | hit | (produced >= s.budget)
         new = self._next_state(s, emitted, counts, produced, finished, proposal)
         lookup_count = new.lookup_count if new.lookup_count is not None else torch.zeros_like(counts)
-        host = torch.cat([torch.stack([counts, finished.long(), accepted, lookup_count], 1), emitted], 1)
+        broken = ~torch.isfinite(out.verify_logits).all(-1).all(-1)  # (B,) NaN or inf: damaged weights
+        host = torch.cat([torch.stack([counts, finished.long(), accepted, lookup_count, broken.long()], 1), emitted], 1)
         result = StepResult(host)
         if self.observe and out.trunk is not None:
             kept = torch.cat([s.pending_valid, kept_drafts], 1) & active[:, None]

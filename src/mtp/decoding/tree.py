@@ -42,6 +42,7 @@ import torch
 
 from mtp.decoding.sampling import process_logits, sample
 from mtp.errors import MTPError
+from mtp.io import read_text
 
 Path_ = tuple[int, ...]
 
@@ -347,6 +348,9 @@ def resolve_tree(spec: str | DraftTree | DynamicTree | None, size: int | None, n
     """
     if spec is None or isinstance(spec, DraftTree | DynamicTree):
         return spec
+    if not isinstance(spec, str):
+        raise MTPError(f"tree must be 'auto', 'dynamic', 'chain', a JSON list of paths, a .json file or a DraftTree, "
+                       f"got {type(spec).__name__} {spec!r}")
     if num_drafts < 1:
         raise MTPError("a draft tree needs at least one draft position (a model with extra heads)")
     if spec == "chain":
@@ -361,7 +365,7 @@ def resolve_tree(spec: str | DraftTree | DynamicTree | None, size: int | None, n
         path = Path(spec)
         if not path.is_file():
             raise MTPError(f"--tree {spec}: not 'auto', 'dynamic', 'chain', a JSON list of paths or a .json file")
-        text = path.read_text(encoding="utf-8")
+        text = read_text(path)
     try:
         paths = json.loads(text)
     except ValueError as e:
