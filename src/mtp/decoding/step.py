@@ -140,7 +140,8 @@ class Decoder:
         finished = s.finished | hit | (produced >= s.budget)
         new = self._next_state(s, emitted, counts, produced, finished, proposal)
         lookup_count = new.lookup_count if new.lookup_count is not None else torch.zeros_like(counts)
-        broken = ~torch.isfinite(out.verify_logits).all(-1).all(-1)  # (B,) NaN or inf: damaged weights
+        logits = out.verify_logits  # -inf is a masked token; NaN or +inf: damaged weights
+        broken = (logits.isnan() | logits.isposinf()).any(-1).any(-1)  # (B,)
         host = torch.cat([torch.stack([counts, finished.long(), accepted, lookup_count, broken.long()], 1), emitted], 1)
         result = StepResult(host)
         if self.observe and out.trunk is not None:
