@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import json
+import runpy
+import warnings
+from pathlib import Path
+from typing import Literal
 
 import pytest
 
-from mtp.cli import main
+from mtp.cli import CLI_DOC, command_markdown, main, markdown
 
 
 def run_cli(args, capsys):
@@ -249,3 +253,42 @@ def test_a_path_that_turns_out_unwritable_is_one_line_not_file_not_found(monkeyp
     monkeypatch.setitem(cli.COMMANDS, "denied", "test_cli:_write_denied")
     code, _, err = run_cli(["denied", "--output", "somewhere"], capsys)
     assert code == 2 and err.strip() == "mtp: error: cannot use somewhere: Permission denied"
+
+
+def test_docs_cli_md_is_current():
+    """docs/cli.md is what `python -m mtp.cli --markdown docs/cli.md` writes from today's command signatures."""
+    written = (Path(__file__).parents[1] / CLI_DOC).read_text()
+    assert written == markdown(), f"{CLI_DOC} is not current: run `python -m mtp.cli --markdown {CLI_DOC}`"
+
+
+def _documented(name: str, count: int = 3, mode: Literal["a", "b"] = "a", sizes: list[int] | None = None,
+                fast: bool = True, task: str = "x"):
+    """Do the thing.
+
+    Args:
+        name: who | what
+        count: how many,
+            on two lines
+        sizes: one or more
+    """
+
+
+def test_the_reference_renders_every_kind_of_flag():
+    rows = command_markdown("thing", _documented, ["task"]).splitlines()
+    assert rows[:3] == ["## mtp thing", "", "Do the thing."]
+    assert rows[6:] == [
+        "| `--name` | str | required | who \\| what |",
+        "| `--count` | int | `3` | how many, on two lines |",
+        "| `--mode` | {a,b} | `a` |  |",
+        "| `--sizes` | int ... |  | one or more |",
+        "| `--fast`, `--no-fast` |  | on |  |",
+        "| `[task]` (a word after the command) | str | `x` |  |",
+    ]
+
+
+def test_python_m_mtp_cli_markdown_writes_the_reference(tmp_path, monkeypatch):
+    monkeypatch.setattr("sys.argv", ["mtp.cli", "--markdown", str(tmp_path / "cli.md")])
+    with warnings.catch_warnings():  # runpy warns that mtp.cli is imported already
+        warnings.simplefilter("ignore", RuntimeWarning)
+        runpy.run_module("mtp.cli", run_name="__main__")
+    assert (tmp_path / "cli.md").read_text() == markdown()

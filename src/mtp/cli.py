@@ -3,6 +3,7 @@
 A command function takes keyword arguments with type hints and defaults; `build_parser` turns them into flags
 (`num_heads: int = 4` becomes `--num-heads 4`, `chat: bool = False` becomes `--chat/--no-chat`). The first
 paragraph of its docstring is the help text; `name: text` lines under "Args:" document the flags.
+`python -m mtp.cli --markdown docs/cli.md` writes the same as the command-line reference (`markdown`).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import sys
 import types
 import typing
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 from mtp.arguments import check_command_arguments
 from mtp.errors import MTPError
@@ -66,41 +68,63 @@ def _unwrap_optional(tp):
     return tp, False
 
 
-def add_function_arguments(parser: argparse.ArgumentParser, fn: Callable, positional: Sequence[str] = ()) -> None:
-    """Add one flag per keyword parameter of `fn`, typed from its annotations (names in `positional`: an
-    optional positional argument instead)."""
+@dataclass(frozen=True)
+class Flag:
+    """One keyword parameter of a command as the command line offers it."""
+
+    name: str  # the parameter
+    flag: str  # "--num-heads", or the parameter's name when it is an optional positional word
+    type: type  # bool: a --x/--no-x switch
+    choices: tuple = ()
+    many: bool = False  # one or more values
+    required: bool = False
+    default: object = None
+    help: str = ""
+    positional: bool = False
+
+
+def command_flags(fn: Callable, positional: Sequence[str] = ()) -> list[Flag]:
+    """The flags of a command function: one per keyword parameter, typed from its annotations, documented by the
+    "Args:" lines of its docstring (names in `positional`: an optional positional word instead of a flag)."""
     hints = typing.get_type_hints(fn)
     _, helps = _doc_parts(fn)
+    flags = []
     for name, param in inspect.signature(fn).parameters.items():
         if param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
             continue
-        flag = "--" + name.rstrip("_").replace("_", "-")
         tp, _ = _unwrap_optional(hints.get(name, str))
         required = param.default is inspect.Parameter.empty
-        default = None if required else param.default
-        help_text = helps.get(name, "")
-        if tp is bool:
-            parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=default,
-                                help=help_text)
+        choices, many = (), False
+        if typing.get_origin(tp) is typing.Literal:
+            choices = typing.get_args(tp)
+            tp = type(choices[0])
+        elif typing.get_origin(tp) in (list, tuple):
+            (tp, *_) = typing.get_args(tp) or (str,)
+            many = True
+        flags.append(Flag(name, name if name in positional else "--" + name.rstrip("_").replace("_", "-"), tp,
+                          choices, many, required, None if required else param.default, helps.get(name, ""),
+                          name in positional))
+    return flags
+
+
+def add_function_arguments(parser: argparse.ArgumentParser, fn: Callable, positional: Sequence[str] = ()) -> None:
+    """Add one flag per keyword parameter of `fn` (`command_flags`)."""
+    for f in command_flags(fn, positional):
+        if f.type is bool:
+            parser.add_argument(f.flag, dest=f.name, action=argparse.BooleanOptionalAction, default=f.default,
+                                help=f.help)
             continue
-        origin = typing.get_origin(tp)
-        kwargs: dict = {"dest": name, "default": default, "required": required, "help": help_text}
-        if origin is typing.Literal:
-            kwargs["choices"] = list(typing.get_args(tp))
-            kwargs["type"] = type(typing.get_args(tp)[0])
-        elif origin in (list, tuple):
-            (inner, *_) = typing.get_args(tp) or (str,)
-            kwargs["type"] = inner
+        kwargs: dict = {"type": f.type, "default": f.default, "help": f.help}
+        if f.choices:
+            kwargs["choices"] = list(f.choices)
+        if f.many:
             kwargs["nargs"] = "+"
+        if not f.required and f.default is not None:
+            kwargs["help"] = f"{f.help} (default: {f.default})".strip()
+        if f.positional:
+            parser.add_argument(f.flag, nargs="?", **kwargs)
         else:
-            kwargs["type"] = tp
-        if not required and default is not None:
-            kwargs["help"] = f"{help_text} (default: {default})".strip()
-        if name in positional:
-            kwargs.pop("dest"), kwargs.pop("required")
-            parser.add_argument(name, nargs="?", **kwargs)
-            continue
-        parser.add_argument(flag, **kwargs)
+            parser.add_argument(f.flag, dest=f.name, required=f.required, **kwargs)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -137,6 +161,57 @@ def _help_listing() -> str:
     lines.append("")
     lines.append("Run `mtp COMMAND --help` for a command's options.")
     return "\n".join(lines)
+
+
+CLI_DOC = "docs/cli.md"
+
+
+def _cell(value: object) -> str:
+    return str(value).replace("|", "\\|")
+
+
+def _flag_markdown(f: Flag) -> str:
+    if f.positional:
+        name = f"`[{f.flag}]` (a word after the command)"
+    elif f.type is bool:
+        name = f"`{f.flag}`, `--no-{f.flag[2:]}`"
+    else:
+        name = f"`{f.flag}`"
+    if f.type is bool:
+        value = ""
+    elif f.choices:
+        value = "{" + ",".join(map(str, f.choices)) + "}"
+    else:
+        value = f.type.__name__ + (" ..." if f.many else "")
+    if f.required:
+        default = "required"
+    elif f.default is None:
+        default = ""
+    elif f.type is bool:
+        default = "on" if f.default else "off"
+    else:
+        default = "`" + " ".join(map(str, f.default)) + "`" if f.many else f"`{f.default}`"
+    return f"| {_cell(name)} | {_cell(value)} | {_cell(default)} | {_cell(f.help)} |"
+
+
+def command_markdown(name: str, fn: Callable, positional: Sequence[str] = ()) -> str:
+    """One command's section of the reference: its summary and a table of its flags (`command_flags`)."""
+    summary, _ = _doc_parts(fn)
+    rows = [_flag_markdown(f) for f in command_flags(fn, positional)]
+    return "\n".join([f"## mtp {name}", "", summary, "", "| flag | value | default | what it does |",
+                      "|---|---|---|---|", *rows, ""])
+
+
+def markdown(commands: dict[str, str] = COMMANDS) -> str:
+    """The command-line reference (docs/cli.md), generated from the commands' signatures and docstrings."""
+    index = ", ".join(f"[`{name}`](#mtp-{name})" for name in commands)
+    head = ["# Command line", "",
+            f"Generated from the commands' typed signatures by `python -m mtp.cli --markdown {CLI_DOC}`: edit the",
+            "command functions' signatures and docstrings, not this file (`tests/test_cli.py` checks it is current).",
+            "`mtp COMMAND --help` prints the same. A bad value is one line and exit code 2, before any work.", "",
+            f"Commands: {index}.", ""]
+    sections = [command_markdown(name, _load(target), POSITIONAL.get(name, [])) for name, target in commands.items()]
+    return "\n".join(head + sections)
 
 
 def run(argv: list[str] | None = None) -> int:
@@ -182,4 +257,12 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    if sys.argv[1:2] == ["--markdown"]:  # python -m mtp.cli --markdown [docs/cli.md]: the reference, printed or written
+        if len(sys.argv) > 2:
+            from mtp.io import atomic_write_text
+
+            atomic_write_text(sys.argv[2], markdown())
+        else:
+            print(markdown(), end="")
+    else:
+        main()

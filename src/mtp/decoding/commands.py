@@ -80,7 +80,8 @@ def generate(model: str | None = None, prompt: str | None = None, prompts_file: 
         strategy: greedy | speculative (lossless) | confadapt (lossy, tau) | static (lossy, k).
         max_new_tokens: tokens to generate at most.
         num_heads: heads to give a plain model (default 4).
-        mask_token_id: decode a plain model that has a mask token (seed 002's checkpoints ship one) with it
+        mask_token_id: decode a plain model that has a mask token with it (checkpoints trained with the
+            self-distillation authors' code ship one)
         mask_token: the same, naming the token (e.g. "<|mtp_special_token_0|>")
         tau: ConfAdapt confidence threshold.
         k: tokens per step for the static strategy (default: all heads).

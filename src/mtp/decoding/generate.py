@@ -272,8 +272,8 @@ def generate(model, input_ids: torch.Tensor | list, attention_mask: torch.Tensor
         input_ids: (B, P) prompt tokens, left-padded when rows differ in length (or lists of ids: see
             `mtp.decoding.inputs.token_batch`; anything malformed is an MTPError saying what).
         attention_mask: (B, P), 0 on padding.
-        strategy: greedy | speculative | confadapt | static. `use_speculative=True/False` (seed 000's spelling)
-            selects speculative / greedy.
+        strategy: greedy | speculative | confadapt | static. `use_speculative=True/False` selects
+            speculative / greedy (the spelling published MTP checkpoints' code uses).
         stop_token_ids: end tokens (default: the tokenizer's / generation config's end tokens).
         stop_strings: stop when the decoded new text contains one (needs `tokenizer`).
         streamer: called as streamer(row, new_tokens) after each step.

@@ -105,7 +105,8 @@ def eval_(
         device: auto (CUDA when available), cpu, cuda or cuda:N
         threads: torch CPU threads (default: torch's choice)
         progress: progress bar
-        mask_token_id: decode a plain model with this existing token as its mask token (seed 002's folders)
+        mask_token_id: decode a plain model with this existing token as its mask token (checkpoints trained
+            with the self-distillation authors' code ship one)
     """
     from mtp.evaluation.evaluate import format_summary, model_fingerprint, run_eval, strategy_tag
     from mtp.evaluation.prompts import gsm8k_prompts, resolve_chat

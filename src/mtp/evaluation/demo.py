@@ -48,8 +48,8 @@ class Plan:
     save_every: int
 
 
-# Measured on 2 cores (README, `make demo`): the benchmark about 4 minutes, training 0.85x answering (7.5 and 8.8
-# minutes for 600 questions).
+# Measured on 2 cores (docs/benchmarks.md, `make demo`): the benchmark about 4 minutes, training 0.85x answering
+# (7.5 and 8.8 minutes for 600 questions).
 CPU_PLAN = Plan(budget_minutes=30.0, bench_minutes=4.0, train_per_answer=0.85, gen_batch_size=48, save_every=50)
 # An H100/H200 answers all 7,473 questions in a few minutes (a batch of 256 costs about one row's time), trains
 # on them in about a minute and benchmarks in about two (transformers' compiled static-cache peer included).
@@ -59,8 +59,8 @@ GPU_PLAN = Plan(budget_minutes=None, bench_minutes=2.5, train_per_answer=0.35, g
 
 def plan_for(device: torch.device) -> Plan:
     return GPU_PLAN if device.type == "cuda" else CPU_PLAN
-# The fastest lossless row of the README's 20-prompt bench: a 4-node tree of the heads' candidates plus up to 6
-# prompt-lookup drafts (a verify block of at most 11 tokens).
+# The fastest lossless row of the 20-prompt CPU bench (docs/benchmarks.md): a 4-node tree of the heads' candidates
+# plus up to 6 prompt-lookup drafts (a verify block of at most 11 tokens).
 DEMO_TREE_SIZE, DEMO_LOOKUP = 4, 6
 MIN_ANSWER_MINUTES = 1e-6  # a budget spent before answering: just the measured batch (no batch takes 60 us)
 
@@ -87,9 +87,9 @@ def answer_minutes(budget_minutes: float, elapsed_minutes: float, train_epochs: 
 def train_settings(train_limit: int | None, train_epochs: float, minutes: float | None = None,
                    device: str = "auto", plan: Plan = CPU_PLAN) -> dict:
     """The `train(...)` arguments of the demo's head training (besides output, resume and progress)."""
-    # The README's recipe scaled to the demo's budget: the model answers GSM8K train questions itself (128 new
-    # tokens, `plan.gen_batch_size` at a time, fp16-packed on a CPU, keeping the trunk outputs it computes) for
-    # `minutes` (None: all), 5% held out, then 3 epochs of 4-row steps at lr 5e-3 on those trunk outputs with the
+    # The recipe of docs/training.md, scaled to the demo's budget: the model answers GSM8K train questions itself
+    # (128 new tokens, `plan.gen_batch_size` at a time, fp16-packed on a CPU, keeping the trunk outputs it computes)
+    # for `minutes` (None: all), 5% held out, then 3 epochs of 4-row steps at lr 5e-3 on those trunk outputs with the
     # default 8192-token draft vocabulary (on a GPU the frozen trunk in bf16: --dtype auto).
     return {"model": None, "data": "gsm8k", "split": "train", "num_heads": 4, "freeze_trunk": True,
             "targets": "self", "limit": train_limit, "answer_minutes": minutes, "epochs": train_epochs,

@@ -1,4 +1,4 @@
-"""Meta's multi-token checkpoint format (Gloeckle et al. 2024, seed 001) <-> `MTPModel`.
+"""Meta's multi-token checkpoint format (Gloeckle et al. 2024: Meta's released 7B checkpoints) <-> `MTPModel`.
 
 A Meta checkpoint folder holds `params.json` and `consolidated.00.pth`, a Llama-format state dict:
 

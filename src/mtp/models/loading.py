@@ -31,7 +31,8 @@ def load_mtp_model(spec: str | None = None, num_heads: int | None = None, num_tr
     An MTP folder or a Meta checkpoint brings its own heads (asking for a different number is an error); a plain
     model is wrapped with `num_heads` heads (default 4) whose extra heads start as copies of the last layer(s).
     A mask-token folder loads as a `MaskTokenModel`, and so does a plain model given `mask_token_id` or
-    `mask_token` (a token it already has, as seed 002's checkpoints ship one).
+    `mask_token` (a token it already has, as checkpoints trained with the self-distillation
+    authors' code ship one).
     `device` and `dtype` may be "auto" (`mtp.runtime`); a device this torch cannot use is an error before loading.
     """
     from mtp.models.mask_tokens import MaskTokenModel, is_mask_token_folder

@@ -327,7 +327,8 @@ class MaskTokenModel(nn.Module):
                   **load_kwargs) -> MaskTokenModel:
         """Wrap a transformers causal LM (or load one by name/path, `mtp.hub`) and give it a mask token.
 
-        `mask_token_id` uses a token the model already has (seed 002's checkpoints ship one); otherwise
+        `mask_token_id` uses a token the model already has (checkpoints trained with the
+        self-distillation authors' code ship one); otherwise
         `mask_token` (default `<|mtp_mask|>`) is used if the tokenizer knows it, or added: to the tokenizer and
         to the embedding, in a spare padded row when the matrix has more rows than the tokenizer has tokens,
         else in a new row, initialised to the mean of the existing rows.

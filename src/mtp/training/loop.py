@@ -139,7 +139,7 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     if precision == "auto":
         if device.type == "cuda":
             return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-        return "fp32"  # CPU: bf16 matmuls are slower than fp32 without AVX-512 BF16 (REFERENCE.md §5)
+        return "fp32"  # CPU: bf16 matmuls are slower than fp32 without AVX-512 BF16
     if precision in ("bf16", "fp16") and device.type not in ("cuda", "cpu", "xpu", "mps"):
         raise MTPError(f"{precision} autocast is not available on {device.type}")
     if precision == "fp16" and device.type == "cpu":  # torch's GradScaler, which fp16 needs, does not run there
