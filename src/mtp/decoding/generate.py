@@ -65,11 +65,7 @@ class GenerationStats:
 class GenerationResult:
     tokens: list[list[int]]  # new tokens per row (a stop token, when hit, is the last one)
     stats: GenerationStats
-    texts: list[str] | None = None
-
-    @property
-    def sequences(self) -> list[list[int]]:
-        return self.tokens
+    texts: list[str] | None = None  # the new tokens decoded (with a tokenizer)
 
 
 # Called after every forward with (rows, trunk output (B, T, H), kept (B, T) bool): `rows` are the original row
@@ -258,7 +254,7 @@ def _prompt_state(input_ids: torch.Tensor, attention_mask: torch.Tensor, opts: D
 # ------------------------------------------------------------------------------------------------ public API
 @torch.inference_mode()
 def generate(model, input_ids: torch.Tensor | list, attention_mask: torch.Tensor | list | None = None, *,
-             max_new_tokens: int = 128, strategy: Strategy = "greedy", use_speculative: bool | None = None,
+             max_new_tokens: int = 128, strategy: Strategy | None = None, use_speculative: bool | None = None,
              do_sample: bool = False, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
              tau: float = 0.9, k: int | None = None, num_draft: int | None = None, adaptive_draft: bool = True,
              stop_token_ids: list[int] | None = None, stop_strings: list[str] | None = None, tokenizer=None,
@@ -272,8 +268,9 @@ def generate(model, input_ids: torch.Tensor | list, attention_mask: torch.Tensor
         input_ids: (B, P) prompt tokens, left-padded when rows differ in length (or lists of ids: see
             `mtp.decoding.inputs.token_batch`; anything malformed is an MTPError saying what).
         attention_mask: (B, P), 0 on padding.
-        strategy: greedy | speculative | confadapt | static. `use_speculative=True/False` selects
-            speculative / greedy (the spelling published MTP checkpoints' code uses).
+        strategy: greedy (the default) | speculative | confadapt | static. `use_speculative=True/False` selects
+            speculative / greedy (the spelling published MTP checkpoints' code uses); given with a strategy, the
+            two must agree.
         stop_token_ids: end tokens (default: the tokenizer's / generation config's end tokens).
         stop_strings: stop when the decoded new text contains one (needs `tokenizer`).
         streamer: called as streamer(row, new_tokens) after each step.
@@ -295,10 +292,15 @@ def generate(model, input_ids: torch.Tensor | list, attention_mask: torch.Tensor
         graphs: replay each decoding step as a CUDA graph (`mtp.decoding.graphs`); None: on CUDA, unless a
             `proposer` (read on the host) drafts. Off, the same steps run eagerly (the reference).
     """
+    if use_speculative is not None:
+        spelled = "speculative" if use_speculative else "greedy"
+        if strategy not in (None, spelled):
+            raise MTPError(f"use_speculative={use_speculative} asks for {spelled}, strategy={strategy!r} for "
+                           "another: give one of them")
+        strategy = spelled
+    strategy = strategy or "greedy"
     if strategy not in STRATEGIES:
         raise MTPError(f"unknown strategy {strategy!r}; choose from {', '.join(STRATEGIES)}")
-    if use_speculative is not None:
-        strategy = "speculative" if use_speculative else "greedy"
     input_ids, attention_mask = token_batch(model, input_ids, attention_mask, left_padded=True)
     if max_new_tokens < 0:
         raise MTPError("max_new_tokens must be >= 0")

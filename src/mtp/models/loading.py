@@ -22,6 +22,13 @@ from mtp.runtime import resolve_runtime
 Quantize = Literal["none", "fp16", "int8"]
 
 
+def load(spec: str | None = None, *, device: str | torch.device = "auto", dtype: str | torch.dtype = "auto",
+         **kwargs):
+    """`mtp.load`: `load_mtp_model` with the commands' device rule (auto: CUDA in bfloat16 when there is a GPU,
+    else the CPU in float32)."""
+    return load_mtp_model(spec, device=device, dtype=dtype, **kwargs)
+
+
 def load_mtp_model(spec: str | None = None, num_heads: int | None = None, num_trunk_layers: int | None = None,
                    device: str | torch.device = "cpu", dtype: str | torch.dtype = "float32", quantize: Quantize = "none",
                    default_num_heads: int = 4, mask_token_id: int | None = None,

@@ -541,10 +541,13 @@ class MaskTokenModel(nn.Module):
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike, device: str | torch.device = "cpu",
                         dtype: torch.dtype = torch.float32, load_tokenizer: bool = True) -> MaskTokenModel:
-        from safetensors.torch import load_file
-        from transformers import AutoConfig, AutoModelForCausalLM
+        """Load a folder written by `save_pretrained`, as `MTPModel.from_pretrained` does: the base model is built
+        on the meta device and each tensor is read from model.safetensors straight into its place, in `dtype` on
+        `device` (one copy of the weights in memory); mismatched tensors raise an error naming them."""
+        from transformers import AutoConfig
 
-        from mtp.models.safetensors_io import check_floating
+        from mtp.models.parallel_heads import MTPModel, _pick_dtype
+        from mtp.models.safetensors_io import SafetensorsReader, check_floating
 
         device = resolve_device(device)  # before anything is read
         directory = as_path(directory, "directory")
@@ -552,30 +555,29 @@ class MaskTokenModel(nn.Module):
         if raw.get("method") != METHOD:
             raise MTPError(f"{directory}: not a mask-token model (its mtp section has method {raw.get('method')!r})")
         config = AutoConfig.from_pretrained(directory)
-        from mtp.models.parallel_heads import _skip_weight_init
-
-        with _skip_weight_init():  # every weight is overwritten by the checkpoint
-            base = AutoModelForCausalLM.from_config(config)
         weights = directory / WEIGHTS_NAME
-        state = load_file(str(weights))
-        lora_state = {k: state.pop(k) for k in list(state) if k.startswith(LORA_PREFIX)}
-        check_floating({k: t.dtype for k, t in state.items()}, base.state_dict(), str(weights))
-        missing, unexpected = base.load_state_dict(state, strict=False)
-        tied = {k for k in missing if k.endswith("lm_head.weight")} if config.tie_word_embeddings else set()
-        if set(missing) - tied or unexpected:
-            raise CheckpointMismatchError(f"{directory / WEIGHTS_NAME} does not match its config: missing "
-                                          f"{sorted(set(missing) - tied)[:3]}, unexpected {sorted(unexpected)[:3]}")
-        base.tie_weights()
-        model = cls(base, int(raw["mask_token_id"]), raw.get("mask_token"), adapter=raw.get("adapter", "full"),
+        if not weights.is_file():
+            raise MTPError(f"{directory}: missing {WEIGHTS_NAME}")
+        layers = int(config.num_hidden_layers)
+        lm = MTPModel.empty(config, num_heads=1, num_trunk_layers=layers - 1, dtype=dtype)
+        with SafetensorsReader(weights) as reader:
+            names = [k for k in reader.tensors if not k.startswith(LORA_PREFIX)]
+            shapes = {k: reader.tensors[k].shape for k in names}
+            lm.check_checkpoint_shapes(shapes, source=str(weights))
+            check_floating({k: reader.tensors[k].dtype for k in names}, lm.base.state_dict(), str(weights))
+            lm.materialise(names, lambda k: reader.read(k, _pick_dtype(reader, k, dtype, None), device))
+            lora_state = {k: reader.read(k, dtype, device) for k in reader.tensors if k.startswith(LORA_PREFIX)}
+        lm.to(device).eval()  # the buffers (rotary frequencies)
+        model = cls(lm.base, int(raw["mask_token_id"]), raw.get("mask_token"), adapter=raw.get("adapter", "full"),
                     rank=int(raw.get("rank", 16)), k=int(raw.get("k", 4)), max_k=raw.get("max_k"),
                     lora_layers=raw.get("lora_layers"))
         if model.lora is not None:
             model.lora.alpha = float(raw.get("alpha", model.lora.alpha))
             model.lora.scale = model.lora.alpha / model.lora.rank
-            model.lora.load_flat(lora_state, str(directory / WEIGHTS_NAME))
+            model.lora.load_flat(lora_state, str(weights))
         elif lora_state:
             raise CheckpointMismatchError(f"{directory}: LoRA weights in a model without adapters")
-        model.to(device=device, dtype=dtype).eval()
+        model.eval()
         from mtp import hub
 
         hub.check_finite_weights(model, str(weights))
