@@ -125,6 +125,7 @@ def accepted_per_position(accepted: list[int], depth: int) -> list[int]:
 
 
 # ------------------------------------------------------------------------------------------------ the loop
+GPU_FREE_ROWS = 32  # verify-block rows (batch x block width) a GPU step of a small model takes at about no cost
 def iter_generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
                   opts: DecodeOptions, stop: StopChecker, generator: torch.Generator | None = None,
                   stats: GenerationStats | None = None, drafter: Drafter | None = None,
@@ -162,7 +163,11 @@ def iter_generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor |
         cache = drafter.new_cache(b, need, static=device.type != "cpu")
         decoder = Decoder(drafter, opts, cache, stop.stop_ids, generator, observe)
     state = _prompt_state(input_ids, attention_mask, opts, cache.max_len if lookup else 0)
-    draft_length = DraftLength(n_draft, opts.adaptive_draft and not graphs)  # graphs: one block width
+    # A draft costs a row of the verify block. On a GPU a small model's step is bound by its kernels, not by rows,
+    # until the blocks of a batch hold a few dozen rows: only then do fewer drafts pay (replaying, each width the
+    # rule picks gets a graph of its own).
+    verify_rows = b * (1 + n_draft + lookup)
+    draft_length = DraftLength(n_draft, opts.adaptive_draft and (device.type == "cpu" or verify_rows > GPU_FREE_ROWS))
     rows = list(range(b))  # original row of each batch row
     active = [True] * b
     n = m = 0  # the prompt is fed alone

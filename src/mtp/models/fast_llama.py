@@ -161,11 +161,13 @@ def _attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: 
 
 
 def _rms_norm(x: torch.Tensor, norm: nn.Module) -> torch.Tensor:
-    # transformers' arithmetic (in fp32 whatever the model's dtype), so both paths agree to the last bit. In fp32,
-    # torch's fused kernel computes the same values (bit for bit on SmolLM2's rows) in one op instead of six.
-    if x.dtype == torch.float32 and norm.weight.dtype == torch.float32:
+    # In fp32 torch's fused kernel computes transformers' six ops bit for bit (on SmolLM2's rows), in one op. In
+    # bf16/fp16 it also computes in fp32 but scales by the weight before rounding once, where transformers rounds,
+    # then scales in the low precision: the last bit may differ from the Hugging Face layer, never between the rows
+    # of a block - and one kernel instead of four is what a GPU step is short of (a kernel a layer costs more there
+    # than the arithmetic).
+    if x.dtype == norm.weight.dtype:
         return F.rms_norm(x, norm.weight.shape, norm.weight, norm.variance_epsilon)
-    # Lower precision: normalised in fp32, rounded, then scaled in the weight's dtype (transformers' order).
     return norm.weight * F.rms_norm(x.float(), norm.weight.shape, None, norm.variance_epsilon).to(x.dtype)
 
 
