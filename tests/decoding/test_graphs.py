@@ -6,6 +6,10 @@ buffers), so everything but the capture itself is checked in CI; the tests marke
 
 from __future__ import annotations
 
+import copy
+import gc
+import weakref
+
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -17,7 +21,6 @@ import mtp.decoding.generate as generate_module
 from conftest import tiny_mtp
 from mtp.decoding.drafters import drafter_for
 from mtp.decoding.generate import _prompt_state, _rows_to_keep, generate, left_pad
-from mtp.decoding.graphs import _SESSIONS
 from mtp.decoding.reference import reference_greedy
 from mtp.decoding.step import DecodeOptions, Decoder
 from mtp.decoding.tree import DynamicTree
@@ -83,13 +86,19 @@ def test_a_session_is_reused_by_shape_and_renewed_when_the_weights_move(replayed
     model = tiny_mtp("llama", num_heads=3)
     ids = torch.tensor([[1, 2, 3]])
     generate(model, ids, max_new_tokens=5, strategy="speculative", graphs=True)
-    first = list(_SESSIONS[model].sessions.values())
+    sessions = model._mtp_decode_sessions
+    first = list(sessions.sessions.values())
     generate(model, ids, max_new_tokens=7, strategy="speculative", graphs=True)  # same cache length bucket
-    assert list(_SESSIONS[model].sessions.values()) == first
-    model.double()  # new weight tensors: graphs captured over the old ones must not be replayed
+    assert list(sessions.sessions.values()) == first
+    assert copy.deepcopy(model)._mtp_decode_sessions.sessions == {}  # a copy starts with none
+    model.double()  # new weight tensors: graphs captured over the old ones must not be replayed, nor kept
     out = generate(model, ids.repeat(2, 1), max_new_tokens=5, strategy="speculative", graphs=True)
-    assert len(_SESSIONS[model].sessions) == 2
+    assert len(sessions.sessions) == 1 and list(sessions.sessions.values()) != first
     assert out.tokens[0] == generate(model, ids, max_new_tokens=5, graphs=False).tokens[0]
+    alive = weakref.ref(model)
+    del model, sessions, first, out  # the model owns its sessions: nothing else keeps it alive
+    gc.collect()
+    assert alive() is None
 
 
 def test_a_replayed_batch_shrinks_to_the_next_power_of_two():

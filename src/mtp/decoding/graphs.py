@@ -12,7 +12,6 @@ A `DecodeSession` keeps a batch size's cache, state buffers and graphs between `
 from __future__ import annotations
 
 import dataclasses
-import weakref
 
 import torch
 
@@ -86,21 +85,30 @@ class DecodeSession:
 
 
 class DecodeSessions:
-    """The sessions of one model, by shape and decoding options, the most recently used few."""
+    """The sessions of one model, by shape and decoding options, the most recently used few. Kept on the model
+    (a copy or a pickle of the model starts with none: graphs do not copy)."""
 
     def __init__(self, limit: int = 16):
         self.limit = limit
         self.sessions: dict[tuple, DecodeSession] = {}
 
-    def get(self, key: tuple, make) -> DecodeSession:
+    def get(self, key: tuple, weights: int, make) -> DecodeSession:
+        """The session for `key` (made on first use); sessions over other weights (a model since moved or cast)
+        are dropped with their graphs and caches."""
+        self.sessions = {k: v for k, v in self.sessions.items() if k[0] == weights}
         session = self.sessions.pop(key, None) or make()
         self.sessions[key] = session  # most recent last
         while len(self.sessions) > self.limit:
             self.sessions.pop(next(iter(self.sessions)))
         return session
 
+    def __deepcopy__(self, memo) -> DecodeSessions:
+        return DecodeSessions(self.limit)
 
-_SESSIONS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+    def __getstate__(self) -> dict:
+        return {"limit": self.limit, "sessions": {}}
+
+
 SLOT_BUCKET = 128  # cache lengths are rounded up to this: prompts of similar length share a session
 
 
@@ -111,10 +119,12 @@ def session_for(model, drafter, opts, batch_size: int, need: int, stop_ids: torc
     max_len = -(-need // SLOT_BUCKET) * SLOT_BUCKET
     weights = hash(tuple(p.data_ptr() for p in model.parameters()))
     fields = dataclasses.astuple(dataclasses.replace(opts, max_new_tokens=0, adaptive_draft=False))
-    key = (batch_size, max_len, weights, fields, tuple(stop_ids.tolist()), generator is not None, observe)
-    sessions = _SESSIONS.setdefault(model, DecodeSessions())
-    session = sessions.get(key, lambda: DecodeSession(drafter, opts, batch_size, max_len, stop_ids,
-                                                      generator is not None, observe, stop_ids.device))
+    key = (weights, batch_size, max_len, fields, tuple(stop_ids.tolist()), generator is not None, observe)
+    sessions = model.__dict__.get("_mtp_decode_sessions")
+    if sessions is None:
+        sessions = model.__dict__["_mtp_decode_sessions"] = DecodeSessions()
+    session = sessions.get(key, weights, lambda: DecodeSession(drafter, opts, batch_size, max_len, stop_ids,
+                                                               generator is not None, observe, stop_ids.device))
     if generator is not None:  # the call's seed; the graphs draw from the session's generator
         session.generator.set_state(generator.get_state())
     return session
