@@ -166,7 +166,8 @@ def _rms_norm(x: torch.Tensor, norm: nn.Module) -> torch.Tensor:
     # then scales in the low precision: the last bit may differ from the Hugging Face layer, never between the rows
     # of a block - and one kernel instead of four is what a GPU step is short of (a kernel a layer costs more there
     # than the arithmetic).
-    if x.dtype == norm.weight.dtype:
+    # (float64 stays transformers' way: it normalises in fp32 even then.)
+    if x.dtype == norm.weight.dtype and x.dtype != torch.float64:
         return F.rms_norm(x, norm.weight.shape, norm.weight, norm.variance_epsilon)
     return norm.weight * F.rms_norm(x.float(), norm.weight.shape, None, norm.variance_epsilon).to(x.dtype)
 
