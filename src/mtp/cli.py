@@ -252,7 +252,7 @@ def markdown(commands: dict[str, str] = COMMANDS) -> str:
             f"Generated from the commands' typed signatures by `python -m mtp.cli --markdown {CLI_DOC}`: edit the",
             "command functions' signatures and docstrings, not this file (`tests/test_cli.py` checks it is current).",
             "`mtp COMMAND --help` prints the same. A bad value is one line and exit code 2, before any work.", "",
-            f"Commands: {index}.", ""]
+            f"Commands: {index}; old spellings: [deprecated](#deprecated-spellings).", ""]
     sections = [command_markdown(name, _load(target), POSITIONAL.get(name, [])) for name, target in commands.items()]
     return "\n".join(head + sections + [deprecated_markdown()])
 
