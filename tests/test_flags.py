@@ -91,6 +91,8 @@ def test_every_command_spells_each_concept_one_way():
     flags = all_flags()
     assert spelling_problems(flags) == []
     assert alias_problems(flags, DEPRECATED) == []
+    # every command that computes takes --device (convert rewrites files, tensor by tensor, on the CPU)
+    assert [c for c, fs in flags.items() if c != "convert" and "device" not in {f.name for f in fs}] == []
 
 
 def _old_style(prompts_file: str | None = None, taus: list[float] | None = None, device: int = 0,
@@ -118,6 +120,17 @@ def test_the_walk_finds_each_kind_of_problem():
                        "new --devices: tree is no parameter of new",
                        "new --devices: not a known other spelling of --tree",
                        "new --tau-list: not a known other spelling of --tau", "gone: no such command"]
+
+
+# The old spellings of this release: each keeps working, with a warning, until DEPRECATED_UNTIL.
+OLD_SPELLINGS = [("generate", "--prompts-file"), ("info", "--new-tokens"), ("bench", "--taus"), ("bench", "--static-k"),
+                 ("bench", "--tree-sizes"), ("bench", "--tree-shape"), ("bench", "--prompt-lookup-tokens"),
+                 ("bench", "--batch-sizes"), ("bench-train", "--heads"), ("bench-train", "--orders"),
+                 ("train", "--precision")]
+
+
+def test_every_old_spelling_is_registered():
+    assert sorted(OLD_SPELLINGS) == sorted((c, old) for c, renamed in DEPRECATED.items() for old in renamed)
 
 
 def _alias_cases():
@@ -174,9 +187,20 @@ def test_an_old_spelling_runs_the_command(tiny_mtp_folder, tmp_path, capsys):
 
 
 def test_a_run_saved_under_old_flag_names_resumes_under_the_new_ones():
+    import inspect
+
+    from mtp.errors import MTPError
+    from mtp.training.commands import _merge_resume_args, train
+
     assert current_arguments("train", {"precision": "bf16", "lr": 0.1, "_answer_count": 3}) == \
         {"autocast": "bfloat16", "lr": 0.1, "_answer_count": 3}
     assert current_arguments("bench-train", {"heads": [1, 4]}) == {"num_heads": [1, 4]}
+    defaults = {name: p.default for name, p in inspect.signature(train).parameters.items()}
+    saved = {"args": {"precision": "bf16", "_answer_count": 3}}  # train_config.json of a run started with --precision
+    merged = _merge_resume_args({**defaults, "output": "o", "resume": True}, saved)
+    assert merged["autocast"] == "bfloat16" and merged["_answer_count"] == 3 and "precision" not in merged
+    with pytest.raises(MTPError, match="--autocast float32 \\(the run used bfloat16\\)"):
+        _merge_resume_args({**defaults, "output": "o", "resume": True, "autocast": "float32"}, saved)
 
 
 def test_the_old_spellings_go_in_the_release_they_name():
