@@ -254,7 +254,7 @@ def markdown(commands: dict[str, str] = COMMANDS) -> str:
             "`mtp COMMAND --help` prints the same. A bad value is one line and exit code 2, before any work.", "",
             f"Commands: {index}; old spellings: [deprecated](#deprecated-spellings).", ""]
     sections = [command_markdown(name, _load(target), POSITIONAL.get(name, [])) for name, target in commands.items()]
-    return "\n".join(head + sections + [deprecated_markdown()])
+    return "\n".join(head + sections + [deprecated_markdown({c: r for c, r in DEPRECATED.items() if c in commands})])
 
 
 def deprecated_markdown(deprecated: Mapping[str, Mapping[str, Renamed]] = DEPRECATED) -> str:

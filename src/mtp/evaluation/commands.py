@@ -197,10 +197,10 @@ def bench(
 ) -> int:
     """Benchmark every decoding method on the same prompts, interleaved: speed, equality with greedy, accuracy.
 
-    The decoding flags are `mtp generate`'s; where a bench takes several values (--tau, --k, --tree, --tree-size,
-    --batch-size) it runs a row per value. --fp16/--int8 add rows on a packed copy of the model beside the rows
-    in --dtype (greedy there is every lossless row's reference), so they are switches for rows, not the weight
-    format that --quantize sets in the other commands.
+    The decoding flags are `mtp generate`'s; where a bench takes several values (--strategy, --tau, --k, --tree,
+    --tree-size, --batch-size) it runs rows for each. --fp16/--int8 add rows on a packed copy of the model beside
+    the rows in --dtype (greedy there is every lossless row's reference), so they are switches for rows, not the
+    weight format that --quantize sets in the other commands.
 
     Args:
         model: the embedded default (omit), an MTP or Hugging Face folder, a .gguf, a Meta checkpoint or a hub id
