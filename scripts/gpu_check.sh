@@ -40,8 +40,8 @@ timeout 180 python3 -m mtp train --data gsm8k --num-heads 4 --freeze-trunk --tar
   --device cuda --no-progress --output /tmp/heads 2>&1 | tee "$OUT/train.log" | tail -12
 cp /tmp/heads/eval.json "$OUT/train-eval.json" 2>/dev/null
 step "bench on the GPU"
-BENCH=(python3 -m mtp bench --model /tmp/heads --limit "${PROMPTS:-10}" --max-new-tokens 128 --taus 0.9 --static-k 4
-       --tree-sizes 4 --tree-shape both --lookup 6 --batch-sizes 1 16 --device cuda --no-progress --output /tmp/bench)
+BENCH=(python3 -m mtp bench --model /tmp/heads --limit "${PROMPTS:-10}" --max-new-tokens 128 --tau 0.9 --k 4
+       --tree-size 4 --tree auto dynamic --lookup 6 --batch-size 1 16 --device cuda --no-progress --output /tmp/bench)
 # A failing peer must not cost the table: the second run resumes from the bench's journal without it.
 timeout 240 "${BENCH[@]}" 2>&1 | tee "$OUT/bench.log" | tail -45 \
   || timeout 120 "${BENCH[@]}" --no-hf-static 2>&1 | tee -a "$OUT/bench.log" | tail -45

@@ -79,11 +79,11 @@ def test_generate_with_a_draft_tree(tiny_mtp_folder, capsys):
         assert code == 2 and says in err and len(err.strip().splitlines()) == 1, err
 
 
-def test_generate_prompts_file_to_jsonl(tiny_mtp_folder, tmp_path, capsys):
+def test_generate_prompts_to_jsonl(tiny_mtp_folder, tmp_path, capsys):
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text('{"prompt": "Janet has 3 eggs"}\n\n{"question": "What is 7 + 5?"}\n')
     out_file = tmp_path / "out.jsonl"
-    code, out, err = run_cli(["generate", "--model", str(tiny_mtp_folder), "--prompts-file", str(prompts),
+    code, out, err = run_cli(["generate", "--model", str(tiny_mtp_folder), "--prompts", str(prompts),
                               "--output", str(out_file), "--max-new-tokens", "5", "--batch-size", "2",
                               "--strategy", "speculative"], capsys)
     assert code == 0, err
@@ -93,8 +93,8 @@ def test_generate_prompts_file_to_jsonl(tiny_mtp_folder, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["generate", "--prompts-file", "/no/such/file.txt"], "prompts file not found"),
-    (["generate"], "exactly one of --prompt or --prompts-file"),
+    (["generate", "--prompts", "/no/such/file.txt"], "prompts file not found"),
+    (["generate"], "exactly one of --prompt or --prompts"),
     (["info", "--model", "./no/such/folder"], "not found"),
     (["generate", "--prompt", "hi", "--threads", "0"], "--threads must be >= 1"),
     (["train", "--output", "x", "--targets", "self", "--answer-minutes", "0"], "--answer-minutes must be > 0"),
@@ -109,7 +109,7 @@ def test_bad_input_is_one_line_exit_2(args, message, capsys):
 def test_malformed_prompts_line_has_its_number(tiny_mtp_folder, tmp_path, capsys):
     prompts = tmp_path / "p.jsonl"
     prompts.write_text('{"prompt": "ok"}\n{"prompt": oops}\n')
-    code, _, err = run_cli(["generate", "--model", str(tiny_mtp_folder), "--prompts-file", str(prompts)], capsys)
+    code, _, err = run_cli(["generate", "--model", str(tiny_mtp_folder), "--prompts", str(prompts)], capsys)
     assert code == 2 and f"{prompts}:2: not valid JSON" in err
 
 
@@ -157,11 +157,11 @@ def test_every_numeric_flag_of_every_command_has_a_rule():
     (["train", "--output", "o", "--steps", "0"], "--steps must be >= 1"),
     (["train", "--output", "o", "--seq-len", "1"], "--seq-len must be >= 2"),
     (["train", "--output", "o", "--threads", "0"], "--threads must be >= 1"),
-    (["bench-train", "--heads", "2", "0"], "--heads must be >= 1, got 0"),
+    (["bench-train", "--num-heads", "2", "0"], "--num-heads must be >= 1, got 0"),
     (["eval", "--limit", "0"], "--limit must be >= 1, got 0"),
     (["eval", "--shots", "9"], "--shots must be in [0, 8], got 9"),
-    (["bench", "--taus", "0.9", "1.2"], "--taus must be in [0, 1], got 1.2"),
-    (["bench", "--static-k", "0"], "--static-k must be >= 1"),
+    (["bench", "--tau", "0.9", "1.2"], "--tau must be in [0, 1], got 1.2"),
+    (["bench", "--k", "0"], "--k must be >= 1"),
     (["demo", "--train-limit", "1"], "--train-limit must be >= 2"),
     (["convert", "--input", "x", "--output", "y", "--num-trunk-layers", "-1"], "--num-trunk-layers must be >= 0"),
 ])

@@ -113,21 +113,21 @@ def test_eval_batches_more_on_a_gpu():
     assert default_eval_batch(torch.device("cpu")) == 8
 
 
-@pytest.mark.parametrize("method, freeze_trunk, precision, gpu, expected", [
+@pytest.mark.parametrize("method, freeze_trunk, autocast, gpu, expected", [
     ("heads", True, "auto", True, "bfloat16"),  # the frozen part in bf16 where autocast computes in it anyway
-    ("heads", True, "fp32", True, "float32"),
+    ("heads", True, "float32", True, "float32"),
     ("heads", False, "auto", True, "float32"),  # trained weights stay fp32 (bf16 autocast on the GPU)
     ("selfdistill", False, "auto", True, "float32"),
     ("heads", True, "auto", False, "float32"),
 ])
-def test_train_dtype_auto(method, freeze_trunk, precision, gpu, expected, monkeypatch):
+def test_train_dtype_auto(method, freeze_trunk, autocast, gpu, expected, monkeypatch):
     import inspect
 
     from mtp.training.commands import _Args, _validate, train
 
     fake_gpus(monkeypatch) if gpu else no_gpu(monkeypatch)
     args = {name: p.default for name, p in inspect.signature(train).parameters.items()}
-    a = _Args({**args, "output": "o", "method": method, "freeze_trunk": freeze_trunk, "precision": precision})
+    a = _Args({**args, "output": "o", "method": method, "freeze_trunk": freeze_trunk, "autocast": autocast})
     _validate(a)
     assert a.dtype == expected
 

@@ -154,7 +154,7 @@ def test_a_mask_token_folder_is_not_loaded_as_parallel_heads(folders):
     (["--method", "selfdistill", "--k", "1"], "k must satisfy 2 <= k_min <= k_max for self-distillation (--k, "
      "or --k-min and --k-max), got 1, 1"),
     (["--method", "selfdistill", "--k-min", "1", "--k-max", "3"], "2 <= k_min <= k_max for self-distillation"),
-    (["--precision", "fp16"], "--precision fp16 needs a GPU"),
+    (["--autocast", "float16"], "--autocast float16 needs a GPU"),
     (["--seq-len", "1000"], "--seq-len 1000 is longer than the model's context of 256 tokens"),
     (["--seq-len", "1000", "--pack"], "--seq-len 1000 is longer than the model's context of 256 tokens"),
 ])
@@ -166,7 +166,7 @@ def test_training_settings_that_cannot_run_are_refused_first(folders, tmp_path, 
 
 
 def test_bench_train_checks_the_sequence_length(folders, tmp_path, capsys):
-    code, err = run_cli(["bench-train", "--model", folders / "hf", "--seq-len", "100000", "--heads", "2",
+    code, err = run_cli(["bench-train", "--model", folders / "hf", "--seq-len", "100000", "--num-heads", "2",
                          "--output", tmp_path / "b.json"], capsys)
     assert_error(code, err, "--seq-len 100000 is longer than the model's context of 256 tokens")
 
@@ -201,7 +201,7 @@ def test_a_byte_order_mark_is_stripped_from_text_and_jsonl(folders, tmp_path, ca
     jsonl.write_bytes(b'\xef\xbb\xbf{"prompt": "hello"}\n')
     for path, prompts in ((text, ["hello", "world"]), (jsonl, ["hello"])):
         out = tmp_path / f"{path.suffix[1:]}.jsonl"
-        code, err = run_cli(["generate", "--model", folders / "mtp", "--prompts-file", path, "--max-new-tokens", "1",
+        code, err = run_cli(["generate", "--model", folders / "mtp", "--prompts", path, "--max-new-tokens", "1",
                              "--output", out], capsys)
         assert code == 0, err
         assert [json.loads(line)["prompt"] for line in out.read_text().splitlines()] == prompts
@@ -211,10 +211,10 @@ def test_a_byte_order_mark_is_stripped_from_text_and_jsonl(folders, tmp_path, ca
 
 
 @pytest.mark.parametrize("args, message", [
-    (lambda d, t: ["--prompts-file", d], "is a folder, not a prompts file"),
+    (lambda d, t: ["--prompts", d], "is a folder, not a prompts file"),
     (lambda d, t: ["--prompt", "hi", "--strategy", "speculative", "--tree", t / "missing.json"],
      "missing.json: file not found"),
-    (lambda d, t: ["--prompts-file", d / "../text.txt", "--stream"], "--stream prints one prompt's text"),
+    (lambda d, t: ["--prompts", d / "../text.txt", "--stream"], "--stream prints one prompt's text"),
     (lambda d, t: ["--prompt", "hi", "--stream", "--json"], "--stream prints one prompt's text as it is made: --json"),
 ])
 def test_generate_says_what_is_wrong(folders, tmp_path, args, message, capsys):

@@ -4,6 +4,8 @@ A command function takes keyword arguments with type hints and defaults; `build_
 (`num_heads: int = 4` becomes `--num-heads 4`, `chat: bool = False` becomes `--chat/--no-chat`). The first
 paragraph of its docstring is the help text; `name: text` lines under "Args:" document the flags.
 `python -m mtp.cli --markdown docs/cli.md` writes the same as the command-line reference (`markdown`).
+The old spellings of renamed flags (`mtp.arguments.DEPRECATED`) are hidden flags that warn and set the new
+parameter (`add_deprecated_arguments`).
 """
 
 from __future__ import annotations
@@ -14,10 +16,18 @@ import inspect
 import sys
 import types
 import typing
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
-from mtp.arguments import check_command_arguments
+from mtp.arguments import (
+    DEPRECATED,
+    DEPRECATED_UNTIL,
+    Renamed,
+    check_command_arguments,
+    deprecation_warning,
+    spelled,
+    with_value,
+)
 from mtp.errors import MTPError
 from mtp.io import DISK_ERRORS
 from mtp.process import Terminated, exit_code, sigterm_as_interrupt
@@ -95,13 +105,13 @@ def command_flags(fn: Callable, positional: Sequence[str] = ()) -> list[Flag]:
         tp, _ = _unwrap_optional(hints.get(name, str))
         required = param.default is inspect.Parameter.empty
         choices, many = (), False
+        if typing.get_origin(tp) in (list, tuple):
+            (tp, *_) = typing.get_args(tp) or (str,)
+            many = True
         if typing.get_origin(tp) is typing.Literal:
             choices = typing.get_args(tp)
             tp = type(choices[0])
-        elif typing.get_origin(tp) in (list, tuple):
-            (tp, *_) = typing.get_args(tp) or (str,)
-            many = True
-        flags.append(Flag(name, name if name in positional else "--" + name.rstrip("_").replace("_", "-"), tp,
+        flags.append(Flag(name, name if name in positional else spelled(name, True), tp,
                           choices, many, required, None if required else param.default, helps.get(name, ""),
                           name in positional))
     return flags
@@ -127,6 +137,39 @@ def add_function_arguments(parser: argparse.ArgumentParser, fn: Callable, positi
             parser.add_argument(f.flag, dest=f.name, required=f.required, **kwargs)
 
 
+class _DeprecatedFlag(argparse.Action):
+    """An old spelling of a flag: one warning line on stderr, then its value (translated when the values were
+    renamed too) goes to the new parameter. Hidden from the help; the reference lists it apart."""
+
+    def __init__(self, option_strings, dest, new: Flag, renamed: Renamed, **kwargs):
+        if new.type is bool:
+            raise TypeError(f"{option_strings[0]}: a renamed switch needs a --x/--no-x pair of its own")
+        if renamed.values is not None:
+            kwargs["choices"] = list(renamed.values)
+        else:
+            kwargs.update(type=new.type, choices=list(new.choices) or None, nargs="+" if new.many else None)
+        super().__init__(option_strings, dest, default=argparse.SUPPRESS, help=argparse.SUPPRESS, **kwargs)
+        self.new, self.renamed = new, renamed
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        if self.renamed.values is None:
+            warning = deprecation_warning(option_string, self.new.flag)
+        else:
+            warning = deprecation_warning(option_string, self.new.flag, values, self.renamed.values[values])
+            values = self.renamed.values[values]
+        print(f"mtp: warning: {warning}", file=sys.stderr)
+        setattr(namespace, self.dest, values)
+
+
+def add_deprecated_arguments(parser: argparse.ArgumentParser, fn: Callable, renamed: Mapping[str, Renamed],
+                             positional: Sequence[str] = ()) -> None:
+    """Accept each old flag of `renamed` (`mtp.arguments.DEPRECATED`) as a spelling of its new parameter."""
+    flags = {f.name: f for f in command_flags(fn, positional)}
+    for old, to in renamed.items():
+        new = flags[to.param]
+        parser.add_argument(old, dest=new.name, action=_DeprecatedFlag, new=new, renamed=to)
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse that reports a bad flag as one line (what is wrong, where the help is), not its usage screen."""
 
@@ -146,6 +189,7 @@ def build_parser(commands: dict[str, str] = COMMANDS, only: str | None = None) -
         summary, _ = _doc_parts(fn)
         p = sub.add_parser(name, help=summary, description=summary)
         add_function_arguments(p, fn, POSITIONAL.get(name, []))
+        add_deprecated_arguments(p, fn, DEPRECATED.get(name, {}), POSITIONAL.get(name, []))
     return parser
 
 
@@ -179,10 +223,9 @@ def _flag_markdown(f: Flag) -> str:
         name = f"`{f.flag}`"
     if f.type is bool:
         value = ""
-    elif f.choices:
-        value = "{" + ",".join(map(str, f.choices)) + "}"
     else:
-        value = f.type.__name__ + (" ..." if f.many else "")
+        value = "{" + ",".join(map(str, f.choices)) + "}" if f.choices else f.type.__name__
+        value += " ..." if f.many else ""
     if f.required:
         default = "required"
     elif f.default is None:
@@ -209,9 +252,23 @@ def markdown(commands: dict[str, str] = COMMANDS) -> str:
             f"Generated from the commands' typed signatures by `python -m mtp.cli --markdown {CLI_DOC}`: edit the",
             "command functions' signatures and docstrings, not this file (`tests/test_cli.py` checks it is current).",
             "`mtp COMMAND --help` prints the same. A bad value is one line and exit code 2, before any work.", "",
-            f"Commands: {index}.", ""]
+            f"Commands: {index}; old spellings: [deprecated](#deprecated-spellings).", ""]
     sections = [command_markdown(name, _load(target), POSITIONAL.get(name, [])) for name, target in commands.items()]
-    return "\n".join(head + sections)
+    return "\n".join(head + sections + [deprecated_markdown({c: r for c, r in DEPRECATED.items() if c in commands})])
+
+
+def deprecated_markdown(deprecated: Mapping[str, Mapping[str, Renamed]] = DEPRECATED) -> str:
+    """The reference's table of old spellings, which still work, with a warning, until `DEPRECATED_UNTIL`."""
+    rows = []
+    for command, renamed in deprecated.items():
+        for old, to in renamed.items():
+            new = spelled(to.param, True)
+            pairs = [(old, new)] if to.values is None else \
+                [(with_value(old, v), with_value(new, n)) for v, n in to.values.items()]
+            rows += [f"| {command} | `{o}` | `{n}` |" for o, n in pairs]
+    return "\n".join(["## Deprecated spellings", "",
+                      f"Old flags that still work until {DEPRECATED_UNTIL}: each prints one warning line and sets "
+                      "the new flag.", "", "| command | old | new |", "|---|---|---|", *rows, ""])
 
 
 def run(argv: list[str] | None = None) -> int:

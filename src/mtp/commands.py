@@ -14,7 +14,7 @@ def _count(params) -> int:
 
 def info(model: str | None = None, num_heads: int | None = None, num_trunk_layers: int | None = None,
          memory: bool = False, dtype: DType = "auto", quantize: Literal["none", "fp16", "int8"] = "none",
-         device: str = "auto", new_tokens: int = 16, tree_size: int | None = None, lookup: int = 0) -> int:
+         device: str = "auto", max_new_tokens: int = 16, tree_size: int | None = None, lookup: int = 0) -> int:
     """Print a model's architecture: trunk and head layers, parameter counts, vocabulary, weights' origin.
 
     Args:
@@ -25,15 +25,15 @@ def info(model: str | None = None, num_heads: int | None = None, num_trunk_layer
         dtype: the weights' dtype: auto (bfloat16 on CUDA, float32 on the CPU), float32, bfloat16 or float16
         quantize: with --memory: pack the weights for decoding (decode-only, CPU) after loading
         device: where to load the model: auto (CUDA when available), cpu, cuda or cuda:N
-        new_tokens: with --memory: tokens to decode, greedily and then speculatively (a model that drafts)
+        max_new_tokens: with --memory: tokens to decode, greedily and then speculatively (a model that drafts)
         tree_size: with --memory: the speculative decode verifies an "auto" draft tree of this many nodes
         lookup: with --memory: the speculative decode also verifies up to this many prompt-lookup drafts
     """
     if memory:
         from mtp.memory import memory_report
 
-        for line in memory_report(model, dtype=dtype, quantize=quantize, device=device, new_tokens=new_tokens,
-                                  tree_size=tree_size, lookup=lookup):
+        for line in memory_report(model, dtype=dtype, quantize=quantize, device=device,
+                                  max_new_tokens=max_new_tokens, tree_size=tree_size, lookup=lookup):
             print(line)
         return 0
     m = load_mtp_model(model, num_heads=num_heads, num_trunk_layers=num_trunk_layers, device=device, dtype=dtype)

@@ -87,8 +87,8 @@ class Meter:
 
 
 def memory_report(spec: str | None, dtype: str = "float32", quantize: str = "none", device: str = "cpu",
-                  new_tokens: int = 16, tree_size: int | None = None, lookup: int = 0) -> list[str]:
-    """Load `spec`, optionally pack it (decode-only), decode `new_tokens` greedily and then speculatively (when
+                  max_new_tokens: int = 16, tree_size: int | None = None, lookup: int = 0) -> list[str]:
+    """Load `spec`, optionally pack it (decode-only), decode `max_new_tokens` greedily and then speculatively (when
     the model drafts: extra heads or masks, or `lookup`; with `tree_size` an "auto" draft tree); one line per
     phase, and the speculative decode's peak against the greedy one's."""
     import transformers.models.gpt2.modeling_gpt2  # noqa: F401 - imports count as the baseline, not the load
@@ -113,14 +113,14 @@ def memory_report(spec: str | None, dtype: str = "float32", quantize: str = "non
     else:
         ids = torch.arange(1, 9)[None] % model.config.vocab_size
     ids = ids.to(model.device)
-    meter.run(f"decode {new_tokens} (greedy)",
-              lambda: model.generate(ids, max_new_tokens=new_tokens, strategy="greedy", stop_token_ids=[]))
+    meter.run(f"decode {max_new_tokens} (greedy)",
+              lambda: model.generate(ids, max_new_tokens=max_new_tokens, strategy="greedy", stop_token_ids=[]))
     drafts = model.draft_depth() > 0
     if drafts or lookup:
         kind = ", ".join(["speculative"] + ([f"tree {tree_size}"] if tree_size else [])
                          + ([f"lookup {lookup}"] if lookup else []))
-        meter.run(f"decode {new_tokens} ({kind})",
-                  lambda: model.generate(ids, max_new_tokens=new_tokens, strategy="speculative", stop_token_ids=[],
+        meter.run(f"decode {max_new_tokens} ({kind})",
+                  lambda: model.generate(ids, max_new_tokens=max_new_tokens, strategy="speculative", stop_token_ids=[],
                                          tree="auto" if tree_size and drafts else None,
                                          tree_size=tree_size if drafts else None, lookup=lookup))
     how = dtype if quantize == "none" else f"{quantize}-packed for decoding, the rest {dtype}"

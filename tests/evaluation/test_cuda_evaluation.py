@@ -55,7 +55,7 @@ def test_bench_on_the_gpu(tiny_model_dir, gsm8k_file, tmp_path):
     (in bf16 a near-tie may part them)."""
     out = tmp_path / "bench"
     assert bench(model=str(tiny_model_dir), prompts=str(gsm8k_file), limit=2, max_new_tokens=6, output=str(out),
-                 taus=[0.5], static_k=[2], int8=True, tree_sizes=[3], lookup=2, batch_sizes=[1, 4],
+                 tau=[0.5], k=[2], int8=True, tree_size=[3], lookup=2, batch_size=[1, 4],
                  dtype="float32", progress=False) == 0
     report = json.loads((out / "report.json").read_text())
     assert report["runtime"]["device"].startswith("cuda") and report["runtime"]["dtype"] == "float32"

@@ -42,7 +42,7 @@ class FakeTrain:
 
 
 def _demo(root, fake, **kwargs):
-    settings = {"limit": 2, "max_new_tokens": 4, "int8": False, "taus": (0.5,), **kwargs}
+    settings = {"limit": 2, "max_new_tokens": 4, "int8": False, "tau": (0.5,), **kwargs}
     return run_demo(root, train_limit=4, train_epochs=2, progress=False, llamacpp=False,
                     ensure_base=lambda: "(tiny)", train_fn=fake, **settings)
 
@@ -79,7 +79,7 @@ def test_demo_resumes_an_interrupted_training(tiny_tokenizer, tmp_path):
     (run_dir / "train_config.json").write_text("{}")  # started, never finished
     assert not is_finished_run(run_dir)
     fake = FakeTrain(tiny_tokenizer)
-    _demo(tmp_path, fake, hf=False, limit=1, taus=())
+    _demo(tmp_path, fake, hf=False, limit=1, tau=())
     assert fake.calls[0]["resume"] is True
     assert fake.calls[0]["answer_minutes"] is None  # the run's own budget and measured count (train_config.json)
 
@@ -103,7 +103,7 @@ def test_a_small_budget_answers_one_batch_and_the_demo_completes(tiny_tokenizer,
 
     root = tmp_path / "demo"
     assert run_demo(root, budget_minutes=1.0, train_epochs=1, limit=1, max_new_tokens=4, progress=False,
-                    llamacpp=False, hf=False, taus=(), ensure_base=lambda: "(tiny)", train_fn=tiny_train) == 0
+                    llamacpp=False, hf=False, tau=(), ensure_base=lambda: "(tiny)", train_fn=tiny_train) == 0
     out = capsys.readouterr().out
     assert "no time to answer" in out and "2 of 5 questions fit" in out
     config = json.loads((root / RUN_NAME / "train_config.json").read_text())

@@ -63,7 +63,7 @@ def test_train_cli_frozen_self_targets(tmp_path, mtp_folder) -> None:
     assert report["heads"][0]["top1_accuracy"] == 1.0  # its own greedy answers
     assert report["held_out_rows"] == 6
     # where it trained, and how fast (this machine has no GPU: no GPU memory)
-    assert report["runtime"] == {"device": "cpu", "gpu": None, "dtype": "float32", "autocast": "fp32"}
+    assert report["runtime"] == {"device": "cpu", "gpu": None, "dtype": "float32", "autocast": "float32"}
     speed = report["training_speed"]
     assert speed["steps_timed"] == 6 and speed["tokens_per_second"] > 0 and speed["step_seconds_median"] > 0
     assert speed["peak_gpu_memory_mb"] is None
@@ -165,7 +165,7 @@ def test_cli_flags_render(capsys) -> None:
     with pytest.raises(SystemExit):
         parser.parse_args(["train", "--output", "x", "--targets", "teacher"])
     bench_parser = build_parser(only="bench-train")
-    assert bench_parser.parse_args(["bench-train", "--heads", "1", "4"]).heads == [1, 4]
+    assert bench_parser.parse_args(["bench-train", "--num-heads", "1", "4"]).num_heads == [1, 4]
     for argv in (["train", "--help"], ["bench-train", "--help"]):  # help text renders (no stray % etc.)
         with pytest.raises(SystemExit):
             run(argv)

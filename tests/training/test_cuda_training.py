@@ -48,7 +48,7 @@ def test_heads_train_on_the_gpu(tmp_path, hf_folder):
                  progress=False) == 0
     report = _report(out)
     # --dtype auto: the frozen trunk in bf16 where autocast computes in it; the heads train in fp32
-    assert report["runtime"]["dtype"] == "bfloat16" and report["runtime"]["autocast"] == "bf16"
+    assert report["runtime"]["dtype"] == "bfloat16" and report["runtime"]["autocast"] == "bfloat16"
     assert MTPModel.from_pretrained(out).num_heads == 3
 
 
@@ -60,7 +60,7 @@ def test_self_distillation_trains_on_the_gpu(tmp_path, hf_folder, adapter):
                  method="selfdistill", adapter=adapter, k_min=2, k_max=4, regions=4, seq_len=48, steps=3, lr=1e-3,
                  holdout=0.25, progress=False, **extra) == 0
     report = _report(out)
-    assert report["runtime"]["dtype"] == "float32" and report["runtime"]["autocast"] == "bf16"
+    assert report["runtime"]["dtype"] == "float32" and report["runtime"]["autocast"] == "bfloat16"
     assert MaskTokenModel.from_pretrained(out, device="cuda").device.type == "cuda"
 
 

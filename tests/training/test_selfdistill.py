@@ -114,7 +114,7 @@ def test_bf16_run_keeps_its_separate_teacher_in_bf16_and_uses_fused_adamw(tmp_pa
     code, captured = train_capturing_trainer(
         monkeypatch, output=str(tmp_path / "run"), model=hf_folder, data=data, method="selfdistill",
         adapter="full", k_min=2, k_max=3, regions=8, seq_len=64, steps=3, lr=1e-2, holdout=0.0, progress=False,
-        precision="bf16")
+        autocast="bfloat16")
     assert code == 0
     trainer = captured["trainer"]
     assert trainer.optimizer.defaults["fused"] is True  # one kernel per tensor (CPU, one process)

@@ -59,12 +59,12 @@ def encode_prompts(tokenizer, prompts: list[str], chat: bool) -> tuple[torch.Ten
     return left_pad(rows, tokenizer.pad_token_id or 0)
 
 
-def generate(model: str | None = None, prompt: str | None = None, prompts_file: str | None = None,
+def generate(model: str | None = None, prompt: str | None = None, prompts: str | None = None,
              output: str | None = None, chat: bool = False,
              strategy: Literal["greedy", "speculative", "confadapt", "static"] = "greedy",
              max_new_tokens: int = 128, num_heads: int | None = None, tau: float = 0.9, k: int | None = None,
-             do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
-             seed: int | None = None, batch_size: int = 8, json: bool = False, stream: bool = False,
+             num_draft: int | None = None, do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0,
+             top_k: int = 0, seed: int | None = None, batch_size: int = 8, json: bool = False, stream: bool = False,
              dtype: DType = "auto", quantize: Literal["none", "fp16", "int8"] = "none", device: str = "auto",
              threads: int | None = None, adaptive_draft: bool = True, truncate_prompt: bool = False,
              mask_token_id: int | None = None, mask_token: str | None = None, tree: str = "chain",
@@ -74,7 +74,7 @@ def generate(model: str | None = None, prompt: str | None = None, prompts_file: 
     Args:
         model: the embedded default (omit), a local folder, a .gguf file, a Meta checkpoint or a hub id.
         prompt: the prompt text.
-        prompts_file: a file with one prompt per line, or JSONL with a "prompt" field.
+        prompts: a file with one prompt per line, or JSONL with a "prompt" (or "question") field.
         output: write results as JSONL here (one object per prompt).
         chat: wrap each prompt in the tokenizer's chat template.
         strategy: greedy | speculative (lossless) | confadapt (lossy, tau) | static (lossy, k).
@@ -85,6 +85,7 @@ def generate(model: str | None = None, prompt: str | None = None, prompts_file: 
         mask_token: the same, naming the token (e.g. "<|mtp_special_token_0|>")
         tau: ConfAdapt confidence threshold.
         k: tokens per step for the static strategy (default: all heads).
+        num_draft: speculative: draft tokens per step (default: all extra heads).
         do_sample: sample instead of greedy (exact speculative sampling with --strategy speculative).
         seed: random seed for sampling.
         batch_size: prompts decoded together (left padded).
@@ -107,15 +108,15 @@ def generate(model: str | None = None, prompt: str | None = None, prompts_file: 
             (prompt lookup), one more branch of the draft tree; 0: none.
         graphs: replay the decoding steps as CUDA graphs: auto (on CUDA), on, off (eager steps, same output).
     """
-    if (prompt is None) == (prompts_file is None):
-        raise MTPError("give exactly one of --prompt or --prompts-file")
-    prompts = [prompt] if prompt is not None else read_prompts(prompts_file)
+    if (prompt is None) == (prompts is None):
+        raise MTPError("give exactly one of --prompt or --prompts")
+    texts = [prompt] if prompt is not None else read_prompts(prompts)
     if prompt is not None and not prompt:
         raise MTPError("empty prompt: give at least one token")
-    if stream and (len(prompts) > 1 or json):
+    if stream and (len(texts) > 1 or json):
         raise MTPError("--stream prints one prompt's text as it is made: " + (
-            "--json prints whole records" if json else f"{prompts_file} holds {len(prompts)} prompts"))
-    _check_tree_spec(tree)
+            "--json prints whole records" if json else f"{prompts} holds {len(texts)} prompts"))
+    check_tree_spec(tree)
     set_threads(threads)
     runtime = resolve_runtime(device, dtype, quantize)
     use_graphs = graphs_option(graphs, runtime.device)
@@ -128,10 +129,10 @@ def generate(model: str | None = None, prompt: str | None = None, prompts_file: 
     results: list[dict] = []
     seconds = forwards = 0.0
     streaming = stream
-    bar = tqdm(total=len(prompts), desc=f"generate ({strategy})", unit="prompt", disable=len(prompts) < 2,
+    bar = tqdm(total=len(texts), desc=f"generate ({strategy})", unit="prompt", disable=len(texts) < 2,
                file=sys.stderr)
-    for start in range(0, len(prompts), batch_size):
-        chunk = prompts[start:start + batch_size]
+    for start in range(0, len(texts), batch_size):
+        chunk = texts[start:start + batch_size]
         ids, mask = encode_prompts(tok, chunk, chat)
         so_far: list[list[int]] = [[] for _ in chunk]  # what Ctrl-C must not lose
 
@@ -142,8 +143,8 @@ def generate(model: str | None = None, prompt: str | None = None, prompts_file: 
 
         try:
             res = generate_tokens(m, ids.to(m.device), mask.to(m.device), max_new_tokens=max_new_tokens,
-                                  strategy=strategy, tau=tau, k=k, do_sample=do_sample, temperature=temperature,
-                                  top_p=top_p, top_k=top_k, seed=seed, streamer=collect,
+                                  strategy=strategy, tau=tau, k=k, num_draft=num_draft, do_sample=do_sample,
+                                  temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, streamer=collect,
                                   adaptive_draft=adaptive_draft, truncate_prompt=truncate_prompt,
                                   tree=None if tree == "chain" else tree, tree_size=tree_size, lookup=lookup,
                                   graphs=use_graphs)
@@ -172,7 +173,7 @@ def generate(model: str | None = None, prompt: str | None = None, prompts_file: 
     return 0
 
 
-def _check_tree_spec(tree: str) -> None:
+def check_tree_spec(tree: str) -> None:
     """A --tree that names a file names one that is there (the other values are words or a JSON list)."""
     if tree in ("chain", "auto", "dynamic") or tree.lstrip().startswith("["):
         return

@@ -337,14 +337,17 @@ def fallback_rank_accuracy(num_drafts: int, ranks: int = 8) -> list[list[float]]
     return [[0.6 * 0.75 ** h * 0.5 ** r for r in range(ranks)] for h in range(num_drafts)]
 
 
+DEFAULT_TREE_SIZE = 16  # nodes of an "auto" or "dynamic" tree given without a size
+
+
 def resolve_tree(spec: str | DraftTree | DynamicTree | None, size: int | None, num_drafts: int,
                  folder: str | Path | None) -> DraftTree | DynamicTree | None:
     """A `--tree` value -> a tree (None: the plain chain, no tree machinery).
 
-    "chain": None; "auto": `build_tree` of `size` nodes (default 16) from the folder's measured accuracy per
-    rank (eval.json written by `mtp train`), or a stand-in when there is none; "dynamic": a `DynamicTree` of
-    `size` nodes (default 16), shaped every step from the drafts' probabilities; a .json file: a list of paths;
-    a JSON list literal: the same inline.
+    "chain": None; "auto": `build_tree` of `size` nodes (default `DEFAULT_TREE_SIZE`) from the folder's measured
+    accuracy per rank (eval.json written by `mtp train`), or a stand-in when there is none; "dynamic": a
+    `DynamicTree` of `size` nodes, shaped every step from the drafts' probabilities; a .json file: a list of
+    paths; a JSON list literal: the same inline.
     """
     if spec is None or isinstance(spec, DraftTree | DynamicTree):
         return spec
@@ -356,10 +359,10 @@ def resolve_tree(spec: str | DraftTree | DynamicTree | None, size: int | None, n
     if spec == "chain":
         return None
     if spec == "dynamic":
-        return DynamicTree(size or 16, num_drafts)
+        return DynamicTree(size or DEFAULT_TREE_SIZE, num_drafts)
     if spec == "auto":
         stats = rank_accuracy_from_folder(folder, num_drafts) if folder is not None else None
-        return build_tree(stats or fallback_rank_accuracy(num_drafts), size or 16)
+        return build_tree(stats or fallback_rank_accuracy(num_drafts), size or DEFAULT_TREE_SIZE)
     text = spec
     if not spec.lstrip().startswith("["):
         path = Path(spec)

@@ -92,6 +92,7 @@ class Method:
     streamed_bytes: int | None = None  # of those, what a decoding step reads (the weight-streaming floor)
     warmup: Callable[[Sequence[Prompt], int], None] | None = None  # its engine's warm-up (default: one short call)
     run_batch: Callable[[Sequence[Prompt], int], BatchResult] | None = None  # a left-padded batch of prompts
+    strategy: str | None = None  # mtp's decoding strategy (None: a peer's row)
 
 
 @dataclass
@@ -194,10 +195,11 @@ def mtp_method(model, tokenizer, name: str, strategy: str, *, tau: float = 0.9, 
     lossless = OUR_GREEDY if strategy == "speculative" and engine == "mtp" else None
     if strategy == "speculative" and engine != "mtp":
         lossless = f"greedy-{engine.removeprefix('mtp-')}"
-    return Method(name, engine, run, description or strategy, lossless, run_batch=run_batch, **weight_sizes(model))
+    return Method(name, engine, run, description or strategy, lossless, run_batch=run_batch, strategy=strategy,
+                  **weight_sizes(model))
 
 
-def hf_method(model, tokenizer, name: str, *, prompt_lookup_tokens: int | None = None,
+def hf_method(model, tokenizer, name: str, *, lookup: int | None = None,
               stop_ids: Sequence[int] | None = None, static_cache_len: int | None = None) -> Method:
     """transformers `generate()` on the base model (the MTP heads unused), greedy or prompt lookup; with
     `static_cache_len`, greedy with a static cache of that many tokens, which makes `generate()` compile its
@@ -234,7 +236,7 @@ def hf_method(model, tokenizer, name: str, *, prompt_lookup_tokens: int | None =
 
     config = GenerationConfig(do_sample=False, max_new_tokens=1, eos_token_id=stop_ids or None,
                               pad_token_id=pad_id(tokenizer), stop_strings=list(STOP_SEQUENCES),
-                              prompt_lookup_num_tokens=prompt_lookup_tokens)
+                              prompt_lookup_num_tokens=lookup)
     if static:
         config.cache_implementation = "static"
         if hasattr(config, "max_cache_len"):  # newer transformers: one cache size for every call (else the warm-up's
@@ -265,12 +267,12 @@ def hf_method(model, tokenizer, name: str, *, prompt_lookup_tokens: int | None =
     if static:
         compiled = ", its compiled step" if model.device.type != "cpu" else ""  # transformers compiles on GPUs
         desc = f"transformers generate() greedy, static cache ({static_cache_len} tokens){compiled}"
-    elif prompt_lookup_tokens is None:
+    elif lookup is None:
         desc = "transformers generate() greedy"
     else:
-        desc = f"transformers prompt lookup ({prompt_lookup_tokens} tokens)"
+        desc = f"transformers prompt lookup ({lookup} tokens)"
     return Method(name, "transformers-static" if static else "transformers", run, desc,
-                  HF_GREEDY if prompt_lookup_tokens is not None else None, warmup=warmup if static else None,
+                  HF_GREEDY if lookup is not None else None, warmup=warmup if static else None,
                   **weight_sizes(base))
 
 
@@ -358,21 +360,23 @@ class _LlamaCppProcess:
         self.stderr.close()
 
 
-def build_methods(model, tokenizer, *, taus: Sequence[float] = (0.9, 0.7, 0.5), static_k: Sequence[int] | None = None,
-                  hf: bool = True, prompt_lookup_tokens: int = 10, fp16: bool = True, int8: bool = False,
+def build_methods(model, tokenizer, *, tau: Sequence[float] = (0.9, 0.7, 0.5), k: Sequence[int] | None = None,
+                  hf: bool = True, hf_lookup: int = 10, fp16: bool = True, int8: bool = False,
                   packed_strategies: Sequence[str] = ("greedy", "speculative"), gguf: str | Path | None = None,
                   llamacpp_ctx: int = 2048, llamacpp_inline: bool = False,
-                  notes: list[str] | None = None, tree_sizes: Sequence[int] = (), lookup: int = 0,
-                  tree_shapes: Sequence[str] = ("auto",), hf_static: bool = False,
+                  notes: list[str] | None = None, tree_size: Sequence[int] = (), lookup: int = 0,
+                  tree: Sequence[str] = ("auto",), hf_static: bool = False,
                   graphs: bool | None = None) -> list[Method]:
     """The methods of a benchmark, in report order. Unavailable ones are left out with a line in `notes`.
 
     `hf_static`: transformers greedy with a static cache (its compiled step), the fast transformers path on a GPU;
     its cache holds `llamacpp_ctx` tokens (the longest prompt and budget, as llama.cpp's context).
 
-    `tree_sizes`: speculative rows verifying a draft tree of that many nodes ("auto" shape), on the packed
-    weights when there are any (else fp32), so tokens per forward and speed can be read per tree size;
-    `tree_shapes`: "auto" (one shape from the heads' measured accuracy) and/or "dynamic" (EAGLE-2, per step).
+    `tau`, `k`: a ConfAdapt row per threshold, a static row per k (default: 2 and the most a forward makes).
+    `hf_lookup`: transformers' prompt lookup row with that many tokens (0: none).
+    `tree_size`: speculative rows verifying a draft tree of each size, on the packed weights when there are
+    any (else fp32), so tokens per forward and speed can be read per tree size; `tree`: their shapes, "auto"
+    (one shape from the heads' measured accuracy) and/or "dynamic" (EAGLE-2, per step).
     `lookup`: the same speculative rows (chain and each tree) again with up to that many prompt-lookup drafts.
     `graphs`: mtp's rows replay CUDA graphs (None: on CUDA)."""
     notes = notes if notes is not None else []
@@ -383,12 +387,11 @@ def build_methods(model, tokenizer, *, taus: Sequence[float] = (0.9, 0.7, 0.5), 
         methods.append(hf_method(model, tokenizer, HF_GREEDY, stop_ids=stop_ids))
         if hf_static:
             methods.append(hf_method(model, tokenizer, "hf-static", stop_ids=stop_ids, static_cache_len=llamacpp_ctx))
-        if prompt_lookup_tokens > 0:
-            methods.append(hf_method(model, tokenizer, "hf-prompt-lookup", prompt_lookup_tokens=prompt_lookup_tokens,
-                                     stop_ids=stop_ids))
+        if hf_lookup > 0:
+            methods.append(hf_method(model, tokenizer, "hf-prompt-lookup", lookup=hf_lookup, stop_ids=stop_ids))
     methods.append(method(model, tokenizer, OUR_GREEDY, "greedy", stop_ids=stop_ids))
-    methods += multi_token_methods(model, tokenizer, taus=taus, static_k=static_k, fp16=False, notes=notes,
-                                   stop_ids=stop_ids, graphs=graphs)
+    methods += multi_token_methods(model, tokenizer, tau=tau, k=k, fp16=False, notes=notes, stop_ids=stop_ids,
+                                   graphs=graphs)
     packed = [fmt for fmt, wanted in (("fp16", fp16), ("int8", int8)) if wanted]
     if packed and not packable(model):
         notes.append(f"{'/'.join(packed)} rows skipped: packed weights (fbgemm) are for fp32 models on the CPU")
@@ -402,9 +405,9 @@ def build_methods(model, tokenizer, *, taus: Sequence[float] = (0.9, 0.7, 0.5), 
                 continue
             methods.append(method(q, tokenizer, f"{strategy}-{fmt}", strategy, engine=f"mtp-{fmt}",
                                       stop_ids=stop_ids, description=f"{strategy}, {fmt} weights"))
-        methods += tree_methods(q, tokenizer, tree_sizes, stop_ids, fmt, lookup, tree_shapes, graphs)
+        methods += tree_methods(q, tokenizer, tree_size, stop_ids, fmt, lookup, tree, graphs)
     if not packed:
-        methods += tree_methods(model, tokenizer, tree_sizes, stop_ids, None, lookup, tree_shapes, graphs)
+        methods += tree_methods(model, tokenizer, tree_size, stop_ids, None, lookup, tree, graphs)
     if gguf is not None:
         if not llamacpp_installed():
             notes.append("llama.cpp skipped: llama-cpp-python is not installed (make setup-peers, or pip install "
@@ -467,7 +470,7 @@ def tokens_per_forward_max(model) -> int:
     return 1 + model.draft_depth()
 
 
-def multi_token_methods(model, tokenizer, *, taus: Sequence[float], static_k: Sequence[int] | None, fp16: bool,
+def multi_token_methods(model, tokenizer, *, tau: Sequence[float], k: Sequence[int] | None, fp16: bool,
                         prefix: str = "", notes: list[str], stop_ids: Sequence[int] | None = None,
                         graphs: bool | None = None) -> list[Method]:
     """A model's multi-token rows: speculative (lossless), ConfAdapt per tau, static k; named `prefix + name`.
@@ -490,16 +493,16 @@ def multi_token_methods(model, tokenizer, *, taus: Sequence[float], static_k: Se
     spec = method(model, tokenizer, f"{prefix}speculative", "speculative", stop_ids=stop_ids)
     spec.lossless_reference = reference
     methods.append(spec)
-    for tau in taus:
-        if not 0.0 <= tau <= 1.0:
-            raise MTPError(f"tau must be in [0, 1], got {tau}")
-        methods.append(method(model, tokenizer, f"{prefix}confadapt-tau{tau:g}", "confadapt", tau=tau,
-                                  stop_ids=stop_ids, description=f"{prefix}ConfAdapt tau={tau:g}"))
-    for k in (static_k if static_k is not None else sorted({2, n})):
-        if not 1 <= k <= n:
-            raise MTPError(f"static k must be in [1, {n}] for this model, got {k}")
-        methods.append(method(model, tokenizer, f"{prefix}static-k{k}", "static", k=k, stop_ids=stop_ids,
-                                  description=f"{prefix}static k={k}"))
+    for t in tau:
+        if not 0.0 <= t <= 1.0:
+            raise MTPError(f"tau must be in [0, 1], got {t}")
+        methods.append(method(model, tokenizer, f"{prefix}confadapt-tau{t:g}", "confadapt", tau=t,
+                                  stop_ids=stop_ids, description=f"{prefix}ConfAdapt tau={t:g}"))
+    for each in (k if k is not None else sorted({2, n})):
+        if not 1 <= each <= n:
+            raise MTPError(f"static k must be in [1, {n}] for this model, got {each}")
+        methods.append(method(model, tokenizer, f"{prefix}static-k{each}", "static", k=each, stop_ids=stop_ids,
+                                  description=f"{prefix}static k={each}"))
     if fp16 and packable(model):
         from mtp.models.loading import quantize_model
 
@@ -512,10 +515,10 @@ def multi_token_methods(model, tokenizer, *, taus: Sequence[float], static_k: Se
                                 stop_ids=stop_ids, description=f"{prefix} speculative, fp16 weights")
             packed.lossless_reference = None if own_answers else "greedy-fp16"
             methods.append(packed)
-            for tau in taus:  # the paper's decoding at the speed fp16 packing gives the lossless rows
-                methods.append(method(q, tokenizer, f"{prefix}confadapt-tau{tau:g}-fp16", "confadapt", tau=tau,
+            for t in tau:  # the paper's decoding at the speed fp16 packing gives the lossless rows
+                methods.append(method(q, tokenizer, f"{prefix}confadapt-tau{t:g}-fp16", "confadapt", tau=t,
                                           engine="mtp-fp16", stop_ids=stop_ids,
-                                          description=f"{prefix}ConfAdapt tau={tau:g}, fp16 weights"))
+                                          description=f"{prefix}ConfAdapt tau={t:g}, fp16 weights"))
     return methods
 
 

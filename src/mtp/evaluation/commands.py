@@ -37,13 +37,14 @@ def _command_line() -> str:
     return " ".join(shlex.quote(a) for a in argv)
 
 
-def _load(model: str | None, runtime: Runtime, quantize: str = "none", mask_token_id: int | None = None):
+def _load(model: str | None, runtime: Runtime, quantize: str = "none", mask_token_id: int | None = None,
+          mask_token: str | None = None):
     from mtp.models.loading import describe_source, load_mtp_model
 
     print(f"mtp: loading {model or 'the embedded default model (SmolLM2-135M-Instruct)'} on {runtime.describe()}"
           f"{'' if quantize == 'none' else f', {quantize}-packed'} ...", flush=True)
     m = load_mtp_model(model, device=runtime.device, dtype=runtime.dtype, quantize=quantize,  # type: ignore[arg-type]
-                       mask_token_id=mask_token_id)
+                       mask_token_id=mask_token_id, mask_token=mask_token)
     if m.tokenizer is None:
         raise MTPError(f"{model}: the model has no tokenizer files")
     print(f"mtp: {describe_source(getattr(m, 'source', None))}; {_kind(m)}", flush=True)
@@ -65,6 +66,9 @@ def eval_(
     tau: float = 0.9,
     k: int | None = None,
     num_draft: int | None = None,
+    tree: str = "chain",
+    tree_size: int | None = None,
+    lookup: int = 0,
     limit: int | None = None,
     shots: int = 8,
     chat: bool | None = None,
@@ -77,9 +81,11 @@ def eval_(
     quantize: Literal["none", "fp16", "int8"] = "none",
     dtype: DType = "auto",
     device: str = "auto",
+    graphs: Graphs = "auto",
     threads: int | None = None,
     progress: bool = True,
     mask_token_id: int | None = None,
+    mask_token: str | None = None,
 ) -> int:
     """Evaluate a model on GSM8K (lm-eval gsm8k_cot: 8 fixed exemplars, strict and flexible exact match).
 
@@ -90,6 +96,11 @@ def eval_(
         tau: ConfAdapt confidence threshold
         k: tokens per forward of the static strategy (default: all heads)
         num_draft: speculative: draft tokens per step (default: all extra heads)
+        tree: speculative: verify a draft tree per step instead of a chain, as `mtp generate --tree`: "auto",
+            "dynamic", a .json file or JSON list of paths of ranks, or "chain" (same answers, more tokens per
+            forward)
+        tree_size: nodes of the "auto" or "dynamic" tree (default 16; alone it implies --tree auto)
+        lookup: speculative: also verify up to this many prompt-lookup drafts per step; 0: none
         limit: the first N problems (file order)
         shots: fixed chain-of-thought exemplars (0 to 8)
         chat: exemplars as chat turns (lm-eval --apply_chat_template --fewshot_as_multiturn); default: if the model has a template
@@ -103,11 +114,14 @@ def eval_(
         quantize: CPU weight format for decoding: fp16 (packed, lossless speculative) or int8 (dynamic)
         dtype: the weights' dtype: auto (bfloat16 on CUDA, float32 on the CPU), float32, bfloat16 or float16
         device: auto (CUDA when available), cpu, cuda or cuda:N
+        graphs: replay the decoding steps as CUDA graphs: auto (on CUDA), on, off (eager steps, same output)
         threads: torch CPU threads (default: torch's choice)
         progress: progress bar
         mask_token_id: decode a plain model with this existing token as its mask token (checkpoints trained
             with the self-distillation authors' code ship one)
+        mask_token: the same, naming the token (e.g. "<|mtp_special_token_0|>")
     """
+    from mtp.decoding.commands import check_tree_spec
     from mtp.evaluation.evaluate import format_summary, model_fingerprint, run_eval, strategy_tag
     from mtp.evaluation.prompts import gsm8k_prompts, resolve_chat
 
@@ -115,24 +129,29 @@ def eval_(
         raise MTPError(f"unknown task {task!r}; available: gsm8k")
     if data is not None:
         input_file(data, "GSM8K")
+    check_tree_spec(tree)
     set_threads(threads)
     runtime = resolve_runtime(device, dtype, quantize)
+    use_graphs = graphs_option(graphs, runtime.device)
     batch_size = default_eval_batch(runtime.device) if batch_size is None else batch_size
-    tag = strategy_tag(strategy, tau, k)
+    draft_tree = None if tree == "chain" else tree
+    tag = strategy_tag(strategy, tau, k, draft_tree, tree_size, lookup)
     out = Path(output) if output is not None else Path("eval") / f"gsm8k-{_model_name(model)}-{tag}"
     with output_lock(out):  # one evaluation per folder at a time
         start = time.perf_counter()
-        m = _load(model, runtime, quantize, mask_token_id)
+        m = _load(model, runtime, quantize, mask_token_id, mask_token)
         tok = m.tokenizer
         use_chat = resolve_chat(tok, chat)
         prompts = gsm8k_prompts(tok, path=data, split=split, limit=limit, shots=shots, chat=use_chat)
         identity = {"task": "gsm8k_cot", "model": model or "default", "fingerprint": model_fingerprint(m),
                     "strategy": strategy, "tau": tau if strategy == "confadapt" else None,
                     "k": k if strategy == "static" else None, "num_draft": num_draft if strategy == "speculative" else None,
+                    "tree": draft_tree, "tree_size": tree_size, "lookup": lookup or None,
                     "shots": shots, "chat": use_chat, "max_new_tokens": max_new_tokens,
                     "data": str(Path(data).resolve()) if data else f"shipped:{split}", "quantize": quantize,
                     "dtype": dtype_name(runtime.dtype)}
         summary = run_eval(m, tok, prompts, out, identity, strategy=strategy, tau=tau, k=k, num_draft=num_draft,
+                           tree=draft_tree, tree_size=tree_size, lookup=lookup, graphs=use_graphs,
                            max_new_tokens=max_new_tokens, batch_size=batch_size, resume=resume, progress=progress,
                            runtime={**runtime.to_dict(), "batch_size": batch_size})
         title = (f"GSM8K gsm8k_cot, {shots}-shot, {'chat' if use_chat else 'plain'} prompts, {tag}, "
@@ -152,12 +171,13 @@ def bench(
     output: str = "bench",
     shots: int = 0,
     chat: bool | None = None,
-    taus: list[float] | None = None,
-    static_k: list[int] | None = None,
+    strategy: list[Strategy] | None = None,
+    tau: list[float] | None = None,
+    k: list[int] | None = None,
     fp16: bool = True,
     int8: bool = False,
     hf: bool = True,
-    prompt_lookup_tokens: int = 10,
+    hf_lookup: int = 10,
     gguf: str | None = None,
     llamacpp: bool = True,
     llamacpp_inline: bool = False,
@@ -165,17 +185,22 @@ def bench(
     threads: int | None = None,
     progress: bool = True,
     also: list[str] | None = None,
-    tree_sizes: list[int] | None = None,
-    tree_shape: Literal["auto", "dynamic", "both"] = "auto",
+    tree: list[Literal["auto", "dynamic"]] | None = None,
+    tree_size: list[int] | None = None,
     lookup: int = 0,
     device: str = "auto",
     dtype: DType = "auto",
     hf_static: bool | None = None,
-    batch_sizes: list[int] | None = None,
+    batch_size: list[int] | None = None,
     bandwidth_gbs: float | None = None,
     graphs: Graphs = "auto",
 ) -> int:
     """Benchmark every decoding method on the same prompts, interleaved: speed, equality with greedy, accuracy.
+
+    The decoding flags are `mtp generate`'s; where a bench takes several values (--strategy, --tau, --k, --tree,
+    --tree-size, --batch-size) it runs rows for each. --fp16/--int8 add rows on a packed copy of the model beside
+    the rows in --dtype (greedy there is every lossless row's reference), so they are switches for rows, not the
+    weight format that --quantize sets in the other commands.
 
     Args:
         model: the embedded default (omit), an MTP or Hugging Face folder, a .gguf, a Meta checkpoint or a hub id
@@ -185,12 +210,14 @@ def bench(
         output: folder for report.json, report.md and speed_accuracy.png
         shots: GSM8K exemplars per prompt (0: the question alone, as heads are trained; 8: eval's ~900-token prompt)
         chat: the tokenizer's chat template (default: on when it has one)
-        taus: ConfAdapt thresholds (default: 0.9 0.7 0.5)
-        static_k: static k values (default: 2 and the number of heads)
+        strategy: mtp's strategies to run rows of (default: all); greedy runs always, as every lossless row's
+            reference
+        tau: ConfAdapt thresholds, a row each (default: 0.9 0.7 0.5)
+        k: static strategy's tokens per forward, a row each (default: 2 and the number of heads)
         fp16: also run greedy and speculative with fp16-packed weights (lossless, faster on CPUs; fp32 on the CPU only)
         int8: also run greedy and speculative on an int8-quantised copy of the model (lossy; slow here; CPU only)
         hf: run transformers generate() greedy and prompt lookup (the reference)
-        prompt_lookup_tokens: transformers prompt_lookup_num_tokens (0: leave prompt lookup out)
+        hf_lookup: tokens of transformers' prompt lookup (prompt_lookup_num_tokens; 0: leave that row out)
         gguf: the GGUF llama.cpp runs (default: the embedded default's, when --model is the default)
         llamacpp: run llama.cpp when llama-cpp-python is installed (pip install 'mtp[llamacpp]' or make
             setup-peers), in a process of its own with as many threads as torch, torch's threads idle meanwhile
@@ -200,10 +227,11 @@ def bench(
         progress: progress bar
         also: more MTP or mask-token folders of the same base model: their multi-token methods run in the same
             interleaved benchmark, named "FOLDER:method" (e.g. parallel heads beside self-distilled mask tokens)
-        tree_sizes: also speculative with a draft tree of each size ("auto" shape from the heads' measured
-            accuracy per rank), e.g. 4 8 16 32: tokens per forward and speed per tree size
-        tree_shape: the --tree-sizes rows' shape: "auto" (one shape from the heads' measured accuracy per rank),
-            "dynamic" (a new shape every step from the drafts' probabilities, EAGLE-2; rows -dtreeN), or "both"
+        tree: shapes of the draft-tree rows: "auto" (one shape from the heads' measured accuracy per rank; rows
+            -treeN) and/or "dynamic" (a new shape every step from the drafts' probabilities, EAGLE-2; rows -dtreeN);
+            default auto
+        tree_size: also speculative with a draft tree of each size, e.g. 4 8 16 32: tokens per forward and speed
+            per tree size (default with --tree: 16)
         lookup: also the speculative chain and each tree with up to this many prompt-lookup drafts (tokens
             copied from earlier in the prompt and answer) verified in the same forward; 0: none
         device: auto (CUDA when available), cpu, cuda or cuda:N
@@ -211,11 +239,13 @@ def bench(
             bfloat16 or float16
         hf_static: also transformers greedy with a static cache, which makes generate() compile its decoding step
             (the fast transformers path on a GPU; compiled during an untimed warm-up); default: on CUDA
-        batch_sizes: also decode the prompts in batches of each size (e.g. 1 16 64) with greedy and the fastest
+        batch_size: also decode the prompts in batches of each size (e.g. 1 16 64) with greedy and the fastest
             lossless speculative row: total tokens/s (GSM8K problems past --limit fill the larger batches)
         bandwidth_gbs: memory bandwidth in GB/s for the weight-streaming floor of a step (default: measured)
         graphs: mtp's decoding steps replayed as CUDA graphs: auto (on CUDA), on, off (eager steps)
     """
+    from mtp.decoding.tree import DEFAULT_TREE_SIZE
+
     if prompts != "gsm8k":
         input_file(prompts, "prompts")
     if gguf is not None:
@@ -231,16 +261,15 @@ def bench(
             check_same_base(m, other, f"--also {x}")
         return run_bench_command(m, extra_models=extra, model_label=model or "SmolLM2-135M-Instruct (embedded default)", prompts=prompts,
                                  limit=limit, max_new_tokens=max_new_tokens, output=out, shots=shots, chat=chat,
-                                 taus=taus, static_k=static_k, fp16=fp16, int8=int8, hf=hf,
-                                 prompt_lookup_tokens=prompt_lookup_tokens,
+                                 strategy=strategy, tau=tau, k=k, fp16=fp16, int8=int8, hf=hf, hf_lookup=hf_lookup,
                                  gguf=gguf if gguf is not None else (_default_gguf() if model is None else None),
                                  llamacpp=llamacpp, llamacpp_inline=llamacpp_inline, rotate=rotate, progress=progress,
-                                 tree_sizes=tree_sizes or (), lookup=lookup,
-                                 tree_shapes=("auto", "dynamic") if tree_shape == "both" else (tree_shape,),
+                                 tree_size=tree_size or ([DEFAULT_TREE_SIZE] if tree else []), lookup=lookup,
+                                 tree=tree or ["auto"],
                                  gguf_note=None if gguf is not None or model is None else
                                  "llama.cpp skipped: pass --gguf FILE with the same model as GGUF",
                                  hf_static=runtime.device.type == "cuda" if hf_static is None else hf_static,
-                                 batch_sizes=batch_sizes or (), bandwidth_gbs=bandwidth_gbs, graphs=use_graphs)
+                                 batch_size=batch_size or (), bandwidth_gbs=bandwidth_gbs, graphs=use_graphs)
 
 
 def _bandwidth(device: torch.device, gbs: float | None) -> dict:
@@ -283,12 +312,13 @@ def _default_gguf() -> str | None:
 
 
 def run_bench_command(m, *, model_label: str, prompts: str, limit: int, max_new_tokens: int, output: Path,
-                      shots: int, chat: bool | None, taus, static_k, int8: bool, hf: bool, prompt_lookup_tokens: int,
+                      shots: int, chat: bool | None, tau, k, int8: bool, hf: bool, hf_lookup: int,
                       gguf: str | None, llamacpp: bool, rotate: bool, progress: bool,
                       gguf_note: str | None = None, fp16: bool = True, llamacpp_inline: bool = False,
-                      extra_models: list[tuple[str, object]] = (), tree_sizes=(), lookup: int = 0,
-                      tree_shapes=("auto",), hf_static: bool = False, batch_sizes=(),
-                      bandwidth_gbs: float | None = None, graphs: bool | None = None) -> int:
+                      extra_models: list[tuple[str, object]] = (), tree_size=(), lookup: int = 0,
+                      tree=("auto",), hf_static: bool = False, batch_size=(),
+                      bandwidth_gbs: float | None = None, graphs: bool | None = None, strategy=None) -> int:
+    """`mtp bench` with the model loaded (`bench`'s arguments; `strategy` None: rows of every strategy)."""
     from mtp.evaluation.bench import (
         JOURNAL,
         build_methods,
@@ -305,7 +335,7 @@ def run_bench_command(m, *, model_label: str, prompts: str, limit: int, max_new_
     tok = m.tokenizer
     runtime = Runtime(m.device, m.dtype)
     use_chat = resolve_chat(tok, chat)
-    pool_size = max([limit, *batch_sizes])  # the batch rows' prompts: the table's, then more where there are
+    pool_size = max([limit, *batch_size])  # the batch rows' prompts: the table's, then more where there are
     if prompts == "gsm8k":
         pool = gsm8k_prompts(tok, limit=pool_size, shots=shots, chat=use_chat)
         items = pool[:limit]
@@ -318,17 +348,18 @@ def run_bench_command(m, *, model_label: str, prompts: str, limit: int, max_new_
     if gguf_note and llamacpp:
         notes.append(gguf_note)
     longest = max(len(p.token_ids) for p in items)
-    methods = build_methods(m, tok, taus=taus if taus is not None else (0.9, 0.7, 0.5), static_k=static_k, hf=hf,
-                            prompt_lookup_tokens=prompt_lookup_tokens, fp16=fp16, int8=int8,
+    tau = tau if tau is not None else (0.9, 0.7, 0.5)
+    methods = build_methods(m, tok, tau=tau, k=k, hf=hf, hf_lookup=hf_lookup, fp16=fp16, int8=int8,
                             gguf=gguf if llamacpp else None, llamacpp_ctx=longest + max_new_tokens + 16,
-                            llamacpp_inline=llamacpp_inline, notes=notes, tree_sizes=tree_sizes, lookup=lookup,
-                            tree_shapes=tree_shapes, hf_static=hf_static, graphs=graphs)
+                            llamacpp_inline=llamacpp_inline, notes=notes, tree_size=tree_size, lookup=lookup,
+                            tree=tree, hf_static=hf_static, graphs=graphs)
     from mtp.evaluation.bench import multi_token_methods
 
     for label, other in extra_models:
-        methods += multi_token_methods(other, tok, taus=taus if taus is not None else (0.9, 0.7, 0.5),
-                                       static_k=static_k, fp16=fp16, prefix=f"{label}:", notes=notes,
+        methods += multi_token_methods(other, tok, tau=tau, k=k, fp16=fp16, prefix=f"{label}:", notes=notes,
                                        graphs=graphs)
+    if strategy is not None:  # greedy rows stay: every lossless row is checked against one
+        methods = [x for x in methods if x.strategy in (None, "greedy", *strategy)]
     bandwidth = _bandwidth(runtime.device, bandwidth_gbs)
     print(f"mtp bench: {len(methods)} methods x {len(items)} prompts ({prompts_desc}), up to {max_new_tokens} new "
           f"tokens, {runtime.describe()}, {torch.get_num_threads()} threads: {', '.join(x.name for x in methods)}; "
@@ -351,16 +382,16 @@ def run_bench_command(m, *, model_label: str, prompts: str, limit: int, max_new_
     settings = {"model": model_label, "model_description": _describe(m, model_label), "prompts": prompts,
                 "prompts_description": prompts_desc, "limit": limit, "shots": shots, "chat": use_chat,
                 "max_new_tokens": max_new_tokens, "num_heads": m.num_heads, "rotate": rotate,
-                "prompt_lookup_tokens": prompt_lookup_tokens, "gguf": gguf if llamacpp else None,
-                "hf_static": hf_static, "batch_sizes": list(batch_sizes), "command": _command_line()}
+                "hf_lookup": hf_lookup, "gguf": gguf if llamacpp else None, "hf_static": hf_static,
+                "batch_size": list(batch_size), "command": _command_line()}
     report = build_report(run, tok, settings=settings, notes=notes, runtime=runtime.to_dict(), bandwidth=bandwidth)
-    if batch_sizes:
+    if batch_size:
         pair = fastest_lossless(report["methods"], methods)
         if pair is None:
             report["notes"].append("batch rows skipped: no lossless speculative row equalled its greedy on every "
                                    "prompt")
         else:
-            report["batch_rows"] = run_batch_rows(pair, pool, batch_sizes, max_new_tokens, len(items), progress)
+            report["batch_rows"] = run_batch_rows(pair, pool, batch_size, max_new_tokens, len(items), progress)
     notes = report["notes"]
     paths = write_report(report, output)
     journal.unlink()  # the report holds every call; a new run measures afresh

@@ -105,7 +105,7 @@ def _stage(n: int, text: str) -> float:
 def run_demo(output: str | Path | None = None, *, budget_minutes: float | None = None,
              train_limit: int | None = None, train_epochs: float = 3.0, limit: int = 4, max_new_tokens: int = 96,
              progress: bool = True, hf: bool = True, fp16: bool = True, int8: bool = False, llamacpp: bool = True,
-             taus=(0.9, 0.7), prompt_lookup_tokens: int = 0, tree_size: int = DEMO_TREE_SIZE,
+             tau=(0.9, 0.7), hf_lookup: int = 0, tree_size: int = DEMO_TREE_SIZE,
              lookup: int = DEMO_LOOKUP, device: str | torch.device = "auto", ensure_base=None,
              train_fn=None) -> int:
     """Run the demo. `ensure_base` and `train_fn` replace stage 1 and the training function (tests).
@@ -171,10 +171,10 @@ def run_demo(output: str | Path | None = None, *, budget_minutes: float | None =
         raise MTPError(f"{run_dir} has no tokenizer files")
     code = run_bench_command(
         model, model_label=f"SmolLM2-135M-Instruct + 4 MTP heads ({run_dir})", prompts="gsm8k", limit=limit,
-        max_new_tokens=max_new_tokens, output=bench_dir, shots=0, chat=None, taus=taus, static_k=None,
-        fp16=fp16 and cpu, int8=int8 and cpu, hf=hf, prompt_lookup_tokens=prompt_lookup_tokens,
+        max_new_tokens=max_new_tokens, output=bench_dir, shots=0, chat=None, tau=tau, k=None,
+        fp16=fp16 and cpu, int8=int8 and cpu, hf=hf, hf_lookup=hf_lookup,
         gguf=_default_gguf() if llamacpp else None, llamacpp=llamacpp, rotate=True,
-        progress=progress, tree_sizes=(tree_size,) if tree_size else (), lookup=lookup, hf_static=hf and not cpu)
+        progress=progress, tree_size=(tree_size,) if tree_size else (), lookup=lookup, hf_static=hf and not cpu)
     print(f"\nmtp demo: done in {time.perf_counter() - start:.0f} s. Model: {run_dir}; report: {bench_dir}",
           flush=True)
     return code

@@ -127,8 +127,8 @@ class MTPModel(nn.Module):
     def frozen_trunk_in(self, dtype: torch.dtype) -> MTPModel:
         """For heads-only training: everything that stays frozen (embeddings, trunk, head 0, final norm,
         unembedding) in `dtype` (bf16: half the memory of the largest part), the extra heads kept in fp32 as master
-        weights (their updates are too small for bf16). Train under autocast in the same dtype (`--precision
-        bf16`), which runs the heads' matmuls in it and accumulates their gradients in fp32. Returns the model."""
+        weights (their updates are too small for bf16). Train under autocast in the same dtype (`--autocast
+        bfloat16`), which runs the heads' matmuls in it and accumulates their gradients in fp32. Returns the model."""
         self.to(dtype)
         self.extra_heads.float()
         return self

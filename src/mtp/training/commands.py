@@ -16,11 +16,12 @@ from typing import Literal
 
 import torch
 
-from mtp.arguments import spelled
+from mtp.arguments import current_arguments, spelled
 from mtp.errors import MTPError
 from mtp.io import atomic_write_json, disk_errors, remove_stale_temporaries, temporary_prefix
 from mtp.process import output_lock
 from mtp.runtime import (
+    DType,
     Runtime,
     auto_dtype,
     describe_runtime,
@@ -36,6 +37,10 @@ EVAL_NAME = "eval.json"
 # Flags that do not change what a run computes: free to differ when resuming.
 _NOT_RUN_IDENTITY = {"output", "resume", "device", "threads", "progress", "save_every", "keep_checkpoints",
                      "eval_every", "gen_batch_size", "cache_trunk", "gradient_checkpointing", "parallel"}
+LossOrder = Literal["memory-efficient", "naive"]
+# An --autocast dtype -> the name the training loop gives that precision (`mtp.training.loop.TrainConfig`).
+_PRECISION = {"auto": "auto", "float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
+_AUTOCAST = {precision: dtype for dtype, precision in _PRECISION.items()}
 # The mask-token method's own flags: with --method heads, one set away from its default is an error.
 SELFDISTILL_ONLY = ("prefix_loss", "entropy_loss", "k", "k_min", "k_max", "adapter", "lora_rank", "lora_layers",
                     "regions", "supervision", "mask_token", "mask_token_id", "per_rank_k")
@@ -71,8 +76,8 @@ def train(
     weight_decay: float = 0.0,
     max_grad_norm: float = 1.0,
     head_weights: str = "equal",
-    loss_order: Literal["memory-efficient", "naive"] = "memory-efficient",
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto",
+    loss_order: LossOrder = "memory-efficient",
+    autocast: DType = "auto",
     dtype: Literal["auto", "float32", "bfloat16"] = "auto",
     gradient_checkpointing: bool = False,
     cache_trunk: bool = True,
@@ -137,9 +142,11 @@ def train(
         max_grad_norm: gradient clipping (0: off)
         head_weights: "equal", "medusa" (0.2*0.8^(i-1) for head i>=1), or comma-separated weights per head
         loss_order: "memory-efficient" (one head's logits at a time) or "naive" (all heads at once)
-        precision: autocast: auto (bf16/fp16 on GPU, fp32 on CPU), fp32, bf16, fp16
+        autocast: the dtype the forward and backward passes compute in (torch.autocast; the weights that train
+            stay float32): auto (bfloat16 on a GPU, float16 where it has no bfloat16; float32 on a CPU), float32
+            (no autocast), bfloat16, float16 (GPU only)
         dtype: with --freeze-trunk: the frozen part's weights (bfloat16: half the memory; loaded straight in it);
-            the extra heads keep fp32 master weights and train under autocast in this dtype (--precision auto);
+            the extra heads keep fp32 master weights and train under autocast in this dtype (--autocast auto);
             auto: bfloat16 on a GPU that has it, else float32 (trained weights are always fp32)
         gradient_checkpointing: recompute layer activations in the backward pass (less memory, slower)
         cache_trunk: with --freeze-trunk, compute the frozen trunk once per row and reuse it every epoch
@@ -273,7 +280,8 @@ def _train(a: _Args, args: dict, out: Path, checkpoint: Path | None, par: Parall
         steps=total_steps, batch_size=a.batch_size, grad_accum=a.grad_accum, lr=lr, min_lr_ratio=a.min_lr_ratio,
         warmup_steps=warmup, weight_decay=a.weight_decay, max_grad_norm=a.max_grad_norm,
         head_weights=parse_head_weights(a.head_weights, mtp_model.num_heads), loss_order=a.loss_order,
-        precision=a.precision, gradient_checkpointing=a.gradient_checkpointing, freeze_trunk=a.freeze_trunk,
+        precision=_PRECISION[a.autocast], gradient_checkpointing=a.gradient_checkpointing,
+        freeze_trunk=a.freeze_trunk,
         cache_trunk=a.cache_trunk, eval_every=a.eval_every, save_every=a.save_every,
         keep_checkpoints=a.keep_checkpoints, seed=a.seed, progress=a.progress)
     trainer = method.trainer(mtp_model, train_data, held_data, config, a, out, parallel=par)
@@ -291,7 +299,8 @@ def _train(a: _Args, args: dict, out: Path, checkpoint: Path | None, par: Parall
               f"{len(train_data)} training rows ({target_tokens:,} target tokens), "
               f"{len(held_data) if held_data is not None else 0} held-out rows; {total_steps} steps of "
               f"{a.batch_size}x{a.grad_accum} rows (~{total_steps * a.batch_size * a.grad_accum / len(train_data):.2f} "
-              f"epochs, {batches_per_epoch(train_data, a.batch_size)} batches per epoch); lr {lr:g}, {trainer.precision}"
+              f"epochs, {batches_per_epoch(train_data, a.batch_size)} batches per epoch); lr {lr:g}, "
+              f"autocast {_AUTOCAST[trainer.precision]}"
               + (f"; resuming at step {trainer.step}" if checkpoint is not None else ""), flush=True)
 
     start = time.perf_counter()
@@ -299,7 +308,7 @@ def _train(a: _Args, args: dict, out: Path, checkpoint: Path | None, par: Parall
         result = trainer.train()
     timings["trunk_cache_train_eval"] = time.perf_counter() - start
     speed = {**training_speed(result.history), "peak_gpu_memory_mb": memory["peak_mb"]}
-    runtime = {**Runtime(dev, parse_dtype(a.dtype)).to_dict(), "autocast": trainer.precision}
+    runtime = {**Runtime(dev, parse_dtype(a.dtype)).to_dict(), "autocast": _AUTOCAST[trainer.precision]}
     # ------------------------------------------------------------------ final model and reports
     if par is None:
         install_model(mtp_model, out)
@@ -442,24 +451,23 @@ def _validate(a: _Args) -> None:
         if given:
             raise MTPError(f"{', '.join(given)}: for --method selfdistill (mask tokens); --method heads trains "
                            "parallel heads")
-    if a.precision == "fp16":
-        from mtp.training.loop import resolve_precision
-
-        resolve_precision(a.precision, resolve_device(a.device, flags=True))  # refused on a CPU before any work
     if a.answer_minutes is not None and a.targets != "self":
         raise MTPError("--answer-minutes budgets the model's own answers; it needs --targets self")
     dev = resolve_device(a.device, flags=True)  # before anything loads
+    if a.autocast == "float16" and dev.type == "cpu":  # refused before any work, as the training loop would
+        raise MTPError("--autocast float16 needs a GPU (its loss scaling does not run on a CPU); on a CPU use "
+                       "--autocast bfloat16 or float32")
     if a.dtype == "auto":  # frozen weights in bf16 where the GPU computes in it anyway (autocast); else fp32
-        bf16 = auto_dtype(dev) == torch.bfloat16 and a.precision in ("auto", "bf16")
+        bf16 = auto_dtype(dev) == torch.bfloat16 and a.autocast in ("auto", "bfloat16")
         a.dtype = "bfloat16" if bf16 and a.method == "heads" and a.freeze_trunk else "float32"
     if a.dtype != "float32":  # frozen weights in bf16/fp16, trained ones fp32: the matmuls need autocast
-        autocast = "bf16"  # (fp16 would need --precision fp16, whose loss scaling does not run yet)
+        autocast = "bfloat16"  # (float16 would need --autocast float16, whose loss scaling does not run yet)
         if a.method != "heads" or not a.freeze_trunk:
             raise MTPError(f"--dtype {a.dtype} is for --freeze-trunk (the frozen weights; trained ones stay fp32); "
-                           f"for full fine-tuning keep fp32 weights and use --precision {autocast}")
-        if a.precision not in ("auto", autocast):
-            raise MTPError(f"--dtype {a.dtype} trains under --precision {autocast}, not {a.precision}")
-        a.precision = autocast
+                           f"for full fine-tuning keep fp32 weights and use --autocast {autocast}")
+        if a.autocast not in ("auto", autocast):
+            raise MTPError(f"--dtype {a.dtype} trains under --autocast {autocast}, not {a.autocast}")
+        a.autocast = autocast
 
 
 class _HeadsMethod:
@@ -560,7 +568,8 @@ def _merge_resume_args(args: dict, saved: dict) -> dict:
     defaults = {name: p.default for name, p in inspect.signature(train).parameters.items()}
     merged = dict(args)
     clashes = []
-    for name, value in saved.get("args", {}).items():
+    saved_args = current_arguments("train", saved.get("args", {}))  # a run saved under old flag names
+    for name, value in saved_args.items():
         if name not in defaults or name in _NOT_RUN_IDENTITY:
             continue
         current = args.get(name)
@@ -570,7 +579,7 @@ def _merge_resume_args(args: dict, saved: dict) -> dict:
             clashes.append(f"--{name.replace('_', '-')} {current} (the run used {value})")
     if clashes:
         raise MTPError("--resume continues the run as it was started; these flags differ: " + "; ".join(clashes))
-    for name, value in saved.get("args", {}).items():
+    for name, value in saved_args.items():
         if name.startswith("_"):
             merged[name] = value
     return merged
@@ -636,8 +645,8 @@ def _print_summary(out: Path, result, report: dict) -> None:
 # ---------------------------------------------------------------------------------------------- bench-train
 def bench_train(
     model: str | None = None,
-    heads: list[int] | None = None,
-    orders: list[str] | None = None,
+    num_heads: list[int] | None = None,
+    loss_order: list[LossOrder] | None = None,
     seq_len: int = 256,
     batch_size: int = 4,
     steps: int = 3,
@@ -652,8 +661,8 @@ def bench_train(
 
     Args:
         model: base model (default: the embedded SmolLM2-135M-Instruct), folder, .gguf or hub id
-        heads: head counts to compare (default: 1 4)
-        orders: loss orders (default: naive memory-efficient)
+        num_heads: head counts to compare (default: 1 4)
+        loss_order: loss orders to compare (default: naive memory-efficient)
         seq_len: tokens per row (every token is a target: the largest logits)
         batch_size: rows per step
         steps: timed steps per configuration (after one warm-up step)
@@ -666,8 +675,8 @@ def bench_train(
     """
     from mtp.training.bench import run_bench_train
 
-    heads = heads or [1, 4]
-    orders = orders or ["naive", "memory-efficient"]
+    heads = num_heads or [1, 4]
+    orders = loss_order or ["naive", "memory-efficient"]
     from mtp.training.losses import LOSS_ORDERS
 
     for order in orders:
