@@ -151,18 +151,19 @@ def iter_generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor |
     if opts.max_new_tokens <= 0:
         return
     need = prompt_len + opts.max_new_tokens + drafter.extra_slots + 2  # cache slots a row may use
-    observe = on_trunk is not None
-    session = None
-    if graphs:
+
+    def decoder_for(batch: int):  # (session, decoder): replaying, a batch size's session (its buffers and graphs)
+        if not graphs:  # off a CPU no step reads the device from the host
+            cache = drafter.new_cache(batch, need, static=device.type != "cpu")
+            return None, Decoder(drafter, opts, cache, stop.stop_ids, generator, on_trunk is not None)
         from mtp.decoding.graphs import session_for
 
-        session = session_for(model, drafter, opts, b, need, stop.stop_ids, generator, observe)
-        cache, decoder = session.cache, session.decoder
-        cache.reset()
-    else:  # off a CPU no step reads the device from the host
-        cache = drafter.new_cache(b, need, static=device.type != "cpu")
-        decoder = Decoder(drafter, opts, cache, stop.stop_ids, generator, observe)
-    state = _prompt_state(input_ids, attention_mask, opts, cache.max_len if lookup else 0)
+        found = session_for(model, drafter, opts, batch, need, stop.stop_ids, generator, on_trunk is not None)
+        return found, found.decoder
+
+    session, decoder = decoder_for(b)
+    decoder.cache.reset()
+    state = _prompt_state(input_ids, attention_mask, opts, decoder.cache.max_len if lookup else 0)
     # A draft costs a row of the verify block. On a GPU a small model's step is bound by its kernels, not by rows,
     # until the blocks of a batch hold a few dozen rows: only then do fewer drafts pay (replaying, each width the
     # rule picks gets a graph of its own).
@@ -200,13 +201,8 @@ def iter_generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor |
                 stats.new_tokens += len(new)
                 yield row, new
         found = max((host[i][3] for i in range(len(rows)) if active[i]), default=0)  # lookup drafts next
-        depth = max(n, m) if verifying else 0
-        if depth:
-            kept = accepted_per_position(accepted, depth)
-            for i, k in enumerate(kept):
-                stats.draft_positions[i] += fed
-                stats.draft_accepted[i] += k
-            draft_length.update(kept[:n], fed)
+        if verifying and max(n, m):
+            draft_length.update(_count_acceptance(stats, accepted, max(n, m), fed)[:n], fed)
         if not any(active):
             break
         keep = _rows_to_keep(active, graphs)
@@ -214,14 +210,24 @@ def iter_generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor |
             index = torch.tensor(keep, device=device)
             rows, active = [rows[i] for i in keep], [active[i] for i in keep]
             if session is not None:  # the smaller batch's own session: its buffers and graphs
-                smaller = session_for(model, drafter, opts, len(keep), need, stop.stop_ids, generator, observe)
+                smaller, decoder = decoder_for(len(keep))
                 state, session = smaller.take_rows(session, index), smaller
             else:
                 state = state.select(index)
-                cache.select_rows(index)
+                decoder.cache.select_rows(index)
         if verifying:
             n, m = draft_length.next(), (lookup if graphs else found)
         state, result = (state, session.run(state, n, m)) if session is not None else decoder.step(state, n, m)
+
+
+def _count_acceptance(stats: GenerationStats, accepted: list[int], depth: int, rows: int) -> list[int]:
+    """One step's drafts into the statistics: `rows` rows proposed `depth` positions, row r accepted accepted[r].
+    Returns, per position, the rows that accepted it."""
+    kept = accepted_per_position(accepted, depth)
+    for i, k in enumerate(kept):
+        stats.draft_positions[i] += rows
+        stats.draft_accepted[i] += k
+    return kept
 
 
 def _rows_to_keep(active: list[bool], graphs: bool) -> list[int] | None:
