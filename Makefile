@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 
 PEERS_STAMP := $(VENV)/.peers-installed
 
-.PHONY: setup setup-peers test test-fast lint demo bench clean
+.PHONY: setup setup-peers test test-fast lint demo bench docs clean
 
 setup: $(STAMP)
 
@@ -41,6 +41,10 @@ lint: setup
 
 demo: setup
 	$(BIN)/mtp demo
+
+# docs/cli.md from the commands' signatures (tests/test_cli.py fails when it is not current).
+docs: setup
+	$(BIN)/python -m mtp.cli --markdown docs/cli.md
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info

@@ -53,6 +53,23 @@ def assert_first_two_tokens_follow_the_model(model, prompt: list[int], tokens: l
     assert torch.allclose(torch.bincount(picked, minlength=vocab).float() / len(picked), p2, atol=0.05)
 
 
+def pytest_collection_modifyitems(config, items):
+    """`cuda` tests run where torch sees a GPU and are skipped elsewhere."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="no CUDA device (run `pytest -m cuda` on a machine with a GPU)")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def _cpu_unless_marked_cuda(request, monkeypatch):
+    """The tests not marked `cuda` are CPU tests: on a GPU machine --device auto must still mean the CPU there."""
+    if torch.cuda.is_available() and request.node.get_closest_marker("cuda") is None:
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+
+
 @pytest.fixture(autouse=True)
 def _restore_torch_threads():
     """Commands take --threads and set torch's thread count for the process; a test must not leak it."""

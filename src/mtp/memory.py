@@ -59,12 +59,13 @@ def tensor_bytes(model, padded: bool = False) -> int:
     for t in [*model.parameters(), *model.buffers()]:
         seen[id(t)] = t.numel() * t.element_size()
     linears = {id(m): m for m in model.modules() if isinstance(m, PackedLinear)}
-    fast = getattr(model.backbone, "fast_layers", None) or {}
+    heads = getattr(model, "lm", model)  # a mask-token model decodes with its base as a 1-head model
+    fast = getattr(getattr(heads, "backbone", None), "fast_layers", None) or {}  # (a plain HF model: none)
     for step in fast.values():
         for projection in step.packed or []:
             linears[id(projection.linear)] = projection.linear
-    if model.packed_draft_head is not None:
-        linears[id(model.packed_draft_head)] = model.packed_draft_head
+    if getattr(heads, "packed_draft_head", None) is not None:
+        linears[id(heads.packed_draft_head)] = heads.packed_draft_head
     size = packed_bytes if padded else (lambda k, n: 2 * k * n)
     return sum(seen.values()) + sum(size(m.in_features, m.out_features) for m in linears.values())
 
@@ -86,15 +87,18 @@ class Meter:
 
 
 def memory_report(spec: str | None, dtype: str = "float32", quantize: str = "none", device: str = "cpu",
-                  new_tokens: int = 16, tree_size: int | None = None, lookup: int = 0) -> list[str]:
-    """Load `spec`, optionally pack it (decode-only), decode `new_tokens` greedily and then speculatively (when
+                  max_new_tokens: int = 16, tree_size: int | None = None, lookup: int = 0) -> list[str]:
+    """Load `spec`, optionally pack it (decode-only), decode `max_new_tokens` greedily and then speculatively (when
     the model drafts: extra heads or masks, or `lookup`; with `tree_size` an "auto" draft tree); one line per
     phase, and the speculative decode's peak against the greedy one's."""
     import transformers.models.gpt2.modeling_gpt2  # noqa: F401 - imports count as the baseline, not the load
     import transformers.models.llama.modeling_llama  # noqa: F401
 
     from mtp.models.loading import load_mtp_model
+    from mtp.runtime import dtype_name, resolve_runtime
 
+    runtime = resolve_runtime(device, dtype, quantize)
+    device, dtype = runtime.device, dtype_name(runtime.dtype)
     meter = Meter()
     if not meter.ok:
         return ["memory: /proc/self/status or /proc/self/clear_refs is not available here (Linux only)"]
@@ -109,17 +113,17 @@ def memory_report(spec: str | None, dtype: str = "float32", quantize: str = "non
     else:
         ids = torch.arange(1, 9)[None] % model.config.vocab_size
     ids = ids.to(model.device)
-    meter.run(f"decode {new_tokens} (greedy)",
-              lambda: model.generate(ids, max_new_tokens=new_tokens, strategy="greedy", stop_token_ids=[]))
-    drafts = model.num_heads > 1 or getattr(model, "mask_token_id", None) is not None
+    meter.run(f"decode {max_new_tokens} (greedy)",
+              lambda: model.generate(ids, max_new_tokens=max_new_tokens, strategy="greedy", stop_token_ids=[]))
+    drafts = model.draft_depth() > 0
     if drafts or lookup:
         kind = ", ".join(["speculative"] + ([f"tree {tree_size}"] if tree_size else [])
                          + ([f"lookup {lookup}"] if lookup else []))
-        meter.run(f"decode {new_tokens} ({kind})",
-                  lambda: model.generate(ids, max_new_tokens=new_tokens, strategy="speculative", stop_token_ids=[],
+        meter.run(f"decode {max_new_tokens} ({kind})",
+                  lambda: model.generate(ids, max_new_tokens=max_new_tokens, strategy="speculative", stop_token_ids=[],
                                          tree="auto" if tree_size and drafts else None,
                                          tree_size=tree_size if drafts else None, lookup=lookup))
-    how = model_dtype_name(dtype) if quantize == "none" else f"{quantize}-packed for decoding, the rest {dtype}"
+    how = dtype if quantize == "none" else f"{quantize}-packed for decoding, the rest {dtype}"
     lines = [f"imports and start-up: {meter.baseline / MB:,.0f} MB resident (the baseline below)",
              f"weights in memory: {weights / MB:,.0f} MB ({how}"
              + (f"; {nominal / MB:,.0f} MB at 2 bytes a packed value, fbgemm pads them)" if nominal != weights
@@ -135,8 +139,6 @@ def memory_report(spec: str | None, dtype: str = "float32", quantize: str = "non
                      f"(+{(spec.peak - greedy.peak) / MB:,.0f} MB)")
     top = max(p.peak for p in meter.phases)
     lines.append(f"peak of the run: {top / MB:,.0f} MB = baseline + {(top - meter.baseline) / MB:,.0f} MB")
+    lines.append(f"device: {runtime.describe()} (the figures above are the process's resident memory)")
     return lines
 
-
-def model_dtype_name(dtype) -> str:
-    return str(dtype).removeprefix("torch.")

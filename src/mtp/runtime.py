@@ -1,10 +1,36 @@
-"""Process-wide runtime settings shared by the commands."""
+"""Process-wide runtime settings shared by the commands: torch's threads, and the one device and dtype rule.
+
+Every command takes `--device auto|cpu|cuda|cuda:N` (auto: the first CUDA device when torch sees one, else the
+CPU) and, where it loads weights, `--dtype auto|float32|bfloat16|float16` (auto: bfloat16 on CUDA, float16 on a GPU
+without bf16, float32 on the CPU, where fp16-packed weights are the fast lossless format instead). Both are
+resolved and checked here, before anything is loaded, and every report records what they resolved to
+(`Runtime.to_dict`: device, GPU name, dtype).
+"""
 
 from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
 from mtp.errors import MTPError
+
+DType = Literal["auto", "float32", "bfloat16", "float16"]
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16, "float64": torch.float64}
+DEVICES = "auto, cpu, cuda or cuda:N"
+Graphs = Literal["auto", "on", "off"]  # replay decoding steps as CUDA graphs (auto: on CUDA)
+
+
+def graphs_option(flag: Graphs, device: torch.device) -> bool | None:
+    """A --graphs value for `generate(graphs=...)`: None (auto), True or False; "on" off CUDA is an error."""
+    if flag == "on" and device.type != "cuda":
+        raise MTPError(f"--graphs on needs a CUDA device, not {device}")
+    return {"auto": None, "on": True, "off": False}[flag]
+MB = 2**20
 
 
 def set_threads(threads: int | None) -> None:
@@ -15,3 +41,133 @@ def set_threads(threads: int | None) -> None:
     if threads < 1:
         raise MTPError(f"--threads must be >= 1, got {threads}")
     torch.set_num_threads(threads)
+
+
+def _name(flags: bool, name: str) -> str:
+    return f"--{name}" if flags else name
+
+
+def resolve_device(spec: str | torch.device | None = "auto", flags: bool = False) -> torch.device:
+    """The device `spec` names (None or "auto": CUDA when torch sees a GPU, else the CPU), or an MTPError when
+    this torch cannot use it: an unknown name, CUDA on a CPU-only build or machine, `cuda:N` past the last GPU.
+    "cuda" becomes the current CUDA device's index, so devices compare equal to a model's `.device`."""
+    if spec is None or spec == "auto":
+        return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    try:
+        dev = spec if isinstance(spec, torch.device) else torch.device(spec)
+    except (RuntimeError, TypeError):
+        raise MTPError(f"{_name(flags, 'device')} {spec!r}: unknown device; choose {DEVICES}") from None
+    if dev.type == "cpu":
+        return torch.device("cpu")
+    if dev.type != "cuda":
+        raise MTPError(f"{_name(flags, 'device')} {spec}: not supported; choose {DEVICES}")
+    if not torch.cuda.is_available():
+        why = "this torch is a CPU-only build" if torch.version.cuda is None else "torch sees no CUDA device here"
+        raise MTPError(f"{_name(flags, 'device')} {spec}: {why}; use --device cpu (or auto)")
+    count = torch.cuda.device_count()
+    index = torch.cuda.current_device() if dev.index is None else dev.index
+    if index >= count:
+        raise MTPError(f"{_name(flags, 'device')} {spec}: this machine has {count} CUDA device(s), "
+                       f"cuda:0 to cuda:{count - 1}")
+    return torch.device("cuda", index)
+
+
+def auto_dtype(device: torch.device) -> torch.dtype:
+    """What --dtype auto means on `device`: bfloat16 on a GPU that has it (float16 on one that does not), float32
+    on the CPU (bf16 matmuls are slower than fp32 there without AVX-512 BF16; fp16 packing is the CPU's format)."""
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+def parse_dtype(name: str | torch.dtype) -> torch.dtype:
+    if isinstance(name, torch.dtype):
+        return name
+    try:
+        return DTYPES[name]
+    except KeyError:
+        raise MTPError(f"unknown dtype {name!r}; choose from auto, {', '.join(DTYPES)}") from None
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def gpu_name(device: torch.device) -> str | None:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else None
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """Where a command computes and in which dtype its weights are."""
+
+    device: torch.device
+    dtype: torch.dtype
+
+    def to_dict(self) -> dict:
+        return {"device": str(self.device), "gpu": gpu_name(self.device), "dtype": dtype_name(self.dtype)}
+
+    def describe(self) -> str:
+        return describe_runtime(self.to_dict())
+
+
+def describe_runtime(record: dict) -> str:
+    """A report's runtime record (`Runtime.to_dict`) in words: "cuda:0 (NVIDIA H200), bfloat16"."""
+    gpu = f" ({record['gpu']})" if record.get("gpu") else ""
+    return f"{record['device']}{gpu}, {record['dtype']}"
+
+
+def resolve_runtime(device: str | torch.device | None = "auto", dtype: str | torch.dtype = "auto",
+                    quantize: str = "none", flags: bool = False) -> Runtime:
+    """The device and weight dtype of a command (see the module docstring), checked before anything loads.
+    `quantize` (fp16, int8): decode-only weight packing, which runs on the CPU only (fbgemm)."""
+    dev = resolve_device(device, flags)
+    resolved = auto_dtype(dev) if dtype == "auto" else parse_dtype(dtype)
+    if quantize != "none" and dev.type != "cpu":
+        raise MTPError(f"{_name(flags, 'quantize')} {quantize} packs weights for CPUs (fbgemm); on {dev} decode "
+                       f"in {dtype_name(auto_dtype(dev))} (--dtype auto) instead")
+    return Runtime(dev, resolved)
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work (CUDA runs asynchronously: a timer must not stop before it ends)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@contextmanager
+def peak_memory(device: torch.device):
+    """The peak of allocated GPU memory while the block runs: the yielded dict holds, once it ends, "peak_mb"
+    (everything allocated, weights included) and "extra_bytes" (the peak above what was allocated on entry).
+    None on the CPU, where torch keeps no such count."""
+    box: dict = {"peak_mb": None, "extra_bytes": None}
+    if device.type != "cuda":
+        yield box
+        return
+    torch.cuda.synchronize(device)
+    before = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    try:
+        yield box
+    finally:
+        torch.cuda.synchronize(device)
+        peak = torch.cuda.max_memory_allocated(device)
+        box.update(peak_mb=round(peak / MB, 1), extra_bytes=peak - before)
+
+
+def measure_bandwidth(device: torch.device, nbytes: int | None = None, repeats: int = 5) -> float:
+    """Memory bandwidth in bytes/s: bytes read plus bytes written by the fastest of a few copies of a buffer
+    larger than any cache (1 GiB on a GPU, 256 MiB on the CPU), about the best a decoding step that streams its
+    weights from memory can reach."""
+    nbytes = nbytes or (2**30 if device.type == "cuda" else 2**28)
+    src = torch.ones(nbytes // 4, dtype=torch.float32, device=device)
+    dst = torch.empty_like(src)
+    best = float("inf")
+    for i in range(repeats + 1):  # the first copy (page faults, lazy initialisation) is not counted
+        synchronize(device)
+        start = time.perf_counter()
+        dst.copy_(src)
+        synchronize(device)
+        if i:
+            best = min(best, time.perf_counter() - start)
+    return 2 * src.numel() * src.element_size() / best

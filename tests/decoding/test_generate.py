@@ -285,3 +285,35 @@ def test_draft_vocabulary_limits_what_extra_heads_propose():
     assert spec.tokens[0] == reference_greedy(model, [1, 2, 3, 4], 30)
     with pytest.raises(MTPError, match="draft vocabulary"):
         model.set_draft_vocab([70])
+
+
+def test_non_finite_logits_and_wrong_argument_types_are_one_line_errors():
+    model = tiny_mtp("llama", num_heads=2)
+    with torch.no_grad():
+        model.base.model.layers[0].mlp.down_proj.weight[0, 0] = float("nan")
+    with pytest.raises(MTPError, match="NaN or infinite logits"):
+        generate(model, torch.tensor([[1, 2]]), max_new_tokens=3)
+    with pytest.raises(MTPError, match="tree must be"):
+        generate(tiny_mtp("llama", num_heads=2), torch.tensor([[1, 2]]), max_new_tokens=3, strategy="speculative",
+                 tree=5)
+    with pytest.raises(MTPError, match="seed must be"):
+        generate(tiny_mtp("llama", num_heads=2), torch.tensor([[1, 2]]), max_new_tokens=3, do_sample=True,
+                 seed=2**64)
+
+
+def test_the_public_api_and_one_meaning_per_argument():
+    import mtp
+
+    model = tiny_mtp("llama", num_heads=3)
+    ids = torch.tensor([[1, 2, 3]])
+    out = mtp.generate(model, ids, max_new_tokens=4, use_speculative=True, stop_token_ids=[])
+    assert isinstance(out, mtp.GenerationResult) and out.tokens == generate(model, ids, max_new_tokens=4,
+                                                                           stop_token_ids=[]).tokens
+    assert not hasattr(out, "sequences")  # `sequences` is transformers' prompt + new tokens (model.generate)
+    with pytest.raises(mtp.MTPError, match="give one of them"):
+        mtp.generate(model, ids, max_new_tokens=4, use_speculative=True, strategy="confadapt")
+    with pytest.raises(mtp.MTPError, match="give one of them"):
+        mtp.generate(model, ids, max_new_tokens=4, use_speculative=False, strategy="speculative")
+    assert mtp.generate(model, ids, max_new_tokens=4, use_speculative=False, strategy="greedy").tokens == out.tokens
+    for name in ("load", "generate", "MTPModel", "MaskTokenModel", "DraftTree", "DynamicTree", "MTPError"):
+        assert name in mtp.__all__ and getattr(mtp, name) is not None

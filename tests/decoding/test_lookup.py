@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 from conftest import assert_first_two_tokens_follow_the_model, tiny_mtp
 from mtp.decoding.generate import generate, left_pad
-from mtp.decoding.lookup import MAX_TOKENS_AFTER, NGRAM_SIZES, PromptLookup, RowHistory, add_lookup
+from mtp.decoding.lookup import MAX_TOKENS_AFTER, NGRAM_SIZES, lookup_chain, lookup_drafts
 from mtp.decoding.reference import reference_greedy
 from mtp.decoding.tree import DraftTree
 from mtp.errors import MTPError
@@ -27,40 +27,52 @@ def brute_force_lookup(seq: list[int], max_tokens: int) -> list[int]:
     return []
 
 
+def device_lookup(rows: list[list[int]], max_tokens: int) -> list[list[int]]:
+    """`lookup_drafts` on a batch of rows of different lengths, each row's drafts cut to its count."""
+    width = max(len(r) for r in rows) + 3
+    history = torch.tensor([r + [99] * (width - len(r)) for r in rows])  # 99: garbage past each row's length
+    tokens, count = lookup_drafts(history, torch.tensor([len(r) for r in rows]), max_tokens)
+    assert tokens.shape == (len(rows), max_tokens)
+    return [t[:c] for t, c in zip(tokens.tolist(), count.tolist(), strict=True)]
+
+
 @settings(max_examples=200, deadline=None)
-@given(seq=st.lists(st.integers(0, 4), max_size=30), cuts=st.lists(st.integers(1, 5), max_size=6),
-       max_tokens=st.integers(1, 6))
-def test_lookup_matches_a_brute_force_search_as_the_sequence_grows(seq, cuts, max_tokens):
-    history = RowHistory(seq[:3])
-    assert history.lookup(max_tokens) == brute_force_lookup(seq[:3], max_tokens)
-    end = 3
-    for cut in cuts:  # tokens arrive a few at a time, as accepted drafts do
-        history.extend(seq[end:end + cut])
-        end += cut
-        assert history.lookup(max_tokens) == brute_force_lookup(seq[:end], max_tokens)
+@given(seqs=st.lists(st.lists(st.integers(0, 4), max_size=30), min_size=1, max_size=3),
+       cuts=st.lists(st.integers(1, 5), max_size=6), max_tokens=st.integers(1, 6))
+def test_lookup_matches_a_brute_force_search_as_the_sequence_grows(seqs, cuts, max_tokens):
+    """A batch of rows of their own lengths, tokens arriving a few at a time, as accepted drafts do."""
+    ends = [min(3, len(s)) for s in seqs]
+    for cut in [0] + cuts:
+        ends = [min(e + cut, len(s)) for e, s in zip(ends, seqs, strict=True)]
+        rows = [s[:e] for s, e in zip(seqs, ends, strict=True)]
+        expected = [brute_force_lookup(r, max_tokens) for r in rows]
+        assert device_lookup([r or [0] for r in rows], max_tokens) == [
+            e if r else brute_force_lookup([0], max_tokens) for e, r in zip(expected, rows, strict=True)]
 
 
-def test_batch_lookup_skips_padding_and_fills_short_rows():
-    ids, mask = left_pad([[5, 6, 7, 5, 6], [1, 2]])
-    lookup = PromptLookup(ids, mask, max_tokens=3)
-    assert lookup.drafts([0, 1]).tolist() == [[7, 5, 6], [0, 0, 0]]  # row 1 finds nothing: filler
-    assert PromptLookup(ids, mask, max_tokens=8).drafts([0]).tolist() == [[7, 5, 6]]  # the copy ends there
-    lookup.extend(1, [1])
-    assert lookup.drafts([1]).tolist() == [[2, 1]]  # the copy may run into the suffix itself
-    assert lookup.drafts([]).shape == (0, 0)
+def test_short_rows_are_filled_with_their_last_draft():
+    history = torch.tensor([[5, 6, 7, 5, 6, 0], [1, 2, 0, 0, 0, 0], [1, 2, 1, 0, 0, 0]])
+    tokens, count = lookup_drafts(history, torch.tensor([5, 2, 3]), 3)
+    assert count.tolist() == [3, 0, 2]  # (1,) follows itself: its copy runs into the suffix
+    assert tokens.tolist() == [[7, 5, 6], [0, 0, 0], [2, 1, 1]]  # short rows: the last draft repeated, or 0
+    tokens, count = lookup_drafts(history[:1], torch.tensor([5]), 8)
+    assert count.tolist() == [3]  # the copy ends where the row does
 
 
-def test_add_lookup_hangs_a_chain_from_the_root():
+def test_lookup_chain_hangs_a_chain_from_the_root():
     from mtp.decoding.drafters import Drafts
 
     chain = Drafts(torch.tensor([[4, 5]]))
-    out = add_lookup(chain, torch.tensor([[7, 8, 9]]))
+    out = lookup_chain(chain, torch.tensor([[7, 8, 9]]))
     assert out.tokens.tolist() == [[4, 5, 7, 8, 9]]
-    t = out.tree.tensors
-    assert t.parent_slot.tolist() == [0, 1, 0, 3, 4]  # chain (0,), (0,0); lookup root -> 3 -> 4
+    assert out.layout.parent_slot.tolist() == [0, 1, 0, 3, 4]  # chain (0,), (0,0); lookup root -> 3 -> 4
     assert out.tree.depth == 3 and out.tree.widths() == [1, 1]
-    assert add_lookup(chain, torch.zeros(1, 0, dtype=torch.long)) is chain
+    assert lookup_chain(chain, torch.zeros(1, 0, dtype=torch.long)) is chain
     assert DraftTree.with_lookup(None, 2) is DraftTree.with_lookup(None, 2)  # cached: layouts are reused
+    shaped = Drafts(torch.tensor([[4, 5]]), layout=DraftTree.from_paths([(0,), (1,)]).layout)  # shaped this step
+    grown = lookup_chain(shaped, torch.tensor([[7, 8]]))
+    assert grown.tree is None and grown.layout.parent_slot.tolist() == [0, 0, 0, 3]
+    assert grown.layout.rank.tolist() == [0, 1, -1, -1] and grown.layout.max_depth == 2
 
 
 def repeating_prompts(vocab: int) -> list[list[int]]:
@@ -102,8 +114,6 @@ def test_lookup_needs_the_speculative_strategy():
 
 def test_short_matches_draft_fewer_tokens():
     seq = [9, 1, 2, 3, 4, 5, 6, 7, 8, 9, 9]  # suffix (9, 9) unseen, (9,) seen at 0 and 9: the latest is 9
-    assert RowHistory(seq).lookup(8) == [9]
     long = [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 1, 2, 3]  # a 3-token match: up to max_tokens
-    assert RowHistory(long).lookup(8) == [4, 5, 6, 7, 8, 9, 10, 1]
     one = [7, 1, 2, 3, 4, 5, 6, 8, 7]  # only (7,) matches: at most MAX_TOKENS_AFTER[1]
-    assert RowHistory(one).lookup(8) == [1, 2, 3][:MAX_TOKENS_AFTER[1]]
+    assert device_lookup([seq, long, one], 8) == [[9], [4, 5, 6, 7, 8, 9, 10, 1], [1, 2, 3][:MAX_TOKENS_AFTER[1]]]

@@ -21,7 +21,9 @@ from mtp.decoding.tree import (
     _verify_tree_sampling,
     block_layout,
     build_tree,
+    dynamic_tree,
     expected_length,
+    layout_paths,
     ranked_tree_drafts,
     resolve_tree,
     tree_candidates,
@@ -36,13 +38,14 @@ EXAMPLE = [(0,), (1,), (0, 0), (0, 1), (1, 0), (0, 0, 0)]
 
 def test_tree_tensors_match_the_hand_written_tree():
     tree = DraftTree.from_paths(reversed(EXAMPLE))  # any order in, sorted by depth then rank
-    t = tree.tensors
+    t = tree.layout
     assert tree.paths == tuple(EXAMPLE) and tree.size == 6 and tree.depth == 3 and tree.widths() == [2, 2, 1]
     assert t.parent_slot.tolist() == [0, 0, 1, 1, 2, 3]
     assert t.depth.tolist() == [1, 1, 2, 2, 2, 3]
     assert t.rank.tolist() == [0, 1, 0, 1, 0, 0]
     assert t.path.tolist() == [[0, 0, 0], [1, 1, 1], [0, 2, 2], [0, 3, 3], [1, 4, 4], [0, 2, 5]]
     assert t.children.tolist() == [[1, 2], [3, 4], [5, -1], [6, -1], [-1, -1], [-1, -1], [-1, -1]]
+    assert layout_paths(t) == tree.paths
     # slot q sees kv: the root, its ancestors, itself
     sees = {q: [kv for kv in range(7) if t.within[q, kv]] for q in range(7)}
     assert sees == {0: [0], 1: [0, 1], 2: [0, 2], 3: [0, 1, 3], 4: [0, 1, 4], 5: [0, 2, 5], 6: [0, 1, 3, 6]}
@@ -81,11 +84,11 @@ def test_greedy_tree_verification_keeps_the_deepest_accepted_path():
     target = torch.tensor([[4, 7, 1, 2, 9, 5, 3]])
     logits = torch.nn.functional.one_hot(target, v).float()  # (1, 7, V)
     tokens = torch.tensor([[5, 4, 7, 8, 1, 2]])  # node 1 (=4) right, then node 4 (=1) right, node 0 wrong
-    acc = verify_tree(logits, tokens, tree, DecodeOptions(), None)
+    acc = verify_tree(logits, tokens, tree.layout, DecodeOptions(), None)
     assert acc.count.tolist() == [2] and acc.slot.tolist() == [5] and acc.last.tolist() == [5]
     assert acc.path_tokens(tokens)[0, :2].tolist() == [4, 1]
     assert acc.kept_nodes(6).tolist() == [[False, True, False, False, True, False]]
-    none = verify_tree(logits, torch.tensor([[0, 0, 0, 0, 0, 0]]), tree, DecodeOptions(), None)
+    none = verify_tree(logits, torch.tensor([[0, 0, 0, 0, 0, 0]]), tree.layout, DecodeOptions(), None)
     assert none.count.tolist() == [0] and none.slot.tolist() == [0] and none.last.tolist() == [4]
 
 
@@ -97,7 +100,7 @@ def test_tree_sampling_verification_keeps_the_target_distribution():
     probs = p.expand(n, 5, v).clone()
     tokens = torch.tensor([[3, 1, 0, 2]]).expand(n, 4)  # candidates 3, 1, 0 at depth 1
     gen = torch.Generator().manual_seed(0)
-    acc = _verify_tree_sampling(probs, tokens, tree, gen)
+    acc = _verify_tree_sampling(probs, tokens, tree.layout, gen)
     first = torch.where(acc.count > 0, acc.path_tokens(tokens)[:, 0], acc.last)
     freq = torch.bincount(first, minlength=v).float() / n
     assert torch.allclose(freq, p, atol=0.005)
@@ -118,19 +121,17 @@ def test_keep_path_moves_the_accepted_nodes_after_the_root():
     prompt = torch.arange(3, dtype=torch.float64).view(1, 1, 3, 1).expand(2, 1, 3, 1)
     cache.prepare_block(torch.ones(2, 3, dtype=torch.bool), torch.float64)
     stack.update(prompt, prompt, 0)
-    cache.commit_block(torch.ones(2, 3, dtype=torch.bool))
+    cache.commit()
     block = 100 + torch.arange(7, dtype=torch.float64).view(1, 1, 7, 1).expand(2, 1, 7, 1)  # root + 6 nodes
     cache.prepare_block(torch.ones(2, 7, dtype=torch.bool), torch.float64)
     stack.update(block, block, 0)
-    cache.commit_block(torch.ones(2, 7, dtype=torch.bool))
     tree = DraftTree.from_paths(EXAMPLE)
-    path = tree.tensors.path[torch.tensor([5, 4])]  # row 0 keeps nodes 0, 2, 5; row 1 keeps nodes 1, 4
-    cache.keep_path(7, 1, torch.tensor([3, 2]), path)
-    assert cache.length == 3 + 4
+    path = tree.layout.path[torch.tensor([5, 4])]  # row 0 keeps nodes 0, 2, 5; row 1 keeps nodes 1, 4
+    cache.keep_path(1, torch.tensor([3, 2]), path)
+    assert cache.length.tolist() == [3 + 4, 3 + 3]
     keys = stack.keys[0][:, 0, :, 0]
     assert keys[0, :7].tolist() == [0, 1, 2, 100, 101, 103, 106]
     assert keys[1, :6].tolist() == [0, 1, 2, 100, 102, 105]
-    assert cache.valid[0, :7].all() and cache.valid[1, :6].all() and not cache.valid[1, 6:].any()
     assert cache.next_pos.tolist() == [7, 6]
 
 
@@ -255,24 +256,48 @@ def test_dynamic_tree_goes_deep_when_the_drafts_are_sure_and_wide_when_not():
     sure = torch.tensor([[[0.95, 0.03, 0.01], [0.9, 0.05, 0.02]]])  # (B=1, D=2, W=3) top-3 probabilities
     unsure = torch.tensor([[[0.4, 0.35, 0.1], [0.3, 0.2, 0.1]]])
     tree = DynamicTree(size=2, depth=2)
-    assert tree.for_step(sure).paths == ((0,), (0, 0))
-    assert tree.for_step(unsure).paths == ((0,), (1,))
+    assert layout_paths(tree.for_step(sure)) == ((0,), (0, 0))
+    assert layout_paths(tree.for_step(unsure)) == ((0,), (1,))
     # rows share one tree: the shape of the batch's mean probabilities
-    assert tree.for_step(torch.cat([sure, unsure])).paths == build_tree([[0.675, 0.19, 0.055], [0.6, 0.125, 0.06]],
-                                                                        2).paths
+    assert layout_paths(tree.for_step(torch.cat([sure, unsure]))) == build_tree(
+        [[0.675, 0.19, 0.055], [0.6, 0.125, 0.06]], 2).paths
     assert tree.truncate(1) == DynamicTree(2, 1) and tree.truncate(5) == tree
     assert tree.widths() == [2, 2]
+
+
+@settings(max_examples=60, deadline=None)
+@given(data=st.data())
+def test_dynamic_tree_on_the_device_is_the_best_first_tree(data):
+    """`dynamic_tree` (fixed-shape ops) picks the paths `build_tree` (best-first on the host) picks, and its
+    layout is the one the same paths give a fixed tree."""
+    depth, width, size = data.draw(st.integers(1, 4)), data.draw(st.integers(1, 5)), data.draw(st.integers(1, 12))
+    probs = torch.tensor(data.draw(st.lists(st.lists(st.floats(0.01, 1.0), min_size=width, max_size=width),
+                                            min_size=depth, max_size=depth)), dtype=torch.float64)
+    probs = probs.sort(-1, descending=True).values
+    layout = dynamic_tree(probs, size)
+    reordered = DraftTree.from_paths(layout_paths(layout))
+    best = build_tree(probs.tolist(), size)  # paths that tie may differ; the expected accepted length may not
+    assert reordered.size == best.size
+    assert abs(expected_length(reordered, probs.tolist()) - expected_length(best, probs.tolist())) < 1e-9
+    fixed = reordered.layout
+    assert reordered.size == layout.size and layout.depth.tolist() == sorted(layout.depth.tolist())
+    for i, p in enumerate(layout_paths(layout)):  # node for node, the same ancestors and path
+        j = reordered.paths.index(p)
+        anc = {layout_paths(layout)[k] for k in range(layout.size) if layout.ancestors[i, k]}
+        assert anc == {reordered.paths[k] for k in range(fixed.size) if fixed.ancestors[j, k]}
+        assert [layout_paths(layout)[k] for k in layout.path[i, : fixed.max_depth].tolist()] == [
+            reordered.paths[k] for k in fixed.path[j].tolist()]  # (a layout keeps room for `depth` levels)
 
 
 def test_ranked_tree_drafts_fill_each_node_with_its_rank():
     logits = torch.tensor([[[0.0, 3.0, 1.0, 2.0], [5.0, 0.0, 0.0, 1.0]]])  # (B=1, D=2, V=4); ranks: 1,3,2,0 / 0,3,..
     static = DraftTree.from_paths([(0,), (1,), (0, 0), (0, 1)])
-    tokens, tree = ranked_tree_drafts(logits, static)
-    assert tree is static and tokens.tolist() == [[1, 3, 0, 3]]
+    tokens, layout = ranked_tree_drafts(logits, static)
+    assert layout is static.layout and tokens.tolist() == [[1, 3, 0, 3]]
     vocab = torch.tensor([10, 11, 12, 13])  # logits over these token ids
-    tokens, tree = ranked_tree_drafts(logits, DynamicTree(3, 2), vocab)
+    tokens, layout = ranked_tree_drafts(logits, DynamicTree(3, 2), vocab)
     # probabilities: depth 1 ~(0.64, 0.24, 0.09), depth 2 ~(0.97, ...): the chain (0,), (0, 0) then (1,)
-    assert tree.paths == ((0,), (1,), (0, 0))
+    assert layout_paths(layout) == ((0,), (1,), (0, 0))
     assert tokens.tolist() == [[11, 13, 10]]
 
 

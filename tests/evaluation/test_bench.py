@@ -205,10 +205,12 @@ def test_plot_uses_agreement_when_every_accuracy_is_zero(tmp_path, monkeypatch):
 def test_bench_command_on_tiny_model(tiny_model_dir, gsm8k_file, tmp_path, capsys):
     out = tmp_path / "bench"
     code = bench(model=str(tiny_model_dir), prompts=str(gsm8k_file), limit=2, max_new_tokens=5, output=str(out),
-                 shots=1, taus=[0.5], int8=True, progress=False)
+                 shots=1, tau=[0.5], int8=True, progress=False)
     assert code == 0
     report = json.loads((out / "report.json").read_text())
     assert set(report) >= {"settings", "machine", "notes", "methods", "calls", "prompts", "gsm8k_scored"}
+    assert report["runtime"] == {"device": "cpu", "gpu": None, "dtype": "float32"}
+    assert report["bandwidth"]["bytes_per_second"] > 0 and "measured" in report["bandwidth"]["source"]
     names = [r["method"] for r in report["methods"]]
     assert names == ["hf-greedy", "hf-prompt-lookup", "greedy", "speculative", "confadapt-tau0.5", "static-k2",
                      "static-k3", "greedy-fp16", "speculative-fp16", "greedy-int8", "speculative-int8"]
@@ -227,10 +229,15 @@ def test_bench_command_on_tiny_model(tiny_model_dir, gsm8k_file, tmp_path, capsy
     assert rows["hf-greedy"]["equal_to_greedy"] == 2  # transformers and our engine agree on the same weights
     assert rows["greedy"]["tokens_per_forward"] == 1.0 and rows["hf-greedy"]["tokens_per_forward"] == 1.0
     assert rows["static-k3"]["tokens_per_forward"] > 1.0
+    for name in ("greedy", "speculative", "greedy-fp16"):  # a step's time beside the weight-streaming floor
+        assert rows[name]["ms_per_step"] > 0 and rows[name]["floor_ms"] > 0
+    assert rows["greedy-fp16"]["floor_ms"] < rows["greedy"]["floor_ms"]  # fp16 weights: fewer bytes a step
+    assert all(r["peak_memory_mb"] is None for r in report["methods"])  # a GPU figure
     assert len(report["calls"]) == 2 * len(names)
     assert [(c["prompt"], c["method"]) for c in report["calls"]] == schedule(2, names)
     assert any("llama.cpp skipped" in n for n in report["notes"])  # no GGUF for a non-default model
     md = (out / "report.md").read_text()
+    assert "- device: cpu, float32" in md and "memory bandwidth:" in md and "| ms/step | floor ms |" in md
     assert "| method | tokens/s | speedup vs HF greedy | speedup vs our greedy | tokens/forward |" in md
     assert "| speculative-int8 |" in md and "speed_accuracy.png" in md
     assert (out / "speed_accuracy.png").read_bytes()[:8] == PNG
@@ -245,7 +252,7 @@ def test_report_on_free_prompts_without_hf(tiny_tokenizer, tmp_path):
     path.write_text("Tom has 3 apples\n\nA box holds 12 eggs\n", encoding="utf-8")
     prompts = file_prompts(tiny_tokenizer, path, chat=False)
     assert [p.text for p in prompts] == ["Tom has 3 apples", "A box holds 12 eggs"]
-    methods = build_methods(model, tiny_tokenizer, taus=[0.9], hf=False, fp16=False, int8=False)
+    methods = build_methods(model, tiny_tokenizer, tau=[0.9], hf=False, fp16=False, int8=False)
     assert [m.name for m in methods] == ["greedy", "speculative", "confadapt-tau0.9", "static-k2"]
     run = run_bench(methods, prompts, 4, progress=False)
     report = build_report(run, tiny_tokenizer, settings={"max_new_tokens": 4})
@@ -256,15 +263,26 @@ def test_report_on_free_prompts_without_hf(tiny_tokenizer, tmp_path):
     assert "GSM8K" not in format_table(report)
 
 
+def test_strategy_picks_the_rows_greedy_always_runs(tiny_model_dir, gsm8k_file, tmp_path):
+    """--strategy, as `mtp generate` spells it, takes several: the rows of those strategies, and greedy, the
+    reference of every lossless row."""
+    out = tmp_path / "bench"
+    assert bench(model=str(tiny_model_dir), prompts=str(gsm8k_file), limit=1, max_new_tokens=3, output=str(out),
+                 strategy=["speculative", "static"], tau=[0.5], k=[2], tree_size=[3], hf=False, fp16=False,
+                 llamacpp=False, progress=False) == 0
+    names = [r["method"] for r in json.loads((out / "report.json").read_text())["methods"]]
+    assert names == ["greedy", "speculative", "static-k2", "speculative-tree3"]
+
+
 def test_tree_and_lookup_rows_are_lossless(tiny_tokenizer, tmp_path):
-    """--tree-sizes, --tree-shape both and --lookup: one row per tree size and shape, then the chain and each
+    """--tree-size, --tree auto dynamic and --lookup: one row per tree size and shape, then the chain and each
     tree with lookup drafts."""
     model = make_model(tiny_tokenizer, num_heads=3)
     path = tmp_path / "prompts.txt"
     path.write_text("Tom has 3 apples and 3 apples\n\nA box holds 12 eggs\n", encoding="utf-8")
     prompts = file_prompts(tiny_tokenizer, path, chat=False)
-    methods = build_methods(model, tiny_tokenizer, taus=[], static_k=[], hf=False, fp16=True, int8=False,
-                            tree_sizes=[3], lookup=4, tree_shapes=("auto", "dynamic"))
+    methods = build_methods(model, tiny_tokenizer, tau=[], k=[], hf=False, fp16=True, int8=False,
+                            tree_size=[3], lookup=4, tree=("auto", "dynamic"))
     names = [m.name for m in methods]
     assert names == ["greedy", "speculative", "greedy-fp16", "speculative-fp16", "speculative-fp16-tree3",
                      "speculative-fp16-dtree3", "speculative-fp16-lookup4", "speculative-fp16-tree3-lookup4",
@@ -301,9 +319,9 @@ def test_bench_bad_inputs(tiny_model_dir, tiny_tokenizer, tmp_path):
         bench(model=str(tiny_model_dir), output=str(tmp_path / "f"), progress=False)
     model = make_model(tiny_tokenizer, num_heads=2)
     with pytest.raises(MTPError, match="static k"):
-        build_methods(model, tiny_tokenizer, static_k=[3], hf=False, int8=False)
+        build_methods(model, tiny_tokenizer, k=[3], hf=False, int8=False)
     with pytest.raises(MTPError, match="tau"):
-        build_methods(model, tiny_tokenizer, taus=[1.5], hf=False, int8=False)
+        build_methods(model, tiny_tokenizer, tau=[1.5], hf=False, int8=False)
     empty = tmp_path / "empty.txt"
     empty.write_text("\n\n")
     with pytest.raises(MTPError, match="no prompts"):
@@ -334,7 +352,7 @@ def bench_beside_mask_folders(model_dir, tokenizer, prompts, where, static_k: in
     """`mtp bench` of the tiny heads model with a gated-LoRA and a full mask-token folder `--also`: its rows."""
     out = where / "bench"
     assert bench(model=str(model_dir), prompts=str(prompts), limit=2, max_new_tokens=6, output=str(out), shots=1,
-                 taus=[0.5], static_k=[static_k], hf=False, fp16=fp16, also=mask_token_folders(tokenizer, where),
+                 tau=[0.5], k=[static_k], hf=False, fp16=fp16, also=mask_token_folders(tokenizer, where),
                  progress=False) == 0
     return {r["method"]: r for r in json.loads((out / "report.json").read_text())["methods"]}
 
@@ -371,7 +389,7 @@ def test_llamacpp_is_left_out_with_one_note_without_the_package(tiny_tokenizer, 
     gguf = tmp_path / "model.gguf"
     gguf.write_bytes(b"GGUF")
     notes: list[str] = []
-    methods = build_methods(make_model(tiny_tokenizer, num_heads=2), tiny_tokenizer, taus=[], hf=False, fp16=False,
+    methods = build_methods(make_model(tiny_tokenizer, num_heads=2), tiny_tokenizer, tau=[], hf=False, fp16=False,
                             gguf=gguf, llamacpp_inline=True, notes=notes)
     assert [m.name for m in methods] == ["greedy", "speculative", "static-k2"]
     assert len(notes) == 1 and notes[0].startswith("llama.cpp skipped: llama-cpp-python is not installed")
@@ -408,7 +426,7 @@ def test_llamacpp_rows_decode_like_our_greedy_on_a_tiny_gguf(tmp_path):
     model = MTPModel.from_base(base, num_heads=2).eval()
     model.tokenizer = tok
     notes: list[str] = []
-    methods = build_methods(model, tok, taus=[], static_k=[], hf=False, fp16=False, gguf=gguf, llamacpp_ctx=64,
+    methods = build_methods(model, tok, tau=[], k=[], hf=False, fp16=False, gguf=gguf, llamacpp_ctx=64,
                             llamacpp_inline=True, notes=notes)
     assert [m.name for m in methods] == ["greedy", "speculative", "llama.cpp", "llama.cpp-inline"]
     assert "in a process of its own" in methods[2].description and "in the bench process" in methods[3].description

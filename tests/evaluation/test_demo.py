@@ -3,22 +3,24 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 from eval_helpers import make_model
 
 from mtp.errors import MTPError
 from mtp.evaluation.demo import (
-    BENCH_MINUTES,
+    CPU_PLAN,
     MIN_ANSWER_MINUTES,
     RUN_NAME,
-    TRAIN_PER_ANSWER,
     answer_minutes,
     is_finished_run,
     run_demo,
     train_settings,
 )
-from mtp.training.commands import train
+from mtp.training.commands import install_model, train
+
+BENCH_MINUTES, TRAIN_PER_ANSWER = CPU_PLAN.bench_minutes, CPU_PLAN.train_per_answer
 
 pytest_plugins = ["eval_fixtures"]  # fixtures: tiny_tokenizer, tiny_model_dir, gsm8k_file
 
@@ -32,14 +34,15 @@ class FakeTrain:
     def __call__(self, output, **kwargs):
         self.calls.append(kwargs)
         model = make_model(self.tokenizer, num_heads=4)
-        model.save_pretrained(output, tokenizer=self.tokenizer)
+        Path(output).mkdir(parents=True, exist_ok=True)
+        install_model(model, Path(output))  # as a run does: beside what the run folder already holds
         with open(f"{output}/eval.json", "w") as f:
             json.dump({"epochs": kwargs["epochs"]}, f)
         return 0
 
 
 def _demo(root, fake, **kwargs):
-    settings = {"limit": 2, "max_new_tokens": 4, "int8": False, "taus": (0.5,), **kwargs}
+    settings = {"limit": 2, "max_new_tokens": 4, "int8": False, "tau": (0.5,), **kwargs}
     return run_demo(root, train_limit=4, train_epochs=2, progress=False, llamacpp=False,
                     ensure_base=lambda: "(tiny)", train_fn=fake, **settings)
 
@@ -76,7 +79,7 @@ def test_demo_resumes_an_interrupted_training(tiny_tokenizer, tmp_path):
     (run_dir / "train_config.json").write_text("{}")  # started, never finished
     assert not is_finished_run(run_dir)
     fake = FakeTrain(tiny_tokenizer)
-    _demo(tmp_path, fake, hf=False, limit=1, taus=())
+    _demo(tmp_path, fake, hf=False, limit=1, tau=())
     assert fake.calls[0]["resume"] is True
     assert fake.calls[0]["answer_minutes"] is None  # the run's own budget and measured count (train_config.json)
 
@@ -100,7 +103,7 @@ def test_a_small_budget_answers_one_batch_and_the_demo_completes(tiny_tokenizer,
 
     root = tmp_path / "demo"
     assert run_demo(root, budget_minutes=1.0, train_epochs=1, limit=1, max_new_tokens=4, progress=False,
-                    llamacpp=False, hf=False, taus=(), ensure_base=lambda: "(tiny)", train_fn=tiny_train) == 0
+                    llamacpp=False, hf=False, tau=(), ensure_base=lambda: "(tiny)", train_fn=tiny_train) == 0
     out = capsys.readouterr().out
     assert "no time to answer" in out and "2 of 5 questions fit" in out
     config = json.loads((root / RUN_NAME / "train_config.json").read_text())

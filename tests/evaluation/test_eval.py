@@ -41,6 +41,8 @@ def test_eval_command_writes_samples_and_summary(tiny_model_dir, gsm8k_file, tmp
     assert set(summary["strict"]) == {"accuracy", "stderr", "correct"}
     assert summary["new_tokens"] == sum(r["new_tokens"] for r in records)
     assert summary["settings"]["chat"] is True  # the tokenizer has a chat template
+    assert summary["settings"]["dtype"] == "float32"  # what --dtype auto resolved to on the CPU
+    assert summary["runtime"] == {"device": "cpu", "gpu": None, "dtype": "float32", "batch_size": 3}
     printed = capsys.readouterr().out
     assert "accuracy strict-match" in printed and "accuracy flexible-extract" in printed
     assert "tokens per forward" in printed and "s/sample" in printed
@@ -60,12 +62,35 @@ def test_speculative_eval_equals_greedy(tiny_tokenizer, gsm8k_file, tmp_path):
     prompts = gsm8k_prompts(tiny_tokenizer, path=gsm8k_file, shots=1, chat=True)
     greedy = run_eval(model, tiny_tokenizer, prompts, tmp_path / "g", {"s": "greedy"}, strategy="greedy",
                       max_new_tokens=8, batch_size=2, progress=False)
-    spec = run_eval(model, tiny_tokenizer, prompts, tmp_path / "s", {"s": "spec"}, strategy="speculative",
-                    max_new_tokens=8, batch_size=2, progress=False)
-    g, s = read_samples(tmp_path / "g" / "samples.jsonl"), read_samples(tmp_path / "s" / "samples.jsonl")
-    assert [r["output"] for r in g] == [r["output"] for r in s]
-    assert greedy["new_tokens"] == spec["new_tokens"]
-    assert spec["forward_passes"] <= greedy["forward_passes"]
+    g = read_samples(tmp_path / "g" / "samples.jsonl")
+    # the chain, an "auto" tree with lookup drafts, a dynamic tree: `mtp generate`'s decoding options
+    for name, options in (("s", {}), ("t", {"tree": "auto", "tree_size": 4, "lookup": 3}),
+                          ("d", {"tree": "dynamic", "tree_size": 3})):
+        spec = run_eval(model, tiny_tokenizer, prompts, tmp_path / name, {"s": name}, strategy="speculative",
+                        max_new_tokens=8, batch_size=2, progress=False, **options)
+        s = read_samples(tmp_path / name / "samples.jsonl")
+        assert [r["output"] for r in g] == [r["output"] for r in s], options
+        assert greedy["new_tokens"] == spec["new_tokens"]
+        assert spec["forward_passes"] <= greedy["forward_passes"]
+
+
+def test_eval_takes_the_decoding_flags_of_generate(tiny_model_dir, gsm8k_file, tmp_path):
+    """--tree, --tree-size, --lookup, --graphs and --mask-token, as `mtp generate` spells them; the default output
+    folder is named as `mtp bench` names the row."""
+    args = ["eval", "--model", str(tiny_model_dir), "--data", str(gsm8k_file), "--limit", "2", "--shots", "0",
+            "--max-new-tokens", "4", "--no-progress", "--strategy", "speculative"]
+    chain = tmp_path / "chain"
+    assert cli_run([*args, "--output", str(chain)]) == 0
+    tree = tmp_path / "tree"
+    assert cli_run([*args, "--tree", "dynamic", "--tree-size", "3", "--lookup", "2", "--graphs", "off",
+                    "--output", str(tree)]) == 0
+    assert [r["output"] for r in _lines(chain / "samples.jsonl")] == [r["output"] for r in _lines(tree / "samples.jsonl")]
+    settings = json.loads((tree / "summary.json").read_text())["settings"]
+    assert (settings["tree"], settings["tree_size"], settings["lookup"]) == ("dynamic", 3, 2)
+    assert evaluate.strategy_tag("speculative", tree="dynamic", tree_size=3, lookup=2) == "speculative-dtree3-lookup2"
+    assert evaluate.strategy_tag("speculative", tree="auto") == "speculative-tree"
+    with pytest.raises(MTPError, match="a mask token applies to a plain model"):  # --mask-token reaches the loader
+        eval_(model=str(tiny_model_dir), data=str(gsm8k_file), mask_token="<m>", output=str(tmp_path / "m"), **FAST)
 
 
 def test_resume_continues_from_partial_jsonl(tiny_tokenizer, gsm8k_file, tmp_path, monkeypatch):

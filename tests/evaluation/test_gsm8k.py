@@ -167,7 +167,8 @@ def test_mean_and_stderr() -> None:
 
 
 def test_mtp_lm_fork_generation_arguments():
-    """seed 002's lm-eval fork spells ConfAdapt `strategy=[conf_adapt, 0.9]`, k as `k_toks`, the mask as `mask_id`."""
+    """The self-distillation authors' lm-eval fork spells ConfAdapt `strategy=[conf_adapt, 0.9]`, k as
+    `k_toks`, the mask as `mask_id`."""
     from mtp.evaluation.gen_args import fork_arguments
 
     extra = {"do_mtp": True, "k_toks": "8", "mask_id": "128256", "other": 1}

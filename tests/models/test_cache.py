@@ -1,33 +1,56 @@
-"""MTPCache bookkeeping: rollback per row, holes, compaction, row selection."""
+"""MTPCache bookkeeping: per-row lengths, forgotten slots overwritten, static and host-read modes, row selection."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from conftest import tiny_mtp
 
 
-def test_rollback_and_compaction_keep_logits_exact():
-    model = tiny_mtp("llama", num_heads=2, dtype=torch.float64)
+def block_logits(model, cache, block: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
+    """Every head's logits for a block fed after what the cache holds; row b then keeps keep[b] of its slots."""
+    trunk, ctx = model.trunk_forward(block, None, cache)
+    logits = model.lm_head(torch.stack([model.head_forward(h, trunk, ctx) for h in range(model.num_heads)], 2))
+    cache.commit(keep)
+    return logits  # (B, T, n, V)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+@pytest.mark.parametrize("static", [False, True])
+def test_rows_keep_their_own_lengths_and_the_logits_stay_exact(family, static):
+    model = tiny_mtp(family, num_heads=2, dtype=torch.float64)
     ids = torch.randint(0, 61, (2, 6))
-    blocks = [torch.randint(0, 61, (2, 4)) for _ in range(2)]
-    keeps = [torch.tensor([1, 3]), torch.tensor([3, 1])]
-    cache = model.new_cache(2, 14)
+    blocks = [torch.randint(0, 61, (2, 4)) for _ in range(3)]
+    keeps = [torch.tensor([1, 3]), torch.tensor([3, 0]), torch.tensor([0, 2])]  # 0: the row stays as it was
+    cache = model.new_cache(2, 6 + 3 * 4 + 4, static=static)
     with torch.no_grad():
-        model(ids, cache=cache, return_all_heads=True)
+        block_logits(model, cache, ids, None)
         for block, keep in zip(blocks, keeps, strict=True):
-            model(block, cache=cache, return_all_heads=True)
-            cache.rollback(4, keep)
-        assert cache.length == 12 and cache.next_pos.tolist() == [10, 10]
-        assert cache.valid[:, :12].sum(-1).tolist() == [10, 10]  # each row has 2 holes, in different places
+            block_logits(model, cache, block, keep)
+        assert cache.length.tolist() == [10, 11] and cache.next_pos.tolist() == [10, 11]
         more = torch.randint(0, 61, (2, 3))
-        out = model(more, cache=cache, return_all_heads=True)  # 12 + 3 > 14 slots: the holes are squeezed out
-    assert cache.length == 13
+        out = block_logits(model, cache, more, None)
     for row in range(2):
         seq = torch.cat([ids[row]] + [b[row, : int(k[row])] for b, k in zip(blocks, keeps, strict=True)]
                         + [more[row]])[None]
         full = model(seq, return_all_heads=True)[0]  # (T, n, V)
         assert (out[row] - full[-3:]).abs().max() < 1e-9
+
+
+def test_left_padding_leaves_holes_that_are_never_attended():
+    model = tiny_mtp("llama", num_heads=1, dtype=torch.float64)
+    ids = torch.tensor([[0, 0, 7, 8], [1, 2, 3, 4]])
+    valid = torch.tensor([[False, False, True, True], [True, True, True, True]])
+    cache = model.new_cache(2, 8)
+    with torch.no_grad():
+        trunk, ctx = model.trunk_forward(ids, valid, cache)
+        model.head_forward(0, trunk, ctx)
+        cache.commit()
+        step = block_logits(model, cache, torch.tensor([[9], [9]]), None)
+        alone = model(torch.tensor([[7, 8, 9]]))[0, -1, 0]
+    assert cache.next_pos.tolist() == [3, 5] and cache.length.tolist() == [5, 5]
+    assert (step[0, -1, 0] - alone).abs().max() < 1e-9
 
 
 def test_select_rows_drops_finished_rows():

@@ -42,12 +42,15 @@ def cached_logits(model: MTPModel, ids: torch.Tensor, mask: torch.Tensor, steps:
     return out
 
 
+@pytest.mark.parametrize("fused", [False, True], ids=["separate", "fused"])
 @pytest.mark.parametrize("attention", ["sdpa", "matmul"])
 @pytest.mark.parametrize("make", [lambda: tiny_mtp("llama", seed=3), lambda: qwen_mtp("qwen2"),
                                   lambda: qwen_mtp("qwen3")], ids=["llama", "qwen2", "qwen3"])
-def test_fast_step_matches_hugging_face_layers(make, attention, monkeypatch):
+def test_fast_step_matches_hugging_face_layers(make, attention, fused, monkeypatch):
     if attention == "matmul":  # what large batches of short blocks use; small ones use sdpa
-        monkeypatch.setattr(fast_llama, "_matmul_pays", lambda batch, block: True)
+        monkeypatch.setattr(fast_llama, "_matmul_pays", lambda batch, block, device_type="cpu": True)
+    if fused:  # q, k, v and gate, up as one matmul each, as on a GPU
+        monkeypatch.setattr(fast_llama, "FUSED_DEVICES", {"cpu"})
     model = make()
     assert model.fast_decoding == "fp32"  # on by default for the Llama family
     gen = torch.Generator().manual_seed(0)
@@ -141,7 +144,8 @@ def test_fp16_decoding_context_restores_fp32():
 def test_fp16_draft_vocabulary_head_is_packed_and_exact(family):
     """With a draft vocabulary, fp16 packing also packs those K rows of the unembedding for drafting; the
     drafts stay inside the vocabulary and speculative output still equals greedy output."""
-    from mtp.decoding.generate import DecodeOptions, propose
+    from mtp.decoding.drafters import drafter_for
+    from mtp.decoding.step import DecodeOptions
 
     model = tiny_mtp(family, num_heads=4, seed=2, vocab_size=97)
     allowed = list(range(0, 97, 3))
@@ -149,7 +153,8 @@ def test_fp16_draft_vocabulary_head_is_packed_and_exact(family):
     hidden = torch.randn(5, 3, model.config.hidden_size)
     with torch.no_grad():
         fp32_logits = model.draft_logits(hidden)
-        drafts, _ = propose(model, hidden, DecodeOptions(), None)
+        logits, vocab = drafter_for(model, DecodeOptions("speculative")).draft_logits(hidden, "greedy")
+        drafts = vocab[logits.argmax(-1)]  # (5, 3) over the K draft tokens
         assert drafts.tolist() == model.restrict_to_draft_vocab(model.lm_head(hidden)).argmax(-1).tolist()
         packed = quantize_for_decoding(model, "fp16")
         assert isinstance(packed.packed_draft_head, PackedLinear)
@@ -176,7 +181,7 @@ def test_matmul_attention_equals_sdpa(batch, block, masked, monkeypatch):
         mask = torch.zeros(batch, 1, block, end).masked_fill(~allowed[:, None], torch.finfo(torch.float32).min)
     expected = torch.nn.functional.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=0.3,
                                                                 enable_gqa=True)
-    monkeypatch.setattr(fast_llama, "_matmul_pays", lambda batch, block: True)
+    monkeypatch.setattr(fast_llama, "_matmul_pays", lambda batch, block, device_type="cpu": True)
     got = fast_llama._attention(q, keys, values, mask, 0.3)
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
 
@@ -185,7 +190,7 @@ def test_matmul_attention_equals_sdpa(batch, block, masked, monkeypatch):
 def test_speculative_equals_greedy_with_matmul_attention(seed, monkeypatch):
     """Batched decoding takes the matmul attention path for 1-token steps (forced here for every block too):
     still token-for-token greedy."""
-    monkeypatch.setattr(fast_llama, "_matmul_pays", lambda batch, block: batch >= 2 or seed % 2 == 0)
+    monkeypatch.setattr(fast_llama, "_matmul_pays", lambda batch, block, device_type="cpu": batch >= 2 or seed % 2 == 0)
     model = tiny_mtp("llama", num_heads=2 + seed % 3, seed=seed, vocab_size=97)
     gen = torch.Generator().manual_seed(seed)
     ids, mask = left_pad([torch.randint(0, 97, (n,), generator=gen).tolist() for n in (9, 4, 6, 1, 5)])
@@ -246,3 +251,22 @@ def test_bf16_speculative_equals_bf16_greedy(tmp_path, seed):
     greedy = generate(model, ids, max_new_tokens=24, stop_token_ids=[])
     spec = generate(model, ids, max_new_tokens=24, strategy="speculative", stop_token_ids=[])
     assert spec.tokens == greedy.tokens
+
+
+def test_fused_projections_follow_weight_updates(monkeypatch):
+    """The fused copy of a layer's weights is rebuilt when a weight changes (a training step in between)."""
+    monkeypatch.setattr(fast_llama, "FUSED_DEVICES", {"cpu"})
+    model = tiny_mtp("llama", seed=4)
+    ids, mask = torch.tensor([[1, 2, 3, 4]]), torch.ones(1, 4, dtype=torch.long)
+    steps = [torch.tensor([[5]])]
+    before = cached_logits(model, ids, mask, steps)
+    with torch.no_grad():
+        for layer in model.backbone.layers:
+            layer.self_attn.k_proj.weight.mul_(-3.0)
+            layer.mlp.up_proj.weight.mul_(2.0)
+    after = cached_logits(model, ids, mask, steps)
+    monkeypatch.setattr(fast_llama, "FUSED_DEVICES", set())
+    separate = cached_logits(model, ids, mask, steps)
+    for a, b, old in zip(after, separate, before, strict=True):
+        torch.testing.assert_close(a, b)
+        assert not torch.allclose(a, old)

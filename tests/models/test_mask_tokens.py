@@ -147,7 +147,7 @@ def test_mask_token_is_added_to_tokenizer_and_embedding(tmp_path):
     padded = tiny_base("llama", vocab_size=len(tok2) + 6)
     m2 = MaskTokenModel.from_base(padded, tokenizer=tok2)
     assert m2.mask_token_id == len(tok2) - 1 and m2.base.get_input_embeddings().weight.shape[0] == len(tok2) + 5
-    # an existing token used as the mask (seed 002's checkpoints ship one)
+    # an existing token used as the mask (checkpoints trained with the authors' code ship one)
     m3 = MaskTokenModel.from_base(tiny_base("llama", vocab_size=len(tok2)), mask_token_id=3, tokenizer=tok2)
     assert m3.mask_token_id == 3 and m3.config.vocab_size == len(tok2)
     with pytest.raises(MTPError, match="outside"):

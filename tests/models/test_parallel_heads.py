@@ -58,8 +58,8 @@ def test_shapes_and_heads(family):
     assert not torch.allclose(all_heads[:, :, 1], all_heads[:, :, 0])  # randomised extra heads differ
 
 
-def test_trunk_split_seed000_shape():
-    """GPT-2 with 9 shared layers and 4 heads (seed 000): heads of 3 layers each."""
+def test_trunk_split_gpt2_9_shared_layers_4_heads():
+    """GPT-2 with 9 shared layers and 4 heads (a published GPT-2 MTP model's shape): heads of 3 layers."""
     model = tiny_mtp("gpt2", num_heads=4, num_trunk_layers=9, layers=12)
     assert len(model.trunk_layers) == 9
     assert all(len(model.head_layers(h)) == 3 for h in range(4))

@@ -70,7 +70,7 @@ def test_memory_report_counts_padded_packed_bytes(tmp_path):
     folder = tiny_mtp("llama", num_heads=2, seed=1, vocab_size=97).save_pretrained(tmp_path / "m")
     packed = load_mtp_model(str(folder), quantize="fp16")
     assert tensor_bytes(packed, padded=True) > tensor_bytes(packed)  # 32-wide matrices padded to 512 rows
-    lines = memory_report(str(folder), quantize="fp16", new_tokens=2, tree_size=3, lookup=2)
+    lines = memory_report(str(folder), quantize="fp16", max_new_tokens=2, tree_size=3, lookup=2)
     if lines[0].startswith("memory:"):
         pytest.skip("no /proc/self/clear_refs here")
     assert any(line.startswith("load + pack fp16") for line in lines)

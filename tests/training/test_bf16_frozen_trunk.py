@@ -69,5 +69,5 @@ def test_train_cli_dtype_bfloat16_keeps_the_trunk_and_trains_the_heads(tmp_path)
         assert torch.equal(before[name], after[name]) == (not name.startswith("extra_heads.")), name
     with pytest.raises(MTPError, match="for --freeze-trunk"):
         train(output=str(tmp_path / "full"), dtype="bfloat16", **{**common, "freeze_trunk": False})
-    with pytest.raises(MTPError, match="--precision bf16"):
-        train(output=str(tmp_path / "p"), dtype="bfloat16", precision="fp32", **common)
+    with pytest.raises(MTPError, match="--autocast bfloat16"):
+        train(output=str(tmp_path / "p"), dtype="bfloat16", autocast="float32", **common)

@@ -64,8 +64,14 @@ def test_train_cli_frozen_self_targets(tmp_path, mtp_folder) -> None:
     assert report["held_out_rows"] == 6
     assert report["trunk_cache"] == "disk" and report["peak_memory_gb"]["host"] > 0.1  # features read from disk
     assert (out / "trunk_features.bin").stat().st_size > 0
+    # where it trained, and how fast (this machine has no GPU: no GPU memory)
+    assert report["runtime"] == {"device": "cpu", "gpu": None, "dtype": "float32", "autocast": "float32"}
+    speed = report["training_speed"]
+    assert speed["steps_timed"] == 6 and speed["tokens_per_second"] > 0 and speed["step_seconds_median"] > 0
+    assert speed["peak_gpu_memory_mb"] is None
     lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [x["step"] for x in lines if "eval" not in x] == [1, 2, 3, 4, 5, 6]
+    assert all(x["seconds"] > 0 for x in lines if "eval" not in x)
     assert [x["step"] for x in lines if "eval" in x] == [3, 6]
     assert (out / "loss.png").stat().st_size > 1000
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-000003", "step-000006"]
@@ -161,7 +167,7 @@ def test_cli_flags_render(capsys) -> None:
     with pytest.raises(SystemExit):
         parser.parse_args(["train", "--output", "x", "--targets", "teacher"])
     bench_parser = build_parser(only="bench-train")
-    assert bench_parser.parse_args(["bench-train", "--heads", "1", "4"]).heads == [1, 4]
+    assert bench_parser.parse_args(["bench-train", "--num-heads", "1", "4"]).num_heads == [1, 4]
     for argv in (["train", "--help"], ["bench-train", "--help"]):  # help text renders (no stray % etc.)
         with pytest.raises(SystemExit):
             run(argv)

@@ -13,7 +13,7 @@ from training_helpers import tiny_llama, train_tokenizer
 
 from mtp.decoding.generate import generate, left_pad
 from mtp.errors import MTPError
-from mtp.models.mask_tokens import MaskTokenModel
+from mtp.models.mask_tokens import MaskTokenModel, gather_layout, mask_layout
 from mtp.training.data import TokenizedData
 from mtp.training.loop import TrainConfig
 from mtp.training.selfdistill import SelfDistillConfig, SelfDistillTrainer, distill_figures, draw
@@ -114,7 +114,7 @@ def test_bf16_run_keeps_its_separate_teacher_in_bf16_and_uses_fused_adamw(tmp_pa
     code, captured = train_capturing_trainer(
         monkeypatch, output=str(tmp_path / "run"), model=hf_folder, data=data, method="selfdistill",
         adapter="full", k_min=2, k_max=3, regions=8, seq_len=64, steps=3, lr=1e-2, holdout=0.0, progress=False,
-        precision="bf16")
+        autocast="bfloat16")
     assert code == 0
     trainer = captured["trainer"]
     assert trainer.optimizer.defaults["fused"] is True  # one kernel per tensor (CPU, one process)
@@ -155,6 +155,59 @@ def test_interrupted_run_resumes_exactly(tmp_path, hf_folder, monkeypatch):
     assert a.keys() == b.keys()
     for name in a:
         assert torch.equal(a[name], b[name]), name
+
+
+def test_adapters_on_the_top_layers_only(tmp_path, hf_folder, tok):
+    """--lora-layers below the model's depth: inside a mask pass that needs gradients the layers under the
+    adapters run without them. They must run the Hugging Face layers (as the layers above do), not the lean
+    decoding step, whose rotary tables a forward with gradients never builds (it crashed with KeyError
+    'fast_rope'); the gradients of the adapters are then those of the one-forward reference."""
+    from mtp.training.commands import train
+
+    model = MaskTokenModel.from_base(tiny_llama(vocab_size=len(tok), num_heads=1).base, adapter="gated-lora",
+                                     rank=4, lora_layers=1, tokenizer=tok)
+    assert model.lm.fast_decoding == "fp32"  # the lean step is on, as it is for every Llama-family model
+    with torch.no_grad():
+        for b in model.lora.B.values():
+            b.normal_(std=0.3)
+    ids = torch.randint(5, len(tok), (2, 24), generator=torch.Generator().manual_seed(0))
+    lb = gather_layout(ids, torch.ones_like(ids), mask_layout(4, 3, 5), model.mask_token_id, 1)
+    with torch.no_grad():
+        real_h, prefix = model.real_pass(lb)  # as distill_figures runs it with gated LoRA
+    mask_h = model.mask_pass(lb, prefix)
+    grads = torch.autograd.grad(mask_h.square().sum(), list(model.lora.parameters()))
+    ref = model.layout_hidden_reference(lb)[:, lb.is_mask]
+    torch.testing.assert_close(mask_h, ref, atol=1e-5, rtol=1e-5)
+    expected = torch.autograd.grad(ref.square().sum(), list(model.lora.parameters()))
+    for g, e in zip(grads, expected, strict=True):
+        torch.testing.assert_close(g, e, atol=1e-4, rtol=1e-4)
+
+    data = write_data(tmp_path / "d.jsonl", n=8)
+    assert train(output=str(tmp_path / "run"), model=hf_folder, data=data, method="selfdistill",
+                 adapter="gated-lora", lora_layers=1, lora_rank=4, k_min=2, k_max=3, regions=4, seq_len=48, steps=2,
+                 lr=1e-2, holdout=0.25, progress=False, device="cpu") == 0
+    trained = MaskTokenModel.from_pretrained(tmp_path / "run")
+    assert trained.lora.first_layer == 2 and trained.lm.num_layers == 3
+
+
+def test_the_papers_recipe_runs(tmp_path, hf_folder):
+    """Seed 002's recipe at its sizes: full fine-tuning, k drawn from 2..16, 5 regions of 32 real tokens, hard
+    targets, AdamW at lr 1e-5 after a warmup, on the model's own answers to as many questions as asked."""
+    from mtp.training.commands import train
+
+    out = tmp_path / "run"
+    assert train(output=str(out), model=hf_folder, data=write_data(tmp_path / "d.jsonl", n=8), method="selfdistill",
+                 adapter="full", k_min=2, k_max=16, regions=5, seq_len=160, supervision="hard", lr=1e-5,
+                 warmup_steps=2, targets="self", limit=8, max_new_tokens=8, steps=3, holdout=0.25,
+                 progress=False) == 0
+    config = json.loads((out / "train_config.json").read_text())["args"]
+    assert (config["k_min"], config["k_max"], config["regions"], config["seq_len"]) == (2, 16, 5, 160)
+    trained = MaskTokenModel.from_pretrained(out)
+    assert trained.lora is None and trained.default_k == 16
+    report = json.loads((out / "eval.json").read_text())
+    assert len(report["heads"]) == 16 and len(report["confadapt"]["0.9"]["confident_run_share"]) == 16
+    lrs = [json.loads(x)["lr"] for x in (out / "metrics.jsonl").read_text().splitlines() if "eval" not in x]
+    assert lrs[0] == pytest.approx(0.5e-5) and lrs[1] == pytest.approx(1e-5)  # the warmup, then the peak
 
 
 def test_bad_flags_are_one_line_errors(tmp_path, hf_folder):

@@ -13,17 +13,16 @@ from tqdm import tqdm
 from mtp.decoding.generate import generate as generate_tokens
 from mtp.decoding.generate import left_pad
 from mtp.errors import MTPError
-from mtp.io import atomic_write_lines, is_json_name, parse_json_line, read_json_records, read_text
+from mtp.evaluation.prompts import resolve_chat
+from mtp.io import atomic_write_lines, input_file, is_json_name, parse_json_line, read_json_records, read_text
 from mtp.models.loading import load_mtp_model
-from mtp.runtime import set_threads
+from mtp.runtime import DType, Graphs, graphs_option, resolve_runtime, set_threads
 
 
 def read_prompts(path: str) -> list[str]:
     """One prompt per line (a line starting with "{" is a JSON record), or, for a file named .jsonl or .json,
     JSON records with a "prompt" (or "question") field."""
-    file = Path(path)
-    if not file.is_file():
-        raise MTPError(f"prompts file not found: {path}")
+    file = input_file(path, "prompts")
     text = read_text(file)
     if is_json_name(file):
         entries = read_json_records(file, text)
@@ -60,38 +59,42 @@ def encode_prompts(tokenizer, prompts: list[str], chat: bool) -> tuple[torch.Ten
     return left_pad(rows, tokenizer.pad_token_id or 0)
 
 
-def generate(model: str | None = None, prompt: str | None = None, prompts_file: str | None = None,
+def generate(model: str | None = None, prompt: str | None = None, prompts: str | None = None,
              output: str | None = None, chat: bool = False,
              strategy: Literal["greedy", "speculative", "confadapt", "static"] = "greedy",
              max_new_tokens: int = 128, num_heads: int | None = None, tau: float = 0.9, k: int | None = None,
-             do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
-             seed: int | None = None, batch_size: int = 8, json: bool = False, stream: bool = False,
-             dtype: str = "float32", quantize: Literal["none", "fp16", "int8"] = "none", device: str = "cpu",
+             num_draft: int | None = None, do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0,
+             top_k: int = 0, seed: int | None = None, batch_size: int = 8, json: bool = False, stream: bool = False,
+             dtype: DType = "auto", quantize: Literal["none", "fp16", "int8"] = "none", device: str = "auto",
              threads: int | None = None, adaptive_draft: bool = True, truncate_prompt: bool = False,
              mask_token_id: int | None = None, mask_token: str | None = None, tree: str = "chain",
-             tree_size: int | None = None, lookup: int = 0) -> int:
+             tree_size: int | None = None, lookup: int = 0, graphs: Graphs = "auto") -> int:
     """Generate text with an MTP model: greedy, lossless speculative, ConfAdapt or static-k decoding.
 
     Args:
         model: the embedded default (omit), a local folder, a .gguf file, a Meta checkpoint or a hub id.
         prompt: the prompt text.
-        prompts_file: a file with one prompt per line, or JSONL with a "prompt" field.
+        prompts: a file with one prompt per line, or JSONL with a "prompt" (or "question") field.
         output: write results as JSONL here (one object per prompt).
         chat: wrap each prompt in the tokenizer's chat template.
         strategy: greedy | speculative (lossless) | confadapt (lossy, tau) | static (lossy, k).
         max_new_tokens: tokens to generate at most.
         num_heads: heads to give a plain model (default 4).
-        mask_token_id: decode a plain model that has a mask token (seed 002's checkpoints ship one) with it
+        mask_token_id: decode a plain model that has a mask token with it (checkpoints trained with the
+            self-distillation authors' code ship one)
         mask_token: the same, naming the token (e.g. "<|mtp_special_token_0|>")
         tau: ConfAdapt confidence threshold.
         k: tokens per step for the static strategy (default: all heads).
+        num_draft: speculative: draft tokens per step (default: all extra heads).
         do_sample: sample instead of greedy (exact speculative sampling with --strategy speculative).
         seed: random seed for sampling.
         batch_size: prompts decoded together (left padded).
         json: print one JSON object per prompt instead of text.
         stream: print tokens as they are produced (single prompt).
+        dtype: the weights' dtype: auto (bfloat16 on CUDA, float32 on the CPU), float32, bfloat16 or float16
         quantize: CPU weight format for decoding: fp16 (packed; ~1.3x faster, speculative stays exactly equal to
             greedy) or int8 (dynamic quantisation; faster still, speculative may differ from greedy).
+        device: auto (CUDA when available), cpu, cuda or cuda:N
         threads: torch CPU threads (default: torch's choice).
         adaptive_draft: speculative: verify fewer drafts while recent ones were rarely accepted (same output).
         truncate_prompt: keep only the last tokens of a prompt too long for the context with --max-new-tokens.
@@ -103,25 +106,33 @@ def generate(model: str | None = None, prompt: str | None = None, prompts_file: 
         tree_size: nodes of the "auto" or "dynamic" tree (default 16; alone it implies --tree auto).
         lookup: speculative: also verify up to this many tokens copied from earlier in the prompt and answer
             (prompt lookup), one more branch of the draft tree; 0: none.
+        graphs: replay the decoding steps as CUDA graphs: auto (on CUDA), on, off (eager steps, same output).
     """
-    if (prompt is None) == (prompts_file is None):
-        raise MTPError("give exactly one of --prompt or --prompts-file")
-    prompts = [prompt] if prompt is not None else read_prompts(prompts_file)
+    if (prompt is None) == (prompts is None):
+        raise MTPError("give exactly one of --prompt or --prompts")
+    texts = [prompt] if prompt is not None else read_prompts(prompts)
     if prompt is not None and not prompt:
         raise MTPError("empty prompt: give at least one token")
+    if stream and (len(texts) > 1 or json):
+        raise MTPError("--stream prints one prompt's text as it is made: " + (
+            "--json prints whole records" if json else f"{prompts} holds {len(texts)} prompts"))
+    check_tree_spec(tree)
     set_threads(threads)
-    m = load_mtp_model(model, num_heads=num_heads, device=device, dtype=dtype, quantize=quantize,
+    runtime = resolve_runtime(device, dtype, quantize)
+    use_graphs = graphs_option(graphs, runtime.device)
+    m = load_mtp_model(model, num_heads=num_heads, device=runtime.device, dtype=runtime.dtype, quantize=quantize,
                        mask_token_id=mask_token_id, mask_token=mask_token)
     tok = m.tokenizer
     if tok is None:
         raise MTPError("this model has no tokenizer; save one with the model folder")
+    resolve_chat(tok, chat)
     results: list[dict] = []
     seconds = forwards = 0.0
-    streaming = stream and len(prompts) == 1 and not json
-    bar = tqdm(total=len(prompts), desc=f"generate ({strategy})", unit="prompt", disable=len(prompts) < 2,
+    streaming = stream
+    bar = tqdm(total=len(texts), desc=f"generate ({strategy})", unit="prompt", disable=len(texts) < 2,
                file=sys.stderr)
-    for start in range(0, len(prompts), batch_size):
-        chunk = prompts[start:start + batch_size]
+    for start in range(0, len(texts), batch_size):
+        chunk = texts[start:start + batch_size]
         ids, mask = encode_prompts(tok, chunk, chat)
         so_far: list[list[int]] = [[] for _ in chunk]  # what Ctrl-C must not lose
 
@@ -132,10 +143,11 @@ def generate(model: str | None = None, prompt: str | None = None, prompts_file: 
 
         try:
             res = generate_tokens(m, ids.to(m.device), mask.to(m.device), max_new_tokens=max_new_tokens,
-                                  strategy=strategy, tau=tau, k=k, do_sample=do_sample, temperature=temperature,
-                                  top_p=top_p, top_k=top_k, seed=seed, streamer=collect,
+                                  strategy=strategy, tau=tau, k=k, num_draft=num_draft, do_sample=do_sample,
+                                  temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, streamer=collect,
                                   adaptive_draft=adaptive_draft, truncate_prompt=truncate_prompt,
-                                  tree=None if tree == "chain" else tree, tree_size=tree_size, lookup=lookup)
+                                  tree=None if tree == "chain" else tree, tree_size=tree_size, lookup=lookup,
+                                  graphs=use_graphs)
         except KeyboardInterrupt:  # print and keep what the interrupted batch has produced, then stop
             bar.close()
             records = [_record(p, tok.decode(t, skip_special_tokens=True), t, None) | {"interrupted": True}
@@ -156,8 +168,18 @@ def generate(model: str | None = None, prompt: str | None = None, prompts_file: 
     if not json:
         total_new = sum(len(r["token_ids"]) for r in results)
         print(f"[{strategy}] {total_new} new tokens in {seconds:.1f} s: {total_new / max(seconds, 1e-9):.1f} "
-              f"tokens/s, {total_new / max(forwards, 1):.2f} tokens per forward pass", file=sys.stderr)
+              f"tokens/s, {total_new / max(forwards, 1):.2f} tokens per forward pass; "
+              f"{runtime.describe()}{'' if quantize == 'none' else f', {quantize}-packed'}", file=sys.stderr)
     return 0
+
+
+def check_tree_spec(tree: str) -> None:
+    """A --tree that names a file names one that is there (the other values are words or a JSON list)."""
+    if tree in ("chain", "auto", "dynamic") or tree.lstrip().startswith("["):
+        return
+    if not Path(tree).exists():
+        raise MTPError(f"--tree {tree}: file not found (or give auto, dynamic, chain, or a JSON list of paths)")
+    input_file(tree, "draft tree")
 
 
 def _record(prompt: str, text: str, token_ids: list[int], stats: dict | None) -> dict:

@@ -1,23 +1,26 @@
 """Drafters: what a decoding step feeds the model and where the next drafts come from.
 
-The decoding loop (`mtp.decoding.generate.iter_generate`) is the same for every MTP method. Each step it hands
-the drafter the chain to feed - the tokens emitted last step that the model has not seen yet (`pending`, left
-padded) and the drafts proposed after them - and the drafter runs one forward over that chain plus whatever
-extra slots its method needs (mask tokens), returning a `StepOutput`:
+The decoding step (`mtp.decoding.step`) is the same for every MTP method. It hands the drafter the chain to feed -
+the tokens emitted last step that the model has not seen yet (`pending`; a prompt is left-padded, an emitted run
+right-padded) and the drafts proposed after them - and the drafter runs one forward over that chain plus whatever
+extra slots its method needs (mask tokens), returning a `StepOutput` of tensors:
 
-    verify_logits  (B, 1+d, V)  the model's own next-token logits after the last pending token and after each
-                                draft: what a verifier judges the drafts with
-    propose(slot, n)            drafts up to n positions ahead after the block's slot w-1+slot (0: the last
-                                pending token, i: draft i - or tree node i-1), i.e. after what the verifier kept
+    verify_logits  (B, 1+d, V)     the model's own next-token logits after the last pending token (the block's
+                                   root) and after each draft: what a verifier judges the drafts with
+    draft_hidden   (B, 1+d, D, H)  for the root and each draft, the hidden states D drafts ahead are made from
+
+and `propose(out, slot)` turns the hidden states at the slot the verifier kept (0: the root, i: draft i - or tree
+node i-1) into the next drafts, a chain or a tree's nodes:
 
     HeadsDrafter  parallel heads (Gloeckle et al.): head 0 verifies, heads 1..n-1 read the hidden state at a
-                  slot and propose t+2..t+n; their logits at the kept slot are the next drafts
+                  slot and propose t+2..t+n
     MaskDrafter   mask tokens (Kirchenbauer et al. 2026): k-1 mask tokens are appended after chain slots; a
                   mask's logits are the model's guess for the token it stands for. The masks' cache entries
                   are never kept
 
-The loop keeps the pending tokens and the accepted drafts in the cache and forgets every later slot, so a
-drafter may lay out anything after the chain.
+A drafter holds no tensors of a step between calls, so a step is a function of its inputs (a CUDA graph can
+replay it). The cache keeps the pending tokens and the accepted drafts and forgets every later slot, so a drafter
+may lay out anything after the chain. A model names its drafter by its `kind` (`drafter_for`).
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from mtp.decoding.sampling import process_logits, sample
 from mtp.decoding.tree import (
     DraftTree,
     DynamicTree,
+    TreeLayout,
     block_layout,
     build_tree,
     fallback_rank_accuracy,
@@ -43,28 +47,53 @@ from mtp.errors import MTPError
 
 @dataclass
 class Drafts:
-    tokens: torch.Tensor  # (B, m)
-    probs: torch.Tensor | None = None  # (B, m, V) the distributions sampled drafts were drawn from
-    confidence: torch.Tensor | None = None  # (B, m) top-1 probability of each draft (ConfAdapt)
-    tree: DraftTree | None = None  # the tokens are this tree's nodes (None: a chain)
+    tokens: torch.Tensor  # (B, N) a chain's drafts, or a tree's node tokens
+    probs: torch.Tensor | None = None  # (B, N, V) the distributions sampled chain drafts were drawn from
+    confidence: torch.Tensor | None = None  # (B, N) top-1 probability of each draft (ConfAdapt)
+    tree: DraftTree | None = None  # the nodes of this fixed tree (its layout is built once)
+    layout: TreeLayout | None = None  # the nodes' layout (a tree shaped this step has no DraftTree); None: a chain
+
+    def __post_init__(self):
+        if self.tree is not None and self.layout is None:
+            self.layout = self.tree.layout_on(self.tokens.device)
 
     @property
     def depth(self) -> int:
         """Draft positions ahead of the last emitted token."""
-        return self.tree.depth if self.tree is not None else self.tokens.shape[1]
+        return self.layout.max_depth if self.layout is not None else self.tokens.shape[1]
 
-    def select(self, index: torch.Tensor) -> Drafts:
-        """The drafts of batch rows `index`."""
-        probs = self.probs[index] if self.probs is not None else None
-        return Drafts(self.tokens[index], probs, None, self.tree)
+    def truncate(self, depth: int) -> Drafts:
+        """The drafts at most `depth` ahead: a chain's first ones, a fixed tree's shallower nodes (its nodes are
+        sorted by depth, so they come first). A tree shaped this step keeps its shape."""
+        if depth >= self.depth or (self.layout is not None and self.tree is None):
+            return self
+        if self.tree is None:
+            probs = self.probs[:, :depth] if self.probs is not None else None
+            return Drafts(self.tokens[:, :depth], probs)
+        tree = self.tree.truncate(depth)
+        return Drafts(self.tokens[:, : tree.size], tree=tree)
 
 
 @dataclass
 class StepOutput:
-    verify_logits: torch.Tensor  # (B, 1+d, V)
-    block_len: int  # slots the forward wrote into the cache
-    propose: Callable[[torch.Tensor, int], Drafts]  # (slot (B,), n) -> drafts n deep after block slot w-1+slot
+    verify_logits: torch.Tensor  # (B, 1+d, V) at the root and at each draft
+    draft_hidden: torch.Tensor  # (B, 1+d, D, H): hidden states the drafts after each of those slots come from
     trunk: torch.Tensor | None = None  # (B, chain, H) trunk output of the chain slots (heads only)
+
+
+@dataclass
+class DraftRequest:
+    """What a draft source overriding the heads may look at (tests use it for oracle drafts)."""
+
+    model: object
+    hidden_at: torch.Tensor  # (B, d, H) heads 1..d at the position of the last accepted token
+    rows: torch.Tensor  # (B,) original row index of each active row
+    produced: torch.Tensor  # (B,) tokens emitted so far (the last one is not yet fed to the model)
+    opts: object
+    generator: torch.Generator | None
+
+
+Proposer = Callable[[DraftRequest], tuple[torch.Tensor, "torch.Tensor | None"]]
 
 
 def draft_tokens(logits: torch.Tensor, mode: str, opts, generator, vocab: torch.Tensor | None = None) -> Drafts:
@@ -83,28 +112,73 @@ def draft_tokens(logits: torch.Tensor, mode: str, opts, generator, vocab: torch.
     return Drafts(vocab[top] if vocab is not None else top)
 
 
-def _slot_rows(x: torch.Tensor, slot: torch.Tensor) -> torch.Tensor:
-    """x (B, T, ...) -> x[b, slot[b]] (B, ...)."""
-    return x[torch.arange(x.shape[0], device=x.device), slot]
+def _mode(opts) -> str:
+    if opts.strategy in ("confadapt", "static"):
+        return "confidence"
+    return "sample" if opts.do_sample else "greedy"
+
+
+def _tree_depth(tree: DraftTree | DynamicTree, opts, most: int, who: str) -> int:
+    """The draft positions a tree uses, checked against what the drafter can propose (`most` ahead)."""
+    if opts.strategy != "speculative":
+        raise MTPError("a draft tree is verified: use it with the speculative strategy")
+    if tree.depth > most:
+        raise MTPError(f"the draft tree is {tree.depth} deep, but {who} at most {most} tokens ahead")
+    return tree.depth
+
+
+def block_rows(pending_valid: torch.Tensor, drafts: int) -> torch.Tensor:
+    """(B, 1+d) block slots of the root (the last valid pending slot: the last of a left-padded prompt, the count
+    of a right-padded run less one) and of the d drafts after the pending slots."""
+    b, w = pending_valid.shape
+    slots = torch.arange(w + drafts, device=pending_valid.device)
+    root = (pending_valid.long() * slots[:w]).amax(-1, keepdim=True)  # (B, 1)
+    return torch.cat([root, slots[w:].expand(b, drafts)], 1)
+
+
+def _take(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """x (B, T, ...) -> x[b, index[b, j]] (B, J, ...)."""
+    return x[torch.arange(x.shape[0], device=x.device)[:, None], index]
+
+
+class Drafter:
+    """What every drafter shares: how many drafts a step verifies, and turning draft hidden states into drafts.
+    A subclass runs its forward (`forward`) and scores hidden states (`draft_logits`)."""
+
+    model: object
+    opts: object
+    tree: DraftTree | DynamicTree | None
+    num_drafts: int  # draft positions a verified step feeds (0: greedy, confadapt, static)
+    num_proposals: int  # drafts per step without verification (confadapt, static)
+    lookahead: int  # positions past the emitted tokens a block may use
+    extra_slots: int  # cache slots past the emitted tokens a block may use
+
+    def new_cache(self, batch_size: int, max_len: int, static: bool = False):
+        return self.model.new_cache(batch_size, max_len, static=static)
+
+    def forward(self, cache, pending: torch.Tensor, pending_valid: torch.Tensor, drafts: Drafts) -> StepOutput:
+        raise NotImplementedError
+
+    def draft_logits(self, hidden: torch.Tensor, mode: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Draft hidden states (B, D, H) -> (logits (B, D, K) fp32, the K token ids or None for all V)."""
+        raise NotImplementedError
+
+    def propose(self, out: StepOutput, slot: torch.Tensor, generator, request: DraftRequest | None = None,
+                mode: str | None = None) -> Drafts:
+        """The next drafts, as many positions ahead as `out` has, after block slot `slot` (B,)."""
+        mode = mode or _mode(self.opts)
+        if 0 in out.draft_hidden.shape[1:3]:  # nothing drafts (greedy)
+            return Drafts(slot.new_zeros(slot.shape[0], 0))
+        hidden_at = out.draft_hidden[torch.arange(slot.shape[0], device=slot.device), slot]  # (B, D, H)
+        logits, vocab = self.draft_logits(hidden_at, "greedy" if self.tree is not None else mode)
+        if self.tree is not None:  # deterministic ranked candidates (exact when sampling too)
+            tokens, layout = ranked_tree_drafts(logits, self.tree, vocab)
+            return Drafts(tokens, tree=self.tree if isinstance(self.tree, DraftTree) else None, layout=layout)
+        return draft_tokens(logits, mode, self.opts, generator, vocab)
 
 
 # ------------------------------------------------------------------------------------------------ parallel heads
-@dataclass
-class DraftRequest:
-    """What a draft source overriding the heads may look at (tests use it for oracle drafts)."""
-
-    model: object
-    hidden_at: torch.Tensor  # (B, d, H) heads 1..d at the position of the last accepted token
-    rows: torch.Tensor  # (B,) original row index of each active row
-    produced: torch.Tensor  # (B,) tokens emitted so far (the last one is not yet fed to the model)
-    opts: object
-    generator: torch.Generator | None
-
-
-Proposer = Callable[[DraftRequest], tuple[torch.Tensor, "torch.Tensor | None"]]
-
-
-class HeadsDrafter:
+class HeadsDrafter(Drafter):
     """Parallel heads on a shared trunk. Every head's layers run on every fed token (their caches must stay
     complete); only the unembedding of the heads whose logits are needed is computed."""
 
@@ -127,86 +201,49 @@ class HeadsDrafter:
         if self.tree is not None:
             self.num_drafts = _tree_depth(self.tree, opts, self.num_drafts, "this model drafts")
         self.num_heads = 1 + self.num_drafts
-        self.num_proposals = self.num_drafts  # drafts per step without verification (confadapt, static)
-        # positions and cache slots past the emitted tokens a block may use (lookup drafts: one more branch)
+        self.num_proposals = self.num_drafts
         self.lookahead = self.num_drafts + opts.lookup
         self.extra_slots = (self.tree.size if self.tree is not None else self.num_drafts) + opts.lookup
-        self.rows = self.produced = None  # set by the loop before each forward (for `proposer`)
+        if opts.strategy in ("confadapt", "static"):
+            self.num_drafts = 0  # nothing is verified: the heads' proposals are emitted
 
-    def new_cache(self, batch_size: int, max_len: int):
-        return self.model.new_cache(batch_size, max_len)
-
-    def forward(self, cache, pending: torch.Tensor, pending_valid: torch.Tensor, drafts: Drafts,
-                generator) -> StepOutput:
+    def forward(self, cache, pending, pending_valid, drafts: Drafts) -> StepOutput:
         model = self.model
         w, d = pending.shape[1], drafts.tokens.shape[1]
         chain = torch.cat([pending, drafts.tokens], 1)  # (B, w+d)
         valid = torch.cat([pending_valid, torch.ones_like(drafts.tokens, dtype=torch.bool)], 1)
         offsets = within = None
-        if drafts.tree is not None:  # nodes at the root's position + depth, seeing their ancestors only
-            within, depth = block_layout(w, drafts.tree, chain.device)
+        if drafts.layout is not None:  # nodes at the root's position + depth, seeing their ancestors only
+            within, depth = block_layout(w, drafts.tree or drafts.layout, chain.device)
             pending_offsets = pending_valid.long().cumsum(-1) - 1  # (B, w)
             offsets = torch.cat([pending_offsets, pending_offsets[:, -1:] + depth], 1)  # (B, w+d)
-        trunk, ctx = model.trunk_forward(chain, None if bool(valid.all()) else valid, cache, offsets, within)
+        trunk, ctx = model.trunk_forward(chain, valid, cache, offsets, within)
         hidden = torch.stack([model.head_forward(j, trunk, ctx) for j in range(self.num_heads)], dim=2)
-        model.finish_block(ctx)  # hidden: (B, w+d, heads, H)
-        verify_logits = model.lm_head(hidden[:, w - 1:, 0]).float()  # (B, 1+d, V)
+        at = _take(hidden, block_rows(pending_valid, d))  # (B, 1+d, heads, H)
+        return StepOutput(model.lm_head(at[:, :, 0]).float(), at[:, :, 1:], trunk)
 
-        def propose(slot: torch.Tensor, n: int) -> Drafts:
-            hidden_at = _slot_rows(hidden, w - 1 + slot)[:, 1:1 + n]  # (B, n, H) heads 1..n at the kept slot
-            if self.tree is not None:
-                return self.tree_drafts(hidden_at, self.tree.truncate(n), generator)
-            return self.heads_drafts(hidden_at, generator)
-
-        return StepOutput(verify_logits, w + d, propose, trunk)
-
-    def tree_drafts(self, hidden_at: torch.Tensor, tree: DraftTree | DynamicTree, generator) -> Drafts:
-        """The tree's node tokens from heads 1..m's ranked candidates (deterministic, also when sampling: the
-        tree verifier is exact for any candidates)."""
+    def draft_logits(self, hidden, mode):
         model = self.model
-        if self.proposer is not None:  # (B, m, W) ranked candidates per head, no probabilities
-            ranked, _ = self.proposer(DraftRequest(model, hidden_at, self.rows, self.produced, self.opts, generator))
-            if isinstance(tree, DynamicTree):  # shaped as the held-out statistics' stand-in would be
-                tree = build_tree(fallback_rank_accuracy(tree.depth, ranked.shape[-1]), tree.size)
-            return Drafts(fill_tree(ranked, tree), tree=tree)
-        if model.draft_vocab is not None:
-            tokens, tree = ranked_tree_drafts(model.draft_logits(hidden_at), tree, model.draft_vocab)  # K columns
-        else:
-            tokens, tree = ranked_tree_drafts(model.restrict_to_draft_vocab(model.lm_head(hidden_at)), tree)
-        return Drafts(tokens, tree=tree)
-
-    def heads_drafts(self, hidden_at: torch.Tensor, generator, mode: str | None = None) -> Drafts:
-        """Draft tokens from heads 1..m's hidden states (B, m, H)."""
-        model, opts = self.model, self.opts
-        mode = mode or _mode(opts)
-        if self.proposer is not None and mode != "confidence":
-            tokens, probs = self.proposer(DraftRequest(model, hidden_at, self.rows, self.produced, opts, generator))
-            return Drafts(tokens, probs)
-        if hidden_at.shape[1] == 0:
-            return Drafts(hidden_at.new_zeros(hidden_at.shape[:2], dtype=torch.long))
         if model.draft_vocab is not None and mode != "sample":  # score only the K draft tokens
-            return draft_tokens(model.draft_logits(hidden_at).float(), mode, opts, generator, model.draft_vocab)
-        logits = model.restrict_to_draft_vocab(model.lm_head(hidden_at).float())  # (B, m, V)
-        return draft_tokens(logits, mode, opts, generator)
+            return model.draft_logits(hidden).float(), model.draft_vocab
+        return model.restrict_to_draft_vocab(model.lm_head(hidden).float()), None  # (B, D, V)
 
-
-def _tree_depth(tree: DraftTree | DynamicTree, opts, most: int, who: str) -> int:
-    """The draft positions a tree uses, checked against what the drafter can propose (`most` ahead)."""
-    if opts.strategy != "speculative":
-        raise MTPError("a draft tree is verified: use it with the speculative strategy")
-    if tree.depth > most:
-        raise MTPError(f"the draft tree is {tree.depth} deep, but {who} at most {most} tokens ahead")
-    return tree.depth
-
-
-def _mode(opts) -> str:
-    if opts.strategy in ("confadapt", "static"):
-        return "confidence"
-    return "sample" if opts.do_sample else "greedy"
+    def propose(self, out, slot, generator, request=None, mode=None):
+        if self.proposer is None or (mode or _mode(self.opts)) == "confidence" or 0 in out.draft_hidden.shape[1:3]:
+            return super().propose(out, slot, generator, request, mode)
+        hidden_at = out.draft_hidden[torch.arange(slot.shape[0], device=slot.device), slot]  # (B, D, H)
+        request.hidden_at = hidden_at
+        if self.tree is None:
+            return Drafts(*self.proposer(request))
+        ranked, _ = self.proposer(request)  # (B, D, W) ranked candidates per head, no probabilities
+        tree = self.tree
+        if isinstance(tree, DynamicTree):  # shaped as the held-out statistics' stand-in would be
+            tree = build_tree(fallback_rank_accuracy(tree.depth, ranked.shape[-1]), tree.size)
+        return Drafts(fill_tree(ranked, tree.layout_on(ranked.device)), tree=tree)
 
 
 # ------------------------------------------------------------------------------------------------ mask tokens
-class MaskDrafter:
+class MaskDrafter(Drafter):
     """Mask tokens: groups of k-1 masks after chain slots; group g's masks stand for the k-1 tokens after
     chain slot `first + g`.
 
@@ -222,7 +259,9 @@ class MaskDrafter:
     sees what the node sees: its path.
     """
 
-    def __init__(self, model, opts):
+    def __init__(self, model, opts, proposer: Proposer | None = None):
+        if proposer is not None:
+            raise MTPError("a custom proposer drafts for parallel heads; a mask-token model drafts with its masks")
         self.model, self.opts = model, opts
         self.tree: DraftTree | DynamicTree | None = opts.tree
         k = opts.k if opts.k is not None else model.default_k
@@ -241,43 +280,31 @@ class MaskDrafter:
         fed = (self.tree.size if self.tree is not None else self.num_drafts) + opts.lookup
         groups = fed + 1 if opts.strategy == "speculative" else 1
         self.extra_slots = fed + groups * self.num_masks
-        self.rows = self.produced = None
 
-    def new_cache(self, batch_size: int, max_len: int):
-        return self.model.new_cache(batch_size, max_len)
-
-    def forward(self, cache, pending, pending_valid, drafts: Drafts, generator) -> StepOutput:
+    def forward(self, cache, pending, pending_valid, drafts: Drafts) -> StepOutput:
         model, m = self.model, self.num_masks
-        tree, drafts = drafts.tree, drafts.tokens
         b, w = pending.shape
-        d = drafts.shape[1]
-        chain = torch.cat([pending, drafts], 1)  # (B, c)
-        chain_valid = torch.cat([pending_valid, torch.ones_like(drafts, dtype=torch.bool)], 1)
+        d = drafts.tokens.shape[1]
+        chain = torch.cat([pending, drafts.tokens], 1)  # (B, c)
+        chain_valid = torch.cat([pending_valid, torch.ones_like(drafts.tokens, dtype=torch.bool)], 1)
         c = w + d
         groups = (d + 1 if self.opts.strategy == "speculative" else 1) if m else 0
         first = c - groups  # chain slot the first group follows (0-based: slots first .. c-1 get groups)
-        layout = mask_block_layout(c, first, groups, m, device=chain.device, tree=tree)  # cached by shape
+        layout = mask_block_layout(c, first, groups, m, chain.device, drafts.tree or drafts.layout)
         chain_offsets = chain_valid.long().cumsum(-1) - 1  # (B, c)
-        if tree is not None:  # nodes at the root's position + depth
-            chain_offsets[:, w:] = chain_offsets[:, w - 1:w] + layout.depth
+        if drafts.layout is not None:  # nodes at the root's position + depth
+            chain_offsets = torch.cat([chain_offsets[:, :w], chain_offsets[:, w - 1:w] + layout.depth], 1)
         offsets = torch.cat([chain_offsets, chain_offsets[:, layout.follows] + layout.step], 1)  # (B, T)
         tokens = torch.cat([chain, chain.new_full((b, groups * m), model.mask_token_id)], 1)  # (B, T)
         valid = torch.cat([chain_valid, chain_valid.new_ones(b, groups * m)], 1)
-        hidden = model.block_forward(tokens, valid, cache, offsets, layout.within, layout.is_mask)  # (B, T, H)
-        verify_logits = model.lm_head(hidden[:, w - 1:c]).float()  # (B, 1+d, V)
+        is_mask = layout.is_mask if groups * m else None  # no masks: no adapters to gate
+        hidden = model.block_forward(tokens, valid, cache, offsets, layout.within, is_mask)  # (B, T, H)
+        verify_logits = model.lm_head(_take(hidden, block_rows(pending_valid, d))).float()  # (B, 1+d, V)
         mask_hidden = hidden[:, c:].reshape(b, groups, m, hidden.shape[-1])  # (B, groups, m, H)
+        return StepOutput(verify_logits, mask_hidden)
 
-        def propose(slot: torch.Tensor, n: int) -> Drafts:
-            g = w - 1 + slot - first  # (B,) the group after the kept slot
-            if groups == 0 or n == 0 or bool((g < 0).any()):
-                return Drafts(slot.new_zeros(b, 0))
-            logits = model.lm_head(_slot_rows(mask_hidden, g)[:, :n]).float()  # (B, n, V)
-            if self.tree is not None:  # deterministic ranked candidates (exact when sampling too)
-                tokens, tree = ranked_tree_drafts(logits, self.tree.truncate(n))
-                return Drafts(tokens, tree=tree)
-            return draft_tokens(logits, _mode(self.opts), self.opts, generator)
-
-        return StepOutput(verify_logits, tokens.shape[1], propose)
+    def draft_logits(self, hidden, mode):
+        return self.model.lm_head(hidden).float(), None
 
 
 @dataclass
@@ -289,12 +316,23 @@ class MaskBlockLayout:
     depth: torch.Tensor | None = None  # (N,) with a tree: each node's depth below the root
 
 
-@functools.lru_cache(maxsize=1024)  # a step reuses one of a few shapes (a dynamic tree: a few hundred per run)
 def mask_block_layout(chain: int, first: int, groups: int, m: int, device=None,
-                      tree: DraftTree | None = None) -> MaskBlockLayout:
+                      tree: DraftTree | TreeLayout | None = None) -> MaskBlockLayout:
     """A decoding block of `chain` real slots, then `groups` groups of m masks; group g follows slot first+g.
     The chain is causal, or with `tree` its last `tree.size` slots are the tree's nodes below the slot before
-    them (`mtp.decoding.tree.block_layout`). The tensors are shared between calls: read them, never write."""
+    them (`mtp.decoding.tree.block_layout`). A fixed tree's layout is built once per shape and shared between
+    calls: read it, never write."""
+    if isinstance(tree, TreeLayout):  # shaped this step, on the device
+        return _mask_block_layout(chain, first, groups, m, tree.depth.device, tree)
+    return _cached_mask_block_layout(chain, first, groups, m, None if device is None else str(device), tree)
+
+
+@functools.lru_cache(maxsize=1024)  # a step reuses one of a few shapes
+def _cached_mask_block_layout(chain, first, groups, m, device, tree):
+    return _mask_block_layout(chain, first, groups, m, device, tree)
+
+
+def _mask_block_layout(chain, first, groups, m, device, tree) -> MaskBlockLayout:
     t = chain + groups * m
     idx = torch.arange(t, device=device)
     follows = (first + torch.arange(groups, device=device)).repeat_interleave(m)  # (groups*m,)
@@ -309,3 +347,16 @@ def mask_block_layout(chain: int, first: int, groups: int, m: int, device=None,
     within[:chain, chain:] = False  # real tokens never see a mask
     is_mask = idx >= chain
     return MaskBlockLayout(within, is_mask, follows, step, depth)
+
+
+# ------------------------------------------------------------------------------------------------ by model kind
+DRAFTERS: dict[str, type[Drafter]] = {"parallel_heads": HeadsDrafter, "mask_tokens": MaskDrafter}
+
+
+def drafter_for(model, opts, proposer: Proposer | None = None) -> Drafter:
+    """The decoding drafter of a model, by its `kind`: a new method registers its drafter here."""
+    try:
+        cls = DRAFTERS[model.kind]
+    except (AttributeError, KeyError):
+        raise MTPError(f"no drafter for a model of kind {getattr(model, 'kind', type(model).__name__)!r}") from None
+    return cls(model, opts, proposer)

@@ -1,12 +1,13 @@
 """Decoding with an MTP model: greedy, lossless self-speculative, exact speculative sampling, ConfAdapt, static k.
 
-The loop is a few small functions over explicit state (gpt-fast style):
-    prefill        -> run the prompt, get every head's hidden state at the last position
-    propose        -> heads 1..d turn that hidden state into draft tokens
-    verify_block   -> one forward over [last token, drafts]; head 0 judges every draft at once
-    accept         -> longest agreeing prefix (greedy) or the speculative-sampling rule, plus the model's own token
-    rollback       -> the cache forgets rejected slots (per row; no tensor is copied)
-Every row of a batch accepts its own number of tokens; rows that finish are dropped from the batch.
+The loop on the host is small; each step is one call of `mtp.decoding.step.Decoder.step` (gpt-fast style: a few
+small functions over explicit state, a static cache written at tensor positions):
+    prefill   the prompt is the first block (eager: its width is the prompt's)
+    step      one forward over [last token, drafts], verification, cache update, the next drafts - on the device
+    host      one copy of what the step emitted: tokens to yield, stop strings, statistics, the next block width
+Every row of a batch accepts its own number of tokens. On CUDA the steps are replayed as CUDA graphs
+(`mtp.decoding.graphs`), and finished rows stay in the batch, masked, until it fits a batch half its size; on a
+CPU the same step runs eagerly and finished rows are dropped at once.
 
     greedy       emits 1 token per forward: the reference every other strategy is tested against
     speculative  lossless: output identical to greedy (or, sampling, distributed exactly as the model samples)
@@ -19,21 +20,16 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Literal
 
 import torch
 
 from mtp.arguments import check_values
-from mtp.decoding.drafters import DraftRequest, Drafts, HeadsDrafter, Proposer, StepOutput, draft_tokens  # noqa: F401
+from mtp.decoding.drafters import Drafter, DraftRequest, Proposer, drafter_for  # noqa: F401  (DraftRequest: re-exported)
 from mtp.decoding.inputs import left_pad, token_batch  # noqa: F401  (left_pad: re-exported)
-from mtp.decoding.lookup import PromptLookup, add_lookup
-from mtp.decoding.sampling import accept_drafts_sampling, process_logits
+from mtp.decoding.step import HOST_COLUMNS, STRATEGIES, DecodeOptions, Decoder, DecodeState, Strategy  # noqa: F401
 from mtp.decoding.stopping import StopChecker
-from mtp.decoding.tree import Acceptance, DraftTree, DynamicTree, resolve_tree, verify_tree
+from mtp.decoding.tree import DraftTree, DynamicTree, resolve_tree
 from mtp.errors import MTPError
-
-Strategy = Literal["greedy", "speculative", "confadapt", "static"]
-STRATEGIES: tuple[str, ...] = ("greedy", "speculative", "confadapt", "static")
 
 
 @dataclass
@@ -69,75 +65,15 @@ class GenerationStats:
 class GenerationResult:
     tokens: list[list[int]]  # new tokens per row (a stop token, when hit, is the last one)
     stats: GenerationStats
-    texts: list[str] | None = None
-
-    @property
-    def sequences(self) -> list[list[int]]:
-        return self.tokens
-
-
-@dataclass
-class DecodeOptions:
-    strategy: Strategy = "greedy"
-    max_new_tokens: int = 128
-    do_sample: bool = False
-    temperature: float = 1.0
-    top_k: int = 0
-    top_p: float = 1.0
-    tau: float = 0.9
-    k: int | None = None
-    num_draft: int | None = None  # heads used for drafting; default all extra heads
-    adaptive_draft: bool = True  # propose only as many drafts as recent acceptance pays for (see DraftLength)
-    tree: DraftTree | DynamicTree | None = None  # speculative: verify a tree of candidates (None: a chain)
-    lookup: int = 0  # speculative: also verify up to this many prompt-lookup drafts (`mtp.decoding.lookup`)
+    texts: list[str] | None = None  # the new tokens decoded (with a tokenizer)
 
 
 # Called after every forward with (rows, trunk output (B, T, H), kept (B, T) bool): `rows` are the original row
 # indices, `kept` marks the positions that hold a token of the row's sequence (not left padding, not a rejected
-# draft). A row's kept positions, in call order, run along its sequence: the prompt, then the emitted tokens as
-# they are fed back (the tokens emitted by the last forward never are; after a stop token a few more may follow).
+# draft, not a finished row). A row's kept positions, in call order, run along its sequence: the prompt, then the
+# emitted tokens as they are fed back (the tokens emitted by the last forward never are; after a stop token a few
+# more may follow). The tensors may be reused by the next step: copy what you keep.
 TrunkObserver = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], None]
-
-
-# ------------------------------------------------------------------------------------------------ verifiers
-def greedy_accept(logits0: torch.Tensor, drafts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Longest prefix of drafts equal to the model's own argmax, and the model's next token after it.
-
-    logits0: (B, d+1, V) next-token logits after each prefix of [last, d_1..d_d]; drafts: (B, d).
-    """
-    target = logits0.argmax(-1)  # (B, d+1)
-    a = (drafts == target[:, :-1]).long().cumprod(-1).sum(-1)  # (B,)
-    return a, target.gather(1, a[:, None]).squeeze(1)
-
-
-def verify(out: StepOutput, drafts: Drafts, opts: DecodeOptions, generator) -> Acceptance:
-    """Greedy / speculative: which drafts are kept and the model's own next token after them."""
-    if drafts.tree is not None:
-        return verify_tree(out.verify_logits, drafts.tokens, drafts.tree, opts, generator)
-    if opts.do_sample:
-        probs = process_logits(out.verify_logits, opts.temperature, opts.top_k, opts.top_p)  # (B, 1+d, V)
-        a, last = accept_drafts_sampling(probs, drafts.tokens, drafts.probs, generator)
-    else:
-        a, last = greedy_accept(out.verify_logits, drafts.tokens)
-    return Acceptance(a, last, a, None)  # a chain: the kept slot is the number kept
-
-
-def confident_run(out: StepOutput, n: int, opts: DecodeOptions, generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """ConfAdapt / static (no verification): the next token and n drafts after it (B, 1+n), and how many to
-    emit (B,): all (static) or the longest run with top-1 probability >= tau, at least one."""
-    head = draft_tokens(out.verify_logits[:, :1], "confidence", opts, generator)  # the next token
-    rest = out.propose(torch.zeros_like(head.tokens[:, 0]), n)
-    tokens = torch.cat([head.tokens, rest.tokens], 1)  # (B, 1+n)
-    if opts.strategy == "static":
-        return tokens, torch.full_like(tokens[:, 0], tokens.shape[1])
-    confidence = torch.cat([head.confidence, rest.confidence], 1) if rest.tokens.shape[1] else head.confidence
-    return tokens, (confidence >= opts.tau).long().cumprod(-1).sum(-1).clamp_min(1)
-
-
-def propose(model, hidden_at: torch.Tensor, opts: DecodeOptions, generator) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Draft tokens from heads 1..d. hidden_at: (B, d, H) -> drafts (B, d) and their distributions if sampling."""
-    drafts = HeadsDrafter(model, opts).heads_drafts(hidden_at, generator)
-    return drafts.tokens, drafts.probs
 
 
 class DraftLength:
@@ -183,136 +119,169 @@ class DraftLength:
                 self.accept_rate[i] += self.recovery * (1.0 - self.accept_rate[i])
 
 
-def accepted_per_position(a: torch.Tensor, num_draft: int) -> list[int]:
-    """a: (B,) drafts accepted per row -> for each draft position, how many rows accepted it (one transfer)."""
-    return (torch.arange(num_draft, device=a.device)[None, :] < a[:, None]).sum(0).tolist()
+def accepted_per_position(accepted: list[int], depth: int) -> list[int]:
+    """accepted[r]: drafts row r accepted -> for each draft position < depth, how many rows accepted it."""
+    return [sum(a > i for a in accepted) for i in range(depth)]
 
 
 # ------------------------------------------------------------------------------------------------ the loop
+GPU_FREE_ROWS = 32  # verify-block rows (batch x block width) a GPU step of a small model takes at about no cost
 def iter_generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
                   opts: DecodeOptions, stop: StopChecker, generator: torch.Generator | None = None,
-                  stats: GenerationStats | None = None, drafter=None,
-                  on_trunk: TrunkObserver | None = None) -> Iterator[tuple[int, list[int]]]:
+                  stats: GenerationStats | None = None, drafter: Drafter | None = None,
+                  on_trunk: TrunkObserver | None = None, graphs: bool = False) -> Iterator[tuple[int, list[int]]]:
     """Yield (row index, newly emitted tokens) as decoding proceeds. See `generate` for the arguments.
 
-    One loop for every method and strategy: each step the drafter (`model.drafter(opts)` by default; see
-    `mtp.decoding.drafters`) feeds the pending tokens and the drafts, a verifier keeps a prefix of the drafts
-    plus the model's own next token (greedy, speculative) or the drafts are emitted by confidence with no
-    verification (confadapt, static), and the cache keeps only the fed tokens that stay in the sequence.
+    One loop for every method and strategy: the drafter (`drafter_for(model, opts)` by default; see
+    `mtp.decoding.drafters`) and the step (`mtp.decoding.step`) do the method's work on the device; here the
+    host reads each step's result once, yields it, and picks the next block's width and batch.
     `on_trunk` sees the trunk output of every forward (see `TrunkObserver`; parallel heads only).
     """
     stats = stats if stats is not None else GenerationStats()
-    drafter = drafter if drafter is not None else model.drafter(opts)
+    drafter = drafter if drafter is not None else drafter_for(model, opts)
     b, prompt_len = input_ids.shape
     device = input_ids.device
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
+    attention_mask = attention_mask.to(device=device, dtype=torch.bool)
     verifying = opts.strategy in ("greedy", "speculative")
-    n_draft = drafter.num_drafts if verifying else 0
-    lookup = PromptLookup(input_ids, attention_mask, opts.lookup) if opts.lookup and verifying else None
-    positions = max(n_draft, opts.lookup) if lookup is not None else n_draft  # draft depths a step may reach
-    stats.draft_positions = [0] * positions
-    stats.draft_accepted = [0] * positions
+    n_draft, lookup = drafter.num_drafts, (opts.lookup if verifying else 0)
+    stats.draft_positions = [0] * max(n_draft, lookup)
+    stats.draft_accepted = [0] * max(n_draft, lookup)
     if opts.max_new_tokens <= 0:
         return
-    cache = drafter.new_cache(b, prompt_len + opts.max_new_tokens + drafter.extra_slots + 2)
-    rows = torch.arange(b, device=device)  # original row index of each active row
-    produced = torch.zeros(b, dtype=torch.long, device=device)
-    budget = opts.max_new_tokens
-    draft_length = DraftLength(n_draft, opts.adaptive_draft)
-    # The first block is the prompt; after it, what the last step emitted (its tokens are not in the cache yet).
-    pending, pending_valid = input_ids, attention_mask.to(device=device, dtype=torch.bool)
-    drafts = Drafts(torch.zeros(b, 0, dtype=torch.long, device=device))
+    need = prompt_len + opts.max_new_tokens + drafter.extra_slots + 2  # cache slots a row may use
 
+    def decoder_for(batch: int):  # (session, decoder): replaying, a batch size's session (its buffers and graphs)
+        if not graphs:  # off a CPU no step reads the device from the host
+            cache = drafter.new_cache(batch, need, static=device.type != "cpu")
+            return None, Decoder(drafter, opts, cache, stop.stop_ids, generator, on_trunk is not None)
+        from mtp.decoding.graphs import session_for
+
+        found = session_for(model, drafter, opts, batch, need, stop.stop_ids, generator, on_trunk is not None)
+        return found, found.decoder
+
+    session, decoder = decoder_for(b)
+    decoder.cache.reset()
+    state = _prompt_state(input_ids, attention_mask, opts, decoder.cache.max_len if lookup else 0)
+    # A draft costs a row of the verify block. On a GPU a small model's step is bound by its kernels, not by rows,
+    # until the blocks of a batch hold a few dozen rows: only then do fewer drafts pay (replaying, each width the
+    # rule picks gets a graph of its own).
+    verify_rows = b * (1 + n_draft + lookup)
+    draft_length = DraftLength(n_draft, opts.adaptive_draft and (device.type == "cpu" or verify_rows > GPU_FREE_ROWS))
+    rows = list(range(b))  # original row of each batch row
+    active = [True] * b
+    n = m = 0  # the prompt is fed alone
+    state, result = decoder.step(state, n, m)  # eager: the prompt's width is its own
+    if session is not None:
+        state = session.adopt(state)
     while True:
-        out = drafter.forward(cache, pending, pending_valid, drafts, generator)  # one model forward
+        host = result.host.tolist()  # the one device-to-host copy of a step
+        if any(h[4] for h, a in zip(host, active, strict=True) if a):
+            raise MTPError("the model computed NaN or infinite logits (damaged weights, or a dtype that overflows "
+                           "for this model)")
+        fed = sum(active)
         stats.forward_passes += 1
-        stats.row_forwards += rows.numel()
-        w, d = pending.shape[1], drafts.tokens.shape[1]
-        if verifying:
-            acc = verify(out, drafts, opts, generator)
-            a = acc.count
-            # Emitted this step: the accepted drafts (a chain's first a, a tree's kept path), then the model's own
-            # next token.
-            emitted = torch.cat([acc.path_tokens(drafts.tokens), torch.zeros_like(acc.last[:, None])], 1)
-            emitted.scatter_(1, a[:, None], acc.last[:, None])  # (B, 1+depth)
-            counts = a + 1
-            if drafts.depth:
-                kept = accepted_per_position(a, drafts.depth)
-                _count_acceptance(stats, kept, a.numel())
-                draft_length.update(kept, a.numel())
-            # Keep the fed tokens and the accepted drafts (a tree's path moved right after the root), nothing after.
-            cache.keep_path(out.block_len, w, a, acc.path)
-            # (B, d) fed drafts that stay in the sequence; only an observer needs them (not the hot path)
-            kept_drafts = acc.kept_nodes(d) if on_trunk is not None else None
-            drafter.rows, drafter.produced = rows, produced + counts
-            drafts = out.propose(acc.slot, draft_length.next())
-        else:  # nothing was drafted into this block (d == 0); its drafting slots (masks) are forgotten
-            emitted, counts = confident_run(out, drafter.num_proposals, opts, generator)
-            cache.rollback(out.block_len, torch.full_like(produced, w))
-            kept_drafts = pending_valid[:, :0] if on_trunk is not None else None
-        if on_trunk is not None and out.trunk is not None:
-            on_trunk(rows, out.trunk, torch.cat([pending_valid, kept_drafts], 1))
-
-        counts = torch.minimum(counts, budget - produced)
-        counts, finished = stop.apply(rows, emitted, counts, produced)
-        produced += counts
-        finished |= produced >= budget
-        stats.new_tokens += int(counts.sum())
-        emitted_cpu, counts_cpu = emitted.tolist(), counts.tolist()  # one transfer per step, not per token
-        for i, row in enumerate(rows.tolist()):
-            if counts_cpu[i]:
-                if lookup is not None:
-                    lookup.extend(row, emitted_cpu[i][: counts_cpu[i]])
-                yield row, emitted_cpu[i][: counts_cpu[i]]
-        if bool(finished.all()):
+        stats.row_forwards += fed
+        if on_trunk is not None and result.trunk is not None:
+            on_trunk(state.rows, result.trunk, result.kept)
+        accepted = []
+        for i, row in enumerate(rows):
+            if not active[i]:
+                continue
+            count, finished, a = host[i][0], bool(host[i][1]), host[i][2]
+            accepted.append(a)
+            new = host[i][HOST_COLUMNS:HOST_COLUMNS + count]
+            cut = stop.cut(row, new) if new else None
+            if cut is not None:
+                new, finished = new[:cut], True
+                state.finished[i] = True
+            active[i] = not finished
+            if new:
+                stats.new_tokens += len(new)
+                yield row, new
+        found = max((host[i][3] for i in range(len(rows)) if active[i]), default=0)  # lookup drafts next
+        if verifying and max(n, m):
+            draft_length.update(_count_acceptance(stats, accepted, max(n, m), fed)[:n], fed)
+        if not any(active):
             break
-        if bool(finished.any()):
-            keep = (~finished).nonzero().squeeze(1)
-            rows, produced = rows[keep], produced[keep]
-            cache.select_rows(keep)
-            emitted, counts = emitted[keep], counts[keep]
-            drafts = drafts.select(keep)
+        keep = _rows_to_keep(active, graphs)
+        if keep is not None:
+            index = torch.tensor(keep, device=device)
+            rows, active = [rows[i] for i in keep], [active[i] for i in keep]
+            if session is not None:  # the smaller batch's own session: its buffers and graphs
+                smaller, decoder = decoder_for(len(keep))
+                state, session = smaller.take_rows(session, index), smaller
+            else:
+                state = state.select(index)
+                decoder.cache.select_rows(index)
         if verifying:
-            pending = emitted.gather(1, (counts - 1)[:, None])  # (B, 1) the model's own token
-            pending_valid = torch.ones_like(pending, dtype=torch.bool)
-        else:  # the emitted run, right-aligned (shorter rows padded on the left)
-            width = int(counts.max())
-            offsets = torch.arange(width, device=device)
-            pad = width - counts  # (B,)
-            pending_valid = offsets[None, :] >= pad[:, None]  # (B, width)
-            src = (offsets[None, :] - pad[:, None]).clamp_min(0)
-            pending = emitted.gather(1, src).masked_fill(~pending_valid, 0)  # (B, width)
-        if lookup is not None:  # one more branch of drafts, copied from earlier in each row's sequence
-            drafts = add_lookup(drafts, lookup.drafts(rows.tolist()))
+            n, m = draft_length.next(), (lookup if graphs else found)
+        state, result = (state, session.run(state, n, m)) if session is not None else decoder.step(state, n, m)
 
 
-def _count_acceptance(stats: GenerationStats, kept: list[int], rows: int) -> None:
-    """Per draft position proposed this step: one more proposal per row, and the rows that accepted it."""
+def _count_acceptance(stats: GenerationStats, accepted: list[int], depth: int, rows: int) -> list[int]:
+    """One step's drafts into the statistics: `rows` rows proposed `depth` positions, row r accepted accepted[r].
+    Returns, per position, the rows that accepted it."""
+    kept = accepted_per_position(accepted, depth)
     for i, k in enumerate(kept):
         stats.draft_positions[i] += rows
         stats.draft_accepted[i] += k
+    return kept
+
+
+def _rows_to_keep(active: list[bool], graphs: bool) -> list[int] | None:
+    """The batch rows to go on with, or None to keep the batch as it is. Eagerly every finished row is dropped;
+    replaying graphs the batch shrinks to the next power of two that holds the active rows once they fit in
+    half of it (finished rows fill it up), so few batch sizes are ever captured."""
+    live = [i for i, a in enumerate(active) if a]
+    if not graphs:
+        return live if len(live) < len(active) else None
+    size = 1 << (len(live) - 1).bit_length()
+    if size * 2 > len(active):
+        return None
+    done = [i for i, a in enumerate(active) if not a]
+    return sorted(live + done[: size - len(live)])
+
+
+def _prompt_state(input_ids: torch.Tensor, attention_mask: torch.Tensor, opts: DecodeOptions,
+                  history: int) -> DecodeState:
+    """The state before the first step: the (left-padded) prompts are the first block. `history`: slots for each
+    row's tokens, for prompt lookup (0: none)."""
+    b, device = input_ids.shape[0], input_ids.device
+    zeros = torch.zeros(b, dtype=torch.long, device=device)
+    budget = torch.full_like(zeros, opts.max_new_tokens)
+    state = DecodeState(torch.arange(b, device=device), input_ids, attention_mask, zeros, budget, zeros.bool(),
+                        input_ids[:, :0])
+    if history:  # each row's tokens without its padding
+        order = torch.sort(attention_mask.to(torch.int8), dim=1, descending=True, stable=True).indices
+        state.history = torch.zeros(b, history, dtype=torch.long, device=device)
+        state.history[:, : input_ids.shape[1]] = input_ids.gather(1, order).masked_fill(
+            ~attention_mask.gather(1, order), 0)
+        state.history_len = attention_mask.sum(-1)
+    return state
 
 
 # ------------------------------------------------------------------------------------------------ public API
 @torch.inference_mode()
 def generate(model, input_ids: torch.Tensor | list, attention_mask: torch.Tensor | list | None = None, *,
-             max_new_tokens: int = 128, strategy: Strategy = "greedy", use_speculative: bool | None = None,
+             max_new_tokens: int = 128, strategy: Strategy | None = None, use_speculative: bool | None = None,
              do_sample: bool = False, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
              tau: float = 0.9, k: int | None = None, num_draft: int | None = None, adaptive_draft: bool = True,
              stop_token_ids: list[int] | None = None, stop_strings: list[str] | None = None, tokenizer=None,
              seed: int | None = None, streamer: Callable[[int, list[int]], None] | None = None,
              truncate_prompt: bool = False, proposer: Proposer | None = None,
              on_trunk: TrunkObserver | None = None, tree: str | DraftTree | None = None,
-             tree_size: int | None = None, lookup: int = 0) -> GenerationResult:
+             tree_size: int | None = None, lookup: int = 0, graphs: bool | None = None) -> GenerationResult:
     """Generate continuations of a left-padded batch of prompts.
 
     Args:
         input_ids: (B, P) prompt tokens, left-padded when rows differ in length (or lists of ids: see
             `mtp.decoding.inputs.token_batch`; anything malformed is an MTPError saying what).
         attention_mask: (B, P), 0 on padding.
-        strategy: greedy | speculative | confadapt | static. `use_speculative=True/False` (seed 000's spelling)
-            selects speculative / greedy.
+        strategy: greedy (the default) | speculative | confadapt | static. `use_speculative=True/False` selects
+            speculative / greedy (the spelling published MTP checkpoints' code uses); given with a strategy, the
+            two must agree.
         stop_token_ids: end tokens (default: the tokenizer's / generation config's end tokens).
         stop_strings: stop when the decoded new text contains one (needs `tokenizer`).
         streamer: called as streamer(row, new_tokens) after each step.
@@ -331,23 +300,31 @@ def generate(model, input_ids: torch.Tensor | list, attention_mask: torch.Tensor
             paths or a .json file of one. Greedy output stays identical; sampling stays exact.
         lookup: speculative: also verify up to this many tokens copied from earlier in each row's sequence
             (prompt lookup, `mtp.decoding.lookup`), as one more branch of the draft tree; 0: none.
+        graphs: replay each decoding step as a CUDA graph (`mtp.decoding.graphs`); None: on CUDA, unless a
+            `proposer` (read on the host) drafts. Off, the same steps run eagerly (the reference).
     """
+    if use_speculative is not None:
+        spelled = "speculative" if use_speculative else "greedy"
+        if strategy not in (None, spelled):
+            raise MTPError(f"use_speculative={use_speculative} asks for {spelled}, strategy={strategy!r} for "
+                           "another: give one of them")
+        strategy = spelled
+    strategy = strategy or "greedy"
     if strategy not in STRATEGIES:
         raise MTPError(f"unknown strategy {strategy!r}; choose from {', '.join(STRATEGIES)}")
-    if use_speculative is not None:
-        strategy = "speculative" if use_speculative else "greedy"
     input_ids, attention_mask = token_batch(model, input_ids, attention_mask, left_padded=True)
     if max_new_tokens < 0:
         raise MTPError("max_new_tokens must be >= 0")
     check_values({"do_sample": do_sample, "temperature": temperature, "top_k": top_k, "top_p": top_p, "tau": tau,
                   "k": k, "num_draft": num_draft, "strategy": strategy, "tree": tree, "tree_size": tree_size,
-                  "lookup": lookup}, flags=False)
+                  "lookup": lookup, "seed": seed}, flags=False)
     if do_sample and strategy not in ("greedy", "speculative"):
         raise MTPError("sampling (do_sample) is available with the greedy and speculative strategies")
     tokenizer = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
     opts = DecodeOptions(strategy, max_new_tokens, do_sample, temperature, top_k, top_p, tau, k, num_draft,
                          adaptive_draft, model_tree(model, tree, tree_size, num_draft, k), lookup)
-    drafter = model.drafter(opts, proposer=proposer) if proposer is not None else model.drafter(opts)
+    drafter = drafter_for(model, opts, proposer)
+    graphs = _use_graphs(graphs, input_ids.device, proposer)
     input_ids, attention_mask = _fit_context(model, input_ids, attention_mask, opts, drafter.lookahead,
                                              truncate_prompt)
     if stop_token_ids is None:
@@ -361,7 +338,7 @@ def generate(model, input_ids: torch.Tensor | list, attention_mask: torch.Tensor
     tokens: list[list[int]] = [[] for _ in range(input_ids.shape[0])]
     start = time.perf_counter()
     for row, new in iter_generate(model, input_ids, attention_mask, opts=opts, stop=stop, generator=generator,
-                                  stats=stats, drafter=drafter, on_trunk=on_trunk):
+                                  stats=stats, drafter=drafter, on_trunk=on_trunk, graphs=graphs):
         tokens[row].extend(new)
         if streamer is not None:
             streamer(row, new)
@@ -372,16 +349,24 @@ def generate(model, input_ids: torch.Tensor | list, attention_mask: torch.Tensor
     return GenerationResult(tokens, stats, texts)
 
 
+def _use_graphs(graphs: bool | None, device: torch.device, proposer) -> bool:
+    if graphs is None:
+        return device.type == "cuda" and proposer is None
+    if graphs and device.type != "cuda":
+        raise MTPError(f"CUDA graphs need a CUDA device; the model is on {device.type} (graphs off runs the same "
+                       "steps eagerly)")
+    if graphs and proposer is not None:
+        raise MTPError("a custom proposer drafts on the host: decode it with graphs off")
+    return graphs
+
+
 def model_tree(model, tree, tree_size: int | None, num_draft: int | None,
                k: int | None = None) -> DraftTree | DynamicTree | None:
     """The draft tree `generate(tree=..., tree_size=...)` asks for, for this model (None: a chain). That a tree
     comes with the speculative strategy is a rule of `mtp.arguments.RELATIONS`, checked by `generate`."""
     if tree is None and tree_size is None:
         return None
-    if getattr(model, "mask_token_id", None) is not None:  # k-1 masks draft k-1 tokens ahead
-        depth = (k if k is not None else model.default_k) - 1
-    else:
-        depth = model.num_heads - 1
+    depth = model.draft_depth(k)
     depth = depth if num_draft is None else min(depth, num_draft)
     folder = getattr(getattr(model, "source", None), "location", None)
     return resolve_tree("auto" if tree is None else tree, tree_size, depth, folder)

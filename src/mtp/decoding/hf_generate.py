@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 from transformers.generation.utils import GenerateDecoderOnlyOutput
 
+from mtp.arguments import check_values
 from mtp.decoding.generate import GenerationResult, GenerationStats
 from mtp.decoding.inputs import token_batch
 from mtp.errors import MTPError
@@ -57,6 +58,7 @@ def hf_generate(model, input_ids=None, attention_mask=None, *, decode: Callable[
     if input_ids is None:
         raise MTPError("generate() needs input_ids (token ids, or **tokenizer(text, return_tensors='pt'))")
     _check_keywords(decode, kwargs)
+    check_values({"seed": kwargs.get("seed")}, flags=False)
     config = generation_config if generation_config is not None else getattr(model, "generation_config", None)
 
     def setting(value, name: str, default=None):

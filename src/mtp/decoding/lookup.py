@@ -14,15 +14,17 @@ They join the drafter's own drafts as a chain hanging from the root of the draft
 so one verify forward judges both, and the verifier keeps the deepest accepted path, whichever branch it is on.
 Greedy output stays identical to greedy decoding (a draft is kept only when it is the model's own argmax, so a
 filler or a duplicate costs a row, never a token) and tree sampling stays exact (any candidate set is). The
-chain is as long as the longest row's lookup this step (rows with a shorter one are filled with their last
-lookup token, or 0), and left out when no row finds one.
+lookup runs on the device, on each row's tokens (`lookup_drafts`), so a step replayed as a CUDA graph does it
+too. Eagerly the chain is as long as the longest row's lookup this step and left out when no row finds one;
+replayed, it always has `max_tokens` nodes. Rows with a shorter lookup are filled with their last lookup token,
+or 0.
 """
 
 from __future__ import annotations
 
 import torch
 
-from mtp.decoding.tree import DraftTree
+from mtp.decoding.tree import LOOKUP_RANK, DraftTree, tree_layout
 
 NGRAM_SIZES = (3, 2, 1)  # longest first: a longer match is a better predictor of what follows
 # A copy after a 1-token match is rarely right for long, so it drafts fewer tokens. Measured on SmolLM2-135M-
@@ -33,66 +35,53 @@ NGRAM_SIZES = (3, 2, 1)  # longest first: a longer match is a better predictor o
 MAX_TOKENS_AFTER = {1: 3, 2: 6}  # match length -> drafts at most (longer matches: `max_tokens`)
 
 
-class RowHistory:
-    """One row's tokens and, per n-gram size, where each n-gram was last followed by a token."""
-
-    def __init__(self, tokens: list[int]):
-        self.tokens = list(tokens)
-        self.follow: dict[tuple[int, ...], int] = {}  # n-gram -> index of the token after its latest occurrence
-        self.indexed = 0  # n-grams ending before this index are in `follow`
-
-    def extend(self, tokens: list[int]) -> None:
-        self.tokens.extend(tokens)
-
-    def lookup(self, max_tokens: int) -> list[int]:
-        """The tokens that followed the latest earlier occurrence of the longest matching suffix n-gram (fewer after
-        a short match: `MAX_TOKENS_AFTER`)."""
-        seq = self.tokens
-        last = len(seq) - 1  # the suffix ends here; index n-grams ending before it (they have a follower)
-        for end in range(self.indexed, last):
-            for n in NGRAM_SIZES:
-                if end - n + 1 >= 0:
-                    self.follow[tuple(seq[end - n + 1:end + 1])] = end + 1
-        self.indexed = max(self.indexed, last)
-        for n in NGRAM_SIZES:
-            if last - n + 1 < 0:
-                continue
-            start = self.follow.get(tuple(seq[last - n + 1:]))
-            if start is not None:
-                return seq[start:start + min(max_tokens, MAX_TOKENS_AFTER.get(n, max_tokens))]
-        return []
+def lookup_drafts(history: torch.Tensor, length: torch.Tensor, max_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's lookup drafts, on its device in fixed-shape ops (no host read): history (B, S) holds row b's
+    tokens in its first length[b] slots; the last n of them (n = 3, 2, 1: the longest that occurred before) are
+    looked up among its earlier tokens, and the tokens after their latest earlier occurrence are its drafts (fewer
+    after a short match: `MAX_TOKENS_AFTER`). Returns the drafts (B, max_tokens) and how many each row found (B,);
+    a row's slots past its count repeat its last draft (0 when it found none): filler the verifier may refuse."""
+    b, s = history.shape
+    idx = torch.arange(s, device=history.device)
+    last = length - 1  # (B,) the suffix ends here
+    start = torch.full_like(length, -1)  # where the copied tokens begin (-1: no match yet)
+    cap = torch.zeros_like(length)
+    for n in NGRAM_SIZES:  # longest first: a longer match wins
+        ends = (idx[None, :] >= n - 1) & (idx[None, :] < last[:, None]) & (last[:, None] >= n - 1)  # (B, S)
+        for k in range(n):  # the token k before an earlier end equals the token k before the last one
+            earlier = torch.nn.functional.pad(history, (k, 0), value=-1)[:, :s]  # earlier[:, j] = history[:, j-k]
+            ends &= earlier == history.gather(1, (last - k).clamp_min(0)[:, None])
+        end = torch.where(ends, idx[None, :], -1).amax(-1)  # (B,) the most recent earlier occurrence
+        new = (end >= 0) & (start < 0)
+        start = torch.where(new, end + 1, start)
+        cap = torch.where(new, min(max_tokens, MAX_TOKENS_AFTER.get(n, max_tokens)), cap)
+    count = torch.where(start >= 0, torch.minimum(cap, length - start), 0)  # (B,)
+    offset = torch.minimum(torch.arange(max_tokens, device=history.device)[None, :], (count - 1).clamp_min(0)[:, None])
+    tokens = history.gather(1, (start.clamp_min(0)[:, None] + offset).clamp(max=s - 1))  # (B, max_tokens)
+    return torch.where(count[:, None] > 0, tokens, 0), count
 
 
-class PromptLookup:
-    """Lookup drafts for the rows of a batch (original row indices), as the decoding loop feeds them."""
-
-    def __init__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_tokens: int):
-        self.max_tokens = max_tokens
-        ids, mask = input_ids.tolist(), attention_mask.bool().tolist()
-        self.histories = [RowHistory([t for t, m in zip(r, v, strict=True) if m])
-                          for r, v in zip(ids, mask, strict=True)]  # per original row
-
-    def extend(self, row: int, tokens: list[int]) -> None:
-        self.histories[row].extend(tokens)
-
-    def drafts(self, rows: list[int]) -> torch.Tensor:
-        """(B, m) lookup drafts of `rows`, m the longest found (0: none found)."""
-        found = [self.histories[r].lookup(self.max_tokens) for r in rows]
-        m = max((len(f) for f in found), default=0)
-        out = [f + [f[-1] if f else 0] * (m - len(f)) for f in found]
-        return torch.tensor(out, dtype=torch.long).reshape(len(rows), m)
-
-
-def add_lookup(drafts, lookup_tokens: torch.Tensor):
+def lookup_chain(drafts, lookup_tokens: torch.Tensor):
     """`drafts` (a drafter's `Drafts`: a chain, a tree, or nothing) with the lookup chain (B, m) as one more branch
     of its tree. A chain becomes the tree of width 1; sampled chain drafts are verified as candidates (exact)."""
     m = lookup_tokens.shape[1]
     if m == 0:
         return drafts
+    tokens = torch.cat([drafts.tokens, lookup_tokens.to(drafts.tokens.device)], 1)  # (B, N + m)
+    if drafts.layout is not None and drafts.tree is None:  # a tree shaped this step: its layout grows on the device
+        return type(drafts)(tokens, layout=with_lookup_layout(drafts.layout, m))
     base = drafts.tree
     if base is None:
         d = drafts.tokens.shape[1]
         base = DraftTree.chain(d) if d else None
-    tree = DraftTree.with_lookup(base, m)
-    tokens = torch.cat([drafts.tokens, lookup_tokens.to(drafts.tokens.device)], 1)  # (B, N + m)
-    return type(drafts)(tokens, None, None, tree)
+    return type(drafts)(tokens, tree=DraftTree.with_lookup(base, m))
+
+
+def with_lookup_layout(layout, m: int):
+    """A tree layout (N nodes) with a chain of m lookup nodes from the root after its nodes, on its device."""
+    n, device = layout.size, layout.depth.device
+    steps = torch.arange(m, device=device)
+    parent = torch.cat([layout.parent_slot, torch.where(steps == 0, 0, n + steps)])  # lookup i's parent: i - 1
+    depth = torch.cat([layout.depth, steps + 1])
+    rank = torch.cat([layout.rank, torch.full_like(steps, LOOKUP_RANK)])
+    return tree_layout(parent, depth, rank, max(layout.max_depth, m))

@@ -28,9 +28,11 @@ def process_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 
 
 
 def sample(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-    """One token per row of `probs` (..., V) -> (...)."""
-    flat = probs.reshape(-1, probs.shape[-1])
-    return torch.multinomial(flat, 1, generator=generator).reshape(probs.shape[:-1])
+    """One token per row of `probs` (..., V) -> (...), with no host read (a CUDA graph can replay it): the index
+    of the largest p_i / E_i over independent E_i ~ Exponential(1) is i with probability p_i (the exponential race,
+    gpt-fast's `multinomial_sample_one_no_sync`)."""
+    race = torch.empty_like(probs, dtype=torch.float32).exponential_(generator=generator)
+    return (probs.float() / race).argmax(-1)
 
 
 def accept_drafts_sampling(target_probs: torch.Tensor, drafts: torch.Tensor, draft_probs: torch.Tensor,

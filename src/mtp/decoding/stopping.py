@@ -4,52 +4,51 @@ from __future__ import annotations
 
 import torch
 
+from mtp.errors import MTPError
+
+
+def stop_tokens(emitted: torch.Tensor, counts: torch.Tensor, stop_ids: torch.Tensor):
+    """Cut each row's emitted block (B, W) after its first end token among its first counts[b]; on the device.
+    Returns (counts (B,), hit (B,) bool)."""
+    if stop_ids.numel() == 0:
+        return counts, torch.zeros_like(counts, dtype=torch.bool)
+    in_block = torch.arange(emitted.shape[1], device=emitted.device)[None, :] < counts[:, None]  # (B, W)
+    hit = (emitted[..., None] == stop_ids).any(-1) & in_block  # (B, W); a few end tokens: a broadcast compare
+    any_hit = hit.any(-1)
+    return torch.where(any_hit, hit.long().argmax(-1) + 1, counts), any_hit
+
 
 class StopChecker:
+    """End tokens (checked on the device, in the step: `stop_ids`) and stop strings (checked on the host, on the
+    tokens each step emitted: `cut`)."""
+
     def __init__(self, batch_size: int, stop_token_ids: list[int] | None, stop_strings: list[str] | None,
                  tokenizer=None, device: torch.device | str = "cpu"):
         self.stop_ids = torch.tensor(sorted(set(stop_token_ids or [])), dtype=torch.long, device=device)
         self.stop_strings = [s for s in (stop_strings or []) if s]
         if self.stop_strings and tokenizer is None:
-            raise ValueError("stop strings need a tokenizer")
+            raise MTPError("stop strings need a tokenizer")
         self.tokenizer = tokenizer
         self.history: list[list[int]] = [[] for _ in range(batch_size)]  # only kept when stop strings are used
 
-    def apply(self, rows: torch.Tensor, emitted: torch.Tensor, counts: torch.Tensor, produced: torch.Tensor):
-        """Cut each row's emitted block after its first stop token. Returns (counts, finished (B,))."""
-        width = emitted.shape[1]
-        in_block = torch.arange(width, device=emitted.device)[None, :] < counts[:, None]  # (B, W)
-        finished = torch.zeros_like(counts, dtype=torch.bool)
-        if self.stop_ids.numel():
-            hit = torch.isin(emitted, self.stop_ids) & in_block
-            any_hit = hit.any(-1)
-            first = hit.float().argmax(-1)
-            counts = torch.where(any_hit, first + 1, counts)
-            finished |= any_hit
-        if self.stop_strings:
-            counts, finished = self._apply_strings(rows, emitted, counts, finished)
-        return counts, finished
-
-    def _apply_strings(self, rows, emitted, counts, finished):
-        counts_l, emitted_l = counts.tolist(), emitted.tolist()
-        fin = finished.tolist()
-        for i, row in enumerate(rows.tolist()):
-            hist = self.history[row]
-            base = len(hist)
-            hist.extend(emitted_l[i][: counts_l[i]])
-            # Only the tail can contain a new match: decode a window that covers the longest stop string.
-            window = max(len(s) for s in self.stop_strings) + 8 + counts_l[i]
-            if not any(s in self.tokenizer.decode(hist[-window:]) for s in self.stop_strings):
-                continue
-            for j in range(max(base, 0) + 1, len(hist) + 1):  # the shortest prefix that completes a stop string
-                text = self.tokenizer.decode(hist[max(0, j - window):j])
-                if any(s in text for s in self.stop_strings):
-                    del hist[j:]
-                    counts_l[i] = j - base
-                    fin[i] = True
-                    break
-        return (torch.tensor(counts_l, device=counts.device),
-                torch.tensor(fin, device=counts.device, dtype=torch.bool))
+    def cut(self, row: int, new: list[int]) -> int | None:
+        """How many of `new` (row's tokens emitted this step) to keep when they complete a stop string (the
+        shortest prefix that does); None when they do not."""
+        if not self.stop_strings:
+            return None
+        hist = self.history[row]
+        base = len(hist)
+        hist.extend(new)
+        # Only the tail can contain a new match: decode a window that covers the longest stop string.
+        window = max(len(s) for s in self.stop_strings) + 8 + len(new)
+        if not any(s in self.tokenizer.decode(hist[-window:]) for s in self.stop_strings):
+            return None
+        for j in range(base + 1, len(hist) + 1):
+            text = self.tokenizer.decode(hist[max(0, j - window):j])
+            if any(s in text for s in self.stop_strings):
+                del hist[j:]
+                return j - base
+        return None
 
     def truncate_text(self, text: str) -> str:
         cut = min((text.find(s) for s in self.stop_strings if s in text), default=-1)

@@ -31,7 +31,6 @@ Verification keeps the deepest node whose whole path is accepted:
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import heapq
 import json
@@ -43,6 +42,7 @@ import torch
 
 from mtp.decoding.sampling import process_logits, sample
 from mtp.errors import MTPError
+from mtp.io import read_text
 
 Path_ = tuple[int, ...]
 
@@ -90,9 +90,10 @@ class DraftTree:
 
     def widths(self) -> list[int]:
         """Candidates (top-k) each head must give: 1 + the largest rank used at each depth."""
-        out = [0] * max((len(p) for p in self.paths if p[-1] != LOOKUP_RANK), default=0)
-        for p in self.paths:
+        out: list[int] = []
+        for p in self.paths:  # plain loops: a traced step (tests/decoding/test_graphs.py) reads this too
             if p[-1] != LOOKUP_RANK:
+                out.extend([0] * (len(p) - len(out)))
                 out[len(p) - 1] = max(out[len(p) - 1], p[-1] + 1)
         return out
 
@@ -100,13 +101,14 @@ class DraftTree:
         """The nodes of depth <= `depth` (>= 1)."""
         return _truncated(self, max(1, depth))
 
-    @functools.cached_property
-    def tensors(self) -> TreeTensors:
-        return _tree_tensors(self.paths)
+    @property
+    def layout(self) -> TreeLayout:
+        """The tree's tensors on the CPU."""
+        return _layout_on(self, "cpu")
 
-    def tensors_on(self, device) -> TreeTensors:
-        """`tensors` on `device`, moved once (a decoding step must not copy them again)."""
-        return _tensors_on(self, str(device))
+    def layout_on(self, device) -> TreeLayout:
+        """The tree's tensors on `device`, built once (a decoding step must not copy them again)."""
+        return _layout_on(self, str(torch.device(device)))
 
     def to_json(self) -> list[list[int]]:
         return [list(p) for p in self.paths]
@@ -128,57 +130,58 @@ def _truncated(tree: DraftTree, depth: int) -> DraftTree:
     return DraftTree(tuple(p for p in tree.paths if len(p) <= depth))
 
 
-@dataclass(frozen=True)
-class TreeTensors:
-    """CPU tensors of a tree with N nodes and depth D (slot 0: root, slot 1 + i: node i)."""
+@dataclass(frozen=True, eq=False)
+class TreeLayout:
+    """A tree's tensors on the decoding device, N nodes of depth at most D (slot 0: root, slot 1 + i: node i).
+    Built by `tree_layout` from each node's parent, depth and rank: once for a fixed tree, on the device every step
+    for a dynamic one, so a decoding step never copies a tree from the host."""
 
     parent_slot: torch.Tensor  # (N,) slot of each node's parent
     depth: torch.Tensor  # (N,) 1..D
-    rank: torch.Tensor  # (N,) the node's candidate rank at its depth
+    rank: torch.Tensor  # (N,) the node's candidate rank at its depth (LOOKUP_RANK: a lookup node)
     ancestors: torch.Tensor  # (N, N) bool: [i, j] node j is node i or one of its ancestors
-    within: torch.Tensor  # (1+N, 1+N) bool: block slot q may attend to block slot kv
+    on_path_of: torch.Tensor  # (N, N) float: ancestors transposed; (B, N) failures @ it counts a path's failures
     path: torch.Tensor  # (N, D) nodes from depth 1 to the node's depth, then repeats of the node
     children: torch.Tensor  # (1+N, C) child slots of each slot in rank order, -1 padded
-    on_path_of: torch.Tensor  # (N, N) float: ancestors transposed; (B, N) failures @ it counts a path's failures
-    depth_nodes: tuple[torch.Tensor, ...]  # per depth 1..D: the nodes there that a drafter fills (rank >= 0)
-    depth_ranks: tuple[torch.Tensor, ...]  # per depth 1..D: those nodes' candidate ranks
+    max_depth: int  # D
 
-    def to(self, device) -> TreeTensors:
-        return TreeTensors(*(tuple(x.to(device) for x in v) if isinstance(v, tuple) else v.to(device)
-                             for v in (getattr(self, f.name) for f in dataclasses.fields(self))))
+    @property
+    def size(self) -> int:
+        return self.parent_slot.shape[0]
+
+    @property
+    def within(self) -> torch.Tensor:
+        """(1+N, 1+N) bool: block slot q may attend to block slot kv (the root, its ancestors, itself)."""
+        return block_layout(1, self)[0]
+
+
+def tree_layout(parent_slot: torch.Tensor, depth: torch.Tensor, rank: torch.Tensor, max_depth: int,
+                max_children: int | None = None) -> TreeLayout:
+    """The layout of N nodes given each one's parent slot (0: the root; a parent always comes before its
+    children), depth and rank, in ops whose shapes depend only on (N, D): a CUDA graph can replay it."""
+    n, device = parent_slot.shape[0], parent_slot.device
+    eye = torch.eye(n, dtype=torch.bool, device=device)
+    ancestors = eye
+    for _ in range(max_depth - 1):  # each pass adds one more generation (slot 0, the root, adds none)
+        ancestors = eye | torch.cat([torch.zeros_like(eye[:1]), ancestors])[parent_slot]
+    levels = torch.arange(1, max_depth + 1, device=device)
+    at_level = ancestors[:, None, :] & (depth[None, None, :] == levels[None, :, None])  # (N, D, N)
+    path = torch.where(at_level.any(-1), at_level.float().argmax(-1), torch.arange(n, device=device)[:, None])
+    slots = torch.arange(1 + n, device=device)
+    key = torch.where(parent_slot[None, :] == slots[:, None], torch.arange(n, device=device)[None, :], n)
+    order = key.sort(-1).values[:, : max_children or n]  # (1+N, C) children first, in node (= rank) order
+    children = torch.where(order < n, order + 1, -1)
+    return TreeLayout(parent_slot, depth, rank, ancestors, ancestors.T.float(), path, children, max_depth)
 
 
 @functools.lru_cache(maxsize=1024)
-def _tensors_on(tree: DraftTree, device: str) -> TreeTensors:
-    return tree.tensors if device == "cpu" else tree.tensors.to(device)
-
-
-def _tree_tensors(paths: tuple[Path_, ...]) -> TreeTensors:
-    index = {p: i for i, p in enumerate(paths)}
-    n, d = len(paths), max(len(p) for p in paths)
-    parent_slot = torch.tensor([0 if len(p) == 1 else 1 + index[p[:-1]] for p in paths], dtype=torch.long)
-    depth = torch.tensor([len(p) for p in paths], dtype=torch.long)
-    rank = torch.tensor([p[-1] for p in paths], dtype=torch.long)
-    ancestors = torch.zeros(n, n, dtype=torch.bool)
-    path = torch.zeros(n, d, dtype=torch.long)
-    for i, p in enumerate(paths):
-        chain = [index[p[:k]] for k in range(1, len(p) + 1)]
-        ancestors[i, chain] = True
-        path[i] = torch.tensor(chain + [i] * (d - len(chain)))
-    within = torch.zeros(1 + n, 1 + n, dtype=torch.bool)
-    within[:, 0] = True
-    within[1:, 1:] = ancestors
-    within[0, 0] = True
-    kids: list[list[int]] = [[] for _ in range(1 + n)]
-    for i in range(n):
-        kids[int(parent_slot[i])].append(1 + i)  # paths are sorted, so children come in rank order
-    width = max(len(k) for k in kids)
-    children = torch.full((1 + n, max(width, 1)), -1, dtype=torch.long)
-    for s, k in enumerate(kids):
-        children[s, : len(k)] = torch.tensor(k, dtype=torch.long)
-    depth_nodes = tuple(((depth == h) & (rank >= 0)).nonzero().squeeze(1) for h in range(1, d + 1))
-    return TreeTensors(parent_slot, depth, rank, ancestors, within, path, children, ancestors.T.float(), depth_nodes,
-                       tuple(rank[nodes] for nodes in depth_nodes))
+def _layout_on(tree: DraftTree, device: str) -> TreeLayout:
+    index = {p: i for i, p in enumerate(tree.paths)}
+    parent = [0 if len(p) == 1 else 1 + index[p[:-1]] for p in tree.paths]
+    kids = max(parent.count(s) for s in range(1 + tree.size))
+    as_tensor = functools.partial(torch.tensor, dtype=torch.long, device=device)
+    return tree_layout(as_tensor(parent), as_tensor([len(p) for p in tree.paths]),
+                       as_tensor([p[-1] for p in tree.paths]), tree.depth, kids)
 
 
 # ------------------------------------------------------------------------------------------------ tree shapes
@@ -225,29 +228,79 @@ class DynamicTree:
         """Candidates each head must rank: a node of a `size`-node tree has a rank below `size`."""
         return [self.size] * self.depth
 
-    def for_step(self, top_probs: torch.Tensor) -> DraftTree:
-        """top_probs (B, D, W): each row's draft probabilities of its top-W candidates at depths 1..D."""
-        return build_tree(top_probs.float().mean(0).tolist(), self.size)
+    def for_step(self, top_probs: torch.Tensor) -> TreeLayout:
+        """This step's tree from top_probs (B, D, W), each row's draft probabilities of its top-W candidates at
+        depths 1..D, on their device and with no host copy (`build_tree`'s result, in fixed-shape ops)."""
+        return dynamic_tree(top_probs.float().mean(0), self.size)
+
+
+def dynamic_tree(rank_probs: torch.Tensor, size: int) -> TreeLayout:
+    """The `size` paths of candidate ranks with the largest product of `rank_probs` (D, W) along them - the tree
+    `build_tree` picks best-first - found depth by depth: the best `size` paths of depth h + 1 extend the best
+    `size` of depth h (a path never scores above its parent, so none of the overall best is missed)."""
+    depths, width = rank_probs.shape
+    device = rank_probs.device
+    logp = rank_probs.clamp_min(1e-30).log()
+    scores, parents, ranks = [], [], []
+    level = logp[0]  # (W,) depth 1: one path per rank
+    parent = torch.full((width,), -1, dtype=torch.long, device=device)
+    rank = torch.arange(width, device=device)
+    for h in range(depths):
+        if h:  # every kept path of depth h times every rank
+            level = (scores[-1][:, None] + logp[h][None, :]).flatten()
+            parent = torch.arange(scores[-1].shape[0], device=device).repeat_interleave(width)
+            rank = torch.arange(width, device=device).repeat(scores[-1].shape[0])
+        top = level.topk(min(size, level.shape[0])).indices
+        scores.append(level[top])
+        parents.append(parent[top])
+        ranks.append(rank[top])
+    starts = [0]
+    for level_scores in scores:
+        starts.append(starts[-1] + level_scores.shape[0])
+    depth = torch.cat([torch.full_like(s, h + 1, dtype=torch.long) for h, s in enumerate(scores)])  # (M,)
+    # the parent as an index into all M candidates; a tiny cost per depth breaks ties towards the parent
+    parent = torch.cat([p + starts[h - 1] if h else p for h, p in enumerate(parents)])
+    score = torch.cat(scores) - 1e-6 * depth
+    chosen = score.topk(min(size, score.shape[0])).indices
+    chosen = chosen[depth[chosen].sort(stable=True).indices]  # by depth, best first within a depth
+    n = chosen.shape[0]
+    slot_of = torch.zeros(score.shape[0] + 1, dtype=torch.long, device=device)  # candidate -> its slot (+1)
+    slot_of[chosen + 1] = torch.arange(1, n + 1, device=device)
+    parent_slot = slot_of[parent[chosen] + 1]  # parent -1 (the root) -> slot_of[0] = 0
+    return tree_layout(parent_slot, depth[chosen], torch.cat(ranks)[chosen], depths)
+
+
+def layout_paths(layout: TreeLayout) -> tuple[Path_, ...]:
+    """The paths of candidate ranks a layout holds, node by node (host-side: tests and reports)."""
+    parent, rank = layout.parent_slot.tolist(), layout.rank.tolist()
+    paths: list[Path_] = []
+    for i in range(len(parent)):
+        paths.append((paths[parent[i] - 1] if parent[i] else ()) + (rank[i],))
+    return tuple(paths)
 
 
 def ranked_tree_drafts(logits: torch.Tensor, tree: DraftTree | DynamicTree,
-                       vocab: torch.Tensor | None = None) -> tuple[torch.Tensor, DraftTree]:
-    """The node tokens (B, N) and the tree they fill, from draft logits (B, D, V) at depths 1..D (over the token
+                       vocab: torch.Tensor | None = None) -> tuple[torch.Tensor, TreeLayout]:
+    """The node tokens (B, N) and the layout they fill, from draft logits (B, D, V) at depths 1..D (over the token
     ids `vocab` (K,) when given): each depth's ranked candidates; a `DynamicTree` is shaped from their
     probabilities first."""
     if isinstance(tree, DynamicTree):
         top_probs, ranked = torch.softmax(logits.float(), -1).topk(min(tree.size, logits.shape[-1]), -1)  # (B, D, W)
-        tree = tree.for_step(top_probs)
+        layout = tree.for_step(top_probs)
     else:
         ranked = logits.topk(max(tree.widths()), -1).indices  # (B, D, W)
+        layout = tree.layout_on(logits.device)
     if vocab is not None:
         ranked = vocab[ranked]
-    return fill_tree(ranked, tree), tree
+    return fill_tree(ranked, layout), layout
 
 
-def fill_tree(ranked: torch.Tensor, tree: DraftTree) -> torch.Tensor:
-    """Node tokens (B, N) from ranked candidates (B, D, W) per depth (W >= each depth's width)."""
-    return tree_candidates([ranked[:, h, :k] for h, k in enumerate(tree.widths())], tree)
+def fill_tree(ranked: torch.Tensor, layout: TreeLayout) -> torch.Tensor:
+    """Node tokens (B, N) from ranked candidates (B, D, W) per depth (W above every node's rank): node i takes
+    the candidate of its rank at its depth."""
+    b, d, w = ranked.shape
+    index = (layout.depth - 1) * w + layout.rank.clamp_min(0)  # (N,)
+    return ranked.reshape(b, d * w)[:, index]
 
 
 def expected_length(tree: DraftTree, rank_accuracy: Sequence[Sequence[float]]) -> float:
@@ -284,32 +337,38 @@ def fallback_rank_accuracy(num_drafts: int, ranks: int = 8) -> list[list[float]]
     return [[0.6 * 0.75 ** h * 0.5 ** r for r in range(ranks)] for h in range(num_drafts)]
 
 
+DEFAULT_TREE_SIZE = 16  # nodes of an "auto" or "dynamic" tree given without a size
+
+
 def resolve_tree(spec: str | DraftTree | DynamicTree | None, size: int | None, num_drafts: int,
                  folder: str | Path | None) -> DraftTree | DynamicTree | None:
     """A `--tree` value -> a tree (None: the plain chain, no tree machinery).
 
-    "chain": None; "auto": `build_tree` of `size` nodes (default 16) from the folder's measured accuracy per
-    rank (eval.json written by `mtp train`), or a stand-in when there is none; "dynamic": a `DynamicTree` of
-    `size` nodes (default 16), shaped every step from the drafts' probabilities; a .json file: a list of paths;
-    a JSON list literal: the same inline.
+    "chain": None; "auto": `build_tree` of `size` nodes (default `DEFAULT_TREE_SIZE`) from the folder's measured
+    accuracy per rank (eval.json written by `mtp train`), or a stand-in when there is none; "dynamic": a
+    `DynamicTree` of `size` nodes, shaped every step from the drafts' probabilities; a .json file: a list of
+    paths; a JSON list literal: the same inline.
     """
     if spec is None or isinstance(spec, DraftTree | DynamicTree):
         return spec
+    if not isinstance(spec, str):
+        raise MTPError(f"tree must be 'auto', 'dynamic', 'chain', a JSON list of paths, a .json file or a DraftTree, "
+                       f"got {type(spec).__name__} {spec!r}")
     if num_drafts < 1:
         raise MTPError("a draft tree needs at least one draft position (a model with extra heads)")
     if spec == "chain":
         return None
     if spec == "dynamic":
-        return DynamicTree(size or 16, num_drafts)
+        return DynamicTree(size or DEFAULT_TREE_SIZE, num_drafts)
     if spec == "auto":
         stats = rank_accuracy_from_folder(folder, num_drafts) if folder is not None else None
-        return build_tree(stats or fallback_rank_accuracy(num_drafts), size or 16)
+        return build_tree(stats or fallback_rank_accuracy(num_drafts), size or DEFAULT_TREE_SIZE)
     text = spec
     if not spec.lstrip().startswith("["):
         path = Path(spec)
         if not path.is_file():
             raise MTPError(f"--tree {spec}: not 'auto', 'dynamic', 'chain', a JSON list of paths or a .json file")
-        text = path.read_text(encoding="utf-8")
+        text = read_text(path)
     try:
         paths = json.loads(text)
     except ValueError as e:
@@ -350,48 +409,45 @@ class Acceptance:
         return kept.scatter_add_(1, self.path, on_path.long()) > 0
 
 
-def verify_tree(logits: torch.Tensor, tokens: torch.Tensor, tree: DraftTree, opts, generator) -> Acceptance:
+def verify_tree(logits: torch.Tensor, tokens: torch.Tensor, layout: TreeLayout, opts, generator) -> Acceptance:
     """logits: (B, 1+N, V) the model's next-token logits at the root and at every node; tokens: (B, N)."""
     if opts.do_sample:
         return _verify_tree_sampling(process_logits(logits, opts.temperature, opts.top_k, opts.top_p), tokens,
-                                     tree, generator)
-    t = tree.tensors_on(tokens.device)
+                                     layout, generator)
     target = logits.argmax(-1)  # (B, 1+N)
-    ok = tokens == target[:, t.parent_slot]  # (B, N)
+    ok = tokens == target[:, layout.parent_slot]  # (B, N)
     # A node is accepted when no node on its path failed: count the failures among its ancestors.
-    failures = (~ok).float() @ t.on_path_of  # (B, N)
-    score = torch.where(failures == 0, t.depth, 0)  # (B, N) depth of accepted nodes, else 0
+    failures = (~ok).float() @ layout.on_path_of  # (B, N)
+    score = torch.where(failures == 0, layout.depth, 0)  # (B, N) depth of accepted nodes, else 0
     count, node = score.max(-1)  # (B,), (B,): the first deepest accepted node (best ranks come first)
     slot = torch.where(count > 0, node + 1, 0)
     last = target.gather(1, slot[:, None]).squeeze(1)
-    return Acceptance(count, last, slot, t.path[node])
+    return Acceptance(count, last, slot, layout.path[node])
 
 
-def _verify_tree_sampling(probs: torch.Tensor, tokens: torch.Tensor, tree: DraftTree,
+def _verify_tree_sampling(probs: torch.Tensor, tokens: torch.Tensor, layout: TreeLayout,
                           generator) -> Acceptance:
-    """probs: (B, 1+N, V) the model's processed distributions. See the module docstring for the rule."""
+    """probs: (B, 1+N, V) the model's processed distributions. See the module docstring for the rule. A fixed
+    number of tensor ops (depth x children), no host reads: a row whose walk has stopped just stops moving."""
     b, device = tokens.shape[0], tokens.device
-    t = tree.tensors_on(device)
     rows = torch.arange(b, device=device)
-    children = t.children  # (1+N, C)
+    children = layout.children  # (1+N, C)
     slot_tokens = torch.cat([tokens.new_zeros(b, 1), tokens], 1)  # (B, 1+N): a token per block slot
     cur = torch.zeros(b, dtype=torch.long, device=device)  # current slot
     active = torch.ones(b, dtype=torch.bool, device=device)
     count = torch.zeros(b, dtype=torch.long, device=device)
     residual = probs[:, 0].clone()  # (B, V)
-    for _ in range(tree.depth):
+    for _ in range(layout.max_depth):
         moved = torch.zeros_like(active)
         for j in range(children.shape[1]):
             child = children[cur, j]  # (B,)
             can = active & ~moved & (child >= 0)
-            if not bool(can.any()):
-                break
             x = slot_tokens[rows, child.clamp_min(0)]  # (B,)
             p_x = residual[rows, x]
             u = torch.rand(b, generator=generator, device=device)
             take = can & (u < p_x)
             refuse = can & ~take
-            residual[rows[refuse], x[refuse]] = 0.0
+            residual = residual.index_put((rows, x), torch.where(refuse, 0.0, p_x))
             mass = residual.sum(-1, keepdim=True)
             residual = torch.where(refuse[:, None], residual / mass.clamp_min(1e-30), residual)
             cur = torch.where(take, child, cur)
@@ -399,38 +455,38 @@ def _verify_tree_sampling(probs: torch.Tensor, tokens: torch.Tensor, tree: Draft
             residual = torch.where(take[:, None], probs[rows, cur], residual)
         count += moved.long()
         active &= moved
-        if not bool(active.any()):
-            break
     # Rounding can leave a refused row without mass; p at the current node is then the answer (mass 0 exactly
     # has probability 0 in exact arithmetic).
     empty = residual.sum(-1) <= 0
     residual = torch.where(empty[:, None], probs[rows, cur], residual)
     node = (cur - 1).clamp_min(0)
-    return Acceptance(count, sample(residual, generator), cur, t.path[node])
+    return Acceptance(count, sample(residual, generator), cur, layout.path[node])
 
 
 def tree_candidates(topk_tokens: Sequence[torch.Tensor], tree: DraftTree) -> torch.Tensor:
     """Node tokens (B, N) from each head's ranked candidates: topk_tokens[h] (B, widths[h])."""
-    device = topk_tokens[0].device
-    t = tree.tensors_on(device)
-    out = torch.empty(topk_tokens[0].shape[0], tree.size, dtype=torch.long, device=device)
-    for h, cand in enumerate(topk_tokens):
-        out[:, t.depth_nodes[h]] = cand[:, t.depth_ranks[h]]
-    return out
+    width = max(c.shape[1] for c in topk_tokens)
+    ranked = torch.stack([torch.nn.functional.pad(c, (0, width - c.shape[1])) for c in topk_tokens], 1)
+    return fill_tree(ranked, tree.layout_on(ranked.device))
 
 
-def block_layout(pending: int, tree: DraftTree, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+def block_layout(pending: int, layout: TreeLayout | DraftTree, device=None) -> tuple[torch.Tensor, torch.Tensor]:
     """(within (w+N, w+N) bool, node depth (N,)) for a block of `pending` chain slots then the tree's nodes,
-    whose root is the last pending slot."""
-    return _block_layout(pending, tree, None if device is None else str(device))
+    whose root is the last pending slot. A fixed tree's is built once per pending width."""
+    if isinstance(layout, DraftTree):
+        return _block_layout(pending, layout, str(torch.device(device or "cpu")))
+    return _within(pending, layout), layout.depth
 
 
 @functools.lru_cache(maxsize=1024)
-def _block_layout(pending: int, tree: DraftTree, device: str | None):
-    t = tree.tensors
-    n, w = tree.size, pending
-    within = torch.zeros(w + n, w + n, dtype=torch.bool)
-    within[:w, :w] = torch.ones(w, w, dtype=torch.bool).tril()
-    within[w:, :w] = True  # nodes see every pending slot (the root is the last)
-    within[w:, w:] = t.ancestors
-    return within.to(device), t.depth.to(device)
+def _block_layout(pending: int, tree: DraftTree, device: str):
+    layout = tree.layout_on(device)
+    return _within(pending, layout), layout.depth
+
+
+def _within(w: int, layout: TreeLayout) -> torch.Tensor:
+    n, device = layout.size, layout.depth.device
+    causal = torch.ones(w, w, dtype=torch.bool, device=device).tril()
+    top = torch.cat([causal, torch.zeros(w, n, dtype=torch.bool, device=device)], 1)  # pending never see a node
+    bottom = torch.cat([torch.ones(n, w, dtype=torch.bool, device=device), layout.ancestors], 1)  # all pending
+    return torch.cat([top, bottom])

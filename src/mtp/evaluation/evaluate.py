@@ -53,13 +53,18 @@ def model_fingerprint(model) -> str:
     return h.hexdigest()[:16]
 
 
-def strategy_tag(strategy: str, tau: float | None = None, k: int | None = None) -> str:
-    """A short name of a decoding setting: greedy, speculative, confadapt-tau0.9, static-k2."""
+def strategy_tag(strategy: str, tau: float | None = None, k: int | None = None, tree: str | None = None,
+                 tree_size: int | None = None, lookup: int = 0) -> str:
+    """A short name of a decoding setting, as `mtp bench` names its rows: greedy, speculative,
+    speculative-tree16-lookup6 (-dtreeN: a dynamic tree), confadapt-tau0.9, static-k2."""
     if strategy == "confadapt":
         return f"confadapt-tau{tau:g}"
     if strategy == "static":
         return f"static-k{k}" if k is not None else "static"
-    return strategy
+    tag = strategy
+    if tree is not None or tree_size is not None:
+        tag += f"-{'dtree' if tree == 'dynamic' else 'tree'}{tree_size or ''}"
+    return tag + (f"-lookup{lookup}" if lookup else "")
 
 
 def score(output: str, reference: str | None) -> dict:
@@ -84,9 +89,11 @@ def _rewrite_samples(path: Path, records: list[dict]) -> None:
 
 # ------------------------------------------------------------------------------------------------ generation
 def generate_batch(model, tokenizer, prompts: Sequence[Prompt], *, strategy: str, max_new_tokens: int,
-                   tau: float = 0.9, k: int | None = None, num_draft: int | None = None,
+                   tau: float = 0.9, k: int | None = None, num_draft: int | None = None, tree: str | None = None,
+                   tree_size: int | None = None, lookup: int = 0, graphs: bool | None = None,
                    stop_ids: list[int] | None = None, stop_strings: list[str] | None = None) -> list[dict]:
-    """Decode a batch (left-padded) and return per-row records: output text, tokens, forwards, seconds share."""
+    """Decode a batch (left-padded) and return per-row records: output text, tokens, forwards, seconds share.
+    The decoding options are `mtp.decoding.generate.generate`'s."""
     from mtp.decoding.generate import generate
     from mtp.evaluation.gsm8k import STOP_SEQUENCES
 
@@ -100,7 +107,8 @@ def generate_batch(model, tokenizer, prompts: Sequence[Prompt], *, strategy: str
 
     start = time.perf_counter()
     result = generate(model, ids, mask, max_new_tokens=max_new_tokens, strategy=strategy, tau=tau, k=k,
-                      num_draft=num_draft, stop_token_ids=stop_ids, stop_strings=stop_strings, tokenizer=tokenizer,
+                      num_draft=num_draft, tree=tree, tree_size=tree_size, lookup=lookup, graphs=graphs,
+                      stop_token_ids=stop_ids, stop_strings=stop_strings, tokenizer=tokenizer,
                       streamer=count)
     seconds = time.perf_counter() - start
     records = []
@@ -117,11 +125,15 @@ def generate_batch(model, tokenizer, prompts: Sequence[Prompt], *, strategy: str
 # ------------------------------------------------------------------------------------------------ the run
 def run_eval(model, tokenizer, prompts: Sequence[Prompt], output: str | Path, identity: dict, *,
              strategy: str = "greedy", tau: float = 0.9, k: int | None = None, num_draft: int | None = None,
-             max_new_tokens: int = 256, batch_size: int = 8, resume: bool = True, progress: bool = True) -> dict:
+             tree: str | None = None, tree_size: int | None = None, lookup: int = 0, graphs: bool | None = None,
+             max_new_tokens: int = 256, batch_size: int = 8, resume: bool = True, progress: bool = True,
+             runtime: dict | None = None) -> dict:
     """Evaluate `prompts` into the folder `output`; returns the summary (also written to summary.json).
 
     `identity` describes what the run computes (model, strategy, prompt format...); with `resume`, an existing
     folder made with the same identity continues where it stopped, one made with another identity is an error.
+    `runtime`: where this run decodes (`mtp.runtime.Runtime.to_dict`), recorded in the summary. The decoding
+    options are `mtp.decoding.generate.generate`'s.
     """
     if batch_size < 1:
         raise MTPError(f"--batch-size must be >= 1, got {batch_size}")
@@ -165,7 +177,8 @@ def run_eval(model, tokenizer, prompts: Sequence[Prompt], output: str | Path, id
     if progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=len(prompts), initial=len(prompts) - len(todo), desc=f"gsm8k {strategy_tag(strategy, tau, k)}",
+        tag = strategy_tag(strategy, tau, k, tree, tree_size, lookup)
+        bar = tqdm(total=len(prompts), initial=len(prompts) - len(todo), desc=f"gsm8k {tag}",
                    unit="problem", dynamic_ncols=True)
     start = time.perf_counter()
     try:
@@ -173,7 +186,8 @@ def run_eval(model, tokenizer, prompts: Sequence[Prompt], output: str | Path, id
             for s in range(0, len(todo), batch_size):
                 batch = todo[s:s + batch_size]
                 records = generate_batch(model, tokenizer, batch, strategy=strategy, max_new_tokens=max_new_tokens,
-                                         tau=tau, k=k, num_draft=num_draft, stop_ids=stop_ids)
+                                         tau=tau, k=k, num_draft=num_draft, tree=tree, tree_size=tree_size,
+                                         lookup=lookup, graphs=graphs, stop_ids=stop_ids)
                 append_records(f, records)
                 for r in records:
                     done[r["id"]] = r
@@ -187,7 +201,7 @@ def run_eval(model, tokenizer, prompts: Sequence[Prompt], output: str | Path, id
     ordered = [done[p.id] for p in prompts]
     summary = summarize(ordered)
     summary.update({"wall_seconds_this_run": round(time.perf_counter() - start, 2), "output": str(out),
-                    "samples": str(samples_path), "settings": identity})
+                    "samples": str(samples_path), "settings": identity, "runtime": runtime})
     write_json(out / SUMMARY, summary)
     return summary
 

@@ -9,8 +9,9 @@ _FORK_STRATEGIES = {"conf_adapt": "confadapt", "confadapt": "confadapt", "static
 
 
 def fork_arguments(strategy: Any, tau: Any, k: Any, kwargs: dict) -> tuple[str, float, Any, int | None]:
-    """Also take the gen arguments of the mtp-lm lm-eval fork (seed 002's authors): `do_mtp`, `k_toks`,
-    `strategy=[conf_adapt, 0.9]` (or "conf_adapt 0.9"), `mask_id`. Returns (strategy, tau, k, mask token id)."""
+    """Also take the gen arguments of the mtp-lm lm-eval fork (the self-distillation paper's authors):
+    `do_mtp`, `k_toks`, `strategy=[conf_adapt, 0.9]` (or "conf_adapt 0.9"), `mask_id`.
+    Returns (strategy, tau, k, mask token id)."""
     do_mtp = kwargs.pop("do_mtp", None)
     k_toks = kwargs.pop("k_toks", None)
     mask_id = kwargs.pop("mask_id", None)

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Literal
 
 from mtp.errors import MTPError
-from mtp.io import read_json_records
+from mtp.io import input_file, read_json_records
 
 # The 8 chain-of-thought exemplars of Wei et al. (2022) exactly as gsm8k_cot ships them (its `fewshot_config`,
 # sampler first_n), including the unusual "9 + 20 is 29" wording.
@@ -179,9 +179,7 @@ def load_gsm8k(
     """
     if split not in ("train", "test"):
         raise MTPError(f"GSM8K split must be 'train' or 'test', got {split!r}")
-    path = Path(path) if path is not None else _default_path(split)
-    if not path.is_file():
-        raise MTPError(f"{path}: GSM8K file not found")
+    path = input_file(path if path is not None else _default_path(split), "GSM8K")
     items: list[dict] = []
     for lineno, record in read_json_records(path, limit=limit):
         if not isinstance(record, dict):

@@ -11,7 +11,7 @@ import torch
 from mtp.decoding.generate import left_pad  # noqa: F401  (re-exported for evaluation modules)
 from mtp.errors import MTPError
 from mtp.evaluation.gsm8k import STOP_SEQUENCES, build_chat_messages, build_prompt, load_gsm8k
-from mtp.io import is_json_name, read_json_records, read_text
+from mtp.io import input_file, is_json_name, read_json_records, read_text
 
 
 @dataclass
@@ -33,7 +33,8 @@ def resolve_chat(tokenizer, chat: bool | None) -> bool:
     if chat is None:
         return has_chat_template(tokenizer)
     if chat and not has_chat_template(tokenizer):
-        raise MTPError("--chat: the model's tokenizer has no chat template; use --no-chat")
+        raise MTPError("--chat: the model's tokenizer has no chat template (no chat_template.jinja, nor one in "
+                       "tokenizer_config.json); use --no-chat")
     return chat
 
 
@@ -81,9 +82,7 @@ def file_prompts(tokenizer, path: str | Path, *, limit: int | None = None, shots
                  chat: bool = True) -> list[Prompt]:
     """Prompts from a file. A .jsonl whose records have "question" and "answer" is GSM8K (scored); records with
     "prompt" or "text" are free prompts; any other file holds one prompt per non-empty line."""
-    path = Path(path)
-    if not path.is_file():
-        raise MTPError(f"{path}: prompts file not found")
+    path = input_file(path, "prompts")
     if limit is not None and limit < 1:
         raise MTPError(f"--limit must be >= 1, got {limit}")
     text = read_text(path)

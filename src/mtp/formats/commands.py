@@ -52,7 +52,7 @@ def convert(
     target = _DTYPES.get(dtype)
 
     if source == "meta" and to == "mtp":  # streamed tensor by tensor: memory stays near one tensor
-        model = convert_meta_to_mtp_folder(input, out, dtype=target)
+        model = convert_meta_to_mtp_folder(input, out, dtype=target, overwrite=overwrite)
         tok = "with" if (out / "tokenizer_config.json").is_file() else "without"
         print(f"wrote {out}: mtp folder (config.json, model.safetensors) {tok} a tokenizer, {model.num_heads} heads "
               f"on a {model.num_trunk_layers}-layer trunk ({model.num_layers} layers), {model.dtype}")
@@ -74,10 +74,10 @@ def convert(
 
     heads = f"{model.num_heads} heads on a {model.num_trunk_layers}-layer trunk ({model.num_layers} layers)"
     if to == "meta":
-        mtp_to_meta(model, out)
+        mtp_to_meta(model, out, overwrite=overwrite)
         print(f"wrote {out}: Meta checkpoint (params.json, consolidated.00.pth), {heads}, {model.dtype}")
     else:
-        model.save_pretrained(out)
+        model.save_pretrained(out, overwrite=overwrite)
         tok = "with" if model.tokenizer is not None else "without"
         print(f"wrote {out}: mtp folder (config.json, model.safetensors) {tok} a tokenizer, {heads}, {model.dtype}")
     return 0

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from mtp.errors import MTPError
-from mtp.io import remove_stale_temporaries
+from mtp.io import disk_errors, moved_aside, remove_stale_temporaries, restore_moved_aside
 
 # What a truncated, corrupt or unsupported GGUF makes transformers' and gguf's readers raise.
 _READ_ERRORS = (ValueError, OSError, KeyError, IndexError, NotImplementedError, struct.error)
@@ -42,24 +42,26 @@ def convert_gguf_to_folder(gguf_path: Path, output: Path) -> Path:
     gguf_path, output = Path(gguf_path).resolve(), Path(output)
     if not gguf_path.is_file():
         raise MTPError(f"GGUF file not found: {gguf_path}")
-    output.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_temporaries(output.parent, output.name)  # left by conversions that were killed
-    tmp = output.parent / f".{output.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    print(f"mtp: converting {gguf_path.name} to a Hugging Face folder at {output} (about 45 s, once)",
-          file=sys.stderr, flush=True)
-    try:
-        folder, name = str(gguf_path.parent), gguf_path.name
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
-            quantized = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
-        except _READ_ERRORS as e:
-            raise MTPError(f"cannot read {gguf_path} as a GGUF model: {first_line(e)}") from e
-        _plain_copy(quantized).save_pretrained(tmp)  # safetensors, config.json, generation_config.json
-        tokenizer.save_pretrained(tmp)
-        _publish(tmp, output)
-    finally:
+    with disk_errors(output):  # a full disk or a read-only $MTP_HOME
+        output.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_temporaries(output.parent, output.name)  # left by conversions that were killed
+        restore_moved_aside(output)  # a cache a killed _publish moved aside: back, to be replaced (not leaked)
+        tmp = output.parent / f".{output.name}.tmp-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
+        print(f"mtp: converting {gguf_path.name} to a Hugging Face folder at {output} (about 45 s, once)",
+              file=sys.stderr, flush=True)
+        try:
+            folder, name = str(gguf_path.parent), gguf_path.name
+            try:
+                tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+                quantized = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+            except _READ_ERRORS as e:
+                raise MTPError(f"cannot read {gguf_path} as a GGUF model: {first_line(e)}") from e
+            _plain_copy(quantized).save_pretrained(tmp)  # safetensors, config.json, generation_config.json
+            tokenizer.save_pretrained(tmp)
+            _publish(tmp, output)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
     return output
 
 
@@ -82,7 +84,7 @@ def _plain_copy(quantized: torch.nn.Module) -> torch.nn.Module:
 
 def _publish(tmp: Path, output: Path) -> None:
     """Move the finished `tmp` into place; a reader sees either no folder or a complete one."""
-    old = output.parent / f".{output.name}.old-{os.getpid()}"
+    old = moved_aside(output)
     if output.exists():  # an earlier, possibly incomplete folder: swap it out rather than merge into it
         os.replace(output, old)
     try:

@@ -1,4 +1,4 @@
-"""Meta's multi-token checkpoint format (Gloeckle et al. 2024, seed 001) <-> `MTPModel`.
+"""Meta's multi-token checkpoint format (Gloeckle et al. 2024: Meta's released 7B checkpoints) <-> `MTPModel`.
 
 A Meta checkpoint folder holds `params.json` and `consolidated.00.pth`, a Llama-format state dict:
 
@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 from mtp.errors import MTPError
-from mtp.io import atomic_folder, read_json_object
+from mtp.io import atomic_folder, check_replaceable, read_json_object
 
 PARAMS_NAME = "params.json"
 WEIGHTS_NAME = "consolidated.00.pth"
@@ -401,13 +401,13 @@ def meta_to_mtp(folder: str | os.PathLike, dtype: torch.dtype | None = torch.flo
 
 
 def convert_meta_to_mtp_folder(folder: str | os.PathLike, output: str | os.PathLike,
-                               dtype: torch.dtype | None = None):
+                               dtype: torch.dtype | None = None, overwrite: bool = False):
     """Write a Meta checkpoint as an mtp folder, one tensor at a time: read from the mapped file, permuted,
     cast, written, its pages dropped. Memory stays near one tensor (plus the mapped pages the kernel keeps
     reclaimable). Returns the (weightless) model describing what was written."""
     folder = Path(folder)
     checkpoint, model, dtype, read, names = _open_meta(folder, dtype)
-    model.save_pretrained(output, tokenizer=load_meta_tokenizer(folder), weights=read)
+    model.save_pretrained(output, tokenizer=load_meta_tokenizer(folder), weights=read, overwrite=overwrite)
     return model
 
 
@@ -522,11 +522,13 @@ def meta_params_for(model) -> dict:
     return params
 
 
-def mtp_to_meta(model, folder: str | os.PathLike, dtype: torch.dtype | None = None) -> Path:
+def mtp_to_meta(model, folder: str | os.PathLike, dtype: torch.dtype | None = None, overwrite: bool = False) -> Path:
     """Write `model` (a Llama-family `MTPModel`, one layer per head) as a Meta checkpoint folder, atomically.
 
-    `dtype=None` keeps the model's dtype. Returns the folder.
+    `dtype=None` keeps the model's dtype. A folder holding other files than a Meta checkpoint's is refused unless
+    `overwrite` (replacing it would delete them). Returns the folder.
     """
+    check_replaceable(folder, (PARAMS_NAME, WEIGHTS_NAME, TOKENIZER_NAME), overwrite)
     params = meta_params_for(model)
     n_heads, n_kv_heads = int(params["n_heads"]), int(_param(params, "n_kv_heads"))
     ours = {name.removeprefix("base."): t for name, t in model.state_dict().items()}

@@ -80,7 +80,9 @@ class LlamaBackbone(Backbone):
         return shared
 
     def run_layer(self, layer, hidden, mask, cache, shared):
-        if cache is not None and self.fast_layers is not None and not torch.is_grad_enabled():
+        # The lean step only where the forward's shared inputs carry its tables (a cached no-grad forward): a
+        # forward that switches gradients off for some layers only (frozen layers under adapters) keeps the HF ones.
+        if cache is not None and "fast_rope" in shared and not torch.is_grad_enabled():
             fast = self.fast_layers.get(layer)
             if fast is not None:
                 return fast(hidden, mask, cache, *shared["fast_rope"])

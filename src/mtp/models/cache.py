@@ -1,10 +1,21 @@
-"""Explicit key/value cache for MTP decoding: one preallocated buffer set per layer stack (trunk, each head).
+"""A static key/value cache for MTP decoding: preallocated buffers per layer stack, per-row lengths on the device.
 
-All stacks see the same token slots, so one `MTPCache` owns the bookkeeping shared by them: how many slots are
-filled, which slots are valid for each row (left padding and rejected speculative tokens leave holes), and the
-next position id of each row. Rolling back after a rejected speculation is a change of these counters and flags;
-no tensor is copied. The per-stack `StackCache.update` has the signature transformers' attention modules call
-(`past_key_values.update(k, v, layer_idx)`), so Hugging Face layers write straight into our buffers.
+All stacks (trunk, each head) see the same token slots, so one `MTPCache` owns the bookkeeping they share, as
+device tensors (gpt-fast's `input_pos`, nanochat's per-row lengths):
+
+    length   (B,)    slots row b holds; its next block is written at slots length[b] .. length[b] + T - 1
+    next_pos (B,)    the position id of row b's next token
+    valid    (B, L)  which slots hold a token (left padding of a prompt leaves invalid slots)
+
+A block is written at each row's own offset, and a query attends to the valid slots up to its own (and, inside
+its block, to what the block's layout allows): slots past a row's length are never read, so a rejected draft is
+not freed by any bookkeeping - the row's length just does not move past it, and the next block overwrites it.
+Every operation has shapes that depend only on (B, T, L), so a decoding step over this cache can be captured
+once and replayed as a CUDA graph. With `static` off (the default on CPUs) the cache may read its lengths on the
+host to attend over fewer keys and skip work; with it on it never does.
+
+`StackCache.update` has the signature transformers' attention modules call (`cache.update(k, v, layer_idx)`),
+so Hugging Face layers write straight into these buffers.
 """
 
 from __future__ import annotations
@@ -12,6 +23,13 @@ from __future__ import annotations
 import torch
 
 from mtp.errors import MTPError
+
+
+def additive_mask(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """(B, T, S) bool -> (B, 1, T, S) additive float mask (0 where allowed, the dtype's lowest value elsewhere), the
+    4-D form transformers' attention interface and sdpa take."""
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
+    return mask.masked_fill_(~allowed, torch.finfo(dtype).min)[:, None]
 
 
 class StackCache:
@@ -38,17 +56,20 @@ class StackCache:
         return [x for x in (self.k, self.v) if x is not None]
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
-        start = self.owner.length
-        end = start + key_states.shape[2]
+        """Write a block's keys and values (B, kv_heads, T, D) at each row's block slots; return the keys and
+        values the block attends over (B, kv_heads, window, D)."""
         row = self.row.get(layer_idx)
         if row is None:
             row = self.row[layer_idx] = len(self.row)
             if self.k is None or row >= self.k.shape[0]:
                 self._grow(max(self.num_layers or 0, row + 1), key_states, value_states)
         k, v = self.k[row], self.v[row]
-        k[:, :, start:end] = key_states
-        v[:, :, start:end] = value_states
-        return k[:, :, :end], v[:, :, :end]  # (B, kv_heads, end, head_dim)
+        slots = self.owner.block_slots  # (B, T)
+        b, _, t, _ = key_states.shape
+        k.scatter_(2, slots[:, None, :, None].expand(b, k.shape[1], t, k.shape[3]), key_states)
+        v.scatter_(2, slots[:, None, :, None].expand(b, v.shape[1], t, v.shape[3]), value_states)
+        end = self.owner.window
+        return k[:, :, :end], v[:, :, :end]
 
     def _grow(self, layers: int, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         b, h, _, d = key_states.shape
@@ -63,7 +84,7 @@ class StackCache:
             self.k, self.v = self.k[:, index], self.v[:, index]
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
-        return self.owner.length
+        return self.owner.window
 
     @property
     def is_compileable(self) -> bool:
@@ -74,17 +95,23 @@ class MTPCache:
     """Shared slot bookkeeping plus one `StackCache` per stack (index 0: trunk, 1 + j: head j)."""
 
     def __init__(self, batch_size: int, max_len: int, num_stacks: int, device: torch.device | str = "cpu",
-                 stack_layers: list[int] | None = None):
-        """`stack_layers`: the number of layers of each stack, when known (their buffers are then allocated once)."""
+                 stack_layers: list[int] | None = None, static: bool = False):
+        """`stack_layers`: the number of layers of each stack, when known (their buffers are then allocated once).
+        `static`: never read the device on the host (every block attends over all `max_len` slots)."""
         self.max_len = max_len
-        self.length = 0  # slots written so far (the same for every stack)
-        self.valid = torch.zeros(batch_size, max_len, dtype=torch.bool, device=device)  # (B, max_len)
+        self.static = static
+        self.valid = torch.zeros(batch_size, max_len, dtype=torch.bool, device=device)  # (B, L)
+        self.length = torch.zeros(batch_size, dtype=torch.long, device=device)  # (B,)
         self.next_pos = torch.zeros(batch_size, dtype=torch.long, device=device)  # (B,)
+        self.longest = 0  # host-side bound on length.max() (not static): blocks attend over this many slots + T
         layers = stack_layers if stack_layers is not None else [None] * num_stacks
         if len(layers) != num_stacks:
             raise MTPError(f"stack_layers has {len(layers)} entries for {num_stacks} stacks")
         self.stacks = [StackCache(self, n) for n in layers]
         self._slots = torch.arange(max_len, device=device)
+        self.block_slots: torch.Tensor | None = None  # (B, T) where the current block is written
+        self.block_valid: torch.Tensor | None = None  # (B, T)
+        self.window = max_len  # keys the current block attends over: slots [0, window)
 
     @property
     def batch_size(self) -> int:
@@ -94,92 +121,100 @@ class MTPCache:
         return self.stacks[index]
 
     def prepare_block(self, block_valid: torch.Tensor, dtype: torch.dtype, offsets: torch.Tensor | None = None,
-                      within: torch.Tensor | None = None):
-        """Mark the next T slots and return (additive mask (B,1,T,end) or None, position ids (B,T)).
+                      within: torch.Tensor | None = None) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """Place the next block of T slots at each row's length; return (additive mask (B, 1, T, window) or None,
+        position ids (B, T)).
 
-        A query attends to valid earlier-or-equal slots of its row, and always to its own slot (a padding query
-        then has a harmless row instead of an all-masked one, which would give NaN). A drafter that lays out
-        more than a chain (mask tokens, a tree of candidates) gives `within` (T, T) bool, which block slots
+        A query attends to the valid slots up to its own, and always to its own slot (a padding query then has
+        a harmless row instead of an all-masked one, which would give NaN). A drafter that lays out more than a
+        chain (mask tokens, a tree of candidates) gives `within`, (T, T) or (B, T, T) bool: which block slots
         each block slot may see (a subset of causal order), and `offsets` (B, T), each slot's position id
         relative to the row's next position (default: consecutive over the valid slots).
         """
         b, t = block_valid.shape
-        if self.length + t > self.max_len:
-            self.compact()
-        start, end = self.length, self.length + t
-        if end > self.max_len:
-            raise MTPError(f"sequence of {end} tokens exceeds the cache of {self.max_len} slots")
-        self.valid[:, start:end] = block_valid
+        if not self.static and self.longest + t > self.max_len:
+            raise MTPError(f"sequence of {self.longest + t} tokens exceeds the cache of {self.max_len} slots")
+        slots = self.length[:, None] + torch.arange(t, device=block_valid.device)  # (B, T)
+        self.block_slots, self.block_valid = slots, block_valid
+        self.valid.scatter_(1, slots, block_valid)
         if offsets is None:
             offsets = block_valid.long().cumsum(-1) - 1
         position_ids = (self.next_pos[:, None] + offsets).clamp_min(0)  # (B, T)
-        if t == 1 and bool(self.valid[:, :end].all()):
-            return None, position_ids
-        keys = self._slots[:end]  # (end,)
-        queries = self._slots[start:end]  # (T,)
-        allowed = self.valid[:, None, :end] & (keys[None, None, :] <= queries[None, :, None])  # (B, T, end)
+        self.window = self.max_len if self.static else self.longest + t
+        keys = self._slots[: self.window]  # (W,)
+        allowed = self.valid[:, None, : self.window] & (keys[None, None, :] <= slots[:, :, None])  # (B, T, W)
         if within is not None:
-            allowed[:, :, start:end] &= within
-        allowed |= keys[None, None, :] == queries[None, :, None]
-        mask = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
-        mask.masked_fill_(~allowed, torch.finfo(dtype).min)
-        return mask[:, None], position_ids  # (B, 1, T, end), (B, T)
+            rel = keys[None, :] - self.length[:, None]  # (B, W) each key's slot inside the block
+            inside = (rel >= 0) & (rel < t)
+            layout = within.expand(b, t, t) if within.dim() == 2 else within  # (B, T, T)
+            seen = layout.gather(2, rel.clamp(0, t - 1)[:, None, :].expand(b, t, self.window))  # (B, T, W)
+            allowed &= seen | ~inside[:, None, :]
+        allowed |= keys[None, None, :] == slots[:, :, None]
+        if not self.static and t == 1 and bool(allowed.all()):
+            return None, position_ids  # nothing to hide: sdpa's unmasked kernel
+        return additive_mask(allowed, dtype), position_ids
 
-    def commit_block(self, block_valid: torch.Tensor) -> None:
-        self.length += block_valid.shape[1]
-        self.next_pos += block_valid.long().sum(-1)
+    def commit(self, keep: torch.Tensor | None = None) -> None:
+        """After the current block: row b keeps its first keep[b] slots (None: all); the rest is forgotten (the
+        next block is written over it). A row that keeps none stays as it was (a finished row's)."""
+        slots, block_valid = self.block_slots, self.block_valid
+        t = slots.shape[1]
+        if keep is None:
+            keep = torch.full_like(self.length, t)
+        kept = torch.arange(t, device=keep.device)[None, :] < keep[:, None]  # (B, T)
+        self.next_pos += (block_valid & kept).sum(-1)
+        self.length += keep
+        if not self.static:
+            self.longest = int(self.length.max())
 
-    def rollback(self, block_len: int, keep: torch.Tensor) -> None:
-        """Forget the tail of the last block of `block_len` slots: row b keeps its first `keep[b]` of them."""
-        start = self.length - block_len
-        offsets = torch.arange(block_len, device=keep.device)
-        block = self.valid[:, start:self.length]
-        dropped = block & (offsets[None, :] >= keep[:, None])  # (B, block_len)
-        self.next_pos -= dropped.long().sum(-1)
-        block &= ~dropped
-        # Slots no row keeps are reused by the next block; earlier holes stay masked.
-        self.length = start + int(keep.max())
-
-    def keep_path(self, block_len: int, prefix: int, count: torch.Tensor, path: torch.Tensor | None) -> None:
+    def keep_path(self, prefix: int, count: torch.Tensor, path: torch.Tensor | None,
+                  active: torch.Tensor | None = None) -> None:
         """After verifying a block of `prefix` fed slots then drafts: row b keeps the prefix and `count[b]`
-        drafts. A chain's drafts are kept in place (`path` None); a tree's kept path (B, D) of node indices, in
-        depth order, is first moved to the slots right after the prefix (a node's ancestors are always in
-        earlier slots, so every move goes to a slot no later than its source)."""
-        depth = int(count.max()) if path is not None else 0  # nodes to move: none when no row kept a draft
-        if depth:
-            start = self.length - block_len + prefix  # the prefix stays where it is
-            order = start + path[:, :depth]  # (B, depth) source slots of the kept nodes, in depth order
-            span = slice(start, start + depth)
-            self.valid[:, span] = self.valid.gather(1, order)
-            for stack in self.stacks:
-                for buf in stack.buffers():  # (layers, B, heads, max_len, D)
-                    idx = order[None, :, None, :, None].expand(buf.shape[0], -1, buf.shape[2], -1, buf.shape[4])
-                    buf[:, :, :, span] = buf.gather(3, idx)
-        self.rollback(block_len, prefix + count)
-
-    def compact(self) -> None:
-        """Squeeze out the holes rejected tokens left in a batch: each row's valid slots move, in order, to the
-        end of a shorter filled region (as if left-padded). Rare: only when the buffers run out of slots."""
-        order = torch.sort(self.valid[:, : self.length].to(torch.int8), dim=1, stable=True).indices  # (B, L)
-        new_len = int(self.valid[:, : self.length].sum(-1).max())
-        order = order[:, self.length - new_len:]  # (B, new_len): last new_len slots, valid ones last
-        valid = self.valid[:, : self.length].gather(1, order)
-        for stack in self.stacks:
-            for buf in stack.buffers():  # (layers, B, heads, max_len, D)
-                idx = order[None, :, None, :, None].expand(buf.shape[0], -1, buf.shape[2], -1, buf.shape[4])
-                buf[:, :, :, :new_len] = buf[:, :, :, : self.length].gather(3, idx)
-        self.valid.zero_()
-        self.valid[:, :new_len] = valid
-        self.length = new_len
+        drafts (rows not `active` keep nothing). A chain's drafts are kept in place (`path` None); a tree's kept
+        path (B, D) of node indices, in depth order, is first moved to the slots right after the prefix (a node's
+        ancestors are always in earlier slots, so every move goes to a slot no later than its source)."""
+        if path is not None:
+            depth = path.shape[1] if self.static else int(count.max())  # nothing to move when no row kept one
+            if depth:
+                start = self.length[:, None] + prefix  # (B, 1) the first draft's slot
+                source = start + path[:, :depth]  # (B, depth)
+                target = start + torch.arange(depth, device=path.device)
+                for stack in self.stacks:
+                    for buf in stack.buffers():  # (layers, B, heads, L, D)
+                        shape = (buf.shape[0], -1, buf.shape[2], -1, buf.shape[4])
+                        moved = buf.gather(3, source[None, :, None, :, None].expand(*shape))
+                        buf.scatter_(3, target[None, :, None, :, None].expand(*shape), moved)
+        keep = prefix + count
+        self.commit(keep if active is None else torch.where(active, keep, 0))
 
     def reset(self) -> None:
-        self.length = 0
         self.valid.zero_()
+        self.length.zero_()
         self.next_pos.zero_()
+        self.longest = 0
+
+    def load_rows(self, other: MTPCache, index: torch.Tensor) -> None:
+        """Copy rows `index` of another cache of the same stacks into this one, in place (its buffers keep their
+        addresses: a captured graph reads them)."""
+        self.valid.copy_(other.valid[index])
+        self.length.copy_(other.length[index])
+        self.next_pos.copy_(other.next_pos[index])
+        for mine, theirs in zip(self.stacks, other.stacks, strict=True):
+            mine.row = dict(theirs.row)
+            if theirs.k is None:  # a stack this decoding never wrote (greedy: the extra heads')
+                continue
+            if mine.k is None:
+                mine.k, mine.v = theirs.k[:, index].clone(), theirs.v[:, index].clone()
+            else:
+                mine.k.copy_(theirs.k[:, index])
+                mine.v.copy_(theirs.v[:, index])
 
     def select_rows(self, index: torch.Tensor) -> None:
         """Keep only the given batch rows (finished rows stop costing work)."""
         self.valid = self.valid[index]
+        self.length = self.length[index]
         self.next_pos = self.next_pos[index]
+        if not self.static:
+            self.longest = int(self.length.max()) if self.length.numel() else 0
         for stack in self.stacks:
             stack.select_rows(index)

@@ -22,6 +22,10 @@ from mtp.errors import MTPError
 
 WEIGHT_FORMATS = ("fp32", "fp16")
 QKV, OUT, GATE_UP, DOWN = range(4)  # the layer's projections, fused where the weights are packed
+# Devices where the projections that read one input (q, k, v; gate, up) run as one matmul over a fused copy of
+# their weights: a GPU step is bound by its number of kernels, not by bytes, and this saves three matmuls and a
+# rotary pass a layer. The copy costs those weights' memory once more; it is rebuilt when they change.
+FUSED_DEVICES = {"cuda"}
 
 
 class _PackedProjection:
@@ -54,6 +58,7 @@ class FastLlamaLayer:
         self.q_norm = getattr(attn, "q_norm", None)  # Qwen3 normalises queries and keys per head
         self.k_norm = getattr(attn, "k_norm", None)
         self.packed = None
+        self._fused: dict[int, tuple] = {}  # projection group -> (weights' identity, weight, bias, bounds)
         if weights == "fp16":
             self.packed = [_PackedProjection([attn.q_proj, attn.k_proj, attn.v_proj]),
                            _PackedProjection([attn.o_proj]),
@@ -68,7 +73,7 @@ class FastLlamaLayer:
         x = _rms_norm(hidden, self.ln1)
         q, k, v = self._project(QKV, x)
         v = v.view(b, t, -1, self.head_dim).transpose(1, 2)  # (B, kv_heads, T, D)
-        if self.packed is not None and self.q_norm is None:
+        if self._one_matmul(QKV, x) and self.q_norm is None:
             # q and k are adjacent columns of the fused projection's output: rotate them in one go
             heads, kv_heads = q.shape[-1] // self.head_dim, k.shape[-1] // self.head_dim
             qk = q.as_strided((b, t, heads + kv_heads, self.head_dim), (q.stride(0), q.stride(1), self.head_dim, 1))
@@ -87,20 +92,53 @@ class FastLlamaLayer:
         gate, up = self._project(GATE_UP, _rms_norm(hidden, self.ln2))
         return hidden + self._project(DOWN, self.act(gate) * up)[0]
 
+    def _modules(self, which: int) -> tuple[nn.Module, ...]:
+        a, m = self.attn, self.mlp  # read at call time, so int8-replaced or moved projections are seen
+        return ((a.q_proj, a.k_proj, a.v_proj), (a.o_proj,), (m.gate_proj, m.up_proj), (m.down_proj,))[which]
+
+    def _one_matmul(self, which: int, x: torch.Tensor) -> bool:
+        """Whether projection group `which` runs as one matmul (packed, or fused on this device)."""
+        if self.packed is not None:
+            return True
+        modules = self._modules(which)
+        # A projection with forward hooks (gated LoRA adapters, `mtp.models.mask_tokens`) is called as a module.
+        return (len(modules) > 1 and x.device.type in FUSED_DEVICES
+                and all(type(p) is nn.Linear and not p._forward_hooks for p in modules))
+
     def _project(self, which: int, x: torch.Tensor) -> list[torch.Tensor]:
         if self.packed is not None:
             return self.packed[which](x)
-        a, m = self.attn, self.mlp  # read at call time, so int8-replaced or moved projections are seen
-        modules = ((a.q_proj, a.k_proj, a.v_proj), (a.o_proj,), (m.gate_proj, m.up_proj), (m.down_proj,))[which]
-        # A projection with forward hooks (gated LoRA adapters, `mtp.models.mask_tokens`) is called as a module.
+        modules = self._modules(which)
+        if self._one_matmul(which, x):
+            _, weight, bias, bounds = self._fused_weights(which, modules)
+            y = F.linear(x, weight, bias)  # (..., sum of out)
+            return [y[..., a:b] for a, b in bounds]
         return [F.linear(x, p.weight, p.bias) if type(p) is nn.Linear and not p._forward_hooks else p(x)
                 for p in modules]
+
+    def _fused_weights(self, which: int, modules) -> tuple:
+        """The group's weights (and biases) joined, built once and again whenever a weight changes."""
+        identity = tuple((p.weight.data_ptr(), p.weight._version) for p in modules)
+        cached = self._fused.get(which)
+        if cached is None or cached[0] != identity:
+            weight = torch.cat([p.weight.detach() for p in modules])  # (sum of out, in)
+            bias = None
+            if any(p.bias is not None for p in modules):
+                bias = torch.cat([p.bias.detach() if p.bias is not None else weight.new_zeros(p.out_features)
+                                  for p in modules])
+            ends = torch.tensor([p.out_features for p in modules]).cumsum(0).tolist()
+            cached = self._fused[which] = (identity, weight, bias, list(zip([0, *ends[:-1]], ends, strict=True)))
+        return cached
 
 
 # For a 1-token step of a batch, two batched matmuls beat sdpa's fused CPU kernel (which tiles for long blocks):
 # 0.64 vs 1.35 ms at 16 rows, 2.2 vs 5.8 ms at 48 rows with a padding mask - a third of a 48-row decoding step.
-# For blocks of 2-8 tokens (verify steps) the two are within noise of each other, so sdpa stays.
-def _matmul_pays(batch: int, block: int) -> bool:
+# For blocks of 2-8 tokens (verify steps) the two are within noise of each other, so sdpa stays. On a GPU, sdpa
+# with an arbitrary mask and grouped key/value heads falls back to its math path, which first copies the keys and
+# values once per query head; the two matmuls read them in place, in five kernels for any short block.
+def _matmul_pays(batch: int, block: int, device_type: str = "cpu") -> bool:
+    if device_type == "cuda":
+        return block <= 16
     return block == 1 and batch >= 2
 
 
@@ -110,7 +148,7 @@ def _attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: 
     mask (B, 1, T, end) additive, or None for a 1-token step over a hole-free cache (attend to everything)."""
     b, heads, t, d = q.shape
     kv, end = keys.shape[1], keys.shape[2]
-    if not _matmul_pays(b, t):
+    if not _matmul_pays(b, t, q.device.type):
         return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scale,
                                               enable_gqa=heads != kv)  # (B, heads, T, D)
     group = heads // kv  # query head h reads key/value head h // group, as sdpa's enable_gqa does
@@ -123,13 +161,15 @@ def _attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: 
 
 
 def _rms_norm(x: torch.Tensor, norm: nn.Module) -> torch.Tensor:
-    # transformers' arithmetic (in fp32 whatever the model's dtype), so both paths agree to the last bit. In fp32,
-    # torch's fused kernel computes the same values (bit for bit on SmolLM2's rows) in one op instead of six.
-    if x.dtype == torch.float32 and norm.weight.dtype == torch.float32:
+    # In fp32 torch's fused kernel computes transformers' six ops bit for bit (on SmolLM2's rows), in one op. In
+    # bf16/fp16 it also computes in fp32 but scales by the weight before rounding once, where transformers rounds,
+    # then scales in the low precision: the last bit may differ from the Hugging Face layer, never between the rows
+    # of a block - and one kernel instead of four is what a GPU step is short of (a kernel a layer costs more there
+    # than the arithmetic).
+    # (float64 stays transformers' way: it normalises in fp32 even then.)
+    if x.dtype == norm.weight.dtype and x.dtype != torch.float64:
         return F.rms_norm(x, norm.weight.shape, norm.weight, norm.variance_epsilon)
-    x32 = x.float()
-    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + norm.variance_epsilon)
-    return norm.weight * x32.to(x.dtype)
+    return norm.weight * F.rms_norm(x.float(), norm.weight.shape, None, norm.variance_epsilon).to(x.dtype)
 
 
 def rope_tables(cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

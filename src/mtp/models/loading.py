@@ -8,25 +8,29 @@ from typing import Literal
 import torch
 
 from mtp.errors import MTPError
-from mtp.hub import ModelSource, check_model_folder, default_model_folder, load_base_model, resolve_model
+from mtp.hub import (
+    ModelSource,
+    check_finite_weights,
+    check_model_folder,
+    default_model_folder,
+    load_base_model,
+    resolve_model,
+)
 from mtp.models.parallel_heads import MTPModel, packing_dtypes
+from mtp.runtime import resolve_runtime
 
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-          "float16": torch.float16, "fp16": torch.float16, "float64": torch.float64}
 Quantize = Literal["none", "fp16", "int8"]
 
 
-def parse_dtype(name: str | torch.dtype) -> torch.dtype:
-    if isinstance(name, torch.dtype):
-        return name
-    try:
-        return DTYPES[name]
-    except KeyError:
-        raise MTPError(f"unknown dtype {name!r}; choose from {', '.join(DTYPES)}") from None
+def load(spec: str | None = None, *, device: str | torch.device = "auto", dtype: str | torch.dtype = "auto",
+         **kwargs):
+    """`mtp.load`: `load_mtp_model` with the commands' device rule (auto: CUDA in bfloat16 when there is a GPU,
+    else the CPU in float32)."""
+    return load_mtp_model(spec, device=device, dtype=dtype, **kwargs)
 
 
 def load_mtp_model(spec: str | None = None, num_heads: int | None = None, num_trunk_layers: int | None = None,
-                   device: str = "cpu", dtype: str | torch.dtype = "float32", quantize: Quantize = "none",
+                   device: str | torch.device = "cpu", dtype: str | torch.dtype = "float32", quantize: Quantize = "none",
                    default_num_heads: int = 4, mask_token_id: int | None = None,
                    mask_token: str | None = None):
     """Load `spec` (see `mtp.hub.resolve_model`) as an MTP model.
@@ -34,11 +38,14 @@ def load_mtp_model(spec: str | None = None, num_heads: int | None = None, num_tr
     An MTP folder or a Meta checkpoint brings its own heads (asking for a different number is an error); a plain
     model is wrapped with `num_heads` heads (default 4) whose extra heads start as copies of the last layer(s).
     A mask-token folder loads as a `MaskTokenModel`, and so does a plain model given `mask_token_id` or
-    `mask_token` (a token it already has, as seed 002's checkpoints ship one).
+    `mask_token` (a token it already has, as checkpoints trained with the self-distillation
+    authors' code ship one).
+    `device` and `dtype` may be "auto" (`mtp.runtime`); a device this torch cannot use is an error before loading.
     """
     from mtp.models.mask_tokens import MaskTokenModel, is_mask_token_folder
 
-    torch_dtype = parse_dtype(dtype)
+    runtime = resolve_runtime(device, dtype, quantize)
+    device, torch_dtype = runtime.device, runtime.dtype
     start = time.perf_counter()
     source = resolve_model(spec)
     # Weights about to be fp16-packed (decode-only) are loaded in fp16: the fp32 copy never exists.
@@ -78,6 +85,7 @@ def load_mtp_model(spec: str | None = None, num_heads: int | None = None, num_tr
             from mtp.formats.meta import meta_to_mtp
 
             model = meta_to_mtp(source.location, dtype=torch_dtype).to(device)
+            check_finite_weights(model, source.location)
         if num_heads is not None and num_heads != model.num_heads:
             raise MTPError(f"{source.location} has {model.num_heads} heads; --num-heads {num_heads} does not match "
                            "(omit it, or convert a base model)")
@@ -108,6 +116,16 @@ def quantize_model(model, fmt: str, decode_only: bool = False):
         quantize_for_decoding(model.lm, fmt, decode_only=decode_only)
         return model
     return quantize_for_decoding(model, fmt, decode_only=decode_only)
+
+
+def check_seq_len(model, seq_len: int) -> None:
+    """Training rows of `seq_len` tokens fit the model's positions."""
+    from mtp.decoding.generate import context_limit
+
+    context = context_limit(model)
+    if context is not None and seq_len > context:
+        raise MTPError(f"--seq-len {seq_len} is longer than the model's context of {context} tokens; use "
+                       f"--seq-len {context} or less")
 
 
 def describe_source(source: ModelSource | None) -> str:

@@ -31,7 +31,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mtp.arguments import check_values
 from mtp.errors import CheckpointMismatchError, MTPError
+from mtp.io import as_path, read_json_object
+from mtp.models.cache import additive_mask
+from mtp.runtime import resolve_device
 
 MASK_TOKEN = "<|mtp_mask|>"
 METHOD = "mask_tokens"
@@ -160,13 +164,6 @@ def gather_layout(input_ids: torch.Tensor, attention_mask: torch.Tensor, layout:
     positions = (layout.position_ids + offset).to(input_ids.device)[None].expand(b, -1)
     return LayoutBatch(tokens, positions, attention, is_mask.to(input_ids.device), layout.predict.to(input_ids.device),
                        weight.float(), next_token, layout)
-
-
-def additive_mask(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """(B, T, S) bool -> (B, 1, T, S) additive float mask, as transformers' attention interface takes a 4-D mask
-    (sdpa, eager and flex alike)."""
-    mask = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
-    return mask.masked_fill_(~allowed, torch.finfo(dtype).min)[:, None]
 
 
 # ------------------------------------------------------------------------------------------------ gated LoRA
@@ -298,8 +295,11 @@ class MaskTokenModel(nn.Module):
     def __init__(self, base: nn.Module, mask_token_id: int, mask_token: str | None = None, adapter: str = "full",
                  rank: int = 16, k: int = 4, max_k: int | None = None, lora_layers: int | None = None):
         super().__init__()
-        from mtp.models.parallel_heads import MTPModel
+        from mtp.models.parallel_heads import MTPModel, check_base
 
+        check_base(base)
+        check_values({"mask_token_id": mask_token_id, "k": k, "lora_rank": rank, "lora_layers": lora_layers},
+                     flags=False)
         if adapter not in ADAPTERS:
             raise MTPError(f"unknown adapter {adapter!r}; choose one of {', '.join(ADAPTERS)}")
         vocab = base.get_input_embeddings().weight.shape[0]
@@ -327,7 +327,8 @@ class MaskTokenModel(nn.Module):
                   **load_kwargs) -> MaskTokenModel:
         """Wrap a transformers causal LM (or load one by name/path, `mtp.hub`) and give it a mask token.
 
-        `mask_token_id` uses a token the model already has (seed 002's checkpoints ship one); otherwise
+        `mask_token_id` uses a token the model already has (checkpoints trained with the
+        self-distillation authors' code ship one); otherwise
         `mask_token` (default `<|mtp_mask|>`) is used if the tokenizer knows it, or added: to the tokenizer and
         to the embedding, in a spare padded row when the matrix has more rows than the tokenizer has tokens,
         else in a new row, initialised to the mean of the existing rows.
@@ -377,8 +378,8 @@ class MaskTokenModel(nn.Module):
     # ---------------------------------------------------------------- adapters
     @contextmanager
     def gate(self, is_mask: torch.Tensor | None):
-        """Adapters act where `is_mask` (B, T) or (T,) is True (None or no mask: the base model everywhere)."""
-        if self.lora is None or is_mask is None or not bool(is_mask.any()):
+        """Adapters act where `is_mask` (B, T) or (T,) is True (None: the base model everywhere)."""
+        if self.lora is None or is_mask is None:
             yield
             return
         g = is_mask.to(self.dtype)
@@ -467,7 +468,8 @@ class MaskTokenModel(nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs):
         """Logits of a plain causal forward (B, T, 1, V), as `MTPModel` with one head; masks in `input_ids`
         switch the adapters on there."""
-        with self.gate(input_ids == self.mask_token_id):
+        is_mask = input_ids == self.mask_token_id
+        with self.gate(is_mask if bool(is_mask.any()) else None):
             return self.without_mask_token(self.lm(input_ids, attention_mask, **kwargs))
 
     def lm_head(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -476,28 +478,26 @@ class MaskTokenModel(nn.Module):
     def without_mask_token(self, logits: torch.Tensor) -> torch.Tensor:
         """The mask token is an input, never an output: its logit is set to the lowest value (probability 0),
         so a decoded sequence never holds a token that would read as a mask."""
-        return logits.index_fill(-1, torch.tensor([self.mask_token_id], device=logits.device),
-                                 torch.finfo(logits.dtype).min)
+        logits = logits.clone()
+        logits[..., self.mask_token_id] = torch.finfo(logits.dtype).min
+        return logits
 
     def block_forward(self, tokens, valid, cache, offsets, within, is_mask) -> torch.Tensor:
-        """One cached decoding forward of a block laid out by `MaskDrafter`: final hidden states (B, T, H)."""
-        lm = self.lm
+        """One cached decoding forward of a block laid out by `MaskDrafter`: final hidden states (B, T, H). The
+        cache keeps nothing yet: the decoding step keeps what it accepted."""
         with self.gate(is_mask):
-            trunk, ctx = lm.trunk_forward(tokens, None if bool(valid.all()) else valid, cache, offsets, within)
-            hidden = lm.head_forward(0, trunk, ctx)
-            lm.finish_block(ctx)
-        return hidden
+            trunk, ctx = self.lm.trunk_forward(tokens, valid, cache, offsets, within)
+            return self.lm.head_forward(0, trunk, ctx)
 
     # ---------------------------------------------------------------- decoding
-    def drafter(self, opts, proposer=None):
-        from mtp.decoding.drafters import MaskDrafter
+    kind = "mask_tokens"  # what decoding drafts with (`mtp.decoding.drafters.drafter_for`) and checkpoints hold
 
-        if proposer is not None:
-            raise MTPError("a custom proposer drafts for parallel heads; a mask-token model drafts with its masks")
-        return MaskDrafter(self, opts)
+    def draft_depth(self, k: int | None = None) -> int:
+        """How many tokens past the next one k-1 masks draft (k: the decoding's, default the trained one)."""
+        return (k if k is not None else self.default_k) - 1
 
-    def new_cache(self, batch_size: int, max_len: int):
-        return self.lm.new_cache(batch_size, max_len)
+    def new_cache(self, batch_size: int, max_len: int, static: bool = False):
+        return self.lm.new_cache(batch_size, max_len, static=static)
 
     def generate(self, input_ids=None, attention_mask=None, **kwargs):
         """transformers' `generate` (a LongTensor of prompts + new tokens; see `mtp.decoding.hf_generate`), with
@@ -529,65 +529,71 @@ class MaskTokenModel(nn.Module):
             state.update(self.lora.state_dict_flat())
         return state
 
-    def save_pretrained(self, directory: str | os.PathLike, tokenizer=None) -> Path:
+    def save_pretrained(self, directory: str | os.PathLike, tokenizer=None, overwrite: bool = False) -> Path:
+        """A model folder, as `MTPModel.save_pretrained` writes one (and with the same refusals)."""
         from mtp.models.parallel_heads import write_model_folder
 
         state = self.checkpoint_state_dict()
         shapes = {k: (tuple(t.shape), t.dtype) for k, t in state.items()}
         return write_model_folder(directory, self.base, self.mtp_config(), shapes, state.__getitem__,
-                                  tokenizer if tokenizer is not None else self.tokenizer)
+                                  tokenizer if tokenizer is not None else self.tokenizer, overwrite)
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike, device: str | torch.device = "cpu",
                         dtype: torch.dtype = torch.float32, load_tokenizer: bool = True) -> MaskTokenModel:
-        from safetensors.torch import load_file
-        from transformers import AutoConfig, AutoModelForCausalLM
+        """Load a folder written by `save_pretrained`, as `MTPModel.from_pretrained` does: the base model is built
+        on the meta device and each tensor is read from model.safetensors straight into its place, in `dtype` on
+        `device` (one copy of the weights in memory); mismatched tensors raise an error naming them."""
+        from transformers import AutoConfig
 
-        directory = Path(directory)
+        from mtp.models.parallel_heads import MTPModel, _pick_dtype
+        from mtp.models.safetensors_io import SafetensorsReader, check_floating
+
+        device = resolve_device(device)  # before anything is read
+        directory = as_path(directory, "directory")
         raw = read_mtp_section(directory)
         if raw.get("method") != METHOD:
             raise MTPError(f"{directory}: not a mask-token model (its mtp section has method {raw.get('method')!r})")
         config = AutoConfig.from_pretrained(directory)
-        from mtp.models.parallel_heads import _skip_weight_init
-
-        with _skip_weight_init():  # every weight is overwritten by the checkpoint
-            base = AutoModelForCausalLM.from_config(config)
-        state = load_file(str(directory / WEIGHTS_NAME))
-        lora_state = {k: state.pop(k) for k in list(state) if k.startswith(LORA_PREFIX)}
-        missing, unexpected = base.load_state_dict(state, strict=False)
-        tied = {k for k in missing if k.endswith("lm_head.weight")} if config.tie_word_embeddings else set()
-        if set(missing) - tied or unexpected:
-            raise CheckpointMismatchError(f"{directory / WEIGHTS_NAME} does not match its config: missing "
-                                          f"{sorted(set(missing) - tied)[:3]}, unexpected {sorted(unexpected)[:3]}")
-        base.tie_weights()
-        model = cls(base, int(raw["mask_token_id"]), raw.get("mask_token"), adapter=raw.get("adapter", "full"),
+        weights = directory / WEIGHTS_NAME
+        if not weights.is_file():
+            raise MTPError(f"{directory}: missing {WEIGHTS_NAME}")
+        layers = int(config.num_hidden_layers)
+        lm = MTPModel.empty(config, num_heads=1, num_trunk_layers=layers - 1, dtype=dtype)
+        with SafetensorsReader(weights) as reader:
+            names = [k for k in reader.tensors if not k.startswith(LORA_PREFIX)]
+            shapes = {k: reader.tensors[k].shape for k in names}
+            lm.check_checkpoint_shapes(shapes, source=str(weights))
+            check_floating({k: reader.tensors[k].dtype for k in names}, lm.base.state_dict(), str(weights))
+            lm.materialise(names, lambda k: reader.read(k, _pick_dtype(reader, k, dtype, None), device))
+            lora_state = {k: reader.read(k, dtype, device) for k in reader.tensors if k.startswith(LORA_PREFIX)}
+        lm.to(device).eval()  # the buffers (rotary frequencies)
+        model = cls(lm.base, int(raw["mask_token_id"]), raw.get("mask_token"), adapter=raw.get("adapter", "full"),
                     rank=int(raw.get("rank", 16)), k=int(raw.get("k", 4)), max_k=raw.get("max_k"),
                     lora_layers=raw.get("lora_layers"))
         if model.lora is not None:
             model.lora.alpha = float(raw.get("alpha", model.lora.alpha))
             model.lora.scale = model.lora.alpha / model.lora.rank
-            model.lora.load_flat(lora_state, str(directory / WEIGHTS_NAME))
+            model.lora.load_flat(lora_state, str(weights))
         elif lora_state:
             raise CheckpointMismatchError(f"{directory}: LoRA weights in a model without adapters")
-        model.to(device=device, dtype=dtype).eval()
-        if load_tokenizer and (directory / "tokenizer_config.json").is_file():
-            from transformers import AutoTokenizer
+        model.eval()
+        from mtp import hub
 
-            model.tokenizer = AutoTokenizer.from_pretrained(directory)
+        hub.check_finite_weights(model, str(weights))
+        if load_tokenizer and (directory / "tokenizer_config.json").is_file():
+            model.tokenizer = hub.load_tokenizer(directory)
         return model
 
 
 def read_mtp_section(directory: Path) -> dict:
+    """The `mtp` section of a model folder's config.json (checked: there is one, and the weights file)."""
     path = directory / "config.json"
     if not path.is_file():
         raise MTPError(f"{directory}: no config.json (not a model folder)")
-    try:
-        raw = json.loads(path.read_text())
-    except ValueError as e:
-        raise MTPError(f"{path}: not valid JSON ({e})") from None
-    section = raw.get("mtp")
+    section = read_json_object(path, "a model config").get("mtp")
     if not isinstance(section, dict):
-        raise MTPError(f"{directory}: config.json has no 'mtp' section")
+        raise MTPError(f"{directory}: config.json has no 'mtp' section (a plain model: wrap it with from_base)")
     if not (directory / WEIGHTS_NAME).is_file():
         raise MTPError(f"{directory}: missing {WEIGHTS_NAME}")
     return section

@@ -23,15 +23,21 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mtp.arguments import check_values
 from mtp.decoding.inputs import token_batch
 from mtp.errors import CheckpointMismatchError, MTPError
-from mtp.io import atomic_folder
+from mtp.io import as_path, atomic_folder, check_replaceable
 from mtp.models.backbones import backbone_for
-from mtp.models.cache import MTPCache
+from mtp.models.cache import MTPCache, additive_mask
 
 WEIGHTS_NAME = "model.safetensors"
 EXTRA_HEADS_PREFIX = "extra_heads."
 DRAFT_VOCAB_KEY = "mtp.draft_vocab"
+# What a model folder holds: what `save_pretrained` writes (transformers names the tokenizer files, by kind).
+MODEL_FILES = frozenset({
+    "config.json", WEIGHTS_NAME, "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+    "special_tokens_map.json", "added_tokens.json", "chat_template.jinja", "chat_template.json", "vocab.json",
+    "merges.txt", "vocab.txt", "tokenizer.model", "spiece.model", "sentencepiece.bpe.model"})
 
 
 @dataclass
@@ -48,6 +54,8 @@ class ForwardContext:
 class MTPModel(nn.Module):
     def __init__(self, base: nn.Module, num_heads: int = 4, num_trunk_layers: int | None = None):
         super().__init__()
+        check_base(base)
+        check_values({"num_heads": num_heads, "num_trunk_layers": num_trunk_layers}, flags=False)
         self.base = base
         self.backbone = backbone_for(base)
         num_layers = len(self.backbone.layers)
@@ -56,8 +64,6 @@ class MTPModel(nn.Module):
         if not 0 <= num_trunk_layers < num_layers:
             raise MTPError(f"num_trunk_layers must be in [0, {num_layers - 1}] for a {num_layers}-layer model, "
                            f"got {num_trunk_layers}")
-        if num_heads < 1:
-            raise MTPError(f"num_heads must be >= 1, got {num_heads}")
         self.num_heads = num_heads
         self.num_trunk_layers = num_trunk_layers
         head0 = self.backbone.layers[num_trunk_layers:]
@@ -121,8 +127,8 @@ class MTPModel(nn.Module):
     def frozen_trunk_in(self, dtype: torch.dtype) -> MTPModel:
         """For heads-only training: everything that stays frozen (embeddings, trunk, head 0, final norm,
         unembedding) in `dtype` (bf16: half the memory of the largest part), the extra heads kept in fp32 as master
-        weights (their updates are too small for bf16). Train under autocast in the same dtype (`--precision
-        bf16`), which runs the heads' matmuls in it and accumulates their gradients in fp32. Returns the model."""
+        weights (their updates are too small for bf16). Train under autocast in the same dtype (`--autocast
+        bfloat16`), which runs the heads' matmuls in it and accumulates their gradients in fp32. Returns the model."""
         self.to(dtype)
         self.extra_heads.float()
         return self
@@ -134,15 +140,16 @@ class MTPModel(nn.Module):
         self.backbone.use_fast_layers(layers, weights)
         self.fast_decoding = weights
 
-    def drafter(self, opts, proposer=None):
-        """The decoding loop's drafter for this model: head 0 verifies, heads 1..n-1 propose."""
-        from mtp.decoding.drafters import HeadsDrafter
+    kind = "parallel_heads"  # what decoding drafts with (`mtp.decoding.drafters.drafter_for`) and checkpoints hold
 
-        return HeadsDrafter(self, opts, proposer)
+    def draft_depth(self, k: int | None = None) -> int:
+        """How many tokens past the next one the model drafts: one per extra head."""
+        return self.num_heads - 1
 
-    def new_cache(self, batch_size: int, max_len: int) -> MTPCache:
+    def new_cache(self, batch_size: int, max_len: int, static: bool = False) -> MTPCache:
         layers = [self.num_trunk_layers] + [len(self.head_layers(h)) for h in range(self.num_heads)]
-        return MTPCache(batch_size, max_len, num_stacks=1 + self.num_heads, device=self.device, stack_layers=layers)
+        return MTPCache(batch_size, max_len, num_stacks=1 + self.num_heads, device=self.device, stack_layers=layers,
+                        static=static)
 
     # ---------------------------------------------------------------- forward pieces (used by decoding, training)
     def trunk_forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
@@ -175,9 +182,10 @@ class MTPModel(nn.Module):
         return self.backbone.norm(hidden)
 
     def finish_block(self, ctx: ForwardContext) -> None:
-        """Advance the cache once every stack has written the block's keys and values."""
+        """Keep the whole block in the cache once every stack has written its keys and values (decoding instead
+        keeps what its verifier accepted: `MTPCache.keep_path`)."""
         if ctx.cache is not None:
-            ctx.cache.commit_block(ctx.valid)
+            ctx.cache.commit()
 
     def lm_head(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.backbone.lm_head(hidden)
@@ -301,9 +309,12 @@ class MTPModel(nn.Module):
             state[DRAFT_VOCAB_KEY] = self.draft_vocab.detach().cpu().contiguous()
         return state
 
-    def save_pretrained(self, directory: str | os.PathLike, tokenizer=None, weights=None) -> Path:
+    def save_pretrained(self, directory: str | os.PathLike, tokenizer=None, weights=None,
+                        overwrite: bool = False) -> Path:
         """Write config.json (base config + `mtp` section), model.safetensors and tokenizer files, atomically.
 
+        An existing folder is replaced only when it holds nothing but a model's files (`MODEL_FILES`), or with
+        `overwrite=True`; an existing file is refused before anything is written.
         The weights are written one tensor at a time from the model's own memory (no serialised copy), or,
         with `weights` (a function of a checkpoint name), from what it returns: then the model may be `empty`
         and only one tensor exists at a time (streaming conversions)."""
@@ -317,7 +328,7 @@ class MTPModel(nn.Module):
                       ((n.removeprefix("base."), t) for n, t in self.state_dict(keep_vars=True).items())
                       if k not in tied}
         return write_model_folder(directory, self.base, self.mtp_config(), shapes, weights,
-                                  tokenizer if tokenizer is not None else self.tokenizer)
+                                  tokenizer if tokenizer is not None else self.tokenizer, overwrite)
 
     @classmethod
     def empty(cls, config, num_heads: int, num_trunk_layers: int, dtype: torch.dtype = torch.float32) -> MTPModel:
@@ -344,35 +355,35 @@ class MTPModel(nn.Module):
         `dtype`), e.g. fp16 for the weights about to be packed."""
         from transformers import AutoConfig
 
-        from mtp.models.safetensors_io import SafetensorsReader
+        from mtp import hub
+        from mtp.models.mask_tokens import METHOD, read_mtp_section
+        from mtp.models.safetensors_io import SafetensorsReader, check_floating
 
-        directory = Path(directory)
-        config_path = directory / "config.json"
-        if not config_path.is_file():
-            raise MTPError(f"{directory}: no config.json (not a model folder)")
-        raw = json.loads(config_path.read_text())
-        if "mtp" not in raw:
-            raise MTPError(f"{directory}: config.json has no 'mtp' section (a plain model: use MTPModel.from_base)")
+        directory = as_path(directory, "directory")
+        mtp_cfg = read_mtp_section(directory)
+        if mtp_cfg.get("method") == METHOD:
+            raise MTPError(f"{directory} is a mask-token model: load it with MaskTokenModel.from_pretrained (or "
+                           "mtp.models.loading.load_mtp_model, which loads either kind)")
+        if not all(isinstance(mtp_cfg.get(k), int) for k in ("num_heads", "num_trunk_layers")):
+            raise MTPError(f"{directory / 'config.json'}: the \"mtp\" section needs integers num_heads and "
+                           "num_trunk_layers")
+        hub.check_tree_statistics(directory)
         weights = directory / WEIGHTS_NAME
-        if not weights.is_file():
-            raise MTPError(f"{directory}: missing {WEIGHTS_NAME}")
-        mtp_cfg = raw["mtp"]
         config = AutoConfig.from_pretrained(directory)
-        model = cls.empty(config, int(mtp_cfg["num_heads"]), int(mtp_cfg["num_trunk_layers"]), dtype)
+        model = cls.empty(config, mtp_cfg["num_heads"], mtp_cfg["num_trunk_layers"], dtype)
         with SafetensorsReader(weights) as reader:
             model.check_checkpoint_shapes(reader.shapes(), source=str(weights))
+            check_floating({k: t.dtype for k, t in reader.tensors.items()}, model.named_checkpoint_tensors(),
+                           str(weights))
             names = [k for k in reader.tensors if k != DRAFT_VOCAB_KEY]
             model.materialise(names, lambda key: reader.read(key, _pick_dtype(reader, key, dtype, tensor_dtype),
                                                               device))
             model.set_draft_vocab(reader.read(DRAFT_VOCAB_KEY) if DRAFT_VOCAB_KEY in reader.tensors else None)
         model.to(device).eval()  # the buffers
-        from mtp.hub import ModelSource
-
-        model.source = ModelSource("mtp_folder", str(directory), f"MTP folder {directory}")
+        hub.check_finite_weights(model, str(weights))
+        model.source = hub.ModelSource("mtp_folder", str(directory), f"MTP folder {directory}")
         if load_tokenizer and (directory / "tokenizer_config.json").is_file():
-            from transformers import AutoTokenizer
-
-            model.tokenizer = AutoTokenizer.from_pretrained(directory)
+            model.tokenizer = hub.load_tokenizer(directory)
         return model
 
     @classmethod
@@ -384,8 +395,9 @@ class MTPModel(nn.Module):
         0's layers), or None when the folder is not that simple (then load it with transformers)."""
         from transformers import AutoConfig, GenerationConfig
 
+        from mtp import hub
         from mtp.models.backbones import LLAMA_FAMILY
-        from mtp.models.safetensors_io import SafetensorsReader
+        from mtp.models.safetensors_io import SafetensorsReader, check_floating
 
         directory = Path(directory)
         weights = directory / "model.safetensors"
@@ -410,23 +422,28 @@ class MTPModel(nn.Module):
                 model.check_checkpoint_shapes({n: reader.tensors[k].shape for n, k in sources.items()}, str(weights))
             except CheckpointMismatchError:
                 return None
+            check_floating({n: reader.tensors[k].dtype for n, k in sources.items()}, model.named_checkpoint_tensors(),
+                           str(weights))
             model.materialise(list(sources), lambda n: reader.read(
                 sources[n], _pick_dtype(reader, sources[n], dtype, tensor_dtype and (lambda _: tensor_dtype(n))),
                 device))
         model.to(device).eval()
+        hub.check_finite_weights(model, str(weights))
         if (directory / "generation_config.json").is_file():
             model.base.generation_config = GenerationConfig.from_pretrained(directory)
         if (directory / "tokenizer_config.json").is_file():
-            from transformers import AutoTokenizer
-
-            model.tokenizer = AutoTokenizer.from_pretrained(directory)
+            model.tokenizer = hub.load_tokenizer(directory)
         return model
+
+    def named_checkpoint_tensors(self) -> dict[str, torch.Tensor]:
+        """The model's tensors under the names a checkpoint gives them (`checkpoint_state_dict`)."""
+        return {name.removeprefix("base."): t for name, t in self.state_dict().items()}
 
     def check_checkpoint_shapes(self, shapes: dict[str, tuple[int, ...]], source: str = "checkpoint") -> None:
         """Raise `CheckpointMismatchError` naming every missing, unexpected and mis-shaped tensor of a checkpoint
         (`shapes`: its names, under `checkpoint_state_dict`'s names, and shapes)."""
         shapes = {k: tuple(s) for k, s in shapes.items() if k != DRAFT_VOCAB_KEY}
-        expected = {name.removeprefix("base."): tuple(t.shape) for name, t in self.state_dict().items()}
+        expected = {name: tuple(t.shape) for name, t in self.named_checkpoint_tensors().items()}
         tied = _tied_aliases(self)
         missing = sorted(k for k in expected if k not in shapes and k not in tied)
         extra = sorted(k for k in shapes if k not in expected)
@@ -478,6 +495,13 @@ class MTPModel(nn.Module):
         self.set_draft_vocab(draft_vocab)
 
 
+def check_base(base) -> None:
+    """The Python API is given a transformers causal LM, not its name (`from_base` and `from_pretrained` load)."""
+    if not isinstance(base, nn.Module):
+        raise MTPError(f"expected a transformers causal LM (a torch module), got {type(base).__name__}; load one by "
+                       "name or folder with from_base, or an mtp folder with from_pretrained")
+
+
 def _pick_dtype(reader, key: str, dtype: torch.dtype, tensor_dtype) -> torch.dtype | None:
     if not reader.tensors[key].dtype.is_floating_point:
         return None  # ids (the draft vocabulary) stay as stored
@@ -497,12 +521,14 @@ def packing_dtypes(name: str) -> torch.dtype | None:
 
 
 def write_model_folder(directory: str | os.PathLike, base, mtp_section: dict, shapes: dict, weights,
-                       tokenizer=None) -> Path:
+                       tokenizer=None, overwrite: bool = False) -> Path:
     """An mtp model folder, atomically: config.json (the base config plus `mtp_section`), model.safetensors written
-    one tensor at a time (`weights(name)` for each name of `shapes`), generation config, tokenizer files."""
+    one tensor at a time (`weights(name)` for each name of `shapes`), generation config, tokenizer files. A folder
+    holding anything else is refused unless `overwrite` (replacing it would delete those files)."""
     from mtp.models.safetensors_io import write_safetensors
 
-    directory = Path(directory)
+    directory = as_path(directory, "directory")
+    check_replaceable(directory, MODEL_FILES, overwrite)
     with atomic_folder(directory) as tmp:
         config = base.config.to_dict()
         config["mtp"] = mtp_section
@@ -553,6 +579,4 @@ def _uncached_mask(valid: torch.Tensor, dtype: torch.dtype, config) -> tuple[tor
     idx = torch.arange(t, device=valid.device)
     allowed = valid[:, None, :] & (idx[None, None, :] <= idx[None, :, None])  # (B, T, T)
     allowed |= idx[None, None, :] == idx[None, :, None]
-    mask = torch.zeros(allowed.shape, dtype=dtype, device=valid.device)
-    mask.masked_fill_(~allowed, torch.finfo(dtype).min)
-    return mask[:, None], position_ids  # (B, 1, T, T)
+    return additive_mask(allowed, dtype), position_ids  # (B, 1, T, T)

@@ -1,7 +1,7 @@
 """Weight formats for fast decoding on CPU.
 
-Decoding a small model on a CPU is bound by streaming weights from memory (REFERENCE §5: a 1-token step costs
-about one pass over the fp32 weights), and MKL's fp32 GEMM for a few rows - the verify step of speculative
+Decoding a small model on a CPU is bound by streaming weights from memory (a 1-token step costs about one pass
+over the fp32 weights), and MKL's fp32 GEMM for a few rows - the verify step of speculative
 decoding - costs several 1-row steps. Two fbgemm formats fix both:
 
     mode   weights   lm_head ms (1/4/8 rows, 2 threads)   rows computed independently   speculative == greedy

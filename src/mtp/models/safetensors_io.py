@@ -18,13 +18,13 @@ import json
 import math
 import os
 import struct
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from mtp.errors import MTPError
+from mtp.errors import CheckpointMismatchError, MTPError
 
 DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
@@ -179,6 +179,16 @@ def write_safetensors(path: str | os.PathLike, shapes: dict[str, tuple[tuple[int
             if t.numel():
                 f.write(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
             del t
+
+
+def check_floating(stored: Mapping[str, torch.dtype], model: Mapping[str, torch.Tensor], source: str) -> None:
+    """Every tensor the model holds in floating point is stored in floating point: integers (a file another
+    tool wrote, or a damaged one) would not load, or would load as whole numbers."""
+    wrong = sorted(f"{name} ({NAMES.get(dtype, dtype)})" for name, dtype in stored.items()
+                   if name in model and model[name].is_floating_point() and not dtype.is_floating_point)
+    if wrong:
+        shown = ", ".join(wrong[:5]) + (f" and {len(wrong) - 5} more" if len(wrong) > 5 else "")
+        raise CheckpointMismatchError(f"{source}: weights stored as integers, not floating point: {shown}")
 
 
 def iter_unique(named: Iterable[tuple[str, torch.Tensor]]) -> Iterator[tuple[str, torch.Tensor]]:

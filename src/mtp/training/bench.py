@@ -24,6 +24,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
+from mtp.runtime import Runtime, peak_memory, synchronize
 from mtp.training.losses import LOSS_ORDERS
 
 METHOD = ("peak memory = bytes of tensors live before the step (weights, optimizer state) + the maximum of the "
@@ -128,13 +129,9 @@ def measure_memory(model, optimizer, step, device: torch.device) -> dict:
     """Peak memory of one step (after a warm-up step has allocated the optimizer state)."""
     gc.collect()
     if device.type == "cuda":
-        torch.cuda.synchronize()
-        before = torch.cuda.memory_allocated(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        step()
-        torch.cuda.synchronize()
-        peak = torch.cuda.max_memory_allocated(device)
-        return {"peak_mb": peak / 2**20, "step_alloc_mb": (peak - before) / 2**20, "rss_increase_mb": None}
+        with peak_memory(device) as peak:
+            step()
+        return {"peak_mb": peak["peak_mb"], "step_alloc_mb": peak["extra_bytes"] / 2**20, "rss_increase_mb": None}
     before = live_bytes(model, optimizer)
     with LiveTensorPeak() as tracker:
         step()
@@ -151,20 +148,21 @@ def measure_memory(model, optimizer, step, device: torch.device) -> dict:
 
 
 def _timed(step, device: torch.device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+    synchronize(device)
     t0 = time.perf_counter()
     step()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+    synchronize(device)
     return time.perf_counter() - t0
 
 
 def run_bench_train(spec, heads, orders, seq_len, batch_size, steps, freeze_trunk, gradient_checkpointing,
                     device: torch.device, seed: int = 0) -> dict:
     from mtp.hub import load_base_model
+    from mtp.models.loading import check_seq_len
 
-    base, tokenizer, source = load_base_model(spec, device, torch.float32)
+    runtime = Runtime(device, torch.float32)  # trained weights are fp32
+    base, tokenizer, source = load_base_model(spec, device, runtime.dtype)
+    check_seq_len(base, seq_len)
     g = torch.Generator().manual_seed(seed)
     vocab = base.config.vocab_size
     ids = torch.randint(0, vocab, (batch_size, seq_len), generator=g).to(device)
@@ -199,7 +197,7 @@ def run_bench_train(spec, heads, orders, seq_len, batch_size, steps, freeze_trun
                              "time": b["step_seconds"] / a["step_seconds"]}
     lines = [f"model: {source.description}; batch {batch_size} x {seq_len} tokens; "
              f"{'heads only (frozen trunk)' if freeze_trunk else 'full fine-tuning'}"
-             f"{', gradient checkpointing' if gradient_checkpointing else ''}; {device}, "
+             f"{', gradient checkpointing' if gradient_checkpointing else ''}; {runtime.describe()}, "
              f"{torch.get_num_threads()} threads",
              "",
              f"{'heads':>5}  {'loss order':<17} {'step s':>8}  {'peak MB':>9}  {'step alloc MB':>13}  {'RSS + MB':>9}"]
@@ -213,6 +211,6 @@ def run_bench_train(spec, heads, orders, seq_len, batch_size, steps, freeze_trun
             lines.append(f"{order}: n={hi} / n={lo}: peak {rt['peak']:.3f}x, step allocations "
                          f"{rt['step_alloc']:.3f}x, step time {rt['time']:.2f}x")
     return {"model": source.description, "batch_size": batch_size, "seq_len": seq_len, "freeze_trunk": freeze_trunk,
-            "gradient_checkpointing": gradient_checkpointing, "device": str(device),
+            "gradient_checkpointing": gradient_checkpointing, **runtime.to_dict(),
             "threads": torch.get_num_threads(), "results": rows, "ratios": ratios, "method": METHOD,
             "table": "\n".join(lines)}

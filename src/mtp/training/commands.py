@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import inspect
 import json
 import os
 import shutil
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -13,10 +16,20 @@ from typing import Literal
 
 import torch
 
-from mtp.arguments import spelled
+from mtp.arguments import current_arguments, spelled
 from mtp.errors import MTPError
-from mtp.io import atomic_write_json, remove_stale_temporaries, temporary_prefix
-from mtp.runtime import set_threads
+from mtp.io import atomic_write_json, disk_errors, remove_stale_temporaries, temporary_prefix
+from mtp.process import output_lock
+from mtp.runtime import (
+    DType,
+    Runtime,
+    auto_dtype,
+    describe_runtime,
+    parse_dtype,
+    peak_memory,
+    resolve_device,
+    set_threads,
+)
 from mtp.training.distributed import Parallel
 
 TRAIN_CONFIG = "train_config.json"
@@ -24,6 +37,10 @@ EVAL_NAME = "eval.json"
 # Flags that do not change what a run computes: free to differ when resuming.
 _NOT_RUN_IDENTITY = {"output", "resume", "device", "threads", "progress", "save_every", "keep_checkpoints",
                      "eval_every", "gen_batch_size", "trunk_cache", "gradient_checkpointing", "parallel"}
+LossOrder = Literal["memory-efficient", "naive"]
+# An --autocast dtype -> the name the training loop gives that precision (`mtp.training.loop.TrainConfig`).
+_PRECISION = {"auto": "auto", "float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
+_AUTOCAST = {precision: dtype for dtype, precision in _PRECISION.items()}
 # The mask-token method's own flags: with --method heads, one set away from its default is an error.
 SELFDISTILL_ONLY = ("prefix_loss", "entropy_loss", "k", "k_min", "k_max", "adapter", "lora_rank", "lora_layers",
                     "regions", "supervision", "mask_token", "mask_token_id", "per_rank_k")
@@ -59,9 +76,9 @@ def train(
     weight_decay: float = 0.0,
     max_grad_norm: float = 1.0,
     head_weights: str = "equal",
-    loss_order: Literal["memory-efficient", "naive"] = "memory-efficient",
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto",
-    dtype: Literal["float32", "bfloat16"] = "float32",
+    loss_order: LossOrder = "memory-efficient",
+    autocast: DType = "auto",
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto",
     gradient_checkpointing: bool = False,
     trunk_cache: Literal["auto", "device", "disk", "off"] = "auto",
     draft_vocab: int = 8192,
@@ -126,9 +143,12 @@ def train(
         max_grad_norm: gradient clipping (0: off)
         head_weights: "equal", "medusa" (0.2*0.8^(i-1) for head i>=1), or comma-separated weights per head
         loss_order: "memory-efficient" (one head's logits at a time) or "naive" (all heads at once)
-        precision: autocast: auto (bf16/fp16 on GPU, fp32 on CPU), fp32, bf16, fp16
+        autocast: the dtype the forward and backward passes compute in (torch.autocast; the weights that train
+            stay float32): auto (bfloat16 on a GPU, float16 where it has no bfloat16; float32 on a CPU), float32
+            (no autocast), bfloat16, float16 (GPU only)
         dtype: with --freeze-trunk: the frozen part's weights (bfloat16: half the memory; loaded straight in it);
-            the extra heads keep fp32 master weights and train under autocast in this dtype (--precision auto)
+            the extra heads keep fp32 master weights and train under autocast in this dtype (--autocast auto);
+            auto: bfloat16 on a GPU that has it, else float32 (trained weights are always fp32)
         gradient_checkpointing: recompute layer activations in the backward pass (less memory, slower)
         trunk_cache: with --freeze-trunk, compute the frozen trunk's outputs once per row (or keep those computed
             while answering) and reuse them every epoch: "disk" (in the run folder, fp16, read per batch),
@@ -164,7 +184,7 @@ def train(
         parallel: under torchrun (torchrun --nproc-per-node N -m mtp train ...): "fsdp" shards parameters,
             gradients and optimizer state over the processes (FSDP2), "ddp" replicates them; "none": one process
         seed: data order, held-out split and initialisation seed
-        device: cpu, cuda, cuda:N or auto
+        device: auto (CUDA when available), cpu, cuda or cuda:N
         threads: torch CPU threads (default: torch's choice)
         progress: progress bars
     """
@@ -172,11 +192,20 @@ def train(
     t_start = time.perf_counter()
     out = Path(output).expanduser()
     set_threads(threads)
+    from mtp.training.distributed import torchrun_env
 
+    env = torchrun_env()
+    # One run per folder: under torchrun its rank 0 holds the folder for the whole job.
+    with output_lock(out) if env is None or env[0] == 0 else contextlib.nullcontext():
+        return _start(args, out, t_start)
+
+
+def _start(args: dict, out: Path, t_start: float) -> int:
+    """`train` once this process holds the run folder: the arguments checked, the torchrun job joined."""
     from mtp.training.checkpoints import latest_checkpoint
 
     checkpoint = None
-    if resume:
+    if args["resume"]:
         saved = _read_train_config(out)
         args = _merge_resume_args(args, saved)
         checkpoint = latest_checkpoint(out / "checkpoints")
@@ -184,8 +213,10 @@ def train(
             print(f"mtp: no checkpoint in {out / 'checkpoints'} yet; starting the run from step 0", flush=True)
     else:
         _check_fresh_output(out)
+    _check_same_data(args)
     a = _Args(args)
     _validate(a)
+    args["dtype"] = a.dtype  # what auto resolved to: a resumed run keeps it, wherever it resumes
     from mtp.training.distributed import barrier, check_parallel, start, stop
 
     check_parallel(a.parallel)
@@ -204,12 +235,13 @@ def train(
 
 def _train(a: _Args, args: dict, out: Path, checkpoint: Path | None, par: Parallel | None, t_start: float) -> int:
     """`train` once the arguments are checked and this process has joined its torchrun job (`par`, or None)."""
+    from mtp.models.loading import check_seq_len
     from mtp.training.checkpoints import is_sharded, load_trainer_state
     from mtp.training.distributed import full_state_on_main
 
     main = par is None or par.is_main
     timings: dict[str, float] = {}
-    dev = par.device if par is not None else _device(a.device)
+    dev = par.device if par is not None else resolve_device(a.device, flags=True)
     torch.manual_seed(a.seed)  # the same on every rank: new weights start alike everywhere
 
     # ------------------------------------------------------------------ model
@@ -231,6 +263,7 @@ def _train(a: _Args, args: dict, out: Path, checkpoint: Path | None, par: Parall
     tokenizer = mtp_model.tokenizer
     if tokenizer is None:
         raise MTPError("the model has no tokenizer; give a --model folder with tokenizer files")
+    check_seq_len(mtp_model, a.seq_len)
     if a.template == "auto":
         a.template = "chat" if getattr(tokenizer, "chat_template", None) else "plain"
 
@@ -251,8 +284,8 @@ def _train(a: _Args, args: dict, out: Path, checkpoint: Path | None, par: Parall
         steps=total_steps, batch_size=a.batch_size, grad_accum=a.grad_accum, lr=lr, min_lr_ratio=a.min_lr_ratio,
         warmup_steps=warmup, weight_decay=a.weight_decay, max_grad_norm=a.max_grad_norm,
         head_weights=parse_head_weights(a.head_weights, mtp_model.num_heads), loss_order=a.loss_order,
-        precision=a.precision, gradient_checkpointing=a.gradient_checkpointing, freeze_trunk=a.freeze_trunk,
-        trunk_cache=a.trunk_cache, eval_every=a.eval_every, save_every=a.save_every,
+        precision=_PRECISION[a.autocast], gradient_checkpointing=a.gradient_checkpointing,
+        freeze_trunk=a.freeze_trunk, trunk_cache=a.trunk_cache, eval_every=a.eval_every, save_every=a.save_every,
         keep_checkpoints=a.keep_checkpoints, seed=a.seed, progress=a.progress)
     trainer = method.trainer(mtp_model, train_data, held_data, config, a, out, parallel=par, features=store)
     if sharded:
@@ -269,12 +302,16 @@ def _train(a: _Args, args: dict, out: Path, checkpoint: Path | None, par: Parall
               f"{len(train_data)} training rows ({target_tokens:,} target tokens), "
               f"{len(held_data) if held_data is not None else 0} held-out rows; {total_steps} steps of "
               f"{a.batch_size}x{a.grad_accum} rows (~{total_steps * a.batch_size * a.grad_accum / len(train_data):.2f} "
-              f"epochs, {batches_per_epoch(train_data, a.batch_size)} batches per epoch); lr {lr:g}, {trainer.precision}"
+              f"epochs, {batches_per_epoch(train_data, a.batch_size)} batches per epoch); lr {lr:g}, "
+              f"autocast {_AUTOCAST[trainer.precision]}"
               + (f"; resuming at step {trainer.step}" if checkpoint is not None else ""), flush=True)
 
     start = time.perf_counter()
-    result = trainer.train()
+    with peak_memory(dev) as memory:
+        result = trainer.train()
     timings["trunk_cache_train_eval"] = time.perf_counter() - start
+    speed = {**training_speed(result.history), "peak_gpu_memory_mb": memory["peak_mb"]}
+    runtime = {**Runtime(dev, parse_dtype(a.dtype)).to_dict(), "autocast": _AUTOCAST[trainer.precision]}
     # ------------------------------------------------------------------ final model and reports
     if par is None:
         install_model(mtp_model, out)
@@ -284,7 +321,7 @@ def _train(a: _Args, args: dict, out: Path, checkpoint: Path | None, par: Parall
             return 0
         install_model(_unsharded_copy(method, a, mtp_model, whole), out)
     timings["total"] = time.perf_counter() - t_start
-    _write_report(out, a, result, held_data, timings, trainer, dev)
+    _write_report(out, a, result, held_data, timings, speed, runtime, trainer, dev)
     return 0
 
 
@@ -370,14 +407,24 @@ def _self_answered_data(a: _Args, args: dict, out: Path, method, mtp_model, par:
         share=(par.rank, par.world_size) if par is not None else (0, 1))
 
 
-def _write_report(out: Path, a: _Args, result, held_data, timings: dict[str, float], trainer, dev) -> None:
+def training_speed(history) -> dict:
+    """Throughput of this invocation's optimizer steps (`StepMetrics`): tokens (every real token of the rows)
+    per second of step time, and the median step time."""
+    seconds = sum(m.seconds for m in history)
+    tokens = sum(m.tokens for m in history)
+    return {"steps_timed": len(history), "tokens_per_second": round(tokens / seconds, 1) if seconds > 0 else None,
+            "step_seconds_median": round(statistics.median(m.seconds for m in history), 4) if history else None}
+
+
+def _write_report(out: Path, a: _Args, result, held_data, timings: dict[str, float], speed: dict,
+                  runtime: dict, trainer, dev: torch.device) -> None:
     """eval.json (what the run measured, held-out figures included) and the printed summary."""
     report = {"step": result.step, "targets": a.targets,
               "held_out_rows": len(held_data) if held_data is not None else 0,
               "train_loop_seconds": round(result.seconds, 1),  # optimizer steps only, summed over resumes
               "seconds_this_invocation": {k: round(v, 1) for k, v in timings.items()},
-              "trunk_cache": getattr(trainer, "trunk_cache", "off"),
-              "peak_memory_gb": peak_memory_gb(dev)}
+              "runtime": runtime, "training_speed": speed,
+              "trunk_cache": getattr(trainer, "trunk_cache", "off"), "peak_memory_gb": peak_memory_gb(dev)}
     if result.evaluation is not None:
         ev = result.evaluation
         report.update(ev.to_dict())
@@ -431,23 +478,29 @@ def _validate(a: _Args) -> None:
                            "parallel heads")
     if a.answer_minutes is not None and a.targets != "self":
         raise MTPError("--answer-minutes budgets the model's own answers; it needs --targets self")
+    dev = resolve_device(a.device, flags=True)  # before anything loads
+    from mtp.training.loop import resolve_precision
+
+    resolve_precision(_PRECISION[a.autocast], dev)  # what the training loop would refuse, refused before any work
+    if a.dtype == "auto":  # frozen weights in bf16 where the GPU computes in it anyway (autocast); else fp32
+        bf16 = auto_dtype(dev) == torch.bfloat16 and a.autocast in ("auto", "bfloat16")
+        a.dtype = "bfloat16" if bf16 and a.method == "heads" and a.freeze_trunk else "float32"
     if a.trunk_cache in ("device", "disk") and not a.freeze_trunk:
         raise MTPError(f"--trunk-cache {a.trunk_cache} keeps a frozen trunk's outputs; it needs --freeze-trunk")
     if a.dtype != "float32":  # frozen weights in bf16/fp16, trained ones fp32: the matmuls need autocast
-        autocast = "bf16"  # (fp16 would need --precision fp16, whose loss scaling does not run yet)
+        autocast = "bfloat16"  # (float16 would need --autocast float16, whose loss scaling does not run yet)
         if a.method != "heads" or not a.freeze_trunk:
             raise MTPError(f"--dtype {a.dtype} is for --freeze-trunk (the frozen weights; trained ones stay fp32); "
-                           f"for full fine-tuning keep fp32 weights and use --precision {autocast}")
-        if a.precision not in ("auto", autocast):
-            raise MTPError(f"--dtype {a.dtype} trains under --precision {autocast}, not {a.precision}")
-        a.precision = autocast
+                           f"for full fine-tuning keep fp32 weights and use --autocast {autocast}")
+        if a.autocast not in ("auto", autocast):
+            raise MTPError(f"--dtype {a.dtype} trains under --autocast {autocast}, not {a.autocast}")
+        a.autocast = autocast
 
 
 class _HeadsMethod:
     """--method heads: parallel heads on a shared trunk (`mtp.training.loop.Trainer`)."""
 
     def load(self, a: _Args, checkpoint: Path | None, dev: torch.device):
-        from mtp.models.loading import parse_dtype
         from mtp.models.parallel_heads import MTPModel
 
         dtype = parse_dtype(a.dtype)
@@ -489,18 +542,6 @@ def _method(a: _Args):
     return _HeadsMethod()
 
 
-def _device(spec: str) -> torch.device:
-    if spec == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(spec)
-    except RuntimeError:
-        raise MTPError(f"unknown device {spec!r}") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise MTPError("--device cuda: no CUDA device is available")
-    return dev
-
-
 def load_model_for_training(spec: str | None, num_heads: int | None, num_trunk_layers: int | None,
                             device: torch.device, dtype: torch.dtype = torch.float32):
     """An MTPModel to train (mtp.models.loading), fp32 unless `dtype` (frozen-trunk training): an MTP folder as
@@ -518,11 +559,26 @@ def _extra_heads_fp32(name: str) -> torch.dtype | None:
 def _check_fresh_output(out: Path) -> None:
     from mtp.training.checkpoints import list_checkpoints
 
-    if out.exists() and not out.is_dir():
-        raise MTPError(f"--output {out} is a file")
     if (out / "config.json").exists() or list_checkpoints(out / "checkpoints"):
         raise MTPError(f"{out} already holds a trained model or checkpoints; pass --resume to continue that run, "
                        "or choose a new --output")
+
+
+def _check_same_data(args: dict) -> None:
+    """A --data file's size and hash go into the run's arguments; a --resume on a file edited since then would
+    train on other rows than the run's seed and held-out split chose, without a word."""
+    path = Path(args["data"]).expanduser()
+    if not path.is_file():
+        return  # the shipped GSM8K or a datasets name
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    now = f"{path.stat().st_size} bytes, sha256 {digest.hexdigest()[:16]}"
+    before = args.setdefault("_data_fingerprint", now)
+    if before != now:
+        raise MTPError(f"--data {path} has changed since the run started ({before}; now {now}); --resume "
+                       "continues the run on the same data: restore the file, or start a new --output")
 
 
 def _read_train_config(out: Path) -> dict:
@@ -540,7 +596,8 @@ def _merge_resume_args(args: dict, saved: dict) -> dict:
     defaults = {name: p.default for name, p in inspect.signature(train).parameters.items()}
     merged = dict(args)
     clashes = []
-    for name, value in saved.get("args", {}).items():
+    saved_args = current_arguments("train", saved.get("args", {}))  # a run saved under old flag names
+    for name, value in saved_args.items():
         if name not in defaults or name in _NOT_RUN_IDENTITY:
             continue
         current = args.get(name)
@@ -550,7 +607,7 @@ def _merge_resume_args(args: dict, saved: dict) -> dict:
             clashes.append(f"--{name.replace('_', '-')} {current} (the run used {value})")
     if clashes:
         raise MTPError("--resume continues the run as it was started; these flags differ: " + "; ".join(clashes))
-    for name, value in saved.get("args", {}).items():
+    for name, value in saved_args.items():
         if name.startswith("_"):
             merged[name] = value
     return merged
@@ -579,13 +636,14 @@ def install_model(model, out: Path) -> None:
     """Save the model into the run folder (which also holds checkpoints and logs): written to a temporary
     folder, then each file renamed into place, config.json last (a config.json marks a complete model)."""
     remove_stale_temporaries(out)  # of writes into the run folder that were killed
-    tmp = Path(tempfile.mkdtemp(prefix=temporary_prefix(out / "model"), dir=out))
-    try:
-        model.save_pretrained(tmp)
-        for f in sorted(tmp.iterdir(), key=lambda p: p.name == "config.json"):
-            os.replace(f, out / f.name)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    with disk_errors(out / "model.safetensors"):
+        tmp = Path(tempfile.mkdtemp(prefix=temporary_prefix(out / "model"), dir=out))
+        try:
+            model.save_pretrained(tmp)
+            for f in sorted(tmp.iterdir(), key=lambda p: p.name == "config.json"):
+                os.replace(f, out / f.name)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def peak_memory_gb(dev: torch.device) -> dict[str, float | None]:
@@ -614,6 +672,12 @@ def _print_summary(out: Path, result, report: dict) -> None:
     print(f"mtp train: done, step {result.step}; {t['total']:.0f} s in all (model {t['load_model']:.0f} s, data and "
           f"targets {t['data_and_targets']:.0f} s, trunk cache + training + eval {t['trunk_cache_train_eval']:.0f} s); "
           f"peak memory {memory or 'not measured'}. Model: {out}", flush=True)
+    speed = report["training_speed"]
+    if speed["tokens_per_second"] is not None:
+        gpu = f", peak GPU memory {speed['peak_gpu_memory_mb']:,.0f} MB" if speed["peak_gpu_memory_mb"] else ""
+        print(f"training speed: {speed['tokens_per_second']:,.0f} tokens/s, {1000 * speed['step_seconds_median']:.0f} "
+              f"ms a step (median of {speed['steps_timed']}){gpu}; {describe_runtime(report['runtime'])} "
+              f"weights, autocast {report['runtime']['autocast']}", flush=True)
     if "heads" in report:
         print("held-out per head:   head  predicts  top-1 acc   loss    tokens")
         for h in report["heads"]:
@@ -630,8 +694,8 @@ def _print_summary(out: Path, result, report: dict) -> None:
 # ---------------------------------------------------------------------------------------------- bench-train
 def bench_train(
     model: str | None = None,
-    heads: list[int] | None = None,
-    orders: list[str] | None = None,
+    num_heads: list[int] | None = None,
+    loss_order: list[LossOrder] | None = None,
     seq_len: int = 256,
     batch_size: int = 4,
     steps: int = 3,
@@ -646,22 +710,22 @@ def bench_train(
 
     Args:
         model: base model (default: the embedded SmolLM2-135M-Instruct), folder, .gguf or hub id
-        heads: head counts to compare (default: 1 4)
-        orders: loss orders (default: naive memory-efficient)
+        num_heads: head counts to compare (default: 1 4)
+        loss_order: loss orders to compare (default: naive memory-efficient)
         seq_len: tokens per row (every token is a target: the largest logits)
         batch_size: rows per step
         steps: timed steps per configuration (after one warm-up step)
         freeze_trunk: benchmark heads-only training instead of full fine-tuning
         gradient_checkpointing: with gradient checkpointing
         output: JSON file for the results
-        device: cpu, cuda or auto
+        device: auto (CUDA when available), cpu, cuda or cuda:N
         threads: torch CPU threads
         seed: seed of the random batch
     """
     from mtp.training.bench import run_bench_train
 
-    heads = heads or [1, 4]
-    orders = orders or ["naive", "memory-efficient"]
+    heads = num_heads or [1, 4]
+    orders = loss_order or ["naive", "memory-efficient"]
     from mtp.training.losses import LOSS_ORDERS
 
     for order in orders:
@@ -671,7 +735,7 @@ def bench_train(
         raise MTPError("--freeze-trunk trains extra heads only; every head count must be >= 2")
     set_threads(threads)
     results = run_bench_train(model, heads, orders, seq_len, batch_size, steps, freeze_trunk,
-                              gradient_checkpointing, _device(device), seed)
+                              gradient_checkpointing, resolve_device(device, flags=True), seed)
     atomic_write_json(Path(output), results)
     print(results["table"])
     print(f"\n{results['method']}\nresults: {output}")

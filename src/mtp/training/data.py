@@ -144,10 +144,11 @@ class Rows:
         self.seq_len, self.pad_id, self.pack = seq_len, pad_id, pack
         self.tokens, self.targets, self.lengths = array("i"), bytearray(), array("q")
         self.source = array("q")  # unpacked: the input row each kept row came from
-        self.added = 0
+        self.added = self.cut = 0
 
     def add(self, ids: Sequence[int], mask: Sequence[bool]) -> None:
         if not self.pack:
+            self.cut += len(ids) > self.seq_len
             ids, mask = ids[: self.seq_len], mask[: self.seq_len]
         if self.pack or any(mask):
             self.tokens.extend(ids)
@@ -172,6 +173,9 @@ class Rows:
             lengths = torch.frombuffer(self.lengths, dtype=torch.int64) if self.lengths else torch.zeros(0, dtype=torch.long)
             starts = torch.cumsum(lengths, 0) - lengths
             source, pieces = torch.frombuffer(self.source, dtype=torch.int64) if self.source else None, self.added
+        if self.cut:
+            log.warning("cut %d of %d rows to seq_len=%d tokens: their ends are not trained on (--pack keeps every "
+                        "token; or raise --seq-len)", self.cut, self.added, self.seq_len)
         if len(lengths) < pieces:
             log.warning("dropped %d of %d rows with no target token (seq_len=%d)", pieces - len(lengths), pieces,
                         self.seq_len)

@@ -34,6 +34,7 @@ import torch.distributed as dist
 from torch import nn
 
 from mtp.errors import MTPError
+from mtp.runtime import resolve_device
 
 PARALLEL = ("none", "ddp", "fsdp")
 
@@ -142,14 +143,10 @@ def start(mode: str, device: str = "auto") -> Parallel | None:
     if mode == "none":
         return None
     rank, world, local = torchrun_env()
-    use_cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
-    if use_cuda:
-        if not torch.cuda.is_available():
-            raise MTPError("--device cuda: no CUDA device is available")
+    use_cuda = resolve_device(device, flags=True).type == "cuda"
+    if use_cuda:  # one GPU per process: the local rank's
         dev = torch.device("cuda", local)
         torch.cuda.set_device(dev)
-    elif device not in ("auto", "cpu"):
-        raise MTPError(f"--parallel {mode} runs on cpu (gloo) or cuda (nccl), not {device!r}")
     else:
         dev = torch.device("cpu")
     if not dist.is_initialized():

@@ -2,7 +2,7 @@
 
 With SmolLM2's 49,152 tokens, the unembedding is ~2/3 of the arithmetic of a frozen-trunk training step, yet
 the model's own GSM8K answers use ~4,000 distinct tokens. Heads that score only the K most frequent tokens of
-the training rows train ~3.5x faster at the same held-out accuracy (README, Training), and a draft outside
+the training rows train ~3.5x faster at the same held-out accuracy (docs/training.md), and a draft outside
 them is at worst one rejected draft: head 0 still verifies against the whole vocabulary.
 """
 

@@ -26,8 +26,11 @@ from pathlib import Path
 
 import torch
 
+from mtp.arguments import check_values
 from mtp.errors import MTPError
-from mtp.io import atomic_write_lines
+from mtp.io import atomic_write_lines, disk_errors
+from mtp.process import interrupt_for
+from mtp.runtime import synchronize
 from mtp.training.checkpoints import (
     SHARDED_DIR,
     load_trainer_state,
@@ -85,22 +88,12 @@ class TrainConfig:
     progress: bool = True
 
     def validate(self) -> None:
-        if self.steps < 1:
-            raise MTPError(f"steps must be >= 1, got {self.steps}")
-        for name in ("batch_size", "grad_accum", "eval_batch_size"):
-            if getattr(self, name) < 1:
-                raise MTPError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("warmup_steps", "eval_every", "save_every"):
-            if getattr(self, name) < 0:
-                raise MTPError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if self.keep_checkpoints < 1:
-            raise MTPError(f"keep_checkpoints must be >= 1, got {self.keep_checkpoints}")
-        if not (self.lr > 0 and math.isfinite(self.lr)):
-            raise MTPError(f"lr must be a positive number, got {self.lr}")
-        if not 0.0 <= self.min_lr_ratio <= 1.0:
-            raise MTPError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
-        if self.weight_decay < 0:
-            raise MTPError(f"weight_decay must be >= 0, got {self.weight_decay}")
+        # the rules the CLI applies to the same names (mtp.arguments), wrong types included
+        check_values({name: getattr(self, name) for name in (
+            "steps", "batch_size", "grad_accum", "eval_batch_size", "warmup_steps", "eval_every", "save_every",
+            "keep_checkpoints", "lr", "min_lr_ratio", "weight_decay", "seed")}, flags=False)
+        if not math.isfinite(self.lr):
+            raise MTPError(f"lr must be a finite number, got {self.lr}")
         if self.loss_order not in LOSS_ORDERS:
             raise MTPError(f"loss order must be one of {', '.join(LOSS_ORDERS)}, got {self.loss_order!r}")
         if self.precision not in PRECISIONS:
@@ -151,15 +144,23 @@ def enable_gradient_checkpointing(model) -> None:
             module.gradient_checkpointing = True
 
 
+_DTYPE_NAME = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+
+
 def resolve_precision(precision: str, device: torch.device) -> str:
+    """"auto" -> the precision a device trains in; an MTPError for one it cannot."""
     if precision == "auto":
         if device.type == "cuda":
             return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-        return "fp32"  # CPU: bf16 matmuls are slower than fp32 without AVX-512 BF16 (REFERENCE.md §5)
+        return "fp32"  # CPU: bf16 matmuls are slower than fp32 without AVX-512 BF16
+    # The messages name mtp train's --autocast values (bfloat16, float16, float32) for these precisions.
     if precision in ("bf16", "fp16") and device.type not in ("cuda", "cpu", "xpu", "mps"):
-        raise MTPError(f"{precision} autocast is not available on {device.type}")
+        raise MTPError(f"autocast {_DTYPE_NAME[precision]} is not available on {device.type}")
+    if precision == "fp16" and device.type == "cpu":  # torch's GradScaler, which fp16 needs, does not run there
+        raise MTPError("--autocast float16 needs a GPU (its loss scaling does not run on a CPU); on a CPU use "
+                       "--autocast bfloat16 or float32")
     if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        raise MTPError("this GPU does not support bf16; use --precision fp16")
+        raise MTPError("this GPU does not support bfloat16; use --autocast float16")
     return precision
 
 
@@ -201,13 +202,14 @@ class StepMetrics:
     tokens_per_s: float
     grad_norm: float
     elapsed: float
+    seconds: float = 0.0  # this step's wall time
 
     def to_dict(self) -> dict:
         r = lambda x: None if x is None else round(x, 6)  # noqa: E731
         return {"step": self.step, "lr": self.lr, "loss": r(self.loss), "head_loss": [r(x) for x in self.head_loss],
                 "head_acc": [r(x) for x in self.head_acc], "tokens": self.tokens,
                 "tokens_per_s": round(self.tokens_per_s, 1), "grad_norm": r(self.grad_norm),
-                "elapsed": round(self.elapsed, 2)}
+                "elapsed": round(self.elapsed, 2), "seconds": round(self.seconds, 4)}
 
 
 @dataclass
@@ -219,27 +221,35 @@ class TrainResult:
 
 
 class _StopRequest:
-    """SIGINT sets a flag the loop checks between optimizer steps (a step is never cut in half); a second
-    Ctrl-C interrupts at once."""
+    """SIGINT or SIGTERM sets a flag the loop checks between optimizer steps (a step is never cut in half); a
+    second signal interrupts at once. `interrupt()` is what the loop raises once the checkpoint is saved."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self):
         self.requested = False
-        self._old = None
+        self.signum = signal.SIGINT
+        self._old: dict[int, object] = {}
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
-            self._old = signal.signal(signal.SIGINT, self._handle)
+            self._old = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
         return self
 
     def _handle(self, signum, frame):
         if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
-        print("\nmtp: Ctrl-C: saving a checkpoint after this step (press again to quit at once)", flush=True)
+            raise interrupt_for(signum)
+        self.requested, self.signum = True, signum
+        what = "Ctrl-C" if signum == signal.SIGINT else "SIGTERM"
+        print(f"\nmtp: {what}: saving a checkpoint after this step (again to quit at once)", flush=True)
+
+    def interrupt(self) -> KeyboardInterrupt:
+        return interrupt_for(self.signum)
 
     def __exit__(self, *exc):
-        if self._old is not None:
-            signal.signal(signal.SIGINT, self._old)
+        for s, old in self._old.items():
+            signal.signal(s, old)
+        self._old = {}
         return False
 
 
@@ -462,10 +472,11 @@ class Trainer:
         t0 = time.perf_counter()
         total, losses, accuracies, tokens = self.accumulate_gradients()
         grad_norm, lr = self._optimizer_step()
+        synchronize(self.device)  # the step's GPU work is done before its time is taken
         seconds = time.perf_counter() - t0
         return StepMetrics(step=self.step, lr=lr, loss=total, head_loss=losses, head_acc=accuracies, tokens=tokens,
                            tokens_per_s=tokens / seconds if seconds > 0 else 0.0, grad_norm=grad_norm,
-                           elapsed=self._elapsed())
+                           elapsed=self._elapsed(), seconds=seconds)
 
     def accumulate_gradients(self) -> tuple[float, list[float | None], list[float | None], int]:
         """Forward and backward over the step's micro-batches: (loss, loss per head, top-1 accuracy per head,
@@ -585,16 +596,16 @@ class Trainer:
                         self.plot()
                     if on_step is not None:
                         on_step(self, m)
-                    if self._stop.requested:
+                    if self._stop_requested():
                         if saved_at != self.step:
                             self.save()
                         if bar is not None:
                             bar.close()
                         where = f" to {self.last_checkpoint}" if self.last_checkpoint else ""
                         if self.is_main:
-                                print(f"mtp: stopped at step {self.step}; checkpoint saved{where}; "
+                            print(f"mtp: stopped at step {self.step}; checkpoint saved{where}; "
                                   "continue with --resume", flush=True)
-                        raise KeyboardInterrupt
+                        raise self._stop.interrupt()
         finally:
             if bar is not None:
                 bar.close()
@@ -610,6 +621,13 @@ class Trainer:
     def request_stop(self) -> None:
         """What Ctrl-C does: finish the current step, save a checkpoint, raise KeyboardInterrupt."""
         self._stop.requested = True
+
+    def _stop_requested(self) -> bool:
+        """Whether any process of the run was asked to stop: under torchrun every rank gets the signal, but
+        not necessarily in the same step, and the checkpoint they save together needs them all."""
+        if self.parallel is None:
+            return self._stop.requested
+        return all_sum([float(self._stop.requested)])[0] > 0
 
     def plot(self) -> Path | None:
         if self.output_dir is None or not self.is_main:
@@ -647,8 +665,9 @@ class MetricsLog:
 
     def write(self, record: dict) -> None:
         if self._file is not None:
-            self._file.write(json.dumps(record) + "\n")
-            self._file.flush()
+            with disk_errors(self.path):  # a line cut short is skipped when the log is read again
+                self._file.write(json.dumps(record) + "\n")
+                self._file.flush()
 
     def append_line(self, record: dict) -> None:
         if self.path is not None:

@@ -50,8 +50,9 @@ class SelfDistillConfig:
     per_rank_k: bool = False  # under torchrun each rank draws its own k per step (the paper's recipe)
 
     def validate(self) -> None:
-        if not 1 <= self.k_min <= self.k_max:
-            raise MTPError(f"k must satisfy 1 <= k_min <= k_max, got {self.k_min}, {self.k_max}")
+        if not 2 <= self.k_min <= self.k_max:  # k-1 mask tokens predict the tokens after the next: k=1 has none
+            raise MTPError(f"k must satisfy 2 <= k_min <= k_max for self-distillation (--k, or --k-min and --k-max), "
+                           f"got {self.k_min}, {self.k_max}")
         if self.regions < 1:
             raise MTPError(f"--regions must be >= 1, got {self.regions}")
         if self.prefix_len < 1:
@@ -70,7 +71,7 @@ class SelfDistillConfig:
 
 def draw(seed: int, step: int, low: int, high: int) -> int:
     """A uniform integer in [low, high] that depends only on (seed, step): resumed runs draw the same."""
-    gen = torch.Generator().manual_seed(seed * 1_000_003 + step)
+    gen = torch.Generator().manual_seed((seed * 1_000_003 + step) % 2**63)  # any seed the CLI takes
     return int(torch.randint(low, high + 1, (1,), generator=gen))
 
 

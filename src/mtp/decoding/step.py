@@ -1,0 +1,220 @@
+"""One decoding step as a function of tensors of fixed shapes: what a CUDA graph replays.
+
+A step feeds the pending tokens and the drafts, lets a verifier keep a prefix of the drafts plus the model's own
+next token (greedy, speculative) or emits the drafts by confidence with no verification (confadapt, static),
+keeps the fed tokens that stay in the sequence in the cache, applies end tokens and the token budget, and proposes
+the next drafts - all on the device, reading nothing back to the host:
+
+    state (DecodeState)  ->  drafter.forward  ->  verify / confident run  ->  cache.keep_path  ->  stop, budget
+                         ->  drafter.propose (+ prompt lookup)  ->  new state, and one small tensor for the host
+
+The host copies that tensor once per step (`StepResult.host`: emitted tokens, counts, finished flags, how many
+drafts were accepted, how many lookup drafts each row found, whether its logits were finite). Shapes depend only on the batch size and the block
+configuration `(n, m)` (drafts and lookup drafts fed), so on CUDA a step is captured once per configuration and
+replayed (`mtp.decoding.graphs`); on a CPU the same functions run eagerly. Finished rows stay in the batch, masked:
+they emit nothing and their cache does not move.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from mtp.decoding.drafters import Drafter, DraftRequest, Drafts, StepOutput, block_rows, draft_tokens
+from mtp.decoding.lookup import lookup_chain, lookup_drafts
+from mtp.decoding.sampling import accept_drafts_sampling, process_logits
+from mtp.decoding.stopping import stop_tokens
+from mtp.decoding.tree import Acceptance, DraftTree, DynamicTree, tree_layout, verify_tree
+
+Strategy = Literal["greedy", "speculative", "confadapt", "static"]
+STRATEGIES: tuple[str, ...] = ("greedy", "speculative", "confadapt", "static")
+# StepResult.host: count, finished, accepted drafts, lookup drafts found, non-finite logits; then the emitted tokens
+HOST_COLUMNS = 5
+
+
+@dataclass
+class DecodeOptions:
+    strategy: Strategy = "greedy"
+    max_new_tokens: int = 128
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    tau: float = 0.9
+    k: int | None = None
+    num_draft: int | None = None  # heads used for drafting; default all extra heads
+    adaptive_draft: bool = True  # propose only as many drafts as recent acceptance pays for (see DraftLength)
+    tree: DraftTree | DynamicTree | None = None  # speculative: verify a tree of candidates (None: a chain)
+    lookup: int = 0  # speculative: also verify up to this many prompt-lookup drafts (`mtp.decoding.lookup`)
+
+
+@dataclass
+class DecodeState:
+    """Everything a step reads besides the cache, one row per batch row (shapes fixed after the prompt)."""
+
+    rows: torch.Tensor  # (B,) original row index
+    pending: torch.Tensor  # (B, W) tokens to feed first: the last one emitted (verifying), or the emitted run
+    pending_valid: torch.Tensor  # (B, W) bool: a prompt is left-padded, an emitted run right-padded
+    produced: torch.Tensor  # (B,) tokens emitted so far
+    budget: torch.Tensor  # (B,) tokens the row may emit
+    finished: torch.Tensor  # (B,) bool
+    drafts: torch.Tensor  # (B, N) the drafter's drafts for the next block, as deep as it drafts
+    draft_probs: torch.Tensor | None = None  # (B, N, V) sampled chain drafts' distributions
+    tree: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # a tree shaped this step: parents, depth, rank
+    lookup: torch.Tensor | None = None  # (B, L) prompt-lookup drafts
+    lookup_count: torch.Tensor | None = None  # (B,) how many of them each row found
+    history: torch.Tensor | None = None  # (B, S) each row's tokens (prompt without padding, then emitted)
+    history_len: torch.Tensor | None = None  # (B,)
+
+    def tensors(self) -> list[torch.Tensor]:
+        out = []
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            out.extend(v if isinstance(v, tuple) else [] if v is None else [v])
+        return out
+
+    def copy_(self, other: DecodeState) -> None:
+        """Write `other` into this state's tensors in place (their addresses are what a graph replays)."""
+        for dst, src in zip(self.tensors(), other.tensors(), strict=True):
+            dst.copy_(src)
+
+    def select(self, index: torch.Tensor) -> DecodeState:
+        """The state of batch rows `index`."""
+        def pick(name, v):
+            if v is None or name == "tree":  # a tree is shared by every row
+                return v
+            return v[index]
+
+        return DecodeState(**{f.name: pick(f.name, getattr(self, f.name)) for f in dataclasses.fields(self)})
+
+
+@dataclass
+class StepResult:
+    host: torch.Tensor  # (B, HOST_COLUMNS + E) long: what the host reads, in one copy
+    trunk: torch.Tensor | None = None  # (B, c, H) trunk output of the chain slots (parallel heads), for observers
+    kept: torch.Tensor | None = None  # (B, c) bool: which of them stay in the row's sequence
+
+
+class Decoder:
+    """What a step needs besides tensors: the model's drafter, the options, the cache, the end tokens, the random
+    generator. `step` reads a `DecodeState` and returns a new one; it never reads the device from the host."""
+
+    def __init__(self, drafter: Drafter, opts: DecodeOptions, cache, stop_ids: torch.Tensor, generator,
+                 observe: bool = False):
+        self.drafter, self.opts, self.cache = drafter, opts, cache
+        self.stop_ids, self.generator, self.observe = stop_ids, generator, observe
+        self.verifying = opts.strategy in ("greedy", "speculative")
+        self.tree = drafter.tree if self.verifying else None
+
+    # ---------------------------------------------------------------- the step
+    def step(self, s: DecodeState, n: int, m: int) -> tuple[DecodeState, StepResult]:
+        """Feed the pending tokens and (verifying) the first n drafts and m lookup drafts; keep what stays."""
+        active = ~s.finished
+        w = s.pending.shape[1]
+        if self.verifying:
+            drafts = self._block_drafts(s, n, m)
+            out = self.drafter.forward(self.cache, s.pending, s.pending_valid, drafts)
+            acc = verify(out, drafts, self.opts, self.generator)
+            emitted = torch.cat([acc.path_tokens(drafts.tokens), torch.zeros_like(acc.last[:, None])], 1)
+            emitted.scatter_(1, acc.count[:, None], acc.last[:, None])  # (B, 1+depth)
+            counts, accepted = acc.count + 1, acc.count
+            # keep the fed tokens and the accepted drafts (a tree's path moved right after the root)
+            self.cache.keep_path(w, acc.count, acc.path, active)
+            request = DraftRequest(self.drafter.model, None, s.rows, s.produced + counts, self.opts, self.generator)
+            proposal = self.drafter.propose(out, acc.slot, self.generator, request)
+            kept_drafts = acc.kept_nodes(drafts.tokens.shape[1]) if self.observe else None
+        else:  # nothing drafted into the block; its drafting slots (masks) are forgotten
+            out = self.drafter.forward(self.cache, s.pending, s.pending_valid, Drafts(s.pending[:, :0]))
+            emitted, counts = confident_run(out, self.drafter, self.opts, self.generator)
+            accepted, proposal = torch.zeros_like(counts), None
+            root = block_rows(s.pending_valid, 0)[:, 0]
+            self.cache.commit(torch.where(active, root + 1, 0))
+            kept_drafts = s.pending_valid[:, :0] if self.observe else None
+
+        counts = torch.where(active, torch.minimum(counts, s.budget - s.produced), 0)
+        counts, hit = stop_tokens(emitted, counts, self.stop_ids)
+        produced = s.produced + counts
+        finished = s.finished | hit | (produced >= s.budget)
+        new = self._next_state(s, emitted, counts, produced, finished, proposal)
+        lookup_count = new.lookup_count if new.lookup_count is not None else torch.zeros_like(counts)
+        logits = out.verify_logits  # -inf is a masked token; NaN or +inf: damaged weights
+        broken = (logits.isnan() | logits.isposinf()).any(-1).any(-1)  # (B,)
+        host = torch.cat([torch.stack([counts, finished.long(), accepted, lookup_count, broken.long()], 1), emitted], 1)
+        result = StepResult(host)
+        if self.observe and out.trunk is not None:
+            kept = torch.cat([s.pending_valid, kept_drafts], 1) & active[:, None]
+            result = StepResult(host, out.trunk, kept)
+        return new, result
+
+    def _block_drafts(self, s: DecodeState, n: int, m: int) -> Drafts:
+        if n == 0:  # the prompt, or a step that verifies lookup drafts alone
+            drafts = Drafts(s.drafts[:, :0])
+        elif s.tree is not None:
+            drafts = Drafts(s.drafts, layout=tree_layout(*s.tree, self.tree.depth))
+        elif isinstance(self.tree, DraftTree):
+            drafts = Drafts(s.drafts, tree=self.tree).truncate(n)
+        else:
+            drafts = Drafts(s.drafts, s.draft_probs).truncate(n)
+        return lookup_chain(drafts, s.lookup[:, :m]) if m else drafts
+
+    def _next_state(self, s, emitted, counts, produced, finished, proposal: Drafts | None) -> DecodeState:
+        if self.verifying:  # the model's own token comes next; the drafts after it were proposed this step
+            pending = emitted.gather(1, (counts - 1).clamp_min(0)[:, None])  # (B, 1)
+            pending_valid = torch.ones_like(pending, dtype=torch.bool)
+            drafts = proposal.tokens
+            probs = proposal.probs
+            tree = None
+            if isinstance(self.tree, DynamicTree):
+                lay = proposal.layout
+                tree = (lay.parent_slot, lay.depth, lay.rank)
+        else:  # the emitted run, right-padded
+            pending = emitted
+            pending_valid = torch.arange(emitted.shape[1], device=emitted.device)[None, :] < counts[:, None]
+            drafts, probs, tree = s.drafts, None, None
+        new = DecodeState(s.rows, pending, pending_valid, produced, s.budget, finished, drafts, probs, tree)
+        if s.history is not None:
+            at = s.history_len[:, None] + torch.arange(emitted.shape[1], device=emitted.device)
+            new.history = s.history.scatter(1, at, emitted)  # slots past the count are overwritten later
+            new.history_len = s.history_len + counts
+            new.lookup, new.lookup_count = lookup_drafts(new.history, new.history_len, self.opts.lookup)
+        return new
+
+
+# ------------------------------------------------------------------------------------------------ verifiers
+def greedy_accept(logits0: torch.Tensor, drafts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Longest prefix of drafts equal to the model's own argmax, and the model's next token after it.
+
+    logits0: (B, d+1, V) next-token logits after each prefix of [last, d_1..d_d]; drafts: (B, d).
+    """
+    target = logits0.argmax(-1)  # (B, d+1)
+    a = (drafts == target[:, :-1]).long().cumprod(-1).sum(-1)  # (B,)
+    return a, target.gather(1, a[:, None]).squeeze(1)
+
+
+def verify(out: StepOutput, drafts: Drafts, opts: DecodeOptions, generator) -> Acceptance:
+    """Greedy / speculative: which drafts are kept and the model's own next token after them."""
+    if drafts.layout is not None:
+        return verify_tree(out.verify_logits, drafts.tokens, drafts.layout, opts, generator)
+    if opts.do_sample:
+        probs = process_logits(out.verify_logits, opts.temperature, opts.top_k, opts.top_p)  # (B, 1+d, V)
+        a, last = accept_drafts_sampling(probs, drafts.tokens, drafts.probs, generator)
+    else:
+        a, last = greedy_accept(out.verify_logits, drafts.tokens)
+    return Acceptance(a, last, a, None)  # a chain: the kept slot is the number kept
+
+
+def confident_run(out: StepOutput, drafter: Drafter, opts: DecodeOptions,
+                  generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """ConfAdapt / static (no verification): the next token and the drafts after it (B, 1+n), and how many to
+    emit (B,): all (static) or the longest run with top-1 probability >= tau, at least one."""
+    head = draft_tokens(out.verify_logits[:, :1], "confidence", opts, generator)  # the next token
+    zero = torch.zeros_like(head.tokens[:, 0])
+    rest = drafter.propose(out, zero, generator, mode="confidence")
+    tokens = torch.cat([head.tokens, rest.tokens], 1)  # (B, 1+n)
+    if opts.strategy == "static":
+        return tokens, torch.full_like(zero, tokens.shape[1])
+    confidence = torch.cat([head.confidence, rest.confidence], 1) if rest.tokens.shape[1] else head.confidence
+    return tokens, (confidence >= opts.tau).long().cumprod(-1).sum(-1).clamp_min(1)

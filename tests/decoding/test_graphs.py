@@ -1,0 +1,216 @@
+"""The replayed decoding step: sessions, shrinking batches, one traced graph per step, CUDA graphs on a GPU.
+
+On a CPU the replay machinery runs with its stand-in for a capture (the same in-place step run again on the same
+buffers), so everything but the capture itself is checked in CI; the tests marked `cuda` capture real graphs.
+"""
+
+from __future__ import annotations
+
+import copy
+import gc
+import weakref
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from test_mask_decoding import mask_model
+from test_tree import random_tree
+
+import mtp.decoding.generate as generate_module
+from conftest import tiny_mtp
+from mtp.decoding.drafters import drafter_for
+from mtp.decoding.generate import _prompt_state, _rows_to_keep, generate, left_pad
+from mtp.decoding.reference import reference_greedy
+from mtp.decoding.step import DecodeOptions, Decoder
+from mtp.decoding.tree import DynamicTree
+from mtp.errors import MTPError
+
+LOSSLESS = ("greedy", "speculative")
+
+
+@pytest.fixture
+def replayed(monkeypatch):
+    """generate(..., graphs=True) on a CPU: the replay path with its stand-in for a capture."""
+    monkeypatch.setattr(generate_module, "_use_graphs", lambda graphs, device, proposer: bool(graphs))
+
+
+def decoding_case(draw, model_kind: str):
+    """A random tiny model and decoding options that apply to it."""
+    vocab = draw(st.integers(8, 40))
+    seed = draw(st.integers(0, 10_000))
+    strategy = draw(st.sampled_from(["greedy", "speculative", "speculative", "confadapt", "static"]))
+    kw = {"strategy": strategy}
+    if model_kind == "heads":
+        heads = draw(st.integers(2, 4))
+        model = tiny_mtp(draw(st.sampled_from(["llama", "gpt2"])), num_heads=heads, seed=seed,
+                         dtype=torch.float64, vocab_size=vocab)
+        depth = heads - 1
+    else:
+        model = mask_model(draw(st.sampled_from(["llama", "gpt2"])), draw(st.sampled_from(["full", "gated-lora"])),
+                           seed, vocab)
+        k = draw(st.integers(2, 4))
+        depth = k - 1
+        if strategy != "greedy":  # (k means nothing to greedy decoding: an error)
+            kw["k"] = k
+    if strategy == "speculative":
+        kw["tree"] = draw(st.sampled_from([None, random_tree(draw, depth), DynamicTree(draw(st.integers(1, 6)),
+                                                                                       depth)]))
+        kw["lookup"] = draw(st.sampled_from([0, 2, 4]))
+    return model, kw
+
+
+@settings(max_examples=10, deadline=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])  # `replayed`: fixed
+@given(data=st.data())
+def test_replayed_steps_equal_eager_steps(data, replayed):
+    """Every strategy and drafter, padded batches whose rows stop at different steps: the replay path (fixed
+    block widths, finished rows kept in the batch until it halves, state and cache reused between calls) emits
+    exactly what eager decoding emits, and the lossless strategies what the uncached reference emits."""
+    model, kw = decoding_case(data.draw, data.draw(st.sampled_from(["heads", "masks"])))
+    vocab = model.config.vocab_size - (1 if hasattr(model, "mask_token_id") else 0)
+    prompts = [data.draw(st.lists(st.integers(0, vocab - 1), min_size=1, max_size=8))
+               for _ in range(data.draw(st.integers(1, 5)))]
+    max_new = data.draw(st.integers(1, 14))
+    stop = data.draw(st.lists(st.integers(0, vocab - 1), max_size=2))
+    ids, mask = left_pad(prompts)
+    eager = generate(model, ids, mask, max_new_tokens=max_new, stop_token_ids=stop, graphs=False, **kw)
+    for _ in range(2):  # the second call replays the first call's session
+        replay = generate(model, ids, mask, max_new_tokens=max_new, stop_token_ids=stop, graphs=True, **kw)
+        assert replay.tokens == eager.tokens
+    if kw["strategy"] in LOSSLESS:
+        assert eager.tokens == [reference_greedy(model, p, max_new, stop) for p in prompts]
+
+
+def test_a_session_is_reused_by_shape_and_renewed_when_the_weights_move(replayed):
+    model = tiny_mtp("llama", num_heads=3)
+    ids = torch.tensor([[1, 2, 3]])
+    generate(model, ids, max_new_tokens=5, strategy="speculative", graphs=True)
+    sessions = model._mtp_decode_sessions
+    first = list(sessions.sessions.values())
+    generate(model, ids, max_new_tokens=7, strategy="speculative", graphs=True)  # same cache length bucket
+    assert list(sessions.sessions.values()) == first
+    assert copy.deepcopy(model)._mtp_decode_sessions.sessions == {}  # a copy starts with none
+    model.double()  # new weight tensors: graphs captured over the old ones must not be replayed, nor kept
+    out = generate(model, ids.repeat(2, 1), max_new_tokens=5, strategy="speculative", graphs=True)
+    assert len(sessions.sessions) == 1 and list(sessions.sessions.values()) != first
+    assert out.tokens[0] == generate(model, ids, max_new_tokens=5, graphs=False).tokens[0]
+    alive = weakref.ref(model)
+    del model, sessions, first, out  # the model owns its sessions: nothing else keeps it alive
+    gc.collect()
+    assert alive() is None
+
+
+def test_a_replayed_batch_shrinks_to_the_next_power_of_two():
+    assert _rows_to_keep([True] * 8, graphs=True) is None
+    assert _rows_to_keep([True] * 5 + [False] * 3, graphs=True) is None  # 5 do not fit in 4
+    assert _rows_to_keep([True, False, True, False, True, False, True, False], graphs=True) == [0, 2, 4, 6]
+    assert _rows_to_keep([True, False, True, False, True, False, False, False], graphs=True) == [0, 1, 2, 4]
+    assert _rows_to_keep([False, False, True], graphs=True) == [2]
+    assert _rows_to_keep([True, False, True], graphs=False) == [0, 2]  # eager: every finished row goes at once
+    assert _rows_to_keep([True, True], graphs=False) is None
+
+
+def test_graphs_need_a_cuda_device():
+    with pytest.raises(MTPError, match="CUDA graphs need a CUDA device"):
+        generate(tiny_mtp("llama", num_heads=2), torch.tensor([[1, 2]]), max_new_tokens=3, graphs=True)
+
+
+@pytest.mark.parametrize("kind,kw", [
+    ("heads", {"strategy": "speculative", "tree": DynamicTree(4, 2), "lookup": 3, "do_sample": True}),
+    ("heads", {"strategy": "speculative", "tree": "auto", "tree_size": 4, "lookup": 2}),
+    ("masks", {"strategy": "confadapt", "k": 3}),
+], ids=["heads-dynamic-tree-lookup-sampling", "heads-tree-lookup", "masks-confadapt"])
+def test_a_step_traces_as_one_graph(kind, kw):
+    """The step reads nothing back to the host (what a CUDA graph cannot replay): dynamo traces it as one graph
+    (fullgraph=True fails on a host read such as .item(), .tolist() or a tensor in an `if`)."""
+    model = tiny_mtp("llama", num_heads=3) if kind == "heads" else mask_model("llama", "gated-lora", 0, 20)
+    from mtp.decoding.generate import model_tree
+
+    opts = DecodeOptions(kw["strategy"], 8, do_sample=kw.get("do_sample", False), k=kw.get("k"),
+                         tree=model_tree(model, kw.get("tree"), kw.get("tree_size"), None, kw.get("k")),
+                         lookup=kw.get("lookup", 0))
+    drafter = drafter_for(model, opts)
+    ids, mask = left_pad([[1, 2, 3, 1, 2], [4, 5]])
+    cache = drafter.new_cache(2, 64, static=True)
+    decoder = Decoder(drafter, opts, cache, torch.tensor([5]), None)  # (dynamo traces no torch.Generator)
+    n, m = drafter.num_drafts, opts.lookup
+    with torch.inference_mode():
+        state, _ = decoder.step(_prompt_state(ids, mask.bool(), opts, 64 if m else 0), 0, 0)
+        torch._dynamo.reset()
+        traced = torch.compile(lambda s: decoder.step(s, n, m), fullgraph=True, backend="eager", dynamic=False)
+        new, result = traced(state)
+    assert result.host.shape[0] == 2 and new.pending.shape == state.pending.shape
+
+
+# ------------------------------------------------------------------------------------------------ on a GPU
+STRATEGIES = [
+    {"strategy": "greedy"},
+    {"strategy": "speculative"},
+    {"strategy": "speculative", "tree": "auto", "tree_size": 5},
+    {"strategy": "speculative", "tree": "dynamic", "tree_size": 5, "lookup": 3},
+    {"strategy": "speculative", "lookup": 4},
+    {"strategy": "confadapt"},
+    {"strategy": "static"},
+]
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+@pytest.mark.parametrize("kw", STRATEGIES, ids=lambda kw: "-".join(str(v) for v in kw.values()))
+def test_cuda_graph_replay_equals_eager(kw, family, dtype):
+    model = tiny_mtp(family, num_heads=3, seed=7, vocab_size=50).to("cuda", dtype)
+    prompts = [[1, 2, 3, 1, 2, 3], [4, 5], [6, 7, 8], [9]]
+    ids, mask = left_pad(prompts)
+    ids, mask = ids.cuda(), mask.cuda()
+    eager = generate(model, ids, mask, max_new_tokens=24, stop_token_ids=[11], graphs=False, **kw)
+    for _ in range(2):
+        replay = generate(model, ids, mask, max_new_tokens=24, stop_token_ids=[11], graphs=True, **kw)
+        assert replay.tokens == eager.tokens
+    if dtype == torch.float32 and kw["strategy"] in LOSSLESS:
+        greedy = generate(model, ids, mask, max_new_tokens=24, stop_token_ids=[11], graphs=True)
+        assert replay.tokens == greedy.tokens
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("kw", [{"strategy": "speculative", "k": 3}, {"strategy": "confadapt", "k": 3},
+                                {"strategy": "speculative", "k": 3, "tree": "dynamic", "tree_size": 4}],
+                         ids=["speculative", "confadapt", "dynamic-tree"])
+def test_cuda_graph_replay_with_mask_tokens(kw):
+    model = mask_model("llama", "gated-lora", 3, 30).to("cuda")
+    ids, mask = left_pad([[1, 2, 3, 4], [5, 6]])
+    ids, mask = ids.cuda(), mask.cuda()
+    eager = generate(model, ids, mask, max_new_tokens=16, stop_token_ids=[], graphs=False, **kw)
+    replay = generate(model, ids, mask, max_new_tokens=16, stop_token_ids=[], graphs=True, **kw)
+    assert replay.tokens == eager.tokens
+    if kw["strategy"] == "speculative":
+        assert replay.tokens == generate(model, ids, mask, max_new_tokens=16, stop_token_ids=[]).tokens
+
+
+@pytest.mark.cuda
+def test_cuda_graph_sampling_is_reproducible_and_exact_for_greedy_rows():
+    model = tiny_mtp("llama", num_heads=3, seed=2, vocab_size=30).to("cuda")
+    ids = torch.tensor([[1, 2, 3]] * 4, device="cuda")
+    runs = [generate(model, ids, max_new_tokens=12, strategy="speculative", do_sample=True, seed=5,
+                     stop_token_ids=[], graphs=True).tokens for _ in range(2)]
+    assert runs[0] == runs[1] and all(len(r) == 12 for r in runs[0])
+    cold = generate(model, ids, max_new_tokens=12, strategy="speculative", do_sample=True, temperature=1e-6,
+                    stop_token_ids=[], graphs=True)  # temperature ~0: sampling is greedy
+    assert cold.tokens == generate(model, ids, max_new_tokens=12, stop_token_ids=[]).tokens
+
+
+@pytest.mark.cuda
+@pytest.mark.real_model
+def test_default_model_on_cuda_graphs_equal_eager_and_greedy():
+    from mtp.models.loading import load_mtp_model
+    from mtp.training.targets import prompt_token_ids
+
+    model = load_mtp_model(None, num_heads=1, device="cuda")
+    prompts = [prompt_token_ids(model.tokenizer, q, "chat") for q in ("What is 7 + 5?", "Name three colours.")]
+    ids, mask = left_pad(prompts)
+    ids, mask = ids.cuda(), mask.cuda()
+    eager = generate(model, ids, mask, max_new_tokens=48, graphs=False)
+    replay = generate(model, ids, mask, max_new_tokens=48, graphs=True)
+    lookup = generate(model, ids, mask, max_new_tokens=48, strategy="speculative", lookup=6, graphs=True)
+    assert replay.tokens == eager.tokens and lookup.tokens == eager.tokens

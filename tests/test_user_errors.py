@@ -1,0 +1,235 @@
+"""Every error a user can cause is one line and exit code 2 (or works); nothing silent: a model of NaNs, a byte-order
+mark, an option that would be ignored. Each case runs the command line in-process, as a user would."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+
+import pytest
+import torch
+
+from conftest import tiny_base, tiny_mtp, tiny_tokenizer
+from mtp.errors import MTPError
+from mtp.models.safetensors_io import SafetensorsReader, write_safetensors
+from test_damaged_inputs import assert_one_line_error, run_cli
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    """A tiny parallel-heads folder, a plain Hugging Face folder and a mask-token folder, one tokenizer."""
+    from mtp.models.mask_tokens import MaskTokenModel
+
+    root = tmp_path_factory.mktemp("models")
+    tok = tiny_tokenizer()
+    model = tiny_mtp("llama", num_heads=3, vocab_size=len(tok))
+    model.tokenizer = tok
+    model.save_pretrained(root / "mtp")
+    tiny_base("llama", vocab_size=len(tok)).save_pretrained(root / "hf")
+    tok.save_pretrained(root / "hf")
+    MaskTokenModel.from_base(tiny_base("llama", vocab_size=len(tok)), tokenizer=tiny_tokenizer()).save_pretrained(
+        root / "mask")
+    text = root / "text.txt"
+    text.write_text("\n\n".join(f"Janet has {i} eggs and {i + 1} ducks; the answer is {2 * i + 1}." for i in range(12)))
+    return root
+
+
+def assert_error(code: int, err: str, *needles: str) -> None:
+    """`assert_one_line_error`, where transformers' loading progress bar (a plain folder) may come first."""
+    lines = err.strip().splitlines()
+    assert all("%|" in line for line in lines[:-1]), err
+    assert_one_line_error(code, lines[-1] if lines else err, *needles)
+
+
+def _copy(folders, name, tmp_path):
+    return shutil.copytree(folders / name, tmp_path / name)
+
+
+def _rewrite_weights(folder, edit):
+    """model.safetensors again, with `edit(tensors)` applied."""
+    path = folder / "model.safetensors"
+    with SafetensorsReader(path) as reader:
+        tensors = {name: reader.read(name) for name in reader.tensors}
+    edit(tensors)
+    write_safetensors(path, {k: (tuple(t.shape), t.dtype) for k, t in tensors.items()}, tensors.__getitem__,
+                      {"format": "pt"})
+
+
+def _generate(folder, *extra):
+    return ["generate", "--model", folder, "--prompt", "hi", "--max-new-tokens", "2", *extra]
+
+
+# ------------------------------------------------------------------------------------------------ arguments
+@pytest.mark.parametrize("args, message", [
+    (["generate", "--prompt", "hi", "--do-sample", "--seed", str(2**64)], "--seed must be in [0, 18446744073709551615]"),
+    (["train", "--output", "o", "--seed", "-1"], "--seed must be in [0, 18446744073709551615], got -1"),
+    (["generate", "--prompt", "hi", "--strategy", "speculative", "--tree-size", "100000"],
+     "--tree-size must be in [1, 256], got 100000"),
+    (["generate", "--prompt", "hi", "--k", "2"], "--k: tokens per forward of a multi-token strategy; greedy makes one"),
+    (["train", "--output", "o", "--steps", "ten"], "mtp train: error: argument --steps: invalid int value: 'ten'"),
+    (["generate", "--prompt", "hi", "--strategy", "fastest"], "argument --strategy: invalid choice: 'fastest'"),
+])
+def test_bad_flags_are_one_line_before_any_work(args, message, capsys):
+    code, err = run_cli([*args, "--model", "/no/such/model"], capsys)
+    assert_one_line_error(code, err, message)
+
+
+def test_the_python_api_checks_seeds_and_types(llama_mtp):
+    from mtp.training.loop import TrainConfig
+
+    ids = torch.tensor([[1, 2, 3]])
+    with pytest.raises(MTPError, match=r"seed must be in \[0, 18446744073709551615\], got 18446744073709551616"):
+        llama_mtp.generate(ids, do_sample=True, seed=2**64)
+    with pytest.raises(MTPError, match="seed must be in"):
+        TrainConfig(steps=1, seed=2**64).validate()
+    with pytest.raises(MTPError, match="steps must be a number, got str '10'"):
+        TrainConfig(steps="10").validate()
+    with pytest.raises(MTPError, match="num_heads must be a number, got str"):
+        type(llama_mtp)(tiny_base(), num_heads="3")
+    with pytest.raises(MTPError, match="expected a transformers causal LM .* got str"):
+        type(llama_mtp)("SmolLM2")
+    with pytest.raises(MTPError, match="directory must be a path .* got NoneType"):
+        type(llama_mtp).from_pretrained(None)
+    with pytest.raises(MTPError, match="directory must be a path .* got int"):
+        llama_mtp.save_pretrained(3)
+    with pytest.raises(MTPError, match="temperature must be a number"):
+        llama_mtp.generate(ids, do_sample=True, temperature="hot")
+
+
+# ------------------------------------------------------------------------------------------------ tokenizers
+def test_a_malformed_tokenizer_names_its_file(folders, tmp_path, capsys):
+    folder = _copy(folders, "mtp", tmp_path)
+    (folder / "tokenizer.json").write_text('{"version": "1.0"}')
+    code, err = run_cli(_generate(folder), capsys)
+    assert_one_line_error(code, err, f"cannot load the tokenizer of {folder} (tokenizer.json", "KeyError")
+
+
+def test_a_broken_chat_template_names_its_file_and_line(folders, tmp_path, capsys):
+    folder = _copy(folders, "mtp", tmp_path)
+    (folder / "chat_template.jinja").write_text("{{ messages }}\n{% for m in %}")
+    code, err = run_cli(_generate(folder, "--chat"), capsys)
+    assert_one_line_error(code, err, f"{folder / 'chat_template.jinja'}:2: the chat template is not valid Jinja")
+
+
+def test_chat_without_a_template(folders, tmp_path, capsys):
+    folder = _copy(folders, "hf", tmp_path)
+    (folder / "chat_template.jinja").unlink()
+    code, err = run_cli(_generate(folder, "--chat"), capsys)
+    assert_error(code, err, "--chat: the model's tokenizer has no chat template")
+
+
+# ------------------------------------------------------------------------------------------------ model files
+def test_weights_stored_as_integers(folders, tmp_path, capsys):
+    folder = _copy(folders, "mtp", tmp_path)
+    _rewrite_weights(folder, lambda t: t.update({"model.norm.weight": t["model.norm.weight"].to(torch.int32)}))
+    code, err = run_cli(_generate(folder), capsys)
+    assert_one_line_error(code, err, "weights stored as integers, not floating point: model.norm.weight (I32)")
+
+
+@pytest.mark.parametrize("kind", ["mtp", "hf", "mask"])
+def test_nan_or_infinite_weights_are_an_error_not_garbage(folders, tmp_path, kind, capsys):
+    folder = _copy(folders, kind, tmp_path)
+    _rewrite_weights(folder, lambda t: t["model.layers.1.mlp.up_proj.weight"].__setitem__((0, 3), float("inf")))
+    code, err = run_cli(_generate(folder), capsys)
+    assert_error(code, err, "weight model.layers.1.mlp.up_proj.weight holds NaN or infinite values")
+
+
+def test_tree_statistics_of_the_wrong_type(folders, tmp_path, capsys):
+    folder = _copy(folders, "mtp", tmp_path)
+    (folder / "eval.json").write_text(json.dumps({"head_rank_accuracy": [["0.5", "x"], [0.2]]}))
+    code, err = run_cli(_generate(folder, "--strategy", "speculative", "--tree", "auto"), capsys)
+    assert_one_line_error(code, err, f"{folder / 'eval.json'}: \"head_rank_accuracy\" must be a list per head")
+
+
+def test_a_mask_token_folder_is_not_loaded_as_parallel_heads(folders):
+    from mtp import MTPModel
+
+    with pytest.raises(MTPError, match="is a mask-token model: load it with MaskTokenModel.from_pretrained"):
+        MTPModel.from_pretrained(folders / "mask")
+
+
+# ------------------------------------------------------------------------------------------------ training
+@pytest.mark.parametrize("extra, message", [
+    (["--method", "selfdistill", "--k", "1"], "k must satisfy 2 <= k_min <= k_max for self-distillation (--k, "
+     "or --k-min and --k-max), got 1, 1"),
+    (["--method", "selfdistill", "--k-min", "1", "--k-max", "3"], "2 <= k_min <= k_max for self-distillation"),
+    (["--autocast", "float16"], "--autocast float16 needs a GPU"),
+    (["--seq-len", "1000"], "--seq-len 1000 is longer than the model's context of 256 tokens"),
+    (["--seq-len", "1000", "--pack"], "--seq-len 1000 is longer than the model's context of 256 tokens"),
+])
+def test_training_settings_that_cannot_run_are_refused_first(folders, tmp_path, extra, message, capsys):
+    code, err = run_cli(["train", "--model", folders / "hf", "--data", folders / "text.txt", "--output",
+                         tmp_path / "run", "--steps", "1", "--seq-len", "32", "--no-progress", *extra], capsys)
+    assert_error(code, err, message)
+    assert not (tmp_path / "run").exists()  # refused before anything was written
+
+
+def test_bench_train_checks_the_sequence_length(folders, tmp_path, capsys):
+    code, err = run_cli(["bench-train", "--model", folders / "hf", "--seq-len", "100000", "--num-heads", "2",
+                         "--output", tmp_path / "b.json"], capsys)
+    assert_error(code, err, "--seq-len 100000 is longer than the model's context of 256 tokens")
+
+
+def test_a_data_file_edited_before_resume_is_refused(folders, tmp_path, capsys):
+    data = tmp_path / "d.txt"
+    shutil.copy(folders / "text.txt", data)
+    run = ["train", "--model", folders / "hf", "--data", data, "--output", tmp_path / "run", "--steps", "1",
+           "--seq-len", "32", "--holdout", "0", "--no-progress"]
+    code, err = run_cli(run, capsys)
+    assert code == 0, err
+    data.write_text(data.read_text() + "\n\nOne more document.")
+    code, err = run_cli(["train", "--output", tmp_path / "run", "--resume", "--no-progress"], capsys)
+    assert_error(code, err, f"--data {data} has changed since the run started")
+
+
+def test_rows_cut_to_the_sequence_length_are_reported(caplog):
+    from mtp.training.data import rows_to_data
+
+    with caplog.at_level(logging.WARNING):
+        data = rows_to_data([([1] * 10, [True] * 10), ([2] * 3, [True] * 3)], seq_len=4, pad_id=0)
+    assert data.input_ids.shape == (2, 4)
+    assert "cut 1 of 2 rows to seq_len=4 tokens" in caplog.text
+
+
+# ------------------------------------------------------------------------------------------------ inputs
+def test_a_byte_order_mark_is_stripped_from_text_and_jsonl(folders, tmp_path, capsys):
+    from mtp.training.data import load_examples
+
+    text, jsonl = tmp_path / "p.txt", tmp_path / "p.jsonl"
+    text.write_bytes(b"\xef\xbb\xbfhello\nworld\n")
+    jsonl.write_bytes(b'\xef\xbb\xbf{"prompt": "hello"}\n')
+    for path, prompts in ((text, ["hello", "world"]), (jsonl, ["hello"])):
+        out = tmp_path / f"{path.suffix[1:]}.jsonl"
+        code, err = run_cli(["generate", "--model", folders / "mtp", "--prompts", path, "--max-new-tokens", "1",
+                             "--output", out], capsys)
+        assert code == 0, err
+        assert [json.loads(line)["prompt"] for line in out.read_text().splitlines()] == prompts
+    data = tmp_path / "d.jsonl"
+    data.write_bytes(b'\xef\xbb\xbf{"question": "q?", "answer": "a"}\n')
+    assert [(e.prompt, e.answer) for e in load_examples(data)] == [("q?", "a")]
+
+
+@pytest.mark.parametrize("args, message", [
+    (lambda d, t: ["--prompts", d], "is a folder, not a prompts file"),
+    (lambda d, t: ["--prompt", "hi", "--strategy", "speculative", "--tree", t / "missing.json"],
+     "missing.json: file not found"),
+    (lambda d, t: ["--prompts", d / "../text.txt", "--stream"], "--stream prints one prompt's text"),
+    (lambda d, t: ["--prompt", "hi", "--stream", "--json"], "--stream prints one prompt's text as it is made: --json"),
+])
+def test_generate_says_what_is_wrong(folders, tmp_path, args, message, capsys):
+    code, err = run_cli(["generate", "--model", folders / "mtp", *args(folders / "mtp", tmp_path)], capsys)
+    assert_one_line_error(code, err, message)
+
+
+@pytest.mark.parametrize("other, message", [("vocab", "has another tokenizer or vocabulary than --model"),
+                                            ("base", "is another base model than --model: hidden_size 64 (not 32)")])
+def test_bench_also_needs_the_same_base_model(folders, tmp_path, other, message, capsys):
+    tok = tiny_tokenizer(200) if other == "vocab" else tiny_tokenizer()
+    model = tiny_mtp("llama", num_heads=2, vocab_size=len(tok), hidden=64 if other == "base" else 32)
+    model.tokenizer = tok
+    folder = model.save_pretrained(tmp_path / other)
+    code, err = run_cli(["bench", "--model", folders / "mtp", "--also", folder, "--output", tmp_path / "b",
+                         "--no-progress"], capsys)
+    assert_one_line_error(code, err, f"--also {folder} {message}")
+    assert not (tmp_path / "b").exists()
