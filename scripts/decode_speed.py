@@ -62,7 +62,7 @@ def main() -> None:
     ap.add_argument("--prompt", type=int, default=80)
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--configs", nargs="+", default=list(CONFIGS))
-    ap.add_argument("--graphs", nargs="+", default=["on", "off"])
+    ap.add_argument("--graphs", nargs="+", default=["on", "off"], choices=["on", "off", "compile"])
     ap.add_argument("--json", default=None)
     ap.add_argument("--profile", default=None, help="folder for a kernel table per configuration (CUDA)")
     a = ap.parse_args()
@@ -79,7 +79,7 @@ def main() -> None:
         for name in a.configs:
             kw = CONFIGS[name]
             for graphs in a.graphs:
-                on = graphs == "on"
+                on = {"on": True, "off": False, "compile": "compile"}[graphs]
                 if on and a.device == "cpu":
                     continue
                 for _ in range(2):  # warm-up: captures, caches
@@ -97,7 +97,7 @@ def main() -> None:
                 best = sorted(times)[len(times) // 2]
                 row = {"batch": batch, "config": name, "graphs": graphs, "ms_per_step": 1e3 * best / steps,
                        "tokens_per_s": tokens / best, "steps": steps, "tokens_per_forward": tokens / batch / steps,
-                       "kernels_per_eager_step": kernels_per_step(model, ids, kw) if not on else None}
+                       "kernels_per_eager_step": kernels_per_step(model, ids, kw) if graphs == "off" else None}
                 rows.append(row)
                 if a.profile and a.device.startswith("cuda"):
                     profile_table(model, ids, kw, on, f"{a.profile}/profile-b{batch}-{name}-graphs-{graphs}.txt",

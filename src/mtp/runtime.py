@@ -22,14 +22,15 @@ DType = Literal["auto", "float32", "bfloat16", "float16"]
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16, "float64": torch.float64}
 DEVICES = "auto, cpu, cuda or cuda:N"
-Graphs = Literal["auto", "on", "off"]  # replay decoding steps as CUDA graphs (auto: on CUDA)
+Graphs = Literal["auto", "on", "off", "compile"]  # replay decoding steps as CUDA graphs (auto: on CUDA)
 
 
-def graphs_option(flag: Graphs, device: torch.device) -> bool | None:
-    """A --graphs value for `generate(graphs=...)`: None (auto), True or False; "on" off CUDA is an error."""
-    if flag == "on" and device.type != "cuda":
-        raise MTPError(f"--graphs on needs a CUDA device, not {device}")
-    return {"auto": None, "on": True, "off": False}[flag]
+def graphs_option(flag: Graphs, device: torch.device) -> bool | str | None:
+    """A --graphs value for `generate(graphs=...)`: None (auto), True, False or "compile" (graphs of steps whose
+    layers torch.compile fused); "on" or "compile" off CUDA is an error."""
+    if flag in ("on", "compile") and device.type != "cuda":
+        raise MTPError(f"--graphs {flag} needs a CUDA device, not {device}")
+    return {"auto": None, "on": True, "off": False, "compile": "compile"}[flag]
 MB = 2**20
 
 

@@ -112,8 +112,12 @@ def test_a_replayed_batch_shrinks_to_the_next_power_of_two():
 
 
 def test_graphs_need_a_cuda_device():
-    with pytest.raises(MTPError, match="CUDA graphs need a CUDA device"):
-        generate(tiny_mtp("llama", num_heads=2), torch.tensor([[1, 2]]), max_new_tokens=3, graphs=True)
+    model = tiny_mtp("llama", num_heads=2)
+    for graphs in (True, "compile"):
+        with pytest.raises(MTPError, match="CUDA graphs need a CUDA device"):
+            generate(model, torch.tensor([[1, 2]]), max_new_tokens=3, graphs=graphs)
+    with pytest.raises(MTPError, match="graphs must be None, True, False or 'compile', not 'yes'"):
+        generate(model, torch.tensor([[1, 2]]), max_new_tokens=3, graphs="yes")
 
 
 @pytest.mark.parametrize("kind,kw", [
@@ -214,3 +218,17 @@ def test_default_model_on_cuda_graphs_equal_eager_and_greedy():
     replay = generate(model, ids, mask, max_new_tokens=48, graphs=True)
     lookup = generate(model, ids, mask, max_new_tokens=48, strategy="speculative", lookup=6, graphs=True)
     assert replay.tokens == eager.tokens and lookup.tokens == eager.tokens
+
+
+@pytest.mark.cuda
+def test_graphs_of_compiled_layers_decode_as_the_eager_steps():
+    """graphs="compile": the captured steps run torch.compile'd layers; in fp32 the tokens are the eager steps'
+    (fused kernels round differently only in the last bits), and speculative decoding still equals greedy."""
+    model = tiny_mtp("llama", num_heads=3, seed=7, vocab_size=50).to("cuda")
+    ids, mask = left_pad([[1, 2, 3, 1, 2, 3], [4, 5]])
+    ids, mask = ids.cuda(), mask.cuda()
+    eager = generate(model, ids, mask, max_new_tokens=24, stop_token_ids=[], graphs=False)
+    compiled = generate(model, ids, mask, max_new_tokens=24, stop_token_ids=[], graphs="compile")
+    tree = generate(model, ids, mask, max_new_tokens=24, stop_token_ids=[], graphs="compile", strategy="speculative",
+                    tree="dynamic", tree_size=4, lookup=3)
+    assert compiled.tokens == eager.tokens and tree.tokens == eager.tokens

@@ -270,3 +270,26 @@ def test_fused_projections_follow_weight_updates(monkeypatch):
     for a, b, old in zip(after, separate, before, strict=True):
         torch.testing.assert_close(a, b)
         assert not torch.allclose(a, old)
+
+
+def test_compiled_layer_step_matches_the_eager_one(monkeypatch):
+    """`compiled_layers()` runs the fused layers through torch.compile (`generate(graphs="compile")`): the same
+    logits up to the rounding of fused kernels, and the eager step again outside it."""
+    pytest.importorskip("torch._inductor")
+    monkeypatch.setattr(fast_llama, "FUSED_DEVICES", {"cpu"})
+    model = qwen_mtp("qwen2")  # biased q, k, v: every argument of the step used
+    gen = torch.Generator().manual_seed(1)
+    ids, mask = left_pad([torch.randint(0, 61, (n,), generator=gen).tolist() for n in (6, 4)])
+    steps = []  # one forward: each shape compiles anew (tens of seconds on a CPU)
+    eager = cached_logits(model, ids, mask, steps)
+    compiled_calls = []
+    compiled_step = fast_llama.compiled_layer_step
+    monkeypatch.setattr(fast_llama, "compiled_layer_step", lambda: compiled_calls.append(1) or compiled_step())
+    with fast_llama.compiled_layers():
+        compiled = cached_logits(model, ids, mask, steps)
+    layers = len(model.backbone.fast_layers)  # the trunk's and the heads'
+    assert len(compiled_calls) == layers
+    for a, b in zip(compiled, eager, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+    cached_logits(model, ids, mask, steps)
+    assert len(compiled_calls) == layers  # outside: the eager step again

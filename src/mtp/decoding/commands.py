@@ -106,7 +106,8 @@ def generate(model: str | None = None, prompt: str | None = None, prompts: str |
         tree_size: nodes of the "auto" or "dynamic" tree (default 16; alone it implies --tree auto).
         lookup: speculative: also verify up to this many tokens copied from earlier in the prompt and answer
             (prompt lookup), one more branch of the draft tree; 0: none.
-        graphs: replay the decoding steps as CUDA graphs: auto (on CUDA), on, off (eager steps, same output).
+        graphs: replay the decoding steps as CUDA graphs: auto (on CUDA), on, off (eager steps, same output),
+            compile (graphs of torch.compile-fused layers: faster, tens of seconds to compile per step shape).
     """
     if (prompt is None) == (prompts is None):
         raise MTPError("give exactly one of --prompt or --prompts")

@@ -129,7 +129,7 @@ GPU_FREE_ROWS = 32  # verify-block rows (batch x block width) a GPU step of a sm
 def iter_generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
                   opts: DecodeOptions, stop: StopChecker, generator: torch.Generator | None = None,
                   stats: GenerationStats | None = None, drafter: Drafter | None = None,
-                  on_trunk: TrunkObserver | None = None, graphs: bool = False) -> Iterator[tuple[int, list[int]]]:
+                  on_trunk: TrunkObserver | None = None, graphs: bool | str = False) -> Iterator[tuple[int, list[int]]]:
     """Yield (row index, newly emitted tokens) as decoding proceeds. See `generate` for the arguments.
 
     One loop for every method and strategy: the drafter (`drafter_for(model, opts)` by default; see
@@ -158,7 +158,8 @@ def iter_generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor |
             return None, Decoder(drafter, opts, cache, stop.stop_ids, generator, on_trunk is not None)
         from mtp.decoding.graphs import session_for
 
-        found = session_for(model, drafter, opts, batch, need, stop.stop_ids, generator, on_trunk is not None)
+        found = session_for(model, drafter, opts, batch, need, stop.stop_ids, generator, on_trunk is not None,
+                            compiled=graphs == "compile")
         return found, found.decoder
 
     session, decoder = decoder_for(b)
@@ -301,7 +302,9 @@ def generate(model, input_ids: torch.Tensor | list, attention_mask: torch.Tensor
         lookup: speculative: also verify up to this many tokens copied from earlier in each row's sequence
             (prompt lookup, `mtp.decoding.lookup`), as one more branch of the draft tree; 0: none.
         graphs: replay each decoding step as a CUDA graph (`mtp.decoding.graphs`); None: on CUDA, unless a
-            `proposer` (read on the host) drafts. Off, the same steps run eagerly (the reference).
+            `proposer` (read on the host) drafts. Off, the same steps run eagerly (the reference). "compile":
+            graphs of steps whose Llama-family layers torch.compile fused into fewer kernels (tens of seconds
+            to compile per batch size and block width; then faster, equal to the eager step up to rounding).
     """
     if use_speculative is not None:
         spelled = "speculative" if use_speculative else "greedy"
@@ -349,7 +352,9 @@ def generate(model, input_ids: torch.Tensor | list, attention_mask: torch.Tensor
     return GenerationResult(tokens, stats, texts)
 
 
-def _use_graphs(graphs: bool | None, device: torch.device, proposer) -> bool:
+def _use_graphs(graphs: bool | str | None, device: torch.device, proposer) -> bool | str:
+    if graphs not in (None, True, False, "compile"):
+        raise MTPError(f"graphs must be None, True, False or 'compile', not {graphs!r}")
     if graphs is None:
         return device.type == "cuda" and proposer is None
     if graphs and device.type != "cuda":

@@ -16,14 +16,16 @@ import dataclasses
 import torch
 
 from mtp.decoding.step import Decoder, DecodeState, StepResult
+from mtp.models.fast_llama import compiled_layers
 
 
 class GraphedSteps:
     """Run `decoder.step` on `state` in place, replaying one captured graph per (batch size, n, m). Off CUDA the
     "graph" is the same in-place step run again (the tests' stand-in for a capture: same buffers, same order)."""
 
-    def __init__(self, decoder: Decoder):
+    def __init__(self, decoder: Decoder, compiled: bool = False):
         self.decoder = decoder
+        self.compiled = compiled  # layers run torch.compile'd kernels in the captured steps
         self.graphs: dict[tuple[int, int, int], tuple] = {}  # key -> (replay, its result)
         self.cuda = decoder.cache.valid.device.type == "cuda"
         self.pool = torch.cuda.graph_pool_handle() if self.cuda else None  # one pool: graphs never run together
@@ -38,15 +40,16 @@ class GraphedSteps:
             self.graphs[key] = (lambda: self._step_in_place(state, n, m), None)
             return self._step_in_place(state, n, m)
         # The first step of a configuration runs eagerly, on a side stream as capture wants its warm-up.
+        # Compiled layers compile in the warm-up, so the capture records their kernels only.
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
+        with torch.cuda.stream(side), compiled_layers(self.compiled):
             result = self._step_in_place(state, n, m)
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         if self.decoder.generator is not None:
             graph.register_generator_state(self.decoder.generator)
-        with torch.cuda.graph(graph, pool=self.pool):
+        with torch.cuda.graph(graph, pool=self.pool), compiled_layers(self.compiled):
             captured = self._step_in_place(state, n, m)
         self.graphs[key] = (graph.replay, captured)
         return result
@@ -63,11 +66,11 @@ class DecodeSession:
     them and replays the graphs it already has instead of capturing again."""
 
     def __init__(self, drafter, opts, batch_size: int, max_len: int, stop_ids: torch.Tensor, sampling: bool,
-                 observe: bool, device: torch.device):
+                 observe: bool, device: torch.device, compiled: bool = False):
         self.cache = drafter.new_cache(batch_size, max_len, static=True)
         self.generator = torch.Generator(device=device) if sampling else None
         self.decoder = Decoder(drafter, opts, self.cache, stop_ids, self.generator, observe)
-        self.run = GraphedSteps(self.decoder)
+        self.run = GraphedSteps(self.decoder, compiled)
         self.state: DecodeState | None = None
 
     def adopt(self, state: DecodeState) -> DecodeState:
@@ -113,18 +116,19 @@ SLOT_BUCKET = 128  # cache lengths are rounded up to this: prompts of similar le
 
 
 def session_for(model, drafter, opts, batch_size: int, need: int, stop_ids: torch.Tensor,
-                generator: torch.Generator | None, observe: bool) -> DecodeSession:
+                generator: torch.Generator | None, observe: bool, compiled: bool = False) -> DecodeSession:
     """The session for this shape and these options (made and remembered on first use). Its key holds the
     addresses of the model's weights: a model whose tensors were replaced (moved, cast) gets new graphs."""
     max_len = -(-need // SLOT_BUCKET) * SLOT_BUCKET
     weights = hash(tuple(p.data_ptr() for p in model.parameters()))
     fields = dataclasses.astuple(dataclasses.replace(opts, max_new_tokens=0, adaptive_draft=False))
-    key = (weights, batch_size, max_len, fields, tuple(stop_ids.tolist()), generator is not None, observe)
+    key = (weights, batch_size, max_len, fields, tuple(stop_ids.tolist()), generator is not None, observe, compiled)
     sessions = model.__dict__.get("_mtp_decode_sessions")
     if sessions is None:
         sessions = model.__dict__["_mtp_decode_sessions"] = DecodeSessions()
     session = sessions.get(key, weights, lambda: DecodeSession(drafter, opts, batch_size, max_len, stop_ids,
-                                                               generator is not None, observe, stop_ids.device))
+                                                               generator is not None, observe, stop_ids.device,
+                                                               compiled))
     if generator is not None:  # the call's seed; the graphs draw from the session's generator
         session.generator.set_state(generator.get_state())
     return session

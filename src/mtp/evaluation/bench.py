@@ -163,7 +163,7 @@ def weight_sizes(model) -> dict:
 def mtp_method(model, tokenizer, name: str, strategy: str, *, tau: float = 0.9, k: int | None = None,
                engine: str = "mtp", stop_ids: Sequence[int] | None = None, description: str = "",
                tree_size: int | None = None, tree: str = "auto", lookup: int = 0,
-               graphs: bool | None = None) -> Method:
+               graphs: bool | str | None = None) -> Method:
     """One of mtp's decoding methods as a bench row (`graphs`: CUDA graphs, None: on for CUDA)."""
     from mtp.decoding.generate import generate
 
@@ -366,7 +366,7 @@ def build_methods(model, tokenizer, *, tau: Sequence[float] = (0.9, 0.7, 0.5), k
                   llamacpp_ctx: int = 2048, llamacpp_inline: bool = False,
                   notes: list[str] | None = None, tree_size: Sequence[int] = (), lookup: int = 0,
                   tree: Sequence[str] = ("auto",), hf_static: bool = False,
-                  graphs: bool | None = None) -> list[Method]:
+                  graphs: bool | str | None = None) -> list[Method]:
     """The methods of a benchmark, in report order. Unavailable ones are left out with a line in `notes`.
 
     `hf_static`: transformers greedy with a static cache (its compiled step), the fast transformers path on a GPU;
@@ -424,7 +424,7 @@ def build_methods(model, tokenizer, *, tau: Sequence[float] = (0.9, 0.7, 0.5), k
 
 
 def tree_methods(model, tokenizer, sizes: Sequence[int], stop_ids, fmt: str | None,
-                 lookup: int = 0, shapes: Sequence[str] = ("auto",), graphs: bool | None = None) -> list[Method]:
+                 lookup: int = 0, shapes: Sequence[str] = ("auto",), graphs: bool | str | None = None) -> list[Method]:
     """Speculative rows with a draft tree per size and shape ("auto": row `-treeN`, "dynamic": `-dtreeN`),
     then, with `lookup`, the chain and each tree with up to that many prompt-lookup drafts as one more branch
     (parallel heads only; lookup alone for one head)."""
@@ -472,7 +472,7 @@ def tokens_per_forward_max(model) -> int:
 
 def multi_token_methods(model, tokenizer, *, tau: Sequence[float], k: Sequence[int] | None, fp16: bool,
                         prefix: str = "", notes: list[str], stop_ids: Sequence[int] | None = None,
-                        graphs: bool | None = None) -> list[Method]:
+                        graphs: bool | str | None = None) -> list[Method]:
     """A model's multi-token rows: speculative (lossless), ConfAdapt per tau, static k; named `prefix + name`.
 
     With a prefix (another model beside the main one) its own greedy row comes too when its answers may differ

@@ -114,7 +114,8 @@ def eval_(
         quantize: CPU weight format for decoding: fp16 (packed, lossless speculative) or int8 (dynamic)
         dtype: the weights' dtype: auto (bfloat16 on CUDA, float32 on the CPU), float32, bfloat16 or float16
         device: auto (CUDA when available), cpu, cuda or cuda:N
-        graphs: replay the decoding steps as CUDA graphs: auto (on CUDA), on, off (eager steps, same output)
+        graphs: replay the decoding steps as CUDA graphs: auto (on CUDA), on, off (eager steps, same output),
+            compile (graphs of torch.compile-fused layers: faster, tens of seconds to compile per step shape)
         threads: torch CPU threads (default: torch's choice)
         progress: progress bar
         mask_token_id: decode a plain model with this existing token as its mask token (checkpoints trained
@@ -242,7 +243,8 @@ def bench(
         batch_size: also decode the prompts in batches of each size (e.g. 1 16 64) with greedy and the fastest
             lossless speculative row: total tokens/s (GSM8K problems past --limit fill the larger batches)
         bandwidth_gbs: memory bandwidth in GB/s for the weight-streaming floor of a step (default: measured)
-        graphs: mtp's decoding steps replayed as CUDA graphs: auto (on CUDA), on, off (eager steps)
+        graphs: mtp's decoding steps replayed as CUDA graphs: auto (on CUDA), on, off (eager steps), compile
+            (graphs of torch.compile-fused layers: faster, tens of seconds to compile per step shape)
     """
     from mtp.decoding.tree import DEFAULT_TREE_SIZE
 
@@ -317,7 +319,7 @@ def run_bench_command(m, *, model_label: str, prompts: str, limit: int, max_new_
                       gguf_note: str | None = None, fp16: bool = True, llamacpp_inline: bool = False,
                       extra_models: list[tuple[str, object]] = (), tree_size=(), lookup: int = 0,
                       tree=("auto",), hf_static: bool = False, batch_size=(),
-                      bandwidth_gbs: float | None = None, graphs: bool | None = None, strategy=None) -> int:
+                      bandwidth_gbs: float | None = None, graphs: bool | str | None = None, strategy=None) -> int:
     """`mtp bench` with the model loaded (`bench`'s arguments; `strategy` None: rows of every strategy)."""
     from mtp.evaluation.bench import (
         JOURNAL,

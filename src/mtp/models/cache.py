@@ -58,18 +58,25 @@ class StackCache:
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
         """Write a block's keys and values (B, kv_heads, T, D) at each row's block slots; return the keys and
         values the block attends over (B, kv_heads, window, D)."""
-        row = self.row.get(layer_idx)
-        if row is None:
-            row = self.row[layer_idx] = len(self.row)
-            if self.k is None or row >= self.k.shape[0]:
-                self._grow(max(self.num_layers or 0, row + 1), key_states, value_states)
-        k, v = self.k[row], self.v[row]
+        k, v = self.layer_buffers(layer_idx, key_states, value_states)
         slots = self.owner.block_slots  # (B, T)
         b, _, t, _ = key_states.shape
         k.scatter_(2, slots[:, None, :, None].expand(b, k.shape[1], t, k.shape[3]), key_states)
         v.scatter_(2, slots[:, None, :, None].expand(b, v.shape[1], t, v.shape[3]), value_states)
         end = self.owner.window
         return k[:, :, :end], v[:, :, :end]
+
+    def layer_buffers(self, layer_idx: int, key_like: torch.Tensor, value_like: torch.Tensor
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+        """A layer's key and value buffers (B, kv_heads, max_len, D), allocated at its first write (shaped as
+        `key_like`/`value_like`, (B, kv_heads, *, D)); a step that writes them itself (`mtp.models.fast_llama`)
+        writes at `owner.block_slots` and attends over the first `owner.window` slots."""
+        row = self.row.get(layer_idx)
+        if row is None:
+            row = self.row[layer_idx] = len(self.row)
+            if self.k is None or row >= self.k.shape[0]:
+                self._grow(max(self.num_layers or 0, row + 1), key_like, value_like)
+        return self.k[row], self.v[row]
 
     def _grow(self, layers: int, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         b, h, _, d = key_states.shape

@@ -14,6 +14,9 @@ Weights: "fp32" calls the Hugging Face projections as they are (no copy; int8-re
 
 from __future__ import annotations
 
+import contextlib
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -69,6 +72,8 @@ class FastLlamaLayer:
     def __call__(self, hidden: torch.Tensor, mask: torch.Tensor | None, cache, cos: torch.Tensor,
                  signed_sin: torch.Tensor) -> torch.Tensor:
         """cos, signed_sin: (B, 1, T, D) from `rope_tables`."""
+        if self._whole_layer_fused(hidden, cache):
+            return self._fused_call(hidden, mask, cache, cos, signed_sin)
         b, t, _ = hidden.shape
         x = _rms_norm(hidden, self.ln1)
         q, k, v = self._project(QKV, x)
@@ -91,6 +96,29 @@ class FastLlamaLayer:
         hidden = hidden + self._project(OUT, attn.transpose(1, 2).reshape(b, t, -1))[0]
         gate, up = self._project(GATE_UP, _rms_norm(hidden, self.ln2))
         return hidden + self._project(DOWN, self.act(gate) * up)[0]
+
+    def _whole_layer_fused(self, hidden: torch.Tensor, cache) -> bool:
+        """Whether this call runs as `layer_step` over fused weights: on a GPU, plain linear projections (no
+        adapters' hooks), SiLU, no per-head norms, the norms' dtype (float64 normalises apart, `_rms_norm`)."""
+        return (hasattr(cache, "layer_buffers") and self.q_norm is None and self.act is F.silu and hidden.dtype == self.ln1.weight.dtype
+                and hidden.dtype != torch.float64 and self._one_matmul(QKV, hidden)
+                and self._one_matmul(GATE_UP, hidden) and self.packed is None
+                and all(type(p) is nn.Linear and not p._forward_hooks for p in (self.attn.o_proj, self.mlp.down_proj)))
+
+    def _fused_call(self, hidden: torch.Tensor, mask: torch.Tensor | None, cache, cos: torch.Tensor,
+                    signed_sin: torch.Tensor) -> torch.Tensor:
+        b = hidden.shape[0]
+        _, qkv_w, qkv_b, bounds = self._fused_weights(QKV, self._modules(QKV))
+        _, gate_up_w, gate_up_b, _ = self._fused_weights(GATE_UP, self._modules(GATE_UP))
+        heads, kv_heads = bounds[0][1] // self.head_dim, (bounds[1][1] - bounds[1][0]) // self.head_dim
+        empty = hidden.new_empty((b, kv_heads, 0, self.head_dim))
+        k_buf, v_buf = cache.layer_buffers(self.layer_idx, empty, empty)  # (B, kv_heads, max_len, D)
+        step = compiled_layer_step() if _COMPILED_LAYERS else layer_step
+        o, down = self.attn.o_proj, self.mlp.down_proj
+        return step(hidden, mask, k_buf, v_buf, cache.owner.block_slots, cache.owner.window, cos, signed_sin,
+                    self.ln1.weight, self.ln1.variance_epsilon, qkv_w, qkv_b, o.weight, o.bias,
+                    self.ln2.weight, self.ln2.variance_epsilon, gate_up_w, gate_up_b, down.weight, down.bias,
+                    heads, kv_heads, self.scaling)
 
     def _modules(self, which: int) -> tuple[nn.Module, ...]:
         a, m = self.attn, self.mlp  # read at call time, so int8-replaced or moved projections are seen
@@ -129,6 +157,59 @@ class FastLlamaLayer:
             ends = torch.tensor([p.out_features for p in modules]).cumsum(0).tolist()
             cached = self._fused[which] = (identity, weight, bias, list(zip([0, *ends[:-1]], ends, strict=True)))
         return cached
+
+
+def layer_step(hidden: torch.Tensor, mask: torch.Tensor | None, k_buf: torch.Tensor, v_buf: torch.Tensor,
+               slots: torch.Tensor, window: int, cos: torch.Tensor, signed_sin: torch.Tensor,
+               ln1_w: torch.Tensor, ln1_eps: float, qkv_w: torch.Tensor, qkv_b: torch.Tensor | None,
+               o_w: torch.Tensor, o_b: torch.Tensor | None, ln2_w: torch.Tensor, ln2_eps: float,
+               gate_up_w: torch.Tensor, gate_up_b: torch.Tensor | None, down_w: torch.Tensor,
+               down_b: torch.Tensor | None, heads: int, kv_heads: int, scale: float) -> torch.Tensor:
+    """One decoder layer over fused weights as a function of tensors only (the same ops, in the same order, as
+    `FastLlamaLayer`'s general path): what `torch.compile` turns into a few fused kernels (`compiled_layer_step`).
+    hidden (B, T, H); k_buf/v_buf (B, kv_heads, max_len, D), written at slots (B, T); attention over the first
+    `window` slots with the additive mask (B, 1, T, window) or None; cos/signed_sin (B, 1, T, D)."""
+    b, t, _ = hidden.shape
+    d = k_buf.shape[-1]
+    y = F.linear(F.rms_norm(hidden, ln1_w.shape, ln1_w, ln1_eps), qkv_w, qkv_b)  # (B, T, (heads + 2 kv) D)
+    qk = _rotate(y[..., : (heads + kv_heads) * d].view(b, t, heads + kv_heads, d).transpose(1, 2), cos,
+                 signed_sin)  # (B, heads + kv_heads, T, D): q and k rotated together
+    v = y[..., (heads + kv_heads) * d :].view(b, t, kv_heads, d).transpose(1, 2)  # (B, kv_heads, T, D)
+    index = slots[:, None, :, None].expand(b, kv_heads, t, d)
+    k_buf.scatter_(2, index, qk[:, heads:])
+    v_buf.scatter_(2, index, v)
+    attn = _attention(qk[:, :heads], k_buf[:, :, :window], v_buf[:, :, :window], mask, scale)  # (B, heads, T, D)
+    hidden = hidden + F.linear(attn.transpose(1, 2).reshape(b, t, -1), o_w, o_b)
+    gate_up = F.linear(F.rms_norm(hidden, ln2_w.shape, ln2_w, ln2_eps), gate_up_w, gate_up_b)
+    inter = gate_up.shape[-1] // 2
+    return hidden + F.linear(F.silu(gate_up[..., :inter]) * gate_up[..., inter:], down_w, down_b)
+
+
+# Off by default: compiling costs tens of seconds per step shape, worth it where a step is replayed many times
+# (`generate(graphs="compile")` turns it on while its CUDA graphs warm up and are captured).
+_COMPILED_LAYERS = False
+
+
+@contextlib.contextmanager
+def compiled_layers(enabled: bool = True):
+    """Inside: fused layers run `layer_step` compiled by torch.compile (inductor fuses the norms, rotary, cache
+    writes and activations: a few kernels a layer instead of ~20)."""
+    global _COMPILED_LAYERS
+    before, _COMPILED_LAYERS = _COMPILED_LAYERS, enabled
+    try:
+        yield
+    finally:
+        _COMPILED_LAYERS = before
+
+
+@functools.cache
+def compiled_layer_step():
+    import torch._dynamo
+
+    # One compiled graph serves every layer (the weights are arguments); each (batch size, block width) is
+    # another shape, and a session may capture a dozen of them.
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+    return torch.compile(layer_step, dynamic=False, fullgraph=True)
 
 
 # For a 1-token step of a batch, two batched matmuls beat sdpa's fused CPU kernel (which tiles for long blocks):
