@@ -52,6 +52,24 @@ def test_heads_train_on_the_gpu(tmp_path, hf_folder):
     assert MTPModel.from_pretrained(out).num_heads == 3
 
 
+def test_trunk_features_on_the_gpu_or_on_disk_train_the_same(tmp_path, hf_folder):
+    """--trunk-cache device keeps the frozen trunk's features in GPU memory, disk reads them per batch from the
+    run folder: the same features, so the same held-out losses; auto chooses the GPU for a small run."""
+    data = write_data(tmp_path / "d.jsonl", n=16)
+    losses = {}
+    for where in ("device", "disk", "auto"):
+        out = tmp_path / where
+        assert train(output=str(out), model=hf_folder, data=data, num_heads=3, freeze_trunk=True, targets="self",
+                     max_new_tokens=8, seq_len=64, steps=4, holdout=0.25, trunk_cache=where, seed=3,
+                     progress=False) == 0
+        report = _report(out)
+        assert report["trunk_cache"] == ("device" if where == "auto" else where)
+        assert report["peak_memory_gb"]["gpu"] > 0
+        losses[where] = [h["loss"] for h in report["heads"]]
+    torch.testing.assert_close(losses["disk"], losses["device"], rtol=1e-3, atol=1e-4)
+    assert losses["auto"] == losses["device"]
+
+
 @pytest.mark.parametrize("adapter", ["full", "gated-lora"])
 def test_self_distillation_trains_on_the_gpu(tmp_path, hf_folder, adapter):
     out = tmp_path / adapter
