@@ -29,12 +29,12 @@ smoke|tiny)
   timeout ${TEST_SECONDS:-200} python3 -m pytest "${tests[@]}" -m "cuda and not real_model" -q -p no:cacheprovider \
     -k "not torchrun" 2>&1 | tee "$OUT/pytest-cuda.log" | tail -25
   step "step timings: graphs, graphs of compiled layers, eager"
-  timeout 60 speed --dtype bfloat16 --graphs on --repeat 3 --json "$OUT/speed-bf16.json"
-  timeout 150 speed --dtype bfloat16 --graphs compile --repeat 3 --configs greedy tree4+lookup6 \
+  timeout 50 speed --dtype bfloat16 --graphs on --repeat 3 --json "$OUT/speed-bf16.json"
+  timeout ${COMPILE_SECONDS:-150} speed --dtype bfloat16 --graphs compile --repeat 3 --configs greedy tree4+lookup6 \
     --json "$OUT/speed-compile.json"
-  timeout 60 speed --dtype bfloat16 --batch 16 --repeat 3 --configs greedy tree4+lookup6 --graphs on compile \
+  timeout 50 speed --dtype bfloat16 --batch 16 --repeat 3 --configs greedy tree4+lookup6 --graphs on compile \
     --json "$OUT/speed-batch.json"
-  timeout 40 speed --dtype bfloat16 --graphs off --repeat 2 --configs greedy --json "$OUT/speed-eager.json"
+  timeout 30 speed --dtype bfloat16 --graphs off --repeat 2 --configs greedy --json "$OUT/speed-eager.json"
   ;;
 real)
   step "train heads on the GPU"
