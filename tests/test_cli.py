@@ -117,19 +117,12 @@ def test_malformed_prompts_line_has_its_number(tiny_mtp_folder, tmp_path, capsys
 
 
 def _numeric_parameters():
-    import inspect
-    import typing
-
-    from mtp.cli import COMMANDS, _load, _unwrap_optional
+    from mtp.cli import COMMANDS, _load, command_flags
 
     for command, target in COMMANDS.items():
-        fn = _load(target)
-        hints = typing.get_type_hints(fn)
-        for name in inspect.signature(fn).parameters:
-            tp, _ = _unwrap_optional(hints.get(name, str))
-            inner = typing.get_args(tp)[0] if typing.get_origin(tp) in (list, tuple) else tp
-            if inner in (int, float):
-                yield command, name
+        for f in command_flags(_load(target)):
+            if f.type in (int, float):
+                yield command, f.name
 
 
 def test_every_numeric_flag_of_every_command_has_a_rule():
