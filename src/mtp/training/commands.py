@@ -1,4 +1,9 @@
-"""`mtp train` and `mtp bench-train`."""
+"""`mtp train` and `mtp bench-train`.
+
+`train` takes its options in dataclasses (`TrainOptions` for both methods, each method's own with it) and works on
+them flat, by flag name (`_Args`): what train_config.json records and `--resume` reads back. A method
+(`METHODS`) loads its model, checks its flags and builds its trainer; the rest of a run is the same for both.
+"""
 
 from __future__ import annotations
 
@@ -346,6 +351,8 @@ def _write_report(out: Path, a: _Args, result, held_data, timings: dict[str, flo
 
 # ---------------------------------------------------------------------------------------------- helpers
 class _Args:
+    """The run's flags as attributes (`a.seq_len`), both methods' and the other method's at their defaults."""
+
     def __init__(self, args: dict):
         self.__dict__.update(args)
 

@@ -18,6 +18,9 @@ the real tokens (the data's next token), plus `entropy_loss` x the student's mea
 (minimised: the authors' code has this optional student-entropy term; it sharpens the guesses that ConfAdapt
 thresholds by confidence). Held out: per offset 1..k, how often the student's argmax agrees
 with the teacher's.
+
+`SelfDistillOptions` are the flags of `mtp train` only this method uses; `SelfDistillMethod` is its piece of the
+command.
 """
 
 from __future__ import annotations
