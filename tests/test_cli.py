@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import runpy
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -117,19 +118,12 @@ def test_malformed_prompts_line_has_its_number(tiny_mtp_folder, tmp_path, capsys
 
 
 def _numeric_parameters():
-    import inspect
-    import typing
-
-    from mtp.cli import COMMANDS, _load, _unwrap_optional
+    from mtp.cli import COMMANDS, _load, command_flags
 
     for command, target in COMMANDS.items():
-        fn = _load(target)
-        hints = typing.get_type_hints(fn)
-        for name in inspect.signature(fn).parameters:
-            tp, _ = _unwrap_optional(hints.get(name, str))
-            inner = typing.get_args(tp)[0] if typing.get_origin(tp) in (list, tuple) else tp
-            if inner in (int, float):
-                yield command, name
+        for f in command_flags(_load(target)):
+            if f.type in (int, float):
+                yield command, f.name
 
 
 def test_every_numeric_flag_of_every_command_has_a_rule():
@@ -268,7 +262,8 @@ def _documented(name: str, count: int = 3, mode: Literal["a", "b"] = "a", sizes:
     Args:
         name: who | what
         count: how many,
-            on two lines
+            on two lines;
+            auto: still the count's
         sizes: one or more
     """
 
@@ -278,12 +273,57 @@ def test_the_reference_renders_every_kind_of_flag():
     assert rows[:3] == ["## mtp thing", "", "Do the thing."]
     assert rows[6:] == [
         "| `--name` | str | required | who \\| what |",
-        "| `--count` | int | `3` | how many, on two lines |",
+        "| `--count` | int | `3` | how many, on two lines; auto: still the count's |",
         "| `--mode` | {a,b} | `a` |  |",
         "| `--sizes` | int ... |  | one or more |",
         "| `--fast`, `--no-fast` |  | on |  |",
         "| `[task]` (a word after the command) | str | `x` |  |",
     ]
+
+
+@dataclass(frozen=True)
+class _Extras:
+    """extra options
+
+    Args:
+        depth: how deep
+        loud: say it
+    """
+
+    depth: int = 2
+    loud: bool = False
+
+
+_grouped_calls: list[dict] = []
+
+
+def _grouped(name: str, extras: _Extras | None = None) -> int:
+    """Do the grouped thing.
+
+    Args:
+        name: who
+    """
+    _grouped_calls.append({"name": name, "extras": extras})
+    return 0
+
+
+def test_a_dataclass_parameter_is_a_group_of_flags(monkeypatch, capsys):
+    from mtp import cli
+
+    assert [(f.flag, f.default, f.help, f.group) for f in cli.command_flags(_grouped)] == [
+        ("--name", None, "who", ""), ("--depth", 2, "how deep", "extra options"),
+        ("--loud", False, "say it", "extra options")]
+    rows = command_markdown("grouped", _grouped).splitlines()
+    assert rows[rows.index("| `--name` | str | required | who |") + 2:] == [
+        "### extra options", "", "| flag | value | default | what it does |", "|---|---|---|---|",
+        "| `--depth` | int | `2` | how deep |", "| `--loud`, `--no-loud` |  | off | say it |"]
+    monkeypatch.setitem(cli.COMMANDS, "grouped", "test_cli:_grouped")
+    code, out, _ = run_cli(["grouped", "--help"], capsys)
+    assert code == 0 and "\nextra options:\n  --depth DEPTH" in out
+    _grouped_calls.clear()
+    code, _, err = run_cli(["grouped", "--name", "x", "--loud"], capsys)
+    assert code == 0, err
+    assert _grouped_calls == [{"name": "x", "extras": _Extras(depth=2, loud=True)}]
 
 
 def test_python_m_mtp_cli_markdown_writes_the_reference(tmp_path, monkeypatch):

@@ -187,15 +187,13 @@ def test_an_old_spelling_runs_the_command(tiny_mtp_folder, tmp_path, capsys):
 
 
 def test_a_run_saved_under_old_flag_names_resumes_under_the_new_ones():
-    import inspect
-
     from mtp.errors import MTPError
-    from mtp.training.commands import _merge_resume_args, train
+    from mtp.training.commands import _merge_resume_args, train_defaults
 
     assert current_arguments("train", {"precision": "bf16", "lr": 0.1, "_answer_count": 3}) == \
         {"autocast": "bfloat16", "lr": 0.1, "_answer_count": 3}
     assert current_arguments("bench-train", {"heads": [1, 4]}) == {"num_heads": [1, 4]}
-    defaults = {name: p.default for name, p in inspect.signature(train).parameters.items()}
+    defaults = train_defaults()
     saved = {"args": {"precision": "bf16", "_answer_count": 3}}  # train_config.json of a run started with --precision
     merged = _merge_resume_args({**defaults, "output": "o", "resume": True}, saved)
     assert merged["autocast"] == "bfloat16" and merged["_answer_count"] == 3 and "precision" not in merged

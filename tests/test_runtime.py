@@ -121,12 +121,10 @@ def test_eval_batches_more_on_a_gpu():
     ("heads", True, "auto", False, "float32"),
 ])
 def test_train_dtype_auto(method, freeze_trunk, autocast, gpu, expected, monkeypatch):
-    import inspect
-
-    from mtp.training.commands import _Args, _validate, train
+    from mtp.training.commands import _Args, _validate, train_defaults
 
     fake_gpus(monkeypatch) if gpu else no_gpu(monkeypatch)
-    args = {name: p.default for name, p in inspect.signature(train).parameters.items()}
+    args = train_defaults()
     a = _Args({**args, "output": "o", "method": method, "freeze_trunk": freeze_trunk, "autocast": autocast})
     _validate(a)
     assert a.dtype == expected

@@ -2,7 +2,9 @@
 
 A command function takes keyword arguments with type hints and defaults; `build_parser` turns them into flags
 (`num_heads: int = 4` becomes `--num-heads 4`, `chat: bool = False` becomes `--chat/--no-chat`). The first
-paragraph of its docstring is the help text; `name: text` lines under "Args:" document the flags.
+paragraph of its docstring is the help text; `name: text` lines under "Args:" document the flags. A parameter
+typed with a dataclass (`heads: HeadsOptions`) stands for its fields, each a flag, listed in a group headed by the
+dataclass's summary and documented by its "Args:" lines (`mtp.options`); the command gets the dataclass.
 `python -m mtp.cli --markdown docs/cli.md` writes the same as the command-line reference (`markdown`).
 The old spellings of renamed flags (`mtp.arguments.DEPRECATED`) are hidden flags that warn and set the new
 parameter (`add_deprecated_arguments`).
@@ -11,10 +13,10 @@ parameter (`add_deprecated_arguments`).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib
 import inspect
 import sys
-import types
 import typing
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -30,6 +32,7 @@ from mtp.arguments import (
 )
 from mtp.errors import MTPError
 from mtp.io import DISK_ERRORS
+from mtp.options import field_defaults, grouped_arguments, option_classes, unwrap_optional
 from mtp.process import Terminated, exit_code, sigterm_as_interrupt
 
 # command name -> "module:function". Imported lazily so `mtp --help` stays fast.
@@ -57,25 +60,19 @@ def _doc_parts(fn: Callable) -> tuple[str, dict[str, str]]:
     summary = doc.split("\n\n")[0].replace("\n", " ")
     args: dict[str, str] = {}
     if "Args:" in doc:
-        last = None
-        for line in doc.split("Args:", 1)[1].splitlines():
-            line = line.strip()
-            key, _, text = line.partition(":")
-            if key.isidentifier() and _:
+        last, indent = None, None
+        for raw in doc.split("Args:", 1)[1].splitlines():
+            line = raw.strip()
+            key, colon, text = line.partition(":")
+            # A line indented deeper than the arguments continues the previous one's help, even when it starts
+            # like an argument ("auto: ...").
+            deeper = indent is not None and len(raw) - len(raw.lstrip()) > indent
+            if key.isidentifier() and colon and not deeper:
                 args[key] = text.strip()
-                last = key
-            elif line and last is not None:  # a continuation line of the previous argument's help
+                last, indent = key, len(raw) - len(raw.lstrip())
+            elif line and last is not None:
                 args[last] += " " + line
     return summary, args
-
-
-def _unwrap_optional(tp):
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        if len(args) == 1:
-            return args[0], True
-    return tp, False
 
 
 @dataclass(frozen=True)
@@ -91,50 +88,79 @@ class Flag:
     default: object = None
     help: str = ""
     positional: bool = False
+    group: str = ""  # the heading it is listed under: its dataclass's summary ("" for a plain parameter)
+
+
+def _flag(name: str, annotation, default: object, help: str, positional: bool = False, group: str = "") -> Flag:
+    tp, _ = unwrap_optional(annotation)
+    required = default is inspect.Parameter.empty or default is dataclasses.MISSING
+    choices, many = (), False
+    if typing.get_origin(tp) in (list, tuple):
+        (tp, *_) = typing.get_args(tp) or (str,)
+        many = True
+    if typing.get_origin(tp) is typing.Literal:
+        choices = typing.get_args(tp)
+        tp = type(choices[0])
+    return Flag(name, name if positional else spelled(name, True), tp, choices, many, required,
+                None if required else default, help, positional, group)
+
+
+def _option_flags(cls: type) -> list[Flag]:
+    """The flags of a dataclass parameter (`mtp.options`): one per field, under the dataclass's summary."""
+    hints = typing.get_type_hints(cls)
+    group, helps = _doc_parts(cls)
+    return [_flag(name, hints.get(name, str), default, helps.get(name, ""), group=group)
+            for name, default in field_defaults(cls).items()]
 
 
 def command_flags(fn: Callable, positional: Sequence[str] = ()) -> list[Flag]:
     """The flags of a command function: one per keyword parameter, typed from its annotations, documented by the
-    "Args:" lines of its docstring (names in `positional`: an optional positional word instead of a flag)."""
+    "Args:" lines of its docstring (names in `positional`: an optional positional word instead of a flag); a
+    parameter typed with a dataclass gives one flag per field (`mtp.options`), documented by its docstring."""
     hints = typing.get_type_hints(fn)
+    classes = option_classes(fn)
     _, helps = _doc_parts(fn)
     flags = []
     for name, param in inspect.signature(fn).parameters.items():
-        if param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
-            continue
-        tp, _ = _unwrap_optional(hints.get(name, str))
-        required = param.default is inspect.Parameter.empty
-        choices, many = (), False
-        if typing.get_origin(tp) in (list, tuple):
-            (tp, *_) = typing.get_args(tp) or (str,)
-            many = True
-        if typing.get_origin(tp) is typing.Literal:
-            choices = typing.get_args(tp)
-            tp = type(choices[0])
-        flags.append(Flag(name, name if name in positional else spelled(name, True), tp,
-                          choices, many, required, None if required else param.default, helps.get(name, ""),
-                          name in positional))
+        if name in classes:
+            flags += _option_flags(classes[name])
+        elif param.kind not in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
+            flags.append(_flag(name, hints.get(name, str), param.default, helps.get(name, ""), name in positional))
+    seen = set()
+    for f in flags:
+        if f.name in seen:
+            raise TypeError(f"{getattr(fn, '__name__', fn)}: two flags named {f.flag}")
+        seen.add(f.name)
     return flags
 
 
 def add_function_arguments(parser: argparse.ArgumentParser, fn: Callable, positional: Sequence[str] = ()) -> None:
-    """Add one flag per keyword parameter of `fn` (`command_flags`)."""
+    """Add one flag per keyword parameter of `fn` (`command_flags`); the fields of a dataclass parameter go in an
+    argument group headed by its summary."""
+    groups: dict[str, argparse._ArgumentGroup] = {}
     for f in command_flags(fn, positional):
-        if f.type is bool:
-            parser.add_argument(f.flag, dest=f.name, action=argparse.BooleanOptionalAction, default=f.default,
-                                help=f.help)
-            continue
-        kwargs: dict = {"type": f.type, "default": f.default, "help": f.help}
-        if f.choices:
-            kwargs["choices"] = list(f.choices)
-        if f.many:
-            kwargs["nargs"] = "+"
-        if not f.required and f.default is not None:
-            kwargs["help"] = f"{f.help} (default: {f.default})".strip()
-        if f.positional:
-            parser.add_argument(f.flag, nargs="?", **kwargs)
-        else:
-            parser.add_argument(f.flag, dest=f.name, required=f.required, **kwargs)
+        where = parser
+        if f.group:
+            where = groups.get(f.group) or groups.setdefault(f.group, parser.add_argument_group(f.group))
+        _add_flag(where, f)
+
+
+def _add_flag(parser: argparse.ArgumentParser | argparse._ArgumentGroup, f: Flag) -> None:
+    if f.type is bool:
+        parser.add_argument(f.flag, dest=f.name, action=argparse.BooleanOptionalAction, default=f.default,
+                            help=f.help)
+        return
+    kwargs: dict = {"type": f.type, "default": f.default, "help": f.help}
+    if f.choices:
+        kwargs["choices"] = list(f.choices)
+    if f.many:
+        kwargs["nargs"] = "+"
+    if not f.required and f.default is not None:
+        kwargs["help"] = f"{f.help} (default: {f.default})".strip()
+    if f.positional:
+        parser.add_argument(f.flag, nargs="?", **kwargs)
+    else:
+        parser.add_argument(f.flag, dest=f.name, required=f.required, **kwargs)
 
 
 class _DeprecatedFlag(argparse.Action):
@@ -238,11 +264,16 @@ def _flag_markdown(f: Flag) -> str:
 
 
 def command_markdown(name: str, fn: Callable, positional: Sequence[str] = ()) -> str:
-    """One command's section of the reference: its summary and a table of its flags (`command_flags`)."""
+    """One command's section of the reference: its summary and a table of its flags (`command_flags`), a table
+    per group of them."""
     summary, _ = _doc_parts(fn)
-    rows = [_flag_markdown(f) for f in command_flags(fn, positional)]
-    return "\n".join([f"## mtp {name}", "", summary, "", "| flag | value | default | what it does |",
-                      "|---|---|---|---|", *rows, ""])
+    flags = command_flags(fn, positional)
+    lines = [f"## mtp {name}", "", summary, ""]
+    for group in dict.fromkeys(f.group for f in flags):  # the plain parameters' table, then one per group
+        lines += [f"### {group}", ""] if group else []
+        lines += ["| flag | value | default | what it does |", "|---|---|---|---|",
+                  *(_flag_markdown(f) for f in flags if f.group == group), ""]
+    return "\n".join(lines)
 
 
 def markdown(commands: dict[str, str] = COMMANDS) -> str:
@@ -285,7 +316,7 @@ def run(argv: list[str] | None = None) -> int:
     args.pop("command")
     check_command_arguments(command, args)  # ranges and output paths, before the command does any work
     fn = _load(COMMANDS[command])
-    result = fn(**args)
+    result = fn(**grouped_arguments(fn, args))
     return int(result or 0)
 
 

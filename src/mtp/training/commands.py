@@ -1,16 +1,21 @@
-"""`mtp train` and `mtp bench-train`."""
+"""`mtp train` and `mtp bench-train`.
+
+`train` takes its options in dataclasses (`TrainOptions` for both methods, each method's own with it) and works on
+them flat, by flag name (`_Args`): what train_config.json records and `--resume` reads back. A method
+(`METHODS`) loads its model, checks its flags and builds its trainer; the rest of a run is the same for both.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
-import inspect
 import json
 import os
 import shutil
 import statistics
 import tempfile
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Literal
 
@@ -19,9 +24,9 @@ import torch
 from mtp.arguments import current_arguments, spelled
 from mtp.errors import MTPError
 from mtp.io import atomic_write_json, disk_errors, remove_stale_temporaries, temporary_prefix
+from mtp.options import changed_fields, flat_defaults, with_flat_keywords
 from mtp.process import output_lock
 from mtp.runtime import (
-    DType,
     Runtime,
     auto_dtype,
     describe_runtime,
@@ -31,173 +36,64 @@ from mtp.runtime import (
     set_threads,
 )
 from mtp.training.distributed import Parallel
+from mtp.training.heads import HeadsMethod, HeadsOptions, LossOrder
+from mtp.training.options import TrainOptions
+from mtp.training.selfdistill import SelfDistillMethod, SelfDistillOptions
 
 TRAIN_CONFIG = "train_config.json"
 EVAL_NAME = "eval.json"
 # Flags that do not change what a run computes: free to differ when resuming.
 _NOT_RUN_IDENTITY = {"output", "resume", "device", "threads", "progress", "save_every", "keep_checkpoints",
                      "eval_every", "gen_batch_size", "trunk_cache", "gradient_checkpointing", "parallel"}
-LossOrder = Literal["memory-efficient", "naive"]
 # An --autocast dtype -> the name the training loop gives that precision (`mtp.training.loop.TrainConfig`).
 _PRECISION = {"auto": "auto", "float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
 _AUTOCAST = {precision: dtype for dtype, precision in _PRECISION.items()}
-# The mask-token method's own flags: with --method heads, one set away from its default is an error.
-SELFDISTILL_ONLY = ("prefix_loss", "entropy_loss", "k", "k_min", "k_max", "adapter", "lora_rank", "lora_layers",
-                    "regions", "supervision", "mask_token", "mask_token_id", "per_rank_k")
+# --method -> the class that loads its model and builds its trainer; its `options` are the flags only it uses.
+METHODS = {"heads": HeadsMethod, "selfdistill": SelfDistillMethod}
 
 
 def train(
     output: str,
     model: str | None = None,
-    data: str = "gsm8k",
     method: Literal["heads", "selfdistill"] = "heads",
-    num_heads: int | None = None,
-    num_trunk_layers: int | None = None,
-    freeze_trunk: bool = False,
-    targets: Literal["data", "self"] = "data",
-    data_format: Literal["auto", "gsm8k", "metamathqa", "text", "jsonl"] = "auto",
-    question_field: str | None = None,
-    answer_field: str | None = None,
-    split: str = "train",
-    limit: int | None = None,
-    template: Literal["auto", "chat", "plain"] = "auto",
-    loss_on: Literal["answer", "all"] = "answer",
-    pack: bool = False,
-    seq_len: int = 512,
-    holdout: float = 0.05,
-    holdout_max: int = 200,
-    steps: int | None = None,
-    epochs: float | None = None,
-    batch_size: int = 4,
-    grad_accum: int = 1,
-    lr: float | None = None,
-    min_lr_ratio: float = 0.1,
-    warmup_steps: int | None = None,
-    weight_decay: float = 0.0,
-    max_grad_norm: float = 1.0,
-    head_weights: str = "equal",
-    loss_order: LossOrder = "memory-efficient",
-    autocast: DType = "auto",
-    dtype: Literal["auto", "float32", "bfloat16"] = "auto",
-    gradient_checkpointing: bool = False,
-    trunk_cache: Literal["auto", "device", "disk", "off"] = "auto",
-    draft_vocab: int = 8192,
-    max_new_tokens: int = 256,
-    gen_batch_size: int = 16,
-    answer_minutes: float | None = None,
-    eval_every: int = 0,
-    save_every: int = 100,
-    keep_checkpoints: int = 2,
     resume: bool = False,
-    adapter: Literal["full", "gated-lora"] = "full",
-    lora_rank: int = 16,
-    lora_layers: int | None = None,
-    k: int | None = None,
-    k_min: int | None = None,
-    k_max: int | None = None,
-    regions: int = 5,
-    supervision: Literal["hard", "soft"] = "hard",
-    prefix_loss: float = 0.0,
-    entropy_loss: float = 0.0,
-    mask_token: str | None = None,
-    mask_token_id: int | None = None,
-    per_rank_k: bool = False,
-    parallel: Literal["none", "ddp", "fsdp"] = "none",
-    seed: int = 0,
-    device: str = "auto",
-    threads: int | None = None,
-    progress: bool = True,
+    options: TrainOptions | None = None,
+    heads: HeadsOptions | None = None,
+    selfdistill: SelfDistillOptions | None = None,
+    **flat: object,
 ) -> int:
     """Train MTP heads (or the whole model) on question/answer data or text; the output folder is an MTP model.
+
+    The options come in three groups: `options` for both methods, `heads` and `selfdistill` for one method each
+    (an option of the other method, set away from its default, is refused). In Python any option may also be
+    given by its name, as on the command line: `train(output="run", num_heads=2, lr=1e-3)`.
 
     Args:
         output: run folder: the trained model, checkpoints/, metrics.jsonl, loss.png, eval.json, self_targets.jsonl
         model: base model (default: embedded SmolLM2-135M-Instruct), HF folder, .gguf, hub id, or an MTP folder
-        data: "gsm8k" (shipped), a GSM8K/MetaMathQA-style .jsonl/.json, a text file, a Hugging Face dataset name
-            or a dataset's folder (both need the `datasets` package); a .jsonl or a dataset is read lazily
         method: "heads": parallel MTP heads on a shared trunk; "selfdistill": a mask token trained by
             self-distillation from a frozen teacher (Kirchenbauer et al. 2026)
-        num_heads: heads including the next-token head (default 4; an MTP folder keeps its own)
-        num_trunk_layers: shared layers (default: all but the last)
-        freeze_trunk: train the extra heads only; the trunk and head 0 stay exactly as the base model
-        targets: "data": the dataset's answers; "self": the model's own greedy answers to the prompts
-        data_format: how to read --data (auto looks at the contents)
-        question_field: prompt column of JSON records / datasets
-        answer_field: answer column of JSON records / datasets
-        split: dataset split (gsm8k: train or test)
-        limit: use only the first N examples
-        template: "chat" (tokenizer's chat template), "plain" ("question\\n\\nanswer"); auto: chat when available
-        loss_on: "answer" tokens only, or "all" tokens
-        pack: concatenate examples into full rows instead of one padded row each
-        seq_len: tokens per row
-        holdout: fraction of the examples held out for per-head accuracy (0: none)
-        holdout_max: at most this many held-out examples
-        steps: optimizer steps (or give --epochs; default 1 epoch)
-        epochs: passes over the training rows (may be fractional)
-        batch_size: rows per micro-batch (under torchrun: of all processes together, each computes its share)
-        grad_accum: micro-batches per optimizer step
-        lr: peak learning rate (default 1e-3 with --freeze-trunk, 5e-5 otherwise)
-        min_lr_ratio: the cosine schedule ends at lr * this
-        warmup_steps: linear warmup steps (default: 5 percent of the steps)
-        weight_decay: AdamW weight decay
-        max_grad_norm: gradient clipping (0: off)
-        head_weights: "equal", "medusa" (0.2*0.8^(i-1) for head i>=1), or comma-separated weights per head
-        loss_order: "memory-efficient" (one head's logits at a time) or "naive" (all heads at once)
-        autocast: the dtype the forward and backward passes compute in (torch.autocast; the weights that train
-            stay float32): auto (bfloat16 on a GPU, float16 where it has no bfloat16; float32 on a CPU), float32
-            (no autocast), bfloat16, float16 (GPU only)
-        dtype: with --freeze-trunk: the frozen part's weights (bfloat16: half the memory; loaded straight in it);
-            the extra heads keep fp32 master weights and train under autocast in this dtype (--autocast auto);
-            auto: bfloat16 on a GPU that has it, else float32 (trained weights are always fp32)
-        gradient_checkpointing: recompute layer activations in the backward pass (less memory, slower)
-        trunk_cache: with --freeze-trunk, compute the frozen trunk's outputs once per row (or keep those computed
-            while answering) and reuse them every epoch: "disk" (in the run folder, fp16, read per batch),
-            "device" (all in GPU or CPU memory), "off" (run the trunk every step); auto: device on a GPU when
-            they take at most a quarter of its free memory, else disk
-        draft_vocab: the extra heads predict among the N most frequent tokens of the training rows (much faster
-            training and drafting, lossless decoding); 0: the whole vocabulary
-        max_new_tokens: --targets self: longest self-generated answer
-        gen_batch_size: --targets self: prompts answered per batch
-        answer_minutes: --targets self: answer as many of the (--limit) questions, in order, as fit in about this
-            many minutes, measured on the first batch, instead of all of them; the count is kept for --resume
-        eval_every: held-out evaluation every N steps (0: at the end only)
-        save_every: checkpoint every N steps (0: at the end and on Ctrl-C only)
-        keep_checkpoints: keep the last K checkpoints
         resume: continue the run in --output from its last checkpoint (flags default to the run's own)
-        adapter: --method selfdistill: "full" trains the whole model (teacher: a frozen copy); "gated-lora" trains
-            LoRA adapters active at mask tokens only (real tokens stay exactly the base model)
-        lora_rank: --adapter gated-lora: rank of the adapters
-        lora_layers: --adapter gated-lora: adapters on the top N decoder layers only (default all); the layers
-            below need no backward pass, so training is faster
-        k: --method selfdistill: tokens predicted per position (the masks are k-1); default 4
-        k_min: draw k per step uniformly from [k-min, k-max] (seeded) instead of a fixed --k
-        k_max: see --k-min
-        regions: --method selfdistill: regions per row of --seq-len slots (each: real tokens, then k-1 masks)
-        supervision: "hard": cross-entropy to the teacher's argmax (the paper's default); "soft": KL to its
-            distribution
-        prefix_loss: weight of the next-token loss on the real tokens (0: off)
-        entropy_loss: weight of the student's entropy at the prediction slots, minimised (0: off): sharper
-            guesses, so ConfAdapt's threshold passes more often
-        mask_token: the mask token's string (default <|mtp_mask|>; added to the tokenizer when new)
-        mask_token_id: use this existing token id as the mask token (e.g. a checkpoint that ships one)
-        per_rank_k: under torchrun, each rank draws its own k per step from [k-min, k-max] (the paper's recipe)
-        parallel: under torchrun (torchrun --nproc-per-node N -m mtp train ...): "fsdp" shards parameters,
-            gradients and optimizer state over the processes (FSDP2), "ddp" replicates them; "none": one process
-        seed: data order, held-out split and initialisation seed
-        device: auto (CUDA when available), cpu, cuda or cuda:N
-        threads: torch CPU threads (default: torch's choice)
-        progress: progress bars
     """
-    args = {name: value for name, value in locals().items()}
+    groups = with_flat_keywords("train", {"options": options or TrainOptions(), "heads": heads or HeadsOptions(),
+                                          "selfdistill": selfdistill or SelfDistillOptions()}, flat)
+    # The run's flags by name, as the command line spells them: what train_config.json records and --resume reads.
+    args = {"output": output, "model": model, "method": method, "resume": resume,
+            **{name: value for group in groups.values() for name, value in asdict(group).items()}}
     t_start = time.perf_counter()
     out = Path(output).expanduser()
-    set_threads(threads)
+    set_threads(args["threads"])
     from mtp.training.distributed import torchrun_env
 
     env = torchrun_env()
     # One run per folder: under torchrun its rank 0 holds the folder for the whole job.
     with output_lock(out) if env is None or env[0] == 0 else contextlib.nullcontext():
         return _start(args, out, t_start)
+
+
+def train_defaults() -> dict[str, object]:
+    """Every flag of `mtp train` -> its default."""
+    return flat_defaults(train)
 
 
 def _start(args: dict, out: Path, t_start: float) -> int:
@@ -235,87 +131,32 @@ def _start(args: dict, out: Path, t_start: float) -> int:
 
 def _train(a: _Args, args: dict, out: Path, checkpoint: Path | None, par: Parallel | None, t_start: float) -> int:
     """`train` once the arguments are checked and this process has joined its torchrun job (`par`, or None)."""
-    from mtp.models.loading import check_seq_len
-    from mtp.training.checkpoints import is_sharded, load_trainer_state
-    from mtp.training.distributed import full_state_on_main
-
     main = par is None or par.is_main
     timings: dict[str, float] = {}
     dev = par.device if par is not None else resolve_device(a.device, flags=True)
     torch.manual_seed(a.seed)  # the same on every rank: new weights start alike everywhere
-
-    # ------------------------------------------------------------------ model
     method = _method(a)
-    state = None
-    sharded = checkpoint is not None and is_sharded(checkpoint)
-    if checkpoint is not None:
-        from mtp.hub import check_model_folder
-
-        if not sharded:
-            check_model_folder(checkpoint)
-        state = load_trainer_state(checkpoint)  # before any work: a damaged state must not cost the data stage
-    # A sharded checkpoint holds no model folder: the run's starting model is built again and the shards are
-    # read into it once it is wrapped.
-    mtp_model = method.load(a, None if sharded else checkpoint, dev)
-    if checkpoint is not None and mtp_model.tokenizer is None:
-        raise MTPError(f"{checkpoint} has no tokenizer files")
+    mtp_model, state = _load_model(a, method, checkpoint, dev)
     timings["load_model"] = time.perf_counter() - t_start
-    tokenizer = mtp_model.tokenizer
-    if tokenizer is None:
-        raise MTPError("the model has no tokenizer; give a --model folder with tokenizer files")
-    check_seq_len(mtp_model, a.seq_len)
-    if a.template == "auto":
-        a.template = "chat" if getattr(tokenizer, "chat_template", None) else "plain"
-
-    # ------------------------------------------------------------------ data
     train_data, held_data, store = _training_data(a, args, out, method, mtp_model, par)
     timings["data_and_targets"] = time.perf_counter() - t_start - timings["load_model"]
-
-    # ------------------------------------------------------------------ schedule
-    from mtp.training.data import batches_per_epoch
-    from mtp.training.loop import TrainConfig, steps_for_epochs
-    from mtp.training.losses import head_weights as parse_head_weights
-
-    total_steps = a.steps if a.steps is not None else steps_for_epochs(train_data, a.epochs or 1.0, a.batch_size,
-                                                                      a.grad_accum)
-    lr = a.lr if a.lr is not None else method.default_lr(a)
-    warmup = a.warmup_steps if a.warmup_steps is not None else round(0.05 * total_steps)
-    config = TrainConfig(
-        steps=total_steps, batch_size=a.batch_size, grad_accum=a.grad_accum, lr=lr, min_lr_ratio=a.min_lr_ratio,
-        warmup_steps=warmup, weight_decay=a.weight_decay, max_grad_norm=a.max_grad_norm,
-        head_weights=parse_head_weights(a.head_weights, mtp_model.num_heads), loss_order=a.loss_order,
-        precision=_PRECISION[a.autocast], gradient_checkpointing=a.gradient_checkpointing,
-        freeze_trunk=a.freeze_trunk, trunk_cache=a.trunk_cache, eval_every=a.eval_every, save_every=a.save_every,
-        keep_checkpoints=a.keep_checkpoints, seed=a.seed, progress=a.progress)
+    config = _train_config(a, method, mtp_model, train_data)
     trainer = method.trainer(mtp_model, train_data, held_data, config, a, out, parallel=par, features=store)
-    if sharded:
-        trainer.resume_sharded(checkpoint)
-    elif checkpoint is not None:  # a single process's checkpoint: its weights were loaded with the model
-        if par is not None:
-            trainer.load_whole_optimizer_state(state.pop("optimizer"))
-        trainer.load_state_dict(state)
-        trainer.last_checkpoint = checkpoint
-    target_tokens = train_data.target_count()
-    where = f"; {par.world_size} processes, --parallel {par.mode}, {par.device.type}" if par is not None else ""
+    if checkpoint is not None:
+        _restore(trainer, checkpoint, state, par)
     if main:
-        print(f"mtp train: {method.describe(mtp_model, a)}{where}; "
-              f"{len(train_data)} training rows ({target_tokens:,} target tokens), "
-              f"{len(held_data) if held_data is not None else 0} held-out rows; {total_steps} steps of "
-              f"{a.batch_size}x{a.grad_accum} rows (~{total_steps * a.batch_size * a.grad_accum / len(train_data):.2f} "
-              f"epochs, {batches_per_epoch(train_data, a.batch_size)} batches per epoch); lr {lr:g}, "
-              f"autocast {_AUTOCAST[trainer.precision]}"
-              + (f"; resuming at step {trainer.step}" if checkpoint is not None else ""), flush=True)
-
+        _print_plan(a, method, mtp_model, trainer, train_data, held_data, par, resumed=checkpoint is not None)
     start = time.perf_counter()
     with peak_memory(dev) as memory:
         result = trainer.train()
     timings["trunk_cache_train_eval"] = time.perf_counter() - start
     speed = {**training_speed(result.history), "peak_gpu_memory_mb": memory["peak_mb"]}
     runtime = {**Runtime(dev, parse_dtype(a.dtype)).to_dict(), "autocast": _AUTOCAST[trainer.precision]}
-    # ------------------------------------------------------------------ final model and reports
     if par is None:
         install_model(mtp_model, out)
     else:  # the ordinary model folder, written by rank 0 from the gathered weights
+        from mtp.training.distributed import full_state_on_main
+
         whole = full_state_on_main(mtp_model)
         if not main:
             return 0
@@ -323,6 +164,79 @@ def _train(a: _Args, args: dict, out: Path, checkpoint: Path | None, par: Parall
     timings["total"] = time.perf_counter() - t_start
     _write_report(out, a, result, held_data, timings, speed, runtime, trainer, dev)
     return 0
+
+
+def _load_model(a: _Args, method, checkpoint: Path | None, dev: torch.device):
+    """The model to train: the run's starting model, or the checkpoint's; and the checkpoint's trainer state
+    (None without one). Settles --template auto from the tokenizer."""
+    from mtp.hub import check_model_folder
+    from mtp.models.loading import check_seq_len
+    from mtp.training.checkpoints import is_sharded, load_trainer_state
+
+    state = None
+    sharded = checkpoint is not None and is_sharded(checkpoint)
+    if checkpoint is not None:
+        if not sharded:
+            check_model_folder(checkpoint)
+        state = load_trainer_state(checkpoint)  # before any work: a damaged state must not cost the data stage
+    # A sharded checkpoint holds no model folder: the run's starting model is built again and the shards are
+    # read into it once it is wrapped.
+    model = method.load(a, None if sharded else checkpoint, dev)
+    if checkpoint is not None and model.tokenizer is None:
+        raise MTPError(f"{checkpoint} has no tokenizer files")
+    if model.tokenizer is None:
+        raise MTPError("the model has no tokenizer; give a --model folder with tokenizer files")
+    check_seq_len(model, a.seq_len)
+    if a.template == "auto":
+        a.template = "chat" if getattr(model.tokenizer, "chat_template", None) else "plain"
+    return model, state
+
+
+def _train_config(a: _Args, method, model, train_data):
+    """The loop's settings (`TrainConfig`): the flags, with the step count, learning rate and warmup that were
+    left to their defaults worked out, and those of the method's own flags."""
+    from mtp.training.loop import TrainConfig, steps_for_epochs
+
+    steps = a.steps if a.steps is not None else steps_for_epochs(train_data, a.epochs or 1.0, a.batch_size,
+                                                                a.grad_accum)
+    return TrainConfig(
+        steps=steps, batch_size=a.batch_size, grad_accum=a.grad_accum,
+        lr=a.lr if a.lr is not None else method.default_lr(a), min_lr_ratio=a.min_lr_ratio,
+        warmup_steps=a.warmup_steps if a.warmup_steps is not None else round(0.05 * steps),
+        weight_decay=a.weight_decay, max_grad_norm=a.max_grad_norm, precision=_PRECISION[a.autocast],
+        gradient_checkpointing=a.gradient_checkpointing, eval_every=a.eval_every, save_every=a.save_every,
+        keep_checkpoints=a.keep_checkpoints, seed=a.seed, progress=a.progress, **method.loop_settings(a, model))
+
+
+def _restore(trainer, checkpoint: Path, state: dict | None, par: Parallel | None) -> None:
+    """The trainer's state (optimizer, step, schedule, ...) as `checkpoint` left it."""
+    from mtp.training.checkpoints import is_sharded
+
+    if is_sharded(checkpoint):
+        trainer.resume_sharded(checkpoint)
+        return
+    # a single process's checkpoint: its weights were loaded with the model
+    if par is not None:
+        trainer.load_whole_optimizer_state(state.pop("optimizer"))
+    trainer.load_state_dict(state)
+    trainer.last_checkpoint = checkpoint
+
+
+def _print_plan(a: _Args, method, model, trainer, train_data, held_data, par: Parallel | None,
+                resumed: bool) -> None:
+    """One line before training: the model, the rows, the steps and the precision."""
+    from mtp.training.data import batches_per_epoch
+
+    config = trainer.config
+    where = f"; {par.world_size} processes, --parallel {par.mode}, {par.device.type}" if par is not None else ""
+    rows = config.batch_size * config.grad_accum
+    print(f"mtp train: {method.describe(model, a)}{where}; "
+          f"{len(train_data)} training rows ({train_data.target_count():,} target tokens), "
+          f"{len(held_data) if held_data is not None else 0} held-out rows; {config.steps} steps of "
+          f"{config.batch_size}x{config.grad_accum} rows (~{config.steps * rows / len(train_data):.2f} "
+          f"epochs, {batches_per_epoch(train_data, config.batch_size)} batches per epoch); lr {config.lr:g}, "
+          f"autocast {_AUTOCAST[trainer.precision]}" + (f"; resuming at step {trainer.step}" if resumed else ""),
+          flush=True)
 
 
 def _feature_store(a: _Args, out: Path, method, model, par: Parallel | None):
@@ -353,7 +267,7 @@ def _training_data(a: _Args, args: dict, out: Path, method, mtp_model, par: Para
     held = held_out(len(examples), a.holdout, a.seed, max_items=a.holdout_max)
     _check_train_left(a, len(examples) - len(held), len(held))
     if par is None or par.is_main:
-        _write_train_config(out, args, a)
+        _write_train_config(out, args, a, method)
     return *tokenize_split(examples, held, mtp_model.tokenizer, a.template, a.seq_len, a.loss_on, a.pack), store
 
 
@@ -384,7 +298,7 @@ def _self_answered_data(a: _Args, args: dict, out: Path, method, mtp_model, par:
     key = args.get("_answers_model_key") or fingerprint
     args["_answers_model_key"] = key
     if par is None or par.is_main:
-        _write_train_config(out, args, a)
+        _write_train_config(out, args, a, method)
     recording = store if store is not None and fingerprint == key and not a.pack else None
     if a.answer_minutes is not None:  # the examples that fit the budget, decided once per run
         if par is not None:
@@ -393,7 +307,7 @@ def _self_answered_data(a: _Args, args: dict, out: Path, method, mtp_model, par:
         if "_answer_count" not in args:
             args["_answer_count"] = _count_within_budget(answering, tokenizer, prompts, a, out / CACHE_NAME, key,
                                                          recording)
-            _write_train_config(out, args, a)
+            _write_train_config(out, args, a, method)
         prompts = prompts.take(range(args["_answer_count"]))
     held = held_out(len(prompts), a.holdout, a.seed, max_items=a.holdout_max)
     _check_train_left(a, len(prompts) - len(held), len(held))
@@ -437,6 +351,8 @@ def _write_report(out: Path, a: _Args, result, held_data, timings: dict[str, flo
 
 # ---------------------------------------------------------------------------------------------- helpers
 class _Args:
+    """The run's flags as attributes (`a.seq_len`), both methods' and the other method's at their defaults."""
+
     def __init__(self, args: dict):
         self.__dict__.update(args)
 
@@ -468,28 +384,27 @@ def _validate(a: _Args) -> None:
     """What the per-flag rules (mtp.arguments, applied by the CLI) cannot see: flags that exclude each other."""
     if a.steps is not None and a.epochs is not None:
         raise MTPError("give --steps or --epochs, not both")
-    if a.freeze_trunk and a.num_heads == 1:
-        raise MTPError("--freeze-trunk trains the extra heads only; use --num-heads 2 or more")
-    if a.method == "heads":  # the mask-token method's flags would otherwise be ignored without a word
-        defaults = inspect.signature(train).parameters
-        given = [spelled(name, True) for name in SELFDISTILL_ONLY if getattr(a, name) != defaults[name].default]
-        if given:
-            raise MTPError(f"{', '.join(given)}: for --method selfdistill (mask tokens); --method heads trains "
-                           "parallel heads")
+    _check_method_options(a)
+    method = _method(a)
+    method.check(a)
     if a.answer_minutes is not None and a.targets != "self":
         raise MTPError("--answer-minutes budgets the model's own answers; it needs --targets self")
     dev = resolve_device(a.device, flags=True)  # before anything loads
     from mtp.training.loop import resolve_precision
 
     resolve_precision(_PRECISION[a.autocast], dev)  # what the training loop would refuse, refused before any work
+    _settle_dtype(a, method.frozen_weights(a), dev)
+
+
+def _settle_dtype(a: _Args, frozen: bool, dev: torch.device) -> None:
+    """--dtype is the dtype of the weights that do not train (`frozen`: the method keeps some): auto resolved,
+    and a dtype other than float32 checked against --autocast, which it sets."""
     if a.dtype == "auto":  # frozen weights in bf16 where the GPU computes in it anyway (autocast); else fp32
         bf16 = auto_dtype(dev) == torch.bfloat16 and a.autocast in ("auto", "bfloat16")
-        a.dtype = "bfloat16" if bf16 and a.method == "heads" and a.freeze_trunk else "float32"
-    if a.trunk_cache in ("device", "disk") and not a.freeze_trunk:
-        raise MTPError(f"--trunk-cache {a.trunk_cache} keeps a frozen trunk's outputs; it needs --freeze-trunk")
+        a.dtype = "bfloat16" if bf16 and frozen else "float32"
     if a.dtype != "float32":  # frozen weights in bf16/fp16, trained ones fp32: the matmuls need autocast
         autocast = "bfloat16"  # (float16 would need --autocast float16, whose loss scaling does not run yet)
-        if a.method != "heads" or not a.freeze_trunk:
+        if not frozen:
             raise MTPError(f"--dtype {a.dtype} is for --freeze-trunk (the frozen weights; trained ones stay fp32); "
                            f"for full fine-tuning keep fp32 weights and use --autocast {autocast}")
         if a.autocast not in ("auto", autocast):
@@ -497,63 +412,17 @@ def _validate(a: _Args) -> None:
         a.autocast = autocast
 
 
-class _HeadsMethod:
-    """--method heads: parallel heads on a shared trunk (`mtp.training.loop.Trainer`)."""
-
-    def load(self, a: _Args, checkpoint: Path | None, dev: torch.device):
-        from mtp.models.parallel_heads import MTPModel
-
-        dtype = parse_dtype(a.dtype)
-        if checkpoint is not None:  # the trained heads come back in fp32, exactly as saved
-            model = MTPModel.from_pretrained(checkpoint, device=dev, dtype=dtype, tensor_dtype=_extra_heads_fp32)
-        else:
-            model = load_model_for_training(a.model, a.num_heads, a.num_trunk_layers, dev, dtype)
-        a.num_heads, a.num_trunk_layers = model.num_heads, model.num_trunk_layers
-        return model.frozen_trunk_in(dtype) if dtype != torch.float32 else model
-
-    def answering_model(self, model):
-        return model
-
-    def wants_trunk_features(self, a: _Args) -> bool:
-        return a.freeze_trunk and a.trunk_cache != "off"
-
-    def default_lr(self, a: _Args) -> float:
-        return 1e-3 if a.freeze_trunk else 5e-5
-
-    def trainer(self, model, train_data, held_data, config, a: _Args, out: Path, parallel=None, features=None):
-        from mtp.training.draft_vocab import frequent_tokens
-        from mtp.training.loop import Trainer
-
-        model.set_draft_vocab(frequent_tokens(train_data, model.config.vocab_size, a.draft_vocab))
-        return Trainer(model, train_data, config, output_dir=out, eval_data=held_data, parallel=parallel,
-                       feature_store=features)
-
-    def describe(self, model, a: _Args) -> str:
-        vocab = f", draft vocabulary {model.draft_vocab.numel():,} tokens" if model.draft_vocab is not None else ""
-        return (f"{model.num_heads} heads on {model.num_trunk_layers} trunk layers, "
-                f"{'heads only (frozen trunk)' if a.freeze_trunk else 'full fine-tuning'}{vocab}")
+def _check_method_options(a: _Args) -> None:
+    """The other method's options would be ignored without a word: one set away from its default is refused."""
+    for name, method in METHODS.items():
+        given = changed_fields(method.options, vars(a)) if name != a.method else []
+        if given:
+            raise MTPError(f"{', '.join(spelled(g, True) for g in given)}: for --method {name} only; this run "
+                           f"trains --method {a.method}")
 
 
 def _method(a: _Args):
-    if a.method == "selfdistill":
-        from mtp.training.selfdistill import SelfDistillMethod
-
-        return SelfDistillMethod()
-    return _HeadsMethod()
-
-
-def load_model_for_training(spec: str | None, num_heads: int | None, num_trunk_layers: int | None,
-                            device: torch.device, dtype: torch.dtype = torch.float32):
-    """An MTPModel to train (mtp.models.loading), fp32 unless `dtype` (frozen-trunk training): an MTP folder as
-    it is, a base model with new heads."""
-    from mtp.models.loading import load_mtp_model
-
-    return load_mtp_model(spec, num_heads=num_heads, num_trunk_layers=num_trunk_layers, device=str(device),
-                          dtype=dtype)
-
-
-def _extra_heads_fp32(name: str) -> torch.dtype | None:
-    return torch.float32 if name.startswith("extra_heads.") else None
+    return METHODS[a.method]()
 
 
 def _check_fresh_output(out: Path) -> None:
@@ -593,7 +462,7 @@ def _read_train_config(out: Path) -> dict:
 
 def _merge_resume_args(args: dict, saved: dict) -> dict:
     """Flags left at their defaults take the run's saved values; an explicit different value is an error."""
-    defaults = {name: p.default for name, p in inspect.signature(train).parameters.items()}
+    defaults = train_defaults()
     merged = dict(args)
     clashes = []
     saved_args = current_arguments("train", saved.get("args", {}))  # a run saved under old flag names
@@ -613,9 +482,10 @@ def _merge_resume_args(args: dict, saved: dict) -> dict:
     return merged
 
 
-def _write_train_config(out: Path, args: dict, a: _Args) -> None:
+def _write_train_config(out: Path, args: dict, a: _Args, method) -> None:
+    """The run's flags by name (what --resume reads back), and what some of them resolved to."""
     record = {"args": {k: v for k, v in args.items() if k not in ("output",)},
-              "resolved": {"num_heads": a.num_heads, "num_trunk_layers": a.num_trunk_layers, "template": a.template}}
+              "resolved": {**method.resolved(a), "template": a.template}}
     atomic_write_json(out / TRAIN_CONFIG, record)
 
 

@@ -218,6 +218,9 @@ class EvalResult:
                 **self.extra}
 
 
+RANKS_MEASURED = 8  # candidate ranks 0..7 whose accuracy held-out evaluation records for draft trees
+
+
 @torch.no_grad()
 def evaluate_heads(model, data, batch_size: int = 8, autocast=None, trunk_features: torch.Tensor | None = None,
                    progress: bool = False) -> EvalResult:
@@ -235,16 +238,7 @@ def evaluate_heads(model, data, batch_size: int = 8, autocast=None, trunk_featur
     For draft trees (`mtp.decoding.tree.build_tree`), each extra head's accuracy per candidate rank 0..7 (how
     often the target is its r-th most likely token) goes into `extra` under `TREE_STATS_KEY`.
     """
-    from mtp.decoding.tree import TREE_STATS_KEY
-
-    n = model.num_heads
-    ranks = 8
-    rank_hits = torch.zeros(n, ranks, dtype=torch.long)
-    loss_sum = [0.0] * n
-    correct = [0] * n
-    tokens = [0] * n
-    run_sum = 0.0
-    run_positions = 0
+    totals = _HeadTotals(model.num_heads)
     modes = [(m, m.training) for m in model.modules()]  # restored per module (a frozen trunk stays in eval)
     model.eval()
     device = model.device
@@ -258,7 +252,6 @@ def evaluate_heads(model, data, batch_size: int = 8, autocast=None, trunk_featur
             rows = slice(start, start + batch_size)
             batch = data.batch(rows)
             ids = batch["input_ids"].to(device)
-            loss_mask = batch["loss_mask"].to(device)
             attention_mask = batch["attention_mask"].to(device)
             with autocast() if autocast is not None else nullcontext():
                 if trunk_features is not None:
@@ -266,40 +259,63 @@ def evaluate_heads(model, data, batch_size: int = 8, autocast=None, trunk_featur
                     ctx = forward_context(model, ids, attention_mask, hidden)
                 else:
                     hidden, ctx = model.trunk_forward(ids, attention_mask)
-                base = alive = run = None
-                for j in range(n):
-                    targets, mask = shift_targets(ids, loss_mask, j)
-                    logits, goal = head_logits_and_goals(model, j, model.head_forward(j, hidden, ctx)[mask],
-                                                         targets[mask])  # (N, V or K), (N,)
-                    loss_sum[j] += float(F.cross_entropy(logits, goal, reduction="sum", ignore_index=-1))
-                    hit = torch.zeros_like(mask)
-                    hit[mask] = logits.argmax(-1) == goal
-                    if j > 0:  # rank of the target among the head's candidates (a missing target: none)
-                        known = goal >= 0
-                        rank = (logits[known] > logits[known, goal[known]][:, None]).sum(-1)  # (N,)
-                        rank_hits[j] += torch.bincount(rank[rank < ranks], minlength=ranks).cpu()
-                    correct[j] += int(hit.sum())
-                    tokens[j] += int(mask.sum())
-                    if j == 0:
-                        base, alive = mask, mask.clone()
-                        run = torch.ones_like(mask, dtype=torch.long)
-                    else:
-                        alive &= hit
-                        run += alive.long()
-                    del logits
-            run_sum += float(run[base].sum())
-            run_positions += int(base.sum())
+                totals.add_batch(model, ids, batch["loss_mask"].to(device), hidden, ctx)
     finally:
         for module, mode in modes:
             module.training = mode
-    return EvalResult(
-        head_loss=[s / t if t else float("nan") for s, t in zip(loss_sum, tokens, strict=True)],
-        head_accuracy=[c / t if t else float("nan") for c, t in zip(correct, tokens, strict=True)],
-        head_tokens=tokens,
-        tokens_per_forward=run_sum / run_positions if run_positions else float("nan"),
-        extra={TREE_STATS_KEY: [[round(int(h) / t, 6) if t else 0.0 for h in rank_hits[j].tolist()]
-                                for j, t in zip(range(1, n), tokens[1:], strict=True)]},
-    )
+    return totals.result()
+
+
+class _HeadTotals:
+    """What `evaluate_heads` sums over the batches, per head: loss, hits, targets, hits per candidate rank; and the
+    runs of leading correct heads behind its tokens-per-forward estimate."""
+
+    def __init__(self, n: int):
+        self.loss = [0.0] * n
+        self.correct = [0] * n
+        self.tokens = [0] * n
+        self.rank_hits = torch.zeros(n, RANKS_MEASURED, dtype=torch.long)
+        self.run_sum = 0.0
+        self.run_positions = 0
+
+    def add_batch(self, model, ids: torch.Tensor, loss_mask: torch.Tensor, hidden: torch.Tensor, ctx) -> None:
+        """Score every head on one batch of rows, given the trunk's output `hidden`."""
+        base = alive = run = None
+        for j in range(len(self.loss)):
+            targets, mask = shift_targets(ids, loss_mask, j)
+            logits, goal = head_logits_and_goals(model, j, model.head_forward(j, hidden, ctx)[mask],
+                                                 targets[mask])  # (N, V or K), (N,)
+            self.loss[j] += float(F.cross_entropy(logits, goal, reduction="sum", ignore_index=-1))
+            hit = torch.zeros_like(mask)
+            hit[mask] = logits.argmax(-1) == goal
+            if j > 0:  # rank of the target among the head's candidates (a missing target: none)
+                known = goal >= 0
+                rank = (logits[known] > logits[known, goal[known]][:, None]).sum(-1)  # (N,)
+                self.rank_hits[j] += torch.bincount(rank[rank < RANKS_MEASURED], minlength=RANKS_MEASURED).cpu()
+            self.correct[j] += int(hit.sum())
+            self.tokens[j] += int(mask.sum())
+            if j == 0:
+                base, alive = mask, mask.clone()
+                run = torch.ones_like(mask, dtype=torch.long)
+            else:
+                alive &= hit
+                run += alive.long()
+            del logits
+        self.run_sum += float(run[base].sum())
+        self.run_positions += int(base.sum())
+
+    def result(self) -> EvalResult:
+        from mtp.decoding.tree import TREE_STATS_KEY
+
+        tokens = self.tokens
+        return EvalResult(
+            head_loss=[s / t if t else float("nan") for s, t in zip(self.loss, tokens, strict=True)],
+            head_accuracy=[c / t if t else float("nan") for c, t in zip(self.correct, tokens, strict=True)],
+            head_tokens=tokens,
+            tokens_per_forward=self.run_sum / self.run_positions if self.run_positions else float("nan"),
+            extra={TREE_STATS_KEY: [[round(int(h) / t, 6) if t else 0.0 for h in self.rank_hits[j].tolist()]
+                                    for j, t in zip(range(1, len(tokens)), tokens[1:], strict=True)]},
+        )
 
 
 def forward_context(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, hidden: torch.Tensor):

@@ -18,11 +18,15 @@ the real tokens (the data's next token), plus `entropy_loss` x the student's mea
 (minimised: the authors' code has this optional student-entropy term; it sharpens the guesses that ConfAdapt
 thresholds by confidence). Held out: per offset 1..k, how often the student's argmax agrees
 with the teacher's.
+
+`SelfDistillOptions` are the flags of `mtp train` only this method uses; `SelfDistillMethod` is its piece of the
+command.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -35,6 +39,45 @@ from mtp.training.losses import EvalResult
 
 SUPERVISION = ("hard", "soft")
 CONFADAPT_TAUS = (0.9, 0.7, 0.5)  # held out: the share of slots ConfAdapt(tau) would emit, per threshold
+
+
+@dataclass(frozen=True)
+class SelfDistillOptions:
+    """self-distillation (--method selfdistill)
+
+    Args:
+        k: tokens predicted per position (the masks are k-1); default 4
+        k_min: draw k per step uniformly from [k-min, k-max] (seeded) instead of a fixed --k
+        k_max: see --k-min
+        regions: regions per row of --seq-len slots (each: real tokens, then k-1 masks)
+        supervision: "hard": cross-entropy to the teacher's argmax (the paper's default); "soft": KL to its
+            distribution
+        prefix_loss: weight of the next-token loss on the real tokens (0: off)
+        entropy_loss: weight of the student's entropy at the prediction slots, minimised (0: off): sharper
+            guesses, so ConfAdapt's threshold passes more often
+        adapter: "full" trains the whole model (teacher: a frozen copy); "gated-lora" trains LoRA adapters active
+            at mask tokens only (real tokens stay exactly the base model)
+        lora_rank: --adapter gated-lora: rank of the adapters
+        lora_layers: --adapter gated-lora: adapters on the top N decoder layers only (default all); the layers
+            below need no backward pass, so training is faster
+        mask_token: the mask token's string (default <|mtp_mask|>; added to the tokenizer when new)
+        mask_token_id: use this existing token id as the mask token (e.g. a checkpoint that ships one)
+        per_rank_k: under torchrun, each rank draws its own k per step from [k-min, k-max] (the paper's recipe)
+    """
+
+    k: int | None = None
+    k_min: int | None = None
+    k_max: int | None = None
+    regions: int = 5
+    supervision: Literal["hard", "soft"] = "hard"
+    prefix_loss: float = 0.0
+    entropy_loss: float = 0.0
+    adapter: Literal["full", "gated-lora"] = "full"
+    lora_rank: int = 16
+    lora_layers: int | None = None
+    mask_token: str | None = None
+    mask_token_id: int | None = None
+    per_rank_k: bool = False
 
 
 @dataclass
@@ -292,7 +335,10 @@ def confadapt_estimates(confident: torch.Tensor, count: torch.Tensor) -> dict:
 
 
 class SelfDistillMethod:
-    """--method selfdistill for `mtp train` (`mtp.training.commands`): model, teacher, trainer."""
+    """--method selfdistill for `mtp train` (`mtp.training.commands`): model, teacher, trainer. `a`: the run's
+    flags by name."""
+
+    options = SelfDistillOptions
 
     def __init__(self):
         self.teacher = None
@@ -332,13 +378,25 @@ class SelfDistillMethod:
             model.to(dev)
         return model
 
+    def check(self, a) -> None:
+        """What this method's flags can get wrong together, refused before anything loads."""
+        self.distill_config(a).validate()
+
+    def frozen_weights(self, a) -> bool:
+        """Whether some weights are kept in --dtype: none (the teacher follows --autocast, `SelfDistillTrainer`)."""
+        return False
+
+    def loop_settings(self, a, model) -> dict:
+        """The settings of the training loop (`TrainConfig` fields) that this method's flags give: none, its own
+        go to `SelfDistillConfig`."""
+        return {}
+
+    def resolved(self, a) -> dict:
+        return {}
+
     def load(self, a, checkpoint, dev):
         from mtp.models.mask_tokens import MaskTokenModel
 
-        self.distill_config(a).validate()
-        if a.freeze_trunk:
-            raise MTPError("--freeze-trunk is for --method heads; self-distillation trains the model "
-                           "(--adapter full) or gated LoRA adapters (--adapter gated-lora)")
         if checkpoint is None:
             return self.start_model(a, dev)
         model = MaskTokenModel.from_pretrained(checkpoint, device=dev)
