@@ -792,7 +792,8 @@ def _step_figures(method: Method, calls: Sequence[dict], bandwidth: dict | None)
     floor = None
     if bandwidth is not None and method.streamed_bytes is not None:
         floor = 1000 * method.streamed_bytes / bandwidth["bytes_per_second"]
-    return {"ms_per_step": _rnd(_median(steps)), "floor_ms": _rnd(floor, 4),
+    # The floor to 3 significant digits: a small model's is a few microseconds (rounded to places it was 0).
+    return {"ms_per_step": _rnd(_median(steps)), "floor_ms": float(f"{floor:.3g}") if floor is not None else None,
             "peak_memory_mb": _rnd((method.weight_bytes + max(peaks)) / MB, 1)
             if peaks and method.weight_bytes is not None else None}
 
