@@ -619,8 +619,8 @@ def fastest_lossless(rows: Sequence[dict], methods: Sequence[Method]) -> tuple[M
 def run_batch_rows(pair: tuple[Method, Method], pool: Sequence[Prompt], batch_sizes: Sequence[int],
                    max_new_tokens: int, min_prompts: int, progress: bool = True) -> list[dict]:
     """Greedy and a speculative method (`fastest_lossless`) on left-padded batches of each size: whole batches
-    of at least `min_prompts` prompts (the pool repeated when it is shorter), one untimed short batch of each
-    first, then the two alternating batch by batch. Per (size, method): total new tokens / total seconds."""
+    of at least `min_prompts` prompts (the pool repeated when it is shorter), one untimed batch of each first,
+    then the two alternating batch by batch. Per (size, method): total new tokens / total seconds."""
     plan = []
     for b in batch_sizes:
         count = b * math.ceil(max(min_prompts, b) / b)
@@ -635,8 +635,9 @@ def run_batch_rows(pair: tuple[Method, Method], pool: Sequence[Prompt], batch_si
     rows = []
     try:
         for b, batches in plan:
-            for m in pair:
-                m.run_batch(batches[0], min(4, max_new_tokens))  # warm-up at this batch size
+            for m in pair:  # warm-up at this batch size, in full: replaying, each (batch size, block width) the
+                # shrinking batch and the adaptive draft length reach is captured once, outside the timed calls
+                m.run_batch(batches[0], max_new_tokens)
             results: dict[str, list[BatchResult]] = {m.name: [] for m in pair}
             for i, batch in enumerate(batches):
                 for m in pair if i % 2 == 0 else pair[::-1]:
