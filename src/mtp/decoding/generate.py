@@ -202,6 +202,7 @@ def iter_generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor |
                 stats.new_tokens += len(new)
                 yield row, new
         found = max((host[i][3] for i in range(len(rows)) if active[i]), default=0)  # lookup drafts next
+        run = max((host[i][0] for i in range(len(rows)) if active[i]), default=1)  # the longest emitted run
         if verifying and max(n, m):
             draft_length.update(_count_acceptance(stats, accepted, max(n, m), fed)[:n], fed)
         if not any(active):
@@ -218,6 +219,8 @@ def iter_generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor |
                 decoder.cache.select_rows(index)
         if verifying:
             n, m = draft_length.next(), (lookup if graphs else found)
+        elif session is None:  # a confident run feeds what it emitted: eagerly, only as wide as the longest
+            state = state.narrow_pending(max(run, 1))
         state, result = (state, session.run(state, n, m)) if session is not None else decoder.step(state, n, m)
 
 

@@ -81,6 +81,11 @@ class DecodeState:
         for dst, src in zip(self.tensors(), other.tensors(), strict=True):
             dst.copy_(src)
 
+    def narrow_pending(self, width: int) -> DecodeState:
+        """The state with its pending block cut to `width` columns (eager steps only: those past every row's
+        emitted run are padding, which costs a CPU step its rows)."""
+        return dataclasses.replace(self, pending=self.pending[:, :width], pending_valid=self.pending_valid[:, :width])
+
     def select(self, index: torch.Tensor) -> DecodeState:
         """The state of batch rows `index`."""
         def pick(name, v):
