@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 from eval_helpers import make_model
 
+from conftest import tiny_mtp
 from mtp.errors import MTPError
 from mtp.evaluation.bench import (
     BenchRun,
@@ -17,6 +19,7 @@ from mtp.evaluation.bench import (
     build_report,
     format_table,
     llamacpp_installed,
+    mtp_method,
     run_bench,
     schedule,
     write_report,
@@ -63,6 +66,28 @@ def test_run_bench_interleaves_calls_after_one_warmup_per_engine():
         run_bench(methods + methods[:1], prompts, 4, progress=False)
     with pytest.raises(MTPError, match="no prompts"):
         run_bench(methods, [], 4, progress=False)
+
+
+def test_methods_with_a_warmup_of_their_own_warm_up_each(tmp_path):
+    """Replaying CUDA graphs, each mtp method captures its own steps: every method with a warm-up runs it (the
+    engine's short call is then not needed); an engine whose first method has none gets the short call."""
+    log: list = []
+    methods = [_fake("hf-greedy", "transformers", log, lambda p: [1, 2]),
+               _fake("greedy", "mtp", log, lambda p: [1, 2]), _fake("speculative", "mtp", log, lambda p: [1, 2])]
+    for m in methods[1:]:
+        m.warmup = lambda prompts, n, m=m: log.append(("warm-up", m.name, len(prompts), n))
+    prompts = [Prompt(i, f"q{i}", [5, 6]) for i in range(3)]
+    run_bench(methods, prompts, max_new_tokens=16, progress=False)
+    assert log[:3] == [(0, "hf-greedy", 4), ("warm-up", "greedy", 3, 16), ("warm-up", "speculative", 3, 16)]
+    assert len(log) == 3 + 9
+
+
+def test_mtp_rows_capture_their_steps_before_the_timed_calls_only_where_they_replay(monkeypatch):
+    model = tiny_mtp("llama", num_heads=2, seed=1, vocab_size=40)
+    assert mtp_method(model, None, "greedy", "greedy", stop_ids=[]).warmup is None  # a CPU: nothing is captured
+    monkeypatch.setattr(type(model), "device", property(lambda self: torch.device("cuda")))  # as on a GPU
+    assert mtp_method(model, None, "greedy", "greedy", stop_ids=[]).warmup is not None
+    assert mtp_method(model, None, "greedy", "greedy", stop_ids=[], graphs=False).warmup is None  # eager steps
 
 
 def test_an_interrupted_bench_resumes_from_its_journal(tmp_path):

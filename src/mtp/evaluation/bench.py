@@ -19,7 +19,8 @@ Methods (rows of the report):
 
 Schedule: for each prompt, every method runs once, one after the other, and the order of the methods rotates
 by one place from prompt to prompt; machine drift (other processes, clock changes) then falls on all methods
-alike, and no method always runs first. Every engine is warmed up once, untimed, before the timed calls.
+alike, and no method always runs first. Every engine is warmed up once, untimed, before the timed calls, and a
+method with a compiled or captured step of its own (transformers' static cache, mtp replaying CUDA graphs) too.
 Each call is timed with `time.perf_counter` around the whole call (prefill included); tokens/s of a call is its
 new tokens over those seconds. Per method: the median of tokens/s over prompts, and the median over prompts of
 the per-prompt speedup against transformers greedy and against our greedy (paired by prompt). Quality, where
@@ -90,7 +91,7 @@ class Method:
     close: Callable[[], None] | None = None  # frees what the method holds (llama.cpp's model) when the bench ends
     weight_bytes: int | None = None  # of the model it decodes with (its memory per row)
     streamed_bytes: int | None = None  # of those, what a decoding step reads (the weight-streaming floor)
-    warmup: Callable[[Sequence[Prompt], int], None] | None = None  # its engine's warm-up (default: one short call)
+    warmup: Callable[[Sequence[Prompt], int], None] | None = None  # its own warm-up (default: the engine's short call)
     run_batch: Callable[[Sequence[Prompt], int], BatchResult] | None = None  # a left-padded batch of prompts
     strategy: str | None = None  # mtp's decoding strategy (None: a peer's row)
 
@@ -192,11 +193,19 @@ def mtp_method(model, tokenizer, name: str, strategy: str, *, tau: float = 0.9, 
         result, _, seconds, peak = _measured(device, lambda: decode(ids.to(device), mask.to(device), max_new_tokens))
         return BatchResult(result.tokens, seconds, result.stats.forward_passes, result.stats.row_forwards, peak)
 
+    def capture(prompts: Sequence[Prompt], max_new_tokens: int) -> None:
+        # Replaying, each (cache size, block width) a call reaches is captured on first use: the shortest and the
+        # longest prompt decoded in full capture what the timed calls will replay (cache sizes are buckets).
+        by_length = sorted(prompts, key=lambda p: len(p.token_ids))
+        for prompt in dict.fromkeys([by_length[0], by_length[-1]]):
+            run(prompt, max_new_tokens)
+
     lossless = OUR_GREEDY if strategy == "speculative" and engine == "mtp" else None
     if strategy == "speculative" and engine != "mtp":
         lossless = f"greedy-{engine.removeprefix('mtp-')}"
+    replays = device.type == "cuda" and graphs is not False
     return Method(name, engine, run, description or strategy, lossless, run_batch=run_batch, strategy=strategy,
-                  **weight_sizes(model))
+                  warmup=capture if replays else None, **weight_sizes(model))
 
 
 def hf_method(model, tokenizer, name: str, *, lookup: int | None = None,
@@ -564,15 +573,15 @@ def run_bench(methods: Sequence[Method], prompts: Sequence[Prompt], max_new_toke
     bar = None
     log = journal.open("a", encoding="utf-8") if journal is not None else None
     try:
-        if warmup:  # untimed, once per engine: first-call allocations, lazy initialisation, compilation
+        if warmup:  # untimed: first-call allocations, lazy initialisation, compilation, graph captures
             for engine in dict.fromkeys(m.engine for m in methods):
                 engine_methods = [m for m in methods if m.engine == engine]
                 if any((p, m.name) not in done for p, _ in enumerate(prompts) for m in engine_methods):
-                    first = engine_methods[0]
-                    if first.warmup is not None:
-                        first.warmup(prompts, max_new_tokens)
-                    else:  # one short call
-                        first.run(prompts[0], min(4, max_new_tokens))
+                    if engine_methods[0].warmup is None:  # once per engine: one short call
+                        engine_methods[0].run(prompts[0], min(4, max_new_tokens))
+                    for m in engine_methods:  # a method's own warm-up (a compiled or captured step)
+                        if m.warmup is not None:
+                            m.warmup(prompts, max_new_tokens)
         if progress:
             from tqdm.auto import tqdm
 
