@@ -578,11 +578,11 @@ class MaskTokenModel(nn.Module):
         elif lora_state:
             raise CheckpointMismatchError(f"{directory}: LoRA weights in a model without adapters")
         model.eval()
-        from mtp import hub
+        from mtp.hub import check_finite_weights, load_tokenizer
 
-        hub.check_finite_weights(model, str(weights))
+        check_finite_weights(model, str(weights))
         if load_tokenizer and (directory / "tokenizer_config.json").is_file():
-            model.tokenizer = hub.load_tokenizer(directory)
+            model.tokenizer = load_tokenizer(directory)
         return model
 
 

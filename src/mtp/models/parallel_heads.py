@@ -355,7 +355,7 @@ class MTPModel(nn.Module):
         `dtype`), e.g. fp16 for the weights about to be packed."""
         from transformers import AutoConfig
 
-        from mtp import hub
+        from mtp.hub import ModelSource, check_finite_weights, check_tree_statistics, load_tokenizer
         from mtp.models.mask_tokens import METHOD, read_mtp_section
         from mtp.models.safetensors_io import SafetensorsReader, check_floating
 
@@ -367,7 +367,7 @@ class MTPModel(nn.Module):
         if not all(isinstance(mtp_cfg.get(k), int) for k in ("num_heads", "num_trunk_layers")):
             raise MTPError(f"{directory / 'config.json'}: the \"mtp\" section needs integers num_heads and "
                            "num_trunk_layers")
-        hub.check_tree_statistics(directory)
+        check_tree_statistics(directory)
         weights = directory / WEIGHTS_NAME
         config = AutoConfig.from_pretrained(directory)
         model = cls.empty(config, mtp_cfg["num_heads"], mtp_cfg["num_trunk_layers"], dtype)
@@ -380,10 +380,10 @@ class MTPModel(nn.Module):
                                                               device))
             model.set_draft_vocab(reader.read(DRAFT_VOCAB_KEY) if DRAFT_VOCAB_KEY in reader.tensors else None)
         model.to(device).eval()  # the buffers
-        hub.check_finite_weights(model, str(weights))
-        model.source = hub.ModelSource("mtp_folder", str(directory), f"MTP folder {directory}")
+        check_finite_weights(model, str(weights))
+        model.source = ModelSource("mtp_folder", str(directory), f"MTP folder {directory}")
         if load_tokenizer and (directory / "tokenizer_config.json").is_file():
-            model.tokenizer = hub.load_tokenizer(directory)
+            model.tokenizer = load_tokenizer(directory)
         return model
 
     @classmethod
@@ -395,7 +395,7 @@ class MTPModel(nn.Module):
         0's layers), or None when the folder is not that simple (then load it with transformers)."""
         from transformers import AutoConfig, GenerationConfig
 
-        from mtp import hub
+        from mtp.hub import check_finite_weights, load_tokenizer
         from mtp.models.backbones import LLAMA_FAMILY
         from mtp.models.safetensors_io import SafetensorsReader, check_floating
 
@@ -428,11 +428,11 @@ class MTPModel(nn.Module):
                 sources[n], _pick_dtype(reader, sources[n], dtype, tensor_dtype and (lambda _: tensor_dtype(n))),
                 device))
         model.to(device).eval()
-        hub.check_finite_weights(model, str(weights))
+        check_finite_weights(model, str(weights))
         if (directory / "generation_config.json").is_file():
             model.base.generation_config = GenerationConfig.from_pretrained(directory)
         if (directory / "tokenizer_config.json").is_file():
-            model.tokenizer = hub.load_tokenizer(directory)
+            model.tokenizer = load_tokenizer(directory)
         return model
 
     def named_checkpoint_tensors(self) -> dict[str, torch.Tensor]:
