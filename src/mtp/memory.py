@@ -6,6 +6,7 @@ resets the peak, so each phase (load, packing, decode) gets its own. Linux only;
 
 from __future__ import annotations
 
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,7 +39,16 @@ def reset_peak() -> bool:
 
 
 def peak() -> int | None:
-    return _status("VmHWM")
+    """This process's peak resident memory in bytes since start or the last `reset_peak` (what `/usr/bin/time -f
+    %M` reports); without /proc, getrusage's maximum (never reset); None where neither exists."""
+    found = _status("VmHWM")
+    if found is not None:
+        return found
+    try:
+        import resource
+    except ImportError:  # Windows
+        return None
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
 
 
 @dataclass

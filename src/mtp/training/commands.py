@@ -147,6 +147,7 @@ def _train(a: _Args, args: dict, out: Path, checkpoint: Path | None, par: Parall
     if main:
         _print_plan(a, method, mtp_model, trainer, train_data, held_data, par, resumed=checkpoint is not None)
     start = time.perf_counter()
+    gpu_before_training = torch.cuda.max_memory_allocated(dev) if dev.type == "cuda" else None  # answering's
     with peak_memory(dev) as memory:
         result = trainer.train()
     timings["trunk_cache_train_eval"] = time.perf_counter() - start
@@ -162,7 +163,8 @@ def _train(a: _Args, args: dict, out: Path, checkpoint: Path | None, par: Parall
             return 0
         install_model(_unsharded_copy(method, a, mtp_model, whole), out)
     timings["total"] = time.perf_counter() - t_start
-    _write_report(out, a, result, held_data, timings, speed, runtime, trainer, dev)
+    _write_report(out, a, result, held_data, timings, speed, runtime, trainer,
+                  peak_memory_gb(dev, gpu_before_training))
     return 0
 
 
@@ -331,14 +333,14 @@ def training_speed(history) -> dict:
 
 
 def _write_report(out: Path, a: _Args, result, held_data, timings: dict[str, float], speed: dict,
-                  runtime: dict, trainer, dev: torch.device) -> None:
+                  runtime: dict, trainer, peak_gb: dict[str, float | None]) -> None:
     """eval.json (what the run measured, held-out figures included) and the printed summary."""
     report = {"step": result.step, "targets": a.targets,
               "held_out_rows": len(held_data) if held_data is not None else 0,
               "train_loop_seconds": round(result.seconds, 1),  # optimizer steps only, summed over resumes
               "seconds_this_invocation": {k: round(v, 1) for k, v in timings.items()},
               "runtime": runtime, "training_speed": speed,
-              "trunk_cache": getattr(trainer, "trunk_cache", "off"), "peak_memory_gb": peak_memory_gb(dev)}
+              "trunk_cache": getattr(trainer, "trunk_cache", "off"), "peak_memory_gb": peak_gb}
     if result.evaluation is not None:
         ev = result.evaluation
         report.update(ev.to_dict())
@@ -516,23 +518,16 @@ def install_model(model, out: Path) -> None:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def peak_memory_gb(dev: torch.device) -> dict[str, float | None]:
-    """This process's peak resident memory (what `/usr/bin/time -f %M` reports) and, on a GPU, the peak of
-    torch's allocations there, in GB (1e9 bytes); None where the system does not say."""
+def peak_memory_gb(dev: torch.device, gpu_before_training: int | None) -> dict[str, float | None]:
+    """This process's peak resident memory (`mtp.memory.peak`) and, on a GPU, the peak of torch's allocations
+    there over the whole run, in GB (1e9 bytes); None where the system does not say. `gpu_before_training`: the
+    GPU peak up to the training phase, whose own measurement (`peak_memory`) resets torch's counter."""
     from mtp.memory import peak
 
     host = peak()
-    if host is None:
-        try:
-            import resource
-            import sys
-
-            host = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
-        except ImportError:  # Windows
-            host = None
     report = {"host": round(host / 1e9, 3) if host is not None else None}
     if dev.type == "cuda":
-        report["gpu"] = round(torch.cuda.max_memory_allocated(dev) / 1e9, 3)
+        report["gpu"] = round(max(gpu_before_training or 0, torch.cuda.max_memory_allocated(dev)) / 1e9, 3)
     return report
 
 
