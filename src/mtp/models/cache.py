@@ -32,6 +32,16 @@ def additive_mask(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return mask.masked_fill_(~allowed, torch.finfo(dtype).min)[:, None]
 
 
+def write_block(k_buf: torch.Tensor, v_buf: torch.Tensor, slots: torch.Tensor, keys: torch.Tensor,
+                values: torch.Tensor) -> None:
+    """Write a block's keys and values (B, kv_heads, T, D) into a layer's buffers (B, kv_heads, max_len, D) at
+    each row's block slots (B, T)."""
+    b, heads, t, d = keys.shape
+    index = slots[:, None, :, None].expand(b, heads, t, d)
+    k_buf.scatter_(2, index, keys)
+    v_buf.scatter_(2, index, values)
+
+
 class StackCache:
     """Keys and values of one stack of layers in one buffer each, `(layers, B, kv_heads, max_len, head_dim)`,
     allocated at the first write (so moving or dropping slots is one op per buffer, not one per layer). Layers
@@ -59,10 +69,7 @@ class StackCache:
         """Write a block's keys and values (B, kv_heads, T, D) at each row's block slots; return the keys and
         values the block attends over (B, kv_heads, window, D)."""
         k, v = self.layer_buffers(layer_idx, key_states, value_states)
-        slots = self.owner.block_slots  # (B, T)
-        b, _, t, _ = key_states.shape
-        k.scatter_(2, slots[:, None, :, None].expand(b, k.shape[1], t, k.shape[3]), key_states)
-        v.scatter_(2, slots[:, None, :, None].expand(b, v.shape[1], t, v.shape[3]), value_states)
+        write_block(k, v, self.owner.block_slots, key_states, value_states)
         end = self.owner.window
         return k[:, :, :end], v[:, :, :end]
 

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mtp.errors import MTPError
+from mtp.models.cache import write_block
 
 WEIGHT_FORMATS = ("fp32", "fp16")
 QKV, OUT, GATE_UP, DOWN = range(4)  # the layer's projections, fused where the weights are packed
@@ -100,9 +101,11 @@ class FastLlamaLayer:
     def _whole_layer_fused(self, hidden: torch.Tensor, cache) -> bool:
         """Whether this call runs as `layer_step` over fused weights: on a GPU, plain linear projections (no
         adapters' hooks), SiLU, no per-head norms, the norms' dtype (float64 normalises apart, `_rms_norm`)."""
-        return (hasattr(cache, "layer_buffers") and self.q_norm is None and self.act is F.silu and hidden.dtype == self.ln1.weight.dtype
+        # the device first: on a CPU (every decoding step there) the answer is no, at once
+        return (hidden.device.type in FUSED_DEVICES and self.packed is None and hasattr(cache, "layer_buffers")
+                and self.q_norm is None and self.act is F.silu and hidden.dtype == self.ln1.weight.dtype
                 and hidden.dtype != torch.float64 and self._one_matmul(QKV, hidden)
-                and self._one_matmul(GATE_UP, hidden) and self.packed is None
+                and self._one_matmul(GATE_UP, hidden)
                 and all(type(p) is nn.Linear and not p._forward_hooks for p in (self.attn.o_proj, self.mlp.down_proj)))
 
     def _fused_call(self, hidden: torch.Tensor, mask: torch.Tensor | None, cache, cos: torch.Tensor,
@@ -175,9 +178,7 @@ def layer_step(hidden: torch.Tensor, mask: torch.Tensor | None, k_buf: torch.Ten
     qk = _rotate(y[..., : (heads + kv_heads) * d].view(b, t, heads + kv_heads, d).transpose(1, 2), cos,
                  signed_sin)  # (B, heads + kv_heads, T, D): q and k rotated together
     v = y[..., (heads + kv_heads) * d :].view(b, t, kv_heads, d).transpose(1, 2)  # (B, kv_heads, T, D)
-    index = slots[:, None, :, None].expand(b, kv_heads, t, d)
-    k_buf.scatter_(2, index, qk[:, heads:])
-    v_buf.scatter_(2, index, v)
+    write_block(k_buf, v_buf, slots, qk[:, heads:], v)
     attn = _attention(qk[:, :heads], k_buf[:, :, :window], v_buf[:, :, :window], mask, scale)  # (B, heads, T, D)
     hidden = hidden + F.linear(attn.transpose(1, 2).reshape(b, t, -1), o_w, o_b)
     gate_up = F.linear(F.rms_norm(hidden, ln2_w.shape, ln2_w, ln2_eps), gate_up_w, gate_up_b)
