@@ -26,7 +26,7 @@ import torch
 
 from mtp.decoding.tree import LOOKUP_RANK, DraftTree, tree_layout
 
-NGRAM_SIZES = (3, 2, 1)  # longest first: a longer match is a better predictor of what follows
+NGRAM_SIZES = (3, 2, 1)  # every size from 1 up: a longer match is a better predictor of what follows
 # A copy after a 1-token match is rarely right for long, so it drafts fewer tokens. Measured on SmolLM2-135M-
 # Instruct's greedy answers to GSM8K test problems 0-19 (128 tokens): the chance that lookup draft k is accepted
 # (k = 1, 2, 3, 4, 6, 8) after a 1-token match 0.31 0.19 0.12 0.07 0.02 0.01, after 2 tokens 0.56 0.33 0.22 0.18
@@ -40,21 +40,31 @@ def lookup_drafts(history: torch.Tensor, length: torch.Tensor, max_tokens: int) 
     tokens in its first length[b] slots; the last n of them (n = 3, 2, 1: the longest that occurred before) are
     looked up among its earlier tokens, and the tokens after their latest earlier occurrence are its drafts (fewer
     after a short match: `MAX_TOKENS_AFTER`). Returns the drafts (B, max_tokens) and how many each row found (B,);
-    a row's slots past its count repeat its last draft (0 when it found none): filler the verifier may refuse."""
+    a row's slots past its count repeat its last draft (0 when it found none): filler the verifier may refuse.
+
+    All n-gram sizes at once (a verify step on a GPU costs per kernel, and a loop per size cost ~90 of them): at
+    each earlier slot j, how many tokens ending there equal those ending at the last slot, up to the longest size;
+    the longest such match wins, the most recent among equals."""
     b, s = history.shape
+    longest = max(NGRAM_SIZES)  # and every size below it (`NGRAM_SIZES`)
     idx = torch.arange(s, device=history.device)
     last = length - 1  # (B,) the suffix ends here
-    start = torch.full_like(length, -1)  # where the copied tokens begin (-1: no match yet)
-    cap = torch.zeros_like(length)
-    for n in NGRAM_SIZES:  # longest first: a longer match wins
-        ends = (idx[None, :] >= n - 1) & (idx[None, :] < last[:, None]) & (last[:, None] >= n - 1)  # (B, S)
-        for k in range(n):  # the token k before an earlier end equals the token k before the last one
-            earlier = torch.nn.functional.pad(history, (k, 0), value=-1)[:, :s]  # earlier[:, j] = history[:, j-k]
-            ends &= earlier == history.gather(1, (last - k).clamp_min(0)[:, None])
-        end = torch.where(ends, idx[None, :], -1).amax(-1)  # (B,) the most recent earlier occurrence
-        new = (end >= 0) & (start < 0)
-        start = torch.where(new, end + 1, start)
-        cap = torch.where(new, min(max_tokens, MAX_TOKENS_AFTER.get(n, max_tokens)), cap)
+    padded = torch.nn.functional.pad(history, (longest - 1, 0), value=-1)  # (B, S + longest - 1): no token is -1
+    behind = (last[:, None] - torch.arange(longest, device=history.device)[None, :]).clamp_min(0)  # (B, longest)
+    # suffix[b, k] = the token k before the last one (-2 past the row's start: never equals a token, nor the pad)
+    suffix = torch.where(behind <= last[:, None] - torch.arange(longest, device=history.device)[None, :],
+                         history.gather(1, behind), -2)
+    # equal[b, k, j] = the token k before slot j equals the token k before the last slot
+    windows = padded.unfold(1, s, 1).flip(1)  # (B, longest, S): windows[:, k, j] = history[:, j - k] (-1 before 0)
+    equal = windows == suffix[:, :, None]
+    run = equal.long().cumprod(1).sum(1)  # (B, S) match length ending at slot j, up to `longest`
+    run = torch.where(idx[None, :] < last[:, None], run, 0)  # earlier slots only
+    best = (run * s + idx[None, :]).amax(-1)  # (B,) the longest match, then the most recent
+    n, end = best // s, best % s
+    start = torch.where(n > 0, end + 1, -1)  # where the copied tokens begin (-1: no match)
+    cap = torch.full_like(n, max_tokens)  # scalars, not a table: a host-to-device copy cannot join a CUDA graph
+    for size, most in MAX_TOKENS_AFTER.items():
+        cap = torch.where(n == size, min(max_tokens, most), cap)
     count = torch.where(start >= 0, torch.minimum(cap, length - start), 0)  # (B,)
     offset = torch.minimum(torch.arange(max_tokens, device=history.device)[None, :], (count - 1).clamp_min(0)[:, None])
     tokens = history.gather(1, (start.clamp_min(0)[:, None] + offset).clamp(max=s - 1))  # (B, max_tokens)
