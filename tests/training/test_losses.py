@@ -7,13 +7,16 @@ from training_helpers import random_batch, tiny_gpt2, tiny_llama
 from mtp.errors import MTPError
 from mtp.training.data import TokenizedData
 from mtp.training.losses import (
+    TARGET_POSITIONS,
     evaluate_heads,
     forward_context,
+    head_picks,
     head_weights,
     mtp_loss_memory_efficient,
     mtp_loss_naive,
     shift_targets,
     target_counts,
+    target_positions,
 )
 
 
@@ -65,6 +68,46 @@ def test_memory_efficient_gradients_equal_naive(make) -> None:
     assert efficient.head_losses == pytest.approx(naive.head_losses, rel=1e-6)
     assert efficient.loss == pytest.approx(naive.loss, rel=1e-6)
     assert efficient.head_tokens == naive.head_tokens
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_losses_equal_a_reference_over_every_logit(seed) -> None:
+    """The loss picks positions by index (no host sync) where a reference picks them with `shift_targets`' masks:
+    every head's loss, hits and target count equal the reference's over the model's full logits, also for
+    targets in a row's first columns (which no column of a later head predicts), and whether the target positions
+    come with the batch (as the Trainer gives them) or not."""
+    import torch.nn.functional as F
+
+    model = tiny_llama(num_heads=4, seed=seed)
+    b = random_batch(batch=4, length=11, seed=seed)
+    b["loss_mask"][:, :2] = b["attention_mask"][:, :2].bool()  # targets from column 0 on
+    with torch.no_grad():
+        logits = model(b["input_ids"], b["attention_mask"], return_all_heads=True)  # (B, T, n, V)
+        out = mtp_loss_naive(model, b, [1.0] * 4, backward=False)
+        given = mtp_loss_memory_efficient(model, {**b, TARGET_POSITIONS: b["loss_mask"].nonzero()}, [1.0] * 4,
+                                          backward=False)
+    for j in range(4):
+        targets, mask = shift_targets(b["input_ids"], b["loss_mask"], j)
+        picked, goal = logits[:, :, j][mask], targets[mask]
+        assert out.head_losses[j] == pytest.approx(float(F.cross_entropy(picked, goal)), rel=1e-5)
+        assert out.head_correct[j] == int((picked.argmax(-1) == goal).sum())
+        assert out.head_tokens[j] == int(mask.sum())
+    assert given.head_losses == pytest.approx(out.head_losses, rel=1e-6)
+    assert (given.head_correct, given.head_tokens) == (out.head_correct, out.head_tokens)
+
+
+def test_head_picks_pick_what_shift_targets_masks() -> None:
+    g = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        b = random_batch(batch=int(torch.randint(1, 5, (1,), generator=g)),
+                         length=int(torch.randint(2, 14, (1,), generator=g)), seed=int(torch.randint(99, (1,))))
+        b["loss_mask"] &= torch.rand(b["loss_mask"].shape, generator=g) < 0.8
+        for j in range(5):
+            targets, mask = shift_targets(b["input_ids"], b["loss_mask"], j)
+            rows, cols, goal = head_picks(b, j, target_positions(b))
+            seen = goal >= 0
+            assert torch.equal(torch.stack([rows[seen], cols[seen]], -1), mask.nonzero())  # same places, same order
+            assert torch.equal(goal[seen], targets[mask])
 
 
 def test_zero_weight_head_is_skipped() -> None:

@@ -50,6 +50,7 @@ from mtp.training.features import (
 )
 from mtp.training.losses import (
     LOSS_ORDERS,
+    TARGET_POSITIONS,
     EvalResult,
     evaluate_heads,
     forward_context,
@@ -425,7 +426,9 @@ class Trainer:
         rows, mine, stand_in = self.micro_rows(micro_step)
         whole = self.rows_batch(rows)
         counts, tokens = target_counts(whole, self.model.num_heads), int(whole["attention_mask"].sum())
-        batch = {k: v.to(self.device) for k, v in self.rows_batch(mine, stand_in).items()}
+        batch = self.rows_batch(mine, stand_in)
+        batch[TARGET_POSITIONS] = batch["loss_mask"].nonzero()  # on the host: the loss needs no copy back of it
+        batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
         rows = mine
         trunk = None
         if self.features is not None:

@@ -15,6 +15,7 @@ matmul of a step and its memory.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -102,28 +103,53 @@ def target_counts(batch: Batch, num_heads: int) -> list[int]:
     return [int(shift_targets(batch["input_ids"], batch["loss_mask"], j)[1].sum()) for j in range(num_heads)]
 
 
+TARGET_POSITIONS = "target_positions"  # a batch's optional (N, 2) `loss_mask.nonzero()`, made where the rows are
+
+
+def target_positions(batch: Batch) -> torch.Tensor:
+    """(N, 2) row and position of every target token: the batch's own (the Trainer computes it on the host with
+    the rows, so the loss needs no device-to-host copy), else `loss_mask.nonzero()` (one sync on a GPU)."""
+    given = batch.get(TARGET_POSITIONS)
+    return given if given is not None else batch["loss_mask"].nonzero()
+
+
+def head_picks(batch: Batch, j: int, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Where head j is trained, as fixed-length index tensors (no boolean indexing, so no host sync): (rows,
+    columns, targets), each (N,) for the N target tokens of `positions` (`target_positions`). The target token at
+    column s is head j's goal at column s - 1 - j (`shift_targets`' rule); a target with s <= j has no such column:
+    it is picked at column 0 with target -1, which the loss ignores and accuracy never counts."""
+    rows, cols = positions[:, 0], positions[:, 1]  # (N,), (N,)
+    targets = batch["input_ids"][rows, cols]
+    at = cols - (j + 1)
+    seen = at >= 0
+    return rows, at.clamp_min(0), torch.where(seen, targets, -1)
+
+
 def head_logits_and_goals(model, j: int, hidden: torch.Tensor, targets: torch.Tensor):
     """Logits of head j at the picked positions, hidden (N, H), and the column each target is (N,).
 
     Head 0 scores the whole vocabulary. An extra head of a model with a draft vocabulary scores only those K
     tokens (the largest matmul of a training step shrinks by V/K); a target outside them gets goal -1: ignored
-    by the loss, counted as a miss by accuracy (decoding could never propose it).
+    by the loss, counted as a miss by accuracy (decoding could never propose it). A target -1 stays -1.
     """
     if j == 0:
         return model.lm_head(hidden).float(), targets  # (N, V), (N,)
-    return model.draft_logits(hidden).float(), model.draft_targets(targets)  # (N, K), (N,)
+    goals = model.draft_targets(targets.clamp_min(0))
+    return model.draft_logits(hidden).float(), torch.where(targets >= 0, goals, -1)  # (N, K), (N,)
 
 
-def _head_loss(model, j: int, trunk: torch.Tensor, ctx, batch: Batch, denom: int):
-    """(sum CE / denom, correct count, target count) of head j; the unembedding runs on target positions only."""
-    targets, mask = shift_targets(batch["input_ids"], batch["loss_mask"], j)
-    count = int(mask.sum())
+def _head_loss(model, j: int, trunk: torch.Tensor, ctx, batch: Batch, positions: torch.Tensor,
+               denom: int | torch.Tensor):
+    """(sum CE / denom, correct count) of head j, both device tensors (nothing is copied to the host here); the
+    unembedding runs on target positions only."""
+    rows, cols, targets = head_picks(batch, j, positions)
     hidden = model.head_forward(j, trunk, ctx)  # (B, T, H)
-    logits, goal = head_logits_and_goals(model, j, hidden[mask], targets[mask])  # (N, V or K), (N,)
-    loss = F.cross_entropy(logits, goal, reduction="sum", ignore_index=-1) / max(denom, 1)
+    logits, goal = head_logits_and_goals(model, j, hidden[rows, cols], targets)  # (N, V or K), (N,)
+    denom = denom.clamp_min(1) if isinstance(denom, torch.Tensor) else max(denom, 1)
+    loss = F.cross_entropy(logits, goal, reduction="sum", ignore_index=-1) / denom
     with torch.no_grad():
-        correct = int((logits.argmax(-1) == goal).sum())
-    return loss, correct, count
+        correct = (logits.argmax(-1) == goal).sum()
+    return loss, correct
 
 
 def _check(model, weights: Sequence[float], normalizers: Sequence[int] | None) -> None:
@@ -133,6 +159,34 @@ def _check(model, weights: Sequence[float], normalizers: Sequence[int] | None) -
         raise MTPError(f"{len(normalizers)} normalizers for a {model.num_heads}-head model")
 
 
+class _HeadValues:
+    """A batch's per-head loss, hits and targets, kept on the device until `read` copies them all at once: one
+    device-to-host copy a batch instead of four a head."""
+
+    def __init__(self, num_heads: int, positions: torch.Tensor):
+        # every head's target count (those not computed too), as `target_counts` counts them: column s >= j + 1
+        heads = torch.arange(num_heads, device=positions.device)
+        self.counts = (positions[None, :, 1] > heads[:, None]).sum(-1).float()  # (n,)
+        self.values = [self.counts]
+        self.heads: list[int] = []
+
+    def add(self, j: int, loss: torch.Tensor, correct: torch.Tensor) -> None:
+        self.heads.append(j)
+        self.values.append(torch.stack([loss.detach().float(), correct.float()]))
+
+    def read(self, weights: Sequence[float]) -> LossOutput:
+        n = len(weights)
+        values = torch.cat(self.values).tolist()
+        out = LossOutput(0.0, [None] * n, [None] * n, [int(c) for c in values[:n]])
+        for i, j in enumerate(self.heads):
+            loss, correct = values[n + 2 * i: n + 2 * i + 2]
+            out.head_losses[j], out.head_correct[j] = loss, int(correct)
+            out.loss += weights[j] * loss
+            if not math.isfinite(loss) and out.nonfinite_head is None:
+                out.nonfinite_head = j
+        return out
+
+
 def mtp_loss_naive(model, batch: Batch, weights: Sequence[float], *, normalizers: Sequence[int] | None = None,
                    trunk=None, backward: bool = True, grad_scale: float = 1.0) -> LossOutput:
     """All heads at once: one graph, sum of weighted losses, one backward. Holds every head's logits at once.
@@ -140,24 +194,22 @@ def mtp_loss_naive(model, batch: Batch, weights: Sequence[float], *, normalizers
     Each head's loss is the summed cross-entropy over its target positions divided by `normalizers[j]` (default:
     its target count in this batch, i.e. the mean), so micro-batches of an accumulated step can share one
     denominator. `trunk=(hidden, ctx)` skips the trunk (a cached frozen-trunk output). `grad_scale` multiplies
-    what is back-propagated (a GradScaler's scale with fp16), not the reported losses.
+    what is back-propagated (a GradScaler's scale with fp16), not the reported losses. A NaN/inf loss: no
+    backward, `nonfinite_head` names the first such head.
     """
     _check(model, weights, normalizers)
     hidden, ctx = trunk if trunk is not None else model.trunk_forward(batch["input_ids"], batch["attention_mask"])
-    out = LossOutput(0.0, [None] * model.num_heads, [None] * model.num_heads,
-                     target_counts(batch, model.num_heads))
+    positions = target_positions(batch)
+    values = _HeadValues(model.num_heads, positions)
+    denoms = normalizers if normalizers is not None else values.counts  # default: each head's mean
     total = None
     for j, w in enumerate(weights):
         if w == 0:
             continue
-        denom = normalizers[j] if normalizers is not None else out.head_tokens[j]
-        loss, correct, _ = _head_loss(model, j, hidden, ctx, batch, denom)
-        value = float(loss.detach())
-        out.head_losses[j], out.head_correct[j] = value, correct
-        if not torch.isfinite(loss) and out.nonfinite_head is None:
-            out.nonfinite_head = j
+        loss, correct = _head_loss(model, j, hidden, ctx, batch, positions, denoms[j])
+        values.add(j, loss, correct)
         total = w * loss if total is None else total + w * loss
-    out.loss = float(total.detach()) if total is not None else 0.0
+    out = values.read(weights)
     if backward and total is not None and out.nonfinite_head is None and total.requires_grad:
         (total * grad_scale if grad_scale != 1.0 else total).backward()
     return out
@@ -169,31 +221,28 @@ def mtp_loss_memory_efficient(model, batch: Batch, weights: Sequence[float], *,
     """Trunk once; per head forward -> loss -> backward into the trunk output; trunk backward last.
 
     Same arguments and gradients as `mtp_loss_naive`. With `backward=False` it is a plain evaluation (call it
-    under `torch.no_grad()`). A head whose loss is NaN/inf stops the remaining heads and the trunk backward;
-    `nonfinite_head` names it, and the caller must discard the step's gradients.
+    under `torch.no_grad()`). The losses are read once, after the heads' backwards (a check per head would wait
+    for the device each time): a head whose loss is NaN/inf is named by `nonfinite_head`, the trunk backward does
+    not run, and the caller must discard the step's gradients (the heads' hold NaN/inf).
     """
     _check(model, weights, normalizers)
     hidden, ctx = trunk if trunk is not None else model.trunk_forward(batch["input_ids"], batch["attention_mask"])
     needs_trunk_grad = backward and hidden.requires_grad
     # A leaf cut from the trunk graph: each head's backward stops here and accumulates leaf.grad.
     leaf = hidden.detach().requires_grad_(needs_trunk_grad)
-    out = LossOutput(0.0, [None] * model.num_heads, [None] * model.num_heads,
-                     target_counts(batch, model.num_heads))
+    positions = target_positions(batch)
+    values = _HeadValues(model.num_heads, positions)
+    denoms = normalizers if normalizers is not None else values.counts  # default: each head's mean
     for j, w in enumerate(weights):
         if w == 0:
             continue
-        denom = normalizers[j] if normalizers is not None else out.head_tokens[j]
-        loss, correct, _ = _head_loss(model, j, leaf, ctx, batch, denom)
-        value = float(loss.detach())
-        out.head_losses[j], out.head_correct[j] = value, correct
-        out.loss += w * value
-        if not torch.isfinite(loss):
-            out.nonfinite_head = j
-            return out
+        loss, correct = _head_loss(model, j, leaf, ctx, batch, positions, denoms[j])
+        values.add(j, loss, correct)
         if backward and loss.requires_grad:
             (loss * (w * grad_scale)).backward()
         del loss  # frees this head's logits and graph before the next head runs
-    if needs_trunk_grad and leaf.grad is not None:
+    out = values.read(weights)
+    if needs_trunk_grad and leaf.grad is not None and out.nonfinite_head is None:
         hidden.backward(leaf.grad)
     return out
 
