@@ -366,3 +366,28 @@ def test_masks_learn_to_count(adapter):
     assert spec.tokens == greedy.tokens and spec.stats.tokens_per_forward > 2.0
     same = sum(a == b for c, g in zip(conf.tokens, greedy.tokens, strict=True) for a, b in zip(c, g, strict=True))
     assert same >= 0.8 * 48  # ConfAdapt is lossy, but on counting its confident runs are mostly right
+
+
+def test_a_nan_loss_stops_self_distillation_before_its_update() -> None:
+    """The step's figures come back in one copy; a NaN among them stops the run with the step named and nothing of
+    that step applied: no optimizer update, no gradients left behind."""
+    from mtp.training.loop import NonFiniteLossError
+
+    vocab = 24
+    model = MaskTokenModel.from_base(tiny_llama(vocab_size=vocab, num_heads=1, num_layers=2).base, adapter="full",
+                                     k=3)
+    trainer = SelfDistillTrainer(model, counting_rows(vocab, 16, 16, seed=0),
+                                 TrainConfig(steps=4, batch_size=4, lr=1e-3, progress=False, seed=0),
+                                 SelfDistillConfig(k_min=2, k_max=3, regions=3, seq_len=16))
+    trainer.train_step()
+    norm = model.base.model.norm.weight  # the student's final norm (the teacher is a copy)
+    with torch.no_grad():
+        norm[0] = float("nan")
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p is not norm}
+    with pytest.raises(NonFiniteLossError, match="step 2: the loss is nan"):
+        trainer.train_step()
+    assert trainer.step == 1
+    for n, p in model.named_parameters():
+        assert p.grad is None, n
+        if p is not norm:
+            assert torch.equal(p, before[n]), n

@@ -25,6 +25,7 @@ command.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Literal
 
@@ -269,20 +270,23 @@ class SelfDistillTrainer(Trainer):
             with self.autocast():
                 f = distill_figures(self.model, self.teacher, batch, k, d, offset, need_grad=True,
                                     always_run=self.parallel is not None)
-            if not torch.isfinite(f.total):
+            # What the host needs of the micro-batch, in one copy (each read waits for the device)
+            figures = torch.cat([f.total.detach().float()[None], f.loss.float(), f.agree.float(), f.count.float()])
+            value, *figures = figures.tolist()
+            if not math.isfinite(value):
                 self.optimizer.zero_grad(set_to_none=True)
-                raise self._nonfinite(f"the loss is {float(f.total)}")
+                raise self._nonfinite(f"the loss is {value}")
+            loss[:k] += torch.tensor(figures[:k])
+            agree[:k] += torch.tensor(figures[k:2 * k])
+            count[:k] += torch.tensor(figures[2 * k:])
             # The loss is a mean over this rank's slots; weighted by its share of the micro-batch's slots on all
             # ranks, the gradients summed over ranks are those of the mean over the whole micro-batch.
-            mine = float(f.count.sum())
+            mine = sum(figures[2 * k:])
             everyone = all_sum([mine])[0]
             share = mine / everyone if everyone > 0 else 0.0
             if f.total.requires_grad:
                 (f.total * (share / cfg.grad_accum)).backward()
-            total += float(f.total.detach()) * share / cfg.grad_accum
-            loss[:k] += f.loss.cpu()
-            agree[:k] += f.agree.cpu()
-            count[:k] += f.count.cpu()
+            total += value * share / cfg.grad_accum
         sums = all_sum([total, *loss.tolist(), *agree.tolist(), *count.tolist()])
         total = sums[0]
         loss, agree, count = (torch.tensor(sums[1 + i * k_max: 1 + (i + 1) * k_max]) for i in range(3))
