@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from conftest import tiny_mtp
+from mtp.models.cache import write_block
 
 
 def block_logits(model, cache, block: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
@@ -63,3 +64,26 @@ def test_select_rows_drops_finished_rows():
         step = model(torch.tensor([[7]]), cache=cache, return_all_heads=True)
         full = model(torch.cat([ids[2], torch.tensor([7])])[None], return_all_heads=True)
     assert (step[0, -1] - full[0, -1]).abs().max() < 1e-9
+
+
+@pytest.mark.parametrize("backend", ["eager", "inductor"])
+def test_a_compiled_block_write_writes_what_the_eager_one_does(backend):
+    """`write_block` writes each row's keys and values at its own slots; compiled (an index_put, which inductor
+    writes in place) it writes the same into the same buffers as eagerly (a scatter)."""
+    pytest.importorskip("torch._inductor")
+    g = torch.Generator().manual_seed(0)
+    b, heads, t, d, length = 3, 2, 4, 8, 32
+    k_buf, v_buf = torch.randn(b, heads, length, d, generator=g), torch.randn(b, heads, length, d, generator=g)
+    keys, values = torch.randn(b, heads, t, d, generator=g), torch.randn(b, heads, t, d, generator=g)
+    slots = torch.stack([torch.randperm(length, generator=g)[:t] for _ in range(b)])  # (B, T)
+    expected_k, expected_v = k_buf.clone(), v_buf.clone()
+    for row in range(b):
+        for j in range(t):
+            expected_k[row, :, slots[row, j]] = keys[row, :, j]
+            expected_v[row, :, slots[row, j]] = values[row, :, j]
+    eager_k, eager_v = k_buf.clone(), v_buf.clone()
+    write_block(eager_k, eager_v, slots, keys, values)
+    assert torch.equal(eager_k, expected_k) and torch.equal(eager_v, expected_v)
+    torch._dynamo.reset()
+    torch.compile(write_block, backend=backend, fullgraph=True, dynamic=False)(k_buf, v_buf, slots, keys, values)
+    assert torch.equal(k_buf, expected_k) and torch.equal(v_buf, expected_v)
