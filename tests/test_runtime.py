@@ -138,6 +138,8 @@ def test_demo_plans_for_its_device(monkeypatch, capsys):
     settings = train_settings(None, 3.0, None, "cuda:0", GPU_PLAN)
     assert settings["limit"] is None and settings["answer_minutes"] is None and settings["device"] == "cuda:0"
     assert settings["gen_batch_size"] == GPU_PLAN.gen_batch_size > CPU_PLAN.gen_batch_size
+    assert (settings["batch_size"], settings["lr"]) == (16, 1e-2)  # a GPU's step costs launches, not rows
+    assert (train_settings(None, 3.0)["batch_size"], train_settings(None, 3.0)["lr"]) == (4, 5e-3)  # the CPU's
     fake_gpus(monkeypatch)
     _announce(resolve_runtime(), GPU_PLAN, None, None)
     out = capsys.readouterr().out

@@ -38,23 +38,29 @@ class Plan:
     budget_minutes: the default budget (None: no budget, every question is answered); bench_minutes: what the
     benchmark takes whatever the heads; train_per_answer: training 3 epochs on a question's row over answering
     it, so answering gets 1 / (1 + train_per_answer * epochs / 3) of the time the budget leaves; gen_batch_size:
-    questions answered at a time; save_every: training steps between checkpoints (a GPU takes ~5,000 steps on all
-    the questions, and a checkpoint costs more than many of its steps)."""
+    questions answered at a time; save_every: training steps between checkpoints (a checkpoint costs more than many
+    steps); batch_size and lr: rows a training step and its learning rate."""
 
     budget_minutes: float | None
     bench_minutes: float
     train_per_answer: float
     gen_batch_size: int
     save_every: int
+    batch_size: int = 4
+    lr: float = 5e-3
 
 
 # Measured on 2 cores (docs/benchmarks.md, `make demo`): the benchmark about 4 minutes, training 0.85x answering
 # (7.5 and 8.8 minutes for 600 questions).
 CPU_PLAN = Plan(budget_minutes=30.0, bench_minutes=4.0, train_per_answer=0.85, gen_batch_size=48, save_every=50)
-# An H100/H200 answers all 7,473 questions in a few minutes (a batch of 256 costs about one row's time), trains
-# on them in about a minute and benchmarks in about two (transformers' compiled static-cache peer included).
+# An H100/H200 answers all 7,473 questions in a few minutes (a batch of 256 costs about one row's time) and
+# benchmarks in about two (transformers' compiled static-cache peer included). A GPU's training step costs about
+# the same for 4 rows as for 16 (an H200 took ~0.09 s for 4; launches, not arithmetic), so it takes 16 rows at
+# lr 1e-2: 1,331 steps for 3 epochs of all the answers instead of 5,325. On 1,045 answers (docs/benchmarks.md,
+# "Rows a step") that cost head 1 0.016 of held-out top-1 at 4x fewer steps; with all of them it has more steps
+# than that 4-row run had.
 GPU_PLAN = Plan(budget_minutes=None, bench_minutes=2.5, train_per_answer=0.35, gen_batch_size=256,
-                save_every=1000)
+                save_every=1000, batch_size=16, lr=1e-2)
 
 
 def plan_for(device: torch.device) -> Plan:
@@ -89,11 +95,11 @@ def train_settings(train_limit: int | None, train_epochs: float, minutes: float 
     """The `train(...)` arguments of the demo's head training (besides output, resume and progress)."""
     # The recipe of docs/training.md, scaled to the demo's budget: the model answers GSM8K train questions itself
     # (128 new tokens, `plan.gen_batch_size` at a time, fp16-packed on a CPU, keeping the trunk outputs it computes)
-    # for `minutes` (None: all), 5% held out, then 3 epochs of 4-row steps at lr 5e-3 on those trunk outputs with the
-    # default 8192-token draft vocabulary (on a GPU the frozen trunk in bf16: --dtype auto).
+    # for `minutes` (None: all), 5% held out, then 3 epochs of 4-row steps at lr 5e-3 (a GPU: 16 rows at 1e-2, `Plan`)
+    # on those trunk outputs with the default 8192-token draft vocabulary (on a GPU the frozen trunk in bf16).
     return {"model": None, "data": "gsm8k", "split": "train", "num_heads": 4, "freeze_trunk": True,
             "targets": "self", "limit": train_limit, "answer_minutes": minutes, "epochs": train_epochs,
-            "batch_size": 4, "seq_len": 320, "max_new_tokens": 128, "holdout": 0.05, "lr": 5e-3,
+            "batch_size": plan.batch_size, "seq_len": 320, "max_new_tokens": 128, "holdout": 0.05, "lr": plan.lr,
             "save_every": plan.save_every, "gen_batch_size": plan.gen_batch_size, "device": device}
 
 
@@ -210,7 +216,7 @@ def demo(
             measured on its first batch; the more questions, the better the heads (default: 30 on a CPU; none on
             a GPU, which answers all of them in a few minutes)
         train_limit: at most this many GSM8K training questions (default: all 7,473; the budget decides)
-        train_epochs: passes over those answers in head training (4-row steps, frozen trunk)
+        train_epochs: passes over those answers in head training (frozen trunk; 4-row steps on a CPU, 16 on a GPU)
         limit: GSM8K test problems in the benchmark
         max_new_tokens: new tokens per problem in the benchmark
         device: auto (CUDA when available), cpu, cuda or cuda:N
