@@ -317,3 +317,17 @@ def test_the_public_api_and_one_meaning_per_argument():
     assert mtp.generate(model, ids, max_new_tokens=4, use_speculative=False, strategy="greedy").tokens == out.tokens
     for name in ("load", "generate", "MTPModel", "MaskTokenModel", "DraftTree", "DynamicTree", "MTPError"):
         assert name in mtp.__all__ and getattr(mtp, name) is not None
+
+
+def test_damaged_rows_are_those_with_a_nan_or_positive_infinite_logit():
+    from mtp.decoding.step import damaged_rows
+
+    for dtype in (torch.float32, torch.bfloat16, torch.float64):
+        logits = torch.randn(6, 3, 10).to(dtype)
+        logits[1, 2, 4] = float("nan")
+        logits[2, 0, 0] = float("inf")
+        logits[3, 1, :5] = float("-inf")  # masked tokens: not damage
+        logits[4, 2, :] = float("-inf")  # every token masked: not damage either
+        logits[5, 0, 3], logits[5, 0, 7] = float("inf"), float("-inf")
+        expected = (logits.isnan() | logits.isposinf()).any(-1).any(-1)
+        assert damaged_rows(logits).tolist() == expected.tolist() == [False, True, True, False, False, True]

@@ -145,8 +145,7 @@ class Decoder:
         finished = s.finished | hit | (produced >= s.budget)
         new = self._next_state(s, emitted, counts, produced, finished, proposal)
         lookup_count = new.lookup_count if new.lookup_count is not None else torch.zeros_like(counts)
-        logits = out.verify_logits  # -inf is a masked token; NaN or +inf: damaged weights
-        broken = (logits.isnan() | logits.isposinf()).any(-1).any(-1)  # (B,)
+        broken = damaged_rows(out.verify_logits)  # (B,)
         host = torch.cat([torch.stack([counts, finished.long(), accepted, lookup_count, broken.long()], 1), emitted], 1)
         result = StepResult(host)
         if self.observe and out.trunk is not None:
@@ -186,6 +185,12 @@ class Decoder:
             new.history_len = s.history_len + counts
             new.lookup, new.lookup_count = lookup_drafts(new.history, new.history_len, self.opts.lookup)
         return new
+
+
+def damaged_rows(logits: torch.Tensor) -> torch.Tensor:
+    """(B, T, V) logits -> (B,) whether a row has a NaN or +inf logit (damaged weights; -inf is a masked token).
+    One reduction over the logits: the largest logit is NaN when any is (amax propagates NaN) or +inf."""
+    return ~(logits.amax(-1) < float("inf")).all(-1)
 
 
 # ------------------------------------------------------------------------------------------------ verifiers
