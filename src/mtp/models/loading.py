@@ -42,7 +42,8 @@ def load_mtp_model(spec: str | None = None, num_heads: int | None = None, num_tr
     authors' code ship one).
     `device` and `dtype` may be "auto" (`mtp.runtime`); a device this torch cannot use is an error before loading.
     """
-    from mtp.models.mask_tokens import MaskTokenModel, is_mask_token_folder
+    from mtp.models.folder_kind import is_mask_token_folder
+    from mtp.models.mask_tokens import MaskTokenModel
 
     runtime = resolve_runtime(device, dtype, quantize)
     device, torch_dtype = runtime.device, runtime.dtype

@@ -19,7 +19,6 @@ with the mask token added.
 from __future__ import annotations
 
 import copy
-import json
 import math
 import os
 import re
@@ -33,15 +32,15 @@ from torch import nn
 
 from mtp.arguments import check_values
 from mtp.errors import CheckpointMismatchError, MTPError
-from mtp.io import as_path, read_json_object
+from mtp.io import as_path
 from mtp.models.cache import additive_mask
+from mtp.models.folder_kind import MASK_TOKENS_METHOD, WEIGHTS_NAME, read_mtp_section
 from mtp.runtime import resolve_device
 
 MASK_TOKEN = "<|mtp_mask|>"
-METHOD = "mask_tokens"
+METHOD = MASK_TOKENS_METHOD
 ADAPTERS = ("full", "gated-lora")
 LORA_PREFIX = "mtp_lora."
-WEIGHTS_NAME = "model.safetensors"
 # Projections that get a gated LoRA adapter: Llama family, then GPT-2 (Conv1D).
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
                 "c_attn", "c_proj", "c_fc")
@@ -584,27 +583,6 @@ class MaskTokenModel(nn.Module):
         if load_tokenizer and (directory / "tokenizer_config.json").is_file():
             model.tokenizer = load_tokenizer(directory)
         return model
-
-
-def read_mtp_section(directory: Path) -> dict:
-    """The `mtp` section of a model folder's config.json (checked: there is one, and the weights file)."""
-    path = directory / "config.json"
-    if not path.is_file():
-        raise MTPError(f"{directory}: no config.json (not a model folder)")
-    section = read_json_object(path, "a model config").get("mtp")
-    if not isinstance(section, dict):
-        raise MTPError(f"{directory}: config.json has no 'mtp' section (a plain model: wrap it with from_base)")
-    if not (directory / WEIGHTS_NAME).is_file():
-        raise MTPError(f"{directory}: missing {WEIGHTS_NAME}")
-    return section
-
-
-def is_mask_token_folder(directory: str | os.PathLike) -> bool:
-    path = Path(directory) / "config.json"
-    try:
-        return json.loads(path.read_text()).get("mtp", {}).get("method") == METHOD
-    except (OSError, ValueError, AttributeError):
-        return False
 
 
 def add_mask_token(base: nn.Module, tokenizer, token: str = MASK_TOKEN) -> tuple[int, str]:

@@ -29,8 +29,8 @@ from mtp.errors import CheckpointMismatchError, MTPError
 from mtp.io import as_path, atomic_folder, check_replaceable
 from mtp.models.backbones import backbone_for
 from mtp.models.cache import MTPCache, additive_mask
+from mtp.models.folder_kind import MASK_TOKENS_METHOD, WEIGHTS_NAME, read_mtp_section
 
-WEIGHTS_NAME = "model.safetensors"
 EXTRA_HEADS_PREFIX = "extra_heads."
 DRAFT_VOCAB_KEY = "mtp.draft_vocab"
 # What a model folder holds: what `save_pretrained` writes (transformers names the tokenizer files, by kind).
@@ -356,12 +356,11 @@ class MTPModel(nn.Module):
         from transformers import AutoConfig
 
         from mtp.hub import ModelSource, check_finite_weights, check_tree_statistics, load_tokenizer
-        from mtp.models.mask_tokens import METHOD, read_mtp_section
         from mtp.models.safetensors_io import SafetensorsReader, check_floating
 
         directory = as_path(directory, "directory")
         mtp_cfg = read_mtp_section(directory)
-        if mtp_cfg.get("method") == METHOD:
+        if mtp_cfg.get("method") == MASK_TOKENS_METHOD:
             raise MTPError(f"{directory} is a mask-token model: load it with MaskTokenModel.from_pretrained (or "
                            "mtp.models.loading.load_mtp_model, which loads either kind)")
         if not all(isinstance(mtp_cfg.get(k), int) for k in ("num_heads", "num_trunk_layers")):

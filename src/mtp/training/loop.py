@@ -363,7 +363,7 @@ class Trainer:
         from safetensors.torch import load_file
 
         from mtp.hub import check_safetensors
-        from mtp.models.parallel_heads import WEIGHTS_NAME
+        from mtp.models.folder_kind import WEIGHTS_NAME
 
         folder = Path(checkpoint)
         state = load_trainer_state(folder)

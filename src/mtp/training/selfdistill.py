@@ -366,7 +366,8 @@ class SelfDistillMethod:
     def start_model(self, a, dev):
         """The model the run starts from: a mask-token folder as it is, any other model with a mask token."""
         from mtp.hub import resolve_model
-        from mtp.models.mask_tokens import MaskTokenModel, is_mask_token_folder
+        from mtp.models.folder_kind import is_mask_token_folder
+        from mtp.models.mask_tokens import MaskTokenModel
 
         cfg = self.distill_config(a)
         source = resolve_model(a.model)

@@ -1,0 +1,36 @@
+"""What kind of MTP model a folder holds, read from its config.json's `mtp` section: parallel heads
+(`mtp.models.parallel_heads`) or mask tokens (`mtp.models.mask_tokens`). Both model classes read it, so it lives
+apart from either."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from mtp.errors import MTPError
+from mtp.io import read_json_object
+
+WEIGHTS_NAME = "model.safetensors"
+MASK_TOKENS_METHOD = "mask_tokens"  # the `mtp` section's "method" of a mask-token folder (parallel heads: none)
+
+
+def read_mtp_section(directory: Path) -> dict:
+    """The `mtp` section of a model folder's config.json (checked: there is one, and the weights file)."""
+    path = directory / "config.json"
+    if not path.is_file():
+        raise MTPError(f"{directory}: no config.json (not a model folder)")
+    section = read_json_object(path, "a model config").get("mtp")
+    if not isinstance(section, dict):
+        raise MTPError(f"{directory}: config.json has no 'mtp' section (a plain model: wrap it with from_base)")
+    if not (directory / WEIGHTS_NAME).is_file():
+        raise MTPError(f"{directory}: missing {WEIGHTS_NAME}")
+    return section
+
+
+def is_mask_token_folder(directory: str | os.PathLike) -> bool:
+    path = Path(directory) / "config.json"
+    try:
+        return json.loads(path.read_text()).get("mtp", {}).get("method") == MASK_TOKENS_METHOD
+    except (OSError, ValueError, AttributeError):
+        return False
