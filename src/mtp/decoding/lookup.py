@@ -50,10 +50,9 @@ def lookup_drafts(history: torch.Tensor, length: torch.Tensor, max_tokens: int) 
     idx = torch.arange(s, device=history.device)
     last = length - 1  # (B,) the suffix ends here
     padded = torch.nn.functional.pad(history, (longest - 1, 0), value=-1)  # (B, S + longest - 1): no token is -1
-    behind = (last[:, None] - torch.arange(longest, device=history.device)[None, :]).clamp_min(0)  # (B, longest)
-    # suffix[b, k] = the token k before the last one (-2 past the row's start: never equals a token, nor the pad)
-    suffix = torch.where(behind <= last[:, None] - torch.arange(longest, device=history.device)[None, :],
-                         history.gather(1, behind), -2)
+    back = last[:, None] - torch.arange(longest, device=history.device)[None, :]  # (B, longest) slot k before last
+    # suffix[b, k] = the token k before the last one (-2 before the row's start: equals no token, nor the pad)
+    suffix = torch.where(back >= 0, history.gather(1, back.clamp_min(0)), -2)
     # equal[b, k, j] = the token k before slot j equals the token k before the last slot
     windows = padded.unfold(1, s, 1).flip(1)  # (B, longest, S): windows[:, k, j] = history[:, j - k] (-1 before 0)
     equal = windows == suffix[:, :, None]
