@@ -108,6 +108,7 @@ def test_head_picks_pick_what_shift_targets_masks() -> None:
             seen = goal >= 0
             assert torch.equal(torch.stack([rows[seen], cols[seen]], -1), mask.nonzero())  # same places, same order
             assert torch.equal(goal[seen], targets[mask])
+        assert target_counts(b, 5) == [int(shift_targets(b["input_ids"], b["loss_mask"], j)[1].sum()) for j in range(5)]
 
 
 def test_zero_weight_head_is_skipped() -> None:

@@ -98,11 +98,6 @@ class LossOutput:
                 for c, n in zip(self.head_correct, self.head_tokens, strict=True)]
 
 
-def target_counts(batch: Batch, num_heads: int) -> list[int]:
-    """Number of target positions of each head in a batch (for normalizing over accumulated micro-batches)."""
-    return [int(shift_targets(batch["input_ids"], batch["loss_mask"], j)[1].sum()) for j in range(num_heads)]
-
-
 TARGET_POSITIONS = "target_positions"  # a batch's optional (N, 2) `loss_mask.nonzero()`, made where the rows are
 
 
@@ -111,6 +106,18 @@ def target_positions(batch: Batch) -> torch.Tensor:
     the rows, so the loss needs no device-to-host copy), else `loss_mask.nonzero()` (one sync on a GPU)."""
     given = batch.get(TARGET_POSITIONS)
     return given if given is not None else batch["loss_mask"].nonzero()
+
+
+def head_counts(positions: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """(n,) how many target positions each head has, on the device of `positions` (`target_positions`): head j
+    predicts the target at column s from column s - 1 - j, so it has those with s >= j + 1 (`shift_targets`)."""
+    heads = torch.arange(num_heads, device=positions.device)
+    return (positions[None, :, 1] > heads[:, None]).sum(-1)
+
+
+def target_counts(batch: Batch, num_heads: int) -> list[int]:
+    """Number of target positions of each head in a batch (for normalizing over accumulated micro-batches)."""
+    return head_counts(target_positions(batch), num_heads).tolist()
 
 
 def head_picks(batch: Batch, j: int, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -164,9 +171,7 @@ class _HeadValues:
     device-to-host copy a batch instead of four a head."""
 
     def __init__(self, num_heads: int, positions: torch.Tensor):
-        # every head's target count (those not computed too), as `target_counts` counts them: column s >= j + 1
-        heads = torch.arange(num_heads, device=positions.device)
-        self.counts = (positions[None, :, 1] > heads[:, None]).sum(-1).float()  # (n,)
+        self.counts = head_counts(positions, num_heads).float()  # (n,) every head's, those not computed too
         self.values = [self.counts]
         self.heads: list[int] = []
 
