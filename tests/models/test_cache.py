@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from conftest import tiny_mtp
-from mtp.models.cache import write_block
+from mtp.models.cache import write_block, write_kv
 
 
 def block_logits(model, cache, block: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
@@ -68,8 +68,9 @@ def test_select_rows_drops_finished_rows():
 
 @pytest.mark.parametrize("backend", ["eager", "inductor"])
 def test_a_compiled_block_write_writes_what_the_eager_one_does(backend):
-    """`write_block` writes each row's keys and values at its own slots; compiled (an index_put, which inductor
-    writes in place) it writes the same into the same buffers as eagerly (a scatter)."""
+    """`write_block` writes each row's keys and values at its own slots, and `write_kv` both at once into one
+    buffer; compiled (an index_put, which inductor writes in place) they write the same into the same buffers as
+    eagerly (a scatter)."""
     pytest.importorskip("torch._inductor")
     g = torch.Generator().manual_seed(0)
     b, heads, t, d, length = 3, 2, 4, 8, 32
@@ -85,5 +86,12 @@ def test_a_compiled_block_write_writes_what_the_eager_one_does(backend):
     write_block(eager_k, eager_v, slots, keys, values)
     assert torch.equal(eager_k, expected_k) and torch.equal(eager_v, expected_v)
     torch._dynamo.reset()
+    kv_buf, kv = torch.stack((k_buf, v_buf)), torch.stack((keys, values))  # (2, B, heads, L or T, D)
+    eager_kv = kv_buf.clone()
+    write_kv(eager_kv, slots, kv)
+    assert torch.equal(eager_kv, torch.stack((expected_k, expected_v)))
+    torch._dynamo.reset()
     torch.compile(write_block, backend=backend, fullgraph=True, dynamic=False)(k_buf, v_buf, slots, keys, values)
     assert torch.equal(k_buf, expected_k) and torch.equal(v_buf, expected_v)
+    torch.compile(write_kv, backend=backend, fullgraph=True, dynamic=False)(kv_buf, slots, kv)
+    assert torch.equal(kv_buf, eager_kv)

@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM, Qwen2Config, Qwen3Config
 from conftest import tiny_mtp
 from mtp import MTPModel
 from mtp.decoding.generate import generate, left_pad
-from mtp.models import fast_llama
+from mtp.models import backbones, fast_llama
 from mtp.models.packed import HalfEmbedding
 from mtp.models.quantize import PackedLinear, fp16_decoding, quantize_for_decoding
 
@@ -61,6 +61,91 @@ def test_fast_step_matches_hugging_face_layers(make, attention, fused, monkeypat
     slow = cached_logits(model, ids, mask, steps)
     for a, b in zip(fast, slow, strict=True):
         torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-4)
+
+
+def _ops_of_a_fused_step(model: MTPModel, block: int) -> list[str]:
+    """The aten ops that do work (no views, no allocations) in one cached forward of `block` tokens of the first
+    layer's fused step, with the static cache's attention mask: a CPU count of the kernels a GPU replays."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    free = {"empty", "new_empty", "empty_strided", "new_empty_strided", "detach", "lift_fresh"}
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names: list[str] = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            name = func.overloadpacket.__name__
+            if func.is_view:  # reshape may copy: then it is a kernel too
+                if out.untyped_storage().data_ptr() != args[0].untyped_storage().data_ptr():
+                    self.names.append(f"{name} (a copy)")
+            elif name not in free:
+                self.names.append(name)
+            return out
+
+    layer = next(iter(model.backbone.fast_layers.values()))
+    calls = []
+    original = fast_llama.layer_step
+    cache = model.new_cache(1, 16, static=True)
+    ids = torch.randint(0, 61, (1, 4))
+    with torch.inference_mode():
+        model(ids, torch.ones_like(ids), return_all_heads=False, cache=cache)
+        ops = Ops()
+
+        def counted(*args):
+            with ops:
+                calls.append(1)
+                return original(*args)
+
+        fast_llama.layer_step = counted
+        try:
+            model(ids[:, :block], None, return_all_heads=False, cache=cache)
+        finally:
+            fast_llama.layer_step = original
+    assert calls and layer is not None
+    return ops.names[: len(ops.names) // len(calls)]
+
+
+@pytest.mark.parametrize("block", [1, 4])
+def test_a_fused_layer_step_is_few_kernels(block, monkeypatch):
+    """A GPU step costs per kernel, not per byte (docs/benchmarks.md): a fused layer writes its keys and values
+    in one op, rotates q and k in two (their swapped halves come out of the projection), scales inside the
+    scores' matmul and adds the second residual inside the down projection - 16 ops a layer, where the same
+    arithmetic one op at a time is 21. Blocks of several tokens add the copies that regroup query heads."""
+    monkeypatch.setattr(fast_llama, "FUSED_DEVICES", {"cpu"})
+    monkeypatch.setattr(fast_llama, "_matmul_pays", lambda batch, block, device_type="cpu": True)  # as on a GPU
+    ops = _ops_of_a_fused_step(tiny_mtp("llama", seed=3), block)
+    assert ops.count("scatter_") == 1 and ops.count("bmm") + ops.count("baddbmm") == 2, ops
+    assert "cat" not in ops and "mul" in ops, ops
+    assert len(ops) <= (16 if block == 1 else 18), ops
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rotary_tables_read_from_a_table_equal_those_computed_per_forward(dtype, monkeypatch):
+    """A cached decoding forward reads cos and signed sin from a table of every position (one kernel instead of
+    ten): bit for bit what the rotary module computes for those positions; a larger cache gets a table of its own
+    and the first stays (a captured graph reads it)."""
+    model = tiny_mtp("llama", seed=2).to(dtype)
+    backbone = model.backbone
+    positions = torch.randint(0, 300, (3, 5), generator=torch.Generator().manual_seed(0))
+    hidden = torch.zeros(3, 5, model.config.hidden_size, dtype=dtype)
+    with torch.no_grad():
+        computed = backbone._fast_rope(hidden, positions, None)
+        read = backbone._fast_rope(hidden, positions, 300)
+        first = dict(backbone._rope_tables)
+        assert len(first) == 1 and next(iter(first.values())).shape[0] >= 300
+        backbone._fast_rope(hidden, positions, 3000)
+    for a, b in zip(read, computed, strict=True):
+        assert a.shape == b.shape == (3, 1, 5, model.config.hidden_size // model.config.num_attention_heads)
+        assert torch.equal(a, b)
+    assert len(backbone._rope_tables) == 2 and all(backbone._rope_tables[k] is v for k, v in first.items())
+    monkeypatch.setattr(backbones, "STATIC_ROPE_TYPES", ())  # as for frequencies that follow the length
+    backbone._rope_tables.clear()
+    with torch.no_grad():
+        again = backbone._fast_rope(hidden, positions, 300)
+    assert not backbone._rope_tables and all(torch.equal(a, b) for a, b in zip(again, computed, strict=True))
 
 
 def test_fast_step_is_not_used_for_training(monkeypatch):

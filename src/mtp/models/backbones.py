@@ -17,6 +17,8 @@ from torch import nn
 from mtp.errors import MTPError
 
 LLAMA_FAMILY = ("llama", "mistral", "qwen2", "qwen3")
+# Rotary types whose frequencies do not depend on the sequence's length: their tables can be computed once
+STATIC_ROPE_TYPES = ("default", "linear", "llama3")
 GPT2_FAMILY = ("gpt2",)
 SUPPORTED_MODEL_TYPES = LLAMA_FAMILY + GPT2_FAMILY
 
@@ -43,12 +45,17 @@ class Backbone:
     def embed(self, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
-    def layer_inputs(self, hidden: torch.Tensor, position_ids: torch.Tensor) -> dict:
-        """Per-forward inputs shared by every layer (e.g. rotary cos/sin), computed once."""
+    def layer_inputs(self, hidden: torch.Tensor, position_ids: torch.Tensor, max_position: int | None = None) -> dict:
+        """Per-forward inputs shared by every layer (e.g. rotary cos/sin), computed once. `max_position`: a bound
+        on the position ids of this and later forwards of one cache (its slots), when there is one."""
         return {}
 
     def run_layer(self, layer: nn.Module, hidden: torch.Tensor, mask, cache, shared: dict) -> torch.Tensor:
         raise NotImplementedError
+
+    def final_norm(self, hidden: torch.Tensor, shared: dict) -> torch.Tensor:
+        """The final norm, over the outputs of a forward whose `shared` inputs `layer_inputs` built."""
+        return self.norm(hidden)
 
 
 class LlamaBackbone(Backbone):
@@ -70,14 +77,33 @@ class LlamaBackbone(Backbone):
     def embed(self, input_ids, position_ids):
         return self.causal_lm.model.embed_tokens(input_ids)  # (B, T, H)
 
-    def layer_inputs(self, hidden, position_ids):
-        cos_sin = self.causal_lm.model.rotary_emb(hidden, position_ids=position_ids)
-        shared = {"position_embeddings": cos_sin, "position_ids": position_ids}
-        if self.fast_layers is not None and not torch.is_grad_enabled():  # the lean step's form of the same tables
-            from mtp.models.fast_llama import rope_tables
-
-            shared["fast_rope"] = rope_tables(*cos_sin)
+    def layer_inputs(self, hidden, position_ids, max_position=None):
+        shared = {"position_ids": position_ids}
+        if self.fast_layers is not None and not torch.is_grad_enabled():  # the lean step's form of the tables
+            shared["fast_rope"] = self._fast_rope(hidden, position_ids, max_position)
+        else:
+            shared["position_embeddings"] = self.causal_lm.model.rotary_emb(hidden, position_ids=position_ids)
         return shared
+
+    def _fast_rope(self, hidden: torch.Tensor, position_ids: torch.Tensor, max_position: int | None):
+        """(cos, signed sin), each (B, 1, T, D) (`fast_llama.rope_tables`). Within a cache of known length and for
+        a rotary type with fixed frequencies, read from a table of every position computed once by the same
+        function (one kernel a forward instead of ten: a GPU step costs per kernel); else computed as they come."""
+        from mtp.models.fast_llama import rope_tables
+
+        rotary = self.causal_lm.model.rotary_emb
+        if max_position is None or getattr(rotary, "rope_type", None) not in STATIC_ROPE_TYPES:
+            return rope_tables(*rotary(hidden, position_ids=position_ids))
+        size = max(256, 1 << (max_position - 1).bit_length())  # few sizes, each built once
+        key = (size, hidden.dtype, hidden.device)
+        # Tables are kept, never replaced: a captured CUDA graph reads the one it was captured with.
+        tables = self.__dict__.setdefault("_rope_tables", {})
+        table = tables.get(key)
+        if table is None:
+            cos, signed_sin = rope_tables(*rotary(hidden, position_ids=torch.arange(size, device=hidden.device)[None]))
+            table = tables[key] = torch.stack((cos[0, 0], signed_sin[0, 0]), 1)  # (P, 2, D)
+        picked = table[position_ids]  # (B, T, 2, D)
+        return picked[:, None, :, 0], picked[:, None, :, 1]
 
     def run_layer(self, layer, hidden, mask, cache, shared):
         # The lean step only where the forward's shared inputs carry its tables (a cached no-grad forward): a
@@ -86,9 +112,18 @@ class LlamaBackbone(Backbone):
             fast = self.fast_layers.get(layer)
             if fast is not None:
                 return fast(hidden, mask, cache, *shared["fast_rope"])
+        if "position_embeddings" not in shared:  # a no-grad forward through a Hugging Face layer
+            shared["position_embeddings"] = self.causal_lm.model.rotary_emb(hidden, shared["position_ids"])
         out = layer(hidden, attention_mask=mask, use_cache=cache is not None, **{_cache_kwarg(type(layer)): cache},
                     **shared)
         return out[0] if isinstance(out, tuple) else out
+
+    def final_norm(self, hidden, shared):
+        if "fast_rope" in shared and not torch.is_grad_enabled():  # decoding: one kernel, as the lean layers' norms
+            from mtp.models.fast_llama import rms_norm
+
+            return rms_norm(hidden, self.norm)
+        return self.norm(hidden)
 
 
 class GPT2Backbone(Backbone):

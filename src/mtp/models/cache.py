@@ -28,25 +28,30 @@ from mtp.errors import MTPError
 def additive_mask(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """(B, T, S) bool -> (B, 1, T, S) additive float mask (0 where allowed, the dtype's lowest value elsewhere), the
     4-D form transformers' attention interface and sdpa take."""
-    mask = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
-    return mask.masked_fill_(~allowed, torch.finfo(dtype).min)[:, None]
+    # one kernel: the two values are host scalars (0-dim CPU tensors, which a CUDA op takes as arguments)
+    zero, lowest = torch.tensor(0, dtype=dtype), torch.tensor(torch.finfo(dtype).min, dtype=dtype)
+    return torch.where(allowed, zero, lowest)[:, None]
 
 
 def write_block(k_buf: torch.Tensor, v_buf: torch.Tensor, slots: torch.Tensor, keys: torch.Tensor,
                 values: torch.Tensor) -> None:
     """Write a block's keys and values (B, kv_heads, T, D) into a layer's buffers (B, kv_heads, max_len, D) at
     each row's block slots (B, T)."""
+    for buf, block in ((k_buf, keys), (v_buf, values)):
+        write_kv(buf[None], slots, block[None])
+
+
+def write_kv(kv_buf: torch.Tensor, slots: torch.Tensor, kv: torch.Tensor) -> None:
+    """Write a block (N, B, kv_heads, T, D) into a layer's buffer (N, B, kv_heads, max_len, D) at each row's block
+    slots (B, T): N = 2 writes keys and values at once (`StackCache.layer_kv`), one kernel instead of two."""
     if torch.compiler.is_compiling():
-        # torch.compile writes an index_put into the buffers in place; a scatter into a graph input became a copy
-        # of both whole buffers, scattered and copied back, in every layer of every step
-        rows = torch.arange(keys.shape[0], device=slots.device)[:, None]  # (B, 1)
-        k_buf[rows, :, slots] = keys.transpose(1, 2)  # (B, T, kv_heads, D): the indexed dimensions come first
-        v_buf[rows, :, slots] = values.transpose(1, 2)
+        # torch.compile writes an index_put into the buffer in place; a scatter into a graph input became a copy
+        # of the whole buffer, scattered and copied back, in every layer of every step
+        rows = torch.arange(kv.shape[1], device=slots.device)[:, None]  # (B, 1)
+        kv_buf[:, rows, :, slots] = kv.permute(1, 3, 0, 2, 4)  # (B, T, N, kv_heads, D): indexed dimensions first
         return
-    b, heads, t, d = keys.shape  # eagerly a scatter costs the host less (10-20 us a call on a CPU)
-    index = slots[:, None, :, None].expand(b, heads, t, d)
-    k_buf.scatter_(2, index, keys)
-    v_buf.scatter_(2, index, values)
+    n, b, heads, t, d = kv.shape  # eagerly a scatter costs the host less (10-20 us a call on a CPU)
+    kv_buf.scatter_(3, slots[None, :, None, :, None].expand(n, b, heads, t, d), kv)
 
 
 class StackCache:
@@ -57,52 +62,63 @@ class StackCache:
     def __init__(self, owner: MTPCache, num_layers: int | None = None):
         self.owner = owner
         self.num_layers = num_layers
-        self.row: dict[int, int] = {}  # layer_idx -> its row in the buffers
-        self.k: torch.Tensor | None = None  # (layers, B, kv_heads, max_len, head_dim)
-        self.v: torch.Tensor | None = None
+        self.row: dict[int, int] = {}  # layer_idx -> its row in the buffer
+        # Keys and values in one buffer, so a block's keys and values are written in one kernel and moving or
+        # dropping slots is one op per stack: on a GPU a step costs per kernel.
+        self.kv: torch.Tensor | None = None  # (layers, 2, B, kv_heads, max_len, head_dim): keys [:, 0], values [:, 1]
+
+    @property
+    def k(self) -> torch.Tensor | None:
+        return None if self.kv is None else self.kv[:, 0]  # (layers, B, kv_heads, max_len, head_dim)
+
+    @property
+    def v(self) -> torch.Tensor | None:
+        return None if self.kv is None else self.kv[:, 1]
 
     @property
     def keys(self) -> dict[int, torch.Tensor]:
-        return {layer: self.k[row] for layer, row in self.row.items()}
+        return {layer: self.kv[row, 0] for layer, row in self.row.items()}
 
     @property
     def values(self) -> dict[int, torch.Tensor]:
-        return {layer: self.v[row] for layer, row in self.row.items()}
+        return {layer: self.kv[row, 1] for layer, row in self.row.items()}
 
     def buffers(self) -> list[torch.Tensor]:
-        return [x for x in (self.k, self.v) if x is not None]
+        """The stack's buffer as (layers * 2, B, kv_heads, max_len, head_dim), or nothing before its first write."""
+        return [] if self.kv is None else [self.kv.flatten(0, 1)]
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
         """Write a block's keys and values (B, kv_heads, T, D) at each row's block slots; return the keys and
         values the block attends over (B, kv_heads, window, D)."""
-        k, v = self.layer_buffers(layer_idx, key_states, value_states)
-        write_block(k, v, self.owner.block_slots, key_states, value_states)
+        if key_states.shape != value_states.shape:
+            raise MTPError(f"keys {tuple(key_states.shape)} and values {tuple(value_states.shape)} differ in shape: "
+                           "this cache keeps them in one buffer")
+        kv = self.layer_kv(layer_idx, key_states)
+        write_block(kv[0], kv[1], self.owner.block_slots, key_states, value_states)
         end = self.owner.window
-        return k[:, :, :end], v[:, :, :end]
+        return kv[0, :, :, :end], kv[1, :, :, :end]
 
-    def layer_buffers(self, layer_idx: int, key_like: torch.Tensor, value_like: torch.Tensor
-                      ) -> tuple[torch.Tensor, torch.Tensor]:
-        """A layer's key and value buffers (B, kv_heads, max_len, D), allocated at its first write (shaped as
-        `key_like`/`value_like`, (B, kv_heads, *, D)); a step that writes them itself (`mtp.models.fast_llama`)
-        writes at `owner.block_slots` and attends over the first `owner.window` slots."""
+    def layer_kv(self, layer_idx: int, key_like: torch.Tensor) -> torch.Tensor:
+        """A layer's keys and values (2, B, kv_heads, max_len, D), allocated at its first write (shaped as
+        `key_like`, (B, kv_heads, *, D)); a step that writes them itself (`mtp.models.fast_llama`) writes at
+        `owner.block_slots` and attends over the first `owner.window` slots."""
         row = self.row.get(layer_idx)
         if row is None:
             row = self.row[layer_idx] = len(self.row)
-            if self.k is None or row >= self.k.shape[0]:
-                self._grow(max(self.num_layers or 0, row + 1), key_like, value_like)
-        return self.k[row], self.v[row]
+            if self.kv is None or row >= self.kv.shape[0]:
+                self._grow(max(self.num_layers or 0, row + 1), key_like)
+        return self.kv[row]
 
-    def _grow(self, layers: int, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        b, h, _, d = key_states.shape
-        k = key_states.new_zeros((layers, b, h, self.owner.max_len, d))
-        v = value_states.new_zeros((layers, b, value_states.shape[1], self.owner.max_len, value_states.shape[-1]))
-        if self.k is not None:  # a stack that did not say how many layers it has: rare, and only while filling
-            k[: self.k.shape[0]], v[: self.v.shape[0]] = self.k, self.v
-        self.k, self.v = k, v
+    def _grow(self, layers: int, key_like: torch.Tensor) -> None:
+        b, h, _, d = key_like.shape
+        kv = key_like.new_zeros((layers, 2, b, h, self.owner.max_len, d))
+        if self.kv is not None:  # a stack that did not say how many layers it has: rare, and only while filling
+            kv[: self.kv.shape[0]] = self.kv
+        self.kv = kv
 
     def select_rows(self, index: torch.Tensor) -> None:
-        if self.k is not None:
-            self.k, self.v = self.k[:, index], self.v[:, index]
+        if self.kv is not None:
+            self.kv = self.kv[:, :, index]
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.owner.window
@@ -201,7 +217,7 @@ class MTPCache:
                 source = start + path[:, :depth]  # (B, depth)
                 target = start + torch.arange(depth, device=path.device)
                 for stack in self.stacks:
-                    for buf in stack.buffers():  # (layers, B, heads, L, D)
+                    for buf in stack.buffers():  # (layers * 2, B, heads, L, D)
                         shape = (buf.shape[0], -1, buf.shape[2], -1, buf.shape[4])
                         moved = buf.gather(3, source[None, :, None, :, None].expand(*shape))
                         buf.scatter_(3, target[None, :, None, :, None].expand(*shape), moved)
@@ -222,13 +238,12 @@ class MTPCache:
         self.next_pos.copy_(other.next_pos[index])
         for mine, theirs in zip(self.stacks, other.stacks, strict=True):
             mine.row = dict(theirs.row)
-            if theirs.k is None:  # a stack this decoding never wrote (greedy: the extra heads')
+            if theirs.kv is None:  # a stack this decoding never wrote (greedy: the extra heads')
                 continue
-            if mine.k is None:
-                mine.k, mine.v = theirs.k[:, index].clone(), theirs.v[:, index].clone()
+            if mine.kv is None:
+                mine.kv = theirs.kv[:, :, index].clone()
             else:
-                mine.k.copy_(theirs.k[:, index])
-                mine.v.copy_(theirs.v[:, index])
+                mine.kv.copy_(theirs.kv[:, :, index])
 
     def select_rows(self, index: torch.Tensor) -> None:
         """Keep only the given batch rows (finished rows stop costing work)."""

@@ -22,13 +22,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from mtp.errors import MTPError
-from mtp.models.cache import write_block
+from mtp.models.cache import write_kv
 
 WEIGHT_FORMATS = ("fp32", "fp16")
 QKV, OUT, GATE_UP, DOWN = range(4)  # the layer's projections, fused where the weights are packed
+QKV_SWAPPED = 4  # q, k, v and then q and k again with each head's halves swapped: what `layer_step` reads
 # Devices where the projections that read one input (q, k, v; gate, up) run as one matmul over a fused copy of
 # their weights: a GPU step is bound by its number of kernels, not by bytes, and this saves three matmuls and a
-# rotary pass a layer. The copy costs those weights' memory once more; it is rebuilt when they change.
+# rotary pass a layer. The copy costs those weights' memory once more (and q, k's a third time, `QKV_SWAPPED`);
+# it is rebuilt when they change.
 FUSED_DEVICES = {"cuda"}
 
 
@@ -76,7 +78,7 @@ class FastLlamaLayer:
         if self._whole_layer_fused(hidden, cache):
             return self._fused_call(hidden, mask, cache, cos, signed_sin)
         b, t, _ = hidden.shape
-        x = _rms_norm(hidden, self.ln1)
+        x = rms_norm(hidden, self.ln1)
         q, k, v = self._project(QKV, x)
         v = v.view(b, t, -1, self.head_dim).transpose(1, 2)  # (B, kv_heads, T, D)
         if self._one_matmul(QKV, x) and self.q_norm is None:
@@ -89,20 +91,20 @@ class FastLlamaLayer:
             q = q.view(b, t, -1, self.head_dim)  # (B, T, heads, D)
             k = k.view(b, t, -1, self.head_dim)  # (B, T, kv_heads, D)
             if self.q_norm is not None:
-                q, k = _rms_norm(q, self.q_norm), _rms_norm(k, self.k_norm)
+                q, k = rms_norm(q, self.q_norm), rms_norm(k, self.k_norm)
             q = _rotate(q.transpose(1, 2), cos, signed_sin)  # (B, heads, T, D)
             k = _rotate(k.transpose(1, 2), cos, signed_sin)  # (B, kv_heads, T, D)
         keys, values = cache.update(k, v, self.layer_idx)  # (B, kv_heads, end, D)
         attn = _attention(q, keys, values, mask, self.scaling)  # (B, heads, T, D)
         hidden = hidden + self._project(OUT, attn.transpose(1, 2).reshape(b, t, -1))[0]
-        gate, up = self._project(GATE_UP, _rms_norm(hidden, self.ln2))
+        gate, up = self._project(GATE_UP, rms_norm(hidden, self.ln2))
         return hidden + self._project(DOWN, self.act(gate) * up)[0]
 
     def _whole_layer_fused(self, hidden: torch.Tensor, cache) -> bool:
         """Whether this call runs as `layer_step` over fused weights: on a GPU, plain linear projections (no
-        adapters' hooks), SiLU, no per-head norms, the norms' dtype (float64 normalises apart, `_rms_norm`)."""
+        adapters' hooks), SiLU, no per-head norms, the norms' dtype (float64 normalises apart, `rms_norm`)."""
         # the device first: on a CPU (every decoding step there) the answer is no, at once
-        return (hidden.device.type in FUSED_DEVICES and self.packed is None and hasattr(cache, "layer_buffers")
+        return (hidden.device.type in FUSED_DEVICES and self.packed is None and hasattr(cache, "layer_kv")
                 and self.q_norm is None and self.act is F.silu and hidden.dtype == self.ln1.weight.dtype
                 and hidden.dtype != torch.float64 and self._one_matmul(QKV, hidden)
                 and self._one_matmul(GATE_UP, hidden)
@@ -111,14 +113,13 @@ class FastLlamaLayer:
     def _fused_call(self, hidden: torch.Tensor, mask: torch.Tensor | None, cache, cos: torch.Tensor,
                     signed_sin: torch.Tensor) -> torch.Tensor:
         b = hidden.shape[0]
-        _, qkv_w, qkv_b, bounds = self._fused_weights(QKV, self._modules(QKV))
+        _, qkv_w, qkv_b, bounds = self._fused_weights(QKV_SWAPPED, self._modules(QKV))
         _, gate_up_w, gate_up_b, _ = self._fused_weights(GATE_UP, self._modules(GATE_UP))
         heads, kv_heads = bounds[0][1] // self.head_dim, (bounds[1][1] - bounds[1][0]) // self.head_dim
-        empty = hidden.new_empty((b, kv_heads, 0, self.head_dim))
-        k_buf, v_buf = cache.layer_buffers(self.layer_idx, empty, empty)  # (B, kv_heads, max_len, D)
+        kv_buf = cache.layer_kv(self.layer_idx, hidden.new_empty((b, kv_heads, 0, self.head_dim)))
         step = compiled_layer_step() if _COMPILED_LAYERS else layer_step
         o, down = self.attn.o_proj, self.mlp.down_proj
-        return step(hidden, mask, k_buf, v_buf, cache.owner.block_slots, cache.owner.window, cos, signed_sin,
+        return step(hidden, mask, kv_buf, cache.owner.block_slots, cache.owner.window, cos, signed_sin,
                     self.ln1.weight, self.ln1.variance_epsilon, qkv_w, qkv_b, o.weight, o.bias,
                     self.ln2.weight, self.ln2.variance_epsilon, gate_up_w, gate_up_b, down.weight, down.bias,
                     heads, kv_heads, self.scaling)
@@ -148,7 +149,8 @@ class FastLlamaLayer:
                 for p in modules]
 
     def _fused_weights(self, which: int, modules) -> tuple:
-        """The group's weights (and biases) joined, built once and again whenever a weight changes."""
+        """The group's weights (and biases) joined, built once and again whenever a weight changes; `QKV_SWAPPED`
+        appends q's and k's rows once more with each head's two halves swapped (`layer_step`'s rotary)."""
         identity = tuple((p.weight.data_ptr(), p.weight._version) for p in modules)
         cached = self._fused.get(which)
         if cached is None or cached[0] != identity:
@@ -158,32 +160,51 @@ class FastLlamaLayer:
                 bias = torch.cat([p.bias.detach() if p.bias is not None else weight.new_zeros(p.out_features)
                                   for p in modules])
             ends = torch.tensor([p.out_features for p in modules]).cumsum(0).tolist()
-            cached = self._fused[which] = (identity, weight, bias, list(zip([0, *ends[:-1]], ends, strict=True)))
+            bounds = list(zip([0, *ends[:-1]], ends, strict=True))
+            if which == QKV_SWAPPED:
+                qk = bounds[1][1]  # q's and k's rows
+                weight = torch.cat([weight, _swap_halves(weight[:qk], self.head_dim)])
+                bias = None if bias is None else torch.cat([bias, _swap_halves(bias[:qk], self.head_dim)])
+            cached = self._fused[which] = (identity, weight, bias, bounds)
         return cached
 
 
-def layer_step(hidden: torch.Tensor, mask: torch.Tensor | None, k_buf: torch.Tensor, v_buf: torch.Tensor,
-               slots: torch.Tensor, window: int, cos: torch.Tensor, signed_sin: torch.Tensor,
-               ln1_w: torch.Tensor, ln1_eps: float, qkv_w: torch.Tensor, qkv_b: torch.Tensor | None,
-               o_w: torch.Tensor, o_b: torch.Tensor | None, ln2_w: torch.Tensor, ln2_eps: float,
-               gate_up_w: torch.Tensor, gate_up_b: torch.Tensor | None, down_w: torch.Tensor,
-               down_b: torch.Tensor | None, heads: int, kv_heads: int, scale: float) -> torch.Tensor:
-    """One decoder layer over fused weights as a function of tensors only (the same ops, in the same order, as
-    `FastLlamaLayer`'s general path): what `torch.compile` turns into a few fused kernels (`compiled_layer_step`).
-    hidden (B, T, H); k_buf/v_buf (B, kv_heads, max_len, D), written at slots (B, T); attention over the first
-    `window` slots with the additive mask (B, 1, T, window) or None; cos/signed_sin (B, 1, T, D)."""
-    b, t, _ = hidden.shape
-    d = k_buf.shape[-1]
-    y = F.linear(F.rms_norm(hidden, ln1_w.shape, ln1_w, ln1_eps), qkv_w, qkv_b)  # (B, T, (heads + 2 kv) D)
-    qk = _rotate(y[..., : (heads + kv_heads) * d].view(b, t, heads + kv_heads, d).transpose(1, 2), cos,
-                 signed_sin)  # (B, heads + kv_heads, T, D): q and k rotated together
-    v = y[..., (heads + kv_heads) * d :].view(b, t, kv_heads, d).transpose(1, 2)  # (B, kv_heads, T, D)
-    write_block(k_buf, v_buf, slots, qk[:, heads:], v)
-    attn = _attention(qk[:, :heads], k_buf[:, :, :window], v_buf[:, :, :window], mask, scale)  # (B, heads, T, D)
-    hidden = hidden + F.linear(attn.transpose(1, 2).reshape(b, t, -1), o_w, o_b)
+def _swap_halves(rows: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """Rows (heads * D, ...) with the two halves of each head's D rows swapped: a projection by them gives each
+    head's output with its halves swapped, which rotary needs (`rope_tables`), without a kernel of its own."""
+    half = head_dim // 2
+    return rows.view(-1, 2, half, *rows.shape[1:]).flip(1).reshape(rows.shape)
+
+
+def layer_step(hidden: torch.Tensor, mask: torch.Tensor | None, kv_buf: torch.Tensor, slots: torch.Tensor,
+               window: int, cos: torch.Tensor, signed_sin: torch.Tensor, ln1_w: torch.Tensor, ln1_eps: float,
+               qkv_w: torch.Tensor, qkv_b: torch.Tensor | None, o_w: torch.Tensor, o_b: torch.Tensor | None,
+               ln2_w: torch.Tensor, ln2_eps: float, gate_up_w: torch.Tensor, gate_up_b: torch.Tensor | None,
+               down_w: torch.Tensor, down_b: torch.Tensor | None, heads: int, kv_heads: int,
+               scale: float) -> torch.Tensor:
+    """One decoder layer over fused weights as a function of tensors only: the arithmetic of `FastLlamaLayer`'s
+    general path in fewer kernels, since a GPU step costs per kernel (16 a layer eagerly, against 21 for the
+    same ops one by one), and what `torch.compile` fuses further (`compiled_layer_step`).
+    hidden (B, T, H); kv_buf (2, B, kv_heads, max_len, D) keys and values, written at slots (B, T); attention
+    over the first `window` slots with the additive mask (B, 1, T, window) or None; cos/signed_sin (B, 1, T, D);
+    qkv_w/qkv_b: q, k, v, then q and k with each head's halves swapped (`_fused_weights(QKV_SWAPPED)`)."""
+    b, t, h = hidden.shape
+    d = kv_buf.shape[-1]
+    qk_cols = (heads + kv_heads) * d
+    y = F.linear(F.rms_norm(hidden, ln1_w.shape, ln1_w, ln1_eps), qkv_w, qkv_b)  # (B, T, (2 heads + 3 kv) D)
+    qk = y[..., :qk_cols].view(b, t, heads + kv_heads, d)  # q and k, rotated together and in place:
+    swapped = y[..., qk_cols + kv_heads * d :].view(b, t, heads + kv_heads, d)  # x * cos + swap_halves(x) * sin
+    qk.mul_(cos.transpose(1, 2)).addcmul_(swapped, signed_sin.transpose(1, 2))  # (B, T, heads + kv, D)
+    kv = y[..., heads * d : qk_cols + kv_heads * d].view(b, t, 2, kv_heads, d)  # rotated keys, then values
+    write_kv(kv_buf, slots, kv.permute(2, 0, 3, 1, 4))  # (2, B, kv_heads, T, D)
+    attn = _attention(qk[:, :, :heads].transpose(1, 2), kv_buf[0, :, :, :window], kv_buf[1, :, :, :window], mask,
+                      scale)  # (B, heads, T, D)
+    hidden = hidden + F.linear(attn.transpose(1, 2).reshape(b, t, -1), o_w, o_b)  # a new tensor: written below
     gate_up = F.linear(F.rms_norm(hidden, ln2_w.shape, ln2_w, ln2_eps), gate_up_w, gate_up_b)
     inter = gate_up.shape[-1] // 2
-    return hidden + F.linear(F.silu(gate_up[..., :inter]) * gate_up[..., inter:], down_w, down_b)
+    act = F.silu(gate_up[..., :inter]) * gate_up[..., inter:]  # (B, T, I)
+    hidden.view(b * t, h).addmm_(act.view(b * t, inter), down_w.t())  # the residual add inside the matmul
+    return hidden if down_b is None else hidden.add_(down_b)
 
 
 # Off by default: compiling costs tens of seconds per step shape, worth it where a step is replayed many times
@@ -234,15 +255,16 @@ def _attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: 
         return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scale,
                                               enable_gqa=heads != kv)  # (B, heads, T, D)
     group = heads // kv  # query head h reads key/value head h // group, as sdpa's enable_gqa does
-    scores = torch.matmul(q.reshape(b, kv, group * t, d), keys.transpose(-1, -2))  # (B, kv, group*T, end)
-    scores = scores.view(b, kv, group, t, end) * scale
+    # 3-D for baddbmm, which scales inside the matmul (one kernel fewer than a multiply after it)
+    scores = torch.baddbmm(q.new_empty(1, 1, 1), q.reshape(b * kv, group * t, d),
+                           keys.reshape(b * kv, end, d).transpose(1, 2), beta=0, alpha=scale)  # (B kv, group T, end)
     if mask is not None:
-        scores = scores + mask[:, :, None]  # (B, 1, 1, T, end) broadcast over heads
-    probs = torch.softmax(scores, dim=-1).view(b, kv, group * t, end)
-    return torch.matmul(probs, values).view(b, heads, t, d)  # (B, heads, T, D)
+        scores = scores.view(b, kv, group, t, end) + mask[:, :, None]  # (B, 1, 1, T, end) broadcast over heads
+    probs = torch.softmax(scores, dim=-1).view(b * kv, group * t, end)
+    return torch.bmm(probs, values.reshape(b * kv, end, d)).view(b, heads, t, d)  # (B, heads, T, D)
 
 
-def _rms_norm(x: torch.Tensor, norm: nn.Module) -> torch.Tensor:
+def rms_norm(x: torch.Tensor, norm: nn.Module) -> torch.Tensor:
     # In fp32 torch's fused kernel computes transformers' six ops bit for bit (on SmolLM2's rows), in one op. In
     # bf16/fp16 it also computes in fp32 but scales by the weight before rounding once, where transformers rounds,
     # then scales in the low precision: the last bit may differ from the Hugging Face layer, never between the rows

@@ -166,7 +166,7 @@ class MTPModel(nn.Module):
         else:
             mask, position_ids = _uncached_mask(valid, dtype, self.config)
         hidden = self.backbone.embed(input_ids, position_ids)  # (B, T, H)
-        shared = self.backbone.layer_inputs(hidden, position_ids)
+        shared = self.backbone.layer_inputs(hidden, position_ids, cache.max_len if cache is not None else None)
         ctx = ForwardContext(mask, valid, position_ids, shared, cache)
         stack = cache.stack(0) if cache is not None else None
         for layer in self.trunk_layers:
@@ -179,7 +179,7 @@ class MTPModel(nn.Module):
         hidden = trunk_hidden
         for layer in self.head_layers(head):
             hidden = self.backbone.run_layer(layer, hidden, ctx.mask, stack, ctx.shared)
-        return self.backbone.norm(hidden)
+        return self.backbone.final_norm(hidden, ctx.shared)
 
     def finish_block(self, ctx: ForwardContext) -> None:
         """Keep the whole block in the cache once every stack has written its keys and values (decoding instead
