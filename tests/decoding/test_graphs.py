@@ -101,6 +101,25 @@ def test_a_session_is_reused_by_shape_and_renewed_when_the_weights_move(replayed
     assert alive() is None
 
 
+def test_a_replayed_prompt_step_reads_each_calls_prompts(replayed):
+    """Replaying, prompts are left-padded to a multiple of PROMPT_BUCKET and the prompt's step is replayed from
+    the first prompt of that width's capture: each call decodes its own prompts (copied into the captured
+    buffers, never into the caller's tensors), as eager decoding does."""
+    model = tiny_mtp("llama", num_heads=3, seed=4, vocab_size=40, dtype=torch.float64)
+    gen = torch.Generator().manual_seed(0)
+    batches = [left_pad([torch.randint(0, 40, (n,), generator=gen).tolist() for n in lengths])
+               for lengths in ((5, 9), (12, 3), (7, 7))]
+    before = [ids.clone() for ids, _ in batches]
+    kw = {"max_new_tokens": 10, "stop_token_ids": [], "strategy": "speculative", "lookup": 2}
+    eager = [generate(model, ids, mask, graphs=False, **kw).tokens for ids, mask in batches]
+    for _ in range(2):
+        for (ids, mask), expected in zip(batches, eager, strict=True):
+            assert generate(model, ids, mask, graphs=True, **kw).tokens == expected
+    assert all(torch.equal(ids, b) for (ids, _), b in zip(batches, before, strict=True))
+    (session,) = model._mtp_decode_sessions.sessions.values()
+    assert list(session.run.prompts) == [(2, generate_module.PROMPT_BUCKET)]  # one width, one capture
+
+
 def test_a_replayed_batch_shrinks_to_the_next_power_of_two():
     assert _rows_to_keep([True] * 8, graphs=True) is None
     assert _rows_to_keep([True] * 5 + [False] * 3, graphs=True) is None  # 5 do not fit in 4
@@ -127,7 +146,8 @@ def test_graphs_need_a_cuda_device():
 ], ids=["heads-dynamic-tree-lookup-sampling", "heads-tree-lookup", "masks-confadapt"])
 def test_a_step_traces_as_one_graph(kind, kw):
     """The step reads nothing back to the host (what a CUDA graph cannot replay): dynamo traces it as one graph
-    (fullgraph=True fails on a host read such as .item(), .tolist() or a tensor in an `if`)."""
+    (fullgraph=True fails on a host read such as .item(), .tolist() or a tensor in an `if`), the prompt's step
+    (captured too, `GraphedSteps.prefill`) and the next."""
     model = tiny_mtp("llama", num_heads=3) if kind == "heads" else mask_model("llama", "gated-lora", 0, 20)
     from mtp.decoding.generate import model_tree
 
@@ -140,7 +160,9 @@ def test_a_step_traces_as_one_graph(kind, kw):
     decoder = Decoder(drafter, opts, cache, torch.tensor([5]), None)  # (dynamo traces no torch.Generator)
     n, m = drafter.num_drafts, opts.lookup
     with torch.inference_mode():
-        state, _ = decoder.step(_prompt_state(ids, mask.bool(), opts, 64 if m else 0), 0, 0)
+        torch._dynamo.reset()
+        prompt_step = torch.compile(lambda s: decoder.step(s, 0, 0), fullgraph=True, backend="eager", dynamic=False)
+        state, _ = prompt_step(_prompt_state(ids, mask.bool(), opts, 64 if m else 0))
         torch._dynamo.reset()
         traced = torch.compile(lambda s: decoder.step(s, n, m), fullgraph=True, backend="eager", dynamic=False)
         new, result = traced(state)

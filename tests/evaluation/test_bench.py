@@ -90,6 +90,17 @@ def test_mtp_rows_capture_their_steps_before_the_timed_calls_only_where_they_rep
     assert mtp_method(model, None, "greedy", "greedy", stop_ids=[], graphs=False).warmup is None  # eager steps
 
 
+def test_the_warm_up_captures_one_prompt_of_each_padded_width():
+    """Replaying, a prompt's step is captured per prompt width padded to PROMPT_BUCKET (which also sets the cache
+    size): the warm-up decodes one prompt of each such width, so no timed call captures."""
+    from mtp.decoding.generate import PROMPT_BUCKET
+    from mtp.evaluation.bench import prompts_to_capture
+
+    lengths = [3, PROMPT_BUCKET, PROMPT_BUCKET + 1, 2 * PROMPT_BUCKET - 5, 7, 3 * PROMPT_BUCKET]
+    prompts = [Prompt(i, f"q{i}", [1] * n) for i, n in enumerate(lengths)]
+    assert [p.id for p in prompts_to_capture(prompts)] == [0, 2, 5]
+
+
 def test_an_interrupted_bench_resumes_from_its_journal(tmp_path):
     log: list = []
     methods = [_fake("hf-greedy", "transformers", log, lambda p: [1, 2]),

@@ -144,6 +144,9 @@ def iter_generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor |
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
     attention_mask = attention_mask.to(device=device, dtype=torch.bool)
+    if graphs or device.type != "cpu":  # static shapes: a few prompt widths, so that the prompt's step replays too
+        input_ids, attention_mask = _pad_to_bucket(input_ids, attention_mask, PROMPT_BUCKET)
+        b, prompt_len = input_ids.shape
     verifying = opts.strategy in ("greedy", "speculative")
     n_draft, lookup = drafter.num_drafts, (opts.lookup if verifying else 0)
     stats.draft_positions = [0] * max(n_draft, lookup)
@@ -173,9 +176,7 @@ def iter_generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor |
     rows = list(range(b))  # original row of each batch row
     active = [True] * b
     n = m = 0  # the prompt is fed alone
-    state, result = decoder.step(state, n, m)  # eager: the prompt's width is its own
-    if session is not None:
-        state = session.adopt(state)
+    state, result = session.prefill(state) if session is not None else decoder.step(state, n, m)
     while True:
         host = result.host.tolist()  # the one device-to-host copy of a step
         if any(h[4] for h, a in zip(host, active, strict=True) if a):
@@ -246,6 +247,22 @@ def _rows_to_keep(active: list[bool], graphs: bool) -> list[int] | None:
         return None
     done = [i for i, a in enumerate(active) if not a]
     return sorted(live + done[: size - len(live)])
+
+
+# Prompts are left-padded to a multiple of this many tokens where steps have static shapes (on a GPU): the
+# prompt's step is then captured once per multiple (`DecodeSession.prefill`), and eager and replayed decoding feed
+# the same shapes (the same kernels, so the same rounding).
+PROMPT_BUCKET = 64
+
+
+def _pad_to_bucket(input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                   bucket: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, P) left-padded prompts -> (B, P') with P' the next multiple of `bucket`, padded on the left."""
+    extra = -input_ids.shape[1] % bucket
+    if not extra:
+        return input_ids, attention_mask
+    pad = torch.nn.functional.pad
+    return pad(input_ids, (extra, 0)), pad(attention_mask, (extra, 0), value=False)
 
 
 def _prompt_state(input_ids: torch.Tensor, attention_mask: torch.Tensor, opts: DecodeOptions,

@@ -77,9 +77,18 @@ class DecodeState:
         return out
 
     def copy_(self, other: DecodeState) -> None:
-        """Write `other` into this state's tensors in place (their addresses are what a graph replays)."""
+        """Write `other` into this state's tensors in place (their addresses are what a graph replays); a
+        tensor a step passed on as it was (the rows, the budget) is already there."""
         for dst, src in zip(self.tensors(), other.tensors(), strict=True):
-            dst.copy_(src)
+            if dst is not src:
+                dst.copy_(src)
+
+    def clone(self) -> DecodeState:
+        """A copy with tensors of its own (a captured graph's input buffers, which later inputs overwrite)."""
+        def cloned(v):
+            return tuple(t.clone() for t in v) if isinstance(v, tuple) else None if v is None else v.clone()
+
+        return DecodeState(**{f.name: cloned(getattr(self, f.name)) for f in dataclasses.fields(self)})
 
     def narrow_pending(self, width: int) -> DecodeState:
         """The state with its pending block cut to `width` columns (eager steps only: those past every row's

@@ -161,6 +161,18 @@ def weight_sizes(model) -> dict:
     return {"weight_bytes": total, "streamed_bytes": total - (0 if tied else table.numel() * table.element_size())}
 
 
+def prompts_to_capture(prompts: Sequence[Prompt]) -> list[Prompt]:
+    """Replaying, each (cache size, block width) a call reaches, and the prompt's step of each padded prompt width,
+    is captured on first use: one prompt of each padded width (`PROMPT_BUCKET`, which also decides the cache size),
+    decoded in full before the timed calls, captures what they will replay."""
+    from mtp.decoding.generate import PROMPT_BUCKET
+
+    by_width: dict[int, Prompt] = {}
+    for prompt in prompts:
+        by_width.setdefault(-(-len(prompt.token_ids) // PROMPT_BUCKET), prompt)
+    return list(by_width.values())
+
+
 def mtp_method(model, tokenizer, name: str, strategy: str, *, tau: float = 0.9, k: int | None = None,
                engine: str = "mtp", stop_ids: Sequence[int] | None = None, description: str = "",
                tree_size: int | None = None, tree: str = "auto", lookup: int = 0,
@@ -194,10 +206,7 @@ def mtp_method(model, tokenizer, name: str, strategy: str, *, tau: float = 0.9, 
         return BatchResult(result.tokens, seconds, result.stats.forward_passes, result.stats.row_forwards, peak)
 
     def capture(prompts: Sequence[Prompt], max_new_tokens: int) -> None:
-        # Replaying, each (cache size, block width) a call reaches is captured on first use: the shortest and the
-        # longest prompt decoded in full capture what the timed calls will replay (cache sizes are buckets).
-        by_length = sorted(prompts, key=lambda p: len(p.token_ids))
-        for prompt in dict.fromkeys([by_length[0], by_length[-1]]):
+        for prompt in prompts_to_capture(prompts):
             run(prompt, max_new_tokens)
 
     lossless = OUR_GREEDY if strategy == "speculative" and engine == "mtp" else None
