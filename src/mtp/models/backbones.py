@@ -53,8 +53,9 @@ class Backbone:
     def run_layer(self, layer: nn.Module, hidden: torch.Tensor, mask, cache, shared: dict) -> torch.Tensor:
         raise NotImplementedError
 
-    def final_norm(self, hidden: torch.Tensor, shared: dict) -> torch.Tensor:
-        """The final norm, over the outputs of a forward whose `shared` inputs `layer_inputs` built."""
+    def final_norm(self, hidden: torch.Tensor, shared: dict, cached: bool) -> torch.Tensor:
+        """The final norm, over the outputs of a forward (through a cache, or not) whose `shared` inputs
+        `layer_inputs` built."""
         return self.norm(hidden)
 
 
@@ -118,8 +119,9 @@ class LlamaBackbone(Backbone):
                     **shared)
         return out[0] if isinstance(out, tuple) else out
 
-    def final_norm(self, hidden, shared):
-        if "fast_rope" in shared and not torch.is_grad_enabled():  # decoding: one kernel, as the lean layers' norms
+    def final_norm(self, hidden, shared, cached):
+        # where the lean layers ran (a cached no-grad forward, `run_layer`): one kernel, as their norms
+        if cached and "fast_rope" in shared and not torch.is_grad_enabled():
             from mtp.models.fast_llama import rms_norm
 
             return rms_norm(hidden, self.norm)

@@ -28,9 +28,10 @@ from mtp.errors import MTPError
 def additive_mask(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """(B, T, S) bool -> (B, 1, T, S) additive float mask (0 where allowed, the dtype's lowest value elsewhere), the
     4-D form transformers' attention interface and sdpa take."""
-    # one kernel: the two values are host scalars (0-dim CPU tensors, which a CUDA op takes as arguments)
-    zero, lowest = torch.tensor(0, dtype=dtype), torch.tensor(torch.finfo(dtype).min, dtype=dtype)
-    return torch.where(allowed, zero, lowest)[:, None]
+    # two kernels, each value a kernel argument (a CPU scalar tensor in a CUDA op would be copied to the device,
+    # which a graph capture cannot record)
+    mask = torch.full(allowed.shape, torch.finfo(dtype).min, dtype=dtype, device=allowed.device)
+    return mask.masked_fill_(allowed, 0)[:, None]
 
 
 def write_block(k_buf: torch.Tensor, v_buf: torch.Tensor, slots: torch.Tensor, keys: torch.Tensor,

@@ -179,7 +179,7 @@ class MTPModel(nn.Module):
         hidden = trunk_hidden
         for layer in self.head_layers(head):
             hidden = self.backbone.run_layer(layer, hidden, ctx.mask, stack, ctx.shared)
-        return self.backbone.final_norm(hidden, ctx.shared)
+        return self.backbone.final_norm(hidden, ctx.shared, cached=ctx.cache is not None)
 
     def finish_block(self, ctx: ForwardContext) -> None:
         """Keep the whole block in the cache once every stack has written its keys and values (decoding instead
