@@ -14,6 +14,7 @@ A `DecodeSession` keeps a batch size's cache, state buffers and graphs between `
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 
 import torch
 
@@ -28,38 +29,19 @@ class GraphedSteps:
     def __init__(self, decoder: Decoder, compiled: bool = False):
         self.decoder = decoder
         self.compiled = compiled  # layers run torch.compile'd kernels in the captured steps
-        self.graphs: dict[tuple[int, int, int], tuple] = {}  # key -> (replay, its result)
-        self.prompts: dict[tuple[int, int], tuple] = {}  # prompt shape -> (its input buffers, replay -> result)
+        self.graphs: dict[tuple[int, int, int], Callable[[], StepResult]] = {}  # (B, n, m) -> replay
+        self.prompts: dict[tuple[int, int], tuple] = {}  # prompt shape -> (its input buffers, replay)
         self.cuda = decoder.cache.valid.device.type == "cuda"
         self.pool = torch.cuda.graph_pool_handle() if self.cuda else None  # one pool: graphs never run together
 
     def __call__(self, state: DecodeState, n: int, m: int) -> StepResult:
         key = (state.pending.shape[0], n, m)
-        entry = self.graphs.get(key)
-        if entry is not None:
-            replay, result = entry
-            return replay() or result
-        if not self.cuda:
-            self.graphs[key] = (lambda: self._step_in_place(state, n, m), None)
-            return self._step_in_place(state, n, m)
-        # The first step of a configuration runs eagerly, on a side stream as capture wants its warm-up.
+        replay = self.graphs.get(key)
+        if replay is not None:
+            return replay()
         # Compiled layers compile in the warm-up, so the capture records their kernels only.
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side), compiled_layers(self.compiled):
-            result = self._step_in_place(state, n, m)
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        if self.decoder.generator is not None:
-            graph.register_generator_state(self.decoder.generator)
-        with torch.cuda.graph(graph, pool=self.pool), compiled_layers(self.compiled):
-            captured = self._step_in_place(state, n, m)
-        self.graphs[key] = (graph.replay, captured)
-        return result
-
-    def _step_in_place(self, state: DecodeState, n: int, m: int) -> StepResult:
-        new, result = self.decoder.step(state, n, m)
-        state.copy_(new)
+        result, self.graphs[key] = self._capture(lambda: self._step_in_place(state, n, m),
+                                                 lambda: self._step_in_place(state, n, m), self.compiled)
         return result
 
     def prefill(self, prompt: DecodeState, state: DecodeState | None) -> tuple[DecodeState, StepResult]:
@@ -74,24 +56,40 @@ class GraphedSteps:
             inputs.copy_(prompt)
             return state, replay()
         inputs = prompt.clone()  # the prompt's tensors may be the caller's: later prompts are copied into these
-        if not self.cuda:  # the stand-in: the same step again, from the captured prompt's buffers
+        buffers = [state]
+
+        def first() -> StepResult:  # this call's prompt, into the session's buffers (or as them)
             new, result = self.decoder.step(prompt, 0, 0)
-            state = _adopted(state, new)
-            self.prompts[key] = (inputs, lambda: self._prompt_in_place(inputs, state))
-            return state, result
+            buffers[0] = _adopted(buffers[0], new)
+            return result
+
+        result, replay = self._capture(first, lambda: self._prompt_in_place(inputs, buffers[0]), compiled=False)
+        self.prompts[key] = (inputs, replay)
+        return buffers[0], result
+
+    def _capture(self, warm_up: Callable[[], StepResult], run: Callable[[], StepResult],
+                 compiled: bool) -> tuple[StepResult, Callable[[], StepResult]]:
+        """`warm_up()` eagerly, then `run` captured as a CUDA graph (the same work on the buffers the graph will
+        read): (the eager result, a replay that returns the captured result). On CUDA the warm-up runs on a side
+        stream, as a capture wants. Off CUDA the replay runs `run` again: the tests' stand-in for a capture."""
+        if not self.cuda:
+            return warm_up(), run
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            new, result = self.decoder.step(prompt, 0, 0)
-            state = _adopted(state, new)
+        with torch.cuda.stream(side), compiled_layers(compiled):
+            result = warm_up()
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         if self.decoder.generator is not None:
             graph.register_generator_state(self.decoder.generator)
-        with torch.cuda.graph(graph, pool=self.pool):
-            captured = self._prompt_in_place(inputs, state)
-        self.prompts[key] = (inputs, lambda: graph.replay() or captured)
-        return state, result
+        with torch.cuda.graph(graph, pool=self.pool), compiled_layers(compiled):
+            captured = run()
+        return result, lambda: graph.replay() or captured
+
+    def _step_in_place(self, state: DecodeState, n: int, m: int) -> StepResult:
+        new, result = self.decoder.step(state, n, m)
+        state.copy_(new)
+        return result
 
     def _prompt_in_place(self, prompt: DecodeState, state: DecodeState) -> StepResult:
         new, result = self.decoder.step(prompt, 0, 0)
