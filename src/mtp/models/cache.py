@@ -172,7 +172,7 @@ class MTPCache:
         b, t = block_valid.shape
         if not self.static and self.longest + t > self.max_len:
             raise MTPError(f"sequence of {self.longest + t} tokens exceeds the cache of {self.max_len} slots")
-        slots = self.length[:, None] + torch.arange(t, device=block_valid.device)  # (B, T)
+        slots = self.length[:, None] + self._slots[:t]  # (B, T); a view of the slots' arange: no kernel
         self.block_slots, self.block_valid = slots, block_valid
         self.valid.scatter_(1, slots, block_valid)
         if offsets is None:
@@ -199,7 +199,7 @@ class MTPCache:
         t = slots.shape[1]
         if keep is None:
             keep = torch.full_like(self.length, t)
-        kept = torch.arange(t, device=keep.device)[None, :] < keep[:, None]  # (B, T)
+        kept = self._slots[None, :t] < keep[:, None]  # (B, T)
         self.next_pos += (block_valid & kept).sum(-1)
         self.length += keep
         if not self.static:
@@ -216,7 +216,7 @@ class MTPCache:
             if depth:
                 start = self.length[:, None] + prefix  # (B, 1) the first draft's slot
                 source = start + path[:, :depth]  # (B, depth)
-                target = start + torch.arange(depth, device=path.device)
+                target = start + self._slots[:depth]
                 for stack in self.stacks:
                     for buf in stack.buffers():  # (layers * 2, B, heads, L, D)
                         shape = (buf.shape[0], -1, buf.shape[2], -1, buf.shape[4])
