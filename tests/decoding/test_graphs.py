@@ -200,6 +200,25 @@ def test_cuda_graph_replay_equals_eager(kw, family, dtype):
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_cuda_prompt_graphs_read_each_calls_prompts(dtype):
+    """The prompt's step replayed from a real capture: other prompts of the same padded width, the caller's
+    tensors untouched, each call's tokens those of eager decoding (which pads the same way on a GPU)."""
+    model = tiny_mtp("llama", num_heads=3, seed=4, vocab_size=40).to("cuda", dtype)
+    gen = torch.Generator().manual_seed(0)
+    batches = [left_pad([torch.randint(0, 40, (n,), generator=gen).tolist() for n in lengths])
+               for lengths in ((5, 9), (12, 3), (7, 7))]
+    batches = [(ids.cuda(), mask.cuda()) for ids, mask in batches]
+    before = [ids.clone() for ids, _ in batches]
+    kw = {"max_new_tokens": 10, "stop_token_ids": [], "strategy": "speculative", "lookup": 2}
+    eager = [generate(model, ids, mask, graphs=False, **kw).tokens for ids, mask in batches]
+    for _ in range(2):
+        for (ids, mask), expected in zip(batches, eager, strict=True):
+            assert generate(model, ids, mask, graphs=True, **kw).tokens == expected
+    assert all(torch.equal(ids, b) for (ids, _), b in zip(batches, before, strict=True))
+
+
+@pytest.mark.cuda
 @pytest.mark.parametrize("kw", [{"strategy": "speculative", "k": 3}, {"strategy": "confadapt", "k": 3},
                                 {"strategy": "speculative", "k": 3, "tree": "dynamic", "tree_size": 4}],
                          ids=["speculative", "confadapt", "dynamic-tree"])
