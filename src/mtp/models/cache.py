@@ -69,14 +69,6 @@ class StackCache:
         self.kv: torch.Tensor | None = None  # (layers, 2, B, kv_heads, max_len, head_dim): keys [:, 0], values [:, 1]
 
     @property
-    def k(self) -> torch.Tensor | None:
-        return None if self.kv is None else self.kv[:, 0]  # (layers, B, kv_heads, max_len, head_dim)
-
-    @property
-    def v(self) -> torch.Tensor | None:
-        return None if self.kv is None else self.kv[:, 1]
-
-    @property
     def keys(self) -> dict[int, torch.Tensor]:
         return {layer: self.kv[row, 0] for layer, row in self.row.items()}
 
