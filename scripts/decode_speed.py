@@ -25,6 +25,7 @@ CONFIGS = {
     "speculative": {"strategy": "speculative"},
     "tree4+lookup6": {"strategy": "speculative", "tree": "auto", "tree_size": 4, "lookup": 6},
     "dtree4+lookup6": {"strategy": "speculative", "tree": "dynamic", "tree_size": 4, "lookup": 6},
+    "dtree16+lookup6": {"strategy": "speculative", "tree": "dynamic", "tree_size": 16, "lookup": 6},
     "static-k4": {"strategy": "static", "k": 4},
 }
 

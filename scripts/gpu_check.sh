@@ -50,7 +50,8 @@ real)
   cp /tmp/heads/eval.json "$OUT/train-eval.json" 2>/dev/null
   step "bench on the GPU"
   BENCH=(python3 -m mtp bench --model /tmp/heads --limit "${PROMPTS:-10}" --max-new-tokens 128 --tau 0.9 --k 4
-         --tree-size 4 --tree auto dynamic --lookup 6 --batch-size 1 16 --device cuda --no-progress --output /tmp/bench)
+         --tree-size ${TREE_SIZES:-4 16} --tree auto dynamic --lookup 6 --batch-size 1 16 --device cuda --no-progress
+         --output /tmp/bench)
   # A failing peer must not cost the table: the second run resumes from the bench's journal without it.
   timeout ${BENCH_SECONDS:-240} "${BENCH[@]}" 2>&1 | tee "$OUT/bench.log" | tail -45 \
     || timeout 100 "${BENCH[@]}" --no-hf-static 2>&1 | tee -a "$OUT/bench.log" | tail -45

@@ -238,10 +238,15 @@ def compiled_layer_step():
 # 0.64 vs 1.35 ms at 16 rows, 2.2 vs 5.8 ms at 48 rows with a padding mask - a third of a 48-row decoding step.
 # For blocks of 2-8 tokens (verify steps) the two are within noise of each other, so sdpa stays. On a GPU, sdpa
 # with an arbitrary mask and grouped key/value heads falls back to its math path, which first copies the keys and
-# values once per query head; the two matmuls read them in place, in five kernels for any short block.
+# values once per query head; the two matmuls read them in place, in four kernels for any short block - up to the
+# 16-node trees plus lookup drafts that a GPU verifies at about the cost of a 1-token step (its step is bound by
+# kernels, not rows). Longer blocks (prompts) keep sdpa, whose fused kernels tile the block.
+CUDA_MATMUL_BLOCK = 64
+
+
 def _matmul_pays(batch: int, block: int, device_type: str = "cpu") -> bool:
     if device_type == "cuda":
-        return block <= 16
+        return block <= CUDA_MATMUL_BLOCK
     return block == 1 and batch >= 2
 
 
