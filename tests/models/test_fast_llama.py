@@ -122,6 +122,25 @@ def test_a_fused_layer_step_is_few_kernels(block, monkeypatch):
     assert len(ops) <= (16 if block == 1 else 18), ops
 
 
+@pytest.mark.parametrize("make", [lambda: tiny_mtp("llama", seed=3), lambda: qwen_mtp("qwen2")], ids=["llama", "qwen2"])
+def test_large_layers_rotate_without_swapped_weight_rows(make, monkeypatch):
+    """Past SWAPPED_ROWS_BYTES a fused layer does not keep q's and k's rows a second time (streaming them would
+    cost more than the kernel they save): it swaps the halves with a `cat`, to the same logits."""
+    monkeypatch.setattr(fast_llama, "FUSED_DEVICES", {"cpu"})
+    model = make()
+    gen = torch.Generator().manual_seed(2)
+    ids, mask = left_pad([torch.randint(0, 61, (n,), generator=gen).tolist() for n in (6, 2)])
+    steps = [torch.randint(0, 61, (2, t), generator=gen) for t in (1, 3)]
+    small = cached_logits(model, ids, mask, steps)
+    monkeypatch.setattr(fast_llama, "SWAPPED_ROWS_BYTES", 0)
+    large = cached_logits(model, ids, mask, steps)
+    for a, b in zip(large, small, strict=True):
+        torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-4)
+    monkeypatch.setattr(fast_llama, "_matmul_pays", lambda batch, block, device_type="cpu": True)  # as on a GPU
+    ops = _ops_of_a_fused_step(model, 1)
+    assert ops.count("cat") == 1 and len(ops) == 17, ops
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_rotary_tables_read_from_a_table_equal_those_computed_per_forward(dtype, monkeypatch):
     """A cached decoding forward reads cos and signed sin from a table of every position (one kernel instead of

@@ -27,6 +27,10 @@ from mtp.models.cache import write_kv
 WEIGHT_FORMATS = ("fp32", "fp16")
 QKV, OUT, GATE_UP, DOWN = range(4)  # the layer's projections, fused where the weights are packed
 QKV_SWAPPED = 4  # q, k, v and then q and k again with each head's halves swapped: what `layer_step` reads
+# Up to this many bytes of swapped q and k rows a layer, rotary takes each head's swapped halves from the
+# projection (a kernel fewer, `layer_step`); past it, streaming those rows every step would cost more than the
+# kernel (a 135M model's layer: 0.9 MB; an 8B model's: 42 MB, ~9 us at 4.8 TB/s).
+SWAPPED_ROWS_BYTES = 8 << 20
 # Devices where the projections that read one input (q, k, v; gate, up) run as one matmul over a fused copy of
 # their weights: a GPU step is bound by its number of kernels, not by bytes, and this saves three matmuls and a
 # rotary pass a layer. The copy costs those weights' memory once more (and q, k's a third time, `QKV_SWAPPED`);
@@ -113,7 +117,9 @@ class FastLlamaLayer:
     def _fused_call(self, hidden: torch.Tensor, mask: torch.Tensor | None, cache, cos: torch.Tensor,
                     signed_sin: torch.Tensor) -> torch.Tensor:
         b = hidden.shape[0]
-        _, qkv_w, qkv_b, bounds = self._fused_weights(QKV_SWAPPED, self._modules(QKV))
+        qkv = self._modules(QKV)
+        swap_bytes = (qkv[0].out_features + qkv[1].out_features) * qkv[0].in_features * hidden.element_size()
+        _, qkv_w, qkv_b, bounds = self._fused_weights(QKV_SWAPPED if swap_bytes <= SWAPPED_ROWS_BYTES else QKV, qkv)
         _, gate_up_w, gate_up_b, _ = self._fused_weights(GATE_UP, self._modules(GATE_UP))
         heads, kv_heads = bounds[0][1] // self.head_dim, (bounds[1][1] - bounds[1][0]) // self.head_dim
         kv_buf = cache.layer_kv(self.layer_idx, hidden.new_empty((b, kv_heads, 0, self.head_dim)))
@@ -187,13 +193,17 @@ def layer_step(hidden: torch.Tensor, mask: torch.Tensor | None, kv_buf: torch.Te
     same ops one by one), and what `torch.compile` fuses further (`compiled_layer_step`).
     hidden (B, T, H); kv_buf (2, B, kv_heads, max_len, D) keys and values, written at slots (B, T); attention
     over the first `window` slots with the additive mask (B, 1, T, window) or None; cos/signed_sin (B, 1, T, D);
-    qkv_w/qkv_b: q, k, v, then q and k with each head's halves swapped (`_fused_weights(QKV_SWAPPED)`)."""
+    qkv_w/qkv_b: q, k, v, then (`_fused_weights(QKV_SWAPPED)`, small layers) q and k with each head's halves
+    swapped."""
     b, t, h = hidden.shape
     d = kv_buf.shape[-1]
     qk_cols = (heads + kv_heads) * d
-    y = F.linear(F.rms_norm(hidden, ln1_w.shape, ln1_w, ln1_eps), qkv_w, qkv_b)  # (B, T, (2 heads + 3 kv) D)
+    y = F.linear(F.rms_norm(hidden, ln1_w.shape, ln1_w, ln1_eps), qkv_w, qkv_b)  # (B, T, (heads + 2 kv [+ h + kv]) D)
     qk = y[..., :qk_cols].view(b, t, heads + kv_heads, d)  # q and k, rotated together and in place:
-    swapped = y[..., qk_cols + kv_heads * d :].view(b, t, heads + kv_heads, d)  # x * cos + swap_halves(x) * sin
+    if y.shape[-1] > qk_cols + kv_heads * d:  # x * cos + swap_halves(x) * sin, swap_halves(x) projected too
+        swapped = y[..., qk_cols + kv_heads * d :].view(b, t, heads + kv_heads, d)
+    else:
+        swapped = torch.cat((qk[..., d // 2 :], qk[..., : d // 2]), dim=-1)  # a copy, made before qk changes
     qk.mul_(cos.transpose(1, 2)).addcmul_(swapped, signed_sin.transpose(1, 2))  # (B, T, heads + kv, D)
     kv = y[..., heads * d : qk_cols + kv_heads * d].view(b, t, 2, kv_heads, d)  # rotated keys, then values
     write_kv(kv_buf, slots, kv.permute(2, 0, 3, 1, 4))  # (2, B, kv_heads, T, D)
