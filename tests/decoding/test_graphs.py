@@ -101,14 +101,13 @@ def test_a_session_is_reused_by_shape_and_renewed_when_the_weights_move(replayed
     assert alive() is None
 
 
-def test_a_replayed_prompt_step_reads_each_calls_prompts(replayed):
-    """Replaying, prompts are left-padded to a multiple of PROMPT_BUCKET and the prompt's step is replayed from
-    the first prompt of that width's capture: each call decodes its own prompts (copied into the captured
-    buffers, never into the caller's tensors), as eager decoding does."""
-    model = tiny_mtp("llama", num_heads=3, seed=4, vocab_size=40, dtype=torch.float64)
+def prompts_replay_as_eager(model, device: str = "cpu") -> None:
+    """Three batches of prompts of one padded width, decoded eagerly and then twice replaying: each call's
+    tokens are eager decoding's, and the caller's prompt tensors are left as they were."""
     gen = torch.Generator().manual_seed(0)
     batches = [left_pad([torch.randint(0, 40, (n,), generator=gen).tolist() for n in lengths])
                for lengths in ((5, 9), (12, 3), (7, 7))]
+    batches = [(ids.to(device), mask.to(device)) for ids, mask in batches]
     before = [ids.clone() for ids, _ in batches]
     kw = {"max_new_tokens": 10, "stop_token_ids": [], "strategy": "speculative", "lookup": 2}
     eager = [generate(model, ids, mask, graphs=False, **kw).tokens for ids, mask in batches]
@@ -116,6 +115,14 @@ def test_a_replayed_prompt_step_reads_each_calls_prompts(replayed):
         for (ids, mask), expected in zip(batches, eager, strict=True):
             assert generate(model, ids, mask, graphs=True, **kw).tokens == expected
     assert all(torch.equal(ids, b) for (ids, _), b in zip(batches, before, strict=True))
+
+
+def test_a_replayed_prompt_step_reads_each_calls_prompts(replayed):
+    """Replaying, prompts are left-padded to a multiple of PROMPT_BUCKET and the prompt's step is replayed from
+    the first prompt of that width's capture: each call decodes its own prompts (copied into the captured
+    buffers, never into the caller's tensors), as eager decoding does."""
+    model = tiny_mtp("llama", num_heads=3, seed=4, vocab_size=40, dtype=torch.float64)
+    prompts_replay_as_eager(model)
     (session,) = model._mtp_decode_sessions.sessions.values()
     assert list(session.run.prompts) == [(2, generate_module.PROMPT_BUCKET)]  # one width, one capture
 
@@ -204,18 +211,7 @@ def test_cuda_graph_replay_equals_eager(kw, family, dtype):
 def test_cuda_prompt_graphs_read_each_calls_prompts(dtype):
     """The prompt's step replayed from a real capture: other prompts of the same padded width, the caller's
     tensors untouched, each call's tokens those of eager decoding (which pads the same way on a GPU)."""
-    model = tiny_mtp("llama", num_heads=3, seed=4, vocab_size=40).to("cuda", dtype)
-    gen = torch.Generator().manual_seed(0)
-    batches = [left_pad([torch.randint(0, 40, (n,), generator=gen).tolist() for n in lengths])
-               for lengths in ((5, 9), (12, 3), (7, 7))]
-    batches = [(ids.cuda(), mask.cuda()) for ids, mask in batches]
-    before = [ids.clone() for ids, _ in batches]
-    kw = {"max_new_tokens": 10, "stop_token_ids": [], "strategy": "speculative", "lookup": 2}
-    eager = [generate(model, ids, mask, graphs=False, **kw).tokens for ids, mask in batches]
-    for _ in range(2):
-        for (ids, mask), expected in zip(batches, eager, strict=True):
-            assert generate(model, ids, mask, graphs=True, **kw).tokens == expected
-    assert all(torch.equal(ids, b) for (ids, _), b in zip(batches, before, strict=True))
+    prompts_replay_as_eager(tiny_mtp("llama", num_heads=3, seed=4, vocab_size=40).to("cuda", dtype), "cuda")
 
 
 @pytest.mark.cuda

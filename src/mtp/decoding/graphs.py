@@ -63,7 +63,7 @@ class GraphedSteps:
             buffers[0] = _adopted(buffers[0], new)
             return result
 
-        result, replay = self._capture(first, lambda: self._prompt_in_place(inputs, buffers[0]), compiled=False)
+        result, replay = self._capture(first, lambda: self._step_in_place(inputs, 0, 0, into=buffers[0]), compiled=False)
         self.prompts[key] = (inputs, replay)
         return buffers[0], result
 
@@ -86,14 +86,10 @@ class GraphedSteps:
             captured = run()
         return result, lambda: graph.replay() or captured
 
-    def _step_in_place(self, state: DecodeState, n: int, m: int) -> StepResult:
+    def _step_in_place(self, state: DecodeState, n: int, m: int, into: DecodeState | None = None) -> StepResult:
+        """The step from `state`, its new state written into `into`'s buffers (default: `state`'s own)."""
         new, result = self.decoder.step(state, n, m)
-        state.copy_(new)
-        return result
-
-    def _prompt_in_place(self, prompt: DecodeState, state: DecodeState) -> StepResult:
-        new, result = self.decoder.step(prompt, 0, 0)
-        state.copy_(new)
+        (state if into is None else into).copy_(new)
         return result
 
 
