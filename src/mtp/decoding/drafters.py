@@ -141,6 +141,15 @@ def _take(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return x[torch.arange(x.shape[0], device=x.device)[:, None], index]
 
 
+def at_block_rows(x: torch.Tensor, pending_valid: torch.Tensor, drafts: int) -> torch.Tensor:
+    """x (B, T, ...) at the root's and the d drafts' block slots (`block_rows`): (B, 1+d, ...). A one-token
+    pending block (every verifying step after the prompt) has its root in slot 0: a view, where finding each
+    row's root costs six kernels."""
+    if pending_valid.shape[1] == 1:
+        return x[:, : 1 + drafts]
+    return _take(x, block_rows(pending_valid, drafts))
+
+
 class Drafter:
     """What every drafter shares: how many drafts a step verifies, and turning draft hidden states into drafts.
     A subclass runs its forward (`forward`) and scores hidden states (`draft_logits`)."""
@@ -210,16 +219,19 @@ class HeadsDrafter(Drafter):
     def forward(self, cache, pending, pending_valid, drafts: Drafts) -> StepOutput:
         model = self.model
         w, d = pending.shape[1], drafts.tokens.shape[1]
-        chain = torch.cat([pending, drafts.tokens], 1)  # (B, w+d)
-        valid = torch.cat([pending_valid, torch.ones_like(drafts.tokens, dtype=torch.bool)], 1)
+        chain, valid = pending, pending_valid  # (B, w+d): the pending tokens, then the drafts
+        if d:
+            chain = torch.cat([pending, drafts.tokens], 1)
+            valid = torch.cat([pending_valid, torch.ones_like(drafts.tokens, dtype=torch.bool)], 1)
         offsets = within = None
         if drafts.layout is not None:  # nodes at the root's position + depth, seeing their ancestors only
             within, depth = block_layout(w, drafts.tree or drafts.layout, chain.device)
             pending_offsets = pending_valid.long().cumsum(-1) - 1  # (B, w)
             offsets = torch.cat([pending_offsets, pending_offsets[:, -1:] + depth], 1)  # (B, w+d)
         trunk, ctx = model.trunk_forward(chain, valid, cache, offsets, within)
-        hidden = torch.stack([model.head_forward(j, trunk, ctx) for j in range(self.num_heads)], dim=2)
-        at = _take(hidden, block_rows(pending_valid, d))  # (B, 1+d, heads, H)
+        heads = [model.head_forward(j, trunk, ctx) for j in range(self.num_heads)]
+        hidden = torch.stack(heads, dim=2) if len(heads) > 1 else heads[0][:, :, None]  # (B, w+d, heads, H)
+        at = at_block_rows(hidden, pending_valid, d)  # (B, 1+d, heads, H)
         return StepOutput(model.lm_head(at[:, :, 0]).float(), at[:, :, 1:], trunk)
 
     def draft_logits(self, hidden, mode):
@@ -299,7 +311,7 @@ class MaskDrafter(Drafter):
         valid = torch.cat([chain_valid, chain_valid.new_ones(b, groups * m)], 1)
         is_mask = layout.is_mask if groups * m else None  # no masks: no adapters to gate
         hidden = model.block_forward(tokens, valid, cache, offsets, layout.within, is_mask)  # (B, T, H)
-        verify_logits = model.lm_head(_take(hidden, block_rows(pending_valid, d))).float()  # (B, 1+d, V)
+        verify_logits = model.lm_head(at_block_rows(hidden, pending_valid, d)).float()  # (B, 1+d, V)
         mask_hidden = hidden[:, c:].reshape(b, groups, m, hidden.shape[-1])  # (B, groups, m, H)
         return StepOutput(verify_logits, mask_hidden)
 

@@ -132,12 +132,18 @@ class Decoder:
             drafts = self._block_drafts(s, n, m)
             out = self.drafter.forward(self.cache, s.pending, s.pending_valid, drafts)
             acc = verify(out, drafts, self.opts, self.generator)
-            emitted = torch.cat([acc.path_tokens(drafts.tokens), torch.zeros_like(acc.last[:, None])], 1)
-            emitted.scatter_(1, acc.count[:, None], acc.last[:, None])  # (B, 1+depth)
+            if drafts.tokens.shape[1]:  # the kept drafts, then the model's own token after them: (B, 1+depth)
+                emitted = torch.cat([acc.path_tokens(drafts.tokens), acc.last[:, None]], 1)
+                emitted.scatter_(1, acc.count[:, None], acc.last[:, None])
+            else:  # nothing drafted (greedy): the model's token (two kernels fewer a step)
+                emitted = acc.last[:, None]
             counts, accepted = acc.count + 1, acc.count
             # keep the fed tokens and the accepted drafts (a tree's path moved right after the root)
             self.cache.keep_path(w, acc.count, acc.path, active)
-            request = DraftRequest(self.drafter.model, None, s.rows, s.produced + counts, self.opts, self.generator)
+            request = None
+            if self.drafter.num_drafts:  # what a custom proposer reads (none drafts for greedy)
+                request = DraftRequest(self.drafter.model, None, s.rows, s.produced + counts, self.opts,
+                                       self.generator)
             proposal = self.drafter.propose(out, acc.slot, self.generator, request)
             kept_drafts = acc.kept_nodes(drafts.tokens.shape[1]) if self.observe else None
         else:  # nothing drafted into the block; its drafting slots (masks) are forgotten
@@ -175,8 +181,14 @@ class Decoder:
 
     def _next_state(self, s, emitted, counts, produced, finished, proposal: Drafts | None) -> DecodeState:
         if self.verifying:  # the model's own token comes next; the drafts after it were proposed this step
-            pending = emitted.gather(1, (counts - 1).clamp_min(0)[:, None])  # (B, 1)
-            pending_valid = torch.ones_like(pending, dtype=torch.bool)
+            if emitted.shape[1] == 1:  # greedy: the one token emitted (a finished row's is never fed)
+                pending = emitted
+            else:
+                pending = emitted.gather(1, (counts - 1).clamp_min(0)[:, None])  # (B, 1)
+            # A one-token pending block is always valid (a prompt's last column is, being left-padded): after
+            # the first step this is the same all-true tensor every step, and is not copied again.
+            pending_valid = s.pending_valid if s.pending_valid.shape == pending.shape else \
+                torch.ones_like(pending, dtype=torch.bool)
             drafts = proposal.tokens
             probs = proposal.probs
             tree = None
@@ -199,7 +211,7 @@ class Decoder:
 def damaged_rows(logits: torch.Tensor) -> torch.Tensor:
     """(B, T, V) logits -> (B,) whether a row has a NaN or +inf logit (damaged weights; -inf is a masked token).
     One reduction over the logits: the largest logit is NaN when any is (amax propagates NaN) or +inf."""
-    return ~(logits.amax(-1) < float("inf")).all(-1)
+    return ~(logits.amax((1, 2)) < float("inf"))
 
 
 # ------------------------------------------------------------------------------------------------ verifiers
@@ -209,6 +221,8 @@ def greedy_accept(logits0: torch.Tensor, drafts: torch.Tensor) -> tuple[torch.Te
     logits0: (B, d+1, V) next-token logits after each prefix of [last, d_1..d_d]; drafts: (B, d).
     """
     target = logits0.argmax(-1)  # (B, d+1)
+    if drafts.shape[1] == 0:  # greedy: nothing to accept (three kernels fewer)
+        return drafts.new_zeros(drafts.shape[0]), target[:, 0]
     a = (drafts == target[:, :-1]).long().cumprod(-1).sum(-1)  # (B,)
     return a, target.gather(1, a[:, None]).squeeze(1)
 
