@@ -3,11 +3,13 @@ tokens/s of mtp's strategies with CUDA graphs on and off, and kernels per eager 
 decode step (`mtp bench` measures the real model); run it on the machine you tune for:
 
     PYTHONPATH=src python scripts/decode_speed.py --device cuda --dtype bfloat16
+    PYTHONPATH=src python scripts/decode_speed.py --device cuda --graphs on --attention grouped matmul
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import time
 
@@ -16,6 +18,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 
 from mtp import MTPModel
 from mtp.decoding.generate import generate
+from mtp.models import fast_llama
 
 SMOLLM2_135M = dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
                     num_key_value_heads=3, vocab_size=49152, max_position_embeddings=8192, rope_theta=100000.0,
@@ -64,6 +67,8 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--configs", nargs="+", default=list(CONFIGS))
     ap.add_argument("--graphs", nargs="+", default=["on", "off"], choices=["on", "off", "compile"])
+    ap.add_argument("--attention", nargs="+", default=[fast_llama.CUDA_ATTENTION], choices=fast_llama.ATTENTION_PATHS,
+                    help="CUDA's attention path(s) to time (`mtp.models.fast_llama.CUDA_ATTENTION`)")
     ap.add_argument("--json", default=None)
     ap.add_argument("--profile", default=None, help="folder for a kernel table per configuration (CUDA)")
     a = ap.parse_args()
@@ -79,10 +84,12 @@ def main() -> None:
         ids = torch.randint(0, 49152, (batch, a.prompt), device=a.device)
         for name in a.configs:
             kw = CONFIGS[name]
-            for graphs in a.graphs:
+            for graphs, attention in itertools.product(a.graphs, a.attention):
                 on = {"on": True, "off": False, "compile": "compile"}[graphs]
                 if on and a.device == "cpu":
                     continue
+                fast_llama.CUDA_ATTENTION = attention
+                model.__dict__.pop("_mtp_decode_sessions", None)  # graphs captured with the other path
                 for _ in range(2):  # warm-up: captures, caches
                     generate(model, ids, max_new_tokens=a.new_tokens, stop_token_ids=[], graphs=on, **kw)
                 times, steps, tokens = [], 0, 0
@@ -96,13 +103,14 @@ def main() -> None:
                     times.append(time.perf_counter() - t)
                     steps, tokens = out.stats.forward_passes, out.stats.new_tokens
                 best = sorted(times)[len(times) // 2]
-                row = {"batch": batch, "config": name, "graphs": graphs, "ms_per_step": 1e3 * best / steps,
+                row = {"batch": batch, "config": name, "graphs": graphs, "attention": attention,
+                       "ms_per_step": 1e3 * best / steps,
                        "tokens_per_s": tokens / best, "steps": steps, "tokens_per_forward": tokens / batch / steps,
                        "kernels_per_eager_step": kernels_per_step(model, ids, kw) if graphs == "off" else None}
                 rows.append(row)
                 if a.profile and a.device.startswith("cuda"):
-                    profile_table(model, ids, kw, on, f"{a.profile}/profile-b{batch}-{name}-graphs-{graphs}.txt",
-                                  a.new_tokens)
+                    profile_table(model, ids, kw, on,
+                                  f"{a.profile}/profile-b{batch}-{name}-graphs-{graphs}-{attention}.txt", a.new_tokens)
                 print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()}), flush=True)
     if a.json:
         with open(a.json, "w") as f:

@@ -3,7 +3,8 @@
 #   bash scripts/gpu_check.sh tiny   the CUDA tests on tiny models, then step timings of a SmolLM2-shaped random
 #                                    model: graphs on, graphs of compiled layers, eager (no GGUF needed)
 #   bash scripts/gpu_check.sh real   the real model: heads trained on the GPU, `mtp bench --device cuda` (batch 1
-#                                    and 16), then the default model's CUDA tests
+#                                    and 16; BENCH_GRAPHS=compile for graphs of compiled layers), then the default
+#                                    model's CUDA tests
 #   bash scripts/gpu_check.sh smoke  tiny-model graph tests and step timings only
 #   bash scripts/gpu_check.sh demo   `mtp demo` on the GPU (issue 23: all 7,473 questions, <= 10 minutes); run again
 #                                    to resume an interrupted demo (DEMO_SECONDS, default 560; DEMO_EPOCHS, 3)
@@ -34,8 +35,8 @@ smoke|tiny)
   [ "$mode" = tiny ] && tests+=(tests/training/test_cuda_training.py tests/evaluation/test_cuda_evaluation.py)
   [ -n "${SKIP_TESTS:-}" ] || timeout ${TEST_SECONDS:-200} python3 -m pytest "${tests[@]}" -m "cuda and not real_model" -q -p no:cacheprovider \
     -k "not torchrun" 2>&1 | tee "$OUT/pytest-cuda.log" | tail -25
-  step "step timings: graphs, graphs of compiled layers, eager"
-  speed 50 --dtype bfloat16 --graphs on --repeat 3 --json "$OUT/speed-bf16.json"
+  step "step timings: graphs (each attention path), graphs of compiled layers, eager"
+  speed 70 --dtype bfloat16 --graphs on --attention grouped matmul --repeat 3 --json "$OUT/speed-bf16.json"
   speed ${COMPILE_SECONDS:-150} --dtype bfloat16 --graphs compile --repeat 3 --configs greedy tree4+lookup6 \
     --json "$OUT/speed-compile.json"
   speed 50 --dtype bfloat16 --batch 16 --repeat 3 --configs greedy tree4+lookup6 --graphs on compile \
@@ -51,7 +52,7 @@ real)
   step "bench on the GPU"
   BENCH=(python3 -m mtp bench --model /tmp/heads --limit "${PROMPTS:-10}" --max-new-tokens 128 --tau 0.9 --k 4
          --tree-size ${TREE_SIZES:-4 16} --tree auto dynamic --lookup 6 --batch-size 1 16 --device cuda --no-progress
-         --output /tmp/bench)
+         --graphs ${BENCH_GRAPHS:-auto} --output /tmp/bench)
   # A failing peer must not cost the table: the second run resumes from the bench's journal without it.
   timeout ${BENCH_SECONDS:-240} "${BENCH[@]}" 2>&1 | tee "$OUT/bench.log" | tail -45 \
     || timeout 100 "${BENCH[@]}" --no-hf-static 2>&1 | tee -a "$OUT/bench.log" | tail -45

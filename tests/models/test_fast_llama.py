@@ -43,12 +43,16 @@ def cached_logits(model: MTPModel, ids: torch.Tensor, mask: torch.Tensor, steps:
 
 
 @pytest.mark.parametrize("fused", [False, True], ids=["separate", "fused"])
-@pytest.mark.parametrize("attention", ["sdpa", "matmul"])
+@pytest.mark.parametrize("attention", ["default", "matmul", "grouped"])
 @pytest.mark.parametrize("make", [lambda: tiny_mtp("llama", seed=3), lambda: qwen_mtp("qwen2"),
-                                  lambda: qwen_mtp("qwen3")], ids=["llama", "qwen2", "qwen3"])
+                                  lambda: qwen_mtp("qwen3"), lambda: tiny_mtp("llama", seed=4, num_trunk_layers=1)],
+                         ids=["llama", "qwen2", "qwen3", "two-layer-heads"])
 def test_fast_step_matches_hugging_face_layers(make, attention, fused, monkeypatch):
-    if attention == "matmul":  # what large batches of short blocks use; small ones use sdpa
-        monkeypatch.setattr(fast_llama, "_matmul_pays", lambda batch, block, device_type="cpu": True)
+    """Every head's logits through the lean step, fused or not, as through the Hugging Face layers; with heads of
+    two layers, a head's second layer writes into its first's output (`reuse_input`), never into the trunk's,
+    which the other heads read."""
+    if attention != "default":  # matmul: large batches of 1-token steps on a CPU; grouped: every block on a GPU
+        monkeypatch.setattr(fast_llama, "_attention_path", lambda batch, block, device_type="cpu": attention)
     if fused:  # q, k, v and gate, up as one matmul each, as on a GPU
         monkeypatch.setattr(fast_llama, "FUSED_DEVICES", {"cpu"})
     model = make()
@@ -63,9 +67,10 @@ def test_fast_step_matches_hugging_face_layers(make, attention, fused, monkeypat
         torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-4)
 
 
-def _ops_of_a_fused_step(model: MTPModel, block: int) -> list[str]:
+def _ops_of_a_fused_step(model: MTPModel, block: int, reuse_input: bool = True) -> list[str]:
     """The aten ops that do work (no views, no allocations) in one cached forward of `block` tokens of the first
-    layer's fused step, with the static cache's attention mask: a CPU count of the kernels a GPU replays."""
+    fused layer step called with `reuse_input` (trunk layers: True; a head's first layer: False), with the static
+    cache's attention mask: a CPU count of the kernels a GPU replays."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     free = {"empty", "new_empty", "empty_strided", "new_empty_strided", "detach", "lift_fresh"}
@@ -91,34 +96,47 @@ def _ops_of_a_fused_step(model: MTPModel, block: int) -> list[str]:
     ids = torch.randint(0, 61, (1, 4))
     with torch.inference_mode():
         model(ids, torch.ones_like(ids), return_all_heads=False, cache=cache)
-        ops = Ops()
 
-        def counted(*args):
+        def counted(*args, **kwargs):
+            ops = Ops()
             with ops:
-                calls.append(1)
-                return original(*args)
+                out = original(*args, **kwargs)
+            calls.append((kwargs.get("reuse_input", False), ops.names))
+            return out
 
         fast_llama.layer_step = counted
         try:
             model(ids[:, :block], None, return_all_heads=False, cache=cache)
         finally:
             fast_llama.layer_step = original
-    assert calls, "no fused layer ran"
-    return ops.names[: len(ops.names) // len(calls)]
+    found = [names for reused, names in calls if reused == reuse_input]
+    assert found, f"no fused layer ran with reuse_input={reuse_input}"
+    return found[0]
 
 
+@pytest.mark.parametrize("path", fast_llama.ATTENTION_PATHS)
 @pytest.mark.parametrize("block", [1, 4])
-def test_a_fused_layer_step_is_few_kernels(block, monkeypatch):
+def test_a_fused_layer_step_is_few_kernels(block, path, monkeypatch):
     """A GPU step costs per kernel, not per byte (docs/benchmarks.md): a fused layer writes its keys and values
     in one op, rotates q and k in two (their swapped halves come out of the projection), scales inside the
-    scores' matmul and adds the second residual inside the down projection - 16 ops a layer, where the same
-    arithmetic one op at a time is 21. Blocks of several tokens add the copies that regroup query heads."""
+    scores' matmul and adds the second residual inside the down projection - 16 ops a layer with the two-matmul
+    attention, where the same arithmetic one op at a time is 21; a trunk layer, whose input nothing else reads,
+    adds the first residual inside the output projection too (15); CUDA's grouped attention is one sdpa kernel
+    instead of four (12). Blocks of several tokens add the copies that regroup query heads (and the mask)."""
     monkeypatch.setattr(fast_llama, "FUSED_DEVICES", {"cpu"})
-    monkeypatch.setattr(fast_llama, "_matmul_pays", lambda batch, block, device_type="cpu": True)  # as on a GPU
-    ops = _ops_of_a_fused_step(tiny_mtp("llama", seed=3), block)
-    assert ops.count("scatter_") == 1 and ops.count("bmm") + ops.count("baddbmm") == 2, ops
-    assert "cat" not in ops and "mul" in ops, ops
-    assert len(ops) <= (16 if block == 1 else 18), ops
+    monkeypatch.setattr(fast_llama, "_attention_path", lambda batch, block, device_type="cpu": path)  # as on a GPU
+    model = tiny_mtp("llama", seed=3)
+    for reuse_input in (False, True):
+        ops = _ops_of_a_fused_step(model, block, reuse_input)
+        if path == "matmul":
+            assert ops.count("bmm") + ops.count("baddbmm") == 2 and "scaled_dot_product_attention" not in ops, ops
+            most = 16 if block == 1 else 18
+        else:
+            assert ops.count("scaled_dot_product_attention") == 1 and "bmm" not in ops, ops
+            most = 13 if block == 1 else 16
+        assert ops.count("scatter_") == 1 and "cat" not in ops and "mul" in ops, ops
+        assert ops.count("addmm_") == (2 if reuse_input else 1), ops
+        assert len(ops) <= most - reuse_input, ops
 
 
 @pytest.mark.parametrize("make", [lambda: tiny_mtp("llama", seed=3), lambda: qwen_mtp("qwen2")], ids=["llama", "qwen2"])
@@ -135,8 +153,8 @@ def test_large_layers_rotate_without_swapped_weight_rows(make, monkeypatch):
     large = cached_logits(model, ids, mask, steps)
     for a, b in zip(large, small, strict=True):
         torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-4)
-    monkeypatch.setattr(fast_llama, "_matmul_pays", lambda batch, block, device_type="cpu": True)  # as on a GPU
-    ops = _ops_of_a_fused_step(model, 1)
+    monkeypatch.setattr(fast_llama, "_attention_path", lambda batch, block, device_type="cpu": "matmul")
+    ops = _ops_of_a_fused_step(model, 1, reuse_input=False)
     assert ops.count("cat") == 1 and len(ops) == 17, ops
 
 
@@ -270,9 +288,12 @@ def test_fp16_draft_vocabulary_head_is_packed_and_exact(family):
     assert all(t in allowed for row in static.tokens for i, t in enumerate(row) if i % 4)
 
 
-@pytest.mark.parametrize("batch,block,masked", [(16, 1, True), (48, 1, False), (20, 4, True), (3, 8, True)])
-def test_matmul_attention_equals_sdpa(batch, block, masked, monkeypatch):
-    """The two attention paths of the lean step agree, grouped key/value heads and padding masks included."""
+@pytest.mark.parametrize("path", fast_llama.ATTENTION_PATHS)
+@pytest.mark.parametrize("batch,block,masked", [(16, 1, True), (48, 1, False), (20, 4, True), (3, 8, True),
+                                                (1, 1, True), (1, 11, True)])
+def test_attention_paths_equal_sdpa(batch, block, masked, path, monkeypatch):
+    """The attention paths of the lean step (two matmuls; the query heads regrouped as rows of sdpa's heads, as
+    CUDA runs it) agree with sdpa's grouped key/value heads, padding masks and causal blocks included."""
     gen = torch.Generator().manual_seed(batch + block)
     end = 40
     q = torch.randn(batch, 6, block, 8, generator=gen)  # 6 query heads over 2 key/value heads
@@ -284,16 +305,20 @@ def test_matmul_attention_equals_sdpa(batch, block, masked, monkeypatch):
         mask = torch.zeros(batch, 1, block, end).masked_fill(~allowed[:, None], torch.finfo(torch.float32).min)
     expected = torch.nn.functional.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=0.3,
                                                                 enable_gqa=True)
-    monkeypatch.setattr(fast_llama, "_matmul_pays", lambda batch, block, device_type="cpu": True)
+    monkeypatch.setattr(fast_llama, "_attention_path", lambda batch, block, device_type="cpu": path)
     got = fast_llama._attention(q, keys, values, mask, 0.3)
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("path", fast_llama.ATTENTION_PATHS)
 @pytest.mark.parametrize("seed", range(4))
-def test_speculative_equals_greedy_with_matmul_attention(seed, monkeypatch):
-    """Batched decoding takes the matmul attention path for 1-token steps (forced here for every block too):
-    still token-for-token greedy."""
-    monkeypatch.setattr(fast_llama, "_matmul_pays", lambda batch, block, device_type="cpu": batch >= 2 or seed % 2 == 0)
+def test_speculative_equals_greedy_with_each_attention_path(seed, path, monkeypatch):
+    """Batched decoding on a CPU takes the matmul attention path for 1-token steps, CUDA the grouped one for every
+    block (forced here, for every block or for some): still token-for-token greedy."""
+    def chosen(batch, block, device_type="cpu"):
+        return path if batch >= 2 or seed % 2 == 0 else "sdpa"
+
+    monkeypatch.setattr(fast_llama, "_attention_path", chosen)
     model = tiny_mtp("llama", num_heads=2 + seed % 3, seed=seed, vocab_size=97)
     gen = torch.Generator().manual_seed(seed)
     ids, mask = left_pad([torch.randint(0, 97, (n,), generator=gen).tolist() for n in (9, 4, 6, 1, 5)])
@@ -377,22 +402,53 @@ def test_fused_projections_follow_weight_updates(monkeypatch):
 
 def test_compiled_layer_step_matches_the_eager_one(monkeypatch):
     """`compiled_layers()` runs the fused layers through torch.compile (`generate(graphs="compile")`): the same
-    logits up to the rounding of fused kernels, and the eager step again outside it."""
+    logits up to the rounding of fused kernels, and the eager step again outside it. Block widths after the
+    first two compile no more: the width becomes a symbolic size (a bench's dozen step shapes cost a few
+    compiles, not a dozen; 1, a size torch always specialises, compiles for itself)."""
     pytest.importorskip("torch._inductor")
+    from torch._dynamo.utils import counters
+
     monkeypatch.setattr(fast_llama, "FUSED_DEVICES", {"cpu"})
     model = qwen_mtp("qwen2")  # biased q, k, v: every argument of the step used
     gen = torch.Generator().manual_seed(1)
     ids, mask = left_pad([torch.randint(0, 61, (n,), generator=gen).tolist() for n in (6, 4)])
-    steps = []  # one forward: each shape compiles anew (tens of seconds on a CPU)
+    steps = [torch.randint(0, 61, (2, t), generator=gen) for t in (3, 2, 5)]  # each compile: ~10 s on a CPU
     eager = cached_logits(model, ids, mask, steps)
     compiled_calls = []
     compiled_step = fast_llama.compiled_layer_step
     monkeypatch.setattr(fast_llama, "compiled_layer_step", lambda: compiled_calls.append(1) or compiled_step())
+    graphs_before = counters["stats"]["unique_graphs"]
     with fast_llama.compiled_layers():
         compiled = cached_logits(model, ids, mask, steps)
-    layers = len(model.backbone.fast_layers)  # the trunk's and the heads'
+    assert counters["stats"]["unique_graphs"] - graphs_before <= 2  # the prompt's width 6, then one for 3, 2, 5
+    layers = len(model.backbone.fast_layers) * (1 + len(steps))  # the trunk's and the heads', every forward
     assert len(compiled_calls) == layers
     for a, b in zip(compiled, eager, strict=True):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
     cached_logits(model, ids, mask, steps)
     assert len(compiled_calls) == layers  # outside: the eager step again
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("block", [1, 11, 64])
+def test_cuda_grouped_attention_runs_a_fused_kernel(block, dtype):
+    """CUDA's attention path (query heads regrouped as rows) must find one of sdpa's fused kernels for SmolLM2's
+    shapes (9 query heads over 3 key/value heads, a cache of 16-aligned length with a padding mask): with the
+    math fallback excluded it raises if none takes them. Its output is sdpa's grouped-heads attention."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    assert fast_llama._attention_path(1, block, "cuda") == "grouped"
+    gen = torch.Generator(device="cuda").manual_seed(block)
+    end = 384
+    q = torch.randn(1, 9, block, 64, generator=gen, device="cuda", dtype=dtype)
+    keys, values = torch.randn(2, 1, 3, end, 64, generator=gen, device="cuda", dtype=dtype)
+    allowed = torch.arange(end, device="cuda")[None, :] <= (200 + torch.arange(block, device="cuda"))[:, None]
+    allowed &= torch.arange(end, device="cuda")[None, :] >= 7  # left padding
+    mask = torch.zeros(1, 1, block, end, device="cuda", dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)
+    with sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.CUDNN_ATTENTION]):
+        got = fast_llama._attention(q, keys, values, mask, 0.125)
+    expected = torch.nn.functional.scaled_dot_product_attention(q.float(), keys.float(), values.float(),
+                                                                attn_mask=mask.float(), scale=0.125, enable_gqa=True)
+    tol = 2e-2 if dtype == torch.bfloat16 else 1e-4
+    torch.testing.assert_close(got.float(), expected, atol=tol, rtol=tol)

@@ -154,6 +154,8 @@ def iter_generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor |
     if opts.max_new_tokens <= 0:
         return
     need = prompt_len + opts.max_new_tokens + drafter.extra_slots + 2  # cache slots a row may use
+    if graphs or device.type != "cpu":  # attention masks as wide as the cache, rows aligned for fused GPU kernels
+        need = -(-need // CACHE_ALIGN) * CACHE_ALIGN
 
     def decoder_for(batch: int):  # (session, decoder): replaying, a batch size's session (its buffers and graphs)
         if not graphs:  # off a CPU no step reads the device from the host
@@ -253,6 +255,9 @@ def _rows_to_keep(active: list[bool], graphs: bool) -> list[int] | None:
 # prompt's step is then captured once per multiple (`DecodeSession.prefill`), and eager and replayed decoding feed
 # the same shapes (the same kernels, so the same rounding).
 PROMPT_BUCKET = 64
+# Static caches hold a multiple of this many slots: sdpa's memory-efficient GPU kernel reads an attention mask
+# whose rows are 16-element aligned, and pads (copies) any other mask in every layer of every step.
+CACHE_ALIGN = 16
 
 
 def _pad_to_bucket(input_ids: torch.Tensor, attention_mask: torch.Tensor,

@@ -50,7 +50,10 @@ class Backbone:
         on the position ids of this and later forwards of one cache (its slots), when there is one."""
         return {}
 
-    def run_layer(self, layer: nn.Module, hidden: torch.Tensor, mask, cache, shared: dict) -> torch.Tensor:
+    def run_layer(self, layer: nn.Module, hidden: torch.Tensor, mask, cache, shared: dict,
+                  reuse_input: bool = False) -> torch.Tensor:
+        """One decoder layer. `reuse_input`: the caller never reads `hidden` again, so the layer may write its
+        output into it (a lean step then adds the attention's residual inside its matmul: a kernel fewer)."""
         raise NotImplementedError
 
     def final_norm(self, hidden: torch.Tensor, shared: dict, cached: bool) -> torch.Tensor:
@@ -106,13 +109,13 @@ class LlamaBackbone(Backbone):
         picked = table[position_ids]  # (B, T, 2, D)
         return picked[:, None, :, 0], picked[:, None, :, 1]
 
-    def run_layer(self, layer, hidden, mask, cache, shared):
+    def run_layer(self, layer, hidden, mask, cache, shared, reuse_input=False):
         # The lean step only where the forward's shared inputs carry its tables (a cached no-grad forward): a
         # forward that switches gradients off for some layers only (frozen layers under adapters) keeps the HF ones.
         if cache is not None and "fast_rope" in shared and not torch.is_grad_enabled():
             fast = self.fast_layers.get(layer)
             if fast is not None:
-                return fast(hidden, mask, cache, *shared["fast_rope"])
+                return fast(hidden, mask, cache, *shared["fast_rope"], reuse_input=reuse_input)
         if "position_embeddings" not in shared:  # a no-grad forward through a Hugging Face layer
             shared["position_embeddings"] = self.causal_lm.model.rotary_emb(hidden, shared["position_ids"])
         out = layer(hidden, attention_mask=mask, use_cache=cache is not None, **{_cache_kwarg(type(layer)): cache},
@@ -140,7 +143,7 @@ class GPT2Backbone(Backbone):
         t = self.causal_lm.transformer
         return t.drop(t.wte(input_ids) + t.wpe(position_ids))  # (B, T, H)
 
-    def run_layer(self, layer, hidden, mask, cache, shared):
+    def run_layer(self, layer, hidden, mask, cache, shared, reuse_input=False):
         out = layer(hidden, attention_mask=mask, use_cache=cache is not None, **{_cache_kwarg(type(layer)): cache})
         return out[0] if isinstance(out, tuple) else out
 

@@ -77,10 +77,11 @@ class FastLlamaLayer:
         self.act = F.silu if act is None or type(act).__name__ in ("SiLU", "SiLUActivation") else act
 
     def __call__(self, hidden: torch.Tensor, mask: torch.Tensor | None, cache, cos: torch.Tensor,
-                 signed_sin: torch.Tensor) -> torch.Tensor:
-        """cos, signed_sin: (B, 1, T, D) from `rope_tables`."""
+                 signed_sin: torch.Tensor, reuse_input: bool = False) -> torch.Tensor:
+        """cos, signed_sin: (B, 1, T, D) from `rope_tables`. `reuse_input`: the output may be written into `hidden`
+        (the caller never reads it again)."""
         if self._whole_layer_fused(hidden, cache):
-            return self._fused_call(hidden, mask, cache, cos, signed_sin)
+            return self._fused_call(hidden, mask, cache, cos, signed_sin, reuse_input)
         b, t, _ = hidden.shape
         x = rms_norm(hidden, self.ln1)
         q, k, v = self._project(QKV, x)
@@ -115,7 +116,7 @@ class FastLlamaLayer:
                 and all(type(p) is nn.Linear and not p._forward_hooks for p in (self.attn.o_proj, self.mlp.down_proj)))
 
     def _fused_call(self, hidden: torch.Tensor, mask: torch.Tensor | None, cache, cos: torch.Tensor,
-                    signed_sin: torch.Tensor) -> torch.Tensor:
+                    signed_sin: torch.Tensor, reuse_input: bool) -> torch.Tensor:
         b = hidden.shape[0]
         qkv = self._modules(QKV)
         swap_bytes = (qkv[0].out_features + qkv[1].out_features) * qkv[0].in_features * hidden.element_size()
@@ -123,12 +124,14 @@ class FastLlamaLayer:
         _, gate_up_w, gate_up_b, _ = self._fused_weights(GATE_UP, self._modules(GATE_UP))
         heads, kv_heads = bounds[0][1] // self.head_dim, (bounds[1][1] - bounds[1][0]) // self.head_dim
         kv_buf = cache.layer_kv(self.layer_idx, hidden.new_empty((b, kv_heads, 0, self.head_dim)))
-        step = compiled_layer_step() if _COMPILED_LAYERS else layer_step
         o, down = self.attn.o_proj, self.mlp.down_proj
-        return step(hidden, mask, kv_buf, cache.owner.block_slots, cache.owner.window, cos, signed_sin,
-                    self.ln1.weight, self.ln1.variance_epsilon, qkv_w, qkv_b, o.weight, o.bias,
-                    self.ln2.weight, self.ln2.variance_epsilon, gate_up_w, gate_up_b, down.weight, down.bias,
-                    heads, kv_heads, self.scaling)
+        args = (hidden, mask, kv_buf, cache.owner.block_slots, cache.owner.window, cos, signed_sin,
+                self.ln1.weight, self.ln1.variance_epsilon, qkv_w, qkv_b, o.weight, o.bias,
+                self.ln2.weight, self.ln2.variance_epsilon, gate_up_w, gate_up_b, down.weight, down.bias,
+                heads, kv_heads, self.scaling)
+        if _COMPILED_LAYERS:  # (inductor fuses the residual add into the norm after it: nothing to reuse)
+            return compiled_layer_step()(*args)
+        return layer_step(*args, reuse_input=reuse_input and hidden.is_contiguous())
 
     def _modules(self, which: int) -> tuple[nn.Module, ...]:
         a, m = self.attn, self.mlp  # read at call time, so int8-replaced or moved projections are seen
@@ -187,14 +190,15 @@ def layer_step(hidden: torch.Tensor, mask: torch.Tensor | None, kv_buf: torch.Te
                qkv_w: torch.Tensor, qkv_b: torch.Tensor | None, o_w: torch.Tensor, o_b: torch.Tensor | None,
                ln2_w: torch.Tensor, ln2_eps: float, gate_up_w: torch.Tensor, gate_up_b: torch.Tensor | None,
                down_w: torch.Tensor, down_b: torch.Tensor | None, heads: int, kv_heads: int,
-               scale: float) -> torch.Tensor:
+               scale: float, reuse_input: bool = False) -> torch.Tensor:
     """One decoder layer over fused weights as a function of tensors only: the arithmetic of `FastLlamaLayer`'s
-    general path in fewer kernels, since a GPU step costs per kernel (16 a layer eagerly, against 21 for the
+    general path in fewer kernels, since a GPU step costs per kernel (15-16 a layer eagerly, against 21 for the
     same ops one by one), and what `torch.compile` fuses further (`compiled_layer_step`).
     hidden (B, T, H); kv_buf (2, B, kv_heads, max_len, D) keys and values, written at slots (B, T); attention
     over the first `window` slots with the additive mask (B, 1, T, window) or None; cos/signed_sin (B, 1, T, D);
     qkv_w/qkv_b: q, k, v, then (`_fused_weights(QKV_SWAPPED)`, small layers) q and k with each head's halves
-    swapped."""
+    swapped. `reuse_input` (contiguous `hidden` the caller never reads again): the attention's residual is added
+    inside the output projection's matmul, into `hidden` (15 kernels a layer, against 16)."""
     b, t, h = hidden.shape
     d = kv_buf.shape[-1]
     qk_cols = (heads + kv_heads) * d
@@ -209,7 +213,12 @@ def layer_step(hidden: torch.Tensor, mask: torch.Tensor | None, kv_buf: torch.Te
     write_kv(kv_buf, slots, kv.permute(2, 0, 3, 1, 4))  # (2, B, kv_heads, T, D)
     attn = _attention(qk[:, :, :heads].transpose(1, 2), kv_buf[0, :, :, :window], kv_buf[1, :, :, :window], mask,
                       scale)  # (B, heads, T, D)
-    hidden = hidden + F.linear(attn.transpose(1, 2).reshape(b, t, -1), o_w, o_b)  # a new tensor: written below
+    attn = attn.transpose(1, 2).reshape(b * t, -1)  # (B T, heads D)
+    if reuse_input:  # the residual add inside the matmul, into the caller's buffer
+        hidden.view(b * t, h).addmm_(attn, o_w.t())
+        hidden = hidden if o_b is None else hidden.add_(o_b)
+    else:  # a new tensor: the second residual is written into it below
+        hidden = hidden + F.linear(attn, o_w, o_b).view(b, t, h)
     gate_up = F.linear(F.rms_norm(hidden, ln2_w.shape, ln2_w, ln2_eps), gate_up_w, gate_up_b)
     inter = gate_up.shape[-1] // 2
     act = F.silu(gate_up[..., :inter]) * gate_up[..., inter:]  # (B, T, I)
@@ -238,26 +247,38 @@ def compiled_layers(enabled: bool = True):
 def compiled_layer_step():
     import torch._dynamo
 
-    # One compiled graph serves every layer (the weights are arguments); each (batch size, block width) is
-    # another shape, and a session may capture a dozen of them.
+    # One compiled graph serves every layer (the weights are arguments). The first call compiles for its sizes;
+    # the first other size of a dimension (a block width, a batch size, a cache's length) compiles once more with
+    # that dimension symbolic (torch's automatic dynamic shapes): the dozen step shapes of a bench (block widths
+    # 1 to 23, batches 16 down to 1, a cache per prompt width) cost two or three compiles, not a dozen. The
+    # matmuls are cuBLAS calls either way; the fused elementwise kernels take their sizes as arguments.
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
-    return torch.compile(layer_step, dynamic=False, fullgraph=True)
+    return torch.compile(layer_step, dynamic=None, fullgraph=True)
 
 
 # For a 1-token step of a batch, two batched matmuls beat sdpa's fused CPU kernel (which tiles for long blocks):
 # 0.64 vs 1.35 ms at 16 rows, 2.2 vs 5.8 ms at 48 rows with a padding mask - a third of a 48-row decoding step.
-# For blocks of 2-8 tokens (verify steps) the two are within noise of each other, so sdpa stays. On a GPU, sdpa
-# with an arbitrary mask and grouped key/value heads falls back to its math path, which first copies the keys and
-# values once per query head; the two matmuls read them in place, in four kernels for any short block - up to the
-# 16-node trees plus lookup drafts that a GPU verifies at about the cost of a 1-token step (its step is bound by
-# kernels, not rows). Longer blocks (prompts) keep sdpa, whose fused kernels tile the block.
+# For blocks of 2-8 tokens (verify steps) the two are within noise of each other, so sdpa stays.
+# On a GPU a step is bound by its number of kernels, not by its rows. sdpa with an arbitrary mask and grouped
+# key/value heads (`enable_gqa`) falls back to its math path there, which copies the keys and values once per
+# query head, so CUDA regroups the queries instead: the query heads that share a key/value head become the rows
+# of one head of an ordinary attention, which sdpa's fused kernel (memory-efficient attention: any additive
+# mask) computes in one kernel where the two matmuls take four ("grouped", the default). "matmul" keeps the two
+# matmuls up to blocks of CUDA_MATMUL_BLOCK (sdpa past that). Which is faster is measured on a GPU
+# (`scripts/decode_speed.py --attention`); the kernel counts are docs/benchmarks.md's.
+CUDA_ATTENTION = "grouped"
 CUDA_MATMUL_BLOCK = 64
+ATTENTION_PATHS = ("grouped", "matmul")
 
 
-def _matmul_pays(batch: int, block: int, device_type: str = "cpu") -> bool:
+def _attention_path(batch: int, block: int, device_type: str = "cpu") -> str:
+    """"sdpa" (grouped key/value heads as sdpa takes them), "grouped" (query heads regrouped, one sdpa kernel on a
+    GPU) or "matmul" (two batched matmuls)."""
     if device_type == "cuda":
-        return block <= CUDA_MATMUL_BLOCK
-    return block == 1 and batch >= 2
+        if CUDA_ATTENTION == "grouped":
+            return "grouped"
+        return "matmul" if block <= CUDA_MATMUL_BLOCK else "sdpa"
+    return "matmul" if block == 1 and batch >= 2 else "sdpa"
 
 
 def _attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None,
@@ -266,10 +287,17 @@ def _attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: 
     mask (B, 1, T, end) additive, or None for a 1-token step over a hole-free cache (attend to everything)."""
     b, heads, t, d = q.shape
     kv, end = keys.shape[1], keys.shape[2]
-    if not _matmul_pays(b, t, q.device.type):
+    path = _attention_path(b, t, q.device.type)
+    if path == "sdpa":
         return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scale,
                                               enable_gqa=heads != kv)  # (B, heads, T, D)
     group = heads // kv  # query head h reads key/value head h // group, as sdpa's enable_gqa does
+    if path == "grouped":  # the group's query heads as rows (group, T) of key/value head h // group's attention
+        if mask is not None and t > 1:  # every row of a group sees the block's mask (one row: it broadcasts)
+            mask = mask[:, :, None].expand(b, 1, group, t, end).reshape(b, 1, group * t, end)
+        out = F.scaled_dot_product_attention(q.reshape(b, kv, group * t, d), keys, values, attn_mask=mask,
+                                             scale=scale)  # (B, kv, group T, D)
+        return out.view(b, heads, t, d)
     # 3-D for baddbmm, which scales inside the matmul (one kernel fewer than a multiply after it)
     scores = torch.baddbmm(q.new_empty(1, 1, 1), q.reshape(b * kv, group * t, d),
                            keys.reshape(b * kv, end, d).transpose(1, 2), beta=0, alpha=scale)  # (B kv, group T, end)

@@ -169,16 +169,16 @@ class MTPModel(nn.Module):
         shared = self.backbone.layer_inputs(hidden, position_ids, cache.max_len if cache is not None else None)
         ctx = ForwardContext(mask, valid, position_ids, shared, cache)
         stack = cache.stack(0) if cache is not None else None
-        for layer in self.trunk_layers:
-            hidden = self.backbone.run_layer(layer, hidden, mask, stack, shared)
+        for layer in self.trunk_layers:  # the embeddings, then each layer's output, are read by the next layer only
+            hidden = self.backbone.run_layer(layer, hidden, mask, stack, shared, reuse_input=True)
         return hidden, ctx
 
     def head_forward(self, head: int, trunk_hidden: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         """Run head `head`'s layers on the trunk output and the shared final norm: (B, T, H)."""
         stack = ctx.cache.stack(1 + head) if ctx.cache is not None else None
         hidden = trunk_hidden
-        for layer in self.head_layers(head):
-            hidden = self.backbone.run_layer(layer, hidden, ctx.mask, stack, ctx.shared)
+        for i, layer in enumerate(self.head_layers(head)):  # every head reads the trunk's output: left as it is
+            hidden = self.backbone.run_layer(layer, hidden, ctx.mask, stack, ctx.shared, reuse_input=i > 0)
         return self.backbone.final_norm(hidden, ctx.shared, cached=ctx.cache is not None)
 
     def finish_block(self, ctx: ForwardContext) -> None:
