@@ -124,12 +124,15 @@ def eval_(
     """
     from mtp.decoding.commands import check_tree_spec
     from mtp.evaluation.evaluate import format_summary, model_fingerprint, run_eval, strategy_tag
+    from mtp.evaluation.gsm8k import load_gsm8k
     from mtp.evaluation.prompts import gsm8k_prompts, resolve_chat
 
     if task != "gsm8k":
         raise MTPError(f"unknown task {task!r}; available: gsm8k")
-    if data is not None:
-        input_file(data, "GSM8K")
+    if limit is not None and limit < 1:
+        raise MTPError(f"--limit must be >= 1, got {limit}")
+    if data is not None and not load_gsm8k(path=input_file(data, "GSM8K"), limit=limit):  # before the model loads
+        raise MTPError(f"{data}: no problems")
     check_tree_spec(tree)
     set_threads(threads)
     runtime = resolve_runtime(device, dtype, quantize)
@@ -247,9 +250,10 @@ def bench(
             (graphs of torch.compile-fused layers: faster, tens of seconds to compile per step shape)
     """
     from mtp.decoding.tree import DEFAULT_TREE_SIZE
+    from mtp.evaluation.prompts import file_prompt_texts
 
     if prompts != "gsm8k":
-        input_file(prompts, "prompts")
+        file_prompt_texts(prompts, limit=max([limit, *(batch_size or [])]))  # checked before the model loads
     if gguf is not None:
         input_file(gguf, "GGUF")
     out = Path(output)
