@@ -314,8 +314,9 @@ def run(argv: list[str] | None = None) -> int:
     parser = build_parser(only=command)
     args = vars(parser.parse_args(argv))
     args.pop("command")
-    check_command_arguments(command, args)  # ranges and output paths, before the command does any work
     fn = _load(COMMANDS[command])
+    defaults = {f.name: f.default for f in command_flags(fn, POSITIONAL.get(command, []))}
+    check_command_arguments(command, args, defaults)  # ranges and output paths, before the command does any work
     result = fn(**grouped_arguments(fn, args))
     return int(result or 0)
 
