@@ -332,3 +332,12 @@ def test_python_m_mtp_cli_markdown_writes_the_reference(tmp_path, monkeypatch):
         warnings.simplefilter("ignore", RuntimeWarning)
         runpy.run_module("mtp.cli", run_name="__main__")
     assert (tmp_path / "cli.md").read_text() == markdown()
+
+
+def test_every_flag_says_what_it_does():
+    """`mtp COMMAND --help` and docs/cli.md: no flag without a line of its own in its command's docstring."""
+    from mtp.cli import COMMANDS, POSITIONAL, _load, command_flags
+
+    silent = [f"{command} {f.flag}" for command, target in COMMANDS.items()
+              for f in command_flags(_load(target), POSITIONAL.get(command, [])) if not f.help.strip()]
+    assert silent == []

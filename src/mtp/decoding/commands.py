@@ -87,7 +87,10 @@ def generate(model: str | None = None, prompt: str | None = None, prompts: str |
         k: tokens per step for the static strategy (default: all heads).
         num_draft: speculative: draft tokens per step (default: all extra heads).
         do_sample: sample instead of greedy (exact speculative sampling with --strategy speculative).
-        seed: random seed for sampling.
+        temperature: with --do-sample: divides the logits (below 1: closer to greedy; above: more varied).
+        top_p: with --do-sample: draw from the smallest set of tokens whose probabilities add up to this (1: all).
+        top_k: with --do-sample: draw from the k most likely tokens only (0: all).
+        seed: with --do-sample: the random seed (default: a new one each run).
         batch_size: prompts decoded together (left padded).
         json: print one JSON object per prompt instead of text.
         stream: print tokens as they are produced (single prompt).
