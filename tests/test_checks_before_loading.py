@@ -88,3 +88,24 @@ def test_bench_checks_its_prompts_before_loading_the_model(tmp_path, no_model_lo
                         capsys)
     assert_one_line_error(code, err, message)
     assert not (tmp_path / "b").exists()
+
+
+@pytest.mark.parametrize("flag, value, message", [
+    ("--also", "missing", "--also {path}: model not found"),
+    ("--also", "folder", "--also {path}: {path} is a folder but not a model"),
+    ("--also", "damaged", "--also {path}: {path}/config.json: no \"model_type\""),
+    ("--gguf", "fake.gguf", "--gguf {path} is not a GGUF file"),
+])
+def test_bench_checks_its_other_models_before_loading_the_model(tmp_path, no_model_loading, flag, value, message,
+                                                                capsys):
+    path = tmp_path / value
+    if value == "folder":
+        path.mkdir()
+    elif value == "damaged":
+        path.mkdir()
+        (path / "config.json").write_text('{"mtp": {"num_heads": 2}}')
+    elif value.endswith(".gguf"):
+        path.write_text("not a gguf")
+    code, err = run_cli(["bench", flag, path, "--output", tmp_path / "b", "--no-progress"], capsys)
+    assert_one_line_error(code, err, message.format(path=path))
+    assert not (tmp_path / "b").exists()

@@ -255,7 +255,9 @@ def bench(
     if prompts != "gsm8k":
         file_prompt_texts(prompts, limit=max([limit, *(batch_size or [])]))  # checked before the model loads
     if gguf is not None:
-        input_file(gguf, "GGUF")
+        _check_gguf(gguf)
+    for x in also or []:  # a missing or damaged folder is an error before --model loads, not after
+        _check_model(x, f"--also {x}")
     out = Path(output)
     set_threads(threads)
     runtime = resolve_runtime(device, dtype)
@@ -276,6 +278,25 @@ def bench(
                                  "llama.cpp skipped: pass --gguf FILE with the same model as GGUF",
                                  hf_static=runtime.device.type == "cuda" if hf_static is None else hf_static,
                                  batch_size=batch_size or (), bandwidth_gbs=bandwidth_gbs, graphs=use_graphs)
+
+
+def _check_gguf(path: str) -> None:
+    """--gguf names a GGUF file (its magic bytes), checked before any model loads."""
+    with input_file(path, "GGUF").open("rb") as f:
+        if f.read(4) != b"GGUF":
+            raise MTPError(f"--gguf {path} is not a GGUF file (it does not start with the GGUF magic bytes)")
+
+
+def _check_model(spec: str, label: str) -> None:
+    """What `spec` names is a model, and a folder's files are intact (`check_model_folder`), without loading it."""
+    from mtp.hub import check_model_folder, resolve_model
+
+    try:
+        source = resolve_model(spec)
+        if source.kind in ("mtp_folder", "hf_folder"):
+            check_model_folder(source.location)
+    except MTPError as e:
+        raise MTPError(f"{label}: {e}") from None
 
 
 def _bandwidth(device: torch.device, gbs: float | None) -> dict:
