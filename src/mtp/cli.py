@@ -317,6 +317,10 @@ def run(argv: list[str] | None = None) -> int:
     fn = _load(COMMANDS[command])
     defaults = {f.name: f.default for f in command_flags(fn, POSITIONAL.get(command, []))}
     check_command_arguments(command, args, defaults)  # ranges and output paths, before the command does any work
+    if args.get("progress") is False:  # transformers' bars too ("Loading weights", GGUF conversion)
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
     result = fn(**grouped_arguments(fn, args))
     return int(result or 0)
 

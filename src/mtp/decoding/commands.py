@@ -68,7 +68,7 @@ def generate(model: str | None = None, prompt: str | None = None, prompts: str |
              dtype: DType = "auto", quantize: Literal["none", "fp16", "int8"] = "none", device: str = "auto",
              threads: int | None = None, adaptive_draft: bool = True, truncate_prompt: bool = False,
              mask_token_id: int | None = None, mask_token: str | None = None, tree: str = "chain",
-             tree_size: int | None = None, lookup: int = 0, graphs: Graphs = "auto") -> int:
+             tree_size: int | None = None, lookup: int = 0, graphs: Graphs = "auto", progress: bool = True) -> int:
     """Generate text with an MTP model: greedy, lossless speculative, ConfAdapt or static-k decoding.
 
     Args:
@@ -111,6 +111,7 @@ def generate(model: str | None = None, prompt: str | None = None, prompts: str |
             (prompt lookup), one more branch of the draft tree; 0: none.
         graphs: replay the decoding steps as CUDA graphs: auto (on CUDA), on, off (eager steps, same output),
             compile (graphs of torch.compile-fused layers: faster, tens of seconds to compile per step shape).
+        progress: a progress bar over the prompts (on stderr, when there are several).
     """
     if (prompt is None) == (prompts is None):
         raise MTPError("give exactly one of --prompt or --prompts")
@@ -133,7 +134,7 @@ def generate(model: str | None = None, prompt: str | None = None, prompts: str |
     results: list[dict] = []
     seconds = forwards = 0.0
     streaming = stream
-    bar = tqdm(total=len(texts), desc=f"generate ({strategy})", unit="prompt", disable=len(texts) < 2,
+    bar = tqdm(total=len(texts), desc=f"generate ({strategy})", unit="prompt", disable=len(texts) < 2 or not progress,
                file=sys.stderr)
     for start in range(0, len(texts), batch_size):
         chunk = texts[start:start + batch_size]
