@@ -109,3 +109,18 @@ def test_bench_checks_its_other_models_before_loading_the_model(tmp_path, no_mod
     code, err = run_cli(["bench", flag, path, "--output", tmp_path / "b", "--no-progress"], capsys)
     assert_one_line_error(code, err, message.format(path=path))
     assert not (tmp_path / "b").exists()
+
+
+def test_eval_refuses_to_resume_other_settings_before_loading_the_model(tmp_path, no_model_loading, capsys):
+    import json
+
+    out = tmp_path / "ev"
+    out.mkdir()
+    saved = {"task": "gsm8k_cot", "model": "default", "fingerprint": "x", "strategy": "greedy", "tau": None, "k": None,
+             "num_draft": None, "tree": None, "tree_size": None, "lookup": None, "shots": 8, "chat": True,
+             "max_new_tokens": 4, "data": "shipped:test", "quantize": "none", "dtype": "float32"}
+    (out / "eval_config.json").write_text(json.dumps(saved))
+    code, err = run_cli(["eval", "--output", out, "--strategy", "speculative", "--max-new-tokens", "4",
+                         "--no-progress"], capsys)
+    assert_one_line_error(code, err, f"{out} holds an evaluation with other settings (strategy 'greedy' -> "
+                          "'speculative'); choose another --output, or pass --no-resume")

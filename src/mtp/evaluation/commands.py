@@ -123,7 +123,13 @@ def eval_(
         mask_token: the same, naming the token (e.g. "<|mtp_special_token_0|>")
     """
     from mtp.decoding.commands import check_tree_spec
-    from mtp.evaluation.evaluate import format_summary, model_fingerprint, run_eval, strategy_tag
+    from mtp.evaluation.evaluate import (
+        check_same_settings,
+        format_summary,
+        model_fingerprint,
+        run_eval,
+        strategy_tag,
+    )
     from mtp.evaluation.gsm8k import load_gsm8k
     from mtp.evaluation.prompts import gsm8k_prompts, resolve_chat
 
@@ -141,19 +147,23 @@ def eval_(
     draft_tree = None if tree == "chain" else tree
     tag = strategy_tag(strategy, tau, k, draft_tree, tree_size, lookup)
     out = Path(output) if output is not None else Path("eval") / f"gsm8k-{_model_name(model)}-{tag}"
+    # What the run computes; the model's fingerprint and the chat template's use are known once it loads.
+    settings = {"task": "gsm8k_cot", "model": model or "default",
+                "strategy": strategy, "tau": tau if strategy == "confadapt" else None,
+                "k": k if strategy == "static" else None, "num_draft": num_draft if strategy == "speculative" else None,
+                "tree": draft_tree, "tree_size": tree_size, "lookup": lookup or None,
+                "shots": shots, "max_new_tokens": max_new_tokens,
+                "data": str(Path(data).resolve()) if data else f"shipped:{split}", "quantize": quantize,
+                "dtype": dtype_name(runtime.dtype)}
+    if resume:  # an evaluation of other settings in --output: an error before the model loads
+        check_same_settings(out, settings, only=settings)
     with output_lock(out):  # one evaluation per folder at a time
         start = time.perf_counter()
         m = _load(model, runtime, quantize, mask_token_id, mask_token)
         tok = m.tokenizer
         use_chat = resolve_chat(tok, chat)
         prompts = gsm8k_prompts(tok, path=data, split=split, limit=limit, shots=shots, chat=use_chat)
-        identity = {"task": "gsm8k_cot", "model": model or "default", "fingerprint": model_fingerprint(m),
-                    "strategy": strategy, "tau": tau if strategy == "confadapt" else None,
-                    "k": k if strategy == "static" else None, "num_draft": num_draft if strategy == "speculative" else None,
-                    "tree": draft_tree, "tree_size": tree_size, "lookup": lookup or None,
-                    "shots": shots, "chat": use_chat, "max_new_tokens": max_new_tokens,
-                    "data": str(Path(data).resolve()) if data else f"shipped:{split}", "quantize": quantize,
-                    "dtype": dtype_name(runtime.dtype)}
+        identity = {**settings, "fingerprint": model_fingerprint(m), "chat": use_chat}
         summary = run_eval(m, tok, prompts, out, identity, strategy=strategy, tau=tau, k=k, num_draft=num_draft,
                            tree=draft_tree, tree_size=tree_size, lookup=lookup, graphs=use_graphs,
                            max_new_tokens=max_new_tokens, batch_size=batch_size, resume=resume, progress=progress,
