@@ -38,3 +38,25 @@ def test_generate_takes_no_progress(tiny_mtp_folder, tmp_path, capsys):
     assert code == 0 and "%|" in err, err  # the bar of several prompts
     code, err = run_cli([*args, "--no-progress"], capsys)
     assert code == 0 and "%|" not in err, err
+
+
+def test_an_interrupted_bench_says_what_it_kept(tiny_mtp_folder, tmp_path, monkeypatch, capsys):
+    """Ctrl-C (or SIGTERM) during `mtp bench`: the finished calls stay in calls.jsonl, and the user is told so and
+    how to continue (the same command runs only the missing calls)."""
+    import json
+
+    import mtp.evaluation.bench as bench
+
+    def interrupted(methods, items, *args, journal=None, **kwargs):
+        journal.write_text("".join(json.dumps({"prompt": i, "method": "greedy"}) + "\n" for i in range(2)))
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(bench, "run_bench", interrupted)
+    out = tmp_path / "b"
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("Janet has 3 eggs\nWhat is 7 + 5?\n")
+    code, err = run_cli(["bench", "--model", tiny_mtp_folder, "--prompts", prompts, "--output", out,
+                         "--no-progress", "--no-hf", "--no-fp16", "--strategy", "greedy"], capsys)
+    assert code == 130, err
+    assert f"mtp bench: interrupted; 2 finished calls are kept in {out / 'calls.jsonl'}: run the same command " \
+           "again to measure only the rest" in err, err

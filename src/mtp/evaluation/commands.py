@@ -411,8 +411,17 @@ def run_bench_command(m, *, model_label: str, prompts: str, limit: int, max_new_
                 "threads": torch.get_num_threads(), "gguf": gguf if llamacpp else None, "runtime": runtime.to_dict(),
                 "graphs": graphs}
     output.mkdir(parents=True, exist_ok=True)
-    run = run_bench(methods, items, max_new_tokens, rotate=rotate, progress=progress, journal=journal,
-                    identity=identity)
+    try:
+        run = run_bench(methods, items, max_new_tokens, rotate=rotate, progress=progress, journal=journal,
+                        identity=identity)
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM: say what is kept and how to go on, then stop as asked
+        from mtp.io import read_complete_records
+
+        kept = len(read_complete_records(journal))
+        if kept:
+            print(f"mtp bench: interrupted; {kept} finished calls are kept in {journal}: run the same command "
+                  "again to measure only the rest", file=sys.stderr, flush=True)
+        raise
     resumed = sum("key" in c for c in run.calls)
     if resumed:
         notes.append(f"{resumed} of {len(run.calls)} calls were measured by an earlier, interrupted run of this bench")
