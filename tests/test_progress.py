@@ -1,4 +1,5 @@
-"""--no-progress means no progress bar on stderr at all (the logs of batch jobs), transformers' own included."""
+"""What a user sees while a command runs: --no-progress means no bar on stderr at all (transformers' own included),
+and an interrupted bench says what it kept."""
 
 from __future__ import annotations
 
