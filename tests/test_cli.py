@@ -332,3 +332,25 @@ def test_python_m_mtp_cli_markdown_writes_the_reference(tmp_path, monkeypatch):
         warnings.simplefilter("ignore", RuntimeWarning)
         runpy.run_module("mtp.cli", run_name="__main__")
     assert (tmp_path / "cli.md").read_text() == markdown()
+
+
+def test_every_flag_says_what_it_does():
+    """`mtp COMMAND --help` and docs/cli.md: no flag without a line of its own in its command's docstring."""
+    from mtp.cli import COMMANDS, POSITIONAL, _load, command_flags
+
+    silent = [f"{command} {f.flag}" for command, target in COMMANDS.items()
+              for f in command_flags(_load(target), POSITIONAL.get(command, [])) if not f.help.strip()]
+    assert silent == []
+
+
+@pytest.mark.parametrize("args, message", [
+    (["generate", "--prompt", "hi", "--temprature", "0.5"],
+     "mtp generate: error: unrecognized arguments: --temprature 0.5; did you mean --temperature? "
+     "(see `mtp generate --help`)"),
+    (["bench", "--max-tokens=8"], "unrecognized arguments: --max-tokens=8; did you mean --max-new-tokens?"),
+    (["eval", "gsm8k", "mmlu"], "mtp eval: error: unrecognized arguments: mmlu (see `mtp eval --help`)"),
+])
+def test_an_unknown_flag_points_to_the_command_and_the_closest_flag(args, message, capsys):
+    code, _, err = run_cli([*args, "--model", "/no/such/model"], capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert message in err, err

@@ -105,6 +105,28 @@ RELATIONS: list[tuple[tuple[str, ...], Callable[..., bool], str]] = [
 ]
 
 
+# Options that one mode of a command reads: (the option, the parameters that decide the mode, whether that mode
+# reads the option, what is wrong). Set away from the command's default in another mode the option would be ignored
+# without a word, so the command line refuses it (`check_command_arguments`; a deciding parameter that is None,
+# such as `mtp bench`'s strategies, means every mode). The Python API leaves these alone: transformers-style
+# callers pass neutral sampling settings (top_k=50) with do_sample=False.
+UNUSED_UNLESS: list[tuple[str, tuple[str, ...], Callable[..., bool], str]] = [
+    *((name, ("do_sample",), lambda do_sample: do_sample,
+       f"{{{name}}} shapes sampling; greedy decoding ignores it (add {{do_sample}}, or drop {{{name}}})")
+      for name in ("temperature", "top_p", "top_k", "seed")),
+    ("tau", ("strategy",), lambda strategy: "confadapt" in _strategies(strategy),
+     "{tau}: the confidence threshold of ConfAdapt; use it with {strategy} confadapt (or drop {tau})"),
+    # mtp info: what --memory decodes
+    *((name, ("memory",), lambda memory: memory,
+       f"{{{name}}}: with {{memory}} only; without it nothing decodes (add {{memory}}, or drop {{{name}}})")
+      for name in ("quantize", "tree_size", "lookup", "max_new_tokens")),
+    # mtp train: answering the prompts (a resumed run's own --targets decides)
+    *((name, ("targets", "resume"), lambda targets, resume: targets == "self" or resume,
+       f"{{{name}}}: for the model's own answers ({{targets}} self); this run trains on the data's answers")
+      for name in ("max_new_tokens", "gen_batch_size")),
+]
+
+
 def _strategies(strategy: str | Sequence[str]) -> Sequence[str]:
     """The strategies a command decodes with: one, or `mtp bench`'s list of its rows' strategies."""
     return [strategy] if isinstance(strategy, str) else strategy
@@ -210,9 +232,22 @@ def check_output(path: str | os.PathLike, kind: OutputKind, flag: str = "--outpu
         raise MTPError(f"{flag} {path} cannot be written: no permission to write in it")
 
 
-def check_command_arguments(command: str, arguments: Mapping[str, object]) -> None:
-    """Everything the CLI checks before it runs `command` with `arguments` (the parsed flags)."""
+def check_unused(arguments: Mapping[str, object], defaults: Mapping[str, object]) -> None:
+    """Raise MTPError for an option of `UNUSED_UNLESS` set away from its default (`defaults`) in a mode that would
+    ignore it."""
+    for name, deciding, reads, message in UNUSED_UNLESS:
+        if name not in arguments or name not in defaults or arguments[name] == defaults[name]:
+            continue
+        if all(arguments.get(d) is not None for d in deciding) and not reads(*(arguments[d] for d in deciding)):
+            raise MTPError(message.format(**{n: spelled(n, True) for n in (name, *deciding)}))
+
+
+def check_command_arguments(command: str, arguments: Mapping[str, object],
+                            defaults: Mapping[str, object] | None = None) -> None:
+    """Everything the CLI checks before it runs `command` with `arguments` (the parsed flags; `defaults`: each
+    flag's default, which tells an option the user set, `UNUSED_UNLESS`)."""
     check_values(arguments)
+    check_unused(arguments, defaults or {})
     for name, kind in OUTPUTS.get(command, {}).items():
         if arguments.get(name) is not None:
             check_output(str(arguments[name]), kind, spelled(name, True))

@@ -302,6 +302,20 @@ def deprecated_markdown(deprecated: Mapping[str, Mapping[str, Renamed]] = DEPREC
                       "the new flag.", "", "| command | old | new |", "|---|---|---|", *rows, ""])
 
 
+def _unknown_arguments(unknown: list[str], fn: Callable, command: str) -> str:
+    """What argparse could not place, and the command's flag closest to the first unknown flag."""
+    import difflib
+
+    message = f"unrecognized arguments: {' '.join(unknown)}"
+    flag = next((word.split("=", 1)[0] for word in unknown if word.startswith("--")), None)
+    if flag is None:
+        return message
+    known = [name for f in command_flags(fn, POSITIONAL.get(command, [])) if not f.positional
+             for name in ((f.flag, "--no-" + f.flag[2:]) if f.type is bool else (f.flag,))]
+    close = difflib.get_close_matches(flag, known, n=1, cutoff=0.7)
+    return f"{message}; did you mean {close[0]}?" if close else message
+
+
 def run(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
@@ -312,10 +326,20 @@ def run(argv: list[str] | None = None) -> int:
         print(f"mtp: error: unknown command {command!r}; choose from {', '.join(COMMANDS)}", file=sys.stderr)
         return 2
     parser = build_parser(only=command)
-    args = vars(parser.parse_args(argv))
-    args.pop("command")
-    check_command_arguments(command, args)  # ranges and output paths, before the command does any work
+    namespace, unknown = parser.parse_known_args(argv)
     fn = _load(COMMANDS[command])
+    if unknown:
+        print(f"mtp {command}: error: {_unknown_arguments(unknown, fn, command)} (see `mtp {command} --help`)",
+              file=sys.stderr)
+        return 2
+    args = vars(namespace)
+    args.pop("command")
+    defaults = {f.name: f.default for f in command_flags(fn, POSITIONAL.get(command, []))}
+    check_command_arguments(command, args, defaults)  # ranges and output paths, before the command does any work
+    if args.get("progress") is False:  # transformers' bars too ("Loading weights", GGUF conversion)
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
     result = fn(**grouped_arguments(fn, args))
     return int(result or 0)
 

@@ -68,7 +68,7 @@ def generate(model: str | None = None, prompt: str | None = None, prompts: str |
              dtype: DType = "auto", quantize: Literal["none", "fp16", "int8"] = "none", device: str = "auto",
              threads: int | None = None, adaptive_draft: bool = True, truncate_prompt: bool = False,
              mask_token_id: int | None = None, mask_token: str | None = None, tree: str = "chain",
-             tree_size: int | None = None, lookup: int = 0, graphs: Graphs = "auto") -> int:
+             tree_size: int | None = None, lookup: int = 0, graphs: Graphs = "auto", progress: bool = True) -> int:
     """Generate text with an MTP model: greedy, lossless speculative, ConfAdapt or static-k decoding.
 
     Args:
@@ -87,7 +87,10 @@ def generate(model: str | None = None, prompt: str | None = None, prompts: str |
         k: tokens per step for the static strategy (default: all heads).
         num_draft: speculative: draft tokens per step (default: all extra heads).
         do_sample: sample instead of greedy (exact speculative sampling with --strategy speculative).
-        seed: random seed for sampling.
+        temperature: with --do-sample: divides the logits (below 1: closer to greedy; above: more varied).
+        top_p: with --do-sample: draw from the smallest set of tokens whose probabilities add up to this (1: all).
+        top_k: with --do-sample: draw from the k most likely tokens only (0: all).
+        seed: with --do-sample: the random seed (default: a new one each run).
         batch_size: prompts decoded together (left padded).
         json: print one JSON object per prompt instead of text.
         stream: print tokens as they are produced (single prompt).
@@ -108,6 +111,7 @@ def generate(model: str | None = None, prompt: str | None = None, prompts: str |
             (prompt lookup), one more branch of the draft tree; 0: none.
         graphs: replay the decoding steps as CUDA graphs: auto (on CUDA), on, off (eager steps, same output),
             compile (graphs of torch.compile-fused layers: faster, tens of seconds to compile per step shape).
+        progress: a progress bar over the prompts (on stderr, when there are several).
     """
     if (prompt is None) == (prompts is None):
         raise MTPError("give exactly one of --prompt or --prompts")
@@ -130,7 +134,7 @@ def generate(model: str | None = None, prompt: str | None = None, prompts: str |
     results: list[dict] = []
     seconds = forwards = 0.0
     streaming = stream
-    bar = tqdm(total=len(texts), desc=f"generate ({strategy})", unit="prompt", disable=len(texts) < 2,
+    bar = tqdm(total=len(texts), desc=f"generate ({strategy})", unit="prompt", disable=len(texts) < 2 or not progress,
                file=sys.stderr)
     for start in range(0, len(texts), batch_size):
         chunk = texts[start:start + batch_size]

@@ -123,13 +123,22 @@ def eval_(
         mask_token: the same, naming the token (e.g. "<|mtp_special_token_0|>")
     """
     from mtp.decoding.commands import check_tree_spec
-    from mtp.evaluation.evaluate import format_summary, model_fingerprint, run_eval, strategy_tag
+    from mtp.evaluation.evaluate import (
+        check_same_settings,
+        format_summary,
+        model_fingerprint,
+        run_eval,
+        strategy_tag,
+    )
+    from mtp.evaluation.gsm8k import load_gsm8k
     from mtp.evaluation.prompts import gsm8k_prompts, resolve_chat
 
     if task != "gsm8k":
         raise MTPError(f"unknown task {task!r}; available: gsm8k")
-    if data is not None:
-        input_file(data, "GSM8K")
+    if limit is not None and limit < 1:
+        raise MTPError(f"--limit must be >= 1, got {limit}")
+    if data is not None and not load_gsm8k(path=input_file(data, "GSM8K"), limit=limit):  # before the model loads
+        raise MTPError(f"{data}: no problems")
     check_tree_spec(tree)
     set_threads(threads)
     runtime = resolve_runtime(device, dtype, quantize)
@@ -138,19 +147,23 @@ def eval_(
     draft_tree = None if tree == "chain" else tree
     tag = strategy_tag(strategy, tau, k, draft_tree, tree_size, lookup)
     out = Path(output) if output is not None else Path("eval") / f"gsm8k-{_model_name(model)}-{tag}"
+    # What the run computes; the model's fingerprint and the chat template's use are known once it loads.
+    settings = {"task": "gsm8k_cot", "model": model or "default",
+                "strategy": strategy, "tau": tau if strategy == "confadapt" else None,
+                "k": k if strategy == "static" else None, "num_draft": num_draft if strategy == "speculative" else None,
+                "tree": draft_tree, "tree_size": tree_size, "lookup": lookup or None,
+                "shots": shots, "max_new_tokens": max_new_tokens,
+                "data": str(Path(data).resolve()) if data else f"shipped:{split}", "quantize": quantize,
+                "dtype": dtype_name(runtime.dtype)}
+    if resume:  # an evaluation of other settings in --output: an error before the model loads
+        check_same_settings(out, settings, only=settings)
     with output_lock(out):  # one evaluation per folder at a time
         start = time.perf_counter()
         m = _load(model, runtime, quantize, mask_token_id, mask_token)
         tok = m.tokenizer
         use_chat = resolve_chat(tok, chat)
         prompts = gsm8k_prompts(tok, path=data, split=split, limit=limit, shots=shots, chat=use_chat)
-        identity = {"task": "gsm8k_cot", "model": model or "default", "fingerprint": model_fingerprint(m),
-                    "strategy": strategy, "tau": tau if strategy == "confadapt" else None,
-                    "k": k if strategy == "static" else None, "num_draft": num_draft if strategy == "speculative" else None,
-                    "tree": draft_tree, "tree_size": tree_size, "lookup": lookup or None,
-                    "shots": shots, "chat": use_chat, "max_new_tokens": max_new_tokens,
-                    "data": str(Path(data).resolve()) if data else f"shipped:{split}", "quantize": quantize,
-                    "dtype": dtype_name(runtime.dtype)}
+        identity = {**settings, "fingerprint": model_fingerprint(m), "chat": use_chat}
         summary = run_eval(m, tok, prompts, out, identity, strategy=strategy, tau=tau, k=k, num_draft=num_draft,
                            tree=draft_tree, tree_size=tree_size, lookup=lookup, graphs=use_graphs,
                            max_new_tokens=max_new_tokens, batch_size=batch_size, resume=resume, progress=progress,
@@ -247,11 +260,14 @@ def bench(
             (graphs of torch.compile-fused layers: faster, tens of seconds to compile per step shape)
     """
     from mtp.decoding.tree import DEFAULT_TREE_SIZE
+    from mtp.evaluation.prompts import file_prompt_texts
 
     if prompts != "gsm8k":
-        input_file(prompts, "prompts")
+        file_prompt_texts(prompts, limit=max([limit, *(batch_size or [])]))  # checked before the model loads
     if gguf is not None:
-        input_file(gguf, "GGUF")
+        _check_gguf(gguf)
+    for x in also or []:  # a missing or damaged folder is an error before --model loads, not after
+        _check_model(x, f"--also {x}")
     out = Path(output)
     set_threads(threads)
     runtime = resolve_runtime(device, dtype)
@@ -272,6 +288,25 @@ def bench(
                                  "llama.cpp skipped: pass --gguf FILE with the same model as GGUF",
                                  hf_static=runtime.device.type == "cuda" if hf_static is None else hf_static,
                                  batch_size=batch_size or (), bandwidth_gbs=bandwidth_gbs, graphs=use_graphs)
+
+
+def _check_gguf(path: str) -> None:
+    """--gguf names a GGUF file (its magic bytes), checked before any model loads."""
+    with input_file(path, "GGUF").open("rb") as f:
+        if f.read(4) != b"GGUF":
+            raise MTPError(f"--gguf {path} is not a GGUF file (it does not start with the GGUF magic bytes)")
+
+
+def _check_model(spec: str, label: str) -> None:
+    """What `spec` names is a model, and a folder's files are intact (`check_model_folder`), without loading it."""
+    from mtp.hub import check_model_folder, resolve_model
+
+    try:
+        source = resolve_model(spec)
+        if source.kind in ("mtp_folder", "hf_folder"):
+            check_model_folder(source.location)
+    except MTPError as e:
+        raise MTPError(f"{label}: {e}") from None
 
 
 def _bandwidth(device: torch.device, gbs: float | None) -> dict:
@@ -376,8 +411,17 @@ def run_bench_command(m, *, model_label: str, prompts: str, limit: int, max_new_
                 "threads": torch.get_num_threads(), "gguf": gguf if llamacpp else None, "runtime": runtime.to_dict(),
                 "graphs": graphs}
     output.mkdir(parents=True, exist_ok=True)
-    run = run_bench(methods, items, max_new_tokens, rotate=rotate, progress=progress, journal=journal,
-                    identity=identity)
+    try:
+        run = run_bench(methods, items, max_new_tokens, rotate=rotate, progress=progress, journal=journal,
+                        identity=identity)
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM: say what is kept and how to go on, then stop as asked
+        from mtp.io import read_complete_records
+
+        kept = len(read_complete_records(journal))
+        if kept:
+            print(f"mtp bench: interrupted; {kept} finished calls are kept in {journal}: run the same command "
+                  "again to measure only the rest", file=sys.stderr, flush=True)
+        raise
     resumed = sum("key" in c for c in run.calls)
     if resumed:
         notes.append(f"{resumed} of {len(run.calls)} calls were measured by an earlier, interrupted run of this bench")

@@ -16,7 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from pathlib import Path
 
 import torch
@@ -123,6 +123,26 @@ def generate_batch(model, tokenizer, prompts: Sequence[Prompt], *, strategy: str
 
 
 # ------------------------------------------------------------------------------------------------ the run
+def check_same_settings(output: str | Path, identity: dict, only: Collection[str] | None = None) -> None:
+    """An evaluation in `output` (its eval_config.json) made with other settings than `identity` is an error:
+    resuming it would mix answers of two settings. `only`: compare these keys alone (what `mtp eval` knows
+    before the model loads; `run_eval` compares them all)."""
+    config_path = Path(output).expanduser() / CONFIG
+    if not config_path.is_file():
+        return
+    try:
+        saved = json.loads(config_path.read_text(encoding="utf-8"))
+    except ValueError:
+        raise MTPError(f"{config_path}: not valid JSON; remove it or pass --no-resume") from None
+    if not isinstance(saved, dict):
+        raise MTPError(f"{config_path}: not an evaluation's settings (a JSON object); remove it or pass --no-resume")
+    keys = sorted(set(saved) | set(identity)) if only is None else sorted(only)
+    diff = [f"{key} {saved.get(key)!r} -> {identity.get(key)!r}" for key in keys if saved.get(key) != identity.get(key)]
+    if diff:
+        raise MTPError(f"{Path(output).expanduser()} holds an evaluation with other settings ({'; '.join(diff)}); "
+                       "choose another --output, or pass --no-resume to start it again")
+
+
 def run_eval(model, tokenizer, prompts: Sequence[Prompt], output: str | Path, identity: dict, *,
              strategy: str = "greedy", tau: float = 0.9, k: int | None = None, num_draft: int | None = None,
              tree: str | None = None, tree_size: int | None = None, lookup: int = 0, graphs: bool | None = None,
@@ -147,15 +167,7 @@ def run_eval(model, tokenizer, prompts: Sequence[Prompt], output: str | Path, id
     samples_path, config_path = out / SAMPLES, out / CONFIG
     done: dict[int, dict] = {}
     if resume and config_path.is_file():
-        try:
-            saved = json.loads(config_path.read_text(encoding="utf-8"))
-        except ValueError:
-            raise MTPError(f"{config_path}: not valid JSON; remove it or pass --no-resume") from None
-        diff = [f"{key} {saved.get(key)!r} -> {identity.get(key)!r}" for key in sorted(set(saved) | set(identity))
-                if saved.get(key) != identity.get(key)]
-        if diff:
-            raise MTPError(f"{out} holds an evaluation with other settings ({'; '.join(diff)}); "
-                           "choose another --output, or pass --no-resume to start it again")
+        check_same_settings(out, identity)
         keys = {p.id: prompt_key(p.token_ids) for p in prompts}
         records = read_samples(samples_path)
         for r in records:

@@ -82,6 +82,19 @@ def file_prompts(tokenizer, path: str | Path, *, limit: int | None = None, shots
                  chat: bool = True) -> list[Prompt]:
     """Prompts from a file. A .jsonl whose records have "question" and "answer" is GSM8K (scored); records with
     "prompt" or "text" are free prompts; any other file holds one prompt per non-empty line."""
+    texts = file_prompt_texts(path, limit=limit)
+    if texts is None:
+        return gsm8k_prompts(tokenizer, path=path, limit=limit, shots=shots, chat=chat)
+    out = []
+    for i, text in enumerate(texts):
+        ids = encode_chat(tokenizer, [{"role": "user", "content": text}]) if chat else encode_plain(tokenizer, text)
+        out.append(Prompt(i, text, ids, None))
+    return out
+
+
+def file_prompt_texts(path: str | Path, *, limit: int | None = None) -> list[str] | None:
+    """The prompts of a file as `file_prompts` reads them, checked, without a tokenizer (what a command checks
+    before it loads a model); None for a GSM8K file, whose problems are checked here too (`load_gsm8k`)."""
     path = input_file(path, "prompts")
     if limit is not None and limit < 1:
         raise MTPError(f"--limit must be >= 1, got {limit}")
@@ -92,7 +105,9 @@ def file_prompts(tokenizer, path: str | Path, *, limit: int | None = None, shots
             raise MTPError(f"{path}: no prompts")
         first = records[0][1]
         if isinstance(first, dict) and "question" in first and "answer" in first:
-            return gsm8k_prompts(tokenizer, path=path, limit=limit, shots=shots, chat=chat)
+            if not load_gsm8k(path=path, limit=limit):
+                raise MTPError(f"{path}: no problems")
+            return None
         texts = []
         for lineno, record in records:
             text = record.get("prompt", record.get("text")) if isinstance(record, dict) else None
@@ -103,12 +118,7 @@ def file_prompts(tokenizer, path: str | Path, *, limit: int | None = None, shots
         texts = [line for line in text.splitlines() if line.strip()]
         if not texts:
             raise MTPError(f"{path}: no prompts")
-    texts = texts[:limit] if limit is not None else texts
-    out = []
-    for i, text in enumerate(texts):
-        ids = encode_chat(tokenizer, [{"role": "user", "content": text}]) if chat else encode_plain(tokenizer, text)
-        out.append(Prompt(i, text, ids, None))
-    return out
+    return texts[:limit] if limit is not None else texts
 
 
 def stop_token_ids(model, tokenizer) -> list[int]:

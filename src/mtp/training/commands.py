@@ -136,9 +136,10 @@ def _train(a: _Args, args: dict, out: Path, checkpoint: Path | None, par: Parall
     dev = par.device if par is not None else resolve_device(a.device, flags=True)
     torch.manual_seed(a.seed)  # the same on every rank: new weights start alike everywhere
     method = _method(a)
+    examples = _open_data(a)  # a data file that cannot be used is an error before the model loads
     mtp_model, state = _load_model(a, method, checkpoint, dev)
     timings["load_model"] = time.perf_counter() - t_start
-    train_data, held_data, store = _training_data(a, args, out, method, mtp_model, par)
+    train_data, held_data, store = _training_data(a, args, out, method, mtp_model, par, examples)
     timings["data_and_targets"] = time.perf_counter() - t_start - timings["load_model"]
     config = _train_config(a, method, mtp_model, train_data)
     trainer = method.trainer(mtp_model, train_data, held_data, config, a, out, parallel=par, features=store)
@@ -252,16 +253,31 @@ def _feature_store(a: _Args, out: Path, method, model, par: Parallel | None):
     return FeatureStore.for_model(out, model, model_fingerprint(model), f"rank{par.rank}" if par is not None else "")
 
 
-def _training_data(a: _Args, args: dict, out: Path, method, mtp_model, par: Parallel | None):
-    """The training and held-out rows: the data's answers, or the model's own (`--targets self`, cached in the
-    run folder), and the run's feature store (or None). Writes train_config.json (rank 0) once the run's question
-    count is settled."""
-    from mtp.training.data import held_out, open_examples, tokenize_split
+def _open_data(a: _Args):
+    """The run's examples (`open_examples`: a JSONL file is read through and checked once), and what can be told
+    of them without the model: that there are some, and that --targets self has prompts to answer."""
+    from mtp.training.data import Examples, open_examples
 
     examples = open_examples(a.data, format=a.data_format, question_field=a.question_field,
                              answer_field=a.answer_field, split=a.split, limit=a.limit)
     if not len(examples):
         raise MTPError(f"{a.data}: no examples")
+    asked = examples.fields[0] is not None if isinstance(examples, Examples) else any(ex.prompt for ex in examples)
+    if a.targets == "self" and not asked:
+        raise MTPError(_NO_PROMPTS.format(data=a.data))
+    return examples
+
+
+_NO_PROMPTS = ("{data}: --targets self needs prompts for the model to answer (question/answer data); plain text "
+               "has none, use --targets data")
+
+
+def _training_data(a: _Args, args: dict, out: Path, method, mtp_model, par: Parallel | None, examples):
+    """The training and held-out rows of `examples` (`_open_data`): the data's answers, or the model's own
+    (`--targets self`, cached in the run folder), and the run's feature store (or None). Writes train_config.json
+    (rank 0) once the run's question count is settled."""
+    from mtp.training.data import held_out, tokenize_split
+
     out.mkdir(parents=True, exist_ok=True)
     store = _feature_store(a, out, method, mtp_model, par)
     if a.targets == "self":
@@ -291,8 +307,7 @@ def _self_answered_data(a: _Args, args: dict, out: Path, method, mtp_model, par:
         asked = asked or bool(ex.prompt)
         prompts.append(prompt_token_ids(tokenizer, ex.prompt, a.template))
     if not asked:
-        raise MTPError(f"{a.data}: --targets self needs prompts for the model to answer (question/answer data); "
-                       "plain text has none, use --targets data")
+        raise MTPError(_NO_PROMPTS.format(data=a.data))
     answering = method.answering_model(mtp_model)
     fingerprint = store.model_key if store is not None else model_fingerprint(answering)  # the same model's
     # The answers must come from the model the run started from; after full fine-tuning they cannot be

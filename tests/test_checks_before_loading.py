@@ -1,0 +1,126 @@
+"""A data or prompts file that cannot be used is an error before the model loads (for a 7B model that is minutes):
+`mtp train --data`, `mtp eval --data` and `mtp bench --prompts` read and check their file first. Each case runs
+the command line in-process with a loader that fails the test if it is reached."""
+
+from __future__ import annotations
+
+import pytest
+
+from test_damaged_inputs import assert_one_line_error, run_cli
+
+
+class ModelLoaded(Exception):
+    pass
+
+
+def _never(*args, **kwargs):
+    raise ModelLoaded("the model was loaded before the data file was checked")
+
+
+@pytest.fixture
+def no_model_loading(monkeypatch):
+    import mtp.evaluation.commands
+    import mtp.training.heads
+    import mtp.training.selfdistill
+
+    monkeypatch.setattr(mtp.training.heads.HeadsMethod, "load", _never)
+    monkeypatch.setattr(mtp.training.selfdistill.SelfDistillMethod, "load", _never)
+    monkeypatch.setattr(mtp.evaluation.commands, "_load", _never)
+
+
+def _files(tmp_path):
+    files = {"empty.jsonl": "", "empty.txt": "\n\n", "bad.jsonl": '{"question": "q", "answer": "a #### 1"}\nnot json\n',
+             "keys.jsonl": '{"q": "x", "a": "y"}\n', "text.txt": "Some plain text.\n\nAnother document.\n",
+             "nohash.jsonl": '{"question": "q?", "answer": "no final line"}\n',
+             "noprompt.jsonl": '{"other": "x"}\n'}
+    for name, text in files.items():
+        (tmp_path / name).write_text(text)
+    return tmp_path
+
+
+@pytest.mark.parametrize("data, extra, message", [
+    ("empty.jsonl", [], "empty.jsonl: no examples"),
+    ("bad.jsonl", [], "bad.jsonl:2: not valid JSON"),
+    ("keys.jsonl", [], "keys.jsonl:1: cannot tell the record layout from its keys"),
+    ("text.txt", ["--targets", "self"], "--targets self needs prompts for the model to answer"),
+])
+def test_train_checks_its_data_before_loading_the_model(tmp_path, no_model_loading, data, extra, message, capsys):
+    folder = _files(tmp_path)
+    code, err = run_cli(["train", "--data", folder / data, "--output", tmp_path / "run", "--steps", "1",
+                         "--no-progress", *extra], capsys)
+    assert_one_line_error(code, err, message)
+
+
+def test_train_resume_checks_its_data_before_loading_the_model(tmp_path, no_model_loading, capsys):
+    import json
+
+    folder = _files(tmp_path)
+    run = tmp_path / "run"
+    run.mkdir()
+    data = folder / "bad.jsonl"
+    (run / "train_config.json").write_text(json.dumps({"args": {"data": str(data), "steps": 1}}))
+    code, err = run_cli(["train", "--output", run, "--resume", "--no-progress"], capsys)
+    assert_one_line_error(code, err, "bad.jsonl:2: not valid JSON")
+
+
+@pytest.mark.parametrize("data, message", [
+    ("empty.jsonl", "empty.jsonl: no problems"),
+    ("bad.jsonl", "bad.jsonl:2: not valid JSON"),
+    ("nohash.jsonl", "nohash.jsonl:1: answer has no '#### <number>' line"),
+])
+def test_eval_checks_its_data_before_loading_the_model(tmp_path, no_model_loading, data, message, capsys):
+    folder = _files(tmp_path)
+    code, err = run_cli(["eval", "--data", folder / data, "--output", tmp_path / "ev", "--no-progress"], capsys)
+    assert_one_line_error(code, err, message)
+    assert not (tmp_path / "ev").exists()
+
+
+@pytest.mark.parametrize("prompts, message", [
+    ("empty.txt", "empty.txt: no prompts"),
+    ("empty.jsonl", "empty.jsonl: no prompts"),
+    ("bad.jsonl", "bad.jsonl:2: not valid JSON"),
+    ("noprompt.jsonl", "noprompt.jsonl:1: expected a JSON object with a non-empty \"prompt\" or \"text\""),
+    ("nohash.jsonl", "nohash.jsonl:1: answer has no '#### <number>' line"),
+])
+def test_bench_checks_its_prompts_before_loading_the_model(tmp_path, no_model_loading, prompts, message, capsys):
+    folder = _files(tmp_path)
+    code, err = run_cli(["bench", "--prompts", folder / prompts, "--output", tmp_path / "b", "--no-progress"],
+                        capsys)
+    assert_one_line_error(code, err, message)
+    assert not (tmp_path / "b").exists()
+
+
+@pytest.mark.parametrize("flag, value, message", [
+    ("--also", "missing", "--also {path}: model not found"),
+    ("--also", "folder", "--also {path}: {path} is a folder but not a model"),
+    ("--also", "damaged", "--also {path}: {path}/config.json: no \"model_type\""),
+    ("--gguf", "fake.gguf", "--gguf {path} is not a GGUF file"),
+])
+def test_bench_checks_its_other_models_before_loading_the_model(tmp_path, no_model_loading, flag, value, message,
+                                                                capsys):
+    path = tmp_path / value
+    if value == "folder":
+        path.mkdir()
+    elif value == "damaged":
+        path.mkdir()
+        (path / "config.json").write_text('{"mtp": {"num_heads": 2}}')
+    elif value.endswith(".gguf"):
+        path.write_text("not a gguf")
+    code, err = run_cli(["bench", flag, path, "--output", tmp_path / "b", "--no-progress"], capsys)
+    assert_one_line_error(code, err, message.format(path=path))
+    assert not (tmp_path / "b").exists()
+
+
+def test_eval_refuses_to_resume_other_settings_before_loading_the_model(tmp_path, no_model_loading, capsys):
+    import json
+
+    out = tmp_path / "ev"
+    out.mkdir()
+    saved = {"task": "gsm8k_cot", "model": "default", "fingerprint": "x", "strategy": "greedy", "tau": None, "k": None,
+             "num_draft": None, "tree": None, "tree_size": None, "lookup": None, "shots": 8, "chat": True,
+             "max_new_tokens": 4, "data": "shipped:test", "quantize": "none", "dtype": "float32"}
+    (out / "eval_config.json").write_text(json.dumps(saved))
+    code, err = run_cli(["eval", "--output", out, "--strategy", "speculative", "--max-new-tokens", "4",
+                         "--no-progress"], capsys)
+    assert_one_line_error(code, err, f"{out} holds an evaluation with other settings (strategy 'greedy' -> "
+                          "'speculative'); choose another --output, or pass --no-resume")

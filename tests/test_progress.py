@@ -1,0 +1,63 @@
+"""What a user sees while a command runs: --no-progress means no bar on stderr at all (transformers' own included),
+and an interrupted bench says what it kept."""
+
+from __future__ import annotations
+
+import pytest
+
+from test_damaged_inputs import run_cli
+
+
+@pytest.fixture
+def _restore_transformers_bars():
+    from transformers.utils import logging as hf_logging
+
+    yield
+    hf_logging.enable_progress_bar()
+
+
+def test_no_progress_silences_the_loading_bars_too(tmp_path, capsys, _restore_transformers_bars):
+    """--no-progress (logs of batch jobs): transformers' "Loading weights" bar of a plain model folder goes too."""
+    from conftest import tiny_base, tiny_tokenizer
+
+    tok = tiny_tokenizer()
+    tiny_base("llama", vocab_size=len(tok)).save_pretrained(tmp_path / "hf")
+    tok.save_pretrained(tmp_path / "hf")
+    (tmp_path / "text.txt").write_text("\n\n".join(f"Janet has {i} eggs and {i + 1} ducks." for i in range(8)))
+    code, err = run_cli(["train", "--model", tmp_path / "hf", "--data", tmp_path / "text.txt", "--output",
+                         tmp_path / "run", "--steps", "1", "--seq-len", "32", "--holdout", "0", "--no-progress"],
+                        capsys)
+    assert code == 0, err
+    assert "%|" not in err, err
+
+
+def test_generate_takes_no_progress(tiny_mtp_folder, tmp_path, capsys):
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("Janet has 3 eggs\nWhat is 7 + 5?\n")
+    args = ["generate", "--model", tiny_mtp_folder, "--prompts", prompts, "--max-new-tokens", "2"]
+    code, err = run_cli(args, capsys)
+    assert code == 0 and "%|" in err, err  # the bar of several prompts
+    code, err = run_cli([*args, "--no-progress"], capsys)
+    assert code == 0 and "%|" not in err, err
+
+
+def test_an_interrupted_bench_says_what_it_kept(tiny_mtp_folder, tmp_path, monkeypatch, capsys):
+    """Ctrl-C (or SIGTERM) during `mtp bench`: the finished calls stay in calls.jsonl, and the user is told so and
+    how to continue (the same command runs only the missing calls)."""
+    import json
+
+    import mtp.evaluation.bench as bench
+
+    def interrupted(methods, items, *args, journal=None, **kwargs):
+        journal.write_text("".join(json.dumps({"prompt": i, "method": "greedy"}) + "\n" for i in range(2)))
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(bench, "run_bench", interrupted)
+    out = tmp_path / "b"
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("Janet has 3 eggs\nWhat is 7 + 5?\n")
+    code, err = run_cli(["bench", "--model", tiny_mtp_folder, "--prompts", prompts, "--output", out,
+                         "--no-progress", "--no-hf", "--no-fp16", "--strategy", "greedy"], capsys)
+    assert code == 130, err
+    assert f"mtp bench: interrupted; 2 finished calls are kept in {out / 'calls.jsonl'}: run the same command " \
+           "again to measure only the rest" in err, err
