@@ -88,3 +88,25 @@ def test_a_checkpoint_save_removes_a_killed_save(tmp_path):
     save_checkpoint(tmp_path, 4, tiny_mtp(num_heads=2), {"x": 1})
     assert [s for s, _ in list_checkpoints(tmp_path)] == [4]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["step-000004"]
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_atomic_writes_get_the_modes_plain_writes_get(tmp_path, umask):
+    """A file or folder written through a temporary name ends with the mode `open` / `mkdir` would give it under
+    the process's umask (mkstemp and mkdtemp make theirs private: colleagues could not read a shared run's
+    reports), and the umask is left as it was."""
+    import os
+
+    before = os.umask(umask)
+    try:
+        text = atomic_write_text(tmp_path / "report.json", "{}\n")
+        with atomic_folder(tmp_path / "model") as folder:
+            (folder / "config.json").write_text("{}")
+        plain = tmp_path / "plain.txt"
+        plain.write_text("x")
+        (tmp_path / "plain-folder").mkdir()
+        assert os.umask(umask) == umask
+    finally:
+        os.umask(before)
+    assert text.stat().st_mode & 0o777 == plain.stat().st_mode & 0o777 == 0o666 & ~umask
+    assert (tmp_path / "model").stat().st_mode & 0o777 == (tmp_path / "plain-folder").stat().st_mode & 0o777

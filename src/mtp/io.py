@@ -95,6 +95,13 @@ def disk_errors(target: str | os.PathLike) -> Iterator[None]:
         raise MTPError(f"cannot write {target}: {e.strerror or e} (nothing half-written was left)") from e
 
 
+def _umask() -> int:
+    """The process's umask (read by setting it, so set back at once): what `open` applies to a new file's mode."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary file name beside `path`; when the block succeeds the file written there becomes `path`."""
@@ -105,6 +112,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         fd, name = tempfile.mkstemp(prefix=temporary_prefix(path), suffix=path.suffix, dir=path.parent)
         os.close(fd)
         tmp = Path(name)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp's file is private (0600); the result is a file like any other
         try:
             yield tmp
             os.replace(tmp, path)
@@ -139,6 +147,7 @@ def atomic_folder(folder: str | os.PathLike) -> Iterator[Path]:
         remove_stale_temporaries(folder.parent, folder.name)
         restore_moved_aside(folder)
         tmp = Path(tempfile.mkdtemp(prefix=temporary_prefix(folder), dir=folder.parent))
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp's folder is private (0700)
         try:
             yield tmp
             if folder.exists():
