@@ -329,7 +329,7 @@ def generate(model, input_ids: torch.Tensor | list, attention_mask: torch.Tensor
         graphs: replay each decoding step as a CUDA graph (`mtp.decoding.graphs`); None: on CUDA, unless a
             `proposer` (read on the host) drafts. Off, the same steps run eagerly (the reference). "compile":
             graphs of steps whose Llama-family layers torch.compile fused into fewer kernels (tens of seconds
-            to compile per batch size and block width; then faster, equal to the eager step up to rounding).
+            to compile, for the first two step shapes; then faster, equal to the eager step up to rounding).
     """
     if use_speculative is not None:
         spelled = "speculative" if use_speculative else "greedy"
