@@ -452,3 +452,32 @@ def test_cuda_grouped_attention_runs_a_fused_kernel(block, dtype):
                                                                 attn_mask=mask.float(), scale=0.125, enable_gqa=True)
     tol = 2e-2 if dtype == torch.bfloat16 else 1e-4
     torch.testing.assert_close(got.float(), expected, atol=tol, rtol=tol)
+
+
+@needs_fbgemm
+def test_int8_scales_each_output_channel_of_a_weight():
+    """`--quantize int8` gives every output channel of a weight its own scale: one large weight (trained LLMs have
+    them) costs its own row precision, not every row's - with one scale per matrix, SmolLM2-135M answered "What is
+    7 + 5?" with "SyntaxError: Missing comma". No deprecation notice of torch's int8 modules reaches the user."""
+    import warnings
+
+    from torch import nn
+
+    model = tiny_mtp("llama", seed=1, vocab_size=97)
+    original = {}
+    with torch.no_grad():
+        for name, mod in model.named_modules():
+            if type(mod) is nn.Linear:
+                mod.weight[0, 0] = 30 * mod.weight.abs().max()
+                original[name] = mod.weight.detach().clone()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        quantize_for_decoding(model, "int8")
+    checked = 0
+    for name, mod in model.named_modules():
+        if name in original and hasattr(mod, "weight") and callable(mod.weight):  # a dynamic int8 Linear
+            got, want = mod.weight().dequantize(), original[name]
+            row_step = want.abs().amax(1) / 127  # (out,): one int8 step of each row's own scale
+            assert ((got - want).abs().amax(1) <= row_step * 0.51 + 1e-7).all(), name
+            checked += 1
+    assert checked == len(original)

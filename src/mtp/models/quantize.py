@@ -112,12 +112,27 @@ def quantize_for_decoding(model, mode: str = "fp16", decode_only: bool = False):
     elif mode == "fp16":
         _replace_linears(model, PackedLinear)
     else:
-        torch.ao.quantization.quantize_dynamic(model, {nn.Linear}, dtype=torch.qint8, inplace=True)
+        _int8_dynamic(model)
         if model.backbone.supports_fast_layers:
             model.set_fast_decoding("fp32")  # the lean step then calls the int8 modules
     model.quantized = mode
     model.decode_only = decode_only
     return model
+
+
+def _int8_dynamic(model) -> None:
+    """Every Linear as fbgemm's dynamic int8 matmul, with a scale per output channel of its weight: one scale per
+    matrix (torch's default) lets the few large channels of a trained LLM's projections flatten all the others
+    (SmolLM2-135M then answers "What is 7 + 5?" with "SyntaxError: Missing comma"). The activations still get one
+    scale per call, which is what keeps int8 lossy here."""
+    import warnings
+
+    from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
+
+    with warnings.catch_warnings():  # torch's notices that its own int8 modules are deprecated: nothing to act on
+        warnings.simplefilter("ignore", DeprecationWarning)
+        warnings.simplefilter("ignore", UserWarning)
+        quantize_dynamic(model, {nn.Linear: per_channel_dynamic_qconfig}, dtype=torch.qint8, inplace=True)
 
 
 @contextlib.contextmanager
