@@ -123,8 +123,40 @@ def test_offline_hub_id_gives_a_clear_error(monkeypatch: pytest.MonkeyPatch, tmp
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     # huggingface_hub reads the variable once at import; patch the parsed value too.
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-    with pytest.raises(MTPError, match=r"cannot load 'no-such-org-xyz/no-such-model' from the Hugging Face hub"):
+    with pytest.raises(MTPError, match=r"no-such-org-xyz/no-such-model is no local file or folder, nor in the Hug"):
         hub.load_base_model("no-such-org-xyz/no-such-model")
+
+
+def test_an_unreachable_hub_fails_at_once(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """A name that is no local path, not in the Hugging Face cache, with the hub unreachable (a mistyped folder on
+    an offline machine): one line at once, not transformers' ~25 s of retries. A reachable hub is asked."""
+    import socket
+    import time
+
+    import transformers
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    asked = []
+
+    def from_pretrained(*args, **kwargs):
+        asked.append(args[0])
+        raise OSError("not found")
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", from_pretrained)
+
+    def unreachable(*args, **kwargs):
+        raise OSError("[Errno -2] Name or service not known")
+
+    monkeypatch.setattr(socket, "create_connection", unreachable)
+    start = time.perf_counter()
+    with pytest.raises(MTPError, match=r"heads-24 is no local file or folder.*cannot be reached"):
+        hub.load_base_model("heads-24")
+    assert not asked and time.perf_counter() - start < 5
+    monkeypatch.setattr(hub, "_hub_reachable", lambda timeout=3.0: True)
+    with pytest.raises(MTPError, match=r"cannot load 'heads-24' from the Hugging Face hub"):
+        hub.load_base_model("heads-24")
+    assert asked == ["heads-24"]
 
 
 def test_mtp_and_meta_folders_are_not_base_models(tmp_path: Path) -> None:

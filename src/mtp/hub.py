@@ -9,6 +9,7 @@ import hashlib
 import importlib.util
 import os
 import re
+import socket
 import sys
 import time
 from dataclasses import dataclass
@@ -311,9 +312,40 @@ def check_chat_template(tokenizer, folder: str | os.PathLike) -> None:
             raise MTPError(f"{source}{line}: the chat template is not valid Jinja ({first_line(e)})") from None
 
 
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the Hugging Face hub (`HF_ENDPOINT`) answers a connection within `timeout` seconds. Asked before a
+    hub id that is not in the local cache is looked up online: unreachable, transformers would retry for ~25 s
+    (printing each retry) before failing - the usual fate of a mistyped local path on an offline machine."""
+    from urllib.parse import urlparse
+
+    import huggingface_hub.constants as hf
+
+    if hf.HF_HUB_OFFLINE:
+        return False
+    url = urlparse(hf.ENDPOINT)
+    try:
+        with socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout):
+            return True
+    except OSError:  # no name resolution, refused, timed out
+        return False
+
+
+def _in_hub_cache(repo_id: str) -> bool:
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
+    except ValueError:  # not a valid repo id after all
+        return False
+
+
 def _load_folder(folder: str, dtype: torch.dtype, from_hub: bool) -> tuple[Any, Any]:
     from transformers import AutoModelForCausalLM  # slow import, only when loading
 
+    if from_hub and not _in_hub_cache(folder) and not _hub_reachable():
+        raise MTPError(f"model not found: {folder} is no local file or folder, nor in the Hugging Face cache, and "
+                       "the hub cannot be reached to look it up (offline?); pass a local folder, a .gguf file, or "
+                       "omit --model to use the embedded default")
     try:
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, trust_remote_code=False)
         tokenizer = load_tokenizer(folder)
