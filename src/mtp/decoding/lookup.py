@@ -44,30 +44,42 @@ def lookup_drafts(history: torch.Tensor, length: torch.Tensor, max_tokens: int) 
 
     All n-gram sizes at once (a verify step on a GPU costs per kernel, and a loop per size cost ~90 of them): at
     each earlier slot j, how many tokens ending there equal those ending at the last slot, up to the longest size;
-    the longest such match wins, the most recent among equals."""
+    the longest such match wins, the most recent among equals. ~26 kernels a step."""
     b, s = history.shape
     longest = max(NGRAM_SIZES)  # and every size below it (`NGRAM_SIZES`)
-    idx = torch.arange(s, device=history.device)
+    idx = torch.arange(max(s, longest, max_tokens), device=history.device)  # one arange, sliced below
     last = length - 1  # (B,) the suffix ends here
     padded = torch.nn.functional.pad(history, (longest - 1, 0), value=-1)  # (B, S + longest - 1): no token is -1
-    back = last[:, None] - torch.arange(longest, device=history.device)[None, :]  # (B, longest) slot k before last
+    back = last[:, None] - idx[:longest]  # (B, longest) slot k before last
     # suffix[b, k] = the token k before the last one (-2 before the row's start: equals no token, nor the pad)
     suffix = torch.where(back >= 0, history.gather(1, back.clamp_min(0)), -2)
     # equal[b, k, j] = the token k before slot j equals the token k before the last slot
     windows = padded.unfold(1, s, 1).flip(1)  # (B, longest, S): windows[:, k, j] = history[:, j - k] (-1 before 0)
     equal = windows == suffix[:, :, None]
     run = equal.long().cumprod(1).sum(1)  # (B, S) match length ending at slot j, up to `longest`
-    run = torch.where(idx[None, :] < last[:, None], run, 0)  # earlier slots only
-    best = (run * s + idx[None, :]).amax(-1)  # (B,) the longest match, then the most recent
-    n, end = best // s, best % s
-    start = torch.where(n > 0, end + 1, -1)  # where the copied tokens begin (-1: no match)
-    cap = torch.full_like(n, max_tokens)  # scalars, not a table: a host-to-device copy cannot join a CUDA graph
-    for size, most in MAX_TOKENS_AFTER.items():
-        cap = torch.where(n == size, min(max_tokens, most), cap)
-    count = torch.where(start >= 0, torch.minimum(cap, length - start), 0)  # (B,)
-    offset = torch.minimum(torch.arange(max_tokens, device=history.device)[None, :], (count - 1).clamp_min(0)[:, None])
-    tokens = history.gather(1, (start.clamp_min(0)[:, None] + offset).clamp(max=s - 1))  # (B, max_tokens)
+    run = torch.where(idx[None, :s] < last[:, None], run, 0)  # earlier slots only
+    best, end = (run * s + idx[:s]).max(-1)  # (B,): the longest match, then the most recent; where it ends
+    # the copy begins after the match; a match of n tokens drafts at most _max_after(n) (none when n is 0)
+    start = end + 1
+    count = torch.minimum(_max_after(max_tokens, longest, history.device)[best // s],
+                          length - start).clamp_min(0)  # (B,) (no match: 0, wherever `end` points)
+    offset = torch.minimum(idx[None, :max_tokens], (count - 1).clamp_min(0)[:, None])
+    tokens = history.gather(1, (start[:, None] + offset).clamp(max=s - 1))  # (B, max_tokens)
     return torch.where(count[:, None] > 0, tokens, 0), count
+
+
+_MAX_AFTER: dict[tuple, torch.Tensor] = {}
+
+
+def _max_after(max_tokens: int, longest: int, device: torch.device) -> torch.Tensor:
+    """(longest + 1,) the most drafts after a match of n tokens (0 for none), built once per device and kept: a
+    step replayed as a CUDA graph reads the table it was captured with (the first, eager, step built it)."""
+    key = (max_tokens, longest, device)
+    table = _MAX_AFTER.get(key)
+    if table is None:
+        caps = [0] + [min(max_tokens, MAX_TOKENS_AFTER.get(n, max_tokens)) for n in range(1, longest + 1)]
+        table = _MAX_AFTER[key] = torch.tensor(caps, device=device)
+    return table
 
 
 def lookup_chain(drafts, lookup_tokens: torch.Tensor):
