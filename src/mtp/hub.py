@@ -322,6 +322,8 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
 
     if hf.HF_HUB_OFFLINE:
         return False
+    if any(os.environ.get(name) for name in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return True  # through a proxy: a direct connection says nothing; let the download try
     url = urlparse(hf.ENDPOINT)
     try:
         with socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout):
