@@ -226,8 +226,8 @@ def layer_step(hidden: torch.Tensor, mask: torch.Tensor | None, kv_buf: torch.Te
     return hidden if down_b is None else hidden.add_(down_b)
 
 
-# Off by default: compiling costs tens of seconds (the first two step shapes), worth it where steps are replayed many times
-# (`generate(graphs="compile")` turns it on while its CUDA graphs warm up and are captured).
+# Off by default: compiling costs tens of seconds (for the first two step shapes), worth it where steps are
+# replayed many times (`generate(graphs="compile")` turns it on while its CUDA graphs warm up and are captured).
 _COMPILED_LAYERS = False
 
 
