@@ -331,3 +331,41 @@ def test_damaged_rows_are_those_with_a_nan_or_positive_infinite_logit():
         logits[5, 0, 3], logits[5, 0, 7] = float("inf"), float("-inf")
         expected = (logits.isnan() | logits.isposinf()).any(-1).any(-1)
         assert damaged_rows(logits).tolist() == expected.tolist() == [False, True, True, False, False, True]
+
+
+_STOP_TOKENIZER = []
+
+
+@settings(max_examples=80, deadline=None)
+@given(tokens=st.lists(st.integers(5, 299), min_size=1, max_size=40), chunks=st.lists(st.integers(1, 4), max_size=20),
+       stops=st.lists(st.sampled_from(["Q:", " is", "12.", "eggs", "</s>", "7 + 5"]), max_size=2),
+       taken=st.tuples(st.integers(0, 39), st.integers(1, 3)))
+def test_stop_strings_cut_at_the_shortest_prefix_that_holds_one(tokens, chunks, stops, taken):
+    """`StopChecker.cut` over a row's tokens arriving a few at a time (as accepted blocks do) keeps exactly the
+    shortest prefix whose text holds a stop string (searched from scratch over the whole text), or everything.
+    One stop string is the text of a few of the row's own tokens, so most rows stop somewhere."""
+    from conftest import tiny_tokenizer
+    from mtp.decoding.stopping import StopChecker
+
+    if not _STOP_TOKENIZER:
+        _STOP_TOKENIZER.append(tiny_tokenizer())
+    tok = _STOP_TOKENIZER[0]
+    start, length = taken
+    own = tok.decode(tokens[start:start + length]).replace("\ufffd", "")
+    stops = stops + [own] if own else stops
+    if not stops:
+        return
+    expected = next((j for j in range(1, len(tokens) + 1) if any(s in tok.decode(tokens[:j]) for s in stops)),
+                    len(tokens))
+    checker, kept, at = StopChecker(1, None, stops, tok), 0, 0
+    for size in chunks + [len(tokens)]:
+        new = tokens[at:at + size]
+        if not new:
+            break
+        cut = checker.cut(0, new)
+        at += len(new)
+        if cut is not None:
+            kept += cut
+            break
+        kept += len(new)
+    assert kept == expected

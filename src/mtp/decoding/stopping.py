@@ -41,7 +41,8 @@ class StopChecker:
         hist.extend(new)
         # Only the tail can contain a new match: decode a window that covers the longest stop string.
         window = max(len(s) for s in self.stop_strings) + 8 + len(new)
-        if not any(s in self.tokenizer.decode(hist[-window:]) for s in self.stop_strings):
+        text = self.tokenizer.decode(hist[-window:])  # once, not once per stop string (a step's host time)
+        if not any(s in text for s in self.stop_strings):
             return None
         for j in range(base + 1, len(hist) + 1):
             text = self.tokenizer.decode(hist[max(0, j - window):j])
