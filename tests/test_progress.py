@@ -61,3 +61,31 @@ def test_an_interrupted_bench_says_what_it_kept(tiny_mtp_folder, tmp_path, monke
     assert code == 130, err
     assert f"mtp bench: interrupted; 2 finished calls are kept in {out / 'calls.jsonl'}: run the same command " \
            "again to measure only the rest" in err, err
+
+
+def test_generate_clears_its_bar_while_answers_print(tiny_mtp_folder, tmp_path, capsys, monkeypatch):
+    """On a terminal the bar (stderr) and the answers (stdout) share the screen: every answer is printed with the
+    bar cleared (tqdm's external write mode), so no answer lands in the middle of a bar's line."""
+    import contextlib
+
+    from tqdm import tqdm
+
+    printing = []
+    original = tqdm.external_write_mode
+
+    @contextlib.contextmanager
+    def recorded(*args, **kwargs):
+        printing.append(True)
+        with original(*args, **kwargs):
+            yield
+        printing.append(False)
+
+    answers = []
+    monkeypatch.setattr(tqdm, "external_write_mode", recorded)
+    monkeypatch.setattr("builtins.print", lambda *a, **k: answers.append(bool(printing) and printing[-1]))
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("Janet has 3 eggs\nWhat is 7 + 5?\n")
+    code, err = run_cli(["generate", "--model", tiny_mtp_folder, "--prompts", prompts, "--max-new-tokens", "2",
+                         "--batch-size", "1"], capsys)
+    assert code == 0, err
+    assert answers[:4] == [True] * 4, answers  # two prompts: an answer and its blank line each, all inside

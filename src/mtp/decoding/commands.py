@@ -167,7 +167,8 @@ def generate(model: str | None = None, prompt: str | None = None, prompts: str |
         records = [_record(chunk[i], text, res.tokens[i], res.stats.to_dict()) for i, text in enumerate(res.texts)]
         results.extend(records)
         bar.update(len(chunk))
-        _show(records, json, streaming)
+        with tqdm.external_write_mode(file=sys.stdout):  # the bar (stderr) cleared while answers print: one terminal
+            _show(records, json, streaming)
     bar.close()
     if output:
         atomic_write_lines(output, (jsonlib.dumps(r) for r in results))
