@@ -369,3 +369,19 @@ def test_stop_strings_cut_at_the_shortest_prefix_that_holds_one(tokens, chunks, 
             break
         kept += len(new)
     assert kept == expected
+
+
+def test_end_tokens_of_one_token_blocks_as_of_longer_ones():
+    """`stop_tokens` on a greedy step's one-token block (its own few kernels) says what it says of the same token
+    at the head of a longer block: the row ends when its emitted token is an end token, and a row that emitted
+    nothing (finished, or out of budget) does not."""
+    from mtp.decoding.stopping import stop_tokens
+
+    gen = torch.Generator().manual_seed(0)
+    emitted = torch.randint(0, 6, (64, 1), generator=gen)
+    counts = torch.randint(0, 2, (64,), generator=gen)
+    stop_ids = torch.tensor([2, 4])
+    one = stop_tokens(emitted, counts, stop_ids)
+    longer = stop_tokens(torch.cat([emitted, torch.randint(0, 6, (64, 3), generator=gen)], 1), counts, stop_ids)
+    assert torch.equal(one[0], longer[0]) and torch.equal(one[1], longer[1])
+    assert one[1].any() and not one[1].all()

@@ -12,6 +12,8 @@ def stop_tokens(emitted: torch.Tensor, counts: torch.Tensor, stop_ids: torch.Ten
     Returns (counts (B,), hit (B,) bool)."""
     if stop_ids.numel() == 0:
         return counts, torch.zeros_like(counts, dtype=torch.bool)
+    if emitted.shape[1] == 1:  # one token (greedy): it ends the row if it is emitted and an end token (4 kernels)
+        return counts, (emitted == stop_ids).any(-1) & (counts > 0)
     in_block = torch.arange(emitted.shape[1], device=emitted.device)[None, :] < counts[:, None]  # (B, W)
     hit = (emitted[..., None] == stop_ids).any(-1) & in_block  # (B, W); a few end tokens: a broadcast compare
     any_hit = hit.any(-1)
