@@ -122,7 +122,8 @@ def test_a_fused_layer_step_is_few_kernels(block, path, monkeypatch):
     scores' matmul and adds the second residual inside the down projection - 16 ops a layer with the two-matmul
     attention, where the same arithmetic one op at a time is 21; a trunk layer, whose input nothing else reads,
     adds the first residual inside the output projection too (15); CUDA's grouped attention is one sdpa kernel
-    instead of four (12). Blocks of several tokens add the copies that regroup query heads (and the mask)."""
+    instead of four (12 here; on CUDA, whose kernel writes its output as (B, rows, kv heads, D), one copy more
+    regroups the heads). Blocks of several tokens add the copies that regroup query heads (and the mask)."""
     monkeypatch.setattr(fast_llama, "FUSED_DEVICES", {"cpu"})
     monkeypatch.setattr(fast_llama, "_attention_path", lambda batch, block, device_type="cpu": path)  # as on a GPU
     model = tiny_mtp("llama", seed=3)
@@ -306,8 +307,13 @@ def test_attention_paths_equal_sdpa(batch, block, masked, path, monkeypatch):
     expected = torch.nn.functional.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=0.3,
                                                                 enable_gqa=True)
     monkeypatch.setattr(fast_llama, "_attention_path", lambda batch, block, device_type="cpu": path)
-    got = fast_llama._attention(q, keys, values, mask, 0.3)
-    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    got = fast_llama._attention(q, keys, values, mask, 0.3)  # (B, T, heads, D)
+    torch.testing.assert_close(got, expected.transpose(1, 2), atol=1e-5, rtol=1e-5)
+    if path == "grouped":  # as CUDA's kernel writes it, (B, rows, kv heads, D) in memory: the same values
+        real = torch.nn.functional.scaled_dot_product_attention
+        monkeypatch.setattr(fast_llama.F, "scaled_dot_product_attention",
+                            lambda *a, **k: real(*a, **k).transpose(1, 2).contiguous().transpose(1, 2))
+        torch.testing.assert_close(fast_llama._attention(q, keys, values, mask, 0.3), got, atol=0, rtol=0)
 
 
 @pytest.mark.parametrize("path", fast_llama.ATTENTION_PATHS)
@@ -447,9 +453,10 @@ def test_cuda_grouped_attention_runs_a_fused_kernel(block, dtype):
     allowed &= torch.arange(end, device="cuda")[None, :] >= 7  # left padding
     mask = torch.zeros(1, 1, block, end, device="cuda", dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)
     with sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.CUDNN_ATTENTION]):
-        got = fast_llama._attention(q, keys, values, mask, 0.125)
+        got = fast_llama._attention(q, keys, values, mask, 0.125)  # (B, T, heads, D)
     expected = torch.nn.functional.scaled_dot_product_attention(q.float(), keys.float(), values.float(),
-                                                                attn_mask=mask.float(), scale=0.125, enable_gqa=True)
+                                                                attn_mask=mask.float(), scale=0.125,
+                                                                enable_gqa=True).transpose(1, 2)
     tol = 2e-2 if dtype == torch.bfloat16 else 1e-4
     torch.testing.assert_close(got.float(), expected, atol=tol, rtol=tol)
 

@@ -100,8 +100,8 @@ class FastLlamaLayer:
             q = _rotate(q.transpose(1, 2), cos, signed_sin)  # (B, heads, T, D)
             k = _rotate(k.transpose(1, 2), cos, signed_sin)  # (B, kv_heads, T, D)
         keys, values = cache.update(k, v, self.layer_idx)  # (B, kv_heads, end, D)
-        attn = _attention(q, keys, values, mask, self.scaling)  # (B, heads, T, D)
-        hidden = hidden + self._project(OUT, attn.transpose(1, 2).reshape(b, t, -1))[0]
+        attn = _attention(q, keys, values, mask, self.scaling)  # (B, T, heads, D)
+        hidden = hidden + self._project(OUT, attn.reshape(b, t, -1))[0]
         gate, up = self._project(GATE_UP, rms_norm(hidden, self.ln2))
         return hidden + self._project(DOWN, self.act(gate) * up)[0]
 
@@ -212,8 +212,8 @@ def layer_step(hidden: torch.Tensor, mask: torch.Tensor | None, kv_buf: torch.Te
     kv = y[..., heads * d : qk_cols + kv_heads * d].view(b, t, 2, kv_heads, d)  # rotated keys, then values
     write_kv(kv_buf, slots, kv.permute(2, 0, 3, 1, 4))  # (2, B, kv_heads, T, D)
     attn = _attention(qk[:, :, :heads].transpose(1, 2), kv_buf[0, :, :, :window], kv_buf[1, :, :, :window], mask,
-                      scale)  # (B, heads, T, D)
-    attn = attn.transpose(1, 2).reshape(b * t, -1)  # (B T, heads D)
+                      scale)  # (B, T, heads, D)
+    attn = attn.reshape(b * t, -1)  # (B T, heads D)
     if reuse_input:  # the residual add inside the matmul, into the caller's buffer
         hidden.view(b * t, h).addmm_(attn, o_w.t())
         hidden = hidden if o_b is None else hidden.add_(o_b)
@@ -283,28 +283,33 @@ def _attention_path(batch: int, block: int, device_type: str = "cpu") -> str:
 
 def _attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None,
                scale: float) -> torch.Tensor:
-    """Causal attention of a block of T queries over the cache. q (B, heads, T, D), keys/values (B, kv, end, D),
-    mask (B, 1, T, end) additive, or None for a 1-token step over a hole-free cache (attend to everything)."""
+    """Causal attention of a block of T queries over the cache: q (B, heads, T, D), keys/values (B, kv, end, D),
+    mask (B, 1, T, end) additive, or None for a 1-token step over a hole-free cache (attend to everything).
+    Returns (B, T, heads, D), whatever its strides: callers flatten the heads for the output projection (a view
+    where the layout allows; sdpa's CUDA kernels write (B, T, heads, D) in memory)."""
     b, heads, t, d = q.shape
     kv, end = keys.shape[1], keys.shape[2]
     path = _attention_path(b, t, q.device.type)
     if path == "sdpa":
         return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scale,
-                                              enable_gqa=heads != kv)  # (B, heads, T, D)
+                                              enable_gqa=heads != kv).transpose(1, 2)  # (B, T, heads, D)
     group = heads // kv  # query head h reads key/value head h // group, as sdpa's enable_gqa does
     if path == "grouped":  # the group's query heads as rows (group, T) of key/value head h // group's attention
         if mask is not None and t > 1:  # every row of a group sees the block's mask (one row: it broadcasts)
             mask = mask[:, :, None].expand(b, 1, group, t, end).reshape(b, 1, group * t, end)
         out = F.scaled_dot_product_attention(q.reshape(b, kv, group * t, d), keys, values, attn_mask=mask,
                                              scale=scale)  # (B, kv, group T, D)
-        return out.view(b, heads, t, d)
+        # CUDA's kernels lay their output out as (B, group T, kv, D) (a transposed view): regrouping the heads
+        # (h = kv_i * group + g) is a copy there, whatever the block (docs/benchmarks.md)
+        return out.reshape(b, kv, group, t, d).permute(0, 3, 1, 2, 4).reshape(b, t, heads, d)
     # 3-D for baddbmm, which scales inside the matmul (one kernel fewer than a multiply after it)
     scores = torch.baddbmm(q.new_empty(1, 1, 1), q.reshape(b * kv, group * t, d),
                            keys.reshape(b * kv, end, d).transpose(1, 2), beta=0, alpha=scale)  # (B kv, group T, end)
     if mask is not None:
         scores = scores.view(b, kv, group, t, end) + mask[:, :, None]  # (B, 1, 1, T, end) broadcast over heads
     probs = torch.softmax(scores, dim=-1).view(b * kv, group * t, end)
-    return torch.bmm(probs, values.reshape(b * kv, end, d)).view(b, heads, t, d)  # (B, heads, T, D)
+    out = torch.bmm(probs, values.reshape(b * kv, end, d))  # (B kv, group T, D)
+    return out.view(b, heads, t, d).transpose(1, 2)  # (B, T, heads, D): a view (a 1-token block flattens as it is)
 
 
 def rms_norm(x: torch.Tensor, norm: nn.Module) -> torch.Tensor:
