@@ -27,6 +27,7 @@ from mtp.models.cache import write_kv
 WEIGHT_FORMATS = ("fp32", "fp16")
 QKV, OUT, GATE_UP, DOWN = range(4)  # the layer's projections, fused where the weights are packed
 QKV_SWAPPED = 4  # q, k, v and then q and k again with each head's halves swapped: what `layer_step` reads
+OUT_GROUP_MAJOR = 5  # the output projection reading its heads group-major (`_attention`'s `group_major`)
 # Up to this many bytes of swapped q and k rows a layer, rotary takes each head's swapped halves from the
 # projection (a kernel fewer, `layer_step`); past it, streaming those rows every step would cost more than the
 # kernel (a 135M model's layer: 0.9 MB; an 8B model's: 42 MB, ~9 us at 4.8 TB/s).
@@ -125,13 +126,20 @@ class FastLlamaLayer:
         heads, kv_heads = bounds[0][1] // self.head_dim, (bounds[1][1] - bounds[1][0]) // self.head_dim
         kv_buf = cache.layer_kv(self.layer_idx, hidden.new_empty((b, kv_heads, 0, self.head_dim)))
         o, down = self.attn.o_proj, self.mlp.down_proj
+        o_w, group_major = o.weight, False
+        # A 1-token block's grouped attention comes out of CUDA's kernel group-major: a copy of the output
+        # projection's weight that reads it so saves a kernel a layer (small layers: the copy's bytes, as above)
+        if (_attention_path(b, hidden.shape[1], hidden.device.type) == "grouped" and hidden.shape[1] == 1
+                and heads != kv_heads and o.weight.numel() * o.weight.element_size() <= SWAPPED_ROWS_BYTES):
+            _, o_w, _, _ = self._fused_weights(OUT_GROUP_MAJOR, (o,))
+            group_major = True
         args = (hidden, mask, kv_buf, cache.owner.block_slots, cache.owner.window, cos, signed_sin,
-                self.ln1.weight, self.ln1.variance_epsilon, qkv_w, qkv_b, o.weight, o.bias,
+                self.ln1.weight, self.ln1.variance_epsilon, qkv_w, qkv_b, o_w, o.bias,
                 self.ln2.weight, self.ln2.variance_epsilon, gate_up_w, gate_up_b, down.weight, down.bias,
                 heads, kv_heads, self.scaling)
         if _COMPILED_LAYERS:  # (inductor fuses the residual add into the norm after it: nothing to reuse)
-            return compiled_layer_step()(*args)
-        return layer_step(*args, reuse_input=reuse_input and hidden.is_contiguous())
+            return compiled_layer_step()(*args, group_major=group_major)
+        return layer_step(*args, reuse_input=reuse_input and hidden.is_contiguous(), group_major=group_major)
 
     def _modules(self, which: int) -> tuple[nn.Module, ...]:
         a, m = self.attn, self.mlp  # read at call time, so int8-replaced or moved projections are seen
@@ -170,6 +178,9 @@ class FastLlamaLayer:
                                   for p in modules])
             ends = torch.tensor([p.out_features for p in modules]).cumsum(0).tolist()
             bounds = list(zip([0, *ends[:-1]], ends, strict=True))
+            if which == OUT_GROUP_MAJOR:  # input columns (kv, group, D) -> (group, kv, D)
+                kv = self.attn.k_proj.out_features // self.head_dim
+                weight = weight.view(weight.shape[0], kv, -1, self.head_dim).transpose(1, 2).reshape(weight.shape)
             if which == QKV_SWAPPED:
                 qk = bounds[1][1]  # q's and k's rows
                 weight = torch.cat([weight, _swap_halves(weight[:qk], self.head_dim)])
@@ -190,7 +201,7 @@ def layer_step(hidden: torch.Tensor, mask: torch.Tensor | None, kv_buf: torch.Te
                qkv_w: torch.Tensor, qkv_b: torch.Tensor | None, o_w: torch.Tensor, o_b: torch.Tensor | None,
                ln2_w: torch.Tensor, ln2_eps: float, gate_up_w: torch.Tensor, gate_up_b: torch.Tensor | None,
                down_w: torch.Tensor, down_b: torch.Tensor | None, heads: int, kv_heads: int,
-               scale: float, reuse_input: bool = False) -> torch.Tensor:
+               scale: float, reuse_input: bool = False, group_major: bool = False) -> torch.Tensor:
     """One decoder layer over fused weights as a function of tensors only: the arithmetic of `FastLlamaLayer`'s
     general path in fewer kernels, since a GPU step costs per kernel (15-16 a layer eagerly, against 21 for the
     same ops one by one), and what `torch.compile` fuses further (`compiled_layer_step`).
@@ -198,7 +209,8 @@ def layer_step(hidden: torch.Tensor, mask: torch.Tensor | None, kv_buf: torch.Te
     over the first `window` slots with the additive mask (B, 1, T, window) or None; cos/signed_sin (B, 1, T, D);
     qkv_w/qkv_b: q, k, v, then (`_fused_weights(QKV_SWAPPED)`, small layers) q and k with each head's halves
     swapped. `reuse_input` (contiguous `hidden` the caller never reads again): the attention's residual is added
-    inside the output projection's matmul, into `hidden` (15 kernels a layer, against 16)."""
+    inside the output projection's matmul, into `hidden` (15 kernels a layer, against 16). `group_major` (a 1-token
+    block, grouped attention): o_w reads the heads group-major (`_fused_weights(OUT_GROUP_MAJOR)`)."""
     b, t, h = hidden.shape
     d = kv_buf.shape[-1]
     qk_cols = (heads + kv_heads) * d
@@ -212,8 +224,8 @@ def layer_step(hidden: torch.Tensor, mask: torch.Tensor | None, kv_buf: torch.Te
     kv = y[..., heads * d : qk_cols + kv_heads * d].view(b, t, 2, kv_heads, d)  # rotated keys, then values
     write_kv(kv_buf, slots, kv.permute(2, 0, 3, 1, 4))  # (2, B, kv_heads, T, D)
     attn = _attention(qk[:, :, :heads].transpose(1, 2), kv_buf[0, :, :, :window], kv_buf[1, :, :, :window], mask,
-                      scale)  # (B, T, heads, D)
-    attn = attn.reshape(b * t, -1)  # (B T, heads D)
+                      scale, group_major)  # (B, T, heads, D)
+    attn = attn.reshape(b * t, -1)  # (B T, heads D): a view of what CUDA's kernels write
     if reuse_input:  # the residual add inside the matmul, into the caller's buffer
         hidden.view(b * t, h).addmm_(attn, o_w.t())
         hidden = hidden if o_b is None else hidden.add_(o_b)
@@ -282,11 +294,13 @@ def _attention_path(batch: int, block: int, device_type: str = "cpu") -> str:
 
 
 def _attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None,
-               scale: float) -> torch.Tensor:
+               scale: float, group_major: bool = False) -> torch.Tensor:
     """Causal attention of a block of T queries over the cache: q (B, heads, T, D), keys/values (B, kv, end, D),
     mask (B, 1, T, end) additive, or None for a 1-token step over a hole-free cache (attend to everything).
     Returns (B, T, heads, D), whatever its strides: callers flatten the heads for the output projection (a view
-    where the layout allows; sdpa's CUDA kernels write (B, T, heads, D) in memory)."""
+    where the layout allows; sdpa's CUDA kernels write (B, T, heads, D) in memory). `group_major` (one-token
+    blocks on the grouped path): the heads in the order (group, kv) that CUDA's grouped kernel writes, for an output
+    projection whose columns are in that order."""
     b, heads, t, d = q.shape
     kv, end = keys.shape[1], keys.shape[2]
     path = _attention_path(b, t, q.device.type)
@@ -300,7 +314,9 @@ def _attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: 
         out = F.scaled_dot_product_attention(q.reshape(b, kv, group * t, d), keys, values, attn_mask=mask,
                                              scale=scale)  # (B, kv, group T, D)
         # CUDA's kernels lay their output out as (B, group T, kv, D) (a transposed view): regrouping the heads
-        # (h = kv_i * group + g) is a copy there, whatever the block (docs/benchmarks.md)
+        # (h = kv_i * group + g) is a copy there, whatever the block (docs/benchmarks.md); group-major, a view
+        if group_major:
+            return out.transpose(1, 2).reshape(b, t, heads, d)  # (B, 1, group x kv, D)
         return out.reshape(b, kv, group, t, d).permute(0, 3, 1, 2, 4).reshape(b, t, heads, d)
     # 3-D for baddbmm, which scales inside the matmul (one kernel fewer than a multiply after it)
     scores = torch.baddbmm(q.new_empty(1, 1, 1), q.reshape(b * kv, group * t, d),
