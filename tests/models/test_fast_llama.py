@@ -123,9 +123,9 @@ def test_a_fused_layer_step_is_few_kernels(block, path, monkeypatch):
     attention, where the same arithmetic one op at a time is 21; a trunk layer, whose input nothing else reads,
     adds the first residual inside the output projection too (15); CUDA's grouped attention is one sdpa kernel
     instead of four (12: on a CPU, whose sdpa writes (B, kv heads, rows, D), the output projection's group-major
-    read of a 1-token block costs a copy counted here, which CUDA's layout makes a view,
-    `test_a_one_token_grouped_attention_is_read_where_cudas_kernel_writes_it`). Blocks of several tokens add the
-    copies that regroup query heads (and the mask)."""
+    read costs a copy counted here, which CUDA's layout makes a view,
+    `test_grouped_attention_is_read_where_cudas_kernel_writes_it`). Blocks of several tokens add the copies that
+    regroup query heads (and the mask)."""
     monkeypatch.setattr(fast_llama, "FUSED_DEVICES", {"cpu"})
     monkeypatch.setattr(fast_llama, "_attention_path", lambda batch, block, device_type="cpu": path)  # as on a GPU
     model = tiny_mtp("llama", seed=3)
@@ -136,7 +136,7 @@ def test_a_fused_layer_step_is_few_kernels(block, path, monkeypatch):
             most = 16 if block == 1 else 18
         else:
             assert ops.count("scaled_dot_product_attention") == 1 and "bmm" not in ops, ops
-            most = 14 if block == 1 else 16  # a 1-token block: 13 on CUDA (no regrouping copy)
+            most = 14 if block == 1 else 16  # one less on CUDA (no regrouping copy of the output)
         assert ops.count("scatter_") == 1 and "cat" not in ops and "mul" in ops, ops
         assert ops.count("addmm_") == (2 if reuse_input else 1), ops
         assert len(ops) <= most - reuse_input, ops
@@ -318,9 +318,10 @@ def test_attention_paths_equal_sdpa(batch, block, masked, path, monkeypatch):
         torch.testing.assert_close(fast_llama._attention(q, keys, values, mask, 0.3), got, atol=0, rtol=0)
 
 
-def test_a_one_token_grouped_attention_is_read_where_cudas_kernel_writes_it(monkeypatch):
-    """CUDA's sdpa kernels write their output as (B, rows, kv heads, D) (a transposed view of (B, kv, rows, D)). For a
-    one-token block the grouped path's rows are the group's query heads, so the heads come out group-major:
+@pytest.mark.parametrize("block", [1, 3])
+def test_grouped_attention_is_read_where_cudas_kernel_writes_it(block, monkeypatch):
+    """CUDA's sdpa kernels write their output as (B, rows, kv heads, D) (a transposed view of (B, kv, rows, D)). The
+    grouped path's rows are (token, query head of the group), so each token's heads come out group-major:
     `group_major` hands them on as they lie (flattening is a view, no copy), in the order the output projection's
     group-major weight copy (`OUT_GROUP_MAJOR`) reads; without it they are regrouped to the model's head order."""
     real = torch.nn.functional.scaled_dot_product_attention
@@ -334,15 +335,16 @@ def test_a_one_token_grouped_attention_is_read_where_cudas_kernel_writes_it(monk
     monkeypatch.setattr(fast_llama.F, "scaled_dot_product_attention", cuda_layout)
     monkeypatch.setattr(fast_llama, "_attention_path", lambda batch, block, device_type="cpu": "grouped")
     gen = torch.Generator().manual_seed(0)
-    q = torch.randn(2, 6, 1, 8, generator=gen)  # 6 query heads over 2 key/value heads: groups of 3
+    q = torch.randn(2, 6, block, 8, generator=gen)  # 6 query heads over 2 key/value heads: groups of 3
     keys, values = torch.randn(2, 2, 2, 24, 8, generator=gen)
-    mask = torch.zeros(2, 1, 1, 24).masked_fill(torch.arange(24) < 5, torch.finfo(torch.float32).min)
-    expected = real(q, keys, values, attn_mask=mask, scale=0.3, enable_gqa=True).transpose(1, 2)  # (B, 1, 6, D)
+    allowed = (torch.arange(24) >= 5) & (torch.arange(24)[None, :] <= 20 + torch.arange(block)[:, None])  # (T, 24)
+    mask = torch.zeros(2, 1, block, 24).masked_fill(~allowed, torch.finfo(torch.float32).min)
+    expected = real(q, keys, values, attn_mask=mask, scale=0.3, enable_gqa=True).transpose(1, 2)  # (B, T, 6, D)
     head_major = fast_llama._attention(q, keys, values, mask, 0.3)
-    group_major = fast_llama._attention(q, keys, values, mask, 0.3, group_major=True).reshape(2, -1)
+    group_major = fast_llama._attention(q, keys, values, mask, 0.3, group_major=True).reshape(2 * block, -1)
     assert group_major.untyped_storage().data_ptr() == written[-1].untyped_storage().data_ptr()  # no copy
     torch.testing.assert_close(head_major, expected)
-    regrouped = expected.reshape(2, 2, 3, 8).transpose(1, 2).reshape(2, -1)  # heads (kv, group) -> (group, kv)
+    regrouped = expected.reshape(2, block, 2, 3, 8).transpose(2, 3).reshape(2 * block, -1)  # (kv, group) -> (group, kv)
     torch.testing.assert_close(group_major, regrouped)
 
 

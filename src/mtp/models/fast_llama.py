@@ -127,10 +127,10 @@ class FastLlamaLayer:
         kv_buf = cache.layer_kv(self.layer_idx, hidden.new_empty((b, kv_heads, 0, self.head_dim)))
         o, down = self.attn.o_proj, self.mlp.down_proj
         o_w, group_major = o.weight, False
-        # A 1-token block's grouped attention comes out of CUDA's kernel group-major: a copy of the output
-        # projection's weight that reads it so saves a kernel a layer (small layers: the copy's bytes, as above)
-        if (_attention_path(b, hidden.shape[1], hidden.device.type) == "grouped" and hidden.shape[1] == 1
-                and heads != kv_heads and o.weight.numel() * o.weight.element_size() <= SWAPPED_ROWS_BYTES):
+        # The grouped attention comes out of CUDA's kernel group-major: a copy of the output projection's weight
+        # that reads it so saves a kernel a layer (small layers: the copy's bytes, as above)
+        if (_attention_path(b, hidden.shape[1], hidden.device.type) == "grouped" and heads != kv_heads
+                and o.weight.numel() * o.weight.element_size() <= SWAPPED_ROWS_BYTES):
             _, o_w, _, _ = self._fused_weights(OUT_GROUP_MAJOR, (o,))
             group_major = True
         args = (hidden, mask, kv_buf, cache.owner.block_slots, cache.owner.window, cos, signed_sin,
@@ -209,8 +209,8 @@ def layer_step(hidden: torch.Tensor, mask: torch.Tensor | None, kv_buf: torch.Te
     over the first `window` slots with the additive mask (B, 1, T, window) or None; cos/signed_sin (B, 1, T, D);
     qkv_w/qkv_b: q, k, v, then (`_fused_weights(QKV_SWAPPED)`, small layers) q and k with each head's halves
     swapped. `reuse_input` (contiguous `hidden` the caller never reads again): the attention's residual is added
-    inside the output projection's matmul, into `hidden` (15 kernels a layer, against 16). `group_major` (a 1-token
-    block, grouped attention): o_w reads the heads group-major (`_fused_weights(OUT_GROUP_MAJOR)`)."""
+    inside the output projection's matmul, into `hidden` (15 kernels a layer, against 16). `group_major` (grouped
+    attention): o_w reads the heads group-major (`_fused_weights(OUT_GROUP_MAJOR)`)."""
     b, t, h = hidden.shape
     d = kv_buf.shape[-1]
     qk_cols = (heads + kv_heads) * d
@@ -298,9 +298,9 @@ def _attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: 
     """Causal attention of a block of T queries over the cache: q (B, heads, T, D), keys/values (B, kv, end, D),
     mask (B, 1, T, end) additive, or None for a 1-token step over a hole-free cache (attend to everything).
     Returns (B, T, heads, D), whatever its strides: callers flatten the heads for the output projection (a view
-    where the layout allows; sdpa's CUDA kernels write (B, T, heads, D) in memory). `group_major` (one-token
-    blocks on the grouped path): the heads in the order (group, kv) that CUDA's grouped kernel writes, for an output
-    projection whose columns are in that order."""
+    where the layout allows; sdpa's CUDA kernels write (B, T, heads, D) in memory). `group_major` (the grouped
+    path): the heads in the order (group, kv), which is how CUDA's kernel writes them when the rows are ordered
+    (T, group), for an output projection whose columns are in that order."""
     b, heads, t, d = q.shape
     kv, end = keys.shape[1], keys.shape[2]
     path = _attention_path(b, t, q.device.type)
@@ -308,15 +308,20 @@ def _attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: 
         return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scale,
                                               enable_gqa=heads != kv).transpose(1, 2)  # (B, T, heads, D)
     group = heads // kv  # query head h reads key/value head h // group, as sdpa's enable_gqa does
-    if path == "grouped":  # the group's query heads as rows (group, T) of key/value head h // group's attention
+    if path == "grouped" and group_major:  # rows (T, group) of key/value head kv_i: query head kv_i * group + g
+        rows = q.view(b, kv, group, t, d).transpose(2, 3).reshape(b, kv, t * group, d)  # a copy for T > 1
+        if mask is not None and t > 1:  # every row of token t sees the block's mask row t (one row: it broadcasts)
+            mask = mask[:, :, :, None].expand(b, 1, t, group, end).reshape(b, 1, t * group, end)
+        out = F.scaled_dot_product_attention(rows, keys, values, attn_mask=mask, scale=scale)  # (B, kv, T group, D)
+        # CUDA's kernels write (B, T group, kv, D) in memory (a transposed view): per token, group-major heads
+        return out.transpose(1, 2).reshape(b, t, heads, d)  # a view on CUDA (a copy of the CPU's layout)
+    if path == "grouped":  # rows (group, T): the query heads are regrouped afterwards
         if mask is not None and t > 1:  # every row of a group sees the block's mask (one row: it broadcasts)
             mask = mask[:, :, None].expand(b, 1, group, t, end).reshape(b, 1, group * t, end)
         out = F.scaled_dot_product_attention(q.reshape(b, kv, group * t, d), keys, values, attn_mask=mask,
                                              scale=scale)  # (B, kv, group T, D)
         # CUDA's kernels lay their output out as (B, group T, kv, D) (a transposed view): regrouping the heads
-        # (h = kv_i * group + g) is a copy there, whatever the block (docs/benchmarks.md); group-major, a view
-        if group_major:
-            return out.transpose(1, 2).reshape(b, t, heads, d)  # (B, 1, group x kv, D)
+        # (h = kv_i * group + g) is a copy there, whatever the block (docs/benchmarks.md)
         return out.reshape(b, kv, group, t, d).permute(0, 3, 1, 2, 4).reshape(b, t, heads, d)
     # 3-D for baddbmm, which scales inside the matmul (one kernel fewer than a multiply after it)
     scores = torch.baddbmm(q.new_empty(1, 1, 1), q.reshape(b * kv, group * t, d),
