@@ -520,3 +520,14 @@ def test_int8_scales_each_output_channel_of_a_weight():
             assert ((got - want).abs().amax(1) <= row_step * 0.51 + 1e-7).all(), name
             checked += 1
     assert checked == len(original)
+
+
+def test_a_forwards_mask_is_spread_over_the_group_once():
+    """The grouped path's mask for a block of several tokens (row (t, g) reads mask row t) is built once per forward
+    and group size, and kept on the mask every layer is handed: one copy a forward, not one a layer."""
+    mask = torch.randn(2, 1, 3, 16)
+    rows = fast_llama._rows_mask(mask, 4)
+    assert fast_llama._rows_mask(mask, 4) is rows and fast_llama._rows_mask(mask, 2) is not rows
+    assert rows.shape == (2, 1, 12, 16)
+    assert torch.equal(rows.view(2, 1, 3, 4, 16), mask[:, :, :, None].expand(2, 1, 3, 4, 16))
+    assert fast_llama._rows_mask(mask.clone(), 4) is not rows  # another forward's mask: its own

@@ -311,7 +311,7 @@ def _attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: 
     if path == "grouped" and group_major:  # rows (T, group) of key/value head kv_i: query head kv_i * group + g
         rows = q.view(b, kv, group, t, d).transpose(2, 3).reshape(b, kv, t * group, d)  # a copy for T > 1
         if mask is not None and t > 1:  # every row of token t sees the block's mask row t (one row: it broadcasts)
-            mask = mask[:, :, :, None].expand(b, 1, t, group, end).reshape(b, 1, t * group, end)
+            mask = _rows_mask(mask, group)
         out = F.scaled_dot_product_attention(rows, keys, values, attn_mask=mask, scale=scale)  # (B, kv, T group, D)
         # CUDA's kernels write (B, T group, kv, D) in memory (a transposed view): per token, group-major heads
         return out.transpose(1, 2).reshape(b, t, heads, d)  # a view on CUDA (a copy of the CPU's layout)
@@ -331,6 +331,20 @@ def _attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: 
     probs = torch.softmax(scores, dim=-1).view(b * kv, group * t, end)
     out = torch.bmm(probs, values.reshape(b * kv, end, d))  # (B kv, group T, D)
     return out.view(b, heads, t, d).transpose(1, 2)  # (B, T, heads, D): a view (a 1-token block flattens as it is)
+
+
+def _rows_mask(mask: torch.Tensor, group: int) -> torch.Tensor:
+    """(B, 1, T, end) -> (B, 1, T x group, end): row (t, g) reads mask row t. Built by a forward's first layer and
+    kept on the mask, which every layer of the forward is handed: one copy a forward instead of one a layer (a
+    captured step records the one)."""
+    b, _, t, end = mask.shape
+    if torch.compiler.is_compiling():  # inside a compiled layer: no Python state (inductor fuses the copy anyway)
+        return mask[:, :, :, None].expand(b, 1, t, group, end).reshape(b, 1, t * group, end)
+    by_group = mask.__dict__.setdefault("_mtp_rows_masks", {})
+    rows = by_group.get(group)
+    if rows is None:
+        rows = by_group[group] = mask[:, :, :, None].expand(b, 1, t, group, end).reshape(b, 1, t * group, end)
+    return rows
 
 
 def rms_norm(x: torch.Tensor, norm: nn.Module) -> torch.Tensor:
