@@ -137,23 +137,15 @@ def generate(model: str | None = None, prompt: str | None = None, prompts: str |
     streaming = stream
     bar = tqdm(total=len(texts), desc=f"generate ({strategy})", unit="prompt", disable=len(texts) < 2 or not progress,
                file=sys.stderr)
+    options = dict(max_new_tokens=max_new_tokens, strategy=strategy, tau=tau, k=k, num_draft=num_draft,
+                   do_sample=do_sample, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
+                   adaptive_draft=adaptive_draft, truncate_prompt=truncate_prompt,
+                   tree=None if tree == "chain" else tree, tree_size=tree_size, lookup=lookup, graphs=use_graphs)
     for start in range(0, len(texts), batch_size):
         chunk = texts[start:start + batch_size]
-        ids, mask = encode_prompts(tok, chunk, chat)
         so_far: list[list[int]] = [[] for _ in chunk]  # what Ctrl-C must not lose
-
-        def collect(row, new, _tok=tok, _so_far=so_far):
-            _so_far[row].extend(new)
-            if streaming:
-                print(_tok.decode(new, skip_special_tokens=True), end="", flush=True)
-
         try:
-            res = generate_tokens(m, ids.to(m.device), mask.to(m.device), max_new_tokens=max_new_tokens,
-                                  strategy=strategy, tau=tau, k=k, num_draft=num_draft, do_sample=do_sample,
-                                  temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, streamer=collect,
-                                  adaptive_draft=adaptive_draft, truncate_prompt=truncate_prompt,
-                                  tree=None if tree == "chain" else tree, tree_size=tree_size, lookup=lookup,
-                                  graphs=use_graphs)
+            res = _generate_chunk(m, tok, chunk, chat, options, so_far, streaming)
         except KeyboardInterrupt:  # print and keep what the interrupted batch has produced, then stop
             bar.close()
             records = [_record(p, tok.decode(t, skip_special_tokens=True), t, None) | {"interrupted": True}
@@ -187,6 +179,19 @@ def check_tree_spec(tree: str) -> None:
     if not Path(tree).exists():
         raise MTPError(f"--tree {tree}: file not found (or give auto, dynamic, chain, or a JSON list of paths)")
     input_file(tree, "draft tree")
+
+
+def _generate_chunk(m, tok, chunk: list[str], chat, options: dict, so_far: list[list[int]], streaming: bool):
+    """One batch of prompts through `mtp.generate`; each row's tokens collected into `so_far` as they come (and
+    printed, streaming)."""
+    ids, mask = encode_prompts(tok, chunk, chat)
+
+    def collect(row, new):
+        so_far[row].extend(new)
+        if streaming:
+            print(tok.decode(new, skip_special_tokens=True), end="", flush=True)
+
+    return generate_tokens(m, ids.to(m.device), mask.to(m.device), streamer=collect, **options)
 
 
 def _record(prompt: str, text: str, token_ids: list[int], stats: dict | None) -> dict:

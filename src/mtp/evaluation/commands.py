@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import shlex
 import sys
 import time
@@ -148,14 +149,8 @@ def eval_(
     draft_tree = None if tree == "chain" else tree
     tag = strategy_tag(strategy, tau, k, draft_tree, tree_size, lookup)
     out = Path(output) if output is not None else Path("eval") / f"gsm8k-{_model_name(model)}-{tag}"
-    # What the run computes; the model's fingerprint and the chat template's use are known once it loads.
-    settings = {"task": "gsm8k_cot", "model": model or "default",
-                "strategy": strategy, "tau": tau if strategy == "confadapt" else None,
-                "k": k if strategy == "static" else None, "num_draft": num_draft if strategy == "speculative" else None,
-                "tree": draft_tree, "tree_size": tree_size, "lookup": lookup or None,
-                "shots": shots, "max_new_tokens": max_new_tokens,
-                "data": str(Path(data).resolve()) if data else f"shipped:{split}", "quantize": quantize,
-                "dtype": dtype_name(runtime.dtype)}
+    settings = _eval_settings(model, strategy, tau, k, num_draft, draft_tree, tree_size, lookup, shots,
+                              max_new_tokens, data, split, quantize, runtime)
     if resume:  # an evaluation of other settings in --output: an error before the model loads
         check_same_settings(out, settings, only=settings)
     with output_lock(out):  # one evaluation per folder at a time
@@ -262,14 +257,8 @@ def bench(
             step shapes)
     """
     from mtp.decoding.tree import DEFAULT_TREE_SIZE
-    from mtp.evaluation.prompts import file_prompt_texts
 
-    if prompts != "gsm8k":
-        file_prompt_texts(prompts, limit=max([limit, *(batch_size or [])]))  # checked before the model loads
-    if gguf is not None:
-        _check_gguf(gguf)
-    for x in also or []:  # a missing or damaged folder is an error before --model loads, not after
-        _check_model(x, f"--also {x}")
+    _check_bench_inputs(prompts, limit, batch_size, gguf, also)
     out = Path(output)
     set_threads(threads)
     runtime = resolve_runtime(device, dtype)
@@ -292,6 +281,31 @@ def bench(
                                  batch_size=batch_size or (), bandwidth_gbs=bandwidth_gbs, graphs=use_graphs)
 
 
+def _eval_settings(model, strategy, tau, k, num_draft, tree, tree_size, lookup, shots, max_new_tokens, data, split,
+                   quantize, runtime: Runtime) -> dict:
+    """What an evaluation computes, as far as is known before the model loads (its fingerprint and the chat
+    template's use are added once it has): what a resumed --output must match."""
+    return {"task": "gsm8k_cot", "model": model or "default",
+            "strategy": strategy, "tau": tau if strategy == "confadapt" else None,
+            "k": k if strategy == "static" else None, "num_draft": num_draft if strategy == "speculative" else None,
+            "tree": tree, "tree_size": tree_size, "lookup": lookup or None,
+            "shots": shots, "max_new_tokens": max_new_tokens,
+            "data": str(Path(data).resolve()) if data else f"shipped:{split}", "quantize": quantize,
+            "dtype": dtype_name(runtime.dtype)}
+
+
+def _check_bench_inputs(prompts: str, limit: int, batch_size, gguf: str | None, also) -> None:
+    """The files and folders a bench reads besides --model, checked before any model loads."""
+    from mtp.evaluation.prompts import file_prompt_texts
+
+    if prompts != "gsm8k":
+        file_prompt_texts(prompts, limit=max([limit, *(batch_size or [])]))
+    if gguf is not None:
+        _check_gguf(gguf)
+    for x in also or []:  # a missing or damaged folder is an error before --model loads, not after
+        _check_model(x, f"--also {x}")
+
+
 def _check_gguf(path: str) -> None:
     """--gguf names a GGUF file (its magic bytes), checked before any model loads."""
     with input_file(path, "GGUF").open("rb") as f:
@@ -309,6 +323,22 @@ def _check_model(spec: str, label: str) -> None:
             check_model_folder(source.location)
     except MTPError as e:
         raise MTPError(f"{label}: {e}") from None
+
+
+@contextlib.contextmanager
+def _saying_what_is_kept(journal: Path):
+    """Ctrl-C or SIGTERM during the bench: say how many finished calls the journal keeps and how to go on, then
+    stop as asked."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        from mtp.io import read_complete_records
+
+        kept = len(read_complete_records(journal))
+        if kept:
+            print(f"mtp bench: interrupted; {kept} finished calls are kept in {journal}: run the same command "
+                  "again to measure only the rest", file=sys.stderr, flush=True)
+        raise
 
 
 def _bandwidth(device: torch.device, gbs: float | None) -> dict:
@@ -413,17 +443,9 @@ def run_bench_command(m, *, model_label: str, prompts: str, limit: int, max_new_
                 "threads": torch.get_num_threads(), "gguf": gguf if llamacpp else None, "runtime": runtime.to_dict(),
                 "graphs": graphs}
     output.mkdir(parents=True, exist_ok=True)
-    try:
+    with _saying_what_is_kept(journal):
         run = run_bench(methods, items, max_new_tokens, rotate=rotate, progress=progress, journal=journal,
                         identity=identity)
-    except KeyboardInterrupt:  # Ctrl-C or SIGTERM: say what is kept and how to go on, then stop as asked
-        from mtp.io import read_complete_records
-
-        kept = len(read_complete_records(journal))
-        if kept:
-            print(f"mtp bench: interrupted; {kept} finished calls are kept in {journal}: run the same command "
-                  "again to measure only the rest", file=sys.stderr, flush=True)
-        raise
     resumed = sum("key" in c for c in run.calls)
     if resumed:
         notes.append(f"{resumed} of {len(run.calls)} calls were measured by an earlier, interrupted run of this bench")
