@@ -23,6 +23,7 @@ from mtp.decoding.drafters import drafter_for
 from mtp.decoding.generate import _prompt_state, _rows_to_keep, generate, left_pad
 from mtp.decoding.reference import reference_greedy
 from mtp.decoding.step import DecodeOptions, Decoder
+from mtp.decoding.stopping import StopChecker
 from mtp.decoding.tree import DynamicTree
 from mtp.errors import MTPError
 
@@ -73,13 +74,24 @@ def test_replayed_steps_equal_eager_steps(data, replayed):
                for _ in range(data.draw(st.integers(1, 5)))]
     max_new = data.draw(st.integers(1, 14))
     stop = data.draw(st.lists(st.integers(0, vocab - 1), max_size=2))
+    # Stop strings end rows on the host, a step after the device ran on (replaying, the next step is in flight).
+    strings = data.draw(st.lists(st.text("abcdefgh", min_size=1, max_size=2), max_size=2))
+    kw.update(stop_strings=strings, tokenizer=Letters())
     ids, mask = left_pad(prompts)
     eager = generate(model, ids, mask, max_new_tokens=max_new, stop_token_ids=stop, graphs=False, **kw)
     for _ in range(2):  # the second call replays the first call's session
         replay = generate(model, ids, mask, max_new_tokens=max_new, stop_token_ids=stop, graphs=True, **kw)
         assert replay.tokens == eager.tokens
     if kw["strategy"] in LOSSLESS:
-        assert eager.tokens == [reference_greedy(model, p, max_new, stop) for p in prompts]
+        expected = [reference_greedy(model, p, max_new, stop) for p in prompts]
+        assert eager.tokens == [t[:StopChecker(1, [], strings, Letters()).cut(0, t) or len(t)] for t in expected]
+
+
+class Letters:
+    """A tokenizer's stand-in for stop strings: token i reads as one letter."""
+
+    def decode(self, ids, skip_special_tokens: bool = False) -> str:
+        return "".join(chr(97 + i % 26) for i in ids)
 
 
 def test_a_session_is_reused_by_shape_and_renewed_when_the_weights_move(replayed):
@@ -99,6 +111,36 @@ def test_a_session_is_reused_by_shape_and_renewed_when_the_weights_move(replayed
     del model, sessions, first, out  # the model owns its sessions: nothing else keeps it alive
     gc.collect()
     assert alive() is None
+
+
+@pytest.mark.parametrize("strategy", LOSSLESS)
+def test_a_batch_shrinks_after_reading_the_step_in_flight(replayed, monkeypatch, strategy):
+    """Replaying, the next step is launched before the host reads a step, so when stop strings end enough rows
+    for the batch to halve, a step of the full batch is already in flight: its tokens are read before the batch
+    shrinks (the tokens are eager decoding's, and the batch did shrink)."""
+    kept, copies = [], []
+    rows_to_keep, to_host = generate_module._rows_to_keep, generate_module._to_host
+    monkeypatch.setattr(generate_module, "_rows_to_keep",
+                        lambda active, graphs: kept.append(rows_to_keep(active, graphs)) or kept[-1])
+    monkeypatch.setattr(generate_module, "_to_host", lambda tensor: copies.append(1) or to_host(tensor))
+    prompts = [[1, 2, 3], [4, 5], [6], [7, 8, 9, 10]]
+    ids, mask = left_pad(prompts)
+    for seed in range(20):  # stop strings that end rows 0-2 at their third token and never row 3
+        model = tiny_mtp("llama", num_heads=3, seed=seed, dtype=torch.float64, vocab_size=12)
+        free = [Letters().decode(t) for t in
+                generate(model, ids, mask, max_new_tokens=16, stop_token_ids=[], graphs=False).tokens]
+        strings = [text[:3] for text in free[:3]]
+        if not any(s in free[3] or s in text[:2] for s in strings for text in free[:3]):
+            break
+    else:
+        raise AssertionError("no model whose rows 0-2 and row 3 differ")
+    kw = {"max_new_tokens": 16, "stop_token_ids": [], "stop_strings": strings, "tokenizer": Letters(),
+          "strategy": strategy}
+    eager = generate(model, ids, mask, graphs=False, **kw)
+    kept.clear()
+    assert generate(model, ids, mask, graphs=True, **kw).tokens == eager.tokens
+    assert [3] in kept  # the batch shrank to row 3
+    assert copies  # steps were launched ahead of the host
 
 
 def prompts_replay_as_eager(model, device: str = "cpu") -> None:

@@ -177,10 +177,24 @@ def iter_generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor |
     draft_length = DraftLength(n_draft, opts.adaptive_draft and (device.type == "cpu" or verify_rows > GPU_FREE_ROWS))
     rows = list(range(b))  # original row of each batch row
     active = [True] * b
+    left = [opts.max_new_tokens] * b  # tokens each batch row may still emit
+    # Replaying, the next step is launched before the host reads this one (its result copied out first): the
+    # device runs it while the host yields tokens and checks stop strings. It is launched with the widths the
+    # statistics so far pick, and is skipped where the step being read ends every row by its budget; a row a stop
+    # string ends gets one step more, whose tokens are not read. A batch that shrinks first reads the step in
+    # flight. An observer reads the trunk output a step leaves on the device, which the next would overwrite.
+    pipelined = session is not None and on_trunk is None
+    ahead, draining = None, False  # (result, n, m) of the step launched ahead; whether a shrink waits for it
     n = m = 0  # the prompt is fed alone
     state, result = session.prefill(state) if session is not None else decoder.step(state, n, m)
     while True:
-        host = result.host.tolist()  # the one device-to-host copy of a step
+        if pipelined and not draining and any(left[i] > 1 for i in range(len(rows)) if active[i]):
+            read = _to_host(result.host)
+            nn, mm = (draft_length.next(), lookup) if verifying else (n, m)
+            ahead = (session.run(state, nn, mm), nn, mm)
+            host = read()
+        else:
+            host = result.host.tolist()  # the one device-to-host copy of a step
         if any(h[4] for h, a in zip(host, active, strict=True) if a):
             raise MTPError("the model computed NaN or infinite logits (damaged weights, or a dtype that overflows "
                            "for this model)")
@@ -201,6 +215,7 @@ def iter_generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor |
                 new, finished = new[:cut], True
                 state.finished[i] = True
             active[i] = not finished
+            left[i] -= count
             if new:
                 stats.new_tokens += len(new)
                 yield row, new
@@ -211,9 +226,13 @@ def iter_generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor |
         if not any(active):
             break
         keep = _rows_to_keep(active, graphs)
+        if ahead is not None:  # read the step in flight next; a smaller batch waits until it is read
+            (result, n, m), ahead, draining = ahead, None, keep is not None
+            continue
+        draining = False
         if keep is not None:
             index = torch.tensor(keep, device=device)
-            rows, active = [rows[i] for i in keep], [active[i] for i in keep]
+            rows, active, left = [rows[i] for i in keep], [active[i] for i in keep], [left[i] for i in keep]
             if session is not None:  # the smaller batch's own session: its buffers and graphs
                 smaller, decoder = decoder_for(len(keep))
                 state, session = smaller.take_rows(session, index), smaller
@@ -225,6 +244,23 @@ def iter_generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor |
         elif session is None:  # a confident run feeds what it emitted: eagerly, only as wide as the longest
             state = state.narrow_pending(max(run, 1))
         state, result = (state, session.run(state, n, m)) if session is not None else decoder.step(state, n, m)
+
+
+def _to_host(tensor: torch.Tensor) -> Callable[[], list]:
+    """Start copying a step's small result to the host; the function returned waits for it and reads it. On CUDA
+    the copy goes to pinned memory without blocking, so the device can go on to the next step meanwhile."""
+    if tensor.device.type != "cuda":
+        return tensor.clone().tolist  # (the next step may overwrite `tensor`, as a replayed graph does)
+    held = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+    held.copy_(tensor, non_blocking=True)
+    done = torch.cuda.Event()
+    done.record()
+
+    def read() -> list:
+        done.synchronize()
+        return held.tolist()
+
+    return read
 
 
 def _count_acceptance(stats: GenerationStats, accepted: list[int], depth: int, rows: int) -> list[int]:
