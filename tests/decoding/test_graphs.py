@@ -143,6 +143,21 @@ def test_a_batch_shrinks_after_reading_the_step_in_flight(replayed, monkeypatch,
     assert copies  # steps were launched ahead of the host
 
 
+@pytest.mark.parametrize("strategy", LOSSLESS)
+def test_no_step_is_launched_ahead_past_the_budget(replayed, monkeypatch, strategy):
+    """A step launched ahead of the host is wasted when the step being read ends every row; where the budget says
+    it may, none is launched: every step run is read."""
+    from mtp.decoding.graphs import GraphedSteps
+
+    runs = []
+    call = GraphedSteps.__call__
+    monkeypatch.setattr(GraphedSteps, "__call__", lambda self, *a: runs.append(1) or call(self, *a))
+    model = tiny_mtp("llama", num_heads=3, seed=0, dtype=torch.float64, vocab_size=40)
+    ids, mask = left_pad([[1, 2, 3], [4, 5]])
+    out = generate(model, ids, mask, max_new_tokens=9, stop_token_ids=[], strategy=strategy, graphs=True)
+    assert len(runs) == out.stats.forward_passes - 1  # (the prompt's step is not a call)
+
+
 def prompts_replay_as_eager(model, device: str = "cpu") -> None:
     """Three batches of prompts of one padded width, decoded eagerly and then twice replaying: each call's
     tokens are eager decoding's, and the caller's prompt tensors are left as they were."""

@@ -180,15 +180,16 @@ def iter_generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor |
     left = [opts.max_new_tokens] * b  # tokens each batch row may still emit
     # Replaying, the next step is launched before the host reads this one (its result copied out first): the
     # device runs it while the host yields tokens and checks stop strings. It is launched with the widths the
-    # statistics so far pick, and is skipped where the step being read ends every row by its budget; a row a stop
-    # string ends gets one step more, whose tokens are not read. A batch that shrinks first reads the step in
+    # statistics so far pick, and is skipped where the step being read may end every row by its budget; a row an
+    # end token or a stop string ends gets one step more, whose tokens are not read. A batch that shrinks first reads the step in
     # flight. An observer reads the trunk output a step leaves on the device, which the next would overwrite.
     pipelined = session is not None and on_trunk is None
     ahead, draining = None, False  # (result, n, m) of the step launched ahead; whether a shrink waits for it
     n = m = 0  # the prompt is fed alone
     state, result = session.prefill(state) if session is not None else decoder.step(state, n, m)
     while True:
-        if pipelined and not draining and any(left[i] > 1 for i in range(len(rows)) if active[i]):
+        most = result.host.shape[1] - HOST_COLUMNS  # tokens a row may emit in the step being read
+        if pipelined and not draining and any(left[i] > most for i in range(len(rows)) if active[i]):
             read = _to_host(result.host)
             nn, mm = (draft_length.next(), lookup) if verifying else (n, m)
             ahead = (session.run(state, nn, mm), nn, mm)
