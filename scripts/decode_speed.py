@@ -16,6 +16,7 @@ import time
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
 
+import mtp.decoding.generate as generate_module
 from mtp import MTPModel
 from mtp.decoding.generate import generate
 from mtp.models import fast_llama
@@ -69,6 +70,8 @@ def main() -> None:
     ap.add_argument("--graphs", nargs="+", default=["on", "off"], choices=["on", "off", "compile"])
     ap.add_argument("--attention", nargs="+", default=[fast_llama.CUDA_ATTENTION], choices=fast_llama.ATTENTION_PATHS,
                     help="CUDA's attention path(s) to time (`mtp.models.fast_llama.CUDA_ATTENTION`)")
+    ap.add_argument("--launch-ahead", nargs="+", default=["on"], choices=["on", "off"],
+                    help="replaying, launch each step before the host reads the last (`generate.LAUNCH_AHEAD`)")
     ap.add_argument("--json", default=None)
     ap.add_argument("--profile", default=None, help="folder for a kernel table per configuration (CUDA)")
     a = ap.parse_args()
@@ -84,27 +87,34 @@ def main() -> None:
         ids = torch.randint(0, 49152, (batch, a.prompt), device=a.device)
         for name in a.configs:
             kw = CONFIGS[name]
-            for graphs, attention in itertools.product(a.graphs, a.attention):
+            for graphs, attention, ahead in itertools.product(a.graphs, a.attention, a.launch_ahead):
                 on = {"on": True, "off": False, "compile": "compile"}[graphs]
-                if on and a.device == "cpu":
-                    continue
+                if (on and a.device == "cpu") or (not on and ahead == "off" and len(a.launch_ahead) > 1):
+                    continue  # (eager steps never launch ahead: one row of them)
                 fast_llama.CUDA_ATTENTION = attention
+                generate_module.LAUNCH_AHEAD = ahead == "on"
                 model.__dict__.pop("_mtp_decode_sessions", None)  # graphs captured with the other path
                 for _ in range(2):  # warm-up: captures, caches
                     generate(model, ids, max_new_tokens=a.new_tokens, stop_token_ids=[], graphs=on, **kw)
-                times, steps, tokens = [], 0, 0
+                times, firsts, steps, tokens = [], [], 0, 0
                 for _ in range(a.repeat):
                     if a.device.startswith("cuda"):
                         torch.cuda.synchronize()
+                    first = []
                     t = time.perf_counter()
-                    out = generate(model, ids, max_new_tokens=a.new_tokens, stop_token_ids=[], graphs=on, **kw)
+                    out = generate(model, ids, max_new_tokens=a.new_tokens, stop_token_ids=[], graphs=on,
+                                   streamer=lambda row, new, first=first: first or first.append(time.perf_counter()),
+                                   **kw)
                     if a.device.startswith("cuda"):
                         torch.cuda.synchronize()
                     times.append(time.perf_counter() - t)
+                    firsts.append(first[0] - t)
                     steps, tokens = out.stats.forward_passes, out.stats.new_tokens
                 best = sorted(times)[len(times) // 2]
-                row = {"batch": batch, "config": name, "graphs": graphs, "attention": attention,
-                       "ms_per_step": 1e3 * best / steps,
+                first_ms = 1e3 * sorted(firsts)[len(firsts) // 2]
+                row = {"batch": batch, "config": name, "graphs": graphs, "attention": attention, "launch_ahead": ahead,
+                       "ms_per_step": 1e3 * best / steps, "first_token_ms": first_ms,
+                       "ms_per_step_after_first": (1e3 * best - first_ms) / max(steps - 1, 1),
                        "tokens_per_s": tokens / best, "steps": steps, "tokens_per_forward": tokens / batch / steps,
                        "kernels_per_eager_step": kernels_per_step(model, ids, kw) if graphs == "off" else None}
                 rows.append(row)

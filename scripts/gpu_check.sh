@@ -37,8 +37,10 @@ smoke|tiny)
   [ "$mode" = tiny ] && tests+=(tests/training/test_cuda_training.py tests/evaluation/test_cuda_evaluation.py)
   [ -n "${SKIP_TESTS:-}" ] || timeout ${TEST_SECONDS:-200} python3 -m pytest "${tests[@]}" -m "cuda and not real_model" -q -p no:cacheprovider \
     -k "not torchrun" 2>&1 | tee "$OUT/pytest-cuda.log" | tail -25
-  step "step timings: graphs (each attention path), graphs of compiled layers, eager"
+  step "step timings: graphs (each attention path; launched ahead of the host or not), compiled layers, eager"
   speed 70 --dtype bfloat16 --graphs on --attention grouped matmul --repeat 3 --json "$OUT/speed-bf16.json"
+  speed 45 --dtype bfloat16 --graphs on --configs greedy tree4+lookup6 --launch-ahead on off --repeat 3 \
+    --json "$OUT/speed-ahead.json"
   speed ${COMPILE_SECONDS:-150} --dtype bfloat16 --graphs compile --repeat 3 --configs greedy tree4+lookup6 \
     --json "$OUT/speed-compile.json"
   speed 50 --dtype bfloat16 --batch 16 --repeat 3 --configs greedy tree4+lookup6 --graphs on compile \

@@ -125,6 +125,9 @@ def accepted_per_position(accepted: list[int], depth: int) -> list[int]:
 
 
 # ------------------------------------------------------------------------------------------------ the loop
+# Replaying graphs, launch each step before the host reads the one before it (False: read, then launch; for A/B
+# timings, `scripts/decode_speed.py --launch-ahead on off`).
+LAUNCH_AHEAD = True
 GPU_FREE_ROWS = 32  # verify-block rows (batch x block width) a GPU step of a small model takes at about no cost
 def iter_generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
                   opts: DecodeOptions, stop: StopChecker, generator: torch.Generator | None = None,
@@ -183,7 +186,7 @@ def iter_generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor |
     # statistics so far pick, and is skipped where the step being read may end every row by its budget; a row an
     # end token or a stop string ends gets one step more, whose tokens are not read. A batch that shrinks first reads the step in
     # flight. An observer reads the trunk output a step leaves on the device, which the next would overwrite.
-    pipelined = session is not None and on_trunk is None
+    pipelined = LAUNCH_AHEAD and session is not None and on_trunk is None
     ahead, draining = None, False  # (result, n, m) of the step launched ahead; whether a shrink waits for it
     n = m = 0  # the prompt is fed alone
     state, result = session.prefill(state) if session is not None else decoder.step(state, n, m)
