@@ -158,6 +158,30 @@ def test_no_step_is_launched_ahead_past_the_budget(replayed, monkeypatch, strate
     assert len(runs) == out.stats.forward_passes - 1  # (the prompt's step is not a call)
 
 
+def test_sessions_keep_the_most_recent_within_their_cache_budget(replayed):
+    """Sessions are kept by recency: at most `limit`, and besides the session in use (always kept) no more key/value
+    cache bytes than the budget (a later call of an evicted shape captures again, with the same tokens)."""
+    from mtp.decoding.graphs import DecodeSessions
+
+    model = tiny_mtp("llama", num_heads=3, seed=0)
+    ids = torch.tensor([[1, 2, 3]])
+    kw = {"max_new_tokens": 4, "stop_token_ids": [], "graphs": True}
+    first = generate(model, ids, strategy="speculative", **kw).tokens
+    one = next(iter(model._mtp_decode_sessions.sessions.values())).cache.nbytes
+    assert one > 0
+    model._mtp_decode_sessions = sessions = DecodeSessions(limit=3, cache_bytes=one)
+    for batch in (1, 2):  # besides the two-row batch's session in use, the one-row one fits the budget
+        generate(model, ids.repeat(batch, 1), strategy="speculative", **kw)
+    assert [k[1] for k in sessions.sessions] == [1, 2]
+    generate(model, ids.repeat(4, 1), strategy="speculative", **kw)  # the others (3 rows' caches) do not
+    assert [k[1] for k in sessions.sessions] == [4]
+    sessions.cache_bytes = 100 * one
+    for strategy in ("greedy", "speculative", "static", "confadapt"):  # the limit: the three most recent
+        generate(model, ids, strategy=strategy, **kw)
+    assert [k[3][0] for k in sessions.sessions] == ["speculative", "static", "confadapt"]
+    assert generate(model, ids, strategy="speculative", **kw).tokens == first
+
+
 def prompts_replay_as_eager(model, device: str = "cpu") -> None:
     """Three batches of prompts of one padded width, decoded eagerly and then twice replaying: each call's
     tokens are eager decoding's, and the caller's prompt tensors are left as they were."""

@@ -147,28 +147,39 @@ class DecodeSession:
 
 
 class DecodeSessions:
-    """The sessions of one model, by shape and decoding options, the most recently used few. Kept on the model
-    (a copy or a pickle of the model starts with none: graphs do not copy)."""
+    """The sessions of one model, by shape and decoding options, the most recently used ones: at most `limit`,
+    and besides the one in use no more than `cache_bytes` of key/value caches between them (None: a quarter of
+    the GPU's memory). A benchmark's rows each keep a session per cache size (a dozen methods, two or three
+    sizes): all of them stay captured, while a large model's batch caches (gigabytes each) are not hoarded.
+    Kept on the model (a copy or a pickle of the model starts with none: graphs do not copy)."""
 
-    def __init__(self, limit: int = 16):
-        self.limit = limit
+    def __init__(self, limit: int = 64, cache_bytes: int | None = None):
+        self.limit, self.cache_bytes = limit, cache_bytes
         self.sessions: dict[tuple, DecodeSession] = {}
 
     def get(self, key: tuple, weights: int, make) -> DecodeSession:
         """The session for `key` (made on first use); sessions over other weights (a model since moved or cast)
-        are dropped with their graphs and caches."""
+        are dropped with their graphs and caches, and the least recently used while there are too many."""
         self.sessions = {k: v for k, v in self.sessions.items() if k[0] == weights}
         session = self.sessions.pop(key, None) or make()
         self.sessions[key] = session  # most recent last
-        while len(self.sessions) > self.limit:
-            self.sessions.pop(next(iter(self.sessions)))
+        budget = self.cache_bytes if self.cache_bytes is not None else _cache_budget(session.cache)
+        held = sum(s.cache.nbytes for s in self.sessions.values()) - session.cache.nbytes  # the others'
+        while len(self.sessions) > 1 and (len(self.sessions) > self.limit or held > budget):
+            held -= self.sessions.pop(next(iter(self.sessions))).cache.nbytes
         return session
 
     def __deepcopy__(self, memo) -> DecodeSessions:
-        return DecodeSessions(self.limit)
+        return DecodeSessions(self.limit, self.cache_bytes)
 
     def __getstate__(self) -> dict:
-        return {"limit": self.limit, "sessions": {}}
+        return {"limit": self.limit, "cache_bytes": self.cache_bytes, "sessions": {}}
+
+
+def _cache_budget(cache) -> float:
+    """Bytes of caches the sessions may keep: a quarter of a GPU's memory (no bound off CUDA)."""
+    device = cache.valid.device
+    return torch.cuda.get_device_properties(device).total_memory / 4 if device.type == "cuda" else float("inf")
 
 
 SLOT_BUCKET = 128  # cache lengths are rounded up to this: prompts of similar length share a session

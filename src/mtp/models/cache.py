@@ -217,6 +217,11 @@ class MTPCache:
         keep = prefix + count
         self.commit(keep if active is None else torch.where(active, keep, 0))
 
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the cache's key/value buffers (allocated at their first write: 0 before the first step)."""
+        return sum(t.numel() * t.element_size() for stack in self.stacks for t in stack.buffers())
+
     def reset(self) -> None:
         self.valid.zero_()
         self.length.zero_()
