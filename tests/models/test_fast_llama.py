@@ -6,11 +6,13 @@ import copy
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import AutoModelForCausalLM, Qwen2Config, Qwen3Config
 
 from conftest import tiny_mtp
 from mtp import MTPModel
 from mtp.decoding.generate import generate, left_pad
+from mtp.decoding.tree import DynamicTree
 from mtp.models import backbones, fast_llama
 from mtp.models.packed import HalfEmbedding
 from mtp.models.quantize import PackedLinear, fp16_decoding, quantize_for_decoding
@@ -67,29 +69,30 @@ def test_fast_step_matches_hugging_face_layers(make, attention, fused, monkeypat
         torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-4)
 
 
+class Ops(TorchDispatchMode):
+    """The aten ops that do work while active (no views, no allocations): a CPU count of a GPU's kernels."""
+
+    free = {"empty", "new_empty", "empty_strided", "new_empty_strided", "detach", "lift_fresh"}
+
+    def __init__(self):
+        super().__init__()
+        self.names: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        name = func.overloadpacket.__name__
+        if func.is_view:  # reshape may copy: then it is a kernel too
+            if out.untyped_storage().data_ptr() != args[0].untyped_storage().data_ptr():
+                self.names.append(f"{name} (a copy)")
+        elif name not in self.free:
+            self.names.append(name)
+        return out
+
+
 def _ops_of_a_fused_step(model: MTPModel, block: int, reuse_input: bool = True) -> list[str]:
     """The aten ops that do work (no views, no allocations) in one cached forward of `block` tokens of the first
     fused layer step called with `reuse_input` (trunk layers: True; a head's first layer: False), with the static
     cache's attention mask: a CPU count of the kernels a GPU replays."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    free = {"empty", "new_empty", "empty_strided", "new_empty_strided", "detach", "lift_fresh"}
-
-    class Ops(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.names: list[str] = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            out = func(*args, **(kwargs or {}))
-            name = func.overloadpacket.__name__
-            if func.is_view:  # reshape may copy: then it is a kernel too
-                if out.untyped_storage().data_ptr() != args[0].untyped_storage().data_ptr():
-                    self.names.append(f"{name} (a copy)")
-            elif name not in free:
-                self.names.append(name)
-            return out
-
     calls = []
     original = fast_llama.layer_step
     cache = model.new_cache(1, 16, static=True)
@@ -140,6 +143,49 @@ def test_a_fused_layer_step_is_few_kernels(block, path, monkeypatch):
         assert ops.count("scatter_") == 1 and "cat" not in ops and "mul" in ops, ops
         assert ops.count("addmm_") == (2 if reuse_input else 1), ops
         assert len(ops) <= most - reuse_input, ops
+
+
+@pytest.mark.parametrize("layout", ["cpu", "cuda"])
+@pytest.mark.parametrize("path", fast_llama.ATTENTION_PATHS)
+@pytest.mark.parametrize("make", [lambda: tiny_mtp("llama", seed=5, num_heads=4), lambda: qwen_mtp("qwen2")],
+                         ids=["llama", "qwen2"])
+def test_extra_heads_run_as_one_stack_on_the_fused_path(make, path, layout, monkeypatch):
+    """On a GPU's fused path the extra heads (one layer each, all reading the trunk's output) run as one wide layer
+    (`FastHeadStack`): every head's logits as through the Hugging Face layers (random norm weights, which the stack
+    folds into its projections; Qwen2's biases), also with the grouped attention laid out as CUDA's kernels write
+    it, in a third of the kernels of the layers one by one (each ~13, and a final norm)."""
+    monkeypatch.setattr(fast_llama, "FUSED_DEVICES", {"cpu"})
+    monkeypatch.setattr(fast_llama, "_attention_path", lambda batch, block, device_type="cpu": path)
+    if layout == "cuda":  # sdpa's values as CUDA's kernels lay them out: (B, rows, kv heads, D) in memory
+        real = torch.nn.functional.scaled_dot_product_attention
+        monkeypatch.setattr(fast_llama.F, "scaled_dot_product_attention",
+                            lambda *a, **k: real(*a, **k).transpose(1, 2).contiguous().transpose(1, 2))
+    model = make()
+    with torch.no_grad():  # norms the stack must fold in
+        for j in range(1, model.num_heads):
+            for norm in (model.head_layers(j)[0].input_layernorm, model.head_layers(j)[0].post_attention_layernorm):
+                norm.weight.add_(torch.randn_like(norm.weight) * 0.3)
+    calls = []
+    original = fast_llama.head_stack_step
+
+    def counted(*args, **kwargs):
+        with Ops() as ops:
+            out = original(*args, **kwargs)
+        calls.append(ops.names)
+        return out
+
+    monkeypatch.setattr(fast_llama, "head_stack_step", counted)
+    gen = torch.Generator().manual_seed(0)
+    ids, mask = left_pad([torch.randint(0, 61, (n,), generator=gen).tolist() for n in (7, 3)])
+    steps = [torch.randint(0, 61, (2, t), generator=gen) for t in (1, 3, 1)]
+    fast = cached_logits(model, ids, mask, steps)
+    assert len(calls) == 1 + len(steps)  # every forward, the prompt's too
+    most = 15 if path == "grouped" else 18  # (the two-matmul attention: 4 ops; 3 tokens: the regrouping copies)
+    assert len(calls[1]) <= most and len(calls[2]) <= most + 2, calls
+    model.set_fast_decoding(None)
+    slow = cached_logits(model, ids, mask, steps)
+    for a, b in zip(fast, slow, strict=True):
+        torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-4)
 
 
 @pytest.mark.parametrize("make", [lambda: tiny_mtp("llama", seed=3), lambda: qwen_mtp("qwen2")], ids=["llama", "qwen2"])
@@ -348,21 +394,29 @@ def test_grouped_attention_is_read_where_cudas_kernel_writes_it(block, monkeypat
     torch.testing.assert_close(group_major, regrouped)
 
 
+@pytest.mark.parametrize("fused", [False, True], ids=["separate", "fused"])
 @pytest.mark.parametrize("path", fast_llama.ATTENTION_PATHS)
 @pytest.mark.parametrize("seed", range(4))
-def test_speculative_equals_greedy_with_each_attention_path(seed, path, monkeypatch):
+def test_speculative_equals_greedy_with_each_attention_path(seed, path, fused, monkeypatch):
     """Batched decoding on a CPU takes the matmul attention path for 1-token steps, CUDA the grouped one for every
-    block (forced here, for every block or for some): still token-for-token greedy."""
+    block (forced here, for every block or for some), and CUDA's fused layers run the extra heads as one stack
+    (`FastHeadStack`, forced with `fused`): still token-for-token greedy, chains, trees and lookup drafts alike."""
     def chosen(batch, block, device_type="cpu"):
         return path if batch >= 2 or seed % 2 == 0 else "sdpa"
 
     monkeypatch.setattr(fast_llama, "_attention_path", chosen)
+    if fused:
+        monkeypatch.setattr(fast_llama, "FUSED_DEVICES", {"cpu"})
     model = tiny_mtp("llama", num_heads=2 + seed % 3, seed=seed, vocab_size=97)
     gen = torch.Generator().manual_seed(seed)
     ids, mask = left_pad([torch.randint(0, 97, (n,), generator=gen).tolist() for n in (9, 4, 6, 1, 5)])
     greedy = generate(model, ids, mask, max_new_tokens=20, stop_token_ids=[])
     spec = generate(model, ids, mask, max_new_tokens=20, strategy="speculative", stop_token_ids=[])
     assert spec.tokens == greedy.tokens
+    if fused:
+        tree = DynamicTree(5, model.num_heads - 1)
+        assert generate(model, ids, mask, max_new_tokens=20, strategy="speculative", tree=tree, lookup=3,
+                        stop_token_ids=[]).tokens == greedy.tokens
     model.set_fast_decoding(None)  # Hugging Face layers throughout
     assert generate(model, ids, mask, max_new_tokens=20, stop_token_ids=[]).tokens == greedy.tokens
 
@@ -459,7 +513,8 @@ def test_compiled_layer_step_matches_the_eager_one(monkeypatch):
     with fast_llama.compiled_layers():
         compiled = cached_logits(model, ids, mask, steps)
     assert counters["stats"]["unique_graphs"] - graphs_before <= 2  # the prompt's width 6, then one for 3, 2, 5
-    layers = len(model.backbone.fast_layers) * (1 + len(steps))  # the trunk's and the heads', every forward
+    # the trunk's layers and the next-token head's, every forward (the extra heads run as one eager stack)
+    layers = (len(model.backbone.fast_layers) - (model.num_heads - 1)) * (1 + len(steps))
     assert len(compiled_calls) == layers
     for a, b in zip(compiled, eager, strict=True):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)

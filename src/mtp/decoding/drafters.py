@@ -229,8 +229,7 @@ class HeadsDrafter(Drafter):
             pending_offsets = pending_valid.long().cumsum(-1) - 1  # (B, w)
             offsets = torch.cat([pending_offsets, pending_offsets[:, -1:] + depth], 1)  # (B, w+d)
         trunk, ctx = model.trunk_forward(chain, valid, cache, offsets, within)
-        heads = [model.head_forward(j, trunk, ctx) for j in range(self.num_heads)]
-        hidden = torch.stack(heads, dim=2) if len(heads) > 1 else heads[0][:, :, None]  # (B, w+d, heads, H)
+        hidden = model.heads_forward(self.num_heads, trunk, ctx)  # (B, w+d, heads, H)
         at = at_block_rows(hidden, pending_valid, d)  # (B, 1+d, heads, H)
         return StepOutput(model.lm_head(at[:, :, 0]).float(), at[:, :, 1:], trunk)
 

@@ -56,6 +56,11 @@ class Backbone:
         output into it (a lean step then adds the attention's residual inside its matmul: a kernel fewer)."""
         raise NotImplementedError
 
+    def run_head_stack(self, layers: list[nn.Module], hidden: torch.Tensor, mask, cache, shared: dict):
+        """One-layer heads that all read `hidden`, run together and through the final norm: (m, B, T, H), or
+        None where this backbone has no such step for this call (the caller runs them one by one)."""
+        return None
+
     def final_norm(self, hidden: torch.Tensor, shared: dict, cached: bool) -> torch.Tensor:
         """The final norm, over the outputs of a forward (through a cache, or not) whose `shared` inputs
         `layer_inputs` built."""
@@ -121,6 +126,24 @@ class LlamaBackbone(Backbone):
         out = layer(hidden, attention_mask=mask, use_cache=cache is not None, **{_cache_kwarg(type(layer)): cache},
                     **shared)
         return out[0] if isinstance(out, tuple) else out
+
+    def run_head_stack(self, layers, hidden, mask, cache, shared):
+        # the GPU's fused path only (`fast_llama.FastHeadStack.applies`), for the lean step's forwards
+        if cache is None or "fast_rope" not in shared or torch.is_grad_enabled() or not self.fast_layers:
+            return None
+        fast = [self.fast_layers.get(layer) for layer in layers]
+        if any(f is None for f in fast):
+            return None
+        stacks = self.__dict__.setdefault("_head_stacks", {})
+        key = tuple(id(layer) for layer in layers)
+        stack = stacks.get(key)
+        if stack is None or stack.layers != fast:  # (fast layers are rebuilt when the weight format changes)
+            from mtp.models.fast_llama import FastHeadStack
+
+            stack = stacks[key] = FastHeadStack(fast, self.norm)
+        if not stack.applies(hidden, cache):
+            return None
+        return stack(hidden, mask, cache, *shared["fast_rope"])
 
     def final_norm(self, hidden, shared, cached):
         # where the lean layers ran (a cached no-grad forward, `run_layer`): one kernel, as their norms

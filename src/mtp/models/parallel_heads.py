@@ -181,6 +181,22 @@ class MTPModel(nn.Module):
             hidden = self.backbone.run_layer(layer, hidden, ctx.mask, stack, ctx.shared, reuse_input=i > 0)
         return self.backbone.final_norm(hidden, ctx.shared, cached=ctx.cache is not None)
 
+    def heads_forward(self, heads: int, trunk_hidden: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        """Heads 0..heads-1 on the trunk output: (B, T, heads, H). Through a cache on a GPU, extra heads of one
+        layer each run as one wide layer (`fast_llama.FastHeadStack`; its keys and values in head 1's cache
+        stack); the next-token head always runs alone, as in a greedy step, so verifying computes its tokens."""
+        first = self.head_forward(0, trunk_hidden, ctx)
+        extra = range(1, heads)
+        if not extra:  # (greedy: a view, no copy)
+            return first[:, :, None]
+        stacked = None
+        if ctx.cache is not None and len(extra) > 1 and all(len(self.head_layers(j)) == 1 for j in extra):
+            stacked = self.backbone.run_head_stack([self.head_layers(j)[0] for j in extra], trunk_hidden, ctx.mask,
+                                                   ctx.cache.stack(2), ctx.shared)  # (heads - 1, B, T, H)
+        if stacked is None:
+            return torch.stack([first, *(self.head_forward(j, trunk_hidden, ctx) for j in extra)], dim=2)
+        return torch.cat([first[:, :, None], stacked.permute(1, 2, 0, 3)], dim=2)
+
     def finish_block(self, ctx: ForwardContext) -> None:
         """Keep the whole block in the cache once every stack has written its keys and values (decoding instead
         keeps what its verifier accepted: `MTPCache.keep_path`)."""
@@ -260,12 +276,12 @@ class MTPModel(nn.Module):
         """
         input_ids, attention_mask = token_batch(self, input_ids, attention_mask)
         trunk, ctx = self.trunk_forward(input_ids, attention_mask, cache)
-        heads = range(self.num_heads) if (return_all_heads or cache is not None) else range(1)
-        hidden = [self.head_forward(h, trunk, ctx) for h in heads]
+        heads = self.num_heads if (return_all_heads or cache is not None) else 1
+        hidden = self.heads_forward(heads, trunk, ctx)  # (B, T, heads, H)
         self.finish_block(ctx)
         if not return_all_heads:
-            return self.lm_head(hidden[0])[:, :, None]  # (B, T, 1, V)
-        logits = self.lm_head(torch.stack(hidden, dim=2))  # (B, T, n, V)
+            return self.lm_head(hidden[:, :, 0])[:, :, None]  # (B, T, 1, V)
+        logits = self.lm_head(hidden)  # (B, T, n, V)
         if self.draft_vocab is not None:
             logits = torch.cat([logits[:, :, :1], self.restrict_to_draft_vocab(logits[:, :, 1:])], dim=2)
         return logits
