@@ -273,7 +273,10 @@ def test_bench_command_on_tiny_model(tiny_model_dir, gsm8k_file, tmp_path, capsy
     assert [(c["prompt"], c["method"]) for c in report["calls"]] == schedule(2, names)
     assert any("llama.cpp skipped" in n for n in report["notes"])  # no GGUF for a non-default model
     md = (out / "report.md").read_text()
-    assert "- device: cpu, float32" in md and "memory bandwidth:" in md and "| ms/step | floor ms |" in md
+    assert "- device: cpu, float32" in md and "memory bandwidth:" in md
+    assert "| ms to 1st token | ms/step | floor ms |" in md
+    greedy_row = next(line for line in md.splitlines() if line.startswith("| greedy |"))
+    assert f"| {1000 * rows['greedy']['first_token_seconds_median']:.1f} |" in greedy_row
     assert "| method | tokens/s | speedup vs HF greedy | speedup vs our greedy | tokens/forward |" in md
     assert "| speculative-int8 |" in md and "speed_accuracy.png" in md
     assert (out / "speed_accuracy.png").read_bytes()[:8] == PNG

@@ -548,6 +548,25 @@ def test_cuda_grouped_attention_runs_a_fused_kernel(block, dtype):
     torch.testing.assert_close(got.float(), expected, atol=tol, rtol=tol)
 
 
+@pytest.mark.cuda
+def test_cuda_extra_heads_run_as_one_stack(monkeypatch):
+    """On CUDA the extra heads run as one wide layer (`FastHeadStack`) with the grouped attention in CUDA's own
+    layout: every head's logits as through the Hugging Face layers (fp32), and the stack did run."""
+    model = tiny_mtp("llama", seed=5, num_heads=4).to("cuda")
+    calls = []
+    original = fast_llama.head_stack_step
+    monkeypatch.setattr(fast_llama, "head_stack_step", lambda *a, **k: calls.append(1) or original(*a, **k))
+    gen = torch.Generator().manual_seed(0)
+    ids, mask = left_pad([torch.randint(0, 61, (n,), generator=gen).tolist() for n in (7, 3)])
+    steps = [torch.randint(0, 61, (2, t), generator=gen).cuda() for t in (1, 3, 1)]
+    fast = cached_logits(model, ids.cuda(), mask.cuda(), steps)
+    assert len(calls) == 1 + len(steps)
+    model.set_fast_decoding(None)
+    slow = cached_logits(model, ids.cuda(), mask.cuda(), steps)
+    for a, b in zip(fast, slow, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
 @needs_fbgemm
 def test_int8_scales_each_output_channel_of_a_weight():
     """`--quantize int8` gives every output channel of a weight its own scale: one large weight (trained LLMs have

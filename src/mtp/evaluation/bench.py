@@ -851,7 +851,11 @@ def format_table(report: dict) -> str:
     head = ["method", "tokens/s", "speedup vs HF greedy", "speedup vs our greedy", "tokens/forward",
             "= our greedy", "agreement", "= HF greedy"]
     # ms a step, the weight-streaming floor, GPU memory: where any row has them
-    extra = [(key, label, spec) for key, label, spec in (("ms_per_step", "ms/step", ".2f"),
+    for r in report["methods"]:  # (reports written before the column have the seconds only)
+        r.setdefault("first_token_ms", None if r.get("first_token_seconds_median") is None
+                     else 1000 * r["first_token_seconds_median"])
+    extra = [(key, label, spec) for key, label, spec in (("first_token_ms", "ms to 1st token", ".1f"),
+                                                         ("ms_per_step", "ms/step", ".2f"),
                                                          ("floor_ms", "floor ms", ".3f"),
                                                          ("peak_memory_mb", "peak MB", ",.0f"))
              if any(r.get(key) is not None for r in report["methods"])]
@@ -919,7 +923,9 @@ def format_markdown(report: dict, plot_name: str | None = "speed_accuracy.png") 
     if report.get("gsm8k_scored"):
         parts.append("GSM8K: exact match of the strict (\"The answer is N.\") and flexible (last number) "
                      "extractions, ± standard error.")
-    parts.append("ms/step: median over prompts of the call's time after its first token / its forwards after the "
+    parts.append("ms to 1st token: median over prompts of the time from the call to its first new token (the "
+                 "prompt's forward and the call's setup). "
+                 "ms/step: median over prompts of the call's time after its first token / its forwards after the "
                  "prefill (greedy: one token's step; speculative: drafting and verifying). floor ms: the bytes "
                  "of weights a step reads / the memory bandwidth, the least a step streaming its weights can "
                  "take. peak MB (GPU): the model's weights + the largest allocation above them during a call.")

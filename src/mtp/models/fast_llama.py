@@ -266,7 +266,7 @@ def head_stack_step(hidden: torch.Tensor, mask: torch.Tensor | None, kv_buf: tor
     m = gate_up_w.shape[0]
     attn = _attention_half(hidden, mask, kv_buf, slots, window, cos, signed_sin, None, ln1_eps, qkv_w, qkv_b,
                            m * heads, m * kv_heads, scale, group_major).reshape(b * t, -1)  # (B T, m heads D)
-    mid = F.linear(attn, o_w, o_b).view(b * t, m, h).add_(hidden.view(b * t, 1, h))  # (B T, m, H)
+    mid = F.linear(attn, o_w, o_b).view(b * t, m, h).add_(hidden.reshape(b * t, 1, h))  # (B T, m, H)
     gate_up = torch.bmm(F.rms_norm(mid, (h,), None, ln2_eps).transpose(0, 1), gate_up_w)  # (m, B T, 2I)
     if gate_up_b is not None:
         gate_up = gate_up.add_(gate_up_b)
