@@ -280,7 +280,7 @@ def head_stack_step(hidden: torch.Tensor, mask: torch.Tensor | None, kv_buf: tor
 
 class FastHeadStack:
     """An MTP model's extra heads of one layer each, which all read the trunk's output, run as one wide layer on a
-    GPU (`head_stack_step`): a verify step of a 4-head model runs 3 such layers, ~39 kernels as separate layers and
+    GPU (`head_stack_step`): a verify step of a 4-head model runs 3 such layers, ~42 kernels as separate layers and
     their final norms, ~15 as one. Their weights are copied once into the wide layer's layout (norm weights folded
     in: the drafts round a little differently from the separate layers', which only moves how many are accepted;
     the next-token head is never part of a stack) and again whenever one changes. Keys and values live in one
