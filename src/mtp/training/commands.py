@@ -235,7 +235,8 @@ def _print_plan(a: _Args, method, model, trainer, train_data, held_data, par: Pa
     rows = config.batch_size * config.grad_accum
     print(f"mtp train: {method.describe(model, a)}{where}; "
           f"{len(train_data)} training rows ({train_data.target_count():,} target tokens), "
-          f"{len(held_data) if held_data is not None else 0} held-out rows; {config.steps} steps of "
+          f"{len(held_data) if held_data is not None else 0} held-out rows; {config.steps} "
+          f"step{'s' if config.steps != 1 else ''} of "
           f"{config.batch_size}x{config.grad_accum} rows (~{config.steps * rows / len(train_data):.2f} "
           f"epochs, {batches_per_epoch(train_data, config.batch_size)} batches per epoch); lr {config.lr:g}, "
           f"autocast {_AUTOCAST[trainer.precision]}" + (f"; resuming at step {trainer.step}" if resumed else ""),
