@@ -184,8 +184,9 @@ def iter_generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor |
     # Replaying, the next step is launched before the host reads this one (its result copied out first): the
     # device runs it while the host yields tokens and checks stop strings. It is launched with the widths the
     # statistics so far pick, and is skipped where the step being read may end every row by its budget; a row an
-    # end token or a stop string ends gets one step more, whose tokens are not read. A batch that shrinks first reads the step in
-    # flight. An observer reads the trunk output a step leaves on the device, which the next would overwrite.
+    # end token or a stop string ends gets one step more, whose tokens are not read. A batch that shrinks first
+    # reads the step in flight. An observer reads the trunk output a step leaves on the device, which the next
+    # step would overwrite: no step is launched ahead for it.
     pipelined = LAUNCH_AHEAD and session is not None and on_trunk is None
     ahead, draining = None, False  # (result, n, m) of the step launched ahead; whether a shrink waits for it
     n = m = 0  # the prompt is fed alone
