@@ -35,7 +35,7 @@ import functools
 import heapq
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -132,22 +132,70 @@ def _truncated(tree: DraftTree, depth: int) -> DraftTree:
 
 @dataclass(frozen=True, eq=False)
 class TreeLayout:
-    """A tree's tensors on the decoding device, N nodes of depth at most D (slot 0: root, slot 1 + i: node i).
-    Built by `tree_layout` from each node's parent, depth and rank: once for a fixed tree, on the device every step
-    for a dynamic one, so a decoding step never copies a tree from the host."""
+    """A tree's tensors on the decoding device, N nodes of depth at most D (slot 0: root, slot 1 + i: node i),
+    from each node's parent, depth and rank (`tree_layout`): once for a fixed tree, on the device every step for a
+    dynamic one, so a decoding step never copies a tree from the host. What verification reads (ancestors, paths,
+    children) is derived on first use, in ops whose shapes depend only on (N, D): a dynamic tree's step builds
+    three layouts (its drafts' shape, then with the lookup chain) and verifies with one."""
 
-    parent_slot: torch.Tensor  # (N,) slot of each node's parent
+    parent_slot: torch.Tensor  # (N,) slot of each node's parent (0: the root; a parent comes before its children)
     depth: torch.Tensor  # (N,) 1..D
     rank: torch.Tensor  # (N,) the node's candidate rank at its depth (LOOKUP_RANK: a lookup node)
-    ancestors: torch.Tensor  # (N, N) bool: [i, j] node j is node i or one of its ancestors
-    on_path_of: torch.Tensor  # (N, N) float: ancestors transposed; (B, N) failures @ it counts a path's failures
-    path: torch.Tensor  # (N, D) nodes from depth 1 to the node's depth, then repeats of the node
-    children: torch.Tensor  # (1+N, C) child slots of each slot in rank order, -1 padded
     max_depth: int  # D
+    max_children: int | None = None  # C below (None: N)
+    # what has been derived, by name (a plain dict: torch.compile traces it, not functools.cached_property)
+    derived: dict = field(default_factory=dict, repr=False)
 
     @property
     def size(self) -> int:
         return self.parent_slot.shape[0]
+
+    def _once(self, name: str, make) -> torch.Tensor:
+        value = self.derived.get(name)
+        if value is None:
+            value = self.derived[name] = make()
+        return value
+
+    @property
+    def ancestors(self) -> torch.Tensor:
+        """(N, N) bool: [i, j] node j is node i or one of its ancestors."""
+        return self._once("ancestors", self._ancestors)
+
+    @property
+    def on_path_of(self) -> torch.Tensor:
+        """(N, N) float: ancestors transposed; (B, N) failures @ it counts the failures on each node's path."""
+        return self._once("on_path_of", lambda: self.ancestors.T.float())
+
+    @property
+    def path(self) -> torch.Tensor:
+        """(N, D) nodes from depth 1 to the node's depth, then repeats of the node."""
+        return self._once("path", self._path)
+
+    @property
+    def children(self) -> torch.Tensor:
+        """(1+N, C) child slots of each slot in rank order, -1 padded (exact tree sampling walks them)."""
+        return self._once("children", self._children)
+
+    def _ancestors(self) -> torch.Tensor:
+        n, device = self.size, self.parent_slot.device
+        eye = torch.eye(n, dtype=torch.bool, device=device)
+        ancestors = eye
+        for _ in range(self.max_depth - 1):  # each pass adds one more generation (slot 0, the root, adds none)
+            ancestors = eye | torch.cat([torch.zeros_like(eye[:1]), ancestors])[self.parent_slot]
+        return ancestors
+
+    def _path(self) -> torch.Tensor:
+        n, device = self.size, self.parent_slot.device
+        levels = torch.arange(1, self.max_depth + 1, device=device)
+        at_level = self.ancestors[:, None, :] & (self.depth[None, None, :] == levels[None, :, None])  # (N, D, N)
+        return torch.where(at_level.any(-1), at_level.float().argmax(-1), torch.arange(n, device=device)[:, None])
+
+    def _children(self) -> torch.Tensor:
+        n, device = self.size, self.parent_slot.device
+        slots = torch.arange(1 + n, device=device)
+        key = torch.where(self.parent_slot[None, :] == slots[:, None], torch.arange(n, device=device)[None, :], n)
+        order = key.sort(-1).values[:, : self.max_children or n]  # (1+N, C) children first, in node (= rank) order
+        return torch.where(order < n, order + 1, -1)
 
     @property
     def within(self) -> torch.Tensor:
@@ -158,20 +206,8 @@ class TreeLayout:
 def tree_layout(parent_slot: torch.Tensor, depth: torch.Tensor, rank: torch.Tensor, max_depth: int,
                 max_children: int | None = None) -> TreeLayout:
     """The layout of N nodes given each one's parent slot (0: the root; a parent always comes before its
-    children), depth and rank, in ops whose shapes depend only on (N, D): a CUDA graph can replay it."""
-    n, device = parent_slot.shape[0], parent_slot.device
-    eye = torch.eye(n, dtype=torch.bool, device=device)
-    ancestors = eye
-    for _ in range(max_depth - 1):  # each pass adds one more generation (slot 0, the root, adds none)
-        ancestors = eye | torch.cat([torch.zeros_like(eye[:1]), ancestors])[parent_slot]
-    levels = torch.arange(1, max_depth + 1, device=device)
-    at_level = ancestors[:, None, :] & (depth[None, None, :] == levels[None, :, None])  # (N, D, N)
-    path = torch.where(at_level.any(-1), at_level.float().argmax(-1), torch.arange(n, device=device)[:, None])
-    slots = torch.arange(1 + n, device=device)
-    key = torch.where(parent_slot[None, :] == slots[:, None], torch.arange(n, device=device)[None, :], n)
-    order = key.sort(-1).values[:, : max_children or n]  # (1+N, C) children first, in node (= rank) order
-    children = torch.where(order < n, order + 1, -1)
-    return TreeLayout(parent_slot, depth, rank, ancestors, ancestors.T.float(), path, children, max_depth)
+    children), depth and rank; what is derived from them is computed when first read (`TreeLayout`)."""
+    return TreeLayout(parent_slot, depth, rank, max_depth, max_children)
 
 
 @functools.lru_cache(maxsize=1024)
