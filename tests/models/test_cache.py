@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from conftest import tiny_mtp
-from mtp.models.cache import write_block, write_kv
+from mtp.errors import MTPError
+from mtp.models.cache import MTPCache, write_block, write_kv
 
 
 def block_logits(model, cache, block: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
@@ -95,3 +96,13 @@ def test_a_compiled_block_write_writes_what_the_eager_one_does(backend):
     assert torch.equal(k_buf, expected_k) and torch.equal(v_buf, expected_v)
     torch.compile(write_kv, backend=backend, fullgraph=True, dynamic=False)(kv_buf, slots, kv)
     assert torch.equal(kv_buf, eager_kv)
+
+
+def test_a_stack_refuses_a_layer_of_another_width():
+    """A cache stack's buffer is shaped by its first write: a later write with another number of key/value heads
+    (the extra heads run as one wide layer, then one by one) is refused rather than written into part of it."""
+    cache = MTPCache(1, 16, num_stacks=1, stack_layers=[1])
+    stack = cache.stack(0)
+    assert stack.layer_kv(0, torch.empty(1, 9, 0, 8)).shape == (2, 1, 9, 16, 8)
+    with pytest.raises(MTPError, match="holds 9 key/value heads a layer, a layer wrote 3"):
+        stack.layer_kv(0, torch.empty(1, 3, 0, 8))

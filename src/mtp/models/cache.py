@@ -100,6 +100,9 @@ class StackCache:
             row = self.row[layer_idx] = len(self.row)
             if self.kv is None or row >= self.kv.shape[0]:
                 self._grow(max(self.num_layers or 0, row + 1), key_like)
+        if self.kv.shape[3] != key_like.shape[1]:  # (a stack of heads run as one layer, then one by one)
+            raise MTPError(f"this cache stack holds {self.kv.shape[3]} key/value heads a layer, a layer wrote "
+                           f"{key_like.shape[1]}: decode with a new cache")
         return self.kv[row]
 
     def _grow(self, layers: int, key_like: torch.Tensor) -> None:
