@@ -5,7 +5,8 @@
 #   bash scripts/gpu_check.sh real   the real model: heads trained on the GPU, `mtp bench --device cuda` (batch 1
 #                                    and 16; BENCH_GRAPHS=compile for graphs of compiled layers; BENCH_DTYPE=float32
 #                                    where lossless rows must equal greedy exactly: bf16 blocks of other widths round
-#                                    differently), then the default model's CUDA tests
+#                                    differently; TRUNK_LAYERS=28 for heads of two layers), then the default
+#                                    model's CUDA tests
 #   bash scripts/gpu_check.sh smoke  tiny-model graph tests and step timings only
 #   bash scripts/gpu_check.sh demo   `mtp demo` on the GPU (issue 23: all 7,473 questions, <= 10 minutes); run again
 #                                    to resume an interrupted demo (DEMO_SECONDS, default 560; DEMO_EPOCHS, 3)
@@ -51,7 +52,8 @@ real)
   step "train heads on the GPU"
   timeout ${TRAIN_SECONDS:-150} python3 -m mtp train --data gsm8k --num-heads 4 --freeze-trunk --targets self \
     --limit ${LIMIT:-1100} --epochs 3 --batch-size 4 --seq-len 320 --max-new-tokens 128 --holdout 0.05 --lr 5e-3 \
-    --gen-batch-size 64 --device cuda --no-progress --output /tmp/heads 2>&1 | tee "$OUT/train.log" | tail -14
+    --gen-batch-size 64 --device cuda --no-progress ${TRUNK_LAYERS:+--num-trunk-layers $TRUNK_LAYERS} \
+    --output /tmp/heads 2>&1 | tee "$OUT/train.log" | tail -14
   cp /tmp/heads/eval.json "$OUT/train-eval.json" 2>/dev/null
   step "bench on the GPU"
   BENCH=(python3 -m mtp bench --model /tmp/heads --limit "${PROMPTS:-10}" --max-new-tokens 128 --tau 0.9 --k 4
