@@ -56,9 +56,10 @@ class Backbone:
         output into it (a lean step then adds the attention's residual inside its matmul: a kernel fewer)."""
         raise NotImplementedError
 
-    def run_head_stack(self, layers: list[nn.Module], hidden: torch.Tensor, mask, cache, shared: dict):
-        """One-layer heads that all read `hidden`, run together and through the final norm: (m, B, T, H), or
-        None where this backbone has no such step for this call (the caller runs them one by one)."""
+    def run_head_stack(self, levels: list[list[nn.Module]], hidden: torch.Tensor, mask, cache, shared: dict):
+        """Heads that all read `hidden` (`levels[i]`: layer i of each), run together and through the final norm:
+        (m, B, T, H), or None where this backbone has no such step for this call (the caller runs them one by
+        one)."""
         return None
 
     def final_norm(self, hidden: torch.Tensor, shared: dict, cached: bool) -> torch.Tensor:
@@ -127,17 +128,17 @@ class LlamaBackbone(Backbone):
                     **shared)
         return out[0] if isinstance(out, tuple) else out
 
-    def run_head_stack(self, layers, hidden, mask, cache, shared):
+    def run_head_stack(self, levels, hidden, mask, cache, shared):
         # the GPU's fused path only (`fast_llama.FastHeadStack.applies`), for the lean step's forwards
         if cache is None or "fast_rope" not in shared or torch.is_grad_enabled() or not self.fast_layers:
             return None
-        fast = [self.fast_layers.get(layer) for layer in layers]
-        if any(f is None for f in fast):
+        fast = [[self.fast_layers.get(layer) for layer in level] for level in levels]
+        if any(f is None for level in fast for f in level):
             return None
         stacks = self.__dict__.setdefault("_head_stacks", {})
-        key = tuple(id(layer) for layer in layers)
+        key = tuple(id(layer) for level in levels for layer in level)
         stack = stacks.get(key)
-        if stack is None or stack.layers != fast:  # (fast layers are rebuilt when the weight format changes)
+        if stack is None or stack.levels != fast:  # (fast layers are rebuilt when the weight format changes)
             from mtp.models.fast_llama import FastHeadStack
 
             stack = stacks[key] = FastHeadStack(fast, self.norm)

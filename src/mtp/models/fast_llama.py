@@ -250,23 +250,33 @@ def _attention_half(hidden: torch.Tensor, mask: torch.Tensor | None, kv_buf: tor
                       scale, group_major)  # (B, T, heads, D)
 
 
-def head_stack_step(hidden: torch.Tensor, mask: torch.Tensor | None, kv_buf: torch.Tensor, slots: torch.Tensor,
+def head_stack_step(x: torch.Tensor, mask: torch.Tensor | None, kv_buf: torch.Tensor, slots: torch.Tensor,
                     window: int, cos: torch.Tensor, signed_sin: torch.Tensor, ln1_eps: float, qkv_w: torch.Tensor,
                     qkv_b: torch.Tensor | None, o_w: torch.Tensor, o_b: torch.Tensor | None, ln2_eps: float,
                     gate_up_w: torch.Tensor, gate_up_b: torch.Tensor | None, down_w: torch.Tensor,
-                    down_b: torch.Tensor | None, final_w: torch.Tensor, final_eps: float, heads: int, kv_heads: int,
-                    scale: float, group_major: bool) -> torch.Tensor:
-    """m one-layer heads that read the same input, as one wide layer, then the final norm: (m, B, T, H).
+                    down_b: torch.Tensor | None, final_w: torch.Tensor | None, final_eps: float, heads: int,
+                    kv_heads: int, scale: float, group_major: bool) -> torch.Tensor:
+    """A layer of each of m heads as one wide layer, then (`final_w`) the final norm: (m, B, T, H).
     The wide layer has m x the attention heads of one (head j's query heads j * heads.., its key/value heads
-    j * kv_heads.., so each group still reads its own layer's keys), both norms' weights folded into the
-    projections after them (qkv_w (m (heads + 2 kv [+ heads + kv]) D, H), sections in that order, each of them
-    all m layers'), a block-diagonal output projection o_w (m H, m heads D), and the MLPs as batched matmuls
-    gate_up_w (m, H, 2I), down_w (m, I, H) (`FastHeadStack`): ~15 kernels for all m heads instead of ~13 each."""
-    b, t, h = hidden.shape
+    j * kv_heads.., so each group still reads its own layer's keys) over kv_buf (2, B, m kv_heads, max_len, D),
+    both norms' weights folded into the projections after them, a block-diagonal output projection
+    o_w (m H, m heads D), and the MLPs as batched matmuls gate_up_w (m, H, 2I), down_w (m, I, H)
+    (`FastHeadStack`). x (B, T, H): the input every head reads (their first layers; qkv_w (m (heads + 2 kv
+    [+ heads + kv]) D, H), its sections q, k, v [, swapped q, k] each all m layers'), or (m, B, T, H): each head's
+    own (a later layer of each; qkv_w (m, H, F), one layer's columns per head). ~15 kernels for m layers instead
+    of ~13 each."""
     m = gate_up_w.shape[0]
-    attn = _attention_half(hidden, mask, kv_buf, slots, window, cos, signed_sin, None, ln1_eps, qkv_w, qkv_b,
-                           m * heads, m * kv_heads, scale, group_major).reshape(b * t, -1)  # (B T, m heads D)
-    mid = F.linear(attn, o_w, o_b).view(b * t, m, h).add_(hidden.reshape(b * t, 1, h))  # (B T, m, H)
+    if x.dim() == 3:  # one input: the q/k/v of every head in one matmul
+        b, t, h = x.shape
+        attn = _attention_half(x, mask, kv_buf, slots, window, cos, signed_sin, None, ln1_eps, qkv_w, qkv_b,
+                               m * heads, m * kv_heads, scale, group_major)  # (B, T, m heads, D)
+        residual = x.reshape(b * t, 1, h)
+    else:
+        _, b, t, h = x.shape
+        attn = _stacked_attention(x, mask, kv_buf, slots, window, cos, signed_sin, ln1_eps, qkv_w, qkv_b, heads,
+                                  kv_heads, scale, group_major)
+        residual = x.view(m, b * t, h).transpose(0, 1)
+    mid = F.linear(attn.reshape(b * t, -1), o_w, o_b).view(b * t, m, h).add_(residual)  # (B T, m, H)
     gate_up = torch.bmm(F.rms_norm(mid, (h,), None, ln2_eps).transpose(0, 1), gate_up_w)  # (m, B T, 2I)
     if gate_up_b is not None:
         gate_up = gate_up.add_(gate_up_b)
@@ -275,72 +285,115 @@ def head_stack_step(hidden: torch.Tensor, mask: torch.Tensor | None, kv_buf: tor
     out = torch.baddbmm(mid.transpose(0, 1), act, down_w)  # (m, B T, H): the residual added inside the matmul
     if down_b is not None:
         out = out.add_(down_b)
-    return F.rms_norm(out, (h,), final_w, final_eps).view(m, b, t, h)
+    if final_w is not None:
+        out = F.rms_norm(out, (h,), final_w, final_eps)
+    return out.view(m, b, t, h)
+
+
+def _stacked_attention(x: torch.Tensor, mask: torch.Tensor | None, kv_buf: torch.Tensor, slots: torch.Tensor,
+                       window: int, cos: torch.Tensor, signed_sin: torch.Tensor, ln1_eps: float, qkv_w: torch.Tensor,
+                       qkv_b: torch.Tensor | None, heads: int, kv_heads: int, scale: float,
+                       group_major: bool) -> torch.Tensor:
+    """`_attention_half` for m layers with inputs of their own, x (m, B, T, H): the q/k/v projections as one batched
+    matmul, rotary in place, the keys and values written into kv_buf (2, B, m kv_heads, max_len, D) as
+    (layer, head) in one scatter, the queries regrouped (a copy) for one attention: (B, T, m heads, D)."""
+    m, b, t, h = x.shape
+    d = kv_buf.shape[-1]
+    y = torch.bmm(F.rms_norm(x.reshape(m, b * t, h), (h,), None, ln1_eps), qkv_w)  # (m, B T, F)
+    if qkv_b is not None:
+        y = y.add_(qkv_b)
+    y = y.view(m, b, t, -1)
+    qk_cols = (heads + kv_heads) * d
+    qk = y[..., :qk_cols].view(m, b, t, heads + kv_heads, d)
+    if y.shape[-1] > qk_cols + kv_heads * d:  # the swapped halves come out of the projection
+        swapped = y[..., qk_cols + kv_heads * d :].view(m, b, t, heads + kv_heads, d)
+    else:
+        swapped = torch.cat((qk[..., d // 2 :], qk[..., : d // 2]), dim=-1)
+    qk.mul_(cos.transpose(1, 2)).addcmul_(swapped, signed_sin.transpose(1, 2))  # (B, T, 1, D) over every layer
+    kv = y[..., heads * d : qk_cols + kv_heads * d].view(m, b, t, 2, kv_heads, d).permute(3, 1, 0, 4, 2, 5)
+    buf = kv_buf.view(2, b, m, kv_heads, kv_buf.shape[3], d)  # (2, B, m, kv, max_len, D)
+    buf.scatter_(4, slots[None, :, None, None, :, None].expand(2, b, m, kv_heads, t, d), kv)
+    q = qk[..., :heads, :].permute(1, 0, 3, 2, 4).reshape(b, m * heads, t, d)  # (B, m heads, T, D)
+    return _attention(q, kv_buf[0, :, :, :window], kv_buf[1, :, :, :window], mask, scale, group_major)
 
 
 class FastHeadStack:
-    """An MTP model's extra heads of one layer each, which all read the trunk's output, run as one wide layer on a
-    GPU (`head_stack_step`): a verify step of a 4-head model runs 3 such layers, ~42 kernels as separate layers and
-    their final norms, ~15 as one. Their weights are copied once into the wide layer's layout (norm weights folded
-    in: the drafts round a little differently from the separate layers', which only moves how many are accepted;
-    the next-token head is never part of a stack) and again whenever one changes. Keys and values live in one
-    cache stack with m x a layer's key/value heads."""
+    """An MTP model's extra heads, which all read the trunk's output, run together on a GPU: the first layer of
+    every head as one wide layer, then the second of every head, ... (`head_stack_step`; heads of equal depth). A
+    verify step of a 4-head model runs 3 one-layer heads in ~15 kernels instead of ~42 (each ~13 and a final
+    norm). Their weights are copied once into the wide layers' layout (norm weights folded in: the drafts round a
+    little differently from the separate layers', which only moves how many are accepted; the next-token head is
+    never part of a stack) and again whenever one changes. Keys and values live in one cache stack with m x a
+    layer's key/value heads. `levels[i]`: layer i of every head."""
 
-    def __init__(self, layers: list[FastLlamaLayer], final_norm: nn.Module):
-        self.layers, self.final_norm = layers, final_norm
-        self._weights: tuple | None = None  # (identity, tensors)
+    def __init__(self, levels: list[list[FastLlamaLayer]], final_norm: nn.Module):
+        self.levels, self.final_norm = levels, final_norm
+        self._weights: dict[int, tuple] = {}  # level -> (identity, tensors)
 
     def applies(self, hidden: torch.Tensor, cache) -> bool:
-        first = self.layers[0]
-        return (len(self.layers) > 1 and all(layer._whole_layer_fused(hidden, cache) for layer in self.layers)
-                and self.final_norm.weight.dtype == hidden.dtype
-                and all(layer.ln1.variance_epsilon == first.ln1.variance_epsilon
-                        and layer.ln2.variance_epsilon == first.ln2.variance_epsilon for layer in self.layers))
+        return (len(self.levels[0]) > 1 and self.final_norm.weight.dtype == hidden.dtype
+                and all(layer._whole_layer_fused(hidden, cache) for level in self.levels for layer in level)
+                and all(layer.ln1.variance_epsilon == level[0].ln1.variance_epsilon
+                        and layer.ln2.variance_epsilon == level[0].ln2.variance_epsilon
+                        for level in self.levels for layer in level))
 
     def __call__(self, hidden: torch.Tensor, mask: torch.Tensor | None, cache, cos: torch.Tensor,
                  signed_sin: torch.Tensor) -> torch.Tensor:
         """hidden (B, T, H) -> (m, B, T, H), each head's output after the final norm."""
-        first = self.layers[0]
-        b, m, d = hidden.shape[0], len(self.layers), first.head_dim
+        first = self.levels[0][0]
+        b, m, d = hidden.shape[0], len(self.levels[0]), first.head_dim
         qkv = first._modules(QKV)
         heads, kv_heads = qkv[0].out_features // d, qkv[1].out_features // d
         group_major = (_attention_path(b, hidden.shape[1], hidden.device.type) == "grouped" and heads != kv_heads)
         swapped = (qkv[0].out_features + qkv[1].out_features) * qkv[0].in_features * hidden.element_size() \
             <= SWAPPED_ROWS_BYTES
-        qkv_w, qkv_b, o_w, o_b, gate_up_w, gate_up_b, down_w, down_b = self._stacked(swapped, group_major)
-        kv_buf = cache.layer_kv(first.layer_idx, hidden.new_empty((b, m * kv_heads, 0, d)))
-        return head_stack_step(hidden, mask, kv_buf, cache.owner.block_slots, cache.owner.window, cos, signed_sin,
-                               first.ln1.variance_epsilon, qkv_w, qkv_b, o_w, o_b, first.ln2.variance_epsilon,
-                               gate_up_w, gate_up_b, down_w, down_b, self.final_norm.weight,
-                               self.final_norm.variance_epsilon, heads, kv_heads, first.scaling, group_major)
+        x = hidden
+        for i, level in enumerate(self.levels):
+            kv_buf = cache.layer_kv(level[0].layer_idx, hidden.new_empty((b, m * kv_heads, 0, d)))
+            last = i == len(self.levels) - 1  # the final norm after the last layer
+            qkv_w, qkv_b, o_w, o_b, gate_up_w, gate_up_b, down_w, down_b = self._stacked(i, swapped, group_major)
+            x = head_stack_step(x, mask, kv_buf, cache.owner.block_slots, cache.owner.window, cos, signed_sin,
+                                level[0].ln1.variance_epsilon, qkv_w, qkv_b, o_w, o_b, level[0].ln2.variance_epsilon,
+                                gate_up_w, gate_up_b, down_w, down_b, self.final_norm.weight if last else None,
+                                self.final_norm.variance_epsilon, heads, kv_heads, level[0].scaling, group_major)
+        return x
 
-    def _stacked(self, swapped: bool, group_major: bool) -> tuple:
-        modules = [p for layer in self.layers for group in range(4) for p in layer._modules(group)]
-        norms = [n.weight for layer in self.layers for n in (layer.ln1, layer.ln2)] + [self.final_norm.weight]
+    def _stacked(self, i: int, swapped: bool, group_major: bool) -> tuple:
+        level = self.levels[i]
+        modules = [p for layer in level for group in range(4) for p in layer._modules(group)]
+        norms = [n.weight for layer in level for n in (layer.ln1, layer.ln2)]
         identity = (swapped, group_major, *((w.data_ptr(), w._version) for w in [p.weight for p in modules] + norms))
-        if self._weights is None or self._weights[0] != identity:
-            self._weights = (identity, self._build(swapped, group_major))
-        return self._weights[1]
+        cached = self._weights.get(i)
+        if cached is None or cached[0] != identity:
+            cached = self._weights[i] = (identity, self._build(level, i > 0, swapped, group_major))
+        return cached[1]
 
-    def _build(self, swapped: bool, group_major: bool) -> tuple:
-        first, m = self.layers[0], len(self.layers)
+    @staticmethod
+    def _build(level: list[FastLlamaLayer], own_inputs: bool, swapped: bool, group_major: bool) -> tuple:
+        """A level's weights: (qkv_w, qkv_b, o_w, o_b, gate_up_w, gate_up_b, down_w, down_b) as `head_stack_step`
+        reads them; `own_inputs`: each head reads its own input (a later layer), so q/k/v are a batched matmul."""
+        first, m = level[0], len(level)
         d = first.head_dim
 
         def folded(weight: torch.Tensor, norm: nn.Module) -> torch.Tensor:  # W diag(g): the norm's scale inside
             return (weight.detach().float() * norm.weight.detach().float()).to(weight.dtype)
 
-        sections, bias_sections = [], []
-        for layer in self.layers:
-            _, weight, bias, bounds = layer._fused_weights(QKV_SWAPPED if swapped else QKV, layer._modules(QKV))
-            q, k = bounds[0][1], bounds[1][1] - bounds[1][0]  # rows of q, of k (and of v)
-            cuts = [0, q, q + k, q + 2 * k] + ([q + 2 * k + q, q + 2 * k + q + k] if swapped else [])
-            sections.append([folded(weight[a:z], layer.ln1) for a, z in zip(cuts, cuts[1:], strict=False)])
-            if bias is not None:
-                bias_sections.append([bias[a:z] for a, z in zip(cuts, cuts[1:], strict=False)])
-        qkv_w = torch.cat([part for i in range(len(sections[0])) for part in (s[i] for s in sections)])
-        qkv_b = None if not bias_sections else \
-            torch.cat([part for i in range(len(bias_sections[0])) for part in (s[i] for s in bias_sections)])
-        o = [layer.attn.o_proj for layer in self.layers]
+        fused = [layer._fused_weights(QKV_SWAPPED if swapped else QKV, layer._modules(QKV)) for layer in level]
+        if own_inputs:  # (m, H, F) and (m, 1, F): each head's fused q/k/v [+ swapped] as it is
+            qkv_w = torch.stack([folded(f[1], layer.ln1).t() for f, layer in zip(fused, level, strict=True)])
+            qkv_b = None if fused[0][2] is None else torch.stack([f[2] for f in fused])[:, None]
+        else:  # (m F, H): the sections q, k, v [, swapped q, k], each every head's
+            sections, bias_sections = [], []
+            for (_, weight, bias, bounds), layer in zip(fused, level, strict=True):
+                q, k = bounds[0][1], bounds[1][1] - bounds[1][0]  # rows of q, of k (and of v)
+                cuts = [0, q, q + k, q + 2 * k] + ([q + 2 * k + q, q + 2 * k + q + k] if swapped else [])
+                sections.append([folded(weight[a:z], layer.ln1) for a, z in zip(cuts, cuts[1:], strict=False)])
+                if bias is not None:
+                    bias_sections.append([bias[a:z] for a, z in zip(cuts, cuts[1:], strict=False)])
+            qkv_w = torch.cat([part for i in range(len(sections[0])) for part in (s[i] for s in sections)])
+            qkv_b = None if not bias_sections else \
+                torch.cat([part for i in range(len(bias_sections[0])) for part in (s[i] for s in bias_sections)])
+        o = [layer.attn.o_proj for layer in level]
         h, width = o[0].out_features, o[0].in_features  # (H, heads D)
         o_w = o[0].weight.new_zeros(m * h, m * width)
         for j, proj in enumerate(o):
@@ -350,10 +403,10 @@ class FastHeadStack:
             o_w = o_w.view(m * h, kv, -1, d).transpose(1, 2).reshape(m * h, m * width)
         o_b = None if all(p.bias is None for p in o) else \
             torch.cat([p.bias.detach() if p.bias is not None else o_w.new_zeros(h) for p in o])
-        gate_up = [layer._fused_weights(GATE_UP, layer._modules(GATE_UP)) for layer in self.layers]
-        gate_up_w = torch.stack([folded(g[1], layer.ln2).t() for g, layer in zip(gate_up, self.layers, strict=True)])
+        gate_up = [layer._fused_weights(GATE_UP, layer._modules(GATE_UP)) for layer in level]
+        gate_up_w = torch.stack([folded(g[1], layer.ln2).t() for g, layer in zip(gate_up, level, strict=True)])
         gate_up_b = None if gate_up[0][2] is None else torch.stack([g[2] for g in gate_up])[:, None]  # (m, 1, 2I)
-        down = [layer.mlp.down_proj for layer in self.layers]
+        down = [layer.mlp.down_proj for layer in level]
         down_w = torch.stack([p.weight.detach().t() for p in down])  # (m, I, H)
         down_b = None if all(p.bias is None for p in down) else \
             torch.stack([p.bias.detach() if p.bias is not None else down_w.new_zeros(h) for p in down])[:, None]

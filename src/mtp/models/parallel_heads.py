@@ -182,17 +182,20 @@ class MTPModel(nn.Module):
         return self.backbone.final_norm(hidden, ctx.shared, cached=ctx.cache is not None)
 
     def heads_forward(self, heads: int, trunk_hidden: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
-        """Heads 0..heads-1 on the trunk output: (B, T, heads, H). Through a cache on a GPU, extra heads of one
-        layer each run as one wide layer (`fast_llama.FastHeadStack`; its keys and values in head 1's cache
-        stack); the next-token head always runs alone, as in a greedy step, so verifying computes its tokens."""
+        """Heads 0..heads-1 on the trunk output: (B, T, heads, H). Through a cache on a GPU, the extra heads run
+        together, layer i of every head as one wide layer (`fast_llama.FastHeadStack`; their keys and values in
+        head 1's cache stack); the next-token head always runs alone, as in a greedy step, so verifying computes
+        its tokens."""
         first = self.head_forward(0, trunk_hidden, ctx)
         extra = range(1, heads)
         if not extra:  # (greedy: a view, no copy)
             return first[:, :, None]
         stacked = None
-        if ctx.cache is not None and len(extra) > 1 and all(len(self.head_layers(j)) == 1 for j in extra):
-            stacked = self.backbone.run_head_stack([self.head_layers(j)[0] for j in extra], trunk_hidden, ctx.mask,
-                                                   ctx.cache.stack(2), ctx.shared)  # (heads - 1, B, T, H)
+        depths = {len(self.head_layers(j)) for j in extra}
+        if ctx.cache is not None and len(extra) > 1 and len(depths) == 1:
+            levels = [[self.head_layers(j)[i] for j in extra] for i in range(depths.pop())]
+            stacked = self.backbone.run_head_stack(levels, trunk_hidden, ctx.mask, ctx.cache.stack(2),
+                                                   ctx.shared)  # (heads - 1, B, T, H)
         if stacked is None:
             return torch.stack([first, *(self.head_forward(j, trunk_hidden, ctx) for j in extra)], dim=2)
         return torch.cat([first[:, :, None], stacked.permute(1, 2, 0, 3)], dim=2)
