@@ -120,8 +120,7 @@ class FastLlamaLayer:
                     signed_sin: torch.Tensor, reuse_input: bool) -> torch.Tensor:
         b = hidden.shape[0]
         qkv = self._modules(QKV)
-        swap_bytes = (qkv[0].out_features + qkv[1].out_features) * qkv[0].in_features * hidden.element_size()
-        _, qkv_w, qkv_b, bounds = self._fused_weights(QKV_SWAPPED if swap_bytes <= SWAPPED_ROWS_BYTES else QKV, qkv)
+        _, qkv_w, qkv_b, bounds = self._fused_weights(self._qkv_group(hidden), qkv)
         _, gate_up_w, gate_up_b, _ = self._fused_weights(GATE_UP, self._modules(GATE_UP))
         heads, kv_heads = bounds[0][1] // self.head_dim, (bounds[1][1] - bounds[1][0]) // self.head_dim
         kv_buf = cache.layer_kv(self.layer_idx, hidden.new_empty((b, kv_heads, 0, self.head_dim)))
@@ -140,6 +139,12 @@ class FastLlamaLayer:
         if _COMPILED_LAYERS:  # (inductor fuses the residual add into the norm after it: nothing to reuse)
             return compiled_layer_step()(*args, group_major=group_major)
         return layer_step(*args, reuse_input=reuse_input and hidden.is_contiguous(), group_major=group_major)
+
+    def _qkv_group(self, hidden: torch.Tensor) -> int:
+        """QKV_SWAPPED where the swapped q and k rows are small enough to stream every step, else QKV."""
+        q, k = self._modules(QKV)[:2]
+        swap_bytes = (q.out_features + k.out_features) * q.in_features * hidden.element_size()
+        return QKV_SWAPPED if swap_bytes <= SWAPPED_ROWS_BYTES else QKV
 
     def _modules(self, which: int) -> tuple[nn.Module, ...]:
         a, m = self.attn, self.mlp  # read at call time, so int8-replaced or moved projections are seen
@@ -178,15 +183,20 @@ class FastLlamaLayer:
                                   for p in modules])
             ends = torch.tensor([p.out_features for p in modules]).cumsum(0).tolist()
             bounds = list(zip([0, *ends[:-1]], ends, strict=True))
-            if which == OUT_GROUP_MAJOR:  # input columns (kv, group, D) -> (group, kv, D)
-                kv = self.attn.k_proj.out_features // self.head_dim
-                weight = weight.view(weight.shape[0], kv, -1, self.head_dim).transpose(1, 2).reshape(weight.shape)
+            if which == OUT_GROUP_MAJOR:
+                weight = _group_major_columns(weight, self.attn.k_proj.out_features // self.head_dim, self.head_dim)
             if which == QKV_SWAPPED:
                 qk = bounds[1][1]  # q's and k's rows
                 weight = torch.cat([weight, _swap_halves(weight[:qk], self.head_dim)])
                 bias = None if bias is None else torch.cat([bias, _swap_halves(bias[:qk], self.head_dim)])
             cached = self._fused[which] = (identity, weight, bias, bounds)
         return cached
+
+
+def _group_major_columns(weight: torch.Tensor, kv: int, head_dim: int) -> torch.Tensor:
+    """An output projection's weight (out, heads D) with its input columns reordered from the model's head order
+    (kv, group, D) to group-major (group, kv, D), as the grouped attention leaves its output on CUDA."""
+    return weight.view(weight.shape[0], kv, -1, head_dim).transpose(1, 2).reshape(weight.shape)
 
 
 def _swap_halves(rows: torch.Tensor, head_dim: int) -> torch.Tensor:
@@ -345,8 +355,7 @@ class FastHeadStack:
         qkv = first._modules(QKV)
         heads, kv_heads = qkv[0].out_features // d, qkv[1].out_features // d
         group_major = (_attention_path(b, hidden.shape[1], hidden.device.type) == "grouped" and heads != kv_heads)
-        swapped = (qkv[0].out_features + qkv[1].out_features) * qkv[0].in_features * hidden.element_size() \
-            <= SWAPPED_ROWS_BYTES
+        swapped = first._qkv_group(hidden) == QKV_SWAPPED
         x = hidden
         for i, level in enumerate(self.levels):
             kv_buf = cache.layer_kv(level[0].layer_idx, hidden.new_empty((b, m * kv_heads, 0, d)))
@@ -398,9 +407,8 @@ class FastHeadStack:
         o_w = o[0].weight.new_zeros(m * h, m * width)
         for j, proj in enumerate(o):
             o_w[j * h:(j + 1) * h, j * width:(j + 1) * width] = proj.weight.detach()
-        if group_major:  # input columns (kv, group, D) -> (group, kv, D), as `_fused_weights(OUT_GROUP_MAJOR)`
-            kv = m * first.attn.k_proj.out_features // d
-            o_w = o_w.view(m * h, kv, -1, d).transpose(1, 2).reshape(m * h, m * width)
+        if group_major:  # as `_fused_weights(OUT_GROUP_MAJOR)`, over all m layers' key/value heads
+            o_w = _group_major_columns(o_w, m * first.attn.k_proj.out_features // d, d)
         o_b = None if all(p.bias is None for p in o) else \
             torch.cat([p.bias.detach() if p.bias is not None else o_w.new_zeros(h) for p in o])
         gate_up = [layer._fused_weights(GATE_UP, layer._modules(GATE_UP)) for layer in level]
