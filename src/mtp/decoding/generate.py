@@ -200,30 +200,15 @@ def iter_generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor |
             host = read()
         else:
             host = result.host.tolist()  # the one device-to-host copy of a step
-        if any(h[4] for h, a in zip(host, active, strict=True) if a):
-            raise MTPError("the model computed NaN or infinite logits (damaged weights, or a dtype that overflows "
-                           "for this model)")
         fed = sum(active)
+        emitted, accepted = _read_rows(host, rows, active, left, stop, state.finished)
         stats.forward_passes += 1
         stats.row_forwards += fed
         if on_trunk is not None and result.trunk is not None:
             on_trunk(state.rows, result.trunk, result.kept)
-        accepted = []
-        for i, row in enumerate(rows):
-            if not active[i]:
-                continue
-            count, finished, a = host[i][0], bool(host[i][1]), host[i][2]
-            accepted.append(a)
-            new = host[i][HOST_COLUMNS:HOST_COLUMNS + count]
-            cut = stop.cut(row, new) if new else None
-            if cut is not None:
-                new, finished = new[:cut], True
-                state.finished[i] = True
-            active[i] = not finished
-            left[i] -= count
-            if new:
-                stats.new_tokens += len(new)
-                yield row, new
+        for row, new in emitted:
+            stats.new_tokens += len(new)
+            yield row, new
         found = max((host[i][3] for i in range(len(rows)) if active[i]), default=0)  # lookup drafts next
         run = max((host[i][0] for i in range(len(rows)) if active[i]), default=1)  # the longest emitted run
         if verifying and max(n, m):
@@ -249,6 +234,32 @@ def iter_generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor |
         elif session is None:  # a confident run feeds what it emitted: eagerly, only as wide as the longest
             state = state.narrow_pending(max(run, 1))
         state, result = (state, session.run(state, n, m)) if session is not None else decoder.step(state, n, m)
+
+
+def _read_rows(host: list[list[int]], rows: list[int], active: list[bool], left: list[int], stop: StopChecker,
+               finished: torch.Tensor) -> tuple[list[tuple[int, list[int]]], list[int]]:
+    """One step's host copy (`StepResult.host`), row by row: each active row's new tokens (cut where they complete
+    a stop string, which ends the row, marked in the device's `finished` too) and the drafts each accepted.
+    Updates `active` and `left` (tokens a row may still emit) in place."""
+    if any(h[4] for h, a in zip(host, active, strict=True) if a):
+        raise MTPError("the model computed NaN or infinite logits (damaged weights, or a dtype that overflows "
+                       "for this model)")
+    emitted, accepted = [], []
+    for i, row in enumerate(rows):
+        if not active[i]:
+            continue
+        count, done = host[i][0], bool(host[i][1])
+        accepted.append(host[i][2])
+        new = host[i][HOST_COLUMNS:HOST_COLUMNS + count]
+        cut = stop.cut(row, new) if new else None
+        if cut is not None:
+            new, done = new[:cut], True
+            finished[i] = True
+        active[i] = not done
+        left[i] -= count
+        if new:
+            emitted.append((row, new))
+    return emitted, accepted
 
 
 def _to_host(tensor: torch.Tensor) -> Callable[[], list]:
