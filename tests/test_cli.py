@@ -33,7 +33,7 @@ def test_unknown_command(capsys):
     assert code == 2 and "unknown command" in err
 
 
-def test_info_on_a_folder(tiny_mtp_folder, capsys):
+def test_info_on_a_folder(tiny_mtp_folder, tmp_path, capsys):
     code, out, _ = run_cli(["info", "--model", str(tiny_mtp_folder)], capsys)
     assert code == 0
     assert "layers 0..1 (2 layers, shared)" in out
@@ -41,6 +41,12 @@ def test_info_on_a_folder(tiny_mtp_folder, capsys):
     assert "vocabulary" in out and "loaded in" in out
     row = next(line for line in out.splitlines() if line.startswith("device, dtype"))
     assert row.split()[-2:] == ["cpu,", "float32"]  # --device auto, --dtype auto on a machine without a GPU
+    assert "next-token input" not in out
+    from mtp import MTPModel
+
+    MTPModel.from_pretrained(tiny_mtp_folder).add_next_token_input().save_pretrained(tmp_path / "reading")
+    code, out, _ = run_cli(["info", "--model", str(tmp_path / "reading")], capsys)
+    assert code == 0 and "next-token input" in out and "1,024 (the extra heads read the next token)" in out
 
 
 def test_generate_strategies_and_json(tiny_mtp_folder, tmp_path, capsys):

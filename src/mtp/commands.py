@@ -90,6 +90,8 @@ def _heads_rows(m) -> list[tuple[str, str]]:
         ("  trunk", f"{trunk:,}"),
         ("  head 0", f"{head0:,}"),
         ("  extra heads", f"{extra:,} ({m.num_heads - 1} x {extra // max(m.num_heads - 1, 1):,})"),
+        *([("  next-token input", f"{m.next_token_in.weight.numel():,} (the extra heads read the next token)")]
+          if m.reads_next_token else []),
         ("  embeddings", f"{embed.numel():,}" + (" (tied with the unembedding)" if tied else "")),
         ("  unembedding", "shared by all heads" + ("" if tied else f", {lm_w.numel():,}")),
         ("device, dtype", Runtime(m.device, m.dtype).describe()),

@@ -268,6 +268,10 @@ def test_export_refuses_heads_of_several_layers(tmp_path):
     with pytest.raises(MTPError, match="one layer per head"):
         mtp_to_meta(model, tmp_path / "meta")
     assert not (tmp_path / "meta").exists()
+    reading = MTPModel(LlamaForCausalLM(config), num_heads=2).add_next_token_input()
+    with pytest.raises(MTPError, match="read the next token"):
+        mtp_to_meta(reading, tmp_path / "meta")
+    assert not (tmp_path / "meta").exists()
 
 
 # -------------------------------------------------------------------------------------------- bad checkpoints

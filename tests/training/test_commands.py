@@ -58,6 +58,7 @@ def test_train_cli_frozen_self_targets(tmp_path, mtp_folder) -> None:
     before, after = base.checkpoint_state_dict(), trained.checkpoint_state_dict()
     for name in before:  # trunk, head 0, embeddings, norm, unembedding: exactly the base model
         assert torch.equal(before[name], after[name]) == (not name.startswith("extra_heads.")), name
+    assert trained.reads_next_token and after["next_token_in.weight"].any()  # added (at zero), then trained
     report = json.loads((out / "eval.json").read_text())
     assert [h["predicts"] for h in report["heads"]] == ["t+1", "t+2", "t+3"]
     assert report["heads"][0]["top1_accuracy"] == 1.0  # its own greedy answers

@@ -139,13 +139,15 @@ def test_heads_two_processes_equal_one_kill_and_resume(tmp_path, hf_folder) -> N
     trained, start = load_file(str(two / "model.safetensors")), load_file(f"{hf_folder}/model.safetensors")
     for name, tensor in start.items():  # the frozen trunk and head 0 are exactly the base model
         assert torch.equal(trained[name], tensor), name
-    # ... and never had optimizer state: the shards hold moments of the extra heads only
+    # ... and never had optimizer state: the shards hold moments of the extra heads (and their next-token input) only
     last = sorted((two / "checkpoints").iterdir())[-1]
     index = safe_reader(last / "sharded").read_metadata()
+    trained_parts = ("extra_heads.", "next_token_in.")
     moments = [k for k in index.state_dict_metadata if k.startswith("optimizer.")]
-    assert moments and all(k.startswith("optimizer.extra_heads.") for k in moments), moments[:5]
+    assert moments and all(k.removeprefix("optimizer.").startswith(trained_parts) for k in moments), moments[:5]
+    assert any(k.startswith("optimizer.next_token_in.") for k in moments)
     weights = [k for k in index.state_dict_metadata if k.startswith("model.")]  # frozen ones: the start model's
-    assert weights and all(k.startswith("model.extra_heads.") for k in weights), weights[:5]
+    assert weights and all(k.removeprefix("model.").startswith(trained_parts) for k in weights), weights[:5]
     assert not [p for p in two.iterdir() if p.name.startswith(".")]
     assert not [p for p in (two / "checkpoints").iterdir() if p.name.startswith(".")]
 

@@ -75,10 +75,15 @@ def test_losses_equal_a_reference_over_every_logit(seed) -> None:
     """The loss picks positions by index (no host sync) where a reference picks them with `shift_targets`' masks:
     every head's loss, hits and target count equal the reference's over the model's full logits, also for
     targets in a row's first columns (which no column of a later head predicts), and whether the target positions
-    come with the batch (as the Trainer gives them) or not."""
+    come with the batch (as the Trainer gives them) or not; odd seeds: heads that read the next token, which
+    training and held-out evaluation take from the row as the model's own forward does."""
     import torch.nn.functional as F
 
     model = tiny_llama(num_heads=4, seed=seed)
+    if seed % 2:
+        model.add_next_token_input()
+        with torch.no_grad():
+            model.next_token_in.weight.normal_(0, 0.5, generator=torch.Generator().manual_seed(seed))
     b = random_batch(batch=4, length=11, seed=seed)
     b["loss_mask"][:, :2] = b["attention_mask"][:, :2].bool()  # targets from column 0 on
     with torch.no_grad():
@@ -94,6 +99,10 @@ def test_losses_equal_a_reference_over_every_logit(seed) -> None:
         assert out.head_tokens[j] == int(mask.sum())
     assert given.head_losses == pytest.approx(out.head_losses, rel=1e-6)
     assert (given.head_correct, given.head_tokens) == (out.head_correct, out.head_tokens)
+    held = evaluate_heads(model, TokenizedData.from_dense(b["input_ids"], b["loss_mask"], b["attention_mask"]))
+    assert held.head_loss == pytest.approx(out.head_losses, rel=1e-5)
+    assert held.head_accuracy == pytest.approx([c / t for c, t in zip(out.head_correct, out.head_tokens,
+                                                                      strict=True)])
 
 
 def test_head_picks_pick_what_shift_targets_masks() -> None:

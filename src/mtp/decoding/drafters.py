@@ -229,9 +229,24 @@ class HeadsDrafter(Drafter):
             pending_offsets = pending_valid.long().cumsum(-1) - 1  # (B, w)
             offsets = torch.cat([pending_offsets, pending_offsets[:, -1:] + depth], 1)  # (B, w+d)
         trunk, ctx = model.trunk_forward(chain, valid, cache, offsets, within)
-        hidden = model.heads_forward(self.num_heads, trunk, ctx)  # (B, w+d, heads, H)
-        at = at_block_rows(hidden, pending_valid, d)  # (B, 1+d, heads, H)
-        return StepOutput(model.lm_head(at[:, :, 0]).float(), at[:, :, 1:], trunk)
+        first = model.head_forward(0, trunk, ctx)  # (B, w+d, H)
+        verify_logits = model.lm_head(at_block_rows(first, pending_valid, d)).float()  # (B, 1+d, V)
+        next_ids = None
+        if self.num_heads > 1 and model.reads_next_token:
+            next_ids = self._next_ids(chain, pending_valid, d, verify_logits)
+        extra = model.extra_heads_forward(self.num_heads, trunk, ctx, next_ids)  # (B, w+d, heads - 1, H)
+        return StepOutput(verify_logits, at_block_rows(extra, pending_valid, d), trunk)
+
+    @staticmethod
+    def _next_ids(chain, pending_valid, d: int, verify_logits) -> torch.Tensor:
+        """The token after each block slot, for heads that read it (B, w+d): a pending token's successor, and
+        after the root and each draft head 0's own token there. Where the verifier keeps a slot, the token after
+        it is that one (greedy; a sampled one may differ, which costs acceptance only); a slot it drops is
+        overwritten later."""
+        own = verify_logits.argmax(-1)  # (B, 1+d)
+        if pending_valid.shape[1] == 1:  # every verifying step after the prompt: the block is the root + drafts
+            return own
+        return torch.cat([chain[:, 1:], chain[:, :1]], 1).scatter(1, block_rows(pending_valid, d), own)
 
     def draft_logits(self, hidden, mode):
         model = self.model

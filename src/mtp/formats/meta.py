@@ -470,6 +470,9 @@ def meta_params_for(model) -> dict:
         raise MTPError(f"Meta's format has one layer per head; this model has "
                        f"{model.num_layers - model.num_trunk_layers} (num_trunk_layers={model.num_trunk_layers} "
                        f"of {model.num_layers})")
+    if model.reads_next_token:
+        raise MTPError("Meta's format has heads that read the trunk alone; this model's extra heads also read the "
+                       "next token (train heads with --no-next-token-input to export them)")
     dim, n_heads = int(config.hidden_size), int(config.num_attention_heads)
     head_dim = getattr(config, "head_dim", None) or dim // n_heads
     theta, rope_type = _rope(config)

@@ -111,9 +111,10 @@ def configure_trainable(model, freeze_trunk: bool) -> list[torch.nn.Parameter]:
             raise MTPError("--freeze-trunk trains the extra heads only, and a 1-head model has none; "
                            "use --num-heads 2 or more")
         model.requires_grad_(False)
-        model.extra_heads.requires_grad_(True)
         model.eval()  # the frozen part is deterministic (no dropout), so its output can be cached
-        model.extra_heads.train()
+        for module in model.head_modules():
+            module.requires_grad_(True)
+            module.train()
     else:
         model.requires_grad_(True)
         model.train()

@@ -132,6 +132,16 @@ def head_picks(batch: Batch, j: int, positions: torch.Tensor) -> tuple[torch.Ten
     return rows, at.clamp_min(0), torch.where(seen, targets, -1)
 
 
+def next_ids(model, input_ids: torch.Tensor, j: int) -> torch.Tensor | None:
+    """What extra head j reads besides the trunk when the model reads the next token: the row's own next tokens
+    (teacher forcing: at decoding time head 0 has verified that token before the heads draft)."""
+    if j == 0 or not model.reads_next_token:
+        return None
+    from mtp.models.parallel_heads import next_token_ids
+
+    return next_token_ids(input_ids)
+
+
 def head_logits_and_goals(model, j: int, hidden: torch.Tensor, targets: torch.Tensor):
     """Logits of head j at the picked positions, hidden (N, H), and the column each target is (N,).
 
@@ -150,7 +160,7 @@ def _head_loss(model, j: int, trunk: torch.Tensor, ctx, batch: Batch, positions:
     """(sum CE / denom, correct count) of head j, both device tensors (nothing is copied to the host here); the
     unembedding runs on target positions only."""
     rows, cols, targets = head_picks(batch, j, positions)
-    hidden = model.head_forward(j, trunk, ctx)  # (B, T, H)
+    hidden = model.head_forward(j, trunk, ctx, next_ids(model, batch["input_ids"], j))  # (B, T, H)
     logits, goal = head_logits_and_goals(model, j, hidden[rows, cols], targets)  # (N, V or K), (N,)
     denom = denom.clamp_min(1) if isinstance(denom, torch.Tensor) else max(denom, 1)
     loss = F.cross_entropy(logits, goal, reduction="sum", ignore_index=-1) / denom
@@ -337,8 +347,8 @@ class _HeadTotals:
         base = alive = run = None
         for j in range(len(self.loss)):
             targets, mask = shift_targets(ids, loss_mask, j)
-            logits, goal = head_logits_and_goals(model, j, model.head_forward(j, hidden, ctx)[mask],
-                                                 targets[mask])  # (N, V or K), (N,)
+            head_out = model.head_forward(j, hidden, ctx, next_ids(model, ids, j))  # (B, T, H)
+            logits, goal = head_logits_and_goals(model, j, head_out[mask], targets[mask])  # (N, V or K), (N,)
             self.loss[j] += float(F.cross_entropy(logits, goal, reduction="sum", ignore_index=-1))
             hit = torch.zeros_like(mask)
             hit[mask] = logits.argmax(-1) == goal
