@@ -194,13 +194,18 @@ def test_acceptance_rule_keeps_the_target_distribution():
     assert torch.allclose(freq, p, atol=0.005)
 
 
-@pytest.mark.parametrize("strategy, draft_vocab", [("greedy", None), ("speculative", None),
-                                                   ("speculative", [0, 2, 3])])
-def test_sampling_matches_the_model_distribution(strategy, draft_vocab):
+@pytest.mark.parametrize("strategy, draft_vocab, reads_next", [("greedy", None, False), ("speculative", None, False),
+                                                               ("speculative", [0, 2, 3], False),
+                                                               ("speculative", None, True)])
+def test_sampling_matches_the_model_distribution(strategy, draft_vocab, reads_next):
     """Sample 3000 continuations in one batch; the first two tokens' joint law must be the model's (also when
-    the drafts can only be some of the tokens)."""
+    the drafts can only be some of the tokens, or come from heads that read head 0's argmax, not the token
+    sampled)."""
     model = tiny_mtp("llama", num_heads=3, vocab_size=6, seed=3)
     model.set_draft_vocab(draft_vocab)
+    if reads_next:
+        model.add_next_token_input()
+        torch.nn.init.normal_(model.next_token_in.weight, 0, 0.5)
     prompt = [1, 2]
     n = 3000
     out = generate(model, torch.tensor([prompt] * n), max_new_tokens=2, strategy=strategy, do_sample=True,
