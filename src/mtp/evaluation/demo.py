@@ -96,7 +96,8 @@ def train_settings(train_limit: int | None, train_epochs: float, minutes: float 
     # The recipe of docs/training.md, scaled to the demo's budget: the model answers GSM8K train questions itself
     # (128 new tokens, `plan.gen_batch_size` at a time, fp16-packed on a CPU, keeping the trunk outputs it computes)
     # for `minutes` (None: all), 5% held out, then 3 epochs of 4-row steps at lr 5e-3 (a GPU: 16 rows at 1e-2, `Plan`)
-    # on those trunk outputs with the default 8192-token draft vocabulary (on a GPU the frozen trunk in bf16).
+    # on those trunk outputs with the default 8192-token draft vocabulary and extra heads that read the next token
+    # (`--next-token-input`, on by default; on a GPU the frozen trunk in bf16).
     return {"model": None, "data": "gsm8k", "split": "train", "num_heads": 4, "freeze_trunk": True,
             "targets": "self", "limit": train_limit, "answer_minutes": minutes, "epochs": train_epochs,
             "batch_size": plan.batch_size, "seq_len": 320, "max_new_tokens": 128, "holdout": 0.05, "lr": plan.lr,
