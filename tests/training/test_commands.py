@@ -158,6 +158,12 @@ def test_bad_arguments_and_data(tmp_path, mtp_folder) -> None:
         train(**{**base, "data": str(bad)})
     with pytest.raises(MTPError, match="nothing|not found"):
         train(output=str(tmp_path / "nothing-here"), resume=True, progress=False)
+    reading = tmp_path / "reading"
+    MTPModel.from_pretrained(mtp_folder).add_next_token_input().save_pretrained(reading)
+    with pytest.raises(MTPError, match="read the next token; --no-next-token-input"):
+        train(**{**base, "model": str(reading), "next_token_input": False, "steps": 1,
+                 "output": str(tmp_path / "o2")})
+    assert not (tmp_path / "o2").exists()  # refused before anything was written
 
 
 def test_cli_flags_render(capsys) -> None:

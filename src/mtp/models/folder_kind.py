@@ -28,6 +28,16 @@ def read_mtp_section(directory: Path) -> dict:
     return section
 
 
+def reads_next_token(directory: str | os.PathLike) -> bool:
+    """Whether `directory` holds a parallel-heads model whose extra heads read the next token (False for anything
+    else, including what is not a model folder)."""
+    path = Path(directory).expanduser() / "config.json"
+    try:
+        return json.loads(path.read_text()).get("mtp", {}).get("next_token_input") is True
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
 def is_mask_token_folder(directory: str | os.PathLike) -> bool:
     path = Path(directory) / "config.json"
     try:

@@ -10,6 +10,7 @@ from typing import Literal
 import torch
 
 from mtp.errors import MTPError
+from mtp.models.folder_kind import reads_next_token
 from mtp.runtime import parse_dtype
 
 LossOrder = Literal["memory-efficient", "naive"]
@@ -56,6 +57,8 @@ class HeadsMethod:
             raise MTPError("--freeze-trunk trains the extra heads only; use --num-heads 2 or more")
         if a.trunk_cache in ("device", "disk") and not a.freeze_trunk:
             raise MTPError(f"--trunk-cache {a.trunk_cache} keeps a frozen trunk's outputs; it needs --freeze-trunk")
+        if not a.next_token_input and a.model is not None and reads_next_token(a.model):
+            raise _cannot_drop_next_token(a.model)
 
     def frozen_weights(self, a) -> bool:
         """Whether some weights stay frozen (and may be kept in --dtype): the trunk, with --freeze-trunk."""
@@ -81,9 +84,8 @@ class HeadsMethod:
         else:
             model = load_model_for_training(a.model, a.num_heads, a.num_trunk_layers, dev, dtype)
         a.num_heads, a.num_trunk_layers = model.num_heads, model.num_trunk_layers
-        if model.reads_next_token and not a.next_token_input:
-            raise MTPError(f"{checkpoint or a.model} has heads that read the next token; --no-next-token-input "
-                           "cannot take that away (train new heads from the base model instead)")
+        if model.reads_next_token and not a.next_token_input:  # (a checkpoint of a run with other flags)
+            raise _cannot_drop_next_token(checkpoint or a.model)
         if a.next_token_input and model.num_heads > 1:
             model.add_next_token_input()  # starts at zero: the loaded heads compute what they did
         return model.frozen_trunk_in(dtype) if dtype != torch.float32 else model
@@ -120,6 +122,11 @@ def load_model_for_training(spec: str | None, num_heads: int | None, num_trunk_l
 
     return load_mtp_model(spec, num_heads=num_heads, num_trunk_layers=num_trunk_layers, device=str(device),
                           dtype=dtype)
+
+
+def _cannot_drop_next_token(where) -> MTPError:
+    return MTPError(f"{where} has heads that read the next token; --no-next-token-input cannot take that away "
+                    "(train new heads from the base model instead)")
 
 
 def _extra_heads_fp32(name: str) -> torch.dtype | None:
