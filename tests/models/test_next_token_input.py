@@ -15,6 +15,7 @@ from mtp.decoding.reference import reference_greedy
 from mtp.decoding.tree import DynamicTree
 from mtp.errors import MTPError
 from mtp.models import fast_llama
+from mtp.models.loading import quantize_model
 from mtp.models.parallel_heads import next_token_ids
 
 
@@ -124,3 +125,15 @@ def test_heads_without_the_next_token_are_a_clear_error():
     assert model.head_forward(0, trunk, ctx).shape == (1, 3, 32)  # head 0 reads the trunk alone
     assert next_token_ids(torch.tensor([[1, 2, 3]]), torch.tensor([9])).tolist() == [[2, 3, 9]]
     assert next_token_ids(torch.tensor([[1, 2, 3]])).tolist() == [[2, 3, 0]]
+
+
+@pytest.mark.skipif("fbgemm" not in torch.backends.quantized.supported_engines, reason="packing needs fbgemm (x86)")
+@pytest.mark.parametrize("fmt", ["fp16", "int8"])
+def test_packed_and_quantised_models_read_the_next_token(fmt):
+    """`--quantize fp16|int8` (the bench's CPU rows) decode such heads too: int8 turns the projection into a
+    quantised module too, whose weight is a method."""
+    model = quantize_model(reading_next_token(tiny_mtp("llama", num_heads=3, seed=5, vocab_size=41)), fmt)
+    prompt = torch.tensor([[4, 8, 15, 16, 23]])
+    greedy = generate(model, prompt, max_new_tokens=12, stop_token_ids=[])
+    assert generate(model, prompt, max_new_tokens=12, strategy="speculative", stop_token_ids=[]).tokens == \
+        greedy.tokens

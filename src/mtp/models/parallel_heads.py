@@ -213,7 +213,10 @@ class MTPModel(nn.Module):
             raise MTPError("this model's extra heads read the next token: pass next_ids (next_token_ids gives the "
                            "input's own, decoding passes head 0's)")
         embedded = self.base.get_input_embeddings()(next_ids)  # (B, T, H)
-        return trunk_hidden + self.next_token_in(embedded.to(self.next_token_in.weight.dtype)).to(trunk_hidden.dtype)
+        weight = self.next_token_in.weight
+        if isinstance(weight, torch.Tensor):  # (int8-quantised, it is a method and takes fp32 input)
+            embedded = embedded.to(weight.dtype)  # fp32 master weights beside a bf16 frozen trunk
+        return trunk_hidden + self.next_token_in(embedded).to(trunk_hidden.dtype)
 
     def head_forward(self, head: int, trunk_hidden: torch.Tensor, ctx: ForwardContext,
                      next_ids: torch.Tensor | None = None) -> torch.Tensor:
