@@ -9,7 +9,8 @@
 #                                    model's CUDA tests
 #   bash scripts/gpu_check.sh smoke  tiny-model graph tests and step timings only
 #   bash scripts/gpu_check.sh demo   `mtp demo` on the GPU (issue 23: all 7,473 questions, <= 10 minutes); run again
-#                                    to resume an interrupted demo (DEMO_SECONDS, default 560; DEMO_EPOCHS, 3)
+#                                    to resume an interrupted demo (DEMO_SECONDS, default 560; DEMO_EPOCHS, 3;
+#                                    TRUNK_LAYERS=28 for heads of two layers)
 #   bash scripts/gpu_check.sh selfdistill  `mtp train --method selfdistill --adapter full` (SD_RECIPE=dense, the
 #                                    CPU's best, or paper; SD_* variables), then ConfAdapt tau=0.9 and speculative
 #                                    decoding of GSM8K test prompts
@@ -71,7 +72,8 @@ demo)
   step "mtp demo on the GPU"
   # The demo resumes an interrupted run (answers, features and checkpoints are in its folder): a second call goes on.
   /usr/bin/time -f "demo: %e s wall, %M KB peak host" timeout ${DEMO_SECONDS:-560} python3 -m mtp demo --device cuda \
-    --train-epochs ${DEMO_EPOCHS:-3} --output /root/demo --no-progress 2>&1 | grep -v "it/s\]" | tee "$OUT/demo.log" | tail -40
+    --train-epochs ${DEMO_EPOCHS:-3} --output /root/demo --no-progress \
+    ${TRUNK_LAYERS:+--num-trunk-layers $TRUNK_LAYERS} 2>&1 | grep -v "it/s\]" | tee "$OUT/demo.log" | tail -40
   cp /root/demo/smollm2-mtp4/eval.json "$OUT/demo-train-eval.json" 2>/dev/null
   cp /root/demo/smollm2-mtp4/metrics.jsonl "$OUT/demo-metrics.jsonl" 2>/dev/null
   cp /root/demo/bench/report.json /root/demo/bench/report.md "$OUT/" 2>/dev/null

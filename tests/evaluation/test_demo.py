@@ -111,6 +111,16 @@ def test_a_small_budget_answers_one_batch_and_the_demo_completes(tiny_tokenizer,
     assert is_finished_run(root / RUN_NAME) and (root / "bench" / "report.json").is_file()
 
 
+def test_heads_of_two_layers_and_a_reused_run_that_has_others(tiny_tokenizer, tmp_path):
+    """--num-trunk-layers reaches training; a finished run with other heads is refused, not benchmarked as if."""
+    fake = FakeTrain(tiny_tokenizer)  # saves a 3-layer model on 2 trunk layers
+    assert _demo(tmp_path, fake, hf=False, num_trunk_layers=2) == 0
+    assert fake.calls[0]["num_trunk_layers"] == 2
+    assert _demo(tmp_path, fake, hf=False, num_trunk_layers=2) == 0 and len(fake.calls) == 1  # reused
+    with pytest.raises(MTPError, match="2 trunk layers, not 1"):
+        _demo(tmp_path, fake, hf=False, num_trunk_layers=1)
+
+
 def test_demo_settings_are_train_arguments():
     assert set(train_settings(8, 2)) <= set(train_defaults())  # every demo setting is a flag of `mtp train`
 
