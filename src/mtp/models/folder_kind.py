@@ -28,19 +28,20 @@ def read_mtp_section(directory: Path) -> dict:
     return section
 
 
-def reads_next_token(directory: str | os.PathLike) -> bool:
-    """Whether `directory` holds a parallel-heads model whose extra heads read the next token (False for anything
-    else, including what is not a model folder)."""
+def _mtp_setting(directory: str | os.PathLike, key: str):
+    """`key` of a folder's `mtp` section, or None for anything that is not an MTP model folder (a quick look, for
+    choosing a path; loading checks the folder in full)."""
     path = Path(directory).expanduser() / "config.json"
     try:
-        return json.loads(path.read_text()).get("mtp", {}).get("next_token_input") is True
+        return json.loads(path.read_text()).get("mtp", {}).get(key)
     except (OSError, ValueError, AttributeError):
-        return False
+        return None
+
+
+def reads_next_token(directory: str | os.PathLike) -> bool:
+    """Whether `directory` holds a parallel-heads model whose extra heads read the next token."""
+    return _mtp_setting(directory, "next_token_input") is True
 
 
 def is_mask_token_folder(directory: str | os.PathLike) -> bool:
-    path = Path(directory) / "config.json"
-    try:
-        return json.loads(path.read_text()).get("mtp", {}).get("method") == MASK_TOKENS_METHOD
-    except (OSError, ValueError, AttributeError):
-        return False
+    return _mtp_setting(directory, "method") == MASK_TOKENS_METHOD
