@@ -5,12 +5,13 @@
 #   bash scripts/gpu_check.sh real   the real model: heads trained on the GPU, `mtp bench --device cuda` (batch 1
 #                                    and 16; BENCH_GRAPHS=compile for graphs of compiled layers; BENCH_DTYPE=float32
 #                                    where lossless rows must equal greedy exactly: bf16 blocks of other widths round
-#                                    differently; TRUNK_LAYERS=28 for heads of two layers), then the default
-#                                    model's CUDA tests
+#                                    differently; TRUNK_LAYERS=28 for heads of two layers; HEADS=folder benches
+#                                    that folder instead of training, e.g. /root/demo/smollm2-mtp4 after `demo`),
+#                                    then the default model's CUDA tests
 #   bash scripts/gpu_check.sh smoke  tiny-model graph tests and step timings only
 #   bash scripts/gpu_check.sh demo   `mtp demo` on the GPU (issue 23: all 7,473 questions, <= 10 minutes); run again
 #                                    to resume an interrupted demo (DEMO_SECONDS, default 560; DEMO_EPOCHS, 3;
-#                                    TRUNK_LAYERS=28 for heads of two layers)
+#                                    on a GPU the demo trains heads of two layers; TRUNK_LAYERS=29 for one)
 #   bash scripts/gpu_check.sh selfdistill  `mtp train --method selfdistill --adapter full` (SD_RECIPE=dense, the
 #                                    CPU's best, or paper; SD_* variables), then ConfAdapt tau=0.9 and speculative
 #                                    decoding of GSM8K test prompts
@@ -50,14 +51,15 @@ smoke|tiny)
   speed 30 --dtype bfloat16 --graphs off --repeat 2 --configs greedy --json "$OUT/speed-eager.json"
   ;;
 real)
-  step "train heads on the GPU"
+  heads=${HEADS:-/tmp/heads}
+  [ -n "${HEADS:-}" ] || { step "train heads on the GPU"
   timeout ${TRAIN_SECONDS:-150} python3 -m mtp train --data gsm8k --num-heads 4 --freeze-trunk --targets self \
     --limit ${LIMIT:-1100} --epochs 3 --batch-size 4 --seq-len 320 --max-new-tokens 128 --holdout 0.05 --lr 5e-3 \
     --gen-batch-size 64 --device cuda --no-progress ${TRUNK_LAYERS:+--num-trunk-layers $TRUNK_LAYERS} \
-    --output /tmp/heads 2>&1 | tee "$OUT/train.log" | tail -14
-  cp /tmp/heads/eval.json "$OUT/train-eval.json" 2>/dev/null
+    --output /tmp/heads 2>&1 | tee "$OUT/train.log" | tail -14; }
+  cp "$heads/eval.json" "$OUT/train-eval.json" 2>/dev/null
   step "bench on the GPU"
-  BENCH=(python3 -m mtp bench --model /tmp/heads --limit "${PROMPTS:-10}" --max-new-tokens 128 --tau 0.9 --k 4
+  BENCH=(python3 -m mtp bench --model "$heads" --limit "${PROMPTS:-10}" --max-new-tokens 128 --tau 0.9 --k 4
          --tree-size ${TREE_SIZES:-4 16} --tree auto dynamic --lookup 6 --batch-size 1 16 --device cuda --no-progress
          --graphs ${BENCH_GRAPHS:-auto} --dtype ${BENCH_DTYPE:-auto} --output /tmp/bench)
   # A failing peer must not cost the table: the second run resumes from the bench's journal without it.

@@ -11,12 +11,14 @@ from eval_helpers import make_model
 from mtp.errors import MTPError
 from mtp.evaluation.demo import (
     CPU_PLAN,
+    GPU_PLAN,
     MIN_ANSWER_MINUTES,
     RUN_NAME,
     answer_minutes,
     is_finished_run,
     run_demo,
     train_settings,
+    trunk_layers,
 )
 from mtp.training.commands import install_model, train, train_defaults
 
@@ -119,6 +121,33 @@ def test_heads_of_two_layers_and_a_reused_run_that_has_others(tiny_tokenizer, tm
     assert _demo(tmp_path, fake, hf=False, num_trunk_layers=2) == 0 and len(fake.calls) == 1  # reused
     with pytest.raises(MTPError, match="2 trunk layers, not 1"):
         _demo(tmp_path, fake, hf=False, num_trunk_layers=1)
+
+
+def test_a_plan_of_two_layer_heads_trains_them_and_reuses_any_finished_run(tiny_tokenizer, tiny_model_dir,
+                                                                           tmp_path, capsys):
+    """The GPU's plan (heads of two layers) on the tiny 3-layer base: training gets 1 trunk layer unless
+    --num-trunk-layers says otherwise; a finished run is reused whatever its heads unless the flag asks others."""
+    from dataclasses import replace
+
+    assert GPU_PLAN.head_layers == 2 and CPU_PLAN.head_layers == 1
+    plan = replace(CPU_PLAN, head_layers=2)
+    fake = FakeTrain(tiny_tokenizer)  # saves a 3-layer model on 2 trunk layers
+
+    def run(**kw):
+        return run_demo(tmp_path, train_limit=4, train_epochs=1, progress=False, llamacpp=False, hf=False, limit=1,
+                        max_new_tokens=2, tau=(), ensure_base=lambda: tiny_model_dir, train_fn=fake, plan=plan, **kw)
+
+    assert run() == 0 and fake.calls[0]["num_trunk_layers"] == 1
+    assert "heads of 2 layers each: --num-trunk-layers 1" in capsys.readouterr().out
+    assert run() == 0 and len(fake.calls) == 1  # the saved run (2 trunk layers) is the plan's default's: reused
+    with pytest.raises(MTPError, match="2 trunk layers, not 1"):
+        run(num_trunk_layers=1)
+    capsys.readouterr()
+    (tmp_path / RUN_NAME / "eval.json").unlink()  # unfinished: trains again, the flag wins over the plan
+    assert run(num_trunk_layers=2) == 0 and fake.calls[1]["num_trunk_layers"] == 2
+    assert "heads of 2 layers each" not in capsys.readouterr().out
+    assert trunk_layers(tiny_model_dir, CPU_PLAN, None) is None  # one-layer heads: mtp train's own default
+    assert trunk_layers(tiny_model_dir, replace(CPU_PLAN, head_layers=3), None) is None  # no layer left
 
 
 def test_demo_settings_are_train_arguments():

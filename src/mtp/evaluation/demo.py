@@ -39,7 +39,8 @@ class Plan:
     benchmark takes whatever the heads; train_per_answer: training 3 epochs on a question's row over answering
     it, so answering gets 1 / (1 + train_per_answer * epochs / 3) of the time the budget leaves; gen_batch_size:
     questions answered at a time; save_every: training steps between checkpoints (a checkpoint costs more than many
-    steps); batch_size and lr: rows a training step and its learning rate."""
+    steps); batch_size and lr: rows a training step and its learning rate; head_layers: layers of each head (copies
+    of the model's last layers) where `--num-trunk-layers` is not given."""
 
     budget_minutes: float | None
     bench_minutes: float
@@ -48,6 +49,7 @@ class Plan:
     save_every: int
     batch_size: int = 4
     lr: float = 5e-3
+    head_layers: int = 1
 
 
 # Measured on 2 cores (docs/benchmarks.md, `make demo`): the benchmark about 4 minutes, training 0.85x answering
@@ -58,9 +60,11 @@ CPU_PLAN = Plan(budget_minutes=30.0, bench_minutes=4.0, train_per_answer=0.85, g
 # the same for 4 rows as for 16 (an H200 took ~0.09 s for 4; launches, not arithmetic), so it takes 16 rows at
 # lr 1e-2: 1,331 steps for 3 epochs of all the answers instead of 5,325. On 1,045 answers (docs/benchmarks.md,
 # "Rows a step") that cost head 1 0.016 of held-out top-1 at 4x fewer steps; with all of them it has more steps
-# than that 4-row run had.
+# than that 4-row run had. Heads of two layers: on 1,100 answers (docs/benchmarks.md, "Heads that read the next
+# token") head 1's held-out top-1 was 0.635 against one layer's 0.608 (issue 23 asks 0.65 of the GPU demo), for 1.4x
+# the training steps' time, which the GPU's budget has (a verify step gains one wide layer, ~3% of its kernels).
 GPU_PLAN = Plan(budget_minutes=None, bench_minutes=2.5, train_per_answer=0.35, gen_batch_size=256,
-                save_every=1000, batch_size=16, lr=1e-2)
+                save_every=1000, batch_size=16, lr=1e-2, head_layers=2)
 
 
 def plan_for(device: torch.device) -> Plan:
@@ -105,6 +109,17 @@ def train_settings(train_limit: int | None, train_epochs: float, minutes: float 
             "num_trunk_layers": num_trunk_layers}
 
 
+def trunk_layers(folder, plan: Plan, num_trunk_layers: int | None) -> int | None:
+    """The shared layers under the demo's heads: `--num-trunk-layers` where given, else all but the plan's
+    `head_layers` last (None: `mtp train`'s default, all but the last)."""
+    if num_trunk_layers is not None or plan.head_layers == 1:
+        return num_trunk_layers
+    from transformers import AutoConfig
+
+    layers = int(AutoConfig.from_pretrained(str(folder)).num_hidden_layers)
+    return layers - plan.head_layers if layers > plan.head_layers else None
+
+
 def _stage(n: int, text: str) -> float:
     print(f"\n== mtp demo [{n}/3] {text}", flush=True)
     return time.perf_counter()
@@ -115,13 +130,13 @@ def run_demo(output: str | Path | None = None, *, budget_minutes: float | None =
              progress: bool = True, hf: bool = True, fp16: bool = True, int8: bool = False, llamacpp: bool = True,
              tau=(0.9, 0.7), hf_lookup: int = 0, tree_size: int = DEMO_TREE_SIZE,
              lookup: int = DEMO_LOOKUP, device: str | torch.device = "auto", num_trunk_layers: int | None = None,
-             ensure_base=None, train_fn=None) -> int:
-    """Run the demo. `ensure_base` and `train_fn` replace stage 1 and the training function (tests).
-    `budget_minutes` None: the device's default (`Plan`)."""
+             ensure_base=None, train_fn=None, plan: Plan | None = None) -> int:
+    """Run the demo. `ensure_base`, `train_fn` and `plan` replace stage 1, the training function and the device's
+    plan (tests). `budget_minutes` None: the plan's default."""
     from mtp.hub import mtp_home
 
     runtime = resolve_runtime(device)
-    plan = plan_for(runtime.device)
+    plan = plan or plan_for(runtime.device)
     budget_minutes = plan.budget_minutes if budget_minutes is None else budget_minutes
     if budget_minutes is not None and budget_minutes <= 0:
         raise MTPError(f"--budget-minutes must be > 0, got {budget_minutes:g}")
@@ -142,12 +157,16 @@ def run_demo(output: str | Path | None = None, *, budget_minutes: float | None =
     else:
         folder = ensure_base()
     print(f"model folder: {folder} ({time.perf_counter() - t:.0f} s)", flush=True)
+    asked, num_trunk_layers = num_trunk_layers, trunk_layers(folder, plan, num_trunk_layers)
+    if asked is None and num_trunk_layers is not None:
+        print(f"heads of {plan.head_layers} layers each: --num-trunk-layers {num_trunk_layers} (this device's "
+              "plan; give the flag to change it)", flush=True)
 
     minutes = None if budget_minutes is None else \
         answer_minutes(budget_minutes, (time.perf_counter() - start) / 60, train_epochs, plan)
     questions = "all" if train_limit is None else f"up to {train_limit}"
     if is_finished_run(run_dir):
-        _check_reused_run(run_dir, num_trunk_layers)
+        _check_reused_run(run_dir, asked)  # the device's default takes a finished run as it is
         _stage(2, "4 MTP heads, trained by an earlier demo")
         print(f"reusing the trained heads in {run_dir} (delete that folder to train again)", flush=True)
     else:
@@ -235,8 +254,8 @@ def demo(
         limit: GSM8K test problems in the benchmark
         max_new_tokens: new tokens per problem in the benchmark
         device: auto (CUDA when available), cpu, cuda or cuda:N
-        num_trunk_layers: shared layers under the heads (default: all but the last; 28 gives heads of two layers:
-            more accurate, 1.4-1.7x the training time)
+        num_trunk_layers: shared layers under the heads (default: all but the last on a CPU, all but the last two
+            on a GPU; 28 gives the default model heads of two layers: more accurate, 1.4-1.7x the training time)
         threads: torch CPU threads (default: torch's choice)
         progress: progress bars
     """
