@@ -110,3 +110,23 @@ def test_atomic_writes_get_the_modes_plain_writes_get(tmp_path, umask):
         os.umask(before)
     assert text.stat().st_mode & 0o777 == plain.stat().st_mode & 0o777 == 0o666 & ~umask
     assert (tmp_path / "model").stat().st_mode & 0o777 == (tmp_path / "plain-folder").stat().st_mode & 0o777
+
+
+@pytest.mark.skipif(not __import__("os").path.exists("/proc/self/status"), reason="Linux's /proc")
+def test_the_umask_is_read_without_setting_it(monkeypatch):
+    """Setting the umask to read it would let another thread (a tokenizer's, a data loader's) create a file under
+    the wrong one: where /proc shows it, it is only read."""
+    import os
+
+    from mtp import io as mtp_io
+
+    before = os.umask(0o027)
+    try:
+        def no_umask(mask):
+            raise AssertionError("os.umask was called")
+
+        monkeypatch.setattr(mtp_io.os, "umask", no_umask)
+        assert mtp_io._umask() == 0o027
+    finally:
+        monkeypatch.undo()
+        os.umask(before)

@@ -96,7 +96,15 @@ def disk_errors(target: str | os.PathLike) -> Iterator[None]:
 
 
 def _umask() -> int:
-    """The process's umask (read by setting it, so set back at once): what `open` applies to a new file's mode."""
+    """The process's umask: what `open` applies to a new file's mode. Linux shows it in /proc; elsewhere it is read
+    by setting it and setting it back, which another thread creating a file in between would see."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
     mask = os.umask(0o022)
     os.umask(mask)
     return mask
