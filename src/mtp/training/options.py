@@ -35,6 +35,8 @@ class TrainOptions:
             many minutes, measured on the first batch, instead of all of them; the count is kept for --resume
         steps: optimizer steps (or give --epochs; default 1 epoch)
         epochs: passes over the training rows (may be fractional)
+        train_minutes: train for about this many minutes: the step count (and the schedule's length) is set from
+            the pace of the first steps, at most --steps / --epochs (with neither: as many as fit); kept for --resume
         batch_size: rows per micro-batch (under torchrun: of all processes together, each computes its share)
         grad_accum: micro-batches per optimizer step
         lr: peak learning rate (default 1e-3 with --freeze-trunk or --adapter gated-lora, 5e-5 otherwise)
@@ -80,6 +82,7 @@ class TrainOptions:
     # schedule and optimiser
     steps: int | None = None
     epochs: float | None = None
+    train_minutes: float | None = None
     batch_size: int = 4
     grad_accum: int = 1
     lr: float | None = None
