@@ -103,6 +103,8 @@ def test_interrupted_run_resumes_exactly(tmp_path, hf_llama_folder, monkeypatch)
     with pytest.raises(MTPError, match="--resume"):
         train(output=str(tmp_path / "b"), **common)  # not without --resume
     assert train(output=str(tmp_path / "b"), resume=True, progress=False) == 0  # flags come from the run
+    # --save-every 2 too (a flag free to change on resume, not dropped for its default): steps 4 and 6 kept
+    assert sorted(p.name for p in (tmp_path / "b" / "checkpoints").iterdir()) == ["step-000004", "step-000006"]
     a = load_file(str(tmp_path / "a" / "model.safetensors"))
     b = load_file(str(tmp_path / "b" / "model.safetensors"))
     assert a.keys() == b.keys()

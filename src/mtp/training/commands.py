@@ -42,9 +42,11 @@ from mtp.training.selfdistill import SelfDistillMethod, SelfDistillOptions
 
 TRAIN_CONFIG = "train_config.json"
 EVAL_NAME = "eval.json"
-# Flags that do not change what a run computes: free to differ when resuming.
-_NOT_RUN_IDENTITY = {"output", "resume", "device", "threads", "progress", "save_every", "keep_checkpoints",
-                     "eval_every", "gen_batch_size", "trunk_cache", "gradient_checkpointing", "parallel"}
+# Flags that do not change what a run computes, free to differ when resuming: those of this invocation (never taken
+# from the run), and those the run's own value stands for unless given again.
+_THIS_INVOCATION = {"output", "resume", "device", "threads", "progress", "parallel"}
+_MAY_CHANGE = {"save_every", "keep_checkpoints", "eval_every", "gen_batch_size", "trunk_cache",
+               "gradient_checkpointing"}
 # An --autocast dtype -> the name the training loop gives that precision (`mtp.training.loop.TrainConfig`).
 _PRECISION = {"auto": "auto", "float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
 _AUTOCAST = {precision: dtype for dtype, precision in _PRECISION.items()}
@@ -498,12 +500,12 @@ def _merge_resume_args(args: dict, saved: dict) -> dict:
     clashes = []
     saved_args = current_arguments("train", saved.get("args", {}))  # a run saved under old flag names
     for name, value in saved_args.items():
-        if name not in defaults or name in _NOT_RUN_IDENTITY:
+        if name not in defaults or name in _THIS_INVOCATION:
             continue
         current = args.get(name)
         if current == defaults[name]:
             merged[name] = value
-        elif current != value:
+        elif current != value and name not in _MAY_CHANGE:
             clashes.append(f"--{name.replace('_', '-')} {current} (the run used {value})")
     if clashes:
         raise MTPError("--resume continues the run as it was started; these flags differ: " + "; ".join(clashes))
