@@ -141,6 +141,25 @@ def test_confadapt_and_static():
     assert static.tokens[0][:4] == logits.argmax(-1).tolist()
 
 
+def test_k_sets_the_heads_every_strategy_reads():
+    """k on a heads model: the next-token head and k - 1 extra ones, as a mask-token model's k - 1 masks; ConfAdapt
+    and speculative decoding read it too (they ignored it), static always did."""
+    model = tiny_mtp("llama", num_heads=4, dtype=torch.float64)
+    prompt = torch.tensor([[1, 2, 3, 4]])
+    greedy = generate(model, prompt, max_new_tokens=20, stop_token_ids=[])
+    for k in (1, 2, 3):
+        loose = generate(model, prompt, max_new_tokens=20, strategy="confadapt", tau=0.0, k=k, stop_token_ids=[])
+        static = generate(model, prompt, max_new_tokens=20, strategy="static", k=k, stop_token_ids=[])
+        assert loose.tokens == static.tokens and loose.stats.forward_passes == -(-20 // k)
+        spec = generate(model, prompt, max_new_tokens=20, strategy="speculative", k=k, stop_token_ids=[])
+        assert spec.tokens == greedy.tokens
+        assert len(spec.stats.draft_positions) == k - 1  # k - 1 drafts at most a step
+    with pytest.raises(MTPError, match=r"k must be in \[1, 4\] for a 4-head model, got 5"):
+        generate(model, prompt, max_new_tokens=4, strategy="confadapt", k=5)
+    with pytest.raises(MTPError, match=r"num_draft must be in \[0, 1\] with k=2, got 3"):
+        generate(model, prompt, max_new_tokens=4, strategy="speculative", k=2, num_draft=3)
+
+
 def test_batched_confadapt_rows_match_single_rows():
     model = tiny_mtp("gpt2", num_heads=3, dtype=torch.float64)
     prompts = [[1, 2, 3], [9], [4, 4, 4, 4, 4]]

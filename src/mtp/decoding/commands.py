@@ -84,7 +84,8 @@ def generate(model: str | None = None, prompt: str | None = None, prompts: str |
             self-distillation authors' code ship one)
         mask_token: the same, naming the token (e.g. "<|mtp_special_token_0|>")
         tau: ConfAdapt confidence threshold.
-        k: tokens per step for the static strategy (default: all heads).
+        k: tokens a step reads ahead: the heads used (a mask-token model: k - 1 masks); static emits k,
+            ConfAdapt at most k, speculative verifies k - 1 drafts (default: all heads; the model's k).
         num_draft: speculative: draft tokens per step (default: all extra heads).
         do_sample: sample instead of greedy (exact speculative sampling with --strategy speculative).
         temperature: with --do-sample: divides the logits (below 1: closer to greedy; above: more varied).

@@ -194,18 +194,19 @@ class HeadsDrafter(Drafter):
     def __init__(self, model, opts, proposer: Proposer | None = None):
         n = model.num_heads
         self.model, self.opts, self.proposer = model, opts, proposer
+        # k: the heads a step reads, the next-token head and k - 1 extra ones (a mask-token model's k - 1 masks)
+        if opts.k is not None and opts.strategy != "greedy" and not 1 <= opts.k <= n:
+            raise MTPError(f"k must be in [1, {n}] for a {n}-head model, got {opts.k}")
+        used = n - 1 if opts.k is None else opts.k - 1
         if opts.strategy == "greedy":
             self.num_drafts = 0
-        elif opts.strategy == "speculative":
-            self.num_drafts = n - 1 if opts.num_draft is None else opts.num_draft
-            if not 0 <= self.num_drafts <= n - 1:
-                raise MTPError(f"num_draft must be in [0, {n - 1}] for a {n}-head model, got {self.num_drafts}")
-        elif opts.strategy == "static" and opts.k is not None:
-            if not 1 <= opts.k <= n:
-                raise MTPError(f"static k must be in [1, {n}] for a {n}-head model, got {opts.k}")
-            self.num_drafts = opts.k - 1
+        elif opts.strategy == "speculative" and opts.num_draft is not None:
+            if not 0 <= opts.num_draft <= used:
+                where = f"a {n}-head model" if opts.k is None else f"k={opts.k}"
+                raise MTPError(f"num_draft must be in [0, {used}] with {where}, got {opts.num_draft}")
+            self.num_drafts = opts.num_draft
         else:
-            self.num_drafts = n - 1
+            self.num_drafts = used
         self.tree: DraftTree | DynamicTree | None = opts.tree
         if self.tree is not None:
             self.num_drafts = _tree_depth(self.tree, opts, self.num_drafts, "this model drafts")

@@ -95,7 +95,8 @@ def eval_(
         model: the embedded default (omit), an MTP or Hugging Face folder, a .gguf, a Meta checkpoint or a hub id
         strategy: greedy | speculative (lossless) | confadapt (lossy, --tau) | static (lossy, --k)
         tau: ConfAdapt confidence threshold
-        k: tokens per forward of the static strategy (default: all heads)
+        k: tokens a step reads ahead (the heads used, or a mask-token model's k - 1 masks): static emits k,
+            ConfAdapt at most k, speculative verifies k - 1 drafts (default: all heads)
         num_draft: speculative: draft tokens per step (default: all extra heads)
         tree: speculative: verify a draft tree per step instead of a chain, as `mtp generate --tree`: "auto",
             "dynamic", a .json file or JSON list of paths of ranks, or "chain" (same answers, more tokens per
