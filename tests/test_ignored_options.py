@@ -30,6 +30,16 @@ NO_MODEL = ["--model", "/no/such/model"]  # a command that got past the checks w
     (["train", "--output", "o", "--max-new-tokens", "64"],
      "--max-new-tokens: for the model's own answers (--targets self); this run trains on the data's answers"),
     (["train", "--output", "o", "--gen-batch-size", "4", "--targets", "data"], "--gen-batch-size: for the model's"),
+    (["generate", "--prompt", "hi", "--strategy", "speculative", "--tree", "chain", "--tree-size", "4"],
+     "--tree-size: the node count of an auto or dynamic tree; use it with --tree auto or dynamic"),
+    (["eval", "--strategy", "speculative", "--tree", "tree.json", "--tree-size", "4"], "--tree-size: the node count"),
+    (["generate", "--prompt", "hi", "--do-sample", "--strategy", "static"],
+     "--do-sample: sampling is available with --strategy greedy or speculative"),
+    (["generate", "--prompt", "hi", "--do-sample", "--strategy", "confadapt"], "--do-sample: sampling is available"),
+    # both spellings of a renamed flag: the last would win without a word
+    (["bench", "--taus", "0.9", "--tau", "0.5", "--strategy", "confadapt"],
+     "--taus and --tau are two spellings of one flag (--taus is deprecated); give --tau only"),
+    (["generate", "--prompts-file", "a.txt", "--prompts=b.txt"], "--prompts-file and --prompts are two spellings"),
 ])
 def test_an_option_that_would_be_ignored_is_an_error(args, message, capsys):
     code, err = run_cli([*args, *NO_MODEL], capsys)
@@ -43,6 +53,9 @@ def test_an_option_that_would_be_ignored_is_an_error(args, message, capsys):
     ["generate", "--prompt", "hi", "--strategy", "confadapt", "--tau", "0.5"],
     ["bench", "--tau", "0.5"],  # every strategy
     ["bench", "--tau", "0.5", "--strategy", "confadapt"],
+    ["generate", "--prompt", "hi", "--strategy", "speculative", "--tree", "dynamic", "--tree-size", "4"],
+    ["bench", "--tree", "auto", "dynamic", "--tree-size", "4", "16"],
+    ["generate", "--prompt", "hi", "--do-sample", "--strategy", "speculative"],
     ["info", "--memory", "--quantize", "fp16", "--max-new-tokens", "4"],
     ["train", "--output", "o", "--targets", "self", "--max-new-tokens", "64", "--gen-batch-size", "4"],
     ["train", "--output", "o", "--resume", "--gen-batch-size", "4"],  # the run's own --targets decides

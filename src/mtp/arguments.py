@@ -95,6 +95,14 @@ RELATIONS: list[tuple[tuple[str, ...], Callable[..., bool], str]] = [
      "{tree}: a draft tree is verified; use it with {strategy} speculative"),
     (("tree_size", "strategy"), lambda tree_size, strategy: "speculative" in _strategies(strategy),
      "{tree_size}: a draft tree is verified; use it with {strategy} speculative"),
+    # a chain or a tree file has its own shape: a node count would be ignored without a word
+    (("tree_size", "tree"), lambda tree_size, tree: all(t in ("auto", "dynamic") for t in _strategies(tree)),
+     "{tree_size}: the node count of an auto or dynamic tree; use it with {tree} auto or dynamic"),
+    # ConfAdapt and static k emit the heads' top tokens; only greedy and speculative decoding sample
+    (("do_sample", "strategy"),
+     lambda do_sample, strategy: not do_sample or all(s in ("greedy", "speculative") for s in _strategies(strategy)),
+     "{do_sample}: sampling is available with {strategy} greedy or speculative (ConfAdapt and static emit the "
+     "heads' top tokens)"),
     (("lookup", "strategy"), lambda lookup, strategy: lookup == 0 or "speculative" in _strategies(strategy),
      "{lookup}: lookup drafts are verified; use them with {strategy} speculative"),
     (("num_draft", "strategy"), lambda num_draft, strategy: "speculative" in _strategies(strategy),

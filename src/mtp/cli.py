@@ -316,6 +316,15 @@ def _unknown_arguments(unknown: list[str], fn: Callable, command: str) -> str:
     return f"{message}; did you mean {close[0]}?" if close else message
 
 
+def _check_one_spelling(command: str, argv: Sequence[str]) -> None:
+    """A renamed flag given in both spellings: the last would win without a word, so neither does."""
+    given = {a.split("=", 1)[0] for a in argv if a.startswith("--")}
+    for old, renamed in DEPRECATED.get(command, {}).items():
+        new = spelled(renamed.param, True)
+        if old in given and new in given:
+            raise MTPError(f"{old} and {new} are two spellings of one flag ({old} is deprecated); give {new} only")
+
+
 def run(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
@@ -325,6 +334,7 @@ def run(argv: list[str] | None = None) -> int:
     if command not in COMMANDS:
         print(f"mtp: error: unknown command {command!r}; choose from {', '.join(COMMANDS)}", file=sys.stderr)
         return 2
+    _check_one_spelling(command, argv)
     parser = build_parser(only=command)
     namespace, unknown = parser.parse_known_args(argv)
     fn = _load(COMMANDS[command])
