@@ -56,8 +56,8 @@ def test_generate_strategies_and_json(tiny_mtp_folder, tmp_path, capsys):
                                   "--chat", "--strategy", strategy, "--max-new-tokens", "12", "--json"], capsys)
         assert code == 0, err
         record = json.loads(out.strip().splitlines()[-1])
-        assert set(record) == {"text", "token_ids", "stats"}
-        assert record["stats"]["new_tokens"] == len(record["token_ids"]) <= 12
+        assert set(record) == {"prompt", "text", "token_ids", "new_tokens", "batch"}
+        assert record["new_tokens"] == record["batch"]["new_tokens"] == len(record["token_ids"]) <= 12
         outputs[strategy] = record["token_ids"]
     assert outputs["speculative"] == outputs["greedy"]
     code, out, err = run_cli(["generate", "--model", str(tiny_mtp_folder), "--prompt", "What is 7 + 5?", "--chat",
@@ -65,6 +65,23 @@ def test_generate_strategies_and_json(tiny_mtp_folder, tmp_path, capsys):
                               "--max-new-tokens", "12", "--json"], capsys)
     assert code == 0, err
     assert json.loads(out.strip().splitlines()[-1])["token_ids"] == outputs["greedy"]  # fp16 ~ fp32, tiny model
+
+
+def test_generate_json_records_are_each_prompts_own(tiny_mtp_folder, tmp_path, capsys):
+    """Several prompts in one batch: each record counts its own tokens, the batch's figures are labelled as such,
+    and what is printed is what --output holds."""
+    prompts = tmp_path / "two.txt"
+    prompts.write_text("What is 7 + 5?\nHi\n")
+    out_file = tmp_path / "o.jsonl"
+    code, out, err = run_cli(["generate", "--model", str(tiny_mtp_folder), "--prompts", str(prompts), "--json",
+                              "--max-new-tokens", "5", "--output", str(out_file)], capsys)
+    assert code == 0, err
+    printed = [json.loads(line) for line in out.strip().splitlines()]
+    assert printed == [json.loads(line) for line in out_file.read_text().splitlines()]
+    assert [r["prompt"] for r in printed] == ["What is 7 + 5?", "Hi"]
+    assert all(r["new_tokens"] == len(r["token_ids"]) for r in printed)
+    assert printed[0]["batch"]["rows"] == 2
+    assert printed[0]["batch"]["new_tokens"] == sum(r["new_tokens"] for r in printed)
 
 
 def test_generate_with_a_draft_tree(tiny_mtp_folder, capsys):

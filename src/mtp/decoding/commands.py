@@ -67,7 +67,7 @@ def generate(model: str | None = None, prompt: str | None = None, prompts: str |
              top_k: int = 0, seed: int | None = None, batch_size: int = 8, json: bool = False, stream: bool = False,
              dtype: DType = "auto", quantize: Literal["none", "fp16", "int8"] = "none", device: str = "auto",
              threads: int | None = None, adaptive_draft: bool = True, truncate_prompt: bool = False,
-             mask_token_id: int | None = None, mask_token: str | None = None, tree: str = "chain",
+             mask_token_id: int | None = None, mask_token: str | None = None, tree: str | None = None,
              tree_size: int | None = None, lookup: int = 0, graphs: Graphs = "auto", progress: bool = True) -> int:
     """Generate text with an MTP model: greedy, lossless speculative, ConfAdapt or static-k decoding.
 
@@ -93,7 +93,8 @@ def generate(model: str | None = None, prompt: str | None = None, prompts: str |
         top_k: with --do-sample: draw from the k most likely tokens only (0: all).
         seed: with --do-sample: the random seed (default: a new one each run).
         batch_size: prompts decoded together (left padded).
-        json: print one JSON object per prompt instead of text.
+        json: print one JSON object per prompt instead of text: prompt, text, token_ids, new_tokens, and batch (the
+            figures of the batch it was decoded in: rows, new_tokens, forward_passes, seconds, ...).
         stream: print tokens as they are produced (single prompt).
         dtype: the weights' dtype: auto (bfloat16 on CUDA, float32 on the CPU), float32, bfloat16 or float16
         quantize: CPU weight format for decoding: fp16 (packed; ~1.3x faster, speculative stays exactly equal to
@@ -105,8 +106,8 @@ def generate(model: str | None = None, prompt: str | None = None, prompts: str |
         tree: speculative: verify a tree of the heads' top candidates per step instead of a chain: "auto" (the
             best shape for --tree-size nodes from the accuracy per rank `mtp train` measured), "dynamic" (a new
             shape every step from the drafts' probabilities, EAGLE-2), a .json file or JSON list of paths of
-            ranks (e.g. "[[0], [1], [0, 0]]"), or "chain". Same output, more tokens per forward; each node costs
-            a token of the verify forward.
+            ranks (e.g. "[[0], [1], [0, 0]]"), or "chain" (the default, unless --tree-size asks an auto tree).
+            Same output, more tokens per forward; each node costs a token of the verify forward.
         tree_size: nodes of the "auto" or "dynamic" tree (default 16; alone it implies --tree auto).
         lookup: speculative: also verify up to this many tokens copied from earlier in the prompt and answer
             (prompt lookup), one more branch of the draft tree; 0: none.
@@ -141,7 +142,8 @@ def generate(model: str | None = None, prompt: str | None = None, prompts: str |
     options = dict(max_new_tokens=max_new_tokens, strategy=strategy, tau=tau, k=k, num_draft=num_draft,
                    do_sample=do_sample, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
                    adaptive_draft=adaptive_draft, truncate_prompt=truncate_prompt,
-                   tree=None if tree == "chain" else tree, tree_size=tree_size, lookup=lookup, graphs=use_graphs)
+                   tree=None if tree in (None, "chain") else tree, tree_size=tree_size, lookup=lookup,
+                   graphs=use_graphs)
     for start in range(0, len(texts), batch_size):
         chunk = texts[start:start + batch_size]
         so_far: list[list[int]] = [[] for _ in chunk]  # what Ctrl-C must not lose
@@ -157,7 +159,8 @@ def generate(model: str | None = None, prompt: str | None = None, prompts: str |
             raise
         seconds += res.stats.seconds
         forwards += res.stats.row_forwards
-        records = [_record(chunk[i], text, res.tokens[i], res.stats.to_dict()) for i, text in enumerate(res.texts)]
+        batch = {"rows": len(chunk), **res.stats.to_dict()}
+        records = [_record(chunk[i], text, res.tokens[i], batch) for i, text in enumerate(res.texts)]
         results.extend(records)
         bar.update(len(chunk))
         with tqdm.external_write_mode(file=sys.stdout):  # the bar (stderr) cleared while answers print: one terminal
@@ -173,9 +176,9 @@ def generate(model: str | None = None, prompt: str | None = None, prompts: str |
     return 0
 
 
-def check_tree_spec(tree: str) -> None:
+def check_tree_spec(tree: str | None) -> None:
     """A --tree that names a file names one that is there (the other values are words or a JSON list)."""
-    if tree in ("chain", "auto", "dynamic") or tree.lstrip().startswith("["):
+    if tree in (None, "chain", "auto", "dynamic") or tree.lstrip().startswith("["):
         return
     if not Path(tree).exists():
         raise MTPError(f"--tree {tree}: file not found (or give auto, dynamic, chain, or a JSON list of paths)")
@@ -195,8 +198,9 @@ def _generate_chunk(m, tok, chunk: list[str], chat, options: dict, so_far: list[
     return generate_tokens(m, ids.to(m.device), mask.to(m.device), streamer=collect, **options)
 
 
-def _record(prompt: str, text: str, token_ids: list[int], stats: dict | None) -> dict:
-    return {"prompt": prompt, "text": text, "token_ids": token_ids, "stats": stats}
+def _record(prompt: str, text: str, token_ids: list[int], batch: dict | None) -> dict:
+    """A prompt's result; `batch`: the figures of the batch it was decoded in (None: interrupted)."""
+    return {"prompt": prompt, "text": text, "token_ids": token_ids, "new_tokens": len(token_ids), "batch": batch}
 
 
 def _show(records: list[dict], json: bool, streamed: bool) -> None:
@@ -206,7 +210,7 @@ def _show(records: list[dict], json: bool, streamed: bool) -> None:
         return
     for r in records:
         if json:
-            print(jsonlib.dumps({key: value for key, value in r.items() if key != "prompt"}))
+            print(jsonlib.dumps(r))
         else:
             print(r["text"])
             print()

@@ -67,7 +67,7 @@ def eval_(
     tau: float = 0.9,
     k: int | None = None,
     num_draft: int | None = None,
-    tree: str = "chain",
+    tree: str | None = None,
     tree_size: int | None = None,
     lookup: int = 0,
     limit: int | None = None,
@@ -100,7 +100,7 @@ def eval_(
         num_draft: speculative: draft tokens per step (default: all extra heads)
         tree: speculative: verify a draft tree per step instead of a chain, as `mtp generate --tree`: "auto",
             "dynamic", a .json file or JSON list of paths of ranks, or "chain" (same answers, more tokens per
-            forward)
+            forward; default: chain, or an auto tree with --tree-size)
         tree_size: nodes of the "auto" or "dynamic" tree (default 16; alone it implies --tree auto)
         lookup: speculative: also verify up to this many prompt-lookup drafts per step; 0: none
         limit: the first N problems (file order)
@@ -147,7 +147,7 @@ def eval_(
     runtime = resolve_runtime(device, dtype, quantize)
     use_graphs = graphs_option(graphs, runtime.device)
     batch_size = default_eval_batch(runtime.device) if batch_size is None else batch_size
-    draft_tree = None if tree == "chain" else tree
+    draft_tree = None if tree in (None, "chain") else tree
     tag = strategy_tag(strategy, tau, k, draft_tree, tree_size, lookup)
     out = Path(output) if output is not None else Path("eval") / f"gsm8k-{_model_name(model)}-{tag}"
     settings = _eval_settings(model, strategy, tau, k, num_draft, draft_tree, tree_size, lookup, shots,
