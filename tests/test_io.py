@@ -130,3 +130,10 @@ def test_the_umask_is_read_without_setting_it(monkeypatch):
     finally:
         monkeypatch.undo()
         os.umask(before)
+
+
+def test_a_target_that_cannot_take_a_file_is_named_not_its_temporary(tmp_path):
+    (tmp_path / "a-file").write_text("x")
+    with pytest.raises(MTPError, match=f"cannot write {tmp_path}/a-file/report.json: ") as e:
+        atomic_write_text(tmp_path / "a-file" / "report.json", "{}")
+    assert ".tmp" not in str(e.value)

@@ -115,9 +115,14 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary file name beside `path`; when the block succeeds the file written there becomes `path`."""
     path = Path(path)
     with disk_errors(path):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        remove_stale_temporaries(path.parent, path.name)
-        fd, name = tempfile.mkstemp(prefix=temporary_prefix(path), suffix=path.suffix, dir=path.parent)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            remove_stale_temporaries(path.parent, path.name)
+            fd, name = tempfile.mkstemp(prefix=temporary_prefix(path), suffix=path.suffix, dir=path.parent)
+        except OSError as e:  # a folder that takes no new files (/proc, a file in the way): name the target
+            if e.errno in DISK_ERRORS:
+                raise
+            raise MTPError(f"cannot write {path}: {e.strerror or e}") from e
         os.close(fd)
         tmp = Path(name)
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp's file is private (0600); the result is a file like any other
