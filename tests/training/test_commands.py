@@ -244,3 +244,20 @@ def test_train_minutes_ends_the_run_when_the_budget_is_spent(tmp_path, mtp_folde
     with pytest.raises(MTPError, match="--train-minutes must be > 0"):
         run(["train", "--model", mtp_folder, "--data", data, "--output", str(tmp_path / "o2"), "--train-minutes", "0"])
     assert not (tmp_path / "o2").exists()
+
+
+def test_head_weights_are_checked_before_anything_loads(tmp_path, mtp_folder, monkeypatch) -> None:
+    """A --head-weights that is not numbers, or whose count differs from the --model folder's heads, is refused
+    before the model loads and before the run folder is written."""
+    import mtp.training.heads as heads
+
+    monkeypatch.setattr(heads, "load_model_for_training", lambda *a, **k: pytest.fail("loaded the model"))
+    data = write_data(tmp_path / "d.jsonl", n=10)
+    for spec, says in (("foo", "--head-weights: head weights must be 'equal', 'medusa' or comma-separated"),
+                       ("1,2", "--head-weights: 2 head weights given for 3 heads"),
+                       ("1,0,-1", "finite and >= 0")):
+        with pytest.raises(MTPError, match=says):
+            train(output=str(tmp_path / "o"), model=mtp_folder, data=data, head_weights=spec, progress=False)
+        assert not (tmp_path / "o").exists()
+    with pytest.raises(MTPError, match="2 head weights given for 4 heads"):
+        train(output=str(tmp_path / "o"), data=data, num_heads=4, head_weights="1,1", progress=False)

@@ -43,5 +43,11 @@ def reads_next_token(directory: str | os.PathLike) -> bool:
     return _mtp_setting(directory, "next_token_input") is True
 
 
+def folder_num_heads(directory: str | os.PathLike) -> int | None:
+    """The heads of a parallel-heads model folder (None: not one, or not told)."""
+    n = _mtp_setting(directory, "num_heads")
+    return n if isinstance(n, int) and not isinstance(n, bool) else None
+
+
 def is_mask_token_folder(directory: str | os.PathLike) -> bool:
     return _mtp_setting(directory, "method") == MASK_TOKENS_METHOD

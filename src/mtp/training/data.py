@@ -327,7 +327,7 @@ def _pick_fields(
         return question_field or prompt, answer_field or answer
     if question_field or answer_field:
         if not answer_field:
-            raise MTPError("question_field needs answer_field too")
+            raise MTPError("--question-field needs --answer-field too (question_field, answer_field in Python)")
         return question_field, answer_field
     for prompt, answer in _KNOWN_FIELDS.values():
         if prompt in first and answer in first:
@@ -336,7 +336,7 @@ def _pick_fields(
         return None, "text"
     raise MTPError(
         f"{where}: cannot tell the record layout from its keys {sorted(first)}; "
-        "pass question_field and answer_field"
+        "give --question-field and --answer-field (question_field, answer_field in Python)"
     )
 
 

@@ -10,7 +10,7 @@ from typing import Literal
 import torch
 
 from mtp.errors import MTPError
-from mtp.models.folder_kind import reads_next_token
+from mtp.models.folder_kind import folder_num_heads, reads_next_token
 from mtp.runtime import parse_dtype
 
 LossOrder = Literal["memory-efficient", "naive"]
@@ -46,6 +46,22 @@ class HeadsOptions:
     next_token_input: bool = True
 
 
+def _check_head_weights(a) -> None:
+    """--head-weights as written, and their count where the heads are known before loading (--num-heads, or the
+    --model folder's)."""
+    from mtp.training.losses import head_weights
+
+    spec = a.head_weights
+    if isinstance(spec, str) and spec.strip().lower() in ("equal", "medusa"):
+        return
+    given = len([x for x in spec.split(",") if x.strip()]) if isinstance(spec, str) else len(spec)
+    heads = a.num_heads if a.num_heads is not None else folder_num_heads(a.model) if a.model is not None else None
+    try:
+        head_weights(spec, given if heads is None else heads)
+    except MTPError as e:
+        raise MTPError(f"--head-weights: {e}") from None
+
+
 class HeadsMethod:
     """--method heads for `mtp train` (`mtp.training.commands`): model, trainer. `a`: the run's flags by name."""
 
@@ -59,6 +75,7 @@ class HeadsMethod:
             raise MTPError(f"--trunk-cache {a.trunk_cache} keeps a frozen trunk's outputs; it needs --freeze-trunk")
         if not a.next_token_input and a.model is not None and reads_next_token(a.model):
             raise _cannot_drop_next_token(a.model)
+        _check_head_weights(a)
 
     def frozen_weights(self, a) -> bool:
         """Whether some weights stay frozen (and may be kept in --dtype): the trunk, with --freeze-trunk."""
