@@ -28,6 +28,12 @@ def test_help_lists_commands(capsys):
         assert f"  {command}" in out
 
 
+def test_version(capsys):
+    import mtp
+
+    assert run_cli(["--version"], capsys)[:2] == (0, f"mtp {mtp.__version__}\n")
+
+
 def test_unknown_command(capsys):
     code, _, err = run_cli(["frobnicate"], capsys)
     assert code == 2 and "unknown command" in err

@@ -229,7 +229,7 @@ def _help_listing() -> str:
             summary = ""
         lines.append(f"  {name:<12} {summary}")
     lines.append("")
-    lines.append("Run `mtp COMMAND --help` for a command's options.")
+    lines.append("Run `mtp COMMAND --help` for a command's options; `mtp --version` for the version.")
     return "\n".join(lines)
 
 
@@ -329,6 +329,11 @@ def run(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
         print(_help_listing())
+        return 0
+    if argv[0] in ("-V", "--version"):
+        from mtp import __version__
+
+        print(f"mtp {__version__}")
         return 0
     command = argv[0]
     if command not in COMMANDS:

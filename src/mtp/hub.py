@@ -346,16 +346,16 @@ def _load_folder(folder: str, dtype: torch.dtype, from_hub: bool) -> tuple[Any, 
 
     if from_hub and not _in_hub_cache(folder) and not _hub_reachable():
         raise MTPError(f"model not found: {folder} is no local file or folder, nor in the Hugging Face cache, and "
-                       "the hub cannot be reached to look it up (offline?); pass a local folder, a .gguf file, or "
-                       "omit --model to use the embedded default")
+                       "the hub cannot be reached to look it up (offline?); pass a local folder or a .gguf file (where "
+                       "--model may be left out, the embedded default is used)")
     try:
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, trust_remote_code=False)
         tokenizer = load_tokenizer(folder)
     except OSError as e:  # transformers' "not found / cannot connect" errors are all OSError
         if from_hub:
             raise MTPError(
-                f"cannot load {folder!r} from the Hugging Face hub (offline?); pass a local folder, "
-                "a .gguf file, or omit --model to use the embedded default"
+                f"cannot load {folder!r} from the Hugging Face hub (offline?); pass a local folder or a .gguf "
+                "file (where --model may be left out, the embedded default is used)"
             ) from e
         raise MTPError(f"cannot load the model folder {folder}: {first_line(e)}") from e
     return model, tokenizer

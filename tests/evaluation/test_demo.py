@@ -162,3 +162,17 @@ def test_demo_bad_input(tmp_path):
         run_demo(tmp_path, train_limit=1)
     with pytest.raises(MTPError, match="budget-minutes"):
         run_demo(tmp_path, budget_minutes=0)
+
+
+def test_a_reused_run_says_which_training_flags_it_did_not_apply(tiny_tokenizer, tmp_path, capsys):
+    fake = FakeTrain(tiny_tokenizer)
+    assert _demo(tmp_path, fake, hf=False, limit=1, tau=()) == 0
+    (tmp_path / RUN_NAME / "train_config.json").write_text(json.dumps({"args": {"epochs": 2, "limit": 4}}))
+    capsys.readouterr()
+    assert run_demo(tmp_path, train_limit=9, train_epochs=1, progress=False, llamacpp=False, hf=False, limit=1,
+                    max_new_tokens=2, tau=(), ensure_base=lambda: "(tiny)", train_fn=fake) == 0
+    out = capsys.readouterr().out
+    assert "not applied: --train-epochs 1 (it trained 2), --train-limit 9 (it had 4)" in out
+    assert len(fake.calls) == 1
+    assert _demo(tmp_path, fake, hf=False, limit=1, tau=()) == 0  # the run's own flags: nothing to say
+    assert "not applied" not in capsys.readouterr().out

@@ -166,7 +166,8 @@ def eval_(
                            max_new_tokens=max_new_tokens, batch_size=batch_size, resume=resume, progress=progress,
                            runtime={**runtime.to_dict(), "batch_size": batch_size})
         title = (f"GSM8K gsm8k_cot, {shots}-shot, {'chat' if use_chat else 'plain'} prompts, {tag}, "
-                 f"{summary['n']} problems, batch {batch_size}, {runtime.describe()}")
+                 f"{summary['n']} problem{'s' if summary['n'] != 1 else ''}, "
+                 f"batch {min(batch_size, max(summary['n'], 1))}, {runtime.describe()}")
         print(format_summary(summary, title))
         print(f"samples: {out / 'samples.jsonl'}\nsummary: {out / 'summary.json'}\n"
               f"wall time: {time.perf_counter() - start:.0f} s (model load included)")
@@ -409,7 +410,8 @@ def run_bench_command(m, *, model_label: str, prompts: str, limit: int, max_new_
     if prompts == "gsm8k":
         pool = gsm8k_prompts(tok, limit=pool_size, shots=shots, chat=use_chat)
         items = pool[:limit]
-        prompts_desc = f"GSM8K test problems 0-{len(items) - 1}, {shots}-shot, {'chat' if use_chat else 'plain'}"
+        which = "problem 0" if len(items) == 1 else f"problems 0-{len(items) - 1}"
+        prompts_desc = f"GSM8K test {which}, {shots}-shot, {'chat' if use_chat else 'plain'}"
     else:
         pool = file_prompts(tok, prompts, limit=pool_size, shots=shots, chat=use_chat)
         items = pool[:limit]

@@ -168,11 +168,16 @@ def run_demo(output: str | Path | None = None, *, budget_minutes: float | None =
     if is_finished_run(run_dir):
         _check_reused_run(run_dir, asked)  # the device's default takes a finished run as it is
         _stage(2, "4 MTP heads, trained by an earlier demo")
-        print(f"reusing the trained heads in {run_dir} (delete that folder to train again)", flush=True)
+        print(f"reusing the trained heads in {run_dir} (delete that folder to train again)"
+              + _reuse_differences(run_dir, train_limit, train_epochs), flush=True)
     else:
-        how_many = f"{questions} GSM8K train questions" if minutes is None else \
-            f"as many GSM8K train questions ({questions}) as the model answers in {minutes:.1f} min " \
-            f"(--budget-minutes {budget_minutes:g})"
+        if minutes is None:
+            how_many = f"{questions} GSM8K train questions"
+        elif minutes == MIN_ANSWER_MINUTES:
+            how_many = f"one batch of GSM8K train questions (--budget-minutes {budget_minutes:g} leaves no more)"
+        else:
+            how_many = f"as many GSM8K train questions ({questions}) as the model answers in {minutes:.1f} min " \
+                f"(--budget-minutes {budget_minutes:g})"
         t = _stage(2, f"4 MTP heads, trunk frozen, self-distilled targets: {how_many}, {train_epochs:g} epochs")
         if train_fn is None:
             from mtp.training.commands import train as train_fn
@@ -190,7 +195,8 @@ def run_demo(output: str | Path | None = None, *, budget_minutes: float | None =
             raise MTPError(f"training did not leave a finished model in {run_dir}")
         print(f"trained in {time.perf_counter() - t:.0f} s", flush=True)
 
-    _stage(3, f"benchmark on GSM8K test problems 0-{limit - 1}, up to {max_new_tokens} new tokens")
+    which = "problem 0" if limit == 1 else f"problems 0-{limit - 1}"
+    _stage(3, f"benchmark on GSM8K test {which}, up to {max_new_tokens} new tokens")
     cpu = runtime.device.type == "cpu"  # packed rows are the CPU's; a GPU's peer is transformers' compiled step
     from mtp.evaluation.commands import _default_gguf, run_bench_command
     from mtp.models.loading import load_mtp_model
@@ -207,6 +213,20 @@ def run_demo(output: str | Path | None = None, *, budget_minutes: float | None =
     print(f"\nmtp demo: done in {time.perf_counter() - start:.0f} s. Model: {run_dir}; report: {bench_dir}",
           flush=True)
     return code
+
+
+def _reuse_differences(run_dir: Path, train_limit: int | None, train_epochs: float) -> str:
+    """What the reused run was trained with, where this demo's training flags ask otherwise ("": nothing)."""
+    try:
+        args = json.loads((run_dir / "train_config.json").read_text(encoding="utf-8"))["args"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return ""
+    differ = []
+    if args.get("epochs") is not None and float(args["epochs"]) != train_epochs:
+        differ.append(f"--train-epochs {train_epochs:g} (it trained {float(args['epochs']):g})")
+    if train_limit is not None and args.get("limit") != train_limit:
+        differ.append(f"--train-limit {train_limit} (it had {args.get('limit') or 'no limit'})")
+    return "; not applied: " + ", ".join(differ) if differ else ""
 
 
 def _check_reused_run(run_dir: Path, num_trunk_layers: int | None) -> None:
