@@ -124,3 +124,27 @@ def test_eval_refuses_to_resume_other_settings_before_loading_the_model(tmp_path
                          "--no-progress"], capsys)
     assert_one_line_error(code, err, f"{out} holds an evaluation with other settings (strategy 'greedy' -> "
                           "'speculative'); choose another --output, or pass --no-resume")
+
+
+def test_num_trunk_layers_is_checked_against_the_config_or_gguf_header(tmp_path, monkeypatch, capsys):
+    """--num-trunk-layers beyond the model's layers: refused from its config.json or its GGUF header, before a
+    weight loads or a GGUF converts; a fitting value, an MTP folder or a run being resumed pass the check."""
+    import mtp.hub
+    from conftest import tiny_base, tiny_mtp
+    from gguf_helpers import write_tiny_gguf
+    from mtp.hub import check_trunk_layers, layer_count
+
+    base = tiny_base()  # 3 layers
+    base.save_pretrained(tmp_path / "hf")
+    gguf_file = write_tiny_gguf(tmp_path / "tiny.gguf", base)
+    tiny_mtp().save_pretrained(tmp_path / "mtp")
+    assert layer_count(str(tmp_path / "hf")) == layer_count(str(gguf_file)) == 3
+    assert layer_count(str(tmp_path / "mtp")) is None and layer_count(str(tmp_path / "nothing")) is None
+    monkeypatch.setattr(mtp.hub, "load_base_model", _never)
+    for args in (["info", "--model", tmp_path / "hf"], ["convert", "--input", gguf_file, "--output", tmp_path / "o"],
+                 ["train", "--model", tmp_path / "hf", "--output", tmp_path / "run"]):
+        code, err = run_cli([*args, "--num-trunk-layers", "3"], capsys)
+        assert_one_line_error(code, err, "--num-trunk-layers must be in [0, 2] for this 3-layer model, got 3")
+    check_trunk_layers(str(tmp_path / "hf"), 2)
+    check_trunk_layers(str(tmp_path / "mtp"), 7)  # not told here: loading checks it
+    assert not (tmp_path / "o").exists() and not (tmp_path / "run").exists()

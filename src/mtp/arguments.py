@@ -260,6 +260,10 @@ def check_command_arguments(command: str, arguments: Mapping[str, object],
     for name, kind in OUTPUTS.get(command, {}).items():
         if arguments.get(name) is not None:
             check_output(str(arguments[name]), kind, spelled(name, True))
+    if arguments.get("num_trunk_layers") is not None and not arguments.get("resume"):  # (a run's own model)
+        from mtp.hub import check_trunk_layers
+
+        check_trunk_layers(arguments.get("model", arguments.get("input")), arguments["num_trunk_layers"])
     if arguments.get("device") is not None:  # a device this torch cannot use, CPU-only packing on a GPU
         from mtp.runtime import resolve_runtime
 

@@ -110,6 +110,37 @@ def resolve_model(spec: str | None) -> ModelSource:
     raise MTPError(f"model not found: {spec} (no such file or folder)")
 
 
+def layer_count(spec: str | None) -> int | None:
+    """The decoder layers of the plain model `spec` names, read from its config or GGUF header without loading a
+    weight (None: an MTP or Meta folder, a hub id, or not told): what --num-trunk-layers is checked against."""
+    try:
+        source = resolve_model(spec)
+        if source.kind in ("default", "hf_folder") and Path(source.location, "config.json").is_file():
+            config = read_json_object(Path(source.location) / "config.json", "a model config")
+            n = config.get("num_hidden_layers", config.get("n_layer"))
+            return n if isinstance(n, int) else None
+        gguf = default_gguf_path() if source.kind == "default" else \
+            Path(source.location) if source.kind == "gguf" else None
+        if gguf is None:
+            return None
+        from gguf import GGUFReader
+
+        fields = GGUFReader(str(gguf)).fields
+        key = next((k for k in fields if k.endswith(".block_count")), None)
+        return None if key is None else int(fields[key].parts[fields[key].data[0]][0])
+    except (MTPError, OSError, ValueError, ImportError, KeyError, IndexError):  # loading will say what is wrong
+        return None
+
+
+def check_trunk_layers(spec: str | None, num_trunk_layers: int | None, flag: str = "--num-trunk-layers") -> None:
+    """A --num-trunk-layers the model cannot have, refused before its weights load (or its GGUF converts)."""
+    if num_trunk_layers is None:
+        return
+    layers = layer_count(spec)
+    if layers is not None and not 0 <= num_trunk_layers <= layers - 1:
+        raise MTPError(f"{flag} must be in [0, {layers - 1}] for this {layers}-layer model, got {num_trunk_layers}")
+
+
 def _looks_like_hub_id(spec: str) -> bool:
     if not _HUB_ID.fullmatch(spec) or ".." in spec or spec.lower().endswith(_FILE_SUFFIXES):
         return False
