@@ -128,7 +128,7 @@ def test_eval_refuses_to_resume_other_settings_before_loading_the_model(tmp_path
 
 def test_num_trunk_layers_is_checked_against_the_config_or_gguf_header(tmp_path, monkeypatch, capsys):
     """--num-trunk-layers beyond the model's layers: refused from its config.json or its GGUF header, before a
-    weight loads or a GGUF converts; a fitting value, an MTP folder or a run being resumed pass the check."""
+    weight loads or a GGUF converts; a fitting value and an MTP folder (its loading checks) pass the check."""
     import mtp.hub
     from conftest import tiny_base, tiny_mtp
     from gguf_helpers import write_tiny_gguf
