@@ -148,3 +148,30 @@ def test_num_trunk_layers_is_checked_against_the_config_or_gguf_header(tmp_path,
     check_trunk_layers(str(tmp_path / "hf"), 2)
     check_trunk_layers(str(tmp_path / "mtp"), 7)  # not told here: loading checks it
     assert not (tmp_path / "o").exists() and not (tmp_path / "run").exists()
+
+
+def test_k_and_num_draft_are_checked_against_the_folders_heads_before_loading(tmp_path, tiny_mtp_folder,
+                                                                               monkeypatch, capsys):
+    """A 3-head folder reads k <= 3 heads and verifies at most k - 1 drafts; a mask-token folder up to its max_k:
+    beyond that, one line before the model loads."""
+    import mtp.decoding.commands
+    from conftest import tiny_base, tiny_tokenizer
+    from mtp import MaskTokenModel
+
+    tok = tiny_tokenizer()
+    masks = tmp_path / "masks"
+    MaskTokenModel.from_base(tiny_base(vocab_size=len(tok)), tokenizer=tok).save_pretrained(masks)
+    monkeypatch.setattr(mtp.decoding.commands, "load_mtp_model", _never)
+    for folder, args, says in (
+        (tiny_mtp_folder, ["--strategy", "confadapt", "--k", "4"], "--k must be in [1, 3] for this 3-head model, got 4"),
+        (tiny_mtp_folder, ["--strategy", "speculative", "--num-draft", "3"],
+         "--num-draft must be in [0, 2] with this 3-head model, got 3"),
+        (tiny_mtp_folder, ["--strategy", "speculative", "--k", "2", "--num-draft", "2"],
+         "--num-draft must be in [0, 1] with --k 2, got 2"),
+        (masks, ["--strategy", "static", "--k", "17"], "--k must be in [1, 16] for this mask-token model, got 17"),
+    ):
+        code, err = run_cli(["generate", "--model", folder, "--prompt", "hi", *args], capsys)
+        assert_one_line_error(code, err, says)
+    with pytest.raises(ModelLoaded):  # within the heads: on to loading
+        run_cli(["generate", "--model", tiny_mtp_folder, "--prompt", "hi", "--strategy", "speculative", "--k", "3",
+                 "--num-draft", "2"], capsys)
