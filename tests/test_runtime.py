@@ -144,3 +144,16 @@ def test_demo_plans_for_its_device(monkeypatch, capsys):
     _announce(resolve_runtime(), GPU_PLAN, None, None)
     out = capsys.readouterr().out
     assert "on cuda:0 (NVIDIA H200), bfloat16; all 7,473 GSM8K train questions, no time budget" in out
+
+
+def test_more_threads_than_cores_is_a_warning(capsys):
+    import os
+
+    from mtp.runtime import set_threads
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    set_threads(cores)
+    assert capsys.readouterr().err == ""
+    set_threads(cores + 1)
+    assert capsys.readouterr().err == \
+        f"mtp: warning: --threads {cores + 1} is more than the {cores} cores this process may use\n"

@@ -9,6 +9,8 @@ resolved and checked here, before anything is loaded, and every report records w
 
 from __future__ import annotations
 
+import os
+import sys
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -41,6 +43,10 @@ def set_threads(threads: int | None) -> None:
         return
     if threads < 1:
         raise MTPError(f"--threads must be >= 1, got {threads}")
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    if cores and threads > cores:  # oversubscribed threads wait on each other: often far slower, never faster
+        print(f"mtp: warning: --threads {threads} is more than the {cores} cores this process may use",
+              file=sys.stderr)
     torch.set_num_threads(threads)
 
 
