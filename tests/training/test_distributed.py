@@ -192,6 +192,21 @@ def test_selfdistill_resumes_across_world_sizes(tmp_path, hf_folder) -> None:
     assert not [p for p in (back / "checkpoints").iterdir() if p.name.startswith(".")]
 
 
+def test_train_minutes_under_torchrun_every_process_stops_at_the_same_step(tmp_path, hf_folder) -> None:
+    """--train-minutes with two processes: both pace at step 10 on the same numbers (their mean pace and
+    elapsed time), so the budget ends them together (a process one step ahead would wait forever for the other's
+    collectives); a budget spent by then ends the run at 10."""
+    data = write_data(tmp_path / "d.jsonl", n=12)
+    out = tmp_path / "paced"
+    log = torchrun({"model": hf_folder, "data": data, "batch_size": 2, "seq_len": 48, "num_heads": 2,
+                    "freeze_trunk": True, "holdout": 0.0, "train_minutes": 0.0001, "parallel": "ddp",
+                    "save_every": 0, "progress": False, "threads": 1, "output": out})
+    assert log.count("steps in about 0.0001 min (--train-minutes)") == 1, log[-2000:]  # printed by rank 0
+    assert "after step 10: 10 steps" in log
+    assert [x["step"] for x in steps(out)] == list(range(1, 11))
+    assert (out / "model.safetensors").is_file()
+
+
 def test_parallel_needs_torchrun_and_torchrun_needs_parallel(tmp_path, hf_folder, monkeypatch) -> None:
     data = write_data(tmp_path / "d.jsonl", n=4)
     for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):

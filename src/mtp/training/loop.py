@@ -664,10 +664,10 @@ class Trainer:
     def _pace(self, seconds_a_step: float, bar) -> None:
         """--train-minutes: the step count that fits the budget at this pace (the processes' mean under torchrun,
         so that all stop at the same step), at most the configured one; warmup follows it (`warmup_share`)."""
-        cfg = self.config
-        if self.parallel is not None:
-            seconds_a_step = all_sum([seconds_a_step])[0] / self.parallel.world_size
-        left = cfg.minutes * 60 - self._elapsed()
+        cfg, elapsed = self.config, self._elapsed()
+        if self.parallel is not None:  # every process computes the count from the same two numbers
+            seconds_a_step, elapsed = (x / self.parallel.world_size for x in all_sum([seconds_a_step, elapsed]))
+        left = cfg.minutes * 60 - elapsed
         cfg.steps = min(cfg.steps, self.step + max(0, math.floor(left / max(seconds_a_step, 1e-9))))
         if cfg.warmup_share is not None:
             cfg.warmup_steps = round(cfg.warmup_share * cfg.steps)
