@@ -221,6 +221,24 @@ def check_values(values: Mapping[str, object], flags: bool = True) -> None:
             raise MTPError(message.format(**{n: spelled(n, flags) for n in names}))
 
 
+def check_draft_counts(most: int, default_k: int, k: int | Sequence[int] | None, num_draft: int | None, what: str,
+                       flags: bool) -> int:
+    """k (one, or `mtp bench`'s list) in [1, `most`], num_draft in [0, k - 1]: what a model with `most` heads (or
+    mask-token predictions) can read and verify. Decoding checks the loaded model with it, the command line an MTP
+    folder's config before loading (`mtp.models.folder_kind.check_draft_flags`). Returns the k in effect (the
+    smallest given, else `default_k`). `what` names the model ("4-head model")."""
+    the = "this" if flags else "a"
+    ks = [] if k is None else list(k) if isinstance(k, list | tuple) else [k]
+    for value in ks:
+        if not 1 <= value <= most:
+            raise MTPError(f"{spelled('k', flags)} must be in [1, {most}] for {the} {what}, got {value}")
+    reads = min(ks) if ks else default_k
+    if num_draft is not None and not 0 <= num_draft <= reads - 1:
+        where = (f"--k {reads}" if flags else f"k={reads}") if ks else f"{the} {what}"
+        raise MTPError(f"{spelled('num_draft', flags)} must be in [0, {reads - 1}] with {where}, got {num_draft}")
+    return reads
+
+
 def check_output(path: str | os.PathLike, kind: OutputKind, flag: str = "--output") -> None:
     """Raise MTPError unless `path` can become a file (`kind` "file") or a folder ("folder") written by us."""
     target = Path(path).expanduser().absolute()

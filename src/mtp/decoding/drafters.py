@@ -31,6 +31,7 @@ from dataclasses import dataclass
 
 import torch
 
+from mtp.arguments import check_draft_counts
 from mtp.decoding.sampling import process_logits, sample
 from mtp.decoding.tree import (
     DraftTree,
@@ -195,18 +196,13 @@ class HeadsDrafter(Drafter):
         n = model.num_heads
         self.model, self.opts, self.proposer = model, opts, proposer
         # k: the heads a step reads, the next-token head and k - 1 extra ones (a mask-token model's k - 1 masks)
-        if opts.k is not None and opts.strategy != "greedy" and not 1 <= opts.k <= n:
-            raise MTPError(f"k must be in [1, {n}] for a {n}-head model, got {opts.k}")
-        used = n - 1 if opts.k is None else opts.k - 1
+        spec_drafts = opts.num_draft if opts.strategy == "speculative" else None
+        k = check_draft_counts(n, n, None if opts.strategy == "greedy" else opts.k, spec_drafts, f"{n}-head model",
+                               flags=False)
         if opts.strategy == "greedy":
             self.num_drafts = 0
-        elif opts.strategy == "speculative" and opts.num_draft is not None:
-            if not 0 <= opts.num_draft <= used:
-                where = f"a {n}-head model" if opts.k is None else f"k={opts.k}"
-                raise MTPError(f"num_draft must be in [0, {used}] with {where}, got {opts.num_draft}")
-            self.num_drafts = opts.num_draft
         else:
-            self.num_drafts = used
+            self.num_drafts = k - 1 if spec_drafts is None else spec_drafts
         self.tree: DraftTree | DynamicTree | None = opts.tree
         if self.tree is not None:
             self.num_drafts = _tree_depth(self.tree, opts, self.num_drafts, "this model drafts")
@@ -291,15 +287,12 @@ class MaskDrafter(Drafter):
             raise MTPError("a custom proposer drafts for parallel heads; a mask-token model drafts with its masks")
         self.model, self.opts = model, opts
         self.tree: DraftTree | DynamicTree | None = opts.tree
-        k = opts.k if opts.k is not None else model.default_k
-        if not 1 <= k <= model.max_k:
-            raise MTPError(f"k must be in [1, {model.max_k}] for this mask-token model, got {k}")
+        spec_drafts = opts.num_draft if opts.strategy == "speculative" else None
+        k = check_draft_counts(model.max_k, model.default_k, opts.k, spec_drafts, "mask-token model", flags=False)
         self.num_masks = 0 if opts.strategy == "greedy" else k - 1
         self.num_drafts = self.num_masks if opts.strategy == "speculative" else 0
-        if opts.strategy == "speculative" and opts.num_draft is not None:
-            if not 0 <= opts.num_draft <= self.num_masks:
-                raise MTPError(f"num_draft must be in [0, {self.num_masks}] with k={k}, got {opts.num_draft}")
-            self.num_drafts = opts.num_draft
+        if spec_drafts is not None:
+            self.num_drafts = spec_drafts
         if self.tree is not None:
             self.num_drafts = _tree_depth(self.tree, opts, self.num_masks, f"k={k} masks draft")
         self.num_proposals = self.num_masks

@@ -55,23 +55,15 @@ def is_mask_token_folder(directory: str | os.PathLike) -> bool:
 
 def check_draft_flags(directory: str | os.PathLike | None, k, num_draft: int | None) -> None:
     """--k (one, or `mtp bench`'s list) and --num-draft against an MTP folder's heads or mask tokens, before it
-    loads (anything else: decoding checks them). A heads model reads k heads; a mask-token model up to its
-    max_k tokens; both verify at most k - 1 drafts."""
+    loads (anything else: decoding checks them)."""
+    from mtp.arguments import check_draft_counts
+
     if directory is None or (k is None and num_draft is None):
         return
-    method = _mtp_setting(directory, "method")
-    if method == MASK_TOKENS_METHOD:
+    if _mtp_setting(directory, "method") == MASK_TOKENS_METHOD:
         most, default, what = _mtp_setting(directory, "max_k"), _mtp_setting(directory, "k"), "mask-token model"
     else:
         most = default = folder_num_heads(directory)
         what = f"{most}-head model"
-    if not isinstance(most, int) or isinstance(most, bool):
-        return
-    ks = [] if k is None else list(k) if isinstance(k, list | tuple) else [k]
-    for value in ks:
-        if not 1 <= value <= most:
-            raise MTPError(f"--k must be in [1, {most}] for this {what}, got {value}")
-    reads = min(ks) if ks else default if isinstance(default, int) else most
-    if num_draft is not None and num_draft > reads - 1:
-        where = f"--k {reads}" if ks else f"this {what}"
-        raise MTPError(f"--num-draft must be in [0, {reads - 1}] with {where}, got {num_draft}")
+    if isinstance(most, int) and not isinstance(most, bool):
+        check_draft_counts(most, default if isinstance(default, int) else most, k, num_draft, what, flags=True)
