@@ -222,8 +222,9 @@ def test_perfect_candidates_accept_the_whole_deepest_path(family):
         return ranked, None
 
     ids, mask = left_pad(prompts)
+    # (adaptive_draft off: no timed plain steps in this batch, whose forwards are counted)
     out = generate(model, ids, mask, max_new_tokens=40, strategy="speculative", stop_token_ids=[], tree=tree,
-                   proposer=propose)
+                   proposer=propose, adaptive_draft=False)
     assert out.tokens == reference
     assert out.stats.acceptance == [1.0, 1.0, 1.0]
     assert out.stats.forward_passes == 1 + 10  # the prefill's token, then 4 per forward

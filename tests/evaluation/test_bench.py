@@ -479,3 +479,20 @@ def test_llamacpp_rows_decode_like_our_greedy_on_a_tiny_gguf(tmp_path):
     assert all(len(set(t)) > 3 for t in greedy)  # a text, not one token repeated
     assert rows["llama.cpp"]["equal_to_greedy"] == 4 and rows["llama.cpp-inline"]["equal_to_greedy"] == 4
     assert all(c["seconds"] > 0 and c["first_token_seconds"] is not None for c in run.calls)
+
+
+def test_batch_rows_on_the_cpu(tiny_model_dir, gsm8k_file, tmp_path):
+    """--batch-size on a CPU: greedy and the fastest lossless row on batches of each size, with the share of the
+    speculative row's steps that verified no drafts (`SpeculationGate`); lossless rows equal greedy."""
+    out = tmp_path / "bench"
+    assert bench(model=str(tiny_model_dir), prompts=str(gsm8k_file), limit=2, max_new_tokens=6, output=str(out),
+                 tau=[0.5], k=[2], hf=False, batch_size=[1, 3], progress=False) == 0
+    report = json.loads((out / "report.json").read_text())
+    batches = report["batch_rows"]
+    assert [(r["batch_size"], r["method"]) for r in batches] == [(1, "greedy"), (1, "speculative"),
+                                                                 (3, "greedy"), (3, "speculative")]
+    assert all(r["equal_to_greedy"] == r["prompts"] for r in batches)
+    assert batches[0]["plain_step_share"] == batches[1]["plain_step_share"] == 0  # one prompt: no gate
+    assert 0 <= batches[3]["plain_step_share"] <= 1
+    assert "| batch | method | prompts | tokens/s (total) | tokens/forward | ms/forward | = greedy | plain steps |" \
+        in (out / "report.md").read_text()

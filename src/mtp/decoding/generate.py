@@ -18,6 +18,7 @@ CPU the same step runs eagerly and finished rows are dropped at once.
 from __future__ import annotations
 
 import time
+from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
@@ -40,6 +41,7 @@ class GenerationStats:
     seconds: float = 0.0
     draft_positions: list[int] = field(default_factory=list)  # per draft position: times proposed
     draft_accepted: list[int] = field(default_factory=list)  # per draft position: times accepted
+    plain_steps: int = 0  # speculative: steps that verified no drafts, being faster (`SpeculationGate`)
 
     @property
     def tokens_per_forward(self) -> float:
@@ -58,7 +60,7 @@ class GenerationStats:
         return {"new_tokens": self.new_tokens, "forward_passes": self.forward_passes,
                 "tokens_per_forward": round(self.tokens_per_forward, 4), "seconds": round(self.seconds, 4),
                 "tokens_per_second": round(self.tokens_per_second, 3),
-                "acceptance_per_head": [round(a, 4) for a in self.acceptance]}
+                "acceptance_per_head": [round(a, 4) for a in self.acceptance], "plain_steps": self.plain_steps}
 
 
 @dataclass
@@ -119,6 +121,79 @@ class DraftLength:
                 self.accept_rate[i] += self.recovery * (1.0 - self.accept_rate[i])
 
 
+class SpeculationGate:
+    """Whether the next step verifies drafts at all: speculative decoding only while it emits tokens faster than
+    plain one-token steps would.
+
+    A verify block costs its rows: B rows x (1 + drafts) where a plain step feeds B. Where rows are arithmetic
+    (every CPU row, a GPU batch whose blocks hold a few dozen rows) a batch's blocks can cost more than their drafts
+    save: on a 2-core CPU with fp16-packed weights, batch 16, 4 trained heads, the chain ran at 0.73x greedy's
+    tokens/s and a 4-node tree with 6 lookup drafts at 0.45x. So both kinds of step are timed as they run (the
+    wall time from one host read to the next, all rows' new tokens), an exponential average of each kind's
+    tokens/s is kept, and the faster one is taken; the slower one is tried again after `probe_every` steps, twice
+    as long after each time it loses again. A step of a configuration new to this call (a graph captured, kernels
+    chosen) and the step launched beside it are not timed. Once the batch has shrunk to half the size the speeds
+    were measured at, both are measured again (a GPU's tokens/s falls with its rows; one row speculates best).
+    A plain step still proposes the next drafts, so speculating resumes at once; either kind keeps decoding
+    lossless, only the speed moves.
+    """
+
+    clock = staticmethod(time.perf_counter)
+    MAX_INTERVAL = 64
+
+    def __init__(self, enabled: bool, probe_every: int = 8, rate: float = 0.5):
+        self.enabled, self.probe_every, self.rate = enabled, probe_every, rate
+        self.speed: dict[bool, float | None] = {True: None, False: None}  # speculating? -> tokens/s
+        self.interval, self.since_probe = probe_every, 0
+        self.measured_at = 0  # the batch size the speeds are of
+        self.seen: set[tuple] = set()  # step configurations run in this call
+        self.in_flight: deque[bool] = deque()  # per step launched and not yet read: the first of its configuration?
+        self.last_read: float | None = None
+        self.untimed = False  # a configuration's first step was launched since the last read
+
+    def block(self, n: int, m: int, batch: int) -> tuple[int, int]:
+        """The next step's (drafts, lookup drafts) for a batch of `batch` rows: as proposed, or (0, 0) for a
+        plain step."""
+        if not self.enabled:
+            return n, m
+        if 2 * batch <= self.measured_at or not self.measured_at:
+            self.speed = {True: None, False: None}
+            self.interval, self.since_probe, self.measured_at = self.probe_every, 0, batch
+        fast, slow = self.speed[True], self.speed[False]
+        if fast is None or slow is None:  # each kind is timed once first (speculating first)
+            speculate = fast is None
+        else:
+            speculate = fast >= slow
+            self.since_probe += 1
+            if self.since_probe > self.interval:  # try the slower kind again
+                speculate, self.since_probe = not speculate, 0
+        return (n, m) if speculate else (0, 0)
+
+    def launched(self, config: tuple) -> None:
+        """A step of `config` (batch size, n, m) was launched. The first of a configuration is not timed, nor is
+        the interval it was launched in (replaying, its graph is captured then, and that first step computed)."""
+        fresh = config not in self.seen
+        self.seen.add(config)
+        self.in_flight.append(fresh)
+        self.untimed |= fresh
+
+    def read(self, speculated: bool, tokens: int) -> None:
+        """The host read the oldest step in flight (of drafts verified or not), which emitted `tokens` in all."""
+        now = self.clock()
+        fresh = self.in_flight.popleft() if self.in_flight else True
+        if self.enabled and not fresh and not self.untimed and self.last_read is not None and now > self.last_read:
+            speed = tokens / (now - self.last_read)
+            before = self.speed[speculated]
+            was_slower = before is not None and self.speed[not speculated] is not None and \
+                before < self.speed[not speculated]
+            self.speed[speculated] = speed if before is None else before + self.rate * (speed - before)
+            other = self.speed[not speculated]
+            if was_slower and other is not None:  # a probe of the slower kind: back off while it stays slower
+                slower = self.speed[speculated] < other
+                self.interval = min(2 * self.interval, self.MAX_INTERVAL) if slower else self.probe_every
+        self.last_read, self.untimed = now, False
+
+
 def accepted_per_position(accepted: list[int], depth: int) -> list[int]:
     """accepted[r]: drafts row r accepted -> for each draft position < depth, how many rows accepted it."""
     return [sum(a > i for a in accepted) for i in range(depth)]
@@ -176,8 +251,13 @@ def iter_generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor |
     # A draft costs a row of the verify block. On a GPU a small model's step is bound by its kernels, not by rows,
     # until the blocks of a batch hold a few dozen rows: only then do fewer drafts pay (replaying, each width the
     # rule picks gets a graph of its own).
-    verify_rows = b * (1 + n_draft + lookup)
-    draft_length = DraftLength(n_draft, opts.adaptive_draft and (device.type == "cpu" or verify_rows > GPU_FREE_ROWS))
+    verify_rows = b * (1 + drafter.extra_slots)  # a block's rows: the token, drafts or tree nodes, lookup, masks
+    rows_cost = device.type == "cpu" or verify_rows > GPU_FREE_ROWS
+    draft_length = DraftLength(n_draft, opts.adaptive_draft and rows_cost)
+    # A batch's verify blocks may cost more than their drafts save: plain steps where they are faster (one prompt
+    # on a CPU is left to the draft length alone: its blocks' rows cost little against the weights' reads).
+    speculating = opts.strategy == "speculative" and max(n_draft, lookup) > 0
+    gate = SpeculationGate(speculating and opts.adaptive_draft and rows_cost and (b > 1 or device.type != "cpu"))
     rows = list(range(b))  # original row of each batch row
     active = [True] * b
     left = [opts.max_new_tokens] * b  # tokens each batch row may still emit
@@ -190,18 +270,24 @@ def iter_generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor |
     pipelined = LAUNCH_AHEAD and session is not None and on_trunk is None
     ahead, draining = None, False  # (result, n, m) of the step launched ahead; whether a shrink waits for it
     n = m = 0  # the prompt is fed alone
+    gate.launched(("prompt",))
     state, result = session.prefill(state) if session is not None else decoder.step(state, n, m)
+    prompt_step = True
     while True:
         most = result.host.shape[1] - HOST_COLUMNS  # tokens a row may emit in the step being read
         if pipelined and not draining and any(left[i] > most for i in range(len(rows)) if active[i]):
             read = _to_host(result.host)
-            nn, mm = (draft_length.next(), lookup) if verifying else (n, m)
+            nn, mm = gate.block(draft_length.next(), lookup, len(rows)) if verifying else (n, m)
+            gate.launched((len(rows), nn, mm))
             ahead = (session.run(state, nn, mm), nn, mm)
             host = read()
         else:
             host = result.host.tolist()  # the one device-to-host copy of a step
         fed = sum(active)
         emitted, accepted = _read_rows(host, rows, active, left, stop, state.finished)
+        gate.read(max(n, m) > 0, sum(len(new) for _, new in emitted))
+        stats.plain_steps += gate.enabled and not prompt_step and not max(n, m)
+        prompt_step = False
         stats.forward_passes += 1
         stats.row_forwards += fed
         if on_trunk is not None and result.trunk is not None:
@@ -230,9 +316,10 @@ def iter_generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor |
                 state = state.select(index)
                 decoder.cache.select_rows(index)
         if verifying:
-            n, m = draft_length.next(), (lookup if graphs else found)
+            n, m = gate.block(draft_length.next(), lookup if graphs else found, len(rows))
         elif session is None:  # a confident run feeds what it emitted: eagerly, only as wide as the longest
             state = state.narrow_pending(max(run, 1))
+        gate.launched((len(rows), n, m))
         state, result = (state, session.run(state, n, m)) if session is not None else decoder.step(state, n, m)
 
 
@@ -367,8 +454,10 @@ def generate(model, input_ids: torch.Tensor | list, attention_mask: torch.Tensor
             max_new_tokens; otherwise such a prompt is an error.
         proposer: the speculative strategy's draft source for a parallel-heads model (default: its heads).
         num_draft: drafts per verify step at most (default: every extra head).
-        adaptive_draft: verify fewer drafts while recent ones were rarely accepted (`DraftLength`); False: always
-            `num_draft`. Either way the output is the same, only the speed differs.
+        adaptive_draft: verify fewer drafts while recent ones were rarely accepted (`DraftLength`), and in a
+            batch whose verify blocks cost their rows (every batch on a CPU, a few dozen rows on a GPU) none while
+            plain steps emit tokens faster (`SpeculationGate`, timed as it runs); False: always `num_draft`.
+            Either way the output is the same, only the speed differs.
         on_trunk: called with the trunk output of every forward (`TrunkObserver`), e.g. to keep the frozen-trunk
             features of self-distilled training rows instead of recomputing them.
         tree: speculative with parallel heads: verify a tree of the heads' top candidates in one forward

@@ -46,7 +46,8 @@ class DecodeOptions:
     tau: float = 0.9
     k: int | None = None
     num_draft: int | None = None  # heads used for drafting; default all extra heads
-    adaptive_draft: bool = True  # propose only as many drafts as recent acceptance pays for (see DraftLength)
+    adaptive_draft: bool = True  # as many drafts as recent acceptance pays for (DraftLength); none where a batch's
+    # plain steps are faster (SpeculationGate)
     tree: DraftTree | DynamicTree | None = None  # speculative: verify a tree of candidates (None: a chain)
     lookup: int = 0  # speculative: also verify up to this many prompt-lookup drafts (`mtp.decoding.lookup`)
 

@@ -79,6 +79,7 @@ class BatchResult:
     forward_passes: int  # batched forwards, prefill included
     row_forwards: int  # sum over rows of the forwards each took part in
     peak_memory_bytes: int | None = None
+    plain_steps: int = 0  # speculative: steps that verified no drafts, being faster (`SpeculationGate`)
 
 
 @dataclass
@@ -203,7 +204,8 @@ def mtp_method(model, tokenizer, name: str, strategy: str, *, tau: float = 0.9, 
     def run_batch(prompts: Sequence[Prompt], max_new_tokens: int) -> BatchResult:
         ids, mask = left_pad([p.token_ids for p in prompts], pad_id(tokenizer))
         result, _, seconds, peak = _measured(device, lambda: decode(ids.to(device), mask.to(device), max_new_tokens))
-        return BatchResult(result.tokens, seconds, result.stats.forward_passes, result.stats.row_forwards, peak)
+        return BatchResult(result.tokens, seconds, result.stats.forward_passes, result.stats.row_forwards, peak,
+                           result.stats.plain_steps)
 
     def capture(prompts: Sequence[Prompt], max_new_tokens: int) -> None:
         for prompt in prompts_to_capture(prompts):
@@ -675,6 +677,8 @@ def run_batch_rows(pair: tuple[Method, Method], pool: Sequence[Prompt], batch_si
                              "tokens_per_forward": _rnd(new / max(sum(r.row_forwards for r in done), 1)),
                              "ms_per_forward": _rnd(1000 * seconds / max(sum(r.forward_passes for r in done), 1)),
                              "equal_to_greedy": sum(a == g for a, g in zip(tokens, greedy, strict=True)),
+                             "plain_step_share": _rnd(sum(r.plain_steps for r in done)
+                                                      / max(sum(r.forward_passes - 1 for r in done), 1)),
                              "peak_memory_mb": _rnd((m.weight_bytes + max(peaks)) / MB, 1)
                              if peaks and m.weight_bytes is not None else None})
     finally:
@@ -884,13 +888,14 @@ def format_batch_table(report: dict) -> str:
     if not rows:
         return ""
     memory = any(r["peak_memory_mb"] is not None for r in rows)
-    head = ["batch", "method", "prompts", "tokens/s (total)", "tokens/forward", "ms/forward", "= greedy"]
+    head = ["batch", "method", "prompts", "tokens/s (total)", "tokens/forward", "ms/forward", "= greedy",
+            "plain steps"]
     head += ["peak MB"] if memory else []
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---:", "---"] + ["---:"] * (len(head) - 2)) + "|"]
     for r in rows:
         cells = [str(r["batch_size"]), r["method"], str(r["prompts"]), _fmt(r["tokens_per_second"], ".1f"),
                  _fmt(r["tokens_per_forward"], ".2f"), _fmt(r["ms_per_forward"], ".2f"),
-                 f"{r['equal_to_greedy']}/{r['prompts']}"]
+                 f"{r['equal_to_greedy']}/{r['prompts']}", _fmt(100 * (r.get("plain_step_share") or 0), ".0f") + "%"]
         cells += [_fmt(r["peak_memory_mb"], ",.0f")] if memory else []
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -933,7 +938,8 @@ def format_markdown(report: dict, plot_name: str | None = "speed_accuracy.png") 
         parts += ["", "Batches: greedy and the fastest lossless speculative row on left-padded batches of each "
                       "size (whole batches of at least as many prompts as the table; the two alternate batch by "
                       "batch after an untimed warm-up batch). tokens/s: all new tokens / all seconds; tokens/"
-                      "forward: per row; ms/forward: seconds / batched forwards (prefill included).", "",
+                      "forward: per row; ms/forward: seconds / batched forwards (prefill included); plain steps: "
+                      "the speculative row's steps that verified no drafts, plain steps being faster there.", "",
                   format_batch_table(report)]
     if report.get("notes"):
         parts += [""] + [f"Note: {note}" for note in report["notes"]]
