@@ -37,6 +37,16 @@ def tiny_mtp(family: str = "llama", num_heads: int = 3, seed: int = 0, dtype=tor
     return model.eval()
 
 
+def reading_next_token(model: MTPModel, seed: int = 0, scale: float = 0.5) -> MTPModel:
+    """`model` with a random (not zero) next-token projection, so the heads' drafts depend on it."""
+    model.add_next_token_input()
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        w = model.next_token_in.weight
+        w.copy_(torch.randn(w.shape, generator=gen, dtype=w.dtype) * scale)
+    return model
+
+
 def assert_first_two_tokens_follow_the_model(model, prompt: list[int], tokens: list[list[int]]) -> None:
     """Many sampled continuations of `prompt` (at least two tokens each): the first token's frequencies are the
     model's next-token probabilities, and so are the second token's after the most likely first one."""

@@ -10,76 +10,133 @@ import torch
 from test_generate import oracle_proposer
 from test_mask_decoding import mask_model
 
-from conftest import tiny_mtp
+from conftest import reading_next_token, tiny_mtp
 from mtp.decoding import generate as generate_module
-from mtp.decoding.generate import SpeculationGate, generate, left_pad
+from mtp.decoding.blocks import Block, SpeculationGate
+from mtp.decoding.drafters import drafter_for
+from mtp.decoding.generate import generate, left_pad
 from mtp.decoding.reference import reference_greedy
-from mtp.decoding.step import Decoder
+from mtp.decoding.step import DecodeOptions, Decoder
+from mtp.models import fast_llama
 
 
-def run_gate(gate: SpeculationGate, steps: int, seconds, tokens, batch=lambda i: 2) -> list[bool]:
-    """A decoding loop's calls on `gate` (launch, then read) for `steps` steps after a prompt; a step speculating
-    or not takes seconds(speculating, i) and emits tokens(speculating); batch(i) rows. Returns which steps
-    speculated."""
+def run_gate(gate: SpeculationGate, steps: int, seconds, tokens, batch=lambda i: 2) -> str:
+    """A decoding loop's calls on `gate` (launch, then read) for `steps` steps after a prompt; a step verifying
+    drafts or not takes seconds(verifying, i) and emits tokens(verifying); batch(i) rows. Returns the steps'
+    kinds: V verified drafts, P a plain step that drafted nothing, C a plain step that drafted (catching the
+    heads up on the P steps before it: their count is checked)."""
     now = [0.0]
     gate.clock = lambda: now[0]
-    gate.launched(("prompt",))
+    gate.launched(("prompt", Block(0, 0)))
     now[0] += 1.0
     gate.read(False, 2)
-    chosen = []
+    kinds, plain = [], 0
     for i in range(steps):
-        n, m = gate.block(3, 2, batch(i))
-        speculating = (n, m) == (3, 2)
-        assert speculating or (n, m) == (0, 0)
-        gate.launched((batch(i), n, m))
-        now[0] += seconds(speculating, i)
-        gate.read(speculating, tokens(speculating))
-        chosen.append(speculating)
-    return chosen
+        block = gate.block(3, 2, batch(i))
+        verifying = block.n > 0
+        if verifying:
+            assert block == Block(3, 2) and kinds[-1:] != ["P"]  # drafts come from a step that drafted
+            kinds.append("V")
+        elif block.drafting:
+            assert block.catch_up == plain and plain > 0
+            kinds.append("C")
+        else:
+            assert block == Block(0, 0, False)
+            kinds.append("P")
+        plain = plain + 1 if kinds[-1] == "P" else 0
+        gate.launched((batch(i), block))
+        now[0] += seconds(verifying, i)
+        gate.read(verifying, tokens(verifying))
+    return "".join(kinds)
 
 
 def test_the_gate_times_each_kind_then_keeps_the_faster_and_probes_the_slower_ever_more_rarely():
     # verify blocks: 6 tokens in 4 s; plain steps: 2 tokens in 1 s (faster)
-    chosen = run_gate(SpeculationGate(True, probe_every=4), 200, lambda spec, i: 4.0 if spec else 1.0,
-                      lambda spec: 6 if spec else 2)
-    # speculating first, timed from its second step (the first of a configuration is not), then plain likewise
-    assert chosen[:4] == [True, True, False, False]
-    probes = [i for i, c in enumerate(chosen) if c and i >= 4]
+    kinds = run_gate(SpeculationGate(True, probe_every=4), 200, lambda spec, i: 4.0 if spec else 1.0,
+                     lambda spec: 6 if spec else 2)
+    # verifying first, timed from its second step (the first of a configuration is not), then plain steps likewise
+    assert kinds.startswith("VVPPPPPPCVPPPPPPPPCV")  # 4 plain steps more, then a probe; then 8 (it lost again)
+    probes = [i for i, k in enumerate(kinds) if k == "C"]
     gaps = [b - a for a, b in zip(probes, probes[1:], strict=False)]
-    assert gaps == sorted(gaps) and gaps[-1] == SpeculationGate.MAX_INTERVAL + 1  # backs off, to a limit
-    assert gaps[0] == 2 * 4 + 1  # the first probe confirmed plain steps: twice as long to the next
-    assert sum(chosen) < 15  # 200 steps, nearly all plain
+    assert gaps == [10, 18, 34, 66] == [2 + 4 * 2 ** i for i in range(1, 5)]  # backs off to MAX_INTERVAL
+    assert SpeculationGate.MAX_INTERVAL == 64 and kinds.count("V") == 7
 
     # the other way round: verify blocks faster; plain steps are the probes
-    chosen = run_gate(SpeculationGate(True, probe_every=4), 100, lambda spec, i: 1.5 if spec else 1.0,
-                      lambda spec: 6 if spec else 2)
-    assert chosen[:4] == [True, True, False, False] and sum(not c for c in chosen) < 10
+    kinds = run_gate(SpeculationGate(True, probe_every=4), 100, lambda spec, i: 1.5 if spec else 1.0,
+                     lambda spec: 6 if spec else 2)
+    assert kinds.startswith("VVPPCVVVV") and kinds.count("P") == 6
 
 
 def test_the_gate_follows_a_change_in_speed_and_leaves_untimed_steps_out():
-    # plain steps faster for 60 steps, then verify blocks become cheap
-    chosen = run_gate(SpeculationGate(True, probe_every=4), 200,
-                      lambda spec, i: (4.0 if i < 60 else 1.0) if spec else 1.0, lambda spec: 6 if spec else 2)
-    assert not any(chosen[20:60]) or sum(chosen[20:60]) <= 2
-    assert all(chosen[140:190]) or sum(chosen[140:190]) >= 45  # found again within one probe interval (<= 65)
+    # plain steps faster for 60 steps, then verify blocks become cheap: found at the next probe (<= 66 steps)
+    kinds = run_gate(SpeculationGate(True, probe_every=4), 200,
+                     lambda spec, i: (4.0 if i < 60 else 1.0) if spec else 1.0, lambda spec: 6 if spec else 2)
+    assert kinds[20:60].count("V") <= 2 and kinds[140:190].count("V") >= 45
 
     gate = SpeculationGate(True)
     run_gate(gate, 10, lambda spec, i: 1.0, lambda spec: 2)
     before = dict(gate.speed)
-    gate.launched((7, 3, 2))  # a new configuration (another batch size): its interval and its own read untimed
+    gate.launched((7, Block(3, 2)))  # a new configuration (another batch size): its interval and its read untimed
     gate.clock = lambda: 1e9
     gate.read(True, 2)
     assert gate.speed == before
 
     # a batch of 16 (plain steps faster), which shrinks to 8 and then 4 after 40 and 80 steps: measured again
     # at 8 and at 4 (both kinds, verify blocks first); at 4 verify blocks are faster
-    chosen = run_gate(SpeculationGate(True, probe_every=4), 120, lambda spec, i: (4.0 if i < 80 else 1.5) if spec
-                      else 1.0, lambda spec: 6 if spec else 2, batch=lambda i: 16 if i < 40 else 8 if i < 80 else 4)
-    assert chosen[40:44] == [True, True, False, False] and chosen[80:82] == [True, True]
-    assert sum(chosen[90:]) >= 28
+    kinds = run_gate(SpeculationGate(True, probe_every=4), 120, lambda spec, i: (4.0 if i < 80 else 1.5) if spec
+                     else 1.0, lambda spec: 6 if spec else 2, batch=lambda i: 16 if i < 40 else 8 if i < 80 else 4)
+    assert kinds[40:50] == "CVVPPPPPPC" and kinds[80:90] == "CVVPPCVVVV"
+
+    # plain steps leave the heads out of at most CAPACITY positions before one step catches up
+    small = SpeculationGate(True)
+    small.CAPACITY = 5
+    kinds = run_gate(small, 100, lambda spec, i: 100.0 if spec else 1.0, lambda spec: 6 if spec else 2)
+    assert max(len(run) for run in kinds.replace("V", "C").split("C")) == 5 and "PPPPPCPPPPPC" in kinds
 
     off = SpeculationGate(False)
-    assert [off.block(3, 2, 4) for _ in range(5)] == [(3, 2)] * 5
+    assert [off.block(3, 2, 4) for _ in range(5)] == [Block(3, 2)] * 5
+
+
+@pytest.mark.parametrize("family, fused", [("llama", False), ("llama", True), ("gpt2", False)],
+                         ids=["llama", "llama-gpu-path", "gpt2"])
+@pytest.mark.parametrize("reads_next", [False, True], ids=["", "next-token-input"])
+def test_catching_up_gives_the_heads_what_running_them_every_step_gives(monkeypatch, family, fused, reads_next):
+    """Plain steps that leave the extra heads out, then one step that catches them up (as wide as the positions
+    left out, eagerly, or as the whole buffer, replaying): the heads' keys and values at every position and the
+    drafts after it are those of running the heads in every step."""
+    if fused:  # the GPU's path: fused layers, the extra heads as one stacked layer
+        monkeypatch.setattr(fast_llama, "FUSED_DEVICES", {"cpu"})
+    model = tiny_mtp(family, num_heads=4, seed=2, dtype=torch.float64, vocab_size=48)
+    if reads_next:
+        reading_next_token(model, seed=3)
+    ids, mask = left_pad([[1, 2, 3, 4, 5], [6, 7], [8, 9, 10]])
+    opts = DecodeOptions("speculative", max_new_tokens=40)
+    plain = 6
+
+    def run(deferred: int, steps: list[tuple[bool, int]]):
+        drafter = drafter_for(model, opts)
+        cache = drafter.new_cache(3, 64, static=fused)
+        decoder = Decoder(drafter, opts, cache, torch.tensor([], dtype=torch.long), None, False, deferred)
+        state, _ = decoder.step(generate_module._prompt_state(ids, mask, opts, 0), 0, 0)
+        for drafting, catch_up in steps:
+            state, _ = decoder.step(state, 0, 0, drafting, catch_up)
+        return state, cache
+
+    every, full = run(0, [(True, 0)] * (plain + 1))
+    for width in (plain, 10):
+        caught, cache = run(10, [(False, 0)] * plain + [(True, width)])
+        assert torch.equal(caught.pending, every.pending) and torch.equal(caught.drafts, every.drafts)
+        assert caught.deferred_count.tolist() == [0, 0, 0]
+        assert torch.equal(cache.length, full.length) and torch.equal(cache.valid, full.valid)
+        held = (cache.valid & (torch.arange(64) < cache.length[:, None]))[None, None, :, None, :, None]
+        for mine, theirs in zip(cache.stacks, full.stacks, strict=True):  # trunk, head 0, the extra heads
+            for a, b in zip(mine.buffers(), theirs.buffers(), strict=True):
+                torch.testing.assert_close(a * held[0], b * held[0], rtol=1e-9, atol=1e-9)
+    # and without catching up the heads' keys differ (what the comparison above would see)
+    skipped, cache = run(10, [(False, 0)] * plain + [(True, 0)])
+    extra = [t for stack in cache.stacks[2:] for t in stack.buffers()]
+    assert not all(torch.allclose(a, b) for a, b in zip(extra, [t for s in full.stacks[2:] for t in s.buffers()],
+                                                         strict=True))
 
 
 def timed_steps(monkeypatch, seconds):
@@ -87,10 +144,10 @@ def timed_steps(monkeypatch, seconds):
     now, calls = [0.0], [0]
     step = Decoder.step
 
-    def timed(self, state, n, m):
+    def timed(self, state, n, m, drafting=True, catch_up=0):
         now[0] += seconds(n, m, calls[0])
         calls[0] += 1
-        return step(self, state, n, m)
+        return step(self, state, n, m, drafting, catch_up)
 
     monkeypatch.setattr(Decoder, "step", timed)
     monkeypatch.setattr(generate_module.SpeculationGate, "clock", staticmethod(lambda: now[0]))
@@ -110,8 +167,13 @@ def test_a_batch_takes_plain_steps_where_verifying_is_slower(monkeypatch, family
     steps = out.stats.forward_passes - 1  # (the prompt's step is neither kind)
     if plain_wins:
         assert out.stats.plain_steps >= 0.7 * steps
+        # a later call starts from what this one measured: plain steps at once, one probe at most
+        again = generate(model, ids, mask, max_new_tokens=40, strategy="speculative", stop_token_ids=[],
+                         proposer=oracle_proposer(reference, 0.2, 0))
+        assert again.tokens == reference
+        assert again.stats.forward_passes - 1 - again.stats.plain_steps <= 1 < steps - out.stats.plain_steps
     else:
-        assert out.stats.plain_steps <= 3 and out.stats.tokens_per_forward > 2.0
+        assert out.stats.plain_steps <= 6 and out.stats.tokens_per_forward > 2.0  # the first ones and a probe
     # one prompt on a CPU is left to the draft length: no plain steps
     one = generate(model, ids[:1], mask[:1], max_new_tokens=40, strategy="speculative", stop_token_ids=[],
                    proposer=oracle_proposer(reference[:1], 0.2, 0))

@@ -486,7 +486,7 @@ def test_batch_rows_on_the_cpu(tiny_model_dir, gsm8k_file, tmp_path):
     speculative row's steps that verified no drafts (`SpeculationGate`); lossless rows equal greedy."""
     out = tmp_path / "bench"
     assert bench(model=str(tiny_model_dir), prompts=str(gsm8k_file), limit=2, max_new_tokens=6, output=str(out),
-                 tau=[0.5], k=[2], hf=False, batch_size=[1, 3], progress=False) == 0
+                 tau=[0.5], k=[2], hf=False, fp16=False, batch_size=[1, 3], progress=False) == 0
     report = json.loads((out / "report.json").read_text())
     batches = report["batch_rows"]
     assert [(r["batch_size"], r["method"]) for r in batches] == [(1, "greedy"), (1, "speculative"),

@@ -8,7 +8,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import tiny_mtp
+from conftest import reading_next_token, tiny_mtp
 from mtp import MTPModel
 from mtp.decoding.generate import DraftRequest, generate, left_pad
 from mtp.decoding.reference import reference_greedy
@@ -17,16 +17,6 @@ from mtp.errors import MTPError
 from mtp.models import fast_llama
 from mtp.models.loading import quantize_model
 from mtp.models.parallel_heads import next_token_ids
-
-
-def reading_next_token(model: MTPModel, seed: int = 0, scale: float = 0.5) -> MTPModel:
-    """`model` with a random (not zero) next-token projection, so the heads' drafts depend on it."""
-    model.add_next_token_input()
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        w = model.next_token_in.weight
-        w.copy_(torch.randn(w.shape, generator=gen, dtype=w.dtype) * scale)
-    return model
 
 
 def recording_proposer(log: list):

@@ -162,11 +162,21 @@ class Drafter:
     num_proposals: int  # drafts per step without verification (confadapt, static)
     lookahead: int  # positions past the emitted tokens a block may use
     extra_slots: int  # cache slots past the emitted tokens a block may use
+    catches_up = False  # plain steps leave out layers of its own, computed later (`catch_up`)
 
     def new_cache(self, batch_size: int, max_len: int, static: bool = False):
         return self.model.new_cache(batch_size, max_len, static=static)
 
-    def forward(self, cache, pending: torch.Tensor, pending_valid: torch.Tensor, drafts: Drafts) -> StepOutput:
+    def forward(self, cache, pending: torch.Tensor, pending_valid: torch.Tensor, drafts: Drafts,
+                drafting: bool = True) -> StepOutput:
+        """One forward over the pending tokens and the drafts. `drafting` False: a plain step, whose drafting
+        work (extra heads, mask tokens) is left out; its output then has no draft hidden states."""
+        raise NotImplementedError
+
+    def catch_up(self, cache, trunk: torch.Tensor, next_ids: torch.Tensor, count: torch.Tensor, width: int) -> None:
+        """Compute the drafting layers for the last count[b] positions of each row (at most `width`) that plain
+        steps left out, from their trunk outputs (B, C, H) and next tokens (B, C): for drafters that
+        `catches_up`."""
         raise NotImplementedError
 
     def draft_logits(self, hidden: torch.Tensor, mode: str) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -212,8 +222,9 @@ class HeadsDrafter(Drafter):
         self.extra_slots = (self.tree.size if self.tree is not None else self.num_drafts) + opts.lookup
         if opts.strategy in ("confadapt", "static"):
             self.num_drafts = 0  # nothing is verified: the heads' proposals are emitted
+        self.catches_up = self.num_heads > 1  # the extra heads keep caches: a plain step's positions are caught up
 
-    def forward(self, cache, pending, pending_valid, drafts: Drafts) -> StepOutput:
+    def forward(self, cache, pending, pending_valid, drafts: Drafts, drafting: bool = True) -> StepOutput:
         model = self.model
         w, d = pending.shape[1], drafts.tokens.shape[1]
         chain, valid = pending, pending_valid  # (B, w+d): the pending tokens, then the drafts
@@ -228,11 +239,26 @@ class HeadsDrafter(Drafter):
         trunk, ctx = model.trunk_forward(chain, valid, cache, offsets, within)
         first = model.head_forward(0, trunk, ctx)  # (B, w+d, H)
         verify_logits = model.lm_head(at_block_rows(first, pending_valid, d)).float()  # (B, 1+d, V)
+        if not drafting:  # a plain step: the extra heads run later, over its position (`catch_up`)
+            return StepOutput(verify_logits, trunk[:, : 1 + d, None][:, :, :0], trunk)  # (B, 1+d, 0, H)
         next_ids = None
         if self.num_heads > 1 and model.reads_next_token:
             next_ids = self._next_ids(chain, pending_valid, d, verify_logits)
         extra = model.extra_heads_forward(self.num_heads, trunk, ctx, next_ids)  # (B, w+d, heads - 1, H)
         return StepOutput(verify_logits, at_block_rows(extra, pending_valid, d), trunk)
+
+    def catch_up(self, cache, trunk, next_ids, count, width):
+        # Entry j < count[b] of row b is the position at slot length - count + j (the plain steps' tokens, in
+        # order); entries past the count repeat the last one (the same keys, written twice), and a row with none
+        # writes at its length, which the step's own block then writes over.
+        j = torch.arange(width, device=count.device)[None, :]  # (1, W)
+        entry = torch.minimum(j, (count - 1).clamp_min(0)[:, None])  # (B, W)
+        back = count[:, None] - entry  # (B, W) how far before the row's length
+        slots = cache.length[:, None] - back
+        positions = (cache.next_pos[:, None] - back).clamp_min(0)
+        hidden = _take(trunk, entry)  # (B, W, H)
+        ids = next_ids.gather(1, entry) if self.model.reads_next_token else None
+        self.model.rewrite_extra_heads(self.num_heads, hidden, ids, cache, slots, positions)
 
     @staticmethod
     def _next_ids(chain, pending_valid, d: int, verify_logits) -> torch.Tensor:
@@ -301,8 +327,8 @@ class MaskDrafter(Drafter):
         groups = fed + 1 if opts.strategy == "speculative" else 1
         self.extra_slots = fed + groups * self.num_masks
 
-    def forward(self, cache, pending, pending_valid, drafts: Drafts) -> StepOutput:
-        model, m = self.model, self.num_masks
+    def forward(self, cache, pending, pending_valid, drafts: Drafts, drafting: bool = True) -> StepOutput:
+        model, m = self.model, (self.num_masks if drafting else 0)
         b, w = pending.shape
         d = drafts.tokens.shape[1]
         chain = torch.cat([pending, drafts.tokens], 1)  # (B, c)

@@ -18,13 +18,19 @@ CPU the same step runs eagerly and finished rows are dropped at once.
 from __future__ import annotations
 
 import time
-from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
 
 from mtp.arguments import check_values
+from mtp.decoding.blocks import (  # noqa: F401  (DraftLength, accepted_per_position: re-exported)
+    Block,
+    DraftLength,
+    SpeculationGate,
+    accepted_per_position,
+    gate_records,
+)
 from mtp.decoding.drafters import Drafter, DraftRequest, Proposer, drafter_for  # noqa: F401  (DraftRequest: re-exported)
 from mtp.decoding.inputs import left_pad, token_batch  # noqa: F401  (left_pad: re-exported)
 from mtp.decoding.step import HOST_COLUMNS, STRATEGIES, DecodeOptions, Decoder, DecodeState, Strategy  # noqa: F401
@@ -78,127 +84,6 @@ class GenerationResult:
 TrunkObserver = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], None]
 
 
-class DraftLength:
-    """How many drafts to verify next step, from how often each draft position was accepted.
-
-    A draft costs a row of the verify forward (cheap with fp16-packed weights, up to ~half a step each with MKL's
-    fp32 kernels); it pays only if it is likely to be reached and accepted. For each position i an exponential
-    average c_i of "accepted when proposed" is kept; the next block proposes the longest prefix whose chance of
-    being accepted in full, c_1 * ... * c_i, is at least `threshold` - at least one draft, so the estimates keep
-    being refreshed. Positions left out drift back towards 1 and are tried again later. Any draft length keeps
-    decoding lossless (greedy: the verify rule; sampling: speculative sampling is exact for any length chosen
-    from the past), so this only moves speed.
-    """
-
-    def __init__(self, max_drafts: int, adaptive: bool, threshold: float = 0.2, rate: float = 0.2,
-                 recovery: float = 0.02):
-        self.max_drafts, self.adaptive = max_drafts, adaptive
-        self.threshold, self.rate, self.recovery = threshold, rate, recovery
-        self.accept_rate = [1.0] * max_drafts  # optimistic start: all drafts are tried first
-
-    def next(self) -> int:
-        if not self.adaptive or self.max_drafts == 0:
-            return self.max_drafts
-        length, chance = 0, 1.0
-        for c in self.accept_rate:
-            chance *= c
-            if chance < self.threshold:
-                break
-            length += 1
-        return max(1, length)
-
-    def update(self, kept: list[int], rows: int) -> None:
-        """kept[i]: rows that accepted draft position i, in a step where `rows` rows proposed len(kept) drafts."""
-        if not self.adaptive:
-            return
-        reached = rows  # rows that got to position i: all for the first, then those that kept the one before
-        for i in range(self.max_drafts):
-            if i < len(kept):
-                if reached:
-                    self.accept_rate[i] += self.rate * (kept[i] / reached - self.accept_rate[i])
-                reached = kept[i]
-            else:
-                self.accept_rate[i] += self.recovery * (1.0 - self.accept_rate[i])
-
-
-class SpeculationGate:
-    """Whether the next step verifies drafts at all: speculative decoding only while it emits tokens faster than
-    plain one-token steps would.
-
-    A verify block costs its rows: B rows x (1 + drafts) where a plain step feeds B. Where rows are arithmetic
-    (every CPU row, a GPU batch whose blocks hold a few dozen rows) a batch's blocks can cost more than their drafts
-    save: on a 2-core CPU with fp16-packed weights, batch 16, 4 trained heads, the chain ran at 0.73x greedy's
-    tokens/s and a 4-node tree with 6 lookup drafts at 0.45x. So both kinds of step are timed as they run (the
-    wall time from one host read to the next, all rows' new tokens), an exponential average of each kind's
-    tokens/s is kept, and the faster one is taken; the slower one is tried again after `probe_every` steps, twice
-    as long after each time it loses again. A step of a configuration new to this call (a graph captured, kernels
-    chosen) and the step launched beside it are not timed. Once the batch has shrunk to half the size the speeds
-    were measured at, both are measured again (a GPU's tokens/s falls with its rows; one row speculates best).
-    A plain step still proposes the next drafts, so speculating resumes at once; either kind keeps decoding
-    lossless, only the speed moves.
-    """
-
-    clock = staticmethod(time.perf_counter)
-    MAX_INTERVAL = 64
-
-    def __init__(self, enabled: bool, probe_every: int = 8, rate: float = 0.5):
-        self.enabled, self.probe_every, self.rate = enabled, probe_every, rate
-        self.speed: dict[bool, float | None] = {True: None, False: None}  # speculating? -> tokens/s
-        self.interval, self.since_probe = probe_every, 0
-        self.measured_at = 0  # the batch size the speeds are of
-        self.seen: set[tuple] = set()  # step configurations run in this call
-        self.in_flight: deque[bool] = deque()  # per step launched and not yet read: the first of its configuration?
-        self.last_read: float | None = None
-        self.untimed = False  # a configuration's first step was launched since the last read
-
-    def block(self, n: int, m: int, batch: int) -> tuple[int, int]:
-        """The next step's (drafts, lookup drafts) for a batch of `batch` rows: as proposed, or (0, 0) for a
-        plain step."""
-        if not self.enabled:
-            return n, m
-        if 2 * batch <= self.measured_at or not self.measured_at:
-            self.speed = {True: None, False: None}
-            self.interval, self.since_probe, self.measured_at = self.probe_every, 0, batch
-        fast, slow = self.speed[True], self.speed[False]
-        if fast is None or slow is None:  # each kind is timed once first (speculating first)
-            speculate = fast is None
-        else:
-            speculate = fast >= slow
-            self.since_probe += 1
-            if self.since_probe > self.interval:  # try the slower kind again
-                speculate, self.since_probe = not speculate, 0
-        return (n, m) if speculate else (0, 0)
-
-    def launched(self, config: tuple) -> None:
-        """A step of `config` (batch size, n, m) was launched. The first of a configuration is not timed, nor is
-        the interval it was launched in (replaying, its graph is captured then, and that first step computed)."""
-        fresh = config not in self.seen
-        self.seen.add(config)
-        self.in_flight.append(fresh)
-        self.untimed |= fresh
-
-    def read(self, speculated: bool, tokens: int) -> None:
-        """The host read the oldest step in flight (of drafts verified or not), which emitted `tokens` in all."""
-        now = self.clock()
-        fresh = self.in_flight.popleft() if self.in_flight else True
-        if self.enabled and not fresh and not self.untimed and self.last_read is not None and now > self.last_read:
-            speed = tokens / (now - self.last_read)
-            before = self.speed[speculated]
-            was_slower = before is not None and self.speed[not speculated] is not None and \
-                before < self.speed[not speculated]
-            self.speed[speculated] = speed if before is None else before + self.rate * (speed - before)
-            other = self.speed[not speculated]
-            if was_slower and other is not None:  # a probe of the slower kind: back off while it stays slower
-                slower = self.speed[speculated] < other
-                self.interval = min(2 * self.interval, self.MAX_INTERVAL) if slower else self.probe_every
-        self.last_read, self.untimed = now, False
-
-
-def accepted_per_position(accepted: list[int], depth: int) -> list[int]:
-    """accepted[r]: drafts row r accepted -> for each draft position < depth, how many rows accepted it."""
-    return [sum(a > i for a in accepted) for i in range(depth)]
-
-
 # ------------------------------------------------------------------------------------------------ the loop
 # Replaying graphs, launch each step before the host reads the one before it (False: read, then launch; for A/B
 # timings, `scripts/decode_speed.py --launch-ahead on off`).
@@ -235,19 +120,6 @@ def iter_generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor |
     if graphs or device.type != "cpu":  # attention masks as wide as the cache, rows aligned for fused GPU kernels
         need = -(-need // CACHE_ALIGN) * CACHE_ALIGN
 
-    def decoder_for(batch: int):  # (session, decoder): replaying, a batch size's session (its buffers and graphs)
-        if not graphs:  # off a CPU no step reads the device from the host
-            cache = drafter.new_cache(batch, need, static=device.type != "cpu")
-            return None, Decoder(drafter, opts, cache, stop.stop_ids, generator, on_trunk is not None)
-        from mtp.decoding.graphs import session_for
-
-        found = session_for(model, drafter, opts, batch, need, stop.stop_ids, generator, on_trunk is not None,
-                            compiled=graphs == "compile")
-        return found, found.decoder
-
-    session, decoder = decoder_for(b)
-    decoder.cache.reset()
-    state = _prompt_state(input_ids, attention_mask, opts, decoder.cache.max_len if lookup else 0)
     # A draft costs a row of the verify block. On a GPU a small model's step is bound by its kernels, not by rows,
     # until the blocks of a batch hold a few dozen rows: only then do fewer drafts pay (replaying, each width the
     # rule picks gets a graph of its own).
@@ -257,7 +129,27 @@ def iter_generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor |
     # A batch's verify blocks may cost more than their drafts save: plain steps where they are faster (one prompt
     # on a CPU is left to the draft length alone: its blocks' rows cost little against the weights' reads).
     speculating = opts.strategy == "speculative" and max(n_draft, lookup) > 0
-    gate = SpeculationGate(speculating and opts.adaptive_draft and rows_cost and (b > 1 or device.type != "cpu"))
+    gated = speculating and opts.adaptive_draft and rows_cost and (b > 1 or device.type != "cpu")
+    gate = SpeculationGate(gated, records=gate_records(model, opts, device.type) if gated else None)
+    defers = gate.enabled and drafter.catches_up  # plain steps leave the extra heads out, caught up later
+    deferred = SpeculationGate.CAPACITY if defers else 0
+
+    def decoder_for(batch: int):  # (session, decoder): replaying, a batch size's session (its buffers and graphs)
+        if not graphs:  # off a CPU no step reads the device from the host
+            cache = drafter.new_cache(batch, need, static=device.type != "cpu")
+            return None, Decoder(drafter, opts, cache, stop.stop_ids, generator, on_trunk is not None, deferred)
+        from mtp.decoding.graphs import session_for
+
+        found = session_for(model, drafter, opts, batch, need, stop.stop_ids, generator, on_trunk is not None,
+                            compiled=graphs == "compile", deferred=deferred)
+        return found, found.decoder
+
+    def on_device(block: Block) -> Block:  # replaying, a catch-up block is always as wide as the buffer
+        return block._replace(catch_up=deferred) if session is not None and block.catch_up else block
+
+    session, decoder = decoder_for(b)
+    decoder.cache.reset()
+    state = _prompt_state(input_ids, attention_mask, opts, decoder.cache.max_len if lookup else 0)
     rows = list(range(b))  # original row of each batch row
     active = [True] * b
     left = [opts.max_new_tokens] * b  # tokens each batch row may still emit
@@ -268,18 +160,19 @@ def iter_generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor |
     # reads the step in flight. An observer reads the trunk output a step leaves on the device, which the next
     # step would overwrite: no step is launched ahead for it.
     pipelined = LAUNCH_AHEAD and session is not None and on_trunk is None
-    ahead, draining = None, False  # (result, n, m) of the step launched ahead; whether a shrink waits for it
-    n = m = 0  # the prompt is fed alone
-    gate.launched(("prompt",))
-    state, result = session.prefill(state) if session is not None else decoder.step(state, n, m)
+    ahead, draining = None, False  # (result, block) of the step launched ahead; whether a shrink waits for it
+    block = Block(0, 0)  # the prompt is fed alone
+    gate.launched(("prompt", block))
+    state, result = session.prefill(state) if session is not None else decoder.step(state, *block)
     prompt_step = True
     while True:
+        n, m = block.n, block.m  # of the step being read
         most = result.host.shape[1] - HOST_COLUMNS  # tokens a row may emit in the step being read
         if pipelined and not draining and any(left[i] > most for i in range(len(rows)) if active[i]):
             read = _to_host(result.host)
-            nn, mm = gate.block(draft_length.next(), lookup, len(rows)) if verifying else (n, m)
-            gate.launched((len(rows), nn, mm))
-            ahead = (session.run(state, nn, mm), nn, mm)
+            next_block = gate.block(draft_length.next(), lookup, len(rows)) if verifying else block
+            gate.launched((len(rows), next_block))
+            ahead = (session.run(state, *on_device(next_block)), next_block)
             host = read()
         else:
             host = result.host.tolist()  # the one device-to-host copy of a step
@@ -303,7 +196,7 @@ def iter_generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor |
             break
         keep = _rows_to_keep(active, graphs)
         if ahead is not None:  # read the step in flight next; a smaller batch waits until it is read
-            (result, n, m), ahead, draining = ahead, None, keep is not None
+            (result, block), ahead, draining = ahead, None, keep is not None
             continue
         draining = False
         if keep is not None:
@@ -316,11 +209,14 @@ def iter_generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor |
                 state = state.select(index)
                 decoder.cache.select_rows(index)
         if verifying:
-            n, m = gate.block(draft_length.next(), lookup if graphs else found, len(rows))
+            block = gate.block(draft_length.next(), lookup if graphs else found, len(rows))
         elif session is None:  # a confident run feeds what it emitted: eagerly, only as wide as the longest
             state = state.narrow_pending(max(run, 1))
-        gate.launched((len(rows), n, m))
-        state, result = (state, session.run(state, n, m)) if session is not None else decoder.step(state, n, m)
+        gate.launched((len(rows), block))
+        if session is not None:
+            result = session.run(state, *on_device(block))
+        else:
+            state, result = decoder.step(state, *block)
 
 
 def _read_rows(host: list[list[int]], rows: list[int], active: list[bool], left: list[int], stop: StopChecker,

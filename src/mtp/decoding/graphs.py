@@ -29,19 +29,19 @@ class GraphedSteps:
     def __init__(self, decoder: Decoder, compiled: bool = False):
         self.decoder = decoder
         self.compiled = compiled  # layers run torch.compile'd kernels in the captured steps
-        self.graphs: dict[tuple[int, int, int], Callable[[], StepResult]] = {}  # (B, n, m) -> replay
+        self.graphs: dict[tuple, Callable[[], StepResult]] = {}  # (B, n, m, drafting, catch_up) -> replay
         self.prompts: dict[tuple[int, int], tuple] = {}  # prompt shape -> (its input buffers, replay)
         self.cuda = decoder.cache.valid.device.type == "cuda"
         self.pool = torch.cuda.graph_pool_handle() if self.cuda else None  # one pool: graphs never run together
 
-    def __call__(self, state: DecodeState, n: int, m: int) -> StepResult:
-        key = (state.pending.shape[0], n, m)
+    def __call__(self, state: DecodeState, n: int, m: int, drafting: bool = True, catch_up: int = 0) -> StepResult:
+        key = (state.pending.shape[0], n, m, drafting, catch_up)
         replay = self.graphs.get(key)
         if replay is not None:
             return replay()
         # Compiled layers compile in the warm-up, so the capture records their kernels only.
-        result, self.graphs[key] = self._capture(lambda: self._step_in_place(state, n, m),
-                                                 lambda: self._step_in_place(state, n, m), self.compiled)
+        result, self.graphs[key] = self._capture(lambda: self._step_in_place(state, *key[1:]),
+                                                 lambda: self._step_in_place(state, *key[1:]), self.compiled)
         return result
 
     def prefill(self, prompt: DecodeState, state: DecodeState | None) -> tuple[DecodeState, StepResult]:
@@ -98,9 +98,10 @@ class GraphedSteps:
             captured = run()
         return result, lambda: graph.replay() or captured
 
-    def _step_in_place(self, state: DecodeState, n: int, m: int, into: DecodeState | None = None) -> StepResult:
+    def _step_in_place(self, state: DecodeState, n: int, m: int, drafting: bool = True, catch_up: int = 0,
+                       into: DecodeState | None = None) -> StepResult:
         """The step from `state`, its new state written into `into`'s buffers (default: `state`'s own)."""
-        new, result = self.decoder.step(state, n, m)
+        new, result = self.decoder.step(state, n, m, drafting, catch_up)
         (state if into is None else into).copy_(new)
         return result
 
@@ -123,10 +124,10 @@ class DecodeSession:
     them and replays the graphs it already has instead of capturing again."""
 
     def __init__(self, drafter, opts, batch_size: int, max_len: int, stop_ids: torch.Tensor, sampling: bool,
-                 observe: bool, device: torch.device, compiled: bool = False):
+                 observe: bool, device: torch.device, compiled: bool = False, deferred: int = 0):
         self.cache = drafter.new_cache(batch_size, max_len, static=True)
         self.generator = torch.Generator(device=device) if sampling else None
-        self.decoder = Decoder(drafter, opts, self.cache, stop_ids, self.generator, observe)
+        self.decoder = Decoder(drafter, opts, self.cache, stop_ids, self.generator, observe, deferred)
         self.run = GraphedSteps(self.decoder, compiled)
         self.state: DecodeState | None = None
 
@@ -186,19 +187,21 @@ SLOT_BUCKET = 128  # cache lengths are rounded up to this: prompts of similar le
 
 
 def session_for(model, drafter, opts, batch_size: int, need: int, stop_ids: torch.Tensor,
-                generator: torch.Generator | None, observe: bool, compiled: bool = False) -> DecodeSession:
+                generator: torch.Generator | None, observe: bool, compiled: bool = False,
+                deferred: int = 0) -> DecodeSession:
     """The session for this shape and these options (made and remembered on first use). Its key holds the
     addresses of the model's weights: a model whose tensors were replaced (moved, cast) gets new graphs."""
     max_len = -(-need // SLOT_BUCKET) * SLOT_BUCKET
     weights = hash(tuple(p.data_ptr() for p in model.parameters()))
     fields = dataclasses.astuple(dataclasses.replace(opts, max_new_tokens=0, adaptive_draft=False))
-    key = (weights, batch_size, max_len, fields, tuple(stop_ids.tolist()), generator is not None, observe, compiled)
+    key = (weights, batch_size, max_len, fields, tuple(stop_ids.tolist()), generator is not None, observe, compiled,
+           deferred)
     sessions = model.__dict__.get("_mtp_decode_sessions")
     if sessions is None:
         sessions = model.__dict__["_mtp_decode_sessions"] = DecodeSessions()
     session = sessions.get(key, weights, lambda: DecodeSession(drafter, opts, batch_size, max_len, stop_ids,
                                                                generator is not None, observe, stop_ids.device,
-                                                               compiled))
+                                                               compiled, deferred))
     if generator is not None:  # the call's seed; the graphs draw from the session's generator
         session.generator.set_state(generator.get_state())
     return session

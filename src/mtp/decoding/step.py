@@ -9,10 +9,12 @@ the next drafts - all on the device, reading nothing back to the host:
                          ->  drafter.propose (+ prompt lookup)  ->  new state, and one small tensor for the host
 
 The host copies that tensor once per step (`StepResult.host`: emitted tokens, counts, finished flags, how many
-drafts were accepted, how many lookup drafts each row found, whether its logits were finite). Shapes depend only on the batch size and the block
-configuration `(n, m)` (drafts and lookup drafts fed), so on CUDA a step is captured once per configuration and
-replayed (`mtp.decoding.graphs`); on a CPU the same functions run eagerly. Finished rows stay in the batch, masked:
-they emit nothing and their cache does not move.
+drafts were accepted, how many lookup drafts each row found, whether its logits were finite). Shapes depend only
+on the batch size and the block configuration (`mtp.decoding.blocks.Block`: drafts and lookup drafts fed, whether
+the step drafts, how many left-out positions it catches up), so on CUDA a step is captured once per configuration
+and replayed (`mtp.decoding.graphs`); on a CPU the same functions run eagerly. Finished rows stay in the batch,
+masked: they emit nothing and their cache does not move. A plain step of a batch where verifying does not pay
+(`drafting` False) is a greedy step that keeps what running the extra heads later needs (`DecodeState.deferred_*`).
 """
 
 from __future__ import annotations
@@ -69,6 +71,10 @@ class DecodeState:
     lookup_count: torch.Tensor | None = None  # (B,) how many of them each row found
     history: torch.Tensor | None = None  # (B, S) each row's tokens (prompt without padding, then emitted)
     history_len: torch.Tensor | None = None  # (B,)
+    # Plain steps that leave the extra heads out keep what computing them later needs (`Drafter.catch_up`):
+    deferred_trunk: torch.Tensor | None = None  # (B, C, H) the trunk output at each position left out
+    deferred_next: torch.Tensor | None = None  # (B, C) the token emitted after it
+    deferred_count: torch.Tensor | None = None  # (B,) positions left out since the last step that drafted
 
     def tensors(self) -> list[torch.Tensor]:
         out = []
@@ -118,20 +124,27 @@ class Decoder:
     generator. `step` reads a `DecodeState` and returns a new one; it never reads the device from the host."""
 
     def __init__(self, drafter: Drafter, opts: DecodeOptions, cache, stop_ids: torch.Tensor, generator,
-                 observe: bool = False):
+                 observe: bool = False, deferred: int = 0):
         self.drafter, self.opts, self.cache = drafter, opts, cache
         self.stop_ids, self.generator, self.observe = stop_ids, generator, observe
+        self.deferred = deferred  # positions plain steps may leave the extra heads out of (0: they never do)
         self.verifying = opts.strategy in ("greedy", "speculative")
         self.tree = drafter.tree if self.verifying else None
 
     # ---------------------------------------------------------------- the step
-    def step(self, s: DecodeState, n: int, m: int) -> tuple[DecodeState, StepResult]:
-        """Feed the pending tokens and (verifying) the first n drafts and m lookup drafts; keep what stays."""
+    def step(self, s: DecodeState, n: int, m: int, drafting: bool = True,
+             catch_up: int = 0) -> tuple[DecodeState, StepResult]:
+        """Feed the pending tokens and (verifying) the first n drafts and m lookup drafts; keep what stays.
+        `drafting` False: a plain step (n = m = 0) that proposes nothing and leaves the extra heads out (the
+        state keeps their inputs); `catch_up` > 0: first compute the extra heads for up to that many positions
+        such steps left out (`mtp.decoding.blocks.SpeculationGate`)."""
         active = ~s.finished
         w = s.pending.shape[1]
         if self.verifying:
+            if catch_up and s.deferred_count is not None:
+                self.drafter.catch_up(self.cache, s.deferred_trunk, s.deferred_next, s.deferred_count, catch_up)
             drafts = self._block_drafts(s, n, m)
-            out = self.drafter.forward(self.cache, s.pending, s.pending_valid, drafts)
+            out = self.drafter.forward(self.cache, s.pending, s.pending_valid, drafts, drafting)
             acc = verify(out, drafts, self.opts, self.generator)
             if drafts.tokens.shape[1]:  # the kept drafts, then the model's own token after them: (B, 1+depth)
                 emitted = torch.cat([acc.path_tokens(drafts.tokens), acc.last[:, None]], 1)
@@ -141,11 +154,12 @@ class Decoder:
             counts, accepted = acc.count + 1, acc.count
             # keep the fed tokens and the accepted drafts (a tree's path moved right after the root)
             self.cache.keep_path(w, acc.count, acc.path, active)
-            request = None
+            request = proposal = None
             if self.drafter.num_drafts:  # what a custom proposer reads (none drafts for greedy)
                 request = DraftRequest(self.drafter.model, None, s.rows, s.produced + counts, self.opts,
                                        self.generator)
-            proposal = self.drafter.propose(out, acc.slot, self.generator, request)
+            if drafting:
+                proposal = self.drafter.propose(out, acc.slot, self.generator, request)
             kept_drafts = acc.kept_nodes(drafts.tokens.shape[1]) if self.observe else None
         else:  # nothing drafted into the block; its drafting slots (masks) are forgotten
             out = self.drafter.forward(self.cache, s.pending, s.pending_valid, Drafts(s.pending[:, :0]))
@@ -160,6 +174,8 @@ class Decoder:
         produced = s.produced + counts
         finished = s.finished | hit | (produced >= s.budget)
         new = self._next_state(s, emitted, counts, produced, finished, proposal)
+        if self.deferred and self.verifying:
+            self._defer(s, new, out, emitted, active, drafting)
         lookup_count = new.lookup_count if new.lookup_count is not None else torch.zeros_like(counts)
         broken = damaged_rows(out.verify_logits)  # (B,)
         host = torch.cat([torch.stack([counts, finished.long(), accepted, lookup_count, broken.long()], 1), emitted], 1)
@@ -190,12 +206,13 @@ class Decoder:
             # the first step this is the same all-true tensor every step, and is not copied again.
             pending_valid = s.pending_valid if s.pending_valid.shape == pending.shape else \
                 torch.ones_like(pending, dtype=torch.bool)
-            drafts = proposal.tokens
-            probs = proposal.probs
-            tree = None
-            if isinstance(self.tree, DynamicTree):
-                lay = proposal.layout
-                tree = (lay.parent_slot, lay.depth, lay.rank)
+            if proposal is None:  # a plain step that drafted nothing: the last drafts stay (until a step drafts)
+                drafts, probs, tree = s.drafts, s.draft_probs, s.tree
+            else:
+                drafts, probs, tree = proposal.tokens, proposal.probs, None
+                if isinstance(self.tree, DynamicTree):
+                    lay = proposal.layout
+                    tree = (lay.parent_slot, lay.depth, lay.rank)
         else:  # the emitted run, right-padded
             pending = emitted
             pending_valid = torch.arange(emitted.shape[1], device=emitted.device)[None, :] < counts[:, None]
@@ -207,6 +224,28 @@ class Decoder:
             new.history_len = s.history_len + counts
             new.lookup, new.lookup_count = lookup_drafts(new.history, new.history_len, self.opts.lookup)
         return new
+
+
+    def _defer(self, s: DecodeState, new: DecodeState, out: StepOutput, emitted: torch.Tensor,
+               active: torch.Tensor, drafting: bool) -> None:
+        """A plain step that left the extra heads out keeps its root's trunk output and the token emitted after
+        it, at each active row's next deferred index; a step that drafts (after catching up) starts over."""
+        if s.deferred_count is None:  # the prompt's step: the buffers (shapes fixed from here on)
+            b, h = out.trunk.shape[0], out.trunk.shape[-1]
+            new.deferred_trunk = out.trunk.new_zeros(b, self.deferred, h)
+            new.deferred_next = emitted.new_zeros(b, self.deferred)
+            new.deferred_count = emitted.new_zeros(b)
+            return
+        if drafting:
+            new.deferred_trunk, new.deferred_next = s.deferred_trunk, s.deferred_next
+            new.deferred_count = torch.zeros_like(s.deferred_count)
+            return
+        # Written in place (no step reads an earlier state's buffers; a copy would move all of them every step).
+        at = s.deferred_count.clamp_max(self.deferred - 1)[:, None]  # (B, 1) (the gate never fills it)
+        new.deferred_trunk = s.deferred_trunk.scatter_(1, at[:, :, None].expand(-1, 1, out.trunk.shape[-1]),
+                                                       out.trunk[:, :1])  # a plain step's root: its one token
+        new.deferred_next = s.deferred_next.scatter_(1, at, emitted[:, :1])
+        new.deferred_count = s.deferred_count + active.long()
 
 
 def damaged_rows(logits: torch.Tensor) -> torch.Tensor:

@@ -187,6 +187,18 @@ class MTPCache:
             return None, position_ids  # nothing to hide: sdpa's unmasked kernel
         return additive_mask(allowed, dtype), position_ids
 
+    def prepare_rewrite(self, slots: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """Place a block at slots the cache already holds, (B, T), at most each row's length (that slot: the next
+        block's, which writes over it): for stacks that left those tokens out and now compute them (plain decoding
+        steps that skipped the extra heads). A query attends to the valid slots up to its own and to its own; the
+        slots' validity and the rows' lengths do not change. Returns the additive mask (B, 1, T, window)."""
+        self.block_slots, self.block_valid = slots, torch.ones_like(slots, dtype=torch.bool)
+        self.window = self.max_len if self.static else self.longest + 1
+        keys = self._slots[: self.window]  # (W,)
+        allowed = self.valid[:, None, : self.window] & (keys[None, None, :] <= slots[:, :, None])  # (B, T, W)
+        allowed |= keys[None, None, :] == slots[:, :, None]
+        return additive_mask(allowed, dtype)
+
     def commit(self, keep: torch.Tensor | None = None) -> None:
         """After the current block: row b keeps its first keep[b] slots (None: all); the rest is forgotten (the
         next block is written over it). A row that keeps none stays as it was (a finished row's)."""

@@ -251,6 +251,17 @@ class MTPModel(nn.Module):
                 return stacked.permute(1, 2, 0, 3)
         return torch.stack([self._run_head(j, hidden, ctx) for j in extra], dim=2)
 
+    def rewrite_extra_heads(self, heads: int, trunk_hidden: torch.Tensor, next_ids: torch.Tensor | None,
+                            cache: MTPCache, slots: torch.Tensor, position_ids: torch.Tensor) -> None:
+        """Run extra heads 1..heads-1 over tokens the cache already holds at `slots` (B, T) (at most each row's
+        length), from their trunk outputs (B, T, H), next tokens (B, T) and positions (B, T): their keys and
+        values are written there. Decoding's plain steps leave the extra heads out; this catches them up before
+        the heads draft again."""
+        mask = cache.prepare_rewrite(slots, self.activation_dtype)
+        shared = self.backbone.layer_inputs(trunk_hidden, position_ids, cache.max_len)
+        ctx = ForwardContext(mask, torch.ones_like(slots, dtype=torch.bool), position_ids, shared, cache)
+        self.extra_heads_forward(heads, trunk_hidden, ctx, next_ids)
+
     def finish_block(self, ctx: ForwardContext) -> None:
         """Keep the whole block in the cache once every stack has written its keys and values (decoding instead
         keeps what its verifier accepted: `MTPCache.keep_path`)."""
