@@ -132,20 +132,20 @@ def iter_generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor |
     gated = speculating and opts.adaptive_draft and rows_cost and (b > 1 or device.type != "cpu")
     gate = SpeculationGate(gated, records=gate_records(model, opts, device.type) if gated else None)
     defers = gate.enabled and drafter.catches_up  # plain steps leave the extra heads out, caught up later
-    deferred = SpeculationGate.CAPACITY if defers else 0
+    defer_capacity = SpeculationGate.CAPACITY if defers else 0
 
     def decoder_for(batch: int):  # (session, decoder): replaying, a batch size's session (its buffers and graphs)
         if not graphs:  # off a CPU no step reads the device from the host
             cache = drafter.new_cache(batch, need, static=device.type != "cpu")
-            return None, Decoder(drafter, opts, cache, stop.stop_ids, generator, on_trunk is not None, deferred)
+            return None, Decoder(drafter, opts, cache, stop.stop_ids, generator, on_trunk is not None, defer_capacity)
         from mtp.decoding.graphs import session_for
 
         found = session_for(model, drafter, opts, batch, need, stop.stop_ids, generator, on_trunk is not None,
-                            compiled=graphs == "compile", deferred=deferred)
+                            compiled=graphs == "compile", defer_capacity=defer_capacity)
         return found, found.decoder
 
     def on_device(block: Block) -> Block:  # replaying, a catch-up block is always as wide as the buffer
-        return block._replace(catch_up=deferred) if session is not None and block.catch_up else block
+        return block._replace(catch_up=defer_capacity) if session is not None and block.catch_up else block
 
     session, decoder = decoder_for(b)
     decoder.cache.reset()

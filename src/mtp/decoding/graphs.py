@@ -124,10 +124,10 @@ class DecodeSession:
     them and replays the graphs it already has instead of capturing again."""
 
     def __init__(self, drafter, opts, batch_size: int, max_len: int, stop_ids: torch.Tensor, sampling: bool,
-                 observe: bool, device: torch.device, compiled: bool = False, deferred: int = 0):
+                 observe: bool, device: torch.device, compiled: bool = False, defer_capacity: int = 0):
         self.cache = drafter.new_cache(batch_size, max_len, static=True)
         self.generator = torch.Generator(device=device) if sampling else None
-        self.decoder = Decoder(drafter, opts, self.cache, stop_ids, self.generator, observe, deferred)
+        self.decoder = Decoder(drafter, opts, self.cache, stop_ids, self.generator, observe, defer_capacity)
         self.run = GraphedSteps(self.decoder, compiled)
         self.state: DecodeState | None = None
 
@@ -188,20 +188,20 @@ SLOT_BUCKET = 128  # cache lengths are rounded up to this: prompts of similar le
 
 def session_for(model, drafter, opts, batch_size: int, need: int, stop_ids: torch.Tensor,
                 generator: torch.Generator | None, observe: bool, compiled: bool = False,
-                deferred: int = 0) -> DecodeSession:
+                defer_capacity: int = 0) -> DecodeSession:
     """The session for this shape and these options (made and remembered on first use). Its key holds the
     addresses of the model's weights: a model whose tensors were replaced (moved, cast) gets new graphs."""
     max_len = -(-need // SLOT_BUCKET) * SLOT_BUCKET
     weights = hash(tuple(p.data_ptr() for p in model.parameters()))
     fields = dataclasses.astuple(dataclasses.replace(opts, max_new_tokens=0, adaptive_draft=False))
     key = (weights, batch_size, max_len, fields, tuple(stop_ids.tolist()), generator is not None, observe, compiled,
-           deferred)
+           defer_capacity)
     sessions = model.__dict__.get("_mtp_decode_sessions")
     if sessions is None:
         sessions = model.__dict__["_mtp_decode_sessions"] = DecodeSessions()
     session = sessions.get(key, weights, lambda: DecodeSession(drafter, opts, batch_size, max_len, stop_ids,
                                                                generator is not None, observe, stop_ids.device,
-                                                               compiled, deferred))
+                                                               compiled, defer_capacity))
     if generator is not None:  # the call's seed; the graphs draw from the session's generator
         session.generator.set_state(generator.get_state())
     return session

@@ -124,10 +124,10 @@ class Decoder:
     generator. `step` reads a `DecodeState` and returns a new one; it never reads the device from the host."""
 
     def __init__(self, drafter: Drafter, opts: DecodeOptions, cache, stop_ids: torch.Tensor, generator,
-                 observe: bool = False, deferred: int = 0):
+                 observe: bool = False, defer_capacity: int = 0):
         self.drafter, self.opts, self.cache = drafter, opts, cache
         self.stop_ids, self.generator, self.observe = stop_ids, generator, observe
-        self.deferred = deferred  # positions plain steps may leave the extra heads out of (0: they never do)
+        self.defer_capacity = defer_capacity  # positions plain steps may leave the extra heads out of (0: they never do)
         self.verifying = opts.strategy in ("greedy", "speculative")
         self.tree = drafter.tree if self.verifying else None
 
@@ -174,7 +174,7 @@ class Decoder:
         produced = s.produced + counts
         finished = s.finished | hit | (produced >= s.budget)
         new = self._next_state(s, emitted, counts, produced, finished, proposal)
-        if self.deferred and self.verifying:
+        if self.defer_capacity and self.verifying:
             self._defer(s, new, out, emitted, active, drafting)
         lookup_count = new.lookup_count if new.lookup_count is not None else torch.zeros_like(counts)
         broken = damaged_rows(out.verify_logits)  # (B,)
@@ -232,8 +232,8 @@ class Decoder:
         it, at each active row's next deferred index; a step that drafts (after catching up) starts over."""
         if s.deferred_count is None:  # the prompt's step: the buffers (shapes fixed from here on)
             b, h = out.trunk.shape[0], out.trunk.shape[-1]
-            new.deferred_trunk = out.trunk.new_zeros(b, self.deferred, h)
-            new.deferred_next = emitted.new_zeros(b, self.deferred)
+            new.deferred_trunk = out.trunk.new_zeros(b, self.defer_capacity, h)
+            new.deferred_next = emitted.new_zeros(b, self.defer_capacity)
             new.deferred_count = emitted.new_zeros(b)
             return
         if drafting:
@@ -241,7 +241,7 @@ class Decoder:
             new.deferred_count = torch.zeros_like(s.deferred_count)
             return
         # Written in place (no step reads an earlier state's buffers; a copy would move all of them every step).
-        at = s.deferred_count.clamp_max(self.deferred - 1)[:, None]  # (B, 1) (the gate never fills it)
+        at = s.deferred_count.clamp_max(self.defer_capacity - 1)[:, None]  # (B, 1) (the gate never fills it)
         new.deferred_trunk = s.deferred_trunk.scatter_(1, at[:, :, None].expand(-1, 1, out.trunk.shape[-1]),
                                                        out.trunk[:, :1])  # a plain step's root: its one token
         new.deferred_next = s.deferred_next.scatter_(1, at, emitted[:, :1])
