@@ -169,9 +169,39 @@ def test_k_and_num_draft_are_checked_against_the_folders_heads_before_loading(tm
         (tiny_mtp_folder, ["--strategy", "speculative", "--k", "2", "--num-draft", "2"],
          "--num-draft must be in [0, 1] with --k 2, got 2"),
         (masks, ["--strategy", "static", "--k", "17"], "--k must be in [1, 16] for this mask-token model, got 17"),
+        # a tree of explicit paths is as deep as the model drafts: k - 1 tokens, at most --num-draft
+        (tiny_mtp_folder, ["--strategy", "speculative", "--tree", "[[0], [0, 0], [0, 0, 0]]"],
+         "--tree has depth 3, but the model drafts at most 2 tokens ahead"),
+        (tiny_mtp_folder, ["--strategy", "speculative", "--num-draft", "1", "--tree", "[[0], [0, 0]]"],
+         "--tree has depth 2, but the model drafts at most 1 token ahead"),
+        (masks, ["--strategy", "speculative", "--k", "2", "--tree", "[[0], [0, 0]]"],
+         "--tree has depth 2, but the model drafts at most 1 token ahead"),
+        (tiny_mtp_folder, ["--strategy", "speculative", "--tree", str(tmp_path / "missing.json")],
+         "not 'auto', 'dynamic', 'chain', a JSON list of paths or a .json file"),
     ):
         code, err = run_cli(["generate", "--model", folder, "--prompt", "hi", *args], capsys)
         assert_one_line_error(code, err, says)
     with pytest.raises(ModelLoaded):  # within the heads: on to loading
         run_cli(["generate", "--model", tiny_mtp_folder, "--prompt", "hi", "--strategy", "speculative", "--k", "3",
                  "--num-draft", "2"], capsys)
+    with pytest.raises(ModelLoaded):
+        run_cli(["generate", "--model", tiny_mtp_folder, "--prompt", "hi", "--strategy", "speculative", "--tree",
+                 "[[0], [1], [0, 0]]"], capsys)
+
+
+def test_an_unknown_mask_token_is_refused_before_loading(tmp_path, monkeypatch, capsys):
+    """--mask-token names a token of a plain model's tokenizer: one read from its tokenizer.json says whether it
+    has it, before any weight loads; a token it has goes on to loading."""
+    import mtp.decoding.commands
+    from conftest import tiny_base, tiny_tokenizer
+
+    tok = tiny_tokenizer()
+    tiny_base(vocab_size=len(tok)).save_pretrained(tmp_path / "hf")
+    tok.save_pretrained(tmp_path / "hf")
+    monkeypatch.setattr(mtp.decoding.commands, "load_mtp_model", _never)
+    code, err = run_cli(["generate", "--model", tmp_path / "hf", "--prompt", "hi", "--strategy", "confadapt",
+                         "--mask-token", "<no such token>"], capsys)
+    assert_one_line_error(code, err, f"the tokenizer of {tmp_path / 'hf'} has no token '<no such token>'")
+    with pytest.raises(ModelLoaded):
+        run_cli(["generate", "--model", tmp_path / "hf", "--prompt", "hi", "--strategy", "confadapt",
+                 "--mask-token", tok.eos_token], capsys)

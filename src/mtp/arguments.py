@@ -282,10 +282,15 @@ def check_command_arguments(command: str, arguments: Mapping[str, object],
         from mtp.hub import check_trunk_layers
 
         check_trunk_layers(arguments.get("model", arguments.get("input")), arguments["num_trunk_layers"])
-    if arguments.get("k") is not None or arguments.get("num_draft") is not None:  # against the folder's heads
+    if arguments.get("mask_token") is not None and arguments.get("mask_token_id") is None:
+        from mtp.hub import check_mask_token
+
+        check_mask_token(arguments.get("model"), arguments["mask_token"])
+    if any(arguments.get(n) is not None for n in ("k", "num_draft", "tree")):  # against the folder's heads
         from mtp.models.folder_kind import check_draft_flags
 
-        check_draft_flags(arguments.get("model"), arguments.get("k"), arguments.get("num_draft"))
+        check_draft_flags(arguments.get("model"), arguments.get("k"), arguments.get("num_draft"),
+                          arguments.get("tree"), arguments.get("tree_size"))
     if arguments.get("device") is not None:  # a device this torch cannot use, CPU-only packing on a GPU
         from mtp.runtime import resolve_runtime
 

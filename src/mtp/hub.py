@@ -141,6 +141,25 @@ def check_trunk_layers(spec: str | None, num_trunk_layers: int | None, flag: str
         raise MTPError(f"{flag} must be in [0, {layers - 1}] for this {layers}-layer model, got {num_trunk_layers}")
 
 
+def check_mask_token(spec: str | None, mask_token: str | None) -> None:
+    """A --mask-token the model's tokenizer does not have, refused before its weights load, where a tokenizer.json
+    says (a Hugging Face folder, the default model once converted); anything else: loading checks it."""
+    if mask_token is None:
+        return
+    try:
+        source = resolve_model(spec)
+        path = Path(source.location, "tokenizer.json")
+        if source.kind not in ("default", "hf_folder") or not path.is_file():
+            return
+        from tokenizers import Tokenizer
+
+        known = Tokenizer.from_file(str(path)).token_to_id(mask_token)
+    except (MTPError, OSError, ValueError, RuntimeError):  # (a tokenizer file `tokenizers` cannot read)
+        return
+    if known is None:
+        raise MTPError(f"the tokenizer of {source.location} has no token {mask_token!r}")
+
+
 def _looks_like_hub_id(spec: str) -> bool:
     if not _HUB_ID.fullmatch(spec) or ".." in spec or spec.lower().endswith(_FILE_SUFFIXES):
         return False

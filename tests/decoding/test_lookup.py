@@ -90,9 +90,10 @@ def test_lookup_alone_or_with_heads_equals_greedy(family, num_heads):
     for kw in ({"lookup": 4}, {"lookup": 4, "tree": "auto", "tree_size": 4} if num_heads > 1 else {"lookup": 1}):
         out = generate(model, ids, mask, max_new_tokens=40, strategy="speculative", stop_token_ids=[], **kw)
         assert out.tokens == reference
-    # A tiny random model falls into loops, which lookup then drafts: more than one token per forward.
+    # A tiny random model falls into loops, which lookup then drafts: more than one token per forward (the
+    # speculation gate off: it would take plain steps wherever this batch's timing says they are faster)
     assert generate(model, ids, mask, max_new_tokens=40, strategy="speculative", stop_token_ids=[],
-                    lookup=4).stats.tokens_per_forward > 1.3
+                    lookup=4, adaptive_draft=False).stats.tokens_per_forward > 1.3
 
 
 def test_lookup_sampling_matches_the_model_distribution():

@@ -124,7 +124,8 @@ def _tree_depth(tree: DraftTree | DynamicTree, opts, most: int, who: str) -> int
     if opts.strategy != "speculative":
         raise MTPError("a draft tree is verified: use it with the speculative strategy")
     if tree.depth > most:
-        raise MTPError(f"the draft tree is {tree.depth} deep, but {who} at most {most} tokens ahead")
+        raise MTPError(f"the draft tree is {tree.depth} deep, but {who} at most {most} "
+                       f"token{'' if most == 1 else 's'} ahead")
     return tree.depth
 
 

@@ -414,7 +414,8 @@ def resolve_tree(spec: str | DraftTree | DynamicTree | None, size: int | None, n
         raise MTPError(f"--tree {spec}: expected a list of paths, each a list of candidate ranks")
     tree = DraftTree.from_paths(paths)
     if tree.depth > num_drafts:
-        raise MTPError(f"--tree has depth {tree.depth}, but the model drafts at most {num_drafts} tokens ahead")
+        raise MTPError(f"--tree has depth {tree.depth}, but the model drafts at most {num_drafts} "
+                       f"token{'' if num_drafts == 1 else 's'} ahead")
     if size is not None and tree.size > size:
         raise MTPError(f"--tree has {tree.size} nodes, more than --tree-size {size}")
     return tree
