@@ -176,14 +176,17 @@ def test_k_and_num_draft_are_checked_against_the_folders_heads_before_loading(tm
          "--tree has depth 2, but the model drafts at most 1 token ahead"),
         (masks, ["--strategy", "speculative", "--k", "2", "--tree", "[[0], [0, 0]]"],
          "--tree has depth 2, but the model drafts at most 1 token ahead"),
-        (tiny_mtp_folder, ["--strategy", "speculative", "--tree", str(tmp_path / "missing.json")],
-         "not 'auto', 'dynamic', 'chain', a JSON list of paths or a .json file"),
     ):
         code, err = run_cli(["generate", "--model", folder, "--prompt", "hi", *args], capsys)
         assert_one_line_error(code, err, says)
     with pytest.raises(ModelLoaded):  # within the heads: on to loading
         run_cli(["generate", "--model", tiny_mtp_folder, "--prompt", "hi", "--strategy", "speculative", "--k", "3",
                  "--num-draft", "2"], capsys)
+    deep = tmp_path / "deep.json"  # a tree file too
+    deep.write_text("[[0], [0, 0], [0, 0, 0]]")
+    code, err = run_cli(["generate", "--model", tiny_mtp_folder, "--prompt", "hi", "--strategy", "speculative",
+                         "--tree", deep], capsys)
+    assert_one_line_error(code, err, "--tree has depth 3, but the model drafts at most 2 tokens ahead")
     with pytest.raises(ModelLoaded):
         run_cli(["generate", "--model", tiny_mtp_folder, "--prompt", "hi", "--strategy", "speculative", "--tree",
                  "[[0], [1], [0, 0]]"], capsys)

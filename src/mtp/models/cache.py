@@ -164,7 +164,7 @@ class MTPCache:
         each block slot may see (a subset of causal order), and `offsets` (B, T), each slot's position id
         relative to the row's next position (default: consecutive over the valid slots).
         """
-        b, t = block_valid.shape
+        t = block_valid.shape[1]
         if not self.static and self.longest + t > self.max_len:
             raise MTPError(f"sequence of {self.longest + t} tokens exceeds the cache of {self.max_len} slots")
         slots = self.length[:, None] + self._slots[:t]  # (B, T); a view of the slots' arange: no kernel
@@ -174,6 +174,15 @@ class MTPCache:
             offsets = block_valid.long().cumsum(-1) - 1
         position_ids = (self.next_pos[:, None] + offsets).clamp_min(0)  # (B, T)
         self.window = self.max_len if self.static else self.longest + t
+        allowed = self._allowed(slots, within)
+        if not self.static and t == 1 and bool(allowed.all()):
+            return None, position_ids  # nothing to hide: sdpa's unmasked kernel
+        return additive_mask(allowed, dtype), position_ids
+
+    def _allowed(self, slots: torch.Tensor, within: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, T, window) bool: the keys each of a block's slots (B, T) attends to: the valid slots up to its own,
+        those of its own block as `within` (`prepare_block`) lays them out, and always its own."""
+        b, t = slots.shape
         keys = self._slots[: self.window]  # (W,)
         allowed = self.valid[:, None, : self.window] & (keys[None, None, :] <= slots[:, :, None])  # (B, T, W)
         if within is not None:
@@ -182,10 +191,7 @@ class MTPCache:
             layout = within.expand(b, t, t) if within.dim() == 2 else within  # (B, T, T)
             seen = layout.gather(2, rel.clamp(0, t - 1)[:, None, :].expand(b, t, self.window))  # (B, T, W)
             allowed &= seen | ~inside[:, None, :]
-        allowed |= keys[None, None, :] == slots[:, :, None]
-        if not self.static and t == 1 and bool(allowed.all()):
-            return None, position_ids  # nothing to hide: sdpa's unmasked kernel
-        return additive_mask(allowed, dtype), position_ids
+        return allowed | (keys[None, None, :] == slots[:, :, None])
 
     def prepare_rewrite(self, slots: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """Place a block at slots the cache already holds, (B, T), at most each row's length (that slot: the next
@@ -194,10 +200,7 @@ class MTPCache:
         slots' validity and the rows' lengths do not change. Returns the additive mask (B, 1, T, window)."""
         self.block_slots, self.block_valid = slots, torch.ones_like(slots, dtype=torch.bool)
         self.window = self.max_len if self.static else self.longest + 1
-        keys = self._slots[: self.window]  # (W,)
-        allowed = self.valid[:, None, : self.window] & (keys[None, None, :] <= slots[:, :, None])  # (B, T, W)
-        allowed |= keys[None, None, :] == slots[:, :, None]
-        return additive_mask(allowed, dtype)
+        return additive_mask(self._allowed(slots), dtype)
 
     def commit(self, keep: torch.Tensor | None = None) -> None:
         """After the current block: row b keeps its first keep[b] slots (None: all); the rest is forgotten (the

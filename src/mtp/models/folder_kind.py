@@ -60,7 +60,8 @@ def check_draft_flags(directory: str | os.PathLike | None, k, num_draft: int | N
     from mtp.arguments import check_draft_counts
     from mtp.decoding.tree import resolve_tree
 
-    explicit = isinstance(tree, str) and tree not in ("auto", "dynamic", "chain")
+    explicit = isinstance(tree, str) and (tree.lstrip().startswith("[") or Path(tree).is_file())  # (a missing
+    # file: the command's own check says so)
     if directory is None or (k is None and num_draft is None and not explicit):
         return
     if _mtp_setting(directory, "method") == MASK_TOKENS_METHOD:
