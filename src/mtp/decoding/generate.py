@@ -119,20 +119,9 @@ def iter_generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor |
     need = prompt_len + opts.max_new_tokens + drafter.extra_slots + 2  # cache slots a row may use
     if graphs or device.type != "cpu":  # attention masks as wide as the cache, rows aligned for fused GPU kernels
         need = -(-need // CACHE_ALIGN) * CACHE_ALIGN
-
-    # A draft costs a row of the verify block. On a GPU a small model's step is bound by its kernels, not by rows,
-    # until the blocks of a batch hold a few dozen rows: only then do fewer drafts pay (replaying, each width the
-    # rule picks gets a graph of its own).
-    verify_rows = b * (1 + drafter.extra_slots)  # a block's rows: the token, drafts or tree nodes, lookup, masks
-    rows_cost = device.type == "cpu" or verify_rows > GPU_FREE_ROWS
-    draft_length = DraftLength(n_draft, opts.adaptive_draft and rows_cost)
-    # A batch's verify blocks may cost more than their drafts save: plain steps where they are faster (one prompt
-    # on a CPU is left to the draft length alone: its blocks' rows cost little against the weights' reads).
-    speculating = opts.strategy == "speculative" and max(n_draft, lookup) > 0
-    gated = speculating and opts.adaptive_draft and rows_cost and (b > 1 or device.type != "cpu")
-    gate = SpeculationGate(gated, records=gate_records(model, opts, device.type) if gated else None)
-    defers = gate.enabled and drafter.catches_up  # plain steps leave the extra heads out, caught up later
-    defer_capacity = SpeculationGate.CAPACITY if defers else 0
+    draft_length, gate = _block_rules(model, drafter, opts, b, lookup, device)
+    # plain steps leave the extra heads out, caught up later
+    defer_capacity = SpeculationGate.CAPACITY if gate.enabled and drafter.catches_up else 0
 
     def decoder_for(batch: int):  # (session, decoder): replaying, a batch size's session (its buffers and graphs)
         if not graphs:  # off a CPU no step reads the device from the host
@@ -217,6 +206,22 @@ def iter_generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor |
             result = session.run(state, *on_device(block))
         else:
             state, result = decoder.step(state, *block)
+
+
+def _block_rules(model, drafter: Drafter, opts: DecodeOptions, batch: int, lookup: int,
+                 device: torch.device) -> tuple[DraftLength, SpeculationGate]:
+    """How the loop picks each step's block (`mtp.decoding.blocks`): the draft length and the speculation gate."""
+    # A draft costs a row of the verify block. On a GPU a small model's step is bound by its kernels, not by rows,
+    # until the blocks of a batch hold a few dozen rows: only then do fewer drafts pay (replaying, each width the
+    # rule picks gets a graph of its own).
+    verify_rows = batch * (1 + drafter.extra_slots)  # a block's rows: the token, drafts or tree nodes, lookup, masks
+    rows_cost = device.type == "cpu" or verify_rows > GPU_FREE_ROWS
+    draft_length = DraftLength(drafter.num_drafts, opts.adaptive_draft and rows_cost)
+    # A batch's verify blocks may cost more than their drafts save: plain steps where they are faster (one prompt
+    # on a CPU is left to the draft length alone: its blocks' rows cost little against the weights' reads).
+    speculating = opts.strategy == "speculative" and max(drafter.num_drafts, lookup) > 0
+    gated = speculating and opts.adaptive_draft and rows_cost and (batch > 1 or device.type != "cpu")
+    return draft_length, SpeculationGate(gated, records=gate_records(model, opts, device.type) if gated else None)
 
 
 def _read_rows(host: list[list[int]], rows: list[int], active: list[bool], left: list[int], stop: StopChecker,
