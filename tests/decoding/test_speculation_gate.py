@@ -93,6 +93,19 @@ def test_the_gate_follows_a_change_in_speed_and_leaves_untimed_steps_out():
     kinds = run_gate(small, 100, lambda spec, i: 100.0 if spec else 1.0, lambda spec: 6 if spec else 2)
     assert max(len(run) for run in kinds.replace("V", "C").split("C")) == 5 and "PPPPPCPPPPPC" in kinds
 
+    # a verify step that emits little (a lookup miss) does not flip a winning kind at once: token counts average
+    # slower than step times
+    verified = []
+
+    def tokens(spec: bool) -> int:  # the 15th verify step emits 1 token, the others 6
+        verified.append(spec)
+        return (1 if sum(verified) == 15 else 6) if spec else 2
+
+    kinds = run_gate(SpeculationGate(True, probe_every=4), 60, lambda spec, i: 2.2 if spec else 1.0,
+                     lambda spec: 6 if spec else 2)
+    unlucky = run_gate(SpeculationGate(True, probe_every=4), 60, lambda spec, i: 2.2 if spec else 1.0, tokens)
+    assert unlucky == kinds and kinds.count("P") < 8
+
     off = SpeculationGate(False)
     assert [off.block(3, 2, 4) for _ in range(5)] == [Block(3, 2)] * 5
 

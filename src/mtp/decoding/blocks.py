@@ -94,9 +94,13 @@ class SpeculationGate:
     MAX_INTERVAL = 64
     CAPACITY = 80  # positions plain steps may leave the extra heads out of (> MAX_INTERVAL + the first steps)
 
-    def __init__(self, enabled: bool, probe_every: int = 8, rate: float = 0.5, records: dict | None = None):
-        self.enabled, self.probe_every, self.rate = enabled, probe_every, rate
-        self.records = {} if records is None else records  # batch-size bucket -> {"speed": ..., "interval": ...}
+    def __init__(self, enabled: bool, probe_every: int = 8, rate: float = 0.5, token_rate: float = 0.25,
+                 records: dict | None = None):
+        self.enabled, self.probe_every = enabled, probe_every
+        # A step's time is steady, the tokens a verify step emits are not (a lookup draft hits or misses): their
+        # averages move at their own rates, so one unlucky probe does not decide the next 64 steps.
+        self.rate, self.token_rate = rate, token_rate
+        self.records = {} if records is None else records  # batch-size bucket -> averages, probe interval
         self.record: dict = {}
         self.bucket = 0  # the batch-size bucket the record is of
         self.since_probe = 0
@@ -114,7 +118,8 @@ class SpeculationGate:
         bucket = 1 << max(batch - 1, 0).bit_length()
         if bucket != self.bucket:
             self.bucket, self.since_probe = bucket, 0
-            self.record = self.records.setdefault(bucket, {"speed": {True: None, False: None},
+            self.record = self.records.setdefault(bucket, {"seconds": {True: None, False: None},
+                                                           "tokens": {True: None, False: None},
                                                            "interval": self.probe_every})
         speculate = self.verify_next or self._faster_kind()
         self.verify_next = False
@@ -132,8 +137,10 @@ class SpeculationGate:
 
     @property
     def speed(self) -> dict[bool, float | None]:
-        """Tokens/s of verifying steps (True) and plain ones (False) at this batch size (None: not yet timed)."""
-        return self.record.get("speed", {True: None, False: None})
+        """Tokens/s of verifying steps (True) and plain ones (False) at this batch size (None: not yet timed): the
+        average tokens a step over the average seconds a step."""
+        seconds, tokens = self.record.get("seconds", {}), self.record.get("tokens", {})
+        return {kind: None if seconds.get(kind) is None else tokens[kind] / seconds[kind] for kind in (True, False)}
 
     @property
     def interval(self) -> int:
@@ -165,11 +172,13 @@ class SpeculationGate:
         now = self.clock()
         timed = self.in_flight.popleft() if self.in_flight else False
         if self.enabled and timed and not self.untimed and self.last_read is not None and now > self.last_read:
-            speed = tokens / (now - self.last_read)
-            before = self.speed[speculated]
-            was_slower = before is not None and self.speed[not speculated] is not None and \
-                before < self.speed[not speculated]
-            self.speed[speculated] = speed if before is None else before + self.rate * (speed - before)
+            before = self.speed
+            was_slower = None not in before.values() and before[speculated] < before[not speculated]
+            for name, value, rate in (("seconds", now - self.last_read, self.rate),
+                                      ("tokens", tokens, self.token_rate)):
+                average = self.record[name]
+                average[speculated] = value if average[speculated] is None else \
+                    average[speculated] + rate * (value - average[speculated])
             other = self.speed[not speculated]
             if was_slower and other is not None:  # a probe of the slower kind: back off while it stays slower
                 slower = self.speed[speculated] < other
