@@ -77,16 +77,17 @@ class SpeculationGate:
     (every CPU row, a GPU batch whose blocks hold a few dozen rows) a batch's blocks can cost more than their drafts
     save: on a 2-core CPU with fp16-packed weights, batch 16, 4 trained heads, the chain ran at 0.73x greedy's
     tokens/s and a 4-node tree with 6 lookup drafts at 0.45x. So both kinds of step are timed as they run (the
-    wall time from one host read to the next, all rows' new tokens), an exponential average of each kind's
-    tokens/s is kept, and the faster one is taken; the slower one is tried again after `probe_every` steps, twice
-    as long after each time it loses again. A step of a configuration new to this call (a graph captured, kernels
+    wall time from one host read to the next, all rows' new tokens), exponential averages of each kind's step
+    time and tokens a step are kept, and the faster kind is taken; the slower one is tried again after
+    `probe_every` steps, twice as long after each time it loses again. (One prompt's gains come in stretches that
+    such probes miss, so the loop does not gate one prompt on a CPU: `generate._block_rules`.) A step of a configuration new to this call (a graph captured, kernels
     chosen) and the step launched beside it are not timed. Speeds are kept per batch size rounded up to a power of
     two (a GPU's tokens/s falls with its rows; one row speculates best), in `records`, which a model keeps between
     calls with the same options (`gate_records`): a later call starts from what earlier ones measured.
 
     A plain step proposes nothing and leaves the extra heads out (a greedy step's work); before verifying again,
     one plain step that drafts first computes the extra heads for the positions left out (their keys and values,
-    which later drafts attend over) in one block, from the trunk outputs the plain steps kept. At most `capacity`
+    which later drafts attend over) in one block, from the trunk outputs the plain steps kept. At most `CAPACITY`
     positions are left out between two such steps. Every kind of step keeps decoding lossless.
     """
 
