@@ -119,17 +119,32 @@ def test_catching_up_gives_the_heads_what_running_them_every_step_gives(monkeypa
     drafts after it are those of running the heads in every step."""
     if fused:  # the GPU's path: fused layers, the extra heads as one stacked layer
         monkeypatch.setattr(fast_llama, "FUSED_DEVICES", {"cpu"})
-    model = tiny_mtp(family, num_heads=4, seed=2, dtype=torch.float64, vocab_size=48)
+    catch_up_equals_every_step(tiny_mtp(family, num_heads=4, seed=2, dtype=torch.float64, vocab_size=48),
+                               reads_next, static=fused, tolerance=1e-9)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("reads_next", [False, True], ids=["", "next-token-input"])
+def test_cuda_catching_up_gives_the_heads_what_running_them_every_step_gives(reads_next):
+    """The same on a GPU's kernels (fused layers, the stacked heads, a static cache), fp32."""
+    catch_up_equals_every_step(tiny_mtp("llama", num_heads=4, seed=2, vocab_size=48).to("cuda"), reads_next,
+                               static=True, tolerance=1e-4)
+
+
+def catch_up_equals_every_step(model, reads_next: bool, static: bool, tolerance: float) -> None:
     if reads_next:
         reading_next_token(model, seed=3)
+    device = model.device
     ids, mask = left_pad([[1, 2, 3, 4, 5], [6, 7], [8, 9, 10]])
+    ids, mask = ids.to(device), mask.to(device)
     opts = DecodeOptions("speculative", max_new_tokens=40)
     plain = 6
 
     def run(deferred: int, steps: list[tuple[bool, int]]):
         drafter = drafter_for(model, opts)
-        cache = drafter.new_cache(3, 64, static=fused)
-        decoder = Decoder(drafter, opts, cache, torch.tensor([], dtype=torch.long), None, False, deferred)
+        cache = drafter.new_cache(3, 64, static=static)
+        decoder = Decoder(drafter, opts, cache, torch.tensor([], dtype=torch.long, device=device), None, False,
+                          deferred)
         state, _ = decoder.step(generate_module._prompt_state(ids, mask, opts, 0), 0, 0)
         for drafting, catch_up in steps:
             state, _ = decoder.step(state, 0, 0, drafting, catch_up)
@@ -141,10 +156,10 @@ def test_catching_up_gives_the_heads_what_running_them_every_step_gives(monkeypa
         assert torch.equal(caught.pending, every.pending) and torch.equal(caught.drafts, every.drafts)
         assert caught.deferred_count.tolist() == [0, 0, 0]
         assert torch.equal(cache.length, full.length) and torch.equal(cache.valid, full.valid)
-        held = (cache.valid & (torch.arange(64) < cache.length[:, None]))[None, None, :, None, :, None]
+        held = (cache.valid & (torch.arange(64, device=device) < cache.length[:, None]))[None, :, None, :, None]
         for mine, theirs in zip(cache.stacks, full.stacks, strict=True):  # trunk, head 0, the extra heads
             for a, b in zip(mine.buffers(), theirs.buffers(), strict=True):
-                torch.testing.assert_close(a * held[0], b * held[0], rtol=1e-9, atol=1e-9)
+                torch.testing.assert_close(a * held, b * held, rtol=tolerance, atol=tolerance)
     # and without catching up the heads' keys differ (what the comparison above would see)
     skipped, cache = run(10, [(False, 0)] * plain + [(True, 0)])
     extra = [t for stack in cache.stacks[2:] for t in stack.buffers()]
