@@ -225,7 +225,7 @@ def check_draft_counts(most: int, default_k: int, k: int | Sequence[int] | None,
                        flags: bool) -> int:
     """k (one, or `mtp bench`'s list) in [1, `most`], num_draft in [0, k - 1]: what a model with `most` heads (or
     mask-token predictions) can read and verify. Decoding checks the loaded model with it, the command line an MTP
-    folder's config before loading (`mtp.models.folder_kind.check_draft_flags`). Returns the k in effect (the
+    folder's config before loading (`check_draft_flags`). Returns the k in effect (the
     smallest given, else `default_k`). `what` names the model ("4-head model")."""
     the = "this" if flags else "a"
     ks = [] if k is None else list(k) if isinstance(k, list | tuple) else [k]
@@ -237,6 +237,25 @@ def check_draft_counts(most: int, default_k: int, k: int | Sequence[int] | None,
         where = (f"--k {reads}" if flags else f"k={reads}") if ks else f"{the} {what}"
         raise MTPError(f"{spelled('num_draft', flags)} must be in [0, {reads - 1}] with {where}, got {num_draft}")
     return reads
+
+
+def check_draft_flags(directory: str | os.PathLike | None, k, num_draft: int | None, tree=None,
+                      tree_size: int | None = None) -> None:
+    """--k (one, or `mtp bench`'s list), --num-draft and a --tree of explicit paths (a JSON list or file) against
+    an MTP folder's heads or mask tokens, before it loads (anything else: decoding checks them)."""
+    from mtp.decoding.tree import resolve_tree
+    from mtp.models.folder_kind import folder_draft_limits
+
+    explicit = isinstance(tree, str) and (tree.lstrip().startswith("[") or Path(tree).is_file())  # (a missing
+    # file: the command's own check says so)
+    if directory is None or (k is None and num_draft is None and not explicit):
+        return
+    limits = folder_draft_limits(directory)
+    if limits is None:
+        return
+    reads = check_draft_counts(*limits[:2], k, num_draft, limits[2], flags=True)
+    if explicit:  # as deep as the model drafts: k - 1 tokens past the next one, at most --num-draft
+        resolve_tree(tree, tree_size, reads - 1 if num_draft is None else min(reads - 1, num_draft), None)
 
 
 def check_output(path: str | os.PathLike, kind: OutputKind, flag: str = "--output") -> None:
@@ -287,8 +306,6 @@ def check_command_arguments(command: str, arguments: Mapping[str, object],
 
         check_mask_token(arguments.get("model"), arguments["mask_token"])
     if any(arguments.get(n) is not None for n in ("k", "num_draft", "tree")):  # against the folder's heads
-        from mtp.models.folder_kind import check_draft_flags
-
         check_draft_flags(arguments.get("model"), arguments.get("k"), arguments.get("num_draft"),
                           arguments.get("tree"), arguments.get("tree_size"))
     if arguments.get("device") is not None:  # a device this torch cannot use, CPU-only packing on a GPU

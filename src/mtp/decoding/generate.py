@@ -153,7 +153,6 @@ def iter_generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor |
     block = Block(0, 0)  # the prompt is fed alone
     gate.launched(("prompt", block))
     state, result = session.prefill(state) if session is not None else decoder.step(state, *block)
-    prompt_step = True
     while True:
         n, m = block.n, block.m  # of the step being read
         most = result.host.shape[1] - HOST_COLUMNS  # tokens a row may emit in the step being read
@@ -168,8 +167,7 @@ def iter_generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor |
         fed = sum(active)
         emitted, accepted = _read_rows(host, rows, active, left, stop, state.finished)
         gate.read(max(n, m) > 0, sum(len(new) for _, new in emitted))
-        stats.plain_steps += gate.enabled and not prompt_step and not max(n, m)
-        prompt_step = False
+        stats.plain_steps += gate.enabled and stats.forward_passes > 0 and not max(n, m)  # (not the prompt's)
         stats.forward_passes += 1
         stats.row_forwards += fed
         if on_trunk is not None and result.trunk is not None:

@@ -53,24 +53,14 @@ def is_mask_token_folder(directory: str | os.PathLike) -> bool:
     return _mtp_setting(directory, "method") == MASK_TOKENS_METHOD
 
 
-def check_draft_flags(directory: str | os.PathLike | None, k, num_draft: int | None, tree=None,
-                      tree_size: int | None = None) -> None:
-    """--k (one, or `mtp bench`'s list), --num-draft and a --tree of explicit paths (a JSON list or file) against
-    an MTP folder's heads or mask tokens, before it loads (anything else: decoding checks them)."""
-    from mtp.arguments import check_draft_counts
-    from mtp.decoding.tree import resolve_tree
-
-    explicit = isinstance(tree, str) and (tree.lstrip().startswith("[") or Path(tree).is_file())  # (a missing
-    # file: the command's own check says so)
-    if directory is None or (k is None and num_draft is None and not explicit):
-        return
+def folder_draft_limits(directory: str | os.PathLike) -> tuple[int, int, str] | None:
+    """(most k, default k, what the model is called in messages) of an MTP folder's heads or mask tokens, read
+    from its config (None: not an MTP folder, or not told)."""
     if _mtp_setting(directory, "method") == MASK_TOKENS_METHOD:
         most, default, what = _mtp_setting(directory, "max_k"), _mtp_setting(directory, "k"), "mask-token model"
     else:
         most = default = folder_num_heads(directory)
         what = f"{most}-head model"
     if not isinstance(most, int) or isinstance(most, bool):
-        return
-    reads = check_draft_counts(most, default if isinstance(default, int) else most, k, num_draft, what, flags=True)
-    if explicit:  # as deep as the model drafts: k - 1 tokens past the next one, at most --num-draft
-        resolve_tree(tree, tree_size, reads - 1 if num_draft is None else min(reads - 1, num_draft), None)
+        return None
+    return most, default if isinstance(default, int) and not isinstance(default, bool) else most, what
