@@ -9,10 +9,11 @@ from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig
 from mtp import MTPModel
 
 
-def tiny_config(family: str = "llama", vocab_size: int = 61, layers: int = 3, hidden: int = 32, context: int = 256):
+def tiny_config(family: str = "llama", vocab_size: int = 61, layers: int = 3, hidden: int = 32, context: int = 256,
+                intermediate: int | None = None):
     if family == "llama":
         return LlamaConfig(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
-                           intermediate_size=2 * hidden, vocab_size=vocab_size, max_position_embeddings=context,
+                           intermediate_size=intermediate or 2 * hidden, vocab_size=vocab_size, max_position_embeddings=context,
                            bos_token_id=None, eos_token_id=None, pad_token_id=None, tie_word_embeddings=True)
     if family == "gpt2":
         return GPT2Config(n_embd=hidden, n_layer=layers, n_head=4, vocab_size=vocab_size, n_positions=context,

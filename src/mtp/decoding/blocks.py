@@ -24,8 +24,8 @@ class Block(NamedTuple):
 class DraftLength:
     """How many drafts to verify next step, from how often each draft position was accepted.
 
-    A draft costs a row of the verify forward (cheap with fp16-packed weights, up to ~half a step each with MKL's
-    fp32 kernels); it pays only if it is likely to be reached and accepted. For each position i an exponential
+    A draft costs a row of the verify forward (cheap where weights stream once for all rows: fp16-packed or
+    blocked fp32 weights on a CPU, any GPU); it pays only if it is likely to be reached and accepted. For each position i an exponential
     average c_i of "accepted when proposed" is kept; the next block proposes the longest prefix whose chance of
     being accepted in full, c_1 * ... * c_i, is at least `threshold` - at least one draft, so the estimates keep
     being refreshed. Positions left out drift back towards 1 and are tried again later. Any draft length keeps

@@ -97,8 +97,8 @@ def generate(model: str | None = None, prompt: str | None = None, prompts: str |
             figures of the batch it was decoded in: rows, new_tokens, forward_passes, seconds, ...).
         stream: print tokens as they are produced (single prompt).
         dtype: the weights' dtype: auto (bfloat16 on CUDA, float32 on the CPU), float32, bfloat16 or float16
-        quantize: CPU weight format for decoding: fp16 (packed; ~1.3x faster, speculative stays exactly equal to
-            greedy) or int8 (dynamic quantisation; faster still, speculative may differ from greedy).
+        quantize: CPU weight format for decoding (none: fp32, exact): fp16 (packed: half the memory, faster;
+            speculative stays exactly equal to greedy) or int8 (dynamic quantisation; speculative may differ).
         device: auto (CUDA when available), cpu, cuda or cuda:N
         threads: torch CPU threads (default: torch's choice).
         adaptive_draft: speculative: verify fewer drafts while recent ones were rarely accepted, and in a batch

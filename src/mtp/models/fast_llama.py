@@ -8,8 +8,10 @@ buffers, so rollback, compaction and row selection work unchanged.
 Used for cached, no-grad forwards (decoding); training and uncached forwards keep the Hugging Face layer, which
 `tests/models/test_fast_llama.py` compares this one against.
 
-Weights: "fp32" calls the Hugging Face projections as they are (no copy; int8-replaced ones too); "fp16" packs the fused projections for fbgemm
-(half the bytes, fp32 arithmetic, bit-identical rows whatever the block size; see `mtp.models.quantize`).
+Weights: "fp32" reads the Hugging Face projections' weights (int8-replaced or adapter-hooked ones are called as
+modules); on a CPU through a blocked copy for oneDNN, the projections of one input joined (`self.blocked`,
+`mtp.models.packed`: faster, bit-identical rows whatever the block size). "fp16" packs the fused projections for
+fbgemm (half the bytes, fp32 arithmetic, bit-identical rows; see `mtp.models.quantize`).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from torch import nn
 
 from mtp.errors import MTPError
 from mtp.models.cache import write_kv
+from mtp.models.packed import BlockedWeights, blocked_linear, blocked_pays
 
 WEIGHT_FORMATS = ("fp32", "fp16")
 QKV, OUT, GATE_UP, DOWN = range(4)  # the layer's projections, fused where the weights are packed
@@ -70,6 +73,7 @@ class FastLlamaLayer:
         self.k_norm = getattr(attn, "k_norm", None)
         self.packed = None
         self._fused: dict[int, tuple] = {}  # projection group -> (weights' identity, weight, bias, bounds)
+        self.blocked = BlockedWeights()  # projection group -> its fp32 weights for oneDNN (CPU decoding)
         if weights == "fp16":
             self.packed = [_PackedProjection([attn.q_proj, attn.k_proj, attn.v_proj]),
                            _PackedProjection([attn.o_proj]),
@@ -167,8 +171,15 @@ class FastLlamaLayer:
             _, weight, bias, bounds = self._fused_weights(which, modules)
             y = F.linear(x, weight, bias)  # (..., sum of out)
             return [y[..., a:b] for a, b in bounds]
-        return [F.linear(x, p.weight, p.bias) if type(p) is nn.Linear and not p._forward_hooks else p(x)
-                for p in modules]
+        plain = [type(p) is nn.Linear and not p._forward_hooks for p in modules]
+        # fp32 on a CPU: one oneDNN matmul (`mtp.models.packed`), where there is memory for its copy
+        blocked = self.blocked.get(which, tuple(p.weight for p in modules), tuple(p.bias for p in modules)) \
+            if all(plain) and blocked_pays(x) else None
+        if blocked is not None:
+            weight, bias, bounds = blocked
+            y = blocked_linear(x, weight, bias, bounds[-1][1])  # (..., sum of out)
+            return [y] if len(bounds) == 1 else [y[..., a:b] for a, b in bounds]
+        return [F.linear(x, p.weight, p.bias) if is_plain else p(x) for p, is_plain in zip(modules, plain, strict=True)]
 
     def _fused_weights(self, which: int, modules) -> tuple:
         """The group's weights (and biases) joined, built once and again whenever a weight changes; `QKV_SWAPPED`

@@ -9,6 +9,7 @@ decoding about a fifth of its speed there (Zen 3: 46-50 -> 57-59 ms a token); AV
 from __future__ import annotations
 
 import functools
+import itertools
 import types
 
 import torch
@@ -131,3 +132,105 @@ class _PackedPart(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.packed(x)
         return y if (self.begin, self.end) == (0, y.shape[-1]) else y[..., self.begin:self.end]
+
+
+# ------------------------------------------------------------------------------------------------ fp32, oneDNN
+# fp32 decoding on a CPU is bound by streaming the weights, and MKL's fp32 matmul streams them slowly for the few
+# rows a decoding step has: on a 2-core Zen 4, SmolLM2's unembedding took 9.4 ms for 1 row (~12 GB/s) and 16-33 ms
+# for 2-11 rows (it repacks the weight every call), while fbgemm's fp16 matmul reads at ~44 GB/s. oneDNN's matmul
+# over weights reordered once into its blocked layout ("blocked" here) took 3.2-4.7 ms for 1 to 16 rows. It also
+# computes every row of a call of 2 or more rows the same way whatever their number (a lone row takes another path
+# for some shapes), and streams the weights faster for 4 rows than for 1-3, so calls of fewer rows are padded to 4:
+# a verify block's logits are then bit-identical to 1-token steps, as with fp16 packing, and fp32 speculative
+# decoding equals greedy exactly.
+BLOCKED_MIN_ROWS = 4  # rows a call is padded to
+BLOCKED_ROWS_HINT = 2  # the row count oneDNN lays the weights out for (2 to 16 read alike; 1 is slower)
+
+
+@functools.cache
+def blocked_available() -> bool:
+    """Whether this torch has oneDNN's fp32 matmul over reordered weights (x86 and Arm builds; the op is the one
+    torch.compile's CPU backend uses)."""
+    if not torch.backends.mkldnn.is_available():
+        return False
+    try:
+        weight = torch.ops.mkldnn._reorder_linear_weight(torch.ones(4, 8), BLOCKED_ROWS_HINT)
+        out = torch.ops.mkldnn._linear_pointwise(torch.ones(2, 8), weight, None, "none", [], "")
+    except (AttributeError, RuntimeError, NotImplementedError):
+        return False
+    return bool(torch.equal(out, torch.full((2, 4), 8.0)))
+
+
+def blocked_pays(x: torch.Tensor) -> bool:
+    """Whether a no-grad matmul over `x` runs on blocked weights: fp32 on a CPU (float64 and bf16 keep torch's
+    own matmul; training keeps autograd's; a traced step keeps what torch.compile makes of F.linear)."""
+    return (x.dtype == torch.float32 and x.device.type == "cpu" and not torch.is_grad_enabled()
+            and not torch.compiler.is_compiling() and blocked_available())  # (torch.compile: its own kernels)
+
+
+def blocked_weight(weight: torch.Tensor) -> torch.Tensor:
+    """An fp32 (out, in) weight reordered into oneDNN's blocked layout: an opaque tensor (about the weight's bytes)."""
+    return torch.ops.mkldnn._reorder_linear_weight(weight.detach().float().contiguous(), BLOCKED_ROWS_HINT)
+
+
+def blocked_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, out_features: int) -> torch.Tensor:
+    """F.linear over a `blocked_weight`: (..., in) -> (..., out_features). Fewer than 4 rows are computed in a
+    call of 4 (see above), so each row comes out as in any other block."""
+    shape = x.shape
+    x = x.reshape(-1, shape[-1])  # (N, in)
+    n = x.shape[0]
+    if n < BLOCKED_MIN_ROWS:
+        x = torch.cat([x, x.new_zeros(BLOCKED_MIN_ROWS - n, x.shape[1])])
+    out = torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")  # (max(N, 4), out)
+    return (out[:n] if n < BLOCKED_MIN_ROWS else out).reshape(*shape[:-1], out_features)
+
+
+def memory_to_spare(nbytes: int) -> bool:
+    """Whether a copy of `nbytes` leaves at least a quarter of the machine's memory available (Linux's
+    MemAvailable; elsewhere, yes). Blocked copies double the fp32 weights' memory: a model that fills the machine
+    decodes with torch's matmul instead of running out of memory."""
+    try:
+        with open("/proc/meminfo") as f:
+            info = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in f if line.split()[-1] == "kB"}
+    except OSError:
+        return True
+    if "MemAvailable" not in info or "MemTotal" not in info:
+        return True
+    return info["MemAvailable"] - nbytes >= info["MemTotal"] / 4
+
+
+class BlockedWeights:
+    """Blocked copies of a model's fp32 weights for decoding, by name, each remade when its weight changes
+    (training, loading). The copies are opaque tensors that neither copy nor pickle, so a copied or pickled model
+    starts with none (they are rebuilt on first use); they are not parameters (no state dict holds them)."""
+
+    def __init__(self):
+        self.entries: dict = {}  # name -> (the weights' identity, blocked weight, bias, output columns of each)
+
+    def get(self, name, weights: tuple[torch.Tensor, ...],
+            biases: tuple[torch.Tensor | None, ...]) -> tuple | None:
+        """(blocked weight, bias, [(first, end) output column of each weight]) of `weights` joined by rows: one
+        matmul for projections of the same input. None where the machine has no memory to spare for the copy
+        (`memory_to_spare`): that matmul stays torch's."""
+        # (a tensor made in inference mode has no version counter, and cannot be changed in place outside it)
+        identity = tuple((w.data_ptr(), 0 if w.is_inference() else w._version, tuple(w.shape)) for w in weights)
+        cached = self.entries.get(name)
+        if cached is None or cached[0] != identity:
+            self.entries.pop(name, None)  # the old copy goes before the new one is made
+            if not memory_to_spare(sum(w.numel() for w in weights) * 4):
+                return None
+            joined = weights[0] if len(weights) == 1 else torch.cat([w.detach() for w in weights])
+            bias = None
+            if any(b is not None for b in biases):
+                bias = torch.cat([(b if b is not None else w.new_zeros(w.shape[0])).detach().float()
+                                  for w, b in zip(weights, biases, strict=True)])
+            ends = [0, *itertools.accumulate(w.shape[0] for w in weights)]
+            bounds = list(zip(ends[:-1], ends[1:], strict=True))
+            cached = self.entries[name] = (identity, blocked_weight(joined), bias, bounds)
+        return cached[1:]
+
+    def __deepcopy__(self, memo) -> BlockedWeights:
+        return BlockedWeights()
+
+    def __getstate__(self) -> dict:
+        return {"entries": {}}

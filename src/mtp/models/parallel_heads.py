@@ -35,6 +35,7 @@ from mtp.io import as_path, atomic_folder, check_replaceable
 from mtp.models.backbones import backbone_for
 from mtp.models.cache import MTPCache, additive_mask
 from mtp.models.folder_kind import MASK_TOKENS_METHOD, WEIGHTS_NAME, read_mtp_section
+from mtp.models.packed import BlockedWeights, blocked_linear, blocked_pays
 
 EXTRA_HEADS_PREFIX = "extra_heads."
 NEXT_TOKEN_PREFIX = "next_token_in."  # the extra heads' projection of the next token's embedding
@@ -85,6 +86,7 @@ class MTPModel(nn.Module):
         self.register_buffer("_draft_index", None, persistent=False)
         self._draft_rows_cache: tuple | None = None  # (key, weight rows, bias rows) for decoding
         self.packed_draft_head: nn.Module | None = None  # set by quantize_for_decoding when the unembedding is packed
+        self.blocked = BlockedWeights()  # the unembedding's fp32 weights for oneDNN (CPU decoding, `lm_head`)
         self.set_fast_decoding("fp32" if self.backbone.supports_fast_layers else None)
         self.tokenizer = None  # attached by loaders; saved with the model when present
         self.source = None  # where the weights came from (mtp.hub.ModelSource), for `mtp info`
@@ -269,7 +271,18 @@ class MTPModel(nn.Module):
             ctx.cache.commit()
 
     def lm_head(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.backbone.lm_head(hidden)
+        head = self.backbone.lm_head
+        if type(head) is nn.Linear and blocked_pays(hidden):  # fp32 CPU decoding (`mtp.models.packed`)
+            return self._blocked_linear("lm_head", hidden, head.weight, head.bias)
+        return head(hidden)
+
+    def _blocked_linear(self, name: str, x: torch.Tensor, weight: torch.Tensor,
+                        bias: torch.Tensor | None) -> torch.Tensor:
+        """F.linear over a blocked copy of `weight`, or over `weight` where there is no memory for one."""
+        blocked = self.blocked.get(name, (weight,), (bias,))
+        if blocked is None:
+            return F.linear(x, weight, bias)
+        return blocked_linear(x, blocked[0], blocked[1], blocked[2][0][1])
 
     # ---------------------------------------------------------------- draft vocabulary of the extra heads
     def set_draft_vocab(self, token_ids: torch.Tensor | list[int] | None) -> None:
@@ -308,7 +321,10 @@ class MTPModel(nn.Module):
         head = self.backbone.lm_head
         if type(head) is not nn.Linear:  # quantised for decoding: no weight rows to pick
             return self.lm_head(hidden)[..., self.draft_vocab]
-        return F.linear(hidden, *self.draft_rows(head))  # (..., K)
+        rows, bias = self.draft_rows(head)
+        if blocked_pays(hidden):
+            return self._blocked_linear("draft_rows", hidden, rows, bias)  # (..., K)
+        return F.linear(hidden, rows, bias)  # (..., K)
 
     def draft_rows(self, head: nn.Linear) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The draft vocabulary's rows of the unembedding's weight and bias. While gradients are on they are

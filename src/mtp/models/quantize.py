@@ -1,14 +1,16 @@
 """Weight formats for fast decoding on CPU.
 
 Decoding a small model on a CPU is bound by streaming weights from memory (a 1-token step costs about one pass
-over the fp32 weights), and MKL's fp32 GEMM for a few rows - the verify step of speculative
-decoding - costs several 1-row steps. Two fbgemm formats fix both:
+over the weights). MKL's fp32 GEMM streams them slowly for a few rows and costs a verify block several 1-row
+steps, so fp32 decoding reads a blocked copy of the weights through oneDNN instead (`mtp.models.packed`, with no
+flag: "none" below); two fbgemm formats store fewer bytes:
 
-    mode   weights   lm_head ms (1/4/8 rows, 2 threads)   rows computed independently   speculative == greedy
-    none   fp32      9.0 / 17.5 / 27.8                    yes (in practice)             yes
-    fp16   fp16      5.0 /  5.9 /  7.3                    yes (bit-identical)           yes
-    int8   int8      2.1 /  2.5 /  3.6                    no: one activation scale       no (close)
-                                                          per call, shared by the rows
+    mode   weights                lm_head ms (1/4/8 rows, 2 threads, Zen 4)   rows computed independently   speculative == greedy
+    none   fp32, MKL (before)     9.6 / 17.0 / 17.5                           no (near-ties)                yes, up to near-ties
+    none   fp32, oneDNN blocked   3.8 /  3.9 /  4.7                           yes (bit-identical)           yes
+    fp16   fp16                   1.0 /  1.5 /  2.6                           yes (bit-identical)           yes
+    int8   int8                   2.1 /  2.5 /  3.6 (an older CPU)            no: one activation scale      no (close)
+                                                                              per call, shared by the rows
 
 fp16 keeps the arithmetic in fp32 and only stores weights in half the bytes; each output row is the same
 computation whatever the number of rows, so a verify block gives bit-identical logits to 1-token steps and

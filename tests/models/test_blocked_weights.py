@@ -1,0 +1,123 @@
+"""fp32 decoding on a CPU through oneDNN's matmul over blocked weights (`mtp.models.packed`): every row of a block
+computed as it is alone (what keeps fp32 speculative decoding exactly equal to greedy), copies that follow the
+weights, models that still copy and pickle, training untouched."""
+
+from __future__ import annotations
+
+import copy
+import pickle
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import tiny_mtp
+from mtp.decoding.generate import generate, left_pad
+from mtp.decoding.tree import DynamicTree
+from mtp.models.packed import BlockedWeights, blocked_available, blocked_linear, blocked_weight
+
+needs_onednn = pytest.mark.skipif(not blocked_available(), reason="this torch has no oneDNN matmul")
+
+
+@needs_onednn
+@pytest.mark.parametrize("shape,bias", [((1536, 64), False), ((576, 960), True), ((40, 300), False)])
+def test_blocked_rows_are_computed_independently(shape, bias):
+    """Every row of a block of 1..40 rows equals that row computed alone; calls of 1-3 rows are padded to 4
+    (alone, oneDNN takes another path for some shapes, e.g. 1,536 inputs)."""
+    linear = torch.nn.Linear(*shape, bias=bias)
+    weight, b = blocked_weight(linear.weight), linear.bias.detach() if bias else None
+    x = torch.randn(40, shape[0])
+    with torch.no_grad():
+        rows = torch.cat([blocked_linear(x[i: i + 1], weight, b, shape[1]) for i in range(40)])
+        for m in range(1, 41):
+            assert torch.equal(blocked_linear(x[:m], weight, b, shape[1]), rows[:m]), m
+        torch.testing.assert_close(rows, linear(x), atol=1e-5, rtol=1e-5)
+        assert blocked_linear(x[:3, None], weight, b, shape[1]).shape == (3, 1, shape[1])
+
+
+def _decoded(model, **kw):
+    gen = torch.Generator().manual_seed(0)
+    ids, mask = left_pad([torch.randint(0, 97, (n,), generator=gen).tolist() for n in (9, 4, 6)])
+    return generate(model, ids, mask, max_new_tokens=20, stop_token_ids=[], **kw).tokens
+
+
+@needs_onednn
+@pytest.mark.parametrize("seed", range(3))
+def test_fp32_cpu_decoding_runs_on_blocked_weights_and_speculative_equals_greedy(seed):
+    # intermediate 1,536: the down projections are the shape whose lone rows oneDNN computes differently
+    model = tiny_mtp("llama", num_heads=3, seed=seed, vocab_size=97, hidden=64, intermediate=1536)
+    greedy = _decoded(model)
+    fast = model.backbone.fast_layers[model.backbone.layers[0]]
+    assert set(fast.blocked.entries) == {0, 1, 2, 3}  # q/k/v, output, gate/up, down: one matmul each
+    assert "lm_head" in model.blocked.entries
+    for kw in ({"strategy": "speculative"}, {"strategy": "speculative", "tree": "auto", "tree_size": 4, "lookup": 3},
+               {"strategy": "speculative", "tree": DynamicTree(4, 2)}):
+        assert _decoded(model, **kw) == greedy, kw
+    with torch.no_grad():  # the logits are fp32's: those of Hugging Face's uncached forward, to fp32 rounding
+        ids = torch.randint(0, 97, (2, 7))
+        torch.testing.assert_close(model.lm_head(model.base.model(ids).last_hidden_state), model.base(ids).logits,
+                                   atol=1e-5, rtol=1e-5)
+
+
+@needs_onednn
+def test_blocked_copies_follow_the_weights():
+    """A weight changed in place (a training step) or replaced (a load) is blocked again before the next use."""
+    model = tiny_mtp("llama", vocab_size=97)
+    hidden = torch.randn(1, 3, 32)
+    head = model.base.lm_head
+    with torch.no_grad():
+        before = model.lm_head(hidden)
+        head.weight.mul_(2)
+        torch.testing.assert_close(model.lm_head(hidden), 2 * before, atol=1e-5, rtol=1e-5)
+        head.weight = torch.nn.Parameter(torch.randn(97, 32))
+        torch.testing.assert_close(model.lm_head(hidden), F.linear(hidden, head.weight), atol=1e-5, rtol=1e-5)
+
+
+@needs_onednn
+def test_models_with_blocked_copies_still_copy_and_pickle():
+    """The blocked copies are opaque tensors that neither copy nor pickle: a copy starts without them."""
+    model = tiny_mtp("llama", vocab_size=97)
+    tokens = _decoded(model, strategy="speculative")
+    assert model.blocked.entries
+    twin = copy.deepcopy(model)
+    assert not twin.blocked.entries and _decoded(twin, strategy="speculative") == tokens
+    thawed = pickle.loads(pickle.dumps(model))
+    assert _decoded(thawed, strategy="speculative") == tokens
+    assert isinstance(copy.deepcopy(BlockedWeights()), BlockedWeights)
+
+
+def test_training_and_other_dtypes_keep_torchs_matmul():
+    """With gradients on (training) the unembedding is the nn.Linear autograd knows; float64 is never blocked."""
+    model = tiny_mtp("llama", vocab_size=97)
+    out = model.lm_head(torch.randn(1, 2, 32))
+    assert out.requires_grad and not model.blocked.entries
+    wide = tiny_mtp("llama", vocab_size=97, dtype=torch.float64)
+    _decoded(wide)
+    assert not wide.blocked.entries
+
+
+@needs_onednn
+def test_without_memory_to_spare_fp32_decodes_with_torchs_matmul(monkeypatch):
+    """Blocked copies double the weights' memory: where the machine cannot spare it, nothing is copied and the
+    tokens are those of torch's own matmul."""
+    from mtp.models import packed
+
+    model = tiny_mtp("llama", vocab_size=97)
+    tokens = _decoded(model, strategy="speculative")
+    monkeypatch.setattr(packed, "memory_to_spare", lambda nbytes: False)
+    bare = tiny_mtp("llama", vocab_size=97)
+    assert _decoded(bare, strategy="speculative") == tokens and not bare.blocked.entries
+    assert not any(layer.blocked.entries for layer in bare.backbone.fast_layers.values())
+
+
+def test_memory_to_spare_reads_the_machines_memory(monkeypatch, tmp_path):
+    from mtp.models import packed
+
+    info = tmp_path / "meminfo"
+    info.write_text("MemTotal:       16000000 kB\nMemAvailable:    6000000 kB\nHugePages_Total:       0\n")
+    real_open = open
+    monkeypatch.setattr("builtins.open", lambda path, *a, **k: real_open(info if path == "/proc/meminfo" else path,
+                                                                          *a, **k))
+    assert packed.memory_to_spare(1_000_000 * 1024)  # 5 GB left of 16: more than a quarter
+    assert not packed.memory_to_spare(3_000_000 * 1024)  # 3 GB left: less
+
