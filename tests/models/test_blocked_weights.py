@@ -121,3 +121,21 @@ def test_memory_to_spare_reads_the_machines_memory(monkeypatch, tmp_path):
     assert packed.memory_to_spare(1_000_000 * 1024)  # 5 GB left of 16: more than a quarter
     assert not packed.memory_to_spare(3_000_000 * 1024)  # 3 GB left: less
 
+
+
+@needs_onednn
+def test_blocked_copies_follow_a_round_trip_through_another_dtype():
+    """`Module.to` swaps each parameter's storage and keeps the object (its version unchanged): the copy is
+    remade from the new storage (here the weights rounded through bf16)."""
+    model = tiny_mtp("llama", vocab_size=97)
+    hidden = torch.randn(1, 3, 32)
+    _decoded(model, strategy="speculative")  # (every layer: the extra heads draft)
+    layers = model.backbone.fast_layers.values()
+    assert all(layer.blocked.entries for layer in layers)
+    with torch.no_grad():
+        model.lm_head(hidden)
+        head = model.base.lm_head
+        param = head.weight
+        model.to(torch.bfloat16).to(torch.float32)
+        assert head.weight is param and not any(layer.blocked.entries for layer in layers)
+        torch.testing.assert_close(model.lm_head(hidden), F.linear(hidden, head.weight), atol=1e-5, rtol=1e-5)

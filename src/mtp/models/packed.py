@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import itertools
 import types
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -163,9 +164,11 @@ def blocked_available() -> bool:
 
 def blocked_pays(x: torch.Tensor) -> bool:
     """Whether a no-grad matmul over `x` runs on blocked weights: fp32 on a CPU (float64 and bf16 keep torch's
-    own matmul; training keeps autograd's; a traced step keeps what torch.compile makes of F.linear)."""
+    own matmul; training keeps autograd's, and so do its held-out checks under torchrun, whose weights FSDP
+    gathers into reused buffers; a traced step keeps what torch.compile makes of F.linear)."""
     return (x.dtype == torch.float32 and x.device.type == "cpu" and not torch.is_grad_enabled()
-            and not torch.compiler.is_compiling() and blocked_available())  # (torch.compile: its own kernels)
+            and not torch.compiler.is_compiling() and blocked_available()
+            and not (torch.distributed.is_available() and torch.distributed.is_initialized()))
 
 
 def blocked_weight(weight: torch.Tensor) -> torch.Tensor:
@@ -212,10 +215,15 @@ class BlockedWeights:
         """(blocked weight, bias, [(first, end) output column of each weight]) of `weights` joined by rows: one
         matmul for projections of the same input. None where the machine has no memory to spare for the copy
         (`memory_to_spare`): that matmul stays torch's."""
-        # (a tensor made in inference mode has no version counter, and cannot be changed in place outside it)
-        identity = tuple((w.data_ptr(), 0 if w.is_inference() else w._version, tuple(w.shape)) for w in weights)
+        # The weights themselves (weakly: a replaced weight is freed), their storage (`p.data = ...`, as
+        # `Module.to` does, keeps the object) and their versions, which in-place changes bump (a tensor made in
+        # inference mode has none, and cannot be changed in place outside it). An address alone could be a new
+        # weight's, allocated where a freed one was.
+        state = tuple((w.data_ptr(), 0 if w.is_inference() else w._version) for w in weights)
         cached = self.entries.get(name)
-        if cached is None or cached[0] != identity:
+        if cached is None or cached[0][1] != state or any(
+                ref() is not w for ref, w in zip(cached[0][0], weights, strict=True)):
+            identity = (tuple(weakref.ref(w) for w in weights), state)
             self.entries.pop(name, None)  # the old copy goes before the new one is made
             if not memory_to_spare(sum(w.numel() for w in weights) * 4):
                 return None

@@ -270,6 +270,21 @@ class MTPModel(nn.Module):
         if ctx.cache is not None:
             ctx.cache.commit()
 
+    def _apply(self, fn, recurse: bool = True):
+        """`Module.to`, `.float()`, ...: the blocked copies of the weights (fp32 CPU decoding) are dropped first,
+        since the parameters keep their objects and may get their storage where the old one was."""
+        self.drop_blocked_weights()
+        return super()._apply(fn, recurse)
+
+    def drop_blocked_weights(self) -> None:
+        """Forget the blocked copies of the weights (`mtp.models.packed.BlockedWeights`); the next fp32 CPU
+        decoding step makes them again."""
+        if "blocked" in self.__dict__:
+            self.blocked = BlockedWeights()
+        backbone = self.__dict__.get("backbone")
+        for layer in (getattr(backbone, "fast_layers", None) or {}).values():
+            layer.blocked = BlockedWeights()
+
     def lm_head(self, hidden: torch.Tensor) -> torch.Tensor:
         head = self.backbone.lm_head
         if type(head) is nn.Linear and blocked_pays(hidden):  # fp32 CPU decoding (`mtp.models.packed`)
