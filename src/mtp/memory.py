@@ -61,14 +61,15 @@ class Phase:
 
 
 def tensor_bytes(model, padded: bool = False) -> int:
-    """Bytes of the model's distinct parameters and buffers, plus fp16-packed weights: 2 bytes a value, or
-    (`padded`) what fbgemm's packed layout really takes (`mtp.models.packed.packed_bytes`)."""
-    from mtp.models.packed import PackedLinear, packed_bytes
+    """Bytes of the model's distinct parameters and buffers, plus packed weights: fp16-packed ones at 2 bytes a
+    value, or (`padded`) what fbgemm's packed layout really takes (`mtp.models.packed.packed_bytes`); blocked fp32
+    ones (decode-only, `BlockedLinear`) at 4."""
+    from mtp.models.packed import BlockedLinear, PackedLinear, packed_bytes
 
     seen = {}
     for t in [*model.parameters(), *model.buffers()]:
         seen[id(t)] = t.numel() * t.element_size()
-    linears = {id(m): m for m in model.modules() if isinstance(m, PackedLinear)}
+    linears = {id(m): m for m in model.modules() if isinstance(m, (PackedLinear, BlockedLinear))}
     heads = getattr(model, "lm", model)  # a mask-token model decodes with its base as a 1-head model
     fast = getattr(getattr(heads, "backbone", None), "fast_layers", None) or {}  # (a plain HF model: none)
     for step in fast.values():
@@ -77,7 +78,8 @@ def tensor_bytes(model, padded: bool = False) -> int:
     if getattr(heads, "packed_draft_head", None) is not None:
         linears[id(heads.packed_draft_head)] = heads.packed_draft_head
     size = packed_bytes if padded else (lambda k, n: 2 * k * n)
-    return sum(seen.values()) + sum(size(m.in_features, m.out_features) for m in linears.values())
+    return sum(seen.values()) + sum(m.nbytes if isinstance(m, BlockedLinear) else size(m.in_features, m.out_features)
+                                    for m in linears.values())
 
 
 class Meter:

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from conftest import tiny_mtp
 from mtp.decoding.generate import generate, left_pad
 from mtp.decoding.tree import DynamicTree
+from mtp.errors import MTPError
 from mtp.models.packed import BlockedWeights, blocked_available, blocked_linear, blocked_weight
 
 needs_onednn = pytest.mark.skipif(not blocked_available(), reason="this torch has no oneDNN matmul")
@@ -139,3 +140,80 @@ def test_blocked_copies_follow_a_round_trip_through_another_dtype():
         model.to(torch.bfloat16).to(torch.float32)
         assert head.weight is param and not any(layer.blocked.entries for layer in layers)
         torch.testing.assert_close(model.lm_head(hidden), F.linear(hidden, head.weight), atol=1e-5, rtol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------------ decode-only
+def _blocked_only(model):
+    from mtp.models.quantize import block_for_decoding
+
+    return block_for_decoding(model)
+
+
+@needs_onednn
+@pytest.mark.parametrize("draft_vocab", [False, True])
+def test_decode_only_keeps_only_blocked_weights_and_decodes_as_the_copies_do(draft_vocab):
+    """`mtp generate` / `mtp eval` (`load_mtp_model(decode_only=True)`): the projections, the unembedding and the
+    draft rows live only as blocked weights; the tokens are those of the copies kept beside trainable weights
+    (the same matmuls), in less memory; an uncached forward still runs (through the Hugging Face layers)."""
+    from mtp.memory import tensor_bytes
+    from mtp.models.packed import BlockedLinear
+
+    model = tiny_mtp("llama", num_heads=3, vocab_size=97, hidden=64, intermediate=1536)
+    if draft_vocab:
+        model.set_draft_vocab(list(range(0, 97, 2)))
+    runs = [{}, {"strategy": "speculative"}, {"strategy": "speculative", "tree": "auto", "tree_size": 4, "lookup": 3}]
+    with_copies = [_decoded(model, **kw) for kw in runs]
+    ids = torch.randint(0, 97, (2, 7))
+    with torch.no_grad():
+        uncached = model(ids)
+    weights = tensor_bytes(model)
+    lean = _blocked_only(model)
+    assert lean is model and lean.fast_decoding == "blocked" and isinstance(lean.base.lm_head, BlockedLinear)
+    assert isinstance(lean.packed_draft_head, BlockedLinear) == draft_vocab
+    assert not [name for name, m in lean.named_modules() if type(m) is torch.nn.Linear]
+    # the same bytes as the fp32 weights (nothing kept twice), but for the unembedding, which shared the embedding
+    # table, and the draft rows, which were a cache
+    assert tensor_bytes(lean) == weights + 4 * 64 * (97 + (49 if draft_vocab else 0))
+    assert [_decoded(lean, **kw) for kw in runs] == with_copies
+    assert with_copies[1] == with_copies[0] and with_copies[2] == with_copies[0]
+    with torch.no_grad():
+        torch.testing.assert_close(lean(ids), uncached, atol=1e-4, rtol=1e-4)
+    with pytest.raises(MTPError, match="cannot be copied"):
+        copy.deepcopy(lean)
+    with pytest.raises(MTPError, match="cannot be pickled"):
+        pickle.dumps(lean)
+
+
+@needs_onednn
+def test_decode_only_leaves_what_it_does_not_apply_to():
+    """float64, GPT-2 (no lean layer step) and projections hooked by adapters keep their nn.Linear layers."""
+    wide = tiny_mtp("llama", dtype=torch.float64)
+    gpt2 = tiny_mtp("gpt2")
+    hooked = tiny_mtp("llama")
+    hooked.base.model.layers[0].self_attn.q_proj.register_forward_hook(lambda *a: None)
+    for model in (wide, gpt2, hooked):
+        assert _blocked_only(model) is model and type(model.base.lm_head) is torch.nn.Linear
+
+
+@needs_onednn
+def test_decoding_commands_load_decode_only(monkeypatch, tmp_path):
+    """`mtp generate` loads decode-only (the blocked layout alone); `mtp bench` does not (its transformers rows
+    run the Hugging Face modules)."""
+    from mtp.decoding import commands as decoding_commands
+    from mtp.models.loading import load_mtp_model
+    from mtp.models.packed import BlockedLinear
+
+    folder = tmp_path / "tiny"
+    tiny_mtp("llama", vocab_size=97).save_pretrained(folder)
+    assert isinstance(load_mtp_model(str(folder), decode_only=True).base.lm_head, BlockedLinear)
+    assert type(load_mtp_model(str(folder)).base.lm_head) is torch.nn.Linear
+    seen = {}
+
+    def spy(*args, **kwargs):
+        seen.update(kwargs)
+        raise MTPError("stop here")
+
+    monkeypatch.setattr(decoding_commands, "load_mtp_model", spy)
+    with pytest.raises(MTPError, match="stop here"):
+        decoding_commands.generate(model=str(folder), prompt="hi", device="cpu")
+    assert seen["decode_only"] is True

@@ -130,7 +130,7 @@ def generate(model: str | None = None, prompt: str | None = None, prompts: str |
     runtime = resolve_runtime(device, dtype, quantize)
     use_graphs = graphs_option(graphs, runtime.device)
     m = load_mtp_model(model, num_heads=num_heads, device=runtime.device, dtype=runtime.dtype, quantize=quantize,
-                       mask_token_id=mask_token_id, mask_token=mask_token)
+                       mask_token_id=mask_token_id, mask_token=mask_token, decode_only=True)
     tok = m.tokenizer
     if tok is None:
         raise MTPError("this model has no tokenizer; save one with the model folder")

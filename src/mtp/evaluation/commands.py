@@ -39,13 +39,13 @@ def _command_line() -> str:
 
 
 def _load(model: str | None, runtime: Runtime, quantize: str = "none", mask_token_id: int | None = None,
-          mask_token: str | None = None):
+          mask_token: str | None = None, decode_only: bool = False):
     from mtp.models.loading import describe_source, load_mtp_model
 
     print(f"mtp: loading {model or 'the embedded default model (SmolLM2-135M-Instruct)'} on {runtime.describe()}"
           f"{'' if quantize == 'none' else f', {quantize}-packed'} ...", flush=True)
     m = load_mtp_model(model, device=runtime.device, dtype=runtime.dtype, quantize=quantize,  # type: ignore[arg-type]
-                       mask_token_id=mask_token_id, mask_token=mask_token)
+                       mask_token_id=mask_token_id, mask_token=mask_token, decode_only=decode_only)
     if m.tokenizer is None:
         raise MTPError(f"{model}: the model has no tokenizer files")
     print(f"mtp: {describe_source(getattr(m, 'source', None))}; {_kind(m)}", flush=True)
@@ -156,7 +156,7 @@ def eval_(
         check_same_settings(out, settings, only=settings)
     with output_lock(out):  # one evaluation per folder at a time
         start = time.perf_counter()
-        m = _load(model, runtime, quantize, mask_token_id, mask_token)
+        m = _load(model, runtime, quantize, mask_token_id, mask_token, decode_only=True)
         tok = m.tokenizer
         use_chat = resolve_chat(tok, chat)
         prompts = gsm8k_prompts(tok, path=data, split=split, limit=limit, shots=shots, chat=use_chat)

@@ -27,7 +27,7 @@ from mtp.errors import MTPError
 from mtp.models.cache import write_kv
 from mtp.models.packed import BlockedWeights, blocked_linear, blocked_pays
 
-WEIGHT_FORMATS = ("fp32", "fp16")
+WEIGHT_FORMATS = ("fp32", "fp16", "blocked")  # blocked: decode-only fp32 on a CPU (`mtp.models.packed.BlockedLinear`)
 QKV, OUT, GATE_UP, DOWN = range(4)  # the layer's projections, fused where the weights are packed
 QKV_SWAPPED = 4  # q, k, v and then q and k again with each head's halves swapped: what `layer_step` reads
 OUT_GROUP_MAJOR = 5  # the output projection reading its heads group-major (`_attention`'s `group_major`)
@@ -43,12 +43,13 @@ FUSED_DEVICES = {"cuda"}
 
 
 class _PackedProjection:
-    """Several projections of the same input as one fp16-packed matmul, split back into their outputs."""
+    """Several projections of the same input as one packed matmul (fp16 for fbgemm, or fp32 blocked for
+    oneDNN), split back into their outputs."""
 
-    def __init__(self, linears: list[nn.Module]):
-        from mtp.models.packed import PackedLinear
+    def __init__(self, linears: list[nn.Module], weights: str = "fp16"):
+        from mtp.models.packed import BlockedLinear, PackedLinear
 
-        self.linear = PackedLinear(*linears)
+        self.linear = (BlockedLinear if weights == "blocked" else PackedLinear)(*linears)
         ends = torch.tensor([lin.out_features for lin in linears]).cumsum(0).tolist()
         self.bounds = list(zip([0, *ends[:-1]], ends, strict=True))  # output columns of each projection
 
@@ -74,10 +75,11 @@ class FastLlamaLayer:
         self.packed = None
         self._fused: dict[int, tuple] = {}  # projection group -> (weights' identity, weight, bias, bounds)
         self.blocked = BlockedWeights()  # projection group -> its fp32 weights for oneDNN (CPU decoding)
-        if weights == "fp16":
-            self.packed = [_PackedProjection([attn.q_proj, attn.k_proj, attn.v_proj]),
-                           _PackedProjection([attn.o_proj]),
-                           _PackedProjection([mlp.gate_proj, mlp.up_proj]), _PackedProjection([mlp.down_proj])]
+        if weights in ("fp16", "blocked"):
+            self.packed = [_PackedProjection([attn.q_proj, attn.k_proj, attn.v_proj], weights),
+                           _PackedProjection([attn.o_proj], weights),
+                           _PackedProjection([mlp.gate_proj, mlp.up_proj], weights),
+                           _PackedProjection([mlp.down_proj], weights)]
         act = getattr(mlp, "act_fn", None)
         self.act = F.silu if act is None or type(act).__name__ in ("SiLU", "SiLUActivation") else act
 

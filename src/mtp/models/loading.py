@@ -32,7 +32,7 @@ def load(spec: str | None = None, *, device: str | torch.device = "auto", dtype:
 def load_mtp_model(spec: str | None = None, num_heads: int | None = None, num_trunk_layers: int | None = None,
                    device: str | torch.device = "cpu", dtype: str | torch.dtype = "float32", quantize: Quantize = "none",
                    default_num_heads: int = 4, mask_token_id: int | None = None,
-                   mask_token: str | None = None):
+                   mask_token: str | None = None, decode_only: bool = False):
     """Load `spec` (see `mtp.hub.resolve_model`) as an MTP model.
 
     An MTP folder or a Meta checkpoint brings its own heads (asking for a different number is an error); a plain
@@ -41,6 +41,9 @@ def load_mtp_model(spec: str | None = None, num_heads: int | None = None, num_tr
     `mask_token` (a token it already has, as checkpoints trained with the self-distillation
     authors' code ship one).
     `device` and `dtype` may be "auto" (`mtp.runtime`); a device this torch cannot use is an error before loading.
+    `decode_only` (commands that only decode): fp32 weights on a CPU are kept only in the blocked layout oneDNN's
+    matmul reads (`mtp.models.quantize.block_for_decoding`), as fast as the copies kept beside trainable weights,
+    in half their memory; `quantize` other than "none" is always decode-only.
     """
     from mtp.models.folder_kind import is_mask_token_folder
     from mtp.models.mask_tokens import MaskTokenModel
@@ -101,6 +104,10 @@ def load_mtp_model(spec: str | None = None, num_heads: int | None = None, num_tr
     model.eval()
     if quantize != "none":
         quantize_model(model, quantize, decode_only=True)  # commands that take --quantize only decode
+    elif decode_only:
+        from mtp.models.quantize import block_for_decoding
+
+        block_for_decoding(getattr(model, "lm", model))  # (a mask-token model decodes through its base as .lm)
     return model
 
 

@@ -242,3 +242,40 @@ class BlockedWeights:
 
     def __getstate__(self) -> dict:
         return {"entries": {}}
+
+
+class BlockedLinear(nn.Module):
+    """nn.Linear with fp32 weights kept only in oneDNN's blocked layout (decode-only fp32 on a CPU: the copy that
+    `BlockedWeights` keeps beside the weights, without them). Several linears of the same input can be joined
+    (`_PackedPart` then serves each projection's columns to the Hugging Face layer)."""
+
+    def __init__(self, *linears: nn.Linear):
+        super().__init__()
+        for lin in linears:
+            if type(lin) is not nn.Linear:
+                raise MTPError(f"blocked fp32 weights need plain nn.Linear layers, got {type(lin).__name__}")
+        self.in_features = linears[0].in_features
+        self.out_features = sum(lin.out_features for lin in linears)
+        weight = linears[0].weight if len(linears) == 1 else torch.cat([lin.weight.detach() for lin in linears])
+        self._blocked = blocked_weight(weight)
+        del weight
+        self._bias = None
+        if linears[0].bias is not None:
+            self._bias = torch.cat([lin.bias.detach() for lin in linears]).float()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return blocked_linear(x, self._blocked, self._bias, self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, weights=fp32 (oneDNN blocked)"
+
+    @property
+    def nbytes(self) -> int:
+        return 4 * self.in_features * self.out_features
+
+    def __deepcopy__(self, memo):
+        raise MTPError("a decode-only fp32 model (its weights blocked for oneDNN) cannot be copied; load it again")
+
+    def __reduce__(self):
+        raise MTPError("a decode-only fp32 model (its weights blocked for oneDNN) cannot be pickled; save the "
+                       "model it was loaded from instead")

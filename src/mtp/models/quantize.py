@@ -37,16 +37,17 @@ _PROJECTIONS = (("self_attn", ("q_proj", "k_proj", "v_proj")), ("self_attn", ("o
                 ("mlp", ("gate_proj", "up_proj")), ("mlp", ("down_proj",)))  # fast_llama's QKV, OUT, GATE_UP, DOWN
 
 
-def _pack_layers_dropping_fp32(model) -> None:
-    """fp16-pack every decoder layer for the lean step, one layer at a time, and replace its Linear modules by
-    views of the packed matmuls: the fp32 (or bf16) weights are freed as the packed ones are built, so memory
-    peaks at one copy of the weights plus one layer, and ends at the packed size."""
+def _pack_layers_dropping_fp32(model, weights: str = "fp16") -> None:
+    """Pack every decoder layer for the lean step (`weights`: "fp16" for fbgemm, "blocked" fp32 for oneDNN), one
+    layer at a time, and replace its Linear modules by views of the packed matmuls: the original weights are
+    freed as the packed ones are built, so memory peaks at one copy of the weights plus one layer, and ends at the
+    packed size."""
     from mtp.models.fast_llama import FastLlamaLayer
 
     layers = list(model.backbone.layers) + [layer for head in model.extra_heads for layer in head]
     fast = {}
     for layer in layers:
-        fast[layer] = step = FastLlamaLayer(layer, "fp16")
+        fast[layer] = step = FastLlamaLayer(layer, weights)
         for (owner, names), projection in zip(_PROJECTIONS, step.packed, strict=True):
             parent = getattr(layer, owner)
             for name, (begin, end) in zip(names, projection.bounds, strict=True):
@@ -55,7 +56,40 @@ def _pack_layers_dropping_fp32(model) -> None:
         # glibc keeps; returned layer by layer, they never add up (about 200 MB on the default model).
         _return_freed_memory()
     model.backbone.fast_layers = fast
-    model.fast_decoding = "fp16"
+    model.fast_decoding = weights
+
+
+def block_for_decoding(model):
+    """Decode-only fp32 on a CPU: every projection of the Llama-family layers, the unembedding and the draft
+    vocabulary's rows kept only as blocked copies for oneDNN (`mtp.models.packed.BlockedLinear`), so decoding
+    is as fast and exact as with the copies `BlockedWeights` keeps beside the weights, in the memory of one copy
+    (the embedding table stays, in fp32). What `mtp generate` and `mtp eval` load; the model can no longer be
+    trained, copied or pickled. Returns the model; one it does not apply to (another device or dtype, GPT-2,
+    adapters hooked on its projections, no oneDNN) is returned as it is."""
+    from mtp.models.packed import BlockedLinear, blocked_available
+
+    hooked = any(m._forward_hooks for m in model.modules() if isinstance(m, nn.Linear))
+    if (model.device.type != "cpu" or model.dtype != torch.float32 or not model.backbone.supports_fast_layers
+            or hooked or model.fast_decoding != "fp32" or not blocked_available()):
+        return model
+    head = model.base.lm_head
+    if type(head) is not nn.Linear:
+        return model
+    if model.draft_vocab is not None:
+        rows = nn.Linear(head.in_features, model.draft_vocab.numel(), bias=head.bias is not None)
+        with torch.no_grad():
+            weight, bias = model.draft_rows(head)
+        rows.weight = nn.Parameter(weight, requires_grad=False)
+        if bias is not None:
+            rows.bias = nn.Parameter(bias, requires_grad=False)
+        model.packed_draft_head = BlockedLinear(rows)
+    model.base.lm_head = BlockedLinear(head)  # (a tied embedding table keeps its weight)
+    del head
+    _pack_layers_dropping_fp32(model, "blocked")
+    model.drop_blocked_weights()
+    model.decode_only = True
+    _return_freed_memory()
+    return model
 
 
 def _pack_unembedding_keeping_half_table(model) -> None:
