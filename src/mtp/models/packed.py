@@ -26,19 +26,10 @@ class PackedLinear(nn.Module):
 
     def __init__(self, *linears: nn.Linear):
         super().__init__()
-        for lin in linears:
-            if type(lin) is not nn.Linear:
-                raise MTPError(f"fp16 packing needs plain nn.Linear layers, got {type(lin).__name__}")
-        self.in_features = linears[0].in_features
-        self.out_features = sum(lin.out_features for lin in linears)
         # One fp32 temporary at most (fbgemm packs from fp32): fp16 weights are joined before the cast, and a
         # single fp32 linear is packed from its own weight (an unembedding is the largest matrix of a small model).
-        weight = linears[0].weight.detach() if len(linears) == 1 else torch.cat([lin.weight.detach()
-                                                                                 for lin in linears])
+        self.in_features, self.out_features, weight, bias = _joined(linears, "fp16 packing")
         weight = weight.float()  # (sum of out, in)
-        bias = None
-        if linears[0].bias is not None:
-            bias = torch.cat([lin.bias.detach() for lin in linears]).float()
         self._packed = torch.ops.quantized.linear_prepack_fp16(weight, bias)
         del weight
 
@@ -58,6 +49,17 @@ class PackedLinear(nn.Module):
     @property
     def nbytes(self) -> int:
         return packed_bytes(self.in_features, self.out_features)
+
+
+def _joined(linears: tuple[nn.Linear, ...], what: str) -> tuple[int, int, torch.Tensor, torch.Tensor | None]:
+    """(in features, out features, weight (sum of out, in), fp32 bias or None) of linears that read one input,
+    joined by rows (a lone linear's own weight, no copy); `what` names the format for a layer it cannot take."""
+    for lin in linears:
+        if type(lin) is not nn.Linear:
+            raise MTPError(f"{what} needs plain nn.Linear layers, got {type(lin).__name__}")
+    weight = linears[0].weight.detach() if len(linears) == 1 else torch.cat([lin.weight.detach() for lin in linears])
+    bias = torch.cat([lin.bias.detach() for lin in linears]).float() if linears[0].bias is not None else None
+    return linears[0].in_features, sum(lin.out_features for lin in linears), weight, bias
 
 
 @functools.cache
@@ -251,17 +253,9 @@ class BlockedLinear(nn.Module):
 
     def __init__(self, *linears: nn.Linear):
         super().__init__()
-        for lin in linears:
-            if type(lin) is not nn.Linear:
-                raise MTPError(f"blocked fp32 weights need plain nn.Linear layers, got {type(lin).__name__}")
-        self.in_features = linears[0].in_features
-        self.out_features = sum(lin.out_features for lin in linears)
-        weight = linears[0].weight if len(linears) == 1 else torch.cat([lin.weight.detach() for lin in linears])
+        self.in_features, self.out_features, weight, self._bias = _joined(linears, "blocking fp32 weights")
         self._blocked = blocked_weight(weight)
         del weight
-        self._bias = None
-        if linears[0].bias is not None:
-            self._bias = torch.cat([lin.bias.detach() for lin in linears]).float()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return blocked_linear(x, self._blocked, self._bias, self.out_features)
