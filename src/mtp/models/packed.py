@@ -169,8 +169,9 @@ def blocked_pays(x: torch.Tensor) -> bool:
     own matmul; training keeps autograd's, and so do its held-out checks under torchrun, whose weights FSDP
     gathers into reused buffers; a traced step keeps what torch.compile makes of F.linear)."""
     return (x.dtype == torch.float32 and x.device.type == "cpu" and not torch.is_grad_enabled()
-            and not torch.compiler.is_compiling() and blocked_available()
-            and not (torch.distributed.is_available() and torch.distributed.is_initialized()))
+            and not torch.compiler.is_compiling()
+            and not (torch.distributed.is_available() and torch.distributed.is_initialized())
+            and blocked_available())  # (last: its first call runs oneDNN once, which a torchrun job never does)
 
 
 def blocked_weight(weight: torch.Tensor) -> torch.Tensor:
