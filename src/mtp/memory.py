@@ -100,9 +100,10 @@ class Meter:
 
 def memory_report(spec: str | None, dtype: str = "float32", quantize: str = "none", device: str = "cpu",
                   max_new_tokens: int = 16, tree_size: int | None = None, lookup: int = 0) -> list[str]:
-    """Load `spec`, optionally pack it (decode-only), decode `max_new_tokens` greedily and then speculatively (when
-    the model drafts: extra heads or masks, or `lookup`; with `tree_size` an "auto" draft tree); one line per
-    phase, and the speculative decode's peak against the greedy one's."""
+    """Load `spec` as the decoding commands do (decode-only: packed with `quantize`, or fp32 weights blocked for
+    oneDNN on a CPU), decode `max_new_tokens` greedily and then speculatively (when the model drafts: extra heads
+    or masks, or `lookup`; with `tree_size` an "auto" draft tree); one line per phase, and the speculative
+    decode's peak against the greedy one's."""
     import transformers.models.gpt2.modeling_gpt2  # noqa: F401 - imports count as the baseline, not the load
     import transformers.models.llama.modeling_llama  # noqa: F401
 
@@ -115,7 +116,8 @@ def memory_report(spec: str | None, dtype: str = "float32", quantize: str = "non
     if not meter.ok:
         return ["memory: /proc/self/status or /proc/self/clear_refs is not available here (Linux only)"]
     name = "load" if quantize == "none" else f"load + pack {quantize}"
-    model = meter.run(name, lambda: load_mtp_model(spec, device=device, dtype=dtype, quantize=quantize))
+    model = meter.run(name, lambda: load_mtp_model(spec, device=device, dtype=dtype, quantize=quantize,
+                                                   decode_only=True))
     nominal = tensor_bytes(model)
     weights = tensor_bytes(model, padded=True)  # what the ratios below compare against: the weights' real bytes
     tok = model.tokenizer
@@ -135,7 +137,9 @@ def memory_report(spec: str | None, dtype: str = "float32", quantize: str = "non
                   lambda: model.generate(ids, max_new_tokens=max_new_tokens, strategy="speculative", stop_token_ids=[],
                                          tree="auto" if tree_size and drafts else None,
                                          tree_size=tree_size if drafts else None, lookup=lookup))
-    how = dtype if quantize == "none" else f"{quantize}-packed for decoding, the rest {dtype}"
+    how = f"{quantize}-packed for decoding, the rest {dtype}" if quantize != "none" else dtype
+    if getattr(getattr(model, "lm", model), "fast_decoding", None) == "blocked":
+        how = f"{dtype}, the layers' and unembedding's blocked for oneDNN as `mtp generate` keeps them"
     lines = [f"imports and start-up: {meter.baseline / MB:,.0f} MB resident (the baseline below)",
              f"weights in memory: {weights / MB:,.0f} MB ({how}"
              + (f"; {nominal / MB:,.0f} MB at 2 bytes a packed value, fbgemm pads them)" if nominal != weights

@@ -86,6 +86,11 @@ def block_for_decoding(model):
     model.base.lm_head = BlockedLinear(head)  # (a tied embedding table keeps its weight)
     del head
     _pack_layers_dropping_fp32(model, "blocked")
+    # What is left (the embedding table, norms) may still be pages of the weights file, which safetensors maps:
+    # while one tensor of it lives the whole mapping does, and its pages count as the process's memory.
+    with torch.no_grad():
+        for t in [*model.parameters(), *model.buffers()]:
+            t.data = t.data.clone()
     model.drop_blocked_weights()
     model.decode_only = True
     _return_freed_memory()
