@@ -11,7 +11,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import tiny_mtp
+from conftest import tiny_base, tiny_mtp
+from mtp import MaskTokenModel
 from mtp.decoding.generate import generate, left_pad
 from mtp.decoding.tree import DynamicTree
 from mtp.errors import MTPError
@@ -217,3 +218,25 @@ def test_decoding_commands_load_decode_only(monkeypatch, tmp_path):
     with pytest.raises(MTPError, match="stop here"):
         decoding_commands.generate(model=str(folder), prompt="hi", device="cpu")
     assert seen["decode_only"] is True
+
+
+@needs_onednn
+@pytest.mark.parametrize("adapter", ["full", "gated-lora"])
+def test_decode_only_mask_token_models(adapter):
+    """A mask-token model decodes through its base as `.lm`: with the full adapter that base is blocked and decodes
+    as before (ConfAdapt's drafts included); gated LoRA hooks the projections, which keep their nn.Linear."""
+    from mtp.models.packed import BlockedLinear
+    from mtp.models.quantize import block_for_decoding
+
+    model = MaskTokenModel.from_base(tiny_base("llama", seed=3, vocab_size=90), adapter=adapter, rank=4, k=4).eval()
+    gen = torch.Generator().manual_seed(3)
+    with torch.no_grad():  # adapters and a mask embedding that draft something
+        for b in (model.lora.B.values() if model.lora is not None else []):
+            b.copy_(torch.randn(b.shape, generator=gen) * 0.5)
+        model.base.get_input_embeddings().weight[model.mask_token_id].normal_(generator=gen)
+    ids, mask = left_pad([[1, 2, 3, 4, 5], [6, 7, 8]])
+    runs = [{}, {"strategy": "speculative"}, {"strategy": "confadapt", "tau": 0.5}]
+    before = [generate(model, ids, mask, max_new_tokens=12, stop_token_ids=[], **kw).tokens for kw in runs]
+    block_for_decoding(model.lm)
+    assert isinstance(model.lm.base.lm_head, BlockedLinear) == (adapter == "full")
+    assert [generate(model, ids, mask, max_new_tokens=12, stop_token_ids=[], **kw).tokens for kw in runs] == before
