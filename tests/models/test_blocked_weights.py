@@ -10,6 +10,8 @@ import pickle
 import pytest
 import torch
 import torch.nn.functional as F
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast
 
 from conftest import tiny_base, tiny_mtp
 from mtp import MaskTokenModel
@@ -204,10 +206,16 @@ def test_decoding_commands_load_decode_only(monkeypatch, tmp_path):
     from mtp.models.loading import load_mtp_model
     from mtp.models.packed import BlockedLinear
 
-    folder = tmp_path / "tiny"
+    folder, hf = tmp_path / "tiny", tmp_path / "hf"
     tiny_mtp("llama", vocab_size=97).save_pretrained(folder)
-    assert isinstance(load_mtp_model(str(folder), decode_only=True).base.lm_head, BlockedLinear)
-    assert type(load_mtp_model(str(folder)).base.lm_head) is torch.nn.Linear
+    tiny_base("llama", vocab_size=97).save_pretrained(hf)  # read into memory for decode-only, not mapped
+    words = Tokenizer(models.WordLevel({f"w{i}": i for i in range(97)}, unk_token="w0"))
+    words.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=words).save_pretrained(hf)
+    for source in (folder, hf):
+        lean, trainable = load_mtp_model(str(source), decode_only=True), load_mtp_model(str(source))
+        assert isinstance(lean.base.lm_head, BlockedLinear) and type(trainable.base.lm_head) is torch.nn.Linear
+        assert _decoded(lean, strategy="speculative") == _decoded(trainable, strategy="speculative")
     seen = {}
 
     def spy(*args, **kwargs):

@@ -52,11 +52,17 @@ def load_mtp_model(spec: str | None = None, num_heads: int | None = None, num_tr
     device, torch_dtype = runtime.device, runtime.dtype
     start = time.perf_counter()
     source = resolve_model(spec)
-    # Weights about to be fp16-packed (decode-only) are loaded in fp16: the fp32 copy never exists.
+    # Weights about to be fp16-packed (decode-only) are loaded in fp16: the fp32 copy never exists. Those about to
+    # be blocked (decode-only fp32) are read into memory too, not mapped from the file as transformers loads them:
+    # each layer's then goes when its blocked copy is made (a mapped file stays resident while any tensor of it
+    # lives).
     packing = packing_dtypes if quantize == "fp16" and torch_dtype == torch.float32 else None
+    read_into_memory = packing is not None or (decode_only and quantize == "none")
     plain = None
-    if packing and source.kind in ("default", "hf_folder") and mask_token_id is None and mask_token is None:
+    if read_into_memory and source.kind in ("default", "hf_folder") and mask_token_id is None and mask_token is None:
         folder = default_model_folder() if source.kind == "default" else source.location
+        if source.kind == "hf_folder":
+            check_model_folder(folder)  # as transformers' load would first: a damaged file is one line
         plain = MTPModel.from_hf_folder(folder, num_heads or default_num_heads, num_trunk_layers, device=device,
                                         dtype=torch_dtype, tensor_dtype=packing)
     if source.kind == "mtp_folder" and is_mask_token_folder(source.location):
@@ -107,7 +113,10 @@ def load_mtp_model(spec: str | None = None, num_heads: int | None = None, num_tr
     elif decode_only:
         from mtp.models.quantize import block_for_decoding
 
-        block_for_decoding(getattr(model, "lm", model))  # (a mask-token model decodes through its base as .lm)
+        # (a mask-token model decodes through its base as .lm; mtp folders and simple HF folders were read into
+        # memory, the rest loaded by transformers, which maps the file)
+        in_memory = plain is not None or (source.kind == "mtp_folder" and mask_token_id is None and mask_token is None)
+        block_for_decoding(getattr(model, "lm", model), mapped=not in_memory)
     return model
 
 

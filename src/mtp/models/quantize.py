@@ -59,22 +59,23 @@ def _pack_layers_dropping_fp32(model, weights: str = "fp16") -> None:
     model.fast_decoding = weights
 
 
-def block_for_decoding(model):
+def block_for_decoding(model, mapped: bool = True):
     """Decode-only fp32 on a CPU: every projection of the Llama-family layers, the unembedding and the draft
     vocabulary's rows kept only as blocked copies for oneDNN (`mtp.models.packed.BlockedLinear`), so decoding
     is as fast and exact as with the copies `BlockedWeights` keeps beside the weights, in the memory of one copy
     (the embedding table stays, in fp32). What `mtp generate` and `mtp eval` load; the model can no longer be
-    trained, copied or pickled. Returns the model; one it does not apply to (another device or dtype, GPT-2,
-    adapters hooked on its projections, no oneDNN) is returned as it is."""
+    trained, copied or pickled. `mapped`: the weights may be pages of a file transformers mapped, whose mapping
+    lives (resident) while any tensor of it does; what is left at the end is then copied out of it. Returns the
+    model; one it does not apply to (another device or dtype, GPT-2, adapters hooked on its projections, no oneDNN)
+    is returned as it is."""
     from mtp.models.packed import BlockedLinear, blocked_available
 
     hooked = any(m._forward_hooks for m in model.modules() if isinstance(m, nn.Linear))
-    if (model.device.type != "cpu" or model.dtype != torch.float32 or not model.backbone.supports_fast_layers
-            or hooked or model.fast_decoding != "fp32" or not blocked_available()):
-        return model
     head = model.base.lm_head
-    if type(head) is not nn.Linear:
+    if (model.device.type != "cpu" or model.dtype != torch.float32 or not model.backbone.supports_fast_layers
+            or hooked or model.fast_decoding != "fp32" or type(head) is not nn.Linear or not blocked_available()):
         return model
+    _pack_layers_dropping_fp32(model, "blocked")  # first: the unembedding's copy then comes on top of one copy
     if model.draft_vocab is not None:
         rows = nn.Linear(head.in_features, model.draft_vocab.numel(), bias=head.bias is not None)
         with torch.no_grad():
@@ -85,12 +86,10 @@ def block_for_decoding(model):
         model.packed_draft_head = BlockedLinear(rows)
     model.base.lm_head = BlockedLinear(head)  # (a tied embedding table keeps its weight)
     del head
-    _pack_layers_dropping_fp32(model, "blocked")
-    # What is left (the embedding table, norms) may still be pages of the weights file, which safetensors maps:
-    # while one tensor of it lives the whole mapping does, and its pages count as the process's memory.
-    with torch.no_grad():
-        for t in [*model.parameters(), *model.buffers()]:
-            t.data = t.data.clone()
+    if mapped:
+        with torch.no_grad():
+            for t in [*model.parameters(), *model.buffers()]:
+                t.data = t.data.clone()
     model.drop_blocked_weights()
     model.decode_only = True
     _return_freed_memory()
