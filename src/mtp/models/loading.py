@@ -57,7 +57,8 @@ def load_mtp_model(spec: str | None = None, num_heads: int | None = None, num_tr
     # each layer's then goes when its blocked copy is made (a mapped file stays resident while any tensor of it
     # lives).
     packing = packing_dtypes if quantize == "fp16" and torch_dtype == torch.float32 else None
-    read_into_memory = packing is not None or (decode_only and quantize == "none")
+    read_into_memory = packing is not None or (decode_only and quantize == "none" and device.type == "cpu"
+                                               and torch_dtype == torch.float32)
     plain = None
     if read_into_memory and source.kind in ("default", "hf_folder") and mask_token_id is None and mask_token is None:
         folder = default_model_folder() if source.kind == "default" else source.location
