@@ -53,13 +53,23 @@ class PackedLinear(nn.Module):
 
 def _joined(linears: tuple[nn.Linear, ...], what: str) -> tuple[int, int, torch.Tensor, torch.Tensor | None]:
     """(in features, out features, weight (sum of out, in), fp32 bias or None) of linears that read one input,
-    joined by rows (a lone linear's own weight, no copy); `what` names the format for a layer it cannot take."""
+    joined by rows (`_join`); `what` names the format for a layer it cannot take."""
     for lin in linears:
         if type(lin) is not nn.Linear:
             raise MTPError(f"{what} needs plain nn.Linear layers, got {type(lin).__name__}")
-    weight = linears[0].weight.detach() if len(linears) == 1 else torch.cat([lin.weight.detach() for lin in linears])
-    bias = torch.cat([lin.bias.detach() for lin in linears]).float() if linears[0].bias is not None else None
+    weight, bias = _join([lin.weight for lin in linears], [lin.bias for lin in linears])
     return linears[0].in_features, sum(lin.out_features for lin in linears), weight, bias
+
+
+def _join(weights, biases) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Weights (out_i, in) joined by rows (a lone one as it is, no copy), and their biases as one fp32 vector
+    (zeros for a missing one; None where all are)."""
+    weight = weights[0].detach() if len(weights) == 1 else torch.cat([w.detach() for w in weights])
+    bias = None
+    if any(b is not None for b in biases):
+        bias = torch.cat([(b if b is not None else w.new_zeros(w.shape[0])).detach().float()
+                          for w, b in zip(weights, biases, strict=True)])
+    return weight, bias
 
 
 @functools.cache
@@ -230,11 +240,7 @@ class BlockedWeights:
             self.entries.pop(name, None)  # the old copy goes before the new one is made
             if not memory_to_spare(sum(w.numel() for w in weights) * 4):
                 return None
-            joined = weights[0] if len(weights) == 1 else torch.cat([w.detach() for w in weights])
-            bias = None
-            if any(b is not None for b in biases):
-                bias = torch.cat([(b if b is not None else w.new_zeros(w.shape[0])).detach().float()
-                                  for w, b in zip(weights, biases, strict=True)])
+            joined, bias = _join(weights, biases)
             ends = [0, *itertools.accumulate(w.shape[0] for w in weights)]
             bounds = list(zip(ends[:-1], ends[1:], strict=True))
             cached = self.entries[name] = (identity, blocked_weight(joined), bias, bounds)

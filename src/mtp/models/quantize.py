@@ -77,13 +77,7 @@ def block_for_decoding(model, mapped: bool = True):
         return model
     _pack_layers_dropping_fp32(model, "blocked")  # first: the unembedding's copy then comes on top of one copy
     if model.draft_vocab is not None:
-        rows = nn.Linear(head.in_features, model.draft_vocab.numel(), bias=head.bias is not None)
-        with torch.no_grad():
-            weight, bias = model.draft_rows(head)
-        rows.weight = nn.Parameter(weight, requires_grad=False)
-        if bias is not None:
-            rows.bias = nn.Parameter(bias, requires_grad=False)
-        model.packed_draft_head = BlockedLinear(rows)
+        model.packed_draft_head = BlockedLinear(_draft_vocab_rows(model, head))
     model.base.lm_head = BlockedLinear(head)  # (a tied embedding table keeps its weight)
     del head
     if mapped:
@@ -94,6 +88,18 @@ def block_for_decoding(model, mapped: bool = True):
     model.decode_only = True
     _return_freed_memory()
     return model
+
+
+def _draft_vocab_rows(model, head: nn.Linear) -> nn.Linear:
+    """The draft vocabulary's rows of the unembedding as a Linear of their own (the extra heads' drafts score K
+    rows, not V), for a packed format to take."""
+    rows = nn.Linear(head.in_features, model.draft_vocab.numel(), bias=head.bias is not None)
+    with torch.no_grad():
+        weight, bias = model.draft_rows(head)
+    rows.weight = nn.Parameter(weight, requires_grad=False)
+    if bias is not None:
+        rows.bias = nn.Parameter(bias, requires_grad=False)
+    return rows
 
 
 def _pack_unembedding_keeping_half_table(model) -> None:
@@ -134,12 +140,7 @@ def quantize_for_decoding(model, mode: str = "fp16", decode_only: bool = False):
                                                                                          and mode == "fp16"):
         head.weight = nn.Parameter(head.weight.detach().clone(), requires_grad=False)
     if mode == "fp16" and model.draft_vocab is not None:  # the extra heads' drafts score K rows, not V
-        rows = nn.Linear(head.in_features, model.draft_vocab.numel(), bias=head.bias is not None)
-        weight, bias = model.draft_rows(head)
-        rows.weight = nn.Parameter(weight, requires_grad=False)
-        if bias is not None:
-            rows.bias = nn.Parameter(bias, requires_grad=False)
-        model.packed_draft_head = PackedLinear(rows)
+        model.packed_draft_head = PackedLinear(_draft_vocab_rows(model, head))
     if lean:
         _pack_unembedding_keeping_half_table(model)
         _pack_layers_dropping_fp32(model)
