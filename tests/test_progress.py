@@ -31,6 +31,23 @@ def test_no_progress_silences_the_loading_bars_too(tmp_path, capsys, _restore_tr
     assert "%|" not in err, err
 
 
+def test_no_progress_silences_the_gguf_conversion_bar_and_restores_the_bars(tmp_path, capsys, monkeypatch):
+    """transformers' GGUF conversion draws a tqdm bar of its own that transformers' switch does not reach;
+    --no-progress silences it too, and a later command in the same process has its bars back."""
+    from transformers.utils import logging as hf_logging
+
+    from gguf_helpers import tiny_model, write_tiny_gguf
+
+    gguf = write_tiny_gguf(tmp_path / "tiny.gguf", tiny_model())
+    args = ["generate", "--model", gguf, "--prompt", "the cat", "--max-new-tokens", "1"]
+    for home, quiet in (("quiet", True), ("bars", False)):  # a new home each: the conversion runs each time
+        monkeypatch.setenv("MTP_HOME", str(tmp_path / home))
+        code, err = run_cli([*args, "--no-progress"] if quiet else args, capsys)
+        assert code == 0 and "converting tiny.gguf" in err, err
+        assert ("%|" in err) != quiet, err
+        assert hf_logging.is_progress_bar_enabled()
+
+
 def test_generate_takes_no_progress(tiny_mtp_folder, tmp_path, capsys):
     prompts = tmp_path / "p.txt"
     prompts.write_text("Janet has 3 eggs\nWhat is 7 + 5?\n")

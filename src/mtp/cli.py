@@ -13,6 +13,7 @@ parameter (`add_deprecated_arguments`).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import importlib
 import inspect
@@ -351,12 +352,25 @@ def run(argv: list[str] | None = None) -> int:
     args.pop("command")
     defaults = {f.name: f.default for f in command_flags(fn, POSITIONAL.get(command, []))}
     check_command_arguments(command, args, defaults)  # ranges and output paths, before the command does any work
-    if args.get("progress") is False:  # transformers' bars too ("Loading weights", GGUF conversion)
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.disable_progress_bar()
-    result = fn(**grouped_arguments(fn, args))
+    with _no_bars(args.get("progress") is False):
+        result = fn(**grouped_arguments(fn, args))
     return int(result or 0)
+
+
+@contextlib.contextmanager
+def _no_bars(quiet: bool):
+    """--no-progress: no bar on stderr at all, transformers' own included ("Loading weights", its GGUF conversion:
+    `mtp.formats.gguf`); restored afterwards for a caller that runs several commands in one process."""
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    if quiet:
+        hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if quiet and was_enabled:
+            hf_logging.enable_progress_bar()
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -6,7 +6,9 @@ and load the resulting folder afterwards. The folder only appears under its fina
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import functools
 import os
 import shutil
 import struct
@@ -54,7 +56,8 @@ def convert_gguf_to_folder(gguf_path: Path, output: Path) -> Path:
             folder, name = str(gguf_path.parent), gguf_path.name
             try:
                 tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
-                quantized = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+                with _bar_follows_transformers():
+                    quantized = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
             except _READ_ERRORS as e:
                 raise MTPError(f"cannot read {gguf_path} as a GGUF model: {first_line(e)}") from e
             _plain_copy(quantized).save_pretrained(tmp)  # safetensors, config.json, generation_config.json
@@ -63,6 +66,24 @@ def convert_gguf_to_folder(gguf_path: Path, output: Path) -> Path:
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     return output
+
+
+@contextlib.contextmanager
+def _bar_follows_transformers():
+    """transformers' GGUF reader draws a tqdm bar that ignores transformers' own progress switch (which --no-progress
+    turns off): while it reads, its bar follows that switch."""
+    from transformers import modeling_gguf_pytorch_utils as reader
+    from transformers.utils import logging as hf_logging
+
+    bar = getattr(reader, "tqdm", None)
+    if bar is None or hf_logging.is_progress_bar_enabled():
+        yield
+        return
+    reader.tqdm = functools.partial(bar, disable=True)
+    try:
+        yield
+    finally:
+        reader.tqdm = bar
 
 
 def _plain_copy(quantized: torch.nn.Module) -> torch.nn.Module:

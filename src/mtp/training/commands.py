@@ -402,7 +402,7 @@ def _count_within_budget(model, tokenizer, prompts, a: _Args, cache: Path, key: 
     n = answers_within_minutes(model, tokenizer, prompts, a.answer_minutes, max_new_tokens=a.max_new_tokens,
                                budgets=[max(0, a.seq_len - k) for k in prompts.lengths], cache_path=cache,
                                batch_size=a.gen_batch_size, model_key=key, progress=a.progress, features=features)
-    print(f"mtp train: {n} of {len(prompts)} questions fit in --answer-minutes {a.answer_minutes:g} "
+    print(f"mtp train: {n} of {len(prompts)} questions fit in --answer-minutes {a.answer_minutes:.3g} "
           f"(extrapolated from a batch of {min(a.gen_batch_size, len(prompts))})", flush=True)
     return n
 
