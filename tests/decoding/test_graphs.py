@@ -257,6 +257,48 @@ def test_a_step_traces_as_one_graph(kind, kw):
     assert result.host.shape[0] == 2 and new.pending.shape == state.pending.shape
 
 
+@pytest.mark.parametrize("kind,kw", [
+    ("heads", {"strategy": "greedy"}),
+    ("heads", {"strategy": "speculative", "lookup": 2}),
+    ("heads", {"strategy": "speculative", "tree": "auto", "tree_size": 4}),
+    ("heads", {"strategy": "speculative", "tree": DynamicTree(4, 2), "lookup": 2}),
+    ("masks", {"strategy": "speculative", "k": 3}),
+    ("masks", {"strategy": "speculative", "k": 3, "tree": "auto", "tree_size": 3}),
+], ids=["heads-greedy", "heads-chain-lookup", "heads-tree", "heads-dynamic-tree-lookup", "masks-chain", "masks-tree"])
+def test_a_verifying_step_after_the_prompt_counts_no_positions(replayed, kind, kw, monkeypatch):
+    """After the prompt a verifying step feeds one pending token, always valid, then drafts: its slots' positions
+    follow from its layout without counting the valid ones (no cumsum: kernels a GPU step saves), and decoding
+    still equals greedy."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from mtp.decoding import graphs
+
+    class Names(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.add(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    model = tiny_mtp("llama", num_heads=3, seed=1) if kind == "heads" else mask_model("llama", "full", 1, 20)
+    replay, logs = graphs.GraphedSteps.__call__, []
+
+    def logged(self, *args, **kwargs):
+        with Names() as names:
+            result = replay(self, *args, **kwargs)
+        logs.append(names.names)
+        return result
+
+    monkeypatch.setattr(graphs.GraphedSteps, "__call__", logged)
+    ids, mask = left_pad([[1, 2, 3, 1, 2, 3], [4, 5]])
+    out = generate(model, ids, mask, max_new_tokens=10, stop_token_ids=[], graphs=True, **kw)
+    assert len(logs) >= 2 and not any("cumsum" in names for names in logs), logs
+    greedy = generate(model, ids, mask, max_new_tokens=10, stop_token_ids=[], graphs=False)
+    assert out.tokens == greedy.tokens
+
+
 # ------------------------------------------------------------------------------------------------ on a GPU
 STRATEGIES = [
     {"strategy": "greedy"},

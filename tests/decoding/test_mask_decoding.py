@@ -38,6 +38,7 @@ def test_block_layout_by_hand():
     assert w[4] == [1, 0, 0, 1, 1, 0, 0, 0, 0]
     assert w[6] == [1, 1, 0, 0, 0, 1, 1, 0, 0]  # group 1 mask 2: chain up to d1, its group
     assert w[8] == [1, 1, 1, 0, 0, 0, 0, 1, 1]
+    assert lay.offsets.tolist() == [0, 1, 2, 1, 2, 2, 3, 3, 4]  # a mask: the slot it follows + its step
 
 
 @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])

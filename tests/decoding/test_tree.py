@@ -27,6 +27,7 @@ from mtp.decoding.tree import (
     ranked_tree_drafts,
     resolve_tree,
     tree_candidates,
+    tree_layout,
     verify_tree,
 )
 from mtp.errors import MTPError
@@ -51,10 +52,33 @@ def test_tree_tensors_match_the_hand_written_tree():
     assert sees == {0: [0], 1: [0, 1], 2: [0, 2], 3: [0, 1, 3], 4: [0, 1, 4], 5: [0, 2, 5], 6: [0, 1, 3, 6]}
 
 
+@settings(max_examples=60, deadline=None)
+@given(parents=st.lists(st.integers(0, 40), min_size=1, max_size=40))
+def test_ancestors_and_paths_follow_the_parents(parents):
+    """Any tree (node i's parent drawn among the root and nodes before it): a node's ancestors and path, derived
+    in a few tensor ops, are those found by walking its parents."""
+    parent = [p % (i + 1) for i, p in enumerate(parents)]  # a slot before node i's own (0: the root)
+    depth = []
+    for p in parent:
+        depth.append(1 if p == 0 else depth[p - 1] + 1)
+    layout = tree_layout(torch.tensor(parent), torch.tensor(depth), torch.zeros(len(parent), dtype=torch.long),
+                         max(depth))
+    for i in range(len(parent)):
+        line, j = [], i  # node i and its ancestors, deepest first
+        while True:
+            line.append(j)
+            if parent[j] == 0:
+                break
+            j = parent[j] - 1
+        assert layout.ancestors[i].nonzero().flatten().tolist() == sorted(line), i
+        assert layout.path[i].tolist() == line[::-1] + [i] * (max(depth) - len(line)), i
+
+
 def test_block_layout_puts_the_tree_after_the_pending_tokens():
     tree = DraftTree.from_paths(EXAMPLE)
-    within, depth = block_layout(2, tree)
+    within, depth, offsets = block_layout(2, tree)
     assert within.shape == (8, 8) and depth.tolist() == [1, 1, 2, 2, 2, 3]
+    assert offsets.tolist() == [0, 1, 2, 2, 3, 3, 3, 4]  # the pending tokens, then each node at root + depth
     assert within[:2, :2].tolist() == [[True, False], [True, True]]
     assert not within[:2, 2:].any()  # pending tokens never see a node
     assert within[2:, :2].all()

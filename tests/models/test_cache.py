@@ -55,6 +55,33 @@ def test_left_padding_leaves_holes_that_are_never_attended():
     assert (step[0, -1, 0] - alone).abs().max() < 1e-9
 
 
+@pytest.mark.parametrize("static", [False, True])
+@pytest.mark.parametrize("per_row", [False, True])
+def test_a_block_attends_to_what_its_layout_allows(static, per_row):
+    """The mask of a block laid out by `within` (a tree's, mask tokens'), against its definition: a query sees the
+    valid slots before its block, the block's slots its layout allows (a subset of causal order), and itself
+    (a padding query too), whatever each row's length."""
+    gen = torch.Generator().manual_seed(0)
+    b, t, max_len = 3, 5, 24
+    cache = MTPCache(b, max_len, num_stacks=1, static=static)
+    for width in (6, 3):  # a left-padded prompt, then a block each row keeps part of
+        valid = torch.rand(b, width, generator=gen) < 0.8
+        cache.prepare_block(valid, torch.float32)
+        cache.commit(torch.randint(0, width + 1, (b,), generator=gen))
+    causal = torch.ones(t, t, dtype=torch.bool).tril()
+    within = causal & (torch.rand(b if per_row else 1, t, t, generator=gen) < 0.5)
+    within = within if per_row else within[0]
+    block_valid = torch.rand(b, t, generator=gen) < 0.8
+    mask, _ = cache.prepare_block(block_valid, torch.float32, within=within)  # (B, 1, T, W)
+    layout = within.expand(b, t, t)
+    for row in range(b):
+        start = int(cache.length[row])
+        for q in range(t):
+            seen = [k for k in range(cache.window) if k == start + q or (bool(cache.valid[row, k]) and (
+                k < start or (start <= k < start + t and bool(layout[row, q, k - start]))))]
+            assert (mask[row, 0, q] == 0).nonzero().flatten().tolist() == seen, (row, q)
+
+
 def test_select_rows_drops_finished_rows():
     model = tiny_mtp("gpt2", num_heads=2, dtype=torch.float64)
     ids = torch.randint(0, 61, (3, 5))

@@ -164,6 +164,7 @@ class Drafter:
     lookahead: int  # positions past the emitted tokens a block may use
     extra_slots: int  # cache slots past the emitted tokens a block may use
     catches_up = False  # plain steps leave out layers of its own, computed later (`catch_up`)
+    proposer: Proposer | None = None  # a custom proposer (host-side drafts), which reads a `DraftRequest`
 
     def new_cache(self, batch_size: int, max_len: int, static: bool = False):
         return self.model.new_cache(batch_size, max_len, static=static)
@@ -183,6 +184,12 @@ class Drafter:
     def draft_logits(self, hidden: torch.Tensor, mode: str) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Draft hidden states (B, D, H) -> (logits (B, D, K) fp32, the K token ids or None for all V)."""
         raise NotImplementedError
+
+    def all_valid(self, pending_width: int) -> bool:
+        """Whether every slot of a block is a real token: a verifying step after the prompt feeds one pending
+        token, always valid (`mtp.decoding.step.Decoder`), then drafts (a confident run's block may be a
+        finished row's empty one). The cache then counts no positions (kernels a GPU step saves)."""
+        return pending_width == 1 and self.opts.strategy in ("greedy", "speculative")
 
     def propose(self, out: StepOutput, slot: torch.Tensor, generator, request: DraftRequest | None = None,
                 mode: str | None = None) -> Drafts:
@@ -228,15 +235,17 @@ class HeadsDrafter(Drafter):
     def forward(self, cache, pending, pending_valid, drafts: Drafts, drafting: bool = True) -> StepOutput:
         model = self.model
         w, d = pending.shape[1], drafts.tokens.shape[1]
-        chain, valid = pending, pending_valid  # (B, w+d): the pending tokens, then the drafts
-        if d:
-            chain = torch.cat([pending, drafts.tokens], 1)
-            valid = torch.cat([pending_valid, torch.ones_like(drafts.tokens, dtype=torch.bool)], 1)
+        chain = torch.cat([pending, drafts.tokens], 1) if d else pending  # (B, w+d): the pending tokens, the drafts
+        all_valid, valid = self.all_valid(w), None  # None: every slot a token
+        if not all_valid:
+            valid = torch.cat([pending_valid, torch.ones_like(drafts.tokens, dtype=torch.bool)], 1) if d else \
+                pending_valid
         offsets = within = None
         if drafts.layout is not None:  # nodes at the root's position + depth, seeing their ancestors only
-            within, depth = block_layout(w, drafts.tree or drafts.layout, chain.device)
-            pending_offsets = pending_valid.long().cumsum(-1) - 1  # (B, w)
-            offsets = torch.cat([pending_offsets, pending_offsets[:, -1:] + depth], 1)  # (B, w+d)
+            within, depth, offsets = block_layout(w, drafts.tree or drafts.layout, chain.device)  # offsets (w+d,)
+            if not all_valid:
+                pending_offsets = pending_valid.long().cumsum(-1) - 1  # (B, w)
+                offsets = torch.cat([pending_offsets, pending_offsets[:, -1:] + depth], 1)  # (B, w+d)
         trunk, ctx = model.trunk_forward(chain, valid, cache, offsets, within)
         first = model.head_forward(0, trunk, ctx)  # (B, w+d, H)
         verify_logits = model.lm_head(at_block_rows(first, pending_valid, d)).float()  # (B, 1+d, V)
@@ -333,17 +342,19 @@ class MaskDrafter(Drafter):
         b, w = pending.shape
         d = drafts.tokens.shape[1]
         chain = torch.cat([pending, drafts.tokens], 1)  # (B, c)
-        chain_valid = torch.cat([pending_valid, torch.ones_like(drafts.tokens, dtype=torch.bool)], 1)
         c = w + d
         groups = (d + 1 if self.opts.strategy == "speculative" else 1) if m else 0
         first = c - groups  # chain slot the first group follows (0-based: slots first .. c-1 get groups)
         layout = mask_block_layout(c, first, groups, m, chain.device, drafts.tree or drafts.layout)
-        chain_offsets = chain_valid.long().cumsum(-1) - 1  # (B, c)
-        if drafts.layout is not None:  # nodes at the root's position + depth
-            chain_offsets = torch.cat([chain_offsets[:, :w], chain_offsets[:, w - 1:w] + layout.depth], 1)
-        offsets = torch.cat([chain_offsets, chain_offsets[:, layout.follows] + layout.step], 1)  # (B, T)
         tokens = torch.cat([chain, chain.new_full((b, groups * m), model.mask_token_id)], 1)  # (B, T)
-        valid = torch.cat([chain_valid, chain_valid.new_ones(b, groups * m)], 1)
+        valid, offsets = None, layout.offsets  # (T,) every slot valid
+        if not self.all_valid(w):
+            chain_valid = torch.cat([pending_valid, torch.ones_like(drafts.tokens, dtype=torch.bool)], 1)
+            chain_offsets = chain_valid.long().cumsum(-1) - 1  # (B, c)
+            if drafts.layout is not None:  # nodes at the root's position + depth
+                chain_offsets = torch.cat([chain_offsets[:, :w], chain_offsets[:, w - 1:w] + layout.depth], 1)
+            offsets = torch.cat([chain_offsets, chain_offsets[:, layout.follows] + layout.step], 1)  # (B, T)
+            valid = torch.cat([chain_valid, chain_valid.new_ones(b, groups * m)], 1)
         is_mask = layout.is_mask if groups * m else None  # no masks: no adapters to gate
         hidden = model.block_forward(tokens, valid, cache, offsets, layout.within, is_mask)  # (B, T, H)
         verify_logits = model.lm_head(at_block_rows(hidden, pending_valid, d)).float()  # (B, 1+d, V)
@@ -360,6 +371,7 @@ class MaskBlockLayout:
     is_mask: torch.Tensor  # (T,) bool
     follows: torch.Tensor  # (groups * m,) chain slot each mask's group follows
     step: torch.Tensor  # (groups * m,) 1..m: how many tokens after that slot the mask stands for
+    offsets: torch.Tensor  # (T,) each slot's position after the first when every chain slot is valid
     depth: torch.Tensor | None = None  # (N,) with a tree: each node's depth below the root
 
 
@@ -386,14 +398,15 @@ def _mask_block_layout(chain, first, groups, m, device, tree) -> MaskBlockLayout
     step = torch.arange(1, m + 1, device=device).repeat(groups)
     group = torch.arange(groups, device=device).repeat_interleave(m)
     within = idx[None, :] <= idx[:, None]  # causal among the chain (T, T)
-    depth = None
+    depth, chain_offsets = None, idx[:chain]
     if tree is not None:
-        within[:chain, :chain], depth = block_layout(chain - tree.size, tree, device)
+        within[:chain, :chain], depth, chain_offsets = block_layout(chain - tree.size, tree, device)
     within[chain:, chain:] = (group[:, None] == group[None, :]) & (step[None, :] <= step[:, None])
     within[chain:, :chain] = within[follows, :chain]  # what the followed slot sees, and that slot
     within[:chain, chain:] = False  # real tokens never see a mask
     is_mask = idx >= chain
-    return MaskBlockLayout(within, is_mask, follows, step, depth)
+    offsets = torch.cat([chain_offsets, chain_offsets[follows] + step])  # a mask: the slot it follows + its step
+    return MaskBlockLayout(within, is_mask, follows, step, offsets, depth)
 
 
 # ------------------------------------------------------------------------------------------------ by model kind

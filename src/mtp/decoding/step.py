@@ -155,7 +155,7 @@ class Decoder:
             # keep the fed tokens and the accepted drafts (a tree's path moved right after the root)
             self.cache.keep_path(w, acc.count, acc.path, active)
             request = proposal = None
-            if self.drafter.num_drafts:  # what a custom proposer reads (none drafts for greedy)
+            if self.drafter.proposer is not None and self.drafter.num_drafts:  # what a custom proposer reads
                 request = DraftRequest(self.drafter.model, None, s.rows, s.produced + counts, self.opts,
                                        self.generator)
             if drafting:
@@ -173,7 +173,7 @@ class Decoder:
         counts, hit = stop_tokens(emitted, counts, self.stop_ids)
         produced = s.produced + counts
         finished = s.finished | hit | (produced >= s.budget)
-        new = self._next_state(s, emitted, counts, produced, finished, proposal)
+        new = self._next_state(s, emitted, counts, produced, finished, proposal, acc.last if self.verifying else None)
         if self.defer_capacity and self.verifying:
             self._defer(s, new, out, emitted, active, drafting)
         lookup_count = new.lookup_count if new.lookup_count is not None else torch.zeros_like(counts)
@@ -196,12 +196,12 @@ class Decoder:
             drafts = Drafts(s.drafts, s.draft_probs).truncate(n)
         return lookup_chain(drafts, s.lookup[:, :m]) if m else drafts
 
-    def _next_state(self, s, emitted, counts, produced, finished, proposal: Drafts | None) -> DecodeState:
+    def _next_state(self, s, emitted, counts, produced, finished, proposal: Drafts | None,
+                    last: torch.Tensor | None) -> DecodeState:
         if self.verifying:  # the model's own token comes next; the drafts after it were proposed this step
-            if emitted.shape[1] == 1:  # greedy: the one token emitted (a finished row's is never fed)
-                pending = emitted
-            else:
-                pending = emitted.gather(1, (counts - 1).clamp_min(0)[:, None])  # (B, 1)
+            # `last` (B,): the model's token after the kept drafts, the last one emitted (where an end token or
+            # the budget cut a row's run short, the row is finished and its pending token is never fed)
+            pending = last[:, None]  # (B, 1)
             # A one-token pending block is always valid (a prompt's last column is, being left-padded): after
             # the first step this is the same all-true tensor every step, and is not copied again.
             pending_valid = s.pending_valid if s.pending_valid.shape == pending.shape else \

@@ -177,12 +177,14 @@ class TreeLayout:
         return self._once("children", self._children)
 
     def _ancestors(self) -> torch.Tensor:
-        n, device = self.size, self.parent_slot.device
-        eye = torch.eye(n, dtype=torch.bool, device=device)
-        ancestors = eye
-        for _ in range(self.max_depth - 1):  # each pass adds one more generation (slot 0, the root, adds none)
-            ancestors = eye | torch.cat([torch.zeros_like(eye[:1]), ancestors])[self.parent_slot]
-        return ancestors
+        # reach[i, j] > 0: node j is node i or an ancestor at most 2^k generations up, after k squarings (a path
+        # count: small whole numbers, exact in fp32); log2(D) small matmuls, not D passes (a dynamic tree's
+        # layout is built every step)
+        eye = torch.eye(self.size + 1, device=self.parent_slot.device)  # slots: the root, then the nodes
+        reach = eye[1:, 1:] + eye[self.parent_slot][:, 1:]  # itself and its parent (the root is no node)
+        for _ in range(max(self.max_depth - 2, 0).bit_length()):  # D - 1 generations at most
+            reach = reach @ reach
+        return reach > 0
 
     def _path(self) -> torch.Tensor:
         n, device = self.size, self.parent_slot.device
@@ -275,35 +277,43 @@ def dynamic_tree(rank_probs: torch.Tensor, size: int) -> TreeLayout:
     `build_tree` picks best-first - found depth by depth: the best `size` paths of depth h + 1 extend the best
     `size` of depth h (a path never scores above its parent, so none of the overall best is missed)."""
     depths, width = rank_probs.shape
-    device = rank_probs.device
+    levels, depth, tie, slots = _candidates(size, depths, width, str(rank_probs.device))
     logp = rank_probs.clamp_min(1e-30).log()
     scores, parents, ranks = [], [], []
-    level = logp[0]  # (W,) depth 1: one path per rank
-    parent = torch.full((width,), -1, dtype=torch.long, device=device)
-    rank = torch.arange(width, device=device)
-    for h in range(depths):
-        if h:  # every kept path of depth h times every rank
-            level = (scores[-1][:, None] + logp[h][None, :]).flatten()
-            parent = torch.arange(scores[-1].shape[0], device=device).repeat_interleave(width)
-            rank = torch.arange(width, device=device).repeat(scores[-1].shape[0])
+    for h, (parent, rank) in enumerate(levels):  # candidates of depth h + 1: every kept path of depth h x every rank
+        level = logp[0] if h == 0 else (scores[-1][:, None] + logp[h][None, :]).flatten()
         top = level.topk(min(size, level.shape[0])).indices
         scores.append(level[top])
         parents.append(parent[top])
         ranks.append(rank[top])
-    starts = [0]
-    for level_scores in scores:
-        starts.append(starts[-1] + level_scores.shape[0])
-    depth = torch.cat([torch.full_like(s, h + 1, dtype=torch.long) for h, s in enumerate(scores)])  # (M,)
-    # the parent as an index into all M candidates; a tiny cost per depth breaks ties towards the parent
-    parent = torch.cat([p + starts[h - 1] if h else p for h, p in enumerate(parents)])
-    score = torch.cat(scores) - 1e-6 * depth
+    parent = torch.cat(parents)  # (M,) each candidate's parent among all M (-1: the root)
+    score = torch.cat(scores) - tie  # a tiny cost per depth breaks ties towards the parent
     chosen = score.topk(min(size, score.shape[0])).indices
     chosen = chosen[depth[chosen].sort(stable=True).indices]  # by depth, best first within a depth
-    n = chosen.shape[0]
-    slot_of = torch.zeros(score.shape[0] + 1, dtype=torch.long, device=device)  # candidate -> its slot (+1)
-    slot_of[chosen + 1] = torch.arange(1, n + 1, device=device)
+    slot_of = torch.zeros(score.shape[0] + 1, dtype=torch.long, device=rank_probs.device)  # candidate -> slot (+1)
+    slot_of[chosen + 1] = slots[: chosen.shape[0]]
     parent_slot = slot_of[parent[chosen] + 1]  # parent -1 (the root) -> slot_of[0] = 0
     return tree_layout(parent_slot, depth[chosen], torch.cat(ranks)[chosen], depths)
+
+
+@functools.lru_cache(maxsize=64)
+def _candidates(size: int, depths: int, width: int, device: str):
+    """What `dynamic_tree` reads that depends only on its shapes, built once: per depth, each candidate's parent
+    (an index into the candidates of all depths, -1 the root) and rank; each candidate's depth, its tie-break cost,
+    the slot numbers 1..size."""
+    levels, depth, start, kept = [], [], 0, 0  # kept: candidates of the depth before that stay
+    for h in range(depths):
+        if h == 0:
+            parent, rank = torch.full((width,), -1, dtype=torch.long), torch.arange(width)
+        else:
+            parent = (start - kept) + torch.arange(kept).repeat_interleave(width)
+            rank = torch.arange(width).repeat(kept)
+        kept = min(size, parent.shape[0])
+        start += kept
+        levels.append((parent.to(device), rank.to(device)))
+        depth.append(torch.full((kept,), h + 1, dtype=torch.long))
+    depth = torch.cat(depth).to(device)
+    return tuple(levels), depth, 1e-6 * depth, torch.arange(1, size + 1, device=device)
 
 
 def layout_paths(layout: TreeLayout) -> tuple[Path_, ...]:
@@ -335,8 +345,8 @@ def fill_tree(ranked: torch.Tensor, layout: TreeLayout) -> torch.Tensor:
     """Node tokens (B, N) from ranked candidates (B, D, W) per depth (W above every node's rank): node i takes
     the candidate of its rank at its depth."""
     b, d, w = ranked.shape
-    index = (layout.depth - 1) * w + layout.rank.clamp_min(0)  # (N,)
-    return ranked.reshape(b, d * w)[:, index]
+    index = layout._once(f"fill_index_{w}", lambda: (layout.depth - 1) * w + layout.rank.clamp_min(0))  # (N,)
+    return ranked.reshape(b, d * w)[:, index]  # (a fixed tree's index is computed once)
 
 
 def expected_length(tree: DraftTree, rank_accuracy: Sequence[Sequence[float]]) -> float:
@@ -507,18 +517,25 @@ def tree_candidates(topk_tokens: Sequence[torch.Tensor], tree: DraftTree) -> tor
     return fill_tree(ranked, tree.layout_on(ranked.device))
 
 
-def block_layout(pending: int, layout: TreeLayout | DraftTree, device=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(within (w+N, w+N) bool, node depth (N,)) for a block of `pending` chain slots then the tree's nodes,
-    whose root is the last pending slot. A fixed tree's is built once per pending width."""
+def block_layout(pending: int, layout: TreeLayout | DraftTree,
+                 device=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(within (w+N, w+N) bool, node depth (N,), offsets (w+N,)) for a block of `pending` chain slots then the
+    tree's nodes, whose root is the last pending slot; `offsets`: each slot's position after the first when every
+    pending slot is valid (a node sits at its root's position + its depth). A fixed tree's is built once per
+    pending width."""
     if isinstance(layout, DraftTree):
         return _block_layout(pending, layout, str(torch.device(device or "cpu")))
-    return _within(pending, layout), layout.depth
+    return _within(pending, layout), layout.depth, _offsets(pending, layout)
 
 
 @functools.lru_cache(maxsize=1024)
 def _block_layout(pending: int, tree: DraftTree, device: str):
     layout = tree.layout_on(device)
-    return _within(pending, layout), layout.depth
+    return _within(pending, layout), layout.depth, _offsets(pending, layout)
+
+
+def _offsets(w: int, layout: TreeLayout) -> torch.Tensor:
+    return torch.cat([torch.arange(w, device=layout.depth.device), layout.depth + (w - 1)])
 
 
 def _within(w: int, layout: TreeLayout) -> torch.Tensor:

@@ -144,6 +144,7 @@ class MTPCache:
         self._slots = torch.arange(max_len, device=device)
         self.block_slots: torch.Tensor | None = None  # (B, T) where the current block is written
         self.block_valid: torch.Tensor | None = None  # (B, T)
+        self.block_all_valid = False  # every slot of the current block is valid
         self.window = max_len  # keys the current block attends over: slots [0, window)
 
     @property
@@ -154,25 +155,30 @@ class MTPCache:
         return self.stacks[index]
 
     def prepare_block(self, block_valid: torch.Tensor, dtype: torch.dtype, offsets: torch.Tensor | None = None,
-                      within: torch.Tensor | None = None) -> tuple[torch.Tensor | None, torch.Tensor]:
+                      within: torch.Tensor | None = None,
+                      all_valid: bool = False) -> tuple[torch.Tensor | None, torch.Tensor]:
         """Place the next block of T slots at each row's length; return (additive mask (B, 1, T, window) or None,
         position ids (B, T)).
 
         A query attends to the valid slots up to its own, and always to its own slot (a padding query then has
         a harmless row instead of an all-masked one, which would give NaN). A drafter that lays out more than a
         chain (mask tokens, a tree of candidates) gives `within`, (T, T) or (B, T, T) bool: which block slots
-        each block slot may see (a subset of causal order), and `offsets` (B, T), each slot's position id
-        relative to the row's next position (default: consecutive over the valid slots).
+        each block slot may see (a subset of causal order), and `offsets` (B, T), or (T,) for every row, each
+        slot's position id relative to the row's next position (default: consecutive over the valid slots).
+        `all_valid`: every slot of `block_valid` is True (every verifying step after the prompt), so positions
+        and the kept count need no counting (kernels a GPU step saves).
         """
         t = block_valid.shape[1]
         if not self.static and self.longest + t > self.max_len:
             raise MTPError(f"sequence of {self.longest + t} tokens exceeds the cache of {self.max_len} slots")
         slots = self.length[:, None] + self._slots[:t]  # (B, T); a view of the slots' arange: no kernel
-        self.block_slots, self.block_valid = slots, block_valid
+        self.block_slots, self.block_valid, self.block_all_valid = slots, block_valid, all_valid
         self.valid.scatter_(1, slots, block_valid)
         if offsets is None:
-            offsets = block_valid.long().cumsum(-1) - 1
-        position_ids = (self.next_pos[:, None] + offsets).clamp_min(0)  # (B, T)
+            offsets = self._slots[:t] if all_valid else block_valid.long().cumsum(-1) - 1
+        position_ids = self.next_pos[:, None] + offsets  # (B, T)
+        if not all_valid:  # left padding: -1 before a row's first token
+            position_ids = position_ids.clamp_min(0)
         self.window = self.max_len if self.static else self.longest + t
         allowed = self._allowed(slots, within)
         if not self.static and t == 1 and bool(allowed.all()):
@@ -184,13 +190,10 @@ class MTPCache:
         those of its own block as `within` (`prepare_block`) lays them out, and always its own."""
         b, t = slots.shape
         keys = self._slots[: self.window]  # (W,)
-        allowed = self.valid[:, None, : self.window] & (keys[None, None, :] <= slots[:, :, None])  # (B, T, W)
-        if within is not None:
-            rel = keys[None, :] - self.length[:, None]  # (B, W) each key's slot inside the block
-            inside = (rel >= 0) & (rel < t)
-            layout = within.expand(b, t, t) if within.dim() == 2 else within  # (B, T, T)
-            seen = layout.gather(2, rel.clamp(0, t - 1)[:, None, :].expand(b, t, self.window))  # (B, T, W)
-            allowed &= seen | ~inside[:, None, :]
+        before = keys[None, None, :] <= slots[:, :, None]  # (B, T, W) causal order
+        if within is not None:  # the block's own keys as its layout has them (a subset of causal order)
+            before.scatter_(2, slots[:, None, :].expand(b, t, t), within.expand(b, t, t))
+        allowed = self.valid[:, None, : self.window] & before
         return allowed | (keys[None, None, :] == slots[:, :, None])
 
     def prepare_rewrite(self, slots: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -199,6 +202,7 @@ class MTPCache:
         steps that skipped the extra heads). A query attends to the valid slots up to its own and to its own; the
         slots' validity and the rows' lengths do not change. Returns the additive mask (B, 1, T, window)."""
         self.block_slots, self.block_valid = slots, torch.ones_like(slots, dtype=torch.bool)
+        self.block_all_valid = True
         self.window = self.max_len if self.static else self.longest + 1
         return additive_mask(self._allowed(slots), dtype)
 
@@ -209,8 +213,11 @@ class MTPCache:
         t = slots.shape[1]
         if keep is None:
             keep = torch.full_like(self.length, t)
-        kept = self._slots[None, :t] < keep[:, None]  # (B, T)
-        self.next_pos += (block_valid & kept).sum(-1)
+        if self.block_all_valid:  # every kept slot holds a token
+            self.next_pos += keep
+        else:
+            kept = self._slots[None, :t] < keep[:, None]  # (B, T)
+            self.next_pos += (block_valid & kept).sum(-1)
         self.length += keep
         if not self.static:
             self.longest = int(self.length.max())

@@ -189,13 +189,14 @@ class MTPModel(nn.Module):
                       cache: MTPCache | None = None, offsets: torch.Tensor | None = None,
                       within: torch.Tensor | None = None) -> tuple[torch.Tensor, ForwardContext]:
         """Embed and run the trunk. With a cache, `input_ids` are the next T tokens after what it holds;
-        `offsets` and `within` lay out a block that is not a chain (`MTPCache.prepare_block`)."""
+        `offsets` and `within` lay out a block that is not a chain (`MTPCache.prepare_block`). No
+        `attention_mask`: every token is real."""
         b, t = input_ids.shape
         valid = (torch.ones(b, t, dtype=torch.bool, device=input_ids.device) if attention_mask is None
                  else attention_mask.bool())  # (B, T)
         dtype = self.activation_dtype
         if cache is not None:
-            mask, position_ids = cache.prepare_block(valid, dtype, offsets, within)
+            mask, position_ids = cache.prepare_block(valid, dtype, offsets, within, all_valid=attention_mask is None)
         else:
             mask, position_ids = _uncached_mask(valid, dtype, self.config)
         hidden = self.backbone.embed(input_ids, position_ids)  # (B, T, H)

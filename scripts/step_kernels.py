@@ -1,0 +1,118 @@
+"""Count the ops of one decoding step as a GPU runs it, on any machine: the GPU's path (fused layers, CUDA's
+attention layout, static shapes, the replayed step's in-place state) forced on the CPU, a SmolLM2-135M-shaped
+model with random weights and 4 heads. A replayed GPU step costs per kernel, not per byte (docs/benchmarks.md),
+and every op counted here is a kernel there (views and casts to the same dtype are not counted). A development
+tool for the decode step where no GPU is at hand; `scripts/decode_speed.py` times the step on one.
+
+    PYTHONPATH=src python scripts/step_kernels.py                      # ops a step, 2 and 3 layers, each config
+    PYTHONPATH=src python scripts/step_kernels.py --list tree4+lookup6 # one step's ops, each with its source line
+
+A step of L layers costs about (2-layer count) + (L - 2) x (3-layer count - 2-layer count).
+"""
+
+from __future__ import annotations
+
+import argparse
+import traceback
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from transformers import AutoModelForCausalLM, LlamaConfig
+
+import mtp.decoding.generate as generate_module
+from mtp import MTPModel
+from mtp.decoding import graphs
+from mtp.decoding.generate import generate
+from mtp.models import fast_llama
+
+SMOLLM2_135M = dict(hidden_size=576, intermediate_size=1536, num_attention_heads=9, num_key_value_heads=3,
+                    vocab_size=49152, max_position_embeddings=8192, rope_theta=100000.0, rms_norm_eps=1e-5,
+                    tie_word_embeddings=True, bos_token_id=None, eos_token_id=None)
+CONFIGS = {
+    "greedy": {},
+    "chain": {"strategy": "speculative"},
+    "tree4+lookup6": {"strategy": "speculative", "tree": "auto", "tree_size": 4, "lookup": 6},
+    "dtree16+lookup6": {"strategy": "speculative", "tree": "dynamic", "tree_size": 16, "lookup": 6},
+}
+# ops that launch no kernel: views, allocations without a fill
+NO_KERNEL = {"view", "_unsafe_view", "t", "transpose", "permute", "expand", "slice", "select", "unsqueeze", "squeeze",
+             "as_strided", "alias", "detach", "unbind", "split", "split_with_sizes", "diagonal", "_reshape_alias",
+             "unfold", "empty", "empty_like", "empty_strided", "new_empty", "lift_fresh", "view_as", "expand_as",
+             "narrow", "chunk", "flatten", "unflatten", "movedim", "reshape", "numpy_T"}
+
+
+class OpLog(TorchDispatchMode):
+    """Every op that launches a kernel, with the innermost mtp source line that called it."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops: list[tuple[str, str]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        name = func.overloadpacket.__name__
+        if name in NO_KERNEL or (name == "to" and out is args[0]):  # a cast to the same dtype returns its input
+            return out
+        frames = [f for f in traceback.extract_stack() if "/mtp/" in f.filename]
+        where = f"{frames[-1].filename.split('/mtp/')[-1]}:{frames[-1].lineno}" if frames else "?"
+        self.ops.append((name, where))
+        return out
+
+
+def step_ops(layers: int, config: str, stop_ids: list[int], step: int = 3) -> list[tuple[str, str]]:
+    """The ops of the `step`-th replayed step (after the prompt's) of a 24-token generate() call."""
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_config(LlamaConfig(num_hidden_layers=layers, **SMOLLM2_135M))
+    model = MTPModel(base.to(torch.bfloat16), num_heads=4, num_trunk_layers=layers - 1).eval().to(torch.bfloat16)
+    ids = torch.randint(0, SMOLLM2_135M["vocab_size"], (1, 40))
+    kw = dict(stop_token_ids=stop_ids, graphs=True, **CONFIGS[config])
+    generate(model, ids, max_new_tokens=12, **kw)  # the session: its buffers and "graphs" (in-place eager steps)
+    replay, calls, logs = graphs.GraphedSteps.__call__, [0], []
+
+    def logged(self, *args, **kwargs):
+        calls[0] += 1
+        if calls[0] != step:
+            return replay(self, *args, **kwargs)
+        with OpLog() as log:
+            result = replay(self, *args, **kwargs)
+        logs.append(log.ops)
+        return result
+
+    graphs.GraphedSteps.__call__ = logged
+    try:
+        generate(model, ids, max_new_tokens=24, **kw)
+    finally:
+        graphs.GraphedSteps.__call__ = replay
+    return logs[0]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("configs", nargs="*", default=list(CONFIGS), help=f"of {', '.join(CONFIGS)} (default: all)")
+    ap.add_argument("--layers", type=int, nargs="+", default=[2, 3])
+    ap.add_argument("--stop-ids", type=int, nargs="*", default=[2], help="end tokens (a chat's: one or two)")
+    ap.add_argument("--list", action="store_true", help="list one step's ops and their source lines")
+    a = ap.parse_args()
+    if unknown := [c for c in a.configs if c not in CONFIGS]:
+        ap.error(f"unknown configuration {unknown[0]!r}; choose from {', '.join(CONFIGS)}")
+    fast_llama.FUSED_DEVICES = {"cpu"}  # the GPU's fused layers and grouped attention, on the CPU
+    fast_llama._attention_path = lambda batch, block, device_type="cpu": "grouped"
+    generate_module._use_graphs = lambda graphs, device, proposer: bool(graphs)  # the replayed step's buffers
+    for config in a.configs:
+        counts = []
+        for layers in a.layers:
+            ops = step_ops(layers, config, a.stop_ids)
+            counts.append(len(ops))
+            if a.list:
+                print(f"== {config}, {layers} layers")
+                for i, (name, where) in enumerate(ops, 1):
+                    print(f"{i:4d} {name:28s} {where}")
+        line = ", ".join(f"{n} layers {c}" for n, c in zip(a.layers, counts, strict=True))
+        if len(counts) >= 2:
+            per_layer = (counts[-1] - counts[0]) / (a.layers[-1] - a.layers[0])
+            line += f"; 30 layers ~{counts[0] + (30 - a.layers[0]) * per_layer:.0f}"
+        print(f"{config}: {line}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
