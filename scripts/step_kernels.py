@@ -1,6 +1,6 @@
 """Count the ops of one decoding step as a GPU runs it, on any machine: the GPU's path (fused layers, CUDA's
 attention layout, static shapes, the replayed step's in-place state) forced on the CPU, a SmolLM2-135M-shaped
-model with random weights and 4 heads. A replayed GPU step costs per kernel, not per byte (docs/benchmarks.md),
+model with random weights and 4 heads (reading the next token, as `mtp train` makes them). A replayed GPU step costs per kernel, not per byte (docs/benchmarks.md),
 and every op counted here is a kernel there (views and casts to the same dtype are not counted). A development
 tool for the decode step where no GPU is at hand; `scripts/decode_speed.py` times the step on one.
 
@@ -59,11 +59,15 @@ class OpLog(TorchDispatchMode):
         return out
 
 
-def step_ops(layers: int, config: str, stop_ids: list[int], step: int = 3) -> list[tuple[str, str]]:
+def step_ops(layers: int, config: str, stop_ids: list[int], next_token: bool = True,
+             step: int = 3) -> list[tuple[str, str]]:
     """The ops of the `step`-th replayed step (after the prompt's) of a 24-token generate() call."""
     torch.manual_seed(0)
     base = AutoModelForCausalLM.from_config(LlamaConfig(num_hidden_layers=layers, **SMOLLM2_135M))
-    model = MTPModel(base.to(torch.bfloat16), num_heads=4, num_trunk_layers=layers - 1).eval().to(torch.bfloat16)
+    model = MTPModel(base, num_heads=4, num_trunk_layers=layers - 1)
+    if next_token:
+        model.add_next_token_input()
+    model = model.eval().to(torch.bfloat16)
     ids = torch.randint(0, SMOLLM2_135M["vocab_size"], (1, 40))
     kw = dict(stop_token_ids=stop_ids, graphs=True, **CONFIGS[config])
     generate(model, ids, max_new_tokens=12, **kw)  # the session: its buffers and "graphs" (in-place eager steps)
@@ -91,6 +95,8 @@ def main() -> None:
     ap.add_argument("configs", nargs="*", default=list(CONFIGS), help=f"of {', '.join(CONFIGS)} (default: all)")
     ap.add_argument("--layers", type=int, nargs="+", default=[2, 3])
     ap.add_argument("--stop-ids", type=int, nargs="*", default=[2], help="end tokens (a chat's: one or two)")
+    ap.add_argument("--next-token", action=argparse.BooleanOptionalAction, default=True,
+                    help="extra heads that read the next token (what `mtp train` makes by default)")
     ap.add_argument("--list", action="store_true", help="list one step's ops and their source lines")
     a = ap.parse_args()
     if unknown := [c for c in a.configs if c not in CONFIGS]:
@@ -101,7 +107,7 @@ def main() -> None:
     for config in a.configs:
         counts = []
         for layers in a.layers:
-            ops = step_ops(layers, config, a.stop_ids)
+            ops = step_ops(layers, config, a.stop_ids, a.next_token)
             counts.append(len(ops))
             if a.list:
                 print(f"== {config}, {layers} layers")

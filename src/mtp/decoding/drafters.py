@@ -80,6 +80,11 @@ class StepOutput:
     verify_logits: torch.Tensor  # (B, 1+d, V) at the root and at each draft
     draft_hidden: torch.Tensor  # (B, 1+d, D, H): hidden states the drafts after each of those slots come from
     trunk: torch.Tensor | None = None  # (B, chain, H) trunk output of the chain slots (heads only)
+    verify_argmax: torch.Tensor | None = None  # (B, 1+d) verify_logits' argmax, where the forward needed it already
+
+    def argmax(self) -> torch.Tensor:
+        """(B, 1+d) the model's own token at the root and at each draft."""
+        return self.verify_argmax if self.verify_argmax is not None else self.verify_logits.argmax(-1)
 
 
 @dataclass
@@ -251,11 +256,12 @@ class HeadsDrafter(Drafter):
         verify_logits = model.lm_head(at_block_rows(first, pending_valid, d)).float()  # (B, 1+d, V)
         if not drafting:  # a plain step: the extra heads run later, over its position (`catch_up`)
             return StepOutput(verify_logits, trunk[:, : 1 + d, None][:, :, :0], trunk)  # (B, 1+d, 0, H)
-        next_ids = None
+        next_ids = own = None
         if self.num_heads > 1 and model.reads_next_token:
-            next_ids = self._next_ids(chain, pending_valid, d, verify_logits)
+            own = verify_logits.argmax(-1)  # (B, 1+d), which greedy verification reads too
+            next_ids = self._next_ids(chain, pending_valid, d, own)
         extra = model.extra_heads_forward(self.num_heads, trunk, ctx, next_ids)  # (B, w+d, heads - 1, H)
-        return StepOutput(verify_logits, at_block_rows(extra, pending_valid, d), trunk)
+        return StepOutput(verify_logits, at_block_rows(extra, pending_valid, d), trunk, own)
 
     def catch_up(self, cache, trunk, next_ids, count, width):
         # Entry j < count[b] of row b is the position at slot length - count + j (the plain steps' tokens, in
@@ -271,12 +277,11 @@ class HeadsDrafter(Drafter):
         self.model.rewrite_extra_heads(self.num_heads, hidden, ids, cache, slots, positions)
 
     @staticmethod
-    def _next_ids(chain, pending_valid, d: int, verify_logits) -> torch.Tensor:
+    def _next_ids(chain, pending_valid, d: int, own: torch.Tensor) -> torch.Tensor:
         """The token after each block slot, for heads that read it (B, w+d): a pending token's successor, and
-        after the root and each draft head 0's own token there. Where the verifier keeps a slot, the token after
-        it is that one (greedy; a sampled one may differ, which costs acceptance only); a slot it drops is
-        overwritten later."""
-        own = verify_logits.argmax(-1)  # (B, 1+d)
+        after the root and each draft head 0's own token there (`own`, (B, 1+d)). Where the verifier keeps a
+        slot, the token after it is that one (greedy; a sampled one may differ, which costs acceptance only); a
+        slot it drops is overwritten later."""
         if pending_valid.shape[1] == 1:  # every verifying step after the prompt: the block is the root + drafts
             return own
         return torch.cat([chain[:, 1:], chain[:, :1]], 1).scatter(1, block_rows(pending_valid, d), own)

@@ -255,12 +255,11 @@ def damaged_rows(logits: torch.Tensor) -> torch.Tensor:
 
 
 # ------------------------------------------------------------------------------------------------ verifiers
-def greedy_accept(logits0: torch.Tensor, drafts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def greedy_accept(target: torch.Tensor, drafts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Longest prefix of drafts equal to the model's own argmax, and the model's next token after it.
 
-    logits0: (B, d+1, V) next-token logits after each prefix of [last, d_1..d_d]; drafts: (B, d).
+    target: (B, d+1) the model's argmax after each prefix of [last, d_1..d_d]; drafts: (B, d).
     """
-    target = logits0.argmax(-1)  # (B, d+1)
     if drafts.shape[1] == 0:  # greedy: nothing to accept (three kernels fewer)
         return drafts.new_zeros(drafts.shape[0]), target[:, 0]
     a = (drafts == target[:, :-1]).long().cumprod(-1).sum(-1)  # (B,)
@@ -270,12 +269,12 @@ def greedy_accept(logits0: torch.Tensor, drafts: torch.Tensor) -> tuple[torch.Te
 def verify(out: StepOutput, drafts: Drafts, opts: DecodeOptions, generator) -> Acceptance:
     """Greedy / speculative: which drafts are kept and the model's own next token after them."""
     if drafts.layout is not None:
-        return verify_tree(out.verify_logits, drafts.tokens, drafts.layout, opts, generator)
+        return verify_tree(out.verify_logits, drafts.tokens, drafts.layout, opts, generator, out.verify_argmax)
     if opts.do_sample:
         probs = process_logits(out.verify_logits, opts.temperature, opts.top_k, opts.top_p)  # (B, 1+d, V)
         a, last = accept_drafts_sampling(probs, drafts.tokens, drafts.probs, generator)
     else:
-        a, last = greedy_accept(out.verify_logits, drafts.tokens)
+        a, last = greedy_accept(out.argmax(), drafts.tokens)
     return Acceptance(a, last, a, None)  # a chain: the kept slot is the number kept
 
 

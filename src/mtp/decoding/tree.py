@@ -456,12 +456,14 @@ class Acceptance:
         return kept.scatter_add_(1, self.path, on_path.long()) > 0
 
 
-def verify_tree(logits: torch.Tensor, tokens: torch.Tensor, layout: TreeLayout, opts, generator) -> Acceptance:
-    """logits: (B, 1+N, V) the model's next-token logits at the root and at every node; tokens: (B, N)."""
+def verify_tree(logits: torch.Tensor, tokens: torch.Tensor, layout: TreeLayout, opts, generator,
+                target: torch.Tensor | None = None) -> Acceptance:
+    """logits: (B, 1+N, V) the model's next-token logits at the root and at every node; tokens: (B, N); target:
+    their argmax (B, 1+N) where the caller has it."""
     if opts.do_sample:
         return _verify_tree_sampling(process_logits(logits, opts.temperature, opts.top_k, opts.top_p), tokens,
                                      layout, generator)
-    target = logits.argmax(-1)  # (B, 1+N)
+    target = target if target is not None else logits.argmax(-1)  # (B, 1+N)
     ok = tokens == target[:, layout.parent_slot]  # (B, N)
     # A node is accepted when no node on its path failed: count the failures among its ancestors.
     failures = (~ok).float() @ layout.on_path_of  # (B, N)
