@@ -48,6 +48,45 @@ def test_no_progress_silences_the_gguf_conversion_bar_and_restores_the_bars(tmp_
         assert hf_logging.is_progress_bar_enabled()
 
 
+def test_no_progress_logs_a_line_every_few_minutes(capsys):
+    """--no-progress (a batch job's log): long work still says how far it got, as a plain line at most every
+    LOG_EVERY_S seconds (none for work that ends sooner), with what the bar would have shown."""
+    import mtp.progress as progress
+
+    now = [0.0]
+    lines = progress.LogLines(400, "train", "step", initial=100, clock=lambda: now[0])
+    for _ in range(50):
+        now[0] += 1.0
+        lines.update()
+    assert capsys.readouterr().err == ""  # 50 s: nothing yet
+    now[0] = progress.LOG_EVERY_S
+    lines.set_postfix_str("loss 2.31", refresh=False)
+    lines.update(50)
+    err = capsys.readouterr().err
+    # 100 steps in 300 s, 200 to go: 10 minutes left
+    assert err == "mtp train: 200 of 400 steps (50%), 5.0 min, ~10.0 min left; loss 2.31\n", err
+    lines.update()  # a second later: no new line
+    assert capsys.readouterr().err == ""
+    assert isinstance(progress.progress_bar(False, 3, "x", "answer"), progress.LogLines)
+
+
+def test_train_with_no_progress_logs_plain_lines(tmp_path, capsys, monkeypatch, _restore_transformers_bars):
+    import mtp.progress as progress
+    from conftest import tiny_base, tiny_tokenizer
+
+    monkeypatch.setattr(progress, "LOG_EVERY_S", 0.0)  # a line every step
+    tok = tiny_tokenizer()
+    tiny_base("llama", vocab_size=len(tok)).save_pretrained(tmp_path / "hf")
+    tok.save_pretrained(tmp_path / "hf")
+    (tmp_path / "text.txt").write_text("\n\n".join(f"Janet has {i} eggs and {i + 1} ducks." for i in range(8)))
+    code, err = run_cli(["train", "--model", tmp_path / "hf", "--data", tmp_path / "text.txt", "--output",
+                         tmp_path / "run", "--steps", "2", "--seq-len", "32", "--holdout", "0", "--no-progress"],
+                        capsys)
+    assert code == 0, err
+    assert "mtp train: 1 of 2 steps (50%)" in err and "mtp train: 2 of 2 steps (100%)" in err, err
+    assert "%|" not in err and "\r" not in err, err
+
+
 def test_generate_takes_no_progress(tiny_mtp_folder, tmp_path, capsys):
     prompts = tmp_path / "p.txt"
     prompts.write_text("Janet has 3 eggs\nWhat is 7 + 5?\n")

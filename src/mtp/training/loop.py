@@ -30,6 +30,7 @@ from mtp.arguments import check_values
 from mtp.errors import MTPError
 from mtp.io import atomic_write_lines, disk_errors
 from mtp.process import interrupt_for
+from mtp.progress import progress_bar
 from mtp.runtime import synchronize
 from mtp.training.checkpoints import (
     SHARDED_DIR,
@@ -597,11 +598,9 @@ class Trainer:
         metrics = MetricsLog(self.output_dir / "metrics.jsonl" if self.output_dir and self.is_main else None,
                              self.step)
         bar = None
-        if cfg.progress and self.is_main:
-            from tqdm.auto import tqdm
-
-            bar = tqdm(total=cfg.steps if self.paced else None, initial=self.step, desc="train", unit="step",
-                       dynamic_ncols=True, mininterval=1.0)
+        if self.is_main:
+            bar = progress_bar(cfg.progress, cfg.steps if self.paced else None, "train", "step", self.step,
+                               mininterval=1.0)
         self._stop.requested = False
         saved_at = self.step if self.last_checkpoint is not None else None
         first, timed_from = self.step, None  # --train-minutes: this process's first step, when timing began

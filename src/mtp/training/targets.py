@@ -39,6 +39,7 @@ from typing import Literal
 import torch
 
 from mtp.errors import MTPError
+from mtp.progress import progress_bar
 from mtp.training.data import Example, Rows, TokenizedData, _example_tokens, check_tokenizer
 from mtp.training.features import FeatureRecorder, FeatureStore, open_append
 
@@ -228,12 +229,10 @@ def self_distilled_answers(
     todo.sort(key=lambda i: (-lengths[i], i))  # similar lengths share a batch: little padding
     mine = todo[rank::world]
     bar = None
-    if progress and rank == 0:
-        from tqdm.auto import tqdm
-
+    if rank == 0:
         label = desc + (f" (rank 0's share of {world})" if world > 1 else "")
         total, initial = (len(mine), 0) if world > 1 else (n, n - len(todo))
-        bar = tqdm(total=total, initial=initial, desc=label, unit="answer", dynamic_ncols=True)
+        bar = progress_bar(progress, total, label, "answer", initial)
     _generate_answers(model, tokenizer, prompts, mine, answers, (cache_ids, keys), budgets,
                       share_path(cache_path, rank) if world > 1 else cache_path, batch_size, stop_token_ids,
                       features, bar)
