@@ -16,17 +16,21 @@ def _restore_transformers_bars():
     hf_logging.enable_progress_bar()
 
 
-def test_no_progress_silences_the_loading_bars_too(tmp_path, capsys, _restore_transformers_bars):
-    """--no-progress (logs of batch jobs): transformers' "Loading weights" bar of a plain model folder goes too."""
+def _tiny_train_args(tmp_path, steps: int) -> list:
+    """`mtp train --no-progress` of a tiny plain model folder on a small text file, written under tmp_path."""
     from conftest import tiny_base, tiny_tokenizer
 
     tok = tiny_tokenizer()
     tiny_base("llama", vocab_size=len(tok)).save_pretrained(tmp_path / "hf")
     tok.save_pretrained(tmp_path / "hf")
     (tmp_path / "text.txt").write_text("\n\n".join(f"Janet has {i} eggs and {i + 1} ducks." for i in range(8)))
-    code, err = run_cli(["train", "--model", tmp_path / "hf", "--data", tmp_path / "text.txt", "--output",
-                         tmp_path / "run", "--steps", "1", "--seq-len", "32", "--holdout", "0", "--no-progress"],
-                        capsys)
+    return ["train", "--model", tmp_path / "hf", "--data", tmp_path / "text.txt", "--output", tmp_path / "run",
+            "--steps", str(steps), "--seq-len", "32", "--holdout", "0", "--no-progress"]
+
+
+def test_no_progress_silences_the_loading_bars_too(tmp_path, capsys, _restore_transformers_bars):
+    """--no-progress (logs of batch jobs): transformers' "Loading weights" bar of a plain model folder goes too."""
+    code, err = run_cli(_tiny_train_args(tmp_path, steps=1), capsys)
     assert code == 0, err
     assert "%|" not in err, err
 
@@ -72,16 +76,9 @@ def test_no_progress_logs_a_line_every_few_minutes(capsys):
 
 def test_train_with_no_progress_logs_plain_lines(tmp_path, capsys, monkeypatch, _restore_transformers_bars):
     import mtp.progress as progress
-    from conftest import tiny_base, tiny_tokenizer
 
     monkeypatch.setattr(progress, "LOG_EVERY_S", 0.0)  # a line every step
-    tok = tiny_tokenizer()
-    tiny_base("llama", vocab_size=len(tok)).save_pretrained(tmp_path / "hf")
-    tok.save_pretrained(tmp_path / "hf")
-    (tmp_path / "text.txt").write_text("\n\n".join(f"Janet has {i} eggs and {i + 1} ducks." for i in range(8)))
-    code, err = run_cli(["train", "--model", tmp_path / "hf", "--data", tmp_path / "text.txt", "--output",
-                         tmp_path / "run", "--steps", "2", "--seq-len", "32", "--holdout", "0", "--no-progress"],
-                        capsys)
+    code, err = run_cli(_tiny_train_args(tmp_path, steps=2), capsys)
     assert code == 0, err
     assert "mtp train: 1 of 2 steps (50%)" in err and "mtp train: 2 of 2 steps (100%)" in err, err
     assert "%|" not in err and "\r" not in err, err

@@ -361,15 +361,17 @@ def run(argv: list[str] | None = None) -> int:
 def _no_bars(quiet: bool):
     """--no-progress: no bar on stderr at all, transformers' own included ("Loading weights", its GGUF conversion:
     `mtp.formats.gguf`); restored afterwards for a caller that runs several commands in one process."""
+    if not quiet:  # (transformers takes seconds to import: only where its bars must go)
+        yield
+        return
     from transformers.utils import logging as hf_logging
 
     was_enabled = hf_logging.is_progress_bar_enabled()
-    if quiet:
-        hf_logging.disable_progress_bar()
+    hf_logging.disable_progress_bar()
     try:
         yield
     finally:
-        if quiet and was_enabled:
+        if was_enabled:
             hf_logging.enable_progress_bar()
 
 
