@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # The GPU checks, in two calls of a lent GPU machine (see DEVELOPERS.md): run from the repository root there.
 #   bash scripts/gpu_check.sh tiny   the CUDA tests on tiny models, then step timings of a SmolLM2-shaped random
-#                                    model: graphs on, graphs of compiled layers, eager (no GGUF needed)
+#                                    model: graphs on, graphs of the compiled step, eager (no GGUF needed)
 #   bash scripts/gpu_check.sh real   the real model: heads trained on the GPU, `mtp bench --device cuda` (batch 1
-#                                    and 16; BENCH_GRAPHS=compile for graphs of compiled layers; BENCH_DTYPE=float32
+#                                    and 16; BENCH_GRAPHS=compile for graphs of the compiled step; BENCH_DTYPE=float32
 #                                    where lossless rows must equal greedy exactly: bf16 blocks of other widths round
 #                                    differently; TRUNK_LAYERS=28 for heads of two layers; HEADS=folder benches
 #                                    that folder instead of training, e.g. /root/demo/smollm2-mtp4 after `demo`),
@@ -41,13 +41,13 @@ smoke|tiny)
   [ "$mode" = tiny ] && tests+=(tests/training/test_cuda_training.py tests/evaluation/test_cuda_evaluation.py)
   [ -n "${SKIP_TESTS:-}" ] || timeout ${TEST_SECONDS:-200} python3 -m pytest "${tests[@]}" -m "cuda and not real_model" -q -p no:cacheprovider \
     -k "not torchrun" 2>&1 | tee "$OUT/pytest-cuda.log" | tail -25
-  step "step timings: graphs (each attention path; launched ahead of the host or not), compiled layers, eager"
+  step "step timings: graphs (each attention path; launched ahead of the host or not), the compiled step, eager"
   speed 70 --dtype bfloat16 --graphs on --attention grouped matmul --repeat 3 --json "$OUT/speed-bf16.json"
   speed 45 --dtype bfloat16 --graphs on --configs greedy tree4+lookup6 --launch-ahead on off --repeat 3 \
     --json "$OUT/speed-ahead.json"
   speed ${COMPILE_SECONDS:-150} --dtype bfloat16 --graphs compile --repeat 3 --configs greedy tree4+lookup6 \
     --json "$OUT/speed-compile.json"
-  speed 50 --dtype bfloat16 --batch 16 --repeat 3 --configs greedy tree4+lookup6 --graphs on compile \
+  speed 50 --dtype bfloat16 --batch 16 --repeat 3 --configs greedy tree4+lookup6 --graphs on \
     --json "$OUT/speed-batch.json"
   speed 30 --dtype bfloat16 --graphs off --repeat 2 --configs greedy --json "$OUT/speed-eager.json"
   ;;

@@ -28,8 +28,8 @@ Graphs = Literal["auto", "on", "off", "compile"]  # replay decoding steps as CUD
 
 
 def graphs_option(flag: Graphs, device: torch.device) -> bool | str | None:
-    """A --graphs value for `generate(graphs=...)`: None (auto), True, False or "compile" (graphs of steps whose
-    layers torch.compile fused); "on" or "compile" off CUDA is an error."""
+    """A --graphs value for `generate(graphs=...)`: None (auto), True, False or "compile" (graphs of the step
+    torch.compile made); "on" or "compile" off CUDA is an error."""
     if flag in ("on", "compile") and device.type != "cuda":
         raise MTPError(f"--graphs {flag} needs a CUDA device, not {device}")
     return {"auto": None, "on": True, "off": False, "compile": "compile"}[flag]

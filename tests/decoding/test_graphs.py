@@ -227,15 +227,28 @@ def test_graphs_need_a_cuda_device():
         generate(model, torch.tensor([[1, 2]]), max_new_tokens=3, graphs="yes")
 
 
+@pytest.fixture(params=[False, True], ids=["", "fused"])
+def gpu_path(request, monkeypatch):
+    """With the GPU's path (fused layers, CUDA's grouped attention) forced on the CPU, or without."""
+    if request.param:
+        from mtp.models import fast_llama
+
+        monkeypatch.setattr(fast_llama, "FUSED_DEVICES", {"cpu"})
+        monkeypatch.setattr(fast_llama, "_attention_path", lambda batch, block, device_type="cpu": "grouped")
+    return request.param
+
+
 @pytest.mark.parametrize("kind,kw", [
     ("heads", {"strategy": "speculative", "tree": DynamicTree(4, 2), "lookup": 3, "do_sample": True}),
     ("heads", {"strategy": "speculative", "tree": "auto", "tree_size": 4, "lookup": 2}),
+    ("heads", {"strategy": "speculative", "lookup": 2}),
     ("masks", {"strategy": "confadapt", "k": 3}),
-], ids=["heads-dynamic-tree-lookup-sampling", "heads-tree-lookup", "masks-confadapt"])
-def test_a_step_traces_as_one_graph(kind, kw):
+], ids=["heads-dynamic-tree-lookup-sampling", "heads-tree-lookup", "heads-chain-lookup", "masks-confadapt"])
+def test_a_step_traces_as_one_graph(kind, kw, gpu_path):
     """The step reads nothing back to the host (what a CUDA graph cannot replay): dynamo traces it as one graph
     (fullgraph=True fails on a host read such as .item(), .tolist() or a tensor in an `if`), the prompt's step
-    (captured too, `GraphedSteps.prefill`) and the next."""
+    (captured too, `GraphedSteps.prefill`) and the next; on the GPU's path too, whose fused weights and stacked
+    heads are cached by their tensors' addresses (which a traced graph cannot read: `graphs="compile"`)."""
     model = tiny_mtp("llama", num_heads=3) if kind == "heads" else mask_model("llama", "gated-lora", 0, 20)
     from mtp.decoding.generate import model_tree
 
@@ -247,14 +260,56 @@ def test_a_step_traces_as_one_graph(kind, kw):
     cache = drafter.new_cache(2, 64, static=True)
     decoder = Decoder(drafter, opts, cache, torch.tensor([5]), None)  # (dynamo traces no torch.Generator)
     n, m = drafter.num_drafts, opts.lookup
+    prompt = _prompt_state(ids, mask.bool(), opts, 64 if m else 0)
     with torch.inference_mode():
+        if gpu_path:  # an eager prompt step first builds the fused weights a trace reads (graphs="compile" too)
+            decoder.step(prompt.clone(), 0, 0)
+            cache.reset()
         torch._dynamo.reset()
         prompt_step = torch.compile(lambda s: decoder.step(s, 0, 0), fullgraph=True, backend="eager", dynamic=False)
-        state, _ = prompt_step(_prompt_state(ids, mask.bool(), opts, 64 if m else 0))
+        state, _ = prompt_step(prompt)
         torch._dynamo.reset()
         traced = torch.compile(lambda s: decoder.step(s, n, m), fullgraph=True, backend="eager", dynamic=False)
         new, result = traced(state)
     assert result.host.shape[0] == 2 and new.pending.shape == state.pending.shape
+
+
+@pytest.mark.parametrize("kw", [{}, {"strategy": "speculative", "tree": "dynamic", "tree_size": 4, "lookup": 3}],
+                         ids=["greedy", "dynamic-tree-lookup"])
+def test_a_compiled_step_decodes_as_the_eager_one(kw, monkeypatch, gpu_path):
+    """graphs="compile" (here with inductor's CPU code and the stand-in for a capture): the whole step through
+    torch.compile, one graph per step shape, emits what eager decoding emits - rows that end at different steps,
+    a dynamic tree with lookup drafts - and a later call of the same shapes compiles nothing more."""
+    pytest.importorskip("torch._inductor")
+    from torch._dynamo.utils import counters
+
+    monkeypatch.setattr(generate_module, "_use_graphs", lambda graphs, device, proposer: graphs)
+    model = tiny_mtp("llama", num_heads=3, seed=2, vocab_size=50)
+    ids, mask = left_pad([[1, 2, 3, 1, 2, 3], [4, 5]])
+    eager = generate(model, ids, mask, max_new_tokens=20, stop_token_ids=[21], graphs=False, **kw)
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = generate(model, ids, mask, max_new_tokens=20, stop_token_ids=[21], graphs="compile", **kw)
+    graphs_compiled = counters["stats"]["unique_graphs"]
+    assert compiled.tokens == eager.tokens and len(set(map(len, eager.tokens))) == 2  # (rows end apart)
+    assert graphs_compiled >= 1 and not counters["graph_break"], dict(counters["graph_break"])
+    again = generate(model, ids, mask, max_new_tokens=20, stop_token_ids=[21], graphs="compile", **kw)
+    assert again.tokens == eager.tokens and counters["stats"]["unique_graphs"] == graphs_compiled
+
+
+def test_sampling_steps_are_captured_uncompiled(replayed, monkeypatch):
+    """graphs="compile" with sampling: dynamo traces no torch.Generator (each draw would break the graph, and the
+    pieces sampled unlike the eager step), so those steps are captured as they are: nothing compiles, and a seed
+    samples what it samples with graphs on."""
+    from torch._dynamo.utils import counters
+
+    monkeypatch.setattr(generate_module, "_use_graphs", lambda graphs, device, proposer: graphs)
+    model = tiny_mtp("llama", num_heads=3, seed=2, vocab_size=50)
+    kw = dict(max_new_tokens=12, stop_token_ids=[], strategy="speculative", do_sample=True, seed=3)
+    counters.clear()
+    sampled = generate(model, torch.tensor([[1, 2, 3, 1, 2, 3]]), graphs="compile", **kw)
+    assert counters["stats"]["unique_graphs"] == 0
+    assert sampled.tokens == generate(model, torch.tensor([[1, 2, 3, 1, 2, 3]]), graphs=True, **kw).tokens
 
 
 @pytest.mark.parametrize("kind,kw", [
@@ -385,9 +440,10 @@ def test_default_model_on_cuda_graphs_equal_eager_and_greedy():
 
 
 @pytest.mark.cuda
-def test_graphs_of_compiled_layers_decode_as_the_eager_steps():
-    """graphs="compile": the captured steps run torch.compile'd layers; in fp32 the tokens are the eager steps'
-    (fused kernels round differently only in the last bits), and speculative decoding still equals greedy."""
+def test_graphs_of_the_compiled_step_decode_as_the_eager_steps():
+    """graphs="compile": the captured steps run what torch.compile made of the step; in fp32 the tokens are the
+    eager steps' (fused kernels round differently only in the last bits), and speculative decoding still equals
+    greedy."""
     model = tiny_mtp("llama", num_heads=3, seed=7, vocab_size=50).to("cuda")
     ids, mask = left_pad([[1, 2, 3, 1, 2, 3], [4, 5]])
     ids, mask = ids.cuda(), mask.cuda()

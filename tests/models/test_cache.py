@@ -7,7 +7,7 @@ import torch
 
 from conftest import tiny_mtp
 from mtp.errors import MTPError
-from mtp.models.cache import MTPCache, write_block, write_kv
+from mtp.models.cache import MTPCache, write_kv
 
 
 def block_logits(model, cache, block: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
@@ -95,34 +95,29 @@ def test_select_rows_drops_finished_rows():
 
 
 @pytest.mark.parametrize("backend", ["eager", "inductor"])
-def test_a_compiled_block_write_writes_what_the_eager_one_does(backend):
-    """`write_block` writes each row's keys and values at its own slots, and `write_kv` both at once into one
-    buffer; compiled (an index_put, which inductor writes in place) they write the same into the same buffers as
-    eagerly (a scatter)."""
+@pytest.mark.parametrize("split_heads", [False, True], ids=["heads", "layers-by-heads"])
+def test_a_compiled_block_write_writes_what_the_eager_one_does(backend, split_heads):
+    """`write_kv` writes each row's keys and values at its own slots into one layer's row of a stack's buffer;
+    compiled (an index_put into the whole buffer, which inductor writes in place) it writes the same as eagerly
+    (a scatter into the layer's row), and nothing else. The heads may come as (layers, heads): the extra heads'
+    stack writes m layers' heads at once."""
     pytest.importorskip("torch._inductor")
     g = torch.Generator().manual_seed(0)
-    b, heads, t, d, length = 3, 2, 4, 8, 32
-    k_buf, v_buf = torch.randn(b, heads, length, d, generator=g), torch.randn(b, heads, length, d, generator=g)
-    keys, values = torch.randn(b, heads, t, d, generator=g), torch.randn(b, heads, t, d, generator=g)
+    layers, b, heads, t, d, length = 3, 3, 4, 4, 8, 32
+    stack = torch.randn(layers, 2, b, heads, length, d, generator=g)
+    kv = torch.randn(2, b, heads, t, d, generator=g)
     slots = torch.stack([torch.randperm(length, generator=g)[:t] for _ in range(b)])  # (B, T)
-    expected_k, expected_v = k_buf.clone(), v_buf.clone()
+    expected = stack.clone()
     for row in range(b):
         for j in range(t):
-            expected_k[row, :, slots[row, j]] = keys[row, :, j]
-            expected_v[row, :, slots[row, j]] = values[row, :, j]
-    eager_k, eager_v = k_buf.clone(), v_buf.clone()
-    write_block(eager_k, eager_v, slots, keys, values)
-    assert torch.equal(eager_k, expected_k) and torch.equal(eager_v, expected_v)
+            expected[1, :, row, :, slots[row, j]] = kv[:, row, :, j]
+    block = kv.view(2, b, 2, heads // 2, t, d) if split_heads else kv
+    eager = stack.clone()
+    write_kv(eager, 1, slots, block)
+    assert torch.equal(eager, expected)
     torch._dynamo.reset()
-    kv_buf, kv = torch.stack((k_buf, v_buf)), torch.stack((keys, values))  # (2, B, heads, L or T, D)
-    eager_kv = kv_buf.clone()
-    write_kv(eager_kv, slots, kv)
-    assert torch.equal(eager_kv, torch.stack((expected_k, expected_v)))
-    torch._dynamo.reset()
-    torch.compile(write_block, backend=backend, fullgraph=True, dynamic=False)(k_buf, v_buf, slots, keys, values)
-    assert torch.equal(k_buf, expected_k) and torch.equal(v_buf, expected_v)
-    torch.compile(write_kv, backend=backend, fullgraph=True, dynamic=False)(kv_buf, slots, kv)
-    assert torch.equal(kv_buf, eager_kv)
+    torch.compile(write_kv, backend=backend, fullgraph=True, dynamic=False)(stack, 1, slots, block)
+    assert torch.equal(stack, expected)
 
 
 def test_a_stack_refuses_a_layer_of_another_width():
@@ -130,6 +125,7 @@ def test_a_stack_refuses_a_layer_of_another_width():
     (the extra heads run as one wide layer, then one by one) is refused rather than written into part of it."""
     cache = MTPCache(1, 16, num_stacks=1, stack_layers=[1])
     stack = cache.stack(0)
-    assert stack.layer_kv(0, torch.empty(1, 9, 0, 8)).shape == (2, 1, 9, 16, 8)
+    buffer, row = stack.buffer_row(0, torch.empty(1, 9, 0, 8))
+    assert buffer.shape == (1, 2, 1, 9, 16, 8) and row == 0
     with pytest.raises(MTPError, match="holds 9 key/value heads a layer, a layer wrote 3"):
-        stack.layer_kv(0, torch.empty(1, 3, 0, 8))
+        stack.buffer_row(0, torch.empty(1, 3, 0, 8))

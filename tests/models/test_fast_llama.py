@@ -501,36 +501,6 @@ def test_fused_projections_follow_weight_updates(monkeypatch):
         assert not torch.allclose(a, old)
 
 
-def test_compiled_layer_step_matches_the_eager_one(monkeypatch):
-    """`compiled_layers()` runs the fused layers through torch.compile (`generate(graphs="compile")`): the same
-    logits up to the rounding of fused kernels, and the eager step again outside it. Block widths after the
-    first two compile no more: the width becomes a symbolic size (a bench's dozen step shapes cost a few
-    compiles, not a dozen; 1, a size torch always specialises, compiles for itself)."""
-    pytest.importorskip("torch._inductor")
-    from torch._dynamo.utils import counters
-
-    monkeypatch.setattr(fast_llama, "FUSED_DEVICES", {"cpu"})
-    model = qwen_mtp("qwen2")  # biased q, k, v: every argument of the step used
-    gen = torch.Generator().manual_seed(1)
-    ids, mask = left_pad([torch.randint(0, 61, (n,), generator=gen).tolist() for n in (6, 4)])
-    steps = [torch.randint(0, 61, (2, t), generator=gen) for t in (3, 2, 5)]  # each compile: ~10 s on a CPU
-    eager = cached_logits(model, ids, mask, steps)
-    compiled_calls = []
-    compiled_step = fast_llama.compiled_layer_step
-    monkeypatch.setattr(fast_llama, "compiled_layer_step", lambda: compiled_calls.append(1) or compiled_step())
-    graphs_before = counters["stats"]["unique_graphs"]
-    with fast_llama.compiled_layers():
-        compiled = cached_logits(model, ids, mask, steps)
-    assert counters["stats"]["unique_graphs"] - graphs_before <= 2  # the prompt's width 6, then one for 3, 2, 5
-    # the trunk's layers and the next-token head's, every forward (the extra heads run as one eager stack)
-    layers = (len(model.backbone.fast_layers) - (model.num_heads - 1)) * (1 + len(steps))
-    assert len(compiled_calls) == layers
-    for a, b in zip(compiled, eager, strict=True):
-        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
-    cached_logits(model, ids, mask, steps)
-    assert len(compiled_calls) == layers  # outside: the eager step again
-
-
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("block", [1, 11, 64])

@@ -113,8 +113,8 @@ def generate(model: str | None = None, prompt: str | None = None, prompts: str |
         lookup: speculative: also verify up to this many tokens copied from earlier in the prompt and answer
             (prompt lookup), one more branch of the draft tree; 0: none.
         graphs: replay the decoding steps as CUDA graphs: auto (on CUDA), on, off (eager steps, same output),
-            compile (graphs of torch.compile-fused layers: faster; compiling takes tens of seconds, for the
-            first two step shapes).
+            compile (graphs of the step torch.compile fused, gpt-fast's way: faster; compiling takes tens of
+            seconds for each of the first few step shapes).
         progress: a progress bar over the prompts (on stderr, when there are several).
     """
     if (prompt is None) == (prompts is None):

@@ -368,8 +368,9 @@ def generate(model, input_ids: torch.Tensor | list, attention_mask: torch.Tensor
             (prompt lookup, `mtp.decoding.lookup`), as one more branch of the draft tree; 0: none.
         graphs: replay each decoding step as a CUDA graph (`mtp.decoding.graphs`); None: on CUDA, unless a
             `proposer` (read on the host) drafts. Off, the same steps run eagerly (the reference). "compile":
-            graphs of steps whose Llama-family layers torch.compile fused into fewer kernels (tens of seconds
-            to compile, for the first two step shapes; then faster, equal to the eager step up to rounding).
+            graphs of the step as torch.compile made it, gpt-fast's way (each layer's and the step's small ops
+            fused into a few kernels: about a third fewer; tens of seconds to compile each of a run's first
+            few step shapes; then faster, equal to the eager step up to rounding).
     """
     if use_speculative is not None:
         spelled = "speculative" if use_speculative else "greedy"

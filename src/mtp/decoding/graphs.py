@@ -8,6 +8,11 @@ at the end of the captured step, so the next replay reads the next step's inputs
 configuration runs eagerly (it warms up the kernels and caches the capture needs), then the same step is captured.
 The prompt's step too is captured, per prompt width (`generate` pads prompts to a few widths): eagerly it costs as
 much as ~10 replayed steps, a tenth of a call's time when speculative decoding emits 128 tokens in ~50 steps.
+`compiled` (`generate(graphs="compile")`; sampling excepted) runs the step through `torch.compile` before it is
+captured, as gpt-fast does: inductor fuses each layer's norms, rotary, cache write and activation, and the step's
+bookkeeping (verification, the cache's moves, end tokens, the next state) into a few kernels, while the matmuls
+stay cuBLAS calls. It compiles once per step shape (then with symbolic sizes: a few compiles a run, tens of
+seconds each).
 A `DecodeSession` keeps a batch size's cache, state buffers and graphs between `generate` calls.
 """
 
@@ -19,7 +24,6 @@ from collections.abc import Callable
 import torch
 
 from mtp.decoding.step import Decoder, DecodeState, StepResult
-from mtp.models.fast_llama import compiled_layers
 
 
 class GraphedSteps:
@@ -28,7 +32,8 @@ class GraphedSteps:
 
     def __init__(self, decoder: Decoder, compiled: bool = False):
         self.decoder = decoder
-        self.compiled = compiled  # layers run torch.compile'd kernels in the captured steps
+        self.compiled = compiled  # the captured steps run what torch.compile made of the step
+        self.step_in_place = _compiled(self._step_in_place) if compiled else self._step_in_place
         self.graphs: dict[tuple, Callable[[], StepResult]] = {}  # (B, n, m, drafting, catch_up) -> replay
         self.prompts: dict[tuple[int, int], tuple] = {}  # prompt shape -> (its input buffers, replay)
         self.cuda = decoder.cache.valid.device.type == "cuda"
@@ -39,16 +44,16 @@ class GraphedSteps:
         replay = self.graphs.get(key)
         if replay is not None:
             return replay()
-        # Compiled layers compile in the warm-up, so the capture records their kernels only.
-        result, self.graphs[key] = self._capture(lambda: self._step_in_place(state, *key[1:]),
-                                                 lambda: self._step_in_place(state, *key[1:]), self.compiled)
+        # A compiled step compiles in the warm-up, so the capture records its kernels only.
+        result, self.graphs[key] = self._capture(lambda: self.step_in_place(state, *key[1:]),
+                                                 lambda: self.step_in_place(state, *key[1:]))
         return result
 
     def prefill(self, prompt: DecodeState, state: DecodeState | None) -> tuple[DecodeState, StepResult]:
         """The prompt's step into the session's state buffers (`state`; None: the first prompt's new state becomes
         them), replayed from a graph captured at the first prompt of this width (its inputs copied into the
-        captured prompt's buffers); that first one runs eagerly. Layers run eagerly here even when compiled ones
-        replay the later steps: every prompt width would compile anew."""
+        captured prompt's buffers); that first one runs eagerly. It is not compiled even where the later steps
+        are: every prompt width would compile anew."""
         key = tuple(prompt.pending.shape)
         entry = self.prompts.get(key)
         if entry is not None and state is not None:
@@ -63,12 +68,12 @@ class GraphedSteps:
             buffers[0] = _adopted(buffers[0], new)
             return result
 
-        result, replay = self._capture(first, lambda: self._step_in_place(inputs, 0, 0, into=buffers[0]), compiled=False)
+        result, replay = self._capture(first, lambda: self._step_in_place(inputs, 0, 0, into=buffers[0]))
         self.prompts[key] = (inputs, replay)
         return buffers[0], result
 
-    def _capture(self, warm_up: Callable[[], StepResult], run: Callable[[], StepResult],
-                 compiled: bool) -> tuple[StepResult, Callable[[], StepResult]]:
+    def _capture(self, warm_up: Callable[[], StepResult],
+                 run: Callable[[], StepResult]) -> tuple[StepResult, Callable[[], StepResult]]:
         """`warm_up()` eagerly, then `run` captured as a CUDA graph (the same work on the buffers the graph will
         read): (the eager result, a replay that returns the captured result). On CUDA the warm-up runs on a side
         stream, as a capture wants. Off CUDA the replay runs `run` again and, as a graph does, writes its result
@@ -88,13 +93,13 @@ class GraphedSteps:
             return warm_up(), again
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side), compiled_layers(compiled):
+        with torch.cuda.stream(side):
             result = warm_up()
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         if self.decoder.generator is not None:
             graph.register_generator_state(self.decoder.generator)
-        with torch.cuda.graph(graph, pool=self.pool), compiled_layers(compiled):
+        with torch.cuda.graph(graph, pool=self.pool):
             captured = run()
         return result, lambda: graph.replay() or captured
 
@@ -104,6 +109,22 @@ class GraphedSteps:
         new, result = self.decoder.step(state, n, m, drafting, catch_up)
         (state if into is None else into).copy_(new)
         return result
+
+
+def _compiled(step: Callable[..., StepResult]) -> Callable[..., StepResult]:
+    """`step` through torch.compile. Every step shape is one traced graph (`tests/decoding/test_graphs.py`);
+    one that is not would still run, its untraced parts eagerly inside the capture. The first size of a dimension
+    (a block width, a batch size, a cache's length) compiles for itself, the next with that size symbolic
+    (torch's automatic dynamic shapes), so a bench's dozen step shapes cost a few compiles, not a dozen."""
+    import warnings
+
+    import torch._dynamo
+
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 256)
+    # The tree's shape-only tensors are built by functools caches, which dynamo traces through (a warning each):
+    # inside a compiled step they are constants inductor folds.
+    warnings.filterwarnings("ignore", message="Dynamo detected a call to a `functools.lru_cache`")
+    return torch.compile(step, dynamic=None)
 
 
 def _tensors(result: StepResult) -> list[torch.Tensor]:
@@ -128,7 +149,9 @@ class DecodeSession:
         self.cache = drafter.new_cache(batch_size, max_len, static=True)
         self.generator = torch.Generator(device=device) if sampling else None
         self.decoder = Decoder(drafter, opts, self.cache, stop_ids, self.generator, observe, defer_capacity)
-        self.run = GraphedSteps(self.decoder, compiled)
+        # Sampling steps stay uncompiled: dynamo traces no torch.Generator, and the graph breaks around each draw
+        # left a compiled step's samples unlike the eager step's.
+        self.run = GraphedSteps(self.decoder, compiled and not sampling)
         self.state: DecodeState | None = None
 
     def adopt(self, state: DecodeState) -> DecodeState:

@@ -117,8 +117,8 @@ def eval_(
         dtype: the weights' dtype: auto (bfloat16 on CUDA, float32 on the CPU), float32, bfloat16 or float16
         device: auto (CUDA when available), cpu, cuda or cuda:N
         graphs: replay the decoding steps as CUDA graphs: auto (on CUDA), on, off (eager steps, same output),
-            compile (graphs of torch.compile-fused layers: faster; compiling takes tens of seconds, for the
-            first two step shapes)
+            compile (graphs of the step torch.compile fused, gpt-fast's way: faster; compiling takes tens of
+            seconds for each of the first few step shapes)
         threads: torch CPU threads (default: torch's choice)
         progress: progress bar
         mask_token_id: decode a plain model with this existing token as its mask token (checkpoints trained
@@ -255,8 +255,8 @@ def bench(
             lossless speculative row: total tokens/s (GSM8K problems past --limit fill the larger batches)
         bandwidth_gbs: memory bandwidth in GB/s for the weight-streaming floor of a step (default: measured)
         graphs: mtp's decoding steps replayed as CUDA graphs: auto (on CUDA), on, off (eager steps), compile
-            (graphs of torch.compile-fused layers: faster; compiling takes tens of seconds, for the first two
-            step shapes)
+            (graphs of the step torch.compile fused, gpt-fast's way: faster; compiling takes tens of seconds
+            for each of the first few step shapes)
     """
     from mtp.decoding.tree import DEFAULT_TREE_SIZE
 

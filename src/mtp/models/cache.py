@@ -34,25 +34,23 @@ def additive_mask(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return mask.masked_fill_(allowed, 0)[:, None]
 
 
-def write_block(k_buf: torch.Tensor, v_buf: torch.Tensor, slots: torch.Tensor, keys: torch.Tensor,
-                values: torch.Tensor) -> None:
-    """Write a block's keys and values (B, kv_heads, T, D) into a layer's buffers (B, kv_heads, max_len, D) at
-    each row's block slots (B, T)."""
-    for buf, block in ((k_buf, keys), (v_buf, values)):
-        write_kv(buf[None], slots, block[None])
-
-
-def write_kv(kv_buf: torch.Tensor, slots: torch.Tensor, kv: torch.Tensor) -> None:
-    """Write a block (N, B, kv_heads, T, D) into a layer's buffer (N, B, kv_heads, max_len, D) at each row's block
-    slots (B, T): N = 2 writes keys and values at once (`StackCache.layer_kv`), one kernel instead of two."""
+def write_kv(stack: torch.Tensor, row: int, slots: torch.Tensor, kv: torch.Tensor) -> None:
+    """Write a block kv (N, B, *heads, T, D) into row `row` of a stack's buffer (layers, N, B, H, max_len, D) at each
+    batch row's block slots (B, T): N = 2 writes keys and values at once, one kernel instead of two; `heads`
+    (one or more dimensions) spans the H key/value heads."""
+    n, b, t, d = kv.shape[0], kv.shape[1], kv.shape[-2], kv.shape[-1]
     if torch.compiler.is_compiling():
-        # torch.compile writes an index_put into the buffer in place; a scatter into a graph input became a copy
-        # of the whole buffer, scattered and copied back, in every layer of every step
-        rows = torch.arange(kv.shape[1], device=slots.device)[:, None]  # (B, 1)
-        kv_buf[:, rows, :, slots] = kv.permute(1, 3, 0, 2, 4)  # (B, T, N, kv_heads, D): indexed dimensions first
+        # torch.compile writes an index_put into a graph input in place; a scatter, or any write into a view of
+        # one (a layer's row of the stack), became a copy of the whole buffer, written and copied back, in every
+        # layer of every step. So the layer's row is an index too.
+        layer = torch.full((1, 1, 1), row, device=slots.device)
+        parts = torch.arange(n, device=slots.device)[:, None, None]  # (N, 1, 1)
+        rows = torch.arange(b, device=slots.device)[None, :, None]  # (1, B, 1)
+        stack[layer, parts, rows, :, slots[None]] = kv.flatten(2, -3).transpose(2, 3)  # (N, B, T, H, D)
         return
-    n, b, heads, t, d = kv.shape  # eagerly a scatter costs the host less (10-20 us a call on a CPU)
-    kv_buf.scatter_(3, slots[None, :, None, :, None].expand(n, b, heads, t, d), kv)
+    buf = stack[row].view(n, b, *kv.shape[2:-2], stack.shape[-2], d)  # eagerly a scatter costs the host less
+    heads = [1] * (kv.dim() - 4)
+    buf.scatter_(-2, slots.view(1, b, *heads, t, 1).expand(kv.shape), kv)
 
 
 class StackCache:
@@ -86,15 +84,16 @@ class StackCache:
         if key_states.shape != value_states.shape:
             raise MTPError(f"keys {tuple(key_states.shape)} and values {tuple(value_states.shape)} differ in shape: "
                            "this cache keeps them in one buffer")
-        kv = self.layer_kv(layer_idx, key_states)
-        write_block(kv[0], kv[1], self.owner.block_slots, key_states, value_states)
+        stack, row = self.buffer_row(layer_idx, key_states)
+        write_kv(stack, row, self.owner.block_slots, torch.stack((key_states, value_states)))
         end = self.owner.window
-        return kv[0, :, :, :end], kv[1, :, :, :end]
+        return stack[row, 0, :, :, :end], stack[row, 1, :, :, :end]
 
-    def layer_kv(self, layer_idx: int, key_like: torch.Tensor) -> torch.Tensor:
-        """A layer's keys and values (2, B, kv_heads, max_len, D), allocated at its first write (shaped as
-        `key_like`, (B, kv_heads, *, D)); a step that writes them itself (`mtp.models.fast_llama`) writes at
-        `owner.block_slots` and attends over the first `owner.window` slots."""
+    def buffer_row(self, layer_idx: int, key_like: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """The stack's buffer (layers, 2, B, kv_heads, max_len, D), allocated at the first write (shaped as
+        `key_like`, (B, kv_heads, *, D)), and the layer's row of it; a step that writes the layer's keys and values
+        itself (`mtp.models.fast_llama`) writes at `owner.block_slots` (`write_kv`) and attends over the first
+        `owner.window` slots."""
         row = self.row.get(layer_idx)
         if row is None:
             row = self.row[layer_idx] = len(self.row)
@@ -103,7 +102,7 @@ class StackCache:
         if self.kv.shape[3] != key_like.shape[1]:  # (a stack of heads run as one layer, then one by one)
             raise MTPError(f"this cache stack holds {self.kv.shape[3]} key/value heads a layer, a layer wrote "
                            f"{key_like.shape[1]}: decode with a new cache")
-        return self.kv[row]
+        return self.kv, row
 
     def _grow(self, layers: int, key_like: torch.Tensor) -> None:
         b, h, _, d = key_like.shape
@@ -235,6 +234,12 @@ class MTPCache:
                 source = start + path[:, :depth]  # (B, depth)
                 target = start + self._slots[:depth]
                 for stack in self.stacks:
+                    if torch.compiler.is_compiling() and stack.kv is not None:
+                        # an index_put into the buffer itself: torch.compile writes it in place (a scatter into
+                        # a view of it became a copy of the whole buffer and back, every step)
+                        rows = torch.arange(source.shape[0], device=source.device)[:, None]  # (B, 1)
+                        stack.kv[:, :, rows, :, target] = stack.kv[:, :, rows, :, source]  # (B, depth, layers, 2, H, D)
+                        continue
                     for buf in stack.buffers():  # (layers * 2, B, heads, L, D)
                         shape = (buf.shape[0], -1, buf.shape[2], -1, buf.shape[4])
                         moved = buf.gather(3, source[None, :, None, :, None].expand(*shape))

@@ -16,9 +16,6 @@ fbgemm (half the bytes, fp32 arithmetic, bit-identical rows; see `mtp.models.qua
 
 from __future__ import annotations
 
-import contextlib
-import functools
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -116,7 +113,7 @@ class FastLlamaLayer:
         """Whether this call runs as `layer_step` over fused weights: on a GPU, plain linear projections (no
         adapters' hooks), SiLU, no per-head norms, the norms' dtype (float64 normalises apart, `rms_norm`)."""
         # the device first: on a CPU (every decoding step there) the answer is no, at once
-        return (hidden.device.type in FUSED_DEVICES and self.packed is None and hasattr(cache, "layer_kv")
+        return (hidden.device.type in FUSED_DEVICES and self.packed is None and hasattr(cache, "buffer_row")
                 and self.q_norm is None and self.act is F.silu and hidden.dtype == self.ln1.weight.dtype
                 and hidden.dtype != torch.float64 and self._one_matmul(QKV, hidden)
                 and self._one_matmul(GATE_UP, hidden)
@@ -129,7 +126,7 @@ class FastLlamaLayer:
         _, qkv_w, qkv_b, bounds = self._fused_weights(self._qkv_group(hidden), qkv)
         _, gate_up_w, gate_up_b, _ = self._fused_weights(GATE_UP, self._modules(GATE_UP))
         heads, kv_heads = bounds[0][1] // self.head_dim, (bounds[1][1] - bounds[1][0]) // self.head_dim
-        kv_buf = cache.layer_kv(self.layer_idx, hidden.new_empty((b, kv_heads, 0, self.head_dim)))
+        kv_stack, kv_row = cache.buffer_row(self.layer_idx, hidden.new_empty((b, kv_heads, 0, self.head_dim)))
         o, down = self.attn.o_proj, self.mlp.down_proj
         o_w, group_major = o.weight, False
         # The grouped attention comes out of CUDA's kernel group-major: a copy of the output projection's weight
@@ -138,12 +135,10 @@ class FastLlamaLayer:
                 and o.weight.numel() * o.weight.element_size() <= SWAPPED_ROWS_BYTES):
             _, o_w, _, _ = self._fused_weights(OUT_GROUP_MAJOR, (o,))
             group_major = True
-        args = (hidden, mask, kv_buf, cache.owner.block_slots, cache.owner.window, cos, signed_sin,
+        args = (hidden, mask, kv_stack, kv_row, cache.owner.block_slots, cache.owner.window, cos, signed_sin,
                 self.ln1.weight, self.ln1.variance_epsilon, qkv_w, qkv_b, o_w, o.bias,
                 self.ln2.weight, self.ln2.variance_epsilon, gate_up_w, gate_up_b, down.weight, down.bias,
                 heads, kv_heads, self.scaling)
-        if _COMPILED_LAYERS:  # (inductor fuses the residual add into the norm after it: nothing to reuse)
-            return compiled_layer_step()(*args, group_major=group_major)
         return layer_step(*args, reuse_input=reuse_input and hidden.is_contiguous(), group_major=group_major)
 
     def _qkv_group(self, hidden: torch.Tensor) -> int:
@@ -186,8 +181,10 @@ class FastLlamaLayer:
     def _fused_weights(self, which: int, modules) -> tuple:
         """The group's weights (and biases) joined, built once and again whenever a weight changes; `QKV_SWAPPED`
         appends q's and k's rows once more with each head's two halves swapped (`layer_step`'s rotary)."""
-        identity = tuple((p.weight.data_ptr(), p.weight._version) for p in modules)
         cached = self._fused.get(which)
+        if cached is not None and torch.compiler.is_compiling():  # a compiled step: its session's weights, joined
+            return cached  # (reading a tensor's address breaks a traced graph; a session's weights stay put)
+        identity = tuple((p.weight.data_ptr(), p.weight._version) for p in modules)
         if cached is None or cached[0] != identity:
             weight = torch.cat([p.weight.detach() for p in modules])  # (sum of out, in)
             bias = None
@@ -219,24 +216,26 @@ def _swap_halves(rows: torch.Tensor, head_dim: int) -> torch.Tensor:
     return rows.view(-1, 2, half, *rows.shape[1:]).flip(1).reshape(rows.shape)
 
 
-def layer_step(hidden: torch.Tensor, mask: torch.Tensor | None, kv_buf: torch.Tensor, slots: torch.Tensor,
-               window: int, cos: torch.Tensor, signed_sin: torch.Tensor, ln1_w: torch.Tensor, ln1_eps: float,
+def layer_step(hidden: torch.Tensor, mask: torch.Tensor | None, kv_stack: torch.Tensor, kv_row: int,
+               slots: torch.Tensor, window: int, cos: torch.Tensor, signed_sin: torch.Tensor, ln1_w: torch.Tensor,
+               ln1_eps: float,
                qkv_w: torch.Tensor, qkv_b: torch.Tensor | None, o_w: torch.Tensor, o_b: torch.Tensor | None,
                ln2_w: torch.Tensor, ln2_eps: float, gate_up_w: torch.Tensor, gate_up_b: torch.Tensor | None,
                down_w: torch.Tensor, down_b: torch.Tensor | None, heads: int, kv_heads: int,
                scale: float, reuse_input: bool = False, group_major: bool = False) -> torch.Tensor:
     """One decoder layer over fused weights as a function of tensors only: the arithmetic of `FastLlamaLayer`'s
     general path in fewer kernels, since a GPU step costs per kernel (15-16 a layer eagerly, against 21 for the
-    same ops one by one), and what `torch.compile` fuses further (`compiled_layer_step`).
-    hidden (B, T, H); kv_buf (2, B, kv_heads, max_len, D) keys and values, written at slots (B, T); attention
-    over the first `window` slots with the additive mask (B, 1, T, window) or None; cos/signed_sin (B, 1, T, D);
+    same ops one by one), and what `torch.compile` fuses further (`generate(graphs="compile")`).
+    hidden (B, T, H); kv_stack[kv_row] (2, B, kv_heads, max_len, D) keys and values, written at slots (B, T)
+    (`write_kv`: row `kv_row` of the stack's buffer, which a compiled step writes in place); attention over the
+    first `window` slots with the additive mask (B, 1, T, window) or None; cos/signed_sin (B, 1, T, D);
     qkv_w/qkv_b: q, k, v, then (`_fused_weights(QKV_SWAPPED)`, small layers) q and k with each head's halves
     swapped. `reuse_input` (contiguous `hidden` the caller never reads again): the attention's residual is added
     inside the output projection's matmul, into `hidden` (15 kernels a layer, against 16). `group_major` (grouped
     attention): o_w reads the heads group-major (`_fused_weights(OUT_GROUP_MAJOR)`)."""
     b, t, h = hidden.shape
-    attn = _attention_half(hidden, mask, kv_buf, slots, window, cos, signed_sin, ln1_w, ln1_eps, qkv_w, qkv_b,
-                           heads, kv_heads, scale, group_major)  # (B, T, heads, D)
+    attn = _attention_half(hidden, mask, kv_stack, kv_row, slots, window, cos, signed_sin, ln1_w, ln1_eps, qkv_w,
+                           qkv_b, heads, kv_heads, scale, group_major)  # (B, T, heads, D)
     attn = attn.reshape(b * t, -1)  # (B T, heads D): a view of what CUDA's kernels write
     if reuse_input:  # the residual add inside the matmul, into the caller's buffer
         hidden.view(b * t, h).addmm_(attn, o_w.t())
@@ -250,14 +249,14 @@ def layer_step(hidden: torch.Tensor, mask: torch.Tensor | None, kv_buf: torch.Te
     return hidden if down_b is None else hidden.add_(down_b)
 
 
-def _attention_half(hidden: torch.Tensor, mask: torch.Tensor | None, kv_buf: torch.Tensor, slots: torch.Tensor,
-                    window: int, cos: torch.Tensor, signed_sin: torch.Tensor, ln1_w: torch.Tensor | None,
-                    ln1_eps: float, qkv_w: torch.Tensor, qkv_b: torch.Tensor | None, heads: int, kv_heads: int,
-                    scale: float, group_major: bool) -> torch.Tensor:
+def _attention_half(hidden: torch.Tensor, mask: torch.Tensor | None, kv_stack: torch.Tensor, kv_row: int,
+                    slots: torch.Tensor, window: int, cos: torch.Tensor, signed_sin: torch.Tensor,
+                    ln1_w: torch.Tensor | None, ln1_eps: float, qkv_w: torch.Tensor, qkv_b: torch.Tensor | None,
+                    heads: int, kv_heads: int, scale: float, group_major: bool) -> torch.Tensor:
     """`layer_step`'s attention: the input norm (`ln1_w` None: folded into `qkv_w`), the q/k/v projection, rotary
     in place, the cache write, attention: (B, T, heads, D) (see `_attention`)."""
     b, t, _ = hidden.shape
-    d = kv_buf.shape[-1]
+    d = kv_stack.shape[-1]
     qk_cols = (heads + kv_heads) * d
     shape = hidden.shape[-1:]
     y = F.linear(F.rms_norm(hidden, shape, ln1_w, ln1_eps), qkv_w, qkv_b)  # (B, T, (heads + 2 kv [+ h + kv]) D)
@@ -268,21 +267,22 @@ def _attention_half(hidden: torch.Tensor, mask: torch.Tensor | None, kv_buf: tor
         swapped = torch.cat((qk[..., d // 2 :], qk[..., : d // 2]), dim=-1)  # a copy, made before qk changes
     qk.mul_(cos.transpose(1, 2)).addcmul_(swapped, signed_sin.transpose(1, 2))  # (B, T, heads + kv, D)
     kv = y[..., heads * d : qk_cols + kv_heads * d].view(b, t, 2, kv_heads, d)  # rotated keys, then values
-    write_kv(kv_buf, slots, kv.permute(2, 0, 3, 1, 4))  # (2, B, kv_heads, T, D)
+    write_kv(kv_stack, kv_row, slots, kv.permute(2, 0, 3, 1, 4))  # (2, B, kv_heads, T, D)
+    kv_buf = kv_stack[kv_row]
     return _attention(qk[:, :, :heads].transpose(1, 2), kv_buf[0, :, :, :window], kv_buf[1, :, :, :window], mask,
                       scale, group_major)  # (B, T, heads, D)
 
 
-def head_stack_step(x: torch.Tensor, mask: torch.Tensor | None, kv_buf: torch.Tensor, slots: torch.Tensor,
-                    window: int, cos: torch.Tensor, signed_sin: torch.Tensor, ln1_eps: float, qkv_w: torch.Tensor,
-                    qkv_b: torch.Tensor | None, o_w: torch.Tensor, o_b: torch.Tensor | None, ln2_eps: float,
-                    gate_up_w: torch.Tensor, gate_up_b: torch.Tensor | None, down_w: torch.Tensor,
+def head_stack_step(x: torch.Tensor, mask: torch.Tensor | None, kv_stack: torch.Tensor, kv_row: int,
+                    slots: torch.Tensor, window: int, cos: torch.Tensor, signed_sin: torch.Tensor, ln1_eps: float,
+                    qkv_w: torch.Tensor, qkv_b: torch.Tensor | None, o_w: torch.Tensor, o_b: torch.Tensor | None,
+                    ln2_eps: float, gate_up_w: torch.Tensor, gate_up_b: torch.Tensor | None, down_w: torch.Tensor,
                     down_b: torch.Tensor | None, final_w: torch.Tensor | None, final_eps: float, heads: int,
                     kv_heads: int, scale: float, group_major: bool) -> torch.Tensor:
     """A layer of each of m heads as one wide layer, then (`final_w`) the final norm: (m, B, T, H).
     The wide layer has m x the attention heads of one (head j's query heads j * heads.., its key/value heads
-    j * kv_heads.., so each group still reads its own layer's keys) over kv_buf (2, B, m kv_heads, max_len, D),
-    both norms' weights folded into the projections after them, a block-diagonal output projection
+    j * kv_heads.., so each group still reads its own layer's keys) over kv_stack[kv_row] (2, B, m kv_heads,
+    max_len, D), both norms' weights folded into the projections after them, a block-diagonal output projection
     o_w (m H, m heads D), and the MLPs as batched matmuls gate_up_w (m, H, 2I), down_w (m, I, H)
     (`FastHeadStack`). x (B, T, H): the input every head reads (their first layers; qkv_w (m (heads + 2 kv
     [+ heads + kv]) D, H), its sections q, k, v [, swapped q, k] each all m layers'), or (m, B, T, H): each head's
@@ -291,13 +291,13 @@ def head_stack_step(x: torch.Tensor, mask: torch.Tensor | None, kv_buf: torch.Te
     m = gate_up_w.shape[0]
     if x.dim() == 3:  # one input: the q/k/v of every head in one matmul
         b, t, h = x.shape
-        attn = _attention_half(x, mask, kv_buf, slots, window, cos, signed_sin, None, ln1_eps, qkv_w, qkv_b,
-                               m * heads, m * kv_heads, scale, group_major)  # (B, T, m heads, D)
+        attn = _attention_half(x, mask, kv_stack, kv_row, slots, window, cos, signed_sin, None, ln1_eps, qkv_w,
+                               qkv_b, m * heads, m * kv_heads, scale, group_major)  # (B, T, m heads, D)
         residual = x.reshape(b * t, 1, h)
     else:
         _, b, t, h = x.shape
-        attn = _stacked_attention(x, mask, kv_buf, slots, window, cos, signed_sin, ln1_eps, qkv_w, qkv_b, heads,
-                                  kv_heads, scale, group_major)
+        attn = _stacked_attention(x, mask, kv_stack, kv_row, slots, window, cos, signed_sin, ln1_eps, qkv_w, qkv_b,
+                                  heads, kv_heads, scale, group_major)
         residual = x.view(m, b * t, h).transpose(0, 1)
     mid = F.linear(attn.reshape(b * t, -1), o_w, o_b).view(b * t, m, h).add_(residual)  # (B T, m, H)
     gate_up = torch.bmm(F.rms_norm(mid, (h,), None, ln2_eps).transpose(0, 1), gate_up_w)  # (m, B T, 2I)
@@ -313,15 +313,16 @@ def head_stack_step(x: torch.Tensor, mask: torch.Tensor | None, kv_buf: torch.Te
     return out.view(m, b, t, h)
 
 
-def _stacked_attention(x: torch.Tensor, mask: torch.Tensor | None, kv_buf: torch.Tensor, slots: torch.Tensor,
+def _stacked_attention(x: torch.Tensor, mask: torch.Tensor | None, kv_stack: torch.Tensor, kv_row: int,
+                       slots: torch.Tensor,
                        window: int, cos: torch.Tensor, signed_sin: torch.Tensor, ln1_eps: float, qkv_w: torch.Tensor,
                        qkv_b: torch.Tensor | None, heads: int, kv_heads: int, scale: float,
                        group_major: bool) -> torch.Tensor:
     """`_attention_half` for m layers with inputs of their own, x (m, B, T, H): the q/k/v projections as one batched
-    matmul, rotary in place, the keys and values written into kv_buf (2, B, m kv_heads, max_len, D) as
+    matmul, rotary in place, the keys and values written into kv_stack[kv_row] (2, B, m kv_heads, max_len, D) as
     (layer, head) in one scatter, the queries regrouped (a copy) for one attention: (B, T, m heads, D)."""
     m, b, t, h = x.shape
-    d = kv_buf.shape[-1]
+    d = kv_stack.shape[-1]
     y = torch.bmm(F.rms_norm(x.reshape(m, b * t, h), (h,), None, ln1_eps), qkv_w)  # (m, B T, F)
     if qkv_b is not None:
         y = y.add_(qkv_b)
@@ -334,8 +335,8 @@ def _stacked_attention(x: torch.Tensor, mask: torch.Tensor | None, kv_buf: torch
         swapped = torch.cat((qk[..., d // 2 :], qk[..., : d // 2]), dim=-1)
     qk.mul_(cos.transpose(1, 2)).addcmul_(swapped, signed_sin.transpose(1, 2))  # (B, T, 1, D) over every layer
     kv = y[..., heads * d : qk_cols + kv_heads * d].view(m, b, t, 2, kv_heads, d).permute(3, 1, 0, 4, 2, 5)
-    buf = kv_buf.view(2, b, m, kv_heads, kv_buf.shape[3], d)  # (2, B, m, kv, max_len, D)
-    buf.scatter_(4, slots[None, :, None, None, :, None].expand(2, b, m, kv_heads, t, d), kv)
+    write_kv(kv_stack, kv_row, slots, kv)  # (2, B, m, kv, T, D): each layer's heads after the last's
+    kv_buf = kv_stack[kv_row]
     q = qk[..., :heads, :].permute(1, 0, 3, 2, 4).reshape(b, m * heads, t, d)  # (B, m heads, T, D)
     return _attention(q, kv_buf[0, :, :, :window], kv_buf[1, :, :, :window], mask, scale, group_major)
 
@@ -371,21 +372,23 @@ class FastHeadStack:
         swapped = first._qkv_group(hidden) == QKV_SWAPPED
         x = hidden
         for i, level in enumerate(self.levels):
-            kv_buf = cache.layer_kv(level[0].layer_idx, hidden.new_empty((b, m * kv_heads, 0, d)))
+            kv_stack, kv_row = cache.buffer_row(level[0].layer_idx, hidden.new_empty((b, m * kv_heads, 0, d)))
             last = i == len(self.levels) - 1  # the final norm after the last layer
             qkv_w, qkv_b, o_w, o_b, gate_up_w, gate_up_b, down_w, down_b = self._stacked(i, swapped, group_major)
-            x = head_stack_step(x, mask, kv_buf, cache.owner.block_slots, cache.owner.window, cos, signed_sin,
+            x = head_stack_step(x, mask, kv_stack, kv_row, cache.owner.block_slots, cache.owner.window, cos, signed_sin,
                                 level[0].ln1.variance_epsilon, qkv_w, qkv_b, o_w, o_b, level[0].ln2.variance_epsilon,
                                 gate_up_w, gate_up_b, down_w, down_b, self.final_norm.weight if last else None,
                                 self.final_norm.variance_epsilon, heads, kv_heads, level[0].scaling, group_major)
         return x
 
     def _stacked(self, i: int, swapped: bool, group_major: bool) -> tuple:
+        cached = self._weights.get(i)
+        if cached is not None and torch.compiler.is_compiling():  # a compiled step: its session's weights
+            return cached[1]
         level = self.levels[i]
         modules = [p for layer in level for group in range(4) for p in layer._modules(group)]
         norms = [n.weight for layer in level for n in (layer.ln1, layer.ln2)]
         identity = (swapped, group_major, *((w.data_ptr(), w._version) for w in [p.weight for p in modules] + norms))
-        cached = self._weights.get(i)
         if cached is None or cached[0] != identity:
             cached = self._weights[i] = (identity, self._build(level, i > 0, swapped, group_major))
         return cached[1]
@@ -432,36 +435,6 @@ class FastHeadStack:
         down_b = None if all(p.bias is None for p in down) else \
             torch.stack([p.bias.detach() if p.bias is not None else down_w.new_zeros(h) for p in down])[:, None]
         return qkv_w, qkv_b, o_w, o_b, gate_up_w, gate_up_b, down_w, down_b
-
-# Off by default: compiling costs tens of seconds (for the first two step shapes), worth it where steps are
-# replayed many times (`generate(graphs="compile")` turns it on while its CUDA graphs warm up and are captured).
-_COMPILED_LAYERS = False
-
-
-@contextlib.contextmanager
-def compiled_layers(enabled: bool = True):
-    """Inside: fused layers run `layer_step` compiled by torch.compile (inductor fuses the norms, rotary, cache
-    writes and activations: a few kernels a layer instead of ~20)."""
-    global _COMPILED_LAYERS
-    before, _COMPILED_LAYERS = _COMPILED_LAYERS, enabled
-    try:
-        yield
-    finally:
-        _COMPILED_LAYERS = before
-
-
-@functools.cache
-def compiled_layer_step():
-    import torch._dynamo
-
-    # One compiled graph serves every layer (the weights are arguments). The first call compiles for its sizes;
-    # the first other size of a dimension (a block width, a batch size, a cache's length) compiles once more with
-    # that dimension symbolic (torch's automatic dynamic shapes): the dozen step shapes of a bench (block widths
-    # 1 to 23, batches 16 down to 1, a cache per prompt width) cost two or three compiles, not a dozen. The
-    # matmuls are cuBLAS calls either way; the fused elementwise kernels take their sizes as arguments.
-    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
-    return torch.compile(layer_step, dynamic=None, fullgraph=True)
-
 
 # For a 1-token step of a batch, two batched matmuls beat sdpa's fused CPU kernel (which tiles for long blocks):
 # 0.64 vs 1.35 ms at 16 rows, 2.2 vs 5.8 ms at 48 rows with a padding mask - a third of a 48-row decoding step.
@@ -533,7 +506,7 @@ def _rows_mask(mask: torch.Tensor, group: int) -> torch.Tensor:
     kept on the mask, which every layer of the forward is handed: one copy a forward instead of one a layer (a
     captured step records the one)."""
     b, _, t, end = mask.shape
-    if torch.compiler.is_compiling():  # inside a compiled layer: no Python state (inductor fuses the copy anyway)
+    if torch.compiler.is_compiling():  # inside a compiled step: no Python state (inductor fuses the copy anyway)
         return mask[:, :, :, None].expand(b, 1, t, group, end).reshape(b, 1, t * group, end)
     by_group = mask.__dict__.setdefault("_mtp_rows_masks", {})
     rows = by_group.get(group)
