@@ -292,7 +292,9 @@ def test_a_compiled_step_decodes_as_the_eager_one(kw, monkeypatch, gpu_path):
     compiled = generate(model, ids, mask, max_new_tokens=20, stop_token_ids=[21], graphs="compile", **kw)
     graphs_compiled = counters["stats"]["unique_graphs"]
     assert compiled.tokens == eager.tokens and len(set(map(len, eager.tokens))) == 2  # (rows end apart)
-    assert graphs_compiled >= 1 and not counters["graph_break"], dict(counters["graph_break"])
+    assert not counters["graph_break"], dict(counters["graph_break"])
+    # a step shape compiles once (batch 2, then 1 once a row ends; a few draft widths), not once a step
+    assert 1 <= graphs_compiled <= 4 < compiled.stats.forward_passes
     again = generate(model, ids, mask, max_new_tokens=20, stop_token_ids=[21], graphs="compile", **kw)
     assert again.tokens == eager.tokens and counters["stats"]["unique_graphs"] == graphs_compiled
 
