@@ -6,7 +6,10 @@
 #                                    and 16; BENCH_GRAPHS=compile for graphs of the compiled step; BENCH_DTYPE=float32
 #                                    where lossless rows must equal greedy exactly: bf16 blocks of other widths round
 #                                    differently; TRUNK_LAYERS=28 for heads of two layers; HEADS=folder benches
-#                                    that folder instead of training, e.g. /root/demo/smollm2-mtp4 after `demo`),
+#                                    that folder instead of training, e.g. /root/demo/smollm2-mtp4 after `demo`;
+#                                    BENCH_EXTRA: more bench arguments, e.g. issue 22's targets with the compiled
+#                                    step, which compiles tens of seconds a row: BENCH_GRAPHS=compile PROMPTS=20
+#                                    TREE_SIZES=4 BENCH_EXTRA="--strategy greedy speculative --tree auto"),
 #                                    then the default model's CUDA tests
 #   bash scripts/gpu_check.sh smoke  tiny-model graph tests and step timings only
 #   bash scripts/gpu_check.sh demo   `mtp demo` on the GPU (issue 23: all 7,473 questions, <= 10 minutes); run again
@@ -62,7 +65,7 @@ real)
   step "bench on the GPU"
   BENCH=(python3 -m mtp bench --model "$heads" --limit "${PROMPTS:-10}" --max-new-tokens 128 --tau 0.9 --k 4
          --tree-size ${TREE_SIZES:-4 16} --tree auto dynamic --lookup 6 --batch-size 1 16 --device cuda --no-progress
-         --graphs ${BENCH_GRAPHS:-auto} --dtype ${BENCH_DTYPE:-auto} --output /tmp/bench)
+         --graphs ${BENCH_GRAPHS:-auto} --dtype ${BENCH_DTYPE:-auto} --output /tmp/bench ${BENCH_EXTRA:-})
   # A failing peer must not cost the table: the second run resumes from the bench's journal without it.
   timeout ${BENCH_SECONDS:-240} "${BENCH[@]}" 2>&1 | tee "$OUT/bench.log" | tail -45 \
     || timeout 100 "${BENCH[@]}" --no-hf-static 2>&1 | tee -a "$OUT/bench.log" | tail -45
