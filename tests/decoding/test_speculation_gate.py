@@ -237,6 +237,19 @@ def test_switching_between_plain_steps_and_verify_blocks_stays_exact(monkeypatch
         assert [len(t) for t in out.tokens] == [30] * 3
 
 
+def test_a_seed_reproduces_sampled_tokens_without_the_timed_gate(monkeypatch):
+    """A batch's sampled draws follow the steps the timed gate picks; with adaptive_draft=False it picks none,
+    and a seed gives the same tokens however the steps were timed."""
+    rng = random.Random(5)
+    timed_steps(monkeypatch, lambda n, m, i: rng.choice([0.2, 1.0, 5.0]) * (1 + n + m))
+    model = tiny_mtp("llama", num_heads=4, dtype=torch.float64, vocab_size=32)
+    ids, mask = left_pad([[1, 2, 3, 1, 2], [4, 5], [6, 7, 8, 9, 6, 7]])
+    kw = dict(max_new_tokens=30, strategy="speculative", stop_token_ids=[], do_sample=True, seed=11, top_k=8,
+              adaptive_draft=False)
+    first, second = generate(model, ids, mask, **kw), generate(model, ids, mask, **kw)
+    assert first.tokens == second.tokens and first.stats.plain_steps == second.stats.plain_steps == 0
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("kw", [{}, {"tree": "auto", "tree_size": 4, "lookup": 3}], ids=["chain", "tree+lookup"])
 def test_cuda_speculation_gate_switches_between_captured_steps(monkeypatch, kw):

@@ -102,7 +102,8 @@ def generate(model: str | None = None, prompt: str | None = None, prompts: str |
         device: auto (CUDA when available), cpu, cuda or cuda:N
         threads: torch CPU threads (default: torch's choice).
         adaptive_draft: speculative: verify fewer drafts while recent ones were rarely accepted, and in a batch
-            none while plain steps emit tokens faster (same output).
+            none while plain steps emit tokens faster (same greedy output; a sampled batch's draws follow the
+            timed steps: --no-adaptive-draft for a seed that reproduces them).
         truncate_prompt: keep only the last tokens of a prompt too long for the context with --max-new-tokens.
         tree: speculative: verify a tree of the heads' top candidates per step instead of a chain: "auto" (the
             best shape for --tree-size nodes from the accuracy per rank `mtp train` measured), "dynamic" (a new

@@ -356,7 +356,9 @@ def generate(model, input_ids: torch.Tensor | list, attention_mask: torch.Tensor
         adaptive_draft: verify fewer drafts while recent ones were rarely accepted (`DraftLength`), and in a
             batch whose verify blocks cost their rows (every batch on a CPU, a few dozen rows on a GPU) none while
             plain steps emit tokens faster (`SpeculationGate`, timed as it runs); False: always `num_draft`.
-            Either way the output is the same, only the speed differs.
+            Either way greedy's output is the same, only the speed differs. Sampling keeps its distribution,
+            but its draws follow the steps taken: where the gate times a batch's steps, a seed does not
+            reproduce them token for token (adaptive_draft=False does).
         on_trunk: called with the trunk output of every forward (`TrunkObserver`), e.g. to keep the frozen-trunk
             features of self-distilled training rows instead of recomputing them.
         tree: speculative with parallel heads: verify a tree of the heads' top candidates in one forward
