@@ -274,8 +274,11 @@ def test_a_step_traces_as_one_graph(kind, kw, gpu_path):
     assert result.host.shape[0] == 2 and new.pending.shape == state.pending.shape
 
 
-@pytest.mark.parametrize("kw", [{}, {"strategy": "speculative", "tree": "dynamic", "tree_size": 4, "lookup": 3}],
-                         ids=["greedy", "dynamic-tree-lookup"])
+DYNAMIC_TREE_LOOKUP = {"strategy": "speculative", "tree": "dynamic", "tree_size": 4, "lookup": 3}
+
+
+@pytest.mark.parametrize("gpu_path,kw", [(True, {}), (True, DYNAMIC_TREE_LOOKUP), (False, DYNAMIC_TREE_LOOKUP)],
+                         indirect=["gpu_path"], ids=["fused-greedy", "fused-dynamic-tree-lookup", "dynamic-tree-lookup"])
 def test_a_compiled_step_decodes_as_the_eager_one(kw, monkeypatch, gpu_path):
     """graphs="compile" (here with inductor's CPU code and the stand-in for a capture): the whole step through
     torch.compile, one graph per step shape, emits what eager decoding emits - rows that end at different steps,
