@@ -17,6 +17,7 @@ from mtp.evaluation.bench import (
     agreement,
     build_methods,
     build_report,
+    format_markdown,
     format_table,
     llamacpp_installed,
     mtp_method,
@@ -80,6 +81,23 @@ def test_methods_with_a_warmup_of_their_own_warm_up_each(tmp_path):
     run_bench(methods, prompts, max_new_tokens=16, progress=False)
     assert log[:3] == [(0, "hf-greedy", 4), ("warm-up", "greedy", 3, 16), ("warm-up", "speculative", 3, 16)]
     assert len(log) == 3 + 9
+
+
+def test_the_report_says_what_each_methods_warm_up_took(monkeypatch, tiny_tokenizer):
+    """A method's own warm-up (a compiled step: tens of seconds) is untimed; the report gives its seconds, and the
+    markdown names those of a second or more."""
+    import mtp.evaluation.bench as bench_module
+
+    now = [0.0]
+    monkeypatch.setattr(bench_module.time, "perf_counter", lambda: now[0])
+    log: list = []
+    methods = [_fake("greedy", "mtp", log, lambda p: [1, 2]), _fake("speculative", "mtp", log, lambda p: [1, 2])]
+    methods[0].warmup = lambda prompts, n: now.__setitem__(0, now[0] + 0.2)
+    methods[1].warmup = lambda prompts, n: now.__setitem__(0, now[0] + 42.0)
+    run = run_bench(methods, [Prompt(0, "q0", [5, 6])], max_new_tokens=4, progress=False)
+    report = build_report(run, tiny_tokenizer, settings={"max_new_tokens": 4})
+    assert report["warmup_seconds"] == {"greedy": 0.2, "speculative": 42.0}
+    assert "Untimed warm-ups (graph captures, compiling): speculative 42 s." in format_markdown(report)
 
 
 def test_mtp_rows_capture_their_steps_before_the_timed_calls_only_where_they_replay(monkeypatch):

@@ -102,6 +102,7 @@ class BenchRun:
     methods: list[Method]
     prompts: list[Prompt]
     calls: list[dict] = field(default_factory=list)  # in the order they ran
+    warmup_seconds: dict[str, float] = field(default_factory=dict)  # a method's own untimed warm-up (compiling)
 
 
 # ------------------------------------------------------------------------------------------------ schedule
@@ -592,7 +593,9 @@ def run_bench(methods: Sequence[Method], prompts: Sequence[Prompt], max_new_toke
                         engine_methods[0].run(prompts[0], min(4, max_new_tokens))
                     for m in engine_methods:  # a method's own warm-up (a compiled or captured step)
                         if m.warmup is not None:
+                            start = time.perf_counter()
                             m.warmup(prompts, max_new_tokens)
+                            run.warmup_seconds[m.name] = round(time.perf_counter() - start, 1)
         if progress:
             from tqdm.auto import tqdm
 
@@ -800,6 +803,7 @@ def build_report(run: BenchRun, tokenizer, *, settings: dict | None = None, note
         call_records.append(record)
     return {"settings": dict(settings or {}), "machine": machine_info(), "runtime": runtime, "bandwidth": bandwidth,
             "notes": list(notes), "gsm8k_scored": scored, "methods": rows, "calls": call_records,
+            "warmup_seconds": dict(run.warmup_seconds),
             "prompts": [{"index": i, "id": p.id, "prompt_tokens": len(p.token_ids), "reference": p.reference}
                         for i, p in enumerate(run.prompts)]}
 
@@ -943,6 +947,10 @@ def format_markdown(report: dict, plot_name: str | None = "speed_accuracy.png") 
                   format_batch_table(report)]
     if report.get("notes"):
         parts += [""] + [f"Note: {note}" for note in report["notes"]]
+    warmups = {name: s for name, s in (report.get("warmup_seconds") or {}).items() if s >= 1}
+    if warmups:  # what compiling and capturing cost before the timed calls (`--graphs compile`: tens of seconds)
+        parts += ["", "Untimed warm-ups (graph captures, compiling): "
+                  + ", ".join(f"{name} {s:.0f} s" for name, s in warmups.items()) + "."]
     if plot_name:
         parts += ["", f"![speedup vs accuracy]({plot_name})"]
     return "\n".join(parts) + "\n"
