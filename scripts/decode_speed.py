@@ -94,8 +94,10 @@ def main() -> None:
                 fast_llama.CUDA_ATTENTION = attention
                 generate_module.LAUNCH_AHEAD = ahead == "on"
                 model.__dict__.pop("_mtp_decode_sessions", None)  # graphs captured with the other path
-                for _ in range(2):  # warm-up: captures, caches
+                warm = time.perf_counter()
+                for _ in range(2):  # warm-up: captures, caches, compiling (`--graphs compile`)
                     generate(model, ids, max_new_tokens=a.new_tokens, stop_token_ids=[], graphs=on, **kw)
+                warmup_s = time.perf_counter() - warm
                 times, firsts, steps, tokens = [], [], 0, 0
                 for _ in range(a.repeat):
                     if a.device.startswith("cuda"):
@@ -116,6 +118,7 @@ def main() -> None:
                        "ms_per_step": 1e3 * best / steps, "first_token_ms": first_ms,
                        "ms_per_step_after_first": (1e3 * best - first_ms) / max(steps - 1, 1),
                        "tokens_per_s": tokens / best, "steps": steps, "tokens_per_forward": tokens / batch / steps,
+                       "warmup_s": warmup_s,
                        "kernels_per_eager_step": kernels_per_step(model, ids, kw) if graphs == "off" else None}
                 rows.append(row)
                 if a.profile and a.device.startswith("cuda"):
