@@ -57,6 +57,23 @@ def test_cli_positional_task(tiny_model_dir, gsm8k_file, tmp_path):
     assert json.loads((out / "summary.json").read_text())["settings"]["chat"] is False
 
 
+def test_eval_and_bench_with_no_progress_log_plain_lines(tiny_model_dir, gsm8k_file, tmp_path, capsys,
+                                                         monkeypatch):
+    """--no-progress (a batch job's log): no bar, but a plain line every few minutes with what the bar shows."""
+    import mtp.progress as progress
+
+    monkeypatch.setattr(progress, "LOG_EVERY_S", 0.0)  # a line every update
+    common = ["--model", str(tiny_model_dir), "--limit", "2", "--max-new-tokens", "3", "--no-progress"]
+    assert cli_run(["eval", "gsm8k", *common, "--data", str(gsm8k_file), "--shots", "0", "--batch-size", "1",
+                    "--output", str(tmp_path / "e")]) == 0
+    assert cli_run(["bench", *common, "--prompts", str(gsm8k_file), "--no-hf", "--no-fp16", "--strategy", "greedy",
+                    "--output", str(tmp_path / "b")]) == 0
+    err = capsys.readouterr().err
+    assert "mtp gsm8k greedy: 2 of 2 problems (100%)" in err and "; flexible=" in err, err
+    assert "mtp bench: 2 of 2 calls (100%)" in err, err
+    assert "%|" not in err and "\r" not in err, err
+
+
 def test_speculative_eval_equals_greedy(tiny_tokenizer, gsm8k_file, tmp_path):
     model = make_model(tiny_tokenizer)
     prompts = gsm8k_prompts(tiny_tokenizer, path=gsm8k_file, shots=1, chat=True)

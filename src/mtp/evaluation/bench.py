@@ -58,6 +58,7 @@ from mtp.evaluation.gsm8k import STOP_SEQUENCES, mean_and_stderr
 from mtp.evaluation.plots import HF_GREEDY, OUR_GREEDY, plot_speed_accuracy
 from mtp.evaluation.prompts import Prompt, left_pad, pad_id, stop_token_ids, truncate_output
 from mtp.io import append_records, atomic_write_lines, input_file, read_complete_records
+from mtp.progress import progress_bar
 from mtp.runtime import MB, describe_runtime, peak_memory, synchronize
 
 JOURNAL = "calls.jsonl"  # in the output folder while a bench runs: the calls finished so far
@@ -596,16 +597,12 @@ def run_bench(methods: Sequence[Method], prompts: Sequence[Prompt], max_new_toke
                             start = time.perf_counter()
                             m.warmup(prompts, max_new_tokens)
                             run.warmup_seconds[m.name] = round(time.perf_counter() - start, 1)
-        if progress:
-            from tqdm.auto import tqdm
-
-            bar = tqdm(total=len(order), initial=len(done), desc="bench", unit="call", dynamic_ncols=True)
+        bar = progress_bar(progress, len(order), "bench", "call", initial=len(done))  # or a line every 5 minutes
         for p, name in order:
             if (p, name) in done:
                 run.calls.append(done[(p, name)])
                 continue
-            if bar is not None:
-                bar.set_postfix_str(f"prompt {p + 1}/{len(prompts)} {name}")
+            bar.set_postfix_str(f"prompt {p + 1}/{len(prompts)} {name}")
             result = by_name[name].run(prompts[p], max_new_tokens)
             call = {"prompt": p, "method": name, "tokens": result.tokens, "seconds": result.seconds,
                     "first_token_seconds": result.first_token_seconds, "forward_passes": result.forward_passes,
@@ -613,8 +610,7 @@ def run_bench(methods: Sequence[Method], prompts: Sequence[Prompt], max_new_toke
             run.calls.append(call)
             if log is not None:
                 append_records(log, [{**call, "key": keys[(p, name)]}])
-            if bar is not None:
-                bar.update(1)
+            bar.update(1)
     finally:
         if log is not None:
             log.close()
@@ -649,12 +645,7 @@ def run_batch_rows(pair: tuple[Method, Method], pool: Sequence[Prompt], batch_si
         count = b * math.ceil(max(min_prompts, b) / b)
         chosen = [pool[i % len(pool)] for i in range(count)]
         plan.append((b, [chosen[i:i + b] for i in range(0, count, b)]))
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=2 * sum(len(batches) for _, batches in plan), desc="bench batches", unit="batch",
-                   dynamic_ncols=True)
+    bar = progress_bar(progress, 2 * sum(len(batches) for _, batches in plan), "bench batches", "batch")
     rows = []
     try:
         for b, batches in plan:
@@ -664,11 +655,9 @@ def run_batch_rows(pair: tuple[Method, Method], pool: Sequence[Prompt], batch_si
             results: dict[str, list[BatchResult]] = {m.name: [] for m in pair}
             for i, batch in enumerate(batches):
                 for m in pair if i % 2 == 0 else pair[::-1]:
-                    if bar is not None:
-                        bar.set_postfix_str(f"batch size {b}, {m.name}")
+                    bar.set_postfix_str(f"batch size {b}, {m.name}")
                     results[m.name].append(m.run_batch(batch, max_new_tokens))
-                    if bar is not None:
-                        bar.update(1)
+                    bar.update(1)
             greedy = [t for r in results[pair[0].name] for t in r.tokens]
             for m in pair:
                 done = results[m.name]
@@ -685,8 +674,7 @@ def run_batch_rows(pair: tuple[Method, Method], pool: Sequence[Prompt], batch_si
                              "peak_memory_mb": _rnd((m.weight_bytes + max(peaks)) / MB, 1)
                              if peaks and m.weight_bytes is not None else None})
     finally:
-        if bar is not None:
-            bar.close()
+        bar.close()
     return rows
 
 

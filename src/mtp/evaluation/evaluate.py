@@ -27,6 +27,7 @@ from mtp.evaluation.prompts import Prompt, left_pad, pad_id, stop_token_ids, tru
 from mtp.io import append_records, read_complete_records
 from mtp.io import atomic_write_json as write_json
 from mtp.io import atomic_write_text as write_text
+from mtp.progress import progress_bar
 
 SAMPLES = "samples.jsonl"
 CONFIG = "eval_config.json"
@@ -185,13 +186,8 @@ def run_eval(model, tokenizer, prompts: Sequence[Prompt], output: str | Path, id
     if done and todo:
         print(f"mtp eval: resuming {out}: {len(prompts) - len(todo)} of {len(prompts)} problems already done",
               flush=True)
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        tag = strategy_tag(strategy, tau, k, tree, tree_size, lookup)
-        bar = tqdm(total=len(prompts), initial=len(prompts) - len(todo), desc=f"gsm8k {tag}",
-                   unit="problem", dynamic_ncols=True)
+    tag = strategy_tag(strategy, tau, k, tree, tree_size, lookup)  # (--no-progress: a line every 5 minutes)
+    bar = progress_bar(progress, len(prompts), f"gsm8k {tag}", "problem", initial=len(prompts) - len(todo))
     start = time.perf_counter()
     try:
         with samples_path.open("a", encoding="utf-8") as f:
@@ -203,13 +199,11 @@ def run_eval(model, tokenizer, prompts: Sequence[Prompt], output: str | Path, id
                 append_records(f, records)
                 for r in records:
                     done[r["id"]] = r
-                if bar is not None:
-                    bar.update(len(batch))
-                    correct = sum(bool(r.get("flexible_correct")) for r in done.values())
-                    bar.set_postfix(flexible=f"{correct}/{len(done)}")
+                correct = sum(bool(r.get("flexible_correct")) for r in done.values())
+                bar.set_postfix_str(f"flexible={correct}/{len(done)}")
+                bar.update(len(batch))
     finally:
-        if bar is not None:
-            bar.close()
+        bar.close()
     ordered = [done[p.id] for p in prompts]
     summary = summarize(ordered)
     summary.update({"wall_seconds_this_run": round(time.perf_counter() - start, 2), "output": str(out),
