@@ -39,10 +39,11 @@ class LogLines:
     def line(self, now: float) -> str:
         elapsed = now - self.started
         text = f"mtp {self.desc}: {self.n:,}"
+        units = self.unit + ("es" if self.unit.endswith(("s", "sh", "ch", "x")) else "s")  # batches, steps
         if self.total:
-            text += f" of {self.total:,} {self.unit}s ({100 * self.n / self.total:.0f}%)"
+            text += f" of {self.total:,} {units} ({100 * self.n / self.total:.0f}%)"
         else:
-            text += f" {self.unit}s"
+            text += f" {units}"
         text += f", {elapsed / 60:.1f} min"
         done = self.n - self.initial
         if self.total and done > 0:

@@ -109,6 +109,18 @@ def test_trunk_features_are_the_trunk_output() -> None:
             assert not features[i, n:].any()
 
 
+def test_the_trunk_cache_without_a_bar_logs_plain_lines(monkeypatch, capsys) -> None:
+    """A trunk cache over a large dataset takes minutes: with no bar (--no-progress) it prints a plain line every
+    few minutes instead."""
+    import mtp.progress as progress
+
+    monkeypatch.setattr(progress, "LOG_EVERY_S", 0.0)  # a line every batch
+    with torch.no_grad():
+        compute_trunk_features(tiny_llama(num_heads=2), make_data(rows=5), batch_size=2, progress=False)
+    err = capsys.readouterr().err
+    assert "mtp trunk cache: 1 of 3 batches (33%)" in err and "mtp trunk cache: 3 of 3 batches (100%)" in err, err
+
+
 def test_features_that_come_with_the_data_are_used(monkeypatch) -> None:
     """Trunk outputs recorded with the data (self-distilled answers) replace the trunk pass: training on them
     gives the parameters training on a fresh trunk cache gives."""

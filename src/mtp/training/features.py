@@ -34,6 +34,7 @@ import numpy as np
 import torch
 
 from mtp.errors import MTPError
+from mtp.progress import progress_bar
 from mtp.training.data import TokenizedData
 
 FEATURES_NAME = "trunk_features"
@@ -283,17 +284,18 @@ def trunk_batches(model, data: TokenizedData, rows: torch.Tensor, batch_size: in
                   desc: str = "trunk cache") -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """The frozen trunk over `rows` of `data`, `batch_size` rows at a time: (row indices (B,), output (B, T, H))."""
     starts = range(0, len(rows), batch_size)
-    if progress:
-        from tqdm.auto import tqdm
-
-        starts = tqdm(starts, desc=desc, unit="batch")
-    for start in starts:
-        chunk = rows[start:start + batch_size]
-        batch = data.batch(chunk)
-        with autocast():
-            hidden, _ = model.trunk_forward(batch["input_ids"].to(model.device),
-                                            batch["attention_mask"].to(model.device))
-        yield chunk, hidden
+    bar = progress_bar(progress, len(starts), desc, "batch")  # (off: a plain line every 5 minutes)
+    try:
+        for start in starts:
+            chunk = rows[start:start + batch_size]
+            batch = data.batch(chunk)
+            with autocast():
+                hidden, _ = model.trunk_forward(batch["input_ids"].to(model.device),
+                                                batch["attention_mask"].to(model.device))
+            yield chunk, hidden
+            bar.update(1)
+    finally:
+        bar.close()
 
 
 @torch.no_grad()
