@@ -169,6 +169,17 @@ def random_tree(draw, depth: int) -> DraftTree:
     return DraftTree.from_paths(paths)
 
 
+@settings(max_examples=40, deadline=None)
+@given(data=st.data())
+def test_a_fixed_trees_ancestors_from_its_paths_are_the_derived_ones(data):
+    """A fixed tree's ancestors are written from its paths on the host (a compiled step holds them as a
+    constant); they are what the layout derives on the device from the parents, with lookup nodes too."""
+    tree = DraftTree.with_lookup(random_tree(data.draw, data.draw(st.integers(1, 4))), data.draw(st.integers(0, 3)))
+    fixed = tree.layout
+    derived = tree_layout(fixed.parent_slot, fixed.depth, fixed.rank, fixed.max_depth)
+    assert torch.equal(fixed.ancestors, derived.ancestors)
+
+
 def ranked_oracle(reference: list[list[int]], tree: DraftTree, corrupt: float, seed: int, vocab: int):
     """Ranked candidates per head: the true token at a random rank (sometimes nowhere), others off by one."""
     gen = torch.Generator().manual_seed(seed)

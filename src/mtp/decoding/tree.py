@@ -218,8 +218,13 @@ def _layout_on(tree: DraftTree, device: str) -> TreeLayout:
     parent = [0 if len(p) == 1 else 1 + index[p[:-1]] for p in tree.paths]
     kids = max(parent.count(s) for s in range(1 + tree.size))
     as_tensor = functools.partial(torch.tensor, dtype=torch.long, device=device)
-    return tree_layout(as_tensor(parent), as_tensor([len(p) for p in tree.paths]),
-                       as_tensor([p[-1] for p in tree.paths]), tree.depth, kids)
+    layout = tree_layout(as_tensor(parent), as_tensor([len(p) for p in tree.paths]),
+                         as_tensor([p[-1] for p in tree.paths]), tree.depth, kids)
+    # A fixed tree's ancestors from its paths, on the host: a compiled step (which traces through this function's
+    # cache) then holds them as a constant instead of squaring a matrix on the device every step.
+    layout.derived["ancestors"] = torch.tensor([[q == p[:len(q)] for q in tree.paths] for p in tree.paths],
+                                               dtype=torch.bool, device=device)
+    return layout
 
 
 # ------------------------------------------------------------------------------------------------ tree shapes
