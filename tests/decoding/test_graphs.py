@@ -304,6 +304,27 @@ def test_a_compiled_step_decodes_as_the_eager_one(kw, monkeypatch, gpu_path):
     assert again.tokens == eager.tokens and counters["stats"]["unique_graphs"] == graphs_compiled
 
 
+def test_a_step_that_fails_to_compile_is_replayed_uncompiled(monkeypatch):
+    """Where torch.compile cannot trace or compile the step (an unknown GPU's toolchain), it fails before any of
+    the step has run (one graph): the step is captured uncompiled, with a warning saying so, and decodes alike."""
+    from mtp.decoding import graphs
+
+    def failing(step):
+        def compiled(*args, **kwargs):
+            raise torch._dynamo.exc.TorchDynamoException("Triton is missing\nmore detail")
+        return compiled
+
+    monkeypatch.setattr(generate_module, "_use_graphs", lambda graphs, device, proposer: graphs)
+    monkeypatch.setattr(graphs, "_compiled", failing)
+    model = tiny_mtp("llama", num_heads=3, seed=2, vocab_size=50)
+    ids, mask = left_pad([[1, 2, 3, 1, 2, 3], [4, 5]])
+    kw = dict(max_new_tokens=12, stop_token_ids=[], strategy="speculative", lookup=2)
+    with pytest.warns(RuntimeWarning, match=r"compiling the decoding step failed \(TorchDynamoException: Triton "
+                                            r"is missing\); the CUDA graphs replay the uncompiled step"):
+        compiled = generate(model, ids, mask, graphs="compile", **kw)
+    assert compiled.tokens == generate(model, ids, mask, graphs=False, **kw).tokens
+
+
 def test_sampling_steps_are_captured_uncompiled(replayed, monkeypatch):
     """graphs="compile" with sampling: dynamo traces no torch.Generator (each draw would break the graph, and the
     pieces sampled unlike the eager step), so those steps are captured as they are: nothing compiles, and a seed

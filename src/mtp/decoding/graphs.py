@@ -19,6 +19,7 @@ A `DecodeSession` keeps a batch size's cache, state buffers and graphs between `
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from collections.abc import Callable
 
 import torch
@@ -45,9 +46,24 @@ class GraphedSteps:
         if replay is not None:
             return replay()
         # A compiled step compiles in the warm-up, so the capture records its kernels only.
-        result, self.graphs[key] = self._capture(lambda: self.step_in_place(state, *key[1:]),
+        result, self.graphs[key] = self._capture(lambda: self._warm_up(state, *key[1:]),
                                                  lambda: self.step_in_place(state, *key[1:]))
         return result
+
+    def _warm_up(self, state: DecodeState, *block) -> StepResult:
+        """The first step of a configuration; compiled, where it fails to compile it runs (and is captured, and
+        every later one) uncompiled, with a warning: a compile fails before any of the step has run (one graph,
+        `fullgraph`), so the step is simply run again."""
+        try:
+            return self.step_in_place(state, *block)
+        except _compile_errors() as e:
+            if not self.compiled:
+                raise
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            warnings.warn(f"mtp: compiling the decoding step failed ({type(e).__name__}: {first}); the CUDA graphs "
+                          "replay the uncompiled step (--graphs on)", RuntimeWarning, stacklevel=2)
+            self.compiled, self.step_in_place = False, self._step_in_place
+            return self.step_in_place(state, *block)
 
     def prefill(self, prompt: DecodeState, state: DecodeState | None) -> tuple[DecodeState, StepResult]:
         """The prompt's step into the session's state buffers (`state`; None: the first prompt's new state becomes
@@ -112,19 +128,26 @@ class GraphedSteps:
 
 
 def _compiled(step: Callable[..., StepResult]) -> Callable[..., StepResult]:
-    """`step` through torch.compile. Every step shape is one traced graph (`tests/decoding/test_graphs.py`);
-    one that is not would still run, its untraced parts eagerly inside the capture. The first size of a dimension
-    (a block width, a batch size, a cache's length) compiles for itself, the next with that size symbolic
-    (torch's automatic dynamic shapes), so a bench's dozen step shapes cost a few compiles, not a dozen."""
-    import warnings
-
+    """`step` through torch.compile, as one graph (`fullgraph`: every step shape traces as one,
+    `tests/decoding/test_graphs.py`; one that did not would fail to compile before running, and be replayed
+    uncompiled: `GraphedSteps._warm_up`). The first size of a dimension (a block width, a batch size, a cache's
+    length) compiles for itself, the next with that size symbolic (torch's automatic dynamic shapes), so a bench's
+    dozen step shapes cost a few compiles, not a dozen."""
     import torch._dynamo
 
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 256)
     # The tree's shape-only tensors are built by functools caches, which dynamo traces through (a warning each):
     # inside a compiled step they are constants inductor folds.
     warnings.filterwarnings("ignore", message="Dynamo detected a call to a `functools.lru_cache`")
-    return torch.compile(step, dynamic=None)
+    return torch.compile(step, dynamic=None, fullgraph=True)
+
+
+def _compile_errors() -> tuple[type[BaseException], ...]:
+    """What torch.compile raises when it cannot trace or compile (dynamo's errors, inductor's, Triton's wrapped)."""
+    import torch._dynamo.exc
+    import torch._inductor.exc
+
+    return torch._dynamo.exc.TorchDynamoException, torch._inductor.exc.InductorError
 
 
 def _tensors(result: StepResult) -> list[torch.Tensor]:
