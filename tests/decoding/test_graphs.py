@@ -282,7 +282,7 @@ DYNAMIC_TREE_LOOKUP = {"strategy": "speculative", "tree": "dynamic", "tree_size"
 def test_a_compiled_step_decodes_as_the_eager_one(kw, monkeypatch, gpu_path):
     """graphs="compile" (here with inductor's CPU code and the stand-in for a capture): the whole step through
     torch.compile, one graph per step shape, emits what eager decoding emits - rows that end at different steps,
-    a dynamic tree with lookup drafts - and a later call of the same shapes compiles nothing more."""
+    a dynamic tree with lookup drafts - and a later call compiles only shapes it had not met."""
     pytest.importorskip("torch._inductor")
     from torch._dynamo.utils import counters
 
@@ -298,10 +298,14 @@ def test_a_compiled_step_decodes_as_the_eager_one(kw, monkeypatch, gpu_path):
     assert not counters["graph_break"], dict(counters["graph_break"])
     # each step shape compiles once at most (batch 2, then 1 once a row ends; the widths and plain steps the
     # timed gate picks), not once a step
-    shapes = sum(len(session.run.graphs) for session in model.__dict__["_mtp_decode_sessions"].sessions.values())
-    assert 1 <= graphs_compiled <= shapes and (kw or shapes == 2)
+    def shapes() -> int:
+        return sum(len(session.run.graphs) for session in model.__dict__["_mtp_decode_sessions"].sessions.values())
+
+    assert 1 <= graphs_compiled <= shapes() and (kw or shapes() == 2)
     again = generate(model, ids, mask, max_new_tokens=20, stop_token_ids=[21], graphs="compile", **kw)
-    assert again.tokens == eager.tokens and counters["stats"]["unique_graphs"] == graphs_compiled
+    assert again.tokens == eager.tokens and counters["stats"]["unique_graphs"] <= shapes()
+    if not kw:  # greedy takes the same steps every call: nothing more compiles (the tree's gate times its steps)
+        assert counters["stats"]["unique_graphs"] == graphs_compiled
 
 
 def test_a_step_that_fails_to_compile_is_replayed_uncompiled(monkeypatch):
