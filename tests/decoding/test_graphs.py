@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import gc
+import warnings
 import weakref
 
 import pytest
@@ -277,8 +278,8 @@ def test_a_step_traces_as_one_graph(kind, kw, gpu_path):
 DYNAMIC_TREE_LOOKUP = {"strategy": "speculative", "tree": "dynamic", "tree_size": 4, "lookup": 3}
 
 
-@pytest.mark.parametrize("gpu_path,kw", [(True, {}), (True, DYNAMIC_TREE_LOOKUP), (False, DYNAMIC_TREE_LOOKUP)],
-                         indirect=["gpu_path"], ids=["fused-greedy", "fused-dynamic-tree-lookup", "dynamic-tree-lookup"])
+@pytest.mark.parametrize("gpu_path,kw", [(True, {}), (True, DYNAMIC_TREE_LOOKUP)], indirect=["gpu_path"],
+                         ids=["fused-greedy", "fused-dynamic-tree-lookup"])  # (the general path: the next test)
 def test_a_compiled_step_decodes_as_the_eager_one(kw, monkeypatch, gpu_path):
     """graphs="compile" (here with inductor's CPU code and the stand-in for a capture): the whole step through
     torch.compile, one graph per step shape, emits what eager decoding emits - rows that end at different steps,
@@ -306,6 +307,34 @@ def test_a_compiled_step_decodes_as_the_eager_one(kw, monkeypatch, gpu_path):
     assert again.tokens == eager.tokens and counters["stats"]["unique_graphs"] <= shapes()
     if not kw:  # greedy takes the same steps every call: nothing more compiles (the tree's gate times its steps)
         assert counters["stats"]["unique_graphs"] == graphs_compiled
+
+
+def test_compiled_plain_and_catch_up_steps_decode_as_the_eager_ones(monkeypatch):
+    """A batch whose verify blocks do not pay takes plain steps and catches the heads up before verifying again
+    (`SpeculationGate`): those steps compile too (one graph each), and the output is still greedy's; here on the
+    general path (the Hugging Face layers' arithmetic, as GPT-2 and adapter-hooked layers run on a GPU). Step
+    times drawn at random (a fake clock, advanced outside the compiled step) flip the gate often."""
+    import random
+
+    from mtp.decoding import graphs
+
+    monkeypatch.setattr(generate_module, "_use_graphs", lambda graphs, device, proposer: graphs)
+    now, rng, replay = [0.0], random.Random(3), graphs.GraphedSteps.__call__
+
+    def timed(self, state, n, m, drafting=True, catch_up=0):
+        now[0] += rng.choice([0.2, 1.0, 5.0]) * (1 + n + m)
+        return replay(self, state, n, m, drafting, catch_up)
+
+    monkeypatch.setattr(graphs.GraphedSteps, "__call__", timed)
+    monkeypatch.setattr(generate_module.SpeculationGate, "clock", staticmethod(lambda: now[0]))
+    model = tiny_mtp("llama", num_heads=3, seed=2, vocab_size=50)
+    ids, mask = left_pad([[1, 2, 3, 1, 2], [4, 5], [6, 7, 8, 9, 6, 7]])
+    kw = dict(max_new_tokens=24, stop_token_ids=[], strategy="speculative", num_draft=1)  # few shapes to compile
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # (a step that failed to compile would warn)
+        compiled = generate(model, ids, mask, graphs="compile", **kw)
+    assert compiled.stats.plain_steps > 0 and compiled.stats.draft_positions[0] > 0  # both kinds of step ran
+    assert compiled.tokens == [reference_greedy(model, p, 24) for p in ([1, 2, 3, 1, 2], [4, 5], [6, 7, 8, 9, 6, 7])]
 
 
 def test_a_step_that_fails_to_compile_is_replayed_uncompiled(monkeypatch):
