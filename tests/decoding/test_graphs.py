@@ -359,16 +359,18 @@ def test_a_step_that_fails_to_compile_is_replayed_uncompiled(monkeypatch):
 
 
 def test_sampling_steps_are_captured_uncompiled(replayed, monkeypatch):
-    """graphs="compile" with sampling: dynamo traces no torch.Generator (each draw would break the graph, and the
-    pieces sampled unlike the eager step), so those steps are captured as they are: nothing compiles, and a seed
-    samples what it samples with graphs on."""
+    """graphs="compile" with sampling: dynamo traces no torch.Generator (each draw would break the graph; compiled
+    piecewise, the step sampled unlike the eager one), so those steps are captured as they are, without trying:
+    nothing compiles, and a seed samples what it samples with graphs on."""
     from torch._dynamo.utils import counters
 
     monkeypatch.setattr(generate_module, "_use_graphs", lambda graphs, device, proposer: graphs)
     model = tiny_mtp("llama", num_heads=3, seed=2, vocab_size=50)
     kw = dict(max_new_tokens=12, stop_token_ids=[], strategy="speculative", do_sample=True, seed=3)
     counters.clear()
-    sampled = generate(model, torch.tensor([[1, 2, 3, 1, 2, 3]]), graphs="compile", **kw)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # (a compile tried and failed would warn)
+        sampled = generate(model, torch.tensor([[1, 2, 3, 1, 2, 3]]), graphs="compile", **kw)
     assert counters["stats"]["unique_graphs"] == 0
     assert sampled.tokens == generate(model, torch.tensor([[1, 2, 3, 1, 2, 3]]), graphs=True, **kw).tokens
 

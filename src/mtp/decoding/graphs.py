@@ -172,8 +172,8 @@ class DecodeSession:
         self.cache = drafter.new_cache(batch_size, max_len, static=True)
         self.generator = torch.Generator(device=device) if sampling else None
         self.decoder = Decoder(drafter, opts, self.cache, stop_ids, self.generator, observe, defer_capacity)
-        # Sampling steps stay uncompiled: dynamo traces no torch.Generator, and the graph breaks around each draw
-        # left a compiled step's samples unlike the eager step's.
+        # Sampling steps stay uncompiled: dynamo traces no torch.Generator, so they would not compile as one graph
+        # (compiled piecewise, around each draw, they sampled unlike the eager step).
         self.run = GraphedSteps(self.decoder, compiled and not sampling)
         self.state: DecodeState | None = None
 
