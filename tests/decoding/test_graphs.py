@@ -280,14 +280,17 @@ DYNAMIC_TREE_LOOKUP = {"strategy": "speculative", "tree": "dynamic", "tree_size"
 
 @pytest.mark.parametrize("gpu_path,kw", [(True, {}), (True, DYNAMIC_TREE_LOOKUP)], indirect=["gpu_path"],
                          ids=["fused-greedy", "fused-dynamic-tree-lookup"])  # (the general path: the next test)
-def test_a_compiled_step_decodes_as_the_eager_one(kw, monkeypatch, gpu_path):
+def test_a_compiled_step_decodes_as_the_eager_one(kw, monkeypatch, gpu_path, capsys):
     """graphs="compile" (here with inductor's CPU code and the stand-in for a capture): the whole step through
     torch.compile, one graph per step shape, emits what eager decoding emits - rows that end at different steps,
     a dynamic tree with lookup drafts - and a later call compiles only shapes it had not met."""
     pytest.importorskip("torch._inductor")
     from torch._dynamo.utils import counters
 
+    from mtp.decoding import graphs
+
     monkeypatch.setattr(generate_module, "_use_graphs", lambda graphs, device, proposer: graphs)
+    monkeypatch.setattr(graphs, "COMPILE_NOTICE_S", 0.0)  # compiling says so at once (after 5 s otherwise)
     model = tiny_mtp("llama", num_heads=3, seed=2, vocab_size=50)
     ids, mask = left_pad([[1, 2, 3, 1, 2, 3], [4, 5]])
     eager = generate(model, ids, mask, max_new_tokens=20, stop_token_ids=[21], graphs=False, **kw)
@@ -296,6 +299,7 @@ def test_a_compiled_step_decodes_as_the_eager_one(kw, monkeypatch, gpu_path):
     compiled = generate(model, ids, mask, max_new_tokens=20, stop_token_ids=[21], graphs="compile", **kw)
     graphs_compiled = counters["stats"]["unique_graphs"]
     assert compiled.tokens == eager.tokens and len(set(map(len, eager.tokens))) == 2  # (rows end apart)
+    assert "mtp: compiling the decoding step for 2 rows, " in capsys.readouterr().err
     assert not counters["graph_break"], dict(counters["graph_break"])
     # each step shape compiles once at most (batch 2, then 1 once a row ends; the widths and plain steps the
     # timed gate picks), not once a step

@@ -19,12 +19,16 @@ A `DecodeSession` keeps a batch size's cache, state buffers and graphs between `
 from __future__ import annotations
 
 import dataclasses
+import sys
+import threading
 import warnings
 from collections.abc import Callable
 
 import torch
 
 from mtp.decoding.step import Decoder, DecodeState, StepResult
+
+COMPILE_NOTICE_S = 5.0  # a compiling step that takes longer prints a line on stderr saying what it waits for
 
 
 class GraphedSteps:
@@ -53,7 +57,15 @@ class GraphedSteps:
     def _warm_up(self, state: DecodeState, *block) -> StepResult:
         """The first step of a configuration; compiled, where it fails to compile it runs (and is captured, and
         every later one) uncompiled, with a warning: a compile fails before any of the step has run (one graph,
-        `fullgraph`), so the step is simply run again."""
+        `fullgraph`), so the step is simply run again. A compile that takes a while says so on stderr."""
+        notice = None
+        if self.compiled:  # a step shape new to torch.compile takes tens of seconds: say why nothing moves
+            rows, (n, m) = state.pending.shape[0], block[:2]
+            line = (f"mtp: compiling the decoding step for {rows} row{'s' if rows > 1 else ''}, {n} drafts and {m} "
+                    "lookup drafts (--graphs compile: tens of seconds, once per step shape)")
+            notice = threading.Timer(COMPILE_NOTICE_S, print, (line,), {"file": sys.stderr, "flush": True})
+            notice.daemon = True
+            notice.start()
         try:
             return self.step_in_place(state, *block)
         except _compile_errors() as e:
@@ -64,6 +76,9 @@ class GraphedSteps:
                           "replay the uncompiled step (--graphs on)", RuntimeWarning, stacklevel=2)
             self.compiled, self.step_in_place = False, self._step_in_place
             return self.step_in_place(state, *block)
+        finally:
+            if notice is not None:
+                notice.cancel()
 
     def prefill(self, prompt: DecodeState, state: DecodeState | None) -> tuple[DecodeState, StepResult]:
         """The prompt's step into the session's state buffers (`state`; None: the first prompt's new state becomes
