@@ -1,6 +1,7 @@
 """Time decoding steps of a SmolLM2-135M-shaped model with random weights (no download, no GGUF): ms per step and
-tokens/s of mtp's strategies with CUDA graphs on and off, and kernels per eager step. A development tool for the
-decode step (`mtp bench` measures the real model); run it on the machine you tune for:
+tokens/s of mtp's strategies with CUDA graphs on, off or compiled, CUDA kernels per step (eager or replayed) and
+each row's warm-up seconds (capturing, compiling). A development tool for the decode step (`mtp bench` measures
+the real model); run it on the machine you tune for:
 
     PYTHONPATH=src python scripts/decode_speed.py --device cuda --dtype bfloat16
     PYTHONPATH=src python scripts/decode_speed.py --device cuda --graphs on --attention grouped matmul
@@ -34,16 +35,21 @@ CONFIGS = {
 }
 
 
-def kernels_per_step(model, ids, kw) -> int | None:
+def kernels_per_step(model, ids, kw, graphs=False) -> int | None:
+    """CUDA kernels per forward of a short call: eager steps, or (after the row's warm-up captured them) the
+    replayed graphs' kernels, to set beside `scripts/step_kernels.py`'s counts made on a CPU."""
     if ids.device.type != "cuda":
         return None
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        out = generate(model, ids, max_new_tokens=9, stop_token_ids=[], graphs=False, **kw)
-        torch.cuda.synchronize()
-    kernels = sum(1 for e in prof.events() if e.device_type.name == "CUDA")
-    return round(kernels / out.stats.forward_passes)
+    counts = []
+    for new_tokens in (9, 33):  # the difference leaves the prompt's step out
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            out = generate(model, ids, max_new_tokens=new_tokens, stop_token_ids=[], graphs=graphs, **kw)
+            torch.cuda.synchronize()
+        counts.append((sum(1 for e in prof.events() if e.device_type.name == "CUDA"), out.stats.forward_passes))
+    (k1, f1), (k2, f2) = counts
+    return round((k2 - k1) / (f2 - f1)) if f2 > f1 else None
 
 
 def profile_table(model, ids, kw, graphs: bool, path: str, new_tokens: int) -> None:
@@ -119,7 +125,7 @@ def main() -> None:
                        "ms_per_step_after_first": (1e3 * best - first_ms) / max(steps - 1, 1),
                        "tokens_per_s": tokens / best, "steps": steps, "tokens_per_forward": tokens / batch / steps,
                        "warmup_s": warmup_s,
-                       "kernels_per_eager_step": kernels_per_step(model, ids, kw) if graphs == "off" else None}
+                       "kernels_per_step": kernels_per_step(model, ids, kw, on)}
                 rows.append(row)
                 if a.profile and a.device.startswith("cuda"):
                     profile_table(model, ids, kw, on,
