@@ -33,23 +33,23 @@ from mtp.decoding.tree import (
 from mtp.errors import MTPError
 from mtp.models.cache import MTPCache
 
-# The module docstring's example.
-EXAMPLE = [(0,), (1,), (0, 0), (0, 1), (1, 0), (0, 0, 0)]
+# The module docstring's example, in node order (depth first, rank 0 first: the rank-0 chain comes first).
+EXAMPLE = [(0,), (0, 0), (0, 0, 0), (0, 1), (1,), (1, 0)]
 
 
 def test_tree_tensors_match_the_hand_written_tree():
     tree = DraftTree.from_paths(reversed(EXAMPLE))  # any order in, sorted by depth then rank
     t = tree.layout
     assert tree.paths == tuple(EXAMPLE) and tree.size == 6 and tree.depth == 3 and tree.widths() == [2, 2, 1]
-    assert t.parent_slot.tolist() == [0, 0, 1, 1, 2, 3]
-    assert t.depth.tolist() == [1, 1, 2, 2, 2, 3]
-    assert t.rank.tolist() == [0, 1, 0, 1, 0, 0]
-    assert t.path.tolist() == [[0, 0, 0], [1, 1, 1], [0, 2, 2], [0, 3, 3], [1, 4, 4], [0, 2, 5]]
-    assert t.children.tolist() == [[1, 2], [3, 4], [5, -1], [6, -1], [-1, -1], [-1, -1], [-1, -1]]
+    assert t.parent_slot.tolist() == [0, 1, 2, 1, 0, 5]
+    assert t.depth.tolist() == [1, 2, 3, 2, 1, 2]
+    assert t.rank.tolist() == [0, 0, 0, 1, 1, 0]
+    assert t.path.tolist() == [[0, 0, 0], [0, 1, 1], [0, 1, 2], [0, 3, 3], [4, 4, 4], [4, 5, 5]]
+    assert t.children.tolist() == [[1, 5], [2, 4], [3, -1], [-1, -1], [-1, -1], [6, -1], [-1, -1]]
     assert layout_paths(t) == tree.paths
-    # slot q sees kv: the root, its ancestors, itself
+    # slot q sees kv: the root, its ancestors, itself; the rank-0 chain (slots 1-3) sees what greedy's tokens will
     sees = {q: [kv for kv in range(7) if t.within[q, kv]] for q in range(7)}
-    assert sees == {0: [0], 1: [0, 1], 2: [0, 2], 3: [0, 1, 3], 4: [0, 1, 4], 5: [0, 2, 5], 6: [0, 1, 3, 6]}
+    assert sees == {0: [0], 1: [0, 1], 2: [0, 1, 2], 3: [0, 1, 2, 3], 4: [0, 1, 4], 5: [0, 5], 6: [0, 5, 6]}
 
 
 @settings(max_examples=60, deadline=None)
@@ -77,19 +77,19 @@ def test_ancestors_and_paths_follow_the_parents(parents):
 def test_block_layout_puts_the_tree_after_the_pending_tokens():
     tree = DraftTree.from_paths(EXAMPLE)
     within, depth, offsets = block_layout(2, tree)
-    assert within.shape == (8, 8) and depth.tolist() == [1, 1, 2, 2, 2, 3]
-    assert offsets.tolist() == [0, 1, 2, 2, 3, 3, 3, 4]  # the pending tokens, then each node at root + depth
+    assert within.shape == (8, 8) and depth.tolist() == [1, 2, 3, 2, 1, 2]
+    assert offsets.tolist() == [0, 1, 2, 3, 4, 3, 2, 3]  # the pending tokens, then each node at root + depth
     assert within[:2, :2].tolist() == [[True, False], [True, True]]
     assert not within[:2, 2:].any()  # pending tokens never see a node
     assert within[2:, :2].all()
-    assert within[7].tolist() == [True, True, True, False, True, False, False, True]  # node 5: nodes 0, 2, 5
+    assert within[7].tolist() == [True, True, False, False, False, False, True, True]  # node 5: nodes 4, 5
 
 
 def test_chain_is_the_tree_of_width_one():
     chain = DraftTree.chain(3)
     assert chain.is_chain and chain.paths == ((0,), (0, 0), (0, 0, 0)) and chain.widths() == [1, 1, 1]
     assert not DraftTree.from_paths(EXAMPLE).is_chain
-    assert DraftTree.from_paths(EXAMPLE).truncate(2).paths == tuple(EXAMPLE[:5])
+    assert DraftTree.from_paths(EXAMPLE).truncate(2).paths == tuple(p for p in EXAMPLE if len(p) <= 2)
 
 
 def test_malformed_trees_are_refused():
@@ -105,13 +105,13 @@ def test_greedy_tree_verification_keeps_the_deepest_accepted_path():
     tree = DraftTree.from_paths(EXAMPLE)
     v = 10
     # The model's argmax after root, node 0, 1, 2, 3, 4, 5 (slots 0..6).
-    target = torch.tensor([[4, 7, 1, 2, 9, 5, 3]])
+    target = torch.tensor([[4, 7, 2, 3, 9, 1, 5]])
     logits = torch.nn.functional.one_hot(target, v).float()  # (1, 7, V)
-    tokens = torch.tensor([[5, 4, 7, 8, 1, 2]])  # node 1 (=4) right, then node 4 (=1) right, node 0 wrong
+    tokens = torch.tensor([[5, 7, 2, 8, 4, 1]])  # node 4 (=4) right, then node 5 (=1) right, node 0 wrong
     acc = verify_tree(logits, tokens, tree.layout, DecodeOptions(), None)
-    assert acc.count.tolist() == [2] and acc.slot.tolist() == [5] and acc.last.tolist() == [5]
+    assert acc.count.tolist() == [2] and acc.slot.tolist() == [6] and acc.last.tolist() == [5]
     assert acc.path_tokens(tokens)[0, :2].tolist() == [4, 1]
-    assert acc.kept_nodes(6).tolist() == [[False, True, False, False, True, False]]
+    assert acc.kept_nodes(6).tolist() == [[False, False, False, False, True, True]]
     none = verify_tree(logits, torch.tensor([[0, 0, 0, 0, 0, 0]]), tree.layout, DecodeOptions(), None)
     assert none.count.tolist() == [0] and none.slot.tolist() == [0] and none.last.tolist() == [4]
 
@@ -136,7 +136,7 @@ def test_tree_sampling_verification_keeps_the_target_distribution():
 def test_tree_candidates_pick_each_nodes_rank():
     tree = DraftTree.from_paths(EXAMPLE)
     ranked = [torch.tensor([[10, 11]]), torch.tensor([[20, 21]]), torch.tensor([[30]])]
-    assert tree_candidates(ranked, tree).tolist() == [[10, 11, 20, 21, 20, 30]]
+    assert tree_candidates(ranked, tree).tolist() == [[10, 20, 30, 21, 11, 20]]
 
 
 def test_keep_path_moves_the_accepted_nodes_after_the_root():
@@ -150,13 +150,13 @@ def test_keep_path_moves_the_accepted_nodes_after_the_root():
     cache.prepare_block(torch.ones(2, 7, dtype=torch.bool), torch.float64)
     stack.update(block, block, 0)
     tree = DraftTree.from_paths(EXAMPLE)
-    path = tree.layout.path[torch.tensor([5, 4])]  # row 0 keeps nodes 0, 2, 5; row 1 keeps nodes 1, 4
-    cache.keep_path(1, torch.tensor([3, 2]), path)
-    assert cache.length.tolist() == [3 + 4, 3 + 3]
+    path = tree.layout.path[torch.tensor([3, 5])]  # row 0 keeps nodes 0, 3; row 1 keeps nodes 4, 5
+    cache.keep_path(1, torch.tensor([2, 2]), path)
+    assert cache.length.tolist() == [3 + 3, 3 + 3]
     keys = stack.keys[0][:, 0, :, 0]
-    assert keys[0, :7].tolist() == [0, 1, 2, 100, 101, 103, 106]
-    assert keys[1, :6].tolist() == [0, 1, 2, 100, 102, 105]
-    assert cache.next_pos.tolist() == [7, 6]
+    assert keys[0, :6].tolist() == [0, 1, 2, 100, 101, 104]
+    assert keys[1, :6].tolist() == [0, 1, 2, 100, 105, 106]
+    assert cache.next_pos.tolist() == [6, 6]
 
 
 def random_tree(draw, depth: int) -> DraftTree:
@@ -167,6 +167,19 @@ def random_tree(draw, depth: int) -> DraftTree:
         if len(parent) < depth:
             paths.add(parent + (draw(st.integers(0, 3)),))
     return DraftTree.from_paths(paths)
+
+
+@settings(max_examples=40, deadline=None)
+@given(data=st.data())
+def test_a_fixed_trees_rank_0_chain_comes_first_and_parents_before_children(data):
+    """Nodes depth-first, lower ranks first: the rank-0 chain takes the slots right after the root (where greedy's
+    tokens will sit: in bf16 its nodes then sum their keys as greedy's steps do), and every parent comes before
+    its children (what the cache's path moves rely on)."""
+    tree = random_tree(data.draw, data.draw(st.integers(1, 4)))
+    chain = [p for p in tree.paths if set(p) == {0}]
+    assert list(tree.paths[:len(chain)]) == sorted(chain, key=len)
+    parent = tree.layout.parent_slot.tolist()
+    assert all(parent[i] <= i for i in range(tree.size))  # slot parent[i] holds node parent[i] - 1 < i
 
 
 @settings(max_examples=40, deadline=None)
@@ -327,9 +340,9 @@ def test_dynamic_tree_on_the_device_is_the_best_first_tree(data):
 
 def test_ranked_tree_drafts_fill_each_node_with_its_rank():
     logits = torch.tensor([[[0.0, 3.0, 1.0, 2.0], [5.0, 0.0, 0.0, 1.0]]])  # (B=1, D=2, V=4); ranks: 1,3,2,0 / 0,3,..
-    static = DraftTree.from_paths([(0,), (1,), (0, 0), (0, 1)])
+    static = DraftTree.from_paths([(0,), (1,), (0, 0), (0, 1)])  # node order (0,), (0, 0), (0, 1), (1,)
     tokens, layout = ranked_tree_drafts(logits, static)
-    assert layout is static.layout and tokens.tolist() == [[1, 3, 0, 3]]
+    assert layout is static.layout and tokens.tolist() == [[1, 0, 3, 3]]
     vocab = torch.tensor([10, 11, 12, 13])  # logits over these token ids
     tokens, layout = ranked_tree_drafts(logits, DynamicTree(3, 2), vocab)
     # probabilities: depth 1 ~(0.64, 0.24, 0.09), depth 2 ~(0.97, ...): the chain (0,), (0, 0) then (1,)
@@ -395,9 +408,9 @@ def test_mask_block_layout_with_a_tree():
     from mtp.decoding.drafters import mask_block_layout
 
     tree = DraftTree.from_paths([(0,), (1,), (0, 0)])  # pending 1 slot (the root), 3 nodes, groups of 1 mask
-    lay = mask_block_layout(4, 0, 4, 1, tree=tree)
+    lay = mask_block_layout(4, 0, 4, 1, tree=tree)  # nodes (0,), (0, 0), (1,) in slots 1-3
     w = lay.within.int().tolist()
-    assert lay.depth.tolist() == [1, 1, 2]
-    assert w[3] == [1, 1, 0, 1, 0, 0, 0, 0]  # node (0, 0): root, node 0, itself
-    assert w[7] == [1, 1, 0, 1, 0, 0, 0, 1]  # the mask after node (0, 0): what that node sees, itself
-    assert w[6] == [1, 0, 1, 0, 0, 0, 1, 0]  # the mask after node (1,)
+    assert lay.depth.tolist() == [1, 2, 1]
+    assert w[2] == [1, 1, 1, 0, 0, 0, 0, 0]  # node (0, 0): root, node 0, itself
+    assert w[6] == [1, 1, 1, 0, 0, 0, 1, 0]  # the mask after node (0, 0): what that node sees, itself
+    assert w[7] == [1, 0, 0, 1, 0, 0, 0, 1]  # the mask after node (1,)

@@ -10,14 +10,19 @@ A shape is fixed for a run ("auto": `build_tree` from the heads' held-out accura
 step from the drafts' own probabilities (`DynamicTree`, EAGLE-2's dynamic tree); the step's tree travels with
 its drafts, so verification and the cache never ask which.
 
-Block slots (what a verify forward feeds): slot 0 is the root, slot 1 + i is node i. Nodes are sorted by depth
-and then by rank, so a node's ancestors always come before it - which the cache relies on: after verification
-the accepted path is moved, in order, to the slots right after the root and everything else is forgotten.
+Block slots (what a verify forward feeds): slot 0 is the root, slot 1 + i is node i. A fixed tree's nodes are
+in depth-first order, lower ranks first (its paths sorted), so a node's ancestors always come before it - which
+the cache relies on: after verification the accepted path is moved, in order, to the slots right after the root
+and everything else is forgotten. And the rank-0 chain, the path most often accepted, sits where it stays: each
+of its nodes attends to its keys at the slots greedy decoding will give them, summed in greedy's order, so in
+bf16 (where a sum's grouping shows in the last bits) it computes what greedy computes wherever a block's rows are
+computed as one-token steps' are (the static step: docs/benchmarks.md; nodes in breadth-first order matched bf16
+greedy less often). A dynamic tree keeps its levels' order.
 
-    paths                     (0,)  (1,)  (0,0)  (0,1)  (1,0)  (0,0,0)
-    node                       0     1     2      3      4      5
-    parent slot (0 = root)     0     0     1      1      2      3
-    depth                      1     1     2      2      2      3
+    paths                     (0,)  (0,0)  (0,0,0)  (0,1)  (1,)  (1,0)
+    node                       0     1      2        3      4     5
+    parent slot (0 = root)     0     1      2        1      0     5
+    depth                      1     2      3        2      1     2
 
 Verification keeps the deepest node whose whole path is accepted:
     greedy    a node is accepted when its token is the model's argmax after its parent (siblings are distinct
@@ -49,12 +54,12 @@ Path_ = tuple[int, ...]
 
 @dataclass(frozen=True)
 class DraftTree:
-    paths: tuple[Path_, ...]  # sorted by (depth, ranks)
+    paths: tuple[Path_, ...]  # sorted: depth first, lower ranks first (the rank-0 chain first; module docstring)
 
     # ---------------------------------------------------------------- construction
     @classmethod
     def from_paths(cls, paths: Sequence[Sequence[int]]) -> DraftTree:
-        clean = sorted({tuple(int(r) for r in p) for p in paths}, key=lambda p: (len(p), p))
+        clean = sorted({tuple(int(r) for r in p) for p in paths})  # depth-first: see the module docstring
         if not clean:
             raise MTPError("a draft tree needs at least one path")
         known = set(clean)
