@@ -134,6 +134,20 @@ def _tree_depth(tree: DraftTree | DynamicTree, opts, most: int, who: str) -> int
     return tree.depth
 
 
+def chain_positions(pending_valid: torch.Tensor, drafts: int,
+                    depth: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(valid (B, w+d), offsets (B, w+d)) of a block of pending slots (left-padded prompt, or right-padded run)
+    then `drafts` draft slots: each slot's position after the row's next one, consecutive over the valid slots;
+    with a tree's node depths (d,), a node at its root's (the last pending slot's) position + its depth. What a
+    block that is not all real tokens needs (`Drafter.all_valid` blocks take their layout's offsets)."""
+    b, w = pending_valid.shape
+    valid = torch.cat([pending_valid, pending_valid.new_ones(b, drafts)], 1) if drafts else pending_valid
+    offsets = valid.long().cumsum(-1) - 1  # (B, w+d)
+    if depth is not None:
+        offsets = torch.cat([offsets[:, :w], offsets[:, w - 1:w] + depth], 1)
+    return valid, offsets
+
+
 def block_rows(pending_valid: torch.Tensor, drafts: int) -> torch.Tensor:
     """(B, 1+d) block slots of the root (the last valid pending slot: the last of a left-padded prompt, the count
     of a right-padded run less one) and of the d drafts after the pending slots."""
@@ -242,15 +256,12 @@ class HeadsDrafter(Drafter):
         w, d = pending.shape[1], drafts.tokens.shape[1]
         chain = torch.cat([pending, drafts.tokens], 1) if d else pending  # (B, w+d): the pending tokens, the drafts
         all_valid, valid = self.all_valid(w), None  # None: every slot a token
-        if not all_valid:
-            valid = torch.cat([pending_valid, torch.ones_like(drafts.tokens, dtype=torch.bool)], 1) if d else \
-                pending_valid
-        offsets = within = None
+        offsets = within = depth = None
         if drafts.layout is not None:  # nodes at the root's position + depth, seeing their ancestors only
             within, depth, offsets = block_layout(w, drafts.tree or drafts.layout, chain.device)  # offsets (w+d,)
-            if not all_valid:
-                pending_offsets = pending_valid.long().cumsum(-1) - 1  # (B, w)
-                offsets = torch.cat([pending_offsets, pending_offsets[:, -1:] + depth], 1)  # (B, w+d)
+        if not all_valid:  # (a chain's positions: counted from `valid` by the cache)
+            valid, tree_offsets = chain_positions(pending_valid, d, depth)
+            offsets = tree_offsets if depth is not None else None
         trunk, ctx = model.trunk_forward(chain, valid, cache, offsets, within)
         first = model.head_forward(0, trunk, ctx)  # (B, w+d, H)
         verify_logits = model.lm_head(at_block_rows(first, pending_valid, d)).float()  # (B, 1+d, V)
@@ -354,10 +365,7 @@ class MaskDrafter(Drafter):
         tokens = torch.cat([chain, chain.new_full((b, groups * m), model.mask_token_id)], 1)  # (B, T)
         valid, offsets = None, layout.offsets  # (T,) every slot valid
         if not self.all_valid(w):
-            chain_valid = torch.cat([pending_valid, torch.ones_like(drafts.tokens, dtype=torch.bool)], 1)
-            chain_offsets = chain_valid.long().cumsum(-1) - 1  # (B, c)
-            if drafts.layout is not None:  # nodes at the root's position + depth
-                chain_offsets = torch.cat([chain_offsets[:, :w], chain_offsets[:, w - 1:w] + layout.depth], 1)
+            chain_valid, chain_offsets = chain_positions(pending_valid, d, layout.depth)  # (B, c) each
             offsets = torch.cat([chain_offsets, chain_offsets[:, layout.follows] + layout.step], 1)  # (B, T)
             valid = torch.cat([chain_valid, chain_valid.new_ones(b, groups * m)], 1)
         is_mask = layout.is_mask if groups * m else None  # no masks: no adapters to gate

@@ -239,7 +239,7 @@ class MTPCache:
                         # a view of it became a copy of the whole buffer and back, every step)
                         rows = torch.arange(source.shape[0], device=source.device)[:, None]  # (B, 1)
                         stack.kv[:, :, rows, :, target] = stack.kv[:, :, rows, :, source]  # (B, depth, layers, 2, H, D)
-                        continue
+                        continue  # (eagerly the gather and scatter below cost the host a third of the indexing)
                     for buf in stack.buffers():  # (layers * 2, B, heads, L, D)
                         shape = (buf.shape[0], -1, buf.shape[2], -1, buf.shape[4])
                         moved = buf.gather(3, source[None, :, None, :, None].expand(*shape))
