@@ -1,0 +1,42 @@
+"""The wheel a user installs (`pip install .`) holds what the code reads at run time: GSM8K's files for `mtp eval`
+and `mtp train --data gsm8k`, the license, the `mtp` command."""
+
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory) -> zipfile.ZipFile:
+    out = tmp_path_factory.mktemp("wheel")
+    # no build isolation: the environment's setuptools (nothing downloaded); the build tree goes to the temp folder
+    done = subprocess.run([sys.executable, "-m", "pip", "wheel", str(ROOT), "--no-deps", "--no-build-isolation",
+                           "--quiet", "--wheel-dir", str(out)], capture_output=True, text=True, cwd=out)
+    if done.returncode != 0 and "No module named" in done.stderr:
+        pytest.skip(f"no pip or setuptools to build with: {done.stderr.strip().splitlines()[-1]}")
+    assert done.returncode == 0, done.stderr
+    (path,) = out.glob("mtp-*.whl")
+    return zipfile.ZipFile(path)
+
+
+def test_the_wheel_holds_the_data_the_code_reads(wheel):
+    names = set(wheel.namelist())
+    for split in ("train", "test"):
+        source = ROOT / "src" / "mtp" / "data" / "gsm8k" / f"{split}.jsonl"
+        assert wheel.read(f"mtp/data/gsm8k/{split}.jsonl") == source.read_bytes()
+    assert "mtp/py.typed" in names
+    packages = {p.relative_to(ROOT / "src").parent.as_posix() for p in (ROOT / "src" / "mtp").rglob("*.py")}
+    assert packages <= {Path(n).parent.as_posix() for n in names}  # every subpackage, none left out
+
+
+def test_the_wheel_declares_its_license_and_command(wheel):
+    info = {Path(n).name: n for n in wheel.namelist() if ".dist-info/" in n}
+    metadata = wheel.read(info["METADATA"]).decode()
+    assert "License-Expression: Apache-2.0" in metadata.splitlines()
+    assert wheel.read(info["LICENSE"]) == (ROOT / "LICENSE").read_bytes()
+    assert "mtp = mtp.cli:main" in wheel.read(info["entry_points.txt"]).decode()
