@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from mtp.decoding.generate import generate
+from mtp.evaluation.prompts import pad_id
 from mtp.models.loading import load_mtp_model
 
 pytestmark = pytest.mark.real_model
@@ -23,7 +24,7 @@ def test_speculative_equals_greedy_on_the_default_model(default_model):
     rows = [tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True) for q in questions]
     rows = [r["input_ids"] if isinstance(r, dict) or hasattr(r, "keys") else r for r in rows]
     width = max(len(r) for r in rows)
-    ids = torch.tensor([[tok.pad_token_id] * (width - len(r)) + list(r) for r in rows])
+    ids = torch.tensor([[pad_id(tok)] * (width - len(r)) + list(r) for r in rows])
     mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
     greedy = generate(default_model, ids, mask, max_new_tokens=40)
     spec = generate(default_model, ids, mask, max_new_tokens=40, strategy="speculative")
@@ -44,7 +45,7 @@ def test_fp16_packed_speculative_equals_fp16_greedy_on_the_default_model(default
 
     packed = quantize_for_decoding(copy.deepcopy(default_model), "fp16")
     prompts = gsm8k_prompts(packed.tokenizer, limit=3, shots=0, chat=True)
-    ids, mask = left_pad([p.token_ids for p in prompts], packed.tokenizer.pad_token_id)
+    ids, mask = left_pad([p.token_ids for p in prompts], pad_id(packed.tokenizer))
     greedy = generate(packed, ids, mask, max_new_tokens=48)
     spec = generate(packed, ids, mask, max_new_tokens=48, strategy="speculative")
     assert spec.tokens == greedy.tokens

@@ -78,6 +78,10 @@ class LlamaBackbone(Backbone):
         self.layers = causal_lm.model.layers
         self.norm = causal_lm.model.norm
         self.fast_layers: dict | None = None
+        # kept, never replaced: a captured CUDA graph reads the tensors it was captured with (plain attributes,
+        # not `__dict__.setdefault`, which torch 2.11's dynamo cannot trace inside a compiled step)
+        self._rope_tables: dict = {}  # (size, dtype, device) -> (P, 2, D) cos and signed sin of every position
+        self._head_stacks: dict = {}  # the extra heads' layers -> their FastHeadStack
 
     def use_fast_layers(self, layers, weights):
         from mtp.models.fast_llama import FastLlamaLayer
@@ -106,8 +110,7 @@ class LlamaBackbone(Backbone):
             return rope_tables(*rotary(hidden, position_ids=position_ids))
         size = max(256, 1 << (max_position - 1).bit_length())  # few sizes, each built once
         key = (size, hidden.dtype, hidden.device)
-        # Tables are kept, never replaced: a captured CUDA graph reads the one it was captured with.
-        tables = self.__dict__.setdefault("_rope_tables", {})
+        tables = self._rope_tables
         table = tables.get(key)
         if table is None:
             cos, signed_sin = rope_tables(*rotary(hidden, position_ids=torch.arange(size, device=hidden.device)[None]))
@@ -135,7 +138,7 @@ class LlamaBackbone(Backbone):
         fast = [[self.fast_layers.get(layer) for layer in level] for level in levels]
         if any(f is None for level in fast for f in level):
             return None
-        stacks = self.__dict__.setdefault("_head_stacks", {})
+        stacks = self._head_stacks
         key = tuple(id(layer) for level in levels for layer in level)
         stack = stacks.get(key)
         if stack is None or stack.levels != fast:  # (fast layers are rebuilt when the weight format changes)
