@@ -158,11 +158,13 @@ def _compiled(step: Callable[..., StepResult]) -> Callable[..., StepResult]:
 
 
 def _compile_errors() -> tuple[type[BaseException], ...]:
-    """What torch.compile raises when it cannot trace or compile (dynamo's errors, inductor's, Triton's wrapped)."""
+    """What torch.compile raises when it cannot trace or compile (dynamo's errors, inductor's, Triton's wrapped;
+    an older torch has no InductorError: its inductor errors arrive as dynamo's BackendCompilerFailed)."""
     import torch._dynamo.exc
     import torch._inductor.exc
 
-    return torch._dynamo.exc.TorchDynamoException, torch._inductor.exc.InductorError
+    inductor = getattr(torch._inductor.exc, "InductorError", None)
+    return (torch._dynamo.exc.TorchDynamoException,) + ((inductor,) if inductor is not None else ())
 
 
 def _tensors(result: StepResult) -> list[torch.Tensor]:
