@@ -241,16 +241,19 @@ def gpu_path(request, monkeypatch):
 
 @pytest.mark.parametrize("kind,kw", [
     ("heads", {"strategy": "speculative", "tree": DynamicTree(4, 2), "lookup": 3, "do_sample": True}),
-    ("heads", {"strategy": "speculative", "tree": "auto", "tree_size": 4, "lookup": 2}),
+    ("heads", {"strategy": "speculative", "tree": "auto", "tree_size": 4, "lookup": 2, "draft_vocab": True}),
     ("heads", {"strategy": "speculative", "lookup": 2}),
     ("masks", {"strategy": "confadapt", "k": 3}),
-], ids=["heads-dynamic-tree-lookup-sampling", "heads-tree-lookup", "heads-chain-lookup", "masks-confadapt"])
+], ids=["heads-dynamic-tree-lookup-sampling", "heads-tree-lookup-draft-vocab", "heads-chain-lookup",
+        "masks-confadapt"])
 def test_a_step_traces_as_one_graph(kind, kw, gpu_path):
     """The step reads nothing back to the host (what a CUDA graph cannot replay): dynamo traces it as one graph
     (fullgraph=True fails on a host read such as .item(), .tolist() or a tensor in an `if`), the prompt's step
     (captured too, `GraphedSteps.prefill`) and the next; on the GPU's path too, whose fused weights and stacked
     heads are cached by their tensors' addresses (which a traced graph cannot read: `graphs="compile"`)."""
     model = tiny_mtp("llama", num_heads=3) if kind == "heads" else mask_model("llama", "gated-lora", 0, 20)
+    if kw.get("draft_vocab"):  # as `mtp train` makes heads: a draft vocabulary (its rows cached by their address)
+        model.set_draft_vocab(torch.arange(0, model.config.vocab_size, 2))
     from mtp.decoding.generate import model_tree
 
     opts = DecodeOptions(kw["strategy"], 8, do_sample=kw.get("do_sample", False), k=kw.get("k"),

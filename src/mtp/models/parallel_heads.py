@@ -349,6 +349,11 @@ class MTPModel(nn.Module):
         vocab = self.draft_vocab
         if torch.is_grad_enabled():
             return head.weight[vocab], head.bias[vocab] if head.bias is not None else None
+        if torch.compiler.is_compiling():  # a compiled step reads no address (torch 2.11's dynamo fails on one):
+            cached = self._draft_rows_cache  # the rows its session's eager prompt step kept, else gathered
+            if cached is not None:
+                return cached[1], cached[2]
+            return head.weight[vocab], head.bias[vocab] if head.bias is not None else None
         key = (head.weight.data_ptr(), head.weight._version, vocab.data_ptr(), vocab.device)
         if self._draft_rows_cache is None or self._draft_rows_cache[0] != key:
             bias = head.bias[vocab].detach().clone() if head.bias is not None else None
