@@ -114,6 +114,23 @@ def test_a_session_is_reused_by_shape_and_renewed_when_the_weights_move(replayed
     assert alive() is None
 
 
+def test_weights_changed_in_place_get_new_graphs(replayed):
+    """A training loop that decodes now and then changes the weights in place (the optimizer's step): their
+    addresses stay, but a CUDA graph captured before replays the copies it was captured with (the fused q/k/v,
+    the stacked heads), so the session must be a new one, not a replay of the old model."""
+    model = tiny_mtp("llama", num_heads=3)
+    ids = torch.tensor([[1, 2, 3, 1, 2]])
+    generate(model, ids, max_new_tokens=6, strategy="speculative", graphs=True)
+    (before,) = model._mtp_decode_sessions.sessions.values()
+    with torch.no_grad():  # as optimizer.step() does: in place, same tensors
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    out = generate(model, ids, max_new_tokens=6, strategy="speculative", graphs=True)
+    (after,) = model._mtp_decode_sessions.sessions.values()
+    assert after is not before  # the old session (graphs, cache) is dropped with the old weights
+    assert out.tokens == generate(model, ids, max_new_tokens=6, graphs=False).tokens
+
+
 @pytest.mark.parametrize("strategy", LOSSLESS)
 def test_a_batch_shrinks_after_reading_the_step_in_flight(replayed, monkeypatch, strategy):
     """Replaying, the next step is launched before the host reads a step, so when stop strings end enough rows

@@ -253,9 +253,11 @@ def session_for(model, drafter, opts, batch_size: int, need: int, stop_ids: torc
                 generator: torch.Generator | None, observe: bool, compiled: bool = False,
                 defer_capacity: int = 0) -> DecodeSession:
     """The session for this shape and these options (made and remembered on first use). Its key holds the
-    addresses of the model's weights: a model whose tensors were replaced (moved, cast) gets new graphs."""
+    addresses of the model's weights and their versions: a model whose tensors were replaced (moved, cast) or
+    changed in place (an optimizer's step, `load_state_dict`) gets new graphs - a graph replays the copies made
+    from the weights it was captured with (fused projections, stacked heads)."""
     max_len = -(-need // SLOT_BUCKET) * SLOT_BUCKET
-    weights = hash(tuple(p.data_ptr() for p in model.parameters()))
+    weights = hash(tuple((p.data_ptr(), 0 if p.is_inference() else p._version) for p in model.parameters()))
     fields = dataclasses.astuple(dataclasses.replace(opts, max_new_tokens=0, adaptive_draft=False))
     key = (weights, batch_size, max_len, fields, tuple(stop_ids.tolist()), generator is not None, observe, compiled,
            defer_capacity)
