@@ -150,7 +150,7 @@ def _compiled(step: Callable[..., StepResult]) -> Callable[..., StepResult]:
     dozen step shapes cost a few compiles, not a dozen."""
     import torch._dynamo
 
-    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 256)
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 256)
     # The tree's shape-only tensors are built by functools caches, which dynamo traces through (a warning each):
     # inside a compiled step they are constants inductor folds.
     warnings.filterwarnings("ignore", message="Dynamo detected a call to a `functools.lru_cache`")
