@@ -271,7 +271,8 @@ class _MetadataUnpickler(pickle.Unpickler):
                 ("torch", "strided"), ("torch", "contiguous_format"), ("collections", "OrderedDict"),
                 ("builtins", "set"), ("builtins", "frozenset"), ("torch", "device"),
                 ("torch.serialization", "_get_layout"),  # looks a layout up by its name
-                ("pathlib", "PosixPath"), ("pathlib", "PurePosixPath"), ("pathlib", "WindowsPath")}
+                *((module, name) for module in ("pathlib", "pathlib._local")  # (Python 3.13's home of the classes)
+                  for name in ("PosixPath", "PurePosixPath", "WindowsPath", "PureWindowsPath"))}
 
     def find_class(self, module: str, name: str):
         if module in self._ALLOWED_MODULES or (module, name) in self._ALLOWED:
