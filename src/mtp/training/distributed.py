@@ -289,8 +289,9 @@ def _safe_reader_class():
         pickled objects rather than tensors (mtp writes none; tensors themselves load with weights_only)."""
 
         def read_metadata(self, *args, **kwargs):
-            rank = kwargs.get("rank")  # the index file FileSystemWriter writes (named here: torch's helper for
-            path = Path(self.path) / (".metadata" if rank is None else f"__{rank}.metadata")  # it is private, 2.9+)
+            # the index FileSystemWriter writes, named here (torch's helper for it is private, and new in 2.9)
+            rank = kwargs.get("rank")
+            path = Path(self.path) / (".metadata" if rank is None else f"__{rank}.metadata")
             try:
                 with open(path, "rb") as f:
                     metadata = _MetadataUnpickler(f).load()
