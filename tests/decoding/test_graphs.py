@@ -256,6 +256,19 @@ def gpu_path(request, monkeypatch):
     return request.param
 
 
+def test_a_model_made_in_inference_mode_decodes(replayed, gpu_path):
+    """Weights made under torch.inference_mode() have no version counter (reading it raises): the copies kept
+    from them (fused projections, stacked heads, draft rows) and the sessions still key on them, as 0."""
+    with torch.inference_mode():
+        model = tiny_mtp("llama", num_heads=3)
+        model.set_draft_vocab(torch.arange(0, model.config.vocab_size, 2))
+        ids = torch.tensor([[1, 2, 3, 1, 2]])
+        kw = dict(max_new_tokens=6, strategy="speculative", tree="auto", tree_size=3, lookup=2)
+        replay = generate(model, ids, graphs=True, **kw)
+        assert replay.tokens == generate(model, ids, graphs=False, **kw).tokens
+    assert replay.tokens == [reference_greedy(model, [1, 2, 3, 1, 2], 6)]
+
+
 @pytest.mark.parametrize("kind,kw", [
     ("heads", {"strategy": "speculative", "tree": DynamicTree(4, 2), "lookup": 3, "do_sample": True}),
     ("heads", {"strategy": "speculative", "tree": "auto", "tree_size": 4, "lookup": 2, "draft_vocab": True}),

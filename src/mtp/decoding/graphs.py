@@ -27,6 +27,7 @@ from collections.abc import Callable
 import torch
 
 from mtp.decoding.step import Decoder, DecodeState, StepResult
+from mtp.models.weight_state import weights_state
 
 COMPILE_NOTICE_S = 5.0  # a compiling step that takes longer prints a line on stderr saying what it waits for
 
@@ -257,7 +258,7 @@ def session_for(model, drafter, opts, batch_size: int, need: int, stop_ids: torc
     changed in place (an optimizer's step, `load_state_dict`) gets new graphs - a graph replays the copies made
     from the weights it was captured with (fused projections, stacked heads)."""
     max_len = -(-need // SLOT_BUCKET) * SLOT_BUCKET
-    weights = hash(tuple((p.data_ptr(), 0 if p.is_inference() else p._version) for p in model.parameters()))
+    weights = hash(weights_state(model.parameters()))
     fields = dataclasses.astuple(dataclasses.replace(opts, max_new_tokens=0, adaptive_draft=False))
     key = (weights, batch_size, max_len, fields, tuple(stop_ids.tolist()), generator is not None, observe, compiled,
            defer_capacity)

@@ -23,6 +23,7 @@ from torch import nn
 from mtp.errors import MTPError
 from mtp.models.cache import write_kv
 from mtp.models.packed import BlockedWeights, blocked_linear, blocked_pays
+from mtp.models.weight_state import weights_state
 
 WEIGHT_FORMATS = ("fp32", "fp16", "blocked")  # blocked: decode-only fp32 on a CPU (`mtp.models.packed.BlockedLinear`)
 QKV, OUT, GATE_UP, DOWN = range(4)  # the layer's projections, fused where the weights are packed
@@ -184,7 +185,7 @@ class FastLlamaLayer:
         cached = self._fused.get(which)
         if cached is not None and torch.compiler.is_compiling():  # a compiled step: its session's weights, joined
             return cached  # (reading a tensor's address breaks a traced graph; a session's weights stay put)
-        identity = tuple((p.weight.data_ptr(), p.weight._version) for p in modules)
+        identity = weights_state(p.weight for p in modules)
         if cached is None or cached[0] != identity:
             weight = torch.cat([p.weight.detach() for p in modules])  # (sum of out, in)
             bias = None
@@ -388,7 +389,7 @@ class FastHeadStack:
         level = self.levels[i]
         modules = [p for layer in level for group in range(4) for p in layer._modules(group)]
         norms = [n.weight for layer in level for n in (layer.ln1, layer.ln2)]
-        identity = (swapped, group_major, *((w.data_ptr(), w._version) for w in [p.weight for p in modules] + norms))
+        identity = (swapped, group_major, *weights_state([p.weight for p in modules] + norms))
         if cached is None or cached[0] != identity:
             cached = self._weights[i] = (identity, self._build(level, i > 0, swapped, group_major))
         return cached[1]

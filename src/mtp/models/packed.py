@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mtp.errors import MTPError
+from mtp.models.weight_state import weights_state
 
 
 class PackedLinear(nn.Module):
@@ -229,10 +230,9 @@ class BlockedWeights:
         matmul for projections of the same input. None where the machine has no memory to spare for the copy
         (`memory_to_spare`): that matmul stays torch's."""
         # The weights themselves (weakly: a replaced weight is freed), their storage (`p.data = ...`, as
-        # `Module.to` does, keeps the object) and their versions, which in-place changes bump (a tensor made in
-        # inference mode has none, and cannot be changed in place outside it). An address alone could be a new
-        # weight's, allocated where a freed one was.
-        state = tuple((w.data_ptr(), 0 if w.is_inference() else w._version) for w in weights)
+        # `Module.to` does, keeps the object) and their versions, which in-place changes bump (`weights_state`).
+        # An address alone could be a new weight's, allocated where a freed one was.
+        state = weights_state(weights)
         cached = self.entries.get(name)
         if cached is None or cached[0][1] != state or any(
                 ref() is not w for ref, w in zip(cached[0][0], weights, strict=True)):

@@ -36,6 +36,7 @@ from mtp.models.backbones import backbone_for
 from mtp.models.cache import MTPCache, additive_mask
 from mtp.models.folder_kind import MASK_TOKENS_METHOD, WEIGHTS_NAME, read_mtp_section
 from mtp.models.packed import BlockedWeights, blocked_linear, blocked_pays
+from mtp.models.weight_state import weights_state
 
 EXTRA_HEADS_PREFIX = "extra_heads."
 NEXT_TOKEN_PREFIX = "next_token_in."  # the extra heads' projection of the next token's embedding
@@ -354,7 +355,7 @@ class MTPModel(nn.Module):
             if cached is not None:
                 return cached[1], cached[2]
             return head.weight[vocab], head.bias[vocab] if head.bias is not None else None
-        key = (head.weight.data_ptr(), head.weight._version, vocab.data_ptr(), vocab.device)
+        key = (weights_state((head.weight, vocab)), vocab.device)
         if self._draft_rows_cache is None or self._draft_rows_cache[0] != key:
             bias = head.bias[vocab].detach().clone() if head.bias is not None else None
             self._draft_rows_cache = (key, head.weight[vocab].detach().clone(), bias)
