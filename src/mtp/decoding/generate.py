@@ -17,6 +17,7 @@ CPU the same step runs eagerly and finished rows are dropped at once.
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -33,7 +34,15 @@ from mtp.decoding.blocks import (  # noqa: F401  (DraftLength, accepted_per_posi
 )
 from mtp.decoding.drafters import Drafter, DraftRequest, Proposer, drafter_for  # noqa: F401  (DraftRequest: re-exported)
 from mtp.decoding.inputs import left_pad, token_batch  # noqa: F401  (left_pad: re-exported)
-from mtp.decoding.step import HOST_COLUMNS, STRATEGIES, DecodeOptions, Decoder, DecodeState, Strategy  # noqa: F401
+from mtp.decoding.step import (  # noqa: F401  (Strategy: re-exported)
+    HOST_COLUMNS,
+    STRATEGIES,
+    DecodeOptions,
+    Decoder,
+    DecodeState,
+    StepResult,
+    Strategy,
+)
 from mtp.decoding.stopping import StopChecker
 from mtp.decoding.tree import DraftTree, DynamicTree, resolve_tree
 from mtp.errors import MTPError
@@ -102,108 +111,161 @@ def iter_generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor |
     """
     stats = stats if stats is not None else GenerationStats()
     drafter = drafter if drafter is not None else drafter_for(model, opts)
-    b, prompt_len = input_ids.shape
     device = input_ids.device
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
     attention_mask = attention_mask.to(device=device, dtype=torch.bool)
-    if graphs or device.type != "cpu":  # static shapes: a few prompt widths, so that the prompt's step replays too
+    static = bool(graphs) or device.type != "cpu"
+    if static:  # static shapes: a few prompt widths, so that the prompt's step replays too
         input_ids, attention_mask = _pad_to_bucket(input_ids, attention_mask, PROMPT_BUCKET)
-        b, prompt_len = input_ids.shape
+    b, prompt_len = input_ids.shape
     verifying = opts.strategy in ("greedy", "speculative")
-    n_draft, lookup = drafter.num_drafts, (opts.lookup if verifying else 0)
-    stats.draft_positions = [0] * max(n_draft, lookup)
-    stats.draft_accepted = [0] * max(n_draft, lookup)
+    lookup = opts.lookup if verifying else 0
+    stats.draft_positions = [0] * max(drafter.num_drafts, lookup)
+    stats.draft_accepted = [0] * max(drafter.num_drafts, lookup)
     if opts.max_new_tokens <= 0:
         return
     need = prompt_len + opts.max_new_tokens + drafter.extra_slots + 2  # cache slots a row may use
-    if graphs or device.type != "cpu":  # attention masks as wide as the cache, rows aligned for fused GPU kernels
+    if static:  # attention masks as wide as the cache, rows aligned for fused GPU kernels
         need = -(-need // CACHE_ALIGN) * CACHE_ALIGN
     draft_length, gate = _block_rules(model, drafter, opts, b, lookup, device)
     # plain steps leave the extra heads out, caught up later
     defer_capacity = SpeculationGate.CAPACITY if gate.enabled and drafter.catches_up else 0
-
-    def decoder_for(batch: int):  # (session, decoder): replaying, a batch size's session (its buffers and graphs)
-        if not graphs:  # off a CPU no step reads the device from the host
-            cache = drafter.new_cache(batch, need, static=device.type != "cpu")
-            return None, Decoder(drafter, opts, cache, stop.stop_ids, generator, on_trunk is not None, defer_capacity)
-        from mtp.decoding.graphs import session_for
-
-        found = session_for(model, drafter, opts, batch, need, stop.stop_ids, generator, on_trunk is not None,
-                            compiled=graphs == "compile", defer_capacity=defer_capacity)
-        return found, found.decoder
-
-    def on_device(block: Block) -> Block:  # replaying, a catch-up block is always as wide as the buffer
-        return block._replace(catch_up=defer_capacity) if session is not None and block.catch_up else block
-
-    session, decoder = decoder_for(b)
-    decoder.cache.reset()
-    state = _prompt_state(input_ids, attention_mask, opts, decoder.cache.max_len if lookup else 0)
-    rows = list(range(b))  # original row of each batch row
-    active = [True] * b
-    left = [opts.max_new_tokens] * b  # tokens each batch row may still emit
+    common = (drafter, opts, b, need, stop.stop_ids, generator, on_trunk is not None, defer_capacity)
+    steps = _ReplayedSteps(model, *common, compiled=graphs == "compile") if graphs else \
+        _EagerSteps(*common, static_cache=device.type != "cpu")  # off a CPU no step reads the device from the host
+    state = _prompt_state(input_ids, attention_mask, opts, steps.cache_len if lookup else 0)
+    batch = _HostRows(list(range(b)), [True] * b, [opts.max_new_tokens] * b)
     # Replaying, the next step is launched before the host reads this one (its result copied out first): the
     # device runs it while the host yields tokens and checks stop strings. It is launched with the widths the
     # statistics so far pick, and is skipped where the step being read may end every row by its budget; a row an
     # end token or a stop string ends gets one step more, whose tokens are not read. A batch that shrinks first
     # reads the step in flight. An observer reads the trunk output a step leaves on the device, which the next
     # step would overwrite: no step is launched ahead for it.
-    pipelined = LAUNCH_AHEAD and session is not None and on_trunk is None
+    pipelined = LAUNCH_AHEAD and graphs and on_trunk is None
     ahead, draining = None, False  # (result, block) of the step launched ahead; whether a shrink waits for it
     block = Block(0, 0)  # the prompt is fed alone
     gate.launched(("prompt", block))
-    state, result = session.prefill(state) if session is not None else decoder.step(state, *block)
+    state, result = steps.prefill(state)
     while True:
-        n, m = block.n, block.m  # of the step being read
         most = result.host.shape[1] - HOST_COLUMNS  # tokens a row may emit in the step being read
-        if pipelined and not draining and any(left[i] > most for i in range(len(rows)) if active[i]):
+        if pipelined and not draining and batch.may_emit_more_than(most):
             read = _to_host(result.host)
-            next_block = gate.block(draft_length.next(), lookup, len(rows)) if verifying else block
-            gate.launched((len(rows), next_block))
-            ahead = (session.run(state, *on_device(next_block)), next_block)
+            next_block = gate.block(draft_length.next(), lookup, len(batch.rows)) if verifying else block
+            gate.launched((len(batch.rows), next_block))
+            ahead = (steps.run(state, next_block)[1], next_block)
             host = read()
         else:
             host = result.host.tolist()  # the one device-to-host copy of a step
-        fed = sum(active)
-        emitted, accepted = _read_rows(host, rows, active, left, stop, state.finished)
-        gate.read(max(n, m) > 0, sum(len(new) for _, new in emitted))
-        stats.plain_steps += gate.enabled and stats.forward_passes > 0 and not max(n, m)  # (not the prompt's)
-        stats.forward_passes += 1
-        stats.row_forwards += fed
+        fed = sum(batch.active)
+        emitted, accepted = _read_rows(host, batch, stop, state.finished)
+        _count_step(stats, gate, block, fed, emitted, accepted, draft_length if verifying else None)
         if on_trunk is not None and result.trunk is not None:
             on_trunk(state.rows, result.trunk, result.kept)
-        for row, new in emitted:
-            stats.new_tokens += len(new)
-            yield row, new
-        found = max((host[i][3] for i in range(len(rows)) if active[i]), default=0)  # lookup drafts next
-        run = max((host[i][0] for i in range(len(rows)) if active[i]), default=1)  # the longest emitted run
-        if verifying and max(n, m):
-            draft_length.update(_count_acceptance(stats, accepted, max(n, m), fed)[:n], fed)
-        if not any(active):
+        yield from emitted
+        if not any(batch.active):
             break
-        keep = _rows_to_keep(active, graphs)
+        found = batch.most(host, 3, default=0)  # lookup drafts next
+        run = batch.most(host, 0, default=1)  # the longest emitted run
+        keep = _rows_to_keep(batch.active, graphs)
         if ahead is not None:  # read the step in flight next; a smaller batch waits until it is read
             (result, block), ahead, draining = ahead, None, keep is not None
             continue
         draining = False
         if keep is not None:
-            index = torch.tensor(keep, device=device)
-            rows, active, left = [rows[i] for i in keep], [active[i] for i in keep], [left[i] for i in keep]
-            if session is not None:  # the smaller batch's own session: its buffers and graphs
-                smaller, decoder = decoder_for(len(keep))
-                state, session = smaller.take_rows(session, index), smaller
-            else:
-                state = state.select(index)
-                decoder.cache.select_rows(index)
+            batch = batch.take(keep)
+            state = steps.take(state, torch.tensor(keep, device=device))
         if verifying:
-            block = gate.block(draft_length.next(), lookup if graphs else found, len(rows))
-        elif session is None:  # a confident run feeds what it emitted: eagerly, only as wide as the longest
+            block = gate.block(draft_length.next(), lookup if static else found, len(batch.rows))
+        elif not static:  # a confident run feeds what it emitted: eagerly, only as wide as the longest
             state = state.narrow_pending(max(run, 1))
-        gate.launched((len(rows), block))
-        if session is not None:
-            result = session.run(state, *on_device(block))
-        else:
-            state, result = decoder.step(state, *block)
+        gate.launched((len(batch.rows), block))
+        state, result = steps.run(state, block)
+
+
+class _EagerSteps:
+    """Steps run as they come (the reference; a CPU's way): the state goes through `Decoder.step`, and a batch
+    that shrinks drops rows from it and from the cache."""
+
+    def __init__(self, drafter: Drafter, opts: DecodeOptions, batch: int, need: int, stop_ids: torch.Tensor,
+                 generator: torch.Generator | None, observe: bool, defer_capacity: int, static_cache: bool):
+        cache = drafter.new_cache(batch, need, static=static_cache)
+        self.decoder = Decoder(drafter, opts, cache, stop_ids, generator, observe, defer_capacity)
+        self.cache_len = cache.max_len
+
+    def prefill(self, state: DecodeState) -> tuple[DecodeState, StepResult]:
+        return self.decoder.step(state, 0, 0)
+
+    def run(self, state: DecodeState, block: Block) -> tuple[DecodeState, StepResult]:
+        return self.decoder.step(state, *block)
+
+    def take(self, state: DecodeState, index: torch.Tensor) -> DecodeState:
+        self.decoder.cache.select_rows(index)
+        return state.select(index)
+
+
+class _ReplayedSteps:
+    """Steps replayed as CUDA graphs (`mtp.decoding.graphs`): a batch size's session holds the state's buffers,
+    which each step updates in place, its cache and its graphs; a batch that shrinks moves into a smaller one's."""
+
+    def __init__(self, model, drafter: Drafter, opts: DecodeOptions, batch: int, need: int, stop_ids: torch.Tensor,
+                 generator: torch.Generator | None, observe: bool, defer_capacity: int, compiled: bool):
+        from mtp.decoding.graphs import session_for
+
+        self.session_for = functools.partial(session_for, model, drafter, opts, need=need, stop_ids=stop_ids,
+                                             generator=generator, observe=observe, compiled=compiled,
+                                             defer_capacity=defer_capacity)
+        self.defer_capacity = defer_capacity
+        self.session = self.session_for(batch_size=batch)
+        self.session.cache.reset()
+        self.cache_len = self.session.cache.max_len
+
+    def prefill(self, state: DecodeState) -> tuple[DecodeState, StepResult]:
+        return self.session.prefill(state)
+
+    def run(self, state: DecodeState, block: Block) -> tuple[DecodeState, StepResult]:
+        if block.catch_up:  # a catch-up block is always as wide as the buffer: one graph
+            block = block._replace(catch_up=self.defer_capacity)
+        return state, self.session.run(state, *block)
+
+    def take(self, state: DecodeState, index: torch.Tensor) -> DecodeState:
+        smaller = self.session_for(batch_size=len(index))
+        state, self.session = smaller.take_rows(self.session, index), smaller
+        return state
+
+
+@dataclass
+class _HostRows:
+    """What the host keeps of each batch row: its row in the caller's batch, whether it still decodes, and how
+    many tokens it may still emit."""
+
+    rows: list[int]
+    active: list[bool]
+    left: list[int]
+
+    def may_emit_more_than(self, count: int) -> bool:
+        return any(left > count for left, active in zip(self.left, self.active, strict=True) if active)
+
+    def most(self, host: list[list[int]], column: int, default: int) -> int:
+        """The largest value in `column` of a step's host copy over the active rows."""
+        return max((h[column] for h, active in zip(host, self.active, strict=True) if active), default=default)
+
+    def take(self, keep: list[int]) -> _HostRows:
+        return _HostRows([self.rows[i] for i in keep], [self.active[i] for i in keep], [self.left[i] for i in keep])
+
+
+def _count_step(stats: GenerationStats, gate: SpeculationGate, block: Block, fed: int,
+                emitted: list[tuple[int, list[int]]], accepted: list[int], draft_length: DraftLength | None) -> None:
+    """One step read into the statistics, the speculation gate and (verifying) the draft length."""
+    n, m = block.n, block.m
+    new_tokens = sum(len(new) for _, new in emitted)
+    gate.read(max(n, m) > 0, new_tokens)
+    stats.plain_steps += gate.enabled and stats.forward_passes > 0 and not max(n, m)  # (not the prompt's)
+    stats.forward_passes += 1
+    stats.row_forwards += fed
+    stats.new_tokens += new_tokens
+    if draft_length is not None and max(n, m):
+        draft_length.update(_count_acceptance(stats, accepted, max(n, m), fed)[:n], fed)
 
 
 def _block_rules(model, drafter: Drafter, opts: DecodeOptions, batch: int, lookup: int,
@@ -222,17 +284,17 @@ def _block_rules(model, drafter: Drafter, opts: DecodeOptions, batch: int, looku
     return draft_length, SpeculationGate(gated, records=gate_records(model, opts, device.type) if gated else None)
 
 
-def _read_rows(host: list[list[int]], rows: list[int], active: list[bool], left: list[int], stop: StopChecker,
+def _read_rows(host: list[list[int]], batch: _HostRows, stop: StopChecker,
                finished: torch.Tensor) -> tuple[list[tuple[int, list[int]]], list[int]]:
     """One step's host copy (`StepResult.host`), row by row: each active row's new tokens (cut where they complete
     a stop string, which ends the row, marked in the device's `finished` too) and the drafts each accepted.
-    Updates `active` and `left` (tokens a row may still emit) in place."""
-    if any(h[4] for h, a in zip(host, active, strict=True) if a):
+    Updates the batch's `active` and `left` (tokens a row may still emit) in place."""
+    if any(h[4] for h, a in zip(host, batch.active, strict=True) if a):
         raise MTPError("the model computed NaN or infinite logits (damaged weights, or a dtype that overflows "
                        "for this model)")
     emitted, accepted = [], []
-    for i, row in enumerate(rows):
-        if not active[i]:
+    for i, row in enumerate(batch.rows):
+        if not batch.active[i]:
             continue
         count, done = host[i][0], bool(host[i][1])
         accepted.append(host[i][2])
@@ -241,8 +303,8 @@ def _read_rows(host: list[list[int]], rows: list[int], active: list[bool], left:
         if cut is not None:
             new, done = new[:cut], True
             finished[i] = True
-        active[i] = not done
-        left[i] -= count
+        batch.active[i] = not done
+        batch.left[i] -= count
         if new:
             emitted.append((row, new))
     return emitted, accepted

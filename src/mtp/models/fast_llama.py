@@ -16,6 +16,8 @@ fbgemm (half the bytes, fp32 arithmetic, bit-identical rows; see `mtp.models.qua
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -23,7 +25,7 @@ from torch import nn
 from mtp.errors import MTPError
 from mtp.models.cache import write_kv
 from mtp.models.packed import BlockedWeights, blocked_linear, blocked_pays
-from mtp.models.weight_state import weights_state
+from mtp.models.weight_state import kept_copy
 
 WEIGHT_FORMATS = ("fp32", "fp16", "blocked")  # blocked: decode-only fp32 on a CPU (`mtp.models.packed.BlockedLinear`)
 QKV, OUT, GATE_UP, DOWN = range(4)  # the layer's projections, fused where the weights are packed
@@ -71,7 +73,7 @@ class FastLlamaLayer:
         self.q_norm = getattr(attn, "q_norm", None)  # Qwen3 normalises queries and keys per head
         self.k_norm = getattr(attn, "k_norm", None)
         self.packed = None
-        self._fused: dict[int, tuple] = {}  # projection group -> (weights' identity, weight, bias, bounds)
+        self._fused: dict[int, tuple] = {}  # projection group -> (weights' state, (weight, bias, bounds)): `kept_copy`
         self.blocked = BlockedWeights()  # projection group -> its fp32 weights for oneDNN (CPU decoding)
         if weights in ("fp16", "blocked"):
             self.packed = [_PackedProjection([attn.q_proj, attn.k_proj, attn.v_proj], weights),
@@ -124,8 +126,8 @@ class FastLlamaLayer:
                     signed_sin: torch.Tensor, reuse_input: bool) -> torch.Tensor:
         b = hidden.shape[0]
         qkv = self._modules(QKV)
-        _, qkv_w, qkv_b, bounds = self._fused_weights(self._qkv_group(hidden), qkv)
-        _, gate_up_w, gate_up_b, _ = self._fused_weights(GATE_UP, self._modules(GATE_UP))
+        qkv_w, qkv_b, bounds = self._fused_weights(self._qkv_group(hidden), qkv)
+        gate_up_w, gate_up_b, _ = self._fused_weights(GATE_UP, self._modules(GATE_UP))
         heads, kv_heads = bounds[0][1] // self.head_dim, (bounds[1][1] - bounds[1][0]) // self.head_dim
         kv_stack, kv_row = cache.buffer_row(self.layer_idx, hidden.new_empty((b, kv_heads, 0, self.head_dim)))
         o, down = self.attn.o_proj, self.mlp.down_proj
@@ -134,7 +136,7 @@ class FastLlamaLayer:
         # that reads it so saves a kernel a layer (small layers: the copy's bytes, as above)
         if (_attention_path(b, hidden.shape[1], hidden.device.type) == "grouped" and heads != kv_heads
                 and o.weight.numel() * o.weight.element_size() <= SWAPPED_ROWS_BYTES):
-            _, o_w, _, _ = self._fused_weights(OUT_GROUP_MAJOR, (o,))
+            o_w, _, _ = self._fused_weights(OUT_GROUP_MAJOR, (o,))
             group_major = True
         args = (hidden, mask, kv_stack, kv_row, cache.owner.block_slots, cache.owner.window, cos, signed_sin,
                 self.ln1.weight, self.ln1.variance_epsilon, qkv_w, qkv_b, o_w, o.bias,
@@ -166,7 +168,7 @@ class FastLlamaLayer:
             return self.packed[which](x)
         modules = self._modules(which)
         if self._one_matmul(which, x):
-            _, weight, bias, bounds = self._fused_weights(which, modules)
+            weight, bias, bounds = self._fused_weights(which, modules)
             y = F.linear(x, weight, bias)  # (..., sum of out)
             return [y[..., a:b] for a, b in bounds]
         plain = [type(p) is nn.Linear and not p._forward_hooks for p in modules]
@@ -180,28 +182,26 @@ class FastLlamaLayer:
         return [F.linear(x, p.weight, p.bias) if is_plain else p(x) for p, is_plain in zip(modules, plain, strict=True)]
 
     def _fused_weights(self, which: int, modules) -> tuple:
-        """The group's weights (and biases) joined, built once and again whenever a weight changes; `QKV_SWAPPED`
-        appends q's and k's rows once more with each head's two halves swapped (`layer_step`'s rotary)."""
-        cached = self._fused.get(which)
-        if cached is not None and torch.compiler.is_compiling():  # a compiled step: its session's weights, joined
-            return cached  # (reading a tensor's address breaks a traced graph; a session's weights stay put)
-        identity = weights_state(p.weight for p in modules)
-        if cached is None or cached[0] != identity:
-            weight = torch.cat([p.weight.detach() for p in modules])  # (sum of out, in)
-            bias = None
-            if any(p.bias is not None for p in modules):
-                bias = torch.cat([p.bias.detach() if p.bias is not None else weight.new_zeros(p.out_features)
-                                  for p in modules])
-            ends = torch.tensor([p.out_features for p in modules]).cumsum(0).tolist()
-            bounds = list(zip([0, *ends[:-1]], ends, strict=True))
-            if which == OUT_GROUP_MAJOR:
-                weight = _group_major_columns(weight, self.attn.k_proj.out_features // self.head_dim, self.head_dim)
-            if which == QKV_SWAPPED:
-                qk = bounds[1][1]  # q's and k's rows
-                weight = torch.cat([weight, _swap_halves(weight[:qk], self.head_dim)])
-                bias = None if bias is None else torch.cat([bias, _swap_halves(bias[:qk], self.head_dim)])
-            cached = self._fused[which] = (identity, weight, bias, bounds)
-        return cached
+        """(weight, bias, bounds): the group's weights (and biases) joined, rebuilt whenever a weight changes
+        (`kept_copy`); `QKV_SWAPPED` appends q's and k's rows once more with each head's two halves swapped
+        (`layer_step`'s rotary)."""
+        return kept_copy(self._fused, which, (p.weight for p in modules), lambda: self._join(which, modules))
+
+    def _join(self, which: int, modules) -> tuple:
+        weight = torch.cat([p.weight.detach() for p in modules])  # (sum of out, in)
+        bias = None
+        if any(p.bias is not None for p in modules):
+            bias = torch.cat([p.bias.detach() if p.bias is not None else weight.new_zeros(p.out_features)
+                              for p in modules])
+        ends = [0, *itertools.accumulate(p.out_features for p in modules)]
+        bounds = list(zip(ends[:-1], ends[1:], strict=True))
+        if which == OUT_GROUP_MAJOR:
+            weight = _group_major_columns(weight, self.attn.k_proj.out_features // self.head_dim, self.head_dim)
+        if which == QKV_SWAPPED:
+            qk = bounds[1][1]  # q's and k's rows
+            weight = torch.cat([weight, _swap_halves(weight[:qk], self.head_dim)])
+            bias = None if bias is None else torch.cat([bias, _swap_halves(bias[:qk], self.head_dim)])
+        return weight, bias, bounds
 
 
 def _group_major_columns(weight: torch.Tensor, kv: int, head_dim: int) -> torch.Tensor:
@@ -353,7 +353,7 @@ class FastHeadStack:
 
     def __init__(self, levels: list[list[FastLlamaLayer]], final_norm: nn.Module):
         self.levels, self.final_norm = levels, final_norm
-        self._weights: dict[int, tuple] = {}  # level -> (identity, tensors)
+        self._weights: dict[int, tuple] = {}  # level -> (weights' state, tensors): `kept_copy`
 
     def applies(self, hidden: torch.Tensor, cache) -> bool:
         return (len(self.levels[0]) > 1 and self.final_norm.weight.dtype == hidden.dtype
@@ -383,16 +383,11 @@ class FastHeadStack:
         return x
 
     def _stacked(self, i: int, swapped: bool, group_major: bool) -> tuple:
-        cached = self._weights.get(i)
-        if cached is not None and torch.compiler.is_compiling():  # a compiled step: its session's weights
-            return cached[1]
         level = self.levels[i]
         modules = [p for layer in level for group in range(4) for p in layer._modules(group)]
         norms = [n.weight for layer in level for n in (layer.ln1, layer.ln2)]
-        identity = (swapped, group_major, *weights_state([p.weight for p in modules] + norms))
-        if cached is None or cached[0] != identity:
-            cached = self._weights[i] = (identity, self._build(level, i > 0, swapped, group_major))
-        return cached[1]
+        return kept_copy(self._weights, i, [p.weight for p in modules] + norms,
+                         lambda: self._build(level, i > 0, swapped, group_major), extra=(swapped, group_major))
 
     @staticmethod
     def _build(level: list[FastLlamaLayer], own_inputs: bool, swapped: bool, group_major: bool) -> tuple:
@@ -406,11 +401,11 @@ class FastHeadStack:
 
         fused = [layer._fused_weights(QKV_SWAPPED if swapped else QKV, layer._modules(QKV)) for layer in level]
         if own_inputs:  # (m, H, F) and (m, 1, F): each head's fused q/k/v [+ swapped] as it is
-            qkv_w = torch.stack([folded(f[1], layer.ln1).t() for f, layer in zip(fused, level, strict=True)])
-            qkv_b = None if fused[0][2] is None else torch.stack([f[2] for f in fused])[:, None]
+            qkv_w = torch.stack([folded(f[0], layer.ln1).t() for f, layer in zip(fused, level, strict=True)])
+            qkv_b = None if fused[0][1] is None else torch.stack([f[1] for f in fused])[:, None]
         else:  # (m F, H): the sections q, k, v [, swapped q, k], each every head's
             sections, bias_sections = [], []
-            for (_, weight, bias, bounds), layer in zip(fused, level, strict=True):
+            for (weight, bias, bounds), layer in zip(fused, level, strict=True):
                 q, k = bounds[0][1], bounds[1][1] - bounds[1][0]  # rows of q, of k (and of v)
                 cuts = [0, q, q + k, q + 2 * k] + ([q + 2 * k + q, q + 2 * k + q + k] if swapped else [])
                 sections.append([folded(weight[a:z], layer.ln1) for a, z in zip(cuts, cuts[1:], strict=False)])
@@ -429,8 +424,8 @@ class FastHeadStack:
         o_b = None if all(p.bias is None for p in o) else \
             torch.cat([p.bias.detach() if p.bias is not None else o_w.new_zeros(h) for p in o])
         gate_up = [layer._fused_weights(GATE_UP, layer._modules(GATE_UP)) for layer in level]
-        gate_up_w = torch.stack([folded(g[1], layer.ln2).t() for g, layer in zip(gate_up, level, strict=True)])
-        gate_up_b = None if gate_up[0][2] is None else torch.stack([g[2] for g in gate_up])[:, None]  # (m, 1, 2I)
+        gate_up_w = torch.stack([folded(g[0], layer.ln2).t() for g, layer in zip(gate_up, level, strict=True)])
+        gate_up_b = None if gate_up[0][1] is None else torch.stack([g[1] for g in gate_up])[:, None]  # (m, 1, 2I)
         down = [layer.mlp.down_proj for layer in level]
         down_w = torch.stack([p.weight.detach().t() for p in down])  # (m, I, H)
         down_b = None if all(p.bias is None for p in down) else \

@@ -36,7 +36,7 @@ from mtp.models.backbones import backbone_for
 from mtp.models.cache import MTPCache, additive_mask
 from mtp.models.folder_kind import MASK_TOKENS_METHOD, WEIGHTS_NAME, read_mtp_section
 from mtp.models.packed import BlockedWeights, blocked_linear, blocked_pays
-from mtp.models.weight_state import weights_state
+from mtp.models.weight_state import kept_copy
 
 EXTRA_HEADS_PREFIX = "extra_heads."
 NEXT_TOKEN_PREFIX = "next_token_in."  # the extra heads' projection of the next token's embedding
@@ -85,7 +85,7 @@ class MTPModel(nn.Module):
         self.next_token_in: nn.Linear | None = None  # `add_next_token_input`
         self.register_buffer("draft_vocab", None, persistent=False)
         self.register_buffer("_draft_index", None, persistent=False)
-        self._draft_rows_cache: tuple | None = None  # (key, weight rows, bias rows) for decoding
+        self._kept: dict = {}  # copies made from weights for decoding (`kept_copy`): the draft vocabulary's rows
         self.packed_draft_head: nn.Module | None = None  # set by quantize_for_decoding when the unembedding is packed
         self.blocked = BlockedWeights()  # the unembedding's fp32 weights for oneDNN (CPU decoding, `lm_head`)
         self.set_fast_decoding("fp32" if self.backbone.supports_fast_layers else None)
@@ -310,7 +310,8 @@ class MTPModel(nn.Module):
         vocabulary and verifies every draft, so decoding stays lossless; a draft outside the set is never
         proposed, which only costs acceptance.
         """
-        self._draft_rows_cache = self.packed_draft_head = None
+        self._kept.pop("draft_rows", None)
+        self.packed_draft_head = None
         if token_ids is None:
             self.draft_vocab = self._draft_index = None
             return
@@ -350,16 +351,12 @@ class MTPModel(nn.Module):
         vocab = self.draft_vocab
         if torch.is_grad_enabled():
             return head.weight[vocab], head.bias[vocab] if head.bias is not None else None
-        if torch.compiler.is_compiling():  # a compiled step reads no address (torch 2.11's dynamo fails on one):
-            cached = self._draft_rows_cache  # the rows its session's eager prompt step kept, else gathered
-            if cached is not None:
-                return cached[1], cached[2]
-            return head.weight[vocab], head.bias[vocab] if head.bias is not None else None
-        key = (weights_state((head.weight, vocab)), vocab.device)
-        if self._draft_rows_cache is None or self._draft_rows_cache[0] != key:
+
+        def rows() -> tuple[torch.Tensor, torch.Tensor | None]:
             bias = head.bias[vocab].detach().clone() if head.bias is not None else None
-            self._draft_rows_cache = (key, head.weight[vocab].detach().clone(), bias)
-        return self._draft_rows_cache[1], self._draft_rows_cache[2]
+            return head.weight[vocab].detach().clone(), bias
+
+        return kept_copy(self._kept, "draft_rows", (head.weight, vocab), rows, extra=(vocab.device,))
 
     def restrict_to_draft_vocab(self, logits: torch.Tensor) -> torch.Tensor:
         """Full-vocabulary logits (..., V) of extra heads with every token outside the draft vocabulary at the

@@ -1,11 +1,14 @@
 """What a copy made from a model's weights was made from (fused projections, stacked heads, blocked weights, the
-draft vocabulary's rows, a captured CUDA graph): each weight's address and version."""
+draft vocabulary's rows, a captured CUDA graph): each weight's address and version; and such copies kept."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Hashable, Iterable
+from typing import TypeVar
 
 import torch
+
+Copy = TypeVar("Copy")
 
 
 def weights_state(tensors: Iterable[torch.Tensor]) -> tuple[tuple[int, int], ...]:
@@ -13,3 +16,21 @@ def weights_state(tensors: Iterable[torch.Tensor]) -> tuple[tuple[int, int], ...
     optimizer's step, `load_state_dict`) a higher version. A tensor made in inference mode has no version counter
     (reading it raises) and cannot be changed in place outside inference mode: 0."""
     return tuple((t.data_ptr(), 0 if t.is_inference() else t._version) for t in tensors)
+
+
+def kept_copy(store: dict, name: Hashable, sources: Iterable[torch.Tensor], build: Callable[[], Copy],
+              extra: tuple = ()) -> Copy:
+    """`build()`, a copy made from the tensors `sources` (weights joined, stacked, their rows picked), kept in
+    `store[name]` and made again when any of them changes (`weights_state`) or `extra` does.
+
+    Inside a compiled step it is the copy kept by then, unchecked: dynamo cannot read an address (torch 2.11's
+    fails on `data_ptr`), and it needs not: a compiled step runs in a decode session, whose eager prompt step
+    kept the copy and whose weights stay put (a session is keyed by their state, `mtp.decoding.graphs`). With
+    none kept, the compiled step builds it itself."""
+    cached = store.get(name)
+    if torch.compiler.is_compiling():
+        return cached[1] if cached is not None else build()
+    key = (*extra, *weights_state(sources))
+    if cached is None or cached[0] != key:
+        cached = store[name] = (key, build())
+    return cached[1]
