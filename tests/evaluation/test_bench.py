@@ -507,6 +507,8 @@ def test_batch_rows_on_the_cpu(tiny_model_dir, gsm8k_file, tmp_path):
                  tau=[0.5], k=[2], hf=False, fp16=False, batch_size=[1, 3], progress=False) == 0
     report = json.loads((out / "report.json").read_text())
     batches = report["batch_rows"]
+    # the table's prompts are described; the batch of 3 reads one more
+    assert report["settings"]["prompts_description"].startswith(f"2 prompts from {gsm8k_file}")
     assert [(r["batch_size"], r["method"]) for r in batches] == [(1, "greedy"), (1, "speculative"),
                                                                  (3, "greedy"), (3, "speculative")]
     assert all(r["equal_to_greedy"] == r["prompts"] for r in batches)

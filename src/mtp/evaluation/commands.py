@@ -401,21 +401,14 @@ def run_bench_command(m, *, model_label: str, prompts: str, limit: int, max_new_
         run_bench,
         write_report,
     )
-    from mtp.evaluation.prompts import file_prompts, gsm8k_prompts, resolve_chat
+    from mtp.evaluation.prompts import resolve_chat
 
     tok = m.tokenizer
     runtime = Runtime(m.device, m.dtype)
     use_chat = resolve_chat(tok, chat)
-    pool_size = max([limit, *batch_size])  # the batch rows' prompts: the table's, then more where there are
-    if prompts == "gsm8k":
-        pool = gsm8k_prompts(tok, limit=pool_size, shots=shots, chat=use_chat)
-        items = pool[:limit]
-        which = "problem 0" if len(items) == 1 else f"problems 0-{len(items) - 1}"
-        prompts_desc = f"GSM8K test {which}, {shots}-shot, {'chat' if use_chat else 'plain'}"
-    else:
-        pool = file_prompts(tok, prompts, limit=pool_size, shots=shots, chat=use_chat)
-        items = pool[:limit]
-        prompts_desc = f"{len(items)} prompts from {prompts}, {'chat' if use_chat else 'plain'}"
+    # the batch rows' prompts: the table's, then more where there are
+    pool, prompts_desc = _bench_prompts(tok, prompts, max([limit, *batch_size]), limit, shots, use_chat)
+    items = pool[:limit]
     notes: list[str] = []
     if gguf_note and llamacpp:
         notes.append(gguf_note)
@@ -465,7 +458,6 @@ def run_bench_command(m, *, model_label: str, prompts: str, limit: int, max_new_
                                    "prompt")
         else:
             report["batch_rows"] = run_batch_rows(pair, pool, batch_size, max_new_tokens, len(items), progress)
-    notes = report["notes"]
     paths = write_report(report, output)
     journal.unlink()  # the report holds every call; a new run measures afresh
     print()
@@ -473,10 +465,24 @@ def run_bench_command(m, *, model_label: str, prompts: str, limit: int, max_new_
     if report.get("batch_rows"):
         print()
         print(format_batch_table(report))
-    for note in notes:
+    for note in report["notes"]:
         print(f"note: {note}")
     print(f"\nreport: {paths['markdown']} (and {paths['json'].name})\nplot: {paths['plot']}")
     return 0
+
+
+def _bench_prompts(tok, prompts: str, pool_size: int, limit: int, shots: int, chat: bool) -> tuple[list, str]:
+    """`pool_size` prompts (GSM8K's test set or a file's) and the description of the table's first `limit`."""
+    from mtp.evaluation.prompts import file_prompts, gsm8k_prompts
+
+    style = "chat" if chat else "plain"
+    if prompts == "gsm8k":
+        pool = gsm8k_prompts(tok, limit=pool_size, shots=shots, chat=chat)
+        shown = min(limit, len(pool))
+        which = "problem 0" if shown == 1 else f"problems 0-{shown - 1}"
+        return pool, f"GSM8K test {which}, {shots}-shot, {style}"
+    pool = file_prompts(tok, prompts, limit=pool_size, shots=shots, chat=chat)
+    return pool, f"{min(limit, len(pool))} prompts from {prompts}, {style}"
 
 
 def _describe(m, label: str) -> str:
