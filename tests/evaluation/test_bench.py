@@ -516,3 +516,24 @@ def test_batch_rows_on_the_cpu(tiny_model_dir, gsm8k_file, tmp_path):
     assert 0 <= batches[3]["plain_step_share"] <= 1
     assert "| batch | method | prompts | tokens/s (total) | tokens/forward | ms/forward | = greedy | plain steps |" \
         in (out / "report.md").read_text()
+
+
+def test_the_static_cache_peer_decodes_as_transformers_greedy_on_a_cpu(tiny_tokenizer, tmp_path):
+    """The GPU table's transformers peer (`--hf-static`: a static cache, which transformers compiles on a GPU)
+    runs on a CPU too, where the API calls it makes are checked against the installed transformers: it warms up
+    outside the timing and emits transformers' eager greedy tokens, one a forward."""
+    model = make_model(tiny_tokenizer, num_heads=2)
+    path = tmp_path / "prompts.txt"
+    path.write_text("Tom has 3 apples\n\nA box holds 12 eggs and more\n", encoding="utf-8")
+    prompts = file_prompts(tiny_tokenizer, path, chat=False)
+    methods = build_methods(model, tiny_tokenizer, tau=[], k=[], hf=True, hf_lookup=0, fp16=False, int8=False,
+                            hf_static=True, llamacpp_ctx=64)
+    assert [m.name for m in methods][:2] == ["hf-greedy", "hf-static"]
+    static = methods[1]
+    assert static.warmup is not None and "static cache (64 tokens)" in static.description
+    report = build_report(run_bench(methods, prompts, 10, progress=False), tiny_tokenizer,
+                          settings={"max_new_tokens": 10})
+    rows = {r["method"]: r for r in report["methods"]}
+    assert rows["hf-static"]["equal_to_hf_greedy"] == 2
+    assert rows["hf-static"]["tokens_per_forward"] == 1.0
+    assert all(c["method"] != "hf-static" or c["new_tokens"] > 0 for c in report["calls"])
