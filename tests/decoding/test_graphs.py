@@ -562,3 +562,29 @@ def test_graphs_of_the_compiled_step_decode_as_the_eager_steps():
     tree = generate(model, ids, mask, max_new_tokens=24, stop_token_ids=[], graphs="compile", strategy="speculative",
                     tree="dynamic", tree_size=4, lookup=3)
     assert compiled.tokens == eager.tokens and tree.tokens == eager.tokens
+
+
+@pytest.mark.parametrize("graphs", [True, False], ids=["replayed", "eager"])
+def test_copies_of_the_weights_hold_their_storage_until_remade(replayed, graphs):
+    """Copies made from the weights (a session's graphs, fused and blocked weights, draft rows) are checked by
+    each weight's address and version. A weight replaced twice before the next check could come back at the
+    first one's freed address, its parameter's version unchanged (`p.data = ...` keeps the counter), and pass
+    for it: so the copies hold the storage they were made from (no new tensor can take those addresses), and
+    let it go once remade."""
+    from torch.multiprocessing.reductions import StorageWeakRef
+
+    model = tiny_mtp("llama", num_heads=3, vocab_size=40)
+    model.set_draft_vocab(list(range(0, 40, 2)))
+    ids = torch.tensor([[1, 2, 3, 1, 2]])
+    generate(model, ids, max_new_tokens=6, strategy="speculative", graphs=graphs)
+    copied = {n: p for n, p in model.named_parameters() if graphs or p.dim() == 2}  # eagerly, the matmuls'
+    first = {n: StorageWeakRef(p.untyped_storage()) for n, p in copied.items()}
+    with torch.no_grad():
+        for p in copied.values():
+            p.data = p.data.clone()
+    gc.collect()
+    assert not [n for n, ref in first.items() if ref.expired()]  # held: no address can be reused
+    out = generate(model, ids, max_new_tokens=6, strategy="speculative", graphs=graphs)
+    gc.collect()
+    assert all(ref.expired() for ref in first.values())  # remade from the new weights: the old storage goes
+    assert out.tokens == [reference_greedy(model, ids[0].tolist(), 6)]

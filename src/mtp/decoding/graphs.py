@@ -27,7 +27,7 @@ from collections.abc import Callable
 import torch
 
 from mtp.decoding.step import Decoder, DecodeState, StepResult
-from mtp.models.weight_state import weights_state
+from mtp.models.weight_state import held, weights_state
 
 COMPILE_NOTICE_S = 5.0  # a compiling step that takes longer prints a line on stderr saying what it waits for
 
@@ -194,6 +194,7 @@ class DecodeSession:
         # (compiled piecewise, around each draw, they sampled unlike the eager step).
         self.run = GraphedSteps(self.decoder, compiled and not sampling)
         self.state: DecodeState | None = None
+        self.weights: tuple[torch.Tensor, ...] = ()  # the model's weights, held while the session is kept
 
     def adopt(self, state: DecodeState) -> DecodeState:
         """Move a state into this session's buffers (the first state's tensors become them)."""
@@ -265,9 +266,14 @@ def session_for(model, drafter, opts, batch_size: int, need: int, stop_ids: torc
     sessions = model.__dict__.get("_mtp_decode_sessions")
     if sessions is None:
         sessions = model.__dict__["_mtp_decode_sessions"] = DecodeSessions()
-    session = sessions.get(key, weights, lambda: DecodeSession(drafter, opts, batch_size, max_len, stop_ids,
-                                                               generator is not None, observe, stop_ids.device,
-                                                               compiled, defer_capacity))
+
+    def make() -> DecodeSession:
+        made = DecodeSession(drafter, opts, batch_size, max_len, stop_ids, generator is not None, observe,
+                             stop_ids.device, compiled, defer_capacity)
+        made.weights = held(model.parameters())  # (`held`: no new weight takes these addresses meanwhile)
+        return made
+
+    session = sessions.get(key, weights, make)
     if generator is not None:  # the call's seed; the graphs draw from the session's generator
         session.generator.set_state(generator.get_state())
     return session

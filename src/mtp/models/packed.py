@@ -11,14 +11,13 @@ from __future__ import annotations
 import functools
 import itertools
 import types
-import weakref
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from mtp.errors import MTPError
-from mtp.models.weight_state import weights_state
+from mtp.models.weight_state import held, weights_state
 
 
 class PackedLinear(nn.Module):
@@ -229,14 +228,12 @@ class BlockedWeights:
         """(blocked weight, bias, [(first, end) output column of each weight]) of `weights` joined by rows: one
         matmul for projections of the same input. None where the machine has no memory to spare for the copy
         (`memory_to_spare`): that matmul stays torch's."""
-        # The weights themselves (weakly: a replaced weight is freed), their storage (`p.data = ...`, as
-        # `Module.to` does, keeps the object) and their versions, which in-place changes bump (`weights_state`).
-        # An address alone could be a new weight's, allocated where a freed one was.
+        # The weights' addresses and versions, which in-place changes bump (`weights_state`); the weights' storage
+        # is held beside the copy (`held`), so a new weight cannot take a replaced one's address meanwhile.
         state = weights_state(weights)
         cached = self.entries.get(name)
-        if cached is None or cached[0][1] != state or any(
-                ref() is not w for ref, w in zip(cached[0][0], weights, strict=True)):
-            identity = (tuple(weakref.ref(w) for w in weights), state)
+        if cached is None or cached[0][1] != state:
+            identity = (held(weights), state)
             self.entries.pop(name, None)  # the old copy goes before the new one is made
             if not memory_to_spare(sum(w.numel() for w in weights) * 4):
                 return None

@@ -30,7 +30,16 @@ def kept_copy(store: dict, name: Hashable, sources: Iterable[torch.Tensor], buil
     cached = store.get(name)
     if torch.compiler.is_compiling():
         return cached[1] if cached is not None else build()
+    sources = tuple(sources)
     key = (*extra, *weights_state(sources))
     if cached is None or cached[0] != key:
-        cached = store[name] = (key, build())
+        store.pop(name, None)  # the old copy goes before the new one is made
+        cached = store[name] = (key, build(), held(sources))
     return cached[1]
+
+
+def held(tensors: Iterable[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+    """Views of `tensors` kept beside a copy made from them: their storage stays allocated while the copy is kept,
+    so no new tensor can take a replaced one's address (and then, with the same version, pass for it - a tensor
+    replaced twice between two checks could otherwise come back at the first one's freed address)."""
+    return tuple(t.detach() for t in tensors)
