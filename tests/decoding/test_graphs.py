@@ -564,6 +564,22 @@ def test_graphs_of_the_compiled_step_decode_as_the_eager_steps():
     assert compiled.tokens == eager.tokens and tree.tokens == eager.tokens
 
 
+def test_another_draft_vocabulary_gets_new_graphs(replayed):
+    """A captured graph reads the draft vocabulary it was captured with (its rows of the unembedding, the token
+    id of each draft): after `set_draft_vocab` the session must be a new one, or CUDA would replay the old
+    vocabulary (freed: its memory may hold anything by then)."""
+    model = tiny_mtp("llama", num_heads=3, vocab_size=40)
+    model.set_draft_vocab(list(range(0, 40, 2)))
+    ids = torch.tensor([[1, 2, 3, 1, 2]])
+    generate(model, ids, max_new_tokens=6, strategy="speculative", graphs=True)
+    (before,) = model._mtp_decode_sessions.sessions.values()
+    model.set_draft_vocab(list(range(1, 40, 2)))
+    out = generate(model, ids, max_new_tokens=6, strategy="speculative", graphs=True)
+    (after,) = model._mtp_decode_sessions.sessions.values()
+    assert after is not before
+    assert out.tokens == [reference_greedy(model, ids[0].tolist(), 6)]
+
+
 @pytest.mark.parametrize("graphs", [True, False], ids=["replayed", "eager"])
 def test_copies_of_the_weights_hold_their_storage_until_remade(replayed, graphs):
     """Copies made from the weights (a session's graphs, fused and blocked weights, draft rows) are checked by

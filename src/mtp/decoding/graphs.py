@@ -255,11 +255,13 @@ def session_for(model, drafter, opts, batch_size: int, need: int, stop_ids: torc
                 generator: torch.Generator | None, observe: bool, compiled: bool = False,
                 defer_capacity: int = 0) -> DecodeSession:
     """The session for this shape and these options (made and remembered on first use). Its key holds the
-    addresses of the model's weights and their versions: a model whose tensors were replaced (moved, cast) or
-    changed in place (an optimizer's step, `load_state_dict`) gets new graphs - a graph replays the copies made
-    from the weights it was captured with (fused projections, stacked heads)."""
+    addresses of the model's weights and buffers and their versions: a model whose tensors were replaced (moved,
+    cast, another draft vocabulary) or changed in place (an optimizer's step, `load_state_dict`) gets new graphs -
+    a graph replays the tensors it was captured with, and the copies made from them (fused projections, stacked
+    heads, the draft vocabulary's rows)."""
     max_len = -(-need // SLOT_BUCKET) * SLOT_BUCKET
-    weights = hash(weights_state(model.parameters()))
+    tensors = [*model.parameters(), *model.buffers()]
+    weights = hash(weights_state(tensors))
     fields = dataclasses.astuple(dataclasses.replace(opts, max_new_tokens=0, adaptive_draft=False))
     key = (weights, batch_size, max_len, fields, tuple(stop_ids.tolist()), generator is not None, observe, compiled,
            defer_capacity)
@@ -270,7 +272,7 @@ def session_for(model, drafter, opts, batch_size: int, need: int, stop_ids: torc
     def make() -> DecodeSession:
         made = DecodeSession(drafter, opts, batch_size, max_len, stop_ids, generator is not None, observe,
                              stop_ids.device, compiled, defer_capacity)
-        made.weights = held(model.parameters())  # (`held`: no new weight takes these addresses meanwhile)
+        made.weights = held(tensors)  # (`held`: no new tensor takes these addresses meanwhile)
         return made
 
     session = sessions.get(key, weights, make)
