@@ -194,7 +194,7 @@ class DecodeSession:
         # (compiled piecewise, around each draw, they sampled unlike the eager step).
         self.run = GraphedSteps(self.decoder, compiled and not sampling)
         self.state: DecodeState | None = None
-        self.weights: tuple[torch.Tensor, ...] = ()  # the model's weights, held while the session is kept
+        self.weights: tuple[torch.Tensor, ...] = ()  # the model's weights and buffers, held while it is kept
 
     def adopt(self, state: DecodeState) -> DecodeState:
         """Move a state into this session's buffers (the first state's tensors become them)."""
