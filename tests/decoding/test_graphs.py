@@ -581,26 +581,34 @@ def test_another_draft_vocabulary_gets_new_graphs(replayed):
 
 
 @pytest.mark.parametrize("graphs", [True, False], ids=["replayed", "eager"])
-def test_copies_of_the_weights_hold_their_storage_until_remade(replayed, graphs):
+def test_a_weight_at_a_freed_weights_address_does_not_pass_for_it(replayed, monkeypatch, graphs):
     """Copies made from the weights (a session's graphs, fused and blocked weights, draft rows) are checked by
     each weight's address and version. A weight replaced twice before the next check could come back at the
-    first one's freed address, its parameter's version unchanged (`p.data = ...` keeps the counter), and pass
-    for it: so the copies hold the storage they were made from (no new tensor can take those addresses), and
-    let it go once remade."""
-    from torch.multiprocessing.reductions import StorageWeakRef
+    first one's freed address, its parameter's version unchanged (`p.data = ...` keeps the counter): here every
+    weight reports the same (address, version) whatever happens, and replacing the weights must still remake
+    every copy, since the storage they were made from is gone."""
+    from mtp.decoding import graphs as graphs_module
+    from mtp.models import packed, weight_state
 
+    def unchanged(tensors):  # as if each new weight had come back at its predecessor's address
+        return tuple((0, 0) for _ in tensors)
+
+    for module in (weight_state, packed, graphs_module):
+        monkeypatch.setattr(module, "weights_state", unchanged)
     model = tiny_mtp("llama", num_heads=3, vocab_size=40)
     model.set_draft_vocab(list(range(0, 40, 2)))
     ids = torch.tensor([[1, 2, 3, 1, 2]])
-    generate(model, ids, max_new_tokens=6, strategy="speculative", graphs=graphs)
-    copied = {n: p for n, p in model.named_parameters() if graphs or p.dim() == 2}  # eagerly, the matmuls'
-    first = {n: StorageWeakRef(p.untyped_storage()) for n, p in copied.items()}
+    kw = dict(max_new_tokens=6, strategy="speculative", tree="auto", tree_size=3, lookup=2, graphs=graphs)
+    first = generate(model, ids, **kw).tokens
+    (before,) = model._mtp_decode_sessions.sessions.values() if graphs else (None,)
+    other = tiny_mtp("llama", num_heads=3, seed=7, vocab_size=40)
     with torch.no_grad():
-        for p in copied.values():
-            p.data = p.data.clone()
-    gc.collect()
-    assert not [n for n, ref in first.items() if ref.expired()]  # held: no address can be reused
-    out = generate(model, ids, max_new_tokens=6, strategy="speculative", graphs=graphs)
-    gc.collect()
-    assert all(ref.expired() for ref in first.values())  # remade from the new weights: the old storage goes
-    assert out.tokens == [reference_greedy(model, ids[0].tolist(), 6)]
+        for p, q in zip(model.parameters(), other.parameters(), strict=True):
+            p.data = q.data * 8 if q.dim() == 2 else q.data.clone()  # another model's weights (larger: a
+            # tiny random model's small ones emit one token throughout), new tensors
+    reference = [reference_greedy(model, ids[0].tolist(), 6)]
+    assert reference != first  # (the two models decode apart: stale copies would show)
+    assert generate(model, ids, **kw).tokens == reference
+    if graphs:
+        (after,) = model._mtp_decode_sessions.sessions.values()
+        assert after is not before

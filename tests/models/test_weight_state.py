@@ -1,5 +1,7 @@
 """`weights_state` and `kept_copy`: copies made from weights are remade exactly when the weights change."""
 
+import gc
+
 import torch
 
 from mtp.models.weight_state import kept_copy, weights_state
@@ -48,3 +50,22 @@ def test_under_compile_the_kept_copy_is_read_unchecked_or_built_in_the_graph():
     empty = {}
     assert torch.equal(step(empty, x), torch.zeros(2, 4))  # none kept: built in the graph (weight is 0 now)
     assert empty == {}
+
+
+def test_copies_made_from_weights_keep_none_of_them_alive():
+    """The copies decoding keeps refer to their weights' storage weakly (`storage_refs`): a model quantised for
+    decoding after it decoded in fp32 frees the fp32 weights it no longer has (the point of decode-only)."""
+    from torch.multiprocessing.reductions import StorageWeakRef
+
+    from conftest import tiny_mtp
+    from mtp.decoding.generate import generate
+    from mtp.models.loading import quantize_model
+
+    model = tiny_mtp("llama", num_heads=3, vocab_size=40)
+    model.set_draft_vocab(list(range(0, 40, 2)))
+    generate(model, torch.tensor([[1, 2, 3]]), max_new_tokens=4, strategy="speculative")  # blocked copies, rows
+    weights = {n: StorageWeakRef(p.untyped_storage()) for n, p in model.named_parameters() if p.dim() == 2}
+    quantize_model(model, "fp16", decode_only=True)
+    gc.collect()
+    left = {n for n, _ in model.named_parameters()}
+    assert not [n for n, ref in weights.items() if n not in left and not ref.expired()]

@@ -27,7 +27,7 @@ from collections.abc import Callable
 import torch
 
 from mtp.decoding.step import Decoder, DecodeState, StepResult
-from mtp.models.weight_state import held, weights_state
+from mtp.models.weight_state import outlived, storage_refs, weights_state
 
 COMPILE_NOTICE_S = 5.0  # a compiling step that takes longer prints a line on stderr saying what it waits for
 
@@ -194,7 +194,7 @@ class DecodeSession:
         # (compiled piecewise, around each draw, they sampled unlike the eager step).
         self.run = GraphedSteps(self.decoder, compiled and not sampling)
         self.state: DecodeState | None = None
-        self.weights: tuple[torch.Tensor, ...] = ()  # the model's weights and buffers, held while it is kept
+        self.sources: tuple = ()  # weak references to the storage of the model's weights and buffers
 
     def adopt(self, state: DecodeState) -> DecodeState:
         """Move a state into this session's buffers (the first state's tensors become them)."""
@@ -224,9 +224,10 @@ class DecodeSessions:
         self.sessions: dict[tuple, DecodeSession] = {}
 
     def get(self, key: tuple, weights: int, make) -> DecodeSession:
-        """The session for `key` (made on first use); sessions over other weights (a model since moved or cast)
-        are dropped with their graphs and caches, and the least recently used while there are too many."""
-        self.sessions = {k: v for k, v in self.sessions.items() if k[0] == weights}
+        """The session for `key` (made on first use); sessions over other weights (a model since moved or cast,
+        or whose weights' storage was freed) are dropped with their graphs and caches, and the least recently used
+        while there are too many."""
+        self.sessions = {k: v for k, v in self.sessions.items() if k[0] == weights and not outlived(v.sources)}
         session = self.sessions.pop(key, None) or make()
         self.sessions[key] = session  # most recent last
         budget = self.cache_bytes if self.cache_bytes is not None else _cache_budget(session.cache)
@@ -272,7 +273,7 @@ def session_for(model, drafter, opts, batch_size: int, need: int, stop_ids: torc
     def make() -> DecodeSession:
         made = DecodeSession(drafter, opts, batch_size, max_len, stop_ids, generator is not None, observe,
                              stop_ids.device, compiled, defer_capacity)
-        made.weights = held(tensors)  # (`held`: no new tensor takes these addresses meanwhile)
+        made.sources = storage_refs(tensors)  # (a session whose tensors' storage was freed is not reused)
         return made
 
     session = sessions.get(key, weights, make)

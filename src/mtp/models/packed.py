@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mtp.errors import MTPError
-from mtp.models.weight_state import held, weights_state
+from mtp.models.weight_state import outlived, storage_refs, weights_state
 
 
 class PackedLinear(nn.Module):
@@ -228,12 +228,12 @@ class BlockedWeights:
         """(blocked weight, bias, [(first, end) output column of each weight]) of `weights` joined by rows: one
         matmul for projections of the same input. None where the machine has no memory to spare for the copy
         (`memory_to_spare`): that matmul stays torch's."""
-        # The weights' addresses and versions, which in-place changes bump (`weights_state`); the weights' storage
-        # is held beside the copy (`held`), so a new weight cannot take a replaced one's address meanwhile.
+        # The weights' addresses and versions, which in-place changes bump (`weights_state`), and their storage
+        # still alive (`storage_refs`: a replaced weight's is freed, and a new one could take its address).
         state = weights_state(weights)
         cached = self.entries.get(name)
-        if cached is None or cached[0][1] != state:
-            identity = (held(weights), state)
+        if cached is None or cached[0][1] != state or outlived(cached[0][0]):
+            identity = (storage_refs(weights), state)
             self.entries.pop(name, None)  # the old copy goes before the new one is made
             if not memory_to_spare(sum(w.numel() for w in weights) * 4):
                 return None

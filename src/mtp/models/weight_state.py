@@ -7,6 +7,7 @@ from collections.abc import Callable, Hashable, Iterable
 from typing import TypeVar
 
 import torch
+from torch.multiprocessing.reductions import StorageWeakRef
 
 Copy = TypeVar("Copy")
 
@@ -32,14 +33,21 @@ def kept_copy(store: dict, name: Hashable, sources: Iterable[torch.Tensor], buil
         return cached[1] if cached is not None else build()
     sources = tuple(sources)
     key = (*extra, *weights_state(sources))
-    if cached is None or cached[0] != key:
+    if cached is None or cached[0] != key or outlived(cached[2]):
         store.pop(name, None)  # the old copy goes before the new one is made
-        cached = store[name] = (key, build(), held(sources))
+        cached = store[name] = (key, build(), storage_refs(sources))
     return cached[1]
 
 
-def held(tensors: Iterable[torch.Tensor]) -> tuple[torch.Tensor, ...]:
-    """Views of `tensors` kept beside a copy made from them: their storage stays allocated while the copy is kept,
-    so no new tensor can take a replaced one's address (and then, with the same version, pass for it - a tensor
-    replaced twice between two checks could otherwise come back at the first one's freed address)."""
-    return tuple(t.detach() for t in tensors)
+def storage_refs(tensors: Iterable[torch.Tensor]) -> tuple[StorageWeakRef, ...]:
+    """Weak references to the tensors' storage, kept beside a copy made from them. A tensor replaced twice between
+    two checks could come back at the first one's freed address with its parameter's version unchanged
+    (`p.data = ...` keeps the counter) and pass for it by `weights_state`; its first storage is freed by then,
+    which these see (`outlived`). Weak: a copy keeps no weight alive (a model quantised after decoding frees its
+    fp32 weights)."""
+    return tuple(StorageWeakRef(t.untyped_storage()) for t in tensors)
+
+
+def outlived(refs: Iterable[StorageWeakRef]) -> bool:
+    """Whether any storage a copy was made from has been freed since (`storage_refs`)."""
+    return any(ref.expired() for ref in refs)
