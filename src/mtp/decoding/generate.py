@@ -35,7 +35,12 @@ from mtp.decoding.blocks import (  # noqa: F401  (DraftLength, accepted_per_posi
 from mtp.decoding.drafters import Drafter, DraftRequest, Proposer, drafter_for  # noqa: F401  (DraftRequest: re-exported)
 from mtp.decoding.inputs import left_pad, token_batch  # noqa: F401  (left_pad: re-exported)
 from mtp.decoding.step import (  # noqa: F401  (Strategy: re-exported)
+    ACCEPTED,
+    COUNT,
+    FINISHED,
     HOST_COLUMNS,
+    LOOKUP_FOUND,
+    NON_FINITE,
     STRATEGIES,
     DecodeOptions,
     Decoder,
@@ -165,8 +170,8 @@ def iter_generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor |
         yield from emitted
         if not any(batch.active):
             break
-        found = batch.most(host, 3, default=0)  # lookup drafts next
-        run = batch.most(host, 0, default=1)  # the longest emitted run
+        found = batch.most(host, LOOKUP_FOUND, default=0)  # lookup drafts next
+        run = batch.most(host, COUNT, default=1)  # the longest emitted run
         keep = _rows_to_keep(batch.active, graphs)
         if ahead is not None:  # read the step in flight next; a smaller batch waits until it is read
             (result, block), ahead, draining = ahead, None, keep is not None
@@ -289,15 +294,15 @@ def _read_rows(host: list[list[int]], batch: _HostRows, stop: StopChecker,
     """One step's host copy (`StepResult.host`), row by row: each active row's new tokens (cut where they complete
     a stop string, which ends the row, marked in the device's `finished` too) and the drafts each accepted.
     Updates the batch's `active` and `left` (tokens a row may still emit) in place."""
-    if any(h[4] for h, a in zip(host, batch.active, strict=True) if a):
+    if any(h[NON_FINITE] for h, a in zip(host, batch.active, strict=True) if a):
         raise MTPError("the model computed NaN or infinite logits (damaged weights, or a dtype that overflows "
                        "for this model)")
     emitted, accepted = [], []
     for i, row in enumerate(batch.rows):
         if not batch.active[i]:
             continue
-        count, done = host[i][0], bool(host[i][1])
-        accepted.append(host[i][2])
+        count, done = host[i][COUNT], bool(host[i][FINISHED])
+        accepted.append(host[i][ACCEPTED])
         new = host[i][HOST_COLUMNS:HOST_COLUMNS + count]
         cut = stop.cut(row, new) if new else None
         if cut is not None:

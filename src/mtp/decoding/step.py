@@ -35,6 +35,7 @@ Strategy = Literal["greedy", "speculative", "confadapt", "static"]
 STRATEGIES: tuple[str, ...] = ("greedy", "speculative", "confadapt", "static")
 # StepResult.host: count, finished, accepted drafts, lookup drafts found, non-finite logits; then the emitted tokens
 HOST_COLUMNS = 5
+COUNT, FINISHED, ACCEPTED, LOOKUP_FOUND, NON_FINITE = range(HOST_COLUMNS)
 
 
 @dataclass
