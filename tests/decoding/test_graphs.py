@@ -588,12 +588,12 @@ def test_a_weight_at_a_freed_weights_address_does_not_pass_for_it(replayed, monk
     weight reports the same (address, version) whatever happens, and replacing the weights must still remake
     every copy, since the storage they were made from is gone."""
     from mtp.decoding import graphs as graphs_module
-    from mtp.models import packed, weight_state
+    from mtp.models import weight_state
 
     def unchanged(tensors):  # as if each new weight had come back at its predecessor's address
         return tuple((0, 0) for _ in tensors)
 
-    for module in (weight_state, packed, graphs_module):
+    for module in (weight_state, graphs_module):  # every copy is checked through these (`kept_copy`, sessions)
         monkeypatch.setattr(module, "weights_state", unchanged)
     model = tiny_mtp("llama", num_heads=3, vocab_size=40)
     model.set_draft_vocab(list(range(0, 40, 2)))

@@ -16,15 +16,13 @@ fbgemm (half the bytes, fp32 arithmetic, bit-identical rows; see `mtp.models.qua
 
 from __future__ import annotations
 
-import itertools
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from mtp.errors import MTPError
 from mtp.models.cache import write_kv
-from mtp.models.packed import BlockedWeights, blocked_linear, blocked_pays
+from mtp.models.packed import BlockedWeights, blocked_linear, blocked_pays, column_bounds
 from mtp.models.weight_state import kept_copy
 
 WEIGHT_FORMATS = ("fp32", "fp16", "blocked")  # blocked: decode-only fp32 on a CPU (`mtp.models.packed.BlockedLinear`)
@@ -50,8 +48,7 @@ class _PackedProjection:
         from mtp.models.packed import BlockedLinear, PackedLinear
 
         self.linear = (BlockedLinear if weights == "blocked" else PackedLinear)(*linears)
-        ends = torch.tensor([lin.out_features for lin in linears]).cumsum(0).tolist()
-        self.bounds = list(zip([0, *ends[:-1]], ends, strict=True))  # output columns of each projection
+        self.bounds = column_bounds(lin.out_features for lin in linears)  # output columns of each projection
 
     def __call__(self, x: torch.Tensor) -> list[torch.Tensor]:
         y = self.linear(x)  # (..., sum of out)
@@ -193,8 +190,7 @@ class FastLlamaLayer:
         if any(p.bias is not None for p in modules):
             bias = torch.cat([p.bias.detach() if p.bias is not None else weight.new_zeros(p.out_features)
                               for p in modules])
-        ends = [0, *itertools.accumulate(p.out_features for p in modules)]
-        bounds = list(zip(ends[:-1], ends[1:], strict=True))
+        bounds = column_bounds(p.out_features for p in modules)
         if which == OUT_GROUP_MAJOR:
             weight = _group_major_columns(weight, self.attn.k_proj.out_features // self.head_dim, self.head_dim)
         if which == QKV_SWAPPED:

@@ -11,13 +11,14 @@ from __future__ import annotations
 import functools
 import itertools
 import types
+from collections.abc import Iterable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from mtp.errors import MTPError
-from mtp.models.weight_state import outlived, storage_refs, weights_state
+from mtp.models.weight_state import kept_copy
 
 
 class PackedLinear(nn.Module):
@@ -70,6 +71,12 @@ def _join(weights, biases) -> tuple[torch.Tensor, torch.Tensor | None]:
         bias = torch.cat([(b if b is not None else w.new_zeros(w.shape[0])).detach().float()
                           for w, b in zip(weights, biases, strict=True)])
     return weight, bias
+
+
+def column_bounds(sizes: Iterable[int]) -> list[tuple[int, int]]:
+    """(first, end) output column of each of several projections joined by rows, of `sizes` outputs each."""
+    ends = [0, *itertools.accumulate(sizes)]
+    return list(zip(ends[:-1], ends[1:], strict=True))
 
 
 @functools.cache
@@ -221,27 +228,21 @@ class BlockedWeights:
     starts with none (they are rebuilt on first use); they are not parameters (no state dict holds them)."""
 
     def __init__(self):
-        self.entries: dict = {}  # name -> (the weights' identity, blocked weight, bias, output columns of each)
+        self.entries: dict = {}  # name -> (the weights' state, (blocked weight, bias, output columns of each))
 
     def get(self, name, weights: tuple[torch.Tensor, ...],
             biases: tuple[torch.Tensor | None, ...]) -> tuple | None:
         """(blocked weight, bias, [(first, end) output column of each weight]) of `weights` joined by rows: one
         matmul for projections of the same input. None where the machine has no memory to spare for the copy
         (`memory_to_spare`): that matmul stays torch's."""
-        # The weights' addresses and versions, which in-place changes bump (`weights_state`), and their storage
-        # still alive (`storage_refs`: a replaced weight's is freed, and a new one could take its address).
-        state = weights_state(weights)
-        cached = self.entries.get(name)
-        if cached is None or cached[0][1] != state or outlived(cached[0][0]):
-            identity = (storage_refs(weights), state)
-            self.entries.pop(name, None)  # the old copy goes before the new one is made
+
+        def build() -> tuple | None:
             if not memory_to_spare(sum(w.numel() for w in weights) * 4):
                 return None
             joined, bias = _join(weights, biases)
-            ends = [0, *itertools.accumulate(w.shape[0] for w in weights)]
-            bounds = list(zip(ends[:-1], ends[1:], strict=True))
-            cached = self.entries[name] = (identity, blocked_weight(joined), bias, bounds)
-        return cached[1:]
+            return blocked_weight(joined), bias, column_bounds(w.shape[0] for w in weights)
+
+        return kept_copy(self.entries, name, weights, build)
 
     def __deepcopy__(self, memo) -> BlockedWeights:
         return BlockedWeights()

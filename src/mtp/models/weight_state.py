@@ -22,7 +22,8 @@ def weights_state(tensors: Iterable[torch.Tensor]) -> tuple[tuple[int, int], ...
 def kept_copy(store: dict, name: Hashable, sources: Iterable[torch.Tensor], build: Callable[[], Copy],
               extra: tuple = ()) -> Copy:
     """`build()`, a copy made from the tensors `sources` (weights joined, stacked, their rows picked), kept in
-    `store[name]` and made again when any of them changes (`weights_state`) or `extra` does.
+    `store[name]` and made again when any of them changes (`weights_state`, `storage_refs`) or `extra` does. A
+    build that returns None (no memory to spare for the copy) keeps nothing: the next call tries again.
 
     Inside a compiled step it is the copy kept by then, unchecked: dynamo cannot read an address (torch 2.11's
     fails on `data_ptr`), and it needs not: a compiled step runs in a decode session, whose eager prompt step
@@ -35,7 +36,10 @@ def kept_copy(store: dict, name: Hashable, sources: Iterable[torch.Tensor], buil
     key = (*extra, *weights_state(sources))
     if cached is None or cached[0] != key or outlived(cached[2]):
         store.pop(name, None)  # the old copy goes before the new one is made
-        cached = store[name] = (key, build(), storage_refs(sources))
+        copy = build()
+        if copy is None:
+            return None
+        cached = store[name] = (key, copy, storage_refs(sources))
     return cached[1]
 
 
