@@ -33,8 +33,8 @@ def kept_copy(store: dict, name: Hashable, sources: Iterable[torch.Tensor], buil
     if torch.compiler.is_compiling():
         return cached[1] if cached is not None else build()
     sources = tuple(sources)
-    key = (*extra, *weights_state(sources))
-    if cached is None or cached[0] != key or outlived(cached[2]):
+    key = (extra, weights_state(sources))
+    if cached is None or cached[0] != key or any(ref.expired() for ref in cached[2]):  # (`outlived`, inline: hot)
         store.pop(name, None)  # the old copy goes before the new one is made
         copy = build()
         if copy is None:
