@@ -719,62 +719,18 @@ def build_report(run: BenchRun, tokenizer, *, settings: dict | None = None, note
     """Per-method figures (see the module docstring) and every call, as a JSON-able dict. `runtime`: where the
     bench ran (`mtp.runtime.Runtime.to_dict`); `bandwidth`: {"bytes_per_second", "source"} for the floors."""
     calls: dict[tuple[str, int], dict] = {(c["method"], c["prompt"]): c for c in run.calls}
-    names = [m.name for m in run.methods]
-    n_prompts = len(run.prompts)
+    texts = {key: truncate_output(tokenizer.decode(c["tokens"], skip_special_tokens=True))
+             for key, c in calls.items()}
     scored = all(p.reference is not None for p in run.prompts)
-
-    def rate(c: dict) -> float:
-        return len(c["tokens"]) / c["seconds"] if c["seconds"] > 0 else 0.0
-
-    texts: dict[tuple[str, int], str] = {}
-    for key, c in calls.items():
-        texts[key] = truncate_output(tokenizer.decode(c["tokens"], skip_special_tokens=True))
     rows = []
     for m in run.methods:
-        mine = [calls[(m.name, p)] for p in range(n_prompts)]
-        row: dict = {"method": m.name, "engine": m.engine, "description": m.description,
-                     "prompts": n_prompts,
-                     "tokens_per_second": _rnd(_median([rate(c) for c in mine])),
-                     "new_tokens_mean": _rnd(statistics.fmean(len(c["tokens"]) for c in mine), 2),
-                     "seconds_total": _rnd(sum(c["seconds"] for c in mine)),
-                     "first_token_seconds_median": _rnd(_median([c["first_token_seconds"] for c in mine
-                                                                  if c["first_token_seconds"] is not None]))}
-        decode = [(len(c["tokens"]) - 1) / (c["seconds"] - c["first_token_seconds"]) for c in mine
-                  if c["first_token_seconds"] is not None and len(c["tokens"]) > 1
-                  and c["seconds"] > c["first_token_seconds"]]
-        row["decode_tokens_per_second"] = _rnd(_median(decode))
-        row.update(_step_figures(m, mine, bandwidth))
-        for base, key in ((HF_GREEDY, "speedup_vs_hf_greedy"), (OUR_GREEDY, "speedup_vs_greedy")):
-            if base in names:
-                ratios = [rate(calls[(m.name, p)]) / rate(calls[(base, p)]) for p in range(n_prompts)
-                          if rate(calls[(base, p)]) > 0]
-                row[key] = _rnd(_median(ratios))
-            else:
-                row[key] = None
-        forwards = [c["forward_passes"] for c in mine]
-        if all(f is not None for f in forwards) and sum(forwards):
-            row["tokens_per_forward"] = _rnd(sum(len(c["tokens"]) for c in mine) / sum(forwards))
-        else:
-            row["tokens_per_forward"] = None
-        for base, key in ((OUR_GREEDY, "equal_to_greedy"), (HF_GREEDY, "equal_to_hf_greedy")):
-            row[key] = (sum(calls[(m.name, p)]["tokens"] == calls[(base, p)]["tokens"] for p in range(n_prompts))
-                        if base in names else None)
-        # Quality where accuracy cannot tell the methods apart: how much of our greedy output each reproduces.
-        if OUR_GREEDY in names:
-            prefix, positional = agreement([(calls[(m.name, p)]["tokens"], calls[(OUR_GREEDY, p)]["tokens"])
-                                            for p in range(n_prompts)])
-            row["agreement_with_greedy"] = _rnd(prefix, 4)
-            row["position_agreement_with_greedy"] = _rnd(positional, 4)
-        else:
-            row["agreement_with_greedy"] = row["position_agreement_with_greedy"] = None
-        if m.lossless_reference in names:
-            row["lossless_reference"] = m.lossless_reference
-            row["equal_to_lossless_reference"] = sum(
-                calls[(m.name, p)]["tokens"] == calls[(m.lossless_reference, p)]["tokens"] for p in range(n_prompts))
+        mine = [calls[(m.name, p)] for p in range(len(run.prompts))]
+        row = {"method": m.name, "engine": m.engine, "description": m.description, "prompts": len(run.prompts),
+               **_speed_figures(mine), **_step_figures(m, mine, bandwidth), **_comparisons(m, run, calls)}
         if scored:
             for name in ("strict", "flexible"):
-                flags = [bool(score(texts[(m.name, p)], run.prompts[p].reference)[f"{name}_correct"])
-                         for p in range(n_prompts)]
+                flags = [bool(score(texts[(m.name, p)], prompt.reference)[f"{name}_correct"])
+                         for p, prompt in enumerate(run.prompts)]
                 mean, stderr = mean_and_stderr(flags)
                 row[f"accuracy_{name}"] = _rnd(mean, 4)
                 row[f"accuracy_{name}_stderr"] = _rnd(stderr, 4)
@@ -794,6 +750,56 @@ def build_report(run: BenchRun, tokenizer, *, settings: dict | None = None, note
             "warmup_seconds": dict(run.warmup_seconds),
             "prompts": [{"index": i, "id": p.id, "prompt_tokens": len(p.token_ids), "reference": p.reference}
                         for i, p in enumerate(run.prompts)]}
+
+
+def _rate(call: dict) -> float:
+    return len(call["tokens"]) / call["seconds"] if call["seconds"] > 0 else 0.0
+
+
+def _speed_figures(calls: Sequence[dict]) -> dict:
+    """A method's speed over its calls (one per prompt): medians of tokens/s, of the time to the first token and
+    of the tokens/s after it; tokens per forward over all calls (None where a method counts no forwards)."""
+    decode = [(len(c["tokens"]) - 1) / (c["seconds"] - c["first_token_seconds"]) for c in calls
+              if c["first_token_seconds"] is not None and len(c["tokens"]) > 1
+              and c["seconds"] > c["first_token_seconds"]]
+    forwards = [c["forward_passes"] for c in calls]
+    per_forward = None
+    if all(f is not None for f in forwards) and sum(forwards):
+        per_forward = _rnd(sum(len(c["tokens"]) for c in calls) / sum(forwards))
+    return {"tokens_per_second": _rnd(_median([_rate(c) for c in calls])),
+            "new_tokens_mean": _rnd(statistics.fmean(len(c["tokens"]) for c in calls), 2),
+            "seconds_total": _rnd(sum(c["seconds"] for c in calls)),
+            "first_token_seconds_median": _rnd(_median([c["first_token_seconds"] for c in calls
+                                                         if c["first_token_seconds"] is not None])),
+            "decode_tokens_per_second": _rnd(_median(decode)), "tokens_per_forward": per_forward}
+
+
+def _comparisons(method: Method, run: BenchRun, calls: dict[tuple[str, int], dict]) -> dict:
+    """A method against the greedy rows, prompt by prompt: median speed-ups, outputs equal (to our greedy, to
+    transformers' greedy, to its lossless reference) and how much of our greedy output it reproduces (quality
+    where accuracy cannot tell methods apart). None where the bench has no such row."""
+    names = [m.name for m in run.methods]
+    prompts = range(len(run.prompts))
+    mine = [calls[(method.name, p)] for p in prompts]
+    row: dict = {}
+    for base, key in ((HF_GREEDY, "speedup_vs_hf_greedy"), (OUR_GREEDY, "speedup_vs_greedy")):
+        ratios = [_rate(c) / _rate(calls[(base, p)]) for p, c in zip(prompts, mine, strict=True)
+                  if _rate(calls[(base, p)]) > 0] if base in names else None
+        row[key] = None if ratios is None else _rnd(_median(ratios))
+    for base, key in ((OUR_GREEDY, "equal_to_greedy"), (HF_GREEDY, "equal_to_hf_greedy")):
+        row[key] = sum(c["tokens"] == calls[(base, p)]["tokens"] for p, c in zip(prompts, mine, strict=True)) \
+            if base in names else None
+    row["agreement_with_greedy"] = row["position_agreement_with_greedy"] = None
+    if OUR_GREEDY in names:
+        prefix, positional = agreement([(c["tokens"], calls[(OUR_GREEDY, p)]["tokens"])
+                                        for p, c in zip(prompts, mine, strict=True)])
+        row["agreement_with_greedy"] = _rnd(prefix, 4)
+        row["position_agreement_with_greedy"] = _rnd(positional, 4)
+    if method.lossless_reference in names:
+        row["lossless_reference"] = method.lossless_reference
+        row["equal_to_lossless_reference"] = sum(c["tokens"] == calls[(method.lossless_reference, p)]["tokens"]
+                                                 for p, c in zip(prompts, mine, strict=True))
+    return row
 
 
 def _step_figures(method: Method, calls: Sequence[dict], bandwidth: dict | None) -> dict:

@@ -6,6 +6,8 @@ import contextlib
 import shlex
 import sys
 import time
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -270,17 +272,19 @@ def bench(
         extra = [(Path(x.rstrip("/")).name, _load(x, runtime)) for x in (also or [])]
         for x, (_, other) in zip(also or [], extra, strict=True):
             check_same_base(m, other, f"--also {x}")
-        return run_bench_command(m, extra_models=extra, model_label=model or "SmolLM2-135M-Instruct (embedded default)", prompts=prompts,
-                                 limit=limit, max_new_tokens=max_new_tokens, output=out, shots=shots, chat=chat,
-                                 strategy=strategy, tau=tau, k=k, fp16=fp16, int8=int8, hf=hf, hf_lookup=hf_lookup,
-                                 gguf=gguf if gguf is not None else (_default_gguf() if model is None else None),
-                                 llamacpp=llamacpp, llamacpp_inline=llamacpp_inline, rotate=rotate, progress=progress,
-                                 tree_size=tree_size or ([DEFAULT_TREE_SIZE] if tree else []), lookup=lookup,
-                                 tree=tree or ["auto"],
-                                 gguf_note=None if gguf is not None or model is None else
-                                 "llama.cpp skipped: pass --gguf FILE with the same model as GGUF",
-                                 hf_static=runtime.device.type == "cuda" if hf_static is None else hf_static,
-                                 batch_size=batch_size or (), bandwidth_gbs=bandwidth_gbs, graphs=use_graphs)
+        setup = BenchSetup(
+            prompts=prompts, limit=limit, max_new_tokens=max_new_tokens, shots=shots, chat=chat,
+            strategy=strategy, tau=tuple(BenchSetup.tau if tau is None else tau), k=k, tree=tuple(tree or ["auto"]),
+            tree_size=tuple(tree_size or ([DEFAULT_TREE_SIZE] if tree else [])), lookup=lookup, fp16=fp16,
+            int8=int8, graphs=use_graphs, hf=hf, hf_lookup=hf_lookup,
+            hf_static=runtime.device.type == "cuda" if hf_static is None else hf_static,
+            gguf=None if not llamacpp else gguf if gguf is not None else _default_gguf() if model is None else None,
+            gguf_note="llama.cpp skipped: pass --gguf FILE with the same model as GGUF"
+            if llamacpp and gguf is None and model is not None else None,
+            llamacpp_inline=llamacpp_inline, rotate=rotate, progress=progress, batch_size=tuple(batch_size or ()),
+            bandwidth_gbs=bandwidth_gbs)
+        return run_bench_command(m, setup, model_label=model or "SmolLM2-135M-Instruct (embedded default)",
+                                 output=out, extra_models=extra)
 
 
 def _eval_settings(model, strategy, tau, k, num_draft, tree, tree_size, lookup, shots, max_new_tokens, data, split,
@@ -382,84 +386,124 @@ def _default_gguf() -> str | None:
         return None
 
 
-def run_bench_command(m, *, model_label: str, prompts: str, limit: int, max_new_tokens: int, output: Path,
-                      shots: int, chat: bool | None, tau, k, int8: bool, hf: bool, hf_lookup: int,
-                      gguf: str | None, llamacpp: bool, rotate: bool, progress: bool,
-                      gguf_note: str | None = None, fp16: bool = True, llamacpp_inline: bool = False,
-                      extra_models: list[tuple[str, object]] = (), tree_size=(), lookup: int = 0,
-                      tree=("auto",), hf_static: bool = False, batch_size=(),
-                      bandwidth_gbs: float | None = None, graphs: bool | str | None = None, strategy=None) -> int:
-    """`mtp bench` with the model loaded (`bench`'s arguments; `strategy` None: rows of every strategy)."""
+@dataclass(frozen=True)
+class BenchSetup:
+    """What one `mtp bench` measures, its flags resolved (`bench` builds it from the command line, `mtp demo` from
+    its plan)."""
+
+    # the prompts
+    prompts: str = "gsm8k"  # "gsm8k" (the shipped test split) or a file of prompts
+    limit: int = 10  # the table's prompts: the first N
+    max_new_tokens: int = 128
+    shots: int = 0
+    chat: bool | None = None  # None: the chat template where the tokenizer has one
+    # mtp's rows
+    strategy: Sequence[str] | None = None  # None: every strategy (greedy always: each lossless row's reference)
+    tau: Sequence[float] = (0.9, 0.7, 0.5)  # a ConfAdapt row each
+    k: Sequence[int] | None = None  # a static row each (None: 2 and the most a forward makes)
+    tree: Sequence[str] = ("auto",)  # the draft-tree rows' shapes
+    tree_size: Sequence[int] = ()  # a draft-tree row each
+    lookup: int = 0  # also the chain and each tree with up to this many prompt-lookup drafts
+    fp16: bool = True  # rows on fp16-packed weights (a CPU's)
+    int8: bool = False  # rows on int8-quantised weights (a CPU's)
+    graphs: bool | str | None = None  # mtp's steps replayed as CUDA graphs (None: on CUDA)
+    # the peers
+    hf: bool = True  # transformers' greedy (and its prompt lookup, `hf_lookup` > 0)
+    hf_lookup: int = 10
+    hf_static: bool = False  # transformers greedy with a static cache (its compiled step)
+    gguf: str | None = None  # the GGUF llama.cpp runs (None: no llama.cpp row)
+    gguf_note: str | None = None  # why there is no llama.cpp row, for the report's notes
+    llamacpp_inline: bool = False  # llama.cpp also in the bench's process
+    # how it runs
+    rotate: bool = True  # the methods' order rotates from prompt to prompt
+    progress: bool = True
+    batch_size: Sequence[int] = ()  # batch rows: greedy and the fastest lossless row per batch size
+    bandwidth_gbs: float | None = None  # for the weight-streaming floor (None: measured)
+
+
+def run_bench_command(m, setup: BenchSetup, *, model_label: str, output: Path,
+                      extra_models: Sequence[tuple[str, object]] = ()) -> int:
+    """`mtp bench` with the model loaded (and `extra_models`, `--also`'s, labelled): the methods, their calls
+    interleaved (resumed from the journal of an interrupted run), the report with its batch rows, printed and
+    written to `output`."""
     from mtp.evaluation.bench import (
         JOURNAL,
-        build_methods,
         build_report,
         fastest_lossless,
-        format_batch_table,
-        format_table,
         run_batch_rows,
         run_bench,
         write_report,
     )
     from mtp.evaluation.prompts import resolve_chat
-
-    tok = m.tokenizer
-    runtime = Runtime(m.device, m.dtype)
-    use_chat = resolve_chat(tok, chat)
-    # the batch rows' prompts: the table's, then more where there are
-    pool, prompts_desc = _bench_prompts(tok, prompts, max([limit, *batch_size]), limit, shots, use_chat)
-    items = pool[:limit]
-    notes: list[str] = []
-    if gguf_note and llamacpp:
-        notes.append(gguf_note)
-    longest = max(len(p.token_ids) for p in items)
-    tau = tau if tau is not None else (0.9, 0.7, 0.5)
-    methods = build_methods(m, tok, tau=tau, k=k, hf=hf, hf_lookup=hf_lookup, fp16=fp16, int8=int8,
-                            gguf=gguf if llamacpp else None, llamacpp_ctx=longest + max_new_tokens + 16,
-                            llamacpp_inline=llamacpp_inline, notes=notes, tree_size=tree_size, lookup=lookup,
-                            tree=tree, hf_static=hf_static, graphs=graphs)
-    from mtp.evaluation.bench import multi_token_methods
-
-    for label, other in extra_models:
-        methods += multi_token_methods(other, tok, tau=tau, k=k, fp16=fp16, prefix=f"{label}:", notes=notes,
-                                       graphs=graphs)
-    if strategy is not None:  # greedy rows stay: every lossless row is checked against one
-        methods = [x for x in methods if x.strategy in (None, "greedy", *strategy)]
-    bandwidth = _bandwidth(runtime.device, bandwidth_gbs)
-    print(f"mtp bench: {len(methods)} methods x {len(items)} prompts ({prompts_desc}), up to {max_new_tokens} new "
-          f"tokens, {runtime.describe()}, {torch.get_num_threads()} threads: {', '.join(x.name for x in methods)}; "
-          f"memory bandwidth {bandwidth['bytes_per_second'] / 1e9:,.1f} GB/s ({bandwidth['source']})", flush=True)
-    for note in notes:
-        print(f"mtp bench: note: {note}", flush=True)
     from mtp.training.targets import model_fingerprint
 
+    tok, runtime = m.tokenizer, Runtime(m.device, m.dtype)
+    chat = resolve_chat(tok, setup.chat)
+    pool, prompts_desc = _bench_prompts(tok, setup, chat)  # the batch rows' prompts: the table's, then more
+    items = pool[:setup.limit]
+    notes = [setup.gguf_note] if setup.gguf_note else []
+    methods = _bench_methods(m, setup, extra_models, max(len(p.token_ids) for p in items), notes)
+    bandwidth = _bandwidth(runtime.device, setup.bandwidth_gbs)
+    print(f"mtp bench: {len(methods)} methods x {len(items)} prompts ({prompts_desc}), up to {setup.max_new_tokens} "
+          f"new tokens, {runtime.describe()}, {torch.get_num_threads()} threads: "
+          f"{', '.join(x.name for x in methods)}; memory bandwidth {bandwidth['bytes_per_second'] / 1e9:,.1f} GB/s "
+          f"({bandwidth['source']})", flush=True)
+    for note in notes:
+        print(f"mtp bench: note: {note}", flush=True)
     journal = output / JOURNAL  # each finished call, so that an interrupted bench resumes
     identity = {"model": model_fingerprint(m, with_heads=True), "draft_vocab": m.draft_vocab is not None,
                 "also": [model_fingerprint(x, with_heads=True) for _, x in extra_models],
-                "threads": torch.get_num_threads(), "gguf": gguf if llamacpp else None, "runtime": runtime.to_dict(),
-                "graphs": graphs}
+                "threads": torch.get_num_threads(), "gguf": setup.gguf, "runtime": runtime.to_dict(),
+                "graphs": setup.graphs}
     output.mkdir(parents=True, exist_ok=True)
     with _saying_what_is_kept(journal):
-        run = run_bench(methods, items, max_new_tokens, rotate=rotate, progress=progress, journal=journal,
-                        identity=identity)
+        run = run_bench(methods, items, setup.max_new_tokens, rotate=setup.rotate, progress=setup.progress,
+                        journal=journal, identity=identity)
     resumed = sum("key" in c for c in run.calls)
     if resumed:
         notes.append(f"{resumed} of {len(run.calls)} calls were measured by an earlier, interrupted run of this bench")
-    settings = {"model": model_label, "model_description": _describe(m, model_label), "prompts": prompts,
-                "prompts_description": prompts_desc, "limit": limit, "shots": shots, "chat": use_chat,
-                "max_new_tokens": max_new_tokens, "num_heads": m.num_heads, "rotate": rotate,
-                "hf_lookup": hf_lookup, "gguf": gguf if llamacpp else None, "hf_static": hf_static,
-                "batch_size": list(batch_size), "command": _command_line()}
+    settings = {"model": model_label, "model_description": _describe(m, model_label), "prompts": setup.prompts,
+                "prompts_description": prompts_desc, "limit": setup.limit, "shots": setup.shots, "chat": chat,
+                "max_new_tokens": setup.max_new_tokens, "num_heads": m.num_heads, "rotate": setup.rotate,
+                "hf_lookup": setup.hf_lookup, "gguf": setup.gguf, "hf_static": setup.hf_static,
+                "batch_size": list(setup.batch_size), "command": _command_line()}
     report = build_report(run, tok, settings=settings, notes=notes, runtime=runtime.to_dict(), bandwidth=bandwidth)
-    if batch_size:
+    if setup.batch_size:
         pair = fastest_lossless(report["methods"], methods)
         if pair is None:
             report["notes"].append("batch rows skipped: no lossless speculative row equalled its greedy on every "
                                    "prompt")
         else:
-            report["batch_rows"] = run_batch_rows(pair, pool, batch_size, max_new_tokens, len(items), progress)
+            report["batch_rows"] = run_batch_rows(pair, pool, setup.batch_size, setup.max_new_tokens, len(items),
+                                                  setup.progress)
     paths = write_report(report, output)
     journal.unlink()  # the report holds every call; a new run measures afresh
+    _print_report(report, paths)
+    return 0
+
+
+def _bench_methods(m, setup: BenchSetup, extra_models: Sequence[tuple[str, object]], longest_prompt: int,
+                   notes: list[str]) -> list:
+    """The bench's rows: the peers and mtp's methods on `m`, then the multi-token rows of each extra model, kept to
+    `setup.strategy`'s (greedy rows stay: every lossless row is checked against one)."""
+    from mtp.evaluation.bench import build_methods, multi_token_methods
+
+    s = setup
+    methods = build_methods(m, m.tokenizer, tau=s.tau, k=s.k, hf=s.hf, hf_lookup=s.hf_lookup, fp16=s.fp16,
+                            int8=s.int8, gguf=s.gguf, llamacpp_ctx=longest_prompt + s.max_new_tokens + 16,
+                            llamacpp_inline=s.llamacpp_inline, notes=notes, tree_size=s.tree_size, lookup=s.lookup,
+                            tree=s.tree, hf_static=s.hf_static, graphs=s.graphs)
+    for label, other in extra_models:
+        methods += multi_token_methods(other, m.tokenizer, tau=s.tau, k=s.k, fp16=s.fp16, prefix=f"{label}:",
+                                       notes=notes, graphs=s.graphs)
+    if s.strategy is not None:
+        methods = [x for x in methods if x.strategy in (None, "greedy", *s.strategy)]
+    return methods
+
+
+def _print_report(report: dict, paths: dict) -> None:
+    from mtp.evaluation.bench import format_batch_table, format_table
+
     print()
     print(format_table(report))
     if report.get("batch_rows"):
@@ -468,21 +512,22 @@ def run_bench_command(m, *, model_label: str, prompts: str, limit: int, max_new_
     for note in report["notes"]:
         print(f"note: {note}")
     print(f"\nreport: {paths['markdown']} (and {paths['json'].name})\nplot: {paths['plot']}")
-    return 0
 
 
-def _bench_prompts(tok, prompts: str, pool_size: int, limit: int, shots: int, chat: bool) -> tuple[list, str]:
-    """`pool_size` prompts (GSM8K's test set or a file's) and the description of the table's first `limit`."""
+def _bench_prompts(tok, setup: BenchSetup, chat: bool) -> tuple[list, str]:
+    """The prompts (GSM8K's test set or a file's), as many as the table and the largest batch row want, and the
+    description of the table's first `setup.limit`."""
     from mtp.evaluation.prompts import file_prompts, gsm8k_prompts
 
     style = "chat" if chat else "plain"
-    if prompts == "gsm8k":
-        pool = gsm8k_prompts(tok, limit=pool_size, shots=shots, chat=chat)
-        shown = min(limit, len(pool))
+    pool_size = max([setup.limit, *setup.batch_size])
+    if setup.prompts == "gsm8k":
+        pool = gsm8k_prompts(tok, limit=pool_size, shots=setup.shots, chat=chat)
+        shown = min(setup.limit, len(pool))
         which = "problem 0" if shown == 1 else f"problems 0-{shown - 1}"
-        return pool, f"GSM8K test {which}, {shots}-shot, {style}"
-    pool = file_prompts(tok, prompts, limit=pool_size, shots=shots, chat=chat)
-    return pool, f"{min(limit, len(pool))} prompts from {prompts}, {style}"
+        return pool, f"GSM8K test {which}, {setup.shots}-shot, {style}"
+    pool = file_prompts(tok, setup.prompts, limit=pool_size, shots=setup.shots, chat=chat)
+    return pool, f"{min(setup.limit, len(pool))} prompts from {setup.prompts}, {style}"
 
 
 def _describe(m, label: str) -> str:

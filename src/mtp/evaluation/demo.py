@@ -21,11 +21,15 @@ import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from mtp.errors import MTPError
 from mtp.runtime import Runtime, resolve_runtime
+
+if TYPE_CHECKING:
+    from mtp.evaluation.commands import BenchSetup
 
 RUN_NAME = "smollm2-mtp4"
 BENCH_NAME = "bench"
@@ -144,19 +148,12 @@ def run_demo(output: str | Path | None = None, *, budget_minutes: float | None =
         raise MTPError("--train-limit must be >= 2, --train-epochs > 0, --limit and --max-new-tokens >= 1")
     start = time.perf_counter()
     root = Path(output).expanduser() if output is not None else mtp_home() / "demo"
-    run_dir, bench_dir = root / RUN_NAME, root / BENCH_NAME
+    run_dir = root / RUN_NAME
     if root.exists() and not root.is_dir():
         raise MTPError(f"--output {root} is a file, not a folder")
     _announce(runtime, plan, budget_minutes, train_limit)
 
-    t = _stage(1, "the embedded default model, SmolLM2-135M-Instruct")
-    if ensure_base is None:
-        from mtp.hub import default_model_folder
-
-        folder = default_model_folder()  # converts the GGUF once (about 20 s), then a cached folder
-    else:
-        folder = ensure_base()
-    print(f"model folder: {folder} ({time.perf_counter() - t:.0f} s)", flush=True)
+    folder = _base_model(ensure_base)
     asked, num_trunk_layers = num_trunk_layers, trunk_layers(folder, plan, num_trunk_layers)
     if asked is None and num_trunk_layers is not None:
         print(f"heads of {plan.head_layers} layers each: --num-trunk-layers {num_trunk_layers} (this device's "
@@ -164,21 +161,14 @@ def run_demo(output: str | Path | None = None, *, budget_minutes: float | None =
 
     minutes = None if budget_minutes is None else \
         answer_minutes(budget_minutes, (time.perf_counter() - start) / 60, train_epochs, plan)
-    questions = "all" if train_limit is None else f"up to {train_limit}"
     if is_finished_run(run_dir):
         _check_reused_run(run_dir, asked)  # the device's default takes a finished run as it is
         _stage(2, "4 MTP heads, trained by an earlier demo")
         print(f"reusing the trained heads in {run_dir} (delete that folder to train again)"
               + _reuse_differences(run_dir, train_limit, train_epochs), flush=True)
     else:
-        if minutes is None:
-            how_many = f"{questions} GSM8K train questions"
-        elif minutes == MIN_ANSWER_MINUTES:
-            how_many = f"one batch of GSM8K train questions (--budget-minutes {budget_minutes:g} leaves no more)"
-        else:
-            how_many = f"as many GSM8K train questions ({questions}) as the model answers in {minutes:.1f} min " \
-                f"(--budget-minutes {budget_minutes:g})"
-        t = _stage(2, f"4 MTP heads, trunk frozen, self-distilled targets: {how_many}, {train_epochs:g} epochs")
+        t = _stage(2, f"4 MTP heads, trunk frozen, self-distilled targets: "
+                      f"{_how_many(minutes, budget_minutes, train_limit)}, {train_epochs:g} epochs")
         if train_fn is None:
             from mtp.training.commands import train as train_fn
         resume = (run_dir / "train_config.json").is_file()
@@ -195,24 +185,55 @@ def run_demo(output: str | Path | None = None, *, budget_minutes: float | None =
             raise MTPError(f"training did not leave a finished model in {run_dir}")
         print(f"trained in {time.perf_counter() - t:.0f} s", flush=True)
 
-    which = "problem 0" if limit == 1 else f"problems 0-{limit - 1}"
-    _stage(3, f"benchmark on GSM8K test {which}, up to {max_new_tokens} new tokens")
     cpu = runtime.device.type == "cpu"  # packed rows are the CPU's; a GPU's peer is transformers' compiled step
-    from mtp.evaluation.commands import _default_gguf, run_bench_command
+    from mtp.evaluation.commands import BenchSetup, _default_gguf
+
+    setup = BenchSetup(prompts="gsm8k", limit=limit, max_new_tokens=max_new_tokens, shots=0, tau=tuple(tau),
+                       tree_size=(tree_size,) if tree_size else (), lookup=lookup, fp16=fp16 and cpu,
+                       int8=int8 and cpu, hf=hf, hf_lookup=hf_lookup, hf_static=hf and not cpu,
+                       gguf=_default_gguf() if llamacpp else None, progress=progress)
+    code = _benchmark(run_dir, root / BENCH_NAME, runtime, setup)
+    print(f"\nmtp demo: done in {time.perf_counter() - start:.0f} s. Model: {run_dir}; report: {root / BENCH_NAME}",
+          flush=True)
+    return code
+
+
+def _benchmark(run_dir: Path, bench_dir: Path, runtime: Runtime, setup: BenchSetup) -> int:
+    """Stage 3: `mtp bench` of the trained heads into `bench_dir`."""
+    from mtp.evaluation.commands import run_bench_command
     from mtp.models.loading import load_mtp_model
 
+    which = "problem 0" if setup.limit == 1 else f"problems 0-{setup.limit - 1}"
+    _stage(3, f"benchmark on GSM8K test {which}, up to {setup.max_new_tokens} new tokens")
     model = load_mtp_model(str(run_dir), device=runtime.device, dtype=runtime.dtype)
     if model.tokenizer is None:
         raise MTPError(f"{run_dir} has no tokenizer files")
-    code = run_bench_command(
-        model, model_label=f"SmolLM2-135M-Instruct + 4 MTP heads ({run_dir})", prompts="gsm8k", limit=limit,
-        max_new_tokens=max_new_tokens, output=bench_dir, shots=0, chat=None, tau=tau, k=None,
-        fp16=fp16 and cpu, int8=int8 and cpu, hf=hf, hf_lookup=hf_lookup,
-        gguf=_default_gguf() if llamacpp else None, llamacpp=llamacpp, rotate=True,
-        progress=progress, tree_size=(tree_size,) if tree_size else (), lookup=lookup, hf_static=hf and not cpu)
-    print(f"\nmtp demo: done in {time.perf_counter() - start:.0f} s. Model: {run_dir}; report: {bench_dir}",
-          flush=True)
-    return code
+    return run_bench_command(model, setup, model_label=f"SmolLM2-135M-Instruct + 4 MTP heads ({run_dir})",
+                             output=bench_dir)
+
+
+def _how_many(minutes: float | None, budget_minutes: float | None, train_limit: int | None) -> str:
+    """The questions stage 2 answers, in words."""
+    questions = "all" if train_limit is None else f"up to {train_limit}"
+    if minutes is None:
+        return f"{questions} GSM8K train questions"
+    if minutes == MIN_ANSWER_MINUTES:
+        return f"one batch of GSM8K train questions (--budget-minutes {budget_minutes:g} leaves no more)"
+    return (f"as many GSM8K train questions ({questions}) as the model answers in {minutes:.1f} min "
+            f"(--budget-minutes {budget_minutes:g})")
+
+
+def _base_model(ensure_base=None) -> Path:
+    """Stage 1: the embedded default model's folder (`ensure_base`: the tests' stand-in)."""
+    t = _stage(1, "the embedded default model, SmolLM2-135M-Instruct")
+    if ensure_base is None:
+        from mtp.hub import default_model_folder
+
+        folder = default_model_folder()  # converts the GGUF once (about 20 s), then a cached folder
+    else:
+        folder = ensure_base()
+    print(f"model folder: {folder} ({time.perf_counter() - t:.0f} s)", flush=True)
+    return folder
 
 
 def _reuse_differences(run_dir: Path, train_limit: int | None, train_epochs: float) -> str:

@@ -72,36 +72,13 @@ def load_mtp_model(spec: str | None = None, num_heads: int | None = None, num_tr
         source.load_seconds = time.perf_counter() - start
         model.source = source
     elif mask_token_id is not None or mask_token is not None:
-        if source.kind in ("mtp_folder", "meta"):
-            raise MTPError(f"{source.location} is a parallel-heads model; a mask token applies to a plain model")
-        base, tokenizer, source = load_base_model(spec, device=device, dtype=torch_dtype)
-        if mask_token is not None and mask_token_id is None:
-            known = tokenizer.convert_tokens_to_ids(mask_token) if tokenizer is not None else None
-            if not isinstance(known, int) or known == getattr(tokenizer, "unk_token_id", None):
-                raise MTPError(f"the tokenizer of {source.location} has no token {mask_token!r}")
-            mask_token_id = known
-        model = MaskTokenModel.from_base(base, mask_token_id=mask_token_id, mask_token=mask_token,
-                                         tokenizer=tokenizer)
-        model.source = source
+        model = _with_mask_token(spec, source, mask_token_id, mask_token, device, torch_dtype)
     elif plain is not None:
         model = plain
         source.load_seconds = time.perf_counter() - start
         model.source = source
     elif source.kind in ("mtp_folder", "meta"):
-        if source.kind == "mtp_folder":
-            check_model_folder(source.location)
-            model = MTPModel.from_pretrained(source.location, device=device, dtype=torch_dtype,
-                                             tensor_dtype=packing)
-        else:
-            from mtp.formats.meta import meta_to_mtp
-
-            model = meta_to_mtp(source.location, dtype=torch_dtype).to(device)
-            check_finite_weights(model, source.location)
-        if num_heads is not None and num_heads != model.num_heads:
-            raise MTPError(f"{source.location} has {model.num_heads} heads; --num-heads {num_heads} does not match "
-                           "(omit it, or convert a base model)")
-        if num_trunk_layers is not None and num_trunk_layers != model.num_trunk_layers:
-            raise MTPError(f"{source.location} has {model.num_trunk_layers} trunk layers, not {num_trunk_layers}")
+        model = _with_own_heads(source, num_heads, num_trunk_layers, device, torch_dtype, packing)
         source.load_seconds = time.perf_counter() - start
         model.source = source
     else:
@@ -118,6 +95,43 @@ def load_mtp_model(spec: str | None = None, num_heads: int | None = None, num_tr
         # memory, the rest loaded by transformers, which maps the file)
         in_memory = plain is not None or (source.kind == "mtp_folder" and mask_token_id is None and mask_token is None)
         block_for_decoding(getattr(model, "lm", model), mapped=not in_memory)
+    return model
+
+
+def _with_mask_token(spec: str | None, source, mask_token_id: int | None, mask_token: str | None,
+                     device: torch.device, dtype: torch.dtype):
+    """A plain model as a `MaskTokenModel` with the mask token given by id or by a token its tokenizer has."""
+    from mtp.models.mask_tokens import MaskTokenModel
+
+    if source.kind in ("mtp_folder", "meta"):
+        raise MTPError(f"{source.location} is a parallel-heads model; a mask token applies to a plain model")
+    base, tokenizer, source = load_base_model(spec, device=device, dtype=dtype)
+    if mask_token is not None and mask_token_id is None:
+        known = tokenizer.convert_tokens_to_ids(mask_token) if tokenizer is not None else None
+        if not isinstance(known, int) or known == getattr(tokenizer, "unk_token_id", None):
+            raise MTPError(f"the tokenizer of {source.location} has no token {mask_token!r}")
+        mask_token_id = known
+    model = MaskTokenModel.from_base(base, mask_token_id=mask_token_id, mask_token=mask_token, tokenizer=tokenizer)
+    model.source = source
+    return model
+
+
+def _with_own_heads(source, num_heads: int | None, num_trunk_layers: int | None, device: torch.device,
+                    dtype: torch.dtype, packing) -> MTPModel:
+    """An mtp folder or a Meta checkpoint: its own heads, which the flags may name but not change."""
+    if source.kind == "mtp_folder":
+        check_model_folder(source.location)
+        model = MTPModel.from_pretrained(source.location, device=device, dtype=dtype, tensor_dtype=packing)
+    else:
+        from mtp.formats.meta import meta_to_mtp
+
+        model = meta_to_mtp(source.location, dtype=dtype).to(device)
+        check_finite_weights(model, source.location)
+    if num_heads is not None and num_heads != model.num_heads:
+        raise MTPError(f"{source.location} has {model.num_heads} heads; --num-heads {num_heads} does not match "
+                       "(omit it, or convert a base model)")
+    if num_trunk_layers is not None and num_trunk_layers != model.num_trunk_layers:
+        raise MTPError(f"{source.location} has {model.num_trunk_layers} trunk layers, not {num_trunk_layers}")
     return model
 
 
