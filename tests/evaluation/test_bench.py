@@ -14,17 +14,13 @@ from mtp.evaluation.bench import (
     BenchRun,
     CallResult,
     Method,
-    agreement,
     build_methods,
-    build_report,
-    format_markdown,
-    format_table,
     llamacpp_installed,
     mtp_method,
     run_bench,
     schedule,
-    write_report,
 )
+from mtp.evaluation.bench_report import agreement, build_report, format_markdown, format_table, write_report
 from mtp.evaluation.commands import bench
 from mtp.evaluation.prompts import Prompt, file_prompts, gsm8k_prompts
 

@@ -426,14 +426,8 @@ def run_bench_command(m, setup: BenchSetup, *, model_label: str, output: Path,
     """`mtp bench` with the model loaded (and `extra_models`, `--also`'s, labelled): the methods, their calls
     interleaved (resumed from the journal of an interrupted run), the report with its batch rows, printed and
     written to `output`."""
-    from mtp.evaluation.bench import (
-        JOURNAL,
-        build_report,
-        fastest_lossless,
-        run_batch_rows,
-        run_bench,
-        write_report,
-    )
+    from mtp.evaluation.bench import JOURNAL, fastest_lossless, run_batch_rows, run_bench
+    from mtp.evaluation.bench_report import build_report, write_report
     from mtp.evaluation.prompts import resolve_chat
     from mtp.training.targets import model_fingerprint
 
@@ -502,7 +496,7 @@ def _bench_methods(m, setup: BenchSetup, extra_models: Sequence[tuple[str, objec
 
 
 def _print_report(report: dict, paths: dict) -> None:
-    from mtp.evaluation.bench import format_batch_table, format_table
+    from mtp.evaluation.bench_report import format_batch_table, format_table
 
     print()
     print(format_table(report))

@@ -16,7 +16,7 @@ _COLORS = {"transformers": "tab:gray", "mtp": "tab:blue", "mtp-int8": "tab:green
 
 def quality_axis(report: dict) -> tuple[str, str]:
     """(row key, axis label) of the plot's quality axis: GSM8K flexible accuracy when it tells the methods apart
-    (some method scores above 0), else the per-token agreement with our greedy output (`bench.agreement`):
+    (some method scores above 0), else the per-token agreement with our greedy output (`bench_report.agreement`):
     a 135M model scores 0% on GSM8K, and a flat accuracy axis says nothing about what a lossy method loses."""
     rows = report["methods"]
     if report.get("gsm8k_scored") and any((r.get("accuracy_flexible") or 0) > 0 for r in rows):
