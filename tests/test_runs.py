@@ -62,6 +62,21 @@ def test_a_held_folder_is_refused_naming_the_holder_and_kill_9_frees_it(tmp_path
         pass
 
 
+def test_a_run_that_wrote_nothing_leaves_no_folders_it_created(tmp_path, monkeypatch, capsys):
+    """`mtp eval` writes to eval/<name>/ by default: stopped before writing anything (here a missing model), it
+    leaves neither folder; a folder that was there already, or one that holds another file, stays."""
+    monkeypatch.chdir(tmp_path)
+    code, err = run_cli(["eval", "gsm8k", "--model", str(tmp_path / "no-model")], capsys)
+    assert code == 2 and "not found" in err
+    assert list(tmp_path.iterdir()) == []
+    with output_lock(tmp_path / "a" / "b" / "c"):
+        (tmp_path / "a" / "kept.txt").write_text("x")
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["kept.txt"]  # b/c went, a stays
+    with output_lock(tmp_path / "a"):
+        pass
+    assert (tmp_path / "a" / "kept.txt").is_file()
+
+
 @pytest.mark.parametrize("command", [["eval", "gsm8k"], ["bench"]])
 def test_eval_and_bench_refuse_a_folder_in_use(tmp_path, command, capsys):
     folder = tmp_path / "out"

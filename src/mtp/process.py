@@ -62,7 +62,7 @@ def output_lock(folder: str | os.PathLike, flag: str = "--output") -> Iterator[P
     folder = Path(folder)
     if folder.exists() and not folder.is_dir():
         raise MTPError(f"{flag} {folder} is a file, not a folder")
-    created = not folder.exists()
+    created = [p for p in (folder, *folder.parents) if not p.exists()]  # deepest first
     with disk_errors(folder):
         folder.mkdir(parents=True, exist_ok=True)
     lock = folder / LOCK_NAME
@@ -73,9 +73,17 @@ def output_lock(folder: str | os.PathLike, flag: str = "--output") -> Iterator[P
         yield folder
     finally:
         lock.unlink(missing_ok=True)  # while still held: the next holder creates a new one (see _lock_file)
-        if created and not any(folder.iterdir()):  # a run stopped before writing anything leaves no folder
-            folder.rmdir()
+        _remove_empty(created)  # a run stopped before writing anything leaves no folder (nor `eval/` above it)
         os.close(fd)
+
+
+def _remove_empty(folders: list[Path]) -> None:
+    """Remove `folders` (deepest first) while each is empty; another run's files in one keep it and those above."""
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except OSError:  # not empty (or gone): what is above stays too
+            return
 
 
 def _lock_file(path: Path, what: str) -> int:
