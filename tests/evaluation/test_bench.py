@@ -533,3 +533,14 @@ def test_the_static_cache_peer_decodes_as_transformers_greedy_on_a_cpu(tiny_toke
     assert rows["hf-static"]["equal_to_hf_greedy"] == 2
     assert rows["hf-static"]["tokens_per_forward"] == 1.0
     assert all(c["method"] != "hf-static" or c["new_tokens"] > 0 for c in report["calls"])
+
+
+def test_the_llamacpp_row_runs_the_given_or_the_default_gguf_and_says_when_there_is_none(monkeypatch):
+    from mtp.evaluation import commands
+
+    monkeypatch.setattr(commands, "_default_gguf", lambda: "/default.gguf")
+    row = commands._llamacpp_row
+    assert row(True, None, None) == {"gguf": "/default.gguf", "gguf_note": None}  # the embedded default model
+    assert row(True, "/mine.gguf", "folder") == {"gguf": "/mine.gguf", "gguf_note": None}
+    assert row(True, None, "folder")["gguf"] is None and "pass --gguf" in row(True, None, "folder")["gguf_note"]
+    assert row(False, "/mine.gguf", None) == {"gguf": None, "gguf_note": None}  # --no-llamacpp: no row, no note

@@ -278,9 +278,7 @@ def bench(
             tree_size=tuple(tree_size or ([DEFAULT_TREE_SIZE] if tree else [])), lookup=lookup, fp16=fp16,
             int8=int8, graphs=use_graphs, hf=hf, hf_lookup=hf_lookup,
             hf_static=runtime.device.type == "cuda" if hf_static is None else hf_static,
-            gguf=None if not llamacpp else gguf if gguf is not None else _default_gguf() if model is None else None,
-            gguf_note="llama.cpp skipped: pass --gguf FILE with the same model as GGUF"
-            if llamacpp and gguf is None and model is not None else None,
+            **_llamacpp_row(llamacpp, gguf, model),
             llamacpp_inline=llamacpp_inline, rotate=rotate, progress=progress, batch_size=tuple(batch_size or ()),
             bandwidth_gbs=bandwidth_gbs)
         return run_bench_command(m, setup, model_label=model or "SmolLM2-135M-Instruct (embedded default)",
@@ -375,6 +373,16 @@ def check_same_base(model, other, label: str) -> None:
         example = f" (e.g. token {differ[0]!r})" if differ else ""
         raise MTPError(f"{label} has another tokenizer or vocabulary than --model: {len(differ)} of {len(ours)} "
                        f"tokens differ{example}; --also compares models of the same base model")
+
+
+def _llamacpp_row(llamacpp: bool, gguf: str | None, model: str | None) -> dict:
+    """The GGUF of the llama.cpp row (--gguf, or the embedded default's for the default model; None: no row) and,
+    where a model of the user's has none, the note that says so."""
+    if not llamacpp:
+        return {"gguf": None, "gguf_note": None}
+    if gguf is not None or model is None:
+        return {"gguf": gguf if gguf is not None else _default_gguf(), "gguf_note": None}
+    return {"gguf": None, "gguf_note": "llama.cpp skipped: pass --gguf FILE with the same model as GGUF"}
 
 
 def _default_gguf() -> str | None:
