@@ -79,9 +79,10 @@ def test_a_run_that_wrote_nothing_leaves_no_folders_it_created(tmp_path, monkeyp
 
 @pytest.mark.parametrize("command", [["eval", "gsm8k"], ["bench"]])
 def test_eval_and_bench_refuse_a_folder_in_use(tmp_path, command, capsys):
-    folder = tmp_path / "out"
+    folder, model = tmp_path / "out", tmp_path / "model.gguf"
+    model.write_bytes(b"GGUF")  # a model there is (the lock is taken before it loads)
     with output_lock(folder):
-        code, err = run_cli([*command, "--model", "/no/such/model", "--output", folder], capsys)
+        code, err = run_cli([*command, "--model", model, "--output", folder], capsys)
     assert code == 2 and len(err.strip().splitlines()) == 1, err
     assert f"in use by another mtp run (pid {os.getpid()})" in err
 

@@ -14,6 +14,7 @@ from typing import Literal
 import torch
 
 from mtp.errors import MTPError
+from mtp.hub import resolve_model
 from mtp.io import input_file
 from mtp.process import output_lock
 from mtp.runtime import DType, Graphs, Runtime, dtype_name, graphs_option, resolve_runtime, set_threads
@@ -145,6 +146,7 @@ def eval_(
     if data is not None and not load_gsm8k(path=input_file(data, "GSM8K"), limit=limit):  # before the model loads
         raise MTPError(f"{data}: no problems")
     check_tree_spec(tree)
+    resolve_model(model)  # a model that is not there: one line before anything else
     set_threads(threads)
     runtime = resolve_runtime(device, dtype, quantize)
     use_graphs = graphs_option(graphs, runtime.device)
@@ -262,6 +264,7 @@ def bench(
     """
     from mtp.decoding.tree import DEFAULT_TREE_SIZE
 
+    resolve_model(model)  # a model that is not there: one line before anything else
     _check_bench_inputs(prompts, limit, batch_size, gguf, also)
     out = Path(output)
     set_threads(threads)
