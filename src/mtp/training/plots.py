@@ -34,8 +34,24 @@ def _smooth(values: list[float], window: int) -> list[float]:
     return out
 
 
+def tokens_per_forward_series(evals: list[dict]) -> dict[str, list[tuple[int, float]]]:
+    """What the held-out evaluations estimate a decoding forward emits, per evaluation step: verified drafts
+    ("speculative": accepted while they agree, the figure both methods record) and, for self-distillation,
+    ConfAdapt at each threshold it records. Labels -> [(step, tokens per forward)]; empty without estimates."""
+    series: dict[str, list[tuple[int, float]]] = {}
+    for e in evals:
+        figures = e["eval"]
+        if figures.get("tokens_per_forward_estimate") is not None:
+            series.setdefault("speculative (verified drafts)", []).append(
+                (e["step"], figures["tokens_per_forward_estimate"]))
+        for tau, confadapt in (figures.get("confadapt") or {}).items():
+            series.setdefault(f"ConfAdapt tau={tau}", []).append((e["step"], confadapt["tokens_per_forward_estimate"]))
+    return series
+
+
 def plot_losses(metrics_path: str | os.PathLike, png_path: str | os.PathLike) -> Path | None:
-    """Training loss per head (thin: raw, thick: moving average) and held-out loss/accuracy per head."""
+    """Training loss per head (thin: raw, thick: moving average), held-out loss/accuracy per head and, where the
+    evaluations estimate it, tokens per forward (`tokens_per_forward_series`)."""
     steps, evals = read_metrics(metrics_path)
     if not steps:
         return None
@@ -45,7 +61,9 @@ def plot_losses(metrics_path: str | os.PathLike, png_path: str | os.PathLike) ->
     import matplotlib.pyplot as plt
 
     n = max(len(r.get("head_loss", [])) for r in steps)
-    fig, axes = plt.subplots(1, 2 if evals else 1, figsize=(12 if evals else 7, 4.5), squeeze=False)
+    per_forward = tokens_per_forward_series(evals)
+    panels = 1 + bool(evals) + bool(per_forward)
+    fig, axes = plt.subplots(1, panels, figsize=(6 * panels if panels > 1 else 7, 4.5), squeeze=False)
     ax = axes[0][0]
     window = max(1, len(steps) // 50)
     for j in range(n):
@@ -77,6 +95,18 @@ def plot_losses(metrics_path: str | os.PathLike, png_path: str | os.PathLike) ->
         ax2.set_title("held-out top-1 accuracy per head")
         ax2.grid(alpha=0.3)
         ax2.legend(fontsize=8)
+    if per_forward:
+        ax3 = axes[0][2]
+        for i, (label, points) in enumerate(per_forward.items()):
+            ax3.plot(*zip(*points, strict=True), "o-" if i == 0 else "s--", color="k" if i == 0 else f"C{i + 3}",
+                     label=label, markersize=4)
+        ax3.set_xlim(0, max(r["step"] for r in steps + evals) * 1.03)
+        ax3.set_ylim(bottom=1.0)
+        ax3.set_xlabel("optimizer step")
+        ax3.set_ylabel("tokens per forward")
+        ax3.set_title("held-out tokens per forward (estimate)")
+        ax3.grid(alpha=0.3)
+        ax3.legend(fontsize=8)
     fig.tight_layout()
     png_path = Path(png_path)
     try:
