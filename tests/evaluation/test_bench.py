@@ -544,3 +544,19 @@ def test_the_llamacpp_row_runs_the_given_or_the_default_gguf_and_says_when_there
     assert row(True, "/mine.gguf", "folder") == {"gguf": "/mine.gguf", "gguf_note": None}
     assert row(True, None, "folder")["gguf"] is None and "pass --gguf" in row(True, None, "folder")["gguf_note"]
     assert row(False, "/mine.gguf", None) == {"gguf": None, "gguf_note": None}  # --no-llamacpp: no row, no note
+
+
+def test_a_single_head_model_gets_greedy_rows_and_says_what_it_left_out(tiny_tokenizer, gsm8k_file, tmp_path):
+    """One head: no multi-token rows (said), no lossless row to batch (said); bf16 weights: no fp16-packed rows
+    (said): each row left out is a note, not a failure."""
+    folder = tmp_path / "one-head"
+    make_model(tiny_tokenizer, num_heads=1).save_pretrained(folder, tokenizer=tiny_tokenizer)
+    out = tmp_path / "bench"
+    assert bench(model=str(folder), prompts=str(gsm8k_file), limit=2, max_new_tokens=4, output=str(out), hf=False,
+                 dtype="bfloat16", batch_size=[2], progress=False) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert [r["method"] for r in report["methods"]] == ["greedy"] and "batch_rows" not in report
+    notes = report["notes"]
+    assert any("a single head: speculative, ConfAdapt and static need MTP heads" in n for n in notes)
+    assert any(n.startswith("fp16 rows skipped: packed weights (fbgemm) are for fp32 models") for n in notes)
+    assert any(n.startswith("batch rows skipped: no lossless speculative row") for n in notes)
