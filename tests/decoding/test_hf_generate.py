@@ -111,3 +111,21 @@ def test_return_dict_in_generate_has_sequences_and_our_statistics(model, tokeniz
 def test_what_is_not_available_is_an_mtp_error(model, kwargs, message):
     with pytest.raises(MTPError, match=message):
         model.generate(torch.tensor([[5, 6, 7]]), **kwargs)
+
+
+@pytest.mark.parametrize("adapter", ["full", "gated-lora"])
+def test_mask_token_models_generate_as_transformers_does_too(adapter):
+    """`MaskTokenModel.generate` (seed 002's snippet for a self-distilled model): prompt + new tokens; speculative
+    decoding (`use_speculative=True`) equals greedy, ConfAdapt passes through as mtp's keywords."""
+    from test_mask_decoding import mask_model
+
+    model = mask_model("llama", adapter, seed=5, vocab=40)
+    ids = torch.tensor([[1, 2, 3, 4, 5, 1, 2]])
+    plain = model.generate(ids, max_new_tokens=12, use_speculative=False)
+    fast = model.generate(ids, max_new_tokens=12, use_speculative=True)
+    rich = generate(model, ids, max_new_tokens=12, stop_token_ids=[])
+    assert plain.dtype == torch.long and torch.equal(plain[:, :7], ids)
+    assert plain[0, 7:].tolist() == rich.tokens[0] and torch.equal(fast, plain)
+    confident = model.generate(ids, max_new_tokens=12, strategy="confadapt", tau=0.0, k=3)
+    assert confident[0, 7:].tolist() == generate(model, ids, max_new_tokens=12, strategy="confadapt", tau=0.0,
+                                                 k=3, stop_token_ids=[]).tokens[0]
