@@ -186,6 +186,12 @@ def test_edge_cases():
     assert cut.tokens[0] == reference_greedy(model, long_prompt[0, -22:].tolist(), 10)
     with pytest.raises(MTPError, match="strategy"):
         generate(model, torch.tensor([[1]]), strategy="beam")
+    with pytest.raises(MTPError, match="does not fit the model's context of 32"):  # truncating cannot help
+        generate(model, long_prompt, max_new_tokens=40, truncate_prompt=True)
+    with pytest.raises(MTPError, match="max_new_tokens must be >= 0"):
+        generate(model, torch.tensor([[1]]), max_new_tokens=-1)
+    with pytest.raises(MTPError, match="sampling is available with strategy greedy or speculative"):
+        generate(model, torch.tensor([[1]]), strategy="confadapt", do_sample=True)
 
 
 def test_use_speculative_spelling_and_streaming():

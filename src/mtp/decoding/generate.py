@@ -456,8 +456,6 @@ def generate(model, input_ids: torch.Tensor | list, attention_mask: torch.Tensor
     check_values({"do_sample": do_sample, "temperature": temperature, "top_k": top_k, "top_p": top_p, "tau": tau,
                   "k": k, "num_draft": num_draft, "strategy": strategy, "tree": tree, "tree_size": tree_size,
                   "lookup": lookup, "seed": seed}, flags=False)
-    if do_sample and strategy not in ("greedy", "speculative"):
-        raise MTPError("sampling (do_sample) is available with the greedy and speculative strategies")
     tokenizer = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
     opts = DecodeOptions(strategy, max_new_tokens, do_sample, temperature, top_k, top_p, tau, k, num_draft,
                          adaptive_draft, model_tree(model, tree, tree_size, num_draft, k), lookup)
