@@ -234,6 +234,15 @@ def test_generate_truncate_prompt(tiny_mtp_folder, capsys):
     assert 1 <= len(json.loads(out.strip().splitlines()[-1])["token_ids"]) <= 8
 
 
+def test_streamed_text_is_the_text(tiny_mtp_folder, capsys):
+    """--stream prints the pieces as they are decoded (`IncrementalText`); together they are the answer's text."""
+    args = ["generate", "--model", str(tiny_mtp_folder), "--prompt", "What is 7 + 5?", "--max-new-tokens", "16",
+            "--strategy", "speculative"]
+    code, whole, _ = run_cli(args, capsys)
+    code_streamed, streamed, _ = run_cli([*args, "--stream"], capsys)
+    assert code == code_streamed == 0 and whole.strip() and streamed.strip() == whole.strip()
+
+
 def test_ctrl_c_during_generate_prints_and_keeps_what_was_generated(tiny_mtp_folder, tmp_path, capsys, monkeypatch):
     from mtp.decoding import commands
 

@@ -191,13 +191,49 @@ def _generate_chunk(m, tok, chunk: list[str], chat, options: dict, so_far: list[
     """One batch of prompts through `mtp.generate`; each row's tokens collected into `so_far` as they come (and
     printed, streaming)."""
     ids, mask = encode_prompts(tok, chunk, chat)
+    text = IncrementalText(tok)
 
     def collect(row, new):
         so_far[row].extend(new)
         if streaming:
-            print(tok.decode(new, skip_special_tokens=True), end="", flush=True)
+            print(text.add(new), end="", flush=True)
 
-    return generate_tokens(m, ids.to(m.device), mask.to(m.device), streamer=collect, **options)
+    try:
+        return generate_tokens(m, ids.to(m.device), mask.to(m.device), streamer=collect, **options)
+    finally:
+        if streaming:
+            print(text.rest(), end="", flush=True)
+
+
+class IncrementalText:
+    """The text of a growing token sequence, piece by piece as it becomes final (vLLM's incremental detokenizing).
+    Decoding each new token alone garbles a character whose bytes span tokens (a byte-level BPE splits an emoji or
+    a CJK character into several) and can drop a word's leading space (SentencePiece): each piece is decoded
+    after a few tokens of context, and text that ends in an incomplete character waits for the next tokens."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.tokens: list[int] = []
+        self.prefix = 0  # decoding starts here (context for the first new token)
+        self.read = 0  # the text of tokens before this was returned
+
+    def _decode(self, start: int, end: int | None = None) -> str:
+        return self.tokenizer.decode(self.tokens[start:end], skip_special_tokens=True)
+
+    def add(self, new: list[int]) -> str:
+        """The text that `new` completes ("" while a character is still incomplete)."""
+        self.tokens.extend(new)
+        before, text = self._decode(self.prefix, self.read), self._decode(self.prefix)
+        if len(text) <= len(before) or text.endswith("\ufffd"):
+            return ""
+        self.prefix, self.read = self.read, len(self.tokens)
+        return text[len(before):]
+
+    def rest(self) -> str:
+        """What is left when the sequence ends (an incomplete character as the tokenizer decodes it)."""
+        before, text = self._decode(self.prefix, self.read), self._decode(self.prefix)
+        self.prefix = self.read = len(self.tokens)
+        return text[len(before):]
 
 
 def _record(prompt: str, text: str, token_ids: list[int], batch: dict | None) -> dict:
