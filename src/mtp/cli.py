@@ -41,6 +41,7 @@ COMMANDS: dict[str, str] = {
     "info": "mtp.commands:info",
     "convert": "mtp.formats.commands:convert",
     "generate": "mtp.decoding.commands:generate",
+    "chat": "mtp.decoding.chat:chat",
     "train": "mtp.training.commands:train",
     "bench-train": "mtp.training.commands:bench_train",
     "eval": "mtp.evaluation.commands:eval_",

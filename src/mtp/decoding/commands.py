@@ -44,13 +44,14 @@ def read_prompts(path: str) -> list[str]:
     return prompts
 
 
-def encode_prompts(tokenizer, prompts: list[str], chat: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Left-padded (ids, attention mask) for a batch of prompts."""
+def encode_prompts(tokenizer, prompts: list[str | list[dict]], chat: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-padded (ids, attention mask) for a batch of prompts (with `chat`, a prompt may also be a conversation:
+    a list of {"role", "content"} messages)."""
     rows = []
     for p in prompts:
         if chat:
-            text = tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
-                                                 tokenize=False)
+            messages = p if isinstance(p, list) else [{"role": "user", "content": p}]
+            text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
             rows.append(tokenizer(text, add_special_tokens=False).input_ids)
         else:
             rows.append(tokenizer(p).input_ids)

@@ -1,0 +1,102 @@
+"""`mtp chat`: turns read from stdin, the conversation through the chat template, answers streamed and kept in
+the conversation, /reset and /quit, Ctrl-C stopping one answer."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import pytest
+import torch
+
+from mtp.decoding import chat as chat_module
+from mtp.decoding.generate import GenerationResult, GenerationStats, generate
+from mtp.models.loading import load_mtp_model
+from test_cli import run_cli
+
+
+def _chat(folder, typed: str, capsys, monkeypatch, *extra):
+    monkeypatch.setattr("sys.stdin", io.StringIO(typed))
+    return run_cli(["chat", "--model", str(folder), "--max-new-tokens", "8", *extra], capsys)
+
+
+def _spy(monkeypatch) -> list[list[int]]:
+    """The prompt ids of every answer the chat asks for."""
+    prompts, real = [], chat_module.generate_tokens
+
+    def spy(m, ids, *a, **kw):
+        prompts.append(ids[0].tolist())
+        return real(m, ids, *a, **kw)
+
+    monkeypatch.setattr(chat_module, "generate_tokens", spy)
+    return prompts
+
+
+def test_turns_make_one_conversation_until_reset(tiny_mtp_folder, capsys, monkeypatch):
+    """Answers (canned here: a tiny random model writes only line ends) are printed as streamed and kept in the
+    conversation the next turn's prompt is made of; /reset keeps only the system message."""
+    tok = load_mtp_model(str(tiny_mtp_folder)).tokenizer
+    canned = iter(["Twelve 😀", "Twenty-four.", "Hello."])
+    prompts = []
+
+    def answer(m, ids, *a, streamer, **kw):
+        prompts.append(tok.decode(ids[0].tolist()))
+        tokens = tok.encode(next(canned))
+        for i in range(0, len(tokens), 2):  # two tokens a step: the emoji's bytes span steps
+            streamer(0, tokens[i:i + 2])
+        return GenerationResult([tokens], GenerationStats(new_tokens=len(tokens)), [tok.decode(tokens)])
+
+    monkeypatch.setattr(chat_module, "generate_tokens", answer)
+    code, out, err = _chat(tiny_mtp_folder, "What is 7 + 5?\n\nAnd times 2?\n/reset\nAnd times 2?\n/quit\nnever\n",
+                           capsys, monkeypatch, "--system", "Be brief.")
+    assert code == 0 and len(prompts) == 3  # the empty line asks nothing; nothing after /quit
+    assert out == "Twelve 😀\nTwenty-four.\nHello.\n"
+    first, second, third = prompts
+    assert "Be brief." in first and "What is 7 + 5?" in first
+    assert second.startswith(first) and "Twelve 😀" in second and second.endswith(
+        tok.apply_chat_template([{"role": "user", "content": "And times 2?"}], add_generation_prompt=True,
+                                tokenize=False))
+    assert "What is 7 + 5?" not in third and "Twelve" not in third and "Be brief." in third
+    assert "(a new conversation)" in err and err.count("[speculative]") == 3
+
+
+def test_answers_are_greedys_by_default(tiny_mtp_folder, capsys, monkeypatch):
+    prompts = _spy(monkeypatch)
+    code, out, _ = _chat(tiny_mtp_folder, "What is 7 + 5?\nAnd times 2?\n", capsys, monkeypatch)
+    model = load_mtp_model(str(tiny_mtp_folder))
+    answers = [generate(model, torch.tensor([p]), max_new_tokens=8).texts[0] for p in prompts]
+    assert code == 0 and len(prompts) == 2 and out == "".join(a + "\n" for a in answers)
+
+
+def test_ctrl_c_stops_an_answer_and_leaves_the_turn_out(tiny_mtp_folder, capsys, monkeypatch):
+    prompts, real = [], chat_module.generate_tokens
+
+    def once_interrupted(m, ids, *a, streamer, **kw):
+        prompts.append(ids[0].tolist())
+        if len(prompts) == 1:
+            streamer(0, [5])
+            raise KeyboardInterrupt
+        return real(m, ids, *a, streamer=streamer, **kw)
+
+    monkeypatch.setattr(chat_module, "generate_tokens", once_interrupted)
+    code, out, err = _chat(tiny_mtp_folder, "first question\nsecond question\n", capsys, monkeypatch)
+    assert code == 0 and "(stopped; this turn is left out" in err
+    tok = load_mtp_model(str(tiny_mtp_folder)).tokenizer
+    assert "first question" not in tok.decode(prompts[1])  # the stopped turn is not in the conversation
+
+
+def test_a_tokenizer_without_a_chat_template_is_one_line(tiny_mtp_folder, capsys, monkeypatch):
+    (tiny_mtp_folder / "chat_template.jinja").unlink(missing_ok=True)
+    config = tiny_mtp_folder / "tokenizer_config.json"
+    data = json.loads(config.read_text())
+    data.pop("chat_template", None)
+    config.write_text(json.dumps(data))
+    code, _, err = _chat(tiny_mtp_folder, "hi\n", capsys, monkeypatch)
+    assert code == 2 and "needs a tokenizer with a chat template" in err and len(err.strip().splitlines()) <= 2
+
+
+@pytest.mark.parametrize("typed", ["", "/quit\n"])
+def test_end_of_input_or_quit_ends_at_once(tiny_mtp_folder, capsys, monkeypatch, typed):
+    prompts = _spy(monkeypatch)
+    code, out, _ = _chat(tiny_mtp_folder, typed, capsys, monkeypatch)
+    assert code == 0 and prompts == [] and out == ""
