@@ -101,6 +101,11 @@ def chat(model: str | None = None, system: str | None = None,
 def _typed_lines() -> Iterator[str]:
     """Lines from stdin until its end; a "> " prompt where a person types them."""
     prompt = "> " if sys.stdin.isatty() else ""
+    if prompt:
+        try:
+            import readline  # noqa: F401  (line editing and history for input())
+        except ImportError:
+            pass
     while True:
         try:
             yield input(prompt)
