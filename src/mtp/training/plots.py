@@ -82,31 +82,11 @@ def plot_losses(metrics_path: str | os.PathLike, png_path: str | os.PathLike) ->
     ax.set_title("training loss per head (dots: held-out)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
+    last_step = max(r["step"] for r in steps + evals)
     if evals:
-        ax2 = axes[0][1]
-        for j in range(n):
-            ev = [(e["step"], e["eval"]["head_accuracy"][j]) for e in evals if j < len(e["eval"]["head_accuracy"])]
-            if ev:
-                ax2.plot(*zip(*ev, strict=True), "o-", color=f"C{j}", label=f"head {j}", markersize=4)
-        ax2.set_xlim(0, max(r["step"] for r in steps + evals) * 1.03)  # the run's steps, even for one eval
-        ax2.set_xlabel("optimizer step")
-        ax2.set_ylabel("top-1 accuracy")
-        ax2.set_ylim(0, 1.05)
-        ax2.set_title("held-out top-1 accuracy per head")
-        ax2.grid(alpha=0.3)
-        ax2.legend(fontsize=8)
+        _accuracy_panel(axes[0][1], evals, n, last_step)
     if per_forward:
-        ax3 = axes[0][2]
-        for i, (label, points) in enumerate(per_forward.items()):
-            ax3.plot(*zip(*points, strict=True), "o-" if i == 0 else "s--", color="k" if i == 0 else f"C{i + 3}",
-                     label=label, markersize=4)
-        ax3.set_xlim(0, max(r["step"] for r in steps + evals) * 1.03)
-        ax3.set_ylim(bottom=1.0)
-        ax3.set_xlabel("optimizer step")
-        ax3.set_ylabel("tokens per forward")
-        ax3.set_title("held-out tokens per forward (estimate)")
-        ax3.grid(alpha=0.3)
-        ax3.legend(fontsize=8)
+        _tokens_per_forward_panel(axes[0][2], per_forward, last_step)
     fig.tight_layout()
     png_path = Path(png_path)
     try:
@@ -115,3 +95,30 @@ def plot_losses(metrics_path: str | os.PathLike, png_path: str | os.PathLike) ->
     finally:
         plt.close(fig)
     return png_path
+
+
+def _accuracy_panel(ax, evals: list[dict], heads: int, last_step: int) -> None:
+    for j in range(heads):
+        ev = [(e["step"], e["eval"]["head_accuracy"][j]) for e in evals if j < len(e["eval"]["head_accuracy"])]
+        if ev:
+            ax.plot(*zip(*ev, strict=True), "o-", color=f"C{j}", label=f"head {j}", markersize=4)
+    ax.set_xlim(0, last_step * 1.03)  # the run's steps, even for one eval
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("top-1 accuracy")
+    ax.set_ylim(0, 1.05)
+    ax.set_title("held-out top-1 accuracy per head")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+
+
+def _tokens_per_forward_panel(ax, series: dict[str, list[tuple[int, float]]], last_step: int) -> None:
+    for i, (label, points) in enumerate(series.items()):
+        ax.plot(*zip(*points, strict=True), "o-" if i == 0 else "s--", color="k" if i == 0 else f"C{i + 3}",
+                label=label, markersize=4)
+    ax.set_xlim(0, last_step * 1.03)
+    ax.set_ylim(bottom=1.0)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("tokens per forward")
+    ax.set_title("held-out tokens per forward (estimate)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
