@@ -129,3 +129,30 @@ def test_mask_token_models_generate_as_transformers_does_too(adapter):
     confident = model.generate(ids, max_new_tokens=12, strategy="confadapt", tau=0.0, k=3)
     assert confident[0, 7:].tolist() == generate(model, ids, max_new_tokens=12, strategy="confadapt", tau=0.0,
                                                  k=3, stop_token_ids=[]).tokens[0]
+
+
+def test_transformers_streamers_stream_as_in_transformers(model, tokenizer, capsys):
+    """`streamer=TextStreamer(tokenizer)` (what transformers users pass) prints the new text; a
+    `TextIteratorStreamer` yields it; mtp's callable streamer still gets (row, tokens); a batch is refused, as
+    transformers refuses it."""
+    from threading import Thread
+
+    from transformers import TextIteratorStreamer, TextStreamer
+
+    ids = tokenizer("What is 7 + 5?", return_tensors="pt")["input_ids"]
+    plain = model.generate(ids, max_new_tokens=12, use_speculative=True)
+    new_text = tokenizer.decode(plain[0, ids.shape[1]:], skip_special_tokens=True)
+    capsys.readouterr()
+    streamed = model.generate(ids, max_new_tokens=12, use_speculative=True,
+                              streamer=TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True))
+    assert torch.equal(streamed, plain) and capsys.readouterr().out == new_text + "\n"
+    iterator = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+    worker = Thread(target=model.generate, args=(ids,), kwargs={"max_new_tokens": 12, "streamer": iterator})
+    worker.start()
+    assert "".join(iterator) == new_text
+    worker.join()
+    rows: list = []
+    model.generate(ids, max_new_tokens=12, streamer=lambda row, new: rows.append((row, new)))
+    assert [t for _, new in rows for t in new] == plain[0, ids.shape[1]:].tolist()
+    with pytest.raises(MTPError, match="takes one prompt"):
+        model.generate(torch.cat([ids, ids]), max_new_tokens=4, streamer=TextStreamer(tokenizer))

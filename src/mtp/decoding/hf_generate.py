@@ -77,16 +77,37 @@ def hf_generate(model, input_ids=None, attention_mask=None, *, decode: Callable[
         kwargs["stop_token_ids"] = [eos] if isinstance(eos, int) else (list(eos) if eos is not None else None)
     elif eos_token_id is not None:
         raise MTPError("give eos_token_id or stop_token_ids, not both")
-    result = decode(model, ids, mask, max_new_tokens=_new_tokens(max_new_tokens, setting(max_length, "max_length"),
-                                                                 config, ids.shape[1]),
-                    do_sample=setting(do_sample, "do_sample", False),
-                    temperature=setting(temperature, "temperature", 1.0), top_p=setting(top_p, "top_p", 1.0),
-                    top_k=setting(top_k, "top_k", 50), **kwargs)
+    hf_streamer = _transformers_streamer(kwargs, ids)
+    try:
+        result = decode(model, ids, mask,
+                        max_new_tokens=_new_tokens(max_new_tokens, setting(max_length, "max_length"), config,
+                                                   ids.shape[1]),
+                        do_sample=setting(do_sample, "do_sample", False),
+                        temperature=setting(temperature, "temperature", 1.0), top_p=setting(top_p, "top_p", 1.0),
+                        top_k=setting(top_k, "top_k", 50), **kwargs)
+    finally:
+        if hf_streamer is not None:
+            hf_streamer.end()
     pad = setting(pad_token_id, "pad_token_id", _fallback_pad(model))
     sequences = prompt_and_new_tokens(ids, result.tokens, pad)
     if not setting(return_dict_in_generate, "return_dict_in_generate", False):
         return sequences
     return MTPGenerateOutput(sequences=sequences, stats=result.stats, texts=result.texts, tokens=result.tokens)
+
+
+def _transformers_streamer(kwargs: dict, ids: torch.Tensor):
+    """A transformers streamer (`TextStreamer`, `TextIteratorStreamer`: `put` and `end`) given as `streamer`: fed
+    as transformers feeds it (the prompt, then the new tokens as they come; one prompt only, as there), through
+    mtp's streamer callback, which `kwargs` gets instead. Returns it (None: no such streamer), for `end()`."""
+    streamer = kwargs.get("streamer")
+    if streamer is None or callable(streamer) or not (hasattr(streamer, "put") and hasattr(streamer, "end")):
+        return None
+    if ids.shape[0] != 1:
+        raise MTPError(f"a transformers streamer ({type(streamer).__name__}) takes one prompt, as in transformers; "
+                       "for a batch pass streamer=callable(row, new_tokens)")
+    streamer.put(ids.cpu())  # (1, P): the prompt first, which `skip_prompt=True` leaves out
+    kwargs["streamer"] = lambda row, new: streamer.put(torch.tensor(new, dtype=torch.long))
+    return streamer
 
 
 def prompt_and_new_tokens(ids: torch.Tensor, new: list[list[int]], pad: int) -> torch.Tensor:
