@@ -100,3 +100,15 @@ def test_end_of_input_or_quit_ends_at_once(tiny_mtp_folder, capsys, monkeypatch,
     prompts = _spy(monkeypatch)
     code, out, _ = _chat(tiny_mtp_folder, typed, capsys, monkeypatch)
     assert code == 0 and prompts == [] and out == ""
+
+
+def test_a_template_that_refuses_the_conversation_is_one_line(tiny_mtp_folder, capsys, monkeypatch):
+    """Templates raise on what they do not take (here a system message, as some models' do): one line, exit 2."""
+    (tiny_mtp_folder / "chat_template.jinja").write_text(
+        "{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}{% endif %}"
+        "{% for m in messages %}{{ m['content'] }}{% endfor %}")
+    code, _, err = _chat(tiny_mtp_folder, "hi\n", capsys, monkeypatch, "--system", "Be brief.")
+    assert code == 2 and err.strip().splitlines()[-1] == (
+        "mtp: error: the model's chat template refused the conversation: System role not supported")
+    code, out, _ = _chat(tiny_mtp_folder, "hi\n", capsys, monkeypatch)  # without the system message it answers
+    assert code == 0 and out

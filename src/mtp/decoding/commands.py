@@ -14,6 +14,7 @@ from mtp.decoding.generate import generate as generate_tokens
 from mtp.decoding.generate import left_pad
 from mtp.errors import MTPError
 from mtp.evaluation.prompts import resolve_chat
+from mtp.formats.gguf import first_line
 from mtp.io import atomic_write_lines, input_file, is_json_name, parse_json_line, read_json_records, read_text
 from mtp.models.loading import load_mtp_model
 from mtp.runtime import DType, Graphs, graphs_option, resolve_runtime, set_threads
@@ -44,6 +45,17 @@ def read_prompts(path: str) -> list[str]:
     return prompts
 
 
+def _chat_text(tokenizer, messages: list[dict]) -> str:
+    """The conversation through the chat template; a template that refuses it (e.g. one without a system role
+    given a system message: templates raise on what they do not take) is one MTPError."""
+    from jinja2 import TemplateError
+
+    try:
+        return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    except TemplateError as e:
+        raise MTPError(f"the model's chat template refused the conversation: {first_line(e)}") from None
+
+
 def encode_prompts(tokenizer, prompts: list[str | list[dict]], chat: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Left-padded (ids, attention mask) for a batch of prompts (with `chat`, a prompt may also be a conversation:
     a list of {"role", "content"} messages)."""
@@ -51,7 +63,7 @@ def encode_prompts(tokenizer, prompts: list[str | list[dict]], chat: bool) -> tu
     for p in prompts:
         if chat:
             messages = p if isinstance(p, list) else [{"role": "user", "content": p}]
-            text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+            text = _chat_text(tokenizer, messages)
             rows.append(tokenizer(text, add_special_tokens=False).input_ids)
         else:
             rows.append(tokenizer(p).input_ids)
