@@ -1,6 +1,7 @@
 """Loading, tokenizing and batching training data, with a tiny tokenizer trained offline in the test."""
 
 import json
+import re
 import sys
 import types
 from pathlib import Path
@@ -284,6 +285,47 @@ def test_chat_mask_covers_exactly_the_answer(tokenizer) -> None:
     assert not (mask & ~attn).any()  # padding is never a target
     assert (ids[~attn] == tokenizer.pad_token_id).all()
     assert attn[: int(attn.sum())].all()  # right padding
+
+
+def test_conversations_train_on_their_last_answer_given_everything_before(tokenizer, tmp_path) -> None:
+    """A "messages" record (TRL's and OpenAI's chat layout): the last assistant message is the target, the
+    system message and earlier turns its context, laid out by the chat template (plain: contents, blank lines);
+    the prompt the model is asked for self-targets is the same tokens."""
+    from mtp.training.targets import prompt_token_ids
+
+    turns = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 2"},
+             {"role": "assistant", "content": "4"}, {"role": "user", "content": "the capital of France?"},
+             {"role": "assistant", "content": "Paris is the capital."}]
+    path = tmp_path / "chat.jsonl"
+    write_jsonl(path, [{"messages": turns}, {"messages": turns[1:3], "id": 7}])
+    first, second = load_examples(str(path))
+    assert (first.prompt, first.answer, first.context) == ("the capital of France?", "Paris is the capital.",
+                                                           tuple(turns[:3]))
+    assert (second.prompt, second.answer, second.context) == ("What is 2", "4", ())
+    data = tokenize_examples([first], tokenizer, template="chat", seq_len=96)
+    ids, mask, attn = data.input_ids[0], data.loss_mask[0], data.attention_mask[0].bool()
+    assert tokenizer.decode(ids[mask]) == "Paris is the capital.<|im_end|>\n"
+    prompt = tokenizer.apply_chat_template(turns[:4], tokenize=False, add_generation_prompt=True)
+    assert tokenizer.decode(ids[attn & ~mask]) == prompt
+    asked = prompt_token_ids(tokenizer, first.prompt, "chat", first.context)
+    assert ids[attn & ~mask].tolist() == asked
+    plain = tokenize_examples([first], tokenizer, template="plain", seq_len=96)
+    assert tokenizer.decode(plain.input_ids[0][plain.attention_mask[0].bool()]) == (
+        "Be brief.\n\nWhat is 2\n\n4\n\nthe capital of France?\n\nParis is the capital.</s>")
+
+
+@pytest.mark.parametrize("messages,error", [
+    ("hi", "'messages' must be a list of"),
+    ([{"role": "user", "content": 3}], "'messages' must be a list of"),
+    ([{"role": "user", "content": "hi"}], "must end with a user message and the assistant's answer"),
+    ([{"role": "assistant", "content": "a"}, {"role": "assistant", "content": "b"}], "(its roles: assistant, "),
+])
+def test_malformed_conversations_say_where_and_what(tmp_path, messages, error) -> None:
+    path = tmp_path / "chat.jsonl"
+    write_jsonl(path, [{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]},
+                       {"messages": messages}])
+    with pytest.raises(MTPError, match=rf"chat.jsonl:2: .*{re.escape(error)}"):
+        list(load_examples(str(path)))
 
 
 def test_plain_template_and_loss_on_all(tokenizer) -> None:

@@ -321,7 +321,7 @@ def _self_answered_data(a: _Args, args: dict, out: Path, method, mtp_model, par:
     prompts, asked = TokenLists(), False
     for ex in examples:
         asked = asked or bool(ex.prompt)
-        prompts.append(prompt_token_ids(tokenizer, ex.prompt, a.template))
+        prompts.append(prompt_token_ids(tokenizer, ex.prompt, a.template, ex.context))
     if not asked:
         raise MTPError(_NO_PROMPTS.format(data=a.data))
     answering = method.answering_model(mtp_model)

@@ -35,6 +35,9 @@ _KNOWN_FIELDS: dict[str, tuple[str, str]] = {
     "prompt/completion": ("prompt", "completion"),
     "instruction/output": ("instruction", "output"),
 }
+# A conversation in a "messages" column ({"role", "content"} dicts; TRL's and OpenAI's chat layout): its last
+# assistant message is the answer (`Example`).
+MESSAGES_FIELDS = ("messages", "messages")
 # Sources with these endings are meant as files, so a missing one is an error rather than a dataset name.
 _FILE_SUFFIXES = {".json", ".jsonl", ".txt", ".text", ".md"}
 # What `datasets.save_to_disk` leaves in a dataset's folder (a DatasetDict: dataset_dict.json).
@@ -43,10 +46,14 @@ _SAVED_DATASET_FILES = ("state.json", "dataset_dict.json")
 
 @dataclass
 class Example:
-    """One training example. Plain text documents have prompt "" and the document as the answer."""
+    """One training example. Plain text documents have prompt "" and the document as the answer. A conversation
+    (a record's "messages") is its last user turn as the prompt, the assistant's answer to it as the answer, and
+    the messages before that turn (a system message, earlier turns) as `context`: only the last answer is trained
+    on, given everything before it."""
 
     prompt: str
     answer: str
+    context: tuple[dict, ...] = ()
 
 
 @dataclass
@@ -334,6 +341,8 @@ def _pick_fields(
             return prompt, answer
     if "text" in first:
         return None, "text"
+    if "messages" in first:
+        return MESSAGES_FIELDS
     raise MTPError(
         f"{where}: cannot tell the record layout from its keys {sorted(first)}; "
         "give --question-field and --answer-field (question_field, answer_field in Python)"
@@ -343,6 +352,8 @@ def _pick_fields(
 def _to_example(record: Any, fields: tuple[str | None, str], where: str) -> Example:
     if not isinstance(record, dict):
         raise MTPError(f"{where}: expected a JSON object, got {type(record).__name__}")
+    if fields == MESSAGES_FIELDS:
+        return _conversation(record.get("messages"), where)
     values = []
     for key in fields:
         if key is None:
@@ -354,6 +365,21 @@ def _to_example(record: Any, fields: tuple[str | None, str], where: str) -> Exam
         else:
             values.append(record[key])
     return Example(values[0], values[1])
+
+
+def _conversation(messages: Any, where: str) -> Example:
+    """A "messages" record as an Example: it must end with a user turn and the assistant's answer to it."""
+    if not isinstance(messages, list) or not all(
+            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+            for m in messages):
+        raise MTPError(f"{where}: 'messages' must be a list of {{\"role\": ..., \"content\": ...}} objects with "
+                       "string values")
+    roles = [m["role"] for m in messages]
+    if len(messages) < 2 or roles[-2:] != ["user", "assistant"]:
+        raise MTPError(f"{where}: a conversation must end with a user message and the assistant's answer (its "
+                       f"roles: {', '.join(roles) or 'none'})")
+    context = tuple({"role": m["role"], "content": m["content"]} for m in messages[:-2])
+    return Example(messages[-2]["content"], messages[-1]["content"], context)
 
 
 def _load_hf_dataset(
@@ -440,7 +466,7 @@ def _start_tokens(tokenizer: Any) -> list[int]:
 def _example_tokens(tokenizer: Any, ex: Example, template: str, eos_id: int) -> tuple[list[int], list[int]]:
     """(prompt token ids, answer token ids) of one example."""
     if template == "chat" and ex.prompt:
-        user = [{"role": "user", "content": ex.prompt}]
+        user = [*ex.context, {"role": "user", "content": ex.prompt}]
         full = tokenizer.apply_chat_template(
             [*user, {"role": "assistant", "content": ex.answer}], tokenize=False
         )
@@ -451,7 +477,8 @@ def _example_tokens(tokenizer: Any, ex: Example, template: str, eos_id: int) -> 
         cut = len(prompt) if full.startswith(prompt) else len(os.path.commonprefix([full, prompt]))
         return _encode(tokenizer, full[:cut]), _encode(tokenizer, full[cut:])
     # "plain", and plain-text documents (no prompt) even under "chat": prompt, blank line, answer, EOS.
-    prompt_ids = _start_tokens(tokenizer) + _encode(tokenizer, ex.prompt + "\n\n" if ex.prompt else "")
+    prompt = "\n\n".join([m["content"] for m in ex.context] + [ex.prompt]) if ex.prompt else ""
+    prompt_ids = _start_tokens(tokenizer) + _encode(tokenizer, prompt + "\n\n" if prompt else "")
     return prompt_ids, _encode(tokenizer, ex.answer) + [eos_id]
 
 

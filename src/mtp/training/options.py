@@ -15,7 +15,8 @@ class TrainOptions:
     """shared options
 
     Args:
-        data: "gsm8k" (shipped), a GSM8K/MetaMathQA-style .jsonl/.json, a text file, a Hugging Face dataset name
+        data: "gsm8k" (shipped), a .jsonl/.json of question/answer-style records or of conversations ("messages":
+            the last assistant message is the target), a text file, a Hugging Face dataset name
             or a dataset's folder (both need the `datasets` package); a .jsonl or a dataset is read lazily
         targets: "data": the dataset's answers; "self": the model's own greedy answers to the prompts
         data_format: how to read --data (auto looks at the contents)

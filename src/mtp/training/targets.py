@@ -46,9 +46,12 @@ from mtp.training.features import FeatureRecorder, FeatureStore, open_append
 CACHE_NAME = "self_targets.jsonl"
 
 
-def prompt_token_ids(tokenizer, prompt: str, template: Literal["chat", "plain"]) -> list[int]:
-    """The prompt tokens exactly as `tokenize_examples` lays them out (and as the model sees them when asked)."""
-    return list(_example_tokens(tokenizer, Example(prompt, ""), template, check_tokenizer(tokenizer, template))[0])
+def prompt_token_ids(tokenizer, prompt: str, template: Literal["chat", "plain"],
+                     context: Sequence[dict] = ()) -> list[int]:
+    """The prompt tokens exactly as `tokenize_examples` lays them out (and as the model sees them when asked);
+    `context`: a conversation's messages before the prompt (`Example.context`)."""
+    example = Example(prompt, "", tuple(context))
+    return list(_example_tokens(tokenizer, example, template, check_tokenizer(tokenizer, template))[0])
 
 
 @torch.no_grad()
@@ -359,7 +362,7 @@ def self_distilled_data(model, tokenizer, groups: Sequence[Sequence[Example]], *
     """`self_distilled_rows` of groups of examples (their prompts; the answers are the model's)."""
     prompts = TokenLists()
     for ex in (ex for group in groups for ex in group):
-        prompts.append(prompt_token_ids(tokenizer, ex.prompt, template))
+        prompts.append(prompt_token_ids(tokenizer, ex.prompt, template, ex.context))
     starts = [sum(len(g) for g in groups[:j]) for j in range(len(groups))]
     return self_distilled_rows(model, tokenizer, prompts,
                                [range(s, s + len(g)) for s, g in zip(starts, groups, strict=True)], **kw)
