@@ -243,6 +243,30 @@ def test_streamed_text_is_the_text(tiny_mtp_folder, capsys):
     assert code == code_streamed == 0 and whole.strip() and streamed.strip() == whole.strip()
 
 
+def test_generate_answers_conversations_after_their_last_user_turn(tiny_mtp_folder, tmp_path, capsys):
+    """--prompts with "messages" records (a chat dataset): each conversation goes through the chat template up to
+    its last user turn (a reference answer after it is left out), the same tokens as that conversation asked with
+    the template by hand; a conversation without a user turn to answer says where."""
+    turns = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 7 + 5?"}]
+    path = tmp_path / "chats.jsonl"
+    path.write_text(json.dumps({"messages": [*turns, {"role": "assistant", "content": "12"}]}) + "\n"
+                    + json.dumps({"messages": turns}) + "\n")
+    code, out, _ = run_cli(["generate", "--model", str(tiny_mtp_folder), "--prompts", str(path), "--json",
+                            "--max-new-tokens", "6"], capsys)
+    first, second = (json.loads(line) for line in out.strip().splitlines())
+    assert code == 0 and first["prompt"] == second["prompt"] == turns and first["token_ids"] == second["token_ids"]
+    from mtp.decoding.generate import generate
+    from mtp.models.loading import load_mtp_model
+
+    model = load_mtp_model(str(tiny_mtp_folder))
+    text = model.tokenizer.apply_chat_template(turns, add_generation_prompt=True, tokenize=False)
+    ids = model.tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids
+    assert first["token_ids"] == generate(model, ids, max_new_tokens=6).tokens[0]
+    path.write_text(json.dumps({"messages": [{"role": "system", "content": "x"}]}) + "\n")
+    code, _, err = run_cli(["generate", "--model", str(tiny_mtp_folder), "--prompts", str(path)], capsys)
+    assert code == 2 and f"{path}:1: a conversation to answer ends with a user message (its roles: system)" in err
+
+
 def test_ctrl_c_during_generate_prints_and_keeps_what_was_generated(tiny_mtp_folder, tmp_path, capsys, monkeypatch):
     from mtp.decoding import commands
 

@@ -239,6 +239,16 @@ def is_json_name(path: str | os.PathLike) -> bool:
     return Path(path).suffix.lower() in (".json", ".jsonl")
 
 
+def check_messages(messages, where: str) -> None:
+    """A conversation record's "messages" is a list of {"role", "content"} objects with string values (an
+    MTPError saying where if not)."""
+    if not isinstance(messages, list) or not all(
+            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+            for m in messages):
+        raise MTPError(f"{where}: 'messages' must be a list of {{\"role\": ..., \"content\": ...}} objects with "
+                       "string values")
+
+
 def read_json_records(path: str | os.PathLike, text: str | None = None,
                       limit: int | None = None) -> list[tuple[int, Any]]:
     """The records of a JSON array or a JSONL file (blank lines skipped), each with the line it starts on.

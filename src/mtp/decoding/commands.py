@@ -13,16 +13,25 @@ from tqdm import tqdm
 from mtp.decoding.generate import generate as generate_tokens
 from mtp.decoding.generate import left_pad
 from mtp.errors import MTPError
-from mtp.evaluation.prompts import resolve_chat
+from mtp.evaluation.prompts import has_chat_template, resolve_chat
 from mtp.formats.gguf import first_line
-from mtp.io import atomic_write_lines, input_file, is_json_name, parse_json_line, read_json_records, read_text
+from mtp.io import (
+    atomic_write_lines,
+    check_messages,
+    input_file,
+    is_json_name,
+    parse_json_line,
+    read_json_records,
+    read_text,
+)
 from mtp.models.loading import load_mtp_model
 from mtp.runtime import DType, Graphs, graphs_option, resolve_runtime, set_threads
 
 
-def read_prompts(path: str) -> list[str]:
+def read_prompts(path: str) -> list[str | list[dict]]:
     """One prompt per line (a line starting with "{" is a JSON record), or, for a file named .jsonl or .json,
-    JSON records with a "prompt" (or "question") field."""
+    JSON records with a "prompt" (or "question") field, or a conversation ("messages", as `mtp train` reads them:
+    the conversation up to its last user turn; a last assistant message, a reference answer, is left out)."""
     file = input_file(path, "prompts")
     text = read_text(file)
     if is_json_name(file):
@@ -36,6 +45,9 @@ def read_prompts(path: str) -> list[str]:
                 entries.append((lineno, line))
     prompts = []
     for lineno, entry in entries:
+        if isinstance(entry, dict) and "messages" in entry and "prompt" not in entry:
+            prompts.append(_conversation_prompt(entry["messages"], f"{path}:{lineno}"))
+            continue
         text = entry.get("prompt", entry.get("question")) if isinstance(entry, dict) else entry
         if not isinstance(text, str):
             raise MTPError(f"{path}:{lineno}: expected a string field 'prompt' or 'question'")
@@ -54,6 +66,17 @@ def _chat_text(tokenizer, messages: list[dict]) -> str:
         return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     except TemplateError as e:
         raise MTPError(f"the model's chat template refused the conversation: {first_line(e)}") from None
+
+
+def _conversation_prompt(messages, where: str) -> list[dict]:
+    """A conversation to answer: its messages up to the last user turn (a reference answer after it dropped)."""
+    check_messages(messages, where)
+    if messages and messages[-1]["role"] == "assistant":
+        messages = messages[:-1]
+    if not messages or messages[-1]["role"] != "user":
+        raise MTPError(f"{where}: a conversation to answer ends with a user message (its roles: "
+                       f"{', '.join(m['role'] for m in messages) or 'none'})")
+    return [{"role": m["role"], "content": m["content"]} for m in messages]
 
 
 def encode_prompts(tokenizer, prompts: list[str | list[dict]], chat: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -87,7 +110,8 @@ def generate(model: str | None = None, prompt: str | None = None, prompts: str |
     Args:
         model: the embedded default (omit), a local folder, a .gguf file, a Meta checkpoint or a hub id.
         prompt: the prompt text.
-        prompts: a file with one prompt per line, or JSONL with a "prompt" (or "question") field.
+        prompts: a file with one prompt per line, or JSONL with a "prompt" (or "question") field, or with
+            conversations ("messages": answered after their last user turn, through the chat template).
         output: write results as JSONL here (one object per prompt).
         chat: wrap each prompt in the tokenizer's chat template.
         strategy: greedy | speculative (lossless) | confadapt (lossy, tau) | static (lossy, k).
@@ -148,6 +172,11 @@ def generate(model: str | None = None, prompt: str | None = None, prompts: str |
     tok = m.tokenizer
     if tok is None:
         raise MTPError("this model has no tokenizer; save one with the model folder")
+    if any(isinstance(t, list) for t in texts):  # conversations are laid out by the chat template
+        if not has_chat_template(tok):
+            raise MTPError(f"{prompts} holds conversations (\"messages\"), which need a chat template; this "
+                           "model's tokenizer has none")
+        chat = True
     resolve_chat(tok, chat)
     results: list[dict] = []
     seconds = forwards = 0.0

@@ -22,7 +22,7 @@ from typing import Any, Literal
 import torch
 
 from mtp.errors import MTPError
-from mtp.io import is_json_name, parse_json_line, read_json_records, read_text
+from mtp.io import check_messages, is_json_name, parse_json_line, read_json_records, read_text
 
 log = logging.getLogger(__name__)
 
@@ -369,11 +369,7 @@ def _to_example(record: Any, fields: tuple[str | None, str], where: str) -> Exam
 
 def _conversation(messages: Any, where: str) -> Example:
     """A "messages" record as an Example: it must end with a user turn and the assistant's answer to it."""
-    if not isinstance(messages, list) or not all(
-            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
-            for m in messages):
-        raise MTPError(f"{where}: 'messages' must be a list of {{\"role\": ..., \"content\": ...}} objects with "
-                       "string values")
+    check_messages(messages, where)
     roles = [m["role"] for m in messages]
     if len(messages) < 2 or roles[-2:] != ["user", "assistant"]:
         raise MTPError(f"{where}: a conversation must end with a user message and the assistant's answer (its "
