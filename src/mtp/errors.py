@@ -7,3 +7,8 @@ class MTPError(Exception):
 
 class CheckpointMismatchError(MTPError):
     """A checkpoint's tensors do not match the model it is loaded into (names missing, extra or mis-shaped)."""
+
+
+def first_line(error: BaseException) -> str:
+    """The first line of an error's message (errors from transformers and jinja span many; the CLI prints one)."""
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]

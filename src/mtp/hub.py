@@ -18,8 +18,8 @@ from typing import Any, Literal
 
 import torch
 
-from mtp.errors import MTPError
-from mtp.formats.gguf import convert_gguf_to_folder, first_line, is_complete_folder
+from mtp.errors import MTPError, first_line
+from mtp.formats.gguf import convert_gguf_to_folder, is_complete_folder
 from mtp.io import read_json_object
 from mtp.runtime import resolve_device
 

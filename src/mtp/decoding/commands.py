@@ -12,9 +12,8 @@ from tqdm import tqdm
 
 from mtp.decoding.generate import generate as generate_tokens
 from mtp.decoding.generate import left_pad
-from mtp.errors import MTPError
+from mtp.errors import MTPError, first_line
 from mtp.evaluation.prompts import has_chat_template, resolve_chat
-from mtp.formats.gguf import first_line
 from mtp.io import (
     atomic_write_lines,
     check_messages,

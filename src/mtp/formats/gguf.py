@@ -18,16 +18,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mtp.errors import MTPError
+from mtp.errors import MTPError, first_line
 from mtp.io import disk_errors, moved_aside, remove_stale_temporaries, restore_moved_aside
 
 # What a truncated, corrupt or unsupported GGUF makes transformers' and gguf's readers raise.
 _READ_ERRORS = (ValueError, OSError, KeyError, IndexError, NotImplementedError, struct.error)
-
-
-def first_line(error: BaseException) -> str:
-    """Errors from transformers span many lines; the CLI prints one."""
-    return (str(error).strip().splitlines() or [type(error).__name__])[0]
 
 
 def is_complete_folder(folder: Path) -> bool:

@@ -35,8 +35,7 @@ from pathlib import Path
 
 import torch
 
-from mtp.errors import MTPError
-from mtp.formats.gguf import first_line
+from mtp.errors import MTPError, first_line
 from mtp.io import atomic_folder, read_json_object, remove_stale_temporaries
 
 STATE_NAME = "trainer_state.json"
