@@ -27,7 +27,8 @@ the per-prompt speedup against transformers greedy and against our greedy (paire
 GSM8K accuracy is flat (0% for a 135M model): outputs identical to our greedy, and `agreement` with it (the share
 of tokens equal to our greedy's before the first difference, token-weighted over prompts).
 
-The report, its tables and figures: `mtp.evaluation.bench_report`.
+The report, its tables and figures: `mtp.evaluation.bench_report`, which reads this module's runs (never the
+other way round).
 """
 
 from __future__ import annotations
@@ -45,7 +46,6 @@ from pathlib import Path
 import torch
 
 from mtp.errors import MTPError
-from mtp.evaluation.bench_report import rounded
 from mtp.evaluation.evaluate import prompt_key
 from mtp.evaluation.gsm8k import STOP_SEQUENCES
 from mtp.evaluation.plots import HF_GREEDY, OUR_GREEDY
@@ -55,6 +55,11 @@ from mtp.progress import progress_bar
 from mtp.runtime import MB, peak_memory, synchronize
 
 JOURNAL = "calls.jsonl"  # in the output folder while a bench runs: the calls finished so far
+
+
+def rounded(x: float | None, digits: int = 3) -> float | None:
+    """A figure of the report, rounded (None stays None)."""
+    return None if x is None else round(x, digits)
 
 
 @dataclass

@@ -18,19 +18,16 @@ import statistics
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 
 from mtp.errors import MTPError
+from mtp.evaluation.bench import BenchRun, Method, rounded
 from mtp.evaluation.evaluate import score, write_json, write_text
 from mtp.evaluation.gsm8k import mean_and_stderr
 from mtp.evaluation.plots import HF_GREEDY, OUR_GREEDY, plot_speed_accuracy
 from mtp.evaluation.prompts import truncate_output
 from mtp.runtime import MB, describe_runtime
-
-if TYPE_CHECKING:
-    from mtp.evaluation.bench import BenchRun, Method
 
 
 def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
@@ -62,10 +59,6 @@ def agreement(pairs: Sequence[tuple[Sequence[int], Sequence[int]]]) -> tuple[flo
 
 def median_or_none(xs: Sequence[float]) -> float | None:
     return statistics.median(xs) if xs else None
-
-
-def rounded(x: float | None, digits: int = 3) -> float | None:
-    return None if x is None else round(x, digits)
 
 
 def build_report(run: BenchRun, tokenizer, *, settings: dict | None = None, notes: Sequence[str] = (),
