@@ -155,13 +155,14 @@ def test_k_and_num_draft_are_checked_against_the_folders_heads_before_loading(tm
     """A 3-head folder reads k <= 3 heads and verifies at most k - 1 drafts; a mask-token folder up to its max_k:
     beyond that, one line before the model loads."""
     import mtp.decoding.commands
+    import mtp.models.loading
     from conftest import tiny_base, tiny_tokenizer
     from mtp import MaskTokenModel
 
     tok = tiny_tokenizer()
     masks = tmp_path / "masks"
     MaskTokenModel.from_base(tiny_base(vocab_size=len(tok)), tokenizer=tok).save_pretrained(masks)
-    monkeypatch.setattr(mtp.decoding.commands, "load_mtp_model", _never)
+    monkeypatch.setattr(mtp.models.loading, "load_mtp_model", _never)
     for folder, args, says in (
         (tiny_mtp_folder, ["--strategy", "confadapt", "--k", "4"], "--k must be in [1, 3] for this 3-head model, got 4"),
         (tiny_mtp_folder, ["--strategy", "speculative", "--num-draft", "3"],
@@ -196,12 +197,13 @@ def test_an_unknown_mask_token_is_refused_before_loading(tmp_path, monkeypatch, 
     """--mask-token names a token of a plain model's tokenizer: one read from its tokenizer.json says whether it
     has it, before any weight loads; a token it has goes on to loading."""
     import mtp.decoding.commands
+    import mtp.models.loading
     from conftest import tiny_base, tiny_tokenizer
 
     tok = tiny_tokenizer()
     tiny_base(vocab_size=len(tok)).save_pretrained(tmp_path / "hf")
     tok.save_pretrained(tmp_path / "hf")
-    monkeypatch.setattr(mtp.decoding.commands, "load_mtp_model", _never)
+    monkeypatch.setattr(mtp.models.loading, "load_mtp_model", _never)
     code, err = run_cli(["generate", "--model", tmp_path / "hf", "--prompt", "hi", "--strategy", "confadapt",
                          "--mask-token", "<no such token>"], capsys)
     assert_one_line_error(code, err, f"the tokenizer of {tmp_path / 'hf'} has no token '<no such token>'")

@@ -71,7 +71,7 @@ def test_packing_is_for_the_cpu(monkeypatch):
 
 
 COMMANDS = [["info"], ["generate", "--prompt", "hi"], ["eval"], ["bench"], ["demo"], ["train", "--output", "o"],
-            ["bench-train"]]
+            ["bench-train"], ["chat"], ["serve", "--port", "0"]]
 
 
 @pytest.mark.parametrize("command", COMMANDS, ids=lambda c: c[0])

@@ -42,6 +42,7 @@ COMMANDS: dict[str, str] = {
     "convert": "mtp.formats.commands:convert",
     "generate": "mtp.decoding.commands:generate",
     "chat": "mtp.decoding.chat:chat",
+    "serve": "mtp.decoding.serve:serve",
     "train": "mtp.training.commands:train",
     "bench-train": "mtp.training.commands:bench_train",
     "eval": "mtp.evaluation.commands:eval_",

@@ -222,7 +222,7 @@ def test_decoding_commands_load_decode_only(monkeypatch, tmp_path):
         seen.update(kwargs)
         raise MTPError("stop here")
 
-    monkeypatch.setattr(decoding_commands, "load_mtp_model", spy)
+    monkeypatch.setattr("mtp.models.loading.load_mtp_model", spy)
     with pytest.raises(MTPError, match="stop here"):
         decoding_commands.generate(model=str(folder), prompt="hi", device="cpu")
     assert seen["decode_only"] is True

@@ -13,24 +13,21 @@ import sys
 from collections.abc import Iterator
 from typing import Literal
 
-from mtp.decoding.commands import IncrementalText, check_tree_spec, encode_prompts
+from mtp.decoding.commands import IncrementalText, encode_prompts
 from mtp.decoding.generate import generate as generate_tokens
+from mtp.decoding.options import DraftOptions, SamplingOptions, WeightOptions
 from mtp.errors import MTPError
 from mtp.evaluation.prompts import has_chat_template
-from mtp.models.loading import load_mtp_model
+from mtp.options import with_flat_keywords
 from mtp.process import Terminated
-from mtp.runtime import DType, Graphs, graphs_option, resolve_runtime, set_threads
 
 QUIT, RESET = ("/quit", "/exit"), "/reset"
 
 
 def chat(model: str | None = None, system: str | None = None,
          strategy: Literal["greedy", "speculative", "confadapt", "static"] = "speculative",
-         max_new_tokens: int = 256, tau: float = 0.9, k: int | None = None, do_sample: bool = False,
-         temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, seed: int | None = None,
-         tree: str | None = None, tree_size: int | None = None, lookup: int = 0, dtype: DType = "auto",
-         quantize: Literal["none", "fp16", "int8"] = "none", device: str = "auto", threads: int | None = None,
-         mask_token_id: int | None = None, mask_token: str | None = None, graphs: Graphs = "auto") -> int:
+         max_new_tokens: int = 256, drafts: DraftOptions | None = None, sampling: SamplingOptions | None = None,
+         weights: WeightOptions | None = None, **flat: object) -> int:
     """Chat with a model in the terminal: each answer streamed as it is decoded, its speed after it.
 
     Type a message and Enter; /reset starts a new conversation, /quit or Ctrl-D ends, Ctrl-C stops an answer.
@@ -40,47 +37,24 @@ def chat(model: str | None = None, system: str | None = None,
         system: a system message that opens every conversation.
         strategy: greedy | speculative (lossless: greedy's answers) | confadapt (lossy, tau) | static (lossy, k).
         max_new_tokens: tokens an answer has at most.
-        tau: ConfAdapt confidence threshold.
-        k: tokens a step reads ahead: the heads used (a mask-token model: k - 1 masks); static emits k,
-            ConfAdapt at most k, speculative verifies k - 1 drafts (default: all heads; the model's k).
-        do_sample: sample instead of greedy (exact speculative sampling with --strategy speculative).
-        temperature: with --do-sample: divides the logits (below 1: closer to greedy; above: more varied).
-        top_p: with --do-sample: draw from the smallest set of tokens whose probabilities add up to this (1: all).
-        top_k: with --do-sample: draw from the k most likely tokens only (0: all).
-        seed: with --do-sample: the random seed (default: a new one each run).
-        tree: speculative: verify a tree of the heads' top candidates per step ("auto", "dynamic", a .json file or
-            JSON list of paths of ranks, or "chain"), as `mtp generate --tree`.
-        tree_size: nodes of the "auto" or "dynamic" tree (default 16; alone it implies --tree auto).
-        lookup: speculative: also verify up to this many tokens copied from earlier in the conversation (prompt
-            lookup); 0: none.
-        dtype: the weights' dtype: auto (bfloat16 on CUDA, float32 on the CPU), float32, bfloat16 or float16
-        quantize: CPU weight format for decoding (none: fp32, exact): fp16 (packed: half the memory, faster;
-            speculative stays exactly equal to greedy) or int8 (dynamic quantisation; speculative may differ).
-        device: auto (CUDA when available), cpu, cuda or cuda:N
-        threads: torch CPU threads (default: torch's choice).
-        mask_token_id: decode a plain model that has a mask token with it
-        mask_token: the same, naming the token (e.g. "<|mtp_special_token_0|>")
-        graphs: replay the decoding steps as CUDA graphs: auto (on CUDA), on, off, compile (as `mtp generate`).
     """
+    drafts, sampling, weights = with_flat_keywords("chat", {
+        "drafts": drafts or DraftOptions(), "sampling": sampling or SamplingOptions(),
+        "weights": weights or WeightOptions()}, flat).values()
     if max_new_tokens < 1:
         raise MTPError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
-    check_tree_spec(tree)
-    set_threads(threads)
-    runtime = resolve_runtime(device, dtype, quantize)
-    use_graphs = graphs_option(graphs, runtime.device)
-    m = load_mtp_model(model, device=runtime.device, dtype=runtime.dtype, quantize=quantize,
-                       mask_token_id=mask_token_id, mask_token=mask_token, decode_only=True)
+    drafts.check()
+    runtime, use_graphs = weights.runtime()
+    m = weights.load(model, runtime)
     tok = m.tokenizer
-    if tok is None or not has_chat_template(tok):
+    if not has_chat_template(tok):
         raise MTPError("mtp chat needs a tokenizer with a chat template (chat_template.jinja, or one in "
                        "tokenizer_config.json); `mtp generate --no-chat` decodes plain prompts")
-    options = dict(max_new_tokens=max_new_tokens, strategy=strategy, tau=tau, k=k, do_sample=do_sample,
-                   temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, truncate_prompt=True,
-                   tree=None if tree in (None, "chain") else tree, tree_size=tree_size, lookup=lookup,
-                   graphs=use_graphs)
+    options = dict(max_new_tokens=max_new_tokens, strategy=strategy, truncate_prompt=True, graphs=use_graphs,
+                   **drafts.generate_kwargs(), **sampling.generate_kwargs())
     opening = [{"role": "system", "content": system}] if system else []
     messages = list(opening)
-    print(f"mtp chat: {strategy} decoding on {runtime.describe()}; /reset starts over, /quit or Ctrl-D ends",
+    print(f"mtp chat: {strategy} decoding on {weights.describe(runtime)}; /reset starts over, /quit or Ctrl-D ends",
           file=sys.stderr, flush=True)
     for line in _typed_lines():
         text = line.strip()

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json as jsonlib
 import sys
-from pathlib import Path
 from typing import Literal
 
 import torch
@@ -12,6 +11,7 @@ from tqdm import tqdm
 
 from mtp.decoding.generate import generate as generate_tokens
 from mtp.decoding.generate import left_pad
+from mtp.decoding.options import DraftOptions, SamplingOptions, WeightOptions
 from mtp.errors import MTPError, first_line
 from mtp.evaluation.prompts import has_chat_template, resolve_chat
 from mtp.io import (
@@ -23,8 +23,7 @@ from mtp.io import (
     read_json_records,
     read_text,
 )
-from mtp.models.loading import load_mtp_model
-from mtp.runtime import DType, Graphs, graphs_option, resolve_runtime, set_threads
+from mtp.options import with_flat_keywords
 
 
 def read_prompts(path: str) -> list[str | list[dict]]:
@@ -97,14 +96,14 @@ def encode_prompts(tokenizer, prompts: list[str | list[dict]], chat: bool) -> tu
 def generate(model: str | None = None, prompt: str | None = None, prompts: str | None = None,
              output: str | None = None, chat: bool = False,
              strategy: Literal["greedy", "speculative", "confadapt", "static"] = "greedy",
-             max_new_tokens: int = 128, num_heads: int | None = None, tau: float = 0.9, k: int | None = None,
-             num_draft: int | None = None, do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0,
-             top_k: int = 0, seed: int | None = None, batch_size: int = 8, json: bool = False, stream: bool = False,
-             dtype: DType = "auto", quantize: Literal["none", "fp16", "int8"] = "none", device: str = "auto",
-             threads: int | None = None, adaptive_draft: bool = True, truncate_prompt: bool = False,
-             mask_token_id: int | None = None, mask_token: str | None = None, tree: str | None = None,
-             tree_size: int | None = None, lookup: int = 0, graphs: Graphs = "auto", progress: bool = True) -> int:
+             max_new_tokens: int = 128, num_heads: int | None = None, batch_size: int = 8, json: bool = False,
+             stream: bool = False, truncate_prompt: bool = False, progress: bool = True,
+             drafts: DraftOptions | None = None, sampling: SamplingOptions | None = None,
+             weights: WeightOptions | None = None, **flat: object) -> int:
     """Generate text with an MTP model: greedy, lossless speculative, ConfAdapt or static-k decoding.
+
+    The options of `drafts`, `sampling` and `weights` may also be given by name in Python, as on the command
+    line: `generate(prompt="hi", strategy="speculative", lookup=6, device="cpu")`.
 
     Args:
         model: the embedded default (omit), a local folder, a .gguf file, a Meta checkpoint or a hub id.
@@ -116,44 +115,16 @@ def generate(model: str | None = None, prompt: str | None = None, prompts: str |
         strategy: greedy | speculative (lossless) | confadapt (lossy, tau) | static (lossy, k).
         max_new_tokens: tokens to generate at most.
         num_heads: heads to give a plain model (default 4).
-        mask_token_id: decode a plain model that has a mask token with it (checkpoints trained with the
-            self-distillation authors' code ship one)
-        mask_token: the same, naming the token (e.g. "<|mtp_special_token_0|>")
-        tau: ConfAdapt confidence threshold.
-        k: tokens a step reads ahead: the heads used (a mask-token model: k - 1 masks); static emits k,
-            ConfAdapt at most k, speculative verifies k - 1 drafts (default: all heads; the model's k).
-        num_draft: speculative: draft tokens per step (default: all extra heads).
-        do_sample: sample instead of greedy (exact speculative sampling with --strategy speculative).
-        temperature: with --do-sample: divides the logits (below 1: closer to greedy; above: more varied).
-        top_p: with --do-sample: draw from the smallest set of tokens whose probabilities add up to this (1: all).
-        top_k: with --do-sample: draw from the k most likely tokens only (0: all).
-        seed: with --do-sample: the random seed (default: a new one each run).
         batch_size: prompts decoded together (left padded).
         json: print one JSON object per prompt instead of text: prompt, text, token_ids, new_tokens, and batch (the
             figures of the batch it was decoded in: rows, new_tokens, forward_passes, seconds, ...).
         stream: print tokens as they are produced (single prompt).
-        dtype: the weights' dtype: auto (bfloat16 on CUDA, float32 on the CPU), float32, bfloat16 or float16
-        quantize: CPU weight format for decoding (none: fp32, exact): fp16 (packed: half the memory, faster;
-            speculative stays exactly equal to greedy) or int8 (dynamic quantisation; speculative may differ).
-        device: auto (CUDA when available), cpu, cuda or cuda:N
-        threads: torch CPU threads (default: torch's choice).
-        adaptive_draft: speculative: verify fewer drafts while recent ones were rarely accepted, and in a batch
-            none while plain steps emit tokens faster (same greedy output; a sampled batch's draws follow the
-            timed steps: --no-adaptive-draft for a seed that reproduces them).
         truncate_prompt: keep only the last tokens of a prompt too long for the context with --max-new-tokens.
-        tree: speculative: verify a tree of the heads' top candidates per step instead of a chain: "auto" (the
-            best shape for --tree-size nodes from the accuracy per rank `mtp train` measured), "dynamic" (a new
-            shape every step from the drafts' probabilities, EAGLE-2), a .json file or JSON list of paths of
-            ranks (e.g. "[[0], [1], [0, 0]]"), or "chain" (the default, unless --tree-size asks an auto tree).
-            Same output, more tokens per forward; each node costs a token of the verify forward.
-        tree_size: nodes of the "auto" or "dynamic" tree (default 16; alone it implies --tree auto).
-        lookup: speculative: also verify up to this many tokens copied from earlier in the prompt and answer
-            (prompt lookup), one more branch of the draft tree; 0: none.
-        graphs: replay the decoding steps as CUDA graphs: auto (on CUDA), on, off (eager steps, same output),
-            compile (graphs of the step torch.compile fused, gpt-fast's way: faster; compiling takes tens of
-            seconds for each of the first few step shapes).
         progress: a progress bar over the prompts (on stderr, when there are several).
     """
+    drafts, sampling, weights = with_flat_keywords("generate", {
+        "drafts": drafts or DraftOptions(), "sampling": sampling or SamplingOptions(),
+        "weights": weights or WeightOptions()}, flat).values()
     if (prompt is None) == (prompts is None):
         raise MTPError("give exactly one of --prompt or --prompts")
     texts = [prompt] if prompt is not None else read_prompts(prompts)
@@ -162,15 +133,10 @@ def generate(model: str | None = None, prompt: str | None = None, prompts: str |
     if stream and (len(texts) > 1 or json):
         raise MTPError("--stream prints one prompt's text as it is made: " + (
             "--json prints whole records" if json else f"{prompts} holds {len(texts)} prompts"))
-    check_tree_spec(tree)
-    set_threads(threads)
-    runtime = resolve_runtime(device, dtype, quantize)
-    use_graphs = graphs_option(graphs, runtime.device)
-    m = load_mtp_model(model, num_heads=num_heads, device=runtime.device, dtype=runtime.dtype, quantize=quantize,
-                       mask_token_id=mask_token_id, mask_token=mask_token, decode_only=True)
+    drafts.check()
+    runtime, use_graphs = weights.runtime()
+    m = weights.load(model, runtime, num_heads)
     tok = m.tokenizer
-    if tok is None:
-        raise MTPError("this model has no tokenizer; save one with the model folder")
     if any(isinstance(t, list) for t in texts):  # conversations are laid out by the chat template
         if not has_chat_template(tok):
             raise MTPError(f"{prompts} holds conversations (\"messages\"), which need a chat template; this "
@@ -182,11 +148,8 @@ def generate(model: str | None = None, prompt: str | None = None, prompts: str |
     streaming = stream
     bar = tqdm(total=len(texts), desc=f"generate ({strategy})", unit="prompt", disable=len(texts) < 2 or not progress,
                file=sys.stderr)
-    options = dict(max_new_tokens=max_new_tokens, strategy=strategy, tau=tau, k=k, num_draft=num_draft,
-                   do_sample=do_sample, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
-                   adaptive_draft=adaptive_draft, truncate_prompt=truncate_prompt,
-                   tree=None if tree in (None, "chain") else tree, tree_size=tree_size, lookup=lookup,
-                   graphs=use_graphs)
+    options = dict(max_new_tokens=max_new_tokens, strategy=strategy, truncate_prompt=truncate_prompt,
+                   graphs=use_graphs, **drafts.generate_kwargs(), **sampling.generate_kwargs())
     for start in range(0, len(texts), batch_size):
         chunk = texts[start:start + batch_size]
         so_far: list[list[int]] = [[] for _ in chunk]  # what Ctrl-C must not lose
@@ -215,17 +178,8 @@ def generate(model: str | None = None, prompt: str | None = None, prompts: str |
         total_new = sum(len(r["token_ids"]) for r in results)
         print(f"[{strategy}] {total_new} new tokens in {seconds:.1f} s: {total_new / max(seconds, 1e-9):.1f} "
               f"tokens/s, {total_new / max(forwards, 1):.2f} tokens per forward pass; "
-              f"{runtime.describe()}{'' if quantize == 'none' else f', {quantize}-packed'}", file=sys.stderr)
+              f"{weights.describe(runtime)}", file=sys.stderr)
     return 0
-
-
-def check_tree_spec(tree: str | None) -> None:
-    """A --tree that names a file names one that is there (the other values are words or a JSON list)."""
-    if tree in (None, "chain", "auto", "dynamic") or tree.lstrip().startswith("["):
-        return
-    if not Path(tree).exists():
-        raise MTPError(f"--tree {tree}: file not found (or give auto, dynamic, chain, or a JSON list of paths)")
-    input_file(tree, "draft tree")
 
 
 def _generate_chunk(m, tok, chunk: list[str], chat, options: dict, so_far: list[list[int]], streaming: bool):

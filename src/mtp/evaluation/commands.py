@@ -128,7 +128,7 @@ def eval_(
             with the self-distillation authors' code ship one)
         mask_token: the same, naming the token (e.g. "<|mtp_special_token_0|>")
     """
-    from mtp.decoding.commands import check_tree_spec
+    from mtp.decoding.options import check_tree_spec
     from mtp.evaluation.evaluate import (
         check_same_settings,
         format_summary,

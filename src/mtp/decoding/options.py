@@ -1,0 +1,134 @@
+"""The option groups the decoding commands share (`mtp generate`, `chat`, `serve`): the drafts, sampling, and the
+weights and where they run. Each group is a dataclass: a flag per field under the group's heading
+(`mtp.options`), one docstring line per flag, one place that turns them into `mtp.generate`'s arguments.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from mtp.errors import MTPError
+from mtp.io import input_file
+from mtp.runtime import DType, Graphs, Runtime, graphs_option, resolve_runtime, set_threads
+
+
+@dataclass(frozen=True)
+class DraftOptions:
+    """drafts: speculative, ConfAdapt and static-k decoding
+
+    Args:
+        tau: ConfAdapt confidence threshold.
+        k: tokens a step reads ahead: the heads used (a mask-token model: k - 1 masks); static emits k,
+            ConfAdapt at most k, speculative verifies k - 1 drafts (default: all heads; the model's k).
+        num_draft: speculative: draft tokens per step (default: all extra heads).
+        adaptive_draft: speculative: verify fewer drafts while recent ones were rarely accepted, and in a batch
+            none while plain steps emit tokens faster (same greedy output; a sampled batch's draws follow the
+            timed steps: --no-adaptive-draft for a seed that reproduces them).
+        tree: speculative: verify a tree of the heads' top candidates per step instead of a chain: "auto" (the
+            best shape for --tree-size nodes from the accuracy per rank `mtp train` measured), "dynamic" (a new
+            shape every step from the drafts' probabilities, EAGLE-2), a .json file or JSON list of paths of
+            ranks (e.g. "[[0], [1], [0, 0]]"), or "chain" (the default, unless --tree-size asks an auto tree).
+            Same output, more tokens per forward; each node costs a token of the verify forward.
+        tree_size: nodes of the "auto" or "dynamic" tree (default 16; alone it implies --tree auto).
+        lookup: speculative: also verify up to this many tokens copied from earlier in the prompt and answer
+            (prompt lookup), one more branch of the draft tree; 0: none.
+    """
+
+    tau: float = 0.9
+    k: int | None = None
+    num_draft: int | None = None
+    adaptive_draft: bool = True
+    tree: str | None = None
+    tree_size: int | None = None
+    lookup: int = 0
+
+    def check(self) -> None:
+        check_tree_spec(self.tree)
+
+    def generate_kwargs(self) -> dict:
+        return dict(tau=self.tau, k=self.k, num_draft=self.num_draft, adaptive_draft=self.adaptive_draft,
+                    tree=None if self.tree in (None, "chain") else self.tree, tree_size=self.tree_size,
+                    lookup=self.lookup)
+
+
+def check_tree_spec(tree: str | None) -> None:
+    """A --tree that names a file names one that is there (the other values are words or a JSON list)."""
+    if tree in (None, "chain", "auto", "dynamic") or tree.lstrip().startswith("["):
+        return
+    if not Path(tree).exists():
+        raise MTPError(f"--tree {tree}: file not found (or give auto, dynamic, chain, or a JSON list of paths)")
+    input_file(tree, "draft tree")
+
+
+@dataclass(frozen=True)
+class SamplingOptions:
+    """sampling
+
+    Args:
+        do_sample: sample instead of greedy (exact speculative sampling with --strategy speculative).
+        temperature: with --do-sample: divides the logits (below 1: closer to greedy; above: more varied).
+        top_p: with --do-sample: draw from the smallest set of tokens whose probabilities add up to this (1: all).
+        top_k: with --do-sample: draw from the k most likely tokens only (0: all).
+        seed: with --do-sample: the random seed (default: a new one each run).
+    """
+
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+
+    def generate_kwargs(self) -> dict:
+        return dict(do_sample=self.do_sample, temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
+                    seed=self.seed)
+
+
+@dataclass(frozen=True)
+class WeightOptions:
+    """weights and device
+
+    Args:
+        dtype: the weights' dtype: auto (bfloat16 on CUDA, float32 on the CPU), float32, bfloat16 or float16
+        quantize: CPU weight format for decoding (none: fp32, exact): fp16 (packed: half the memory, faster;
+            speculative stays exactly equal to greedy) or int8 (dynamic quantisation; speculative may differ).
+        device: auto (CUDA when available), cpu, cuda or cuda:N
+        threads: torch CPU threads (default: torch's choice).
+        mask_token_id: decode a plain model that has a mask token with it (checkpoints trained with the
+            self-distillation authors' code ship one)
+        mask_token: the same, naming the token (e.g. "<|mtp_special_token_0|>")
+        graphs: replay the decoding steps as CUDA graphs: auto (on CUDA), on, off (eager steps, same output),
+            compile (graphs of the step torch.compile fused, gpt-fast's way: faster; compiling takes tens of
+            seconds for each of the first few step shapes).
+    """
+
+    dtype: DType = "auto"
+    quantize: Literal["none", "fp16", "int8"] = "none"
+    device: str = "auto"
+    threads: int | None = None
+    mask_token_id: int | None = None
+    mask_token: str | None = None
+    graphs: Graphs = "auto"
+
+    def runtime(self) -> tuple[Runtime, bool | str | None]:
+        """The device and dtype these options resolve to and generate's `graphs`, checked (and the threads set):
+        before anything loads."""
+        set_threads(self.threads)
+        runtime = resolve_runtime(self.device, self.dtype, self.quantize)
+        return runtime, graphs_option(self.graphs, runtime.device)
+
+    def load(self, model: str | None, runtime: Runtime, num_heads: int | None = None):
+        """The model to decode with, on `runtime`; one without a tokenizer is an error (commands decode text)."""
+        from mtp.models.loading import load_mtp_model
+
+        m = load_mtp_model(model, num_heads=num_heads, device=runtime.device, dtype=runtime.dtype,
+                           quantize=self.quantize, mask_token_id=self.mask_token_id, mask_token=self.mask_token,
+                           decode_only=True)
+        if m.tokenizer is None:
+            raise MTPError("this model has no tokenizer; save one with the model folder")
+        return m
+
+    def describe(self, runtime: Runtime) -> str:
+        """Where it decodes, in words: "cpu, float32, fp16-packed"."""
+        return runtime.describe() + ("" if self.quantize == "none" else f", {self.quantize}-packed")

@@ -1,0 +1,440 @@
+"""`mtp serve`: an OpenAI-compatible HTTP server (/v1/completions, /v1/chat/completions, /v1/models) whose answers
+are decoded with any strategy; lossless speculative decoding by default, so clients get greedy's answers sooner.
+
+One thread decodes (`Batcher`); the HTTP threads only read requests, tokenize them and write what the decoding
+thread hands them. Requests waiting together with the same sampling settings (and no seed) are decoded as one
+left-padded batch, up to --max-batch-size rows: static batching, a batch's rows all start together (a request
+that arrives while a batch decodes waits for the next one). Streamed answers are sent as their text becomes final
+(`IncrementalText`), holding back what could be the start of a stop string.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import threading
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from queue import Queue
+from typing import Literal
+
+from mtp.arguments import check_values
+from mtp.decoding import openai_api as api
+from mtp.decoding.commands import IncrementalText, encode_prompts
+from mtp.decoding.generate import context_limit, default_stop_token_ids, left_pad
+from mtp.decoding.generate import generate as generate_tokens
+from mtp.decoding.options import DraftOptions, WeightOptions
+from mtp.errors import MTPError, first_line
+from mtp.evaluation.prompts import has_chat_template
+from mtp.options import with_flat_keywords
+
+
+class StreamedText:
+    """A row's answer as it is streamed: `IncrementalText`'s pieces, cut at the first stop string, with the text
+    that could still begin one held back until the next tokens tell. The pieces add up to the answer `generate`
+    returns (its text cut at the first stop string)."""
+
+    def __init__(self, tokenizer, stop: tuple[str, ...] = ()):
+        self.text = IncrementalText(tokenizer)
+        self.stop = stop
+        self.pending = ""  # decoded, not yet sent
+        self.stopped = False  # a stop string was found: nothing more is sent
+
+    def add(self, tokens: list[int]) -> str:
+        if self.stopped:
+            return ""
+        self.pending += self.text.add(tokens)
+        return self._release(final=False)
+
+    def finish(self) -> str:
+        if not self.stopped:
+            self.pending += self.text.rest()
+        return self._release(final=True)
+
+    def _release(self, final: bool) -> str:
+        cut = min((i for i in (self.pending.find(s) for s in self.stop) if i >= 0), default=-1)
+        if cut >= 0:
+            self.pending, self.stopped = self.pending[:cut], True
+        keep = 0 if final or self.stopped else _stop_prefix(self.pending, self.stop)
+        out, self.pending = self.pending[:len(self.pending) - keep], self.pending[len(self.pending) - keep:]
+        return out
+
+
+def _stop_prefix(text: str, stop: tuple[str, ...]) -> int:
+    """The length of the longest end of `text` that begins a stop string (0: none)."""
+    return max((n for s in stop for n in range(min(len(s) - 1, len(text)), 0, -1) if text.endswith(s[:n])),
+               default=0)
+
+
+@dataclass
+class Job:
+    """One prompt of a request, for the decoding thread. Its events go to the request's queue, tagged with
+    `index` (its choice): ("text", index, piece) while it decodes, then ("end", index, Finished) or
+    ("error", index, (status, message))."""
+
+    ids: list[int]
+    sampling: api.Sampling
+    index: int
+    events: Queue
+    streamed: StreamedText | None = None
+
+    def batches_with(self, other: Job) -> bool:
+        return self.sampling == other.sampling and self.sampling.seed is None
+
+
+@dataclass
+class Finished:
+    text: str
+    tokens: list[int]
+    finish_reason: str  # "stop" (an end token or stop string) or "length" (max_tokens)
+    batch: dict  # the figures of the batch it was decoded in (`GenerationStats.to_dict` and its rows)
+
+
+def _log(line: str) -> None:
+    sys.stderr.write(line + "\n")  # one write: the HTTP threads' access log lines do not split it
+    sys.stderr.flush()
+
+
+@dataclass
+class Batcher:
+    """The decoding thread: takes waiting jobs in batches and decodes them with `decode` (generate's options
+    other than the per-request ones: the strategy, its drafts, graphs)."""
+
+    model: object
+    decode: dict
+    max_batch_size: int = 8
+    batch_window: float = 0.01  # seconds a batch waits for a next request (a burst is decoded together)
+    log: Callable[[str], None] = _log  # a line per batch
+    waiting: list[Job] = field(default_factory=list)
+    ready: threading.Condition = field(default_factory=threading.Condition)
+    batch_sizes: list[int] = field(default_factory=list)  # every batch decoded (for the log and the tests)
+
+    def _stopped(self, tokens: list[int], stop: tuple[str, ...]) -> bool:
+        """Whether a row of max_tokens tokens ended at its last token anyway: an end token or a stop string (a
+        row that ends sooner always stopped: a prompt and max_tokens always fit the context)."""
+        if tokens[-1] in default_stop_token_ids(self.model, self.model.tokenizer):
+            return True
+        return bool(stop) and any(x in self.model.tokenizer.decode(tokens, skip_special_tokens=True) for x in stop)
+
+    def submit(self, jobs: list[Job]) -> None:
+        with self.ready:
+            self.waiting.extend(jobs)
+            self.ready.notify()
+
+    def start(self) -> threading.Thread:
+        thread = threading.Thread(target=self._run, name="mtp-decode", daemon=True)
+        thread.start()
+        return thread
+
+    def _run(self) -> None:
+        while True:
+            with self.ready:
+                self.ready.wait_for(lambda: self.waiting)
+                self._gather()
+                batch = self._next_batch()
+                self.waiting = [j for j in self.waiting if all(j is not b for b in batch)]
+            self.decode_batch(batch)
+
+    def _gather(self) -> None:
+        """Wait while requests keep coming (each within `batch_window` of the one before, for at most ten
+        windows) and the batch is not full: a burst sent together is decoded together."""
+        deadline = time.monotonic() + 10 * self.batch_window
+        while len(self._next_batch()) < self.max_batch_size and time.monotonic() < deadline:
+            count = len(self.waiting)
+            if not self.ready.wait_for(lambda count=count: len(self.waiting) > count, self.batch_window):
+                return
+
+    def _next_batch(self) -> list[Job]:
+        """The first waiting job and the jobs that may share its batch, in the order they came."""
+        first = self.waiting[0]
+        return [j for j in self.waiting if j is first or first.batches_with(j)][:self.max_batch_size]
+
+    def decode_batch(self, jobs: list[Job], log: bool = True) -> None:
+        s = jobs[0].sampling
+        ids, mask = left_pad([j.ids for j in jobs], self.model.tokenizer.pad_token_id or 0)
+        sent = [False] * len(jobs)
+
+        def stream(row: int, new: list[int]) -> None:
+            job = jobs[row]
+            if job.streamed is not None and (piece := job.streamed.add(new)):
+                sent[row] = True
+                job.events.put(("text", job.index, piece))
+
+        # A seeded request decodes alone and ungated (on a GPU the gate times one row's steps too): its seed
+        # reproduces its draws.
+        options = self.decode | ({"adaptive_draft": False} if s.seed is not None else {})
+        try:
+            res = generate_tokens(self.model, ids.to(self.model.device), mask.to(self.model.device),
+                                  max_new_tokens=s.max_tokens, do_sample=s.do_sample, temperature=s.temperature,
+                                  top_p=s.top_p, top_k=s.top_k, seed=s.seed, stop_strings=list(s.stop) or None,
+                                  streamer=stream, **options)
+        except MTPError as e:  # a request the batch cannot take: each on its own, so only that one fails
+            if len(jobs) > 1 and not any(sent):
+                for job in jobs:
+                    self.decode_batch([job], log)
+                return
+            for job in jobs:
+                job.events.put(("error", job.index, (HTTPStatus.BAD_REQUEST, first_line(e))))
+            return
+        except Exception as e:  # noqa: BLE001 (the server goes on; the client is told, the log has the trace)
+            traceback.print_exc()
+            for job in jobs:
+                job.events.put(("error", job.index, (HTTPStatus.INTERNAL_SERVER_ERROR, f"decoding failed: {e}")))
+            return
+        figures = {"rows": len(jobs), **res.stats.to_dict()}
+        for job, tokens, text in zip(jobs, res.tokens, res.texts, strict=True):
+            reason = "length" if len(tokens) == s.max_tokens and not self._stopped(tokens, s.stop) else "stop"
+            job.events.put(("end", job.index, Finished(text, tokens, reason, figures)))
+        if not log:
+            return
+        self.batch_sizes.append(len(jobs))
+        st = res.stats
+        self.log(f"mtp serve: a batch of {len(jobs)}, {st.new_tokens} tokens in "
+                 f"{st.seconds:.2f} s: {st.tokens_per_second:.1f} tokens/s, {st.tokens_per_forward:.2f} tokens "
+                 "per forward")
+
+
+# ------------------------------------------------------------------------------------------------------ HTTP
+class Handler(BaseHTTPRequestHandler):
+    """The API's routes; `server` carries the batcher, the tokenizer and the model's name."""
+
+    server: Server
+    protocol_version = "HTTP/1.1"
+
+    def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+        if self.path in ("/health", "/v1/health"):
+            self._send_json(HTTPStatus.OK, {"status": "ok"})
+        elif self.path == "/v1/models":
+            self._send_json(HTTPStatus.OK, {"object": "list", "data": [
+                {"id": self.server.model_name, "object": "model", "created": 0, "owned_by": "mtp"}]})
+        else:
+            self._error(HTTPStatus.NOT_FOUND, f"no route {self.path} (GET /v1/models, /health)")
+
+    def do_POST(self) -> None:  # noqa: N802
+        if self.path not in (api.COMPLETIONS, api.CHAT):
+            self._error(HTTPStatus.NOT_FOUND, f"no route {self.path} (POST {api.COMPLETIONS}, {api.CHAT})")
+            return
+        try:
+            body = self._read_json()
+            request = api.read_request(self.path, body, self.server.max_tokens)
+            rows = self.server.encode(request)
+        except api.BadRequest as e:
+            self._error(HTTPStatus.BAD_REQUEST, str(e), e.param)
+            return
+        events: Queue = Queue()
+        tok = self.server.batcher.model.tokenizer
+        jobs = [Job(ids, request.sampling, i, events, StreamedText(tok, request.sampling.stop) if request.stream
+                    else None) for i, ids in enumerate(rows)]
+        self.server.batcher.submit(jobs)
+        if request.stream:
+            self._stream(request, jobs)
+        else:
+            self._answer(request, jobs)
+
+    def _read_json(self) -> object:
+        try:
+            length = int(self.headers.get("Content-Length") or 0)
+            return json.loads(self.rfile.read(length) or b"null")
+        except (ValueError, UnicodeDecodeError) as e:
+            raise api.BadRequest(f"the request body is not JSON: {e}") from None
+
+    def _answer(self, request: api.CompletionRequest, jobs: list[Job]) -> None:
+        done: dict[int, Finished] = {}
+        while len(done) < len(jobs):
+            kind, index, value = jobs[0].events.get()
+            if kind == "error":
+                self._error(*value)
+                return
+            if kind == "end":
+                done[index] = value
+        choices = [api.choice(request.path, i, done[i].text, done[i].finish_reason) for i in range(len(jobs))]
+        prompt_tokens = sum(len(j.ids) for j in jobs)
+        completion_tokens = sum(len(d.tokens) for d in done.values())
+        mtp = {"strategy": self.server.strategy, "batches": [done[i].batch for i in range(len(jobs))]}
+        self._send_json(HTTPStatus.OK, api.response(request.path, api.new_id(request.path), self.server.model_name,
+                                                    choices, api.usage(prompt_tokens, completion_tokens),
+                                                    {"mtp": mtp}))
+
+    def _stream(self, request: api.CompletionRequest, jobs: list[Job]) -> None:
+        """Server-sent events: a chunk per piece of text, one with each choice's finish reason, the token counts
+        when asked (stream_options.include_usage), then [DONE]. A client that leaves stops the writing, not the
+        batch (its other rows go on)."""
+        rid, path, name = api.new_id(request.path), request.path, self.server.model_name
+        started = False
+        completion_tokens, ended = 0, 0
+
+        def send(data: dict | str) -> None:
+            nonlocal started
+            if not started:  # the headers, and a chat's first chunk (the role), once there is something to send
+                started = True
+                self.send_response(HTTPStatus.OK)
+                self.send_header("Content-Type", "text/event-stream")
+                self.send_header("Cache-Control", "no-cache")
+                self.send_header("Connection", "close")
+                self.end_headers()
+                if path == api.CHAT:
+                    send(api.chunk(path, rid, name, [{"index": 0, "delta": {"role": "assistant", "content": ""},
+                                                      "logprobs": None, "finish_reason": None}]))
+            payload = data if isinstance(data, str) else json.dumps(data)
+            self.wfile.write(f"data: {payload}\n\n".encode())
+            self.wfile.flush()
+
+        try:
+            while ended < len(jobs):
+                kind, index, value = jobs[0].events.get()
+                if kind == "text":
+                    send(api.chunk(path, rid, name, [api.choice(path, index, value, None, delta=True)]))
+                elif kind == "error" and not started:  # nothing sent yet: an HTTP error as any other
+                    self._error(*value)
+                    return
+                elif kind == "error":
+                    send(api.error_body(value[1], value[0]))
+                    ended += 1
+                else:
+                    ended += 1
+                    completion_tokens += len(value.tokens)
+                    rest = jobs[index].streamed.finish()
+                    send(api.chunk(path, rid, name, [api.choice(path, index, rest, value.finish_reason, delta=True)]))
+            if request.include_usage:
+                send(api.chunk(path, rid, name, [], api.usage(sum(len(j.ids) for j in jobs), completion_tokens)))
+            send("[DONE]")
+        except (BrokenPipeError, ConnectionResetError):  # the client left
+            pass
+        self.close_connection = True
+
+    def _send_json(self, status: int, body: dict) -> None:
+        data = json.dumps(body).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def _error(self, status: int, message: str, param: str | None = None) -> None:
+        self._send_json(status, api.error_body(message, status, param))
+
+    def log_message(self, format: str, *args) -> None:  # noqa: A002 (http.server's signature)
+        if self.server.access_log:
+            super().log_message(format, *args)
+
+
+class Server(ThreadingHTTPServer):
+    """The HTTP server, bound before the model loads (a port in use is an error before any long work)."""
+
+    daemon_threads = True
+
+    def __init__(self, host: str, port: int):
+        try:
+            super().__init__((host, port), Handler)
+        except OSError as e:
+            raise MTPError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+        self.batcher: Batcher | None = None
+        self.model_name = "mtp"
+        self.strategy = "greedy"
+        self.max_tokens = 256
+        self.access_log = True
+        self.chat = False
+        self.tokenizer_lock = threading.Lock()  # a fast tokenizer may not be called from two threads at once
+
+    @property
+    def url(self) -> str:
+        host, port = self.server_address[:2]
+        return f"http://{host}:{port}"
+
+    def attach(self, batcher: Batcher, model_name: str, strategy: str, max_tokens: int) -> None:
+        self.batcher, self.model_name, self.strategy, self.max_tokens = batcher, model_name, strategy, max_tokens
+        self.chat = has_chat_template(batcher.model.tokenizer)
+
+    def encode(self, request: api.CompletionRequest) -> list[list[int]]:
+        """Each prompt's token ids (a conversation through the chat template), checked against the context."""
+        if request.path == api.CHAT and not self.chat:
+            raise api.BadRequest("this model's tokenizer has no chat template: use /v1/completions", "messages")
+        tok = self.batcher.model.tokenizer
+        with self.tokenizer_lock:
+            try:
+                ids, mask = encode_prompts(tok, request.prompts, chat=request.path == api.CHAT)
+            except MTPError as e:
+                raise api.BadRequest(first_line(e), "messages" if request.path == api.CHAT else "prompt") from None
+        rows = [row[m.bool()].tolist() for row, m in zip(ids, mask, strict=True)]
+        limit = context_limit(self.batcher.model)
+        longest = max(len(r) for r in rows)
+        if limit is not None and longest + request.sampling.max_tokens > limit:
+            raise api.BadRequest(f"this model's context is {limit} tokens; the prompt has {longest} and "
+                                 f"max_tokens asks {request.sampling.max_tokens} more", "max_tokens")
+        return rows
+
+
+def serve(model: str | None = None, host: str = "127.0.0.1", port: int = 8000, served_model_name: str | None = None,
+          strategy: Literal["greedy", "speculative", "confadapt", "static"] = "speculative",
+          max_new_tokens: int = 256, max_batch_size: int = 8, batch_window_ms: float = 10.0, access_log: bool = True,
+          drafts: DraftOptions | None = None, weights: WeightOptions | None = None, **flat: object) -> int:
+    """Serve a model over HTTP with the OpenAI API: /v1/completions, /v1/chat/completions (streamed or not).
+
+    Any OpenAI client works: base URL http://HOST:PORT/v1, any API key. A request's temperature 0 (or none) is
+    greedy decoding, above 0 sampling (exact speculative sampling with --strategy speculative); max_tokens,
+    top_p, top_k, seed, stop and stream as the API defines them. Each response adds an "mtp" field: the
+    figures of the batch it was decoded in (tokens per forward, tokens/s). Ctrl-C stops the server.
+
+    Args:
+        model: the embedded default (omit), a local folder, a .gguf file, a Meta checkpoint or a hub id.
+        host: the address to listen on (0.0.0.0: every interface).
+        port: the port to listen on (0: any free one, printed).
+        served_model_name: the model's name in /v1/models and in responses (default: the folder's name).
+        strategy: greedy | speculative (lossless: greedy's answers, sooner) | confadapt (lossy, tau) | static
+            (lossy, k).
+        max_new_tokens: tokens an answer has at most when its request gives no max_tokens.
+        max_batch_size: requests (prompts) waiting together with the same settings are decoded as one batch of
+            at most this many rows.
+        batch_window_ms: a batch starts once no request came for this long (at most 10 such windows after
+            its first) or it is full: a burst of requests is decoded together; 0: it starts at once.
+        access_log: a line on stderr for every HTTP request (each decoded batch has its own line either way).
+    """
+    from mtp.hub import resolve_model
+
+    drafts, weights = with_flat_keywords("serve", {"drafts": drafts or DraftOptions(),
+                                                   "weights": weights or WeightOptions()}, flat).values()
+    check_values({"max_new_tokens": max_new_tokens, "max_batch_size": max_batch_size, "port": port,
+                  "batch_window_ms": batch_window_ms})
+    drafts.check()
+    runtime, use_graphs = weights.runtime()
+    resolve_model(model)  # a model that is not there: one line before the port is taken
+    server = Server(host, port)
+    try:
+        m = weights.load(model, runtime)
+        batcher = Batcher(m, dict(strategy=strategy, graphs=use_graphs, **drafts.generate_kwargs()), max_batch_size,
+                          batch_window_ms / 1000)
+        server.attach(batcher, served_model_name or model_label(model), strategy, max_new_tokens)
+        server.access_log = access_log
+        warm_up(batcher)
+        batcher.start()
+        print(f"mtp serve: {server.model_name} ({strategy} decoding on {weights.describe(runtime)}) at "
+              f"{server.url}/v1 (POST {api.COMPLETIONS}, {api.CHAT}; GET /v1/models); Ctrl-C stops",
+              file=sys.stderr, flush=True)
+        server.serve_forever()
+    finally:
+        server.server_close()
+    return 0
+
+
+def model_label(spec: str | None) -> str:
+    """The served model's name: the folder's or file's name (a hub id as given), or the embedded default's."""
+    if spec is None:
+        return "SmolLM2-135M-Instruct"
+    path = Path(spec).expanduser()
+    return path.name.removesuffix(".gguf") if path.exists() and path.name else spec
+
+
+def warm_up(batcher: Batcher) -> None:
+    """Decode a few tokens before the first request (the first steps of a shape build its buffers or graphs)."""
+    tok = batcher.model.tokenizer
+    ids = tok("Hello", add_special_tokens=False).input_ids or [tok.pad_token_id or 0]
+    events: Queue = Queue()
+    batcher.decode_batch([Job(ids, api.Sampling(max_tokens=4), 0, events)], log=False)
+    kind, _, value = events.get()
+    if kind == "error":
+        raise MTPError(f"the model failed its first decoding: {value[1]}")

@@ -1,0 +1,397 @@
+"""`mtp serve`: the OpenAI API's completions over HTTP, answers equal to greedy decoding's (the server's default
+is lossless speculative decoding), streamed pieces that add up to the answer, stop strings, batches of requests,
+seeds, and requests refused with the API's error bodies."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from conftest import tiny_mtp, tiny_tokenizer
+from mtp.decoding import serve as serve_module
+from mtp.decoding.commands import encode_prompts
+from mtp.decoding.generate import generate
+from mtp.decoding.serve import Batcher, Server, StreamedText
+from mtp.errors import MTPError
+from test_cli import run_cli
+
+PROMPTS = ["What is 7 + 5?", "Janet has 3 eggs.", "The answer is"]
+
+
+@pytest.fixture(scope="module")
+def model():
+    """A tiny float64 model whose weights are large enough that its greedy text varies (a plain random tiny model
+    repeats one token), incomplete characters included."""
+    tok = tiny_tokenizer()
+    m = tiny_mtp("llama", num_heads=3, vocab_size=len(tok), dtype=torch.float64)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in m.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.3, generator=gen)
+    m.tokenizer = tok
+    return m
+
+
+@contextmanager
+def served(model, start: bool = True, max_batch_size: int = 8, batch_window: float = 0.01, **decode):
+    server = Server("127.0.0.1", 0)
+    batcher = Batcher(model, {"strategy": "speculative", "graphs": False} | decode, max_batch_size, batch_window,
+                      log=lambda line: None)
+    server.attach(batcher, "tiny", decode.get("strategy", "speculative"), max_tokens=16)
+    server.access_log = False
+    if start:
+        batcher.start()
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield server
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def post(server, path: str, body) -> tuple[int, dict]:
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    request = urllib.request.Request(server.url + path, data=data, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=60) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def events(server, path: str, body: dict) -> list:
+    """A streamed request's server-sent events' data (parsed JSON, or the final "[DONE]")."""
+    request = urllib.request.Request(server.url + path, data=json.dumps(body | {"stream": True}).encode())
+    with urllib.request.urlopen(request, timeout=60) as r:
+        assert r.headers["Content-Type"] == "text/event-stream"
+        lines = r.read().decode().split("\n\n")
+    data = [line.removeprefix("data: ") for line in lines if line]
+    return [d if d == "[DONE]" else json.loads(d) for d in data]
+
+
+def greedy(model, ids: list[int], max_new_tokens: int = 16, **kw):
+    return generate(model, torch.tensor([ids]), max_new_tokens=max_new_tokens, **kw)
+
+
+def finish_reason(model, tokens: list[int], max_tokens: int) -> str:
+    return "length" if len(tokens) == max_tokens and tokens[-1] != model.tokenizer.eos_token_id else "stop"
+
+
+def test_completions_are_greedys_answers(model):
+    """Several prompts in one request: each choice is the prompt's greedy answer decoded alone (the server
+    decodes them together, speculatively), with the API's token counts and finish reasons."""
+    tok = model.tokenizer
+    with served(model) as server:
+        status, body = post(server, "/v1/completions", {"model": "whatever", "prompt": PROMPTS, "max_tokens": 12})
+    assert status == 200 and body["object"] == "text_completion" and body["model"] == "tiny"
+    expected = [greedy(model, tok(p).input_ids, 12) for p in PROMPTS]
+    assert [c["index"] for c in body["choices"]] == [0, 1, 2]
+    assert [c["text"] for c in body["choices"]] == [r.texts[0] for r in expected]
+    assert [c["finish_reason"] for c in body["choices"]] == [finish_reason(model, r.tokens[0], 12) for r in expected]
+    prompt_tokens = sum(len(tok(p).input_ids) for p in PROMPTS)
+    completion_tokens = sum(len(r.tokens[0]) for r in expected)
+    assert body["usage"] == {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                             "total_tokens": prompt_tokens + completion_tokens}
+    assert body["mtp"]["strategy"] == "speculative" and body["mtp"]["batches"][0]["rows"] == 3
+
+
+def test_chat_completions_answer_the_conversation_through_the_template(model):
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 7 + 5?"},
+                {"role": "assistant", "content": "12"},
+                {"role": "user", "content": [{"type": "text", "text": "And "}, {"type": "text", "text": "x 2?"}]}]
+    with served(model, tree="auto", tree_size=4, lookup=3) as server:
+        status, body = post(server, "/v1/chat/completions", {"messages": messages, "max_completion_tokens": 10})
+    as_text = [*messages[:3], {"role": "user", "content": "And x 2?"}]
+    ids, _ = encode_prompts(model.tokenizer, [as_text], chat=True)
+    expected = greedy(model, ids[0].tolist(), 10)
+    assert status == 200 and body["object"] == "chat.completion"
+    assert body["choices"][0]["message"] == {"role": "assistant", "content": expected.texts[0]}
+    assert body["usage"]["prompt_tokens"] == ids.shape[1]
+
+
+@pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])
+def test_streamed_pieces_add_up_to_the_answer(model, path):
+    body = {"prompt": PROMPTS[0]} if path == "/v1/completions" else {
+        "messages": [{"role": "user", "content": PROMPTS[0]}]}
+    body |= {"max_tokens": 16}
+    with served(model) as server:
+        _, whole = post(server, path, body)
+        streamed = events(server, path, body | {"stream_options": {"include_usage": True}})
+    assert streamed[-1] == "[DONE]"
+    *chunks, usage = streamed[:-1]
+    assert usage["choices"] == [] and usage["usage"] == whole["usage"]
+    if path == "/v1/completions":
+        pieces = [c["choices"][0]["text"] for c in chunks]
+        answer = whole["choices"][0]["text"]
+    else:
+        assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+        assert all(c["object"] == "chat.completion.chunk" for c in chunks)
+        pieces = [c["choices"][0]["delta"].get("content", "") for c in chunks[1:]]
+        answer = whole["choices"][0]["message"]["content"]
+    assert "".join(pieces) == answer and len([p for p in pieces if p]) > 1
+    assert [c["choices"][0]["finish_reason"] for c in chunks][-1] == whole["choices"][0]["finish_reason"]
+    assert all(c["choices"][0]["finish_reason"] is None for c in chunks[:-1])
+
+
+def test_stop_strings_end_the_answer_before_them(model):
+    """A stop string taken from the middle of the greedy answer: the answer ends before it (finish reason stop),
+    whole or streamed; no streamed piece shows any of it."""
+    tok = model.tokenizer
+    text = greedy(model, tok(PROMPTS[1]).input_ids, 24).texts[0]
+    stop = next(text[i:i + 2] for i in range(4, len(text) - 2) if "\ufffd" not in text[i:i + 2])
+    body = {"prompt": PROMPTS[1], "max_tokens": 24, "stop": [stop, "never in it"]}
+    with served(model) as server:
+        _, whole = post(server, "/v1/completions", body)
+        streamed = events(server, "/v1/completions", body)
+    assert whole["choices"][0]["text"] == text[:text.find(stop)]
+    assert whole["choices"][0]["finish_reason"] == "stop"
+    pieces = [c["choices"][0]["text"] for c in streamed[:-1]]
+    assert "".join(pieces) == text[:text.find(stop)]
+
+
+@settings(max_examples=60, deadline=None)
+@given(tokens=st.lists(st.integers(3, 299), min_size=1, max_size=30), data=st.data())
+def test_streamed_text_is_the_answer_cut_at_its_first_stop_string(tokens, data):
+    """Any tokens, fed in any chunks, with stop strings taken from the text (or not in it): the pieces add up to
+    the text `generate` returns, and no piece is sent past it. `generate` ends a row at the first token whose
+    text completes a stop string and cuts its text before the first stop string in it."""
+    tok = _tokenizer()
+    text = tok.decode(tokens, skip_special_tokens=True)
+    stops = []
+    for _ in range(data.draw(st.integers(0, 3))):
+        start = data.draw(st.integers(0, max(len(text) - 1, 0)))
+        stops.append(data.draw(st.sampled_from([text[start:start + data.draw(st.integers(1, 4))] or "x", "zq"])))
+    end = next((j for j in range(1, len(tokens) + 1)
+                if any(s in tok.decode(tokens[:j], skip_special_tokens=True) for s in stops)), len(tokens))
+    tokens, text = tokens[:end], tok.decode(tokens[:end], skip_special_tokens=True)
+    cuts = [text.find(s) for s in stops if s in text]
+    expected = text[:min(cuts)] if cuts else text
+    streamed, pieces, i = StreamedText(tok, tuple(stops)), [], 0
+    while i < len(tokens):
+        n = data.draw(st.integers(1, 4))
+        pieces.append(streamed.add(tokens[i:i + n]))
+        assert expected.startswith("".join(pieces))
+        i += n
+    pieces.append(streamed.finish())
+    assert "".join(pieces) == expected
+
+
+_TOKENIZER = []
+
+
+def _tokenizer():
+    if not _TOKENIZER:
+        _TOKENIZER.append(tiny_tokenizer())
+    return _TOKENIZER[0]
+
+
+def test_requests_waiting_together_share_a_batch_and_keep_their_answers(model):
+    """Five requests sent before the decoding thread starts: the three greedy ones are decoded as one batch, the
+    two seeded sampling ones (same settings) each alone (a seed reproduces its draws only alone); every answer
+    is the one it gets alone."""
+    tok = model.tokenizer
+    bodies = [{"prompt": p, "max_tokens": 10} for p in PROMPTS]
+    bodies += [{"prompt": p, "max_tokens": 10, "temperature": 0.9, "seed": 3} for p in PROMPTS[1::-1]]
+    results: dict[int, dict] = {}
+    with served(model, start=False) as server:
+        threads = [threading.Thread(target=lambda i=i, b=b: results.__setitem__(i, post(server, "/v1/completions",
+                                                                                         b)[1]))
+                   for i, b in enumerate(bodies)]
+        for t in threads:
+            t.start()
+        deadline = time.monotonic() + 30
+        while len(server.batcher.waiting) < 5 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        server.batcher.start()
+        for t in threads:
+            t.join(60)
+        _, again = post(server, "/v1/completions", bodies[-1])
+    assert sorted(server.batcher.batch_sizes[:3]) == [1, 1, 3]
+    for i, p in enumerate(PROMPTS):
+        assert results[i]["choices"][0]["text"] == greedy(model, tok(p).input_ids, 10).texts[0]
+    for i, p in zip((3, 4), PROMPTS[1::-1], strict=True):
+        sampled = greedy(model, tok(p).input_ids, 10, strategy="speculative", do_sample=True, temperature=0.9,
+                         seed=3, adaptive_draft=False)
+        assert results[i]["choices"][0]["text"] == sampled.texts[0]
+    assert again["choices"][0]["text"] == results[4]["choices"][0]["text"]
+
+
+def test_a_burst_of_requests_is_one_batch(model):
+    """Requests arriving one after another, each within the batch window (long here) of the one before, join
+    the first one's batch, which starts as soon as it is full."""
+    results: dict[int, dict] = {}
+    with served(model, max_batch_size=3, batch_window=30.0) as server:
+        threads = [threading.Thread(target=lambda i=i, p=p: results.__setitem__(
+            i, post(server, "/v1/completions", {"prompt": p, "max_tokens": 6})[1])) for i, p in enumerate(PROMPTS)]
+        for t in threads:
+            t.start()
+            time.sleep(0.05)
+        for t in threads:
+            t.join(60)
+    assert server.batcher.batch_sizes == [3] and len(results) == 3
+
+
+def test_a_request_its_batch_cannot_take_fails_alone(model, monkeypatch):
+    """generate refusing a batch (here: any batch holding the second prompt) before decoding: each request is
+    decoded on its own, so only the one at fault gets the error."""
+    real, bad = serve_module.generate_tokens, model.tokenizer(PROMPTS[1]).input_ids
+
+    def refusing(m, ids, mask, **kw):
+        if any(row[m_.bool()].tolist() == bad for row, m_ in zip(ids, mask, strict=True)):
+            raise MTPError("refused\nmore detail")
+        return real(m, ids, mask, **kw)
+
+    monkeypatch.setattr(serve_module, "generate_tokens", refusing)
+    results: dict[int, tuple] = {}
+    with served(model, start=False) as server:
+        threads = [threading.Thread(target=lambda i=i, p=p: results.__setitem__(
+            i, post(server, "/v1/completions", {"prompt": p, "max_tokens": 6}))) for i, p in enumerate(PROMPTS[:2])]
+        for t in threads:
+            t.start()
+        while len(server.batcher.waiting) < 2:
+            time.sleep(0.01)
+        server.batcher.start()
+        for t in threads:
+            t.join(60)
+    assert results[0][0] == 200 and results[0][1]["choices"][0]["text"] == greedy(
+        model, model.tokenizer(PROMPTS[0]).input_ids, 6).texts[0]
+    assert results[1] == (400, {"error": {"message": "refused", "type": "invalid_request_error", "param": None,
+                                          "code": None}})
+
+
+def test_a_streamed_request_refused_before_its_first_piece_is_an_http_error(model, monkeypatch):
+    def refusing(*a, **kw):
+        raise MTPError("refused")
+
+    monkeypatch.setattr(serve_module, "generate_tokens", refusing)
+    with served(model) as server:
+        status, body = post(server, "/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}],
+                                                             "stream": True})
+    assert status == 400 and body["error"]["message"] == "refused"
+
+
+@pytest.mark.parametrize("path, body, param, message", [
+    ("/v1/completions", b"{not json", None, "the request body is not JSON"),
+    ("/v1/completions", [1, 2], None, "the request body must be a JSON object"),
+    ("/v1/completions", {"max_tokens": 4}, "prompt", "'prompt' must be a string or a non-empty list"),
+    ("/v1/completions", {"prompt": ""}, "prompt", "'prompt' holds an empty string"),
+    ("/v1/completions", {"prompt": "hi", "n": 2}, "n", "'n' is not supported by mtp serve (got 2)"),
+    ("/v1/completions", {"prompt": "hi", "logprobs": 1}, "logprobs", "'logprobs' is not supported"),
+    ("/v1/completions", {"prompt": "hi", "max_tokens": 0}, "max_tokens", "'max_tokens' must be at least 1"),
+    ("/v1/completions", {"prompt": "hi", "max_tokens": "8"}, "max_tokens", "'max_tokens' must be an integer"),
+    ("/v1/completions", {"prompt": "hi", "temperature": 3}, "temperature", "'temperature' must be between 0 and 2"),
+    ("/v1/completions", {"prompt": "hi", "temperature": 1, "top_p": 0}, "top_p", "'top_p' must be in (0, 1]"),
+    ("/v1/completions", {"prompt": "hi", "stop": [1]}, "stop", "'stop' must be a string or a list of strings"),
+    ("/v1/completions", {"prompt": "hi", "stream": "yes"}, "stream", "'stream' must be true or false"),
+    ("/v1/completions", {"prompt": "hi", "stream_options": {"include_usage": True}}, "stream_options",
+     "'stream_options' is only for a streamed request"),
+    ("/v1/completions", {"prompt": "hi " * 200, "max_tokens": 100}, "max_tokens", "this model's context is 256"),
+    ("/v1/chat/completions", {"messages": []}, "messages", "'messages' must be a non-empty list"),
+    ("/v1/chat/completions", {"messages": [{"role": "tool", "content": "x"}]}, "messages",
+     "messages[0]: 'role' must be one of system, user, assistant"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, "messages",
+     "messages[0]: 'content' must be a string or a list of text parts"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function"}]},
+     "tools", "'tools' is not supported"),
+])
+def test_bad_requests_are_refused_with_the_apis_error_body(model, path, body, param, message):
+    with served(model) as server:
+        status, answer = post(server, path, body)
+    assert status == 400 and answer["error"]["message"].startswith(message)
+    assert answer["error"]["param"] == param and answer["error"]["type"] == "invalid_request_error"
+    assert server.batcher.batch_sizes == []  # refused before any decoding
+
+
+def test_models_health_and_unknown_routes(model):
+    with served(model) as server:
+        with urllib.request.urlopen(server.url + "/v1/models") as r:
+            models = json.loads(r.read())
+        with urllib.request.urlopen(server.url + "/health") as r:
+            health = json.loads(r.read())
+        status, missing = post(server, "/v1/embeddings", {"input": "x"})
+    assert [m["id"] for m in models["data"]] == ["tiny"] and health == {"status": "ok"}
+    assert status == 404 and "no route /v1/embeddings" in missing["error"]["message"]
+
+
+def test_a_model_without_a_chat_template_serves_completions_only(model):
+    tok = tiny_tokenizer()
+    tok.chat_template = None
+    plain = tiny_mtp("llama", num_heads=2, vocab_size=len(tok))
+    plain.tokenizer = tok
+    with served(plain) as server:
+        status, body = post(server, "/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]})
+        ok, _ = post(server, "/v1/completions", {"prompt": "hi", "max_tokens": 2})
+    assert status == 400 and "no chat template: use /v1/completions" in body["error"]["message"] and ok == 200
+
+
+def test_a_port_in_use_is_one_line_before_the_model_loads(tmp_path, capsys, monkeypatch):
+    import socket
+
+    monkeypatch.setattr("mtp.models.loading.load_mtp_model", lambda *a, **k: pytest.fail("loaded the model"))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        code, _, err = run_cli(["serve", "--port", str(port)], capsys)
+    assert code == 2 and f"cannot listen on 127.0.0.1:{port}" in err and len(err.strip().splitlines()) == 1
+    code, _, err = run_cli(["serve", "--max-batch-size", "0"], capsys)
+    assert code == 2 and "--max-batch-size must be >= 1" in err
+    with pytest.raises(MTPError, match="port must be in"):
+        serve_module.serve(port=70000)
+
+
+def test_the_command_serves_until_sigterm(tiny_mtp_folder):
+    """`mtp serve --port 0` end to end in its own process: the address it prints answers a request; SIGTERM
+    stops it."""
+    src = Path(__file__).resolve().parents[2] / "src"
+    proc = subprocess.Popen([sys.executable, "-m", "mtp", "serve", "--model", str(tiny_mtp_folder), "--port", "0",
+                             "--no-access-log"], stderr=subprocess.PIPE, text=True,
+                            env={"PYTHONPATH": str(src), "PATH": "/usr/bin:/bin", "HOME": str(tiny_mtp_folder)})
+    try:
+        line = ""
+        while " at http://" not in line:
+            line = proc.stderr.readline()
+            assert line, "the server ended before listening"
+        url = line.split(" at ")[1].split()[0].removesuffix("/v1")
+        assert "tiny-mtp (speculative decoding on cpu, float32)" in line
+        request = urllib.request.Request(url + "/v1/completions", data=json.dumps(
+            {"prompt": "What is 7 + 5?", "max_tokens": 4}).encode())
+        with urllib.request.urlopen(request, timeout=60) as r:
+            body = json.loads(r.read())
+        assert body["model"] == "tiny-mtp" and body["usage"]["completion_tokens"] >= 1
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(30)
+    assert proc.returncode == 128 + signal.SIGTERM
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("graphs", [True, "compile"], ids=["graphs", "compiled"])
+def test_cuda_serving_replays_graphs_in_its_decoding_thread(graphs):
+    """On a GPU the decoding thread (not the main one) captures and replays the steps, compiled or not: a batch
+    of requests answered as eager fp32 greedy decoding answers each alone."""
+    tok = tiny_tokenizer()
+    m = tiny_mtp("llama", num_heads=3, vocab_size=len(tok), seed=3).to("cuda")
+    m.tokenizer = tok
+    with served(m, graphs=graphs) as server:
+        _, body = post(server, "/v1/completions", {"prompt": PROMPTS, "max_tokens": 12})
+        _, again = post(server, "/v1/completions", {"prompt": PROMPTS, "max_tokens": 12})
+    for choice, p in zip(body["choices"], PROMPTS, strict=True):
+        ids = torch.tensor([tok(p).input_ids], device="cuda")
+        assert choice["text"] == generate(m, ids, max_new_tokens=12, graphs=False).texts[0]
+    assert again["choices"] == body["choices"]
