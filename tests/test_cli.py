@@ -122,6 +122,21 @@ def test_generate_prompts_to_jsonl(tiny_mtp_folder, tmp_path, capsys):
     assert "tokens per forward pass; cpu, float32" in err
 
 
+def test_generate_prompts_from_standard_input(tiny_mtp_folder, tmp_path, capsys, monkeypatch):
+    """`--prompts -`: the lines of stdin, read as a prompts file's (a line that starts with "{" is a record);
+    a bad record names <stdin> and its line."""
+    import io
+
+    monkeypatch.setattr("sys.stdin", io.StringIO('Janet has 3 eggs\n\n{"question": "What is 7 + 5?"}\n'))
+    code, out, err = run_cli(["generate", "--model", str(tiny_mtp_folder), "--prompts", "-", "--json",
+                              "--max-new-tokens", "3", "--no-progress"], capsys)
+    assert code == 0, err
+    assert [json.loads(line)["prompt"] for line in out.splitlines()] == ["Janet has 3 eggs", "What is 7 + 5?"]
+    monkeypatch.setattr("sys.stdin", io.StringIO('hi\n{"answer": "12"}\n'))
+    code, _, err = run_cli(["generate", "--model", str(tiny_mtp_folder), "--prompts", "-"], capsys)
+    assert code == 2 and "<stdin>:2: expected a string field 'prompt' or 'question'" in err
+
+
 @pytest.mark.parametrize("args, message", [
     (["generate", "--prompts", "/no/such/file.txt"], "prompts file not found"),
     (["generate"], "exactly one of --prompt or --prompts"),

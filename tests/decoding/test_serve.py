@@ -64,9 +64,10 @@ def served(model, start: bool = True, max_batch_size: int = 8, batch_window: flo
         server.server_close()
 
 
-def post(server, path: str, body) -> tuple[int, dict]:
+def post(server, path: str, body, headers: dict | None = None) -> tuple[int, dict]:
     data = body if isinstance(body, bytes) else json.dumps(body).encode()
-    request = urllib.request.Request(server.url + path, data=data, headers={"Content-Type": "application/json"})
+    request = urllib.request.Request(server.url + path, data=data, headers={"Content-Type": "application/json",
+                                                                            **(headers or {})})
     try:
         with urllib.request.urlopen(request, timeout=60) as r:
             return r.status, json.loads(r.read())
@@ -326,6 +327,22 @@ def test_models_health_and_unknown_routes(model):
         status, missing = post(server, "/v1/embeddings", {"input": "x"})
     assert [m["id"] for m in models["data"]] == ["tiny"] and health == {"status": "ok"}
     assert status == 404 and "no route /v1/embeddings" in missing["error"]["message"]
+
+
+def test_an_api_key_is_asked_of_every_v1_request(model):
+    body = {"prompt": "hi", "max_tokens": 2}
+    with served(model) as server:
+        server.api_key = "sesame"
+        missing = post(server, "/v1/completions", body)
+        wrong = post(server, "/v1/completions", body, {"Authorization": "Bearer open"})
+        right = post(server, "/v1/completions", body, {"Authorization": "Bearer sesame"})
+        with pytest.raises(urllib.error.HTTPError) as models:
+            urllib.request.urlopen(server.url + "/v1/models")
+        with urllib.request.urlopen(server.url + "/health") as r:
+            health = r.status
+    assert missing[0] == wrong[0] == models.value.code == 401 and right[0] == 200 and health == 200
+    assert "invalid or missing API key" in missing[1]["error"]["message"]
+    assert server.batcher.batch_sizes == [1]
 
 
 def test_a_model_without_a_chat_template_serves_completions_only(model):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json as jsonlib
 import sys
+from pathlib import Path
 from typing import Literal
 
 import torch
@@ -29,9 +30,13 @@ from mtp.options import with_flat_keywords
 def read_prompts(path: str) -> list[str | list[dict]]:
     """One prompt per line (a line starting with "{" is a JSON record), or, for a file named .jsonl or .json,
     JSON records with a "prompt" (or "question") field, or a conversation ("messages", as `mtp train` reads them:
-    the conversation up to its last user turn; a last assistant message, a reference answer, is left out)."""
-    file = input_file(path, "prompts")
-    text = read_text(file)
+    the conversation up to its last user turn; a last assistant message, a reference answer, is left out).
+    "-" reads the lines from standard input."""
+    if path == "-":
+        file, text = Path("<stdin>"), sys.stdin.read()
+    else:
+        file = input_file(path, "prompts")
+        text = read_text(file)
     if is_json_name(file):
         entries = read_json_records(file, text)
     else:
@@ -44,14 +49,14 @@ def read_prompts(path: str) -> list[str | list[dict]]:
     prompts = []
     for lineno, entry in entries:
         if isinstance(entry, dict) and "messages" in entry and "prompt" not in entry:
-            prompts.append(_conversation_prompt(entry["messages"], f"{path}:{lineno}"))
+            prompts.append(_conversation_prompt(entry["messages"], f"{file}:{lineno}"))
             continue
         text = entry.get("prompt", entry.get("question")) if isinstance(entry, dict) else entry
         if not isinstance(text, str):
-            raise MTPError(f"{path}:{lineno}: expected a string field 'prompt' or 'question'")
+            raise MTPError(f"{file}:{lineno}: expected a string field 'prompt' or 'question'")
         prompts.append(text)
     if not prompts:
-        raise MTPError(f"{path}: no prompts")
+        raise MTPError(f"{file}: no prompts")
     return prompts
 
 
@@ -109,7 +114,8 @@ def generate(model: str | None = None, prompt: str | None = None, prompts: str |
         model: the embedded default (omit), a local folder, a .gguf file, a Meta checkpoint or a hub id.
         prompt: the prompt text.
         prompts: a file with one prompt per line, or JSONL with a "prompt" (or "question") field, or with
-            conversations ("messages": answered after their last user turn, through the chat template).
+            conversations ("messages": answered after their last user turn, through the chat template); "-":
+            the lines of standard input.
         output: write results as JSONL here (one object per prompt).
         chat: wrap each prompt in the tokenizer's chat template.
         strategy: greedy | speculative (lossless) | confadapt (lossy, tau) | static (lossy, k).

@@ -10,7 +10,9 @@ that arrives while a batch decodes waits for the next one). Streamed answers are
 
 from __future__ import annotations
 
+import hmac
 import json
+import os
 import sys
 import threading
 import time
@@ -207,6 +209,8 @@ class Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
 
     def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+        if self.path.startswith("/v1/") and not self._authorized():
+            return
         if self.path in ("/health", "/v1/health"):
             self._send_json(HTTPStatus.OK, {"status": "ok"})
         elif self.path == "/v1/models":
@@ -216,6 +220,8 @@ class Handler(BaseHTTPRequestHandler):
             self._error(HTTPStatus.NOT_FOUND, f"no route {self.path} (GET /v1/models, /health)")
 
     def do_POST(self) -> None:  # noqa: N802
+        if not self._authorized():
+            return
         if self.path not in (api.COMPLETIONS, api.CHAT):
             self._error(HTTPStatus.NOT_FOUND, f"no route {self.path} (POST {api.COMPLETIONS}, {api.CHAT})")
             return
@@ -235,6 +241,16 @@ class Handler(BaseHTTPRequestHandler):
             self._stream(request, jobs)
         else:
             self._answer(request, jobs)
+
+    def _authorized(self) -> bool:
+        """With --api-key, a request must carry it as OpenAI clients send theirs ("Authorization: Bearer KEY");
+        one that does not gets 401 (its body, if any, is read and dropped: the connection stays usable)."""
+        key = self.server.api_key
+        if key is None or hmac.compare_digest(self.headers.get("Authorization", ""), f"Bearer {key}"):
+            return True
+        self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        self._error(HTTPStatus.UNAUTHORIZED, "invalid or missing API key (send \"Authorization: Bearer KEY\")")
+        return False
 
     def _read_json(self) -> object:
         try:
@@ -338,6 +354,7 @@ class Server(ThreadingHTTPServer):
         self.strategy = "greedy"
         self.max_tokens = 256
         self.access_log = True
+        self.api_key: str | None = None
         self.chat = False
         self.tokenizer_lock = threading.Lock()  # a fast tokenizer may not be called from two threads at once
 
@@ -371,7 +388,8 @@ class Server(ThreadingHTTPServer):
 
 def serve(model: str | None = None, host: str = "127.0.0.1", port: int = 8000, served_model_name: str | None = None,
           strategy: Literal["greedy", "speculative", "confadapt", "static"] = "speculative",
-          max_new_tokens: int = 256, max_batch_size: int = 8, batch_window_ms: float = 10.0, access_log: bool = True,
+          max_new_tokens: int = 256, max_batch_size: int = 8, batch_window_ms: float = 10.0, api_key: str | None = None,
+          access_log: bool = True,
           drafts: DraftOptions | None = None, weights: WeightOptions | None = None, **flat: object) -> int:
     """Serve a model over HTTP with the OpenAI API: /v1/completions, /v1/chat/completions (streamed or not).
 
@@ -392,6 +410,8 @@ def serve(model: str | None = None, host: str = "127.0.0.1", port: int = 8000, s
             at most this many rows.
         batch_window_ms: a batch starts once no request came for this long (at most 10 such windows after
             its first) or it is full: a burst of requests is decoded together; 0: it starts at once.
+        api_key: requests must carry this key ("Authorization: Bearer KEY", an OpenAI client's api_key); default:
+            the environment's MTP_API_KEY, else none is asked (listen on 127.0.0.1 only, then).
         access_log: a line on stderr for every HTTP request (each decoded batch has its own line either way).
     """
     from mtp.hub import resolve_model
@@ -410,6 +430,10 @@ def serve(model: str | None = None, host: str = "127.0.0.1", port: int = 8000, s
                           batch_window_ms / 1000)
         server.attach(batcher, served_model_name or model_label(model), strategy, max_new_tokens)
         server.access_log = access_log
+        server.api_key = api_key if api_key is not None else os.environ.get("MTP_API_KEY") or None
+        if server.api_key is None and host not in ("127.0.0.1", "localhost", "::1"):
+            print(f"mtp serve: warning: listening on {host} without an API key: whoever reaches the port can use "
+                  "the model (--api-key, or MTP_API_KEY)", file=sys.stderr, flush=True)
         warm_up(batcher)
         batcher.start()
         print(f"mtp serve: {server.model_name} ({strategy} decoding on {weights.describe(runtime)}) at "
