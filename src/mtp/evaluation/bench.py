@@ -226,9 +226,6 @@ def hf_method(model, tokenizer, name: str, *, lookup: int | None = None,
     decoding step, on a copy of the base model (compiling leaves state on the module: the eager rows keep
     theirs). Its warm-up decodes the longest prompt in full twice: a static cache sized for every call and its
     compiled step are ready before the timed calls."""
-    from transformers import GenerationConfig
-    from transformers.generation.streamers import BaseStreamer
-
     static = static_cache_len is not None
     base = model.base
     if static:
@@ -236,36 +233,13 @@ def hf_method(model, tokenizer, name: str, *, lookup: int | None = None,
         base._forward_hooks.clear()  # the eager rows' forward counter, copied along
         base.__dict__.pop("_mtp_bench_forwards", None)
     stop_ids = list(stop_token_ids(model, tokenizer) if stop_ids is None else stop_ids)
-    calls = getattr(base, "_mtp_bench_forwards", None)  # one counting hook per model, however many methods
-    if calls is None and not static:  # (a hook would be traced into the compiled step: counted by tokens there)
-        calls = [0]
-        base.register_forward_hook(lambda module, args, output: calls.__setitem__(0, calls[0] + 1))
-        base._mtp_bench_forwards = calls
-
-    class FirstToken(BaseStreamer):
-        def __init__(self):
-            self.puts, self.at = 0, None
-
-        def put(self, value):
-            self.puts += 1
-            if self.puts == 2 and self.at is None:  # the first put is the prompt
-                self.at = time.perf_counter()
-
-        def end(self):
-            pass
-
-    config = GenerationConfig(do_sample=False, max_new_tokens=1, eos_token_id=stop_ids or None,
-                              pad_token_id=pad_id(tokenizer), stop_strings=list(STOP_SEQUENCES),
-                              prompt_lookup_num_tokens=lookup)
-    if static:
-        config.cache_implementation = "static"
-        if hasattr(config, "max_cache_len"):  # newer transformers: one cache size for every call (else the warm-up's
-            config.max_cache_len = static_cache_len  # longest call sets the size the later calls reuse)
+    calls = None if static else _forward_counter(base)  # (a hook would be traced into the compiled step)
+    config = _hf_config(tokenizer, stop_ids, lookup, static_cache_len)
 
     def run(prompt: Prompt, max_new_tokens: int) -> CallResult:
         ids = torch.tensor([prompt.token_ids], dtype=torch.long, device=model.device)
         config.max_new_tokens = max_new_tokens
-        streamer = FirstToken()
+        streamer = _first_token_streamer()
         if calls is not None:
             calls[0] = 0
 
@@ -284,16 +258,59 @@ def hf_method(model, tokenizer, name: str, *, lookup: int | None = None,
         for _ in range(2):
             run(longest, max_new_tokens)
 
-    if static:
-        compiled = ", its compiled step" if model.device.type != "cpu" else ""  # transformers compiles on GPUs
-        desc = f"transformers generate() greedy, static cache ({static_cache_len} tokens){compiled}"
-    elif lookup is None:
-        desc = "transformers generate() greedy"
-    else:
-        desc = f"transformers prompt lookup ({lookup} tokens)"
-    return Method(name, "transformers-static" if static else "transformers", run, desc,
-                  HF_GREEDY if lookup is not None else None, warmup=warmup if static else None,
-                  **weight_sizes(base))
+    return Method(name, "transformers-static" if static else "transformers", run,
+                  _hf_description(lookup, static_cache_len, model.device), HF_GREEDY if lookup is not None else None,
+                  warmup=warmup if static else None, **weight_sizes(base))
+
+
+def _forward_counter(base) -> list[int]:
+    """A one-item list the base model's forwards count into: one hook per model, however many methods."""
+    calls = getattr(base, "_mtp_bench_forwards", None)
+    if calls is None:
+        calls = [0]
+        base.register_forward_hook(lambda module, args, output: calls.__setitem__(0, calls[0] + 1))
+        base._mtp_bench_forwards = calls
+    return calls
+
+
+def _hf_config(tokenizer, stop_ids: list[int], lookup: int | None, static_cache_len: int | None):
+    from transformers import GenerationConfig
+
+    config = GenerationConfig(do_sample=False, max_new_tokens=1, eos_token_id=stop_ids or None,
+                              pad_token_id=pad_id(tokenizer), stop_strings=list(STOP_SEQUENCES),
+                              prompt_lookup_num_tokens=lookup)
+    if static_cache_len is not None:
+        config.cache_implementation = "static"
+        if hasattr(config, "max_cache_len"):  # newer transformers: one cache size for every call (else the warm-up's
+            config.max_cache_len = static_cache_len  # longest call sets the size the later calls reuse)
+    return config
+
+
+def _hf_description(lookup: int | None, static_cache_len: int | None, device: torch.device) -> str:
+    if static_cache_len is not None:
+        compiled = ", its compiled step" if device.type != "cpu" else ""  # transformers compiles on GPUs
+        return f"transformers generate() greedy, static cache ({static_cache_len} tokens){compiled}"
+    return "transformers generate() greedy" if lookup is None else f"transformers prompt lookup ({lookup} tokens)"
+
+
+def _first_token_streamer():  # (made on first use: transformers is imported only where its rows run)
+    from transformers.generation.streamers import BaseStreamer
+
+    class FirstToken(BaseStreamer):
+        """When the first new token came (the first put is the prompt)."""
+
+        def __init__(self):
+            self.puts, self.at = 0, None
+
+        def put(self, value):
+            self.puts += 1
+            if self.puts == 2 and self.at is None:
+                self.at = time.perf_counter()
+
+        def end(self):
+            pass
+
+    return FirstToken()
 
 
 def llamacpp_method(gguf: str | Path, tokenizer, stop_ids: Sequence[int], n_ctx: int, name: str = "llama.cpp",
