@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -47,10 +48,10 @@ def model():
 
 
 @contextmanager
-def served(model, start: bool = True, max_batch_size: int = 8, batch_window: float = 0.01, **decode):
+def served(model, start: bool = True, max_batch_size: int = 8, batch_window: float = 0.01, log=None, **decode):
     server = Server("127.0.0.1", 0)
     batcher = Batcher(model, {"strategy": "speculative", "graphs": False} | decode, max_batch_size, batch_window,
-                      log=lambda line: None)
+                      log=log or (lambda line: None))
     server.attach(batcher, "tiny", decode.get("strategy", "speculative"), max_tokens=16)
     server.access_log = False
     if start:
@@ -62,6 +63,7 @@ def served(model, start: bool = True, max_batch_size: int = 8, batch_window: flo
     finally:
         server.shutdown()
         server.server_close()
+        batcher.stop()
 
 
 def post(server, path: str, body, headers: dict | None = None) -> tuple[int, dict]:
@@ -245,6 +247,72 @@ def test_a_burst_of_requests_is_one_batch(model):
         for t in threads:
             t.join(60)
     assert server.batcher.batch_sizes == [3] and len(results) == 3
+
+
+def _sent_raw(server, body: dict) -> socket.socket:
+    """A request written on a socket of its own, for a client that hangs up."""
+    data = json.dumps(body).encode()
+    sock = socket.create_connection(server.server_address[:2])
+    sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: %d\r\n\r\n" % len(data) + data)
+    return sock
+
+
+def _slow_decoding(monkeypatch) -> list[int]:
+    """generate with a pause after each row's step (the count of those steps, as they run)."""
+    real, steps = serve_module.generate_tokens, [0]
+
+    def slow(m, ids, mask, *, streamer, **kw):
+        def paused(row, new):
+            steps[0] += 1
+            time.sleep(0.01)
+            streamer(row, new)
+        return real(m, ids, mask, streamer=paused, **kw)
+
+    monkeypatch.setattr(serve_module, "generate_tokens", slow)
+    return steps
+
+
+@pytest.mark.parametrize("stream", [True, False], ids=["streamed", "whole"])
+def test_a_client_that_leaves_stops_its_decoding(model, monkeypatch, stream):
+    """A client hanging up, streamed (after its first piece) or waiting for the whole answer: its batch, which
+    no other client shares, stops at its next step; the server goes on answering."""
+    steps, lines = _slow_decoding(monkeypatch), []
+    with served(model, log=lines.append) as server:
+        sock = _sent_raw(server, {"prompt": PROMPTS[0], "max_tokens": 200, "stream": stream})
+        if stream:
+            received = b""
+            while b"data: " not in received:
+                received += sock.recv(4096)
+        else:
+            while steps[0] < 3:
+                time.sleep(0.01)
+        sock.close()
+        deadline = time.monotonic() + 30
+        while not lines and time.monotonic() < deadline:
+            time.sleep(0.01)
+        status, _ = post(server, "/v1/completions", {"prompt": PROMPTS[1], "max_tokens": 4})
+    assert lines[0] == "mtp serve: a batch of 1 stopped: its clients left" and steps[0] < 100 and status == 200
+
+
+def test_a_request_whose_client_left_before_its_batch_is_never_decoded(model, monkeypatch):
+    real, decoded = serve_module.generate_tokens, []
+
+    def spy(m, ids, mask, **kw):
+        decoded.extend(row[r.bool()].tolist() for row, r in zip(ids, mask, strict=True))
+        return real(m, ids, mask, **kw)
+
+    monkeypatch.setattr(serve_module, "generate_tokens", spy)
+    with served(model, start=False) as server:
+        sock = _sent_raw(server, {"prompt": PROMPTS[0], "max_tokens": 8})
+        while not server.batcher.waiting:
+            time.sleep(0.01)
+        sock.close()
+        while not server.batcher.waiting[0].cancelled.is_set():
+            time.sleep(0.01)
+        server.batcher.start()
+        status, _ = post(server, "/v1/completions", {"prompt": PROMPTS[1], "max_tokens": 4})
+    assert status == 200 and decoded == [model.tokenizer(PROMPTS[1]).input_ids]
 
 
 def test_a_request_its_batch_cannot_take_fails_alone(model, monkeypatch):

@@ -13,16 +13,18 @@ from __future__ import annotations
 import hmac
 import json
 import os
+import select
+import socket
 import sys
 import threading
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from queue import Queue
+from queue import Empty, Queue
 from typing import Literal
 
 from mtp.arguments import check_values
@@ -84,9 +86,14 @@ class Job:
     index: int
     events: Queue
     streamed: StreamedText | None = None
+    cancelled: threading.Event = field(default_factory=threading.Event)  # its client left
 
     def batches_with(self, other: Job) -> bool:
         return self.sampling == other.sampling and self.sampling.seed is None
+
+
+class Cancelled(Exception):
+    """Every client of a batch left: its decoding stops (raised from the streamer, out of `generate`)."""
 
 
 @dataclass
@@ -115,6 +122,9 @@ class Batcher:
     waiting: list[Job] = field(default_factory=list)
     ready: threading.Condition = field(default_factory=threading.Condition)
     batch_sizes: list[int] = field(default_factory=list)  # every batch decoded (for the log and the tests)
+    decoding: list[Job] = field(default_factory=list)  # the batch being decoded
+    stopping: bool = False
+    thread: threading.Thread | None = None
 
     def _stopped(self, tokens: list[int], stop: tuple[str, ...]) -> bool:
         """Whether a row of max_tokens tokens ended at its last token anyway: an end token or a stop string (a
@@ -128,25 +138,41 @@ class Batcher:
             self.waiting.extend(jobs)
             self.ready.notify()
 
-    def start(self) -> threading.Thread:
-        thread = threading.Thread(target=self._run, name="mtp-decode", daemon=True)
-        thread.start()
-        return thread
+    def start(self) -> None:
+        self.thread = threading.Thread(target=self._run, name="mtp-decode", daemon=True)
+        self.thread.start()
+
+    def stop(self) -> None:
+        """End the decoding thread: the batch it decodes stops at its next step, as if its clients had left (a
+        thread still in torch when the interpreter exits can abort the process)."""
+        with self.ready:
+            self.stopping = True
+            for job in [*self.waiting, *self.decoding]:
+                job.cancelled.set()
+            self.ready.notify()
+        if self.thread is not None:
+            self.thread.join(60)
 
     def _run(self) -> None:
         while True:
             with self.ready:
-                self.ready.wait_for(lambda: self.waiting)
+                self.ready.wait_for(lambda: self.waiting or self.stopping)
                 self._gather()
-                batch = self._next_batch()
-                self.waiting = [j for j in self.waiting if all(j is not b for b in batch)]
-            self.decode_batch(batch)
+                self.waiting = [j for j in self.waiting if not j.cancelled.is_set()]  # their clients left
+                if self.stopping:
+                    return
+                if not self.waiting:
+                    continue
+                self.decoding = self._next_batch()
+                self.waiting = [j for j in self.waiting if all(j is not b for b in self.decoding)]
+            self.decode_batch(self.decoding)
+            self.decoding = []
 
     def _gather(self) -> None:
         """Wait while requests keep coming (each within `batch_window` of the one before, for at most ten
         windows) and the batch is not full: a burst sent together is decoded together."""
         deadline = time.monotonic() + 10 * self.batch_window
-        while len(self._next_batch()) < self.max_batch_size and time.monotonic() < deadline:
+        while self.waiting and len(self._next_batch()) < self.max_batch_size and time.monotonic() < deadline:
             count = len(self.waiting)
             if not self.ready.wait_for(lambda count=count: len(self.waiting) > count, self.batch_window):
                 return
@@ -163,6 +189,8 @@ class Batcher:
 
         def stream(row: int, new: list[int]) -> None:
             job = jobs[row]
+            if job.cancelled.is_set() and all(j.cancelled.is_set() for j in jobs):
+                raise Cancelled
             if job.streamed is not None and (piece := job.streamed.add(new)):
                 sent[row] = True
                 job.events.put(("text", job.index, piece))
@@ -175,6 +203,10 @@ class Batcher:
                                   max_new_tokens=s.max_tokens, do_sample=s.do_sample, temperature=s.temperature,
                                   top_p=s.top_p, top_k=s.top_k, seed=s.seed, stop_strings=list(s.stop) or None,
                                   streamer=stream, **options)
+        except Cancelled:
+            if log:
+                self.log(f"mtp serve: a batch of {len(jobs)} stopped: its clients left")
+            return
         except MTPError as e:  # a request the batch cannot take: each on its own, so only that one fails
             if len(jobs) > 1 and not any(sent):
                 for job in jobs:
@@ -259,15 +291,43 @@ class Handler(BaseHTTPRequestHandler):
         except (ValueError, UnicodeDecodeError) as e:
             raise api.BadRequest(f"the request body is not JSON: {e}") from None
 
+    def _events(self, jobs: list[Job]) -> Iterator[tuple[str, int, object]]:
+        """The jobs' events as the decoding thread sends them. A client that hangs up meanwhile cancels its jobs
+        (a job not started is dropped, a batch whose clients all left stops) and ends the iteration."""
+        while True:
+            try:
+                yield jobs[0].events.get(timeout=0.25)
+            except Empty:
+                if self._client_left():
+                    self._cancel(jobs)
+                    return
+
+    def _client_left(self) -> bool:
+        """Whether the client closed its end: the socket reads as ended (a waiting client sends nothing)."""
+        try:
+            readable, _, _ = select.select([self.connection], [], [], 0)
+            return bool(readable) and self.connection.recv(1, socket.MSG_PEEK) == b""
+        except OSError:
+            return True
+
+    @staticmethod
+    def _cancel(jobs: list[Job]) -> None:
+        for job in jobs:
+            job.cancelled.set()
+
     def _answer(self, request: api.CompletionRequest, jobs: list[Job]) -> None:
         done: dict[int, Finished] = {}
-        while len(done) < len(jobs):
-            kind, index, value = jobs[0].events.get()
+        for kind, index, value in self._events(jobs):
             if kind == "error":
                 self._error(*value)
                 return
             if kind == "end":
                 done[index] = value
+                if len(done) == len(jobs):
+                    break
+        else:  # the client left
+            self.close_connection = True
+            return
         choices = [api.choice(request.path, i, done[i].text, done[i].finish_reason) for i in range(len(jobs))]
         prompt_tokens = sum(len(j.ids) for j in jobs)
         completion_tokens = sum(len(d.tokens) for d in done.values())
@@ -278,8 +338,8 @@ class Handler(BaseHTTPRequestHandler):
 
     def _stream(self, request: api.CompletionRequest, jobs: list[Job]) -> None:
         """Server-sent events: a chunk per piece of text, one with each choice's finish reason, the token counts
-        when asked (stream_options.include_usage), then [DONE]. A client that leaves stops the writing, not the
-        batch (its other rows go on)."""
+        when asked (stream_options.include_usage), then [DONE]. A client that leaves cancels its jobs (its batch
+        stops if no other client is left in it)."""
         rid, path, name = api.new_id(request.path), request.path, self.server.model_name
         started = False
         completion_tokens, ended = 0, 0
@@ -301,8 +361,7 @@ class Handler(BaseHTTPRequestHandler):
             self.wfile.flush()
 
         try:
-            while ended < len(jobs):
-                kind, index, value = jobs[0].events.get()
+            for kind, index, value in self._events(jobs):
                 if kind == "text":
                     send(api.chunk(path, rid, name, [api.choice(path, index, value, None, delta=True)]))
                 elif kind == "error" and not started:  # nothing sent yet: an HTTP error as any other
@@ -316,11 +375,14 @@ class Handler(BaseHTTPRequestHandler):
                     completion_tokens += len(value.tokens)
                     rest = jobs[index].streamed.finish()
                     send(api.chunk(path, rid, name, [api.choice(path, index, rest, value.finish_reason, delta=True)]))
-            if request.include_usage:
-                send(api.chunk(path, rid, name, [], api.usage(sum(len(j.ids) for j in jobs), completion_tokens)))
-            send("[DONE]")
+                if ended == len(jobs):
+                    if request.include_usage:
+                        usage = api.usage(sum(len(j.ids) for j in jobs), completion_tokens)
+                        send(api.chunk(path, rid, name, [], usage))
+                    send("[DONE]")
+                    break
         except (BrokenPipeError, ConnectionResetError):  # the client left
-            pass
+            self._cancel(jobs)
         self.close_connection = True
 
     def _send_json(self, status: int, body: dict) -> None:
@@ -442,6 +504,8 @@ def serve(model: str | None = None, host: str = "127.0.0.1", port: int = 8000, s
         server.serve_forever()
     finally:
         server.server_close()
+        if server.batcher is not None:
+            server.batcher.stop()
     return 0
 
 
