@@ -22,10 +22,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from conftest import tiny_mtp, tiny_tokenizer
+from mtp.decoding import batcher as batcher_module
 from mtp.decoding import serve as serve_module
+from mtp.decoding.batcher import Batcher, StreamedText
 from mtp.decoding.commands import encode_prompts
 from mtp.decoding.generate import generate
-from mtp.decoding.serve import Batcher, Server, StreamedText
+from mtp.decoding.serve import Server
 from mtp.errors import MTPError
 from test_cli import run_cli
 
@@ -260,7 +262,7 @@ def _sent_raw(server, body: dict) -> socket.socket:
 
 def _slow_decoding(monkeypatch) -> list[int]:
     """generate with a pause after each row's step (the count of those steps, as they run)."""
-    real, steps = serve_module.generate_tokens, [0]
+    real, steps = batcher_module.generate_tokens, [0]
 
     def slow(m, ids, mask, *, streamer, **kw):
         def paused(row, new):
@@ -269,7 +271,7 @@ def _slow_decoding(monkeypatch) -> list[int]:
             streamer(row, new)
         return real(m, ids, mask, streamer=paused, **kw)
 
-    monkeypatch.setattr(serve_module, "generate_tokens", slow)
+    monkeypatch.setattr(batcher_module, "generate_tokens", slow)
     return steps
 
 
@@ -296,13 +298,13 @@ def test_a_client_that_leaves_stops_its_decoding(model, monkeypatch, stream):
 
 
 def test_a_request_whose_client_left_before_its_batch_is_never_decoded(model, monkeypatch):
-    real, decoded = serve_module.generate_tokens, []
+    real, decoded = batcher_module.generate_tokens, []
 
     def spy(m, ids, mask, **kw):
         decoded.extend(row[r.bool()].tolist() for row, r in zip(ids, mask, strict=True))
         return real(m, ids, mask, **kw)
 
-    monkeypatch.setattr(serve_module, "generate_tokens", spy)
+    monkeypatch.setattr(batcher_module, "generate_tokens", spy)
     with served(model, start=False) as server:
         sock = _sent_raw(server, {"prompt": PROMPTS[0], "max_tokens": 8})
         while not server.batcher.waiting:
@@ -318,14 +320,14 @@ def test_a_request_whose_client_left_before_its_batch_is_never_decoded(model, mo
 def test_a_request_its_batch_cannot_take_fails_alone(model, monkeypatch):
     """generate refusing a batch (here: any batch holding the second prompt) before decoding: each request is
     decoded on its own, so only the one at fault gets the error."""
-    real, bad = serve_module.generate_tokens, model.tokenizer(PROMPTS[1]).input_ids
+    real, bad = batcher_module.generate_tokens, model.tokenizer(PROMPTS[1]).input_ids
 
     def refusing(m, ids, mask, **kw):
         if any(row[m_.bool()].tolist() == bad for row, m_ in zip(ids, mask, strict=True)):
             raise MTPError("refused\nmore detail")
         return real(m, ids, mask, **kw)
 
-    monkeypatch.setattr(serve_module, "generate_tokens", refusing)
+    monkeypatch.setattr(batcher_module, "generate_tokens", refusing)
     results: dict[int, tuple] = {}
     with served(model, start=False) as server:
         threads = [threading.Thread(target=lambda i=i, p=p: results.__setitem__(
@@ -347,7 +349,7 @@ def test_a_streamed_request_refused_before_its_first_piece_is_an_http_error(mode
     def refusing(*a, **kw):
         raise MTPError("refused")
 
-    monkeypatch.setattr(serve_module, "generate_tokens", refusing)
+    monkeypatch.setattr(batcher_module, "generate_tokens", refusing)
     with served(model) as server:
         status, body = post(server, "/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}],
                                                              "stream": True})

@@ -1,11 +1,10 @@
 """`mtp serve`: an OpenAI-compatible HTTP server (/v1/completions, /v1/chat/completions, /v1/models) whose answers
 are decoded with any strategy; lossless speculative decoding by default, so clients get greedy's answers sooner.
 
-One thread decodes (`Batcher`); the HTTP threads only read requests, tokenize them and write what the decoding
-thread hands them. Requests waiting together with the same sampling settings (and no seed) are decoded as one
-left-padded batch, up to --max-batch-size rows: static batching, a batch's rows all start together (a request
-that arrives while a batch decodes waits for the next one). Streamed answers are sent as their text becomes final
-(`IncrementalText`), holding back what could be the start of a stop string.
+One thread decodes (`mtp.decoding.batcher.Batcher`: requests waiting together are decoded as one batch); the
+HTTP threads here only read requests, tokenize them and write what the decoding thread hands them. Streamed
+answers are sent as their text becomes final, holding back what could be the start of a stop string
+(`StreamedText`).
 """
 
 from __future__ import annotations
@@ -17,10 +16,7 @@ import select
 import socket
 import sys
 import threading
-import time
-import traceback
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Iterator
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -29,208 +25,13 @@ from typing import Literal
 
 from mtp.arguments import check_values
 from mtp.decoding import openai_api as api
-from mtp.decoding.commands import IncrementalText, encode_prompts
-from mtp.decoding.generate import context_limit, default_stop_token_ids, left_pad
-from mtp.decoding.generate import generate as generate_tokens
+from mtp.decoding.batcher import Batcher, Finished, Job, StreamedText
+from mtp.decoding.commands import encode_prompts
+from mtp.decoding.generate import context_limit
 from mtp.decoding.options import DraftOptions, WeightOptions
 from mtp.errors import MTPError, first_line
 from mtp.evaluation.prompts import has_chat_template
 from mtp.options import with_flat_keywords
-
-
-class StreamedText:
-    """A row's answer as it is streamed: `IncrementalText`'s pieces, cut at the first stop string, with the text
-    that could still begin one held back until the next tokens tell. The pieces add up to the answer `generate`
-    returns (its text cut at the first stop string)."""
-
-    def __init__(self, tokenizer, stop: tuple[str, ...] = ()):
-        self.text = IncrementalText(tokenizer)
-        self.stop = stop
-        self.pending = ""  # decoded, not yet sent
-        self.stopped = False  # a stop string was found: nothing more is sent
-
-    def add(self, tokens: list[int]) -> str:
-        if self.stopped:
-            return ""
-        self.pending += self.text.add(tokens)
-        return self._release(final=False)
-
-    def finish(self) -> str:
-        if not self.stopped:
-            self.pending += self.text.rest()
-        return self._release(final=True)
-
-    def _release(self, final: bool) -> str:
-        cut = min((i for i in (self.pending.find(s) for s in self.stop) if i >= 0), default=-1)
-        if cut >= 0:
-            self.pending, self.stopped = self.pending[:cut], True
-        keep = 0 if final or self.stopped else _stop_prefix(self.pending, self.stop)
-        out, self.pending = self.pending[:len(self.pending) - keep], self.pending[len(self.pending) - keep:]
-        return out
-
-
-def _stop_prefix(text: str, stop: tuple[str, ...]) -> int:
-    """The length of the longest end of `text` that begins a stop string (0: none)."""
-    return max((n for s in stop for n in range(min(len(s) - 1, len(text)), 0, -1) if text.endswith(s[:n])),
-               default=0)
-
-
-@dataclass
-class Job:
-    """One prompt of a request, for the decoding thread. Its events go to the request's queue, tagged with
-    `index` (its choice): ("text", index, piece) while it decodes, then ("end", index, Finished) or
-    ("error", index, (status, message))."""
-
-    ids: list[int]
-    sampling: api.Sampling
-    index: int
-    events: Queue
-    streamed: StreamedText | None = None
-    cancelled: threading.Event = field(default_factory=threading.Event)  # its client left
-
-    def batches_with(self, other: Job) -> bool:
-        return self.sampling == other.sampling and self.sampling.seed is None
-
-
-class Cancelled(Exception):
-    """Every client of a batch left: its decoding stops (raised from the streamer, out of `generate`)."""
-
-
-@dataclass
-class Finished:
-    text: str
-    tokens: list[int]
-    finish_reason: str  # "stop" (an end token or stop string) or "length" (max_tokens)
-    batch: dict  # the figures of the batch it was decoded in (`GenerationStats.to_dict` and its rows)
-
-
-def _log(line: str) -> None:
-    sys.stderr.write(line + "\n")  # one write: the HTTP threads' access log lines do not split it
-    sys.stderr.flush()
-
-
-@dataclass
-class Batcher:
-    """The decoding thread: takes waiting jobs in batches and decodes them with `decode` (generate's options
-    other than the per-request ones: the strategy, its drafts, graphs)."""
-
-    model: object
-    decode: dict
-    max_batch_size: int = 8
-    batch_window: float = 0.01  # seconds a batch waits for a next request (a burst is decoded together)
-    log: Callable[[str], None] = _log  # a line per batch
-    waiting: list[Job] = field(default_factory=list)
-    ready: threading.Condition = field(default_factory=threading.Condition)
-    batch_sizes: list[int] = field(default_factory=list)  # every batch decoded (for the log and the tests)
-    decoding: list[Job] = field(default_factory=list)  # the batch being decoded
-    stopping: bool = False
-    thread: threading.Thread | None = None
-
-    def _stopped(self, tokens: list[int], stop: tuple[str, ...]) -> bool:
-        """Whether a row of max_tokens tokens ended at its last token anyway: an end token or a stop string (a
-        row that ends sooner always stopped: a prompt and max_tokens always fit the context)."""
-        if tokens[-1] in default_stop_token_ids(self.model, self.model.tokenizer):
-            return True
-        return bool(stop) and any(x in self.model.tokenizer.decode(tokens, skip_special_tokens=True) for x in stop)
-
-    def submit(self, jobs: list[Job]) -> None:
-        with self.ready:
-            self.waiting.extend(jobs)
-            self.ready.notify()
-
-    def start(self) -> None:
-        self.thread = threading.Thread(target=self._run, name="mtp-decode", daemon=True)
-        self.thread.start()
-
-    def stop(self) -> None:
-        """End the decoding thread: the batch it decodes stops at its next step, as if its clients had left (a
-        thread still in torch when the interpreter exits can abort the process)."""
-        with self.ready:
-            self.stopping = True
-            for job in [*self.waiting, *self.decoding]:
-                job.cancelled.set()
-            self.ready.notify()
-        if self.thread is not None:
-            self.thread.join(60)
-
-    def _run(self) -> None:
-        while True:
-            with self.ready:
-                self.ready.wait_for(lambda: self.waiting or self.stopping)
-                self._gather()
-                self.waiting = [j for j in self.waiting if not j.cancelled.is_set()]  # their clients left
-                if self.stopping:
-                    return
-                if not self.waiting:
-                    continue
-                self.decoding = self._next_batch()
-                self.waiting = [j for j in self.waiting if all(j is not b for b in self.decoding)]
-            self.decode_batch(self.decoding)
-            self.decoding = []
-
-    def _gather(self) -> None:
-        """Wait while requests keep coming (each within `batch_window` of the one before, for at most ten
-        windows) and the batch is not full: a burst sent together is decoded together."""
-        deadline = time.monotonic() + 10 * self.batch_window
-        while self.waiting and len(self._next_batch()) < self.max_batch_size and time.monotonic() < deadline:
-            count = len(self.waiting)
-            if not self.ready.wait_for(lambda count=count: len(self.waiting) > count, self.batch_window):
-                return
-
-    def _next_batch(self) -> list[Job]:
-        """The first waiting job and the jobs that may share its batch, in the order they came."""
-        first = self.waiting[0]
-        return [j for j in self.waiting if j is first or first.batches_with(j)][:self.max_batch_size]
-
-    def decode_batch(self, jobs: list[Job], log: bool = True) -> None:
-        s = jobs[0].sampling
-        ids, mask = left_pad([j.ids for j in jobs], self.model.tokenizer.pad_token_id or 0)
-        sent = [False] * len(jobs)
-
-        def stream(row: int, new: list[int]) -> None:
-            job = jobs[row]
-            if job.cancelled.is_set() and all(j.cancelled.is_set() for j in jobs):
-                raise Cancelled
-            if job.streamed is not None and (piece := job.streamed.add(new)):
-                sent[row] = True
-                job.events.put(("text", job.index, piece))
-
-        # A seeded request decodes alone and ungated (on a GPU the gate times one row's steps too): its seed
-        # reproduces its draws.
-        options = self.decode | ({"adaptive_draft": False} if s.seed is not None else {})
-        try:
-            res = generate_tokens(self.model, ids.to(self.model.device), mask.to(self.model.device),
-                                  max_new_tokens=s.max_tokens, do_sample=s.do_sample, temperature=s.temperature,
-                                  top_p=s.top_p, top_k=s.top_k, seed=s.seed, stop_strings=list(s.stop) or None,
-                                  streamer=stream, **options)
-        except Cancelled:
-            if log:
-                self.log(f"mtp serve: a batch of {len(jobs)} stopped: its clients left")
-            return
-        except MTPError as e:  # a request the batch cannot take: each on its own, so only that one fails
-            if len(jobs) > 1 and not any(sent):
-                for job in jobs:
-                    self.decode_batch([job], log)
-                return
-            for job in jobs:
-                job.events.put(("error", job.index, (HTTPStatus.BAD_REQUEST, first_line(e))))
-            return
-        except Exception as e:  # noqa: BLE001 (the server goes on; the client is told, the log has the trace)
-            traceback.print_exc()
-            for job in jobs:
-                job.events.put(("error", job.index, (HTTPStatus.INTERNAL_SERVER_ERROR, f"decoding failed: {e}")))
-            return
-        figures = {"rows": len(jobs), **res.stats.to_dict()}
-        for job, tokens, text in zip(jobs, res.tokens, res.texts, strict=True):
-            reason = "length" if len(tokens) == s.max_tokens and not self._stopped(tokens, s.stop) else "stop"
-            job.events.put(("end", job.index, Finished(text, tokens, reason, figures)))
-        if not log:
-            return
-        self.batch_sizes.append(len(jobs))
-        st = res.stats
-        self.log(f"mtp serve: a batch of {len(jobs)}, {st.new_tokens} tokens in "
-                 f"{st.seconds:.2f} s: {st.tokens_per_second:.1f} tokens/s, {st.tokens_per_forward:.2f} tokens "
-                 "per forward")
 
 
 # ------------------------------------------------------------------------------------------------------ HTTP
@@ -496,7 +297,7 @@ def serve(model: str | None = None, host: str = "127.0.0.1", port: int = 8000, s
         if server.api_key is None and host not in ("127.0.0.1", "localhost", "::1"):
             print(f"mtp serve: warning: listening on {host} without an API key: whoever reaches the port can use "
                   "the model (--api-key, or MTP_API_KEY)", file=sys.stderr, flush=True)
-        warm_up(batcher)
+        batcher.warm_up()
         batcher.start()
         print(f"mtp serve: {server.model_name} ({strategy} decoding on {weights.describe(runtime)}) at "
               f"{server.url}/v1 (POST {api.COMPLETIONS}, {api.CHAT}; GET /v1/models); Ctrl-C stops",
@@ -515,14 +316,3 @@ def model_label(spec: str | None) -> str:
         return "SmolLM2-135M-Instruct"
     path = Path(spec).expanduser()
     return path.name.removesuffix(".gguf") if path.exists() and path.name else spec
-
-
-def warm_up(batcher: Batcher) -> None:
-    """Decode a few tokens before the first request (the first steps of a shape build its buffers or graphs)."""
-    tok = batcher.model.tokenizer
-    ids = tok("Hello", add_special_tokens=False).input_ids or [tok.pad_token_id or 0]
-    events: Queue = Queue()
-    batcher.decode_batch([Job(ids, api.Sampling(max_tokens=4), 0, events)], log=False)
-    kind, _, value = events.get()
-    if kind == "error":
-        raise MTPError(f"the model failed its first decoding: {value[1]}")
