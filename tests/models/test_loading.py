@@ -49,3 +49,23 @@ def test_a_mask_token_for_a_model_with_heads_or_one_it_lacks_is_refused(plain_fo
     tok.save_pretrained(tmp_path / "heads")
     with pytest.raises(MTPError, match="a mask token applies to a plain model"):
         load_mtp_model(str(tmp_path / "heads"), mask_token_id=5)
+
+
+def test_decoding_commands_say_when_a_strategy_drafts_with_new_heads(plain_folder, tiny_mtp_folder, capsys):
+    """A plain model's extra heads are new: speculative decoding of it says it keeps greedy's speed, the lossy
+    strategies that their answers are guesses; greedy, a trained folder and a mask token say nothing."""
+    from test_cli import run_cli
+
+    folder, _ = plain_folder
+    generate_args = ["generate", "--prompt", "hi", "--max-new-tokens", "2"]
+    _, _, err = run_cli([*generate_args, "--model", str(folder), "--strategy", "speculative"], capsys)
+    assert "note: the model's 3 extra heads are new, not trained: speculative decoding gives greedy's answers " \
+           "at about greedy's speed" in err
+    _, _, err = run_cli([*generate_args, "--model", str(folder), "--strategy", "static"], capsys)
+    assert "static decoding gives the untrained heads' guesses" in err
+    quiet = [[*generate_args, "--model", str(folder)], [*generate_args, "--model", str(tiny_mtp_folder),
+                                                        "--strategy", "speculative"],
+             [*generate_args, "--model", str(folder), "--strategy", "speculative", "--mask-token", "<|im_end|>"]]
+    for args in quiet:
+        code, _, err = run_cli(args, capsys)
+        assert code == 0 and "note:" not in err, err

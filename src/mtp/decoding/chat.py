@@ -45,7 +45,7 @@ def chat(model: str | None = None, system: str | None = None,
         raise MTPError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
     drafts.check()
     runtime, use_graphs = weights.runtime()
-    m = weights.load(model, runtime)
+    m = weights.load(model, runtime, strategy)
     tok = m.tokenizer
     if not has_chat_template(tok):
         raise MTPError("mtp chat needs a tokenizer with a chat template (chat_template.jinja, or one in "

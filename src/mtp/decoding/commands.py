@@ -141,7 +141,7 @@ def generate(model: str | None = None, prompt: str | None = None, prompts: str |
             "--json prints whole records" if json else f"{prompts} holds {len(texts)} prompts"))
     drafts.check()
     runtime, use_graphs = weights.runtime()
-    m = weights.load(model, runtime, num_heads)
+    m = weights.load(model, runtime, strategy, num_heads)
     tok = m.tokenizer
     if any(isinstance(t, list) for t in texts):  # conversations are laid out by the chat template
         if not has_chat_template(tok):

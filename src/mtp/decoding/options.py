@@ -5,6 +5,7 @@ weights and where they run. Each group is a dataclass: a flag per field under th
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -118,8 +119,9 @@ class WeightOptions:
         runtime = resolve_runtime(self.device, self.dtype, self.quantize)
         return runtime, graphs_option(self.graphs, runtime.device)
 
-    def load(self, model: str | None, runtime: Runtime, num_heads: int | None = None):
-        """The model to decode with, on `runtime`; one without a tokenizer is an error (commands decode text)."""
+    def load(self, model: str | None, runtime: Runtime, strategy: str, num_heads: int | None = None):
+        """The model to decode with `strategy`, on `runtime`; one without a tokenizer is an error (commands
+        decode text), and a plain model's new heads are pointed out where the strategy uses them."""
         from mtp.models.loading import load_mtp_model
 
         m = load_mtp_model(model, num_heads=num_heads, device=runtime.device, dtype=runtime.dtype,
@@ -127,8 +129,26 @@ class WeightOptions:
                            decode_only=True)
         if m.tokenizer is None:
             raise MTPError("this model has no tokenizer; save one with the model folder")
+        if (note := untrained_heads_note(m, strategy)) is not None:
+            print(f"mtp: note: {note}", file=sys.stderr, flush=True)
         return m
 
     def describe(self, runtime: Runtime) -> str:
         """Where it decodes, in words: "cpu, float32, fp16-packed"."""
         return runtime.describe() + ("" if self.quantize == "none" else f", {self.quantize}-packed")
+
+
+def untrained_heads_note(model, strategy: str) -> str | None:
+    """What a strategy that drafts gets from a plain model's extra heads, which nothing trained yet (each starts as
+    a copy of the last layer, which predicts the next token again): None when the heads were trained (an mtp
+    folder, a Meta checkpoint), the model drafts with a mask token, or the strategy does not draft."""
+    from mtp.models.parallel_heads import MTPModel
+
+    source = getattr(model, "source", None)
+    if strategy == "greedy" or not isinstance(model, MTPModel) or model.num_heads < 2 or source is None or \
+            source.kind in ("mtp_folder", "meta"):
+        return None
+    what = ("greedy's answers at about greedy's speed" if strategy == "speculative" else
+            "the untrained heads' guesses: answers unlike greedy's")
+    return (f"the model's {model.num_heads - 1} extra heads are new, not trained: {strategy} decoding gives {what}; "
+            "train them with `mtp train` (or `make demo`) and decode the folder it writes")

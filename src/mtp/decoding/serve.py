@@ -288,7 +288,7 @@ def serve(model: str | None = None, host: str = "127.0.0.1", port: int = 8000, s
     resolve_model(model)  # a model that is not there: one line before the port is taken
     server = Server(host, port)
     try:
-        m = weights.load(model, runtime)
+        m = weights.load(model, runtime, strategy)
         batcher = Batcher(m, dict(strategy=strategy, graphs=use_graphs, **drafts.generate_kwargs()), max_batch_size,
                           batch_window_ms / 1000)
         server.attach(batcher, served_model_name or model_label(model), strategy, max_new_tokens)

@@ -59,7 +59,10 @@ def _kind(m) -> str:
     if m.kind == "mask_tokens":
         adapter = "gated LoRA" if m.lora is not None else "full"
         return f"mask-token model ({adapter}, k={m.default_k}, mask id {m.mask_token_id})"
-    return f"{m.num_heads} heads"
+    from mtp.decoding.options import untrained_heads_note
+
+    return f"{m.num_heads} heads" + (" (the extra ones new, not trained)" if untrained_heads_note(m, "speculative")
+                                     else "")
 
 
 # ------------------------------------------------------------------------------------------------ eval
