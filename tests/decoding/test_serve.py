@@ -399,6 +399,30 @@ def test_models_health_and_unknown_routes(model):
     assert status == 404 and "no route /v1/embeddings" in missing["error"]["message"]
 
 
+def test_metrics_count_what_was_decoded(model, monkeypatch):
+    """/metrics (Prometheus' text format): the prompts answered, their tokens as the responses' usage counts
+    them, the tokens per forward of the batches' figures, a cancelled prompt."""
+    steps = _slow_decoding(monkeypatch)
+    with served(model) as server:
+        _, body = post(server, "/v1/completions", {"prompt": PROMPTS, "max_tokens": 6})
+        sock = _sent_raw(server, {"prompt": PROMPTS[0], "max_tokens": 200})
+        while steps[0] < 3 * 6 + 3:
+            time.sleep(0.01)
+        sock.close()
+        while server.batcher.counts.cancelled == 0:
+            time.sleep(0.01)
+        with urllib.request.urlopen(server.url + "/metrics") as r:
+            kind, text = r.headers["Content-Type"], r.read().decode()
+    values = {line.split()[0]: float(line.split()[1]) for line in text.splitlines() if not line.startswith("#")}
+    batch = body["mtp"]["batches"][0]
+    assert kind.startswith("text/plain") and values["mtp_answered_total"] == 3 == values["mtp_batches_total"] * 3
+    assert values["mtp_cancelled_total"] == 1 and values["mtp_failed_total"] == 0 and values["mtp_waiting"] == 0
+    assert values["mtp_prompt_tokens_total"] == body["usage"]["prompt_tokens"]
+    assert values["mtp_generated_tokens_total"] == body["usage"]["completion_tokens"]
+    assert values["mtp_tokens_per_forward"] == pytest.approx(batch["tokens_per_forward"], abs=1e-3)
+    assert "# TYPE mtp_answered_total counter" in text
+
+
 def test_an_api_key_is_asked_of_every_v1_request(model):
     body = {"prompt": "hi", "max_tokens": 2}
     with served(model) as server:

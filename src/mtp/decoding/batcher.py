@@ -91,6 +91,48 @@ class Finished:
     batch: dict  # the figures of the batch it was decoded in (`GenerationStats.to_dict` and its rows)
 
 
+@dataclass
+class Counts:
+    """What the server decoded since it started (its /metrics)."""
+
+    answered: int = 0  # prompts (a request may hold several)
+    cancelled: int = 0  # prompts whose clients left before their answers were done
+    failed: int = 0
+    batches: int = 0
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+    row_forwards: int = 0  # forwards each row took part in, summed (tokens per forward: generated / this)
+    decode_seconds: float = 0.0
+
+    def add(self, jobs: list[Job], stats) -> None:
+        self.answered += len(jobs)
+        self.batches += 1
+        self.prompt_tokens += sum(len(j.ids) for j in jobs)
+        self.generated_tokens += stats.new_tokens
+        self.row_forwards += stats.row_forwards
+        self.decode_seconds += stats.seconds
+
+    def prometheus(self, waiting: int) -> str:
+        """The counts in Prometheus' text format."""
+        rows = [("answered", "counter", "prompts answered", self.answered),
+                ("cancelled", "counter", "prompts whose clients left before the answer was done", self.cancelled),
+                ("failed", "counter", "prompts that failed to decode", self.failed),
+                ("batches", "counter", "batches decoded", self.batches),
+                ("prompt_tokens", "counter", "prompt tokens of the prompts answered", self.prompt_tokens),
+                ("generated_tokens", "counter", "tokens generated", self.generated_tokens),
+                ("row_forwards", "counter", "forwards each row took part in, summed", self.row_forwards),
+                ("decode_seconds", "counter", "seconds spent decoding", round(self.decode_seconds, 6)),
+                ("tokens_per_forward", "gauge", "generated tokens per row forward since the start",
+                 round(self.generated_tokens / self.row_forwards, 4) if self.row_forwards else 0),
+                ("waiting", "gauge", "prompts waiting for a batch", waiting)]
+        lines = []
+        for name, kind, what, value in rows:
+            suffix = "_total" if kind == "counter" else ""
+            lines += [f"# HELP mtp_{name}{suffix} {what}", f"# TYPE mtp_{name}{suffix} {kind}",
+                      f"mtp_{name}{suffix} {value}"]
+        return "\n".join(lines) + "\n"
+
+
 def _log(line: str) -> None:
     sys.stderr.write(line + "\n")  # one write: the HTTP threads' access log lines do not split it
     sys.stderr.flush()
@@ -109,6 +151,7 @@ class Batcher:
     waiting: list[Job] = field(default_factory=list)
     ready: threading.Condition = field(default_factory=threading.Condition)
     batch_sizes: list[int] = field(default_factory=list)  # every batch decoded (for the log and the tests)
+    counts: Counts = field(default_factory=lambda: Counts())
     decoding: list[Job] = field(default_factory=list)  # the batch being decoded
     stopping: bool = False
     thread: threading.Thread | None = None
@@ -126,7 +169,7 @@ class Batcher:
         tok = self.model.tokenizer
         ids = tok("Hello", add_special_tokens=False).input_ids or [tok.pad_token_id or 0]
         events: Queue = Queue()
-        self.decode_batch([Job(ids, api.Sampling(max_tokens=4), 0, events)], log=False)
+        self.decode_batch([Job(ids, api.Sampling(max_tokens=4), 0, events)], record=False)
         kind, _, value = events.get()
         if kind == "error":
             raise MTPError(f"the model failed its first decoding: {value[1]}")
@@ -180,7 +223,7 @@ class Batcher:
         first = self.waiting[0]
         return [j for j in self.waiting if j is first or first.batches_with(j)][:self.max_batch_size]
 
-    def decode_batch(self, jobs: list[Job], log: bool = True) -> None:
+    def decode_batch(self, jobs: list[Job], record: bool = True) -> None:
         s = jobs[0].sampling
         ids, mask = left_pad([j.ids for j in jobs], self.model.tokenizer.pad_token_id or 0)
         sent = [False] * len(jobs)
@@ -202,19 +245,22 @@ class Batcher:
                                   top_p=s.top_p, top_k=s.top_k, seed=s.seed, stop_strings=list(s.stop) or None,
                                   streamer=stream, **options)
         except Cancelled:
-            if log:
+            if record:
+                self.counts.cancelled += len(jobs)
                 self.log(f"mtp serve: a batch of {len(jobs)} stopped: its clients left")
             return
         except MTPError as e:  # a request the batch cannot take: each on its own, so only that one fails
             if len(jobs) > 1 and not any(sent):
                 for job in jobs:
-                    self.decode_batch([job], log)
+                    self.decode_batch([job], record)
                 return
+            self.counts.failed += len(jobs) * record
             for job in jobs:
                 job.events.put(("error", job.index, (HTTPStatus.BAD_REQUEST, first_line(e))))
             return
         except Exception as e:  # noqa: BLE001 (the server goes on; the client is told, the log has the trace)
             traceback.print_exc()
+            self.counts.failed += len(jobs) * record
             for job in jobs:
                 job.events.put(("error", job.index, (HTTPStatus.INTERNAL_SERVER_ERROR, f"decoding failed: {e}")))
             return
@@ -222,10 +268,11 @@ class Batcher:
         for job, tokens, text in zip(jobs, res.tokens, res.texts, strict=True):
             reason = "length" if len(tokens) == s.max_tokens and not self._stopped(tokens, s.stop) else "stop"
             job.events.put(("end", job.index, Finished(text, tokens, reason, figures)))
-        if not log:
+        if not record:
             return
         self.batch_sizes.append(len(jobs))
         st = res.stats
+        self.counts.add(jobs, st)
         self.log(f"mtp serve: a batch of {len(jobs)}, {st.new_tokens} tokens in "
                  f"{st.seconds:.2f} s: {st.tokens_per_second:.1f} tokens/s, {st.tokens_per_forward:.2f} tokens "
                  "per forward")

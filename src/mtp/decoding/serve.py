@@ -46,11 +46,20 @@ class Handler(BaseHTTPRequestHandler):
             return
         if self.path in ("/health", "/v1/health"):
             self._send_json(HTTPStatus.OK, {"status": "ok"})
+        elif self.path == "/metrics":
+            with self.server.batcher.ready:
+                waiting = len(self.server.batcher.waiting)
+            data = self.server.batcher.counts.prometheus(waiting).encode()
+            self.send_response(HTTPStatus.OK)
+            self.send_header("Content-Type", "text/plain; version=0.0.4")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
         elif self.path == "/v1/models":
             self._send_json(HTTPStatus.OK, {"object": "list", "data": [
                 {"id": self.server.model_name, "object": "model", "created": 0, "owned_by": "mtp"}]})
         else:
-            self._error(HTTPStatus.NOT_FOUND, f"no route {self.path} (GET /v1/models, /health)")
+            self._error(HTTPStatus.NOT_FOUND, f"no route {self.path} (GET /v1/models, /health, /metrics)")
 
     def do_POST(self) -> None:  # noqa: N802
         if not self._authorized():
