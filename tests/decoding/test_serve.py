@@ -89,6 +89,14 @@ def events(server, path: str, body: dict) -> list:
     return [d if d == "[DONE]" else json.loads(d) for d in data]
 
 
+def wait_until(condition, seconds: float = 30) -> None:
+    """Poll `condition` until it holds; a test whose server never gets there fails (it does not hang)."""
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, "the server never got there"
+        time.sleep(0.01)
+
+
 def greedy(model, ids: list[int], max_new_tokens: int = 16, **kw):
     return generate(model, torch.tensor([ids]), max_new_tokens=max_new_tokens, **kw)
 
@@ -219,9 +227,7 @@ def test_requests_waiting_together_share_a_batch_and_keep_their_answers(model):
                    for i, b in enumerate(bodies)]
         for t in threads:
             t.start()
-        deadline = time.monotonic() + 30
-        while len(server.batcher.waiting) < 5 and time.monotonic() < deadline:
-            time.sleep(0.01)
+        wait_until(lambda: len(server.batcher.waiting) == 5)
         server.batcher.start()
         for t in threads:
             t.join(60)
@@ -287,12 +293,9 @@ def test_a_client_that_leaves_stops_its_decoding(model, monkeypatch, stream):
             while b"data: " not in received:
                 received += sock.recv(4096)
         else:
-            while steps[0] < 3:
-                time.sleep(0.01)
+            wait_until(lambda: steps[0] >= 3)
         sock.close()
-        deadline = time.monotonic() + 30
-        while not lines and time.monotonic() < deadline:
-            time.sleep(0.01)
+        wait_until(lambda: lines)
         status, _ = post(server, "/v1/completions", {"prompt": PROMPTS[1], "max_tokens": 4})
     assert lines[0] == "mtp serve: a batch of 1 stopped: its clients left" and steps[0] < 100 and status == 200
 
@@ -307,11 +310,9 @@ def test_a_request_whose_client_left_before_its_batch_is_never_decoded(model, mo
     monkeypatch.setattr(batcher_module, "generate_tokens", spy)
     with served(model, start=False) as server:
         sock = _sent_raw(server, {"prompt": PROMPTS[0], "max_tokens": 8})
-        while not server.batcher.waiting:
-            time.sleep(0.01)
+        wait_until(lambda: server.batcher.waiting)
         sock.close()
-        while not server.batcher.waiting[0].cancelled.is_set():
-            time.sleep(0.01)
+        wait_until(lambda: server.batcher.waiting[0].cancelled.is_set())
         server.batcher.start()
         status, _ = post(server, "/v1/completions", {"prompt": PROMPTS[1], "max_tokens": 4})
     assert status == 200 and decoded == [model.tokenizer(PROMPTS[1]).input_ids]
@@ -334,8 +335,7 @@ def test_a_request_its_batch_cannot_take_fails_alone(model, monkeypatch):
             i, post(server, "/v1/completions", {"prompt": p, "max_tokens": 6}))) for i, p in enumerate(PROMPTS[:2])]
         for t in threads:
             t.start()
-        while len(server.batcher.waiting) < 2:
-            time.sleep(0.01)
+        wait_until(lambda: len(server.batcher.waiting) == 2)
         server.batcher.start()
         for t in threads:
             t.join(60)
@@ -406,11 +406,9 @@ def test_metrics_count_what_was_decoded(model, monkeypatch):
     with served(model) as server:
         _, body = post(server, "/v1/completions", {"prompt": PROMPTS, "max_tokens": 6})
         sock = _sent_raw(server, {"prompt": PROMPTS[0], "max_tokens": 200})
-        while steps[0] < 3 * 6 + 3:
-            time.sleep(0.01)
+        wait_until(lambda: steps[0] >= 3 * 6 + 3)
         sock.close()
-        while server.batcher.counts.cancelled == 0:
-            time.sleep(0.01)
+        wait_until(lambda: server.batcher.counts.cancelled or server.batcher.counts.answered > 3, 10)
         with urllib.request.urlopen(server.url + "/metrics") as r:
             kind, text = r.headers["Content-Type"], r.read().decode()
     values = {line.split()[0]: float(line.split()[1]) for line in text.splitlines() if not line.startswith("#")}
