@@ -399,6 +399,34 @@ def test_models_health_and_unknown_routes(model):
     assert status == 404 and "no route /v1/embeddings" in missing["error"]["message"]
 
 
+def test_a_stopping_server_finishes_the_requests_it_answers(model, monkeypatch):
+    """What Ctrl-C or SIGTERM does once the listening socket is closed: the request being decoded is answered in
+    full; a request after that is refused (503)."""
+    steps, results = _slow_decoding(monkeypatch), {}
+    with served(model) as server:
+        asking = threading.Thread(target=lambda: results.setdefault("answer", post(
+            server, "/v1/completions", {"prompt": PROMPTS[0], "max_tokens": 30})))
+        asking.start()
+        wait_until(lambda: steps[0] >= 2)
+        assert server.finish_requests(30)
+        asking.join(30)
+        late = post(server, "/v1/completions", {"prompt": PROMPTS[0], "max_tokens": 2})
+    status, body = results["answer"]
+    assert status == 200 and body["choices"][0]["text"] == greedy(model, model.tokenizer(PROMPTS[0]).input_ids,
+                                                                  30).texts[0]
+    assert late[0] == 503 and late[1]["error"]["message"] == "the server is stopping"
+
+
+def test_a_request_to_a_server_whose_decoding_thread_died_is_refused(model):
+    dead = threading.Thread(target=lambda: None)
+    dead.start()
+    dead.join()
+    with served(model, start=False) as server:
+        server.batcher.thread = dead
+        status, body = post(server, "/v1/completions", {"prompt": "hi", "max_tokens": 2})
+    assert status == 503 and body["error"]["message"] == "the decoding thread stopped"
+
+
 def test_metrics_count_what_was_decoded(model, monkeypatch):
     """/metrics (Prometheus' text format): the prompts answered, their tokens as the responses' usage counts
     them, the tokens per forward of the batches' figures, a cancelled prompt."""

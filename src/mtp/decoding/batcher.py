@@ -183,6 +183,10 @@ class Batcher:
         self.thread = threading.Thread(target=self._run, name="mtp-decode", daemon=True)
         self.thread.start()
 
+    def alive(self) -> bool:
+        """Whether the decoding thread is running (or not started yet: it will take the jobs then)."""
+        return self.thread is None or (self.thread.is_alive() and not self.stopping)
+
     def stop(self) -> None:
         """End the decoding thread: the batch it decodes stops at its next step, as if its clients had left (a
         thread still in torch when the interpreter exits can abort the process)."""

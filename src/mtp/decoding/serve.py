@@ -16,6 +16,7 @@ import select
 import socket
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -62,7 +63,20 @@ class Handler(BaseHTTPRequestHandler):
             self._error(HTTPStatus.NOT_FOUND, f"no route {self.path} (GET /v1/models, /health, /metrics)")
 
     def do_POST(self) -> None:  # noqa: N802
+        with self.server.requests_lock:
+            self.server.requests += 1
+        try:
+            self._post()
+        finally:
+            with self.server.requests_lock:
+                self.server.requests -= 1
+
+    def _post(self) -> None:
         if not self._authorized():
+            return
+        if self.server.stopping:
+            self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            self._error(HTTPStatus.SERVICE_UNAVAILABLE, "the server is stopping")
             return
         if self.path not in (api.COMPLETIONS, api.CHAT):
             self._error(HTTPStatus.NOT_FOUND, f"no route {self.path} (POST {api.COMPLETIONS}, {api.CHAT})")
@@ -110,6 +124,10 @@ class Handler(BaseHTTPRequestHandler):
             except Empty:
                 if self._client_left():
                     self._cancel(jobs)
+                    return
+                if not self.server.batcher.alive():  # (it logged why)
+                    for job in jobs:
+                        yield "error", job.index, (HTTPStatus.SERVICE_UNAVAILABLE, "the decoding thread stopped")
                     return
 
     def _client_left(self) -> bool:
@@ -229,6 +247,18 @@ class Server(ThreadingHTTPServer):
         self.api_key: str | None = None
         self.chat = False
         self.tokenizer_lock = threading.Lock()  # a fast tokenizer may not be called from two threads at once
+        self.requests = 0  # completion requests being answered
+        self.requests_lock = threading.Lock()
+        self.stopping = False  # new completion requests are refused (503)
+
+    def finish_requests(self, seconds: float) -> bool:
+        """Stop taking completion requests and wait up to `seconds` for those being answered (False: some were
+        left). The listening socket should be closed first: no new connection comes."""
+        self.stopping = True
+        deadline = time.monotonic() + seconds
+        while self.requests and time.monotonic() < deadline:
+            time.sleep(0.01)
+        return not self.requests
 
     @property
     def url(self) -> str:
@@ -311,12 +341,23 @@ def serve(model: str | None = None, host: str = "127.0.0.1", port: int = 8000, s
         print(f"mtp serve: {server.model_name} ({strategy} decoding on {weights.describe(runtime)}) at "
               f"{server.url}/v1 (POST {api.COMPLETIONS}, {api.CHAT}; GET /v1/models); Ctrl-C stops",
               file=sys.stderr, flush=True)
-        server.serve_forever()
+        try:
+            server.serve_forever()
+        except KeyboardInterrupt:  # Ctrl-C or SIGTERM: the requests being answered are finished first
+            server.server_close()
+            if server.requests:
+                print(f"mtp serve: stopping: finishing {server.requests} request(s), at most {DRAIN_SECONDS} s "
+                      "(Ctrl-C again stops now)", file=sys.stderr, flush=True)
+                server.finish_requests(DRAIN_SECONDS)
+            raise
     finally:
         server.server_close()
         if server.batcher is not None:
             server.batcher.stop()
     return 0
+
+
+DRAIN_SECONDS = 30  # what a stopping server gives the requests it is answering (orchestrators wait about as long)
 
 
 def model_label(spec: str | None) -> str:
