@@ -123,6 +123,19 @@ def test_completions_are_greedys_answers(model):
     assert body["mtp"]["strategy"] == "speculative" and body["mtp"]["batches"][0]["rows"] == 3
 
 
+def test_prompts_given_as_token_ids_are_answered_as_their_text(model):
+    """The API's token-id prompts (one list of ids, or a list of them, as evaluation harnesses send): the same
+    answers as the texts they encode."""
+    tok = model.tokenizer
+    ids = [tok(p).input_ids for p in PROMPTS[:2]]
+    with served(model) as server:
+        _, by_text = post(server, "/v1/completions", {"prompt": PROMPTS[:2], "max_tokens": 8})
+        _, by_ids = post(server, "/v1/completions", {"prompt": ids, "max_tokens": 8})
+        _, one = post(server, "/v1/completions", {"prompt": ids[1], "max_tokens": 8})
+    assert [c["text"] for c in by_ids["choices"]] == [c["text"] for c in by_text["choices"]]
+    assert one["choices"][0]["text"] == by_text["choices"][1]["text"] and by_ids["usage"] == by_text["usage"]
+
+
 def test_chat_completions_answer_the_conversation_through_the_template(model):
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 7 + 5?"},
                 {"role": "assistant", "content": "12"},
@@ -359,8 +372,12 @@ def test_a_streamed_request_refused_before_its_first_piece_is_an_http_error(mode
 @pytest.mark.parametrize("path, body, param, message", [
     ("/v1/completions", b"{not json", None, "the request body is not JSON"),
     ("/v1/completions", [1, 2], None, "the request body must be a JSON object"),
-    ("/v1/completions", {"max_tokens": 4}, "prompt", "'prompt' must be a string or a non-empty list"),
-    ("/v1/completions", {"prompt": ""}, "prompt", "'prompt' holds an empty string"),
+    ("/v1/completions", {"max_tokens": 4}, "prompt", "'prompt' must be a string, a list of strings, token ids"),
+    ("/v1/completions", {"prompt": ""}, "prompt", "'prompt' holds an empty prompt"),
+    ("/v1/completions", {"prompt": [[]]}, "prompt", "'prompt' holds an empty prompt"),
+    ("/v1/completions", {"prompt": [1, "a"]}, "prompt", "'prompt' must be a string, a list of strings, token ids"),
+    ("/v1/completions", {"prompt": [1, True]}, "prompt", "'prompt' must be a string, a list of strings, token ids"),
+    ("/v1/completions", {"prompt": [5, 300]}, "prompt", "'prompt' holds a token id outside the vocabulary (0 to "),
     ("/v1/completions", {"prompt": "hi", "n": 2}, "n", "'n' is not supported by mtp serve (got 2)"),
     ("/v1/completions", {"prompt": "hi", "logprobs": 1}, "logprobs", "'logprobs' is not supported"),
     ("/v1/completions", {"prompt": "hi", "max_tokens": 0}, "max_tokens", "'max_tokens' must be at least 1"),

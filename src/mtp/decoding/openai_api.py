@@ -48,7 +48,7 @@ class Sampling:
 @dataclass
 class CompletionRequest:
     path: str  # COMPLETIONS or CHAT
-    prompts: list  # completions: texts; chat: one conversation (a list of {"role", "content"})
+    prompts: list  # completions: texts or token-id lists; chat: one conversation (a list of {"role", "content"})
     sampling: Sampling
     stream: bool
     include_usage: bool  # stream_options.include_usage: a last chunk with the token counts
@@ -105,13 +105,22 @@ def _sampling(body: dict, path: str, default_max_tokens: int) -> Sampling:
                     tuple(s for s in stop if s))
 
 
-def _prompts(prompt) -> list[str]:
-    prompts = [prompt] if isinstance(prompt, str) else prompt
-    if not isinstance(prompts, list) or not prompts or not all(isinstance(p, str) for p in prompts):
-        raise BadRequest("'prompt' must be a string or a non-empty list of strings", "prompt")
-    if not all(prompts):
-        raise BadRequest("'prompt' holds an empty string: give at least one token", "prompt")
-    return prompts
+def _prompts(prompt) -> list[str | list[int]]:
+    """A completion request's prompts: a text, a list of texts, token ids, or a list of token-id lists (as the
+    API takes them; evaluation harnesses send tokens)."""
+    if isinstance(prompt, str) or (isinstance(prompt, list) and prompt and all(_is_id(t) for t in prompt)):
+        prompt = [prompt]
+    if not isinstance(prompt, list) or not prompt or not all(
+            isinstance(p, str) or (isinstance(p, list) and all(_is_id(t) for t in p)) for p in prompt):
+        raise BadRequest("'prompt' must be a string, a list of strings, token ids or a list of token-id lists",
+                         "prompt")
+    if not all(prompt):
+        raise BadRequest("'prompt' holds an empty prompt: give at least one token", "prompt")
+    return prompt
+
+
+def _is_id(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _messages(messages) -> list[dict]:

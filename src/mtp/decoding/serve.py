@@ -251,6 +251,15 @@ class Server(ThreadingHTTPServer):
         self.requests_lock = threading.Lock()
         self.stopping = False  # new completion requests are refused (503)
 
+    def _tokens(self, prompt: str | list[dict], path: str) -> list[int]:
+        """A text's (chat: a conversation's, through the chat template) token ids."""
+        with self.tokenizer_lock:
+            try:
+                ids, _ = encode_prompts(self.batcher.model.tokenizer, [prompt], chat=path == api.CHAT)
+            except MTPError as e:
+                raise api.BadRequest(first_line(e), "messages" if path == api.CHAT else "prompt") from None
+        return ids[0].tolist()
+
     def finish_requests(self, seconds: float) -> bool:
         """Stop taking completion requests and wait up to `seconds` for those being answered (False: some were
         left). The listening socket should be closed first: no new connection comes."""
@@ -273,13 +282,11 @@ class Server(ThreadingHTTPServer):
         """Each prompt's token ids (a conversation through the chat template), checked against the context."""
         if request.path == api.CHAT and not self.chat:
             raise api.BadRequest("this model's tokenizer has no chat template: use /v1/completions", "messages")
-        tok = self.batcher.model.tokenizer
-        with self.tokenizer_lock:
-            try:
-                ids, mask = encode_prompts(tok, request.prompts, chat=request.path == api.CHAT)
-            except MTPError as e:
-                raise api.BadRequest(first_line(e), "messages" if request.path == api.CHAT else "prompt") from None
-        rows = [row[m.bool()].tolist() for row, m in zip(ids, mask, strict=True)]
+        rows = [p if isinstance(p, list) and request.path == api.COMPLETIONS else self._tokens(p, request.path)
+                for p in request.prompts]
+        vocab = self.batcher.model.config.vocab_size
+        if any(not 0 <= t < vocab for r in rows for t in r):
+            raise api.BadRequest(f"'prompt' holds a token id outside the vocabulary (0 to {vocab - 1})", "prompt")
         limit = context_limit(self.batcher.model)
         longest = max(len(r) for r in rows)
         if limit is not None and longest + request.sampling.max_tokens > limit:
