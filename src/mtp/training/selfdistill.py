@@ -177,23 +177,14 @@ def distill_figures(model, teacher, batch: dict, k: int, cfg: SelfDistillConfig,
         t_logits = model.without_mask_token(teacher.get_output_embeddings()(gather(t_real, t_mask))).float()
     weight = lb.region_weight[:, :, None].expand(-1, -1, k)  # (B, M, k)
     log_probs = F.log_softmax(student, -1)  # (B, M, k, V)
-    if cfg.supervision == "hard":
-        per_slot = F.nll_loss(log_probs.flatten(0, 2), t_logits.argmax(-1).flatten(), reduction="none")
-    else:
-        per_slot = F.kl_div(log_probs, F.log_softmax(t_logits, -1), log_target=True,
-                            reduction="none").sum(-1).flatten()
-    per_slot = per_slot.view(b, m, k)
-    count = weight.sum((0, 1))  # (k,)
-    total = (per_slot * weight).sum() / weight.sum().clamp_min(1)
-    if cfg.entropy_loss > 0 and need_grad:  # the authors' optional student-entropy term, here minimised
-        entropy = -(log_probs.exp() * log_probs).sum(-1)  # (B, M, k)
-        total = total + cfg.entropy_loss * (entropy * weight).sum() / weight.sum().clamp_min(1)
+    per_slot, total = _distill_loss(log_probs, t_logits, weight, cfg, need_grad)
     if cfg.prefix_loss > 0 and need_grad and not shared:
         targets = lb.next_token[:, ~lb.is_mask]  # (B, R) the data's next token after each real token
         if bool((targets >= 0).any()):
             logits = model.lm_head(real_h).float()  # (B, R, V)
             total = total + cfg.prefix_loss * F.cross_entropy(logits.flatten(0, 1), targets.flatten(),
                                                               ignore_index=-100)
+    count = weight.sum((0, 1))  # (k,)
     agree = ((guesses == t_logits.argmax(-1)).float() * weight).sum((0, 1))
     confident = None
     if taus:  # ConfAdapt emits offset j when offsets 0..j are all confident (offset 0 always, whatever it is)
@@ -202,6 +193,24 @@ def distill_figures(model, teacher, batch: dict, k: int, cfg: SelfDistillConfig,
             runs = torch.stack([(top >= t).long().cumprod(-1) for t in taus])  # (taus, B, M, k)
             confident = (runs * weight).sum((1, 2))  # (taus, k)
     return SlotFigures((per_slot.detach() * weight).sum((0, 1)), agree, count, total, confident)
+
+
+def _distill_loss(log_probs: torch.Tensor, t_logits: torch.Tensor, weight: torch.Tensor, cfg: SelfDistillConfig,
+                  need_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The student's loss against the teacher at each slot (B, M, k) (hard: the teacher's top token; soft: KL to
+    its distribution) and their weighted mean, with the optional entropy term."""
+    b, m, k = weight.shape
+    if cfg.supervision == "hard":
+        per_slot = F.nll_loss(log_probs.flatten(0, 2), t_logits.argmax(-1).flatten(), reduction="none")
+    else:
+        per_slot = F.kl_div(log_probs, F.log_softmax(t_logits, -1), log_target=True,
+                            reduction="none").sum(-1).flatten()
+    per_slot = per_slot.view(b, m, k)
+    total = (per_slot * weight).sum() / weight.sum().clamp_min(1)
+    if cfg.entropy_loss > 0 and need_grad:  # the authors' optional student-entropy term, here minimised
+        entropy = -(log_probs.exp() * log_probs).sum(-1)  # (B, M, k)
+        total = total + cfg.entropy_loss * (entropy * weight).sum() / weight.sum().clamp_min(1)
+    return per_slot, total
 
 
 class SelfDistillTrainer(Trainer):
