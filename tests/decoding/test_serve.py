@@ -405,6 +405,28 @@ def test_bad_requests_are_refused_with_the_apis_error_body(model, path, body, pa
     assert server.batcher.batch_sizes == []  # refused before any decoding
 
 
+KEY = b"Authorization: Bearer sesame\r\n"
+
+
+@pytest.mark.parametrize("headers, status, says", [
+    (KEY + b"Content-Length: -5", 400, b"Content-Length must be a number of bytes"),
+    (KEY + b"Content-Length: lots", 400, b"Content-Length must be a number of bytes"),
+    (KEY + b"Content-Length: 99999999999", 400, b"Content-Length must be a number of bytes"),
+    (b"Authorization: Bearer \xe9t\xe9\r\nContent-Length: 2", 401, b"invalid or missing API key"),
+])
+def test_malformed_http_is_refused_at_once(model, headers, status, says):
+    """A length that is no byte count (read as one, a negative one would wait for the connection to end) or an
+    API key with bytes outside ASCII: an answer at once, never a hang or a crash of the handler."""
+    with served(model) as server:
+        server.api_key = "sesame"
+        with socket.create_connection(server.server_address[:2], timeout=10) as sock:
+            sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\n" + headers + b"\r\n\r\n{}")
+            answer = b""
+            while says not in answer and (piece := sock.recv(65536)):  # the headers and the body may come apart
+                answer += piece
+    assert answer.startswith(b"HTTP/1.1 %d" % status) and says in answer
+
+
 def test_models_health_and_unknown_routes(model):
     with served(model) as server:
         with urllib.request.urlopen(server.url + "/v1/models") as r:

@@ -75,10 +75,11 @@ class Handler(BaseHTTPRequestHandler):
         if not self._authorized():
             return
         if self.server.stopping:
-            self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            self._discard_body()
             self._error(HTTPStatus.SERVICE_UNAVAILABLE, "the server is stopping")
             return
         if self.path not in (api.COMPLETIONS, api.CHAT):
+            self._discard_body()
             self._error(HTTPStatus.NOT_FOUND, f"no route {self.path} (POST {api.COMPLETIONS}, {api.CHAT})")
             return
         try:
@@ -102,16 +103,35 @@ class Handler(BaseHTTPRequestHandler):
         """With --api-key, a request must carry it as OpenAI clients send theirs ("Authorization: Bearer KEY");
         one that does not gets 401 (its body, if any, is read and dropped: the connection stays usable)."""
         key = self.server.api_key
-        if key is None or hmac.compare_digest(self.headers.get("Authorization", ""), f"Bearer {key}"):
+        sent = self.headers.get("Authorization", "").encode()
+        if key is None or hmac.compare_digest(sent, f"Bearer {key}".encode()):
             return True
-        self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        self._discard_body()
         self._error(HTTPStatus.UNAUTHORIZED, "invalid or missing API key (send \"Authorization: Bearer KEY\")")
         return False
 
-    def _read_json(self) -> object:
+    def _body(self) -> bytes:
+        """The request's body (Content-Length bytes: at most MAX_BODY)."""
         try:
             length = int(self.headers.get("Content-Length") or 0)
-            return json.loads(self.rfile.read(length) or b"null")
+        except ValueError:
+            length = -1
+        if not 0 <= length <= MAX_BODY:
+            self.close_connection = True  # what follows on the connection cannot be told apart from the body
+            raise api.BadRequest(f"Content-Length must be a number of bytes up to {MAX_BODY}")
+        return self.rfile.read(length)
+
+    def _discard_body(self) -> None:
+        """Read and drop a refused request's body, so that the connection can carry the next request."""
+        try:
+            self._body()
+        except api.BadRequest:
+            pass
+
+    def _read_json(self) -> object:
+        body = self._body()
+        try:
+            return json.loads(body or b"null")
         except (ValueError, UnicodeDecodeError) as e:
             raise api.BadRequest(f"the request body is not JSON: {e}") from None
 
@@ -364,6 +384,7 @@ def serve(model: str | None = None, host: str = "127.0.0.1", port: int = 8000, s
     return 0
 
 
+MAX_BODY = 64 * 2**20  # bytes a request body may have (a long conversation is a few hundred KB)
 DRAIN_SECONDS = 30  # what a stopping server gives the requests it is answering (orchestrators wait about as long)
 
 
