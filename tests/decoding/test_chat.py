@@ -112,3 +112,27 @@ def test_a_template_that_refuses_the_conversation_is_one_line(tiny_mtp_folder, c
         "mtp: error: the model's chat template refused the conversation: System role not supported")
     code, out, _ = _chat(tiny_mtp_folder, "hi\n", capsys, monkeypatch)  # without the system message it answers
     assert code == 0 and out
+
+
+def test_save_adds_the_conversation_to_a_jsonl_that_train_and_generate_read(tiny_mtp_folder, tmp_path, capsys,
+                                                                            monkeypatch):
+    """/save FILE appends the conversation so far as a {"messages": [...]} record (two saves: two records, the
+    file rewritten whole each time); a folder in the way is a line, and the chat goes on."""
+    from mtp.decoding.commands import read_prompts
+    from mtp.training.data import load_examples
+
+    saved = tmp_path / "chats.jsonl"
+    (tmp_path / "folder").mkdir()
+    typed = (f"What is 7 + 5?\n/save {saved}\n/save {tmp_path / 'folder'}\nAnd times 2?\n/save {saved}\n/save\n"
+             "/reset\nNew topic\n")
+    code, out, err = _chat(tiny_mtp_folder, typed, capsys, monkeypatch, "--system", "Be brief.")
+    records = [json.loads(line) for line in saved.read_text().splitlines()]
+    assert code == 0 and len(records) == 2 and "(not saved: " in err and "(/save FILE: add this" in err
+    system, user, answer = records[0]["messages"]
+    assert system == {"role": "system", "content": "Be brief."} and user == {"role": "user",
+                                                                              "content": "What is 7 + 5?"}
+    assert answer["role"] == "assistant" and out.startswith(answer["content"] + "\n")  # the answer printed
+    assert records[1]["messages"][:3] == records[0]["messages"] and len(records[1]["messages"]) == 5
+    assert "(saved: 1 turn added to" in err and "(saved: 2 turns added to" in err
+    assert len(read_prompts(str(saved))) == 2  # mtp generate --prompts answers them (up to their last user turn)
+    assert len(load_examples(str(saved))) == 2  # mtp train --data learns their answers

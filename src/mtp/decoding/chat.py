@@ -3,25 +3,29 @@
 Each line typed is a user turn; the conversation so far goes through the tokenizer's chat template, and the answer
 is decoded with any strategy (lossless speculative decoding by default: the answers greedy decoding gives, sooner)
 and printed as its text becomes final (`IncrementalText`), then its speed on stderr. `/reset` starts a new
-conversation, `/quit` or Ctrl-D ends; Ctrl-C stops the answer being written (the turn is dropped) and the chat goes
+conversation, `/save FILE` adds it to a JSONL of conversations (what `mtp train --data` reads), `/quit` or Ctrl-D
+ends; Ctrl-C stops the answer being written (the turn is dropped) and the chat goes
 on. A conversation longer than the context keeps its last tokens.
 """
 
 from __future__ import annotations
 
+import json
 import sys
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Literal
 
 from mtp.decoding.commands import IncrementalText, encode_prompts
 from mtp.decoding.generate import generate as generate_tokens
 from mtp.decoding.options import DraftOptions, SamplingOptions, WeightOptions
-from mtp.errors import MTPError
+from mtp.errors import MTPError, first_line
 from mtp.evaluation.prompts import has_chat_template
+from mtp.io import atomic_write_lines, read_text
 from mtp.options import with_flat_keywords
 from mtp.process import Terminated
 
-QUIT, RESET = ("/quit", "/exit"), "/reset"
+QUIT, RESET, SAVE = ("/quit", "/exit"), "/reset", "/save"
 
 
 def chat(model: str | None = None, system: str | None = None,
@@ -30,7 +34,8 @@ def chat(model: str | None = None, system: str | None = None,
          weights: WeightOptions | None = None, **flat: object) -> int:
     """Chat with a model in the terminal: each answer streamed as it is decoded, its speed after it.
 
-    Type a message and Enter; /reset starts a new conversation, /quit or Ctrl-D ends, Ctrl-C stops an answer.
+    Type a message and Enter; /reset starts a new conversation, /save FILE adds it to a JSONL file, /quit or Ctrl-D
+    ends, Ctrl-C stops an answer.
 
     Args:
         model: the embedded default (omit), a local folder, a .gguf file, a Meta checkpoint or a hub id.
@@ -54,8 +59,8 @@ def chat(model: str | None = None, system: str | None = None,
                    **drafts.generate_kwargs(), **sampling.generate_kwargs())
     opening = [{"role": "system", "content": system}] if system else []
     messages = list(opening)
-    print(f"mtp chat: {strategy} decoding on {weights.describe(runtime)}; /reset starts over, /quit or Ctrl-D ends",
-          file=sys.stderr, flush=True)
+    print(f"mtp chat: {strategy} decoding on {weights.describe(runtime)}; /reset starts over, /save FILE keeps the "
+          "conversation, /quit or Ctrl-D ends", file=sys.stderr, flush=True)
     for line in _typed_lines():
         text = line.strip()
         if not text:
@@ -66,10 +71,33 @@ def chat(model: str | None = None, system: str | None = None,
             messages = list(opening)
             print("(a new conversation)", file=sys.stderr, flush=True)
             continue
+        if text == SAVE or text.startswith(SAVE + " "):
+            _save(messages, text[len(SAVE):].strip())
+            continue
         answer = _answer(m, tok, [*messages, {"role": "user", "content": text}], options, strategy)
         if answer is not None:
             messages += [{"role": "user", "content": text}, {"role": "assistant", "content": answer}]
     return 0
+
+
+def _save(messages: list[dict], path: str) -> None:
+    """Add the conversation to a JSONL file as a {"messages": [...]} record (what `mtp train --data` and `mtp
+    generate --prompts` read); the file is rewritten whole under a temporary name, never left half-written."""
+    if not path:
+        print("(/save FILE: add this conversation to FILE, a JSONL of {\"messages\": [...]} records)",
+              file=sys.stderr, flush=True)
+        return
+    file = Path(path).expanduser()
+    try:
+        if file.is_dir():
+            raise MTPError(f"{file} is a folder")
+        kept = read_text(file).splitlines() if file.is_file() else []
+        atomic_write_lines(file, [*(line for line in kept if line.strip()), json.dumps({"messages": messages})])
+    except (MTPError, OSError) as e:  # a folder in the way, a file that is not text, a full disk: the chat goes on
+        print(f"(not saved: {first_line(e)})", file=sys.stderr, flush=True)
+        return
+    turns = sum(m["role"] == "user" for m in messages)
+    print(f"(saved: {turns} turn{'s' * (turns != 1)} added to {file})", file=sys.stderr, flush=True)
 
 
 def _typed_lines() -> Iterator[str]:
