@@ -97,6 +97,21 @@ def wait_until(condition, seconds: float = 30) -> None:
         time.sleep(0.01)
 
 
+def posted_together(server, bodies: list[dict]) -> list[tuple[int, dict]]:
+    """Completion requests sent at once to a server whose decoding thread starts once they all wait: the
+    (status, body) of each."""
+    results: dict[int, tuple[int, dict]] = {}
+    threads = [threading.Thread(target=lambda i=i, b=b: results.__setitem__(i, post(server, "/v1/completions", b)))
+               for i, b in enumerate(bodies)]
+    for t in threads:
+        t.start()
+    wait_until(lambda: len(server.batcher.waiting) == len(bodies))
+    server.batcher.start()
+    for t in threads:
+        t.join(60)
+    return [results[i] for i in range(len(bodies))]
+
+
 def greedy(model, ids: list[int], max_new_tokens: int = 16, **kw):
     return generate(model, torch.tensor([ids]), max_new_tokens=max_new_tokens, **kw)
 
@@ -233,17 +248,8 @@ def test_requests_waiting_together_share_a_batch_and_keep_their_answers(model):
     tok = model.tokenizer
     bodies = [{"prompt": p, "max_tokens": 10} for p in PROMPTS]
     bodies += [{"prompt": p, "max_tokens": 10, "temperature": 0.9, "seed": 3} for p in PROMPTS[1::-1]]
-    results: dict[int, dict] = {}
     with served(model, start=False) as server:
-        threads = [threading.Thread(target=lambda i=i, b=b: results.__setitem__(i, post(server, "/v1/completions",
-                                                                                         b)[1]))
-                   for i, b in enumerate(bodies)]
-        for t in threads:
-            t.start()
-        wait_until(lambda: len(server.batcher.waiting) == 5)
-        server.batcher.start()
-        for t in threads:
-            t.join(60)
+        results = [body for _, body in posted_together(server, bodies)]
         _, again = post(server, "/v1/completions", bodies[-1])
     assert sorted(server.batcher.batch_sizes[:3]) == [1, 1, 3]
     for i, p in enumerate(PROMPTS):
@@ -342,16 +348,8 @@ def test_a_request_its_batch_cannot_take_fails_alone(model, monkeypatch):
         return real(m, ids, mask, **kw)
 
     monkeypatch.setattr(batcher_module, "generate_tokens", refusing)
-    results: dict[int, tuple] = {}
     with served(model, start=False) as server:
-        threads = [threading.Thread(target=lambda i=i, p=p: results.__setitem__(
-            i, post(server, "/v1/completions", {"prompt": p, "max_tokens": 6}))) for i, p in enumerate(PROMPTS[:2])]
-        for t in threads:
-            t.start()
-        wait_until(lambda: len(server.batcher.waiting) == 2)
-        server.batcher.start()
-        for t in threads:
-            t.join(60)
+        results = posted_together(server, [{"prompt": p, "max_tokens": 6} for p in PROMPTS[:2]])
     assert results[0][0] == 200 and results[0][1]["choices"][0]["text"] == greedy(
         model, model.tokenizer(PROMPTS[0]).input_ids, 6).texts[0]
     assert results[1] == (400, {"error": {"message": "refused", "type": "invalid_request_error", "param": None,
