@@ -151,6 +151,23 @@ def test_prompts_given_as_token_ids_are_answered_as_their_text(model):
     assert one["choices"][0]["text"] == by_text["choices"][1]["text"] and by_ids["usage"] == by_text["usage"]
 
 
+@pytest.mark.parametrize("adapter", ["full", "gated-lora"])
+def test_a_mask_token_model_serves_every_strategy(adapter):
+    """A self-distilled (mask-token) model behind the server: speculative answers are greedy's, ConfAdapt's are
+    what `generate` gives with the same threshold."""
+    from test_mask_decoding import mask_model
+
+    tok = tiny_tokenizer()
+    m = mask_model("llama", adapter, 1, len(tok))
+    m.tokenizer = tok
+    body = {"prompt": PROMPTS, "max_tokens": 8}
+    for strategy, expected in (("speculative", {}), ("confadapt", {"strategy": "confadapt", "tau": 0.3, "k": 3})):
+        with served(m, strategy=strategy, **({"tau": 0.3, "k": 3} if strategy == "confadapt" else {})) as server:
+            _, answer = post(server, "/v1/completions", body)
+        assert [c["text"] for c in answer["choices"]] == [
+            greedy(m, tok(p).input_ids, 8, **expected).texts[0] for p in PROMPTS]
+
+
 def test_chat_completions_answer_the_conversation_through_the_template(model):
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 7 + 5?"},
                 {"role": "assistant", "content": "12"},
