@@ -519,6 +519,21 @@ def test_an_api_key_is_asked_of_every_v1_request(model):
     assert server.batcher.batch_sizes == [1]
 
 
+def test_an_ipv6_address_is_served(model):
+    try:
+        server = Server("::1", 0)
+    except MTPError:
+        pytest.skip("this machine has no IPv6 loopback")
+    try:
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        assert server.url.startswith("http://[::1]:")
+        with urllib.request.urlopen(server.url + "/health", timeout=10) as r:
+            assert json.loads(r.read()) == {"status": "ok"}
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
 def test_a_model_without_a_chat_template_serves_completions_only(model):
     tok = tiny_tokenizer()
     tok.chat_template = None

@@ -255,6 +255,8 @@ class Server(ThreadingHTTPServer):
     daemon_threads = True
 
     def __init__(self, host: str, port: int):
+        if ":" in host:  # an IPv6 address ("::" listens on every interface, IPv4 too where the system maps it)
+            self.address_family = socket.AF_INET6
         try:
             super().__init__((host, port), Handler)
         except OSError as e:
@@ -292,7 +294,7 @@ class Server(ThreadingHTTPServer):
     @property
     def url(self) -> str:
         host, port = self.server_address[:2]
-        return f"http://{host}:{port}"
+        return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
     def attach(self, batcher: Batcher, model_name: str, strategy: str, max_tokens: int) -> None:
         self.batcher, self.model_name, self.strategy, self.max_tokens = batcher, model_name, strategy, max_tokens
