@@ -69,6 +69,7 @@ def test_demo_trains_once_then_reuses(tiny_tokenizer, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "[1/3]" in out and "[2/3]" in out and "[3/3]" in out and "| speculative |" in out
     assert "plot:" in out
+    assert f"Next: mtp chat --model {tmp_path / 'smollm2-mtp4'} --quantize fp16" in out  # the heads it trained
 
     assert _demo(tmp_path, fake, hf=False, limit=1) == 0  # second run: the heads are reused, only the bench runs
     assert len(fake.calls) == 1

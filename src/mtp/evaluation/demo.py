@@ -195,6 +195,9 @@ def run_demo(output: str | Path | None = None, *, budget_minutes: float | None =
     code = _benchmark(run_dir, root / BENCH_NAME, runtime, setup)
     print(f"\nmtp demo: done in {time.perf_counter() - start:.0f} s. Model: {run_dir}; report: {root / BENCH_NAME}",
           flush=True)
+    fast = " --quantize fp16" if fp16 and cpu else ""
+    print(f"Next: mtp chat --model {run_dir}{fast} (a conversation), or mtp serve --model {run_dir}{fast} (the "
+          "OpenAI API over HTTP), both with lossless speculative decoding", flush=True)
     return code
 
 
