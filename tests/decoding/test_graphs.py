@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import gc
+import re
 import warnings
 import weakref
 
@@ -86,6 +87,33 @@ def test_replayed_steps_equal_eager_steps(data, replayed):
     if kw["strategy"] in LOSSLESS:
         expected = [reference_greedy(model, p, max_new, stop) for p in prompts]
         assert eager.tokens == [t[:StopChecker(1, [], strings, Letters()).cut(0, t) or len(t)] for t in expected]
+
+
+@settings(max_examples=10, deadline=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@given(data=st.data(), graphs=st.booleans())
+def test_each_row_keeps_its_own_budget(data, graphs, replayed):
+    """max_new_tokens given per row (a server's requests with their own max_tokens in one batch), eager and
+    replayed: each row's tokens are those it gets alone with its budget (0 included), whatever the others'."""
+    model, kw = decoding_case(data.draw, data.draw(st.sampled_from(["heads", "masks"])))
+    vocab = model.config.vocab_size - (1 if hasattr(model, "mask_token_id") else 0)
+    prompts = [data.draw(st.lists(st.integers(0, vocab - 1), min_size=1, max_size=8))
+               for _ in range(data.draw(st.integers(1, 4)))]
+    budgets = [data.draw(st.integers(0, 12)) for _ in prompts]
+    stop = data.draw(st.lists(st.integers(0, vocab - 1), max_size=1))
+    ids, mask = left_pad(prompts)
+    batch = generate(model, ids, mask, max_new_tokens=budgets, stop_token_ids=stop, graphs=graphs, **kw)
+    alone = [generate(model, torch.tensor([p]), max_new_tokens=n, stop_token_ids=stop, graphs=False, **kw).tokens[0]
+             for p, n in zip(prompts, budgets, strict=True)]
+    assert batch.tokens == alone and all(len(t) <= n for t, n in zip(batch.tokens, budgets, strict=True))
+
+
+@pytest.mark.parametrize("budgets, message", [([3], "one int per row (2)"), ([3, -1], "must be >= 0"),
+                                              ([3, 2.0], "one int per row")])
+def test_per_row_budgets_are_checked(budgets, message):
+    model = tiny_mtp("llama", num_heads=2, vocab_size=20)
+    with pytest.raises(MTPError, match=re.escape(message)):
+        generate(model, [[1, 2], [3]], max_new_tokens=budgets)
 
 
 class Letters:
@@ -294,7 +322,7 @@ def test_a_step_traces_as_one_graph(kind, kw, gpu_path):
     cache = drafter.new_cache(2, 64, static=True)
     decoder = Decoder(drafter, opts, cache, torch.tensor([5]), None)  # (dynamo traces no torch.Generator)
     n, m = drafter.num_drafts, opts.lookup
-    prompt = _prompt_state(ids, mask.bool(), opts, 64 if m else 0)
+    prompt = _prompt_state(ids, mask.bool(), [opts.max_new_tokens] * ids.shape[0], 64 if m else 0)
     with torch.inference_mode():
         if gpu_path:  # an eager prompt step first builds the fused weights a trace reads (graphs="compile" too)
             decoder.step(prompt.clone(), 0, 0)

@@ -259,18 +259,21 @@ def _tokenizer():
 
 
 def test_requests_waiting_together_share_a_batch_and_keep_their_answers(model):
-    """Five requests sent before the decoding thread starts: the three greedy ones are decoded as one batch, the
-    two seeded sampling ones (same settings) each alone (a seed reproduces its draws only alone); every answer
-    is the one it gets alone."""
+    """Five requests sent before the decoding thread starts: the three greedy ones (each its own max_tokens) are
+    decoded as one batch, the two seeded sampling ones (same settings) each alone (a seed reproduces its draws
+    only alone); every answer is the one it gets alone."""
     tok = model.tokenizer
-    bodies = [{"prompt": p, "max_tokens": 10} for p in PROMPTS]
+    budgets = [10, 3, 7]
+    bodies = [{"prompt": p, "max_tokens": n} for p, n in zip(PROMPTS, budgets, strict=True)]
     bodies += [{"prompt": p, "max_tokens": 10, "temperature": 0.9, "seed": 3} for p in PROMPTS[1::-1]]
     with served(model, start=False) as server:
         results = [body for _, body in posted_together(server, bodies)]
         _, again = post(server, "/v1/completions", bodies[-1])
     assert sorted(server.batcher.batch_sizes[:3]) == [1, 1, 3]
-    for i, p in enumerate(PROMPTS):
-        assert results[i]["choices"][0]["text"] == greedy(model, tok(p).input_ids, 10).texts[0]
+    for i, (p, n) in enumerate(zip(PROMPTS, budgets, strict=True)):
+        alone = greedy(model, tok(p).input_ids, n)
+        assert results[i]["choices"][0]["text"] == alone.texts[0]
+        assert results[i]["choices"][0]["finish_reason"] == finish_reason(model, alone.tokens[0], n)
     for i, p in zip((3, 4), PROMPTS[1::-1], strict=True):
         sampled = greedy(model, tok(p).input_ids, 10, strategy="speculative", do_sample=True, temperature=0.9,
                          seed=3, adaptive_draft=False)

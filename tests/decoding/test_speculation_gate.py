@@ -145,7 +145,8 @@ def catch_up_equals_every_step(model, reads_next: bool, static: bool, tolerance:
         cache = drafter.new_cache(3, 64, static=static)
         decoder = Decoder(drafter, opts, cache, torch.tensor([], dtype=torch.long, device=device), None, False,
                           deferred)
-        state, _ = decoder.step(generate_module._prompt_state(ids, mask, opts, 0), 0, 0)
+        prompt = generate_module._prompt_state(ids, mask, [opts.max_new_tokens] * ids.shape[0], 0)
+        state, _ = decoder.step(prompt, 0, 0)
         for drafting, catch_up in steps:
             state, _ = decoder.step(state, 0, 0, drafting, catch_up)
         return state, cache

@@ -1,14 +1,15 @@
 """The decoding side of `mtp serve`: one thread that takes the requests' prompts (`Job`s) in batches and decodes
 them with `mtp.generate`, handing each job's text pieces and answer back to its HTTP thread through a queue.
 
-Jobs that wait together with the same sampling settings (and no seed) are decoded as one left-padded batch, up
-to `max_batch_size` rows; a batch starts once no job came for `batch_window` seconds (a burst is decoded
-together). Static batching: a batch's rows start together, a job that comes while a batch decodes waits for the
+Jobs that wait together with the same sampling settings (each its own max_tokens; no seed) are decoded as one
+left-padded batch, up to `max_batch_size` rows; a batch starts once no job came for `batch_window` seconds (a
+burst is decoded together). Static batching: a batch's rows start together, a job that comes while a batch decodes waits for the
 next one. A job whose client left is dropped, and a batch whose clients all left stops at its next step.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 import threading
 import time
@@ -76,7 +77,10 @@ class Job:
     cancelled: threading.Event = field(default_factory=threading.Event)  # its client left
 
     def batches_with(self, other: Job) -> bool:
-        return self.sampling == other.sampling and self.sampling.seed is None
+        """Whether the two may be decoded in one batch: the same sampling settings, each its own max_tokens;
+        never a seeded request (its seed reproduces its draws only alone)."""
+        ours, theirs = (dataclasses.replace(j.sampling, max_tokens=0) for j in (self, other))
+        return ours == theirs and self.sampling.seed is None
 
 
 class Cancelled(Exception):
@@ -245,9 +249,9 @@ class Batcher:
         options = self.decode | ({"adaptive_draft": False} if s.seed is not None else {})
         try:
             res = generate_tokens(self.model, ids.to(self.model.device), mask.to(self.model.device),
-                                  max_new_tokens=s.max_tokens, do_sample=s.do_sample, temperature=s.temperature,
-                                  top_p=s.top_p, top_k=s.top_k, seed=s.seed, stop_strings=list(s.stop) or None,
-                                  streamer=stream, **options)
+                                  max_new_tokens=[j.sampling.max_tokens for j in jobs], do_sample=s.do_sample,
+                                  temperature=s.temperature, top_p=s.top_p, top_k=s.top_k, seed=s.seed,
+                                  stop_strings=list(s.stop) or None, streamer=stream, **options)
         except Cancelled:
             if record:
                 self.counts.cancelled += len(jobs)
@@ -270,7 +274,8 @@ class Batcher:
             return
         figures = {"rows": len(jobs), **res.stats.to_dict()}
         for job, tokens, text in zip(jobs, res.tokens, res.texts, strict=True):
-            reason = "length" if len(tokens) == s.max_tokens and not self._stopped(tokens, s.stop) else "stop"
+            limit = job.sampling.max_tokens
+            reason = "length" if len(tokens) == limit and not self._stopped(tokens, s.stop) else "stop"
             job.events.put(("end", job.index, Finished(text, tokens, reason, figures)))
         if not record:
             return

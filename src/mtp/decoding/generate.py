@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import functools
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -106,8 +106,10 @@ GPU_FREE_ROWS = 32  # verify-block rows (batch x block width) a GPU step of a sm
 def iter_generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
                   opts: DecodeOptions, stop: StopChecker, generator: torch.Generator | None = None,
                   stats: GenerationStats | None = None, drafter: Drafter | None = None,
-                  on_trunk: TrunkObserver | None = None, graphs: bool | str = False) -> Iterator[tuple[int, list[int]]]:
-    """Yield (row index, newly emitted tokens) as decoding proceeds. See `generate` for the arguments.
+                  on_trunk: TrunkObserver | None = None, graphs: bool | str = False,
+                  budgets: list[int] | None = None) -> Iterator[tuple[int, list[int]]]:
+    """Yield (row index, newly emitted tokens) as decoding proceeds. See `generate` for the arguments;
+    `budgets`: each row's new tokens at most (default: `opts.max_new_tokens`, which must be their largest).
 
     One loop for every method and strategy: the drafter (`drafter_for(model, opts)` by default; see
     `mtp.decoding.drafters`) and the step (`mtp.decoding.step`) do the method's work on the device; here the
@@ -139,8 +141,9 @@ def iter_generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor |
     common = (drafter, opts, b, need, stop.stop_ids, generator, on_trunk is not None, defer_capacity)
     steps = _ReplayedSteps(model, *common, compiled=graphs == "compile") if graphs else \
         _EagerSteps(*common, static_cache=device.type != "cpu")  # off a CPU no step reads the device from the host
-    state = _prompt_state(input_ids, attention_mask, opts, steps.cache_len if lookup else 0)
-    batch = _HostRows(list(range(b)), [True] * b, [opts.max_new_tokens] * b)
+    budgets = budgets if budgets is not None else [opts.max_new_tokens] * b
+    state = _prompt_state(input_ids, attention_mask, budgets, steps.cache_len if lookup else 0)
+    batch = _HostRows(list(range(b)), [True] * b, list(budgets))
     # Replaying, the next step is launched before the host reads this one (its result copied out first): the
     # device runs it while the host yields tokens and checks stop strings. It is launched with the widths the
     # statistics so far pick, and is skipped where the step being read may end every row by its budget; a row an
@@ -375,13 +378,13 @@ def _pad_to_bucket(input_ids: torch.Tensor, attention_mask: torch.Tensor,
     return pad(input_ids, (extra, 0)), pad(attention_mask, (extra, 0), value=False)
 
 
-def _prompt_state(input_ids: torch.Tensor, attention_mask: torch.Tensor, opts: DecodeOptions,
+def _prompt_state(input_ids: torch.Tensor, attention_mask: torch.Tensor, budgets: list[int],
                   history: int) -> DecodeState:
-    """The state before the first step: the (left-padded) prompts are the first block. `history`: slots for each
-    row's tokens, for prompt lookup (0: none)."""
+    """The state before the first step: the (left-padded) prompts are the first block, `budgets` each row's new
+    tokens at most. `history`: slots for each row's tokens, for prompt lookup (0: none)."""
     b, device = input_ids.shape[0], input_ids.device
     zeros = torch.zeros(b, dtype=torch.long, device=device)
-    budget = torch.full_like(zeros, opts.max_new_tokens)
+    budget = torch.tensor(budgets, dtype=torch.long, device=device)
     state = DecodeState(torch.arange(b, device=device), input_ids, attention_mask, zeros, budget, zeros.bool(),
                         input_ids[:, :0])
     if history:  # each row's tokens without its padding
@@ -396,7 +399,8 @@ def _prompt_state(input_ids: torch.Tensor, attention_mask: torch.Tensor, opts: D
 # ------------------------------------------------------------------------------------------------ public API
 @torch.inference_mode()
 def generate(model, input_ids: torch.Tensor | list, attention_mask: torch.Tensor | list | None = None, *,
-             max_new_tokens: int = 128, strategy: Strategy | None = None, use_speculative: bool | None = None,
+             max_new_tokens: int | Sequence[int] = 128, strategy: Strategy | None = None,
+             use_speculative: bool | None = None,
              do_sample: bool = False, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
              tau: float = 0.9, k: int | None = None, num_draft: int | None = None, adaptive_draft: bool = True,
              stop_token_ids: list[int] | None = None, stop_strings: list[str] | None = None, tokenizer=None,
@@ -410,6 +414,7 @@ def generate(model, input_ids: torch.Tensor | list, attention_mask: torch.Tensor
         input_ids: (B, P) prompt tokens, left-padded when rows differ in length (or lists of ids: see
             `mtp.decoding.inputs.token_batch`; anything malformed is an MTPError saying what).
         attention_mask: (B, P), 0 on padding.
+        max_new_tokens: new tokens a row may have: one number, or one per row.
         strategy: greedy (the default) | speculative | confadapt | static. `use_speculative=True/False` selects
             speculative / greedy (the spelling published MTP checkpoints' code uses); given with a strategy, the
             two must agree.
@@ -451,8 +456,8 @@ def generate(model, input_ids: torch.Tensor | list, attention_mask: torch.Tensor
     if strategy not in STRATEGIES:
         raise MTPError(f"unknown strategy {strategy!r}; choose from {', '.join(STRATEGIES)}")
     input_ids, attention_mask = token_batch(model, input_ids, attention_mask, left_padded=True)
-    if max_new_tokens < 0:
-        raise MTPError("max_new_tokens must be >= 0")
+    budgets = _budgets(max_new_tokens, input_ids.shape[0])
+    max_new_tokens = max(budgets)
     check_values({"do_sample": do_sample, "temperature": temperature, "top_k": top_k, "top_p": top_p, "tau": tau,
                   "k": k, "num_draft": num_draft, "strategy": strategy, "tree": tree, "tree_size": tree_size,
                   "lookup": lookup, "seed": seed}, flags=False)
@@ -474,7 +479,8 @@ def generate(model, input_ids: torch.Tensor | list, attention_mask: torch.Tensor
     tokens: list[list[int]] = [[] for _ in range(input_ids.shape[0])]
     start = time.perf_counter()
     for row, new in iter_generate(model, input_ids, attention_mask, opts=opts, stop=stop, generator=generator,
-                                  stats=stats, drafter=drafter, on_trunk=on_trunk, graphs=graphs):
+                                  stats=stats, drafter=drafter, on_trunk=on_trunk, graphs=graphs,
+                                  budgets=budgets):
         tokens[row].extend(new)
         if streamer is not None:
             streamer(row, new)
@@ -483,6 +489,17 @@ def generate(model, input_ids: torch.Tensor | list, attention_mask: torch.Tensor
     if texts is not None and stop_strings:
         texts = [stop.truncate_text(t) for t in texts]
     return GenerationResult(tokens, stats, texts)
+
+
+def _budgets(max_new_tokens: int | Sequence[int], rows: int) -> list[int]:
+    """Each row's new tokens at most: one number for every row, or one per row (a server's requests, each with
+    its own max_tokens, decoded as one batch)."""
+    budgets = [max_new_tokens] * rows if isinstance(max_new_tokens, int) else list(max_new_tokens)
+    if len(budgets) != rows or not all(isinstance(n, int) and not isinstance(n, bool) for n in budgets):
+        raise MTPError(f"max_new_tokens must be an int or one int per row ({rows}), got {max_new_tokens!r}")
+    if any(n < 0 for n in budgets):
+        raise MTPError("max_new_tokens must be >= 0")
+    return budgets
 
 
 def _use_graphs(graphs: bool | str | None, device: torch.device, proposer) -> bool | str:
