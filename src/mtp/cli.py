@@ -305,6 +305,14 @@ def deprecated_markdown(deprecated: Mapping[str, Mapping[str, Renamed]] = DEPREC
                       "the new flag.", "", "| command | old | new |", "|---|---|---|", *rows, ""])
 
 
+# command -> flags other commands have that this one takes elsewhere -> where (said instead of a near spelling)
+ELSEWHERE: dict[str, dict[str, str]] = {
+    "serve": {flag: "each request brings its own sampling settings (temperature > 0 samples; top_p, top_k, "
+                    "seed), as the OpenAI API does" for flag in ("--do-sample", "--temperature", "--top-p",
+                                                                 "--top-k", "--seed")},
+}
+
+
 def _unknown_arguments(unknown: list[str], fn: Callable, command: str) -> str:
     """What argparse could not place, and the command's flag closest to the first unknown flag."""
     import difflib
@@ -313,6 +321,8 @@ def _unknown_arguments(unknown: list[str], fn: Callable, command: str) -> str:
     flag = next((word.split("=", 1)[0] for word in unknown if word.startswith("--")), None)
     if flag is None:
         return message
+    if flag in ELSEWHERE.get(command, {}):
+        return f"{message}; {ELSEWHERE[command][flag]}"
     known = [name for f in command_flags(fn, POSITIONAL.get(command, [])) if not f.positional
              for name in ((f.flag, "--no-" + f.flag[2:]) if f.type is bool else (f.flag,))]
     close = difflib.get_close_matches(flag, known, n=1, cutoff=0.7)

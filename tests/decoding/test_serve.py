@@ -562,6 +562,8 @@ def test_a_port_in_use_is_one_line_before_the_model_loads(tmp_path, capsys, monk
     assert code == 2 and "--max-batch-size must be >= 1" in err
     with pytest.raises(MTPError, match="port must be in"):
         serve_module.serve(port=70000)
+    code, _, err = run_cli(["serve", "--temperature", "0.7"], capsys)
+    assert code == 2 and "each request brings its own sampling settings" in err
 
 
 def test_the_command_serves_until_sigterm(tiny_mtp_folder):
