@@ -376,6 +376,26 @@ def test_a_request_its_batch_cannot_take_fails_alone(model, monkeypatch):
                                           "code": None}})
 
 
+def test_a_request_that_fails_stops_decoding_its_other_prompts(model, monkeypatch):
+    """One prompt of a request refused: the request fails whole (400), and its other prompt, decoded on its own
+    after the split (the refused one first here), is dropped or stops at its next step instead of decoding for
+    nobody."""
+    steps, bad = _slow_decoding(monkeypatch), model.tokenizer(PROMPTS[1]).input_ids
+    slow = batcher_module.generate_tokens
+
+    def refusing(m, ids, mask, **kw):
+        if any(row[r.bool()].tolist() == bad for row, r in zip(ids, mask, strict=True)):
+            raise MTPError("refused")
+        return slow(m, ids, mask, **kw)
+
+    monkeypatch.setattr(batcher_module, "generate_tokens", refusing)
+    with served(model) as server:
+        status, body = post(server, "/v1/completions", {"prompt": [PROMPTS[1], PROMPTS[0]], "max_tokens": 100})
+        wait_until(lambda: not server.batcher.decoding and not server.batcher.waiting)
+    assert status == 400 and body["error"]["message"] == "refused"
+    assert server.batcher.counts.answered == 0 and steps[0] < 100
+
+
 def test_a_streamed_request_refused_before_its_first_piece_is_an_http_error(model, monkeypatch):
     def refusing(*a, **kw):
         raise MTPError("refused")

@@ -260,7 +260,8 @@ class Batcher:
         except MTPError as e:  # a request the batch cannot take: each on its own, so only that one fails
             if len(jobs) > 1 and not any(sent):
                 for job in jobs:
-                    self.decode_batch([job], record)
+                    if not job.cancelled.is_set():  # (a request fails whole: its other prompts are cancelled)
+                        self.decode_batch([job], record)
                 return
             self.counts.failed += len(jobs) * record
             for job in jobs:

@@ -166,7 +166,8 @@ class Handler(BaseHTTPRequestHandler):
     def _answer(self, request: api.CompletionRequest, jobs: list[Job]) -> None:
         done: dict[int, Finished] = {}
         for kind, index, value in self._events(jobs):
-            if kind == "error":
+            if kind == "error":  # the request fails whole: its other prompts need not be decoded
+                self._cancel(jobs)
                 self._error(*value)
                 return
             if kind == "end":
@@ -213,6 +214,7 @@ class Handler(BaseHTTPRequestHandler):
                 if kind == "text":
                     send(api.chunk(path, rid, name, [api.choice(path, index, value, None, delta=True)]))
                 elif kind == "error" and not started:  # nothing sent yet: an HTTP error as any other
+                    self._cancel(jobs)
                     self._error(*value)
                     return
                 elif kind == "error":
