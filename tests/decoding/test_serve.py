@@ -355,6 +355,7 @@ def test_a_request_whose_client_left_before_its_batch_is_never_decoded(model, mo
         server.batcher.start()
         status, _ = post(server, "/v1/completions", {"prompt": PROMPTS[1], "max_tokens": 4})
     assert status == 200 and decoded == [model.tokenizer(PROMPTS[1]).input_ids]
+    assert server.batcher.counts.cancelled == 1
 
 
 def test_a_request_its_batch_cannot_take_fails_alone(model, monkeypatch):
@@ -427,6 +428,20 @@ def test_a_streamed_request_refused_before_its_first_piece_is_an_http_error(mode
     ("/v1/completions", {"prompt": "hi", "stream_options": {"include_usage": True}}, "stream_options",
      "'stream_options' is only for a streamed request"),
     ("/v1/completions", {"prompt": "hi " * 200, "max_tokens": 100}, "max_tokens", "this model's context is 256"),
+    ("/v1/completions", {"prompt": list(range(3, 257))}, "prompt", "this model's context is 256 tokens (254 for a "
+     "prompt and its answer, with this server's drafts); the prompt has 254: no room for an answer"),
+    ("/v1/completions", {"prompt": list(range(3, 250)), "max_tokens": 8}, "max_tokens",
+     "this model's context is 256 tokens (254 for"),
+    ("/v1/completions", b'{"prompt": "half \\ud83d of an emoji"}', "prompt", "'prompt' holds a lone surrogate"),
+    ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "\\udc00"}]}', "messages",
+     "'messages' holds a lone surrogate"),
+    ("/v1/completions", {"prompt": "hi", "stop": "\udc00"}, "stop", "'stop' holds a lone surrogate"),
+    ("/v1/completions", b'{"prompt": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", None,
+     "the request body nests too deep"),
+    ("/v1/completions", {"prompt": "hi", "stream": True, "stream_options": {"include_usage": "no"}},
+     "include_usage", "'include_usage' must be true or false"),
+    ("/v1/completions", {"prompt": "hi", "temperature": 1, "seed": 2**64}, "seed", "'seed' must be in [0, 2**64)"),
+    ("/v1/completions", {"prompt": "hi", "seed": "x"}, "seed", "'seed' must be an integer"),
     ("/v1/chat/completions", {"messages": []}, "messages", "'messages' must be a non-empty list"),
     ("/v1/chat/completions", {"messages": [{"role": "tool", "content": "x"}]}, "messages",
      "messages[0]: 'role' must be one of system, user, assistant"),
@@ -465,15 +480,36 @@ def test_malformed_http_is_refused_at_once(model, headers, status, says):
     assert answer.startswith(b"HTTP/1.1 %d" % status) and says in answer
 
 
+def _get(server, path: str) -> tuple[int, dict]:
+    try:
+        with urllib.request.urlopen(server.url + path, timeout=30) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
 def test_models_health_and_unknown_routes(model):
     with served(model) as server:
-        with urllib.request.urlopen(server.url + "/v1/models") as r:
-            models = json.loads(r.read())
-        with urllib.request.urlopen(server.url + "/health") as r:
-            health = json.loads(r.read())
+        models, one, other = _get(server, "/v1/models"), _get(server, "/v1/models/tiny"), _get(server, "/v1/models/x")
+        health = _get(server, "/health")
         status, missing = post(server, "/v1/embeddings", {"input": "x"})
-    assert [m["id"] for m in models["data"]] == ["tiny"] and health == {"status": "ok"}
+        queried = post(server, "/v1/completions?api-version=1", {"prompt": "hi", "max_tokens": 2})
+    assert [m["id"] for m in models[1]["data"]] == ["tiny"] and health == (200, {"status": "ok"})
+    assert one == (200, models[1]["data"][0]) and other[0] == 404  # (the openai client's models.retrieve)
     assert status == 404 and "no route /v1/embeddings" in missing["error"]["message"]
+    assert queried[0] == 200  # a query string routes as its path
+
+
+def test_a_request_without_max_tokens_gets_what_fits(model):
+    """No max_tokens: the server's default (16 here), or less where the prompt leaves less of the context (254
+    tokens with 2 drafts' lookahead): never a refusal for a number the client did not send."""
+    long = list(range(3, 250))  # 247 tokens: room for 7
+    with served(model) as server:
+        _, short = post(server, "/v1/completions", {"prompt": PROMPTS[0]})
+        _, full = post(server, "/v1/completions", {"prompt": long})
+    assert short["usage"]["completion_tokens"] <= 16
+    expected = greedy(model, long, 254 - len(long))
+    assert full["choices"][0]["text"] == expected.texts[0] and full["usage"]["completion_tokens"] <= 7
 
 
 def test_a_stopping_server_finishes_the_requests_it_answers(model, monkeypatch):
@@ -533,13 +569,41 @@ def test_an_api_key_is_asked_of_every_v1_request(model):
         missing = post(server, "/v1/completions", body)
         wrong = post(server, "/v1/completions", body, {"Authorization": "Bearer open"})
         right = post(server, "/v1/completions", body, {"Authorization": "Bearer sesame"})
-        with pytest.raises(urllib.error.HTTPError) as models:
-            urllib.request.urlopen(server.url + "/v1/models")
-        with urllib.request.urlopen(server.url + "/health") as r:
-            health = r.status
-    assert missing[0] == wrong[0] == models.value.code == 401 and right[0] == 200 and health == 200
+        spelled = post(server, "/v1/completions", body, {"Authorization": " bearer  sesame "})
+        models = _get(server, "/v1/models")
+        health = [_get(server, path)[0] for path in ("/health", "/v1/health", "/metrics")[:2]]
+    assert missing[0] == wrong[0] == models[0] == 401 and right[0] == spelled[0] == 200 and health == [200, 200]
     assert "invalid or missing API key" in missing[1]["error"]["message"]
-    assert server.batcher.batch_sizes == [1]
+    assert server.batcher.batch_sizes == [1, 1]
+
+
+def test_a_chunked_body_is_read_and_the_connection_goes_on(model):
+    """Transfer-Encoding: chunked (no Content-Length), then a second request on the same connection: both
+    answered."""
+    body = json.dumps({"prompt": PROMPTS[0], "max_tokens": 3}).encode()
+    chunked = b"".join(b"%x\r\n%s\r\n" % (len(part), part) for part in (body[:10], body[10:])) + b"0\r\n\r\n"
+    with served(model) as server, socket.create_connection(server.server_address[:2], timeout=30) as sock:
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n" + chunked
+                     + b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % len(body)
+                     + body)
+        answer = b""
+        while answer.count(b'"object": "text_completion"') < 2 and (piece := sock.recv(65536)):
+            answer += piece
+    assert answer.count(b"HTTP/1.1 200 OK") == 2
+
+
+def test_a_stalled_upload_times_out_and_is_not_waited_for(model, monkeypatch):
+    """A body that stops arriving: 400 after the connection's timeout (short here); meanwhile it is not counted
+    as a request being answered (a stopping server would wait for it)."""
+    monkeypatch.setattr(serve_module.Handler, "timeout", 0.5)
+    with served(model) as server, socket.create_connection(server.server_address[:2], timeout=30) as sock:
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{\"pro")
+        time.sleep(0.1)
+        assert server.requests == 0
+        answer = sock.recv(65536)
+        while b"stopped arriving" not in answer and (piece := sock.recv(65536)):
+            answer += piece
+    assert answer.startswith(b"HTTP/1.1 400") and b"the request body stopped arriving" in answer
 
 
 def test_an_ipv6_address_is_served(model):

@@ -207,7 +207,9 @@ class Batcher:
             with self.ready:
                 self.ready.wait_for(lambda: self.waiting or self.stopping)
                 self._gather()
-                self.waiting = [j for j in self.waiting if not j.cancelled.is_set()]  # their clients left
+                left = [j for j in self.waiting if j.cancelled.is_set()]  # their clients left
+                self.counts.cancelled += len(left)
+                self.waiting = [j for j in self.waiting if not j.cancelled.is_set()]
                 if self.stopping:
                     return
                 if not self.waiting:

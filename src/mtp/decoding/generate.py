@@ -545,6 +545,19 @@ def _fit_context(model, input_ids, attention_mask, opts: DecodeOptions, lookahea
     return input_ids[:, -keep:], mask
 
 
+def context_room(model, strategy: Strategy = "greedy", k: int | None = None, num_draft: int | None = None,
+                 tree=None, tree_size: int | None = None, lookup: int = 0, **_: object) -> int | None:
+    """Tokens a prompt and its new tokens may have together when decoded with these options: the model's context
+    less the positions a step uses past them (drafts, lookup, masks); None: no limit known. (Extra keywords, a
+    command's other decoding options, are ignored.)"""
+    limit = context_limit(model)
+    if limit is None:
+        return None
+    opts = DecodeOptions(strategy=strategy, k=k, num_draft=num_draft, lookup=lookup,
+                         tree=model_tree(model, tree, tree_size, num_draft, k))
+    return limit - drafter_for(model, opts).lookahead
+
+
 def context_limit(model) -> int | None:
     cfg = model.config
     for name in ("max_position_embeddings", "n_positions"):

@@ -36,7 +36,7 @@ class BadRequest(ValueError):
 class Sampling:
     """How one request is decoded; requests with equal settings (and no seed) may share a batch."""
 
-    max_tokens: int
+    max_tokens: int | None  # None: not given (the server gives what its default and the context allow)
     do_sample: bool = False
     temperature: float = 1.0
     top_p: float = 1.0
@@ -54,7 +54,7 @@ class CompletionRequest:
     include_usage: bool  # stream_options.include_usage: a last chunk with the token counts
 
 
-def read_request(path: str, body: object, default_max_tokens: int) -> CompletionRequest:
+def read_request(path: str, body: object) -> CompletionRequest:
     """The request in `body` (parsed JSON), checked; a BadRequest says what is wrong."""
     if not isinstance(body, dict):
         raise BadRequest("the request body must be a JSON object")
@@ -67,8 +67,8 @@ def read_request(path: str, body: object, default_max_tokens: int) -> Completion
     options = _typed(body, "stream_options", dict, {})
     if options and not stream:
         raise BadRequest("'stream_options' is only for a streamed request (stream: true)", "stream_options")
-    return CompletionRequest(path, prompts, _sampling(body, path, default_max_tokens), stream,
-                             bool(options.get("include_usage", False)))
+    include_usage = _typed(options, "include_usage", bool, False)
+    return CompletionRequest(path, prompts, _sampling(body, path), stream, include_usage)
 
 
 def _typed(body: dict, name: str, kind: type | tuple, default):
@@ -81,11 +81,14 @@ def _typed(body: dict, name: str, kind: type | tuple, default):
     return value
 
 
-def _sampling(body: dict, path: str, default_max_tokens: int) -> Sampling:
+def _sampling(body: dict, path: str) -> Sampling:
     name = "max_completion_tokens" if path == CHAT and body.get("max_completion_tokens") is not None else "max_tokens"
-    max_tokens = _typed(body, name, int, default_max_tokens)
-    if max_tokens < 1:
+    max_tokens = _typed(body, name, int, None)
+    if max_tokens is not None and max_tokens < 1:
         raise BadRequest(f"'{name}' must be at least 1, got {max_tokens}", name)
+    seed = _typed(body, "seed", int, None)
+    if seed is not None and not 0 <= seed < 2**64:
+        raise BadRequest(f"'seed' must be in [0, 2**64), got {seed}", "seed")
     temperature = float(_typed(body, "temperature", (int, float), 0.0))
     top_p = float(_typed(body, "top_p", (int, float), 1.0))
     top_k = _typed(body, "top_k", int, 0)
@@ -99,10 +102,21 @@ def _sampling(body: dict, path: str, default_max_tokens: int) -> Sampling:
     stop = [stop] if isinstance(stop, str) else stop or []
     if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop):
         raise BadRequest("'stop' must be a string or a list of strings", "stop")
+    for text in stop:
+        _check_text(text, "stop")
     sample = temperature > 0
     return Sampling(max_tokens, sample, temperature if sample else 1.0, top_p if sample else 1.0,
-                    max(top_k, 0) if sample else 0, _typed(body, "seed", int, None) if sample else None,
-                    tuple(s for s in stop if s))
+                    max(top_k, 0) if sample else 0, seed if sample else None, tuple(s for s in stop if s))
+
+
+def _check_text(text: str, param: str) -> str:
+    """Text a tokenizer can take: JSON may carry a lone surrogate (\\ud800, as JavaScript writes a half emoji),
+    which is no character."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise BadRequest(f"'{param}' holds a lone surrogate (half of a character's UTF-16 pair)", param) from None
+    return text
 
 
 def _prompts(prompt) -> list[str | list[int]]:
@@ -116,7 +130,7 @@ def _prompts(prompt) -> list[str | list[int]]:
                          "prompt")
     if not all(prompt):
         raise BadRequest("'prompt' holds an empty prompt: give at least one token", "prompt")
-    return prompt
+    return [_check_text(p, "prompt") if isinstance(p, str) else p for p in prompt]
 
 
 def _is_id(value) -> bool:
@@ -140,10 +154,10 @@ def _messages(messages) -> list[dict]:
 
 def _content(content, i: int) -> str:
     if isinstance(content, str):
-        return content
+        return _check_text(content, "messages")
     if isinstance(content, list) and all(isinstance(p, dict) and p.get("type") == "text"
                                          and isinstance(p.get("text"), str) for p in content):
-        return "".join(p["text"] for p in content)
+        return _check_text("".join(p["text"] for p in content), "messages")
     raise BadRequest(f"messages[{i}]: 'content' must be a string or a list of text parts (mtp serve reads text "
                      "only)", "messages")
 

@@ -9,6 +9,8 @@ answers are sent as their text becomes final, holding back what could be the sta
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import hmac
 import json
 import os
@@ -17,18 +19,20 @@ import socket
 import sys
 import threading
 import time
+import traceback
 from collections.abc import Iterator
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from queue import Empty, Queue
 from typing import Literal
+from urllib.parse import urlsplit
 
 from mtp.arguments import check_values
 from mtp.decoding import openai_api as api
 from mtp.decoding.batcher import Batcher, Finished, Job, StreamedText
 from mtp.decoding.commands import encode_prompts
-from mtp.decoding.generate import context_limit
+from mtp.decoding.generate import context_limit, context_room
 from mtp.decoding.options import DraftOptions, WeightOptions
 from mtp.errors import MTPError, first_line
 from mtp.evaluation.prompts import has_chat_template
@@ -42,12 +46,17 @@ class Handler(BaseHTTPRequestHandler):
     server: Server
     protocol_version = "HTTP/1.1"
 
+    timeout = 60  # seconds a connection may stay silent (a stalled upload, an idle keep-alive): its thread ends
+
+    @property
+    def route(self) -> str:
+        return urlsplit(self.path).path  # (a query string routes as its path)
+
     def do_GET(self) -> None:  # noqa: N802 (http.server's name)
-        if self.path.startswith("/v1/") and not self._authorized():
-            return
-        if self.path in ("/health", "/v1/health"):
+        route, model = self.route, self.server.model_name
+        if route in ("/health", "/v1/health"):  # open without the key, as /metrics
             self._send_json(HTTPStatus.OK, {"status": "ok"})
-        elif self.path == "/metrics":
+        elif route == "/metrics":
             with self.server.batcher.ready:
                 waiting = len(self.server.batcher.waiting)
             data = self.server.batcher.counts.prometheus(waiting).encode()
@@ -56,20 +65,27 @@ class Handler(BaseHTTPRequestHandler):
             self.send_header("Content-Length", str(len(data)))
             self.end_headers()
             self.wfile.write(data)
-        elif self.path == "/v1/models":
-            self._send_json(HTTPStatus.OK, {"object": "list", "data": [
-                {"id": self.server.model_name, "object": "model", "created": 0, "owned_by": "mtp"}]})
+        elif route.startswith("/v1/") and not self._authorized():
+            return
+        elif route == "/v1/models":
+            self._send_json(HTTPStatus.OK, {"object": "list", "data": [_model_card(model)]})
+        elif route == f"/v1/models/{model}":
+            self._send_json(HTTPStatus.OK, _model_card(model))
         else:
-            self._error(HTTPStatus.NOT_FOUND, f"no route {self.path} (GET /v1/models, /health, /metrics)")
+            self._error(HTTPStatus.NOT_FOUND, f"no route {route} (GET /v1/models, /health, /metrics)")
 
     def do_POST(self) -> None:  # noqa: N802
-        with self.server.requests_lock:
-            self.server.requests += 1
         try:
             self._post()
-        finally:
-            with self.server.requests_lock:
-                self.server.requests -= 1
+        except OSError:  # the connection broke or went silent: nobody to answer
+            self.close_connection = True
+        except Exception as e:  # noqa: BLE001 (a bug: the client gets a 500, the log the trace, the server goes on)
+            traceback.print_exc()
+            self.close_connection = True
+            try:
+                self._error(HTTPStatus.INTERNAL_SERVER_ERROR, f"the server failed: {type(e).__name__}: {e}")
+            except OSError:
+                pass
 
     def _post(self) -> None:
         if not self._authorized():
@@ -78,48 +94,77 @@ class Handler(BaseHTTPRequestHandler):
             self._discard_body()
             self._error(HTTPStatus.SERVICE_UNAVAILABLE, "the server is stopping")
             return
-        if self.path not in (api.COMPLETIONS, api.CHAT):
+        if self.route not in (api.COMPLETIONS, api.CHAT):
             self._discard_body()
-            self._error(HTTPStatus.NOT_FOUND, f"no route {self.path} (POST {api.COMPLETIONS}, {api.CHAT})")
+            self._error(HTTPStatus.NOT_FOUND, f"no route {self.route} (POST {api.COMPLETIONS}, {api.CHAT})")
             return
         try:
-            body = self._read_json()
-            request = api.read_request(self.path, body, self.server.max_tokens)
-            rows = self.server.encode(request)
+            request = api.read_request(self.route, self._read_json())
+            rows, budgets = self.server.encode(request)
         except api.BadRequest as e:
             self._error(HTTPStatus.BAD_REQUEST, str(e), e.param)
             return
         events: Queue = Queue()
         tok = self.server.batcher.model.tokenizer
-        jobs = [Job(ids, request.sampling, i, events, StreamedText(tok, request.sampling.stop) if request.stream
-                    else None) for i, ids in enumerate(rows)]
-        self.server.batcher.submit(jobs)
-        if request.stream:
-            self._stream(request, jobs)
-        else:
-            self._answer(request, jobs)
+        jobs = [Job(ids, dataclasses.replace(request.sampling, max_tokens=budget), i, events,
+                    StreamedText(tok, request.sampling.stop) if request.stream else None)
+                for i, (ids, budget) in enumerate(zip(rows, budgets, strict=True))]
+        with self.server.counting():  # (a stopping server waits for the requests it counts)
+            self.server.batcher.submit(jobs)
+            if request.stream:
+                self._stream(request, jobs)
+            else:
+                self._answer(request, jobs)
 
     def _authorized(self) -> bool:
         """With --api-key, a request must carry it as OpenAI clients send theirs ("Authorization: Bearer KEY");
         one that does not gets 401 (its body, if any, is read and dropped: the connection stays usable)."""
         key = self.server.api_key
-        sent = self.headers.get("Authorization", "").encode()
-        if key is None or hmac.compare_digest(sent, f"Bearer {key}".encode()):
+        scheme, _, sent = self.headers.get("Authorization", "").strip().partition(" ")
+        if key is None or (scheme.lower() == "bearer" and hmac.compare_digest(sent.strip().encode(), key.encode())):
             return True
         self._discard_body()
         self._error(HTTPStatus.UNAUTHORIZED, "invalid or missing API key (send \"Authorization: Bearer KEY\")")
         return False
 
     def _body(self) -> bytes:
-        """The request's body (Content-Length bytes: at most MAX_BODY)."""
+        """The request's body: Content-Length bytes, or chunks (Transfer-Encoding: chunked); at most MAX_BODY."""
         try:
-            length = int(self.headers.get("Content-Length") or 0)
-        except ValueError:
-            length = -1
-        if not 0 <= length <= MAX_BODY:
+            if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
+                return self._chunks()
+            try:
+                length = int(self.headers.get("Content-Length") or 0)
+            except ValueError:
+                length = -1
+            if not 0 <= length <= MAX_BODY:
+                raise api.BadRequest(f"Content-Length must be a number of bytes up to {MAX_BODY}")
+            body = self.rfile.read(length)
+            if len(body) < length:
+                raise api.BadRequest("the request body ended before its Content-Length")
+            return body
+        except TimeoutError:
+            raise api.BadRequest(f"the request body stopped arriving (nothing for {self.timeout} s)") from None
+        except api.BadRequest:
             self.close_connection = True  # what follows on the connection cannot be told apart from the body
-            raise api.BadRequest(f"Content-Length must be a number of bytes up to {MAX_BODY}")
-        return self.rfile.read(length)
+            raise
+
+    def _chunks(self) -> bytes:
+        """A chunked body: hex sizes and chunks up to a zero size, then the trailer lines up to a blank one."""
+        body = b""
+        while True:
+            line = self.rfile.readline(1024)
+            try:
+                size = int(line.split(b";")[0].strip(), 16)
+            except ValueError:
+                raise api.BadRequest("a chunked body's chunk size is not a hex number") from None
+            if size < 0 or len(body) + size > MAX_BODY:
+                raise api.BadRequest(f"the request body is over {MAX_BODY} bytes")
+            if size == 0:
+                while self.rfile.readline(1024).strip():
+                    pass
+                return body
+            body += self.rfile.read(size)
+            self.rfile.readline(1024)  # the chunk's line end
 
     def _discard_body(self) -> None:
         """Read and drop a refused request's body, so that the connection can carry the next request."""
@@ -134,6 +179,8 @@ class Handler(BaseHTTPRequestHandler):
             return json.loads(body or b"null")
         except (ValueError, UnicodeDecodeError) as e:
             raise api.BadRequest(f"the request body is not JSON: {e}") from None
+        except RecursionError:
+            raise api.BadRequest("the request body nests too deep") from None
 
     def _events(self, jobs: list[Job]) -> Iterator[tuple[str, int, object]]:
         """The jobs' events as the decoding thread sends them. A client that hangs up meanwhile cancels its jobs
@@ -151,7 +198,9 @@ class Handler(BaseHTTPRequestHandler):
                     return
 
     def _client_left(self) -> bool:
-        """Whether the client closed its end: the socket reads as ended (a waiting client sends nothing)."""
+        """Whether the client closed its end: the socket reads as ended (a waiting client sends nothing). One
+        that only half-closes after its request (`nc -N`) reads the same and is taken as gone, as uvicorn takes
+        it; HTTP clients keep their end open while they wait."""
         try:
             readable, _, _ = select.select([self.connection], [], [], 0)
             return bool(readable) and self.connection.recv(1, socket.MSG_PEEK) == b""
@@ -231,7 +280,7 @@ class Handler(BaseHTTPRequestHandler):
                         send(api.chunk(path, rid, name, [], usage))
                     send("[DONE]")
                     break
-        except (BrokenPipeError, ConnectionResetError):  # the client left
+        except OSError:  # the client left (a reset, a broken pipe, a connection gone silent)
             self._cancel(jobs)
         self.close_connection = True
 
@@ -280,9 +329,25 @@ class Server(ThreadingHTTPServer):
         with self.tokenizer_lock:
             try:
                 ids, _ = encode_prompts(self.batcher.model.tokenizer, [prompt], chat=path == api.CHAT)
-            except MTPError as e:
+            except (MTPError, TypeError, ValueError) as e:  # (a template or a tokenizer that refuses the text)
                 raise api.BadRequest(first_line(e), "messages" if path == api.CHAT else "prompt") from None
         return ids[0].tolist()
+
+    @contextlib.contextmanager
+    def counting(self) -> Iterator[None]:
+        """Count a request as being answered for the length of the block."""
+        with self.requests_lock:
+            self.requests += 1
+        try:
+            yield
+        finally:
+            with self.requests_lock:
+                self.requests -= 1
+
+    def handle_error(self, request, client_address) -> None:
+        """A connection the client broke is no error of the server's: no traceback for it."""
+        if not isinstance(sys.exc_info()[1], OSError):  # (a reset, a broken pipe, a silent connection)
+            super().handle_error(request, client_address)
 
     def finish_requests(self, seconds: float) -> bool:
         """Stop taking completion requests and wait up to `seconds` for those being answered (False: some were
@@ -301,9 +366,12 @@ class Server(ThreadingHTTPServer):
     def attach(self, batcher: Batcher, model_name: str, strategy: str, max_tokens: int) -> None:
         self.batcher, self.model_name, self.strategy, self.max_tokens = batcher, model_name, strategy, max_tokens
         self.chat = has_chat_template(batcher.model.tokenizer)
+        self.room = context_room(batcher.model, **batcher.decode)  # a prompt and its answer together, at most
 
-    def encode(self, request: api.CompletionRequest) -> list[list[int]]:
-        """Each prompt's token ids (a conversation through the chat template), checked against the context."""
+    def encode(self, request: api.CompletionRequest) -> tuple[list[list[int]], list[int]]:
+        """Each prompt's token ids (a conversation through the chat template) and new tokens at most: the
+        request's max_tokens, which must fit the context with the prompt, or else the server's default, as much
+        of it as fits."""
         if request.path == api.CHAT and not self.chat:
             raise api.BadRequest("this model's tokenizer has no chat template: use /v1/completions", "messages")
         rows = [p if isinstance(p, list) and request.path == api.COMPLETIONS else self._tokens(p, request.path)
@@ -311,12 +379,15 @@ class Server(ThreadingHTTPServer):
         vocab = self.batcher.model.config.vocab_size
         if any(not 0 <= t < vocab for r in rows for t in r):
             raise api.BadRequest(f"'prompt' holds a token id outside the vocabulary (0 to {vocab - 1})", "prompt")
-        limit = context_limit(self.batcher.model)
+        asked, room = request.sampling.max_tokens, self.room
         longest = max(len(r) for r in rows)
-        if limit is not None and longest + request.sampling.max_tokens > limit:
-            raise api.BadRequest(f"this model's context is {limit} tokens; the prompt has {longest} and "
-                                 f"max_tokens asks {request.sampling.max_tokens} more", "max_tokens")
-        return rows
+        if room is not None and longest + (asked or 1) > room:
+            context = f"this model's context is {context_limit(self.batcher.model)} tokens ({room} for a prompt " \
+                      f"and its answer, with this server's drafts); the prompt has {longest}"
+            raise api.BadRequest(f"{context} and max_tokens asks {asked} more" if asked else
+                                 f"{context}: no room for an answer", "max_tokens" if asked else "prompt")
+        budgets = [asked or (self.max_tokens if room is None else min(self.max_tokens, room - len(r))) for r in rows]
+        return rows, budgets
 
 
 def serve(model: str | None = None, host: str = "127.0.0.1", port: int = 8000, served_model_name: str | None = None,
@@ -390,6 +461,10 @@ def serve(model: str | None = None, host: str = "127.0.0.1", port: int = 8000, s
 
 MAX_BODY = 64 * 2**20  # bytes a request body may have (a long conversation is a few hundred KB)
 DRAIN_SECONDS = 30  # what a stopping server gives the requests it is answering (orchestrators wait about as long)
+
+
+def _model_card(name: str) -> dict:
+    return {"id": name, "object": "model", "created": 0, "owned_by": "mtp"}
 
 
 def model_label(spec: str | None) -> str:
