@@ -193,12 +193,15 @@ def run_demo(output: str | Path | None = None, *, budget_minutes: float | None =
                        int8=int8 and cpu, hf=hf, hf_lookup=hf_lookup, hf_static=hf and not cpu,
                        gguf=_default_gguf() if llamacpp else None, progress=progress)
     code = _benchmark(run_dir, root / BENCH_NAME, runtime, setup)
-    print(f"\nmtp demo: done in {time.perf_counter() - start:.0f} s. Model: {run_dir}; report: {root / BENCH_NAME}",
-          flush=True)
-    fast = " --quantize fp16" if fp16 and cpu else ""
-    print(f"Next: mtp chat --model {run_dir}{fast} (a conversation), or mtp serve --model {run_dir}{fast} (the "
-          "OpenAI API over HTTP), both with lossless speculative decoding", flush=True)
+    _done(time.perf_counter() - start, run_dir, root / BENCH_NAME, " --quantize fp16" if fp16 and cpu else "")
     return code
+
+
+def _done(seconds: float, run_dir: Path, report: Path, weights: str) -> None:
+    """The demo's last lines: where its model and report are, and what to do with the heads."""
+    print(f"\nmtp demo: done in {seconds:.0f} s. Model: {run_dir}; report: {report}", flush=True)
+    print(f"Next: mtp chat --model {run_dir}{weights} (a conversation), or mtp serve --model {run_dir}{weights} "
+          "(the OpenAI API over HTTP), both with lossless speculative decoding", flush=True)
 
 
 def _benchmark(run_dir: Path, bench_dir: Path, runtime: Runtime, setup: BenchSetup) -> int:
