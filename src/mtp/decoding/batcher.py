@@ -10,6 +10,7 @@ next one. A job whose client left is dropped, and a batch whose clients all left
 from __future__ import annotations
 
 import dataclasses
+import functools
 import sys
 import threading
 import time
@@ -154,7 +155,7 @@ class Batcher:
     log: Callable[[str], None] = _log  # a line per batch
     waiting: list[Job] = field(default_factory=list)
     ready: threading.Condition = field(default_factory=threading.Condition)
-    batch_sizes: list[int] = field(default_factory=list)  # every batch decoded (for the log and the tests)
+    batch_sizes: list[int] = field(default_factory=list)  # the size of every batch decoded (the tests read it)
     counts: Counts = field(default_factory=lambda: Counts())
     decoding: list[Job] = field(default_factory=list)  # the batch being decoded
     stopping: bool = False
@@ -163,9 +164,14 @@ class Batcher:
     def _stopped(self, tokens: list[int], stop: tuple[str, ...]) -> bool:
         """Whether a row of max_tokens tokens ended at its last token anyway: an end token or a stop string (a
         row that ends sooner always stopped: a prompt and max_tokens always fit the context)."""
-        if tokens[-1] in default_stop_token_ids(self.model, self.model.tokenizer):
+        if tokens[-1] in self.end_ids:
             return True
         return bool(stop) and any(x in self.model.tokenizer.decode(tokens, skip_special_tokens=True) for x in stop)
+
+    @functools.cached_property
+    def end_ids(self) -> frozenset[int]:
+        """The model's end tokens (what `generate` stops at), found once."""
+        return frozenset(default_stop_token_ids(self.model, self.model.tokenizer))
 
     def warm_up(self) -> None:
         """Decode a few tokens before the first request (the first steps of a shape build its buffers or
