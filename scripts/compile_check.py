@@ -29,6 +29,7 @@ CONFIGS = {  # name -> (model kind, generate's options)
     "chain": ("heads", {"strategy": "speculative"}),
     "tree4+lookup6": ("heads", {"strategy": "speculative", "tree": "auto", "tree_size": 4, "lookup": 6}),
     "dtree8+lookup6": ("heads", {"strategy": "speculative", "tree": "dynamic", "tree_size": 8, "lookup": 6}),
+    "tree4+logprobs5": ("heads", {"strategy": "speculative", "tree": "auto", "tree_size": 4, "logprobs": 5}),
     "static-k4": ("heads", {"strategy": "static", "k": 4}),
     "confadapt": ("heads", {"strategy": "confadapt", "tau": 0.5}),
     "masks-confadapt": ("masks", {"strategy": "confadapt", "tau": 0.5}),

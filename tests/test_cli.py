@@ -109,6 +109,32 @@ def test_generate_with_a_draft_tree(tiny_mtp_folder, capsys):
         assert code == 2 and says in err and len(err.strip().splitlines()) == 1, err
 
 
+def test_generate_json_records_carry_the_tokens_log_probabilities(tiny_mtp_folder, capsys):
+    """--logprobs K: each record's tokens with the model's log-probabilities (speculative's are greedy's) and K
+    alternatives; refused where nothing would show them or the strategy does not verify, before loading."""
+    args = ["generate", "--model", str(tiny_mtp_folder), "--prompt", "What is 7 + 5?", "--max-new-tokens", "6",
+            "--json", "--logprobs", "2"]
+    records = []
+    for strategy in ("greedy", "speculative"):
+        code, out, err = run_cli(args + ["--strategy", strategy], capsys)
+        assert code == 0, err
+        records.append(json.loads(out.strip().splitlines()[-1]))
+    for record in records:
+        scores = record["logprobs"]
+        assert [s["token_id"] for s in scores] == record["token_ids"]
+        assert all(len(s["top_logprobs"]) == 2 and s["top_logprobs"][0]["logprob"] == s["logprob"] <= 0
+                   for s in scores)
+    assert [s["logprob"] for s in records[0]["logprobs"]] == pytest.approx(
+        [s["logprob"] for s in records[1]["logprobs"]], abs=1e-5)
+    for bad, says in ((["--strategy", "confadapt"], "--logprobs: the model's log-probabilities"),
+                      (["--logprobs", "30"], "--logprobs must be in [0, 20], got 30")):
+        code, _, err = run_cli(args + bad, capsys)
+        assert code == 2 and says in err and len(err.strip().splitlines()) == 1, err
+    code, _, err = run_cli(["generate", "--model", str(tiny_mtp_folder), "--prompt", "hi", "--logprobs", "1"],
+                           capsys)
+    assert code == 2 and "--logprobs go into the JSON records: add --json or --output FILE" in err
+
+
 def test_generate_prompts_to_jsonl(tiny_mtp_folder, tmp_path, capsys):
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text('{"prompt": "Janet has 3 eggs"}\n\n{"question": "What is 7 + 5?"}\n')

@@ -79,7 +79,7 @@ RULES: dict[str, Range] = {
     "tree_size": TREE_SIZE, "lookup": AT_LEAST_0,
     # decoding
     "tau": PROBABILITY, "temperature": AT_LEAST_0, "top_p": Range(0, 1, low_open=True),
-    "top_k": AT_LEAST_0,
+    "top_k": AT_LEAST_0, "logprobs": Range(0, 20),
     # training
     "epochs": POSITIVE, "train_epochs": POSITIVE, "lr": POSITIVE, "min_lr_ratio": PROBABILITY,
     "weight_decay": AT_LEAST_0, "max_grad_norm": AT_LEAST_0, "holdout": Range(0, 1, high_open=True),
@@ -107,6 +107,9 @@ RELATIONS: list[tuple[tuple[str, ...], Callable[..., bool], str]] = [
      "heads' top tokens)"),
     (("lookup", "strategy"), lambda lookup, strategy: lookup == 0 or "speculative" in _strategies(strategy),
      "{lookup}: lookup drafts are verified; use them with {strategy} speculative"),
+    (("logprobs", "strategy"), lambda logprobs, strategy: all(s in ("greedy", "speculative") for s in _strategies(strategy)),
+     "{logprobs}: the model's log-probabilities of the tokens it verified; use them with {strategy} greedy or "
+     "speculative (ConfAdapt and static emit the heads' tokens unscored)"),
     (("num_draft", "strategy"), lambda num_draft, strategy: "speculative" in _strategies(strategy),
      "{num_draft}: drafts verified per step; use it with {strategy} speculative"),
     # greedy decoding makes one token per forward: a k would be ignored without a word

@@ -301,9 +301,10 @@ def test_a_model_made_in_inference_mode_decodes(replayed, gpu_path):
     ("heads", {"strategy": "speculative", "tree": DynamicTree(4, 2), "lookup": 3, "do_sample": True}),
     ("heads", {"strategy": "speculative", "tree": "auto", "tree_size": 4, "lookup": 2, "draft_vocab": True}),
     ("heads", {"strategy": "speculative", "lookup": 2}),
+    ("heads", {"strategy": "speculative", "tree": DynamicTree(4, 2), "lookup": 2, "logprobs": 3}),
     ("masks", {"strategy": "confadapt", "k": 3}),
 ], ids=["heads-dynamic-tree-lookup-sampling", "heads-tree-lookup-draft-vocab", "heads-chain-lookup",
-        "masks-confadapt"])
+        "heads-dynamic-tree-lookup-logprobs", "masks-confadapt"])
 def test_a_step_traces_as_one_graph(kind, kw, gpu_path):
     """The step reads nothing back to the host (what a CUDA graph cannot replay): dynamo traces it as one graph
     (fullgraph=True fails on a host read such as .item(), .tolist() or a tensor in an `if`), the prompt's step
@@ -316,7 +317,7 @@ def test_a_step_traces_as_one_graph(kind, kw, gpu_path):
 
     opts = DecodeOptions(kw["strategy"], 8, do_sample=kw.get("do_sample", False), k=kw.get("k"),
                          tree=model_tree(model, kw.get("tree"), kw.get("tree_size"), None, kw.get("k")),
-                         lookup=kw.get("lookup", 0))
+                         lookup=kw.get("lookup", 0), logprobs=kw.get("logprobs"))
     drafter = drafter_for(model, opts)
     ids, mask = left_pad([[1, 2, 3, 1, 2], [4, 5]])
     cache = drafter.new_cache(2, 64, static=True)

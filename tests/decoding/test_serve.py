@@ -418,8 +418,23 @@ def test_a_streamed_request_refused_before_its_first_piece_is_an_http_error(mode
     ("/v1/completions", {"prompt": [1, True]}, "prompt", "'prompt' must be a string, a list of strings, token ids"),
     ("/v1/completions", {"prompt": [5, 300]}, "prompt", "'prompt' holds a token id outside the vocabulary (0 to "),
     ("/v1/completions", {"prompt": "hi", "n": 2}, "n", "'n' is not supported by mtp serve (got 2)"),
-    ("/v1/completions", {"prompt": "hi", "logprobs": 1}, "logprobs", "'logprobs' is not supported"),
-    ("/v1/completions", {"prompt": "hi", "max_tokens": 0}, "max_tokens", "'max_tokens' must be at least 1"),
+    ("/v1/completions", {"prompt": "hi", "logprobs": 21}, "logprobs", "'logprobs' must be in [0, 20], got 21"),
+    ("/v1/completions", {"prompt": "hi", "logprobs": True}, "logprobs", "'logprobs' must be an integer"),
+    ("/v1/completions", {"prompt": "hi", "top_logprobs": 2}, "top_logprobs",
+     "'top_logprobs' is a chat completions field; /v1/completions takes 'logprobs'"),
+    ("/v1/completions", {"prompt": "hi", "echo": True, "stream": True}, "echo",
+     "'echo' is not supported with 'stream'"),
+    ("/v1/completions", {"prompt": "hi", "echo": 1}, "echo", "'echo' must be true or false"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "echo": True}, "echo",
+     "'echo' is a field of /v1/completions, not of chat completions"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "top_logprobs": 2}, "top_logprobs",
+     "'top_logprobs' needs 'logprobs': true"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "logprobs": True,
+                              "top_logprobs": 30}, "top_logprobs", "'top_logprobs' must be in [0, 20], got 30"),
+    ("/v1/completions", {"prompt": "hi", "max_tokens": 0}, "max_tokens", "'max_tokens' must be at least 1 (0 with "
+     "echo), got 0"),
+    ("/v1/completions", {"prompt": "hi", "max_tokens": -1, "echo": True}, "max_tokens",
+     "'max_tokens' must be at least 1 (0 with echo), got -1"),
     ("/v1/completions", {"prompt": "hi", "max_tokens": "8"}, "max_tokens", "'max_tokens' must be an integer"),
     ("/v1/completions", {"prompt": "hi", "temperature": 3}, "temperature", "'temperature' must be between 0 and 2"),
     ("/v1/completions", {"prompt": "hi", "temperature": 1, "top_p": 0}, "top_p", "'top_p' must be in (0, 1]"),
@@ -690,3 +705,100 @@ def test_cuda_serving_replays_graphs_in_its_decoding_thread(graphs):
         ids = torch.tensor([tok(p).input_ids], device="cuda")
         assert choice["text"] == generate(m, ids, max_new_tokens=12, graphs=False).texts[0]
     assert again["choices"] == body["choices"]
+
+
+# ------------------------------------------------------------------------------------------------ logprobs
+def test_completion_logprobs_are_greedys_scores(model):
+    """`logprobs: k` on /v1/completions: each answer token's text, the model's log-probability of it and its k
+    most likely alternatives (as `generate(logprobs=k)` scores greedy's answer decoded alone), with each token's
+    offset in the text."""
+    tok = model.tokenizer
+    with served(model) as server:
+        status, body = post(server, "/v1/completions", {"prompt": PROMPTS[:2], "max_tokens": 10, "logprobs": 3})
+    assert status == 200
+    for prompt, choice in zip(PROMPTS[:2], body["choices"], strict=True):
+        expected = greedy(model, tok(prompt).input_ids, 10, logprobs=3)
+        lp = choice["logprobs"]
+        assert lp["tokens"] == [tok.decode([t]) for t in expected.tokens[0]]
+        assert lp["token_logprobs"] == pytest.approx([e.logprob for e in expected.logprobs[0]], abs=1e-6)
+        for top, e in zip(lp["top_logprobs"], expected.logprobs[0], strict=True):
+            # tokens that show as one text (pieces of characters) are one entry: the likelier one's
+            assert top == pytest.approx({text: max(v for t, v in e.top if tok.decode([t]) == text)
+                                         for text in {tok.decode([t]) for t, _ in e.top}}, abs=1e-6)
+        assert all(len(top) <= 3 and max(top.values()) == chosen  # greedy: the most likely token's
+                   for top, chosen in zip(lp["top_logprobs"], lp["token_logprobs"], strict=True))
+        assert lp["text_offset"] == [len("".join(lp["tokens"][:i])) for i in range(len(lp["tokens"]))]
+        assert "".join(lp["tokens"]).startswith(choice["text"])  # (the text leaves out an end token)
+
+
+def test_chat_logprobs_carry_each_tokens_bytes(model):
+    """Chat's `logprobs: true` with `top_logprobs`: a content entry per token with its bytes, which add up to the
+    answer's bytes even where a character is split over tokens (a piece decodes to U+FFFD)."""
+    tok = model.tokenizer
+    messages = [{"role": "user", "content": PROMPTS[0]}]
+    with served(model) as server:
+        status, body = post(server, "/v1/chat/completions", {"messages": messages, "max_tokens": 14,
+                                                             "logprobs": True, "top_logprobs": 2})
+    assert status == 200
+    ids, _ = encode_prompts(tok, [messages], chat=True)
+    expected = greedy(model, ids[0].tolist(), 14, logprobs=2)
+    content = body["choices"][0]["logprobs"]["content"]
+    assert [c["logprob"] for c in content] == pytest.approx([e.logprob for e in expected.logprobs[0]], abs=1e-6)
+    assert all(len(c["top_logprobs"]) == 2 and c["top_logprobs"][0]["logprob"] == c["logprob"] for c in content)
+    text = body["choices"][0]["message"]["content"]
+    raw = b"".join(bytes(c["bytes"]) for c in content if c["token"] not in tok.all_special_tokens)
+    assert raw.decode("utf-8", errors="replace") == text
+
+
+def test_echo_scores_a_prompt_as_decoding_scored_its_answer(model):
+    """`echo` with `logprobs` (how an evaluation harness scores a continuation): the text is the prompt's and the
+    answer's, the first token has no score, and scoring greedy's answer as a prompt (max_tokens 0) gives the
+    log-probabilities decoding gave it - what lm-eval's loglikelihood reads, is_greedy included."""
+    tok = model.tokenizer
+    prompt = tok(PROMPTS[1]).input_ids
+    with served(model) as server:
+        _, decoded = post(server, "/v1/completions", {"prompt": prompt, "max_tokens": 8, "logprobs": 1})
+        answer = tok(decoded["choices"][0]["text"], add_special_tokens=False).input_ids
+        full = prompt + greedy(model, prompt, 8).tokens[0]
+        status, scored = post(server, "/v1/completions", {"prompt": full, "max_tokens": 0, "echo": True,
+                                                          "logprobs": 1})
+        _, one_more = post(server, "/v1/completions", {"prompt": PROMPTS[1], "max_tokens": 1, "echo": True,
+                                                       "logprobs": 0})
+    assert answer and status == 200
+    lp = scored["choices"][0]["logprobs"]
+    assert lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None and len(lp["tokens"]) == len(full)
+    assert lp["token_logprobs"][len(prompt):] == pytest.approx(
+        decoded["choices"][0]["logprobs"]["token_logprobs"], abs=1e-5)
+    assert all(t == max(top.values()) for t, top in zip(lp["token_logprobs"][len(prompt):],
+                                                         lp["top_logprobs"][len(prompt):], strict=True))
+    assert scored["choices"][0]["text"] == tok.decode(full) and scored["usage"]["completion_tokens"] == 0
+    echoed = one_more["choices"][0]
+    assert echoed["text"].startswith(PROMPTS[1]) and len(echoed["logprobs"]["tokens"]) == len(prompt) + 1
+    assert echoed["logprobs"]["top_logprobs"][1:] == [{}] * len(prompt)
+
+
+def test_streamed_logprobs_add_up_to_the_whole_answers(model):
+    body = {"prompt": PROMPTS[2], "max_tokens": 12, "logprobs": 2}
+    with served(model) as server:
+        _, whole = post(server, "/v1/completions", body)
+        chunks = events(server, "/v1/completions", body)
+        chat = events(server, "/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}],
+                                                       "max_tokens": 12, "logprobs": True})
+    pieces = [c["choices"][0] for c in chunks[:-1] if c["choices"]]
+    streamed = [p["logprobs"] for p in pieces if p["logprobs"]]
+    expected = whole["choices"][0]["logprobs"]
+    for key in ("tokens", "token_logprobs", "top_logprobs", "text_offset"):
+        assert sum((s[key] for s in streamed), []) == expected[key]
+    assert "".join(p["text"] for p in pieces) == whole["choices"][0]["text"]
+    entries = sum((c["choices"][0]["logprobs"]["content"] for c in chat[1:-1]
+                   if c["choices"] and c["choices"][0]["logprobs"]), [])
+    assert entries and all(e["top_logprobs"] == [] for e in entries)
+
+
+def test_logprobs_are_refused_by_a_server_whose_strategy_does_not_verify(model):
+    with served(model, strategy="confadapt") as server:
+        status, body = post(server, "/v1/completions", {"prompt": "hi", "logprobs": 0})
+        ok, _ = post(server, "/v1/completions", {"prompt": "hi", "max_tokens": 2})
+    assert status == 400 and body["error"]["param"] == "logprobs" and ok == 200
+    assert body["error"]["message"].startswith("log-probabilities are the model's scores of the tokens it verified; "
+                                               "this server decodes with confadapt")

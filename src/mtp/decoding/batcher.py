@@ -24,6 +24,7 @@ from mtp.decoding import openai_api as api
 from mtp.decoding.commands import IncrementalText
 from mtp.decoding.generate import default_stop_token_ids, left_pad
 from mtp.decoding.generate import generate as generate_tokens
+from mtp.decoding.logprobs import TokenLogprob, prompt_logprobs
 from mtp.errors import MTPError, first_line
 
 
@@ -67,8 +68,8 @@ def _stop_prefix(text: str, stop: tuple[str, ...]) -> int:
 @dataclass
 class Job:
     """One prompt of a request, for the decoding thread. Its events go to the request's queue, tagged with
-    `index` (its choice): ("text", index, piece) while it decodes, then ("end", index, Finished) or
-    ("error", index, (status, message))."""
+    `index` (its choice): ("text", index, (piece, its tokens' TokenLogprobs or None)) while it decodes, then
+    ("end", index, Finished) or ("error", index, (status, message))."""
 
     ids: list[int]
     sampling: api.Sampling
@@ -76,6 +77,7 @@ class Job:
     events: Queue
     streamed: StreamedText | None = None
     cancelled: threading.Event = field(default_factory=threading.Event)  # its client left
+    echo: bool = False  # the prompt's tokens are scored too (with sampling.logprobs)
 
     def batches_with(self, other: Job) -> bool:
         """Whether the two may be decoded in one batch: the same sampling settings, each its own max_tokens;
@@ -94,6 +96,8 @@ class Finished:
     tokens: list[int]
     finish_reason: str  # "stop" (an end token or stop string) or "length" (max_tokens)
     batch: dict  # the figures of the batch it was decoded in (`GenerationStats.to_dict` and its rows)
+    logprobs: list[TokenLogprob] | None = None  # one per token, where the request asked for them
+    prompt_logprobs: list[TokenLogprob | None] | None = None  # echo with logprobs: one per prompt token
 
 
 @dataclass
@@ -164,6 +168,8 @@ class Batcher:
     def _stopped(self, tokens: list[int], stop: tuple[str, ...]) -> bool:
         """Whether a row of max_tokens tokens ended at its last token anyway: an end token or a stop string (a
         row that ends sooner always stopped: a prompt and max_tokens always fit the context)."""
+        if not tokens:  # (max_tokens 0: a prompt scored)
+            return False
         if tokens[-1] in self.end_ids:
             return True
         return bool(stop) and any(x in self.model.tokenizer.decode(tokens, skip_special_tokens=True) for x in stop)
@@ -244,13 +250,13 @@ class Batcher:
         ids, mask = left_pad([j.ids for j in jobs], self.model.tokenizer.pad_token_id or 0)
         sent = [False] * len(jobs)
 
-        def stream(row: int, new: list[int]) -> None:
+        def stream(row: int, new: list[int], scores: list[TokenLogprob] | None = None) -> None:
             job = jobs[row]
             if job.cancelled.is_set() and all(j.cancelled.is_set() for j in jobs):
                 raise Cancelled
-            if job.streamed is not None and (piece := job.streamed.add(new)):
+            if job.streamed is not None and ((piece := job.streamed.add(new)) or scores):
                 sent[row] = True
-                job.events.put(("text", job.index, piece))
+                job.events.put(("text", job.index, (piece, scores)))
 
         # A seeded request decodes alone and ungated (on a GPU the gate times one row's steps too): its seed
         # reproduces its draws.
@@ -259,7 +265,10 @@ class Batcher:
             res = generate_tokens(self.model, ids.to(self.model.device), mask.to(self.model.device),
                                   max_new_tokens=[j.sampling.max_tokens for j in jobs], do_sample=s.do_sample,
                                   temperature=s.temperature, top_p=s.top_p, top_k=s.top_k, seed=s.seed,
-                                  stop_strings=list(s.stop) or None, streamer=stream, **options)
+                                  stop_strings=list(s.stop) or None, streamer=stream, logprobs=s.logprobs,
+                                  **options)
+            prompt_scores = [prompt_logprobs(self.model, j.ids, s.logprobs) if j.echo and s.logprobs is not None
+                             else None for j in jobs]
         except Cancelled:
             if record:
                 self.counts.cancelled += len(jobs)
@@ -282,10 +291,12 @@ class Batcher:
                 job.events.put(("error", job.index, (HTTPStatus.INTERNAL_SERVER_ERROR, f"decoding failed: {e}")))
             return
         figures = {"rows": len(jobs), **res.stats.to_dict()}
-        for job, tokens, text in zip(jobs, res.tokens, res.texts, strict=True):
+        scores = res.logprobs or [None] * len(jobs)
+        for job, tokens, text, row_scores, prompt in zip(jobs, res.tokens, res.texts, scores, prompt_scores,
+                                                          strict=True):
             limit = job.sampling.max_tokens
             reason = "length" if len(tokens) == limit and not self._stopped(tokens, s.stop) else "stop"
-            job.events.put(("end", job.index, Finished(text, tokens, reason, figures)))
+            job.events.put(("end", job.index, Finished(text, tokens, reason, figures, row_scores, prompt)))
         if not record:
             return
         self.batch_sizes.append(len(jobs))

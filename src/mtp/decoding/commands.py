@@ -10,8 +10,11 @@ from typing import Literal
 import torch
 from tqdm import tqdm
 
+from mtp.arguments import check_values
 from mtp.decoding.generate import generate as generate_tokens
 from mtp.decoding.generate import left_pad
+from mtp.decoding.logprobs import TokenLogprob
+from mtp.decoding.openai_api import token_text
 from mtp.decoding.options import DraftOptions, SamplingOptions, WeightOptions
 from mtp.errors import MTPError, first_line
 from mtp.evaluation.prompts import has_chat_template, resolve_chat
@@ -103,8 +106,8 @@ def generate(model: str | None = None, prompt: str | None = None, prompts: str |
              strategy: Literal["greedy", "speculative", "confadapt", "static"] = "greedy",
              max_new_tokens: int = 128, num_heads: int | None = None, batch_size: int = 8, json: bool = False,
              stream: bool = False, truncate_prompt: bool = False, progress: bool = True,
-             drafts: DraftOptions | None = None, sampling: SamplingOptions | None = None,
-             weights: WeightOptions | None = None, **flat: object) -> int:
+             logprobs: int | None = None, drafts: DraftOptions | None = None,
+             sampling: SamplingOptions | None = None, weights: WeightOptions | None = None, **flat: object) -> int:
     """Generate text with an MTP model: greedy, lossless speculative, ConfAdapt or static-k decoding.
 
     The options of `drafts`, `sampling` and `weights` may also be given by name in Python, as on the command
@@ -127,6 +130,9 @@ def generate(model: str | None = None, prompt: str | None = None, prompts: str |
         stream: print tokens as they are produced (single prompt).
         truncate_prompt: keep only the last tokens of a prompt too long for the context with --max-new-tokens.
         progress: a progress bar over the prompts (on stderr, when there are several).
+        logprobs: add each new token's log-probability under the model and this many most likely alternatives'
+            to the JSON records (--json, --output): "logprobs", a list of {token_id, token, logprob, top_logprobs}
+            (greedy and speculative decoding; 0: the tokens' own).
     """
     drafts, sampling, weights = with_flat_keywords("generate", {
         "drafts": drafts or DraftOptions(), "sampling": sampling or SamplingOptions(),
@@ -139,6 +145,9 @@ def generate(model: str | None = None, prompt: str | None = None, prompts: str |
     if stream and (len(texts) > 1 or json):
         raise MTPError("--stream prints one prompt's text as it is made: " + (
             "--json prints whole records" if json else f"{prompts} holds {len(texts)} prompts"))
+    check_values({"logprobs": logprobs, "strategy": strategy})
+    if logprobs is not None and not (json or output):
+        raise MTPError("--logprobs go into the JSON records: add --json or --output FILE")
     drafts.check()
     runtime, use_graphs = weights.runtime()
     m = weights.load(model, runtime, strategy, num_heads)
@@ -155,7 +164,7 @@ def generate(model: str | None = None, prompt: str | None = None, prompts: str |
     bar = tqdm(total=len(texts), desc=f"generate ({strategy})", unit="prompt", disable=len(texts) < 2 or not progress,
                file=sys.stderr)
     options = dict(max_new_tokens=max_new_tokens, strategy=strategy, truncate_prompt=truncate_prompt,
-                   graphs=use_graphs, **drafts.generate_kwargs(), **sampling.generate_kwargs())
+                   graphs=use_graphs, logprobs=logprobs, **drafts.generate_kwargs(), **sampling.generate_kwargs())
     for start in range(0, len(texts), batch_size):
         chunk = texts[start:start + batch_size]
         so_far: list[list[int]] = [[] for _ in chunk]  # what Ctrl-C must not lose
@@ -173,6 +182,10 @@ def generate(model: str | None = None, prompt: str | None = None, prompts: str |
         forwards += res.stats.row_forwards
         batch = {"rows": len(chunk), **res.stats.to_dict()}
         records = [_record(chunk[i], text, res.tokens[i], batch) for i, text in enumerate(res.texts)]
+        if res.logprobs is not None:
+            show = token_text(tok)
+            for record, scores in zip(records, res.logprobs, strict=True):
+                record["logprobs"] = [_scored(e, show) for e in scores]
         results.extend(records)
         bar.update(len(chunk))
         with tqdm.external_write_mode(file=sys.stdout):  # the bar (stderr) cleared while answers print: one terminal
@@ -194,7 +207,7 @@ def _generate_chunk(m, tok, chunk: list[str], chat, options: dict, so_far: list[
     ids, mask = encode_prompts(tok, chunk, chat)
     text = IncrementalText(tok)
 
-    def collect(row, new):
+    def collect(row, new, scores=None):
         so_far[row].extend(new)
         if streaming:
             print(text.add(new), end="", flush=True)
@@ -240,6 +253,12 @@ class IncrementalText:
 def _record(prompt: str, text: str, token_ids: list[int], batch: dict | None) -> dict:
     """A prompt's result; `batch`: the figures of the batch it was decoded in (None: interrupted)."""
     return {"prompt": prompt, "text": text, "token_ids": token_ids, "new_tokens": len(token_ids), "batch": batch}
+
+
+def _scored(entry: TokenLogprob, show) -> dict:
+    """A token's log-probability as a JSON record holds it."""
+    return {"token_id": entry.token, "token": show(entry.token)[0], "logprob": entry.logprob,
+            "top_logprobs": [{"token_id": t, "token": show(t)[0], "logprob": lp} for t, lp in entry.top]}
 
 
 def _show(records: list[dict], json: bool, streamed: bool) -> None:

@@ -34,6 +34,7 @@ from mtp.decoding.blocks import (  # noqa: F401  (DraftLength, accepted_per_posi
 )
 from mtp.decoding.drafters import Drafter, DraftRequest, Proposer, drafter_for  # noqa: F401  (DraftRequest: re-exported)
 from mtp.decoding.inputs import left_pad, token_batch  # noqa: F401  (left_pad: re-exported)
+from mtp.decoding.logprobs import TokenLogprob, unpack
 from mtp.decoding.step import (  # noqa: F401  (Strategy: re-exported)
     ACCEPTED,
     COUNT,
@@ -47,6 +48,7 @@ from mtp.decoding.step import (  # noqa: F401  (Strategy: re-exported)
     DecodeState,
     StepResult,
     Strategy,
+    emitted_width,
 )
 from mtp.decoding.stopping import StopChecker
 from mtp.decoding.tree import DraftTree, DynamicTree, resolve_tree
@@ -88,6 +90,7 @@ class GenerationResult:
     tokens: list[list[int]]  # new tokens per row (a stop token, when hit, is the last one)
     stats: GenerationStats
     texts: list[str] | None = None  # the new tokens decoded (with a tokenizer)
+    logprobs: list[list[TokenLogprob]] | None = None  # asked for: one per new token (`mtp.decoding.logprobs`)
 
 
 # Called after every forward with (rows, trunk output (B, T, H), kept (B, T) bool): `rows` are the original row
@@ -107,9 +110,10 @@ def iter_generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor |
                   opts: DecodeOptions, stop: StopChecker, generator: torch.Generator | None = None,
                   stats: GenerationStats | None = None, drafter: Drafter | None = None,
                   on_trunk: TrunkObserver | None = None, graphs: bool | str = False,
-                  budgets: list[int] | None = None) -> Iterator[tuple[int, list[int]]]:
-    """Yield (row index, newly emitted tokens) as decoding proceeds. See `generate` for the arguments;
-    `budgets`: each row's new tokens at most (default: `opts.max_new_tokens`, which must be their largest).
+                  budgets: list[int] | None = None) -> Iterator[tuple[int, list[int], list[TokenLogprob] | None]]:
+    """Yield (row index, newly emitted tokens, their log-probabilities if `opts.logprobs` asks for them) as
+    decoding proceeds. See `generate` for the arguments; `budgets`: each row's new tokens at most (default:
+    `opts.max_new_tokens`, which must be their largest).
 
     One loop for every method and strategy: the drafter (`drafter_for(model, opts)` by default; see
     `mtp.decoding.drafters`) and the step (`mtp.decoding.step`) do the method's work on the device; here the
@@ -156,7 +160,7 @@ def iter_generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor |
     gate.launched(("prompt", block))
     state, result = steps.prefill(state)
     while True:
-        most = result.host.shape[1] - HOST_COLUMNS  # tokens a row may emit in the step being read
+        most = emitted_width(result.host.shape[1], opts.logprobs)  # tokens a row may emit in the step being read
         if pipelined and not draining and batch.may_emit_more_than(most):
             read = _to_host(result.host)
             next_block = gate.block(draft_length.next(), lookup, len(batch.rows)) if verifying else block
@@ -166,7 +170,7 @@ def iter_generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor |
         else:
             host = result.host.tolist()  # the one device-to-host copy of a step
         fed = sum(batch.active)
-        emitted, accepted = _read_rows(host, batch, stop, state.finished)
+        emitted, accepted = _read_rows(host, batch, stop, state.finished, opts.logprobs)
         _count_step(stats, gate, block, fed, emitted, accepted, draft_length if verifying else None)
         if on_trunk is not None and result.trunk is not None:
             on_trunk(state.rows, result.trunk, result.kept)
@@ -263,10 +267,11 @@ class _HostRows:
 
 
 def _count_step(stats: GenerationStats, gate: SpeculationGate, block: Block, fed: int,
-                emitted: list[tuple[int, list[int]]], accepted: list[int], draft_length: DraftLength | None) -> None:
+                emitted: list[tuple[int, list[int], object]], accepted: list[int],
+                draft_length: DraftLength | None) -> None:
     """One step read into the statistics, the speculation gate and (verifying) the draft length."""
     n, m = block.n, block.m
-    new_tokens = sum(len(new) for _, new in emitted)
+    new_tokens = sum(len(new) for _, new, _ in emitted)
     gate.read(max(n, m) > 0, new_tokens)
     stats.plain_steps += gate.enabled and stats.forward_passes > 0 and not max(n, m)  # (not the prompt's)
     stats.forward_passes += 1
@@ -292,11 +297,13 @@ def _block_rules(model, drafter: Drafter, opts: DecodeOptions, batch: int, looku
     return draft_length, SpeculationGate(gated, records=gate_records(model, opts, device.type) if gated else None)
 
 
-def _read_rows(host: list[list[int]], batch: _HostRows, stop: StopChecker,
-               finished: torch.Tensor) -> tuple[list[tuple[int, list[int]]], list[int]]:
+def _read_rows(host: list[list[int]], batch: _HostRows, stop: StopChecker, finished: torch.Tensor,
+               top: int | None) -> tuple[list[tuple[int, list[int], list[TokenLogprob] | None]], list[int]]:
     """One step's host copy (`StepResult.host`), row by row: each active row's new tokens (cut where they complete
-    a stop string, which ends the row, marked in the device's `finished` too) and the drafts each accepted.
-    Updates the batch's `active` and `left` (tokens a row may still emit) in place."""
+    a stop string, which ends the row, marked in the device's `finished` too) with their log-probabilities where
+    `top` asks for them, and the drafts each accepted. Updates the batch's `active` and `left` (tokens a row may
+    still emit) in place."""
+    width = emitted_width(len(host[0]), top) if host else 0
     if any(h[NON_FINITE] for h, a in zip(host, batch.active, strict=True) if a):
         raise MTPError("the model computed NaN or infinite logits (damaged weights, or a dtype that overflows "
                        "for this model)")
@@ -314,7 +321,8 @@ def _read_rows(host: list[list[int]], batch: _HostRows, stop: StopChecker,
         batch.active[i] = not done
         batch.left[i] -= count
         if new:
-            emitted.append((row, new))
+            scores = None if top is None else unpack(host[i][HOST_COLUMNS + width:], new, width, top)
+            emitted.append((row, new, scores))
     return emitted, accepted
 
 
@@ -407,7 +415,8 @@ def generate(model, input_ids: torch.Tensor | list, attention_mask: torch.Tensor
              seed: int | None = None, streamer: Callable[[int, list[int]], None] | None = None,
              truncate_prompt: bool = False, proposer: Proposer | None = None,
              on_trunk: TrunkObserver | None = None, tree: str | DraftTree | None = None,
-             tree_size: int | None = None, lookup: int = 0, graphs: bool | None = None) -> GenerationResult:
+             tree_size: int | None = None, lookup: int = 0, graphs: bool | None = None,
+             logprobs: int | None = None) -> GenerationResult:
     """Generate continuations of a left-padded batch of prompts.
 
     Args:
@@ -420,7 +429,8 @@ def generate(model, input_ids: torch.Tensor | list, attention_mask: torch.Tensor
             two must agree.
         stop_token_ids: end tokens (default: the tokenizer's / generation config's end tokens).
         stop_strings: stop when the decoded new text contains one (needs `tokenizer`).
-        streamer: called as streamer(row, new_tokens) after each step.
+        streamer: called as streamer(row, new_tokens) after each step (with `logprobs`: streamer(row, new_tokens,
+            their TokenLogprobs)).
         truncate_prompt: keep only the last tokens of a prompt that does not fit the context with
             max_new_tokens; otherwise such a prompt is an error.
         proposer: the speculative strategy's draft source for a parallel-heads model (default: its heads).
@@ -445,6 +455,9 @@ def generate(model, input_ids: torch.Tensor | list, attention_mask: torch.Tensor
             graphs of the step as torch.compile made it, gpt-fast's way (each layer's and the step's small ops
             fused into a few kernels: about a third fewer; tens of seconds to compile each of a run's first
             few step shapes; then faster, equal to the eager step up to rounding).
+        logprobs: greedy and speculative: each new token's log-probability under the model (its raw distribution,
+            before temperature, top-k and top-p) and the `logprobs` most likely tokens' at its position, in the
+            result's `logprobs` (`mtp.decoding.logprobs.TokenLogprob`); 0: the new tokens' alone; None: none.
     """
     if use_speculative is not None:
         spelled = "speculative" if use_speculative else "greedy"
@@ -460,10 +473,10 @@ def generate(model, input_ids: torch.Tensor | list, attention_mask: torch.Tensor
     max_new_tokens = max(budgets)
     check_values({"do_sample": do_sample, "temperature": temperature, "top_k": top_k, "top_p": top_p, "tau": tau,
                   "k": k, "num_draft": num_draft, "strategy": strategy, "tree": tree, "tree_size": tree_size,
-                  "lookup": lookup, "seed": seed}, flags=False)
+                  "lookup": lookup, "seed": seed, "logprobs": logprobs}, flags=False)
     tokenizer = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
     opts = DecodeOptions(strategy, max_new_tokens, do_sample, temperature, top_k, top_p, tau, k, num_draft,
-                         adaptive_draft, model_tree(model, tree, tree_size, num_draft, k), lookup)
+                         adaptive_draft, model_tree(model, tree, tree_size, num_draft, k), lookup, logprobs)
     drafter = drafter_for(model, opts, proposer)
     graphs = _use_graphs(graphs, input_ids.device, proposer)
     input_ids, attention_mask = _fit_context(model, input_ids, attention_mask, opts, drafter.lookahead,
@@ -477,18 +490,21 @@ def generate(model, input_ids: torch.Tensor | list, attention_mask: torch.Tensor
         generator.manual_seed(seed if seed is not None else torch.seed())
     stats = GenerationStats()
     tokens: list[list[int]] = [[] for _ in range(input_ids.shape[0])]
+    scores = None if logprobs is None else [[] for _ in tokens]
     start = time.perf_counter()
-    for row, new in iter_generate(model, input_ids, attention_mask, opts=opts, stop=stop, generator=generator,
-                                  stats=stats, drafter=drafter, on_trunk=on_trunk, graphs=graphs,
-                                  budgets=budgets):
+    for row, new, row_scores in iter_generate(model, input_ids, attention_mask, opts=opts, stop=stop,
+                                              generator=generator, stats=stats, drafter=drafter, on_trunk=on_trunk,
+                                              graphs=graphs, budgets=budgets):
         tokens[row].extend(new)
+        if scores is not None:
+            scores[row].extend(row_scores)
         if streamer is not None:
-            streamer(row, new)
+            streamer(row, new) if row_scores is None else streamer(row, new, row_scores)
     stats.seconds = time.perf_counter() - start
     texts = [tokenizer.decode(t, skip_special_tokens=True) for t in tokens] if tokenizer is not None else None
     if texts is not None and stop_strings:
         texts = [stop.truncate_text(t) for t in texts]
-    return GenerationResult(tokens, stats, texts)
+    return GenerationResult(tokens, stats, texts, scores)
 
 
 def _budgets(max_new_tokens: int | Sequence[int], rows: int) -> list[int]:

@@ -1,8 +1,10 @@
 """The OpenAI API's completion requests and responses, as `mtp serve` reads and writes them.
 
 `read_request` checks a /v1/completions or /v1/chat/completions body and returns what to decode; the other
-functions lay out the responses and the streamed chunks (server-sent events) the API's clients expect. A field
-the API defines and mtp does not do (n > 1, logprobs, penalties, tools) is refused with a message naming it,
+functions lay out the responses and the streamed chunks (server-sent events) the API's clients expect, with the
+tokens' log-probabilities where a request asks for them (`logprobs`; a completion's `echo` scores its prompt
+too, as evaluation harnesses score a continuation). A field the API defines and mtp does not do (n > 1,
+penalties, tools) is refused with a message naming it,
 never ignored: a client would otherwise get answers it did not ask for. Fields that change nothing (user,
 metadata) are accepted. Sampling follows the API: temperature 0 is greedy, above 0 samples; a request without a
 temperature gets greedy decoding (the server's lossless default: the answers greedy decoding gives).
@@ -10,15 +12,19 @@ temperature gets greedy decoding (the server's lossless default: the answers gre
 
 from __future__ import annotations
 
+import re
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import cache
+
+from mtp.decoding.logprobs import MOST_ALTERNATIVES, TokenLogprob
 
 COMPLETIONS, CHAT = "/v1/completions", "/v1/chat/completions"
 ROLES = ("system", "user", "assistant")
 # Fields mtp does not implement -> the value(s) that mean "not used" (anything else is refused).
-UNSUPPORTED = {"n": (None, 1), "best_of": (None, 1), "echo": (None, False), "logprobs": (None, False),
-               "top_logprobs": (None, 0), "suffix": (None, ""), "presence_penalty": (None, 0),
+UNSUPPORTED = {"n": (None, 1), "best_of": (None, 1), "suffix": (None, ""), "presence_penalty": (None, 0),
                "frequency_penalty": (None, 0), "logit_bias": (None, {}), "tools": (None, []),
                "functions": (None, []), "tool_choice": (None, "none"), "function_call": (None, "none"),
                "response_format": (None, {"type": "text"})}
@@ -43,6 +49,7 @@ class Sampling:
     top_k: int = 0
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    logprobs: int | None = None  # the new tokens' log-probabilities, with this many alternatives each; None: none
 
 
 @dataclass
@@ -52,6 +59,7 @@ class CompletionRequest:
     sampling: Sampling
     stream: bool
     include_usage: bool  # stream_options.include_usage: a last chunk with the token counts
+    echo: bool = False  # completions: the answer begins with the prompt (and its tokens' log-probabilities)
 
 
 def read_request(path: str, body: object) -> CompletionRequest:
@@ -68,7 +76,38 @@ def read_request(path: str, body: object) -> CompletionRequest:
     if options and not stream:
         raise BadRequest("'stream_options' is only for a streamed request (stream: true)", "stream_options")
     include_usage = _typed(options, "include_usage", bool, False)
-    return CompletionRequest(path, prompts, _sampling(body, path), stream, include_usage)
+    echo = _echo(body, path, stream)
+    sampling = _sampling(body, path, echo)
+    return CompletionRequest(path, prompts, sampling, stream, include_usage, echo)
+
+
+def _echo(body: dict, path: str, stream: bool) -> bool:
+    echo = _typed(body, "echo", bool, False) if path == COMPLETIONS else body.get("echo")
+    if path == CHAT and echo not in (None, False):
+        raise BadRequest(f"'echo' is a field of {COMPLETIONS}, not of chat completions (got {echo!r})", "echo")
+    if echo and stream:
+        raise BadRequest("'echo' is not supported with 'stream' by mtp serve (ask for the whole answer)", "echo")
+    return bool(echo)
+
+
+def _logprobs(body: dict, path: str) -> int | None:
+    """Alternatives per token whose log-probabilities the request asks for (0: the tokens' own), or None:
+    completions take `logprobs` as a count, chat `logprobs: true` with `top_logprobs`."""
+    if path == COMPLETIONS:
+        if body.get("top_logprobs") not in (None, 0):
+            raise BadRequest(f"'top_logprobs' is a chat completions field; {COMPLETIONS} takes 'logprobs': a "
+                             "count", "top_logprobs")
+        count, name = _typed(body, "logprobs", int, None), "logprobs"
+    else:
+        count, name = _typed(body, "top_logprobs", int, None), "top_logprobs"
+        if not _typed(body, "logprobs", bool, False):
+            if count:
+                raise BadRequest("'top_logprobs' needs 'logprobs': true", "top_logprobs")
+            return None
+        count = count or 0
+    if count is not None and not 0 <= count <= MOST_ALTERNATIVES:
+        raise BadRequest(f"'{name}' must be in [0, {MOST_ALTERNATIVES}], got {count}", name)
+    return count
 
 
 def _typed(body: dict, name: str, kind: type | tuple, default):
@@ -81,11 +120,11 @@ def _typed(body: dict, name: str, kind: type | tuple, default):
     return value
 
 
-def _sampling(body: dict, path: str) -> Sampling:
+def _sampling(body: dict, path: str, echo: bool = False) -> Sampling:
     name = "max_completion_tokens" if path == CHAT and body.get("max_completion_tokens") is not None else "max_tokens"
     max_tokens = _typed(body, name, int, None)
-    if max_tokens is not None and max_tokens < 1:
-        raise BadRequest(f"'{name}' must be at least 1, got {max_tokens}", name)
+    if max_tokens is not None and max_tokens < (0 if echo else 1):  # (echo and 0 new tokens: a prompt's scores)
+        raise BadRequest(f"'{name}' must be at least 1 (0 with echo), got {max_tokens}", name)
     seed = _typed(body, "seed", int, None)
     if seed is not None and not 0 <= seed < 2**64:
         raise BadRequest(f"'seed' must be in [0, 2**64), got {seed}", "seed")
@@ -106,7 +145,8 @@ def _sampling(body: dict, path: str) -> Sampling:
         _check_text(text, "stop")
     sample = temperature > 0
     return Sampling(max_tokens, sample, temperature if sample else 1.0, top_p if sample else 1.0,
-                    max(top_k, 0) if sample else 0, seed if sample else None, tuple(s for s in stop if s))
+                    max(top_k, 0) if sample else 0, seed if sample else None, tuple(s for s in stop if s),
+                    _logprobs(body, path))
 
 
 def _check_text(text: str, param: str) -> str:
@@ -172,12 +212,76 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict:
             "total_tokens": prompt_tokens + completion_tokens}
 
 
-def choice(path: str, index: int, text: str, finish_reason: str | None, delta: bool = False) -> dict:
-    """One choice of a response (delta: of a streamed chunk)."""
+def choice(path: str, index: int, text: str, finish_reason: str | None, delta: bool = False,
+           logprobs: dict | None = None) -> dict:
+    """One choice of a response (delta: of a streamed chunk); `logprobs` as `logprobs_field` lays them out."""
     if path == COMPLETIONS:
-        return {"index": index, "text": text, "logprobs": None, "finish_reason": finish_reason}
+        return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
     body = ({"content": text} if text else {}) if delta else {"role": "assistant", "content": text}
-    return {"index": index, "delta" if delta else "message": body, "logprobs": None, "finish_reason": finish_reason}
+    return {"index": index, "delta" if delta else "message": body, "logprobs": logprobs,
+            "finish_reason": finish_reason}
+
+
+# A token as a response shows it: its text and its bytes (a character split over tokens has a piece in each).
+TokenText = Callable[[int], tuple[str, bytes]]
+
+
+def logprobs_field(path: str, entries: list[TokenLogprob | None], tokens: list[int], token_text: TokenText,
+                   offset: int = 0) -> dict:
+    """The `logprobs` of a choice: chat's `content` list of {token, logprob, bytes, top_logprobs}; a
+    completion's parallel lists (tokens, token_logprobs, top_logprobs, text_offset from `offset` characters). An
+    entry None is an echoed prompt's first token, which nothing scores."""
+    if path == CHAT:
+        def item(token: int, logprob: float) -> dict:
+            text, raw = token_text(token)
+            return {"token": text, "logprob": logprob, "bytes": list(raw)}
+
+        return {"content": [{**item(e.token, e.logprob), "top_logprobs": [item(t, lp) for t, lp in e.top]}
+                            for e in entries], "refusal": None}
+    def alternatives(e: TokenLogprob) -> dict[str, float]:
+        top: dict[str, float] = {}
+        for t, lp in e.top:  # two tokens may show as one text (pieces of characters): the likelier one's
+            top.setdefault(token_text(t)[0], lp)
+        return top
+
+    texts = [token_text(t)[0] for t in tokens]
+    starts = [offset + sum(len(t) for t in texts[:i]) for i in range(len(texts))]
+    return {"tokens": texts, "token_logprobs": [None if e is None else e.logprob for e in entries],
+            "top_logprobs": [None if e is None else alternatives(e) for e in entries], "text_offset": starts}
+
+
+def token_text(tokenizer) -> TokenText:
+    """How a response shows this tokenizer's tokens: the text a token decodes to (special tokens included) and
+    its bytes. A byte-level token that holds part of a character decodes to U+FFFD; its bytes are then the
+    token's own (GPT-2's byte-to-character table, or a "<0xE2>" byte token)."""
+    @cache
+    def show(token: int) -> tuple[str, bytes]:
+        text = tokenizer.decode([token])
+        if "\ufffd" not in text:
+            return text, text.encode()
+        raw = tokenizer.convert_ids_to_tokens(token) or ""
+        byte, table = re.fullmatch(r"<0x([0-9A-Fa-f]{2})>", raw), _byte_of_char()
+        if byte:  # (SentencePiece's byte fallback)
+            return text, bytes([int(byte.group(1), 16)])
+        if raw and all(c in table for c in raw):
+            return text, bytes(table[c] for c in raw)
+        return text, text.encode()
+
+    return show
+
+
+@cache
+def _byte_of_char() -> dict[str, int]:
+    """GPT-2's byte-level BPE alphabet, inverted: the character that stands for each byte -> the byte."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            chars[chr(b)] = b
+        else:
+            chars[chr(256 + extra)] = b
+            extra += 1
+    return chars
 
 
 def response(path: str, rid: str, model: str, choices: list[dict], usage_: dict | None, extra: dict) -> dict:

@@ -107,7 +107,7 @@ class Handler(BaseHTTPRequestHandler):
         events: Queue = Queue()
         tok = self.server.batcher.model.tokenizer
         jobs = [Job(ids, dataclasses.replace(request.sampling, max_tokens=budget), i, events,
-                    StreamedText(tok, request.sampling.stop) if request.stream else None)
+                    StreamedText(tok, request.sampling.stop) if request.stream else None, echo=request.echo)
                 for i, (ids, budget) in enumerate(zip(rows, budgets, strict=True))]
         with self.server.counting():  # (a stopping server waits for the requests it counts)
             self.server.batcher.submit(jobs)
@@ -226,13 +226,26 @@ class Handler(BaseHTTPRequestHandler):
         else:  # the client left
             self.close_connection = True
             return
-        choices = [api.choice(request.path, i, done[i].text, done[i].finish_reason) for i in range(len(jobs))]
+        choices = [self._choice(request, jobs[i], done[i]) for i in range(len(jobs))]
         prompt_tokens = sum(len(j.ids) for j in jobs)
         completion_tokens = sum(len(d.tokens) for d in done.values())
         mtp = {"strategy": self.server.strategy, "batches": [done[i].batch for i in range(len(jobs))]}
         self._send_json(HTTPStatus.OK, api.response(request.path, api.new_id(request.path), self.server.model_name,
                                                     choices, api.usage(prompt_tokens, completion_tokens),
                                                     {"mtp": mtp}))
+
+    def _choice(self, request: api.CompletionRequest, job: Job, done: Finished) -> dict:
+        """A whole answer's choice: its text (after the prompt's, with echo) and the log-probabilities asked for."""
+        text, tokens, scores = done.text, done.tokens, done.logprobs
+        if request.echo:
+            prompt = request.prompts[job.index]
+            if not isinstance(prompt, str):
+                with self.server.tokenizer_lock:
+                    prompt = self.server.batcher.model.tokenizer.decode(prompt)
+            text, tokens = prompt + text, job.ids + tokens
+            scores = None if scores is None else done.prompt_logprobs + scores
+        field = None if scores is None else api.logprobs_field(request.path, scores, tokens, self.server.token_text)
+        return api.choice(request.path, job.index, text, done.finish_reason, logprobs=field)
 
     def _stream(self, request: api.CompletionRequest, jobs: list[Job]) -> None:
         """Server-sent events: a chunk per piece of text, one with each choice's finish reason, the token counts
@@ -241,6 +254,7 @@ class Handler(BaseHTTPRequestHandler):
         rid, path, name = api.new_id(request.path), request.path, self.server.model_name
         started = False
         completion_tokens, ended = 0, 0
+        offsets = [0] * len(jobs)  # characters of each choice's tokens so far (a completion's logprobs' text_offset)
 
         def send(data: dict | str) -> None:
             nonlocal started
@@ -261,7 +275,13 @@ class Handler(BaseHTTPRequestHandler):
         try:
             for kind, index, value in self._events(jobs):
                 if kind == "text":
-                    send(api.chunk(path, rid, name, [api.choice(path, index, value, None, delta=True)]))
+                    piece, scores = value
+                    field = None
+                    if scores is not None:  # (a piece's tokens; its text may be held back for a stop string)
+                        tokens = [e.token for e in scores]
+                        field = api.logprobs_field(path, scores, tokens, self.server.token_text, offsets[index])
+                        offsets[index] += sum(len(self.server.token_text(t)[0]) for t in tokens)
+                    send(api.chunk(path, rid, name, [api.choice(path, index, piece, None, True, field)]))
                 elif kind == "error" and not started:  # nothing sent yet: an HTTP error as any other
                     self._cancel(jobs)
                     self._error(*value)
@@ -333,6 +353,11 @@ class Server(ThreadingHTTPServer):
                 raise api.BadRequest(first_line(e), "messages" if path == api.CHAT else "prompt") from None
         return ids[0].tolist()
 
+    def token_text(self, token: int) -> tuple[str, bytes]:
+        """A token's text and bytes as responses show them (`openai_api.token_text`)."""
+        with self.tokenizer_lock:
+            return self._token_text(token)
+
     @contextlib.contextmanager
     def counting(self) -> Iterator[None]:
         """Count a request as being answered for the length of the block."""
@@ -366,6 +391,7 @@ class Server(ThreadingHTTPServer):
     def attach(self, batcher: Batcher, model_name: str, strategy: str, max_tokens: int) -> None:
         self.batcher, self.model_name, self.strategy, self.max_tokens = batcher, model_name, strategy, max_tokens
         self.chat = has_chat_template(batcher.model.tokenizer)
+        self._token_text = api.token_text(batcher.model.tokenizer)
         self.room = context_room(batcher.model, **batcher.decode)  # a prompt and its answer together, at most
 
     def encode(self, request: api.CompletionRequest) -> tuple[list[list[int]], list[int]]:
@@ -374,6 +400,10 @@ class Server(ThreadingHTTPServer):
         of it as fits."""
         if request.path == api.CHAT and not self.chat:
             raise api.BadRequest("this model's tokenizer has no chat template: use /v1/completions", "messages")
+        if request.sampling.logprobs is not None and self.strategy not in ("greedy", "speculative"):
+            raise api.BadRequest(f"log-probabilities are the model's scores of the tokens it verified; this server "
+                                 f"decodes with {self.strategy}, which emits its heads' tokens unscored (serve "
+                                 "with --strategy speculative or greedy)", "logprobs")
         rows = [p if isinstance(p, list) and request.path == api.COMPLETIONS else self._tokens(p, request.path)
                 for p in request.prompts]
         vocab = self.batcher.model.config.vocab_size
@@ -381,12 +411,13 @@ class Server(ThreadingHTTPServer):
             raise api.BadRequest(f"'prompt' holds a token id outside the vocabulary (0 to {vocab - 1})", "prompt")
         asked, room = request.sampling.max_tokens, self.room
         longest = max(len(r) for r in rows)
-        if room is not None and longest + (asked or 1) > room:
+        if room is not None and longest + (1 if asked is None else asked) > room:
             context = f"this model's context is {context_limit(self.batcher.model)} tokens ({room} for a prompt " \
                       f"and its answer, with this server's drafts); the prompt has {longest}"
             raise api.BadRequest(f"{context} and max_tokens asks {asked} more" if asked else
                                  f"{context}: no room for an answer", "max_tokens" if asked else "prompt")
-        budgets = [asked or (self.max_tokens if room is None else min(self.max_tokens, room - len(r))) for r in rows]
+        budgets = [asked if asked is not None else self.max_tokens if room is None else
+                   min(self.max_tokens, room - len(r)) for r in rows]
         return rows, budgets
 
 

@@ -25,6 +25,7 @@ from typing import Literal
 
 import torch
 
+from mtp.decoding import logprobs
 from mtp.decoding.drafters import Drafter, DraftRequest, Drafts, StepOutput, block_rows, draft_tokens
 from mtp.decoding.lookup import lookup_chain, lookup_drafts
 from mtp.decoding.sampling import accept_drafts_sampling, process_logits
@@ -34,8 +35,14 @@ from mtp.decoding.tree import Acceptance, DraftTree, DynamicTree, tree_layout, v
 Strategy = Literal["greedy", "speculative", "confadapt", "static"]
 STRATEGIES: tuple[str, ...] = ("greedy", "speculative", "confadapt", "static")
 # StepResult.host: count, finished, accepted drafts, lookup drafts found, non-finite logits; then the emitted tokens
+# (and, asked for, their log-probabilities: `mtp.decoding.logprobs`)
 HOST_COLUMNS = 5
 COUNT, FINISHED, ACCEPTED, LOOKUP_FOUND, NON_FINITE = range(HOST_COLUMNS)
+
+
+def emitted_width(columns: int, top: int | None) -> int:
+    """The tokens a row may emit in a step whose host copy has `columns` columns (`top`: DecodeOptions.logprobs)."""
+    return (columns - HOST_COLUMNS) // logprobs.columns_per_token(top)
 
 
 @dataclass
@@ -53,6 +60,8 @@ class DecodeOptions:
     # plain steps are faster (SpeculationGate)
     tree: DraftTree | DynamicTree | None = None  # speculative: verify a tree of candidates (None: a chain)
     lookup: int = 0  # speculative: also verify up to this many prompt-lookup drafts (`mtp.decoding.lookup`)
+    logprobs: int | None = None  # greedy, speculative: each emitted token's log-probability and this many
+    # alternatives' (`mtp.decoding.logprobs`); None: none
 
 
 @dataclass
@@ -131,6 +140,8 @@ class Decoder:
         self.defer_capacity = defer_capacity  # positions plain steps may leave the extra heads out of (0: they never do)
         self.verifying = opts.strategy in ("greedy", "speculative")
         self.tree = drafter.tree if self.verifying else None
+        if opts.logprobs is not None and not self.verifying:
+            raise ValueError("log-probabilities come with greedy and speculative decoding")
 
     # ---------------------------------------------------------------- the step
     def step(self, s: DecodeState, n: int, m: int, drafting: bool = True,
@@ -153,6 +164,9 @@ class Decoder:
             else:  # nothing drafted (greedy): the model's token (two kernels fewer a step)
                 emitted = acc.last[:, None]
             counts, accepted = acc.count + 1, acc.count
+            if self.opts.logprobs is not None:
+                scores = logprobs.pack(out.verify_logits, acc.scoring_slots(emitted.shape[1]), emitted,
+                                       self.opts.logprobs)
             # keep the fed tokens and the accepted drafts (a tree's path moved right after the root)
             self.cache.keep_path(w, acc.count, acc.path, active)
             request = proposal = None
@@ -179,7 +193,8 @@ class Decoder:
             self._defer(s, new, out, emitted, active, drafting)
         lookup_count = new.lookup_count if new.lookup_count is not None else torch.zeros_like(counts)
         broken = damaged_rows(out.verify_logits)  # (B,)
-        host = torch.cat([torch.stack([counts, finished.long(), accepted, lookup_count, broken.long()], 1), emitted], 1)
+        host = [torch.stack([counts, finished.long(), accepted, lookup_count, broken.long()], 1), emitted]
+        host = torch.cat(host if self.opts.logprobs is None else [*host, scores], 1)
         result = StepResult(host)
         if self.observe and out.trunk is not None:
             kept = torch.cat([s.pending_valid, kept_drafts], 1) & active[:, None]

@@ -455,6 +455,13 @@ class Acceptance:
         """The drafts along the kept path (B, D); only the first `count` of each row are accepted."""
         return tokens if self.path is None else tokens.gather(1, self.path)
 
+    def scoring_slots(self, width: int) -> torch.Tensor:
+        """(B, width) the block slot whose logits scored each emitted token: the root's for the first, then each
+        kept draft's (past `count`: unused)."""
+        if self.path is None:  # a chain: draft i is slot i
+            return torch.arange(width, device=self.count.device).expand(self.count.shape[0], -1)
+        return torch.cat([torch.zeros_like(self.path[:, :1]), self.path[:, : width - 1] + 1], 1)
+
     def kept_nodes(self, num_drafts: int) -> torch.Tensor:
         """(B, num_drafts) bool: which fed drafts stay in the sequence."""
         b, device = self.count.shape[0], self.count.device
