@@ -23,6 +23,29 @@ def _lines(path):
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
 
 
+def test_eval_takes_the_draft_options_generate_and_chat_take(tiny_model_dir, gsm8k_file, tmp_path, monkeypatch):
+    """The drafts' and weights' options are the decoding commands' groups: each reaches `generate` (the draft
+    length's adaptation too: it changes no answer, so a resumed folder does not record it)."""
+    import mtp.decoding.generate as generate_module
+
+    seen = []
+    real = generate_module.generate
+
+    def recording(*args, **kwargs):
+        seen.append(kwargs)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(generate_module, "generate", recording)
+    out = tmp_path / "ev"
+    assert eval_(model=str(tiny_model_dir), data=str(gsm8k_file), limit=2, output=str(out), strategy="speculative",
+                 lookup=3, num_draft=1, adaptive_draft=False, device="cpu", **FAST) == 0
+    assert seen and all(kw["adaptive_draft"] is False and kw["lookup"] == 3 and kw["num_draft"] == 1 for kw in seen)
+    config = json.loads((out / "eval_config.json").read_text())
+    assert config["lookup"] == 3 and config["num_draft"] == 1 and "adaptive_draft" not in config
+    with pytest.raises(TypeError, match="unexpected keyword argument 'lookahead'"):
+        eval_(model=str(tiny_model_dir), lookahead=3)
+
+
 def test_eval_command_writes_samples_and_summary(tiny_model_dir, gsm8k_file, tmp_path, capsys):
     out = tmp_path / "ev"
     assert eval_(model=str(tiny_model_dir), data=str(gsm8k_file), limit=4, batch_size=3, output=str(out), **FAST) == 0

@@ -13,9 +13,11 @@ from typing import Literal
 
 import torch
 
+from mtp.decoding.options import DraftOptions, WeightOptions
 from mtp.errors import MTPError
 from mtp.hub import resolve_model
 from mtp.io import input_file
+from mtp.options import with_flat_keywords
 from mtp.process import output_lock
 from mtp.runtime import DType, Graphs, Runtime, dtype_name, graphs_option, resolve_runtime, set_threads
 
@@ -70,12 +72,6 @@ def eval_(
     task: Literal["gsm8k"] = "gsm8k",
     model: str | None = None,
     strategy: Strategy = "greedy",
-    tau: float = 0.9,
-    k: int | None = None,
-    num_draft: int | None = None,
-    tree: str | None = None,
-    tree_size: int | None = None,
-    lookup: int = 0,
     limit: int | None = None,
     shots: int = 8,
     chat: bool | None = None,
@@ -85,30 +81,20 @@ def eval_(
     split: Literal["test", "train"] = "test",
     output: str | None = None,
     resume: bool = True,
-    quantize: Literal["none", "fp16", "int8"] = "none",
-    dtype: DType = "auto",
-    device: str = "auto",
-    graphs: Graphs = "auto",
-    threads: int | None = None,
     progress: bool = True,
-    mask_token_id: int | None = None,
-    mask_token: str | None = None,
+    drafts: DraftOptions | None = None,
+    weights: WeightOptions | None = None,
+    **flat: object,
 ) -> int:
     """Evaluate a model on GSM8K (lm-eval gsm8k_cot: 8 fixed exemplars, strict and flexible exact match).
+
+    The options of `drafts` and `weights` may also be given by name in Python, as on the command line:
+    `eval_(strategy="speculative", lookup=6, device="cpu")`.
 
     Args:
         task: the benchmark (gsm8k)
         model: the embedded default (omit), an MTP or Hugging Face folder, a .gguf, a Meta checkpoint or a hub id
         strategy: greedy | speculative (lossless) | confadapt (lossy, --tau) | static (lossy, --k)
-        tau: ConfAdapt confidence threshold
-        k: tokens a step reads ahead (the heads used, or a mask-token model's k - 1 masks): static emits k,
-            ConfAdapt at most k, speculative verifies k - 1 drafts (default: all heads)
-        num_draft: speculative: draft tokens per step (default: all extra heads)
-        tree: speculative: verify a draft tree per step instead of a chain, as `mtp generate --tree`: "auto",
-            "dynamic", a .json file or JSON list of paths of ranks, or "chain" (same answers, more tokens per
-            forward; default: chain, or an auto tree with --tree-size)
-        tree_size: nodes of the "auto" or "dynamic" tree (default 16; alone it implies --tree auto)
-        lookup: speculative: also verify up to this many prompt-lookup drafts per step; 0: none
         limit: the first N problems (file order)
         shots: fixed chain-of-thought exemplars (0 to 8)
         chat: exemplars as chat turns (lm-eval --apply_chat_template --fewshot_as_multiturn); default: if the model has a template
@@ -119,19 +105,8 @@ def eval_(
         split: the shipped GSM8K split
         output: result folder: samples.jsonl, summary.json, eval_config.json (default: eval/gsm8k-MODEL-STRATEGY)
         resume: continue an interrupted evaluation in --output (--no-resume: start again)
-        quantize: CPU weight format for decoding: fp16 (packed, lossless speculative) or int8 (dynamic)
-        dtype: the weights' dtype: auto (bfloat16 on CUDA, float32 on the CPU), float32, bfloat16 or float16
-        device: auto (CUDA when available), cpu, cuda or cuda:N
-        graphs: replay the decoding steps as CUDA graphs: auto (on CUDA), on, off (eager steps, same output),
-            compile (graphs of the step torch.compile fused, gpt-fast's way: faster; compiling takes tens of
-            seconds for each of the first few step shapes)
-        threads: torch CPU threads (default: torch's choice)
         progress: progress bar
-        mask_token_id: decode a plain model with this existing token as its mask token (checkpoints trained
-            with the self-distillation authors' code ship one)
-        mask_token: the same, naming the token (e.g. "<|mtp_special_token_0|>")
     """
-    from mtp.decoding.options import check_tree_spec
     from mtp.evaluation.evaluate import (
         check_same_settings,
         format_summary,
@@ -142,36 +117,34 @@ def eval_(
     from mtp.evaluation.gsm8k import load_gsm8k
     from mtp.evaluation.prompts import gsm8k_prompts, resolve_chat
 
+    drafts, weights = with_flat_keywords("eval_", {"drafts": drafts or DraftOptions(),
+                                                   "weights": weights or WeightOptions()}, flat).values()
     if task != "gsm8k":
         raise MTPError(f"unknown task {task!r}; available: gsm8k")
     if limit is not None and limit < 1:
         raise MTPError(f"--limit must be >= 1, got {limit}")
     if data is not None and not load_gsm8k(path=input_file(data, "GSM8K"), limit=limit):  # before the model loads
         raise MTPError(f"{data}: no problems")
-    check_tree_spec(tree)
+    drafts.check()
     resolve_model(model)  # a model that is not there: one line before anything else
-    set_threads(threads)
-    runtime = resolve_runtime(device, dtype, quantize)
-    use_graphs = graphs_option(graphs, runtime.device)
+    runtime, use_graphs = weights.runtime()
     batch_size = default_eval_batch(runtime.device) if batch_size is None else batch_size
-    draft_tree = None if tree in (None, "chain") else tree
-    tag = strategy_tag(strategy, tau, k, draft_tree, tree_size, lookup)
+    decode = drafts.generate_kwargs()
+    tag = strategy_tag(strategy, drafts.tau, drafts.k, decode["tree"], drafts.tree_size, drafts.lookup)
     out = Path(output) if output is not None else Path("eval") / f"gsm8k-{_model_name(model)}-{tag}"
-    settings = _eval_settings(model, strategy, tau, k, num_draft, draft_tree, tree_size, lookup, shots,
-                              max_new_tokens, data, split, quantize, runtime)
+    settings = _eval_settings(model, strategy, decode, shots, max_new_tokens, data, split, weights.quantize, runtime)
     if resume:  # an evaluation of other settings in --output: an error before the model loads
         check_same_settings(out, settings, only=settings)
     with output_lock(out):  # one evaluation per folder at a time
         start = time.perf_counter()
-        m = _load(model, runtime, quantize, mask_token_id, mask_token, decode_only=True)
+        m = _load(model, runtime, weights.quantize, weights.mask_token_id, weights.mask_token, decode_only=True)
         tok = m.tokenizer
         use_chat = resolve_chat(tok, chat)
         prompts = gsm8k_prompts(tok, path=data, split=split, limit=limit, shots=shots, chat=use_chat)
         identity = {**settings, "fingerprint": model_fingerprint(m), "chat": use_chat}
-        summary = run_eval(m, tok, prompts, out, identity, strategy=strategy, tau=tau, k=k, num_draft=num_draft,
-                           tree=draft_tree, tree_size=tree_size, lookup=lookup, graphs=use_graphs,
+        summary = run_eval(m, tok, prompts, out, identity, strategy=strategy, graphs=use_graphs,
                            max_new_tokens=max_new_tokens, batch_size=batch_size, resume=resume, progress=progress,
-                           runtime={**runtime.to_dict(), "batch_size": batch_size})
+                           runtime={**runtime.to_dict(), "batch_size": batch_size}, **decode)
         title = (f"GSM8K gsm8k_cot, {shots}-shot, {'chat' if use_chat else 'plain'} prompts, {tag}, "
                  f"{summary['n']} problem{'s' if summary['n'] != 1 else ''}, "
                  f"batch {min(batch_size, max(summary['n'], 1))}, {runtime.describe()}")
@@ -291,14 +264,16 @@ def bench(
                                  output=out, extra_models=extra)
 
 
-def _eval_settings(model, strategy, tau, k, num_draft, tree, tree_size, lookup, shots, max_new_tokens, data, split,
-                   quantize, runtime: Runtime) -> dict:
+def _eval_settings(model, strategy, decode: dict, shots, max_new_tokens, data, split, quantize,
+                   runtime: Runtime) -> dict:
     """What an evaluation computes, as far as is known before the model loads (its fingerprint and the chat
-    template's use are added once it has): what a resumed --output must match."""
+    template's use are added once it has): what a resumed --output must match. `decode`: the drafts' options as
+    `generate` takes them (`DraftOptions.generate_kwargs`; the draft length's adaptation changes no answer)."""
     return {"task": "gsm8k_cot", "model": model or "default",
-            "strategy": strategy, "tau": tau if strategy == "confadapt" else None,
-            "k": k if strategy == "static" else None, "num_draft": num_draft if strategy == "speculative" else None,
-            "tree": tree, "tree_size": tree_size, "lookup": lookup or None,
+            "strategy": strategy, "tau": decode["tau"] if strategy == "confadapt" else None,
+            "k": decode["k"] if strategy == "static" else None,
+            "num_draft": decode["num_draft"] if strategy == "speculative" else None,
+            "tree": decode["tree"], "tree_size": decode["tree_size"], "lookup": decode["lookup"] or None,
             "shots": shots, "max_new_tokens": max_new_tokens,
             "data": str(Path(data).resolve()) if data else f"shipped:{split}", "quantize": quantize,
             "dtype": dtype_name(runtime.dtype)}

@@ -92,7 +92,8 @@ def _rewrite_samples(path: Path, records: list[dict]) -> None:
 def generate_batch(model, tokenizer, prompts: Sequence[Prompt], *, strategy: str, max_new_tokens: int,
                    tau: float = 0.9, k: int | None = None, num_draft: int | None = None, tree: str | None = None,
                    tree_size: int | None = None, lookup: int = 0, graphs: bool | None = None,
-                   stop_ids: list[int] | None = None, stop_strings: list[str] | None = None) -> list[dict]:
+                   stop_ids: list[int] | None = None, stop_strings: list[str] | None = None,
+                   adaptive_draft: bool = True) -> list[dict]:
     """Decode a batch (left-padded) and return per-row records: output text, tokens, forwards, seconds share.
     The decoding options are `mtp.decoding.generate.generate`'s."""
     from mtp.decoding.generate import generate
@@ -110,7 +111,7 @@ def generate_batch(model, tokenizer, prompts: Sequence[Prompt], *, strategy: str
     result = generate(model, ids, mask, max_new_tokens=max_new_tokens, strategy=strategy, tau=tau, k=k,
                       num_draft=num_draft, tree=tree, tree_size=tree_size, lookup=lookup, graphs=graphs,
                       stop_token_ids=stop_ids, stop_strings=stop_strings, tokenizer=tokenizer,
-                      streamer=count)
+                      streamer=count, adaptive_draft=adaptive_draft)
     seconds = time.perf_counter() - start
     records = []
     for i, p in enumerate(prompts):
@@ -148,7 +149,7 @@ def run_eval(model, tokenizer, prompts: Sequence[Prompt], output: str | Path, id
              strategy: str = "greedy", tau: float = 0.9, k: int | None = None, num_draft: int | None = None,
              tree: str | None = None, tree_size: int | None = None, lookup: int = 0, graphs: bool | None = None,
              max_new_tokens: int = 256, batch_size: int = 8, resume: bool = True, progress: bool = True,
-             runtime: dict | None = None) -> dict:
+             runtime: dict | None = None, adaptive_draft: bool = True) -> dict:
     """Evaluate `prompts` into the folder `output`; returns the summary (also written to summary.json).
 
     `identity` describes what the run computes (model, strategy, prompt format...); with `resume`, an existing
@@ -195,7 +196,8 @@ def run_eval(model, tokenizer, prompts: Sequence[Prompt], output: str | Path, id
                 batch = todo[s:s + batch_size]
                 records = generate_batch(model, tokenizer, batch, strategy=strategy, max_new_tokens=max_new_tokens,
                                          tau=tau, k=k, num_draft=num_draft, tree=tree, tree_size=tree_size,
-                                         lookup=lookup, graphs=graphs, stop_ids=stop_ids)
+                                         lookup=lookup, graphs=graphs, stop_ids=stop_ids,
+                                         adaptive_draft=adaptive_draft)
                 append_records(f, records)
                 for r in records:
                     done[r["id"]] = r
