@@ -180,12 +180,7 @@ def generate(model: str | None = None, prompt: str | None = None, prompts: str |
             raise
         seconds += res.stats.seconds
         forwards += res.stats.row_forwards
-        batch = {"rows": len(chunk), **res.stats.to_dict()}
-        records = [_record(chunk[i], text, res.tokens[i], batch) for i, text in enumerate(res.texts)]
-        if res.logprobs is not None:
-            show = token_text(tok)
-            for record, scores in zip(records, res.logprobs, strict=True):
-                record["logprobs"] = [_scored(e, show) for e in scores]
+        records = _records(chunk, res, tok)
         results.extend(records)
         bar.update(len(chunk))
         with tqdm.external_write_mode(file=sys.stdout):  # the bar (stderr) cleared while answers print: one terminal
@@ -253,6 +248,17 @@ class IncrementalText:
 def _record(prompt: str, text: str, token_ids: list[int], batch: dict | None) -> dict:
     """A prompt's result; `batch`: the figures of the batch it was decoded in (None: interrupted)."""
     return {"prompt": prompt, "text": text, "token_ids": token_ids, "new_tokens": len(token_ids), "batch": batch}
+
+
+def _records(prompts: list, res, tok) -> list[dict]:
+    """A batch's results as records, with the tokens' log-probabilities where they were asked for."""
+    batch = {"rows": len(prompts), **res.stats.to_dict()}
+    records = [_record(p, text, tokens, batch) for p, text, tokens in zip(prompts, res.texts, res.tokens, strict=True)]
+    if res.logprobs is not None:
+        show = token_text(tok)
+        for record, scores in zip(records, res.logprobs, strict=True):
+            record["logprobs"] = [_scored(e, show) for e in scores]
+    return records
 
 
 def _scored(entry: TokenLogprob, show) -> dict:
