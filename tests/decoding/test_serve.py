@@ -802,3 +802,30 @@ def test_logprobs_are_refused_by_a_server_whose_strategy_does_not_verify(model):
     assert status == 400 and body["error"]["param"] == "logprobs" and ok == 200
     assert body["error"]["message"].startswith("log-probabilities are the model's scores of the tokens it verified; "
                                                "this server decodes with confadapt")
+
+
+def test_lm_evals_completions_client_scores_continuations_through_the_server(model, tmp_path):
+    """lm-evaluation-harness's OpenAI completions client (`local-completions`; the `lm-eval` extra) against the
+    server: its loglikelihood requests (echo, logprobs 1, max_tokens 1) give each continuation the log-likelihood
+    and is_greedy of a forward over context and continuation."""
+    pytest.importorskip("lm_eval")
+    from lm_eval.api.instance import Instance
+    from lm_eval.models.openai_completions import LocalCompletionsAPI
+
+    tok = model.tokenizer
+    tok.save_pretrained(tmp_path / "tokenizer")
+    pairs = [(PROMPTS[0], " The answer is 12."), (PROMPTS[1], " She has"), ("Q:", " 7")]
+    with served(model) as server:
+        lm = LocalCompletionsAPI(model="tiny", base_url=server.url + "/v1/completions",
+                                 tokenizer_backend="huggingface", tokenizer=str(tmp_path / "tokenizer"),
+                                 tokenized_requests=True, max_length=200)
+        results = lm.loglikelihood([Instance("loglikelihood", {}, pair, i) for i, pair in enumerate(pairs)],
+                                   disable_tqdm=True)
+    for (context, continuation), (loglikelihood, is_greedy) in zip(pairs, results, strict=True):
+        whole, start = tok(context + continuation).input_ids, len(tok(context).input_ids)
+        with torch.no_grad():
+            logp = model(torch.tensor([whole]))[0, :, 0].log_softmax(-1)  # (T, V)
+        rows = logp[start - 1:-1]
+        target = torch.tensor(whole[start:])
+        assert loglikelihood == pytest.approx(float(rows.gather(1, target[:, None]).sum()), abs=1e-4)
+        assert is_greedy == bool((rows.argmax(-1) == target).all())
