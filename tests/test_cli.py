@@ -132,7 +132,10 @@ def test_generate_json_records_carry_the_tokens_log_probabilities(tiny_mtp_folde
         assert code == 2 and says in err and len(err.strip().splitlines()) == 1, err
     code, _, err = run_cli(["generate", "--model", str(tiny_mtp_folder), "--prompt", "hi", "--logprobs", "1"],
                            capsys)
-    assert code == 2 and "--logprobs go into the JSON records: add --json or --output FILE" in err
+    assert code == 2 and "--logprobs go into the JSON records: add --output FILE or --json" in err
+    code, _, err = run_cli(["generate", "--model", str(tiny_mtp_folder), "--prompt", "hi", "--logprobs", "1",
+                            "--stream"], capsys)  # (--stream prints text: --json would be refused)
+    assert code == 2 and err.strip().endswith("--logprobs go into the JSON records: add --output FILE")
 
 
 def test_generate_prompts_to_jsonl(tiny_mtp_folder, tmp_path, capsys):

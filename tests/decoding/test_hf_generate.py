@@ -102,6 +102,20 @@ def test_return_dict_in_generate_has_sequences_and_our_statistics(model, tokeniz
     assert out.texts == [tokenizer.decode(out.tokens[0], skip_special_tokens=True)]
 
 
+def test_logprobs_come_in_the_output_object_and_streamers_still_stream(model, tokenizer, capsys):
+    from transformers import TextStreamer
+
+    ids = tokenizer.encode("What is 7 + 5?", return_tensors="pt")
+    out = model.generate(ids, max_new_tokens=6, use_speculative=True, logprobs=2, return_dict_in_generate=True,
+                         streamer=TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True))
+    rich = generate(model, ids, max_new_tokens=6, logprobs=2)
+    assert [[e.token for e in row] for row in out.logprobs] == out.tokens == rich.tokens
+    assert [e.logprob for e in out.logprobs[0]] == pytest.approx([e.logprob for e in rich.logprobs[0]], abs=1e-6)
+    assert capsys.readouterr().out == tokenizer.decode(out.tokens[0], skip_special_tokens=True) + "\n"
+    with pytest.raises(MTPError, match="add return_dict_in_generate=True"):
+        model.generate(ids, max_new_tokens=6, logprobs=2)
+
+
 @pytest.mark.parametrize("kwargs, message", [
     ({"num_beams": 2}, "beam search"),
     ({"output_scores": True}, "does not take output_scores"),

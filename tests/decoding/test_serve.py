@@ -27,6 +27,7 @@ from mtp.decoding import serve as serve_module
 from mtp.decoding.batcher import Batcher, StreamedText
 from mtp.decoding.commands import encode_prompts
 from mtp.decoding.generate import generate
+from mtp.decoding.logprobs import prompt_logprobs
 from mtp.decoding.serve import Server
 from mtp.errors import MTPError
 from test_cli import run_cli
@@ -727,8 +728,17 @@ def test_completion_logprobs_are_greedys_scores(model):
                                          for text in {tok.decode([t]) for t, _ in e.top}}, abs=1e-6)
         assert all(len(top) <= 3 and max(top.values()) == chosen  # greedy: the most likely token's
                    for top, chosen in zip(lp["top_logprobs"], lp["token_logprobs"], strict=True))
-        assert lp["text_offset"] == [len("".join(lp["tokens"][:i])) for i in range(len(lp["tokens"]))]
-        assert "".join(lp["tokens"]).startswith(choice["text"])  # (the text leaves out an end token)
+        assert_offsets_index_the_text(tok, lp, choice["text"])
+
+
+def assert_offsets_index_the_text(tok, lp: dict, text: str) -> None:
+    """A completion's text_offset: where each token's text is in the choice's text; a token that completes no
+    character (a piece of one, a special token) has no width there."""
+    offsets = lp["text_offset"]
+    assert offsets == sorted(offsets) and all(0 <= o <= len(text) for o in offsets)
+    whole = [(o, t) for o, t in zip(offsets, lp["tokens"], strict=True)
+             if "\ufffd" not in t and t not in tok.all_special_tokens]
+    assert whole and all(text[o:o + len(t)] == t for o, t in whole), (text, lp)
 
 
 def test_chat_logprobs_carry_each_tokens_bytes(model):
@@ -774,7 +784,26 @@ def test_echo_scores_a_prompt_as_decoding_scored_its_answer(model):
     assert scored["choices"][0]["text"] == tok.decode(full) and scored["usage"]["completion_tokens"] == 0
     echoed = one_more["choices"][0]
     assert echoed["text"].startswith(PROMPTS[1]) and len(echoed["logprobs"]["tokens"]) == len(prompt) + 1
-    assert echoed["logprobs"]["top_logprobs"][1:] == [{}] * len(prompt)
+    assert [list(top.values()) for top in echoed["logprobs"]["top_logprobs"][1:]] == [  # logprobs 0: the token's own
+        [lp] for lp in echoed["logprobs"]["token_logprobs"][1:]]
+
+
+def test_echoed_offsets_index_text_with_split_characters_and_special_tokens(model):
+    """Echo of a text whose characters a byte-level tokenizer splits (emoji, CJK) and of token ids that begin
+    with a special token (a tokenizer that adds BOS): each token's offset is where its text is in the choice's
+    text, a piece of a character or a special token taking no width; the whole answer's offsets as well."""
+    tok = model.tokenizer
+    text = "I love \U0001f355 and \u65e5\u672c, Janet"
+    ids = [tok.bos_token_id] + tok(text).input_ids
+    with served(model) as server:
+        answers = [post(server, "/v1/completions", {"prompt": prompt, "max_tokens": n, "echo": True,
+                                                     "logprobs": 2})[1]["choices"][0]
+                   for prompt, n in ((text, 0), (ids, 0), (text, 12))]
+    for answer in answers:
+        assert answer["text"].startswith(text)
+        assert_offsets_index_the_text(tok, answer["logprobs"], answer["text"])
+    assert any("\ufffd" in t for t in answers[0]["logprobs"]["tokens"])  # (a split character was met)
+    assert answers[1]["logprobs"]["tokens"][0] == tok.bos_token and answers[1]["text"] == text
 
 
 def test_streamed_logprobs_add_up_to_the_whole_answers(model):
@@ -829,3 +858,37 @@ def test_lm_evals_completions_client_scores_continuations_through_the_server(mod
         target = torch.tensor(whole[start:])
         assert loglikelihood == pytest.approx(float(rows.gather(1, target[:, None]).sum()), abs=1e-4)
         assert is_greedy == bool((rows.argmax(-1) == target).all())
+
+
+def test_a_prompt_is_scored_up_to_the_whole_context_by_any_strategy(model):
+    """max_tokens 0 with echo scores a prompt in one forward: up to the model's whole context (no drafts'
+    room), under any strategy (nothing is decoded), with the scoring's figures; refused past the context, and
+    under int8 weights (their activations' scale is the forward's: a token's score would depend on the others)."""
+    longest = list(range(3, 3 + 256))  # the tiny model's context: 256
+    body = {"prompt": longest, "max_tokens": 0, "echo": True, "logprobs": 1}
+    with served(model, strategy="confadapt") as server:
+        status, scored = post(server, "/v1/completions", body)
+        too_long, refused = post(server, "/v1/completions", body | {"prompt": longest + [5]})
+        decoding, _ = post(server, "/v1/completions", body | {"max_tokens": 2})
+        server.quantize = "int8"
+        int8, said = post(server, "/v1/completions", body)
+    assert status == 200 and len(scored["choices"][0]["logprobs"]["token_logprobs"]) == 256
+    assert scored["mtp"]["batches"][0]["scored_tokens"] == 256 and scored["usage"]["completion_tokens"] == 0
+    expected = [e.logprob for e in prompt_logprobs(model, longest)[1:]]
+    assert scored["choices"][0]["logprobs"]["token_logprobs"][1:] == pytest.approx(expected, abs=1e-6)
+    assert too_long == 400 and refused["error"]["message"] == "this model's context is 256 tokens; the prompt has 257"
+    assert decoding == 400  # confadapt's own tokens have no scores
+    assert int8 == 400 and said["error"]["param"] == "echo" and "int8" in said["error"]["message"]
+
+
+def test_log_probabilities_in_json_are_numbers():
+    """JSON has no -Infinity: a token the model rules out (a mask token's logit, cast down) is -9999."""
+    from mtp.decoding import openai_api as api
+    from mtp.decoding.logprobs import TokenLogprob
+
+    entries = [None, TokenLogprob(7, float("-inf"), ((3, -0.5), (7, float("-inf"))))]
+    field = api.logprobs_field(api.COMPLETIONS, entries, [1, 7], lambda t: (f"t{t}", b""), [0, 2])
+    assert field["token_logprobs"] == [None, -9999.0] and field["top_logprobs"][1] == {"t3": -0.5, "t7": -9999.0}
+    json.dumps(field, allow_nan=False)
+    chat = api.logprobs_field(api.CHAT, entries[1:], [7], lambda t: (f"t{t}", b"x"), None)
+    assert chat["content"][0]["logprob"] == -9999.0 and chat["content"][0]["top_logprobs"][1]["logprob"] == -9999.0

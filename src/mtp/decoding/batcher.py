@@ -22,7 +22,7 @@ from queue import Queue
 
 from mtp.decoding import openai_api as api
 from mtp.decoding.commands import IncrementalText
-from mtp.decoding.generate import default_stop_token_ids, left_pad
+from mtp.decoding.generate import GenerationResult, GenerationStats, default_stop_token_ids, left_pad
 from mtp.decoding.generate import generate as generate_tokens
 from mtp.decoding.logprobs import TokenLogprob, prompt_logprobs
 from mtp.errors import MTPError, first_line
@@ -81,9 +81,11 @@ class Job:
 
     def batches_with(self, other: Job) -> bool:
         """Whether the two may be decoded in one batch: the same sampling settings, each its own max_tokens;
-        never a seeded request (its seed reproduces its draws only alone)."""
+        never a seeded request (its seed reproduces its draws only alone); prompts only scored (max_tokens 0,
+        which may fill the context, the drafts' room included) with their like."""
         ours, theirs = (dataclasses.replace(j.sampling, max_tokens=0) for j in (self, other))
-        return ours == theirs and self.sampling.seed is None
+        scored = (self.sampling.max_tokens == 0) == (other.sampling.max_tokens == 0)
+        return ours == theirs and self.sampling.seed is None and scored
 
 
 class Cancelled(Exception):
@@ -164,6 +166,31 @@ class Batcher:
     decoding: list[Job] = field(default_factory=list)  # the batch being decoded
     stopping: bool = False
     thread: threading.Thread | None = None
+
+    def _generate(self, jobs: list[Job], sent: list[bool]) -> GenerationResult:
+        """The jobs' answers, decoded as one batch; each job's pieces go to its queue as they come (`sent[row]`:
+        some did). Jobs that ask for no new tokens (prompts to score) are not decoded."""
+        s = jobs[0].sampling
+        if not any(j.sampling.max_tokens for j in jobs):
+            empty = [[] for _ in jobs]
+            return GenerationResult(empty, GenerationStats(), [""] * len(jobs), None if s.logprobs is None else empty)
+
+        def stream(row: int, new: list[int], scores: list[TokenLogprob] | None = None) -> None:
+            job = jobs[row]
+            if job.cancelled.is_set() and all(j.cancelled.is_set() for j in jobs):
+                raise Cancelled
+            if job.streamed is not None and ((piece := job.streamed.add(new)) or scores):
+                sent[row] = True
+                job.events.put(("text", job.index, (piece, scores)))
+
+        ids, mask = left_pad([j.ids for j in jobs], self.model.tokenizer.pad_token_id or 0)
+        # A seeded request decodes alone and ungated (on a GPU the gate times one row's steps too): its seed
+        # reproduces its draws.
+        options = self.decode | ({"adaptive_draft": False} if s.seed is not None else {})
+        return generate_tokens(self.model, ids.to(self.model.device), mask.to(self.model.device),
+                               max_new_tokens=[j.sampling.max_tokens for j in jobs], do_sample=s.do_sample,
+                               temperature=s.temperature, top_p=s.top_p, top_k=s.top_k, seed=s.seed,
+                               stop_strings=list(s.stop) or None, streamer=stream, logprobs=s.logprobs, **options)
 
     def _stopped(self, tokens: list[int], stop: tuple[str, ...]) -> bool:
         """Whether a row of max_tokens tokens ended at its last token anyway: an end token or a stop string (a
@@ -247,28 +274,14 @@ class Batcher:
 
     def decode_batch(self, jobs: list[Job], record: bool = True) -> None:
         s = jobs[0].sampling
-        ids, mask = left_pad([j.ids for j in jobs], self.model.tokenizer.pad_token_id or 0)
         sent = [False] * len(jobs)
-
-        def stream(row: int, new: list[int], scores: list[TokenLogprob] | None = None) -> None:
-            job = jobs[row]
-            if job.cancelled.is_set() and all(j.cancelled.is_set() for j in jobs):
-                raise Cancelled
-            if job.streamed is not None and ((piece := job.streamed.add(new)) or scores):
-                sent[row] = True
-                job.events.put(("text", job.index, (piece, scores)))
-
-        # A seeded request decodes alone and ungated (on a GPU the gate times one row's steps too): its seed
-        # reproduces its draws.
-        options = self.decode | ({"adaptive_draft": False} if s.seed is not None else {})
         try:
-            res = generate_tokens(self.model, ids.to(self.model.device), mask.to(self.model.device),
-                                  max_new_tokens=[j.sampling.max_tokens for j in jobs], do_sample=s.do_sample,
-                                  temperature=s.temperature, top_p=s.top_p, top_k=s.top_k, seed=s.seed,
-                                  stop_strings=list(s.stop) or None, streamer=stream, logprobs=s.logprobs,
-                                  **options)
+            res = self._generate(jobs, sent)
+            start = time.perf_counter()  # echo with logprobs: the prompts' scores, one forward each
             prompt_scores = [prompt_logprobs(self.model, j.ids, s.logprobs) if j.echo and s.logprobs is not None
                              else None for j in jobs]
+            scoring = {"scored_tokens": sum(len(j.ids) for j, p in zip(jobs, prompt_scores, strict=True) if p),
+                       "scoring_seconds": round(time.perf_counter() - start, 4)}
         except Cancelled:
             if record:
                 self.counts.cancelled += len(jobs)
@@ -290,7 +303,7 @@ class Batcher:
             for job in jobs:
                 job.events.put(("error", job.index, (HTTPStatus.INTERNAL_SERVER_ERROR, f"decoding failed: {e}")))
             return
-        figures = {"rows": len(jobs), **res.stats.to_dict()}
+        figures = {"rows": len(jobs), **res.stats.to_dict(), **(scoring if scoring["scored_tokens"] else {})}
         scores = res.logprobs or [None] * len(jobs)
         for job, tokens, text, row_scores, prompt in zip(jobs, res.tokens, res.texts, scores, prompt_scores,
                                                           strict=True):

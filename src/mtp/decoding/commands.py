@@ -147,7 +147,7 @@ def generate(model: str | None = None, prompt: str | None = None, prompts: str |
             "--json prints whole records" if json else f"{prompts} holds {len(texts)} prompts"))
     check_values({"logprobs": logprobs, "strategy": strategy})
     if logprobs is not None and not (json or output):
-        raise MTPError("--logprobs go into the JSON records: add --json or --output FILE")
+        raise MTPError("--logprobs go into the JSON records: add --output FILE" + ("" if stream else " or --json"))
     drafts.check()
     runtime, use_graphs = weights.runtime()
     m = weights.load(model, runtime, strategy, num_heads)

@@ -35,6 +35,7 @@ class MTPGenerateOutput(GenerateDecoderOnlyOutput):
     stats: GenerationStats | None = None
     texts: list[str] | None = None  # decoded new tokens per row (None without a tokenizer)
     tokens: list[list[int]] | None = None  # new tokens per row, without padding
+    logprobs: list | None = None  # with logprobs=k: the new tokens' TokenLogprobs per row (`mtp.decoding.logprobs`)
 
 
 def hf_generate(model, input_ids=None, attention_mask=None, *, decode: Callable[..., GenerationResult] | None = None,
@@ -77,6 +78,9 @@ def hf_generate(model, input_ids=None, attention_mask=None, *, decode: Callable[
         kwargs["stop_token_ids"] = [eos] if isinstance(eos, int) else (list(eos) if eos is not None else None)
     elif eos_token_id is not None:
         raise MTPError("give eos_token_id or stop_token_ids, not both")
+    as_dict = setting(return_dict_in_generate, "return_dict_in_generate", False)
+    if kwargs.get("logprobs") is not None and not as_dict:
+        raise MTPError("logprobs come in generate()'s output object (.logprobs): add return_dict_in_generate=True")
     hf_streamer = _transformers_streamer(kwargs, ids)
     try:
         result = decode(model, ids, mask,
@@ -90,9 +94,10 @@ def hf_generate(model, input_ids=None, attention_mask=None, *, decode: Callable[
             hf_streamer.end()
     pad = setting(pad_token_id, "pad_token_id", _fallback_pad(model))
     sequences = prompt_and_new_tokens(ids, result.tokens, pad)
-    if not setting(return_dict_in_generate, "return_dict_in_generate", False):
+    if not as_dict:
         return sequences
-    return MTPGenerateOutput(sequences=sequences, stats=result.stats, texts=result.texts, tokens=result.tokens)
+    return MTPGenerateOutput(sequences=sequences, stats=result.stats, texts=result.texts, tokens=result.tokens,
+                             logprobs=result.logprobs)
 
 
 def _transformers_streamer(kwargs: dict, ids: torch.Tensor):
@@ -106,7 +111,7 @@ def _transformers_streamer(kwargs: dict, ids: torch.Tensor):
         raise MTPError(f"a transformers streamer ({type(streamer).__name__}) takes one prompt, as in transformers; "
                        "for a batch pass streamer=callable(row, new_tokens)")
     streamer.put(ids.cpu())  # (1, P): the prompt first, which `skip_prompt=True` leaves out
-    kwargs["streamer"] = lambda row, new: streamer.put(torch.tensor(new, dtype=torch.long))
+    kwargs["streamer"] = lambda row, new, *logprobs: streamer.put(torch.tensor(new, dtype=torch.long))
     return streamer
 
 

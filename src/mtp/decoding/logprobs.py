@@ -19,6 +19,8 @@ from dataclasses import dataclass
 
 import torch
 
+from mtp.errors import MTPError
+
 MOST_ALTERNATIVES = 20  # what OpenAI's chat API allows (`top_logprobs`)
 
 
@@ -76,7 +78,11 @@ def prompt_logprobs(model, ids: list[int], top: int = 0) -> list[TokenLogprob | 
     if len(ids) < 2:
         return [None] * len(ids)
     tokens = torch.tensor([ids], device=model.device)
-    logp = model(tokens)[0, :-1, 0].float().log_softmax(-1)  # (P - 1, V): position i scores token i + 1
+    logits = model(tokens)[0, :-1, 0]  # (P - 1, V): position i scores token i + 1
+    if not bool(logits.amax() < float("inf")):  # NaN or +inf (`mtp.decoding.step.damaged_rows`' test)
+        raise MTPError("the model computed NaN or infinite logits (damaged weights, or a dtype that overflows for "
+                       "this model)")
+    logp = logits.float().log_softmax(-1)
     target = tokens[0, 1:]
     chosen = logp.gather(1, target[:, None])[:, 0].tolist()
     alternatives = [()] * len(chosen)

@@ -227,27 +227,38 @@ TokenText = Callable[[int], tuple[str, bytes]]
 
 
 def logprobs_field(path: str, entries: list[TokenLogprob | None], tokens: list[int], token_text: TokenText,
-                   offset: int = 0) -> dict:
+                   offsets: list[int] | None) -> dict:
     """The `logprobs` of a choice: chat's `content` list of {token, logprob, bytes, top_logprobs}; a
-    completion's parallel lists (tokens, token_logprobs, top_logprobs, text_offset from `offset` characters). An
-    entry None is an echoed prompt's first token, which nothing scores."""
+    completion's parallel lists: tokens, token_logprobs, top_logprobs (the chosen token's included, as OpenAI's
+    completions have it) and text_offset (`offsets`: each token's first character in the choice's text; chat:
+    None). An
+    entry None is an echoed prompt's first token, which nothing scores. A log-probability is at least -9999 (as
+    OpenAI's): JSON has no -Infinity."""
     if path == CHAT:
         def item(token: int, logprob: float) -> dict:
             text, raw = token_text(token)
-            return {"token": text, "logprob": logprob, "bytes": list(raw)}
+            return {"token": text, "logprob": _finite(logprob), "bytes": list(raw)}
 
         return {"content": [{**item(e.token, e.logprob), "top_logprobs": [item(t, lp) for t, lp in e.top]}
                             for e in entries], "refusal": None}
+
     def alternatives(e: TokenLogprob) -> dict[str, float]:
         top: dict[str, float] = {}
-        for t, lp in e.top:  # two tokens may show as one text (pieces of characters): the likelier one's
-            top.setdefault(token_text(t)[0], lp)
+        for t, lp in (*e.top, (e.token, e.logprob)):  # two tokens may show as one text: the likelier one's
+            top.setdefault(token_text(t)[0], _finite(lp))
         return top
 
-    texts = [token_text(t)[0] for t in tokens]
-    starts = [offset + sum(len(t) for t in texts[:i]) for i in range(len(texts))]
-    return {"tokens": texts, "token_logprobs": [None if e is None else e.logprob for e in entries],
-            "top_logprobs": [None if e is None else alternatives(e) for e in entries], "text_offset": starts}
+    return {"tokens": [token_text(t)[0] for t in tokens],
+            "token_logprobs": [None if e is None else _finite(e.logprob) for e in entries],
+            "top_logprobs": [None if e is None else alternatives(e) for e in entries],
+            "text_offset": offsets}
+
+
+def _finite(logprob: float) -> float:
+    return max(logprob, LOWEST_LOGPROB) if logprob == logprob else LOWEST_LOGPROB  # (NaN: no number)
+
+
+LOWEST_LOGPROB = -9999.0
 
 
 def token_text(tokenizer) -> TokenText:

@@ -31,7 +31,7 @@ from urllib.parse import urlsplit
 from mtp.arguments import check_values
 from mtp.decoding import openai_api as api
 from mtp.decoding.batcher import Batcher, Finished, Job, StreamedText
-from mtp.decoding.commands import encode_prompts
+from mtp.decoding.commands import IncrementalText, encode_prompts
 from mtp.decoding.generate import context_limit, context_room
 from mtp.decoding.options import DraftOptions, WeightOptions
 from mtp.errors import MTPError, first_line
@@ -236,15 +236,23 @@ class Handler(BaseHTTPRequestHandler):
 
     def _choice(self, request: api.CompletionRequest, job: Job, done: Finished) -> dict:
         """A whole answer's choice: its text (after the prompt's, with echo) and the log-probabilities asked for."""
-        text, tokens, scores = done.text, done.tokens, done.logprobs
+        text, tok = done.text, self.server.batcher.model.tokenizer
         if request.echo:
             prompt = request.prompts[job.index]
-            if not isinstance(prompt, str):
+            if not isinstance(prompt, str):  # token ids: their text (special tokens have none, as in answers)
                 with self.server.tokenizer_lock:
-                    prompt = self.server.batcher.model.tokenizer.decode(prompt)
-            text, tokens = prompt + text, job.ids + tokens
-            scores = None if scores is None else done.prompt_logprobs + scores
-        field = None if scores is None else api.logprobs_field(request.path, scores, tokens, self.server.token_text)
+                    prompt = tok.decode(prompt, skip_special_tokens=True)
+            text = prompt + text
+        if request.sampling.logprobs is None:
+            return api.choice(request.path, job.index, text, done.finish_reason)
+        scores, tokens, offsets = done.logprobs or [], done.tokens, None
+        if request.path == api.COMPLETIONS:
+            offsets = self.server.text_offsets(IncrementalText(tok), tokens, 0)[0]
+        if request.echo:  # (completions only)
+            scores, tokens = done.prompt_logprobs + scores, job.ids + tokens
+            offsets = self.server.text_offsets(IncrementalText(tok), job.ids, 0)[0] + \
+                [len(prompt) + o for o in offsets]
+        field = api.logprobs_field(request.path, scores, tokens, self.server.token_text, offsets)
         return api.choice(request.path, job.index, text, done.finish_reason, logprobs=field)
 
     def _stream(self, request: api.CompletionRequest, jobs: list[Job]) -> None:
@@ -254,7 +262,8 @@ class Handler(BaseHTTPRequestHandler):
         rid, path, name = api.new_id(request.path), request.path, self.server.model_name
         started = False
         completion_tokens, ended = 0, 0
-        offsets = [0] * len(jobs)  # characters of each choice's tokens so far (a completion's logprobs' text_offset)
+        tok = self.server.batcher.model.tokenizer
+        shown = [(IncrementalText(tok), 0) for _ in jobs]  # each choice's text so far (its tokens' text_offset)
 
         def send(data: dict | str) -> None:
             nonlocal started
@@ -279,8 +288,12 @@ class Handler(BaseHTTPRequestHandler):
                     field = None
                     if scores is not None:  # (a piece's tokens; its text may be held back for a stop string)
                         tokens = [e.token for e in scores]
-                        field = api.logprobs_field(path, scores, tokens, self.server.token_text, offsets[index])
-                        offsets[index] += sum(len(self.server.token_text(t)[0]) for t in tokens)
+                        offsets = None
+                        if path == api.COMPLETIONS:
+                            text, start = shown[index]
+                            offsets, end = self.server.text_offsets(text, tokens, start)
+                            shown[index] = (text, end)
+                        field = api.logprobs_field(path, scores, tokens, self.server.token_text, offsets)
                     send(api.chunk(path, rid, name, [api.choice(path, index, piece, None, True, field)]))
                 elif kind == "error" and not started:  # nothing sent yet: an HTTP error as any other
                     self._cancel(jobs)
@@ -343,6 +356,7 @@ class Server(ThreadingHTTPServer):
         self.requests = 0  # completion requests being answered
         self.requests_lock = threading.Lock()
         self.stopping = False  # new completion requests are refused (503)
+        self.quantize = "none"  # the weights' format (int8 scores a prompt's token by the forward it is in)
 
     def _tokens(self, prompt: str | list[dict], path: str) -> list[int]:
         """A text's (chat: a conversation's, through the chat template) token ids."""
@@ -352,6 +366,18 @@ class Server(ThreadingHTTPServer):
             except (MTPError, TypeError, ValueError) as e:  # (a template or a tokenizer that refuses the text)
                 raise api.BadRequest(first_line(e), "messages" if path == api.CHAT else "prompt") from None
         return ids[0].tolist()
+
+    def text_offsets(self, text: IncrementalText, tokens: list[int], start: int) -> tuple[list[int], int]:
+        """Where each of `tokens` begins in the text `text` decodes (characters from `start`), and where the text
+        ends after them, so that the offsets index the text a client is sent: a token ends where the text it
+        completes ends; one that completes none (a piece of a character, a special token) takes no width."""
+        offsets = []
+        with self.tokenizer_lock:
+            for t in tokens:
+                end = start + len(text.add([t]))
+                offsets.append(max(start, end - len(self._token_text(t)[0])))
+                start = end
+        return offsets, start
 
     def token_text(self, token: int) -> tuple[str, bytes]:
         """A token's text and bytes as responses show them (`openai_api.token_text`)."""
@@ -400,7 +426,12 @@ class Server(ThreadingHTTPServer):
         of it as fits."""
         if request.path == api.CHAT and not self.chat:
             raise api.BadRequest("this model's tokenizer has no chat template: use /v1/completions", "messages")
-        if request.sampling.logprobs is not None and self.strategy not in ("greedy", "speculative"):
+        asked, logprobs = request.sampling.max_tokens, request.sampling.logprobs
+        if logprobs is not None and request.echo and self.quantize == "int8":
+            raise api.BadRequest("a prompt's scores under int8 weights depend on the other tokens of the forward "
+                                 "(the activations' scale is the call's): serve with --quantize none or fp16 to score "
+                                 "prompts", "echo")
+        if logprobs is not None and asked != 0 and self.strategy not in ("greedy", "speculative"):
             raise api.BadRequest(f"log-probabilities are the model's scores of the tokens it verified; this server "
                                  f"decodes with {self.strategy}, which emits its heads' tokens unscored (serve "
                                  "with --strategy speculative or greedy)", "logprobs")
@@ -409,9 +440,12 @@ class Server(ThreadingHTTPServer):
         vocab = self.batcher.model.config.vocab_size
         if any(not 0 <= t < vocab for r in rows for t in r):
             raise api.BadRequest(f"'prompt' holds a token id outside the vocabulary (0 to {vocab - 1})", "prompt")
-        asked, room = request.sampling.max_tokens, self.room
-        longest = max(len(r) for r in rows)
-        if room is not None and longest + (1 if asked is None else asked) > room:
+        longest, room = max(len(r) for r in rows), self.room
+        if asked == 0 and room is not None:  # a prompt only scored: one forward, no drafts
+            limit = context_limit(self.batcher.model)
+            if longest > limit:
+                raise api.BadRequest(f"this model's context is {limit} tokens; the prompt has {longest}", "prompt")
+        elif room is not None and longest + (1 if asked is None else asked) > room:
             context = f"this model's context is {context_limit(self.batcher.model)} tokens ({room} for a prompt " \
                       f"and its answer, with this server's drafts); the prompt has {longest}"
             raise api.BadRequest(f"{context} and max_tokens asks {asked} more" if asked else
@@ -464,7 +498,7 @@ def serve(model: str | None = None, host: str = "127.0.0.1", port: int = 8000, s
         batcher = Batcher(m, dict(strategy=strategy, graphs=use_graphs, **drafts.generate_kwargs()), max_batch_size,
                           batch_window_ms / 1000)
         server.attach(batcher, served_model_name or model_label(model), strategy, max_new_tokens)
-        server.access_log = access_log
+        server.access_log, server.quantize = access_log, weights.quantize
         server.api_key = api_key if api_key is not None else os.environ.get("MTP_API_KEY") or None
         if server.api_key is None and host not in ("127.0.0.1", "localhost", "::1"):
             print(f"mtp serve: warning: listening on {host} without an API key: whoever reaches the port can use "
