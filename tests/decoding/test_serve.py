@@ -282,6 +282,33 @@ def test_requests_waiting_together_share_a_batch_and_keep_their_answers(model):
     assert again["choices"][0]["text"] == results[4]["choices"][0]["text"]
 
 
+def test_n_choices_of_a_prompt_are_rows_of_one_batch(model):
+    """`n`: each prompt's choices, indexed prompt by prompt; greedy choices are the greedy answer; a seeded
+    request's choices (of two prompts) are one batch of their own, differ from one another and come again with
+    the seed; the prompt counts once in `usage`."""
+    tok = model.tokenizer
+    sampled = {"prompt": PROMPTS[:2], "max_tokens": 10, "temperature": 1.5, "seed": 11, "n": 3}
+    with served(model) as server:
+        _, greedy_choices = post(server, "/v1/completions", {"prompt": PROMPTS[0], "max_tokens": 8, "n": 3})
+        _, first = post(server, "/v1/completions", sampled)
+        _, again = post(server, "/v1/completions", sampled)
+        chunks = events(server, "/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}],
+                                                         "max_tokens": 6, "n": 2})
+        _, echoed = post(server, "/v1/completions", {"prompt": PROMPTS[:2], "max_tokens": 2, "n": 2, "echo": True})
+    assert [c["text"][:len(PROMPTS[c["index"] // 2])] for c in echoed["choices"]] == [PROMPTS[0]] * 2 + [PROMPTS[1]] * 2
+    alone = greedy(model, tok(PROMPTS[0]).input_ids, 8)
+    assert [c["text"] for c in greedy_choices["choices"]] == alone.texts * 3
+    assert [c["index"] for c in first["choices"]] == list(range(6)) and server.batcher.batch_sizes[1:3] == [6, 6]
+    texts = [c["text"] for c in first["choices"]]
+    assert texts == [c["text"] for c in again["choices"]] and len(set(texts[:3])) > 1 and len(set(texts[3:])) > 1
+    assert first["usage"]["prompt_tokens"] == sum(len(tok(p).input_ids) for p in PROMPTS[:2])
+    assert 6 <= first["usage"]["completion_tokens"] <= 60  # (each choice's own tokens, summed)
+    roles = [c["index"] for c in chunks[0]["choices"]]
+    streamed = ["".join(c["choices"][0].get("delta", {}).get("content", "") for c in chunks[1:-1]
+                        if c["choices"] and c["choices"][0]["index"] == i) for i in (0, 1)]
+    assert roles == [0, 1] and streamed[0] == streamed[1] != ""
+
+
 def test_a_burst_of_requests_is_one_batch(model):
     """Requests arriving one after another, each within the batch window (long here) of the one before, join
     the first one's batch, which starts as soon as it is full."""
@@ -418,7 +445,10 @@ def test_a_streamed_request_refused_before_its_first_piece_is_an_http_error(mode
     ("/v1/completions", {"prompt": [1, "a"]}, "prompt", "'prompt' must be a string, a list of strings, token ids"),
     ("/v1/completions", {"prompt": [1, True]}, "prompt", "'prompt' must be a string, a list of strings, token ids"),
     ("/v1/completions", {"prompt": [5, 300]}, "prompt", "'prompt' holds a token id outside the vocabulary (0 to "),
-    ("/v1/completions", {"prompt": "hi", "n": 2}, "n", "'n' is not supported by mtp serve (got 2)"),
+    ("/v1/completions", {"prompt": "hi", "n": 0}, "n", "'n' must be in [1, 16], got 0"),
+    ("/v1/completions", {"prompt": "hi", "n": 17}, "n", "'n' must be in [1, 16], got 17"),
+    ("/v1/completions", {"prompt": "hi", "n": "2"}, "n", "'n' must be an integer"),
+    ("/v1/completions", {"prompt": "hi", "best_of": 2}, "best_of", "'best_of' is not supported by mtp serve"),
     ("/v1/completions", {"prompt": "hi", "logprobs": 21}, "logprobs", "'logprobs' must be in [0, 20], got 21"),
     ("/v1/completions", {"prompt": "hi", "logprobs": True}, "logprobs", "'logprobs' must be an integer"),
     ("/v1/completions", {"prompt": "hi", "top_logprobs": 2}, "top_logprobs",

@@ -1,10 +1,12 @@
 """The decoding side of `mtp serve`: one thread that takes the requests' prompts (`Job`s) in batches and decodes
 them with `mtp.generate`, handing each job's text pieces and answer back to its HTTP thread through a queue.
 
-Jobs that wait together with the same sampling settings (each its own max_tokens; no seed) are decoded as one
-left-padded batch, up to `max_batch_size` rows; a batch starts once no job came for `batch_window` seconds (a
-burst is decoded together). Static batching: a batch's rows start together, a job that comes while a batch decodes waits for the
-next one. A job whose client left is dropped, and a batch whose clients all left stops at its next step.
+Jobs that wait together with the same sampling settings (each its own max_tokens; a seeded request's jobs only
+with each other) are decoded as one left-padded batch, up to `max_batch_size` rows; a batch starts once no job
+came for `batch_window` seconds (a burst is decoded together). A request's `n` choices of a prompt are jobs of
+their own, rows of the batch. Static batching: a batch's rows start together, a job that comes while a batch
+decodes waits for the next one. A job whose client left is dropped, and a batch whose clients all left stops at
+its next step.
 """
 
 from __future__ import annotations
@@ -80,12 +82,13 @@ class Job:
     echo: bool = False  # the prompt's tokens are scored too (with sampling.logprobs)
 
     def batches_with(self, other: Job) -> bool:
-        """Whether the two may be decoded in one batch: the same sampling settings, each its own max_tokens;
-        never a seeded request (its seed reproduces its draws only alone); prompts only scored (max_tokens 0,
-        which may fill the context, the drafts' room included) with their like."""
+        """Whether the two may be decoded in one batch: the same sampling settings, each its own max_tokens; a
+        seeded request's prompts and choices with each other only (its seed reproduces its draws only in a batch
+        of its own); prompts only scored (max_tokens 0, which may fill the context, the drafts' room included)
+        with their like."""
         ours, theirs = (dataclasses.replace(j.sampling, max_tokens=0) for j in (self, other))
         scored = (self.sampling.max_tokens == 0) == (other.sampling.max_tokens == 0)
-        return ours == theirs and self.sampling.seed is None and scored
+        return ours == theirs and (self.sampling.seed is None or self.events is other.events) and scored
 
 
 class Cancelled(Exception):

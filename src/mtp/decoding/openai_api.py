@@ -3,10 +3,10 @@
 `read_request` checks a /v1/completions or /v1/chat/completions body and returns what to decode; the other
 functions lay out the responses and the streamed chunks (server-sent events) the API's clients expect, with the
 tokens' log-probabilities where a request asks for them (`logprobs`; a completion's `echo` scores its prompt
-too, as evaluation harnesses score a continuation). A field the API defines and mtp does not do (n > 1,
-penalties, tools) is refused with a message naming it,
-never ignored: a client would otherwise get answers it did not ask for. Fields that change nothing (user,
-metadata) are accepted. Sampling follows the API: temperature 0 is greedy, above 0 samples; a request without a
+too, as evaluation harnesses score a continuation); `n` choices of a prompt are rows of one batch. A field the
+API defines and mtp does not do (best_of, penalties, tools) is refused with a message naming it, never ignored:
+a client would otherwise get answers it did not ask for. Fields that change nothing (user, metadata) are
+accepted. Sampling follows the API: temperature 0 is greedy, above 0 samples; a request without a
 temperature gets greedy decoding (the server's lossless default: the answers greedy decoding gives).
 """
 
@@ -22,9 +22,10 @@ from functools import cache
 from mtp.decoding.logprobs import MOST_ALTERNATIVES, TokenLogprob
 
 COMPLETIONS, CHAT = "/v1/completions", "/v1/chat/completions"
+MOST_CHOICES = 16  # `n`: choices per prompt (each a row of the batch)
 ROLES = ("system", "user", "assistant")
 # Fields mtp does not implement -> the value(s) that mean "not used" (anything else is refused).
-UNSUPPORTED = {"n": (None, 1), "best_of": (None, 1), "suffix": (None, ""), "presence_penalty": (None, 0),
+UNSUPPORTED = {"best_of": (None, 1), "suffix": (None, ""), "presence_penalty": (None, 0),
                "frequency_penalty": (None, 0), "logit_bias": (None, {}), "tools": (None, []),
                "functions": (None, []), "tool_choice": (None, "none"), "function_call": (None, "none"),
                "response_format": (None, {"type": "text"})}
@@ -60,6 +61,7 @@ class CompletionRequest:
     stream: bool
     include_usage: bool  # stream_options.include_usage: a last chunk with the token counts
     echo: bool = False  # completions: the answer begins with the prompt (and its tokens' log-probabilities)
+    n: int = 1  # choices per prompt (choice p * n + i is prompt p's i-th)
 
 
 def read_request(path: str, body: object) -> CompletionRequest:
@@ -78,7 +80,10 @@ def read_request(path: str, body: object) -> CompletionRequest:
     include_usage = _typed(options, "include_usage", bool, False)
     echo = _echo(body, path, stream)
     sampling = _sampling(body, path, echo)
-    return CompletionRequest(path, prompts, sampling, stream, include_usage, echo)
+    n = _typed(body, "n", int, 1)
+    if not 1 <= n <= MOST_CHOICES:
+        raise BadRequest(f"'n' must be in [1, {MOST_CHOICES}], got {n}", "n")
+    return CompletionRequest(path, prompts, sampling, stream, include_usage, echo, n)
 
 
 def _echo(body: dict, path: str, stream: bool) -> bool:

@@ -106,9 +106,9 @@ class Handler(BaseHTTPRequestHandler):
             return
         events: Queue = Queue()
         tok = self.server.batcher.model.tokenizer
-        jobs = [Job(ids, dataclasses.replace(request.sampling, max_tokens=budget), i, events,
+        jobs = [Job(ids, dataclasses.replace(request.sampling, max_tokens=budget), p * request.n + i, events,
                     StreamedText(tok, request.sampling.stop) if request.stream else None, echo=request.echo)
-                for i, (ids, budget) in enumerate(zip(rows, budgets, strict=True))]
+                for p, (ids, budget) in enumerate(zip(rows, budgets, strict=True)) for i in range(request.n)]
         with self.server.counting():  # (a stopping server waits for the requests it counts)
             self.server.batcher.submit(jobs)
             if request.stream:
@@ -227,7 +227,7 @@ class Handler(BaseHTTPRequestHandler):
             self.close_connection = True
             return
         choices = [self._choice(request, jobs[i], done[i]) for i in range(len(jobs))]
-        prompt_tokens = sum(len(j.ids) for j in jobs)
+        prompt_tokens = sum(len(j.ids) for j in jobs[::request.n])  # (n choices: the prompt counted once)
         completion_tokens = sum(len(d.tokens) for d in done.values())
         mtp = {"strategy": self.server.strategy, "batches": [done[i].batch for i in range(len(jobs))]}
         self._send_json(HTTPStatus.OK, api.response(request.path, api.new_id(request.path), self.server.model_name,
@@ -238,7 +238,7 @@ class Handler(BaseHTTPRequestHandler):
         """A whole answer's choice: its text (after the prompt's, with echo) and the log-probabilities asked for."""
         text, tok = done.text, self.server.batcher.model.tokenizer
         if request.echo:
-            prompt = request.prompts[job.index]
+            prompt = request.prompts[job.index // request.n]
             if not isinstance(prompt, str):  # token ids: their text (special tokens have none, as in answers)
                 with self.server.tokenizer_lock:
                     prompt = tok.decode(prompt, skip_special_tokens=True)
@@ -274,9 +274,9 @@ class Handler(BaseHTTPRequestHandler):
                 self.send_header("Cache-Control", "no-cache")
                 self.send_header("Connection", "close")
                 self.end_headers()
-                if path == api.CHAT:
-                    send(api.chunk(path, rid, name, [{"index": 0, "delta": {"role": "assistant", "content": ""},
-                                                      "logprobs": None, "finish_reason": None}]))
+                if path == api.CHAT:  # (each choice's role)
+                    send(api.chunk(path, rid, name, [{"index": j.index, "delta": {"role": "assistant", "content": ""},
+                                                      "logprobs": None, "finish_reason": None} for j in jobs]))
             payload = data if isinstance(data, str) else json.dumps(data)
             self.wfile.write(f"data: {payload}\n\n".encode())
             self.wfile.flush()
@@ -309,7 +309,7 @@ class Handler(BaseHTTPRequestHandler):
                     send(api.chunk(path, rid, name, [api.choice(path, index, rest, value.finish_reason, delta=True)]))
                 if ended == len(jobs):
                     if request.include_usage:
-                        usage = api.usage(sum(len(j.ids) for j in jobs), completion_tokens)
+                        usage = api.usage(sum(len(j.ids) for j in jobs[::request.n]), completion_tokens)
                         send(api.chunk(path, rid, name, [], usage))
                     send("[DONE]")
                     break
