@@ -5,6 +5,7 @@ the real model); run it on the machine you tune for:
 
     PYTHONPATH=src python scripts/decode_speed.py --device cuda --dtype bfloat16
     PYTHONPATH=src python scripts/decode_speed.py --device cuda --graphs on --attention grouped matmul
+    PYTHONPATH=src python scripts/decode_speed.py --device cpu --dtype float32 --configs greedy --logprobs none 5
 """
 
 from __future__ import annotations
@@ -78,6 +79,8 @@ def main() -> None:
                     help="CUDA's attention path(s) to time (`mtp.models.fast_llama.CUDA_ATTENTION`)")
     ap.add_argument("--launch-ahead", nargs="+", default=["on"], choices=["on", "off"],
                     help="replaying, launch each step before the host reads the last (`generate.LAUNCH_AHEAD`)")
+    ap.add_argument("--logprobs", nargs="+", default=["none"],
+                    help="the new tokens' log-probabilities with this many alternatives each (none: not asked)")
     ap.add_argument("--json", default=None)
     ap.add_argument("--profile", default=None, help="folder for a kernel table per configuration (CUDA)")
     a = ap.parse_args()
@@ -92,8 +95,9 @@ def main() -> None:
     for batch in a.batch:
         ids = torch.randint(0, 49152, (batch, a.prompt), device=a.device)
         for name in a.configs:
-            kw = CONFIGS[name]
-            for graphs, attention, ahead in itertools.product(a.graphs, a.attention, a.launch_ahead):
+            for graphs, attention, ahead, logprobs in itertools.product(a.graphs, a.attention, a.launch_ahead,
+                                                                        a.logprobs):
+                kw = CONFIGS[name] | ({} if logprobs == "none" else {"logprobs": int(logprobs)})
                 on = {"on": True, "off": False, "compile": "compile"}[graphs]
                 if (on and a.device == "cpu") or (not on and ahead == "off" and len(a.launch_ahead) > 1):
                     continue  # (eager steps never launch ahead: one row of them)
@@ -111,7 +115,7 @@ def main() -> None:
                     first = []
                     t = time.perf_counter()
                     out = generate(model, ids, max_new_tokens=a.new_tokens, stop_token_ids=[], graphs=on,
-                                   streamer=lambda row, new, first=first: first or first.append(time.perf_counter()),
+                                   streamer=lambda row, new, first=first, **_: first or first.append(time.perf_counter()),
                                    **kw)
                     if a.device.startswith("cuda"):
                         torch.cuda.synchronize()
@@ -121,6 +125,7 @@ def main() -> None:
                 best = sorted(times)[len(times) // 2]
                 first_ms = 1e3 * sorted(firsts)[len(firsts) // 2]
                 row = {"batch": batch, "config": name, "graphs": graphs, "attention": attention, "launch_ahead": ahead,
+                       "logprobs": logprobs,
                        "ms_per_step": 1e3 * best / steps, "first_token_ms": first_ms,
                        "ms_per_step_after_first": (1e3 * best - first_ms) / max(steps - 1, 1),
                        "tokens_per_s": tokens / best, "steps": steps, "tokens_per_forward": tokens / batch / steps,

@@ -88,9 +88,9 @@ def test_the_streamer_gets_each_steps_scores():
     model = tiny_mtp("llama", num_heads=3, seed=1, dtype=torch.float64, vocab_size=30)
     seen: dict[int, list] = {0: [], 1: []}
 
-    def streamer(row, new, scores):
-        assert [s.token for s in scores] == new
-        seen[row].extend(scores)
+    def streamer(row, new, logprobs):
+        assert [s.token for s in logprobs] == new
+        seen[row].extend(logprobs)
 
     ids, mask = left_pad([[1, 2, 3], [4]])
     res = generate(model, ids, mask, max_new_tokens=10, strategy="speculative", logprobs=1, streamer=streamer)

@@ -178,13 +178,13 @@ class Batcher:
             empty = [[] for _ in jobs]
             return GenerationResult(empty, GenerationStats(), [""] * len(jobs), None if s.logprobs is None else empty)
 
-        def stream(row: int, new: list[int], scores: list[TokenLogprob] | None = None) -> None:
+        def stream(row: int, new: list[int], logprobs: list[TokenLogprob] | None = None) -> None:
             job = jobs[row]
             if job.cancelled.is_set() and all(j.cancelled.is_set() for j in jobs):
                 raise Cancelled
-            if job.streamed is not None and ((piece := job.streamed.add(new)) or scores):
+            if job.streamed is not None and ((piece := job.streamed.add(new)) or logprobs):
                 sent[row] = True
-                job.events.put(("text", job.index, (piece, scores)))
+                job.events.put(("text", job.index, (piece, logprobs)))
 
         ids, mask = left_pad([j.ids for j in jobs], self.model.tokenizer.pad_token_id or 0)
         # A seeded request decodes alone and ungated (on a GPU the gate times one row's steps too): its seed

@@ -202,7 +202,7 @@ def _generate_chunk(m, tok, chunk: list[str], chat, options: dict, so_far: list[
     ids, mask = encode_prompts(tok, chunk, chat)
     text = IncrementalText(tok)
 
-    def collect(row, new, scores=None):
+    def collect(row, new, logprobs=None):
         so_far[row].extend(new)
         if streaming:
             print(text.add(new), end="", flush=True)

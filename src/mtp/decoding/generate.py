@@ -430,7 +430,7 @@ def generate(model, input_ids: torch.Tensor | list, attention_mask: torch.Tensor
         stop_token_ids: end tokens (default: the tokenizer's / generation config's end tokens).
         stop_strings: stop when the decoded new text contains one (needs `tokenizer`).
         streamer: called as streamer(row, new_tokens) after each step (with `logprobs`: streamer(row, new_tokens,
-            their TokenLogprobs)).
+            logprobs=their TokenLogprobs)).
         truncate_prompt: keep only the last tokens of a prompt that does not fit the context with
             max_new_tokens; otherwise such a prompt is an error.
         proposer: the speculative strategy's draft source for a parallel-heads model (default: its heads).
@@ -499,7 +499,7 @@ def generate(model, input_ids: torch.Tensor | list, attention_mask: torch.Tensor
         if scores is not None:
             scores[row].extend(row_scores)
         if streamer is not None:
-            streamer(row, new) if row_scores is None else streamer(row, new, row_scores)
+            streamer(row, new) if row_scores is None else streamer(row, new, logprobs=row_scores)
     stats.seconds = time.perf_counter() - start
     texts = [tokenizer.decode(t, skip_special_tokens=True) for t in tokens] if tokenizer is not None else None
     if texts is not None and stop_strings:

@@ -111,7 +111,7 @@ def _transformers_streamer(kwargs: dict, ids: torch.Tensor):
         raise MTPError(f"a transformers streamer ({type(streamer).__name__}) takes one prompt, as in transformers; "
                        "for a batch pass streamer=callable(row, new_tokens)")
     streamer.put(ids.cpu())  # (1, P): the prompt first, which `skip_prompt=True` leaves out
-    kwargs["streamer"] = lambda row, new, *logprobs: streamer.put(torch.tensor(new, dtype=torch.long))
+    kwargs["streamer"] = lambda row, new, **_: streamer.put(torch.tensor(new, dtype=torch.long))
     return streamer
 
 

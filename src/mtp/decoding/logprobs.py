@@ -40,7 +40,7 @@ def pack(logits: torch.Tensor, slots: torch.Tensor, tokens: torch.Tensor, top: i
     """logits (B, T, V) at a block's slots; slots (B, E) the slot whose logits scored each emitted token; tokens
     (B, E) -> (B, E * (1 + 2 top)) long: each token's log-probability, the `top` most likely tokens' ids and
     theirs (float32 bits, so that they travel in the step's one long host copy)."""
-    at = logits.gather(1, slots[:, :, None].expand(-1, -1, logits.shape[-1]))  # (B, E, V)
+    at = logits[torch.arange(slots.shape[0], device=slots.device)[:, None], slots]  # (B, E, V)
     logp = at.float().log_softmax(-1)
     chosen = logp.gather(2, tokens[:, :, None])[:, :, 0]  # (B, E)
     if not top:
