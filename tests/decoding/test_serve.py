@@ -453,8 +453,6 @@ def test_a_streamed_request_refused_before_its_first_piece_is_an_http_error(mode
     ("/v1/completions", {"prompt": "hi", "logprobs": True}, "logprobs", "'logprobs' must be an integer"),
     ("/v1/completions", {"prompt": "hi", "top_logprobs": 2}, "top_logprobs",
      "'top_logprobs' is a chat completions field; /v1/completions takes 'logprobs'"),
-    ("/v1/completions", {"prompt": "hi", "echo": True, "stream": True}, "echo",
-     "'echo' is not supported with 'stream'"),
     ("/v1/completions", {"prompt": "hi", "echo": 1}, "echo", "'echo' must be true or false"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "echo": True}, "echo",
      "'echo' is a field of /v1/completions, not of chat completions"),
@@ -834,6 +832,30 @@ def test_echoed_offsets_index_text_with_split_characters_and_special_tokens(mode
         assert_offsets_index_the_text(tok, answer["logprobs"], answer["text"])
     assert any("\ufffd" in t for t in answers[0]["logprobs"]["tokens"])  # (a split character was met)
     assert answers[1]["logprobs"]["tokens"][0] == tok.bos_token and answers[1]["text"] == text
+
+
+def test_a_streamed_echo_begins_with_the_prompt_and_its_scores(model):
+    """echo with stream: the prompt's text and scores come first (a chunk per choice), then the answer's pieces;
+    together the whole answer's text and logprobs, offsets included, with and without logprobs and with n."""
+    body = {"prompt": ["I love \U0001f355 and", PROMPTS[1]], "max_tokens": 8, "echo": True, "n": 2}
+    with served(model) as server:
+        for extra in ({"logprobs": 2}, {}):
+            _, whole = post(server, "/v1/completions", body | extra)
+            chunks = events(server, "/v1/completions", body | extra)
+            for choice in whole["choices"]:
+                pieces = [c["choices"][0] for c in chunks[:-1] if c["choices"][0]["index"] == choice["index"]]
+                assert pieces[0]["text"] == body["prompt"][choice["index"] // 2]
+                assert "".join(p["text"] for p in pieces) == choice["text"]
+                streamed = [p["logprobs"] for p in pieces if p["logprobs"]]
+                joined = {key: sum((s[key] for s in streamed), []) for key in choice["logprobs"] or {}}
+                if extra:
+                    assert joined["tokens"] == choice["logprobs"]["tokens"]
+                    assert joined["text_offset"] == choice["logprobs"]["text_offset"]
+                    for got, want in zip(joined["token_logprobs"], choice["logprobs"]["token_logprobs"], strict=True):
+                        assert (got is want is None) or got == pytest.approx(want, abs=1e-6)
+                    for got, want in zip(joined["top_logprobs"], choice["logprobs"]["top_logprobs"], strict=True):
+                        assert (got is want is None) or got == pytest.approx(want, abs=1e-6)
+                assert bool(streamed) == bool(extra)
 
 
 def test_streamed_logprobs_add_up_to_the_whole_answers(model):

@@ -70,8 +70,9 @@ def _stop_prefix(text: str, stop: tuple[str, ...]) -> int:
 @dataclass
 class Job:
     """One prompt of a request, for the decoding thread. Its events go to the request's queue, tagged with
-    `index` (its choice): ("text", index, (piece, its tokens' TokenLogprobs or None)) while it decodes, then
-    ("end", index, Finished) or ("error", index, (status, message))."""
+    `index` (its choice): a streamed echo's ("echo", index, the prompt's TokenLogprobs or None) first, then
+    ("text", index, (piece, its tokens' TokenLogprobs or None)) while it decodes, then ("end", index, Finished)
+    or ("error", index, (status, message))."""
 
     ids: list[int]
     sampling: api.Sampling
@@ -279,12 +280,16 @@ class Batcher:
         s = jobs[0].sampling
         sent = [False] * len(jobs)
         try:
-            res = self._generate(jobs, sent)
             start = time.perf_counter()  # echo with logprobs: the prompts' scores, one forward each
             prompt_scores = [prompt_logprobs(self.model, j.ids, s.logprobs) if j.echo and s.logprobs is not None
                              else None for j in jobs]
             scoring = {"scored_tokens": sum(len(j.ids) for j, p in zip(jobs, prompt_scores, strict=True) if p),
                        "scoring_seconds": round(time.perf_counter() - start, 4)}
+            for row, (job, scores) in enumerate(zip(jobs, prompt_scores, strict=True)):
+                if job.echo and job.streamed is not None:  # a streamed echo: the prompt comes first
+                    sent[row] = True
+                    job.events.put(("echo", job.index, scores))
+            res = self._generate(jobs, sent)
         except Cancelled:
             if record:
                 self.counts.cancelled += len(jobs)

@@ -78,7 +78,7 @@ def read_request(path: str, body: object) -> CompletionRequest:
     if options and not stream:
         raise BadRequest("'stream_options' is only for a streamed request (stream: true)", "stream_options")
     include_usage = _typed(options, "include_usage", bool, False)
-    echo = _echo(body, path, stream)
+    echo = _echo(body, path)
     sampling = _sampling(body, path, echo)
     n = _typed(body, "n", int, 1)
     if not 1 <= n <= MOST_CHOICES:
@@ -86,12 +86,10 @@ def read_request(path: str, body: object) -> CompletionRequest:
     return CompletionRequest(path, prompts, sampling, stream, include_usage, echo, n)
 
 
-def _echo(body: dict, path: str, stream: bool) -> bool:
+def _echo(body: dict, path: str) -> bool:
     echo = _typed(body, "echo", bool, False) if path == COMPLETIONS else body.get("echo")
     if path == CHAT and echo not in (None, False):
         raise BadRequest(f"'echo' is a field of {COMPLETIONS}, not of chat completions (got {echo!r})", "echo")
-    if echo and stream:
-        raise BadRequest("'echo' is not supported with 'stream' by mtp serve (ask for the whole answer)", "echo")
     return bool(echo)
 
 

@@ -237,23 +237,29 @@ class Handler(BaseHTTPRequestHandler):
     def _choice(self, request: api.CompletionRequest, job: Job, done: Finished) -> dict:
         """A whole answer's choice: its text (after the prompt's, with echo) and the log-probabilities asked for."""
         text, tok = done.text, self.server.batcher.model.tokenizer
-        if request.echo:
-            prompt = request.prompts[job.index // request.n]
-            if not isinstance(prompt, str):  # token ids: their text (special tokens have none, as in answers)
-                with self.server.tokenizer_lock:
-                    prompt = tok.decode(prompt, skip_special_tokens=True)
-            text = prompt + text
         if request.sampling.logprobs is None:
-            return api.choice(request.path, job.index, text, done.finish_reason)
+            prompt = self._echoed(request, job, [])[0] if request.echo else ""
+            return api.choice(request.path, job.index, prompt + text, done.finish_reason)
         scores, tokens, offsets = done.logprobs or [], done.tokens, None
         if request.path == api.COMPLETIONS:
             offsets = self.server.text_offsets(IncrementalText(tok), tokens, 0)[0]
         if request.echo:  # (completions only)
-            scores, tokens = done.prompt_logprobs + scores, job.ids + tokens
-            offsets = self.server.text_offsets(IncrementalText(tok), job.ids, 0)[0] + \
-                [len(prompt) + o for o in offsets]
+            prompt, offsets = self._echoed(request, job, offsets)
+            text, scores, tokens = prompt + text, done.prompt_logprobs + scores, job.ids + tokens
         field = api.logprobs_field(request.path, scores, tokens, self.server.token_text, offsets)
         return api.choice(request.path, job.index, text, done.finish_reason, logprobs=field)
+
+    def _echoed(self, request: api.CompletionRequest, job: Job, offsets: list[int]) -> tuple[str, list[int]]:
+        """An echoed prompt's text (token ids: their text, special tokens left out as in answers) and the text
+        offsets of its tokens followed by `offsets` (the answer's, moved past the prompt)."""
+        prompt = request.prompts[job.index // request.n]
+        if not isinstance(prompt, str):
+            with self.server.tokenizer_lock:
+                prompt = self.server.batcher.model.tokenizer.decode(prompt, skip_special_tokens=True)
+        if request.sampling.logprobs is None:
+            return prompt, []
+        own = self.server.text_offsets(IncrementalText(self.server.batcher.model.tokenizer), job.ids, 0)[0]
+        return prompt, own + [len(prompt) + o for o in offsets]
 
     def _stream(self, request: api.CompletionRequest, jobs: list[Job]) -> None:
         """Server-sent events: a chunk per piece of text, one with each choice's finish reason, the token counts
@@ -283,7 +289,13 @@ class Handler(BaseHTTPRequestHandler):
 
         try:
             for kind, index, value in self._events(jobs):
-                if kind == "text":
+                if kind == "echo":  # the prompt's text (and scores) first, its offsets from the text's start
+                    text, offsets = self._echoed(request, jobs[index], [])
+                    shown[index] = (IncrementalText(tok), len(text))
+                    field = None if value is None else \
+                        api.logprobs_field(path, value, jobs[index].ids, self.server.token_text, offsets)
+                    send(api.chunk(path, rid, name, [api.choice(path, index, text, None, True, field)]))
+                elif kind == "text":
                     piece, scores = value
                     field = None
                     if scores is not None:  # (a piece's tokens; its text may be held back for a stop string)
