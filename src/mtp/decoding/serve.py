@@ -268,8 +268,7 @@ class Handler(BaseHTTPRequestHandler):
         rid, path, name = api.new_id(request.path), request.path, self.server.model_name
         started = False
         completion_tokens, ended = 0, 0
-        tok = self.server.batcher.model.tokenizer
-        shown = [(IncrementalText(tok), 0) for _ in jobs]  # each choice's text so far (its tokens' text_offset)
+        shown = [(IncrementalText(self.server.batcher.model.tokenizer), 0) for _ in jobs]  # (see `_piece`)
 
         def send(data: dict | str) -> None:
             nonlocal started
@@ -289,24 +288,8 @@ class Handler(BaseHTTPRequestHandler):
 
         try:
             for kind, index, value in self._events(jobs):
-                if kind == "echo":  # the prompt's text (and scores) first, its offsets from the text's start
-                    text, offsets = self._echoed(request, jobs[index], [])
-                    shown[index] = (IncrementalText(tok), len(text))
-                    field = None if value is None else \
-                        api.logprobs_field(path, value, jobs[index].ids, self.server.token_text, offsets)
-                    send(api.chunk(path, rid, name, [api.choice(path, index, text, None, True, field)]))
-                elif kind == "text":
-                    piece, scores = value
-                    field = None
-                    if scores is not None:  # (a piece's tokens; its text may be held back for a stop string)
-                        tokens = [e.token for e in scores]
-                        offsets = None
-                        if path == api.COMPLETIONS:
-                            text, start = shown[index]
-                            offsets, end = self.server.text_offsets(text, tokens, start)
-                            shown[index] = (text, end)
-                        field = api.logprobs_field(path, scores, tokens, self.server.token_text, offsets)
-                    send(api.chunk(path, rid, name, [api.choice(path, index, piece, None, True, field)]))
+                if kind in ("echo", "text"):
+                    send(api.chunk(path, rid, name, [self._piece(request, jobs[index], shown, kind, value)]))
                 elif kind == "error" and not started:  # nothing sent yet: an HTTP error as any other
                     self._cancel(jobs)
                     self._error(*value)
@@ -328,6 +311,28 @@ class Handler(BaseHTTPRequestHandler):
         except OSError:  # the client left (a reset, a broken pipe, a connection gone silent)
             self._cancel(jobs)
         self.close_connection = True
+
+    def _piece(self, request: api.CompletionRequest, job: Job, shown: list, kind: str, value) -> dict:
+        """A streamed chunk's choice: an echoed prompt (its text first, with its scores when asked) or a piece of
+        the answer with its tokens' scores. `shown[index]`: the choice's text so far (an IncrementalText and its
+        length), which a completion's text offsets count from."""
+        path, index = request.path, job.index
+        if kind == "echo":
+            text, offsets = self._echoed(request, job, [])
+            shown[index] = (IncrementalText(self.server.batcher.model.tokenizer), len(text))
+            field = None if value is None else api.logprobs_field(path, value, job.ids, self.server.token_text,
+                                                                  offsets)
+            return api.choice(path, index, text, None, True, field)
+        piece, scores = value
+        field = None
+        if scores is not None:  # (a piece's tokens; its text may be held back for a stop string)
+            tokens, offsets = [e.token for e in scores], None
+            if path == api.COMPLETIONS:
+                text, start = shown[index]
+                offsets, end = self.server.text_offsets(text, tokens, start)
+                shown[index] = (text, end)
+            field = api.logprobs_field(path, scores, tokens, self.server.token_text, offsets)
+        return api.choice(path, index, piece, None, True, field)
 
     def _send_json(self, status: int, body: dict) -> None:
         data = json.dumps(body).encode()
