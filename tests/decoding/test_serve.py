@@ -294,8 +294,10 @@ def test_n_choices_of_a_prompt_are_rows_of_one_batch(model):
         _, again = post(server, "/v1/completions", sampled)
         chunks = events(server, "/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}],
                                                          "max_tokens": 6, "n": 2})
-        _, echoed = post(server, "/v1/completions", {"prompt": PROMPTS[:2], "max_tokens": 2, "n": 2, "echo": True})
+        _, echoed = post(server, "/v1/completions", {"prompt": PROMPTS[:2], "max_tokens": 2, "n": 2, "echo": True,
+                                                     "logprobs": 1})
     assert [c["text"][:len(PROMPTS[c["index"] // 2])] for c in echoed["choices"]] == [PROMPTS[0]] * 2 + [PROMPTS[1]] * 2
+    assert echoed["mtp"]["batches"][0]["scored_tokens"] == sum(len(tok(p).input_ids) for p in PROMPTS[:2])  # once
     alone = greedy(model, tok(PROMPTS[0]).input_ids, 8)
     assert [c["text"] for c in greedy_choices["choices"]] == alone.texts * 3
     assert [c["index"] for c in first["choices"]] == list(range(6)) and server.batcher.batch_sizes[1:3] == [6, 6]

@@ -188,8 +188,8 @@ class Batcher:
                 job.events.put(("text", job.index, (piece, logprobs)))
 
         ids, mask = left_pad([j.ids for j in jobs], self.model.tokenizer.pad_token_id or 0)
-        # A seeded request decodes alone and ungated (on a GPU the gate times one row's steps too): its seed
-        # reproduces its draws.
+        # A seeded request decodes in a batch of its own, ungated (on a GPU the gate times one row's steps too):
+        # its seed reproduces its draws.
         options = self.decode | ({"adaptive_draft": False} if s.seed is not None else {})
         return generate_tokens(self.model, ids.to(self.model.device), mask.to(self.model.device),
                                max_new_tokens=[j.sampling.max_tokens for j in jobs], do_sample=s.do_sample,
@@ -280,11 +280,13 @@ class Batcher:
         s = jobs[0].sampling
         sent = [False] * len(jobs)
         try:
-            start = time.perf_counter()  # echo with logprobs: the prompts' scores, one forward each
-            prompt_scores = [prompt_logprobs(self.model, j.ids, s.logprobs) if j.echo and s.logprobs is not None
-                             else None for j in jobs]
-            scoring = {"scored_tokens": sum(len(j.ids) for j, p in zip(jobs, prompt_scores, strict=True) if p),
-                       "scoring_seconds": round(time.perf_counter() - start, 4)}
+            start = time.perf_counter()  # echo with logprobs: each prompt's scores, one forward (for n choices too)
+            scores_of: dict[tuple[int, ...], list] = {}
+            for j in jobs:
+                if j.echo and s.logprobs is not None and tuple(j.ids) not in scores_of:
+                    scores_of[tuple(j.ids)] = prompt_logprobs(self.model, j.ids, s.logprobs)
+            prompt_scores = [scores_of.get(tuple(j.ids)) if j.echo else None for j in jobs]
+            scoring = {"scored_tokens": sum(map(len, scores_of)), "scoring_seconds": round(time.perf_counter() - start, 4)}
             for row, (job, scores) in enumerate(zip(jobs, prompt_scores, strict=True)):
                 if job.echo and job.streamed is not None:  # a streamed echo: the prompt comes first
                     sent[row] = True
