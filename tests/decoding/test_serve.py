@@ -311,6 +311,32 @@ def test_n_choices_of_a_prompt_are_rows_of_one_batch(model):
     assert roles == [0, 1] and streamed[0] == streamed[1] != ""
 
 
+def test_a_seeded_requests_choices_beyond_one_batch_are_drawn_anew(model):
+    """n choices past --max-batch-size: the later batches draw from a seed of their own (made from the request's),
+    so no choice repeats an earlier batch's, and the request again gets the same choices."""
+    body = {"prompt": PROMPTS[0], "max_tokens": 10, "temperature": 1.5, "seed": 5, "n": 4}
+    with served(model, max_batch_size=2) as server:
+        first = [c["text"] for c in post(server, "/v1/completions", body)[1]["choices"]]
+        again = [c["text"] for c in post(server, "/v1/completions", body)[1]["choices"]]
+    assert server.batcher.batch_sizes == [2, 2, 2, 2] and first == again and len(set(first)) == 4
+    assert server.batcher.counts.prompt_tokens == 2 * len(model.tokenizer(PROMPTS[0]).input_ids)  # (once a request)
+
+
+def test_a_streamed_echo_leaves_a_refused_batch_to_be_split(model):
+    """A batch that `generate` refuses whole is decoded a request at a time; a streamed echo sends its prompt only
+    once its batch decodes, so that split still happens (a request the strategy refuses is an HTTP 400, as
+    without echo)."""
+    long_prompt = list(range(5, 5 + 235))  # with the server's default 16 new tokens and "Hi"'s: over the context
+    with served(model) as server:
+        chunks = events(server, "/v1/completions", {"prompt": [long_prompt, "Hi"], "echo": True})
+    ends = [c["choices"][0] for c in chunks[:-1] if c["choices"] and c["choices"][0]["finish_reason"]]
+    assert sorted(e["index"] for e in ends) == [0, 1] and not any("error" in c for c in chunks[:-1])
+    with served(model, strategy="confadapt") as server:
+        status, body = post(server, "/v1/completions", {"prompt": ["A", "B"], "temperature": 1, "stream": True,
+                                                        "echo": True})
+    assert status == 400 and "sampling is available with" in body["error"]["message"]
+
+
 def test_a_burst_of_requests_is_one_batch(model):
     """Requests arriving one after another, each within the batch window (long here) of the one before, join
     the first one's batch, which starts as soon as it is full."""

@@ -81,6 +81,7 @@ class Job:
     streamed: StreamedText | None = None
     cancelled: threading.Event = field(default_factory=threading.Event)  # its client left
     echo: bool = False  # the prompt's tokens are scored too (with sampling.logprobs)
+    first_choice: bool = True  # the first of its prompt's n choices (what counts the prompt's tokens)
 
     def batches_with(self, other: Job) -> bool:
         """Whether the two may be decoded in one batch: the same sampling settings, each its own max_tokens; a
@@ -122,7 +123,7 @@ class Counts:
     def add(self, jobs: list[Job], stats) -> None:
         self.answered += len(jobs)
         self.batches += 1
-        self.prompt_tokens += sum(len(j.ids) for j in jobs)
+        self.prompt_tokens += sum(len(j.ids) for j in jobs if j.first_choice)
         self.generated_tokens += stats.new_tokens
         self.row_forwards += stats.row_forwards
         self.decode_seconds += stats.seconds
@@ -148,6 +149,9 @@ class Counts:
         return "\n".join(lines) + "\n"
 
 
+SEED_STRIDE = 0x9E3779B97F4A7C15  # a seeded request's later batches: seed + this x their first choice's index
+
+
 def _log(line: str) -> None:
     sys.stderr.write(line + "\n")  # one write: the HTTP threads' access log lines do not split it
     sys.stderr.flush()
@@ -171,9 +175,10 @@ class Batcher:
     stopping: bool = False
     thread: threading.Thread | None = None
 
-    def _generate(self, jobs: list[Job], sent: list[bool]) -> GenerationResult:
+    def _generate(self, jobs: list[Job], sent: list[bool], before_first: Callable[[int], None]) -> GenerationResult:
         """The jobs' answers, decoded as one batch; each job's pieces go to its queue as they come (`sent[row]`:
-        some did). Jobs that ask for no new tokens (prompts to score) are not decoded."""
+        some did), `before_first(row)` called first. Jobs that ask for no new tokens (prompts to score) are not
+        decoded."""
         s = jobs[0].sampling
         if not any(j.sampling.max_tokens for j in jobs):
             empty = [[] for _ in jobs]
@@ -183,18 +188,33 @@ class Batcher:
             job = jobs[row]
             if job.cancelled.is_set() and all(j.cancelled.is_set() for j in jobs):
                 raise Cancelled
+            before_first(row)
             if job.streamed is not None and ((piece := job.streamed.add(new)) or logprobs):
                 sent[row] = True
                 job.events.put(("text", job.index, (piece, logprobs)))
 
         ids, mask = left_pad([j.ids for j in jobs], self.model.tokenizer.pad_token_id or 0)
-        # A seeded request decodes in a batch of its own, ungated (on a GPU the gate times one row's steps too):
-        # its seed reproduces its draws.
+        # A seeded request decodes in batches of its own, ungated (on a GPU the gate times one row's steps too): its
+        # seed reproduces its draws. Its choices past the first batch (n or prompts beyond --max-batch-size) draw
+        # from a seed of their own, made from the request's and their first choice's index: not the first
+        # batch's draws again.
         options = self.decode | ({"adaptive_draft": False} if s.seed is not None else {})
+        seed = s.seed if s.seed is None or not jobs[0].index else (s.seed + SEED_STRIDE * jobs[0].index) % 2**64
         return generate_tokens(self.model, ids.to(self.model.device), mask.to(self.model.device),
                                max_new_tokens=[j.sampling.max_tokens for j in jobs], do_sample=s.do_sample,
-                               temperature=s.temperature, top_p=s.top_p, top_k=s.top_k, seed=s.seed,
+                               temperature=s.temperature, top_p=s.top_p, top_k=s.top_k, seed=seed,
                                stop_strings=list(s.stop) or None, streamer=stream, logprobs=s.logprobs, **options)
+
+    def _prompt_scores(self, jobs: list[Job]) -> tuple[list, dict]:
+        """Echo with logprobs: each job's prompt scores (one forward a prompt, for its n choices too) and the
+        figures of the scoring."""
+        start, top = time.perf_counter(), jobs[0].sampling.logprobs
+        scores_of: dict[tuple[int, ...], list] = {}
+        for j in jobs:
+            if j.echo and top is not None and tuple(j.ids) not in scores_of:
+                scores_of[tuple(j.ids)] = prompt_logprobs(self.model, j.ids, top)
+        return ([scores_of.get(tuple(j.ids)) if j.echo else None for j in jobs],
+                {"scored_tokens": sum(map(len, scores_of)), "scoring_seconds": round(time.perf_counter() - start, 4)})
 
     def _stopped(self, tokens: list[int], stop: tuple[str, ...]) -> bool:
         """Whether a row of max_tokens tokens ended at its last token anyway: an end token or a stop string (a
@@ -280,18 +300,17 @@ class Batcher:
         s = jobs[0].sampling
         sent = [False] * len(jobs)
         try:
-            start = time.perf_counter()  # echo with logprobs: each prompt's scores, one forward (for n choices too)
-            scores_of: dict[tuple[int, ...], list] = {}
-            for j in jobs:
-                if j.echo and s.logprobs is not None and tuple(j.ids) not in scores_of:
-                    scores_of[tuple(j.ids)] = prompt_logprobs(self.model, j.ids, s.logprobs)
-            prompt_scores = [scores_of.get(tuple(j.ids)) if j.echo else None for j in jobs]
-            scoring = {"scored_tokens": sum(map(len, scores_of)), "scoring_seconds": round(time.perf_counter() - start, 4)}
-            for row, (job, scores) in enumerate(zip(jobs, prompt_scores, strict=True)):
-                if job.echo and job.streamed is not None:  # a streamed echo: the prompt comes first
+            prompt_scores, scoring = self._prompt_scores(jobs)
+
+            def echo(row: int) -> None:  # a streamed echo: the prompt before the answer's first piece
+                job = jobs[row]
+                if job.echo and job.streamed is not None and not sent[row]:
                     sent[row] = True
-                    job.events.put(("echo", job.index, scores))
-            res = self._generate(jobs, sent)
+                    job.events.put(("echo", job.index, prompt_scores[row]))
+
+            res = self._generate(jobs, sent, echo)
+            for row in range(len(jobs)):  # (prompts only scored)
+                echo(row)
         except Cancelled:
             if record:
                 self.counts.cancelled += len(jobs)

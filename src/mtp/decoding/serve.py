@@ -107,7 +107,8 @@ class Handler(BaseHTTPRequestHandler):
         events: Queue = Queue()
         tok = self.server.batcher.model.tokenizer
         jobs = [Job(ids, dataclasses.replace(request.sampling, max_tokens=budget), p * request.n + i, events,
-                    StreamedText(tok, request.sampling.stop) if request.stream else None, echo=request.echo)
+                    StreamedText(tok, request.sampling.stop) if request.stream else None, echo=request.echo,
+                    first_choice=i == 0)
                 for p, (ids, budget) in enumerate(zip(rows, budgets, strict=True)) for i in range(request.n)]
         with self.server.counting():  # (a stopping server waits for the requests it counts)
             self.server.batcher.submit(jobs)
