@@ -108,6 +108,28 @@ def test_each_row_keeps_its_own_budget(data, graphs, replayed):
     assert batch.tokens == alone and all(len(t) <= n for t, n in zip(batch.tokens, budgets, strict=True))
 
 
+@pytest.mark.parametrize("graphs", [False, True])
+@pytest.mark.parametrize("strategy", ["greedy", "speculative", "confadapt"])
+def test_a_halted_row_ends_and_the_others_keep_their_tokens(graphs, strategy, replayed):
+    """generate(halt=...): a row the caller halts (a server's client that left) ends at the step it is asked
+    after, its tokens of that step dropped; the other rows' tokens are those they get alone, eager and replayed."""
+    model = tiny_mtp("llama", num_heads=3, seed=4, dtype=torch.float64, vocab_size=40)
+    prompts = [[1, 2, 3], [4, 5], [6, 7, 8, 9]]
+    ids, mask = left_pad(prompts)
+    seen = [0, 0, 0]
+
+    def halt(row: int) -> bool:  # row 1 after its second step
+        seen[row] += 1
+        return row == 1 and seen[row] > 2
+
+    kw = {"strategy": strategy, "stop_token_ids": [], "graphs": graphs} | ({"k": 3} if strategy == "confadapt" else {})
+    out = generate(model, ids, mask, max_new_tokens=20, halt=halt, **kw)
+    full = generate(model, ids, mask, max_new_tokens=20, **kw)
+    assert out.tokens[0] == full.tokens[0] and out.tokens[2] == full.tokens[2] and len(full.tokens[1]) == 20
+    assert 2 <= len(out.tokens[1]) < 20 and out.tokens[1] == full.tokens[1][:len(out.tokens[1])]
+    assert seen[1] == 3  # (not asked again once halted)
+
+
 @pytest.mark.parametrize("budgets, message", [([3], "one int per row (2)"), ([3, -1], "must be >= 0"),
                                               ([3, 2.0], "one int per row")])
 def test_per_row_budgets_are_checked(budgets, message):

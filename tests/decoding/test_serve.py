@@ -337,6 +337,33 @@ def test_a_streamed_echo_leaves_a_refused_batch_to_be_split(model):
     assert status == 400 and "sampling is available with" in body["error"]["message"]
 
 
+def test_a_row_whose_client_left_ends_while_its_batch_goes_on(model):
+    """A client that leaves while its prompt shares a batch with others: its row ends at the next step, the
+    other rows decode on to the answers they get alone."""
+    from queue import Queue
+
+    from mtp.decoding import openai_api as api
+    from mtp.decoding.batcher import Job
+
+    tok = model.tokenizer
+
+    class Leaving(Queue):  # the client of job 0 leaves once its first piece is out
+        def put(self, item, *args, **kwargs):
+            super().put(item, *args, **kwargs)
+            if item[0] == "text":
+                jobs[0].cancelled.set()
+
+    prompts = [tok(p).input_ids for p in PROMPTS[:2]]
+    jobs = [Job(prompts[0], api.Sampling(max_tokens=40), 0, Leaving(), StreamedText(tok)),
+            Job(prompts[1], api.Sampling(max_tokens=40), 1, Queue())]
+    batcher = Batcher(model, {"strategy": "speculative", "graphs": False}, log=lambda line: None)
+    batcher.decode_batch(jobs)
+    ends = [[e for e in list(j.events.queue) if e[0] == "end"] for j in jobs]
+    alone = [greedy(model, p, 40, strategy="speculative").tokens[0] for p in prompts]
+    assert len(alone[0]) == 40 and ends[1][0][2].tokens == alone[1]
+    assert 1 <= len(ends[0][0][2].tokens) < 40 and alone[0][:len(ends[0][0][2].tokens)] == ends[0][0][2].tokens
+
+
 def test_a_burst_of_requests_is_one_batch(model):
     """Requests arriving one after another, each within the batch window (long here) of the one before, join
     the first one's batch, which starts as soon as it is full."""

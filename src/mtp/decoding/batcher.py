@@ -5,8 +5,8 @@ Jobs that wait together with the same sampling settings (each its own max_tokens
 with each other) are decoded as one left-padded batch, up to `max_batch_size` rows; a batch starts once no job
 came for `batch_window` seconds (a burst is decoded together). A request's `n` choices of a prompt are jobs of
 their own, rows of the batch. Static batching: a batch's rows start together, a job that comes while a batch
-decodes waits for the next one. A job whose client left is dropped, and a batch whose clients all left stops at
-its next step.
+decodes waits for the next one. A job whose client left is dropped; in a batch, its row ends at its next step
+(the others go on), and a batch whose clients all left stops there.
 """
 
 from __future__ import annotations
@@ -203,7 +203,8 @@ class Batcher:
         return generate_tokens(self.model, ids.to(self.model.device), mask.to(self.model.device),
                                max_new_tokens=[j.sampling.max_tokens for j in jobs], do_sample=s.do_sample,
                                temperature=s.temperature, top_p=s.top_p, top_k=s.top_k, seed=seed,
-                               stop_strings=list(s.stop) or None, streamer=stream, logprobs=s.logprobs, **options)
+                               stop_strings=list(s.stop) or None, streamer=stream, logprobs=s.logprobs,
+                               halt=lambda row: jobs[row].cancelled.is_set(), **options)
 
     def _prompt_scores(self, jobs: list[Job]) -> tuple[list, dict]:
         """Echo with logprobs: each job's prompt scores (one forward a prompt, for its n choices too) and the

@@ -416,7 +416,7 @@ def generate(model, input_ids: torch.Tensor | list, attention_mask: torch.Tensor
              truncate_prompt: bool = False, proposer: Proposer | None = None,
              on_trunk: TrunkObserver | None = None, tree: str | DraftTree | None = None,
              tree_size: int | None = None, lookup: int = 0, graphs: bool | None = None,
-             logprobs: int | None = None) -> GenerationResult:
+             logprobs: int | None = None, halt: Callable[[int], bool] | None = None) -> GenerationResult:
     """Generate continuations of a left-padded batch of prompts.
 
     Args:
@@ -458,6 +458,8 @@ def generate(model, input_ids: torch.Tensor | list, attention_mask: torch.Tensor
         logprobs: greedy and speculative: each new token's log-probability under the model (its raw distribution,
             before temperature, top-k and top-p) and the `logprobs` most likely tokens' at its position, in the
             result's `logprobs` (`mtp.decoding.logprobs.TokenLogprob`); 0: the new tokens' alone; None: none.
+        halt: asked as halt(row) after each step that row emits tokens in; True ends the row there (that step's
+            tokens are dropped) while the others go on: a server's client that left.
     """
     if use_speculative is not None:
         spelled = "speculative" if use_speculative else "greedy"
@@ -483,7 +485,8 @@ def generate(model, input_ids: torch.Tensor | list, attention_mask: torch.Tensor
                                              truncate_prompt)
     if stop_token_ids is None:
         stop_token_ids = default_stop_token_ids(model, tokenizer)
-    stop = StopChecker(input_ids.shape[0], stop_token_ids, stop_strings, tokenizer, device=input_ids.device)
+    stop = StopChecker(input_ids.shape[0], stop_token_ids, stop_strings, tokenizer, device=input_ids.device,
+                       halt=halt)
     generator = None
     if do_sample:
         generator = torch.Generator(device=input_ids.device)

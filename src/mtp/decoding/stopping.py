@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from mtp.errors import MTPError
@@ -21,11 +23,13 @@ def stop_tokens(emitted: torch.Tensor, counts: torch.Tensor, stop_ids: torch.Ten
 
 
 class StopChecker:
-    """End tokens (checked on the device, in the step: `stop_ids`) and stop strings (checked on the host, on the
-    tokens each step emitted: `cut`)."""
+    """End tokens (checked on the device, in the step: `stop_ids`), stop strings (checked on the host, on the
+    tokens each step emitted: `cut`) and the caller's own reason to end a row (`halt(row)`, asked after every
+    step: a server's client that left)."""
 
     def __init__(self, batch_size: int, stop_token_ids: list[int] | None, stop_strings: list[str] | None,
-                 tokenizer=None, device: torch.device | str = "cpu"):
+                 tokenizer=None, device: torch.device | str = "cpu", halt: Callable[[int], bool] | None = None):
+        self.halt = halt
         self.stop_ids = torch.tensor(sorted(set(stop_token_ids or [])), dtype=torch.long, device=device)
         self.stop_strings = [s for s in (stop_strings or []) if s]
         if self.stop_strings and tokenizer is None:
@@ -35,7 +39,9 @@ class StopChecker:
 
     def cut(self, row: int, new: list[int]) -> int | None:
         """How many of `new` (row's tokens emitted this step) to keep when they complete a stop string (the
-        shortest prefix that does); None when they do not."""
+        shortest prefix that does), 0 when the caller halts the row; None when neither ends it."""
+        if self.halt is not None and self.halt(row):
+            return 0
         if not self.stop_strings:
             return None
         hist = self.history[row]
