@@ -184,10 +184,13 @@ class Batcher:
             empty = [[] for _ in jobs]
             return GenerationResult(empty, GenerationStats(), [""] * len(jobs), None if s.logprobs is None else empty)
 
+        def halt(row: int) -> bool:  # (asked after each step a row emits in)
+            if all(j.cancelled.is_set() for j in jobs):  # every client left: the batch stops
+                raise Cancelled
+            return jobs[row].cancelled.is_set()  # this row's: it ends, the others go on
+
         def stream(row: int, new: list[int], logprobs: list[TokenLogprob] | None = None) -> None:
             job = jobs[row]
-            if job.cancelled.is_set() and all(j.cancelled.is_set() for j in jobs):
-                raise Cancelled
             before_first(row)
             if job.streamed is not None and ((piece := job.streamed.add(new)) or logprobs):
                 sent[row] = True
@@ -204,7 +207,7 @@ class Batcher:
                                max_new_tokens=[j.sampling.max_tokens for j in jobs], do_sample=s.do_sample,
                                temperature=s.temperature, top_p=s.top_p, top_k=s.top_k, seed=seed,
                                stop_strings=list(s.stop) or None, streamer=stream, logprobs=s.logprobs,
-                               halt=lambda row: jobs[row].cancelled.is_set(), **options)
+                               halt=halt, **options)
 
     def _prompt_scores(self, jobs: list[Job]) -> tuple[list, dict]:
         """Echo with logprobs: each job's prompt scores (one forward a prompt, for its n choices too) and the
