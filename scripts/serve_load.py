@@ -1,14 +1,21 @@
 """Load on a running `mtp serve`: the first N GSM8K test questions as chat requests, sent one at a time, then all
 at once; the tokens/s of each way and whether the answers are the same (a batch's rows answer as they do alone).
+`--arrivals SECONDS`: instead, streamed requests that come one by one, Poisson-spaced that many seconds apart on
+average, each with its own max_tokens (a fixed random draw between a quarter of --max-tokens and all of it): the
+time to each request's first token and to its last, and the tokens/s of the whole (how continuous batching
+serves a stream of requests; compare servers started with --batching continuous and static).
 
     mtp serve --model runs/heads --quantize fp16 --port 8000 &
     python scripts/serve_load.py --url http://127.0.0.1:8000 --questions 8 --max-tokens 128
+    python scripts/serve_load.py --url http://127.0.0.1:8000 --questions 12 --max-tokens 128 --arrivals 0.4
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import random
+import statistics
 import threading
 import time
 import urllib.request
@@ -40,15 +47,64 @@ def run(url: str, questions: list[str], max_tokens: int, concurrent: bool) -> tu
     return answers, time.perf_counter() - start
 
 
+def ask_streamed(url: str, question: str, max_tokens: int) -> tuple[float, float, int, str]:
+    """A streamed chat request: (seconds to its first piece of text, seconds to its end, its tokens, its text)."""
+    body = {"messages": [{"role": "user", "content": question}], "max_tokens": max_tokens, "stream": True,
+            "stream_options": {"include_usage": True}}
+    request = urllib.request.Request(url + "/v1/chat/completions", data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"})
+    start, first, tokens, text = time.perf_counter(), None, 0, []
+    with urllib.request.urlopen(request, timeout=3600) as r:
+        for line in r:
+            data = line.decode().strip().removeprefix("data: ")
+            if not data or data == "[DONE]":
+                continue
+            chunk = json.loads(data)
+            piece = "".join(c.get("delta", {}).get("content") or "" for c in chunk.get("choices", []))
+            if piece and first is None:
+                first = time.perf_counter() - start
+            text.append(piece)
+            tokens = (chunk.get("usage") or {}).get("completion_tokens", tokens)
+    end = time.perf_counter() - start
+    return (first if first is not None else end), end, tokens, "".join(text)
+
+
+def arrivals(url: str, questions: list[str], max_tokens: int, gap: float) -> None:
+    """Streamed requests sent one by one, Poisson-spaced `gap` seconds apart on average (a fixed draw)."""
+    draw = random.Random(0)
+    budgets = [draw.randint(max(1, max_tokens // 4), max_tokens) for _ in questions]
+    waits = [draw.expovariate(1 / gap) for _ in questions]
+    results: list[tuple] = [() for _ in questions]
+    threads = []
+    start = time.perf_counter()
+    for i, (q, n) in enumerate(zip(questions, budgets, strict=True)):
+        threads.append(threading.Thread(target=lambda i=i, q=q, n=n: results.__setitem__(i, ask_streamed(url, q, n))))
+        threads[-1].start()
+        time.sleep(waits[i])
+    for t in threads:
+        t.join()
+    seconds = time.perf_counter() - start
+    first, end, tokens = ([r[k] for r in results] for k in range(3))
+    print(f"{len(questions)} streamed requests ~{gap} s apart (Poisson), max_tokens {min(budgets)}-{max(budgets)}: "
+          f"{sum(tokens)} tokens in {seconds:.1f} s = {sum(tokens) / seconds:.1f} tokens/s; first token after "
+          f"{statistics.mean(first):.2f} s on average (at most {max(first):.2f}), the last after "
+          f"{statistics.mean(end):.2f} s on average (at most {max(end):.2f})")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--url", default="http://127.0.0.1:8000")
     parser.add_argument("--questions", type=int, default=8)
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--data", default=str(DATA), help="a JSONL of GSM8K-style records ('question')")
+    parser.add_argument("--arrivals", type=float, default=None, metavar="SECONDS",
+                        help="streamed requests this many seconds apart on average, instead of the two ways")
     args = parser.parse_args()
     lines = Path(args.data).read_text().splitlines()[:args.questions]
     questions = [json.loads(line)["question"] for line in lines]
+    if args.arrivals is not None:
+        arrivals(args.url, questions, args.max_tokens, args.arrivals)
+        return
     texts = {}
     for concurrent in (False, True):
         answers, seconds = run(args.url, questions, args.max_tokens, concurrent)

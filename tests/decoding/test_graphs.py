@@ -473,6 +473,21 @@ def test_sampling_steps_are_captured_uncompiled(replayed, monkeypatch):
     assert sampled.tokens == generate(model, torch.tensor([[1, 2, 3, 1, 2, 3]]), graphs=True, **kw).tokens
 
 
+def test_a_sampled_batch_that_shrinks_draws_on(replayed):
+    """Replaying, a batch that shrinks moves into a smaller session with a generator of its own: its draws go on
+    where the larger session's stopped. (They started over from the seed: a row's later tokens repeated the first
+    draws of the call, token for token, where every token is equally likely.)"""
+    model = tiny_mtp("llama", num_heads=3, seed=2, dtype=torch.float64, vocab_size=40)
+    model.base.lm_head.weight.data.zero_()  # every token equally likely: a token is the draw itself
+    ids, mask = left_pad([[1, 2], [3, 4], [5, 6], [7, 8]])
+    kw = dict(stop_token_ids=[], do_sample=True, seed=5, graphs=True)
+    out = generate(model, ids, mask, max_new_tokens=[1, 1, 1, 30], **kw)
+    stream = generate(model, torch.tensor([[7, 8]]), max_new_tokens=30, **kw).tokens[0]  # the seed's draws
+    assert [t[0] for t in out.tokens] == stream[:4]  # (one draw a row, in row order: the same stream)
+    later = out.tokens[3][1:]
+    assert not any(later[i:i + 4] == stream[:4] for i in range(len(later) - 3))
+
+
 @pytest.mark.parametrize("kind,kw", [
     ("heads", {"strategy": "greedy"}),
     ("heads", {"strategy": "speculative", "lookup": 2}),

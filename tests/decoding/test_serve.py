@@ -282,6 +282,78 @@ def test_requests_waiting_together_share_a_batch_and_keep_their_answers(model):
     assert again["choices"][0]["text"] == results[4]["choices"][0]["text"]
 
 
+def held_until_waiting(server, count: int):
+    """Make the decoding thread's first chance to take joining jobs wait until `count` jobs wait (a request that
+    comes while a batch decodes, without racing the tiny model's few milliseconds a batch)."""
+    batcher, original, held = server.batcher, server.batcher._joining, [True]
+
+    def joining(jobs, sent, active, fits):
+        if held.pop() if held else False:
+            wait_until(lambda: len(batcher.waiting) >= count)
+        return original(jobs, sent, active, fits)
+
+    batcher._joining = joining
+
+
+def test_a_request_that_comes_while_a_batch_decodes_joins_it(model):
+    """Continuous batching: requests that come while a batch decodes join it between two steps (the log says how
+    many), and each answer is the one it gets alone, streamed or not."""
+    tok = model.tokenizer
+    lines: list[str] = []
+    with served(model, log=lines.append) as server:
+        held_until_waiting(server, 2)
+        first = threading.Thread(target=lambda: results.__setitem__(0, post(server, "/v1/completions",
+                                                                              {"prompt": PROMPTS[0], "max_tokens": 12})))
+        results: dict[int, tuple[int, dict]] = {}
+        first.start()
+        wait_until(lambda: server.batcher.decoding)
+        later = threading.Thread(target=lambda: results.__setitem__(1, post(server, "/v1/completions",
+                                                                              {"prompt": PROMPTS[1], "max_tokens": 9})))
+        later.start()
+        streamed = events(server, "/v1/completions", {"prompt": PROMPTS[2], "max_tokens": 7})
+        for t in (first, later):
+            t.join(60)
+    assert server.batcher.batch_sizes == [3] and "a batch of 3 (2 joined)" in lines[0]
+    for (p, n), text in zip([(PROMPTS[0], 12), (PROMPTS[1], 9)], [results[0][1], results[1][1]], strict=True):
+        assert text["choices"][0]["text"] == greedy(model, tok(p).input_ids, n).texts[0]
+    assert "".join(c["choices"][0]["text"] for c in streamed[:-1]) == greedy(model, tok(PROMPTS[2]).input_ids, 7).texts[0]
+
+
+def test_a_request_that_cannot_join_waits_and_so_do_those_after_it(model):
+    """Jobs join in the order they came: one whose settings differ from the batch's waits for the next batch, and
+    a later one that could join waits behind it (nothing overtakes); with joining off (`--batching static`) none
+    joins."""
+    bodies = [{"prompt": PROMPTS[0], "max_tokens": 12}, {"prompt": PROMPTS[1], "max_tokens": 5, "temperature": 0.5},
+              {"prompt": PROMPTS[2], "max_tokens": 5}]
+
+    def sent_while_the_first_decodes(join: bool) -> tuple[list[int], list[int]]:
+        results: dict[int, tuple[int, dict]] = {}
+
+        def send(i: int) -> threading.Thread:
+            thread = threading.Thread(target=lambda: results.__setitem__(i, post(server, "/v1/completions",
+                                                                                   bodies[i])))
+            thread.start()
+            return thread
+
+        with served(model) as server:
+            server.batcher.join = join
+            if join:
+                held_until_waiting(server, 2)
+            threads = [send(0)]
+            wait_until(lambda: server.batcher.decoding)
+            for i in (1, 2):
+                threads.append(send(i))
+                if join:  # (the first batch is held until both wait; without joining it may be done by now)
+                    wait_until(lambda i=i: len(server.batcher.waiting) >= i)
+            for t in threads:
+                t.join(60)
+        return server.batcher.batch_sizes, [results[i][0] for i in range(3)]
+
+    for join in (True, False):
+        sizes, statuses = sent_while_the_first_decodes(join)
+        assert sizes[0] == 1 and sum(sizes) == 3 and statuses == [200] * 3
+
+
 def test_n_choices_of_a_prompt_are_rows_of_one_batch(model):
     """`n`: each prompt's choices, indexed prompt by prompt; greedy choices are the greedy answer; a seeded
     request's choices (of two prompts) are one batch of their own, differ from one another and come again with
@@ -750,11 +822,11 @@ def test_a_port_in_use_is_one_line_before_the_model_loads(tmp_path, capsys, monk
 
 
 def test_the_command_serves_until_sigterm(tiny_mtp_folder):
-    """`mtp serve --port 0` end to end in its own process: the address it prints answers a request; SIGTERM
-    stops it."""
+    """`mtp serve --port 0 --batching static` end to end in its own process: the address it prints answers a
+    request; SIGTERM stops it."""
     src = Path(__file__).resolve().parents[2] / "src"
     proc = subprocess.Popen([sys.executable, "-m", "mtp", "serve", "--model", str(tiny_mtp_folder), "--port", "0",
-                             "--no-access-log"], stderr=subprocess.PIPE, text=True,
+                             "--no-access-log", "--batching", "static"], stderr=subprocess.PIPE, text=True,
                             env={"PYTHONPATH": str(src), "PATH": "/usr/bin:/bin", "HOME": str(tiny_mtp_folder)})
     try:
         line = ""
@@ -762,7 +834,7 @@ def test_the_command_serves_until_sigterm(tiny_mtp_folder):
             line = proc.stderr.readline()
             assert line, "the server ended before listening"
         url = line.split(" at ")[1].split()[0].removesuffix("/v1")
-        assert "tiny-mtp (speculative decoding on cpu, float32)" in line
+        assert "tiny-mtp (speculative decoding on cpu, float32, static batching)" in line
         request = urllib.request.Request(url + "/v1/completions", data=json.dumps(
             {"prompt": "What is 7 + 5?", "max_tokens": 4}).encode())
         with urllib.request.urlopen(request, timeout=60) as r:

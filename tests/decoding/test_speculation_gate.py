@@ -182,6 +182,37 @@ def timed_steps(monkeypatch, seconds):
     monkeypatch.setattr(generate_module.SpeculationGate, "clock", staticmethod(lambda: now[0]))
 
 
+def test_a_batch_that_prompts_join_is_gated_once_it_holds_two_rows(monkeypatch):
+    """A batch that prompts may join (a server's) has the gate from its start, while its one row on a CPU verifies
+    as a lone prompt does; once a prompt joined, it takes plain steps where they are faster. Lossless throughout."""
+    from mtp.decoding.generate import Admission
+
+    model = tiny_mtp("llama", num_heads=4, dtype=torch.float64)
+    reference = [reference_greedy(model, p, 40) for p in ([1, 2, 3], [4, 5])]
+    timed_steps(monkeypatch, lambda n, m, i: 1.0 + 50.0 * (n + m))  # verifying is slower
+    seen = []
+    step = Decoder.step
+
+    def recorded(self, state, n, m, drafting=True, catch_up=0):
+        seen.append((state.pending.shape[0], n, drafting))
+        return step(self, state, n, m, drafting, catch_up)
+
+    monkeypatch.setattr(Decoder, "step", recorded)
+    reads = [0]
+
+    def take(active, fits):
+        reads[0] += 1
+        return [([4, 5], 40)] if reads[0] == 6 else []
+
+    out = generate(model, torch.tensor([[1, 2, 3]]), max_new_tokens=40, strategy="speculative", stop_token_ids=[],
+                   admit=Admission(take, max_rows=4), num_draft=3)
+    assert out.tokens == reference
+    alone = [(n, drafting) for rows, n, drafting in seen[1:6]]  # (after the prompt's step, before the join)
+    assert all(n > 0 for n, _ in alone)
+    together = [(n, drafting) for rows, n, drafting in seen if rows == 2]
+    assert sum(n == 0 and not drafting for n, drafting in together) >= 0.5 * len(together)
+
+
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
 @pytest.mark.parametrize("verify_cost, plain_wins", [(50.0, True), (0.0, False)])
 def test_a_batch_takes_plain_steps_where_verifying_is_slower(monkeypatch, family, verify_cost, plain_wins):

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from conftest import tiny_mtp
+from mtp.decoding.generate import generate, left_pad
 from mtp.errors import MTPError
 from mtp.models.cache import MTPCache, write_kv
 
@@ -129,3 +130,25 @@ def test_a_stack_refuses_a_layer_of_another_width():
     assert buffer.shape == (1, 2, 1, 9, 16, 8) and row == 0
     with pytest.raises(MTPError, match="holds 9 key/value heads a layer, a layer wrote 3"):
         stack.buffer_row(0, torch.empty(1, 3, 0, 8))
+
+
+def test_a_cache_that_is_not_static_holds_what_its_rows_do(monkeypatch):
+    """Eagerly (not static) a cache's buffers hold a few slots a row, doubled as its rows grow, rather than all
+    `max_len` (a batch that rows join or leave copies what its buffers hold); a static one holds them all from the
+    start. Decoding through buffers that start at 2 slots gives what decoding through the usual ones gives."""
+    cache = MTPCache(1, 1000, num_stacks=1, stack_layers=[1])
+    cache.prepare_block(torch.ones(1, 300, dtype=torch.bool), torch.float32)
+    assert cache.stack(0).buffer_row(0, torch.empty(1, 3, 0, 8))[0].shape[4] == 512
+    cache.commit()
+    cache.prepare_block(torch.ones(1, 300, dtype=torch.bool), torch.float32)
+    assert cache.capacity == 1000 and cache.stack(0).kv.shape[4] == 1000  # (600 > 512: doubled, at most max_len)
+    static = MTPCache(1, 1000, num_stacks=1, stack_layers=[1], static=True)
+    static.prepare_block(torch.ones(1, 3, dtype=torch.bool), torch.float32)
+    assert static.stack(0).buffer_row(0, torch.empty(1, 3, 0, 8))[0].shape[4] == 1000
+
+    model = tiny_mtp("llama", num_heads=3, seed=1, dtype=torch.float64, vocab_size=40)
+    ids, mask = left_pad([[1, 2, 3], [4, 5], [6]])
+    kw = dict(max_new_tokens=[20, 7, 30], strategy="speculative", lookup=2, stop_token_ids=[])
+    usual = generate(model, ids, mask, **kw)
+    monkeypatch.setattr(MTPCache, "FIRST_CAPACITY", 2)
+    assert generate(model, ids, mask, **kw).tokens == usual.tokens

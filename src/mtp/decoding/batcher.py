@@ -4,9 +4,12 @@ them with `mtp.generate`, handing each job's text pieces and answer back to its 
 Jobs that wait together with the same sampling settings (each its own max_tokens; a seeded request's jobs only
 with each other) are decoded as one left-padded batch, up to `max_batch_size` rows; a batch starts once no job
 came for `batch_window` seconds (a burst is decoded together). A request's `n` choices of a prompt are jobs of
-their own, rows of the batch. Static batching: a batch's rows start together, a job that comes while a batch
-decodes waits for the next one. A job whose client left is dropped; in a batch, its row ends at its next step
-(the others go on), and a batch whose clients all left stops there.
+their own, rows of the batch. Continuous batching: a job that comes while a batch decodes joins it between two
+steps (`mtp.decoding.generate.Admission`) where a row is free and it could have been one of the batch's rows, and
+its prompt fits the batch's cache - in the order jobs came: the first that cannot join waits for the next batch,
+and so do those after it. Seeded requests, echoed prompts, ConfAdapt, static k and dynamic trees decode in
+static batches (a job that comes while they decode waits for the next batch). A job whose client left is dropped;
+in a batch, its row ends at its next step (the others go on), and a batch whose clients all left stops there.
 """
 
 from __future__ import annotations
@@ -24,7 +27,13 @@ from queue import Queue
 
 from mtp.decoding import openai_api as api
 from mtp.decoding.commands import IncrementalText
-from mtp.decoding.generate import GenerationResult, GenerationStats, default_stop_token_ids, left_pad
+from mtp.decoding.generate import (
+    Admission,
+    GenerationResult,
+    GenerationStats,
+    default_stop_token_ids,
+    left_pad,
+)
 from mtp.decoding.generate import generate as generate_tokens
 from mtp.decoding.logprobs import TokenLogprob, prompt_logprobs
 from mtp.errors import MTPError, first_line
@@ -171,9 +180,11 @@ class Batcher:
     ready: threading.Condition = field(default_factory=threading.Condition)
     batch_sizes: list[int] = field(default_factory=list)  # the size of every batch decoded (the tests read it)
     counts: Counts = field(default_factory=lambda: Counts())
-    decoding: list[Job] = field(default_factory=list)  # the batch being decoded
+    decoding: list[Job] = field(default_factory=list)  # the batch being decoded (the jobs that joined it too)
     stopping: bool = False
     thread: threading.Thread | None = None
+    join: bool = True  # jobs join a batch that decodes (False: static batching)
+    join_room: int = 512  # cache slots a batch keeps past its first jobs' needs, for the jobs that join it
 
     def _generate(self, jobs: list[Job], sent: list[bool], before_first: Callable[[int], None]) -> GenerationResult:
         """The jobs' answers, decoded as one batch; each job's pieces go to its queue as they come (`sent[row]`:
@@ -203,11 +214,35 @@ class Batcher:
         # batch's draws again.
         options = self.decode | ({"adaptive_draft": False} if s.seed is not None else {})
         seed = s.seed if s.seed is None or not jobs[0].index else (s.seed + SEED_STRIDE * jobs[0].index) % 2**64
+        admit = None
+        if self.join and s.seed is None and not any(j.echo for j in jobs):
+            admit = Admission(functools.partial(self._joining, jobs, sent), self.max_batch_size, self.join_room)
         return generate_tokens(self.model, ids.to(self.model.device), mask.to(self.model.device),
                                max_new_tokens=[j.sampling.max_tokens for j in jobs], do_sample=s.do_sample,
                                temperature=s.temperature, top_p=s.top_p, top_k=s.top_k, seed=seed,
                                stop_strings=list(s.stop) or None, streamer=stream, logprobs=s.logprobs,
-                               halt=halt, **options)
+                               halt=halt, admit=admit, **options)
+
+    def _joining(self, jobs: list[Job], sent: list[bool], active: int,
+                 fits: Callable[[int, int], bool]) -> list[tuple[list[int], int]]:
+        """`Admission.take` for a batch that decodes `jobs`: the waiting jobs that join it now, in the order they
+        came, up to the first that cannot (its settings differ, it echoes its prompt, it does not fit, or no row
+        is free): that one waits for the next batch, and those after it too. The joined jobs are added to `jobs`
+        (their rows' indices follow in `generate`)."""
+        taken: list[Job] = []
+        with self.ready:
+            for job in self.waiting:
+                if job.cancelled.is_set():  # (counted by the decoding thread's loop)
+                    continue
+                if (self.stopping or active + len(taken) >= self.max_batch_size or job.echo
+                        or not jobs[0].batches_with(job) or not fits(len(job.ids), job.sampling.max_tokens)):
+                    break
+                taken.append(job)
+            if taken:
+                self.waiting = [j for j in self.waiting if all(j is not t for t in taken)]
+        jobs.extend(taken)
+        sent.extend(False for _ in taken)
+        return [(j.ids, j.sampling.max_tokens) for j in taken]
 
     def _prompt_scores(self, jobs: list[Job]) -> tuple[list, dict]:
         """Echo with logprobs: each job's prompt scores (one forward a prompt, for its n choices too) and the
@@ -312,7 +347,9 @@ class Batcher:
                     sent[row] = True
                     job.events.put(("echo", job.index, prompt_scores[row]))
 
+            first = len(jobs)
             res = self._generate(jobs, sent, echo)
+            prompt_scores += [None] * (len(jobs) - first)  # (jobs that joined: none echoes)
             for row in range(len(jobs)):  # (prompts only scored)
                 echo(row)
         except Cancelled:
@@ -348,6 +385,7 @@ class Batcher:
         self.batch_sizes.append(len(jobs))
         st = res.stats
         self.counts.add(jobs, st)
-        self.log(f"mtp serve: a batch of {len(jobs)}, {st.new_tokens} tokens in "
+        joined = f" ({len(jobs) - first} joined)" if len(jobs) > first else ""
+        self.log(f"mtp serve: a batch of {len(jobs)}{joined}, {st.new_tokens} tokens in "
                  f"{st.seconds:.2f} s: {st.tokens_per_second:.1f} tokens/s, {st.tokens_per_forward:.2f} tokens "
                  "per forward")

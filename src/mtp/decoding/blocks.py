@@ -96,8 +96,9 @@ class SpeculationGate:
     CAPACITY = 80  # positions plain steps may leave the extra heads out of (> MAX_INTERVAL + the first steps)
 
     def __init__(self, enabled: bool, probe_every: int = 8, rate: float = 0.5, token_rate: float = 0.25,
-                 records: dict | None = None):
+                 records: dict | None = None, min_batch: int = 1):
         self.enabled, self.probe_every = enabled, probe_every
+        self.min_batch = min_batch  # smaller batches always verify (one prompt on a CPU: a batch prompts join)
         # A step's time is steady, the tokens a verify step emits are not (a lookup draft hits or misses): their
         # averages move at their own rates, so one unlucky probe does not decide the next 64 steps.
         self.rate, self.token_rate = rate, token_rate
@@ -122,7 +123,7 @@ class SpeculationGate:
             self.record = self.records.setdefault(bucket, {"seconds": {True: None, False: None},
                                                            "tokens": {True: None, False: None},
                                                            "interval": self.probe_every})
-        speculate = self.verify_next or self._faster_kind()
+        speculate = self.verify_next or batch < self.min_batch or self._faster_kind()
         self.verify_next = False
         if speculate and self.deferred:  # the drafts come from a plain step that drafts (and catches up)
             self.verify_next, caught = True, self.deferred

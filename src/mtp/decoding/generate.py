@@ -17,6 +17,7 @@ CPU the same step runs eagerly and finished rows are dropped at once.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -53,6 +54,7 @@ from mtp.decoding.step import (  # noqa: F401  (Strategy: re-exported)
 from mtp.decoding.stopping import StopChecker
 from mtp.decoding.tree import DraftTree, DynamicTree, resolve_tree
 from mtp.errors import MTPError
+from mtp.models.cache import MTPCache
 
 
 @dataclass
@@ -101,6 +103,22 @@ class GenerationResult:
 TrunkObserver = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], None]
 
 
+@dataclass
+class Admission:
+    """Continuous batching: prompts that join a running batch between its steps (a server's requests that came
+    while it decodes), instead of waiting for the whole batch to end.
+
+    `take(active, fits)` is asked before each step is read: `active` rows still decode, `fits(prompt tokens, new
+    tokens)` says whether a prompt fits the batch's cache and the model's context; it returns the prompts that
+    join now, as (ids, new tokens at most) pairs, [] for none. Joined rows take the next row indices, in order,
+    and decode as if alone (each its own prompt step, then one batch). Greedy and speculative decoding with a
+    chain or a fixed tree take joiners (a dynamic tree is shaped per batch: none join it)."""
+
+    take: Callable[[int, Callable[[int, int], bool]], list[tuple[list[int], int]]]
+    max_rows: int = 8  # rows the batch may grow to (the speculation gate plans for them from the start)
+    room: int = 512  # cache slots kept past the first prompts' needs, for the prompts that join
+
+
 # ------------------------------------------------------------------------------------------------ the loop
 # Replaying graphs, launch each step before the host reads the one before it (False: read, then launch; for A/B
 # timings, `scripts/decode_speed.py --launch-ahead on off`).
@@ -110,10 +128,11 @@ def iter_generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor |
                   opts: DecodeOptions, stop: StopChecker, generator: torch.Generator | None = None,
                   stats: GenerationStats | None = None, drafter: Drafter | None = None,
                   on_trunk: TrunkObserver | None = None, graphs: bool | str = False,
-                  budgets: list[int] | None = None) -> Iterator[tuple[int, list[int], list[TokenLogprob] | None]]:
+                  budgets: list[int] | None = None,
+                  admit: Admission | None = None) -> Iterator[tuple[int, list[int], list[TokenLogprob] | None]]:
     """Yield (row index, newly emitted tokens, their log-probabilities if `opts.logprobs` asks for them) as
     decoding proceeds. See `generate` for the arguments; `budgets`: each row's new tokens at most (default:
-    `opts.max_new_tokens`, which must be their largest).
+    `opts.max_new_tokens`, which must be their largest); `admit`: prompts that join (`Admission`).
 
     One loop for every method and strategy: the drafter (`drafter_for(model, opts)` by default; see
     `mtp.decoding.drafters`) and the step (`mtp.decoding.step`) do the method's work on the device; here the
@@ -136,10 +155,11 @@ def iter_generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor |
     stats.draft_accepted = [0] * max(drafter.num_drafts, lookup)
     if opts.max_new_tokens <= 0:
         return
-    need = prompt_len + opts.max_new_tokens + drafter.extra_slots + 2  # cache slots a row may use
+    joinable = admit is not None and verifying and not isinstance(drafter.tree, DynamicTree) and on_trunk is None
+    need = prompt_len + opts.max_new_tokens + drafter.extra_slots + 2 + (admit.room if joinable else 0)
     if static:  # attention masks as wide as the cache, rows aligned for fused GPU kernels
         need = -(-need // CACHE_ALIGN) * CACHE_ALIGN
-    draft_length, gate = _block_rules(model, drafter, opts, b, lookup, device)
+    draft_length, gate = _block_rules(model, drafter, opts, b, lookup, device, admit.max_rows if joinable else 0)
     # plain steps leave the extra heads out, caught up later
     defer_capacity = SpeculationGate.CAPACITY if gate.enabled and drafter.catches_up else 0
     common = (drafter, opts, b, need, stop.stop_ids, generator, on_trunk is not None, defer_capacity)
@@ -159,9 +179,11 @@ def iter_generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor |
     block = Block(0, 0)  # the prompt is fed alone
     gate.launched(("prompt", block))
     state, result = steps.prefill(state)
+    fits, next_row = _fitting(model, drafter, steps.cache_len, static), b  # (joined rows' indices)
     while True:
         most = emitted_width(result.host.shape[1], opts.logprobs)  # tokens a row may emit in the step being read
-        if pipelined and not draining and batch.may_emit_more_than(most):
+        joining = admit.take(sum(batch.active), fits) if joinable else []  # (joined after this step is read)
+        if pipelined and not draining and not joining and batch.may_emit_more_than(most):
             read = _to_host(result.host)
             next_block = gate.block(draft_length.next(), lookup, len(batch.rows)) if verifying else block
             gate.launched((len(batch.rows), next_block))
@@ -175,7 +197,7 @@ def iter_generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor |
         if on_trunk is not None and result.trunk is not None:
             on_trunk(state.rows, result.trunk, result.kept)
         yield from emitted
-        if not any(batch.active):
+        if not any(batch.active) and not joining:
             break
         found = batch.most(host, LOOKUP_FOUND, default=0)  # lookup drafts next
         run = batch.most(host, COUNT, default=1)  # the longest emitted run
@@ -184,6 +206,13 @@ def iter_generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor |
             (result, block), ahead, draining = ahead, None, keep is not None
             continue
         draining = False
+        if joining:  # each prompt's own step first, then one batch with the rows that go on
+            joined = yield from _join_prompts(steps, joining, next_row, static, lookup, stop, stats, opts.logprobs)
+            next_row, gate.untimed = next_row + len(joining), True  # (this read's interval held their steps)
+            keep = None if joined else keep
+            batch, state = steps.join(state, batch, joined) if joined else (batch, state)
+        if not any(batch.active):  # (the prompts that came ended at their first tokens)
+            break
         if keep is not None:
             batch = batch.take(keep)
             state = steps.take(state, torch.tensor(keep, device=device))
@@ -204,6 +233,22 @@ class _EagerSteps:
         cache = drafter.new_cache(batch, need, static=static_cache)
         self.decoder = Decoder(drafter, opts, cache, stop_ids, generator, observe, defer_capacity)
         self.cache_len = cache.max_len
+        self.device = stop_ids.device
+
+    def prefill_joining(self, prompt: DecodeState) -> tuple[DecodeState, StepResult, MTPCache]:
+        """A prompt that joins the batch: its step, in a cache of its own as long as the batch's, drawing from the
+        batch's generator (the state after it, the step's result, that cache)."""
+        d = self.decoder
+        cache = d.drafter.new_cache(1, self.cache_len, static=d.cache.static)
+        alone = Decoder(d.drafter, d.opts, cache, d.stop_ids, d.generator, False, d.defer_capacity)
+        return *alone.step(prompt, 0, 0), cache
+
+    def join(self, state: DecodeState, batch: _HostRows, joined: list[_Joined]) -> tuple[_HostRows, DecodeState]:
+        """The batch's active rows, then the prompts that joined it, as one batch."""
+        keep = [i for i, a in enumerate(batch.active) if a]
+        index = torch.tensor(keep, dtype=torch.long, device=state.budget.device)
+        self.decoder.cache.load_rows([(self.decoder.cache, index), *((j.cache, j.index) for j in joined)])
+        return batch.take(keep).extend(joined), DecodeState.joined([state.select(index), *(j.state for j in joined)])
 
     def prefill(self, state: DecodeState) -> tuple[DecodeState, StepResult]:
         return self.decoder.step(state, 0, 0)
@@ -231,6 +276,7 @@ class _ReplayedSteps:
         self.session = self.session_for(batch_size=batch)
         self.session.cache.reset()
         self.cache_len = self.session.cache.max_len
+        self.device = stop_ids.device
 
     def prefill(self, state: DecodeState) -> tuple[DecodeState, StepResult]:
         return self.session.prefill(state)
@@ -242,8 +288,38 @@ class _ReplayedSteps:
 
     def take(self, state: DecodeState, index: torch.Tensor) -> DecodeState:
         smaller = self.session_for(batch_size=len(index))
-        state, self.session = smaller.take_rows(self.session, index), smaller
+        state, self.session = smaller.take_rows(self.session, index), smaller.continue_draws(self.session)
         return state
+
+    def prefill_joining(self, prompt: DecodeState) -> tuple[DecodeState, StepResult, MTPCache]:
+        """A prompt that joins the batch: its step replayed in a one-row session of its own (the batch's holds
+        the batch) from the prompt graph of its width, its draws going on from the batch's; its state and cache
+        copied out (the next prompt's step overwrites the session's)."""
+        alone = self.session_for(batch_size=1, joining=True).continue_draws(self.session)
+        alone.cache.reset()
+        state, result = alone.prefill(prompt)
+        self.session.continue_draws(alone)
+        cache = alone.decoder.drafter.new_cache(1, self.cache_len, static=True)
+        cache.load_rows([(alone.cache, torch.zeros(1, dtype=torch.long, device=self.device))])
+        return state.clone(), result, cache
+
+    def join(self, state: DecodeState, batch: _HostRows, joined: list[_Joined]) -> tuple[_HostRows, DecodeState]:
+        """The batch's active rows and the prompts that joined it, in the session of the next power of two that
+        holds them, filled up with finished rows (copies of a kept row where too few finished)."""
+        keep = [i for i, a in enumerate(batch.active) if a]
+        size = 1 << (len(keep) + len(joined) - 1).bit_length()
+        done = [i for i, a in enumerate(batch.active) if not a]
+        fill = (done + keep[:1] * size)[: size - len(keep) - len(joined)]
+        device = state.budget.device
+        index = torch.tensor(keep + fill, dtype=torch.long, device=device)
+        rows = batch.take(keep + fill)
+        rows.active[len(keep):] = [False] * len(fill)
+        merged = DecodeState.joined([state.select(index), *(j.state for j in joined)])
+        merged.finished[len(keep):len(keep) + len(fill)] = True
+        session = self.session_for(batch_size=size)
+        session.cache.load_rows([(self.session.cache, index), *((j.cache, j.index) for j in joined)])
+        state, self.session = session.adopt(merged), session.continue_draws(self.session)
+        return rows.extend(joined), state
 
 
 @dataclass
@@ -265,6 +341,61 @@ class _HostRows:
     def take(self, keep: list[int]) -> _HostRows:
         return _HostRows([self.rows[i] for i in keep], [self.active[i] for i in keep], [self.left[i] for i in keep])
 
+    def extend(self, joined: list[_Joined]) -> _HostRows:
+        """These rows, then those of prompts that joined."""
+        return _HostRows(self.rows + [j.row for j in joined], self.active + [True] * len(joined),
+                         self.left + [j.left for j in joined])
+
+
+@dataclass
+class _Joined:
+    """A prompt that joins a running batch, after its own step: its row, the tokens it may still emit, its state
+    and cache (row `index` of them)."""
+
+    row: int
+    left: int
+    state: DecodeState
+    cache: MTPCache
+    index: torch.Tensor
+
+
+def _fitting(model, drafter: Drafter, cache_len: int, static: bool) -> Callable[[int, int], bool]:
+    """Whether a prompt of p tokens with up to m new ones fits a batch's cache of `cache_len` slots (its prompt
+    padded as the batch's were) and the model's context."""
+    limit = context_limit(model)
+
+    def fits(p: int, m: int) -> bool:
+        width = -(-p // PROMPT_BUCKET) * PROMPT_BUCKET if static else p
+        return (p > 0 and m > 0 and width + m + drafter.extra_slots + 2 <= cache_len
+                and (limit is None or p + m + drafter.lookahead <= limit))
+
+    return fits
+
+
+def _join_prompts(steps: _EagerSteps | _ReplayedSteps, prompts: list[tuple[list[int], int]], first: int,
+                  static: bool, lookup: int, stop: StopChecker, stats: GenerationStats, top: int | None):
+    """Each prompt's step, alone (rows first, first + 1, ...): yields their first tokens as `iter_generate` does,
+    and returns those that go on (`_Joined`)."""
+    stop.add_rows(len(prompts))
+    joined, device = [], steps.device
+    for row, (ids, budget) in enumerate(prompts, first):
+        input_ids = torch.tensor([ids], dtype=torch.long, device=device)
+        mask = torch.ones_like(input_ids, dtype=torch.bool)
+        if static:
+            input_ids, mask = _pad_to_bucket(input_ids, mask, PROMPT_BUCKET)
+        prompt = _prompt_state(input_ids, mask, [budget], steps.cache_len if lookup else 0)
+        prompt.rows = torch.tensor([row], device=device)
+        state, result, cache = steps.prefill_joining(prompt)
+        host = _HostRows([row], [True], [budget])
+        emitted, _ = _read_rows(result.host.tolist(), host, stop, state.finished, top)
+        stats.forward_passes += 1
+        stats.row_forwards += 1
+        stats.new_tokens += sum(len(new) for _, new, _ in emitted)
+        yield from emitted
+        if host.active[0]:
+            joined.append(_Joined(row, host.left[0], state, cache, torch.zeros(1, dtype=torch.long, device=device)))
+    return joined
+
 
 def _count_step(stats: GenerationStats, gate: SpeculationGate, block: Block, fed: int,
                 emitted: list[tuple[int, list[int], object]], accepted: list[int],
@@ -281,9 +412,12 @@ def _count_step(stats: GenerationStats, gate: SpeculationGate, block: Block, fed
         draft_length.update(_count_acceptance(stats, accepted, max(n, m), fed)[:n], fed)
 
 
-def _block_rules(model, drafter: Drafter, opts: DecodeOptions, batch: int, lookup: int,
-                 device: torch.device) -> tuple[DraftLength, SpeculationGate]:
-    """How the loop picks each step's block (`mtp.decoding.blocks`): the draft length and the speculation gate."""
+def _block_rules(model, drafter: Drafter, opts: DecodeOptions, batch: int, lookup: int, device: torch.device,
+                 joining: int = 0) -> tuple[DraftLength, SpeculationGate]:
+    """How the loop picks each step's block (`mtp.decoding.blocks`): the draft length and the speculation gate
+    (`joining`: the rows a batch that prompts join may grow to; 0: it does not grow)."""
+    lone = batch == 1 and not joining
+    batch = max(batch, joining)
     # A draft costs a row of the verify block. On a GPU a small model's step is bound by its kernels, not by rows,
     # until the blocks of a batch hold a few dozen rows: only then do fewer drafts pay (replaying, each width the
     # rule picks gets a graph of its own).
@@ -293,8 +427,10 @@ def _block_rules(model, drafter: Drafter, opts: DecodeOptions, batch: int, looku
     # A batch's verify blocks may cost more than their drafts save: plain steps where they are faster (one prompt
     # on a CPU is left to the draft length alone: its blocks' rows cost little against the weights' reads).
     speculating = opts.strategy == "speculative" and max(drafter.num_drafts, lookup) > 0
-    gated = speculating and opts.adaptive_draft and rows_cost and (batch > 1 or device.type != "cpu")
-    return draft_length, SpeculationGate(gated, records=gate_records(model, opts, device.type) if gated else None)
+    # (A batch that prompts join is gated from the start, while one row at a time on a CPU verifies as a lone one.)
+    gated = speculating and opts.adaptive_draft and rows_cost and (not lone or device.type != "cpu")
+    return draft_length, SpeculationGate(gated, records=gate_records(model, opts, device.type) if gated else None,
+                                         min_batch=2 if joining and device.type == "cpu" else 1)
 
 
 def _read_rows(host: list[list[int]], batch: _HostRows, stop: StopChecker, finished: torch.Tensor,
@@ -416,7 +552,8 @@ def generate(model, input_ids: torch.Tensor | list, attention_mask: torch.Tensor
              truncate_prompt: bool = False, proposer: Proposer | None = None,
              on_trunk: TrunkObserver | None = None, tree: str | DraftTree | None = None,
              tree_size: int | None = None, lookup: int = 0, graphs: bool | None = None,
-             logprobs: int | None = None, halt: Callable[[int], bool] | None = None) -> GenerationResult:
+             logprobs: int | None = None, halt: Callable[[int], bool] | None = None,
+             admit: Admission | None = None) -> GenerationResult:
     """Generate continuations of a left-padded batch of prompts.
 
     Args:
@@ -460,6 +597,8 @@ def generate(model, input_ids: torch.Tensor | list, attention_mask: torch.Tensor
             result's `logprobs` (`mtp.decoding.logprobs.TokenLogprob`); 0: the new tokens' alone; None: none.
         halt: asked as halt(row) after each step that row emits tokens in; True ends the row there (that step's
             tokens are dropped) while the others go on: a server's client that left.
+        admit: continuous batching (`Admission`): prompts that join the batch between its steps, each decoded as
+            if alone; the result's rows are the prompts given, then those that joined, in order.
     """
     if use_speculative is not None:
         spelled = "speculative" if use_speculative else "greedy"
@@ -494,10 +633,12 @@ def generate(model, input_ids: torch.Tensor | list, attention_mask: torch.Tensor
     stats = GenerationStats()
     tokens: list[list[int]] = [[] for _ in range(input_ids.shape[0])]
     scores = None if logprobs is None else [[] for _ in tokens]
+    if admit is not None:
+        admit = dataclasses.replace(admit, take=_joining_rows(admit.take, tokens, scores))
     start = time.perf_counter()
     for row, new, row_scores in iter_generate(model, input_ids, attention_mask, opts=opts, stop=stop,
                                               generator=generator, stats=stats, drafter=drafter, on_trunk=on_trunk,
-                                              graphs=graphs, budgets=budgets):
+                                              graphs=graphs, budgets=budgets, admit=admit):
         tokens[row].extend(new)
         if scores is not None:
             scores[row].extend(row_scores)
@@ -508,6 +649,22 @@ def generate(model, input_ids: torch.Tensor | list, attention_mask: torch.Tensor
     if texts is not None and stop_strings:
         texts = [stop.truncate_text(t) for t in texts]
     return GenerationResult(tokens, stats, texts, scores)
+
+
+def _joining_rows(take, tokens: list[list[int]], scores: list | None):
+    """`Admission.take` that checks what it gives and adds the joined rows to the result's lists."""
+    def joining(active: int, fits: Callable[[int, int], bool]) -> list[tuple[list[int], int]]:
+        prompts = take(active, fits)
+        for ids, budget in prompts:
+            if not fits(len(ids), budget):
+                raise MTPError(f"a prompt of {len(ids)} tokens with {budget} new tokens does not fit the batch it "
+                               "joins (give only prompts that `fits`)")
+        tokens.extend([] for _ in prompts)
+        if scores is not None:
+            scores.extend([] for _ in prompts)
+        return prompts
+
+    return joining
 
 
 def _budgets(max_new_tokens: int | Sequence[int], rows: int) -> list[int]:

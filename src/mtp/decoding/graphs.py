@@ -206,9 +206,16 @@ class DecodeSession:
         self.state, result = self.run.prefill(prompt, self.state)
         return self.state, result
 
+    def continue_draws(self, other: DecodeSession) -> DecodeSession:
+        """This session, drawing on where `other`'s generator is (a batch moved into it: its draws go on, not
+        start over from the call's seed)."""
+        if self.generator is not None and other is not self:
+            self.generator.set_state(other.generator.get_state())
+        return self
+
     def take_rows(self, other: DecodeSession, index: torch.Tensor) -> DecodeState:
         """Load rows `index` of a larger session's cache and state into this one (a shrinking batch)."""
-        self.cache.load_rows(other.cache, index)
+        self.cache.load_rows([(other.cache, index)])
         return self.adopt(other.state.select(index))
 
 
@@ -254,18 +261,19 @@ SLOT_BUCKET = 128  # cache lengths are rounded up to this: prompts of similar le
 
 def session_for(model, drafter, opts, batch_size: int, need: int, stop_ids: torch.Tensor,
                 generator: torch.Generator | None, observe: bool, compiled: bool = False,
-                defer_capacity: int = 0) -> DecodeSession:
+                defer_capacity: int = 0, joining: bool = False) -> DecodeSession:
     """The session for this shape and these options (made and remembered on first use). Its key holds the
     addresses of the model's weights and buffers and their versions: a model whose tensors were replaced (moved,
     cast, another draft vocabulary) or changed in place (an optimizer's step, `load_state_dict`) gets new graphs -
     a graph replays the tensors it was captured with, and the copies made from them (fused projections, stacked
-    heads, the draft vocabulary's rows)."""
+    heads, the draft vocabulary's rows). `joining`: the session in which prompts that join a running batch take
+    their step (one of its own: the batch's session of that size may be the one decoding)."""
     max_len = -(-need // SLOT_BUCKET) * SLOT_BUCKET
     tensors = [*model.parameters(), *model.buffers()]
     weights = hash(weights_state(tensors))
     fields = dataclasses.astuple(dataclasses.replace(opts, max_new_tokens=0, adaptive_draft=False))
     key = (weights, batch_size, max_len, fields, tuple(stop_ids.tolist()), generator is not None, observe, compiled,
-           defer_capacity)
+           defer_capacity, joining)
     sessions = model.__dict__.get("_mtp_decode_sessions")
     if sessions is None:
         sessions = model.__dict__["_mtp_decode_sessions"] = DecodeSessions()

@@ -475,8 +475,8 @@ class Server(ThreadingHTTPServer):
 
 def serve(model: str | None = None, host: str = "127.0.0.1", port: int = 8000, served_model_name: str | None = None,
           strategy: Literal["greedy", "speculative", "confadapt", "static"] = "speculative",
-          max_new_tokens: int = 256, max_batch_size: int = 8, batch_window_ms: float = 10.0, api_key: str | None = None,
-          access_log: bool = True,
+          max_new_tokens: int = 256, max_batch_size: int = 8, batch_window_ms: float = 10.0,
+          batching: Literal["continuous", "static"] = "continuous", api_key: str | None = None, access_log: bool = True,
           drafts: DraftOptions | None = None, weights: WeightOptions | None = None, **flat: object) -> int:
     """Serve a model over HTTP with the OpenAI API: /v1/completions, /v1/chat/completions (streamed or not).
 
@@ -494,9 +494,12 @@ def serve(model: str | None = None, host: str = "127.0.0.1", port: int = 8000, s
             (lossy, k).
         max_new_tokens: tokens an answer has at most when its request gives no max_tokens.
         max_batch_size: requests (prompts) waiting together with the same settings are decoded as one batch of
-            at most this many rows.
+            at most this many rows; requests that come while it decodes join it while a row is free.
         batch_window_ms: a batch starts once no request came for this long (at most 10 such windows after
             its first) or it is full: a burst of requests is decoded together; 0: it starts at once.
+        batching: continuous (requests that come while a batch decodes join it between two steps, where a row is
+            free and they fit: their first tokens come at once) | static (they wait for the next batch; on a CPU,
+            whose step slows with every row, each answer then ends sooner once its batch starts).
         api_key: requests must carry this key ("Authorization: Bearer KEY", an OpenAI client's api_key); default:
             the environment's MTP_API_KEY, else none is asked (listen on 127.0.0.1 only, then).
         access_log: a line on stderr for every HTTP request (each decoded batch has its own line either way).
@@ -514,7 +517,7 @@ def serve(model: str | None = None, host: str = "127.0.0.1", port: int = 8000, s
     try:
         m = weights.load(model, runtime, strategy)
         batcher = Batcher(m, dict(strategy=strategy, graphs=use_graphs, **drafts.generate_kwargs()), max_batch_size,
-                          batch_window_ms / 1000)
+                          batch_window_ms / 1000, join=batching == "continuous")
         server.attach(batcher, served_model_name or model_label(model), strategy, max_new_tokens)
         server.access_log, server.quantize = access_log, weights.quantize
         server.api_key = api_key if api_key is not None else os.environ.get("MTP_API_KEY") or None
@@ -523,8 +526,9 @@ def serve(model: str | None = None, host: str = "127.0.0.1", port: int = 8000, s
                   "the model (--api-key, or MTP_API_KEY)", file=sys.stderr, flush=True)
         batcher.warm_up()
         batcher.start()
-        print(f"mtp serve: {server.model_name} ({strategy} decoding on {weights.describe(runtime)}) at "
-              f"{server.url}/v1 (POST {api.COMPLETIONS}, {api.CHAT}; GET /v1/models); Ctrl-C stops",
+        batching = "continuous" if batcher.join else "static"
+        print(f"mtp serve: {server.model_name} ({strategy} decoding on {weights.describe(runtime)}, {batching} "
+              f"batching) at {server.url}/v1 (POST {api.COMPLETIONS}, {api.CHAT}; GET /v1/models); Ctrl-C stops",
               file=sys.stderr, flush=True)
         try:
             server.serve_forever()

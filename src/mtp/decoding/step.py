@@ -121,6 +121,18 @@ class DecodeState:
 
         return DecodeState(**{f.name: pick(f.name, getattr(self, f.name)) for f in dataclasses.fields(self)})
 
+    @staticmethod
+    def joined(states: list[DecodeState]) -> DecodeState:
+        """One state of the rows of `states`, in order (a batch that prompts join): their shapes agree but for the
+        rows; a tree is every row's (a fixed one: None here), so states that carry one cannot join."""
+        if any(s.tree is not None for s in states):
+            raise ValueError("states shaped by a dynamic tree cannot join: each batch has its own tree")
+
+        def cat(values: list):
+            return None if values[0] is None else torch.cat(values)
+
+        return DecodeState(**{f.name: cat([getattr(s, f.name) for s in states]) for f in dataclasses.fields(DecodeState)})
+
 
 @dataclass
 class StepResult:

@@ -37,6 +37,10 @@ class StopChecker:
         self.tokenizer = tokenizer
         self.history: list[list[int]] = [[] for _ in range(batch_size)]  # only kept when stop strings are used
 
+    def add_rows(self, count: int) -> None:
+        """Rows that join the batch (continuous batching), after the others."""
+        self.history.extend([] for _ in range(count))
+
     def cut(self, row: int, new: list[int]) -> int | None:
         """How many of `new` (row's tokens emitted this step) to keep when they complete a stop string (the
         shortest prefix that does), 0 when the caller halts the row; None when neither ends it."""

@@ -12,7 +12,8 @@ its block, to what the block's layout allows): slots past a row's length are nev
 not freed by any bookkeeping - the row's length just does not move past it, and the next block overwrites it.
 Every operation has shapes that depend only on (B, T, L), so a decoding step over this cache can be captured
 once and replayed as a CUDA graph. With `static` off (the default on CPUs) the cache may read its lengths on the
-host to attend over fewer keys and skip work; with it on it never does.
+host to attend over fewer keys and skip work, and its buffers hold the slots its rows reach (doubled as they
+grow), not all `max_len`; with it on it never reads the device and its buffers never move.
 
 `StackCache.update` has the signature transformers' attention modules call (`cache.update(k, v, layer_idx)`),
 so Hugging Face layers write straight into these buffers.
@@ -106,10 +107,17 @@ class StackCache:
 
     def _grow(self, layers: int, key_like: torch.Tensor) -> None:
         b, h, _, d = key_like.shape
-        kv = key_like.new_zeros((layers, 2, b, h, self.owner.max_len, d))
+        kv = key_like.new_zeros((layers, 2, b, h, self.owner.capacity, d))
         if self.kv is not None:  # a stack that did not say how many layers it has: rare, and only while filling
             kv[: self.kv.shape[0]] = self.kv
         self.kv = kv
+
+    def reserve(self, slots: int) -> None:
+        """Hold `slots` slots a row (a cache that is not static grows as its rows do)."""
+        if self.kv is not None and self.kv.shape[4] < slots:
+            kv = self.kv.new_zeros(self.kv.shape[:4] + (slots,) + self.kv.shape[5:])
+            kv[:, :, :, :, : self.kv.shape[4]] = self.kv
+            self.kv = kv
 
     def select_rows(self, index: torch.Tensor) -> None:
         if self.kv is not None:
@@ -126,12 +134,17 @@ class StackCache:
 class MTPCache:
     """Shared slot bookkeeping plus one `StackCache` per stack (index 0: trunk, 1 + j: head j)."""
 
+    FIRST_CAPACITY = 256
+
     def __init__(self, batch_size: int, max_len: int, num_stacks: int, device: torch.device | str = "cpu",
                  stack_layers: list[int] | None = None, static: bool = False):
         """`stack_layers`: the number of layers of each stack, when known (their buffers are then allocated once).
         `static`: never read the device on the host (every block attends over all `max_len` slots)."""
         self.max_len = max_len
         self.static = static
+        # Slots a row's key/value buffers hold: all of them when static; otherwise a few, doubled as rows grow (a
+        # batch that rows join or leave copies its buffers: what they hold, not what they might)
+        self.capacity = max_len if static else min(max_len, self.FIRST_CAPACITY)
         self.valid = torch.zeros(batch_size, max_len, dtype=torch.bool, device=device)  # (B, L)
         self.length = torch.zeros(batch_size, dtype=torch.long, device=device)  # (B,)
         self.next_pos = torch.zeros(batch_size, dtype=torch.long, device=device)  # (B,)
@@ -170,6 +183,7 @@ class MTPCache:
         t = block_valid.shape[1]
         if not self.static and self.longest + t > self.max_len:
             raise MTPError(f"sequence of {self.longest + t} tokens exceeds the cache of {self.max_len} slots")
+        self._reserve(self.longest + t)
         slots = self.length[:, None] + self._slots[:t]  # (B, T); a view of the slots' arange: no kernel
         self.block_slots, self.block_valid, self.block_all_valid = slots, block_valid, all_valid
         self.valid.scatter_(1, slots, block_valid)
@@ -183,6 +197,13 @@ class MTPCache:
         if not self.static and t == 1 and bool(allowed.all()):
             return None, position_ids  # nothing to hide: sdpa's unmasked kernel
         return additive_mask(allowed, dtype), position_ids
+
+    def _reserve(self, slots: int) -> None:
+        """Buffers of at least `slots` slots a row (doubled as rows grow; static: all of them from the start)."""
+        if slots > self.capacity:
+            self.capacity = min(self.max_len, max(slots, 2 * self.capacity))
+            for stack in self.stacks:
+                stack.reserve(self.capacity)
 
     def _allowed(self, slots: torch.Tensor, within: torch.Tensor | None = None) -> torch.Tensor:
         """(B, T, window) bool: the keys each of a block's slots (B, T) attends to: the valid slots up to its own,
@@ -202,6 +223,7 @@ class MTPCache:
         slots' validity and the rows' lengths do not change. Returns the additive mask (B, 1, T, window)."""
         self.block_slots, self.block_valid = slots, torch.ones_like(slots, dtype=torch.bool)
         self.block_all_valid = True
+        self._reserve(self.longest + 1)
         self.window = self.max_len if self.static else self.longest + 1
         return additive_mask(self._allowed(slots), dtype)
 
@@ -258,20 +280,39 @@ class MTPCache:
         self.next_pos.zero_()
         self.longest = 0
 
-    def load_rows(self, other: MTPCache, index: torch.Tensor) -> None:
-        """Copy rows `index` of another cache of the same stacks into this one, in place (its buffers keep their
-        addresses: a captured graph reads them)."""
-        self.valid.copy_(other.valid[index])
-        self.length.copy_(other.length[index])
-        self.next_pos.copy_(other.next_pos[index])
-        for mine, theirs in zip(self.stacks, other.stacks, strict=True):
-            mine.row = dict(theirs.row)
-            if theirs.kv is None:  # a stack this decoding never wrote (greedy: the extra heads')
+    def load_rows(self, parts: list[tuple[MTPCache, torch.Tensor]]) -> None:
+        """Rows `index` of each cache in `parts` (of the same stacks and length), in order, become this cache's
+        rows: a batch that shrinks, or that prompts join. Where the batch size stays, in place (the buffers keep
+        their addresses: a captured graph reads them); otherwise as new tensors (eager decoding)."""
+        if any(c.max_len != self.max_len for c, _ in parts):
+            raise MTPError(f"caches of {sorted({c.max_len for c, _ in parts})} slots cannot join one of {self.max_len}")
+
+        def put(mine: torch.Tensor | None, value: torch.Tensor) -> torch.Tensor:
+            if mine is not None and mine.shape == value.shape:
+                return mine.copy_(value)
+            return value
+
+        for name in ("valid", "length", "next_pos"):  # (cat: a new tensor, so a cache may load its own rows)
+            setattr(self, name, put(getattr(self, name), torch.cat([getattr(c, name)[i] for c, i in parts])))
+        if not self.static:
+            self.longest = int(self.length.max()) if self.length.numel() else 0
+        capacity = max((s.kv.shape[4] for c, _ in parts for s in c.stacks if s.kv is not None), default=0)
+        if not self.static and capacity:  # the largest of the parts' (rows of fewer slots are padded)
+            self.capacity = capacity
+        for k, mine in enumerate(self.stacks):
+            theirs = [(c.stacks[k], i) for c, i in parts]
+            written = next((s for s, _ in theirs if s.kv is not None), None)
+            if written is None:  # a stack this decoding never wrote (greedy: the extra heads')
                 continue
-            if mine.kv is None:
-                mine.kv = theirs.kv[:, :, index].clone()
-            else:
-                mine.kv.copy_(theirs.kv[:, :, index])
+            mine.row = dict(written.row)
+            shape = written.kv.shape[:4] + (capacity,) + written.kv.shape[5:]  # (layers, 2, B, H, slots, D)
+            rows = []
+            for s, i in theirs:
+                kv = s.kv[:, :, i] if s.kv is not None else written.kv.new_zeros(shape[:2] + (len(i),) + shape[3:])
+                if kv.shape[4] < capacity:
+                    kv = torch.nn.functional.pad(kv, (0, 0, 0, capacity - kv.shape[4]))
+                rows.append(kv)
+            mine.kv = put(mine.kv, torch.cat(rows, 2))
 
     def select_rows(self, index: torch.Tensor) -> None:
         """Keep only the given batch rows (finished rows stop costing work)."""
