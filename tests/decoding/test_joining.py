@@ -128,7 +128,8 @@ def test_batches_that_cannot_take_prompts_are_never_asked(kw):
 
 def test_what_fits_is_what_the_cache_and_the_context_hold():
     """`fits` says whether a prompt's tokens and its new ones fit the batch's cache (the first prompts' needs plus
-    `room`) and the model's context; a `take` that gives a prompt that does not fit is an error, before it runs."""
+    `room`) and the model's context; a `take` that gives a prompt that does not fit, or more than `max_rows`
+    allows, is an error, before it runs."""
     model = tiny_mtp("llama", num_heads=3, seed=2, dtype=torch.float64, vocab_size=40, context=64)
     seen = {}
 
@@ -143,6 +144,9 @@ def test_what_fits_is_what_the_cache_and_the_context_hold():
     with pytest.raises(MTPError, match="does not fit the batch it joins"):
         generate(model, torch.tensor([[1, 2, 3]]), max_new_tokens=5, stop_token_ids=[],
                  admit=Admission(lambda active, fits: [([1, 2], 500)]))
+    with pytest.raises(MTPError, match="exceed the batch's max_rows 2"):
+        generate(model, torch.tensor([[1, 2, 3]]), max_new_tokens=5, stop_token_ids=[],
+                 admit=Admission(lambda active, fits: [([1, 2], 3)] * 2, max_rows=2))
 
 
 def test_a_joined_row_streams_its_tokens_and_its_logprobs():
@@ -213,3 +217,23 @@ def test_replayed_prompts_that_join_take_their_step_in_a_session_of_their_own(re
     joining = [s for key, s in sessions.items() if key[-1]]
     assert len(joining) == 1 and joining[0].cache.batch_size == 1
     assert list(joining[0].run.prompts) == [(1, 64)]  # (every prompt padded to one width: one graph)
+
+
+@pytest.mark.parametrize("graphs", [False, True])
+def test_each_row_is_told_when_it_ended_while_the_others_decode_on(graphs, replayed):  # noqa: F811
+    """generate(on_end=...): once for every row (joined ones and those with no tokens to emit included), right
+    after the streamer got its last tokens and before the rows that go on emit more, with the statistics so far."""
+    model = tiny_mtp("llama", num_heads=3, seed=2, dtype=torch.float64, vocab_size=40)
+    events: list[tuple] = []
+    arrivals = Arrivals([[5, 6, 7]], [2], [1], max_rows=3)
+    out = generate(model, [[1, 2, 3], [4, 5]], max_new_tokens=[9, 0], stop_token_ids=[], strategy="speculative",
+                   graphs=graphs, admit=Admission(arrivals, max_rows=3),
+                   streamer=lambda row, new: events.append(("tokens", row, len(new))),
+                   on_end=lambda row, stats: events.append(("end", row, stats.new_tokens)))
+    ends = [e for e in events if e[0] == "end"]
+    assert sorted(e[1] for e in ends) == [0, 1, 2] and [len(t) for t in out.tokens] == [9, 0, 2]
+    at = {e[1]: events.index(e) for e in ends}
+    last_tokens = {row: max(i for i, e in enumerate(events) if e[:2] == ("tokens", row)) for row in (0, 2)}
+    assert at[2] == last_tokens[2] + 1 and at[0] == last_tokens[0] + 1
+    assert at[2] < last_tokens[0]  # (the joined row ended while row 0 went on)
+    assert dict((e[1], e[2]) for e in ends)[0] == 11  # (the statistics then: every token so far)

@@ -319,6 +319,38 @@ def test_a_request_that_comes_while_a_batch_decodes_joins_it(model):
     assert "".join(c["choices"][0]["text"] for c in streamed[:-1]) == greedy(model, tok(PROMPTS[2]).input_ids, 7).texts[0]
 
 
+def test_a_joined_request_is_answered_when_its_row_ends_not_when_the_batch_does(model):
+    """A request's answer goes out once its own row ended, while the batch decodes on (the review's case: under
+    steady traffic a batch that keeps taking requests never ends, and a 16-token answer waited for all of it):
+    a short request that joins a long one is answered while the long one still decodes."""
+    tok = model.tokenizer
+    long_answer = greedy(model, tok(PROMPTS[0]).input_ids, 40)
+    assert len(long_answer.tokens[0]) == 40  # (it decodes 40 steps: no end token)
+    answered = threading.Event()
+    results: dict[str, tuple[int, dict]] = {}
+    with served(model) as server:
+        batcher, original = server.batcher, server.batcher._joining
+
+        def joining(jobs, sent, active, fits):  # once the short request joined, each step takes a while
+            if len(jobs) > 1 and not answered.is_set():
+                time.sleep(0.05)
+            return original(jobs, sent, active, fits)
+
+        batcher._joining = joining
+        first = threading.Thread(target=lambda: results.__setitem__("long", post(
+            server, "/v1/completions", {"prompt": PROMPTS[0], "max_tokens": 40})))
+        first.start()
+        wait_until(lambda: batcher.decoding)
+        results["short"] = post(server, "/v1/completions", {"prompt": PROMPTS[1], "max_tokens": 3})
+        batches_then = list(batcher.batch_sizes)
+        answered.set()
+        first.join(60)
+    assert batches_then == [] and batcher.batch_sizes == [2]  # (answered while its batch went on)
+    assert results["short"][1]["choices"][0]["text"] == greedy(model, tok(PROMPTS[1]).input_ids, 3).texts[0]
+    assert results["long"][1]["choices"][0]["text"] == long_answer.texts[0]
+    assert batcher.counts.answered == 2 and batcher.counts.generated_tokens == 43
+
+
 def test_a_request_that_cannot_join_waits_and_so_do_those_after_it(model):
     """Jobs join in the order they came: one whose settings differ from the batch's waits for the next batch, and
     a later one that could join waits behind it (nothing overtakes); with joining off (`--batching static`) none

@@ -36,6 +36,7 @@ from mtp.decoding.generate import (
 )
 from mtp.decoding.generate import generate as generate_tokens
 from mtp.decoding.logprobs import TokenLogprob, prompt_logprobs
+from mtp.decoding.stopping import cut_at_stop
 from mtp.errors import MTPError, first_line
 
 
@@ -111,7 +112,7 @@ class Finished:
     text: str
     tokens: list[int]
     finish_reason: str  # "stop" (an end token or stop string) or "length" (max_tokens)
-    batch: dict  # the figures of the batch it was decoded in (`GenerationStats.to_dict` and its rows)
+    batch: dict  # the figures of its batch when its row ended (`GenerationStats.to_dict` and the rows so far)
     logprobs: list[TokenLogprob] | None = None  # one per token, where the request asked for them
     prompt_logprobs: list[TokenLogprob | None] | None = None  # echo with logprobs: one per prompt token
 
@@ -129,11 +130,17 @@ class Counts:
     row_forwards: int = 0  # forwards each row took part in, summed (tokens per forward: generated / this)
     decode_seconds: float = 0.0
 
-    def add(self, jobs: list[Job], stats) -> None:
-        self.answered += len(jobs)
+    def answer(self, job: Job, tokens: list[int]) -> None:
+        """A job's answer was sent (one whose client had left counts as cancelled)."""
+        if job.cancelled.is_set():
+            self.cancelled += 1
+            return
+        self.answered += 1
+        self.prompt_tokens += len(job.ids) if job.first_choice else 0
+        self.generated_tokens += len(tokens)
+
+    def batch(self, stats) -> None:
         self.batches += 1
-        self.prompt_tokens += sum(len(j.ids) for j in jobs if j.first_choice)
-        self.generated_tokens += stats.new_tokens
         self.row_forwards += stats.row_forwards
         self.decode_seconds += stats.seconds
 
@@ -186,10 +193,12 @@ class Batcher:
     join: bool = True  # jobs join a batch that decodes (False: static batching)
     join_room: int = 512  # cache slots a batch keeps past its first jobs' needs, for the jobs that join it
 
-    def _generate(self, jobs: list[Job], sent: list[bool], before_first: Callable[[int], None]) -> GenerationResult:
+    def _generate(self, jobs: list[Job], sent: list[bool], before_first: Callable[[int], None],
+                  finish: Callable[[int, list[int], list | None, GenerationStats], None]) -> GenerationResult:
         """The jobs' answers, decoded as one batch; each job's pieces go to its queue as they come (`sent[row]`:
-        some did), `before_first(row)` called first. Jobs that ask for no new tokens (prompts to score) are not
-        decoded."""
+        some did), `before_first(row)` called first, and `finish(row, tokens, their TokenLogprobs or None, the
+        batch's statistics so far)` once the row ended. Jobs that ask for no new tokens (prompts to score) are not
+        decoded (nor finished here)."""
         s = jobs[0].sampling
         if not any(j.sampling.max_tokens for j in jobs):
             empty = [[] for _ in jobs]
@@ -200,9 +209,14 @@ class Batcher:
                 raise Cancelled
             return jobs[row].cancelled.is_set()  # this row's: it ends, the others go on
 
+        tokens: dict[int, list[int]] = {}
+        scores: dict[int, list[TokenLogprob]] = {}
+
         def stream(row: int, new: list[int], logprobs: list[TokenLogprob] | None = None) -> None:
             job = jobs[row]
             before_first(row)
+            tokens.setdefault(row, []).extend(new)
+            scores.setdefault(row, []).extend(logprobs or [])
             if job.streamed is not None and ((piece := job.streamed.add(new)) or logprobs):
                 sent[row] = True
                 job.events.put(("text", job.index, (piece, logprobs)))
@@ -221,7 +235,9 @@ class Batcher:
                                max_new_tokens=[j.sampling.max_tokens for j in jobs], do_sample=s.do_sample,
                                temperature=s.temperature, top_p=s.top_p, top_k=s.top_k, seed=seed,
                                stop_strings=list(s.stop) or None, streamer=stream, logprobs=s.logprobs,
-                               halt=halt, admit=admit, **options)
+                               halt=halt, admit=admit, on_end=lambda row, stats: finish(
+                                   row, tokens.get(row, []), None if s.logprobs is None else scores.get(row, []),
+                                   stats), **options)
 
     def _joining(self, jobs: list[Job], sent: list[bool], active: int,
                  fits: Callable[[int, int], bool]) -> list[tuple[list[int], int]]:
@@ -336,8 +352,12 @@ class Batcher:
         return [j for j in self.waiting if j is first or first.batches_with(j)][:self.max_batch_size]
 
     def decode_batch(self, jobs: list[Job], record: bool = True) -> None:
+        """Decode `jobs` (and the jobs that join them) as one batch: each job's answer ("end") goes to its queue
+        as soon as its row ended, while the others decode on; a batch `generate` refuses whole is decoded a job at
+        a time, so that only the job it cannot take fails."""
         s = jobs[0].sampling
-        sent = [False] * len(jobs)
+        sent = [False] * len(jobs)  # (a joining job's entries are added as it joins)
+        answered: set[int] = set()
         try:
             prompt_scores, scoring = self._prompt_scores(jobs)
 
@@ -347,14 +367,27 @@ class Batcher:
                     sent[row] = True
                     job.events.put(("echo", job.index, prompt_scores[row]))
 
-            first = len(jobs)
-            res = self._generate(jobs, sent, echo)
-            prompt_scores += [None] * (len(jobs) - first)  # (jobs that joined: none echoes)
-            for row in range(len(jobs)):  # (prompts only scored)
+            def finish(row: int, tokens: list[int], scores: list | None, stats: GenerationStats) -> None:
+                job, limit = jobs[row], jobs[row].sampling.max_tokens
                 echo(row)
+                sent[row] = True
+                answered.add(row)
+                text = cut_at_stop(self.model.tokenizer.decode(tokens, skip_special_tokens=True), s.stop)
+                reason = "length" if len(tokens) == limit and not self._stopped(tokens, s.stop) else "stop"
+                figures = {"rows": len(jobs), **stats.to_dict(), **(scoring if scoring["scored_tokens"] else {})}
+                prompt = prompt_scores[row] if row < len(prompt_scores) else None  # (a joined job echoes nothing)
+                job.events.put(("end", job.index, Finished(text, tokens, reason, figures, scores, prompt)))
+                if record:
+                    self.counts.answer(job, tokens)
+
+            first = len(jobs)
+            res = self._generate(jobs, sent, echo, finish)
+            for row in range(len(jobs)):  # (prompts only scored: not decoded)
+                if row not in answered:
+                    finish(row, res.tokens[row], res.logprobs[row] if res.logprobs else None, res.stats)
         except Cancelled:
             if record:
-                self.counts.cancelled += len(jobs)
+                self.counts.cancelled += len(jobs) - len(answered)
                 self.log(f"mtp serve: a batch of {len(jobs)} stopped: its clients left")
             return
         except MTPError as e:  # a request the batch cannot take: each on its own, so only that one fails
@@ -363,29 +396,25 @@ class Batcher:
                     if not job.cancelled.is_set():  # (a request fails whole: its other prompts are cancelled)
                         self.decode_batch([job], record)
                 return
-            self.counts.failed += len(jobs) * record
-            for job in jobs:
-                job.events.put(("error", job.index, (HTTPStatus.BAD_REQUEST, first_line(e))))
+            self._failed(jobs, answered, HTTPStatus.BAD_REQUEST, first_line(e), record)
             return
         except Exception as e:  # noqa: BLE001 (the server goes on; the client is told, the log has the trace)
             traceback.print_exc()
-            self.counts.failed += len(jobs) * record
-            for job in jobs:
-                job.events.put(("error", job.index, (HTTPStatus.INTERNAL_SERVER_ERROR, f"decoding failed: {e}")))
+            self._failed(jobs, answered, HTTPStatus.INTERNAL_SERVER_ERROR, f"decoding failed: {e}", record)
             return
-        figures = {"rows": len(jobs), **res.stats.to_dict(), **(scoring if scoring["scored_tokens"] else {})}
-        scores = res.logprobs or [None] * len(jobs)
-        for job, tokens, text, row_scores, prompt in zip(jobs, res.tokens, res.texts, scores, prompt_scores,
-                                                          strict=True):
-            limit = job.sampling.max_tokens
-            reason = "length" if len(tokens) == limit and not self._stopped(tokens, s.stop) else "stop"
-            job.events.put(("end", job.index, Finished(text, tokens, reason, figures, row_scores, prompt)))
         if not record:
             return
         self.batch_sizes.append(len(jobs))
         st = res.stats
-        self.counts.add(jobs, st)
+        self.counts.batch(st)
         joined = f" ({len(jobs) - first} joined)" if len(jobs) > first else ""
         self.log(f"mtp serve: a batch of {len(jobs)}{joined}, {st.new_tokens} tokens in "
                  f"{st.seconds:.2f} s: {st.tokens_per_second:.1f} tokens/s, {st.tokens_per_forward:.2f} tokens "
                  "per forward")
+
+    def _failed(self, jobs: list[Job], answered: set[int], status: HTTPStatus, message: str, record: bool) -> None:
+        """The batch failed: each job not yet answered gets the error."""
+        left = [job for row, job in enumerate(jobs) if row not in answered]
+        self.counts.failed += len(left) * record
+        for job in left:
+            job.events.put(("error", job.index, (status, message)))

@@ -128,11 +128,12 @@ def iter_generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor |
                   opts: DecodeOptions, stop: StopChecker, generator: torch.Generator | None = None,
                   stats: GenerationStats | None = None, drafter: Drafter | None = None,
                   on_trunk: TrunkObserver | None = None, graphs: bool | str = False,
-                  budgets: list[int] | None = None,
-                  admit: Admission | None = None) -> Iterator[tuple[int, list[int], list[TokenLogprob] | None]]:
+                  budgets: list[int] | None = None, admit: Admission | None = None,
+                  on_end: Callable[[int], None] | None = None) -> Iterator[tuple[int, list[int], list[TokenLogprob] | None]]:
     """Yield (row index, newly emitted tokens, their log-probabilities if `opts.logprobs` asks for them) as
     decoding proceeds. See `generate` for the arguments; `budgets`: each row's new tokens at most (default:
-    `opts.max_new_tokens`, which must be their largest); `admit`: prompts that join (`Admission`).
+    `opts.max_new_tokens`, which must be their largest); `admit`: prompts that join (`Admission`); `on_end(row)`:
+    called once a row ended (after its last tokens were yielded), while the others decode on.
 
     One loop for every method and strategy: the drafter (`drafter_for(model, opts)` by default; see
     `mtp.decoding.drafters`) and the step (`mtp.decoding.step`) do the method's work on the device; here the
@@ -192,11 +193,12 @@ def iter_generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor |
         else:
             host = result.host.tolist()  # the one device-to-host copy of a step
         fed = sum(batch.active)
-        emitted, accepted = _read_rows(host, batch, stop, state.finished, opts.logprobs)
+        emitted, accepted, ended = _read_rows(host, batch, stop, state.finished, opts.logprobs)
         _count_step(stats, gate, block, fed, emitted, accepted, draft_length if verifying else None)
         if on_trunk is not None and result.trunk is not None:
             on_trunk(state.rows, result.trunk, result.kept)
         yield from emitted
+        _ended(ended, on_end)
         if not any(batch.active) and not joining:
             break
         found = batch.most(host, LOOKUP_FOUND, default=0)  # lookup drafts next
@@ -207,7 +209,8 @@ def iter_generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor |
             continue
         draining = False
         if joining:  # each prompt's own step first, then one batch with the rows that go on
-            joined = yield from _join_prompts(steps, joining, next_row, static, lookup, stop, stats, opts.logprobs)
+            joined = yield from _join_prompts(steps, joining, next_row, static, lookup, stop, stats, opts.logprobs,
+                                              on_end)
             next_row, gate.untimed = next_row + len(joining), True  # (this read's interval held their steps)
             keep = None if joined else keep
             batch, state = steps.join(state, batch, joined) if joined else (batch, state)
@@ -373,7 +376,8 @@ def _fitting(model, drafter: Drafter, cache_len: int, static: bool) -> Callable[
 
 
 def _join_prompts(steps: _EagerSteps | _ReplayedSteps, prompts: list[tuple[list[int], int]], first: int,
-                  static: bool, lookup: int, stop: StopChecker, stats: GenerationStats, top: int | None):
+                  static: bool, lookup: int, stop: StopChecker, stats: GenerationStats, top: int | None,
+                  on_end: Callable[[int], None] | None):
     """Each prompt's step, alone (rows first, first + 1, ...): yields their first tokens as `iter_generate` does,
     and returns those that go on (`_Joined`)."""
     stop.add_rows(len(prompts))
@@ -387,11 +391,12 @@ def _join_prompts(steps: _EagerSteps | _ReplayedSteps, prompts: list[tuple[list[
         prompt.rows = torch.tensor([row], device=device)
         state, result, cache = steps.prefill_joining(prompt)
         host = _HostRows([row], [True], [budget])
-        emitted, _ = _read_rows(result.host.tolist(), host, stop, state.finished, top)
+        emitted, _, ended = _read_rows(result.host.tolist(), host, stop, state.finished, top)
         stats.forward_passes += 1
         stats.row_forwards += 1
         stats.new_tokens += sum(len(new) for _, new, _ in emitted)
         yield from emitted
+        _ended(ended, on_end)
         if host.active[0]:
             joined.append(_Joined(row, host.left[0], state, cache, torch.zeros(1, dtype=torch.long, device=device)))
     return joined
@@ -434,16 +439,16 @@ def _block_rules(model, drafter: Drafter, opts: DecodeOptions, batch: int, looku
 
 
 def _read_rows(host: list[list[int]], batch: _HostRows, stop: StopChecker, finished: torch.Tensor,
-               top: int | None) -> tuple[list[tuple[int, list[int], list[TokenLogprob] | None]], list[int]]:
+               top: int | None) -> tuple[list[tuple[int, list[int], list[TokenLogprob] | None]], list[int], list[int]]:
     """One step's host copy (`StepResult.host`), row by row: each active row's new tokens (cut where they complete
     a stop string, which ends the row, marked in the device's `finished` too) with their log-probabilities where
-    `top` asks for them, and the drafts each accepted. Updates the batch's `active` and `left` (tokens a row may
-    still emit) in place."""
+    `top` asks for them, the drafts each accepted, and the rows that ended. Updates the batch's `active` and
+    `left` (tokens a row may still emit) in place."""
     width = emitted_width(len(host[0]), top) if host else 0
     if any(h[NON_FINITE] for h, a in zip(host, batch.active, strict=True) if a):
         raise MTPError("the model computed NaN or infinite logits (damaged weights, or a dtype that overflows "
                        "for this model)")
-    emitted, accepted = [], []
+    emitted, accepted, ended = [], [], []
     for i, row in enumerate(batch.rows):
         if not batch.active[i]:
             continue
@@ -459,7 +464,14 @@ def _read_rows(host: list[list[int]], batch: _HostRows, stop: StopChecker, finis
         if new:
             scores = None if top is None else unpack(host[i][HOST_COLUMNS + width:], new, width, top)
             emitted.append((row, new, scores))
-    return emitted, accepted
+        if done:
+            ended.append(row)
+    return emitted, accepted, ended
+
+
+def _ended(rows: list[int], on_end: Callable[[int], None] | None) -> None:
+    for row in rows if on_end is not None else ():
+        on_end(row)
 
 
 def _to_host(tensor: torch.Tensor) -> Callable[[], list]:
@@ -553,7 +565,8 @@ def generate(model, input_ids: torch.Tensor | list, attention_mask: torch.Tensor
              on_trunk: TrunkObserver | None = None, tree: str | DraftTree | None = None,
              tree_size: int | None = None, lookup: int = 0, graphs: bool | None = None,
              logprobs: int | None = None, halt: Callable[[int], bool] | None = None,
-             admit: Admission | None = None) -> GenerationResult:
+             admit: Admission | None = None,
+             on_end: Callable[[int, GenerationStats], None] | None = None) -> GenerationResult:
     """Generate continuations of a left-padded batch of prompts.
 
     Args:
@@ -599,6 +612,8 @@ def generate(model, input_ids: torch.Tensor | list, attention_mask: torch.Tensor
             tokens are dropped) while the others go on: a server's client that left.
         admit: continuous batching (`Admission`): prompts that join the batch between its steps, each decoded as
             if alone; the result's rows are the prompts given, then those that joined, in order.
+        on_end: called as on_end(row, the statistics so far) once for every row, when it ended (after the
+            streamer got its last tokens), while the others decode on: a server answers it then.
     """
     if use_speculative is not None:
         spelled = "speculative" if use_speculative else "greedy"
@@ -634,27 +649,41 @@ def generate(model, input_ids: torch.Tensor | list, attention_mask: torch.Tensor
     tokens: list[list[int]] = [[] for _ in range(input_ids.shape[0])]
     scores = None if logprobs is None else [[] for _ in tokens]
     if admit is not None:
-        admit = dataclasses.replace(admit, take=_joining_rows(admit.take, tokens, scores))
-    start = time.perf_counter()
+        admit = dataclasses.replace(admit, take=_joining_rows(admit, tokens, scores))
+    start, ended = time.perf_counter(), set()
+
+    def end(row: int) -> None:
+        ended.add(row)
+        if on_end is not None:
+            on_end(row, dataclasses.replace(stats, seconds=time.perf_counter() - start,
+                                            draft_positions=list(stats.draft_positions),
+                                            draft_accepted=list(stats.draft_accepted)))
+
     for row, new, row_scores in iter_generate(model, input_ids, attention_mask, opts=opts, stop=stop,
                                               generator=generator, stats=stats, drafter=drafter, on_trunk=on_trunk,
-                                              graphs=graphs, budgets=budgets, admit=admit):
+                                              graphs=graphs, budgets=budgets, admit=admit, on_end=end):
         tokens[row].extend(new)
         if scores is not None:
             scores[row].extend(row_scores)
         if streamer is not None:
             streamer(row, new) if row_scores is None else streamer(row, new, logprobs=row_scores)
     stats.seconds = time.perf_counter() - start
+    for row in range(len(tokens)):  # (rows that asked for no tokens: no step read them)
+        if row not in ended:
+            end(row)
     texts = [tokenizer.decode(t, skip_special_tokens=True) for t in tokens] if tokenizer is not None else None
     if texts is not None and stop_strings:
         texts = [stop.truncate_text(t) for t in texts]
     return GenerationResult(tokens, stats, texts, scores)
 
 
-def _joining_rows(take, tokens: list[list[int]], scores: list | None):
+def _joining_rows(admit: Admission, tokens: list[list[int]], scores: list | None):
     """`Admission.take` that checks what it gives and adds the joined rows to the result's lists."""
     def joining(active: int, fits: Callable[[int, int], bool]) -> list[tuple[list[int], int]]:
-        prompts = take(active, fits)
+        prompts = admit.take(active, fits)
+        if prompts and active + len(prompts) > admit.max_rows:
+            raise MTPError(f"{len(prompts)} prompts joining {active} rows exceed the batch's max_rows "
+                           f"{admit.max_rows}")
         for ids, budget in prompts:
             if not fits(len(ids), budget):
                 raise MTPError(f"a prompt of {len(ids)} tokens with {budget} new tokens does not fit the batch it "

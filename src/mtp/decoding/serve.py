@@ -498,8 +498,7 @@ def serve(model: str | None = None, host: str = "127.0.0.1", port: int = 8000, s
         batch_window_ms: a batch starts once no request came for this long (at most 10 such windows after
             its first) or it is full: a burst of requests is decoded together; 0: it starts at once.
         batching: continuous (requests that come while a batch decodes join it between two steps, where a row is
-            free and they fit: their first tokens come at once) | static (they wait for the next batch; on a CPU,
-            whose step slows with every row, each answer then ends sooner once its batch starts).
+            free and they fit: their first tokens come at once) | static (they wait for the next batch).
         api_key: requests must carry this key ("Authorization: Bearer KEY", an OpenAI client's api_key); default:
             the environment's MTP_API_KEY, else none is asked (listen on 127.0.0.1 only, then).
         access_log: a line on stderr for every HTTP request (each decoded batch has its own line either way).

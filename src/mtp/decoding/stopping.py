@@ -64,5 +64,10 @@ class StopChecker:
         return None
 
     def truncate_text(self, text: str) -> str:
-        cut = min((text.find(s) for s in self.stop_strings if s in text), default=-1)
-        return text[:cut] if cut >= 0 else text
+        return cut_at_stop(text, self.stop_strings)
+
+
+def cut_at_stop(text: str, stop_strings) -> str:
+    """`text` up to the first stop string in it (all of it where none is)."""
+    cut = min((text.find(s) for s in stop_strings if s and s in text), default=-1)
+    return text[:cut] if cut >= 0 else text
