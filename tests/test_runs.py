@@ -157,17 +157,16 @@ def test_sigterm_during_eval_keeps_the_finished_problems(tmp_path, capsys, monke
     folder = model.save_pretrained(tmp_path / "model")
     data = tmp_path / "gsm8k.jsonl"
     data.write_text("".join(json.dumps({"question": q, "answer": a}) + "\n" for q, a in QUESTIONS))
-    real = evaluate.generate_batch
+    real = evaluate.append_records
     answered, terminate_after = [], [2]
 
-    def terminate_after_two(*args, **kwargs):
-        if len(answered) == terminate_after[0]:
-            os.kill(os.getpid(), signal.SIGTERM)  # handled in this (the main) thread before the next problem
-        records = real(*args, **kwargs)
+    def terminate_after_two(f, records):
+        real(f, records)
         answered.extend(records)
-        return records
+        if len(answered) == terminate_after[0]:
+            os.kill(os.getpid(), signal.SIGTERM)  # handled in this (the main) thread, while the next decodes
 
-    monkeypatch.setattr(evaluate, "generate_batch", terminate_after_two)
+    monkeypatch.setattr(evaluate, "append_records", terminate_after_two)
     args = ["eval", "gsm8k", "--model", folder, "--data", data, "--shots", "0", "--max-new-tokens", "3",
             "--batch-size", "1", "--output", tmp_path / "ev", "--no-progress"]
     code, err = run_cli(args, capsys)

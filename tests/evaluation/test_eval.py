@@ -46,19 +46,25 @@ def test_eval_takes_the_draft_options_generate_and_chat_take(tiny_model_dir, gsm
         eval_(model=str(tiny_model_dir), lookahead=3)
 
 
+def summary_seconds(out) -> float:
+    return json.loads((out / "summary.json").read_text())["generation_seconds"]
+
+
 def test_eval_command_writes_samples_and_summary(tiny_model_dir, gsm8k_file, tmp_path, capsys):
     out = tmp_path / "ev"
     assert eval_(model=str(tiny_model_dir), data=str(gsm8k_file), limit=4, batch_size=3, output=str(out), **FAST) == 0
-    records = _lines(out / "samples.jsonl")
-    assert [r["id"] for r in records] == [0, 1, 2, 3]  # the first N, in file order
+    records = sorted(_lines(out / "samples.jsonl"), key=lambda r: r["id"])  # (written as each answer ends)
+    assert [r["id"] for r in records] == [0, 1, 2, 3]  # the first N of the file
     assert [r["reference"] for r in records] == ["5", "24", "13", "16"]
     for r in records:
         assert set(r) >= {"id", "output", "strict", "flexible", "strict_correct", "flexible_correct",
                           "new_tokens", "forward_passes", "seconds", "prompt_key"}
         assert 1 <= r["new_tokens"] <= 6
         assert r["forward_passes"] == r["new_tokens"]  # greedy: one token per forward
-    # The 4th problem ran alone in the second batch: it carries that batch's whole time, the others a third.
-    assert [r["batch_rows"] for r in records] == [3, 3, 3, 1]
+    # The 4th problem joined the batch of 3 as a row ended; each record's seconds are the time since the one
+    # before it, so they add up to the decoding's time.
+    assert [r["batch_rows"] for r in records] == [3, 3, 3, 3]
+    assert summary_seconds(out) == pytest.approx(sum(r["seconds"] for r in records), abs=0.02)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["n"] == 4 and summary["tokens_per_forward"] == 1.0
     assert set(summary["strict"]) == {"accuracy", "stderr", "correct"}
@@ -145,13 +151,13 @@ def test_resume_continues_from_partial_jsonl(tiny_tokenizer, gsm8k_file, tmp_pat
     (out / "samples.jsonl").write_text("\n".join(full[:2]) + "\n" + full[2][:25], encoding="utf-8")
 
     ran: list[int] = []
-    real = evaluate.generate_batch
+    real = evaluate.append_records
 
-    def spy(model, tokenizer, batch, **kwargs):
-        ran.extend(p.id for p in batch)
-        return real(model, tokenizer, batch, **kwargs)
+    def spy(f, records):
+        ran.extend(r["id"] for r in records)
+        return real(f, records)
 
-    monkeypatch.setattr(evaluate, "generate_batch", spy)
+    monkeypatch.setattr(evaluate, "append_records", spy)
     summary = run_eval(model, tiny_tokenizer, prompts, out, identity, max_new_tokens=5, batch_size=2, progress=False)
     assert ran == [2, 3, 4]  # only the problems without a complete record
     records = _lines(out / "samples.jsonl")  # every line parses again: the torn one was dropped
@@ -220,3 +226,28 @@ def test_bad_inputs(tiny_model_dir, gsm8k_file, tmp_path):
     with pytest.raises(MTPError, match="is a file"):
         eval_(model=str(tiny_model_dir), data=str(gsm8k_file), output=str(tmp_path / "file"), **FAST)
     assert len(QUESTIONS) == 5
+
+
+@pytest.mark.parametrize("strategy, calls", [("greedy", 1), ("speculative", 1), ("confadapt", 3)])
+def test_problems_join_the_batch_as_rows_end(tiny_tokenizer, gsm8k_file, tmp_path, monkeypatch, strategy, calls):
+    """Continuous batching in an evaluation: 5 problems, 2 rows at a time, decode in one batch that the next
+    problem joins as a row ends (greedy, speculative); a strategy that takes no joiners (ConfAdapt) decodes a
+    batch after another. Each answer is the one it gets alone."""
+    import mtp.decoding.generate as generate_module
+
+    model = make_model(tiny_tokenizer)
+    prompts = gsm8k_prompts(tiny_tokenizer, path=gsm8k_file, limit=5, shots=0, chat=False)
+    real, seen = generate_module.generate, []
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("admit") is not None)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(generate_module, "generate", spy)
+    kw = dict(strategy=strategy, max_new_tokens=6, progress=False) | ({"k": 2} if strategy == "confadapt" else {})
+    run_eval(model, tiny_tokenizer, prompts, tmp_path / "two", {"s": strategy}, batch_size=2, **kw)
+    assert len(seen) == calls and seen[0]
+    seen.clear()
+    run_eval(model, tiny_tokenizer, prompts, tmp_path / "one", {"s": strategy}, batch_size=1, **kw)
+    two, one = ({r["id"]: r["output"] for r in read_samples(tmp_path / name / "samples.jsonl")} for name in ("two", "one"))
+    assert two == one and len(two) == 5

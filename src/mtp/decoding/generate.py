@@ -121,7 +121,12 @@ class Admission:
 
 # ------------------------------------------------------------------------------------------------ the loop
 # Replaying graphs, launch each step before the host reads the one before it (False: read, then launch; for A/B
-# timings, `scripts/decode_speed.py --launch-ahead on off`).
+# timings, `scripts/decode_speed.py --launch-ahead on off`). The next step's result is copied out first, and the
+# device runs it while the host yields tokens and checks stop strings. It is launched with the widths the
+# statistics so far pick, and is skipped where the step being read may end every row by its budget; a row an end
+# token or a stop string ends gets one step more, whose tokens are not read. A batch that shrinks, or that prompts
+# join, first reads the step in flight. An observer reads the trunk output a step leaves on the device, which the
+# next step would overwrite: no step is launched ahead for it.
 LAUNCH_AHEAD = True
 GPU_FREE_ROWS = 32  # verify-block rows (batch x block width) a GPU step of a small model takes at about no cost
 def iter_generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
@@ -158,23 +163,11 @@ def iter_generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor |
         return
     joinable = admit is not None and verifying and not isinstance(drafter.tree, DynamicTree) and on_trunk is None
     need = prompt_len + opts.max_new_tokens + drafter.extra_slots + 2 + (admit.room if joinable else 0)
-    if static:  # attention masks as wide as the cache, rows aligned for fused GPU kernels
-        need = -(-need // CACHE_ALIGN) * CACHE_ALIGN
     draft_length, gate = _block_rules(model, drafter, opts, b, lookup, device, admit.max_rows if joinable else 0)
-    # plain steps leave the extra heads out, caught up later
-    defer_capacity = SpeculationGate.CAPACITY if gate.enabled and drafter.catches_up else 0
-    common = (drafter, opts, b, need, stop.stop_ids, generator, on_trunk is not None, defer_capacity)
-    steps = _ReplayedSteps(model, *common, compiled=graphs == "compile") if graphs else \
-        _EagerSteps(*common, static_cache=device.type != "cpu")  # off a CPU no step reads the device from the host
+    steps = _steps_for(model, drafter, opts, b, need, stop, generator, on_trunk is not None, graphs, gate, device)
     budgets = budgets if budgets is not None else [opts.max_new_tokens] * b
     state = _prompt_state(input_ids, attention_mask, budgets, steps.cache_len if lookup else 0)
     batch = _HostRows(list(range(b)), [True] * b, list(budgets))
-    # Replaying, the next step is launched before the host reads this one (its result copied out first): the
-    # device runs it while the host yields tokens and checks stop strings. It is launched with the widths the
-    # statistics so far pick, and is skipped where the step being read may end every row by its budget; a row an
-    # end token or a stop string ends gets one step more, whose tokens are not read. A batch that shrinks first
-    # reads the step in flight. An observer reads the trunk output a step leaves on the device, which the next
-    # step would overwrite: no step is launched ahead for it.
     pipelined = LAUNCH_AHEAD and graphs and on_trunk is None
     ahead, draining = None, False  # (result, block) of the step launched ahead; whether a shrink waits for it
     block = Block(0, 0)  # the prompt is fed alone
@@ -199,8 +192,10 @@ def iter_generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor |
             on_trunk(state.rows, result.trunk, result.kept)
         yield from emitted
         _ended(ended, on_end)
-        if not any(batch.active) and not joining:
-            break
+        if not any(batch.active) and not joining:  # every row ended: prompts may still join (then, it ends)
+            joining = admit.take(0, fits) if joinable and ahead is None else []
+            if not joining:
+                break
         found = batch.most(host, LOOKUP_FOUND, default=0)  # lookup drafts next
         run = batch.most(host, COUNT, default=1)  # the longest emitted run
         keep = _rows_to_keep(batch.active, graphs)
@@ -225,6 +220,21 @@ def iter_generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor |
             state = state.narrow_pending(max(run, 1))
         gate.launched((len(batch.rows), block))
         state, result = steps.run(state, block)
+
+
+def _steps_for(model, drafter: Drafter, opts: DecodeOptions, batch: int, need: int, stop: StopChecker,
+               generator: torch.Generator | None, observe: bool, graphs: bool | str, gate: SpeculationGate,
+               device: torch.device) -> _EagerSteps | _ReplayedSteps:
+    """The call's steps over a cache of `need` slots a row: replayed as CUDA graphs, or eager."""
+    static = bool(graphs) or device.type != "cpu"
+    if static:  # attention masks as wide as the cache, rows aligned for fused GPU kernels
+        need = -(-need // CACHE_ALIGN) * CACHE_ALIGN
+    # plain steps leave the extra heads out, caught up later
+    defer_capacity = SpeculationGate.CAPACITY if gate.enabled and drafter.catches_up else 0
+    common = (drafter, opts, batch, need, stop.stop_ids, generator, observe, defer_capacity)
+    if graphs:
+        return _ReplayedSteps(model, *common, compiled=graphs == "compile")
+    return _EagerSteps(*common, static_cache=static)  # off a CPU no step reads the device from the host
 
 
 class _EagerSteps:

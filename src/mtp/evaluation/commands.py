@@ -99,8 +99,9 @@ def eval_(
         shots: fixed chain-of-thought exemplars (0 to 8)
         chat: exemplars as chat turns (lm-eval --apply_chat_template --fewshot_as_multiturn); default: if the model has a template
         max_new_tokens: longest answer (lm-eval: 256)
-        batch_size: problems decoded together (left padding); seconds per sample are the batch's share (default:
-            64 on a GPU, which decodes a batch in about the time of one problem, 8 on the CPU)
+        batch_size: problems decoded together (left padding), the next joining as a row ends (greedy and
+            speculative decoding with a chain or a fixed tree); a sample's seconds are the time since the one
+            before it (default: 64 on a GPU, which decodes a batch in about the time of one problem, 8 on the CPU)
         data: a GSM8K-format .jsonl ("question", "answer" with "#### N") instead of the shipped split
         split: the shipped GSM8K split
         output: result folder: samples.jsonl, summary.json, eval_config.json (default: eval/gsm8k-MODEL-STRATEGY)

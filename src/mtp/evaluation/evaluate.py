@@ -3,12 +3,14 @@
 Output folder:
     eval_config.json   what the run computes (model fingerprint, strategy, prompt format, budget); a resumed run
                        must match it
-    samples.jsonl      one line per problem, appended (and fsynced) as each batch finishes; a line cut off by a
-                       crash is dropped on resume and that problem is run again
+    samples.jsonl      one line per problem, appended (and fsynced) as soon as its answer ended; a line cut off
+                       by a crash is dropped on resume and that problem is run again
     summary.json       accuracy (strict, flexible) with standard errors, tokens per forward, tokens/s, s/sample
 
-Problems are batched in file order (left padding). The seconds of a batch are shared equally by its rows, so
-`seconds` per sample is an honest share of wall time, and tokens/s is the throughput of the batched run.
+Problems are decoded in file order, `--batch-size` rows at a time (left padding), the next problem joining the
+batch as soon as a row ends (continuous batching, where the strategy takes joiners). A record's `seconds` is the
+wall time since the record before it, so they add up to the run's time and tokens/s is the batched run's
+throughput.
 """
 
 from __future__ import annotations
@@ -16,7 +18,8 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from collections.abc import Collection, Sequence
+from collections import deque
+from collections.abc import Callable, Collection, Sequence
 from pathlib import Path
 
 import torch
@@ -89,39 +92,58 @@ def _rewrite_samples(path: Path, records: list[dict]) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ generation
-def generate_batch(model, tokenizer, prompts: Sequence[Prompt], *, strategy: str, max_new_tokens: int,
-                   tau: float = 0.9, k: int | None = None, num_draft: int | None = None, tree: str | None = None,
-                   tree_size: int | None = None, lookup: int = 0, graphs: bool | None = None,
-                   stop_ids: list[int] | None = None, stop_strings: list[str] | None = None,
-                   adaptive_draft: bool = True) -> list[dict]:
-    """Decode a batch (left-padded) and return per-row records: output text, tokens, forwards, seconds share.
-    The decoding options are `mtp.decoding.generate.generate`'s."""
-    from mtp.decoding.generate import generate
+def decode_records(model, tokenizer, waiting: deque[Prompt], batch_size: int, write: Callable[[dict], None], *,
+                   strategy: str, max_new_tokens: int, tau: float = 0.9, k: int | None = None,
+                   num_draft: int | None = None, tree: str | None = None, tree_size: int | None = None,
+                   lookup: int = 0, graphs: bool | None = None, stop_ids: list[int] | None = None,
+                   stop_strings: list[str] | None = None, adaptive_draft: bool = True) -> None:
+    """Decode the prompts `waiting` holds, taken from its left, as one batch of at most `batch_size` rows
+    (left-padded) that the next ones join as its rows end (continuous batching, `mtp.decoding.generate.Admission`:
+    greedy and speculative decoding with a chain or a fixed tree; a prompt that does not fit the batch's cache
+    waits for the next batch). `write(record)` gets each row's record as soon as it ended: output text, tokens,
+    forwards, and its `seconds`, the wall time since the record before it (their sum is the run's time). Returns
+    when the batch ended; the prompts it did not take stay in `waiting`. The decoding options are
+    `mtp.decoding.generate.generate`'s."""
+    from mtp.decoding.generate import Admission, generate
     from mtp.evaluation.gsm8k import STOP_SEQUENCES
 
     stop_strings = STOP_SEQUENCES if stop_strings is None else stop_strings
-    ids, mask = left_pad([p.token_ids for p in prompts], pad_id(tokenizer))
-    ids, mask = ids.to(model.device), mask.to(model.device)
-    forwards = [0] * len(prompts)
+    rows = [waiting.popleft() for _ in range(min(batch_size, len(waiting)))]
+    ids, mask = left_pad([p.token_ids for p in rows], pad_id(tokenizer))
+    tokens: list[list[int]] = [[] for _ in rows]
+    forwards = [0] * len(rows)
+
+    def take(active: int, fits: Callable[[int, int], bool]) -> list[tuple[list[int], int]]:
+        joining = []
+        while waiting and active + len(joining) < batch_size and fits(len(waiting[0].token_ids), max_new_tokens):
+            joining.append(waiting.popleft())
+        rows.extend(joining)
+        tokens.extend([] for _ in joining)
+        forwards.extend(0 for _ in joining)
+        return [(p.token_ids, max_new_tokens) for p in joining]
 
     def count(row: int, new: list[int]) -> None:  # one call per forward a row takes part in
         forwards[row] += 1
+        tokens[row].extend(new)
 
-    start = time.perf_counter()
-    result = generate(model, ids, mask, max_new_tokens=max_new_tokens, strategy=strategy, tau=tau, k=k,
-                      num_draft=num_draft, tree=tree, tree_size=tree_size, lookup=lookup, graphs=graphs,
-                      stop_token_ids=stop_ids, stop_strings=stop_strings, tokenizer=tokenizer,
-                      streamer=count, adaptive_draft=adaptive_draft)
-    seconds = time.perf_counter() - start
-    records = []
-    for i, p in enumerate(prompts):
-        text = truncate_output(tokenizer.decode(result.tokens[i], skip_special_tokens=True))
-        records.append({"id": p.id, "prompt_key": prompt_key(p.token_ids), "reference": p.reference,
-                        "output": text, **score(text, p.reference), "prompt_tokens": len(p.token_ids),
-                        "new_tokens": len(result.tokens[i]), "forward_passes": forwards[i],
-                        "tokens_per_forward": round(len(result.tokens[i]) / max(forwards[i], 1), 4),
-                        "seconds": round(seconds / len(prompts), 4), "batch_rows": len(prompts)})
-    return records
+    last = [time.perf_counter()]
+
+    def end(row: int, stats) -> None:
+        p, now = rows[row], time.perf_counter()
+        text = truncate_output(tokenizer.decode(tokens[row], skip_special_tokens=True))
+        write({"id": p.id, "prompt_key": prompt_key(p.token_ids), "reference": p.reference, "output": text,
+               **score(text, p.reference), "prompt_tokens": len(p.token_ids), "new_tokens": len(tokens[row]),
+               "forward_passes": forwards[row], "tokens_per_forward": round(len(tokens[row]) / max(forwards[row], 1), 4),
+               "seconds": round(now - last[0], 4), "batch_rows": batch_size})
+        last[0] = now
+
+    # the cache keeps room for the longest prompt that may join (on a CPU it grows only as rows do)
+    room = max((len(p.token_ids) for p in waiting), default=0) - ids.shape[1] + 64
+    generate(model, ids.to(model.device), mask.to(model.device), max_new_tokens=max_new_tokens, strategy=strategy,
+             tau=tau, k=k, num_draft=num_draft, tree=tree, tree_size=tree_size, lookup=lookup, graphs=graphs,
+             stop_token_ids=stop_ids, stop_strings=stop_strings, tokenizer=tokenizer, streamer=count,
+             adaptive_draft=adaptive_draft, on_end=end,
+             admit=Admission(take, max_rows=batch_size, room=max(room, 0)) if waiting else None)
 
 
 # ------------------------------------------------------------------------------------------------ the run
@@ -190,20 +212,22 @@ def run_eval(model, tokenizer, prompts: Sequence[Prompt], output: str | Path, id
     tag = strategy_tag(strategy, tau, k, tree, tree_size, lookup)  # (--no-progress: a line every 5 minutes)
     bar = progress_bar(progress, len(prompts), f"gsm8k {tag}", "problem", initial=len(prompts) - len(todo))
     start = time.perf_counter()
+    waiting = deque(todo)
     try:
         with samples_path.open("a", encoding="utf-8") as f:
-            for s in range(0, len(todo), batch_size):
-                batch = todo[s:s + batch_size]
-                records = generate_batch(model, tokenizer, batch, strategy=strategy, max_new_tokens=max_new_tokens,
-                                         tau=tau, k=k, num_draft=num_draft, tree=tree, tree_size=tree_size,
-                                         lookup=lookup, graphs=graphs, stop_ids=stop_ids,
-                                         adaptive_draft=adaptive_draft)
-                append_records(f, records)
-                for r in records:
-                    done[r["id"]] = r
+
+            def write(record: dict) -> None:
+                append_records(f, [record])
+                done[record["id"]] = record
                 correct = sum(bool(r.get("flexible_correct")) for r in done.values())
                 bar.set_postfix_str(f"flexible={correct}/{len(done)}")
-                bar.update(len(batch))
+                bar.update(1)
+
+            while waiting:  # (one batch, unless the strategy or a long prompt keeps some for the next)
+                decode_records(model, tokenizer, waiting, batch_size, write, strategy=strategy,
+                               max_new_tokens=max_new_tokens, tau=tau, k=k, num_draft=num_draft, tree=tree,
+                               tree_size=tree_size, lookup=lookup, graphs=graphs, stop_ids=stop_ids,
+                               adaptive_draft=adaptive_draft)
     finally:
         bar.close()
     ordered = [done[p.id] for p in prompts]
