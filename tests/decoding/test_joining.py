@@ -229,7 +229,7 @@ def test_each_row_is_told_when_it_ended_while_the_others_decode_on(graphs, repla
     out = generate(model, [[1, 2, 3], [4, 5]], max_new_tokens=[9, 0], stop_token_ids=[], strategy="speculative",
                    graphs=graphs, admit=Admission(arrivals, max_rows=3),
                    streamer=lambda row, new: events.append(("tokens", row, len(new))),
-                   on_end=lambda row, stats: events.append(("end", row, stats.new_tokens)))
+                   on_end=lambda row, tokens, scores, stats: events.append(("end", row, stats.new_tokens, tokens)))
     ends = [e for e in events if e[0] == "end"]
     assert sorted(e[1] for e in ends) == [0, 1, 2] and [len(t) for t in out.tokens] == [9, 0, 2]
     at = {e[1]: events.index(e) for e in ends}
@@ -237,3 +237,4 @@ def test_each_row_is_told_when_it_ended_while_the_others_decode_on(graphs, repla
     assert at[2] == last_tokens[2] + 1 and at[0] == last_tokens[0] + 1
     assert at[2] < last_tokens[0]  # (the joined row ended while row 0 went on)
     assert dict((e[1], e[2]) for e in ends)[0] == 11  # (the statistics then: every token so far)
+    assert all(e[3] == out.tokens[e[1]] for e in ends)  # (each row's tokens, as the result holds them)

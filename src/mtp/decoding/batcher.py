@@ -209,14 +209,9 @@ class Batcher:
                 raise Cancelled
             return jobs[row].cancelled.is_set()  # this row's: it ends, the others go on
 
-        tokens: dict[int, list[int]] = {}
-        scores: dict[int, list[TokenLogprob]] = {}
-
         def stream(row: int, new: list[int], logprobs: list[TokenLogprob] | None = None) -> None:
             job = jobs[row]
             before_first(row)
-            tokens.setdefault(row, []).extend(new)
-            scores.setdefault(row, []).extend(logprobs or [])
             if job.streamed is not None and ((piece := job.streamed.add(new)) or logprobs):
                 sent[row] = True
                 job.events.put(("text", job.index, (piece, logprobs)))
@@ -235,9 +230,7 @@ class Batcher:
                                max_new_tokens=[j.sampling.max_tokens for j in jobs], do_sample=s.do_sample,
                                temperature=s.temperature, top_p=s.top_p, top_k=s.top_k, seed=seed,
                                stop_strings=list(s.stop) or None, streamer=stream, logprobs=s.logprobs,
-                               halt=halt, admit=admit, on_end=lambda row, stats: finish(
-                                   row, tokens.get(row, []), None if s.logprobs is None else scores.get(row, []),
-                                   stats), **options)
+                               halt=halt, admit=admit, on_end=finish, **options)
 
     def _joining(self, jobs: list[Job], sent: list[bool], active: int,
                  fits: Callable[[int, int], bool]) -> list[tuple[list[int], int]]:

@@ -138,7 +138,7 @@ def iter_generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor |
     """Yield (row index, newly emitted tokens, their log-probabilities if `opts.logprobs` asks for them) as
     decoding proceeds. See `generate` for the arguments; `budgets`: each row's new tokens at most (default:
     `opts.max_new_tokens`, which must be their largest); `admit`: prompts that join (`Admission`); `on_end(row)`:
-    called once a row ended (after its last tokens were yielded), while the others decode on.
+    called once for every row, when it ended (after its last tokens were yielded), while the others decode on.
 
     One loop for every method and strategy: the drafter (`drafter_for(model, opts)` by default; see
     `mtp.decoding.drafters`) and the step (`mtp.decoding.step`) do the method's work on the device; here the
@@ -159,7 +159,8 @@ def iter_generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor |
     lookup = opts.lookup if verifying else 0
     stats.draft_positions = [0] * max(drafter.num_drafts, lookup)
     stats.draft_accepted = [0] * max(drafter.num_drafts, lookup)
-    if opts.max_new_tokens <= 0:
+    if opts.max_new_tokens <= 0:  # (no step: every row ends at once)
+        _ended(list(range(b)), on_end)
         return
     joinable = admit is not None and verifying and not isinstance(drafter.tree, DynamicTree) and on_trunk is None
     need = prompt_len + opts.max_new_tokens + drafter.extra_slots + 2 + (admit.room if joinable else 0)
@@ -576,7 +577,8 @@ def generate(model, input_ids: torch.Tensor | list, attention_mask: torch.Tensor
              tree_size: int | None = None, lookup: int = 0, graphs: bool | None = None,
              logprobs: int | None = None, halt: Callable[[int], bool] | None = None,
              admit: Admission | None = None,
-             on_end: Callable[[int, GenerationStats], None] | None = None) -> GenerationResult:
+             on_end: Callable[[int, list[int], list[TokenLogprob] | None, GenerationStats], None] | None = None
+             ) -> GenerationResult:
     """Generate continuations of a left-padded batch of prompts.
 
     Args:
@@ -622,8 +624,9 @@ def generate(model, input_ids: torch.Tensor | list, attention_mask: torch.Tensor
             tokens are dropped) while the others go on: a server's client that left.
         admit: continuous batching (`Admission`): prompts that join the batch between its steps, each decoded as
             if alone; the result's rows are the prompts given, then those that joined, in order.
-        on_end: called as on_end(row, the statistics so far) once for every row, when it ended (after the
-            streamer got its last tokens), while the others decode on: a server answers it then.
+        on_end: called as on_end(row, its tokens, their TokenLogprobs or None, the statistics so far) once for
+            every row, when it ended (after the streamer got its last tokens), while the others decode on: a
+            server answers it then.
     """
     if use_speculative is not None:
         spelled = "speculative" if use_speculative else "greedy"
@@ -660,27 +663,24 @@ def generate(model, input_ids: torch.Tensor | list, attention_mask: torch.Tensor
     scores = None if logprobs is None else [[] for _ in tokens]
     if admit is not None:
         admit = dataclasses.replace(admit, take=_joining_rows(admit, tokens, scores))
-    start, ended = time.perf_counter(), set()
+    start = time.perf_counter()
 
-    def end(row: int) -> None:
-        ended.add(row)
-        if on_end is not None:
-            on_end(row, dataclasses.replace(stats, seconds=time.perf_counter() - start,
-                                            draft_positions=list(stats.draft_positions),
-                                            draft_accepted=list(stats.draft_accepted)))
+    def end(row: int) -> None:  # (the statistics as they stand: seconds so far, lists copied)
+        on_end(row, tokens[row], None if scores is None else scores[row],
+               dataclasses.replace(stats, seconds=time.perf_counter() - start,
+                                   draft_positions=list(stats.draft_positions),
+                                   draft_accepted=list(stats.draft_accepted)))
 
     for row, new, row_scores in iter_generate(model, input_ids, attention_mask, opts=opts, stop=stop,
                                               generator=generator, stats=stats, drafter=drafter, on_trunk=on_trunk,
-                                              graphs=graphs, budgets=budgets, admit=admit, on_end=end):
+                                              graphs=graphs, budgets=budgets, admit=admit,
+                                              on_end=end if on_end is not None else None):
         tokens[row].extend(new)
         if scores is not None:
             scores[row].extend(row_scores)
         if streamer is not None:
             streamer(row, new) if row_scores is None else streamer(row, new, logprobs=row_scores)
     stats.seconds = time.perf_counter() - start
-    for row in range(len(tokens)):  # (rows that asked for no tokens: no step read them)
-        if row not in ended:
-            end(row)
     texts = [tokenizer.decode(t, skip_special_tokens=True) for t in tokens] if tokenizer is not None else None
     if texts is not None and stop_strings:
         texts = [stop.truncate_text(t) for t in texts]

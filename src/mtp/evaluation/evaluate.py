@@ -110,7 +110,6 @@ def decode_records(model, tokenizer, waiting: deque[Prompt], batch_size: int, wr
     stop_strings = STOP_SEQUENCES if stop_strings is None else stop_strings
     rows = [waiting.popleft() for _ in range(min(batch_size, len(waiting)))]
     ids, mask = left_pad([p.token_ids for p in rows], pad_id(tokenizer))
-    tokens: list[list[int]] = [[] for _ in rows]
     forwards = [0] * len(rows)
 
     def take(active: int, fits: Callable[[int, int], bool]) -> list[tuple[list[int], int]]:
@@ -118,22 +117,20 @@ def decode_records(model, tokenizer, waiting: deque[Prompt], batch_size: int, wr
         while waiting and active + len(joining) < batch_size and fits(len(waiting[0].token_ids), max_new_tokens):
             joining.append(waiting.popleft())
         rows.extend(joining)
-        tokens.extend([] for _ in joining)
         forwards.extend(0 for _ in joining)
         return [(p.token_ids, max_new_tokens) for p in joining]
 
     def count(row: int, new: list[int]) -> None:  # one call per forward a row takes part in
         forwards[row] += 1
-        tokens[row].extend(new)
 
     last = [time.perf_counter()]
 
-    def end(row: int, stats) -> None:
+    def end(row: int, tokens: list[int], scores, stats) -> None:
         p, now = rows[row], time.perf_counter()
-        text = truncate_output(tokenizer.decode(tokens[row], skip_special_tokens=True))
+        text = truncate_output(tokenizer.decode(tokens, skip_special_tokens=True))
         write({"id": p.id, "prompt_key": prompt_key(p.token_ids), "reference": p.reference, "output": text,
-               **score(text, p.reference), "prompt_tokens": len(p.token_ids), "new_tokens": len(tokens[row]),
-               "forward_passes": forwards[row], "tokens_per_forward": round(len(tokens[row]) / max(forwards[row], 1), 4),
+               **score(text, p.reference), "prompt_tokens": len(p.token_ids), "new_tokens": len(tokens),
+               "forward_passes": forwards[row], "tokens_per_forward": round(len(tokens) / max(forwards[row], 1), 4),
                "seconds": round(now - last[0], 4), "batch_rows": batch_size})
         last[0] = now
 
