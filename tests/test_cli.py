@@ -90,6 +90,38 @@ def test_generate_json_records_are_each_prompts_own(tiny_mtp_folder, tmp_path, c
     assert printed[0]["batch"]["new_tokens"] == sum(r["new_tokens"] for r in printed)
 
 
+def test_generate_feeds_what_the_prompts_start_with_once(tiny_mtp_folder, tmp_path, capsys, monkeypatch):
+    """A batch of prompts that start alike (an instruction repeated, a chat template's system turn): the shared
+    tokens go to `generate` as its prefix, fed once; the answers are those without it."""
+    import mtp.decoding.commands as commands
+
+    seen = []
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs["prefix"])
+        return generate_tokens(*args, **kwargs)
+
+    generate_tokens = commands.generate_tokens
+    monkeypatch.setattr(commands, "generate_tokens", spy)
+    prompts = tmp_path / "alike.txt"
+    prompts.write_text("Answer in one word, please. What is 7 + 5?\nAnswer in one word, please. Hi\n")
+    args = ["generate", "--model", str(tiny_mtp_folder), "--prompts", str(prompts), "--json", "--max-new-tokens",
+            "6", "--no-chat"]
+    code, out, err = run_cli(args, capsys)
+    assert code == 0, err
+    shared = [json.loads(line)["token_ids"] for line in out.strip().splitlines()]
+    from mtp.evaluation.prompts import encode_plain
+    from mtp import MTPModel
+
+    tok = MTPModel.from_pretrained(str(tiny_mtp_folder)).tokenizer
+    first = encode_plain(tok, "Answer in one word, please. What is 7 + 5?")
+    assert len(encode_plain(tok, "Answer in one word, please.")) <= len(seen[0]) < len(first)
+    assert seen[0] == first[:len(seen[0])]
+    monkeypatch.setattr(commands, "common_prefix", lambda rows: [])
+    code, out, err = run_cli(args, capsys)
+    assert [json.loads(line)["token_ids"] for line in out.strip().splitlines()] == shared and seen[1] == []
+
+
 def test_generate_with_a_draft_tree(tiny_mtp_folder, capsys):
     args = ["generate", "--model", str(tiny_mtp_folder), "--prompt", "What is 7 + 5?", "--max-new-tokens", "12",
             "--json"]

@@ -13,6 +13,7 @@ from tqdm import tqdm
 from mtp.arguments import check_values
 from mtp.decoding.generate import generate as generate_tokens
 from mtp.decoding.generate import left_pad
+from mtp.decoding.inputs import common_prefix
 from mtp.decoding.logprobs import TokenLogprob
 from mtp.decoding.openai_api import token_text
 from mtp.decoding.options import DraftOptions, SamplingOptions, WeightOptions
@@ -198,8 +199,9 @@ def generate(model: str | None = None, prompt: str | None = None, prompts: str |
 
 def _generate_chunk(m, tok, chunk: list[str], chat, options: dict, so_far: list[list[int]], streaming: bool):
     """One batch of prompts through `mtp.generate`; each row's tokens collected into `so_far` as they come (and
-    printed, streaming)."""
+    printed, streaming). What the prompts start with (a chat template's system turn) is fed once."""
     ids, mask = encode_prompts(tok, chunk, chat)
+    shared = common_prefix([row[keep.bool()].tolist() for row, keep in zip(ids, mask, strict=True)])
     text = IncrementalText(tok)
 
     def collect(row, new, logprobs=None):
@@ -208,7 +210,8 @@ def _generate_chunk(m, tok, chunk: list[str], chat, options: dict, so_far: list[
             print(text.add(new), end="", flush=True)
 
     try:
-        return generate_tokens(m, ids.to(m.device), mask.to(m.device), streamer=collect, **options)
+        return generate_tokens(m, ids.to(m.device), mask.to(m.device), streamer=collect,
+                               prefix=shared if len(chunk) > 1 else None, **options)
     finally:
         if streaming:
             print(text.rest(), end="", flush=True)

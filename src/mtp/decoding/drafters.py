@@ -194,6 +194,14 @@ class Drafter:
         work (extra heads, mask tokens) is left out; its output then has no draft hidden states."""
         raise NotImplementedError
 
+    def fill(self, cache, tokens: torch.Tensor) -> None:
+        """Write the keys and values of real tokens (B, T), all but the last one, into every stack a step reads:
+        a prompt prefix computed once for the prompts that start with it. The last token is left for the prompt's
+        own step to feed with what follows it (a head that reads the token after a position then reads the right
+        one, as it does when the whole prompt is fed at once)."""
+        self.forward(cache, tokens, torch.ones_like(tokens, dtype=torch.bool), Drafts(tokens[:, :0]))
+        cache.commit(torch.full_like(cache.length, tokens.shape[1] - 1))
+
     def catch_up(self, cache, trunk: torch.Tensor, next_ids: torch.Tensor, count: torch.Tensor, width: int) -> None:
         """Compute the drafting layers for the last count[b] positions of each row (at most `width`) that plain
         steps left out, from their trunk outputs (B, C, H) and next tokens (B, C): for drafters that

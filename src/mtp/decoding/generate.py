@@ -34,7 +34,7 @@ from mtp.decoding.blocks import (  # noqa: F401  (DraftLength, accepted_per_posi
     gate_records,
 )
 from mtp.decoding.drafters import Drafter, DraftRequest, Proposer, drafter_for  # noqa: F401  (DraftRequest: re-exported)
-from mtp.decoding.inputs import left_pad, token_batch  # noqa: F401  (left_pad: re-exported)
+from mtp.decoding.inputs import common_prefix, left_pad, token_batch  # noqa: F401  (common_prefix, left_pad: re-exported)
 from mtp.decoding.logprobs import TokenLogprob, unpack
 from mtp.decoding.step import (  # noqa: F401  (Strategy: re-exported)
     ACCEPTED,
@@ -134,11 +134,13 @@ def iter_generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor |
                   stats: GenerationStats | None = None, drafter: Drafter | None = None,
                   on_trunk: TrunkObserver | None = None, graphs: bool | str = False,
                   budgets: list[int] | None = None, admit: Admission | None = None,
-                  on_end: Callable[[int], None] | None = None) -> Iterator[tuple[int, list[int], list[TokenLogprob] | None]]:
+                  on_end: Callable[[int], None] | None = None,
+                  prefix: Sequence[int] | None = None) -> Iterator[tuple[int, list[int], list[TokenLogprob] | None]]:
     """Yield (row index, newly emitted tokens, their log-probabilities if `opts.logprobs` asks for them) as
     decoding proceeds. See `generate` for the arguments; `budgets`: each row's new tokens at most (default:
     `opts.max_new_tokens`, which must be their largest); `admit`: prompts that join (`Admission`); `on_end(row)`:
-    called once for every row, when it ended (after its last tokens were yielded), while the others decode on.
+    called once for every row, when it ended (after its last tokens were yielded), while the others decode on;
+    `prefix`: token ids prompts start with, fed once (`generate`).
 
     One loop for every method and strategy: the drafter (`drafter_for(model, opts)` by default; see
     `mtp.decoding.drafters`) and the step (`mtp.decoding.step`) do the method's work on the device; here the
@@ -152,9 +154,13 @@ def iter_generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor |
         attention_mask = torch.ones_like(input_ids)
     attention_mask = attention_mask.to(device=device, dtype=torch.bool)
     static = bool(graphs) or device.type != "cpu"
+    if prefix is not None and on_trunk is not None:
+        raise MTPError("prefix: an observer of the trunk (on_trunk) would not see the prefix's positions")
+    prefix = _Prefix.of(prefix)
+    fed_ids, fed_mask, uses = _fed_prompts(input_ids, attention_mask, prefix)
     if static:  # static shapes: a few prompt widths, so that the prompt's step replays too
-        input_ids, attention_mask = _pad_to_bucket(input_ids, attention_mask, PROMPT_BUCKET)
-    b, prompt_len = input_ids.shape
+        fed_ids, fed_mask = _pad_to_bucket(fed_ids, fed_mask, PROMPT_BUCKET)
+    b, prompt_len = input_ids.shape[0], (prefix.cached if any(uses) else 0) + fed_ids.shape[1]  # slots it fills
     verifying = opts.strategy in ("greedy", "speculative")
     lookup = opts.lookup if verifying else 0
     stats.draft_positions = [0] * max(drafter.num_drafts, lookup)
@@ -167,14 +173,16 @@ def iter_generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor |
     draft_length, gate = _block_rules(model, drafter, opts, b, lookup, device, admit.max_rows if joinable else 0)
     steps = _steps_for(model, drafter, opts, b, need, stop, generator, on_trunk is not None, graphs, gate, device)
     budgets = budgets if budgets is not None else [opts.max_new_tokens] * b
-    state = _prompt_state(input_ids, attention_mask, budgets, steps.cache_len if lookup else 0)
+    state = _prompt_state(input_ids, attention_mask, budgets, steps.cache_len if lookup else 0, fed_ids, fed_mask)
+    if any(uses):  # the rows that start with the prefix start from its keys and values
+        steps.start_rows(prefix.computed(drafter, steps.cache_len, static, device, stats), uses)
     batch = _HostRows(list(range(b)), [True] * b, list(budgets))
     pipelined = LAUNCH_AHEAD and graphs and on_trunk is None
     ahead, draining = None, False  # (result, block) of the step launched ahead; whether a shrink waits for it
     block = Block(0, 0)  # the prompt is fed alone
     gate.launched(("prompt", block))
     state, result = steps.prefill(state)
-    fits, next_row = _fitting(model, drafter, steps.cache_len, static), b  # (joined rows' indices)
+    fits, next_row = _fitting(model, drafter, steps.cache_len, static, prefix), b  # (joined rows' indices)
     while True:
         most = emitted_width(result.host.shape[1], opts.logprobs)  # tokens a row may emit in the step being read
         joining = admit.take(sum(batch.active), fits) if joinable else []  # (joined after this step is read)
@@ -206,7 +214,7 @@ def iter_generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor |
         draining = False
         if joining:  # each prompt's own step first, then one batch with the rows that go on
             joined = yield from _join_prompts(steps, joining, next_row, static, lookup, stop, stats, opts.logprobs,
-                                              on_end)
+                                              on_end, prefix)
             next_row, gate.untimed = next_row + len(joining), True  # (this read's interval held their steps)
             keep = None if joined else keep
             batch, state = steps.join(state, batch, joined) if joined else (batch, state)
@@ -245,15 +253,24 @@ class _EagerSteps:
     def __init__(self, drafter: Drafter, opts: DecodeOptions, batch: int, need: int, stop_ids: torch.Tensor,
                  generator: torch.Generator | None, observe: bool, defer_capacity: int, static_cache: bool):
         cache = drafter.new_cache(batch, need, static=static_cache)
+        self.drafter = drafter
         self.decoder = Decoder(drafter, opts, cache, stop_ids, generator, observe, defer_capacity)
         self.cache_len = cache.max_len
         self.device = stop_ids.device
 
-    def prefill_joining(self, prompt: DecodeState) -> tuple[DecodeState, StepResult, MTPCache]:
-        """A prompt that joins the batch: its step, in a cache of its own as long as the batch's, drawing from the
-        batch's generator (the state after it, the step's result, that cache)."""
+    def start_rows(self, prefix: MTPCache, rows: list[bool]) -> None:
+        """Rows marked in `rows` start from the prefix's cache (`MTPCache.start_rows`)."""
+        self.decoder.cache.start_rows(prefix, torch.tensor(rows, device=self.device))
+
+    def prefill_joining(self, prompt: DecodeState,
+                        start: MTPCache | None) -> tuple[DecodeState, StepResult, MTPCache]:
+        """A prompt that joins the batch: its step, in a cache of its own as long as the batch's (starting from
+        the prefix's cache `start`, if any), drawing from the batch's generator (the state after it, the step's
+        result, that cache)."""
         d = self.decoder
         cache = d.drafter.new_cache(1, self.cache_len, static=d.cache.static)
+        if start is not None:
+            cache.start_rows(start, torch.ones(1, dtype=torch.bool, device=self.device))
         alone = Decoder(d.drafter, d.opts, cache, d.stop_ids, d.generator, False, d.defer_capacity)
         return *alone.step(prompt, 0, 0), cache
 
@@ -287,10 +304,15 @@ class _ReplayedSteps:
                                              generator=generator, observe=observe, compiled=compiled,
                                              defer_capacity=defer_capacity)
         self.defer_capacity = defer_capacity
+        self.drafter = drafter
         self.session = self.session_for(batch_size=batch)
         self.session.cache.reset()
         self.cache_len = self.session.cache.max_len
         self.device = stop_ids.device
+
+    def start_rows(self, prefix: MTPCache, rows: list[bool]) -> None:
+        """Rows marked in `rows` start from the prefix's cache (`MTPCache.start_rows`), in the session's buffers."""
+        self.session.cache.start_rows(prefix, torch.tensor(rows, device=self.device))
 
     def prefill(self, state: DecodeState) -> tuple[DecodeState, StepResult]:
         return self.session.prefill(state)
@@ -305,12 +327,16 @@ class _ReplayedSteps:
         state, self.session = smaller.take_rows(self.session, index), smaller.continue_draws(self.session)
         return state
 
-    def prefill_joining(self, prompt: DecodeState) -> tuple[DecodeState, StepResult, MTPCache]:
+    def prefill_joining(self, prompt: DecodeState,
+                        start: MTPCache | None) -> tuple[DecodeState, StepResult, MTPCache]:
         """A prompt that joins the batch: its step replayed in a one-row session of its own (the batch's holds
-        the batch) from the prompt graph of its width, its draws going on from the batch's; its state and cache
-        copied out (the next prompt's step overwrites the session's)."""
+        the batch; its cache starting from the prefix's `start`, if any) from the prompt graph of its width, its
+        draws going on from the batch's; its state and cache copied out (the next prompt's step overwrites the
+        session's)."""
         alone = self.session_for(batch_size=1, joining=True).continue_draws(self.session)
         alone.cache.reset()
+        if start is not None:
+            alone.cache.start_rows(start, torch.ones(1, dtype=torch.bool, device=self.device))
         state, result = alone.prefill(prompt)
         self.session.continue_draws(alone)
         cache = alone.decoder.drafter.new_cache(1, self.cache_len, static=True)
@@ -373,13 +399,63 @@ class _Joined:
     index: torch.Tensor
 
 
-def _fitting(model, drafter: Drafter, cache_len: int, static: bool) -> Callable[[int, int], bool]:
+@dataclass
+class _Prefix:
+    """Token ids prompts start with (a few-shot prompt's examples, a system prompt), fed once: the keys and values
+    of all but its last token are computed in a one-row cache, which each prompt that starts with it loads before
+    its own step feeds the rest (from the prefix's last token on). No prefix: `ids` empty."""
+
+    ids: list[int]
+    cache: MTPCache | None = None  # computed at first use
+
+    @staticmethod
+    def of(ids: Sequence[int] | None) -> _Prefix:
+        ids = [int(t) for t in ids] if ids is not None else []
+        return _Prefix(ids if len(ids) > 1 else [])  # (one token: nothing to keep)
+
+    @property
+    def cached(self) -> int:
+        """Slots the prefix's cache holds (all of its tokens but the last)."""
+        return max(len(self.ids) - 1, 0)
+
+    def split(self, ids: list[int]) -> tuple[bool, list[int]]:
+        """(whether the prompt `ids` starts with the prefix, the tokens its own step feeds)."""
+        if self.ids and ids[: len(self.ids)] == self.ids:
+            return True, ids[self.cached:]
+        return False, ids
+
+    def computed(self, drafter: Drafter, cache_len: int, static: bool, device: torch.device,
+                 stats: GenerationStats) -> MTPCache:
+        """The prefix's one-row cache of `cache_len` slots (the batch's), computed at the first call (a forward
+        the statistics count)."""
+        if self.cache is None:
+            self.cache = drafter.new_cache(1, cache_len, static=static)
+            drafter.fill(self.cache, torch.tensor([self.ids], dtype=torch.long, device=device))
+            stats.forward_passes += 1
+        return self.cache
+
+
+def _fed_prompts(input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                 prefix: _Prefix) -> tuple[torch.Tensor, torch.Tensor, list[bool]]:
+    """(the left-padded tokens the prompt step feeds (B, W), their mask, which rows start with the prefix): a row
+    that does feeds the tokens after the prefix's cached ones, the others their whole prompt."""
+    if not prefix.ids:
+        return input_ids, attention_mask, [False] * input_ids.shape[0]
+    split = [prefix.split(row[mask].tolist()) for row, mask in zip(input_ids, attention_mask, strict=True)]
+    fed_ids, fed_mask = left_pad([fed for _, fed in split], 0)
+    return fed_ids.to(input_ids.device), fed_mask.to(input_ids.device, torch.bool), [uses for uses, _ in split]
+
+
+def _fitting(model, drafter: Drafter, cache_len: int, static: bool,
+             prefix: _Prefix) -> Callable[[int, int], bool]:
     """Whether a prompt of p tokens with up to m new ones fits a batch's cache of `cache_len` slots (its prompt
-    padded as the batch's were) and the model's context."""
+    padded as the batch's were, after the prefix's slots where it may start with it) and the model's context."""
     limit = context_limit(model)
 
     def fits(p: int, m: int) -> bool:
         width = -(-p // PROMPT_BUCKET) * PROMPT_BUCKET if static else p
+        if static and prefix.ids and p > prefix.cached:
+            width = max(width, prefix.cached + -(-(p - prefix.cached) // PROMPT_BUCKET) * PROMPT_BUCKET)
         return (p > 0 and m > 0 and width + m + drafter.extra_slots + 2 <= cache_len
                 and (limit is None or p + m + drafter.lookahead <= limit))
 
@@ -388,19 +464,23 @@ def _fitting(model, drafter: Drafter, cache_len: int, static: bool) -> Callable[
 
 def _join_prompts(steps: _EagerSteps | _ReplayedSteps, prompts: list[tuple[list[int], int]], first: int,
                   static: bool, lookup: int, stop: StopChecker, stats: GenerationStats, top: int | None,
-                  on_end: Callable[[int], None] | None):
-    """Each prompt's step, alone (rows first, first + 1, ...): yields their first tokens as `iter_generate` does,
-    and returns those that go on (`_Joined`)."""
+                  on_end: Callable[[int], None] | None, prefix: _Prefix):
+    """Each prompt's step, alone (rows first, first + 1, ...; from the prefix's cache where it starts with the
+    prefix): yields their first tokens as `iter_generate` does, and returns those that go on (`_Joined`)."""
     stop.add_rows(len(prompts))
     joined, device = [], steps.device
     for row, (ids, budget) in enumerate(prompts, first):
         input_ids = torch.tensor([ids], dtype=torch.long, device=device)
-        mask = torch.ones_like(input_ids, dtype=torch.bool)
+        uses, fed = prefix.split(ids)
+        fed_ids = torch.tensor([fed], dtype=torch.long, device=device)
+        fed_mask = torch.ones_like(fed_ids, dtype=torch.bool)
         if static:
-            input_ids, mask = _pad_to_bucket(input_ids, mask, PROMPT_BUCKET)
-        prompt = _prompt_state(input_ids, mask, [budget], steps.cache_len if lookup else 0)
+            fed_ids, fed_mask = _pad_to_bucket(fed_ids, fed_mask, PROMPT_BUCKET)
+        prompt = _prompt_state(input_ids, torch.ones_like(input_ids, dtype=torch.bool), [budget],
+                               steps.cache_len if lookup else 0, fed_ids, fed_mask)
         prompt.rows = torch.tensor([row], device=device)
-        state, result, cache = steps.prefill_joining(prompt)
+        start = prefix.computed(steps.drafter, steps.cache_len, static, device, stats) if uses else None
+        state, result, cache = steps.prefill_joining(prompt, start)
         host = _HostRows([row], [True], [budget])
         emitted, _, ended = _read_rows(result.host.tolist(), host, stop, state.finished, top)
         stats.forward_passes += 1
@@ -545,14 +625,16 @@ def _pad_to_bucket(input_ids: torch.Tensor, attention_mask: torch.Tensor,
     return pad(input_ids, (extra, 0)), pad(attention_mask, (extra, 0), value=False)
 
 
-def _prompt_state(input_ids: torch.Tensor, attention_mask: torch.Tensor, budgets: list[int],
-                  history: int) -> DecodeState:
-    """The state before the first step: the (left-padded) prompts are the first block, `budgets` each row's new
-    tokens at most. `history`: slots for each row's tokens, for prompt lookup (0: none)."""
+def _prompt_state(input_ids: torch.Tensor, attention_mask: torch.Tensor, budgets: list[int], history: int,
+                  fed_ids: torch.Tensor | None = None, fed_mask: torch.Tensor | None = None) -> DecodeState:
+    """The state before the first step: the (left-padded) prompts are the first block (or `fed_ids`, what of
+    them the cache does not hold yet: a prefix's), `budgets` each row's new tokens at most. `history`: slots for
+    each row's tokens, for prompt lookup (0: none)."""
     b, device = input_ids.shape[0], input_ids.device
     zeros = torch.zeros(b, dtype=torch.long, device=device)
     budget = torch.tensor(budgets, dtype=torch.long, device=device)
-    state = DecodeState(torch.arange(b, device=device), input_ids, attention_mask, zeros, budget, zeros.bool(),
+    pending, pending_valid = (input_ids, attention_mask) if fed_ids is None else (fed_ids, fed_mask)
+    state = DecodeState(torch.arange(b, device=device), pending, pending_valid, zeros, budget, zeros.bool(),
                         input_ids[:, :0])
     if history:  # each row's tokens without its padding
         order = torch.sort(attention_mask.to(torch.int8), dim=1, descending=True, stable=True).indices
@@ -577,8 +659,8 @@ def generate(model, input_ids: torch.Tensor | list, attention_mask: torch.Tensor
              tree_size: int | None = None, lookup: int = 0, graphs: bool | None = None,
              logprobs: int | None = None, halt: Callable[[int], bool] | None = None,
              admit: Admission | None = None,
-             on_end: Callable[[int, list[int], list[TokenLogprob] | None, GenerationStats], None] | None = None
-             ) -> GenerationResult:
+             on_end: Callable[[int, list[int], list[TokenLogprob] | None, GenerationStats], None] | None = None,
+             prefix: Sequence[int] | torch.Tensor | None = None) -> GenerationResult:
     """Generate continuations of a left-padded batch of prompts.
 
     Args:
@@ -627,6 +709,11 @@ def generate(model, input_ids: torch.Tensor | list, attention_mask: torch.Tensor
         on_end: called as on_end(row, its tokens, their TokenLogprobs or None, the statistics so far) once for
             every row, when it ended (after the streamer got its last tokens), while the others decode on: a
             server answers it then.
+        prefix: token ids that prompts start with (a few-shot prompt's examples, a system prompt; e.g.
+            `common_prefix` of them): their keys and values are computed once, and each prompt (or prompt that
+            joins) that starts with them feeds only what follows, instead of every prompt feeding it again. The
+            output is the one without it, up to rounding (the prefix's keys come from a forward of their own).
+            Not with `on_trunk`.
     """
     if use_speculative is not None:
         spelled = "speculative" if use_speculative else "greedy"
@@ -638,6 +725,8 @@ def generate(model, input_ids: torch.Tensor | list, attention_mask: torch.Tensor
     if strategy not in STRATEGIES:
         raise MTPError(f"unknown strategy {strategy!r}; choose from {', '.join(STRATEGIES)}")
     input_ids, attention_mask = token_batch(model, input_ids, attention_mask, left_padded=True)
+    if prefix is not None and len(prefix):  # (checked as prompts are)
+        prefix = token_batch(model, prefix if isinstance(prefix, torch.Tensor) else list(prefix))[0][0].tolist()
     budgets = _budgets(max_new_tokens, input_ids.shape[0])
     max_new_tokens = max(budgets)
     check_values({"do_sample": do_sample, "temperature": temperature, "top_k": top_k, "top_p": top_p, "tau": tau,
@@ -674,7 +763,7 @@ def generate(model, input_ids: torch.Tensor | list, attention_mask: torch.Tensor
     for row, new, row_scores in iter_generate(model, input_ids, attention_mask, opts=opts, stop=stop,
                                               generator=generator, stats=stats, drafter=drafter, on_trunk=on_trunk,
                                               graphs=graphs, budgets=budgets, admit=admit,
-                                              on_end=end if on_end is not None else None):
+                                              on_end=end if on_end is not None else None, prefix=prefix):
         tokens[row].extend(new)
         if scores is not None:
             scores[row].extend(row_scores)

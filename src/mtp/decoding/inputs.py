@@ -97,6 +97,17 @@ def _check_ids(ids: torch.Tensor, model) -> torch.Tensor:
     return ids.long()
 
 
+def common_prefix(rows) -> list[int]:
+    """The longest run of token ids every row starts with (what `generate(prefix=...)` computes once)."""
+    rows = [list(map(int, r)) for r in rows]
+    if not rows:
+        return []
+    first, n = rows[0], min(len(r) for r in rows)
+    for r in rows[1:]:
+        n = next((i for i in range(n) if r[i] != first[i]), n)
+    return first[:n]
+
+
 def left_pad(rows, pad: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """(input_ids, attention_mask) of a left-padded batch of token lists, as `generate` takes them."""
     width = max(len(r) for r in rows)

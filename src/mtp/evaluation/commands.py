@@ -88,6 +88,8 @@ def eval_(
 ) -> int:
     """Evaluate a model on GSM8K (lm-eval gsm8k_cot: 8 fixed exemplars, strict and flexible exact match).
 
+    What every prompt starts with (the exemplars) is fed to the model once, not once per problem.
+
     The options of `drafts` and `weights` may also be given by name in Python, as on the command line:
     `eval_(strategy="speculative", lookup=6, device="cpu")`.
 

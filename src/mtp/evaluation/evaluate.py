@@ -8,9 +8,10 @@ Output folder:
     summary.json       accuracy (strict, flexible) with standard errors, tokens per forward, tokens/s, s/sample
 
 Problems are decoded in file order, `--batch-size` rows at a time (left padding), the next problem joining the
-batch as soon as a row ends (continuous batching, where the strategy takes joiners). A record's `seconds` is the
-wall time since the record before it, so they add up to the run's time and tokens/s is the batched run's
-throughput.
+batch as soon as a row ends (continuous batching, where the strategy takes joiners). What every prompt starts
+with (8-shot: the exemplars, ~830 of ~900 tokens) is fed once, its keys and values copied into each row
+(`generate(prefix=...)`). A record's `seconds` is the wall time since the record before it, so they add up to the
+run's time and tokens/s is the batched run's throughput.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from mtp.decoding.inputs import common_prefix
 from mtp.errors import MTPError
 from mtp.evaluation.gsm8k import extract_flexible, extract_strict, is_correct, mean_and_stderr
 from mtp.evaluation.prompts import Prompt, left_pad, pad_id, stop_token_ids, truncate_output
@@ -96,14 +98,16 @@ def decode_records(model, tokenizer, waiting: deque[Prompt], batch_size: int, wr
                    strategy: str, max_new_tokens: int, tau: float = 0.9, k: int | None = None,
                    num_draft: int | None = None, tree: str | None = None, tree_size: int | None = None,
                    lookup: int = 0, graphs: bool | None = None, stop_ids: list[int] | None = None,
-                   stop_strings: list[str] | None = None, adaptive_draft: bool = True) -> None:
+                   stop_strings: list[str] | None = None, adaptive_draft: bool = True,
+                   prefix: list[int] | None = None) -> None:
     """Decode the prompts `waiting` holds, taken from its left, as one batch of at most `batch_size` rows
     (left-padded) that the next ones join as its rows end (continuous batching, `mtp.decoding.generate.Admission`:
     greedy and speculative decoding with a chain or a fixed tree; a prompt that does not fit the batch's cache
     waits for the next batch). `write(record)` gets each row's record as soon as it ended: output text, tokens,
     forwards, and its `seconds`, the wall time since the record before it (their sum is the run's time). Returns
     when the batch ended; the prompts it did not take stay in `waiting`. The decoding options are
-    `mtp.decoding.generate.generate`'s."""
+    `mtp.decoding.generate.generate`'s (`prefix`: what the prompts start with, fed once: a few-shot prompt's
+    examples)."""
     from mtp.decoding.generate import Admission, generate
     from mtp.evaluation.gsm8k import STOP_SEQUENCES
 
@@ -139,7 +143,7 @@ def decode_records(model, tokenizer, waiting: deque[Prompt], batch_size: int, wr
     generate(model, ids.to(model.device), mask.to(model.device), max_new_tokens=max_new_tokens, strategy=strategy,
              tau=tau, k=k, num_draft=num_draft, tree=tree, tree_size=tree_size, lookup=lookup, graphs=graphs,
              stop_token_ids=stop_ids, stop_strings=stop_strings, tokenizer=tokenizer, streamer=count,
-             adaptive_draft=adaptive_draft, on_end=end,
+             adaptive_draft=adaptive_draft, on_end=end, prefix=prefix,
              admit=Admission(take, max_rows=batch_size, room=max(room, 0)) if waiting else None)
 
 
@@ -210,6 +214,7 @@ def run_eval(model, tokenizer, prompts: Sequence[Prompt], output: str | Path, id
     bar = progress_bar(progress, len(prompts), f"gsm8k {tag}", "problem", initial=len(prompts) - len(todo))
     start = time.perf_counter()
     waiting = deque(todo)
+    prefix = common_prefix([p.token_ids for p in todo])  # (8-shot: the examples, ~830 of ~900 tokens, fed once)
     try:
         with samples_path.open("a", encoding="utf-8") as f:
 
@@ -224,7 +229,7 @@ def run_eval(model, tokenizer, prompts: Sequence[Prompt], output: str | Path, id
                 decode_records(model, tokenizer, waiting, batch_size, write, strategy=strategy,
                                max_new_tokens=max_new_tokens, tau=tau, k=k, num_draft=num_draft, tree=tree,
                                tree_size=tree_size, lookup=lookup, graphs=graphs, stop_ids=stop_ids,
-                               adaptive_draft=adaptive_draft)
+                               adaptive_draft=adaptive_draft, prefix=prefix)
     finally:
         bar.close()
     ordered = [done[p.id] for p in prompts]

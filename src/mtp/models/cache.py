@@ -314,6 +314,16 @@ class MTPCache:
                 rows.append(kv)
             mine.kv = put(mine.kv, torch.cat(rows, 2))
 
+    def start_rows(self, prefix: MTPCache, rows: torch.Tensor) -> None:
+        """The rows marked in `rows` (B,) bool start as the one row of `prefix` (a prompt prefix computed once),
+        the others empty. In place where the buffers exist (a captured graph reads them)."""
+        self.load_rows([(prefix, torch.zeros(self.batch_size, dtype=torch.long, device=rows.device))])
+        self.valid &= rows[:, None]
+        self.length *= rows
+        self.next_pos *= rows
+        if not self.static:
+            self.longest = int(self.length.max())
+
     def select_rows(self, index: torch.Tensor) -> None:
         """Keep only the given batch rows (finished rows stop costing work)."""
         self.valid = self.valid[index]

@@ -1,0 +1,162 @@
+"""A prompt prefix fed once (`generate(prefix=...)`): prompts that start with it decode exactly as without it,
+eager and replayed, in a batch and joining one, while the model sees the prefix's tokens once."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from test_graphs import decoding_case, replayed  # noqa: F401  (a fixture)
+from test_joining import Arrivals
+
+from conftest import reading_next_token, tiny_mtp
+from mtp.decoding.generate import Admission, common_prefix, generate, left_pad
+from mtp.decoding.tree import DynamicTree
+from mtp.errors import MTPError
+
+
+def fed_tokens(model) -> list[int]:
+    """Counts, per forward, the token positions the model's embedding sees (a list the hook appends to)."""
+    seen: list[int] = []
+    model.base.get_input_embeddings().register_forward_hook(lambda module, args, out: seen.append(args[0].numel()))
+    return seen
+
+
+@settings(max_examples=30, deadline=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@given(data=st.data(), graphs=st.booleans(), model_kind=st.sampled_from(["heads", "next-token heads", "masks"]))
+def test_prompts_that_start_with_the_prefix_decode_as_without_it(data, graphs, model_kind, replayed):  # noqa: F811
+    """Random models (heads, heads that read the next token, mask tokens), every strategy (trees, lookup), padded
+    batches in which some prompts start with the prefix and some do not (or are the prefix itself), and, where the
+    strategy takes them, prompts that join: every row's tokens are those it gets without a prefix, and its drafts
+    are accepted as often (the heads' and masks' keys over the prefix are the same)."""
+    model, kw = decoding_case(data.draw, "heads" if model_kind == "next-token heads" else model_kind)
+    if model_kind == "next-token heads":
+        model = reading_next_token(model, seed=data.draw(st.integers(0, 100)))
+    vocab = model.config.vocab_size - (1 if hasattr(model, "mask_token_id") else 0)
+    tokens = st.integers(0, vocab - 1)
+    prefix = data.draw(st.lists(tokens, min_size=2, max_size=10))
+
+    def prompt() -> list[int]:
+        rest = data.draw(st.lists(tokens, max_size=6))
+        return (rest or [0]) if data.draw(st.integers(0, 4)) == 0 else prefix + rest  # (some without the prefix)
+
+    first = [prompt() for _ in range(data.draw(st.integers(1, 4)))]
+    later = [prompt() for _ in range(data.draw(st.integers(0, 3)))]
+    budgets = [data.draw(st.integers(1, 10)) for _ in first + later]
+    stop = data.draw(st.lists(tokens, max_size=1))
+    joining = later and kw["strategy"] in ("greedy", "speculative") and not isinstance(kw.get("tree"), DynamicTree)
+
+    def run(with_prefix: bool):
+        arrivals = Arrivals(later, budgets[len(first):], [0, 2, 3][:len(later)], max_rows=3) if joining else None
+        ids, mask = left_pad(first)
+        out = generate(model, ids, mask, max_new_tokens=budgets[:len(first)], stop_token_ids=stop, graphs=graphs,
+                       prefix=prefix if with_prefix else None, adaptive_draft=False,  # (steps not timed)
+                       admit=Admission(arrivals, max_rows=max(3, len(first)), room=24) if joining else None, **kw)
+        return out.tokens, arrivals.order if joining else [], out.stats.draft_accepted
+
+    assert run(True) == run(False)
+
+
+def test_the_prefix_is_fed_once_and_counted_as_one_forward():
+    """A batch of prompts that share a 20-token prefix: the model sees the prefix's tokens once, not once per
+    prompt (its last token again, with each prompt's rest), and the statistics count its forward."""
+    model = tiny_mtp("llama", num_heads=3, seed=2, dtype=torch.float64, vocab_size=40)
+    prefix = list(range(1, 21))
+    prompts = [prefix + [30, 31], prefix + [32], prefix + [33, 34, 35]]
+    ids, mask = left_pad(prompts)
+    seen = fed_tokens(model)
+    plain = generate(model, ids, mask, max_new_tokens=6, stop_token_ids=[], strategy="speculative")
+    fed_plain, seen[:] = list(seen), []
+    shared = generate(model, ids, mask, max_new_tokens=6, stop_token_ids=[], strategy="speculative", prefix=prefix)
+    assert shared.tokens == plain.tokens
+    assert fed_plain[0] == 3 * 23  # the prompt step: three rows as wide as the longest prompt
+    assert seen[:2] == [20, 3 * 4]  # the prefix, then each prompt's rest after the prefix's last-but-one token
+    assert shared.stats.forward_passes == plain.stats.forward_passes + 1
+
+
+@pytest.mark.parametrize("kw", [{"strategy": "static", "k": 3}, {"strategy": "confadapt", "tau": 0.0}])
+def test_heads_that_read_the_next_token_read_the_one_after_the_prefix(kw):
+    """The prefix's last token is fed again with the prompt's rest: at the prefix's last-but-one position a head
+    that reads the next token reads the prefix's last one, and at its last the prompt's first token after it
+    (not the model's guess). The lossy strategies emit the heads' drafts as they are: equal tokens say so."""
+    for seed in range(3):
+        model = reading_next_token(tiny_mtp("llama", num_heads=3, seed=seed, dtype=torch.float64, vocab_size=30),
+                                   seed=seed)
+        prefix = [3, 4, 5, 6, 7, 8]
+        ids, mask = left_pad([prefix + [1, 2], prefix + [9]])
+        opts = dict(max_new_tokens=12, stop_token_ids=[], **kw)
+        assert generate(model, ids, mask, prefix=prefix, **opts).tokens == generate(model, ids, mask, **opts).tokens
+
+
+def test_joining_prompts_start_from_the_prefix_computed_once(replayed):  # noqa: F811
+    """Prompts that join a batch reuse the prefix the first prompts computed (no second forward over it), and one
+    that does not start with it is fed whole; every row decodes as alone."""
+    model = tiny_mtp("llama", num_heads=3, seed=4, dtype=torch.float64, vocab_size=40)
+    prefix = [7, 8, 9, 10, 11, 12, 13, 14]
+    later = [prefix + [2, 3], [5, 6, 7], prefix + [1]]
+    for graphs in (False, True):
+        seen = fed_tokens(model)
+        arrivals = Arrivals(later, [5, 6, 7], [1, 2, 2], max_rows=3)
+        out = generate(model, torch.tensor([prefix + [4]]), max_new_tokens=8, stop_token_ids=[], graphs=graphs,
+                       strategy="speculative", prefix=prefix, admit=Admission(arrivals, max_rows=3))
+        alone = [generate(model, torch.tensor([p]), max_new_tokens=n, stop_token_ids=[],
+                          strategy="speculative").tokens[0]
+                 for p, n in zip([prefix + [4], *[later[i] for i in arrivals.order]],
+                                 [8, *[[5, 6, 7][i] for i in arrivals.order]], strict=True)]
+        assert arrivals.order == [0, 1, 2] and out.tokens == alone
+        assert seen.count(len(prefix)) == 1  # the prefix's forward, once
+        model.base.get_input_embeddings()._forward_hooks.clear()
+
+
+def test_a_seeded_sampled_batch_draws_as_without_the_prefix():
+    """The prefix's forward draws nothing: a seeded sampled batch emits what it emits without it."""
+    model = tiny_mtp("llama", num_heads=3, seed=5, dtype=torch.float64, vocab_size=40)
+    prefix = [3, 4, 5, 6, 7]
+    ids, mask = left_pad([prefix + [1, 2], prefix + [9]])
+    kw = dict(max_new_tokens=10, stop_token_ids=[], strategy="speculative", do_sample=True, seed=3,
+              adaptive_draft=False)
+    assert generate(model, ids, mask, prefix=prefix, **kw).tokens == generate(model, ids, mask, **kw).tokens
+
+
+def test_bad_prefixes_are_clear_errors():
+    model = tiny_mtp("llama", num_heads=3, seed=2, dtype=torch.float64, vocab_size=40)
+    with pytest.raises(MTPError, match="out of range|vocabulary"):
+        generate(model, torch.tensor([[1, 2, 3]]), max_new_tokens=2, prefix=[1, 99])
+    with pytest.raises(MTPError, match="on_trunk"):
+        generate(model, torch.tensor([[1, 2, 3]]), max_new_tokens=2, prefix=[1, 2],
+                 on_trunk=lambda rows, trunk, kept: None)
+    # an empty or one-token prefix holds nothing to reuse: decoding as without one
+    for prefix in ([], [1]):
+        assert generate(model, torch.tensor([[1, 2, 3]]), max_new_tokens=4, prefix=prefix).tokens == \
+            generate(model, torch.tensor([[1, 2, 3]]), max_new_tokens=4).tokens
+
+
+def test_common_prefix():
+    assert common_prefix([[1, 2, 3, 4], [1, 2, 5], [1, 2, 3]]) == [1, 2]
+    assert common_prefix([[1, 2, 3]]) == [1, 2, 3]
+    assert common_prefix([[1, 2], [3]]) == [] and common_prefix([]) == []
+    assert common_prefix([torch.tensor([4, 5, 6]), (4, 5)]) == [4, 5]
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("kw", [{"strategy": "greedy"}, {"strategy": "speculative", "lookup": 2},
+                                {"strategy": "speculative", "tree": "auto", "tree_size": 4}],
+                         ids=["greedy", "chain-lookup", "tree"])
+def test_cuda_replayed_prompts_from_the_prefix_decode_as_eager_without_it(kw):
+    """On a GPU, replayed graphs: a batch, and prompts that join it, starting from the prefix's cache (its slots,
+    then each prompt's rest padded to a prompt width a graph was captured for) decode as eager fp32 decoding
+    decodes them whole."""
+    model = tiny_mtp("llama", num_heads=3, seed=3, vocab_size=50).to("cuda")
+    prefix = list(range(1, 40))
+    first, later = [prefix + [5, 6], prefix + [7]], [prefix + [8, 9, 10], [4, 3, 2], prefix + [11]]
+    arrivals = Arrivals(later, [12, 9, 5], [0, 2, 3], max_rows=4)
+    ids, mask = left_pad(first)
+    out = generate(model, ids.cuda(), mask.cuda(), max_new_tokens=12, stop_token_ids=[], prefix=prefix,
+                   admit=Admission(arrivals, max_rows=4), **kw)
+    rows = first + [later[i] for i in arrivals.order]
+    limits = [12, 12, *[[12, 9, 5][i] for i in arrivals.order]]
+    alone = [generate(model, torch.tensor([p], device="cuda"), max_new_tokens=n, stop_token_ids=[], graphs=False,
+                      **kw).tokens[0] for p, n in zip(rows, limits, strict=True)]
+    assert len(arrivals.order) == 3 and out.tokens == alone
