@@ -3,11 +3,15 @@ at once; the tokens/s of each way and whether the answers are the same (a batch'
 `--arrivals SECONDS`: instead, streamed requests that come one by one, Poisson-spaced that many seconds apart on
 average, each with its own max_tokens (a fixed random draw between a quarter of --max-tokens and all of it): the
 time to each request's first token and to its last, and the tokens/s of the whole (how continuous batching
-serves a stream of requests; compare servers started with --batching continuous and static).
+serves a stream of requests; compare servers started with --batching continuous and static). `--conversation`:
+instead, one client's conversation, a question a turn, each answer kept in it and the whole conversation sent
+again the next turn: the time to each turn's first token (compare servers started with --prompt-cache-mb 1024
+and 0).
 
     mtp serve --model runs/heads --quantize fp16 --port 8000 &
     python scripts/serve_load.py --url http://127.0.0.1:8000 --questions 8 --max-tokens 128
     python scripts/serve_load.py --url http://127.0.0.1:8000 --questions 12 --max-tokens 128 --arrivals 0.4
+    python scripts/serve_load.py --url http://127.0.0.1:8000 --questions 8 --max-tokens 96 --conversation
 """
 
 from __future__ import annotations
@@ -47,13 +51,14 @@ def run(url: str, questions: list[str], max_tokens: int, concurrent: bool) -> tu
     return answers, time.perf_counter() - start
 
 
-def ask_streamed(url: str, question: str, max_tokens: int) -> tuple[float, float, int, str]:
-    """A streamed chat request: (seconds to its first piece of text, seconds to its end, its tokens, its text)."""
-    body = {"messages": [{"role": "user", "content": question}], "max_tokens": max_tokens, "stream": True,
-            "stream_options": {"include_usage": True}}
+def ask_streamed(url: str, question: str | list[dict], max_tokens: int) -> tuple[float, float, int, str, int]:
+    """A streamed chat request (a question, or a conversation's messages): (seconds to its first piece of text,
+    seconds to its end, its tokens, its text, its prompt's tokens)."""
+    messages = [{"role": "user", "content": question}] if isinstance(question, str) else question
+    body = {"messages": messages, "max_tokens": max_tokens, "stream": True, "stream_options": {"include_usage": True}}
     request = urllib.request.Request(url + "/v1/chat/completions", data=json.dumps(body).encode(),
                                      headers={"Content-Type": "application/json"})
-    start, first, tokens, text = time.perf_counter(), None, 0, []
+    start, first, tokens, text, prompt = time.perf_counter(), None, 0, [], 0
     with urllib.request.urlopen(request, timeout=3600) as r:
         for line in r:
             data = line.decode().strip().removeprefix("data: ")
@@ -65,8 +70,20 @@ def ask_streamed(url: str, question: str, max_tokens: int) -> tuple[float, float
                 first = time.perf_counter() - start
             text.append(piece)
             tokens = (chunk.get("usage") or {}).get("completion_tokens", tokens)
+            prompt = (chunk.get("usage") or {}).get("prompt_tokens", prompt)
     end = time.perf_counter() - start
-    return (first if first is not None else end), end, tokens, "".join(text)
+    return (first if first is not None else end), end, tokens, "".join(text), prompt
+
+
+def conversation(url: str, questions: list[str], max_tokens: int) -> None:
+    """One client's conversation: a question a turn, the answers kept, the whole conversation sent each turn."""
+    messages: list[dict] = [{"role": "system", "content": "You are a careful math tutor. Answer step by step."}]
+    for turn, q in enumerate(questions, 1):
+        messages.append({"role": "user", "content": q})
+        first, end, tokens, text, prompt = ask_streamed(url, messages, max_tokens)
+        messages.append({"role": "assistant", "content": text})
+        print(f"turn {turn}: prompt {prompt} tokens, first token after {first:.3f} s, {tokens} tokens after "
+              f"{end:.2f} s", flush=True)
 
 
 def arrivals(url: str, questions: list[str], max_tokens: int, gap: float) -> None:
@@ -99,9 +116,14 @@ def main() -> None:
     parser.add_argument("--data", default=str(DATA), help="a JSONL of GSM8K-style records ('question')")
     parser.add_argument("--arrivals", type=float, default=None, metavar="SECONDS",
                         help="streamed requests this many seconds apart on average, instead of the two ways")
+    parser.add_argument("--conversation", action="store_true",
+                        help="one client's conversation, a question a turn, instead of the two ways")
     args = parser.parse_args()
     lines = Path(args.data).read_text().splitlines()[:args.questions]
     questions = [json.loads(line)["question"] for line in lines]
+    if args.conversation:
+        conversation(args.url, questions, args.max_tokens)
+        return
     if args.arrivals is not None:
         arrivals(args.url, questions, args.max_tokens, args.arrivals)
         return

@@ -110,8 +110,8 @@ def test_generate_feeds_what_the_prompts_start_with_once(tiny_mtp_folder, tmp_pa
     code, out, err = run_cli(args, capsys)
     assert code == 0, err
     shared = [json.loads(line)["token_ids"] for line in out.strip().splitlines()]
-    from mtp.evaluation.prompts import encode_plain
     from mtp import MTPModel
+    from mtp.evaluation.prompts import encode_plain
 
     tok = MTPModel.from_pretrained(str(tiny_mtp_folder)).tokenizer
     first = encode_plain(tok, "Answer in one word, please. What is 7 + 5?")

@@ -71,7 +71,7 @@ RULES: dict[str, Range] = {
     "eval_every": AT_LEAST_0, "save_every": AT_LEAST_0, "draft_vocab": AT_LEAST_0, "shots": Range(0, 8),
     "hf_lookup": AT_LEAST_0, "bandwidth_gbs": POSITIVE,
     # serving
-    "port": Range(0, 65535), "max_batch_size": AT_LEAST_1, "batch_window_ms": AT_LEAST_0,
+    "port": Range(0, 65535), "max_batch_size": AT_LEAST_1, "batch_window_ms": AT_LEAST_0, "prompt_cache_mb": AT_LEAST_0,
     # model structure
     "num_heads": AT_LEAST_1, "num_trunk_layers": AT_LEAST_0, "num_draft": AT_LEAST_0,
     "k": AT_LEAST_1, "k_min": AT_LEAST_1, "k_max": AT_LEAST_1, "regions": AT_LEAST_1,

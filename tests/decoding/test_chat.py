@@ -20,12 +20,14 @@ def _chat(folder, typed: str, capsys, monkeypatch, *extra):
     return run_cli(["chat", "--model", str(folder), "--max-new-tokens", "8", *extra], capsys)
 
 
-def _spy(monkeypatch) -> list[list[int]]:
-    """The prompt ids of every answer the chat asks for."""
+def _spy(monkeypatch, caches: list | None = None) -> list[list[int]]:
+    """The prompt ids of every answer the chat asks for (and its prompt cache, into `caches`)."""
     prompts, real = [], chat_module.generate_tokens
 
     def spy(m, ids, *a, **kw):
         prompts.append(ids[0].tolist())
+        if caches is not None:
+            caches.append(kw["prompt_cache"])
         return real(m, ids, *a, **kw)
 
     monkeypatch.setattr(chat_module, "generate_tokens", spy)
@@ -61,11 +63,15 @@ def test_turns_make_one_conversation_until_reset(tiny_mtp_folder, capsys, monkey
 
 
 def test_answers_are_greedys_by_default(tiny_mtp_folder, capsys, monkeypatch):
-    prompts = _spy(monkeypatch)
+    """The answers are greedy decoding's of each turn's whole conversation; the second turn starts from the first
+    turn's keys and values (the chat's prompt cache), feeding only what follows them."""
+    caches: list = []
+    prompts = _spy(monkeypatch, caches)
     code, out, _ = _chat(tiny_mtp_folder, "What is 7 + 5?\nAnd times 2?\n", capsys, monkeypatch)
     model = load_mtp_model(str(tiny_mtp_folder))
     answers = [generate(model, torch.tensor([p]), max_new_tokens=8).texts[0] for p in prompts]
     assert code == 0 and len(prompts) == 2 and out == "".join(a + "\n" for a in answers)
+    assert caches[0] is caches[1] and caches[1].hits == 1 and caches[1].reused_tokens == len(prompts[0]) - 1
 
 
 def test_ctrl_c_stops_an_answer_and_leaves_the_turn_out(tiny_mtp_folder, capsys, monkeypatch):

@@ -12,6 +12,7 @@ from test_joining import Arrivals
 
 from conftest import reading_next_token, tiny_mtp
 from mtp.decoding.generate import Admission, common_prefix, generate, left_pad
+from mtp.decoding.prefixes import PromptCache
 from mtp.decoding.tree import DynamicTree
 from mtp.errors import MTPError
 
@@ -53,7 +54,8 @@ def test_prompts_that_start_with_the_prefix_decode_as_without_it(data, graphs, m
         ids, mask = left_pad(first)
         out = generate(model, ids, mask, max_new_tokens=budgets[:len(first)], stop_token_ids=stop, graphs=graphs,
                        prefix=prefix if with_prefix else None, adaptive_draft=False,  # (steps not timed)
-                       admit=Admission(arrivals, max_rows=max(3, len(first)), room=24) if joining else None, **kw)
+                       # (room for a joiner's loaded slots and its rest padded to a prompt width, replaying)
+                       admit=Admission(arrivals, max_rows=max(3, len(first)), room=160) if joining else None, **kw)
         return out.tokens, arrivals.order if joining else [], out.stats.draft_accepted
 
     assert run(True) == run(False)
@@ -160,3 +162,77 @@ def test_cuda_replayed_prompts_from_the_prefix_decode_as_eager_without_it(kw):
     alone = [generate(model, torch.tensor([p], device="cuda"), max_new_tokens=n, stop_token_ids=[], graphs=False,
                       **kw).tokens[0] for p, n in zip(rows, limits, strict=True)]
     assert len(arrivals.order) == 3 and out.tokens == alone
+
+
+# ------------------------------------------------------------------------------------------------ PromptCache
+@settings(max_examples=25, deadline=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@given(data=st.data(), graphs=st.booleans(), model_kind=st.sampled_from(["heads", "next-token heads", "masks"]))
+def test_calls_that_share_a_prompt_cache_decode_as_without_it(data, graphs, model_kind, replayed):  # noqa: F811
+    """A conversation's turns (each prompt the one before, its answer and a new message) and prompts that share
+    only their start, as batches and one at a time, through one `PromptCache`, every strategy and drafter: each
+    call emits what it emits without the cache, and later calls start from earlier prompts' keys and values."""
+    model, kw = decoding_case(data.draw, "heads" if model_kind == "next-token heads" else model_kind)
+    if model_kind == "next-token heads":
+        model = reading_next_token(model, seed=data.draw(st.integers(0, 100)))
+    vocab = model.config.vocab_size - (1 if hasattr(model, "mask_token_id") else 0)
+    tokens = st.integers(0, vocab - 1)
+    cache = PromptCache(min_tokens=2)
+    prompts = [data.draw(st.lists(tokens, min_size=3, max_size=10))]
+    for _ in range(3):
+        prompts.append(prompts[-1] + data.draw(st.lists(tokens, min_size=1, max_size=6)))  # the next turn
+    prompts.append(prompts[0][:2] + data.draw(st.lists(tokens, min_size=1, max_size=4)))  # only its start
+    opts = dict(max_new_tokens=data.draw(st.integers(1, 8)), stop_token_ids=[], adaptive_draft=False, **kw)
+    batches = [[prompts[0]], [prompts[1], prompts[4]], [prompts[2]], [prompts[3], prompts[0]]]
+    for batch in batches:
+        ids, mask = left_pad(batch)
+        with_cache = generate(model, ids, mask, graphs=graphs, prompt_cache=cache, **opts)
+        without = generate(model, ids, mask, graphs=graphs, **opts)
+        assert with_cache.tokens == without.tokens
+        assert with_cache.stats.draft_accepted == without.stats.draft_accepted
+    assert cache.hits >= 3  # (each turn starts from the one before it)
+
+
+def test_a_conversation_feeds_only_its_new_turn_and_keeps_its_latest_prompt():
+    """Each turn of a conversation feeds the tokens after the previous turn's prompt (its last one again), and
+    the cache holds one entry for the conversation: its latest prompt."""
+    model = tiny_mtp("llama", num_heads=3, seed=2, dtype=torch.float64, vocab_size=40)
+    cache = PromptCache(min_tokens=4)
+    seen = fed_tokens(model)
+    turn1 = list(range(1, 31))
+    out1 = generate(model, torch.tensor([turn1]), max_new_tokens=5, stop_token_ids=[], strategy="speculative",
+                    prompt_cache=cache)
+    turn2 = turn1 + out1.tokens[0] + [33, 34, 35]
+    seen[:] = []
+    out2 = generate(model, torch.tensor([turn2]), max_new_tokens=5, stop_token_ids=[], strategy="speculative",
+                    prompt_cache=cache)
+    assert seen[0] == len(turn2) - (len(turn1) - 1)  # the first turn's prompt loaded, but for its last token
+    assert out2.tokens == generate(model, torch.tensor([turn2]), max_new_tokens=5, stop_token_ids=[],
+                                   strategy="speculative").tokens
+    assert [tokens for tokens, _, _ in cache.entries.values()] == [tuple(turn2)]
+    assert cache.hits == 1 and cache.reused_tokens == len(turn1) - 1
+
+
+def test_entries_are_found_by_kind_and_dropped_past_the_byte_budget():
+    """Greedy writes no extra heads' keys: speculative decoding does not start from its entries (and is right
+    without them); weights changed in place make every entry stale; the least recently used entries go past
+    `max_bytes`; a prompt that adds fewer than `min_tokens` tokens is not kept."""
+    model = tiny_mtp("llama", num_heads=3, seed=2, dtype=torch.float64, vocab_size=40)
+    cache = PromptCache(min_tokens=4)
+    prompt = list(range(1, 21))
+    generate(model, torch.tensor([prompt]), max_new_tokens=3, stop_token_ids=[], prompt_cache=cache)
+    spec = dict(max_new_tokens=6, stop_token_ids=[], strategy="speculative")
+    out = generate(model, torch.tensor([prompt + [5, 6]]), prompt_cache=cache, **spec)
+    assert cache.hits == 0 and out.tokens == generate(model, torch.tensor([prompt + [5, 6]]), **spec).tokens
+    with torch.no_grad():
+        next(model.extra_heads.parameters()).mul_(1.5)
+    out = generate(model, torch.tensor([prompt + [5, 6]]), prompt_cache=cache, **spec)
+    assert cache.hits == 0 and out.tokens == generate(model, torch.tensor([prompt + [5, 6]]), **spec).tokens
+    generate(model, torch.tensor([prompt + [5, 6, 7]]), prompt_cache=cache, **spec)  # adds 2 tokens: not kept
+    assert cache.hits == 1 and len(cache.entries) == 3
+    small = PromptCache(min_tokens=4)
+    for first in (1, 2, 3):
+        generate(model, torch.tensor([[first] + prompt]), prompt_cache=small, **spec)
+        if first == 1:
+            small.max_bytes = 2 * small.nbytes + 100  # room for two
+    assert [tokens[0] for tokens, _, _ in small.entries.values()] == [2, 3]

@@ -28,6 +28,7 @@ from mtp.decoding.batcher import Batcher, StreamedText
 from mtp.decoding.commands import encode_prompts
 from mtp.decoding.generate import generate
 from mtp.decoding.logprobs import prompt_logprobs
+from mtp.decoding.prefixes import PromptCache
 from mtp.decoding.serve import Server
 from mtp.errors import MTPError
 from test_cli import run_cli
@@ -51,10 +52,13 @@ def model():
 
 
 @contextmanager
-def served(model, start: bool = True, max_batch_size: int = 8, batch_window: float = 0.01, log=None, **decode):
+def served(model, start: bool = True, max_batch_size: int = 8, batch_window: float = 0.01, log=None,
+           prompt_cache: bool = True, **decode):
+    """A server of `model` on a free port (as `mtp serve` makes it: continuous batching and a prompt cache,
+    which keeps prompts of 4 tokens or more here, so that the tests' short prompts start from each other)."""
     server = Server("127.0.0.1", 0)
     batcher = Batcher(model, {"strategy": "speculative", "graphs": False} | decode, max_batch_size, batch_window,
-                      log=log or (lambda line: None))
+                      log=log or (lambda line: None), prompt_cache=PromptCache(min_tokens=4) if prompt_cache else None)
     server.attach(batcher, "tiny", decode.get("strategy", "speculative"), max_tokens=16)
     server.access_log = False
     if start:
@@ -763,6 +767,24 @@ def test_metrics_count_what_was_decoded(model, monkeypatch):
     assert values["mtp_generated_tokens_total"] == body["usage"]["completion_tokens"]
     assert values["mtp_tokens_per_forward"] == pytest.approx(batch["tokens_per_forward"], abs=1e-3)
     assert "# TYPE mtp_answered_total counter" in text
+
+
+def test_a_conversations_next_turn_starts_from_the_turn_before(model):
+    """A chat's next turn (the conversation so far, its answer, a new message) starts from the keys and values
+    the server kept of the turn before; its answer is the one it gets without them, and /metrics counts the
+    tokens it did not feed."""
+    turn = [{"role": "system", "content": "Answer in one word."}, {"role": "user", "content": "What is 7 + 5?"}]
+    with served(model) as server:
+        _, first = post(server, "/v1/chat/completions", {"messages": turn, "max_tokens": 6})
+        turn += [first["choices"][0]["message"], {"role": "user", "content": "And times 2?"}]
+        _, second = post(server, "/v1/chat/completions", {"messages": turn, "max_tokens": 6})
+        with urllib.request.urlopen(server.url + "/metrics") as r:
+            text = r.read().decode()
+        reused = server.batcher.prompt_cache.reused_tokens
+    with served(model, prompt_cache=False) as server:
+        _, alone = post(server, "/v1/chat/completions", {"messages": turn, "max_tokens": 6})
+    assert second["choices"][0]["message"] == alone["choices"][0]["message"]
+    assert reused == first["usage"]["prompt_tokens"] - 1 and f"mtp_prompt_cache_tokens_total {reused}" in text
 
 
 def test_an_api_key_is_asked_of_every_v1_request(model):

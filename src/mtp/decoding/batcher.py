@@ -36,6 +36,7 @@ from mtp.decoding.generate import (
 )
 from mtp.decoding.generate import generate as generate_tokens
 from mtp.decoding.logprobs import TokenLogprob, prompt_logprobs
+from mtp.decoding.prefixes import PromptCache
 from mtp.decoding.stopping import cut_at_stop
 from mtp.errors import MTPError, first_line
 
@@ -144,13 +145,15 @@ class Counts:
         self.row_forwards += stats.row_forwards
         self.decode_seconds += stats.seconds
 
-    def prometheus(self, waiting: int) -> str:
-        """The counts in Prometheus' text format."""
+    def prometheus(self, waiting: int, reused: int = 0) -> str:
+        """The counts in Prometheus' text format (`reused`: prompt tokens the prompt cache held)."""
         rows = [("answered", "counter", "prompts answered", self.answered),
                 ("cancelled", "counter", "prompts whose clients left before the answer was done", self.cancelled),
                 ("failed", "counter", "prompts that failed to decode", self.failed),
                 ("batches", "counter", "batches decoded", self.batches),
                 ("prompt_tokens", "counter", "prompt tokens of the prompts answered", self.prompt_tokens),
+                ("prompt_cache_tokens", "counter", "prompt tokens loaded from earlier prompts' keys and values, not "
+                 "fed", reused),
                 ("generated_tokens", "counter", "tokens generated", self.generated_tokens),
                 ("row_forwards", "counter", "forwards each row took part in, summed", self.row_forwards),
                 ("decode_seconds", "counter", "seconds spent decoding", round(self.decode_seconds, 6)),
@@ -192,6 +195,7 @@ class Batcher:
     thread: threading.Thread | None = None
     join: bool = True  # jobs join a batch that decodes (False: static batching)
     join_room: int = 512  # cache slots a batch keeps past its first jobs' needs, for the jobs that join it
+    prompt_cache: PromptCache | None = None  # recent prompts' keys and values, which later prompts start from
 
     def _generate(self, jobs: list[Job], sent: list[bool], before_first: Callable[[int], None],
                   finish: Callable[[int, list[int], list | None, GenerationStats], None]) -> GenerationResult:
@@ -230,7 +234,7 @@ class Batcher:
                                max_new_tokens=[j.sampling.max_tokens for j in jobs], do_sample=s.do_sample,
                                temperature=s.temperature, top_p=s.top_p, top_k=s.top_k, seed=seed,
                                stop_strings=list(s.stop) or None, streamer=stream, logprobs=s.logprobs,
-                               halt=halt, admit=admit, on_end=finish, **options)
+                               halt=halt, admit=admit, on_end=finish, prompt_cache=self.prompt_cache, **options)
 
     def _joining(self, jobs: list[Job], sent: list[bool], active: int,
                  fits: Callable[[int, int], bool]) -> list[tuple[list[int], int]]:

@@ -2,10 +2,11 @@
 
 Each line typed is a user turn; the conversation so far goes through the tokenizer's chat template, and the answer
 is decoded with any strategy (lossless speculative decoding by default: the answers greedy decoding gives, sooner)
-and printed as its text becomes final (`IncrementalText`), then its speed on stderr. `/reset` starts a new
-conversation, `/save FILE` adds it to a JSONL of conversations (what `mtp train --data` reads), `/quit` or Ctrl-D
-ends; Ctrl-C stops the answer being written (the turn is dropped) and the chat goes
-on. A conversation longer than the context keeps its last tokens.
+and printed as its text becomes final (`IncrementalText`), then its speed on stderr. Each turn starts from the keys
+and values of the turn before it (`mtp.decoding.prefixes.PromptCache`): only what is new is fed. `/reset` starts a
+new conversation, `/save FILE` adds it to a JSONL of conversations (what `mtp train --data` reads), `/quit` or
+Ctrl-D ends; Ctrl-C stops the answer being written (the turn is dropped) and the chat goes on. A conversation
+longer than the context keeps its last tokens.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from typing import Literal
 from mtp.decoding.commands import IncrementalText, encode_prompts
 from mtp.decoding.generate import generate as generate_tokens
 from mtp.decoding.options import DraftOptions, SamplingOptions, WeightOptions
+from mtp.decoding.prefixes import PromptCache
 from mtp.errors import MTPError, first_line
 from mtp.evaluation.prompts import has_chat_template
 from mtp.io import atomic_write_lines, read_text
@@ -55,8 +57,9 @@ def chat(model: str | None = None, system: str | None = None,
     if not has_chat_template(tok):
         raise MTPError("mtp chat needs a tokenizer with a chat template (chat_template.jinja, or one in "
                        "tokenizer_config.json); `mtp generate --no-chat` decodes plain prompts")
+    # each turn's prompt starts with the one before it: its keys and values are kept, and only the rest is fed
     options = dict(max_new_tokens=max_new_tokens, strategy=strategy, truncate_prompt=True, graphs=use_graphs,
-                   **drafts.generate_kwargs(), **sampling.generate_kwargs())
+                   prompt_cache=PromptCache(256 << 20), **drafts.generate_kwargs(), **sampling.generate_kwargs())
     opening = [{"role": "system", "content": system}] if system else []
     messages = list(opening)
     print(f"mtp chat: {strategy} decoding on {weights.describe(runtime)}; /reset starts over, /save FILE keeps the "
@@ -69,6 +72,7 @@ def chat(model: str | None = None, system: str | None = None,
             break
         if text == RESET:
             messages = list(opening)
+            options["prompt_cache"].clear()
             print("(a new conversation)", file=sys.stderr, flush=True)
             continue
         if text == SAVE or text.startswith(SAVE + " "):

@@ -36,6 +36,7 @@ from mtp.decoding.blocks import (  # noqa: F401  (DraftLength, accepted_per_posi
 from mtp.decoding.drafters import Drafter, DraftRequest, Proposer, drafter_for  # noqa: F401  (DraftRequest: re-exported)
 from mtp.decoding.inputs import common_prefix, left_pad, token_batch  # noqa: F401  (common_prefix, left_pad: re-exported)
 from mtp.decoding.logprobs import TokenLogprob, unpack
+from mtp.decoding.prefixes import PromptCache, Start, Starts
 from mtp.decoding.step import (  # noqa: F401  (Strategy: re-exported)
     ACCEPTED,
     COUNT,
@@ -135,12 +136,13 @@ def iter_generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor |
                   on_trunk: TrunkObserver | None = None, graphs: bool | str = False,
                   budgets: list[int] | None = None, admit: Admission | None = None,
                   on_end: Callable[[int], None] | None = None,
-                  prefix: Sequence[int] | None = None) -> Iterator[tuple[int, list[int], list[TokenLogprob] | None]]:
+                  prefix: Sequence[int] | None = None, prompt_cache: PromptCache | None = None
+                  ) -> Iterator[tuple[int, list[int], list[TokenLogprob] | None]]:
     """Yield (row index, newly emitted tokens, their log-probabilities if `opts.logprobs` asks for them) as
     decoding proceeds. See `generate` for the arguments; `budgets`: each row's new tokens at most (default:
     `opts.max_new_tokens`, which must be their largest); `admit`: prompts that join (`Admission`); `on_end(row)`:
     called once for every row, when it ended (after its last tokens were yielded), while the others decode on;
-    `prefix`: token ids prompts start with, fed once (`generate`).
+    `prefix`, `prompt_cache`: keys and values prompts start from (`generate`).
 
     One loop for every method and strategy: the drafter (`drafter_for(model, opts)` by default; see
     `mtp.decoding.drafters`) and the step (`mtp.decoding.step`) do the method's work on the device; here the
@@ -154,13 +156,15 @@ def iter_generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor |
         attention_mask = torch.ones_like(input_ids)
     attention_mask = attention_mask.to(device=device, dtype=torch.bool)
     static = bool(graphs) or device.type != "cpu"
-    if prefix is not None and on_trunk is not None:
-        raise MTPError("prefix: an observer of the trunk (on_trunk) would not see the prefix's positions")
-    prefix = _Prefix.of(prefix)
-    fed_ids, fed_mask, uses = _fed_prompts(input_ids, attention_mask, prefix)
+    if (prefix is not None or prompt_cache is not None) and on_trunk is not None:
+        raise MTPError("prefix, prompt_cache: an observer of the trunk (on_trunk) would not see the positions a "
+                       "prompt loads")
+    starts = Starts(model, drafter, prefix, prompt_cache, static, device, stats)
+    fed_ids, fed_mask, row_starts, prompts = _fed_prompts(input_ids, attention_mask, starts)
     if static:  # static shapes: a few prompt widths, so that the prompt's step replays too
         fed_ids, fed_mask = _pad_to_bucket(fed_ids, fed_mask, PROMPT_BUCKET)
-    b, prompt_len = input_ids.shape[0], (prefix.cached if any(uses) else 0) + fed_ids.shape[1]  # slots it fills
+    loaded = max((s.slots for s in row_starts if s is not None), default=0)
+    b, prompt_len = input_ids.shape[0], loaded + fed_ids.shape[1]  # (the slots the prompt step fills, at most)
     verifying = opts.strategy in ("greedy", "speculative")
     lookup = opts.lookup if verifying else 0
     stats.draft_positions = [0] * max(drafter.num_drafts, lookup)
@@ -174,15 +178,17 @@ def iter_generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor |
     steps = _steps_for(model, drafter, opts, b, need, stop, generator, on_trunk is not None, graphs, gate, device)
     budgets = budgets if budgets is not None else [opts.max_new_tokens] * b
     state = _prompt_state(input_ids, attention_mask, budgets, steps.cache_len if lookup else 0, fed_ids, fed_mask)
-    if any(uses):  # the rows that start with the prefix start from its keys and values
-        steps.start_rows(prefix.computed(drafter, steps.cache_len, static, device, stats), uses)
+    if loaded:  # rows that start from keys and values computed before load them
+        steps.cache.start_rows(row_starts)
     batch = _HostRows(list(range(b)), [True] * b, list(budgets))
     pipelined = LAUNCH_AHEAD and graphs and on_trunk is None
     ahead, draining = None, False  # (result, block) of the step launched ahead; whether a shrink waits for it
     block = Block(0, 0)  # the prompt is fed alone
     gate.launched(("prompt", block))
     state, result = steps.prefill(state)
-    fits, next_row = _fitting(model, drafter, steps.cache_len, static, prefix), b  # (joined rows' indices)
+    for row, ids in enumerate(prompts):  # (what a prompt cache keeps of them)
+        starts.keep(ids, row_starts[row], steps.cache, row)
+    fits, next_row = _fitting(model, drafter, steps.cache_len, static, starts), b  # (joined rows' indices)
     while True:
         most = emitted_width(result.host.shape[1], opts.logprobs)  # tokens a row may emit in the step being read
         joining = admit.take(sum(batch.active), fits) if joinable else []  # (joined after this step is read)
@@ -214,7 +220,7 @@ def iter_generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor |
         draining = False
         if joining:  # each prompt's own step first, then one batch with the rows that go on
             joined = yield from _join_prompts(steps, joining, next_row, static, lookup, stop, stats, opts.logprobs,
-                                              on_end, prefix)
+                                              on_end, starts)
             next_row, gate.untimed = next_row + len(joining), True  # (this read's interval held their steps)
             keep = None if joined else keep
             batch, state = steps.join(state, batch, joined) if joined else (batch, state)
@@ -253,24 +259,22 @@ class _EagerSteps:
     def __init__(self, drafter: Drafter, opts: DecodeOptions, batch: int, need: int, stop_ids: torch.Tensor,
                  generator: torch.Generator | None, observe: bool, defer_capacity: int, static_cache: bool):
         cache = drafter.new_cache(batch, need, static=static_cache)
-        self.drafter = drafter
         self.decoder = Decoder(drafter, opts, cache, stop_ids, generator, observe, defer_capacity)
         self.cache_len = cache.max_len
         self.device = stop_ids.device
 
-    def start_rows(self, prefix: MTPCache, rows: list[bool]) -> None:
-        """Rows marked in `rows` start from the prefix's cache (`MTPCache.start_rows`)."""
-        self.decoder.cache.start_rows(prefix, torch.tensor(rows, device=self.device))
+    @property
+    def cache(self) -> MTPCache:
+        return self.decoder.cache
 
     def prefill_joining(self, prompt: DecodeState,
-                        start: MTPCache | None) -> tuple[DecodeState, StepResult, MTPCache]:
-        """A prompt that joins the batch: its step, in a cache of its own as long as the batch's (starting from
-        the prefix's cache `start`, if any), drawing from the batch's generator (the state after it, the step's
-        result, that cache)."""
+                        start: Start | None) -> tuple[DecodeState, StepResult, MTPCache]:
+        """A prompt that joins the batch: its step, in a cache of its own as long as the batch's (loading `start`
+        first, if any), drawing from the batch's generator (the state after it, the step's result, that cache)."""
         d = self.decoder
         cache = d.drafter.new_cache(1, self.cache_len, static=d.cache.static)
         if start is not None:
-            cache.start_rows(start, torch.ones(1, dtype=torch.bool, device=self.device))
+            cache.start_rows([start])
         alone = Decoder(d.drafter, d.opts, cache, d.stop_ids, d.generator, False, d.defer_capacity)
         return *alone.step(prompt, 0, 0), cache
 
@@ -304,15 +308,14 @@ class _ReplayedSteps:
                                              generator=generator, observe=observe, compiled=compiled,
                                              defer_capacity=defer_capacity)
         self.defer_capacity = defer_capacity
-        self.drafter = drafter
         self.session = self.session_for(batch_size=batch)
         self.session.cache.reset()
         self.cache_len = self.session.cache.max_len
         self.device = stop_ids.device
 
-    def start_rows(self, prefix: MTPCache, rows: list[bool]) -> None:
-        """Rows marked in `rows` start from the prefix's cache (`MTPCache.start_rows`), in the session's buffers."""
-        self.session.cache.start_rows(prefix, torch.tensor(rows, device=self.device))
+    @property
+    def cache(self) -> MTPCache:
+        return self.session.cache
 
     def prefill(self, state: DecodeState) -> tuple[DecodeState, StepResult]:
         return self.session.prefill(state)
@@ -328,15 +331,12 @@ class _ReplayedSteps:
         return state
 
     def prefill_joining(self, prompt: DecodeState,
-                        start: MTPCache | None) -> tuple[DecodeState, StepResult, MTPCache]:
+                        start: Start | None) -> tuple[DecodeState, StepResult, MTPCache]:
         """A prompt that joins the batch: its step replayed in a one-row session of its own (the batch's holds
-        the batch; its cache starting from the prefix's `start`, if any) from the prompt graph of its width, its
-        draws going on from the batch's; its state and cache copied out (the next prompt's step overwrites the
-        session's)."""
+        the batch; its cache loading `start` first, if any) from the prompt graph of its width, its draws going
+        on from the batch's; its state and cache copied out (the next prompt's step overwrites the session's)."""
         alone = self.session_for(batch_size=1, joining=True).continue_draws(self.session)
-        alone.cache.reset()
-        if start is not None:
-            alone.cache.start_rows(start, torch.ones(1, dtype=torch.bool, device=self.device))
+        alone.cache.start_rows([start])  # (empty: None)
         state, result = alone.prefill(prompt)
         self.session.continue_draws(alone)
         cache = alone.decoder.drafter.new_cache(1, self.cache_len, static=True)
@@ -399,63 +399,29 @@ class _Joined:
     index: torch.Tensor
 
 
-@dataclass
-class _Prefix:
-    """Token ids prompts start with (a few-shot prompt's examples, a system prompt), fed once: the keys and values
-    of all but its last token are computed in a one-row cache, which each prompt that starts with it loads before
-    its own step feeds the rest (from the prefix's last token on). No prefix: `ids` empty."""
-
-    ids: list[int]
-    cache: MTPCache | None = None  # computed at first use
-
-    @staticmethod
-    def of(ids: Sequence[int] | None) -> _Prefix:
-        ids = [int(t) for t in ids] if ids is not None else []
-        return _Prefix(ids if len(ids) > 1 else [])  # (one token: nothing to keep)
-
-    @property
-    def cached(self) -> int:
-        """Slots the prefix's cache holds (all of its tokens but the last)."""
-        return max(len(self.ids) - 1, 0)
-
-    def split(self, ids: list[int]) -> tuple[bool, list[int]]:
-        """(whether the prompt `ids` starts with the prefix, the tokens its own step feeds)."""
-        if self.ids and ids[: len(self.ids)] == self.ids:
-            return True, ids[self.cached:]
-        return False, ids
-
-    def computed(self, drafter: Drafter, cache_len: int, static: bool, device: torch.device,
-                 stats: GenerationStats) -> MTPCache:
-        """The prefix's one-row cache of `cache_len` slots (the batch's), computed at the first call (a forward
-        the statistics count)."""
-        if self.cache is None:
-            self.cache = drafter.new_cache(1, cache_len, static=static)
-            drafter.fill(self.cache, torch.tensor([self.ids], dtype=torch.long, device=device))
-            stats.forward_passes += 1
-        return self.cache
-
-
 def _fed_prompts(input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                 prefix: _Prefix) -> tuple[torch.Tensor, torch.Tensor, list[bool]]:
-    """(the left-padded tokens the prompt step feeds (B, W), their mask, which rows start with the prefix): a row
-    that does feeds the tokens after the prefix's cached ones, the others their whole prompt."""
-    if not prefix.ids:
-        return input_ids, attention_mask, [False] * input_ids.shape[0]
-    split = [prefix.split(row[mask].tolist()) for row, mask in zip(input_ids, attention_mask, strict=True)]
+                 starts: Starts) -> tuple[torch.Tensor, torch.Tensor, list[Start | None], list[list[int]]]:
+    """(the left-padded tokens the prompt step feeds (B, W), their mask, where each row starts, each row's
+    prompt): a row that starts from a cache feeds the tokens after the ones it loads, the others their whole
+    prompt."""
+    if not starts.possible:
+        return input_ids, attention_mask, [None] * input_ids.shape[0], []
+    prompts = [row[mask].tolist() for row, mask in zip(input_ids, attention_mask, strict=True)]
+    split = [starts.split(ids) for ids in prompts]
     fed_ids, fed_mask = left_pad([fed for _, fed in split], 0)
-    return fed_ids.to(input_ids.device), fed_mask.to(input_ids.device, torch.bool), [uses for uses, _ in split]
+    return (fed_ids.to(input_ids.device), fed_mask.to(input_ids.device, torch.bool), [start for start, _ in split],
+            prompts)
 
 
-def _fitting(model, drafter: Drafter, cache_len: int, static: bool,
-             prefix: _Prefix) -> Callable[[int, int], bool]:
+def _fitting(model, drafter: Drafter, cache_len: int, static: bool, starts: Starts) -> Callable[[int, int], bool]:
     """Whether a prompt of p tokens with up to m new ones fits a batch's cache of `cache_len` slots (its prompt
-    padded as the batch's were, after the prefix's slots where it may start with it) and the model's context."""
+    padded as the batch's were, after the slots it may load: `Starts`) and the model's context."""
     limit = context_limit(model)
 
     def fits(p: int, m: int) -> bool:
         width = -(-p // PROMPT_BUCKET) * PROMPT_BUCKET if static else p
-        if static and prefix.ids and p > prefix.cached:
-            width = max(width, prefix.cached + -(-(p - prefix.cached) // PROMPT_BUCKET) * PROMPT_BUCKET)
+        if static and starts.possible:  # loaded slots, then the rest padded to a prompt width
+            width += PROMPT_BUCKET
         return (p > 0 and m > 0 and width + m + drafter.extra_slots + 2 <= cache_len
                 and (limit is None or p + m + drafter.lookahead <= limit))
 
@@ -464,14 +430,15 @@ def _fitting(model, drafter: Drafter, cache_len: int, static: bool,
 
 def _join_prompts(steps: _EagerSteps | _ReplayedSteps, prompts: list[tuple[list[int], int]], first: int,
                   static: bool, lookup: int, stop: StopChecker, stats: GenerationStats, top: int | None,
-                  on_end: Callable[[int], None] | None, prefix: _Prefix):
-    """Each prompt's step, alone (rows first, first + 1, ...; from the prefix's cache where it starts with the
-    prefix): yields their first tokens as `iter_generate` does, and returns those that go on (`_Joined`)."""
+                  on_end: Callable[[int], None] | None, starts: Starts):
+    """Each prompt's step, alone (rows first, first + 1, ...; from keys and values computed before where
+    `starts` has them): yields their first tokens as `iter_generate` does, and returns those that go on
+    (`_Joined`)."""
     stop.add_rows(len(prompts))
     joined, device = [], steps.device
     for row, (ids, budget) in enumerate(prompts, first):
         input_ids = torch.tensor([ids], dtype=torch.long, device=device)
-        uses, fed = prefix.split(ids)
+        start, fed = starts.split(ids)
         fed_ids = torch.tensor([fed], dtype=torch.long, device=device)
         fed_mask = torch.ones_like(fed_ids, dtype=torch.bool)
         if static:
@@ -479,8 +446,8 @@ def _join_prompts(steps: _EagerSteps | _ReplayedSteps, prompts: list[tuple[list[
         prompt = _prompt_state(input_ids, torch.ones_like(input_ids, dtype=torch.bool), [budget],
                                steps.cache_len if lookup else 0, fed_ids, fed_mask)
         prompt.rows = torch.tensor([row], device=device)
-        start = prefix.computed(steps.drafter, steps.cache_len, static, device, stats) if uses else None
         state, result, cache = steps.prefill_joining(prompt, start)
+        starts.keep(ids, start, cache, 0)
         host = _HostRows([row], [True], [budget])
         emitted, _, ended = _read_rows(result.host.tolist(), host, stop, state.finished, top)
         stats.forward_passes += 1
@@ -660,7 +627,8 @@ def generate(model, input_ids: torch.Tensor | list, attention_mask: torch.Tensor
              logprobs: int | None = None, halt: Callable[[int], bool] | None = None,
              admit: Admission | None = None,
              on_end: Callable[[int, list[int], list[TokenLogprob] | None, GenerationStats], None] | None = None,
-             prefix: Sequence[int] | torch.Tensor | None = None) -> GenerationResult:
+             prefix: Sequence[int] | torch.Tensor | None = None,
+             prompt_cache: PromptCache | None = None) -> GenerationResult:
     """Generate continuations of a left-padded batch of prompts.
 
     Args:
@@ -714,6 +682,9 @@ def generate(model, input_ids: torch.Tensor | list, attention_mask: torch.Tensor
             joins) that starts with them feeds only what follows, instead of every prompt feeding it again. The
             output is the one without it, up to rounding (the prefix's keys come from a forward of their own).
             Not with `on_trunk`.
+        prompt_cache: a `mtp.decoding.prefixes.PromptCache` kept between calls: each prompt starts from the keys
+            and values of the prompt before it that shares the most first tokens with it (a conversation's
+            earlier turns, a system prompt), and is kept in it for the calls after. Same output, as `prefix`.
     """
     if use_speculative is not None:
         spelled = "speculative" if use_speculative else "greedy"
@@ -763,7 +734,8 @@ def generate(model, input_ids: torch.Tensor | list, attention_mask: torch.Tensor
     for row, new, row_scores in iter_generate(model, input_ids, attention_mask, opts=opts, stop=stop,
                                               generator=generator, stats=stats, drafter=drafter, on_trunk=on_trunk,
                                               graphs=graphs, budgets=budgets, admit=admit,
-                                              on_end=end if on_end is not None else None, prefix=prefix):
+                                              on_end=end if on_end is not None else None, prefix=prefix,
+                                              prompt_cache=prompt_cache):
         tokens[row].extend(new)
         if scores is not None:
             scores[row].extend(row_scores)

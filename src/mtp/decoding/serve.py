@@ -34,6 +34,7 @@ from mtp.decoding.batcher import Batcher, Finished, Job, StreamedText
 from mtp.decoding.commands import IncrementalText, encode_prompts
 from mtp.decoding.generate import context_limit, context_room
 from mtp.decoding.options import DraftOptions, WeightOptions
+from mtp.decoding.prefixes import PromptCache
 from mtp.errors import MTPError, first_line
 from mtp.evaluation.prompts import has_chat_template
 from mtp.options import with_flat_keywords
@@ -59,7 +60,8 @@ class Handler(BaseHTTPRequestHandler):
         elif route == "/metrics":
             with self.server.batcher.ready:
                 waiting = len(self.server.batcher.waiting)
-            data = self.server.batcher.counts.prometheus(waiting).encode()
+            cache = self.server.batcher.prompt_cache
+            data = self.server.batcher.counts.prometheus(waiting, cache.reused_tokens if cache else 0).encode()
             self.send_response(HTTPStatus.OK)
             self.send_header("Content-Type", "text/plain; version=0.0.4")
             self.send_header("Content-Length", str(len(data)))
@@ -476,7 +478,8 @@ class Server(ThreadingHTTPServer):
 def serve(model: str | None = None, host: str = "127.0.0.1", port: int = 8000, served_model_name: str | None = None,
           strategy: Literal["greedy", "speculative", "confadapt", "static"] = "speculative",
           max_new_tokens: int = 256, max_batch_size: int = 8, batch_window_ms: float = 10.0,
-          batching: Literal["continuous", "static"] = "continuous", api_key: str | None = None, access_log: bool = True,
+          batching: Literal["continuous", "static"] = "continuous", prompt_cache_mb: int = 1024,
+          api_key: str | None = None, access_log: bool = True,
           drafts: DraftOptions | None = None, weights: WeightOptions | None = None, **flat: object) -> int:
     """Serve a model over HTTP with the OpenAI API: /v1/completions, /v1/chat/completions (streamed or not).
 
@@ -499,6 +502,8 @@ def serve(model: str | None = None, host: str = "127.0.0.1", port: int = 8000, s
             its first) or it is full: a burst of requests is decoded together; 0: it starts at once.
         batching: continuous (requests that come while a batch decodes join it between two steps, where a row is
             free and they fit: their first tokens come at once) | static (they wait for the next batch).
+        prompt_cache_mb: keys and values of recent prompts kept (MiB, on the model's device): a prompt that starts
+            like one of them (a conversation's next turn, the same system prompt) feeds only the rest; 0: none.
         api_key: requests must carry this key ("Authorization: Bearer KEY", an OpenAI client's api_key); default:
             the environment's MTP_API_KEY, else none is asked (listen on 127.0.0.1 only, then).
         access_log: a line on stderr for every HTTP request (each decoded batch has its own line either way).
@@ -508,7 +513,7 @@ def serve(model: str | None = None, host: str = "127.0.0.1", port: int = 8000, s
     drafts, weights = with_flat_keywords("serve", {"drafts": drafts or DraftOptions(),
                                                    "weights": weights or WeightOptions()}, flat).values()
     check_values({"max_new_tokens": max_new_tokens, "max_batch_size": max_batch_size, "port": port,
-                  "batch_window_ms": batch_window_ms})
+                  "batch_window_ms": batch_window_ms, "prompt_cache_mb": prompt_cache_mb})
     drafts.check()
     runtime, use_graphs = weights.runtime()
     resolve_model(model)  # a model that is not there: one line before the port is taken
@@ -516,7 +521,8 @@ def serve(model: str | None = None, host: str = "127.0.0.1", port: int = 8000, s
     try:
         m = weights.load(model, runtime, strategy)
         batcher = Batcher(m, dict(strategy=strategy, graphs=use_graphs, **drafts.generate_kwargs()), max_batch_size,
-                          batch_window_ms / 1000, join=batching == "continuous")
+                          batch_window_ms / 1000, join=batching == "continuous",
+                          prompt_cache=PromptCache(prompt_cache_mb << 20) if prompt_cache_mb else None)
         server.attach(batcher, served_model_name or model_label(model), strategy, max_new_tokens)
         server.access_log, server.quantize = access_log, weights.quantize
         server.api_key = api_key if api_key is not None else os.environ.get("MTP_API_KEY") or None

@@ -314,15 +314,53 @@ class MTPCache:
                 rows.append(kv)
             mine.kv = put(mine.kv, torch.cat(rows, 2))
 
-    def start_rows(self, prefix: MTPCache, rows: torch.Tensor) -> None:
-        """The rows marked in `rows` (B,) bool start as the one row of `prefix` (a prompt prefix computed once),
-        the others empty. In place where the buffers exist (a captured graph reads them)."""
-        self.load_rows([(prefix, torch.zeros(self.batch_size, dtype=torch.long, device=rows.device))])
-        self.valid &= rows[:, None]
-        self.length *= rows
-        self.next_pos *= rows
+    def start_rows(self, starts: list) -> None:
+        """Row b starts as the first `starts[b].slots` slots of the one-row cache `starts[b].cache` (the keys and
+        values of tokens its prompt starts with, computed before: `mtp.decoding.prefixes`), or empty (None). In
+        place where the buffers exist (a captured graph reads them)."""
+        self.reset()
+        used = [(b, s) for b, s in enumerate(starts) if s is not None and s.slots > 0]
+        if not used:
+            return
+        self._reserve(max(s.slots for _, s in used))
+        for b, s in used:
+            self.valid[b, : s.slots] = True
+        rows = torch.tensor([b for b, _ in used], device=self.length.device)
+        counts = torch.tensor([s.slots for _, s in used], device=self.length.device)
+        self.length[rows] = counts
+        self.next_pos[rows] = counts
         if not self.static:
-            self.longest = int(self.length.max())
+            self.longest = max(s.slots for _, s in used)
+        groups: dict[tuple[int, int], tuple[object, list[int]]] = {}  # rows that start alike: one copy a stack
+        for b, s in used:
+            groups.setdefault((id(s.cache), s.slots), (s, []))[1].append(b)
+        for k, mine in enumerate(self.stacks):
+            for s, group in groups.values():
+                theirs = s.cache.stacks[k]
+                if theirs.kv is None:  # a stack the start's decoding never wrote (it does not need it either)
+                    continue
+                if mine.kv is None:  # (layers, 2, B, kv_heads, slots, D)
+                    shape = theirs.kv.shape
+                    mine.kv = theirs.kv.new_zeros((shape[0], 2, self.batch_size, shape[3], self.capacity, shape[5]))
+                    mine.row = dict(theirs.row)
+                index = torch.tensor(group, device=mine.kv.device)
+                mine.kv[:, :, index, :, : s.slots] = theirs.kv[:, :, :1, :, : s.slots]
+
+    def compact_row(self, row: int) -> MTPCache:
+        """Row `row`'s tokens as a one-row cache of its own, slot i holding its i-th token (its padding left out):
+        what a later prompt that starts with the same tokens starts from (`start_rows`)."""
+        slots = self.valid[row, : int(self.length[row])].nonzero()[:, 0]  # (n,) the row's tokens, in order
+        n = slots.numel()
+        out = MTPCache(1, max(n, 1), len(self.stacks), self.valid.device)
+        out.valid[0, :n] = True
+        out.length.fill_(n)
+        out.next_pos.fill_(n)
+        out.capacity = out.longest = n
+        for mine, theirs in zip(self.stacks, out.stacks, strict=True):
+            if mine.kv is not None:
+                theirs.row, theirs.num_layers = dict(mine.row), mine.kv.shape[0]
+                theirs.kv = mine.kv[:, :, row : row + 1].index_select(4, slots)  # (layers, 2, 1, H, n, D): a copy
+        return out
 
     def select_rows(self, index: torch.Tensor) -> None:
         """Keep only the given batch rows (finished rows stop costing work)."""

@@ -1,0 +1,144 @@
+"""Prompts that start from keys and values computed before and feed only the rest: a prefix the caller names
+(`generate(prefix=...)`: a few-shot prompt's examples, computed once per call) or prompts decoded before
+(`PromptCache`, kept between calls: a conversation's earlier turns, a server's system prompt; what vLLM's
+automatic prefix caching and SGLang's radix cache do, in small).
+
+A prompt whose first n tokens a one-row cache holds loads the keys and values of the first n - 1 and feeds the
+rest, from the n-th token on: a head that reads the token after a position then reads the prompt's own at every
+loaded position (at the cache's last one it read the model's guess, or the prefix's next token).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from mtp.models.cache import MTPCache
+from mtp.models.weight_state import outlived, storage_refs, weights_state
+
+
+@dataclass
+class Start:
+    """Where a prompt's step starts: the first `slots` slots of a one-row cache (slot i: the prompt's token i)."""
+
+    cache: MTPCache
+    slots: int
+
+
+def shared_length(a: Sequence[int], b: Sequence[int]) -> int:
+    """How many tokens `a` and `b` start with alike."""
+    n = min(len(a), len(b))
+    return next((i for i in range(n) if a[i] != b[i]), n)
+
+
+class PromptCache:
+    """Keys and values of prompts decoded before, kept between `generate` calls: a prompt that starts like one of
+    them (a conversation's next turn, a request with the same system prompt) starts from them and feeds only the
+    rest. One entry per prompt, one compact row each (no padding); an entry that another one's prompt extends is
+    dropped (a conversation keeps its latest turn); the least recently used go first past `max_bytes`. Entries
+    hold the stacks one way of decoding writes (greedy leaves the extra heads out) of one model's weights as they
+    were: a prompt finds only entries of its own kind.
+
+    Pass it to every call that should share it: `generate(..., prompt_cache=cache)`; `mtp serve` and `mtp chat`
+    keep one."""
+
+    def __init__(self, max_bytes: int = 1 << 30, min_tokens: int = 16):
+        self.max_bytes = max_bytes
+        self.min_tokens = min_tokens  # prompts that would add fewer tokens than this are not kept
+        self.entries: OrderedDict[tuple, tuple[tuple[int, ...], MTPCache, tuple]] = OrderedDict()
+        self.hits = self.reused_tokens = 0  # prompts that started from an entry, and the tokens they did not feed
+
+    @property
+    def nbytes(self) -> int:
+        return sum(cache.nbytes for _, cache, _ in self.entries.values())
+
+    def find(self, ids: Sequence[int], kind: tuple) -> tuple[MTPCache | None, int]:
+        """The entry of this kind whose prompt shares the most first tokens with `ids`, and how many it shares."""
+        best, most = None, 0
+        for key, (tokens, _, refs) in list(self.entries.items()):
+            if outlived(refs):  # the weights it was computed from are gone
+                del self.entries[key]
+                continue
+            if key[0] != kind:
+                continue
+            n = shared_length(tokens, ids)
+            if n > most:
+                best, most = key, n
+        if best is None:
+            return None, 0
+        self.entries.move_to_end(best)
+        return self.entries[best][1], most
+
+    def add(self, ids: Sequence[int], kind: tuple, cache: MTPCache, refs: tuple) -> None:
+        """Keep `cache` (one compact row) as the keys and values of the prompt `ids`."""
+        ids = tuple(ids)
+        for key, (tokens, _, _) in list(self.entries.items()):
+            if key[0] == kind and ids[: len(tokens)] == tokens:  # (this one holds all it held)
+                del self.entries[key]
+        self.entries[(kind, ids)] = (ids, cache, refs)
+        while len(self.entries) > 1 and self.nbytes > self.max_bytes:
+            self.entries.popitem(last=False)
+
+    def clear(self) -> None:
+        self.entries.clear()
+
+
+class Starts:
+    """Where the prompts of one call start (`split`): the named prefix's cache (computed at its first use, a
+    forward the statistics count) or the `PromptCache` entry that holds more of them; and what the call adds to
+    that cache (`keep`)."""
+
+    def __init__(self, model, drafter, prefix: Sequence[int] | None, prompt_cache: PromptCache | None,
+                 static: bool, device: torch.device, stats):
+        self.drafter, self.static, self.device, self.stats = drafter, static, device, stats
+        self.prefix = list(prefix) if prefix is not None and len(prefix) > 1 else []  # (one token: nothing to load)
+        self.prefix_cache: MTPCache | None = None
+        self.prompt_cache = prompt_cache
+        if prompt_cache is not None:
+            tensors = [*model.parameters(), *model.buffers()]
+            # what an entry's keys and values depend on: the weights, and which stacks the drafter writes
+            self.kind = (hash(weights_state(tensors)), type(drafter).__name__, getattr(drafter, "num_heads", 0),
+                         str(next(iter(tensors)).dtype) if tensors else "")
+            self.refs = storage_refs(tensors)
+
+    @property
+    def possible(self) -> bool:
+        """Whether any prompt may start from a cache."""
+        return bool(self.prefix) or self.prompt_cache is not None
+
+    def split(self, ids: list[int]) -> tuple[Start | None, list[int]]:
+        """(where the prompt `ids` starts, None: from nothing; the tokens its own step feeds)."""
+        start = None
+        if self.prefix and ids[: len(self.prefix)] == self.prefix:
+            start = Start(self._prefix_cache(), len(self.prefix) - 1)
+        if self.prompt_cache is not None:
+            cache, shared = self.prompt_cache.find(ids, self.kind)
+            if cache is not None and shared - 1 > (start.slots if start is not None else 0):
+                start = Start(cache, shared - 1)
+        if start is None or start.slots < 1:
+            return None, ids
+        if self.prompt_cache is not None and cache is start.cache:
+            self.prompt_cache.hits += 1
+            self.prompt_cache.reused_tokens += start.slots
+        return start, ids[start.slots:]
+
+    def keep(self, ids: list[int], start: Start | None, cache: MTPCache, row: int) -> None:
+        """After a prompt's step: keep row `row` of `cache` (the prompt `ids`, fed from `start`) in the prompt
+        cache, where it holds at least `min_tokens` tokens more than the entry it started from."""
+        if self.prompt_cache is None:
+            return
+        if len(ids) - (start.slots if start is not None else 0) < self.prompt_cache.min_tokens:
+            return
+        self.prompt_cache.add(ids, self.kind, cache.compact_row(row), self.refs)
+
+    def _prefix_cache(self) -> MTPCache:
+        if self.prefix_cache is None:
+            # (its block: the prefix, then whatever the drafter lays out after it: mask tokens)
+            self.prefix_cache = self.drafter.new_cache(1, len(self.prefix) + self.drafter.extra_slots + 1,
+                                                       static=self.static)
+            self.drafter.fill(self.prefix_cache, torch.tensor([self.prefix], dtype=torch.long, device=self.device))
+            self.stats.forward_passes += 1
+        return self.prefix_cache
