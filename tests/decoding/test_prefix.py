@@ -236,3 +236,20 @@ def test_entries_are_found_by_kind_and_dropped_past_the_byte_budget():
         if first == 1:
             small.max_bytes = 2 * small.nbytes + 100  # room for two
     assert [tokens[0] for tokens, _, _ in small.entries.values()] == [2, 3]
+
+
+@pytest.mark.cuda
+def test_cuda_a_conversation_through_a_prompt_cache_decodes_as_eager_without_it():
+    """On a GPU, replayed graphs: a conversation's turns, each starting from the turn before it in the prompt
+    cache (copied out of the session's cache, loaded into the next one's), decode as eager fp32 decoding
+    decodes their whole prompts."""
+    model = tiny_mtp("llama", num_heads=3, seed=3, vocab_size=50).to("cuda")
+    cache = PromptCache(min_tokens=4)
+    prompt = list(range(1, 30))
+    for turn in range(3):
+        ids = torch.tensor([prompt], device="cuda")
+        kw = dict(max_new_tokens=10, stop_token_ids=[], strategy="speculative", lookup=2)
+        out = generate(model, ids, prompt_cache=cache, **kw)
+        assert out.tokens == generate(model, ids, graphs=False, **kw).tokens
+        prompt = prompt + out.tokens[0] + [40 + turn, 41 + turn]
+    assert cache.hits == 2

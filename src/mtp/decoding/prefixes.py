@@ -75,6 +75,9 @@ class PromptCache:
     def add(self, ids: Sequence[int], kind: tuple, cache: MTPCache, refs: tuple) -> None:
         """Keep `cache` (one compact row) as the keys and values of the prompt `ids`."""
         ids = tuple(ids)
+        if (kind, ids) in self.entries:  # (the same prompt again: a request's n choices)
+            self.entries.move_to_end((kind, ids))
+            return
         for key, (tokens, _, _) in list(self.entries.items()):
             if key[0] == kind and ids[: len(tokens)] == tokens:  # (this one holds all it held)
                 del self.entries[key]
@@ -132,7 +135,8 @@ class Starts:
             return
         if len(ids) - (start.slots if start is not None else 0) < self.prompt_cache.min_tokens:
             return
-        self.prompt_cache.add(ids, self.kind, cache.compact_row(row), self.refs)
+        if (self.kind, tuple(ids)) not in self.prompt_cache.entries:
+            self.prompt_cache.add(ids, self.kind, cache.compact_row(row), self.refs)
 
     def _prefix_cache(self) -> MTPCache:
         if self.prefix_cache is None:
