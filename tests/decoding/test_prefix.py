@@ -129,6 +129,8 @@ def test_bad_prefixes_are_clear_errors():
     with pytest.raises(MTPError, match="on_trunk"):
         generate(model, torch.tensor([[1, 2, 3]]), max_new_tokens=2, prefix=[1, 2],
                  on_trunk=lambda rows, trunk, kept: None)
+    with pytest.raises(MTPError, match="prompt_cache must be a"):
+        generate(model, torch.tensor([[1, 2, 3]]), max_new_tokens=2, prompt_cache={})
     # an empty or one-token prefix holds nothing to reuse: decoding as without one
     for prefix in ([], [1]):
         assert generate(model, torch.tensor([[1, 2, 3]]), max_new_tokens=4, prefix=prefix).tokens == \

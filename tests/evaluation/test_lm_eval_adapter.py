@@ -34,8 +34,12 @@ def test_registered():
     assert get_model("mtp") is MTPLM
 
 
-def test_generate_until_matches_our_decoding(model, tiny_tokenizer):
-    contexts = ["Tom has 3 apples", "A box holds 12 eggs. How many", "Q: Sara had $20\nA:"]
+@pytest.mark.parametrize("shots", ["", "Q: What is 2 + 2?\nA: 4\n\nQ: What is 3 + 5?\nA: 8\n\n"],
+                         ids=["zero-shot", "few-shot"])
+def test_generate_until_matches_our_decoding(model, tiny_tokenizer, shots):
+    """Batched (left padding), lossless, and with the examples the contexts start with fed once: the same text as
+    one-by-one greedy decoding."""
+    contexts = [shots + c for c in ["Tom has 3 apples", "A box holds 12 eggs. How many", "Q: Sara had $20\nA:"]]
     expected = []
     for c in contexts:
         ids = torch.tensor([tiny_tokenizer(c, add_special_tokens=False)["input_ids"]])

@@ -696,6 +696,8 @@ def generate(model, input_ids: torch.Tensor | list, attention_mask: torch.Tensor
     if strategy not in STRATEGIES:
         raise MTPError(f"unknown strategy {strategy!r}; choose from {', '.join(STRATEGIES)}")
     input_ids, attention_mask = token_batch(model, input_ids, attention_mask, left_padded=True)
+    if prompt_cache is not None and not isinstance(prompt_cache, PromptCache):
+        raise MTPError(f"prompt_cache must be a mtp.decoding.prefixes.PromptCache, not {type(prompt_cache).__name__}")
     if prefix is not None and len(prefix):  # (checked as prompts are)
         prefix = token_batch(model, prefix if isinstance(prefix, torch.Tensor) else list(prefix))[0][0].tolist()
     budgets = _budgets(max_new_tokens, input_ids.shape[0])

@@ -138,8 +138,9 @@ def decode_records(model, tokenizer, waiting: deque[Prompt], batch_size: int, wr
                "seconds": round(now - last[0], 4), "batch_rows": batch_size})
         last[0] = now
 
-    # the cache keeps room for the longest prompt that may join (on a CPU it grows only as rows do)
-    room = max((len(p.token_ids) for p in waiting), default=0) - ids.shape[1] + 64
+    # the cache keeps room for the longest prompt that may join (on a CPU it grows only as rows do; on a GPU its
+    # rest after the prefix is padded to a prompt width, and `fits` allows for one more)
+    room = max((len(p.token_ids) for p in waiting), default=0) - ids.shape[1] + 2 * 64
     generate(model, ids.to(model.device), mask.to(model.device), max_new_tokens=max_new_tokens, strategy=strategy,
              tau=tau, k=k, num_draft=num_draft, tree=tree, tree_size=tree_size, lookup=lookup, graphs=graphs,
              stop_token_ids=stop_ids, stop_strings=stop_strings, tokenizer=tokenizer, streamer=count,

@@ -162,7 +162,7 @@ class MTPLM(TemplateLM):
 
     # ------------------------------------------------------------------ generation with our strategies
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
-        from mtp.decoding.generate import generate
+        from mtp.decoding.generate import common_prefix, generate
         from mtp.evaluation.prompts import left_pad, pad_id, stop_token_ids
 
         results: list[str | None] = [None] * len(requests)
@@ -194,6 +194,8 @@ class MTPLM(TemplateLM):
                 raise MTPError(f"max_gen_toks {max_gen} does not fit the context of {self.max_length}")
             encoded = {i: self.tok_encode(requests[i].args[0])[-max_ctx:] for i in members}
             ordered = sorted(members, key=lambda i: -len(encoded[i]))
+            # what the contexts start with (a task's few-shot examples) is fed once
+            shared = common_prefix(list(encoded.values())) if len(members) > 1 else None
             for s in range(0, len(ordered), self.batch_size):
                 idx = ordered[s:s + self.batch_size]
                 ids, mask = left_pad([encoded[i] or [self.prefix_token_id] for i in idx], pad_id(self.tokenizer))
@@ -201,7 +203,7 @@ class MTPLM(TemplateLM):
                                   strategy=self.strategy, tau=self.tau, k=self.k, num_draft=self.num_draft,
                                   do_sample=do_sample, temperature=temperature if do_sample else 1.0, top_p=top_p,
                                   seed=None if seed is None else int(seed), stop_token_ids=stop_ids,
-                                  stop_strings=[u for u in until if u], tokenizer=self.tokenizer)
+                                  stop_strings=[u for u in until if u], tokenizer=self.tokenizer, prefix=shared)
                 st = result.stats
                 self.generation_stats["new_tokens"] += st.new_tokens
                 self.generation_stats["forward_passes"] += st.forward_passes

@@ -249,7 +249,7 @@ def _generate_answers(model, tokenizer, prompts, rows: list[int], answers: Token
                       stop_token_ids, features: FeatureStore | None, bar) -> None:
     """Answer `rows` of the prompts in batches: answers[i] set, each batch's cache lines (`lines`: every prompt's
     id and key) appended to `write_path` and its trunk features to `features` as it finishes."""
-    from mtp.decoding.generate import generate, left_pad
+    from mtp.decoding.generate import common_prefix, generate, left_pad
     from mtp.models.quantize import fp16_decoding
 
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -267,9 +267,12 @@ def _generate_answers(model, tokenizer, prompts, rows: list[int], answers: Token
                 ids, mask = left_pad(asked, pad)
                 longest = max(len(p) + budgets[i] for p, i in zip(asked, chunk, strict=True))
                 recorder = FeatureRecorder(features, len(chunk), longest) if features is not None else None
+                # what the prompts start with (a chat template's system turn) is fed once, where no trunk features
+                # are kept (they are recorded for every prompt token)
+                shared = common_prefix(asked) if recorder is None and len(chunk) > 1 else None
                 res = generate(model, ids.to(model.device), mask.to(model.device),
                                max_new_tokens=max(budgets[i] for i in chunk), strategy="greedy",
-                               stop_token_ids=stop_token_ids, on_trunk=recorder)
+                               stop_token_ids=stop_token_ids, on_trunk=recorder, prefix=shared)
                 done = [[int(t) for t in res.tokens[r][: budgets[i]]] for r, i in enumerate(chunk)]
                 if recorder is not None:  # before the answers: a row whose answer is cached has its features
                     rows_tokens = [p + a for p, a in zip(asked, done, strict=True)]
