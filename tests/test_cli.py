@@ -87,13 +87,15 @@ def test_generate_json_records_are_each_prompts_own(tiny_mtp_folder, tmp_path, c
     assert [r["prompt"] for r in printed] == ["What is 7 + 5?", "Hi"]
     assert all(r["new_tokens"] == len(r["token_ids"]) for r in printed)
     assert printed[0]["batch"]["rows"] == 2
-    assert printed[0]["batch"]["new_tokens"] == sum(r["new_tokens"] for r in printed)
+    # each record: the decoding's figures as they stood when its answer ended (the last one's: every token)
+    assert max(r["batch"]["new_tokens"] for r in printed) == sum(r["new_tokens"] for r in printed)
 
 
 def test_generate_feeds_what_the_prompts_start_with_once(tiny_mtp_folder, tmp_path, capsys, monkeypatch):
     """A batch of prompts that start alike (an instruction repeated, a chat template's system turn): the shared
     tokens go to `generate` as its prefix, fed once; the answers are those without it."""
     import mtp.decoding.commands as commands
+    import mtp.decoding.queue as queue_module
 
     seen = []
 
@@ -101,8 +103,8 @@ def test_generate_feeds_what_the_prompts_start_with_once(tiny_mtp_folder, tmp_pa
         seen.append(kwargs["prefix"])
         return generate_tokens(*args, **kwargs)
 
-    generate_tokens = commands.generate_tokens
-    monkeypatch.setattr(commands, "generate_tokens", spy)
+    generate_tokens = queue_module.generate
+    monkeypatch.setattr(queue_module, "generate", spy)
     prompts = tmp_path / "alike.txt"
     prompts.write_text("Answer in one word, please. What is 7 + 5?\nAnswer in one word, please. Hi\n")
     args = ["generate", "--model", str(tiny_mtp_folder), "--prompts", str(prompts), "--json", "--max-new-tokens",
@@ -120,6 +122,56 @@ def test_generate_feeds_what_the_prompts_start_with_once(tiny_mtp_folder, tmp_pa
     monkeypatch.setattr(commands, "common_prefix", lambda rows: [])
     code, out, err = run_cli(args, capsys)
     assert [json.loads(line)["token_ids"] for line in out.strip().splitlines()] == shared and seen[1] == []
+
+
+def test_generate_prompts_decode_continuously_and_print_in_order(tiny_mtp_folder, tmp_path, capsys, monkeypatch):
+    """Five prompts, two rows at a time: one decoding that the next prompt joins as a row ends (one `generate`
+    call), each answer the one it gets alone, the records printed and written in the prompts' order; Ctrl-C
+    prints the answers that ended and what the others had, in order."""
+    import torch
+
+    import mtp.decoding.queue as queue_module
+    from mtp import MTPModel
+    from mtp.decoding.generate import generate
+
+    texts = ["What is 7 + 5?", "Hi", "A box holds 12 eggs. How many are in 3 boxes?", "Tom has 3 apples.", "Go"]
+    prompts = tmp_path / "five.txt"
+    prompts.write_text("\n".join(texts) + "\n")
+    real, calls = queue_module.generate, []
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs.get("admit") is not None)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(queue_module, "generate", spy)
+    args = ["generate", "--model", str(tiny_mtp_folder), "--prompts", str(prompts), "--json", "--max-new-tokens",
+            "7", "--batch-size", "2", "--no-chat", "--strategy", "speculative"]
+    code, out, err = run_cli([*args, "--output", str(tmp_path / "o.jsonl")], capsys)
+    assert code == 0, err
+    printed = [json.loads(line) for line in out.strip().splitlines()]
+    assert [r["prompt"] for r in printed] == texts and calls == [True]
+    assert [json.loads(line) for line in (tmp_path / "o.jsonl").read_text().splitlines()] == printed
+    model = MTPModel.from_pretrained(str(tiny_mtp_folder))
+    alone = [generate(model, torch.tensor([model.tokenizer(t).input_ids]), max_new_tokens=7).tokens[0] for t in texts]
+    assert [r["token_ids"] for r in printed] == alone
+
+    def interrupted(*a, streamer, **kw):  # Ctrl-C at the sixth step the rows take part in
+        steps = []
+
+        def step(row, new, **scores):
+            streamer(row, new)
+            steps.append(row)
+            if len(steps) == 6:
+                raise KeyboardInterrupt
+
+        return real(*a, streamer=step, **kw)
+
+    monkeypatch.setattr(queue_module, "generate", interrupted)
+    code, out, _ = run_cli(args, capsys)
+    records = [json.loads(line) for line in out.strip().splitlines()]
+    assert code == 130 and [r["prompt"] for r in records] == texts[:len(records)] and len(records) >= 2
+    assert all(r["token_ids"] == alone[i][:len(r["token_ids"])] for i, r in enumerate(records))
+    assert any(r.get("interrupted") for r in records)
 
 
 def test_generate_with_a_draft_tree(tiny_mtp_folder, capsys):
@@ -344,14 +396,14 @@ def test_generate_answers_conversations_after_their_last_user_turn(tiny_mtp_fold
 
 
 def test_ctrl_c_during_generate_prints_and_keeps_what_was_generated(tiny_mtp_folder, tmp_path, capsys, monkeypatch):
-    from mtp.decoding import commands
+    from mtp.decoding import queue as queue_module
 
     args = ["generate", "--model", str(tiny_mtp_folder), "--prompt", "What is 7 + 5?", "--max-new-tokens", "12",
             "--json"]
     code, out, _ = run_cli(args, capsys)
     full = json.loads(out.strip().splitlines()[-1])["token_ids"]
     assert code == 0 and len(full) > 3
-    real = commands.generate_tokens
+    real = queue_module.generate
 
     def interrupted_after_three_steps(*a, streamer, **kw):
         steps = []
@@ -364,7 +416,7 @@ def test_ctrl_c_during_generate_prints_and_keeps_what_was_generated(tiny_mtp_fol
 
         return real(*a, streamer=step, **kw)
 
-    monkeypatch.setattr(commands, "generate_tokens", interrupted_after_three_steps)
+    monkeypatch.setattr(queue_module, "generate", interrupted_after_three_steps)
     out_file = tmp_path / "out.jsonl"
     code, out, err = run_cli([*args, "--output", str(out_file)], capsys)
     assert code == 130 and "interrupted" in err

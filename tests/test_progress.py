@@ -141,4 +141,5 @@ def test_generate_clears_its_bar_while_answers_print(tiny_mtp_folder, tmp_path, 
     code, err = run_cli(["generate", "--model", tiny_mtp_folder, "--prompts", prompts, "--max-new-tokens", "2",
                          "--batch-size", "1"], capsys)
     assert code == 0, err
-    assert answers[:4] == [True] * 4, answers  # two prompts: an answer and its blank line each, all inside
+    assert answers[:2] == [True] * 2, answers  # two prompts: an answer and its blank line each, inside
+    assert answers[2:] == [False], answers  # (the speed line, on stderr, after the bar)

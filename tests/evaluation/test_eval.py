@@ -26,16 +26,16 @@ def _lines(path):
 def test_eval_takes_the_draft_options_generate_and_chat_take(tiny_model_dir, gsm8k_file, tmp_path, monkeypatch):
     """The drafts' and weights' options are the decoding commands' groups: each reaches `generate` (the draft
     length's adaptation too: it changes no answer, so a resumed folder does not record it)."""
-    import mtp.decoding.generate as generate_module
+    import mtp.decoding.queue as queue_module
 
     seen = []
-    real = generate_module.generate
+    real = queue_module.generate
 
     def recording(*args, **kwargs):
         seen.append(kwargs)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(generate_module, "generate", recording)
+    monkeypatch.setattr(queue_module, "generate", recording)
     out = tmp_path / "ev"
     assert eval_(model=str(tiny_model_dir), data=str(gsm8k_file), limit=2, output=str(out), strategy="speculative",
                  lookup=3, num_draft=1, adaptive_draft=False, device="cpu", **FAST) == 0
@@ -233,17 +233,17 @@ def test_problems_join_the_batch_as_rows_end(tiny_tokenizer, gsm8k_file, tmp_pat
     """Continuous batching in an evaluation: 5 problems, 2 rows at a time, decode in one batch that the next
     problem joins as a row ends (greedy, speculative); a strategy that takes no joiners (ConfAdapt) decodes a
     batch after another. Each answer is the one it gets alone."""
-    import mtp.decoding.generate as generate_module
+    import mtp.decoding.queue as queue_module
 
     model = make_model(tiny_tokenizer)
     prompts = gsm8k_prompts(tiny_tokenizer, path=gsm8k_file, limit=5, shots=0, chat=False)
-    real, seen = generate_module.generate, []
+    real, seen = queue_module.generate, []
 
     def spy(*args, **kwargs):
         seen.append(kwargs.get("admit") is not None)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(generate_module, "generate", spy)
+    monkeypatch.setattr(queue_module, "generate", spy)
     kw = dict(strategy=strategy, max_new_tokens=6, progress=False) | ({"k": 2} if strategy == "confadapt" else {})
     run_eval(model, tiny_tokenizer, prompts, tmp_path / "two", {"s": strategy}, batch_size=2, **kw)
     assert len(seen) == calls and seen[0]

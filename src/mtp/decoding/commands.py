@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json as jsonlib
 import sys
+from collections import deque
 from pathlib import Path
 from typing import Literal
 
@@ -11,12 +12,12 @@ import torch
 from tqdm import tqdm
 
 from mtp.arguments import check_values
-from mtp.decoding.generate import generate as generate_tokens
 from mtp.decoding.generate import left_pad
 from mtp.decoding.inputs import common_prefix
 from mtp.decoding.logprobs import TokenLogprob
 from mtp.decoding.openai_api import token_text
 from mtp.decoding.options import DraftOptions, SamplingOptions, WeightOptions
+from mtp.decoding.queue import decode_queue
 from mtp.errors import MTPError, first_line
 from mtp.evaluation.prompts import has_chat_template, resolve_chat
 from mtp.io import (
@@ -89,6 +90,11 @@ def _conversation_prompt(messages, where: str) -> list[dict]:
 def encode_prompts(tokenizer, prompts: list[str | list[dict]], chat: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Left-padded (ids, attention mask) for a batch of prompts (with `chat`, a prompt may also be a conversation:
     a list of {"role", "content"} messages)."""
+    return left_pad(prompt_rows(tokenizer, prompts, chat), tokenizer.pad_token_id or 0)
+
+
+def prompt_rows(tokenizer, prompts: list[str | list[dict]], chat: bool) -> list[list[int]]:
+    """Each prompt's token ids (`encode_prompts`)."""
     rows = []
     for p in prompts:
         if chat:
@@ -99,7 +105,7 @@ def encode_prompts(tokenizer, prompts: list[str | list[dict]], chat: bool) -> tu
             rows.append(tokenizer(p).input_ids)
     if any(len(r) == 0 for r in rows):
         raise MTPError("empty prompt: give at least one token")
-    return left_pad(rows, tokenizer.pad_token_id or 0)
+    return rows
 
 
 def generate(model: str | None = None, prompt: str | None = None, prompts: str | None = None,
@@ -125,9 +131,11 @@ def generate(model: str | None = None, prompt: str | None = None, prompts: str |
         strategy: greedy | speculative (lossless) | confadapt (lossy, tau) | static (lossy, k).
         max_new_tokens: tokens to generate at most.
         num_heads: heads to give a plain model (default 4).
-        batch_size: prompts decoded together (left padded).
+        batch_size: prompts decoded together (left padded), the next joining as a row ends (greedy and speculative
+            decoding with a chain or a fixed tree).
         json: print one JSON object per prompt instead of text: prompt, text, token_ids, new_tokens, and batch (the
-            figures of the batch it was decoded in: rows, new_tokens, forward_passes, seconds, ...).
+            figures of the decoding it was part of when its answer ended: rows, new_tokens, forward_passes,
+            seconds, ...).
         stream: print tokens as they are produced (single prompt).
         truncate_prompt: keep only the last tokens of a prompt too long for the context with --max-new-tokens.
         progress: a progress bar over the prompts (on stderr, when there are several).
@@ -159,62 +167,93 @@ def generate(model: str | None = None, prompt: str | None = None, prompts: str |
                            "model's tokenizer has none")
         chat = True
     resolve_chat(tok, chat)
-    results: list[dict] = []
-    seconds = forwards = 0.0
-    streaming = stream
     bar = tqdm(total=len(texts), desc=f"generate ({strategy})", unit="prompt", disable=len(texts) < 2 or not progress,
                file=sys.stderr)
     options = dict(max_new_tokens=max_new_tokens, strategy=strategy, truncate_prompt=truncate_prompt,
                    graphs=use_graphs, logprobs=logprobs, **drafts.generate_kwargs(), **sampling.generate_kwargs())
-    for start in range(0, len(texts), batch_size):
-        chunk = texts[start:start + batch_size]
-        so_far: list[list[int]] = [[] for _ in chunk]  # what Ctrl-C must not lose
-        try:
-            res = _generate_chunk(m, tok, chunk, chat, options, so_far, streaming)
-        except KeyboardInterrupt:  # print and keep what the interrupted batch has produced, then stop
-            bar.close()
-            records = [_record(p, tok.decode(t, skip_special_tokens=True), t, None) | {"interrupted": True}
-                       for p, t in zip(chunk, so_far, strict=True)]
-            _show(records, json, streaming)
-            if output:
-                atomic_write_lines(output, (jsonlib.dumps(r) for r in results + records))
-            raise
-        seconds += res.stats.seconds
-        forwards += res.stats.row_forwards
-        records = _records(chunk, res, tok)
-        results.extend(records)
-        bar.update(len(chunk))
-        with tqdm.external_write_mode(file=sys.stdout):  # the bar (stderr) cleared while answers print: one terminal
-            _show(records, json, streaming)
+    out = _Printed(texts, tok, json, stream, bar, rows=min(batch_size, len(texts)))
+    try:
+        seconds, forwards = _decode_prompts(m, prompt_rows(tok, texts, chat), batch_size, out, options)
+    except KeyboardInterrupt:  # print and keep what the interrupted prompts have produced, then stop
+        bar.close()
+        out.interrupted()
+        if output:
+            atomic_write_lines(output, (jsonlib.dumps(r) for r in out.results))
+        raise
     bar.close()
     if output:
-        atomic_write_lines(output, (jsonlib.dumps(r) for r in results))
+        atomic_write_lines(output, (jsonlib.dumps(r) for r in out.results))
     if not json:
-        total_new = sum(len(r["token_ids"]) for r in results)
+        total_new = sum(len(r["token_ids"]) for r in out.results)
         print(f"[{strategy}] {total_new} new tokens in {seconds:.1f} s: {total_new / max(seconds, 1e-9):.1f} "
               f"tokens/s, {total_new / max(forwards, 1):.2f} tokens per forward pass; "
               f"{weights.describe(runtime)}", file=sys.stderr)
     return 0
 
 
-def _generate_chunk(m, tok, chunk: list[str], chat, options: dict, so_far: list[list[int]], streaming: bool):
-    """One batch of prompts through `mtp.generate`; each row's tokens collected into `so_far` as they come (and
-    printed, streaming). What the prompts start with (a chat template's system turn) is fed once."""
-    ids, mask = encode_prompts(tok, chunk, chat)
-    shared = common_prefix([row[keep.bool()].tolist() for row, keep in zip(ids, mask, strict=True)])
-    text = IncrementalText(tok)
+def _decode_prompts(m, rows: list[list[int]], batch_size: int, out: _Printed, options: dict) -> tuple[float, int]:
+    """Every prompt (token ids) decoded continuously, `batch_size` rows at a time, each answer going to `out` as
+    it ends; what they all start with (a chat template's system turn) fed once. (seconds, row forwards)."""
+    waiting = deque(range(len(rows)))
+    shared = common_prefix(rows) if len(rows) > 1 else None
+    seconds = forwards = 0
+    while waiting:  # (one batch, unless the strategy or a long prompt keeps some for the next)
+        res = decode_queue(m, waiting, batch_size, out.end, ids_of=rows.__getitem__,
+                           pad_id=m.tokenizer.pad_token_id or 0, streamer=out.collect, prefix=shared, **options)
+        seconds += res.stats.seconds
+        forwards += res.stats.row_forwards
+    return seconds, forwards
 
-    def collect(row, new, logprobs=None):
-        so_far[row].extend(new)
-        if streaming:
-            print(text.add(new), end="", flush=True)
 
-    try:
-        return generate_tokens(m, ids.to(m.device), mask.to(m.device), streamer=collect,
-                               prefix=shared if len(chunk) > 1 else None, **options)
-    finally:
-        if streaming:
-            print(text.rest(), end="", flush=True)
+class _Printed:
+    """The records of `mtp generate`'s prompts, printed in the prompts' order as their answers end (with --stream,
+    the one prompt's text as it comes); what Ctrl-C must not lose."""
+
+    def __init__(self, texts: list, tok, json: bool, stream: bool, bar, rows: int):
+        self.texts, self.tok, self.json, self.stream, self.bar = texts, tok, json, stream, bar
+        self.rows = rows  # the batch's rows at most
+        self.results: list[dict] = []  # printed, in order
+        self.ready: dict[int, dict] = {}  # ended, waiting for an earlier prompt's
+        self.so_far: dict[int, list[int]] = {}  # tokens of the prompts that started
+        self.text = IncrementalText(tok)
+
+    def collect(self, i: int, new: list[int]) -> None:
+        self.so_far.setdefault(i, []).extend(new)
+        if self.stream:
+            print(self.text.add(new), end="", flush=True)
+
+    def end(self, i: int, tokens: list[int], scores, stats) -> None:
+        """Prompt i's answer ended (`stats`: the decoding's figures as they stood then)."""
+        record = _record(self.texts[i], self.tok.decode(tokens, skip_special_tokens=True), tokens,
+                         {"rows": self.rows, **stats.to_dict()})
+        if scores is not None:
+            show = token_text(self.tok)
+            record["logprobs"] = [_scored(e, show) for e in scores]
+        self.ready[i] = record
+        self.bar.update(1)
+        self._flush()
+
+    def interrupted(self) -> None:
+        """Print the answers that ended and what the others had when Ctrl-C came, in order."""
+        for i in sorted(set(self.so_far) - set(range(len(self.results)))):
+            if i not in self.ready:
+                tokens = self.so_far[i]
+                self.ready[i] = _record(self.texts[i], self.tok.decode(tokens, skip_special_tokens=True), tokens,
+                                        None) | {"interrupted": True}
+        for i in sorted(self.ready):
+            self._show(self.ready.pop(i))
+
+    def _flush(self) -> None:
+        while len(self.results) in self.ready:  # the prompts' order
+            self._show(self.ready.pop(len(self.results)))
+
+    def _show(self, record: dict) -> None:
+        self.results.append(record)
+        if self.stream:
+            print(self.text.rest(), flush=True)
+            return
+        with tqdm.external_write_mode(file=sys.stdout):  # the bar (stderr) cleared while answers print
+            print(jsonlib.dumps(record) if self.json else record["text"] + "\n")
 
 
 class IncrementalText:
@@ -249,19 +288,8 @@ class IncrementalText:
 
 
 def _record(prompt: str, text: str, token_ids: list[int], batch: dict | None) -> dict:
-    """A prompt's result; `batch`: the figures of the batch it was decoded in (None: interrupted)."""
+    """A prompt's result; `batch`: the figures of the decoding it was part of (None: interrupted)."""
     return {"prompt": prompt, "text": text, "token_ids": token_ids, "new_tokens": len(token_ids), "batch": batch}
-
-
-def _records(prompts: list, res, tok) -> list[dict]:
-    """A batch's results as records, with the tokens' log-probabilities where they were asked for."""
-    batch = {"rows": len(prompts), **res.stats.to_dict()}
-    records = [_record(p, text, tokens, batch) for p, text, tokens in zip(prompts, res.texts, res.tokens, strict=True)]
-    if res.logprobs is not None:
-        show = token_text(tok)
-        for record, scores in zip(records, res.logprobs, strict=True):
-            record["logprobs"] = [_scored(e, show) for e in scores]
-    return records
 
 
 def _scored(entry: TokenLogprob, show) -> dict:
@@ -270,14 +298,3 @@ def _scored(entry: TokenLogprob, show) -> dict:
             "top_logprobs": [{"token_id": t, "token": show(t)[0], "logprob": lp} for t, lp in entry.top]}
 
 
-def _show(records: list[dict], json: bool, streamed: bool) -> None:
-    """Print a batch's results: nothing more than a line end when they were streamed, else text or JSON."""
-    if streamed:
-        print()
-        return
-    for r in records:
-        if json:
-            print(jsonlib.dumps(r))
-        else:
-            print(r["text"])
-            print()

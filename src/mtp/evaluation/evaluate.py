@@ -28,7 +28,7 @@ import torch
 from mtp.decoding.inputs import common_prefix
 from mtp.errors import MTPError
 from mtp.evaluation.gsm8k import extract_flexible, extract_strict, is_correct, mean_and_stderr
-from mtp.evaluation.prompts import Prompt, left_pad, pad_id, stop_token_ids, truncate_output
+from mtp.evaluation.prompts import Prompt, pad_id, stop_token_ids, truncate_output
 from mtp.io import append_records, read_complete_records
 from mtp.io import atomic_write_json as write_json
 from mtp.io import atomic_write_text as write_text
@@ -108,44 +108,31 @@ def decode_records(model, tokenizer, waiting: deque[Prompt], batch_size: int, wr
     when the batch ended; the prompts it did not take stay in `waiting`. The decoding options are
     `mtp.decoding.generate.generate`'s (`prefix`: what the prompts start with, fed once: a few-shot prompt's
     examples)."""
-    from mtp.decoding.generate import Admission, generate
+    from mtp.decoding.queue import decode_queue
     from mtp.evaluation.gsm8k import STOP_SEQUENCES
 
     stop_strings = STOP_SEQUENCES if stop_strings is None else stop_strings
-    rows = [waiting.popleft() for _ in range(min(batch_size, len(waiting)))]
-    ids, mask = left_pad([p.token_ids for p in rows], pad_id(tokenizer))
-    forwards = [0] * len(rows)
+    forwards: dict[int, int] = {}  # per prompt (by identity): the forwards its row took part in
 
-    def take(active: int, fits: Callable[[int, int], bool]) -> list[tuple[list[int], int]]:
-        joining = []
-        while waiting and active + len(joining) < batch_size and fits(len(waiting[0].token_ids), max_new_tokens):
-            joining.append(waiting.popleft())
-        rows.extend(joining)
-        forwards.extend(0 for _ in joining)
-        return [(p.token_ids, max_new_tokens) for p in joining]
-
-    def count(row: int, new: list[int]) -> None:  # one call per forward a row takes part in
-        forwards[row] += 1
+    def count(p: Prompt, new: list[int]) -> None:  # one call per forward a row takes part in
+        forwards[id(p)] = forwards.get(id(p), 0) + 1
 
     last = [time.perf_counter()]
 
-    def end(row: int, tokens: list[int], scores, stats) -> None:
-        p, now = rows[row], time.perf_counter()
+    def end(p: Prompt, tokens: list[int], scores, stats) -> None:
+        now, n = time.perf_counter(), forwards.get(id(p), 0)
         text = truncate_output(tokenizer.decode(tokens, skip_special_tokens=True))
         write({"id": p.id, "prompt_key": prompt_key(p.token_ids), "reference": p.reference, "output": text,
                **score(text, p.reference), "prompt_tokens": len(p.token_ids), "new_tokens": len(tokens),
-               "forward_passes": forwards[row], "tokens_per_forward": round(len(tokens) / max(forwards[row], 1), 4),
+               "forward_passes": n, "tokens_per_forward": round(len(tokens) / max(n, 1), 4),
                "seconds": round(now - last[0], 4), "batch_rows": batch_size})
         last[0] = now
 
-    # the cache keeps room for the longest prompt that may join (on a CPU it grows only as rows do; on a GPU its
-    # rest after the prefix is padded to a prompt width, and `fits` allows for one more)
-    room = max((len(p.token_ids) for p in waiting), default=0) - ids.shape[1] + 2 * 64
-    generate(model, ids.to(model.device), mask.to(model.device), max_new_tokens=max_new_tokens, strategy=strategy,
-             tau=tau, k=k, num_draft=num_draft, tree=tree, tree_size=tree_size, lookup=lookup, graphs=graphs,
-             stop_token_ids=stop_ids, stop_strings=stop_strings, tokenizer=tokenizer, streamer=count,
-             adaptive_draft=adaptive_draft, on_end=end, prefix=prefix,
-             admit=Admission(take, max_rows=batch_size, room=max(room, 0)) if waiting else None)
+    decode_queue(model, waiting, batch_size, end, ids_of=lambda p: p.token_ids, pad_id=pad_id(tokenizer),
+                 max_new_tokens=max_new_tokens, streamer=count, strategy=strategy, tau=tau, k=k,
+                 num_draft=num_draft, tree=tree, tree_size=tree_size, lookup=lookup, graphs=graphs,
+                 stop_token_ids=stop_ids, stop_strings=stop_strings, tokenizer=tokenizer,
+                 adaptive_draft=adaptive_draft, prefix=prefix)
 
 
 # ------------------------------------------------------------------------------------------------ the run
