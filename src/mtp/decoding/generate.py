@@ -112,7 +112,7 @@ class Admission:
     `take(active, fits)` is asked before each step is read: `active` rows still decode, `fits(prompt tokens, new
     tokens)` says whether a prompt fits the batch's cache and the model's context; it returns the prompts that
     join now, as (ids, new tokens at most) pairs, [] for none. Joined rows take the next row indices, in order,
-    and decode as if alone (each its own prompt step, then one batch). Greedy and speculative decoding with a
+    and decode as if alone (their prompt step, eagerly one for those that join together, then one batch). Greedy and speculative decoding with a
     chain or a fixed tree take joiners (a dynamic tree is shaped per batch: none join it)."""
 
     take: Callable[[int, Callable[[int, int], bool]], list[tuple[list[int], int]]]
@@ -267,14 +267,16 @@ class _EagerSteps:
     def cache(self) -> MTPCache:
         return self.decoder.cache
 
+    joins_together = True  # prompts that join at one read take one step together
+
     def prefill_joining(self, prompt: DecodeState,
-                        start: Start | None) -> tuple[DecodeState, StepResult, MTPCache]:
-        """A prompt that joins the batch: its step, in a cache of its own as long as the batch's (loading `start`
-        first, if any), drawing from the batch's generator (the state after it, the step's result, that cache)."""
+                        starts: list[Start | None]) -> tuple[DecodeState, StepResult, MTPCache]:
+        """Prompts that join the batch: their step, in a cache of their own as long as the batch's (each row
+        loading its start first, if any), drawing from the batch's generator (the state after it, the step's
+        result, that cache)."""
         d = self.decoder
-        cache = d.drafter.new_cache(1, self.cache_len, static=d.cache.static)
-        if start is not None:
-            cache.start_rows([start])
+        cache = d.drafter.new_cache(len(starts), self.cache_len, static=d.cache.static)
+        cache.start_rows(starts)
         alone = Decoder(d.drafter, d.opts, cache, d.stop_ids, d.generator, False, d.defer_capacity)
         return *alone.step(prompt, 0, 0), cache
 
@@ -283,7 +285,8 @@ class _EagerSteps:
         keep = [i for i, a in enumerate(batch.active) if a]
         index = torch.tensor(keep, dtype=torch.long, device=state.budget.device)
         self.decoder.cache.load_rows([(self.decoder.cache, index), *((j.cache, j.index) for j in joined)])
-        return batch.take(keep).extend(joined), DecodeState.joined([state.select(index), *(j.state for j in joined)])
+        merged = DecodeState.joined([state.select(index), *(j.state.select(j.index) for j in joined)])
+        return batch.take(keep).extend(joined), merged
 
     def prefill(self, state: DecodeState) -> tuple[DecodeState, StepResult]:
         return self.decoder.step(state, 0, 0)
@@ -330,13 +333,15 @@ class _ReplayedSteps:
         state, self.session = smaller.take_rows(self.session, index), smaller.continue_draws(self.session)
         return state
 
+    joins_together = False  # one by one: a one-row session's prompt graphs replay each
+
     def prefill_joining(self, prompt: DecodeState,
-                        start: Start | None) -> tuple[DecodeState, StepResult, MTPCache]:
+                        starts: list[Start | None]) -> tuple[DecodeState, StepResult, MTPCache]:
         """A prompt that joins the batch: its step replayed in a one-row session of its own (the batch's holds
-        the batch; its cache loading `start` first, if any) from the prompt graph of its width, its draws going
+        the batch; its cache loading its start first, if any) from the prompt graph of its width, its draws going
         on from the batch's; its state and cache copied out (the next prompt's step overwrites the session's)."""
         alone = self.session_for(batch_size=1, joining=True).continue_draws(self.session)
-        alone.cache.start_rows([start])  # (empty: None)
+        alone.cache.start_rows(starts)
         state, result = alone.prefill(prompt)
         self.session.continue_draws(alone)
         cache = alone.decoder.drafter.new_cache(1, self.cache_len, static=True)
@@ -346,15 +351,15 @@ class _ReplayedSteps:
     def join(self, state: DecodeState, batch: _HostRows, joined: list[_Joined]) -> tuple[_HostRows, DecodeState]:
         """The batch's active rows and the prompts that joined it, in the session of the next power of two that
         holds them, filled up with finished rows (copies of a kept row where too few finished)."""
-        keep = [i for i, a in enumerate(batch.active) if a]
-        size = 1 << (len(keep) + len(joined) - 1).bit_length()
+        keep, coming = [i for i, a in enumerate(batch.active) if a], sum(len(j.rows) for j in joined)
+        size = 1 << (len(keep) + coming - 1).bit_length()
         done = [i for i, a in enumerate(batch.active) if not a]
-        fill = (done + keep[:1] * size)[: size - len(keep) - len(joined)]
+        fill = (done + keep[:1] * size)[: size - len(keep) - coming]
         device = state.budget.device
         index = torch.tensor(keep + fill, dtype=torch.long, device=device)
         rows = batch.take(keep + fill)
         rows.active[len(keep):] = [False] * len(fill)
-        merged = DecodeState.joined([state.select(index), *(j.state for j in joined)])
+        merged = DecodeState.joined([state.select(index), *(j.state.select(j.index) for j in joined)])
         merged.finished[len(keep):len(keep) + len(fill)] = True
         session = self.session_for(batch_size=size)
         session.cache.load_rows([(self.session.cache, index), *((j.cache, j.index) for j in joined)])
@@ -383,17 +388,17 @@ class _HostRows:
 
     def extend(self, joined: list[_Joined]) -> _HostRows:
         """These rows, then those of prompts that joined."""
-        return _HostRows(self.rows + [j.row for j in joined], self.active + [True] * len(joined),
-                         self.left + [j.left for j in joined])
+        rows = [r for j in joined for r in j.rows]
+        return _HostRows(self.rows + rows, self.active + [True] * len(rows), self.left + [n for j in joined for n in j.left])
 
 
 @dataclass
 class _Joined:
-    """A prompt that joins a running batch, after its own step: its row, the tokens it may still emit, its state
-    and cache (row `index` of them)."""
+    """Prompts that join a running batch after their step: their rows, the tokens each may still emit, the state
+    and cache of that step (rows `index` of them: those that go on)."""
 
-    row: int
-    left: int
+    rows: list[int]
+    left: list[int]
     state: DecodeState
     cache: MTPCache
     index: torch.Tensor
@@ -431,32 +436,37 @@ def _fitting(model, drafter: Drafter, cache_len: int, static: bool, starts: Star
 def _join_prompts(steps: _EagerSteps | _ReplayedSteps, prompts: list[tuple[list[int], int]], first: int,
                   static: bool, lookup: int, stop: StopChecker, stats: GenerationStats, top: int | None,
                   on_end: Callable[[int], None] | None, starts: Starts):
-    """Each prompt's step, alone (rows first, first + 1, ...; from keys and values computed before where
-    `starts` has them): yields their first tokens as `iter_generate` does, and returns those that go on
-    (`_Joined`)."""
+    """The prompts' step (rows first, first + 1, ...; from keys and values computed before where `starts` has
+    them): one step for them all where steps run eagerly, one each where they replay (a one-row session's prompt
+    graphs). Yields their first tokens as `iter_generate` does, and returns those that go on (`_Joined`)."""
     stop.add_rows(len(prompts))
     joined, device = [], steps.device
-    for row, (ids, budget) in enumerate(prompts, first):
-        input_ids = torch.tensor([ids], dtype=torch.long, device=device)
-        start, fed = starts.split(ids)
-        fed_ids = torch.tensor([fed], dtype=torch.long, device=device)
-        fed_mask = torch.ones_like(fed_ids, dtype=torch.bool)
+    numbered = list(enumerate(prompts, first))
+    for group in [numbered] if steps.joins_together else [[p] for p in numbered]:
+        rows, ids, budgets = [r for r, _ in group], [p for _, (p, _) in group], [n for _, (_, n) in group]
+        split = [starts.split(p) for p in ids]
+        full_ids, full_mask = left_pad(ids, 0)
+        fed_ids, fed_mask = left_pad([fed for _, fed in split], 0)
+        fed_ids, fed_mask = fed_ids.to(device), fed_mask.to(device, torch.bool)
         if static:
             fed_ids, fed_mask = _pad_to_bucket(fed_ids, fed_mask, PROMPT_BUCKET)
-        prompt = _prompt_state(input_ids, torch.ones_like(input_ids, dtype=torch.bool), [budget],
+        prompt = _prompt_state(full_ids.to(device), full_mask.to(device, torch.bool), budgets,
                                steps.cache_len if lookup else 0, fed_ids, fed_mask)
-        prompt.rows = torch.tensor([row], device=device)
-        state, result, cache = steps.prefill_joining(prompt, start)
-        starts.keep(ids, start, cache, 0)
-        host = _HostRows([row], [True], [budget])
+        prompt.rows = torch.tensor(rows, device=device)
+        state, result, cache = steps.prefill_joining(prompt, [start for start, _ in split])
+        for j, p in enumerate(ids):
+            starts.keep(p, split[j][0], cache, j)
+        host = _HostRows(rows, [True] * len(rows), list(budgets))
         emitted, _, ended = _read_rows(result.host.tolist(), host, stop, state.finished, top)
         stats.forward_passes += 1
-        stats.row_forwards += 1
+        stats.row_forwards += len(rows)
         stats.new_tokens += sum(len(new) for _, new, _ in emitted)
         yield from emitted
         _ended(ended, on_end)
-        if host.active[0]:
-            joined.append(_Joined(row, host.left[0], state, cache, torch.zeros(1, dtype=torch.long, device=device)))
+        going = [j for j, active in enumerate(host.active) if active]
+        if going:
+            joined.append(_Joined([rows[j] for j in going], [host.left[j] for j in going], state, cache,
+                                  torch.tensor(going, dtype=torch.long, device=device)))
     return joined
 
 
