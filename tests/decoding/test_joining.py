@@ -238,3 +238,20 @@ def test_each_row_is_told_when_it_ended_while_the_others_decode_on(graphs, repla
     assert at[2] < last_tokens[0]  # (the joined row ended while row 0 went on)
     assert dict((e[1], e[2]) for e in ends)[0] == 11  # (the statistics then: every token so far)
     assert all(e[3] == out.tokens[e[1]] for e in ends)  # (each row's tokens, as the result holds them)
+
+
+def test_prompts_that_join_at_one_read_take_one_step_together():
+    """Eagerly, prompts that join at the same read take one prompt step together (left-padded to the longest),
+    not one each; each still decodes as alone."""
+    model = tiny_mtp("llama", num_heads=3, seed=2, dtype=torch.float64, vocab_size=40)
+    shapes: list[tuple[int, ...]] = []
+    model.base.get_input_embeddings().register_forward_hook(lambda m, args, out: shapes.append(tuple(args[0].shape)))
+    prompts = [[5, 6, 7], [8, 9], [1, 2, 3, 4]]
+    arrivals = Arrivals(prompts, [6, 6, 6], [1, 1, 1], max_rows=4)
+    out = generate(model, torch.tensor([[1, 2, 3]]), max_new_tokens=8, stop_token_ids=[], strategy="greedy",
+                   admit=Admission(arrivals, max_rows=4))
+    # the first prompt's step (1, 3), greedy steps (B, 1), and the three joiners' step (3, 4)
+    assert arrivals.order == [0, 1, 2] and shapes.count((3, 4)) == 1
+    assert all(s[1] == 1 for s in shapes[1:] if s != (3, 4)), shapes
+    alone = [generate(model, torch.tensor([p]), max_new_tokens=6, stop_token_ids=[]).tokens[0] for p in prompts]
+    assert out.tokens[1:] == alone
