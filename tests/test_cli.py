@@ -124,6 +124,22 @@ def test_generate_feeds_what_the_prompts_start_with_once(tiny_mtp_folder, tmp_pa
     assert [json.loads(line)["token_ids"] for line in out.strip().splitlines()] == shared and seen[1] == []
 
 
+def interrupting(generate, after: int):
+    """`generate` that raises KeyboardInterrupt (Ctrl-C) once its streamer has had `after` rows' steps."""
+    def interrupted(*a, streamer, **kw):
+        steps = []
+
+        def step(row, new, **scores):
+            streamer(row, new)
+            steps.append(row)
+            if len(steps) == after:
+                raise KeyboardInterrupt
+
+        return generate(*a, streamer=step, **kw)
+
+    return interrupted
+
+
 def test_generate_prompts_decode_continuously_and_print_in_order(tiny_mtp_folder, tmp_path, capsys, monkeypatch):
     """Five prompts, two rows at a time: one decoding that the next prompt joins as a row ends (one `generate`
     call), each answer the one it gets alone, the records printed and written in the prompts' order; Ctrl-C
@@ -155,18 +171,7 @@ def test_generate_prompts_decode_continuously_and_print_in_order(tiny_mtp_folder
     alone = [generate(model, torch.tensor([model.tokenizer(t).input_ids]), max_new_tokens=7).tokens[0] for t in texts]
     assert [r["token_ids"] for r in printed] == alone
 
-    def interrupted(*a, streamer, **kw):  # Ctrl-C at the sixth step the rows take part in
-        steps = []
-
-        def step(row, new, **scores):
-            streamer(row, new)
-            steps.append(row)
-            if len(steps) == 6:
-                raise KeyboardInterrupt
-
-        return real(*a, streamer=step, **kw)
-
-    monkeypatch.setattr(queue_module, "generate", interrupted)
+    monkeypatch.setattr(queue_module, "generate", interrupting(real, after=6))  # (row steps streamed)
     code, out, _ = run_cli(args, capsys)
     records = [json.loads(line) for line in out.strip().splitlines()]
     assert code == 130 and [r["prompt"] for r in records] == texts[:len(records)] and len(records) >= 2
@@ -405,18 +410,7 @@ def test_ctrl_c_during_generate_prints_and_keeps_what_was_generated(tiny_mtp_fol
     assert code == 0 and len(full) > 3
     real = queue_module.generate
 
-    def interrupted_after_three_steps(*a, streamer, **kw):
-        steps = []
-
-        def step(row, new):
-            streamer(row, new)
-            steps.append(new)
-            if len(steps) == 3:
-                raise KeyboardInterrupt
-
-        return real(*a, streamer=step, **kw)
-
-    monkeypatch.setattr(queue_module, "generate", interrupted_after_three_steps)
+    monkeypatch.setattr(queue_module, "generate", interrupting(real, after=3))
     out_file = tmp_path / "out.jsonl"
     code, out, err = run_cli([*args, "--output", str(out_file)], capsys)
     assert code == 130 and "interrupted" in err
