@@ -255,3 +255,20 @@ def test_cuda_a_conversation_through_a_prompt_cache_decodes_as_eager_without_it(
         assert out.tokens == generate(model, ids, graphs=False, **kw).tokens
         prompt = prompt + out.tokens[0] + [40 + turn, 41 + turn]
     assert cache.hits == 2
+
+
+def test_entries_of_fp32_layers_are_not_loaded_by_fp16_packed_decoding():
+    """fp16-packed decoding layers (`fp16_decoding`, `--quantize fp16`) compute other keys from the same fp32
+    parameters: a prompt decoded with them does not start from an entry the fp32 layers made, and back."""
+    from mtp.models.quantize import fp16_decoding
+
+    model = tiny_mtp("llama", num_heads=3, seed=2, vocab_size=40)
+    cache = PromptCache(min_tokens=4)
+    prompt = list(range(1, 21))
+    kw = dict(max_new_tokens=4, stop_token_ids=[], prompt_cache=cache)
+    generate(model, torch.tensor([prompt]), **kw)
+    with fp16_decoding(model):
+        generate(model, torch.tensor([prompt + [5]]), **kw)
+    assert cache.hits == 0 and len(cache.entries) == 2
+    generate(model, torch.tensor([prompt + [6]]), **kw)  # fp32 again: the fp32 entry
+    assert cache.hits == 1

@@ -102,9 +102,10 @@ class Starts:
         self.prompt_cache = prompt_cache
         if prompt_cache is not None:
             tensors = [*model.parameters(), *model.buffers()]
-            # what an entry's keys and values depend on: the weights, and which stacks the drafter writes
-            self.kind = (hash(weights_state(tensors)), type(drafter).__name__, getattr(drafter, "num_heads", 0),
-                         str(next(iter(tensors)).dtype) if tensors else "")
+            # what an entry's keys and values depend on: the weights, the layers that compute with them (fp32 or
+            # fp16-packed copies: `fast_decoding`), and which stacks the drafter writes
+            self.kind = (hash(weights_state(tensors)), getattr(model, "fast_decoding", None), type(drafter).__name__,
+                         getattr(drafter, "num_heads", 0), str(next(iter(tensors)).dtype) if tensors else "")
             self.refs = storage_refs(tensors)
 
     @property
