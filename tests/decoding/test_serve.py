@@ -880,7 +880,8 @@ def test_the_command_serves_until_sigterm(tiny_mtp_folder):
     request; SIGTERM stops it."""
     src = Path(__file__).resolve().parents[2] / "src"
     proc = subprocess.Popen([sys.executable, "-m", "mtp", "serve", "--model", str(tiny_mtp_folder), "--port", "0",
-                             "--no-access-log", "--batching", "static"], stderr=subprocess.PIPE, text=True,
+                             "--no-access-log", "--batching", "static", "--prompt-cache-mb", "0"],
+                            stderr=subprocess.PIPE, text=True,
                             env={"PYTHONPATH": str(src), "PATH": "/usr/bin:/bin", "HOME": str(tiny_mtp_folder)})
     try:
         line = ""

@@ -532,9 +532,10 @@ def serve(model: str | None = None, host: str = "127.0.0.1", port: int = 8000, s
         batcher.warm_up()
         batcher.start()
         batching = "continuous" if batcher.join else "static"
+        kept = f", a prompt cache of {prompt_cache_mb} MiB" if prompt_cache_mb else ""
         print(f"mtp serve: {server.model_name} ({strategy} decoding on {weights.describe(runtime)}, {batching} "
-              f"batching) at {server.url}/v1 (POST {api.COMPLETIONS}, {api.CHAT}; GET /v1/models); Ctrl-C stops",
-              file=sys.stderr, flush=True)
+              f"batching{kept}) at {server.url}/v1 (POST {api.COMPLETIONS}, {api.CHAT}; GET /v1/models); Ctrl-C "
+              "stops", file=sys.stderr, flush=True)
         try:
             server.serve_forever()
         except KeyboardInterrupt:  # Ctrl-C or SIGTERM: the requests being answered are finished first
