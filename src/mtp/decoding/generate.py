@@ -160,9 +160,7 @@ def iter_generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor |
         raise MTPError("prefix, prompt_cache: an observer of the trunk (on_trunk) would not see the positions a "
                        "prompt loads")
     starts = Starts(model, drafter, prefix, prompt_cache, static, device, stats)
-    fed_ids, fed_mask, row_starts, prompts = _fed_prompts(input_ids, attention_mask, starts)
-    if static:  # static shapes: a few prompt widths, so that the prompt's step replays too
-        fed_ids, fed_mask = _pad_to_bucket(fed_ids, fed_mask, PROMPT_BUCKET)
+    fed_ids, fed_mask, row_starts, prompts = _fed_prompts(input_ids, attention_mask, starts, static)
     loaded = max((s.slots for s in row_starts if s is not None), default=0)
     b, prompt_len = input_ids.shape[0], loaded + fed_ids.shape[1]  # (the slots the prompt step fills, at most)
     verifying = opts.strategy in ("greedy", "speculative")
@@ -404,18 +402,22 @@ class _Joined:
     index: torch.Tensor
 
 
-def _fed_prompts(input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                 starts: Starts) -> tuple[torch.Tensor, torch.Tensor, list[Start | None], list[list[int]]]:
+def _fed_prompts(input_ids: torch.Tensor, attention_mask: torch.Tensor, starts: Starts,
+                 static: bool) -> tuple[torch.Tensor, torch.Tensor, list[Start | None], list[list[int]]]:
     """(the left-padded tokens the prompt step feeds (B, W), their mask, where each row starts, each row's
     prompt): a row that starts from a cache feeds the tokens after the ones it loads, the others their whole
-    prompt."""
+    prompt. With static shapes W is a multiple of PROMPT_BUCKET, so that the prompt's step replays too."""
     if not starts.possible:
-        return input_ids, attention_mask, [None] * input_ids.shape[0], []
-    prompts = [row[mask].tolist() for row, mask in zip(input_ids, attention_mask, strict=True)]
-    split = [starts.split(ids) for ids in prompts]
-    fed_ids, fed_mask = left_pad([fed for _, fed in split], 0)
-    return (fed_ids.to(input_ids.device), fed_mask.to(input_ids.device, torch.bool), [start for start, _ in split],
-            prompts)
+        fed_ids, fed_mask, row_starts, prompts = input_ids, attention_mask, [None] * input_ids.shape[0], []
+    else:
+        prompts = [row[mask].tolist() for row, mask in zip(input_ids, attention_mask, strict=True)]
+        split = [starts.split(ids) for ids in prompts]
+        fed_ids, fed_mask = left_pad([fed for _, fed in split], 0)
+        fed_ids, fed_mask = fed_ids.to(input_ids.device), fed_mask.to(input_ids.device, torch.bool)
+        row_starts = [start for start, _ in split]
+    if static:
+        fed_ids, fed_mask = _pad_to_bucket(fed_ids, fed_mask, PROMPT_BUCKET)
+    return fed_ids, fed_mask, row_starts, prompts
 
 
 def _fitting(model, drafter: Drafter, cache_len: int, static: bool, starts: Starts) -> Callable[[int, int], bool]:
@@ -444,18 +446,14 @@ def _join_prompts(steps: _EagerSteps | _ReplayedSteps, prompts: list[tuple[list[
     numbered = list(enumerate(prompts, first))
     for group in [numbered] if steps.joins_together else [[p] for p in numbered]:
         rows, ids, budgets = [r for r, _ in group], [p for _, (p, _) in group], [n for _, (_, n) in group]
-        split = [starts.split(p) for p in ids]
         full_ids, full_mask = left_pad(ids, 0)
-        fed_ids, fed_mask = left_pad([fed for _, fed in split], 0)
-        fed_ids, fed_mask = fed_ids.to(device), fed_mask.to(device, torch.bool)
-        if static:
-            fed_ids, fed_mask = _pad_to_bucket(fed_ids, fed_mask, PROMPT_BUCKET)
-        prompt = _prompt_state(full_ids.to(device), full_mask.to(device, torch.bool), budgets,
-                               steps.cache_len if lookup else 0, fed_ids, fed_mask)
+        full_ids, full_mask = full_ids.to(device), full_mask.to(device, torch.bool)
+        fed_ids, fed_mask, row_starts, _ = _fed_prompts(full_ids, full_mask, starts, static)
+        prompt = _prompt_state(full_ids, full_mask, budgets, steps.cache_len if lookup else 0, fed_ids, fed_mask)
         prompt.rows = torch.tensor(rows, device=device)
-        state, result, cache = steps.prefill_joining(prompt, [start for start, _ in split])
+        state, result, cache = steps.prefill_joining(prompt, row_starts)
         for j, p in enumerate(ids):
-            starts.keep(p, split[j][0], cache, j)
+            starts.keep(p, row_starts[j], cache, j)
         host = _HostRows(rows, [True] * len(rows), list(budgets))
         emitted, _, ended = _read_rows(result.host.tolist(), host, stop, state.finished, top)
         stats.forward_passes += 1

@@ -97,14 +97,20 @@ def _check_ids(ids: torch.Tensor, model) -> torch.Tensor:
     return ids.long()
 
 
+def shared_length(a, b) -> int:
+    """How many tokens the sequences `a` and `b` start with alike."""
+    n = min(len(a), len(b))
+    return next((i for i in range(n) if a[i] != b[i]), n)
+
+
 def common_prefix(rows) -> list[int]:
     """The longest run of token ids every row starts with (what `generate(prefix=...)` computes once)."""
     rows = [list(map(int, r)) for r in rows]
     if not rows:
         return []
-    first, n = rows[0], min(len(r) for r in rows)
+    first, n = rows[0], len(rows[0])
     for r in rows[1:]:
-        n = next((i for i in range(n) if r[i] != first[i]), n)
+        n = shared_length(first[:n], r)
     return first[:n]
 
 

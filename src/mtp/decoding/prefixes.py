@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
+from mtp.decoding.inputs import shared_length
 from mtp.models.cache import MTPCache
 from mtp.models.weight_state import outlived, storage_refs, weights_state
 
@@ -26,12 +27,6 @@ class Start:
 
     cache: MTPCache
     slots: int
-
-
-def shared_length(a: Sequence[int], b: Sequence[int]) -> int:
-    """How many tokens `a` and `b` start with alike."""
-    n = min(len(a), len(b))
-    return next((i for i in range(n) if a[i] != b[i]), n)
 
 
 class PromptCache:
@@ -75,11 +70,8 @@ class PromptCache:
     def add(self, ids: Sequence[int], kind: tuple, cache: MTPCache, refs: tuple) -> None:
         """Keep `cache` (one compact row) as the keys and values of the prompt `ids`."""
         ids = tuple(ids)
-        if (kind, ids) in self.entries:  # (the same prompt again: a request's n choices)
-            self.entries.move_to_end((kind, ids))
-            return
         for key, (tokens, _, _) in list(self.entries.items()):
-            if key[0] == kind and ids[: len(tokens)] == tokens:  # (this one holds all it held)
+            if key[0] == kind and ids[: len(tokens)] == tokens:  # (this one holds all it held; the same prompt too)
                 del self.entries[key]
         self.entries[(kind, ids)] = (ids, cache, refs)
         while len(self.entries) > 1 and self.nbytes > self.max_bytes:
@@ -136,7 +128,7 @@ class Starts:
             return
         if len(ids) - (start.slots if start is not None else 0) < self.prompt_cache.min_tokens:
             return
-        if (self.kind, tuple(ids)) not in self.prompt_cache.entries:
+        if (self.kind, tuple(ids)) not in self.prompt_cache.entries:  # (the same prompt again: a request's n choices)
             self.prompt_cache.add(ids, self.kind, cache.compact_row(row), self.refs)
 
     def _prefix_cache(self) -> MTPCache:

@@ -162,7 +162,8 @@ class MTPLM(TemplateLM):
 
     # ------------------------------------------------------------------ generation with our strategies
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
-        from mtp.decoding.generate import common_prefix, generate
+        from mtp.decoding.generate import generate
+        from mtp.decoding.inputs import common_prefix
         from mtp.evaluation.prompts import left_pad, pad_id, stop_token_ids
 
         results: list[str | None] = [None] * len(requests)

@@ -249,7 +249,8 @@ def _generate_answers(model, tokenizer, prompts, rows: list[int], answers: Token
                       stop_token_ids, features: FeatureStore | None, bar) -> None:
     """Answer `rows` of the prompts in batches: answers[i] set, each batch's cache lines (`lines`: every prompt's
     id and key) appended to `write_path` and its trunk features to `features` as it finishes."""
-    from mtp.decoding.generate import common_prefix, generate, left_pad
+    from mtp.decoding.generate import generate, left_pad
+    from mtp.decoding.inputs import common_prefix
     from mtp.models.quantize import fp16_decoding
 
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
