@@ -3,6 +3,8 @@ eager and replayed, in a batch and joining one, while the model sees the prefix'
 
 from __future__ import annotations
 
+from unittest.mock import patch
+
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -22,6 +24,20 @@ def fed_tokens(model) -> list[int]:
     seen: list[int] = []
     model.base.get_input_embeddings().register_forward_hook(lambda module, args, out: seen.append(args[0].numel()))
     return seen
+
+
+def assert_entries_hold_what_their_tokens_compute(model, cache: PromptCache, **opts) -> None:
+    """Every entry of `cache` holds, in every stack, the keys and values its tokens' own prompt step computes
+    (float64), but at its last slot (which no prompt loads: there a head that reads the next token read a guess)."""
+    for tokens, entry, _ in list(cache.entries.values()):
+        fresh = PromptCache(min_tokens=1)
+        generate(model, torch.tensor([[*tokens, 0]]), prompt_cache=fresh, **{**opts, "max_new_tokens": 1})
+        whole = next(e for t, e, _ in fresh.entries.values() if t[: len(tokens)] == tokens)
+        for kept, computed in zip(entry.stacks, whole.stacks, strict=True):
+            assert (kept.kv is None) == (computed.kv is None)
+            if kept.kv is not None:
+                n = len(tokens) - 1
+                torch.testing.assert_close(kept.kv[..., :n, :], computed.kv[..., :n, :], rtol=0, atol=1e-9)
 
 
 @settings(max_examples=30, deadline=None,
@@ -171,73 +187,103 @@ def test_cuda_replayed_prompts_from_the_prefix_decode_as_eager_without_it(kw):
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 @given(data=st.data(), graphs=st.booleans(), model_kind=st.sampled_from(["heads", "next-token heads", "masks"]))
 def test_calls_that_share_a_prompt_cache_decode_as_without_it(data, graphs, model_kind, replayed):  # noqa: F811
-    """A conversation's turns (each prompt the one before, its answer and a new message) and prompts that share
-    only their start, as batches and one at a time, through one `PromptCache`, every strategy and drafter: each
-    call emits what it emits without the cache, and later calls start from earlier prompts' keys and values."""
+    """A conversation's turns (each prompt the one before, most often its answer, and a new message) and prompts
+    that share only their start, as batches and one at a time, through one `PromptCache`, every strategy and
+    drafter: each call emits what it emits without the cache, its drafts accepted as often (the keys and values
+    it starts from are those its prompt's step computes), and later calls start from earlier prompts and answers."""
     model, kw = decoding_case(data.draw, "heads" if model_kind == "next-token heads" else model_kind)
     if model_kind == "next-token heads":
         model = reading_next_token(model, seed=data.draw(st.integers(0, 100)))
     vocab = model.config.vocab_size - (1 if hasattr(model, "mask_token_id") else 0)
     tokens = st.integers(0, vocab - 1)
     cache = PromptCache(min_tokens=2)
-    prompts = [data.draw(st.lists(tokens, min_size=3, max_size=10))]
-    for _ in range(3):
-        prompts.append(prompts[-1] + data.draw(st.lists(tokens, min_size=1, max_size=6)))  # the next turn
-    prompts.append(prompts[0][:2] + data.draw(st.lists(tokens, min_size=1, max_size=4)))  # only its start
-    opts = dict(max_new_tokens=data.draw(st.integers(1, 8)), stop_token_ids=[], adaptive_draft=False, **kw)
-    batches = [[prompts[0]], [prompts[1], prompts[4]], [prompts[2]], [prompts[3], prompts[0]]]
-    for batch in batches:
-        ids, mask = left_pad(batch)
+    first = data.draw(st.lists(tokens, min_size=3, max_size=10))
+    others = [[], [first[:2] + data.draw(st.lists(tokens, min_size=1, max_size=4))], [], [first]]  # (its start only)
+    opts = dict(max_new_tokens=data.draw(st.integers(1, 8)), stop_token_ids=data.draw(st.lists(tokens, max_size=1)),
+                adaptive_draft=False, **kw)
+    turn = first
+    for others_in_batch in others:
+        ids, mask = left_pad([turn, *others_in_batch])
         with_cache = generate(model, ids, mask, graphs=graphs, prompt_cache=cache, **opts)
         without = generate(model, ids, mask, graphs=graphs, **opts)
         assert with_cache.tokens == without.tokens
         assert with_cache.stats.draft_accepted == without.stats.draft_accepted
+        assert_entries_hold_what_their_tokens_compute(model, cache, graphs=graphs, **opts)
+        answer = with_cache.tokens[0] if data.draw(st.integers(0, 3)) else []
+        turn = turn + answer + data.draw(st.lists(tokens, min_size=1, max_size=6))  # the next turn
     assert cache.hits >= 3  # (each turn starts from the one before it)
 
 
-def test_a_conversation_feeds_only_its_new_turn_and_keeps_its_latest_prompt():
-    """Each turn of a conversation feeds the tokens after the previous turn's prompt (its last one again), and
-    the cache holds one entry for the conversation: its latest prompt."""
+def test_a_conversation_feeds_only_its_new_turn_and_keeps_its_latest_answer():
+    """Each turn of a conversation feeds only its new message: the previous turn's prompt and answer (but for the
+    answer's last token, never fed, and the one before it, fed again) come from the cache, which holds one entry
+    for the conversation: its latest prompt and answer."""
     model = tiny_mtp("llama", num_heads=3, seed=2, dtype=torch.float64, vocab_size=40)
     cache = PromptCache(min_tokens=4)
     seen = fed_tokens(model)
+    kw = dict(max_new_tokens=6, stop_token_ids=[], strategy="speculative")
     turn1 = list(range(1, 31))
-    out1 = generate(model, torch.tensor([turn1]), max_new_tokens=5, stop_token_ids=[], strategy="speculative",
-                    prompt_cache=cache)
+    out1 = generate(model, torch.tensor([turn1]), prompt_cache=cache, **kw)
+    assert [tokens for tokens, _, _ in cache.entries.values()] == [tuple(turn1 + out1.tokens[0][:-1])]
     turn2 = turn1 + out1.tokens[0] + [33, 34, 35]
     seen[:] = []
-    out2 = generate(model, torch.tensor([turn2]), max_new_tokens=5, stop_token_ids=[], strategy="speculative",
-                    prompt_cache=cache)
-    assert seen[0] == len(turn2) - (len(turn1) - 1)  # the first turn's prompt loaded, but for its last token
-    assert out2.tokens == generate(model, torch.tensor([turn2]), max_new_tokens=5, stop_token_ids=[],
-                                   strategy="speculative").tokens
-    assert [tokens for tokens, _, _ in cache.entries.values()] == [tuple(turn2)]
-    assert cache.hits == 1 and cache.reused_tokens == len(turn1) - 1
+    out2 = generate(model, torch.tensor([turn2]), prompt_cache=cache, **kw)
+    assert seen[0] == 5  # the answer's last two tokens and the new message
+    assert out2.tokens == generate(model, torch.tensor([turn2]), **kw).tokens
+    assert [tokens for tokens, _, _ in cache.entries.values()] == [tuple(turn2 + out2.tokens[0][:-1])]
+    assert cache.hits == 1 and cache.reused_tokens == len(turn2) - 5
 
 
-def test_entries_are_found_by_kind_and_dropped_past_the_byte_budget():
-    """Greedy writes no extra heads' keys: speculative decoding does not start from its entries (and is right
-    without them); weights changed in place make every entry stale; the least recently used entries go past
-    `max_bytes`; a prompt that adds fewer than `min_tokens` tokens is not kept."""
+def test_answers_are_kept_without_the_positions_plain_steps_left_to_catch_up():
+    """Speculative steps the gate turns plain leave the extra heads' keys of their positions for later: an answer
+    that ends before they are caught up is kept without them, so a later prompt computes them, and decodes (with
+    the same drafts accepted) as without the cache."""
     model = tiny_mtp("llama", num_heads=3, seed=2, dtype=torch.float64, vocab_size=40)
-    cache = PromptCache(min_tokens=4)
-    prompt = list(range(1, 21))
-    generate(model, torch.tensor([prompt]), max_new_tokens=3, stop_token_ids=[], prompt_cache=cache)
-    spec = dict(max_new_tokens=6, stop_token_ids=[], strategy="speculative")
-    out = generate(model, torch.tensor([prompt + [5, 6]]), prompt_cache=cache, **spec)
-    assert cache.hits == 0 and out.tokens == generate(model, torch.tensor([prompt + [5, 6]]), **spec).tokens
-    with torch.no_grad():
-        next(model.extra_heads.parameters()).mul_(1.5)
-    out = generate(model, torch.tensor([prompt + [5, 6]]), prompt_cache=cache, **spec)
-    assert cache.hits == 0 and out.tokens == generate(model, torch.tensor([prompt + [5, 6]]), **spec).tokens
-    generate(model, torch.tensor([prompt + [5, 6, 7]]), prompt_cache=cache, **spec)  # adds 2 tokens: not kept
-    assert cache.hits == 1 and len(cache.entries) == 3
-    small = PromptCache(min_tokens=4)
-    for first in (1, 2, 3):
-        generate(model, torch.tensor([[first] + prompt]), prompt_cache=small, **spec)
-        if first == 1:
-            small.max_bytes = 2 * small.nbytes + 100  # room for two
-    assert [tokens[0] for tokens, _, _ in small.entries.values()] == [2, 3]
+    gen = dict(max_new_tokens=12, stop_token_ids=[], strategy="speculative", adaptive_draft=True)
+    cache = PromptCache(min_tokens=2)
+    prompts = [list(range(1, 21)), list(range(5, 30))]
+    ids, mask = left_pad(prompts)
+    asked = []  # plain steps, but for one that catches up and drafts (the third) and one that verifies
+
+    def faster_kind(self) -> bool:
+        asked.append(1)
+        return len(asked) == 3
+
+    with patch("mtp.decoding.blocks.SpeculationGate._faster_kind", faster_kind):
+        out = generate(model, ids, mask, prompt_cache=cache, **gen)  # (two rows: the gate is on)
+    assert out.stats.draft_positions == [2, 2]  # (one verifying step)
+    (tokens, _, _), = [e for e in cache.entries.values() if e[0][0] == 1]
+    assert len(prompts[0]) < len(tokens) < len(prompts[0]) + len(out.tokens[0]) - 1  # no plain step's position
+    assert tokens == tuple(prompts[0] + out.tokens[0])[: len(tokens)]
+    assert_entries_hold_what_their_tokens_compute(model, cache, **gen)
+    turn = prompts[0] + out.tokens[0] + [7, 8]
+    with_cache = generate(model, torch.tensor([turn]), prompt_cache=cache, **gen)
+    without = generate(model, torch.tensor([turn]), **gen)
+    assert with_cache.tokens == without.tokens and with_cache.stats.draft_accepted == without.stats.draft_accepted
+    assert cache.hits == 1
+
+
+@pytest.mark.parametrize("reads_next", [False, True], ids=["heads", "next-token-heads"])
+def test_a_sampled_conversation_decodes_as_without_the_cache(reads_next):
+    """Seeded speculative sampling, turn after turn through one `PromptCache`: the same tokens and drafts accepted
+    as without it. Heads that read the next token wrote their keys with the model's own next token, which a draw
+    may not have kept: such answers are not kept (their prompts are); the other heads' answers are."""
+    model = tiny_mtp("llama", num_heads=3, seed=5, dtype=torch.float64, vocab_size=40)
+    if reads_next:
+        model = reading_next_token(model, seed=1, scale=2.0)
+    kw = dict(max_new_tokens=12, stop_token_ids=[], strategy="speculative", do_sample=True, temperature=1.5,
+              seed=3, adaptive_draft=False)
+    cache = PromptCache(min_tokens=2)
+    turn = list(range(1, 12))
+    for message in ([20, 21], [22, 23, 24], [25]):
+        with_cache = generate(model, torch.tensor([turn]), prompt_cache=cache, **kw)
+        without = generate(model, torch.tensor([turn]), **kw)
+        assert with_cache.tokens == without.tokens
+        assert with_cache.stats.draft_accepted == without.stats.draft_accepted
+        (kept, _, _), = cache.entries.values()
+        assert kept == tuple(turn if reads_next else turn + with_cache.tokens[0][:-1])
+        assert_entries_hold_what_their_tokens_compute(model, cache, **kw)
+        turn = turn + with_cache.tokens[0] + message
 
 
 @pytest.mark.cuda

@@ -771,7 +771,7 @@ def test_metrics_count_what_was_decoded(model, monkeypatch):
 
 def test_a_conversations_next_turn_starts_from_the_turn_before(model):
     """A chat's next turn (the conversation so far, its answer, a new message) starts from the keys and values
-    the server kept of the turn before; its answer is the one it gets without them, and /metrics counts the
+    the server kept of the turn before (its prompt and answer); its answer is the one it gets without them, and /metrics counts the
     tokens it did not feed."""
     turn = [{"role": "system", "content": "Answer in one word."}, {"role": "user", "content": "What is 7 + 5?"}]
     with served(model) as server:
@@ -784,7 +784,9 @@ def test_a_conversations_next_turn_starts_from_the_turn_before(model):
     with served(model, prompt_cache=False) as server:
         _, alone = post(server, "/v1/chat/completions", {"messages": turn, "max_tokens": 6})
     assert second["choices"][0]["message"] == alone["choices"][0]["message"]
-    assert reused == first["usage"]["prompt_tokens"] - 1 and f"mtp_prompt_cache_tokens_total {reused}" in text
+    # (its prompt, and as much of its answer as the next turn's prompt tokenizes the same: a random model's text
+    # may come back as other tokens)
+    assert reused >= first["usage"]["prompt_tokens"] - 1 and f"mtp_prompt_cache_tokens_total {reused}" in text
 
 
 def test_an_api_key_is_asked_of_every_v1_request(model):

@@ -3,7 +3,7 @@
 Each line typed is a user turn; the conversation so far goes through the tokenizer's chat template, and the answer
 is decoded with any strategy (lossless speculative decoding by default: the answers greedy decoding gives, sooner)
 and printed as its text becomes final (`IncrementalText`), then its speed on stderr. Each turn starts from the keys
-and values of the turn before it (`mtp.decoding.prefixes.PromptCache`): only what is new is fed. `/reset` starts a
+and values of the turn before it and its answer (`mtp.decoding.prefixes.PromptCache`): only what is new is fed. `/reset` starts a
 new conversation, `/save FILE` adds it to a JSONL of conversations (what `mtp train --data` reads), `/quit` or
 Ctrl-D ends; Ctrl-C stops the answer being written (the turn is dropped) and the chat goes on. A conversation
 longer than the context keeps its last tokens.

@@ -183,6 +183,9 @@ class Drafter:
     lookahead: int  # positions past the emitted tokens a block may use
     extra_slots: int  # cache slots past the emitted tokens a block may use
     catches_up = False  # plain steps leave out layers of its own, computed later (`catch_up`)
+    # The keys a step writes at a position depend on the token after it, which the step takes to be the model's
+    # own (heads that read the next token): a sampled token may be another (its keys are then not the sequence's)
+    reads_next_token = False
     proposer: Proposer | None = None  # a custom proposer (host-side drafts), which reads a `DraftRequest`
 
     def new_cache(self, batch_size: int, max_len: int, static: bool = False):
@@ -258,6 +261,7 @@ class HeadsDrafter(Drafter):
         if opts.strategy in ("confadapt", "static"):
             self.num_drafts = 0  # nothing is verified: the heads' proposals are emitted
         self.catches_up = self.num_heads > 1  # the extra heads keep caches: a plain step's positions are caught up
+        self.reads_next_token = self.num_heads > 1 and model.reads_next_token
 
     def forward(self, cache, pending, pending_valid, drafts: Drafts, drafting: bool = True) -> StepOutput:
         model = self.model
@@ -276,7 +280,7 @@ class HeadsDrafter(Drafter):
         if not drafting:  # a plain step: the extra heads run later, over its position (`catch_up`)
             return StepOutput(verify_logits, trunk[:, : 1 + d, None][:, :, :0], trunk)  # (B, 1+d, 0, H)
         next_ids = own = None
-        if self.num_heads > 1 and model.reads_next_token:
+        if self.reads_next_token:
             own = verify_logits.argmax(-1)  # (B, 1+d), which greedy verification reads too
             next_ids = self._next_ids(chain, pending_valid, d, own)
         extra = model.extra_heads_forward(self.num_heads, trunk, ctx, next_ids)  # (B, w+d, heads - 1, H)
@@ -292,7 +296,7 @@ class HeadsDrafter(Drafter):
         slots = cache.length[:, None] - back
         positions = (cache.next_pos[:, None] - back).clamp_min(0)
         hidden = _take(trunk, entry)  # (B, W, H)
-        ids = next_ids.gather(1, entry) if self.model.reads_next_token else None
+        ids = next_ids.gather(1, entry) if self.reads_next_token else None
         self.model.rewrite_extra_heads(self.num_heads, hidden, ids, cache, slots, positions)
 
     @staticmethod

@@ -159,7 +159,7 @@ def iter_generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor |
     if (prefix is not None or prompt_cache is not None) and on_trunk is not None:
         raise MTPError("prefix, prompt_cache: an observer of the trunk (on_trunk) would not see the positions a "
                        "prompt loads")
-    starts = Starts(model, drafter, prefix, prompt_cache, static, device, stats)
+    starts = Starts(model, drafter, prefix, prompt_cache, static, device, stats, opts.do_sample)
     fed_ids, fed_mask, row_starts, prompts = _fed_prompts(input_ids, attention_mask, starts, static)
     loaded = max((s.slots for s in row_starts if s is not None), default=0)
     b, prompt_len = input_ids.shape[0], loaded + fed_ids.shape[1]  # (the slots the prompt step fills, at most)
@@ -185,7 +185,7 @@ def iter_generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor |
     gate.launched(("prompt", block))
     state, result = steps.prefill(state)
     for row, ids in enumerate(prompts):  # (what a prompt cache keeps of them)
-        starts.keep(ids, row_starts[row], steps.cache, row)
+        starts.keep(ids, row_starts[row], steps.cache, row, row)
     fits, next_row = _fitting(model, drafter, steps.cache_len, static, starts), b  # (joined rows' indices)
     while True:
         most = emitted_width(result.host.shape[1], opts.logprobs)  # tokens a row may emit in the step being read
@@ -204,6 +204,7 @@ def iter_generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor |
         if on_trunk is not None and result.trunk is not None:
             on_trunk(state.rows, result.trunk, result.kept)
         yield from emitted
+        starts.read(emitted, ended, batch.rows, steps.cache, state.deferred_count)  # (answers a prompt cache keeps)
         _ended(ended, on_end)
         if not any(batch.active) and not joining:  # every row ended: prompts may still join (then, it ends)
             joining = admit.take(0, fits) if joinable and ahead is None else []
@@ -453,13 +454,14 @@ def _join_prompts(steps: _EagerSteps | _ReplayedSteps, prompts: list[tuple[list[
         prompt.rows = torch.tensor(rows, device=device)
         state, result, cache = steps.prefill_joining(prompt, row_starts)
         for j, p in enumerate(ids):
-            starts.keep(p, row_starts[j], cache, j)
+            starts.keep(p, row_starts[j], cache, j, rows[j])
         host = _HostRows(rows, [True] * len(rows), list(budgets))
         emitted, _, ended = _read_rows(result.host.tolist(), host, stop, state.finished, top)
         stats.forward_passes += 1
         stats.row_forwards += len(rows)
         stats.new_tokens += sum(len(new) for _, new, _ in emitted)
         yield from emitted
+        starts.read(emitted, ended)  # (a row that ends at its first token adds nothing to its prompt)
         _ended(ended, on_end)
         going = [j for j, active in enumerate(host.active) if active]
         if going:

@@ -1,7 +1,7 @@
 """Prompts that start from keys and values computed before and feed only the rest: a prefix the caller names
 (`generate(prefix=...)`: a few-shot prompt's examples, computed once per call) or prompts decoded before
-(`PromptCache`, kept between calls: a conversation's earlier turns, a server's system prompt; what vLLM's
-automatic prefix caching and SGLang's radix cache do, in small).
+(`PromptCache`, kept between calls: a conversation's earlier turns and answers, a server's system prompt; what
+vLLM's automatic prefix caching and SGLang's radix cache do, in small).
 
 A prompt whose first n tokens a one-row cache holds loads the keys and values of the first n - 1 and feeds the
 rest, from the n-th token on: a head that reads the token after a position then reads the prompt's own at every
@@ -32,10 +32,11 @@ class Start:
 class PromptCache:
     """Keys and values of prompts decoded before, kept between `generate` calls: a prompt that starts like one of
     them (a conversation's next turn, a request with the same system prompt) starts from them and feeds only the
-    rest. One entry per prompt, one compact row each (no padding); an entry that another one's prompt extends is
-    dropped (a conversation keeps its latest turn); the least recently used go first past `max_bytes`. Entries
-    hold the stacks one way of decoding writes (greedy leaves the extra heads out) of one model's weights as they
-    were: a prompt finds only entries of its own kind.
+    rest. One entry per prompt after its step, one compact row each (no padding), extended by the row's answer when
+    it ends (its tokens but the last, which was never fed; not where heads that read the next token sampled it); an
+    entry that another one extends is dropped (a conversation keeps its latest turn and answer); the least
+    recently used go first past `max_bytes`. Entries hold the stacks one way of decoding writes (greedy leaves the
+    extra heads out) of one model's weights as they were: a prompt finds only entries of its own kind.
 
     Pass it to every call that should share it: `generate(..., prompt_cache=cache)`; `mtp serve` and `mtp chat`
     keep one."""
@@ -84,11 +85,16 @@ class PromptCache:
 class Starts:
     """Where the prompts of one call start (`split`): the named prefix's cache (computed at its first use, a
     forward the statistics count) or the `PromptCache` entry that holds more of them; and what the call adds to
-    that cache (`keep`)."""
+    that cache: each prompt after its step (`keep`), and each row's prompt and answer when it ends (`read`: a
+    conversation's next turn then starts after the answer, not after the prompt)."""
 
     def __init__(self, model, drafter, prefix: Sequence[int] | None, prompt_cache: PromptCache | None,
-                 static: bool, device: torch.device, stats):
+                 static: bool, device: torch.device, stats, sampling: bool = False):
         self.drafter, self.static, self.device, self.stats = drafter, static, device, stats
+        # Each row's tokens so far and how many of them the prompt cache holds, for the answers it keeps: all but
+        # where the drafter's keys read the model's own next token and sampling may have drawn another
+        keeps_answers = prompt_cache is not None and not (sampling and drafter.reads_next_token)
+        self.rows: dict[int, tuple[list[int], int]] | None = {} if keeps_answers else None
         self.prefix = list(prefix) if prefix is not None and len(prefix) > 1 else []  # (one token: nothing to load)
         self.prefix_cache: MTPCache | None = None
         self.prompt_cache = prompt_cache
@@ -121,15 +127,40 @@ class Starts:
             self.prompt_cache.reused_tokens += start.slots
         return start, ids[start.slots:]
 
-    def keep(self, ids: list[int], start: Start | None, cache: MTPCache, row: int) -> None:
-        """After a prompt's step: keep row `row` of `cache` (the prompt `ids`, fed from `start`) in the prompt
-        cache, where it holds at least `min_tokens` tokens more than the entry it started from."""
+    def keep(self, ids: list[int], start: Start | None, cache: MTPCache, index: int, row: int) -> None:
+        """After a prompt's step: keep batch row `index` of `cache` (the prompt `ids` of the caller's row `row`, fed
+        from `start`) in the prompt cache, where it holds at least `min_tokens` tokens more than the entry it
+        started from."""
         if self.prompt_cache is None:
             return
-        if len(ids) - (start.slots if start is not None else 0) < self.prompt_cache.min_tokens:
+        held = start.slots if start is not None else 0
+        if len(ids) - held >= self.prompt_cache.min_tokens:
+            held = len(ids)
+            if (self.kind, tuple(ids)) not in self.prompt_cache.entries:  # (the same prompt: a request's n choices)
+                self.prompt_cache.add(ids, self.kind, cache.compact_row(index), self.refs)
+        if self.rows is not None:
+            self.rows[row] = (list(ids), held)
+
+    def read(self, emitted: list[tuple[int, list[int], object]], ended: list[int], rows: list[int] | None = None,
+             cache: MTPCache | None = None, deferred: torch.Tensor | None = None) -> None:
+        """A step's emitted tokens (`iter_generate`'s (row, tokens, scores)); rows that `ended` keep their prompt
+        and answer in the prompt cache, from the batch row of `cache` that holds them (`rows`: the caller's row of
+        each batch row; None: not kept), all but their last token (never fed) and the last `deferred[b]` ones
+        (whose extra heads' keys plain steps left out) at most, where they add `min_tokens` tokens at least."""
+        if self.rows is None:
             return
-        if (self.kind, tuple(ids)) not in self.prompt_cache.entries:  # (the same prompt again: a request's n choices)
-            self.prompt_cache.add(ids, self.kind, cache.compact_row(row), self.refs)
+        for row, new, _ in emitted:
+            self.rows[row][0].extend(new)
+        for row in ended:
+            tokens, held = self.rows.pop(row)
+            if cache is None or len(tokens) - 1 - held < self.prompt_cache.min_tokens:
+                continue
+            index = rows.index(row)
+            entry = cache.compact_row(index, most=len(tokens) - 1,
+                                      drop=int(deferred[index]) if deferred is not None else 0)
+            n = int(entry.length[0])
+            if n - held >= self.prompt_cache.min_tokens:
+                self.prompt_cache.add(tokens[:n], self.kind, entry, self.refs)
 
     def _prefix_cache(self) -> MTPCache:
         if self.prefix_cache is None:

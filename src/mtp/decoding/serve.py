@@ -502,8 +502,9 @@ def serve(model: str | None = None, host: str = "127.0.0.1", port: int = 8000, s
             its first) or it is full: a burst of requests is decoded together; 0: it starts at once.
         batching: continuous (requests that come while a batch decodes join it between two steps, where a row is
             free and they fit: their first tokens come at once) | static (they wait for the next batch).
-        prompt_cache_mb: keys and values of recent prompts kept (MiB, on the model's device): a prompt that starts
-            like one of them (a conversation's next turn, the same system prompt) feeds only the rest; 0: none.
+        prompt_cache_mb: keys and values of recent prompts and their answers kept (MiB, on the model's device): a
+            prompt that starts like one of them (a conversation's next turn, the same system prompt) feeds only the
+            rest; 0: none.
         api_key: requests must carry this key ("Authorization: Bearer KEY", an OpenAI client's api_key); default:
             the environment's MTP_API_KEY, else none is asked (listen on 127.0.0.1 only, then).
         access_log: a line on stderr for every HTTP request (each decoded batch has its own line either way).

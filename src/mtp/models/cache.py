@@ -346,11 +346,13 @@ class MTPCache:
                 index = torch.tensor(group, device=mine.kv.device)
                 mine.kv[:, :, index, :, : s.slots] = theirs.kv[:, :, :1, :, : s.slots]
 
-    def compact_row(self, row: int) -> MTPCache:
+    def compact_row(self, row: int, most: int | None = None, drop: int = 0) -> MTPCache:
         """Row `row`'s tokens as a one-row cache of its own, slot i holding its i-th token (its padding left out):
-        what a later prompt that starts with the same tokens starts from (`start_rows`)."""
+        what a later prompt that starts with the same tokens starts from (`start_rows`). At most its first `most`
+        tokens, and not its last `drop` (tokens some stacks have not computed yet)."""
         slots = self.valid[row, : int(self.length[row])].nonzero()[:, 0]  # (n,) the row's tokens, in order
-        n = slots.numel()
+        n = max(0, slots.numel() - drop) if most is None else max(0, min(most, slots.numel() - drop))
+        slots = slots[:n]
         out = MTPCache(1, max(n, 1), len(self.stacks), self.valid.device)
         out.valid[0, :n] = True
         out.length.fill_(n)
