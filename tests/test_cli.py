@@ -227,6 +227,24 @@ def test_generate_json_records_carry_the_tokens_log_probabilities(tiny_mtp_folde
     assert code == 2 and err.strip().endswith("--logprobs go into the JSON records: add --output FILE")
 
 
+def test_generate_with_penalties(tiny_mtp_folder, capsys):
+    """--repetition-penalty, --presence-penalty, --frequency-penalty: speculative decoding gives what greedy decoding
+    with them gives; out of range, or with a strategy that does not verify, a one-line error before loading."""
+    args = ["generate", "--model", str(tiny_mtp_folder), "--prompt", "What is 7 + 5?", "--max-new-tokens", "8",
+            "--json", "--repetition-penalty", "1.5", "--presence-penalty", "0.5", "--frequency-penalty", "1"]
+    tokens = []
+    for strategy in ("greedy", "speculative"):
+        code, out, err = run_cli(args + ["--strategy", strategy], capsys)
+        assert code == 0, err
+        tokens.append(json.loads(out.strip().splitlines()[-1])["token_ids"])
+    assert tokens[0] == tokens[1]
+    for bad, says in ((["--strategy", "static"], "--repetition-penalty: a penalty on the tokens greedy or "
+                       "speculative decoding verifies"), (["--frequency-penalty", "3"],
+                                                          "--frequency-penalty must be in [-2, 2], got 3")):
+        code, _, err = run_cli(args + bad, capsys)
+        assert code == 2 and says in err and len(err.strip().splitlines()) == 1, err
+
+
 def test_generate_prompts_to_jsonl(tiny_mtp_folder, tmp_path, capsys):
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text('{"prompt": "Janet has 3 eggs"}\n\n{"question": "What is 7 + 5?"}\n')

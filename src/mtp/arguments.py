@@ -79,7 +79,8 @@ RULES: dict[str, Range] = {
     "tree_size": TREE_SIZE, "lookup": AT_LEAST_0,
     # decoding
     "tau": PROBABILITY, "temperature": AT_LEAST_0, "top_p": Range(0, 1, low_open=True),
-    "top_k": AT_LEAST_0, "logprobs": Range(0, 20),
+    "top_k": AT_LEAST_0, "logprobs": Range(0, 20), "repetition_penalty": POSITIVE,
+    "presence_penalty": Range(-2, 2), "frequency_penalty": Range(-2, 2),  # (OpenAI's range)
     # training
     "epochs": POSITIVE, "train_epochs": POSITIVE, "lr": POSITIVE, "min_lr_ratio": PROBABILITY,
     "weight_decay": AT_LEAST_0, "max_grad_norm": AT_LEAST_0, "holdout": Range(0, 1, high_open=True),
@@ -110,6 +111,12 @@ RELATIONS: list[tuple[tuple[str, ...], Callable[..., bool], str]] = [
     (("logprobs", "strategy"), lambda logprobs, strategy: all(s in ("greedy", "speculative") for s in _strategies(strategy)),
      "{logprobs}: the model's log-probabilities of the tokens it verified; use them with {strategy} greedy or "
      "speculative (ConfAdapt and static emit the heads' tokens unscored)"),
+    # penalties change the verified logits; ConfAdapt and static emit the heads' proposals
+    *(((name, "strategy"), lambda value, strategy, neutral=neutral: value == neutral or all(
+        s in ("greedy", "speculative") for s in _strategies(strategy)),
+       f"{{{name}}}: a penalty on the tokens greedy or speculative decoding verifies; use it with {{strategy}} "
+       "greedy or speculative") for name, neutral in (("repetition_penalty", 1.0), ("presence_penalty", 0.0),
+                                                      ("frequency_penalty", 0.0))),
     (("num_draft", "strategy"), lambda num_draft, strategy: "speculative" in _strategies(strategy),
      "{num_draft}: drafts verified per step; use it with {strategy} speculative"),
     # greedy decoding makes one token per forward: a k would be ignored without a word

@@ -143,6 +143,25 @@ def test_completions_are_greedys_answers(model):
     assert body["mtp"]["strategy"] == "speculative" and body["mtp"]["batches"][0]["rows"] == 3
 
 
+def test_penalized_completions_are_penalized_greedys_answers(model):
+    """OpenAI's presence and frequency penalties and vLLM's repetition_penalty: each choice is what greedy decoding
+    with the same penalties gives its prompt alone (the server decodes speculatively, in a batch, requests with
+    other penalties in batches of their own); a penalty out of range is refused."""
+    tok = model.tokenizer
+    penalties = {"presence_penalty": 0.5, "frequency_penalty": 1.5, "repetition_penalty": 1.3}
+    with served(model) as server:
+        status, body = post(server, "/v1/completions", {"prompt": PROMPTS, "max_tokens": 12, **penalties})
+        _, plain = post(server, "/v1/completions", {"prompt": PROMPTS, "max_tokens": 12})
+        bad, error = post(server, "/v1/completions", {"prompt": "hi", "frequency_penalty": 2.5})
+    expected = [greedy(model, tok(p).input_ids, 12, **penalties).texts[0] for p in PROMPTS]
+    assert status == 200 and [c["text"] for c in body["choices"]] == expected
+    assert expected != [c["text"] for c in plain["choices"]]  # (the penalties change the answers)
+    assert bad == 400 and error["error"]["param"] == "frequency_penalty"
+    with served(model, strategy="confadapt") as server:
+        refused, why = post(server, "/v1/completions", {"prompt": "hi", "presence_penalty": 1.0})
+    assert refused == 400 and "presence_penalty" in why["error"]["message"]
+
+
 def test_prompts_given_as_token_ids_are_answered_as_their_text(model):
     """The API's token-id prompts (one list of ids, or a list of them, as evaluation harnesses send): the same
     answers as the texts they encode."""
@@ -612,6 +631,8 @@ def test_a_streamed_request_refused_before_its_first_piece_is_an_http_error(mode
     ("/v1/completions", {"prompt": "hi", "n": 17}, "n", "'n' must be in [1, 16], got 17"),
     ("/v1/completions", {"prompt": "hi", "n": "2"}, "n", "'n' must be an integer"),
     ("/v1/completions", {"prompt": "hi", "best_of": 2}, "best_of", "'best_of' is not supported by mtp serve"),
+    ("/v1/completions", {"prompt": "hi", "repetition_penalty": 0}, "repetition_penalty",
+     "'repetition_penalty' must be > 0"),
     ("/v1/completions", {"prompt": "hi", "logprobs": 21}, "logprobs", "'logprobs' must be in [0, 20], got 21"),
     ("/v1/completions", {"prompt": "hi", "logprobs": True}, "logprobs", "'logprobs' must be an integer"),
     ("/v1/completions", {"prompt": "hi", "top_logprobs": 2}, "top_logprobs",

@@ -234,7 +234,9 @@ class Batcher:
                                max_new_tokens=[j.sampling.max_tokens for j in jobs], do_sample=s.do_sample,
                                temperature=s.temperature, top_p=s.top_p, top_k=s.top_k, seed=seed,
                                stop_strings=list(s.stop) or None, streamer=stream, logprobs=s.logprobs,
-                               halt=halt, admit=admit, on_end=finish, prompt_cache=self.prompt_cache, **options)
+                               presence_penalty=s.presence_penalty, frequency_penalty=s.frequency_penalty,
+                               repetition_penalty=s.repetition_penalty, halt=halt, admit=admit, on_end=finish,
+                               prompt_cache=self.prompt_cache, **options)
 
     def _joining(self, jobs: list[Job], sent: list[bool], active: int,
                  fits: Callable[[int, int], bool]) -> list[tuple[list[int], int]]:

@@ -36,6 +36,7 @@ from mtp.decoding.blocks import (  # noqa: F401  (DraftLength, accepted_per_posi
 from mtp.decoding.drafters import Drafter, DraftRequest, Proposer, drafter_for  # noqa: F401  (DraftRequest: re-exported)
 from mtp.decoding.inputs import common_prefix, left_pad, token_batch  # noqa: F401  (common_prefix, left_pad: re-exported)
 from mtp.decoding.logprobs import TokenLogprob, unpack
+from mtp.decoding.penalties import Penalties, prompt_counts
 from mtp.decoding.prefixes import PromptCache, Start, Starts
 from mtp.decoding.step import (  # noqa: F401  (Strategy: re-exported)
     ACCEPTED,
@@ -159,7 +160,9 @@ def iter_generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor |
     if (prefix is not None or prompt_cache is not None) and on_trunk is not None:
         raise MTPError("prefix, prompt_cache: an observer of the trunk (on_trunk) would not see the positions a "
                        "prompt loads")
-    starts = Starts(model, drafter, prefix, prompt_cache, static, device, stats, opts.do_sample)
+    # (sampled or penalized tokens may not be the model's own next ones, which heads that read them assumed)
+    starts = Starts(model, drafter, prefix, prompt_cache, static, device, stats,
+                    opts.do_sample or opts.penalties is not None)
     fed_ids, fed_mask, row_starts, prompts = _fed_prompts(input_ids, attention_mask, starts, static)
     loaded = max((s.slots for s in row_starts if s is not None), default=0)
     b, prompt_len = input_ids.shape[0], loaded + fed_ids.shape[1]  # (the slots the prompt step fills, at most)
@@ -175,7 +178,9 @@ def iter_generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor |
     draft_length, gate = _block_rules(model, drafter, opts, b, lookup, device, admit.max_rows if joinable else 0)
     steps = _steps_for(model, drafter, opts, b, need, stop, generator, on_trunk is not None, graphs, gate, device)
     budgets = budgets if budgets is not None else [opts.max_new_tokens] * b
-    state = _prompt_state(input_ids, attention_mask, budgets, steps.cache_len if lookup else 0, fed_ids, fed_mask)
+    vocab = model.config.vocab_size if opts.penalties is not None else 0  # (penalties count tokens)
+    state = _prompt_state(input_ids, attention_mask, budgets, steps.cache_len if lookup else 0, fed_ids, fed_mask,
+                          vocab)
     if loaded:  # rows that start from keys and values computed before load them
         steps.cache.start_rows(row_starts)
     batch = _HostRows(list(range(b)), [True] * b, list(budgets))
@@ -219,7 +224,7 @@ def iter_generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor |
         draining = False
         if joining:  # each prompt's own step first, then one batch with the rows that go on
             joined = yield from _join_prompts(steps, joining, next_row, static, lookup, stop, stats, opts.logprobs,
-                                              on_end, starts)
+                                              on_end, starts, vocab)
             next_row, gate.untimed = next_row + len(joining), True  # (this read's interval held their steps)
             keep = None if joined else keep
             batch, state = steps.join(state, batch, joined) if joined else (batch, state)
@@ -438,7 +443,7 @@ def _fitting(model, drafter: Drafter, cache_len: int, static: bool, starts: Star
 
 def _join_prompts(steps: _EagerSteps | _ReplayedSteps, prompts: list[tuple[list[int], int]], first: int,
                   static: bool, lookup: int, stop: StopChecker, stats: GenerationStats, top: int | None,
-                  on_end: Callable[[int], None] | None, starts: Starts):
+                  on_end: Callable[[int], None] | None, starts: Starts, vocab: int):
     """The prompts' step (rows first, first + 1, ...; from keys and values computed before where `starts` has
     them): one step for them all where steps run eagerly, one each where they replay (a one-row session's prompt
     graphs). Yields their first tokens as `iter_generate` does, and returns those that go on (`_Joined`)."""
@@ -450,7 +455,8 @@ def _join_prompts(steps: _EagerSteps | _ReplayedSteps, prompts: list[tuple[list[
         full_ids, full_mask = left_pad(ids, 0)
         full_ids, full_mask = full_ids.to(device), full_mask.to(device, torch.bool)
         fed_ids, fed_mask, row_starts, _ = _fed_prompts(full_ids, full_mask, starts, static)
-        prompt = _prompt_state(full_ids, full_mask, budgets, steps.cache_len if lookup else 0, fed_ids, fed_mask)
+        prompt = _prompt_state(full_ids, full_mask, budgets, steps.cache_len if lookup else 0, fed_ids, fed_mask,
+                               vocab)
         prompt.rows = torch.tensor(rows, device=device)
         state, result, cache = steps.prefill_joining(prompt, row_starts)
         for j, p in enumerate(ids):
@@ -603,10 +609,12 @@ def _pad_to_bucket(input_ids: torch.Tensor, attention_mask: torch.Tensor,
 
 
 def _prompt_state(input_ids: torch.Tensor, attention_mask: torch.Tensor, budgets: list[int], history: int,
-                  fed_ids: torch.Tensor | None = None, fed_mask: torch.Tensor | None = None) -> DecodeState:
+                  fed_ids: torch.Tensor | None = None, fed_mask: torch.Tensor | None = None,
+                  vocab: int = 0) -> DecodeState:
     """The state before the first step: the (left-padded) prompts are the first block (or `fed_ids`, what of
     them the cache does not hold yet: a prefix's), `budgets` each row's new tokens at most. `history`: slots for
-    each row's tokens, for prompt lookup (0: none)."""
+    each row's tokens, for prompt lookup (0: none). `vocab`: the logits' width, where penalties count tokens (0:
+    none do)."""
     b, device = input_ids.shape[0], input_ids.device
     zeros = torch.zeros(b, dtype=torch.long, device=device)
     budget = torch.tensor(budgets, dtype=torch.long, device=device)
@@ -619,6 +627,8 @@ def _prompt_state(input_ids: torch.Tensor, attention_mask: torch.Tensor, budgets
         state.history[:, : input_ids.shape[1]] = input_ids.gather(1, order).masked_fill(
             ~attention_mask.gather(1, order), 0)
         state.history_len = attention_mask.sum(-1)
+    if vocab:
+        state.counts, state.seen = prompt_counts(input_ids, attention_mask, vocab)
     return state
 
 
@@ -638,7 +648,8 @@ def generate(model, input_ids: torch.Tensor | list, attention_mask: torch.Tensor
              admit: Admission | None = None,
              on_end: Callable[[int, list[int], list[TokenLogprob] | None, GenerationStats], None] | None = None,
              prefix: Sequence[int] | torch.Tensor | None = None,
-             prompt_cache: PromptCache | None = None) -> GenerationResult:
+             prompt_cache: PromptCache | None = None, repetition_penalty: float = 1.0,
+             presence_penalty: float = 0.0, frequency_penalty: float = 0.0) -> GenerationResult:
     """Generate continuations of a left-padded batch of prompts.
 
     Args:
@@ -695,6 +706,13 @@ def generate(model, input_ids: torch.Tensor | list, attention_mask: torch.Tensor
         prompt_cache: a `mtp.decoding.prefixes.PromptCache` kept between calls: each prompt starts from the keys
             and values of the prompt before it that shares the most first tokens with it (a conversation's
             earlier turns, a system prompt), and is kept in it for the calls after. Same output, as `prefix`.
+        repetition_penalty: greedy and speculative: transformers' (CTRL's): the logit of each token the prompt or
+            the answer holds is divided by it (multiplied where negative); 1: none.
+        presence_penalty, frequency_penalty: greedy and speculative: OpenAI's: subtracted from the logit of each
+            token the answer holds, once (presence) or once per time it holds it (frequency); 0: none.
+            Penalties apply before temperature, top-k and top-p, at every verified draft for the sequence it
+            continues (`mtp.decoding.penalties`): speculative decoding still emits what penalized greedy decoding
+            emits. Log-probabilities stay the model's own.
     """
     if use_speculative is not None:
         spelled = "speculative" if use_speculative else "greedy"
@@ -714,10 +732,13 @@ def generate(model, input_ids: torch.Tensor | list, attention_mask: torch.Tensor
     max_new_tokens = max(budgets)
     check_values({"do_sample": do_sample, "temperature": temperature, "top_k": top_k, "top_p": top_p, "tau": tau,
                   "k": k, "num_draft": num_draft, "strategy": strategy, "tree": tree, "tree_size": tree_size,
-                  "lookup": lookup, "seed": seed, "logprobs": logprobs}, flags=False)
+                  "lookup": lookup, "seed": seed, "logprobs": logprobs, "repetition_penalty": repetition_penalty,
+                  "presence_penalty": presence_penalty, "frequency_penalty": frequency_penalty}, flags=False)
+    penalties = Penalties(repetition_penalty, presence_penalty, frequency_penalty)
     tokenizer = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
     opts = DecodeOptions(strategy, max_new_tokens, do_sample, temperature, top_k, top_p, tau, k, num_draft,
-                         adaptive_draft, model_tree(model, tree, tree_size, num_draft, k), lookup, logprobs)
+                         adaptive_draft, model_tree(model, tree, tree_size, num_draft, k), lookup, logprobs,
+                         penalties if penalties.active else None)
     drafter = drafter_for(model, opts, proposer)
     graphs = _use_graphs(graphs, input_ids.device, proposer)
     input_ids, attention_mask = _fit_context(model, input_ids, attention_mask, opts, drafter.lookahead,

@@ -73,6 +73,12 @@ def hf_generate(model, input_ids=None, attention_mask=None, *, decode: Callable[
         raise MTPError("beam search and several sequences per prompt are not available: use num_beams=1 and "
                        "num_return_sequences=1")
     ids, mask = token_batch(model, input_ids, attention_mask, left_padded=True)
+    penalty = getattr(config, "repetition_penalty", None)  # (transformers applies its config's, as here)
+    if "repetition_penalty" not in kwargs and penalty not in (None, 1.0):
+        if "repetition_penalty" not in inspect.signature(decode).parameters:
+            raise MTPError(f"the generation config asks for repetition_penalty={penalty}, which this model's decoding "
+                           "does not apply: set generation_config.repetition_penalty = 1.0")
+        kwargs["repetition_penalty"] = penalty
     if "stop_token_ids" not in kwargs:  # mtp's own spelling wins; otherwise None: the model's end tokens
         eos = eos_token_id if eos_token_id is not None else getattr(generation_config, "eos_token_id", None)
         kwargs["stop_token_ids"] = [eos] if isinstance(eos, int) else (list(eos) if eos is not None else None)

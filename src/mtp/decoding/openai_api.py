@@ -25,8 +25,7 @@ COMPLETIONS, CHAT = "/v1/completions", "/v1/chat/completions"
 MOST_CHOICES = 16  # `n`: choices per prompt (each a row of the batch)
 ROLES = ("system", "user", "assistant")
 # Fields mtp does not implement -> the value(s) that mean "not used" (anything else is refused).
-UNSUPPORTED = {"best_of": (None, 1), "suffix": (None, ""), "presence_penalty": (None, 0),
-               "frequency_penalty": (None, 0), "logit_bias": (None, {}), "tools": (None, []),
+UNSUPPORTED = {"best_of": (None, 1), "suffix": (None, ""), "logit_bias": (None, {}), "tools": (None, []),
                "functions": (None, []), "tool_choice": (None, "none"), "function_call": (None, "none"),
                "response_format": (None, {"type": "text"})}
 
@@ -51,6 +50,9 @@ class Sampling:
     seed: int | None = None
     stop: tuple[str, ...] = ()
     logprobs: int | None = None  # the new tokens' log-probabilities, with this many alternatives each; None: none
+    presence_penalty: float = 0.0  # OpenAI's penalties on the answer's tokens (`mtp.decoding.penalties`)
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0  # transformers' on the prompt's and the answer's (a vLLM extra field)
 
 
 @dataclass
@@ -149,7 +151,20 @@ def _sampling(body: dict, path: str, echo: bool = False) -> Sampling:
     sample = temperature > 0
     return Sampling(max_tokens, sample, temperature if sample else 1.0, top_p if sample else 1.0,
                     max(top_k, 0) if sample else 0, seed if sample else None, tuple(s for s in stop if s),
-                    _logprobs(body, path))
+                    _logprobs(body, path), *_penalties(body))
+
+
+def _penalties(body: dict) -> tuple[float, float, float]:
+    """(presence, frequency, repetition): OpenAI's two in [-2, 2], transformers' (vLLM's extra field) > 0."""
+    presence, frequency = (float(_typed(body, name, (int, float), 0.0))
+                           for name in ("presence_penalty", "frequency_penalty"))
+    for name, value in (("presence_penalty", presence), ("frequency_penalty", frequency)):
+        if not -2 <= value <= 2:
+            raise BadRequest(f"'{name}' must be in [-2, 2], got {value}", name)
+    repetition = float(_typed(body, "repetition_penalty", (int, float), 1.0))
+    if not repetition > 0:
+        raise BadRequest(f"'repetition_penalty' must be > 0, got {repetition}", "repetition_penalty")
+    return presence, frequency, repetition
 
 
 def _check_text(text: str, param: str) -> str:

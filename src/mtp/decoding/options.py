@@ -65,7 +65,7 @@ def check_tree_spec(tree: str | None) -> None:
 
 @dataclass(frozen=True)
 class SamplingOptions:
-    """sampling
+    """sampling and penalties
 
     Args:
         do_sample: sample instead of greedy (exact speculative sampling with --strategy speculative).
@@ -73,6 +73,12 @@ class SamplingOptions:
         top_p: with --do-sample: draw from the smallest set of tokens whose probabilities add up to this (1: all).
         top_k: with --do-sample: draw from the k most likely tokens only (0: all).
         seed: with --do-sample: the random seed (default: a new one each run).
+        repetition_penalty: greedy or speculative: divide the logit of each token the prompt or answer already
+            holds by this (transformers' repetition_penalty; 1: none, 1.1-1.3: fewer loops in a small model).
+        presence_penalty: greedy or speculative: subtract this from the logit of each token the answer holds
+            (OpenAI's, -2 to 2; 0: none).
+        frequency_penalty: greedy or speculative: subtract this once per time the answer holds a token (OpenAI's,
+            -2 to 2; 0: none). Speculative decoding stays equal to greedy decoding with the same penalties.
     """
 
     do_sample: bool = False
@@ -80,10 +86,14 @@ class SamplingOptions:
     top_p: float = 1.0
     top_k: int = 0
     seed: int | None = None
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
 
     def generate_kwargs(self) -> dict:
         return dict(do_sample=self.do_sample, temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
-                    seed=self.seed)
+                    seed=self.seed, repetition_penalty=self.repetition_penalty,
+                    presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty)
 
 
 @dataclass(frozen=True)

@@ -89,11 +89,12 @@ class Starts:
     conversation's next turn then starts after the answer, not after the prompt)."""
 
     def __init__(self, model, drafter, prefix: Sequence[int] | None, prompt_cache: PromptCache | None,
-                 static: bool, device: torch.device, stats, sampling: bool = False):
+                 static: bool, device: torch.device, stats, emits_other_tokens: bool = False):
         self.drafter, self.static, self.device, self.stats = drafter, static, device, stats
         # Each row's tokens so far and how many of them the prompt cache holds, for the answers it keeps: all but
-        # where the drafter's keys read the model's own next token and sampling may have drawn another
-        keeps_answers = prompt_cache is not None and not (sampling and drafter.reads_next_token)
+        # where the drafter's keys read the model's own next token and the decoding may emit another (sampling,
+        # penalties)
+        keeps_answers = prompt_cache is not None and not (emits_other_tokens and drafter.reads_next_token)
         self.rows: dict[int, tuple[list[int], int]] | None = {} if keeps_answers else None
         self.prefix = list(prefix) if prefix is not None and len(prefix) > 1 else []  # (one token: nothing to load)
         self.prefix_cache: MTPCache | None = None

@@ -7,14 +7,25 @@ from __future__ import annotations
 
 import torch
 
+from mtp.decoding.penalties import Penalties
+
 
 @torch.inference_mode()
-def reference_greedy(model, prompt: list[int], max_new_tokens: int, stop_token_ids=()) -> list[int]:
-    """Recompute the whole sequence every step and take head 0's argmax."""
+def reference_greedy(model, prompt: list[int], max_new_tokens: int, stop_token_ids=(),
+                     penalties: Penalties | None = None) -> list[int]:
+    """Recompute the whole sequence every step and take head 0's argmax (of the logits `penalties` penalized
+    for the tokens the sequence holds: the answer's counted one by one)."""
     ids = list(prompt)
     new: list[int] = []
     for _ in range(max_new_tokens):
         logits = model(torch.tensor([ids], device=model.device))[0, -1, 0]  # (V,)
+        if penalties is not None:
+            counts = torch.zeros(logits.shape[-1], device=logits.device)
+            for t in new:
+                counts[t] += 1
+            seen = torch.zeros(logits.shape[-1], dtype=torch.bool, device=logits.device)
+            seen[ids] = True
+            logits = penalties.apply(logits.float(), counts, seen)
         tok = int(logits.argmax())
         new.append(tok)
         ids.append(tok)

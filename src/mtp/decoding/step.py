@@ -28,6 +28,7 @@ import torch
 from mtp.decoding import logprobs
 from mtp.decoding.drafters import Drafter, DraftRequest, Drafts, StepOutput, block_rows, draft_tokens
 from mtp.decoding.lookup import lookup_chain, lookup_drafts
+from mtp.decoding.penalties import Penalties, count_emitted
 from mtp.decoding.sampling import accept_drafts_sampling, process_logits
 from mtp.decoding.stopping import stop_tokens
 from mtp.decoding.tree import Acceptance, DraftTree, DynamicTree, tree_layout, verify_tree
@@ -62,6 +63,7 @@ class DecodeOptions:
     lookup: int = 0  # speculative: also verify up to this many prompt-lookup drafts (`mtp.decoding.lookup`)
     logprobs: int | None = None  # greedy, speculative: each emitted token's log-probability and this many
     # alternatives' (`mtp.decoding.logprobs`); None: none
+    penalties: Penalties | None = None  # greedy, speculative: on tokens the sequence holds (`mtp.decoding.penalties`)
 
 
 @dataclass
@@ -85,6 +87,9 @@ class DecodeState:
     deferred_trunk: torch.Tensor | None = None  # (B, C, H) the trunk output at each position left out
     deferred_next: torch.Tensor | None = None  # (B, C) the token emitted after it
     deferred_count: torch.Tensor | None = None  # (B,) positions left out since the last step that drafted
+    # With penalties (`mtp.decoding.penalties`): each token's count in the answer, and whether the sequence holds it
+    counts: torch.Tensor | None = None  # (B, V) float
+    seen: torch.Tensor | None = None  # (B, V) bool
 
     def tensors(self) -> list[torch.Tensor]:
         out = []
@@ -169,7 +174,7 @@ class Decoder:
                 self.drafter.catch_up(self.cache, s.deferred_trunk, s.deferred_next, s.deferred_count, catch_up)
             drafts = self._block_drafts(s, n, m)
             out = self.drafter.forward(self.cache, s.pending, s.pending_valid, drafts, drafting)
-            acc = verify(out, drafts, self.opts, self.generator)
+            acc = verify(self._penalized(out, drafts, s), drafts, self.opts, self.generator)
             if drafts.tokens.shape[1]:  # the kept drafts, then the model's own token after them: (B, 1+depth)
                 emitted = torch.cat([acc.path_tokens(drafts.tokens), acc.last[:, None]], 1)
                 emitted.scatter_(1, acc.count[:, None], acc.last[:, None])
@@ -213,6 +218,18 @@ class Decoder:
             result = StepResult(host, out.trunk, kept)
         return new, result
 
+    def _penalized(self, out: StepOutput, drafts: Drafts, s: DecodeState) -> StepOutput:
+        """`out` with its verify logits penalized for the tokens each slot's sequence holds (the verifier reads
+        these; log-probabilities are the model's own)."""
+        if s.counts is None:
+            return out
+        layout = drafts.layout if drafts.layout is not None else \
+            drafts.tree.layout_on(drafts.tokens.device) if drafts.tree is not None else None
+        on_path = None if layout is None else torch.cat([layout.ancestors.new_zeros(1, layout.size),
+                                                         layout.ancestors], 0).float()  # (1+N, N)
+        logits = self.opts.penalties.on_block(out.verify_logits, drafts.tokens, on_path, s.counts, s.seen)
+        return dataclasses.replace(out, verify_logits=logits, verify_argmax=None)
+
     def _block_drafts(self, s: DecodeState, n: int, m: int) -> Drafts:
         if n == 0:  # the prompt, or a step that verifies lookup drafts alone
             drafts = Drafts(s.drafts[:, :0])
@@ -246,6 +263,8 @@ class Decoder:
             pending_valid = torch.arange(emitted.shape[1], device=emitted.device)[None, :] < counts[:, None]
             drafts, probs, tree = s.drafts, None, None
         new = DecodeState(s.rows, pending, pending_valid, produced, s.budget, finished, drafts, probs, tree)
+        if s.counts is not None:
+            new.counts, new.seen = count_emitted(s.counts, s.seen, emitted, counts)
         if s.history is not None:
             at = s.history_len[:, None] + torch.arange(emitted.shape[1], device=emitted.device)
             new.history = s.history.scatter(1, at, emitted)  # slots past the count are overwritten later

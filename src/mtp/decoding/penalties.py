@@ -1,0 +1,84 @@
+"""Penalties on the tokens a sequence already has, as transformers, OpenAI's API and vLLM apply them to the logits
+before temperature, top-k and top-p:
+
+- `repetition` (transformers' `repetition_penalty`, CTRL's): the logit of every token the prompt or the answer so
+  far holds is divided by it where positive, multiplied where negative (1: none; above 1: less repetition);
+- `presence` (OpenAI's `presence_penalty`): subtracted from the logit of every token the answer holds;
+- `frequency` (OpenAI's `frequency_penalty`): subtracted once for every time the answer holds the token.
+
+Speculative decoding keeps them exact: the logits at a verify block's slot are penalized for the sequence that
+slot continues, the answer so far plus the drafts on its path (a chain's earlier drafts, a tree node's
+ancestors), so greedy verification emits what penalized greedy decoding emits and sampling keeps the penalized
+distribution. A row's counts live on the device (`DecodeState.counts`, `.seen`), (B, V) each, updated by every
+step: nothing is read on the host, and a CUDA graph replays the step as it does without them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class Penalties:
+    repetition: float = 1.0
+    presence: float = 0.0
+    frequency: float = 0.0
+
+    @property
+    def active(self) -> bool:
+        return self.repetition != 1.0 or self.presence != 0.0 or self.frequency != 0.0
+
+    def apply(self, logits: torch.Tensor, counts: torch.Tensor, seen: torch.Tensor) -> torch.Tensor:
+        """`logits` (..., V) penalized, given the answer's count of each token (..., V) float and whether the
+        prompt or the answer holds it (..., V) bool (broadcast against `logits`)."""
+        if self.repetition != 1.0:
+            logits = torch.where(seen, torch.where(logits > 0, logits / self.repetition, logits * self.repetition),
+                                 logits)
+        if self.frequency:
+            logits = logits - self.frequency * counts
+        if self.presence:
+            logits = logits - self.presence * (counts > 0).to(logits.dtype)
+        return logits
+
+    def on_block(self, logits: torch.Tensor, drafts: torch.Tensor, on_path: torch.Tensor | None,
+                 counts: torch.Tensor, seen: torch.Tensor) -> torch.Tensor:
+        """A verify block's logits (B, 1+N, V) at the root and at each of N drafts (B, N), penalized for the
+        sequence each slot continues: the answer so far (`counts`, `seen`: (B, V)) plus the drafts on its path,
+        `on_path` (1+N, N) float: [j, i] draft i is on slot j's path (None: a chain, draft i on slots i+1 on).
+
+        Slot j differs from the answer's counts only at the tokens of its path's drafts: the whole block is
+        penalized with the answer's counts, then those tokens' logits again with their counts at each slot (a
+        draft's token written at every slot, with that slot's count of it: equal tokens write equal values)."""
+        penalized = self.apply(logits, counts[:, None, :], seen[:, None, :])  # (B, 1+N, V)
+        b, n = drafts.shape
+        if n == 0:
+            return penalized
+        if on_path is None:  # a chain: draft i is on the path of slots i+1 .. N
+            slots = torch.arange(n + 1, device=drafts.device)
+            on_path = (slots[:, None] > slots[None, :n]).to(logits.dtype)  # (1+N, N)
+        same = (drafts[:, :, None] == drafts[:, None, :]).to(logits.dtype)  # (B, N, N) [i, k]: equal tokens
+        extra = torch.einsum("jk,bik->bji", on_path.to(logits.dtype), same)  # (B, 1+N, N) draft i's token on slot j's path
+        at = drafts[:, None, :].expand(b, n + 1, n)  # (B, 1+N, N)
+        count = counts.gather(1, drafts)[:, None, :] + extra
+        held = seen.gather(1, drafts)[:, None, :] | (extra > 0)
+        return penalized.scatter(2, at, self.apply(logits.gather(2, at), count, held))
+
+
+def prompt_counts(input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                  vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Before the first step: the answer's counts (B, V) float, zero, and which tokens each prompt holds (B, V)
+    bool (padding left out)."""
+    b = input_ids.shape[0]
+    held = torch.zeros(b, vocab, dtype=torch.int32, device=input_ids.device)
+    held.scatter_add_(1, input_ids, attention_mask.to(torch.int32))
+    return torch.zeros(b, vocab, dtype=torch.float32, device=input_ids.device), held > 0
+
+
+def count_emitted(counts: torch.Tensor, seen: torch.Tensor, emitted: torch.Tensor,
+                  number: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The counts after a step whose row b emitted its first number[b] tokens of `emitted` (B, E)."""
+    kept = (torch.arange(emitted.shape[1], device=emitted.device)[None, :] < number[:, None]).to(counts.dtype)
+    counts = counts.scatter_add(1, emitted, kept)
+    return counts, seen | (counts > 0)
