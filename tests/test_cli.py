@@ -238,7 +238,7 @@ def test_generate_with_penalties(tiny_mtp_folder, capsys):
         assert code == 0, err
         tokens.append(json.loads(out.strip().splitlines()[-1])["token_ids"])
     assert tokens[0] == tokens[1]
-    for bad, says in ((["--strategy", "static"], "--repetition-penalty: a penalty on the tokens greedy or "
+    for bad, says in ((["--strategy", "static"], "--repetition-penalty changes the logits greedy or "
                        "speculative decoding verifies"), (["--frequency-penalty", "3"],
                                                           "--frequency-penalty must be in [-2, 2], got 3")):
         code, _, err = run_cli(args + bad, capsys)

@@ -111,12 +111,12 @@ RELATIONS: list[tuple[tuple[str, ...], Callable[..., bool], str]] = [
     (("logprobs", "strategy"), lambda logprobs, strategy: all(s in ("greedy", "speculative") for s in _strategies(strategy)),
      "{logprobs}: the model's log-probabilities of the tokens it verified; use them with {strategy} greedy or "
      "speculative (ConfAdapt and static emit the heads' tokens unscored)"),
-    # penalties change the verified logits; ConfAdapt and static emit the heads' proposals
+    # penalties and biases change the verified logits; ConfAdapt and static emit the heads' proposals
     *(((name, "strategy"), lambda value, strategy, neutral=neutral: value == neutral or all(
         s in ("greedy", "speculative") for s in _strategies(strategy)),
-       f"{{{name}}}: a penalty on the tokens greedy or speculative decoding verifies; use it with {{strategy}} "
+       f"{{{name}}} changes the logits greedy or speculative decoding verifies; use it with {{strategy}} "
        "greedy or speculative") for name, neutral in (("repetition_penalty", 1.0), ("presence_penalty", 0.0),
-                                                      ("frequency_penalty", 0.0))),
+                                                      ("frequency_penalty", 0.0), ("logit_bias", {}))),
     (("num_draft", "strategy"), lambda num_draft, strategy: "speculative" in _strategies(strategy),
      "{num_draft}: drafts verified per step; use it with {strategy} speculative"),
     # greedy decoding makes one token per forward: a k would be ignored without a word

@@ -28,17 +28,19 @@ PENALTIES = dict(repetition_penalty=1.6, presence_penalty=0.4, frequency_penalty
 @given(data=st.data(), graphs=st.booleans(), model_kind=st.sampled_from(["heads", "next-token heads", "masks"]))
 def test_penalized_decoding_emits_what_the_penalized_reference_emits(data, graphs, model_kind, replayed):  # noqa: F811
     """Random models, greedy and speculative decoding (chains, fixed and dynamic trees, lookup drafts), padded
-    batches with stop tokens and rows that join: each row's tokens are the reference's, whose every step
-    penalizes the logits for the whole sequence so far (a verify block's drafts penalized along their path)."""
+    batches with stop tokens and rows that join, logit biases: each row's tokens are the reference's, whose every
+    step biases and penalizes the logits for the whole sequence so far (a verify block's drafts penalized along
+    their path)."""
     model, kw = decoding_case(data.draw, "heads" if model_kind == "next-token heads" else model_kind)
     if model_kind == "next-token heads":
         model = reading_next_token(model, seed=data.draw(st.integers(0, 100)))
     if kw["strategy"] not in ("greedy", "speculative"):
         kw = {"strategy": "greedy"}
-    penalties = Penalties(data.draw(st.sampled_from([1.0, 0.5, 1.3, 3.0])), data.draw(st.sampled_from([0.0, 0.7, -0.5])),
-                          data.draw(st.sampled_from([0.0, 0.4, 2.0])))
     vocab = model.config.vocab_size - (1 if hasattr(model, "mask_token_id") else 0)
     tokens = st.integers(0, vocab - 1)
+    bias = data.draw(st.dictionaries(tokens, st.sampled_from([-100.0, -0.3, 0.5, 2.0]), max_size=3))
+    penalties = Penalties(data.draw(st.sampled_from([1.0, 0.5, 1.3, 3.0])), data.draw(st.sampled_from([0.0, 0.7, -0.5])),
+                          data.draw(st.sampled_from([0.0, 0.4, 2.0])), tuple(sorted(bias.items())))
     first = [data.draw(st.lists(tokens, min_size=1, max_size=8)) for _ in range(data.draw(st.integers(1, 3)))]
     later = [data.draw(st.lists(tokens, min_size=1, max_size=8)) for _ in range(data.draw(st.integers(0, 2)))]
     budgets = [data.draw(st.integers(1, 12)) for _ in first + later]
@@ -49,7 +51,7 @@ def test_penalized_decoding_emits_what_the_penalized_reference_emits(data, graph
     out = generate(model, ids, mask, max_new_tokens=budgets[:len(first)], stop_token_ids=stop, graphs=graphs,
                    adaptive_draft=False, admit=Admission(arrivals, max_rows=3) if joining else None,
                    repetition_penalty=penalties.repetition, presence_penalty=penalties.presence,
-                   frequency_penalty=penalties.frequency, **kw)
+                   frequency_penalty=penalties.frequency, logit_bias=bias, **kw)
     prompts = first + ([later[i] for i in arrivals.order] if joining else [])
     rows_budgets = budgets[:len(first)] + ([budgets[len(first) + i] for i in arrivals.order] if joining else [])
     assert out.tokens == [reference_greedy(model, p, n, stop, penalties) for p, n in zip(prompts, rows_budgets,
@@ -134,6 +136,20 @@ def test_cuda_replayed_penalized_decoding_equals_eager_greedy(kw):
     assert graphed.tokens == eager.tokens
 
 
+def test_a_logit_bias_of_minus_100_bans_a_token_and_100_forces_one():
+    """OpenAI's extremes: the answer's most frequent token never appears once banned; a +100 token is every token
+    (greedy and speculative alike)."""
+    model = tiny_mtp("llama", num_heads=3, seed=4, vocab_size=40)
+    prompt = torch.tensor([[3, 4, 5, 3, 4, 5, 3, 4]])
+    kw = dict(max_new_tokens=16, stop_token_ids=[])
+    plain = generate(model, prompt, **kw).tokens[0]
+    common = max(set(plain), key=plain.count)
+    for strategy in ("greedy", "speculative"):
+        banned = generate(model, prompt, strategy=strategy, logit_bias={common: -100}, **kw).tokens[0]
+        assert common not in banned and len(banned) == 16
+        assert generate(model, prompt, strategy=strategy, logit_bias={17: 100}, **kw).tokens[0] == [17] * 16
+
+
 def test_bad_penalties_are_clear_errors():
     model = tiny_mtp("llama", num_heads=3, seed=2, vocab_size=40)
     ids = torch.tensor([[1, 2, 3]])
@@ -141,5 +157,11 @@ def test_bad_penalties_are_clear_errors():
         generate(model, ids, max_new_tokens=2, repetition_penalty=0)
     with pytest.raises(MTPError, match=r"presence_penalty must be in \[-2, 2\]"):
         generate(model, ids, max_new_tokens=2, presence_penalty=3)
-    with pytest.raises(MTPError, match="frequency_penalty: a penalty on the tokens greedy or speculative"):
+    with pytest.raises(MTPError, match="frequency_penalty changes the logits greedy or speculative"):
         generate(model, ids, max_new_tokens=2, strategy="confadapt", frequency_penalty=0.5)
+    with pytest.raises(MTPError, match="logit_bias changes the logits greedy or speculative"):
+        generate(model, ids, max_new_tokens=2, strategy="static", logit_bias={1: 2.0})
+    for bad, says in (({40: 1.0}, "40 is not a token id of this model"), ({"3": 1.0}, "'3' is not a token id"),
+                      ({3: 101}, r"must be a number in \[-100, 100\], got 101"), ([3], "must be a mapping")):
+        with pytest.raises(MTPError, match=says):
+            generate(model, ids, max_new_tokens=2, logit_bias=bad)

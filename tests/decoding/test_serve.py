@@ -162,6 +162,25 @@ def test_penalized_completions_are_penalized_greedys_answers(model):
     assert refused == 400 and "presence_penalty" in why["error"]["message"]
 
 
+def test_a_logit_bias_shapes_the_answer_as_it_shapes_greedys(model):
+    """OpenAI's `logit_bias` ({"token id": bias}): the answer is greedy's with the same biases; a token banned
+    with -100 is not in it; malformed biases are refused."""
+    tok = model.tokenizer
+    ids = tok(PROMPTS[0]).input_ids
+    plain = greedy(model, ids, 12).tokens[0]
+    bias = {plain[0]: -100.0, plain[1]: 5.0}
+    with served(model) as server:
+        status, body = post(server, "/v1/completions", {"prompt": PROMPTS[0], "max_tokens": 12,
+                                                         "logit_bias": {str(k): v for k, v in bias.items()}})
+        bad = [post(server, "/v1/completions", {"prompt": "hi", "logit_bias": b})
+               for b in ({"x": 1}, {"3": 200}, [1], {str(len(tok) + 5): 1})]
+    expected = greedy(model, ids, 12, logit_bias=bias)
+    assert status == 200 and body["choices"][0]["text"] == expected.texts[0] and plain[0] not in expected.tokens[0]
+    assert [code for code, _ in bad] == [400] * 4
+    assert [b["error"]["message"] for _, b in bad][:2] == ["'logit_bias' maps token ids to biases; 'x' is no token id",
+                                                          "'logit_bias' values must be numbers in [-100, 100], got 200"]
+
+
 def test_prompts_given_as_token_ids_are_answered_as_their_text(model):
     """The API's token-id prompts (one list of ids, or a list of them, as evaluation harnesses send): the same
     answers as the texts they encode."""

@@ -235,7 +235,8 @@ class Batcher:
                                temperature=s.temperature, top_p=s.top_p, top_k=s.top_k, seed=seed,
                                stop_strings=list(s.stop) or None, streamer=stream, logprobs=s.logprobs,
                                presence_penalty=s.presence_penalty, frequency_penalty=s.frequency_penalty,
-                               repetition_penalty=s.repetition_penalty, halt=halt, admit=admit, on_end=finish,
+                               repetition_penalty=s.repetition_penalty, logit_bias=dict(s.logit_bias),
+                               halt=halt, admit=admit, on_end=finish,
                                prompt_cache=self.prompt_cache, **options)
 
     def _joining(self, jobs: list[Job], sent: list[bool], active: int,

@@ -20,7 +20,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -36,7 +36,7 @@ from mtp.decoding.blocks import (  # noqa: F401  (DraftLength, accepted_per_posi
 from mtp.decoding.drafters import Drafter, DraftRequest, Proposer, drafter_for  # noqa: F401  (DraftRequest: re-exported)
 from mtp.decoding.inputs import common_prefix, left_pad, token_batch  # noqa: F401  (common_prefix, left_pad: re-exported)
 from mtp.decoding.logprobs import TokenLogprob, unpack
-from mtp.decoding.penalties import Penalties, prompt_counts
+from mtp.decoding.penalties import Penalties, checked_bias, prompt_counts
 from mtp.decoding.prefixes import PromptCache, Start, Starts
 from mtp.decoding.step import (  # noqa: F401  (Strategy: re-exported)
     ACCEPTED,
@@ -649,7 +649,8 @@ def generate(model, input_ids: torch.Tensor | list, attention_mask: torch.Tensor
              on_end: Callable[[int, list[int], list[TokenLogprob] | None, GenerationStats], None] | None = None,
              prefix: Sequence[int] | torch.Tensor | None = None,
              prompt_cache: PromptCache | None = None, repetition_penalty: float = 1.0,
-             presence_penalty: float = 0.0, frequency_penalty: float = 0.0) -> GenerationResult:
+             presence_penalty: float = 0.0, frequency_penalty: float = 0.0,
+             logit_bias: Mapping[int, float] | None = None) -> GenerationResult:
     """Generate continuations of a left-padded batch of prompts.
 
     Args:
@@ -713,6 +714,8 @@ def generate(model, input_ids: torch.Tensor | list, attention_mask: torch.Tensor
             Penalties apply before temperature, top-k and top-p, at every verified draft for the sequence it
             continues (`mtp.decoding.penalties`): speculative decoding still emits what penalized greedy decoding
             emits. Log-probabilities stay the model's own.
+        logit_bias: greedy and speculative: {token id: added to its logit}, OpenAI's (-100 to 100; -100 bans the
+            token, 100 all but forces it), before the penalties; lossless as they are.
     """
     if use_speculative is not None:
         spelled = "speculative" if use_speculative else "greedy"
@@ -733,8 +736,10 @@ def generate(model, input_ids: torch.Tensor | list, attention_mask: torch.Tensor
     check_values({"do_sample": do_sample, "temperature": temperature, "top_k": top_k, "top_p": top_p, "tau": tau,
                   "k": k, "num_draft": num_draft, "strategy": strategy, "tree": tree, "tree_size": tree_size,
                   "lookup": lookup, "seed": seed, "logprobs": logprobs, "repetition_penalty": repetition_penalty,
-                  "presence_penalty": presence_penalty, "frequency_penalty": frequency_penalty}, flags=False)
-    penalties = Penalties(repetition_penalty, presence_penalty, frequency_penalty)
+                  "presence_penalty": presence_penalty, "frequency_penalty": frequency_penalty,
+                  "logit_bias": logit_bias or None}, flags=False)
+    penalties = Penalties(repetition_penalty, presence_penalty, frequency_penalty,
+                          checked_bias(logit_bias, model.config.vocab_size))
     tokenizer = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
     opts = DecodeOptions(strategy, max_new_tokens, do_sample, temperature, top_k, top_p, tau, k, num_draft,
                          adaptive_draft, model_tree(model, tree, tree_size, num_draft, k), lookup, logprobs,

@@ -25,7 +25,7 @@ COMPLETIONS, CHAT = "/v1/completions", "/v1/chat/completions"
 MOST_CHOICES = 16  # `n`: choices per prompt (each a row of the batch)
 ROLES = ("system", "user", "assistant")
 # Fields mtp does not implement -> the value(s) that mean "not used" (anything else is refused).
-UNSUPPORTED = {"best_of": (None, 1), "suffix": (None, ""), "logit_bias": (None, {}), "tools": (None, []),
+UNSUPPORTED = {"best_of": (None, 1), "suffix": (None, ""), "tools": (None, []),
                "functions": (None, []), "tool_choice": (None, "none"), "function_call": (None, "none"),
                "response_format": (None, {"type": "text"})}
 
@@ -53,6 +53,7 @@ class Sampling:
     presence_penalty: float = 0.0  # OpenAI's penalties on the answer's tokens (`mtp.decoding.penalties`)
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0  # transformers' on the prompt's and the answer's (a vLLM extra field)
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit), by token id
 
 
 @dataclass
@@ -151,7 +152,7 @@ def _sampling(body: dict, path: str, echo: bool = False) -> Sampling:
     sample = temperature > 0
     return Sampling(max_tokens, sample, temperature if sample else 1.0, top_p if sample else 1.0,
                     max(top_k, 0) if sample else 0, seed if sample else None, tuple(s for s in stop if s),
-                    _logprobs(body, path), *_penalties(body))
+                    _logprobs(body, path), *_penalties(body), _logit_bias(body))
 
 
 def _penalties(body: dict) -> tuple[float, float, float]:
@@ -165,6 +166,19 @@ def _penalties(body: dict) -> tuple[float, float, float]:
     if not repetition > 0:
         raise BadRequest(f"'repetition_penalty' must be > 0, got {repetition}", "repetition_penalty")
     return presence, frequency, repetition
+
+
+def _logit_bias(body: dict) -> tuple[tuple[int, float], ...]:
+    """OpenAI's `logit_bias`: {"token id": bias in [-100, 100]} (ids beyond the vocabulary: the decoding says)."""
+    bias = _typed(body, "logit_bias", dict, {})
+    out = []
+    for key, value in bias.items():
+        if not (isinstance(key, str) and key.isascii() and key.isdigit()):
+            raise BadRequest(f"'logit_bias' maps token ids to biases; {key!r} is no token id", "logit_bias")
+        if isinstance(value, bool) or not isinstance(value, int | float) or not -100 <= value <= 100:
+            raise BadRequest(f"'logit_bias' values must be numbers in [-100, 100], got {value!r}", "logit_bias")
+        out.append((int(key), float(value)))
+    return tuple(sorted(out))
 
 
 def _check_text(text: str, param: str) -> str:

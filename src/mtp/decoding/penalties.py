@@ -1,6 +1,7 @@
-"""Penalties on the tokens a sequence already has, as transformers, OpenAI's API and vLLM apply them to the logits
-before temperature, top-k and top-p:
+"""Penalties on the tokens a sequence already has, and biases of given tokens, as transformers, OpenAI's API and
+vLLM apply them to the logits before temperature, top-k and top-p:
 
+- `bias` (OpenAI's `logit_bias`): added to the given tokens' logits first (-100 bans a token, 100 all but forces it);
 - `repetition` (transformers' `repetition_penalty`, CTRL's): the logit of every token the prompt or the answer so
   far holds is divided by it where positive, multiplied where negative (1: none; above 1: less repetition);
 - `presence` (OpenAI's `presence_penalty`): subtracted from the logit of every token the answer holds;
@@ -15,9 +16,13 @@ step: nothing is read on the host, and a CUDA graph replays the step as it does 
 
 from __future__ import annotations
 
+import numbers
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
+
+from mtp.errors import MTPError
 
 
 @dataclass(frozen=True)
@@ -25,10 +30,20 @@ class Penalties:
     repetition: float = 1.0
     presence: float = 0.0
     frequency: float = 0.0
+    bias: tuple[tuple[int, float], ...] = ()  # (token, added to its logit), by token
 
     @property
     def active(self) -> bool:
-        return self.repetition != 1.0 or self.presence != 0.0 or self.frequency != 0.0
+        return self.repetition != 1.0 or self.presence != 0.0 or self.frequency != 0.0 or bool(self.bias)
+
+    def bias_vector(self, vocab: int, device) -> torch.Tensor | None:
+        """The biases as a (V,) tensor (made once, before any step is captured), or None."""
+        if not self.bias:
+            return None
+        vector = torch.zeros(vocab, dtype=torch.float32)
+        for token, value in self.bias:
+            vector[token] = value
+        return vector.to(device)
 
     def apply(self, logits: torch.Tensor, counts: torch.Tensor, seen: torch.Tensor) -> torch.Tensor:
         """`logits` (..., V) penalized, given the answer's count of each token (..., V) float and whether the
@@ -43,14 +58,17 @@ class Penalties:
         return logits
 
     def on_block(self, logits: torch.Tensor, drafts: torch.Tensor, on_path: torch.Tensor | None,
-                 counts: torch.Tensor, seen: torch.Tensor) -> torch.Tensor:
-        """A verify block's logits (B, 1+N, V) at the root and at each of N drafts (B, N), penalized for the
-        sequence each slot continues: the answer so far (`counts`, `seen`: (B, V)) plus the drafts on its path,
-        `on_path` (1+N, N) float: [j, i] draft i is on slot j's path (None: a chain, draft i on slots i+1 on).
+                 counts: torch.Tensor, seen: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """A verify block's logits (B, 1+N, V) at the root and at each of N drafts (B, N), biased (`bias`, (V,) from
+        `bias_vector`) and penalized for the sequence each slot continues: the answer so far (`counts`, `seen`:
+        (B, V)) plus the drafts on its path, `on_path` (1+N, N) float: [j, i] draft i is on slot j's path (None: a
+        chain, draft i on slots i+1 on).
 
         Slot j differs from the answer's counts only at the tokens of its path's drafts: the whole block is
         penalized with the answer's counts, then those tokens' logits again with their counts at each slot (a
         draft's token written at every slot, with that slot's count of it: equal tokens write equal values)."""
+        if bias is not None:
+            logits = logits + bias
         penalized = self.apply(logits, counts[:, None, :], seen[:, None, :])  # (B, 1+N, V)
         b, n = drafts.shape
         if n == 0:
@@ -64,6 +82,22 @@ class Penalties:
         count = counts.gather(1, drafts)[:, None, :] + extra
         held = seen.gather(1, drafts)[:, None, :] | (extra > 0)
         return penalized.scatter(2, at, self.apply(logits.gather(2, at), count, held))
+
+
+def checked_bias(bias: Mapping[int, float] | None, vocab: int) -> tuple[tuple[int, float], ...]:
+    """`logit_bias` ({token id: bias}) as `Penalties.bias`, or an MTPError saying what is wrong with it."""
+    if bias is None:
+        return ()
+    if not isinstance(bias, Mapping):
+        raise MTPError(f"logit_bias must be a mapping of token ids to numbers, got {type(bias).__name__}")
+    out = []
+    for token, value in bias.items():
+        if isinstance(token, bool) or not isinstance(token, int) or not 0 <= token < vocab:
+            raise MTPError(f"logit_bias: {token!r} is not a token id of this model (0 to {vocab - 1})")
+        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not -100 <= value <= 100:
+            raise MTPError(f"logit_bias: the bias of token {token} must be a number in [-100, 100], got {value!r}")
+        out.append((token, float(value)))
+    return tuple(sorted(out))
 
 
 def prompt_counts(input_ids: torch.Tensor, attention_mask: torch.Tensor,

@@ -13,8 +13,8 @@ from mtp.decoding.penalties import Penalties
 @torch.inference_mode()
 def reference_greedy(model, prompt: list[int], max_new_tokens: int, stop_token_ids=(),
                      penalties: Penalties | None = None) -> list[int]:
-    """Recompute the whole sequence every step and take head 0's argmax (of the logits `penalties` penalized
-    for the tokens the sequence holds: the answer's counted one by one)."""
+    """Recompute the whole sequence every step and take head 0's argmax (of the logits `penalties` biased and
+    penalized for the tokens the sequence holds: the answer's counted one by one)."""
     ids = list(prompt)
     new: list[int] = []
     for _ in range(max_new_tokens):
@@ -25,7 +25,8 @@ def reference_greedy(model, prompt: list[int], max_new_tokens: int, stop_token_i
                 counts[t] += 1
             seen = torch.zeros(logits.shape[-1], dtype=torch.bool, device=logits.device)
             seen[ids] = True
-            logits = penalties.apply(logits.float(), counts, seen)
+            bias = penalties.bias_vector(logits.shape[-1], logits.device)
+            logits = penalties.apply(logits.float() + (bias if bias is not None else 0), counts, seen)
         tok = int(logits.argmax())
         new.append(tok)
         ids.append(tok)

@@ -159,6 +159,8 @@ class Decoder:
         self.tree = drafter.tree if self.verifying else None
         if opts.logprobs is not None and not self.verifying:
             raise ValueError("log-probabilities come with greedy and speculative decoding")
+        self.logit_bias = None if opts.penalties is None else \
+            opts.penalties.bias_vector(drafter.model.config.vocab_size, stop_ids.device)  # (V,) or None
 
     # ---------------------------------------------------------------- the step
     def step(self, s: DecodeState, n: int, m: int, drafting: bool = True,
@@ -227,7 +229,8 @@ class Decoder:
             drafts.tree.layout_on(drafts.tokens.device) if drafts.tree is not None else None
         on_path = None if layout is None else torch.cat([layout.ancestors.new_zeros(1, layout.size),
                                                          layout.ancestors], 0).float()  # (1+N, N)
-        logits = self.opts.penalties.on_block(out.verify_logits, drafts.tokens, on_path, s.counts, s.seen)
+        logits = self.opts.penalties.on_block(out.verify_logits, drafts.tokens, on_path, s.counts, s.seen,
+                                              self.logit_bias)
         return dataclasses.replace(out, verify_logits=logits, verify_argmax=None)
 
     def _block_drafts(self, s: DecodeState, n: int, m: int) -> Drafts:
