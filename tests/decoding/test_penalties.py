@@ -136,6 +136,24 @@ def test_cuda_replayed_penalized_decoding_equals_eager_greedy(kw):
     assert graphed.tokens == eager.tokens
 
 
+def test_one_session_replays_every_calls_penalties(replayed):  # noqa: F811
+    """The penalties' values and biases are inputs of the captured steps, not constants: calls with other values
+    (a server's requests) replay the first call's session, each with its own penalties."""
+    model = tiny_mtp("llama", num_heads=3, seed=4, dtype=torch.float64, vocab_size=40)
+    ids, mask = left_pad([[3, 4, 5, 3, 4, 5, 3, 4], [7, 7, 7]])
+    kw = dict(max_new_tokens=12, stop_token_ids=[], strategy="speculative", lookup=2, graphs=True)
+    answers = []
+    for penalties in (Penalties(1.5, 0.0, 0.5), Penalties(0.8, 1.0, 0.0, ((5, 3.0),)), Penalties(2.0)):
+        out = generate(model, ids, mask, repetition_penalty=penalties.repetition,
+                       presence_penalty=penalties.presence, frequency_penalty=penalties.frequency,
+                       logit_bias=dict(penalties.bias), **kw)
+        assert out.tokens == [reference_greedy(model, p, 12, (), penalties) for p in ([3, 4, 5, 3, 4, 5, 3, 4],
+                                                                                      [7, 7, 7])]
+        answers.append(out.tokens)
+    two_rows = [key for key in model.__dict__["_mtp_decode_sessions"].sessions if key[1] == 2]
+    assert len(two_rows) == 1 and len({str(a) for a in answers}) == 3  # (a batch that shrinks has its own too)
+
+
 def test_a_logit_bias_of_minus_100_bans_a_token_and_100_forces_one():
     """OpenAI's extremes: the answer's most frequent token never appears once banned; a +100 token is every token
     (greedy and speculative alike)."""

@@ -36,7 +36,7 @@ from mtp.decoding.blocks import (  # noqa: F401  (DraftLength, accepted_per_posi
 from mtp.decoding.drafters import Drafter, DraftRequest, Proposer, drafter_for  # noqa: F401  (DraftRequest: re-exported)
 from mtp.decoding.inputs import common_prefix, left_pad, token_batch  # noqa: F401  (common_prefix, left_pad: re-exported)
 from mtp.decoding.logprobs import TokenLogprob, unpack
-from mtp.decoding.penalties import Penalties, checked_bias, prompt_counts
+from mtp.decoding.penalties import Penalties, checked_bias
 from mtp.decoding.prefixes import PromptCache, Start, Starts
 from mtp.decoding.step import (  # noqa: F401  (Strategy: re-exported)
     ACCEPTED,
@@ -178,9 +178,9 @@ def iter_generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor |
     draft_length, gate = _block_rules(model, drafter, opts, b, lookup, device, admit.max_rows if joinable else 0)
     steps = _steps_for(model, drafter, opts, b, need, stop, generator, on_trunk is not None, graphs, gate, device)
     budgets = budgets if budgets is not None else [opts.max_new_tokens] * b
-    vocab = model.config.vocab_size if opts.penalties is not None else 0  # (penalties count tokens)
+    penalized = (opts.penalties, model.config.vocab_size)  # (what a prompt's penalty state needs)
     state = _prompt_state(input_ids, attention_mask, budgets, steps.cache_len if lookup else 0, fed_ids, fed_mask,
-                          vocab)
+                          *penalized)
     if loaded:  # rows that start from keys and values computed before load them
         steps.cache.start_rows(row_starts)
     batch = _HostRows(list(range(b)), [True] * b, list(budgets))
@@ -224,7 +224,7 @@ def iter_generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor |
         draining = False
         if joining:  # each prompt's own step first, then one batch with the rows that go on
             joined = yield from _join_prompts(steps, joining, next_row, static, lookup, stop, stats, opts.logprobs,
-                                              on_end, starts, vocab)
+                                              on_end, starts, penalized)
             next_row, gate.untimed = next_row + len(joining), True  # (this read's interval held their steps)
             keep = None if joined else keep
             batch, state = steps.join(state, batch, joined) if joined else (batch, state)
@@ -443,7 +443,7 @@ def _fitting(model, drafter: Drafter, cache_len: int, static: bool, starts: Star
 
 def _join_prompts(steps: _EagerSteps | _ReplayedSteps, prompts: list[tuple[list[int], int]], first: int,
                   static: bool, lookup: int, stop: StopChecker, stats: GenerationStats, top: int | None,
-                  on_end: Callable[[int], None] | None, starts: Starts, vocab: int):
+                  on_end: Callable[[int], None] | None, starts: Starts, penalized: tuple):
     """The prompts' step (rows first, first + 1, ...; from keys and values computed before where `starts` has
     them): one step for them all where steps run eagerly, one each where they replay (a one-row session's prompt
     graphs). Yields their first tokens as `iter_generate` does, and returns those that go on (`_Joined`)."""
@@ -456,7 +456,7 @@ def _join_prompts(steps: _EagerSteps | _ReplayedSteps, prompts: list[tuple[list[
         full_ids, full_mask = full_ids.to(device), full_mask.to(device, torch.bool)
         fed_ids, fed_mask, row_starts, _ = _fed_prompts(full_ids, full_mask, starts, static)
         prompt = _prompt_state(full_ids, full_mask, budgets, steps.cache_len if lookup else 0, fed_ids, fed_mask,
-                               vocab)
+                               *penalized)
         prompt.rows = torch.tensor(rows, device=device)
         state, result, cache = steps.prefill_joining(prompt, row_starts)
         for j, p in enumerate(ids):
@@ -610,11 +610,10 @@ def _pad_to_bucket(input_ids: torch.Tensor, attention_mask: torch.Tensor,
 
 def _prompt_state(input_ids: torch.Tensor, attention_mask: torch.Tensor, budgets: list[int], history: int,
                   fed_ids: torch.Tensor | None = None, fed_mask: torch.Tensor | None = None,
-                  vocab: int = 0) -> DecodeState:
+                  penalties: Penalties | None = None, vocab: int = 0) -> DecodeState:
     """The state before the first step: the (left-padded) prompts are the first block (or `fed_ids`, what of
     them the cache does not hold yet: a prefix's), `budgets` each row's new tokens at most. `history`: slots for
-    each row's tokens, for prompt lookup (0: none). `vocab`: the logits' width, where penalties count tokens (0:
-    none do)."""
+    each row's tokens, for prompt lookup (0: none). `penalties`: their state, for logits `vocab` wide."""
     b, device = input_ids.shape[0], input_ids.device
     zeros = torch.zeros(b, dtype=torch.long, device=device)
     budget = torch.tensor(budgets, dtype=torch.long, device=device)
@@ -627,8 +626,9 @@ def _prompt_state(input_ids: torch.Tensor, attention_mask: torch.Tensor, budgets
         state.history[:, : input_ids.shape[1]] = input_ids.gather(1, order).masked_fill(
             ~attention_mask.gather(1, order), 0)
         state.history_len = attention_mask.sum(-1)
-    if vocab:
-        state.counts, state.seen = prompt_counts(input_ids, attention_mask, vocab)
+    if penalties is not None:
+        state.penalties, state.logit_bias, state.counts, state.seen = penalties.prompt_state(
+            input_ids, attention_mask, vocab)
     return state
 
 

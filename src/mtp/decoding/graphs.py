@@ -271,7 +271,9 @@ def session_for(model, drafter, opts, batch_size: int, need: int, stop_ids: torc
     max_len = -(-need // SLOT_BUCKET) * SLOT_BUCKET
     tensors = [*model.parameters(), *model.buffers()]
     weights = hash(weights_state(tensors))
-    fields = dataclasses.astuple(dataclasses.replace(opts, max_new_tokens=0, adaptive_draft=False))
+    # (a call's penalty values are inputs of its steps: whether there are any is what shapes them)
+    fields = dataclasses.astuple(dataclasses.replace(opts, max_new_tokens=0, adaptive_draft=False,
+                                                     penalties=opts.penalties is not None))
     key = (weights, batch_size, max_len, fields, tuple(stop_ids.tolist()), generator is not None, observe, compiled,
            defer_capacity, joining)
     sessions = model.__dict__.get("_mtp_decode_sessions")

@@ -10,8 +10,11 @@ vLLM apply them to the logits before temperature, top-k and top-p:
 Speculative decoding keeps them exact: the logits at a verify block's slot are penalized for the sequence that
 slot continues, the answer so far plus the drafts on its path (a chain's earlier drafts, a tree node's
 ancestors), so greedy verification emits what penalized greedy decoding emits and sampling keeps the penalized
-distribution. A row's counts live on the device (`DecodeState.counts`, `.seen`), (B, V) each, updated by every
-step: nothing is read on the host, and a CUDA graph replays the step as it does without them.
+distribution. Everything lives in the decoding state, one row per batch row (`DecodeState.penalties`,
+`.logit_bias`, `.counts`, `.seen`): the values, the biases, each token's count in the answer and whether the
+sequence holds it, updated by every step on the device.
+Nothing is read on the host, and the values are tensors, not constants of a captured step: a CUDA graph captured
+for one request's penalties replays for another's.
 """
 
 from __future__ import annotations
@@ -27,6 +30,8 @@ from mtp.errors import MTPError
 
 @dataclass(frozen=True)
 class Penalties:
+    """The values a call decodes with (host side: checked, then turned into state tensors by `prompt_state`)."""
+
     repetition: float = 1.0
     presence: float = 0.0
     frequency: float = 0.0
@@ -36,52 +41,72 @@ class Penalties:
     def active(self) -> bool:
         return self.repetition != 1.0 or self.presence != 0.0 or self.frequency != 0.0 or bool(self.bias)
 
-    def bias_vector(self, vocab: int, device) -> torch.Tensor | None:
-        """The biases as a (V,) tensor (made once, before any step is captured), or None."""
-        if not self.bias:
-            return None
+    def apply(self, logits: torch.Tensor, counts: torch.Tensor, seen: torch.Tensor) -> torch.Tensor:
+        """`logits` (V,) biased and penalized, given the answer's count of each token (V,) and whether the
+        sequence holds it (V,) bool: the slow reference's way (`mtp.decoding.reference`)."""
+        values = torch.tensor([self.repetition, self.presence, self.frequency], device=logits.device)
+        return penalize(logits.float() + self.bias_vector(logits.shape[-1], logits.device), counts, seen, values)
+
+    def bias_vector(self, vocab: int, device) -> torch.Tensor:
         vector = torch.zeros(vocab, dtype=torch.float32)
         for token, value in self.bias:
             vector[token] = value
         return vector.to(device)
 
-    def apply(self, logits: torch.Tensor, counts: torch.Tensor, seen: torch.Tensor) -> torch.Tensor:
-        """`logits` (..., V) penalized, given the answer's count of each token (..., V) float and whether the
-        prompt or the answer holds it (..., V) bool (broadcast against `logits`)."""
-        if self.repetition != 1.0:
-            logits = torch.where(seen, torch.where(logits > 0, logits / self.repetition, logits * self.repetition),
-                                 logits)
-        if self.frequency:
-            logits = logits - self.frequency * counts
-        if self.presence:
-            logits = logits - self.presence * (counts > 0).to(logits.dtype)
-        return logits
+    def prompt_state(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                     vocab: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The decoding state's tensors before the first step of left-padded prompts (B, P)
+        (`DecodeState.penalties`, `.logit_bias`, `.counts`, `.seen`): the values (B, 3), the biases (B, V), nothing
+        counted in the answer (B, V), each prompt's tokens held (B, V) bool (padding left out)."""
+        b, device = input_ids.shape[0], input_ids.device
+        held = torch.zeros(b, vocab, dtype=torch.int32, device=device)
+        held.scatter_add_(1, input_ids, attention_mask.to(torch.int32))
+        values = torch.tensor([[self.repetition, self.presence, self.frequency]], device=device).expand(b, 3)
+        bias = self.bias_vector(vocab, device).expand(b, vocab)
+        return values.contiguous(), bias.contiguous(), torch.zeros(b, vocab, device=device), held > 0
 
-    def on_block(self, logits: torch.Tensor, drafts: torch.Tensor, on_path: torch.Tensor | None,
-                 counts: torch.Tensor, seen: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        """A verify block's logits (B, 1+N, V) at the root and at each of N drafts (B, N), biased (`bias`, (V,) from
-        `bias_vector`) and penalized for the sequence each slot continues: the answer so far (`counts`, `seen`:
-        (B, V)) plus the drafts on its path, `on_path` (1+N, N) float: [j, i] draft i is on slot j's path (None: a
-        chain, draft i on slots i+1 on).
 
-        Slot j differs from the answer's counts only at the tokens of its path's drafts: the whole block is
-        penalized with the answer's counts, then those tokens' logits again with their counts at each slot (a
-        draft's token written at every slot, with that slot's count of it: equal tokens write equal values)."""
-        if bias is not None:
-            logits = logits + bias
-        penalized = self.apply(logits, counts[:, None, :], seen[:, None, :])  # (B, 1+N, V)
-        b, n = drafts.shape
-        if n == 0:
-            return penalized
-        if on_path is None:  # a chain: draft i is on the path of slots i+1 .. N
-            slots = torch.arange(n + 1, device=drafts.device)
-            on_path = (slots[:, None] > slots[None, :n]).to(logits.dtype)  # (1+N, N)
-        same = (drafts[:, :, None] == drafts[:, None, :]).to(logits.dtype)  # (B, N, N) [i, k]: equal tokens
-        extra = torch.einsum("jk,bik->bji", on_path.to(logits.dtype), same)  # (B, 1+N, N) draft i's token on slot j's path
-        at = drafts[:, None, :].expand(b, n + 1, n)  # (B, 1+N, N)
-        count = counts.gather(1, drafts)[:, None, :] + extra
-        held = seen.gather(1, drafts)[:, None, :] | (extra > 0)
-        return penalized.scatter(2, at, self.apply(logits.gather(2, at), count, held))
+def penalize(logits: torch.Tensor, counts: torch.Tensor, seen: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """`logits` (..., V) penalized, given the answer's count of each token (..., V), whether the sequence holds
+    it (..., V) bool, and the (..., 3) repetition, presence and frequency penalties (all broadcast)."""
+    repetition, presence, frequency = (values[..., i : i + 1] for i in range(3))
+    logits = torch.where(seen, torch.where(logits > 0, logits / repetition, logits * repetition), logits)
+    return logits - frequency * counts - presence * (counts > 0).to(logits.dtype)
+
+
+def on_block(logits: torch.Tensor, drafts: torch.Tensor, on_path: torch.Tensor | None, values: torch.Tensor,
+             bias: torch.Tensor, counts: torch.Tensor, seen: torch.Tensor) -> torch.Tensor:
+    """A verify block's logits (B, 1+N, V) at the root and at each of N drafts (B, N), biased (B, V) and penalized
+    (`values` (B, 3)) for the sequence each slot continues: the answer so far (`counts`, `seen`: (B, V)) plus the
+    drafts on its path, `on_path` (1+N, N): [j, i] draft i is on slot j's path (None: a chain, draft i on slots
+    i+1 on).
+
+    Slot j differs from the answer's counts only at the tokens of its path's drafts: the whole block is penalized
+    with the answer's counts, then those tokens' logits again with their counts at each slot (a draft's token
+    written at every slot, with that slot's count of it: equal tokens write equal values)."""
+    logits = logits + bias[:, None, :]
+    values = values[:, None, :]  # (B, 1, 3)
+    penalized = penalize(logits, counts[:, None, :], seen[:, None, :], values)  # (B, 1+N, V)
+    b, n = drafts.shape
+    if n == 0:
+        return penalized
+    if on_path is None:  # a chain: draft i is on the path of slots i+1 .. N
+        slots = torch.arange(n + 1, device=drafts.device)
+        on_path = slots[:, None] > slots[None, :n]  # (1+N, N)
+    same = (drafts[:, :, None] == drafts[:, None, :]).to(logits.dtype)  # (B, N, N) [i, k]: equal tokens
+    extra = torch.einsum("jk,bik->bji", on_path.to(logits.dtype), same)  # (B, 1+N, N) draft i's token on j's path
+    at = drafts[:, None, :].expand(b, n + 1, n)  # (B, 1+N, N)
+    count = counts.gather(1, drafts)[:, None, :] + extra
+    held = seen.gather(1, drafts)[:, None, :] | (extra > 0)
+    return penalized.scatter(2, at, penalize(logits.gather(2, at), count, held, values))
+
+
+def count_emitted(counts: torch.Tensor, seen: torch.Tensor, emitted: torch.Tensor,
+                  number: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The counts after a step whose row b emitted its first number[b] tokens of `emitted` (B, E)."""
+    kept = (torch.arange(emitted.shape[1], device=emitted.device)[None, :] < number[:, None]).to(counts.dtype)
+    counts = counts.scatter_add(1, emitted, kept)
+    return counts, seen | (counts > 0)
 
 
 def checked_bias(bias: Mapping[int, float] | None, vocab: int) -> tuple[tuple[int, float], ...]:
@@ -98,21 +123,3 @@ def checked_bias(bias: Mapping[int, float] | None, vocab: int) -> tuple[tuple[in
             raise MTPError(f"logit_bias: the bias of token {token} must be a number in [-100, 100], got {value!r}")
         out.append((token, float(value)))
     return tuple(sorted(out))
-
-
-def prompt_counts(input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                  vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Before the first step: the answer's counts (B, V) float, zero, and which tokens each prompt holds (B, V)
-    bool (padding left out)."""
-    b = input_ids.shape[0]
-    held = torch.zeros(b, vocab, dtype=torch.int32, device=input_ids.device)
-    held.scatter_add_(1, input_ids, attention_mask.to(torch.int32))
-    return torch.zeros(b, vocab, dtype=torch.float32, device=input_ids.device), held > 0
-
-
-def count_emitted(counts: torch.Tensor, seen: torch.Tensor, emitted: torch.Tensor,
-                  number: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The counts after a step whose row b emitted its first number[b] tokens of `emitted` (B, E)."""
-    kept = (torch.arange(emitted.shape[1], device=emitted.device)[None, :] < number[:, None]).to(counts.dtype)
-    counts = counts.scatter_add(1, emitted, kept)
-    return counts, seen | (counts > 0)

@@ -25,8 +25,7 @@ def reference_greedy(model, prompt: list[int], max_new_tokens: int, stop_token_i
                 counts[t] += 1
             seen = torch.zeros(logits.shape[-1], dtype=torch.bool, device=logits.device)
             seen[ids] = True
-            bias = penalties.bias_vector(logits.shape[-1], logits.device)
-            logits = penalties.apply(logits.float() + (bias if bias is not None else 0), counts, seen)
+            logits = penalties.apply(logits, counts, seen)
         tok = int(logits.argmax())
         new.append(tok)
         ids.append(tok)

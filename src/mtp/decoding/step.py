@@ -28,7 +28,7 @@ import torch
 from mtp.decoding import logprobs
 from mtp.decoding.drafters import Drafter, DraftRequest, Drafts, StepOutput, block_rows, draft_tokens
 from mtp.decoding.lookup import lookup_chain, lookup_drafts
-from mtp.decoding.penalties import Penalties, count_emitted
+from mtp.decoding.penalties import Penalties, count_emitted, on_block
 from mtp.decoding.sampling import accept_drafts_sampling, process_logits
 from mtp.decoding.stopping import stop_tokens
 from mtp.decoding.tree import Acceptance, DraftTree, DynamicTree, tree_layout, verify_tree
@@ -63,7 +63,9 @@ class DecodeOptions:
     lookup: int = 0  # speculative: also verify up to this many prompt-lookup drafts (`mtp.decoding.lookup`)
     logprobs: int | None = None  # greedy, speculative: each emitted token's log-probability and this many
     # alternatives' (`mtp.decoding.logprobs`); None: none
-    penalties: Penalties | None = None  # greedy, speculative: on tokens the sequence holds (`mtp.decoding.penalties`)
+    # greedy, speculative: biases and penalties on the tokens the sequence holds (`mtp.decoding.penalties`; their
+    # values go into the state: a session's steps read whichever a call has)
+    penalties: Penalties | None = None
 
 
 @dataclass
@@ -87,7 +89,10 @@ class DecodeState:
     deferred_trunk: torch.Tensor | None = None  # (B, C, H) the trunk output at each position left out
     deferred_next: torch.Tensor | None = None  # (B, C) the token emitted after it
     deferred_count: torch.Tensor | None = None  # (B,) positions left out since the last step that drafted
-    # With penalties (`mtp.decoding.penalties`): each token's count in the answer, and whether the sequence holds it
+    # With penalties (`mtp.decoding.penalties`): their values, the logit biases, each token's count in the answer,
+    # and whether the sequence holds it
+    penalties: torch.Tensor | None = None  # (B, 3) float: repetition, presence, frequency
+    logit_bias: torch.Tensor | None = None  # (B, V) float
     counts: torch.Tensor | None = None  # (B, V) float
     seen: torch.Tensor | None = None  # (B, V) bool
 
@@ -159,8 +164,6 @@ class Decoder:
         self.tree = drafter.tree if self.verifying else None
         if opts.logprobs is not None and not self.verifying:
             raise ValueError("log-probabilities come with greedy and speculative decoding")
-        self.logit_bias = None if opts.penalties is None else \
-            opts.penalties.bias_vector(drafter.model.config.vocab_size, stop_ids.device)  # (V,) or None
 
     # ---------------------------------------------------------------- the step
     def step(self, s: DecodeState, n: int, m: int, drafting: bool = True,
@@ -229,8 +232,7 @@ class Decoder:
             drafts.tree.layout_on(drafts.tokens.device) if drafts.tree is not None else None
         on_path = None if layout is None else torch.cat([layout.ancestors.new_zeros(1, layout.size),
                                                          layout.ancestors], 0).float()  # (1+N, N)
-        logits = self.opts.penalties.on_block(out.verify_logits, drafts.tokens, on_path, s.counts, s.seen,
-                                              self.logit_bias)
+        logits = on_block(out.verify_logits, drafts.tokens, on_path, s.penalties, s.logit_bias, s.counts, s.seen)
         return dataclasses.replace(out, verify_logits=logits, verify_argmax=None)
 
     def _block_drafts(self, s: DecodeState, n: int, m: int) -> Drafts:
@@ -267,6 +269,7 @@ class Decoder:
             drafts, probs, tree = s.drafts, None, None
         new = DecodeState(s.rows, pending, pending_valid, produced, s.budget, finished, drafts, probs, tree)
         if s.counts is not None:
+            new.penalties, new.logit_bias = s.penalties, s.logit_bias
             new.counts, new.seen = count_emitted(s.counts, s.seen, emitted, counts)
         if s.history is not None:
             at = s.history_len[:, None] + torch.arange(emitted.shape[1], device=emitted.device)
