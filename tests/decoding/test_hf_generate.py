@@ -93,6 +93,21 @@ def test_generation_config_fields_apply_unless_given(model, tokenizer):
     assert sampled[0, p:].tolist() == rich.tokens[0]
 
 
+def test_generation_config_fields_mtp_does_not_apply_are_named_in_a_warning(model, recwarn):
+    """A config that would make transformers emit something else (no_repeat_ngram_size, min_new_tokens; min_p
+    when sampling) says so; neutral values, and sampling fields without sampling, say nothing."""
+    ids = torch.tensor([[5, 6, 7]])
+    model.generate(ids, generation_config=GenerationConfig(max_new_tokens=3, min_p=0.1, typical_p=1.0), eos_token_id=[])
+    assert not [w for w in recwarn if "mtp does not apply" in str(w.message)]
+    with pytest.warns(RuntimeWarning, match=r"sets min_new_tokens=2, no_repeat_ngram_size=3, which mtp does not "
+                                            r"apply: its answers may differ from transformers'"):
+        model.generate(ids, generation_config=GenerationConfig(max_new_tokens=3, no_repeat_ngram_size=3,
+                                                               min_new_tokens=2), eos_token_id=[])
+    with pytest.warns(RuntimeWarning, match=r"sets min_p=0.1, which"):
+        model.generate(ids, generation_config=GenerationConfig(max_new_tokens=3, do_sample=True, min_p=0.1),
+                       eos_token_id=[])
+
+
 def test_return_dict_in_generate_has_sequences_and_our_statistics(model, tokenizer):
     ids = tokenizer.encode("What is 7 + 5?", return_tensors="pt")
     out = model.generate(ids, max_new_tokens=6, use_speculative=True, return_dict_in_generate=True)

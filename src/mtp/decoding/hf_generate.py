@@ -7,12 +7,14 @@ each prompt as given (left padding kept), then its new tokens, rows that stopped
 `pad_token_id`; `return_dict_in_generate=True` returns an output object with `.sequences`. `hf_generate` does the
 same over mtp's decoding (`mtp.decoding.generate.generate`, or a model class's own `decode` function with its
 keywords and a `GenerationResult`): the object also carries mtp's `.stats`, `.texts` and `.tokens` (new tokens per
-row), and mtp's own arguments (`use_speculative`, `strategy`, `tau`, `streamer`, ...) pass through.
+row), and mtp's own arguments (`use_speculative`, `strategy`, `tau`, `streamer`, ...) pass through. The config's
+`repetition_penalty` applies, as transformers applies it; its fields mtp does not apply are named in a warning.
 """
 
 from __future__ import annotations
 
 import inspect
+import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
@@ -25,6 +27,15 @@ from mtp.decoding.inputs import token_batch
 from mtp.errors import MTPError
 
 DEFAULT_NEW_TOKENS = 20  # transformers' default when neither max_new_tokens nor max_length is set
+# Generation config fields that change what transformers emits and mtp does not apply -> their neutral values (as
+# keywords they are refused: `generate()` does not take them); the second group shapes sampling only.
+NOT_APPLIED = {"min_length": (0, None), "min_new_tokens": (None, 0), "no_repeat_ngram_size": (0, None),
+               "bad_words_ids": (None,), "suppress_tokens": (None,), "begin_suppress_tokens": (None,),
+               "sequence_bias": (None,), "forced_bos_token_id": (None,), "forced_eos_token_id": (None,),
+               "exponential_decay_length_penalty": (None,), "penalty_alpha": (None,), "dola_layers": (None,),
+               "guidance_scale": (None, 1.0), "watermarking_config": (None,)}
+NOT_APPLIED_SAMPLING = {"typical_p": (1.0, None), "epsilon_cutoff": (0.0, None), "eta_cutoff": (0.0, None),
+                        "min_p": (None, 0.0)}
 IGNORED = frozenset({"token_type_ids", "use_cache"})  # what tokenizers / transformers users pass that changes nothing
 
 
@@ -73,6 +84,7 @@ def hf_generate(model, input_ids=None, attention_mask=None, *, decode: Callable[
         raise MTPError("beam search and several sequences per prompt are not available: use num_beams=1 and "
                        "num_return_sequences=1")
     ids, mask = token_batch(model, input_ids, attention_mask, left_padded=True)
+    _warn_not_applied(config, setting(do_sample, "do_sample", False))
     penalty = getattr(config, "repetition_penalty", None)  # (transformers applies its config's, as here)
     if "repetition_penalty" not in kwargs and penalty not in (None, 1.0):
         if "repetition_penalty" not in inspect.signature(decode).parameters:
@@ -156,6 +168,18 @@ def _fallback_pad(model) -> int:
         if isinstance(candidate, int):
             return candidate
     return 0
+
+
+def _warn_not_applied(config, sampling: bool) -> None:
+    """A warning naming the generation config's fields that would change transformers' output and that mtp does not
+    apply (a model's shipped config may set some): the answers may then differ from transformers'."""
+    fields = NOT_APPLIED | (NOT_APPLIED_SAMPLING if sampling else {})
+    set_ = [f"{name}={getattr(config, name)!r}" for name, neutral in fields.items()
+            if getattr(config, name, None) not in neutral]
+    if set_:
+        warnings.warn(f"model.generate: the generation config sets {', '.join(set_)}, which mtp does not apply: "
+                      "its answers may differ from transformers' (set them to their defaults to silence this)",
+                      RuntimeWarning, stacklevel=3)
 
 
 def _check_keywords(decode: Callable, kwargs: dict) -> None:
