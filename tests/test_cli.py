@@ -238,6 +238,10 @@ def test_generate_with_penalties(tiny_mtp_folder, capsys):
         assert code == 0, err
         tokens.append(json.loads(out.strip().splitlines()[-1])["token_ids"])
     assert tokens[0] == tokens[1]
+    code, out, err = run_cli(args + ["--do-sample", "--min-p", "1", "--strategy", "speculative"], capsys)
+    assert code == 0 and json.loads(out.strip().splitlines()[-1])["token_ids"] == tokens[0], err  # (the top token)
+    code, _, err = run_cli(args + ["--min-p", "0.5"], capsys)
+    assert code == 2 and "--min-p shapes sampling; greedy decoding ignores it" in err, err
     for bad, says in ((["--strategy", "static"], "--repetition-penalty changes the logits greedy or "
                        "speculative decoding verifies"), (["--frequency-penalty", "3"],
                                                           "--frequency-penalty must be in [-2, 2], got 3")):

@@ -78,7 +78,7 @@ RULES: dict[str, Range] = {
     "lora_rank": AT_LEAST_1, "lora_layers": AT_LEAST_1, "mask_token_id": AT_LEAST_0,
     "tree_size": TREE_SIZE, "lookup": AT_LEAST_0,
     # decoding
-    "tau": PROBABILITY, "temperature": AT_LEAST_0, "top_p": Range(0, 1, low_open=True),
+    "tau": PROBABILITY, "temperature": AT_LEAST_0, "top_p": Range(0, 1, low_open=True), "min_p": PROBABILITY,
     "top_k": AT_LEAST_0, "logprobs": Range(0, 20), "repetition_penalty": POSITIVE,
     "presence_penalty": Range(-2, 2), "frequency_penalty": Range(-2, 2),  # (OpenAI's range)
     # training
@@ -134,7 +134,7 @@ RELATIONS: list[tuple[tuple[str, ...], Callable[..., bool], str]] = [
 UNUSED_UNLESS: list[tuple[str, tuple[str, ...], Callable[..., bool], str]] = [
     *((name, ("do_sample",), lambda do_sample: do_sample,
        f"{{{name}}} shapes sampling; greedy decoding ignores it (add {{do_sample}}, or drop {{{name}}})")
-      for name in ("temperature", "top_p", "top_k", "seed")),
+      for name in ("temperature", "top_p", "top_k", "min_p", "seed")),
     ("tau", ("strategy",), lambda strategy: "confadapt" in _strategies(strategy),
      "{tau}: the confidence threshold of ConfAdapt; use it with {strategy} confadapt (or drop {tau})"),
     # mtp info: what --memory decodes

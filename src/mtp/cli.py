@@ -308,8 +308,9 @@ def deprecated_markdown(deprecated: Mapping[str, Mapping[str, Renamed]] = DEPREC
 # command -> flags other commands have that this one takes elsewhere -> where (said instead of a near spelling)
 ELSEWHERE: dict[str, dict[str, str]] = {
     "serve": {flag: "each request brings its own sampling settings (temperature > 0 samples; top_p, top_k, "
-                    "seed), as the OpenAI API does" for flag in ("--do-sample", "--temperature", "--top-p",
-                                                                 "--top-k", "--seed")},
+                    "min_p, seed, the penalties), as the OpenAI API does"
+              for flag in ("--do-sample", "--temperature", "--top-p", "--top-k", "--min-p", "--seed",
+                           "--repetition-penalty", "--presence-penalty", "--frequency-penalty")},
 }
 
 

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from conftest import assert_first_two_tokens_follow_the_model, tiny_mtp
 from mtp.decoding.generate import DraftRequest, generate, left_pad
 from mtp.decoding.reference import reference_greedy
-from mtp.decoding.sampling import accept_drafts_sampling
+from mtp.decoding.sampling import accept_drafts_sampling, process_logits
 from mtp.errors import MTPError
 
 
@@ -237,6 +237,42 @@ def test_sampling_matches_the_model_distribution(strategy, draft_vocab, reads_ne
     out = generate(model, torch.tensor([prompt] * n), max_new_tokens=2, strategy=strategy, do_sample=True,
                    temperature=1.0, seed=0, stop_token_ids=[])
     assert_first_two_tokens_follow_the_model(model, prompt, out.tokens)
+
+
+def test_processed_logits_are_what_transformers_warpers_give():
+    """Temperature, top-k, top-p and min-p on random logits: the distribution transformers' warpers leave, applied
+    in its order."""
+    from transformers.generation.logits_process import (
+        MinPLogitsWarper,
+        TemperatureLogitsWarper,
+        TopKLogitsWarper,
+        TopPLogitsWarper,
+    )
+
+    gen = torch.Generator().manual_seed(0)
+    for t, k, p, m in [(1.0, 0, 1.0, 0.1), (0.7, 10, 0.9, 0.05), (1.3, 0, 0.8, 0.2), (1.0, 5, 1.0, 0.0)]:
+        logits = torch.randn(4, 50, generator=gen) * 3
+        scores = TemperatureLogitsWarper(t)(None, logits.clone())
+        warpers = ([TopKLogitsWarper(k)] if k else []) + ([TopPLogitsWarper(p)] if p < 1 else []) + \
+            ([MinPLogitsWarper(m)] if m else [])
+        for warper in warpers:
+            scores = warper(None, scores)
+        torch.testing.assert_close(process_logits(logits, t, k, p, m), torch.softmax(scores, -1), atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("kw", [{}, {"tree": "[[0], [1], [0, 0]]", "lookup": 1}])
+def test_speculative_sampling_with_min_p_draws_from_the_tokens_min_p_keeps(kw):
+    """3000 continuations with min_p 0.6: the first token's frequencies are the model's distribution with the
+    tokens below 0.6 times the most likely one dropped (they never appear), chains and trees alike."""
+    model = tiny_mtp("llama", num_heads=3, vocab_size=6, seed=3)
+    prompt, n = [1, 2], 3000
+    out = generate(model, torch.tensor([prompt] * n), max_new_tokens=2, strategy="speculative", do_sample=True,
+                   seed=0, stop_token_ids=[], min_p=0.6, **kw)
+    with torch.no_grad():
+        expected = process_logits(model(torch.tensor([prompt]))[0, -1, 0].float(), min_p=0.6)
+    frequencies = torch.bincount(torch.tensor([t[0] for t in out.tokens]), minlength=6).float() / n
+    assert (expected == 0).any() and torch.all(frequencies[expected == 0] == 0)
+    assert torch.allclose(frequencies, expected, atol=0.03)
 
 
 def test_sampling_is_reproducible_under_a_seed():

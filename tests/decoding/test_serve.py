@@ -162,6 +162,15 @@ def test_penalized_completions_are_penalized_greedys_answers(model):
     assert refused == 400 and "presence_penalty" in why["error"]["message"]
 
 
+def test_min_p_reaches_the_sampling(model):
+    """vLLM's `min_p` field: sampling with min_p 1 keeps only the most likely token, which is greedy's answer."""
+    ids = model.tokenizer(PROMPTS[1]).input_ids
+    with served(model) as server:
+        status, body = post(server, "/v1/completions", {"prompt": PROMPTS[1], "max_tokens": 10, "temperature": 1.0,
+                                                         "min_p": 1.0})
+    assert status == 200 and body["choices"][0]["text"] == greedy(model, ids, 10).texts[0]
+
+
 def test_a_logit_bias_shapes_the_answer_as_it_shapes_greedys(model):
     """OpenAI's `logit_bias` ({"token id": bias}): the answer is greedy's with the same biases; a token banned
     with -100 is not in it; malformed biases are refused."""
@@ -652,6 +661,7 @@ def test_a_streamed_request_refused_before_its_first_piece_is_an_http_error(mode
     ("/v1/completions", {"prompt": "hi", "best_of": 2}, "best_of", "'best_of' is not supported by mtp serve"),
     ("/v1/completions", {"prompt": "hi", "repetition_penalty": 0}, "repetition_penalty",
      "'repetition_penalty' must be > 0"),
+    ("/v1/completions", {"prompt": "hi", "min_p": 1.5}, "min_p", "'min_p' must be in [0, 1], got 1.5"),
     ("/v1/completions", {"prompt": "hi", "logprobs": 21}, "logprobs", "'logprobs' must be in [0, 20], got 21"),
     ("/v1/completions", {"prompt": "hi", "logprobs": True}, "logprobs", "'logprobs' must be an integer"),
     ("/v1/completions", {"prompt": "hi", "top_logprobs": 2}, "top_logprobs",

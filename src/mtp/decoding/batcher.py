@@ -232,7 +232,7 @@ class Batcher:
             admit = Admission(functools.partial(self._joining, jobs, sent), self.max_batch_size, self.join_room)
         return generate_tokens(self.model, ids.to(self.model.device), mask.to(self.model.device),
                                max_new_tokens=[j.sampling.max_tokens for j in jobs], do_sample=s.do_sample,
-                               temperature=s.temperature, top_p=s.top_p, top_k=s.top_k, seed=seed,
+                               temperature=s.temperature, top_p=s.top_p, top_k=s.top_k, min_p=s.min_p, seed=seed,
                                stop_strings=list(s.stop) or None, streamer=stream, logprobs=s.logprobs,
                                presence_penalty=s.presence_penalty, frequency_penalty=s.frequency_penalty,
                                repetition_penalty=s.repetition_penalty, logit_bias=dict(s.logit_bias),

@@ -109,7 +109,7 @@ def draft_tokens(logits: torch.Tensor, mode: str, opts, generator, vocab: torch.
     "confidence": argmax and its probability.
     """
     if mode == "sample":  # over the whole vocabulary: speculative sampling compares q with the model's p
-        probs = process_logits(logits, opts.temperature, opts.top_k, opts.top_p)
+        probs = process_logits(logits, opts.temperature, opts.top_k, opts.top_p, opts.min_p)
         return Drafts(sample(probs, generator), probs)
     if mode == "confidence":
         top_p, top = torch.softmax(logits.float(), -1).max(-1)

@@ -650,7 +650,7 @@ def generate(model, input_ids: torch.Tensor | list, attention_mask: torch.Tensor
              prefix: Sequence[int] | torch.Tensor | None = None,
              prompt_cache: PromptCache | None = None, repetition_penalty: float = 1.0,
              presence_penalty: float = 0.0, frequency_penalty: float = 0.0,
-             logit_bias: Mapping[int, float] | None = None) -> GenerationResult:
+             logit_bias: Mapping[int, float] | None = None, min_p: float = 0.0) -> GenerationResult:
     """Generate continuations of a left-padded batch of prompts.
 
     Args:
@@ -716,6 +716,8 @@ def generate(model, input_ids: torch.Tensor | list, attention_mask: torch.Tensor
             emits. Log-probabilities stay the model's own.
         logit_bias: greedy and speculative: {token id: added to its logit}, OpenAI's (-100 to 100; -100 bans the
             token, 100 all but forces it), before the penalties; lossless as they are.
+        min_p: sampling: draw only from tokens at least `min_p` times as likely as the most likely one (after
+            temperature, top-k and top-p, as transformers orders them); 0: all.
     """
     if use_speculative is not None:
         spelled = "speculative" if use_speculative else "greedy"
@@ -733,7 +735,8 @@ def generate(model, input_ids: torch.Tensor | list, attention_mask: torch.Tensor
         prefix = token_batch(model, prefix if isinstance(prefix, torch.Tensor) else list(prefix))[0][0].tolist()
     budgets = _budgets(max_new_tokens, input_ids.shape[0])
     max_new_tokens = max(budgets)
-    check_values({"do_sample": do_sample, "temperature": temperature, "top_k": top_k, "top_p": top_p, "tau": tau,
+    check_values({"do_sample": do_sample, "temperature": temperature, "top_k": top_k, "top_p": top_p, "min_p": min_p,
+                  "tau": tau,
                   "k": k, "num_draft": num_draft, "strategy": strategy, "tree": tree, "tree_size": tree_size,
                   "lookup": lookup, "seed": seed, "logprobs": logprobs, "repetition_penalty": repetition_penalty,
                   "presence_penalty": presence_penalty, "frequency_penalty": frequency_penalty,
@@ -743,7 +746,7 @@ def generate(model, input_ids: torch.Tensor | list, attention_mask: torch.Tensor
     tokenizer = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
     opts = DecodeOptions(strategy, max_new_tokens, do_sample, temperature, top_k, top_p, tau, k, num_draft,
                          adaptive_draft, model_tree(model, tree, tree_size, num_draft, k), lookup, logprobs,
-                         penalties if penalties.active else None)
+                         penalties if penalties.active else None, min_p)
     drafter = drafter_for(model, opts, proposer)
     graphs = _use_graphs(graphs, input_ids.device, proposer)
     input_ids, attention_mask = _fit_context(model, input_ids, attention_mask, opts, drafter.lookahead,

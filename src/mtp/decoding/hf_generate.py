@@ -8,7 +8,8 @@ each prompt as given (left padding kept), then its new tokens, rows that stopped
 same over mtp's decoding (`mtp.decoding.generate.generate`, or a model class's own `decode` function with its
 keywords and a `GenerationResult`): the object also carries mtp's `.stats`, `.texts` and `.tokens` (new tokens per
 row), and mtp's own arguments (`use_speculative`, `strategy`, `tau`, `streamer`, ...) pass through. The config's
-`repetition_penalty` applies, as transformers applies it; its fields mtp does not apply are named in a warning.
+`repetition_penalty` and `min_p` apply, as transformers applies them; its fields mtp does not apply are named in a
+warning.
 """
 
 from __future__ import annotations
@@ -34,8 +35,7 @@ NOT_APPLIED = {"min_length": (0, None), "min_new_tokens": (None, 0), "no_repeat_
                "sequence_bias": (None,), "forced_bos_token_id": (None,), "forced_eos_token_id": (None,),
                "exponential_decay_length_penalty": (None,), "penalty_alpha": (None,), "dola_layers": (None,),
                "guidance_scale": (None, 1.0), "watermarking_config": (None,)}
-NOT_APPLIED_SAMPLING = {"typical_p": (1.0, None), "epsilon_cutoff": (0.0, None), "eta_cutoff": (0.0, None),
-                        "min_p": (None, 0.0)}
+NOT_APPLIED_SAMPLING = {"typical_p": (1.0, None), "epsilon_cutoff": (0.0, None), "eta_cutoff": (0.0, None)}
 IGNORED = frozenset({"token_type_ids", "use_cache"})  # what tokenizers / transformers users pass that changes nothing
 
 
@@ -84,13 +84,16 @@ def hf_generate(model, input_ids=None, attention_mask=None, *, decode: Callable[
         raise MTPError("beam search and several sequences per prompt are not available: use num_beams=1 and "
                        "num_return_sequences=1")
     ids, mask = token_batch(model, input_ids, attention_mask, left_padded=True)
-    _warn_not_applied(config, setting(do_sample, "do_sample", False))
-    penalty = getattr(config, "repetition_penalty", None)  # (transformers applies its config's, as here)
-    if "repetition_penalty" not in kwargs and penalty not in (None, 1.0):
-        if "repetition_penalty" not in inspect.signature(decode).parameters:
-            raise MTPError(f"the generation config asks for repetition_penalty={penalty}, which this model's decoding "
-                           "does not apply: set generation_config.repetition_penalty = 1.0")
-        kwargs["repetition_penalty"] = penalty
+    sampling = setting(do_sample, "do_sample", False)
+    _warn_not_applied(config, sampling)
+    for name, neutral, applies in (("repetition_penalty", 1.0, True), ("min_p", 0.0, sampling)):
+        value = getattr(config, name, None)  # (transformers applies its config's, as here)
+        if name in kwargs or value in (None, neutral) or not applies:
+            continue
+        if name not in inspect.signature(decode).parameters:
+            raise MTPError(f"the generation config asks for {name}={value}, which this model's decoding does not "
+                           f"apply: set generation_config.{name} = {neutral}")
+        kwargs[name] = value
     if "stop_token_ids" not in kwargs:  # mtp's own spelling wins; otherwise None: the model's end tokens
         eos = eos_token_id if eos_token_id is not None else getattr(generation_config, "eos_token_id", None)
         kwargs["stop_token_ids"] = [eos] if isinstance(eos, int) else (list(eos) if eos is not None else None)
@@ -104,7 +107,7 @@ def hf_generate(model, input_ids=None, attention_mask=None, *, decode: Callable[
         result = decode(model, ids, mask,
                         max_new_tokens=_new_tokens(max_new_tokens, setting(max_length, "max_length"), config,
                                                    ids.shape[1]),
-                        do_sample=setting(do_sample, "do_sample", False),
+                        do_sample=sampling,
                         temperature=setting(temperature, "temperature", 1.0), top_p=setting(top_p, "top_p", 1.0),
                         top_k=setting(top_k, "top_k", 50), **kwargs)
     finally:

@@ -54,6 +54,7 @@ class Sampling:
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0  # transformers' on the prompt's and the answer's (a vLLM extra field)
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit), by token id
+    min_p: float = 0.0  # vLLM's extra field: sampling from tokens at least this times as likely as the top one
 
 
 @dataclass
@@ -143,6 +144,9 @@ def _sampling(body: dict, path: str, echo: bool = False) -> Sampling:
         raise BadRequest(f"'top_p' must be in (0, 1], got {top_p}", "top_p")
     if top_k < -1:
         raise BadRequest(f"'top_k' must be >= 0 (0 or -1: all tokens), got {top_k}", "top_k")
+    min_p = float(_typed(body, "min_p", (int, float), 0.0))
+    if not 0 <= min_p <= 1:
+        raise BadRequest(f"'min_p' must be in [0, 1], got {min_p}", "min_p")
     stop = body.get("stop")
     stop = [stop] if isinstance(stop, str) else stop or []
     if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop):
@@ -152,7 +156,7 @@ def _sampling(body: dict, path: str, echo: bool = False) -> Sampling:
     sample = temperature > 0
     return Sampling(max_tokens, sample, temperature if sample else 1.0, top_p if sample else 1.0,
                     max(top_k, 0) if sample else 0, seed if sample else None, tuple(s for s in stop if s),
-                    _logprobs(body, path), *_penalties(body), _logit_bias(body))
+                    _logprobs(body, path), *_penalties(body), _logit_bias(body), min_p if sample else 0.0)
 
 
 def _penalties(body: dict) -> tuple[float, float, float]:

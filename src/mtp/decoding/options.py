@@ -72,6 +72,7 @@ class SamplingOptions:
         temperature: with --do-sample: divides the logits (below 1: closer to greedy; above: more varied).
         top_p: with --do-sample: draw from the smallest set of tokens whose probabilities add up to this (1: all).
         top_k: with --do-sample: draw from the k most likely tokens only (0: all).
+        min_p: with --do-sample: draw only from tokens at least this times as likely as the most likely one (0: all).
         seed: with --do-sample: the random seed (default: a new one each run).
         repetition_penalty: greedy or speculative: divide the logit of each token the prompt or answer already
             holds by this (transformers' repetition_penalty; 1: none, 1.1-1.3: fewer loops in a small model).
@@ -85,6 +86,7 @@ class SamplingOptions:
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0
+    min_p: float = 0.0
     seed: int | None = None
     repetition_penalty: float = 1.0
     presence_penalty: float = 0.0
@@ -92,7 +94,7 @@ class SamplingOptions:
 
     def generate_kwargs(self) -> dict:
         return dict(do_sample=self.do_sample, temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
-                    seed=self.seed, repetition_penalty=self.repetition_penalty,
+                    min_p=self.min_p, seed=self.seed, repetition_penalty=self.repetition_penalty,
                     presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty)
 
 

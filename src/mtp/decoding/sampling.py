@@ -10,8 +10,10 @@ from __future__ import annotations
 import torch
 
 
-def process_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
-    """Probabilities after temperature, top-k and nucleus filtering. `logits`: (..., V) -> (..., V)."""
+def process_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+                   min_p: float = 0.0) -> torch.Tensor:
+    """Probabilities after temperature, top-k, nucleus and min-p filtering, in transformers' order. `logits`:
+    (..., V) -> (..., V)."""
     logits = logits.float() / max(temperature, 1e-6)
     if top_k and top_k < logits.shape[-1]:
         kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]  # (..., 1)
@@ -23,6 +25,9 @@ def process_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 
         drop_sorted = (sorted_probs.cumsum(-1) - sorted_probs) >= top_p
         drop = drop_sorted.scatter(-1, order, drop_sorted)
         probs = probs.masked_fill(drop, 0.0)
+        probs = probs / probs.sum(-1, keepdim=True)
+    if min_p > 0.0:  # drop tokens less likely than min_p times the most likely one
+        probs = probs.masked_fill(probs < min_p * probs.amax(-1, keepdim=True), 0.0)
         probs = probs / probs.sum(-1, keepdim=True)
     return probs
 

@@ -485,7 +485,8 @@ def serve(model: str | None = None, host: str = "127.0.0.1", port: int = 8000, s
 
     Any OpenAI client works: base URL http://HOST:PORT/v1, any API key. A request's temperature 0 (or none) is
     greedy decoding, above 0 sampling (exact speculative sampling with --strategy speculative); max_tokens,
-    top_p, top_k, seed, stop and stream as the API defines them. Each response adds an "mtp" field: the
+    top_p, top_k, seed, stop, stream, presence_penalty, frequency_penalty and logit_bias as the API defines them
+    (vLLM's min_p and repetition_penalty too). Each response adds an "mtp" field: the
     figures of the batch it was decoded in (tokens per forward, tokens/s). Ctrl-C stops the server.
 
     Args:

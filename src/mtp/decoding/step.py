@@ -66,6 +66,7 @@ class DecodeOptions:
     # greedy, speculative: biases and penalties on the tokens the sequence holds (`mtp.decoding.penalties`; their
     # values go into the state: a session's steps read whichever a call has)
     penalties: Penalties | None = None
+    min_p: float = 0.0  # sampling: drop tokens less likely than this times the most likely one (0: none)
 
 
 @dataclass
@@ -324,7 +325,7 @@ def verify(out: StepOutput, drafts: Drafts, opts: DecodeOptions, generator) -> A
     if drafts.layout is not None:
         return verify_tree(out.verify_logits, drafts.tokens, drafts.layout, opts, generator, out.verify_argmax)
     if opts.do_sample:
-        probs = process_logits(out.verify_logits, opts.temperature, opts.top_k, opts.top_p)  # (B, 1+d, V)
+        probs = process_logits(out.verify_logits, opts.temperature, opts.top_k, opts.top_p, opts.min_p)  # (B, 1+d, V)
         a, last = accept_drafts_sampling(probs, drafts.tokens, drafts.probs, generator)
     else:
         a, last = greedy_accept(out.argmax(), drafts.tokens)

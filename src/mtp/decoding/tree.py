@@ -478,7 +478,7 @@ def verify_tree(logits: torch.Tensor, tokens: torch.Tensor, layout: TreeLayout, 
     """logits: (B, 1+N, V) the model's next-token logits at the root and at every node; tokens: (B, N); target:
     their argmax (B, 1+N) where the caller has it."""
     if opts.do_sample:
-        return _verify_tree_sampling(process_logits(logits, opts.temperature, opts.top_k, opts.top_p), tokens,
+        return _verify_tree_sampling(process_logits(logits, opts.temperature, opts.top_k, opts.top_p, opts.min_p), tokens,
                                      layout, generator)
     target = target if target is not None else logits.argmax(-1)  # (B, 1+N)
     ok = tokens == target[:, layout.parent_slot]  # (B, N)
