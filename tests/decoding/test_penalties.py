@@ -154,6 +154,25 @@ def test_one_session_replays_every_calls_penalties(replayed):  # noqa: F811
     assert len(two_rows) == 1 and len({str(a) for a in answers}) == 3  # (a batch that shrinks has its own too)
 
 
+def test_compiled_penalized_steps_decode_as_the_reference(monkeypatch):
+    """The penalized step through torch.compile (`graphs="compile"`, here on a CPU): one graph, no fallback, the
+    reference's tokens, a speculative chain and greedy steps alike."""
+    import warnings
+
+    import mtp.decoding.generate as generate_module
+
+    monkeypatch.setattr(generate_module, "_use_graphs", lambda graphs, device, proposer: graphs)
+    model = tiny_mtp("llama", num_heads=3, seed=2, vocab_size=50)
+    prompts = [[1, 2, 3, 1, 2], [4, 5]]
+    ids, mask = left_pad(prompts)
+    penalties = Penalties(1.6, 0.4, 0.3, ((7, 2.0),))  # (PENALTIES and the bias below)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="mtp: compiling the decoding step failed", category=RuntimeWarning)
+        out = generate(model, ids, mask, graphs="compile", max_new_tokens=12, stop_token_ids=[], strategy="speculative",
+                       num_draft=1, adaptive_draft=False, **PENALTIES, logit_bias={7: 2.0})
+    assert out.tokens == [reference_greedy(model, p, 12, (), penalties) for p in prompts]
+
+
 def test_a_logit_bias_of_minus_100_bans_a_token_and_100_forces_one():
     """OpenAI's extremes: the answer's most frequent token never appears once banned; a +100 token is every token
     (greedy and speculative alike)."""

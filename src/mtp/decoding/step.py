@@ -234,7 +234,7 @@ class Decoder:
         on_path = None if layout is None else torch.cat([layout.ancestors.new_zeros(1, layout.size),
                                                          layout.ancestors], 0).float()  # (1+N, N)
         logits = on_block(out.verify_logits, drafts.tokens, on_path, s.penalties, s.logit_bias, s.counts, s.seen)
-        return dataclasses.replace(out, verify_logits=logits, verify_argmax=None)
+        return StepOutput(logits, out.draft_hidden, out.trunk)  # (the argmax: of these logits)
 
     def _block_drafts(self, s: DecodeState, n: int, m: int) -> Drafts:
         if n == 0:  # the prompt, or a step that verifies lookup drafts alone
