@@ -79,7 +79,8 @@ RULES: dict[str, Range] = {
     "tree_size": TREE_SIZE, "lookup": AT_LEAST_0,
     # decoding
     "tau": PROBABILITY, "temperature": AT_LEAST_0, "top_p": Range(0, 1, low_open=True), "min_p": PROBABILITY,
-    "top_k": AT_LEAST_0, "logprobs": Range(0, 20), "repetition_penalty": POSITIVE,
+    # (a repetition penalty divides logits in fp32: bounded, so that neither it nor its inverse overflows)
+    "top_k": AT_LEAST_0, "logprobs": Range(0, 20), "repetition_penalty": Range(0.01, 100),
     "presence_penalty": Range(-2, 2), "frequency_penalty": Range(-2, 2),  # (OpenAI's range)
     # training
     "epochs": POSITIVE, "train_epochs": POSITIVE, "lr": POSITIVE, "min_lr_ratio": PROBABILITY,

@@ -5,6 +5,7 @@ penalized distribution."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -190,8 +191,11 @@ def test_a_logit_bias_of_minus_100_bans_a_token_and_100_forces_one():
 def test_bad_penalties_are_clear_errors():
     model = tiny_mtp("llama", num_heads=3, seed=2, vocab_size=40)
     ids = torch.tensor([[1, 2, 3]])
-    with pytest.raises(MTPError, match="repetition_penalty must be > 0"):
-        generate(model, ids, max_new_tokens=2, repetition_penalty=0)
+    for bad in (0, 1e-46, float("inf")):  # (fp32 divides by it: bounded)
+        with pytest.raises(MTPError, match=r"repetition_penalty must be in \[0.01, 100\]"):
+            generate(model, ids, max_new_tokens=2, repetition_penalty=bad)
+    numpy_id = generate(model, ids, max_new_tokens=4, stop_token_ids=[], logit_bias={np.int64(5): 100.0}).tokens
+    assert numpy_id == [[5] * 4]  # (numpy's integers are token ids too)
     with pytest.raises(MTPError, match=r"presence_penalty must be in \[-2, 2\]"):
         generate(model, ids, max_new_tokens=2, presence_penalty=3)
     with pytest.raises(MTPError, match="frequency_penalty changes the logits greedy or speculative"):

@@ -167,8 +167,8 @@ def _penalties(body: dict) -> tuple[float, float, float]:
         if not -2 <= value <= 2:
             raise BadRequest(f"'{name}' must be in [-2, 2], got {value}", name)
     repetition = float(_typed(body, "repetition_penalty", (int, float), 1.0))
-    if not repetition > 0:
-        raise BadRequest(f"'repetition_penalty' must be > 0, got {repetition}", "repetition_penalty")
+    if not 0.01 <= repetition <= 100:  # (the command line's bounds: fp32 divides by it)
+        raise BadRequest(f"'repetition_penalty' must be in [0.01, 100], got {repetition}", "repetition_penalty")
     return presence, frequency, repetition
 
 
@@ -177,7 +177,7 @@ def _logit_bias(body: dict) -> tuple[tuple[int, float], ...]:
     bias = _typed(body, "logit_bias", dict, {})
     out = []
     for key, value in bias.items():
-        if not (isinstance(key, str) and key.isascii() and key.isdigit()):
+        if not (isinstance(key, str) and key.isascii() and key.isdigit() and len(key) <= 9):
             raise BadRequest(f"'logit_bias' maps token ids to biases; {key!r} is no token id", "logit_bias")
         if isinstance(value, bool) or not isinstance(value, int | float) or not -100 <= value <= 100:
             raise BadRequest(f"'logit_bias' values must be numbers in [-100, 100], got {value!r}", "logit_bias")

@@ -75,7 +75,8 @@ class SamplingOptions:
         min_p: with --do-sample: draw only from tokens at least this times as likely as the most likely one (0: all).
         seed: with --do-sample: the random seed (default: a new one each run).
         repetition_penalty: greedy or speculative: divide the logit of each token the prompt or answer already
-            holds by this (transformers' repetition_penalty; 1: none, 1.1-1.3: fewer loops in a small model).
+            holds by this (transformers' repetition_penalty, 0.01 to 100; 1: none, 1.1-1.3: fewer loops in a small
+            model).
         presence_penalty: greedy or speculative: subtract this from the logit of each token the answer holds
             (OpenAI's, -2 to 2; 0: none).
         frequency_penalty: greedy or speculative: subtract this once per time the answer holds a token (OpenAI's,

@@ -117,9 +117,9 @@ def checked_bias(bias: Mapping[int, float] | None, vocab: int) -> tuple[tuple[in
         raise MTPError(f"logit_bias must be a mapping of token ids to numbers, got {type(bias).__name__}")
     out = []
     for token, value in bias.items():
-        if isinstance(token, bool) or not isinstance(token, int) or not 0 <= token < vocab:
+        if isinstance(token, bool) or not isinstance(token, numbers.Integral) or not 0 <= token < vocab:
             raise MTPError(f"logit_bias: {token!r} is not a token id of this model (0 to {vocab - 1})")
         if isinstance(value, bool) or not isinstance(value, numbers.Real) or not -100 <= value <= 100:
             raise MTPError(f"logit_bias: the bias of token {token} must be a number in [-100, 100], got {value!r}")
-        out.append((token, float(value)))
+        out.append((int(token), float(value)))
     return tuple(sorted(out))
