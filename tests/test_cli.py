@@ -231,7 +231,8 @@ def test_generate_with_penalties(tiny_mtp_folder, capsys):
     """--repetition-penalty, --presence-penalty, --frequency-penalty: speculative decoding gives what greedy decoding
     with them gives; out of range, or with a strategy that does not verify, a one-line error before loading."""
     args = ["generate", "--model", str(tiny_mtp_folder), "--prompt", "What is 7 + 5?", "--max-new-tokens", "8",
-            "--json", "--repetition-penalty", "1.5", "--presence-penalty", "0.5", "--frequency-penalty", "1"]
+            "--json", "--repetition-penalty", "1.5", "--presence-penalty", "0.5", "--frequency-penalty", "1",
+            "--min-new-tokens", "4"]
     tokens = []
     for strategy in ("greedy", "speculative"):
         code, out, err = run_cli(args + ["--strategy", strategy], capsys)

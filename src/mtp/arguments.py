@@ -82,6 +82,7 @@ RULES: dict[str, Range] = {
     # (a repetition penalty divides logits in fp32: bounded, so that neither it nor its inverse overflows)
     "top_k": AT_LEAST_0, "logprobs": Range(0, 20), "repetition_penalty": Range(0.01, 100),
     "presence_penalty": Range(-2, 2), "frequency_penalty": Range(-2, 2),  # (OpenAI's range)
+    "min_new_tokens": AT_LEAST_0,
     # training
     "epochs": POSITIVE, "train_epochs": POSITIVE, "lr": POSITIVE, "min_lr_ratio": PROBABILITY,
     "weight_decay": AT_LEAST_0, "max_grad_norm": AT_LEAST_0, "holdout": Range(0, 1, high_open=True),
@@ -117,7 +118,8 @@ RELATIONS: list[tuple[tuple[str, ...], Callable[..., bool], str]] = [
         s in ("greedy", "speculative") for s in _strategies(strategy)),
        f"{{{name}}} changes the logits greedy or speculative decoding verifies; use it with {{strategy}} "
        "greedy or speculative") for name, neutral in (("repetition_penalty", 1.0), ("presence_penalty", 0.0),
-                                                      ("frequency_penalty", 0.0), ("logit_bias", {}))),
+                                                      ("frequency_penalty", 0.0), ("logit_bias", {}),
+                                                      ("min_new_tokens", 0))),
     (("num_draft", "strategy"), lambda num_draft, strategy: "speculative" in _strategies(strategy),
      "{num_draft}: drafts verified per step; use it with {strategy} speculative"),
     # greedy decoding makes one token per forward: a k would be ignored without a word

@@ -310,7 +310,7 @@ ELSEWHERE: dict[str, dict[str, str]] = {
     "serve": {flag: "each request brings its own sampling settings (temperature > 0 samples; top_p, top_k, "
                     "min_p, seed, the penalties), as the OpenAI API does"
               for flag in ("--do-sample", "--temperature", "--top-p", "--top-k", "--min-p", "--seed",
-                           "--repetition-penalty", "--presence-penalty", "--frequency-penalty")},
+                           "--repetition-penalty", "--presence-penalty", "--frequency-penalty", "--min-new-tokens")},
 }
 
 

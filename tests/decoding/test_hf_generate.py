@@ -94,15 +94,17 @@ def test_generation_config_fields_apply_unless_given(model, tokenizer):
 
 
 def test_generation_config_fields_mtp_does_not_apply_are_named_in_a_warning(model, recwarn):
-    """A config that would make transformers emit something else (no_repeat_ngram_size, min_new_tokens; typical_p
-    when sampling) says so; neutral values, and sampling fields without sampling, say nothing."""
+    """A config that would make transformers emit something else (no_repeat_ngram_size, min_length; typical_p
+    when sampling) says so; neutral values, sampling fields without sampling, and the fields mtp applies
+    (min_new_tokens, repetition_penalty) say nothing."""
     ids = torch.tensor([[5, 6, 7]])
-    model.generate(ids, generation_config=GenerationConfig(max_new_tokens=3, typical_p=0.5), eos_token_id=[])
+    model.generate(ids, generation_config=GenerationConfig(max_new_tokens=3, typical_p=0.5, min_new_tokens=2,
+                                                           repetition_penalty=1.2), eos_token_id=[])
     assert not [w for w in recwarn if "mtp does not apply" in str(w.message)]
-    with pytest.warns(RuntimeWarning, match=r"sets min_new_tokens=2, no_repeat_ngram_size=3, which mtp does not "
+    with pytest.warns(RuntimeWarning, match=r"sets min_length=5, no_repeat_ngram_size=3, which mtp does not "
                                             r"apply: its answers may differ from transformers'"):
         model.generate(ids, generation_config=GenerationConfig(max_new_tokens=3, no_repeat_ngram_size=3,
-                                                               min_new_tokens=2), eos_token_id=[])
+                                                               min_length=5), eos_token_id=[])
     with pytest.warns(RuntimeWarning, match=r"sets typical_p=0.5, which"):
         model.generate(ids, generation_config=GenerationConfig(max_new_tokens=3, do_sample=True, typical_p=0.5),
                        eos_token_id=[])

@@ -10,6 +10,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from test_generate import oracle_proposer
 from test_graphs import decoding_case, replayed  # noqa: F401  (a fixture)
 from test_joining import Arrivals
 
@@ -29,9 +30,9 @@ PENALTIES = dict(repetition_penalty=1.6, presence_penalty=0.4, frequency_penalty
 @given(data=st.data(), graphs=st.booleans(), model_kind=st.sampled_from(["heads", "next-token heads", "masks"]))
 def test_penalized_decoding_emits_what_the_penalized_reference_emits(data, graphs, model_kind, replayed):  # noqa: F811
     """Random models, greedy and speculative decoding (chains, fixed and dynamic trees, lookup drafts), padded
-    batches with stop tokens and rows that join, logit biases: each row's tokens are the reference's, whose every
-    step biases and penalizes the logits for the whole sequence so far (a verify block's drafts penalized along
-    their path)."""
+    batches with stop tokens and rows that join, logit biases, a minimum of new tokens: each row's tokens are the
+    reference's, whose every step biases and penalizes the logits for the whole sequence so far and bans the end
+    tokens while the answer is short (a verify block's drafts penalized along their path, banned by depth)."""
     model, kw = decoding_case(data.draw, "heads" if model_kind == "next-token heads" else model_kind)
     if model_kind == "next-token heads":
         model = reading_next_token(model, seed=data.draw(st.integers(0, 100)))
@@ -41,18 +42,20 @@ def test_penalized_decoding_emits_what_the_penalized_reference_emits(data, graph
     tokens = st.integers(0, vocab - 1)
     bias = data.draw(st.dictionaries(tokens, st.sampled_from([-100.0, -0.3, 0.5, 2.0]), max_size=3))
     penalties = Penalties(data.draw(st.sampled_from([1.0, 0.5, 1.3, 3.0])), data.draw(st.sampled_from([0.0, 0.7, -0.5])),
-                          data.draw(st.sampled_from([0.0, 0.4, 2.0])), tuple(sorted(bias.items())))
+                          data.draw(st.sampled_from([0.0, 0.4, 2.0])), tuple(sorted(bias.items())),
+                          data.draw(st.integers(0, 8)))
     first = [data.draw(st.lists(tokens, min_size=1, max_size=8)) for _ in range(data.draw(st.integers(1, 3)))]
     later = [data.draw(st.lists(tokens, min_size=1, max_size=8)) for _ in range(data.draw(st.integers(0, 2)))]
     budgets = [data.draw(st.integers(1, 12)) for _ in first + later]
-    stop = data.draw(st.lists(tokens, max_size=1))
+    stop = data.draw(st.lists(tokens, max_size=3))
     joining = later and not isinstance(kw.get("tree"), DynamicTree)
     arrivals = Arrivals(later, budgets[len(first):], [0, 2][:len(later)], max_rows=3) if joining else None
     ids, mask = left_pad(first)
     out = generate(model, ids, mask, max_new_tokens=budgets[:len(first)], stop_token_ids=stop, graphs=graphs,
                    adaptive_draft=False, admit=Admission(arrivals, max_rows=3) if joining else None,
                    repetition_penalty=penalties.repetition, presence_penalty=penalties.presence,
-                   frequency_penalty=penalties.frequency, logit_bias=bias, **kw)
+                   frequency_penalty=penalties.frequency, logit_bias=bias, min_new_tokens=penalties.min_new_tokens,
+                   **kw)
     prompts = first + ([later[i] for i in arrivals.order] if joining else [])
     rows_budgets = budgets[:len(first)] + ([budgets[len(first) + i] for i in arrivals.order] if joining else [])
     assert out.tokens == [reference_greedy(model, p, n, stop, penalties) for p, n in zip(prompts, rows_budgets,
@@ -77,6 +80,46 @@ def test_repetition_penalty_gives_what_transformers_gives(kw):
                           **kw)[0, prompt.shape[1]:].tolist() == hf
     model.generation_config.repetition_penalty = 3.0
     assert model.generate(prompt, max_new_tokens=24, eos_token_id=[], **kw)[0, prompt.shape[1]:].tolist() == hf
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data())
+def test_drafts_that_are_mostly_right_are_penalized_along_their_chain(data):
+    """Drafts from the penalized reference itself (an oracle, some corrupted): long runs are accepted, so each
+    slot's counts include the drafts before it and the end tokens are banned by each slot's depth, at every
+    offset from the minimum: the reference's tokens."""
+    model = tiny_mtp("llama", num_heads=data.draw(st.integers(2, 5)), seed=data.draw(st.integers(0, 1000)),
+                     dtype=torch.float64, vocab_size=12)
+    tokens = st.integers(0, 11)
+    prompts = [data.draw(st.lists(tokens, min_size=1, max_size=6)) for _ in range(data.draw(st.integers(1, 3)))]
+    penalties = Penalties(data.draw(st.sampled_from([1.0, 1.5])), data.draw(st.sampled_from([0.0, 0.5])),
+                          data.draw(st.sampled_from([0.0, 0.3])), (), data.draw(st.integers(0, 10)))
+    stop = data.draw(st.lists(tokens, min_size=1, max_size=3))
+    reference = [reference_greedy(model, p, 14, stop, penalties) for p in prompts]
+    ids, mask = left_pad(prompts)
+    out = generate(model, ids, mask, max_new_tokens=14, strategy="speculative", stop_token_ids=stop,
+                   adaptive_draft=False, proposer=oracle_proposer(reference, data.draw(st.sampled_from([0.0, 0.3])), 0),
+                   repetition_penalty=penalties.repetition, presence_penalty=penalties.presence,
+                   frequency_penalty=penalties.frequency, min_new_tokens=penalties.min_new_tokens)
+    assert out.tokens == reference
+
+
+@pytest.mark.parametrize("kw", [{"strategy": "greedy"}, {"strategy": "speculative", "lookup": 2},
+                                {"strategy": "speculative", "tree": "[[0], [1], [0, 0], [1, 0]]"}])
+def test_min_new_tokens_gives_what_transformers_gives(kw):
+    """transformers' `min_new_tokens` with an end token the model emits early: no end token before that many new
+    tokens, the same tokens as transformers' greedy (through `generate` and `model.generate`)."""
+    model = tiny_mtp("llama", num_heads=3, seed=4, vocab_size=40)
+    prompt = torch.tensor([[3, 4, 5, 3, 4, 5, 3, 4]])
+    end = model.base.generate(prompt, max_new_tokens=3, do_sample=False, pad_token_id=0,
+                              eos_token_id=None)[0, prompt.shape[1]].item()  # (its first token: an early end)
+    hf = model.base.generate(prompt, max_new_tokens=16, min_new_tokens=10, do_sample=False, pad_token_id=0,
+                             eos_token_id=end)[0, prompt.shape[1]:].tolist()
+    assert end not in hf[:10] and len(hf) > 10
+    assert generate(model, prompt, max_new_tokens=16, stop_token_ids=[end], min_new_tokens=10, **kw).tokens[0] == \
+        hf[: hf.index(end) + 1 if end in hf else 16]
+    out = model.generate(prompt, max_new_tokens=16, eos_token_id=end, min_new_tokens=10, pad_token_id=0, **kw)
+    assert out[0, prompt.shape[1]:].tolist() == hf
 
 
 def test_speculative_sampling_keeps_the_penalized_distribution():

@@ -144,16 +144,17 @@ def test_completions_are_greedys_answers(model):
 
 
 def test_penalized_completions_are_penalized_greedys_answers(model):
-    """OpenAI's presence and frequency penalties and vLLM's repetition_penalty: each choice is what greedy decoding
-    with the same penalties gives its prompt alone (the server decodes speculatively, in a batch, requests with
-    other penalties in batches of their own); a penalty out of range is refused."""
+    """OpenAI's presence and frequency penalties, vLLM's repetition_penalty and min_tokens: each choice is what
+    greedy decoding with the same penalties gives its prompt alone (the server decodes speculatively, in a batch,
+    requests with other penalties in batches of their own); a penalty out of range is refused."""
     tok = model.tokenizer
-    penalties = {"presence_penalty": 0.5, "frequency_penalty": 1.5, "repetition_penalty": 1.3}
+    penalties = {"presence_penalty": 0.5, "frequency_penalty": 1.5, "repetition_penalty": 1.3, "min_tokens": 6}
     with served(model) as server:
         status, body = post(server, "/v1/completions", {"prompt": PROMPTS, "max_tokens": 12, **penalties})
         _, plain = post(server, "/v1/completions", {"prompt": PROMPTS, "max_tokens": 12})
         bad, error = post(server, "/v1/completions", {"prompt": "hi", "frequency_penalty": 2.5})
-    expected = [greedy(model, tok(p).input_ids, 12, **penalties).texts[0] for p in PROMPTS]
+    expected = [greedy(model, tok(p).input_ids, 12, min_new_tokens=6,
+                       **{k: v for k, v in penalties.items() if k != "min_tokens"}).texts[0] for p in PROMPTS]
     assert status == 200 and [c["text"] for c in body["choices"]] == expected
     assert expected != [c["text"] for c in plain["choices"]]  # (the penalties change the answers)
     assert bad == 400 and error["error"]["param"] == "frequency_penalty"
@@ -664,6 +665,8 @@ def test_a_streamed_request_refused_before_its_first_piece_is_an_http_error(mode
     ("/v1/completions", {"prompt": "hi", "logit_bias": {"1" * 5000: 5}}, "logit_bias",
      "'logit_bias' maps token ids to biases"),
     ("/v1/completions", {"prompt": "hi", "min_p": 1.5}, "min_p", "'min_p' must be in [0, 1], got 1.5"),
+    ("/v1/completions", {"prompt": "hi", "max_tokens": 4, "min_tokens": 5}, "min_tokens",
+     "'min_tokens' must be in [0, max_tokens], got 5"),
     ("/v1/completions", {"prompt": "hi", "logprobs": 21}, "logprobs", "'logprobs' must be in [0, 20], got 21"),
     ("/v1/completions", {"prompt": "hi", "logprobs": True}, "logprobs", "'logprobs' must be an integer"),
     ("/v1/completions", {"prompt": "hi", "top_logprobs": 2}, "top_logprobs",

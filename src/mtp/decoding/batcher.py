@@ -236,6 +236,7 @@ class Batcher:
                                stop_strings=list(s.stop) or None, streamer=stream, logprobs=s.logprobs,
                                presence_penalty=s.presence_penalty, frequency_penalty=s.frequency_penalty,
                                repetition_penalty=s.repetition_penalty, logit_bias=dict(s.logit_bias),
+                               min_new_tokens=s.min_tokens,
                                halt=halt, admit=admit, on_end=finish,
                                prompt_cache=self.prompt_cache, **options)
 

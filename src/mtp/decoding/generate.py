@@ -650,7 +650,8 @@ def generate(model, input_ids: torch.Tensor | list, attention_mask: torch.Tensor
              prefix: Sequence[int] | torch.Tensor | None = None,
              prompt_cache: PromptCache | None = None, repetition_penalty: float = 1.0,
              presence_penalty: float = 0.0, frequency_penalty: float = 0.0,
-             logit_bias: Mapping[int, float] | None = None, min_p: float = 0.0) -> GenerationResult:
+             logit_bias: Mapping[int, float] | None = None, min_p: float = 0.0,
+             min_new_tokens: int = 0) -> GenerationResult:
     """Generate continuations of a left-padded batch of prompts.
 
     Args:
@@ -718,6 +719,8 @@ def generate(model, input_ids: torch.Tensor | list, attention_mask: torch.Tensor
             token, 100 all but forces it), before the penalties; lossless as they are.
         min_p: sampling: draw only from tokens at least `min_p` times as likely as the most likely one (after
             temperature, top-k and top-p, as transformers orders them); 0: all.
+        min_new_tokens: greedy and speculative: the end tokens (`stop_token_ids`) are banned until a row has this
+            many new tokens (transformers' `min_new_tokens`); stop strings still end it.
     """
     if use_speculative is not None:
         spelled = "speculative" if use_speculative else "greedy"
@@ -740,9 +743,9 @@ def generate(model, input_ids: torch.Tensor | list, attention_mask: torch.Tensor
                   "k": k, "num_draft": num_draft, "strategy": strategy, "tree": tree, "tree_size": tree_size,
                   "lookup": lookup, "seed": seed, "logprobs": logprobs, "repetition_penalty": repetition_penalty,
                   "presence_penalty": presence_penalty, "frequency_penalty": frequency_penalty,
-                  "logit_bias": logit_bias or None}, flags=False)
+                  "logit_bias": logit_bias or None, "min_new_tokens": min_new_tokens}, flags=False)
     penalties = Penalties(repetition_penalty, presence_penalty, frequency_penalty,
-                          checked_bias(logit_bias, model.config.vocab_size))
+                          checked_bias(logit_bias, model.config.vocab_size), min_new_tokens)
     tokenizer = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
     opts = DecodeOptions(strategy, max_new_tokens, do_sample, temperature, top_k, top_p, tau, k, num_draft,
                          adaptive_draft, model_tree(model, tree, tree_size, num_draft, k), lookup, logprobs,

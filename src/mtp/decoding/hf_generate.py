@@ -8,7 +8,7 @@ each prompt as given (left padding kept), then its new tokens, rows that stopped
 same over mtp's decoding (`mtp.decoding.generate.generate`, or a model class's own `decode` function with its
 keywords and a `GenerationResult`): the object also carries mtp's `.stats`, `.texts` and `.tokens` (new tokens per
 row), and mtp's own arguments (`use_speculative`, `strategy`, `tau`, `streamer`, ...) pass through. The config's
-`repetition_penalty` and `min_p` apply, as transformers applies them; its fields mtp does not apply are named in a
+`repetition_penalty`, `min_new_tokens` and `min_p` apply, as transformers applies them; its fields mtp does not apply are named in a
 warning.
 """
 
@@ -30,7 +30,7 @@ from mtp.errors import MTPError
 DEFAULT_NEW_TOKENS = 20  # transformers' default when neither max_new_tokens nor max_length is set
 # Generation config fields that change what transformers emits and mtp does not apply -> their neutral values (as
 # keywords they are refused: `generate()` does not take them); the second group shapes sampling only.
-NOT_APPLIED = {"min_length": (0, None), "min_new_tokens": (None, 0), "no_repeat_ngram_size": (0, None),
+NOT_APPLIED = {"min_length": (0, None), "no_repeat_ngram_size": (0, None),
                "bad_words_ids": (None,), "suppress_tokens": (None,), "begin_suppress_tokens": (None,),
                "sequence_bias": (None,), "forced_bos_token_id": (None,), "forced_eos_token_id": (None,),
                "exponential_decay_length_penalty": (None,), "penalty_alpha": (None,), "dola_layers": (None,),
@@ -86,7 +86,8 @@ def hf_generate(model, input_ids=None, attention_mask=None, *, decode: Callable[
     ids, mask = token_batch(model, input_ids, attention_mask, left_padded=True)
     sampling = setting(do_sample, "do_sample", False)
     _warn_not_applied(config, sampling)
-    for name, neutral, applies in (("repetition_penalty", 1.0, True), ("min_p", 0.0, sampling)):
+    for name, neutral, applies in (("repetition_penalty", 1.0, True), ("min_new_tokens", 0, True),
+                                   ("min_p", 0.0, sampling)):
         value = getattr(config, name, None)  # (transformers applies its config's, as here)
         if name in kwargs or value in (None, neutral) or not applies:
             continue

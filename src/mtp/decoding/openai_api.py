@@ -55,6 +55,7 @@ class Sampling:
     repetition_penalty: float = 1.0  # transformers' on the prompt's and the answer's (a vLLM extra field)
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit), by token id
     min_p: float = 0.0  # vLLM's extra field: sampling from tokens at least this times as likely as the top one
+    min_tokens: int = 0  # vLLM's extra field: no end token before the answer has this many
 
 
 @dataclass
@@ -156,7 +157,8 @@ def _sampling(body: dict, path: str, echo: bool = False) -> Sampling:
     sample = temperature > 0
     return Sampling(max_tokens, sample, temperature if sample else 1.0, top_p if sample else 1.0,
                     max(top_k, 0) if sample else 0, seed if sample else None, tuple(s for s in stop if s),
-                    _logprobs(body, path), *_penalties(body), _logit_bias(body), min_p if sample else 0.0)
+                    _logprobs(body, path), *_penalties(body), _logit_bias(body), min_p if sample else 0.0,
+                    _min_tokens(body, max_tokens))
 
 
 def _penalties(body: dict) -> tuple[float, float, float]:
@@ -170,6 +172,14 @@ def _penalties(body: dict) -> tuple[float, float, float]:
     if not 0.01 <= repetition <= 100:  # (the command line's bounds: fp32 divides by it)
         raise BadRequest(f"'repetition_penalty' must be in [0.01, 100], got {repetition}", "repetition_penalty")
     return presence, frequency, repetition
+
+
+def _min_tokens(body: dict, max_tokens: int | None) -> int:
+    """vLLM's `min_tokens`: at least 0, at most max_tokens where given."""
+    value = _typed(body, "min_tokens", int, 0)
+    if value < 0 or (max_tokens is not None and value > max_tokens):
+        raise BadRequest(f"'min_tokens' must be in [0, max_tokens], got {value}", "min_tokens")
+    return value
 
 
 def _logit_bias(body: dict) -> tuple[tuple[int, float], ...]:

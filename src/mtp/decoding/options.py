@@ -81,6 +81,7 @@ class SamplingOptions:
             (OpenAI's, -2 to 2; 0: none).
         frequency_penalty: greedy or speculative: subtract this once per time the answer holds a token (OpenAI's,
             -2 to 2; 0: none). Speculative decoding stays equal to greedy decoding with the same penalties.
+        min_new_tokens: greedy or speculative: no end token before the answer has this many tokens (0: none).
     """
 
     do_sample: bool = False
@@ -92,11 +93,13 @@ class SamplingOptions:
     repetition_penalty: float = 1.0
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
+    min_new_tokens: int = 0
 
     def generate_kwargs(self) -> dict:
         return dict(do_sample=self.do_sample, temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
                     min_p=self.min_p, seed=self.seed, repetition_penalty=self.repetition_penalty,
-                    presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty)
+                    presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
+                    min_new_tokens=self.min_new_tokens)
 
 
 @dataclass(frozen=True)

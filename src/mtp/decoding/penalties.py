@@ -5,7 +5,9 @@ vLLM apply them to the logits before temperature, top-k and top-p:
 - `repetition` (transformers' `repetition_penalty`, CTRL's): the logit of every token the prompt or the answer so
   far holds is divided by it where positive, multiplied where negative (1: none; above 1: less repetition);
 - `presence` (OpenAI's `presence_penalty`): subtracted from the logit of every token the answer holds;
-- `frequency` (OpenAI's `frequency_penalty`): subtracted once for every time the answer holds the token.
+- `frequency` (OpenAI's `frequency_penalty`): subtracted once for every time the answer holds the token;
+- `min_new_tokens` (transformers' `min_new_tokens`, vLLM's `min_tokens`): the end tokens are banned until the answer
+  has that many tokens.
 
 Speculative decoding keeps them exact: the logits at a verify block's slot are penalized for the sequence that
 slot continues, the answer so far plus the drafts on its path (a chain's earlier drafts, a tree node's
@@ -36,16 +38,23 @@ class Penalties:
     presence: float = 0.0
     frequency: float = 0.0
     bias: tuple[tuple[int, float], ...] = ()  # (token, added to its logit), by token
+    min_new_tokens: int = 0
 
     @property
     def active(self) -> bool:
-        return self.repetition != 1.0 or self.presence != 0.0 or self.frequency != 0.0 or bool(self.bias)
+        return self.repetition != 1.0 or self.presence != 0.0 or self.frequency != 0.0 or bool(self.bias) or \
+            self.min_new_tokens > 0
 
-    def apply(self, logits: torch.Tensor, counts: torch.Tensor, seen: torch.Tensor) -> torch.Tensor:
-        """`logits` (V,) biased and penalized, given the answer's count of each token (V,) and whether the
-        sequence holds it (V,) bool: the slow reference's way (`mtp.decoding.reference`)."""
+    def apply(self, logits: torch.Tensor, counts: torch.Tensor, seen: torch.Tensor, stop_ids=(),
+              produced: int = 0) -> torch.Tensor:
+        """`logits` (V,) biased and penalized, given the answer's count of each token (V,), whether the sequence
+        holds it (V,) bool, the end tokens and the answer's length: the slow reference's way
+        (`mtp.decoding.reference`)."""
         values = torch.tensor([self.repetition, self.presence, self.frequency], device=logits.device)
-        return penalize(logits.float() + self.bias_vector(logits.shape[-1], logits.device), counts, seen, values)
+        logits = penalize(logits.float() + self.bias_vector(logits.shape[-1], logits.device), counts, seen, values)
+        if produced < self.min_new_tokens and len(stop_ids):
+            logits = logits.index_fill(-1, torch.tensor(list(stop_ids), device=logits.device), float("-inf"))
+        return logits
 
     def bias_vector(self, vocab: int, device) -> torch.Tensor:
         vector = torch.zeros(vocab, dtype=torch.float32)
@@ -56,40 +65,48 @@ class Penalties:
     def prompt_state(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                      vocab: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """The decoding state's tensors before the first step of left-padded prompts (B, P)
-        (`DecodeState.penalties`, `.logit_bias`, `.counts`, `.seen`): the values (B, 3), the biases (B, V), nothing
-        counted in the answer (B, V), each prompt's tokens held (B, V) bool (padding left out)."""
+        (`DecodeState.penalties`, `.logit_bias`, `.counts`, `.seen`): the values (B, 4: repetition, presence,
+        frequency, min_new_tokens), the biases (B, V), nothing counted in the answer (B, V), each prompt's tokens
+        held (B, V) bool (padding left out)."""
         b, device = input_ids.shape[0], input_ids.device
         held = torch.zeros(b, vocab, dtype=torch.int32, device=device)
         held.scatter_add_(1, input_ids, attention_mask.to(torch.int32))
-        values = torch.tensor([[self.repetition, self.presence, self.frequency]], device=device).expand(b, 3)
+        values = torch.tensor([[self.repetition, self.presence, self.frequency, float(self.min_new_tokens)]],
+                              device=device).expand(b, 4)
         bias = self.bias_vector(vocab, device).expand(b, vocab)
         return values.contiguous(), bias.contiguous(), torch.zeros(b, vocab, device=device), held > 0
 
 
 def penalize(logits: torch.Tensor, counts: torch.Tensor, seen: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
     """`logits` (..., V) penalized, given the answer's count of each token (..., V), whether the sequence holds
-    it (..., V) bool, and the (..., 3) repetition, presence and frequency penalties (all broadcast)."""
+    it (..., V) bool, and the (..., 3+) repetition, presence and frequency penalties (all broadcast)."""
     repetition, presence, frequency = (values[..., i : i + 1] for i in range(3))
     logits = torch.where(seen, torch.where(logits > 0, logits / repetition, logits * repetition), logits)
     return logits - frequency * counts - presence * (counts > 0).to(logits.dtype)
 
 
 def on_block(logits: torch.Tensor, drafts: torch.Tensor, on_path: torch.Tensor | None, values: torch.Tensor,
-             bias: torch.Tensor, counts: torch.Tensor, seen: torch.Tensor) -> torch.Tensor:
+             bias: torch.Tensor, counts: torch.Tensor, seen: torch.Tensor, depth: torch.Tensor,
+             produced: torch.Tensor, stop_ids: torch.Tensor) -> torch.Tensor:
     """A verify block's logits (B, 1+N, V) at the root and at each of N drafts (B, N), biased (B, V) and penalized
-    (`values` (B, 3)) for the sequence each slot continues: the answer so far (`counts`, `seen`: (B, V)) plus the
+    (`values` (B, 4)) for the sequence each slot continues: the answer so far (`counts`, `seen`: (B, V)) plus the
     drafts on its path, `on_path` (1+N, N): [j, i] draft i is on slot j's path (None: a chain, draft i on slots
-    i+1 on).
+    i+1 on); the end tokens `stop_ids` (S,) banned at the slots whose token would come before min_new_tokens: the
+    answer's `produced` (B,) plus the slot's `depth` (1+N,), its drafts before it.
 
     Slot j differs from the answer's counts only at the tokens of its path's drafts: the whole block is penalized
     with the answer's counts, then those tokens' logits again with their counts at each slot (a draft's token
     written at every slot, with that slot's count of it: equal tokens write equal values)."""
     logits = logits + bias[:, None, :]
-    values = values[:, None, :]  # (B, 1, 3)
+    values = values[:, None, :]  # (B, 1, 4)
     penalized = penalize(logits, counts[:, None, :], seen[:, None, :], values)  # (B, 1+N, V)
+    if stop_ids.numel():  # (the ban last: no penalty lifts it)
+        short = (produced[:, None] + depth[None, :]) < values[:, :, 3]  # (B, 1+N)
+        ends = torch.zeros(logits.shape[-1], dtype=torch.bool, device=logits.device).index_fill(0, stop_ids, True)
+        banned = short[:, :, None] & ends  # (B, 1+N, V)
     b, n = drafts.shape
     if n == 0:
-        return penalized
+        return penalized.masked_fill(banned, float("-inf")) if stop_ids.numel() else penalized
     if on_path is None:  # a chain: draft i is on the path of slots i+1 .. N
         slots = torch.arange(n + 1, device=drafts.device)
         on_path = slots[:, None] > slots[None, :n]  # (1+N, N)
@@ -98,7 +115,8 @@ def on_block(logits: torch.Tensor, drafts: torch.Tensor, on_path: torch.Tensor |
     at = drafts[:, None, :].expand(b, n + 1, n)  # (B, 1+N, N)
     count = counts.gather(1, drafts)[:, None, :] + extra
     held = seen.gather(1, drafts)[:, None, :] | (extra > 0)
-    return penalized.scatter(2, at, penalize(logits.gather(2, at), count, held, values))
+    penalized = penalized.scatter(2, at, penalize(logits.gather(2, at), count, held, values))
+    return penalized.masked_fill(banned, float("-inf")) if stop_ids.numel() else penalized
 
 
 def count_emitted(counts: torch.Tensor, seen: torch.Tensor, emitted: torch.Tensor,

@@ -25,7 +25,7 @@ def reference_greedy(model, prompt: list[int], max_new_tokens: int, stop_token_i
                 counts[t] += 1
             seen = torch.zeros(logits.shape[-1], dtype=torch.bool, device=logits.device)
             seen[ids] = True
-            logits = penalties.apply(logits, counts, seen)
+            logits = penalties.apply(logits, counts, seen, stop_token_ids, len(new))
         tok = int(logits.argmax())
         new.append(tok)
         ids.append(tok)

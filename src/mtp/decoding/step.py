@@ -233,7 +233,11 @@ class Decoder:
             drafts.tree.layout_on(drafts.tokens.device) if drafts.tree is not None else None
         on_path = None if layout is None else torch.cat([layout.ancestors.new_zeros(1, layout.size),
                                                          layout.ancestors], 0).float()  # (1+N, N)
-        logits = on_block(out.verify_logits, drafts.tokens, on_path, s.penalties, s.logit_bias, s.counts, s.seen)
+        n = drafts.tokens.shape[1]  # the drafts on each slot's path: a chain's slot j has j, a node its depth
+        depth = torch.arange(n + 1, device=s.produced.device) if layout is None else \
+            torch.cat([layout.depth.new_zeros(1), layout.depth])
+        logits = on_block(out.verify_logits, drafts.tokens, on_path, s.penalties, s.logit_bias, s.counts, s.seen,
+                          depth, s.produced, self.stop_ids)
         return StepOutput(logits, out.draft_hidden, out.trunk)  # (the argmax: of these logits)
 
     def _block_drafts(self, s: DecodeState, n: int, m: int) -> Drafts:
