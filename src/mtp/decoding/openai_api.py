@@ -19,6 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cache
 
+from mtp.arguments import RULES
 from mtp.decoding.logprobs import MOST_ALTERNATIVES, TokenLogprob
 
 COMPLETIONS, CHAT = "/v1/completions", "/v1/chat/completions"
@@ -145,9 +146,7 @@ def _sampling(body: dict, path: str, echo: bool = False) -> Sampling:
         raise BadRequest(f"'top_p' must be in (0, 1], got {top_p}", "top_p")
     if top_k < -1:
         raise BadRequest(f"'top_k' must be >= 0 (0 or -1: all tokens), got {top_k}", "top_k")
-    min_p = float(_typed(body, "min_p", (int, float), 0.0))
-    if not 0 <= min_p <= 1:
-        raise BadRequest(f"'min_p' must be in [0, 1], got {min_p}", "min_p")
+    min_p = _ranged(body, "min_p", 0.0)
     stop = body.get("stop")
     stop = [stop] if isinstance(stop, str) else stop or []
     if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop):
@@ -162,16 +161,17 @@ def _sampling(body: dict, path: str, echo: bool = False) -> Sampling:
 
 
 def _penalties(body: dict) -> tuple[float, float, float]:
-    """(presence, frequency, repetition): OpenAI's two in [-2, 2], transformers' (vLLM's extra field) > 0."""
-    presence, frequency = (float(_typed(body, name, (int, float), 0.0))
-                           for name in ("presence_penalty", "frequency_penalty"))
-    for name, value in (("presence_penalty", presence), ("frequency_penalty", frequency)):
-        if not -2 <= value <= 2:
-            raise BadRequest(f"'{name}' must be in [-2, 2], got {value}", name)
-    repetition = float(_typed(body, "repetition_penalty", (int, float), 1.0))
-    if not 0.01 <= repetition <= 100:  # (the command line's bounds: fp32 divides by it)
-        raise BadRequest(f"'repetition_penalty' must be in [0.01, 100], got {repetition}", "repetition_penalty")
-    return presence, frequency, repetition
+    """(presence, frequency, repetition): OpenAI's two, and transformers' (vLLM's extra field)."""
+    return (_ranged(body, "presence_penalty", 0.0), _ranged(body, "frequency_penalty", 0.0),
+            _ranged(body, "repetition_penalty", 1.0))
+
+
+def _ranged(body: dict, name: str, default: float) -> float:
+    """A number within the bounds every command and `generate` hold it to (`mtp.arguments.RULES`)."""
+    value = float(_typed(body, name, (int, float), default))
+    if not RULES[name].holds(value):
+        raise BadRequest(f"'{name}' must be {RULES[name]}, got {value:g}", name)
+    return value
 
 
 def _min_tokens(body: dict, max_tokens: int | None) -> int:

@@ -85,18 +85,29 @@ def penalize(logits: torch.Tensor, counts: torch.Tensor, seen: torch.Tensor, val
     return logits - frequency * counts - presence * (counts > 0).to(logits.dtype)
 
 
-def on_block(logits: torch.Tensor, drafts: torch.Tensor, on_path: torch.Tensor | None, values: torch.Tensor,
-             bias: torch.Tensor, counts: torch.Tensor, seen: torch.Tensor, depth: torch.Tensor,
-             produced: torch.Tensor, stop_ids: torch.Tensor) -> torch.Tensor:
-    """A verify block's logits (B, 1+N, V) at the root and at each of N drafts (B, N), biased (B, V) and penalized
-    (`values` (B, 4)) for the sequence each slot continues: the answer so far (`counts`, `seen`: (B, V)) plus the
-    drafts on its path, `on_path` (1+N, N): [j, i] draft i is on slot j's path (None: a chain, draft i on slots
-    i+1 on); the end tokens `stop_ids` (S,) banned at the slots whose token would come before min_new_tokens: the
-    answer's `produced` (B,) plus the slot's `depth` (1+N,), its drafts before it.
+def block_paths(layout, n: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """For a verify block of the root and N drafts laid out as `layout` (a `TreeLayout`; None: a chain): which
+    drafts are on each slot's path, (1+N, N) bool ([j, i]: draft i), and how many (1+N,) long."""
+    if layout is None:  # a chain: draft i is on the path of slots i+1 .. N
+        slots = torch.arange(n + 1, device=device)
+        return slots[:, None] > slots[None, :n], slots
+    ancestors = layout.ancestors  # (N, N): a node and its ancestors; the root's slot has none
+    return torch.cat([ancestors.new_zeros(1, n), ancestors]), torch.cat([layout.depth.new_zeros(1), layout.depth])
+
+
+def on_block(logits: torch.Tensor, drafts: torch.Tensor, layout, values: torch.Tensor, bias: torch.Tensor,
+             counts: torch.Tensor, seen: torch.Tensor, produced: torch.Tensor, stop_ids: torch.Tensor) -> torch.Tensor:
+    """A verify block's logits (B, 1+N, V) at the root and at each of N drafts (B, N), laid out as `layout` (a
+    `TreeLayout`, None: a chain), biased (B, V) and penalized (`values` (B, 4)) for the sequence each slot
+    continues: the answer so far (`counts`, `seen`: (B, V)) plus the drafts on its path (`block_paths`); the end
+    tokens `stop_ids` (S,) banned at the slots whose token would come before min_new_tokens: the answer's
+    `produced` (B,) plus the slot's drafts before it.
 
     Slot j differs from the answer's counts only at the tokens of its path's drafts: the whole block is penalized
     with the answer's counts, then those tokens' logits again with their counts at each slot (a draft's token
     written at every slot, with that slot's count of it: equal tokens write equal values)."""
+    b, n = drafts.shape
+    on_path, depth = block_paths(layout, n, drafts.device)
     logits = logits + bias[:, None, :]
     values = values[:, None, :]  # (B, 1, 4)
     penalized = penalize(logits, counts[:, None, :], seen[:, None, :], values)  # (B, 1+N, V)
@@ -104,12 +115,8 @@ def on_block(logits: torch.Tensor, drafts: torch.Tensor, on_path: torch.Tensor |
         short = (produced[:, None] + depth[None, :]) < values[:, :, 3]  # (B, 1+N)
         ends = torch.zeros(logits.shape[-1], dtype=torch.bool, device=logits.device).index_fill(0, stop_ids, True)
         banned = short[:, :, None] & ends  # (B, 1+N, V)
-    b, n = drafts.shape
     if n == 0:
         return penalized.masked_fill(banned, float("-inf")) if stop_ids.numel() else penalized
-    if on_path is None:  # a chain: draft i is on the path of slots i+1 .. N
-        slots = torch.arange(n + 1, device=drafts.device)
-        on_path = slots[:, None] > slots[None, :n]  # (1+N, N)
     same = (drafts[:, :, None] == drafts[:, None, :]).to(logits.dtype)  # (B, N, N) [i, k]: equal tokens
     extra = torch.einsum("jk,bik->bji", on_path.to(logits.dtype), same)  # (B, 1+N, N) draft i's token on j's path
     at = drafts[:, None, :].expand(b, n + 1, n)  # (B, 1+N, N)

@@ -92,7 +92,7 @@ class DecodeState:
     deferred_count: torch.Tensor | None = None  # (B,) positions left out since the last step that drafted
     # With penalties (`mtp.decoding.penalties`): their values, the logit biases, each token's count in the answer,
     # and whether the sequence holds it
-    penalties: torch.Tensor | None = None  # (B, 3) float: repetition, presence, frequency
+    penalties: torch.Tensor | None = None  # (B, 4) float: repetition, presence, frequency, min_new_tokens
     logit_bias: torch.Tensor | None = None  # (B, V) float
     counts: torch.Tensor | None = None  # (B, V) float
     seen: torch.Tensor | None = None  # (B, V) bool
@@ -231,13 +231,8 @@ class Decoder:
             return out
         layout = drafts.layout if drafts.layout is not None else \
             drafts.tree.layout_on(drafts.tokens.device) if drafts.tree is not None else None
-        on_path = None if layout is None else torch.cat([layout.ancestors.new_zeros(1, layout.size),
-                                                         layout.ancestors], 0).float()  # (1+N, N)
-        n = drafts.tokens.shape[1]  # the drafts on each slot's path: a chain's slot j has j, a node its depth
-        depth = torch.arange(n + 1, device=s.produced.device) if layout is None else \
-            torch.cat([layout.depth.new_zeros(1), layout.depth])
-        logits = on_block(out.verify_logits, drafts.tokens, on_path, s.penalties, s.logit_bias, s.counts, s.seen,
-                          depth, s.produced, self.stop_ids)
+        logits = on_block(out.verify_logits, drafts.tokens, layout, s.penalties, s.logit_bias, s.counts, s.seen,
+                          s.produced, self.stop_ids)
         return StepOutput(logits, out.draft_hidden, out.trunk)  # (the argmax: of these logits)
 
     def _block_drafts(self, s: DecodeState, n: int, m: int) -> Drafts:
