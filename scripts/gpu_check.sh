@@ -43,7 +43,7 @@ smoke|tiny)
   step "pytest -m cuda (tiny models)"
   tests=(tests/decoding/test_graphs.py tests/models/test_fast_llama.py tests/decoding/test_serve.py
          tests/decoding/test_logprobs.py tests/decoding/test_joining.py tests/decoding/test_prefix.py
-         tests/decoding/test_penalties.py)
+         tests/decoding/test_penalties.py tests/decoding/test_row_options.py)
   [ "$mode" = tiny ] && tests+=(tests/training/test_cuda_training.py tests/evaluation/test_cuda_evaluation.py)
   [ -n "${SKIP_TESTS:-}" ] || timeout ${TEST_SECONDS:-200} python3 -m pytest "${tests[@]}" -m "cuda and not real_model" -q -p no:cacheprovider \
     -k "not torchrun" 2>&1 | tee "$OUT/pytest-cuda.log" | tail -25

@@ -6,12 +6,14 @@ time to each request's first token and to its last, and the tokens/s of the whol
 serves a stream of requests; compare servers started with --batching continuous and static). `--conversation`:
 instead, one client's conversation, a question a turn, each answer kept in it and the whole conversation sent
 again the next turn: the time to each turn's first token (compare servers started with --prompt-cache-mb 1024
-and 0).
+and 0). `--mixed`: the two ways with requests that ask for different settings, as clients do (greedy, sampled
+with top-p or top-k, penalties, a stop string, in turn; the answers compared are the greedy ones).
 
     mtp serve --model runs/heads --quantize fp16 --port 8000 &
     python scripts/serve_load.py --url http://127.0.0.1:8000 --questions 8 --max-tokens 128
     python scripts/serve_load.py --url http://127.0.0.1:8000 --questions 12 --max-tokens 128 --arrivals 0.4
     python scripts/serve_load.py --url http://127.0.0.1:8000 --questions 8 --max-tokens 96 --conversation
+    python scripts/serve_load.py --url http://127.0.0.1:8000 --questions 12 --max-tokens 128 --mixed
 """
 
 from __future__ import annotations
@@ -26,28 +28,33 @@ import urllib.request
 from pathlib import Path
 
 DATA = Path(__file__).resolve().parents[1] / "src" / "mtp" / "data" / "gsm8k" / "test.jsonl"
+# --mixed: request i asks for MIXED[i % 6] (the greedy ones' answers are compared)
+MIXED = [{}, {"temperature": 0.7, "top_p": 0.95}, {"presence_penalty": 0.5, "frequency_penalty": 0.3},
+         {"stop": ["\n\n"]}, {"temperature": 1.0, "top_k": 40}, {"repetition_penalty": 1.1}]
 
 
-def ask(url: str, question: str, max_tokens: int) -> dict:
-    body = {"messages": [{"role": "user", "content": question}], "max_tokens": max_tokens}
+def ask(url: str, question: str, max_tokens: int, settings: dict | None = None) -> dict:
+    body = {"messages": [{"role": "user", "content": question}], "max_tokens": max_tokens, **(settings or {})}
     request = urllib.request.Request(url + "/v1/chat/completions", data=json.dumps(body).encode(),
                                      headers={"Content-Type": "application/json"})
     with urllib.request.urlopen(request, timeout=3600) as r:
         return json.loads(r.read())
 
 
-def run(url: str, questions: list[str], max_tokens: int, concurrent: bool) -> tuple[list[dict], float]:
+def run(url: str, questions: list[str], max_tokens: int, concurrent: bool,
+        settings: list[dict]) -> tuple[list[dict], float]:
     answers: list[dict] = [{} for _ in questions]
     start = time.perf_counter()
     if concurrent:
-        threads = [threading.Thread(target=lambda i=i, q=q: answers.__setitem__(i, ask(url, q, max_tokens)))
+        threads = [threading.Thread(target=lambda i=i, q=q: answers.__setitem__(i, ask(url, q, max_tokens,
+                                                                                        settings[i])))
                    for i, q in enumerate(questions)]
         for t in threads:
             t.start()
         for t in threads:
             t.join()
     else:
-        answers = [ask(url, q, max_tokens) for q in questions]
+        answers = [ask(url, q, max_tokens, settings[i]) for i, q in enumerate(questions)]
     return answers, time.perf_counter() - start
 
 
@@ -118,6 +125,8 @@ def main() -> None:
                         help="streamed requests this many seconds apart on average, instead of the two ways")
     parser.add_argument("--conversation", action="store_true",
                         help="one client's conversation, a question a turn, instead of the two ways")
+    parser.add_argument("--mixed", action="store_true",
+                        help="the two ways, each request with settings of its own (greedy, sampled, penalties, stop)")
     args = parser.parse_args()
     lines = Path(args.data).read_text().splitlines()[:args.questions]
     questions = [json.loads(line)["question"] for line in lines]
@@ -128,15 +137,17 @@ def main() -> None:
         arrivals(args.url, questions, args.max_tokens, args.arrivals)
         return
     texts = {}
+    settings = [MIXED[i % len(MIXED)] if args.mixed else {} for i in range(len(questions))]
+    compared = [i for i, s in enumerate(settings) if "temperature" not in s]
     for concurrent in (False, True):
-        answers, seconds = run(args.url, questions, args.max_tokens, concurrent)
+        answers, seconds = run(args.url, questions, args.max_tokens, concurrent, settings)
         tokens = sum(a["usage"]["completion_tokens"] for a in answers)
-        texts[concurrent] = [a["choices"][0]["message"]["content"] for a in answers]
+        texts[concurrent] = [answers[i]["choices"][0]["message"]["content"] for i in compared]
         batches = sorted({json.dumps(b) for a in answers for b in a["mtp"]["batches"]})
         way = "all at once" if concurrent else "one at a time"
         print(f"{way}: {len(questions)} requests, {tokens} tokens in {seconds:.1f} s = {tokens / seconds:.1f} "
               f"tokens/s ({len(batches)} batch{'es' * (len(batches) > 1)})")
-    print("the same answers both ways:", texts[False] == texts[True])
+    print(f"the same answers both ways ({len(compared)} greedy):", texts[False] == texts[True])
 
 
 if __name__ == "__main__":

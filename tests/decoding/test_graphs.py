@@ -345,7 +345,7 @@ def test_a_step_traces_as_one_graph(kind, kw, gpu_path):
     cache = drafter.new_cache(2, 64, static=True)
     decoder = Decoder(drafter, opts, cache, torch.tensor([5]), None)  # (dynamo traces no torch.Generator)
     n, m = drafter.num_drafts, opts.lookup
-    prompt = _prompt_state(ids, mask.bool(), [opts.max_new_tokens] * ids.shape[0], 64 if m else 0)
+    prompt = _prompt_state(ids, mask.bool(), [opts.max_new_tokens] * ids.shape[0], 64 if m else 0, opts=opts)
     with torch.inference_mode():
         if gpu_path:  # an eager prompt step first builds the fused weights a trace reads (graphs="compile" too)
             decoder.step(prompt.clone(), 0, 0)

@@ -145,8 +145,8 @@ def test_completions_are_greedys_answers(model):
 
 def test_penalized_completions_are_penalized_greedys_answers(model):
     """OpenAI's presence and frequency penalties, vLLM's repetition_penalty and min_tokens: each choice is what
-    greedy decoding with the same penalties gives its prompt alone (the server decodes speculatively, in a batch,
-    requests with other penalties in batches of their own); a penalty out of range is refused."""
+    greedy decoding with the same penalties gives its prompt alone (the server decodes speculatively, in a batch);
+    a penalty out of range is refused."""
     tok = model.tokenizer
     penalties = {"presence_penalty": 0.5, "frequency_penalty": 1.5, "repetition_penalty": 1.3, "min_tokens": 6}
     with served(model) as server:
@@ -186,7 +186,7 @@ def test_a_logit_bias_shapes_the_answer_as_it_shapes_greedys(model):
                for b in ({"x": 1}, {"3": 200}, [1], {str(len(tok) + 5): 1})]
     expected = greedy(model, ids, 12, logit_bias=bias)
     assert status == 200 and body["choices"][0]["text"] == expected.texts[0] and plain[0] not in expected.tokens[0]
-    assert [code for code, _ in bad] == [400] * 4
+    assert [code for code, _ in bad] == [400] * 4 and all(b["error"]["param"] == "logit_bias" for _, b in bad)
     assert [b["error"]["message"] for _, b in bad][:2] == ["'logit_bias' maps token ids to biases; 'x' is no token id",
                                                           "'logit_bias' values must be numbers in [-100, 100], got 200"]
 
@@ -334,6 +334,29 @@ def test_requests_waiting_together_share_a_batch_and_keep_their_answers(model):
     assert again["choices"][0]["text"] == results[4]["choices"][0]["text"]
 
 
+def test_requests_with_their_own_settings_share_a_batch(model):
+    """Requests that ask for different temperatures, filters, penalties, biases and stop strings, sent together,
+    are decoded as one batch, each row with its own: the greedy ones, and the sampled ones whose filter leaves one
+    token, answer what greedy decoding with their settings answers alone; a freely sampled one answers."""
+    tok = model.tokenizer
+    alone = greedy(model, tok(PROMPTS[0]).input_ids, 12).texts[0]
+    stop = alone[len(alone) // 2:][:2]
+    asked = [({}, {}), ({"presence_penalty": 0.5, "repetition_penalty": 1.3},
+                        {"presence_penalty": 0.5, "repetition_penalty": 1.3}),
+             ({"stop": [stop]}, {"stop_strings": [stop]}), ({"temperature": 0.8, "top_k": 1}, {}),
+             ({"temperature": 1.2, "min_p": 1.0, "frequency_penalty": 1.0}, {"frequency_penalty": 1.0}),
+             ({"temperature": 1.0, "top_p": 0.9}, None), ({"logit_bias": {"5": -100}}, {"logit_bias": {5: -100}})]
+    bodies = [{"prompt": PROMPTS[0], "max_tokens": 12, **fields} for fields, _ in asked]
+    with served(model, start=False) as server:
+        results = posted_together(server, bodies)
+    assert server.batcher.batch_sizes == [len(bodies)] and all(status == 200 for status, _ in results)
+    for (_, body), (fields, same) in zip(results, asked, strict=True):
+        if same is not None:
+            expected = greedy(model, tok(PROMPTS[0]).input_ids, 12, tokenizer=tok, **same).texts[0]
+            assert body["choices"][0]["text"] == expected, fields
+    assert len({body["choices"][0]["text"] for _, body in results}) >= 3  # (the settings change the answers)
+
+
 def held_until_waiting(server, count: int):
     """Make the decoding thread's first chance to take joining jobs wait until `count` jobs wait (a request that
     comes while a batch decodes, without racing the tiny model's few milliseconds a batch)."""
@@ -371,6 +394,27 @@ def test_a_request_that_comes_while_a_batch_decodes_joins_it(model):
     assert "".join(c["choices"][0]["text"] for c in streamed[:-1]) == greedy(model, tok(PROMPTS[2]).input_ids, 7).texts[0]
 
 
+def test_a_request_with_settings_of_its_own_joins_a_batch_that_computes_them(model):
+    """A greedy request with a stop string of its own joins a batch that samples (top-k 1 there: greedy's
+    tokens), and each answer is the one it gets alone with its settings."""
+    tok = model.tokenizer
+    alone = greedy(model, tok(PROMPTS[1]).input_ids, 9).texts[0]
+    stop = alone[len(alone) // 2:][:2]
+    results: dict[int, tuple[int, dict]] = {}
+    with served(model) as server:
+        held_until_waiting(server, 1)
+        first = threading.Thread(target=lambda: results.__setitem__(0, post(server, "/v1/completions", {
+            "prompt": PROMPTS[0], "max_tokens": 12, "temperature": 0.7, "top_k": 1})))
+        first.start()
+        wait_until(lambda: server.batcher.decoding)
+        results[1] = post(server, "/v1/completions", {"prompt": PROMPTS[1], "max_tokens": 9, "stop": [stop]})
+        first.join(60)
+    assert server.batcher.batch_sizes == [2]
+    assert results[0][1]["choices"][0]["text"] == greedy(model, tok(PROMPTS[0]).input_ids, 12).texts[0]
+    assert results[1][1]["choices"][0]["text"] == greedy(model, tok(PROMPTS[1]).input_ids, 9, tokenizer=tok,
+                                                         stop_strings=[stop]).texts[0] != alone
+
+
 def test_a_joined_request_is_answered_when_its_row_ends_not_when_the_batch_does(model):
     """A request's answer goes out once its own row ended, while the batch decodes on (the review's case: under
     steady traffic a batch that keeps taking requests never ends, and a 16-token answer waited for all of it):
@@ -404,8 +448,8 @@ def test_a_joined_request_is_answered_when_its_row_ends_not_when_the_batch_does(
 
 
 def test_a_request_that_cannot_join_waits_and_so_do_those_after_it(model):
-    """Jobs join in the order they came: one whose settings differ from the batch's waits for the next batch, and
-    a later one that could join waits behind it (nothing overtakes); with joining off (`--batching static`) none
+    """Jobs join in the order they came: one that asks for what the batch's steps do not compute (sampling, in a
+    greedy batch) waits for the next batch, and a later one that could join waits behind it (nothing overtakes); with joining off (`--batching static`) none
     joins."""
     bodies = [{"prompt": PROMPTS[0], "max_tokens": 12}, {"prompt": PROMPTS[1], "max_tokens": 5, "temperature": 0.5},
               {"prompt": PROMPTS[2], "max_tokens": 5}]

@@ -12,13 +12,12 @@ from hypothesis import strategies as st
 from test_mask_decoding import mask_model
 
 from conftest import assert_first_two_tokens_follow_the_model, tiny_mtp
-from mtp.decoding.generate import DecodeOptions, DraftRequest, generate, left_pad
+from mtp.decoding.generate import DraftRequest, generate, left_pad
 from mtp.decoding.reference import reference_greedy
 from mtp.decoding.tree import (
     TREE_STATS_KEY,
     DraftTree,
     DynamicTree,
-    _verify_tree_sampling,
     block_layout,
     build_tree,
     dynamic_tree,
@@ -29,6 +28,7 @@ from mtp.decoding.tree import (
     tree_candidates,
     tree_layout,
     verify_tree,
+    verify_tree_sampling,
 )
 from mtp.errors import MTPError
 from mtp.models.cache import MTPCache
@@ -108,11 +108,11 @@ def test_greedy_tree_verification_keeps_the_deepest_accepted_path():
     target = torch.tensor([[4, 7, 2, 3, 9, 1, 5]])
     logits = torch.nn.functional.one_hot(target, v).float()  # (1, 7, V)
     tokens = torch.tensor([[5, 7, 2, 8, 4, 1]])  # node 4 (=4) right, then node 5 (=1) right, node 0 wrong
-    acc = verify_tree(logits, tokens, tree.layout, DecodeOptions(), None)
+    acc = verify_tree(logits, tokens, tree.layout)
     assert acc.count.tolist() == [2] and acc.slot.tolist() == [6] and acc.last.tolist() == [5]
     assert acc.path_tokens(tokens)[0, :2].tolist() == [4, 1]
     assert acc.kept_nodes(6).tolist() == [[False, False, False, False, True, True]]
-    none = verify_tree(logits, torch.tensor([[0, 0, 0, 0, 0, 0]]), tree.layout, DecodeOptions(), None)
+    none = verify_tree(logits, torch.tensor([[0, 0, 0, 0, 0, 0]]), tree.layout)
     assert none.count.tolist() == [0] and none.slot.tolist() == [0] and none.last.tolist() == [4]
 
 
@@ -124,7 +124,7 @@ def test_tree_sampling_verification_keeps_the_target_distribution():
     probs = p.expand(n, 5, v).clone()
     tokens = torch.tensor([[3, 1, 0, 2]]).expand(n, 4)  # candidates 3, 1, 0 at depth 1
     gen = torch.Generator().manual_seed(0)
-    acc = _verify_tree_sampling(probs, tokens, tree.layout, gen)
+    acc = verify_tree_sampling(probs, tokens, tree.layout, gen)
     first = torch.where(acc.count > 0, acc.path_tokens(tokens)[:, 0], acc.last)
     freq = torch.bincount(first, minlength=v).float() / n
     assert torch.allclose(freq, p, atol=0.005)

@@ -1,12 +1,14 @@
 """The decoding side of `mtp serve`: one thread that takes the requests' prompts (`Job`s) in batches and decodes
 them with `mtp.generate`, handing each job's text pieces and answer back to its HTTP thread through a queue.
 
-Jobs that wait together with the same sampling settings (each its own max_tokens; a seeded request's jobs only
-with each other) are decoded as one left-padded batch, up to `max_batch_size` rows; a batch starts once no job
+Jobs that wait together are decoded as one left-padded batch, up to `max_batch_size` rows, each row with its own
+request's max_tokens, sampling settings, penalties and stop strings (`mtp.decoding.row_options`; jobs asking for
+log-probabilities with their like, a seeded request's jobs only with each other); a batch starts once no job
 came for `batch_window` seconds (a burst is decoded together). A request's `n` choices of a prompt are jobs of
 their own, rows of the batch. Continuous batching: a job that comes while a batch decodes joins it between two
 steps (`mtp.decoding.generate.Admission`) where a row is free and it could have been one of the batch's rows, and
-its prompt fits the batch's cache - in the order jobs came: the first that cannot join waits for the next batch,
+its prompt fits the batch's cache and it asks for nothing the batch's steps do not compute (a sampled job joins a
+batch that samples, a penalized one a batch with penalties) - in the order jobs came: the first that cannot join waits for the next batch,
 and so do those after it. Seeded requests, echoed prompts, ConfAdapt, static k and dynamic trees decode in
 static batches (a job that comes while they decode waits for the next batch). A job whose client left is dropped;
 in a batch, its row ends at its next step (the others go on), and a batch whose clients all left stops there.
@@ -14,7 +16,6 @@ in a batch, its row ends at its next step (the others go on), and a batch whose 
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import sys
 import threading
@@ -36,7 +37,9 @@ from mtp.decoding.generate import (
 )
 from mtp.decoding.generate import generate as generate_tokens
 from mtp.decoding.logprobs import TokenLogprob, prompt_logprobs
+from mtp.decoding.penalties import Penalties
 from mtp.decoding.prefixes import PromptCache
+from mtp.decoding.row_options import RowOptions
 from mtp.decoding.stopping import cut_at_stop
 from mtp.errors import MTPError, first_line
 
@@ -95,13 +98,22 @@ class Job:
     first_choice: bool = True  # the first of its prompt's n choices (what counts the prompt's tokens)
 
     def batches_with(self, other: Job) -> bool:
-        """Whether the two may be decoded in one batch: the same sampling settings, each its own max_tokens; a
-        seeded request's prompts and choices with each other only (its seed reproduces its draws only in a batch
-        of its own); prompts only scored (max_tokens 0, which may fill the context, the drafts' room included)
-        with their like."""
-        ours, theirs = (dataclasses.replace(j.sampling, max_tokens=0) for j in (self, other))
-        scored = (self.sampling.max_tokens == 0) == (other.sampling.max_tokens == 0)
-        return ours == theirs and (self.sampling.seed is None or self.events is other.events) and scored
+        """Whether the two may be decoded in one batch (each row with its own settings): the same log-probabilities
+        asked for (the width of what a step copies to the host); a seeded request's prompts and choices with each
+        other only (its seed reproduces its draws only in a batch of its own); prompts only scored (max_tokens 0,
+        which may fill the context, the drafts' room included) with their like."""
+        ours, theirs = self.sampling, other.sampling
+        scored = (ours.max_tokens == 0) == (theirs.max_tokens == 0)
+        seeded = ours.seed is None and theirs.seed is None or self.events is other.events
+        return ours.logprobs == theirs.logprobs and seeded and scored
+
+    @functools.cached_property
+    def options(self) -> RowOptions:
+        """Its row's settings (what `generate` takes per row)."""
+        s = self.sampling
+        return RowOptions(s.do_sample, s.temperature, s.top_k, s.top_p, s.min_p,
+                          Penalties(s.repetition_penalty, s.presence_penalty, s.frequency_penalty, s.logit_bias,
+                                    s.min_tokens), s.stop)
 
 
 class Cancelled(Exception):
@@ -230,21 +242,25 @@ class Batcher:
         admit = None
         if self.join and s.seed is None and not any(j.echo for j in jobs):
             admit = Admission(functools.partial(self._joining, jobs, sent), self.max_batch_size, self.join_room)
+        each = [j.sampling for j in jobs]  # (each row's own settings)
         return generate_tokens(self.model, ids.to(self.model.device), mask.to(self.model.device),
-                               max_new_tokens=[j.sampling.max_tokens for j in jobs], do_sample=s.do_sample,
-                               temperature=s.temperature, top_p=s.top_p, top_k=s.top_k, min_p=s.min_p, seed=seed,
-                               stop_strings=list(s.stop) or None, streamer=stream, logprobs=s.logprobs,
-                               presence_penalty=s.presence_penalty, frequency_penalty=s.frequency_penalty,
-                               repetition_penalty=s.repetition_penalty, logit_bias=dict(s.logit_bias),
-                               min_new_tokens=s.min_tokens,
-                               halt=halt, admit=admit, on_end=finish,
+                               max_new_tokens=[j.max_tokens for j in each], do_sample=[j.do_sample for j in each],
+                               temperature=[j.temperature for j in each], top_p=[j.top_p for j in each],
+                               top_k=[j.top_k for j in each], min_p=[j.min_p for j in each],
+                               stop_strings=[list(j.stop) for j in each],
+                               presence_penalty=[j.presence_penalty for j in each],
+                               frequency_penalty=[j.frequency_penalty for j in each],
+                               repetition_penalty=[j.repetition_penalty for j in each],
+                               logit_bias=[dict(j.logit_bias) for j in each], min_new_tokens=[j.min_tokens for j in each],
+                               seed=seed, streamer=stream, logprobs=s.logprobs, halt=halt, admit=admit, on_end=finish,
                                prompt_cache=self.prompt_cache, **options)
 
     def _joining(self, jobs: list[Job], sent: list[bool], active: int,
-                 fits: Callable[[int, int], bool]) -> list[tuple[list[int], int]]:
+                 fits: Callable[..., bool]) -> list[tuple[list[int], int, RowOptions]]:
         """`Admission.take` for a batch that decodes `jobs`: the waiting jobs that join it now, in the order they
-        came, up to the first that cannot (its settings differ, it echoes its prompt, it does not fit, or no row
-        is free): that one waits for the next batch, and those after it too. The joined jobs are added to `jobs`
+        came, up to the first that cannot (it may not share the batch, it echoes its prompt, it does not fit or
+        asks for what the batch's steps do not compute, or no row is free): that one waits for the next batch, and
+        those after it too. The joined jobs are added to `jobs`
         (their rows' indices follow in `generate`)."""
         taken: list[Job] = []
         with self.ready:
@@ -252,14 +268,15 @@ class Batcher:
                 if job.cancelled.is_set():  # (counted by the decoding thread's loop)
                     continue
                 if (self.stopping or active + len(taken) >= self.max_batch_size or job.echo
-                        or not jobs[0].batches_with(job) or not fits(len(job.ids), job.sampling.max_tokens)):
+                        or not jobs[0].batches_with(job)
+                        or not fits(len(job.ids), job.sampling.max_tokens, job.options)):
                     break
                 taken.append(job)
             if taken:
                 self.waiting = [j for j in self.waiting if all(j is not t for t in taken)]
         jobs.extend(taken)
         sent.extend(False for _ in taken)
-        return [(j.ids, j.sampling.max_tokens) for j in taken]
+        return [(j.ids, j.sampling.max_tokens, j.options) for j in taken]
 
     def _prompt_scores(self, jobs: list[Job]) -> tuple[list, dict]:
         """Echo with logprobs: each job's prompt scores (one forward a prompt, for its n choices too) and the
@@ -356,7 +373,6 @@ class Batcher:
         """Decode `jobs` (and the jobs that join them) as one batch: each job's answer ("end") goes to its queue
         as soon as its row ended, while the others decode on; a batch `generate` refuses whole is decoded a job at
         a time, so that only the job it cannot take fails."""
-        s = jobs[0].sampling
         sent = [False] * len(jobs)  # (a joining job's entries are added as it joins)
         answered: set[int] = set()
         try:
@@ -373,8 +389,9 @@ class Batcher:
                 echo(row)
                 sent[row] = True
                 answered.add(row)
-                text = cut_at_stop(self.model.tokenizer.decode(tokens, skip_special_tokens=True), s.stop)
-                reason = "length" if len(tokens) == limit and not self._stopped(tokens, s.stop) else "stop"
+                stop = job.sampling.stop
+                text = cut_at_stop(self.model.tokenizer.decode(tokens, skip_special_tokens=True), stop)
+                reason = "length" if len(tokens) == limit and not self._stopped(tokens, stop) else "stop"
                 figures = {"rows": len(jobs), **stats.to_dict(), **(scoring if scoring["scored_tokens"] else {})}
                 prompt = prompt_scores[row] if row < len(prompt_scores) else None  # (a joined job echoes nothing)
                 job.events.put(("end", job.index, Finished(text, tokens, reason, figures, scores, prompt)))

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 import torch
 
 from mtp.arguments import check_draft_counts
-from mtp.decoding.sampling import process_logits, sample
+from mtp.decoding.sampling import row_probs, sample
 from mtp.decoding.tree import (
     DraftTree,
     DynamicTree,
@@ -102,15 +102,18 @@ class DraftRequest:
 Proposer = Callable[[DraftRequest], tuple[torch.Tensor, "torch.Tensor | None"]]
 
 
-def draft_tokens(logits: torch.Tensor, mode: str, opts, generator, vocab: torch.Tensor | None = None) -> Drafts:
+def draft_tokens(logits: torch.Tensor, mode: str, opts, generator, vocab: torch.Tensor | None = None,
+                 sampling: torch.Tensor | None = None) -> Drafts:
     """Drafts from logits (B, m, V), or (B, m, K) over the token ids `vocab` (K,) (not when sampling).
 
-    mode "greedy": argmax; "sample": drawn from the processed distribution (kept for speculative sampling);
-    "confidence": argmax and its probability.
+    mode "greedy": argmax; "sample": drawn from each row's processed distribution (`sampling` (B, SAMPLING_COLUMNS):
+    its settings; kept for speculative sampling; a greedy row's: its argmax); "confidence": argmax and its
+    probability.
     """
     if mode == "sample":  # over the whole vocabulary: speculative sampling compares q with the model's p
-        probs = process_logits(logits, opts.temperature, opts.top_k, opts.top_p, opts.min_p)
-        return Drafts(sample(probs, generator), probs)
+        probs = row_probs(logits, sampling, opts)
+        drawn = torch.where(sampling[:, :1] > 0, sample(probs, generator), logits.argmax(-1))
+        return Drafts(drawn, probs)
     if mode == "confidence":
         top_p, top = torch.softmax(logits.float(), -1).max(-1)
         return Drafts(vocab[top] if vocab is not None else top, confidence=top_p)
@@ -222,8 +225,9 @@ class Drafter:
         return pending_width == 1 and self.opts.strategy in ("greedy", "speculative")
 
     def propose(self, out: StepOutput, slot: torch.Tensor, generator, request: DraftRequest | None = None,
-                mode: str | None = None) -> Drafts:
-        """The next drafts, as many positions ahead as `out` has, after block slot `slot` (B,)."""
+                mode: str | None = None, sampling: torch.Tensor | None = None) -> Drafts:
+        """The next drafts, as many positions ahead as `out` has, after block slot `slot` (B,); `sampling`: each
+        row's settings where the batch samples (`DecodeState.sampling`)."""
         mode = mode or _mode(self.opts)
         if 0 in out.draft_hidden.shape[1:3]:  # nothing drafts (greedy)
             return Drafts(slot.new_zeros(slot.shape[0], 0))
@@ -232,7 +236,7 @@ class Drafter:
         if self.tree is not None:  # deterministic ranked candidates (exact when sampling too)
             tokens, layout = ranked_tree_drafts(logits, self.tree, vocab)
             return Drafts(tokens, tree=self.tree if isinstance(self.tree, DraftTree) else None, layout=layout)
-        return draft_tokens(logits, mode, self.opts, generator, vocab)
+        return draft_tokens(logits, mode, self.opts, generator, vocab, sampling)
 
 
 # ------------------------------------------------------------------------------------------------ parallel heads
@@ -315,9 +319,9 @@ class HeadsDrafter(Drafter):
             return model.draft_logits(hidden).float(), model.draft_vocab
         return model.restrict_to_draft_vocab(model.lm_head(hidden).float()), None  # (B, D, V)
 
-    def propose(self, out, slot, generator, request=None, mode=None):
+    def propose(self, out, slot, generator, request=None, mode=None, sampling=None):
         if self.proposer is None or (mode or _mode(self.opts)) == "confidence" or 0 in out.draft_hidden.shape[1:3]:
-            return super().propose(out, slot, generator, request, mode)
+            return super().propose(out, slot, generator, request, mode, sampling)
         hidden_at = out.draft_hidden[torch.arange(slot.shape[0], device=slot.device), slot]  # (B, D, H)
         request.hidden_at = hidden_at
         if self.tree is None:

@@ -36,8 +36,9 @@ from mtp.decoding.blocks import (  # noqa: F401  (DraftLength, accepted_per_posi
 from mtp.decoding.drafters import Drafter, DraftRequest, Proposer, drafter_for  # noqa: F401  (DraftRequest: re-exported)
 from mtp.decoding.inputs import common_prefix, left_pad, token_batch  # noqa: F401  (common_prefix, left_pad: re-exported)
 from mtp.decoding.logprobs import TokenLogprob, unpack
-from mtp.decoding.penalties import Penalties, checked_bias
+from mtp.decoding.penalties import prompt_state
 from mtp.decoding.prefixes import PromptCache, Start, Starts
+from mtp.decoding.row_options import PER_ROW, RowOptions, batch_options, row_options
 from mtp.decoding.step import (  # noqa: F401  (Strategy: re-exported)
     ACCEPTED,
     COUNT,
@@ -111,12 +112,14 @@ class Admission:
     while it decodes), instead of waiting for the whole batch to end.
 
     `take(active, fits)` is asked before each step is read: `active` rows still decode, `fits(prompt tokens, new
-    tokens)` says whether a prompt fits the batch's cache and the model's context; it returns the prompts that
-    join now, as (ids, new tokens at most) pairs, [] for none. Joined rows take the next row indices, in order,
-    and decode as if alone (their prompt step, eagerly one for those that join together, then one batch). Greedy and speculative decoding with a
-    chain or a fixed tree take joiners (a dynamic tree is shaped per batch: none join it)."""
+    tokens, options)` says whether a prompt fits the batch's cache and the model's context, and whether its
+    `RowOptions` (None: the call's first row's) ask for no more than the batch's steps compute (`RowOptions.fits`);
+    it returns the prompts that join now, as (ids, new tokens at most) or (ids, new tokens at most, RowOptions)
+    tuples, [] for none (a prompt without options decodes with the first row's). Joined rows take the next row indices, in order, and decode as if alone (their prompt step, eagerly
+    one for those that join together, then one batch). Greedy and speculative decoding with a chain or a fixed
+    tree take joiners (a dynamic tree is shaped per batch: none join it)."""
 
-    take: Callable[[int, Callable[[int, int], bool]], list[tuple[list[int], int]]]
+    take: Callable[[int, Callable[..., bool]], list[tuple]]
     max_rows: int = 8  # rows the batch may grow to (the speculation gate plans for them from the start)
     room: int = 512  # cache slots kept past the first prompts' needs, for the prompts that join
 
@@ -137,13 +140,14 @@ def iter_generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor |
                   on_trunk: TrunkObserver | None = None, graphs: bool | str = False,
                   budgets: list[int] | None = None, admit: Admission | None = None,
                   on_end: Callable[[int], None] | None = None,
-                  prefix: Sequence[int] | None = None, prompt_cache: PromptCache | None = None
-                  ) -> Iterator[tuple[int, list[int], list[TokenLogprob] | None]]:
+                  prefix: Sequence[int] | None = None, prompt_cache: PromptCache | None = None,
+                  rows: list[RowOptions] | None = None) -> Iterator[tuple[int, list[int], list[TokenLogprob] | None]]:
     """Yield (row index, newly emitted tokens, their log-probabilities if `opts.logprobs` asks for them) as
     decoding proceeds. See `generate` for the arguments; `budgets`: each row's new tokens at most (default:
     `opts.max_new_tokens`, which must be their largest); `admit`: prompts that join (`Admission`); `on_end(row)`:
     called once for every row, when it ended (after its last tokens were yielded), while the others decode on;
-    `prefix`, `prompt_cache`: keys and values prompts start from (`generate`).
+    `prefix`, `prompt_cache`: keys and values prompts start from (`generate`); `rows`: each row's settings
+    (`RowOptions`; default: `opts`'s), which `opts` must cover (`batch_options`).
 
     One loop for every method and strategy: the drafter (`drafter_for(model, opts)` by default; see
     `mtp.decoding.drafters`) and the step (`mtp.decoding.step`) do the method's work on the device; here the
@@ -178,9 +182,9 @@ def iter_generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor |
     draft_length, gate = _block_rules(model, drafter, opts, b, lookup, device, admit.max_rows if joinable else 0)
     steps = _steps_for(model, drafter, opts, b, need, stop, generator, on_trunk is not None, graphs, gate, device)
     budgets = budgets if budgets is not None else [opts.max_new_tokens] * b
-    penalized = (opts.penalties, model.config.vocab_size)  # (what a prompt's penalty state needs)
+    rows = rows if rows is not None else [RowOptions.of(opts)] * b
     state = _prompt_state(input_ids, attention_mask, budgets, steps.cache_len if lookup else 0, fed_ids, fed_mask,
-                          *penalized)
+                          opts, rows, model.config.vocab_size)
     if loaded:  # rows that start from keys and values computed before load them
         steps.cache.start_rows(row_starts)
     batch = _HostRows(list(range(b)), [True] * b, list(budgets))
@@ -191,7 +195,7 @@ def iter_generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor |
     state, result = steps.prefill(state)
     for row, ids in enumerate(prompts):  # (what a prompt cache keeps of them)
         starts.keep(ids, row_starts[row], steps.cache, row, row)
-    fits, next_row = _fitting(model, drafter, steps.cache_len, static, starts), b  # (joined rows' indices)
+    fits, next_row = _fitting(model, drafter, steps.cache_len, static, starts, opts), b  # (joined rows' indices)
     while True:
         most = emitted_width(result.host.shape[1], opts.logprobs)  # tokens a row may emit in the step being read
         joining = admit.take(sum(batch.active), fits) if joinable else []  # (joined after this step is read)
@@ -223,8 +227,8 @@ def iter_generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor |
             continue
         draining = False
         if joining:  # each prompt's own step first, then one batch with the rows that go on
-            joined = yield from _join_prompts(steps, joining, next_row, static, lookup, stop, stats, opts.logprobs,
-                                              on_end, starts, penalized)
+            joined = yield from _join_prompts(steps, joining, next_row, static, lookup, stop, stats, opts,
+                                              on_end, starts, rows[0], model.config.vocab_size)
             next_row, gate.untimed = next_row + len(joining), True  # (this read's interval held their steps)
             keep = None if joined else keep
             batch, state = steps.join(state, batch, joined) if joined else (batch, state)
@@ -426,12 +430,16 @@ def _fed_prompts(input_ids: torch.Tensor, attention_mask: torch.Tensor, starts: 
     return fed_ids, fed_mask, row_starts, prompts
 
 
-def _fitting(model, drafter: Drafter, cache_len: int, static: bool, starts: Starts) -> Callable[[int, int], bool]:
+def _fitting(model, drafter: Drafter, cache_len: int, static: bool, starts: Starts,
+             opts: DecodeOptions) -> Callable[..., bool]:
     """Whether a prompt of p tokens with up to m new ones fits a batch's cache of `cache_len` slots (its prompt
-    padded as the batch's were, after the slots it may load: `Starts`) and the model's context."""
+    padded as the batch's were, after the slots it may load: `Starts`) and the model's context, and its
+    `RowOptions` (None: the call's) ask for no more than the batch's steps (`opts`) compute."""
     limit = context_limit(model)
 
-    def fits(p: int, m: int) -> bool:
+    def fits(p: int, m: int, options: RowOptions | None = None) -> bool:
+        if options is not None and not options.fits(opts):
+            return False
         width = -(-p // PROMPT_BUCKET) * PROMPT_BUCKET if static else p
         if static and starts.possible:  # loaded slots, then the rest padded to a prompt width
             width += PROMPT_BUCKET
@@ -441,22 +449,24 @@ def _fitting(model, drafter: Drafter, cache_len: int, static: bool, starts: Star
     return fits
 
 
-def _join_prompts(steps: _EagerSteps | _ReplayedSteps, prompts: list[tuple[list[int], int]], first: int,
-                  static: bool, lookup: int, stop: StopChecker, stats: GenerationStats, top: int | None,
-                  on_end: Callable[[int], None] | None, starts: Starts, penalized: tuple):
+def _join_prompts(steps: _EagerSteps | _ReplayedSteps, prompts: list[tuple], first: int,
+                  static: bool, lookup: int, stop: StopChecker, stats: GenerationStats, opts: DecodeOptions,
+                  on_end: Callable[[int], None] | None, starts: Starts, default: RowOptions, vocab: int):
     """The prompts' step (rows first, first + 1, ...; from keys and values computed before where `starts` has
     them): one step for them all where steps run eagerly, one each where they replay (a one-row session's prompt
-    graphs). Yields their first tokens as `iter_generate` does, and returns those that go on (`_Joined`)."""
-    stop.add_rows(len(prompts))
-    joined, device = [], steps.device
+    graphs). `prompts`: (ids, new tokens at most[, RowOptions; `default` where none]) tuples (`Admission`). Yields their first tokens as
+    `iter_generate` does, and returns those that go on (`_Joined`)."""
+    prompts = [(p[0], p[1], p[2] if len(p) > 2 else default) for p in prompts]
+    stop.add_rows([options.stop_strings for _, _, options in prompts])
+    joined, device, top = [], steps.device, opts.logprobs
     numbered = list(enumerate(prompts, first))
     for group in [numbered] if steps.joins_together else [[p] for p in numbered]:
-        rows, ids, budgets = [r for r, _ in group], [p for _, (p, _) in group], [n for _, (_, n) in group]
+        rows, ids, budgets = [r for r, _ in group], [p[0] for _, p in group], [p[1] for _, p in group]
         full_ids, full_mask = left_pad(ids, 0)
         full_ids, full_mask = full_ids.to(device), full_mask.to(device, torch.bool)
         fed_ids, fed_mask, row_starts, _ = _fed_prompts(full_ids, full_mask, starts, static)
         prompt = _prompt_state(full_ids, full_mask, budgets, steps.cache_len if lookup else 0, fed_ids, fed_mask,
-                               *penalized)
+                               opts, [p[2] for _, p in group], vocab)
         prompt.rows = torch.tensor(rows, device=device)
         state, result, cache = steps.prefill_joining(prompt, row_starts)
         for j, p in enumerate(ids):
@@ -610,10 +620,12 @@ def _pad_to_bucket(input_ids: torch.Tensor, attention_mask: torch.Tensor,
 
 def _prompt_state(input_ids: torch.Tensor, attention_mask: torch.Tensor, budgets: list[int], history: int,
                   fed_ids: torch.Tensor | None = None, fed_mask: torch.Tensor | None = None,
-                  penalties: Penalties | None = None, vocab: int = 0) -> DecodeState:
+                  opts: DecodeOptions | None = None, rows: list[RowOptions] | None = None,
+                  vocab: int = 0) -> DecodeState:
     """The state before the first step: the (left-padded) prompts are the first block (or `fed_ids`, what of
     them the cache does not hold yet: a prefix's), `budgets` each row's new tokens at most. `history`: slots for
-    each row's tokens, for prompt lookup (0: none). `penalties`: their state, for logits `vocab` wide."""
+    each row's tokens, for prompt lookup (0: none). Where `opts` samples or penalizes: each row's settings from
+    `rows` (default: `opts`'s), for logits `vocab` wide."""
     b, device = input_ids.shape[0], input_ids.device
     zeros = torch.zeros(b, dtype=torch.long, device=device)
     budget = torch.tensor(budgets, dtype=torch.long, device=device)
@@ -626,9 +638,12 @@ def _prompt_state(input_ids: torch.Tensor, attention_mask: torch.Tensor, budgets
         state.history[:, : input_ids.shape[1]] = input_ids.gather(1, order).masked_fill(
             ~attention_mask.gather(1, order), 0)
         state.history_len = attention_mask.sum(-1)
-    if penalties is not None:
-        state.penalties, state.logit_bias, state.counts, state.seen = penalties.prompt_state(
-            input_ids, attention_mask, vocab)
+    rows = rows if rows is not None or opts is None else [RowOptions.of(opts)] * b
+    if opts is not None and opts.penalties is not None:
+        state.penalties, state.logit_bias, state.counts, state.seen = prompt_state(
+            [r.penalties for r in rows], input_ids, attention_mask, vocab)
+    if opts is not None and opts.do_sample:
+        state.sampling = torch.tensor([r.settings() for r in rows], dtype=torch.float32, device=device)
     return state
 
 
@@ -637,9 +652,11 @@ def _prompt_state(input_ids: torch.Tensor, attention_mask: torch.Tensor, budgets
 def generate(model, input_ids: torch.Tensor | list, attention_mask: torch.Tensor | list | None = None, *,
              max_new_tokens: int | Sequence[int] = 128, strategy: Strategy | None = None,
              use_speculative: bool | None = None,
-             do_sample: bool = False, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+             do_sample: bool | Sequence[bool] = False, temperature: float | Sequence[float] = 1.0,
+             top_k: int | Sequence[int] = 0, top_p: float | Sequence[float] = 1.0,
              tau: float = 0.9, k: int | None = None, num_draft: int | None = None, adaptive_draft: bool = True,
-             stop_token_ids: list[int] | None = None, stop_strings: list[str] | None = None, tokenizer=None,
+             stop_token_ids: list[int] | None = None, stop_strings: Sequence[str] | Sequence[Sequence[str]] | None = None,
+             tokenizer=None,
              seed: int | None = None, streamer: Callable[[int, list[int]], None] | None = None,
              truncate_prompt: bool = False, proposer: Proposer | None = None,
              on_trunk: TrunkObserver | None = None, tree: str | DraftTree | None = None,
@@ -648,10 +665,10 @@ def generate(model, input_ids: torch.Tensor | list, attention_mask: torch.Tensor
              admit: Admission | None = None,
              on_end: Callable[[int, list[int], list[TokenLogprob] | None, GenerationStats], None] | None = None,
              prefix: Sequence[int] | torch.Tensor | None = None,
-             prompt_cache: PromptCache | None = None, repetition_penalty: float = 1.0,
-             presence_penalty: float = 0.0, frequency_penalty: float = 0.0,
-             logit_bias: Mapping[int, float] | None = None, min_p: float = 0.0,
-             min_new_tokens: int = 0) -> GenerationResult:
+             prompt_cache: PromptCache | None = None, repetition_penalty: float | Sequence[float] = 1.0,
+             presence_penalty: float | Sequence[float] = 0.0, frequency_penalty: float | Sequence[float] = 0.0,
+             logit_bias: Mapping[int, float] | Sequence[Mapping[int, float] | None] | None = None,
+             min_p: float | Sequence[float] = 0.0, min_new_tokens: int | Sequence[int] = 0) -> GenerationResult:
     """Generate continuations of a left-padded batch of prompts.
 
     Args:
@@ -659,6 +676,10 @@ def generate(model, input_ids: torch.Tensor | list, attention_mask: torch.Tensor
             `mtp.decoding.inputs.token_batch`; anything malformed is an MTPError saying what).
         attention_mask: (B, P), 0 on padding.
         max_new_tokens: new tokens a row may have: one number, or one per row.
+        do_sample, temperature, top_k, top_p, min_p, repetition_penalty, presence_penalty, frequency_penalty,
+            logit_bias, min_new_tokens, stop_strings: one value for every row, or a list of one per row (for
+            stop_strings a list of lists): requests that ask for different ones decoded as one batch
+            (`mtp.decoding.row_options`). In a batch where some rows sample, the others are still greedy's.
         strategy: greedy (the default) | speculative | confadapt | static. `use_speculative=True/False` selects
             speculative / greedy (the spelling published MTP checkpoints' code uses); given with a strategy, the
             two must agree.
@@ -738,28 +759,26 @@ def generate(model, input_ids: torch.Tensor | list, attention_mask: torch.Tensor
         prefix = token_batch(model, prefix if isinstance(prefix, torch.Tensor) else list(prefix))[0][0].tolist()
     budgets = _budgets(max_new_tokens, input_ids.shape[0])
     max_new_tokens = max(budgets)
-    check_values({"do_sample": do_sample, "temperature": temperature, "top_k": top_k, "top_p": top_p, "min_p": min_p,
-                  "tau": tau,
-                  "k": k, "num_draft": num_draft, "strategy": strategy, "tree": tree, "tree_size": tree_size,
-                  "lookup": lookup, "seed": seed, "logprobs": logprobs, "repetition_penalty": repetition_penalty,
-                  "presence_penalty": presence_penalty, "frequency_penalty": frequency_penalty,
-                  "logit_bias": logit_bias or None, "min_new_tokens": min_new_tokens}, flags=False)
-    penalties = Penalties(repetition_penalty, presence_penalty, frequency_penalty,
-                          checked_bias(logit_bias, model.config.vocab_size), min_new_tokens)
+    shared = {"tau": tau, "k": k, "num_draft": num_draft, "strategy": strategy, "tree": tree, "tree_size": tree_size,
+              "lookup": lookup, "seed": seed, "logprobs": logprobs}
+    check_values(shared, flags=False)
+    per_row = (do_sample, temperature, top_k, top_p, min_p, repetition_penalty, presence_penalty, frequency_penalty,
+               logit_bias, min_new_tokens, stop_strings)
+    rows = row_options(input_ids.shape[0], model.config.vocab_size, dict(zip(PER_ROW, per_row, strict=True)), shared)
     tokenizer = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
-    opts = DecodeOptions(strategy, max_new_tokens, do_sample, temperature, top_k, top_p, tau, k, num_draft,
-                         adaptive_draft, model_tree(model, tree, tree_size, num_draft, k), lookup, logprobs,
-                         penalties if penalties.active else None, min_p)
+    opts = batch_options(DecodeOptions(strategy, max_new_tokens, tau=tau, k=k, num_draft=num_draft,
+                                       adaptive_draft=adaptive_draft, lookup=lookup, logprobs=logprobs,
+                                       tree=model_tree(model, tree, tree_size, num_draft, k)), rows)
     drafter = drafter_for(model, opts, proposer)
     graphs = _use_graphs(graphs, input_ids.device, proposer)
     input_ids, attention_mask = _fit_context(model, input_ids, attention_mask, opts, drafter.lookahead,
                                              truncate_prompt)
     if stop_token_ids is None:
         stop_token_ids = default_stop_token_ids(model, tokenizer)
-    stop = StopChecker(input_ids.shape[0], stop_token_ids, stop_strings, tokenizer, device=input_ids.device,
-                       halt=halt)
+    stop = StopChecker(input_ids.shape[0], stop_token_ids, None, tokenizer, device=input_ids.device, halt=halt,
+                       row_strings=[r.stop_strings for r in rows])
     generator = None
-    if do_sample:
+    if opts.do_sample:
         generator = torch.Generator(device=input_ids.device)
         generator.manual_seed(seed if seed is not None else torch.seed())
     stats = GenerationStats()
@@ -779,7 +798,7 @@ def generate(model, input_ids: torch.Tensor | list, attention_mask: torch.Tensor
                                               generator=generator, stats=stats, drafter=drafter, on_trunk=on_trunk,
                                               graphs=graphs, budgets=budgets, admit=admit,
                                               on_end=end if on_end is not None else None, prefix=prefix,
-                                              prompt_cache=prompt_cache):
+                                              prompt_cache=prompt_cache, rows=rows):
         tokens[row].extend(new)
         if scores is not None:
             scores[row].extend(row_scores)
@@ -787,22 +806,22 @@ def generate(model, input_ids: torch.Tensor | list, attention_mask: torch.Tensor
             streamer(row, new) if row_scores is None else streamer(row, new, logprobs=row_scores)
     stats.seconds = time.perf_counter() - start
     texts = [tokenizer.decode(t, skip_special_tokens=True) for t in tokens] if tokenizer is not None else None
-    if texts is not None and stop_strings:
-        texts = [stop.truncate_text(t) for t in texts]
+    if texts is not None:
+        texts = [stop.truncate_text(row, t) for row, t in enumerate(texts)]
     return GenerationResult(tokens, stats, texts, scores)
 
 
 def _joining_rows(admit: Admission, tokens: list[list[int]], scores: list | None):
     """`Admission.take` that checks what it gives and adds the joined rows to the result's lists."""
-    def joining(active: int, fits: Callable[[int, int], bool]) -> list[tuple[list[int], int]]:
+    def joining(active: int, fits: Callable[..., bool]) -> list[tuple]:
         prompts = admit.take(active, fits)
         if prompts and active + len(prompts) > admit.max_rows:
             raise MTPError(f"{len(prompts)} prompts joining {active} rows exceed the batch's max_rows "
                            f"{admit.max_rows}")
-        for ids, budget in prompts:
-            if not fits(len(ids), budget):
-                raise MTPError(f"a prompt of {len(ids)} tokens with {budget} new tokens does not fit the batch it "
-                               "joins (give only prompts that `fits`)")
+        for ids, budget, *options in prompts:
+            if not fits(len(ids), budget, *options):
+                raise MTPError(f"a prompt of {len(ids)} tokens with {budget} new tokens (and its options) does not "
+                               "fit the batch it joins (give only prompts that `fits`)")
         tokens.extend([] for _ in prompts)
         if scores is not None:
             scores.extend([] for _ in prompts)

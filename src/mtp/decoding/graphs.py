@@ -271,9 +271,11 @@ def session_for(model, drafter, opts, batch_size: int, need: int, stop_ids: torc
     max_len = -(-need // SLOT_BUCKET) * SLOT_BUCKET
     tensors = [*model.parameters(), *model.buffers()]
     weights = hash(weights_state(tensors))
-    # (a call's penalty values are inputs of its steps: whether there are any is what shapes them)
+    # (a call's penalty and sampling values are inputs of its steps, in the state: whether there are any, and which
+    # filters run, shapes them; and the largest top-k, the width of the top its rows' k-th logits are read from)
     fields = dataclasses.astuple(dataclasses.replace(opts, max_new_tokens=0, adaptive_draft=False,
-                                                     penalties=opts.penalties is not None))
+                                                     penalties=opts.penalties is not None, temperature=1.0,
+                                                     top_p=opts.top_p < 1.0, min_p=opts.min_p > 0.0))
     key = (weights, batch_size, max_len, fields, tuple(stop_ids.tolist()), generator is not None, observe, compiled,
            defer_capacity, joining)
     sessions = model.__dict__.get("_mtp_decode_sessions")

@@ -41,7 +41,7 @@ class BadRequest(ValueError):
 
 @dataclass(frozen=True)
 class Sampling:
-    """How one request is decoded; requests with equal settings (and no seed) may share a batch."""
+    """How one request is decoded (requests without a seed share batches, each row with its own settings)."""
 
     max_tokens: int | None  # None: not given (the server gives what its default and the context allow)
     do_sample: bool = False
@@ -183,7 +183,7 @@ def _min_tokens(body: dict, max_tokens: int | None) -> int:
 
 
 def _logit_bias(body: dict) -> tuple[tuple[int, float], ...]:
-    """OpenAI's `logit_bias`: {"token id": bias in [-100, 100]} (ids beyond the vocabulary: the decoding says)."""
+    """OpenAI's `logit_bias`: {"token id": bias in [-100, 100]} (ids beyond the vocabulary: the server says, knowing it)."""
     bias = _typed(body, "logit_bias", dict, {})
     out = []
     for key, value in bias.items():

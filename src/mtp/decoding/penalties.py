@@ -62,19 +62,23 @@ class Penalties:
             vector[token] = value
         return vector.to(device)
 
-    def prompt_state(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                     vocab: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The decoding state's tensors before the first step of left-padded prompts (B, P)
-        (`DecodeState.penalties`, `.logit_bias`, `.counts`, `.seen`): the values (B, 4: repetition, presence,
-        frequency, min_new_tokens), the biases (B, V), nothing counted in the answer (B, V), each prompt's tokens
-        held (B, V) bool (padding left out)."""
-        b, device = input_ids.shape[0], input_ids.device
-        held = torch.zeros(b, vocab, dtype=torch.int32, device=device)
-        held.scatter_add_(1, input_ids, attention_mask.to(torch.int32))
-        values = torch.tensor([[self.repetition, self.presence, self.frequency, float(self.min_new_tokens)]],
-                              device=device).expand(b, 4)
-        bias = self.bias_vector(vocab, device).expand(b, vocab)
-        return values.contiguous(), bias.contiguous(), torch.zeros(b, vocab, device=device), held > 0
+    def row(self) -> list[float]:
+        """The row of `DecodeState.penalties`: repetition, presence, frequency, min_new_tokens."""
+        return [self.repetition, self.presence, self.frequency, float(self.min_new_tokens)]
+
+
+def prompt_state(rows: list[Penalties], input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                 vocab: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The decoding state's tensors before the first step of left-padded prompts (B, P), each row with its own
+    penalties `rows[b]` (`DecodeState.penalties`, `.logit_bias`, `.counts`, `.seen`): the values (B, 4:
+    repetition, presence, frequency, min_new_tokens), the biases (B, V), nothing counted in the answer (B, V), each
+    prompt's tokens held (B, V) bool (padding left out)."""
+    b, device = input_ids.shape[0], input_ids.device
+    held = torch.zeros(b, vocab, dtype=torch.int32, device=device)
+    held.scatter_add_(1, input_ids, attention_mask.to(torch.int32))
+    values = torch.tensor([p.row() for p in rows], dtype=torch.float32, device=device)
+    bias = torch.stack([p.bias_vector(vocab, "cpu") for p in rows]).to(device)
+    return values, bias, torch.zeros(b, vocab, device=device), held > 0
 
 
 def penalize(logits: torch.Tensor, counts: torch.Tensor, seen: torch.Tensor, values: torch.Tensor) -> torch.Tensor:

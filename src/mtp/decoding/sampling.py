@@ -9,27 +9,61 @@ from __future__ import annotations
 
 import torch
 
+# `DecodeState.sampling`'s columns, one row per batch row: each row's temperature (0: the row decodes greedily, in a
+# batch whose other rows sample), top-k (0: none), top-p (1: none), min-p (0: none)
+SAMPLING_COLUMNS = 4
 
-def process_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-                   min_p: float = 0.0) -> torch.Tensor:
+
+def process_logits(logits: torch.Tensor, temperature: float | torch.Tensor = 1.0, top_k: int | torch.Tensor = 0,
+                   top_p: float | torch.Tensor = 1.0, min_p: float | torch.Tensor = 0.0,
+                   most_k: int = 0) -> torch.Tensor:
     """Probabilities after temperature, top-k, nucleus and min-p filtering, in transformers' order. `logits`:
-    (..., V) -> (..., V)."""
-    logits = logits.float() / max(temperature, 1e-6)
-    if top_k and top_k < logits.shape[-1]:
+    (..., V) -> (..., V). Each setting is one number, or a tensor of one per row that broadcasts against
+    `logits[..., :1]` (a batch whose rows ask for different ones: `row_probs`); a row's neutral value (top-k 0,
+    top-p 1, min-p 0) leaves its distribution as it is. `most_k`: the largest top-k a row's tensor holds (0: the
+    vocabulary's size; a whole sort of the vocabulary costs a CPU ~30 times a top 50's)."""
+    if isinstance(temperature, torch.Tensor):
+        logits = logits.float() / temperature.clamp_min(1e-6)
+    else:
+        logits = logits.float() / max(temperature, 1e-6)
+    vocab = logits.shape[-1]
+    if isinstance(top_k, torch.Tensor):  # each row's k-th largest logit (k 0: none, which drops nothing)
+        most = min(most_k or vocab, vocab)
+        k = top_k.long().clamp(0, most)
+        top = torch.topk(logits, most, dim=-1).values  # (..., most)
+        kth = top.gather(-1, (k - 1).clamp_min(0).expand(*logits.shape[:-1], 1))  # (..., 1)
+        logits = logits.masked_fill((logits < kth) & (k > 0), float("-inf"))
+    elif top_k and top_k < vocab:
         kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]  # (..., 1)
         logits = logits.masked_fill(logits < kth, float("-inf"))
     probs = torch.softmax(logits, dim=-1)
-    if top_p < 1.0:
+    if isinstance(top_p, torch.Tensor) or top_p < 1.0:
         sorted_probs, order = probs.sort(dim=-1, descending=True)
         # Drop a token when the mass strictly before it already reaches top_p (the top token always stays).
         drop_sorted = (sorted_probs.cumsum(-1) - sorted_probs) >= top_p
         drop = drop_sorted.scatter(-1, order, drop_sorted)
-        probs = probs.masked_fill(drop, 0.0)
-        probs = probs / probs.sum(-1, keepdim=True)
-    if min_p > 0.0:  # drop tokens less likely than min_p times the most likely one
-        probs = probs.masked_fill(probs < min_p * probs.amax(-1, keepdim=True), 0.0)
-        probs = probs / probs.sum(-1, keepdim=True)
+        probs = _renormalized(probs, drop, top_p < 1.0 if isinstance(top_p, torch.Tensor) else None)
+    if isinstance(min_p, torch.Tensor) or min_p > 0.0:  # drop tokens less likely than min_p times the most likely
+        drop = probs < min_p * probs.amax(-1, keepdim=True)
+        probs = _renormalized(probs, drop, min_p > 0.0 if isinstance(min_p, torch.Tensor) else None)
     return probs
+
+
+def _renormalized(probs: torch.Tensor, drop: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
+    """`probs` without the dropped tokens, summing to 1 again; `rows`: only those rows' (the others as they were,
+    not divided by a sum that rounds near 1)."""
+    kept = probs.masked_fill(drop, 0.0)
+    kept = kept / kept.sum(-1, keepdim=True)
+    return kept if rows is None else torch.where(rows, kept, probs)
+
+
+def row_probs(logits: torch.Tensor, settings: torch.Tensor, opts) -> torch.Tensor:
+    """`process_logits` of (B, ..., V) logits with each row's settings (B, SAMPLING_COLUMNS); a filter runs where
+    `opts` (the batch's `DecodeOptions`) says some row asks for it: its top_k > 0 (the largest k of the rows),
+    top_p < 1, min_p > 0."""
+    column = settings.view(settings.shape[0], *[1] * (logits.dim() - 1), SAMPLING_COLUMNS).unbind(-1)
+    return process_logits(logits, column[0], column[1] if opts.top_k else 0, column[2] if opts.top_p < 1 else 1.0,
+                          column[3] if opts.min_p > 0 else 0.0, most_k=opts.top_k)
 
 
 def sample(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:

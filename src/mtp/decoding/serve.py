@@ -460,6 +460,9 @@ class Server(ThreadingHTTPServer):
         vocab = self.batcher.model.config.vocab_size
         if any(not 0 <= t < vocab for r in rows for t in r):
             raise api.BadRequest(f"'prompt' holds a token id outside the vocabulary (0 to {vocab - 1})", "prompt")
+        if any(not 0 <= t < vocab for t, _ in request.sampling.logit_bias):
+            raise api.BadRequest(f"'logit_bias' holds a token id outside the vocabulary (0 to {vocab - 1})",
+                                 "logit_bias")
         longest, room = max(len(r) for r in rows), self.room
         if asked == 0 and room is not None:  # a prompt only scored: one forward, no drafts
             limit = context_limit(self.batcher.model)

@@ -29,9 +29,16 @@ from mtp.decoding import logprobs
 from mtp.decoding.drafters import Drafter, DraftRequest, Drafts, StepOutput, block_rows, draft_tokens
 from mtp.decoding.lookup import lookup_chain, lookup_drafts
 from mtp.decoding.penalties import Penalties, count_emitted, on_block
-from mtp.decoding.sampling import accept_drafts_sampling, process_logits
+from mtp.decoding.sampling import accept_drafts_sampling, row_probs
 from mtp.decoding.stopping import stop_tokens
-from mtp.decoding.tree import Acceptance, DraftTree, DynamicTree, tree_layout, verify_tree
+from mtp.decoding.tree import (
+    Acceptance,
+    DraftTree,
+    DynamicTree,
+    tree_layout,
+    verify_tree,
+    verify_tree_sampling,
+)
 
 Strategy = Literal["greedy", "speculative", "confadapt", "static"]
 STRATEGIES: tuple[str, ...] = ("greedy", "speculative", "confadapt", "static")
@@ -96,6 +103,8 @@ class DecodeState:
     logit_bias: torch.Tensor | None = None  # (B, V) float
     counts: torch.Tensor | None = None  # (B, V) float
     seen: torch.Tensor | None = None  # (B, V) bool
+    # Sampling: each row's settings (`mtp.decoding.sampling.SAMPLING_COLUMNS`; temperature 0: a greedy row)
+    sampling: torch.Tensor | None = None  # (B, 4) float
 
     def tensors(self) -> list[torch.Tensor]:
         out = []
@@ -180,7 +189,7 @@ class Decoder:
                 self.drafter.catch_up(self.cache, s.deferred_trunk, s.deferred_next, s.deferred_count, catch_up)
             drafts = self._block_drafts(s, n, m)
             out = self.drafter.forward(self.cache, s.pending, s.pending_valid, drafts, drafting)
-            acc = verify(self._penalized(out, drafts, s), drafts, self.opts, self.generator)
+            acc = verify(self._penalized(out, drafts, s), drafts, self.opts, self.generator, s.sampling)
             if drafts.tokens.shape[1]:  # the kept drafts, then the model's own token after them: (B, 1+depth)
                 emitted = torch.cat([acc.path_tokens(drafts.tokens), acc.last[:, None]], 1)
                 emitted.scatter_(1, acc.count[:, None], acc.last[:, None])
@@ -197,7 +206,7 @@ class Decoder:
                 request = DraftRequest(self.drafter.model, None, s.rows, s.produced + counts, self.opts,
                                        self.generator)
             if drafting:
-                proposal = self.drafter.propose(out, acc.slot, self.generator, request)
+                proposal = self.drafter.propose(out, acc.slot, self.generator, request, sampling=s.sampling)
             kept_drafts = acc.kept_nodes(drafts.tokens.shape[1]) if self.observe else None
         else:  # nothing drafted into the block; its drafting slots (masks) are forgotten
             out = self.drafter.forward(self.cache, s.pending, s.pending_valid, Drafts(s.pending[:, :0]))
@@ -268,6 +277,7 @@ class Decoder:
             pending_valid = torch.arange(emitted.shape[1], device=emitted.device)[None, :] < counts[:, None]
             drafts, probs, tree = s.drafts, None, None
         new = DecodeState(s.rows, pending, pending_valid, produced, s.budget, finished, drafts, probs, tree)
+        new.sampling = s.sampling
         if s.counts is not None:
             new.penalties, new.logit_bias = s.penalties, s.logit_bias
             new.counts, new.seen = count_emitted(s.counts, s.seen, emitted, counts)
@@ -319,16 +329,25 @@ def greedy_accept(target: torch.Tensor, drafts: torch.Tensor) -> tuple[torch.Ten
     return a, target.gather(1, a[:, None]).squeeze(1)
 
 
-def verify(out: StepOutput, drafts: Drafts, opts: DecodeOptions, generator) -> Acceptance:
-    """Greedy / speculative: which drafts are kept and the model's own next token after them."""
+def verify(out: StepOutput, drafts: Drafts, opts: DecodeOptions, generator,
+           sampling: torch.Tensor | None = None) -> Acceptance:
+    """Greedy / speculative: which drafts are kept and the model's own next token after them. `sampling`
+    (B, SAMPLING_COLUMNS): each row's settings where the batch samples (`opts.do_sample`); a row whose temperature
+    is 0 is verified greedily."""
     if drafts.layout is not None:
-        return verify_tree(out.verify_logits, drafts.tokens, drafts.layout, opts, generator, out.verify_argmax)
-    if opts.do_sample:
-        probs = process_logits(out.verify_logits, opts.temperature, opts.top_k, opts.top_p, opts.min_p)  # (B, 1+d, V)
-        a, last = accept_drafts_sampling(probs, drafts.tokens, drafts.probs, generator)
+        greedy = verify_tree(out.verify_logits, drafts.tokens, drafts.layout, out.verify_argmax)
     else:
         a, last = greedy_accept(out.argmax(), drafts.tokens)
-    return Acceptance(a, last, a, None)  # a chain: the kept slot is the number kept
+        greedy = Acceptance(a, last, a, None)  # a chain: the kept slot is the number kept
+    if not opts.do_sample:
+        return greedy
+    probs = row_probs(out.verify_logits, sampling, opts)  # (B, 1+d, V)
+    if drafts.layout is not None:
+        sampled = verify_tree_sampling(probs, drafts.tokens, drafts.layout, generator)
+    else:
+        a, last = accept_drafts_sampling(probs, drafts.tokens, drafts.probs, generator)
+        sampled = Acceptance(a, last, a, None)
+    return sampled.where(sampling[:, 0] > 0, greedy)
 
 
 def confident_run(out: StepOutput, drafter: Drafter, opts: DecodeOptions,

@@ -28,43 +28,52 @@ class StopChecker:
     step: a server's client that left)."""
 
     def __init__(self, batch_size: int, stop_token_ids: list[int] | None, stop_strings: list[str] | None,
-                 tokenizer=None, device: torch.device | str = "cpu", halt: Callable[[int], bool] | None = None):
+                 tokenizer=None, device: torch.device | str = "cpu", halt: Callable[[int], bool] | None = None,
+                 row_strings: list[tuple[str, ...]] | None = None):
+        """`stop_strings` end every row; `row_strings` (one tuple per row): each row's own (rows of requests that
+        ask for different ones, decoded as one batch)."""
         self.halt = halt
         self.stop_ids = torch.tensor(sorted(set(stop_token_ids or [])), dtype=torch.long, device=device)
-        self.stop_strings = [s for s in (stop_strings or []) if s]
-        if self.stop_strings and tokenizer is None:
+        shared = tuple(s for s in (stop_strings or []) if s)
+        self.strings: list[tuple[str, ...]] = [shared] * batch_size if row_strings is None else \
+            [tuple(s for s in strings if s) for strings in row_strings]
+        if any(self.strings) and tokenizer is None:
             raise MTPError("stop strings need a tokenizer")
         self.tokenizer = tokenizer
         self.history: list[list[int]] = [[] for _ in range(batch_size)]  # only kept when stop strings are used
 
-    def add_rows(self, count: int) -> None:
-        """Rows that join the batch (continuous batching), after the others."""
-        self.history.extend([] for _ in range(count))
+    def add_rows(self, strings: list[tuple[str, ...]]) -> None:
+        """Rows that join the batch (continuous batching), after the others, with their stop strings."""
+        if any(strings) and self.tokenizer is None:
+            raise MTPError("stop strings need a tokenizer")
+        self.strings.extend(tuple(s for s in row if s) for row in strings)
+        self.history.extend([] for _ in strings)
 
     def cut(self, row: int, new: list[int]) -> int | None:
         """How many of `new` (row's tokens emitted this step) to keep when they complete a stop string (the
         shortest prefix that does), 0 when the caller halts the row; None when neither ends it."""
         if self.halt is not None and self.halt(row):
             return 0
-        if not self.stop_strings:
+        strings = self.strings[row]
+        if not strings:
             return None
         hist = self.history[row]
         base = len(hist)
         hist.extend(new)
         # Only the tail can contain a new match: decode a window that covers the longest stop string.
-        window = max(len(s) for s in self.stop_strings) + 8 + len(new)
+        window = max(len(s) for s in strings) + 8 + len(new)
         text = self.tokenizer.decode(hist[-window:])  # once, not once per stop string (a step's host time)
-        if not any(s in text for s in self.stop_strings):
+        if not any(s in text for s in strings):
             return None
         for j in range(base + 1, len(hist) + 1):
             text = self.tokenizer.decode(hist[max(0, j - window):j])
-            if any(s in text for s in self.stop_strings):
+            if any(s in text for s in strings):
                 del hist[j:]
                 return j - base
         return None
 
-    def truncate_text(self, text: str) -> str:
-        return cut_at_stop(text, self.stop_strings)
+    def truncate_text(self, row: int, text: str) -> str:
+        return cut_at_stop(text, self.strings[row])
 
 
 def cut_at_stop(text: str, stop_strings) -> str:

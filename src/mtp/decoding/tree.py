@@ -45,7 +45,7 @@ from pathlib import Path
 
 import torch
 
-from mtp.decoding.sampling import process_logits, sample
+from mtp.decoding.sampling import sample
 from mtp.errors import MTPError
 from mtp.io import read_text
 
@@ -462,6 +462,13 @@ class Acceptance:
             return torch.arange(width, device=self.count.device).expand(self.count.shape[0], -1)
         return torch.cat([torch.zeros_like(self.path[:, :1]), self.path[:, : width - 1] + 1], 1)
 
+    def where(self, rows: torch.Tensor, other: Acceptance) -> Acceptance:
+        """This acceptance for `rows` (B,) bool, `other`'s for the rest (a batch whose rows verify differently)."""
+        def pick(a, b):
+            return a if a is None else torch.where(rows[:, None] if a.dim() == 2 else rows, a, b)
+
+        return Acceptance(*(pick(getattr(self, f), getattr(other, f)) for f in ("count", "last", "slot", "path")))
+
     def kept_nodes(self, num_drafts: int) -> torch.Tensor:
         """(B, num_drafts) bool: which fed drafts stay in the sequence."""
         b, device = self.count.shape[0], self.count.device
@@ -473,13 +480,11 @@ class Acceptance:
         return kept.scatter_add_(1, self.path, on_path.long()) > 0
 
 
-def verify_tree(logits: torch.Tensor, tokens: torch.Tensor, layout: TreeLayout, opts, generator,
+def verify_tree(logits: torch.Tensor, tokens: torch.Tensor, layout: TreeLayout,
                 target: torch.Tensor | None = None) -> Acceptance:
-    """logits: (B, 1+N, V) the model's next-token logits at the root and at every node; tokens: (B, N); target:
-    their argmax (B, 1+N) where the caller has it."""
-    if opts.do_sample:
-        return _verify_tree_sampling(process_logits(logits, opts.temperature, opts.top_k, opts.top_p, opts.min_p), tokens,
-                                     layout, generator)
+    """Greedy: the deepest path of nodes that each equal the model's own token after their parent. logits: (B, 1+N,
+    V) the model's next-token logits at the root and at every node; tokens: (B, N); target: their argmax (B, 1+N)
+    where the caller has it."""
     target = target if target is not None else logits.argmax(-1)  # (B, 1+N)
     ok = tokens == target[:, layout.parent_slot]  # (B, N)
     # A node is accepted when no node on its path failed: count the failures among its ancestors.
@@ -491,7 +496,7 @@ def verify_tree(logits: torch.Tensor, tokens: torch.Tensor, layout: TreeLayout, 
     return Acceptance(count, last, slot, layout.path[node])
 
 
-def _verify_tree_sampling(probs: torch.Tensor, tokens: torch.Tensor, layout: TreeLayout,
+def verify_tree_sampling(probs: torch.Tensor, tokens: torch.Tensor, layout: TreeLayout,
                           generator) -> Acceptance:
     """probs: (B, 1+N, V) the model's processed distributions. See the module docstring for the rule. A fixed
     number of tensor ops (depth x children), no host reads: a row whose walk has stopped just stops moving."""
