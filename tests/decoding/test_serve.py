@@ -1159,6 +1159,40 @@ def test_streamed_logprobs_add_up_to_the_whole_answers(model):
     assert entries and all(e["top_logprobs"] == [] for e in entries)
 
 
+def test_requests_asking_for_different_logprobs_share_a_batch_and_get_their_own(model):
+    """Requests sent together asking for none, 0, 2 and 5 alternatives (and one echoing its prompt with 1) are
+    one batch, and each answer's log-probabilities are those it gets alone (the first k of the batch's 5
+    alternatives); a request that asks for more alternatives than a decoding batch scores does not join it."""
+    bodies = [{"prompt": PROMPTS[1], "max_tokens": 8, **({} if k is None else {"logprobs": k})}
+              for k in (None, 0, 2, 5)]
+    bodies.append({"prompt": PROMPTS[0], "max_tokens": 4, "logprobs": 1, "echo": True})
+    with served(model, start=False) as server:
+        together = posted_together(server, bodies)
+    assert server.batcher.batch_sizes == [5]
+    with served(model) as server:
+        alone = [post(server, "/v1/completions", body) for body in bodies]
+    for (status, body), (_, expected) in zip(together, alone, strict=True):
+        assert status == 200
+        got, want = body["choices"][0]["logprobs"], expected["choices"][0]["logprobs"]
+        assert (got is None) == (want is None) and body["choices"][0]["text"] == expected["choices"][0]["text"]
+        if want is not None:
+            assert got["tokens"] == want["tokens"] and got["text_offset"] == want["text_offset"]
+            assert got["token_logprobs"] == pytest.approx(want["token_logprobs"], abs=1e-6)
+            assert [sorted(t or {}) for t in got["top_logprobs"]] == [sorted(t or {}) for t in want["top_logprobs"]]
+    assert len({len(t) for _, b in together[1:4] for t in b["choices"][0]["logprobs"]["top_logprobs"]}) > 2
+    results = {}
+    with served(model) as server:
+        held_until_waiting(server, 1)
+        first = threading.Thread(target=lambda: results.__setitem__(0, post(server, "/v1/completions", {
+            "prompt": PROMPTS[0], "max_tokens": 12, "logprobs": 1})))
+        first.start()
+        wait_until(lambda: server.batcher.decoding)
+        results[1] = post(server, "/v1/completions", {"prompt": PROMPTS[1], "max_tokens": 8, "logprobs": 5})
+        first.join(60)
+    assert server.batcher.batch_sizes == [1, 1] and results[1][1]["choices"][0]["logprobs"] == \
+        alone[3][1]["choices"][0]["logprobs"]
+
+
 def test_logprobs_are_refused_by_a_server_whose_strategy_does_not_verify(model):
     with served(model, strategy="confadapt") as server:
         status, body = post(server, "/v1/completions", {"prompt": "hi", "logprobs": 0})

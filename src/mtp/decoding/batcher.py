@@ -2,13 +2,15 @@
 them with `mtp.generate`, handing each job's text pieces and answer back to its HTTP thread through a queue.
 
 Jobs that wait together are decoded as one left-padded batch, up to `max_batch_size` rows, each row with its own
-request's max_tokens, sampling settings, penalties and stop strings (`mtp.decoding.row_options`; jobs asking for
-log-probabilities with their like, a seeded request's jobs only with each other); a batch starts once no job
+request's max_tokens, sampling settings, penalties, stop strings and log-probabilities (`mtp.decoding.row_options`;
+the batch scores as many alternatives as its rows ask for at most, each row gets its own; a seeded request's jobs
+only with each other); a batch starts once no job
 came for `batch_window` seconds (a burst is decoded together). A request's `n` choices of a prompt are jobs of
 their own, rows of the batch. Continuous batching: a job that comes while a batch decodes joins it between two
 steps (`mtp.decoding.generate.Admission`) where a row is free and it could have been one of the batch's rows, and
 its prompt fits the batch's cache and it asks for nothing the batch's steps do not compute (a sampled job joins a
-batch that samples, a penalized one a batch with penalties) - in the order jobs came: the first that cannot join waits for the next batch,
+batch that samples, a penalized one a batch with penalties, one asking for log-probabilities a batch that scores
+as many alternatives) - in the order jobs came: the first that cannot join waits for the next batch,
 and so do those after it. Seeded requests, echoed prompts, ConfAdapt, static k and dynamic trees decode in
 static batches (a job that comes while they decode waits for the next batch). A job whose client left is dropped;
 in a batch, its row ends at its next step (the others go on), and a batch whose clients all left stops there.
@@ -16,6 +18,7 @@ in a batch, its row ends at its next step (the others go on), and a batch whose 
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import sys
 import threading
@@ -98,14 +101,20 @@ class Job:
     first_choice: bool = True  # the first of its prompt's n choices (what counts the prompt's tokens)
 
     def batches_with(self, other: Job) -> bool:
-        """Whether the two may be decoded in one batch (each row with its own settings): the same log-probabilities
-        asked for (the width of what a step copies to the host); a seeded request's prompts and choices with each
-        other only (its seed reproduces its draws only in a batch of its own); prompts only scored (max_tokens 0,
-        which may fill the context, the drafts' room included) with their like."""
+        """Whether the two may be decoded in one batch (each row with its own settings): a seeded request's prompts
+        and choices with each other only (its seed reproduces its draws only in a batch of its own); prompts only
+        scored (max_tokens 0, which may fill the context, the drafts' room included) with their like."""
         ours, theirs = self.sampling, other.sampling
         scored = (ours.max_tokens == 0) == (theirs.max_tokens == 0)
-        seeded = ours.seed is None and theirs.seed is None or self.events is other.events
-        return ours.logprobs == theirs.logprobs and seeded and scored
+        return (ours.seed is None and theirs.seed is None or self.events is other.events) and scored
+
+    def scored(self, scores: list[TokenLogprob | None] | None) -> list[TokenLogprob | None] | None:
+        """Its tokens' log-probabilities from its batch's (which may hold more alternatives): None where it asked
+        for none."""
+        top = self.sampling.logprobs
+        if top is None or scores is None:
+            return None
+        return [s if s is None or len(s.top) <= top else dataclasses.replace(s, top=s.top[:top]) for s in scores]
 
     @functools.cached_property
     def options(self) -> RowOptions:
@@ -114,6 +123,16 @@ class Job:
         return RowOptions(s.do_sample, s.temperature, s.top_k, s.top_p, s.min_p,
                           Penalties(s.repetition_penalty, s.presence_penalty, s.frequency_penalty, s.logit_bias,
                                     s.min_tokens), s.stop)
+
+
+def most_logprobs(jobs: list[Job]) -> int | None:
+    """The most alternatives the jobs' log-probabilities ask for (None: none asks for any)."""
+    return max((j.sampling.logprobs for j in jobs if j.sampling.logprobs is not None), default=None)
+
+
+def _within(asked: int | None, top: int | None) -> bool:
+    """Whether a batch that scores `top` alternatives (None: nothing) holds what a job asking for `asked` needs."""
+    return asked is None or top is not None and asked <= top
 
 
 class Cancelled(Exception):
@@ -215,10 +234,10 @@ class Batcher:
         some did), `before_first(row)` called first, and `finish(row, tokens, their TokenLogprobs or None, the
         batch's statistics so far)` once the row ended. Jobs that ask for no new tokens (prompts to score) are not
         decoded (nor finished here)."""
-        s = jobs[0].sampling
+        s, top = jobs[0].sampling, most_logprobs(jobs)
         if not any(j.sampling.max_tokens for j in jobs):
             empty = [[] for _ in jobs]
-            return GenerationResult(empty, GenerationStats(), [""] * len(jobs), None if s.logprobs is None else empty)
+            return GenerationResult(empty, GenerationStats(), [""] * len(jobs), None if top is None else empty)
 
         def halt(row: int) -> bool:  # (asked after each step a row emits in)
             if all(j.cancelled.is_set() for j in jobs):  # every client left: the batch stops
@@ -228,6 +247,7 @@ class Batcher:
         def stream(row: int, new: list[int], logprobs: list[TokenLogprob] | None = None) -> None:
             job = jobs[row]
             before_first(row)
+            logprobs = job.scored(logprobs)
             if job.streamed is not None and ((piece := job.streamed.add(new)) or logprobs):
                 sent[row] = True
                 job.events.put(("text", job.index, (piece, logprobs)))
@@ -252,23 +272,24 @@ class Batcher:
                                frequency_penalty=[j.frequency_penalty for j in each],
                                repetition_penalty=[j.repetition_penalty for j in each],
                                logit_bias=[dict(j.logit_bias) for j in each], min_new_tokens=[j.min_tokens for j in each],
-                               seed=seed, streamer=stream, logprobs=s.logprobs, halt=halt, admit=admit, on_end=finish,
+                               seed=seed, streamer=stream, logprobs=top, halt=halt, admit=admit, on_end=finish,
                                prompt_cache=self.prompt_cache, **options)
 
     def _joining(self, jobs: list[Job], sent: list[bool], active: int,
                  fits: Callable[..., bool]) -> list[tuple[list[int], int, RowOptions]]:
         """`Admission.take` for a batch that decodes `jobs`: the waiting jobs that join it now, in the order they
         came, up to the first that cannot (it may not share the batch, it echoes its prompt, it does not fit or
-        asks for what the batch's steps do not compute, or no row is free): that one waits for the next batch, and
-        those after it too. The joined jobs are added to `jobs`
+        asks for what the batch's steps do not compute, log-probabilities included, or no row is free): that one
+        waits for the next batch, and those after it too. The joined jobs are added to `jobs`
         (their rows' indices follow in `generate`)."""
         taken: list[Job] = []
+        top = most_logprobs(jobs)  # (the batch's, fixed from its first jobs: the step's host copy is that wide)
         with self.ready:
             for job in self.waiting:
                 if job.cancelled.is_set():  # (counted by the decoding thread's loop)
                     continue
                 if (self.stopping or active + len(taken) >= self.max_batch_size or job.echo
-                        or not jobs[0].batches_with(job)
+                        or not jobs[0].batches_with(job) or not _within(job.sampling.logprobs, top)
                         or not fits(len(job.ids), job.sampling.max_tokens, job.options)):
                     break
                 taken.append(job)
@@ -281,12 +302,14 @@ class Batcher:
     def _prompt_scores(self, jobs: list[Job]) -> tuple[list, dict]:
         """Echo with logprobs: each job's prompt scores (one forward a prompt, for its n choices too) and the
         figures of the scoring."""
-        start, top = time.perf_counter(), jobs[0].sampling.logprobs
+        start = time.perf_counter()
         scores_of: dict[tuple[int, ...], list] = {}
-        for j in jobs:
-            if j.echo and top is not None and tuple(j.ids) not in scores_of:
+        for j in jobs:  # (choices of a prompt share its scores, with the most alternatives any asks for)
+            if j.echo and j.sampling.logprobs is not None and tuple(j.ids) not in scores_of:
+                top = max(k.sampling.logprobs for k in jobs if k.echo and k.ids == j.ids and k.sampling.logprobs
+                          is not None)
                 scores_of[tuple(j.ids)] = prompt_logprobs(self.model, j.ids, top)
-        return ([scores_of.get(tuple(j.ids)) if j.echo else None for j in jobs],
+        return ([j.scored(scores_of.get(tuple(j.ids))) if j.echo else None for j in jobs],
                 {"scored_tokens": sum(map(len, scores_of)), "scoring_seconds": round(time.perf_counter() - start, 4)})
 
     def _stopped(self, tokens: list[int], stop: tuple[str, ...]) -> bool:
@@ -394,7 +417,7 @@ class Batcher:
                 reason = "length" if len(tokens) == limit and not self._stopped(tokens, stop) else "stop"
                 figures = {"rows": len(jobs), **stats.to_dict(), **(scoring if scoring["scored_tokens"] else {})}
                 prompt = prompt_scores[row] if row < len(prompt_scores) else None  # (a joined job echoes nothing)
-                job.events.put(("end", job.index, Finished(text, tokens, reason, figures, scores, prompt)))
+                job.events.put(("end", job.index, Finished(text, tokens, reason, figures, job.scored(scores), prompt)))
                 if record:
                     self.counts.answer(job, tokens)
 
