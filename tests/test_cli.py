@@ -250,6 +250,26 @@ def test_generate_with_penalties(tiny_mtp_folder, capsys):
         assert code == 2 and says in err and len(err.strip().splitlines()) == 1, err
 
 
+def test_generate_with_a_logit_bias(tiny_mtp_folder, capsys):
+    """--logit-bias TOKEN_ID:BIAS: -100 bans the token greedy decoding emitted first (speculative decoding gives the
+    same tokens); a malformed pair, a bias out of range, or an id beyond the vocabulary is a one-line error."""
+    args = ["generate", "--model", str(tiny_mtp_folder), "--prompt", "What is 7 + 5?", "--max-new-tokens", "6",
+            "--json"]
+    code, out, err = run_cli(args, capsys)
+    plain = json.loads(out.strip().splitlines()[-1])["token_ids"]
+    biased = []
+    for strategy in ("greedy", "speculative"):
+        code, out, err = run_cli(args + ["--strategy", strategy, "--logit-bias", f"{plain[0]}:-100", "1:0.5"], capsys)
+        assert code == 0, err
+        biased.append(json.loads(out.strip().splitlines()[-1])["token_ids"])
+    assert biased[0] == biased[1] and plain[0] not in biased[0]
+    for bad, says in ((["--logit-bias", "7"], "--logit-bias takes TOKEN_ID:BIAS pairs (e.g. 198:-100), got '7'"),
+                      (["--logit-bias", "7:101"], "--logit-bias: the bias of token 7 must be in [-100, 100]"),
+                      (["--logit-bias", "99999999:1"], "logit_bias: 99999999 is not a token id of this model")):
+        code, _, err = run_cli(args + bad, capsys)
+        assert code == 2 and says in err and len(err.strip().splitlines()) == 1, err
+
+
 def test_generate_prompts_to_jsonl(tiny_mtp_folder, tmp_path, capsys):
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text('{"prompt": "Janet has 3 eggs"}\n\n{"question": "What is 7 + 5?"}\n')

@@ -51,6 +51,7 @@ def chat(model: str | None = None, system: str | None = None,
     if max_new_tokens < 1:
         raise MTPError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
     drafts.check()
+    sampling.bias()  # (malformed pairs: before the model loads)
     runtime, use_graphs = weights.runtime()
     m = weights.load(model, runtime, strategy)
     tok = m.tokenizer

@@ -158,6 +158,7 @@ def generate(model: str | None = None, prompt: str | None = None, prompts: str |
     if logprobs is not None and not (json or output):
         raise MTPError("--logprobs go into the JSON records: add --output FILE" + ("" if stream else " or --json"))
     drafts.check()
+    sampling.bias()  # (malformed pairs: before the model loads)
     runtime, use_graphs = weights.runtime()
     m = weights.load(model, runtime, strategy, num_heads)
     tok = m.tokenizer

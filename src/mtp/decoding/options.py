@@ -82,6 +82,8 @@ class SamplingOptions:
         frequency_penalty: greedy or speculative: subtract this once per time the answer holds a token (OpenAI's,
             -2 to 2; 0: none). Speculative decoding stays equal to greedy decoding with the same penalties.
         min_new_tokens: greedy or speculative: no end token before the answer has this many tokens (0: none).
+        logit_bias: greedy or speculative: TOKEN_ID:BIAS pairs, each bias (-100 to 100) added to that token's logit
+            (OpenAI's logit_bias; -100 bans the token), e.g. --logit-bias 198:-100 13:2.5.
     """
 
     do_sample: bool = False
@@ -94,12 +96,29 @@ class SamplingOptions:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     min_new_tokens: int = 0
+    logit_bias: list[str] | None = None
+
+    def bias(self) -> dict[int, float] | None:
+        """--logit-bias as {token id: bias}, or an MTPError naming the pair that is not one (checked before the
+        model loads; the ids against its vocabulary when it decodes)."""
+        if not self.logit_bias:
+            return None
+        out = {}
+        for pair in self.logit_bias:
+            token, _, value = pair.partition(":")
+            try:
+                out[int(token)] = float(value)
+            except ValueError:
+                raise MTPError(f"--logit-bias takes TOKEN_ID:BIAS pairs (e.g. 198:-100), got {pair!r}") from None
+            if not -100 <= out[int(token)] <= 100:
+                raise MTPError(f"--logit-bias: the bias of token {token} must be in [-100, 100], got {value}")
+        return out
 
     def generate_kwargs(self) -> dict:
         return dict(do_sample=self.do_sample, temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
                     min_p=self.min_p, seed=self.seed, repetition_penalty=self.repetition_penalty,
                     presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
-                    min_new_tokens=self.min_new_tokens)
+                    min_new_tokens=self.min_new_tokens, logit_bias=self.bias())
 
 
 @dataclass(frozen=True)
