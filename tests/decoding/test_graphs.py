@@ -323,9 +323,11 @@ def test_a_model_made_in_inference_mode_decodes(replayed, gpu_path):
     ("heads", {"strategy": "speculative", "tree": DynamicTree(4, 2), "lookup": 3, "do_sample": True}),
     ("heads", {"strategy": "speculative", "tree": "auto", "tree_size": 4, "lookup": 2, "draft_vocab": True}),
     ("heads", {"strategy": "speculative", "lookup": 2}),
+    ("heads", {"strategy": "speculative", "lookup": 2, "do_sample": True, "top_k": 5, "top_p": 0.9, "min_p": 0.05}),
     ("heads", {"strategy": "speculative", "tree": DynamicTree(4, 2), "lookup": 2, "logprobs": 3}),
     ("masks", {"strategy": "confadapt", "k": 3}),
 ], ids=["heads-dynamic-tree-lookup-sampling", "heads-tree-lookup-draft-vocab", "heads-chain-lookup",
+        "heads-chain-lookup-sampling-filters",
         "heads-dynamic-tree-lookup-logprobs", "masks-confadapt"])
 def test_a_step_traces_as_one_graph(kind, kw, gpu_path):
     """The step reads nothing back to the host (what a CUDA graph cannot replay): dynamo traces it as one graph
@@ -338,6 +340,7 @@ def test_a_step_traces_as_one_graph(kind, kw, gpu_path):
     from mtp.decoding.generate import model_tree
 
     opts = DecodeOptions(kw["strategy"], 8, do_sample=kw.get("do_sample", False), k=kw.get("k"),
+                         top_k=kw.get("top_k", 0), top_p=kw.get("top_p", 1.0), min_p=kw.get("min_p", 0.0),
                          tree=model_tree(model, kw.get("tree"), kw.get("tree_size"), None, kw.get("k")),
                          lookup=kw.get("lookup", 0), logprobs=kw.get("logprobs"))
     drafter = drafter_for(model, opts)
