@@ -41,6 +41,7 @@ CONFIGS = {
     "chain": {"strategy": "speculative"},
     "tree4+lookup6": {"strategy": "speculative", "tree": "auto", "tree_size": 4, "lookup": 6},
     "dtree16+lookup6": {"strategy": "speculative", "tree": "dynamic", "tree_size": 16, "lookup": 6},
+    "chain-sampled": {"strategy": "speculative", "do_sample": True, "temperature": 0.7, "top_p": 0.9, "seed": 0},
 }
 # ops that launch no kernel: views, allocations without a fill
 NO_KERNEL = {"view", "_unsafe_view", "t", "transpose", "permute", "expand", "slice", "select", "unsqueeze", "squeeze",
