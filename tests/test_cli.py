@@ -283,6 +283,44 @@ def test_generate_prompts_to_jsonl(tiny_mtp_folder, tmp_path, capsys):
     assert "tokens per forward pass; cpu, float32" in err
 
 
+def test_generate_prompts_with_settings_of_their_own(tiny_mtp_folder, tmp_path, capsys):
+    """JSON records of --prompts may set their own max_new_tokens, penalties, sampling and stop strings: decoded
+    together (two rows, the others joining as rows end, a sampled one in a batch of its own), each record's answer
+    is the one `mtp generate --prompt` gives it with those flags; a bad setting names its line, before loading."""
+    base = ["generate", "--model", str(tiny_mtp_folder), "--json", "--max-new-tokens", "8", "--strategy",
+            "speculative", "--no-progress"]
+
+    def alone(prompt: str, *flags: str) -> dict:
+        code, out, err = run_cli(base + ["--prompt", prompt, *flags], capsys)
+        assert code == 0, err
+        return json.loads(out.strip().splitlines()[-1])
+
+    a, b = "Janet has 3 eggs", "What is 7 + 5?"
+    plain = alone(a)
+    stop = plain["text"][len(plain["text"]) // 2:][:3]
+    records = [{"prompt": a, "max_new_tokens": 3}, {"prompt": b, "repetition_penalty": 100.0},
+               {"prompt": a, "stop": stop}, {"prompt": b, "do_sample": True, "top_k": 1, "temperature": 0.7},
+               {"prompt": b}]
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps(r) + "\n" for r in records))
+    code, out, err = run_cli(base + ["--prompts", str(prompts), "--batch-size", "2"], capsys)
+    assert code == 0, err
+    got = [json.loads(line) for line in out.splitlines()]
+    expected = [alone(a, "--max-new-tokens", "3"), alone(b, "--repetition-penalty", "100"), plain,
+                alone(b, "--do-sample", "--top-k", "1", "--temperature", "0.7"), alone(b)]
+    assert [g["token_ids"] for g in got[:2] + got[3:]] == [e["token_ids"] for e in expected[:2] + expected[3:]]
+    assert got[3]["token_ids"] == got[4]["token_ids"] and got[1]["token_ids"] != got[4]["token_ids"]
+    assert stop in plain["text"] and got[2]["text"] == plain["text"][:plain["text"].index(stop)]
+    assert got[2]["token_ids"] == plain["token_ids"][:len(got[2]["token_ids"])] and got[2]["new_tokens"] < 8
+    for record, says in (({"prompt": "x", "temperature": 0.5}, ":2: temperature shapes sampling"),
+                         ({"prompt": "x", "max_new_tokens": "5"}, ":2: 'max_new_tokens' must be a whole number"),
+                         ({"prompt": "x", "stop": 3}, ":2: 'stop' must be a string or a list of strings"),
+                         ({"prompt": "x", "top_p": 2.0, "do_sample": True}, ":2: top_p must be in")):
+        prompts.write_text('{"prompt": "hi"}\n' + json.dumps(record) + "\n")
+        code, _, err = run_cli(["generate", "--model", str(tmp_path / "missing"), "--prompts", str(prompts)], capsys)
+        assert code == 2 and says in err and len(err.strip().splitlines()) == 1, err
+
+
 def test_generate_prompts_from_standard_input(tiny_mtp_folder, tmp_path, capsys, monkeypatch):
     """`--prompts -`: the lines of stdin, read as a prompts file's (a line that starts with "{" is a record);
     a bad record names <stdin> and its line."""

@@ -18,6 +18,8 @@ from mtp.decoding.logprobs import TokenLogprob
 from mtp.decoding.openai_api import token_text
 from mtp.decoding.options import DraftOptions, SamplingOptions, WeightOptions
 from mtp.decoding.queue import decode_queue
+from mtp.decoding.row_options import PER_ROW
+from mtp.decoding.stopping import cut_at_stop
 from mtp.errors import MTPError, first_line
 from mtp.evaluation.prompts import has_chat_template, resolve_chat
 from mtp.io import (
@@ -31,12 +33,22 @@ from mtp.io import (
 )
 from mtp.options import with_flat_keywords
 
+# Fields a JSON record of --prompts may set for its own prompt (`generate`'s arguments; "stop": its stop strings)
+RECORD_SETTINGS = ("max_new_tokens", "do_sample", "temperature", "top_k", "top_p", "min_p", "repetition_penalty",
+                   "presence_penalty", "frequency_penalty", "min_new_tokens", "stop")
+
 
 def read_prompts(path: str) -> list[str | list[dict]]:
+    """The prompts of `read_prompt_records`."""
+    return [p for p, _, _ in read_prompt_records(path)]
+
+
+def read_prompt_records(path: str) -> list[tuple[str | list[dict], dict, str]]:
     """One prompt per line (a line starting with "{" is a JSON record), or, for a file named .jsonl or .json,
     JSON records with a "prompt" (or "question") field, or a conversation ("messages", as `mtp train` reads them:
     the conversation up to its last user turn; a last assistant message, a reference answer, is left out).
-    "-" reads the lines from standard input."""
+    "-" reads the lines from standard input. Each prompt comes with the settings its record gives
+    (`RECORD_SETTINGS`) and where it is ("file:line")."""
     if path == "-":
         file, text = Path("<stdin>"), sys.stdin.read()
     else:
@@ -53,16 +65,50 @@ def read_prompts(path: str) -> list[str | list[dict]]:
                 entries.append((lineno, line))
     prompts = []
     for lineno, entry in entries:
+        where = f"{file}:{lineno}"
+        settings = {k: v for k, v in entry.items() if k in RECORD_SETTINGS} if isinstance(entry, dict) else {}
         if isinstance(entry, dict) and "messages" in entry and "prompt" not in entry:
-            prompts.append(_conversation_prompt(entry["messages"], f"{file}:{lineno}"))
+            prompts.append((_conversation_prompt(entry["messages"], where), settings, where))
             continue
         text = entry.get("prompt", entry.get("question")) if isinstance(entry, dict) else entry
         if not isinstance(text, str):
-            raise MTPError(f"{file}:{lineno}: expected a string field 'prompt' or 'question'")
-        prompts.append(text)
+            raise MTPError(f"{where}: expected a string field 'prompt' or 'question'")
+        prompts.append((text, settings, where))
     if not prompts:
         raise MTPError(f"{file}: no prompts")
     return prompts
+
+
+def prompt_settings(given: dict, defaults: dict, strategy: str, where: str) -> dict:
+    """A prompt's `generate` arguments that may differ between rows (`mtp.decoding.row_options.PER_ROW` and
+    max_new_tokens): the command's `defaults`, and what its record gives (`given`, checked: an MTPError naming
+    `where`)."""
+    settings = dict(defaults)
+    for name, value in given.items():
+        if name == "stop":
+            value = [value] if isinstance(value, str) else value
+            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+                raise MTPError(f"{where}: 'stop' must be a string or a list of strings, got {value!r}")
+            settings["stop_strings"] = value
+            continue
+        if name == "do_sample" and not isinstance(value, bool):
+            raise MTPError(f"{where}: 'do_sample' must be true or false, got {value!r}")
+        if name in ("max_new_tokens", "top_k", "min_new_tokens") and (isinstance(value, bool)
+                                                                     or not isinstance(value, int)):
+            raise MTPError(f"{where}: {name!r} must be a whole number, got {value!r}")
+        settings[name] = value
+    sampled = ("temperature", "top_k", "top_p", "min_p")
+    try:
+        check_values({**{k: v for k, v in settings.items() if k not in ("stop_strings", "logit_bias")},
+                      "strategy": strategy}, flags=False)
+        if settings["max_new_tokens"] < 0:
+            raise MTPError(f"max_new_tokens must be >= 0, got {settings['max_new_tokens']}")
+        if not settings["do_sample"] and (asked := [k for k in sampled if k in given]):
+            raise MTPError(f"{asked[0]} shapes sampling; greedy decoding ignores it (add \"do_sample\": true, or "
+                           f"--do-sample)")
+    except MTPError as e:
+        raise MTPError(f"{where}: {e}") from None
+    return settings
 
 
 def _chat_text(tokenizer, messages: list[dict]) -> str:
@@ -125,7 +171,9 @@ def generate(model: str | None = None, prompt: str | None = None, prompts: str |
         prompt: the prompt text.
         prompts: a file with one prompt per line, or JSONL with a "prompt" (or "question") field, or with
             conversations ("messages": answered after their last user turn, through the chat template); "-":
-            the lines of standard input.
+            the lines of standard input. A record may set its own max_new_tokens, do_sample, temperature, top_k,
+            top_p, min_p, repetition_penalty, presence_penalty, frequency_penalty, min_new_tokens and "stop" (a
+            string or a list): the prompts are still decoded together, each row with its own.
         output: write results as JSONL here (one object per prompt).
         chat: wrap each prompt in the tokenizer's chat template.
         strategy: greedy | speculative (lossless) | confadapt (lossy, tau) | static (lossy, k).
@@ -148,7 +196,8 @@ def generate(model: str | None = None, prompt: str | None = None, prompts: str |
         "weights": weights or WeightOptions()}, flat).values()
     if (prompt is None) == (prompts is None):
         raise MTPError("give exactly one of --prompt or --prompts")
-    texts = [prompt] if prompt is not None else read_prompts(prompts)
+    records = [(prompt, {}, "--prompt")] if prompt is not None else read_prompt_records(prompts)
+    texts = [text for text, _, _ in records]
     if prompt is not None and not prompt:
         raise MTPError("empty prompt: give at least one token")
     if stream and (len(texts) > 1 or json):
@@ -158,7 +207,10 @@ def generate(model: str | None = None, prompt: str | None = None, prompts: str |
     if logprobs is not None and not (json or output):
         raise MTPError("--logprobs go into the JSON records: add --output FILE" + ("" if stream else " or --json"))
     drafts.check()
-    sampling.bias()  # (malformed pairs: before the model loads)
+    shared = sampling.generate_kwargs()  # (malformed --logit-bias pairs: before the model loads)
+    defaults = {name: shared.pop(name) for name in PER_ROW if name in shared} | {
+        "max_new_tokens": max_new_tokens, "stop_strings": []}
+    settings = [prompt_settings(given, defaults, strategy, where) for _, given, where in records]
     runtime, use_graphs = weights.runtime()
     m = weights.load(model, runtime, strategy, num_heads)
     tok = m.tokenizer
@@ -170,11 +222,12 @@ def generate(model: str | None = None, prompt: str | None = None, prompts: str |
     resolve_chat(tok, chat)
     bar = tqdm(total=len(texts), desc=f"generate ({strategy})", unit="prompt", disable=len(texts) < 2 or not progress,
                file=sys.stderr)
-    options = dict(max_new_tokens=max_new_tokens, strategy=strategy, truncate_prompt=truncate_prompt,
-                   graphs=use_graphs, logprobs=logprobs, **drafts.generate_kwargs(), **sampling.generate_kwargs())
-    out = _Printed(texts, tok, json, stream, bar, rows=min(batch_size, len(texts)))
+    options = dict(strategy=strategy, truncate_prompt=truncate_prompt, graphs=use_graphs, logprobs=logprobs,
+                   **drafts.generate_kwargs(), **shared)
+    out = _Printed(texts, tok, json, stream, bar, rows=min(batch_size, len(texts)),
+                   stops=[s["stop_strings"] for s in settings])
     try:
-        seconds, forwards = _decode_prompts(m, prompt_rows(tok, texts, chat), batch_size, out, options)
+        seconds, forwards = _decode_prompts(m, prompt_rows(tok, texts, chat), settings, batch_size, out, options)
     except KeyboardInterrupt:  # print and keep what the interrupted prompts have produced, then stop
         bar.close()
         out.interrupted()
@@ -192,14 +245,16 @@ def generate(model: str | None = None, prompt: str | None = None, prompts: str |
     return 0
 
 
-def _decode_prompts(m, rows: list[list[int]], batch_size: int, out: _Printed, options: dict) -> tuple[float, int]:
-    """Every prompt (token ids) decoded continuously, `batch_size` rows at a time, each answer going to `out` as
-    it ends; what they all start with (a chat template's system turn) fed once. (seconds, row forwards)."""
+def _decode_prompts(m, rows: list[list[int]], settings: list[dict], batch_size: int, out: _Printed,
+                    options: dict) -> tuple[float, int]:
+    """Every prompt (token ids) decoded continuously, `batch_size` rows at a time, each with its `settings`
+    (`prompt_settings`), each answer going to `out` as it ends; what they all start with (a chat template's system
+    turn) fed once. (seconds, row forwards)."""
     waiting = deque(range(len(rows)))
     shared = common_prefix(rows) if len(rows) > 1 else None
     seconds = forwards = 0
     while waiting:  # (one batch, unless the strategy or a long prompt keeps some for the next)
-        res = decode_queue(m, waiting, batch_size, out.end, ids_of=rows.__getitem__,
+        res = decode_queue(m, waiting, batch_size, out.end, ids_of=rows.__getitem__, settings_of=settings.__getitem__,
                            pad_id=m.tokenizer.pad_token_id or 0, streamer=out.collect, prefix=shared, **options)
         seconds += res.stats.seconds
         forwards += res.stats.row_forwards
@@ -210,8 +265,9 @@ class _Printed:
     """The records of `mtp generate`'s prompts, printed in the prompts' order as their answers end (with --stream,
     the one prompt's text as it comes); what Ctrl-C must not lose."""
 
-    def __init__(self, texts: list, tok, json: bool, stream: bool, bar, rows: int):
+    def __init__(self, texts: list, tok, json: bool, stream: bool, bar, rows: int, stops: list[list[str]]):
         self.texts, self.tok, self.json, self.stream, self.bar = texts, tok, json, stream, bar
+        self.stops = stops  # each prompt's stop strings (its text ends before the first)
         self.rows = rows  # the batch's rows at most
         self.results: list[dict] = []  # printed, in order
         self.ready: dict[int, dict] = {}  # ended, waiting for an earlier prompt's
@@ -225,8 +281,8 @@ class _Printed:
 
     def end(self, i: int, tokens: list[int], scores, stats) -> None:
         """Prompt i's answer ended (`stats`: the decoding's figures as they stood then)."""
-        record = _record(self.texts[i], self.tok.decode(tokens, skip_special_tokens=True), tokens,
-                         {"rows": self.rows, **stats.to_dict()})
+        text = cut_at_stop(self.tok.decode(tokens, skip_special_tokens=True), self.stops[i])
+        record = _record(self.texts[i], text, tokens, {"rows": self.rows, **stats.to_dict()})
         if scores is not None:
             show = token_text(self.tok)
             record["logprobs"] = [_scored(e, show) for e in scores]
