@@ -16,6 +16,7 @@ instance to `simple_evaluate(model=...)` works too.
 from __future__ import annotations
 
 import sys
+from collections import deque
 from typing import Any
 
 import torch
@@ -162,9 +163,9 @@ class MTPLM(TemplateLM):
 
     # ------------------------------------------------------------------ generation with our strategies
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
-        from mtp.decoding.generate import generate
         from mtp.decoding.inputs import common_prefix
-        from mtp.evaluation.prompts import left_pad, pad_id, stop_token_ids
+        from mtp.decoding.queue import decode_queue
+        from mtp.evaluation.prompts import pad_id, stop_token_ids
 
         results: list[str | None] = [None] * len(requests)
         groups: dict[str, list[int]] = {}
@@ -193,32 +194,34 @@ class MTPLM(TemplateLM):
             max_ctx = self.max_length - max_gen
             if max_ctx <= 0:
                 raise MTPError(f"max_gen_toks {max_gen} does not fit the context of {self.max_length}")
-            encoded = {i: self.tok_encode(requests[i].args[0])[-max_ctx:] for i in members}
-            ordered = sorted(members, key=lambda i: -len(encoded[i]))
+            encoded = {i: self.tok_encode(requests[i].args[0])[-max_ctx:] or [self.prefix_token_id] for i in members}
             # what the contexts start with (a task's few-shot examples) is fed once
             shared = common_prefix(list(encoded.values())) if len(members) > 1 else None
-            for s in range(0, len(ordered), self.batch_size):
-                idx = ordered[s:s + self.batch_size]
-                ids, mask = left_pad([encoded[i] or [self.prefix_token_id] for i in idx], pad_id(self.tokenizer))
-                result = generate(self.model, ids.to(self._device), mask.to(self._device), max_new_tokens=max_gen,
-                                  strategy=self.strategy, tau=self.tau, k=self.k, num_draft=self.num_draft,
-                                  do_sample=do_sample, temperature=temperature if do_sample else 1.0, top_p=top_p,
-                                  seed=None if seed is None else int(seed), stop_token_ids=stop_ids,
-                                  stop_strings=[u for u in until if u], tokenizer=self.tokenizer, prefix=shared)
+
+            def end(i: int, tokens: list[int], scores, stats, until=until) -> None:
+                text = self.tok_decode(tokens)
+                for stop in until:
+                    if stop:
+                        text = text.split(stop)[0]
+                results[i] = text
+                self.cache_hook.add_partial("generate_until", requests[i].args, text)
+                if bar is not None:
+                    bar.update(1)
+
+            # longest first (lm-eval's order), decoded continuously: the next context joins as a row ends
+            waiting = deque(sorted(members, key=lambda i: -len(encoded[i])))
+            while waiting:  # (one call, unless the strategy takes no joiners or a long context waits for the next)
+                result = decode_queue(self.model, waiting, self.batch_size, end, ids_of=encoded.__getitem__,
+                                      pad_id=pad_id(self.tokenizer), max_new_tokens=max_gen, strategy=self.strategy,
+                                      tau=self.tau, k=self.k, num_draft=self.num_draft, do_sample=do_sample,
+                                      temperature=temperature if do_sample else 1.0, top_p=top_p,
+                                      seed=None if seed is None else int(seed), stop_token_ids=stop_ids,
+                                      stop_strings=[u for u in until if u], tokenizer=self.tokenizer, prefix=shared)
                 st = result.stats
                 self.generation_stats["new_tokens"] += st.new_tokens
                 self.generation_stats["forward_passes"] += st.forward_passes
                 self.generation_stats["row_forwards"] += st.row_forwards
                 self.generation_stats["seconds"] += st.seconds
-                for j, i in enumerate(idx):
-                    text = self.tok_decode(result.tokens[j])
-                    for stop in until:
-                        if stop:
-                            text = text.split(stop)[0]
-                    results[i] = text
-                    self.cache_hook.add_partial("generate_until", requests[i].args, text)
-                    if bar is not None:
-                        bar.update(1)
         if bar is not None:
             bar.close()
         return [r if r is not None else "" for r in results]
