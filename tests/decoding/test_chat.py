@@ -142,3 +142,32 @@ def test_save_adds_the_conversation_to_a_jsonl_that_train_and_generate_read(tiny
     assert "(saved: 1 turn added to" in err and "(saved: 2 turns added to" in err
     assert len(read_prompts(str(saved))) == 2  # mtp generate --prompts answers them (up to their last user turn)
     assert len(load_examples(str(saved))) == 2  # mtp train --data learns their answers
+
+
+def test_set_changes_a_setting_for_the_turns_after(tiny_mtp_folder, capsys, monkeypatch):
+    """`/set NAME VALUE` changes what the next turns decode with (sampling, penalties, stop strings, the answer's
+    length); a bad name or value is one line and changes nothing; `/set` alone lists the settings."""
+    seen = []
+    real = chat_module.generate_tokens
+
+    def spy(m, ids, *a, **kw):
+        seen.append({k: kw.get(k) for k in ("do_sample", "temperature", "repetition_penalty", "stop_strings",
+                                            "max_new_tokens", "seed")})
+        return real(m, ids, *a, **kw)
+
+    monkeypatch.setattr(chat_module, "generate_tokens", spy)
+    typed = ("hi\n/set temperature 0.5\n/set do_sample true\n/set seed 3\n/set repetition_penalty 1.3\n"
+             "/set stop [\"ab\", \"\\n\\n\"]\n/set max_new_tokens 4\nagain\n/set top_p 2\n/set colour red\n"
+             "/set do_sample maybe\n/set temperature 0\n/set\n/set stop none\n/set do_sample off\nonce more\n")
+    code, _, err = _chat(tiny_mtp_folder, typed, capsys, monkeypatch)
+    assert code == 0 and len(seen) == 3
+    assert seen[0] == {"do_sample": False, "temperature": 1.0, "repetition_penalty": 1.0, "stop_strings": None,
+                       "max_new_tokens": 8, "seed": None}
+    assert seen[1] == {"do_sample": True, "temperature": 0.5, "repetition_penalty": 1.3, "stop_strings": ["ab", "\n\n"],
+                       "max_new_tokens": 4, "seed": 3}
+    assert seen[2] == {**seen[1], "do_sample": False, "stop_strings": []}
+    assert "(temperature 0.5; greedy decoding ignores it until /set do_sample true)" in err
+    for says in ("(not set: top_p must be in (0, 1], got 2.0)", "(not set: 'colour' is not a setting",
+                 "(not set: do_sample is true or false, got 'maybe')",
+                 "(not set: temperature must be > 0 when sampling (do_sample))", '(do_sample true, temperature 0.5,'):
+        assert says in err, (says, err)

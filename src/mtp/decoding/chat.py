@@ -4,8 +4,9 @@ Each line typed is a user turn; the conversation so far goes through the tokeniz
 is decoded with any strategy (lossless speculative decoding by default: the answers greedy decoding gives, sooner)
 and printed as its text becomes final (`IncrementalText`), then its speed on stderr. Each turn starts from the keys
 and values of the turn before it and its answer (`mtp.decoding.prefixes.PromptCache`): only what is new is fed. `/reset` starts a
-new conversation, `/save FILE` adds it to a JSONL of conversations (what `mtp train --data` reads), `/quit` or
-Ctrl-D ends; Ctrl-C stops the answer being written (the turn is dropped) and the chat goes on. A conversation
+new conversation, `/save FILE` adds it to a JSONL of conversations (what `mtp train --data` reads), `/set NAME
+VALUE` changes a decoding setting for the turns after (`/set` alone lists them: sampling, penalties, stop strings,
+max_new_tokens), `/quit` or Ctrl-D ends; Ctrl-C stops the answer being written (the turn is dropped) and the chat goes on. A conversation
 longer than the context keeps its last tokens.
 """
 
@@ -17,6 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Literal
 
+from mtp.arguments import check_values
 from mtp.decoding.commands import IncrementalText, encode_prompts
 from mtp.decoding.generate import generate as generate_tokens
 from mtp.decoding.options import DraftOptions, SamplingOptions, WeightOptions
@@ -27,7 +29,11 @@ from mtp.io import atomic_write_lines, read_text
 from mtp.options import with_flat_keywords
 from mtp.process import Terminated
 
-QUIT, RESET, SAVE = ("/quit", "/exit"), "/reset", "/save"
+QUIT, RESET, SAVE, SET = ("/quit", "/exit"), "/reset", "/save", "/set"
+# what /set changes, and how its value is read
+SETTINGS: dict[str, type] = {"do_sample": bool, "temperature": float, "top_k": int, "top_p": float, "min_p": float,
+                             "seed": int, "repetition_penalty": float, "presence_penalty": float,
+                             "frequency_penalty": float, "min_new_tokens": int, "max_new_tokens": int, "stop": str}
 
 
 def chat(model: str | None = None, system: str | None = None,
@@ -36,8 +42,9 @@ def chat(model: str | None = None, system: str | None = None,
          weights: WeightOptions | None = None, **flat: object) -> int:
     """Chat with a model in the terminal: each answer streamed as it is decoded, its speed after it.
 
-    Type a message and Enter; /reset starts a new conversation, /save FILE adds it to a JSONL file, /quit or Ctrl-D
-    ends, Ctrl-C stops an answer.
+    Type a message and Enter; /reset starts a new conversation, /save FILE adds it to a JSONL file, /set NAME VALUE
+    changes a setting (/set lists them: /set temperature 0.7, /set do_sample true, /set stop "\n\n"), /quit or
+    Ctrl-D ends, Ctrl-C stops an answer.
 
     Args:
         model: the embedded default (omit), a local folder, a .gguf file, a Meta checkpoint or a hub id.
@@ -64,7 +71,7 @@ def chat(model: str | None = None, system: str | None = None,
     opening = [{"role": "system", "content": system}] if system else []
     messages = list(opening)
     print(f"mtp chat: {strategy} decoding on {weights.describe(runtime)}; /reset starts over, /save FILE keeps the "
-          "conversation, /quit or Ctrl-D ends", file=sys.stderr, flush=True)
+          "conversation, /set NAME VALUE changes a setting, /quit or Ctrl-D ends", file=sys.stderr, flush=True)
     for line in _typed_lines():
         text = line.strip()
         if not text:
@@ -79,10 +86,64 @@ def chat(model: str | None = None, system: str | None = None,
         if text == SAVE or text.startswith(SAVE + " "):
             _save(messages, text[len(SAVE):].strip())
             continue
+        if text == SET or text.startswith(SET + " "):
+            _set(options, text[len(SET):].strip(), strategy)
+            continue
         answer = _answer(m, tok, [*messages, {"role": "user", "content": text}], options, strategy)
         if answer is not None:
             messages += [{"role": "user", "content": text}, {"role": "assistant", "content": answer}]
     return 0
+
+
+def _set(options: dict, assignment: str, strategy: str) -> None:
+    """`/set NAME VALUE`: the setting changed in `options` (`generate`'s arguments) for the turns after, checked as
+    the command line checks it (a bad one: a line saying why, nothing changed); `/set` alone lists them."""
+    shown = {name: options.get("stop_strings" if name == "stop" else name) for name in SETTINGS}
+    name, _, value = assignment.partition(" ")
+    if not name:
+        print("(" + ", ".join(f"{k} {json.dumps(v)}" for k, v in shown.items()) + ")", file=sys.stderr, flush=True)
+        return
+    try:
+        if name not in SETTINGS:
+            raise MTPError(f"{name!r} is not a setting; /set takes {', '.join(SETTINGS)}")
+        value = _setting(name, value.strip())
+        changed = {**options, ("stop_strings" if name == "stop" else name): value}
+        check_values({k: changed[k] for k in SETTINGS if k in changed and k != "stop"} | {"strategy": strategy},
+                     flags=False)
+        if changed["max_new_tokens"] < 1:
+            raise MTPError(f"max_new_tokens must be >= 1, got {changed['max_new_tokens']}")
+    except MTPError as e:
+        print(f"(not set: {first_line(e)})", file=sys.stderr, flush=True)
+        return
+    options.update(changed)
+    idle = name in ("temperature", "top_k", "top_p", "min_p", "seed") and not options["do_sample"]
+    print(f"({name} {json.dumps(value)}" + ("; greedy decoding ignores it until /set do_sample true" if idle else "")
+          + ")", file=sys.stderr, flush=True)
+
+
+def _setting(name: str, text: str):
+    """A /set value as its setting reads it: true/false, a number, or (stop) a JSON string or list of strings, or
+    the text itself; "none" clears stop strings and the seed."""
+    kind = SETTINGS[name]
+    if text.lower() in ("none", "") and name in ("stop", "seed"):
+        return [] if name == "stop" else None
+    if kind is bool:
+        if text.lower() not in ("true", "false", "on", "off", "1", "0"):
+            raise MTPError(f"{name} is true or false, got {text!r}")
+        return text.lower() in ("true", "on", "1")
+    if kind is str:  # stop strings
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError:
+            value = text
+        value = [value] if isinstance(value, str) else value
+        if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+            raise MTPError(f"stop is a string or a JSON list of strings, got {text!r}")
+        return value
+    try:
+        return kind(text)
+    except ValueError:
+        raise MTPError(f"{name} is {'a whole number' if kind is int else 'a number'}, got {text!r}") from None
 
 
 def _save(messages: list[dict], path: str) -> None:
