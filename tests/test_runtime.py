@@ -107,10 +107,10 @@ def test_the_python_api_refuses_a_device_before_loading(tiny_mtp_folder, tmp_pat
 
 
 def test_eval_batches_more_on_a_gpu():
-    from mtp.evaluation.commands import default_eval_batch
+    from mtp.runtime import default_batch_rows
 
-    assert default_eval_batch(torch.device("cuda", 0)) == 64
-    assert default_eval_batch(torch.device("cpu")) == 8
+    assert default_batch_rows(torch.device("cuda", 0)) == 64
+    assert default_batch_rows(torch.device("cpu")) == 8
 
 
 @pytest.mark.parametrize("method, freeze_trunk, autocast, gpu, expected", [

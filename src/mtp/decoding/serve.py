@@ -38,6 +38,7 @@ from mtp.decoding.prefixes import PromptCache
 from mtp.errors import MTPError, first_line
 from mtp.evaluation.prompts import has_chat_template
 from mtp.options import with_flat_keywords
+from mtp.runtime import default_batch_rows
 
 
 # ------------------------------------------------------------------------------------------------------ HTTP
@@ -480,7 +481,7 @@ class Server(ThreadingHTTPServer):
 
 def serve(model: str | None = None, host: str = "127.0.0.1", port: int = 8000, served_model_name: str | None = None,
           strategy: Literal["greedy", "speculative", "confadapt", "static"] = "speculative",
-          max_new_tokens: int = 256, max_batch_size: int = 8, batch_window_ms: float = 10.0,
+          max_new_tokens: int = 256, max_batch_size: int | None = None, batch_window_ms: float = 10.0,
           batching: Literal["continuous", "static"] = "continuous", prompt_cache_mb: int = 1024,
           api_key: str | None = None, access_log: bool = True,
           drafts: DraftOptions | None = None, weights: WeightOptions | None = None, **flat: object) -> int:
@@ -500,8 +501,9 @@ def serve(model: str | None = None, host: str = "127.0.0.1", port: int = 8000, s
         strategy: greedy | speculative (lossless: greedy's answers, sooner) | confadapt (lossy, tau) | static
             (lossy, k).
         max_new_tokens: tokens an answer has at most when its request gives no max_tokens.
-        max_batch_size: requests (prompts) waiting together with the same settings are decoded as one batch of
-            at most this many rows; requests that come while it decodes join it while a row is free.
+        max_batch_size: requests (prompts) waiting together are decoded as one batch of at most this many rows,
+            each with its own settings; requests that come while it decodes join it while a row is free (default:
+            64 on a GPU, 8 on a CPU).
         batch_window_ms: a batch starts once no request came for this long (at most 10 such windows after
             its first) or it is full: a burst of requests is decoded together; 0: it starts at once.
         batching: continuous (requests that come while a batch decodes join it between two steps, where a row is
@@ -521,6 +523,7 @@ def serve(model: str | None = None, host: str = "127.0.0.1", port: int = 8000, s
                   "batch_window_ms": batch_window_ms, "prompt_cache_mb": prompt_cache_mb})
     drafts.check()
     runtime, use_graphs = weights.runtime()
+    max_batch_size = default_batch_rows(runtime.device) if max_batch_size is None else max_batch_size
     resolve_model(model)  # a model that is not there: one line before the port is taken
     server = Server(host, port)
     try:

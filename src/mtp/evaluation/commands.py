@@ -19,15 +19,18 @@ from mtp.hub import resolve_model
 from mtp.io import input_file
 from mtp.options import with_flat_keywords
 from mtp.process import output_lock
-from mtp.runtime import DType, Graphs, Runtime, dtype_name, graphs_option, resolve_runtime, set_threads
+from mtp.runtime import (
+    DType,
+    Graphs,
+    Runtime,
+    default_batch_rows,
+    dtype_name,
+    graphs_option,
+    resolve_runtime,
+    set_threads,
+)
 
 Strategy = Literal["greedy", "speculative", "confadapt", "static"]
-
-
-def default_eval_batch(device: torch.device) -> int:
-    """Problems `mtp eval` decodes together: a GPU runs a batch of 64 in about the time of one problem (a step
-    reads the weights once for all its rows); on a few CPU cores batches past ~8 rows stop paying."""
-    return 64 if device.type == "cuda" else 8
 
 
 def _model_name(model: str | None) -> str:
@@ -131,7 +134,7 @@ def eval_(
     drafts.check()
     resolve_model(model)  # a model that is not there: one line before anything else
     runtime, use_graphs = weights.runtime()
-    batch_size = default_eval_batch(runtime.device) if batch_size is None else batch_size
+    batch_size = default_batch_rows(runtime.device) if batch_size is None else batch_size
     decode = drafts.generate_kwargs()
     tag = strategy_tag(strategy, drafts.tau, drafts.k, decode["tree"], drafts.tree_size, drafts.lookup)
     out = Path(output) if output is not None else Path("eval") / f"gsm8k-{_model_name(model)}-{tag}"
