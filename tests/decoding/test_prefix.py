@@ -286,6 +286,25 @@ def test_a_sampled_conversation_decodes_as_without_the_cache(reads_next):
         turn = turn + with_cache.tokens[0] + message
 
 
+@pytest.mark.parametrize("graphs", [False, True])
+def test_a_greedy_rows_answer_is_kept_beside_a_sampled_row(graphs, replayed):  # noqa: F811
+    """Heads that read the next token, one batch of a greedy row, a sampled row and a penalized greedy row (a
+    server's requests with their own settings): the greedy row's prompt and answer are kept (its tokens are the
+    model's own), the others' prompts only; every entry holds what its tokens compute."""
+    model = reading_next_token(tiny_mtp("llama", num_heads=3, seed=5, dtype=torch.float64, vocab_size=40),
+                               seed=1, scale=2.0)
+    cache = PromptCache(min_tokens=2)
+    prompts = [list(range(1, 12)), list(range(12, 20)), list(range(20, 29))]
+    ids, mask = left_pad(prompts)
+    out = generate(model, ids, mask, max_new_tokens=10, stop_token_ids=[], strategy="speculative", seed=3,
+                   adaptive_draft=False, prompt_cache=cache, graphs=graphs, do_sample=[False, True, False],
+                   temperature=1.5,
+                   repetition_penalty=[1.0, 1.0, 2.0])
+    kept = {tokens for tokens, _, _ in cache.entries.values()}
+    assert kept == {tuple(prompts[0] + out.tokens[0][:-1]), tuple(prompts[1]), tuple(prompts[2])}
+    assert_entries_hold_what_their_tokens_compute(model, cache, strategy="speculative", stop_token_ids=[])
+
+
 @pytest.mark.cuda
 def test_cuda_a_conversation_through_a_prompt_cache_decodes_as_eager_without_it():
     """On a GPU, replayed graphs: a conversation's turns, each starting from the turn before it in the prompt

@@ -164,9 +164,7 @@ def iter_generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor |
     if (prefix is not None or prompt_cache is not None) and on_trunk is not None:
         raise MTPError("prefix, prompt_cache: an observer of the trunk (on_trunk) would not see the positions a "
                        "prompt loads")
-    # (sampled or penalized tokens may not be the model's own next ones, which heads that read them assumed)
-    starts = Starts(model, drafter, prefix, prompt_cache, static, device, stats,
-                    opts.do_sample or opts.penalties is not None)
+    starts = Starts(model, drafter, prefix, prompt_cache, static, device, stats)
     fed_ids, fed_mask, row_starts, prompts = _fed_prompts(input_ids, attention_mask, starts, static)
     loaded = max((s.slots for s in row_starts if s is not None), default=0)
     b, prompt_len = input_ids.shape[0], loaded + fed_ids.shape[1]  # (the slots the prompt step fills, at most)
@@ -194,7 +192,7 @@ def iter_generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor |
     gate.launched(("prompt", block))
     state, result = steps.prefill(state)
     for row, ids in enumerate(prompts):  # (what a prompt cache keeps of them)
-        starts.keep(ids, row_starts[row], steps.cache, row, row)
+        starts.keep(ids, row_starts[row], steps.cache, row, row, rows[row].own_tokens)
     fits, next_row = _fitting(model, drafter, steps.cache_len, static, starts, opts), b  # (joined rows' indices)
     while True:
         most = emitted_width(result.host.shape[1], opts.logprobs)  # tokens a row may emit in the step being read
@@ -470,7 +468,7 @@ def _join_prompts(steps: _EagerSteps | _ReplayedSteps, prompts: list[tuple], fir
         prompt.rows = torch.tensor(rows, device=device)
         state, result, cache = steps.prefill_joining(prompt, row_starts)
         for j, p in enumerate(ids):
-            starts.keep(p, row_starts[j], cache, j, rows[j])
+            starts.keep(p, row_starts[j], cache, j, rows[j], group[j][1][2].own_tokens)
         host = _HostRows(rows, [True] * len(rows), list(budgets))
         emitted, _, ended = _read_rows(result.host.tolist(), host, stop, state.finished, top)
         stats.forward_passes += 1

@@ -89,13 +89,12 @@ class Starts:
     conversation's next turn then starts after the answer, not after the prompt)."""
 
     def __init__(self, model, drafter, prefix: Sequence[int] | None, prompt_cache: PromptCache | None,
-                 static: bool, device: torch.device, stats, emits_other_tokens: bool = False):
+                 static: bool, device: torch.device, stats):
         self.drafter, self.static, self.device, self.stats = drafter, static, device, stats
         # Each row's tokens so far and how many of them the prompt cache holds, for the answers it keeps: all but
-        # where the drafter's keys read the model's own next token and the decoding may emit another (sampling,
-        # penalties)
-        keeps_answers = prompt_cache is not None and not (emits_other_tokens and drafter.reads_next_token)
-        self.rows: dict[int, tuple[list[int], int]] | None = {} if keeps_answers else None
+        # those of rows that may emit another token than the model's own (sampling, penalties) where the drafter's
+        # keys read the model's own next token (`keep`)
+        self.rows: dict[int, tuple[list[int], int]] | None = {} if prompt_cache is not None else None
         self.prefix = list(prefix) if prefix is not None and len(prefix) > 1 else []  # (one token: nothing to load)
         self.prefix_cache: MTPCache | None = None
         self.prompt_cache = prompt_cache
@@ -128,10 +127,12 @@ class Starts:
             self.prompt_cache.reused_tokens += start.slots
         return start, ids[start.slots:]
 
-    def keep(self, ids: list[int], start: Start | None, cache: MTPCache, index: int, row: int) -> None:
+    def keep(self, ids: list[int], start: Start | None, cache: MTPCache, index: int, row: int,
+             own_tokens: bool = True) -> None:
         """After a prompt's step: keep batch row `index` of `cache` (the prompt `ids` of the caller's row `row`, fed
         from `start`) in the prompt cache, where it holds at least `min_tokens` tokens more than the entry it
-        started from."""
+        started from; and its answer when it ends (`read`), unless it may emit other tokens than the model's own
+        (`own_tokens` False: sampled or penalized) and the drafter's keys read the model's own next token."""
         if self.prompt_cache is None:
             return
         held = start.slots if start is not None else 0
@@ -139,7 +140,7 @@ class Starts:
             held = len(ids)
             if (self.kind, tuple(ids)) not in self.prompt_cache.entries:  # (the same prompt: a request's n choices)
                 self.prompt_cache.add(ids, self.kind, cache.compact_row(index), self.refs)
-        if self.rows is not None:
+        if self.rows is not None and (own_tokens or not self.drafter.reads_next_token):
             self.rows[row] = (list(ids), held)
 
     def read(self, emitted: list[tuple[int, list[int], object]], ended: list[int], rows: list[int] | None = None,
@@ -151,8 +152,11 @@ class Starts:
         if self.rows is None:
             return
         for row, new, _ in emitted:
-            self.rows[row][0].extend(new)
+            if row in self.rows:
+                self.rows[row][0].extend(new)
         for row in ended:
+            if row not in self.rows:  # (an answer not kept)
+                continue
             tokens, held = self.rows.pop(row)
             if cache is None or len(tokens) - 1 - held < self.prompt_cache.min_tokens:
                 continue

@@ -37,6 +37,12 @@ class RowOptions:
         """The options of a batch whose rows all decode as `opts` (a `DecodeOptions`) says."""
         return cls(opts.do_sample, opts.temperature, opts.top_k, opts.top_p, opts.min_p, opts.penalties or Penalties())
 
+    @property
+    def own_tokens(self) -> bool:
+        """Whether the row emits only the model's own next tokens (greedy, no penalties): what heads that read the
+        next token assumed when they wrote their keys (`mtp.decoding.prefixes.Starts.keep`)."""
+        return not self.do_sample and not self.penalties.active
+
     def settings(self) -> list[float]:
         """The row of `DecodeState.sampling`: temperature (0: greedy), top-k, top-p, min-p (a greedy row's neutral)."""
         if not self.do_sample:
