@@ -171,3 +171,20 @@ def test_set_changes_a_setting_for_the_turns_after(tiny_mtp_folder, capsys, monk
                  "(not set: do_sample is true or false, got 'maybe')",
                  "(not set: temperature must be > 0 when sampling (do_sample))", '(do_sample true, temperature 0.5,'):
         assert says in err, (says, err)
+
+
+def test_a_stop_string_ends_the_printed_answer_before_it(tiny_mtp_folder, capsys, monkeypatch):
+    """With `/set stop`, the streamed answer is printed up to the stop string, never the string itself, even where
+    it comes in pieces over several steps (the text that could begin one waits for the next tokens)."""
+    tok = load_mtp_model(str(tiny_mtp_folder)).tokenizer
+
+    def answer(m, ids, *a, streamer, stop_strings=None, **kw):
+        tokens = tok.encode("Twelve.\n\nMore")
+        for t in tokens:  # a token a step
+            streamer(0, [t])
+        assert stop_strings == ["\n\n"]
+        return GenerationResult([tokens], GenerationStats(new_tokens=len(tokens)), ["Twelve."])
+
+    monkeypatch.setattr(chat_module, "generate_tokens", answer)
+    code, out, _ = _chat(tiny_mtp_folder, "/set stop \"\\n\\n\"\nWhat is 7 + 5?\n", capsys, monkeypatch)
+    assert code == 0 and out == "Twelve.\n"

@@ -24,8 +24,8 @@ from hypothesis import strategies as st
 from conftest import tiny_mtp, tiny_tokenizer
 from mtp.decoding import batcher as batcher_module
 from mtp.decoding import serve as serve_module
-from mtp.decoding.batcher import Batcher, StreamedText
-from mtp.decoding.commands import encode_prompts
+from mtp.decoding.batcher import Batcher
+from mtp.decoding.commands import StreamedText, encode_prompts
 from mtp.decoding.generate import generate
 from mtp.decoding.logprobs import prompt_logprobs
 from mtp.decoding.prefixes import PromptCache

@@ -30,7 +30,7 @@ from http import HTTPStatus
 from queue import Queue
 
 from mtp.decoding import openai_api as api
-from mtp.decoding.commands import IncrementalText
+from mtp.decoding.commands import StreamedText
 from mtp.decoding.generate import (
     Admission,
     GenerationResult,
@@ -45,43 +45,6 @@ from mtp.decoding.prefixes import PromptCache
 from mtp.decoding.row_options import RowOptions
 from mtp.decoding.stopping import cut_at_stop
 from mtp.errors import MTPError, first_line
-
-
-class StreamedText:
-    """A row's answer as it is streamed: `IncrementalText`'s pieces, cut at the first stop string, with the text
-    that could still begin one held back until the next tokens tell. The pieces add up to the answer `generate`
-    returns (its text cut at the first stop string)."""
-
-    def __init__(self, tokenizer, stop: tuple[str, ...] = ()):
-        self.text = IncrementalText(tokenizer)
-        self.stop = stop
-        self.pending = ""  # decoded, not yet sent
-        self.stopped = False  # a stop string was found: nothing more is sent
-
-    def add(self, tokens: list[int]) -> str:
-        if self.stopped:
-            return ""
-        self.pending += self.text.add(tokens)
-        return self._release(final=False)
-
-    def finish(self) -> str:
-        if not self.stopped:
-            self.pending += self.text.rest()
-        return self._release(final=True)
-
-    def _release(self, final: bool) -> str:
-        cut = min((i for i in (self.pending.find(s) for s in self.stop) if i >= 0), default=-1)
-        if cut >= 0:
-            self.pending, self.stopped = self.pending[:cut], True
-        keep = 0 if final or self.stopped else _stop_prefix(self.pending, self.stop)
-        out, self.pending = self.pending[:len(self.pending) - keep], self.pending[len(self.pending) - keep:]
-        return out
-
-
-def _stop_prefix(text: str, stop: tuple[str, ...]) -> int:
-    """The length of the longest end of `text` that begins a stop string (0: none)."""
-    return max((n for s in stop for n in range(min(len(s) - 1, len(text)), 0, -1) if text.endswith(s[:n])),
-               default=0)
 
 
 @dataclass

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Literal
 
 from mtp.arguments import check_values
-from mtp.decoding.commands import IncrementalText, encode_prompts
+from mtp.decoding.commands import StreamedText, encode_prompts
 from mtp.decoding.generate import generate as generate_tokens
 from mtp.decoding.options import DraftOptions, SamplingOptions, WeightOptions
 from mtp.decoding.prefixes import PromptCache
@@ -186,17 +186,17 @@ def _typed_lines() -> Iterator[str]:
 def _answer(m, tok, messages: list[dict], options: dict, strategy: str) -> str | None:
     """The model's answer to `messages`, printed as it is decoded (None: stopped with Ctrl-C)."""
     ids, _ = encode_prompts(tok, [messages], chat=True)
-    text = IncrementalText(tok)
+    text = StreamedText(tok, tuple(options.get("stop_strings") or ()))  # (the answer's text up to a stop string)
     try:
         res = generate_tokens(m, ids.to(m.device), streamer=lambda row, new: print(text.add(new), end="",
                                                                                   flush=True), **options)
     except Terminated:
         raise
     except KeyboardInterrupt:  # the answer stops, the chat goes on
-        print(text.rest(), flush=True)
+        print(text.finish(), flush=True)
         print("(stopped; this turn is left out of the conversation)", file=sys.stderr, flush=True)
         return None
-    print(text.rest(), flush=True)
+    print(text.finish(), flush=True)
     s = res.stats
     print(f"[{strategy}] {s.new_tokens} tokens in {s.seconds:.1f} s: {s.new_tokens / max(s.seconds, 1e-9):.1f} "
           f"tokens/s, {s.tokens_per_forward:.2f} tokens per forward", file=sys.stderr, flush=True)

@@ -344,6 +344,43 @@ class IncrementalText:
         return text[len(before):]
 
 
+class StreamedText:
+    """A row's answer as it is streamed: `IncrementalText`'s pieces, cut at the first stop string, with the text
+    that could still begin one held back until the next tokens tell. The pieces add up to the answer `generate`
+    returns (its text cut at the first stop string)."""
+
+    def __init__(self, tokenizer, stop: tuple[str, ...] = ()):
+        self.text = IncrementalText(tokenizer)
+        self.stop = stop
+        self.pending = ""  # decoded, not yet sent
+        self.stopped = False  # a stop string was found: nothing more is sent
+
+    def add(self, tokens: list[int]) -> str:
+        if self.stopped:
+            return ""
+        self.pending += self.text.add(tokens)
+        return self._release(final=False)
+
+    def finish(self) -> str:
+        if not self.stopped:
+            self.pending += self.text.rest()
+        return self._release(final=True)
+
+    def _release(self, final: bool) -> str:
+        cut = min((i for i in (self.pending.find(s) for s in self.stop) if i >= 0), default=-1)
+        if cut >= 0:
+            self.pending, self.stopped = self.pending[:cut], True
+        keep = 0 if final or self.stopped else _stop_prefix(self.pending, self.stop)
+        out, self.pending = self.pending[:len(self.pending) - keep], self.pending[len(self.pending) - keep:]
+        return out
+
+
+def _stop_prefix(text: str, stop: tuple[str, ...]) -> int:
+    """The length of the longest end of `text` that begins a stop string (0: none)."""
+    return max((n for s in stop for n in range(min(len(s) - 1, len(text)), 0, -1) if text.endswith(s[:n])),
+               default=0)
+
+
 def _record(prompt: str, text: str, token_ids: list[int], batch: dict | None) -> dict:
     """A prompt's result; `batch`: the figures of the decoding it was part of (None: interrupted)."""
     return {"prompt": prompt, "text": text, "token_ids": token_ids, "new_tokens": len(token_ids), "batch": batch}

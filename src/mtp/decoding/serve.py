@@ -30,8 +30,8 @@ from urllib.parse import urlsplit
 
 from mtp.arguments import check_values
 from mtp.decoding import openai_api as api
-from mtp.decoding.batcher import Batcher, Finished, Job, StreamedText
-from mtp.decoding.commands import IncrementalText, encode_prompts
+from mtp.decoding.batcher import Batcher, Finished, Job
+from mtp.decoding.commands import IncrementalText, StreamedText, encode_prompts
 from mtp.decoding.generate import context_limit, context_room
 from mtp.decoding.options import DraftOptions, WeightOptions
 from mtp.decoding.prefixes import PromptCache
