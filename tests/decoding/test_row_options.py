@@ -39,6 +39,23 @@ def test_each_rows_settings_process_its_logits_as_its_own_would(data, rows, slot
         torch.testing.assert_close(each[row], process_logits(logits[row], t, k, p, m), atol=1e-7, rtol=0)
 
 
+@settings(max_examples=60, deadline=None)
+@given(seed=st.integers(0, 10_000), vocab=st.sampled_from([257, 300, 2048, 5000]), scale=st.floats(0.5, 12),
+       per_row=st.booleans(), top_p=st.floats(0.01, 0.999))
+def test_the_nucleus_found_among_the_most_likely_tokens_is_the_whole_sorts(seed, vocab, scale, per_row, top_p):
+    """On a CPU top-p first looks among the most likely NUCLEUS_HEAD tokens and sorts the whole vocabulary only
+    for rows whose nucleus goes past them: the same tokens are dropped as by sorting every row (flat and peaked
+    rows, one top-p or one per row)."""
+    from mtp.decoding.sampling import NUCLEUS_HEAD, _outside_nucleus, _sorted_outside_nucleus
+
+    generator = torch.Generator().manual_seed(seed)
+    probs = torch.softmax(torch.randn(3, 4, vocab, generator=generator) * scale, -1)
+    p = torch.rand(3, 1, 1, generator=generator).clamp(0.01, 1.0) if per_row else top_p
+    drop = _outside_nucleus(probs, p)
+    assert torch.equal(drop, _sorted_outside_nucleus(probs, p))
+    assert vocab > NUCLEUS_HEAD and (~drop).any(-1).all()  # (the top token always stays)
+
+
 def _options(draw, vocab: int) -> RowOptions:
     """A row's settings: greedy, sampled with a filter that leaves one token (its tokens are greedy's), or sampled
     freely; penalties, biases, a minimum length, stop strings, each drawn."""
