@@ -69,7 +69,7 @@ RULES: dict[str, Range] = {
     "train_limit": Range(2), "threads": AT_LEAST_1, "max_new_tokens": AT_LEAST_1, "steps": AT_LEAST_1,
     "keep_checkpoints": AT_LEAST_1, "seq_len": Range(2), "holdout_max": AT_LEAST_0, "warmup_steps": AT_LEAST_0,
     "eval_every": AT_LEAST_0, "save_every": AT_LEAST_0, "draft_vocab": AT_LEAST_0, "shots": Range(0, 8),
-    "hf_lookup": AT_LEAST_0, "bandwidth_gbs": POSITIVE,
+    "hf_lookup": AT_LEAST_0, "bandwidth_gbs": POSITIVE, "sample_temperature": POSITIVE,
     # serving
     "port": Range(0, 65535), "max_batch_size": AT_LEAST_1, "batch_window_ms": AT_LEAST_0, "prompt_cache_mb": AT_LEAST_0,
     # model structure

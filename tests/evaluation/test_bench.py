@@ -367,6 +367,8 @@ def test_bench_bad_inputs(tiny_model_dir, tiny_tokenizer, tmp_path):
         bench(model=str(tiny_model_dir), gguf=str(tmp_path / "x.gguf"), progress=False)
     with pytest.raises(MTPError, match="limit"):
         bench(model=str(tiny_model_dir), limit=0, progress=False)
+    with pytest.raises(MTPError, match="--sample-temperature must be > 0, got -1"):
+        bench(model=str(tiny_model_dir), sample_temperature=-1.0, output=str(tmp_path / "never"), progress=False)
     (tmp_path / "f").write_text("x")
     with pytest.raises(MTPError, match="is a file"):
         bench(model=str(tiny_model_dir), output=str(tmp_path / "f"), progress=False)
@@ -512,6 +514,36 @@ def test_batch_rows_on_the_cpu(tiny_model_dir, gsm8k_file, tmp_path):
     assert 0 <= batches[3]["plain_step_share"] <= 1
     assert "| batch | method | prompts | tokens/s (total) | tokens/forward | ms/forward | = greedy | plain steps |" \
         in (out / "report.md").read_text()
+
+
+def test_sampled_rows_draw_from_the_rows_models(tiny_tokenizer, tmp_path):
+    """--sample-temperature: transformers' sampling, mtp's and exact speculative sampling (on the fp16-packed copy,
+    the CPU's fast rows), seed 0 every call: at a temperature near 0 each draws its greedy row's tokens, and at 1
+    the same tokens in two benches."""
+    model = make_model(tiny_tokenizer, num_heads=3)
+    path = tmp_path / "prompts.txt"
+    path.write_text("Tom has 3 apples and 3 apples\n\nA box holds 12 eggs\n", encoding="utf-8")
+    prompts = file_prompts(tiny_tokenizer, path, chat=False)
+
+    def calls(temperature: float) -> dict:
+        methods = build_methods(model, tiny_tokenizer, tau=[], k=[], hf=True, hf_lookup=0, fp16=True, int8=False,
+                                lookup=2, sample_temperature=temperature)
+        assert [m.name for m in methods][-3:] == ["hf-sampled", "sampled", "speculative-sampled"]
+        assert methods[-1].engine == "mtp-fp16" and "2 lookup drafts" in methods[-1].description
+        assert all(m.lossless_reference is None for m in methods[-3:])
+        report = build_report(run_bench(methods, prompts, 10, progress=False), tiny_tokenizer,
+                              settings={"max_new_tokens": 10})
+        return {(c["method"], c["prompt"]): c["tokens"] for c in report["calls"]}
+
+    cold = calls(1e-4)
+    for p in range(2):
+        assert cold[("hf-sampled", p)] == cold[("hf-greedy", p)]
+        assert cold[("sampled", p)] == cold[("speculative-sampled", p)] == cold[("greedy-fp16", p)]
+    first, again = calls(1.0), calls(1.0)
+    assert all(first[(name, p)] == again[(name, p)] for name in ("hf-sampled", "sampled", "speculative-sampled")
+               for p in range(2))
+    with pytest.raises(MTPError, match="--sample-temperature must be > 0"):
+        build_methods(model, tiny_tokenizer, tau=[], k=[], hf=False, fp16=False, sample_temperature=0.0)
 
 
 def test_the_static_cache_peer_decodes_as_transformers_greedy_on_a_cpu(tiny_tokenizer, tmp_path):

@@ -13,6 +13,11 @@ Methods (rows of the report):
     *-fp16             greedy and speculative with fp16-packed weights (fbgemm; lossless: speculative == greedy;
                        CPU only, as is the next row)
     *-int8             the same on an int8 (dynamic quantisation) copy of the model (speculative may differ)
+    hf-sampled, sampled, speculative-sampled (`--sample-temperature T`): transformers `generate(do_sample=True)`,
+                       mtp sampling one token a step, and mtp's exact speculative sampling (the chain, with
+                       `--lookup`'s drafts), at temperature T, seed 0 every call (mtp's rows on the fp16-packed
+                       weights where there are some): draws, not greedy's answers; their tokens/s and tokens per
+                       forward
     llama.cpp          llama-cpp-python greedy on the GGUF, when the package is installed, in a process of its own
                        with torch's thread count (torch's threads idle meanwhile); llama.cpp-inline: the same in
                        the bench process (`--llamacpp-inline`), to see what sharing the cores with torch costs
@@ -177,8 +182,10 @@ def prompts_to_capture(prompts: Sequence[Prompt]) -> list[Prompt]:
 def mtp_method(model, tokenizer, name: str, strategy: str, *, tau: float = 0.9, k: int | None = None,
                engine: str = "mtp", stop_ids: Sequence[int] | None = None, description: str = "",
                tree_size: int | None = None, tree: str = "auto", lookup: int = 0,
-               graphs: bool | str | None = None) -> Method:
-    """One of mtp's decoding methods as a bench row (`graphs`: CUDA graphs, None: on for CUDA)."""
+               graphs: bool | str | None = None, temperature: float | None = None) -> Method:
+    """One of mtp's decoding methods as a bench row (`graphs`: CUDA graphs, None: on for CUDA; `temperature`:
+    sampling at it, seed 0 every call)."""
+    sampling = {} if temperature is None else {"do_sample": True, "temperature": temperature, "seed": 0}
     from mtp.decoding.generate import generate
 
     stop_ids = list(stop_token_ids(model, tokenizer) if stop_ids is None else stop_ids)
@@ -187,7 +194,8 @@ def mtp_method(model, tokenizer, name: str, strategy: str, *, tau: float = 0.9, 
     def decode(ids, mask, max_new_tokens, streamer=None):
         return generate(model, ids, mask, max_new_tokens=max_new_tokens, strategy=strategy, tau=tau, k=k,
                         stop_token_ids=stop_ids, stop_strings=STOP_SEQUENCES, tokenizer=tokenizer, streamer=streamer,
-                        tree=tree if tree_size else None, tree_size=tree_size, lookup=lookup, graphs=graphs)
+                        tree=tree if tree_size else None, tree_size=tree_size, lookup=lookup, graphs=graphs,
+                        **sampling)
 
     def run(prompt: Prompt, max_new_tokens: int) -> CallResult:
         ids = torch.tensor([prompt.token_ids], dtype=torch.long, device=device)
@@ -214,18 +222,21 @@ def mtp_method(model, tokenizer, name: str, strategy: str, *, tau: float = 0.9, 
     lossless = OUR_GREEDY if strategy == "speculative" and engine == "mtp" else None
     if strategy == "speculative" and engine != "mtp":
         lossless = f"greedy-{engine.removeprefix('mtp-')}"
+    lossless = None if sampling else lossless  # (draws: no greedy answer to equal)
     replays = device.type == "cuda" and graphs is not False
     return Method(name, engine, run, description or strategy, lossless, run_batch=run_batch, strategy=strategy,
                   warmup=capture if replays else None, **weight_sizes(model))
 
 
 def hf_method(model, tokenizer, name: str, *, lookup: int | None = None,
-              stop_ids: Sequence[int] | None = None, static_cache_len: int | None = None) -> Method:
+              stop_ids: Sequence[int] | None = None, static_cache_len: int | None = None,
+              temperature: float | None = None) -> Method:
     """transformers `generate()` on the base model (the MTP heads unused), greedy or prompt lookup; with
     `static_cache_len`, greedy with a static cache of that many tokens, which makes `generate()` compile its
     decoding step, on a copy of the base model (compiling leaves state on the module: the eager rows keep
     theirs). Its warm-up decodes the longest prompt in full twice: a static cache sized for every call and its
-    compiled step are ready before the timed calls."""
+    compiled step are ready before the timed calls. `temperature`: sampling at it (no top-k, no top-p; torch's
+    seed 0 every call)."""
     static = static_cache_len is not None
     base = model.base
     if static:
@@ -235,6 +246,8 @@ def hf_method(model, tokenizer, name: str, *, lookup: int | None = None,
     stop_ids = list(stop_token_ids(model, tokenizer) if stop_ids is None else stop_ids)
     calls = None if static else _forward_counter(base)  # (a hook would be traced into the compiled step)
     config = _hf_config(tokenizer, stop_ids, lookup, static_cache_len)
+    if temperature is not None:
+        config.do_sample, config.temperature, config.top_k, config.top_p = True, temperature, 0, 1.0
 
     def run(prompt: Prompt, max_new_tokens: int) -> CallResult:
         ids = torch.tensor([prompt.token_ids], dtype=torch.long, device=model.device)
@@ -244,6 +257,8 @@ def hf_method(model, tokenizer, name: str, *, lookup: int | None = None,
             calls[0] = 0
 
         def call():
+            if temperature is not None:
+                torch.manual_seed(0)
             with torch.inference_mode():
                 return base.generate(ids, attention_mask=torch.ones_like(ids), generation_config=config,
                                      tokenizer=tokenizer, streamer=streamer)
@@ -258,8 +273,11 @@ def hf_method(model, tokenizer, name: str, *, lookup: int | None = None,
         for _ in range(2):
             run(longest, max_new_tokens)
 
+    description = _hf_description(lookup, static_cache_len, model.device)
+    if temperature is not None:
+        description = f"transformers generate() sampling, temperature {temperature:g}"
     return Method(name, "transformers-static" if static else "transformers", run,
-                  _hf_description(lookup, static_cache_len, model.device), HF_GREEDY if lookup is not None else None,
+                  description, HF_GREEDY if lookup is not None else None,
                   warmup=warmup if static else None, **weight_sizes(base))
 
 
@@ -403,7 +421,7 @@ def build_methods(model, tokenizer, *, tau: Sequence[float] = (0.9, 0.7, 0.5), k
                   llamacpp_ctx: int = 2048, llamacpp_inline: bool = False,
                   notes: list[str] | None = None, tree_size: Sequence[int] = (), lookup: int = 0,
                   tree: Sequence[str] = ("auto",), hf_static: bool = False,
-                  graphs: bool | str | None = None) -> list[Method]:
+                  graphs: bool | str | None = None, sample_temperature: float | None = None) -> list[Method]:
     """The methods of a benchmark, in report order. Unavailable ones are left out with a line in `notes`.
 
     `hf_static`: transformers greedy with a static cache (its compiled step), the fast transformers path on a GPU;
@@ -415,7 +433,8 @@ def build_methods(model, tokenizer, *, tau: Sequence[float] = (0.9, 0.7, 0.5), k
     any (else fp32), so tokens per forward and speed can be read per tree size; `tree`: their shapes, "auto"
     (one shape from the heads' measured accuracy) and/or "dynamic" (EAGLE-2, per step).
     `lookup`: the same speculative rows (chain and each tree) again with up to that many prompt-lookup drafts.
-    `graphs`: mtp's rows replay CUDA graphs (None: on CUDA)."""
+    `graphs`: mtp's rows replay CUDA graphs (None: on CUDA).
+    `sample_temperature`: also sampled rows at it (`sampled_methods`)."""
     notes = notes if notes is not None else []
     method = functools.partial(mtp_method, graphs=graphs)  # every mtp row of this bench
     stop_ids = stop_token_ids(model, tokenizer)
@@ -433,10 +452,11 @@ def build_methods(model, tokenizer, *, tau: Sequence[float] = (0.9, 0.7, 0.5), k
     if packed and not packable(model):
         notes.append(f"{'/'.join(packed)} rows skipped: packed weights (fbgemm) are for fp32 models on the CPU")
         packed = []
+    copies = {}  # the packed copies, by format
     for fmt in packed:
         from mtp.models.loading import quantize_model
 
-        q = quantize_model(copy.deepcopy(model), fmt)
+        q = copies[fmt] = quantize_model(copy.deepcopy(model), fmt)
         for strategy in packed_strategies:
             if strategy != "greedy" and tokens_per_forward_max(model) == 1:
                 continue
@@ -445,6 +465,9 @@ def build_methods(model, tokenizer, *, tau: Sequence[float] = (0.9, 0.7, 0.5), k
         methods += tree_methods(q, tokenizer, tree_size, stop_ids, fmt, lookup, tree, graphs)
     if not packed:
         methods += tree_methods(model, tokenizer, tree_size, stop_ids, None, lookup, tree, graphs)
+    if sample_temperature is not None:
+        methods += sampled_methods(model, copies.get("fp16"), tokenizer, sample_temperature, stop_ids, lookup, hf,
+                                   graphs)
     if gguf is not None:
         if not llamacpp_installed():
             notes.append("llama.cpp skipped: llama-cpp-python is not installed (make setup-peers, or pip install "
@@ -457,6 +480,27 @@ def build_methods(model, tokenizer, *, tau: Sequence[float] = (0.9, 0.7, 0.5), k
             if llamacpp_inline:  # the same engine beside torch's threads: what isolating it changes
                 methods.append(llamacpp_method(gguf, tokenizer, stop_ids, llamacpp_ctx, name="llama.cpp-inline",
                                                isolated=False))
+    return methods
+
+
+def sampled_methods(model, fp16_model, tokenizer, temperature: float, stop_ids, lookup: int, hf: bool,
+                    graphs: bool | str | None) -> list[Method]:
+    """Sampling at `temperature`: transformers' on `model` (`hf`), mtp's one token a step and mtp's exact
+    speculative sampling (the chain, and up to `lookup` prompt-lookup drafts) on `fp16_model` where there is one
+    (fp16-packed: the CPU's fast rows), else on `model`."""
+    if not temperature > 0:
+        raise MTPError(f"--sample-temperature must be > 0, got {temperature}")
+    methods = [hf_method(model, tokenizer, "hf-sampled", stop_ids=stop_ids, temperature=temperature)] if hf else []
+    weights, engine = (", fp16 weights", "mtp-fp16") if fp16_model is not None else ("", "mtp")
+    model = fp16_model if fp16_model is not None else model
+    methods.append(mtp_method(model, tokenizer, "sampled", "greedy", engine=engine, stop_ids=stop_ids,
+                              graphs=graphs, temperature=temperature,
+                              description=f"sampling, temperature {temperature:g}{weights}"))
+    if tokens_per_forward_max(model) > 1:
+        extra = f" + {lookup} lookup drafts" if lookup else ""
+        methods.append(mtp_method(model, tokenizer, "speculative-sampled", "speculative", engine=engine,
+                                  stop_ids=stop_ids, graphs=graphs, temperature=temperature, lookup=lookup,
+                                  description=f"speculative sampling{extra}, temperature {temperature:g}{weights}"))
     return methods
 
 

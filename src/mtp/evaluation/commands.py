@@ -13,6 +13,7 @@ from typing import Literal
 
 import torch
 
+from mtp.arguments import check_values
 from mtp.decoding.options import DraftOptions, WeightOptions
 from mtp.errors import MTPError
 from mtp.hub import resolve_model
@@ -192,6 +193,7 @@ def bench(
     batch_size: list[int] | None = None,
     bandwidth_gbs: float | None = None,
     graphs: Graphs = "auto",
+    sample_temperature: float | None = None,
 ) -> int:
     """Benchmark every decoding method on the same prompts, interleaved: speed, equality with greedy, accuracy.
 
@@ -243,11 +245,16 @@ def bench(
         graphs: mtp's decoding steps replayed as CUDA graphs: auto (on CUDA), on, off (eager steps), compile
             (graphs of the step torch.compile fused, gpt-fast's way: faster; compiling takes tens of seconds
             for each of the first few step shapes)
+        sample_temperature: also sampled rows at this temperature: transformers' generate(do_sample=True)
+            (hf-sampled), mtp sampling a token a step (sampled) and exact speculative sampling (speculative-sampled:
+            the chain, with --lookup's drafts), seed 0 every call: their tokens/s and tokens per forward (draws,
+            not greedy's answers)
     """
     from mtp.decoding.tree import DEFAULT_TREE_SIZE
 
     resolve_model(model)  # a model that is not there: one line before anything else
     _check_bench_inputs(prompts, limit, batch_size, gguf, also)
+    check_values({"sample_temperature": sample_temperature})
     out = Path(output)
     set_threads(threads)
     runtime = resolve_runtime(device, dtype)
@@ -265,7 +272,7 @@ def bench(
             hf_static=runtime.device.type == "cuda" if hf_static is None else hf_static,
             **_llamacpp_row(llamacpp, gguf, model),
             llamacpp_inline=llamacpp_inline, rotate=rotate, progress=progress, batch_size=tuple(batch_size or ()),
-            bandwidth_gbs=bandwidth_gbs)
+            bandwidth_gbs=bandwidth_gbs, sample_temperature=sample_temperature)
         return run_bench_command(m, setup, model_label=model or "SmolLM2-135M-Instruct (embedded default)",
                                  output=out, extra_models=extra)
 
@@ -414,6 +421,7 @@ class BenchSetup:
     progress: bool = True
     batch_size: Sequence[int] = ()  # batch rows: greedy and the fastest lossless row per batch size
     bandwidth_gbs: float | None = None  # for the weight-streaming floor (None: measured)
+    sample_temperature: float | None = None  # sampled rows at this temperature (None: none)
 
 
 def run_bench_command(m, setup: BenchSetup, *, model_label: str, output: Path,
@@ -455,6 +463,7 @@ def run_bench_command(m, setup: BenchSetup, *, model_label: str, output: Path,
                 "prompts_description": prompts_desc, "limit": setup.limit, "shots": setup.shots, "chat": chat,
                 "max_new_tokens": setup.max_new_tokens, "num_heads": m.num_heads, "rotate": setup.rotate,
                 "hf_lookup": setup.hf_lookup, "gguf": setup.gguf, "hf_static": setup.hf_static,
+                "sample_temperature": setup.sample_temperature,
                 "batch_size": list(setup.batch_size), "command": _command_line()}
     report = build_report(run, tok, settings=settings, notes=notes, runtime=runtime.to_dict(), bandwidth=bandwidth)
     if setup.batch_size:
@@ -481,7 +490,8 @@ def _bench_methods(m, setup: BenchSetup, extra_models: Sequence[tuple[str, objec
     methods = build_methods(m, m.tokenizer, tau=s.tau, k=s.k, hf=s.hf, hf_lookup=s.hf_lookup, fp16=s.fp16,
                             int8=s.int8, gguf=s.gguf, llamacpp_ctx=longest_prompt + s.max_new_tokens + 16,
                             llamacpp_inline=s.llamacpp_inline, notes=notes, tree_size=s.tree_size, lookup=s.lookup,
-                            tree=s.tree, hf_static=s.hf_static, graphs=s.graphs)
+                            tree=s.tree, hf_static=s.hf_static, graphs=s.graphs,
+                            sample_temperature=s.sample_temperature)
     for label, other in extra_models:
         methods += multi_token_methods(other, m.tokenizer, tau=s.tau, k=s.k, fp16=s.fp16, prefix=f"{label}:",
                                        notes=notes, graphs=s.graphs)
