@@ -9,7 +9,8 @@
 #                                    that folder instead of training, e.g. /root/demo/smollm2-mtp4 after `demo`;
 #                                    BENCH_EXTRA: more bench arguments, e.g. issue 22's targets with the compiled
 #                                    step, which compiles tens of seconds a row: BENCH_GRAPHS=compile PROMPTS=20
-#                                    TREE_SIZES=4 BENCH_EXTRA="--strategy greedy speculative --tree auto"),
+#                                    TREE_SIZES=4 BENCH_EXTRA="--strategy greedy speculative --tree auto";
+#                                    BENCH_EXTRA="--sample-temperature 0.7": the sampled rows too, ~1 min more),
 #                                    then the default model's CUDA tests
 #   bash scripts/gpu_check.sh smoke  tiny-model graph tests and step timings only
 #   bash scripts/gpu_check.sh demo   `mtp demo` on the GPU (issue 23: all 7,473 questions, <= 10 minutes); run again
