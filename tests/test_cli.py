@@ -321,6 +321,28 @@ def test_generate_prompts_with_settings_of_their_own(tiny_mtp_folder, tmp_path, 
         assert code == 2 and says in err and len(err.strip().splitlines()) == 1, err
 
 
+def test_sampled_records_take_the_runs_seed(tiny_mtp_folder, tmp_path, capsys):
+    """Records that sample draw from --seed (the same tokens twice) and take the command line's sampling flags as
+    their defaults; where no record samples and --do-sample is not given those flags are an error, and so is a
+    record's own seed (one generator draws for a batch)."""
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"prompt": "Janet has 3 eggs", "do_sample": true}\n{"prompt": "What is 7 + 5?"}\n')
+    base = ["generate", "--model", str(tiny_mtp_folder), "--prompts", str(prompts), "--json", "--no-progress",
+            "--max-new-tokens", "6", "--temperature", "1.5"]
+    runs = []
+    for _ in range(2):
+        code, out, err = run_cli(base + ["--seed", "7"], capsys)
+        assert code == 0, err
+        runs.append([json.loads(line)["token_ids"] for line in out.splitlines()])
+    assert runs[0] == runs[1]
+    prompts.write_text('{"prompt": "Janet has 3 eggs"}\n{"question": "What is 7 + 5?"}\n')
+    code, _, err = run_cli(base, capsys)
+    assert code == 2 and "--temperature shapes sampling; greedy decoding ignores it" in err, err
+    prompts.write_text('{"prompt": "Janet has 3 eggs", "do_sample": true, "seed": 3}\n')
+    code, _, err = run_cli(base, capsys)
+    assert code == 2 and ":1: a record cannot have a seed of its own" in err, err
+
+
 def test_generate_prompts_from_standard_input(tiny_mtp_folder, tmp_path, capsys, monkeypatch):
     """`--prompts -`: the lines of stdin, read as a prompts file's (a line that starts with "{" is a record);
     a bad record names <stdin> and its line."""

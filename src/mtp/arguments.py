@@ -299,6 +299,8 @@ def check_unused(arguments: Mapping[str, object], defaults: Mapping[str, object]
     for name, deciding, reads, message in UNUSED_UNLESS:
         if name not in arguments or name not in defaults or arguments[name] == defaults[name]:
             continue
+        if deciding == ("do_sample",) and arguments.get("prompts") is not None:
+            continue  # (a prompts file's records may sample: `mtp generate` checks once it has read them)
         if all(arguments.get(d) is not None for d in deciding) and not reads(*(arguments[d] for d in deciding)):
             raise MTPError(message.format(**{n: spelled(n, True) for n in (name, *deciding)}))
 

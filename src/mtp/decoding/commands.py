@@ -11,7 +11,7 @@ from typing import Literal
 import torch
 from tqdm import tqdm
 
-from mtp.arguments import check_values
+from mtp.arguments import check_values, spelled
 from mtp.decoding.generate import left_pad
 from mtp.decoding.inputs import common_prefix
 from mtp.decoding.logprobs import TokenLogprob
@@ -67,6 +67,8 @@ def read_prompt_records(path: str) -> list[tuple[str | list[dict], dict, str]]:
     for lineno, entry in entries:
         where = f"{file}:{lineno}"
         settings = {k: v for k, v in entry.items() if k in RECORD_SETTINGS} if isinstance(entry, dict) else {}
+        if isinstance(entry, dict) and "seed" in entry:  # (one generator draws for a batch: no seed per prompt)
+            raise MTPError(f"{where}: a record cannot have a seed of its own; --seed seeds the run's draws")
         if isinstance(entry, dict) and "messages" in entry and "prompt" not in entry:
             prompts.append((_conversation_prompt(entry["messages"], where), settings, where))
             continue
@@ -173,7 +175,8 @@ def generate(model: str | None = None, prompt: str | None = None, prompts: str |
             conversations ("messages": answered after their last user turn, through the chat template); "-":
             the lines of standard input. A record may set its own max_new_tokens, do_sample, temperature, top_k,
             top_p, min_p, repetition_penalty, presence_penalty, frequency_penalty, min_new_tokens and "stop" (a
-            string or a list): the prompts are still decoded together, each row with its own.
+            string or a list), over the flags of the same names: the prompts are still decoded together, each row
+            with its own (--seed seeds the run's draws; a record has no seed of its own).
         output: write results as JSONL here (one object per prompt).
         chat: wrap each prompt in the tokenizer's chat template.
         strategy: greedy | speculative (lossless) | confadapt (lossy, tau) | static (lossy, k).
@@ -211,6 +214,11 @@ def generate(model: str | None = None, prompt: str | None = None, prompts: str |
     defaults = {name: shared.pop(name) for name in PER_ROW if name in shared} | {
         "max_new_tokens": max_new_tokens, "stop_strings": []}
     settings = [prompt_settings(given, defaults, strategy, where) for _, given, where in records]
+    if not any(s["do_sample"] for s in settings):  # (the command line lets a prompts file's records sample)
+        shapes = {"temperature": 1.0, "top_p": 1.0, "top_k": 0, "min_p": 0.0, "seed": None}
+        if unused := [name for name, neutral in shapes.items() if getattr(sampling, name) != neutral]:
+            raise MTPError(f"{spelled(unused[0], True)} shapes sampling; greedy decoding ignores it (add --do-sample "
+                           f"or a record's \"do_sample\": true, or drop {spelled(unused[0], True)})")
     runtime, use_graphs = weights.runtime()
     m = weights.load(model, runtime, strategy, num_heads)
     tok = m.tokenizer
