@@ -229,6 +229,8 @@ def check_values(values: Mapping[str, object], flags: bool = True) -> None:
         for item in value if isinstance(value, list | tuple) else [value]:
             if not isinstance(item, numbers.Real) or isinstance(item, bool):  # the Python API takes anything
                 raise MTPError(f"{spelled(name, flags)} must be a number, got {type(item).__name__} {item!r}")
+            if not math.isfinite(item):  # (an open range would take an infinity; NaN fails every comparison)
+                raise MTPError(f"{spelled(name, flags)} must be a finite number, got {item}")
             if not rule.holds(item):
                 raise MTPError(f"{spelled(name, flags)} must be {rule}, got {item}")
     for names, fine, message in RELATIONS:
