@@ -16,7 +16,7 @@ from conftest import tiny_mtp
 from mtp.decoding.generate import Admission, generate, left_pad
 from mtp.decoding.penalties import Penalties
 from mtp.decoding.reference import reference_greedy
-from mtp.decoding.row_options import RowOptions
+from mtp.decoding.row_options import RowOptions, row_arguments
 from mtp.decoding.sampling import process_logits
 from mtp.decoding.stopping import StopChecker
 from mtp.decoding.tree import DynamicTree
@@ -70,18 +70,6 @@ def _options(draw, vocab: int) -> RowOptions:
                       penalties=penalties, stop_strings=strings)
 
 
-def _arguments(rows: list[RowOptions]) -> dict:
-    """`generate`'s per-row arguments for these rows."""
-    return dict(do_sample=[r.do_sample for r in rows], temperature=[r.temperature for r in rows],
-                top_k=[r.top_k for r in rows], top_p=[r.top_p for r in rows], min_p=[r.min_p for r in rows],
-                repetition_penalty=[r.penalties.repetition for r in rows],
-                presence_penalty=[r.penalties.presence for r in rows],
-                frequency_penalty=[r.penalties.frequency for r in rows],
-                logit_bias=[dict(r.penalties.bias) for r in rows],
-                min_new_tokens=[r.penalties.min_new_tokens for r in rows],
-                stop_strings=[list(r.stop_strings) for r in rows])
-
-
 class OptionedArrivals(Arrivals):
     """`Arrivals` whose prompts join with settings of their own."""
 
@@ -119,7 +107,7 @@ def test_rows_with_their_own_settings_emit_their_own_tokens(data, graphs, model_
     ids, mask = left_pad(first)
     out = generate(model, ids, mask, max_new_tokens=budgets[:len(first)], stop_token_ids=stop, graphs=graphs,
                    adaptive_draft=False, admit=Admission(arrivals, max_rows=3) if joining else None, seed=0,
-                   tokenizer=Letters(), **_arguments(options[:len(first)]), **kw)
+                   tokenizer=Letters(), **row_arguments(options[:len(first)]), **kw)
     order = list(range(len(first))) + ([len(first) + i for i in arrivals.order] if joining else [])
     prompts = first + later
     assert len(out.tokens) == len(order)

@@ -42,7 +42,7 @@ from mtp.decoding.generate import generate as generate_tokens
 from mtp.decoding.logprobs import TokenLogprob, prompt_logprobs
 from mtp.decoding.penalties import Penalties
 from mtp.decoding.prefixes import PromptCache
-from mtp.decoding.row_options import RowOptions
+from mtp.decoding.row_options import RowOptions, row_arguments
 from mtp.decoding.stopping import cut_at_stop
 from mtp.errors import MTPError, first_line
 
@@ -225,16 +225,9 @@ class Batcher:
         admit = None
         if self.join and s.seed is None and not any(j.echo for j in jobs):
             admit = Admission(functools.partial(self._joining, jobs, sent), self.max_batch_size, self.join_room)
-        each = [j.sampling for j in jobs]  # (each row's own settings)
         return generate_tokens(self.model, ids.to(self.model.device), mask.to(self.model.device),
-                               max_new_tokens=[j.max_tokens for j in each], do_sample=[j.do_sample for j in each],
-                               temperature=[j.temperature for j in each], top_p=[j.top_p for j in each],
-                               top_k=[j.top_k for j in each], min_p=[j.min_p for j in each],
-                               stop_strings=[list(j.stop) for j in each],
-                               presence_penalty=[j.presence_penalty for j in each],
-                               frequency_penalty=[j.frequency_penalty for j in each],
-                               repetition_penalty=[j.repetition_penalty for j in each],
-                               logit_bias=[dict(j.logit_bias) for j in each], min_new_tokens=[j.min_tokens for j in each],
+                               max_new_tokens=[j.sampling.max_tokens for j in jobs],
+                               **row_arguments([j.options for j in jobs]),  # (each row's own settings)
                                seed=seed, streamer=stream, logprobs=top, halt=halt, admit=admit, on_end=finish,
                                prompt_cache=self.prompt_cache, **options)
 

@@ -115,8 +115,9 @@ class Admission:
     tokens, options)` says whether a prompt fits the batch's cache and the model's context, and whether its
     `RowOptions` (None: the call's first row's) ask for no more than the batch's steps compute (`RowOptions.fits`);
     it returns the prompts that join now, as (ids, new tokens at most) or (ids, new tokens at most, RowOptions)
-    tuples, [] for none (a prompt without options decodes with the first row's). Joined rows take the next row indices, in order, and decode as if alone (their prompt step, eagerly
-    one for those that join together, then one batch). Greedy and speculative decoding with a chain or a fixed
+    tuples, [] for none (a prompt without options decodes with the first row's). Joined rows take the next row
+    indices, in order, and decode as if alone (their prompt step, eagerly one for those that join together, then
+    one batch). Greedy and speculative decoding with a chain or a fixed
     tree take joiners (a dynamic tree is shaped per batch: none join it)."""
 
     take: Callable[[int, Callable[..., bool]], list[tuple]]
@@ -452,8 +453,8 @@ def _join_prompts(steps: _EagerSteps | _ReplayedSteps, prompts: list[tuple], fir
                   on_end: Callable[[int], None] | None, starts: Starts, default: RowOptions, vocab: int):
     """The prompts' step (rows first, first + 1, ...; from keys and values computed before where `starts` has
     them): one step for them all where steps run eagerly, one each where they replay (a one-row session's prompt
-    graphs). `prompts`: (ids, new tokens at most[, RowOptions; `default` where none]) tuples (`Admission`). Yields their first tokens as
-    `iter_generate` does, and returns those that go on (`_Joined`)."""
+    graphs). `prompts`: (ids, new tokens at most[, RowOptions; `default` where none]) tuples (`Admission`).
+    Yields their first tokens as `iter_generate` does, and returns those that go on (`_Joined`)."""
     prompts = [(p[0], p[1], p[2] if len(p) > 2 else default) for p in prompts]
     stop.add_rows([options.stop_strings for _, _, options in prompts])
     joined, device, top = [], steps.device, opts.logprobs

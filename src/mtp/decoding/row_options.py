@@ -99,6 +99,18 @@ def row_options(rows: int, vocab: int, values: Mapping[str, object], shared: Map
     return out
 
 
+def row_arguments(rows: Sequence[RowOptions]) -> dict[str, list]:
+    """`generate`'s per-row arguments (`PER_ROW`) that give these rows: what `row_options` reads back."""
+    return dict(do_sample=[r.do_sample for r in rows], temperature=[r.temperature for r in rows],
+                top_k=[r.top_k for r in rows], top_p=[r.top_p for r in rows], min_p=[r.min_p for r in rows],
+                repetition_penalty=[r.penalties.repetition for r in rows],
+                presence_penalty=[r.penalties.presence for r in rows],
+                frequency_penalty=[r.penalties.frequency for r in rows],
+                logit_bias=[dict(r.penalties.bias) for r in rows],
+                min_new_tokens=[r.penalties.min_new_tokens for r in rows],
+                stop_strings=[list(r.stop_strings) for r in rows])
+
+
 def _per_row(name: str, value, rows: int) -> list:
     """`value` for each of `rows` rows: one value, or a list (tuple) of one per row."""
     # (a list of strings is every row's stop strings; a list of lists, one per row)
