@@ -9,11 +9,13 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from test_generate import oracle_proposer
 from test_graphs import LOSSLESS, decoding_case
+from test_mask_decoding import mask_model
 
 import mtp.decoding.generate as generate_module
+import mtp.decoding.logprobs as logprobs_module
 from conftest import tiny_mtp
 from mtp.decoding.generate import generate, left_pad
-from mtp.decoding.logprobs import TokenLogprob, prompt_logprobs
+from mtp.decoding.logprobs import TokenLogprob, prompt_logprobs, prompts_logprobs, score_rows
 from mtp.decoding.reference import reference_greedy
 from mtp.errors import MTPError
 
@@ -134,3 +136,33 @@ def test_cuda_graphs_score_as_eager_decoding(kw):
         assert replay.tokens == eager.tokens
         for got, want in zip(sum(replay.logprobs, []), sum(eager.logprobs, []), strict=True):
             assert got.token == want.token and got.logprob == pytest.approx(want.logprob, abs=1e-4)
+
+
+@pytest.mark.parametrize("make", [lambda: tiny_mtp("llama", num_heads=3, seed=8, dtype=torch.float64, vocab_size=40),
+                                  lambda: tiny_mtp("gpt2", num_heads=2, seed=9, dtype=torch.float64, vocab_size=40),
+                                  lambda: mask_model("llama", "gated-lora", seed=4, vocab=40)],
+                         ids=["llama", "gpt2", "mask-tokens"])
+def test_rows_are_scored_together_as_each_alone(make, monkeypatch):
+    """`score_rows` (lm-eval's loglikelihood, echo): rows of different lengths right-padded into forwards of a
+    few tokens at most, the positions unembedded a few at a time, score every token from its row's start as a
+    forward over that row alone does: log-probabilities, whether each is the argmax, the top k."""
+    monkeypatch.setattr(logprobs_module, "UNEMBEDDED_ROWS", 3)
+    model = make()
+    gen = torch.Generator().manual_seed(0)
+    rows = [torch.randint(0, 39, (n,), generator=gen).tolist() for n in (9, 2, 5, 1, 12, 5, 3)]
+    starts = [4, 1, 5, 1, 1, 2, 3]  # (a row may have nothing to score: start == its length)
+    for most in (1, 20, 1000):  # one row a forward, a few, all together
+        scored = score_rows(model, rows, starts, top=3, max_tokens=most)
+        for row, start, s in zip(rows, starts, scored, strict=True):
+            with torch.no_grad():
+                logp = model(torch.tensor([row]))[0, :, 0].log_softmax(-1)[start - 1:-1]  # (n, V)
+            target = torch.tensor(row[start:], dtype=torch.long)
+            assert s.logprobs.shape == (len(row) - start,) and s.top_ids.shape == (len(row) - start, 3)
+            assert torch.allclose(s.logprobs.double(), logp.gather(1, target[:, None])[:, 0].float().double(),
+                                  atol=1e-5)
+            assert torch.equal(s.greedy, logp.argmax(-1) == target)
+            assert torch.equal(s.top_ids, logp.topk(3, -1).indices)
+    assert [p and [t.token for t in p[1:]] for p in prompts_logprobs(model, [rows[1], [5], rows[0]])] == \
+        [rows[1][1:], [], rows[0][1:]]
+    with pytest.raises(ValueError, match="start at index 1"):
+        score_rows(model, [[1, 2]], [0])

@@ -39,7 +39,7 @@ from mtp.decoding.generate import (
     left_pad,
 )
 from mtp.decoding.generate import generate as generate_tokens
-from mtp.decoding.logprobs import TokenLogprob, prompt_logprobs
+from mtp.decoding.logprobs import TokenLogprob, prompts_logprobs
 from mtp.decoding.penalties import Penalties
 from mtp.decoding.prefixes import PromptCache
 from mtp.decoding.row_options import RowOptions, row_arguments
@@ -256,15 +256,13 @@ class Batcher:
         return [(j.ids, j.sampling.max_tokens, j.options) for j in taken]
 
     def _prompt_scores(self, jobs: list[Job]) -> tuple[list, dict]:
-        """Echo with logprobs: each job's prompt scores (one forward a prompt, for its n choices too) and the
-        figures of the scoring."""
+        """Echo with logprobs: each job's prompt scores (the batch's prompts scored together, once each for its n
+        choices too) and the figures of the scoring."""
         start = time.perf_counter()
-        scores_of: dict[tuple[int, ...], list] = {}
-        for j in jobs:  # (choices of a prompt share its scores, with the most alternatives any asks for)
-            if j.echo and j.sampling.logprobs is not None and tuple(j.ids) not in scores_of:
-                top = max(k.sampling.logprobs for k in jobs if k.echo and k.ids == j.ids and k.sampling.logprobs
-                          is not None)
-                scores_of[tuple(j.ids)] = prompt_logprobs(self.model, j.ids, top)
+        scored = [j for j in jobs if j.echo and j.sampling.logprobs is not None]
+        prompts = list(dict.fromkeys(tuple(j.ids) for j in scored))  # (a prompt's choices share its scores)
+        top = max((j.sampling.logprobs for j in scored), default=0)  # (each job keeps the first k it asked for)
+        scores_of = dict(zip(prompts, prompts_logprobs(self.model, [list(p) for p in prompts], top), strict=True))
         return ([j.scored(scores_of.get(tuple(j.ids))) if j.echo else None for j in jobs],
                 {"scored_tokens": sum(map(len, scores_of)), "scoring_seconds": round(time.perf_counter() - start, 4)})
 

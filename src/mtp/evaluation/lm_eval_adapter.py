@@ -109,43 +109,37 @@ class MTPLM(TemplateLM):
                                                   continue_final_message=not add_generation_prompt)
 
     # ------------------------------------------------------------------ scoring with head 0
-    @torch.inference_mode()
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs: Any) -> list[tuple[float, bool]]:
-        """(sum of log p(continuation | context), whether the continuation is the greedy one), per request."""
+        """(sum of log p(continuation | context), whether the continuation is the greedy one), per request: the
+        longest first, `batch_size` at a time (`score_rows`: only the continuations' positions are unembedded)."""
+        from mtp.decoding.logprobs import score_rows
+
         results: list[tuple[float, bool]] = [(0.0, True)] * len(requests)
         order = sorted(range(len(requests)), key=lambda i: -len(requests[i][1]) - len(requests[i][2]))
+        bar = None
+        if not disable_tqdm and len(requests) > self.batch_size:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=len(requests), desc="mtp loglikelihood")
         for s in range(0, len(order), self.batch_size):
-            idx = order[s:s + self.batch_size]
-            rows, spans = [], []
-            for i in idx:
+            rows, starts, idx = [], [], []
+            for i in order[s:s + self.batch_size]:
                 _, context, continuation = requests[i]
-                if not continuation:
-                    spans.append((0, 0))
-                    rows.append(list(context[-1:]) or [self.prefix_token_id])
-                    continue
-                # The model sees context + continuation minus the last token, left-truncated to fit.
-                full = (list(context) + list(continuation))[-(self.max_length + 1):]
-                rows.append(full[:-1])
-                spans.append((len(full) - 1 - len(continuation), len(continuation)))
-            width = max(len(r) for r in rows)
-            ids = torch.zeros(len(rows), width, dtype=torch.long)
-            mask = torch.zeros(len(rows), width, dtype=torch.long)
-            for j, r in enumerate(rows):  # right padding: real positions never see the pads (causal)
-                ids[j, :len(r)] = torch.tensor(r)
-                mask[j, :len(r)] = 1
-            logits = self.model(ids.to(self._device), attention_mask=mask.to(self._device))[:, :, 0].float()
-            logprobs = torch.log_softmax(logits, dim=-1)
-            for j, i in enumerate(idx):
-                start, n = spans[j]
-                if n == 0:
-                    answer = (0.0, True)
-                else:
-                    cont = torch.tensor(requests[i][2][-n:], device=logprobs.device)
-                    lp = logprobs[j, start:start + n]
-                    answer = (float(lp.gather(1, cont[:, None]).sum()), bool((lp.argmax(-1) == cont).all()))
-                results[i] = answer
+                if continuation:  # (an empty one scores 0, greedily)
+                    # the model reads context + continuation but its last token, left-truncated to fit
+                    full = (list(context) + list(continuation))[-(self.max_length + 1):]
+                    rows.append(full)
+                    starts.append(len(full) - min(len(continuation), len(full) - 1))
+                    idx.append(i)
+            for i, scores in zip(idx, score_rows(self.model, rows, starts), strict=True):
+                results[i] = (float(scores.logprobs.double().sum()), bool(scores.greedy.all()))
+            for i in order[s:s + self.batch_size]:
                 if requests[i][0] is not None:
-                    self.cache_hook.add_partial("loglikelihood", requests[i][0], answer)
+                    self.cache_hook.add_partial("loglikelihood", requests[i][0], results[i])
+            if bar is not None:
+                bar.update(len(order[s:s + self.batch_size]))
+        if bar is not None:
+            bar.close()
         return results
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:

@@ -471,6 +471,10 @@ class MaskTokenModel(nn.Module):
         with self.gate(is_mask if bool(is_mask.any()) else None):
             return self.without_mask_token(self.lm(input_ids, attention_mask, **kwargs))
 
+    def next_token_hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """`MTPModel.next_token_hidden` of real tokens (no masks: the adapters stay off, as in `forward`)."""
+        return self.lm.next_token_hidden(input_ids, attention_mask)
+
     def lm_head(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.without_mask_token(self.lm.lm_head(hidden))
 

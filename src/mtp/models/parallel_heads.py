@@ -366,6 +366,12 @@ class MTPModel(nn.Module):
         outside = self._draft_index < 0  # (V,)
         return logits.masked_fill(outside, torch.finfo(logits.dtype).min)
 
+    def next_token_hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """The next-token head's final hidden states (B, T, H) of a plain forward, before the unembedding: what
+        scoring reads at the positions it needs (`lm_head` of those only, not of all T)."""
+        trunk, ctx = self.trunk_forward(input_ids, attention_mask)
+        return self._run_head(0, trunk, ctx)
+
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 return_all_heads: bool = False, cache: MTPCache | None = None) -> torch.Tensor:
         """Logits `(B, T, n, V)` with `return_all_heads`, else `(B, T, 1, V)` from the next-token head (Meta's API).
