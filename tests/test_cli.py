@@ -298,7 +298,7 @@ def test_generate_prompts_with_settings_of_their_own(tiny_mtp_folder, tmp_path, 
     a, b = "Janet has 3 eggs", "What is 7 + 5?"
     plain = alone(a)
     stop = plain["text"][len(plain["text"]) // 2:][:3]
-    records = [{"prompt": a, "max_new_tokens": 3}, {"prompt": b, "repetition_penalty": 100.0},
+    records = [{"prompt": a, "max_new_tokens": 3, "id": 7}, {"prompt": b, "repetition_penalty": 100.0, "answer": "4"},
                {"prompt": a, "stop": stop}, {"prompt": b, "do_sample": True, "top_k": 1, "temperature": 0.7},
                {"prompt": b}]
     prompts = tmp_path / "prompts.jsonl"
@@ -315,7 +315,11 @@ def test_generate_prompts_with_settings_of_their_own(tiny_mtp_folder, tmp_path, 
     for record, says in (({"prompt": "x", "temperature": 0.5}, ":2: temperature shapes sampling"),
                          ({"prompt": "x", "max_new_tokens": "5"}, ":2: 'max_new_tokens' must be a whole number"),
                          ({"prompt": "x", "stop": 3}, ":2: 'stop' must be a string or a list of strings"),
-                         ({"prompt": "x", "top_p": 2.0, "do_sample": True}, ":2: top_p must be in")):
+                         ({"prompt": "x", "top_p": 2.0, "do_sample": True}, ":2: top_p must be in"),
+                         ({"prompt": "x", "max_tokens": 5}, ":2: a record sets 'max_tokens' as 'max_new_tokens'"),
+                         ({"prompt": "x", "n": 2}, ":2: 'n' is the run's setting, not a record's"),
+                         ({"prompt": "x", "maxnewtokens": 5}, ":2: unknown field 'maxnewtokens': did you mean "
+                                                              "'max_new_tokens'?")):
         prompts.write_text('{"prompt": "hi"}\n' + json.dumps(record) + "\n")
         code, _, err = run_cli(["generate", "--model", str(tmp_path / "missing"), "--prompts", str(prompts)], capsys)
         assert code == 2 and says in err and len(err.strip().splitlines()) == 1, err

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import json as jsonlib
 import sys
 from collections import deque
@@ -38,6 +39,29 @@ RECORD_SETTINGS = ("max_new_tokens", "do_sample", "temperature", "top_k", "top_p
                    "presence_penalty", "frequency_penalty", "min_new_tokens", "stop")
 
 
+# What a record may mean by a field it names otherwise (OpenAI's or transformers' spelling), or a setting that is the
+# run's, not a prompt's: refused with the way to say it (other fields, an "id" or a reference "answer", are kept out)
+RECORD_SPELLINGS = {"max_tokens": "'max_new_tokens'", "max_completion_tokens": "'max_new_tokens'",
+                    "min_tokens": "'min_new_tokens'", "stop_strings": "'stop'", "stop_sequences": "'stop'",
+                    "max_length": "'max_new_tokens' (new tokens, the prompt not counted)"}
+RUN_SETTINGS = ("n", "num_return_sequences", "best_of", "num_beams", "logprobs", "top_logprobs", "echo",
+                "logit_bias", "stop_token_ids", "strategy", "tree_size", "lookup", "k", "tau")
+
+
+def _record_field_error(name: str, where: str) -> MTPError | None:
+    """Why a record's field `name` that is not one of `RECORD_SETTINGS` is refused, or None for a field a record
+    may hold beside its prompt (an id, a reference answer)."""
+    if name in RECORD_SPELLINGS:
+        return MTPError(f"{where}: a record sets {name!r} as {RECORD_SPELLINGS[name]}")
+    if name in RUN_SETTINGS:
+        return MTPError(f"{where}: {name!r} is the run's setting, not a record's (a record may set "
+                        f"{', '.join(RECORD_SETTINGS)})")
+    close = difflib.get_close_matches(name, RECORD_SETTINGS, n=1, cutoff=0.8)
+    if close:
+        return MTPError(f"{where}: unknown field {name!r}: did you mean {close[0]!r}?")
+    return None
+
+
 def read_prompts(path: str) -> list[str | list[dict]]:
     """The prompts of `read_prompt_records`."""
     return [p for p, _, _ in read_prompt_records(path)]
@@ -69,6 +93,10 @@ def read_prompt_records(path: str) -> list[tuple[str | list[dict], dict, str]]:
         settings = {k: v for k, v in entry.items() if k in RECORD_SETTINGS} if isinstance(entry, dict) else {}
         if isinstance(entry, dict) and "seed" in entry:  # (one generator draws for a batch: no seed per prompt)
             raise MTPError(f"{where}: a record cannot have a seed of its own; --seed seeds the run's draws")
+        if isinstance(entry, dict):
+            for name in entry.keys() - set(RECORD_SETTINGS):
+                if (error := _record_field_error(name, where)) is not None:
+                    raise error
         if isinstance(entry, dict) and "messages" in entry and "prompt" not in entry:
             prompts.append((_conversation_prompt(entry["messages"], where), settings, where))
             continue
@@ -176,7 +204,9 @@ def generate(model: str | None = None, prompt: str | None = None, prompts: str |
             the lines of standard input. A record may set its own max_new_tokens, do_sample, temperature, top_k,
             top_p, min_p, repetition_penalty, presence_penalty, frequency_penalty, min_new_tokens and "stop" (a
             string or a list), over the flags of the same names: the prompts are still decoded together, each row
-            with its own (--seed seeds the run's draws; a record has no seed of its own).
+            with its own (--seed seeds the run's draws; a record has no seed of its own). Other fields (an id, a
+            reference answer) are left alone, but not one that names a setting otherwise ("max_tokens") or a
+            setting of the run's ("n", "logprobs").
         output: write results as JSONL here (one object per prompt).
         chat: wrap each prompt in the tokenizer's chat template.
         strategy: greedy | speculative (lossless) | confadapt (lossy, tau) | static (lossy, k).
