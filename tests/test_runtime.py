@@ -146,14 +146,47 @@ def test_demo_plans_for_its_device(monkeypatch, capsys):
     assert "on cuda:0 (NVIDIA H200), bfloat16; all 7,473 GSM8K train questions, no time budget" in out
 
 
-def test_more_threads_than_cores_is_a_warning(capsys):
+def test_more_threads_than_cores_are_the_cores(capsys):
+    """Threads past the cores this process may use wait on each other (--threads 9999 did not decode 16 tokens in
+    two minutes on 2 cores and slowed the whole machine): a warning, and the cores."""
     import os
 
     from mtp.runtime import set_threads
 
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    set_threads(cores)
-    assert capsys.readouterr().err == ""
-    set_threads(cores + 1)
-    assert capsys.readouterr().err == \
-        f"mtp: warning: --threads {cores + 1} is more than the {cores} cores this process may use\n"
+    before = torch.get_num_threads()
+    try:
+        set_threads(cores)
+        assert capsys.readouterr().err == "" and torch.get_num_threads() == cores
+        set_threads(cores * 100)
+        assert capsys.readouterr().err == \
+            f"mtp: warning: --threads {cores * 100} is more than the {cores} cores this process may use: using {cores}\n"
+        assert torch.get_num_threads() == cores
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_core_wait_is_the_share_of_the_threads_time_spent_waiting(monkeypatch):
+    """`CoreWait`: over the threads that ran since it started (a new thread from its birth), the time they waited
+    for a core over the time they ran or waited; a note only where that passed CONTENDED at more than one
+    thread. On Linux it reads the kernel's figures: a share between 0 and 1."""
+    import mtp.runtime as runtime
+
+    real = runtime.CoreWait().fraction()
+    assert real is None or 0 <= real <= 1
+    s = 10**9  # (ns)
+    times = iter([{"1": (1 * s, 0), "2": (5 * s, 0)}, {"1": (4 * s, s), "2": (8 * s, s), "3": (2 * s, 0)},
+                  {"1": (1 * s, 0)}, {"1": (2 * s, s)}])
+    clock = iter([0.0, 5.0, 0.0, 10.0])  # (seconds)
+    monkeypatch.setattr(runtime, "_thread_times", lambda: next(times))
+    monkeypatch.setattr(runtime.time, "perf_counter", lambda: next(clock))
+    wait = runtime.CoreWait()
+    assert wait.fraction() == pytest.approx(2 / (3 + 3 + 2 + 2))
+    assert runtime.CoreWait().fraction() is None  # 2 s of threads in 10: it mostly waited for another process
+    monkeypatch.undo()
+    monkeypatch.setattr(runtime, "_thread_times", lambda: None)
+    assert runtime.CoreWait().fraction() is None  # (not Linux)
+    for share, threads, noted in ((0.2, 2, True), (0.05, 2, False), (0.2, 1, False), (None, 2, False)):
+        monkeypatch.setattr(runtime.CoreWait, "fraction", lambda self, share=share: share)
+        monkeypatch.setattr(torch, "get_num_threads", lambda threads=threads: threads)
+        assert (runtime.CoreWait().note() is not None) == noted

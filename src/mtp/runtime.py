@@ -45,9 +45,61 @@ def set_threads(threads: int | None) -> None:
         raise MTPError(f"--threads must be >= 1, got {threads}")
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     if cores and threads > cores:  # oversubscribed threads wait on each other: often far slower, never faster
-        print(f"mtp: warning: --threads {threads} is more than the {cores} cores this process may use",
-              file=sys.stderr)
+        print(f"mtp: warning: --threads {threads} is more than the {cores} cores this process may use: using "
+              f"{cores}", file=sys.stderr)
+        threads = cores
     torch.set_num_threads(threads)
+
+
+CONTENDED = 0.1  # threads that waited this share of their time for a core: other processes slowed this one
+
+
+def _thread_times() -> dict[str, tuple[int, int]] | None:
+    """Each thread of this process: (ns it ran on a core, ns it waited for one while runnable), from Linux's
+    per-thread schedstat; None where the kernel does not say."""
+    try:
+        tasks = os.listdir("/proc/self/task")
+    except OSError:
+        return None
+    times = {}
+    for task in tasks:
+        try:
+            with open(f"/proc/self/task/{task}/schedstat") as f:
+                ran, waited = f.read().split()[:2]
+            times[task] = (int(ran), int(waited))
+        except (OSError, ValueError):  # (a thread that ended meanwhile)
+            continue
+    return times or None
+
+
+class CoreWait:
+    """The share of their time this process's threads waited for a CPU core, from now until `fraction()`: about 0
+    on a machine of its own. Torch's threads meet after every parallel op, so one that waits holds up the others:
+    decoding at 2 threads beside one busy process on 2 cores waited ~35% of the time and ran 2.5-3.5x slower than
+    at 1 thread, which did not wait (docs/benchmarks.md); `note` says so. Threads that do not run count for
+    nothing; a process that mostly slept (waiting for another one's work) has no share (None)."""
+
+    def __init__(self):
+        self.start, self.started = _thread_times(), time.perf_counter()
+
+    def fraction(self) -> float | None:
+        end, wall = _thread_times(), time.perf_counter() - self.started
+        if self.start is None or end is None:
+            return None
+        ran = waited = 0
+        for task, (r, w) in end.items():
+            r0, w0 = self.start.get(task, (0, 0))
+            ran, waited = ran + r - r0, waited + w - w0
+        return waited / (ran + waited) if ran + waited > 0.25 * wall * 1e9 else None
+
+    def note(self) -> str | None:
+        """One line for a command to print where other processes took this one's cores, else None."""
+        share = self.fraction()
+        threads = torch.get_num_threads()
+        if share is None or share < CONTENDED or threads == 1:
+            return None
+        return (f"mtp: note: this process's {threads} threads waited for a CPU core {share:.0%} of the time (other "
+                f"processes are using the cores): while they do, --threads 1 is often several times faster")
 
 
 def _name(flags: bool, name: str) -> str:

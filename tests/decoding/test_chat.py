@@ -188,3 +188,24 @@ def test_a_stop_string_ends_the_printed_answer_before_it(tiny_mtp_folder, capsys
     monkeypatch.setattr(chat_module, "generate_tokens", answer)
     code, out, _ = _chat(tiny_mtp_folder, "/set stop \"\\n\\n\"\nWhat is 7 + 5?\n", capsys, monkeypatch)
     assert code == 0 and out == "Twelve.\n"
+
+
+def test_an_unknown_command_is_not_sent(tiny_mtp_folder, capsys, monkeypatch):
+    """A mistyped command (`/qiut`) is said to be one and sent nowhere; `//` sends a message that begins with
+    `/`."""
+    prompts = _spy(monkeypatch)
+    code, _, err = _chat(tiny_mtp_folder, "/qiut\n//etc/hosts is a file\n", capsys, monkeypatch)
+    assert code == 0 and "(unknown command /qiut: /reset, /save FILE, /set NAME VALUE, /quit;" in err, err
+    tok = load_mtp_model(str(tiny_mtp_folder)).tokenizer
+    assert len(prompts) == 1 and "/etc/hosts is a file" in tok.decode(prompts[0]) \
+        and "//etc" not in tok.decode(prompts[0])
+
+
+def test_an_answer_that_other_processes_slowed_says_so_once(tiny_mtp_folder, capsys, monkeypatch):
+    """Threads that waited for a core (`CoreWait`: other processes took the cores) get one note, after the first
+    answer they slowed, which names --threads 1."""
+    monkeypatch.setattr(chat_module.CoreWait, "fraction", lambda self: 0.4)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    code, _, err = _chat(tiny_mtp_folder, "hi\nhello\n", capsys, monkeypatch)
+    assert code == 0 and err.count("waited for a CPU core 40% of the time") == 1, err
+    assert "--threads 1 is often several times faster" in err

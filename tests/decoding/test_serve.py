@@ -795,11 +795,22 @@ def _get(server, path: str) -> tuple[int, dict]:
 
 
 def test_models_health_and_unknown_routes(model):
+    """GET /v1/models, /health; an unknown route is a 404, a route asked with the other method a 405 naming the
+    one it takes (`Allow`)."""
     with served(model) as server:
         models, one, other = _get(server, "/v1/models"), _get(server, "/v1/models/tiny"), _get(server, "/v1/models/x")
         health = _get(server, "/health")
         status, missing = post(server, "/v1/embeddings", {"input": "x"})
         queried = post(server, "/v1/completions?api-version=1", {"prompt": "hi", "max_tokens": 2})
+        for path, method, allow in (("/v1/completions", "GET", "POST"), ("/v1/chat/completions", "GET", "POST"),
+                                    ("/v1/models", "POST", "GET")):
+            request = urllib.request.Request(server.url + path, data=b"{}" if method == "POST" else None,
+                                             method=method)
+            with pytest.raises(urllib.error.HTTPError) as refused:
+                urllib.request.urlopen(request, timeout=30)
+            body = json.loads(refused.value.read())
+            assert refused.value.code == 405 and refused.value.headers["Allow"] == allow, path
+            assert f"{path} takes {allow}" in body["error"]["message"]
     assert [m["id"] for m in models[1]["data"]] == ["tiny"] and health == (200, {"status": "ok"})
     assert one == (200, models[1]["data"][0]) and other[0] == 404  # (the openai client's models.retrieve)
     assert status == 404 and "no route /v1/embeddings" in missing["error"]["message"]

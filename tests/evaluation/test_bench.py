@@ -199,6 +199,28 @@ def test_report_figures_by_hand():
     assert "| static-k2 | 11.0 | 5.50x | 3.50x | 1.75 | 0/2 | 71% | 0/2 |" in table
 
 
+def test_calls_that_other_processes_slowed_are_named():
+    """Each call records how long this process's threads waited for a core (`CoreWait`); the report gives the
+    median and the largest share beside the machine, and a note naming the methods of calls that waited
+    CONTENDED or more (those timings are the machine's under load, not its own)."""
+    prompts = [Prompt(0, "q0", [1]), Prompt(1, "q1", [1])]
+    methods = [Method("greedy", "mtp", None), Method("speculative", "mtp", None, lossless_reference="greedy")]
+    calls = [_call(0, "greedy", [1, 2], 1.0, 2), _call(0, "speculative", [1, 2], 0.5, 1),
+             _call(1, "greedy", [1, 2], 1.0, 2), _call(1, "speculative", [1, 2], 0.5, 1)]
+    for call, wait in zip(calls, [0.01, 0.02, 0.03, 0.35], strict=True):
+        call["core_wait"] = wait
+    report = build_report(BenchRun(methods, prompts, calls), _Tok(), settings={"max_new_tokens": 2})
+    assert report["machine"]["core_wait_median_max"] == [0.025, 0.35]
+    assert [c["core_wait"] for c in report["calls"]] == [0.01, 0.02, 0.03, 0.35]
+    assert any(n.startswith("other processes took this process's CPU cores during calls of speculative (its "
+                            "threads waited for a core up to 35% of a call)") for n in report["notes"])
+    assert "threads waited for a core 2.5% of a call (median), at most 35.0%" in format_markdown(report, None)
+    for call in calls:
+        call["core_wait"] = 0.01
+    quiet = build_report(BenchRun(methods, prompts, calls), _Tok(), settings={"max_new_tokens": 2})
+    assert not any("other processes" in n for n in quiet["notes"])
+
+
 def test_agreement_by_hand():
     assert agreement([([1, 2, 3], [1, 2, 3])]) == (1.0, 1.0)
     assert agreement([([1, 9, 3, 4], [1, 2, 3, 4])]) == (0.25, 0.75)  # positional counts the re-synchronised tail
@@ -323,8 +345,11 @@ def test_strategy_picks_the_rows_greedy_always_runs(tiny_model_dir, gsm8k_file, 
     assert bench(model=str(tiny_model_dir), prompts=str(gsm8k_file), limit=1, max_new_tokens=3, output=str(out),
                  strategy=["speculative", "static"], tau=[0.5], k=[2], tree_size=[3], hf=False, fp16=False,
                  llamacpp=False, progress=False) == 0
-    names = [r["method"] for r in json.loads((out / "report.json").read_text())["methods"]]
+    report = json.loads((out / "report.json").read_text())
+    names = [r["method"] for r in report["methods"]]
     assert names == ["greedy", "speculative", "static-k2", "speculative-tree3"]
+    waits = [c["core_wait"] for c in report["calls"]]  # (each call's: how long its threads waited for a core)
+    assert all(w is None or 0 <= w <= 1 for w in waits) and len(waits) == 4
 
 
 def test_tree_and_lookup_rows_are_lossless(tiny_tokenizer, tmp_path):

@@ -443,6 +443,10 @@ def test_cli_wraps_a_plain_hf_model(tmp_path, capsys):
     assert run_cli(["convert", "--to", "meta", "--input", str(out), "--output", str(tmp_path / "x"),
                     "--num-heads", "2"]) == 2
     assert "--num-heads" in capsys.readouterr().err
+    # --from that is not what the input is: named, with what it is
+    assert run_cli(["convert", "--from", "gguf", "--to", "meta", "--input", str(out), "--output",
+                    str(tmp_path / "y")]) == 2
+    assert f"--from gguf: {out} is an mtp folder (--from mtp, or leave --from out)" in capsys.readouterr().err
 
 
 def test_meta_tokenizer_is_optional(meta_folder, tmp_path):

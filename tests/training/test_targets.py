@@ -76,7 +76,9 @@ def test_answers_are_greedy_and_batched_like_single(model, tok) -> None:
         assert answer == local_greedy(model, prompt, 6, tok.eos_token_id)
 
 
-def test_cache_resume_after_interruption(model, tok, tmp_path, monkeypatch) -> None:
+def test_cache_resume_after_interruption(model, tok, tmp_path, monkeypatch, capsys) -> None:
+    """Answers are kept batch by batch: an interrupted run says how many are kept and that the same command goes
+    on from them; the next run says how many it read and answers only the others."""
     prompts = [prompt_token_ids(tok, q, "plain") for q in QUESTIONS]
     cache = tmp_path / "answers.jsonl"
     kw = {"max_new_tokens": 5, "batch_size": 2, "progress": False}
@@ -86,12 +88,17 @@ def test_cache_resume_after_interruption(model, tok, tmp_path, monkeypatch) -> N
     with pytest.raises(KeyboardInterrupt):
         self_distilled_answers(model, tok, prompts, cache_path=cache, **kw)
     assert first.rows == [2] and len(read_cache(cache)) == 2
+    n = len(prompts)
+    assert f"answers: interrupted; 2 of {n} are kept in {cache}: the same command goes on from them" \
+        in capsys.readouterr().err
     with cache.open("a") as f:
         f.write('{"id": 5, "key": "abc", "tok')  # a line cut off by the interruption
 
     second = CountingGenerate(monkeypatch)
     assert self_distilled_answers(model, tok, prompts, cache_path=cache, **kw).tolist() == expected.tolist()
     assert sum(second.rows) == len(prompts) - 2  # only the missing answers were generated
+    assert f"answers: 2 of {n} read from {cache} (answered before); answering the other {n - 2}" \
+        in capsys.readouterr().err
 
     third = CountingGenerate(monkeypatch)
     assert self_distilled_answers(model, tok, prompts, cache_path=cache, **kw).tolist() == expected.tolist()

@@ -28,6 +28,7 @@ from mtp.evaluation.prompts import has_chat_template
 from mtp.io import atomic_write_lines, read_text
 from mtp.options import with_flat_keywords
 from mtp.process import Terminated
+from mtp.runtime import CoreWait
 
 QUIT, RESET, SAVE, SET = ("/quit", "/exit"), "/reset", "/save", "/set"
 # what /set changes, and how its value is read
@@ -72,6 +73,7 @@ def chat(model: str | None = None, system: str | None = None,
     messages = list(opening)
     print(f"mtp chat: {strategy} decoding on {weights.describe(runtime)}; /reset starts over, /save FILE keeps the "
           "conversation, /set NAME VALUE changes a setting, /quit or Ctrl-D ends", file=sys.stderr, flush=True)
+    wait_noted = [False]  # (other processes slowing an answer is said once)
     for line in _typed_lines():
         text = line.strip()
         if not text:
@@ -89,7 +91,12 @@ def chat(model: str | None = None, system: str | None = None,
         if text == SET or text.startswith(SET + " "):
             _set(options, text[len(SET):].strip(), strategy)
             continue
-        answer = _answer(m, tok, [*messages, {"role": "user", "content": text}], options, strategy)
+        if text.startswith("/") and not text.startswith("//"):  # (a mistyped command is not a message)
+            print(f"(unknown command {text.split()[0]}: /reset, /save FILE, /set NAME VALUE, /quit; a message that "
+                  "begins with / is sent as //...)", file=sys.stderr, flush=True)
+            continue
+        text = text[1:] if text.startswith("//") else text
+        answer = _answer(m, tok, [*messages, {"role": "user", "content": text}], options, strategy, wait_noted)
         if answer is not None:
             messages += [{"role": "user", "content": text}, {"role": "assistant", "content": answer}]
     return 0
@@ -183,8 +190,10 @@ def _typed_lines() -> Iterator[str]:
             return
 
 
-def _answer(m, tok, messages: list[dict], options: dict, strategy: str) -> str | None:
-    """The model's answer to `messages`, printed as it is decoded (None: stopped with Ctrl-C)."""
+def _answer(m, tok, messages: list[dict], options: dict, strategy: str, wait_noted: list[bool]) -> str | None:
+    """The model's answer to `messages`, printed as it is decoded (None: stopped with Ctrl-C); the first answer
+    that other processes slowed (`CoreWait`) says so, once (`wait_noted`)."""
+    wait = CoreWait()
     ids, _ = encode_prompts(tok, [messages], chat=True)
     text = StreamedText(tok, tuple(options.get("stop_strings") or ()))  # (the answer's text up to a stop string)
     try:
@@ -200,4 +209,7 @@ def _answer(m, tok, messages: list[dict], options: dict, strategy: str) -> str |
     s = res.stats
     print(f"[{strategy}] {s.new_tokens} tokens in {s.seconds:.1f} s: {s.new_tokens / max(s.seconds, 1e-9):.1f} "
           f"tokens/s, {s.tokens_per_forward:.2f} tokens per forward", file=sys.stderr, flush=True)
+    if not wait_noted[0] and (note := wait.note()) is not None:
+        print(note, file=sys.stderr, flush=True)
+        wait_noted[0] = True
     return res.texts[0]

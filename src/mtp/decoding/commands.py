@@ -33,6 +33,7 @@ from mtp.io import (
     read_text,
 )
 from mtp.options import with_flat_keywords
+from mtp.runtime import CoreWait
 
 # Fields a JSON record of --prompts may set for its own prompt (`generate`'s arguments; "stop": its stop strings)
 RECORD_SETTINGS = ("max_new_tokens", "do_sample", "temperature", "top_k", "top_p", "min_p", "repetition_penalty",
@@ -264,6 +265,7 @@ def generate(model: str | None = None, prompt: str | None = None, prompts: str |
                    **drafts.generate_kwargs(), **shared)
     out = _Printed(texts, tok, json, stream, bar, rows=min(batch_size, len(texts)),
                    stops=[s["stop_strings"] for s in settings])
+    wait = CoreWait()
     try:
         seconds, forwards = _decode_prompts(m, prompt_rows(tok, texts, chat), settings, batch_size, out, options)
     except KeyboardInterrupt:  # print and keep what the interrupted prompts have produced, then stop
@@ -280,6 +282,8 @@ def generate(model: str | None = None, prompt: str | None = None, prompts: str |
         print(f"[{strategy}] {total_new} new tokens in {seconds:.1f} s: {total_new / max(seconds, 1e-9):.1f} "
               f"tokens/s, {total_new / max(forwards, 1):.2f} tokens per forward pass; "
               f"{weights.describe(runtime)}", file=sys.stderr)
+    if (note := wait.note()) is not None:
+        print(note, file=sys.stderr)
     return 0
 
 

@@ -74,6 +74,8 @@ class Handler(BaseHTTPRequestHandler):
             self._send_json(HTTPStatus.OK, {"object": "list", "data": [_model_card(model)]})
         elif route == f"/v1/models/{model}":
             self._send_json(HTTPStatus.OK, _model_card(model))
+        elif route in (api.COMPLETIONS, api.CHAT):
+            self._error(HTTPStatus.METHOD_NOT_ALLOWED, f"{route} takes POST (a JSON body), not GET", allow="POST")
         else:
             self._error(HTTPStatus.NOT_FOUND, f"no route {route} (GET /v1/models, /health, /metrics)")
 
@@ -99,7 +101,10 @@ class Handler(BaseHTTPRequestHandler):
             return
         if self.route not in (api.COMPLETIONS, api.CHAT):
             self._discard_body()
-            self._error(HTTPStatus.NOT_FOUND, f"no route {self.route} (POST {api.COMPLETIONS}, {api.CHAT})")
+            if self.route in ("/health", "/v1/health", "/metrics", "/v1/models") or self.route.startswith("/v1/models/"):
+                self._error(HTTPStatus.METHOD_NOT_ALLOWED, f"{self.route} takes GET, not POST", allow="GET")
+            else:
+                self._error(HTTPStatus.NOT_FOUND, f"no route {self.route} (POST {api.COMPLETIONS}, {api.CHAT})")
             return
         try:
             request = api.read_request(self.route, self._read_json())
@@ -338,16 +343,18 @@ class Handler(BaseHTTPRequestHandler):
             field = api.logprobs_field(path, scores, tokens, self.server.token_text, offsets)
         return api.choice(path, index, piece, None, True, field)
 
-    def _send_json(self, status: int, body: dict) -> None:
+    def _send_json(self, status: int, body: dict, allow: str | None = None) -> None:
         data = json.dumps(body).encode()
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(data)))
+        if allow is not None:  # (a 405 names the methods the route takes)
+            self.send_header("Allow", allow)
         self.end_headers()
         self.wfile.write(data)
 
-    def _error(self, status: int, message: str, param: str | None = None) -> None:
-        self._send_json(status, api.error_body(message, status, param))
+    def _error(self, status: int, message: str, param: str | None = None, allow: str | None = None) -> None:
+        self._send_json(status, api.error_body(message, status, param), allow)
 
     def log_message(self, format: str, *args) -> None:  # noqa: A002 (http.server's signature)
         if self.server.access_log:

@@ -57,7 +57,7 @@ from mtp.evaluation.plots import HF_GREEDY, OUR_GREEDY
 from mtp.evaluation.prompts import Prompt, left_pad, pad_id, stop_token_ids
 from mtp.io import append_records, atomic_write_lines, input_file, read_complete_records
 from mtp.progress import progress_bar
-from mtp.runtime import MB, peak_memory, synchronize
+from mtp.runtime import MB, CoreWait, peak_memory, synchronize
 
 JOURNAL = "calls.jsonl"  # in the output folder while a bench runs: the calls finished so far
 
@@ -662,10 +662,11 @@ def run_bench(methods: Sequence[Method], prompts: Sequence[Prompt], max_new_toke
                 run.calls.append(done[(p, name)])
                 continue
             bar.set_postfix_str(f"prompt {p + 1}/{len(prompts)} {name}")
+            wait = CoreWait()  # (other processes taking the cores slow a call: the report says where they did)
             result = by_name[name].run(prompts[p], max_new_tokens)
             call = {"prompt": p, "method": name, "tokens": result.tokens, "seconds": result.seconds,
                     "first_token_seconds": result.first_token_seconds, "forward_passes": result.forward_passes,
-                    "peak_memory_bytes": result.peak_memory_bytes}
+                    "peak_memory_bytes": result.peak_memory_bytes, "core_wait": rounded(wait.fraction(), 4)}
             run.calls.append(call)
             if log is not None:
                 append_records(log, [{**call, "key": keys[(p, name)]}])

@@ -27,7 +27,7 @@ from mtp.evaluation.evaluate import score, write_json, write_text
 from mtp.evaluation.gsm8k import mean_and_stderr
 from mtp.evaluation.plots import HF_GREEDY, OUR_GREEDY, plot_speed_accuracy
 from mtp.evaluation.prompts import truncate_output
-from mtp.runtime import MB, describe_runtime
+from mtp.runtime import CONTENDED, MB, describe_runtime
 
 
 def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
@@ -87,13 +87,22 @@ def build_report(run: BenchRun, tokenizer, *, settings: dict | None = None, note
         record = {"order": i, "prompt": c["prompt"], "prompt_id": run.prompts[c["prompt"]].id,
                   "method": c["method"], "new_tokens": len(c["tokens"]), "seconds": round(c["seconds"], 4),
                   "first_token_seconds": rounded(c["first_token_seconds"], 4),
-                  "forward_passes": c["forward_passes"], "tokens": c["tokens"],
+                  "forward_passes": c["forward_passes"], "core_wait": c.get("core_wait"), "tokens": c["tokens"],
                   "output": texts[(c["method"], c["prompt"])]}
         if run.prompts[c["prompt"]].reference is not None:
             record.update(score(record["output"], run.prompts[c["prompt"]].reference))
         call_records.append(record)
-    return {"settings": dict(settings or {}), "machine": machine_info(), "runtime": runtime, "bandwidth": bandwidth,
-            "notes": list(notes), "gsm8k_scored": scored, "methods": rows, "calls": call_records,
+    machine, notes = machine_info(), list(notes)
+    waits = [c["core_wait"] for c in run.calls if c.get("core_wait") is not None]
+    if waits:  # (this process's threads; llama.cpp in a process of its own is not counted)
+        machine["core_wait_median_max"] = [rounded(statistics.median(waits), 4), rounded(max(waits), 4)]
+        slowed = sorted({c["method"] for c in run.calls if (c.get("core_wait") or 0) >= CONTENDED})
+        if slowed:
+            notes.append(f"other processes took this process's CPU cores during calls of {', '.join(slowed)} (its "
+                         f"threads waited for a core up to {max(waits):.0%} of a call): those calls ran slower than "
+                         "this machine runs them alone; bench on a quiet machine")
+    return {"settings": dict(settings or {}), "machine": machine, "runtime": runtime, "bandwidth": bandwidth,
+            "notes": notes, "gsm8k_scored": scored, "methods": rows, "calls": call_records,
             "warmup_seconds": dict(run.warmup_seconds),
             "prompts": [{"index": i, "id": p.id, "prompt_tokens": len(p.token_ids), "reference": p.reference}
                         for i, p in enumerate(run.prompts)]}
@@ -254,7 +263,9 @@ def format_markdown(report: dict, plot_name: str | None = "speed_accuracy.png") 
             f"max new tokens: {s.get('max_new_tokens')}",
             f"machine: {mc['cpu']}, {mc['threads']} threads, torch {mc['torch']}, transformers {mc['transformers']}, "
             f"{mc['date']}" + (f", load average {mc['load_average_1_5_15min'][1]} (5 min) on {mc.get('cpu_count')} "
-                               "CPUs" if mc.get("load_average_1_5_15min") else "")]
+                               "CPUs" if mc.get("load_average_1_5_15min") else "")
+            + (f"; threads waited for a core {mc['core_wait_median_max'][0]:.1%} of a call (median), at most "
+               f"{mc['core_wait_median_max'][1]:.1%}" if mc.get("core_wait_median_max") else "")]
     if report.get("runtime"):
         desc.append(f"device: {describe_runtime(report['runtime'])}")
     if report.get("bandwidth"):

@@ -21,6 +21,7 @@ from mtp.io import input_file
 from mtp.options import with_flat_keywords
 from mtp.process import output_lock
 from mtp.runtime import (
+    CoreWait,
     DType,
     Graphs,
     Runtime,
@@ -149,6 +150,7 @@ def eval_(
         use_chat = resolve_chat(tok, chat)
         prompts = gsm8k_prompts(tok, path=data, split=split, limit=limit, shots=shots, chat=use_chat)
         identity = {**settings, "fingerprint": model_fingerprint(m), "chat": use_chat}
+        wait = CoreWait()
         summary = run_eval(m, tok, prompts, out, identity, strategy=strategy, graphs=use_graphs,
                            max_new_tokens=max_new_tokens, batch_size=batch_size, resume=resume, progress=progress,
                            runtime={**runtime.to_dict(), "batch_size": batch_size}, **decode)
@@ -158,6 +160,8 @@ def eval_(
         print(format_summary(summary, title))
         print(f"samples: {out / 'samples.jsonl'}\nsummary: {out / 'summary.json'}\n"
               f"wall time: {time.perf_counter() - start:.0f} s (model load included)")
+        if (note := wait.note()) is not None:
+            print(note, file=sys.stderr)
         return 0
 
 

@@ -31,7 +31,7 @@ def convert(
     Args:
         input: the checkpoint to read: a Meta folder (params.json + consolidated.00.pth), an mtp folder, a Hugging Face folder or hub id, or a .gguf file
         output: the folder to write (written to a temporary name, then renamed)
-        from_: the input's format; detected from what is on disk when omitted
+        from_: the input's format, checked against what is on disk (detected from it when omitted)
         to: the format to write: mtp (our folder) or meta (params.json + consolidated.00.pth)
         num_heads: number of heads when wrapping a plain model (--from hf/gguf; default 4)
         num_trunk_layers: shared trunk layers when wrapping a plain model (default: all layers but the last)
@@ -41,7 +41,9 @@ def convert(
     from mtp.formats.meta import convert_meta_to_mtp_folder, meta_to_mtp, mtp_to_meta
     from mtp.models.parallel_heads import MTPModel
 
-    source = from_ or _detect_format(input)
+    source = _detect_format(input)
+    if from_ is not None and from_ != source:
+        raise MTPError(f"--from {from_}: {input} is {_FORMAT_NAMES[source]} (--from {source}, or leave --from out)")
     if source == to:
         raise MTPError(f"{input} is already in the {to} format (use --to to pick the other format)")
     if source in ("meta", "mtp") and (num_heads is not None or num_trunk_layers is not None):
@@ -81,6 +83,10 @@ def convert(
         tok = "with" if model.tokenizer is not None else "without"
         print(f"wrote {out}: mtp folder (config.json, model.safetensors) {tok} a tokenizer, {heads}, {model.dtype}")
     return 0
+
+
+_FORMAT_NAMES = {"meta": "a Meta checkpoint", "mtp": "an mtp folder", "hf": "a Hugging Face model",
+                 "gguf": "a GGUF file"}
 
 
 def _detect_format(input: str) -> str:

@@ -30,6 +30,7 @@ import gc
 import hashlib
 import json
 import os
+import sys
 import time
 from array import array
 from collections.abc import Iterable, Iterator, Sequence
@@ -236,9 +237,19 @@ def self_distilled_answers(
         label = desc + (f" (rank 0's share of {world})" if world > 1 else "")
         total, initial = (len(mine), 0) if world > 1 else (n, n - len(todo))
         bar = progress_bar(progress, total, label, "answer", initial)
-    _generate_answers(model, tokenizer, prompts, mine, answers, (cache_ids, keys), budgets,
-                      share_path(cache_path, rank) if world > 1 else cache_path, batch_size, stop_token_ids,
-                      features, bar)
+    if rank == 0 and cache_path is not None and len(todo) < n:  # (a re-run of an interrupted one goes on from it)
+        print(f"answers: {n - len(todo)} of {n} read from {cache_path} (answered before); answering the other "
+              f"{len(todo)}", file=sys.stderr, flush=True)
+    try:
+        _generate_answers(model, tokenizer, prompts, mine, answers, (cache_ids, keys), budgets,
+                          share_path(cache_path, rank) if world > 1 else cache_path, batch_size, stop_token_ids,
+                          features, bar)
+    except KeyboardInterrupt:
+        if world == 1 and cache_path is not None:
+            kept = sum(1 for i in range(n) if answers.starts[i] >= 0)
+            print(f"answers: interrupted; {kept} of {n} are kept in {cache_path}: the same command goes on from "
+                  "them", file=sys.stderr, flush=True)
+        raise
     if world > 1:  # every share is written: rank 0 merges them, then every rank reads them all
         _merge_and_read(cache_path, rank, cache_ids, keys, answers, todo)
     return answers
