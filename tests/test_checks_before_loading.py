@@ -32,7 +32,7 @@ def _files(tmp_path):
     files = {"empty.jsonl": "", "empty.txt": "\n\n", "bad.jsonl": '{"question": "q", "answer": "a #### 1"}\nnot json\n',
              "keys.jsonl": '{"q": "x", "a": "y"}\n', "text.txt": "Some plain text.\n\nAnother document.\n",
              "nohash.jsonl": '{"question": "q?", "answer": "no final line"}\n',
-             "noprompt.jsonl": '{"other": "x"}\n'}
+             "noprompt.jsonl": '{"other": "x"}\n', "own.jsonl": '{"prompt": "x"}\n{"prompt": "y", "max_new_tokens": 4}\n'}
     for name, text in files.items():
         (tmp_path / name).write_text(text)
     return tmp_path
@@ -81,11 +81,16 @@ def test_eval_checks_its_data_before_loading_the_model(tmp_path, no_model_loadin
     ("bad.jsonl", "bad.jsonl:2: not valid JSON"),
     ("noprompt.jsonl", "noprompt.jsonl:1: expected a JSON object with a non-empty \"prompt\" or \"text\""),
     ("nohash.jsonl", "nohash.jsonl:1: answer has no '#### <number>' line"),
+    ("own.jsonl", "own.jsonl:2: a record's own 'max_new_tokens' is for `mtp generate --prompts`; a bench decodes "
+                  "every prompt with the same settings"),
+    ("text.txt --shots 8", "--shots 8: {folder}/text.txt holds prompts of its own, not GSM8K problems"),
 ])
 def test_bench_checks_its_prompts_before_loading_the_model(tmp_path, no_model_loading, prompts, message, capsys):
     folder = _files(tmp_path)
-    code, err = run_cli(["bench", "--prompts", folder / prompts, "--output", tmp_path / "b", "--no-progress"],
-                        capsys)
+    prompts, *extra = prompts.split()
+    code, err = run_cli(["bench", "--prompts", folder / prompts, "--output", tmp_path / "b", "--no-progress",
+                         *extra], capsys)
+    message = message.format(folder=folder)
     assert_one_line_error(code, err, message)
     assert not (tmp_path / "b").exists()
 

@@ -21,6 +21,29 @@ def run_cli(args, capsys):
     return exit_info.value.code, out.out, out.err
 
 
+def test_a_command_seeds_torchs_generator_from_the_system(tiny_mtp_folder, tmp_path, capsys):
+    """The library draws an unseeded sampling call's seed from torch's global generator, which starts at the same
+    seed in every process: a command seeds it anew, so `mtp generate --do-sample` without --seed samples anew each
+    run, and with --seed reproduces its draws."""
+    import torch
+
+    torch.manual_seed(123)
+    assert run_cli(["info", "--model", str(tiny_mtp_folder)], capsys)[0] == 0
+    assert torch.initial_seed() != 123
+    base = ["generate", "--model", str(tiny_mtp_folder), "--prompt", "Janet has", "--do-sample", "--json",
+            "--max-new-tokens", "12", "--temperature", "1.5"]
+    import json
+
+    def tokens(*flags: str) -> tuple[int, ...]:
+        code, out, err = run_cli(base + list(flags), capsys)
+        assert code == 0, err
+        return tuple(json.loads(out.strip().splitlines()[-1])["token_ids"])
+
+    assert tokens("--seed", "5") == tokens("--seed", "5")
+    unseeded = {tokens() for _ in range(3)}
+    assert len(unseeded) > 1  # (3 runs of 12 draws at temperature 1.5 agreeing by chance: practically never)
+
+
 def test_help_lists_commands(capsys):
     code, out, _ = run_cli(["--help"], capsys)
     assert code == 0

@@ -365,6 +365,12 @@ def run(argv: list[str] | None = None) -> int:
     args.pop("command")
     defaults = {f.name: f.default for f in command_flags(fn, POSITIONAL.get(command, []))}
     check_command_arguments(command, args, defaults)  # ranges and output paths, before the command does any work
+    import torch
+
+    # The library draws an unseeded sampling call's seed from torch's global generator (as transformers samples
+    # from it), which starts at the same seed in every process: a command seeds it from the system, so that
+    # without --seed each run samples anew.
+    torch.seed()
     with _no_bars(args.get("progress") is False):
         result = fn(**grouped_arguments(fn, args))
     return int(result or 0)

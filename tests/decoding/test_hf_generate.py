@@ -187,3 +187,75 @@ def test_transformers_streamers_stream_as_in_transformers(model, tokenizer, caps
     assert [t for _, new in rows for t in new] == plain[0, ids.shape[1]:].tolist()
     with pytest.raises(MTPError, match="takes one prompt"):
         model.generate(torch.cat([ids, ids]), max_new_tokens=4, streamer=TextStreamer(tokenizer))
+
+
+def _fresh(tokenizer):
+    m = tiny_mtp("llama", num_heads=3, vocab_size=len(tokenizer), dtype=torch.float64, seed=11)
+    m.tokenizer = tokenizer
+    return m
+
+
+def test_a_passed_configs_unset_fields_are_the_models_own(tokenizer):
+    """transformers 5: a generation config passed to generate() takes the fields it leaves unset from the
+    model's own config (a shipped generation_config.json's repetition penalty, minimum length, end tokens):
+    the same tokens as transformers' generate on the same weights."""
+    model = _fresh(tokenizer)
+    ids = tokenizer("Janet has 3 eggs", return_tensors="pt")
+    p = ids["input_ids"].shape[1]
+    third = int(model.generate(**ids, max_new_tokens=3, eos_token_id=[])[0, p + 2])
+    own = model.generation_config
+    own.repetition_penalty, own.min_new_tokens, own.eos_token_id = 3.0, 5, [third]
+    lengths = []
+    for passed in (GenerationConfig(max_new_tokens=10), GenerationConfig(max_new_tokens=10, min_new_tokens=1)):
+        ours = model.generate(**ids, generation_config=passed, use_speculative=True)
+        theirs = model.base.generate(**ids, generation_config=passed)
+        assert ours.tolist() == theirs.tolist()
+        lengths.append(ours.shape[1] - p)
+    assert lengths[0] > 3 and lengths[1] <= lengths[0]  # the model's minimum length held its end token back
+
+
+def test_stop_strings_as_transformers_applies_them(tokenizer):
+    """A stop string (a keyword or the config's) ends a row as in transformers: where the sequence, the prompt's
+    end included, first ends with it; mtp's own `generate` matches the new text only (as servers do)."""
+    model = _fresh(tokenizer)
+    prompt = "What is 7 + 5?"
+    ids = tokenizer(prompt, return_tensors="pt")
+    p = ids["input_ids"].shape[1]
+    free = model.generate(**ids, max_new_tokens=12, eos_token_id=[])
+    new_text = tokenizer.decode(free[0, p:])
+    assert len(new_text) >= 3
+    spanning, inside = prompt[-2:] + new_text[:2], new_text[1:3]  # (one begins in the prompt)
+    for stop in (spanning, inside):
+        for kw in ({"stop_strings": [stop]}, {"generation_config": GenerationConfig(max_new_tokens=12,
+                                                                                   stop_strings=stop)}):
+            kw = {"max_new_tokens": 12, **kw} if "stop_strings" in kw else kw
+            ours = model.generate(**ids, tokenizer=tokenizer, eos_token_id=[], use_speculative=True, **kw)
+            theirs = model.base.generate(**ids, tokenizer=tokenizer, eos_token_id=[], pad_token_id=0, **kw)
+            assert ours.tolist() == theirs.tolist(), stop
+            assert ours.shape[1] < free.shape[1]
+    alone = generate(model, ids["input_ids"], max_new_tokens=12, stop_strings=[spanning], tokenizer=tokenizer,
+                     stop_token_ids=[])
+    assert spanning not in new_text and len(alone.tokens[0]) == 12  # (the new text alone never holds it)
+
+
+def test_torch_manual_seed_reproduces_sampling_and_leaves_the_global_generator_seeded(tokenizer):
+    """Without a seed, sampling draws from torch's global generator: `torch.manual_seed` reproduces a call, and the
+    caller's own draws after it are reproducible too (torch.seed() used to reseed it from the system)."""
+    model = _fresh(tokenizer)
+    ids = tokenizer("Janet has", return_tensors="pt")
+    runs = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        out = model.generate(**ids, max_new_tokens=8, do_sample=True, top_k=0, eos_token_id=[])
+        runs.append((out.tolist(), torch.rand(3).tolist()))
+    assert runs[0] == runs[1]
+    torch.manual_seed(1)
+    assert model.generate(**ids, max_new_tokens=8, do_sample=True, top_k=0, eos_token_id=[]).tolist() != runs[0][0]
+
+
+def test_a_config_asking_for_scores_is_refused_and_max_time_named(model):
+    with pytest.raises(MTPError, match="asks for output_scores, which mtp's generate does not return"):
+        model.generate(torch.tensor([[5, 6, 7]]), generation_config=GenerationConfig(output_scores=True,
+                                                                                     return_dict_in_generate=True))
+    with pytest.warns(RuntimeWarning, match=r"sets max_time=1.0, which mtp does not apply"):
+        model.generate(torch.tensor([[5, 6, 7]]), generation_config=GenerationConfig(max_new_tokens=2, max_time=1.0))

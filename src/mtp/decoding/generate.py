@@ -667,7 +667,8 @@ def generate(model, input_ids: torch.Tensor | list, attention_mask: torch.Tensor
              prompt_cache: PromptCache | None = None, repetition_penalty: float | Sequence[float] = 1.0,
              presence_penalty: float | Sequence[float] = 0.0, frequency_penalty: float | Sequence[float] = 0.0,
              logit_bias: Mapping[int, float] | Sequence[Mapping[int, float] | None] | None = None,
-             min_p: float | Sequence[float] = 0.0, min_new_tokens: int | Sequence[int] = 0) -> GenerationResult:
+             min_p: float | Sequence[float] = 0.0, min_new_tokens: int | Sequence[int] = 0,
+             stop_in_prompt: bool = False) -> GenerationResult:
     """Generate continuations of a left-padded batch of prompts.
 
     Args:
@@ -683,7 +684,10 @@ def generate(model, input_ids: torch.Tensor | list, attention_mask: torch.Tensor
             speculative / greedy (the spelling published MTP checkpoints' code uses); given with a strategy, the
             two must agree.
         stop_token_ids: end tokens (default: the tokenizer's / generation config's end tokens).
-        stop_strings: stop when the decoded new text contains one (needs `tokenizer`).
+        stop_strings: stop when the decoded new text contains one (needs `tokenizer`); `stop_in_prompt`: one may
+            begin in the prompt and end in the new text (transformers' rule, which `model.generate` follows).
+        seed: the sampled draws' seed (default: one drawn from torch's global generator, which
+            `torch.manual_seed` sets).
         streamer: called as streamer(row, new_tokens) after each step (with `logprobs`: streamer(row, new_tokens,
             logprobs=their TokenLogprobs)).
         truncate_prompt: keep only the last tokens of a prompt that does not fit the context with
@@ -775,11 +779,14 @@ def generate(model, input_ids: torch.Tensor | list, attention_mask: torch.Tensor
     if stop_token_ids is None:
         stop_token_ids = default_stop_token_ids(model, tokenizer)
     stop = StopChecker(input_ids.shape[0], stop_token_ids, None, tokenizer, device=input_ids.device, halt=halt,
-                       row_strings=[r.stop_strings for r in rows])
+                       row_strings=[r.stop_strings for r in rows],
+                       prompt_tails=_prompt_tails(input_ids, attention_mask, rows) if stop_in_prompt else None)
     generator = None
     if opts.do_sample:
         generator = torch.Generator(device=input_ids.device)
-        generator.manual_seed(seed if seed is not None else torch.seed())
+        # no seed: one drawn from torch's global generator, so `torch.manual_seed` reproduces a call, as in
+        # transformers (torch.seed() would reseed the global generator from the OS: the caller's later draws too)
+        generator.manual_seed(seed if seed is not None else int(torch.randint(0, 2**62, ()).item()))
     stats = GenerationStats()
     tokens: list[list[int]] = [[] for _ in range(input_ids.shape[0])]
     scores = None if logprobs is None else [[] for _ in tokens]
@@ -827,6 +834,16 @@ def _joining_rows(admit: Admission, tokens: list[list[int]], scores: list | None
         return prompts
 
     return joining
+
+
+def _prompt_tails(input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                  rows: list[RowOptions]) -> list[list[int]] | None:
+    """Each prompt's last tokens, enough to hold the start of its longest stop string (None: no stop strings)."""
+    if not any(r.stop_strings for r in rows):
+        return None
+    reach = max(len(s) for r in rows for s in r.stop_strings) + 8
+    mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
+    return [ids[m.bool()].tolist()[-reach:] for ids, m in zip(input_ids.cpu(), mask.cpu(), strict=True)]
 
 
 def _budgets(max_new_tokens: int | Sequence[int], rows: int) -> list[int]:

@@ -7,13 +7,17 @@ each prompt as given (left padding kept), then its new tokens, rows that stopped
 `pad_token_id`; `return_dict_in_generate=True` returns an output object with `.sequences`. `hf_generate` does the
 same over mtp's decoding (`mtp.decoding.generate.generate`, or a model class's own `decode` function with its
 keywords and a `GenerationResult`): the object also carries mtp's `.stats`, `.texts` and `.tokens` (new tokens per
-row), and mtp's own arguments (`use_speculative`, `strategy`, `tau`, `streamer`, ...) pass through. The config's
-`repetition_penalty`, `min_new_tokens` and `min_p` apply, as transformers applies them; its fields mtp does not apply are named in a
-warning.
+row), and mtp's own arguments (`use_speculative`, `strategy`, `tau`, `streamer`, ...) pass through. A passed
+config's unset fields are the model's own (`model.generation_config`), as in transformers 5. The config's
+`repetition_penalty`, `min_new_tokens`, `min_p` and `stop_strings` apply, as transformers applies them (a stop
+string may begin in the prompt, as there); its fields mtp does not apply are named in a warning, and
+`output_scores` / `output_logits` are refused. Without a seed, sampling draws from torch's global generator
+(`torch.manual_seed` reproduces a call).
 """
 
 from __future__ import annotations
 
+import copy
 import inspect
 import warnings
 from collections.abc import Callable, Mapping
@@ -34,7 +38,7 @@ NOT_APPLIED = {"min_length": (0, None), "no_repeat_ngram_size": (0, None),
                "bad_words_ids": (None,), "suppress_tokens": (None,), "begin_suppress_tokens": (None,),
                "sequence_bias": (None,), "forced_bos_token_id": (None,), "forced_eos_token_id": (None,),
                "exponential_decay_length_penalty": (None,), "penalty_alpha": (None,), "dola_layers": (None,),
-               "guidance_scale": (None, 1.0), "watermarking_config": (None,)}
+               "guidance_scale": (None, 1.0), "watermarking_config": (None,), "max_time": (None,)}
 NOT_APPLIED_SAMPLING = {"typical_p": (1.0, None), "epsilon_cutoff": (0.0, None), "eta_cutoff": (0.0, None)}
 IGNORED = frozenset({"token_type_ids", "use_cache"})  # what tokenizers / transformers users pass that changes nothing
 
@@ -71,7 +75,7 @@ def hf_generate(model, input_ids=None, attention_mask=None, *, decode: Callable[
         raise MTPError("generate() needs input_ids (token ids, or **tokenizer(text, return_tensors='pt'))")
     _check_keywords(decode, kwargs)
     check_values({"seed": kwargs.get("seed")}, flags=False)
-    config = generation_config if generation_config is not None else getattr(model, "generation_config", None)
+    config = _generation_config(generation_config, model)
 
     def setting(value, name: str, default=None):
         """The argument when given, else the generation config's field, else transformers' default."""
@@ -95,6 +99,7 @@ def hf_generate(model, input_ids=None, attention_mask=None, *, decode: Callable[
             raise MTPError(f"the generation config asks for {name}={value}, which this model's decoding does not "
                            f"apply: set generation_config.{name} = {neutral}")
         kwargs[name] = value
+    _config_extras(config, kwargs, decode)
     if "stop_token_ids" not in kwargs:  # mtp's own spelling wins; otherwise None: the model's end tokens
         eos = eos_token_id if eos_token_id is not None else getattr(generation_config, "eos_token_id", None)
         kwargs["stop_token_ids"] = [eos] if isinstance(eos, int) else (list(eos) if eos is not None else None)
@@ -120,6 +125,32 @@ def hf_generate(model, input_ids=None, attention_mask=None, *, decode: Callable[
         return sequences
     return MTPGenerateOutput(sequences=sequences, stats=result.stats, texts=result.texts, tokens=result.tokens,
                              logprobs=result.logprobs)
+
+
+def _config_extras(config, kwargs: dict, decode: Callable) -> None:
+    """What else the generation config asks that mtp's decoding does as transformers does: its stop strings (which,
+    as there, may begin in the prompt); output_scores / output_logits, which mtp does not return, are refused as
+    the keywords are."""
+    for name in ("output_scores", "output_logits"):
+        if getattr(config, name, None):
+            raise MTPError(f"the generation config asks for {name}, which mtp's generate does not return: set "
+                           f"generation_config.{name} = False (per-token log-probabilities: logprobs=k)")
+    stops = getattr(config, "stop_strings", None)
+    if stops and "stop_strings" not in kwargs:
+        kwargs["stop_strings"] = [stops] if isinstance(stops, str) else list(stops)
+    if kwargs.get("stop_strings") and "stop_in_prompt" in inspect.signature(decode).parameters:
+        kwargs.setdefault("stop_in_prompt", True)
+
+
+def _generation_config(passed, model):
+    """The config whose fields apply where an argument is not given: transformers 5's rule, the passed config with
+    its unset (None) fields taken from the model's own (`model.generation_config`), or the model's own."""
+    own = getattr(model, "generation_config", None)
+    if passed is None or own is None:
+        return passed if passed is not None else own
+    merged = copy.deepcopy(passed)
+    merged.update(**own.to_dict(), defaults_only=True)
+    return merged
 
 
 def _transformers_streamer(kwargs: dict, ids: torch.Tensor):

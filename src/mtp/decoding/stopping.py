@@ -29,9 +29,11 @@ class StopChecker:
 
     def __init__(self, batch_size: int, stop_token_ids: list[int] | None, stop_strings: list[str] | None,
                  tokenizer=None, device: torch.device | str = "cpu", halt: Callable[[int], bool] | None = None,
-                 row_strings: list[tuple[str, ...]] | None = None):
+                 row_strings: list[tuple[str, ...]] | None = None, prompt_tails: list[list[int]] | None = None):
         """`stop_strings` end every row; `row_strings` (one tuple per row): each row's own (rows of requests that
-        ask for different ones, decoded as one batch)."""
+        ask for different ones, decoded as one batch). `prompt_tails` (each row's last prompt tokens): a stop
+        string may begin there and end in the new text (transformers' rule: the sequence's end matches; a
+        server's, vLLM's and OpenAI's, matches the new text only)."""
         self.halt = halt
         self.stop_ids = torch.tensor(sorted(set(stop_token_ids or [])), dtype=torch.long, device=device)
         shared = tuple(s for s in (stop_strings or []) if s)
@@ -41,6 +43,8 @@ class StopChecker:
             raise MTPError("stop strings need a tokenizer")
         self.tokenizer = tokenizer
         self.history: list[list[int]] = [[] for _ in range(batch_size)]  # only kept when stop strings are used
+        self.tails = [list(t) for t in prompt_tails] if prompt_tails is not None else [[] for _ in range(batch_size)]
+        self.tail_chars = [len(tokenizer.decode(t)) if t and tokenizer is not None else 0 for t in self.tails]
 
     def add_rows(self, strings: list[tuple[str, ...]]) -> None:
         """Rows that join the batch (continuous batching), after the others, with their stop strings."""
@@ -48,6 +52,8 @@ class StopChecker:
             raise MTPError("stop strings need a tokenizer")
         self.strings.extend(tuple(s for s in row if s) for row in strings)
         self.history.extend([] for _ in strings)
+        self.tails.extend([] for _ in strings)
+        self.tail_chars.extend(0 for _ in strings)
 
     def cut(self, row: int, new: list[int]) -> int | None:
         """How many of `new` (row's tokens emitted this step) to keep when they complete a stop string (the
@@ -62,15 +68,21 @@ class StopChecker:
         hist.extend(new)
         # Only the tail can contain a new match: decode a window that covers the longest stop string.
         window = max(len(s) for s in strings) + 8 + len(new)
-        text = self.tokenizer.decode(hist[-window:])  # once, not once per stop string (a step's host time)
-        if not any(s in text for s in strings):
+        if not self._matches(row, hist, len(hist), window):  # (one decode a step, not one per stop string)
             return None
         for j in range(base + 1, len(hist) + 1):
-            text = self.tokenizer.decode(hist[max(0, j - window):j])
-            if any(s in text for s in strings):
+            if self._matches(row, hist, j, window):
                 del hist[j:]
                 return j - base
         return None
+
+    def _matches(self, row: int, hist: list[int], end: int, window: int) -> bool:
+        """Whether the row's text up to its token `end` holds a stop string: in the last `window` tokens' text,
+        or (where those are all its new tokens) one that begins in its prompt's tail and ends after it."""
+        tail = self.tails[row] if end <= window else []  # (decoded together: the new text keeps its spacing)
+        text = self.tokenizer.decode(tail + hist[max(0, end - window):end])
+        after = self.tail_chars[row] if tail else 0
+        return any(text.find(s, max(0, after - len(s) + 1)) >= 0 for s in self.strings[row])
 
     def truncate_text(self, row: int, text: str) -> str:
         return cut_at_stop(text, self.strings[row])

@@ -257,7 +257,7 @@ def bench(
     from mtp.decoding.tree import DEFAULT_TREE_SIZE
 
     resolve_model(model)  # a model that is not there: one line before anything else
-    _check_bench_inputs(prompts, limit, batch_size, gguf, also)
+    _check_bench_inputs(prompts, limit, batch_size, gguf, also, shots)
     check_values({"sample_temperature": sample_temperature})
     out = Path(output)
     set_threads(threads)
@@ -296,12 +296,15 @@ def _eval_settings(model, strategy, decode: dict, shots, max_new_tokens, data, s
             "dtype": dtype_name(runtime.dtype)}
 
 
-def _check_bench_inputs(prompts: str, limit: int, batch_size, gguf: str | None, also) -> None:
+def _check_bench_inputs(prompts: str, limit: int, batch_size, gguf: str | None, also, shots: int) -> None:
     """The files and folders a bench reads besides --model, checked before any model loads."""
     from mtp.evaluation.prompts import file_prompt_texts
 
     if prompts != "gsm8k":
-        file_prompt_texts(prompts, limit=max([limit, *(batch_size or [])]))
+        free = file_prompt_texts(prompts, limit=max([limit, *(batch_size or [])]), settings=False)
+        if free is not None and shots:
+            raise MTPError(f"--shots {shots}: {prompts} holds prompts of its own, not GSM8K problems (exemplars go "
+                           "before GSM8K questions only)")
     if gguf is not None:
         _check_gguf(gguf)
     for x in also or []:  # a missing or damaged folder is an error before --model loads, not after

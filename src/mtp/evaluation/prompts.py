@@ -92,9 +92,13 @@ def file_prompts(tokenizer, path: str | Path, *, limit: int | None = None, shots
     return out
 
 
-def file_prompt_texts(path: str | Path, *, limit: int | None = None) -> list[str] | None:
+def file_prompt_texts(path: str | Path, *, limit: int | None = None, settings: bool = True) -> list[str] | None:
     """The prompts of a file as `file_prompts` reads them, checked, without a tokenizer (what a command checks
-    before it loads a model); None for a GSM8K file, whose problems are checked here too (`load_gsm8k`)."""
+    before it loads a model); None for a GSM8K file, whose problems are checked here too (`load_gsm8k`).
+    `settings` False: a record that sets a decoding setting of its own (`mtp generate --prompts`' fields) is an
+    error (every method decodes every prompt alike)."""
+    from mtp.decoding.commands import RECORD_SETTINGS
+
     path = input_file(path, "prompts")
     if limit is not None and limit < 1:
         raise MTPError(f"--limit must be >= 1, got {limit}")
@@ -113,6 +117,9 @@ def file_prompt_texts(path: str | Path, *, limit: int | None = None) -> list[str
             text = record.get("prompt", record.get("text")) if isinstance(record, dict) else None
             if not isinstance(text, str) or not text.strip():
                 raise MTPError(f"{path}:{lineno}: expected a JSON object with a non-empty \"prompt\" or \"text\"")
+            if not settings and (own := [k for k in RECORD_SETTINGS if k in record]):
+                raise MTPError(f"{path}:{lineno}: a record's own {own[0]!r} is for `mtp generate --prompts`; a bench "
+                               "decodes every prompt with the same settings (its flags)")
             texts.append(text)
     else:
         texts = [line for line in text.splitlines() if line.strip()]
