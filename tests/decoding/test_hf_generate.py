@@ -259,3 +259,15 @@ def test_a_config_asking_for_scores_is_refused_and_max_time_named(model):
                                                                                      return_dict_in_generate=True))
     with pytest.warns(RuntimeWarning, match=r"sets max_time=1.0, which mtp does not apply"):
         model.generate(torch.tensor([[5, 6, 7]]), generation_config=GenerationConfig(max_new_tokens=2, max_time=1.0))
+
+
+def test_a_text_generation_pipeline_takes_the_model(model, tokenizer):
+    """transformers' `pipeline("text-generation", model=m)` asks `can_generate()` and calls `generate`: the text
+    transformers' generate gives on the same weights."""
+    from transformers import pipeline
+
+    pipe = pipeline("text-generation", model=model, tokenizer=tokenizer)
+    got = pipe("What is 7 + 5?", max_new_tokens=5, do_sample=False)[0]["generated_text"]
+    ids = tokenizer("What is 7 + 5?", return_tensors="pt")
+    assert got == tokenizer.decode(model.base.generate(**ids, max_new_tokens=5, do_sample=False)[0],
+                                   skip_special_tokens=True)

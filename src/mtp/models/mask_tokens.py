@@ -502,6 +502,10 @@ class MaskTokenModel(nn.Module):
     def new_cache(self, batch_size: int, max_len: int, static: bool = False):
         return self.lm.new_cache(batch_size, max_len, static=static)
 
+    def can_generate(self) -> bool:
+        """What transformers' pipelines ask before they call `generate` (`pipeline("text-generation", model=m)`)."""
+        return True
+
     def generate(self, input_ids=None, attention_mask=None, **kwargs):
         """transformers' `generate` (a LongTensor of prompts + new tokens; see `mtp.decoding.hf_generate`), with
         mtp's strategies: `strategy="confadapt", tau=0.9, k=8`, `use_speculative=True` (lossless), ..."""

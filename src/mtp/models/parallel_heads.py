@@ -393,6 +393,10 @@ class MTPModel(nn.Module):
             return first
         return torch.cat([first, self.restrict_to_draft_vocab(self.lm_head(extra))], dim=2)  # (B, T, n, V)
 
+    def can_generate(self) -> bool:
+        """What transformers' pipelines ask before they call `generate` (`pipeline("text-generation", model=m)`)."""
+        return True
+
     def generate(self, input_ids=None, attention_mask=None, **kwargs):
         """transformers' `generate`: a LongTensor (B, P + N) of prompts and new tokens (`return_dict_in_generate`:
         an output with `.sequences`, `.stats`, `.texts`); takes `**tokenizer(...)`, `max_new_tokens`, `do_sample`,
