@@ -75,7 +75,7 @@ def _thread_times() -> dict[str, tuple[int, int]] | None:
 class CoreWait:
     """The share of their time this process's threads waited for a CPU core, from now until `fraction()`: about 0
     on a machine of its own. Torch's threads meet after every parallel op, so one that waits holds up the others:
-    decoding at 2 threads beside one busy process on 2 cores waited ~35% of the time and ran 2.5-3.5x slower than
+    decoding at 2 threads beside one busy process on 2 cores waited ~37% of the time and ran 3-4x slower than
     at 1 thread, which did not wait (docs/benchmarks.md); `note` says so. Threads that do not run count for
     nothing; a process that mostly slept (waiting for another one's work) has no share (None)."""
 
