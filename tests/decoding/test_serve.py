@@ -370,6 +370,21 @@ def held_until_waiting(server, count: int):
     batcher._joining = joining
 
 
+def test_the_log_says_once_that_other_processes_slowed_a_batch(model, monkeypatch):
+    """A batch whose threads waited for a core (`CoreWait`) 10% of its time or more: one log line naming
+    --threads 1, once a server."""
+    import mtp.decoding.batcher as batcher_module
+
+    monkeypatch.setattr(batcher_module.CoreWait, "fraction", lambda self: 0.3)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    lines: list[str] = []
+    with served(model, log=lines.append) as server:
+        for _ in range(2):
+            assert post(server, "/v1/completions", {"prompt": PROMPTS[0], "max_tokens": 3})[0] == 200
+    notes = [line for line in lines if "waited for a CPU core 30% of the time" in line]
+    assert len(notes) == 1 and "--threads 1" in notes[0] and len(server.batcher.batch_sizes) == 2
+
+
 def test_a_request_that_comes_while_a_batch_decodes_joins_it(model):
     """Continuous batching: requests that come while a batch decodes join it between two steps (the log says how
     many), and each answer is the one it gets alone, streamed or not."""

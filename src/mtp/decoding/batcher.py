@@ -45,6 +45,7 @@ from mtp.decoding.prefixes import PromptCache
 from mtp.decoding.row_options import RowOptions, row_arguments
 from mtp.decoding.stopping import cut_at_stop
 from mtp.errors import MTPError, first_line
+from mtp.runtime import CoreWait
 
 
 @dataclass
@@ -190,6 +191,7 @@ class Batcher:
     join: bool = True  # jobs join a batch that decodes (False: static batching)
     join_room: int = 512  # cache slots a batch keeps past its first jobs' needs, for the jobs that join it
     prompt_cache: PromptCache | None = None  # recent prompts' keys and values, which later prompts start from
+    wait_noted: bool = False  # whether the log said that other processes slowed a batch (`CoreWait`: once)
 
     def _generate(self, jobs: list[Job], sent: list[bool], before_first: Callable[[int], None],
                   finish: Callable[[int, list[int], list | None, GenerationStats], None]) -> GenerationResult:
@@ -375,7 +377,7 @@ class Batcher:
                 if record:
                     self.counts.answer(job, tokens)
 
-            first = len(jobs)
+            first, wait = len(jobs), CoreWait()
             res = self._generate(jobs, sent, echo, finish)
             for row in range(len(jobs)):  # (prompts only scored: not decoded)
                 if row not in answered:
@@ -406,6 +408,9 @@ class Batcher:
         self.log(f"mtp serve: a batch of {len(jobs)}{joined}, {st.new_tokens} tokens in "
                  f"{st.seconds:.2f} s: {st.tokens_per_second:.1f} tokens/s, {st.tokens_per_forward:.2f} tokens "
                  "per forward")
+        if not self.wait_noted and (note := wait.note()) is not None:  # (once a server: other processes' load)
+            self.log(note)
+            self.wait_noted = True
 
     def _failed(self, jobs: list[Job], answered: set[int], status: HTTPStatus, message: str, record: bool) -> None:
         """The batch failed: each job not yet answered gets the error."""
