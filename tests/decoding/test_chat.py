@@ -123,13 +123,14 @@ def test_a_template_that_refuses_the_conversation_is_one_line(tiny_mtp_folder, c
 def test_save_adds_the_conversation_to_a_jsonl_that_train_and_generate_read(tiny_mtp_folder, tmp_path, capsys,
                                                                             monkeypatch):
     """/save FILE appends the conversation so far as a {"messages": [...]} record (two saves: two records, the
-    file rewritten whole each time); a folder in the way is a line, and the chat goes on."""
+    file rewritten whole each time); a folder in the way is a line, and the chat goes on; before the first turn
+    there is nothing to save (and nothing is created)."""
     from mtp.decoding.commands import read_prompts
     from mtp.training.data import load_examples
 
     saved = tmp_path / "chats.jsonl"
     (tmp_path / "folder").mkdir()
-    typed = (f"What is 7 + 5?\n/save {saved}\n/save {tmp_path / 'folder'}\nAnd times 2?\n/save {saved}\n/save\n"
+    typed = (f"/save {tmp_path / 'early' / 'x.jsonl'}\nWhat is 7 + 5?\n/save {saved}\n/save {tmp_path / 'folder'}\nAnd times 2?\n/save {saved}\n/save\n"
              "/reset\nNew topic\n")
     code, out, err = _chat(tiny_mtp_folder, typed, capsys, monkeypatch, "--system", "Be brief.")
     records = [json.loads(line) for line in saved.read_text().splitlines()]
@@ -140,6 +141,7 @@ def test_save_adds_the_conversation_to_a_jsonl_that_train_and_generate_read(tiny
     assert answer["role"] == "assistant" and out.startswith(answer["content"] + "\n")  # the answer printed
     assert records[1]["messages"][:3] == records[0]["messages"] and len(records[1]["messages"]) == 5
     assert "(saved: 1 turn added to" in err and "(saved: 2 turns added to" in err
+    assert "(nothing to save yet: no turn in this conversation)" in err and not (tmp_path / "early").exists()
     assert len(read_prompts(str(saved))) == 2  # mtp generate --prompts answers them (up to their last user turn)
     assert len(load_examples(str(saved))) == 2  # mtp train --data learns their answers
 

@@ -160,6 +160,9 @@ def _save(messages: list[dict], path: str) -> None:
         print("(/save FILE: add this conversation to FILE, a JSONL of {\"messages\": [...]} records)",
               file=sys.stderr, flush=True)
         return
+    if not any(m["role"] == "user" for m in messages):  # (a record of a system message alone trains nothing)
+        print("(nothing to save yet: no turn in this conversation)", file=sys.stderr, flush=True)
+        return
     file = Path(path).expanduser()
     try:
         if file.is_dir():
