@@ -19,7 +19,7 @@ from mtp.decoding.logprobs import TokenLogprob
 from mtp.decoding.openai_api import token_text
 from mtp.decoding.options import DraftOptions, SamplingOptions, WeightOptions
 from mtp.decoding.queue import decode_queue
-from mtp.decoding.row_options import PER_ROW
+from mtp.decoding.row_options import PER_ROW, RECORD_SETTINGS
 from mtp.decoding.stopping import cut_at_stop
 from mtp.errors import MTPError, first_line
 from mtp.evaluation.prompts import has_chat_template, resolve_chat
@@ -34,11 +34,6 @@ from mtp.io import (
 )
 from mtp.options import with_flat_keywords
 from mtp.runtime import CoreWait
-
-# Fields a JSON record of --prompts may set for its own prompt (`generate`'s arguments; "stop": its stop strings)
-RECORD_SETTINGS = ("max_new_tokens", "do_sample", "temperature", "top_k", "top_p", "min_p", "repetition_penalty",
-                   "presence_penalty", "frequency_penalty", "min_new_tokens", "stop")
-
 
 # What a record may mean by a field it names otherwise (OpenAI's or transformers' spelling), or a setting that is the
 # run's, not a prompt's: refused with the way to say it (other fields, an "id" or a reference "answer", are kept out)

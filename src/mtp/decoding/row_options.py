@@ -77,6 +77,10 @@ def batch_options(opts, rows: Sequence[RowOptions]):
 
 PER_ROW = ("do_sample", "temperature", "top_k", "top_p", "min_p", "repetition_penalty", "presence_penalty",
            "frequency_penalty", "logit_bias", "min_new_tokens", "stop_strings")
+# Fields a JSON record of prompts (`mtp generate --prompts`) may set for its own prompt: max_new_tokens and PER_ROW's
+# settings as JSON spells them ("stop": its stop strings; logit_bias is the run's)
+RECORD_SETTINGS = ("max_new_tokens", "do_sample", "temperature", "top_k", "top_p", "min_p", "repetition_penalty",
+                   "presence_penalty", "frequency_penalty", "min_new_tokens", "stop")
 
 
 def row_options(rows: int, vocab: int, values: Mapping[str, object], shared: Mapping[str, object]) -> list[RowOptions]:

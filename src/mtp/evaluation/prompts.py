@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from mtp.decoding.generate import left_pad  # noqa: F401  (re-exported for evaluation modules)
+from mtp.decoding.row_options import RECORD_SETTINGS
 from mtp.errors import MTPError
 from mtp.evaluation.gsm8k import STOP_SEQUENCES, build_chat_messages, build_prompt, load_gsm8k
 from mtp.io import input_file, is_json_name, read_json_records, read_text
@@ -97,8 +98,6 @@ def file_prompt_texts(path: str | Path, *, limit: int | None = None, settings: b
     before it loads a model); None for a GSM8K file, whose problems are checked here too (`load_gsm8k`).
     `settings` False: a record that sets a decoding setting of its own (`mtp generate --prompts`' fields) is an
     error (every method decodes every prompt alike)."""
-    from mtp.decoding.commands import RECORD_SETTINGS
-
     path = input_file(path, "prompts")
     if limit is not None and limit < 1:
         raise MTPError(f"--limit must be >= 1, got {limit}")
