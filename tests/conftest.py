@@ -82,6 +82,16 @@ def _cpu_unless_marked_cuda(request, monkeypatch):
 
 
 @pytest.fixture(autouse=True)
+def _no_machine_load(request, monkeypatch):
+    """Commands note when other processes took their cores (`mtp.runtime.CoreWait`): a test's output must not
+    depend on what else the machine runs, so only tests marked `machine_load` read the kernel's figures."""
+    if request.node.get_closest_marker("machine_load") is None:
+        import mtp.runtime
+
+        monkeypatch.setattr(mtp.runtime, "_thread_times", lambda: None)
+
+
+@pytest.fixture(autouse=True)
 def _restore_torch_threads():
     """Commands take --threads and set torch's thread count for the process; a test must not leak it."""
     threads = torch.get_num_threads()

@@ -85,7 +85,7 @@ def test_generate_strategies_and_json(tiny_mtp_folder, tmp_path, capsys):
                                   "--chat", "--strategy", strategy, "--max-new-tokens", "12", "--json"], capsys)
         assert code == 0, err
         record = json.loads(out.strip().splitlines()[-1])
-        assert set(record) == {"prompt", "text", "token_ids", "new_tokens", "batch"}
+        assert set(record) == {"index", "prompt", "text", "token_ids", "new_tokens", "batch"}
         assert record["new_tokens"] == record["batch"]["new_tokens"] == len(record["token_ids"]) <= 12
         outputs[strategy] = record["token_ids"]
     assert outputs["speculative"] == outputs["greedy"]
@@ -200,6 +200,52 @@ def test_generate_prompts_decode_continuously_and_print_in_order(tiny_mtp_folder
     assert code == 130 and [r["prompt"] for r in records] == texts[:len(records)] and len(records) >= 2
     assert all(r["token_ids"] == alone[i][:len(r["token_ids"])] for i, r in enumerate(records))
     assert any(r.get("interrupted") for r in records)
+
+
+def test_generate_output_goes_on_from_where_a_stopped_run_left(tiny_mtp_folder, tmp_path, capsys, monkeypatch):
+    """`--output F`: each answer goes to F.partial as it ends; Ctrl-C writes F with what there is and says how
+    many; the same command goes on from F.partial, decoding only the prompts not answered, and ends with F as an
+    uninterrupted run writes it (the journal gone). Records carry their prompt's place and the input's "id"; a
+    journal of other settings is set aside."""
+    import mtp.decoding.queue as queue_module
+
+    texts = ["What is 7 + 5?", "Hi", "A box holds 12 eggs. How many are in 3 boxes?", "Tom has 3 apples.", "Go",
+             "Sam has 4 pens.", "Count to three."]
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("".join(json.dumps({"id": f"q{i}", "prompt": t}) + "\n" for i, t in enumerate(texts)))
+    args = ["generate", "--model", str(tiny_mtp_folder), "--prompts", str(prompts), "--max-new-tokens", "6",
+            "--batch-size", "2", "--no-chat", "--no-progress"]
+    code, _, err = run_cli([*args, "--output", str(tmp_path / "whole.jsonl")], capsys)
+    assert code == 0, err
+    whole = [json.loads(line) for line in (tmp_path / "whole.jsonl").read_text().splitlines()]
+    assert [(r["index"], r["id"]) for r in whole] == [(i, f"q{i}") for i in range(len(texts))]
+
+    out = tmp_path / "o.jsonl"
+    real = queue_module.generate
+    monkeypatch.setattr(queue_module, "generate", interrupting(real, after=14))
+    code, _, err = run_cli([*args, "--output", str(out)], capsys)
+    journal = [json.loads(line) for line in (tmp_path / "o.jsonl.partial").read_text().splitlines()]
+    answered = {r["index"] for r in journal[1:]}
+    assert code == 130 and 1 <= len(answered) < len(texts) and journal[0]["format"] == "mtp-generate-journal"
+    assert f"{len(answered)} of {len(texts)} answers written to {out}" in err
+    kept = [json.loads(line) for line in out.read_text().splitlines()]
+    assert {r["index"] for r in kept if not r.get("interrupted")} == answered
+
+    decoded = []
+    monkeypatch.setattr(queue_module, "generate", lambda model, ids, *a, **kw: decoded.append(ids.shape[0]) or
+                        real(model, ids, *a, **kw))
+    code, _, err = run_cli([*args, "--output", str(out)], capsys)
+    assert code == 0, err
+    assert f"going on from {out}.partial: {len(answered)} of {len(texts)} prompts answered before" in err
+    assert not (tmp_path / "o.jsonl.partial").exists()
+    final = [json.loads(line) for line in out.read_text().splitlines()]
+    same = ("index", "id", "prompt", "text", "token_ids")
+    assert [{k: r[k] for k in same} for r in final] == [{k: r[k] for k in same} for r in whole]
+
+    (tmp_path / "o.jsonl.partial").write_text(json.dumps(journal[0]) + "\n" + json.dumps(journal[1]) + "\n")
+    code, _, err = run_cli([*args, "--max-new-tokens", "5", "--output", str(out)], capsys)
+    assert code == 0 and "holds the answers of other prompts, settings or weights: starting over" in err
+    assert all(r["new_tokens"] <= 5 for r in map(json.loads, out.read_text().splitlines()))
 
 
 def test_generate_with_a_draft_tree(tiny_mtp_folder, capsys):
@@ -339,7 +385,7 @@ def test_generate_prompts_with_settings_of_their_own(tiny_mtp_folder, tmp_path, 
                          ({"prompt": "x", "max_new_tokens": "5"}, ":2: 'max_new_tokens' must be a whole number"),
                          ({"prompt": "x", "stop": 3}, ":2: 'stop' must be a string or a list of strings"),
                          ({"prompt": "x", "top_p": 2.0, "do_sample": True}, ":2: top_p must be in"),
-                         ({"prompt": "x", "max_tokens": 5}, ":2: a record sets 'max_tokens' as 'max_new_tokens'"),
+                         ({"prompt": "x", "max_tokens": 5}, ":2: 'max_tokens' is not a record's field here: write it as 'max_new_tokens'"),
                          ({"prompt": "x", "n": 2}, ":2: 'n' is the run's setting, not a record's"),
                          ({"prompt": "x", "maxnewtokens": 5}, ":2: unknown field 'maxnewtokens': did you mean "
                                                               "'max_new_tokens'?")):
@@ -569,6 +615,21 @@ def test_docs_cli_md_is_current():
     """docs/cli.md is what `python -m mtp.cli --markdown docs/cli.md` writes from today's command signatures."""
     written = (Path(__file__).parents[1] / CLI_DOC).read_text()
     assert written == markdown(), f"{CLI_DOC} is not current: run `python -m mtp.cli --markdown {CLI_DOC}`"
+
+
+def test_decoding_md_lists_every_parameter_of_generate():
+    """docs/decoding.md gives `generate`'s whole signature in one paragraph: every parameter, in order (it had
+    fallen behind by four)."""
+    import inspect
+    import re
+
+    from mtp.decoding.generate import generate
+
+    text = (Path(__file__).parents[1] / "docs" / "decoding.md").read_text()
+    match = re.search(r"`generate\(model, input_ids, attention_mask=None, \*, (.*?)\)` takes", text, re.S)
+    assert match, "decoding.md's generate signature is gone"
+    documented = ["model", "input_ids", "attention_mask"] + [p.strip() for p in match.group(1).split(",")]
+    assert documented == list(inspect.signature(generate).parameters)
 
 
 def _documented(name: str, count: int = 3, mode: Literal["a", "b"] = "a", sizes: list[int] | None = None,

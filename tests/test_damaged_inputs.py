@@ -21,6 +21,7 @@ from mtp.training.checkpoints import (
     STATE_NAME,
     TENSORS_NAME,
     latest_checkpoint,
+    list_checkpoints,
     load_trainer_state,
 )
 
@@ -105,12 +106,16 @@ def test_trainer_state_is_json_and_safetensors(run_copy):
     assert isinstance(next(iter(state["optimizer"]["state"])), int)  # parameter indices stay ints
 
 
+def every_checkpoint(run: Path) -> list[Path]:
+    return [folder for _, folder in list_checkpoints(run / "checkpoints")]
+
+
 def test_an_old_pickled_trainer_state_is_refused_unread(run_copy, capsys):
-    ckpt = latest_checkpoint(run_copy / "run" / "checkpoints")
-    (ckpt / STATE_NAME).unlink()
-    (ckpt / TENSORS_NAME).unlink()
     marker = run_copy / "ran"
-    plant_pickle(ckpt / LEGACY_STATE_NAME, marker)
+    for ckpt in every_checkpoint(run_copy / "run"):
+        (ckpt / STATE_NAME).unlink()
+        (ckpt / TENSORS_NAME).unlink()
+        plant_pickle(ckpt / LEGACY_STATE_NAME, marker)
     code, err = run_cli(["train", "--output", run_copy / "run", "--resume", "--no-progress"], capsys)
     assert_one_line_error(code, err, LEGACY_STATE_NAME, "pickle")
     assert not marker.exists()
@@ -130,15 +135,15 @@ def test_a_pickle_posing_as_meta_weights_is_refused_unread(tmp_path, capsys):
 
 @pytest.mark.parametrize("damage", ["truncated", "garbage", "empty"])
 def test_a_damaged_trainer_state_is_one_line(run_copy, damage, capsys):
-    ckpt = latest_checkpoint(run_copy / "run" / "checkpoints")
-    damage_file(ckpt / TENSORS_NAME, damage)
+    for ckpt in every_checkpoint(run_copy / "run"):
+        damage_file(ckpt / TENSORS_NAME, damage)
     code, err = run_cli(["train", "--output", run_copy / "run", "--resume", "--no-progress"], capsys)
     assert_one_line_error(code, err, TENSORS_NAME)
 
 
 def test_a_trainer_state_that_is_not_json_is_one_line(run_copy, capsys):
-    ckpt = latest_checkpoint(run_copy / "run" / "checkpoints")
-    (ckpt / STATE_NAME).write_text('{"step": 2, "optim')
+    for ckpt in every_checkpoint(run_copy / "run"):
+        (ckpt / STATE_NAME).write_text('{"step": 2, "optim')
     code, err = run_cli(["train", "--output", run_copy / "run", "--resume", "--no-progress"], capsys)
     assert_one_line_error(code, err, STATE_NAME, "not valid JSON")
 
@@ -269,10 +274,19 @@ def test_every_command_that_loads_a_model_checks_it(tmp_path, kind, command, cap
 
 
 def test_resume_checks_the_checkpoint_weights(run_copy, capsys):
-    ckpt = latest_checkpoint(run_copy / "run" / "checkpoints")
-    damage_file(ckpt / "model.safetensors", "truncated")
+    """A damaged newest checkpoint is named and passed over: --resume goes on from the one before it (it refused
+    the run, telling the user to "copy or save it again"). Every checkpoint damaged: one line, the newest's."""
+    first, newest = every_checkpoint(run_copy / "run")
+    damage_file(newest / "model.safetensors", "truncated")
     code, err = run_cli(["train", "--output", run_copy / "run", "--resume", "--no-progress"], capsys)
-    assert_one_line_error(code, err, str(ckpt / "model.safetensors"), "damaged safetensors")
+    assert code == 0, err
+    assert f"mtp: {newest} cannot be read" in err and f"going on from {first.name}" in err
+    metrics = [json.loads(line) for line in (run_copy / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics if "eval" not in m] == [1, 2]  # step 2 trained again, once
+    for ckpt in every_checkpoint(run_copy / "run"):
+        damage_file(ckpt / "model.safetensors", "truncated")
+    code, err = run_cli(["train", "--output", run_copy / "run", "--resume", "--no-progress"], capsys)
+    assert_one_line_error(code, err, "no checkpoint in", str(newest / "model.safetensors"), "damaged safetensors")
 
 
 def test_the_python_api_raises_mtperror_too(tmp_path):

@@ -253,6 +253,16 @@ def test_failed_conversion_leaves_nothing(tmp_path: Path) -> None:
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.gguf"]
 
 
+def test_a_gguf_cut_short_is_said_to_be(tmp_path: Path) -> None:
+    """A GGUF whose copy stopped part-way: one MTPError saying the file may be cut short, with its size (it was
+    numpy's "cannot reshape array of size ... into shape ..." alone)."""
+    path = write_tiny_gguf(tmp_path / "tiny.gguf", tiny_model(True))
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) * 4 // 5])
+    with pytest.raises(MTPError, match=rf"\({len(data) * 4 // 5:,} bytes: a file cut short or damaged fails so"):
+        convert_gguf_to_folder(path, tmp_path / "out")
+
+
 def test_load_gguf_converts_once_into_mtp_home(tmp_path: Path, home: Path) -> None:
     gguf_path = write_tiny_gguf(tmp_path / "tiny.gguf", tiny_model())
     _, _, source = hub.load_base_model(str(gguf_path))

@@ -41,3 +41,25 @@ def test_the_wheel_declares_its_license_and_command(wheel):
     assert "License-Expression: Apache-2.0" in metadata.splitlines()
     assert wheel.read(info["LICENSE"]) == (ROOT / "LICENSE").read_bytes()
     assert "mtp = mtp.cli:main" in wheel.read(info["entry_points.txt"]).decode()
+
+
+def test_the_source_distribution_holds_the_suite_and_the_docs(tmp_path):
+    """The sdist is a checkout a user can test: every test file and its helpers (without conftest.py none
+    collects), the docs the README links to, the Makefile; no caches."""
+    import tarfile
+
+    setuptools = pytest.importorskip("setuptools")
+    if int(setuptools.__version__.split(".")[0]) < 77:
+        pytest.skip(f"setuptools {setuptools.__version__} here; the build wants >= 77")
+    done = subprocess.run([sys.executable, "-c", f"from setuptools import build_meta; "
+                           f"build_meta.build_sdist({str(tmp_path)!r})"], capture_output=True, text=True, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-2000:]
+    (path,) = tmp_path.glob("mtp-*.tar.gz")
+    with tarfile.open(path) as tar:
+        names = {n.split("/", 1)[1] for n in tar.getnames() if "/" in n}
+    tracked = subprocess.run(["git", "ls-files", "tests", "docs"], capture_output=True, text=True, cwd=ROOT)
+    expected = set(tracked.stdout.split()) if tracked.returncode == 0 and tracked.stdout else \
+        {p.relative_to(ROOT).as_posix() for p in (ROOT / "tests").rglob("*.py")}
+    assert expected <= names, sorted(expected - names)[:5]
+    assert {"Makefile", "README.md", "LICENSE", "src/mtp/data/gsm8k/test.jsonl"} <= names
+    assert not [n for n in names if "__pycache__" in n or n.endswith(".pyc")]

@@ -166,6 +166,7 @@ def test_more_threads_than_cores_are_the_cores(capsys):
         torch.set_num_threads(before)
 
 
+@pytest.mark.machine_load
 def test_core_wait_is_the_share_of_the_threads_time_spent_waiting(monkeypatch):
     """`CoreWait`: over the threads that ran since it started (a new thread from its birth), the time they waited
     for a core over the time they ran or waited; a note only where that passed CONTENDED at more than one

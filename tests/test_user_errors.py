@@ -233,3 +233,68 @@ def test_bench_also_needs_the_same_base_model(folders, tmp_path, other, message,
                          "--no-progress"], capsys)
     assert_one_line_error(code, err, f"--also {folder} {message}")
     assert not (tmp_path / "b").exists()
+
+
+def test_the_lm_eval_route_without_lm_eval_is_one_line(tmp_path):
+    """`python -m mtp.evaluation.lm_eval_adapter ...` (decoding.md's route) where lm-eval is not installed: one
+    line naming what to install, exit 2, no traceback; the import from Python stays an ImportError."""
+    import importlib.util
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    if importlib.util.find_spec("lm_eval") is not None:
+        pytest.skip("lm-eval is installed here")
+    src = str(Path(__file__).resolve().parents[1] / "src")
+    env = {**os.environ, "PYTHONPATH": src}
+    done = subprocess.run([sys.executable, "-m", "mtp.evaluation.lm_eval_adapter", "--model", "mtp", "--tasks", "x"],
+                          capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert done.stderr.strip().splitlines()[-1] == ("mtp: error: the lm-evaluation-harness adapter needs lm-eval: "
+                                                    "pip install lm-eval")
+    with pytest.raises(ImportError, match="pip install lm-eval"):
+        import mtp.evaluation.lm_eval_adapter  # noqa: F401
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_from_pretrained_on_a_device_this_torch_cannot_use_is_an_mtp_error(folders):
+    """Both model classes' `from_pretrained(device="cuda")` on a CPU-only torch: the MTPError `mtp.load` gives
+    (it was torch's AssertionError "Torch not compiled with CUDA enabled")."""
+    from mtp.models.mask_tokens import MaskTokenModel
+    from mtp.models.parallel_heads import MTPModel
+
+    for cls, folder in ((MTPModel, folders / "mtp"), (MaskTokenModel, folders / "mask")):
+        with pytest.raises(MTPError, match="device cuda"):
+            cls.from_pretrained(folder, device="cuda")
+
+
+def test_from_pretrained_without_the_tokenizer_reads_none(folders):
+    """`from_pretrained(load_tokenizer=False)` leaves the tokenizer out (the import of the function of that name
+    inside it shadowed the argument: it always read it)."""
+    from mtp.models.mask_tokens import MaskTokenModel
+    from mtp.models.parallel_heads import MTPModel
+
+    for cls, folder in ((MTPModel, folders / "mtp"), (MaskTokenModel, folders / "mask")):
+        assert cls.from_pretrained(folder, load_tokenizer=False).tokenizer is None
+        assert cls.from_pretrained(folder).tokenizer is not None
+
+
+def test_a_tilde_in_output_means_home_everywhere(folders, tmp_path, monkeypatch, capsys):
+    """`--output ~/x` is written under the home folder by `generate`, `convert` and `eval` (the first two wrote
+    a folder named "~" in the working directory, after a check that had expanded it)."""
+    home, work = tmp_path / "home", tmp_path / "work"
+    home.mkdir()
+    work.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(work)
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("Hi\n")
+    common = ["--model", folders / "mtp", "--max-new-tokens", "2", "--no-progress"]
+    assert run_cli(["generate", "--prompts", prompts, "--no-chat", *common, "--output", "~/g.jsonl"], capsys)[0] == 0
+    assert run_cli(["convert", "--input", folders / "hf", "--output", "~/conv"], capsys)[0] == 0
+    data = tmp_path / "gsm.jsonl"
+    data.write_text(json.dumps({"question": "What is 1 + 1?", "answer": "1 + 1 = 2\n#### 2"}) + "\n")
+    assert run_cli(["eval", "--data", data, "--shots", "0", "--no-chat", *common, "--output", "~/ev"], capsys)[0] == 0
+    assert (home / "g.jsonl").is_file() and (home / "conv" / "config.json").is_file()
+    assert (home / "ev" / "summary.json").is_file() and list(work.iterdir()) == []

@@ -317,6 +317,19 @@ def read_complete_records(path: str | os.PathLike) -> list[dict]:
     return records
 
 
+def open_append(path: str | os.PathLike):
+    """A JSONL file opened to append lines; a last line cut off by an interruption is ended first, so it stays on
+    its own (and is skipped when read) instead of swallowing the next line."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    sink = Path(path).open("a", encoding="utf-8")
+    if sink.tell() > 0:
+        with Path(path).open("rb") as f:
+            f.seek(-1, os.SEEK_END)
+            if f.read(1) != b"\n":
+                sink.write("\n")
+    return sink
+
+
 def append_records(f, records: Iterable[dict]) -> None:
     """Append JSON lines to the open log `f` and force them to disk: a kill loses no finished work (a full disk
     may cut the last line short; readers skip such a line)."""

@@ -34,7 +34,9 @@ class FakeTrain:
         self.tokenizer, self.calls = tokenizer, []
 
     def __call__(self, output, **kwargs):
-        self.calls.append(kwargs)
+        from mtp.training.loop import RESUME_HINT
+
+        self.calls.append({**kwargs, "resume_hint": RESUME_HINT.get()})  # what a stopped run would say
         model = make_model(self.tokenizer, num_heads=4)
         Path(output).mkdir(parents=True, exist_ok=True)
         install_model(model, Path(output))  # as a run does: beside what the run folder already holds
@@ -56,6 +58,7 @@ def test_demo_trains_once_then_reuses(tiny_tokenizer, tmp_path, capsys):
     call = fake.calls[0]
     assert call["freeze_trunk"] is True and call["targets"] == "self" and call["num_heads"] == 4
     assert call["resume"] is False and call["limit"] == 4 and call["epochs"] == 2
+    assert call["resume_hint"] == "the same mtp demo command goes on from it"  # (demo has no --resume)
     # the default budget (30 min) less the bench's share, split between answering and training 2 epochs
     assert 0.99 * (30 - BENCH_MINUTES) / (1 + TRAIN_PER_ANSWER * 2 / 3) < call["answer_minutes"] <= \
         (30 - BENCH_MINUTES) / (1 + TRAIN_PER_ANSWER * 2 / 3)

@@ -171,6 +171,26 @@ def test_resume_continues_from_partial_jsonl(tiny_tokenizer, gsm8k_file, tmp_pat
     assert ran == [] and again["strict"] == summary["strict"]
 
 
+def test_an_interrupted_evaluation_says_what_it_kept(tiny_tokenizer, gsm8k_file, tmp_path, monkeypatch, capsys):
+    """Ctrl-C during an evaluation: how many problems are kept, where, and that the same command goes on."""
+    model = make_model(tiny_tokenizer)
+    prompts = gsm8k_prompts(tiny_tokenizer, path=gsm8k_file, shots=0, chat=False)
+    real, written = evaluate.append_records, []
+
+    def then_ctrl_c(f, records):
+        if len(written) == 2:
+            raise KeyboardInterrupt
+        written.extend(records)
+        return real(f, records)
+
+    monkeypatch.setattr(evaluate, "append_records", then_ctrl_c)
+    with pytest.raises(KeyboardInterrupt):
+        run_eval(model, tiny_tokenizer, prompts, tmp_path / "run", {"strategy": "greedy"}, max_new_tokens=4,
+                 batch_size=1, progress=False)
+    assert (f"mtp eval: interrupted; 2 of {len(prompts)} problems are kept in {tmp_path / 'run' / 'samples.jsonl'}: "
+            "the same command goes on from them") in capsys.readouterr().err
+
+
 def test_resume_refuses_other_settings_and_no_resume_restarts(tiny_tokenizer, gsm8k_file, tmp_path):
     model = make_model(tiny_tokenizer)
     prompts = gsm8k_prompts(tiny_tokenizer, path=gsm8k_file, limit=2, shots=0, chat=False)
@@ -222,6 +242,11 @@ def test_bad_inputs(tiny_model_dir, gsm8k_file, tmp_path):
     with pytest.raises(MTPError, match="shots"):
         eval_(model=str(tiny_model_dir), data=str(gsm8k_file), output=str(tmp_path / "o2"),
               **{**FAST, "shots": 9})
+    with pytest.raises(MTPError, match="does not fit this model's context .* use fewer --shots or a lower "
+                                       "--max-new-tokens"):  # (its context: 4,096 tokens)
+        eval_(model=str(tiny_model_dir), data=str(gsm8k_file), output=str(tmp_path / "deep" / "o3"),
+              **{**FAST, "max_new_tokens": 4090})
+    assert not (tmp_path / "deep").exists()  # checked before anything was written: no folder left
     (tmp_path / "file").write_text("x")
     with pytest.raises(MTPError, match="is a file"):
         eval_(model=str(tiny_model_dir), data=str(gsm8k_file), output=str(tmp_path / "file"), **FAST)
@@ -251,3 +276,14 @@ def test_problems_join_the_batch_as_rows_end(tiny_tokenizer, gsm8k_file, tmp_pat
     run_eval(model, tiny_tokenizer, prompts, tmp_path / "one", {"s": strategy}, batch_size=1, **kw)
     two, one = ({r["id"]: r["output"] for r in read_samples(tmp_path / name / "samples.jsonl")} for name in ("two", "one"))
     assert two == one and len(two) == 5
+
+
+def test_resume_knows_a_local_model_however_it_is_spelt(tiny_model_dir, gsm8k_file, tmp_path, monkeypatch):
+    """`--resume` of an evaluation from another working folder, the model's path spelt another way: the same
+    model, so it goes on (it was refused: "model 'tiny-mtp' -> '/.../tiny-mtp'")."""
+    out = tmp_path / "ev"
+    monkeypatch.chdir(tiny_model_dir.parent)
+    assert eval_(model=tiny_model_dir.name, data=str(gsm8k_file), output=str(out), limit=1, **FAST) == 0
+    monkeypatch.chdir(tmp_path)
+    assert eval_(model=str(tiny_model_dir), data=str(gsm8k_file), output=str(out), limit=2, resume=True, **FAST) == 0
+    assert len(_lines(out / "samples.jsonl")) == 2

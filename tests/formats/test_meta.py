@@ -460,3 +460,21 @@ def test_meta_tokenizer_is_optional(meta_folder, tmp_path):
     if model.tokenizer is not None:
         expected = spm.SentencePieceProcessor(model_file=str(meta_folder / "tokenizer.model")).encode("the lazy dog")
         assert model.tokenizer("the lazy dog", add_special_tokens=False).input_ids == expected
+
+
+def test_export_keeps_a_tokenizer_that_is_not_sentencepiece(tmp_path):
+    """A model whose tokenizer is Hugging Face's (BPE, as SmolLM2's): `mtp convert --to meta` writes its files
+    beside params.json, and the folder loads back, and converts back, with the same tokenizer (it had none: the
+    Meta folder could not decode and the mtp folder converted back said "without a tokenizer")."""
+    from conftest import tiny_mtp, tiny_tokenizer
+
+    tok = tiny_tokenizer()
+    model = tiny_mtp("llama", num_heads=2, vocab_size=len(tok))
+    model.tokenizer = tok
+    model.save_pretrained(tmp_path / "mtp")
+    assert run_cli(["convert", "--to", "meta", "--input", str(tmp_path / "mtp"), "--output", str(tmp_path / "meta")]) == 0
+    assert (tmp_path / "meta" / "tokenizer_config.json").is_file()
+    text = "Tom has 3 apples"
+    assert meta_to_mtp(tmp_path / "meta").tokenizer.encode(text) == tok.encode(text)
+    assert run_cli(["convert", "--from", "meta", "--input", str(tmp_path / "meta"), "--output", str(tmp_path / "back")]) == 0
+    assert MTPModel.from_pretrained(tmp_path / "back").tokenizer.encode(text) == tok.encode(text)

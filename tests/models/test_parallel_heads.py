@@ -215,3 +215,15 @@ def test_saved_file_is_read_by_safetensors_itself(tmp_path):
     ours = model.checkpoint_state_dict()
     assert state.keys() == ours.keys()
     assert all(torch.equal(state[k], ours[k]) for k in ours)
+
+
+def test_from_base_object_keeps_the_tokenizer_it_is_given(tmp_path):
+    """`MTPModel.from_base(model_object, tokenizer=tok)`: the folder it saves has the tokenizer (formats.md's
+    example saved a folder no command could decode with)."""
+    from conftest import tiny_tokenizer
+
+    tok = tiny_tokenizer()
+    model = MTPModel.from_base(tiny_base("llama", vocab_size=len(tok)), num_heads=2, tokenizer=tok)
+    folder = model.save_pretrained(tmp_path / "m")
+    assert MTPModel.from_pretrained(folder).tokenizer.encode("Tom has 3 apples") == tok.encode("Tom has 3 apples")
+    assert MTPModel.from_base(tiny_base("llama", vocab_size=len(tok)), num_heads=2).tokenizer is None

@@ -79,3 +79,90 @@ def test_memory_report_counts_padded_packed_bytes(tmp_path):
     ratio = next(line for line in lines if line.startswith("speculative decoding's peak is"))
     assert 0.5 < float(ratio.split()[4].rstrip("x")) < 2.0
     assert "fbgemm pads them" in lines[1]
+
+
+def _frozen_trunk(model):
+    """`model` as `mtp train --freeze-trunk` leaves it: only the extra heads require grad."""
+    model.requires_grad_(False)
+    for module in model.head_modules():
+        module.requires_grad_(True)
+    return model
+
+
+def test_frozen_weights_go_apart_and_later_saves_link_them(tmp_path):
+    """`save_pretrained(frozen_apart=True)`: the weights that do not require grad in a shard of their own, with
+    Hugging Face's index; a later save with `link_from` takes that shard by a hard link where it holds the same
+    names, shapes and dtypes (and writes it where not); both load as the model, with ours and with transformers."""
+    from transformers import AutoModelForCausalLM
+
+    from mtp.models.parallel_heads import MTPModel
+    from mtp.models.safetensors_io import INDEX_NAME, SHARD_NAMES, WEIGHTS_NAME
+
+    model = _frozen_trunk(tiny_mtp(num_heads=3))
+    first = model.save_pretrained(tmp_path / "step-1", frozen_apart=True)
+    assert not (first / WEIGHTS_NAME).exists() and (first / INDEX_NAME).is_file()
+    frozen, trained = (first / name for name in SHARD_NAMES)
+    with SafetensorsReader(trained) as reader:
+        assert reader.tensors and all(k.startswith("extra_heads.") for k in reader.tensors)
+    with SafetensorsReader(frozen) as reader:
+        assert "model.embed_tokens.weight" in reader.tensors and not any(k.startswith("extra_heads.")
+                                                                         for k in reader.tensors)
+    with torch.no_grad():
+        for p in model.head_modules()[0].parameters():
+            p.add_(1.0)  # a training step, between the checkpoints
+    second = model.save_pretrained(tmp_path / "step-2", frozen_apart=True, link_from=first)
+    assert (second / SHARD_NAMES[0]).stat().st_ino == frozen.stat().st_ino  # the same file, not a copy
+    assert (second / SHARD_NAMES[1]).stat().st_ino != trained.stat().st_ino
+    loaded = MTPModel.from_pretrained(second)
+    for name, t in model.checkpoint_state_dict().items():
+        assert torch.equal(loaded.checkpoint_state_dict()[name], t), name
+    hf = AutoModelForCausalLM.from_pretrained(second)  # the standard sharded layout: transformers reads it too
+    assert torch.equal(hf.model.embed_tokens.weight, model.base.model.embed_tokens.weight)
+    plain = model.save_pretrained(tmp_path / "plain")  # without frozen_apart: one file, as before
+    assert sorted(p.name for p in plain.iterdir() if "safetensors" in p.name) == [WEIGHTS_NAME]
+    model.base.model.norm.weight.requires_grad_(True)  # now the frozen set differs from step-1's: written anew
+    third = model.save_pretrained(tmp_path / "step-3", frozen_apart=True, link_from=first)
+    assert (third / SHARD_NAMES[0]).stat().st_ino != frozen.stat().st_ino
+    assert torch.equal(MTPModel.from_pretrained(third).base.model.norm.weight, model.base.model.norm.weight)
+
+
+def test_a_damaged_weights_index_is_named(tmp_path):
+    """A sharded folder whose index lists a missing shard, or a shard that holds other tensors than it says, is
+    one MTPError naming the file, before any weight is read."""
+    import json
+
+    from mtp.errors import MTPError
+    from mtp.models.loading import load_mtp_model
+    from mtp.models.safetensors_io import INDEX_NAME, SHARD_NAMES
+
+    folder = _frozen_trunk(tiny_mtp(num_heads=2)).save_pretrained(tmp_path / "m", frozen_apart=True)
+    index = json.loads((folder / INDEX_NAME).read_text())
+    name = next(k for k, v in index["weight_map"].items() if v == SHARD_NAMES[0])
+    index["weight_map"][name] = SHARD_NAMES[1]
+    (folder / INDEX_NAME).write_text(json.dumps(index))
+    with pytest.raises(MTPError, match="does not hold what model.safetensors.index.json says"):
+        load_mtp_model(str(folder))
+    (folder / SHARD_NAMES[1]).unlink()
+    with pytest.raises(MTPError, match=SHARD_NAMES[1]):
+        load_mtp_model(str(folder))
+
+
+def test_a_sharded_hugging_face_folder_loads_read_into_memory(tmp_path, monkeypatch):
+    """A Llama folder in shards (as every model past 5 GB ships) takes the same lean path as one file: each tensor
+    read into place (`from_hf_folder`, not transformers' mapped load), with the same weights."""
+    from conftest import tiny_base, tiny_tokenizer
+    from mtp.models.parallel_heads import MTPModel
+    from mtp.models.safetensors_io import INDEX_NAME
+
+    tok = tiny_tokenizer()
+    base = tiny_base("llama", vocab_size=len(tok))
+    base.save_pretrained(tmp_path / "hf", max_shard_size="20KB")
+    tok.save_pretrained(tmp_path / "hf")
+    assert (tmp_path / "hf" / INDEX_NAME).is_file() and len(list((tmp_path / "hf").glob("*.safetensors"))) > 2
+    lean = MTPModel.from_hf_folder(tmp_path / "hf", num_heads=2)
+    assert lean is not None
+    for name, t in base.state_dict().items():
+        assert torch.equal(lean.base.state_dict()[name], t), name
+    calls = []
+    monkeypatch.setattr(MTPModel, "from_hf_folder", classmethod(lambda cls, *a, **k: calls.append(a) or lean))
+    assert load_mtp_model(str(tmp_path / "hf"), num_heads=2, decode_only=True) is lean and calls

@@ -7,11 +7,12 @@ import signal
 import pytest
 import torch
 from safetensors.torch import load_file
-from training_helpers import tiny_gpt2, tiny_llama, train_tokenizer
+from training_helpers import folder_tensors, tiny_gpt2, tiny_llama, train_tokenizer
 
 from mtp.cli import build_parser, run
 from mtp.errors import MTPError
 from mtp.models.parallel_heads import MTPModel
+from mtp.models.safetensors_io import SHARD_NAMES
 from mtp.training.commands import bench_train, train
 from mtp.training.loop import Trainer
 
@@ -44,13 +45,14 @@ def hf_llama_folder(tmp_path, tok) -> str:
     return str(tmp_path / "hf-llama")
 
 
-def test_train_cli_frozen_self_targets(tmp_path, mtp_folder) -> None:
+def test_train_cli_frozen_self_targets(tmp_path, mtp_folder, capsys) -> None:
     data = write_data(tmp_path / "d.jsonl")
     out = tmp_path / "run"
     code = run(["train", "--model", mtp_folder, "--data", data, "--output", str(out), "--steps", "6",
                 "--seq-len", "64", "--holdout", "0.2", "--freeze-trunk", "--targets", "self",
                 "--max-new-tokens", "12", "--save-every", "3", "--eval-every", "3", "--no-progress"])
     assert code == 0
+    assert "s, trunk cache + training + eval " in capsys.readouterr().out  # the summary's split of the time
     trained = MTPModel.from_pretrained(out)
     base = MTPModel.from_pretrained(mtp_folder)
     assert trained.num_heads == 3 and trained.tokenizer is not None
@@ -76,16 +78,27 @@ def test_train_cli_frozen_self_targets(tmp_path, mtp_folder) -> None:
     assert [x["step"] for x in lines if "eval" in x] == [3, 6]
     assert (out / "loss.png").stat().st_size > 1000
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-000003", "step-000006"]
+    # the frozen weights are written once: every checkpoint and the model hold the same file (hard links)
+    frozen = [folder / SHARD_NAMES[0] for folder in (out / "checkpoints" / "step-000003",
+                                                     out / "checkpoints" / "step-000006", out)]
+    assert len({f.stat().st_ino for f in frozen}) == 1 and frozen[0].stat().st_nlink == 3
+    assert (out / SHARD_NAMES[1]).stat().st_size < frozen[0].stat().st_size / 2  # the trained heads only
+    assert not (out / "model.safetensors").exists()
     assert len((out / "self_targets.jsonl").read_text().splitlines()) == 30
     assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temporary files left
 
 
-def test_interrupted_run_resumes_exactly(tmp_path, hf_llama_folder, monkeypatch) -> None:
+@pytest.mark.parametrize("freeze_trunk", [False, True])
+def test_interrupted_run_resumes_exactly(tmp_path, hf_llama_folder, monkeypatch, freeze_trunk, capsys) -> None:
+    """Ctrl-C at step 3 saves a checkpoint; the same command with --resume ends where an uninterrupted run does,
+    weight for weight (a frozen trunk's checkpoints keep it in a shard of their own, linked between them)."""
     data = write_data(tmp_path / "d.jsonl", n=16)
     common = {"model": hf_llama_folder, "data": data, "steps": 6, "seq_len": 48, "batch_size": 2,
               "grad_accum": 2, "num_heads": 2, "save_every": 2, "progress": False, "lr": 1e-3, "holdout": 0.0,
-              "draft_vocab": 24}
+              "draft_vocab": 24, "freeze_trunk": freeze_trunk}
     train(output=str(tmp_path / "a"), **common)
+    summary = capsys.readouterr().out
+    assert ("trunk cache + training + eval" in summary) == freeze_trunk and "training + eval" in summary
 
     real_step = Trainer.train_step
 
@@ -105,16 +118,20 @@ def test_interrupted_run_resumes_exactly(tmp_path, hf_llama_folder, monkeypatch)
     assert train(output=str(tmp_path / "b"), resume=True, progress=False) == 0  # flags come from the run
     # --save-every 2 too (a flag free to change on resume, not dropped for its default): steps 4 and 6 kept
     assert sorted(p.name for p in (tmp_path / "b" / "checkpoints").iterdir()) == ["step-000004", "step-000006"]
-    a = load_file(str(tmp_path / "a" / "model.safetensors"))
-    b = load_file(str(tmp_path / "b" / "model.safetensors"))
+    a, b = folder_tensors(tmp_path / "a"), folder_tensors(tmp_path / "b")
     assert a.keys() == b.keys()
     assert a["mtp.draft_vocab"].numel() == 24  # the extra head trained on a draft vocabulary (tied unembedding)
     for name in a:
         assert torch.equal(a[name], b[name]), name
-    assert not torch.equal(a["model.layers.0.mlp.up_proj.weight"],
-                           load_file(str(tmp_path / "hf-llama" / "model.safetensors"))["model.layers.0.mlp.up_proj.weight"])
+    trunk = "model.layers.0.mlp.up_proj.weight"
+    assert torch.equal(a[trunk], load_file(str(tmp_path / "hf-llama" / "model.safetensors"))[trunk]) == freeze_trunk
+    if freeze_trunk:  # the resumed run linked the frozen shard of the checkpoint it resumed from
+        steps = [tmp_path / "b" / "checkpoints" / s / SHARD_NAMES[0] for s in ("step-000004", "step-000006")]
+        assert steps[0].stat().st_ino == steps[1].stat().st_ino == (tmp_path / "b" / SHARD_NAMES[0]).stat().st_ino
     with pytest.raises(MTPError, match="seq-len"):
         train(output=str(tmp_path / "b"), resume=True, seq_len=32, progress=False)
+    with pytest.raises(MTPError, match=r"--warmup-steps 3 \(the run left it to its default\)"):  # (not "used None")
+        train(output=str(tmp_path / "b"), resume=True, warmup_steps=3, progress=False)
 
 
 def test_gpt2_plain_template_naive_checkpointing(tmp_path, tok) -> None:

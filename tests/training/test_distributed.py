@@ -18,10 +18,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 from test_commands import write_data
-from training_helpers import tiny_llama, train_tokenizer
+from training_helpers import folder_tensors, tiny_llama, train_tokenizer
 
 import mtp
 from mtp.errors import MTPError
+from mtp.models.safetensors_io import INDEX_NAME, SHARD_NAMES, has_weights
 from mtp.training.checkpoints import is_sharded
 from mtp.training.commands import train
 from mtp.training.distributed import load_sharded, safe_reader
@@ -83,7 +84,7 @@ def assert_same_run(a, b, atol: float = 2e-5) -> None:
         for u, v in zip(x["head_loss"], y["head_loss"], strict=True):
             assert (u is None) == (v is None) and (u is None or u == pytest.approx(v, abs=atol)), (x, y)
         assert x["tokens"] == y["tokens"]
-    wa, wb = load_file(str(Path(a) / "model.safetensors")), load_file(str(Path(b) / "model.safetensors"))
+    wa, wb = folder_tensors(a), folder_tensors(b)
     assert wa.keys() == wb.keys()
     for name in wa:
         torch.testing.assert_close(wa[name], wb[name], atol=2e-4, rtol=1e-3, msg=name)
@@ -119,7 +120,7 @@ def test_heads_two_processes_equal_one_kill_and_resume(tmp_path, hf_folder) -> N
     assert len((two / CACHE_NAME).read_text().splitlines()) == 15  # both ranks' shares, merged
     assert not list(two.glob("self_targets.rank*"))
     if killed:
-        assert not (two / "model.safetensors").exists()
+        assert not (two / "config.json").exists()
     torchrun({"output": two, "resume": True, "parallel": "ddp", "progress": False, "threads": 1})
 
     # Each rank recorded the trunk features of the questions it answered, in a file pair of its own.
@@ -136,7 +137,8 @@ def test_heads_two_processes_equal_one_kill_and_resume(tmp_path, hf_folder) -> N
     assert len((one / CACHE_NAME).read_text().splitlines()) == 15  # reused, nothing answered again
     assert not (one / "trunk_features.bin").exists()  # every row's features found: none computed
     assert_same_run(one, two)
-    trained, start = load_file(str(two / "model.safetensors")), load_file(f"{hf_folder}/model.safetensors")
+    trained, start = folder_tensors(two), load_file(f"{hf_folder}/model.safetensors")
+    assert (two / SHARD_NAMES[0]).is_file()  # the frozen weights apart, as one process writes them
     for name, tensor in start.items():  # the frozen trunk and head 0 are exactly the base model
         assert torch.equal(trained[name], tensor), name
     # ... and never had optimizer state: the shards hold moments of the extra heads (and their next-token input) only
@@ -155,8 +157,8 @@ def test_heads_two_processes_equal_one_kill_and_resume(tmp_path, hf_folder) -> N
 def cut_at(run: Path, step: int) -> None:
     """What a kill just after the checkpoint of `step` leaves: no model folder, no later checkpoints, and a
     checkpoint write that was killed half-way."""
-    for name in ("model.safetensors", "config.json", "eval.json"):
-        (run / name).unlink()
+    for name in ("model.safetensors", *SHARD_NAMES, INDEX_NAME, "config.json", "eval.json"):
+        (run / name).unlink(missing_ok=True)
     for folder in (run / "checkpoints").iterdir():
         if int(folder.name.removeprefix("step-")) > step:
             shutil.rmtree(folder)
@@ -204,7 +206,7 @@ def test_train_minutes_under_torchrun_every_process_stops_at_the_same_step(tmp_p
     assert log.count("steps in about 0.0001 min (--train-minutes)") == 1, log[-2000:]  # printed by rank 0
     assert "after step 10: 10 steps" in log
     assert [x["step"] for x in steps(out)] == list(range(1, 11))
-    assert (out / "model.safetensors").is_file()
+    assert has_weights(out) and (out / "config.json").is_file()
 
 
 def test_parallel_needs_torchrun_and_torchrun_needs_parallel(tmp_path, hf_folder, monkeypatch) -> None:

@@ -164,3 +164,24 @@ def test_resume_after_kill_9_mid_answering_reuses_answers_and_features(tmp_path,
     for k, n in enumerate(data.lengths.tolist()):
         torch.testing.assert_close(stored[torch.tensor([k]), : n - 1][0].float(), expected[k, : n - 1],
                                    atol=2e-3, rtol=2e-3)
+
+
+def test_a_cut_short_file_loses_its_tail_rows_not_their_places(tmp_path) -> None:
+    """A .bin cut short (a bad copy, a full disk) and a run that appends after the cut: the rows whose bytes the
+    cut took are missing (computed again), never read from the new rows' bytes that now sit where they were; the
+    rows before the cut and the new ones read back as written. (Reading the new bytes as the old rows trained the
+    heads on other rows' features, silently.)"""
+    store = FeatureStore(tmp_path, "m", hidden_size=4)
+    keys = [store.key([i]) for i in range(5)]
+    rows = rows_of(store, [2, 3, 4, 3, 2])
+    store.write(keys[:3], rows[:3])
+    store.close()
+    row_bytes = 4 * 2
+    with (tmp_path / "trunk_features.bin").open("r+b") as f:
+        f.truncate((2 + 1) * row_bytes)  # row 0 whole, row 1 cut after its first position, row 2 gone
+    later = FeatureStore(tmp_path, "m", hidden_size=4)
+    later.write(keys[3:], rows[3:])  # appended at the cut, over where rows 1 and 2 were
+    stored = later.lookup(keys)
+    assert stored.missing().tolist() == [1, 2]
+    for i in (0, 3, 4):
+        assert torch.equal(stored[torch.tensor([i]), : len(rows[i])][0], rows[i]), i

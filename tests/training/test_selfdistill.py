@@ -9,11 +9,12 @@ import signal
 import pytest
 import torch
 from safetensors.torch import load_file
-from training_helpers import tiny_llama, train_tokenizer
+from training_helpers import folder_tensors, tiny_llama, train_tokenizer
 
 from mtp.decoding.generate import generate, left_pad
 from mtp.errors import MTPError
 from mtp.models.mask_tokens import MaskTokenModel, gather_layout, mask_layout
+from mtp.models.safetensors_io import SHARD_NAMES
 from mtp.training.data import TokenizedData
 from mtp.training.loop import TrainConfig
 from mtp.training.selfdistill import SelfDistillConfig, SelfDistillTrainer, distill_figures, draw
@@ -82,11 +83,14 @@ def test_cli_run_trains_student_and_never_the_teacher(tmp_path, hf_folder, adapt
         assert torch.equal(before, teacher_now[name]), name
     trained = MaskTokenModel.from_pretrained(out)
     assert trained.adapter == adapter and trained.mask_token == "<|mtp_mask|>"
-    saved = load_file(str(out / "model.safetensors"))
+    saved = folder_tensors(out)
     base = load_file(os.path.join(hf_folder, "model.safetensors"))
     changed = [n for n in base if not torch.equal(base[n], saved[n][: base[n].shape[0]])]
     if adapter == "gated-lora":  # the base weights are exactly the base model; only the adapters trained
         assert changed == []
+        frozen = [out / "checkpoints" / "step-000003", out / "checkpoints" / "step-000006", out]
+        assert len({(f / SHARD_NAMES[0]).stat().st_ino for f in frozen}) == 1  # written once, linked
+        assert not (out / "model.safetensors").exists()
         assert any(not torch.equal(t, torch.zeros_like(t)) for n, t in saved.items() if n.endswith(".B"))
     else:
         assert "model.layers.0.mlp.up_proj.weight" in changed

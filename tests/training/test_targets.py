@@ -230,3 +230,24 @@ def test_answers_within_minutes_extrapolates_from_the_first_batch(model, tok, tm
     # the run's own pass reuses the measured answers under the same ids (positions in the prompts)
     answers = self_distilled_answers(model, tok, prompts[:8], **kw)
     assert counting.rows == [4, 4, 4] and len(answers) == 8
+
+
+def test_prompts_with_no_room_are_not_counted_as_answers(model, tok, tmp_path, monkeypatch, capsys) -> None:
+    """Prompts with no room for an answer under --seq-len get an empty one, written nowhere: the messages count
+    the answers in the file (a fresh run said "2 of 5 read from ... (answered before)" of a file that did not
+    exist, and an interrupted one counted them as kept)."""
+    prompts = [prompt_token_ids(tok, q, "plain") for q in QUESTIONS]
+    n = len(prompts)
+    budgets = [0, 0] + [5] * (n - 2)  # the first two: no room
+    cache = tmp_path / "answers.jsonl"
+    kw = {"max_new_tokens": 5, "batch_size": 1, "progress": False, "budgets": budgets}
+    CountingGenerate(monkeypatch, fail_on_call=3)
+    with pytest.raises(KeyboardInterrupt):
+        self_distilled_answers(model, tok, prompts, cache_path=cache, **kw)
+    err = capsys.readouterr().err
+    assert "read from" not in err  # nothing was answered before
+    assert f"answers: interrupted; 2 of {n} are kept in {cache}" in err and len(read_cache(cache)) == 2
+    CountingGenerate(monkeypatch)
+    self_distilled_answers(model, tok, prompts, cache_path=cache, **kw)
+    assert f"answers: 2 of {n} read from {cache} (answered before); answering the other {n - 4}" \
+        in capsys.readouterr().err

@@ -65,3 +65,11 @@ def random_batch(vocab_size: int = 97, batch: int = 3, length: int = 12, seed: i
     attention = (pos < lengths[:, None]).long()
     loss_mask = (pos >= (lengths[:, None] // 2)) & attention.bool()
     return {"input_ids": ids, "loss_mask": loss_mask, "attention_mask": attention}
+
+
+def folder_tensors(folder) -> dict[str, torch.Tensor]:
+    """A model folder's tensors, from model.safetensors or its shards (a frozen part kept apart)."""
+    from mtp.models.safetensors_io import FolderWeights
+
+    with FolderWeights(folder) as weights:
+        return {name: weights.read(name) for name in weights.tensors}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import hashlib
 import json as jsonlib
 import sys
 from collections import deque
@@ -24,11 +25,15 @@ from mtp.decoding.stopping import cut_at_stop
 from mtp.errors import MTPError, first_line
 from mtp.evaluation.prompts import has_chat_template, resolve_chat
 from mtp.io import (
+    append_records,
     atomic_write_lines,
     check_messages,
+    disk_errors,
     input_file,
     is_json_name,
+    open_append,
     parse_json_line,
+    read_complete_records,
     read_json_records,
     read_text,
 )
@@ -48,7 +53,7 @@ def _record_field_error(name: str, where: str) -> MTPError | None:
     """Why a record's field `name` that is not one of `RECORD_SETTINGS` is refused, or None for a field a record
     may hold beside its prompt (an id, a reference answer)."""
     if name in RECORD_SPELLINGS:
-        return MTPError(f"{where}: a record sets {name!r} as {RECORD_SPELLINGS[name]}")
+        return MTPError(f"{where}: {name!r} is not a record's field here: write it as {RECORD_SPELLINGS[name]}")
     if name in RUN_SETTINGS:
         return MTPError(f"{where}: {name!r} is the run's setting, not a record's (a record may set "
                         f"{', '.join(RECORD_SETTINGS)})")
@@ -60,15 +65,15 @@ def _record_field_error(name: str, where: str) -> MTPError | None:
 
 def read_prompts(path: str) -> list[str | list[dict]]:
     """The prompts of `read_prompt_records`."""
-    return [p for p, _, _ in read_prompt_records(path)]
+    return [p for p, _, _, _ in read_prompt_records(path)]
 
 
-def read_prompt_records(path: str) -> list[tuple[str | list[dict], dict, str]]:
+def read_prompt_records(path: str) -> list[tuple[str | list[dict], dict, str, object]]:
     """One prompt per line (a line starting with "{" is a JSON record), or, for a file named .jsonl or .json,
     JSON records with a "prompt" (or "question") field, or a conversation ("messages", as `mtp train` reads them:
     the conversation up to its last user turn; a last assistant message, a reference answer, is left out).
     "-" reads the lines from standard input. Each prompt comes with the settings its record gives
-    (`RECORD_SETTINGS`) and where it is ("file:line")."""
+    (`RECORD_SETTINGS`), where it is ("file:line") and its record's "id" (None where it has none)."""
     if path == "-":
         file, text = Path("<stdin>"), sys.stdin.read()
     else:
@@ -93,13 +98,14 @@ def read_prompt_records(path: str) -> list[tuple[str | list[dict], dict, str]]:
             for name in entry.keys() - set(RECORD_SETTINGS):
                 if (error := _record_field_error(name, where)) is not None:
                     raise error
+        given_id = entry.get("id") if isinstance(entry, dict) else None
         if isinstance(entry, dict) and "messages" in entry and "prompt" not in entry:
-            prompts.append((_conversation_prompt(entry["messages"], where), settings, where))
+            prompts.append((_conversation_prompt(entry["messages"], where), settings, where, given_id))
             continue
         text = entry.get("prompt", entry.get("question")) if isinstance(entry, dict) else entry
         if not isinstance(text, str):
             raise MTPError(f"{where}: expected a string field 'prompt' or 'question'")
-        prompts.append((text, settings, where))
+        prompts.append((text, settings, where, given_id))
     if not prompts:
         raise MTPError(f"{file}: no prompts")
     return prompts
@@ -203,14 +209,17 @@ def generate(model: str | None = None, prompt: str | None = None, prompts: str |
             with its own (--seed seeds the run's draws; a record has no seed of its own). Other fields (an id, a
             reference answer) are left alone, but not one that names a setting otherwise ("max_tokens") or a
             setting of the run's ("n", "logprobs").
-        output: write results as JSONL here (one object per prompt).
+        output: write results as JSONL here (one object per prompt, in the prompts' order). Each answer also goes
+            to OUTPUT.partial as it ends: a run that stops (Ctrl-C, a kill) goes on from there when the same
+            command runs again, decoding only the prompts not answered.
         chat: wrap each prompt in the tokenizer's chat template.
         strategy: greedy | speculative (lossless) | confadapt (lossy, tau) | static (lossy, k).
         max_new_tokens: tokens to generate at most.
         num_heads: heads to give a plain model (default 4).
         batch_size: prompts decoded together (left padded), the next joining as a row ends (greedy and speculative
             decoding with a chain or a fixed tree).
-        json: print one JSON object per prompt instead of text: prompt, text, token_ids, new_tokens, and batch (the
+        json: print one JSON object per prompt instead of text: index (its place among the prompts, from 0), id
+            (its record's, where it has one), prompt, text, token_ids, new_tokens, and batch (the
             figures of the decoding it was part of when its answer ended: rows, new_tokens, forward_passes,
             seconds, ...).
         stream: print tokens as they are produced (single prompt).
@@ -225,8 +234,8 @@ def generate(model: str | None = None, prompt: str | None = None, prompts: str |
         "weights": weights or WeightOptions()}, flat).values()
     if (prompt is None) == (prompts is None):
         raise MTPError("give exactly one of --prompt or --prompts")
-    records = [(prompt, {}, "--prompt")] if prompt is not None else read_prompt_records(prompts)
-    texts = [text for text, _, _ in records]
+    records = [(prompt, {}, "--prompt", None)] if prompt is not None else read_prompt_records(prompts)
+    texts = [text for text, _, _, _ in records]
     if prompt is not None and not prompt:
         raise MTPError("empty prompt: give at least one token")
     if stream and (len(texts) > 1 or json):
@@ -239,7 +248,7 @@ def generate(model: str | None = None, prompt: str | None = None, prompts: str |
     shared = sampling.generate_kwargs()  # (malformed --logit-bias pairs: before the model loads)
     defaults = {name: shared.pop(name) for name in PER_ROW if name in shared} | {
         "max_new_tokens": max_new_tokens, "stop_strings": []}
-    settings = [prompt_settings(given, defaults, strategy, where) for _, given, where in records]
+    settings = [prompt_settings(given, defaults, strategy, where) for _, given, where, _ in records]
     if not any(s["do_sample"] for s in settings):  # (the command line lets a prompts file's records sample)
         shapes = {"temperature": 1.0, "top_p": 1.0, "top_k": 0, "min_p": 0.0, "seed": None}
         if unused := [name for name, neutral in shapes.items() if getattr(sampling, name) != neutral]:
@@ -253,27 +262,41 @@ def generate(model: str | None = None, prompt: str | None = None, prompts: str |
             raise MTPError(f"{prompts} holds conversations (\"messages\"), which need a chat template; this "
                            "model's tokenizer has none")
         chat = True
-    resolve_chat(tok, chat)
-    bar = tqdm(total=len(texts), desc=f"generate ({strategy})", unit="prompt", disable=len(texts) < 2 or not progress,
-               file=sys.stderr)
+    chat = resolve_chat(tok, chat)
     options = dict(strategy=strategy, truncate_prompt=truncate_prompt, graphs=use_graphs, logprobs=logprobs,
                    **drafts.generate_kwargs(), **shared)
+    journal = None
+    if output:
+        from mtp.training.targets import model_fingerprint
+
+        journal = _Journal(output, {"model": model_fingerprint(m, with_heads=True), "prompts": texts,
+                                    "settings": settings, "chat": chat, "options": options})
+    done = journal.done if journal is not None else {}
+    bar = tqdm(total=len(texts), initial=len(done), desc=f"generate ({strategy})", unit="prompt",
+               disable=len(texts) < 2 or not progress, file=sys.stderr)
     out = _Printed(texts, tok, json, stream, bar, rows=min(batch_size, len(texts)),
-                   stops=[s["stop_strings"] for s in settings])
+                   stops=[s["stop_strings"] for s in settings], ids=[r[3] for r in records], journal=journal)
     wait = CoreWait()
+    todo = [i for i in range(len(texts)) if i not in done]
     try:
-        seconds, forwards = _decode_prompts(m, prompt_rows(tok, texts, chat), settings, batch_size, out, options)
+        out.resume(done)
+        seconds, forwards = _decode_prompts(m, prompt_rows(tok, texts, chat), settings, batch_size, out, options,
+                                            todo)
     except KeyboardInterrupt:  # print and keep what the interrupted prompts have produced, then stop
         bar.close()
         out.interrupted()
-        if output:
-            atomic_write_lines(output, (jsonlib.dumps(r) for r in out.results))
+        if journal is not None:
+            journal.interrupted(out.results, len(texts))
         raise
+    finally:
+        if journal is not None:
+            journal.close()
     bar.close()
-    if output:
-        atomic_write_lines(output, (jsonlib.dumps(r) for r in out.results))
+    if journal is not None:
+        journal.finish(out.results)
     if not json:
-        total_new = sum(len(r["token_ids"]) for r in out.results)
+        fresh = set(todo)
+        total_new = sum(len(r["token_ids"]) for r in out.results if r["index"] in fresh)
         print(f"[{strategy}] {total_new} new tokens in {seconds:.1f} s: {total_new / max(seconds, 1e-9):.1f} "
               f"tokens/s, {total_new / max(forwards, 1):.2f} tokens per forward pass; "
               f"{weights.describe(runtime)}", file=sys.stderr)
@@ -283,12 +306,12 @@ def generate(model: str | None = None, prompt: str | None = None, prompts: str |
 
 
 def _decode_prompts(m, rows: list[list[int]], settings: list[dict], batch_size: int, out: _Printed,
-                    options: dict) -> tuple[float, int]:
-    """Every prompt (token ids) decoded continuously, `batch_size` rows at a time, each with its `settings`
-    (`prompt_settings`), each answer going to `out` as it ends; what they all start with (a chat template's system
-    turn) fed once. (seconds, row forwards)."""
-    waiting = deque(range(len(rows)))
-    shared = common_prefix(rows) if len(rows) > 1 else None
+                    options: dict, todo: list[int]) -> tuple[float, int]:
+    """The prompts `todo` (indices into `rows`, token ids) decoded continuously, `batch_size` rows at a time, each
+    with its `settings` (`prompt_settings`), each answer going to `out` as it ends; what they all start with (a
+    chat template's system turn) fed once. (seconds, row forwards)."""
+    waiting = deque(todo)
+    shared = common_prefix([rows[i] for i in todo]) if len(todo) > 1 else None
     seconds = forwards = 0
     while waiting:  # (one batch, unless the strategy or a long prompt keeps some for the next)
         res = decode_queue(m, waiting, batch_size, out.end, ids_of=rows.__getitem__, settings_of=settings.__getitem__,
@@ -302,9 +325,12 @@ class _Printed:
     """The records of `mtp generate`'s prompts, printed in the prompts' order as their answers end (with --stream,
     the one prompt's text as it comes); what Ctrl-C must not lose."""
 
-    def __init__(self, texts: list, tok, json: bool, stream: bool, bar, rows: int, stops: list[list[str]]):
+    def __init__(self, texts: list, tok, json: bool, stream: bool, bar, rows: int, stops: list[list[str]],
+                 ids: list | None = None, journal: _Journal | None = None):
         self.texts, self.tok, self.json, self.stream, self.bar = texts, tok, json, stream, bar
         self.stops = stops  # each prompt's stop strings (its text ends before the first)
+        self.ids = ids or [None] * len(texts)  # each prompt's record's "id"
+        self.journal = journal  # where each answer goes as it ends (--output)
         self.rows = rows  # the batch's rows at most
         self.results: list[dict] = []  # printed, in order
         self.ready: dict[int, dict] = {}  # ended, waiting for an earlier prompt's
@@ -319,12 +345,24 @@ class _Printed:
     def end(self, i: int, tokens: list[int], scores, stats) -> None:
         """Prompt i's answer ended (`stats`: the decoding's figures as they stood then)."""
         text = cut_at_stop(self.tok.decode(tokens, skip_special_tokens=True), self.stops[i])
-        record = _record(self.texts[i], text, tokens, {"rows": self.rows, **stats.to_dict()})
+        record = self._record(i, text, tokens, {"rows": self.rows, **stats.to_dict()})
         if scores is not None:
             show = token_text(self.tok)
             record["logprobs"] = [_scored(e, show) for e in scores]
+        if self.journal is not None:
+            self.journal.add(record)
         self.ready[i] = record
         self.bar.update(1)
+        self._flush()
+
+    def _record(self, i: int, text: str, tokens: list[int], batch: dict | None) -> dict:
+        """Prompt i's record: its place in the prompts ("index", from 0) and its record's "id", then `_record`."""
+        record = {"index": i} | ({"id": self.ids[i]} if self.ids[i] is not None else {})
+        return record | _record(self.texts[i], text, tokens, batch)
+
+    def resume(self, done: dict[int, dict]) -> None:
+        """The records an earlier run of the same command answered (`_Journal`), printed in their place."""
+        self.ready.update(done)
         self._flush()
 
     def interrupted(self) -> None:
@@ -332,8 +370,8 @@ class _Printed:
         for i in sorted(set(self.so_far) - set(range(len(self.results)))):
             if i not in self.ready:
                 tokens = self.so_far[i]
-                self.ready[i] = _record(self.texts[i], self.tok.decode(tokens, skip_special_tokens=True), tokens,
-                                        None) | {"interrupted": True}
+                self.ready[i] = self._record(i, self.tok.decode(tokens, skip_special_tokens=True), tokens,
+                                             None) | {"interrupted": True}
         for i in sorted(self.ready):
             self._show(self.ready.pop(i))
 
@@ -348,6 +386,60 @@ class _Printed:
             return
         with tqdm.external_write_mode(file=sys.stdout):  # the bar (stderr) cleared while answers print
             print(jsonlib.dumps(record) if self.json else record["text"] + "\n")
+
+
+class _Journal:
+    """`--output`'s answers as each ends, appended (and forced to disk) to OUTPUT.partial beside it, after a header
+    naming what makes them (the model's weights, the prompts, their settings): a run that stops (Ctrl-C, a kill, a
+    full disk) loses only the answers it was decoding, and the same command goes on from the others. When every
+    prompt is answered the records are written to OUTPUT (atomically) in the prompts' order, and the journal goes.
+    A journal of another command (other prompts, settings or weights) is set aside: the run starts over."""
+
+    FORMAT = "mtp-generate-journal"
+
+    def __init__(self, output: str, identity: dict):
+        self.output = Path(output).expanduser()
+        self.path = self.output.with_name(self.output.name + ".partial")
+        digest = hashlib.sha256(jsonlib.dumps(identity, sort_keys=True, default=repr).encode()).hexdigest()[:16]
+        self.header = {"format": self.FORMAT, "identity": digest}
+        records = read_complete_records(self.path)
+        self.done: dict[int, dict] = {}
+        if records and records[0] == self.header:
+            self.done = {r["index"]: r for r in records[1:] if isinstance(r.get("index"), int)}
+            print(f"mtp generate: going on from {self.path}: {len(self.done)} of {len(identity['prompts'])} prompts "
+                  "answered before", file=sys.stderr)
+        elif self.path.exists():
+            print(f"mtp generate: {self.path} holds the answers of other prompts, settings or weights: starting over",
+                  file=sys.stderr)
+            self.path.unlink()
+        self._sink = None
+
+    def add(self, record: dict) -> None:
+        """One answer, on disk before this returns."""
+        if self._sink is None:
+            with disk_errors(self.path):
+                self._sink = open_append(self.path)
+            if self._sink.tell() == 0:
+                append_records(self._sink, [self.header])
+        append_records(self._sink, [record])
+
+    def close(self) -> None:
+        if self._sink is not None:
+            self._sink.close()
+            self._sink = None
+
+    def finish(self, results: list[dict]) -> None:
+        """Every prompt answered: OUTPUT written, the journal gone."""
+        atomic_write_lines(self.output, (jsonlib.dumps(r) for r in results))
+        self.path.unlink(missing_ok=True)
+
+    def interrupted(self, results: list[dict], total: int) -> None:
+        """Ctrl-C: OUTPUT gets what there is (the interrupted prompts' partial answers, marked so); the journal
+        stays for the same command to go on from."""
+        atomic_write_lines(self.output, (jsonlib.dumps(r) for r in results))
+        whole = sum(not r.get("interrupted") for r in results)
+        print(f"mtp generate: {whole} of {total} answers written to {self.output}; the same command goes on from "
+              f"{self.path}", file=sys.stderr)
 
 
 class IncrementalText:

@@ -471,7 +471,7 @@ def build_methods(model, tokenizer, *, tau: Sequence[float] = (0.9, 0.7, 0.5), k
     if gguf is not None:
         if not llamacpp_installed():
             notes.append("llama.cpp skipped: llama-cpp-python is not installed (make setup-peers, or pip install "
-                         "'mtp[llamacpp]'; it builds llama.cpp, about 10 minutes)")
+                         "llama-cpp-python; it builds llama.cpp, about 10 minutes)")
         else:
             input_file(gguf, "GGUF")
             methods.append(llamacpp_method(gguf, tokenizer, stop_ids, llamacpp_ctx))

@@ -134,13 +134,16 @@ def eval_(
     if data is not None and not load_gsm8k(path=input_file(data, "GSM8K"), limit=limit):  # before the model loads
         raise MTPError(f"{data}: no problems")
     drafts.check()
-    resolve_model(model)  # a model that is not there: one line before anything else
+    source = resolve_model(model)  # a model that is not there: one line before anything else
     runtime, use_graphs = weights.runtime()
     batch_size = default_batch_rows(runtime.device) if batch_size is None else batch_size
     decode = drafts.generate_kwargs()
     tag = strategy_tag(strategy, drafts.tau, drafts.k, decode["tree"], drafts.tree_size, drafts.lookup)
-    out = Path(output) if output is not None else Path("eval") / f"gsm8k-{_model_name(model)}-{tag}"
-    settings = _eval_settings(model, strategy, decode, shots, max_new_tokens, data, split, weights.quantize, runtime)
+    out = Path(output).expanduser() if output is not None else Path("eval") / f"gsm8k-{_model_name(model)}-{tag}"
+    # a local model by where it is, however it was spelt ("runs/x" from one folder, "x" from another)
+    local = source.kind in ("mtp_folder", "hf_folder", "gguf", "meta")
+    named = str(Path(source.location).resolve()) if local else model
+    settings = _eval_settings(named, strategy, decode, shots, max_new_tokens, data, split, weights.quantize, runtime)
     if resume:  # an evaluation of other settings in --output: an error before the model loads
         check_same_settings(out, settings, only=settings)
     with output_lock(out):  # one evaluation per folder at a time
@@ -149,6 +152,7 @@ def eval_(
         tok = m.tokenizer
         use_chat = resolve_chat(tok, chat)
         prompts = gsm8k_prompts(tok, path=data, split=split, limit=limit, shots=shots, chat=use_chat)
+        _check_context(m, prompts, shots, max_new_tokens, strategy, decode)  # before anything is written
         identity = {**settings, "fingerprint": model_fingerprint(m), "chat": use_chat}
         wait = CoreWait()
         summary = run_eval(m, tok, prompts, out, identity, strategy=strategy, graphs=use_graphs,
@@ -223,7 +227,7 @@ def bench(
         hf: run transformers generate() greedy and prompt lookup (the reference)
         hf_lookup: tokens of transformers' prompt lookup (prompt_lookup_num_tokens; 0: leave that row out)
         gguf: the GGUF llama.cpp runs (default: the embedded default's, when --model is the default)
-        llamacpp: run llama.cpp when llama-cpp-python is installed (pip install 'mtp[llamacpp]' or make
+        llamacpp: run llama.cpp when llama-cpp-python is installed (pip install llama-cpp-python, or make
             setup-peers), in a process of its own with as many threads as torch, torch's threads idle meanwhile
         llamacpp_inline: also run llama.cpp in the bench process, beside torch's threads (row llama.cpp-inline)
         rotate: rotate the order of the methods from prompt to prompt
@@ -259,7 +263,7 @@ def bench(
     resolve_model(model)  # a model that is not there: one line before anything else
     _check_bench_inputs(prompts, limit, batch_size, gguf, also, shots)
     check_values({"sample_temperature": sample_temperature})
-    out = Path(output)
+    out = Path(output).expanduser()
     set_threads(threads)
     runtime = resolve_runtime(device, dtype)
     use_graphs = graphs_option(graphs, runtime.device)
@@ -294,6 +298,19 @@ def _eval_settings(model, strategy, decode: dict, shots, max_new_tokens, data, s
             "shots": shots, "max_new_tokens": max_new_tokens,
             "data": str(Path(data).resolve()) if data else f"shipped:{split}", "quantize": quantize,
             "dtype": dtype_name(runtime.dtype)}
+
+
+def _check_context(model, prompts, shots: int, max_new_tokens: int, strategy: str, decode: dict) -> None:
+    """Every prompt with its new tokens fits the model's context (a GPT-2's 1,024 tokens hold few 8-shot prompts):
+    one MTPError naming what to change, before the evaluation writes anything (it failed at its first batch)."""
+    from mtp.decoding.generate import context_room
+
+    room = context_room(model, strategy, **decode)
+    longest = max((len(p.token_ids) for p in prompts), default=0)
+    if room is not None and longest + max_new_tokens > room:
+        raise MTPError(f"the longest {shots}-shot prompt has {longest} tokens: with --max-new-tokens {max_new_tokens} "
+                       f"it does not fit this model's context ({room} tokens for prompt and answer with these "
+                       "drafts); use fewer --shots or a lower --max-new-tokens")
 
 
 def _check_bench_inputs(prompts: str, limit: int, batch_size, gguf: str | None, also, shots: int) -> None:

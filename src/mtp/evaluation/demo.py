@@ -180,7 +180,13 @@ def run_demo(output: str | Path | None = None, *, budget_minutes: float | None =
         # A resumed run keeps the question count it measured (train_config.json), whatever the budget says now.
         settings = train_settings(train_limit, train_epochs, None if resume else minutes, str(runtime.device), plan,
                                   num_trunk_layers)
-        train_fn(output=str(run_dir), resume=resume, progress=progress, **settings)
+        from mtp.training.loop import RESUME_HINT
+
+        hint = RESUME_HINT.set("the same mtp demo command goes on from it")
+        try:
+            train_fn(output=str(run_dir), resume=resume, progress=progress, **settings)
+        finally:
+            RESUME_HINT.reset(hint)
         if not is_finished_run(run_dir):
             raise MTPError(f"training did not leave a finished model in {run_dir}")
         print(f"trained in {time.perf_counter() - t:.0f} s", flush=True)

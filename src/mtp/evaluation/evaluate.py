@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import sys
 import time
 from collections import deque
 from collections.abc import Callable, Collection, Sequence
@@ -218,6 +219,11 @@ def run_eval(model, tokenizer, prompts: Sequence[Prompt], output: str | Path, id
                                max_new_tokens=max_new_tokens, tau=tau, k=k, num_draft=num_draft, tree=tree,
                                tree_size=tree_size, lookup=lookup, graphs=graphs, stop_ids=stop_ids,
                                adaptive_draft=adaptive_draft, prefix=prefix)
+    except KeyboardInterrupt:
+        bar.close()
+        print(f"mtp eval: interrupted; {len(done)} of {len(prompts)} problems are kept in {samples_path}: the same "
+              "command goes on from them", file=sys.stderr, flush=True)
+        raise
     finally:
         bar.close()
     ordered = [done[p.id] for p in prompts]

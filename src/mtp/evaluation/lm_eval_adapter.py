@@ -1,6 +1,6 @@
 """lm-evaluation-harness model `mtp`: evaluate an MTP model with any decoding strategy.
 
-    pip install 'mtp[lm-eval]'
+    pip install lm-eval            # or, in a checkout: pip install '.[lm-eval]'
     lm_eval --include_path ... --model mtp --model_args pretrained=runs/smollm2-mtp4,strategy=speculative \\
         --tasks gsm8k_cot --apply_chat_template --fewshot_as_multiturn
 
@@ -24,8 +24,12 @@ import torch
 try:
     from lm_eval.api.model import TemplateLM
     from lm_eval.api.registry import register_model
-except ImportError as e:  # pragma: no cover - exercised only without the optional extra
-    raise ImportError("the lm-evaluation-harness adapter needs lm-eval: pip install 'mtp[lm-eval]'") from e
+except ImportError as e:
+    _MISSING = "the lm-evaluation-harness adapter needs lm-eval: pip install lm-eval"
+    if __name__ == "__main__":  # `python -m mtp.evaluation.lm_eval_adapter ...`: a command's one line, no traceback
+        print(f"mtp: error: {_MISSING}", file=sys.stderr)
+        sys.exit(2)
+    raise ImportError(_MISSING) from e
 
 from mtp.errors import MTPError
 from mtp.evaluation.gen_args import fork_arguments

@@ -10,7 +10,6 @@ import torch
 from mtp.errors import MTPError
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-_SAFETENSORS_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
 # What hub.resolve_model calls a model -> the --from names.
 _KIND_TO_FORMAT = {"meta": "meta", "mtp_folder": "mtp", "hf_folder": "hf", "hub": "hf", "default": "hf",
                    "gguf": "gguf"}
@@ -49,8 +48,8 @@ def convert(
     if source in ("meta", "mtp") and (num_heads is not None or num_trunk_layers is not None):
         raise MTPError("--num-heads and --num-trunk-layers apply only when wrapping a plain model (--from hf/gguf); "
                        f"a {source} checkpoint has its heads already")
-    out = Path(output)
-    _check_output(Path(input), out, overwrite)
+    out = Path(output).expanduser()
+    _check_output(Path(input).expanduser(), out, overwrite)
     target = _DTYPES.get(dtype)
 
     if source == "meta" and to == "mtp":  # streamed tensor by tensor: memory stays near one tensor
@@ -65,8 +64,7 @@ def convert(
         from mtp.hub import check_model_folder
 
         check_model_folder(input)
-        model = MTPModel.from_pretrained(input, dtype=target or _mtp_folder_dtype(Path(input)),
-                                         load_tokenizer=to != "meta")
+        model = MTPModel.from_pretrained(input, dtype=target or _mtp_folder_dtype(Path(input)))
     else:
         from mtp.hub import load_base_model
 
@@ -106,12 +104,9 @@ def _check_output(input: Path, output: Path, overwrite: bool) -> None:
 
 def _mtp_folder_dtype(folder: Path) -> torch.dtype:
     """The dtype the weights of an mtp folder are stored in (read from the safetensors header)."""
-    from safetensors import safe_open
+    from mtp.models.safetensors_io import FolderWeights, has_weights
 
-    path = folder / "model.safetensors"
-    if not path.is_file():
+    if not has_weights(folder):
         return torch.float32  # from_pretrained reports the missing file
-    with safe_open(str(path), framework="pt") as f:
-        for key in f.keys():
-            return _SAFETENSORS_DTYPES.get(f.get_slice(key).get_dtype(), torch.float32)
-    return torch.float32
+    with FolderWeights(folder) as weights:
+        return next((info.dtype for info in weights.tensors.values() if info.dtype.is_floating_point), torch.float32)

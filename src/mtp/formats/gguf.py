@@ -54,7 +54,9 @@ def convert_gguf_to_folder(gguf_path: Path, output: Path) -> Path:
                 with _bar_follows_transformers():
                     quantized = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
             except _READ_ERRORS as e:
-                raise MTPError(f"cannot read {gguf_path} as a GGUF model: {first_line(e)}") from e
+                size = gguf_path.stat().st_size
+                raise MTPError(f"cannot read {gguf_path} as a GGUF model ({size:,} bytes: a file cut short or damaged "
+                               f"fails so; copy or download it again): {first_line(e)}") from e
             _plain_copy(quantized).save_pretrained(tmp)  # safetensors, config.json, generation_config.json
             tokenizer.save_pretrained(tmp)
             _publish(tmp, output)

@@ -412,12 +412,18 @@ def convert_meta_to_mtp_folder(folder: str | os.PathLike, output: str | os.PathL
 
 
 def load_meta_tokenizer(folder: str | os.PathLike):
-    """The sentencepiece `tokenizer.model` next to a Meta checkpoint (folder or its parent), or None.
+    """The tokenizer of a Meta checkpoint: Hugging Face's tokenizer files in the folder (what `mtp_to_meta`
+    writes for a model whose tokenizer is not sentencepiece), or the sentencepiece `tokenizer.model` in the folder
+    or its parent, or None.
 
     Reading it needs transformers' sentencepiece conversion (the `sentencepiece` and `protobuf` packages); when
     that fails the weights still convert, without a tokenizer, and a warning says so.
     """
     folder = Path(folder)
+    if (folder / "tokenizer_config.json").is_file():  # Hugging Face's files, as `mtp convert --to meta` writes them
+        from mtp.hub import load_tokenizer
+
+        return load_tokenizer(folder)
     for candidate in (folder / TOKENIZER_NAME, folder.parent / TOKENIZER_NAME):
         if candidate.is_file():
             try:
@@ -528,10 +534,13 @@ def meta_params_for(model) -> dict:
 def mtp_to_meta(model, folder: str | os.PathLike, dtype: torch.dtype | None = None, overwrite: bool = False) -> Path:
     """Write `model` (a Llama-family `MTPModel`, one layer per head) as a Meta checkpoint folder, atomically.
 
-    `dtype=None` keeps the model's dtype. A folder holding other files than a Meta checkpoint's is refused unless
-    `overwrite` (replacing it would delete them). Returns the folder.
+    `dtype=None` keeps the model's dtype. The model's tokenizer goes beside the weights as Hugging Face's files
+    (a sentencepiece one also as `tokenizer.model`), which `meta_to_mtp` reads back. A folder holding other files
+    than these is refused unless `overwrite` (replacing it would delete them). Returns the folder.
     """
-    check_replaceable(folder, (PARAMS_NAME, WEIGHTS_NAME, TOKENIZER_NAME), overwrite)
+    from mtp.models.parallel_heads import MODEL_FILES
+
+    check_replaceable(folder, {PARAMS_NAME, WEIGHTS_NAME, TOKENIZER_NAME, *MODEL_FILES}, overwrite)
     params = meta_params_for(model)
     n_heads, n_kv_heads = int(params["n_heads"]), int(_param(params, "n_kv_heads"))
     ours = {name.removeprefix("base."): t for name, t in model.state_dict().items()}
@@ -564,6 +573,8 @@ def mtp_to_meta(model, folder: str | os.PathLike, dtype: torch.dtype | None = No
     with atomic_folder(folder) as tmp:
         (tmp / PARAMS_NAME).write_text(json.dumps(params, indent=2) + "\n", encoding="utf-8")
         torch.save(state, tmp / WEIGHTS_NAME)
+        if getattr(model, "tokenizer", None) is not None:
+            model.tokenizer.save_pretrained(tmp)
     return folder
 
 

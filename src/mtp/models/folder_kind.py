@@ -10,8 +10,8 @@ from pathlib import Path
 
 from mtp.errors import MTPError
 from mtp.io import read_json_object
+from mtp.models.safetensors_io import INDEX_NAME, WEIGHTS_NAME, has_weights
 
-WEIGHTS_NAME = "model.safetensors"
 MASK_TOKENS_METHOD = "mask_tokens"  # the `mtp` section's "method" of a mask-token folder (parallel heads: none)
 
 
@@ -23,8 +23,8 @@ def read_mtp_section(directory: Path) -> dict:
     section = read_json_object(path, "a model config").get("mtp")
     if not isinstance(section, dict):
         raise MTPError(f"{directory}: config.json has no 'mtp' section (a plain model: wrap it with from_base)")
-    if not (directory / WEIGHTS_NAME).is_file():
-        raise MTPError(f"{directory}: missing {WEIGHTS_NAME}")
+    if not has_weights(directory):
+        raise MTPError(f"{directory}: missing {WEIGHTS_NAME} (or {INDEX_NAME} and its shards)")
     return section
 
 

@@ -34,7 +34,7 @@ from mtp.arguments import check_values
 from mtp.errors import CheckpointMismatchError, MTPError
 from mtp.io import as_path
 from mtp.models.cache import additive_mask
-from mtp.models.folder_kind import MASK_TOKENS_METHOD, WEIGHTS_NAME, read_mtp_section
+from mtp.models.folder_kind import MASK_TOKENS_METHOD, read_mtp_section
 from mtp.runtime import resolve_device
 
 MASK_TOKEN = "<|mtp_mask|>"
@@ -536,14 +536,16 @@ class MaskTokenModel(nn.Module):
             state.update(self.lora.state_dict_flat())
         return state
 
-    def save_pretrained(self, directory: str | os.PathLike, tokenizer=None, overwrite: bool = False) -> Path:
-        """A model folder, as `MTPModel.save_pretrained` writes one (and with the same refusals)."""
-        from mtp.models.parallel_heads import write_model_folder
+    def save_pretrained(self, directory: str | os.PathLike, tokenizer=None, overwrite: bool = False,
+                        frozen_apart: bool = False, link_from: Path | None = None) -> Path:
+        """A model folder, as `MTPModel.save_pretrained` writes one (with the same refusals and options)."""
+        from mtp.models.parallel_heads import frozen_names, write_model_folder
 
         state = self.checkpoint_state_dict()
         shapes = {k: (tuple(t.shape), t.dtype) for k, t in state.items()}
         return write_model_folder(directory, self.base, self.mtp_config(), shapes, state.__getitem__,
-                                  tokenizer if tokenizer is not None else self.tokenizer, overwrite)
+                                  tokenizer if tokenizer is not None else self.tokenizer, overwrite,
+                                  frozen_names(self) if frozen_apart else (), link_from)
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike, device: str | torch.device = "cpu",
@@ -554,20 +556,18 @@ class MaskTokenModel(nn.Module):
         from transformers import AutoConfig
 
         from mtp.models.parallel_heads import MTPModel, _pick_dtype
-        from mtp.models.safetensors_io import SafetensorsReader, check_floating
+        from mtp.models.safetensors_io import FolderWeights, check_floating
 
         device = resolve_device(device)  # before anything is read
         directory = as_path(directory, "directory")
-        raw = read_mtp_section(directory)
+        raw = read_mtp_section(directory)  # checks there are weights
         if raw.get("method") != METHOD:
             raise MTPError(f"{directory}: not a mask-token model (its mtp section has method {raw.get('method')!r})")
         config = AutoConfig.from_pretrained(directory)
-        weights = directory / WEIGHTS_NAME
-        if not weights.is_file():
-            raise MTPError(f"{directory}: missing {WEIGHTS_NAME}")
         layers = int(config.num_hidden_layers)
         lm = MTPModel.empty(config, num_heads=1, num_trunk_layers=layers - 1, dtype=dtype)
-        with SafetensorsReader(weights) as reader:
+        with FolderWeights(directory) as reader:
+            weights = reader.path
             names = [k for k in reader.tensors if not k.startswith(LORA_PREFIX)]
             shapes = {k: reader.tensors[k].shape for k in names}
             lm.check_checkpoint_shapes(shapes, source=str(weights))
@@ -585,11 +585,12 @@ class MaskTokenModel(nn.Module):
         elif lora_state:
             raise CheckpointMismatchError(f"{directory}: LoRA weights in a model without adapters")
         model.eval()
-        from mtp.hub import check_finite_weights, load_tokenizer
+        from mtp.hub import check_finite_weights
+        from mtp.hub import load_tokenizer as read_tokenizer  # (not the argument's name)
 
         check_finite_weights(model, str(weights))
         if load_tokenizer and (directory / "tokenizer_config.json").is_file():
-            model.tokenizer = load_tokenizer(directory)
+            model.tokenizer = read_tokenizer(directory)
         return model
 
 

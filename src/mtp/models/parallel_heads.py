@@ -36,6 +36,7 @@ from mtp.models.backbones import backbone_for
 from mtp.models.cache import MTPCache, additive_mask
 from mtp.models.folder_kind import MASK_TOKENS_METHOD, WEIGHTS_NAME, read_mtp_section
 from mtp.models.packed import BlockedWeights, blocked_linear, blocked_pays
+from mtp.models.safetensors_io import INDEX_NAME, SHARD_NAMES
 from mtp.models.weight_state import kept_copy
 
 EXTRA_HEADS_PREFIX = "extra_heads."
@@ -44,7 +45,7 @@ OWN_PREFIXES = (EXTRA_HEADS_PREFIX, NEXT_TOKEN_PREFIX)  # weights outside the ba
 DRAFT_VOCAB_KEY = "mtp.draft_vocab"
 # What a model folder holds: what `save_pretrained` writes (transformers names the tokenizer files, by kind).
 MODEL_FILES = frozenset({
-    "config.json", WEIGHTS_NAME, "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+    "config.json", WEIGHTS_NAME, INDEX_NAME, *SHARD_NAMES, "generation_config.json", "tokenizer.json", "tokenizer_config.json",
     "special_tokens_map.json", "added_tokens.json", "chat_template.jinja", "chat_template.json", "vocab.json",
     "merges.txt", "vocab.txt", "tokenizer.model", "spiece.model", "sentencepiece.bpe.model"})
 
@@ -94,13 +95,16 @@ class MTPModel(nn.Module):
 
     # ---------------------------------------------------------------- construction and structure
     @classmethod
-    def from_base(cls, base, num_heads: int = 4, num_trunk_layers: int | None = None, **load_kwargs) -> MTPModel:
-        """Wrap a transformers causal LM object, or load one by name/path first (see `mtp.hub`)."""
-        tokenizer = source = None
+    def from_base(cls, base, num_heads: int = 4, num_trunk_layers: int | None = None, tokenizer=None,
+                  **load_kwargs) -> MTPModel:
+        """Wrap a transformers causal LM object, or load one by name/path first (see `mtp.hub`), with its
+        tokenizer (`tokenizer`, or the one loaded with it): what `save_pretrained` writes beside the weights."""
+        source = None
         if isinstance(base, str | os.PathLike):
             from mtp.hub import load_base_model
 
-            base, tokenizer, source = load_base_model(str(base), **load_kwargs)
+            base, loaded, source = load_base_model(str(base), **load_kwargs)
+            tokenizer = tokenizer if tokenizer is not None else loaded
         model = cls(base, num_heads=num_heads, num_trunk_layers=num_trunk_layers)
         model.tokenizer, model.source = tokenizer, source
         return model
@@ -439,14 +443,17 @@ class MTPModel(nn.Module):
         return state
 
     def save_pretrained(self, directory: str | os.PathLike, tokenizer=None, weights=None,
-                        overwrite: bool = False) -> Path:
+                        overwrite: bool = False, frozen_apart: bool = False, link_from: Path | None = None) -> Path:
         """Write config.json (base config + `mtp` section), model.safetensors and tokenizer files, atomically.
 
         An existing folder is replaced only when it holds nothing but a model's files (`MODEL_FILES`), or with
         `overwrite=True`; an existing file is refused before anything is written.
         The weights are written one tensor at a time from the model's own memory (no serialised copy), or,
         with `weights` (a function of a checkpoint name), from what it returns: then the model may be `empty`
-        and only one tensor exists at a time (streaming conversions)."""
+        and only one tensor exists at a time (streaming conversions). `frozen_apart`: the weights that do not
+        require grad in a shard of their own, hard-linked from `link_from`'s where it holds them (training's
+        checkpoints: `mtp.models.safetensors_io.write_weights`)."""
+        frozen = frozen_names(self) if frozen_apart else ()
         if weights is None:
             state = self.checkpoint_state_dict()
             shapes = {k: (tuple(t.shape), t.dtype) for k, t in state.items()}
@@ -457,7 +464,7 @@ class MTPModel(nn.Module):
                       ((n.removeprefix("base."), t) for n, t in self.state_dict(keep_vars=True).items())
                       if k not in tied}
         return write_model_folder(directory, self.base, self.mtp_config(), shapes, weights,
-                                  tokenizer if tokenizer is not None else self.tokenizer, overwrite)
+                                  tokenizer if tokenizer is not None else self.tokenizer, overwrite, frozen, link_from)
 
     @classmethod
     def empty(cls, config, num_heads: int, num_trunk_layers: int, dtype: torch.dtype = torch.float32,
@@ -486,9 +493,12 @@ class MTPModel(nn.Module):
         `dtype`), e.g. fp16 for the weights about to be packed."""
         from transformers import AutoConfig
 
-        from mtp.hub import ModelSource, check_finite_weights, check_tree_statistics, load_tokenizer
-        from mtp.models.safetensors_io import SafetensorsReader, check_floating
+        from mtp.hub import ModelSource, check_finite_weights, check_tree_statistics
+        from mtp.hub import load_tokenizer as read_tokenizer  # (not the argument's name)
+        from mtp.models.safetensors_io import FolderWeights, check_floating
+        from mtp.runtime import resolve_device
 
+        device = resolve_device(device)  # a device this torch cannot use: an MTPError before anything is read
         directory = as_path(directory, "directory")
         mtp_cfg = read_mtp_section(directory)
         if mtp_cfg.get("method") == MASK_TOKENS_METHOD:
@@ -498,14 +508,14 @@ class MTPModel(nn.Module):
             raise MTPError(f"{directory / 'config.json'}: the \"mtp\" section needs integers num_heads and "
                            "num_trunk_layers")
         check_tree_statistics(directory)
-        weights = directory / WEIGHTS_NAME
         config = AutoConfig.from_pretrained(directory)
         if not isinstance(mtp_cfg.get("next_token_input", False), bool):
             raise MTPError(f"{directory / 'config.json'}: \"next_token_input\" in the \"mtp\" section must be true "
                            "or false")
         model = cls.empty(config, mtp_cfg["num_heads"], mtp_cfg["num_trunk_layers"], dtype,
                           mtp_cfg.get("next_token_input", False))
-        with SafetensorsReader(weights) as reader:
+        with FolderWeights(directory) as reader:
+            weights = reader.path
             model.check_checkpoint_shapes(reader.shapes(), source=str(weights))
             check_floating({k: t.dtype for k, t in reader.tensors.items()}, model.named_checkpoint_tensors(),
                            str(weights))
@@ -517,25 +527,24 @@ class MTPModel(nn.Module):
         check_finite_weights(model, str(weights))
         model.source = ModelSource("mtp_folder", str(directory), f"MTP folder {directory}")
         if load_tokenizer and (directory / "tokenizer_config.json").is_file():
-            model.tokenizer = load_tokenizer(directory)
+            model.tokenizer = read_tokenizer(directory)
         return model
 
     @classmethod
     def from_hf_folder(cls, directory: str | os.PathLike, num_heads: int = 4, num_trunk_layers: int | None = None,
                        device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
                        tensor_dtype=None) -> MTPModel | None:
-        """A plain Llama-family Hugging Face folder with one model.safetensors as an MTP model, loaded the way
-        `from_pretrained` loads (meta device, each tensor read into place; extra heads read as copies of head
-        0's layers), or None when the folder is not that simple (then load it with transformers)."""
+        """A plain Llama-family Hugging Face folder with safetensors weights (one file or shards) as an MTP model,
+        loaded the way `from_pretrained` loads (meta device, each tensor read into place; extra heads read as copies
+        of head 0's layers), or None when the folder is not that simple (then load it with transformers)."""
         from transformers import AutoConfig, GenerationConfig
 
         from mtp.hub import check_finite_weights, load_tokenizer
         from mtp.models.backbones import LLAMA_FAMILY
-        from mtp.models.safetensors_io import SafetensorsReader, check_floating
+        from mtp.models.safetensors_io import FolderWeights, check_floating, has_weights
 
         directory = Path(directory)
-        weights = directory / "model.safetensors"
-        if not (directory / "config.json").is_file() or not weights.is_file():
+        if not (directory / "config.json").is_file() or not has_weights(directory):
             return None
         config = AutoConfig.from_pretrained(directory)
         if getattr(config, "model_type", None) not in LLAMA_FAMILY:
@@ -545,7 +554,8 @@ class MTPModel(nn.Module):
         if num_heads < 1 or not 0 <= trunk < layers:
             return None  # the constructor's errors come from the usual path
         model = cls.empty(config, num_heads, trunk, dtype)
-        with SafetensorsReader(weights) as reader:
+        with FolderWeights(directory) as reader:
+            weights = reader.path
             sources = {k: k for k in reader.tensors}
             for j in range(num_heads - 1):
                 for i in range(layers - trunk):
@@ -662,11 +672,12 @@ def packing_dtypes(name: str) -> torch.dtype | None:
 
 
 def write_model_folder(directory: str | os.PathLike, base, mtp_section: dict, shapes: dict, weights,
-                       tokenizer=None, overwrite: bool = False) -> Path:
+                       tokenizer=None, overwrite: bool = False, frozen=(), link_from: Path | None = None) -> Path:
     """An mtp model folder, atomically: config.json (the base config plus `mtp_section`), model.safetensors written
-    one tensor at a time (`weights(name)` for each name of `shapes`), generation config, tokenizer files. A folder
-    holding anything else is refused unless `overwrite` (replacing it would delete those files)."""
-    from mtp.models.safetensors_io import write_safetensors
+    one tensor at a time (`weights(name)` for each name of `shapes`; the `frozen` ones apart, see `write_weights`),
+    generation config, tokenizer files. A folder holding anything else is refused unless `overwrite` (replacing it
+    would delete those files)."""
+    from mtp.models.safetensors_io import write_weights
 
     directory = as_path(directory, "directory")
     check_replaceable(directory, MODEL_FILES, overwrite)
@@ -674,7 +685,7 @@ def write_model_folder(directory: str | os.PathLike, base, mtp_section: dict, sh
         config = base.config.to_dict()
         config["mtp"] = mtp_section
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        write_safetensors(tmp / WEIGHTS_NAME, shapes, weights, metadata={"format": "pt"})
+        write_weights(tmp, shapes, weights, frozen, link_from)
         gen = getattr(base, "generation_config", None)
         if gen is not None:
             try:
@@ -684,6 +695,14 @@ def write_model_folder(directory: str | os.PathLike, base, mtp_section: dict, sh
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
     return directory
+
+def frozen_names(model: nn.Module) -> set[str]:
+    """The names in `model.checkpoint_state_dict()` whose tensors are parameters that do not require grad (and are
+    not also a trained parameter's storage): what a training run leaves as it found it."""
+    trained = {p.data_ptr() for p in model.parameters() if p.requires_grad and p.numel()}
+    frozen = {p.data_ptr() for p in model.parameters() if not p.requires_grad and p.numel()} - trained
+    return {name for name, t in model.checkpoint_state_dict().items() if t.numel() and t.data_ptr() in frozen}
+
 
 def _tied_aliases(model: MTPModel) -> set[str]:
     """Names whose tensor is an earlier name's (e.g. lm_head.weight tied to embeddings): the same object, or the

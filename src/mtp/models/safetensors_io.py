@@ -18,7 +18,7 @@ import json
 import math
 import os
 import struct
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,6 +31,12 @@ DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF1
           "BOOL": torch.bool}
 NAMES = {v: k for k, v in DTYPES.items()}
 _MAX_HEADER = 100_000_000  # safetensors' own limit
+WEIGHTS_NAME = "model.safetensors"
+INDEX_NAME = "model.safetensors.index.json"  # Hugging Face's sharded layout: {"metadata", "weight_map": {name: file}}
+# A model folder whose frozen weights are kept apart (`write_weights(frozen=...)`): the frozen ones first, the
+# trained ones second, so checkpoints of one run can share the first file (a hard link) instead of a copy each.
+SHARD_NAMES = ("model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors")
+FROZEN_KEY = "mtp_frozen_shard"  # the index's metadata entry naming the shard of frozen weights
 _STAGING_BYTES = 4 << 20  # a dtype-converting read goes through a buffer this size
 
 
@@ -179,6 +185,114 @@ def write_safetensors(path: str | os.PathLike, shapes: dict[str, tuple[tuple[int
             if t.numel():
                 f.write(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
             del t
+
+
+class FolderWeights:
+    """A model folder's weights, one model.safetensors or the shards its model.safetensors.index.json lists, read
+    as one file: `tensors` (name -> TensorInfo), `shapes()`, `read(name, ...)`. `path` names the folder's weights
+    in messages. A damaged index (not JSON, a shard missing, a tensor not where it says) is an MTPError naming it.
+    """
+
+    def __init__(self, folder: str | os.PathLike):
+        from mtp.io import read_json_object
+
+        folder = Path(folder)
+        self._readers: list[SafetensorsReader] = []
+        self._owner: dict[str, SafetensorsReader] = {}
+        if (folder / WEIGHTS_NAME).is_file() or not (folder / INDEX_NAME).is_file():
+            self.path = folder / WEIGHTS_NAME
+            self._readers.append(SafetensorsReader(self.path))
+            self._owner = dict.fromkeys(self._readers[0].tensors, self._readers[0])
+            self.index_metadata: dict = {}
+            self.tensors = dict(self._readers[0].tensors)
+            return
+        self.path = folder / INDEX_NAME
+        index = read_json_object(self.path, "a weights index")
+        weight_map, metadata = index.get("weight_map"), index.get("metadata", {})
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) and "/" not in v for v in weight_map.values()):
+            raise MTPError(f"{self.path}: \"weight_map\" must map tensor names to file names in the folder")
+        self.index_metadata = metadata if isinstance(metadata, dict) else {}
+        try:
+            for shard in dict.fromkeys(weight_map.values()):
+                reader = SafetensorsReader(folder / shard)
+                self._readers.append(reader)
+                listed = {name for name, file in weight_map.items() if file == shard}
+                if set(reader.tensors) != listed:
+                    odd = sorted(set(reader.tensors) ^ listed)
+                    raise MTPError(f"{folder / shard} does not hold what {INDEX_NAME} says it holds (e.g. {odd[0]}); "
+                                   "the folder is damaged: write it again")
+                self._owner.update(dict.fromkeys(listed, reader))
+        except BaseException:
+            self.close()
+            raise
+        self.tensors = {name: reader.tensors[name] for name, reader in self._owner.items()}
+
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        return {name: reader.tensors[name].shape for name, reader in self._owner.items()}
+
+    def read(self, name: str, dtype: torch.dtype | None = None, device: str | torch.device = "cpu") -> torch.Tensor:
+        """Tensor `name` from the file that holds it (`SafetensorsReader.read`)."""
+        return self._owner[name].read(name, dtype, device)
+
+    def close(self) -> None:
+        for reader in self._readers:
+            reader.close()
+
+    def __enter__(self) -> FolderWeights:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def has_weights(folder: str | os.PathLike) -> bool:
+    """Whether `folder` has weights in either layout (checked for damage only when read)."""
+    return (Path(folder) / WEIGHTS_NAME).is_file() or (Path(folder) / INDEX_NAME).is_file()
+
+
+def write_weights(folder: Path, shapes: dict[str, tuple[tuple[int, ...], torch.dtype]],
+                  tensor: Callable[[str], torch.Tensor], frozen: Collection[str] = (),
+                  link_from: Path | None = None) -> list[str]:
+    """The weights of a model folder being written (`folder`, a fresh temporary one): one model.safetensors, or,
+    when some but not all of them are `frozen` (weights a training run does not change), the frozen ones in a
+    shard of their own and the rest in another, with Hugging Face's index. Then the frozen shard of `link_from`
+    (an earlier checkpoint of the same run, or None), when it holds the same names, shapes and dtypes, becomes this
+    folder's by a hard link: no copy written. The caller vouches that `link_from`'s frozen weights are these (the
+    trainer links only to what it wrote or resumed from). Returns the files written."""
+    metadata = {"format": "pt"}
+    frozen_shapes = {k: v for k, v in shapes.items() if k in frozen}
+    if not frozen_shapes or len(frozen_shapes) == len(shapes):
+        write_safetensors(folder / WEIGHTS_NAME, shapes, tensor, metadata)
+        return [WEIGHTS_NAME]
+    trained_shapes = {k: v for k, v in shapes.items() if k not in frozen}
+    first, second = SHARD_NAMES
+    if not _link_frozen_shard(link_from, folder / first, frozen_shapes):
+        write_safetensors(folder / first, frozen_shapes, tensor, metadata)
+    write_safetensors(folder / second, trained_shapes, tensor, metadata)
+    size = sum(math.prod(shape) * torch.empty((), dtype=dtype).element_size() for shape, dtype in shapes.values())
+    index = {"metadata": {"total_size": size, FROZEN_KEY: first},
+             "weight_map": {**dict.fromkeys(frozen_shapes, first), **dict.fromkeys(trained_shapes, second)}}
+    (folder / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+    return [first, second, INDEX_NAME]
+
+
+def _link_frozen_shard(source: Path | None, target: Path, shapes: dict) -> bool:
+    """Hard-link `source`'s frozen shard to `target` when it holds exactly `shapes`; False where it cannot."""
+    if source is None or not (source / INDEX_NAME).is_file():
+        return False
+    try:
+        with FolderWeights(source) as weights:
+            shard = weights.index_metadata.get(FROZEN_KEY)
+            if shard not in SHARD_NAMES:
+                return False
+            with SafetensorsReader(source / shard) as reader:
+                same = {k: (i.shape, i.dtype) for k, i in reader.tensors.items()} == \
+                    {k: (tuple(shape), dtype) for k, (shape, dtype) in shapes.items()}
+        if same:
+            os.link(source / shard, target)
+        return same
+    except (MTPError, OSError):  # a damaged earlier checkpoint, or a file system without hard links: write it
+        return False
 
 
 def check_floating(stored: Mapping[str, torch.dtype], model: Mapping[str, torch.Tensor], source: str) -> None:

@@ -31,6 +31,7 @@ import os
 import random
 import re
 import shutil
+import sys
 from pathlib import Path
 
 import torch
@@ -75,6 +76,29 @@ def latest_checkpoint(root: str | os.PathLike) -> Path | None:
     return found[-1][1] if found else None
 
 
+def newest_intact_checkpoint(root: str | os.PathLike) -> Path | None:
+    """The newest checkpoint under `root` that reads back (its model folder intact, its trainer state readable),
+    or None where there is none. A newer one that is damaged (a bad copy, a disk that filled) is named and passed
+    over: `--resume` goes on from the one before it instead of refusing the run. All damaged: the newest's error."""
+    from mtp.hub import check_model_folder
+
+    damaged: list[tuple[Path, MTPError]] = []
+    for _, folder in reversed(list_checkpoints(root)):
+        try:
+            if not is_sharded(folder):
+                check_model_folder(folder)
+            load_trainer_state(folder)
+        except MTPError as e:
+            damaged.append((folder, e))
+            continue
+        for bad, e in damaged:
+            print(f"mtp: {bad} cannot be read ({e}); going on from {folder.name}", file=sys.stderr, flush=True)
+        return folder
+    if damaged:
+        raise MTPError(f"no checkpoint in {root} can be read; the newest: {damaged[0][1]}")
+    return None
+
+
 def rng_state() -> dict:
     state = {"python": random.getstate(), "torch": torch.get_rng_state()}
     try:
@@ -99,15 +123,21 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(root: str | os.PathLike, step: int, model, state: dict, keep: int | None = 2) -> Path:
-    """Write `root/step-{step}` atomically (model folder + trainer state), then prune to the last `keep`."""
+def save_checkpoint(root: str | os.PathLike, step: int, model, state: dict, keep: int | None = 2,
+                    link_from: Path | None = None) -> Path:
+    """Write `root/step-{step}` atomically (model folder + trainer state), then prune to the last `keep`.
+
+    The weights a run does not train (a frozen trunk, the base under LoRA) go in a shard of their own, which is
+    `link_from`'s (the run's previous checkpoint) by a hard link where that holds them: a run's checkpoints hold
+    its frozen weights once, not once each (an 8B model's frozen trunk is 16 GB)."""
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     for stale in root.glob(".tmp-step-*"):  # left by a crash in an earlier save, as mtp 0.1.0 named them
         shutil.rmtree(stale, ignore_errors=True)
     remove_stale_temporaries(root)  # left by saves that were killed
     with atomic_folder(checkpoint_dir(root, step)) as tmp:
-        model.save_pretrained(tmp)  # itself atomic: takes the place of the empty temporary folder
+        # itself atomic: takes the place of the empty temporary folder
+        model.save_pretrained(tmp, frozen_apart=True, link_from=link_from)
         save_trainer_state(tmp, {**state, "step": step})
     if keep is not None and keep > 0:
         for _, old in list_checkpoints(root)[:-keep]:

@@ -100,13 +100,13 @@ def train_defaults() -> dict[str, object]:
 
 def _start(args: dict, out: Path, t_start: float) -> int:
     """`train` once this process holds the run folder: the arguments checked, the torchrun job joined."""
-    from mtp.training.checkpoints import latest_checkpoint
+    from mtp.training.checkpoints import newest_intact_checkpoint
 
     checkpoint = None
     if args["resume"]:
         saved = _read_train_config(out)
         args = _merge_resume_args(args, saved)
-        checkpoint = latest_checkpoint(out / "checkpoints")
+        checkpoint = newest_intact_checkpoint(out / "checkpoints")
         if checkpoint is None:
             print(f"mtp: no checkpoint in {out / 'checkpoints'} yet; starting the run from step 0", flush=True)
     else:
@@ -157,7 +157,7 @@ def _train(a: _Args, args: dict, out: Path, checkpoint: Path | None, par: Parall
     speed = {**training_speed(result.history), "peak_gpu_memory_mb": memory["peak_mb"]}
     runtime = {**Runtime(dev, parse_dtype(a.dtype)).to_dict(), "autocast": _AUTOCAST[trainer.precision]}
     if par is None:
-        install_model(mtp_model, out)
+        install_model(mtp_model, out, link_from=trainer.last_checkpoint)
     else:  # the ordinary model folder, written by rank 0 from the gathered weights
         from mtp.training.distributed import full_state_on_main
 
@@ -506,7 +506,8 @@ def _merge_resume_args(args: dict, saved: dict) -> dict:
         if current == defaults[name]:
             merged[name] = value
         elif current != value and name not in _MAY_CHANGE:
-            clashes.append(f"--{name.replace('_', '-')} {current} (the run used {value})")
+            used = "left it to its default" if value is None else f"used {value}"
+            clashes.append(f"--{name.replace('_', '-')} {current} (the run {used})")
     if clashes:
         raise MTPError("--resume continues the run as it was started; these flags differ: " + "; ".join(clashes))
     for name, value in saved_args.items():
@@ -532,17 +533,29 @@ def _unsharded_copy(method, a: _Args, trained, whole: dict[str, torch.Tensor]):
     if getattr(trained, "draft_vocab", None) is not None:
         model.set_draft_vocab(trained.draft_vocab.cpu())
     model.tokenizer = trained.tokenizer
+    frozen = {name for name, p in trained.named_parameters() if not p.requires_grad}
+    for name, p in model.named_parameters():  # what the run did not train is saved apart, as one process saves it
+        p.requires_grad_(name not in frozen)
     return model
 
 
-def install_model(model, out: Path) -> None:
+def install_model(model, out: Path, link_from: Path | None = None) -> None:
     """Save the model into the run folder (which also holds checkpoints and logs): written to a temporary
-    folder, then each file renamed into place, config.json last (a config.json marks a complete model)."""
+    folder, then each file renamed into place, config.json last (a config.json marks a complete model). The
+    weights the run did not train are a shard of their own, `link_from`'s (the last checkpoint) where it has them;
+    the other layout's files, left by an earlier run in the folder, go."""
+    from mtp.models.safetensors_io import INDEX_NAME, SHARD_NAMES, WEIGHTS_NAME
+
     remove_stale_temporaries(out)  # of writes into the run folder that were killed
-    with disk_errors(out / "model.safetensors"):
+    with disk_errors(out / WEIGHTS_NAME):
         tmp = Path(tempfile.mkdtemp(prefix=temporary_prefix(out / "model"), dir=out))
         try:
-            model.save_pretrained(tmp)
+            model.save_pretrained(tmp, frozen_apart=True, link_from=link_from)
+            written = {f.name for f in tmp.iterdir()}
+            (out / "config.json").unlink(missing_ok=True)  # the folder is not a complete model while it changes
+            for name in (WEIGHTS_NAME, INDEX_NAME, *SHARD_NAMES):
+                if name not in written:
+                    (out / name).unlink(missing_ok=True)
             for f in sorted(tmp.iterdir(), key=lambda p: p.name == "config.json"):
                 os.replace(f, out / f.name)
         finally:
@@ -565,8 +578,9 @@ def peak_memory_gb(dev: torch.device, gpu_before_training: int | None) -> dict[s
 def _print_summary(out: Path, result, report: dict) -> None:
     t = report["seconds_this_invocation"]
     memory = ", ".join(f"{where} {gb:.2f} GB" for where, gb in report["peak_memory_gb"].items() if gb is not None)
+    training = "trunk cache + training + eval" if report.get("trunk_cache") not in (None, "off") else "training + eval"
     print(f"mtp train: done, step {result.step}; {t['total']:.0f} s in all (model {t['load_model']:.0f} s, data and "
-          f"targets {t['data_and_targets']:.0f} s, trunk cache + training + eval {t['trunk_cache_train_eval']:.0f} s); "
+          f"targets {t['data_and_targets']:.0f} s, {training} {t['trunk_cache_train_eval']:.0f} s); "
           f"peak memory {memory or 'not measured'}. Model: {out}", flush=True)
     speed = report["training_speed"]
     if speed["tokens_per_second"] is not None:
@@ -632,7 +646,7 @@ def bench_train(
     set_threads(threads)
     results = run_bench_train(model, heads, orders, seq_len, batch_size, steps, freeze_trunk,
                               gradient_checkpointing, resolve_device(device, flags=True), seed)
-    atomic_write_json(Path(output), results)
+    atomic_write_json(Path(output).expanduser(), results)
     print(results["table"])
     print(f"\n{results['method']}\nresults: {output}")
     return 0

@@ -390,7 +390,7 @@ def _load_hf_dataset(
     """A dataset by name (downloaded, or from the Hugging Face cache offline) or from a local folder, read lazily:
     its rows stay in the dataset's memory-mapped Arrow files until each is used."""
     try:
-        import datasets  # optional (`pip install mtp[datasets]`): only needed for data given this way
+        import datasets  # optional (`pip install datasets`): only needed for data given this way
     except ImportError:
         what = (f"{name}: is a directory; reading a dataset's folder" if folder else
                 f"{name!r} is not a file, and loading it as a Hugging Face dataset")

@@ -34,6 +34,7 @@ import numpy as np
 import torch
 
 from mtp.errors import MTPError
+from mtp.io import open_append
 from mtp.progress import progress_bar
 from mtp.training.data import TokenizedData
 
@@ -41,19 +42,6 @@ FEATURES_NAME = "trunk_features"
 _FORMAT = "mtp-trunk-features"
 _DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
 TRUNK_CACHE = ("auto", "device", "disk", "off")
-
-
-def open_append(path: str | os.PathLike):
-    """A JSONL file opened to append lines; a last line cut off by an interruption is ended first, so it stays on
-    its own (and is skipped when read) instead of swallowing the next line."""
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    sink = Path(path).open("a", encoding="utf-8")
-    if sink.tell() > 0:
-        with Path(path).open("rb") as f:
-            f.seek(-1, os.SEEK_END)
-            if f.read(1) != b"\n":
-                sink.write("\n")
-    return sink
 
 
 class FeatureStore:
@@ -151,11 +139,10 @@ class FeatureStore:
             data_path = index_path.with_suffix(".bin")
             if _read_header(index_path) != self.header() or not data_path.is_file():
                 continue
-            size = data_path.stat().st_size
             files.append(data_path)
-            for record in _index_records(index_path):
+            for record in _intact_records(index_path, data_path.stat().st_size, row_bytes):
                 i = first.get(record["key"])
-                if i is not None and record["offset"] + record["positions"] * row_bytes <= size:
+                if i is not None:
                     part[i], offset[i], positions[i] = len(files) - 1, record["offset"], record["positions"]
         for i, j in repeats:
             part[i], offset[i], positions[i] = part[j], offset[j], positions[j]
@@ -187,6 +174,21 @@ def _index_records(index_path: Path) -> Iterator[dict]:
                 continue
             if record["offset"] >= 0 and record["positions"] >= 0:
                 yield record
+
+
+def _intact_records(index_path: Path, size: int, row_bytes: int) -> list[dict]:
+    """The index's records whose bytes are still theirs, in file order. Rows are only appended, so a record's
+    bytes end before the next records' begin; a .bin cut short (a bad copy, a full disk) loses the rows past its
+    end, and the next run appends at the cut: the rows it writes there overlap the older records that reached
+    past it, whose bytes are now another row's. Those, and any past the file's end, are dropped (their rows are
+    computed again), never read as another row's features."""
+    records = list(_index_records(index_path))
+    intact, later_start = [], size  # where the earliest later record begins (or the file ends)
+    for record in reversed(records):
+        if record["offset"] + record["positions"] * row_bytes <= later_start:
+            intact.append(record)
+        later_start = min(later_start, record["offset"])
+    return intact[::-1]
 
 
 class StoredFeatures:

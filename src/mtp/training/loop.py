@@ -21,6 +21,7 @@ import threading
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
+from contextvars import ContextVar
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -59,6 +60,10 @@ from mtp.training.losses import (
 )
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+# What a stopped run tells the user to do next: `mtp train`'s --resume, unless a command that trains through it
+# (`mtp demo`) says how it goes on.
+RESUME_HINT: ContextVar[str] = ContextVar("RESUME_HINT", default="continue with --resume")
 
 
 class NonFiniteLossError(MTPError):
@@ -385,16 +390,12 @@ class Trainer:
 
     def resume_from(self, checkpoint: str | os.PathLike) -> None:
         """Load weights and trainer state from a checkpoint folder into this trainer's model."""
-        from safetensors.torch import load_file
-
-        from mtp.hub import check_safetensors
-        from mtp.models.folder_kind import WEIGHTS_NAME
+        from mtp.models.safetensors_io import FolderWeights
 
         folder = Path(checkpoint)
         state = load_trainer_state(folder)
-        check_safetensors(folder / WEIGHTS_NAME)
-        with torch.no_grad():
-            self.model.load_checkpoint_state_dict(load_file(str(folder / WEIGHTS_NAME)), source=str(folder))
+        with FolderWeights(folder) as weights, torch.no_grad():
+            self.model.load_checkpoint_state_dict({k: weights.read(k) for k in weights.tensors}, source=str(folder))
         self.load_state_dict(state)
         self.last_checkpoint = folder
 
@@ -585,7 +586,8 @@ class Trainer:
                                                            self.optimizer, state, keep=self.config.keep_checkpoints)
             return self.last_checkpoint
         self.last_checkpoint = save_checkpoint(self.output_dir / "checkpoints", self.step, self.model,
-                                               self.state_dict(), keep=self.config.keep_checkpoints)
+                                               self.state_dict(), keep=self.config.keep_checkpoints,
+                                               link_from=self.last_checkpoint)
         return self.last_checkpoint
 
     def train(self, on_step: Callable[[Trainer, StepMetrics], None] | None = None) -> TrainResult:
@@ -633,7 +635,7 @@ class Trainer:
                         where = f" to {self.last_checkpoint}" if self.last_checkpoint else ""
                         if self.is_main:
                             print(f"mtp: stopped at step {self.step}; checkpoint saved{where}; "
-                                  "continue with --resume", flush=True)
+                                  f"{RESUME_HINT.get()}", flush=True)
                         raise self._stop.interrupt()
         finally:
             if bar is not None:

@@ -40,9 +40,10 @@ from typing import Literal
 import torch
 
 from mtp.errors import MTPError
+from mtp.io import open_append
 from mtp.progress import progress_bar
 from mtp.training.data import Example, Rows, TokenizedData, _example_tokens, check_tokenizer
-from mtp.training.features import FeatureRecorder, FeatureStore, open_append
+from mtp.training.features import FeatureRecorder, FeatureStore
 
 CACHE_NAME = "self_targets.jsonl"
 
@@ -219,9 +220,10 @@ def self_distilled_answers(
 
         barrier()
     lengths = [len(prompts[i]) for i in range(n)]
-    for i in range(n):
-        if answers[i] is None and (budgets[i] <= 0 or not lengths[i]):
-            answers[i] = []  # no room for an answer within seq_len, or an empty prompt: nothing to generate
+    cached = sum(1 for i in range(n) if answers.starts[i] >= 0)  # (answered by an earlier run)
+    no_room = [i for i in range(n) if answers[i] is None and (budgets[i] <= 0 or not lengths[i])]
+    for i in no_room:
+        answers[i] = []  # no room for an answer within seq_len, or an empty prompt: nothing to generate
     todo = [i for i in range(n) if answers.starts[i] < 0]
     if todo and not generate_missing:
         raise MTPError(f"{len(todo)} self-distilled answers are missing from {cache_path}, and the model has "
@@ -237,8 +239,8 @@ def self_distilled_answers(
         label = desc + (f" (rank 0's share of {world})" if world > 1 else "")
         total, initial = (len(mine), 0) if world > 1 else (n, n - len(todo))
         bar = progress_bar(progress, total, label, "answer", initial)
-    if rank == 0 and cache_path is not None and len(todo) < n:  # (a re-run of an interrupted one goes on from it)
-        print(f"answers: {n - len(todo)} of {n} read from {cache_path} (answered before); answering the other "
+    if rank == 0 and cache_path is not None and cached:  # (a re-run of an interrupted one goes on from it)
+        print(f"answers: {cached} of {n} read from {cache_path} (answered before); answering the other "
               f"{len(todo)}", file=sys.stderr, flush=True)
     try:
         _generate_answers(model, tokenizer, prompts, mine, answers, (cache_ids, keys), budgets,
@@ -246,7 +248,7 @@ def self_distilled_answers(
                           features, bar)
     except KeyboardInterrupt:
         if world == 1 and cache_path is not None:
-            kept = sum(1 for i in range(n) if answers.starts[i] >= 0)
+            kept = sum(1 for i in range(n) if answers.starts[i] >= 0) - len(no_room)  # (those are not in the file)
             print(f"answers: interrupted; {kept} of {n} are kept in {cache_path}: the same command goes on from "
                   "them", file=sys.stderr, flush=True)
         raise
