@@ -42,10 +42,10 @@ case "$mode" in
 speed) ;;
 smoke|tiny)
   step "pytest -m cuda (tiny models)"
-  tests=(tests/decoding/test_graphs.py tests/models/test_fast_llama.py tests/decoding/test_serve.py
-         tests/decoding/test_logprobs.py tests/decoding/test_joining.py tests/decoding/test_prefix.py
-         tests/decoding/test_penalties.py tests/decoding/test_row_options.py)
-  [ "$mode" = tiny ] && tests+=(tests/training/test_cuda_training.py tests/evaluation/test_cuda_evaluation.py)
+  # Every test file with a `cuda` test, found, not listed (a list missed the speculation gate's captured steps);
+  # `smoke` leaves training and evaluation out. Sorted, the decoding tests come first (in case the limit cuts in).
+  mapfile -t tests < <(grep -rlE "mark\.cuda|pytest\.mark\.cuda" tests --include="test_*.py" \
+    | sort | { if [ "$mode" = smoke ]; then grep -vE "test_cuda_(training|evaluation)"; else cat; fi; })
   [ -n "${SKIP_TESTS:-}" ] || timeout ${TEST_SECONDS:-200} python3 -m pytest "${tests[@]}" -m "cuda and not real_model" -q -p no:cacheprovider \
     -k "not torchrun" 2>&1 | tee "$OUT/pytest-cuda.log" | tail -25
   step "step timings: graphs (each attention path; launched ahead of the host or not), the compiled step, eager"
@@ -70,13 +70,21 @@ real)
   BENCH=(python3 -m mtp bench --model "$heads" --limit "${PROMPTS:-10}" --max-new-tokens 128 --tau 0.9 --k 4
          --tree-size ${TREE_SIZES:-4 16} --tree auto dynamic --lookup 6 --batch-size 1 16 --device cuda --no-progress
          --graphs ${BENCH_GRAPHS:-auto} --dtype ${BENCH_DTYPE:-auto} --output /tmp/bench ${BENCH_EXTRA:-})
-  # A failing peer must not cost the table: the second run resumes from the bench's journal without it.
-  timeout ${BENCH_SECONDS:-240} "${BENCH[@]}" 2>&1 | tee "$OUT/bench.log" | tail -45 \
-    || timeout 100 "${BENCH[@]}" --no-hf-static 2>&1 | tee -a "$OUT/bench.log" | tail -45
+  # A failing peer must not cost the table: the second run resumes from the bench's journal without it. A bench
+  # its own limit stopped (124) is resumed by the next call instead (the plan in DEVELOPERS.md), not here. The log
+  # is also written straight to $DEST: a call killed at the device's limit sends back what was there.
+  timeout ${BENCH_SECONDS:-240} "${BENCH[@]}" 2>&1 | tee "$OUT/bench.log" "$DEST/bench-live.log" | tail -45
+  rc=${PIPESTATUS[0]}
+  if [ "$rc" -ne 0 ] && [ "$rc" -ne 124 ]; then
+    timeout 100 "${BENCH[@]}" --no-hf-static 2>&1 | tee -a "$OUT/bench.log" "$DEST/bench-live.log" | tail -45
+    rc=${PIPESTATUS[0]}
+  fi
   cp /tmp/bench/report.json /tmp/bench/report.md "$OUT/" 2>/dev/null
-  step "pytest -m cuda (the default model)"
-  timeout 90 python3 -m pytest tests/decoding/test_graphs.py tests/training/test_cuda_training.py -m "cuda and real_model" \
-    -q -p no:cacheprovider 2>&1 | tee "$OUT/pytest-cuda-real.log" | tail -8
+  if [ "$rc" -eq 0 ]; then  # (a bench cut short leaves the call's time to the call that resumes it)
+    step "pytest -m cuda (the default model)"
+    timeout 90 python3 -m pytest tests/decoding/test_graphs.py tests/training/test_cuda_training.py \
+      -m "cuda and real_model" -q -p no:cacheprovider 2>&1 | tee "$OUT/pytest-cuda-real.log" | tail -8
+  fi
   ;;
 demo)
   step "mtp demo on the GPU"

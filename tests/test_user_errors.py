@@ -298,3 +298,77 @@ def test_a_tilde_in_output_means_home_everywhere(folders, tmp_path, monkeypatch,
     assert run_cli(["eval", "--data", data, "--shots", "0", "--no-chat", *common, "--output", "~/ev"], capsys)[0] == 0
     assert (home / "g.jsonl").is_file() and (home / "conv" / "config.json").is_file()
     assert (home / "ev" / "summary.json").is_file() and list(work.iterdir()) == []
+
+
+def test_a_model_packed_for_decoding_is_not_cast_loaded_or_trained():
+    """A model packed for CPU decoding (decode-only blocked fp32, fp16-packed) refuses `.to(bf16)`, `.half()`,
+    `load_state_dict` and a training forward with an MTPError (they failed later inside oneDNN or fbgemm, or
+    trained nothing: no gradient reaches packed weights); `.to("cpu")` and `.float()` stay harmless."""
+    from mtp.models.packed import blocked_available
+    from mtp.models.quantize import block_for_decoding, quantize_for_decoding
+
+    models = []
+    if blocked_available():
+        models.append(block_for_decoding(tiny_mtp("llama"), mapped=False))
+    if "fbgemm" in torch.backends.quantized.supported_engines:
+        models.append(quantize_for_decoding(tiny_mtp("llama"), "fp16"))
+    if not models:
+        pytest.skip("no packed CPU format here")
+    ids = torch.tensor([[5, 6, 7]])
+    for model in models:
+        before = mtp_generate(model, ids)
+        for change in (lambda m: m.to(torch.bfloat16), lambda m: m.half(), lambda m: m.double()):
+            with pytest.raises(MTPError, match="packed for CPU decoding"):
+                change(model)
+        with pytest.raises(MTPError, match="load the weights into the model before packing"):
+            model.load_state_dict(tiny_mtp("llama").state_dict())
+        model.to("cpu").float()
+        assert mtp_generate(model, ids) == before
+    for model in (m for m in models if m.quantized is not None):
+        with pytest.raises(MTPError, match="no gradient reaches them"):
+            model.train()(ids)
+
+
+def mtp_generate(model, ids):
+    from mtp.decoding.generate import generate
+
+    return generate(model.eval(), ids, max_new_tokens=4).tokens
+
+
+def test_decoding_a_model_in_training_mode_warns_of_its_dropout():
+    """GPT-2 in training mode (dropout on): decoding warns that its forwards are random (each call answered
+    differently and speculative decoding no longer equalled greedy); in eval mode, nothing."""
+    import warnings
+
+    from mtp.decoding.generate import generate
+
+    model = tiny_mtp("gpt2")
+    with pytest.warns(UserWarning, match="training mode: its dropout"):
+        generate(model.train(), [[5, 9, 3]], max_new_tokens=3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        generate(model.eval(), [[5, 9, 3]], max_new_tokens=3)
+
+
+def test_the_python_api_names_what_is_wrong():
+    """Mistakes a library user makes are MTPErrors naming them (they were a TypeError, KeyError or a RuntimeError
+    from topk deep inside); numpy integers count as integers."""
+    import numpy as np
+
+    from mtp.decoding.generate import generate
+    from mtp.decoding.tree import DraftTree
+    from mtp.models.parallel_heads import MTPModel
+
+    model = tiny_mtp("llama", num_heads=3)
+    assert generate(model, [[5, 6]], max_new_tokens=np.int64(3)).tokens == generate(model, [[5, 6]],
+                                                                                     max_new_tokens=3).tokens
+    with pytest.raises(MTPError, match="max_new_tokens must be an int"):
+        generate(model, [[5, 6]], max_new_tokens=5.0)
+    with pytest.raises(MTPError, match="no parent"):
+        DraftTree(((1, 0),))
+    with pytest.raises(MTPError, match="DraftTree.from_paths"):
+        DraftTree([[0], [0, 0]])
+    with pytest.raises(MTPError, match="tree rank 99: the heads rank 61 tokens"):
+        generate(model, [[5, 6]], max_new_tokens=3, strategy="speculative", tree="[[99]]")
+    with pytest.raises(MTPError, match="expected a transformers causal LM"):
+        MTPModel(torch.nn.Linear(2, 2))

@@ -276,6 +276,39 @@ def test_a_replayed_prompt_step_reads_each_calls_prompts(replayed):
     assert list(session.run.prompts) == [(2, generate_module.PROMPT_BUCKET)]  # one width, one capture
 
 
+def test_two_calls_at_once_do_not_share_a_session(replayed):
+    """A session's buffers and graphs are its call's while it decodes: a `generate` from the streamer of another
+    (and so one from another thread) on the same model decodes in sessions of its own, and both answers are what
+    each gives alone (the nested call wrote into the outer one's buffers: a wrong answer, or a shape error)."""
+    import threading
+
+    model = tiny_mtp("llama", num_heads=3, seed=3)
+    gen = torch.Generator().manual_seed(0)
+    jobs = [[torch.randint(0, 61, (10,), generator=gen).tolist() for _ in range(2)] for _ in range(6)]
+    alone = [generate(model, job, max_new_tokens=12, graphs=True).tokens for job in jobs]
+    inner = []
+
+    def streamer(row, new, **_):
+        if row == 0 and len(inner) < 2:
+            inner.append(generate(model, jobs[1], max_new_tokens=12, graphs=True).tokens)
+
+    assert generate(model, jobs[0], max_new_tokens=12, graphs=True, streamer=streamer).tokens == alone[0]
+    assert inner == [alone[1]] * 2
+    got = {}
+
+    def work(indices):
+        for i in indices:
+            got[i] = generate(model, jobs[i], max_new_tokens=12, graphs=True).tokens
+
+    threads = [threading.Thread(target=work, args=(range(k, 6, 2),)) for k in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert [got[i] for i in range(6)] == alone
+    assert not model._mtp_decode_sessions.in_use.locked()  # each call gave the model's sessions back
+
+
 def test_a_replayed_batch_shrinks_to_the_next_power_of_two():
     assert _rows_to_keep([True] * 8, graphs=True) is None
     assert _rows_to_keep([True] * 5 + [False] * 3, graphs=True) is None  # 5 do not fit in 4

@@ -37,6 +37,22 @@ def test_blocked_rows_are_computed_independently(shape, bias):
             assert torch.equal(blocked_linear(x[:m], weight, b, shape[1]), rows[:m]), m
         torch.testing.assert_close(rows, linear(x), atol=1e-5, rtol=1e-5)
         assert blocked_linear(x[:3, None], weight, b, shape[1]).shape == (3, 1, shape[1])
+        long = torch.randn(1100, shape[0])  # padded calls (`blocked_rows`) and calls of 1,024: rows still as alone
+        alone = torch.cat([blocked_linear(long[i: i + 1], weight, b, shape[1]) for i in range(1100)])
+        for m in (33, 63, 65, 130, 300, 1024, 1025, 1100):
+            assert torch.equal(blocked_linear(long[:m], weight, b, shape[1]), alone[:m]), m
+
+
+def test_blocked_row_counts_are_few():
+    """Calls run at a few row counts (oneDNN keeps state per count for good: a process that met every prompt
+    length grew by gigabytes): exact up to 31, then 16 counts a doubling, never more than 6.25% extra rows."""
+    from mtp.models.packed import blocked_rows
+
+    counts = [blocked_rows(n) for n in range(1, 1025)]  # (longer calls run in calls of 1,024 rows)
+    assert counts[:31] == [4, 4, 4, *range(4, 32)]
+    assert all(n <= c <= max(4, n * 1.0625) for n, c in zip(range(1, 1025), counts, strict=True))
+    assert all(a <= b for a, b in zip(counts, counts[1:], strict=False))  # more rows never run at fewer
+    assert len(set(counts)) <= 28 + 16 * 5 + 1  # 4..31, then 16 a doubling from 32 to 1,024 (and 1,024)
 
 
 def _decoded(model, **kw):

@@ -188,13 +188,24 @@ class SpeculationGate:
         self.last_read, self.untimed = now, False
 
 
+GATE_RECORDS_KEPT = 32  # decoding settings whose timings a model keeps (the most recently used)
+
+
 def gate_records(model, opts, device_type: str) -> dict:
     """What the speculation gate measured in this model's earlier calls with these decoding options, on this
     device (by batch-size bucket). Kept on the model, keyed by its weights' addresses like its decode sessions:
     a model since moved, cast or packed starts over."""
     weights = hash(tuple(p.data_ptr() for p in model.parameters()))
-    fields = dataclasses.astuple(dataclasses.replace(opts, max_new_tokens=0))
+    # (what shapes a step's cost, as the decode sessions' keys: a temperature or a top-p value costs nothing more
+    # than another, so calls that differ only there share their records instead of adding one each)
+    fields = dataclasses.astuple(dataclasses.replace(opts, max_new_tokens=0, temperature=1.0, top_p=opts.top_p < 1.0,
+                                                     min_p=opts.min_p > 0.0, penalties=opts.penalties is not None))
     store = model.__dict__.setdefault("_mtp_gate_records", {})
     for key in [k for k in store if k[0] != weights]:
         del store[key]
-    return store.setdefault((weights, device_type, fields), {})
+    key = (weights, device_type, fields)
+    records = store.pop(key, {})
+    store[key] = records  # most recently used last
+    while len(store) > GATE_RECORDS_KEPT:
+        del store[next(iter(store))]
+    return records

@@ -19,10 +19,13 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import numbers
 import time
+import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from mtp.arguments import check_values
@@ -62,6 +65,8 @@ from mtp.models.cache import MTPCache
 
 @dataclass
 class GenerationStats:
+    """How a `generate` call went: tokens, forwards, seconds, drafts proposed and accepted (`to_dict` for JSON)."""
+
     new_tokens: int = 0
     forward_passes: int = 0  # model forwards (prefill included)
     row_forwards: int = 0  # sum over rows of the forwards each row took part in
@@ -92,6 +97,9 @@ class GenerationStats:
 
 @dataclass
 class GenerationResult:
+    """What `generate` returns: each row's new tokens, the call's statistics, and the texts and log-probabilities
+    where asked for."""
+
     tokens: list[list[int]]  # new tokens per row (a stop token, when hit, is the last one)
     stats: GenerationStats
     texts: list[str] | None = None  # the new tokens decoded (with a tokenizer)
@@ -142,13 +150,15 @@ def iter_generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor |
                   budgets: list[int] | None = None, admit: Admission | None = None,
                   on_end: Callable[[int], None] | None = None,
                   prefix: Sequence[int] | None = None, prompt_cache: PromptCache | None = None,
-                  rows: list[RowOptions] | None = None) -> Iterator[tuple[int, list[int], list[TokenLogprob] | None]]:
+                  rows: list[RowOptions] | None = None,
+                  sessions=None) -> Iterator[tuple[int, list[int], list[TokenLogprob] | None]]:
     """Yield (row index, newly emitted tokens, their log-probabilities if `opts.logprobs` asks for them) as
     decoding proceeds. See `generate` for the arguments; `budgets`: each row's new tokens at most (default:
     `opts.max_new_tokens`, which must be their largest); `admit`: prompts that join (`Admission`); `on_end(row)`:
     called once for every row, when it ended (after its last tokens were yielded), while the others decode on;
     `prefix`, `prompt_cache`: keys and values prompts start from (`generate`); `rows`: each row's settings
-    (`RowOptions`; default: `opts`'s), which `opts` must cover (`batch_options`).
+    (`RowOptions`; default: `opts`'s), which `opts` must cover (`batch_options`); `sessions`: where replayed steps
+    keep their sessions (`mtp.decoding.graphs.leased_sessions`; default: the model's).
 
     One loop for every method and strategy: the drafter (`drafter_for(model, opts)` by default; see
     `mtp.decoding.drafters`) and the step (`mtp.decoding.step`) do the method's work on the device; here the
@@ -179,7 +189,8 @@ def iter_generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor |
     joinable = admit is not None and verifying and not isinstance(drafter.tree, DynamicTree) and on_trunk is None
     need = prompt_len + opts.max_new_tokens + drafter.extra_slots + 2 + (admit.room if joinable else 0)
     draft_length, gate = _block_rules(model, drafter, opts, b, lookup, device, admit.max_rows if joinable else 0)
-    steps = _steps_for(model, drafter, opts, b, need, stop, generator, on_trunk is not None, graphs, gate, device)
+    steps = _steps_for(model, drafter, opts, b, need, stop, generator, on_trunk is not None, graphs, gate, device,
+                       sessions)
     budgets = budgets if budgets is not None else [opts.max_new_tokens] * b
     rows = rows if rows is not None else [RowOptions.of(opts)] * b
     state = _prompt_state(input_ids, attention_mask, budgets, steps.cache_len if lookup else 0, fed_ids, fed_mask,
@@ -246,7 +257,7 @@ def iter_generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor |
 
 def _steps_for(model, drafter: Drafter, opts: DecodeOptions, batch: int, need: int, stop: StopChecker,
                generator: torch.Generator | None, observe: bool, graphs: bool | str, gate: SpeculationGate,
-               device: torch.device) -> _EagerSteps | _ReplayedSteps:
+               device: torch.device, sessions=None) -> _EagerSteps | _ReplayedSteps:
     """The call's steps over a cache of `need` slots a row: replayed as CUDA graphs, or eager."""
     static = bool(graphs) or device.type != "cpu"
     if static:  # attention masks as wide as the cache, rows aligned for fused GPU kernels
@@ -255,7 +266,7 @@ def _steps_for(model, drafter: Drafter, opts: DecodeOptions, batch: int, need: i
     defer_capacity = SpeculationGate.CAPACITY if gate.enabled and drafter.catches_up else 0
     common = (drafter, opts, batch, need, stop.stop_ids, generator, observe, defer_capacity)
     if graphs:
-        return _ReplayedSteps(model, *common, compiled=graphs == "compile")
+        return _ReplayedSteps(model, *common, compiled=graphs == "compile", sessions=sessions)
     return _EagerSteps(*common, static_cache=static)  # off a CPU no step reads the device from the host
 
 
@@ -311,12 +322,13 @@ class _ReplayedSteps:
     which each step updates in place, its cache and its graphs; a batch that shrinks moves into a smaller one's."""
 
     def __init__(self, model, drafter: Drafter, opts: DecodeOptions, batch: int, need: int, stop_ids: torch.Tensor,
-                 generator: torch.Generator | None, observe: bool, defer_capacity: int, compiled: bool):
+                 generator: torch.Generator | None, observe: bool, defer_capacity: int, compiled: bool,
+                 sessions=None):
         from mtp.decoding.graphs import session_for
 
         self.session_for = functools.partial(session_for, model, drafter, opts, need=need, stop_ids=stop_ids,
                                              generator=generator, observe=observe, compiled=compiled,
-                                             defer_capacity=defer_capacity)
+                                             defer_capacity=defer_capacity, sessions=sessions)
         self.defer_capacity = defer_capacity
         self.session = self.session_for(batch_size=batch)
         self.session.cache.reset()
@@ -565,7 +577,7 @@ def _to_host(tensor: torch.Tensor) -> Callable[[], list]:
     held = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
     held.copy_(tensor, non_blocking=True)
     done = torch.cuda.Event()
-    done.record()
+    done.record(torch.cuda.current_stream(tensor.device))  # (the stream that copies: the tensor's GPU's)
 
     def read() -> list:
         done.synchronize()
@@ -756,6 +768,10 @@ def generate(model, input_ids: torch.Tensor | list, attention_mask: torch.Tensor
     if strategy not in STRATEGIES:
         raise MTPError(f"unknown strategy {strategy!r}; choose from {', '.join(STRATEGIES)}")
     input_ids, attention_mask = token_batch(model, input_ids, attention_mask, left_padded=True)
+    if model.training and any(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in model.modules()):
+        warnings.warn("the model is in training mode: its dropout makes every forward random, so decoding is too "
+                      "(speculative decoding no longer equals greedy); call model.eval() before decoding",
+                      stacklevel=2)
     if prompt_cache is not None and not isinstance(prompt_cache, PromptCache):
         raise MTPError(f"prompt_cache must be a mtp.decoding.prefixes.PromptCache, not {type(prompt_cache).__name__}")
     if prefix is not None and len(prefix):  # (checked as prompts are)
@@ -800,16 +816,19 @@ def generate(model, input_ids: torch.Tensor | list, attention_mask: torch.Tensor
                                    draft_positions=list(stats.draft_positions),
                                    draft_accepted=list(stats.draft_accepted)))
 
-    for row, new, row_scores in iter_generate(model, input_ids, attention_mask, opts=opts, stop=stop,
-                                              generator=generator, stats=stats, drafter=drafter, on_trunk=on_trunk,
-                                              graphs=graphs, budgets=budgets, admit=admit,
-                                              on_end=end if on_end is not None else None, prefix=prefix,
-                                              prompt_cache=prompt_cache, rows=rows):
-        tokens[row].extend(new)
-        if scores is not None:
-            scores[row].extend(row_scores)
-        if streamer is not None:
-            streamer(row, new) if row_scores is None else streamer(row, new, logprobs=row_scores)
+    from mtp.decoding.graphs import leased_sessions
+
+    with leased_sessions(model) as sessions:  # (a second call at once, e.g. from `streamer`, decodes in its own)
+        for row, new, row_scores in iter_generate(model, input_ids, attention_mask, opts=opts, stop=stop,
+                                                  generator=generator, stats=stats, drafter=drafter,
+                                                  on_trunk=on_trunk, graphs=graphs, budgets=budgets, admit=admit,
+                                                  on_end=end if on_end is not None else None, prefix=prefix,
+                                                  prompt_cache=prompt_cache, rows=rows, sessions=sessions):
+            tokens[row].extend(new)
+            if scores is not None:
+                scores[row].extend(row_scores)
+            if streamer is not None:
+                streamer(row, new) if row_scores is None else streamer(row, new, logprobs=row_scores)
     stats.seconds = time.perf_counter() - start
     texts = [tokenizer.decode(t, skip_special_tokens=True) for t in tokens] if tokenizer is not None else None
     if texts is not None:
@@ -849,7 +868,16 @@ def _prompt_tails(input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
 def _budgets(max_new_tokens: int | Sequence[int], rows: int) -> list[int]:
     """Each row's new tokens at most: one number for every row, or one per row (a server's requests, each with
     its own max_tokens, decoded as one batch)."""
-    budgets = [max_new_tokens] * rows if isinstance(max_new_tokens, int) else list(max_new_tokens)
+    def whole(n) -> bool:  # an int, numpy's too, not a bool
+        return isinstance(n, numbers.Integral) and not isinstance(n, bool | np.bool_)
+
+    if whole(max_new_tokens):
+        budgets = [int(max_new_tokens)] * rows
+    elif isinstance(max_new_tokens, Sequence | np.ndarray | torch.Tensor):
+        budgets = [int(n) if whole(n) else n for n in (max_new_tokens.tolist() if hasattr(max_new_tokens, "tolist")
+                                                      else max_new_tokens)]
+    else:
+        budgets = []
     if len(budgets) != rows or not all(isinstance(n, int) and not isinstance(n, bool) for n in budgets):
         raise MTPError(f"max_new_tokens must be an int or one int per row ({rows}), got {max_new_tokens!r}")
     if any(n < 0 for n in budgets):
@@ -879,7 +907,12 @@ def model_tree(model, tree, tree_size: int | None, num_draft: int | None,
     depth = model.draft_depth(k)
     depth = depth if num_draft is None else min(depth, num_draft)
     folder = getattr(getattr(model, "source", None), "location", None)
-    return resolve_tree("auto" if tree is None else tree, tree_size, depth, folder)
+    resolved = resolve_tree("auto" if tree is None else tree, tree_size, depth, folder)
+    ranked = model.draft_vocab.numel() if getattr(model, "draft_vocab", None) is not None else model.config.vocab_size
+    if isinstance(resolved, DraftTree) and max(resolved.widths()) > ranked:
+        raise MTPError(f"tree rank {max(resolved.widths()) - 1}: the heads rank {ranked} tokens (ranks 0 to "
+                       f"{ranked - 1})")
+    return resolved
 
 
 def _fit_context(model, input_ids, attention_mask, opts: DecodeOptions, lookahead: int, truncate_prompt: bool):

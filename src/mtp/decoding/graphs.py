@@ -18,6 +18,7 @@ A `DecodeSession` keeps a batch size's cache, state buffers and graphs between `
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import sys
 import threading
@@ -42,8 +43,10 @@ class GraphedSteps:
         self.step_in_place = _compiled(self._step_in_place) if compiled else self._step_in_place
         self.graphs: dict[tuple, Callable[[], StepResult]] = {}  # (B, n, m, drafting, catch_up) -> replay
         self.prompts: dict[tuple[int, int], tuple] = {}  # prompt shape -> (its input buffers, replay)
-        self.cuda = decoder.cache.valid.device.type == "cuda"
-        self.pool = torch.cuda.graph_pool_handle() if self.cuda else None  # one pool: graphs never run together
+        self.device = decoder.cache.valid.device
+        self.cuda = self.device.type == "cuda"
+        with _on(self.device):  # (the pool, streams and graphs are the current device's: the cache's, here)
+            self.pool = torch.cuda.graph_pool_handle() if self.cuda else None  # one pool: graphs never run together
 
     def __call__(self, state: DecodeState, n: int, m: int, drafting: bool = True, catch_up: int = 0) -> StepResult:
         key = (state.pending.shape[0], n, m, drafting, catch_up)
@@ -123,17 +126,26 @@ class GraphedSteps:
                 return fixed[0]
 
             return warm_up(), again
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            result = warm_up()
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        if self.decoder.generator is not None:
-            graph.register_generator_state(self.decoder.generator)
-        with torch.cuda.graph(graph, pool=self.pool):
-            captured = run()
-        return result, lambda: graph.replay() or captured
+        with _on(self.device):
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                result = warm_up()
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            if self.decoder.generator is not None:
+                graph.register_generator_state(self.decoder.generator)
+            with torch.cuda.graph(graph, pool=self.pool):
+                captured = run()
+        if self.device.index == torch.cuda.current_device():
+            return result, lambda: graph.replay() or captured
+
+        def replay() -> StepResult:  # a model on another GPU than the current one (`cuda:1`)
+            with torch.cuda.device(self.device):
+                graph.replay()
+            return captured
+
+        return result, replay
 
     def _step_in_place(self, state: DecodeState, n: int, m: int, drafting: bool = True, catch_up: int = 0,
                        into: DecodeState | None = None) -> StepResult:
@@ -141,6 +153,12 @@ class GraphedSteps:
         new, result = self.decoder.step(state, n, m, drafting, catch_up)
         (state if into is None else into).copy_(new)
         return result
+
+
+def _on(device: torch.device):
+    """The CUDA device `device` made current for the block (streams, graphs and pools are the current device's),
+    or nothing off CUDA."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
 def _compiled(step: Callable[..., StepResult]) -> Callable[..., StepResult]:
@@ -229,6 +247,7 @@ class DecodeSessions:
     def __init__(self, limit: int = 64, cache_bytes: int | None = None):
         self.limit, self.cache_bytes = limit, cache_bytes
         self.sessions: dict[tuple, DecodeSession] = {}
+        self.in_use = threading.Lock()  # held by the `generate` call decoding in them (`leased_sessions`)
 
     def get(self, key: tuple, weights: int, make) -> DecodeSession:
         """The session for `key` (made on first use); sessions over other weights (a model since moved or cast,
@@ -247,7 +266,27 @@ class DecodeSessions:
         return DecodeSessions(self.limit, self.cache_bytes)
 
     def __getstate__(self) -> dict:
-        return {"limit": self.limit, "cache_bytes": self.cache_bytes, "sessions": {}}
+        return {"limit": self.limit, "cache_bytes": self.cache_bytes}
+
+    def __setstate__(self, state: dict) -> None:  # (a pickled model's sessions: none, and a lock of their own)
+        self.__init__(state["limit"], state["cache_bytes"])
+
+
+@contextlib.contextmanager
+def leased_sessions(model):
+    """The model's sessions for one `generate` call. A session's buffers, cache and graphs are its call's while it
+    decodes, so a second call at the same time (another thread, or a streamer's own `generate` on the same model)
+    gets sessions of its own for the call (captured anew, then dropped) instead of writing into the first's."""
+    sessions = model.__dict__.get("_mtp_decode_sessions")
+    if sessions is None:
+        sessions = model.__dict__.setdefault("_mtp_decode_sessions", DecodeSessions())  # (one, if two threads race)
+    if not sessions.in_use.acquire(blocking=False):
+        yield DecodeSessions(sessions.limit, sessions.cache_bytes)
+        return
+    try:
+        yield sessions
+    finally:
+        sessions.in_use.release()
 
 
 def _cache_budget(cache) -> float:
@@ -261,7 +300,8 @@ SLOT_BUCKET = 128  # cache lengths are rounded up to this: prompts of similar le
 
 def session_for(model, drafter, opts, batch_size: int, need: int, stop_ids: torch.Tensor,
                 generator: torch.Generator | None, observe: bool, compiled: bool = False,
-                defer_capacity: int = 0, joining: bool = False) -> DecodeSession:
+                defer_capacity: int = 0, joining: bool = False,
+                sessions: DecodeSessions | None = None) -> DecodeSession:
     """The session for this shape and these options (made and remembered on first use). Its key holds the
     addresses of the model's weights and buffers and their versions: a model whose tensors were replaced (moved,
     cast, another draft vocabulary) or changed in place (an optimizer's step, `load_state_dict`) gets new graphs -
@@ -278,7 +318,8 @@ def session_for(model, drafter, opts, batch_size: int, need: int, stop_ids: torc
                                                      top_p=opts.top_p < 1.0, min_p=opts.min_p > 0.0))
     key = (weights, batch_size, max_len, fields, tuple(stop_ids.tolist()), generator is not None, observe, compiled,
            defer_capacity, joining)
-    sessions = model.__dict__.get("_mtp_decode_sessions")
+    if sessions is None:  # (the call's, `leased_sessions`; else the model's)
+        sessions = model.__dict__.get("_mtp_decode_sessions")
     if sessions is None:
         sessions = model.__dict__["_mtp_decode_sessions"] = DecodeSessions()
 

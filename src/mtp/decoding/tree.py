@@ -56,6 +56,19 @@ Path_ = tuple[int, ...]
 class DraftTree:
     paths: tuple[Path_, ...]  # sorted: depth first, lower ranks first (the rank-0 chain first; module docstring)
 
+    def __post_init__(self):
+        """`DraftTree(paths)` as `from_paths` would check it (which also sorts them): tuples of ranks, each path's
+        parent in the tree (lookup nodes, rank `LOOKUP_RANK`, come from `with_lookup`)."""
+        paths = self.paths
+        if not isinstance(paths, tuple) or not paths or not all(
+                isinstance(p, tuple) and p and all(isinstance(r, int) and r >= LOOKUP_RANK for r in p) for p in paths):
+            raise MTPError(f"DraftTree takes a tuple of paths, each a tuple of ranks >= 0, not {paths!r}; "
+                           "DraftTree.from_paths([[0], [1], [0, 0]]) takes lists and sorts them")
+        known = set(paths)
+        for p in paths:
+            if len(p) > 1 and p[:-1] not in known:
+                raise MTPError(f"tree path {list(p)} has no parent {list(p[:-1])} in the tree")
+
     # ---------------------------------------------------------------- construction
     @classmethod
     def from_paths(cls, paths: Sequence[Sequence[int]]) -> DraftTree:

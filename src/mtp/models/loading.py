@@ -23,10 +23,17 @@ Quantize = Literal["none", "fp16", "int8"]
 
 
 def load(spec: str | None = None, *, device: str | torch.device = "auto", dtype: str | torch.dtype = "auto",
-         **kwargs):
-    """`mtp.load`: `load_mtp_model` with the commands' device rule (auto: CUDA in bfloat16 when there is a GPU,
-    else the CPU in float32)."""
-    return load_mtp_model(spec, device=device, dtype=dtype, **kwargs)
+         num_heads: int | None = None, num_trunk_layers: int | None = None, quantize: Quantize = "none",
+         decode_only: bool = False, mask_token_id: int | None = None, mask_token: str | None = None):
+    """`mtp.load`: the model `spec` names (None: the embedded default; an mtp or Hugging Face folder, a hub id, a
+    .gguf, a Meta checkpoint), on the commands' device rule (auto: CUDA in bfloat16 when there is a GPU, else the
+    CPU in float32). `num_heads`, `num_trunk_layers`: the heads given to a plain model (default 4 on all layers but
+    the last; a folder keeps its own); `quantize` ("fp16", "int8": CPU packed weights) and `decode_only` (no
+    training copy of the weights kept: smaller, faster on a CPU) for a model that only decodes; `mask_token_id` or
+    `mask_token`: load a plain model as a mask-token model. See `load_mtp_model`."""
+    return load_mtp_model(spec, num_heads=num_heads, num_trunk_layers=num_trunk_layers, device=device, dtype=dtype,
+                          quantize=quantize, decode_only=decode_only, mask_token_id=mask_token_id,
+                          mask_token=mask_token)
 
 
 def load_mtp_model(spec: str | None = None, num_heads: int | None = None, num_trunk_layers: int | None = None,

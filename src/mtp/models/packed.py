@@ -165,9 +165,25 @@ class _PackedPart(nn.Module):
 # decoding equals greedy exactly.
 BLOCKED_MIN_ROWS = 4  # rows a call is padded to
 BLOCKED_ROWS_HINT = 2  # the row count oneDNN lays the weights out for (2 to 16 read alike; 1 is slower)
+# oneDNN keeps what it builds for a call's shape for as long as the process lives, ~0.6 MB per row count and matrix
+# shape (SmolLM2: ~6 MB per prompt length): a server that met prompts of every length grew by gigabytes. So calls
+# run at few row counts: up to 31 rows (every decoding step of a batch of one) as they are, then padded to one of
+# 16 counts a doubling (at most 6.25% more rows: a prompt's forward), and longer than 1,024 rows in calls of 1,024.
+BLOCKED_EXACT_ROWS = 31
+BLOCKED_CALL_ROWS = 1024
 
 
 @functools.cache
+def blocked_rows(n: int) -> int:
+    """The row count a call of `n` rows (at most `BLOCKED_CALL_ROWS`) runs at: at least `BLOCKED_MIN_ROWS`, `n`
+    itself up to `BLOCKED_EXACT_ROWS`, then rounded up to a multiple of 2^(bits of n - 5) (32-63: even, 64-127: a
+    multiple of 4, ...). Padded rows are zeros, and every row comes out as in any call of 4 or more rows."""
+    if n <= BLOCKED_EXACT_ROWS:
+        return max(n, BLOCKED_MIN_ROWS)
+    step = 1 << (n.bit_length() - 5)
+    return -(-n // step) * step
+
+
 def blocked_available() -> bool:
     """Whether this torch has oneDNN's fp32 matmul over reordered weights (x86 and Arm builds; the op is the one
     torch.compile's CPU backend uses)."""
@@ -197,15 +213,20 @@ def blocked_weight(weight: torch.Tensor) -> torch.Tensor:
 
 
 def blocked_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, out_features: int) -> torch.Tensor:
-    """F.linear over a `blocked_weight`: (..., in) -> (..., out_features). Fewer than 4 rows are computed in a
-    call of 4 (see above), so each row comes out as in any other block."""
+    """F.linear over a `blocked_weight`: (..., in) -> (..., out_features). The rows are computed in calls of
+    `blocked_rows` rows (fewer than 4 in a call of 4, see above), so each row comes out as in any other block."""
     shape = x.shape
     x = x.reshape(-1, shape[-1])  # (N, in)
     n = x.shape[0]
-    if n < BLOCKED_MIN_ROWS:
-        x = torch.cat([x, x.new_zeros(BLOCKED_MIN_ROWS - n, x.shape[1])])
-    out = torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")  # (max(N, 4), out)
-    return (out[:n] if n < BLOCKED_MIN_ROWS else out).reshape(*shape[:-1], out_features)
+    if n > BLOCKED_CALL_ROWS:
+        out = torch.cat([blocked_linear(x[i:i + BLOCKED_CALL_ROWS], weight, bias, out_features)
+                         for i in range(0, n, BLOCKED_CALL_ROWS)])  # (N, out)
+        return out.reshape(*shape[:-1], out_features)
+    rows = blocked_rows(n)
+    if rows != n:
+        x = torch.cat([x, x.new_zeros(rows - n, x.shape[1])])
+    out = torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")  # (rows, out)
+    return (out[:n] if rows != n else out).reshape(*shape[:-1], out_features)
 
 
 def memory_to_spare(nbytes: int) -> bool:

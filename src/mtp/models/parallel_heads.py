@@ -62,6 +62,11 @@ class ForwardContext:
 
 
 class MTPModel(nn.Module):
+    # Set by `mtp.models.quantize`: weights packed for CPU decoding ("fp16", "int8"), and whether the fp32 copies
+    # of the packed weights were dropped (`decode_only`). Such a model decodes; it is not trained, cast or loaded into.
+    quantized: str | None = None
+    decode_only: bool = False
+
     def __init__(self, base: nn.Module, num_heads: int = 4, num_trunk_layers: int | None = None):
         super().__init__()
         check_base(base)
@@ -278,9 +283,34 @@ class MTPModel(nn.Module):
 
     def _apply(self, fn, recurse: bool = True):
         """`Module.to`, `.float()`, ...: the blocked copies of the weights (fp32 CPU decoding) are dropped first,
-        since the parameters keep their objects and may get their storage where the old one was."""
+        since the parameters keep their objects and may get their storage where the old one was. A model packed
+        for decoding stays on the CPU in fp32 (its packed matmuls take nothing else): another dtype or device is
+        an MTPError, not oneDNN's or fbgemm's error at the next call."""
+        if self.quantized is not None or self.decode_only:
+            probe = fn(torch.zeros(1))
+            if probe.dtype != torch.float32 or probe.device.type != "cpu":
+                raise MTPError(f"this model's weights are packed for CPU decoding ({self._packed_kind()}): it decodes "
+                               f"in fp32 on the CPU only; load it again for {probe.dtype} on {probe.device.type}")
         self.drop_blocked_weights()
         return super()._apply(fn, recurse)
+
+    def extra_repr(self) -> str:
+        """The first line of `repr(model)`: what the module tree below it does not say."""
+        packed = f", packed for decoding: {self._packed_kind()}" if self.quantized or self.decode_only else ""
+        return (f"num_heads={self.num_heads}, num_trunk_layers={self.num_trunk_layers} of {self.num_layers}, "
+                f"next_token_input={self.reads_next_token}, draft_vocab="
+                f"{None if self.draft_vocab is None else self.draft_vocab.numel()}{packed}")
+
+    def _packed_kind(self) -> str:
+        return f"{self.quantized or 'fp32 blocked'}{', decode-only' if self.decode_only else ''}"
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """`nn.Module.load_state_dict`, refused for a model packed for decoding (its packed matmuls hold copies of
+        the weights the state dict does not reach): load the weights into an unpacked model, then pack it."""
+        if self.quantized is not None or self.decode_only:
+            raise MTPError(f"this model's weights are packed for CPU decoding ({self._packed_kind()}): load the "
+                           "weights into the model before packing it (mtp.load, or quantize_for_decoding after)")
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
     def drop_blocked_weights(self) -> None:
         """Forget the blocked copies of the weights (`mtp.models.packed.BlockedWeights`); the next fp32 CPU
@@ -384,6 +414,9 @@ class MTPModel(nn.Module):
         the heads not asked for is skipped. Malformed input (dtype, shape, device, ids outside the vocabulary)
         is an MTPError saying what (`mtp.decoding.inputs.token_batch`).
         """
+        if self.training and self.quantized is not None and torch.is_grad_enabled():
+            raise MTPError(f"this model's weights are packed for CPU decoding ({self._packed_kind()}): no gradient "
+                           "reaches them; train the fp32 model, then pack it")
         input_ids, attention_mask = token_batch(self, input_ids, attention_mask)
         trunk, ctx = self.trunk_forward(input_ids, attention_mask, cache)
         heads = self.num_heads if (return_all_heads or cache is not None) else 1
@@ -648,9 +681,9 @@ def next_token_ids(input_ids: torch.Tensor, last: torch.Tensor | None = None) ->
 
 def check_base(base) -> None:
     """The Python API is given a transformers causal LM, not its name (`from_base` and `from_pretrained` load)."""
-    if not isinstance(base, nn.Module):
-        raise MTPError(f"expected a transformers causal LM (a torch module), got {type(base).__name__}; load one by "
-                       "name or folder with from_base, or an mtp folder with from_pretrained")
+    if not isinstance(base, nn.Module) or not hasattr(base, "config"):
+        raise MTPError(f"expected a transformers causal LM (a torch module with a config), got {type(base).__name__}; "
+                       "load one by name or folder with from_base, or an mtp folder with from_pretrained")
 
 
 def _pick_dtype(reader, key: str, dtype: torch.dtype, tensor_dtype) -> torch.dtype | None:

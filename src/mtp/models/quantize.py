@@ -119,8 +119,10 @@ def quantize_for_decoding(model, mode: str = "fp16", decode_only: bool = False):
     """Replace the model's Linear layers in place for CPU decoding (`mode` in MODES); returns the model.
 
     `decode_only` (fp16): the fp32 copies of the packed weights are dropped, so the model ends smaller than the
-    fp32 one (what `--quantize fp16` does for generate/eval/bench); it can then no longer be trained. Without
-    it the Hugging Face layers keep their fp32 weights next to the packed ones (training goes on with them)."""
+    fp32 one (what `--quantize fp16` does for generate/eval/bench). Without it the Hugging Face layers keep their
+    fp32 weights next to the packed ones, but the unembedding is packed alone: either way the model decodes, and
+    is neither trained, cast nor loaded into (an MTPError says so; `fp16_decoding` is the way to decode a model
+    being trained with packed weights)."""
     if mode == "none":
         return model
     if mode not in MODES:
