@@ -56,7 +56,7 @@ def model_fingerprint(model) -> str:
         h.update(repr(tuple(p.shape)).encode())
         flat = p.detach().reshape(-1).float()
         h.update(f"{float(flat.sum()):.8e}/{float(flat.abs().sum()):.8e}".encode())
-    h.update(str(getattr(model, "quantized", "none")).encode())
+    h.update(str(getattr(model, "quantized", None) or "none").encode())
     return h.hexdigest()[:16]
 
 

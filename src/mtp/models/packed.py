@@ -184,6 +184,7 @@ def blocked_rows(n: int) -> int:
     return -(-n // step) * step
 
 
+@functools.cache
 def blocked_available() -> bool:
     """Whether this torch has oneDNN's fp32 matmul over reordered weights (x86 and Arm builds; the op is the one
     torch.compile's CPU backend uses)."""
