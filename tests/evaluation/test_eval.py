@@ -287,3 +287,21 @@ def test_resume_knows_a_local_model_however_it_is_spelt(tiny_model_dir, gsm8k_fi
     monkeypatch.chdir(tmp_path)
     assert eval_(model=str(tiny_model_dir), data=str(gsm8k_file), output=str(out), limit=2, resume=True, **FAST) == 0
     assert len(_lines(out / "samples.jsonl")) == 2
+
+
+def test_the_summary_says_when_the_gate_took_plain_steps(tiny_tokenizer, gsm8k_file, tmp_path):
+    """`steps_this_run`: the run's forwards and the speculation gate's plain steps (tokens per forward near 1 in a
+    speculative evaluation is the gate finding drafts did not pay); the table names them only where there are."""
+    from mtp.evaluation.evaluate import format_summary
+
+    model = make_model(tiny_tokenizer)
+    prompts = gsm8k_prompts(tiny_tokenizer, path=gsm8k_file, limit=3, shots=0, chat=False)
+    summary = run_eval(model, tiny_tokenizer, prompts, tmp_path / "run", {"strategy": "speculative"},
+                       strategy="speculative", max_new_tokens=4, batch_size=3, progress=False)
+    steps = summary["steps_this_run"]
+    assert steps["forward_passes"] >= 4 and 0 <= steps["plain_steps"] < steps["forward_passes"]
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["steps_this_run"] == steps
+    shown = format_summary({**summary, "steps_this_run": {"forward_passes": 9, "plain_steps": 7}}, "t")
+    assert "plain steps" in shown and "7 of 9 forwards" in shown
+    assert "plain steps" not in format_summary({**summary, "steps_this_run": {"forward_passes": 9,
+                                                                             "plain_steps": 0}}, "t")

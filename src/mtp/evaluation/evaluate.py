@@ -100,13 +100,13 @@ def decode_records(model, tokenizer, waiting: deque[Prompt], batch_size: int, wr
                    num_draft: int | None = None, tree: str | None = None, tree_size: int | None = None,
                    lookup: int = 0, graphs: bool | None = None, stop_ids: list[int] | None = None,
                    stop_strings: list[str] | None = None, adaptive_draft: bool = True,
-                   prefix: list[int] | None = None) -> None:
+                   prefix: list[int] | None = None):
     """Decode the prompts `waiting` holds, taken from its left, as one batch of at most `batch_size` rows
     (left-padded) that the next ones join as its rows end (continuous batching, `mtp.decoding.generate.Admission`:
     greedy and speculative decoding with a chain or a fixed tree; a prompt that does not fit the batch's cache
     waits for the next batch). `write(record)` gets each row's record as soon as it ended: output text, tokens,
     forwards, and its `seconds`, the wall time since the record before it (their sum is the run's time). Returns
-    when the batch ended; the prompts it did not take stay in `waiting`. The decoding options are
+    when the batch ended, with its `GenerationStats`; the prompts it did not take stay in `waiting`. The decoding options are
     `mtp.decoding.generate.generate`'s (`prefix`: what the prompts start with, fed once: a few-shot prompt's
     examples)."""
     from mtp.decoding.queue import decode_queue
@@ -129,11 +129,11 @@ def decode_records(model, tokenizer, waiting: deque[Prompt], batch_size: int, wr
                "seconds": round(now - last[0], 4), "batch_rows": batch_size})
         last[0] = now
 
-    decode_queue(model, waiting, batch_size, end, ids_of=lambda p: p.token_ids, pad_id=pad_id(tokenizer),
-                 max_new_tokens=max_new_tokens, streamer=count, strategy=strategy, tau=tau, k=k,
-                 num_draft=num_draft, tree=tree, tree_size=tree_size, lookup=lookup, graphs=graphs,
-                 stop_token_ids=stop_ids, stop_strings=stop_strings, tokenizer=tokenizer,
-                 adaptive_draft=adaptive_draft, prefix=prefix)
+    return decode_queue(model, waiting, batch_size, end, ids_of=lambda p: p.token_ids, pad_id=pad_id(tokenizer),
+                        max_new_tokens=max_new_tokens, streamer=count, strategy=strategy, tau=tau, k=k,
+                        num_draft=num_draft, tree=tree, tree_size=tree_size, lookup=lookup, graphs=graphs,
+                        stop_token_ids=stop_ids, stop_strings=stop_strings, tokenizer=tokenizer,
+                        adaptive_draft=adaptive_draft, prefix=prefix).stats
 
 
 # ------------------------------------------------------------------------------------------------ the run
@@ -203,6 +203,7 @@ def run_eval(model, tokenizer, prompts: Sequence[Prompt], output: str | Path, id
     bar = progress_bar(progress, len(prompts), f"gsm8k {tag}", "problem", initial=len(prompts) - len(todo))
     start = time.perf_counter()
     waiting = deque(todo)
+    steps = {"forward_passes": 0, "plain_steps": 0}  # this run's batches' forwards, and the gate's plain steps
     prefix = common_prefix([p.token_ids for p in todo])  # (8-shot: the examples, ~830 of ~900 tokens, fed once)
     try:
         with samples_path.open("a", encoding="utf-8") as f:
@@ -215,10 +216,12 @@ def run_eval(model, tokenizer, prompts: Sequence[Prompt], output: str | Path, id
                 bar.update(1)
 
             while waiting:  # (one batch, unless the strategy or a long prompt keeps some for the next)
-                decode_records(model, tokenizer, waiting, batch_size, write, strategy=strategy,
-                               max_new_tokens=max_new_tokens, tau=tau, k=k, num_draft=num_draft, tree=tree,
-                               tree_size=tree_size, lookup=lookup, graphs=graphs, stop_ids=stop_ids,
-                               adaptive_draft=adaptive_draft, prefix=prefix)
+                stats = decode_records(model, tokenizer, waiting, batch_size, write, strategy=strategy,
+                                       max_new_tokens=max_new_tokens, tau=tau, k=k, num_draft=num_draft, tree=tree,
+                                       tree_size=tree_size, lookup=lookup, graphs=graphs, stop_ids=stop_ids,
+                                       adaptive_draft=adaptive_draft, prefix=prefix)
+                steps["forward_passes"] += stats.forward_passes
+                steps["plain_steps"] += stats.plain_steps
     except KeyboardInterrupt:
         bar.close()
         print(f"mtp eval: interrupted; {len(done)} of {len(prompts)} problems are kept in {samples_path}: the same "
@@ -228,7 +231,8 @@ def run_eval(model, tokenizer, prompts: Sequence[Prompt], output: str | Path, id
         bar.close()
     ordered = [done[p.id] for p in prompts]
     summary = summarize(ordered)
-    summary.update({"wall_seconds_this_run": round(time.perf_counter() - start, 2), "output": str(out),
+    summary.update({"wall_seconds_this_run": round(time.perf_counter() - start, 2), "steps_this_run": steps,
+                    "output": str(out),
                     "samples": str(samples_path), "settings": identity, "runtime": runtime})
     write_json(out / SUMMARY, summary)
     return summary
@@ -263,8 +267,12 @@ def format_summary(summary: dict, title: str) -> str:
             m = summary[name]
             rows.append((f"accuracy {label}", f"{m['accuracy']:.4f} ± {m['stderr']:.4f}  "
                                               f"({m['correct']}/{summary['n']})"))
-    rows += [("tokens per forward", f"{summary['tokens_per_forward']:.3f}"),
-             ("tokens/s", f"{summary['tokens_per_second']:.2f}"),
+    rows += [("tokens per forward", f"{summary['tokens_per_forward']:.3f}")]
+    steps = summary.get("steps_this_run") or {}
+    if steps.get("plain_steps"):  # (speculative: steps the gate ran without drafts: verify blocks did not pay)
+        rows.append(("plain steps", f"{steps['plain_steps']} of {steps['forward_passes']} forwards (drafts did not "
+                                    "pay on this machine)"))
+    rows += [("tokens/s", f"{summary['tokens_per_second']:.2f}"),
              ("s/sample", f"{summary['seconds_per_sample']:.2f}"),
              ("new tokens", f"{summary['new_tokens']}"),
              ("problems", f"{summary['n']}")]
