@@ -265,12 +265,7 @@ def generate(model: str | None = None, prompt: str | None = None, prompts: str |
     chat = resolve_chat(tok, chat)
     options = dict(strategy=strategy, truncate_prompt=truncate_prompt, graphs=use_graphs, logprobs=logprobs,
                    **drafts.generate_kwargs(), **shared)
-    journal = None
-    if output:
-        from mtp.training.targets import model_fingerprint
-
-        journal = _Journal(output, {"model": model_fingerprint(m, with_heads=True), "prompts": texts,
-                                    "settings": settings, "chat": chat, "options": options})
+    journal = _Journal.of_run(output, m, {"prompts": texts, "settings": settings, "chat": chat, "options": options})
     done = journal.done if journal is not None else {}
     bar = tqdm(total=len(texts), initial=len(done), desc=f"generate ({strategy})", unit="prompt",
                disable=len(texts) < 2 or not progress, file=sys.stderr)
@@ -396,6 +391,16 @@ class _Journal:
     A journal of another command (other prompts, settings or weights) is set aside: the run starts over."""
 
     FORMAT = "mtp-generate-journal"
+
+    @classmethod
+    def of_run(cls, output: str | None, model, run: dict) -> _Journal | None:
+        """The journal of `--output` (None without one) for this model's weights (heads included: a lossy
+        strategy's answers depend on them) and `run` (the prompts, their settings, the decoding options)."""
+        if not output:
+            return None
+        from mtp.training.targets import model_fingerprint
+
+        return cls(output, {"model": model_fingerprint(model, with_heads=True), **run})
 
     def __init__(self, output: str, identity: dict):
         self.output = Path(output).expanduser()

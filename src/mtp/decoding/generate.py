@@ -868,16 +868,11 @@ def _prompt_tails(input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
 def _budgets(max_new_tokens: int | Sequence[int], rows: int) -> list[int]:
     """Each row's new tokens at most: one number for every row, or one per row (a server's requests, each with
     its own max_tokens, decoded as one batch)."""
-    def whole(n) -> bool:  # an int, numpy's too, not a bool
-        return isinstance(n, numbers.Integral) and not isinstance(n, bool | np.bool_)
-
-    if whole(max_new_tokens):
-        budgets = [int(max_new_tokens)] * rows
-    elif isinstance(max_new_tokens, Sequence | np.ndarray | torch.Tensor):
-        budgets = [int(n) if whole(n) else n for n in (max_new_tokens.tolist() if hasattr(max_new_tokens, "tolist")
-                                                      else max_new_tokens)]
-    else:
-        budgets = []
+    given = max_new_tokens.tolist() if isinstance(max_new_tokens, np.ndarray | torch.Tensor) else max_new_tokens
+    budgets = list(given) if isinstance(given, Sequence) else [given] * rows
+    # (numpy's integers count; a bool does not)
+    budgets = [int(n) if isinstance(n, numbers.Integral) and not isinstance(n, bool | np.bool_) else n
+               for n in budgets]
     if len(budgets) != rows or not all(isinstance(n, int) and not isinstance(n, bool) for n in budgets):
         raise MTPError(f"max_new_tokens must be an int or one int per row ({rows}), got {max_new_tokens!r}")
     if any(n < 0 for n in budgets):

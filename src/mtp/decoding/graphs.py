@@ -277,9 +277,7 @@ def leased_sessions(model):
     """The model's sessions for one `generate` call. A session's buffers, cache and graphs are its call's while it
     decodes, so a second call at the same time (another thread, or a streamer's own `generate` on the same model)
     gets sessions of its own for the call (captured anew, then dropped) instead of writing into the first's."""
-    sessions = model.__dict__.get("_mtp_decode_sessions")
-    if sessions is None:
-        sessions = model.__dict__.setdefault("_mtp_decode_sessions", DecodeSessions())  # (one, if two threads race)
+    sessions = model_sessions(model)
     if not sessions.in_use.acquire(blocking=False):
         yield DecodeSessions(sessions.limit, sessions.cache_bytes)
         return
@@ -287,6 +285,12 @@ def leased_sessions(model):
         yield sessions
     finally:
         sessions.in_use.release()
+
+
+def model_sessions(model) -> DecodeSessions:
+    """The sessions kept on `model` (made on first use; one, if two threads race)."""
+    sessions = model.__dict__.get("_mtp_decode_sessions")
+    return sessions if sessions is not None else model.__dict__.setdefault("_mtp_decode_sessions", DecodeSessions())
 
 
 def _cache_budget(cache) -> float:
@@ -318,10 +322,7 @@ def session_for(model, drafter, opts, batch_size: int, need: int, stop_ids: torc
                                                      top_p=opts.top_p < 1.0, min_p=opts.min_p > 0.0))
     key = (weights, batch_size, max_len, fields, tuple(stop_ids.tolist()), generator is not None, observe, compiled,
            defer_capacity, joining)
-    if sessions is None:  # (the call's, `leased_sessions`; else the model's)
-        sessions = model.__dict__.get("_mtp_decode_sessions")
-    if sessions is None:
-        sessions = model.__dict__["_mtp_decode_sessions"] = DecodeSessions()
+    sessions = sessions if sessions is not None else model_sessions(model)  # (the call's: `leased_sessions`)
 
     def make() -> DecodeSession:
         made = DecodeSession(drafter, opts, batch_size, max_len, stop_ids, generator is not None, observe,
