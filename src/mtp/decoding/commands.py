@@ -232,28 +232,9 @@ def generate(model: str | None = None, prompt: str | None = None, prompts: str |
     drafts, sampling, weights = with_flat_keywords("generate", {
         "drafts": drafts or DraftOptions(), "sampling": sampling or SamplingOptions(),
         "weights": weights or WeightOptions()}, flat).values()
-    if (prompt is None) == (prompts is None):
-        raise MTPError("give exactly one of --prompt or --prompts")
-    records = [(prompt, {}, "--prompt", None)] if prompt is not None else read_prompt_records(prompts)
+    records, settings, shared = _checked_inputs(prompt, prompts, strategy, max_new_tokens, stream, json, output,
+                                                logprobs, drafts, sampling)
     texts = [text for text, _, _, _ in records]
-    if prompt is not None and not prompt:
-        raise MTPError("empty prompt: give at least one token")
-    if stream and (len(texts) > 1 or json):
-        raise MTPError("--stream prints one prompt's text as it is made: " + (
-            "--json prints whole records" if json else f"{prompts} holds {len(texts)} prompts"))
-    check_values({"logprobs": logprobs, "strategy": strategy})
-    if logprobs is not None and not (json or output):
-        raise MTPError("--logprobs go into the JSON records: add --output FILE" + ("" if stream else " or --json"))
-    drafts.check()
-    shared = sampling.generate_kwargs()  # (malformed --logit-bias pairs: before the model loads)
-    defaults = {name: shared.pop(name) for name in PER_ROW if name in shared} | {
-        "max_new_tokens": max_new_tokens, "stop_strings": []}
-    settings = [prompt_settings(given, defaults, strategy, where) for _, given, where, _ in records]
-    if not any(s["do_sample"] for s in settings):  # (the command line lets a prompts file's records sample)
-        shapes = {"temperature": 1.0, "top_p": 1.0, "top_k": 0, "min_p": 0.0, "seed": None}
-        if unused := [name for name, neutral in shapes.items() if getattr(sampling, name) != neutral]:
-            raise MTPError(f"{spelled(unused[0], True)} shapes sampling; greedy decoding ignores it (add --do-sample "
-                           f"or a record's \"do_sample\": true, or drop {spelled(unused[0], True)})")
     runtime, use_graphs = weights.runtime()
     m = weights.load(model, runtime, strategy, num_heads)
     tok = m.tokenizer
@@ -298,6 +279,36 @@ def generate(model: str | None = None, prompt: str | None = None, prompts: str |
     if (note := wait.note()) is not None:
         print(note, file=sys.stderr)
     return 0
+
+
+def _checked_inputs(prompt: str | None, prompts: str | None, strategy: str, max_new_tokens: int, stream: bool,
+                    json: bool, output: str | None, logprobs: int | None, drafts: DraftOptions,
+                    sampling: SamplingOptions) -> tuple[list[tuple], list[dict], dict]:
+    """The prompts' records, each prompt's settings and the generate keywords all rows share, checked before the
+    model loads (a bad flag or record is one line, exit 2, before any long work)."""
+    if (prompt is None) == (prompts is None):
+        raise MTPError("give exactly one of --prompt or --prompts")
+    records = [(prompt, {}, "--prompt", None)] if prompt is not None else read_prompt_records(prompts)
+    texts = [text for text, _, _, _ in records]
+    if prompt is not None and not prompt:
+        raise MTPError("empty prompt: give at least one token")
+    if stream and (len(texts) > 1 or json):
+        raise MTPError("--stream prints one prompt's text as it is made: " + (
+            "--json prints whole records" if json else f"{prompts} holds {len(texts)} prompts"))
+    check_values({"logprobs": logprobs, "strategy": strategy})
+    if logprobs is not None and not (json or output):
+        raise MTPError("--logprobs go into the JSON records: add --output FILE" + ("" if stream else " or --json"))
+    drafts.check()
+    shared = sampling.generate_kwargs()  # (malformed --logit-bias pairs: before the model loads)
+    defaults = {name: shared.pop(name) for name in PER_ROW if name in shared} | {
+        "max_new_tokens": max_new_tokens, "stop_strings": []}
+    settings = [prompt_settings(given, defaults, strategy, where) for _, given, where, _ in records]
+    if not any(s["do_sample"] for s in settings):  # (the command line lets a prompts file's records sample)
+        shapes = {"temperature": 1.0, "top_p": 1.0, "top_k": 0, "min_p": 0.0, "seed": None}
+        if unused := [name for name, neutral in shapes.items() if getattr(sampling, name) != neutral]:
+            raise MTPError(f"{spelled(unused[0], True)} shapes sampling; greedy decoding ignores it (add --do-sample "
+                           f"or a record's \"do_sample\": true, or drop {spelled(unused[0], True)})")
+    return records, settings, shared
 
 
 def _decode_prompts(m, rows: list[list[int]], settings: list[dict], batch_size: int, out: _Printed,

@@ -758,15 +758,7 @@ def generate(model, input_ids: torch.Tensor | list, attention_mask: torch.Tensor
         min_new_tokens: greedy and speculative: the end tokens (`stop_token_ids`) are banned until a row has this
             many new tokens (transformers' `min_new_tokens`); stop strings still end it.
     """
-    if use_speculative is not None:
-        spelled = "speculative" if use_speculative else "greedy"
-        if strategy not in (None, spelled):
-            raise MTPError(f"use_speculative={use_speculative} asks for {spelled}, strategy={strategy!r} for "
-                           "another: give one of them")
-        strategy = spelled
-    strategy = strategy or "greedy"
-    if strategy not in STRATEGIES:
-        raise MTPError(f"unknown strategy {strategy!r}; choose from {', '.join(STRATEGIES)}")
+    strategy = _strategy(strategy, use_speculative)
     input_ids, attention_mask = token_batch(model, input_ids, attention_mask, left_padded=True)
     if model.training and any(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in model.modules()):
         warnings.warn("the model is in training mode: its dropout makes every forward random, so decoding is too "
@@ -797,12 +789,7 @@ def generate(model, input_ids: torch.Tensor | list, attention_mask: torch.Tensor
     stop = StopChecker(input_ids.shape[0], stop_token_ids, None, tokenizer, device=input_ids.device, halt=halt,
                        row_strings=[r.stop_strings for r in rows],
                        prompt_tails=_prompt_tails(input_ids, attention_mask, rows) if stop_in_prompt else None)
-    generator = None
-    if opts.do_sample:
-        generator = torch.Generator(device=input_ids.device)
-        # no seed: one drawn from torch's global generator, so `torch.manual_seed` reproduces a call, as in
-        # transformers (torch.seed() would reseed the global generator from the OS: the caller's later draws too)
-        generator.manual_seed(seed if seed is not None else int(torch.randint(0, 2**62, ()).item()))
+    generator = _seeded_generator(seed, input_ids.device) if opts.do_sample else None
     stats = GenerationStats()
     tokens: list[list[int]] = [[] for _ in range(input_ids.shape[0])]
     scores = None if logprobs is None else [[] for _ in tokens]
@@ -834,6 +821,28 @@ def generate(model, input_ids: torch.Tensor | list, attention_mask: torch.Tensor
     if texts is not None:
         texts = [stop.truncate_text(row, t) for row, t in enumerate(texts)]
     return GenerationResult(tokens, stats, texts, scores)
+
+
+def _strategy(strategy: Strategy | None, use_speculative: bool | None) -> Strategy:
+    """The strategy asked for, by name or by published checkpoints' `use_speculative` (the two must agree)."""
+    if use_speculative is not None:
+        spelled = "speculative" if use_speculative else "greedy"
+        if strategy not in (None, spelled):
+            raise MTPError(f"use_speculative={use_speculative} asks for {spelled}, strategy={strategy!r} for "
+                           "another: give one of them")
+        strategy = spelled
+    strategy = strategy or "greedy"
+    if strategy not in STRATEGIES:
+        raise MTPError(f"unknown strategy {strategy!r}; choose from {', '.join(STRATEGIES)}")
+    return strategy
+
+
+def _seeded_generator(seed: int | None, device: torch.device) -> torch.Generator:
+    # no seed: one drawn from torch's global generator, so `torch.manual_seed` reproduces a call, as in
+    # transformers (torch.seed() would reseed the global generator from the OS: the caller's later draws too)
+    generator = torch.Generator(device=device)
+    generator.manual_seed(seed if seed is not None else int(torch.randint(0, 2**62, ()).item()))
+    return generator
 
 
 def _joining_rows(admit: Admission, tokens: list[list[int]], scores: list | None):
