@@ -82,6 +82,7 @@ class LlamaBackbone(Backbone):
         # not `__dict__.setdefault`, which torch 2.11's dynamo cannot trace inside a compiled step)
         self._rope_tables: dict = {}  # (size, dtype, device) -> (P, 2, D) cos and signed sin of every position
         self._head_stacks: dict = {}  # the extra heads' layers -> their FastHeadStack
+        self.window = attention_window(causal_lm)
 
     def use_fast_layers(self, layers, weights):
         from mtp.models.fast_llama import FastLlamaLayer
@@ -92,6 +93,8 @@ class LlamaBackbone(Backbone):
         return self.causal_lm.model.embed_tokens(input_ids)  # (B, T, H)
 
     def layer_inputs(self, hidden, position_ids, max_position=None):
+        if self.window is not None:
+            check_within_window(self.window, position_ids, max_position)
         shared = {"position_ids": position_ids}
         if self.fast_layers is not None and not torch.is_grad_enabled():  # the lean step's form of the tables
             shared["fast_rope"] = self._fast_rope(hidden, position_ids, max_position)
@@ -173,6 +176,27 @@ class GPT2Backbone(Backbone):
     def run_layer(self, layer, hidden, mask, cache, shared, reuse_input=False):
         out = layer(hidden, attention_mask=mask, use_cache=cache is not None, **{_cache_kwarg(type(layer)): cache})
         return out[0] if isinstance(out, tuple) else out
+
+
+def attention_window(causal_lm: nn.Module) -> int | None:
+    """The narrowest sliding attention window of the model's layers (None: every layer attends to everything).
+    Qwen2/Qwen3 name it on the layers that have one (`layer_types`); Mistral's layers all read the config's."""
+    config = causal_lm.config
+    windows = [getattr(layer.self_attn, "sliding_window", None) for layer in causal_lm.model.layers]
+    if config.model_type == "mistral":
+        windows.append(getattr(config, "sliding_window", None))
+    return min((w for w in windows if w is not None), default=None)
+
+
+def check_within_window(window: int, position_ids: torch.Tensor, max_position: int | None) -> None:
+    """mtp's masks are causal over the whole sequence. A sliding window only changes what a query at position >=
+    `window` sees (keys `window` or more positions back), so shorter sequences decode exactly as transformers
+    decodes them, and longer ones are refused rather than decoded differently. `max_position`: a cache's slots,
+    a bound on the positions of all its forwards (no read of the device); else the forward's own positions."""
+    span = max_position if max_position is not None else int(position_ids.max()) + 1 if position_ids.numel() else 0
+    if span > window:
+        raise MTPError(f"this model attends within a sliding window of {window} tokens, which mtp does not "
+                       f"implement: keep prompt and new tokens within {window} tokens (this needs up to {span})")
 
 
 @functools.cache

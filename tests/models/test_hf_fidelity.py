@@ -1,0 +1,63 @@
+"""Decoding against transformers for the config variants real checkpoints use: what `generate` gives with
+head 0 only is what transformers' greedy `generate` gives, and what mtp cannot honour it refuses."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, MistralConfig, Qwen2Config, Qwen3Config
+
+from mtp import MTPError, MTPModel
+from mtp.decoding.generate import generate
+
+COMMON = dict(hidden_size=32, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+              intermediate_size=64, vocab_size=71, bos_token_id=None, eos_token_id=None, pad_token_id=None)
+WINDOW = 16
+SLIDING = {
+    "mistral": lambda: MistralConfig(sliding_window=WINDOW, **COMMON),
+    "qwen2": lambda: Qwen2Config(use_sliding_window=True, sliding_window=WINDOW, max_window_layers=1, **COMMON),
+    "qwen3": lambda: Qwen3Config(head_dim=8, use_sliding_window=True, sliding_window=WINDOW, max_window_layers=1,
+                                 **COMMON),
+}
+
+
+def base_of(config, seed: int = 0):
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(config).to(torch.float64).eval()
+
+
+def hf_greedy(base, prompt: list[int], new: int) -> list[int]:
+    ids = torch.tensor([prompt])
+    out = base.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new, do_sample=False,
+                        pad_token_id=0, eos_token_id=None)
+    return out[0, len(prompt):].tolist()
+
+
+@pytest.mark.parametrize("kind", sorted(SLIDING))
+def test_sliding_window_inside_the_window_is_transformers_and_past_it_an_error(kind):
+    """Up to the window a sliding-window model is a causal one: greedy gives transformers' tokens. Past it
+    transformers hides the keys the window leaves out and mtp's masks do not: refused, one line, never decoded
+    differently (before the check, every row past the window decoded other tokens than transformers)."""
+    base = base_of(SLIDING[kind]())
+    model = MTPModel(base, num_heads=2)
+    short = list(range(3, 9))
+    assert generate(model, [short], max_new_tokens=6, strategy="greedy", stop_token_ids=[]).tokens == \
+        [hf_greedy(base, short, 6)]
+    long = list(range(3, 3 + WINDOW))
+    with pytest.raises(MTPError, match=f"sliding window of {WINDOW} tokens"):
+        generate(model, [long], max_new_tokens=8, strategy="greedy", stop_token_ids=[])
+    ids = torch.tensor([list(range(3, 3 + WINDOW + 4))])
+    with torch.no_grad(), pytest.raises(MTPError, match=f"sliding window of {WINDOW} tokens"):
+        model(ids)  # an uncached forward (training, scoring) past the window
+    with torch.no_grad():
+        inside = ids[:, :WINDOW]
+        assert (model(inside)[:, :, 0] - base(inside).logits).abs().max() <= 1e-9
+
+
+def test_a_window_the_config_switches_off_is_no_window():
+    """Qwen2.5's configs name a sliding_window with use_sliding_window false: every layer attends to everything
+    (transformers ignores the window), and so does mtp, past it too."""
+    base = base_of(Qwen2Config(use_sliding_window=False, sliding_window=8, **COMMON))
+    prompt = list(range(3, 17))
+    got = generate(MTPModel(base, num_heads=1), [prompt], max_new_tokens=10, strategy="greedy", stop_token_ids=[])
+    assert got.tokens == [hf_greedy(base, prompt, 10)]
