@@ -397,3 +397,13 @@ def test_a_nan_loss_stops_self_distillation_before_its_update() -> None:
         assert p.grad is None, n
         if p is not norm:
             assert torch.equal(p, before[n]), n
+
+
+def test_seq_len_counts_real_tokens_not_the_papers_slots():
+    """mtp's --seq-len is the row's real tokens: a region holds seq_len / regions of them for every k, and the
+    masks come on top (the paper's S counts them: P = S/M - (k-1)); docs/training.md states the difference."""
+    for k in (2, 8, 16):
+        cfg = SelfDistillConfig(k_min=k, k_max=k, regions=5, seq_len=160)
+        lay = mask_layout(cfg.prefix_len, k, cfg.regions)
+        assert cfg.prefix_len == 32
+        assert int((~lay.is_mask).sum()) == 160 and lay.is_mask.numel() == 160 + 5 * (k - 1)

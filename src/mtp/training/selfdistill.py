@@ -50,7 +50,8 @@ class SelfDistillOptions:
         k: tokens predicted per position (the masks are k-1); default 4
         k_min: draw k per step uniformly from [k-min, k-max] (seeded) instead of a fixed --k
         k_max: see --k-min
-        regions: regions per row of --seq-len slots (each: real tokens, then k-1 masks)
+        regions: regions per row: each holds --seq-len / --regions real tokens, then k-1 masks (a row is
+            --seq-len + regions x (k-1) slots; the paper's S counts the masks too: P = S/M - (k-1))
         supervision: "hard": cross-entropy to the teacher's argmax (the paper's default); "soft": KL to its
             distribution
         prefix_loss: weight of the next-token loss on the real tokens (0: off)
