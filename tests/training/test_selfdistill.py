@@ -399,6 +399,57 @@ def test_a_nan_loss_stops_self_distillation_before_its_update() -> None:
             assert torch.equal(p, before[n]), n
 
 
+@pytest.mark.parametrize("supervision", ["hard", "soft"])
+def test_objective_is_the_papers_on_one_plain_forward(supervision):
+    """The objective against the paper's statement, written out on one 4-D-mask forward per model: the student's
+    argmax at slot j is written into mask j+1 (its guess, not the data's token), the frozen teacher scores the
+    filled layout once, and the loss is the plain mean over the slots of the CE to the teacher's argmax (hard) or
+    of KL(teacher || student) (soft). Loss and gradients match; the guesses differ from the data here, so writing
+    the data's tokens into the masks, or a reversed KL, would fail."""
+    from mtp.models.cache import additive_mask
+
+    torch.manual_seed(0)
+    vocab, k, offset = 60, 4, 2
+    model = MaskTokenModel.from_base(tiny_llama(vocab_size=vocab, num_heads=1).base, adapter="full", k=k)
+    teacher = model.make_teacher()
+    with torch.no_grad():  # a student that has moved away from its teacher
+        for p in model.base.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    ids = torch.randint(0, vocab, (2, 36))  # longer than offset + seq_len: every region counts
+    ones = torch.ones_like(ids)
+    batch = {"input_ids": ids, "attention_mask": ones, "loss_mask": ones}
+    cfg = SelfDistillConfig(k_min=k, k_max=k, regions=3, seq_len=30, supervision=supervision, answer_only=False)
+    ours = distill_figures(model, teacher, batch, k, cfg, offset, need_grad=True).total
+
+    lb = gather_layout(ids, ones, mask_layout(cfg.prefix_len, k, cfg.regions), model.mask_token_id, offset)
+    student = model.lm_head(model.layout_hidden_reference(lb))[:, lb.predict].float()  # (B, M, k, V)
+    filled = lb.input_ids.clone()
+    filled[:, lb.predict[:, 1:].flatten()] = student.argmax(-1)[:, :, :-1].flatten(1)
+    # the data's tokens that the masks stand for: k-1 after each region's last real token
+    last = (lb.layout.source + offset)[lb.predict[:, 0]]  # (M,) row index of each region's last real token
+    data = ids[:, (last[:, None] + torch.arange(1, k)).clamp_max(ids.shape[1] - 1)]  # (B, M, k-1)
+    assert not torch.equal(filled[:, lb.predict[:, 1:]], data)  # the guesses are not the data's tokens
+    with torch.no_grad():
+        hidden = teacher.base_model(input_ids=filled, attention_mask=additive_mask(lb.attention, torch.float32),
+                                    position_ids=lb.position_ids).last_hidden_state
+        t_logits = model.without_mask_token(teacher.lm_head(hidden))[:, lb.predict].float()
+    log_probs = student.log_softmax(-1)
+    if supervision == "hard":
+        per_slot = -log_probs.gather(-1, t_logits.argmax(-1, keepdim=True)).squeeze(-1)
+    else:
+        t_log = t_logits.log_softmax(-1)
+        per_slot = (t_log.exp() * (t_log - log_probs)).sum(-1)
+    assert bool(lb.region_weight.all())
+    reference = per_slot.mean()  # every region counts here: the plain mean over all slots
+    assert float(ours.detach()) == pytest.approx(float(reference.detach()), rel=1e-5, abs=1e-7)
+    params = list(model.base.parameters())
+    for a, b in zip(torch.autograd.grad(ours, params, allow_unused=True),
+                    torch.autograd.grad(reference, params, allow_unused=True), strict=True):
+        if a is not None or b is not None:
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())
+
+
 def test_seq_len_counts_real_tokens_not_the_papers_slots():
     """mtp's --seq-len is the row's real tokens: a region holds seq_len / regions of them for every k, and the
     masks come on top (the paper's S counts them: P = S/M - (k-1)); docs/training.md states the difference."""
