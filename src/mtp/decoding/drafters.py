@@ -182,7 +182,6 @@ class Drafter:
     opts: object
     tree: DraftTree | DynamicTree | None
     num_drafts: int  # draft positions a verified step feeds (0: greedy, confadapt, static)
-    num_proposals: int  # drafts per step without verification (confadapt, static)
     lookahead: int  # positions past the emitted tokens a block may use
     extra_slots: int  # cache slots past the emitted tokens a block may use
     catches_up = False  # plain steps leave out layers of its own, computed later (`catch_up`)
@@ -259,7 +258,6 @@ class HeadsDrafter(Drafter):
         if self.tree is not None:
             self.num_drafts = _tree_depth(self.tree, opts, self.num_drafts, "this model drafts")
         self.num_heads = 1 + self.num_drafts
-        self.num_proposals = self.num_drafts
         self.lookahead = self.num_drafts + opts.lookup
         self.extra_slots = (self.tree.size if self.tree is not None else self.num_drafts) + opts.lookup
         if opts.strategy in ("confadapt", "static"):
@@ -363,7 +361,6 @@ class MaskDrafter(Drafter):
             self.num_drafts = spec_drafts
         if self.tree is not None:
             self.num_drafts = _tree_depth(self.tree, opts, self.num_masks, f"k={k} masks draft")
-        self.num_proposals = self.num_masks
         self.lookahead = self.num_drafts + opts.lookup + self.num_masks
         fed = (self.tree.size if self.tree is not None else self.num_drafts) + opts.lookup
         groups = fed + 1 if opts.strategy == "speculative" else 1
