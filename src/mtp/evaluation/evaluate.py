@@ -38,7 +38,6 @@ from mtp.progress import progress_bar
 SAMPLES = "samples.jsonl"
 CONFIG = "eval_config.json"
 SUMMARY = "summary.json"
-STOP_STRINGS_KEY = "stop_sequences"
 
 
 # ------------------------------------------------------------------------------------------------ small helpers

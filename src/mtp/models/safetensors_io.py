@@ -18,7 +18,7 @@ import json
 import math
 import os
 import struct
-from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -303,13 +303,3 @@ def check_floating(stored: Mapping[str, torch.dtype], model: Mapping[str, torch.
     if wrong:
         shown = ", ".join(wrong[:5]) + (f" and {len(wrong) - 5} more" if len(wrong) > 5 else "")
         raise CheckpointMismatchError(f"{source}: weights stored as integers, not floating point: {shown}")
-
-
-def iter_unique(named: Iterable[tuple[str, torch.Tensor]]) -> Iterator[tuple[str, torch.Tensor]]:
-    """(name, tensor) pairs without the later names of a tensor seen before (tied weights), by identity."""
-    seen: set[int] = set()
-    for name, t in named:
-        if id(t) in seen:
-            continue
-        seen.add(id(t))
-        yield name, t

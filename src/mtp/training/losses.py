@@ -92,11 +92,6 @@ class LossOutput:
     head_tokens: list[int]  # target positions of each head in this batch
     nonfinite_head: int | None = None  # first head whose loss was NaN/inf (no backward was run for it)
 
-    @property
-    def head_accuracies(self) -> list[float | None]:
-        return [None if c is None or n == 0 else c / n
-                for c, n in zip(self.head_correct, self.head_tokens, strict=True)]
-
 
 TARGET_POSITIONS = "target_positions"  # a batch's optional (N, 2) `loss_mask.nonzero()`, made where the rows are
 
