@@ -337,7 +337,7 @@ class MaskDrafter(Drafter):
     chain slot `first + g`.
 
     Speculative: a group after the last pending token and after every draft, so whatever prefix of the drafts
-    the verifier keeps, the masks after it have already drafted the next block (k masks per group: (1+d)(k-1)
+    the verifier keeps, the masks after it have already drafted the next block (k-1 masks per group: (1+d)(k-1)
     extra slots). ConfAdapt / static: one group after the last emitted token, as the paper decodes.
 
         chain (pending + drafts)      group 0           group 1        ...

@@ -34,7 +34,7 @@ COMPILE_NOTICE_S = 5.0  # a compiling step that takes longer prints a line on st
 
 
 class GraphedSteps:
-    """Run `decoder.step` on `state` in place, replaying one captured graph per (batch size, n, m). Off CUDA the
+    """Run `decoder.step` on `state` in place, replaying one captured graph per (batch size, `Block`). Off CUDA the
     "graph" is the same in-place step run again (the tests' stand-in for a capture: same buffers, same order)."""
 
     def __init__(self, decoder: Decoder, compiled: bool = False):

@@ -55,8 +55,8 @@ def write_kv(stack: torch.Tensor, row: int, slots: torch.Tensor, kv: torch.Tenso
 
 
 class StackCache:
-    """Keys and values of one stack of layers in one buffer each, `(layers, B, kv_heads, max_len, head_dim)`,
-    allocated at the first write (so moving or dropping slots is one op per buffer, not one per layer). Layers
+    """Keys and values of one stack of layers in one buffer, `(layers, 2, B, kv_heads, max_len, head_dim)`,
+    allocated at the first write (so moving or dropping slots is one op per stack, not one per layer). Layers
     take buffer rows in the order they first write; a stack told its number of layers allocates them at once."""
 
     def __init__(self, owner: MTPCache, num_layers: int | None = None):
