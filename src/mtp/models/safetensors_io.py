@@ -116,8 +116,7 @@ class SafetensorsReader:
     def shapes(self) -> dict[str, tuple[int, ...]]:
         return {name: info.shape for name, info in self.tensors.items()}
 
-    def read(self, name: str, dtype: torch.dtype | None = None, device: str | torch.device = "cpu",
-             requires_grad: bool = False) -> torch.Tensor:
+    def read(self, name: str, dtype: torch.dtype | None = None, device: str | torch.device = "cpu") -> torch.Tensor:
         """Tensor `name`, cast to `dtype` (None: as stored) on `device`: one read, no whole-tensor temporary."""
         info = self.tensors[name]
         out = torch.empty(info.shape, dtype=dtype if dtype is not None else info.dtype)
