@@ -125,7 +125,7 @@ def test_save_adds_the_conversation_to_a_jsonl_that_train_and_generate_read(tiny
     """/save FILE appends the conversation so far as a {"messages": [...]} record (two saves: two records, the
     file rewritten whole each time); a folder in the way is a line, and the chat goes on; before the first turn
     there is nothing to save (and nothing is created)."""
-    from mtp.decoding.commands import read_prompts
+    from mtp.decoding.commands import read_prompt_records
     from mtp.training.data import load_examples
 
     saved = tmp_path / "chats.jsonl"
@@ -142,7 +142,7 @@ def test_save_adds_the_conversation_to_a_jsonl_that_train_and_generate_read(tiny
     assert records[1]["messages"][:3] == records[0]["messages"] and len(records[1]["messages"]) == 5
     assert "(saved: 1 turn added to" in err and "(saved: 2 turns added to" in err
     assert "(nothing to save yet: no turn in this conversation)" in err and not (tmp_path / "early").exists()
-    assert len(read_prompts(str(saved))) == 2  # mtp generate --prompts answers them (up to their last user turn)
+    assert len(read_prompt_records(str(saved))) == 2  # mtp generate --prompts answers them (up to their last user turn)
     assert len(load_examples(str(saved))) == 2  # mtp train --data learns their answers
 
 

@@ -63,11 +63,6 @@ def _record_field_error(name: str, where: str) -> MTPError | None:
     return None
 
 
-def read_prompts(path: str) -> list[str | list[dict]]:
-    """The prompts of `read_prompt_records`."""
-    return [p for p, _, _, _ in read_prompt_records(path)]
-
-
 def read_prompt_records(path: str) -> list[tuple[str | list[dict], dict, str, object]]:
     """One prompt per line (a line starting with "{" is a JSON record), or, for a file named .jsonl or .json,
     JSON records with a "prompt" (or "question") field, or a conversation ("messages", as `mtp train` reads them:
