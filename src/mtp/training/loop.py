@@ -1,8 +1,9 @@
 """The training loop: AdamW, warmup + cosine schedule, gradient accumulation and clipping, mixed precision,
 gradient checkpointing, frozen-trunk feature caching, checkpoints, resume, metrics, Ctrl-C and NaN handling.
 
-One optimizer step = `grad_accum` micro-batches. Micro-batch m of the run is `batch_at(data, batch_size, seed, m)`,
-a pure function of (seed, m), so a resumed run sees exactly the batches an uninterrupted run would.
+One optimizer step = `grad_accum` micro-batches. Micro-batch m of the run holds the rows `batch_rows(len(data),
+batch_size, seed, m)` (under torchrun each rank takes its share: `Trainer.micro_rows`), a pure function of (seed, m),
+so a resumed run sees exactly the batches an uninterrupted run would.
 
 Frozen trunk (`freeze_trunk`): the trunk layers, head 0, embeddings, final norm and unembedding do not train;
 only `model.extra_heads` do. The trunk output then does not depend on anything trainable, so it runs under
