@@ -1,9 +1,10 @@
 """Lossless decoding under combinations of its features: random tiny float64 models (Llama and GPT-2 parallel
-heads, heads that read the next token, mask tokens), greedy and speculative decoding (chains, fixed, auto and
-dynamic trees, lookup, num_draft), padded batches with per-row budgets (0 and 1 included), per-row settings
+heads, heads that read the next token, mask tokens), greedy and speculative decoding (chains, random fixed and
+dynamic trees, lookup, num_draft 0-1), padded batches with per-row budgets (0 and 1 included), per-row settings
 (penalties, logit_bias, min_new_tokens, stop strings, sampled rows whose filter leaves one token), end tokens,
-a shared prefix, a prompt cache over two turns, rows that join, the speculation gate on or off, eager and
-replayed: every deterministic row emits what the slow penalized reference emits for it alone."""
+a shared prefix, a prompt cache over two turns, rows that join, the speculation gate off, timed or flipping a
+coin (plain steps and catch-up), log-probabilities, eager and replayed: every deterministic row emits what the
+slow penalized reference emits for it alone, and every row's scores are the model's own."""
 
 from __future__ import annotations
 
