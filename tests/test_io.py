@@ -137,3 +137,29 @@ def test_a_target_that_cannot_take_a_file_is_named_not_its_temporary(tmp_path):
     with pytest.raises(MTPError, match=f"cannot write {tmp_path}/a-file/report.json: ") as e:
         atomic_write_text(tmp_path / "a-file" / "report.json", "{}")
     assert ".tmp" not in str(e.value)
+
+
+def test_lines_end_where_a_files_lines_end_not_at_characters_a_line_may_hold(tmp_path):
+    """A JSONL record written with ensure_ascii=False holds U+2028 as is, a text line may hold a form feed or
+    U+0085: `str.splitlines()` cut them in two (a record that is not JSON, a prompt in two), where Python's file
+    iteration, `mtp train --data` and JSONL readers keep them; CRLF, a BOM and blank lines are read as ever."""
+    import json
+
+    from mtp.decoding.commands import read_prompt_records
+    from mtp.evaluation.prompts import file_prompt_texts
+    from mtp.io import read_complete_records, read_json_records
+
+    odd = "one\u2028line\u2029still\x85one\x0cline\x1c"
+    jsonl = tmp_path / "p.jsonl"
+    jsonl.write_text("\ufeff" + json.dumps({"prompt": odd}, ensure_ascii=False) + "\r\n\r\n"
+                     + json.dumps({"prompt": "é😀 " * 5000}, ensure_ascii=False) + "\r\n", encoding="utf-8")
+    assert [r for _, r in read_json_records(jsonl)] == [{"prompt": odd}, {"prompt": "é😀 " * 5000}]
+    assert [line for line, _ in read_json_records(jsonl)] == [1, 3]
+    assert [r[0] for r in read_prompt_records(str(jsonl))] == [odd, "é😀 " * 5000]
+    assert file_prompt_texts(jsonl) == [odd, "é😀 " * 5000]
+    assert read_complete_records(jsonl) == [{"prompt": odd}, {"prompt": "é😀 " * 5000}]
+    text = tmp_path / "p.txt"
+    text.write_bytes(("\ufeff" + odd + "\r\n\r\nsecond\rthird\n").encode())
+    assert [(r[0], r[2]) for r in read_prompt_records(str(text))] == [
+        (odd, f"{text}:1"), ("second", f"{text}:3"), ("third", f"{text}:4")]
+    assert file_prompt_texts(text) == [odd, "second", "third"]

@@ -234,6 +234,14 @@ def read_text(path: str | os.PathLike) -> str:
         raise MTPError(f"{path}: cannot read ({e.strerror or e})") from None
 
 
+def text_lines(text: str) -> list[str]:
+    """The lines of a file's text, split where a file's lines end (\\n, \\r\\n or \\r), as iterating the open file
+    splits them and JSONL readers do: not `str.splitlines()`, which also splits at characters a line may hold (a
+    form feed, U+0085, U+2028 and U+2029, which JSON writes unescaped with ensure_ascii=False), cutting a prompt in
+    two or a JSON record into two lines that are not JSON."""
+    return re.split(r"\r\n|\r|\n", text)
+
+
 def is_json_name(path: str | os.PathLike) -> bool:
     """A file named .json or .jsonl is read as JSON whatever it holds: anything else in it is an error."""
     return Path(path).suffix.lower() in (".json", ".jsonl")
@@ -258,7 +266,7 @@ def read_json_records(path: str | os.PathLike, text: str | None = None,
     if text.lstrip().startswith("["):
         return _json_array(path, text)[:limit]
     records: list[tuple[int, Any]] = []
-    for lineno, line in enumerate(text.splitlines(), start=1):
+    for lineno, line in enumerate(text_lines(text), start=1):
         if limit is not None and len(records) >= limit:
             break
         if not line.strip():
@@ -307,7 +315,7 @@ def read_complete_records(path: str | os.PathLike) -> list[dict]:
     if not path.is_file():
         return []
     records = []
-    for line in read_text(path).splitlines():
+    for line in text_lines(read_text(path)):
         try:
             record = json.loads(line)
         except ValueError:

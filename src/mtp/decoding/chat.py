@@ -25,7 +25,7 @@ from mtp.decoding.options import DraftOptions, SamplingOptions, WeightOptions
 from mtp.decoding.prefixes import PromptCache
 from mtp.errors import MTPError, first_line
 from mtp.evaluation.prompts import has_chat_template
-from mtp.io import atomic_write_lines, read_text
+from mtp.io import atomic_write_lines, read_text, text_lines
 from mtp.options import with_flat_keywords
 from mtp.process import Terminated
 from mtp.runtime import CoreWait
@@ -167,7 +167,7 @@ def _save(messages: list[dict], path: str) -> None:
     try:
         if file.is_dir():
             raise MTPError(f"{file} is a folder")
-        kept = read_text(file).splitlines() if file.is_file() else []
+        kept = text_lines(read_text(file)) if file.is_file() else []
         atomic_write_lines(file, [*(line for line in kept if line.strip()), json.dumps({"messages": messages})])
     except (MTPError, OSError) as e:  # a folder in the way, a file that is not text, a full disk: the chat goes on
         print(f"(not saved: {first_line(e)})", file=sys.stderr, flush=True)

@@ -36,6 +36,7 @@ from mtp.io import (
     read_complete_records,
     read_json_records,
     read_text,
+    text_lines,
 )
 from mtp.options import with_flat_keywords
 from mtp.runtime import CoreWait
@@ -78,7 +79,7 @@ def read_prompt_records(path: str) -> list[tuple[str | list[dict], dict, str, ob
         entries = read_json_records(file, text)
     else:
         entries = []
-        for lineno, line in enumerate(text.splitlines(), 1):
+        for lineno, line in enumerate(text_lines(text), 1):
             if line.lstrip().startswith("{"):
                 entries.append((lineno, parse_json_line(file, lineno, line)))
             elif line.strip():

@@ -12,7 +12,7 @@ from mtp.decoding.generate import left_pad  # noqa: F401  (re-exported for evalu
 from mtp.decoding.row_options import RECORD_SETTINGS
 from mtp.errors import MTPError
 from mtp.evaluation.gsm8k import STOP_SEQUENCES, build_chat_messages, build_prompt, load_gsm8k
-from mtp.io import input_file, is_json_name, read_json_records, read_text
+from mtp.io import input_file, is_json_name, read_json_records, read_text, text_lines
 
 
 @dataclass
@@ -121,7 +121,7 @@ def file_prompt_texts(path: str | Path, *, limit: int | None = None, settings: b
                                "decodes every prompt with the same settings (its flags)")
             texts.append(text)
     else:
-        texts = [line for line in text.splitlines() if line.strip()]
+        texts = [line for line in text_lines(text) if line.strip()]
         if not texts:
             raise MTPError(f"{path}: no prompts")
     return texts[:limit] if limit is not None else texts
