@@ -132,6 +132,28 @@ def tiny_tokenizer(vocab_size: int = 300):
     return hf
 
 
+def tiny_sentencepiece_tokenizer(vocab_size: int = 300):
+    """A SentencePiece-style tokenizer (Llama 2's, Mistral's) trained in memory: words start with "▁", the text's
+    first word gets one too (a "dummy prefix"), which decoding drops again; bytes outside the vocabulary are
+    "<0x..>" tokens; a BOS before every text. The same ChatML-style chat template as `tiny_tokenizer`'s."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(byte_fallback=True, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
+    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                     decoders.Strip(" ", 1, 0)])
+    specials = ["<unk>", "<s>", "</s>", "<pad>", "<|im_start|>", "<|im_end|>"]
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials + [f"<0x{i:02X}>" for i in range(256)])
+    tok.train_from_iterator(["What is 7 + 5? The answer is 12.", "Janet has 3 eggs and 4 ducks."] * 20, trainer)
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
+                                                       special_tokens=[("<s>", 1)])
+    hf = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                                 pad_token="<pad>")
+    hf.chat_template = CHAT_TEMPLATE
+    return hf
+
+
 @pytest.fixture
 def tiny_mtp_folder(tmp_path):
     """A saved tiny MTP model with a tokenizer: what every command can load."""

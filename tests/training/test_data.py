@@ -287,6 +287,26 @@ def test_chat_mask_covers_exactly_the_answer(tokenizer) -> None:
     assert attn[: int(attn.sum())].all()  # right padding
 
 
+@pytest.mark.parametrize("template", ["chat", "plain"])
+def test_answer_tokens_are_the_whole_texts_not_the_answers_alone(template) -> None:
+    """A SentencePiece tokenizer gives a text's first word a "▁" (a space): the answer tokenized alone began
+    with one, which the prompt and answer as one text (what the model reads, and writes after the prompt) do not
+    have after the prompt's "\n": the model learnt to begin its answers with a space."""
+    from conftest import tiny_sentencepiece_tokenizer
+
+    tok = tiny_sentencepiece_tokenizer()
+    ex = Example("What is 7 + 5?", "The answer is 12.")
+    data = tokenize_examples([ex], tok, template=template, seq_len=96)
+    ids, mask, attn = data.input_ids[0], data.loss_mask[0], data.attention_mask[0].bool()
+    prompt, answer = ids[attn & ~mask].tolist(), ids[mask].tolist()
+    whole = tok.apply_chat_template([{"role": "user", "content": ex.prompt}, {"role": "assistant",
+                                    "content": ex.answer}], tokenize=False) if template == "chat" else \
+        "What is 7 + 5?\n\nThe answer is 12."
+    expected = tok(whole, add_special_tokens=template == "plain").input_ids
+    assert prompt + answer == expected + ([tok.eos_token_id] if template == "plain" else [])
+    assert tok.convert_ids_to_tokens(answer[0]) != "▁"  # (alone: "▁", "Th", "e", ...)
+
+
 def test_conversations_train_on_their_last_answer_given_everything_before(tokenizer, tmp_path) -> None:
     """A "messages" record (TRL's and OpenAI's chat layout): the last assistant message is the target, the
     system message and earlier turns its context, laid out by the chat template (plain: contents, blank lines);

@@ -471,11 +471,26 @@ def _example_tokens(tokenizer: Any, ex: Example, template: str, eos_id: int) -> 
         # (with the template's end-of-turn tokens, so the model learns to stop). Templates that rewrite
         # earlier turns when an answer follows (rare) are split at the common prefix instead.
         cut = len(prompt) if full.startswith(prompt) else len(os.path.commonprefix([full, prompt]))
-        return _encode(tokenizer, full[:cut]), _encode(tokenizer, full[cut:])
+        prompt_ids = _encode(tokenizer, full[:cut])
+        return prompt_ids, _answer_ids(tokenizer, full[:cut], prompt_ids, full[cut:])
     # "plain", and plain-text documents (no prompt) even under "chat": prompt, blank line, answer, EOS.
-    prompt = "\n\n".join([m["content"] for m in ex.context] + [ex.prompt]) if ex.prompt else ""
-    prompt_ids = _start_tokens(tokenizer) + _encode(tokenizer, prompt + "\n\n" if prompt else "")
-    return prompt_ids, _encode(tokenizer, ex.answer) + [eos_id]
+    prompt = "\n\n".join([m["content"] for m in ex.context] + [ex.prompt]) + "\n\n" if ex.prompt else ""
+    asked = _encode(tokenizer, prompt)
+    return _start_tokens(tokenizer) + asked, _answer_ids(tokenizer, prompt, asked, ex.answer) + [eos_id]
+
+
+def _answer_ids(tokenizer: Any, prompt: str, prompt_ids: list[int], answer: str) -> list[int]:
+    """The answer's token ids as the tokenizer splits the whole text (prompt and answer), where that begins with
+    the prompt's own tokens: the tokens a model writes after the prompt. The answer tokenized alone can differ
+    at its start: a SentencePiece tokenizer (Llama 2, Mistral) puts a word-start "▁" (a space) before the
+    text's first word, which after the prompt's "\n" has none, so the model would learn to begin its answers
+    with a space. Where the prompt's tokens merge with the answer's (the boundary is inside a token), the
+    answer alone."""
+    if prompt and answer:
+        whole = _encode(tokenizer, prompt + answer)
+        if whole[:len(prompt_ids)] == prompt_ids:
+            return whole[len(prompt_ids):]
+    return _encode(tokenizer, answer)
 
 
 def check_tokenizer(tokenizer: Any, template: str) -> int:
