@@ -1287,3 +1287,29 @@ def test_log_probabilities_in_json_are_numbers():
     json.dumps(field, allow_nan=False)
     chat = api.logprobs_field(api.CHAT, entries[1:], [7], lambda t: (f"t{t}", b"x"), None)
     assert chat["content"][0]["logprob"] == -9999.0 and chat["content"][0]["top_logprobs"][1]["logprob"] == -9999.0
+
+
+def test_a_completion_keeps_its_first_words_space_after_the_prompt():
+    """A SentencePiece tokenizer drops the first "▁" of a text it decodes: the answer decoded alone lost the space
+    between the prompt and its first word ("The answer isis is", echoed). As vLLM does, the answer is decoded
+    after the prompt's last tokens: streamed or not, echoed or not, the prompt's text and the answer's are the
+    text of prompt and answer together."""
+    from conftest import tiny_sentencepiece_tokenizer
+
+    tok = tiny_sentencepiece_tokenizer()
+    m = tiny_mtp("llama", num_heads=3, vocab_size=len(tok))
+    m.tokenizer = tok
+    word = tok.convert_tokens_to_ids("▁is")
+    body = {"prompt": "The answer", "max_tokens": 4, "logit_bias": {str(word): 100}}
+    ids = tok("The answer").input_ids
+    whole = tok.decode(ids + [word] * 4, skip_special_tokens=True)
+    assert whole == "The answer is is is is"
+    with served(m) as server:
+        _, plain = post(server, "/v1/completions", body)
+        _, echoed = post(server, "/v1/completions", body | {"echo": True})
+        _, scored = post(server, "/v1/completions", body | {"logprobs": 0})
+        streamed = events(server, "/v1/completions", body)
+    assert plain["choices"][0]["text"] == " is is is is"
+    assert echoed["choices"][0]["text"] == whole
+    assert "".join(c["choices"][0]["text"] for c in streamed[:-1]) == " is is is is"
+    assert_offsets_index_the_text(tok, scored["choices"][0]["logprobs"], scored["choices"][0]["text"])

@@ -30,7 +30,7 @@ from http import HTTPStatus
 from queue import Queue
 
 from mtp.decoding import openai_api as api
-from mtp.decoding.commands import StreamedText
+from mtp.decoding.commands import StreamedText, answer_text
 from mtp.decoding.generate import (
     Admission,
     GenerationResult,
@@ -369,7 +369,7 @@ class Batcher:
                 sent[row] = True
                 answered.add(row)
                 stop = job.sampling.stop
-                text = cut_at_stop(self.model.tokenizer.decode(tokens, skip_special_tokens=True), stop)
+                text = cut_at_stop(answer_text(self.model.tokenizer, tokens, job.ids), stop)
                 reason = "length" if len(tokens) == limit and not self._stopped(tokens, stop) else "stop"
                 figures = {"rows": len(jobs), **stats.to_dict(), **(scoring if scoring["scored_tokens"] else {})}
                 prompt = prompt_scores[row] if row < len(prompt_scores) else None  # (a joined job echoes nothing)

@@ -454,17 +454,30 @@ class _Journal:
               f"{self.path}", file=sys.stderr)
 
 
+CONTEXT_TOKENS = 6  # a prompt's last tokens that `IncrementalText` decodes its first tokens with
+
+
+def answer_text(tokenizer, tokens: list[int], context: list[int] | tuple[int, ...] = ()) -> str:
+    """The text of `tokens` after `context` (a prompt's tokens): what `IncrementalText`'s pieces add up to."""
+    text = IncrementalText(tokenizer, context)
+    return text.add(list(tokens)) + text.rest()
+
+
 class IncrementalText:
     """The text of a growing token sequence, piece by piece as it becomes final (vLLM's incremental detokenizing).
     Decoding each new token alone garbles a character whose bytes span tokens (a byte-level BPE splits an emoji or
     a CJK character into several) and can drop a word's leading space (SentencePiece): each piece is decoded
     after a few tokens of context, and text that ends in an incomplete character waits for the next tokens."""
 
-    def __init__(self, tokenizer):
+    def __init__(self, tokenizer, context: list[int] | tuple[int, ...] = ()):
+        """`context`: the tokens before the sequence (a prompt's), whose last few are decoded with its first ones
+        and left out of the text, so that its first word keeps its space (a SentencePiece tokenizer drops the
+        text's first "▁" as it decodes: "Paris", not " Paris", as a whole completion after "The capital is"),
+        as vLLM decodes a completion after its prompt."""
         self.tokenizer = tokenizer
-        self.tokens: list[int] = []
+        self.tokens: list[int] = list(context)[-CONTEXT_TOKENS:]
         self.prefix = 0  # decoding starts here (context for the first new token)
-        self.read = 0  # the text of tokens before this was returned
+        self.read = len(self.tokens)  # the text of tokens before this was returned
 
     def _decode(self, start: int, end: int | None = None) -> str:
         return self.tokenizer.decode(self.tokens[start:end], skip_special_tokens=True)
@@ -490,8 +503,8 @@ class StreamedText:
     that could still begin one held back until the next tokens tell. The pieces add up to the answer `generate`
     returns (its text cut at the first stop string)."""
 
-    def __init__(self, tokenizer, stop: tuple[str, ...] = ()):
-        self.text = IncrementalText(tokenizer)
+    def __init__(self, tokenizer, stop: tuple[str, ...] = (), context: list[int] | tuple[int, ...] = ()):
+        self.text = IncrementalText(tokenizer, context)
         self.stop = stop
         self.pending = ""  # decoded, not yet sent
         self.stopped = False  # a stop string was found: nothing more is sent

@@ -115,7 +115,7 @@ class Handler(BaseHTTPRequestHandler):
         events: Queue = Queue()
         tok = self.server.batcher.model.tokenizer
         jobs = [Job(ids, dataclasses.replace(request.sampling, max_tokens=budget), p * request.n + i, events,
-                    StreamedText(tok, request.sampling.stop) if request.stream else None, echo=request.echo,
+                    StreamedText(tok, request.sampling.stop, ids) if request.stream else None, echo=request.echo,
                     first_choice=i == 0)
                 for p, (ids, budget) in enumerate(zip(rows, budgets, strict=True)) for i in range(request.n)]
         with self.server.counting():  # (a stopping server waits for the requests it counts)
@@ -251,7 +251,7 @@ class Handler(BaseHTTPRequestHandler):
             return api.choice(request.path, job.index, prompt + text, done.finish_reason)
         scores, tokens, offsets = done.logprobs or [], done.tokens, None
         if request.path == api.COMPLETIONS:
-            offsets = self.server.text_offsets(IncrementalText(tok), tokens, 0)[0]
+            offsets = self.server.text_offsets(IncrementalText(tok, job.ids), tokens, 0)[0]
         if request.echo:  # (completions only)
             prompt, offsets = self._echoed(request, job, offsets)
             text, scores, tokens = prompt + text, done.prompt_logprobs + scores, job.ids + tokens
@@ -277,7 +277,7 @@ class Handler(BaseHTTPRequestHandler):
         rid, path, name = api.new_id(request.path), request.path, self.server.model_name
         started = False
         completion_tokens, ended = 0, 0
-        shown = [(IncrementalText(self.server.batcher.model.tokenizer), 0) for _ in jobs]  # (see `_piece`)
+        shown = [(IncrementalText(self.server.batcher.model.tokenizer, j.ids), 0) for j in jobs]  # (see `_piece`)
 
         def send(data: dict | str) -> None:
             nonlocal started
@@ -328,7 +328,7 @@ class Handler(BaseHTTPRequestHandler):
         path, index = request.path, job.index
         if kind == "echo":
             text, offsets = self._echoed(request, job, [])
-            shown[index] = (IncrementalText(self.server.batcher.model.tokenizer), len(text))
+            shown[index] = (IncrementalText(self.server.batcher.model.tokenizer, job.ids), len(text))
             field = None if value is None else api.logprobs_field(path, value, job.ids, self.server.token_text,
                                                                   offsets)
             return api.choice(path, index, text, None, True, field)
