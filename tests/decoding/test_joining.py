@@ -58,7 +58,7 @@ def joining_case(data, model_kind: str):
     return model, kw, first, later, budgets, at, stop
 
 
-@settings(max_examples=30, deadline=None,
+@settings(max_examples=15, deadline=None,
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 @given(data=st.data(), graphs=st.booleans(), model_kind=st.sampled_from(["heads", "masks"]))
 def test_joined_prompts_decode_as_alone(data, graphs, model_kind, replayed):  # noqa: F811
