@@ -1313,3 +1313,4 @@ def test_a_completion_keeps_its_first_words_space_after_the_prompt():
     assert echoed["choices"][0]["text"] == whole
     assert "".join(c["choices"][0]["text"] for c in streamed[:-1]) == " is is is is"
     assert_offsets_index_the_text(tok, scored["choices"][0]["logprobs"], scored["choices"][0]["text"])
+    assert "".join(scored["choices"][0]["logprobs"]["tokens"]) == " is is is is"  # ("is" alone lost the space)

@@ -308,12 +308,19 @@ LOWEST_LOGPROB = -9999.0
 
 
 def token_text(tokenizer) -> TokenText:
-    """How a response shows this tokenizer's tokens: the text a token decodes to (special tokens included) and
-    its bytes. A byte-level token that holds part of a character decodes to U+FFFD; its bytes are then the
-    token's own (GPT-2's byte-to-character table, or a "<0xE2>" byte token)."""
+    """How a response shows this tokenizer's tokens: the text a token adds after other text (special tokens
+    included) and its bytes. A byte-level token that holds part of a character decodes to U+FFFD; its bytes are
+    then the token's own (GPT-2's byte-to-character table, or a "<0xE2>" byte token)."""
+    anchor = tokenizer.encode("a", add_special_tokens=False)
+    anchor_text = tokenizer.decode(anchor) if anchor else None
+
     @cache
     def show(token: int) -> tuple[str, bytes]:
-        text = tokenizer.decode([token])
+        # decoded after an anchor ("a"): a SentencePiece tokenizer (Llama 2, Mistral) drops the word-start
+        # space of a text's first token, so "▁is" alone shows "is"; after the anchor, " is" (as vLLM shows it),
+        # and the tokens' texts add up to the answer's
+        after = tokenizer.decode(anchor + [token]) if anchor_text is not None else ""
+        text = after[len(anchor_text):] if anchor_text and after.startswith(anchor_text) else tokenizer.decode([token])
         if "\ufffd" not in text:
             return text, text.encode()
         raw = tokenizer.convert_ids_to_tokens(token) or ""
