@@ -731,3 +731,15 @@ def test_an_unknown_flag_points_to_the_command_and_the_closest_flag(args, messag
     code, _, err = run_cli([*args, "--model", "/no/such/model"], capsys)
     assert code == 2 and len(err.strip().splitlines()) == 1, err
     assert message in err, err
+
+
+def test_info_counts_a_padded_vocabulary_s_tokens(tmp_path, capsys):
+    """Real models pad the embedding past the tokenizer's tokens: `mtp info` says how many rows are tokens."""
+    from conftest import tiny_mtp, tiny_tokenizer
+
+    tok = tiny_tokenizer()
+    model = tiny_mtp("llama", num_heads=2, vocab_size=len(tok) + 11)
+    model.tokenizer = tok
+    code, out, _ = run_cli(["info", "--model", str(model.save_pretrained(tmp_path / "padded"))], capsys)
+    row = next(line for line in out.splitlines() if line.startswith("vocabulary"))
+    assert code == 0 and f"{len(tok)} tokens + 11 padding rows" in row, row

@@ -55,11 +55,20 @@ def _mask_token_rows(m) -> list[tuple[str, str]]:
          else "full (every weight trained)"),
         ("k", f"{m.default_k} tokens per forward by default (k-1 masks), up to {m.max_k}"),
         ("layers", f"{m.lm.num_layers}"),
-        ("vocabulary", f"{m.base.get_input_embeddings().weight.shape[0]:,} tokens"),
+        ("vocabulary", _vocabulary(m.base.get_input_embeddings().weight.shape[0], m.tokenizer)),
         ("parameters", f"{_count(m.base.parameters()):,} + {adapters:,} in adapters"),
         ("device, dtype", Runtime(m.device, m.dtype).describe()),
         ("weights from", describe_source(m.source)),
     ]
+
+
+def _vocabulary(rows: int, tokenizer) -> str:
+    """The embedding's rows, and the tokenizer's tokens where fewer: real models pad the embedding (Qwen2.5's
+    151,936 rows for 151,665 tokens), and the rows past the tokenizer's last token are no token."""
+    tokens = len(tokenizer) if tokenizer is not None else rows
+    if not 0 < tokens < rows:
+        return f"{rows:,} tokens"
+    return f"{tokens:,} tokens + {rows - tokens:,} padding rows"
 
 
 def _heads_rows(m) -> list[tuple[str, str]]:
@@ -81,7 +90,7 @@ def _heads_rows(m) -> list[tuple[str, str]]:
                   f"layers, {m.num_layers - m.num_trunk_layers} layer(s) each)" if m.num_heads > 1
          else "1 (the base model itself)"),
         ("hidden size", str(getattr(cfg, "hidden_size", getattr(cfg, "n_embd", "?")))),
-        ("vocabulary", f"{embed.shape[0]:,} tokens" + (f", tokenizer {type(m.tokenizer).__name__}"
+        ("vocabulary", _vocabulary(embed.shape[0], m.tokenizer) + (f", tokenizer {type(m.tokenizer).__name__}"
                                                        if m.tokenizer is not None else ", no tokenizer")),
         ("draft vocabulary", "the whole vocabulary" if m.draft_vocab is None else
          f"{m.draft_vocab.numel():,} tokens (what heads 1..{m.num_heads - 1} may propose)"),
