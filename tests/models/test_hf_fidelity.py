@@ -44,7 +44,7 @@ def test_sliding_window_inside_the_window_is_transformers_and_past_it_an_error(k
     assert generate(model, [short], max_new_tokens=6, strategy="greedy", stop_token_ids=[]).tokens == \
         [hf_greedy(base, short, 6)]
     long = list(range(3, 3 + WINDOW))
-    with pytest.raises(MTPError, match=f"sliding window of {WINDOW} tokens"):
+    with pytest.raises(MTPError, match=f"context of {WINDOW} tokens \\(its sliding attention window\\)"):
         generate(model, [long], max_new_tokens=8, strategy="greedy", stop_token_ids=[])
     ids = torch.tensor([list(range(3, 3 + WINDOW + 4))])
     with torch.no_grad(), pytest.raises(MTPError, match=f"sliding window of {WINDOW} tokens"):
@@ -61,3 +61,18 @@ def test_a_window_the_config_switches_off_is_no_window():
     prompt = list(range(3, 17))
     got = generate(MTPModel(base, num_heads=1), [prompt], max_new_tokens=10, strategy="greedy", stop_token_ids=[])
     assert got.tokens == [hf_greedy(base, prompt, 10)]
+
+
+@pytest.mark.parametrize("kind", sorted(SLIDING))
+def test_a_sequence_that_ends_at_the_window_decodes(kind):
+    """The window bounds the positions decoded, not the cache's slots: a cache holds more (the drafts' room,
+    rounding, a server's room for joining prompts), and counting those refused prompts whose answer ends
+    within the window (greedy up to the window exactly; a server refused any past window - 512)."""
+    base = base_of(SLIDING[kind]())
+    model = MTPModel(base, num_heads=2)
+    prompt = list(range(3, 9))
+    new = WINDOW - len(prompt)
+    assert generate(model, [prompt], max_new_tokens=new, strategy="greedy", stop_token_ids=[]).tokens == \
+        [hf_greedy(base, prompt, new)]
+    assert generate(model, [prompt], max_new_tokens=new - 2, strategy="speculative", stop_token_ids=[]).tokens == \
+        [hf_greedy(base, prompt, new - 2)]

@@ -927,12 +927,12 @@ def _fit_context(model, input_ids, attention_mask, opts: DecodeOptions, lookahea
     if need <= limit:
         return input_ids, attention_mask
     if not truncate_prompt:
-        raise MTPError(f"prompt of {input_ids.shape[1]} tokens + max_new_tokens {opts.max_new_tokens} exceeds the "
-                       f"model's context of {limit} tokens (shorten it, or keep its last tokens: "
+        raise MTPError(f"prompt of {input_ids.shape[1]} tokens + max_new_tokens {opts.max_new_tokens} exceeds "
+                       f"{_context_words(model, limit)} (shorten it, or keep its last tokens: "
                        "truncate_prompt=True, --truncate-prompt)")
     keep = limit - (need - input_ids.shape[1])
     if keep <= 0:
-        raise MTPError(f"max_new_tokens {opts.max_new_tokens} does not fit the model's context of {limit}")
+        raise MTPError(f"max_new_tokens {opts.max_new_tokens} does not fit {_context_words(model, limit)}")
     mask = attention_mask[:, -keep:] if attention_mask is not None else None
     return input_ids[:, -keep:], mask
 
@@ -951,12 +951,25 @@ def context_room(model, strategy: Strategy = "greedy", k: int | None = None, num
 
 
 def context_limit(model) -> int | None:
+    """The tokens a sequence may have: the model's positions, or its sliding attention window where narrower
+    (past the window mtp's causal masks are not the model's attention: `backbones.check_within_window`)."""
     cfg = model.config
-    for name in ("max_position_embeddings", "n_positions"):
-        value = getattr(cfg, name, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return None
+    limit = next((v for name in ("max_position_embeddings", "n_positions")
+                  if isinstance(v := getattr(cfg, name, None), int) and v > 0), None)
+    window = attention_window_of(model)
+    return window if window is not None and (limit is None or window < limit) else limit
+
+
+def attention_window_of(model) -> int | None:
+    """The model's sliding attention window (`backbones.attention_window`; None: it has none)."""
+    backbone = getattr(model, "backbone", None) or getattr(getattr(model, "lm", None), "backbone", None)
+    return getattr(backbone, "window", None)
+
+
+def _context_words(model, limit: int) -> str:
+    """How an error names the model's context (a sliding window that limits it says so)."""
+    return f"the model's context of {limit} tokens" + (
+        " (its sliding attention window)" if attention_window_of(model) == limit else "")
 
 
 def default_stop_token_ids(model, tokenizer) -> list[int]:

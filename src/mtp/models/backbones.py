@@ -93,8 +93,8 @@ class LlamaBackbone(Backbone):
         return self.causal_lm.model.embed_tokens(input_ids)  # (B, T, H)
 
     def layer_inputs(self, hidden, position_ids, max_position=None):
-        if self.window is not None:
-            check_within_window(self.window, position_ids, max_position)
+        if self.window is not None and max_position is None:  # (cached: `generate` keeps to `context_limit`)
+            check_within_window(self.window, position_ids)
         shared = {"position_ids": position_ids}
         if self.fast_layers is not None and not torch.is_grad_enabled():  # the lean step's form of the tables
             shared["fast_rope"] = self._fast_rope(hidden, position_ids, max_position)
@@ -188,15 +188,16 @@ def attention_window(causal_lm: nn.Module) -> int | None:
     return min((w for w in windows if w is not None), default=None)
 
 
-def check_within_window(window: int, position_ids: torch.Tensor, max_position: int | None) -> None:
+def check_within_window(window: int, position_ids: torch.Tensor) -> None:
     """mtp's masks are causal over the whole sequence. A sliding window only changes what a query at position >=
-    `window` sees (keys `window` or more positions back), so shorter sequences decode exactly as transformers
-    decodes them, and longer ones are refused rather than decoded differently. `max_position`: a cache's slots,
-    a bound on the positions of all its forwards (no read of the device); else the forward's own positions."""
-    span = max_position if max_position is not None else int(position_ids.max()) + 1 if position_ids.numel() else 0
+    `window` sees (keys `window` or more positions back), so shorter sequences run exactly as transformers runs
+    them, and longer ones are refused rather than run differently. For uncached forwards (training, scoring):
+    a cached one's slots are no bound (padding, drafts' and joining prompts' room), so `generate` checks prompt
+    and answer on the host instead (`context_limit` counts the window), with no read of the device."""
+    span = int(position_ids.max()) + 1 if position_ids.numel() else 0
     if span > window:
         raise MTPError(f"this model attends within a sliding window of {window} tokens, which mtp does not "
-                       f"implement: keep prompt and new tokens within {window} tokens (this needs up to {span})")
+                       f"implement: keep each sequence within {window} tokens (this one has {span})")
 
 
 @functools.cache
