@@ -1314,3 +1314,21 @@ def test_a_completion_keeps_its_first_words_space_after_the_prompt():
     assert "".join(c["choices"][0]["text"] for c in streamed[:-1]) == " is is is is"
     assert_offsets_index_the_text(tok, scored["choices"][0]["logprobs"], scored["choices"][0]["text"])
     assert "".join(scored["choices"][0]["logprobs"]["tokens"]) == " is is is is"  # ("is" alone lost the space)
+
+
+def test_a_stop_string_that_begins_at_the_first_words_space_is_a_stop():
+    """The answer's text is decoded after the prompt (" is", where "▁is" alone reads "is"): a stop string that
+    the text holds only so, in the last of max_tokens tokens, ends the answer with "stop", not "length" (the
+    finish reason was read from the answer decoded alone), streamed or not."""
+    from conftest import tiny_sentencepiece_tokenizer
+
+    tok = tiny_sentencepiece_tokenizer()
+    m = tiny_mtp("llama", num_heads=3, vocab_size=len(tok))
+    m.tokenizer = tok
+    word = tok.convert_tokens_to_ids("▁is")
+    body = {"prompt": "The answer", "max_tokens": 1, "logit_bias": {str(word): 100}, "stop": [" is"]}
+    with served(m) as server:
+        _, plain = post(server, "/v1/completions", body)
+        streamed = events(server, "/v1/completions", body)
+    assert plain["choices"][0]["text"] == "" and plain["choices"][0]["finish_reason"] == "stop"
+    assert streamed[-2]["choices"][0]["finish_reason"] == "stop"

@@ -268,14 +268,16 @@ class Batcher:
         return ([j.scored(scores_of.get(tuple(j.ids))) if j.echo else None for j in jobs],
                 {"scored_tokens": sum(map(len, scores_of)), "scoring_seconds": round(time.perf_counter() - start, 4)})
 
-    def _stopped(self, tokens: list[int], stop: tuple[str, ...]) -> bool:
-        """Whether a row of max_tokens tokens ended at its last token anyway: an end token or a stop string (a
-        row that ends sooner always stopped: a prompt and max_tokens always fit the context)."""
+    def _stopped(self, tokens: list[int], text: str, stop: tuple[str, ...]) -> bool:
+        """Whether a row of max_tokens tokens ended at its last token anyway: an end token or a stop string in
+        its `text` (as the answer is sent: decoded after the prompt, so " Paris" matches a first "▁Paris" that
+        decoded alone reads "Paris"). A row that ends sooner always stopped: a prompt and max_tokens always fit
+        the context."""
         if not tokens:  # (max_tokens 0: a prompt scored)
             return False
         if tokens[-1] in self.end_ids:
             return True
-        return bool(stop) and any(x in self.model.tokenizer.decode(tokens, skip_special_tokens=True) for x in stop)
+        return any(x in text for x in stop)
 
     @functools.cached_property
     def end_ids(self) -> frozenset[int]:
@@ -369,8 +371,9 @@ class Batcher:
                 sent[row] = True
                 answered.add(row)
                 stop = job.sampling.stop
-                text = cut_at_stop(answer_text(self.model.tokenizer, tokens, job.ids), stop)
-                reason = "length" if len(tokens) == limit and not self._stopped(tokens, stop) else "stop"
+                whole = answer_text(self.model.tokenizer, tokens, job.ids)
+                text = cut_at_stop(whole, stop)
+                reason = "length" if len(tokens) == limit and not self._stopped(tokens, whole, stop) else "stop"
                 figures = {"rows": len(jobs), **stats.to_dict(), **(scoring if scoring["scored_tokens"] else {})}
                 prompt = prompt_scores[row] if row < len(prompt_scores) else None  # (a joined job echoes nothing)
                 job.events.put(("end", job.index, Finished(text, tokens, reason, figures, job.scored(scores), prompt)))
