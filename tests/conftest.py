@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig
@@ -146,12 +148,26 @@ def tiny_sentencepiece_tokenizer(vocab_size: int = 300):
     specials = ["<unk>", "<s>", "</s>", "<pad>", "<|im_start|>", "<|im_end|>"]
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials + [f"<0x{i:02X}>" for i in range(256)])
     tok.train_from_iterator(["What is 7 + 5? The answer is 12.", "Janet has 3 eggs and 4 ducks."] * 20, trainer)
+    tok = _ordinary_byte_tokens(tok)
     tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
                                                        special_tokens=[("<s>", 1)])
     hf = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
                                  pad_token="<pad>")
     hf.chat_template = CHAT_TEMPLATE
     return hf
+
+
+def _ordinary_byte_tokens(tok):
+    """`tok` with its "<0x..>" tokens as plain vocabulary, as Llama's and Mistral's tokenizer.json hold them: the
+    trainer adds them as special tokens, which decode(skip_special_tokens=True), as answers are decoded, drops
+    (an emoji's bytes vanished instead of reading as the emoji)."""
+    import json
+
+    from tokenizers import Tokenizer
+
+    spec = json.loads(tok.to_str())
+    spec["added_tokens"] = [t for t in spec["added_tokens"] if not re.fullmatch(r"<0x[0-9A-F]{2}>", t["content"])]
+    return Tokenizer.from_str(json.dumps(spec))
 
 
 @pytest.fixture
