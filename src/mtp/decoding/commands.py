@@ -476,6 +476,11 @@ class IncrementalText:
         as vLLM decodes a completion after its prompt."""
         self.tokenizer = tokenizer
         self.tokens: list[int] = list(context)[-CONTEXT_TOKENS:]
+        # a context that ends inside a character (a token-id prompt cut mid-emoji) is decoded without that
+        # character's bytes: their U+FFFD(s) become one character with the answer's first bytes, and the text
+        # past the context's length would drop that many of the answer's own characters
+        while self.tokens and self._decode(0).endswith("\ufffd"):
+            self.tokens.pop()
         self.prefix = 0  # decoding starts here (context for the first new token)
         self.read = len(self.tokens)  # the text of tokens before this was returned
 
