@@ -105,9 +105,17 @@ real)
   # (heads that did not train, or a limit that cut training short, leave no model: no bench of nothing, twice)
   [ -f "$heads/config.json" ] || { echo "gpu_check: no model in $heads (see train.log): no bench" >&2; exit 1; }
   step "bench on the GPU"
+  # Each row's options only where BENCH_EXTRA's --strategy (if any) keeps a row that uses it: mtp refuses an
+  # option it would ignore (`--strategy greedy speculative` with --tau 0.9 failed both runs at once).
+  strategies=""; [[ " ${BENCH_EXTRA:-} " != *" --strategy "* ]] || { strategies=${BENCH_EXTRA#*--strategy }
+    strategies=" ${strategies%% --*} "; }
+  uses() { local s; for s; do [ -z "$strategies" ] || [[ $strategies == *" $s "* ]] && return 0; done; return 1; }
+  ROWS=(); uses confadapt && ROWS+=(--tau 0.9); uses static confadapt speculative && ROWS+=(--k 4)
   # shellcheck disable=SC2206  # (TREE_SIZES and BENCH_EXTRA are split into words on purpose)
-  BENCH=(python3 -m mtp bench --model "$heads" --limit "${PROMPTS:-10}" --max-new-tokens 128 --tau 0.9 --k 4
-         --tree-size ${TREE_SIZES:-4 16} --tree auto dynamic --lookup 6 --batch-size 1 16 --device cuda --no-progress
+  uses speculative && ROWS+=(--tree-size ${TREE_SIZES:-4 16} --tree auto dynamic --lookup 6)
+  # shellcheck disable=SC2206
+  BENCH=(python3 -m mtp bench --model "$heads" --limit "${PROMPTS:-10}" --max-new-tokens 128 "${ROWS[@]}"
+         --batch-size 1 16 --device cuda --no-progress
          --graphs ${BENCH_GRAPHS:-auto} --dtype ${BENCH_DTYPE:-auto} --output /tmp/bench ${BENCH_EXTRA:-})
   # A failing peer must not cost the table: the second run resumes from the bench's journal without it. A bench
   # its own limit stopped (124) is resumed by the next call instead (the plan in DEVELOPERS.md), not here. The log
