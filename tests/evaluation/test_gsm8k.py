@@ -66,13 +66,16 @@ def test_extract_flexible(text: str, expected: str | None) -> None:
     [
         ("$18", "18"),
         ("1,234", "1234"),
-        ("18.00", "18"),
-        ("3.50", "3.5"),
-        ("3.5", "3.5"),
         ("42.", "42"),
         ("-5", "-5"),
-        ("100", "100"),  # zeros before any decimal point stay
-        (" $1,000.0 ", "1000"),
+        ("100", "100"),
+        # lm-eval's regexes_to_ignore keep decimal zeros and drop one final "." only.
+        ("18.00", "18.00"),
+        ("3.50", "3.50"),
+        ("18..", "18."),
+        (" $1,000.0 ", "1000.0"),
+        ("$1,000.", "1000"),
+        ("x\n#### 7", "7"),  # "(?s).*#### "
     ],
 )
 def test_normalize_number(raw: str, expected: str) -> None:
@@ -80,12 +83,36 @@ def test_normalize_number(raw: str, expected: str) -> None:
 
 
 def test_is_correct() -> None:
-    assert is_correct("$1,234.00", "1234")
-    assert is_correct("3.50", "3.5")
+    assert is_correct("$1,234.", "1234")
+    assert is_correct("1,234", "1,234")
     assert is_correct("42.", "42")
     assert not is_correct(None, "42")
     assert not is_correct("...", "")  # punctuation that flexible-extract can return is never right
     assert not is_correct("-5", "5")
+
+
+@pytest.mark.parametrize(
+    ("output", "reference", "strict", "flexible"),
+    [
+        ("So she has $1,000.", "1000", False, True),
+        ("The answer is 42.\n\n", "42", True, True),
+        ("The answer is 42", "42", False, True),  # strict backtracks to "4"
+        ("It is 12 kg, so 5 bags.", "5", False, True),
+        ("The answer is -3.", "-3", True, True),
+        ("The answer is - 3.", "-3", False, False),
+        ("nothing", "7", False, False),
+        # lm-eval scores decimal zeros and a doubled final "." as wrong (exact_match on the text, not the value)
+        ("The answer is 18.00.", "18", False, False),
+        ("The answer is $18.00.", "18", False, False),
+        ("The answer is 5.0.", "5", False, False),
+        ("So 18..", "18", False, False),
+        ("The answer is 1.000.", "1", False, False),
+    ],
+)
+def test_score_as_lm_eval(output: str, reference: str, strict: bool, flexible: bool) -> None:
+    """Both metrics of hand-written outputs, as lm-eval's gsm8k_cot (0.4.13) scores them."""
+    assert is_correct(extract_strict(output), reference) is strict
+    assert is_correct(extract_flexible(output), reference) is flexible
 
 
 def test_reference_answer() -> None:

@@ -139,26 +139,32 @@ def extract_flexible(text: str) -> str | None:
     return (wide or narrow).strip()
 
 
-def normalize_number(s: str) -> str:
-    """Canonical text of a number: no "$", no thousands commas, no trailing ".", no trailing decimal zeros.
+# gsm8k_cot's `metric_list` exact_match: `regexes_to_ignore`, each removed in this order, then `ignore_case`.
+_IGNORE_RES = [re.compile(r) for r in (",", r"\$", r"(?s).*#### ", r"\.$")]
 
-    "$1,234.00" -> "1234", "3.50" -> "3.5", "18." -> "18". lm-eval's exact_match drops ",", "$" and one final
-    "." but keeps decimal zeros; we drop those too, so "18.00" counts as 18 (more lenient than lm-eval; GSM8K's
-    references are all integers, so this only matters for predictions written with decimals).
+
+def normalize_number(s: str) -> str:
+    """A prediction or reference as lm-eval's exact_match compares them: every "," and "$" removed, any text up to
+    "#### " removed, one final "." removed, lower case (the filters already strip surrounding whitespace).
+
+    "$1,234." -> "1234", "18." -> "18"; decimal zeros stay, as in lm-eval: "18.00" is not "18" and "18.." is
+    "18.", so such answers score as wrong, as lm-eval scores them (kept for scores comparable with lm-eval's).
     """
-    s = s.strip().replace("$", "").replace(",", "").rstrip(".")
-    if "." in s:
-        s = s.rstrip("0").rstrip(".")
-    return s
+    s = s.strip()
+    for pattern in _IGNORE_RES:
+        s = pattern.sub("", s)
+    return s.lower()
 
 
 def reference_answer(answer_field: str) -> str:
-    """The gold number of a GSM8K `answer` field: the text after the last "####", normalised."""
+    """The gold number of a GSM8K `answer` field: the text after the last "####" (gsm8k_cot's `doc_to_target`),
+    normalised."""
     return normalize_number(answer_field.split("####")[-1])
 
 
 def is_correct(pred: str | None, ref: str) -> bool:
-    """Whether an extracted prediction equals the reference, both normalised. No prediction is wrong."""
+    """lm-eval's exact_match of an extracted prediction against the reference, both normalised. No prediction
+    (lm-eval's "[invalid]" fallback) is wrong."""
     if pred is None:
         return False
     pred_norm = normalize_number(pred)
