@@ -171,6 +171,23 @@ def test_resume_continues_from_partial_jsonl(tiny_tokenizer, gsm8k_file, tmp_pat
     assert ran == [] and again["strict"] == summary["strict"]
 
 
+def test_resume_scores_kept_records_again(tiny_tokenizer, gsm8k_file, tmp_path):
+    """A record kept from an earlier run (an older mtp counted "5.0" as 5) is scored by today's rule, as
+    lm-eval's exact_match: the summary and the rewritten samples say strict and flexible are wrong."""
+    model = make_model(tiny_tokenizer)
+    prompts = gsm8k_prompts(tiny_tokenizer, path=gsm8k_file, shots=1, chat=True, limit=2)
+    out, identity = tmp_path / "run", {"model": "tiny", "strategy": "greedy"}
+    run_eval(model, tiny_tokenizer, prompts, out, identity, max_new_tokens=3, batch_size=2, progress=False)
+    records = _lines(out / "samples.jsonl")
+    for r in records:
+        r.update(output="The answer is 5.0.\n\n", reference="5", strict="5.0", flexible="5.0.",
+                 strict_correct=True, flexible_correct=True)
+    (out / "samples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    summary = run_eval(model, tiny_tokenizer, prompts, out, identity, max_new_tokens=3, batch_size=2, progress=False)
+    assert summary["strict"]["correct"] == 0 and summary["flexible"]["correct"] == 0
+    assert not any(r["strict_correct"] or r["flexible_correct"] for r in _lines(out / "samples.jsonl"))
+
+
 def test_an_interrupted_evaluation_says_what_it_kept(tiny_tokenizer, gsm8k_file, tmp_path, monkeypatch, capsys):
     """Ctrl-C during an evaluation: how many problems are kept, where, and that the same command goes on."""
     model = make_model(tiny_tokenizer)

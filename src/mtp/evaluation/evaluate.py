@@ -184,6 +184,8 @@ def run_eval(model, tokenizer, prompts: Sequence[Prompt], output: str | Path, id
         keys = {p.id: prompt_key(p.token_ids) for p in prompts}
         records = read_samples(samples_path)
         for r in records:
+            if isinstance(r.get("output"), str):  # scored again: a record an older mtp scored follows today's rule
+                r.update(score(r["output"], r.get("reference")))
             if keys.get(r["id"]) == r["prompt_key"]:
                 done[r["id"]] = r
         _rewrite_samples(samples_path, records)  # drop a torn last line before appending
