@@ -1,7 +1,8 @@
 """GSM8K prompts, answer extraction and scoring, following lm-evaluation-harness `gsm8k_cot` (version 3.0).
 
-Keeping the prompt text, the stop strings and both extraction regexes identical to lm-eval means the numbers
-this project reports can be set beside numbers users got from lm-eval. Pure Python: no model here.
+Keeping the prompt text, the stop strings, both extraction regexes and exact_match's normalisation identical to
+lm-eval means the numbers this project reports can be set beside numbers users got from lm-eval. Pure Python: no
+model here.
 """
 
 from __future__ import annotations
