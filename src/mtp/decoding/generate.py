@@ -961,9 +961,10 @@ def context_limit(model) -> int | None:
 
 
 def attention_window_of(model) -> int | None:
-    """The model's sliding attention window (`backbones.attention_window`; None: it has none)."""
-    backbone = getattr(model, "backbone", None) or getattr(getattr(model, "lm", None), "backbone", None)
-    return getattr(backbone, "window", None)
+    """The model's sliding attention window (`Backbone.window`; None: it has none, or it is a plain Hugging Face
+    model, e.g. the base `mtp bench-train` checks)."""
+    backbone = getattr(model, "backbone", None)
+    return backbone.window if backbone is not None else None
 
 
 def _context_words(model, limit: int) -> str:

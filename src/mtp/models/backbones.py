@@ -32,6 +32,7 @@ class Backbone:
     layers: nn.ModuleList
     norm: nn.Module
     supports_fast_layers = False  # has a lean decoding step (mtp.models.fast_llama)
+    window: int | None = None  # the narrowest sliding attention window of its layers (None: they see everything)
 
     def use_fast_layers(self, layers, weights: str | None) -> None:
         """Route cached no-grad forwards of `layers` through the lean step (`weights` None: never)."""

@@ -350,6 +350,10 @@ class MaskTokenModel(nn.Module):
         return self.base.config
 
     @property
+    def backbone(self):
+        return self.lm.backbone
+
+    @property
     def device(self) -> torch.device:
         return next(self.base.parameters()).device
 
