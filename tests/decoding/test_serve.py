@@ -832,6 +832,26 @@ def test_models_health_and_unknown_routes(model):
     assert queried[0] == 200  # a query string routes as its path
 
 
+def test_a_burst_of_connections_waits_for_the_accepting_thread():
+    """Clients connecting at once while the accepting thread is busy (here: not started) are held by the system
+    until it takes them: each connects at once and is answered (socketserver's queue of 5 dropped the rest)."""
+    server = Server("127.0.0.1", 0)
+    server.access_log = False
+    clients = [socket.create_connection(server.server_address[:2], timeout=2) for _ in range(32)]
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        for sock in clients:
+            sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        answers = [sock.recv(4096).split(b"\r\n")[0] for sock in clients]
+    finally:
+        for sock in clients:
+            sock.close()
+        server.shutdown()
+        server.server_close()
+    assert answers == [b"HTTP/1.1 200 OK"] * 32
+
+
 def test_a_request_without_max_tokens_gets_what_fits(model):
     """No max_tokens: the server's default (16 here), or less where the prompt leaves less of the context (254
     tokens with 2 drafts' lookahead): never a refusal for a number the client did not send."""

@@ -365,6 +365,9 @@ class Server(ThreadingHTTPServer):
     """The HTTP server, bound before the model loads (a port in use is an error before any long work)."""
 
     daemon_threads = True
+    # connections the system holds until the accepting thread takes them: a burst of clients connecting at once
+    # (socketserver's 5 dropped the rest: their connects waited a second or more, or were reset)
+    request_queue_size = 1024
 
     def __init__(self, host: str, port: int):
         if ":" in host:  # an IPv6 address ("::" listens on every interface, IPv4 too where the system maps it)
