@@ -882,6 +882,33 @@ def test_a_stopping_server_finishes_the_requests_it_answers(model, monkeypatch):
     assert late[0] == 503 and late[1]["error"]["message"] == "the server is stopping"
 
 
+def test_a_server_stopped_at_once_tells_the_clients_it_was_answering(tiny_mtp_folder, monkeypatch):
+    """Ctrl-C twice (or a drain that ran out) stops decoding at once: the streamed request being answered gets an
+    error event and [DONE] before `serve` returns (the process then exits), not a stream cut short."""
+    steps, received, servers = _slow_decoding(monkeypatch), [], []
+    monkeypatch.setattr(serve_module, "DRAIN_SECONDS", 0)
+
+    class Interrupted(Server):  # serves until its request has decoded a few tokens, then is interrupted
+        def serve_forever(self):
+            servers.append(self)
+            warmed = steps[0]  # (the warm-up's steps)
+            threading.Thread(target=super().serve_forever, daemon=True).start()
+            client = threading.Thread(target=lambda: received.extend(
+                events(self, "/v1/completions", {"prompt": PROMPTS[0], "max_tokens": 200})))
+            client.start()
+            wait_until(lambda: steps[0] >= warmed + 3)
+            self.shutdown()
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(serve_module, "Server", Interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        serve_module.serve(str(tiny_mtp_folder), port=0, access_log=False, prompt_cache_mb=0)
+    assert servers[0].requests == 0  # (answered before serve returned)
+    wait_until(lambda: received)
+    assert received[-2] == {"error": {"message": "the decoding thread stopped", "type": "server_error",
+                                      "param": None, "code": None}} and received[-1] == "[DONE]"
+
+
 def test_a_request_to_a_server_whose_decoding_thread_died_is_refused(model):
     dead = threading.Thread(target=lambda: None)
     dead.start()

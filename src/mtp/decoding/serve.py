@@ -567,6 +567,10 @@ def serve(model: str | None = None, host: str = "127.0.0.1", port: int = 8000, s
         server.server_close()
         if server.batcher is not None:
             server.batcher.stop()
+            # the requests still being answered (Ctrl-C again, or the drain ran out) are told that decoding stopped
+            # (their HTTP threads see it within a poll) rather than cut off: a streamed answer cut short reads as
+            # whole to a client that does not look for its finish_reason
+            server.finish_requests(1)
     return 0
 
 
