@@ -909,6 +909,26 @@ def test_a_server_stopped_at_once_tells_the_clients_it_was_answering(tiny_mtp_fo
                                       "param": None, "code": None}} and received[-1] == "[DONE]"
 
 
+def test_a_prompt_the_model_computes_nan_for_fails_alone_as_a_server_error():
+    """A token whose embedding is NaN (a dtype that overflows on one input does the same): the request holding it
+    gets a 500 server_error (the model's fault: a client must not take it as malformed); the request batched with
+    it is answered."""
+    tok = tiny_tokenizer()
+    broken = tiny_mtp("llama", num_heads=3, vocab_size=len(tok), dtype=torch.float64)
+    bad = tok("~").input_ids[-1]
+    with torch.no_grad():  # untied first: the other prompt's logits stay finite
+        embedding = broken.base.model.embed_tokens
+        embedding.weight = torch.nn.Parameter(embedding.weight.clone())
+        embedding.weight[bad] = float("nan")
+    broken.tokenizer = tok
+    with served(broken, start=False, prompt_cache=False) as server:
+        (nan_status, nan_body), (ok_status, ok_body) = posted_together(
+            server, [{"prompt": "What is ~?", "max_tokens": 4}, {"prompt": PROMPTS[0], "max_tokens": 4}])
+    assert nan_status == 500 and nan_body["error"]["type"] == "server_error"
+    assert "NaN or infinite logits" in nan_body["error"]["message"]
+    assert ok_status == 200 and ok_body["choices"][0]["text"] == greedy(broken, tok(PROMPTS[0]).input_ids, 4).texts[0]
+
+
 def test_a_request_to_a_server_whose_decoding_thread_died_is_refused(model):
     dead = threading.Thread(target=lambda: None)
     dead.start()

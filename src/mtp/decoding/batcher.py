@@ -44,7 +44,7 @@ from mtp.decoding.penalties import Penalties
 from mtp.decoding.prefixes import PromptCache
 from mtp.decoding.row_options import RowOptions, row_arguments
 from mtp.decoding.stopping import cut_at_stop
-from mtp.errors import MTPError, first_line
+from mtp.errors import MTPError, NonFiniteLogitsError, first_line
 from mtp.runtime import CoreWait
 
 
@@ -396,7 +396,10 @@ class Batcher:
                     if not job.cancelled.is_set():  # (a request fails whole: its other prompts are cancelled)
                         self.decode_batch([job], record)
                 return
-            self._failed(jobs, answered, HTTPStatus.BAD_REQUEST, first_line(e), record)
+            # (the model's own failure on a request's text is the server's error: a client should not retry it
+            # as malformed)
+            status = HTTPStatus.INTERNAL_SERVER_ERROR if isinstance(e, NonFiniteLogitsError) else HTTPStatus.BAD_REQUEST
+            self._failed(jobs, answered, status, first_line(e), record)
             return
         except Exception as e:  # noqa: BLE001 (the server goes on; the client is told, the log has the trace)
             traceback.print_exc()

@@ -59,7 +59,7 @@ from mtp.decoding.step import (  # noqa: F401  (Strategy: re-exported)
 )
 from mtp.decoding.stopping import StopChecker
 from mtp.decoding.tree import DraftTree, DynamicTree, resolve_tree
-from mtp.errors import MTPError
+from mtp.errors import MTPError, NonFiniteLogitsError
 from mtp.models.cache import MTPCache
 
 
@@ -541,7 +541,7 @@ def _read_rows(host: list[list[int]], batch: _HostRows, stop: StopChecker, finis
     `left` (tokens a row may still emit) in place."""
     width = emitted_width(len(host[0]), top) if host else 0
     if any(h[NON_FINITE] for h, a in zip(host, batch.active, strict=True) if a):
-        raise MTPError("the model computed NaN or infinite logits (damaged weights, or a dtype that overflows "
+        raise NonFiniteLogitsError("the model computed NaN or infinite logits (damaged weights, or a dtype that overflows "
                        "for this model)")
     emitted, accepted, ended = [], [], []
     for i, row in enumerate(batch.rows):
