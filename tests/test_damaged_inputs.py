@@ -207,6 +207,39 @@ def test_an_invalid_config_is_one_line(tmp_path, edit, message, capsys):
     assert_one_line_error(code, err, str(config), message)
 
 
+# Sizes transformers accepts but no model of these weights has: each was a traceback while the model was built,
+# after (hidden_size, vocab_size) an allocation of terabytes, or (layers, heads) minutes building modules.
+ABSURD_SIZES = {
+    "vocab-negative": ({"vocab_size": -5}, "vocab_size must be at least 1, got -5"),
+    "kv-heads-zero": ({"num_key_value_heads": 0}, "num_key_value_heads must be at least 1, got 0"),
+    "head-dim-zero": ({"head_dim": 0}, "head_dim must be at least 1, got 0"),
+    "vocab-huge": ({"vocab_size": 10**10}, "the config does not describe these weights"),
+    "hidden-huge": ({"hidden_size": 2**20, "head_dim": 2**18}, "the config does not describe these weights"),
+    "intermediate-huge": ({"intermediate_size": 10**9}, "the config does not describe these weights"),
+    "layers-huge": ({"num_hidden_layers": 10**6}, "the config does not describe these weights"),
+}
+
+
+@pytest.mark.parametrize("kind", ["mtp", "hf"])
+@pytest.mark.parametrize("sizes", list(ABSURD_SIZES))
+def test_config_sizes_that_do_not_fit_the_weights_are_one_line(tmp_path, kind, sizes, capsys):
+    folder = _model_folder(tmp_path, kind)
+    config = folder / "config.json"
+    edit, message = ABSURD_SIZES[sizes]
+    config.write_text(json.dumps({**json.loads(config.read_text()), **edit}))
+    code, err = run_cli(["info", "--model", folder], capsys)
+    assert_one_line_error(code, err, str(config), message)
+
+
+def test_an_mtp_section_with_absurd_heads_is_one_line(tmp_path, capsys):
+    folder = _model_folder(tmp_path, "mtp")
+    config = folder / "config.json"
+    data = json.loads(config.read_text())
+    config.write_text(json.dumps({**data, "mtp": {**data["mtp"], "num_heads": 10**6}}))
+    code, err = run_cli(["info", "--model", folder], capsys)
+    assert_one_line_error(code, err, str(config), "1,000,000 heads", "the config does not describe these weights")
+
+
 @pytest.mark.parametrize("kind", ["mtp", "hf"])
 def test_missing_tokenizer_files_are_one_line(tmp_path, kind, capsys):
     folder = _model_folder(tmp_path, kind)

@@ -199,7 +199,7 @@ def check_model_folder(folder: str | os.PathLike) -> bool:
     config = read_json_object(folder / "config.json", "a model config")
     if not isinstance(config.get("model_type"), str):
         raise MTPError(f"{folder / 'config.json'}: no \"model_type\" (not a Hugging Face model config)")
-    _check_config(folder)
+    hf_config = _check_config(folder)
     is_mtp = "mtp" in config
     if is_mtp:
         section = config["mtp"]
@@ -225,6 +225,9 @@ def check_model_folder(folder: str | os.PathLike) -> bool:
         raise MTPError(f"{folder}: no weights (expected model.safetensors)")
     for shard in shards:
         check_safetensors(shard)
+    weights = shards or sorted(folder.glob("pytorch_model*.bin"))
+    check_config_sizes(folder / "config.json", hf_config, sum(w.stat().st_size for w in weights),
+                       config.get("mtp") if is_mtp else None)
     if (folder / "tokenizer_config.json").is_file() or not is_mtp:  # an mtp folder may come without a tokenizer
         if not any((folder / name).is_file() for name in _TOKENIZER_FILES):
             raise MTPError(f"{folder}: tokenizer files missing (expected one of {', '.join(_TOKENIZER_FILES)})")
@@ -260,15 +263,47 @@ def check_finite_weights(model, source: str) -> None:
                            "checkpoint is damaged, or training diverged before it was saved)")
 
 
-def _check_config(folder: Path) -> None:
-    """transformers can build a config from config.json (a known model_type, consistent sizes)."""
+def _check_config(folder: Path):
+    """transformers can build a config from config.json (a known model_type, consistent sizes); returns it."""
     from transformers import AutoConfig  # slow import; every caller goes on to load the model anyway
 
     try:
-        AutoConfig.from_pretrained(folder, trust_remote_code=False)  # never asks to run the folder's code
+        return AutoConfig.from_pretrained(folder, trust_remote_code=False)  # never asks to run the folder's code
     except Exception as e:  # ValueError, TypeError, hub validation errors: all mean the file is wrong
         cause = e.__cause__ or e
         raise MTPError(f"{folder / 'config.json'}: not a usable model config ({first_line(cause)})") from None
+
+
+# The config's sizes that the model's tensors are built from (transformers maps GPT-2's n_embd etc. to these).
+_SIZES = ("vocab_size", "hidden_size", "num_hidden_layers", "intermediate_size", "num_attention_heads",
+          "num_key_value_heads", "head_dim")
+
+
+def check_config_sizes(source: Path, config, stored: int, mtp: dict | None = None) -> None:
+    """The sizes of `config` (a transformers config, from config.json or a GGUF's metadata, named `source` in
+    errors) are positive and describe no more weights than `stored` bytes hold. transformers accepts any integer,
+    and the model is built from the config before a weight is read: a negative size was a traceback there, an
+    absurd one (another model's config, a typo: vocab_size 10**10, num_hidden_layers 10**6, an mtp section's
+    num_heads 10**6) an allocation of terabytes or an hour spent building layers. The bound is loose (every
+    model holds at least its embedding and, per layer, hidden_size x intermediate_size weights, and no format
+    stores a weight in less than a bit), so only sizes that do not describe the weights fail."""
+    sizes = {name: getattr(config, name, None) for name in _SIZES}
+    sizes = {name: v for name, v in sizes.items() if isinstance(v, int) and not isinstance(v, bool)}
+    for name, value in sizes.items():
+        if value < 1:
+            raise MTPError(f"{source}: {name} must be at least 1, got {value}")
+    if not all(name in sizes for name in ("vocab_size", "hidden_size", "num_hidden_layers")) or not stored:
+        return
+    layers = sizes["num_hidden_layers"]
+    if isinstance(mtp, dict) and all(isinstance(mtp.get(k), int) for k in ("num_heads", "num_trunk_layers")):
+        layers += max(mtp["num_heads"] - 1, 0) * max(layers - mtp["num_trunk_layers"], 1)  # the extra heads' layers
+    least = sizes["vocab_size"] * sizes["hidden_size"] + layers * sizes["hidden_size"] * sizes.get("intermediate_size", 1)
+    if least > 8 * stored:
+        named = ", ".join(f"{name} {sizes[name]:,}" for name in ("vocab_size", "hidden_size", "num_hidden_layers",
+                                                                 "intermediate_size") if name in sizes)
+        heads = f", {mtp['num_heads']:,} heads" if layers != sizes["num_hidden_layers"] else ""
+        raise MTPError(f"{source}: its sizes ({named}{heads}) need at least {least:,} weights, more than "
+                       f"{stored:,} bytes of weights can hold: the sizes do not describe these weights")
 
 
 def check_safetensors(path: Path) -> None:
