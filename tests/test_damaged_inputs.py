@@ -213,10 +213,10 @@ ABSURD_SIZES = {
     "vocab-negative": ({"vocab_size": -5}, "vocab_size must be at least 1, got -5"),
     "kv-heads-zero": ({"num_key_value_heads": 0}, "num_key_value_heads must be at least 1, got 0"),
     "head-dim-zero": ({"head_dim": 0}, "head_dim must be at least 1, got 0"),
-    "vocab-huge": ({"vocab_size": 10**10}, "the config does not describe these weights"),
-    "hidden-huge": ({"hidden_size": 2**20, "head_dim": 2**18}, "the config does not describe these weights"),
-    "intermediate-huge": ({"intermediate_size": 10**9}, "the config does not describe these weights"),
-    "layers-huge": ({"num_hidden_layers": 10**6}, "the config does not describe these weights"),
+    "vocab-huge": ({"vocab_size": 10**10}, "the sizes do not describe these weights"),
+    "hidden-huge": ({"hidden_size": 2**20, "head_dim": 2**18}, "the sizes do not describe these weights"),
+    "intermediate-huge": ({"intermediate_size": 10**9}, "the sizes do not describe these weights"),
+    "layers-huge": ({"num_hidden_layers": 10**6}, "the sizes do not describe these weights"),
 }
 
 
@@ -237,7 +237,7 @@ def test_an_mtp_section_with_absurd_heads_is_one_line(tmp_path, capsys):
     data = json.loads(config.read_text())
     config.write_text(json.dumps({**data, "mtp": {**data["mtp"], "num_heads": 10**6}}))
     code, err = run_cli(["info", "--model", folder], capsys)
-    assert_one_line_error(code, err, str(config), "1,000,000 heads", "the config does not describe these weights")
+    assert_one_line_error(code, err, str(config), "1,000,000 heads", "the sizes do not describe these weights")
 
 
 @pytest.mark.parametrize("kind", ["mtp", "hf"])

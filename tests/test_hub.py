@@ -263,6 +263,25 @@ def test_a_gguf_cut_short_is_said_to_be(tmp_path: Path) -> None:
         convert_gguf_to_folder(path, tmp_path / "out")
 
 
+@pytest.mark.parametrize("setter, value, message", [
+    ("add_block_count", 10**6, "num_hidden_layers 1,000,000"),  # was minutes building a million layers
+    ("add_embedding_length", 2**30, "hidden_size 1,073,741,824"),  # these three: a traceback (mismatched sizes)
+    ("add_feed_forward_length", 10**9, "intermediate_size 1,000,000,000"),
+    ("add_head_count_kv", 0, "num_key_value_heads must be at least 1, got 0"),
+    ("add_head_count", 0, "a file cut short or damaged"),
+])
+def test_gguf_metadata_its_weights_cannot_have_is_one_error(tmp_path: Path, monkeypatch, setter, value,
+                                                            message) -> None:
+    import gguf
+
+    original = getattr(gguf.GGUFWriter, setter)
+    monkeypatch.setattr(gguf.GGUFWriter, setter, lambda self, _: original(self, value))
+    path = write_tiny_gguf(tmp_path / "tiny.gguf", tiny_model())
+    with pytest.raises(MTPError, match=message):
+        convert_gguf_to_folder(path, tmp_path / "out")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny.gguf"]
+
+
 def test_load_gguf_converts_once_into_mtp_home(tmp_path: Path, home: Path) -> None:
     gguf_path = write_tiny_gguf(tmp_path / "tiny.gguf", tiny_model())
     _, _, source = hub.load_base_model(str(gguf_path))

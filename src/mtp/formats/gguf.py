@@ -21,8 +21,9 @@ import torch
 from mtp.errors import MTPError, first_line
 from mtp.io import disk_errors, moved_aside, remove_stale_temporaries, restore_moved_aside
 
-# What a truncated, corrupt or unsupported GGUF makes transformers' and gguf's readers raise.
-_READ_ERRORS = (ValueError, OSError, KeyError, IndexError, NotImplementedError, struct.error)
+# What a truncated, corrupt or unsupported GGUF makes transformers' and gguf's readers raise (a head count of 0:
+# ZeroDivisionError).
+_READ_ERRORS = (ValueError, OSError, KeyError, IndexError, NotImplementedError, struct.error, ZeroDivisionError)
 
 
 def is_complete_folder(folder: Path) -> bool:
@@ -34,7 +35,9 @@ def is_complete_folder(folder: Path) -> bool:
 def convert_gguf_to_folder(gguf_path: Path, output: Path) -> Path:
     """Dequantise `gguf_path` to fp32 and save it, with its tokenizer, as a Hugging Face folder at `output`."""
     # Imported here: transformers costs seconds to import and most callers of this module never convert.
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from mtp.hub import check_config_sizes  # (mtp.hub imports this module)
 
     gguf_path, output = Path(gguf_path).resolve(), Path(output)
     if not gguf_path.is_file():
@@ -51,6 +54,10 @@ def convert_gguf_to_folder(gguf_path: Path, output: Path) -> Path:
             folder, name = str(gguf_path.parent), gguf_path.name
             try:
                 tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+                # sizes in its metadata that its weights cannot have: refused before from_pretrained builds the
+                # model from them (a traceback there, or an hour spent building a million layers)
+                check_config_sizes(gguf_path, AutoConfig.from_pretrained(folder, gguf_file=name),
+                                   gguf_path.stat().st_size)
                 with _bar_follows_transformers():
                     quantized = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
             except _READ_ERRORS as e:
