@@ -365,6 +365,19 @@ def test_bad_params_json(tmp_path):
         meta_to_mtp(folder)
 
 
+@pytest.mark.parametrize("edit, message", [
+    ({"n_heads": 0}, "n_heads must be at least 1, got 0"),  # these three: a ZeroDivisionError
+    ({"n_kv_heads": 0}, "n_kv_heads must be at least 1, got 0"),
+    ({"multiple_of": 0}, "multiple_of must be at least 1, got 0"),
+    ({"ffn_dim_multiplier": "x"}, "ffn_dim_multiplier must be a positive number or null, got 'x'"),
+    ({"n_layers": 10**6}, "n_layers 1,000,000, but the checkpoint holds"),  # 10**9: a MemoryError, after minutes
+])
+def test_params_json_sizes_the_checkpoint_cannot_have(tmp_path, edit, message):
+    folder = write_meta(tmp_path / "m", {**PARAMS, **edit}, make_meta_state(PARAMS))
+    with pytest.raises(MTPError, match=message):
+        meta_to_mtp(folder)
+
+
 # -------------------------------------------------------------------------------------------- CLI
 def run_cli(argv: list[str]) -> int:
     with pytest.raises(SystemExit) as exc:

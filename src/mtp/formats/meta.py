@@ -223,12 +223,24 @@ class _Shape:
             self.n_heads = int(_param(params, "n_heads"))
             self.n_kv_heads = int(_param(params, "n_kv_heads"))
             self.num_heads = int(_param(params, "n_future_tokens"))
-            self.intermediate = ffn_hidden_size(self.dim, int(_param(params, "multiple_of")),
-                                                _param(params, "ffn_dim_multiplier"))
+            multiple_of, multiplier = int(_param(params, "multiple_of")), _param(params, "ffn_dim_multiplier")
             self.norm_eps = float(_param(params, "norm_eps"))
             self.rope_theta = float(_param(params, "rope_theta"))
         except (TypeError, ValueError) as e:
             raise MTPError(f"{PARAMS_NAME}: bad value: {e}") from e
+        # (0: a division by zero below; a negative or absurd count: the expected shapes, a dict of n_layers x 9
+        # keys, filled memory before the checkpoint was compared with them)
+        for key, value in (("dim", self.dim), ("n_layers", self.n_layers), ("n_heads", self.n_heads),
+                           ("n_kv_heads", self.n_kv_heads), ("multiple_of", multiple_of)):
+            if value < 1:
+                raise MTPError(f"{PARAMS_NAME}: {key} must be at least 1, got {value}")
+        if multiplier is not None and (isinstance(multiplier, bool) or not isinstance(multiplier, int | float)
+                                       or not multiplier > 0):
+            raise MTPError(f"{PARAMS_NAME}: ffn_dim_multiplier must be a positive number or null, got {multiplier!r}")
+        if self.n_layers > len(shapes):  # every block holds nine tensors
+            raise MTPError(f"{PARAMS_NAME}: n_layers {self.n_layers:,}, but the checkpoint holds {len(shapes)} "
+                           "tensors in all")
+        self.intermediate = ffn_hidden_size(self.dim, multiple_of, multiplier)
         vocab = params.get("vocab_size", -1)
         if vocab is None or int(vocab) <= 0:  # Llama's "-1": taken from the tokenizer; here from the embedding
             emb = shapes.get("tok_embeddings.weight")
