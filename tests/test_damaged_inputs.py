@@ -240,6 +240,21 @@ def test_an_mtp_section_with_absurd_heads_is_one_line(tmp_path, capsys):
     assert_one_line_error(code, err, str(config), "1,000,000 heads", "the sizes do not describe these weights")
 
 
+@pytest.mark.parametrize("edit, message", [
+    ({"num_hidden_layers": 5}, "missing: model.layers.3."),  # was loaded, its layers 3 and 4 at random
+    ({"tie_word_embeddings": False}, "missing: lm_head.weight"),  # was loaded, its unembedding at random
+    ({"vocab_size": 400}, "mis-shaped: model.embed_tokens.weight (weights (297, 32), config (400, 32))"),  # a traceback
+])
+def test_weights_that_do_not_fill_the_model_are_one_line(tmp_path, edit, message, capsys):
+    """A Hugging Face folder loaded by transformers (not mtp's reader: these configs are within the size bound)."""
+    folder = _model_folder(tmp_path, "hf")
+    config = folder / "config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), **edit}))
+    code, err = run_cli(["generate", "--model", folder, "--prompt", "hi", "--max-new-tokens", "2", "--no-progress"],
+                        capsys)
+    assert_one_line_error(code, err, f"{folder}: the weights do not match the model its config describes", message)
+
+
 @pytest.mark.parametrize("kind", ["mtp", "hf"])
 def test_missing_tokenizer_files_are_one_line(tmp_path, kind, capsys):
     folder = _model_folder(tmp_path, kind)

@@ -427,14 +427,12 @@ def _in_hub_cache(repo_id: str) -> bool:
 
 
 def _load_folder(folder: str, dtype: torch.dtype, from_hub: bool) -> tuple[Any, Any]:
-    from transformers import AutoModelForCausalLM  # slow import, only when loading
-
     if from_hub and not _in_hub_cache(folder) and not _hub_reachable():
         raise MTPError(f"model not found: {folder} is no local file or folder, nor in the Hugging Face cache, and "
                        "the hub cannot be reached to look it up (offline?); pass a local folder or a .gguf file (where "
                        "--model may be left out, the embedded default is used)")
     try:
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, trust_remote_code=False)
+        model = complete_from_pretrained(folder, folder, dtype=dtype, trust_remote_code=False)
         tokenizer = load_tokenizer(folder)
     except OSError as e:  # transformers' "not found / cannot connect" errors are all OSError
         if from_hub:
@@ -444,3 +442,30 @@ def _load_folder(folder: str, dtype: torch.dtype, from_hub: bool) -> tuple[Any, 
             ) from e
         raise MTPError(f"cannot load the model folder {folder}: {first_line(e)}") from e
     return model, tokenizer
+
+
+def complete_from_pretrained(where: str, source: str | os.PathLike, **kwargs):
+    """`AutoModelForCausalLM.from_pretrained(where, **kwargs)`, refusing weights that do not fill the model the
+    config describes. transformers initialises a weight the files lack (a config with more layers than the
+    weights) at random and loads on, saying so only in a table among its warnings: the model's answers would be
+    noise. A weight of another shape was a RuntimeError after that table. Both are one MTPError naming the
+    weights (`source`); the table is not shown (weights the model has no place for are dropped, as transformers
+    drops them)."""
+    from transformers import AutoModelForCausalLM  # slow import, only when loading
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        model, info = AutoModelForCausalLM.from_pretrained(where, ignore_mismatched_sizes=True,
+                                                           output_loading_info=True, **kwargs)
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    missing = sorted(info.get("missing_keys") or ())
+    misshaped = sorted(f"{key} (weights {tuple(stored)}, config {tuple(wanted)})"
+                       for key, stored, wanted in info.get("mismatched_keys") or ())
+    parts = [f"{label}: {', '.join(names[:3])}" + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+             for label, names in (("missing", missing), ("mis-shaped", misshaped)) if names]
+    if parts:
+        raise MTPError(f"{source}: the weights do not match the model its config describes ({'; '.join(parts)})")
+    return model

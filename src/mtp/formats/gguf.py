@@ -35,9 +35,9 @@ def is_complete_folder(folder: Path) -> bool:
 def convert_gguf_to_folder(gguf_path: Path, output: Path) -> Path:
     """Dequantise `gguf_path` to fp32 and save it, with its tokenizer, as a Hugging Face folder at `output`."""
     # Imported here: transformers costs seconds to import and most callers of this module never convert.
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoTokenizer
 
-    from mtp.hub import check_config_sizes  # (mtp.hub imports this module)
+    from mtp.hub import check_config_sizes, complete_from_pretrained  # (mtp.hub imports this module)
 
     gguf_path, output = Path(gguf_path).resolve(), Path(output)
     if not gguf_path.is_file():
@@ -59,7 +59,7 @@ def convert_gguf_to_folder(gguf_path: Path, output: Path) -> Path:
                 check_config_sizes(gguf_path, AutoConfig.from_pretrained(folder, gguf_file=name),
                                    gguf_path.stat().st_size)
                 with _bar_follows_transformers():
-                    quantized = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+                    quantized = complete_from_pretrained(folder, gguf_path, gguf_file=name, dtype=torch.float32)
             except _READ_ERRORS as e:
                 size = gguf_path.stat().st_size
                 raise MTPError(f"cannot read {gguf_path} as a GGUF model ({size:,} bytes: a file cut short or damaged "
