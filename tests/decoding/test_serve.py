@@ -497,6 +497,33 @@ def test_a_request_that_cannot_join_waits_and_so_do_those_after_it(model):
         assert sizes[0] == 1 and sum(sizes) == 3 and statuses == [200] * 3
 
 
+def test_a_request_of_many_prompts_takes_turns_with_those_after_it(model):
+    """A request's prompts beyond a batch wait behind the first batch-full of each request sent after it: a
+    request of six prompts, then one of one (two rows a batch, static batching): the second is the second batch,
+    answered before the first request is (it was the fourth batch, after all six prompts)."""
+    done: list[str] = []
+
+    def send(name: str, body: dict) -> threading.Thread:
+        def run() -> None:
+            assert post(server, "/v1/completions", body)[0] == 200
+            done.append(name)
+
+        thread = threading.Thread(target=run)
+        thread.start()
+        return thread
+
+    with served(model, start=False, max_batch_size=2) as server:
+        server.batcher.join = False
+        threads = [send("many", {"prompt": PROMPTS[:1] * 6, "max_tokens": 3})]
+        wait_until(lambda: len(server.batcher.waiting) == 6)
+        threads.append(send("one", {"prompt": PROMPTS[1], "max_tokens": 3}))
+        wait_until(lambda: len(server.batcher.waiting) == 7)
+        server.batcher.start()
+        for t in threads:
+            t.join(60)
+    assert done == ["one", "many"] and server.batcher.batch_sizes == [2, 2, 2, 1]
+
+
 def test_n_choices_of_a_prompt_are_rows_of_one_batch(model):
     """`n`: each prompt's choices, indexed prompt by prompt; greedy choices are the greedy answer; a seeded
     request's choices (of two prompts) are one batch of their own, differ from one another and come again with

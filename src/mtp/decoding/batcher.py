@@ -297,8 +297,22 @@ class Batcher:
 
     def submit(self, jobs: list[Job]) -> None:
         with self.ready:
-            self.waiting.extend(jobs)
+            self.waiting = self._in_turns([*self.waiting, *jobs])
             self.ready.notify()
+
+    def _in_turns(self, jobs: list[Job]) -> list[Job]:
+        """`jobs` in turns between requests: each request's first `max_batch_size` jobs, in the order the requests
+        came, then each one's next ones, and so on (a request's own jobs keep their order; one of a batch or less
+        is where it came). In the order jobs came, a request of thousands of prompts held back every request sent
+        after it until all of them were decoded: 106 s for a 2-token request behind one of 5,000 prompts (8 rows,
+        2 CPU cores)."""
+        seen: dict[int, int] = {}
+        turns = []
+        for job in jobs:  # (a request's jobs share its events queue)
+            n = seen.get(id(job.events), 0)
+            seen[id(job.events)] = n + 1
+            turns.append(n // self.max_batch_size)
+        return [job for _, job in sorted(zip(turns, jobs, strict=True), key=lambda pair: pair[0])]  # (stable)
 
     def start(self) -> None:
         self.thread = threading.Thread(target=self._run, name="mtp-decode", daemon=True)
