@@ -780,6 +780,11 @@ def test_a_streamed_request_refused_before_its_first_piece_is_an_http_error(mode
      "prompt and its answer, with this server's drafts); the prompt has 254: no room for an answer"),
     ("/v1/completions", {"prompt": list(range(3, 250)), "max_tokens": 8}, "max_tokens",
      "this model's context is 256 tokens (254 for"),
+    # (refused before the tokenizer reads them: too many characters for the context's tokens)
+    ("/v1/completions", {"prompt": ["hi", "x" * 100_000]}, "prompt",
+     "this model's context is 256 tokens; the prompt's 100,000 characters are more than that many tokens hold"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x" * 100_000}]}, "messages",
+     "this model's context is 256 tokens; the prompt's 100,000 characters are more than that many tokens hold"),
     ("/v1/completions", b'{"prompt": "half \\ud83d of an emoji"}', "prompt", "'prompt' holds a lone surrogate"),
     ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "\\udc00"}]}', "messages",
      "'messages' holds a lone surrogate"),

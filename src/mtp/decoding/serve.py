@@ -398,6 +398,21 @@ class Server(ThreadingHTTPServer):
                 raise api.BadRequest(first_line(e), "messages" if path == api.CHAT else "prompt") from None
         return ids[0].tolist()
 
+    def _check_text_length(self, request: api.CompletionRequest) -> None:
+        """A text prompt (a conversation's contents) with more characters than the context's tokens can stand
+        for is refused before it is tokenized: tokenizing holds the tokenizer, which every request needs, and a
+        body of 20 MB held it for 34 s (2 CPU cores) only to be refused for its length."""
+        if self.room is None:
+            return
+        limit = context_limit(self.batcher.model)
+        for prompt in request.prompts:
+            chars = len(prompt) if isinstance(prompt, str) else \
+                sum(len(m["content"]) for m in prompt) if request.path == api.CHAT else 0
+            if chars > limit * self.longest_token:
+                raise api.BadRequest(f"this model's context is {limit} tokens; the prompt's {chars:,} characters are "
+                                     "more than that many tokens hold", "messages" if request.path == api.CHAT
+                                     else "prompt")
+
     def text_offsets(self, text: IncrementalText, tokens: list[int], start: int) -> tuple[list[int], int]:
         """Where each of `tokens` begins in the text `text` decodes (characters from `start`), and where the text
         ends after them, so that the offsets index the text a client is sent: a token ends where the text it
@@ -450,6 +465,8 @@ class Server(ThreadingHTTPServer):
         self.chat = has_chat_template(batcher.model.tokenizer)
         self._token_text = api.token_text(batcher.model.tokenizer)
         self.room = context_room(batcher.model, **batcher.decode)  # a prompt and its answer together, at most
+        # the most characters one token stands for (its vocabulary entry's: a byte-level token's has one a byte)
+        self.longest_token = max(map(len, batcher.model.tokenizer.get_vocab()), default=1)
 
     def encode(self, request: api.CompletionRequest) -> tuple[list[list[int]], list[int]]:
         """Each prompt's token ids (a conversation through the chat template) and new tokens at most: the
@@ -466,6 +483,7 @@ class Server(ThreadingHTTPServer):
             raise api.BadRequest(f"log-probabilities are the model's scores of the tokens it verified; this server "
                                  f"decodes with {self.strategy}, which emits its heads' tokens unscored (serve "
                                  "with --strategy speculative or greedy)", "logprobs")
+        self._check_text_length(request)
         rows = [p if isinstance(p, list) and request.path == api.COMPLETIONS else self._tokens(p, request.path)
                 for p in request.prompts]
         vocab = self.batcher.model.config.vocab_size
