@@ -358,3 +358,34 @@ def test_a_json_named_file_that_is_not_json_names_the_line(tmp_path, suffix, cap
                  ["bench", "--model", folder, "--prompts", bad, "--output", tmp_path / "b", "--no-progress"]):
         code, err = run_cli(args, capsys)
         assert_one_line_error(code, err, f"{bad}:3: not valid JSON")
+
+
+# JSON that parses into what no reader takes, or that Python's parser refuses with errors other than a
+# JSONDecodeError: each was a traceback (a ValueError, a RecursionError, the tokenizer's TypeError).
+UNREADABLE_JSON = {
+    "long-integer": ('{"prompt": "ok", "id": ' + "9" * 5000 + "}", "not valid JSON (Exceeds the limit"),
+    "nested": ('{"prompt": "ok", "id": ' + "[" * 100_000 + "]" * 100_000 + "}", "not valid JSON (it nests too deep)"),
+    "lone-surrogate": ('{"prompt": "half \\ud83d of an emoji", "completion": "a"}', "holds a lone surrogate"),
+}
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".json"])
+@pytest.mark.parametrize("content", list(UNREADABLE_JSON))
+def test_json_no_reader_takes_names_the_line(tmp_path, suffix, content, capsys):
+    folder = _model_folder(tmp_path, "mtp")
+    record, message = UNREADABLE_JSON[content]
+    bad = tmp_path / f"bad{suffix}"
+    good = '{"prompt": "fine", "completion": "b"}'
+    bad.write_text(f"[{good},\n{record}]\n" if suffix == ".json" else f"{good}\n{record}\n")
+    for args in (["generate", "--model", folder, "--prompts", bad],
+                 ["train", "--model", folder, "--data", bad, "--output", tmp_path / "t", "--seq-len", "64",
+                  "--no-progress"]):
+        code, err = run_cli(args, capsys)
+        assert_one_line_error(code, err, f"{bad}:2: {message}")
+
+
+def test_a_config_nested_too_deep_is_one_line(tmp_path, capsys):
+    folder = _model_folder(tmp_path, "hf")
+    (folder / "config.json").write_text("[" * 100_000 + "]" * 100_000)
+    code, err = run_cli(["info", "--model", folder], capsys)
+    assert_one_line_error(code, err, f"{folder / 'config.json'} is not valid JSON: it nests too deep")

@@ -21,7 +21,7 @@ from collections.abc import Collection, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-from mtp.errors import MTPError
+from mtp.errors import MTPError, first_line
 
 # `.{name}.tmp-{pid}` or `.{name}.tmp-{pid}-{random}`: what this module names its temporaries;
 # `.{name}-tmp-{pid}` is how `mtp train` named its model folder's before.
@@ -197,6 +197,8 @@ def read_json_object(path: str | os.PathLike, what: str = "a JSON object") -> di
         data = json.loads(read_text(path))
     except ValueError as e:
         raise MTPError(f"{path} is not valid JSON: {e}") from e
+    except RecursionError:
+        raise MTPError(f"{path} is not valid JSON: it nests too deep") from None
     if not isinstance(data, dict):
         raise MTPError(f"{path} is not {what} (expected a JSON object)")
     return data
@@ -277,9 +279,34 @@ def read_json_records(path: str | os.PathLike, text: str | None = None,
 
 def parse_json_line(path: str | os.PathLike, lineno: int, line: str) -> Any:
     try:
-        return json.loads(line)
+        value = json.loads(line)
     except json.JSONDecodeError as e:
         raise MTPError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+    except (ValueError, RecursionError) as e:  # an integer of over 4,300 digits; arrays nested thousands deep
+        raise MTPError(f"{path}:{lineno}: not valid JSON ({_unparsable(e)})") from None
+    check_characters(path, lineno, line, value)
+    return value
+
+
+def _unparsable(error: Exception) -> str:
+    """Why Python's JSON parser refused text that is JSON, in a few words."""
+    return "it nests too deep" if isinstance(error, RecursionError) else first_line(error).split(": value has")[0]
+
+
+def check_characters(path: str | os.PathLike, lineno: int, text: str, value: Any) -> None:
+    """JSON text may escape half of a character's UTF-16 pair alone ("\\ud800", as JavaScript writes a cut
+    emoji), which parses into a string holding no character: tokenizers refuse it with a TypeError (a traceback
+    at the first prompt or training row). One MTPError naming the line instead."""
+    if not _SURROGATE_ESCAPE.search(text):  # (the check below re-serialises the record: only where it could be)
+        return
+    try:
+        json.dumps(value, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        raise MTPError(f"{path}:{lineno}: holds a lone surrogate (half of a character's UTF-16 pair, "
+                       "\\ud800-\\udfff, escaped alone), which is no character") from None
+
+
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
 
 
 def _json_array(path: Path, text: str) -> list[tuple[int, Any]]:
@@ -294,6 +321,7 @@ def _json_array(path: Path, text: str) -> list[tuple[int, Any]]:
             return records
         while True:
             value, end = decoder.raw_decode(text, pos)
+            check_characters(path, text.count("\n", 0, pos) + 1, text[pos:end], value)
             records.append((text.count("\n", 0, pos) + 1, value))
             pos = ws.match(text, end).end()
             if text.startswith("]", pos):
@@ -303,6 +331,8 @@ def _json_array(path: Path, text: str) -> list[tuple[int, Any]]:
             pos = ws.match(text, pos + 1).end()
     except json.JSONDecodeError as e:
         raise MTPError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
+    except (ValueError, RecursionError) as e:
+        raise MTPError(f"{path}:{text.count(chr(10), 0, pos) + 1}: not valid JSON ({_unparsable(e)})") from None
     if text[pos + 1 :].strip():
         raise MTPError(f"{path}:{text.count(chr(10), 0, pos) + 1}: unexpected text after the JSON array")
     return records
