@@ -235,3 +235,23 @@ def test_checkpoint_index_runs_no_code(tmp_path) -> None:
     model = torch.nn.Linear(2, 2)  # ... and resuming from it is one line, not a traceback (one process, no dist)
     with pytest.raises(MTPError, match="cannot load this sharded checkpoint"):
         load_sharded(folder, model, torch.optim.AdamW(model.parameters()), [])
+
+
+def _global_call(module: str, name: str, argument: str) -> bytes:
+    """A pickle (protocol 4) that calls module.name(argument): STACK_GLOBAL, which looks a dotted name up
+    attribute by attribute, then REDUCE."""
+    def text(s: str) -> bytes:
+        return b"\x8c" + bytes([len(s.encode())]) + s.encode()  # SHORT_BINUNICODE
+
+    return b"\x80\x04" + text(module) + text(name) + b"\x93" + text(argument) + b"\x85R."
+
+
+@pytest.mark.parametrize("module", ["torch.distributed.checkpoint.metadata", "torch.distributed.checkpoint.filesystem"])
+def test_checkpoint_index_runs_no_code_reached_through_its_own_modules(tmp_path, module) -> None:
+    """The index's modules import os: "os.system" named in one of them is os.system (it ran)."""
+    folder, marker = tmp_path / "sharded", tmp_path / "ran"
+    folder.mkdir()
+    (folder / ".metadata").write_bytes(_global_call(module, "os.system", f"touch {marker}"))
+    with pytest.raises(MTPError, match=f"refusing {module}.os.system"):
+        safe_reader(folder).read_metadata()
+    assert not marker.exists()

@@ -275,8 +275,15 @@ class _MetadataUnpickler(pickle.Unpickler):
                   for name in ("PosixPath", "PurePosixPath", "WindowsPath", "PureWindowsPath"))}
 
     def find_class(self, module: str, name: str):
-        if module in self._ALLOWED_MODULES or (module, name) in self._ALLOWED:
+        if (module, name) in self._ALLOWED:
             return super().find_class(module, name)
+        # From the index's modules, only the classes they define, by plain name: pickle looks a dotted name up
+        # attribute by attribute, so "os.system" in torch.distributed.checkpoint.metadata was its `os`'s system
+        # (any name of the module went: a checkpoint ran code again).
+        if module in self._ALLOWED_MODULES and "." not in name:
+            found = super().find_class(module, name)
+            if isinstance(found, type) and found.__module__ == module:
+                return found
         raise pickle.UnpicklingError(f"refusing {module}.{name} in a checkpoint index")
 
 
