@@ -42,6 +42,7 @@ from mtp.decoding.tree import (
     fallback_rank_accuracy,
     fill_tree,
     ranked_tree_drafts,
+    sampled_tree_drafts,
 )
 from mtp.errors import MTPError
 
@@ -49,7 +50,8 @@ from mtp.errors import MTPError
 @dataclass
 class Drafts:
     tokens: torch.Tensor  # (B, N) a chain's drafts, or a tree's node tokens
-    probs: torch.Tensor | None = None  # (B, N, V) the distributions sampled chain drafts were drawn from
+    probs: torch.Tensor | None = None  # (B, D, V) the distributions sampled drafts at depths 1..D were drawn from
+    # (a chain's drafts; a tree's last children, outside their siblings' tokens)
     confidence: torch.Tensor | None = None  # (B, N) top-1 probability of each draft (ConfAdapt)
     tree: DraftTree | None = None  # the nodes of this fixed tree (its layout is built once)
     layout: TreeLayout | None = None  # the nodes' layout (a tree shaped this step has no DraftTree); None: a chain
@@ -68,11 +70,11 @@ class Drafts:
         sorted by depth, so they come first). A tree shaped this step keeps its shape."""
         if depth >= self.depth or (self.layout is not None and self.tree is None):
             return self
+        probs = self.probs[:, :depth] if self.probs is not None else None
         if self.tree is None:
-            probs = self.probs[:, :depth] if self.probs is not None else None
             return Drafts(self.tokens[:, :depth], probs)
         tree = self.tree.truncate(depth)
-        return Drafts(self.tokens[:, : tree.size], tree=tree)
+        return Drafts(self.tokens[:, : tree.size], probs, tree=tree)
 
 
 @dataclass
@@ -231,11 +233,16 @@ class Drafter:
         if 0 in out.draft_hidden.shape[1:3]:  # nothing drafts (greedy)
             return Drafts(slot.new_zeros(slot.shape[0], 0))
         hidden_at = out.draft_hidden[torch.arange(slot.shape[0], device=slot.device), slot]  # (B, D, H)
-        logits, vocab = self.draft_logits(hidden_at, "greedy" if self.tree is not None else mode)
-        if self.tree is not None:  # deterministic ranked candidates (exact when sampling too)
-            tokens, layout = ranked_tree_drafts(logits, self.tree, vocab)
-            return Drafts(tokens, tree=self.tree if isinstance(self.tree, DraftTree) else None, layout=layout)
-        return draft_tokens(logits, mode, self.opts, generator, vocab, sampling)
+        logits, vocab = self.draft_logits(hidden_at, mode)
+        if self.tree is None:
+            return draft_tokens(logits, mode, self.opts, generator, vocab, sampling)
+        probs = None
+        if mode == "sample":  # each node's last child drawn from its head (a chain's drafts all are)
+            probs = row_probs(logits, sampling, self.opts)  # (B, D, V)
+            tokens, layout = sampled_tree_drafts(logits, probs, sampling[:, 0] > 0, self.tree, generator)
+        else:  # the heads' ranked candidates
+            tokens, layout = ranked_tree_drafts(logits, self.tree, vocab)  # (B, N)
+        return Drafts(tokens, probs, tree=self.tree if isinstance(self.tree, DraftTree) else None, layout=layout)
 
 
 # ------------------------------------------------------------------------------------------------ parallel heads

@@ -84,18 +84,18 @@ def _max_after(max_tokens: int, longest: int, device: torch.device) -> torch.Ten
 
 def lookup_chain(drafts, lookup_tokens: torch.Tensor):
     """`drafts` (a drafter's `Drafts`: a chain, a tree, or nothing) with the lookup chain (B, m) as one more branch
-    of its tree. A chain becomes the tree of width 1; sampled chain drafts are verified as candidates (exact)."""
+    of its tree. A chain becomes the tree of width 1 (sampled drafts keep their distributions: its rank-0 nodes)."""
     m = lookup_tokens.shape[1]
     if m == 0:
         return drafts
     tokens = torch.cat([drafts.tokens, lookup_tokens.to(drafts.tokens.device)], 1)  # (B, N + m)
     if drafts.layout is not None and drafts.tree is None:  # a tree shaped this step: its layout grows on the device
-        return type(drafts)(tokens, layout=with_lookup_layout(drafts.layout, m))
+        return type(drafts)(tokens, drafts.probs, layout=with_lookup_layout(drafts.layout, m))
     base = drafts.tree
     if base is None:
         d = drafts.tokens.shape[1]
         base = DraftTree.chain(d) if d else None
-    return type(drafts)(tokens, tree=DraftTree.with_lookup(base, m))
+    return type(drafts)(tokens, drafts.probs, tree=DraftTree.with_lookup(base, m))
 
 
 def with_lookup_layout(layout, m: int):

@@ -87,7 +87,7 @@ class DecodeState:
     budget: torch.Tensor  # (B,) tokens the row may emit
     finished: torch.Tensor  # (B,) bool
     drafts: torch.Tensor  # (B, N) the drafter's drafts for the next block, as deep as it drafts
-    draft_probs: torch.Tensor | None = None  # (B, N, V) sampled chain drafts' distributions
+    draft_probs: torch.Tensor | None = None  # (B, D, V) sampled drafts' distributions at depths 1..D
     tree: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # a tree shaped this step: parents, depth, rank
     lookup: torch.Tensor | None = None  # (B, L) prompt-lookup drafts
     lookup_count: torch.Tensor | None = None  # (B,) how many of them each row found
@@ -248,9 +248,9 @@ class Decoder:
         if n == 0:  # the prompt, or a step that verifies lookup drafts alone
             drafts = Drafts(s.drafts[:, :0])
         elif s.tree is not None:
-            drafts = Drafts(s.drafts, layout=tree_layout(*s.tree, self.tree.depth))
+            drafts = Drafts(s.drafts, s.draft_probs, layout=tree_layout(*s.tree, self.tree.depth))
         elif isinstance(self.tree, DraftTree):
-            drafts = Drafts(s.drafts, tree=self.tree).truncate(n)
+            drafts = Drafts(s.drafts, s.draft_probs, tree=self.tree).truncate(n)
         else:
             drafts = Drafts(s.drafts, s.draft_probs).truncate(n)
         return lookup_chain(drafts, s.lookup[:, :m]) if m else drafts
@@ -343,7 +343,7 @@ def verify(out: StepOutput, drafts: Drafts, opts: DecodeOptions, generator,
         return greedy
     probs = row_probs(out.verify_logits, sampling, opts)  # (B, 1+d, V)
     if drafts.layout is not None:
-        sampled = verify_tree_sampling(probs, drafts.tokens, drafts.layout, generator)
+        sampled = verify_tree_sampling(probs, drafts.tokens, drafts.layout, generator, drafts.probs)
     else:
         a, last = accept_drafts_sampling(probs, drafts.tokens, drafts.probs, generator)
         sampled = Acceptance(a, last, a, None)

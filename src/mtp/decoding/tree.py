@@ -27,11 +27,17 @@ greedy less often). A dynamic tree keeps its levels' order.
 Verification keeps the deepest node whose whole path is accepted:
     greedy    a node is accepted when its token is the model's argmax after its parent (siblings are distinct
               tokens, so at most one path per depth survives); equals greedy decoding token for token.
-    sampling  exact multi-candidate speculative sampling with deterministic candidates (SpecInfer's rule with
-              one-hot drafts): at the current node, child x is taken with probability r(x) of the residual r
-              (first r = p, the model's distribution there); if refused, r(x) is set to 0 and r renormalised, and
-              the next child is tried; when every child is refused the token is drawn from r. That is a sample
-              of p exactly, whatever the candidates are.
+    sampling  exact multi-candidate speculative sampling (SpecInfer's rule). The last of a node's children from
+              the heads (its highest rank; a chain's only one) is drawn from that head's distribution outside
+              its siblings' tokens, q'; the others, and lookup nodes, are deterministic (q one-hot at the
+              token). At the current node (residual r: first p, the model's distribution there) the one-hot
+              children are tried first: child x is taken with probability r(x), and if refused r(x) is set to
+              0 and r renormalised; then the drawn child x, taken with probability min(1, r(x)/q'(x)), refused:
+              r = max(r - q', 0) renormalised; when every child is refused the token is drawn from r. That is
+              a sample of p exactly, whatever the candidates are. A chain keeps its drafts as Leviathan et
+              al.'s rule does; a wide node keeps the heads' best tokens and draws one more from what they leave
+              (on the default model's trained heads this kept more than all one-hot or a drawn best token at
+              every width: docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -191,7 +197,8 @@ class TreeLayout:
 
     @property
     def children(self) -> torch.Tensor:
-        """(1+N, C) child slots of each slot in rank order, -1 padded (exact tree sampling walks them)."""
+        """(1+N, C) child slots of each slot in rank order (lookup nodes last), -1 padded (exact tree sampling walks
+        them: the heads' children before lookup ones, the drawn one - the highest rank - last of those)."""
         return self._once("children", self._children)
 
     def _ancestors(self) -> torch.Tensor:
@@ -213,9 +220,27 @@ class TreeLayout:
     def _children(self) -> torch.Tensor:
         n, device = self.size, self.parent_slot.device
         slots = torch.arange(1 + n, device=device)
-        key = torch.where(self.parent_slot[None, :] == slots[:, None], torch.arange(n, device=device)[None, :], n)
-        order = key.sort(-1).values[:, : self.max_children or n]  # (1+N, C) children first, in node (= rank) order
-        return torch.where(order < n, order + 1, -1)
+        # children first, in rank order (lookup nodes last), then node order
+        rank = torch.where(self.rank == LOOKUP_RANK, n, self.rank)  # (N,)
+        none = (n + 1) * n  # above every child's key
+        key = torch.where(self.parent_slot[None, :] == slots[:, None], (rank * n + torch.arange(n, device=device)), none)
+        order = key.sort(-1).values[:, : self.max_children or n]  # (1+N, C)
+        return torch.where(order < none, order % n + 1, -1)
+
+    def drawn_and_siblings(self, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """((N,) bool: the node is the last of its parent's children from the heads - their highest rank - which
+        sampling draws; (N, width) bool: the ranks of its head siblings)."""
+        return self._once(f"drawn_{width}", lambda: self._drawn_and_siblings(width))
+
+    def _drawn_and_siblings(self, width: int):
+        n, device = self.size, self.parent_slot.device
+        head = self.rank != LOOKUP_RANK  # (N,)
+        family = (self.parent_slot[:, None] == self.parent_slot[None, :]) & head[None, :] & head[:, None]  # (N, N)
+        family &= ~torch.eye(n, dtype=torch.bool, device=device)
+        drawn = head & ~(family & (self.rank[None, :] > self.rank[:, None])).any(-1)
+        ranks = torch.arange(width, device=device)
+        siblings = (family[:, :, None] & (self.rank[None, :, None] == ranks)).any(1)  # (N, W)
+        return drawn, siblings
 
     @property
     def within(self) -> torch.Tensor:
@@ -353,6 +378,11 @@ def ranked_tree_drafts(logits: torch.Tensor, tree: DraftTree | DynamicTree,
     """The node tokens (B, N) and the layout they fill, from draft logits (B, D, V) at depths 1..D (over the token
     ids `vocab` (K,) when given): each depth's ranked candidates; a `DynamicTree` is shaped from their
     probabilities first."""
+    tokens, layout, _ = _ranked(logits, tree, vocab)
+    return tokens, layout
+
+
+def _ranked(logits, tree, vocab):
     if isinstance(tree, DynamicTree):
         top_probs, ranked = torch.softmax(logits.float(), -1).topk(min(tree.size, logits.shape[-1]), -1)  # (B, D, W)
         layout = tree.for_step(top_probs)
@@ -361,7 +391,28 @@ def ranked_tree_drafts(logits: torch.Tensor, tree: DraftTree | DynamicTree,
         layout = tree.layout_on(logits.device)
     if vocab is not None:
         ranked = vocab[ranked]
-    return fill_tree(ranked, layout), layout
+    return fill_tree(ranked, layout), layout, ranked
+
+
+def sampled_tree_drafts(logits: torch.Tensor, probs: torch.Tensor, sampled: torch.Tensor,
+                        tree: DraftTree | DynamicTree, generator) -> tuple[torch.Tensor, TreeLayout]:
+    """`ranked_tree_drafts` of full-vocabulary draft logits (B, D, V) for rows that sample (`sampled` (B,) bool):
+    the last of every node's children from the heads (its highest rank) is drawn from its depth's distribution
+    `probs` (B, D, V) outside its siblings' tokens (the heads' better-ranked ones), the others are those tokens
+    (see the module docstring: verified with the rule of `verify_tree_sampling`). A chain's drafts are all drawn
+    from their heads. One exponential race per depth serves every node there (a node's draw: the first of the
+    race's winners that is not a sibling's token); nodes at one depth have different parents, only one of which
+    is ever on the kept path."""
+    tokens, layout, ranked = _ranked(logits, tree, None)
+    w = ranked.shape[-1]
+    drawn, siblings = layout.drawn_and_siblings(w)  # (N,) bool, (N, W) bool
+    race = (probs.float() / torch.empty_like(probs, dtype=torch.float32).exponential_(generator=generator))
+    winners = race.topk(w, -1).indices  # (B, D, W): the race's winners, best first (the first: a draw of probs)
+    at = layout.depth - 1  # (N,)
+    taken = torch.where(siblings, ranked[:, at], -1)  # (B, N, W) the siblings' tokens
+    free = ~(winners[:, at, :, None] == taken[:, :, None, :]).any(-1)  # (B, N, W) winners no sibling holds
+    draw = winners[:, at].gather(2, free.float().argmax(-1, keepdim=True)).squeeze(2)  # (B, N)
+    return torch.where(drawn & sampled[:, None], draw, tokens), layout
 
 
 def fill_tree(ranked: torch.Tensor, layout: TreeLayout) -> torch.Tensor:
@@ -509,42 +560,84 @@ def verify_tree(logits: torch.Tensor, tokens: torch.Tensor, layout: TreeLayout,
     return Acceptance(count, last, slot, layout.path[node])
 
 
-def verify_tree_sampling(probs: torch.Tensor, tokens: torch.Tensor, layout: TreeLayout,
-                          generator) -> Acceptance:
-    """probs: (B, 1+N, V) the model's processed distributions. See the module docstring for the rule. A fixed
-    number of tensor ops (depth x children), no host reads: a row whose walk has stopped just stops moving."""
+def verify_tree_sampling(probs: torch.Tensor, tokens: torch.Tensor, layout: TreeLayout, generator,
+                         draft_probs: torch.Tensor | None = None) -> Acceptance:
+    """probs: (B, 1+N, V) the model's processed distributions; draft_probs: (B, D, V) the heads' distributions at
+    depths 1..D, which each node's last head child was drawn from outside its siblings' tokens
+    (`sampled_tree_drafts`; None: every node a one-hot candidate). See the module docstring for the rule. A fixed
+    number of tensor ops a depth, no host reads: a row whose walk has stopped just stops moving.
+
+    A node's one-hot children are judged at once: trying them in turn takes child j with probability
+    r(x_j) / (mass left after the refused ones), so child j is taken with probability r(x_j) / mass overall - one
+    uniform draw against the running sum of r over the children (a token met twice counts once). The drawn child
+    comes last. The residual is kept unnormalised, with its mass."""
     b, device = tokens.shape[0], tokens.device
     rows = torch.arange(b, device=device)
-    children = layout.children  # (1+N, C)
+    children = layout.children  # (1+N, C): the heads' in rank order, then lookup nodes
+    c = children.shape[1]
+    before = layout._once("before", lambda: torch.ones(c, c, device=device).tril(-1))  # (C, C) [j, i]: i < j
+    columns = torch.arange(c, device=device)
     slot_tokens = torch.cat([tokens.new_zeros(b, 1), tokens], 1)  # (B, 1+N): a token per block slot
     cur = torch.zeros(b, dtype=torch.long, device=device)  # current slot
     active = torch.ones(b, dtype=torch.bool, device=device)
     count = torch.zeros(b, dtype=torch.long, device=device)
-    residual = probs[:, 0].clone()  # (B, V)
+    residual = probs[:, 0].float().clone()  # (B, V) unnormalised
+    mass = residual.sum(-1)  # (B,)
     for _ in range(layout.max_depth):
-        moved = torch.zeros_like(active)
-        for j in range(children.shape[1]):
-            child = children[cur, j]  # (B,)
-            can = active & ~moved & (child >= 0)
-            x = slot_tokens[rows, child.clamp_min(0)]  # (B,)
-            p_x = residual[rows, x]
+        kids = children[cur]  # (B, C) child slots, -1 none
+        node = (kids - 1).clamp_min(0)  # (B, C)
+        open_ = active[:, None] & (kids >= 0)  # (B, C)
+        x = slot_tokens.gather(1, kids.clamp_min(0))  # (B, C)
+        hot = open_  # the one-hot children
+        if draft_probs is not None:  # the last head child (a chain's only one) was drawn: it comes last
+            head = open_ & (layout.rank[node] != LOOKUP_RANK)
+            drawn = head & (columns == head.sum(-1, keepdim=True) - 1)  # (B, C)
+            hot = open_ & ~drawn
+        # one-hot children: child j taken where a uniform over the mass falls in r(x_j)'s share of the running sum
+        repeat = ((x[:, :, None] == x[:, None, :]) & hot[:, None, :]).float().mul(before).sum(-1) > 0
+        share = torch.where(hot & ~repeat, residual.gather(1, x), 0.0)  # (B, C)
+        u = torch.rand(b, generator=generator, device=device)[:, None] * mass[:, None]  # (B, 1)
+        hit = u < share.cumsum(-1)  # (B, C) true from the chosen child on
+        took = hit.any(-1)
+        nxt = kids.gather(1, hit.float().argmax(-1, keepdim=True)).squeeze(1)  # the first such child
+        refused = active & ~took  # every one-hot child refused: r(x) = 0 for each of them
+        residual.scatter_(1, x, _zeroed_at(residual, x, refused[:, None] & hot))
+        mass = torch.where(refused, mass - share.sum(-1), mass)
+        if draft_probs is not None:  # then the drawn child x ~ q' (q outside its siblings' tokens): kept with
+            # probability min(1, r(x)/q'(x)) of the normalised residual; refused, r = max(r - q', 0)
+            has = refused & drawn.any(-1)
+            col = drawn.float().argmax(-1, keepdim=True)  # (B, 1)
+            depth = layout.depth[node.gather(1, col).squeeze(1)]  # (B,)
+            q = draft_probs[rows, (depth - 1).clamp_max(draft_probs.shape[1] - 1)].float()  # (B, V)
+            q = q.scatter(1, x, _zeroed_at(q, x, head & ~drawn))  # q', unnormalised
+            z = q.sum(-1).clamp_min(1e-30)  # (B,)
+            x_d = x.gather(1, col).squeeze(1)
             u = torch.rand(b, generator=generator, device=device)
-            take = can & (u < p_x)
-            refuse = can & ~take
-            residual = residual.index_put((rows, x), torch.where(refuse, 0.0, p_x))
-            mass = residual.sum(-1, keepdim=True)
-            residual = torch.where(refuse[:, None], residual / mass.clamp_min(1e-30), residual)
-            cur = torch.where(take, child, cur)
-            moved |= take
-            residual = torch.where(take[:, None], probs[rows, cur], residual)
-        count += moved.long()
-        active &= moved
+            kept = has & (u * q[rows, x_d] * mass < residual[rows, x_d] * z)  # u < (r/mass) / (q'/z)
+            less = torch.addcmul(residual, q, (mass / z)[:, None], value=-1).clamp_min_(0)
+            residual = torch.where((has & ~kept)[:, None], less, residual)
+            mass = torch.where(has & ~kept, less.sum(-1), mass)
+            nxt = torch.where(kept, kids.gather(1, col).squeeze(1), nxt)
+            took |= kept
+        cur = torch.where(took, nxt, cur)
+        # rows that moved start afresh from their new node's p; the others keep their residual
+        residual = torch.where(took[:, None], probs[rows, cur].float(), residual)
+        mass = torch.where(took, residual.sum(-1), mass)
+        count += took.long()
+        active &= took
     # Rounding can leave a refused row without mass; p at the current node is then the answer (mass 0 exactly
-    # has probability 0 in exact arithmetic).
-    empty = residual.sum(-1) <= 0
-    residual = torch.where(empty[:, None], probs[rows, cur], residual)
+    # has probability 0 in exact arithmetic). `sample` takes unnormalised weights.
+    empty = (residual.sum(-1) <= 0) | (mass <= 0)
+    residual = torch.where(empty[:, None], probs[rows, cur].float(), residual)
     node = (cur - 1).clamp_min(0)
     return Acceptance(count, sample(residual, generator), cur, layout.path[node])
+
+
+def _zeroed_at(t: torch.Tensor, x: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+    """What `t` (B, V) scatters at `x` (B, C) to hold 0 at the tokens of the columns `zero` (B, C) and keep its
+    values elsewhere: a token that several columns hold gets one value from all of them."""
+    zeroed = ((x[:, :, None] == x[:, None, :]) & zero[:, None, :]).any(-1)  # (B, C)
+    return torch.where(zeroed, 0.0, t.gather(1, x))
 
 
 def tree_candidates(topk_tokens: Sequence[torch.Tensor], tree: DraftTree) -> torch.Tensor:
