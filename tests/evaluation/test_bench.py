@@ -542,9 +542,9 @@ def test_batch_rows_on_the_cpu(tiny_model_dir, gsm8k_file, tmp_path):
 
 
 def test_sampled_rows_draw_from_the_rows_models(tiny_tokenizer, tmp_path):
-    """--sample-temperature: transformers' sampling, mtp's and exact speculative sampling (on the fp16-packed copy,
-    the CPU's fast rows), seed 0 every call: at a temperature near 0 each draws its greedy row's tokens, and at 1
-    the same tokens in two benches."""
+    """--sample-temperature: transformers' sampling, mtp's and exact speculative sampling, as a chain and through
+    each --tree-size's tree (on the fp16-packed copy, the CPU's fast rows), seed 0 every call: at a temperature
+    near 0 each draws its greedy row's tokens, and at 1 the same tokens in two benches."""
     model = make_model(tiny_tokenizer, num_heads=3)
     path = tmp_path / "prompts.txt"
     path.write_text("Tom has 3 apples and 3 apples\n\nA box holds 12 eggs\n", encoding="utf-8")
@@ -552,10 +552,12 @@ def test_sampled_rows_draw_from_the_rows_models(tiny_tokenizer, tmp_path):
 
     def calls(temperature: float) -> dict:
         methods = build_methods(model, tiny_tokenizer, tau=[], k=[], hf=True, hf_lookup=0, fp16=True, int8=False,
-                                lookup=2, sample_temperature=temperature)
-        assert [m.name for m in methods][-3:] == ["hf-sampled", "sampled", "speculative-sampled"]
-        assert methods[-1].engine == "mtp-fp16" and "2 lookup drafts" in methods[-1].description
-        assert all(m.lossless_reference is None for m in methods[-3:])
+                                lookup=2, sample_temperature=temperature, tree_size=[3], tree=["auto", "dynamic"])
+        assert [m.name for m in methods][-5:] == ["hf-sampled", "sampled", "speculative-sampled",
+                                                  "speculative-sampled-tree3", "speculative-sampled-dtree3"]
+        assert methods[-1].engine == "mtp-fp16" and "3-node dynamic draft tree + 2 lookup drafts" in \
+            methods[-1].description
+        assert all(m.lossless_reference is None for m in methods[-5:])
         report = build_report(run_bench(methods, prompts, 10, progress=False), tiny_tokenizer,
                               settings={"max_new_tokens": 10})
         return {(c["method"], c["prompt"]): c["tokens"] for c in report["calls"]}
@@ -564,9 +566,10 @@ def test_sampled_rows_draw_from_the_rows_models(tiny_tokenizer, tmp_path):
     for p in range(2):
         assert cold[("hf-sampled", p)] == cold[("hf-greedy", p)]
         assert cold[("sampled", p)] == cold[("speculative-sampled", p)] == cold[("greedy-fp16", p)]
+        assert cold[("speculative-sampled-tree3", p)] == cold[("speculative-sampled-dtree3", p)] == cold[("sampled", p)]
     first, again = calls(1.0), calls(1.0)
-    assert all(first[(name, p)] == again[(name, p)] for name in ("hf-sampled", "sampled", "speculative-sampled")
-               for p in range(2))
+    names = ("hf-sampled", "sampled", "speculative-sampled", "speculative-sampled-tree3", "speculative-sampled-dtree3")
+    assert all(first[(name, p)] == again[(name, p)] for name in names for p in range(2))
     with pytest.raises(MTPError, match="--sample-temperature must be > 0"):
         build_methods(model, tiny_tokenizer, tau=[], k=[], hf=False, fp16=False, sample_temperature=0.0)
 

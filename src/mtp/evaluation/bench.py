@@ -467,7 +467,7 @@ def build_methods(model, tokenizer, *, tau: Sequence[float] = (0.9, 0.7, 0.5), k
         methods += tree_methods(model, tokenizer, tree_size, stop_ids, None, lookup, tree, graphs)
     if sample_temperature is not None:
         methods += sampled_methods(model, copies.get("fp16"), tokenizer, sample_temperature, stop_ids, lookup, hf,
-                                   graphs)
+                                   graphs, [(n, shape) for shape in tree for n in tree_size])
     if gguf is not None:
         if not llamacpp_installed():
             notes.append("llama.cpp skipped: llama-cpp-python is not installed (make setup-peers, or pip install "
@@ -484,10 +484,10 @@ def build_methods(model, tokenizer, *, tau: Sequence[float] = (0.9, 0.7, 0.5), k
 
 
 def sampled_methods(model, fp16_model, tokenizer, temperature: float, stop_ids, lookup: int, hf: bool,
-                    graphs: bool | str | None) -> list[Method]:
+                    graphs: bool | str | None, trees: Sequence[tuple[int, str]] = ()) -> list[Method]:
     """Sampling at `temperature`: transformers' on `model` (`hf`), mtp's one token a step and mtp's exact
-    speculative sampling (the chain, and up to `lookup` prompt-lookup drafts) on `fp16_model` where there is one
-    (fp16-packed: the CPU's fast rows), else on `model`."""
+    speculative sampling (the chain, then each (size, shape) of `trees`, each with up to `lookup` prompt-lookup
+    drafts) on `fp16_model` where there is one (fp16-packed: the CPU's fast rows), else on `model`."""
     if not temperature > 0:
         raise MTPError(f"--sample-temperature must be > 0, got {temperature}")
     methods = [hf_method(model, tokenizer, "hf-sampled", stop_ids=stop_ids, temperature=temperature)] if hf else []
@@ -501,6 +501,14 @@ def sampled_methods(model, fp16_model, tokenizer, temperature: float, stop_ids, 
         methods.append(mtp_method(model, tokenizer, "speculative-sampled", "speculative", engine=engine,
                                   stop_ids=stop_ids, graphs=graphs, temperature=temperature, lookup=lookup,
                                   description=f"speculative sampling{extra}, temperature {temperature:g}{weights}"))
+        for n, shape in trees if model.kind != "mask_tokens" else ():
+            kind = "dtree" if shape == "dynamic" else "tree"
+            what = f"a {n}-node {'dynamic ' if shape == 'dynamic' else ''}draft tree{extra}"
+            methods.append(mtp_method(model, tokenizer, f"speculative-sampled-{kind}{n}", "speculative",
+                                      engine=engine, stop_ids=stop_ids, graphs=graphs, temperature=temperature,
+                                      lookup=lookup, tree_size=n, tree=shape,
+                                      description=f"speculative sampling, {what}, temperature {temperature:g}"
+                                                  f"{weights}"))
     return methods
 
 

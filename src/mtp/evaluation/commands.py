@@ -255,7 +255,8 @@ def bench(
             for each of the first few step shapes)
         sample_temperature: also sampled rows at this temperature: transformers' generate(do_sample=True)
             (hf-sampled), mtp sampling a token a step (sampled) and exact speculative sampling (speculative-sampled:
-            the chain, with --lookup's drafts), seed 0 every call: their tokens/s and tokens per forward (draws,
+            the chain, then -tree/-dtree rows for each --tree-size and --tree shape, with --lookup's drafts), seed 0
+            every call: their tokens/s and tokens per forward (draws,
             not greedy's answers)
     """
     from mtp.decoding.tree import DEFAULT_TREE_SIZE
