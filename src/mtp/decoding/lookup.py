@@ -84,7 +84,7 @@ def _max_after(max_tokens: int, longest: int, device: torch.device) -> torch.Ten
 
 def lookup_chain(drafts, lookup_tokens: torch.Tensor):
     """`drafts` (a drafter's `Drafts`: a chain, a tree, or nothing) with the lookup chain (B, m) as one more branch
-    of its tree. A chain becomes the tree of width 1 (sampled drafts keep their distributions: its rank-0 nodes)."""
+    of its tree. A chain becomes the tree of width 1 (sampled drafts keep the distributions they were drawn from)."""
     m = lookup_tokens.shape[1]
     if m == 0:
         return drafts
