@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from mtp.errors import MTPError, first_line
+from mtp.formats.hf_weights import check_config_sizes, complete_from_pretrained
 from mtp.io import disk_errors, moved_aside, remove_stale_temporaries, restore_moved_aside
 
 # What a truncated, corrupt or unsupported GGUF makes transformers' and gguf's readers raise (a head count of 0:
@@ -37,7 +38,6 @@ def convert_gguf_to_folder(gguf_path: Path, output: Path) -> Path:
     # Imported here: transformers costs seconds to import and most callers of this module never convert.
     from transformers import AutoConfig, AutoTokenizer
 
-    from mtp.hub import check_config_sizes, complete_from_pretrained  # (mtp.hub imports this module)
 
     gguf_path, output = Path(gguf_path).resolve(), Path(output)
     if not gguf_path.is_file():
