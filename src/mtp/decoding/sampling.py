@@ -99,8 +99,13 @@ def sample(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tens
     """One token per row of `probs` (..., V) -> (...), with no host read (a CUDA graph can replay it): the index
     of the largest p_i / E_i over independent E_i ~ Exponential(1) is i with probability p_i (the exponential race,
     gpt-fast's `multinomial_sample_one_no_sync`)."""
-    race = torch.empty_like(probs, dtype=torch.float32).exponential_(generator=generator)
-    return (probs.float() / race).argmax(-1)
+    return race(probs, generator).argmax(-1)
+
+
+def race(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """p_i / E_i (..., V) for independent E_i ~ Exponential(1): its argmax is a draw of `probs` (`sample`), and its
+    largest outside any fixed set of tokens a draw of `probs` restricted to the rest."""
+    return probs.float() / torch.empty_like(probs, dtype=torch.float32).exponential_(generator=generator)
 
 
 def accept_drafts_sampling(target_probs: torch.Tensor, drafts: torch.Tensor, draft_probs: torch.Tensor,

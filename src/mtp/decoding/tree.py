@@ -51,7 +51,7 @@ from pathlib import Path
 
 import torch
 
-from mtp.decoding.sampling import sample
+from mtp.decoding.sampling import race, sample
 from mtp.errors import MTPError
 from mtp.io import read_text
 
@@ -406,8 +406,7 @@ def sampled_tree_drafts(logits: torch.Tensor, probs: torch.Tensor, sampled: torc
     tokens, layout, ranked = _ranked(logits, tree, None)
     w = ranked.shape[-1]
     drawn, siblings = layout.drawn_and_siblings(w)  # (N,) bool, (N, W) bool
-    race = (probs.float() / torch.empty_like(probs, dtype=torch.float32).exponential_(generator=generator))
-    winners = race.topk(w, -1).indices  # (B, D, W): the race's winners, best first (the first: a draw of probs)
+    winners = race(probs, generator).topk(w, -1).indices  # (B, D, W): the race's winners, best first (the first: a draw of probs)
     at = layout.depth - 1  # (N,)
     taken = torch.where(siblings, ranked[:, at], -1)  # (B, N, W) the siblings' tokens
     free = ~(winners[:, at, :, None] == taken[:, :, None, :]).any(-1)  # (B, N, W) winners no sibling holds
