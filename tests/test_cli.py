@@ -51,6 +51,31 @@ def test_help_lists_commands(capsys):
         assert f"  {command}" in out
 
 
+def test_help_summaries_read_from_source_equal_the_commands_docstrings():
+    """`mtp --help` reads each command's summary from its module's source (no torch import); it must say what the
+    command's own --help says."""
+    from mtp.cli import COMMANDS, _doc_parts, _load, _summary_from_source
+
+    for target in COMMANDS.values():
+        summary = _summary_from_source(target)
+        assert summary and summary == _doc_parts(_load(target))[0], target
+
+
+def test_help_and_the_package_import_no_torch():
+    import subprocess
+    import sys
+
+    code = ("import sys, mtp, mtp.cli; mtp.cli._help_listing(); "
+            "assert 'torch' not in sys.modules, 'torch imported'; "
+            "mtp.generate; assert 'torch' in sys.modules; print(mtp.MTPModel.__name__)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "MTPModel"
+    import mtp
+
+    assert sorted(mtp.__all__) == sorted(mtp._EXPORTS) and all(getattr(mtp, name) for name in mtp.__all__)
+
+
 def test_version(capsys):
     import mtp
 

@@ -226,12 +226,19 @@ def test_incomplete_folders_are_not_accepted(home: Path, fake_convert: list[Path
 
 
 @pytest.mark.parametrize("tie", [True, False])
-def test_gguf_conversion_matches_source_model(tmp_path: Path, tie: bool) -> None:
+def test_gguf_conversion_matches_source_model(tmp_path: Path, tie: bool, monkeypatch) -> None:
+    import gguf
+
     model = tiny_model(tie)
     gguf_path = write_tiny_gguf(tmp_path / "tiny.gguf", model)
     stale = tmp_path / ".out.tmp-99999999"  # left by a killed conversion: cleaned up
     stale.mkdir()
+    parses = []
+    reader = gguf.GGUFReader
+    monkeypatch.setattr(gguf, "GGUFReader", lambda *a, **k: parses.append(a) or reader(*a, **k))
     out = convert_gguf_to_folder(gguf_path, tmp_path / "out")
+    assert len(parses) == 1  # transformers reads the file four times (tokenizer, config, model): parsed once
+    assert gguf.GGUFReader is not reader and gguf.GGUFReader(gguf_path) and len(parses) == 2  # (put back)
 
     assert is_complete_folder(out) and not stale.exists()
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []

@@ -8,13 +8,42 @@
 .gguf, a Meta checkpoint); `generate` decodes a batch with any strategy (see `mtp.decoding.generate.generate`).
 """
 
-from mtp.decoding.generate import GenerationResult, GenerationStats, generate
-from mtp.decoding.tree import DraftTree, DynamicTree
-from mtp.errors import CheckpointMismatchError, MTPError
-from mtp.models.loading import load
-from mtp.models.mask_tokens import MaskTokenModel
-from mtp.models.parallel_heads import MTPModel
+import importlib
+from typing import TYPE_CHECKING
 
+# name -> module. Imported on first use (PEP 562) so that `mtp --help` and the errors module load without torch.
+_EXPORTS = {
+    "load": "mtp.models.loading",
+    "generate": "mtp.decoding.generate",
+    "GenerationResult": "mtp.decoding.generate",
+    "GenerationStats": "mtp.decoding.generate",
+    "MTPModel": "mtp.models.parallel_heads",
+    "MaskTokenModel": "mtp.models.mask_tokens",
+    "DraftTree": "mtp.decoding.tree",
+    "DynamicTree": "mtp.decoding.tree",
+    "MTPError": "mtp.errors",
+    "CheckpointMismatchError": "mtp.errors",
+}
 __all__ = ["load", "generate", "MTPModel", "MaskTokenModel", "DraftTree", "DynamicTree", "GenerationResult",
            "GenerationStats", "MTPError", "CheckpointMismatchError"]
 __version__ = "0.2.0"
+
+if TYPE_CHECKING:
+    from mtp.decoding.generate import GenerationResult, GenerationStats, generate
+    from mtp.decoding.tree import DraftTree, DynamicTree
+    from mtp.errors import CheckpointMismatchError, MTPError
+    from mtp.models.loading import load
+    from mtp.models.mask_tokens import MaskTokenModel
+    from mtp.models.parallel_heads import MTPModel
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'mtp' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_EXPORTS])

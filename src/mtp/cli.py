@@ -13,14 +13,17 @@ parameter (`add_deprecated_arguments`).
 from __future__ import annotations
 
 import argparse
+import ast
 import contextlib
 import dataclasses
 import importlib
+import importlib.util
 import inspect
 import sys
 import typing
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 from mtp.arguments import (
     DEPRECATED,
@@ -222,13 +225,25 @@ def build_parser(commands: dict[str, str] = COMMANDS, only: str | None = None) -
     return parser
 
 
+def _summary_from_source(target: str) -> str:
+    """A command's one-line help read from its module's source, so that `mtp --help` imports no torch."""
+    module, name = target.split(":")
+    spec = importlib.util.find_spec(module)
+    tree = ast.parse(Path(spec.origin).read_text(encoding="utf-8"))
+    for node in tree.body:
+        if isinstance(node, ast.FunctionDef) and node.name == name:
+            doc = ast.get_docstring(node) or ""
+            return doc.split("\n\n")[0].replace("\n", " ")
+    return ""
+
+
 def _help_listing() -> str:
     lines = ["usage: mtp COMMAND [options]", "", "Multi-token prediction for Hugging Face causal LMs.", "",
              "commands:"]
     for name, target in COMMANDS.items():
         try:
-            summary, _ = _doc_parts(_load(target))
-        except Exception:  # a command whose module fails to import is still listed
+            summary = _summary_from_source(target)
+        except Exception:  # a command whose module cannot be read is still listed
             summary = ""
         lines.append(f"  {name:<12} {summary}")
     lines.append("")

@@ -1108,7 +1108,8 @@ def test_the_command_serves_until_sigterm(tiny_mtp_folder):
     proc = subprocess.Popen([sys.executable, "-m", "mtp", "serve", "--model", str(tiny_mtp_folder), "--port", "0",
                              "--no-access-log", "--batching", "static", "--prompt-cache-mb", "0"],
                             stderr=subprocess.PIPE, text=True,
-                            env={"PYTHONPATH": str(src), "PATH": "/usr/bin:/bin", "HOME": str(tiny_mtp_folder)})
+                            env={"PYTHONPATH": str(src), "PATH": "/usr/bin:/bin", "HOME": str(tiny_mtp_folder),
+                                 "PYTHONFAULTHANDLER": "1"})  # (a crash at exit prints every thread's stack)
     try:
         line = ""
         while " at http://" not in line:
@@ -1124,7 +1125,7 @@ def test_the_command_serves_until_sigterm(tiny_mtp_folder):
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(30)
-    assert proc.returncode == 128 + signal.SIGTERM
+    assert proc.returncode == 128 + signal.SIGTERM, proc.stderr.read()[-4000:]
 
 
 @pytest.mark.cuda

@@ -231,7 +231,7 @@ def test_tokenized_rows_take_a_few_bytes_a_token(tokenizer, tmp_path) -> None:
         assert len(train) == n - 2 and len(held) == 2
         return peak, int(train.lengths.sum())
 
-    (small, small_tokens), (large, large_tokens) = peak_and_tokens(1_000), peak_and_tokens(10_000)
+    (small, small_tokens), (large, large_tokens) = peak_and_tokens(500), peak_and_tokens(5_000)
     assert large - small < 8 * (large_tokens - small_tokens), (small, large, large_tokens)
 
 
