@@ -161,7 +161,7 @@ def _on(device: torch.device):
     return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
-def _compiled(step: Callable[..., StepResult]) -> Callable[..., StepResult]:
+def _compiled(step: Callable[..., StepResult], backend: str = "inductor") -> Callable[..., StepResult]:
     """`step` through torch.compile, as one graph (`fullgraph`: every step shape traces as one,
     `tests/decoding/test_graphs.py`; one that did not would fail to compile before running, and be replayed
     uncompiled: `GraphedSteps._warm_up`). The first size of a dimension (a block width, a batch size, a cache's
@@ -173,7 +173,7 @@ def _compiled(step: Callable[..., StepResult]) -> Callable[..., StepResult]:
     # The tree's shape-only tensors are built by functools caches, which dynamo traces through (a warning each):
     # inside a compiled step they are constants inductor folds.
     warnings.filterwarnings("ignore", message="Dynamo detected a call to a `functools.lru_cache`")
-    return torch.compile(step, dynamic=None, fullgraph=True)
+    return torch.compile(step, dynamic=None, fullgraph=True, backend=backend)
 
 
 def _compile_errors() -> tuple[type[BaseException], ...]:
