@@ -186,6 +186,40 @@ def test_a_drawn_last_child_keeps_the_law_p_and_is_kept_as_often_as_the_rule_say
     assert torch.allclose(torch.bincount(then, minlength=v).float() / len(then), p, atol=0.03)
 
 
+@pytest.mark.parametrize("q_outside", [0.0, 1e-3], ids=["no-mass", "some-mass"])
+def test_a_drawn_child_whose_q_has_no_mass_outside_its_siblings_is_refused(q_outside):
+    """q inside the siblings' tokens (top-k, top-p, min-p or a draft vocabulary no wider than the siblings; a very
+    low temperature): outside them there is nothing to draw, so the drawn child is a filler, not a sample of q'.
+    The first token's law is still p (the filler was kept whenever r held any of it: nearly always, not p's share)."""
+    tree = DraftTree.from_paths([(0,), (1,)])  # rank 0 one-hot, rank 1 drawn from q outside rank 0's token
+    v, n = 5, 100_000
+    p = torch.tensor([0.05, 0.4, 0.25, 0.2, 0.1])
+    q = torch.tensor([1.0 - 4 * q_outside] + [q_outside] * 4)  # the heads' best token: 0 (the sibling's)
+    logits = q.clamp_min(1e-30).log().expand(n, 1, v)
+    gen = torch.Generator().manual_seed(0)
+    tokens, layout = sampled_tree_drafts(logits, q.expand(n, 1, v), torch.ones(n, dtype=torch.bool), tree, gen)
+    assert (tokens[:, 0] == 0).all() and (tokens[:, 1] != 0).all()
+    acc = verify_tree_sampling(p.expand(n, 3, v).clone(), tokens, layout, gen, q.expand(n, 1, v))
+    first = torch.where(acc.count > 0, acc.path_tokens(tokens)[:, 0], acc.last)
+    assert torch.allclose(torch.bincount(first, minlength=v).float() / n, p, atol=0.006)
+
+
+@pytest.mark.parametrize("eps", [0.0, 1e-30, 1e-7])
+def test_a_dynamic_tree_keeps_every_chosen_nodes_parent_when_scores_tie(eps):
+    """A head whose best token has probability 1 (in fp32: the others below 6e-8) or whose other ranks have none (a
+    draft vocabulary smaller than the tree) scores a child exactly as its parent: the tree still holds each node's
+    parent, one depth up (a node of depth 2 hanging from the root was verified at the wrong position, and made a
+    sampled token's law wrong)."""
+    for size, width, depths in itertools.product((3, 4, 6, 16), (2, 4, 16), (2, 3, 4)):
+        probs = torch.full((depths, width), eps)
+        probs[:, 0] = 1.0
+        layout = dynamic_tree(probs, size)
+        parent, depth = layout.parent_slot, layout.depth
+        parent_depth = torch.cat([depth.new_zeros(1), depth])[parent]
+        assert (parent_depth == depth - 1).all(), (size, width, depths, layout_paths(layout), depth.tolist())
+        assert len(set(layout_paths(layout))) == layout.size
+
+
 def test_a_chain_given_as_a_tree_keeps_as_many_sampled_drafts_as_the_chain():
     """Sampling, the chain without --tree and the same chain as a tree draft and accept alike (before the tree
     sampled its rank-0 drafts: 1.09 tokens per forward against the chain's 2.10 on this model)."""

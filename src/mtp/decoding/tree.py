@@ -325,7 +325,7 @@ def dynamic_tree(rank_probs: torch.Tensor, size: int) -> TreeLayout:
     `build_tree` picks best-first - found depth by depth: the best `size` paths of depth h + 1 extend the best
     `size` of depth h (a path never scores above its parent, so none of the overall best is missed)."""
     depths, width = rank_probs.shape
-    levels, depth, tie, slots = _candidates(size, depths, width, str(rank_probs.device))
+    levels, depth, slots = _candidates(size, depths, width, str(rank_probs.device))
     logp = rank_probs.clamp_min(1e-30).log()
     scores, parents, ranks = [], [], []
     for h, (parent, rank) in enumerate(levels):  # candidates of depth h + 1: every kept path of depth h x every rank
@@ -335,8 +335,11 @@ def dynamic_tree(rank_probs: torch.Tensor, size: int) -> TreeLayout:
         parents.append(parent[top])
         ranks.append(rank[top])
     parent = torch.cat(parents)  # (M,) each candidate's parent among all M (-1: the root)
-    score = torch.cat(scores) - tie  # a tiny cost per depth breaks ties towards the parent
-    chosen = score.topk(min(size, score.shape[0])).indices
+    score = torch.cat(scores)  # (M,) by depth: a parent comes before its children, which never score above it
+    # (a + logp <= a in any rounding); a stable sort keeps a parent before a child that ties it (a probability
+    # that rounds to 1, or to 0 beside a draft vocabulary smaller than the tree), so each chosen node's parent is
+    # chosen (a tiny cost per depth did not: in fp32 it vanishes beside a score of -8 or less)
+    chosen = score.sort(descending=True, stable=True).indices[: min(size, score.shape[0])]
     chosen = chosen[depth[chosen].sort(stable=True).indices]  # by depth, best first within a depth
     slot_of = torch.zeros(score.shape[0] + 1, dtype=torch.long, device=rank_probs.device)  # candidate -> slot (+1)
     slot_of[chosen + 1] = slots[: chosen.shape[0]]
@@ -347,8 +350,8 @@ def dynamic_tree(rank_probs: torch.Tensor, size: int) -> TreeLayout:
 @functools.lru_cache(maxsize=64)
 def _candidates(size: int, depths: int, width: int, device: str):
     """What `dynamic_tree` reads that depends only on its shapes, built once: per depth, each candidate's parent
-    (an index into the candidates of all depths, -1 the root) and rank; each candidate's depth, its tie-break cost,
-    the slot numbers 1..size."""
+    (an index into the candidates of all depths, -1 the root) and rank; each candidate's depth; the slot numbers
+    1..size."""
     levels, depth, start, kept = [], [], 0, 0  # kept: candidates of the depth before that stay
     for h in range(depths):
         if h == 0:
@@ -361,7 +364,7 @@ def _candidates(size: int, depths: int, width: int, device: str):
         levels.append((parent.to(device), rank.to(device)))
         depth.append(torch.full((kept,), h + 1, dtype=torch.long))
     depth = torch.cat(depth).to(device)
-    return tuple(levels), depth, 1e-6 * depth, torch.arange(1, size + 1, device=device)
+    return tuple(levels), depth, torch.arange(1, size + 1, device=device)
 
 
 def layout_paths(layout: TreeLayout) -> tuple[Path_, ...]:
@@ -612,7 +615,10 @@ def verify_tree_sampling(probs: torch.Tensor, tokens: torch.Tensor, layout: Tree
             z = q.sum(-1).clamp_min(1e-30)  # (B,)
             x_d = x.gather(1, col).squeeze(1)
             u = torch.rand(b, generator=generator, device=device)
-            kept = has & (u * q[rows, x_d] * mass < residual[rows, x_d] * z)  # u < (r/mass) / (q'/z)
+            # u < (r/mass) / (q'/z); q' with no mass (q inside its siblings' tokens: a top-k, top-p, min-p or
+            # draft vocabulary that small) drew no token, only a filler, which is refused (r stays as it is)
+            q_d = q[rows, x_d]
+            kept = has & (q_d > 0) & (u * q_d * mass < residual[rows, x_d] * z)
             less = torch.addcmul(residual, q, (mass / z)[:, None], value=-1).clamp_min_(0)
             residual = torch.where((has & ~kept)[:, None], less, residual)
             mass = torch.where(has & ~kept, less.sum(-1), mass)
