@@ -33,7 +33,8 @@ Verification keeps the deepest node whose whole path is accepted:
               token). At the current node (residual r: first p, the model's distribution there) the one-hot
               children are tried first: child x is taken with probability r(x), and if refused r(x) is set to
               0 and r renormalised; then the drawn child x, taken with probability min(1, r(x)/q'(x)), refused:
-              r = max(r - q', 0) renormalised; when every child is refused the token is drawn from r. That is
+              r = max(r - q', 0) renormalised; when every child is refused the token is drawn from r (a q'
+              with no mass drew nothing: that node holds a filler, refused). That is
               a sample of p exactly, whatever the candidates are. A chain keeps its drafts as Leviathan et
               al.'s rule does; a wide node keeps the heads' best tokens and draws one more from what they leave
               (on the default model's trained heads this kept more than all one-hot or a drawn best token at
