@@ -39,7 +39,8 @@ test-fast: setup
 # The suite on this machine's CPU under the GPU machine's versions (its image: torch 2.11, transformers 5.17, ...;
 # /work/.library/device/KINDS.md), which differ from .venv's: there, torch 2.11's dynamo once failed every
 # compiled decoding step that torch 2.13 compiled. Run it before a GPU session; it checks nothing a GPU does.
-# The code runs from src/ as it does there (PYTHONPATH); about 5 GB (torch's CUDA build) and 4 minutes.
+# The code runs from src/ as it does there (PYTHONPATH); about 5 GB (torch's CUDA build); the suite takes as long as
+# `make test` on a quiet machine (29 min on a 2-core Zen 3 shared with other work, 2026-12-07).
 GPU_IMAGE_VENV := .venv-gpu-image
 GPU_IMAGE_PINS := torch==2.11.0 transformers==5.17.0 accelerate==1.15.0 safetensors==0.8.0 tokenizers==0.23.2 \
 	hypothesis pytest gguf tqdm matplotlib
