@@ -352,16 +352,27 @@ def test_a_model_made_in_inference_mode_decodes(replayed, gpu_path):
     assert replay.tokens == [reference_greedy(model, [1, 2, 3, 1, 2], 6)]
 
 
-@pytest.mark.parametrize("kind,kw", [
-    ("heads", {"strategy": "speculative", "tree": DynamicTree(4, 2), "lookup": 3, "do_sample": True}),
-    ("heads", {"strategy": "speculative", "tree": "auto", "tree_size": 4, "lookup": 2, "draft_vocab": True}),
-    ("heads", {"strategy": "speculative", "lookup": 2}),
-    ("heads", {"strategy": "speculative", "lookup": 2, "do_sample": True, "top_k": 5, "top_p": 0.9, "min_p": 0.05}),
-    ("heads", {"strategy": "speculative", "tree": DynamicTree(4, 2), "lookup": 2, "logprobs": 3}),
-    ("masks", {"strategy": "confadapt", "k": 3}),
-], ids=["heads-dynamic-tree-lookup-sampling", "heads-tree-lookup-draft-vocab", "heads-chain-lookup",
-        "heads-chain-lookup-sampling-filters",
-        "heads-dynamic-tree-lookup-logprobs", "masks-confadapt"])
+TRACED_STEPS = {  # id -> (kind, generate's arguments)
+    "heads-dynamic-tree-lookup-sampling": ("heads", {"strategy": "speculative", "tree": DynamicTree(4, 2),
+                                                     "lookup": 3, "do_sample": True}),
+    "heads-tree-lookup-draft-vocab": ("heads", {"strategy": "speculative", "tree": "auto", "tree_size": 4,
+                                                "lookup": 2, "draft_vocab": True}),
+    "heads-chain-lookup": ("heads", {"strategy": "speculative", "lookup": 2}),
+    "heads-chain-lookup-sampling-filters": ("heads", {"strategy": "speculative", "lookup": 2, "do_sample": True,
+                                                      "top_k": 5, "top_p": 0.9, "min_p": 0.05}),
+    "heads-dynamic-tree-lookup-logprobs": ("heads", {"strategy": "speculative", "tree": DynamicTree(4, 2),
+                                                     "lookup": 2, "logprobs": 3}),
+    "masks-confadapt": ("masks", {"strategy": "confadapt", "k": 3}),
+}
+# Every drafting feature on the GPU's path (fused layers); on the general path (Hugging Face layers), whose
+# drafting code is the same, a tree that samples and the mask tokens (a trace costs 5-8 s on 2 cores).
+GENERAL_PATH_TRACES = ("heads-dynamic-tree-lookup-sampling", "masks-confadapt")
+
+
+@pytest.mark.parametrize("gpu_path,kind,kw", [
+    pytest.param(fused, *TRACED_STEPS[name], id=("fused-" if fused else "-") + name)
+    for fused in (False, True) for name in TRACED_STEPS if fused or name in GENERAL_PATH_TRACES],
+    indirect=["gpu_path"])
 def test_a_step_traces_as_one_graph(kind, kw, gpu_path):
     """The step reads nothing back to the host (what a CUDA graph cannot replay): dynamo traces it as one graph
     (fullgraph=True fails on a host read such as .item(), .tolist() or a tensor in an `if`), the prompt's step
