@@ -61,9 +61,14 @@ def _load(target: str) -> Callable:
     return getattr(importlib.import_module(module), name)
 
 
+def _first_paragraph(doc: str) -> str:
+    """A docstring's first paragraph on one line: a command's summary in `--help` and in the listing."""
+    return doc.split("\n\n")[0].replace("\n", " ")
+
+
 def _doc_parts(fn: Callable) -> tuple[str, dict[str, str]]:
     doc = inspect.getdoc(fn) or ""
-    summary = doc.split("\n\n")[0].replace("\n", " ")
+    summary = _first_paragraph(doc)
     args: dict[str, str] = {}
     if "Args:" in doc:
         last, indent = None, None
@@ -232,8 +237,7 @@ def _summary_from_source(target: str) -> str:
     tree = ast.parse(Path(spec.origin).read_text(encoding="utf-8"))
     for node in tree.body:
         if isinstance(node, ast.FunctionDef) and node.name == name:
-            doc = ast.get_docstring(node) or ""
-            return doc.split("\n\n")[0].replace("\n", " ")
+            return _first_paragraph(ast.get_docstring(node) or "")
     return ""
 
 

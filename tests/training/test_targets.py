@@ -1,5 +1,6 @@
 """Self-distilled targets: the model's own greedy answers, cached on disk and resumable."""
 
+import gc
 import json
 
 import pytest
@@ -74,6 +75,7 @@ def test_answers_are_greedy_and_batched_like_single(model, tok) -> None:
                                      stop_token_ids=[tok.eos_token_id])
     for prompt, answer in zip(prompts, answers, strict=True):
         assert answer == local_greedy(model, prompt, 6, tok.eos_token_id)
+    assert gc.get_freeze_count() == 0  # (see test_cache_resume_after_interruption)
 
 
 def test_cache_resume_after_interruption(model, tok, tmp_path, monkeypatch, capsys) -> None:
@@ -88,6 +90,9 @@ def test_cache_resume_after_interruption(model, tok, tmp_path, monkeypatch, caps
     with pytest.raises(KeyboardInterrupt):
         self_distilled_answers(model, tok, prompts, cache_path=cache, **kw)
     assert first.rows == [2] and len(read_cache(cache)) == 2
+    # answering freezes what existed before it (each batch's collection walks only its own objects), and puts it
+    # back however it ends: frozen objects would never be collected again
+    assert gc.get_freeze_count() == 0
     n = len(prompts)
     assert f"answers: interrupted; 2 of {n} are kept in {cache}: the same command goes on from them" \
         in capsys.readouterr().err

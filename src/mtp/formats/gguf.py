@@ -1,6 +1,6 @@
 """Turn a GGUF checkpoint into a plain Hugging Face folder (fp32 safetensors), atomically.
 
-Dequantising a GGUF through transformers is slow (~25 s for 135M parameters), so callers do it once
+Dequantising a GGUF through transformers is slow (~25-30 s for 135M parameters on 2 CPU cores), so callers do it once
 and load the resulting folder afterwards. The folder only appears under its final name once it is complete.
 """
 

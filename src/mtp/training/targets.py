@@ -272,6 +272,8 @@ def _generate_answers(model, tokenizer, prompts, rows: list[int], answers: Token
     model.eval()
     new_tokens = 0
     seconds = 0.0
+    gc.collect()
+    gc.freeze()
     try:
         # Packed fp16 weights answer ~1.3x faster on a CPU; the layers' fp32 weights (trained next) are untouched.
         with fp16_decoding(model):
@@ -303,12 +305,15 @@ def _generate_answers(model, tokenizer, prompts, rows: list[int], answers: Token
                 # The decoding cache's objects refer to each other, so without a collection now the batch's KV
                 # buffers (hundreds of MB for 48 rows of the default model) would wait for Python's cyclic
                 # collector while the next batches allocate theirs: memory would grow with the batches answered.
+                # What existed before the loop is frozen (`gc.freeze`, below), so this walks only the objects
+                # made since: ~1 ms instead of ~200 ms over the 360,000 objects torch and transformers hold.
                 del res, recorder
                 gc.collect()
                 if bar is not None:
                     bar.update(len(chunk))
                     bar.set_postfix_str(f"{new_tokens / max(seconds, 1e-9):.1f} tok/s", refresh=False)
     finally:
+        gc.unfreeze()
         for f in (sink, features, bar):
             if f is not None:
                 f.close()
