@@ -34,6 +34,7 @@ from mtp.errors import MTPError
 from test_cli import run_cli
 
 PROMPTS = ["What is 7 + 5?", "Janet has 3 eggs.", "The answer is"]
+POLL_S = 0.02  # how often a test's server looks for its shutdown
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +64,8 @@ def served(model, start: bool = True, max_batch_size: int = 8, batch_window: flo
     server.access_log = False
     if start:
         batcher.start()
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    # (serve_forever looks for a shutdown every poll interval: 0.5 s by default, which each test would wait)
+    thread = threading.Thread(target=server.serve_forever, args=(POLL_S,), daemon=True)
     thread.start()
     try:
         yield server
@@ -870,7 +872,7 @@ def test_a_burst_of_connections_waits_for_the_accepting_thread():
     server = Server("127.0.0.1", 0)
     server.access_log = False
     clients = [socket.create_connection(server.server_address[:2], timeout=2) for _ in range(32)]
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread = threading.Thread(target=server.serve_forever, args=(POLL_S,), daemon=True)
     thread.start()
     try:
         for sock in clients:
@@ -924,7 +926,7 @@ def test_a_server_stopped_at_once_tells_the_clients_it_was_answering(tiny_mtp_fo
         def serve_forever(self):
             servers.append(self)
             warmed = steps[0]  # (the warm-up's steps)
-            threading.Thread(target=super().serve_forever, daemon=True).start()
+            threading.Thread(target=super().serve_forever, args=(POLL_S,), daemon=True).start()
             client = threading.Thread(target=lambda: received.extend(
                 events(self, "/v1/completions", {"prompt": PROMPTS[0], "max_tokens": 200})))
             client.start()
@@ -1063,7 +1065,7 @@ def test_an_ipv6_address_is_served(model):
     except MTPError:
         pytest.skip("this machine has no IPv6 loopback")
     try:
-        threading.Thread(target=server.serve_forever, daemon=True).start()
+        threading.Thread(target=server.serve_forever, args=(POLL_S,), daemon=True).start()
         assert server.url.startswith("http://[::1]:")
         with urllib.request.urlopen(server.url + "/health", timeout=10) as r:
             assert json.loads(r.read()) == {"status": "ok"}
