@@ -26,12 +26,13 @@ def test_speculative_equals_greedy_on_the_default_model(default_model):
     width = max(len(r) for r in rows)
     ids = torch.tensor([[pad_id(tok)] * (width - len(r)) + list(r) for r in rows])
     mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
-    greedy = generate(default_model, ids, mask, max_new_tokens=40)
-    spec = generate(default_model, ids, mask, max_new_tokens=40, strategy="speculative")
+    # (28 tokens: the second answer ends on its own at 25, the first goes on past "7 + 5 = 12")
+    greedy = generate(default_model, ids, mask, max_new_tokens=28)
+    spec = generate(default_model, ids, mask, max_new_tokens=28, strategy="speculative")
     assert spec.tokens == greedy.tokens
     assert "12" in greedy.texts[0]
     # the plain Hugging Face greedy decode of the first prompt agrees token for token
-    hf = default_model.base.generate(torch.tensor([rows[0]]), max_new_tokens=40, do_sample=False)
+    hf = default_model.base.generate(torch.tensor([rows[0]]), max_new_tokens=28, do_sample=False)
     assert hf[0, len(rows[0]):].tolist()[: len(greedy.tokens[0])] == greedy.tokens[0]
 
 
@@ -46,9 +47,9 @@ def test_fp16_packed_speculative_equals_fp16_greedy_on_the_default_model(default
     packed = quantize_for_decoding(copy.deepcopy(default_model), "fp16")
     prompts = gsm8k_prompts(packed.tokenizer, limit=3, shots=0, chat=True)
     ids, mask = left_pad([p.token_ids for p in prompts], pad_id(packed.tokenizer))
-    greedy = generate(packed, ids, mask, max_new_tokens=48)
-    spec = generate(packed, ids, mask, max_new_tokens=48, strategy="speculative")
+    greedy = generate(packed, ids, mask, max_new_tokens=32)
+    spec = generate(packed, ids, mask, max_new_tokens=32, strategy="speculative")
     assert spec.tokens == greedy.tokens
-    fp32 = generate(default_model, ids, mask, max_new_tokens=48)
+    fp32 = generate(default_model, ids, mask, max_new_tokens=32)
     same = sum(a == b for a, b in zip(greedy.tokens, fp32.tokens, strict=True))
     assert same >= 2  # fp16 storage of 4-bit-origin weights: the answers stay the fp32 model's (in practice all)
