@@ -243,6 +243,10 @@ def test_gguf_conversion_matches_source_model(tmp_path: Path, tie: bool, monkeyp
     assert is_complete_folder(out) and not stale.exists()
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
     assert "quantization_config" not in json.loads((out / "config.json").read_text())
+    from safetensors import safe_open
+
+    with safe_open(out / "model.safetensors", "pt") as f:  # a tied unembedding is stored once, as the source has it
+        assert ("lm_head.weight" in f.keys()) == (not tie)
     loaded = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
     ids = torch.tensor([[1, 40, 50, 60, 99, 120, 2]])
     with torch.no_grad():
