@@ -256,6 +256,28 @@ def test_gguf_conversion_matches_source_model(tmp_path: Path, tie: bool, monkeyp
     assert tokenizer.chat_template == CHAT_TEMPLATE
 
 
+def test_strings_read_at_once_parse_as_transformers_parses_them(tmp_path: Path) -> None:
+    """While converting, a GGUF's strings are decoded whole (`_strings_at_once`): every field of a file (its
+    vocabulary, merges, chat template, numbers) parses to what transformers' own parse gives, and the parse is
+    put back afterwards."""
+    import gguf
+    from transformers import modeling_gguf_pytorch_utils as hf_gguf
+
+    from mtp.formats.gguf import _parsed_once, _strings_at_once
+
+    reader = gguf.GGUFReader(write_tiny_gguf(tmp_path / "tiny.gguf", tiny_model()))
+    parse, fast = hf_gguf._gguf_parse_value, _strings_at_once(hf_gguf._gguf_parse_value)
+    strings = 0
+    for name, field in reader.fields.items():
+        own = [parse(field.parts[i], field.types) for i in field.data]
+        assert [fast(field.parts[i], field.types) for i in field.data] == own, name
+        strings += sum(isinstance(v, str) for v in own)
+    assert strings > 100  # (the vocabulary's words among them)
+    with _parsed_once():
+        assert hf_gguf._gguf_parse_value is not parse
+    assert hf_gguf._gguf_parse_value is parse
+
+
 def test_failed_conversion_leaves_nothing(tmp_path: Path) -> None:
     bad = tmp_path / "bad.gguf"
     bad.write_bytes(b"GGUF" + b"\xff" * 64)
