@@ -37,7 +37,7 @@ from mtp.arguments import (
 from mtp.errors import MTPError
 from mtp.io import DISK_ERRORS
 from mtp.options import field_defaults, grouped_arguments, option_classes, unwrap_optional
-from mtp.process import Terminated, exit_code, sigterm_as_interrupt
+from mtp.process import Terminated, end_process, exit_code, sigterm_as_interrupt
 
 # command name -> "module:function". Imported lazily so `mtp --help` stays fast.
 COMMANDS: dict[str, str] = {
@@ -414,6 +414,8 @@ def _no_bars(quiet: bool):
 
 
 def main(argv: list[str] | None = None) -> None:
+    """The command line (`mtp ...`); `argv`: its words (default: the process's, which it then ends with
+    `process.end_process`; given words, it raises SystemExit as usual)."""
     try:
         with sigterm_as_interrupt():
             code = run(argv)
@@ -434,6 +436,8 @@ def main(argv: list[str] | None = None) -> None:
     except KeyboardInterrupt as e:
         print(f"mtp: {'terminated' if isinstance(e, Terminated) else 'interrupted'}", file=sys.stderr)
         code = exit_code(e)
+    if argv is None:
+        end_process(code)
     sys.exit(code)
 
 

@@ -14,9 +14,12 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import logging
 import os
 import signal
+import sys
 import threading
+import typing
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -36,6 +39,29 @@ def exit_code(interrupt: KeyboardInterrupt) -> int:
 
 def interrupt_for(signum: int) -> KeyboardInterrupt:
     return Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
+
+
+_THREADS_LEFT = threading.Event()
+
+
+def leaves_threads_running() -> None:
+    """Said by a command whose daemon threads may still run when it returns (a server's connection threads): the
+    command-line process then ends without the interpreter's finalization (`end_process`)."""
+    _THREADS_LEFT.set()
+
+
+def end_process(code: int) -> typing.NoReturn:
+    """End the command-line process with `code`. Where a command left daemon threads, without finalizing: CPython
+    before 3.14 ends a daemon thread that wakes during finalization with pthread_exit, whose unwinding aborts the
+    process in C++ code ("terminate called without an active exception": a SIGTERM'd `mtp serve` exited with
+    SIGABRT about once in a hundred suite runs), and nothing is left to write once such a command has stopped."""
+    if _THREADS_LEFT.is_set():
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(Exception):
+                stream.flush()
+        logging.shutdown()
+        os._exit(code)
+    sys.exit(code)
 
 
 def _raise_terminated(signum, frame):

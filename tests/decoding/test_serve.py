@@ -1103,6 +1103,35 @@ def test_a_port_in_use_is_one_line_before_the_model_loads(tmp_path, capsys, monk
     assert code == 2 and "each request brings its own sampling settings" in err
 
 
+def test_a_process_that_leaves_threads_ends_with_its_code_and_its_output(tmp_path):
+    """`process.end_process`: once a command said it leaves daemon threads (`mtp serve`), the command-line process
+    ends without finalizing (a daemon thread that wakes then can abort it), with its exit code and its output
+    flushed; otherwise as sys.exit."""
+    src = Path(__file__).resolve().parents[2] / "src"
+    for leaves, code in ((True, 143), (False, 7)):
+        script = ("import threading, time, sys; from mtp import process; "
+                  "threading.Thread(target=time.sleep, args=(60,), daemon=True).start(); "
+                  f"{'process.leaves_threads_running(); ' if leaves else ''}"
+                  "print('said', end=''); print('logged', end='', file=sys.stderr); "
+                  f"process.end_process({code})")
+        run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60,
+                             env={"PYTHONPATH": str(src), "PATH": "/usr/bin:/bin"})
+        assert (run.returncode, run.stdout, run.stderr) == (code, "said", "logged")
+
+
+def test_the_command_line_called_with_words_raises_system_exit_even_after_a_server(monkeypatch, capsys):
+    """`main(words)` (tests, a program that runs commands) never ends the process, even once a server in it said
+    it leaves threads: only `main()`, the process's own command line, does."""
+    import threading
+
+    from mtp import process
+
+    monkeypatch.setattr(process, "_THREADS_LEFT", threading.Event())
+    process.leaves_threads_running()
+    code, _, err = run_cli(["serve", "--max-batch-size", "0"], capsys)
+    assert code == 2 and "--max-batch-size" in err
+
+
 def test_the_command_serves_until_sigterm(tiny_mtp_folder):
     """`mtp serve --port 0 --batching static` end to end in its own process: the address it prints answers a
     request; SIGTERM stops it."""

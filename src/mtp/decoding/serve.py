@@ -38,6 +38,7 @@ from mtp.decoding.prefixes import PromptCache
 from mtp.errors import MTPError, first_line
 from mtp.evaluation.prompts import has_chat_template
 from mtp.options import with_flat_keywords
+from mtp.process import leaves_threads_running
 from mtp.runtime import default_batch_rows
 
 
@@ -572,6 +573,7 @@ def serve(model: str | None = None, host: str = "127.0.0.1", port: int = 8000, s
         print(f"mtp serve: {server.model_name} ({strategy} decoding on {weights.describe(runtime)}, {batching} "
               f"batching{kept}) at {server.url}/v1 (POST {api.COMPLETIONS}, {api.CHAT}; GET /v1/models); Ctrl-C "
               "stops", file=sys.stderr, flush=True)
+        leaves_threads_running()  # (connection threads: daemons)
         try:
             server.serve_forever()
         except KeyboardInterrupt:  # Ctrl-C or SIGTERM: the requests being answered are finished first
