@@ -247,3 +247,28 @@ def test_cuda_rows_with_their_own_settings_replay_as_they_decode_eagerly(kw):
             eager = generate(model, ids[row:row + 1], mask[row:row + 1], max_new_tokens=20, stop_token_ids=[],
                              graphs=False, repetition_penalty=penalty)
             assert out.tokens[row] == eager.tokens[0]
+
+
+def test_rows_given_the_same_settings_are_checked_once_and_read_as_their_own(monkeypatch):
+    """A thousand rows of one setting cost one check (self-answering's batches are 1,000 greedy rows), and a row
+    whose values are its own is still checked and read as its own."""
+    import mtp.decoding.row_options as module
+
+    checked = []
+    real = module.check_values
+    monkeypatch.setattr(module, "check_values", lambda values, **kw: (checked.append(values), real(values, **kw)))
+    defaults = dict(do_sample=False, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, repetition_penalty=1.0,
+                    presence_penalty=0.0, frequency_penalty=0.0, logit_bias=None, min_new_tokens=0, stop_strings=None)
+    hot, bias = 0.5, {3: 1.0}
+    values = {**defaults, "do_sample": True, "temperature": [hot if i % 500 == 7 else 1.0 for i in range(1000)],
+              "logit_bias": [bias] * 1000, "stop_strings": ["x"]}
+    rows = module.row_options(1000, 40, values, {"strategy": "greedy"})
+    assert len(checked) == 2 and rows[0] is rows[999] and rows[7] is rows[507]
+    assert [r.temperature for r in rows] == values["temperature"]
+    for i in (0, 7):  # each as a batch of its own row would read it
+        own = {k: v[i] if k in ("temperature", "logit_bias") else v for k, v in values.items()}
+        alone = module.row_options(1, 40, own, {"strategy": "greedy"})[0]
+        assert rows[i] == alone and rows[i].penalties.bias == ((3, 1.0),) and rows[i].stop_strings == ("x",)
+    values["top_p"] = [1.0] * 999 + [1.5]  # the last row alone breaks a rule
+    with pytest.raises(MTPError, match="top_p"):
+        module.row_options(1000, 40, values, {"strategy": "greedy"})

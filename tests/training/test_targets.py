@@ -13,6 +13,7 @@ from mtp.training.data import Example, rows_to_data, tokenize_examples
 from mtp.training.losses import evaluate_heads
 from mtp.training.targets import (
     prompt_token_ids,
+    prompts_token_ids,
     read_cache,
     self_distilled_answers,
     self_distilled_data,
@@ -67,6 +68,21 @@ def test_prompt_tokens_match_tokenize_examples(tok) -> None:
         data = tokenize_examples([ex], tok, template=template, seq_len=64)
         n_prompt = int((~data.loss_mask[0] & data.attention_mask[0].bool()).sum())
         assert prompt_token_ids(tok, ex.prompt, template) == data.input_ids[0, :n_prompt].tolist()
+
+
+def test_many_prompts_are_tokenized_as_each_alone(tok) -> None:
+    """`prompts_token_ids` (the start tokens looked up once for all prompts) lays out each prompt, with its
+    conversation before it, as `prompt_token_ids` does alone; with a tokenizer that starts texts with a BOS too."""
+    from conftest import tiny_sentencepiece_tokenizer
+
+    context = ({"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."})
+    examples = [Example(q, "", context if i % 2 else ()) for i, q in enumerate(QUESTIONS)] + [Example("", "x")]
+    with_bos = tiny_sentencepiece_tokenizer()
+    for tokenizer, template in ((tok, "chat"), (tok, "plain"), (with_bos, "chat"), (with_bos, "plain")):
+        lists = prompts_token_ids(tokenizer, iter(examples), template)  # (a file's examples: read once)
+        alone = [prompt_token_ids(tokenizer, ex.prompt, template, ex.context) for ex in examples]
+        assert list(lists) == alone and len({len(a) for a in alone}) > 2
+    assert all(a[0] == with_bos.bos_token_id for a in prompts_token_ids(with_bos, examples, "plain"))
 
 
 def test_answers_are_greedy_and_batched_like_single(model, tok) -> None:

@@ -311,17 +311,21 @@ def _self_answered_data(a: _Args, args: dict, out: Path, method, mtp_model, par:
     from mtp.training.data import held_out
     from mtp.training.targets import (
         CACHE_NAME,
-        TokenLists,
         model_fingerprint,
-        prompt_token_ids,
+        prompts_token_ids,
         self_distilled_rows,
     )
 
+    asked = False
+
+    def noting_prompts():  # (a file's records are read once: whether any has a prompt is seen on the way)
+        nonlocal asked
+        for ex in examples:
+            asked = asked or bool(ex.prompt)
+            yield ex
+
     tokenizer = mtp_model.tokenizer
-    prompts, asked = TokenLists(), False
-    for ex in examples:
-        asked = asked or bool(ex.prompt)
-        prompts.append(prompt_token_ids(tokenizer, ex.prompt, a.template, ex.context))
+    prompts = prompts_token_ids(tokenizer, noting_prompts(), a.template)
     if not asked:
         raise MTPError(_NO_PROMPTS.format(data=a.data))
     answering = method.answering_model(mtp_model)

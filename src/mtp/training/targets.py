@@ -42,7 +42,7 @@ import torch
 from mtp.errors import MTPError
 from mtp.io import open_append
 from mtp.progress import progress_bar
-from mtp.training.data import Example, Rows, TokenizedData, _example_tokens, check_tokenizer
+from mtp.training.data import Example, Rows, TokenizedData, _example_tokens, _start_tokens, check_tokenizer
 from mtp.training.features import FeatureRecorder, FeatureStore
 
 CACHE_NAME = "self_targets.jsonl"
@@ -54,6 +54,17 @@ def prompt_token_ids(tokenizer, prompt: str, template: Literal["chat", "plain"],
     `context`: a conversation's messages before the prompt (`Example.context`)."""
     example = Example(prompt, "", tuple(context))
     return list(_example_tokens(tokenizer, example, template, check_tokenizer(tokenizer, template))[0])
+
+
+def prompts_token_ids(tokenizer, examples: Iterable[Example], template: Literal["chat", "plain"]) -> TokenLists:
+    """`prompt_token_ids` of each example's prompt (and context), as compact `TokenLists`. One tokenizer call a
+    prompt: a batched call would hold every chunk's encodings at once (more memory at dataset scale, for
+    ~0.1 ms a prompt)."""
+    eos_id, start = check_tokenizer(tokenizer, template), _start_tokens(tokenizer)
+    out = TokenLists()
+    for ex in examples:
+        out.append(_example_tokens(tokenizer, Example(ex.prompt, "", tuple(ex.context)), template, eos_id, start)[0])
+    return out
 
 
 @torch.no_grad()
@@ -382,9 +393,7 @@ def answers_within_minutes(
 def self_distilled_data(model, tokenizer, groups: Sequence[Sequence[Example]], *,
                         template: Literal["chat", "plain"] = "chat", **kw) -> list[TokenizedData | None]:
     """`self_distilled_rows` of groups of examples (their prompts; the answers are the model's)."""
-    prompts = TokenLists()
-    for ex in (ex for group in groups for ex in group):
-        prompts.append(prompt_token_ids(tokenizer, ex.prompt, template, ex.context))
+    prompts = prompts_token_ids(tokenizer, (ex for group in groups for ex in group), template)
     starts = [sum(len(g) for g in groups[:j]) for j in range(len(groups))]
     return self_distilled_rows(model, tokenizer, prompts,
                                [range(s, s + len(g)) for s, g in zip(starts, groups, strict=True)], **kw)
