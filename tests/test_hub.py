@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import huggingface_hub.constants
+import numpy as np
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -276,6 +277,35 @@ def test_strings_read_at_once_parse_as_transformers_parses_them(tmp_path: Path) 
     with _parsed_once():
         assert hf_gguf._gguf_parse_value is not parse
     assert hf_gguf._gguf_parse_value is parse
+
+
+def test_a_gguf_read_through_plain_views_reads_as_ggufs_own_reader(tmp_path: Path) -> None:
+    """While converting, gguf's reader reads values through a plain view of the mapped file (`_plain_views`):
+    every field (its parts, their dtypes, its data indices and types) and every tensor read as gguf's own reader
+    reads them; a gguf whose reader reads otherwise keeps its own."""
+    import gguf
+
+    from mtp.formats.gguf import _plain_views
+
+    path = write_tiny_gguf(tmp_path / "tiny.gguf", tiny_model())
+    own, plain = gguf.GGUFReader(path), _plain_views(gguf.GGUFReader)(path)
+    assert type(plain) is not gguf.GGUFReader and list(plain.fields) == list(own.fields)
+    for name, field in own.fields.items():
+        other = plain.fields[name]
+        assert (other.offset, other.data, other.types) == (field.offset, field.data, field.types), name
+        assert len(other.parts) == len(field.parts) > 0
+        for a, b in zip(other.parts, field.parts, strict=True):
+            assert a.dtype == b.dtype and np.array_equal(a, b) and not isinstance(a, np.memmap), name
+    assert len(plain.tensors) == len(own.tensors) > 0
+    for a, b in zip(plain.tensors, own.tensors, strict=True):
+        assert (a.name, a.tensor_type, a.data_offset) == (b.name, b.tensor_type, b.data_offset)
+        assert a.data.dtype == b.data.dtype and np.array_equal(a.data, b.data)
+
+    class OtherReader(gguf.GGUFReader):
+        def _get(self, offset, dtype, count=1, override_order=None, more=None):
+            return super()._get(offset, dtype, count, override_order)
+
+    assert _plain_views(OtherReader) is OtherReader
 
 
 def test_failed_conversion_leaves_nothing(tmp_path: Path) -> None:
