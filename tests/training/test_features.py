@@ -92,6 +92,84 @@ def test_recorder_copies_each_call_and_skips_padding_and_rejected_drafts(tmp_pat
     assert got[0, :2].tolist() == [[1, 1], [2, 2]] and got[1].tolist() == [[3, 3], [4, 4], [5, 5], [6, 6]]
 
 
+def recorded_row_by_row(calls, batch_size: int, capacity: int, hidden: int) -> tuple[torch.Tensor, list[int]]:
+    """What a recorder holds after `calls` ((rows, trunk, kept) each), kept one row at a time: the reference."""
+    buffer, filled = torch.zeros(batch_size, capacity, hidden, dtype=torch.float16), [0] * batch_size
+    for rows, trunk, kept in calls:
+        for b, row in enumerate(rows.tolist()):
+            mine = trunk[b][kept[b]].half()
+            take = max(0, min(len(mine), capacity - filled[row]))
+            buffer[row, filled[row]:filled[row] + take] = mine[:take]
+            filled[row] += len(mine)
+    return buffer, filled
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_the_recorder_keeps_what_a_row_by_row_copy_keeps(tmp_path, seed, monkeypatch) -> None:
+    """Random batches that shrink, kept positions anywhere in a block (padding, rejected tree nodes), rows past
+    their capacity, gathers split into chunks of rows: the buffer and the counts a row-by-row copy gives."""
+    g = torch.Generator().manual_seed(seed)
+    batch_size, capacity, hidden = 6, 9, 3
+    monkeypatch.setattr(FeatureRecorder, "GATHER_VALUES", [1, 7, 1 << 20][seed % 3])
+    recorder = FeatureRecorder(FeatureStore(tmp_path, "m", hidden_size=hidden), batch_size, capacity)
+    calls, rows = [], torch.arange(batch_size)
+    for i in range(6):
+        shrunk = rows[torch.randperm(len(rows), generator=g)][: max(1, len(rows) - int(torch.randint(0, 2, (1,), generator=g)))]
+        rows = shrunk if i < 5 else torch.tensor([int(rows[0])])  # the last: one row, a block past its capacity
+        width = int(torch.randint(1, 5, (1,), generator=g)) if i < 5 else capacity
+        trunk = torch.randn(len(rows), width, hidden, generator=g)
+        kept = torch.rand(len(rows), width, generator=g) < 0.6 if i < 5 else torch.ones(1, width, dtype=torch.bool)
+        calls.append((rows.clone(), trunk.clone(), kept.clone()))
+        recorder(rows, trunk, kept)
+        trunk.fill_(float("nan"))  # (the caller's buffers, reused: the recorder copied what it keeps)
+    buffer, filled = recorded_row_by_row(calls, batch_size, capacity, hidden)
+    assert recorder.filled == filled and max(filled) > capacity and min(filled) < capacity
+    for row in range(batch_size):
+        n = min(filled[row], capacity)
+        assert torch.equal(recorder.buffer[row, :n], buffer[row, :n]), row
+
+
+@pytest.mark.cuda
+def test_the_recorder_keeps_from_the_gpu_what_it_keeps_from_the_host(tmp_path) -> None:
+    """Steps whose trunk outputs, kept positions and rows are on the GPU (answering there): the buffer a host
+    batch gives."""
+    g = torch.Generator().manual_seed(0)
+    recorders = [FeatureRecorder(FeatureStore(tmp_path / d, "m", hidden_size=4), 3, 6) for d in ("cpu", "gpu")]
+    for width in (5, 1, 3, 1):
+        rows, trunk = torch.tensor([2, 0, 1]), torch.randn(3, width, 4, generator=g)
+        kept = torch.rand(3, width, generator=g) < 0.7
+        recorders[0](rows, trunk, kept)
+        recorders[1](rows.cuda(), trunk.cuda(), kept.cuda())
+    assert recorders[0].filled == recorders[1].filled and not recorders[1].buffer.is_cuda
+    for row, n in enumerate(recorders[0].filled):
+        assert torch.equal(recorders[0].buffer[row, :min(n, 6)], recorders[1].buffer[row, :min(n, 6)])
+
+
+def test_the_recorders_work_does_not_grow_with_the_rows(tmp_path) -> None:
+    """One step of a batch of 4 rows and of 256: the same few ops (on a GPU each op on a row's positions was a
+    host read or a launch, per row and step)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops += 1
+            return func(*args, **(kwargs or {}))
+
+    counted = []
+    for batch in (4, 256):
+        recorder = FeatureRecorder(FeatureStore(tmp_path, "m", hidden_size=8), batch, 16)
+        kept = torch.ones(batch, 3, dtype=torch.bool)
+        kept[::2, 1] = False
+        with Count() as count:
+            recorder(torch.arange(batch), torch.randn(batch, 3, 8), kept)
+        counted.append(count.ops)
+    assert counted[0] == counted[1] < 40, counted
+
+
 def test_training_on_disk_features_equals_training_on_memory_and_reuses_them(tmp_path, monkeypatch) -> None:
     """The store's fp16 features give the losses that fp32 features in memory give (within fp16 rounding); a
     second run with the same store (a resumed one) computes nothing."""

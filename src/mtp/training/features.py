@@ -265,15 +265,30 @@ class FeatureRecorder:
         self.buffer = torch.empty(batch_size, capacity, store.hidden_size, dtype=store.dtype)
         self.filled = [0] * batch_size  # positions of each row seen so far
 
+    # Positions gathered at once, at most this many values (rows at a time): a prefill's whole batch in fp32 at
+    # once would add tens of MB to the peak of answering; a step's rows are one gather.
+    GATHER_VALUES = 1 << 20
+
     def __call__(self, rows: torch.Tensor, trunk: torch.Tensor, kept: torch.Tensor) -> None:
+        """Row rows[b]'s trunk outputs trunk[b] (B, T, H) at its kept positions kept[b] (B, T), after those it
+        saw before. Gathered on the trunk's device, a few host reads a call (on a GPU, every step of a batch of
+        hundreds of answers: a host read a row would cost more than the step)."""
         kept = kept.bool()  # (B, T)
-        # Row by row: a prefill's whole batch in fp32 at once would add tens of MB to the peak of answering.
-        for b, (row, n) in enumerate(zip(rows.tolist(), kept.sum(1).tolist(), strict=True)):
-            start = self.filled[row]
-            take = min(n, self.buffer.shape[1] - start)
-            if take > 0:
-                self.buffer[row, start:start + take] = self.store.to_storage(trunk[b][kept[b]][:take]).cpu()
-            self.filled[row] = start + n
+        counts = kept.sum(1)  # (B,)
+        row_ids, seen = torch.stack([rows.to(counts.device), counts]).tolist()  # (one host read)
+        start = torch.tensor([self.filled[r] for r in row_ids], device=kept.device)  # (B,)
+        slot = start[:, None] + kept.long().cumsum(1) - 1  # (B, T) each kept position's place in its row's buffer
+        kept = kept & (slot < self.buffer.shape[1])  # (past the capacity: not kept)
+        chunk = max(1, self.GATHER_VALUES // max(1, trunk.shape[1] * trunk.shape[2]))
+        buffer_rows = torch.tensor(row_ids)  # (B,) on the host, as the buffer
+        for lo in range(0, len(row_ids), chunk):
+            b, t = kept[lo:lo + chunk].nonzero(as_tuple=True)  # (N,), (N,)
+            if len(b):
+                values = self.store.to_storage(trunk[lo:lo + chunk][b, t]).cpu()  # (N, H)
+                where = torch.stack([b + lo, slot[lo:lo + chunk][b, t]]).cpu()  # (2, N)
+                self.buffer[buffer_rows[where[0]], where[1]] = values
+        for row, n in zip(row_ids, seen, strict=True):
+            self.filled[row] += n
 
     def write(self, keys: Sequence[str], lengths: Sequence[int]) -> None:
         """Store row r's first lengths[r] positions (fewer when its last token was never fed) under keys[r]."""
