@@ -105,12 +105,11 @@ def recorded_row_by_row(calls, batch_size: int, capacity: int, hidden: int) -> t
 
 
 @pytest.mark.parametrize("seed", range(6))
-def test_the_recorder_keeps_what_a_row_by_row_copy_keeps(tmp_path, seed, monkeypatch) -> None:
+def test_the_recorder_keeps_what_a_row_by_row_copy_keeps(tmp_path, seed) -> None:
     """Random batches that shrink, kept positions anywhere in a block (padding, rejected tree nodes), rows past
-    their capacity, gathers split into chunks of rows: the buffer and the counts a row-by-row copy gives."""
+    their capacity: the buffer and the counts a row-by-row copy gives."""
     g = torch.Generator().manual_seed(seed)
     batch_size, capacity, hidden = 6, 9, 3
-    monkeypatch.setattr(FeatureRecorder, "GATHER_VALUES", [1, 7, 1 << 20][seed % 3])
     recorder = FeatureRecorder(FeatureStore(tmp_path, "m", hidden_size=hidden), batch_size, capacity)
     calls, rows = [], torch.arange(batch_size)
     for i in range(6):
@@ -123,7 +122,7 @@ def test_the_recorder_keeps_what_a_row_by_row_copy_keeps(tmp_path, seed, monkeyp
         recorder(rows, trunk, kept)
         trunk.fill_(float("nan"))  # (the caller's buffers, reused: the recorder copied what it keeps)
     buffer, filled = recorded_row_by_row(calls, batch_size, capacity, hidden)
-    assert recorder.filled == filled and max(filled) > capacity and min(filled) < capacity
+    assert recorder.filled.tolist() == filled and max(filled) > capacity and min(filled) < capacity
     for row in range(batch_size):
         n = min(filled[row], capacity)
         assert torch.equal(recorder.buffer[row, :n], buffer[row, :n]), row
@@ -140,9 +139,37 @@ def test_the_recorder_keeps_from_the_gpu_what_it_keeps_from_the_host(tmp_path) -
         kept = torch.rand(3, width, generator=g) < 0.7
         recorders[0](rows, trunk, kept)
         recorders[1](rows.cuda(), trunk.cuda(), kept.cuda())
-    assert recorders[0].filled == recorders[1].filled and not recorders[1].buffer.is_cuda
-    for row, n in enumerate(recorders[0].filled):
-        assert torch.equal(recorders[0].buffer[row, :min(n, 6)], recorders[1].buffer[row, :min(n, 6)])
+    assert recorders[0].filled.tolist() == recorders[1].filled.tolist() and recorders[1].buffer.is_cuda
+    for row, n in enumerate(recorders[0].filled.tolist()):
+        assert torch.equal(recorders[0].buffer[row, :min(n, 6)], recorders[1].buffer[row, :min(n, 6)].cpu())
+
+
+def test_a_recorder_call_reads_nothing_back_to_the_host(tmp_path) -> None:
+    """A call only queues device work (generate calls it before launching the next step): on meta tensors, which
+    hold no values, any host read (.tolist(), .item(), a nonzero) would raise."""
+    recorder = FeatureRecorder(FeatureStore(tmp_path, "m", hidden_size=4), 3, 8)
+    for width in (5, 2):
+        recorder(torch.tensor([0, 2], device="meta"), torch.randn(2, width, 4, device="meta"),
+                 torch.ones(2, width, dtype=torch.bool, device="meta"))
+    assert recorder.buffer.device.type == "meta" and recorder.queues_only
+    with pytest.raises(NotImplementedError):  # (the check itself: a meta tensor's host read raises)
+        torch.ones(2, device="meta").tolist()
+
+
+def test_a_value_float16_cannot_hold_is_one_error_at_write(tmp_path) -> None:
+    """A float16 store's recorder checks its values' range where it writes them (a call reads nothing back); a
+    call whose outputs hold a NaN is not checked, as `to_storage` does not check one."""
+    rows, kept = torch.tensor([0]), torch.ones(1, 2, dtype=torch.bool)
+    recorder = FeatureRecorder(FeatureStore(tmp_path / "a", "m", hidden_size=2), 1, 8)
+    recorder(rows, torch.tensor([[[1.0, 2.0], [float("nan"), 1e6]]]), kept)
+    recorder(rows, torch.tensor([[[3.0, -60000.0], [4.0, 5.0]]]), kept)
+    recorder.write(["a"], [4])  # (the NaN call's 1e6: not checked; 60,000 fits)
+    assert FeatureStore(tmp_path / "a", "m", hidden_size=2).lookup(["a"]).positions.tolist() == [4]
+    recorder = FeatureRecorder(FeatureStore(tmp_path / "b", "m", hidden_size=2), 1, 8)
+    recorder(rows, torch.tensor([[[1.0, -70000.0], [4.0, 5.0]]]), kept)
+    with pytest.raises(MTPError, match="up to 70000 exceed float16's range"):
+        recorder.write(["b"], [2])
+    assert not (tmp_path / "b" / "trunk_features.bin").exists()
 
 
 def test_the_recorders_work_does_not_grow_with_the_rows(tmp_path) -> None:

@@ -110,7 +110,9 @@ class GenerationResult:
 # indices, `kept` marks the positions that hold a token of the row's sequence (not left padding, not a rejected
 # draft, not a finished row). A row's kept positions, in call order, run along its sequence: the prompt, then the
 # emitted tokens as they are fed back (the tokens emitted by the last forward never are; after a stop token a few
-# more may follow). The tensors may be reused by the next step: copy what you keep.
+# more may follow). The tensors may be reused by the next step: copy what you keep. An observer whose calls only
+# queue device work, no host read (an attribute `queues_only = True`), is called before the next step is launched:
+# replayed steps then still run ahead of the host.
 TrunkObserver = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], None]
 
 
@@ -140,7 +142,8 @@ class Admission:
 # statistics so far pick, and is skipped where the step being read may end every row by its budget; a row an end
 # token or a stop string ends gets one step more, whose tokens are not read. A batch that shrinks, or that prompts
 # join, first reads the step in flight. An observer reads the trunk output a step leaves on the device, which the
-# next step would overwrite: no step is launched ahead for it.
+# next step would overwrite: one that only queues device work (`queues_only`, e.g. `FeatureRecorder`) is called
+# before the next step is launched (the device runs its copies first); for any other no step is launched ahead.
 LAUNCH_AHEAD = True
 GPU_FREE_ROWS = 32  # verify-block rows (batch x block width) a GPU step of a small model takes at about no cost
 def iter_generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
@@ -198,7 +201,7 @@ def iter_generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor |
     if loaded:  # rows that start from keys and values computed before load them
         steps.cache.start_rows(row_starts)
     batch = _HostRows(list(range(b)), [True] * b, list(budgets))
-    pipelined = LAUNCH_AHEAD and graphs and on_trunk is None
+    pipelined = LAUNCH_AHEAD and graphs and (on_trunk is None or getattr(on_trunk, "queues_only", False))
     ahead, draining = None, False  # (result, block) of the step launched ahead; whether a shrink waits for it
     block = Block(0, 0)  # the prompt is fed alone
     gate.launched(("prompt", block))
@@ -209,8 +212,12 @@ def iter_generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor |
     while True:
         most = emitted_width(result.host.shape[1], opts.logprobs)  # tokens a row may emit in the step being read
         joining = admit.take(sum(batch.active), fits) if joinable else []  # (joined after this step is read)
+        observed = False
         if pipelined and not draining and not joining and batch.may_emit_more_than(most):
             read = _to_host(result.host)
+            if on_trunk is not None and result.trunk is not None:  # (queued before the next step's writes)
+                on_trunk(state.rows, result.trunk, result.kept)
+                observed = True
             next_block = gate.block(draft_length.next(), lookup, len(batch.rows)) if verifying else block
             gate.launched((len(batch.rows), next_block))
             ahead = (steps.run(state, next_block)[1], next_block)
@@ -220,7 +227,7 @@ def iter_generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor |
         fed = sum(batch.active)
         emitted, accepted, ended = _read_rows(host, batch, stop, state.finished, opts.logprobs)
         _count_step(stats, gate, block, fed, emitted, accepted, draft_length if verifying else None)
-        if on_trunk is not None and result.trunk is not None:
+        if on_trunk is not None and result.trunk is not None and not observed:
             on_trunk(state.rows, result.trunk, result.kept)
         yield from emitted
         starts.read(emitted, ended, batch.rows, steps.cache, state.deferred_count)  # (answers a prompt cache keeps)

@@ -44,6 +44,10 @@ _DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
 TRUNK_CACHE = ("auto", "device", "disk", "off")
 
 
+_TOO_LARGE = ("trunk outputs up to {:.0f} exceed float16's range; train with --dtype bfloat16 (bf16 features) or "
+              "--trunk-cache off")
+
+
 class FeatureStore:
     """The trunk features of one model's rows in a folder (module docstring). `part`: which pair of files this
     process appends to ("" alone, "rank{r}" under torchrun)."""
@@ -74,8 +78,7 @@ class FeatureStore:
         """`hidden` in the store's dtype; an MTPError where float16 cannot hold a value."""
         out = hidden.detach().to(self.dtype)
         if self.dtype == torch.float16 and bool(torch.isinf(out).any()) and bool(torch.isfinite(hidden).all()):
-            raise MTPError(f"trunk outputs up to {float(hidden.abs().max()):.0f} exceed float16's range; train with "
-                           "--dtype bfloat16 (bf16 features) or --trunk-cache off")
+            raise MTPError(_TOO_LARGE.format(float(hidden.abs().max())))
         return out
 
     # ------------------------------------------------------------------------------------------ writing
@@ -256,43 +259,54 @@ def features_home(mode: str, nbytes: int, device: torch.device) -> str:
 
 class FeatureRecorder:
     """A `TrunkObserver` (`mtp.decoding.generate`) for one batch of answers: each row's trunk output at the
-    positions of its sequence, copied as generation computes it into one preallocated (B, capacity, H) buffer in
-    the store's dtype (the observer's tensors may be reused once it returns); `write` stores the rows."""
+    positions of its sequence, copied as generation computes it into one (B, capacity, H) buffer in the store's
+    dtype, on the trunk's device; `write` stores the rows.
+
+    A call only queues work on the device, no host read (`queues_only`): generate calls it before it launches the
+    next step, which writes over the step's outputs after the copy has read them (the device's order), so
+    replayed steps still run ahead of the host (on a GPU, answering a batch of hundreds of questions: a host read
+    a row took longer than the step)."""
+
+    queues_only = True
 
     def __init__(self, store: FeatureStore, batch_size: int, capacity: int):
-        self.store = store
-        # (B, C, H); uninitialised: only the positions written are read, and pages never written take no memory
-        self.buffer = torch.empty(batch_size, capacity, store.hidden_size, dtype=store.dtype)
-        self.filled = [0] * batch_size  # positions of each row seen so far
-
-    # Positions gathered at once, at most this many values (rows at a time): a prefill's whole batch in fp32 at
-    # once would add tens of MB to the peak of answering; a step's rows are one gather.
-    GATHER_VALUES = 1 << 20
+        self.store, self.batch_size, self.capacity = store, batch_size, capacity
+        # (B, C + 1, H) on the trunk's device from the first call, uninitialised (only the positions written are
+        # read; pages never written take no memory); column C takes the positions not kept, and those past C
+        self.buffer: torch.Tensor | None = None
+        self.filled: torch.Tensor | None = None  # (B,) positions of each row seen so far (kept or past C)
+        self.largest: torch.Tensor | None = None  # () the largest |value| of calls with finite values (float16)
 
     def __call__(self, rows: torch.Tensor, trunk: torch.Tensor, kept: torch.Tensor) -> None:
-        """Row rows[b]'s trunk outputs trunk[b] (B, T, H) at its kept positions kept[b] (B, T), after those it
-        saw before. Gathered on the trunk's device, a few host reads a call (on a GPU, every step of a batch of
-        hundreds of answers: a host read a row would cost more than the step)."""
-        kept = kept.bool()  # (B, T)
-        counts = kept.sum(1)  # (B,)
-        row_ids, seen = torch.stack([rows.to(counts.device), counts]).tolist()  # (one host read)
-        start = torch.tensor([self.filled[r] for r in row_ids], device=kept.device)  # (B,)
-        slot = start[:, None] + kept.long().cumsum(1) - 1  # (B, T) each kept position's place in its row's buffer
-        kept = kept & (slot < self.buffer.shape[1])  # (past the capacity: not kept)
-        chunk = max(1, self.GATHER_VALUES // max(1, trunk.shape[1] * trunk.shape[2]))
-        buffer_rows = torch.tensor(row_ids)  # (B,) on the host, as the buffer
-        for lo in range(0, len(row_ids), chunk):
-            b, t = kept[lo:lo + chunk].nonzero(as_tuple=True)  # (N,), (N,)
-            if len(b):
-                values = self.store.to_storage(trunk[lo:lo + chunk][b, t]).cpu()  # (N, H)
-                where = torch.stack([b + lo, slot[lo:lo + chunk][b, t]]).cpu()  # (2, N)
-                self.buffer[buffer_rows[where[0]], where[1]] = values
-        for row, n in zip(row_ids, seen, strict=True):
-            self.filled[row] += n
+        """Row rows[b]'s trunk outputs trunk[b] (B', T, H) at its kept positions kept[b] (B', T), after those it
+        saw before."""
+        if self.buffer is None:
+            self.buffer = torch.empty(self.batch_size, self.capacity + 1, trunk.shape[-1], dtype=self.store.dtype,
+                                      device=trunk.device)
+            self.filled = torch.zeros(self.batch_size, dtype=torch.long, device=trunk.device)
+            self.largest = torch.zeros((), device=trunk.device)
+        kept, rows = kept.bool(), rows.to(trunk.device)
+        slot = self.filled[rows][:, None] + kept.long().cumsum(1) - 1  # (B', T) a kept position's place in its row
+        slot = torch.where(kept & (slot < self.capacity), slot, self.capacity)
+        self.buffer[rows[:, None].expand_as(slot), slot] = trunk.detach().to(self.buffer.dtype)
+        self.filled[rows] += kept.sum(1)
+        if self.buffer.dtype == torch.float16:  # (reductions only: no copy of a prefill's outputs)
+            low, high = torch.aminmax(trunk.detach())
+            most = torch.maximum(-low, high).float()  # a call with a NaN or an infinity is not checked, as
+            self.largest = torch.maximum(self.largest, torch.where(torch.isfinite(most), most, 0.0))  # to_storage
 
     def write(self, keys: Sequence[str], lengths: Sequence[int]) -> None:
-        """Store row r's first lengths[r] positions (fewer when its last token was never fed) under keys[r]."""
-        self.store.write(keys, [self.buffer[r, : min(n, self.filled[r])] for r, n in enumerate(lengths)])
+        """Store row r's first lengths[r] positions (fewer when its last token was never fed) under keys[r]; an
+        MTPError where a value recorded for a float16 store exceeds its range."""
+        if self.buffer is None:  # (no step was seen)
+            empty = torch.empty(0, self.store.hidden_size, dtype=self.store.dtype)
+            self.store.write(keys, [empty] * len(keys))
+            return
+        if self.buffer.dtype == torch.float16 and torch.isinf(self.largest.to(torch.float16)):
+            raise MTPError(_TOO_LARGE.format(float(self.largest)))
+        seen = self.filled.tolist()
+        self.store.write(keys, [self.buffer[r, : min(n, seen[r], self.capacity)].cpu()
+                                for r, n in enumerate(lengths)])
 
 
 # ---------------------------------------------------------------------------------------------- trunk passes
