@@ -337,21 +337,23 @@ def test_trunk_observer_sees_each_sequence_once(strategy, family) -> None:
         torch.testing.assert_close(got, want[0, : got.shape[0]], atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
 @pytest.mark.parametrize("strategy", ["greedy", "speculative"])
-def test_an_observer_that_only_queues_work_is_called_before_the_next_step_runs_ahead(strategy, monkeypatch):
+def test_an_observer_that_only_queues_work_is_called_before_the_next_step_runs_ahead(strategy, device, monkeypatch):
     """Replayed steps run ahead of the host; an observer that declares it only queues device work (`queues_only`)
     is called before the next step is launched, and keeps them running ahead: it sees each step's own trunk
-    outputs (on a CPU the stand-in for a replay runs at its launch, so a later call would see the next step's).
-    Any other observer turns running ahead off."""
+    outputs (on a CPU the stand-in for a replay runs at its launch, so a later call would see the next step's;
+    on a GPU the device runs the copies before the replay). Any other observer turns running ahead off."""
     import mtp.decoding.generate as generate_module
 
-    monkeypatch.setattr(generate_module, "_use_graphs", lambda graphs, device, proposer: bool(graphs))
+    if device == "cpu":
+        monkeypatch.setattr(generate_module, "_use_graphs", lambda graphs, device, proposer: bool(graphs))
     reads_ahead = []
     to_host = generate_module._to_host
     monkeypatch.setattr(generate_module, "_to_host", lambda host: reads_ahead.append(1) or to_host(host))
-    model = tiny_mtp("llama", num_heads=3, seed=5)
+    model = tiny_mtp("llama", num_heads=3, seed=5).to(device)
     prompts = [[5, 9, 2, 7], [3, 1], [8, 8, 4, 6, 2, 1]]
-    ids, mask = left_pad(prompts, pad=0)
+    ids, mask = (t.to(device) for t in left_pad(prompts, pad=0))
 
     def observer(queues_only: bool):
         parts: dict[int, list[torch.Tensor]] = {r: [] for r in range(len(prompts))}
@@ -374,7 +376,7 @@ def test_an_observer_that_only_queues_work_is_called_before_the_next_step_runs_a
             got = torch.cat(parts[row])
             assert len(seq) - 1 <= got.shape[0] <= len(seq)
             with torch.no_grad():
-                want, _ = model.trunk_forward(torch.tensor([seq]))
+                want, _ = model.trunk_forward(torch.tensor([seq], device=device))
             torch.testing.assert_close(got, want[0, : got.shape[0]], atol=1e-4, rtol=1e-4)
 
 
