@@ -720,7 +720,9 @@ def generate(model, input_ids: torch.Tensor | list, attention_mask: torch.Tensor
             but its draws follow the steps taken: where the gate times a batch's steps, a seed does not
             reproduce them token for token (adaptive_draft=False does).
         on_trunk: called with the trunk output of every forward (`TrunkObserver`), e.g. to keep the frozen-trunk
-            features of self-distilled training rows instead of recomputing them.
+            features of self-distilled training rows instead of recomputing them; one with `queues_only = True`
+            (device work only, no host read: `mtp.training.features.FeatureRecorder`) keeps replayed steps
+            running ahead of the host.
         tree: speculative with parallel heads: verify a tree of the heads' top candidates in one forward
             (`mtp.decoding.tree`): "auto" (built for `tree_size` nodes from the accuracy per candidate rank
             `mtp train` measured, in the model folder's eval.json), "dynamic" (`tree_size` nodes shaped every
