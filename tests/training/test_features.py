@@ -271,6 +271,23 @@ def test_resume_after_kill_9_mid_answering_reuses_answers_and_features(tmp_path,
                                    atol=2e-3, rtol=2e-3)
 
 
+@pytest.mark.cuda
+def test_features_recorded_while_answering_on_the_gpu_are_the_trunks(tmp_path) -> None:
+    """Answering on the GPU (replayed steps launched ahead, the recorder's copies queued before each next step):
+    every row's recorded features are the trunk's outputs over its sequence."""
+    tok = train_tokenizer()
+    model = tiny_llama(vocab_size=len(tok), num_heads=3, tokenizer=tok).to("cuda")
+    store = FeatureStore.for_model(tmp_path, model, model_fingerprint(model))
+    data = self_distilled_data(model, tok, [[Example(q, "") for q in QUESTIONS]], template="plain", seq_len=40,
+                               max_new_tokens=6, batch_size=4, progress=False, features=store)[0]
+    stored = store.lookup([store.key(data.row(i)) for i in range(len(data))])
+    expected = compute_trunk_features(model, data).cpu()
+    assert len(stored.missing()) == 0
+    for k, n in enumerate(data.lengths.tolist()):
+        torch.testing.assert_close(stored[torch.tensor([k]), : n - 1][0].float(), expected[k, : n - 1],
+                                   atol=2e-3, rtol=2e-3)
+
+
 def test_a_cut_short_file_loses_its_tail_rows_not_their_places(tmp_path) -> None:
     """A .bin cut short (a bad copy, a full disk) and a run that appends after the cut: the rows whose bytes the
     cut took are missing (computed again), never read from the new rows' bytes that now sit where they were; the
