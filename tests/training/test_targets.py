@@ -9,7 +9,7 @@ from training_helpers import tiny_llama, train_tokenizer
 
 import mtp.decoding.generate as gen_module
 from mtp.errors import MTPError
-from mtp.training.data import Example, rows_to_data, tokenize_examples
+from mtp.training.data import Example, _example_tokens, check_tokenizer, rows_to_data, tokenize_examples
 from mtp.training.losses import evaluate_heads
 from mtp.training.targets import (
     prompt_token_ids,
@@ -80,7 +80,9 @@ def test_many_prompts_are_tokenized_as_each_alone(tok) -> None:
     with_bos = tiny_sentencepiece_tokenizer()
     for tokenizer, template in ((tok, "chat"), (tok, "plain"), (with_bos, "chat"), (with_bos, "plain")):
         lists = prompts_token_ids(tokenizer, iter(examples), template)  # (a file's examples: read once)
-        alone = [prompt_token_ids(tokenizer, ex.prompt, template, ex.context) for ex in examples]
+        eos = check_tokenizer(tokenizer, template)  # (each alone: its own start tokens looked up)
+        alone = [_example_tokens(tokenizer, Example(ex.prompt, "", ex.context), template, eos)[0] for ex in examples]
+        assert alone == [prompt_token_ids(tokenizer, ex.prompt, template, ex.context) for ex in examples]
         assert list(lists) == alone and len({len(a) for a in alone}) > 2
     assert all(a[0] == with_bos.bos_token_id for a in prompts_token_ids(with_bos, examples, "plain"))
 

@@ -142,8 +142,8 @@ class Admission:
 # statistics so far pick, and is skipped where the step being read may end every row by its budget; a row an end
 # token or a stop string ends gets one step more, whose tokens are not read. A batch that shrinks, or that prompts
 # join, first reads the step in flight. An observer reads the trunk output a step leaves on the device, which the
-# next step would overwrite: one that only queues device work (`queues_only`, e.g. `FeatureRecorder`) is called
-# before the next step is launched (the device runs its copies first); for any other no step is launched ahead.
+# next step would overwrite: it is called before the next step is launched; one that only queues device work
+# (`queues_only`, e.g. `FeatureRecorder`: the device runs its copies first) lets steps run ahead, any other not.
 LAUNCH_AHEAD = True
 GPU_FREE_ROWS = 32  # verify-block rows (batch x block width) a GPU step of a small model takes at about no cost
 def iter_generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
@@ -210,14 +210,12 @@ def iter_generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor |
         starts.keep(ids, row_starts[row], steps.cache, row, row, rows[row].own_tokens)
     fits, next_row = _fitting(model, drafter, steps.cache_len, static, starts, opts), b  # (joined rows' indices)
     while True:
+        if on_trunk is not None and result.trunk is not None:  # (before any next step writes over its outputs)
+            on_trunk(state.rows, result.trunk, result.kept)
         most = emitted_width(result.host.shape[1], opts.logprobs)  # tokens a row may emit in the step being read
         joining = admit.take(sum(batch.active), fits) if joinable else []  # (joined after this step is read)
-        observed = False
         if pipelined and not draining and not joining and batch.may_emit_more_than(most):
             read = _to_host(result.host)
-            if on_trunk is not None and result.trunk is not None:  # (queued before the next step's writes)
-                on_trunk(state.rows, result.trunk, result.kept)
-                observed = True
             next_block = gate.block(draft_length.next(), lookup, len(batch.rows)) if verifying else block
             gate.launched((len(batch.rows), next_block))
             ahead = (steps.run(state, next_block)[1], next_block)
@@ -227,8 +225,6 @@ def iter_generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor |
         fed = sum(batch.active)
         emitted, accepted, ended = _read_rows(host, batch, stop, state.finished, opts.logprobs)
         _count_step(stats, gate, block, fed, emitted, accepted, draft_length if verifying else None)
-        if on_trunk is not None and result.trunk is not None and not observed:
-            on_trunk(state.rows, result.trunk, result.kept)
         yield from emitted
         starts.read(emitted, ended, batch.rows, steps.cache, state.deferred_count)  # (answers a prompt cache keeps)
         _ended(ended, on_end)

@@ -52,8 +52,7 @@ def prompt_token_ids(tokenizer, prompt: str, template: Literal["chat", "plain"],
                      context: Sequence[dict] = ()) -> list[int]:
     """The prompt tokens exactly as `tokenize_examples` lays them out (and as the model sees them when asked);
     `context`: a conversation's messages before the prompt (`Example.context`)."""
-    example = Example(prompt, "", tuple(context))
-    return list(_example_tokens(tokenizer, example, template, check_tokenizer(tokenizer, template))[0])
+    return prompts_token_ids(tokenizer, [Example(prompt, "", tuple(context))], template)[0]
 
 
 def prompts_token_ids(tokenizer, examples: Iterable[Example], template: Literal["chat", "plain"]) -> TokenLists:
