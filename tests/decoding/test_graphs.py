@@ -21,6 +21,7 @@ from test_tree import random_tree
 
 import mtp.decoding.generate as generate_module
 from conftest import tiny_mtp
+from mtp.decoding.corpus import LookupCorpus
 from mtp.decoding.drafters import drafter_for
 from mtp.decoding.generate import _prompt_state, _rows_to_keep, generate, left_pad
 from mtp.decoding.reference import reference_greedy
@@ -60,6 +61,9 @@ def decoding_case(draw, model_kind: str):
         kw["tree"] = draw(st.sampled_from([None, random_tree(draw, depth), DynamicTree(draw(st.integers(1, 6)),
                                                                                        depth)]))
         kw["lookup"] = draw(st.sampled_from([0, 2, 4]))
+        if kw["lookup"] and draw(st.booleans()):  # earlier "answers" in the model's vocabulary
+            answers = draw(st.lists(st.lists(st.integers(0, min(vocab, 6) - 1), max_size=12), max_size=4))
+            kw["lookup_corpus"] = LookupCorpus.build(answers, min_count=1)
     return model, kw
 
 
@@ -409,7 +413,8 @@ def test_a_step_traces_as_one_graph(kind, kw, gpu_path):
 # (timed, the gate's first plain steps and catch-ups compiled 2-3 more graphs, ~8 s each on 2 cores; those steps
 # compile in `test_compiled_plain_and_catch_up_steps_decode_as_the_eager_ones`).
 DYNAMIC_TREE_LOOKUP = {"strategy": "speculative", "tree": "dynamic", "tree_size": 4, "lookup": 3,
-                       "adaptive_draft": False}
+                       "adaptive_draft": False,  # and lookup drafts from a corpus (its device copies: constants)
+                       "lookup_corpus": LookupCorpus.build([[4, 5, 6, 7, 8], [2, 3, 9, 9, 9]] * 2)}
 
 
 def compiling_with(monkeypatch, backend: str) -> None:

@@ -10,6 +10,7 @@ from safetensors.torch import load_file
 from training_helpers import folder_tensors, tiny_gpt2, tiny_llama, train_tokenizer
 
 from mtp.cli import build_parser, run
+from mtp.decoding.corpus import LookupCorpus, folder_corpus
 from mtp.errors import MTPError
 from mtp.models.parallel_heads import MTPModel
 from mtp.models.safetensors_io import SHARD_NAMES
@@ -85,6 +86,10 @@ def test_train_cli_frozen_self_targets(tmp_path, mtp_folder, capsys) -> None:
     assert (out / SHARD_NAMES[1]).stat().st_size < frozen[0].stat().st_size / 2  # the trained heads only
     assert not (out / "model.safetensors").exists()
     assert len((out / "self_targets.jsonl").read_text().splitlines()) == 30
+    # the answers as a lookup corpus, which decoding the folder with --lookup reads
+    answers = [json.loads(x)["tokens"] for x in (out / "self_targets.jsonl").read_text().splitlines()]
+    corpus = folder_corpus(out)
+    assert corpus.fingerprint == LookupCorpus.build(a for a in answers if a).fingerprint
     assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temporary files left
 
 

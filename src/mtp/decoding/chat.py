@@ -68,7 +68,8 @@ def chat(model: str | None = None, system: str | None = None,
                        "tokenizer_config.json); `mtp generate --no-chat` decodes plain prompts")
     # each turn's prompt starts with the one before it: its keys and values are kept, and only the rest is fed
     options = dict(max_new_tokens=max_new_tokens, strategy=strategy, truncate_prompt=True, graphs=use_graphs,
-                   prompt_cache=PromptCache(256 << 20), **drafts.generate_kwargs(), **sampling.generate_kwargs())
+                   prompt_cache=PromptCache(256 << 20), lookup_corpus=drafts.corpus(m), **drafts.generate_kwargs(),
+                   **sampling.generate_kwargs())
     opening = [{"role": "system", "content": system}] if system else []
     messages = list(opening)
     print(f"mtp chat: {strategy} decoding on {weights.describe(runtime)}; /reset starts over, /save FILE keeps the "

@@ -36,6 +36,7 @@ from mtp.decoding.blocks import (  # noqa: F401  (DraftLength, accepted_per_posi
     accepted_per_position,
     gate_records,
 )
+from mtp.decoding.corpus import LookupCorpus
 from mtp.decoding.drafters import Drafter, DraftRequest, Proposer, drafter_for  # noqa: F401  (DraftRequest: re-exported)
 from mtp.decoding.inputs import common_prefix, left_pad, token_batch  # noqa: F401  (common_prefix, left_pad: re-exported)
 from mtp.decoding.logprobs import TokenLogprob, unpack
@@ -674,7 +675,8 @@ def generate(model, input_ids: torch.Tensor | list, attention_mask: torch.Tensor
              seed: int | None = None, streamer: Callable[[int, list[int]], None] | None = None,
              truncate_prompt: bool = False, proposer: Proposer | None = None,
              on_trunk: TrunkObserver | None = None, tree: str | DraftTree | None = None,
-             tree_size: int | None = None, lookup: int = 0, graphs: bool | None = None,
+             tree_size: int | None = None, lookup: int = 0, lookup_corpus: LookupCorpus | None = None,
+             graphs: bool | None = None,
              logprobs: int | None = None, halt: Callable[[int], bool] | None = None,
              admit: Admission | None = None,
              on_end: Callable[[int, list[int], list[TokenLogprob] | None, GenerationStats], None] | None = None,
@@ -726,6 +728,9 @@ def generate(model, input_ids: torch.Tensor | list, attention_mask: torch.Tensor
             paths or a .json file of one. Greedy output stays identical; sampling stays exact.
         lookup: speculative: also verify up to this many tokens copied from earlier in each row's sequence
             (prompt lookup, `mtp.decoding.lookup`), as one more branch of the draft tree; 0: none.
+        lookup_corpus: with `lookup`: a `mtp.decoding.corpus.LookupCorpus` (e.g. of the model's answers to
+            training questions: `mtp train --targets self` saves one in its folder, `folder_corpus` reads it);
+            a row whose own last tokens matched only one earlier token takes the corpus's drafts instead.
         graphs: replay each decoding step as a CUDA graph (`mtp.decoding.graphs`); None: on CUDA, unless a
             `proposer` (read on the host) drafts. Off, the same steps run eagerly (the reference). "compile":
             graphs of the step as torch.compile made it, gpt-fast's way (each layer's and the step's small ops
@@ -784,6 +789,7 @@ def generate(model, input_ids: torch.Tensor | list, attention_mask: torch.Tensor
     tokenizer = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
     opts = batch_options(DecodeOptions(strategy, max_new_tokens, tau=tau, k=k, num_draft=num_draft,
                                        adaptive_draft=adaptive_draft, lookup=lookup, logprobs=logprobs,
+                                       lookup_corpus=lookup_corpus if lookup else None,
                                        tree=model_tree(model, tree, tree_size, num_draft, k)), rows)
     drafter = drafter_for(model, opts, proposer)
     graphs = _use_graphs(graphs, input_ids.device, proposer)

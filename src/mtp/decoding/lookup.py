@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import torch
 
+from mtp.decoding.corpus import NGRAM_SIZES as CORPUS_SIZES
+from mtp.decoding.corpus import LookupCorpus
 from mtp.decoding.tree import LOOKUP_RANK, DraftTree, tree_layout
 
 NGRAM_SIZES = (3, 2, 1)  # every size from 1 up: a longer match is a better predictor of what follows
@@ -33,9 +35,11 @@ NGRAM_SIZES = (3, 2, 1)  # every size from 1 up: a longer match is a better pred
 # 0.07 0.04, after 3 tokens 0.70 0.49 0.40 0.34 0.25 0.22; a verify row costs ~1/30 of a step on a CPU, so a
 # draft pays while its chance stays above ~0.07.
 MAX_TOKENS_AFTER = {1: 3, 2: 6}  # match length -> drafts at most (longer matches: `max_tokens`)
+CORPUS_BELOW = 2  # a row's own match shorter than this gives way to a corpus's (`mtp.decoding.corpus`)
 
 
-def lookup_drafts(history: torch.Tensor, length: torch.Tensor, max_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+def lookup_drafts(history: torch.Tensor, length: torch.Tensor, max_tokens: int,
+                  corpus: LookupCorpus | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Each row's lookup drafts, on its device in fixed-shape ops (no host read): history (B, S) holds row b's
     tokens in its first length[b] slots; the last n of them (n = 3, 2, 1: the longest that occurred before) are
     looked up among its earlier tokens, and the tokens after their latest earlier occurrence are its drafts (fewer
@@ -44,10 +48,13 @@ def lookup_drafts(history: torch.Tensor, length: torch.Tensor, max_tokens: int) 
 
     All n-gram sizes at once (a verify step on a GPU costs per kernel, and a loop per size cost ~90 of them): at
     each earlier slot j, how many tokens ending there equal those ending at the last slot, up to the longest size;
-    the longest such match wins, the most recent among equals. ~26 kernels a step."""
+    the longest such match wins, the most recent among equals. ~26 kernels a step.
+
+    With a `corpus` (`mtp.decoding.corpus`), a row whose own match is shorter than `CORPUS_BELOW` tokens takes
+    the corpus's drafts where it has some."""
     b, s = history.shape
     longest = max(NGRAM_SIZES)  # and every size below it (`NGRAM_SIZES`)
-    idx = torch.arange(max(s, longest, max_tokens), device=history.device)  # one arange, sliced below
+    idx = torch.arange(max(s, longest, max_tokens, max(CORPUS_SIZES)), device=history.device)  # sliced below
     last = length - 1  # (B,) the suffix ends here
     padded = torch.nn.functional.pad(history, (longest - 1, 0), value=-1)  # (B, S + longest - 1): no token is -1
     back = last[:, None] - idx[:longest]  # (B, longest) slot k before last
@@ -65,6 +72,15 @@ def lookup_drafts(history: torch.Tensor, length: torch.Tensor, max_tokens: int) 
                           length - start).clamp_min(0)  # (B,) (no match: 0, wherever `end` points)
     offset = torch.minimum(idx[None, :max_tokens], (count - 1).clamp_min(0)[:, None])
     tokens = history.gather(1, (start[:, None] + offset).clamp(max=s - 1))  # (B, max_tokens)
+    if corpus is not None:
+        back = last[:, None] - idx[:max(CORPUS_SIZES)]  # (B, 4)
+        words = torch.where(back >= 0, history.gather(1, back.clamp_min(0)), -2)
+        found, found_count = corpus.match(words, length, max_tokens)  # (B, <= max_tokens), (B,)
+        use = (best // s < CORPUS_BELOW) & (found_count > 0)  # (B,)
+        found = torch.nn.functional.pad(found, (0, max_tokens - found.shape[1]))
+        found = found.gather(1, torch.minimum(idx[None, :max_tokens], (found_count - 1).clamp_min(0)[:, None]))
+        tokens = torch.where(use[:, None], found, tokens)
+        count = torch.where(use, found_count, count)
     return torch.where(count[:, None] > 0, tokens, 0), count
 
 

@@ -35,6 +35,11 @@ class DraftOptions:
         tree_size: nodes of the "auto" or "dynamic" tree (default 16; alone it implies --tree auto).
         lookup: speculative: also verify up to this many tokens copied from earlier in the prompt and answer
             (prompt lookup), one more branch of the draft tree; 0: none.
+        lookup_corpus: with --lookup, where the answer's last tokens matched at most one earlier token, copy what
+            the model said after them in earlier answers instead: none, auto (the model folder's
+            lookup_corpus.safetensors, which `mtp train --targets self` writes from the answers it trained on) or
+            such a file. Same answers; more tokens per forward for a model without heads (the default model with
+            6 lookup drafts: 1.76 -> 2.09), a few percent with trained heads.
     """
 
     tau: float = 0.9
@@ -44,9 +49,19 @@ class DraftOptions:
     tree: str | None = None
     tree_size: int | None = None
     lookup: int = 0
+    lookup_corpus: str = "none"
 
     def check(self) -> None:
         check_tree_spec(self.tree)
+        if self.lookup_corpus not in ("auto", "none"):
+            input_file(self.lookup_corpus, "lookup corpus")
+
+    def corpus(self, model):
+        """--lookup-corpus for `model` (a `mtp.decoding.corpus.LookupCorpus`, or None: without --lookup, with
+        "none", or "auto" for a model whose folder has none)."""
+        from mtp.decoding.corpus import chosen_corpus
+
+        return chosen_corpus(self.lookup_corpus, model) if self.lookup else None
 
     def generate_kwargs(self) -> dict:
         return dict(tau=self.tau, k=self.k, num_draft=self.num_draft, adaptive_draft=self.adaptive_draft,

@@ -557,7 +557,8 @@ def serve(model: str | None = None, host: str = "127.0.0.1", port: int = 8000, s
     server = Server(host, port)
     try:
         m = weights.load(model, runtime, strategy)
-        batcher = Batcher(m, dict(strategy=strategy, graphs=use_graphs, **drafts.generate_kwargs()), max_batch_size,
+        batcher = Batcher(m, dict(strategy=strategy, graphs=use_graphs, lookup_corpus=drafts.corpus(m),
+                                  **drafts.generate_kwargs()), max_batch_size,
                           batch_window_ms / 1000, join=batching == "continuous",
                           prompt_cache=PromptCache(prompt_cache_mb << 20) if prompt_cache_mb else None)
         server.attach(batcher, served_model_name or model_label(model), strategy, max_new_tokens)

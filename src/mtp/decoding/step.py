@@ -26,6 +26,7 @@ from typing import Literal
 import torch
 
 from mtp.decoding import logprobs
+from mtp.decoding.corpus import LookupCorpus
 from mtp.decoding.drafters import Drafter, DraftRequest, Drafts, StepOutput, block_rows, draft_tokens
 from mtp.decoding.lookup import lookup_chain, lookup_drafts
 from mtp.decoding.penalties import Penalties, count_emitted, on_block
@@ -68,6 +69,7 @@ class DecodeOptions:
     # plain steps are faster (SpeculationGate)
     tree: DraftTree | DynamicTree | None = None  # speculative: verify a tree of candidates (None: a chain)
     lookup: int = 0  # speculative: also verify up to this many prompt-lookup drafts (`mtp.decoding.lookup`)
+    lookup_corpus: LookupCorpus | None = None  # with lookup: drafts from earlier answers too (`mtp.decoding.corpus`)
     logprobs: int | None = None  # greedy, speculative: each emitted token's log-probability and this many
     # alternatives' (`mtp.decoding.logprobs`); None: none
     # greedy, speculative: biases and penalties on the tokens the sequence holds (`mtp.decoding.penalties`; their
@@ -285,7 +287,8 @@ class Decoder:
             at = s.history_len[:, None] + torch.arange(emitted.shape[1], device=emitted.device)
             new.history = s.history.scatter(1, at, emitted)  # slots past the count are overwritten later
             new.history_len = s.history_len + counts
-            new.lookup, new.lookup_count = lookup_drafts(new.history, new.history_len, self.opts.lookup)
+            new.lookup, new.lookup_count = lookup_drafts(new.history, new.history_len, self.opts.lookup,
+                                                             self.opts.lookup_corpus)
         return new
 
 

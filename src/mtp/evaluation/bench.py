@@ -182,9 +182,10 @@ def prompts_to_capture(prompts: Sequence[Prompt]) -> list[Prompt]:
 def mtp_method(model, tokenizer, name: str, strategy: str, *, tau: float = 0.9, k: int | None = None,
                engine: str = "mtp", stop_ids: Sequence[int] | None = None, description: str = "",
                tree_size: int | None = None, tree: str = "auto", lookup: int = 0,
-               graphs: bool | str | None = None, temperature: float | None = None) -> Method:
+               graphs: bool | str | None = None, temperature: float | None = None,
+               lookup_corpus=None) -> Method:
     """One of mtp's decoding methods as a bench row (`graphs`: CUDA graphs, None: on for CUDA; `temperature`:
-    sampling at it, seed 0 every call)."""
+    sampling at it, seed 0 every call; `lookup_corpus`: with `lookup`, `mtp.decoding.corpus`)."""
     sampling = {} if temperature is None else {"do_sample": True, "temperature": temperature, "seed": 0}
     from mtp.decoding.generate import generate
 
@@ -195,7 +196,7 @@ def mtp_method(model, tokenizer, name: str, strategy: str, *, tau: float = 0.9, 
         return generate(model, ids, mask, max_new_tokens=max_new_tokens, strategy=strategy, tau=tau, k=k,
                         stop_token_ids=stop_ids, stop_strings=STOP_SEQUENCES, tokenizer=tokenizer, streamer=streamer,
                         tree=tree if tree_size else None, tree_size=tree_size, lookup=lookup, graphs=graphs,
-                        **sampling)
+                        lookup_corpus=lookup_corpus, **sampling)
 
     def run(prompt: Prompt, max_new_tokens: int) -> CallResult:
         ids = torch.tensor([prompt.token_ids], dtype=torch.long, device=device)
@@ -421,7 +422,8 @@ def build_methods(model, tokenizer, *, tau: Sequence[float] = (0.9, 0.7, 0.5), k
                   llamacpp_ctx: int = 2048, llamacpp_inline: bool = False,
                   notes: list[str] | None = None, tree_size: Sequence[int] = (), lookup: int = 0,
                   tree: Sequence[str] = ("auto",), hf_static: bool = False,
-                  graphs: bool | str | None = None, sample_temperature: float | None = None) -> list[Method]:
+                  graphs: bool | str | None = None, sample_temperature: float | None = None,
+                  lookup_corpus: str = "none") -> list[Method]:
     """The methods of a benchmark, in report order. Unavailable ones are left out with a line in `notes`.
 
     `hf_static`: transformers greedy with a static cache (its compiled step), the fast transformers path on a GPU;
@@ -432,7 +434,8 @@ def build_methods(model, tokenizer, *, tau: Sequence[float] = (0.9, 0.7, 0.5), k
     `tree_size`: speculative rows verifying a draft tree of each size, on the packed weights when there are
     any (else fp32), so tokens per forward and speed can be read per tree size; `tree`: their shapes, "auto"
     (one shape from the heads' measured accuracy) and/or "dynamic" (EAGLE-2, per step).
-    `lookup`: the same speculative rows (chain and each tree) again with up to that many prompt-lookup drafts.
+    `lookup`: the same speculative rows (chain and each tree) again with up to that many prompt-lookup drafts,
+    and with `lookup_corpus` ("auto": the model folder's, or a file; `mtp.decoding.corpus`) again with its drafts.
     `graphs`: mtp's rows replay CUDA graphs (None: on CUDA).
     `sample_temperature`: also sampled rows at it (`sampled_methods`)."""
     notes = notes if notes is not None else []
@@ -452,6 +455,12 @@ def build_methods(model, tokenizer, *, tau: Sequence[float] = (0.9, 0.7, 0.5), k
     if packed and not packable(model):
         notes.append(f"{'/'.join(packed)} rows skipped: packed weights (fbgemm) are for fp32 models on the CPU")
         packed = []
+    from mtp.decoding.corpus import chosen_corpus
+
+    corpus = chosen_corpus(lookup_corpus, model) if lookup else None  # (rows beside those without it)
+    if lookup and lookup_corpus == "auto" and corpus is None:
+        notes.append("-corpus rows skipped: the model folder has no lookup_corpus.safetensors (`mtp train "
+                     "--targets self` writes one)")
     copies = {}  # the packed copies, by format
     for fmt in packed:
         from mtp.models.loading import quantize_model
@@ -462,9 +471,9 @@ def build_methods(model, tokenizer, *, tau: Sequence[float] = (0.9, 0.7, 0.5), k
                 continue
             methods.append(method(q, tokenizer, f"{strategy}-{fmt}", strategy, engine=f"mtp-{fmt}",
                                       stop_ids=stop_ids, description=f"{strategy}, {fmt} weights"))
-        methods += tree_methods(q, tokenizer, tree_size, stop_ids, fmt, lookup, tree, graphs)
+        methods += tree_methods(q, tokenizer, tree_size, stop_ids, fmt, lookup, tree, graphs, corpus)
     if not packed:
-        methods += tree_methods(model, tokenizer, tree_size, stop_ids, None, lookup, tree, graphs)
+        methods += tree_methods(model, tokenizer, tree_size, stop_ids, None, lookup, tree, graphs, corpus)
     if sample_temperature is not None:
         methods += sampled_methods(model, copies.get("fp16"), tokenizer, sample_temperature, stop_ids, lookup, hf,
                                    graphs, [(n, shape) for shape in tree for n in tree_size])
@@ -513,28 +522,34 @@ def sampled_methods(model, fp16_model, tokenizer, temperature: float, stop_ids, 
 
 
 def tree_methods(model, tokenizer, sizes: Sequence[int], stop_ids, fmt: str | None,
-                 lookup: int = 0, shapes: Sequence[str] = ("auto",), graphs: bool | str | None = None) -> list[Method]:
+                 lookup: int = 0, shapes: Sequence[str] = ("auto",), graphs: bool | str | None = None,
+                 corpus=None) -> list[Method]:
     """Speculative rows with a draft tree per size and shape ("auto": row `-treeN`, "dynamic": `-dtreeN`),
     then, with `lookup`, the chain and each tree with up to that many prompt-lookup drafts as one more branch
-    (parallel heads only; lookup alone for one head)."""
+    (parallel heads only; lookup alone for one head), and with a `corpus` (`mtp.decoding.corpus`) those again
+    with its drafts too (rows `-corpus`)."""
     if model.kind == "mask_tokens":
         return []
     sizes = list(sizes) if tokens_per_forward_max(model) > 1 else []
     engine, suffix = (f"mtp-{fmt}", f"-{fmt}") if fmt else ("mtp", "")
     weights = f", {fmt} weights" if fmt else ""
     trees = [(n, shape) for shape in shapes for n in sizes]
-    rows = [(n, shape, 0) for n, shape in trees]
+    rows = [(n, shape, 0, None) for n, shape in trees]
     if lookup:
-        rows += [(None, "auto", lookup)] + [(n, shape, lookup) for n, shape in trees]
+        looked = [(None, "auto")] + trees
+        rows += [(n, shape, lookup, None) for n, shape in looked]
+        rows += [(n, shape, lookup, corpus) for n, shape in looked] if corpus is not None else []
     methods = []
-    for n, shape, look in rows:
+    for n, shape, look, with_corpus in rows:
         kind = "dtree" if shape == "dynamic" else "tree"
         name = f"speculative{suffix}" + (f"-{kind}{n}" if n else "") + (f"-lookup{look}" if look else "")
         what = (f"a {n}-node {'dynamic ' if shape == 'dynamic' else ''}draft tree" if n else "the heads' chain")
         what += f" + {look} lookup drafts" if look else ""
+        if with_corpus is not None:
+            name, what = f"{name}-corpus", f"{what} (and from the folder's {len(with_corpus):,}-sequence corpus)"
         methods.append(mtp_method(model, tokenizer, name, "speculative", engine=engine, stop_ids=stop_ids,
                                    tree_size=n, tree=shape, lookup=look, description=f"speculative, {what}{weights}",
-                                   graphs=graphs))
+                                   graphs=graphs, lookup_corpus=with_corpus))
     return methods
 
 

@@ -157,7 +157,8 @@ def eval_(
         wait = CoreWait()
         summary = run_eval(m, tok, prompts, out, identity, strategy=strategy, graphs=use_graphs,
                            max_new_tokens=max_new_tokens, batch_size=batch_size, resume=resume, progress=progress,
-                           runtime={**runtime.to_dict(), "batch_size": batch_size}, **decode)
+                           runtime={**runtime.to_dict(), "batch_size": batch_size}, lookup_corpus=drafts.corpus(m),
+                           **decode)
         title = (f"GSM8K gsm8k_cot, {shots}-shot, {'chat' if use_chat else 'plain'} prompts, {tag}, "
                  f"{summary['n']} problem{'s' if summary['n'] != 1 else ''}, "
                  f"batch {min(batch_size, max(summary['n'], 1))}, {runtime.describe()}")
@@ -195,6 +196,7 @@ def bench(
     tree: list[Literal["auto", "dynamic"]] | None = None,
     tree_size: list[int] | None = None,
     lookup: int = 0,
+    lookup_corpus: str = "none",
     device: str = "auto",
     dtype: DType = "auto",
     hf_static: bool | None = None,
@@ -242,6 +244,9 @@ def bench(
             per tree size (default with --tree: 16)
         lookup: also the speculative chain and each tree with up to this many prompt-lookup drafts (tokens
             copied from earlier in the prompt and answer) verified in the same forward; 0: none
+        lookup_corpus: with --lookup, those rows again with lookup drafts from a corpus of earlier answers (rows
+            -corpus): auto (the model folder's lookup_corpus.safetensors, written by `mtp train --targets self`)
+            or such a file; none: no such rows
         device: auto (CUDA when available), cpu, cuda or cuda:N
         dtype: the weights' dtype: auto (bfloat16 on CUDA; float32 on the CPU, plus the fp16-packed rows), float32,
             bfloat16 or float16
@@ -263,6 +268,8 @@ def bench(
 
     resolve_model(model)  # a model that is not there: one line before anything else
     _check_bench_inputs(prompts, limit, batch_size, gguf, also, shots)
+    if lookup_corpus not in ("auto", "none"):
+        input_file(lookup_corpus, "lookup corpus")
     check_values({"sample_temperature": sample_temperature})
     out = Path(output).expanduser()
     set_threads(threads)
@@ -276,7 +283,8 @@ def bench(
         setup = BenchSetup(
             prompts=prompts, limit=limit, max_new_tokens=max_new_tokens, shots=shots, chat=chat,
             strategy=strategy, tau=tuple(BenchSetup.tau if tau is None else tau), k=k, tree=tuple(tree or ["auto"]),
-            tree_size=tuple(tree_size or ([DEFAULT_TREE_SIZE] if tree else [])), lookup=lookup, fp16=fp16,
+            tree_size=tuple(tree_size or ([DEFAULT_TREE_SIZE] if tree else [])), lookup=lookup,
+            lookup_corpus=lookup_corpus, fp16=fp16,
             int8=int8, graphs=use_graphs, hf=hf, hf_lookup=hf_lookup,
             hf_static=runtime.device.type == "cuda" if hf_static is None else hf_static,
             **_llamacpp_row(llamacpp, gguf, model),
@@ -431,6 +439,7 @@ class BenchSetup:
     tree: Sequence[str] = ("auto",)  # the draft-tree rows' shapes
     tree_size: Sequence[int] = ()  # a draft-tree row each
     lookup: int = 0  # also the chain and each tree with up to this many prompt-lookup drafts
+    lookup_corpus: str = "none"  # and again with a lookup corpus: "auto" (the model folder's) or a file
     fp16: bool = True  # rows on fp16-packed weights (a CPU's)
     int8: bool = False  # rows on int8-quantised weights (a CPU's)
     graphs: bool | str | None = None  # mtp's steps replayed as CUDA graphs (None: on CUDA)
@@ -516,7 +525,7 @@ def _bench_methods(m, setup: BenchSetup, extra_models: Sequence[tuple[str, objec
                             int8=s.int8, gguf=s.gguf, llamacpp_ctx=longest_prompt + s.max_new_tokens + 16,
                             llamacpp_inline=s.llamacpp_inline, notes=notes, tree_size=s.tree_size, lookup=s.lookup,
                             tree=s.tree, hf_static=s.hf_static, graphs=s.graphs,
-                            sample_temperature=s.sample_temperature)
+                            sample_temperature=s.sample_temperature, lookup_corpus=s.lookup_corpus)
     for label, other in extra_models:
         methods += multi_token_methods(other, m.tokenizer, tau=s.tau, k=s.k, fp16=s.fp16, prefix=f"{label}:",
                                        notes=notes, graphs=s.graphs)

@@ -99,7 +99,7 @@ def decode_records(model, tokenizer, waiting: deque[Prompt], batch_size: int, wr
                    num_draft: int | None = None, tree: str | None = None, tree_size: int | None = None,
                    lookup: int = 0, graphs: bool | None = None, stop_ids: list[int] | None = None,
                    stop_strings: list[str] | None = None, adaptive_draft: bool = True,
-                   prefix: list[int] | None = None):
+                   prefix: list[int] | None = None, lookup_corpus=None):
     """Decode the prompts `waiting` holds, taken from its left, as one batch of at most `batch_size` rows
     (left-padded) that the next ones join as its rows end (continuous batching, `mtp.decoding.generate.Admission`:
     greedy and speculative decoding with a chain or a fixed tree; a prompt that does not fit the batch's cache
@@ -131,6 +131,7 @@ def decode_records(model, tokenizer, waiting: deque[Prompt], batch_size: int, wr
     return decode_queue(model, waiting, batch_size, end, ids_of=lambda p: p.token_ids, pad_id=pad_id(tokenizer),
                         max_new_tokens=max_new_tokens, streamer=count, strategy=strategy, tau=tau, k=k,
                         num_draft=num_draft, tree=tree, tree_size=tree_size, lookup=lookup, graphs=graphs,
+                        lookup_corpus=lookup_corpus,
                         stop_token_ids=stop_ids, stop_strings=stop_strings, tokenizer=tokenizer,
                         adaptive_draft=adaptive_draft, prefix=prefix).stats
 
@@ -160,13 +161,13 @@ def run_eval(model, tokenizer, prompts: Sequence[Prompt], output: str | Path, id
              strategy: str = "greedy", tau: float = 0.9, k: int | None = None, num_draft: int | None = None,
              tree: str | None = None, tree_size: int | None = None, lookup: int = 0, graphs: bool | None = None,
              max_new_tokens: int = 256, batch_size: int = 8, resume: bool = True, progress: bool = True,
-             runtime: dict | None = None, adaptive_draft: bool = True) -> dict:
+             runtime: dict | None = None, adaptive_draft: bool = True, lookup_corpus=None) -> dict:
     """Evaluate `prompts` into the folder `output`; returns the summary (also written to summary.json).
 
     `identity` describes what the run computes (model, strategy, prompt format...); with `resume`, an existing
     folder made with the same identity continues where it stopped, one made with another identity is an error.
     `runtime`: where this run decodes (`mtp.runtime.Runtime.to_dict`), recorded in the summary. The decoding
-    options are `mtp.decoding.generate.generate`'s.
+    options are `mtp.decoding.generate.generate`'s (`lookup_corpus` too: drafts only, the same answers).
     """
     if batch_size < 1:
         raise MTPError(f"--batch-size must be >= 1, got {batch_size}")
@@ -220,7 +221,7 @@ def run_eval(model, tokenizer, prompts: Sequence[Prompt], output: str | Path, id
                 stats = decode_records(model, tokenizer, waiting, batch_size, write, strategy=strategy,
                                        max_new_tokens=max_new_tokens, tau=tau, k=k, num_draft=num_draft, tree=tree,
                                        tree_size=tree_size, lookup=lookup, graphs=graphs, stop_ids=stop_ids,
-                                       adaptive_draft=adaptive_draft, prefix=prefix)
+                                       adaptive_draft=adaptive_draft, prefix=prefix, lookup_corpus=lookup_corpus)
                 steps["forward_passes"] += stats.forward_passes
                 steps["plain_steps"] += stats.plain_steps
     except KeyboardInterrupt:

@@ -72,6 +72,7 @@ def train(
 
     Args:
         output: run folder: the trained model, checkpoints/, metrics.jsonl, loss.png, eval.json, self_targets.jsonl
+            and lookup_corpus.safetensors (with --targets self)
         model: base model (default: embedded SmolLM2-135M-Instruct), HF folder, .gguf, hub id, or an MTP folder
         method: "heads": parallel MTP heads on a shared trunk; "selfdistill": a mask token trained by
             self-distillation from a frozen teacher (Kirchenbauer et al. 2026)
@@ -308,6 +309,7 @@ def _training_data(a: _Args, args: dict, out: Path, method, mtp_model, par: Para
 def _self_answered_data(a: _Args, args: dict, out: Path, method, mtp_model, par: Parallel | None, store, examples):
     """--targets self: rows of the model's own answers to the examples' prompts, with the trunk outputs computed
     while answering recorded into `store`."""
+    from mtp.decoding.corpus import CORPUS_NAME
     from mtp.training.data import held_out
     from mtp.training.targets import (
         CACHE_NAME,
@@ -354,6 +356,7 @@ def _self_answered_data(a: _Args, args: dict, out: Path, method, mtp_model, par:
         loss_on=a.loss_on, pack=a.pack, features=recording,
         ids=groups if a.answer_minutes is not None else None,  # the measured batch's ids: positions in the examples
         cache_path=out / CACHE_NAME, batch_size=a.gen_batch_size, model_key=key, generate_missing=fingerprint == key,
+        corpus_path=out / CORPUS_NAME if par is None or par.is_main else None,
         progress=a.progress, desc=_targets_label(a, len(prompts)),
         share=(par.rank, par.world_size) if par is not None else (0, 1))
 

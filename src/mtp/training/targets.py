@@ -398,6 +398,16 @@ def self_distilled_data(model, tokenizer, groups: Sequence[Sequence[Example]], *
                                [range(s, s + len(g)) for s, g in zip(starts, groups, strict=True)], **kw)
 
 
+def _save_corpus(answers: TokenLists, path: str | os.PathLike) -> None:
+    from mtp.decoding.corpus import LookupCorpus
+
+    start = time.perf_counter()
+    corpus = LookupCorpus.build(a for a in answers if a)
+    corpus.save(path)
+    print(f"lookup corpus: {len(corpus):,} token sequences of {corpus.answers:,} answers -> {path} "
+          f"({time.perf_counter() - start:.1f} s)", file=sys.stderr, flush=True)
+
+
 def self_distilled_rows(
     model,
     tokenizer,
@@ -410,6 +420,7 @@ def self_distilled_rows(
     pack: bool = False,
     ids: Sequence[Sequence[int]] | None = None,
     features: FeatureStore | None = None,
+    corpus_path: str | os.PathLike | None = None,
     **answering,
 ) -> list[TokenizedData | None]:
     """One TokenizedData per group of prompts (positions in `prompts`; e.g. [train, held-out]; None for an empty
@@ -419,7 +430,8 @@ def self_distilled_rows(
     All groups are answered in one pass sharing one cache (`self_distilled_answers`, which takes `answering`'s
     keywords), ids running on across groups, or `ids`: each prompt's id, per group. An answer is generated only as
     long as it can fit in its row: min(max_new_tokens, seq_len - prompt length). `features` (not with `pack`)
-    receives the trunk outputs generation computes (`mtp.training.features`).
+    receives the trunk outputs generation computes (`mtp.training.features`). `corpus_path`: where to save a
+    lookup corpus of the answers (`mtp.decoding.corpus`: decoding with prompt lookup drafts from it).
     """
     if seq_len < 2:
         raise MTPError(f"seq_len must be at least 2, got {seq_len}")
@@ -435,6 +447,8 @@ def self_distilled_rows(
     budgets = [max(0, seq_len - len(asked[k])) for k in range(len(asked))]
     answers = self_distilled_answers(model, tokenizer, asked, max_new_tokens=max_new_tokens, budgets=budgets,
                                      ids=flat_ids, features=features, **answering)
+    if corpus_path is not None:
+        _save_corpus(answers, corpus_path)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     out: list[TokenizedData | None] = []
     k = 0

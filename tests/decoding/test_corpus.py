@@ -1,0 +1,193 @@
+"""Lookup drafts from a corpus of earlier answers: the table, its lookup on the device, and lossless decoding."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from test_graphs import replayed  # noqa: F401  (a fixture)
+from test_lookup import brute_force_lookup
+
+from conftest import tiny_mtp
+from mtp.decoding.corpus import CORPUS_NAME, MAX_DRAFTS, MIN_SHARE, NGRAM_SIZES, LookupCorpus, folder_corpus
+from mtp.decoding.generate import generate, left_pad
+from mtp.decoding.lookup import CORPUS_BELOW, lookup_drafts
+from mtp.decoding.reference import reference_greedy
+from mtp.errors import MTPError
+
+
+def reference_table(answers: list[list[int]], min_count: int) -> dict[tuple[int, ...], list[int]]:
+    """{sequence: the continuation its occurrences agree on}, by counting: a walk down the occurrences."""
+    seen: dict[tuple[int, ...], list[list[int]]] = {}
+    for a in answers:
+        for n in NGRAM_SIZES:
+            for j in range(n, len(a)):
+                seen.setdefault(tuple(a[j - n:j]), []).append(a[j:j + MAX_DRAFTS])
+    table = {}
+    for words, conts in seen.items():
+        if len(conts) < min_count:
+            continue
+        out, agreeing = [], conts
+        for i in range(MAX_DRAFTS):
+            votes = Counter(c[i] for c in agreeing if len(c) > i)
+            if not votes:
+                break
+            token, n = max(votes.items(), key=lambda kv: (kv[1], -kv[0]))  # the first (smallest) on a tie
+            if n < MIN_SHARE * len(conts):
+                break
+            out.append(token)
+            agreeing = [c for c in agreeing if len(c) > i and c[i] == token]
+        if out:  # (one whose continuations disagree at once is left out: a shorter one may draft)
+            table[words] = out
+    return table
+
+
+def corpus_lookup(corpus: LookupCorpus, rows: list[list[int]], max_tokens: int) -> list[list[int]]:
+    """`LookupCorpus.match` on rows of their own lengths, each row's drafts cut to its count."""
+    suffix = torch.tensor([[r[-1 - k] if k < len(r) else -2 for k in range(4)] for r in rows])
+    tokens, count = corpus.match(suffix, torch.tensor([len(r) for r in rows]), max_tokens)
+    return [t[:c] for t, c in zip(tokens.tolist(), count.tolist(), strict=True)]
+
+
+def expected_match(table, row: list[int], max_tokens: int) -> list[int]:
+    for n in sorted(NGRAM_SIZES, reverse=True):
+        if len(row) >= n and tuple(row[-n:]) in table:
+            return table[tuple(row[-n:])][:max_tokens]
+    return []
+
+
+@settings(max_examples=60, deadline=None)
+@given(answers=st.lists(st.lists(st.integers(0, 3), max_size=25), max_size=8),
+       rows=st.lists(st.lists(st.integers(0, 3), min_size=1, max_size=6), min_size=1, max_size=4),
+       min_count=st.integers(1, 3), max_tokens=st.integers(1, 10))
+def test_the_table_and_its_lookup_match_counting(answers, rows, min_count, max_tokens):
+    """Every kept sequence and its agreed continuation as counting finds them; the device lookup of any row's last
+    tokens is the longest kept sequence's (a tiny vocabulary: sequences repeat, continuations disagree)."""
+    corpus = LookupCorpus.build(answers, min_count=min_count)
+    table = reference_table(answers, min_count)
+    assert len(corpus) == len(table) and corpus.answers == len(answers)
+    assert corpus_lookup(corpus, rows, max_tokens) == [expected_match(table, r, max_tokens) for r in rows]
+    # every kept sequence is found, with its continuation
+    words = list(table)
+    if words:
+        assert corpus_lookup(corpus, [list(w) for w in words], MAX_DRAFTS) == [table[w] for w in words]
+
+
+def test_rows_whose_own_match_is_short_take_the_corpus_drafts():
+    corpus = LookupCorpus.build([[1, 2, 3, 4, 5, 6]] * 2)
+    history = torch.tensor([[9, 1, 2, 0, 0], [2, 3, 7, 2, 3], [8, 8, 2, 0, 0]])
+    tokens, count = lookup_drafts(history, torch.tensor([3, 5, 3]), 4, corpus)
+    # row 0: no match of its own, the corpus continues (1, 2) with 3 4 5 6; row 1: its own 2-token match (2, 3)
+    # wins; row 2: neither finds one (the corpus keeps sequences of 2 tokens or more, and not (8, 2))
+    assert count.tolist() == [4, 3, 0] and tokens[:2].tolist() == [[3, 4, 5, 6], [7, 2, 3, 3]]
+    assert CORPUS_BELOW == 2
+    own_tokens, own_count = lookup_drafts(history, torch.tensor([3, 5, 3]), 4)
+    assert count[2] == own_count[2] and tokens[2].tolist() == own_tokens[2].tolist()
+    # wider than the corpus keeps: its drafts end where its continuation does, the rest filled with the last
+    tokens, count = lookup_drafts(history[:1], torch.tensor([3]), MAX_DRAFTS + 3, corpus)
+    assert count.tolist() == [4] and tokens[0].tolist() == [3, 4, 5, 6] + [6] * (MAX_DRAFTS - 1)
+
+
+@settings(max_examples=40, deadline=None)
+@given(seq=st.lists(st.integers(0, 4), min_size=1, max_size=20), max_tokens=st.integers(1, 6))
+def test_without_a_useful_corpus_lookup_is_the_rows_own(seq, max_tokens):
+    """A corpus that holds none of the row's sequences changes nothing."""
+    corpus = LookupCorpus.build([[50, 51, 52, 53, 54]] * 3)
+    history = torch.tensor([seq + [0, 0]])
+    tokens, count = lookup_drafts(history, torch.tensor([len(seq)]), max_tokens, corpus)
+    assert tokens[0, :count[0]].tolist() == brute_force_lookup(seq, max_tokens)
+
+
+def test_save_and_load_and_a_file_that_is_not_one(tmp_path):
+    corpus = LookupCorpus.build([[1, 2, 3, 4, 5], [1, 2, 3, 9], [7, 1, 2, 3, 4]])
+    path = corpus.save(tmp_path / CORPUS_NAME)
+    back = folder_corpus(tmp_path)
+    assert back.fingerprint == corpus.fingerprint and back.answers == 3
+    assert torch.equal(back.drafts, corpus.drafts) and torch.equal(back.counts, corpus.counts)
+    assert folder_corpus(tmp_path / "nothing") is None and folder_corpus(None) is None
+    path.write_bytes(b"not safetensors")
+    with pytest.raises(MTPError, match=CORPUS_NAME):
+        folder_corpus(tmp_path)
+    from safetensors.torch import save_file
+
+    save_file({"keys": torch.zeros(1, dtype=torch.long)}, str(path), metadata={"format": "0"})
+    with pytest.raises(MTPError, match="not a lookup corpus this mtp reads"):
+        LookupCorpus.load(path)
+    with pytest.raises(MTPError, match="token ids"):
+        LookupCorpus.build([[1, -3, 2]])
+
+
+def varied(model):
+    """A tiny model with 10x its weights: its greedy answers wander instead of repeating one token at once (which
+    a row's own lookup, and even its filler drafts, would predict)."""
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.ndim == 2:
+                p.mul_(10)
+    return model
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+@pytest.mark.parametrize("graphs", [False, True])
+def test_decoding_with_a_corpus_of_the_models_answers_equals_greedy_in_fewer_forwards(family, graphs, request):
+    """A corpus of the model's own earlier greedy answers (to these prompts, as a server sees questions again):
+    the same tokens as greedy, in fewer forwards than lookup without it (the corpus drafts where the row's own
+    tokens have not repeated yet)."""
+    if graphs:
+        request.getfixturevalue("replayed")  # (the replay path, with the CPU's stand-in for a capture)
+    model = varied(tiny_mtp(family, num_heads=1, dtype=torch.float64, vocab_size=256, seed=1))
+    gen = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(0, 256, (n,), generator=gen).tolist() for n in (5, 9, 7, 12)]
+    reference = [reference_greedy(model, p, 16) for p in prompts]
+    corpus = LookupCorpus.build(reference, min_count=1)  # (each answer seen once)
+    ids, mask = left_pad(prompts)
+    kw = dict(max_new_tokens=16, strategy="speculative", stop_token_ids=[], adaptive_draft=False, graphs=graphs,
+              lookup=5)
+    with_corpus = generate(model, ids, mask, lookup_corpus=corpus, **kw)
+    without = generate(model, ids, mask, **kw)
+    assert with_corpus.tokens == reference and without.tokens == reference
+    assert with_corpus.stats.forward_passes < without.stats.forward_passes
+    heads = varied(tiny_mtp(family, num_heads=3, dtype=torch.float64, vocab_size=256, seed=1))  # and a tree
+    reference = [reference_greedy(heads, p, 16) for p in prompts]
+    tree = generate(heads, ids, mask, lookup_corpus=corpus, tree="dynamic", tree_size=4, **kw)
+    assert tree.tokens == reference
+
+
+def test_the_commands_read_the_model_folders_corpus_or_the_one_named(tiny_mtp_folder, tmp_path, capsys):
+    from mtp.cli import run
+    from mtp.decoding.options import DraftOptions
+    from mtp.models.loading import load_mtp_model
+
+    model = load_mtp_model(str(tiny_mtp_folder))
+    assert DraftOptions(lookup=4, lookup_corpus="auto").corpus(model) is None  # a folder without one
+    corpus = LookupCorpus.build([[5, 6, 7, 8, 9]] * 2)
+    corpus.save(tiny_mtp_folder / CORPUS_NAME)
+    other = LookupCorpus.build([[1, 2, 3]] * 2).save(tmp_path / "other.safetensors")
+    assert DraftOptions(lookup=4, lookup_corpus="auto").corpus(model).fingerprint == corpus.fingerprint
+    assert DraftOptions(lookup=4).corpus(model) is None  # none unless asked
+    assert DraftOptions(lookup=0, lookup_corpus="auto").corpus(model) is None  # no lookup drafts: no corpus
+    assert DraftOptions(lookup=4, lookup_corpus=str(other)).corpus(model).answers == 2
+    # the bench: each lookup row again with the corpus, only when asked
+    from mtp.evaluation.bench import build_methods
+
+    names = [x.name for x in build_methods(model, model.tokenizer, hf=False, fp16=False, tree_size=[2], lookup=3,
+                                           lookup_corpus="auto")]
+    assert [n for n in names if "lookup" in n] == ["speculative-lookup3", "speculative-tree2-lookup3",
+                                                    "speculative-lookup3-corpus", "speculative-tree2-lookup3-corpus"]
+    assert not [n for n in [x.name for x in build_methods(model, model.tokenizer, hf=False, fp16=False, lookup=3)]
+                if n.endswith("-corpus")]
+    # a corpus file that is not there: an MTPError naming it (one line, exit code 2), checked with the inputs
+    with pytest.raises(MTPError, match="missing.safetensors: lookup corpus file not found"):
+        run(["generate", "--model", str(tiny_mtp_folder), "--prompt", "hi", "--strategy", "speculative",
+             "--lookup", "4", "--lookup-corpus", str(tmp_path / "missing.safetensors")])
+    # and with the folder's corpus, generate decodes as without it
+    outs = []
+    for choice in ("auto", "none"):
+        assert run(["generate", "--model", str(tiny_mtp_folder), "--prompt", "hi", "--strategy", "speculative",
+                    "--lookup", "4", "--lookup-corpus", choice, "--max-new-tokens", "12", "--json"]) == 0
+        outs.append(json.loads(capsys.readouterr().out.strip().splitlines()[-1])["text"])
+    assert outs[0] == outs[1]
