@@ -45,8 +45,19 @@ def _hash_step(h, token):
     return (h * _BASE + (token + 1)) % _MODULUS
 
 
-def _key(h, n: int):
+def _key(h, n):
     return h * 8 + n  # (the size in the key: sizes never share one)
+
+
+_SIZES: dict[torch.device, torch.Tensor] = {}
+
+
+def _sizes(device: torch.device) -> torch.Tensor:
+    """NGRAM_SIZES ascending, on `device`: made once (a replayed step reads the tensor it was captured with)."""
+    found = _SIZES.get(device)
+    if found is None:
+        found = _SIZES[device] = torch.tensor(sorted(NGRAM_SIZES), device=device)
+    return found
 
 
 class LookupCorpus:
@@ -127,19 +138,17 @@ class LookupCorpus:
         b = suffix.shape[0]
         if keys.shape[0] == 0:
             return suffix.new_zeros(b, max_tokens), length.new_zeros(b)
-        h = torch.zeros_like(suffix[:, 0])
-        found_at = torch.zeros_like(h)
-        best = torch.zeros_like(h)  # the longest size found (0: none)
-        for n in range(1, max(NGRAM_SIZES) + 1):
+        hashes, h = [], torch.zeros_like(suffix[:, 0])
+        for n in range(1, max(NGRAM_SIZES) + 1):  # (4 steps of one hash: every size is a prefix, newest first)
             h = _hash_step(h, suffix[:, n - 1])
-            if n not in NGRAM_SIZES:
-                continue
-            query = _key(h, n)
-            at = torch.searchsorted(keys, query).clamp_max(keys.shape[0] - 1)  # (B,)
-            hit = (keys[at] == query) & (length >= n)  # (sizes go up: a longer match overrides a shorter one)
-            found_at = torch.where(hit, at, found_at)
-            best = torch.where(hit, n, best)
-        count = torch.where(best > 0, counts[found_at].clamp_max(max_tokens), 0)
+            hashes.append(h)
+        sizes = _sizes(suffix.device)  # (S,) ascending
+        query = _key(torch.stack(hashes, 1)[:, sizes - 1], sizes)  # (B, S): one search for every size
+        at = torch.searchsorted(keys, query).clamp_max(keys.shape[0] - 1)  # (B, S)
+        hit = (keys[at] == query) & (length[:, None] >= sizes)  # (B, S)
+        best = (hit * torch.arange(1, sizes.shape[0] + 1, device=hit.device)).argmax(1, keepdim=True)  # the longest
+        found_at = at.gather(1, best)[:, 0]  # (B,)
+        count = torch.where(hit.any(1), counts[found_at].clamp_max(max_tokens), 0)
         return drafts[found_at, :max_tokens], count
 
     def save(self, path: str | Path) -> Path:
