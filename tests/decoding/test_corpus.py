@@ -191,3 +191,18 @@ def test_the_commands_read_the_model_folders_corpus_or_the_one_named(tiny_mtp_fo
                     "--lookup", "4", "--lookup-corpus", choice, "--max-new-tokens", "12", "--json"]) == 0
         outs.append(json.loads(capsys.readouterr().out.strip().splitlines()[-1])["text"])
     assert outs[0] == outs[1]
+
+
+def test_training_saves_a_corpus_of_its_first_answers_up_to_a_token_budget(tmp_path, monkeypatch, capsys):
+    from mtp.training import targets
+
+    answers = targets.TokenLists()
+    for a in ([1, 2, 3, 4], [], [1, 2, 3, 5], [7, 7, 7, 7, 7], [1, 2, 3, 4]):
+        answers.append(a)
+    targets._save_corpus(answers, tmp_path / CORPUS_NAME)
+    assert folder_corpus(tmp_path).answers == 4  # (the empty one is left out)
+    assert "lookup corpus: " in capsys.readouterr().err
+    monkeypatch.setattr(targets, "CORPUS_TOKENS", 9)  # the first two answers fit; the third would not
+    targets._save_corpus(answers, tmp_path / CORPUS_NAME)
+    kept = folder_corpus(tmp_path)
+    assert kept.answers == 2 and kept.fingerprint == LookupCorpus.build([[1, 2, 3, 4], [1, 2, 3, 5]]).fingerprint

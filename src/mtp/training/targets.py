@@ -398,11 +398,23 @@ def self_distilled_data(model, tokenizer, groups: Sequence[Sequence[Example]], *
                                [range(s, s + len(g)) for s, g in zip(starts, groups, strict=True)], **kw)
 
 
+CORPUS_TOKENS = 2_000_000  # a lookup corpus is built from the first answers up to this many tokens (its build
+# holds ~50 bytes a token for a moment: ~0.1 GB here, where a dataset-scale run's answers could take gigabytes)
+
+
 def _save_corpus(answers: TokenLists, path: str | os.PathLike) -> None:
+    """A lookup corpus of the answers (`mtp.decoding.corpus`), saved at `path` for decoding with prompt lookup."""
     from mtp.decoding.corpus import LookupCorpus
 
+    def first_answers():
+        total = 0
+        for a in answers:
+            if a and total + len(a) <= CORPUS_TOKENS:
+                total += len(a)
+                yield a
+
     start = time.perf_counter()
-    corpus = LookupCorpus.build(a for a in answers if a)
+    corpus = LookupCorpus.build(first_answers())
     corpus.save(path)
     print(f"lookup corpus: {len(corpus):,} token sequences of {corpus.answers:,} answers -> {path} "
           f"({time.perf_counter() - start:.1f} s)", file=sys.stderr, flush=True)
