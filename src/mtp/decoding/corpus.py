@@ -6,13 +6,15 @@ question again repeats its own phrasing ("Let's break this down step by step", "
 is"). A `LookupCorpus` holds, for every 4-, 3- and 2-token sequence seen at least twice in a set of the model's
 answers, the continuation those occurrences agree on (SuffixDecoding's global tree, REST's datastore, in the
 shape a fixed-size decoding step can read): `mtp train --targets self` builds one from the answers it trained
-on and saves it in the model folder (`CORPUS_NAME`), and decoding with `lookup` reads it whenever the row's own
-match is shorter than 2 tokens (`lookup_drafts`). The drafts are verified as before: output stays greedy's.
+on and saves it in the model folder (`CORPUS_NAME`); decoding with `lookup` and a corpus (`--lookup-corpus auto`,
+`generate(lookup_corpus=...)`) takes its drafts where the row's own match is shorter than 2 tokens
+(`lookup_drafts`). The drafts are verified as before: output stays greedy's.
 
-Measured offline on the default model's greedy answers to GSM8K test problems 0-49 (lookup drafts alone, a
-corpus of its answers to 160 training questions): 1.80 tokens a forward from the row's own tokens, 2.08 with the
-corpus where the row's match is shorter than 2 tokens (2.01 where shorter than 3; 1.95 taking whichever match is
-longer: the row's own 3-token match beats the corpus's 4-token one).
+Measured (docs/benchmarks.md): offline on the default model's greedy answers to GSM8K test problems 0-49 (lookup
+drafts alone, a corpus of its answers to 160 training questions) 1.80 tokens a forward from the row's own tokens,
+2.08 with the corpus where the row's match is shorter than 2 tokens (2.01 where shorter than 3; 1.95 taking
+whichever match is longer: the row's own 3-token match beats the corpus's 4-token one); decoding without heads
+1.76 -> 2.09; with 4 trained heads, which already draft that phrasing, +1-2%: hence opt-in.
 
 On the device the lookup is a few fixed-shape ops: the row's last tokens hashed (newest first, so every size is
 one more step of the same hash), `searchsorted` into the sorted keys, the longest size found wins. A hash that
