@@ -151,6 +151,8 @@ def test_decoding_with_a_corpus_of_the_models_answers_equals_greedy_in_fewer_for
     without = generate(model, ids, mask, **kw)
     assert with_corpus.tokens == reference and without.tokens == reference
     assert with_corpus.stats.forward_passes < without.stats.forward_passes
+    with pytest.raises(MTPError, match="lookup_corpus must be a mtp.LookupCorpus"):
+        generate(model, ids, mask, lookup_corpus="lookup_corpus.safetensors", **kw)
     heads = varied(tiny_mtp(family, num_heads=3, dtype=torch.float64, vocab_size=256, seed=1))  # and a tree
     reference = [reference_greedy(heads, p, 16) for p in prompts]
     tree = generate(heads, ids, mask, lookup_corpus=corpus, tree="dynamic", tree_size=4, **kw)

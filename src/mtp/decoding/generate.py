@@ -776,6 +776,9 @@ def generate(model, input_ids: torch.Tensor | list, attention_mask: torch.Tensor
                       stacklevel=2)
     if prompt_cache is not None and not isinstance(prompt_cache, PromptCache):
         raise MTPError(f"prompt_cache must be a mtp.decoding.prefixes.PromptCache, not {type(prompt_cache).__name__}")
+    if lookup_corpus is not None and not isinstance(lookup_corpus, LookupCorpus):
+        raise MTPError(f"lookup_corpus must be a mtp.LookupCorpus (LookupCorpus.load(path) reads a saved one), not "
+                       f"{type(lookup_corpus).__name__}")
     if prefix is not None and len(prefix):  # (checked as prompts are)
         prefix = token_batch(model, prefix if isinstance(prefix, torch.Tensor) else list(prefix))[0][0].tolist()
     budgets = _budgets(max_new_tokens, input_ids.shape[0])
