@@ -223,6 +223,14 @@ def folder_corpus(folder: str | Path | None) -> LookupCorpus | None:
     return LookupCorpus.load(path) if path.is_file() else None
 
 
+def check_corpus_choice(choice: str) -> None:
+    """A --lookup-corpus value names "none", "auto" or a file that is there (checked before a model loads)."""
+    if choice not in ("auto", "none"):
+        from mtp.io import input_file
+
+        input_file(choice, "lookup corpus")
+
+
 def chosen_corpus(choice: str, model) -> LookupCorpus | None:
     """A --lookup-corpus value for `model`: "none", "auto" (its folder's, or None) or a corpus file."""
     if choice == "none":

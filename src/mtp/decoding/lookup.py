@@ -54,15 +54,16 @@ def lookup_drafts(history: torch.Tensor, length: torch.Tensor, max_tokens: int,
     the corpus's drafts where it has some."""
     b, s = history.shape
     longest = max(NGRAM_SIZES)  # and every size below it (`NGRAM_SIZES`)
-    idx = torch.arange(max(s, longest, max_tokens, max(CORPUS_SIZES)), device=history.device)  # sliced below
+    idx = torch.arange(max(s, longest, max_tokens, *CORPUS_SIZES), device=history.device)  # sliced below
     last = length - 1  # (B,) the suffix ends here
     padded = torch.nn.functional.pad(history, (longest - 1, 0), value=-1)  # (B, S + longest - 1): no token is -1
-    back = last[:, None] - idx[:longest]  # (B, longest) slot k before last
+    width = longest if corpus is None else max(longest, *CORPUS_SIZES)  # (a corpus reads its longest too)
+    back = last[:, None] - idx[:width]  # (B, width) slot k before last
     # suffix[b, k] = the token k before the last one (-2 before the row's start: equals no token, nor the pad)
     suffix = torch.where(back >= 0, history.gather(1, back.clamp_min(0)), -2)
     # equal[b, k, j] = the token k before slot j equals the token k before the last slot
     windows = padded.unfold(1, s, 1).flip(1)  # (B, longest, S): windows[:, k, j] = history[:, j - k] (-1 before 0)
-    equal = windows == suffix[:, :, None]
+    equal = windows == suffix[:, :longest, None]
     run = equal.long().cumprod(1).sum(1)  # (B, S) match length ending at slot j, up to `longest`
     run = torch.where(idx[None, :s] < last[:, None], run, 0)  # earlier slots only
     best, end = (run * s + idx[:s]).max(-1)  # (B,): the longest match, then the most recent; where it ends
@@ -70,17 +71,15 @@ def lookup_drafts(history: torch.Tensor, length: torch.Tensor, max_tokens: int,
     start = end + 1
     count = torch.minimum(_max_after(max_tokens, longest, history.device)[best // s],
                           length - start).clamp_min(0)  # (B,) (no match: 0, wherever `end` points)
-    offset = torch.minimum(idx[None, :max_tokens], (count - 1).clamp_min(0)[:, None])
+    if corpus is not None:  # rows whose own match is short take the corpus's drafts where it has some
+        found, found_count = corpus.match(suffix, length, max_tokens)  # (B, <= max_tokens), (B,)
+        use = (best // s < CORPUS_BELOW) & (found_count > 0)  # (B,)
+        count = torch.where(use, found_count, count)
+    offset = torch.minimum(idx[None, :max_tokens], (count - 1).clamp_min(0)[:, None])  # past the count: the last
     tokens = history.gather(1, (start[:, None] + offset).clamp(max=s - 1))  # (B, max_tokens)
     if corpus is not None:
-        back = last[:, None] - idx[:max(CORPUS_SIZES)]  # (B, 4)
-        words = torch.where(back >= 0, history.gather(1, back.clamp_min(0)), -2)
-        found, found_count = corpus.match(words, length, max_tokens)  # (B, <= max_tokens), (B,)
-        use = (best // s < CORPUS_BELOW) & (found_count > 0)  # (B,)
-        found = torch.nn.functional.pad(found, (0, max_tokens - found.shape[1]))
-        found = found.gather(1, torch.minimum(idx[None, :max_tokens], (found_count - 1).clamp_min(0)[:, None]))
-        tokens = torch.where(use[:, None], found, tokens)
-        count = torch.where(use, found_count, count)
+        found = torch.nn.functional.pad(found, (0, max_tokens - found.shape[1]))  # (B, max_tokens)
+        tokens = torch.where(use[:, None], found.gather(1, offset), tokens)
     return torch.where(count[:, None] > 0, tokens, 0), count
 
 

@@ -53,8 +53,9 @@ class DraftOptions:
 
     def check(self) -> None:
         check_tree_spec(self.tree)
-        if self.lookup_corpus not in ("auto", "none"):
-            input_file(self.lookup_corpus, "lookup corpus")
+        from mtp.decoding.corpus import check_corpus_choice
+
+        check_corpus_choice(self.lookup_corpus)
 
     def corpus(self, model):
         """--lookup-corpus for `model` (a `mtp.decoding.corpus.LookupCorpus`, or None: without --lookup, with

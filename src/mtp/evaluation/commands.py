@@ -264,12 +264,12 @@ def bench(
             every call: their tokens/s and tokens per forward (draws,
             not greedy's answers)
     """
+    from mtp.decoding.corpus import check_corpus_choice
     from mtp.decoding.tree import DEFAULT_TREE_SIZE
 
     resolve_model(model)  # a model that is not there: one line before anything else
     _check_bench_inputs(prompts, limit, batch_size, gguf, also, shots)
-    if lookup_corpus not in ("auto", "none"):
-        input_file(lookup_corpus, "lookup corpus")
+    check_corpus_choice(lookup_corpus)
     check_values({"sample_temperature": sample_temperature})
     out = Path(output).expanduser()
     set_threads(threads)
