@@ -206,15 +206,17 @@ def test_use_speculative_spelling_and_streaming():
         fast.tokens[0]  # the method: transformers' convention, prompt + new tokens
 
 
-def test_acceptance_rule_keeps_the_target_distribution():
-    """Token after a block = draft if accepted else residual sample: its law must be exactly p."""
+@pytest.mark.parametrize("one_hot", [False, True])
+def test_acceptance_rule_keeps_the_target_distribution(one_hot):
+    """Token after a block = draft if accepted else residual sample: its law must be exactly p (also where the
+    drafts come without their distribution, a custom proposer's: each one-hot, whatever picked it)."""
     gen = torch.Generator().manual_seed(0)
     v, n = 5, 200_000
     p = torch.tensor([0.05, 0.4, 0.25, 0.2, 0.1])
     q = torch.tensor([0.4, 0.1, 0.1, 0.3, 0.1])
     drafts = torch.multinomial(q, n, replacement=True, generator=gen)[:, None]  # (n, 1)
     target = p.expand(n, 2, v)
-    a, nxt = accept_drafts_sampling(target, drafts, q.expand(n, 1, v), gen)
+    a, nxt = accept_drafts_sampling(target, drafts, None if one_hot else q.expand(n, 1, v), gen)
     first = torch.where(a == 1, drafts[:, 0], nxt)
     freq = torch.bincount(first, minlength=v).float() / n
     assert torch.allclose(freq, p, atol=0.005)
@@ -225,8 +227,7 @@ def test_acceptance_rule_keeps_the_target_distribution():
                                                                ("speculative", None, True)])
 def test_sampling_matches_the_model_distribution(strategy, draft_vocab, reads_next):
     """Sample 3000 continuations in one batch; the first two tokens' joint law must be the model's (also when
-    the drafts can only be some of the tokens, or come from heads that read head 0's argmax, not the token
-    sampled)."""
+    the drafts can only be some of the tokens, or come from heads that read the token sampled before them)."""
     model = tiny_mtp("llama", num_heads=3, vocab_size=6, seed=3)
     model.set_draft_vocab(draft_vocab)
     if reads_next:

@@ -20,7 +20,7 @@ from test_mask_decoding import mask_model
 from test_tree import random_tree
 
 import mtp.decoding.generate as generate_module
-from conftest import tiny_mtp
+from conftest import reading_next_token, tiny_mtp
 from mtp.decoding.corpus import LookupCorpus
 from mtp.decoding.drafters import drafter_for
 from mtp.decoding.generate import _prompt_state, _rows_to_keep, generate, left_pad
@@ -358,8 +358,10 @@ def test_a_model_made_in_inference_mode_decodes(replayed, gpu_path):
 
 TRACED_STEPS = {  # id -> (kind, generate's arguments)
     # (log-probabilities too: the scores of the verified tokens are read on the device like the tokens)
+    # (heads that read the next token: sampled, the kept path's heads run again after verifying)
     "heads-dynamic-tree-lookup-sampling-logprobs": ("heads", {"strategy": "speculative", "tree": DynamicTree(4, 2),
-                                                              "lookup": 3, "do_sample": True, "logprobs": 3}),
+                                                              "lookup": 3, "do_sample": True, "logprobs": 3,
+                                                              "reads_next": True}),
     "heads-tree-lookup-draft-vocab": ("heads", {"strategy": "speculative", "tree": "auto", "tree_size": 4,
                                                 "lookup": 2, "draft_vocab": True}),
     "heads-chain-lookup": ("heads", {"strategy": "speculative", "lookup": 2}),
@@ -384,6 +386,8 @@ def test_a_step_traces_as_one_graph(kind, kw, gpu_path):
     model = tiny_mtp("llama", num_heads=3) if kind == "heads" else mask_model("llama", "gated-lora", 0, 20)
     if kw.get("draft_vocab"):  # as `mtp train` makes heads: a draft vocabulary (its rows cached by their address)
         model.set_draft_vocab(torch.arange(0, model.config.vocab_size, 2))
+    if kw.get("reads_next"):
+        reading_next_token(model, seed=0)
     from mtp.decoding.generate import model_tree
 
     opts = DecodeOptions(kw["strategy"], 8, do_sample=kw.get("do_sample", False), k=kw.get("k"),

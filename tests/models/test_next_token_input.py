@@ -12,7 +12,7 @@ from conftest import reading_next_token, tiny_mtp
 from mtp import MTPModel
 from mtp.decoding.generate import DraftRequest, generate, left_pad
 from mtp.decoding.reference import reference_greedy
-from mtp.decoding.tree import DynamicTree
+from mtp.decoding.tree import DraftTree, DynamicTree
 from mtp.errors import MTPError
 from mtp.models import fast_llama
 from mtp.models.loading import quantize_model
@@ -20,12 +20,16 @@ from mtp.models.parallel_heads import next_token_ids
 
 
 def recording_proposer(log: list):
-    """Drafts each head's argmax at the kept slot (what the heads propose anyway), recording them per row."""
+    """Drafts each head's argmax at the kept slot (what the heads propose anyway; a tree's: their ranked
+    candidates), recording the argmax per row."""
     def propose(req: DraftRequest):
-        drafts = req.model.draft_logits(req.hidden_at).argmax(-1)  # (B, d)
+        logits = req.model.draft_logits(req.hidden_at)  # (B, d, V)
+        drafts = logits.argmax(-1)  # (B, d)
         for row, produced, tokens in zip(req.rows.tolist(), req.produced.tolist(), drafts.tolist(), strict=True):
             log.append((row, produced, tokens))
-        return drafts, None
+        if req.opts.tree is None:
+            return drafts, None
+        return logits.topk(min(4, logits.shape[-1]), -1).indices, None  # (B, d, 4): ranks 0-3
 
     return propose
 
@@ -35,9 +39,15 @@ def recording_proposer(log: list):
 def test_decoding_drafts_are_the_heads_of_the_whole_sequence(data):
     """Every draft a speculative step proposes is what the heads give, run without a cache on the whole sequence
     with each position's next token: so the heads' cache, the next tokens fed at the prompt (its own) and after
-    it (head 0's), and the stacked heads of a GPU step all agree with training's teacher forcing."""
+    it (head 0's; where the step emits another, sampled or penalized, that one), and the stacked heads of a GPU
+    step all agree with training's teacher forcing."""
     family = data.draw(st.sampled_from(["llama", "gpt2"]))
     num_heads = data.draw(st.integers(2, 5))
+    emits = data.draw(st.sampled_from(["greedy", "sampled", "penalized"]))
+    kw = {"greedy": {}, "sampled": dict(do_sample=True, temperature=data.draw(st.sampled_from([0.8, 2.0])), seed=0),
+          "penalized": dict(repetition_penalty=3.0, presence_penalty=2.0)}[emits]
+    if num_heads > 2 and data.draw(st.booleans()):  # the kept path of a tree of head 1's two best, then head 2's
+        kw["tree"] = DraftTree.from_paths([[0], [1], [0, 0], [1, 0]])
     seed = data.draw(st.integers(0, 10_000))
     model = tiny_mtp(family, num_heads=num_heads, seed=seed, dtype=torch.float64, vocab_size=29,
                      num_trunk_layers=data.draw(st.sampled_from([None, 1])))
@@ -52,8 +62,9 @@ def test_decoding_drafts_are_the_heads_of_the_whole_sequence(data):
         log: list = []
         ids, mask = left_pad(prompts)
         out = generate(model, ids, mask, max_new_tokens=max_new, strategy="speculative", stop_token_ids=[],
-                       proposer=recording_proposer(log))
-    assert out.tokens == [reference_greedy(model, p, max_new) for p in prompts]
+                       proposer=recording_proposer(log), **kw)
+    if emits == "greedy":
+        assert out.tokens == [reference_greedy(model, p, max_new) for p in prompts]
     seen = set()
     with torch.no_grad():
         full = [model(torch.tensor([p + t]), return_all_heads=True)[0] for p, t in zip(prompts, out.tokens,

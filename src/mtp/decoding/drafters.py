@@ -83,6 +83,7 @@ class StepOutput:
     draft_hidden: torch.Tensor  # (B, 1+d, D, H): hidden states the drafts after each of those slots come from
     trunk: torch.Tensor | None = None  # (B, chain, H) trunk output of the chain slots (heads only)
     verify_argmax: torch.Tensor | None = None  # (B, 1+d) verify_logits' argmax, where the forward needed it already
+    left_out: tuple | None = None  # what `Drafter.draft_after` needs, where the forward left the drafting to it
 
     def argmax(self) -> torch.Tensor:
         """(B, 1+d) the model's own token at the root and at each draft."""
@@ -188,8 +189,11 @@ class Drafter:
     extra_slots: int  # cache slots past the emitted tokens a block may use
     catches_up = False  # plain steps leave out layers of its own, computed later (`catch_up`)
     # The keys a step writes at a position depend on the token after it, which the step takes to be the model's
-    # own (heads that read the next token): a sampled token may be another (its keys are then not the sequence's)
+    # own (heads that read the next token) ...
     reads_next_token = False
+    # ... unless the step may emit another one (sampling, penalties): the forward then leaves the drafting layers
+    # to `draft_after`, which runs them once the step's tokens are known
+    reads_emitted = False
     proposer: Proposer | None = None  # a custom proposer (host-side drafts), which reads a `DraftRequest`
 
     def new_cache(self, batch_size: int, max_len: int, static: bool = False):
@@ -206,8 +210,16 @@ class Drafter:
         a prompt prefix computed once for the prompts that start with it. The last token is left for the prompt's
         own step to feed with what follows it (a head that reads the token after a position then reads the right
         one, as it does when the whole prompt is fed at once)."""
-        self.forward(cache, tokens, torch.ones_like(tokens, dtype=torch.bool), Drafts(tokens[:, :0]))
+        out = self.forward(cache, tokens, torch.ones_like(tokens, dtype=torch.bool), Drafts(tokens[:, :0]))
+        if out.left_out is not None:  # (the last token's successor: any, its slot is the prompt step's to write)
+            self.draft_after(out, tokens[:, -1:])
         cache.commit(torch.full_like(cache.length, tokens.shape[1] - 1))
+
+    def draft_after(self, out: StepOutput, after: torch.Tensor) -> StepOutput:
+        """The drafting layers a forward left out (`reads_emitted`), run over the same block before the cache
+        keeps its path, each slot reading the token the step emits after it: `after` (B, 1+d), after the root
+        and each draft (a slot off the kept path: any token, never read). Returns `out` with draft hidden states."""
+        raise NotImplementedError
 
     def catch_up(self, cache, trunk: torch.Tensor, next_ids: torch.Tensor, count: torch.Tensor, width: int) -> None:
         """Compute the drafting layers for the last count[b] positions of each row (at most `width`) that plain
@@ -271,6 +283,8 @@ class HeadsDrafter(Drafter):
             self.num_drafts = 0  # nothing is verified: the heads' proposals are emitted
         self.catches_up = self.num_heads > 1  # the extra heads keep caches: a plain step's positions are caught up
         self.reads_next_token = self.num_heads > 1 and model.reads_next_token
+        self.reads_emitted = self.reads_next_token and opts.strategy == "speculative" and (
+            opts.do_sample or opts.penalties is not None)
 
     def forward(self, cache, pending, pending_valid, drafts: Drafts, drafting: bool = True) -> StepOutput:
         model = self.model
@@ -288,12 +302,21 @@ class HeadsDrafter(Drafter):
         verify_logits = model.lm_head(at_block_rows(first, pending_valid, d)).float()  # (B, 1+d, V)
         if not drafting:  # a plain step: the extra heads run later, over its position (`catch_up`)
             return StepOutput(verify_logits, trunk[:, : 1 + d, None][:, :, :0], trunk)  # (B, 1+d, 0, H)
+        if self.reads_emitted:  # the extra heads once the step's tokens are known (`draft_after`)
+            return StepOutput(verify_logits, trunk[:, : 1 + d, None][:, :, :0], trunk,
+                              left_out=(ctx, chain, pending_valid, d))
         next_ids = own = None
         if self.reads_next_token:
             own = verify_logits.argmax(-1)  # (B, 1+d), which greedy verification reads too
             next_ids = self._next_ids(chain, pending_valid, d, own)
         extra = model.extra_heads_forward(self.num_heads, trunk, ctx, next_ids)  # (B, w+d, heads - 1, H)
         return StepOutput(verify_logits, at_block_rows(extra, pending_valid, d), trunk, own)
+
+    def draft_after(self, out, after):
+        ctx, chain, pending_valid, d = out.left_out
+        next_ids = self._next_ids(chain, pending_valid, d, after)
+        extra = self.model.extra_heads_forward(self.num_heads, out.trunk, ctx, next_ids)  # (B, w+d, heads - 1, H)
+        return StepOutput(out.verify_logits, at_block_rows(extra, pending_valid, d), out.trunk)
 
     def catch_up(self, cache, trunk, next_ids, count, width):
         # Entry j < count[b] of row b is the position at slot length - count + j (the plain steps' tokens, in
@@ -311,9 +334,9 @@ class HeadsDrafter(Drafter):
     @staticmethod
     def _next_ids(chain, pending_valid, d: int, own: torch.Tensor) -> torch.Tensor:
         """The token after each block slot, for heads that read it (B, w+d): a pending token's successor, and
-        after the root and each draft head 0's own token there (`own`, (B, 1+d)). Where the verifier keeps a
-        slot, the token after it is that one (greedy; a sampled one may differ, which costs acceptance only); a
-        slot it drops is overwritten later."""
+        after the root and each draft `own` (B, 1+d): head 0's own token there, or where the step may emit
+        another (`reads_emitted`), the one it emitted. Where the verifier keeps a slot, the token after it is that
+        one; a slot it drops is overwritten later."""
         if pending_valid.shape[1] == 1:  # every verifying step after the prompt: the block is the root + drafts
             return own
         return torch.cat([chain[:, 1:], chain[:, :1]], 1).scatter(1, block_rows(pending_valid, d), own)

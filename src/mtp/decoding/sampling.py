@@ -108,24 +108,29 @@ def race(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor
     return probs.float() / torch.empty_like(probs, dtype=torch.float32).exponential_(generator=generator)
 
 
-def accept_drafts_sampling(target_probs: torch.Tensor, drafts: torch.Tensor, draft_probs: torch.Tensor,
+def accept_drafts_sampling(target_probs: torch.Tensor, drafts: torch.Tensor, draft_probs: torch.Tensor | None,
                            generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
     """Speculative sampling over a block. Returns (accepted count a (B,), next token (B,)).
 
     target_probs: (B, d+1, V) the model's distribution after each prefix of the block;
-    drafts: (B, d) proposed tokens; draft_probs: (B, d, V) the distributions they were drawn from.
+    drafts: (B, d) proposed tokens; draft_probs: (B, d, V) the distributions they were drawn from (None: each
+    draft one-hot, a custom proposer's: q is 1 at the draft).
     """
     b, d = drafts.shape
     if d == 0:
         return drafts.new_zeros(b), sample(target_probs[:, 0], generator)
     p_x = target_probs[:, :-1].gather(-1, drafts[..., None]).squeeze(-1)  # (B, d)
-    q_x = draft_probs.gather(-1, drafts[..., None]).squeeze(-1)  # (B, d)
+    q_x = draft_probs.gather(-1, drafts[..., None]).squeeze(-1) if draft_probs is not None else torch.ones_like(p_x)
     u = torch.rand(p_x.shape, generator=generator, device=p_x.device)
     accepted = u * q_x < p_x  # u < p/q without dividing by a zero q
     a = accepted.long().cumprod(-1).sum(-1)  # (B,)
     rows = torch.arange(b, device=drafts.device)
     p_next = target_probs[rows, a]  # (B, V)
-    q_next = torch.cat([draft_probs, torch.zeros_like(draft_probs[:, :1])], 1)[rows, a]  # (B, V); zeros if all kept
+    if draft_probs is None:  # the refused draft's one-hot (zeros if all kept)
+        refused = torch.cat([drafts, drafts[:, :1]], 1)[rows, a]  # (B,)
+        q_next = torch.zeros_like(p_next).scatter_(1, refused[:, None], (a < d).to(p_next.dtype)[:, None])
+    else:
+        q_next = torch.cat([draft_probs, torch.zeros_like(draft_probs[:, :1])], 1)[rows, a]  # (B, V); zeros if all kept
     residual = (p_next - q_next).clamp_min(0)
     mass = residual.sum(-1, keepdim=True)
     # p == q leaves no residual mass; rejection then had probability 0 in exact arithmetic, so p is the answer.

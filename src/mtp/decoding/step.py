@@ -197,6 +197,8 @@ class Decoder:
                 emitted.scatter_(1, acc.count[:, None], acc.last[:, None])
             else:  # nothing drafted (greedy): the model's token (two kernels fewer a step)
                 emitted = acc.last[:, None]
+            if out.left_out is not None:  # heads that read the emitted tokens, before the cache moves the kept path
+                out = self.drafter.draft_after(out, tokens_after_slots(emitted, drafts))
             counts, accepted = acc.count + 1, acc.count
             if self.opts.logprobs is not None:
                 scores = logprobs.pack(out.verify_logits, acc.scoring_slots(emitted.shape[1]), emitted,
@@ -240,9 +242,7 @@ class Decoder:
         these; log-probabilities are the model's own)."""
         if s.counts is None:
             return out
-        layout = drafts.layout if drafts.layout is not None else \
-            drafts.tree.layout_on(drafts.tokens.device) if drafts.tree is not None else None
-        logits = on_block(out.verify_logits, drafts.tokens, layout, s.penalties, s.logit_bias, s.counts, s.seen,
+        logits = on_block(out.verify_logits, drafts.tokens, drafts.layout, s.penalties, s.logit_bias, s.counts, s.seen,
                           s.produced, self.stop_ids)
         return StepOutput(logits, out.draft_hidden, out.trunk)  # (the argmax: of these logits)
 
@@ -312,6 +312,15 @@ class Decoder:
                                                        out.trunk[:, :1])  # a plain step's root: its one token
         new.deferred_next = s.deferred_next.scatter_(1, at, emitted[:, :1])
         new.deferred_count = s.deferred_count + active.long()
+
+
+def tokens_after_slots(emitted: torch.Tensor, drafts: Drafts) -> torch.Tensor:
+    """(B, 1+N) the token a step emitted after each block slot on its kept path, from its emitted tokens (B, 1+D):
+    the root's is the first, a node at depth k is followed by the k+1-th (a chain's draft i is slot i). A slot off
+    the path gets the token of its depth on the path, which nothing reads."""
+    if drafts.layout is None:
+        return emitted
+    return emitted[:, torch.cat([drafts.layout.depth.new_zeros(1), drafts.layout.depth])]
 
 
 def damaged_rows(logits: torch.Tensor) -> torch.Tensor:
