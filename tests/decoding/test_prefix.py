@@ -266,8 +266,8 @@ def test_answers_are_kept_without_the_positions_plain_steps_left_to_catch_up():
 @pytest.mark.parametrize("reads_next", [False, True], ids=["heads", "next-token-heads"])
 def test_a_sampled_conversation_decodes_as_without_the_cache(reads_next):
     """Seeded speculative sampling, turn after turn through one `PromptCache`: the same tokens and drafts accepted
-    as without it. Heads that read the next token wrote their keys with the model's own next token, which a draw
-    may not have kept: such answers are not kept (their prompts are); the other heads' answers are."""
+    as without it, each answer kept with its prompt; heads that read the next token read the one drawn there,
+    so their keys are the sequence's too (the entries hold what a fresh forward of their tokens computes)."""
     model = tiny_mtp("llama", num_heads=3, seed=5, dtype=torch.float64, vocab_size=40)
     if reads_next:
         model = reading_next_token(model, seed=1, scale=2.0)
@@ -281,16 +281,16 @@ def test_a_sampled_conversation_decodes_as_without_the_cache(reads_next):
         assert with_cache.tokens == without.tokens
         assert with_cache.stats.draft_accepted == without.stats.draft_accepted
         (kept, _, _), = cache.entries.values()
-        assert kept == tuple(turn if reads_next else turn + with_cache.tokens[0][:-1])
+        assert kept == tuple(turn + with_cache.tokens[0][:-1])
         assert_entries_hold_what_their_tokens_compute(model, cache, **kw)
         turn = turn + with_cache.tokens[0] + message
 
 
 @pytest.mark.parametrize("graphs", [False, True])
-def test_a_greedy_rows_answer_is_kept_beside_a_sampled_row(graphs, replayed):  # noqa: F811
+def test_greedy_sampled_and_penalized_rows_answers_are_kept_from_one_batch(graphs, replayed):  # noqa: F811
     """Heads that read the next token, one batch of a greedy row, a sampled row and a penalized greedy row (a
-    server's requests with their own settings): the greedy row's prompt and answer are kept (its tokens are the
-    model's own), the others' prompts only; every entry holds what its tokens compute."""
+    server's requests with their own settings): every row's prompt and answer are kept (the heads read the tokens
+    each row emitted), and every entry holds what its tokens compute."""
     model = reading_next_token(tiny_mtp("llama", num_heads=3, seed=5, dtype=torch.float64, vocab_size=40),
                                seed=1, scale=2.0)
     cache = PromptCache(min_tokens=2)
@@ -301,7 +301,7 @@ def test_a_greedy_rows_answer_is_kept_beside_a_sampled_row(graphs, replayed):  #
                    temperature=1.5,
                    repetition_penalty=[1.0, 1.0, 2.0])
     kept = {tokens for tokens, _, _ in cache.entries.values()}
-    assert kept == {tuple(prompts[0] + out.tokens[0][:-1]), tuple(prompts[1]), tuple(prompts[2])}
+    assert kept == {tuple(p + t[:-1]) for p, t in zip(prompts, out.tokens, strict=True)}
     assert_entries_hold_what_their_tokens_compute(model, cache, strategy="speculative", stop_token_ids=[])
 
 

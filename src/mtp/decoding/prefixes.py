@@ -132,7 +132,8 @@ class Starts:
         """After a prompt's step: keep batch row `index` of `cache` (the prompt `ids` of the caller's row `row`, fed
         from `start`) in the prompt cache, where it holds at least `min_tokens` tokens more than the entry it
         started from; and its answer when it ends (`read`), unless it may emit other tokens than the model's own
-        (`own_tokens` False: sampled or penalized) and the drafter's keys read the model's own next token."""
+        (`own_tokens` False: sampled or penalized) and the drafter's keys read the model's own next token (heads
+        that read the next token, in steps that do not read the emitted one: `Drafter.reads_emitted`)."""
         if self.prompt_cache is None:
             return
         held = start.slots if start is not None else 0
@@ -140,7 +141,7 @@ class Starts:
             held = len(ids)
             if (self.kind, tuple(ids)) not in self.prompt_cache.entries:  # (the same prompt: a request's n choices)
                 self.prompt_cache.add(ids, self.kind, cache.compact_row(index), self.refs)
-        if self.rows is not None and (own_tokens or not self.drafter.reads_next_token):
+        if self.rows is not None and (own_tokens or not self.drafter.reads_next_token or self.drafter.reads_emitted):
             self.rows[row] = (list(ids), held)
 
     def read(self, emitted: list[tuple[int, list[int], object]], ended: list[int], rows: list[int] | None = None,

@@ -40,7 +40,8 @@ class RowOptions:
     @property
     def own_tokens(self) -> bool:
         """Whether the row emits only the model's own next tokens (greedy, no penalties): what heads that read the
-        next token assumed when they wrote their keys (`mtp.decoding.prefixes.Starts.keep`)."""
+        next token assume when they write their keys, unless the step reads the emitted ones
+        (`Drafter.reads_emitted`, `mtp.decoding.prefixes.Starts.keep`)."""
         return not self.do_sample and not self.penalties.active
 
     def settings(self) -> list[float]:
