@@ -45,7 +45,7 @@ lim() { local left=$(( END - SECONDS - 20 )); [ "$left" -ge 1 ] || left=1; echo 
 fits() { [ "$(lim "$1")" -ge "${2:-20}" ] || { echo "== skipped: $3 (only $(( END - SECONDS ))s of CALL_SECONDS left)"; false; }; }
 save() { tar czf "$DEST/results-$mode.tgz.$BASHPID" -C "$OUT" . 2>/dev/null \
   && mv -f "$DEST/results-$mode.tgz.$BASHPID" "$DEST/results-$mode.tgz"; }
-trap 'save; kill "$saver" 2>/dev/null' EXIT
+trap 'kill "$saver" 2>/dev/null; save; rm -rf "$OUT"' EXIT  # (the logs live on in results-<mode>.tgz)
 trap 'exit 143' TERM INT  # (so that the EXIT trap saves)
 # Saved every 20 s as well as at each step: a call killed at the device's limit still sends back its logs so far.
 ( while sleep 20; do save; done ) </dev/null >/dev/null 2>&1 & saver=$!

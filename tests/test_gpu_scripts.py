@@ -44,10 +44,13 @@ def _fake_bin(tmp_path: Path) -> Path:
 def _gpu_check(tmp_path: Path, mode: str, **env: str) -> tuple[subprocess.CompletedProcess, list[str]]:
     calls = tmp_path / "calls.txt"
     calls.touch()
+    scratch = tmp_path / "tmpdir"  # the script's working folder goes here, and is gone when it ends
+    scratch.mkdir()
     full_env = _clean_env(PATH=f"{_fake_bin(tmp_path)}:{os.environ['PATH']}", CALLS=str(calls),
-                          OUT=str(tmp_path / "out"), CARRY_SITE=str(tmp_path / "no-site"), **env)
+                          OUT=str(tmp_path / "out"), CARRY_SITE=str(tmp_path / "no-site"), TMPDIR=str(scratch), **env)
     done = subprocess.run(["bash", str(ROOT / "scripts/gpu_check.sh"), mode], cwd=ROOT, env=full_env,
                           capture_output=True, text=True, timeout=60)
+    assert not list(scratch.iterdir()), "gpu_check.sh left its working folder behind"
     return done, calls.read_text().splitlines()
 
 
