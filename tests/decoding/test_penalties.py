@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from test_generate import oracle_proposer
 from test_graphs import decoding_case, replayed  # noqa: F401  (a fixture)
 from test_joining import Arrivals
+from test_prefix import assert_entries_hold_what_their_tokens_compute
 
 from conftest import reading_next_token, tiny_mtp
 from mtp.decoding.generate import Admission, generate, left_pad
@@ -151,9 +152,9 @@ def test_speculative_sampling_keeps_the_penalized_distribution():
                               atol=0.05)
 
 
-def test_penalized_answers_of_heads_that_read_the_next_token_are_not_kept():
-    """Heads that read the next token wrote their keys with the model's own (unpenalized) next token: a prompt
-    cache keeps such a row's prompt, not its penalized answer; other heads' answers are kept."""
+def test_penalized_answers_are_kept_with_the_keys_their_tokens_give():
+    """A prompt cache keeps a penalized row's prompt and answer; heads that read the next token read the penalized
+    token the step emitted, not the model's own, so the entry holds what a fresh forward of its tokens computes."""
     for reads_next in (False, True):
         model = tiny_mtp("llama", num_heads=3, seed=5, dtype=torch.float64, vocab_size=40)
         if reads_next:
@@ -163,7 +164,8 @@ def test_penalized_answers_of_heads_that_read_the_next_token_are_not_kept():
         out = generate(model, torch.tensor([prompt]), max_new_tokens=10, stop_token_ids=[], strategy="speculative",
                        prompt_cache=cache, **PENALTIES)
         (kept, _, _), = cache.entries.values()
-        assert kept == tuple(prompt if reads_next else prompt + out.tokens[0][:-1])
+        assert kept == tuple(prompt + out.tokens[0][:-1])
+        assert_entries_hold_what_their_tokens_compute(model, cache, strategy="speculative", stop_token_ids=[])
 
 
 @pytest.mark.cuda
