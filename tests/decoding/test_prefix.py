@@ -337,3 +337,29 @@ def test_entries_of_fp32_layers_are_not_loaded_by_fp16_packed_decoding():
     assert cache.hits == 0 and len(cache.entries) == 2
     generate(model, torch.tensor([prompt + [6]]), **kw)  # fp32 again: the fp32 entry
     assert cache.hits == 1
+
+
+def test_a_prompt_that_starts_from_an_entry_allocates_its_buffers_once(monkeypatch):
+    """A row loaded from the prompt cache grows past the entry at its first step (the prompt's last token at
+    least): its buffers are made that large at once, not made and then copied into buffers twice as large (a
+    copy of every stack: a long conversation's turn spent most of its first token on them)."""
+    from mtp.models.cache import StackCache
+
+    model = tiny_mtp("llama", num_heads=3, seed=2, vocab_size=40, context=2048)
+    cache = PromptCache(min_tokens=2)
+    prompt = [(7 * i) % 37 + 1 for i in range(600)]  # more than twice a cache's first capacity
+    kw = dict(max_new_tokens=4, stop_token_ids=[], strategy="speculative")
+    first = generate(model, torch.tensor([prompt]), prompt_cache=cache, **kw)
+    regrown: list[int] = []
+    reserve = StackCache.reserve
+
+    def counted(self, slots):
+        if self.kv is not None and self.kv.shape[4] < slots:
+            regrown.append(slots)
+        reserve(self, slots)
+
+    monkeypatch.setattr(StackCache, "reserve", counted)
+    turn = prompt + first.tokens[0] + [5, 6, 7]
+    again = generate(model, torch.tensor([turn]), prompt_cache=cache, **kw)
+    assert cache.hits == 1 and not regrown, regrown
+    assert again.tokens == generate(model, torch.tensor([turn]), **kw).tokens

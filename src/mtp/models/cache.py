@@ -322,7 +322,9 @@ class MTPCache:
         used = [(b, s) for b, s in enumerate(starts) if s is not None and s.slots > 0]
         if not used:
             return
-        self._reserve(max(s.slots for _, s in used))
+        # (the prompt's step feeds at least one token more and would double the buffers at once: made that large
+        # now, every stack is allocated and filled once, not twice and copied)
+        self._reserve(min(self.max_len, 2 * max(s.slots for _, s in used)))
         for b, s in used:
             self.valid[b, : s.slots] = True
         rows = torch.tensor([b for b, _ in used], device=self.length.device)
