@@ -339,17 +339,12 @@ def test_entries_of_fp32_layers_are_not_loaded_by_fp16_packed_decoding():
     assert cache.hits == 1
 
 
-def test_a_prompt_that_starts_from_an_entry_allocates_its_buffers_once(monkeypatch):
-    """A row loaded from the prompt cache grows past the entry at its first step (the prompt's last token at
-    least): its buffers are made that large at once, not made and then copied into buffers twice as large (a
-    copy of every stack: a long conversation's turn spent most of its first token on them)."""
+def test_a_long_prompt_and_one_loaded_from_an_entry_allocate_their_buffers_once(monkeypatch):
+    """A prompt past the cache's first capacity, and a row loaded from a prompt-cache entry, grow at their next
+    step (the first decoding step; the prompt's last token at least): their buffers are made that large at once,
+    not made and then copied into buffers twice as large at that step (a copy of every stack)."""
     from mtp.models.cache import StackCache
 
-    model = tiny_mtp("llama", num_heads=3, seed=2, vocab_size=40, context=2048)
-    cache = PromptCache(min_tokens=2)
-    prompt = [(7 * i) % 37 + 1 for i in range(600)]  # more than twice a cache's first capacity
-    kw = dict(max_new_tokens=4, stop_token_ids=[], strategy="speculative")
-    first = generate(model, torch.tensor([prompt]), prompt_cache=cache, **kw)
     regrown: list[int] = []
     reserve = StackCache.reserve
 
@@ -359,6 +354,12 @@ def test_a_prompt_that_starts_from_an_entry_allocates_its_buffers_once(monkeypat
         reserve(self, slots)
 
     monkeypatch.setattr(StackCache, "reserve", counted)
+    model = tiny_mtp("llama", num_heads=3, seed=2, vocab_size=40, context=2048)
+    cache = PromptCache(min_tokens=2)
+    prompt = [(7 * i) % 37 + 1 for i in range(600)]  # more than twice a cache's first capacity
+    kw = dict(max_new_tokens=4, stop_token_ids=[], strategy="speculative")
+    first = generate(model, torch.tensor([prompt]), prompt_cache=cache, **kw)
+    assert not regrown, regrown
     turn = prompt + first.tokens[0] + [5, 6, 7]
     again = generate(model, torch.tensor([turn]), prompt_cache=cache, **kw)
     assert cache.hits == 1 and not regrown, regrown

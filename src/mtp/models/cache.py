@@ -199,9 +199,13 @@ class MTPCache:
         return additive_mask(allowed, dtype), position_ids
 
     def _reserve(self, slots: int) -> None:
-        """Buffers of at least `slots` slots a row (doubled as rows grow; static: all of them from the start)."""
+        """Buffers of at least `slots` slots a row (doubled as rows grow; static: all of them from the start). A
+        jump past doubling (a prompt, rows loaded from a prompt cache) gets room for as many again: the next step
+        always needs more, and would otherwise make every stack anew and copy it at once (at most the call's
+        length either way)."""
         if slots > self.capacity:
-            self.capacity = min(self.max_len, max(slots, 2 * self.capacity))
+            grown = 2 * self.capacity if slots <= 2 * self.capacity else 2 * slots
+            self.capacity = min(self.max_len, grown)
             for stack in self.stacks:
                 stack.reserve(self.capacity)
 
@@ -322,9 +326,7 @@ class MTPCache:
         used = [(b, s) for b, s in enumerate(starts) if s is not None and s.slots > 0]
         if not used:
             return
-        # (the prompt's step feeds at least one token more and would double the buffers at once: made that large
-        # now, every stack is allocated and filled once, not twice and copied)
-        self._reserve(min(self.max_len, 2 * max(s.slots for _, s in used)))
+        self._reserve(max(s.slots for _, s in used))
         for b, s in used:
             self.valid[b, : s.slots] = True
         rows = torch.tensor([b for b, _ in used], device=self.length.device)
