@@ -96,7 +96,7 @@ def block_paths(layout, n: int, device) -> tuple[torch.Tensor, torch.Tensor]:
         slots = torch.arange(n + 1, device=device)
         return slots[:, None] > slots[None, :n], slots
     ancestors = layout.ancestors  # (N, N): a node and its ancestors; the root's slot has none
-    return torch.cat([ancestors.new_zeros(1, n), ancestors]), torch.cat([layout.depth.new_zeros(1), layout.depth])
+    return torch.cat([ancestors.new_zeros(1, n), ancestors]), layout.slot_depth
 
 
 def on_block(logits: torch.Tensor, drafts: torch.Tensor, layout, values: torch.Tensor, bias: torch.Tensor,

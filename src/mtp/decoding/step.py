@@ -320,7 +320,7 @@ def tokens_after_slots(emitted: torch.Tensor, drafts: Drafts) -> torch.Tensor:
     the path gets the token of its depth on the path, which nothing reads."""
     if drafts.layout is None:
         return emitted
-    return emitted[:, torch.cat([drafts.layout.depth.new_zeros(1), drafts.layout.depth])]
+    return emitted[:, drafts.layout.slot_depth]
 
 
 def damaged_rows(logits: torch.Tensor) -> torch.Tensor:

@@ -192,6 +192,11 @@ class TreeLayout:
         return self._once("on_path_of", lambda: self.ancestors.T.float())
 
     @property
+    def slot_depth(self) -> torch.Tensor:
+        """(1+N,) each block slot's depth: 0 the root, then the nodes'."""
+        return self._once("slot_depth", lambda: torch.cat([self.depth.new_zeros(1), self.depth]))
+
+    @property
     def path(self) -> torch.Tensor:
         """(N, D) nodes from depth 1 to the node's depth, then repeats of the node."""
         return self._once("path", self._path)
