@@ -13,7 +13,16 @@ from test_graphs import replayed  # noqa: F401  (a fixture)
 from test_lookup import brute_force_lookup
 
 from conftest import tiny_mtp
-from mtp.decoding.corpus import CORPUS_NAME, MAX_DRAFTS, MIN_SHARE, NGRAM_SIZES, LookupCorpus, folder_corpus
+from mtp.decoding.corpus import (
+    CORPUS_NAME,
+    MAX_DRAFTS,
+    MIN_SHARE,
+    NGRAM_SIZES,
+    GrowingCorpus,
+    LookupCorpus,
+    fixed_corpus,
+    folder_corpus,
+)
 from mtp.decoding.generate import generate, left_pad
 from mtp.decoding.lookup import CORPUS_BELOW, lookup_drafts
 from mtp.decoding.reference import reference_greedy
@@ -208,3 +217,153 @@ def test_training_saves_a_corpus_of_its_first_answers_up_to_a_token_budget(tmp_p
     targets._save_corpus(answers, tmp_path / CORPUS_NAME)
     kept = folder_corpus(tmp_path)
     assert kept.answers == 2 and kept.fingerprint == LookupCorpus.build([[1, 2, 3, 4], [1, 2, 3, 5]]).fingerprint
+
+
+def table_of(corpus: LookupCorpus) -> dict[tuple[int, ...], list[int]]:
+    """{key: continuation} of a corpus's kept sequences (keys are hashes: compared as the tables' keys are)."""
+    n = len(corpus)
+    return {k: d[:c] for k, d, c in zip(corpus.keys[:n].tolist(), corpus.drafts[:n].tolist(),
+                                         corpus.counts[:n].tolist(), strict=True)}
+
+
+@settings(max_examples=40, deadline=None)
+@given(answers=st.lists(st.lists(st.integers(0, 3), max_size=12), max_size=12),
+       base_answers=st.lists(st.lists(st.integers(0, 3), max_size=12), max_size=4),
+       max_tokens=st.integers(1, 60), rows=st.lists(st.lists(st.integers(0, 3), min_size=1, max_size=6),
+                                                     min_size=1, max_size=4))
+def test_a_growing_corpus_holds_its_recent_answers_and_its_base(answers, base_answers, max_tokens, rows):
+    """After a rebuild: the sequences of the most recent answers within its token budget (as a corpus built from
+    them holds them), and the base's that those do not hold; the lookup finds them (padding equals no key)."""
+    base = LookupCorpus.build(base_answers)
+    corpus = GrowingCorpus(base, capacity=256, max_tokens=max_tokens, background=False)
+    for a in answers:
+        corpus.add(a)
+    corpus.rebuild()
+    recent, total = [], 0
+    for a in reversed([a for a in answers if a]):  # the newest first while they fit (the newest always kept)
+        if recent and total + len(a) > max_tokens:
+            break
+        recent.insert(0, a)
+        total += len(a)
+    expected = table_of(base) | table_of(LookupCorpus.build(recent))  # (the answers' continuation wins)
+    assert table_of(corpus) == expected and len(corpus) == len(expected)
+    assert corpus.added == len([a for a in answers if a]) and corpus.answers == len(base_answers) + len(recent)
+    table = reference_table(base_answers, 2) | reference_table(recent, 2)
+    assert corpus_lookup(corpus, rows, MAX_DRAFTS) == [expected_match(table, r, MAX_DRAFTS) for r in rows]
+
+
+def test_a_growing_corpus_rebuilds_as_answers_come_keeps_its_tensors_and_past_capacity_the_longest():
+    corpus = GrowingCorpus(background=False)
+    keys, drafts = corpus.keys, corpus.on(torch.device("cpu"))[1]
+    corpus.add([1, 2, 3, 4])
+    assert len(corpus) == 0  # (one answer: every sequence seen once)
+    corpus.add([1, 2, 3, 5])  # the second answer rebuilds: (1, 2) and (1, 2, 3) seen twice
+    assert corpus_lookup(corpus, [[9, 1, 2]], 4) == [[3, 4]]
+    assert corpus.keys is keys and corpus.on(torch.device("cpu"))[1] is drafts  # written in place
+    for _ in range(5):  # (an eighth of those it holds, at least 2, since the last rebuild)
+        corpus.add([7, 8, 9])
+    assert corpus_lookup(corpus, [[7, 8]], 4) == [[9]]
+    assert table_of(corpus) == table_of(LookupCorpus.build([[1, 2, 3, 4], [1, 2, 3, 5]] + [[7, 8, 9]] * 4))
+    small = GrowingCorpus(capacity=2, background=False)
+    small.add([1, 2, 3, 4, 5, 6])
+    small.add([1, 2, 3, 4, 5, 6, 7, 8])
+    full = table_of(LookupCorpus.build([[1, 2, 3, 4, 5, 6], [1, 2, 3, 4, 5, 6, 7, 8]]))
+    longest = sorted(full.items(), key=lambda kv: -len(kv[1]))[:2]
+    assert table_of(small) == dict(longest) and len(small) == 2
+    assert small.keys.shape == (2,) and (small.keys[:-1] <= small.keys[1:]).all()
+    from_base = GrowingCorpus(LookupCorpus.build([[1, 2, 3, 4, 5, 6], [1, 2, 3, 4, 5, 6, 7, 8]]), capacity=2)
+    assert table_of(from_base) == dict(longest)  # (a base past the capacity too)
+
+
+def test_a_growing_corpus_builds_on_a_thread_past_its_sync_size(monkeypatch):
+    monkeypatch.setattr(GrowingCorpus, "SYNC_TOKENS", 0)
+    answers = [[1, 2, 3, 4, 5], [1, 2, 3, 4, 6], [5, 6, 7], [5, 6, 7]]
+    corpus = GrowingCorpus()
+    corpus.add(answers[0])
+    corpus.add(answers[1])
+    corpus.wait()  # (the thread's rebuild installed)
+    assert corpus._builder is None and table_of(corpus) == table_of(LookupCorpus.build(answers[:2]))
+    corpus.add(answers[2])
+    corpus.add(answers[3])
+    corpus.wait()
+    assert table_of(corpus) == table_of(LookupCorpus.build(answers)) and corpus.answers == 4
+    assert fixed_corpus(corpus) is None and fixed_corpus(GrowingCorpus(LookupCorpus.build(answers))).answers == 4
+
+
+@pytest.mark.parametrize("graphs", [False, True])
+def test_decoding_with_a_growing_corpus_drafts_from_earlier_calls_answers(graphs, request):
+    """Prompts decoded one call at a time, as a server sees them, twice: the second time, the corpus grown from
+    the first time's answers drafts (fewer forwards) and every answer is greedy's. Replayed steps read the
+    corpus's contents as they are now: their session was made when it was empty."""
+    if graphs:
+        request.getfixturevalue("replayed")
+    model = varied(tiny_mtp("llama", num_heads=1, dtype=torch.float64, vocab_size=256, seed=1))
+    decode_twice_with_a_growing_corpus(model, "cpu", graphs)
+
+
+def decode_twice_with_a_growing_corpus(model, device: str, graphs: bool) -> None:
+    gen = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(0, 256, (n,), generator=gen).tolist() for n in (5, 9, 7, 12)]
+    reference = [reference_greedy(model, p, 16) for p in prompts]
+    kw = dict(max_new_tokens=16, strategy="speculative", stop_token_ids=[], adaptive_draft=False, graphs=graphs,
+              lookup=5)
+    corpus = GrowingCorpus(background=False)
+    first = [generate(model, torch.tensor([p], device=device), lookup_corpus=corpus, **kw) for p in prompts]
+    assert [r.tokens[0] for r in first] == reference and corpus.added == 4
+    corpus.rebuild()  # (the schedule rebuilt at the 2nd and 4th answers: each answer twice from here)
+    again = [generate(model, torch.tensor([p], device=device), lookup_corpus=corpus, **kw) for p in prompts]
+    plain = [generate(model, torch.tensor([p], device=device), **kw) for p in prompts]
+    assert [r.tokens[0] for r in again] == reference == [r.tokens[0] for r in plain]
+    assert sum(r.stats.forward_passes for r in again) < sum(r.stats.forward_passes for r in plain)
+    # a batch's rows take in their answers as they end
+    batch = GrowingCorpus(background=False)
+    ids, mask = left_pad(prompts)
+    assert generate(model, ids.to(device), mask.to(device), lookup_corpus=batch, **kw).tokens == reference
+    assert batch.added == 4
+
+
+@pytest.mark.cuda
+def test_cuda_replayed_steps_read_a_growing_corpus_from_its_device_copies():
+    """The copies on the GPU are written in place by each rebuild: captured graphs read the new contents."""
+    model = varied(tiny_mtp("llama", num_heads=1, dtype=torch.float64, vocab_size=256, seed=1)).float().cuda()
+    decode_twice_with_a_growing_corpus(model, "cuda", True)
+
+
+def test_grow_corpus_on_the_command_line(tiny_mtp_folder, tmp_path, capsys):
+    from mtp.cli import run
+
+    with pytest.raises(MTPError, match="--grow-corpus adds answers to the drafts of --lookup: give --lookup N"):
+        run(["generate", "--model", str(tiny_mtp_folder), "--prompt", "hi", "--grow-corpus"])
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("hi\nhello there\nhi\n")
+    outs = []
+    for grow in ("--grow-corpus", "--no-grow-corpus"):
+        assert run(["generate", "--model", str(tiny_mtp_folder), "--prompts", str(prompts), "--strategy",
+                     "speculative", "--lookup", "4", grow, "--max-new-tokens", "12", "--json"]) == 0
+        outs.append([json.loads(line)["text"] for line in capsys.readouterr().out.strip().splitlines()])
+    assert outs[0] == outs[1] and len(outs[0]) == 3
+
+
+def test_a_servers_growing_corpus_takes_its_answers_and_seeded_requests_read_its_base(tiny_mtp_folder):
+    """The decoding thread of `mtp serve --grow-corpus`: each answer goes in as its row ends; a seeded request
+    drafts from the base alone (its draws follow its drafts: its seed reproduces them whatever came before)."""
+    from queue import Queue
+
+    from mtp.decoding import openai_api as api
+    from mtp.decoding.batcher import Batcher, Job
+    from mtp.models.loading import load_mtp_model
+
+    model = load_mtp_model(str(tiny_mtp_folder))
+    corpus = GrowingCorpus(background=False)
+    batcher = Batcher(model, {"strategy": "speculative", "graphs": False, "lookup": 4, "lookup_corpus": corpus},
+                      log=lambda line: None)
+    jobs = [Job([5, 6, 7], api.Sampling(max_tokens=6), 0, Queue()), Job([8, 9], api.Sampling(max_tokens=5), 1, Queue())]
+    batcher.decode_batch(jobs)
+    answers = [[e for e in list(j.events.queue) if e[0] == "end"][0][2].tokens for j in jobs]
+    assert corpus.added == 2 and sorted(corpus.recent) == sorted(answers)  # (in the order the rows ended)
+    metrics = batcher.counts.prometheus(0, 0, corpus)  # (/metrics)
+    assert f"mtp_lookup_corpus_sequences {len(corpus)}\n" in metrics and "mtp_lookup_corpus_answers_total 2\n" in metrics
+    assert "lookup_corpus" not in batcher.counts.prometheus(0, 0, LookupCorpus.build(answers))
+    seeded = [Job([5, 6, 7], api.Sampling(max_tokens=6, do_sample=True, seed=3), 0, Queue())]
+    batcher.decode_batch(seeded)
+    assert [e[0] for e in list(seeded[0].events.queue)][-1] == "end" and corpus.added == 2

@@ -12,7 +12,8 @@ from test_mask_decoding import mask_model
 
 from conftest import reading_next_token, tiny_mtp
 from mtp.decoding import generate as generate_module
-from mtp.decoding.blocks import Block, SpeculationGate
+from mtp.decoding.blocks import Block, SpeculationGate, gate_records
+from mtp.decoding.corpus import LookupCorpus
 from mtp.decoding.drafters import drafter_for
 from mtp.decoding.generate import generate, left_pad
 from mtp.decoding.reference import reference_greedy
@@ -65,6 +66,21 @@ def test_the_gate_times_each_kind_then_keeps_the_faster_and_probes_the_slower_ev
     kinds = run_gate(SpeculationGate(True, probe_every=4), 100, lambda spec, i: 1.5 if spec else 1.0,
                      lambda spec: 6 if spec else 2)
     assert kinds.startswith("VVPPCVVVV") and kinds.count("P") == 6
+
+
+def test_calls_that_differ_in_nothing_a_step_costs_share_the_gates_records():
+    """A temperature or a budget costs a step nothing more; a lookup corpus counts by its contents (the options
+    were deep-copied into the key, corpus and all: a call with one never found the records it left)."""
+    import dataclasses
+
+    model = tiny_mtp("llama", num_heads=2)
+    opts = DecodeOptions("speculative", lookup=4, lookup_corpus=LookupCorpus.build([[1, 2, 3]] * 2))
+    records = gate_records(model, opts, "cpu")
+    same = dataclasses.replace(opts, temperature=0.5, max_new_tokens=7,
+                               lookup_corpus=LookupCorpus.build([[1, 2, 3]] * 2))
+    assert gate_records(model, same, "cpu") is records
+    assert gate_records(model, dataclasses.replace(opts, lookup_corpus=None), "cpu") is not records
+    assert gate_records(model, opts, "cuda") is not records
 
 
 def test_the_gate_follows_a_change_in_speed_and_leaves_untimed_steps_out():

@@ -31,6 +31,7 @@ from queue import Queue
 
 from mtp.decoding import openai_api as api
 from mtp.decoding.commands import StreamedText, answer_text
+from mtp.decoding.corpus import GrowingCorpus, fixed_corpus
 from mtp.decoding.generate import (
     Admission,
     GenerationResult,
@@ -140,8 +141,9 @@ class Counts:
         self.row_forwards += stats.row_forwards
         self.decode_seconds += stats.seconds
 
-    def prometheus(self, waiting: int, reused: int = 0) -> str:
-        """The counts in Prometheus' text format (`reused`: prompt tokens the prompt cache held)."""
+    def prometheus(self, waiting: int, reused: int = 0, corpus=None) -> str:
+        """The counts in Prometheus' text format (`reused`: prompt tokens the prompt cache held; `corpus`: the
+        lookup corpus, whose size is shown where it grows from the answers)."""
         rows = [("answered", "counter", "prompts answered", self.answered),
                 ("cancelled", "counter", "prompts whose clients left before the answer was done", self.cancelled),
                 ("failed", "counter", "prompts that failed to decode", self.failed),
@@ -155,6 +157,10 @@ class Counts:
                 ("tokens_per_forward", "gauge", "generated tokens per row forward since the start",
                  round(self.generated_tokens / self.row_forwards, 4) if self.row_forwards else 0),
                 ("waiting", "gauge", "prompts waiting for a batch", waiting)]
+        if isinstance(corpus, GrowingCorpus):
+            rows += [("lookup_corpus_sequences", "gauge", "token sequences the lookup corpus of the answers holds",
+                      len(corpus)),
+                     ("lookup_corpus_answers", "counter", "answers taken into the lookup corpus", corpus.added)]
         lines = []
         for name, kind, what, value in rows:
             suffix = "_total" if kind == "counter" else ""
@@ -222,7 +228,9 @@ class Batcher:
         # seed reproduces its draws. Its choices past the first batch (n or prompts beyond --max-batch-size) draw
         # from a seed of their own, made from the request's and their first choice's index: not the first
         # batch's draws again.
-        options = self.decode | ({"adaptive_draft": False} if s.seed is not None else {})
+        # So is the lookup corpus it reads: a growing one's base, not what answers added to it
+        options = self.decode | ({"adaptive_draft": False, "lookup_corpus": fixed_corpus(
+            self.decode.get("lookup_corpus"))} if s.seed is not None else {})
         seed = s.seed if s.seed is None or not jobs[0].index else (s.seed + SEED_STRIDE * jobs[0].index) % 2**64
         admit = None
         if self.join and s.seed is None and not any(j.echo for j in jobs):

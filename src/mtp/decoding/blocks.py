@@ -4,7 +4,6 @@ each kind of step takes). Neither changes what is decoded, only how fast."""
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from collections import deque
 from typing import NamedTuple
@@ -196,10 +195,7 @@ def gate_records(model, opts, device_type: str) -> dict:
     device (by batch-size bucket). Kept on the model, keyed by its weights' addresses like its decode sessions:
     a model since moved, cast or packed starts over."""
     weights = hash(tuple(p.data_ptr() for p in model.parameters()))
-    # (what shapes a step's cost, as the decode sessions' keys: a temperature or a top-p value costs nothing more
-    # than another, so calls that differ only there share their records instead of adding one each)
-    fields = dataclasses.astuple(dataclasses.replace(opts, max_new_tokens=0, temperature=1.0, top_p=opts.top_p < 1.0,
-                                                     min_p=opts.min_p > 0.0, penalties=opts.penalties is not None))
+    fields = opts.shape_key()  # (calls that differ only in a temperature share their records)
     store = model.__dict__.setdefault("_mtp_gate_records", {})
     for key in [k for k in store if k[0] != weights]:
         del store[key]

@@ -68,7 +68,7 @@ def chat(model: str | None = None, system: str | None = None,
                        "tokenizer_config.json); `mtp generate --no-chat` decodes plain prompts")
     # each turn's prompt starts with the one before it: its keys and values are kept, and only the rest is fed
     options = dict(max_new_tokens=max_new_tokens, strategy=strategy, truncate_prompt=True, graphs=use_graphs,
-                   prompt_cache=PromptCache(256 << 20), lookup_corpus=drafts.corpus(m), **drafts.generate_kwargs(),
+                   prompt_cache=PromptCache(256 << 20), lookup_corpus=drafts.corpus(m, seeded=sampling.seeded), **drafts.generate_kwargs(),
                    **sampling.generate_kwargs())
     opening = [{"role": "system", "content": system}] if system else []
     messages = list(opening)

@@ -243,7 +243,7 @@ def generate(model: str | None = None, prompt: str | None = None, prompts: str |
     options = dict(strategy=strategy, truncate_prompt=truncate_prompt, graphs=use_graphs, logprobs=logprobs,
                    **drafts.generate_kwargs(), **shared)
     journal = _Journal.of_run(output, m, {"prompts": texts, "settings": settings, "chat": chat, "options": options})
-    options["lookup_corpus"] = drafts.corpus(m)  # (drafts only: the same answers with or without it)
+    options["lookup_corpus"] = drafts.corpus(m, seeded=sampling.seeded)  # (drafts only: the same answers)
     done = journal.done if journal is not None else {}
     bar = tqdm(total=len(texts), initial=len(done), desc=f"generate ({strategy})", unit="prompt",
                disable=len(texts) < 2 or not progress, file=sys.stderr)

@@ -24,6 +24,9 @@ collides costs a draft the verifier refuses, never a wrong token.
 from __future__ import annotations
 
 import hashlib
+import threading
+import uuid
+from collections import deque
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -66,19 +69,23 @@ class LookupCorpus:
     """Sorted keys (U,) of the token sequences kept, their continuations (U, MAX_DRAFTS) and how many of those
     tokens each has (U,); kept on the CPU, with one copy per device a decoding step reads (`on`)."""
 
-    def __init__(self, keys: torch.Tensor, drafts: torch.Tensor, counts: torch.Tensor, answers: int = 0):
+    def __init__(self, keys: torch.Tensor, drafts: torch.Tensor, counts: torch.Tensor, answers: int = 0,
+                 fingerprint: str | None = None):
         if keys.ndim != 1 or drafts.shape != (keys.shape[0], MAX_DRAFTS) or counts.shape != keys.shape:
             raise MTPError(f"a lookup corpus needs keys (U,), drafts (U, {MAX_DRAFTS}) and counts (U,); got "
                            f"{tuple(keys.shape)}, {tuple(drafts.shape)}, {tuple(counts.shape)}")
         self.keys, self.drafts, self.counts = keys.long(), drafts.long(), counts.long()
+        self.size = keys.shape[0]  # sequences kept: the first `size` keys (the rest, if any, pad a fixed capacity)
         self.answers = answers
         self._devices: dict[torch.device, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
-        h = hashlib.sha256(self.keys.numpy().tobytes())
-        h.update(self.drafts.numpy().tobytes())
-        self.fingerprint = h.hexdigest()[:16]  # (decoding sessions are keyed by it, not by the object)
+        if fingerprint is None:
+            h = hashlib.sha256(self.keys.numpy().tobytes())
+            h.update(self.drafts.numpy().tobytes())
+            fingerprint = h.hexdigest()[:16]
+        self.fingerprint = fingerprint  # (decoding sessions are keyed by it, not by the object)
 
     def __len__(self) -> int:
-        return self.keys.shape[0]
+        return self.size
 
     def __repr__(self) -> str:
         return f"LookupCorpus({len(self)} sequences, from {self.answers} answers)"
@@ -160,7 +167,9 @@ class LookupCorpus:
         from mtp.io import atomic_path
 
         with atomic_path(path) as tmp:
-            save_file({"keys": self.keys, "drafts": self.drafts.int(), "counts": self.counts.to(torch.uint8)},
+            n = len(self)
+            save_file({"keys": self.keys[:n].clone(), "drafts": self.drafts[:n].int(),
+                       "counts": self.counts[:n].to(torch.uint8)},
                       str(tmp), metadata={"format": _FORMAT, "answers": str(self.answers),
                                           "ngram_sizes": ",".join(map(str, NGRAM_SIZES))})
         return Path(path)
@@ -180,6 +189,144 @@ class LookupCorpus:
             tensors = {name: f.read(name) for name in ("keys", "drafts", "counts")}
             answers = int(meta.get("answers", 0)) if str(meta.get("answers", "0")).isdigit() else 0
         return cls(tensors["keys"], tensors["drafts"], tensors["counts"], answers)
+
+
+class GrowingCorpus(LookupCorpus):
+    """A lookup corpus that takes in the answers decoded with it (SuffixDecoding's global tree, grown online):
+    `generate` adds each row's answer when it ends, so a server's later requests draft from its earlier answers.
+
+    It is rebuilt (`LookupCorpus.build`) from the most recent answers, up to `max_tokens` of them, merged with
+    `base` (a model folder's corpus; where both hold a sequence, the answers' continuation wins), once enough new
+    answers came (an eighth of those it holds, at least 2): at once while they are few, past `SYNC_TOKENS` on a
+    thread of its own, installed when the next answer ends or the next `generate` call starts. Its tensors have a
+    fixed capacity (unused keys are `PAD_KEY`, which no lookup equals) and are written in place, so a decoding
+    step replayed as a CUDA graph reads the new contents; past `capacity` the sequences with the longest
+    continuations are kept. What it holds changes drafts only: the answers stay those of decoding without it.
+    A sampled call's draws follow its drafts, so a seed reproduces them only with the corpus as it was
+    (`background=False` makes its contents follow the answers alone, not the builds' timing)."""
+
+    SYNC_TOKENS = 1 << 14  # answers' tokens up to which a rebuild runs at once (~10 ms)
+
+    def __init__(self, base: LookupCorpus | None = None, capacity: int = 1 << 17, max_tokens: int = 1 << 18,
+                 background: bool = True):
+        keys = torch.full((capacity,), PAD_KEY, dtype=torch.long)
+        super().__init__(keys, torch.zeros(capacity, MAX_DRAFTS, dtype=torch.long),
+                         torch.zeros(capacity, dtype=torch.long), fingerprint=f"growing-{uuid.uuid4().hex[:12]}")
+        self.base, self.capacity, self.max_tokens, self.background = base, capacity, max_tokens, background
+        self.recent: deque[list[int]] = deque()  # the answers a rebuild reads, oldest first
+        self.recent_tokens = 0
+        self.added = 0  # answers taken in since it was made
+        self._new = 0  # answers since the last rebuild began
+        self._lock = threading.Lock()
+        self._builder: threading.Thread | None = None
+        self._built: tuple | None = None  # a finished rebuild's (keys, drafts, counts), not installed yet
+        self._install(*_merged(None, base, capacity))
+        self.answers = base.answers if base is not None else 0
+
+    def __repr__(self) -> str:
+        return f"GrowingCorpus({len(self)} sequences, {self.added} answers taken in, capacity {self.capacity})"
+
+    def add(self, answer: Sequence[int]) -> None:
+        """Take in an answer (token ids); rebuild when enough came. Installs a finished rebuild first."""
+        with self._lock:
+            self._install_built()
+            tokens = [int(t) for t in answer]
+            if not tokens:
+                return
+            self.recent.append(tokens)
+            self.recent_tokens += len(tokens)
+            while self.recent_tokens > self.max_tokens and len(self.recent) > 1:
+                self.recent_tokens -= len(self.recent.popleft())
+            self.added += 1
+            self._new += 1
+            if self._builder is not None or self._new < max(2, len(self.recent) // 8):
+                return
+            self._new, answers = 0, list(self.recent)
+            if not self.background or self.recent_tokens <= self.SYNC_TOKENS:
+                self._built = self._rebuilt(answers)
+                self._install_built()
+                return
+            self._builder = threading.Thread(target=self._build_in_background, args=(answers,),
+                                             name="mtp-corpus", daemon=True)
+            self._builder.start()
+
+    def refresh(self) -> None:
+        """Install a rebuild that finished on its thread (`generate` calls it as it starts)."""
+        with self._lock:
+            self._install_built()
+
+    def wait(self) -> None:
+        """Wait for a rebuild on its thread, then install it."""
+        builder = self._builder
+        if builder is not None:
+            builder.join()
+        self.refresh()
+
+    def rebuild(self) -> None:
+        """Rebuild from the answers taken in so far, now (before `save`, say)."""
+        self.wait()
+        with self._lock:
+            self._new, self._built = 0, self._rebuilt(list(self.recent))
+            self._install_built()
+
+    def _build_in_background(self, answers: list[list[int]]) -> None:
+        built = None
+        try:
+            built = self._rebuilt(answers)
+        finally:  # (a failed rebuild leaves the corpus as it was; the next one may be started)
+            with self._lock:
+                self._built, self._builder = built or self._built, None
+
+    def _rebuilt(self, answers: list[list[int]]) -> tuple:
+        return _merged(LookupCorpus.build(answers), self.base, self.capacity), len(answers)
+
+    def _install_built(self) -> None:
+        if self._built is not None:
+            tables, answers = self._built
+            self._built = None
+            self._install(*tables)
+            self.answers = (self.base.answers if self.base is not None else 0) + answers
+
+    def _install(self, keys: np.ndarray, drafts: np.ndarray, counts: np.ndarray) -> None:
+        """Write the tables into the fixed-capacity tensors, and into each device's copy, in place."""
+        n = min(keys.shape[0], self.capacity)
+        self.keys[:n] = torch.from_numpy(keys[:n])
+        self.keys[n:] = PAD_KEY
+        self.drafts[:n] = torch.from_numpy(drafts[:n])
+        self.drafts[n:] = 0
+        self.counts[:n] = torch.from_numpy(counts[:n])
+        self.counts[n:] = 0
+        self.size = n
+        for device, copies in self._devices.items():
+            if device.type != "cpu":  # (on the CPU the copies are these tensors)
+                for copy, source in zip(copies, (self.keys, self.drafts, self.counts), strict=True):
+                    copy.copy_(source)
+
+
+def fixed_corpus(corpus: LookupCorpus | None) -> LookupCorpus | None:
+    """What a call whose drafts must not change with earlier answers reads: a growing corpus's base."""
+    return corpus.base if isinstance(corpus, GrowingCorpus) else corpus
+
+
+PAD_KEY = torch.iinfo(torch.long).max  # a growing corpus's unused keys: above every key, equal to none
+
+
+def _tables(corpus: LookupCorpus | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    if corpus is None:
+        return np.zeros(0, np.int64), np.zeros((0, MAX_DRAFTS), np.int64), np.zeros(0, np.int64)
+    n = len(corpus)
+    return corpus.keys[:n].numpy(), corpus.drafts[:n].numpy(), corpus.counts[:n].numpy()
+
+
+def _merged(built: LookupCorpus | None, base: LookupCorpus | None, capacity: int) -> tuple:
+    """`built`'s tables with `base`'s sequences it does not hold, sorted by key; past `capacity`, the sequences
+    with the longest continuations (the first on a tie)."""
+    tables = [_tables(built), _tables(base)]
+    keys, drafts, counts = (np.concatenate(parts) for parts in zip(*tables, strict=True))
+    _, first = np.unique(keys, return_index=True)  # (sorted by key; `built`'s row where both hold one)
+    if first.size > capacity:  # (`first` is in key order: positions kept in their order keep it)
+        first = first[np.sort(np.argsort(-counts[first], kind="stable")[:capacity])]
+    return keys[first], drafts[first], counts[first]
 
 
 def _agreed(key: np.ndarray, cont: np.ndarray) -> np.ndarray:

@@ -36,7 +36,7 @@ from mtp.decoding.blocks import (  # noqa: F401  (DraftLength, accepted_per_posi
     accepted_per_position,
     gate_records,
 )
-from mtp.decoding.corpus import LookupCorpus
+from mtp.decoding.corpus import GrowingCorpus, LookupCorpus
 from mtp.decoding.drafters import Drafter, DraftRequest, Proposer, drafter_for  # noqa: F401  (DraftRequest: re-exported)
 from mtp.decoding.inputs import common_prefix, left_pad, token_batch  # noqa: F401  (common_prefix, left_pad: re-exported)
 from mtp.decoding.logprobs import TokenLogprob, unpack
@@ -730,7 +730,8 @@ def generate(model, input_ids: torch.Tensor | list, attention_mask: torch.Tensor
             (prompt lookup, `mtp.decoding.lookup`), as one more branch of the draft tree; 0: none.
         lookup_corpus: with `lookup`: a `mtp.decoding.corpus.LookupCorpus` (e.g. of the model's answers to
             training questions: `mtp train --targets self` saves one in its folder, `folder_corpus` reads it);
-            a row whose own last tokens matched only one earlier token takes the corpus's drafts instead.
+            a row whose own last tokens matched only one earlier token takes the corpus's drafts instead. A
+            `GrowingCorpus` also takes in each row's answer as it ends: later rows and calls draft from it.
         graphs: replay each decoding step as a CUDA graph (`mtp.decoding.graphs`); None: on CUDA, unless a
             `proposer` (read on the host) drafts. Off, the same steps run eagerly (the reference). "compile":
             graphs of the step as torch.compile made it, gpt-fast's way (each layer's and the step's small ops
@@ -811,11 +812,18 @@ def generate(model, input_ids: torch.Tensor | list, attention_mask: torch.Tensor
         admit = dataclasses.replace(admit, take=_joining_rows(admit, tokens, scores))
     start = time.perf_counter()
 
+    growing = opts.lookup_corpus if isinstance(opts.lookup_corpus, GrowingCorpus) else None
+    if growing is not None:
+        growing.refresh()  # (a rebuild that finished since the last call)
+
     def end(row: int) -> None:  # (the statistics as they stand: seconds so far, lists copied)
-        on_end(row, tokens[row], None if scores is None else scores[row],
-               dataclasses.replace(stats, seconds=time.perf_counter() - start,
-                                   draft_positions=list(stats.draft_positions),
-                                   draft_accepted=list(stats.draft_accepted)))
+        if growing is not None:  # later rows and calls draft from this answer too
+            growing.add(tokens[row])
+        if on_end is not None:
+            on_end(row, tokens[row], None if scores is None else scores[row],
+                   dataclasses.replace(stats, seconds=time.perf_counter() - start,
+                                       draft_positions=list(stats.draft_positions),
+                                       draft_accepted=list(stats.draft_accepted)))
 
     from mtp.decoding.graphs import leased_sessions
 
@@ -823,7 +831,8 @@ def generate(model, input_ids: torch.Tensor | list, attention_mask: torch.Tensor
         for row, new, row_scores in iter_generate(model, input_ids, attention_mask, opts=opts, stop=stop,
                                                   generator=generator, stats=stats, drafter=drafter,
                                                   on_trunk=on_trunk, graphs=graphs, budgets=budgets, admit=admit,
-                                                  on_end=end if on_end is not None else None, prefix=prefix,
+                                                  on_end=None if on_end is None and growing is None else end,
+                                                  prefix=prefix,
                                                   prompt_cache=prompt_cache, rows=rows, sessions=sessions):
             tokens[row].extend(new)
             if scores is not None:

@@ -19,7 +19,6 @@ A `DecodeSession` keeps a batch size's cache, state buffers and graphs between `
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import sys
 import threading
 import warnings
@@ -317,12 +316,7 @@ def session_for(model, drafter, opts, batch_size: int, need: int, stop_ids: torc
     weights = hash(weights_state(tensors))
     # (a call's penalty and sampling values are inputs of its steps, in the state: whether there are any, and which
     # filters run, shapes them; and the largest top-k, the width of the top its rows' k-th logits are read from)
-    # (a corpus by its contents' fingerprint: astuple would copy its tensors)
-    corpus = opts.lookup_corpus.fingerprint if opts.lookup_corpus is not None else None
-    fields = dataclasses.astuple(dataclasses.replace(opts, max_new_tokens=0, adaptive_draft=False,
-                                                     penalties=opts.penalties is not None, temperature=1.0,
-                                                     top_p=opts.top_p < 1.0, min_p=opts.min_p > 0.0,
-                                                     lookup_corpus=corpus))
+    fields = opts.shape_key(adaptive_draft=False)
     key = (weights, batch_size, max_len, fields, tuple(stop_ids.tolist()), generator is not None, observe, compiled,
            defer_capacity, joining)
     sessions = sessions if sessions is not None else model_sessions(model)  # (the call's: `leased_sessions`)

@@ -40,6 +40,9 @@ class DraftOptions:
             lookup_corpus.safetensors, which `mtp train --targets self` writes from the answers it trained on) or
             such a file. Same answers; more tokens per forward for a model without heads (the default model with
             6 lookup drafts: 1.76 -> 2.09), a few percent with trained heads.
+        grow_corpus: with --lookup, add every answer this command decodes to the lookup corpus (from
+            --lookup-corpus's, or empty), so later prompts draft from earlier answers: a server's requests, a
+            --prompts file, a conversation's turns. Same answers.
     """
 
     tau: float = 0.9
@@ -50,19 +53,27 @@ class DraftOptions:
     tree_size: int | None = None
     lookup: int = 0
     lookup_corpus: str = "none"
+    grow_corpus: bool = False
 
     def check(self) -> None:
         check_tree_spec(self.tree)
         from mtp.decoding.corpus import check_corpus_choice
 
         check_corpus_choice(self.lookup_corpus)
+        if self.grow_corpus and not self.lookup:
+            raise MTPError("--grow-corpus adds answers to the drafts of --lookup: give --lookup N too")
 
-    def corpus(self, model):
+    def corpus(self, model, seeded: bool = False):
         """--lookup-corpus for `model` (a `mtp.decoding.corpus.LookupCorpus`, or None: without --lookup, with
-        "none", or "auto" for a model whose folder has none)."""
-        from mtp.decoding.corpus import chosen_corpus
+        "none", or "auto" for a model whose folder has none); with --grow-corpus a `GrowingCorpus` from it
+        (`seeded`: a seeded sampling run, whose draws follow the drafts: rebuilt as answers come, never on a
+        thread, so the same run drafts alike)."""
+        from mtp.decoding.corpus import GrowingCorpus, chosen_corpus
 
-        return chosen_corpus(self.lookup_corpus, model) if self.lookup else None
+        if not self.lookup:
+            return None
+        corpus = chosen_corpus(self.lookup_corpus, model)
+        return GrowingCorpus(corpus, background=not seeded) if self.grow_corpus else corpus
 
     def generate_kwargs(self) -> dict:
         return dict(tau=self.tau, k=self.k, num_draft=self.num_draft, adaptive_draft=self.adaptive_draft,
@@ -113,6 +124,11 @@ class SamplingOptions:
     frequency_penalty: float = 0.0
     min_new_tokens: int = 0
     logit_bias: list[str] | None = None
+
+    @property
+    def seeded(self) -> bool:
+        """Sampling with a seed: its draws follow the drafts, so they must not depend on timing."""
+        return self.do_sample and self.seed is not None
 
     def bias(self) -> dict[int, float] | None:
         """--logit-bias as {token id: bias}, or an MTPError naming the pair that is not one (checked before the

@@ -60,10 +60,12 @@ class Handler(BaseHTTPRequestHandler):
         if route in ("/health", "/v1/health"):  # open without the key, as /metrics
             self._send_json(HTTPStatus.OK, {"status": "ok"})
         elif route == "/metrics":
-            with self.server.batcher.ready:
-                waiting = len(self.server.batcher.waiting)
-            cache = self.server.batcher.prompt_cache
-            data = self.server.batcher.counts.prometheus(waiting, cache.reused_tokens if cache else 0).encode()
+            batcher = self.server.batcher
+            with batcher.ready:
+                waiting = len(batcher.waiting)
+            cache = batcher.prompt_cache
+            data = batcher.counts.prometheus(waiting, cache.reused_tokens if cache else 0,
+                                             batcher.decode.get("lookup_corpus")).encode()
             self.send_response(HTTPStatus.OK)
             self.send_header("Content-Type", "text/plain; version=0.0.4")
             self.send_header("Content-Length", str(len(data)))
@@ -571,6 +573,7 @@ def serve(model: str | None = None, host: str = "127.0.0.1", port: int = 8000, s
         batcher.start()
         batching = "continuous" if batcher.join else "static"
         kept = f", a prompt cache of {prompt_cache_mb} MiB" if prompt_cache_mb else ""
+        kept += ", lookup drafts from its answers too" if drafts.grow_corpus else ""
         print(f"mtp serve: {server.model_name} ({strategy} decoding on {weights.describe(runtime)}, {batching} "
               f"batching{kept}) at {server.url}/v1 (POST {api.COMPLETIONS}, {api.CHAT}; GET /v1/models); Ctrl-C "
               "stops", file=sys.stderr, flush=True)

@@ -77,6 +77,16 @@ class DecodeOptions:
     penalties: Penalties | None = None
     min_p: float = 0.0  # sampling: drop tokens less likely than this times the most likely one (0: none)
 
+    def shape_key(self, **fields) -> tuple:
+        """The options as a key of what shapes a step's work (decode sessions, the gate's timings), with `fields`
+        replaced: a temperature, top-p, min-p or penalty value costs what another does, so only whether there is
+        one counts; a lookup corpus by its fingerprint (astuple would copy its tensors, and a copy equals no
+        other)."""
+        corpus = self.lookup_corpus.fingerprint if self.lookup_corpus is not None else None
+        return dataclasses.astuple(dataclasses.replace(
+            self, max_new_tokens=0, temperature=1.0, top_p=self.top_p < 1.0, min_p=self.min_p > 0.0,
+            penalties=self.penalties is not None, lookup_corpus=corpus, **fields))
+
 
 @dataclass
 class DecodeState:
