@@ -78,12 +78,22 @@ class Drafts:
 
 
 @dataclass
+class LeftOut:
+    """What a forward that left its drafting layers out keeps for `Drafter.draft_after` (the same block)."""
+
+    context: object  # the trunk forward's context (the block's mask, positions and cache slots)
+    chain: torch.Tensor  # (B, w+d) the fed tokens, then the drafts
+    pending_valid: torch.Tensor  # (B, w)
+    num_drafts: int  # d
+
+
+@dataclass
 class StepOutput:
     verify_logits: torch.Tensor  # (B, 1+d, V) at the root and at each draft
     draft_hidden: torch.Tensor  # (B, 1+d, D, H): hidden states the drafts after each of those slots come from
     trunk: torch.Tensor | None = None  # (B, chain, H) trunk output of the chain slots (heads only)
     verify_argmax: torch.Tensor | None = None  # (B, 1+d) verify_logits' argmax, where the forward needed it already
-    left_out: tuple | None = None  # what `Drafter.draft_after` needs, where the forward left the drafting to it
+    left_out: LeftOut | None = None  # where the forward left the drafting to `Drafter.draft_after`
 
     def argmax(self) -> torch.Tensor:
         """(B, 1+d) the model's own token at the root and at each draft."""
@@ -304,7 +314,7 @@ class HeadsDrafter(Drafter):
             return StepOutput(verify_logits, trunk[:, : 1 + d, None][:, :, :0], trunk)  # (B, 1+d, 0, H)
         if self.reads_emitted:  # the extra heads once the step's tokens are known (`draft_after`)
             return StepOutput(verify_logits, trunk[:, : 1 + d, None][:, :, :0], trunk,
-                              left_out=(ctx, chain, pending_valid, d))
+                              left_out=LeftOut(ctx, chain, pending_valid, d))
         next_ids = own = None
         if self.reads_next_token:
             own = verify_logits.argmax(-1)  # (B, 1+d), which greedy verification reads too
@@ -313,10 +323,10 @@ class HeadsDrafter(Drafter):
         return StepOutput(verify_logits, at_block_rows(extra, pending_valid, d), trunk, own)
 
     def draft_after(self, out, after):
-        ctx, chain, pending_valid, d = out.left_out
-        next_ids = self._next_ids(chain, pending_valid, d, after)
-        extra = self.model.extra_heads_forward(self.num_heads, out.trunk, ctx, next_ids)  # (B, w+d, heads - 1, H)
-        return StepOutput(out.verify_logits, at_block_rows(extra, pending_valid, d), out.trunk)
+        left = out.left_out
+        next_ids = self._next_ids(left.chain, left.pending_valid, left.num_drafts, after)
+        extra = self.model.extra_heads_forward(self.num_heads, out.trunk, left.context, next_ids)  # (B, w+d, heads-1, H)
+        return StepOutput(out.verify_logits, at_block_rows(extra, left.pending_valid, left.num_drafts), out.trunk)
 
     def catch_up(self, cache, trunk, next_ids, count, width):
         # Entry j < count[b] of row b is the position at slot length - count + j (the plain steps' tokens, in
