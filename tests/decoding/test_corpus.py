@@ -357,6 +357,8 @@ def test_a_servers_growing_corpus_takes_its_answers_and_seeded_requests_read_its
     corpus = GrowingCorpus(background=False)
     batcher = Batcher(model, {"strategy": "speculative", "graphs": False, "lookup": 4, "lookup_corpus": corpus},
                       log=lambda line: None)
+    batcher.warm_up()  # (its answer is not one)
+    assert corpus.added == 0
     jobs = [Job([5, 6, 7], api.Sampling(max_tokens=6), 0, Queue()), Job([8, 9], api.Sampling(max_tokens=5), 1, Queue())]
     batcher.decode_batch(jobs)
     answers = [[e for e in list(j.events.queue) if e[0] == "end"][0][2].tokens for j in jobs]

@@ -18,6 +18,7 @@ in a batch, its row ends at its next step (the others go on), and a batch whose 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import sys
@@ -298,7 +299,9 @@ class Batcher:
         tok = self.model.tokenizer
         ids = tok("Hello", add_special_tokens=False).input_ids or [tok.pad_token_id or 0]
         events: Queue = Queue()
-        self.decode_batch([Job(ids, api.Sampling(max_tokens=4), 0, events)], record=False)
+        corpus = self.decode.get("lookup_corpus")
+        with corpus.paused() if isinstance(corpus, GrowingCorpus) else contextlib.nullcontext():  # (not an answer)
+            self.decode_batch([Job(ids, api.Sampling(max_tokens=4), 0, events)], record=False)
         kind, _, value = events.get()
         if kind == "error":
             raise MTPError(f"the model failed its first decoding: {value[1]}")

@@ -23,6 +23,7 @@ collides costs a draft the verifier refuses, never a wrong token.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import threading
 import uuid
@@ -217,6 +218,7 @@ class GrowingCorpus(LookupCorpus):
         self.recent_tokens = 0
         self.added = 0  # answers taken in since it was made
         self._new = 0  # answers since the last rebuild began
+        self._paused = 0  # `paused` blocks open
         self._lock = threading.Lock()
         self._builder: threading.Thread | None = None
         self._built: tuple | None = None  # a finished rebuild's (keys, drafts, counts), not installed yet
@@ -226,12 +228,21 @@ class GrowingCorpus(LookupCorpus):
     def __repr__(self) -> str:
         return f"GrowingCorpus({len(self)} sequences, {self.added} answers taken in, capacity {self.capacity})"
 
+    @contextlib.contextmanager
+    def paused(self):
+        """Answers decoded meanwhile are not taken in (a server's warm-up)."""
+        self._paused += 1
+        try:
+            yield self
+        finally:
+            self._paused -= 1
+
     def add(self, answer: Sequence[int]) -> None:
         """Take in an answer (token ids); rebuild when enough came. Installs a finished rebuild first."""
         with self._lock:
             self._install_built()
             tokens = [int(t) for t in answer]
-            if not tokens:
+            if not tokens or self._paused:
                 return
             self.recent.append(tokens)
             self.recent_tokens += len(tokens)
