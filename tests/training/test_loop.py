@@ -190,6 +190,22 @@ def test_grad_accumulation_equals_big_batch() -> None:
         torch.testing.assert_close(out[1][name], out[0][name], rtol=1e-4, atol=1e-6, msg=name)
 
 
+def test_gradients_the_model_came_with_are_not_added_to_the_first_step() -> None:
+    """A model handed over after a backward of the caller's own (its parameters hold `.grad`) trains as one
+    without: the first step's gradients are its batch's alone."""
+    data = make_data(rows=4)
+    out = []
+    for stale in (False, True):
+        model = tiny_llama(num_heads=2)
+        if stale:
+            for p in model.parameters():
+                p.grad = torch.ones_like(p)
+        Trainer(model, data, cfg(steps=1, batch_size=4, max_grad_norm=0)).train()
+        out.append(params(model))
+    for name in out[0]:
+        torch.testing.assert_close(out[1][name], out[0][name], rtol=0, atol=0, msg=name)
+
+
 def _run(tmp_path, name, steps, stop_at=None, resume=False, **kw):
     model = tiny_llama(num_heads=3)
     data = make_data(rows=6)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import signal
@@ -333,15 +334,13 @@ def counting_rows(vocab: int, n: int, length: int, seed: int) -> TokenizedData:
     return TokenizedData.from_dense(ids, torch.ones_like(ids, dtype=torch.bool), torch.ones_like(ids))
 
 
-@pytest.mark.parametrize("adapter", ["full", "gated-lora"])
-def test_masks_learn_to_count(adapter):
-    """A tiny model first learns to count (plain next-token training); self-distillation then teaches its mask
-    token the next tokens too, so ConfAdapt emits several tokens per forward and speculative decoding accepts
-    drafts, still equal to greedy."""
+@pytest.fixture(scope="module")
+def counting_base():
+    """A tiny model that learned to count (plain next-token training) and the torch RNG state after that: trained
+    once, each adapter's test starts from a copy and that state."""
     torch.manual_seed(0)
-    vocab = 24
-    base = tiny_llama(vocab_size=vocab, num_heads=1, num_layers=3).base.train()
-    data = counting_rows(vocab, 64, 24, seed=0)
+    base = tiny_llama(vocab_size=24, num_heads=1, num_layers=3).base.train()
+    data = counting_rows(24, 64, 24, seed=0)
     opt = torch.optim.AdamW(base.parameters(), lr=1e-2)
     for _ in range(150):
         rows = torch.randint(0, 64, (16,))
@@ -349,7 +348,18 @@ def test_masks_learn_to_count(adapter):
         opt.zero_grad()
         loss.backward()
         opt.step()
-    base.eval()
+    return base.eval(), torch.get_rng_state()
+
+
+@pytest.mark.parametrize("adapter", ["full", "gated-lora"])
+def test_masks_learn_to_count(adapter, counting_base):
+    """A tiny model first learns to count (plain next-token training); self-distillation then teaches its mask
+    token the next tokens too, so ConfAdapt emits several tokens per forward and speculative decoding accepts
+    drafts, still equal to greedy."""
+    vocab = 24
+    base = copy.deepcopy(counting_base[0])  # (the full adapter trains these weights)
+    torch.set_rng_state(counting_base[1])
+    data = counting_rows(vocab, 64, 24, seed=0)
     model = MaskTokenModel.from_base(base, adapter=adapter, rank=8, k=4)
     assert model.default_k == 4
     config = TrainConfig(steps=300, batch_size=8, lr=3e-3 if adapter == "gated-lora" else 1e-3, warmup_steps=5,

@@ -322,6 +322,8 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer,
             lambda s: lr_lambda(s, config.steps, config.warmup_steps, config.min_lr_ratio))
+        # a model handed over with gradients (a backward of the caller's own) would add them to the first step
+        model.zero_grad(set_to_none=True)
         self.step = 0
         # Frozen trunk's outputs: (N, L, H) tensors on the device, or `StoredFeatures` read from disk per batch.
         self.features = None
