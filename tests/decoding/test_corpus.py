@@ -369,3 +369,63 @@ def test_a_servers_growing_corpus_takes_its_answers_and_seeded_requests_read_its
     seeded = [Job([5, 6, 7], api.Sampling(max_tokens=6, do_sample=True, seed=3), 0, Queue())]
     batcher.decode_batch(seeded)
     assert [e[0] for e in list(seeded[0].events.queue)][-1] == "end" and corpus.added == 2
+
+
+def test_a_rebuild_on_its_thread_that_ends_after_a_newer_one_is_not_installed(monkeypatch):
+    import threading
+
+    monkeypatch.setattr(GrowingCorpus, "SYNC_TOKENS", 0)
+    release, build = threading.Event(), LookupCorpus.build
+
+    def slow_on_its_thread(answers, *a, **kw):
+        if threading.current_thread().name == "mtp-corpus":
+            release.wait(10)
+        return build(answers, *a, **kw)
+
+    monkeypatch.setattr(LookupCorpus, "build", staticmethod(slow_on_its_thread))
+    corpus = GrowingCorpus()
+    corpus.add([1, 2, 3])
+    corpus.add([1, 2, 3])  # a rebuild on its thread, held
+    corpus.add([4, 5, 6])
+    corpus.add([4, 5, 6])
+    corpus.rebuild()  # all four answers, now
+    release.set()
+    corpus.wait()
+    assert table_of(corpus) == table_of(build([[1, 2, 3], [1, 2, 3], [4, 5, 6], [4, 5, 6]]))
+
+
+def test_generate_prompts_with_a_growing_corpus(tiny_mtp_folder, tmp_path, capsys, monkeypatch):
+    """A prompts file whose records sample, with --seed: the corpus rebuilds at once, never on a thread (its draws
+    follow the drafts); a run that goes on from its journal takes in the answers it had first."""
+    import mtp.decoding.queue as queue_module
+    from mtp.cli import run
+
+    made, added = [], []
+    init, add = GrowingCorpus.__init__, GrowingCorpus.add
+    monkeypatch.setattr(GrowingCorpus, "__init__", lambda self, *a, **kw: made.append(kw) or init(self, *a, **kw))
+    monkeypatch.setattr(GrowingCorpus, "add", lambda self, answer: added.append(list(answer)) or add(self, answer))
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": t, "do_sample": True}) + "\n" for t in ["hi", "go on", "ok"]))
+    args = ["generate", "--model", str(tiny_mtp_folder), "--prompts", str(prompts), "--strategy", "speculative",
+            "--lookup", "4", "--grow-corpus", "--max-new-tokens", "6", "--batch-size", "1", "--no-progress",
+            "--output", str(tmp_path / "out.jsonl")]
+    assert run([*args, "--seed", "7"]) == 0 and made[-1] == {"background": False}
+    real = queue_module.generate
+
+    def first_answer_only(*a, on_end, **kw):  # (Ctrl-C once the first answer is written)
+        def end(row, *rest):
+            on_end(row, *rest)
+            raise KeyboardInterrupt
+        return real(*a, on_end=end, **kw)
+
+    monkeypatch.setattr(queue_module, "generate", first_answer_only)
+    out = tmp_path / "again.jsonl"
+    args[-1] = str(out)
+    with pytest.raises(KeyboardInterrupt):
+        run(args)
+    journal = [json.loads(line) for line in (tmp_path / "again.jsonl.partial").read_text().splitlines()]
+    assert made[-1] == {"background": True} and len(journal) == 2
+    monkeypatch.setattr(queue_module, "generate", real)
+    added.clear()
+    assert run(args) == 0
+    assert added[0] == journal[1]["token_ids"] and len(added) == 3

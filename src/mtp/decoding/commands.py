@@ -14,6 +14,7 @@ import torch
 from tqdm import tqdm
 
 from mtp.arguments import check_values, spelled
+from mtp.decoding.corpus import GrowingCorpus
 from mtp.decoding.generate import left_pad
 from mtp.decoding.inputs import common_prefix
 from mtp.decoding.logprobs import TokenLogprob
@@ -243,8 +244,12 @@ def generate(model: str | None = None, prompt: str | None = None, prompts: str |
     options = dict(strategy=strategy, truncate_prompt=truncate_prompt, graphs=use_graphs, logprobs=logprobs,
                    **drafts.generate_kwargs(), **shared)
     journal = _Journal.of_run(output, m, {"prompts": texts, "settings": settings, "chat": chat, "options": options})
-    options["lookup_corpus"] = drafts.corpus(m, seeded=sampling.seeded)  # (drafts only: the same answers)
+    seeded = sampling.seed is not None and any(s["do_sample"] for s in settings)  # (a record may sample)
+    options["lookup_corpus"] = corpus = drafts.corpus(m, seeded=seeded)  # (drafts only: the same answers)
     done = journal.done if journal is not None else {}
+    if isinstance(corpus, GrowingCorpus):  # a run that goes on drafts from the answers it had too
+        for i in sorted(done):
+            corpus.add(done[i].get("token_ids") or [])
     bar = tqdm(total=len(texts), initial=len(done), desc=f"generate ({strategy})", unit="prompt",
                disable=len(texts) < 2 or not progress, file=sys.stderr)
     out = _Printed(texts, tok, json, stream, bar, rows=min(batch_size, len(texts)),

@@ -197,7 +197,7 @@ class GrowingCorpus(LookupCorpus):
     `generate` adds each row's answer when it ends, so a server's later requests draft from its earlier answers.
 
     It is rebuilt (`LookupCorpus.build`) from the most recent answers, up to `max_tokens` of them, merged with
-    `base` (a model folder's corpus; where both hold a sequence, the answers' continuation wins), once enough new
+    `base` (a model folder's corpus; where both keep a sequence, the answers' continuation wins), once enough new
     answers came (an eighth of those it holds, at least 2): at once while they are few, past `SYNC_TOKENS` on a
     thread of its own, installed when the next answer ends or the next `generate` call starts. Its tensors have a
     fixed capacity (unused keys are `PAD_KEY`, which no lookup equals) and are written in place, so a decoding
@@ -206,7 +206,7 @@ class GrowingCorpus(LookupCorpus):
     A sampled call's draws follow its drafts, so a seed reproduces them only with the corpus as it was
     (`background=False` makes its contents follow the answers alone, not the builds' timing)."""
 
-    SYNC_TOKENS = 1 << 14  # answers' tokens up to which a rebuild runs at once (~10 ms)
+    SYNC_TOKENS = 1 << 14  # answers' tokens up to which a rebuild runs at once (~10-40 ms on a CPU core)
 
     def __init__(self, base: LookupCorpus | None = None, capacity: int = 1 << 17, max_tokens: int = 1 << 18,
                  background: bool = True):
@@ -221,7 +221,9 @@ class GrowingCorpus(LookupCorpus):
         self._paused = 0  # `paused` blocks open
         self._lock = threading.Lock()
         self._builder: threading.Thread | None = None
-        self._built: tuple | None = None  # a finished rebuild's (keys, drafts, counts), not installed yet
+        self._built: tuple | None = None  # a finished rebuild: (its generation, its tables, its answers)
+        self._generation = 0  # rebuilds begun (a rebuild's tables are installed only over an older one's)
+        self._installed = 0  # the generation installed
         self._install(*_merged(None, base, capacity))
         self.answers = base.answers if base is not None else 0
 
@@ -252,12 +254,12 @@ class GrowingCorpus(LookupCorpus):
             self._new += 1
             if self._builder is not None or self._new < max(2, len(self.recent) // 8):
                 return
-            self._new, answers = 0, list(self.recent)
+            self._new, self._generation, answers = 0, self._generation + 1, list(self.recent)
             if not self.background or self.recent_tokens <= self.SYNC_TOKENS:
-                self._built = self._rebuilt(answers)
+                self._built = self._rebuilt(self._generation, answers)
                 self._install_built()
                 return
-            self._builder = threading.Thread(target=self._build_in_background, args=(answers,),
+            self._builder = threading.Thread(target=self._build_in_background, args=(self._generation, answers),
                                              name="mtp-corpus", daemon=True)
             self._builder.start()
 
@@ -274,29 +276,36 @@ class GrowingCorpus(LookupCorpus):
         self.refresh()
 
     def rebuild(self) -> None:
-        """Rebuild from the answers taken in so far, now (before `save`, say)."""
-        self.wait()
+        """Rebuild from the answers taken in so far, now (before `save`, say; a rebuild on its thread that ends
+        later is older, and not installed)."""
         with self._lock:
-            self._new, self._built = 0, self._rebuilt(list(self.recent))
+            self._new, self._generation = 0, self._generation + 1
+            self._built = self._rebuilt(self._generation, list(self.recent))
             self._install_built()
 
-    def _build_in_background(self, answers: list[list[int]]) -> None:
+    def _build_in_background(self, generation: int, answers: list[list[int]]) -> None:
         built = None
         try:
-            built = self._rebuilt(answers)
+            built = self._rebuilt(generation, answers)
         finally:  # (a failed rebuild leaves the corpus as it was; the next one may be started)
             with self._lock:
-                self._built, self._builder = built or self._built, None
+                if built is not None and (self._built is None or self._built[0] < generation):
+                    self._built = built
+                self._builder = None
 
-    def _rebuilt(self, answers: list[list[int]]) -> tuple:
-        return _merged(LookupCorpus.build(answers), self.base, self.capacity), len(answers)
+    def _rebuilt(self, generation: int, answers: list[list[int]]) -> tuple:
+        return generation, _merged(LookupCorpus.build(answers), self.base, self.capacity), len(answers)
 
     def _install_built(self) -> None:
+        """Install a finished rebuild newer than the tables installed (called under the lock, on the decoding
+        thread: `add`, or `refresh` as a call starts, between its steps)."""
         if self._built is not None:
-            tables, answers = self._built
+            generation, tables, answers = self._built
             self._built = None
-            self._install(*tables)
-            self.answers = (self.base.answers if self.base is not None else 0) + answers
+            if generation > self._installed:
+                self._installed = generation
+                self._install(*tables)
+                self.answers = (self.base.answers if self.base is not None else 0) + answers
 
     def _install(self, keys: np.ndarray, drafts: np.ndarray, counts: np.ndarray) -> None:
         """Write the tables into the fixed-capacity tensors, and into each device's copy, in place."""
