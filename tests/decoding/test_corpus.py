@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from test_graphs import replayed  # noqa: F401  (a fixture)
 from test_lookup import brute_force_lookup
 
+import mtp.decoding.generate as generate_module
 from conftest import tiny_mtp
 from mtp.decoding.corpus import (
     CORPUS_NAME,
@@ -429,3 +430,32 @@ def test_generate_prompts_with_a_growing_corpus(tiny_mtp_folder, tmp_path, capsy
     added.clear()
     assert run(args) == 0
     assert added[0] == journal[1]["token_ids"] and len(added) == 3
+
+
+def test_a_compiled_step_reads_a_growing_corpus_as_it_is_now(monkeypatch):
+    """graphs="compile" (aot_eager here: dynamo's trace of the step, run eagerly): the corpus's tensors are inputs
+    of the traced step, not constants of it; a step compiled while the corpus was empty drafts from it once it
+    grew, as the uncompiled static step does, in as many forwards, and nothing compiles again."""
+    from test_graphs import compiling_with
+    from torch._dynamo.utils import counters
+
+    compiling_with(monkeypatch, "aot_eager")
+    monkeypatch.setattr(generate_module, "_use_graphs", lambda graphs, device, proposer: graphs)
+    model = varied(tiny_mtp("llama", num_heads=1, dtype=torch.float64, vocab_size=256, seed=1))
+    gen = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(0, 256, (n,), generator=gen).tolist() for n in (5, 9, 7, 12)]
+    kw = dict(max_new_tokens=16, strategy="speculative", stop_token_ids=[], adaptive_draft=False, lookup=5)
+    torch._dynamo.reset()
+    counters.clear()
+    runs = {}
+    for graphs in (True, "compile"):  # the static step replayed, then compiled
+        corpus = GrowingCorpus(background=False)
+        for p in prompts:  # (the first answers: drafts from an empty corpus, then from a few)
+            generate(model, torch.tensor([p]), lookup_corpus=corpus, graphs=graphs, **kw)
+        corpus.rebuild()
+        compiled_graphs = counters["stats"]["unique_graphs"]
+        runs[graphs] = [generate(model, torch.tensor([p]), lookup_corpus=corpus, graphs=graphs, **kw) for p in prompts]
+    assert [r.tokens for r in runs["compile"]] == [r.tokens for r in runs[True]]
+    forwards = [[r.stats.forward_passes for r in rs] for rs in runs.values()]
+    assert forwards[0] == forwards[1] and sum(forwards[0]) < 4 * 17  # (it drafted: fewer than a forward a token)
+    assert counters["stats"]["unique_graphs"] == compiled_graphs >= 1
