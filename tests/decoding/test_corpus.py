@@ -277,6 +277,14 @@ def test_a_growing_corpus_rebuilds_as_answers_come_keeps_its_tensors_and_past_ca
 
 
 def test_a_growing_corpus_builds_on_a_thread_past_its_sync_size(monkeypatch):
+    """On a thread of its own, at the lowest priority (Linux: its own nice value) where it can set one."""
+    import os
+    import sys
+    import threading
+
+    niced = []
+    monkeypatch.setattr(os, "setpriority", lambda which, who, value: niced.append(
+        (which, who == threading.get_native_id() and threading.current_thread().name, value)), raising=False)
     monkeypatch.setattr(GrowingCorpus, "SYNC_TOKENS", 0)
     answers = [[1, 2, 3, 4, 5], [1, 2, 3, 4, 6], [5, 6, 7], [5, 6, 7]]
     corpus = GrowingCorpus()
@@ -288,6 +296,7 @@ def test_a_growing_corpus_builds_on_a_thread_past_its_sync_size(monkeypatch):
     corpus.add(answers[3])
     corpus.wait()
     assert table_of(corpus) == table_of(LookupCorpus.build(answers)) and corpus.answers == 4
+    assert niced == ([(os.PRIO_PROCESS, "mtp-corpus", 19)] * 2 if sys.platform == "linux" else [])
     assert fixed_corpus(corpus) is None and fixed_corpus(GrowingCorpus(LookupCorpus.build(answers))).answers == 4
 
 
