@@ -22,15 +22,16 @@ _EXPORTS = {
     "DraftTree": "mtp.decoding.tree",
     "DynamicTree": "mtp.decoding.tree",
     "LookupCorpus": "mtp.decoding.corpus",
+    "GrowingCorpus": "mtp.decoding.corpus",
     "MTPError": "mtp.errors",
     "CheckpointMismatchError": "mtp.errors",
 }
 __all__ = ["load", "generate", "MTPModel", "MaskTokenModel", "DraftTree", "DynamicTree", "LookupCorpus",
-           "GenerationResult", "GenerationStats", "MTPError", "CheckpointMismatchError"]
+           "GrowingCorpus", "GenerationResult", "GenerationStats", "MTPError", "CheckpointMismatchError"]
 __version__ = "0.2.0"
 
 if TYPE_CHECKING:
-    from mtp.decoding.corpus import LookupCorpus
+    from mtp.decoding.corpus import GrowingCorpus, LookupCorpus
     from mtp.decoding.generate import GenerationResult, GenerationStats, generate
     from mtp.decoding.tree import DraftTree, DynamicTree
     from mtp.errors import CheckpointMismatchError, MTPError
