@@ -256,13 +256,13 @@ class GrowingCorpus(LookupCorpus):
             self._new += 1
             if self._builder is not None or self._new < max(2, len(self.recent) // 8):
                 return
-            self._new, self._generation, answers = 0, self._generation + 1, list(self.recent)
             if not self.background or self.recent_tokens <= self.SYNC_TOKENS:
-                self._built = self._rebuilt(self._generation, answers)
-                self._install_built()
+                self._rebuild_now()
                 return
-            self._builder = threading.Thread(target=self._build_in_background, args=(self._generation, answers),
-                                             name="mtp-corpus", daemon=True)
+            self._new, self._generation = 0, self._generation + 1
+            self._builder = threading.Thread(target=self._build_in_background,
+                                             args=(self._generation, list(self.recent)), name="mtp-corpus",
+                                             daemon=True)
             self._builder.start()
 
     def refresh(self) -> None:
@@ -281,9 +281,12 @@ class GrowingCorpus(LookupCorpus):
         """Rebuild from the answers taken in so far, now (before `save`, say; a rebuild on its thread that ends
         later is older, and not installed)."""
         with self._lock:
-            self._new, self._generation = 0, self._generation + 1
-            self._built = self._rebuilt(self._generation, list(self.recent))
-            self._install_built()
+            self._rebuild_now()
+
+    def _rebuild_now(self) -> None:  # (under the lock)
+        self._new, self._generation = 0, self._generation + 1
+        self._built = self._rebuilt(self._generation, list(self.recent))
+        self._install_built()
 
     def _build_in_background(self, generation: int, answers: list[list[int]]) -> None:
         if sys.platform == "linux":  # (a thread's own nice value: elsewhere this would set the process's)

@@ -812,27 +812,14 @@ def generate(model, input_ids: torch.Tensor | list, attention_mask: torch.Tensor
         admit = dataclasses.replace(admit, take=_joining_rows(admit, tokens, scores))
     start = time.perf_counter()
 
-    growing = opts.lookup_corpus if isinstance(opts.lookup_corpus, GrowingCorpus) else None
-    if growing is not None:
-        growing.refresh()  # (a rebuild that finished since the last call)
-
-    def end(row: int) -> None:  # (the statistics as they stand: seconds so far, lists copied)
-        if growing is not None:  # later rows and calls draft from this answer too
-            growing.add(tokens[row])
-        if on_end is not None:
-            on_end(row, tokens[row], None if scores is None else scores[row],
-                   dataclasses.replace(stats, seconds=time.perf_counter() - start,
-                                       draft_positions=list(stats.draft_positions),
-                                       draft_accepted=list(stats.draft_accepted)))
-
+    end = _row_end(on_end, opts.lookup_corpus, tokens, scores, stats, start)
     from mtp.decoding.graphs import leased_sessions
 
     with leased_sessions(model) as sessions:  # (a second call at once, e.g. from `streamer`, decodes in its own)
         for row, new, row_scores in iter_generate(model, input_ids, attention_mask, opts=opts, stop=stop,
                                                   generator=generator, stats=stats, drafter=drafter,
                                                   on_trunk=on_trunk, graphs=graphs, budgets=budgets, admit=admit,
-                                                  on_end=None if on_end is None and growing is None else end,
-                                                  prefix=prefix,
+                                                  on_end=end, prefix=prefix,
                                                   prompt_cache=prompt_cache, rows=rows, sessions=sessions):
             tokens[row].extend(new)
             if scores is not None:
@@ -844,6 +831,28 @@ def generate(model, input_ids: torch.Tensor | list, attention_mask: torch.Tensor
     if texts is not None:
         texts = [stop.truncate_text(row, t) for row, t in enumerate(texts)]
     return GenerationResult(tokens, stats, texts, scores)
+
+
+def _row_end(on_end: Callable | None, corpus: LookupCorpus | None, tokens: list[list[int]], scores: list | None,
+             stats: GenerationStats, start: float) -> Callable[[int], None] | None:
+    """What `iter_generate` calls as a row ends: a growing corpus takes in its answer (later rows and calls draft
+    from it), then `on_end` sees it with the statistics as they stand (seconds so far, lists copied)."""
+    growing = corpus if isinstance(corpus, GrowingCorpus) else None
+    if growing is not None:
+        growing.refresh()  # (a rebuild that finished since the last call)
+    if on_end is None and growing is None:
+        return None
+
+    def end(row: int) -> None:
+        if growing is not None:
+            growing.add(tokens[row])
+        if on_end is not None:
+            on_end(row, tokens[row], None if scores is None else scores[row],
+                   dataclasses.replace(stats, seconds=time.perf_counter() - start,
+                                       draft_positions=list(stats.draft_positions),
+                                       draft_accepted=list(stats.draft_accepted)))
+
+    return end
 
 
 def _strategy(strategy: Strategy | None, use_speculative: bool | None) -> Strategy:
