@@ -211,3 +211,14 @@ def test_an_answer_that_other_processes_slowed_says_so_once(tiny_mtp_folder, cap
     code, _, err = _chat(tiny_mtp_folder, "hi\nhello\n", capsys, monkeypatch)
     assert code == 0 and err.count("waited for a CPU core 40% of the time") == 1, err
     assert "--threads 1 is often several times faster" in err
+
+
+def test_a_conversation_keeps_its_grown_lookup_corpus(tiny_mtp_folder, capsys, monkeypatch, tmp_path):
+    """--grow-corpus --save-corpus: each turn's answer, written as the chat ends (the last rebuild, at 2 answers,
+    did not hold the third)."""
+    from mtp.decoding.corpus import LookupCorpus
+
+    saved = tmp_path / "corpus.safetensors"
+    code, _, err = _chat(tiny_mtp_folder, "hi\nhello there\nok\n/quit\n", capsys, monkeypatch, "--strategy",
+                         "speculative", "--lookup", "2", "--grow-corpus", "--save-corpus", str(saved))
+    assert code == 0 and LookupCorpus.load(saved).answers == 3 and f"written to {saved}" in err

@@ -300,6 +300,52 @@ def test_a_growing_corpus_builds_on_a_thread_past_its_sync_size(monkeypatch):
     assert fixed_corpus(corpus) is None and fixed_corpus(GrowingCorpus(LookupCorpus.build(answers))).answers == 4
 
 
+def test_a_growing_corpus_with_a_file_writes_its_rebuilds_and_as_it_finishes_every_answer(tmp_path, monkeypatch,
+                                                                                          capsys):
+    """`--save-corpus`: each rebuild is written (on its thread too), a rebuild older than the file's is not, the
+    answers since the last rebuild go in as it finishes; the file read back as a base drafts the same. A write
+    that fails while decoding goes on is a warning, said once; at the end, an MTPError."""
+    from mtp.decoding.corpus import finish_corpus
+
+    path = tmp_path / "grown.safetensors"
+    answers = [[1, 2, 3, 4, 5], [1, 2, 3, 4, 6], [5, 6, 7], [5, 6, 7], [8, 9, 1, 2], [8, 9, 1, 2]]
+    base = LookupCorpus.build([[20, 21, 22], [20, 21, 22]])
+    corpus = GrowingCorpus(base, background=False, path=path)
+    corpus.add(answers[0])
+    assert not path.exists()  # (one answer: no rebuild yet)
+    corpus.add(answers[1])
+    assert table_of(LookupCorpus.load(path)) == table_of(corpus)
+    corpus.add(answers[2])  # (not yet a rebuild: 1 new answer of 3)
+    assert table_of(LookupCorpus.load(path)) == {**table_of(base), **table_of(LookupCorpus.build(answers[:2]))}
+    finish_corpus(corpus)
+    saved = LookupCorpus.load(path)
+    assert table_of(saved) == table_of(corpus) == {**table_of(base), **table_of(LookupCorpus.build(answers[:3]))}
+    assert saved.answers == 2 + 3 and "written to" in capsys.readouterr().err
+    again = GrowingCorpus(saved, background=False, path=path)  # the next run: the file as its base
+    assert table_of(again) == table_of(saved)
+    finish_corpus(again)  # (nothing taken in: the base written back)
+    assert table_of(LookupCorpus.load(path)) == table_of(saved)
+
+    monkeypatch.setattr(GrowingCorpus, "SYNC_TOKENS", 0)
+    threaded = GrowingCorpus(path=path)
+    for n in (2, 4):
+        for answer in answers[n - 2:n]:
+            threaded.add(answer)
+        threaded.wait()
+        assert table_of(LookupCorpus.load(path)) == table_of(LookupCorpus.build(answers[:n]))
+    threaded._write((1, ([], [], []), 0))  # an older rebuild's tables, ending later: not written
+    assert table_of(LookupCorpus.load(path)) == table_of(LookupCorpus.build(answers[:4]))
+
+    (tmp_path / "file").write_text("")
+    broken = GrowingCorpus(background=False, path=tmp_path / "file" / "grown.safetensors")
+    for answer in answers:
+        broken.add(answer)  # (rebuilds at 2, 3?, 4 and 6 answers: each write fails)
+    assert capsys.readouterr().err.count("warning: the lookup corpus was not written") == 1
+    assert table_of(broken) == table_of(LookupCorpus.build(answers))  # (decoding goes on with it)
+    with pytest.raises(MTPError, match="--save-corpus: cannot write"):
+        broken.finish()
+
+
 @pytest.mark.parametrize("graphs", [False, True])
 def test_decoding_with_a_growing_corpus_drafts_from_earlier_calls_answers(graphs, request):
     """Prompts decoded one call at a time, as a server sees them, twice: the second time, the corpus grown from
@@ -352,6 +398,20 @@ def test_grow_corpus_on_the_command_line(tiny_mtp_folder, tmp_path, capsys):
                      "speculative", "--lookup", "4", grow, "--max-new-tokens", "12", "--json"]) == 0
         outs.append([json.loads(line)["text"] for line in capsys.readouterr().out.strip().splitlines()])
     assert outs[0] == outs[1] and len(outs[0]) == 3
+    saved = tmp_path / "corpus.safetensors"
+    with pytest.raises(MTPError, match="--save-corpus writes the corpus --grow-corpus grows"):
+        run(["generate", "--model", str(tiny_mtp_folder), "--prompts", str(prompts), "--strategy", "speculative",
+             "--lookup", "4", "--save-corpus", str(saved)])
+    with pytest.raises(MTPError, match="--save-corpus .* is a folder"):
+        run(["generate", "--model", str(tiny_mtp_folder), "--prompts", str(prompts), "--strategy", "speculative",
+             "--lookup", "4", "--grow-corpus", "--save-corpus", str(tmp_path)])
+    for run_number in (1, 2):  # the second run reads the first's file, grows it and writes it back
+        kept = ["--lookup-corpus", str(saved)] if run_number == 2 else []
+        assert run(["generate", "--model", str(tiny_mtp_folder), "--prompts", str(prompts), "--strategy",
+                    "speculative", "--lookup", "4", "--grow-corpus", "--save-corpus", str(saved), *kept,
+                    "--max-new-tokens", "12", "--json"]) == 0
+        assert [json.loads(line)["text"] for line in capsys.readouterr().out.strip().splitlines()] == outs[0]
+        assert LookupCorpus.load(saved).answers == 3 * run_number
 
 
 def test_a_servers_growing_corpus_takes_its_answers_and_seeded_requests_read_its_base(tiny_mtp_folder):
@@ -419,7 +479,7 @@ def test_generate_prompts_with_a_growing_corpus(tiny_mtp_folder, tmp_path, capsy
     args = ["generate", "--model", str(tiny_mtp_folder), "--prompts", str(prompts), "--strategy", "speculative",
             "--lookup", "4", "--grow-corpus", "--max-new-tokens", "6", "--batch-size", "1", "--no-progress",
             "--output", str(tmp_path / "out.jsonl")]
-    assert run([*args, "--seed", "7"]) == 0 and made[-1] == {"background": False}
+    assert run([*args, "--seed", "7"]) == 0 and made[-1] == {"background": False, "path": None}
     real = queue_module.generate
 
     def first_answer_only(*a, on_end, **kw):  # (Ctrl-C once the first answer is written)
@@ -434,7 +494,7 @@ def test_generate_prompts_with_a_growing_corpus(tiny_mtp_folder, tmp_path, capsy
     with pytest.raises(KeyboardInterrupt):
         run(args)
     journal = [json.loads(line) for line in (tmp_path / "again.jsonl.partial").read_text().splitlines()]
-    assert made[-1] == {"background": True} and len(journal) == 2
+    assert made[-1] == {"background": True, "path": None} and len(journal) == 2
     monkeypatch.setattr(queue_module, "generate", real)
     added.clear()
     assert run(args) == 0

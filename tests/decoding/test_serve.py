@@ -26,8 +26,10 @@ from mtp.decoding import batcher as batcher_module
 from mtp.decoding import serve as serve_module
 from mtp.decoding.batcher import Batcher
 from mtp.decoding.commands import StreamedText, encode_prompts
+from mtp.decoding.corpus import LookupCorpus
 from mtp.decoding.generate import generate
 from mtp.decoding.logprobs import prompt_logprobs
+from mtp.decoding.options import DraftOptions
 from mtp.decoding.prefixes import PromptCache
 from mtp.decoding.serve import Server
 from mtp.errors import MTPError
@@ -916,9 +918,10 @@ def test_a_stopping_server_finishes_the_requests_it_answers(model, monkeypatch):
     assert late[0] == 503 and late[1]["error"]["message"] == "the server is stopping"
 
 
-def test_a_server_stopped_at_once_tells_the_clients_it_was_answering(tiny_mtp_folder, monkeypatch):
+def test_a_server_stopped_at_once_tells_the_clients_it_was_answering(tiny_mtp_folder, monkeypatch, tmp_path):
     """Ctrl-C twice (or a drain that ran out) stops decoding at once: the streamed request being answered gets an
-    error event and [DONE] before `serve` returns (the process then exits), not a stream cut short."""
+    error event and [DONE] before `serve` returns (the process then exits), not a stream cut short. A growing
+    lookup corpus with --save-corpus is written as it stops."""
     steps, received, servers = _slow_decoding(monkeypatch), [], []
     monkeypatch.setattr(serve_module, "DRAIN_SECONDS", 0)
 
@@ -936,8 +939,10 @@ def test_a_server_stopped_at_once_tells_the_clients_it_was_answering(tiny_mtp_fo
 
     monkeypatch.setattr(serve_module, "Server", Interrupted)
     with pytest.raises(KeyboardInterrupt):
-        serve_module.serve(str(tiny_mtp_folder), port=0, access_log=False, prompt_cache_mb=0)
+        serve_module.serve(str(tiny_mtp_folder), port=0, access_log=False, prompt_cache_mb=0,
+                           drafts=DraftOptions(lookup=2, grow_corpus=True, save_corpus=str(tmp_path / "c.safetensors")))
     assert servers[0].requests == 0  # (answered before serve returned)
+    assert LookupCorpus.load(tmp_path / "c.safetensors").answers == 0  # (the warm-up's answer is not one)
     wait_until(lambda: received)
     assert received[-2] == {"error": {"message": "the decoding thread stopped", "type": "server_error",
                                       "param": None, "code": None}} and received[-1] == "[DONE]"

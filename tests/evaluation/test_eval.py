@@ -86,6 +86,18 @@ def test_cli_positional_task(tiny_model_dir, gsm8k_file, tmp_path):
     assert json.loads((out / "summary.json").read_text())["settings"]["chat"] is False
 
 
+def test_eval_keeps_its_grown_lookup_corpus(tiny_model_dir, gsm8k_file, tmp_path):
+    """--grow-corpus --save-corpus: the answers to every problem, written as the evaluation ends."""
+    from mtp.decoding.corpus import LookupCorpus
+
+    saved = tmp_path / "corpus.safetensors"
+    assert cli_run(["eval", "gsm8k", "--model", str(tiny_model_dir), "--data", str(gsm8k_file), "--limit", "3",
+                    "--shots", "0", "--max-new-tokens", "3", "--no-progress", "--strategy", "speculative",
+                    "--lookup", "2", "--grow-corpus", "--save-corpus", str(saved),
+                    "--output", str(tmp_path / "e")]) == 0
+    assert LookupCorpus.load(saved).answers == 3  # (the last rebuild, at 2 answers: the third went in at the end)
+
+
 def test_eval_and_bench_with_no_progress_log_plain_lines(tiny_model_dir, gsm8k_file, tmp_path, capsys,
                                                          monkeypatch):
     """--no-progress (a batch job's log): no bar, but a plain line every few minutes with what the bar shows."""

@@ -20,6 +20,7 @@ from typing import Literal
 
 from mtp.arguments import check_values
 from mtp.decoding.commands import StreamedText, encode_prompts
+from mtp.decoding.corpus import finish_corpus
 from mtp.decoding.generate import generate as generate_tokens
 from mtp.decoding.options import DraftOptions, SamplingOptions, WeightOptions
 from mtp.decoding.prefixes import PromptCache
@@ -68,12 +69,21 @@ def chat(model: str | None = None, system: str | None = None,
                        "tokenizer_config.json); `mtp generate --no-chat` decodes plain prompts")
     # each turn's prompt starts with the one before it: its keys and values are kept, and only the rest is fed
     options = dict(max_new_tokens=max_new_tokens, strategy=strategy, truncate_prompt=True, graphs=use_graphs,
-                   prompt_cache=PromptCache(256 << 20), lookup_corpus=drafts.corpus(m, seeded=sampling.seeded), **drafts.generate_kwargs(),
-                   **sampling.generate_kwargs())
+                   prompt_cache=PromptCache(256 << 20), lookup_corpus=drafts.corpus(m, seeded=sampling.seeded),
+                   **drafts.generate_kwargs(), **sampling.generate_kwargs())
     opening = [{"role": "system", "content": system}] if system else []
-    messages = list(opening)
     print(f"mtp chat: {strategy} decoding on {weights.describe(runtime)}; /reset starts over, /save FILE keeps the "
           "conversation, /set NAME VALUE changes a setting, /quit or Ctrl-D ends", file=sys.stderr, flush=True)
+    try:
+        _converse(m, tok, options, strategy, opening)
+    finally:
+        finish_corpus(options["lookup_corpus"])
+    return 0
+
+
+def _converse(m, tok, options: dict, strategy: str, opening: list[dict]) -> None:
+    """The conversation: a turn for each line typed, until /quit or the end of the input."""
+    messages = list(opening)
     wait_noted = [False]  # (other processes slowing an answer is said once)
     for line in _typed_lines():
         text = line.strip()
@@ -100,7 +110,6 @@ def chat(model: str | None = None, system: str | None = None,
         answer = _answer(m, tok, [*messages, {"role": "user", "content": text}], options, strategy, wait_noted)
         if answer is not None:
             messages += [{"role": "user", "content": text}, {"role": "assistant", "content": answer}]
-    return 0
 
 
 def _set(options: dict, assignment: str, strategy: str) -> None:

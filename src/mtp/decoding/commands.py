@@ -14,7 +14,7 @@ import torch
 from tqdm import tqdm
 
 from mtp.arguments import check_values, spelled
-from mtp.decoding.corpus import GrowingCorpus
+from mtp.decoding.corpus import GrowingCorpus, finish_corpus
 from mtp.decoding.generate import left_pad
 from mtp.decoding.inputs import common_prefix
 from mtp.decoding.logprobs import TokenLogprob
@@ -269,7 +269,8 @@ def generate(model: str | None = None, prompt: str | None = None, prompts: str |
     finally:
         if journal is not None:
             journal.close()
-    bar.close()
+        bar.close()
+        finish_corpus(corpus)
     if journal is not None:
         journal.finish(out.results)
     if not json:

@@ -165,17 +165,8 @@ class LookupCorpus:
 
     def save(self, path: str | Path) -> Path:
         """Write it as safetensors (written beside and renamed: a crash leaves the old file or none)."""
-        from safetensors.torch import save_file
-
-        from mtp.io import atomic_path
-
-        with atomic_path(path) as tmp:
-            n = len(self)
-            save_file({"keys": self.keys[:n].clone(), "drafts": self.drafts[:n].int(),
-                       "counts": self.counts[:n].to(torch.uint8)},
-                      str(tmp), metadata={"format": _FORMAT, "answers": str(self.answers),
-                                          "ngram_sizes": ",".join(map(str, NGRAM_SIZES))})
-        return Path(path)
+        n = len(self)
+        return _write(path, self.keys[:n].numpy(), self.drafts[:n].numpy(), self.counts[:n].numpy(), self.answers)
 
     @classmethod
     def load(cls, path: str | Path) -> LookupCorpus:
@@ -211,7 +202,9 @@ class GrowingCorpus(LookupCorpus):
     SYNC_TOKENS = 1 << 14  # answers' tokens up to which a rebuild runs at once (~10-40 ms on a CPU core)
 
     def __init__(self, base: LookupCorpus | None = None, capacity: int = 1 << 17, max_tokens: int = 1 << 18,
-                 background: bool = True):
+                 background: bool = True, path: str | Path | None = None):
+        """`path`: a file each rebuild is written to (safetensors, renamed into place; `finish` writes the last
+        answers too), which `LookupCorpus.load` reads back as the next run's base: `--save-corpus`."""
         keys = torch.full((capacity,), PAD_KEY, dtype=torch.long)
         super().__init__(keys, torch.zeros(capacity, MAX_DRAFTS, dtype=torch.long),
                          torch.zeros(capacity, dtype=torch.long), fingerprint=f"growing-{uuid.uuid4().hex[:12]}")
@@ -226,6 +219,10 @@ class GrowingCorpus(LookupCorpus):
         self._built: tuple | None = None  # a finished rebuild: (its generation, its tables, its answers)
         self._generation = 0  # rebuilds begun (a rebuild's tables are installed only over an older one's)
         self._installed = 0  # the generation installed
+        self.path = Path(path) if path is not None else None
+        self._write_lock = threading.Lock()
+        self._written = 0  # the generation last written to `path`
+        self._write_failed = False  # (said once)
         self._install(*_merged(None, base, capacity))
         self.answers = base.answers if base is not None else 0
 
@@ -283,9 +280,20 @@ class GrowingCorpus(LookupCorpus):
         with self._lock:
             self._rebuild_now()
 
-    def _rebuild_now(self) -> None:  # (under the lock)
+    def finish(self) -> None:
+        """Wait for a rebuild on its thread; with a `path`, rebuild from the answers since and write it (a
+        command's end: the file holds every answer taken in). A write that fails is an MTPError."""
+        self.wait()
+        if self.path is None:
+            return
+        with self._lock:
+            if self._new or self._written < self._generation or not self._generation:
+                self._rebuild_now(strict=True)
+
+    def _rebuild_now(self, strict: bool = False) -> None:  # (under the lock)
         self._new, self._generation = 0, self._generation + 1
         self._built = self._rebuilt(self._generation, list(self.recent))
+        self._write(self._built, strict)
         self._install_built()
 
     def _build_in_background(self, generation: int, answers: list[list[int]]) -> None:
@@ -297,6 +305,7 @@ class GrowingCorpus(LookupCorpus):
         built = None
         try:
             built = self._rebuilt(generation, answers)
+            self._write(built)
         finally:  # (a failed rebuild leaves the corpus as it was; the next one may be started)
             with self._lock:
                 if built is not None and (self._built is None or self._built[0] < generation):
@@ -305,6 +314,27 @@ class GrowingCorpus(LookupCorpus):
 
     def _rebuilt(self, generation: int, answers: list[list[int]]) -> tuple:
         return generation, _merged(LookupCorpus.build(answers), self.base, self.capacity), len(answers)
+
+    def _write(self, built: tuple, strict: bool = False) -> None:
+        """A rebuild's tables to `path`, unless a newer one's are there. While decoding goes on a failed write is
+        a warning (the next rebuild tries again; `strict`, the command's end: an MTPError)."""
+        generation, tables, answers = built
+        if self.path is None:
+            return
+        with self._write_lock:
+            if generation <= self._written:
+                return
+            try:
+                _write(self.path, *tables, (self.base.answers if self.base is not None else 0) + answers)
+            except (MTPError, OSError) as e:
+                if strict:
+                    raise MTPError(f"--save-corpus: {e}") from e
+                if not self._write_failed:
+                    self._write_failed = True
+                    print(f"mtp: warning: the lookup corpus was not written ({e}); decoding goes on",
+                          file=sys.stderr, flush=True)
+                return
+            self._written = generation
 
     def _install_built(self) -> None:
         """Install a finished rebuild newer than the tables installed (called under the lock, on the decoding
@@ -331,6 +361,29 @@ class GrowingCorpus(LookupCorpus):
             if device.type != "cpu":  # (on the CPU the copies are these tensors)
                 for copy, source in zip(copies, (self.keys, self.drafts, self.counts), strict=True):
                     copy.copy_(source)
+
+
+def finish_corpus(corpus: LookupCorpus | None) -> None:
+    """A command's end (however it ends): a growing corpus with a file (`--save-corpus`) writes what it took in,
+    and says so on stderr."""
+    if isinstance(corpus, GrowingCorpus) and corpus.path is not None:
+        corpus.finish()
+        print(f"mtp: lookup corpus ({len(corpus)} sequences, {corpus.added} answers taken in) written to "
+              f"{corpus.path}", file=sys.stderr, flush=True)
+
+
+def _write(path: str | Path, keys: np.ndarray, drafts: np.ndarray, counts: np.ndarray, answers: int) -> Path:
+    """A corpus's tables as safetensors (written beside and renamed: a crash leaves the old file or none)."""
+    from safetensors.numpy import save_file
+
+    from mtp.io import atomic_path
+
+    with atomic_path(path) as tmp:
+        save_file({"keys": np.ascontiguousarray(keys, np.int64), "drafts": np.ascontiguousarray(drafts, np.int32),
+                   "counts": np.ascontiguousarray(counts, np.uint8)},
+                  str(tmp), metadata={"format": _FORMAT, "answers": str(answers),
+                                      "ngram_sizes": ",".join(map(str, NGRAM_SIZES))})
+    return Path(path)
 
 
 def fixed_corpus(corpus: LookupCorpus | None) -> LookupCorpus | None:

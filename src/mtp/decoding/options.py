@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from mtp.arguments import check_output
 from mtp.errors import MTPError
 from mtp.io import input_file
 from mtp.runtime import DType, Graphs, Runtime, graphs_option, resolve_runtime, set_threads
@@ -43,6 +44,9 @@ class DraftOptions:
         grow_corpus: with --lookup, add every answer this command decodes to the lookup corpus (from
             --lookup-corpus's, or empty), so later prompts draft from earlier answers: a server's requests, a
             --prompts file, a conversation's turns. Same answers.
+        save_corpus: with --grow-corpus, write the grown corpus to this file (safetensors) as it is rebuilt and
+            when the command ends (a server: as it stops); --lookup-corpus FILE reads it back, so a restarted
+            server drafts from the answers of the last (give both the same file to keep growing it).
     """
 
     tau: float = 0.9
@@ -54,6 +58,7 @@ class DraftOptions:
     lookup: int = 0
     lookup_corpus: str = "none"
     grow_corpus: bool = False
+    save_corpus: str | None = None
 
     def check(self) -> None:
         check_tree_spec(self.tree)
@@ -62,6 +67,11 @@ class DraftOptions:
         check_corpus_choice(self.lookup_corpus)
         if self.grow_corpus and not self.lookup:
             raise MTPError("--grow-corpus adds answers to the drafts of --lookup: give --lookup N too")
+        if self.save_corpus is not None:
+            if not self.grow_corpus:
+                raise MTPError("--save-corpus writes the corpus --grow-corpus grows: give --grow-corpus (and "
+                               "--lookup N) too")
+            check_output(self.save_corpus, "file", "--save-corpus")
 
     def corpus(self, model, seeded: bool = False):
         """--lookup-corpus for `model` (a `mtp.decoding.corpus.LookupCorpus`, or None: without --lookup, with
@@ -73,7 +83,7 @@ class DraftOptions:
         if not self.lookup:
             return None
         corpus = chosen_corpus(self.lookup_corpus, model)
-        return GrowingCorpus(corpus, background=not seeded) if self.grow_corpus else corpus
+        return GrowingCorpus(corpus, background=not seeded, path=self.save_corpus) if self.grow_corpus else corpus
 
     def generate_kwargs(self) -> dict:
         return dict(tau=self.tau, k=self.k, num_draft=self.num_draft, adaptive_draft=self.adaptive_draft,

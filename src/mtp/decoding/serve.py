@@ -32,6 +32,7 @@ from mtp.arguments import check_values
 from mtp.decoding import openai_api as api
 from mtp.decoding.batcher import Batcher, Finished, Job
 from mtp.decoding.commands import IncrementalText, StreamedText, encode_prompts
+from mtp.decoding.corpus import finish_corpus
 from mtp.decoding.generate import context_limit, context_room
 from mtp.decoding.options import DraftOptions, WeightOptions
 from mtp.decoding.prefixes import PromptCache
@@ -557,9 +558,11 @@ def serve(model: str | None = None, host: str = "127.0.0.1", port: int = 8000, s
     max_batch_size = default_batch_rows(runtime.device) if max_batch_size is None else max_batch_size
     resolve_model(model)  # a model that is not there: one line before the port is taken
     server = Server(host, port)
+    corpus = None
     try:
         m = weights.load(model, runtime, strategy)
-        batcher = Batcher(m, dict(strategy=strategy, graphs=use_graphs, lookup_corpus=drafts.corpus(m),
+        corpus = drafts.corpus(m)
+        batcher = Batcher(m, dict(strategy=strategy, graphs=use_graphs, lookup_corpus=corpus,
                                   **drafts.generate_kwargs()), max_batch_size,
                           batch_window_ms / 1000, join=batching == "continuous",
                           prompt_cache=PromptCache(prompt_cache_mb << 20) if prompt_cache_mb else None)
@@ -574,6 +577,7 @@ def serve(model: str | None = None, host: str = "127.0.0.1", port: int = 8000, s
         batching = "continuous" if batcher.join else "static"
         kept = f", a prompt cache of {prompt_cache_mb} MiB" if prompt_cache_mb else ""
         kept += ", lookup drafts from its answers too" if drafts.grow_corpus else ""
+        kept += f" (kept in {drafts.save_corpus})" if drafts.save_corpus else ""
         print(f"mtp serve: {server.model_name} ({strategy} decoding on {weights.describe(runtime)}, {batching} "
               f"batching{kept}) at {server.url}/v1 (POST {api.COMPLETIONS}, {api.CHAT}; GET /v1/models); Ctrl-C "
               "stops", file=sys.stderr, flush=True)
@@ -595,6 +599,7 @@ def serve(model: str | None = None, host: str = "127.0.0.1", port: int = 8000, s
             # (their HTTP threads see it within a poll) rather than cut off: a streamed answer cut short reads as
             # whole to a client that does not look for its finish_reason
             server.finish_requests(1)
+        finish_corpus(corpus)  # (--save-corpus: once the decoding thread has stopped)
     return 0
 
 

@@ -14,6 +14,7 @@ from typing import Literal
 import torch
 
 from mtp.arguments import check_values
+from mtp.decoding.corpus import finish_corpus
 from mtp.decoding.options import DraftOptions, WeightOptions
 from mtp.errors import MTPError
 from mtp.hub import resolve_model
@@ -155,10 +156,14 @@ def eval_(
         _check_context(m, prompts, shots, max_new_tokens, strategy, decode)  # before anything is written
         identity = {**settings, "fingerprint": model_fingerprint(m), "chat": use_chat}
         wait = CoreWait()
-        summary = run_eval(m, tok, prompts, out, identity, strategy=strategy, graphs=use_graphs,
-                           max_new_tokens=max_new_tokens, batch_size=batch_size, resume=resume, progress=progress,
-                           runtime={**runtime.to_dict(), "batch_size": batch_size}, lookup_corpus=drafts.corpus(m),
-                           **decode)
+        corpus = drafts.corpus(m)
+        try:
+            summary = run_eval(m, tok, prompts, out, identity, strategy=strategy, graphs=use_graphs,
+                               max_new_tokens=max_new_tokens, batch_size=batch_size, resume=resume,
+                               progress=progress, runtime={**runtime.to_dict(), "batch_size": batch_size},
+                               lookup_corpus=corpus, **decode)
+        finally:
+            finish_corpus(corpus)
         title = (f"GSM8K gsm8k_cot, {shots}-shot, {'chat' if use_chat else 'plain'} prompts, {tag}, "
                  f"{summary['n']} problem{'s' if summary['n'] != 1 else ''}, "
                  f"batch {min(batch_size, max(summary['n'], 1))}, {runtime.describe()}")
