@@ -87,6 +87,15 @@ def test_the_table_and_its_lookup_match_counting(answers, rows, min_count, max_t
         assert corpus_lookup(corpus, [list(w) for w in words], MAX_DRAFTS) == [table[w] for w in words]
 
 
+def test_a_corpus_of_token_ids_past_the_vocabulary_is_one_line_error():
+    """Another model's corpus (`--lookup-corpus FILE`): an MTPError before decoding, not an index error."""
+    model = tiny_mtp("llama", num_heads=3, vocab_size=40)
+    corpus = LookupCorpus.build([[1, 1, 50, 51, 52]] * 3)
+    with pytest.raises(MTPError, match="the lookup corpus holds token id 52, past this model's vocabulary"):
+        generate(model, torch.tensor([[7, 3, 1]]), max_new_tokens=6, strategy="speculative", lookup=4,
+                 lookup_corpus=corpus)
+
+
 def test_rows_whose_own_match_is_short_take_the_corpus_drafts():
     corpus = LookupCorpus.build([[1, 2, 3, 4, 5, 6]] * 2)
     history = torch.tensor([[9, 1, 2, 0, 0], [2, 3, 7, 2, 3], [8, 8, 2, 0, 0]])

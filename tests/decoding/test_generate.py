@@ -394,6 +394,12 @@ def test_draft_vocabulary_limits_what_extra_heads_propose():
     assert all(t in allowed for i, t in enumerate(static) if i % 4)  # tokens 2..4 of each block: extra heads
     spec = generate(model, prompt, max_new_tokens=30, strategy="speculative", stop_token_ids=[])
     assert spec.tokens[0] == reference_greedy(model, [1, 2, 3, 4], 30)
+    shallow = tiny_mtp("llama", num_heads=2, dtype=torch.float64, vocab_size=64)  # (one draft: nodes are ranks)
+    shallow.set_draft_vocab(allowed[:4])
+    for tree in ("auto", "dynamic"):  # 8 nodes asked, 4 candidates: the tree ranks no more than 4
+        tree_spec = generate(shallow, prompt, max_new_tokens=30, strategy="speculative", stop_token_ids=[], tree=tree,
+                             tree_size=8)
+        assert tree_spec.tokens[0] == reference_greedy(shallow, [1, 2, 3, 4], 30)
     with pytest.raises(MTPError, match="draft vocabulary"):
         model.set_draft_vocab([70])
 
@@ -407,6 +413,10 @@ def test_non_finite_logits_and_wrong_argument_types_are_one_line_errors():
     with pytest.raises(MTPError, match="tree must be"):
         generate(tiny_mtp("llama", num_heads=2), torch.tensor([[1, 2]]), max_new_tokens=3, strategy="speculative",
                  tree=5)
+    for kw in ({}, {"min_new_tokens": 2}):  # (an end token banned until then: it indexed the logits)
+        with pytest.raises(MTPError, match=r"stop_token_ids must be token ids of this model's vocabulary \(0 to "):
+            generate(tiny_mtp("llama", num_heads=2), torch.tensor([[1, 2]]), max_new_tokens=3, stop_token_ids=[61],
+                     **kw)
     with pytest.raises(MTPError, match="seed must be"):
         generate(tiny_mtp("llama", num_heads=2), torch.tensor([[1, 2]]), max_new_tokens=3, do_sample=True,
                  seed=2**64)

@@ -386,6 +386,17 @@ def _write(path: str | Path, keys: np.ndarray, drafts: np.ndarray, counts: np.nd
     return Path(path)
 
 
+def check_corpus_tokens(corpus: LookupCorpus, vocab_size: int) -> None:
+    """A corpus whose drafts hold token ids past the model's vocabulary (another model's answers) is an MTPError
+    before decoding, not an index error in the embedding (on a GPU, a device-side assert)."""
+    n = len(corpus)
+    largest = int(corpus.drafts[:n].max()) if n else -1
+    if largest >= vocab_size:
+        raise MTPError(f"the lookup corpus holds token id {largest}, past this model's vocabulary (ids 0 to "
+                       f"{vocab_size - 1}): a corpus of another model's answers? Build one from this model's "
+                       "(`mtp train --targets self` writes it)")
+
+
 def fixed_corpus(corpus: LookupCorpus | None) -> LookupCorpus | None:
     """What a call whose drafts must not change with earlier answers reads: a growing corpus's base."""
     return corpus.base if isinstance(corpus, GrowingCorpus) else corpus

@@ -36,7 +36,7 @@ from mtp.decoding.blocks import (  # noqa: F401  (DraftLength, accepted_per_posi
     accepted_per_position,
     gate_records,
 )
-from mtp.decoding.corpus import GrowingCorpus, LookupCorpus
+from mtp.decoding.corpus import GrowingCorpus, LookupCorpus, check_corpus_tokens
 from mtp.decoding.drafters import Drafter, DraftRequest, Proposer, drafter_for  # noqa: F401  (DraftRequest: re-exported)
 from mtp.decoding.inputs import common_prefix, left_pad, token_batch  # noqa: F401  (common_prefix, left_pad: re-exported)
 from mtp.decoding.logprobs import TokenLogprob, unpack
@@ -799,8 +799,14 @@ def generate(model, input_ids: torch.Tensor | list, attention_mask: torch.Tensor
     graphs = _use_graphs(graphs, input_ids.device, proposer)
     input_ids, attention_mask = _fit_context(model, input_ids, attention_mask, opts, drafter.lookahead,
                                              truncate_prompt)
-    if stop_token_ids is None:
-        stop_token_ids = default_stop_token_ids(model, tokenizer)
+    vocab = model.config.vocab_size
+    if stop_token_ids is None:  # (an id the model cannot emit never ends a row: left out)
+        stop_token_ids = [t for t in default_stop_token_ids(model, tokenizer) if 0 <= t < vocab]
+    elif any(not 0 <= int(t) < vocab for t in stop_token_ids):
+        raise MTPError(f"stop_token_ids must be token ids of this model's vocabulary (0 to {vocab - 1}), got "
+                       f"{list(stop_token_ids)}")
+    if opts.lookup_corpus is not None:
+        check_corpus_tokens(opts.lookup_corpus, vocab)
     stop = StopChecker(input_ids.shape[0], stop_token_ids, None, tokenizer, device=input_ids.device, halt=halt,
                        row_strings=[r.stop_strings for r in rows],
                        prompt_tails=_prompt_tails(input_ids, attention_mask, rows) if stop_in_prompt else None)
@@ -943,8 +949,8 @@ def model_tree(model, tree, tree_size: int | None, num_draft: int | None,
     depth = model.draft_depth(k)
     depth = depth if num_draft is None else min(depth, num_draft)
     folder = getattr(getattr(model, "source", None), "location", None)
-    resolved = resolve_tree("auto" if tree is None else tree, tree_size, depth, folder)
     ranked = model.draft_vocab.numel() if getattr(model, "draft_vocab", None) is not None else model.config.vocab_size
+    resolved = resolve_tree("auto" if tree is None else tree, tree_size, depth, folder, ranks=ranked)
     if isinstance(resolved, DraftTree) and max(resolved.widths()) > ranked:
         raise MTPError(f"tree rank {max(resolved.widths()) - 1}: the heads rank {ranked} tokens (ranks 0 to "
                        f"{ranked - 1})")

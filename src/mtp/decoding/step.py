@@ -213,8 +213,11 @@ class Decoder:
             if self.opts.logprobs is not None:
                 scores = logprobs.pack(out.verify_logits, acc.scoring_slots(emitted.shape[1]), emitted,
                                        self.opts.logprobs)
-            # keep the fed tokens and the accepted drafts (a tree's path moved right after the root)
-            self.cache.keep_path(w, acc.count, acc.path, active)
+            # keep the fed tokens and the accepted drafts (a tree's path moved right after the root), no more of
+            # them than the row emits before its budget: a finished row stays in a replayed batch, masked, and its
+            # later blocks are written after what it kept, inside the slots its budget sized the cache for
+            kept = torch.minimum(acc.count, s.budget - s.produced - 1)
+            self.cache.keep_path(w, kept, acc.path, active)
             request = proposal = None
             if self.drafter.proposer is not None and self.drafter.num_drafts:  # what a custom proposer reads
                 request = DraftRequest(self.drafter.model, None, s.rows, s.produced + counts, self.opts,

@@ -469,11 +469,12 @@ DEFAULT_TREE_SIZE = 16  # nodes of an "auto" or "dynamic" tree given without a s
 
 
 def resolve_tree(spec: str | DraftTree | DynamicTree | None, size: int | None, num_drafts: int,
-                 folder: str | Path | None) -> DraftTree | DynamicTree | None:
+                 folder: str | Path | None, ranks: int | None = None) -> DraftTree | DynamicTree | None:
     """A `--tree` value -> a tree (None: the plain chain, no tree machinery).
 
     "chain": None; "auto": `build_tree` of `size` nodes (default `DEFAULT_TREE_SIZE`) from the folder's measured
-    accuracy per rank (eval.json written by `mtp train`), or a stand-in when there is none; "dynamic": a
+    accuracy per rank (eval.json written by `mtp train`), or a stand-in when there is none, from the first `ranks`
+    candidates a head ranks (a small draft vocabulary has fewer than the tree's nodes); "dynamic": a
     `DynamicTree` of `size` nodes, shaped every step from the drafts' probabilities; a .json file: a list of
     paths; a JSON list literal: the same inline.
     """
@@ -490,7 +491,8 @@ def resolve_tree(spec: str | DraftTree | DynamicTree | None, size: int | None, n
         return DynamicTree(size or DEFAULT_TREE_SIZE, num_drafts)
     if spec == "auto":
         stats = rank_accuracy_from_folder(folder, num_drafts) if folder is not None else None
-        return build_tree(stats or fallback_rank_accuracy(num_drafts), size or DEFAULT_TREE_SIZE)
+        stats = stats or fallback_rank_accuracy(num_drafts)
+        return build_tree([row[:ranks] for row in stats] if ranks else stats, size or DEFAULT_TREE_SIZE)
     text = spec
     if not spec.lstrip().startswith("["):
         path = Path(spec)
