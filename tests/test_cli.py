@@ -231,13 +231,14 @@ def test_generate_output_goes_on_from_where_a_stopped_run_left(tiny_mtp_folder, 
     """`--output F`: each answer goes to F.partial as it ends; Ctrl-C writes F with what there is and says how
     many; the same command goes on from F.partial, decoding only the prompts not answered, and ends with F as an
     uninterrupted run writes it (the journal gone). Records carry their prompt's place and the input's "id"; a
-    journal of other settings is set aside."""
+    journal of other settings is set aside (kept); an --output that is the --prompts file is refused."""
     import mtp.decoding.queue as queue_module
 
     texts = ["What is 7 + 5?", "Hi", "A box holds 12 eggs. How many are in 3 boxes?", "Tom has 3 apples.", "Go",
              "Sam has 4 pens.", "Count to three."]
     prompts = tmp_path / "p.jsonl"
-    prompts.write_text("".join(json.dumps({"id": f"q{i}", "prompt": t}) + "\n" for i, t in enumerate(texts)))
+    prompt_text = "".join(json.dumps({"id": f"q{i}", "prompt": t}) + "\n" for i, t in enumerate(texts))
+    prompts.write_text(prompt_text)
     args = ["generate", "--model", str(tiny_mtp_folder), "--prompts", str(prompts), "--max-new-tokens", "6",
             "--batch-size", "2", "--no-chat", "--no-progress"]
     code, _, err = run_cli([*args, "--output", str(tmp_path / "whole.jsonl")], capsys)
@@ -267,10 +268,15 @@ def test_generate_output_goes_on_from_where_a_stopped_run_left(tiny_mtp_folder, 
     same = ("index", "id", "prompt", "text", "token_ids")
     assert [{k: r[k] for k in same} for r in final] == [{k: r[k] for k in same} for r in whole]
 
-    (tmp_path / "o.jsonl.partial").write_text(json.dumps(journal[0]) + "\n" + json.dumps(journal[1]) + "\n")
+    earlier = json.dumps(journal[0]) + "\n" + json.dumps(journal[1]) + "\n"
+    (tmp_path / "o.jsonl.partial").write_text(earlier)
     code, _, err = run_cli([*args, "--max-new-tokens", "5", "--output", str(out)], capsys)
-    assert code == 0 and "holds the answers of other prompts, settings or weights: starting over" in err
+    assert code == 0 and "held the answers of other prompts, settings or weights: set aside as " \
+                         "o.jsonl.partial.earlier; starting over" in err
     assert all(r["new_tokens"] <= 5 for r in map(json.loads, out.read_text().splitlines()))
+    assert (tmp_path / "o.jsonl.partial.earlier").read_text() == earlier  # (those answers are not lost)
+    code, _, err = run_cli([*args, "--output", str(prompts)], capsys)
+    assert code == 2 and "the answers would replace the prompts" in err and prompts.read_text() == prompt_text
 
 
 def test_generate_with_a_draft_tree(tiny_mtp_folder, capsys):

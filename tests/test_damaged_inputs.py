@@ -337,6 +337,20 @@ def test_resume_checks_the_checkpoint_weights(run_copy, capsys):
     assert_one_line_error(code, err, "no checkpoint in", str(newest / "model.safetensors"), "damaged safetensors")
 
 
+def test_pruning_after_a_damaged_newer_checkpoint_keeps_the_good_ones(tmp_path):
+    """--resume passed over a damaged step-135 and went on from step 100; saving step 126 (--keep-checkpoints 2)
+    removed step 100 and kept the damaged one: the newest intact checkpoint after it was gone."""
+    from mtp.training.checkpoints import STATE_NAME, checkpoint_dir, list_checkpoints, prune_checkpoints
+
+    for step in (60, 100, 126, 135):
+        folder = checkpoint_dir(tmp_path, step)
+        folder.mkdir()
+        (folder / STATE_NAME).write_text("{}")
+        (folder / "config.json").write_text("{}")
+    prune_checkpoints(tmp_path, 126, keep=2)
+    assert [step for step, _ in list_checkpoints(tmp_path)] == [100, 126, 135]
+
+
 def test_the_python_api_raises_mtperror_too(tmp_path):
     from mtp.models.loading import load_mtp_model
 

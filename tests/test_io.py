@@ -163,3 +163,24 @@ def test_lines_end_where_a_files_lines_end_not_at_characters_a_line_may_hold(tmp
     assert [(r[0], r[2]) for r in read_prompt_records(str(text))] == [
         (odd, f"{text}:1"), ("second", f"{text}:3"), ("third", f"{text}:4")]
     assert file_prompt_texts(text) == [odd, "second", "third"]
+
+
+def test_a_write_to_a_link_replaces_its_target_and_to_a_pipe_writes_into_it(tmp_path):
+    """Renamed over, a link would become a file and its target stay old; /dev/null (as root) a regular file."""
+    import os
+    import threading
+
+    target = atomic_write_text(tmp_path / "real.json", "old")
+    link = tmp_path / "link.json"
+    link.symlink_to(target)
+    atomic_write_text(link, "new")
+    assert link.is_symlink() and target.read_text() == "new"
+    pipe = tmp_path / "pipe"
+    os.mkfifo(pipe)
+    read = []
+    reader = threading.Thread(target=lambda: read.append(pipe.read_text()))
+    reader.start()
+    atomic_write_text(pipe, "through")
+    reader.join(10)
+    assert read == ["through"] and not pipe.is_file() and pipe.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["link.json", "pipe", "real.json"]

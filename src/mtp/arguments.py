@@ -140,6 +140,8 @@ UNUSED_UNLESS: list[tuple[str, tuple[str, ...], Callable[..., bool], str]] = [
       for name in ("temperature", "top_p", "top_k", "min_p", "seed")),
     ("tau", ("strategy",), lambda strategy: "confadapt" in _strategies(strategy),
      "{tau}: the confidence threshold of ConfAdapt; use it with {strategy} confadapt (or drop {tau})"),
+    ("lookup_corpus", ("lookup",), lambda lookup: lookup > 0,
+     "{lookup_corpus} drafts where {lookup}'s do not: give {lookup} N too (or drop {lookup_corpus})"),
     # mtp info: what --memory decodes
     *((name, ("memory",), lambda memory: memory,
        f"{{{name}}}: with {{memory}} only; without it nothing decodes (add {{memory}}, or drop {{{name}}})")

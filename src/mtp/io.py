@@ -112,8 +112,16 @@ def _umask() -> int:
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary file name beside `path`; when the block succeeds the file written there becomes `path`."""
+    """Yield a temporary file name beside `path`; when the block succeeds the file written there becomes `path`.
+    A link's target is what is replaced (the link stays); a path that is no regular file (/dev/null, a named pipe)
+    is written as it is: renamed over, it would become a file (as root, /dev/null)."""
     path = Path(path)
+    if path.is_symlink():
+        path = Path(os.path.realpath(path))
+    if path.exists() and not path.is_file() and not path.is_dir():
+        with disk_errors(path):
+            yield path
+        return
     with disk_errors(path):
         try:
             path.parent.mkdir(parents=True, exist_ok=True)

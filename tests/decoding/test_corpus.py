@@ -394,6 +394,18 @@ def test_cuda_replayed_steps_read_a_growing_corpus_from_its_device_copies():
     decode_twice_with_a_growing_corpus(model, "cuda", True)
 
 
+@pytest.mark.parametrize("command", [["generate", "--prompt", "hi", "--strategy", "speculative"], ["serve"],
+                                     ["eval", "--strategy", "speculative"]])
+def test_a_damaged_corpus_file_is_refused_before_the_model_loads(command, tmp_path, capsys):
+    from mtp.cli import run
+
+    garbage = tmp_path / "corpus.safetensors"
+    garbage.write_bytes(bytes(range(256)) * 4)
+    missing = ["--model", str(tmp_path / "no-model")]  # (one it looked for first: "model not found")
+    with pytest.raises(MTPError, match="corpus.safetensors is not a valid safetensors file"):
+        run([*command, *missing, "--lookup", "2", "--lookup-corpus", str(garbage)])
+
+
 def test_grow_corpus_on_the_command_line(tiny_mtp_folder, tmp_path, capsys):
     from mtp.cli import run
 

@@ -98,7 +98,7 @@ def test_eval_keeps_its_grown_lookup_corpus(tiny_model_dir, gsm8k_file, tmp_path
     assert LookupCorpus.load(saved).answers == 3  # (the last rebuild, at 2 answers: the third went in at the end)
 
 
-def test_eval_and_bench_with_no_progress_log_plain_lines(tiny_model_dir, gsm8k_file, tmp_path, capsys,
+def test_eval_bench_and_generate_with_no_progress_log_plain_lines(tiny_model_dir, gsm8k_file, tmp_path, capsys,
                                                          monkeypatch):
     """--no-progress (a batch job's log): no bar, but a plain line every few minutes with what the bar shows."""
     import mtp.progress as progress
@@ -109,9 +109,13 @@ def test_eval_and_bench_with_no_progress_log_plain_lines(tiny_model_dir, gsm8k_f
                     "--output", str(tmp_path / "e")]) == 0
     assert cli_run(["bench", *common, "--prompts", str(gsm8k_file), "--no-hf", "--no-fp16", "--strategy", "greedy",
                     "--output", str(tmp_path / "b")]) == 0
+    (tmp_path / "p.txt").write_text("hi\nhello\n")
+    assert cli_run(["generate", *common[:2], "--prompts", str(tmp_path / "p.txt"), "--max-new-tokens", "2",
+                    "--no-progress", "--json"]) == 0
     err = capsys.readouterr().err
     assert "mtp gsm8k greedy: 2 of 2 problems (100%)" in err and "; flexible=" in err, err
     assert "mtp bench: 2 of 2 calls (100%)" in err, err
+    assert "generate (greedy): 2 of 2 prompts (100%)" in err, err
     assert "%|" not in err and "\r" not in err, err
 
 

@@ -414,6 +414,9 @@ def test_cli_refuses_to_overwrite(meta_folder, tmp_path, capsys):
     assert run_cli(["convert", "--from", "meta", "--input", str(meta_folder), "--output", str(out),
                     "--overwrite"]) == 0
     assert not (out / "keep.txt").exists() and (out / "config.json").exists()
+    assert run_cli(["convert", "--from", "meta", "--input", str(meta_folder), "--output", str(meta_folder.parent),
+                    "--overwrite"]) == 2  # (replacing the folder that holds the input would delete it)
+    assert "would delete the input" in capsys.readouterr().err and (meta_folder / "params.json").exists()
 
 
 def test_cli_missing_params_json_is_one_line_exit_2(meta_folder, tmp_path, capsys):

@@ -40,6 +40,7 @@ from mtp.io import (
     text_lines,
 )
 from mtp.options import with_flat_keywords
+from mtp.progress import progress_bar
 from mtp.runtime import CoreWait
 
 # What a record may mean by a field it names otherwise (OpenAI's or transformers' spelling), or a setting that is the
@@ -250,8 +251,8 @@ def generate(model: str | None = None, prompt: str | None = None, prompts: str |
     if isinstance(corpus, GrowingCorpus):  # a run that goes on drafts from the answers it had too
         for i in sorted(done):
             corpus.add(done[i].get("token_ids") or [])
-    bar = tqdm(total=len(texts), initial=len(done), desc=f"generate ({strategy})", unit="prompt",
-               disable=len(texts) < 2 or not progress, file=sys.stderr)
+    bar = progress_bar(progress, len(texts), f"generate ({strategy})", "prompt", initial=len(done)) \
+        if len(texts) > 1 else tqdm(disable=True)  # (--no-progress: a plain line every few minutes)
     out = _Printed(texts, tok, json, stream, bar, rows=min(batch_size, len(texts)),
                    stops=[s["stop_strings"] for s in settings], ids=[r[3] for r in records], journal=journal)
     wait = CoreWait()
@@ -291,6 +292,10 @@ def _checked_inputs(prompt: str | None, prompts: str | None, strategy: str, max_
     model loads (a bad flag or record is one line, exit 2, before any long work)."""
     if (prompt is None) == (prompts is None):
         raise MTPError("give exactly one of --prompt or --prompts")
+    if prompts is not None and output is not None and Path(output).expanduser().resolve() == \
+            Path(prompts).expanduser().resolve():
+        raise MTPError(f"--output {output} is the --prompts file: the answers would replace the prompts; give "
+                       "another file")
     records = [(prompt, {}, "--prompt", None)] if prompt is not None else read_prompt_records(prompts)
     texts = [text for text, _, _, _ in records]
     if prompt is not None and not prompt:
@@ -402,7 +407,8 @@ class _Journal:
     naming what makes them (the model's weights, the prompts, their settings): a run that stops (Ctrl-C, a kill, a
     full disk) loses only the answers it was decoding, and the same command goes on from the others. When every
     prompt is answered the records are written to OUTPUT (atomically) in the prompts' order, and the journal goes.
-    A journal of another command (other prompts, settings or weights) is set aside: the run starts over."""
+    A journal of another command (other prompts, settings or weights) is set aside (renamed OUTPUT.partial.earlier)
+    and the run starts over."""
 
     FORMAT = "mtp-generate-journal"
 
@@ -427,10 +433,12 @@ class _Journal:
             self.done = {r["index"]: r for r in records[1:] if isinstance(r.get("index"), int)}
             print(f"mtp generate: going on from {self.path}: {len(self.done)} of {len(identity['prompts'])} prompts "
                   "answered before", file=sys.stderr)
-        elif self.path.exists():
-            print(f"mtp generate: {self.path} holds the answers of other prompts, settings or weights: starting over",
-                  file=sys.stderr)
-            self.path.unlink()
+        elif self.path.exists():  # set aside, not deleted: those answers may be all a user has of that run
+            aside = next(p for n in range(1, 10_000) if not (p := self.path.with_name(
+                f"{self.path.name}.earlier{'' if n == 1 else f'-{n}'}")).exists())
+            self.path.rename(aside)
+            print(f"mtp generate: {self.path} held the answers of other prompts, settings or weights: set aside as "
+                  f"{aside.name}; starting over", file=sys.stderr)
         self._sink = None
 
     def add(self, record: dict) -> None:

@@ -465,11 +465,12 @@ def folder_corpus(folder: str | Path | None) -> LookupCorpus | None:
 
 
 def check_corpus_choice(choice: str) -> None:
-    """A --lookup-corpus value names "none", "auto" or a file that is there (checked before a model loads)."""
+    """A --lookup-corpus value names "none", "auto" or a corpus file that reads (checked before a model loads:
+    it is read again after, a few MB at most)."""
     if choice not in ("auto", "none"):
         from mtp.io import input_file
 
-        input_file(choice, "lookup corpus")
+        LookupCorpus.load(input_file(choice, "lookup corpus"))
 
 
 def chosen_corpus(choice: str, model) -> LookupCorpus | None:

@@ -96,6 +96,9 @@ def _detect_format(input: str) -> str:
 def _check_output(input: Path, output: Path, overwrite: bool) -> None:
     if output.exists() and input.exists() and output.resolve() == input.resolve():
         raise MTPError(f"--output {output} is the input; write to another folder")
+    if output.exists() and input.exists() and input.resolve().is_relative_to(output.resolve()):
+        raise MTPError(f"--output {output} holds the input {input}: replacing it would delete the input; write to "
+                       "another folder")
     if output.exists() and not output.is_dir():
         raise MTPError(f"--output {output} exists and is not a folder")
     if output.is_dir() and any(output.iterdir()) and not overwrite:

@@ -139,10 +139,16 @@ def save_checkpoint(root: str | os.PathLike, step: int, model, state: dict, keep
         # itself atomic: takes the place of the empty temporary folder
         model.save_pretrained(tmp, frozen_apart=True, link_from=link_from)
         save_trainer_state(tmp, {**state, "step": step})
-    if keep is not None and keep > 0:
-        for _, old in list_checkpoints(root)[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
+    prune_checkpoints(root, step, keep)
     return checkpoint_dir(root, step)
+
+
+def prune_checkpoints(root: Path, step: int, keep: int | None) -> None:
+    """Keep the last `keep` checkpoints up to `step`. One past it (a damaged one `--resume` passed over, going on
+    from an older) is neither counted nor removed: counted, it would have pushed out the good ones before it."""
+    if keep is not None and keep > 0:
+        for _, old in [c for c in list_checkpoints(root) if c[0] <= step][:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
 
 
 def save_sharded_checkpoint(root: str | os.PathLike, step: int, model, optimizer, state: dict,
@@ -164,9 +170,8 @@ def save_sharded_checkpoint(root: str | os.PathLike, step: int, model, optimizer
         if main:
             save_trainer_state(tmp, {**state, "optimizer_param_groups": groups, "step": step})
         barrier()  # every rank's shards are written before rank 0 renames the folder
-    if main and keep is not None and keep > 0:
-        for _, old in list_checkpoints(root)[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
+    if main:
+        prune_checkpoints(root, step, keep)
     barrier()
     return final
 
