@@ -75,6 +75,20 @@ def test_bad_flags_are_one_line_before_any_work(args, message, capsys):
     assert_one_line_error(code, err, message)
 
 
+@pytest.mark.parametrize("command", ["eval", "bench"])
+@pytest.mark.parametrize("kind", ["mtp", "run"])
+def test_reports_are_not_written_into_a_model_or_a_training_run(folders, tmp_path, command, kind, capsys):
+    """Written among a model's files, eval's reports made its folder one `save_pretrained` refuses."""
+    target = folders / "mtp" if kind == "mtp" else tmp_path / "run"
+    if kind == "run":
+        target.mkdir()
+        (target / "train_config.json").write_text("{}")
+    before = sorted(p.name for p in target.iterdir())
+    code, err = run_cli([command, "--model", folders / "mtp", "--output", target], capsys)
+    assert_one_line_error(code, err, f"--output {target} holds a {'model' if kind == 'mtp' else 'training run'}")
+    assert sorted(p.name for p in target.iterdir()) == before
+
+
 def test_the_python_api_checks_seeds_and_types(llama_mtp):
     from mtp.training.loop import TrainConfig
 
@@ -163,6 +177,18 @@ def test_training_settings_that_cannot_run_are_refused_first(folders, tmp_path, 
                          tmp_path / "run", "--steps", "1", "--seq-len", "32", "--no-progress", *extra], capsys)
     assert_error(code, err, message)
     assert not (tmp_path / "run").exists()  # refused before anything was written
+
+
+def test_data_that_leaves_nothing_to_train_leaves_no_run_folder(folders, tmp_path, capsys):
+    """Every answer cut off by --seq-len: one line, and no folder with a train_config.json that a second run
+    would take for a run to resume."""
+    data = tmp_path / "qa.jsonl"
+    data.write_text("".join(json.dumps({"question": "Janet has 3 eggs and 4 ducks. " * 4, "answer": "7"}) + "\n"
+                            for _ in range(6)))
+    code, err = run_cli(["train", "--model", folders / "hf", "--data", data, "--output", tmp_path / "run",
+                         "--steps", "1", "--seq-len", "8", "--no-progress"], capsys)
+    assert_error(code, err, "no training tokens")
+    assert not (tmp_path / "run").exists()
 
 
 def test_bench_train_checks_the_sequence_length(folders, tmp_path, capsys):

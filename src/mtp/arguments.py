@@ -297,6 +297,16 @@ def check_output(path: str | os.PathLike, kind: OutputKind, flag: str = "--outpu
         raise MTPError(f"{flag} {path} cannot be written: no permission to write in it")
 
 
+def check_report_folder(path: str, flag: str = "--output") -> None:
+    """A folder `mtp eval` or `bench` writes its reports into is not a model's or a training run's: written among
+    their files, the reports would be taken for theirs (and `save_pretrained` would refuse the folder after)."""
+    folder = Path(path).expanduser()
+    for name, what in (("config.json", "a model"), ("train_config.json", "a training run")):
+        if (folder / name).is_file():
+            raise MTPError(f"{flag} {path} holds {what} ({name}): give a folder of its own for the reports (e.g. "
+                           f"{Path(path) / 'reports'})")
+
+
 def check_unused(arguments: Mapping[str, object], defaults: Mapping[str, object]) -> None:
     """Raise MTPError for an option of `UNUSED_UNLESS` set away from its default (`defaults`) in a mode that would
     ignore it."""
@@ -318,6 +328,8 @@ def check_command_arguments(command: str, arguments: Mapping[str, object],
     for name, kind in OUTPUTS.get(command, {}).items():
         if arguments.get(name) is not None:
             check_output(str(arguments[name]), kind, spelled(name, True))
+    if command in ("eval", "bench") and arguments.get("output") is not None:
+        check_report_folder(str(arguments["output"]), spelled("output", True))
     if arguments.get("num_trunk_layers") is not None and not arguments.get("resume"):  # (a run's own model)
         from mtp.hub import check_trunk_layers
 

@@ -301,9 +301,10 @@ def _training_data(a: _Args, args: dict, out: Path, method, mtp_model, par: Para
         return *_self_answered_data(a, args, out, method, mtp_model, par, store, examples), store
     held = held_out(len(examples), a.holdout, a.seed, max_items=a.holdout_max)
     _check_train_left(a, len(examples) - len(held), len(held))
-    if par is None or par.is_main:
+    rows = tokenize_split(examples, held, mtp_model.tokenizer, a.template, a.seq_len, a.loss_on, a.pack)
+    if par is None or par.is_main:  # (after: rows that leave nothing to train on leave no run folder behind)
         _write_train_config(out, args, a, method)
-    return *tokenize_split(examples, held, mtp_model.tokenizer, a.template, a.seq_len, a.loss_on, a.pack), store
+    return *rows, store
 
 
 def _self_answered_data(a: _Args, args: dict, out: Path, method, mtp_model, par: Parallel | None, store, examples):
