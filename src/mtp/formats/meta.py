@@ -24,6 +24,7 @@ import functools
 import json
 import math
 import os
+import pickle
 import sys
 from pathlib import Path
 
@@ -156,6 +157,9 @@ def _load_shard(path: Path) -> tuple[dict[str, torch.Tensor], bool]:
             if "mmap" not in str(e):
                 raise
             state, mapped = torch.load(path, weights_only=True, map_location="cpu"), False
+    except pickle.UnpicklingError as e:  # (torch's text goes on to suggest weights_only=False: not to a user)
+        raise MTPError(f"cannot read {path}: it holds Python objects besides tensors, which mtp does not unpickle "
+                       "(unpickling runs code the file names); convert it to safetensors with a tool you trust") from e
     except Exception as e:  # torch raises many types for a corrupt or non-weights file
         raise MTPError(f"cannot read {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
