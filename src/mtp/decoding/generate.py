@@ -799,14 +799,9 @@ def generate(model, input_ids: torch.Tensor | list, attention_mask: torch.Tensor
     graphs = _use_graphs(graphs, input_ids.device, proposer)
     input_ids, attention_mask = _fit_context(model, input_ids, attention_mask, opts, drafter.lookahead,
                                              truncate_prompt)
-    vocab = model.config.vocab_size
-    if stop_token_ids is None:  # (an id the model cannot emit never ends a row: left out)
-        stop_token_ids = [t for t in default_stop_token_ids(model, tokenizer) if 0 <= t < vocab]
-    elif any(not 0 <= int(t) < vocab for t in stop_token_ids):
-        raise MTPError(f"stop_token_ids must be token ids of this model's vocabulary (0 to {vocab - 1}), got "
-                       f"{list(stop_token_ids)}")
+    stop_token_ids = _end_tokens(model, tokenizer, stop_token_ids)
     if opts.lookup_corpus is not None:
-        check_corpus_tokens(opts.lookup_corpus, vocab)
+        check_corpus_tokens(opts.lookup_corpus, model.config.vocab_size)
     stop = StopChecker(input_ids.shape[0], stop_token_ids, None, tokenizer, device=input_ids.device, halt=halt,
                        row_strings=[r.stop_strings for r in rows],
                        prompt_tails=_prompt_tails(input_ids, attention_mask, rows) if stop_in_prompt else None)
@@ -1009,6 +1004,18 @@ def _context_words(model, limit: int) -> str:
     """How an error names the model's context (a sliding window that limits it says so)."""
     return f"the model's context of {limit} tokens" + (
         " (its sliding attention window)" if attention_window_of(model) == limit else "")
+
+
+def _end_tokens(model, tokenizer, given: Sequence[int] | None) -> list[int]:
+    """`generate`'s stop_token_ids: the given ones, which must be in the vocabulary (an index error later
+    otherwise), or the model's and tokenizer's end tokens, less any the model cannot emit."""
+    vocab = model.config.vocab_size
+    if given is None:
+        return [t for t in default_stop_token_ids(model, tokenizer) if 0 <= t < vocab]
+    if any(not 0 <= int(t) < vocab for t in given):
+        raise MTPError(f"stop_token_ids must be token ids of this model's vocabulary (0 to {vocab - 1}), got "
+                       f"{list(given)}")
+    return list(given)
 
 
 def default_stop_token_ids(model, tokenizer) -> list[int]:
