@@ -112,14 +112,15 @@ def test_each_row_keeps_its_own_budget(data, graphs, replayed):
     assert batch.tokens == alone and all(len(t) <= n for t, n in zip(batch.tokens, budgets, strict=True))
 
 
-def test_a_row_that_accepts_drafts_past_its_budget_keeps_no_more_than_it_emits(replayed):
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
+def test_a_row_that_accepts_drafts_past_its_budget_keeps_no_more_than_it_emits(replayed, device):
     """Row 0 loops, and its 8 lookup drafts are accepted each step, past its last tokens; row 1 (penalized) goes
     on. Replayed, the finished row stays in the batch, masked, and its later blocks are written after what it kept:
-    with every accepted draft kept they were written past the cache's end (an index error), eager decoding
-    (which drops the row) was fine."""
-    model = tiny_mtp("gpt2", num_heads=2, seed=47088, dtype=torch.float64, vocab_size=300, layers=2)
+    with every accepted draft kept they were written past the cache's end (an index error; on a GPU a
+    device-side assert), eager decoding (which drops the row) was fine."""
+    model = tiny_mtp("gpt2", num_heads=2, seed=47088, dtype=torch.float64, vocab_size=300, layers=2).to(device)
     prompts = [[150, 240, 165, 115] + [225] * 20, [32, 9, 92, 88, 260, 287, 247, 32, 295, 78, 0, 194]]
-    ids, mask = left_pad(prompts)
+    ids, mask = (t.to(device) for t in left_pad(prompts))
     kw = dict(max_new_tokens=49, strategy="speculative", lookup=8, adaptive_draft=False, stop_token_ids=[],
               repetition_penalty=[1.0, 3.0])
     eager = generate(model, ids, mask, graphs=False, **kw)

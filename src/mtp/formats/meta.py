@@ -157,7 +157,7 @@ def _load_shard(path: Path) -> tuple[dict[str, torch.Tensor], bool]:
             if "mmap" not in str(e):
                 raise
             state, mapped = torch.load(path, weights_only=True, map_location="cpu"), False
-    except pickle.UnpicklingError as e:  # (torch's text goes on to suggest weights_only=False: not to a user)
+    except pickle.UnpicklingError as e:  # (torch's own text goes on to suggest loading it unsafely: not for a user)
         raise MTPError(f"cannot read {path}: it holds Python objects besides tensors, which mtp does not unpickle "
                        "(unpickling runs code the file names); convert it to safetensors with a tool you trust") from e
     except Exception as e:  # torch raises many types for a corrupt or non-weights file
