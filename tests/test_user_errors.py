@@ -248,11 +248,14 @@ def test_generate_says_what_is_wrong(folders, tmp_path, args, message, capsys):
     assert_one_line_error(code, err, message)
 
 
-@pytest.mark.parametrize("other, message", [("vocab", "has another tokenizer or vocabulary than --model"),
-                                            ("base", "is another base model than --model: hidden_size 64 (not 32)")])
+@pytest.mark.parametrize("other, message", [
+    ("vocab", "has another tokenizer or vocabulary than --model"),
+    ("base", "is another base model than --model: hidden_size 64 (not 32)"),
+    ("context", "is another base model than --model: max_position_embeddings 128 (not 256)")])
 def test_bench_also_needs_the_same_base_model(folders, tmp_path, other, message, capsys):
     tok = tiny_tokenizer(200) if other == "vocab" else tiny_tokenizer()
-    model = tiny_mtp("llama", num_heads=2, vocab_size=len(tok), hidden=64 if other == "base" else 32)
+    model = tiny_mtp("llama", num_heads=2, vocab_size=len(tok), hidden=64 if other == "base" else 32,
+                     context=128 if other == "context" else 256)
     model.tokenizer = tok
     folder = model.save_pretrained(tmp_path / other)
     code, err = run_cli(["bench", "--model", folders / "mtp", "--also", folder, "--output", tmp_path / "b",

@@ -387,7 +387,9 @@ def _bandwidth(device: torch.device, gbs: float | None) -> dict:
 
 
 # What makes two checkpoints the same base model (fine-tuned weights aside), as a config spells it.
-_ARCHITECTURE = ("model_type", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")
+# (the context too: a shorter one's rows fail once a prompt outgrows it, some calls into the benchmark)
+_ARCHITECTURE = ("model_type", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+                 "max_position_embeddings")
 
 
 def check_same_base(model, other, label: str) -> None:
