@@ -91,9 +91,10 @@ def test_a_corpus_of_token_ids_past_the_vocabulary_is_one_line_error():
     """Another model's corpus (`--lookup-corpus FILE`): an MTPError before decoding, not an index error."""
     model = tiny_mtp("llama", num_heads=3, vocab_size=40)
     corpus = LookupCorpus.build([[1, 1, 50, 51, 52]] * 3)
-    with pytest.raises(MTPError, match="the lookup corpus holds token id 52, past this model's vocabulary"):
-        generate(model, torch.tensor([[7, 3, 1]]), max_new_tokens=6, strategy="speculative", lookup=4,
-                 lookup_corpus=corpus)
+    for passed in (corpus, GrowingCorpus(corpus)):  # (a growing one: its base; its answers are the model's own)
+        with pytest.raises(MTPError, match="the lookup corpus holds token id 52, past this model's vocabulary"):
+            generate(model, torch.tensor([[7, 3, 1]]), max_new_tokens=6, strategy="speculative", lookup=4,
+                     lookup_corpus=passed)
 
 
 def test_rows_whose_own_match_is_short_take_the_corpus_drafts():

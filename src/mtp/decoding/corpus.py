@@ -24,6 +24,7 @@ collides costs a draft the verifier refuses, never a wrong token.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import os
 import sys
@@ -92,6 +93,11 @@ class LookupCorpus:
 
     def __repr__(self) -> str:
         return f"LookupCorpus({len(self)} sequences, from {self.answers} answers)"
+
+    @functools.cached_property
+    def largest_token(self) -> int:
+        """The largest token id its drafts hold (-1: none): a corpus's tables never change once made."""
+        return int(self.drafts[:len(self)].max()) if len(self) else -1
 
     @classmethod
     def build(cls, answers: Iterable[Sequence[int]], min_count: int = MIN_COUNT) -> LookupCorpus:
@@ -225,6 +231,11 @@ class GrowingCorpus(LookupCorpus):
         self._write_failed = False  # (said once)
         self._install(*_merged(None, base, capacity))
         self.answers = base.answers if base is not None else 0
+
+    @property
+    def largest_token(self) -> int:
+        """Its base's: the answers it takes in are the model's own tokens (read at every call: not scanned)."""
+        return self.base.largest_token if self.base is not None else -1
 
     def __repr__(self) -> str:
         return f"GrowingCorpus({len(self)} sequences, {self.added} answers taken in, capacity {self.capacity})"
@@ -389,8 +400,7 @@ def _write(path: str | Path, keys: np.ndarray, drafts: np.ndarray, counts: np.nd
 def check_corpus_tokens(corpus: LookupCorpus, vocab_size: int) -> None:
     """A corpus whose drafts hold token ids past the model's vocabulary (another model's answers) is an MTPError
     before decoding, not an index error in the embedding (on a GPU, a device-side assert)."""
-    n = len(corpus)
-    largest = int(corpus.drafts[:n].max()) if n else -1
+    largest = corpus.largest_token
     if largest >= vocab_size:
         raise MTPError(f"the lookup corpus holds token id {largest}, past this model's vocabulary (ids 0 to "
                        f"{vocab_size - 1}): a corpus of another model's answers? Build one from this model's "
