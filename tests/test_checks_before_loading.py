@@ -137,22 +137,62 @@ def test_num_trunk_layers_is_checked_against_the_config_or_gguf_header(tmp_path,
     import mtp.hub
     from conftest import tiny_base, tiny_mtp
     from gguf_helpers import write_tiny_gguf
-    from mtp.hub import check_trunk_layers, layer_count
+    from mtp.hub import ModelSizes, check_model_sizes, model_sizes
 
-    base = tiny_base()  # 3 layers
+    base = tiny_base()  # 3 layers, 61 tokens, 256 positions
     base.save_pretrained(tmp_path / "hf")
     gguf_file = write_tiny_gguf(tmp_path / "tiny.gguf", base)
     tiny_mtp().save_pretrained(tmp_path / "mtp")
-    assert layer_count(str(tmp_path / "hf")) == layer_count(str(gguf_file)) == 3
-    assert layer_count(str(tmp_path / "mtp")) is None and layer_count(str(tmp_path / "nothing")) is None
+    assert model_sizes(str(tmp_path / "hf")) == model_sizes(str(gguf_file)) == ModelSizes(3, 61, 256)
+    assert model_sizes(str(tmp_path / "mtp")) == ModelSizes(None, 61, 256)  # (its layers: trunk and heads)
+    assert model_sizes(str(tmp_path / "nothing")) == ModelSizes()
     monkeypatch.setattr(mtp.hub, "load_base_model", _never)
     for args in (["info", "--model", tmp_path / "hf"], ["convert", "--input", gguf_file, "--output", tmp_path / "o"],
                  ["train", "--model", tmp_path / "hf", "--output", tmp_path / "run"]):
         code, err = run_cli([*args, "--num-trunk-layers", "3"], capsys)
         assert_one_line_error(code, err, "--num-trunk-layers must be in [0, 2] for this 3-layer model, got 3")
-    check_trunk_layers(str(tmp_path / "hf"), 2)
-    check_trunk_layers(str(tmp_path / "mtp"), 7)  # not told here: loading checks it
+    check_model_sizes(str(tmp_path / "hf"), num_trunk_layers=2)
+    check_model_sizes(str(tmp_path / "mtp"), num_trunk_layers=7)  # not told here: loading checks it
     assert not (tmp_path / "o").exists() and not (tmp_path / "run").exists()
+
+
+def test_flags_indexing_into_the_model_are_checked_before_it_loads(tmp_path, monkeypatch, capsys):
+    """--lora-layers, --mask-token-id, --seq-len and --logit-bias's ids against the sizes a config.json or GGUF
+    header gives (3 layers, 61 tokens, 256 positions), before a weight loads; values that fit go on to loading."""
+    import mtp.hub
+    import mtp.models.loading
+    from conftest import tiny_base, tiny_mtp
+    from gguf_helpers import write_tiny_gguf
+
+    base = tiny_base()
+    base.save_pretrained(tmp_path / "hf")
+    gguf_file = write_tiny_gguf(tmp_path / "tiny.gguf", base)
+    tiny_mtp().save_pretrained(tmp_path / "mtp")
+    monkeypatch.setattr(mtp.hub, "load_base_model", _never)
+    monkeypatch.setattr(mtp.models.loading, "load_mtp_model", _never)
+    train = ["train", "--data", "gsm8k", "--output", tmp_path / "run", "--no-progress"]
+    for model in (tmp_path / "hf", gguf_file):
+        for args, says in (
+            ([*train, "--method", "selfdistill", "--lora-layers", "4"],
+             "--lora-layers must be in [1, 3] for this 3-layer model, got 4"),
+            ([*train, "--method", "selfdistill", "--mask-token-id", "61"],
+             "--mask-token-id must be in [0, 60] for this model's 61-token vocabulary, got 61"),
+            ([*train, "--seq-len", "257"], "--seq-len 257 is longer than the model's context of 256 tokens; use "
+                                           "--seq-len 256 or less"),
+            (["bench-train", "--seq-len", "300"], "--seq-len 300 is longer than the model's context of 256 tokens"),
+            (["generate", "--prompt", "hi", "--logit-bias", "5:1", "61:-100"],
+             "--logit-bias: 61 is not a token id of this model (0 to 60)"),
+            # (a pair starting like a negative number is the flag's value, not another flag, for argparse)
+            (["generate", "--prompt", "hi", "--logit-bias", "-5:1"], "--logit-bias: -5 is not a token id of this "
+                                                                     "model (0 to 60)"),
+        ):
+            code, err = run_cli([*args, "--model", model], capsys)
+            assert_one_line_error(code, err, says)
+    code, err = run_cli(["generate", "--model", tmp_path / "mtp", "--prompt", "hi", "--logit-bias", "70:1"], capsys)
+    assert_one_line_error(code, err, "--logit-bias: 70 is not a token id of this model (0 to 60)")
+    with pytest.raises(ModelLoaded):  # ids within the vocabulary: on to loading
+        run_cli(["generate", "--model", tmp_path / "mtp", "--prompt", "hi", "--logit-bias", "60:1"], capsys)
+    assert not (tmp_path / "run").exists()
 
 
 def test_k_and_num_draft_are_checked_against_the_folders_heads_before_loading(tmp_path, tiny_mtp_folder,
@@ -215,3 +255,22 @@ def test_an_unknown_mask_token_is_refused_before_loading(tmp_path, monkeypatch, 
     with pytest.raises(ModelLoaded):
         run_cli(["generate", "--model", tmp_path / "hf", "--prompt", "hi", "--strategy", "confadapt",
                  "--mask-token", tok.eos_token], capsys)
+
+
+def test_self_distillation_masks_past_the_context_are_refused_before_loading(tmp_path, no_model_loading, capsys):
+    """The last region's k-1 masks stand at positions past a row's --seq-len tokens: with the tiny model's 256
+    positions, --seq-len 252 fits plain rows but not k 8's masks (positions up to 258); one line, before loading."""
+    from conftest import tiny_base
+
+    tiny_base().save_pretrained(tmp_path / "hf")
+    train = ["train", "--model", tmp_path / "hf", "--data", "gsm8k", "--output", tmp_path / "run", "--method",
+             "selfdistill", "--no-progress"]
+    for args, says in ((["--k-min", "2", "--k-max", "8", "--seq-len", "252"],
+                        "--seq-len 252 with k 8 places mask tokens at positions up to 258, past the model's context "
+                        "of 256 tokens; use --seq-len 249 or less, or k 5 or less"),
+                       (["--k", "300", "--seq-len", "128"], "up to 426, past the model's context of 256 tokens; use "
+                                                            "k 129 or less")):
+        code, err = run_cli([*train, *args], capsys)
+        assert_one_line_error(code, err, says)
+    with pytest.raises(ModelLoaded):  # k 5's masks fit: on to loading
+        run_cli([*train, "--k", "5", "--seq-len", "252"], capsys)

@@ -279,6 +279,22 @@ def test_generate_output_goes_on_from_where_a_stopped_run_left(tiny_mtp_folder, 
     assert code == 2 and "the answers would replace the prompts" in err and prompts.read_text() == prompt_text
 
 
+def test_a_journal_that_cannot_be_made_names_the_output(tiny_mtp_folder, tmp_path, capsys, monkeypatch):
+    """Where no file can be made beside --output (as root, `--output /proc/x.jsonl` passes the permission check),
+    the one line names --output and its journal; it said "file not found: x.jsonl.partial"."""
+    import mtp.decoding.commands
+
+    def no_file(path):
+        raise FileNotFoundError(2, "No such file or directory", str(path))
+
+    monkeypatch.setattr(mtp.decoding.commands, "open_append", no_file)
+    out = tmp_path / "x.jsonl"
+    code, _, err = run_cli(["generate", "--model", str(tiny_mtp_folder), "--prompt", "hi", "--max-new-tokens", "2",
+                            "--output", str(out), "--no-progress"], capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert f"cannot write --output {out}: its journal x.jsonl.partial cannot be made beside it (No such file" in err
+
+
 def test_generate_with_a_draft_tree(tiny_mtp_folder, capsys):
     args = ["generate", "--model", str(tiny_mtp_folder), "--prompt", "What is 7 + 5?", "--max-new-tokens", "12",
             "--json"]
@@ -365,7 +381,7 @@ def test_generate_with_a_logit_bias(tiny_mtp_folder, capsys):
     assert biased[0] == biased[1] and plain[0] not in biased[0]
     for bad, says in ((["--logit-bias", "7"], "--logit-bias takes TOKEN_ID:BIAS pairs (e.g. 198:-100), got '7'"),
                       (["--logit-bias", "7:101"], "--logit-bias: the bias of token 7 must be in [-100, 100]"),
-                      (["--logit-bias", "99999999:1"], "logit_bias: 99999999 is not a token id of this model")):
+                      (["--logit-bias", "99999999:1"], "--logit-bias: 99999999 is not a token id of this model")):
         code, _, err = run_cli(args + bad, capsys)
         assert code == 2 and says in err and len(err.strip().splitlines()) == 1, err
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -240,6 +241,34 @@ def test_an_mtp_section_with_absurd_heads_is_one_line(tmp_path, capsys):
     assert_one_line_error(code, err, str(config), "1,000,000 heads", "the sizes do not describe these weights")
 
 
+@pytest.mark.parametrize("version, message", [
+    (2, "was written by a newer mtp (folder format 2; this one reads up to 1): install a newer mtp to read it"),
+    ("1", "format_version must be a whole number of 1 or more, got '1'"),
+    (0, "format_version must be a whole number of 1 or more, got 0"),
+])
+def test_a_folder_of_a_newer_format_is_refused(tmp_path, version, message, capsys):
+    """A folder whose `mtp` section names a format this mtp does not know is refused, not misread: by the CLI
+    before loading, and by the classes' from_pretrained; one without a version (written before there was one)
+    loads as format 1."""
+    from mtp import MaskTokenModel, MTPModel
+
+    heads = _model_folder(tmp_path, "mtp")
+    masks = tmp_path / "masks"
+    MaskTokenModel.from_base(tiny_base(vocab_size=len(tiny_tokenizer())), tokenizer=tiny_tokenizer()) \
+        .save_pretrained(masks)
+    for folder, cls in ((heads, MTPModel), (masks, MaskTokenModel)):
+        config = folder / "config.json"
+        data = json.loads(config.read_text())
+        assert data["mtp"]["format_version"] == 1
+        config.write_text(json.dumps({**data, "mtp": {**data["mtp"], "format_version": version}}))
+        code, err = run_cli(["info", "--model", folder], capsys)
+        assert_one_line_error(code, err, message)
+        with pytest.raises(MTPError, match=re.escape(message)):
+            cls.from_pretrained(folder)
+        config.write_text(json.dumps({**data, "mtp": {k: v for k, v in data["mtp"].items() if k != "format_version"}}))
+        cls.from_pretrained(folder)
+
+
 @pytest.mark.parametrize("edit, message", [
     ({"num_hidden_layers": 5}, "missing: model.layers.3."),  # was loaded, its layers 3 and 4 at random
     ({"tie_word_embeddings": False}, "missing: lm_head.weight"),  # was loaded, its unembedding at random
@@ -306,7 +335,7 @@ def _commands(folder: Path, out: Path, kind: str) -> dict[str, list]:
                   "--no-progress"],
         "convert": ["convert", "--input", folder, "--output", out / "converted"] + (["--to", "meta"] if kind == "mtp"
                                                                                      else []),
-        "train": ["train", "--model", folder, "--data", "gsm8k", "--limit", "4", "--steps", "1",
+        "train": ["train", "--model", folder, "--data", "gsm8k", "--limit", "4", "--steps", "1", "--seq-len", "64",
                   "--output", out / "train", "--no-progress"],
     }
 

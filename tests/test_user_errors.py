@@ -197,6 +197,15 @@ def test_bench_train_checks_the_sequence_length(folders, tmp_path, capsys):
     assert_error(code, err, "--seq-len 100000 is longer than the model's context of 256 tokens")
 
 
+@pytest.mark.parametrize("kind", ["mtp", "mask"])
+def test_bench_train_refuses_a_multi_token_model(folders, tmp_path, kind, capsys):
+    """bench-train trains new heads on a plain model: an mtp folder is named as such, with what to give instead."""
+    code, err = run_cli(["bench-train", "--model", folders / kind, "--output", tmp_path / "b.json"], capsys)
+    assert_error(code, err, f"--model {folders / kind} is a multi-token model already; bench-train times training "
+                 "new heads on a plain model")
+    assert not (tmp_path / "b.json").exists()
+
+
 def test_a_data_file_edited_before_resume_is_refused(folders, tmp_path, capsys):
     data = tmp_path / "d.txt"
     shutil.copy(folders / "text.txt", data)

@@ -11,6 +11,7 @@ old spellings of renamed flags, which still work, with a warning, for one more r
 
 from __future__ import annotations
 
+import contextlib
 import math
 import numbers
 import os
@@ -319,6 +320,16 @@ def check_unused(arguments: Mapping[str, object], defaults: Mapping[str, object]
             raise MTPError(message.format(**{n: spelled(n, True) for n in (name, *deciding)}))
 
 
+def _bias_ids(pairs: object) -> list[int]:
+    """The token ids of --logit-bias's TOKEN_ID:BIAS pairs that read as ids (a malformed pair is its parser's to
+    refuse)."""
+    ids = []
+    for pair in pairs if isinstance(pairs, list | tuple) else ():
+        with contextlib.suppress(ValueError):
+            ids.append(int(str(pair).partition(":")[0]))
+    return ids
+
+
 def check_command_arguments(command: str, arguments: Mapping[str, object],
                             defaults: Mapping[str, object] | None = None) -> None:
     """Everything the CLI checks before it runs `command` with `arguments` (the parsed flags; `defaults`: each
@@ -330,10 +341,12 @@ def check_command_arguments(command: str, arguments: Mapping[str, object],
             check_output(str(arguments[name]), kind, spelled(name, True))
     if command in ("eval", "bench") and arguments.get("output") is not None:
         check_report_folder(str(arguments["output"]), spelled("output", True))
-    if arguments.get("num_trunk_layers") is not None and not arguments.get("resume"):  # (a run's own model)
-        from mtp.hub import check_trunk_layers
+    sized = {n: arguments.get(n) for n in ("num_trunk_layers", "lora_layers", "mask_token_id", "seq_len")}
+    bias_ids = _bias_ids(arguments.get("logit_bias"))
+    if (bias_ids or any(v is not None for v in sized.values())) and not arguments.get("resume"):  # (a resumed
+        from mtp.hub import check_model_sizes  # run's model is its own, its sizes checked when it was made)
 
-        check_trunk_layers(arguments.get("model", arguments.get("input")), arguments["num_trunk_layers"])
+        check_model_sizes(arguments.get("model", arguments.get("input")), token_ids=bias_ids, **sized)
     if arguments.get("mask_token") is not None and arguments.get("mask_token_id") is None:
         from mtp.hub import check_mask_token
 

@@ -19,6 +19,7 @@ import dataclasses
 import importlib
 import importlib.util
 import inspect
+import re
 import sys
 import typing
 from collections.abc import Callable, Mapping, Sequence
@@ -209,6 +210,13 @@ def add_deprecated_arguments(parser: argparse.ArgumentParser, fn: Callable, rena
 
 class _Parser(argparse.ArgumentParser):
     """argparse that reports a bad flag as one line (what is wrong, where the help is), not its usage screen."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        # A value that starts like a negative number is a value, not a flag: "--logit-bias -5:1" reaches the pair's
+        # own check ("-5 is not a token id"), where argparse said "expected at least one argument".
+        if isinstance(getattr(self, "_negative_number_matcher", None), re.Pattern):
+            self._negative_number_matcher = re.compile(r"^-\d+$|^-\d*\.\d+$|^-\d+:")
 
     def error(self, message: str):
         print(f"{self.prog}: error: {message} (see `{self.prog} --help`)", file=sys.stderr)

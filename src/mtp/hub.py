@@ -12,6 +12,7 @@ import re
 import socket
 import sys
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -111,35 +112,89 @@ def resolve_model(spec: str | None) -> ModelSource:
     raise MTPError(f"model not found: {spec} (no such file or folder)")
 
 
-def layer_count(spec: str | None) -> int | None:
-    """The decoder layers of the plain model `spec` names, read from its config or GGUF header without loading a
-    weight (None: an MTP or Meta folder, a hub id, or not told): what --num-trunk-layers is checked against."""
+@dataclass(frozen=True)
+class ModelSizes:
+    """What a model's config (or GGUF header) says of its sizes, read without loading a weight; None: not said."""
+    layers: int | None = None  # decoder layers (None for an MTP or Meta folder: what it holds is not a plain stack)
+    vocab: int | None = None  # rows of the embedding matrix (`config.vocab_size`)
+    context: int | None = None  # positions (`max_position_embeddings`, GPT-2's `n_positions`)
+
+
+def model_sizes(spec: str | None) -> ModelSizes:
+    """The sizes of the model `spec` names, from its config.json or GGUF header (nothing for a Meta folder or a hub
+    id): what flags that index into the model (--num-trunk-layers, --lora-layers, --mask-token-id, --logit-bias,
+    --seq-len) are checked against before its weights load. Anything unreadable: nothing (loading says why)."""
     try:
         source = resolve_model(spec)
-        if source.kind in ("default", "hf_folder") and Path(source.location, "config.json").is_file():
+        if source.kind in ("default", "hf_folder", "mtp_folder") and Path(source.location, "config.json").is_file():
             config = read_json_object(Path(source.location) / "config.json", "a model config")
-            n = config.get("num_hidden_layers", config.get("n_layer"))
-            return n if isinstance(n, int) else None
+            layers = None if source.kind == "mtp_folder" else config.get("num_hidden_layers", config.get("n_layer"))
+            context = config.get("max_position_embeddings", config.get("n_positions"))
+            return ModelSizes(*(v if isinstance(v, int) and not isinstance(v, bool) and v > 0 else None
+                                for v in (layers, config.get("vocab_size"), context)))
         gguf = default_gguf_path() if source.kind == "default" else \
             Path(source.location) if source.kind == "gguf" else None
-        if gguf is None:
-            return None
-        from gguf import GGUFReader
-
-        fields = GGUFReader(str(gguf)).fields
-        key = next((k for k in fields if k.endswith(".block_count")), None)
-        return None if key is None else int(fields[key].parts[fields[key].data[0]][0])
-    except (MTPError, OSError, ValueError, ImportError, KeyError, IndexError):  # loading will say what is wrong
-        return None
+        return ModelSizes() if gguf is None else _gguf_sizes(gguf)
+    except (MTPError, OSError, ValueError, ImportError, KeyError, IndexError):
+        return ModelSizes()
 
 
-def check_trunk_layers(spec: str | None, num_trunk_layers: int | None, flag: str = "--num-trunk-layers") -> None:
-    """A --num-trunk-layers the model cannot have, refused before its weights load (or its GGUF converts)."""
-    if num_trunk_layers is None:
+def _gguf_sizes(path: Path) -> ModelSizes:
+    from mtp.formats.gguf import gguf_reader
+
+    reader = gguf_reader(path)
+
+    def field(suffix: str) -> int | None:
+        key = next((k for k in reader.fields if k.endswith(suffix)), None)
+        return None if key is None else int(reader.fields[key].parts[reader.fields[key].data[0]][0])
+
+    # The embedding's rows are its shape's last entry (GGUF lists a tensor's dimensions innermost first).
+    embedding = next((t for t in reader.tensors if t.name == "token_embd.weight"), None)
+    return ModelSizes(field(".block_count"), None if embedding is None else int(embedding.shape[-1]),
+                      field(".context_length"))
+
+
+def check_model_sizes(spec: str | None, num_trunk_layers: int | None = None, lora_layers: int | None = None,
+                      mask_token_id: int | None = None, token_ids: Iterable[int] = (), seq_len: int | None = None,
+                      masks: int = 0, token_flag: str = "--logit-bias") -> None:
+    """Flags that index into the model, refused before its weights load (or its GGUF converts) where its config
+    or GGUF header tells its sizes; loading checks the rest (and a sliding window narrower than the context).
+    `masks`: positions a training row uses past its `seq_len` tokens (`check_positions`)."""
+    if num_trunk_layers is None and lora_layers is None and mask_token_id is None and seq_len is None \
+            and not token_ids:
         return
-    layers = layer_count(spec)
-    if layers is not None and not 0 <= num_trunk_layers <= layers - 1:
-        raise MTPError(f"{flag} must be in [0, {layers - 1}] for this {layers}-layer model, got {num_trunk_layers}")
+    sizes = model_sizes(spec)
+    if sizes.layers is not None:
+        if num_trunk_layers is not None and not 0 <= num_trunk_layers <= sizes.layers - 1:
+            raise MTPError(f"--num-trunk-layers must be in [0, {sizes.layers - 1}] for this {sizes.layers}-layer "
+                           f"model, got {num_trunk_layers}")
+        if lora_layers is not None and not 1 <= lora_layers <= sizes.layers:
+            raise MTPError(f"--lora-layers must be in [1, {sizes.layers}] for this {sizes.layers}-layer model, "
+                           f"got {lora_layers}")
+    if sizes.vocab is not None:
+        if mask_token_id is not None and not 0 <= mask_token_id < sizes.vocab:
+            raise MTPError(f"--mask-token-id must be in [0, {sizes.vocab - 1}] for this model's {sizes.vocab}-token "
+                           f"vocabulary, got {mask_token_id}")
+        outside = next((t for t in token_ids if not 0 <= t < sizes.vocab), None)
+        if outside is not None:
+            raise MTPError(f"{token_flag}: {outside} is not a token id of this model (0 to {sizes.vocab - 1})")
+    if seq_len is not None:
+        check_positions(seq_len, sizes.context, masks)
+
+
+def check_positions(seq_len: int, context: int | None, masks: int = 0) -> None:
+    """Training rows of `seq_len` tokens fit a model of `context` positions (None: not known), with `masks` more
+    positions past a row's end (self-distillation: the last region's k-1 masks stand for the tokens after it)."""
+    if context is None or seq_len + masks <= context:
+        return
+    if masks == 0:
+        raise MTPError(f"--seq-len {seq_len} is longer than the model's context of {context} tokens; use "
+                       f"--seq-len {context} or less")
+    fits = [f"--seq-len {context - masks} or less" if context - masks >= 2 else None,
+            f"k {context - seq_len + 1} or less" if context - seq_len >= 1 else None]  # (k 1 has no masks)
+    raise MTPError(f"--seq-len {seq_len} with k {masks + 1} places mask tokens at positions up to "
+                   f"{seq_len + masks - 1}, past the model's context of {context} tokens; use "
+                   + ", or ".join(f for f in fits if f))
 
 
 def check_mask_token(spec: str | None, mask_token: str | None) -> None:
@@ -203,6 +258,8 @@ def check_model_folder(folder: str | os.PathLike) -> bool:
     hf_config = _check_config(folder)
     is_mtp = "mtp" in config
     if is_mtp:
+        from mtp.models.folder_kind import check_format_version
+
         section = config["mtp"]
         # a mask-token model (mtp.models.mask_tokens) or parallel heads (mtp.models.parallel_heads)
         needed = ("mask_token_id",) if isinstance(section, dict) and section.get("method") == "mask_tokens" \
@@ -210,6 +267,7 @@ def check_model_folder(folder: str | os.PathLike) -> bool:
         if not (isinstance(section, dict) and all(isinstance(section.get(k), int) and section[k] >= 0
                                                   for k in needed)):
             raise MTPError(f"{folder / 'config.json'}: the \"mtp\" section needs integers {' and '.join(needed)}")
+        check_format_version(section, folder / "config.json")
     for name in _JSON_FILES:
         if (folder / name).is_file():
             read_json_object(folder / name)

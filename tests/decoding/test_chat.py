@@ -123,18 +123,22 @@ def test_a_template_that_refuses_the_conversation_is_one_line(tiny_mtp_folder, c
 def test_save_adds_the_conversation_to_a_jsonl_that_train_and_generate_read(tiny_mtp_folder, tmp_path, capsys,
                                                                             monkeypatch):
     """/save FILE appends the conversation so far as a {"messages": [...]} record (two saves: two records, the
-    file rewritten whole each time); a folder in the way is a line, and the chat goes on; before the first turn
+    file rewritten whole each time); a folder in the way, or a file where a folder should be, is a line, and the
+    chat goes on; before the first turn
     there is nothing to save (and nothing is created)."""
     from mtp.decoding.commands import read_prompt_records
     from mtp.training.data import load_examples
 
     saved = tmp_path / "chats.jsonl"
     (tmp_path / "folder").mkdir()
-    typed = (f"/save {tmp_path / 'early' / 'x.jsonl'}\nWhat is 7 + 5?\n/save {saved}\n/save {tmp_path / 'folder'}\nAnd times 2?\n/save {saved}\n/save\n"
-             "/reset\nNew topic\n")
+    (tmp_path / "file").write_text("x")
+    typed = (f"/save {tmp_path / 'early' / 'x.jsonl'}\nWhat is 7 + 5?\n/save {saved}\n/save {tmp_path / 'folder'}\n"
+             f"/save {tmp_path / 'file' / 'x.jsonl'}\nAnd times 2?\n/save {saved}\n/save\n/reset\nNew topic\n")
     code, out, err = _chat(tiny_mtp_folder, typed, capsys, monkeypatch, "--system", "Be brief.")
     records = [json.loads(line) for line in saved.read_text().splitlines()]
-    assert code == 0 and len(records) == 2 and "(not saved: " in err and "(/save FILE: add this" in err
+    assert code == 0 and len(records) == 2 and "(/save FILE: add this" in err
+    assert f"(not saved: /save {tmp_path / 'folder'} is a folder; give the name of a file to write)" in err
+    assert f"(not saved: /save {tmp_path / 'file' / 'x.jsonl'} cannot be created: {tmp_path / 'file'} is a file" in err
     system, user, answer = records[0]["messages"]
     assert system == {"role": "system", "content": "Be brief."} and user == {"role": "user",
                                                                               "content": "What is 7 + 5?"}

@@ -39,3 +39,36 @@ def test_self_distillation_runs_plot_confadapt_tokens_per_forward_beside_the_ver
     # the one panel of a run without evaluations
     assert widths == {"sd": 3 * 6 * 110, "heads": 3 * 6 * 110, "none": 7 * 110}
     assert tokens_per_forward_series([]) == {}
+
+
+def test_many_heads_shade_along_a_color_map_and_the_legend_names_a_few(tmp_path, monkeypatch):
+    """A self-distillation run of k 300 plotted 300 legend lines: matplotlib warned that tight_layout found no room,
+    and the legend hid the panel. Past LEGEND_HEADS heads the legend names five, evenly spaced, first and last
+    among them; each head keeps one color in both panels."""
+    import warnings
+
+    import matplotlib.figure
+
+    from mtp.training.plots import LEGEND_HEADS, head_style
+
+    heads = 40
+    lines = [{"step": s, "head_loss": [3.0 / s + j for j in range(heads)]} for s in range(1, 5)]
+    lines.append({"step": 4, "eval": {"head_loss": [1.0] * heads, "head_accuracy": [0.5] * heads}})
+    metrics = tmp_path / "m.jsonl"
+    metrics.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    legends = []
+    savefig = matplotlib.figure.Figure.savefig
+
+    def record(fig, *args, **kwargs):
+        legends.extend([t.get_text() for t in ax.get_legend().get_texts()] for ax in fig.axes)
+        return savefig(fig, *args, **kwargs)
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", record)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert plot_losses(metrics, tmp_path / "loss.png").is_file()
+    named = [0, 10, 20, 29, 39]
+    assert legends == [[f"head {j} (token t+{j + 1})" for j in named], [f"head {j}" for j in named]]
+    assert [head_style(j, heads)[1] for j in range(heads)].count(True) == LEGEND_HEADS // 2
+    assert len({str(head_style(j, heads)[0]) for j in range(heads)}) == heads  # one color a head
+    assert head_style(3, LEGEND_HEADS) == ("C3", True)

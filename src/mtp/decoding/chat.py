@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Literal
 
-from mtp.arguments import check_values
+from mtp.arguments import check_output, check_values
 from mtp.decoding.commands import StreamedText, encode_prompts
 from mtp.decoding.corpus import finish_corpus
 from mtp.decoding.generate import generate as generate_tokens
@@ -175,8 +175,7 @@ def _save(messages: list[dict], path: str) -> None:
         return
     file = Path(path).expanduser()
     try:
-        if file.is_dir():
-            raise MTPError(f"{file} is a folder")
+        check_output(file, "file", "/save")  # (a folder in the way, a file where a folder should be, no permission)
         kept = text_lines(read_text(file)) if file.is_file() else []
         atomic_write_lines(file, [*(line for line in kept if line.strip()), json.dumps({"messages": messages})])
     except (MTPError, OSError) as e:  # a folder in the way, a file that is not text, a full disk: the chat goes on

@@ -444,8 +444,12 @@ class _Journal:
     def add(self, record: dict) -> None:
         """One answer, on disk before this returns."""
         if self._sink is None:
-            with disk_errors(self.path):
-                self._sink = open_append(self.path)
+            try:
+                with disk_errors(self.path):
+                    self._sink = open_append(self.path)
+            except OSError as e:  # (a place no file can be made in, e.g. /proc; its folder removed meanwhile)
+                raise MTPError(f"cannot write --output {self.output}: its journal {self.path.name} cannot be made "
+                               f"beside it ({e.strerror or e})") from e
             if self._sink.tell() == 0:
                 append_records(self._sink, [self.header])
         append_records(self._sink, [record])

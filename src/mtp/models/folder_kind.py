@@ -13,6 +13,21 @@ from mtp.io import read_json_object
 from mtp.models.safetensors_io import INDEX_NAME, WEIGHTS_NAME, has_weights
 
 MASK_TOKENS_METHOD = "mask_tokens"  # the `mtp` section's "method" of a mask-token folder (parallel heads: none)
+# The layout of the folders this mtp writes (the `mtp` section's "format_version"; folders from before it had one are
+# of format 1). A change older code would misread (a renamed key, weights of another layout) raises it, so that the
+# older code refuses such a folder instead of loading something else.
+FORMAT_VERSION = 1
+
+
+def check_format_version(section: dict, config: Path) -> None:
+    """A folder written by a newer mtp, in a format this one does not know, is refused with what to do."""
+    version = section.get("format_version", 1)
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+        raise MTPError(f"{config}: the \"mtp\" section's format_version must be a whole number of 1 or more, "
+                       f"got {version!r}")
+    if version > FORMAT_VERSION:
+        raise MTPError(f"{config.parent} was written by a newer mtp (folder format {version}; this one reads up to "
+                       f"{FORMAT_VERSION}): install a newer mtp to read it")
 
 
 def read_mtp_section(directory: Path) -> dict:
@@ -23,6 +38,7 @@ def read_mtp_section(directory: Path) -> dict:
     section = read_json_object(path, "a model config").get("mtp")
     if not isinstance(section, dict):
         raise MTPError(f"{directory}: config.json has no 'mtp' section (a plain model: wrap it with from_base)")
+    check_format_version(section, path)
     if not has_weights(directory):
         raise MTPError(f"{directory}: missing {WEIGHTS_NAME} (or {INDEX_NAME} and its shards)")
     return section

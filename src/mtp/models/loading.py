@@ -157,14 +157,13 @@ def quantize_model(model, fmt: str, decode_only: bool = False):
     return quantize_for_decoding(model, fmt, decode_only=decode_only)
 
 
-def check_seq_len(model, seq_len: int) -> None:
-    """Training rows of `seq_len` tokens fit the model's positions."""
+def check_seq_len(model, seq_len: int, masks: int = 0) -> None:
+    """Training rows of `seq_len` tokens (and `masks` positions past them: `mtp.hub.check_positions`) fit the
+    model's positions."""
     from mtp.decoding.generate import context_limit
+    from mtp.hub import check_positions
 
-    context = context_limit(model)
-    if context is not None and seq_len > context:
-        raise MTPError(f"--seq-len {seq_len} is longer than the model's context of {context} tokens; use "
-                       f"--seq-len {context} or less")
+    check_positions(seq_len, context_limit(model), masks)
 
 
 def describe_source(source: ModelSource | None) -> str:

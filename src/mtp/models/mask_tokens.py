@@ -34,7 +34,7 @@ from mtp.arguments import check_values
 from mtp.errors import CheckpointMismatchError, MTPError
 from mtp.io import as_path
 from mtp.models.cache import additive_mask
-from mtp.models.folder_kind import MASK_TOKENS_METHOD, read_mtp_section
+from mtp.models.folder_kind import FORMAT_VERSION, MASK_TOKENS_METHOD, read_mtp_section
 from mtp.runtime import resolve_device
 
 MASK_TOKEN = "<|mtp_mask|>"
@@ -524,7 +524,7 @@ class MaskTokenModel(nn.Module):
     # ---------------------------------------------------------------- checkpoints
     def mtp_config(self) -> dict:
         cfg = {"method": METHOD, "mask_token_id": self.mask_token_id, "mask_token": self.mask_token,
-               "adapter": self.adapter, "k": self.default_k, "max_k": self.max_k, "format_version": 1}
+               "adapter": self.adapter, "k": self.default_k, "max_k": self.max_k, "format_version": FORMAT_VERSION}
         if self.lora is not None:
             cfg.update(rank=self.lora.rank, alpha=self.lora.alpha, lora_layers=self.lm.num_layers - self.lora.first_layer)
         return cfg

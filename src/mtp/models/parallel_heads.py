@@ -34,7 +34,7 @@ from mtp.errors import CheckpointMismatchError, MTPError
 from mtp.io import as_path, atomic_folder, check_replaceable
 from mtp.models.backbones import backbone_for
 from mtp.models.cache import MTPCache, additive_mask
-from mtp.models.folder_kind import MASK_TOKENS_METHOD, WEIGHTS_NAME, read_mtp_section
+from mtp.models.folder_kind import FORMAT_VERSION, MASK_TOKENS_METHOD, WEIGHTS_NAME, read_mtp_section
 from mtp.models.packed import BlockedWeights, blocked_linear, blocked_pays
 from mtp.models.safetensors_io import INDEX_NAME, SHARD_NAMES
 from mtp.models.weight_state import kept_copy
@@ -450,7 +450,7 @@ class MTPModel(nn.Module):
 
     # ---------------------------------------------------------------- checkpoints
     def mtp_config(self) -> dict:
-        config = {"num_heads": self.num_heads, "num_trunk_layers": self.num_trunk_layers, "format_version": 1}
+        config = {"num_heads": self.num_heads, "num_trunk_layers": self.num_trunk_layers, "format_version": FORMAT_VERSION}
         if self.next_token_in is not None:
             config["next_token_input"] = True
         if self.draft_vocab is not None:

@@ -192,7 +192,7 @@ def _load_model(a: _Args, method, checkpoint: Path | None, dev: torch.device):
         raise MTPError(f"{checkpoint} has no tokenizer files")
     if model.tokenizer is None:
         raise MTPError("the model has no tokenizer; give a --model folder with tokenizer files")
-    check_seq_len(model, a.seq_len)
+    check_seq_len(model, a.seq_len, method.masks(a))
     if a.template == "auto":
         a.template = "chat" if getattr(model.tokenizer, "chat_template", None) else "plain"
     return model, state
@@ -651,6 +651,11 @@ def bench_train(
             raise MTPError(f"unknown loss order {order!r}; choose from {', '.join(LOSS_ORDERS)}")
     if freeze_trunk and min(heads) < 2:
         raise MTPError("--freeze-trunk trains extra heads only; every head count must be >= 2")
+    from mtp.hub import resolve_model
+
+    if resolve_model(model).kind in ("mtp_folder", "meta"):  # (one load_base_model refuses, in its words)
+        raise MTPError(f"--model {model} is a multi-token model already; bench-train times training new heads on a "
+                       "plain model: give the one it was made from (a Hugging Face folder, a GGUF file, a hub id)")
     set_threads(threads)
     results = run_bench_train(model, heads, orders, seq_len, batch_size, steps, freeze_trunk,
                               gradient_checkpointing, resolve_device(device, flags=True), seed)

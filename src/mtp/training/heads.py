@@ -77,6 +77,10 @@ class HeadsMethod:
             raise _cannot_drop_next_token(a.model)
         _check_head_weights(a)
 
+    def masks(self, a) -> int:
+        """Positions a training row takes past its --seq-len tokens: none (every head's labels lie in the row)."""
+        return 0
+
     def frozen_weights(self, a) -> bool:
         """Whether some weights stay frozen (and may be kept in --dtype): the trunk, with --freeze-trunk."""
         return a.freeze_trunk

@@ -34,6 +34,22 @@ def _smooth(values: list[float], window: int) -> list[float]:
     return out
 
 
+# Up to this many heads (offsets) each has a color of matplotlib's cycle and a line in the legend; past it (a
+# self-distillation run of large k) they shade along a color map and the legend names a few, evenly spaced: a
+# legend of dozens of lines would cover the panel (and leave tight_layout no room).
+LEGEND_HEADS = 10
+
+
+def head_style(j: int, heads: int) -> tuple[object, bool]:
+    """(color, whether the legend names it) of head j of `heads`: one color a head in every panel."""
+    if heads <= LEGEND_HEADS:
+        return f"C{j}", True
+    import matplotlib
+
+    named = {round(i * (heads - 1) / (LEGEND_HEADS // 2 - 1)) for i in range(LEGEND_HEADS // 2)}
+    return matplotlib.colormaps["viridis"](j / (heads - 1)), j in named
+
+
 def tokens_per_forward_series(evals: list[dict]) -> dict[str, list[tuple[int, float]]]:
     """What the held-out evaluations estimate a decoding forward emits, per evaluation step: verified drafts
     ("speculative": accepted while they agree, the figure both methods record) and, for self-distillation,
@@ -71,8 +87,9 @@ def plot_losses(metrics_path: str | os.PathLike, png_path: str | os.PathLike) ->
         ys = [r["head_loss"][j] for r in steps if j < len(r["head_loss"]) and r["head_loss"][j] is not None]
         if not xs:
             continue
-        color = f"C{j}"  # head j has one color in both panels (a frozen head 0 has no training curve)
-        ax.plot(xs, _smooth(ys, window), color=color, label=f"head {j} (token t+{j + 1})", linewidth=1.8)
+        color, named = head_style(j, n)  # one color in both panels (a frozen head 0 has no training curve)
+        ax.plot(xs, _smooth(ys, window), color=color, linewidth=1.8,
+                label=f"head {j} (token t+{j + 1})" if named else "_nolegend_")
         ax.plot(xs, ys, color=color, alpha=0.25, linewidth=0.7)
         ev = [(e["step"], e["eval"]["head_loss"][j]) for e in evals if j < len(e["eval"]["head_loss"])]
         if ev:
@@ -101,7 +118,9 @@ def _accuracy_panel(ax, evals: list[dict], heads: int, last_step: int) -> None:
     for j in range(heads):
         ev = [(e["step"], e["eval"]["head_accuracy"][j]) for e in evals if j < len(e["eval"]["head_accuracy"])]
         if ev:
-            ax.plot(*zip(*ev, strict=True), "o-", color=f"C{j}", label=f"head {j}", markersize=4)
+            color, named = head_style(j, heads)
+            ax.plot(*zip(*ev, strict=True), "o-", color=color, label=f"head {j}" if named else "_nolegend_",
+                    markersize=4)
     ax.set_xlim(0, last_step * 1.03)  # the run's steps, even for one eval
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("top-1 accuracy")

@@ -394,8 +394,17 @@ class SelfDistillMethod:
         return model
 
     def check(self, a) -> None:
-        """What this method's flags can get wrong together, refused before anything loads."""
+        """What this method's flags can get wrong together, refused before anything loads; and the positions its
+        rows take against the model's context, where its config tells it."""
         self.distill_config(a).validate()
+        if not a.resume:  # (a resumed run's model is its own)
+            from mtp.hub import check_model_sizes
+
+            check_model_sizes(a.model, seq_len=a.seq_len, masks=self.masks(a))
+
+    def masks(self, a) -> int:
+        """Positions a training row takes past its --seq-len tokens: the last region's k-1 masks."""
+        return self.distill_config(a).k_max - 1
 
     def frozen_weights(self, a) -> bool:
         """Whether some weights are kept in --dtype: none (the teacher follows --autocast, `SelfDistillTrainer`)."""
