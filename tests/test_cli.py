@@ -595,10 +595,31 @@ def test_generate_truncate_prompt(tiny_mtp_folder, capsys):
 def test_streamed_text_is_the_text(tiny_mtp_folder, capsys):
     """--stream prints the pieces as they are decoded (`IncrementalText`); together they are the answer's text."""
     args = ["generate", "--model", str(tiny_mtp_folder), "--prompt", "What is 7 + 5?", "--max-new-tokens", "16",
-            "--strategy", "speculative"]
+            "--strategy", "speculative", "--no-chat"]  # (the tiny model answers the chat prompt with spaces)
     code, whole, _ = run_cli(args, capsys)
     code_streamed, streamed, _ = run_cli([*args, "--stream"], capsys)
     assert code == code_streamed == 0 and whole.strip() and streamed.strip() == whole.strip()
+
+
+def test_generate_uses_the_chat_template_unless_told_not_to(tiny_mtp_folder, capsys, monkeypatch):
+    """An instruct model's prompt goes through its chat template by default (as `mtp eval`, `bench` and `chat` do:
+    the default model, fed the bare question, ended its answer at once); --no-chat feeds the text as it is."""
+    from mtp import MTPModel
+    from mtp.decoding import queue as queue_module
+
+    tok = MTPModel.from_pretrained(tiny_mtp_folder).tokenizer
+    question = "What is 7 + 5?"
+    fed = []
+    real = queue_module.generate
+    monkeypatch.setattr(queue_module, "generate",
+                        lambda model, ids, *a, **kw: fed.append(ids[0].tolist()) or real(model, ids, *a, **kw))
+    for flags in ([], ["--chat"], ["--no-chat"]):
+        code, _, err = run_cli(["generate", "--model", str(tiny_mtp_folder), "--prompt", question,
+                                "--max-new-tokens", "2", *flags], capsys)
+        assert code == 0, err
+    templated = tok(tok.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True,
+                                            tokenize=False), add_special_tokens=False).input_ids
+    assert fed == [templated, templated, tok(question).input_ids]
 
 
 def test_generate_answers_conversations_after_their_last_user_turn(tiny_mtp_folder, tmp_path, capsys):
@@ -629,7 +650,7 @@ def test_ctrl_c_during_generate_prints_and_keeps_what_was_generated(tiny_mtp_fol
     from mtp.decoding import queue as queue_module
 
     args = ["generate", "--model", str(tiny_mtp_folder), "--prompt", "What is 7 + 5?", "--max-new-tokens", "12",
-            "--json"]
+            "--json", "--no-chat"]  # (the tiny model answers the chat prompt with spaces: printed, they strip away)
     code, out, _ = run_cli(args, capsys)
     full = json.loads(out.strip().splitlines()[-1])["token_ids"]
     assert code == 0 and len(full) > 3

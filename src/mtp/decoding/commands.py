@@ -185,7 +185,7 @@ def prompt_rows(tokenizer, prompts: list[str | list[dict]], chat: bool) -> list[
 
 
 def generate(model: str | None = None, prompt: str | None = None, prompts: str | None = None,
-             output: str | None = None, chat: bool = False,
+             output: str | None = None, chat: bool | None = None,
              strategy: Literal["greedy", "speculative", "confadapt", "static"] = "greedy",
              max_new_tokens: int = 128, num_heads: int | None = None, batch_size: int = 8, json: bool = False,
              stream: bool = False, truncate_prompt: bool = False, progress: bool = True,
@@ -210,7 +210,8 @@ def generate(model: str | None = None, prompt: str | None = None, prompts: str |
         output: write results as JSONL here (one object per prompt, in the prompts' order). Each answer also goes
             to OUTPUT.partial as it ends: a run that stops (Ctrl-C, a kill) goes on from there when the same
             command runs again, decoding only the prompts not answered.
-        chat: wrap each prompt in the tokenizer's chat template.
+        chat: wrap each prompt in the tokenizer's chat template (default: on when it has one, as an instruct
+            model expects; --no-chat feeds the text as it is).
         strategy: greedy | speculative (lossless) | confadapt (lossy, tau) | static (lossy, k).
         max_new_tokens: tokens to generate at most.
         num_heads: heads to give a plain model (default 4).
