@@ -156,10 +156,11 @@ def _gguf_sizes(path: Path) -> ModelSizes:
 
 def check_model_sizes(spec: str | None, num_trunk_layers: int | None = None, lora_layers: int | None = None,
                       mask_token_id: int | None = None, token_ids: Iterable[int] = (), seq_len: int | None = None,
-                      masks: int = 0, token_flag: str = "--logit-bias") -> None:
+                      masks: int = 0) -> None:
     """Flags that index into the model, refused before its weights load (or its GGUF converts) where its config
     or GGUF header tells its sizes; loading checks the rest (and a sliding window narrower than the context).
-    `masks`: positions a training row uses past its `seq_len` tokens (`check_positions`)."""
+    `token_ids`: --logit-bias's; `masks`: positions a training row uses past its `seq_len` tokens
+    (`check_positions`)."""
     if num_trunk_layers is None and lora_layers is None and mask_token_id is None and seq_len is None \
             and not token_ids:
         return
@@ -177,7 +178,7 @@ def check_model_sizes(spec: str | None, num_trunk_layers: int | None = None, lor
                            f"vocabulary, got {mask_token_id}")
         outside = next((t for t in token_ids if not 0 <= t < sizes.vocab), None)
         if outside is not None:
-            raise MTPError(f"{token_flag}: {outside} is not a token id of this model (0 to {sizes.vocab - 1})")
+            raise MTPError(f"--logit-bias: {outside} is not a token id of this model (0 to {sizes.vocab - 1})")
     if seq_len is not None:
         check_positions(seq_len, sizes.context, masks)
 
