@@ -478,6 +478,27 @@ def test_generate_prompts_from_standard_input(tiny_mtp_folder, tmp_path, capsys,
     assert code == 2 and "<stdin>:2: expected a string field 'prompt' or 'question'" in err
 
 
+def test_prompts_that_are_not_utf8_are_one_line_before_loading(tmp_path, capsys, monkeypatch):
+    """Bytes of another encoding on the command line or standard input (which Python hands over as lone
+    surrogates) are named where they are, before the model loads: the tokenizer raised a TypeError after it."""
+    import io
+
+    class Strict(io.StringIO):  # a strict decoder's standard input (PYTHONIOENCODING=utf-8:strict)
+        def read(self, *args):
+            raise UnicodeDecodeError("utf-8", b"\xff", 0, 1, "invalid start byte")
+
+    bad = "hello \udcff"  # (b"hello \xff" as Python decodes it with surrogateescape)
+    model = ["--model", str(tmp_path / "no-such-model")]  # (a command that went on to load would fail on it)
+    for args, stdin, says in ((["--prompt", bad], None, "--prompt: not UTF-8 text (a byte that is no character's, "
+                                                        "at character 7)"),
+                              (["--prompts", "-"], io.StringIO("fine\n" + bad + "\n"), "<stdin>:2: not UTF-8 text"),
+                              (["--prompts", "-"], Strict(), "<stdin>: not UTF-8 text (invalid start byte)")):
+        if stdin is not None:
+            monkeypatch.setattr("sys.stdin", stdin)
+        code, _, err = run_cli(["generate", *model, *args], capsys)
+        assert code == 2 and says in err and len(err.strip().splitlines()) == 1, err
+
+
 @pytest.mark.parametrize("args, message", [
     (["generate", "--prompts", "/no/such/file.txt"], "prompts file not found"),
     (["generate"], "exactly one of --prompt or --prompts"),
@@ -545,6 +566,9 @@ def test_every_numeric_flag_of_every_command_has_a_rule():
     (["bench", "--k", "0"], "--k must be >= 1"),
     (["demo", "--train-limit", "1"], "--train-limit must be >= 2"),
     (["convert", "--input", "x", "--output", "y", "--num-trunk-layers", "-1"], "--num-trunk-layers must be >= 0"),
+    # an int too large for a float is a number like any other (math.isfinite overflowed on it: a traceback)
+    (["eval", "--shots", "1" + "0" * 400], "--shots must be in [0, 8], got 1000"),
+    (["generate", "--prompt", "hi", "--seed", "1" + "0" * 400], "--seed must be in [0, 18446744073709551615]"),
 ])
 def test_every_command_checks_its_flags_before_any_work(args, message, capsys, monkeypatch):
     # A model that does not exist: a command that started working would fail on it, not on the flag.
@@ -599,6 +623,24 @@ def test_streamed_text_is_the_text(tiny_mtp_folder, capsys):
     code, whole, _ = run_cli(args, capsys)
     code_streamed, streamed, _ = run_cli([*args, "--stream"], capsys)
     assert code == code_streamed == 0 and whole.strip() and streamed.strip() == whole.strip()
+
+
+def test_streamed_text_ends_before_the_stop_string(tiny_mtp_folder, tmp_path, capsys):
+    """A prompt record's "stop" ends the streamed text where it ends the record's text: --stream printed the stop
+    string and what the same step emitted after it."""
+    prompts = tmp_path / "p.jsonl"
+    args = ["generate", "--model", str(tiny_mtp_folder), "--prompts", str(prompts), "--max-new-tokens", "16",
+            "--strategy", "speculative", "--no-chat"]
+    prompts.write_text(json.dumps({"prompt": "What is 7 + 5?"}) + "\n")
+    code, whole, err = run_cli(args, capsys)
+    text = whole.strip()
+    assert code == 0 and len(text) > 6, err
+    stop = text[len(text) // 2:len(text) // 2 + 2]
+    prompts.write_text(json.dumps({"prompt": "What is 7 + 5?", "stop": stop}) + "\n")
+    code, cut, _ = run_cli(args, capsys)
+    code_streamed, streamed, _ = run_cli([*args, "--stream"], capsys)
+    assert code == code_streamed == 0 and stop not in cut and text.startswith(cut.strip())
+    assert streamed.strip() == cut.strip()
 
 
 def test_generate_uses_the_chat_template_unless_told_not_to(tiny_mtp_folder, capsys, monkeypatch):

@@ -232,7 +232,9 @@ def check_values(values: Mapping[str, object], flags: bool = True) -> None:
         for item in value if isinstance(value, list | tuple) else [value]:
             if not isinstance(item, numbers.Real) or isinstance(item, bool):  # the Python API takes anything
                 raise MTPError(f"{spelled(name, flags)} must be a number, got {type(item).__name__} {item!r}")
-            if not math.isfinite(item):  # (an open range would take an infinity; NaN fails every comparison)
+            # (an open range would take an infinity; NaN fails every comparison; an int is finite however large:
+            # math.isfinite would overflow converting one of 400 digits to a float)
+            if isinstance(item, float) and not math.isfinite(item):
                 raise MTPError(f"{spelled(name, flags)} must be a finite number, got {item}")
             if not rule.holds(item):
                 raise MTPError(f"{spelled(name, flags)} must be {rule}, got {item}")

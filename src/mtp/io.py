@@ -244,6 +244,19 @@ def read_text(path: str | os.PathLike) -> str:
         raise MTPError(f"{path}: cannot read ({e.strerror or e})") from None
 
 
+def utf8_text(text: str, where: str) -> str:
+    """`text` from the command line or standard input, which Python decodes with `surrogateescape` under a C or
+    POSIX locale: bytes that are not UTF-8 come as lone surrogates, which no tokenizer takes (a TypeError from
+    deep inside it). One MTPError naming where they are, as `read_text` says of a file."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        place = f"{where}:{text.count(chr(10), 0, e.start) + 1}" if "\n" in text else where
+        column = e.start - text.rfind("\n", 0, e.start)  # (from 1)
+        raise MTPError(f"{place}: not UTF-8 text (a byte that is no character's, at character {column})") from None
+    return text
+
+
 def text_lines(text: str) -> list[str]:
     """The lines of a file's text, split where a file's lines end (\\n, \\r\\n or \\r), as iterating the open file
     splits them and JSONL readers do: not `str.splitlines()`, which also splits at characters a line may hold (a

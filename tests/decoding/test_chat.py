@@ -226,3 +226,19 @@ def test_a_conversation_keeps_its_grown_lookup_corpus(tiny_mtp_folder, capsys, m
     code, _, err = _chat(tiny_mtp_folder, "hi\nhello there\nok\n/quit\n", capsys, monkeypatch, "--strategy",
                          "speculative", "--lookup", "2", "--grow-corpus", "--save-corpus", str(saved))
     assert code == 0 and LookupCorpus.load(saved).answers == 3 and f"written to {saved}" in err
+
+
+def test_a_line_that_is_not_utf8_is_not_sent_and_the_chat_goes_on(tiny_mtp_folder, capsys, monkeypatch):
+    """A typed line holding bytes of another encoding (lone surrogates, as Python decodes them) is refused with a
+    line saying so; the next line is answered, as the conversation's first turn (it was a TypeError from the
+    tokenizer, and the chat ended)."""
+    prompts = _spy(monkeypatch)
+    code, _, err = _chat(tiny_mtp_folder, "hello \udcff\nWhat is 7 + 5?\n", capsys, monkeypatch)
+    assert code == 0 and "(not sent: the line: not UTF-8 text (a byte that is no character's, at character 7))" in err
+    assert len(prompts) == 1 and "hello" not in _tokenizer_of(tiny_mtp_folder).decode(prompts[0])
+
+
+def _tokenizer_of(folder):
+    from mtp import MTPModel
+
+    return MTPModel.from_pretrained(folder).tokenizer

@@ -492,6 +492,23 @@ def test_stop_strings_cut_at_the_shortest_prefix_that_holds_one(tokens, chunks, 
     assert kept == expected
 
 
+@pytest.mark.parametrize("stop", ["中文中文中文", "🙂🙂🙂🙂"])
+def test_a_stop_string_of_many_tokens_a_character_is_found(stop):
+    """A stop string whose characters take several tokens each (CJK, emoji: 3-4 byte tokens a character in a
+    byte-level BPE) ends the row where its last token comes, one token a step: a window of the stop string's
+    characters in tokens never held it whole, and decoding went on to its budget."""
+    from conftest import tiny_tokenizer
+    from mtp.decoding.stopping import StopChecker
+
+    tok = tiny_tokenizer()
+    ids = tok("ab" + stop + "cd", add_special_tokens=False).input_ids
+    assert len(tok(stop, add_special_tokens=False).input_ids) > len(stop) + 8  # (more tokens than the old window)
+    expected = next(j for j in range(1, len(ids) + 1) if stop in tok.decode(ids[:j]))
+    checker = StopChecker(1, None, [stop], tok)
+    cuts = [checker.cut(0, [t]) for t in ids]
+    assert cuts.index(1) + 1 == expected and cuts[:expected - 1] == [None] * (expected - 1)
+
+
 def test_end_tokens_of_one_token_blocks_as_of_longer_ones():
     """`stop_tokens` on a greedy step's one-token block (its own few kernels) says what it says of the same token
     at the head of a longer block: the row ends when its emitted token is an end token, and a row that emitted

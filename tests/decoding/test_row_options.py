@@ -272,3 +272,12 @@ def test_rows_given_the_same_settings_are_checked_once_and_read_as_their_own(mon
     values["top_p"] = [1.0] * 999 + [1.5]  # the last row alone breaks a rule
     with pytest.raises(MTPError, match="top_p"):
         module.row_options(1000, 40, values, {"strategy": "greedy"})
+
+
+def test_a_top_k_past_any_vocabulary_keeps_every_token():
+    """top_k of 400 digits (the Python API, a prompts record) samples as top_k 0 does: it overflowed the float of
+    the step's settings."""
+    model = tiny_mtp(num_heads=2)
+    runs = [generate(model, [[1, 2, 3]], max_new_tokens=6, do_sample=True, seed=3, top_k=k).tokens
+            for k in (10**400, 0)]
+    assert runs[0] == runs[1]

@@ -306,6 +306,37 @@ def test_streamed_text_is_the_answer_cut_at_its_first_stop_string(tokens, data):
     assert "".join(pieces) == expected
 
 
+_SP_TOKENIZER = []
+
+
+@settings(max_examples=60, deadline=None)
+@given(data=st.data())
+def test_streamed_byte_fallback_text_adds_up_to_the_answer(data):
+    """A SentencePiece tokenizer's byte tokens decode as runs, and a run that is not UTF-8 all as U+FFFDs: "X"
+    (<0x58>) becomes "\ufffd" once a stray <0xBC> follows it. Any mix of byte tokens (whole characters, stray
+    continuation bytes) and others, fed in any chunks: the pieces add up to the answer's text (streamed, "X" was
+    sent before the run turned out invalid)."""
+    from conftest import tiny_sentencepiece_tokenizer
+    from mtp.decoding.commands import answer_text, byte_tokens
+
+    if not _SP_TOKENIZER:
+        _SP_TOKENIZER.append(tiny_sentencepiece_tokenizer())
+    tok = _SP_TOKENIZER[0]
+    byte = sorted(byte_tokens(tok))
+    assert len(byte) == 256
+    others = [i for i in range(3, len(tok)) if i not in set(byte)]
+    pick = st.one_of(st.sampled_from(byte[0x41:0x5B] + byte[0x80:0xC0] + byte[0xE4:0xE5]), st.sampled_from(others))
+    tokens = data.draw(st.lists(pick, min_size=1, max_size=24))
+    prompt = tok("What is", add_special_tokens=False).input_ids
+    streamed, pieces, i = StreamedText(tok, (), prompt), [], 0
+    while i < len(tokens):
+        n = data.draw(st.integers(1, 3))
+        pieces.append(streamed.add(tokens[i:i + n]))
+        i += n
+    pieces.append(streamed.finish())
+    assert "".join(pieces) == answer_text(tok, tokens, prompt)
+
+
 _TOKENIZER = []
 
 
@@ -799,6 +830,11 @@ def test_a_streamed_request_refused_before_its_first_piece_is_an_http_error(mode
      "include_usage", "'include_usage' must be true or false"),
     ("/v1/completions", {"prompt": "hi", "temperature": 1, "seed": 2**64}, "seed", "'seed' must be in [0, 2**64)"),
     ("/v1/completions", {"prompt": "hi", "seed": "x"}, "seed", "'seed' must be an integer"),
+    # (an integer too large for a float: a 500 of an OverflowError)
+    ("/v1/completions", {"prompt": "hi", "temperature": 10**400}, "temperature",
+     "'temperature' is out of range, got an integer of 401 digits"),
+    ("/v1/completions", {"prompt": "hi", "repetition_penalty": 10**400}, "repetition_penalty",
+     "'repetition_penalty' is out of range"),
     ("/v1/chat/completions", {"messages": []}, "messages", "'messages' must be a non-empty list"),
     ("/v1/chat/completions", {"messages": [{"role": "tool", "content": "x"}]}, "messages",
      "messages[0]: 'role' must be one of system, user, assistant"),
@@ -835,6 +871,29 @@ def test_malformed_http_is_refused_at_once(model, headers, status, says):
             while says not in answer and (piece := sock.recv(65536)):  # the headers and the body may come apart
                 answer += piece
     assert answer.startswith(b"HTTP/1.1 %d" % status) and says in answer
+
+
+def _raw_answer(server, data: bytes) -> tuple[bytes, dict]:
+    """(status line and headers, JSON body) of the answer to `data` sent as it is on a connection of its own."""
+    with socket.create_connection(server.server_address[:2], timeout=10) as sock:
+        sock.sendall(data)
+        answer = b""
+        while piece := sock.recv(65536):  # (each of these answers closes the connection)
+            answer += piece
+    head, _, body = answer.partition(b"\r\n\r\n")
+    return head, json.loads(body)
+
+
+def test_what_http_server_refuses_itself_is_the_apis_json_error(model):
+    """A method no route takes, a header line too long: the API's JSON error body (http.server sent an HTML page,
+    which OpenAI clients cannot read)."""
+    with served(model) as server:
+        put = _raw_answer(server, b"PUT /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{}")
+        long = _raw_answer(server, b"GET /health HTTP/1.1\r\nX: " + b"a" * 70_000 + b"\r\n\r\n")
+    assert put[0].startswith(b"HTTP/1.1 405") and b"Allow: GET, POST" in put[0]
+    assert put[1]["error"]["message"] == "/v1/completions takes GET or POST, not PUT"
+    assert long[0].startswith(b"HTTP/1.1 431") and b"Content-Type: application/json" in long[0]
+    assert long[1]["error"]["type"] == "invalid_request_error" and long[1]["error"]["message"] == "Line too long"
 
 
 def _get(server, path: str) -> tuple[int, dict]:

@@ -26,7 +26,7 @@ from mtp.decoding.options import DraftOptions, SamplingOptions, WeightOptions
 from mtp.decoding.prefixes import PromptCache
 from mtp.errors import MTPError, first_line
 from mtp.evaluation.prompts import has_chat_template
-from mtp.io import atomic_write_lines, read_text, text_lines
+from mtp.io import atomic_write_lines, read_text, text_lines, utf8_text
 from mtp.options import with_flat_keywords
 from mtp.process import Terminated
 from mtp.runtime import CoreWait
@@ -88,6 +88,11 @@ def _converse(m, tok, options: dict, strategy: str, opening: list[dict]) -> None
     for line in _typed_lines():
         text = line.strip()
         if not text:
+            continue
+        try:
+            utf8_text(text, "the line")
+        except MTPError as e:  # (bytes of another encoding: the conversation goes on)
+            print(f"(not sent: {e})", file=sys.stderr, flush=True)
             continue
         if text in QUIT:
             break

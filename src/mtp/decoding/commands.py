@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import hashlib
 import json as jsonlib
 import sys
+import weakref
 from collections import deque
 from pathlib import Path
 from typing import Literal
@@ -38,6 +40,7 @@ from mtp.io import (
     read_json_records,
     read_text,
     text_lines,
+    utf8_text,
 )
 from mtp.options import with_flat_keywords
 from mtp.progress import progress_bar
@@ -73,7 +76,10 @@ def read_prompt_records(path: str) -> list[tuple[str | list[dict], dict, str, ob
     "-" reads the lines from standard input. Each prompt comes with the settings its record gives
     (`RECORD_SETTINGS`), where it is ("file:line") and its record's "id" (None where it has none)."""
     if path == "-":
-        file, text = Path("<stdin>"), sys.stdin.read()
+        try:
+            file, text = Path("<stdin>"), utf8_text(sys.stdin.read(), "<stdin>")
+        except UnicodeDecodeError as e:  # (a UTF-8 locale's strict stdin)
+            raise MTPError(f"<stdin>: not UTF-8 text ({e.reason})") from None
     else:
         file = input_file(path, "prompts")
         text = read_text(file)
@@ -297,7 +303,8 @@ def _checked_inputs(prompt: str | None, prompts: str | None, strategy: str, max_
             Path(prompts).expanduser().resolve():
         raise MTPError(f"--output {output} is the --prompts file: the answers would replace the prompts; give "
                        "another file")
-    records = [(prompt, {}, "--prompt", None)] if prompt is not None else read_prompt_records(prompts)
+    records = [(utf8_text(prompt, "--prompt"), {}, "--prompt", None)] if prompt is not None else \
+        read_prompt_records(prompts)
     texts = [text for text, _, _, _ in records]
     if prompt is not None and not prompt:
         raise MTPError("empty prompt: give at least one token")
@@ -350,7 +357,8 @@ class _Printed:
         self.results: list[dict] = []  # printed, in order
         self.ready: dict[int, dict] = {}  # ended, waiting for an earlier prompt's
         self.so_far: dict[int, list[int]] = {}  # tokens of the prompts that started
-        self.text = IncrementalText(tok)
+        # --stream: the one prompt's text as it comes, ending before its first stop string (as its record's text)
+        self.text = StreamedText(tok, tuple(stops[0]) if stream else ())
 
     def collect(self, i: int, new: list[int]) -> None:
         self.so_far.setdefault(i, []).extend(new)
@@ -397,7 +405,7 @@ class _Printed:
     def _show(self, record: dict) -> None:
         self.results.append(record)
         if self.stream:
-            print(self.text.rest(), flush=True)
+            print(self.text.finish(), flush=True)
             return
         with tqdm.external_write_mode(file=sys.stdout):  # the bar (stderr) cleared while answers print
             print(jsonlib.dumps(record) if self.json else record["text"] + "\n")
@@ -508,8 +516,12 @@ class IncrementalText:
         return self.tokenizer.decode(self.tokens[start:end], skip_special_tokens=True)
 
     def add(self, new: list[int]) -> str:
-        """The text that `new` completes ("" while a character is still incomplete)."""
+        """The text that `new` completes ("" while a character is still incomplete, or a byte group may go on)."""
         self.tokens.extend(new)
+        if self.tokens and self.tokens[-1] in byte_tokens(self.tokenizer):
+            # SentencePiece's byte fallback decodes a run of <0x..> tokens together, and all of a run that is not
+            # UTF-8 as U+FFFDs: "X" (<0x58>) sent alone would become "\ufffd" once a stray <0xBC> follows it.
+            return ""
         before, text = self._decode(self.prefix, self.read), self._decode(self.prefix)
         if len(text) <= len(before) or text.endswith("\ufffd"):
             return ""
@@ -521,6 +533,23 @@ class IncrementalText:
         before, text = self._decode(self.prefix, self.read), self._decode(self.prefix)
         self.prefix = self.read = len(self.tokens)
         return text[len(before):]
+
+
+_BYTE_TOKENS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # tokenizer -> its <0x..> token ids
+
+
+def byte_tokens(tokenizer) -> frozenset[int]:
+    """The ids of a tokenizer's byte-fallback tokens (SentencePiece's "<0x41>"; none in a byte-level BPE), read
+    from its vocabulary once."""
+    try:
+        return _BYTE_TOKENS[tokenizer]
+    except (KeyError, TypeError):  # (TypeError: a tokenizer that no weak reference can point to: read each time)
+        pass
+    vocab = tokenizer.get_vocab() if hasattr(tokenizer, "get_vocab") else {}
+    found = frozenset(i for t, i in vocab.items() if len(t) == 6 and t.startswith("<0x") and t.endswith(">"))
+    with contextlib.suppress(TypeError):
+        _BYTE_TOKENS[tokenizer] = found
+    return found
 
 
 class StreamedText:

@@ -137,8 +137,8 @@ def _sampling(body: dict, path: str, echo: bool = False) -> Sampling:
     seed = _typed(body, "seed", int, None)
     if seed is not None and not 0 <= seed < 2**64:
         raise BadRequest(f"'seed' must be in [0, 2**64), got {seed}", "seed")
-    temperature = float(_typed(body, "temperature", (int, float), 0.0))
-    top_p = float(_typed(body, "top_p", (int, float), 1.0))
+    temperature = _number(body, "temperature", 0.0)
+    top_p = _number(body, "top_p", 1.0)
     top_k = _typed(body, "top_k", int, 0)
     if not 0 <= temperature <= 2:
         raise BadRequest(f"'temperature' must be between 0 and 2, got {temperature}", "temperature")
@@ -166,9 +166,18 @@ def _penalties(body: dict) -> tuple[float, float, float]:
             _ranged(body, "repetition_penalty", 1.0))
 
 
+def _number(body: dict, name: str, default: float) -> float:
+    """A JSON number as a float; an integer too large for one (JSON has no bound) is the request's error."""
+    value = _typed(body, name, (int, float), default)
+    try:
+        return float(value)
+    except OverflowError:
+        raise BadRequest(f"'{name}' is out of range, got an integer of {len(str(value))} digits", name) from None
+
+
 def _ranged(body: dict, name: str, default: float) -> float:
     """A number within the bounds every command and `generate` hold it to (`mtp.arguments.RULES`)."""
-    value = float(_typed(body, name, (int, float), default))
+    value = _number(body, name, default)
     if not RULES[name].holds(value):
         raise BadRequest(f"'{name}' must be {RULES[name]}, got {value:g}", name)
     return value

@@ -48,7 +48,9 @@ class RowOptions:
         """The row of `DecodeState.sampling`: temperature (0: greedy), top-k, top-p, min-p (a greedy row's neutral)."""
         if not self.do_sample:
             return [0.0, 0.0, 1.0, 0.0]
-        return [self.temperature, float(self.top_k), self.top_p, self.min_p]
+        # (a top-k past any vocabulary keeps every token, as the vocabulary's size does: one of 400 digits would
+        # overflow the float; 2**24 is still exact in float32)
+        return [self.temperature, float(min(self.top_k, 1 << 24)), self.top_p, self.min_p]
 
     def fits(self, opts) -> bool:
         """Whether the row may decode in a batch whose steps `opts` (`batch_options`) shapes: what it asks for is

@@ -347,6 +347,29 @@ class Handler(BaseHTTPRequestHandler):
             field = api.logprobs_field(path, scores, tokens, self.server.token_text, offsets)
         return api.choice(path, index, piece, None, True, field)
 
+    def _other_method(self) -> None:
+        """PUT, DELETE, PATCH: no route takes them (a body they carry is not read: the connection closes)."""
+        self.close_connection = True
+        self._error(HTTPStatus.METHOD_NOT_ALLOWED, f"{self.route} takes GET or POST, not {self.command}",
+                    allow="GET, POST")
+
+    do_PUT = do_DELETE = do_PATCH = _other_method  # noqa: N815 (http.server's names)
+
+    def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
+        """http.server's own refusals (a request line or headers it cannot read, a method it has no handler for),
+        as the API's JSON error body, not its HTML page."""
+        text = message or self.responses.get(code, ("error",))[0]
+        self.log_error("code %d, message %s", code, text)
+        self.close_connection = True
+        data = json.dumps(api.error_body(text, code)).encode()
+        self.send_response(code, text)
+        self.send_header("Connection", "close")
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        if self.command != "HEAD" and code >= 200 and code not in (HTTPStatus.NO_CONTENT, HTTPStatus.NOT_MODIFIED):
+            self.wfile.write(data)
+
     def _send_json(self, status: int, body: dict, allow: str | None = None) -> None:
         data = json.dumps(body).encode()
         self.send_response(status)

@@ -66,8 +66,10 @@ class StopChecker:
         hist = self.history[row]
         base = len(hist)
         hist.extend(new)
-        # Only the tail can contain a new match: decode a window that covers the longest stop string.
-        window = max(len(s) for s in strings) + 8 + len(new)
+        # Only the tail can contain a new match: decode a window that covers the longest stop string. Counted in
+        # bytes: a token holds one or more of its text's bytes, but a character may take several tokens (CJK or
+        # an emoji in a byte-level BPE: a window of characters missed such a stop string, and decoding went on).
+        window = max(len(s.encode("utf-8", "surrogatepass")) for s in strings) + 8 + len(new)
         if not self._matches(row, hist, len(hist), window):  # (one decode a step, not one per stop string)
             return None
         for j in range(base + 1, len(hist) + 1):
