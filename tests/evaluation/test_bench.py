@@ -338,6 +338,31 @@ def test_report_on_free_prompts_without_hf(tiny_tokenizer, tmp_path):
     assert "GSM8K" not in format_table(report)
 
 
+def test_a_report_of_another_model_is_set_aside_not_replaced(tiny_tokenizer, tmp_path, capsys):
+    """bench/ (the default --output) holding an earlier bench of another model: its report moves into
+    bench/earlier (then earlier-2); a re-run of the same model replaces its own."""
+    model = make_model(tiny_tokenizer, num_heads=2)
+    prompts = file_prompts(tiny_tokenizer, _prompts_file(tmp_path), chat=False)
+    methods = build_methods(model, tiny_tokenizer, tau=[], hf=False, fp16=False, int8=False)[:1]
+    report = build_report(run_bench(methods, prompts, 2, progress=False), tiny_tokenizer,
+                          settings={"max_new_tokens": 2})
+    out = tmp_path / "bench"
+    for name in ("runs/a", "runs/b", "runs/b", "runs/a"):
+        write_report({**report, "settings": {"model": name, "max_new_tokens": 2}}, out)
+    models = {d.name: json.loads((d / "report.json").read_text())["settings"]["model"]
+              for d in (out, out / "earlier", out / "earlier-2")}
+    assert models == {"bench": "runs/a", "earlier": "runs/a", "earlier-2": "runs/b"}
+    assert sorted(p.name for p in (out / "earlier").iterdir()) == ["report.json", "report.md", "speed_accuracy.png"]
+    assert not (out / "earlier-3").exists()
+    assert f"{out} held the report of another model (runs/b): moved to {out / 'earlier-2'}" in capsys.readouterr().err
+
+
+def _prompts_file(tmp_path):
+    path = tmp_path / "prompts.txt"
+    path.write_text("Tom has 3 apples\n", encoding="utf-8")
+    return path
+
+
 def test_strategy_picks_the_rows_greedy_always_runs(tiny_model_dir, gsm8k_file, tmp_path):
     """--strategy, as `mtp generate` spells it, takes several: the rows of those strategies, and greedy, the
     reference of every lossless row."""

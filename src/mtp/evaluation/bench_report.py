@@ -12,9 +12,11 @@ speculative method decode the prompts in batches of each size; their total new t
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import statistics
+import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -315,7 +317,25 @@ def write_report(report: dict, output: str | Path) -> dict[str, Path]:
         raise MTPError(f"--output {out} is a file, not a folder")
     out.mkdir(parents=True, exist_ok=True)
     paths = {"json": out / "report.json", "markdown": out / "report.md", "plot": out / "speed_accuracy.png"}
+    _set_aside_another_models(out, paths, report["settings"].get("model"))
     write_json(paths["json"], report)
     write_text(paths["markdown"], format_markdown(report, paths["plot"].name))
     plot_speed_accuracy(report, paths["plot"])
     return paths
+
+
+def _set_aside_another_models(out: Path, paths: dict[str, Path], model: object) -> None:
+    """A report of another model in `out` (the default bench/ of an earlier bench) is moved into a folder of its
+    own, `out/earlier` (then earlier-2, ...), not replaced: a re-run of the same model replaces its own."""
+    try:
+        earlier = json.loads(paths["json"].read_text(encoding="utf-8"))["settings"]["model"]
+    except (OSError, ValueError, TypeError, KeyError):  # (none, or not a report of ours: replaced as before)
+        return
+    if earlier == model:
+        return
+    aside = next(d for n in range(1, 10_000) if not (d := out / ("earlier" if n == 1 else f"earlier-{n}")).exists())
+    aside.mkdir()
+    for path in paths.values():
+        if path.is_file():
+            os.replace(path, aside / path.name)
+    print(f"mtp bench: {out} held the report of another model ({earlier}): moved to {aside}", file=sys.stderr)
