@@ -284,9 +284,9 @@ def generate(model: str | None = None, prompt: str | None = None, prompts: str |
     if not json:
         fresh = set(todo)
         total_new = sum(len(r["token_ids"]) for r in out.results if r["index"] in fresh)
-        print(f"[{strategy}] {total_new} new token{'s' if total_new != 1 else ''} in {seconds:.1f} s: {total_new / max(seconds, 1e-9):.1f} "
-              f"tokens/s, {total_new / max(forwards, 1):.2f} tokens per forward pass; "
-              f"{weights.describe(runtime)}", file=sys.stderr)
+        print(f"[{strategy}] {total_new} new token{'s' if total_new != 1 else ''} in {seconds:.1f} s: "
+              f"{total_new / max(seconds, 1e-9):.1f} tokens/s, {total_new / max(forwards, 1):.2f} tokens per "
+              f"forward pass; {weights.describe(runtime)}", file=sys.stderr)
     if (note := wait.note()) is not None:
         print(note, file=sys.stderr)
     return 0
