@@ -149,6 +149,31 @@ def test_a_trainer_state_that_is_not_json_is_one_line(run_copy, capsys):
     assert_one_line_error(code, err, STATE_NAME, "not valid JSON")
 
 
+@pytest.mark.parametrize("text, says", [
+    ("[]", "train_config.json is not a training run's config (expected a JSON object)"),
+    ('{"args": null}', '"args" must be an object of the run\'s flags'),
+    ('{"args": {"data": 5}}', '"data" is 5, not a str as its flag\'s values are'),
+    ('{"args": {"seq_len": true}}', '"seq_len" is True, not a int'),
+    ('{"args": {"seq_len": 1}}', "--seq-len must be >= 2, got 1 (the file was edited or damaged)"),
+])
+def test_a_train_config_of_the_wrong_shape_is_one_line(run_copy, text, says, capsys):
+    """Valid JSON that is no run's config (an edit, a bad copy): one line naming the file (a traceback)."""
+    (run_copy / "run" / "train_config.json").write_text(text)
+    code, err = run_cli(["train", "--output", run_copy / "run", "--resume", "--no-progress"], capsys)
+    assert_one_line_error(code, err, "train_config.json", says)
+
+
+def test_metrics_lines_that_are_no_records_are_dropped_on_resume(run_copy, capsys):
+    """A line of metrics.jsonl that is JSON but no step's record ([1], a step that is no number) is dropped, as a
+    line cut off by a crash is (an AttributeError)."""
+    metrics = run_copy / "run" / "metrics.jsonl"
+    kept = metrics.read_text()
+    metrics.write_text(kept + '[1]\n{"step": "x"}\n')
+    code, err = run_cli(["train", "--output", run_copy / "run", "--resume", "--no-progress"], capsys)
+    assert code == 0, err
+    assert all(isinstance(json.loads(line), dict) for line in metrics.read_text().splitlines())
+
+
 # ------------------------------------------------------------------------------------------------ model folders
 def damage_file(path: Path, how: str) -> None:
     data = path.read_bytes()
@@ -364,6 +389,17 @@ def test_resume_checks_the_checkpoint_weights(run_copy, capsys):
         damage_file(ckpt / "model.safetensors", "truncated")
     code, err = run_cli(["train", "--output", run_copy / "run", "--resume", "--no-progress"], capsys)
     assert_one_line_error(code, err, "no checkpoint in", str(newest / "model.safetensors"), "damaged safetensors")
+
+
+def test_a_newest_checkpoint_without_its_weights_is_passed_over(run_copy, capsys):
+    """A checkpoint that lost its model.safetensors (its trainer_state.safetensors passed for the weights): named
+    and passed over, as a damaged one is (--resume refused the run)."""
+    first, newest = every_checkpoint(run_copy / "run")
+    (newest / "model.safetensors").unlink()
+    code, err = run_cli(["train", "--output", run_copy / "run", "--resume", "--no-progress"], capsys)
+    assert code == 0, err
+    assert f"mtp: {newest} cannot be read ({newest}: no weights (expected model.safetensors))" in err
+    assert f"going on from {first.name}" in err
 
 
 def test_pruning_after_a_damaged_newer_checkpoint_keeps_the_good_ones(tmp_path):

@@ -184,3 +184,17 @@ def test_a_write_to_a_link_replaces_its_target_and_to_a_pipe_writes_into_it(tmp_
     reader.join(10)
     assert read == ["through"] and not pipe.is_file() and pipe.exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["link.json", "pipe", "real.json"]
+
+
+def test_a_folder_written_through_a_link_replaces_its_target(tmp_path):
+    """`save_pretrained`, `mtp convert --output` into a link to a folder: the target's contents are replaced and
+    the link stays (the link became a folder of its own, then an rmtree of the moved-aside link failed)."""
+    target = tmp_path / "real"
+    target.mkdir()
+    (target / "old.txt").write_text("old")
+    link = tmp_path / "link"
+    link.symlink_to(target, target_is_directory=True)
+    with atomic_folder(link) as tmp:
+        (tmp / "new.txt").write_text("new")
+    assert link.is_symlink() and sorted(p.name for p in target.iterdir()) == ["new.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["link", "real"]

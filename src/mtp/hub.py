@@ -272,19 +272,23 @@ def check_model_folder(folder: str | os.PathLike) -> bool:
     for name in _JSON_FILES:
         if (folder / name).is_file():
             read_json_object(folder / name)
-    shards = sorted(folder.glob("*.safetensors"))
+    # The model's weights: model.safetensors, or the shards its index lists. Other safetensors files (a
+    # checkpoint's trainer_state.safetensors, lookup_corpus.safetensors) are checked for damage, but are no weights:
+    # a checkpoint that lost its model.safetensors passed for one with weights.
+    shards = [folder / "model.safetensors"] if (folder / "model.safetensors").is_file() else []
     index = folder / "model.safetensors.index.json"
     if index.is_file():
         weight_map = read_json_object(index).get("weight_map")
         if not isinstance(weight_map, dict):
             raise MTPError(f"{index}: no \"weight_map\" object")
-        for shard in sorted(set(map(str, weight_map.values()))):
-            if not (folder / shard).is_file():
-                raise MTPError(f"{folder / shard}: missing (listed in {index.name})")
+        shards = [folder / shard for shard in sorted(set(map(str, weight_map.values())))]
+        for shard in shards:
+            if not shard.is_file():
+                raise MTPError(f"{shard}: missing (listed in {index.name})")
     elif not shards and (is_mtp or not (folder / "pytorch_model.bin").is_file()):
         raise MTPError(f"{folder}: no weights (expected model.safetensors)")
-    for shard in shards:
-        check_safetensors(shard)
+    for file in sorted(folder.glob("*.safetensors")):
+        check_safetensors(file)
     weights = shards or sorted(folder.glob("pytorch_model*.bin"))
     check_config_sizes(folder / "config.json", hf_config, sum(w.stat().st_size for w in weights),
                        config.get("mtp") if is_mtp else None)

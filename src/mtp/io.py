@@ -159,8 +159,11 @@ def atomic_write_json(path: str | os.PathLike, data) -> Path:
 def atomic_folder(folder: str | os.PathLike) -> Iterator[Path]:
     """Yield an empty temporary folder beside `folder`; when the block succeeds it takes `folder`'s place (an
     existing one is moved aside, then removed). On an error or interruption `folder` is left as it was. A file
-    at `folder` is refused before anything is written."""
+    at `folder` is refused before anything is written. A symbolic link's target is replaced, the link kept (as
+    `atomic_path` does: renamed into, the link itself became a folder, and its target stayed as it was)."""
     folder = Path(folder)
+    if folder.is_symlink():
+        folder = Path(os.path.realpath(folder))
     if folder.exists() and not folder.is_dir():
         raise MTPError(f"{folder} is a file, not a folder; nothing was written")
     with disk_errors(folder):

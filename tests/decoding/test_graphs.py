@@ -768,3 +768,24 @@ def test_a_weight_at_a_freed_weights_address_does_not_pass_for_it(replayed, monk
     if graphs:
         (after,) = model._mtp_decode_sessions.sessions.values()
         assert after is not before
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+@pytest.mark.parametrize("graphs", [False, True])
+def test_a_short_prompt_beside_a_long_one_may_take_the_longer_budget(family, graphs, monkeypatch):
+    """Each row's positions start at its own first token: a batch of a 100-token prompt (budget 20) and an 8-token
+    one (budget 115) fits a 128-position model, though the padded width plus the larger budget does not (it was
+    refused: `mtp train --targets self` failed with --seq-len at the context). The same tokens as each alone."""
+    if graphs:
+        monkeypatch.setattr(generate_module, "_use_graphs", lambda graphs, device, proposer: bool(graphs))
+    model = tiny_mtp(family, num_heads=2, context=128)
+    g = torch.Generator().manual_seed(0)
+    long, short = torch.randint(3, 60, (100,), generator=g).tolist(), torch.randint(3, 60, (8,), generator=g).tolist()
+    ids, mask = left_pad([long, short], 0)
+    for strategy in LOSSLESS:
+        both = generate(model, ids, mask, max_new_tokens=[20, 115], strategy=strategy, graphs=graphs).tokens
+        alone = [generate(model, [p], max_new_tokens=n, strategy=strategy).tokens[0]
+                 for p, n in ((long, 20), (short, 115))]
+        assert both == alone and [len(t) for t in both] == [20, 115]
+    with pytest.raises(MTPError, match="prompt of 100 tokens \\+ max_new_tokens 29 exceeds the model's context"):
+        generate(model, ids, mask, max_new_tokens=[29, 115], graphs=graphs)

@@ -11,7 +11,7 @@ import mtp.evaluation.evaluate as evaluate
 from mtp.cli import run as cli_run
 from mtp.errors import MTPError
 from mtp.evaluation.commands import eval_
-from mtp.evaluation.evaluate import read_samples, run_eval, summarize
+from mtp.evaluation.evaluate import prompt_key, read_samples, run_eval, summarize
 from mtp.evaluation.prompts import gsm8k_prompts
 
 FAST = {"shots": 1, "max_new_tokens": 6, "progress": False}
@@ -246,6 +246,28 @@ def test_larger_limit_on_resume_adds_problems(tiny_tokenizer, gsm8k_file, tmp_pa
         summary = run_eval(model, tiny_tokenizer, prompts, out, {"x": 1}, max_new_tokens=3, progress=False)
     assert summary["n"] == 4
     assert [r["id"] for r in _lines(out / "samples.jsonl")] == [0, 1, 2, 3]
+
+
+def test_a_problem_whose_text_changed_is_answered_again_once(tiny_tokenizer, gsm8k_file, tmp_path):
+    """The data file edited between runs (same path, same settings): the changed problem's old record is dropped
+    and it is answered again (samples.jsonl held both, id 2 twice, against a summary of 4); a smaller --limit
+    keeps the records past it, for a later run that asks for them."""
+    import json
+
+    model = make_model(tiny_tokenizer)
+    out = tmp_path / "run"
+    prompts = gsm8k_prompts(tiny_tokenizer, path=gsm8k_file, limit=4, shots=0, chat=True)
+    run_eval(model, tiny_tokenizer, prompts, out, {"x": 1}, max_new_tokens=3, progress=False)
+    records = [json.loads(line) for line in gsm8k_file.read_text().splitlines()]
+    records[2]["question"] = "What is 100 plus 1?"
+    gsm8k_file.write_text("".join(json.dumps(r) + "\n" for r in records))
+    prompts = gsm8k_prompts(tiny_tokenizer, path=gsm8k_file, limit=4, shots=0, chat=True)
+    summary = run_eval(model, tiny_tokenizer, prompts, out, {"x": 1}, max_new_tokens=3, progress=False)
+    samples = _lines(out / "samples.jsonl")
+    assert summary["n"] == 4 and sorted(r["id"] for r in samples) == [0, 1, 2, 3]
+    assert next(r for r in samples if r["id"] == 2)["prompt_key"] == prompt_key(prompts[2].token_ids)
+    summary = run_eval(model, tiny_tokenizer, prompts[:2], out, {"x": 1}, max_new_tokens=3, progress=False)
+    assert summary["n"] == 2 and sorted(r["id"] for r in _lines(out / "samples.jsonl")) == [0, 1, 2, 3]
 
 
 def test_summary_figures():

@@ -494,3 +494,37 @@ def test_export_keeps_a_tokenizer_that_is_not_sentencepiece(tmp_path):
     assert meta_to_mtp(tmp_path / "meta").tokenizer.encode(text) == tok.encode(text)
     assert run_cli(["convert", "--from", "meta", "--input", str(tmp_path / "meta"), "--output", str(tmp_path / "back")]) == 0
     assert MTPModel.from_pretrained(tmp_path / "back").tokenizer.encode(text) == tok.encode(text)
+
+
+def test_a_round_trip_keeps_the_context_and_the_tokenizers_ids(tmp_path):
+    """mtp -> Meta -> mtp: params.json carries the context (max_seq_len; it came back as 4096) and the ids come
+    from the tokenizer converted along (they came back as LlamaConfig's 1 and 2: in another vocabulary ordinary
+    tokens, at which the converted model stopped)."""
+    import json
+
+    from conftest import tiny_mtp, tiny_tokenizer
+
+    tok = tiny_tokenizer()
+    model = tiny_mtp("llama", num_heads=2, vocab_size=len(tok), context=200)
+    model.tokenizer = tok
+    model.save_pretrained(tmp_path / "mtp")
+    assert run_cli(["convert", "--to", "meta", "--input", str(tmp_path / "mtp"), "--output", str(tmp_path / "meta")]) == 0
+    assert json.loads((tmp_path / "meta" / "params.json").read_text())["max_seq_len"] == 200
+    assert run_cli(["convert", "--from", "meta", "--input", str(tmp_path / "meta"), "--output", str(tmp_path / "back")]) == 0
+    for config in (json.loads((tmp_path / "back" / "config.json").read_text()), meta_to_mtp(tmp_path / "meta").config):
+        config = config if isinstance(config, dict) else config.to_dict()
+        assert config["max_position_embeddings"] == 200
+        assert (config["bos_token_id"], config["eos_token_id"], config["pad_token_id"]) == (
+            tok.bos_token_id, tok.eos_token_id, tok.pad_token_id)
+
+
+def test_export_refuses_a_draft_vocabulary(tmp_path):
+    """Heads that draft from a subset of the vocabulary (--draft-vocab): Meta's heads score all of it, and the
+    subset (a buffer outside the state dict) was dropped without a word."""
+    from conftest import tiny_mtp
+
+    model = tiny_mtp("llama", num_heads=2)
+    model.set_draft_vocab(list(range(20)))
+    with pytest.raises(MTPError, match="draft from 20 tokens"):
+        mtp_to_meta(model, tmp_path / "meta")
+    assert not (tmp_path / "meta").exists()

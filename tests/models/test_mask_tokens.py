@@ -152,6 +152,15 @@ def test_mask_token_is_added_to_tokenizer_and_embedding(tmp_path):
     assert m3.mask_token_id == 3 and m3.config.vocab_size == len(tok2)
     with pytest.raises(MTPError, match="outside"):
         MaskTokenModel.from_base(tiny_base("llama", vocab_size=20), mask_token_id=20)
+    # not the end, start or padding token (an end token as the mask: answers that never end), nor a name and an
+    # id that disagree
+    for kwargs in ({"mask_token_id": tok2.eos_token_id}, {"mask_token": tok2.eos_token},
+                   {"mask_token_id": tok2.bos_token_id}, {"mask_token_id": tok2.pad_token_id}):
+        with pytest.raises(MTPError, match=r"is the model's (end-of-sequence|start|padding) token"):
+            MaskTokenModel.from_base(tiny_base("llama", vocab_size=len(tok2)), tokenizer=tok2, **kwargs)
+    with pytest.raises(MTPError, match="mask_token 'x' is not token 3 of this tokenizer"):
+        MaskTokenModel.from_base(tiny_base("llama", vocab_size=len(tok2)), tokenizer=tok2, mask_token_id=3,
+                                 mask_token="x")
 
 
 @pytest.mark.parametrize("adapter", ["full", "gated-lora"])

@@ -468,3 +468,34 @@ def test_seq_len_counts_real_tokens_not_the_papers_slots():
         lay = mask_layout(cfg.prefix_len, k, cfg.regions)
         assert cfg.prefix_len == 32
         assert int((~lay.is_mask).sum()) == 160 and lay.is_mask.numel() == 160 + 5 * (k - 1)
+
+
+def test_the_position_shift_stays_within_a_learned_position_table(tmp_path, monkeypatch, capsys):
+    """GPT-2's positions are a table (128 rows here): --seq-len 96 with k 3 fits it, but a step's random shift of
+    the positions (up to a region's 48 tokens) took real slots past it, an IndexError at some step. The shift is
+    kept within the table: 128 - (96 + 2) = 30 at most, every step trains."""
+    from training_helpers import tiny_gpt2
+
+    from mtp.cli import main
+
+    calls = []
+    real = draw
+
+    def recorded(seed, step, low, high):
+        calls.append(high)
+        return real(seed, step, low, high)
+
+    monkeypatch.setattr("mtp.training.selfdistill.draw", recorded)
+    tok = train_tokenizer()
+    gpt2 = tiny_gpt2(vocab_size=len(tok), num_heads=1)
+    gpt2.base.save_pretrained(tmp_path / "gpt2")
+    tok.save_pretrained(tmp_path / "gpt2")
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps({"question": "one two three " * (i + 4), "answer": "four five " * (i + 4)})
+                            + "\n" for i in range(6)))
+    with pytest.raises(SystemExit) as done:
+        main(["train", "--model", str(tmp_path / "gpt2"), "--data", str(data), "--output", str(tmp_path / "run"),
+              "--method", "selfdistill", "--seq-len", "96", "--regions", "2", "--k", "3", "--pack", "--holdout", "0",
+              "--batch-size", "1", "--steps", "6", "--no-progress"])
+    assert done.value.code in (0, None), capsys.readouterr().err
+    assert 30 in calls and max(calls) == 30  # (the step's k is drawn too: a fixed k 3 draws from [3, 3])

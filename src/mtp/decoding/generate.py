@@ -798,7 +798,7 @@ def generate(model, input_ids: torch.Tensor | list, attention_mask: torch.Tensor
     drafter = drafter_for(model, opts, proposer)
     graphs = _use_graphs(graphs, input_ids.device, proposer)
     input_ids, attention_mask = _fit_context(model, input_ids, attention_mask, opts, drafter.lookahead,
-                                             truncate_prompt)
+                                             truncate_prompt, budgets)
     stop_token_ids = _end_tokens(model, tokenizer, stop_token_ids)
     if opts.lookup_corpus is not None:
         check_corpus_tokens(opts.lookup_corpus, model.config.vocab_size)
@@ -952,15 +952,23 @@ def model_tree(model, tree, tree_size: int | None, num_draft: int | None,
     return resolved
 
 
-def _fit_context(model, input_ids, attention_mask, opts: DecodeOptions, lookahead: int, truncate_prompt: bool):
+def _fit_context(model, input_ids, attention_mask, opts: DecodeOptions, lookahead: int, truncate_prompt: bool,
+                 budgets: list[int] | None = None):
+    """The prompts, each row's own tokens and its own budget (`budgets`; default `opts.max_new_tokens` each)
+    within the model's positions: a row's positions start at its first token, whatever the left padding (a short
+    prompt batched with long ones may take a longer budget). Else an MTPError, or, with `truncate_prompt`, the
+    prompts' oldest columns cut."""
     limit = context_limit(model)
     if limit is None:
         return input_ids, attention_mask
-    need = input_ids.shape[1] + opts.max_new_tokens + lookahead
-    if need <= limit:
+    lengths = attention_mask.sum(1).tolist() if attention_mask is not None else [input_ids.shape[1]] * len(input_ids)
+    budgets = budgets if budgets is not None else [opts.max_new_tokens] * len(lengths)
+    longest, budget = max(zip(lengths, budgets, strict=True), key=sum)
+    if longest + budget + lookahead <= limit:
         return input_ids, attention_mask
+    need = input_ids.shape[1] + opts.max_new_tokens + lookahead
     if not truncate_prompt:
-        raise MTPError(f"prompt of {input_ids.shape[1]} tokens + max_new_tokens {opts.max_new_tokens} exceeds "
+        raise MTPError(f"prompt of {longest} tokens + max_new_tokens {budget} exceeds "
                        f"{_context_words(model, limit)} (shorten it, or keep its last tokens: "
                        "truncate_prompt=True, --truncate-prompt)")
     keep = limit - (need - input_ids.shape[1])

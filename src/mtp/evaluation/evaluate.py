@@ -183,13 +183,16 @@ def run_eval(model, tokenizer, prompts: Sequence[Prompt], output: str | Path, id
     if resume and config_path.is_file():
         check_same_settings(out, identity)
         keys = {p.id: prompt_key(p.token_ids) for p in prompts}
-        records = read_samples(samples_path)
-        for r in records:
+        kept = []
+        for r in read_samples(samples_path):
             if isinstance(r.get("output"), str):  # scored again: a record an older mtp scored follows today's rule
                 r.update(score(r["output"], r.get("reference")))
+            if r["id"] in keys and (keys[r["id"]] != r["prompt_key"] or r["id"] in done):
+                continue  # a problem whose text changed since (the data file edited): answered again
             if keys.get(r["id"]) == r["prompt_key"]:
                 done[r["id"]] = r
-        _rewrite_samples(samples_path, records)  # drop a torn last line before appending
+            kept.append(r)  # (problems past this run's --limit stay, for a later run that asks for them)
+        _rewrite_samples(samples_path, kept)  # drop a torn last line, and superseded records, before appending
     else:
         out.mkdir(parents=True, exist_ok=True)
         for name in (SAMPLES, SUMMARY):

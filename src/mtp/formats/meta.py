@@ -333,6 +333,9 @@ def _meta_to_ours_key(key: str) -> str:
 
 
 # -------------------------------------------------------------------------------------------- meta -> mtp
+META_CONTEXT = 4096  # the context of a params.json without max_seq_len (Meta's reference code's default)
+
+
 def _llama_config(shape: _Shape, params: dict, dtype: torch.dtype):
     from transformers import LlamaConfig
 
@@ -345,7 +348,7 @@ def _llama_config(shape: _Shape, params: dict, dtype: torch.dtype):
         num_key_value_heads=shape.n_kv_heads,
         head_dim=shape.head_dim,
         hidden_act="silu",
-        max_position_embeddings=int(params.get("max_seq_len", 4096)),
+        max_position_embeddings=int(params.get("max_seq_len", META_CONTEXT)),
         rms_norm_eps=shape.norm_eps,
         rope_theta=shape.rope_theta,
         tie_word_embeddings=False,
@@ -413,7 +416,20 @@ def meta_to_mtp(folder: str | os.PathLike, dtype: torch.dtype | None = torch.flo
         pass
     if load_tokenizer:
         model.tokenizer = load_meta_tokenizer(folder)
+        _ids_of(model, model.tokenizer)
     return model
+
+
+def _ids_of(model, tokenizer) -> None:
+    """The start, end and padding ids of the checkpoint's own tokenizer in the model's config (params.json has
+    none: LlamaConfig's defaults, 1 and 2, are Llama 2's, and an ordinary token of another vocabulary)."""
+    if tokenizer is None:
+        return
+    for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        value = getattr(tokenizer, name, None)
+        setattr(model.config, name, value)
+        if getattr(model, "generation_config", None) is not None:
+            setattr(model.generation_config, name, value)
 
 
 def convert_meta_to_mtp_folder(folder: str | os.PathLike, output: str | os.PathLike,
@@ -423,7 +439,9 @@ def convert_meta_to_mtp_folder(folder: str | os.PathLike, output: str | os.PathL
     reclaimable). Returns the (weightless) model describing what was written."""
     folder = Path(folder)
     checkpoint, model, dtype, read, names = _open_meta(folder, dtype)
-    model.save_pretrained(output, tokenizer=load_meta_tokenizer(folder), weights=read, overwrite=overwrite)
+    tokenizer = load_meta_tokenizer(folder)
+    _ids_of(model, tokenizer)
+    model.save_pretrained(output, tokenizer=tokenizer, weights=read, overwrite=overwrite)
     return model
 
 
@@ -495,6 +513,9 @@ def meta_params_for(model) -> dict:
     if model.reads_next_token:
         raise MTPError("Meta's format has heads that read the trunk alone; this model's extra heads also read the "
                        "next token (train heads with --no-next-token-input to export them)")
+    if getattr(model, "draft_vocab", None) is not None:  # (a buffer state_dict leaves out: it would be lost)
+        raise MTPError(f"Meta's format has heads over the whole vocabulary; this model's extra heads draft from "
+                       f"{model.draft_vocab.numel():,} tokens (--draft-vocab): train heads without it to export them")
     dim, n_heads = int(config.hidden_size), int(config.num_attention_heads)
     head_dim = getattr(config, "head_dim", None) or dim // n_heads
     theta, rope_type = _rope(config)
@@ -519,17 +540,20 @@ def meta_params_for(model) -> dict:
         "norm_eps": float(config.rms_norm_eps),
         "rope_theta": theta,
         "n_future_tokens": model.num_heads,
+        "max_seq_len": int(config.max_position_embeddings),  # (read back as the context; 4096 where absent)
     }
     original = getattr(config, META_PARAMS_ATTR, None)
     if not isinstance(original, dict):
         multiple_of, multiplier = _ffn_params(dim, intermediate)
         return {**{k: derived[k] for k in ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size")},
                 "multiple_of": multiple_of, "ffn_dim_multiplier": multiplier,
-                **{k: derived[k] for k in ("norm_eps", "rope_theta", "n_future_tokens")}}
+                **{k: derived[k] for k in ("norm_eps", "rope_theta", "n_future_tokens", "max_seq_len")}}
     # Keep the original file's keys and spelling wherever they still hold (absent defaults, vocab_size -1, ...).
     params = dict(original)
     for key, value in derived.items():
         if key == "vocab_size" and int(params.get(key) or -1) <= 0:
+            continue
+        if key == "max_seq_len" and key not in params and value == META_CONTEXT:  # (absent: the reader's default)
             continue
         try:
             current = _param(params, key)

@@ -341,6 +341,11 @@ class MaskTokenModel(nn.Module):
             mask_token_id, mask_token = add_mask_token(base, tokenizer, mask_token or MASK_TOKEN)
         elif mask_token is None and tokenizer is not None:
             mask_token = tokenizer.convert_ids_to_tokens(int(mask_token_id))
+        elif mask_token is not None and tokenizer is not None \
+                and tokenizer.convert_tokens_to_ids(mask_token) != int(mask_token_id):
+            raise MTPError(f"mask_token {mask_token!r} is not token {mask_token_id} of this tokenizer; give the token "
+                           "or its id")
+        _check_not_reserved(int(mask_token_id), mask_token, base, tokenizer)
         model = cls(base, mask_token_id, mask_token, adapter=adapter, rank=rank, k=k, lora_layers=lora_layers)
         model.tokenizer, model.source = tokenizer, source
         return model
@@ -596,6 +601,18 @@ class MaskTokenModel(nn.Module):
         if load_tokenizer and (directory / "tokenizer_config.json").is_file():
             model.tokenizer = read_tokenizer(directory)
         return model
+
+
+def _check_not_reserved(token_id: int, token: str | None, base: nn.Module, tokenizer) -> None:
+    """A mask token is not the start, end or padding token: masked slots have the mask's logit pinned low and
+    every such token in the training rows would be read as a mask (an end token as the mask: answers that never
+    end)."""
+    for name, what in (("eos", "end-of-sequence"), ("bos", "start"), ("pad", "padding")):
+        ids = {getattr(base.config, f"{name}_token_id", None), getattr(tokenizer, f"{name}_token_id", None)}
+        ids = {i for v in ids for i in (v if isinstance(v, list | tuple) else [v]) if isinstance(i, int)}
+        if token_id in ids:
+            raise MTPError(f"the mask token {token!r} (id {token_id}) is the model's {what} token; choose another "
+                           f"(by default a new one, {MASK_TOKEN!r}, is added)")
 
 
 def add_mask_token(base: nn.Module, tokenizer, token: str = MASK_TOKEN) -> tuple[int, str]:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import os
 import shutil
 import statistics
@@ -21,9 +20,15 @@ from typing import Literal
 
 import torch
 
-from mtp.arguments import current_arguments, spelled
+from mtp.arguments import check_values, current_arguments, spelled
 from mtp.errors import MTPError
-from mtp.io import atomic_write_json, disk_errors, remove_stale_temporaries, temporary_prefix
+from mtp.io import (
+    atomic_write_json,
+    disk_errors,
+    read_json_object,
+    remove_stale_temporaries,
+    temporary_prefix,
+)
 from mtp.options import changed_fields, flat_defaults, with_flat_keywords
 from mtp.process import output_lock
 from mtp.runtime import (
@@ -495,10 +500,25 @@ def _read_train_config(out: Path) -> dict:
     path = out / TRAIN_CONFIG
     if not path.is_file():
         raise MTPError(f"--resume: {path} not found (no run was started in {out})")
+    saved = read_json_object(path, "a training run's config")
+    args = saved.get("args", {})
+    if not isinstance(args, dict):
+        raise MTPError(f"{path}: \"args\" must be an object of the run's flags; the file was edited or damaged")
+    defaults = train_defaults()
+    for name, value in args.items():  # (a value of another type failed deep inside the run, as a traceback)
+        default = defaults.get(name)
+        if value is None or default is None:
+            continue
+        kind = float if isinstance(default, float) else type(default)
+        fine = isinstance(value, int | float) if kind is float else isinstance(value, kind)
+        if not fine or (isinstance(value, bool) and kind is not bool):
+            raise MTPError(f"{path}: \"{name}\" is {value!r}, not a {kind.__name__} as its flag's values are; the file "
+                           "was edited or damaged")
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except ValueError as e:
-        raise MTPError(f"{path}: not valid JSON ({e})") from None
+        check_values({k: v for k, v in args.items() if k in defaults})
+    except MTPError as e:
+        raise MTPError(f"{path}: {e} (the file was edited or damaged)") from None
+    return saved
 
 
 def _merge_resume_args(args: dict, saved: dict) -> dict:

@@ -723,10 +723,12 @@ class MetricsLog:
             kept = []
             for line in path.read_text(encoding="utf-8").splitlines():
                 try:
-                    if json.loads(line).get("step", 0) <= resume_step:
-                        kept.append(line)
+                    record = json.loads(line)
                 except ValueError:  # a line cut off by a crash
                     continue
+                step = record.get("step", 0) if isinstance(record, dict) else None
+                if isinstance(step, int | float) and not isinstance(step, bool) and step <= resume_step:
+                    kept.append(line)  # (a line that is no record of a step, an edit's: dropped as well)
             atomic_write_lines(path, kept)
         self._file = path.open("a", encoding="utf-8")
 

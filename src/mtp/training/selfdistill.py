@@ -247,6 +247,17 @@ class SelfDistillTrainer(Trainer):
             self.teacher = model.make_teacher()
         return params
 
+    def _largest_offset(self) -> int:
+        """The largest shift of a step's positions: up to a region's length less one, within the model's positions
+        (a row's real slots reach seq_len - 1 + offset, its masks k-1 further: past a learned position table,
+        GPT-2's, an IndexError; past RoPE's, positions the model never saw)."""
+        from mtp.decoding.generate import context_limit
+
+        d = self.distill
+        limit = context_limit(self.model)
+        room = d.prefix_len - 1 if limit is None else limit - (d.seq_len + d.k_max - 1)
+        return max(0, min(d.prefix_len - 1, room))
+
     def frozen_modules(self) -> list:
         return [] if self.teacher is self.model.base else [self.teacher]  # gated LoRA: the teacher is the base
 
@@ -274,7 +285,7 @@ class SelfDistillTrainer(Trainer):
             rows, mine, stand_in = self.micro_rows(self.step * cfg.grad_accum + m)
             tokens += int(self.train_data.lengths[rows].sum())
             micro.append({key: v.to(self.device) for key, v in self.rows_batch(mine, stand_in).items()})
-        offset = draw(cfg.seed + 1, self.step, 0, d.prefix_len - 1)
+        offset = draw(cfg.seed + 1, self.step, 0, self._largest_offset())
         total = 0.0
         for batch in micro:
             with self.autocast():

@@ -297,7 +297,8 @@ def _generate_answers(model, tokenizer, prompts, rows: list[int], answers: Token
                 # are kept (they are recorded for every prompt token)
                 shared = common_prefix(asked) if recorder is None and len(chunk) > 1 else None
                 res = generate(model, ids.to(model.device), mask.to(model.device),
-                               max_new_tokens=max(budgets[i] for i in chunk), strategy="greedy",
+                               max_new_tokens=[budgets[i] for i in chunk], strategy="greedy",  # (each row's own:
+                               # a short prompt's budget after the batch's longest one ran past the context)
                                stop_token_ids=stop_token_ids, on_trunk=recorder, prefix=shared)
                 done = [[int(t) for t in res.tokens[r][: budgets[i]]] for r, i in enumerate(chunk)]
                 if recorder is not None:  # before the answers: a row whose answer is cached has its features
