@@ -39,6 +39,10 @@ NO_MODEL = ["--model", "/no/such/model"]  # a command that got past the checks w
     (["generate", "--prompt", "hi", "--do-sample", "--strategy", "static"],
      "--do-sample: sampling is available with --strategy greedy or speculative"),
     (["generate", "--prompt", "hi", "--do-sample", "--strategy", "confadapt"], "--do-sample: sampling is available"),
+    # a split of a data file (it has none: the flag went unread)
+    (["train", "--output", "o", "--data", __file__, "--split", "test"],
+     "--split chooses a dataset's split (GSM8K's train or test); --data names a file, which has none (drop --split)"),
+    (["eval", "--data", __file__, "--split", "train"], "--split chooses a dataset's split"),
     # both spellings of a renamed flag: the last would win without a word
     (["bench", "--taus", "0.9", "--tau", "0.5", "--strategy", "confadapt"],
      "--taus and --tau are two spellings of one flag (--taus is deprecated); give --tau only"),
@@ -62,6 +66,8 @@ def test_an_option_that_would_be_ignored_is_an_error(args, message, capsys):
     ["info", "--memory", "--quantize", "fp16", "--max-new-tokens", "4"],
     ["train", "--output", "o", "--targets", "self", "--max-new-tokens", "64", "--gen-batch-size", "4"],
     ["train", "--output", "o", "--resume", "--gen-batch-size", "4"],  # the run's own --targets decides
+    ["train", "--output", "o", "--split", "test"],  # (the shipped GSM8K's)
+    ["eval", "--split", "train"],
 ])
 def test_an_option_with_what_reads_it_passes_the_checks(args, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)

@@ -147,6 +147,9 @@ UNUSED_UNLESS: list[tuple[str, tuple[str, ...], Callable[..., bool], str]] = [
     *((name, ("memory",), lambda memory: memory,
        f"{{{name}}}: with {{memory}} only; without it nothing decodes (add {{memory}}, or drop {{{name}}})")
       for name in ("quantize", "tree_size", "lookup", "max_new_tokens")),
+    # mtp train, mtp eval: a split is a dataset's (shipped GSM8K's, a datasets folder's); a data file has none
+    ("split", ("data",), lambda data: not Path(str(data)).expanduser().is_file(),
+     "{split} chooses a dataset's split (GSM8K's train or test); {data} names a file, which has none (drop {split})"),
     # mtp train: answering the prompts (a resumed run's own --targets decides)
     *((name, ("targets", "resume"), lambda targets, resume: targets == "self" or resume,
        f"{{{name}}}: for the model's own answers ({{targets}} self); this run trains on the data's answers")
