@@ -157,6 +157,24 @@ def check_same_settings(output: str | Path, identity: dict, only: Collection[str
                        "choose another --output, or pass --no-resume to start it again")
 
 
+def _answered_before(samples_path: Path, prompts: Sequence[Prompt]) -> dict[int, dict]:
+    """The records of an earlier run (of the same settings) that answer `prompts` as they are now, by problem id;
+    samples.jsonl rewritten without a torn last line or superseded records, ready to be appended to."""
+    keys = {p.id: prompt_key(p.token_ids) for p in prompts}
+    done: dict[int, dict] = {}
+    kept = []
+    for r in read_samples(samples_path):
+        if isinstance(r.get("output"), str):  # scored again: a record an older mtp scored follows today's rule
+            r.update(score(r["output"], r.get("reference")))
+        if r["id"] in keys and (keys[r["id"]] != r["prompt_key"] or r["id"] in done):
+            continue  # a problem whose text changed since (the data file edited): answered again
+        if keys.get(r["id"]) == r["prompt_key"]:
+            done[r["id"]] = r
+        kept.append(r)  # (problems past this run's --limit stay, for a later run that asks for them)
+    _rewrite_samples(samples_path, kept)
+    return done
+
+
 def run_eval(model, tokenizer, prompts: Sequence[Prompt], output: str | Path, identity: dict, *,
              strategy: str = "greedy", tau: float = 0.9, k: int | None = None, num_draft: int | None = None,
              tree: str | None = None, tree_size: int | None = None, lookup: int = 0, graphs: bool | None = None,
@@ -182,17 +200,7 @@ def run_eval(model, tokenizer, prompts: Sequence[Prompt], output: str | Path, id
     done: dict[int, dict] = {}
     if resume and config_path.is_file():
         check_same_settings(out, identity)
-        keys = {p.id: prompt_key(p.token_ids) for p in prompts}
-        kept = []
-        for r in read_samples(samples_path):
-            if isinstance(r.get("output"), str):  # scored again: a record an older mtp scored follows today's rule
-                r.update(score(r["output"], r.get("reference")))
-            if r["id"] in keys and (keys[r["id"]] != r["prompt_key"] or r["id"] in done):
-                continue  # a problem whose text changed since (the data file edited): answered again
-            if keys.get(r["id"]) == r["prompt_key"]:
-                done[r["id"]] = r
-            kept.append(r)  # (problems past this run's --limit stay, for a later run that asks for them)
-        _rewrite_samples(samples_path, kept)  # drop a torn last line, and superseded records, before appending
+        done = _answered_before(samples_path, prompts)
     else:
         out.mkdir(parents=True, exist_ok=True)
         for name in (SAMPLES, SUMMARY):
