@@ -325,13 +325,19 @@ def check_unused(arguments: Mapping[str, object], defaults: Mapping[str, object]
             raise MTPError(message.format(**{n: spelled(n, True) for n in (name, *deciding)}))
 
 
+def bias_pair(pair: str) -> tuple[int, float]:
+    """One --logit-bias TOKEN_ID:BIAS pair as (id, bias); ValueError where it is no such pair."""
+    token, _, value = str(pair).partition(":")
+    return int(token), float(value)
+
+
 def _bias_ids(pairs: object) -> list[int]:
-    """The token ids of --logit-bias's TOKEN_ID:BIAS pairs that read as ids (a malformed pair is its parser's to
-    refuse)."""
+    """The token ids of --logit-bias's pairs that read as pairs (a malformed one is `SamplingOptions.bias`'s to
+    refuse, with its own words)."""
     ids = []
     for pair in pairs if isinstance(pairs, list | tuple) else ():
         with contextlib.suppress(ValueError):
-            ids.append(int(str(pair).partition(":")[0]))
+            ids.append(bias_pair(pair)[0])
     return ids
 
 

@@ -247,6 +247,13 @@ def read_text(path: str | os.PathLike) -> str:
         raise MTPError(f"{path}: cannot read ({e.strerror or e})") from None
 
 
+def unused_path(path: Path) -> Path:
+    """`path`, or the first of `path`-2, -3, ... that does not exist: where something set aside goes (never over
+    what an earlier set-aside left)."""
+    names = (path if n == 1 else path.with_name(f"{path.name}-{n}") for n in range(1, 10_000))
+    return next(p for p in names if not p.exists())
+
+
 def utf8_text(text: str, where: str) -> str:
     """`text` from the command line or standard input, which Python decodes with `surrogateescape` under a C or
     POSIX locale: bytes that are not UTF-8 come as lone surrogates, which no tokenizer takes (a TypeError from

@@ -40,6 +40,7 @@ from mtp.io import (
     read_json_records,
     read_text,
     text_lines,
+    unused_path,
     utf8_text,
 )
 from mtp.options import with_flat_keywords
@@ -443,8 +444,7 @@ class _Journal:
             print(f"mtp generate: going on from {self.path}: {len(self.done)} of {len(identity['prompts'])} prompts "
                   "answered before", file=sys.stderr)
         elif self.path.exists():  # set aside, not deleted: those answers may be all a user has of that run
-            aside = next(p for n in range(1, 10_000) if not (p := self.path.with_name(
-                f"{self.path.name}.earlier{'' if n == 1 else f'-{n}'}")).exists())
+            aside = unused_path(self.path.with_name(f"{self.path.name}.earlier"))
             self.path.rename(aside)
             print(f"mtp generate: {self.path} held the answers of other prompts, settings or weights: set aside as "
                   f"{aside.name}; starting over", file=sys.stderr)

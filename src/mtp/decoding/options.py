@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from mtp.arguments import check_output
+from mtp.arguments import bias_pair, check_output
 from mtp.errors import MTPError
 from mtp.io import input_file
 from mtp.runtime import DType, Graphs, Runtime, graphs_option, resolve_runtime, set_threads
@@ -147,13 +147,13 @@ class SamplingOptions:
             return None
         out = {}
         for pair in self.logit_bias:
-            token, _, value = pair.partition(":")
             try:
-                out[int(token)] = float(value)
+                token, value = bias_pair(pair)
             except ValueError:
                 raise MTPError(f"--logit-bias takes TOKEN_ID:BIAS pairs (e.g. 198:-100), got {pair!r}") from None
-            if not -100 <= out[int(token)] <= 100:
+            if not -100 <= value <= 100:
                 raise MTPError(f"--logit-bias: the bias of token {token} must be in [-100, 100], got {value}")
+            out[token] = value
         return out
 
     def generate_kwargs(self) -> dict:

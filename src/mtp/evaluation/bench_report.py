@@ -29,6 +29,7 @@ from mtp.evaluation.evaluate import score, write_json, write_text
 from mtp.evaluation.gsm8k import mean_and_stderr
 from mtp.evaluation.plots import HF_GREEDY, OUR_GREEDY, plot_speed_accuracy
 from mtp.evaluation.prompts import truncate_output
+from mtp.io import unused_path
 from mtp.runtime import CONTENDED, MB, describe_runtime
 
 
@@ -333,7 +334,7 @@ def _set_aside_another_models(out: Path, paths: dict[str, Path], model: object) 
         return
     if earlier == model:
         return
-    aside = next(d for n in range(1, 10_000) if not (d := out / ("earlier" if n == 1 else f"earlier-{n}")).exists())
+    aside = unused_path(out / "earlier")
     aside.mkdir()
     for path in paths.values():
         if path.is_file():
