@@ -201,6 +201,56 @@ def test_a_run_saved_under_old_flag_names_resumes_under_the_new_ones():
         _merge_resume_args({**defaults, "output": "o", "resume": True, "autocast": "float32"}, saved)
 
 
+def test_the_command_line_says_which_flags_were_typed_even_at_their_default_values():
+    """`mtp.cli._parse`: every parameter has its value (the default where its flag is absent, as argparse gives
+    it), and the typed ones are known whatever their spelling, a default value typed included."""
+    from mtp.cli import _parse
+
+    defaults = {f.name: f.default for f in command_flags(_load(COMMANDS["train"]))}
+    args, typed, unknown = _parse("train", ["train", "--output", "o", "--seq-len", str(defaults["seq_len"]),
+                                            "--lr=0.5", "--no-progress", "--precision", "bf16", "--nonsense"])
+    assert typed == {"output", "seq_len", "lr", "progress", "autocast"} and unknown == ["--nonsense"]
+    assert args == {**defaults, "output": "o", "lr": 0.5, "progress": False, "autocast": "bfloat16"}
+    for command in ("bench", "eval"):  # (eval: an optional word)
+        args, typed, _ = _parse(command, [command])
+        assert typed == frozenset()
+        assert args == {f.name: f.default for f in command_flags(_load(COMMANDS[command]), POSITIONAL.get(command, []))}
+
+
+def test_resume_refuses_a_flag_typed_at_its_default_value_that_the_run_did_not_use(tmp_path, capsys):
+    """A flag typed on the command line is given even at its default value: the run's value does not silently
+    replace it (`--seq-len 512` on a run of 64 was taken as "not given"). From Python, where typing cannot be
+    told, a value at its default is still the run's to fill."""
+    from mtp.arguments import TYPED_FLAGS
+    from mtp.errors import MTPError
+    from mtp.training.commands import _merge_resume_args, train_defaults
+
+    defaults = train_defaults()
+    saved = {"args": {"seq_len": 64, "lr": defaults["lr"]}}
+    args = {**defaults, "output": "o", "resume": True}
+    assert _merge_resume_args(args, saved)["seq_len"] == 64  # from Python
+    token = TYPED_FLAGS.set(("train", frozenset({"output", "resume", "seq_len", "lr"})))
+    try:
+        with pytest.raises(MTPError, match=f"--seq-len {defaults['seq_len']} \\(the run used 64\\)"):
+            _merge_resume_args(args, saved)
+        merged = _merge_resume_args({**args, "seq_len": 64}, saved)  # typed as the run had it
+        assert merged["seq_len"] == 64 and merged["lr"] == defaults["lr"]
+    finally:
+        TYPED_FLAGS.reset(token)
+    token = TYPED_FLAGS.set(("demo", frozenset({"seq_len"})))  # another command's flags say nothing of train's
+    try:
+        assert _merge_resume_args(args, saved)["seq_len"] == 64
+    finally:
+        TYPED_FLAGS.reset(token)
+    out = tmp_path / "run"  # the command line end to end: refused before any work
+    out.mkdir()
+    (out / "train_config.json").write_text('{"args": {"seq_len": 64}}')
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "--output", str(out), "--resume", "--seq-len", str(defaults["seq_len"])])
+    assert exit_info.value.code == 2
+    assert f"--seq-len {defaults['seq_len']} (the run used 64)" in capsys.readouterr().err
+
+
 def test_the_old_spellings_go_in_the_release_they_name():
     def release(version: str) -> tuple[int, ...]:
         return tuple(int(part) for part in version.split(".")[:2])

@@ -16,11 +16,24 @@ import math
 import numbers
 import os
 from collections.abc import Callable, Mapping, Sequence
+from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 from mtp.errors import MTPError
+
+# (command, the parameters whose flags were typed) while the CLI runs a command (`mtp.cli.run`). A value equal to
+# its default does not say whether it was typed, and `mtp train --resume` must know: a flag typed at its default
+# value that differs from the run's is a clash, not a flag left for the run to fill.
+TYPED_FLAGS: ContextVar[tuple[str, frozenset[str]] | None] = ContextVar("TYPED_FLAGS", default=None)
+
+
+def typed_flags(command: str) -> frozenset[str] | None:
+    """The parameters typed on the command line of `command`, when the CLI runs it; None for a call from Python (or
+    for a command another one calls, e.g. `mtp demo`'s `train`)."""
+    typed = TYPED_FLAGS.get()
+    return typed[1] if typed is not None and typed[0] == command else None
 
 
 @dataclass(frozen=True)

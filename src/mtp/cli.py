@@ -29,6 +29,7 @@ from pathlib import Path
 from mtp.arguments import (
     DEPRECATED,
     DEPRECATED_UNTIL,
+    TYPED_FLAGS,
     Renamed,
     check_command_arguments,
     deprecation_warning,
@@ -381,15 +382,12 @@ def run(argv: list[str] | None = None) -> int:
         print(f"mtp: error: unknown command {command!r}; choose from {', '.join(COMMANDS)}", file=sys.stderr)
         return 2
     _check_one_spelling(command, argv)
-    parser = build_parser(only=command)
-    namespace, unknown = parser.parse_known_args(argv)
+    args, typed, unknown = _parse(command, argv)
     fn = _load(COMMANDS[command])
     if unknown:
         print(f"mtp {command}: error: {_unknown_arguments(unknown, fn, command)} (see `mtp {command} --help`)",
               file=sys.stderr)
         return 2
-    args = vars(namespace)
-    args.pop("command")
     defaults = {f.name: f.default for f in command_flags(fn, POSITIONAL.get(command, []))}
     check_command_arguments(command, args, defaults)  # ranges and output paths, before the command does any work
     import torch
@@ -398,9 +396,36 @@ def run(argv: list[str] | None = None) -> int:
     # from it), which starts at the same seed in every process: a command seeds it from the system, so that
     # without --seed each run samples anew.
     torch.seed()
-    with _no_bars(args.get("progress") is False):
-        result = fn(**grouped_arguments(fn, args))
+    token = TYPED_FLAGS.set((command, typed))
+    try:
+        with _no_bars(args.get("progress") is False):
+            result = fn(**grouped_arguments(fn, args))
+    finally:
+        TYPED_FLAGS.reset(token)
     return int(result or 0)
+
+
+def _parse(command: str, argv: list[str]) -> tuple[dict[str, object], frozenset[str], list[str]]:
+    """`argv` read for `command`: every parameter's value (a flag not typed: its default, as argparse gives it), the
+    parameters whose flags were typed (in any spelling: `--x=1`, `--no-x`, an old name), and the words argparse
+    could not place. A flag typed at its default value is typed all the same (`mtp train --resume` tells the two
+    apart), so the command's parser leaves out the flags not typed, and their defaults are filled in after."""
+    parser = build_parser(only=command)
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[command]
+    untyped, positional = {}, {}
+    for action in sub._actions:
+        if not action.option_strings:  # (argparse checks an absent optional word's default against its choices)
+            positional[action.dest] = action.default
+        elif action.dest != "help" and action.default is not argparse.SUPPRESS:
+            untyped[action.dest] = (action, action.default)
+            action.default = argparse.SUPPRESS
+    namespace, unknown = parser.parse_known_args(argv)
+    given = vars(namespace)
+    given.pop("command")
+    args = {dest: sub._get_value(action, default) if isinstance(default, str) else default  # as argparse converts
+            for dest, (action, default) in untyped.items()}  # a default given as a string
+    typed = {k for k, v in given.items() if k not in positional or v != positional[k]}  # a word: if not its default
+    return {**args, **given}, frozenset(typed), unknown
 
 
 @contextlib.contextmanager

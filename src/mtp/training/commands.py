@@ -20,7 +20,7 @@ from typing import Literal
 
 import torch
 
-from mtp.arguments import check_values, current_arguments, spelled
+from mtp.arguments import check_values, current_arguments, spelled, typed_flags
 from mtp.errors import MTPError
 from mtp.io import (
     atomic_write_json,
@@ -522,8 +522,10 @@ def _read_train_config(out: Path) -> dict:
 
 
 def _merge_resume_args(args: dict, saved: dict) -> dict:
-    """Flags left at their defaults take the run's saved values; an explicit different value is an error."""
+    """Flags not given take the run's saved values; a given different value is an error. Given: typed on the
+    command line (`typed_flags`), or, for a call from Python, away from its default."""
     defaults = train_defaults()
+    typed = typed_flags("train")
     merged = dict(args)
     clashes = []
     saved_args = current_arguments("train", saved.get("args", {}))  # a run saved under old flag names
@@ -531,7 +533,7 @@ def _merge_resume_args(args: dict, saved: dict) -> dict:
         if name not in defaults or name in _THIS_INVOCATION:
             continue
         current = args.get(name)
-        if current == defaults[name]:
+        if (name not in typed) if typed is not None else current == defaults[name]:
             merged[name] = value
         elif current != value and name not in _MAY_CHANGE:
             used = "left it to its default" if value is None else f"used {value}"
