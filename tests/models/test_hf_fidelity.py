@@ -5,7 +5,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, MistralConfig, Qwen2Config, Qwen3Config
+from transformers import (
+    AutoModelForCausalLM,
+    Gemma2Config,
+    MistralConfig,
+    Phi3Config,
+    Qwen2Config,
+    Qwen3Config,
+)
 
 from mtp import MTPError, MTPModel
 from mtp.decoding.generate import generate
@@ -18,6 +25,8 @@ SLIDING = {
     "qwen2": lambda: Qwen2Config(use_sliding_window=True, sliding_window=WINDOW, max_window_layers=1, **COMMON),
     "qwen3": lambda: Qwen3Config(head_dim=8, use_sliding_window=True, sliding_window=WINDOW, max_window_layers=1,
                                  **COMMON),
+    "phi3": lambda: Phi3Config(sliding_window=WINDOW, **COMMON),  # every layer, as Mistral
+    "gemma2": lambda: Gemma2Config(head_dim=8, sliding_window=WINDOW, **COMMON),  # every other layer
 }
 
 

@@ -158,6 +158,11 @@ def test_mask_token_is_added_to_tokenizer_and_embedding(tmp_path):
                    {"mask_token_id": tok2.bos_token_id}, {"mask_token_id": tok2.pad_token_id}):
         with pytest.raises(MTPError, match=r"is the model's (end-of-sequence|start|padding) token"):
             MaskTokenModel.from_base(tiny_base("llama", vocab_size=len(tok2)), tokenizer=tok2, **kwargs)
+    several_ends = tiny_base("llama", vocab_size=len(tok2))
+    several_ends.config.eos_token_id = [7, 9]  # as Llama 3's configs name their end tokens (a list crashed the check)
+    assert MaskTokenModel.from_base(several_ends, tokenizer=tok2, mask_token_id=3).mask_token_id == 3
+    with pytest.raises(MTPError, match="is the model's end-of-sequence token"):
+        MaskTokenModel.from_base(several_ends, tokenizer=tok2, mask_token_id=9)
     with pytest.raises(MTPError, match="mask_token 'x' is not token 3 of this tokenizer"):
         MaskTokenModel.from_base(tiny_base("llama", vocab_size=len(tok2)), tokenizer=tok2, mask_token_id=3,
                                  mask_token="x")

@@ -130,10 +130,12 @@ def test_heads_without_the_next_token_are_a_clear_error():
 
 @pytest.mark.skipif("fbgemm" not in torch.backends.quantized.supported_engines, reason="packing needs fbgemm (x86)")
 @pytest.mark.parametrize("fmt", ["fp16", "int8"])
-def test_packed_and_quantised_models_read_the_next_token(fmt):
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_packed_and_quantised_models_read_the_next_token(fmt, family):
     """`--quantize fp16|int8` (the bench's CPU rows) decode such heads too: int8 turns the projection into a
-    quantised module too, whose weight is a method."""
-    model = quantize_model(reading_next_token(tiny_mtp("llama", num_heads=3, seed=5, vocab_size=41)), fmt)
+    quantised module too, whose weight is a method; fp16 packs every Linear of a model without the lean layers
+    (GPT-2), the projection's too, which then has no weight (that crashed)."""
+    model = quantize_model(reading_next_token(tiny_mtp(family, num_heads=3, seed=5, vocab_size=41)), fmt)
     prompt = torch.tensor([[4, 8, 15, 16, 23]])
     greedy = generate(model, prompt, max_new_tokens=12, stop_token_ids=[])
     assert generate(model, prompt, max_new_tokens=12, strategy="speculative", stop_token_ids=[]).tokens == \

@@ -17,10 +17,16 @@ from torch import nn
 from mtp.errors import MTPError
 
 LLAMA_FAMILY = ("llama", "mistral", "qwen2", "qwen3")
+# Decoders laid out as Llama's (`model.embed_tokens`, `model.layers`, `model.norm`, `model.rotary_emb`) whose layers
+# mtp runs as Hugging Face wrote them (no lean step of its own: other norms, fused or gated projections, layers
+# without rotary), with what their `*ForCausalLM` adds around the layers read from the config (`ConfigScaling`).
+# Each is checked against transformers' logits and greedy decoding (tests/models/test_families.py).
+HF_LAYER_FAMILY = ("phi3", "smollm3", "gemma", "gemma2", "gemma3_text", "granite", "olmo", "olmo2", "glm", "helium",
+                   "cohere")
 # Rotary types whose frequencies do not depend on the sequence's length: their tables can be computed once
 STATIC_ROPE_TYPES = ("default", "linear", "llama3")
 GPT2_FAMILY = ("gpt2",)
-SUPPORTED_MODEL_TYPES = LLAMA_FAMILY + GPT2_FAMILY
+SUPPORTED_MODEL_TYPES = LLAMA_FAMILY + HF_LAYER_FAMILY + GPT2_FAMILY
 
 
 class Backbone:
@@ -67,6 +73,10 @@ class Backbone:
         """The final norm, over the outputs of a forward (through a cache, or not) whose `shared` inputs
         `layer_inputs` built."""
         return self.norm(hidden)
+
+    def scale_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        """What the family's `*ForCausalLM` does to the unembedding's output (most: nothing)."""
+        return logits
 
 
 class LlamaBackbone(Backbone):
@@ -162,6 +172,58 @@ class LlamaBackbone(Backbone):
         return self.norm(hidden)
 
 
+class HFLayersBackbone(LlamaBackbone):
+    """`HF_LAYER_FAMILY`: Llama's accessors, the layers always Hugging Face's, the embeddings and logits scaled as
+    the family's model scales them."""
+
+    supports_fast_layers = False
+
+    def __init__(self, causal_lm: nn.Module):
+        super().__init__(causal_lm)
+        config = causal_lm.config
+        self.embedding_multiplier = getattr(config, "embedding_multiplier", None)  # Granite
+        self.logits_divisor = getattr(config, "logits_scaling", None)  # Granite
+        self.logit_scale = getattr(causal_lm, "logit_scale", None)  # Cohere (a number on the model)
+        self.logit_softcap = getattr(config, "final_logit_softcapping", None)  # Gemma 2
+
+    def use_fast_layers(self, layers, weights):
+        Backbone.use_fast_layers(self, layers, weights)
+
+    def embed(self, input_ids, position_ids):
+        hidden = self.causal_lm.model.embed_tokens(input_ids)  # (B, T, H); Gemma's scales itself
+        return hidden if self.embedding_multiplier is None else hidden * self.embedding_multiplier
+
+    def scale_logits(self, logits):
+        # the order and arithmetic of the families' own forwards (GraniteForCausalLM, CohereForCausalLM,
+        # Gemma2ForCausalLM), so that the logits are transformers' bit for bit
+        if self.logits_divisor is not None:
+            logits = logits / self.logits_divisor
+        if self.logit_scale is not None:
+            logits = logits * self.logit_scale
+        if self.logit_softcap is not None:
+            logits = torch.tanh(logits / self.logit_softcap) * self.logit_softcap
+        return logits
+
+
+class Gemma3Backbone(HFLayersBackbone):
+    """Gemma 3: its sliding-window and full-attention layers rotate by tables of their own (`layer_types`), as
+    `Gemma3TextModel` computes them: one per kind, once a forward."""
+
+    def layer_inputs(self, hidden, position_ids, max_position=None):
+        if self.window is not None and max_position is None:
+            check_within_window(self.window, position_ids)
+        return {"position_ids": position_ids, "rotary": {}}
+
+    def run_layer(self, layer, hidden, mask, cache, shared, reuse_input=False):
+        attn, tables = layer.self_attn, shared["rotary"]
+        kind = getattr(attn, "layer_type", None) or self.causal_lm.config.layer_types[attn.layer_idx]
+        if kind not in tables:
+            tables[kind] = self.causal_lm.model.rotary_emb(hidden, shared["position_ids"], kind)
+        out = layer(hidden, attention_mask=mask, use_cache=cache is not None, **{_cache_kwarg(type(layer)): cache},
+                    position_ids=shared["position_ids"], position_embeddings=tables[kind])
+        return out[0] if isinstance(out, tuple) else out
+
+
 class GPT2Backbone(Backbone):
     """GPT-2: `transformer.wte` + learned `transformer.wpe`, `transformer.h`, `transformer.ln_f`."""
 
@@ -181,10 +243,11 @@ class GPT2Backbone(Backbone):
 
 def attention_window(causal_lm: nn.Module) -> int | None:
     """The narrowest sliding attention window of the model's layers (None: every layer attends to everything).
-    Qwen2/Qwen3 name it on the layers that have one (`layer_types`); Mistral's layers all read the config's."""
+    Qwen2/Qwen3 (Gemma 2, SmolLM3) name it on the layers that have one (`layer_types`); Mistral's and Phi-3's layers
+    all read the config's."""
     config = causal_lm.config
     windows = [getattr(layer.self_attn, "sliding_window", None) for layer in causal_lm.model.layers]
-    if config.model_type == "mistral":
+    if config.model_type in ("mistral", "phi3"):
         windows.append(getattr(config, "sliding_window", None))
     return min((w for w in windows if w is not None), default=None)
 
@@ -212,6 +275,8 @@ def backbone_for(causal_lm: nn.Module) -> Backbone:
     model_type = getattr(causal_lm.config, "model_type", None)
     if model_type in LLAMA_FAMILY:
         return LlamaBackbone(causal_lm)
+    if model_type in HF_LAYER_FAMILY:
+        return Gemma3Backbone(causal_lm) if model_type == "gemma3_text" else HFLayersBackbone(causal_lm)
     if model_type in GPT2_FAMILY:
         return GPT2Backbone(causal_lm)
     raise MTPError(

@@ -41,9 +41,9 @@ MASK_TOKEN = "<|mtp_mask|>"
 METHOD = MASK_TOKENS_METHOD
 ADAPTERS = ("full", "gated-lora")
 LORA_PREFIX = "mtp_lora."
-# Projections that get a gated LoRA adapter: Llama family, then GPT-2 (Conv1D).
+# Projections that get a gated LoRA adapter: Llama family, fused ones (Phi-3, GLM), then GPT-2 (Conv1D).
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
-                "c_attn", "c_proj", "c_fc")
+                "qkv_proj", "gate_up_proj", "c_attn", "c_proj", "c_fc")
 
 
 # ------------------------------------------------------------------------------------------------ training layout
@@ -608,8 +608,9 @@ def _check_not_reserved(token_id: int, token: str | None, base: nn.Module, token
     every such token in the training rows would be read as a mask (an end token as the mask: answers that never
     end)."""
     for name, what in (("eos", "end-of-sequence"), ("bos", "start"), ("pad", "padding")):
-        ids = {getattr(base.config, f"{name}_token_id", None), getattr(tokenizer, f"{name}_token_id", None)}
-        ids = {i for v in ids for i in (v if isinstance(v, list | tuple) else [v]) if isinstance(i, int)}
+        given = (getattr(base.config, f"{name}_token_id", None), getattr(tokenizer, f"{name}_token_id", None))
+        ids = {i for v in given for i in (v if isinstance(v, list | tuple) else [v]) if isinstance(i, int)}  # (a
+        # list: Llama 3's configs name several end tokens)
         if token_id in ids:
             raise MTPError(f"the mask token {token!r} (id {token_id}) is the model's {what} token; choose another "
                            f"(by default a new one, {MASK_TOKEN!r}, is added)")

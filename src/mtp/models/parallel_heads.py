@@ -226,8 +226,8 @@ class MTPModel(nn.Module):
             raise MTPError("this model's extra heads read the next token: pass next_ids (next_token_ids gives the "
                            "input's own, decoding passes head 0's)")
         embedded = self.base.get_input_embeddings()(next_ids)  # (B, T, H)
-        weight = self.next_token_in.weight
-        if isinstance(weight, torch.Tensor):  # (int8-quantised, it is a method and takes fp32 input)
+        weight = getattr(self.next_token_in, "weight", None)
+        if isinstance(weight, torch.Tensor):  # (int8-quantised it is a method, fp16-packed absent: both take fp32)
             embedded = embedded.to(weight.dtype)  # fp32 master weights beside a bf16 frozen trunk
         return trunk_hidden + self.next_token_in(embedded).to(trunk_hidden.dtype)
 
@@ -322,10 +322,11 @@ class MTPModel(nn.Module):
             layer.blocked = BlockedWeights()
 
     def lm_head(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Normed hidden states (..., H) -> logits (..., V), as the base model's forward computes them."""
         head = self.backbone.lm_head
         if type(head) is nn.Linear and blocked_pays(hidden):  # fp32 CPU decoding (`mtp.models.packed`)
-            return self._blocked_linear("lm_head", hidden, head.weight, head.bias)
-        return head(hidden)
+            return self.backbone.scale_logits(self._blocked_linear("lm_head", hidden, head.weight, head.bias))
+        return self.backbone.scale_logits(head(hidden))
 
     def _blocked_linear(self, name: str, x: torch.Tensor, weight: torch.Tensor,
                         bias: torch.Tensor | None) -> torch.Tensor:
@@ -369,14 +370,14 @@ class MTPModel(nn.Module):
         if self.draft_vocab is None:
             return self.lm_head(hidden)
         if self.packed_draft_head is not None:
-            return self.packed_draft_head(hidden)  # (..., K)
+            return self.backbone.scale_logits(self.packed_draft_head(hidden))  # (..., K)
         head = self.backbone.lm_head
         if type(head) is not nn.Linear:  # quantised for decoding: no weight rows to pick
             return self.lm_head(hidden)[..., self.draft_vocab]
         rows, bias = self.draft_rows(head)
         if blocked_pays(hidden):
-            return self._blocked_linear("draft_rows", hidden, rows, bias)  # (..., K)
-        return F.linear(hidden, rows, bias)  # (..., K)
+            return self.backbone.scale_logits(self._blocked_linear("draft_rows", hidden, rows, bias))  # (..., K)
+        return self.backbone.scale_logits(F.linear(hidden, rows, bias))  # (..., K)
 
     def draft_rows(self, head: nn.Linear) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The draft vocabulary's rows of the unembedding's weight and bias. While gradients are on they are
