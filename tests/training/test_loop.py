@@ -328,3 +328,21 @@ def test_train_minutes_sets_the_step_count_from_the_pace(tmp_path, capsys) -> No
 def test_train_minutes_must_be_positive() -> None:
     with pytest.raises(MTPError, match="minutes must be > 0"):
         Trainer(tiny_llama(num_heads=2), make_data(), cfg(minutes=0.0))
+
+
+def test_evaluations_after_steps_see_the_updated_weights() -> None:
+    """A held-out evaluation (no grad: fp32 CPU matmuls over blocked copies of the weights, kept while the weights
+    stay the same) sees the optimizer's updates: the fused AdamW step changes the weights without bumping their
+    version, and the unembedding's copy from the first evaluation stood in for the trained one ever after."""
+    import copy
+
+    from mtp.training.losses import evaluate_heads
+
+    model = tiny_llama(num_heads=2)
+    data = make_data()
+    trainer = Trainer(model, data, cfg(steps=3, batch_size=4, lr=1e-2), eval_data=data)
+    assert trainer.optimizer.defaults.get("fused")  # (the fused kernel: what changed weights unseen)
+    trainer.evaluate()  # keeps a copy of the weights made now
+    trainer.train()
+    fresh = evaluate_heads(copy.deepcopy(model), data, trainer.config.eval_batch_size, trainer.autocast)
+    assert trainer.evaluate().head_loss == fresh.head_loss

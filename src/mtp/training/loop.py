@@ -562,6 +562,11 @@ class Trainer:
             self.scaler.update()
         else:
             self.optimizer.step()
+        # The fused AdamW kernel writes the weights without bumping their version counters, which is how copies
+        # made from them (`mtp.models.weight_state.kept_copy`: the blocked unembedding of a held-out evaluation,
+        # the draft vocabulary's rows) see a change; without this, later evaluations scored the old weights.
+        if self.optimizer.defaults.get("fused"):
+            torch.autograd.graph.increment_version(self.params)
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
