@@ -1,5 +1,6 @@
 """The training loop on tiny random models: loss goes down, frozen trunk, caching, checkpointing, resume, NaN."""
 
+import json
 import os
 import signal
 
@@ -206,11 +207,11 @@ def test_gradients_the_model_came_with_are_not_added_to_the_first_step() -> None
         torch.testing.assert_close(out[1][name], out[0][name], rtol=0, atol=0, msg=name)
 
 
-def _run(tmp_path, name, steps, stop_at=None, resume=False, **kw):
+def _run(tmp_path, name, steps, stop_at=None, resume=False, eval_data=None, **kw):
     model = tiny_llama(num_heads=3)
     data = make_data(rows=6)
     trainer = Trainer(model, data, cfg(steps=steps, batch_size=2, grad_accum=2, save_every=2, warmup_steps=2, **kw),
-                      output_dir=tmp_path / name)
+                      output_dir=tmp_path / name, eval_data=eval_data)
     if resume:
         ckpt = latest_checkpoint(tmp_path / name)
         trainer.resume_from(ckpt)
@@ -346,3 +347,14 @@ def test_evaluations_after_steps_see_the_updated_weights() -> None:
     trainer.train()
     fresh = evaluate_heads(copy.deepcopy(model), data, trainer.config.eval_batch_size, trainer.autocast)
     assert trainer.evaluate().head_loss == fresh.head_loss
+
+
+def test_resuming_a_finished_run_logs_its_final_evaluation_once(tmp_path) -> None:
+    """A run killed after its last checkpoint (installing the model) is resumed at its last step: the final
+    held-out evaluation it makes again replaces the one the log holds, not a second line for the same step."""
+    data = make_data(rows=6)
+    _run(tmp_path, "a", 4, eval_data=data)
+    _run(tmp_path, "a", 4, eval_data=data, resume=True)  # from step-000004: nothing left to train
+    lines = [json.loads(x) for x in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in lines if "eval" in x] == [4]
+    assert [x["step"] for x in lines if "eval" not in x] == [1, 2, 3, 4]

@@ -606,7 +606,7 @@ class Trainer:
         self.prepare()
         self._started = self.clock()  # the cache is a one-off cost, not training time
         metrics = MetricsLog(self.output_dir / "metrics.jsonl" if self.output_dir and self.is_main else None,
-                             self.step)
+                             self.step, cfg.steps)
         bar = None
         if self.is_main:
             bar = progress_bar(cfg.progress, cfg.steps if self.paced else None, "train", "step", self.step,
@@ -716,9 +716,10 @@ def _postfix(m: StepMetrics) -> str:
 
 class MetricsLog:
     """metrics.jsonl, appended one line per step. On resume, lines after the resumed step are dropped first
-    (they belong to steps that will be run again)."""
+    (they belong to steps that will be run again), and so is the final evaluation of a run resumed at its last
+    step (killed after its last checkpoint: the evaluation is made again)."""
 
-    def __init__(self, path: Path | None, resume_step: int):
+    def __init__(self, path: Path | None, resume_step: int, last_step: int | None = None):
         self.path = path
         self._file = None
         if path is None:
@@ -732,7 +733,8 @@ class MetricsLog:
                 except ValueError:  # a line cut off by a crash
                     continue
                 step = record.get("step", 0) if isinstance(record, dict) else None
-                if isinstance(step, int | float) and not isinstance(step, bool) and step <= resume_step:
+                final = last_step is not None and step == last_step and "eval" in record
+                if isinstance(step, int | float) and not isinstance(step, bool) and step <= resume_step and not final:
                     kept.append(line)  # (a line that is no record of a step, an edit's: dropped as well)
             atomic_write_lines(path, kept)
         self._file = path.open("a", encoding="utf-8")
