@@ -75,6 +75,22 @@ def test_bad_flags_are_one_line_before_any_work(args, message, capsys):
     assert_one_line_error(code, err, message)
 
 
+def test_an_empty_output_path_is_refused(folders, tmp_path, monkeypatch, capsys):
+    """`--output ""` (an unset variable in a script) names no folder: `mtp train` took it for the working
+    directory and wrote the run there, checkpoints and model. Every command's output is checked alike."""
+    from mtp.arguments import OUTPUTS, check_command_arguments
+
+    monkeypatch.chdir(tmp_path)
+    code, err = run_cli(["train", "--model", folders / "hf", "--data", folders / "text.txt", "--output", "",
+                         "--steps", "1", "--seq-len", "32", "--no-progress"], capsys)
+    assert_error(code, err, "--output is empty")
+    assert not list(tmp_path.iterdir())
+    for command in OUTPUTS:
+        with pytest.raises(MTPError, match="--output is empty"):
+            check_command_arguments(command, {"output": ""})
+    assert not list(tmp_path.iterdir())
+
+
 @pytest.mark.parametrize("command", ["eval", "bench"])
 @pytest.mark.parametrize("kind", ["mtp", "run"])
 def test_reports_are_not_written_into_a_model_or_a_training_run(folders, tmp_path, command, kind, capsys):

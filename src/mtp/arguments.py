@@ -298,6 +298,8 @@ def check_draft_flags(directory: str | os.PathLike | None, k, num_draft: int | N
 
 def check_output(path: str | os.PathLike, kind: OutputKind, flag: str = "--output") -> None:
     """Raise MTPError unless `path` can become a file (`kind` "file") or a folder ("folder") written by us."""
+    if not str(path).strip():  # (Path("") is the working directory: a run wrote its checkpoints and model there)
+        raise MTPError(f"{flag} is empty; give the name of a {kind} to write")
     target = Path(path).expanduser().absolute()
     if kind == "file" and target.is_dir():
         raise MTPError(f"{flag} {path} is a folder; give the name of a file to write")
