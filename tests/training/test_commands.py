@@ -283,3 +283,18 @@ def test_head_weights_are_checked_before_anything_loads(tmp_path, mtp_folder, mo
         assert not (tmp_path / "o").exists()
     with pytest.raises(MTPError, match="2 head weights given for 4 heads"):
         train(output=str(tmp_path / "o"), data=data, num_heads=4, head_weights="1,1", progress=False)
+
+
+@pytest.mark.parametrize("name", ["metrics.jsonl", "self_targets.jsonl", "eval.json", "checkpoints/qa.jsonl"])
+def test_a_data_file_the_run_would_write_over_is_refused(tmp_path, mtp_folder, name) -> None:
+    """--data kept in the run folder under a name the run writes (its metrics, its answers' cache, a checkpoint's
+    folder) was appended to, replaced or pruned: the user's data lost, and the run's log read their records."""
+    out = tmp_path / "run"
+    data = out / name
+    data.parent.mkdir(parents=True)
+    write_data(data, n=8)
+    before = data.read_bytes()
+    with pytest.raises(MTPError, match="--data .* is a file the run writes"):
+        train(output=str(out), model=mtp_folder, data=str(data), steps=1, seq_len=48, targets="self",
+              max_new_tokens=4, holdout=0.0, progress=False)
+    assert data.read_bytes() == before

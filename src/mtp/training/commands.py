@@ -108,6 +108,7 @@ def _start(args: dict, out: Path, t_start: float) -> int:
     """`train` once this process holds the run folder: the arguments checked, the torchrun job joined."""
     from mtp.training.checkpoints import newest_intact_checkpoint
 
+    _check_data_outside_run(args["data"], out)
     checkpoint = None
     if args["resume"]:
         saved = _read_train_config(out)
@@ -477,6 +478,23 @@ def _check_fresh_output(out: Path) -> None:
     if (out / "config.json").exists() or list_checkpoints(out / "checkpoints"):
         raise MTPError(f"{out} already holds a trained model or checkpoints; pass --resume to continue that run, "
                        "or choose a new --output")
+
+
+# What a run writes into its folder besides the model: a --data file there under one of these names was appended to
+# (metrics.jsonl), replaced (the answers' cache, self_targets.jsonl) or pruned with a checkpoint (checkpoints/).
+_RUN_FILES = (TRAIN_CONFIG, EVAL_NAME, "metrics.jsonl", "loss.png")
+_RUN_PREFIXES = ("self_targets.", "trunk_features.", "lookup_corpus.")
+
+
+def _check_data_outside_run(data: str, out: Path) -> None:
+    path = Path(data).expanduser()
+    if not path.is_file():
+        return  # the shipped GSM8K or a datasets name
+    path, run = path.resolve(), out.expanduser().resolve()
+    if (path.parent == run and (path.name in _RUN_FILES or path.name.startswith(_RUN_PREFIXES))) \
+            or run / "checkpoints" in path.parents:
+        raise MTPError(f"--data {data} is a file the run writes in --output {out}: move the data out of the run "
+                       "folder first")
 
 
 def _check_same_data(args: dict) -> None:
