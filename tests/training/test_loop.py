@@ -358,3 +358,17 @@ def test_resuming_a_finished_run_logs_its_final_evaluation_once(tmp_path) -> Non
     lines = [json.loads(x) for x in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
     assert [x["step"] for x in lines if "eval" in x] == [4]
     assert [x["step"] for x in lines if "eval" not in x] == [1, 2, 3, 4]
+
+
+def test_a_resumed_log_keeps_only_records_of_steps(tmp_path) -> None:
+    """metrics.jsonl's lines that are no record of a step (an edit's, another file's) are dropped on resume, as
+    lines cut off by a crash are: one without a step was kept as step 0, and the plot failed on it (KeyError)."""
+    from mtp.training.loop import MetricsLog
+    from mtp.training.plots import plot_losses
+
+    path = tmp_path / "metrics.jsonl"
+    step = {"step": 1, "loss": 1.0, "head_loss": [1.0]}
+    path.write_text("\n".join(json.dumps(x) for x in [{"a": 1}, [1, 2], 5, {"step": "x"}, step, {"step": 3}]) + "\n")
+    MetricsLog(path, resume_step=2).close()
+    assert [json.loads(x) for x in path.read_text().splitlines()] == [step]
+    assert plot_losses(path, tmp_path / "loss.png") is not None

@@ -732,7 +732,7 @@ class MetricsLog:
                     record = json.loads(line)
                 except ValueError:  # a line cut off by a crash
                     continue
-                step = record.get("step", 0) if isinstance(record, dict) else None
+                step = record.get("step") if isinstance(record, dict) else None
                 final = last_step is not None and step == last_step and "eval" in record
                 if isinstance(step, int | float) and not isinstance(step, bool) and step <= resume_step and not final:
                     kept.append(line)  # (a line that is no record of a step, an edit's: dropped as well)
