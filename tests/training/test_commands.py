@@ -298,3 +298,15 @@ def test_a_data_file_the_run_would_write_over_is_refused(tmp_path, mtp_folder, n
         train(output=str(out), model=mtp_folder, data=str(data), steps=1, seq_len=48, targets="self",
               max_new_tokens=4, holdout=0.0, progress=False)
     assert data.read_bytes() == before
+
+
+def test_a_file_where_the_checkpoints_go_is_refused_first(tmp_path, mtp_folder) -> None:
+    """A file named checkpoints in the run folder failed the first save, after the model had loaded and trained
+    (FileExistsError, a traceback)."""
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "checkpoints").write_text("mine")
+    with pytest.raises(MTPError, match="checkpoints is a file"):
+        train(output=str(out), model=mtp_folder, data=write_data(tmp_path / "d.jsonl", n=8), steps=1, seq_len=48,
+              holdout=0.0, progress=False)
+    assert (out / "checkpoints").read_text() == "mine" and not (out / "train_config.json").exists()

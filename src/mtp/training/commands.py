@@ -109,6 +109,9 @@ def _start(args: dict, out: Path, t_start: float) -> int:
     from mtp.training.checkpoints import newest_intact_checkpoint
 
     _check_data_outside_run(args["data"], out)
+    if (out / "checkpoints").exists() and not (out / "checkpoints").is_dir():  # (else: the first save's traceback)
+        raise MTPError(f"{out / 'checkpoints'} is a file; the run keeps its checkpoints in a folder of that name: "
+                       "move the file, or choose another --output")
     checkpoint = None
     if args["resume"]:
         saved = _read_train_config(out)
