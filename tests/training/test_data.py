@@ -428,3 +428,18 @@ def test_batch_at_matches_batches_and_is_deterministic() -> None:
         assert set(batch) == {"input_ids", "loss_mask", "attention_mask"}
     assert torch.equal(batch_at(data, 4, 5, 4)["input_ids"], batch_at(data, 4, 5, 4)["input_ids"])
     assert not torch.equal(batch_at(data, 4, 5, 0)["input_ids"], batch_at(data, 4, 6, 0)["input_ids"])
+
+
+@pytest.mark.parametrize("name, content", [("qa.csv", b"question,answer\nWhat is 2+2?,4\n"),
+                                           ("qa.tsv", b"question\tanswer\nWhat is 2+2?\t4\n"),
+                                           ("qa.parquet", b"PAR1\x15\x04\x15\x10PAR1")])
+def test_table_files_are_named_not_trained_on_as_text(tmp_path, name, content) -> None:
+    """A CSV of question/answer columns was read as plain text documents, its header and commas trained on
+    without a word (a Parquet file failed as text that is not UTF-8); a file datasets reads is refused by name,
+    and --data-format text still reads it as text."""
+    path = tmp_path / name
+    path.write_bytes(content)
+    with pytest.raises(MTPError, match=f"{name}: .* not read as question/answer records"):
+        open_examples(str(path))
+    if name != "qa.parquet":
+        assert len(open_examples(str(path), format="text")) == 1

@@ -40,6 +40,8 @@ _KNOWN_FIELDS: dict[str, tuple[str, str]] = {
 MESSAGES_FIELDS = ("messages", "messages")
 # Sources with these endings are meant as files, so a missing one is an error rather than a dataset name.
 _FILE_SUFFIXES = {".json", ".jsonl", ".txt", ".text", ".md"}
+# Tables the datasets package reads from a folder; as a file of their own they are refused, not read as text.
+_TABLE_SUFFIXES = {".csv", ".tsv", ".parquet", ".arrow", ".feather"}
 # What `datasets.save_to_disk` leaves in a dataset's folder (a DatasetDict: dataset_dict.json).
 _SAVED_DATASET_FILES = ("state.json", "dataset_dict.json")
 
@@ -260,6 +262,10 @@ def _load_shipped_gsm8k(split: str, limit: int | None) -> list[Example]:
 def _load_file(
     path: Path, format: Format, question_field: str | None, answer_field: str | None, limit: int | None
 ) -> Sequence[Example] | Examples:
+    if format == "auto" and path.suffix.lower() in _TABLE_SUFFIXES:  # (a CSV read as text trained on its commas)
+        raise MTPError(f"{path}: a {path.suffix[1:]} table is not read as question/answer records; convert it to "
+                       "JSONL (one JSON object a line), give a folder holding it (read by the datasets package), "
+                       "or --data-format text to train on it as plain text")
     head = _first_character(path)
     if format == "text" or (format == "auto" and head not in ("[", "{") and not is_json_name(path)):
         return _text_documents(read_text(path))
