@@ -21,8 +21,13 @@ LLAMA_FAMILY = ("llama", "mistral", "qwen2", "qwen3")
 # mtp runs as Hugging Face wrote them (no lean step of its own: other norms, fused or gated projections, layers
 # without rotary), with what their `*ForCausalLM` adds around the layers read from the config (`ConfigScaling`).
 # Each is checked against transformers' logits and greedy decoding (tests/models/test_families.py).
-HF_LAYER_FAMILY = ("phi3", "smollm3", "gemma", "gemma2", "gemma3_text", "granite", "olmo", "olmo2", "glm", "helium",
-                   "cohere")
+HF_LAYER_FAMILY = ("phi3", "smollm3", "gemma", "gemma2", "gemma3_text", "vaultgemma", "granite", "olmo", "olmo2",
+                   "glm", "glm4", "helium", "cohere", "cohere2", "ministral", "exaone4", "seed_oss", "hunyuan_v1_dense",
+                   "ernie4_5", "apertus", "arcee", "stablelm", "starcoder2", "nemotron",
+                   # mixtures of experts (each token's experts picked by its own router: a verify block's rows too)
+                   "mixtral", "phimoe", "qwen2_moe", "qwen3_moe", "olmoe", "granitemoe", "gpt_oss")
+# Families whose every layer attends within the config's `sliding_window` (the others name it on the layers)
+CONFIG_WINDOW_TYPES = ("mistral", "phi3", "starcoder2", "mixtral", "phimoe")
 # Rotary types whose frequencies do not depend on the sequence's length: their tables can be computed once
 STATIC_ROPE_TYPES = ("default", "linear", "llama3")
 GPT2_FAMILY = ("gpt2",)
@@ -243,11 +248,11 @@ class GPT2Backbone(Backbone):
 
 def attention_window(causal_lm: nn.Module) -> int | None:
     """The narrowest sliding attention window of the model's layers (None: every layer attends to everything).
-    Qwen2/Qwen3 (Gemma 2, SmolLM3) name it on the layers that have one (`layer_types`); Mistral's and Phi-3's layers
-    all read the config's."""
+    Qwen2/Qwen3 (Gemma 2, SmolLM3, ...) name it on the layers that have one (`layer_types`); `CONFIG_WINDOW_TYPES`'
+    layers all read the config's."""
     config = causal_lm.config
     windows = [getattr(layer.self_attn, "sliding_window", None) for layer in causal_lm.model.layers]
-    if config.model_type in ("mistral", "phi3"):
+    if config.model_type in CONFIG_WINDOW_TYPES:
         windows.append(getattr(config, "sliding_window", None))
     return min((w for w in windows if w is not None), default=None)
 

@@ -210,6 +210,9 @@ class GatedLoRA(nn.Module):
                 return output
             x = inputs[0]
             delta = F.linear(F.linear(x, self.A[key]), self.B[key]) * self.scale  # (B, T, out)
+            if delta.dim() == 2:  # a projection over the tokens flattened (B T, out): a mixture's shared expert
+                t = gate.shape[-2]  # (the gate (B or 1, T, 1) broadcasts over the rows)
+                gate = gate.expand(delta.shape[0] // t, t, 1).reshape(-1, 1)
             return output + delta * gate.to(delta.dtype)
         return hook
 
