@@ -15,7 +15,7 @@ from conftest import tiny_tokenizer
 from mtp import MTPModel
 from mtp.decoding.generate import generate
 from mtp.models.backbones import HF_LAYER_FAMILY, HFLayersBackbone
-from mtp.models.mask_tokens import LORA_TARGETS, MaskTokenModel
+from mtp.models.mask_tokens import MaskTokenModel
 from mtp.models.quantize import quantize_for_decoding
 
 COMMON = dict(hidden_size=32, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
@@ -33,6 +33,7 @@ EXTRA = {
     "helium": dict(head_dim=8),
     "olmo": {},
     "olmo2": {},
+    "olmo3": dict(sliding_window=64),
     "vaultgemma": dict(head_dim=8, final_logit_softcapping=0.5),
     "glm4": dict(head_dim=8),
     "cohere2": dict(logit_scale=0.5),
@@ -53,9 +54,16 @@ EXTRA = {
     "olmoe": dict(num_experts=4, num_experts_per_tok=2),
     "granitemoe": dict(num_local_experts=4, embedding_multiplier=3.0, logits_scaling=2.5),
     "gpt_oss": dict(head_dim=8, num_local_experts=4),
+    **{kind: dict(head_dim=8) for kind in ("ministral3", "internlm3", "exaone", "solar_open", "apertus1p5_text",
+                                          "glm4_moe", "exaone_moe", "ernie4_5_moe", "minimax_m2",
+                                          "flex_olmo", "afmoe")},
+    "granite_swa": dict(head_dim=8, embedding_multiplier=3.0, logits_scaling=2.5),
+    "granitemoeshared": dict(head_dim=8, embedding_multiplier=3.0, logits_scaling=2.5),
+    "cohere2_moe": dict(head_dim=8, logit_scale=0.5),
 }
 # Experts' grouped matmuls take no float64: these run in float32 (logits then agree to ~1e-7, not ~1e-15)
-FLOAT32 = {"mixtral", "phimoe", "qwen2_moe", "qwen3_moe", "olmoe", "granitemoe", "gpt_oss"}
+FLOAT32 = {"mixtral", "phimoe", "qwen2_moe", "qwen3_moe", "olmoe", "granitemoe", "granitemoeshared", "gpt_oss",
+           "glm4_moe", "exaone_moe", "ernie4_5_moe", "cohere2_moe", "minimax_m2", "flex_olmo", "afmoe", "solar_open"}
 AVAILABLE = [kind for kind in HF_LAYER_FAMILY if kind in CONFIG_MAPPING]  # (an older transformers has fewer)
 
 
@@ -127,10 +135,10 @@ def test_the_static_step_and_mask_tokens_decode_as_greedy(kind, monkeypatch):
                    tree_size=4, lookup=2, stop_token_ids=[], graphs=True).tokens
     assert got == greedy
     masks = MaskTokenModel.from_base(base_of(kind), adapter="gated-lora", rank=4, k=3).eval()
-    linears = {name.rsplit(".", 1)[-1] for name, m in masks.base.named_modules()
-               if isinstance(m, torch.nn.Linear) and ".layers." in name}
-    routers = {"router", "gate", "shared_expert_gate"} & linears  # (mixtures of experts: no adapter on a router)
-    assert linears - routers <= set(LORA_TARGETS) and len(masks.lora.B) == 3 * len(linears - routers)
+    routers = {"router", "gate", "shared_expert_gate"}  # (mixtures of experts: no adapter on a router)
+    projections = {name for name, m in masks.base.named_modules() if isinstance(m, torch.nn.Linear)
+                   and ".layers." in name and name.rsplit(".", 1)[-1] not in routers}
+    assert {key.replace("__", ".") for key in masks.lora.A} == projections
     with torch.no_grad():
         for b in masks.lora.B.values():  # (zero at the start: the adapter would change nothing)
             b.normal_()

@@ -32,13 +32,15 @@ SLIDING = {
     **{kind: (lambda kind=kind, extra=extra: AutoConfig.for_model(kind, sliding_window=WINDOW, **COMMON, **extra))
        for kind, extra in {"starcoder2": {}, "ministral": {"head_dim": 8}, "cohere2": {}, "exaone4": {},
                            "vaultgemma": {"head_dim": 8}, "mixtral": {"num_local_experts": 4},
+                           "ministral3": {"head_dim": 8}, "granite_swa": {"head_dim": 8},
+                           "cohere2_moe": {"head_dim": 8}, "afmoe": {"head_dim": 8},
                            "phimoe": {"num_local_experts": 4}, "gpt_oss": {"head_dim": 8, "num_local_experts": 4},
                            "qwen3_moe": {"head_dim": 8, "num_experts": 4, "num_experts_per_tok": 2,
                                          "moe_intermediate_size": 32, "use_sliding_window": True,
                                          "max_window_layers": 1}}.items()
        if kind in CONFIG_MAPPING},
 }
-FLOAT32 = {"mixtral", "phimoe", "gpt_oss", "qwen3_moe"}  # experts' grouped matmuls take no float64
+FLOAT32 = {"mixtral", "phimoe", "gpt_oss", "qwen3_moe", "cohere2_moe", "afmoe"}  # experts' grouped matmuls take no float64
 
 
 def base_of(config, seed: int = 0):

@@ -19,15 +19,19 @@ from mtp.errors import MTPError
 LLAMA_FAMILY = ("llama", "mistral", "qwen2", "qwen3")
 # Decoders laid out as Llama's (`model.embed_tokens`, `model.layers`, `model.norm`, `model.rotary_emb`) whose layers
 # mtp runs as Hugging Face wrote them (no lean step of its own: other norms, fused or gated projections, layers
-# without rotary), with what their `*ForCausalLM` adds around the layers read from the config (`ConfigScaling`).
-# Each is checked against transformers' logits and greedy decoding (tests/models/test_families.py).
+# without rotary, experts), with what their `*ForCausalLM` adds around the layers (`HFLayersBackbone`). Each is
+# checked against transformers' logits and decoding (tests/models/test_families.py).
 HF_LAYER_FAMILY = ("phi3", "smollm3", "gemma", "gemma2", "gemma3_text", "vaultgemma", "granite", "olmo", "olmo2",
-                   "glm", "glm4", "helium", "cohere", "cohere2", "ministral", "exaone4", "seed_oss", "hunyuan_v1_dense",
-                   "ernie4_5", "apertus", "arcee", "stablelm", "starcoder2", "nemotron",
+                   "olmo3", "glm", "glm4", "helium", "cohere", "cohere2", "ministral", "exaone4", "seed_oss",
+                   "hunyuan_v1_dense", "ernie4_5", "apertus", "apertus1p5_text", "arcee", "stablelm", "starcoder2",
+                   "nemotron", "ministral3", "internlm3", "exaone", "granite_swa",
                    # mixtures of experts (each token's experts picked by its own router: a verify block's rows too)
-                   "mixtral", "phimoe", "qwen2_moe", "qwen3_moe", "olmoe", "granitemoe", "gpt_oss")
+                   "mixtral", "phimoe", "qwen2_moe", "qwen3_moe", "olmoe", "granitemoe", "granitemoeshared", "gpt_oss",
+                   "glm4_moe", "exaone_moe", "ernie4_5_moe", "cohere2_moe", "minimax_m2", "flex_olmo", "afmoe",
+                   "solar_open")
+ROTARY_BY_LAYER_TYPE = ("gemma3_text", "olmo3")  # a rotary table for each kind of layer
 # Families whose every layer attends within the config's `sliding_window` (the others name it on the layers)
-CONFIG_WINDOW_TYPES = ("mistral", "phi3", "starcoder2", "mixtral", "phimoe")
+CONFIG_WINDOW_TYPES = ("mistral", "ministral3", "phi3", "starcoder2", "mixtral", "phimoe")
 # Rotary types whose frequencies do not depend on the sequence's length: their tables can be computed once
 STATIC_ROPE_TYPES = ("default", "linear", "llama3")
 GPT2_FAMILY = ("gpt2",)
@@ -210,9 +214,9 @@ class HFLayersBackbone(LlamaBackbone):
         return logits
 
 
-class Gemma3Backbone(HFLayersBackbone):
-    """Gemma 3: its sliding-window and full-attention layers rotate by tables of their own (`layer_types`), as
-    `Gemma3TextModel` computes them: one per kind, once a forward."""
+class LayerTypeRotaryBackbone(HFLayersBackbone):
+    """`ROTARY_BY_LAYER_TYPE` (Gemma 3, OLMo 3): the sliding-window and full-attention layers rotate by tables of
+    their own (`layer_types`), as their models compute them: one per kind, once a forward."""
 
     def layer_inputs(self, hidden, position_ids, max_position=None):
         if self.window is not None and max_position is None:
@@ -281,7 +285,9 @@ def backbone_for(causal_lm: nn.Module) -> Backbone:
     if model_type in LLAMA_FAMILY:
         return LlamaBackbone(causal_lm)
     if model_type in HF_LAYER_FAMILY:
-        return Gemma3Backbone(causal_lm) if model_type == "gemma3_text" else HFLayersBackbone(causal_lm)
+        if model_type in ROTARY_BY_LAYER_TYPE:
+            return LayerTypeRotaryBackbone(causal_lm)
+        return HFLayersBackbone(causal_lm)
     if model_type in GPT2_FAMILY:
         return GPT2Backbone(causal_lm)
     raise MTPError(
