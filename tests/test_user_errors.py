@@ -88,6 +88,10 @@ def test_an_empty_output_path_is_refused(folders, tmp_path, monkeypatch, capsys)
     for command in OUTPUTS:
         with pytest.raises(MTPError, match="--output is empty"):
             check_command_arguments(command, {"output": ""})
+    from mtp.training.commands import train
+
+    with pytest.raises(MTPError, match="output is empty"):  # from Python, before any work
+        train(output="", model=str(folders / "hf"), data=str(folders / "text.txt"), steps=1, seq_len=32)
     assert not list(tmp_path.iterdir())
 
 

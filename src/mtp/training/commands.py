@@ -20,7 +20,7 @@ from typing import Literal
 
 import torch
 
-from mtp.arguments import check_values, current_arguments, spelled, typed_flags
+from mtp.arguments import check_output, check_values, current_arguments, spelled, typed_flags
 from mtp.errors import MTPError
 from mtp.io import (
     atomic_write_json,
@@ -89,6 +89,7 @@ def train(
     args = {"output": output, "model": model, "method": method, "resume": resume,
             **{name: value for group in groups.values() for name, value in asdict(group).items()}}
     t_start = time.perf_counter()
+    check_output(output, "folder", "output")  # (the CLI checked --output; a call from Python, e.g. "", not yet)
     out = Path(output).expanduser()
     set_threads(args["threads"])
     from mtp.training.distributed import torchrun_env
