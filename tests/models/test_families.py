@@ -60,6 +60,7 @@ EXTRA = {
     "granite_swa": dict(head_dim=8, embedding_multiplier=3.0, logits_scaling=2.5),
     "granitemoeshared": dict(head_dim=8, embedding_multiplier=3.0, logits_scaling=2.5),
     "cohere2_moe": dict(head_dim=8, logit_scale=0.5),
+    "nanochat": dict(head_dim=8, final_logit_softcapping=0.5),
 }
 # Experts' grouped matmuls take no float64: these run in float32 (logits then agree to ~1e-7, not ~1e-15)
 FLOAT32 = {"mixtral", "phimoe", "qwen2_moe", "qwen3_moe", "olmoe", "granitemoe", "granitemoeshared", "gpt_oss",

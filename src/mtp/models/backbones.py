@@ -24,12 +24,13 @@ LLAMA_FAMILY = ("llama", "mistral", "qwen2", "qwen3")
 HF_LAYER_FAMILY = ("phi3", "smollm3", "gemma", "gemma2", "gemma3_text", "vaultgemma", "granite", "olmo", "olmo2",
                    "olmo3", "glm", "glm4", "helium", "cohere", "cohere2", "ministral", "exaone4", "seed_oss",
                    "hunyuan_v1_dense", "ernie4_5", "apertus", "apertus1p5_text", "arcee", "stablelm", "starcoder2",
-                   "nemotron", "ministral3", "internlm3", "exaone", "granite_swa",
+                   "nemotron", "ministral3", "internlm3", "exaone", "granite_swa", "nanochat",
                    # mixtures of experts (each token's experts picked by its own router: a verify block's rows too)
                    "mixtral", "phimoe", "qwen2_moe", "qwen3_moe", "olmoe", "granitemoe", "granitemoeshared", "gpt_oss",
                    "glm4_moe", "exaone_moe", "ernie4_5_moe", "cohere2_moe", "minimax_m2", "flex_olmo", "afmoe",
                    "solar_open")
 ROTARY_BY_LAYER_TYPE = ("gemma3_text", "olmo3")  # a rotary table for each kind of layer
+NORMED_EMBEDDINGS = ("nanochat",)  # the embeddings pass through the model's norm before the first layer
 # Families whose every layer attends within the config's `sliding_window` (the others name it on the layers)
 CONFIG_WINDOW_TYPES = ("mistral", "ministral3", "phi3", "starcoder2", "mixtral", "phimoe")
 # Rotary types whose frequencies do not depend on the sequence's length: their tables can be computed once
@@ -191,6 +192,7 @@ class HFLayersBackbone(LlamaBackbone):
         super().__init__(causal_lm)
         config = causal_lm.config
         self.embedding_multiplier = getattr(config, "embedding_multiplier", None)  # Granite
+        self.normed_embeddings = config.model_type in NORMED_EMBEDDINGS
         self.logits_divisor = getattr(config, "logits_scaling", None)  # Granite
         self.logit_scale = getattr(causal_lm, "logit_scale", None)  # Cohere (a number on the model)
         self.logit_softcap = getattr(config, "final_logit_softcapping", None)  # Gemma 2
@@ -200,6 +202,8 @@ class HFLayersBackbone(LlamaBackbone):
 
     def embed(self, input_ids, position_ids):
         hidden = self.causal_lm.model.embed_tokens(input_ids)  # (B, T, H); Gemma's scales itself
+        if self.normed_embeddings:  # (the final norm's module, as NanoChatModel applies it before the layers)
+            hidden = self.norm(hidden)
         return hidden if self.embedding_multiplier is None else hidden * self.embedding_multiplier
 
     def scale_logits(self, logits):

@@ -41,9 +41,10 @@ MASK_TOKEN = "<|mtp_mask|>"
 METHOD = MASK_TOKENS_METHOD
 ADAPTERS = ("full", "gated-lora")
 LORA_PREFIX = "mtp_lora."
-# Projections that get a gated LoRA adapter: Llama family, fused ones (Phi-3, GLM), then GPT-2 (Conv1D).
+# Projections that get a gated LoRA adapter: Llama family, fused ones (Phi-3, GLM), an ungated MLP's (nanochat),
+# then GPT-2 (Conv1D).
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
-                "qkv_proj", "gate_up_proj", "c_attn", "c_proj", "c_fc")
+                "qkv_proj", "gate_up_proj", "fc1", "fc2", "c_attn", "c_proj", "c_fc")
 
 
 # ------------------------------------------------------------------------------------------------ training layout
