@@ -195,7 +195,7 @@ class HFLayersBackbone(LlamaBackbone):
         self.normed_embeddings = config.model_type in NORMED_EMBEDDINGS
         self.logits_divisor = getattr(config, "logits_scaling", None)  # Granite
         self.logit_scale = getattr(causal_lm, "logit_scale", None)  # Cohere (a number on the model)
-        self.logit_softcap = getattr(config, "final_logit_softcapping", None)  # Gemma 2
+        self.logit_softcap = getattr(config, "final_logit_softcapping", None)  # Gemma 2/3, VaultGemma, nanochat
 
     def use_fast_layers(self, layers, weights):
         Backbone.use_fast_layers(self, layers, weights)
@@ -208,7 +208,7 @@ class HFLayersBackbone(LlamaBackbone):
 
     def scale_logits(self, logits):
         # the order and arithmetic of the families' own forwards (GraniteForCausalLM, CohereForCausalLM,
-        # Gemma2ForCausalLM), so that the logits are transformers' bit for bit
+        # Gemma2ForCausalLM, ...), so that the logits are transformers' bit for bit
         if self.logits_divisor is not None:
             logits = logits / self.logits_divisor
         if self.logit_scale is not None:
