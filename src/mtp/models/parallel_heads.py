@@ -325,8 +325,10 @@ class MTPModel(nn.Module):
         """Normed hidden states (..., H) -> logits (..., V), as the base model's forward computes them."""
         head = self.backbone.lm_head
         if type(head) is nn.Linear and blocked_pays(hidden):  # fp32 CPU decoding (`mtp.models.packed`)
-            return self.backbone.scale_logits(self._blocked_linear("lm_head", hidden, head.weight, head.bias))
-        return self.backbone.scale_logits(head(hidden))
+            logits = self._blocked_linear("lm_head", hidden, head.weight, head.bias)
+        else:
+            logits = head(hidden)
+        return self.backbone.scale_logits(logits)
 
     def _blocked_linear(self, name: str, x: torch.Tensor, weight: torch.Tensor,
                         bias: torch.Tensor | None) -> torch.Tensor:
@@ -369,15 +371,16 @@ class MTPModel(nn.Module):
         vocabulary: all V logits."""
         if self.draft_vocab is None:
             return self.lm_head(hidden)
-        if self.packed_draft_head is not None:
-            return self.backbone.scale_logits(self.packed_draft_head(hidden))  # (..., K)
         head = self.backbone.lm_head
-        if type(head) is not nn.Linear:  # quantised for decoding: no weight rows to pick
+        if self.packed_draft_head is not None:
+            logits = self.packed_draft_head(hidden)  # (..., K)
+        elif type(head) is not nn.Linear:  # quantised for decoding: no weight rows to pick
             return self.lm_head(hidden)[..., self.draft_vocab]
-        rows, bias = self.draft_rows(head)
-        if blocked_pays(hidden):
-            return self.backbone.scale_logits(self._blocked_linear("draft_rows", hidden, rows, bias))  # (..., K)
-        return self.backbone.scale_logits(F.linear(hidden, rows, bias))  # (..., K)
+        else:
+            rows, bias = self.draft_rows(head)
+            blocked = blocked_pays(hidden)
+            logits = self._blocked_linear("draft_rows", hidden, rows, bias) if blocked else F.linear(hidden, rows, bias)
+        return self.backbone.scale_logits(logits)  # (..., K)
 
     def draft_rows(self, head: nn.Linear) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The draft vocabulary's rows of the unembedding's weight and bias. While gradients are on they are

@@ -487,15 +487,19 @@ def _check_fresh_output(out: Path) -> None:
 # What a run writes into its folder besides the model: a --data file there under one of these names was appended to
 # (metrics.jsonl), replaced (the answers' cache, self_targets.jsonl) or pruned with a checkpoint (checkpoints/).
 _RUN_FILES = (TRAIN_CONFIG, EVAL_NAME, "metrics.jsonl", "loss.png")
-_RUN_PREFIXES = ("self_targets.", "trunk_features.", "lookup_corpus.")
 
 
 def _check_data_outside_run(data: str, out: Path) -> None:
+    from mtp.decoding.corpus import CORPUS_NAME
+    from mtp.training.features import FEATURES_NAME
+    from mtp.training.targets import CACHE_NAME
+
     path = Path(data).expanduser()
     if not path.is_file():
         return  # the shipped GSM8K or a datasets name
     path, run = path.resolve(), out.expanduser().resolve()
-    if (path.parent == run and (path.name in _RUN_FILES or path.name.startswith(_RUN_PREFIXES))) \
+    prefixes = tuple(Path(name).stem + "." for name in (CACHE_NAME, FEATURES_NAME, CORPUS_NAME))  # (shards too)
+    if (path.parent == run and (path.name in _RUN_FILES or path.name.startswith(prefixes))) \
             or run / "checkpoints" in path.parents:
         raise MTPError(f"--data {data} is a file the run writes in --output {out}: move the data out of the run "
                        "folder first")
